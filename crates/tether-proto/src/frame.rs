@@ -1,0 +1,700 @@
+//! Frame layout, encoding and decoding.
+//!
+//! Every frame starts with a 10-byte header, all integers big-endian:
+//!
+//! ```text
+//! +--------+--------+-----------------+-----------------+-----------------+
+//! | type:8 | flags:8|  stream id: 32  |  length: 32     | payload ...     |
+//! +--------+--------+-----------------+-----------------+-----------------+
+//! ```
+//!
+//! One WebSocket binary message carries one or more whole frames; a frame
+//! never spans two messages. `docs/PROTOCOL.md` is the normative description.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::fmt;
+
+use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
+
+/// Size of the fixed frame header in bytes.
+pub const HEADER_LEN: usize = 10;
+
+/// Largest payload of any control frame (everything but DATA). Control
+/// payloads are tiny; this bound keeps a hostile peer from making us buffer
+/// megabytes of "reason" text.
+pub const MAX_CONTROL_PAYLOAD: usize = 4096;
+
+/// Longest reason text we send; longer texts are cut at a character boundary.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// Longest target address accepted in an OPEN.
+pub const MAX_TARGET_LEN: usize = 1024;
+
+/// A stream identifier, scoped to one session. 0 is the session itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u32);
+
+impl StreamId {
+    /// The pseudo stream used by session-level frames.
+    pub const SESSION: StreamId = StreamId(0);
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What kind of byte stream an OPEN asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetKind {
+    /// A TCP connection (reliable, ordered bytes).
+    Tcp,
+    /// A UDP flow (reserved; carried as length-prefixed datagrams).
+    Udp,
+}
+
+impl TargetKind {
+    fn to_u8(self) -> u8 {
+        match self {
+            TargetKind::Tcp => 1,
+            TargetKind::Udp => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(TargetKind::Tcp),
+            2 => Some(TargetKind::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// The destination an OPEN asks for. Its meaning depends on the hop:
+/// client → server it is `agent/service`; server → agent it is a service
+/// name or `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// TCP or UDP.
+    pub kind: TargetKind,
+    /// The address text, UTF-8, at most [`MAX_TARGET_LEN`] bytes.
+    pub address: String,
+}
+
+impl Target {
+    /// A TCP target.
+    pub fn tcp(address: impl Into<String>) -> Self {
+        Target {
+            kind: TargetKind::Tcp,
+            address: address.into(),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            TargetKind::Tcp => write!(f, "{}", self.address),
+            TargetKind::Udp => write!(f, "udp:{}", self.address),
+        }
+    }
+}
+
+/// Frame type byte values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Initiator's greeting: versions, capabilities, limits.
+    Hello = 0x01,
+    /// Acceptor's answer: the chosen version and its limits.
+    HelloAck = 0x02,
+    /// Liveness probe.
+    Ping = 0x03,
+    /// Answer to a PING, echoing its payload.
+    Pong = 0x04,
+    /// The sender takes no new streams; the session ends when drained.
+    GoAway = 0x05,
+    /// Ask the peer to open a stream to a target.
+    Open = 0x10,
+    /// The stream is open.
+    OpenOk = 0x11,
+    /// The stream could not be opened.
+    OpenErr = 0x12,
+    /// Stream bytes.
+    Data = 0x13,
+    /// The sender will send no more data on this stream (half-close).
+    Fin = 0x14,
+    /// Abort the stream in both directions.
+    Rst = 0x15,
+    /// Grant the peer more send credit on a stream.
+    WindowUpdate = 0x16,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0x01 => FrameType::Hello,
+            0x02 => FrameType::HelloAck,
+            0x03 => FrameType::Ping,
+            0x04 => FrameType::Pong,
+            0x05 => FrameType::GoAway,
+            0x10 => FrameType::Open,
+            0x11 => FrameType::OpenOk,
+            0x12 => FrameType::OpenErr,
+            0x13 => FrameType::Data,
+            0x14 => FrameType::Fin,
+            0x15 => FrameType::Rst,
+            0x16 => FrameType::WindowUpdate,
+            _ => return None,
+        })
+    }
+}
+
+/// Parameters both HELLO and HELLO_ACK carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Lowest protocol version the sender speaks (HELLO_ACK: the chosen one).
+    pub min_version: u16,
+    /// Highest protocol version the sender speaks (HELLO_ACK: the chosen one).
+    pub max_version: u16,
+    /// Capability bits (none are defined in version 1; unknown bits are ignored).
+    pub capabilities: u32,
+    /// The receive window the sender grants to every new stream, in bytes.
+    pub initial_window: u32,
+    /// The largest frame payload the sender accepts.
+    pub max_frame_payload: u32,
+    /// Free-form software name and version, for logs and the console.
+    pub software: String,
+}
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`FrameType::Hello`].
+    Hello(Hello),
+    /// See [`FrameType::HelloAck`]; `min_version == max_version` is the chosen version.
+    HelloAck(Hello),
+    /// See [`FrameType::Ping`].
+    Ping(u64),
+    /// See [`FrameType::Pong`].
+    Pong(u64),
+    /// See [`FrameType::GoAway`].
+    GoAway {
+        /// Why the session ends.
+        code: ErrorCode,
+        /// Human-readable detail.
+        reason: String,
+    },
+    /// See [`FrameType::Open`].
+    Open {
+        /// The new stream's id (its parity says which side opened it).
+        id: StreamId,
+        /// What to connect to.
+        target: Target,
+    },
+    /// See [`FrameType::OpenOk`].
+    OpenOk {
+        /// The stream.
+        id: StreamId,
+    },
+    /// See [`FrameType::OpenErr`].
+    OpenErr {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        code: OpenErrorCode,
+        /// Human-readable detail.
+        reason: String,
+    },
+    /// See [`FrameType::Data`].
+    Data {
+        /// The stream.
+        id: StreamId,
+        /// The bytes.
+        payload: Bytes,
+    },
+    /// See [`FrameType::Fin`].
+    Fin {
+        /// The stream.
+        id: StreamId,
+    },
+    /// See [`FrameType::Rst`].
+    Rst {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        code: ResetCode,
+        /// Human-readable detail.
+        reason: String,
+    },
+    /// See [`FrameType::WindowUpdate`].
+    WindowUpdate {
+        /// The stream.
+        id: StreamId,
+        /// Extra bytes of credit granted, > 0.
+        increment: u32,
+    },
+}
+
+/// Why bytes could not be decoded into a frame. Every variant is fatal for
+/// the session that received them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The message ended in the middle of a frame.
+    #[error("truncated frame: {0}")]
+    Truncated(&'static str),
+    /// The type byte names no frame of this version.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// The payload is longer than allowed.
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The payload does not have the shape its type requires.
+    #[error("malformed {0} frame: {1}")]
+    Malformed(&'static str, &'static str),
+}
+
+impl Frame {
+    /// The stream this frame is about (0 for session frames).
+    pub fn stream_id(&self) -> StreamId {
+        match self {
+            Frame::Hello(_)
+            | Frame::HelloAck(_)
+            | Frame::Ping(_)
+            | Frame::Pong(_)
+            | Frame::GoAway { .. } => StreamId::SESSION,
+            Frame::Open { id, .. }
+            | Frame::OpenOk { id }
+            | Frame::OpenErr { id, .. }
+            | Frame::Data { id, .. }
+            | Frame::Fin { id }
+            | Frame::Rst { id, .. }
+            | Frame::WindowUpdate { id, .. } => *id,
+        }
+    }
+
+    /// The type byte of this frame.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::Hello,
+            Frame::HelloAck(_) => FrameType::HelloAck,
+            Frame::Ping(_) => FrameType::Ping,
+            Frame::Pong(_) => FrameType::Pong,
+            Frame::GoAway { .. } => FrameType::GoAway,
+            Frame::Open { .. } => FrameType::Open,
+            Frame::OpenOk { .. } => FrameType::OpenOk,
+            Frame::OpenErr { .. } => FrameType::OpenErr,
+            Frame::Data { .. } => FrameType::Data,
+            Frame::Fin { .. } => FrameType::Fin,
+            Frame::Rst { .. } => FrameType::Rst,
+            Frame::WindowUpdate { .. } => FrameType::WindowUpdate,
+        }
+    }
+
+    /// Bytes this frame takes on the wire.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.payload_len()
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Frame::Hello(h) | Frame::HelloAck(h) => 17 + clip(&h.software, 255).len(),
+            Frame::Ping(_) | Frame::Pong(_) => 8,
+            Frame::GoAway { reason, .. } => 2 + clip(reason, MAX_REASON_LEN).len(),
+            Frame::Open { target, .. } => 3 + target.address.len(),
+            Frame::OpenOk { .. } | Frame::Fin { .. } => 0,
+            Frame::OpenErr { reason, .. } | Frame::Rst { reason, .. } => {
+                2 + clip(reason, MAX_REASON_LEN).len()
+            }
+            Frame::Data { payload, .. } => payload.len(),
+            Frame::WindowUpdate { .. } => 4,
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    ///
+    /// Texts longer than their limit are cut (at a character boundary); the
+    /// caller is responsible for keeping DATA payloads and target addresses
+    /// within the peer's limits.
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(self.encoded_len());
+        out.put_u8(self.frame_type() as u8);
+        out.put_u8(0); // flags: none defined in version 1
+        out.put_u32(self.stream_id().0);
+        out.put_u32(self.payload_len() as u32);
+        match self {
+            Frame::Hello(h) | Frame::HelloAck(h) => {
+                out.put_u16(h.min_version);
+                out.put_u16(h.max_version);
+                out.put_u32(h.capabilities);
+                out.put_u32(h.initial_window);
+                out.put_u32(h.max_frame_payload);
+                let sw = clip(&h.software, 255);
+                out.put_u8(sw.len() as u8);
+                out.put_slice(sw.as_bytes());
+            }
+            Frame::Ping(v) | Frame::Pong(v) => out.put_u64(*v),
+            Frame::GoAway { code, reason } => {
+                out.put_u16(code.to_u16());
+                out.put_slice(clip(reason, MAX_REASON_LEN).as_bytes());
+            }
+            Frame::Open { target, .. } => {
+                out.put_u8(target.kind.to_u8());
+                out.put_u16(target.address.len() as u16);
+                out.put_slice(target.address.as_bytes());
+            }
+            Frame::OpenOk { .. } | Frame::Fin { .. } => {}
+            Frame::OpenErr { code, reason, .. } => {
+                out.put_u16(code.to_u16());
+                out.put_slice(clip(reason, MAX_REASON_LEN).as_bytes());
+            }
+            Frame::Rst { code, reason, .. } => {
+                out.put_u16(code.to_u16());
+                out.put_slice(clip(reason, MAX_REASON_LEN).as_bytes());
+            }
+            Frame::Data { payload, .. } => out.put_slice(payload),
+            Frame::WindowUpdate { increment, .. } => out.put_u32(*increment),
+        }
+    }
+
+    /// Decodes one frame from the front of `buf`, advancing it.
+    ///
+    /// Returns `Ok(None)` when `buf` is empty. `max_data_payload` bounds DATA
+    /// payloads (the limit this side announced); control frames are bounded by
+    /// [`MAX_CONTROL_PAYLOAD`]. DATA payloads are zero-copy slices of `buf`.
+    pub fn decode(buf: &mut Bytes, max_data_payload: usize) -> Result<Option<Frame>, FrameError> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        if buf.len() < HEADER_LEN {
+            return Err(FrameError::Truncated("header"));
+        }
+        let ty_byte = buf[0];
+        let ty = FrameType::from_u8(ty_byte).ok_or(FrameError::UnknownType(ty_byte))?;
+        let id = StreamId(u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]));
+        let len = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]) as usize;
+        let max = if ty == FrameType::Data {
+            max_data_payload
+        } else {
+            MAX_CONTROL_PAYLOAD
+        };
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        if buf.len() < HEADER_LEN + len {
+            return Err(FrameError::Truncated("payload"));
+        }
+        buf.advance(HEADER_LEN);
+        let mut p = buf.split_to(len);
+        let session_frame = matches!(
+            ty,
+            FrameType::Hello
+                | FrameType::HelloAck
+                | FrameType::Ping
+                | FrameType::Pong
+                | FrameType::GoAway
+        );
+        if session_frame != (id == StreamId::SESSION) {
+            return Err(FrameError::Malformed(
+                type_name(ty),
+                "stream id 0 is for session frames only",
+            ));
+        }
+        let frame = match ty {
+            FrameType::Hello | FrameType::HelloAck => {
+                need(&p, 17, ty)?;
+                let min_version = p.get_u16();
+                let max_version = p.get_u16();
+                let capabilities = p.get_u32();
+                let initial_window = p.get_u32();
+                let max_frame_payload = p.get_u32();
+                let sw_len = p.get_u8() as usize;
+                if p.len() != sw_len {
+                    return Err(FrameError::Malformed(type_name(ty), "bad software length"));
+                }
+                let software = String::from_utf8_lossy(&p).into_owned();
+                let h = Hello {
+                    min_version,
+                    max_version,
+                    capabilities,
+                    initial_window,
+                    max_frame_payload,
+                    software,
+                };
+                if ty == FrameType::Hello {
+                    Frame::Hello(h)
+                } else {
+                    Frame::HelloAck(h)
+                }
+            }
+            FrameType::Ping | FrameType::Pong => {
+                if p.len() != 8 {
+                    return Err(FrameError::Malformed(
+                        type_name(ty),
+                        "payload must be 8 bytes",
+                    ));
+                }
+                let v = p.get_u64();
+                if ty == FrameType::Ping {
+                    Frame::Ping(v)
+                } else {
+                    Frame::Pong(v)
+                }
+            }
+            FrameType::GoAway => {
+                need(&p, 2, ty)?;
+                let code = ErrorCode::from_u16(p.get_u16());
+                Frame::GoAway {
+                    code,
+                    reason: lossy(&p),
+                }
+            }
+            FrameType::Open => {
+                need(&p, 3, ty)?;
+                let kind = TargetKind::from_u8(p.get_u8())
+                    .ok_or(FrameError::Malformed("OPEN", "unknown target kind"))?;
+                let alen = p.get_u16() as usize;
+                if alen != p.len() || alen == 0 || alen > MAX_TARGET_LEN {
+                    return Err(FrameError::Malformed("OPEN", "bad target length"));
+                }
+                let address = std::str::from_utf8(&p)
+                    .map_err(|_| FrameError::Malformed("OPEN", "target is not UTF-8"))?
+                    .to_owned();
+                Frame::Open {
+                    id,
+                    target: Target { kind, address },
+                }
+            }
+            FrameType::OpenOk | FrameType::Fin => {
+                if !p.is_empty() {
+                    return Err(FrameError::Malformed(
+                        type_name(ty),
+                        "payload must be empty",
+                    ));
+                }
+                if ty == FrameType::OpenOk {
+                    Frame::OpenOk { id }
+                } else {
+                    Frame::Fin { id }
+                }
+            }
+            FrameType::OpenErr => {
+                need(&p, 2, ty)?;
+                let code = OpenErrorCode::from_u16(p.get_u16());
+                Frame::OpenErr {
+                    id,
+                    code,
+                    reason: lossy(&p),
+                }
+            }
+            FrameType::Rst => {
+                need(&p, 2, ty)?;
+                let code = ResetCode::from_u16(p.get_u16());
+                Frame::Rst {
+                    id,
+                    code,
+                    reason: lossy(&p),
+                }
+            }
+            FrameType::Data => Frame::Data { id, payload: p },
+            FrameType::WindowUpdate => {
+                if p.len() != 4 {
+                    return Err(FrameError::Malformed(
+                        "WINDOW_UPDATE",
+                        "payload must be 4 bytes",
+                    ));
+                }
+                let increment = p.get_u32();
+                if increment == 0 {
+                    return Err(FrameError::Malformed(
+                        "WINDOW_UPDATE",
+                        "increment must be > 0",
+                    ));
+                }
+                Frame::WindowUpdate { id, increment }
+            }
+        };
+        Ok(Some(frame))
+    }
+}
+
+fn need(p: &Bytes, n: usize, ty: FrameType) -> Result<(), FrameError> {
+    if p.len() < n {
+        Err(FrameError::Malformed(type_name(ty), "payload too short"))
+    } else {
+        Ok(())
+    }
+}
+
+fn lossy(p: &[u8]) -> String {
+    let s = String::from_utf8_lossy(p);
+    clip(&s, MAX_REASON_LEN).to_owned()
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The protocol name of a frame type, as in `docs/PROTOCOL.md`.
+pub fn type_name(ty: FrameType) -> &'static str {
+    match ty {
+        FrameType::Hello => "HELLO",
+        FrameType::HelloAck => "HELLO_ACK",
+        FrameType::Ping => "PING",
+        FrameType::Pong => "PONG",
+        FrameType::GoAway => "GOAWAY",
+        FrameType::Open => "OPEN",
+        FrameType::OpenOk => "OPEN_OK",
+        FrameType::OpenErr => "OPEN_ERR",
+        FrameType::Data => "DATA",
+        FrameType::Fin => "FIN",
+        FrameType::Rst => "RST",
+        FrameType::WindowUpdate => "WINDOW_UPDATE",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(f: Frame) {
+        let mut out = BytesMut::new();
+        f.encode(&mut out);
+        assert_eq!(out.len(), f.encoded_len());
+        let mut b = out.freeze();
+        let got = Frame::decode(&mut b, 1 << 20).unwrap().unwrap();
+        assert_eq!(got, f);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn every_frame_type_roundtrips() {
+        let h = Hello {
+            min_version: 1,
+            max_version: 3,
+            capabilities: 0xdead,
+            initial_window: 1 << 20,
+            max_frame_payload: 65536,
+            software: "tether 0.1.0".into(),
+        };
+        roundtrip(Frame::Hello(h.clone()));
+        roundtrip(Frame::HelloAck(h));
+        roundtrip(Frame::Ping(7));
+        roundtrip(Frame::Pong(u64::MAX));
+        roundtrip(Frame::GoAway {
+            code: ErrorCode::Replaced,
+            reason: "newer session".into(),
+        });
+        roundtrip(Frame::Open {
+            id: StreamId(3),
+            target: Target::tcp("prod/db"),
+        });
+        roundtrip(Frame::OpenOk { id: StreamId(3) });
+        roundtrip(Frame::OpenErr {
+            id: StreamId(3),
+            code: OpenErrorCode::Refused,
+            reason: "connection refused".into(),
+        });
+        roundtrip(Frame::Data {
+            id: StreamId(5),
+            payload: Bytes::from_static(b"hello"),
+        });
+        roundtrip(Frame::Fin { id: StreamId(5) });
+        roundtrip(Frame::Rst {
+            id: StreamId(5),
+            code: ResetCode::Other(999),
+            reason: String::new(),
+        });
+        roundtrip(Frame::WindowUpdate {
+            id: StreamId(5),
+            increment: 1,
+        });
+    }
+
+    #[test]
+    fn rejects_bad_input_with_reasons() {
+        let mut b = Bytes::from_static(&[0x13, 0, 0, 0, 0]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Truncated("header"))
+        );
+        let mut b = Bytes::from_static(&[0x7f, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::UnknownType(0x7f))
+        );
+        let mut b = Bytes::from_static(&[0x13, 0, 0, 0, 0, 1, 0, 0, 1, 0]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::TooLarge { len: 256, max: 100 })
+        );
+        let mut b = Bytes::from_static(&[0x13, 0, 0, 0, 0, 1, 0, 0, 0, 4, 1, 2]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Truncated("payload"))
+        );
+        // DATA on stream 0 is malformed.
+        let mut b = Bytes::from_static(&[0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Malformed(..))
+        ));
+        // A zero window increment is malformed.
+        let mut b = Bytes::from_static(&[0x16, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0]);
+        assert!(matches!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Malformed(..))
+        ));
+    }
+
+    #[test]
+    fn long_reasons_are_clipped_on_char_boundary() {
+        let reason = "é".repeat(MAX_REASON_LEN); // 2 bytes each
+        let f = Frame::Rst {
+            id: StreamId(1),
+            code: ResetCode::Cancel,
+            reason,
+        };
+        let mut out = BytesMut::new();
+        f.encode(&mut out);
+        let mut b = out.freeze();
+        match Frame::decode(&mut b, 0).unwrap().unwrap() {
+            Frame::Rst { reason, .. } => assert_eq!(reason.len(), MAX_REASON_LEN),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder and never make it loop.
+        #[test]
+        fn decoder_survives_garbage(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut b = Bytes::from(data);
+            for _ in 0..600 {
+                match Frame::decode(&mut b, 256) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        /// DATA frames of any content round-trip byte-exact.
+        #[test]
+        fn data_roundtrips(id in 1u32.., payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            roundtrip(Frame::Data { id: StreamId(id), payload: Bytes::from(payload) });
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The tether wire protocol, without any I/O.
+//!
+//! This crate holds two things:
+//!
+//! * [`frame`]: the binary frame format (see `docs/PROTOCOL.md`), encoding and a
+//!   decoder that never panics on hostile input;
+//! * [`Session`]: the session and stream state machine. It consumes bytes
+//!   received from the peer ([`Session::handle_input`]), produces bytes to send
+//!   ([`Session::poll_transmit`]), reports what happened ([`Session::poll_event`])
+//!   and tells when it next needs the clock ([`Session::poll_timeout`]).
+//!
+//! Nothing here touches a socket, a task or the system clock: time is passed
+//! in as [`std::time::Instant`] values. The tokio driver in `tether-net` is a
+//! thin shell around it, and the tests in this crate drive two sessions
+//! against each other deterministically.
+
+pub mod codes;
+pub mod frame;
+mod session;
+mod stream;
+
+pub use codes::{ErrorCode, OpenErrorCode, ResetCode};
+pub use frame::{Frame, FrameError, FrameType, StreamId, Target, TargetKind};
+pub use session::{Config, Event, OpenError, Role, Session, SessionError, StreamStats, WriteError};
+
+/// The WebSocket subprotocol that carries version 1 of this protocol.
+pub const SUBPROTOCOL: &str = "tether.v1";
+
+/// The protocol version this build speaks (and the only one so far).
+pub const PROTOCOL_VERSION: u16 = 1;

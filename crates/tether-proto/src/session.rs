@@ -1,0 +1,1124 @@
+//! The sans-I/O session: handshake, streams, flow control, liveness, drain.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
+use crate::frame::{Frame, FrameError, Hello, StreamId, Target, HEADER_LEN};
+use crate::stream::{Phase, Stream};
+use crate::PROTOCOL_VERSION;
+
+/// Which end of the WebSocket this session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Dialed the WebSocket (agents and CLI clients). Sends HELLO; opens odd stream ids.
+    Initiator,
+    /// Accepted the WebSocket (the server). Answers HELLO; opens even stream ids.
+    Acceptor,
+}
+
+/// Tunables of one session. The defaults are the documented protocol defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Receive window granted to each stream, in bytes. Bounds the memory a
+    /// stream can make the receiver hold.
+    pub initial_window: u32,
+    /// Largest DATA payload we accept from the peer.
+    pub max_frame_payload: u32,
+    /// Largest DATA payload we send (also capped by the peer's limit). Small
+    /// enough that round-robin between streams stays fair.
+    pub max_send_chunk: usize,
+    /// How often to send a PING when established.
+    pub ping_interval: Duration,
+    /// Silence (no inbound frame at all) after which the session is dead.
+    pub idle_timeout: Duration,
+    /// How long the HELLO / HELLO_ACK exchange may take.
+    pub handshake_timeout: Duration,
+    /// How long an OPEN we sent may wait for its answer.
+    pub open_timeout: Duration,
+    /// How long a half-closed stream may go without any traffic before it is reset.
+    pub linger: Duration,
+    /// After GOAWAY, how long remaining streams may run before they are reset.
+    pub drain_timeout: Duration,
+    /// Most streams the peer may have open or opening with us at once.
+    pub max_peer_streams: usize,
+    /// Whether the peer may open streams at all.
+    pub accept_opens: bool,
+    /// Software name and version announced in HELLO / HELLO_ACK.
+    pub software: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            initial_window: 1024 * 1024,
+            max_frame_payload: 64 * 1024,
+            max_send_chunk: 32 * 1024,
+            ping_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(15),
+            linger: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            max_peer_streams: 1024,
+            accept_opens: true,
+            software: String::from("tether"),
+        }
+    }
+}
+
+/// Smallest window and frame limits a peer may announce; anything smaller
+/// would make the session crawl and is treated as a protocol error.
+const MIN_PEER_WINDOW: u32 = 4096;
+const MIN_PEER_FRAME: u32 = 1024;
+
+/// What the session tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake finished.
+    Established {
+        /// Negotiated protocol version.
+        version: u16,
+        /// The peer's software string.
+        peer_software: String,
+    },
+    /// The peer asks to open a stream; answer with [`Session::accept`] or [`Session::reject`].
+    IncomingOpen {
+        /// The new stream.
+        id: StreamId,
+        /// What the peer wants to reach.
+        target: Target,
+    },
+    /// An open we sent was accepted.
+    Opened {
+        /// The stream.
+        id: StreamId,
+    },
+    /// An open we sent failed (refused by the peer, timed out, or the session ended).
+    OpenFailed {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        code: OpenErrorCode,
+        /// Detail.
+        reason: String,
+    },
+    /// Bytes arrived. Call [`Session::stream_consumed`] once they are delivered.
+    Data {
+        /// The stream.
+        id: StreamId,
+        /// The bytes, in order.
+        data: Bytes,
+    },
+    /// The peer finished sending (half-close): no more Data for this stream.
+    Finished {
+        /// The stream.
+        id: StreamId,
+    },
+    /// The stream was aborted, by the peer (`remote`) or by this session.
+    Reset {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        code: ResetCode,
+        /// Detail.
+        reason: String,
+        /// The peer sent the RST (as opposed to this side deciding).
+        remote: bool,
+    },
+    /// Send credit is available again after a short write.
+    Writable {
+        /// The stream.
+        id: StreamId,
+    },
+    /// The stream's state is gone; no more events for it.
+    Closed {
+        /// The stream.
+        id: StreamId,
+    },
+    /// The peer sent GOAWAY: open nothing new on this session.
+    GoAway {
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        reason: String,
+    },
+    /// A PONG answered our PING.
+    Rtt(Duration),
+    /// The session is over; nothing more will happen. Close the transport
+    /// after flushing [`Session::poll_transmit`].
+    SessionClosed {
+        /// `None` after an orderly drain.
+        error: Option<SessionError>,
+    },
+}
+
+/// Why a session ended abnormally.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The peer sent something undecodable or broke the state rules.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A frame was bigger than allowed.
+    #[error("{0}")]
+    FrameTooLarge(String),
+    /// No protocol version in common.
+    #[error("version mismatch: {0}")]
+    VersionMismatch(String),
+    /// Nothing was heard from the peer within the idle timeout, or the
+    /// handshake took too long.
+    #[error("peer silent for {0:?}")]
+    Timeout(Duration),
+    /// The peer sent GOAWAY with an error code and then closed.
+    #[error("peer closed the session: {code}: {reason}")]
+    Peer {
+        /// The peer's code.
+        code: ErrorCode,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// This side closed the session with an error code.
+    #[error("closed locally: {code}: {reason}")]
+    Local {
+        /// Our code.
+        code: ErrorCode,
+        /// Our reason.
+        reason: String,
+    },
+    /// The transport (WebSocket, TCP) broke or closed.
+    #[error("transport lost: {0}")]
+    Transport(String),
+}
+
+impl SessionError {
+    fn goaway_code(&self) -> ErrorCode {
+        match self {
+            SessionError::Protocol(_) => ErrorCode::ProtocolError,
+            SessionError::FrameTooLarge(_) => ErrorCode::FrameTooLarge,
+            SessionError::VersionMismatch(_) => ErrorCode::VersionMismatch,
+            SessionError::Timeout(_) => ErrorCode::Timeout,
+            SessionError::Local { code, .. } => *code,
+            SessionError::Peer { .. } | SessionError::Transport(_) => ErrorCode::Normal,
+        }
+    }
+}
+
+/// Why [`Session::open`] could not start a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The handshake has not finished.
+    #[error("session not established yet")]
+    NotEstablished,
+    /// GOAWAY was sent or received.
+    #[error("session is draining")]
+    GoingAway,
+    /// The session is over.
+    #[error("session is closed")]
+    Closed,
+    /// All stream ids of this session are used up; open a new session.
+    #[error("stream ids exhausted")]
+    IdsExhausted,
+    /// The target address is empty or too long.
+    #[error("bad target: {0}")]
+    BadTarget(&'static str),
+}
+
+/// Why a write or finish on a stream was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// No such stream (closed, reset, or never opened).
+    #[error("stream is not open")]
+    UnknownStream,
+    /// The stream is not open yet (OPEN not acknowledged).
+    #[error("stream is not open yet")]
+    NotOpen,
+    /// This side already finished the stream.
+    #[error("stream already finished")]
+    Finished,
+}
+
+/// Counters describing the session, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Streams in the map (any phase).
+    pub live: usize,
+    /// Opens we sent that have no answer yet.
+    pub pending_opens: usize,
+    /// Streams whose sender is out of credit.
+    pub blocked: usize,
+    /// Bytes accepted from applications and not yet framed.
+    pub queued_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshaking,
+    Established,
+    Closed,
+}
+
+/// Peer parameters learned in the handshake.
+#[derive(Debug, Clone)]
+struct Peer {
+    initial_window: u32,
+    max_frame_payload: u32,
+}
+
+/// One end of a tether session. See the crate docs for how to drive it.
+#[derive(Debug)]
+pub struct Session {
+    role: Role,
+    config: Config,
+    state: State,
+    peer: Option<Peer>,
+    streams: HashMap<StreamId, Stream>,
+    next_local_id: u32,
+    highest_peer_id: u32,
+    /// Streams the peer opened that are still alive (bounded by `max_peer_streams`).
+    peer_streams: usize,
+    control: VecDeque<Frame>,
+    ready: VecDeque<StreamId>,
+    events: VecDeque<Event>,
+    handshake_deadline: Option<Instant>,
+    last_recv: Instant,
+    next_ping: Instant,
+    ping_seq: u64,
+    ping_sent_at: Option<(u64, Instant)>,
+    goaway_sent: bool,
+    goaway_received: bool,
+    drain_deadline: Option<Instant>,
+}
+
+impl Session {
+    /// A new session. An initiator queues its HELLO at once.
+    pub fn new(role: Role, config: Config, now: Instant) -> Session {
+        let mut s = Session {
+            role,
+            state: State::Handshaking,
+            peer: None,
+            streams: HashMap::new(),
+            next_local_id: match role {
+                Role::Initiator => 1,
+                Role::Acceptor => 2,
+            },
+            highest_peer_id: 0,
+            peer_streams: 0,
+            control: VecDeque::new(),
+            ready: VecDeque::new(),
+            events: VecDeque::new(),
+            handshake_deadline: Some(now + config.handshake_timeout),
+            last_recv: now,
+            next_ping: now + config.ping_interval,
+            ping_seq: 0,
+            ping_sent_at: None,
+            goaway_sent: false,
+            goaway_received: false,
+            drain_deadline: None,
+            config,
+        };
+        if role == Role::Initiator {
+            let hello = s.our_hello(1, PROTOCOL_VERSION);
+            s.control.push_back(Frame::Hello(hello));
+        }
+        s
+    }
+
+    fn our_hello(&self, min_version: u16, max_version: u16) -> Hello {
+        Hello {
+            min_version,
+            max_version,
+            capabilities: 0,
+            initial_window: self.config.initial_window,
+            max_frame_payload: self.config.max_frame_payload,
+            software: self.config.software.clone(),
+        }
+    }
+
+    /// This session's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The handshake finished and the session is not closed.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// The session is over.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// GOAWAY was sent or received: no new streams.
+    pub fn is_draining(&self) -> bool {
+        self.goaway_sent || self.goaway_received
+    }
+
+    /// Current stream counters.
+    pub fn stats(&self) -> StreamStats {
+        let mut st = StreamStats {
+            live: self.streams.len(),
+            ..Default::default()
+        };
+        for s in self.streams.values() {
+            if s.phase == Phase::Opening {
+                st.pending_opens += 1;
+            }
+            if s.write_blocked {
+                st.blocked += 1;
+            }
+            st.queued_bytes += s.queued_bytes();
+        }
+        st
+    }
+
+    // ------------------------------------------------------------------
+    // Input
+    // ------------------------------------------------------------------
+
+    /// Feeds one message received from the peer (whole frames only).
+    ///
+    /// On `Err` the session is closed: flush [`Session::poll_transmit`] (it
+    /// holds a GOAWAY telling the peer why) and close the transport.
+    pub fn handle_input(&mut self, mut msg: Bytes, now: Instant) -> Result<(), SessionError> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        self.last_recv = now;
+        loop {
+            let frame = match Frame::decode(&mut msg, self.config.max_frame_payload as usize) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let err = match e {
+                        FrameError::TooLarge { .. } => SessionError::FrameTooLarge(e.to_string()),
+                        _ => SessionError::Protocol(e.to_string()),
+                    };
+                    return Err(self.fail(err));
+                }
+            };
+            self.handle_frame(frame, now)?;
+            if self.state == State::Closed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), SessionError> {
+        if self.state == State::Handshaking {
+            return self.handle_handshake(frame, now);
+        }
+        match frame {
+            Frame::Hello(_) | Frame::HelloAck(_) => {
+                Err(self.fail(SessionError::Protocol("HELLO after handshake".into())))
+            }
+            Frame::Ping(v) => {
+                self.control.push_back(Frame::Pong(v));
+                Ok(())
+            }
+            Frame::Pong(v) => {
+                if let Some((seq, at)) = self.ping_sent_at {
+                    if seq == v {
+                        self.events
+                            .push_back(Event::Rtt(now.saturating_duration_since(at)));
+                        self.ping_sent_at = None;
+                    }
+                }
+                Ok(())
+            }
+            Frame::GoAway { code, reason } => {
+                self.goaway_received = true;
+                if code != ErrorCode::Normal && code != ErrorCode::Replaced {
+                    // An error GOAWAY: the peer is about to close the transport.
+                    let err = SessionError::Peer { code, reason };
+                    self.close_now(Some(err.clone()), false);
+                    return Err(err);
+                }
+                self.events.push_back(Event::GoAway { code, reason });
+                self.maybe_finish_drain();
+                Ok(())
+            }
+            Frame::Open { id, target } => self.handle_open(id, target, now),
+            Frame::OpenOk { id } => {
+                match self.streams.get_mut(&id) {
+                    Some(s) if s.phase == Phase::Opening => {
+                        s.phase = Phase::Open;
+                        s.open_deadline = None;
+                        s.last_activity = now;
+                        self.events.push_back(Event::Opened { id });
+                    }
+                    Some(_) => self.reset_stream(
+                        id,
+                        ResetCode::ProtocolError,
+                        "OPEN_OK for a stream that is not opening",
+                        now,
+                    ),
+                    None => self.unknown_stream(id),
+                }
+                Ok(())
+            }
+            Frame::OpenErr { id, code, reason } => {
+                match self.streams.get(&id) {
+                    Some(s) if s.phase == Phase::Opening => {
+                        self.events
+                            .push_back(Event::OpenFailed { id, code, reason });
+                        self.remove_stream(id);
+                    }
+                    Some(_) => self.reset_stream(
+                        id,
+                        ResetCode::ProtocolError,
+                        "OPEN_ERR for a stream that is not opening",
+                        now,
+                    ),
+                    None => {} // late answer to an open we gave up on; we already sent RST
+                }
+                Ok(())
+            }
+            Frame::Data { id, payload } => {
+                self.handle_data(id, payload, now);
+                Ok(())
+            }
+            Frame::Fin { id } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    self.unknown_stream(id);
+                    return Ok(());
+                };
+                if s.phase != Phase::Open {
+                    self.reset_stream(id, ResetCode::ProtocolError, "FIN before OPEN_OK", now);
+                } else if s.fin_received {
+                    self.reset_stream(id, ResetCode::StreamClosed, "second FIN", now);
+                } else {
+                    s.fin_received = true;
+                    s.last_activity = now;
+                    self.events.push_back(Event::Finished { id });
+                    self.maybe_remove(id);
+                }
+                Ok(())
+            }
+            Frame::Rst { id, code, reason } => {
+                if let Some(s) = self.streams.get(&id) {
+                    if s.phase == Phase::Opening {
+                        // A reset in answer to our OPEN is a refusal.
+                        self.events.push_back(Event::OpenFailed {
+                            id,
+                            code: OpenErrorCode::Internal,
+                            reason: format!("reset: {code}: {reason}"),
+                        });
+                    } else {
+                        self.events.push_back(Event::Reset {
+                            id,
+                            code,
+                            reason,
+                            remote: true,
+                        });
+                    }
+                    self.remove_stream(id);
+                }
+                // Never answer an RST with an RST.
+                Ok(())
+            }
+            Frame::WindowUpdate { id, increment } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    self.unknown_stream(id);
+                    return Ok(());
+                };
+                let new_credit = s.send_credit + u64::from(increment);
+                // Credit beyond 2^31 means the peer's arithmetic is broken.
+                if new_credit > u64::from(u32::MAX >> 1) {
+                    self.reset_stream(id, ResetCode::FlowControl, "window overflow", now);
+                    return Ok(());
+                }
+                s.send_credit = new_credit;
+                if s.write_blocked {
+                    s.write_blocked = false;
+                    self.events.push_back(Event::Writable { id });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_handshake(&mut self, frame: Frame, now: Instant) -> Result<(), SessionError> {
+        match (self.role, frame) {
+            (Role::Acceptor, Frame::Hello(h)) => {
+                if h.min_version > PROTOCOL_VERSION || h.max_version < PROTOCOL_VERSION {
+                    return Err(self.fail(SessionError::VersionMismatch(format!(
+                        "this side speaks version {PROTOCOL_VERSION}, the peer {}..={}",
+                        h.min_version, h.max_version
+                    ))));
+                }
+                self.learn_peer(&h)?;
+                let ack = self.our_hello(PROTOCOL_VERSION, PROTOCOL_VERSION);
+                self.control.push_back(Frame::HelloAck(ack));
+                self.establish(h.software, now);
+                Ok(())
+            }
+            (Role::Initiator, Frame::HelloAck(h)) => {
+                if h.min_version != PROTOCOL_VERSION || h.max_version != PROTOCOL_VERSION {
+                    return Err(self.fail(SessionError::VersionMismatch(format!(
+                        "peer chose version {}..={}, this side speaks {PROTOCOL_VERSION}",
+                        h.min_version, h.max_version
+                    ))));
+                }
+                self.learn_peer(&h)?;
+                self.establish(h.software, now);
+                Ok(())
+            }
+            (_, Frame::GoAway { code, reason }) => {
+                // E.g. the acceptor refusing our versions.
+                let err = SessionError::Peer { code, reason };
+                self.close_now(Some(err.clone()), false);
+                Err(err)
+            }
+            (_, other) => {
+                let what = crate::frame::type_name(other.frame_type());
+                Err(self.fail(SessionError::Protocol(format!(
+                    "{what} received before the handshake finished"
+                ))))
+            }
+        }
+    }
+
+    fn learn_peer(&mut self, h: &Hello) -> Result<(), SessionError> {
+        if h.initial_window < MIN_PEER_WINDOW || h.max_frame_payload < MIN_PEER_FRAME {
+            return Err(self.fail(SessionError::Protocol(format!(
+                "peer limits too small: window {} (min {MIN_PEER_WINDOW}), frame {} (min {MIN_PEER_FRAME})",
+                h.initial_window, h.max_frame_payload
+            ))));
+        }
+        self.peer = Some(Peer {
+            initial_window: h.initial_window,
+            max_frame_payload: h.max_frame_payload,
+        });
+        Ok(())
+    }
+
+    fn establish(&mut self, peer_software: String, now: Instant) {
+        self.state = State::Established;
+        self.handshake_deadline = None;
+        self.next_ping = now + self.config.ping_interval;
+        self.events.push_back(Event::Established {
+            version: PROTOCOL_VERSION,
+            peer_software,
+        });
+    }
+
+    fn peer_parity(&self, id: StreamId) -> bool {
+        let peer_odd = self.role == Role::Acceptor;
+        (id.0 % 2 == 1) == peer_odd
+    }
+
+    fn handle_open(
+        &mut self,
+        id: StreamId,
+        target: Target,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        if !self.peer_parity(id) || id.0 <= self.highest_peer_id {
+            return Err(self.fail(SessionError::Protocol(format!(
+                "OPEN with stream id {id} (wrong parity or reused)"
+            ))));
+        }
+        self.highest_peer_id = id.0;
+        let refuse = if !self.config.accept_opens {
+            Some((
+                OpenErrorCode::NotAccepted,
+                "this side does not accept streams",
+            ))
+        } else if self.goaway_sent {
+            Some((OpenErrorCode::GoingAway, "session is draining"))
+        } else if self.peer_streams >= self.config.max_peer_streams {
+            Some((
+                OpenErrorCode::TooManyStreams,
+                "too many streams on this session",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, reason)) = refuse {
+            self.control.push_back(Frame::OpenErr {
+                id,
+                code,
+                reason: reason.into(),
+            });
+            return Ok(());
+        }
+        let (send, recv) = self.windows();
+        self.streams
+            .insert(id, Stream::new(Phase::PendingAccept, send, recv, now));
+        self.peer_streams += 1;
+        self.events.push_back(Event::IncomingOpen { id, target });
+        Ok(())
+    }
+
+    fn windows(&self) -> (u32, u32) {
+        let send = self.peer.as_ref().map_or(0, |p| p.initial_window);
+        (send, self.config.initial_window)
+    }
+
+    fn handle_data(&mut self, id: StreamId, payload: Bytes, now: Instant) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            self.unknown_stream(id);
+            return;
+        };
+        if s.phase != Phase::Open {
+            self.reset_stream(
+                id,
+                ResetCode::ProtocolError,
+                "DATA before the stream was open",
+                now,
+            );
+            return;
+        }
+        if s.fin_received {
+            self.reset_stream(id, ResetCode::StreamClosed, "DATA after FIN", now);
+            return;
+        }
+        let len = payload.len() as u64;
+        if len > s.recv_remaining {
+            let reason = format!(
+                "{len} bytes of DATA with only {} bytes of window left",
+                s.recv_remaining
+            );
+            self.reset_stream(id, ResetCode::FlowControl, &reason, now);
+            return;
+        }
+        s.recv_remaining -= len;
+        s.last_activity = now;
+        if !payload.is_empty() {
+            self.events.push_back(Event::Data { id, data: payload });
+        }
+    }
+
+    /// A frame names a stream we do not have. Late frames for streams we
+    /// closed are normal and dropped; a stream that never existed gets one
+    /// RST and no state.
+    fn unknown_stream(&mut self, id: StreamId) {
+        let known_before = if self.peer_parity(id) {
+            id.0 <= self.highest_peer_id
+        } else {
+            id.0 < self.next_local_id
+        };
+        if !known_before {
+            self.control.push_back(Frame::Rst {
+                id,
+                code: ResetCode::UnknownStream,
+                reason: format!("no stream {id} on this session"),
+            });
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Application calls
+    // ------------------------------------------------------------------
+
+    /// Starts opening a stream to `target`. The answer comes as
+    /// [`Event::Opened`] or [`Event::OpenFailed`].
+    pub fn open(&mut self, target: Target, now: Instant) -> Result<StreamId, OpenError> {
+        match self.state {
+            State::Handshaking => return Err(OpenError::NotEstablished),
+            State::Closed => return Err(OpenError::Closed),
+            State::Established => {}
+        }
+        if self.is_draining() {
+            return Err(OpenError::GoingAway);
+        }
+        if target.address.is_empty() {
+            return Err(OpenError::BadTarget("empty address"));
+        }
+        if target.address.len() > crate::frame::MAX_TARGET_LEN {
+            return Err(OpenError::BadTarget("address too long"));
+        }
+        if self.next_local_id > u32::MAX - 2 {
+            return Err(OpenError::IdsExhausted);
+        }
+        let id = StreamId(self.next_local_id);
+        self.next_local_id += 2;
+        let (send, recv) = self.windows();
+        let mut s = Stream::new(Phase::Opening, send, recv, now);
+        s.open_deadline = Some(now + self.config.open_timeout);
+        self.streams.insert(id, s);
+        self.control.push_back(Frame::Open { id, target });
+        Ok(id)
+    }
+
+    /// Accepts a stream announced by [`Event::IncomingOpen`] (sends OPEN_OK).
+    pub fn accept(&mut self, id: StreamId, now: Instant) -> Result<(), WriteError> {
+        let s = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream)?;
+        if s.phase != Phase::PendingAccept {
+            return Err(WriteError::NotOpen);
+        }
+        s.phase = Phase::Open;
+        s.last_activity = now;
+        self.control.push_back(Frame::OpenOk { id });
+        Ok(())
+    }
+
+    /// Refuses a stream announced by [`Event::IncomingOpen`] (sends OPEN_ERR).
+    pub fn reject(&mut self, id: StreamId, code: OpenErrorCode, reason: &str) {
+        if matches!(self.streams.get(&id), Some(s) if s.phase == Phase::PendingAccept) {
+            self.control.push_back(Frame::OpenErr {
+                id,
+                code,
+                reason: reason.to_owned(),
+            });
+            self.remove_stream(id);
+        }
+    }
+
+    /// Bytes the stream may send right now.
+    pub fn send_capacity(&self, id: StreamId) -> usize {
+        self.streams
+            .get(&id)
+            .filter(|s| s.phase == Phase::Open && !s.fin_queued)
+            .map_or(0, |s| s.send_credit.min(usize::MAX as u64) as usize)
+    }
+
+    /// Queues as much of `data` as the stream's credit allows and returns how
+    /// many bytes were taken. When fewer than all were taken, an
+    /// [`Event::Writable`] follows once the peer grants more credit.
+    pub fn stream_write(&mut self, id: StreamId, mut data: Bytes) -> Result<usize, WriteError> {
+        let s = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream)?;
+        if s.phase != Phase::Open {
+            return Err(WriteError::NotOpen);
+        }
+        if s.fin_queued {
+            return Err(WriteError::Finished);
+        }
+        let take = (data.len() as u64).min(s.send_credit) as usize;
+        if take < data.len() {
+            s.write_blocked = true;
+        }
+        if take == 0 {
+            return Ok(0);
+        }
+        let chunk = data.split_to(take);
+        s.send_credit -= take as u64;
+        s.send_queue.push_back(chunk);
+        if !s.in_ready {
+            s.in_ready = true;
+            self.ready.push_back(id);
+        }
+        Ok(take)
+    }
+
+    /// Half-closes the sending direction: a FIN follows the queued data.
+    pub fn stream_finish(&mut self, id: StreamId) -> Result<(), WriteError> {
+        let s = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream)?;
+        if s.phase != Phase::Open {
+            return Err(WriteError::NotOpen);
+        }
+        if s.fin_queued {
+            return Ok(());
+        }
+        s.fin_queued = true;
+        if !s.in_ready {
+            s.in_ready = true;
+            self.ready.push_back(id);
+        }
+        Ok(())
+    }
+
+    /// Aborts a stream in both directions (sends RST, drops queued data).
+    /// Also cancels a pending open. Unknown ids are ignored.
+    pub fn stream_reset(&mut self, id: StreamId, code: ResetCode, reason: &str) {
+        if self.streams.contains_key(&id) {
+            self.control.push_back(Frame::Rst {
+                id,
+                code,
+                reason: reason.to_owned(),
+            });
+            self.remove_stream(id);
+        }
+    }
+
+    /// The application delivered `n` bytes of this stream's Data; grant the
+    /// peer that much more credit (batched into WINDOW_UPDATE frames).
+    pub fn stream_consumed(&mut self, id: StreamId, n: usize) {
+        let threshold = u64::from(self.config.initial_window / 4).max(1);
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.fin_received {
+            return; // nothing more will come; no credit needed
+        }
+        s.recv_unacked += n as u64;
+        if s.recv_unacked >= threshold {
+            let inc = s.recv_unacked.min(u64::from(u32::MAX)) as u32;
+            s.recv_unacked -= u64::from(inc);
+            s.recv_remaining += u64::from(inc);
+            self.control
+                .push_back(Frame::WindowUpdate { id, increment: inc });
+        }
+    }
+
+    /// Starts a graceful drain: GOAWAY goes out, new opens from the peer are
+    /// refused, and remaining streams get `drain_timeout` to finish.
+    pub fn go_away(&mut self, code: ErrorCode, reason: &str, now: Instant) {
+        if self.state == State::Closed || self.goaway_sent {
+            return;
+        }
+        self.goaway_sent = true;
+        self.control.push_back(Frame::GoAway {
+            code,
+            reason: reason.to_owned(),
+        });
+        self.drain_deadline = Some(now + self.config.drain_timeout);
+        self.maybe_finish_drain();
+    }
+
+    /// Closes the session at once with an error GOAWAY; every stream is reset.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        if self.state == State::Closed {
+            return;
+        }
+        let err = SessionError::Local {
+            code,
+            reason: reason.to_owned(),
+        };
+        self.close_now(Some(err), true);
+    }
+
+    /// The transport under the session broke: fail everything, send nothing.
+    pub fn transport_lost(&mut self, reason: &str) {
+        if self.state != State::Closed {
+            self.close_now(Some(SessionError::Transport(reason.to_owned())), false);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Output
+    // ------------------------------------------------------------------
+
+    /// Next thing that happened, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Appends frames to send to `out`, control frames first, then DATA
+    /// round-robin across streams in chunks of at most `max_send_chunk`,
+    /// until `out` holds at least `max_len` bytes or nothing is left.
+    /// Returns whether anything was appended.
+    pub fn poll_transmit(&mut self, out: &mut BytesMut, max_len: usize) -> bool {
+        let start = out.len();
+        while let Some(f) = self.control.pop_front() {
+            f.encode(out);
+        }
+        if self.state != State::Established {
+            return out.len() > start;
+        }
+        let chunk_max = self
+            .peer
+            .as_ref()
+            .map_or(self.config.max_send_chunk, |p| {
+                self.config.max_send_chunk.min(p.max_frame_payload as usize)
+            })
+            .max(1);
+        while out.len() < max_len {
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue; // removed while queued
+            };
+            if let Some(front) = s.send_queue.front_mut() {
+                let room = (max_len - out.len()).saturating_sub(HEADER_LEN).max(1);
+                let n = front.len().min(chunk_max).min(room);
+                let payload = front.split_to(n);
+                if front.is_empty() {
+                    s.send_queue.pop_front();
+                }
+                Frame::Data { id, payload }.encode(out);
+            }
+            if s.send_queue.is_empty() && s.fin_queued && !s.fin_sent {
+                s.fin_sent = true;
+                Frame::Fin { id }.encode(out);
+            }
+            if s.send_queue.is_empty() {
+                s.in_ready = false;
+                self.maybe_remove(id);
+            } else {
+                self.ready.push_back(id);
+            }
+        }
+        out.len() > start
+    }
+
+    /// Whether [`Session::poll_transmit`] has anything to send.
+    pub fn wants_transmit(&self) -> bool {
+        !self.control.is_empty() || (self.state == State::Established && !self.ready.is_empty())
+    }
+
+    /// The earliest instant at which [`Session::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let mut t = self.last_recv + self.config.idle_timeout;
+        let mut consider = |d: Option<Instant>| {
+            if let Some(d) = d {
+                t = t.min(d);
+            }
+        };
+        consider(self.handshake_deadline);
+        if self.state == State::Established {
+            consider(Some(self.next_ping));
+        }
+        consider(self.drain_deadline);
+        for s in self.streams.values() {
+            consider(s.open_deadline);
+            if s.is_half_closed() {
+                consider(Some(s.last_activity + self.config.linger));
+            }
+        }
+        Some(t)
+    }
+
+    /// Runs every timer that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if let Some(d) = self.handshake_deadline {
+            if now >= d {
+                self.fail(SessionError::Timeout(self.config.handshake_timeout));
+                return;
+            }
+        }
+        if now >= self.last_recv + self.config.idle_timeout {
+            self.fail(SessionError::Timeout(self.config.idle_timeout));
+            return;
+        }
+        if self.state == State::Established && now >= self.next_ping {
+            self.ping_seq += 1;
+            self.control.push_back(Frame::Ping(self.ping_seq));
+            if self.ping_sent_at.is_none() {
+                self.ping_sent_at = Some((self.ping_seq, now));
+            }
+            self.next_ping = now + self.config.ping_interval;
+        }
+        let mut expired_opens = Vec::new();
+        let mut lingering = Vec::new();
+        for (&id, s) in &self.streams {
+            if s.open_deadline.is_some_and(|d| now >= d) {
+                expired_opens.push(id);
+            } else if s.is_half_closed() && now >= s.last_activity + self.config.linger {
+                lingering.push(id);
+            }
+        }
+        for id in expired_opens {
+            let reason = format!("no answer within {:?}", self.config.open_timeout);
+            self.control.push_back(Frame::Rst {
+                id,
+                code: ResetCode::Cancel,
+                reason: reason.clone(),
+            });
+            self.events.push_back(Event::OpenFailed {
+                id,
+                code: OpenErrorCode::Timeout,
+                reason,
+            });
+            self.remove_stream(id);
+        }
+        for id in lingering {
+            let reason = format!("half-closed and idle for {:?}", self.config.linger);
+            self.reset_stream(id, ResetCode::LingerTimeout, &reason, now);
+        }
+        if self.drain_deadline.is_some_and(|d| now >= d) {
+            let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+            for id in ids {
+                self.reset_stream(id, ResetCode::DrainTimeout, "drain deadline passed", now);
+            }
+            self.maybe_finish_drain();
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Internals
+    // ------------------------------------------------------------------
+
+    /// Resets a stream from this side: RST to the peer, Reset event locally.
+    fn reset_stream(&mut self, id: StreamId, code: ResetCode, reason: &str, _now: Instant) {
+        if self.streams.contains_key(&id) {
+            self.control.push_back(Frame::Rst {
+                id,
+                code,
+                reason: reason.to_owned(),
+            });
+            self.events.push_back(Event::Reset {
+                id,
+                code,
+                reason: reason.to_owned(),
+                remote: false,
+            });
+            self.remove_stream(id);
+        }
+    }
+
+    fn maybe_remove(&mut self, id: StreamId) {
+        if self.streams.get(&id).is_some_and(Stream::is_done) {
+            self.remove_stream(id);
+        }
+    }
+
+    fn remove_stream(&mut self, id: StreamId) {
+        if self.streams.remove(&id).is_some() {
+            if self.peer_parity(id) {
+                self.peer_streams -= 1;
+            }
+            self.events.push_back(Event::Closed { id });
+            self.maybe_finish_drain();
+        }
+    }
+
+    fn maybe_finish_drain(&mut self) {
+        if self.goaway_sent && self.streams.is_empty() && self.state != State::Closed {
+            self.close_now(None, false);
+        }
+    }
+
+    /// A fatal error: tell the peer why, then close.
+    fn fail(&mut self, err: SessionError) -> SessionError {
+        self.close_now(Some(err.clone()), true);
+        err
+    }
+
+    fn close_now(&mut self, error: Option<SessionError>, send_goaway: bool) {
+        if let (Some(err), true) = (&error, send_goaway) {
+            self.control.push_back(Frame::GoAway {
+                code: err.goaway_code(),
+                reason: err.to_string(),
+            });
+        }
+        let reason = error
+            .as_ref()
+            .map_or_else(|| "session closed".to_owned(), ToString::to_string);
+        let mut ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            if let Some(s) = self.streams.remove(&id) {
+                if s.phase == Phase::Opening {
+                    self.events.push_back(Event::OpenFailed {
+                        id,
+                        code: OpenErrorCode::SessionLost,
+                        reason: reason.clone(),
+                    });
+                } else {
+                    self.events.push_back(Event::Reset {
+                        id,
+                        code: ResetCode::SessionLost,
+                        reason: reason.clone(),
+                        remote: false,
+                    });
+                }
+                self.events.push_back(Event::Closed { id });
+            }
+        }
+        self.peer_streams = 0;
+        self.ready.clear();
+        self.state = State::Closed;
+        self.handshake_deadline = None;
+        self.events.push_back(Event::SessionClosed { error });
+    }
+}

@@ -1,0 +1,83 @@
+//! Per-stream state kept by a [`crate::Session`].
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// Where a stream is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// We sent OPEN and wait for OPEN_OK / OPEN_ERR.
+    Opening,
+    /// The peer sent OPEN; our application has not accepted or rejected it yet.
+    PendingAccept,
+    /// Both sides may exchange data.
+    Open,
+}
+
+/// One stream's flow-control and close bookkeeping.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    pub phase: Phase,
+    /// When a pending open gives up (Opening only).
+    pub open_deadline: Option<Instant>,
+
+    // --- sending ---
+    /// Bytes the peer still lets us send (granted minus accepted from the app).
+    pub send_credit: u64,
+    /// Data accepted from the application, not yet framed.
+    pub send_queue: VecDeque<Bytes>,
+    /// The application finished its side; a FIN follows the queued data.
+    pub fin_queued: bool,
+    /// The FIN went out.
+    pub fin_sent: bool,
+    /// The stream is in the session's round-robin queue.
+    pub in_ready: bool,
+    /// The application was refused credit; tell it when credit returns.
+    pub write_blocked: bool,
+
+    // --- receiving ---
+    /// Bytes the peer may still send before exceeding the window we granted.
+    pub recv_remaining: u64,
+    /// Bytes the application consumed that we have not granted back yet.
+    pub recv_unacked: u64,
+    /// The peer sent FIN.
+    pub fin_received: bool,
+
+    /// Last frame seen or sent for this stream (drives the half-close linger).
+    pub last_activity: Instant,
+}
+
+impl Stream {
+    pub fn new(phase: Phase, send_credit: u32, recv_window: u32, now: Instant) -> Self {
+        Stream {
+            phase,
+            open_deadline: None,
+            send_credit: u64::from(send_credit),
+            send_queue: VecDeque::new(),
+            fin_queued: false,
+            fin_sent: false,
+            in_ready: false,
+            write_blocked: false,
+            recv_remaining: u64::from(recv_window),
+            recv_unacked: 0,
+            fin_received: false,
+            last_activity: now,
+        }
+    }
+
+    /// Both directions are finished and everything went out.
+    pub fn is_done(&self) -> bool {
+        self.fin_sent && self.fin_received
+    }
+
+    /// One direction is finished but not the other.
+    pub fn is_half_closed(&self) -> bool {
+        self.fin_queued || self.fin_received
+    }
+
+    /// Bytes queued but not yet framed.
+    pub fn queued_bytes(&self) -> usize {
+        self.send_queue.iter().map(Bytes::len).sum()
+    }
+}
