@@ -14,6 +14,9 @@
 //!   tt-hyper   tokio-tungstenite, server side upgraded through hyper 1.x
 //!              (WebSocketStream::from_raw_socket over TokioIo<Upgraded>),
 //!              client as tt-direct. This is how tether's server would run it.
+//!   tt-hyper-wb0 tt-hyper with WebSocketConfig::write_buffer_size(0) on both
+//!              ends (each message written eagerly instead of being coalesced
+//!              into the default 128 KiB write buffer).
 //!   fws-hyper  fastwebsockets with its own `upgrade` feature: server through
 //!              hyper 1.x (upgrade::upgrade), client through
 //!              handshake::client (also hyper). Both ends run over TokioIo<Upgraded>.
@@ -185,10 +188,25 @@ fn tt_halves<S: AsyncRead + AsyncWrite + Unpin>(
         TtRx { stream },
     )
 }
-fn tt_config() -> WebSocketConfig {
+fn tt_config(eager: bool) -> WebSocketConfig {
     // Library defaults (read/write buffer 128 KiB, max message 64 MiB, max
     // frame 16 MiB); tether would lower the limits to ~1 MiB.
-    WebSocketConfig::default()
+    // `eager` (variant tt-hyper-wb0): write_buffer_size = 0, i.e. every
+    // message is written to the socket as soon as it is queued instead of
+    // being coalesced into a >= 128 KiB write buffer.
+    // TT_WRITE_BUF / TT_READ_BUF (bytes) override the buffer sizes for tuning runs.
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let mut c = WebSocketConfig::default();
+    if eager {
+        c = c.write_buffer_size(0);
+    }
+    if let Some(w) = env("TT_WRITE_BUF") {
+        c = c.write_buffer_size(w);
+    }
+    if let Some(r) = env("TT_READ_BUF") {
+        c = c.read_buffer_size(r);
+    }
+    c
 }
 
 // --- fastwebsockets --------------------------------------------------------
@@ -355,12 +373,12 @@ async fn tt_accept_direct(tcp: TcpStream) -> Result<WebSocketStream<TcpStream>> 
             .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTO));
         Ok(resp)
     };
-    Ok(tokio_tungstenite::accept_hdr_async_with_config(tcp, cb, Some(tt_config())).await?)
+    Ok(tokio_tungstenite::accept_hdr_async_with_config(tcp, cb, Some(tt_config(false))).await?)
 }
 
-async fn tt_accept_hyper(tcp: TcpStream) -> Result<WebSocketStream<Up>> {
+async fn tt_accept_hyper(tcp: TcpStream, eager: bool) -> Result<WebSocketStream<Up>> {
     let io = hyper_accept(tcp, tt_hyper_upgrade).await?;
-    Ok(WebSocketStream::from_raw_socket(io, TtRole::Server, Some(tt_config())).await)
+    Ok(WebSocketStream::from_raw_socket(io, TtRole::Server, Some(tt_config(eager))).await)
 }
 
 async fn fws_accept_hyper(tcp: TcpStream) -> Result<fastwebsockets::WebSocket<Up>> {
@@ -391,6 +409,7 @@ async fn tt_connect<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
     host: &str,
     token: &str,
+    eager: bool,
 ) -> Result<WebSocketStream<S>> {
     let mut req = format!("ws://{host}/tunnel").into_client_request()?;
     req.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(token)?);
@@ -398,7 +417,7 @@ async fn tt_connect<S: AsyncRead + AsyncWrite + Unpin>(
         .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTO));
     // tungstenite verifies Sec-WebSocket-Accept and that the server picked
     // one of the offered subprotocols.
-    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(tt_config())).await?;
+    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(tt_config(eager))).await?;
     if resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).map(|v| v.as_bytes()) != Some(SUBPROTO.as_bytes()) {
         bail!("tt: subprotocol not negotiated");
     }
@@ -448,6 +467,7 @@ enum Variant {
     Raw,
     TtDirect,
     TtHyper,
+    TtHyperWb0,
     FwsHyper,
     FwsDirect,
 }
@@ -457,6 +477,7 @@ impl Variant {
             Variant::Raw => "raw",
             Variant::TtDirect => "tt-direct",
             Variant::TtHyper => "tt-hyper",
+            Variant::TtHyperWb0 => "tt-hyper-wb0",
             Variant::FwsHyper => "fws-hyper",
             Variant::FwsDirect => "fws-direct",
         }
@@ -466,6 +487,7 @@ impl Variant {
             "raw" => Variant::Raw,
             "tt-direct" => Variant::TtDirect,
             "tt-hyper" => Variant::TtHyper,
+            "tt-hyper-wb0" => Variant::TtHyperWb0,
             "fws-hyper" => Variant::FwsHyper,
             "fws-direct" => Variant::FwsDirect,
             _ => bail!("unknown variant {s}"),
@@ -577,8 +599,9 @@ async fn server_main(v: Variant, tcp: TcpStream, job: Job) -> Result<Out> {
             let (mut t, mut r) = tt_halves(tt_accept_direct(tcp).await?, m);
             run_side(false, &mut t, &mut r, job).await
         }
-        Variant::TtHyper => {
-            let (mut t, mut r) = tt_halves(tt_accept_hyper(tcp).await?, m);
+        Variant::TtHyper | Variant::TtHyperWb0 => {
+            let eager = v == Variant::TtHyperWb0;
+            let (mut t, mut r) = tt_halves(tt_accept_hyper(tcp, eager).await?, m);
             run_side(false, &mut t, &mut r, job).await
         }
         Variant::FwsHyper => {
@@ -601,8 +624,9 @@ async fn client_main(v: Variant, tcp: TcpStream, job: Job) -> Result<Out> {
             let (mut t, mut r) = raw_halves(tcp, m);
             run_side(true, &mut t, &mut r, job).await
         }
-        Variant::TtDirect | Variant::TtHyper => {
-            let (mut t, mut r) = tt_halves(tt_connect(tcp, &host, TOKEN).await?, m);
+        Variant::TtDirect | Variant::TtHyper | Variant::TtHyperWb0 => {
+            let eager = v == Variant::TtHyperWb0;
+            let (mut t, mut r) = tt_halves(tt_connect(tcp, &host, TOKEN, eager).await?, m);
             run_side(true, &mut t, &mut r, job).await
         }
         Variant::FwsHyper => {
@@ -628,9 +652,45 @@ where
     CFut: Future<Output = Result<CR>>,
     CR: Send + 'static,
 {
+    run_pair_mode(server, client, false)
+}
+
+/// `same_thread`: both ends are polled by ONE current-thread runtime on one
+/// OS thread (tokio::join!), so a round trip involves no cross-CPU wake-up.
+/// This isolates the libraries' per-message CPU path from the VM's idle
+/// wake-up latency, which dominates the two-thread figure on this machine.
+fn run_pair_mode<SF, SFut, SR, CF, CFut, CR>(server: SF, client: CF, same_thread: bool) -> Result<(SR, CR)>
+where
+    SF: FnOnce(TcpStream) -> SFut + Send + 'static,
+    SFut: Future<Output = Result<SR>>,
+    SR: Send + 'static,
+    CF: FnOnce(TcpStream) -> CFut + Send + 'static,
+    CFut: Future<Output = Result<CR>>,
+    CR: Send + 'static,
+{
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    if same_thread {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(async move {
+            let l = TcpListener::from_std(listener)?;
+            let srv = async move {
+                let (s, _) = l.accept().await?;
+                s.set_nodelay(true)?;
+                server(s).await
+            };
+            let cli = async move {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                client(s).await
+            };
+            let (s, c) = tokio::time::timeout(RUN_TIMEOUT, async { tokio::join!(srv, cli) })
+                .await
+                .context("same-thread run timed out")?;
+            Ok((s.context("server")?, c.context("client")?))
+        });
+    }
     let srv = std::thread::spawn(move || -> Result<SR> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
@@ -653,17 +713,18 @@ where
     Ok((s.context("server")?, c.context("client")?))
 }
 
-fn run_job(v: Variant, job: Job) -> Result<(Out, Out)> {
-    run_pair(
+fn run_job(v: Variant, job: Job, same_thread: bool) -> Result<(Out, Out)> {
+    run_pair_mode(
         move |tcp| server_main(v, tcp, job),
         move |tcp| client_main(v, tcp, job),
+        same_thread,
     )
 }
 
 /// MiB/s for one bulk transfer.
 fn measure_bulk(v: Variant, c2s: bool, total_mib: usize, size: usize) -> Result<f64> {
     let msgs = total_mib * 1024 * 1024 / size;
-    let (s, c) = run_job(v, Job::Bulk { c2s, msgs, size })?;
+    let (s, c) = run_job(v, Job::Bulk { c2s, msgs, size }, false)?;
     let (t0, t1) = if c2s { (c.t0, s.t1) } else { (s.t0, c.t1) };
     let (t0, t1) = (t0.context("no t0")?, t1.context("no t1")?);
     let secs = t1.duration_since(t0).as_secs_f64();
@@ -671,12 +732,16 @@ fn measure_bulk(v: Variant, c2s: bool, total_mib: usize, size: usize) -> Result<
 }
 
 /// (median µs, p99 µs) of 64-byte round trips.
-fn measure_ping(v: Variant, n: usize) -> Result<(f64, f64)> {
-    let (_, c) = run_job(v, Job::Ping { n, warmup: n / 20 })?;
+fn measure_ping(v: Variant, n: usize, same_thread: bool) -> Result<(f64, f64)> {
+    let (_, c) = run_job(v, Job::Ping { n, warmup: n / 20 }, same_thread)?;
     let mut r = c.rtts_ns;
     r.sort_unstable();
     let pick = |q: f64| r[((r.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
     Ok((pick(0.5), pick(0.99)))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -708,7 +773,7 @@ fn check_reject(v: Variant) -> Result<String> {
             // A refused upgrade surfaces as "connection closed before upgrade".
             let r = match v {
                 Variant::TtDirect => tt_accept_direct(tcp).await.map(|_| ()),
-                Variant::TtHyper => tt_accept_hyper(tcp).await.map(|_| ()),
+                Variant::TtHyper => tt_accept_hyper(tcp, false).await.map(|_| ()),
                 _ => fws_accept_hyper(tcp).await.map(|_| ()),
             };
             Ok(r.is_err())
@@ -716,7 +781,7 @@ fn check_reject(v: Variant) -> Result<String> {
         move |tcp| async move {
             let host = tcp.peer_addr()?.to_string();
             Ok(match v {
-                Variant::TtDirect | Variant::TtHyper => match tt_connect(tcp, &host, "Bearer wrong").await {
+                Variant::TtDirect | Variant::TtHyper => match tt_connect(tcp, &host, "Bearer wrong", false).await {
                     Ok(_) => "accepted?!".to_string(),
                     Err(e) => format!("{e}"),
                 },
@@ -737,16 +802,15 @@ fn check_reject(v: Variant) -> Result<String> {
 /// streams data while its reader task is parked; a client Ping must be
 /// answered while split; a client Close must be echoed and end both readers.
 /// Also: a message above the configured max size is refused.
-fn check_split_tt(hyper: bool) -> Result<String> {
+fn check_split_tt(oversize: bool) -> Result<String> {
     let (srv, cli) = run_pair(
         move |tcp| async move {
-            let ws = if hyper {
-                let io = hyper_accept(tcp, tt_hyper_upgrade).await?;
-                let cfg = tt_config().max_message_size(Some(64 * 1024));
-                WebSocketStream::from_raw_socket(io, TtRole::Server, Some(cfg)).await
-            } else {
-                tt_accept_direct(tcp).await? // default limits; size check done only via hyper path
-            };
+            let io = hyper_accept(tcp, tt_hyper_upgrade).await?;
+            let mut cfg = tt_config(false);
+            if oversize {
+                cfg = cfg.max_message_size(Some(64 * 1024));
+            }
+            let ws = WebSocketStream::from_raw_socket(io, TtRole::Server, Some(cfg)).await;
             let (mut sink, mut stream) = ws.split();
             let writer = tokio::spawn(async move {
                 for i in 0..10u8 {
@@ -780,7 +844,7 @@ fn check_split_tt(hyper: bool) -> Result<String> {
         },
         move |tcp| async move {
             let host = tcp.peer_addr()?.to_string();
-            let ws = tt_connect(tcp, &host, TOKEN).await?;
+            let ws = tt_connect(tcp, &host, TOKEN, false).await?;
             let (mut sink, mut stream) = ws.split();
             let reader = tokio::spawn(async move {
                 let (mut data, mut pong, mut close) = (0, false, false);
@@ -796,7 +860,7 @@ fn check_split_tt(hyper: bool) -> Result<String> {
                 (data, pong, close)
             });
             sink.send(Message::Ping(Bytes::from_static(b"p1"))).await?;
-            if hyper {
+            if oversize {
                 // 128 KiB > server's 64 KiB limit: server reader must error out.
                 sink.send(Message::Binary(Bytes::from(vec![0u8; 128 * 1024]))).await?;
             } else {
@@ -903,7 +967,7 @@ fn run_checks() -> bool {
     for v in [Variant::TtDirect, Variant::TtHyper, Variant::FwsHyper] {
         ok &= check(&format!("{}: bad bearer -> 401", v.name()), check_reject(v));
     }
-    ok &= check("tt-direct: split, ping while split, close", check_split_tt(false));
+    ok &= check("tt-hyper: split, ping while split, close", check_split_tt(false));
     ok &= check("tt-hyper: split, ping, 128 KiB > 64 KiB limit", check_split_tt(true));
     ok &= check("fws-hyper: split, ping while split, close", check_split_fws(false));
     ok &= check("fws-hyper: split, ping, 128 KiB > 64 KiB limit", check_split_fws(true));
@@ -934,6 +998,7 @@ fn parse_args() -> Result<Args> {
             Variant::Raw,
             Variant::TtDirect,
             Variant::TtHyper,
+            Variant::TtHyperWb0,
             Variant::FwsHyper,
             Variant::FwsDirect,
         ],
@@ -957,7 +1022,8 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "wslib-bench [--mib 2048] [--reps 3] [--rtt 20000] [--sizes 32,256] \
-                     [--variants raw,tt-direct,tt-hyper,fws-hyper,fws-direct] [--no-checks]"
+                     [--variants raw,tt-direct,tt-hyper,tt-hyper-wb0,fws-hyper,fws-direct] [--no-checks]\n\
+                     env TT_WRITE_BUF / TT_READ_BUF override tokio-tungstenite's buffer sizes (tuning only)"
                 );
                 std::process::exit(0);
             }
@@ -977,6 +1043,7 @@ fn main() -> Result<()> {
         "# wslib-bench: {} MiB per transfer, sizes {:?} KiB, {} x 64 B round trips, median of {} runs, 127.0.0.1",
         args.mib, args.sizes_kib, args.rtt, args.reps
     );
+    println!("loadavg at start: {}", loadavg());
     println!();
     let checks_ok = if args.checks { run_checks() } else { true };
 
@@ -987,6 +1054,7 @@ fn main() -> Result<()> {
     let nv = args.variants.len();
     let mut thr: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); ncols]; nv];
     let mut lat: Vec<Vec<(f64, f64)>> = vec![Vec::new(); nv];
+    let mut lat1: Vec<Vec<(f64, f64)>> = vec![Vec::new(); nv];
     for rep in 0..args.reps {
         for (vi, &v) in args.variants.iter().enumerate() {
             let mut col = 0;
@@ -999,18 +1067,24 @@ fn main() -> Result<()> {
                     col += 1;
                 }
             }
-            let (p50, p99) = measure_ping(v, args.rtt).with_context(|| format!("{} ping", v.name()))?;
-            eprintln!("rep {rep} {:<10} ping: p50 {p50:.1} us  p99 {p99:.1} us", v.name());
+            let (p50, p99) = measure_ping(v, args.rtt, false).with_context(|| format!("{} ping", v.name()))?;
+            eprintln!("rep {rep} {:<10} ping 2 threads: p50 {p50:.1} us  p99 {p99:.1} us", v.name());
             lat[vi].push((p50, p99));
+            let (p50, p99) = measure_ping(v, args.rtt, true).with_context(|| format!("{} ping 1 thread", v.name()))?;
+            eprintln!("rep {rep} {:<10} ping 1 thread:  p50 {p50:.1} us  p99 {p99:.1} us", v.name());
+            lat1[vi].push((p50, p99));
         }
     }
 
     let raw = args.variants.iter().position(|&v| v == Variant::Raw).unwrap();
     let thr_med: Vec<Vec<f64>> = thr.iter().map(|cols| cols.iter().map(|c| median(c.clone())).collect()).collect();
-    let lat_med: Vec<(f64, f64)> = lat
-        .iter()
-        .map(|l| (median(l.iter().map(|x| x.0).collect()), median(l.iter().map(|x| x.1).collect())))
-        .collect();
+    let med2 = |lat: &Vec<Vec<(f64, f64)>>| -> Vec<(f64, f64)> {
+        lat.iter()
+            .map(|l| (median(l.iter().map(|x| x.0).collect()), median(l.iter().map(|x| x.1).collect())))
+            .collect()
+    };
+    let lat_med = med2(&lat);
+    let lat1_med = med2(&lat1);
 
     println!("## Throughput, MiB/s (median of {}), ratio to raw TCP in parentheses", args.reps);
     print!("| variant |");
@@ -1029,18 +1103,26 @@ fn main() -> Result<()> {
         println!();
     }
     println!();
-    println!("## Latency, 64 B round trip, µs (median of {} runs of {})", args.reps, args.rtt);
-    println!("| variant | p50 | p99 | p50 / raw | p99 / raw |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("## Latency, 64 B round trip, µs (median of {} runs of {} round trips)", args.reps, args.rtt);
+    println!("2 threads = client and server on separate threads/cores (realistic, includes the VM's wake-up latency);");
+    println!("1 thread = both ends on one runtime thread (pure per-message CPU + syscall path).");
+    println!();
+    println!("| variant | 2 threads p50 | p99 | p50 / raw | p99 / raw | 1 thread p50 | p99 | p50 / raw | p99 / raw |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (vi, &v) in args.variants.iter().enumerate() {
-        let (p50, p99) = lat_med[vi];
+        let (a50, a99) = lat_med[vi];
+        let (b50, b99) = lat1_med[vi];
         println!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} |",
             v.name(),
-            p50,
-            p99,
-            p50 / lat_med[raw].0,
-            p99 / lat_med[raw].1
+            a50,
+            a99,
+            a50 / lat_med[raw].0,
+            a99 / lat_med[raw].1,
+            b50,
+            b99,
+            b50 / lat1_med[raw].0,
+            b99 / lat1_med[raw].1
         );
     }
     println!();
@@ -1059,9 +1141,17 @@ fn main() -> Result<()> {
             .map(|c| c.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join("/"))
             .collect();
         let l: Vec<String> = lat[vi].iter().map(|(a, b)| format!("{a:.1}/{b:.1}")).collect();
-        println!("- {}: {} | p50/p99 µs: {}", v.name(), cols.join(", "), l.join(" "));
+        let l1: Vec<String> = lat1[vi].iter().map(|(a, b)| format!("{a:.1}/{b:.1}")).collect();
+        println!(
+            "- {}: {} | p50/p99 µs 2 threads: {} | 1 thread: {}",
+            v.name(),
+            cols.join(", "),
+            l.join(" "),
+            l1.join(" ")
+        );
     }
     println!();
+    println!("loadavg at end: {}", loadavg());
     println!("total wall time: {:.1} s; checks {}", started.elapsed().as_secs_f64(), if checks_ok { "passed" } else { "had failures" });
     Ok(())
 }

@@ -1,0 +1,286 @@
+//! The tether agent: runs inside the private network, dials out to the
+//! server over one WebSocket, and connects the streams the server opens to
+//! the services its policy allows.
+
+pub mod policy;
+
+use anyhow::Context;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_net::backoff::Backoff;
+use tether_net::splice::splice;
+use tether_net::transport::tls::ServerTrust;
+use tether_net::transport::ws::{dial, endpoint_url};
+use tether_net::{Connection, Incoming};
+use tether_proto::{OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
+use tokio::net::TcpStream;
+
+pub use policy::TargetPolicy;
+
+/// How long the agent waits for a service to accept a TCP connection.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A session that lasted this long counts as healthy: backoff starts over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Path of the agent endpoint on the server.
+pub const AGENT_PATH: &str = "/tether/v1/agent";
+
+/// Agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Server URL, `wss://host:port` (the agent path is added if missing).
+    pub server: String,
+    /// The name to register under (must match the token's name on the server).
+    pub name: String,
+    /// The agent token.
+    pub token: String,
+    /// PEM CA file to verify the server with (instead of system roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Pinned SHA-256 fingerprint of the server certificate.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Named services: `db = "postgres.default.svc.cluster.local:5432"`.
+    #[serde(default)]
+    pub services: BTreeMap<String, String>,
+    /// Raw `host:port` targets clients may ask for: `*.svc.cluster.local:*`,
+    /// `10.0.0.0/8:5432`, `localhost:8000-8100`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl AgentConfig {
+    /// How to check the server's certificate.
+    pub fn trust(&self) -> ServerTrust {
+        match (&self.fingerprint, &self.ca_file) {
+            (Some(fp), _) => ServerTrust::Fingerprint(fp.clone()),
+            (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+            (None, None) => ServerTrust::SystemRoots,
+        }
+    }
+
+    /// The full URL of the agent endpoint.
+    pub fn url(&self) -> String {
+        endpoint_url(&self.server, AGENT_PATH)
+    }
+}
+
+/// Live counters of the agent (exported as metrics).
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Streams currently connected to services.
+    pub live_streams: AtomicI64,
+    /// Streams ever accepted.
+    pub streams_total: AtomicU64,
+    /// Opens refused (policy, dial failure).
+    pub open_errors: AtomicU64,
+    /// 1 while a session to the server is up.
+    pub connected: AtomicI64,
+    /// Sessions established.
+    pub sessions_total: AtomicU64,
+}
+
+impl AgentStats {
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        format!(
+            "# TYPE tether_agent_connected gauge\ntether_agent_connected {}\n\
+             # TYPE tether_agent_live_streams gauge\ntether_agent_live_streams {}\n\
+             # TYPE tether_agent_streams_total counter\ntether_agent_streams_total {}\n\
+             # TYPE tether_agent_open_errors_total counter\ntether_agent_open_errors_total {}\n\
+             # TYPE tether_agent_sessions_total counter\ntether_agent_sessions_total {}\n",
+            self.connected.load(Ordering::Relaxed),
+            self.live_streams.load(Ordering::Relaxed),
+            self.streams_total.load(Ordering::Relaxed),
+            self.open_errors.load(Ordering::Relaxed),
+            self.sessions_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A configured agent.
+pub struct Agent {
+    config: AgentConfig,
+    policy: Arc<TargetPolicy>,
+    stats: Arc<AgentStats>,
+}
+
+impl Agent {
+    /// Validates the configuration.
+    pub fn new(config: AgentConfig) -> anyhow::Result<Agent> {
+        let policy = TargetPolicy::new(&config.services, &config.allow)
+            .context("agent services / allow list")?;
+        if config.token.is_empty() {
+            anyhow::bail!("agent token is empty");
+        }
+        Ok(Agent {
+            config,
+            policy: Arc::new(policy),
+            stats: Arc::default(),
+        })
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<AgentStats> {
+        self.stats.clone()
+    }
+
+    /// Connects, serves, and reconnects with backoff, forever.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let url = self.config.url();
+        let trust = self.config.trust();
+        let headers = vec![
+            (
+                "authorization".to_owned(),
+                format!("Bearer {}", self.config.token),
+            ),
+            ("x-tether-agent".to_owned(), self.config.name.clone()),
+        ];
+        let mut backoff = Backoff::default();
+        let services: Vec<&str> = self.policy.service_names().collect();
+        tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, "agent starting");
+        loop {
+            let started = Instant::now();
+            match dial(&url, SUBPROTOCOL, &headers, &trust).await {
+                Err(e) => {
+                    tracing::warn!(server = %url, "cannot connect: {e}");
+                }
+                Ok((sink, source)) => {
+                    let cfg = tether_proto::Config {
+                        software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
+                        ..Default::default()
+                    };
+                    let label = format!("agent={}", self.config.name);
+                    match Connection::start(Role::Initiator, cfg, sink, source, label).await {
+                        Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),
+                        Ok((conn, info, incoming)) => {
+                            tracing::info!(server = %url, peer = %info.peer_software, "registered as {}", self.config.name);
+                            self.stats.connected.store(1, Ordering::Relaxed);
+                            self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                            let why = self.serve(conn, incoming).await;
+                            self.stats.connected.store(0, Ordering::Relaxed);
+                            tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "session ended; reconnecting");
+                        }
+                    }
+                }
+            }
+            if started.elapsed() >= HEALTHY_SESSION {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::debug!(?delay, "reconnecting after backoff");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn serve(
+        &self,
+        conn: Connection,
+        mut incoming: tether_net::session::IncomingStreams,
+    ) -> Option<String> {
+        while let Some(inc) = incoming.recv().await {
+            tokio::spawn(serve_stream(
+                self.policy.clone(),
+                self.stats.clone(),
+                inc,
+            ));
+        }
+        conn.closed().await
+    }
+}
+
+fn dial_error_code(e: &io::Error) -> OpenErrorCode {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => OpenErrorCode::Refused,
+        io::ErrorKind::TimedOut => OpenErrorCode::Timeout,
+        _ => OpenErrorCode::Unreachable,
+    }
+}
+
+async fn serve_stream(policy: Arc<TargetPolicy>, stats: Arc<AgentStats>, inc: Incoming) {
+    let target = inc.target().clone();
+    let id = inc.id();
+    if target.kind != TargetKind::Tcp {
+        stats.open_errors.fetch_add(1, Ordering::Relaxed);
+        inc.reject(OpenErrorCode::BadTarget, "this agent serves TCP only");
+        return;
+    }
+    let resolved = match policy.resolve(&target.address) {
+        Ok(r) => r,
+        Err((code, reason)) => {
+            stats.open_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(stream = %id, target = %target, %code, "open refused: {reason}");
+            inc.reject(code, &reason);
+            return;
+        }
+    };
+    let started = Instant::now();
+    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&resolved.address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.open_errors.fetch_add(1, Ordering::Relaxed);
+            let code = dial_error_code(&e);
+            let reason = format!("dialing {}: {e}", resolved.address);
+            tracing::info!(stream = %id, target = %target, %code, "open failed: {reason}");
+            inc.reject(code, &reason);
+            return;
+        }
+        Err(_) => {
+            stats.open_errors.fetch_add(1, Ordering::Relaxed);
+            let reason = format!("{} did not answer within {DIAL_TIMEOUT:?}", resolved.address);
+            tracing::info!(stream = %id, target = %target, "open failed: {reason}");
+            inc.reject(OpenErrorCode::Timeout, &reason);
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let stream = match inc.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(stream = %id, "stream gone before accept: {e}");
+            return;
+        }
+    };
+    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    stats.live_streams.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(stream = %id, target = %target, address = %resolved.address, "stream open");
+    let (sr, sw) = stream.split();
+    let (tr, tw) = tcp.into_split();
+    let report = splice(sr, sw, tr, tw).await;
+    stats.live_streams.fetch_sub(1, Ordering::Relaxed);
+    let ms = started.elapsed().as_millis() as u64;
+    match report.error {
+        None => tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream closed"),
+        Some(e) => tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses() {
+        let c: AgentConfig = toml::from_str(
+            r#"
+            server = "wss://tether.example.com"
+            name = "prod"
+            token = "t"
+            fingerprint = "AA:BB"
+            allow = ["*.svc.cluster.local:*"]
+            [services]
+            db = "postgres.default.svc.cluster.local:5432"
+            "#,
+        )
+        .unwrap();
+        assert!(matches!(c.trust(), ServerTrust::Fingerprint(_)));
+        assert!(Agent::new(c).is_ok());
+    }
+}

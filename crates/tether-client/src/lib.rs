@@ -1,0 +1,229 @@
+//! The tether CLI client: local TCP listeners whose connections travel as
+//! streams of one multiplexed session to the server, and on to an agent's
+//! service.
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_net::backoff::Backoff;
+use tether_net::splice::splice;
+use tether_net::transport::tls::ServerTrust;
+use tether_net::transport::ws::{dial, endpoint_url};
+use tether_net::Connection;
+use tether_proto::{Role, Target, SUBPROTOCOL};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Path of the client endpoint on the server.
+pub const CLIENT_PATH: &str = "/tether/v1/client";
+
+/// A session that lasted this long counts as healthy: backoff starts over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Client configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Server URL, `wss://host:port`.
+    pub server: String,
+    /// The client token.
+    pub token: String,
+    /// PEM CA file to verify the server with.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Pinned SHA-256 fingerprint of the server certificate.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Forwards, `LISTEN=AGENT/SERVICE`.
+    #[serde(default)]
+    pub forward: Vec<String>,
+}
+
+impl ClientConfig {
+    /// How to check the server's certificate.
+    pub fn trust(&self) -> ServerTrust {
+        match (&self.fingerprint, &self.ca_file) {
+            (Some(fp), _) => ServerTrust::Fingerprint(fp.clone()),
+            (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+            (None, None) => ServerTrust::SystemRoots,
+        }
+    }
+}
+
+/// One local forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Where to listen locally.
+    pub listen: SocketAddr,
+    /// `agent/service` to reach.
+    pub target: String,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = anyhow::Error;
+
+    /// `127.0.0.1:15432=prod/db`, or `15432=prod/db` (loopback).
+    fn from_str(s: &str) -> anyhow::Result<Forward> {
+        let (listen, target) = s
+            .split_once('=')
+            .with_context(|| format!("forward {s:?}: expected LISTEN=AGENT/SERVICE"))?;
+        let listen: SocketAddr = if let Ok(port) = listen.parse::<u16>() {
+            SocketAddr::from(([127, 0, 0, 1], port))
+        } else {
+            listen
+                .parse()
+                .with_context(|| format!("forward {s:?}: {listen:?} is not PORT or IP:PORT"))?
+        };
+        match target.split_once('/') {
+            Some((a, svc)) if !a.is_empty() && !svc.is_empty() => {}
+            _ => bail!("forward {s:?}: target {target:?} is not AGENT/SERVICE"),
+        }
+        Ok(Forward {
+            listen,
+            target: target.to_owned(),
+        })
+    }
+}
+
+/// A client with its listeners bound.
+pub struct Client {
+    config: ClientConfig,
+    listeners: Vec<(TcpListener, Forward)>,
+}
+
+impl Client {
+    /// Parses forwards and binds every listener (so a port in use fails now).
+    pub async fn bind(config: ClientConfig) -> anyhow::Result<Client> {
+        if config.forward.is_empty() {
+            bail!("no forwards given: add LISTEN=AGENT/SERVICE");
+        }
+        let mut listeners = Vec::new();
+        for f in &config.forward {
+            let fwd: Forward = f.parse()?;
+            let l = TcpListener::bind(fwd.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", fwd.listen))?;
+            listeners.push((l, fwd));
+        }
+        Ok(Client { config, listeners })
+    }
+
+    /// The bound local addresses, in forward order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Runs the listeners and keeps the session up, forever.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let (tx, rx) = watch::channel::<Option<Connection>>(None);
+        for (listener, fwd) in self.listeners {
+            let addr = listener.local_addr().unwrap_or(fwd.listen);
+            tracing::info!(listen = %addr, target = %fwd.target, "forwarding");
+            tokio::spawn(accept_loop(listener, fwd, rx.clone()));
+        }
+        keep_session(self.config, tx).await
+    }
+}
+
+async fn keep_session(cfg: ClientConfig, tx: watch::Sender<Option<Connection>>) -> anyhow::Result<()> {
+    let url = endpoint_url(&cfg.server, CLIENT_PATH);
+    let trust = cfg.trust();
+    let headers = vec![("authorization".to_owned(), format!("Bearer {}", cfg.token))];
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        match dial(&url, SUBPROTOCOL, &headers, &trust).await {
+            Err(e) => tracing::warn!(server = %url, "cannot connect: {e}"),
+            Ok((sink, source)) => {
+                let scfg = tether_proto::Config {
+                    software: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
+                    accept_opens: false,
+                    ..Default::default()
+                };
+                match Connection::start(Role::Initiator, scfg, sink, source, "client").await {
+                    Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),
+                    Ok((conn, info, _incoming)) => {
+                        tracing::info!(server = %url, peer = %info.peer_software, "connected");
+                        tx.send_replace(Some(conn.clone()));
+                        let why = conn.closed().await;
+                        tx.send_replace(None);
+                        tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "disconnected; reconnecting");
+                    }
+                }
+            }
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, fwd: Forward, session: watch::Receiver<Option<Connection>>) {
+    let fwd = Arc::new(fwd);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let conn = session.borrow().clone().filter(|c| !c.is_closed());
+        let Some(conn) = conn else {
+            // Fail fast: the application sees its connection closed at once
+            // instead of hanging until the server comes back.
+            tracing::warn!(%peer, target = %fwd.target, "not connected to the server; closing the local connection");
+            drop(tcp);
+            continue;
+        };
+        tokio::spawn(forward_one(conn, tcp, peer, fwd.clone()));
+    }
+}
+
+async fn forward_one(conn: Connection, tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>) {
+    let started = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let stream = match conn.open(Target::tcp(fwd.target.clone())).await {
+        Ok(s) => s,
+        Err((code, reason)) => {
+            tracing::warn!(%peer, target = %fwd.target, %code, "cannot open: {reason}");
+            return;
+        }
+    };
+    let id = stream.id();
+    tracing::debug!(%peer, stream = %id, target = %fwd.target, "stream open");
+    let (tr, tw) = tcp.into_split();
+    let (sr, sw) = stream.split();
+    let report = splice(tr, tw, sr, sw).await;
+    let ms = started.elapsed().as_millis() as u64;
+    match report.error {
+        None => tracing::info!(%peer, stream = %id, target = %fwd.target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream closed"),
+        Some(e) => tracing::info!(%peer, stream = %id, target = %fwd.target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream ended with error: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_parse() {
+        let f: Forward = "127.0.0.1:15432=prod/db".parse().unwrap();
+        assert_eq!(f.listen, "127.0.0.1:15432".parse().unwrap());
+        assert_eq!(f.target, "prod/db");
+        let f: Forward = "8080=prod/web".parse().unwrap();
+        assert_eq!(f.listen.port(), 8080);
+        assert!("8080=prod".parse::<Forward>().is_err());
+        assert!("nonsense".parse::<Forward>().is_err());
+        assert!("x:1=a/b".parse::<Forward>().is_err());
+        assert!("8080=prod/cache.default.svc:6379".parse::<Forward>().is_ok());
+    }
+}

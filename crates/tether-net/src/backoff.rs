@@ -1,0 +1,58 @@
+//! Exponential reconnect backoff with full jitter.
+
+use rand::Rng;
+use std::time::Duration;
+
+/// First retry delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Doubles the delay after each failure (up to [`BACKOFF_MAX`]) and picks a
+/// random point in the upper half of it, so a fleet of agents that lost the
+/// same server do not all come back in the same instant.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    current: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            current: BACKOFF_MIN,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt; grows the next one.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(BACKOFF_MAX);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Back to the shortest delay (after a session that worked).
+    pub fn reset(&mut self) {
+        self.current = BACKOFF_MIN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= BACKOFF_MAX);
+        }
+        assert!(last >= BACKOFF_MAX / 2);
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+}

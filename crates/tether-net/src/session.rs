@@ -1,0 +1,743 @@
+//! The tokio driver around a sans-I/O [`Session`].
+//!
+//! Three tasks serve one session:
+//!
+//! * the **reader** feeds received messages into the session and hands the
+//!   resulting events to streams. It never waits on a stream's consumer: a
+//!   stream's inbox is unbounded in type but bounded by its flow-control
+//!   window, which the session enforces;
+//! * the **writer** is the only task that writes to the transport. It asks
+//!   the session for the next batch (control frames first, then data
+//!   round-robin) and sends it;
+//! * the **timer** runs heartbeats, open timeouts, linger and drain.
+//!
+//! They share the session behind a mutex held only for short, non-blocking
+//! state updates (the quinn pattern).
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tether_proto::{
+    Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError, StreamId,
+    StreamStats, Target, WriteError,
+};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::transport::{MessageSink, MessageSource, MAX_SEND_MESSAGE};
+
+/// Most incoming opens waiting for the application before new ones are refused.
+const MAX_UNANSWERED_OPENS: usize = 256;
+
+/// What the reader tells a stream.
+#[derive(Debug)]
+enum Inbound {
+    Data(Bytes),
+    Fin,
+    Reset(ResetCode, String),
+}
+
+/// Per-stream plumbing held by the driver.
+struct Route {
+    inbox: mpsc::UnboundedSender<Inbound>,
+    writable: Arc<Notify>,
+    open_answer: Option<oneshot::Sender<Result<(), (OpenErrorCode, String)>>>,
+}
+
+struct Inner {
+    session: Session,
+    routes: HashMap<StreamId, Route>,
+    incoming: Option<mpsc::Sender<Incoming>>,
+    rtt: Option<Duration>,
+    goaway: bool,
+    /// Told once when the handshake succeeds or the session dies first.
+    handshake: Option<oneshot::Sender<Result<SessionInfo, SessionError>>>,
+}
+
+/// Byte and stream counters of one connection (for logs and metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Payload bytes received on all streams.
+    pub bytes_in: AtomicU64,
+    /// Payload bytes sent on all streams.
+    pub bytes_out: AtomicU64,
+    /// Streams ever opened or accepted.
+    pub streams_opened: AtomicU64,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    writer_wake: Notify,
+    timer_wake: Notify,
+    closed_tx: watch::Sender<Option<String>>,
+    counters: Counters,
+    label: String,
+}
+
+/// What the peer told us in the handshake.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Negotiated protocol version.
+    pub version: u16,
+    /// The peer's software string.
+    pub peer_software: String,
+}
+
+/// A running session. Cheap to clone; every clone drives the same session.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+/// Receives the streams the peer opens.
+pub type IncomingStreams = mpsc::Receiver<Incoming>;
+
+impl Connection {
+    /// Starts the driver on a transport and waits for the handshake.
+    ///
+    /// `label` names the session in logs (e.g. `agent=prod`). Incoming opens
+    /// arrive on the returned receiver when `config.accept_opens` is set.
+    pub async fn start<W: MessageSink, R: MessageSource>(
+        role: Role,
+        config: Config,
+        sink: W,
+        source: R,
+        label: impl Into<String>,
+    ) -> Result<(Connection, SessionInfo, IncomingStreams), SessionError> {
+        let handshake_timeout = config.handshake_timeout;
+        let (incoming_tx, incoming_rx) = mpsc::channel(MAX_UNANSWERED_OPENS);
+        let (closed_tx, _) = watch::channel(None);
+        let (est_tx, est_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                session: Session::new(role, config, Instant::now()),
+                routes: HashMap::new(),
+                incoming: Some(incoming_tx),
+                rtt: None,
+                goaway: false,
+                handshake: Some(est_tx),
+            }),
+            writer_wake: Notify::new(),
+            timer_wake: Notify::new(),
+            closed_tx,
+            counters: Counters::default(),
+            label: label.into(),
+        });
+        let conn = Connection { shared };
+        tokio::spawn(reader_task(conn.shared.clone(), source));
+        tokio::spawn(writer_task(conn.shared.clone(), sink));
+        tokio::spawn(timer_task(conn.shared.clone()));
+        conn.shared.writer_wake.notify_one(); // the initiator's HELLO
+        match tokio::time::timeout(handshake_timeout + Duration::from_secs(1), est_rx).await {
+            Ok(Ok(Ok(info))) => Ok((conn, info, incoming_rx)),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) | Err(_) => {
+                conn.close(ErrorCode::Timeout, "handshake did not finish");
+                Err(SessionError::Timeout(handshake_timeout))
+            }
+        }
+    }
+
+    /// The label given at start (for logs).
+    pub fn label(&self) -> &str {
+        &self.shared.label
+    }
+
+    /// Opens a stream and waits for the peer's answer.
+    pub async fn open(&self, target: Target) -> Result<Stream, (OpenErrorCode, String)> {
+        let (tx, rx) = oneshot::channel();
+        let stream = {
+            let mut g = self.lock();
+            let id = g
+                .session
+                .open(target, Instant::now())
+                .map_err(|e| (open_error_code(&e), e.to_string()))?;
+            let s = self.attach(&mut g, id, Some(tx));
+            self.shared.dispatch(&mut g);
+            s
+        };
+        self.shared.writer_wake.notify_one();
+        self.shared.timer_wake.notify_one();
+        match rx.await {
+            Ok(Ok(())) => {
+                self.shared.counters.streams_opened.fetch_add(1, Ordering::Relaxed);
+                Ok(stream)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err((OpenErrorCode::SessionLost, "session ended".into())),
+        }
+    }
+
+    /// Starts a graceful drain (GOAWAY).
+    pub fn go_away(&self, code: ErrorCode, reason: &str) {
+        let mut g = self.lock();
+        g.session.go_away(code, reason, Instant::now());
+        self.shared.dispatch(&mut g);
+        drop(g);
+        self.shared.writer_wake.notify_one();
+        self.shared.timer_wake.notify_one();
+    }
+
+    /// Closes the session now; every stream is reset.
+    pub fn close(&self, code: ErrorCode, reason: &str) {
+        let mut g = self.lock();
+        g.session.close(code, reason);
+        self.shared.dispatch(&mut g);
+        drop(g);
+        self.shared.writer_wake.notify_one();
+    }
+
+    /// Resolves when the session is over, with the reason if it failed.
+    pub async fn closed(&self) -> Option<String> {
+        let mut rx = self.shared.closed_tx.subscribe();
+        loop {
+            if let Some(r) = rx.borrow().clone() {
+                return if r.is_empty() { None } else { Some(r) };
+            }
+            if rx.changed().await.is_err() {
+                return Some("driver gone".into());
+            }
+        }
+    }
+
+    /// Whether the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed_tx.borrow().is_some()
+    }
+
+    /// Whether the peer sent GOAWAY (open new streams elsewhere).
+    pub fn is_draining(&self) -> bool {
+        let g = self.lock();
+        g.goaway || g.session.is_draining()
+    }
+
+    /// Stream counters of the session.
+    pub fn stats(&self) -> StreamStats {
+        self.lock().session.stats()
+    }
+
+    /// Latest measured round-trip time.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.lock().rtt
+    }
+
+    /// Byte counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.lock()
+    }
+
+    fn attach(
+        &self,
+        g: &mut Inner,
+        id: StreamId,
+        open_answer: Option<oneshot::Sender<Result<(), (OpenErrorCode, String)>>>,
+    ) -> Stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writable = Arc::new(Notify::new());
+        g.routes.insert(
+            id,
+            Route {
+                inbox: tx,
+                writable: writable.clone(),
+                open_answer,
+            },
+        );
+        Stream::new(self.shared.clone(), id, rx, writable)
+    }
+}
+
+fn open_error_code(e: &tether_proto::OpenError) -> OpenErrorCode {
+    match e {
+        tether_proto::OpenError::GoingAway => OpenErrorCode::GoingAway,
+        tether_proto::OpenError::Closed | tether_proto::OpenError::NotEstablished => {
+            OpenErrorCode::SessionLost
+        }
+        tether_proto::OpenError::IdsExhausted => OpenErrorCode::TooManyStreams,
+        tether_proto::OpenError::BadTarget(_) => OpenErrorCode::BadTarget,
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; keep serving anyway.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands every pending session event to whoever waits for it. Called with
+    /// the lock held after each change; never blocks.
+    fn dispatch(self: &Arc<Self>, g: &mut Inner) {
+        while let Some(ev) = g.session.poll_event() {
+            match ev {
+                Event::Established {
+                    version,
+                    peer_software,
+                } => {
+                    if let Some(tx) = g.handshake.take() {
+                        let _ = tx.send(Ok(SessionInfo {
+                            version,
+                            peer_software,
+                        }));
+                    }
+                }
+                Event::IncomingOpen { id, target } => {
+                    let conn = Connection {
+                        shared: self.clone(),
+                    };
+                    let stream = conn.attach(g, id, None);
+                    let inc = Incoming {
+                        target,
+                        stream: Some(stream),
+                    };
+                    let refused = match &g.incoming {
+                        Some(tx) => tx.try_send(inc).err().map(|e| match e {
+                            mpsc::error::TrySendError::Full(i) => (i, "too many unanswered opens"),
+                            mpsc::error::TrySendError::Closed(i) => (i, "not accepting streams"),
+                        }),
+                        None => Some((inc, "not accepting streams")),
+                    };
+                    if let Some((mut inc, why)) = refused {
+                        // Answer right here; the Incoming's drop must not re-lock.
+                        if let Some(mut s) = inc.stream.take() {
+                            s.detached = true;
+                        }
+                        g.session.reject(id, OpenErrorCode::TooManyStreams, why);
+                    }
+                }
+                Event::Opened { id } => {
+                    if let Some(tx) = g.routes.get_mut(&id).and_then(|r| r.open_answer.take()) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Event::OpenFailed { id, code, reason } => {
+                    if let Some(mut r) = g.routes.remove(&id) {
+                        if let Some(tx) = r.open_answer.take() {
+                            let _ = tx.send(Err((code, reason)));
+                        }
+                    }
+                }
+                Event::Data { id, data } => {
+                    self.counters
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(r) = g.routes.get(&id) {
+                        let _ = r.inbox.send(Inbound::Data(data));
+                    }
+                }
+                Event::Finished { id } => {
+                    if let Some(r) = g.routes.get(&id) {
+                        let _ = r.inbox.send(Inbound::Fin);
+                    }
+                    self.timer_wake.notify_one(); // linger starts
+                }
+                Event::Reset {
+                    id, code, reason, ..
+                } => {
+                    if let Some(r) = g.routes.get(&id) {
+                        let _ = r.inbox.send(Inbound::Reset(code, reason));
+                        r.writable.notify_one();
+                    }
+                }
+                Event::Writable { id } => {
+                    if let Some(r) = g.routes.get(&id) {
+                        r.writable.notify_one();
+                    }
+                }
+                Event::Closed { id } => {
+                    if let Some(r) = g.routes.remove(&id) {
+                        r.writable.notify_one();
+                    }
+                }
+                Event::GoAway { code, reason } => {
+                    tracing::info!(session = %self.label, %code, %reason, "peer is draining the session (GOAWAY)");
+                    g.goaway = true;
+                }
+                Event::Rtt(d) => g.rtt = Some(d),
+                Event::SessionClosed { error } => {
+                    g.incoming = None;
+                    if let Some(tx) = g.handshake.take() {
+                        let e = error
+                            .clone()
+                            .unwrap_or_else(|| SessionError::Transport("closed".into()));
+                        let _ = tx.send(Err(e));
+                    }
+                    let why = error.map(|e| e.to_string()).unwrap_or_default();
+                    self.closed_tx.send_replace(Some(why));
+                    self.writer_wake.notify_one();
+                    self.timer_wake.notify_one();
+                }
+            }
+        }
+    }
+}
+
+async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
+    loop {
+        let msg = source.recv().await;
+        let mut g = shared.lock();
+        let result = match msg {
+            Ok(Some(m)) => g.session.handle_input(m, Instant::now()),
+            Ok(None) => {
+                g.session.transport_lost("peer closed the connection");
+                Err(SessionError::Transport("peer closed the connection".into()))
+            }
+            Err(e) => {
+                let why = e.to_string();
+                g.session.transport_lost(&why);
+                Err(SessionError::Transport(why))
+            }
+        };
+        shared.dispatch(&mut g);
+        let wants = g.session.wants_transmit();
+        let closed = g.session.is_closed();
+        drop(g);
+        if wants || closed {
+            shared.writer_wake.notify_one();
+        }
+        if let Err(e) = &result {
+            match e {
+                SessionError::Transport(_) => {
+                    tracing::debug!(session = %shared.label, "transport closed: {e}")
+                }
+                _ => tracing::warn!(session = %shared.label, "session failed: {e}"),
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn writer_task<W: MessageSink>(shared: Arc<Shared>, mut sink: W) {
+    let mut buf = BytesMut::new();
+    loop {
+        let (has, closed) = {
+            let mut g = shared.lock();
+            buf.reserve(MAX_SEND_MESSAGE + 64 * 1024);
+            let has = g.session.poll_transmit(&mut buf, MAX_SEND_MESSAGE);
+            shared.dispatch(&mut g);
+            (has, g.session.is_closed())
+        };
+        if has {
+            let msg = buf.split().freeze();
+            if let Err(e) = sink.send(msg).await {
+                {
+                    let mut g = shared.lock();
+                    g.session.transport_lost(&format!("write failed: {e}"));
+                    shared.dispatch(&mut g);
+                }
+                sink.close("write failed").await;
+                return;
+            }
+        } else if closed {
+            let why = shared.closed_tx.borrow().clone().unwrap_or_default();
+            sink.close(if why.is_empty() { "session closed" } else { &why })
+                .await;
+            return;
+        } else {
+            shared.writer_wake.notified().await;
+        }
+    }
+}
+
+async fn timer_task(shared: Arc<Shared>) {
+    loop {
+        let deadline = {
+            let g = shared.lock();
+            match g.session.poll_timeout() {
+                Some(d) => d,
+                None => return,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let mut g = shared.lock();
+                g.session.handle_timeout(Instant::now());
+                shared.dispatch(&mut g);
+                let wants = g.session.wants_transmit() || g.session.is_closed();
+                drop(g);
+                if wants {
+                    shared.writer_wake.notify_one();
+                }
+            }
+            _ = shared.timer_wake.notified() => {}
+        }
+    }
+}
+
+/// A stream the peer asked to open. Answer with [`Incoming::accept`] or
+/// [`Incoming::reject`]; dropping it unanswered rejects it.
+pub struct Incoming {
+    target: Target,
+    stream: Option<Stream>,
+}
+
+impl Incoming {
+    /// What the peer wants to reach.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The stream id (for logs).
+    pub fn id(&self) -> StreamId {
+        self.stream.as_ref().map_or(StreamId(0), |s| s.id)
+    }
+
+    /// Sends OPEN_OK and returns the stream.
+    pub fn accept(mut self) -> io::Result<Stream> {
+        let stream = self
+            .stream
+            .take()
+            .ok_or_else(|| io::Error::other("already answered"))?;
+        let shared = stream.shared.clone();
+        {
+            let mut g = shared.lock();
+            let r = g.session.accept(stream.id, Instant::now());
+            shared.dispatch(&mut g);
+            r.map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))?;
+        }
+        shared.writer_wake.notify_one();
+        shared.counters.streams_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    /// Sends OPEN_ERR with a code and a reason for the opener.
+    pub fn reject(mut self, code: OpenErrorCode, reason: &str) {
+        if let Some(mut s) = self.stream.take() {
+            s.detached = true;
+            let mut g = s.shared.lock();
+            g.session.reject(s.id, code, reason);
+            s.shared.dispatch(&mut g);
+            drop(g);
+            s.shared.writer_wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stream.take() {
+            s.detached = true;
+            let mut g = s.shared.lock();
+            g.session
+                .reject(s.id, OpenErrorCode::Internal, "open was not answered");
+            s.shared.dispatch(&mut g);
+            drop(g);
+            s.shared.writer_wake.notify_one();
+        }
+    }
+}
+
+/// Why a stream operation failed.
+fn stream_gone(why: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, why.into())
+}
+
+/// Resets the stream when the last half is dropped without a clean close.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut g = self.shared.lock();
+        // A cleanly finished stream is already gone; this is a no-op then.
+        g.session
+            .stream_reset(self.id, ResetCode::Cancel, "stream dropped by its application");
+        self.shared.dispatch(&mut g);
+        let wants = g.session.wants_transmit();
+        drop(g);
+        if wants {
+            self.shared.writer_wake.notify_one();
+        }
+    }
+}
+
+/// One multiplexed stream. Split it to read and write from two tasks.
+pub struct Stream {
+    shared: Arc<Shared>,
+    id: StreamId,
+    inbox: mpsc::UnboundedReceiver<Inbound>,
+    writable: Arc<Notify>,
+    /// Rejected before ever being handed out: no guard, no reset on drop.
+    detached: bool,
+}
+
+impl Stream {
+    fn new(
+        shared: Arc<Shared>,
+        id: StreamId,
+        inbox: mpsc::UnboundedReceiver<Inbound>,
+        writable: Arc<Notify>,
+    ) -> Stream {
+        Stream {
+            shared,
+            id,
+            inbox,
+            writable,
+            detached: false,
+        }
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Splits into a reading and a writing half. The stream is reset if both
+    /// halves are dropped before it closed cleanly.
+    pub fn split(mut self) -> (StreamReader, StreamWriter) {
+        self.detached = true;
+        let guard = Arc::new(StreamGuard {
+            shared: self.shared.clone(),
+            id: self.id,
+        });
+        let (dummy_tx, dummy_rx) = mpsc::unbounded_channel();
+        drop(dummy_tx);
+        let inbox = std::mem::replace(&mut self.inbox, dummy_rx);
+        (
+            StreamReader {
+                shared: self.shared.clone(),
+                id: self.id,
+                inbox,
+                done: false,
+                _guard: guard.clone(),
+            },
+            StreamWriter {
+                shared: self.shared.clone(),
+                id: self.id,
+                writable: self.writable.clone(),
+                _guard: guard,
+            },
+        )
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = StreamGuard {
+                shared: self.shared.clone(),
+                id: self.id,
+            };
+        }
+    }
+}
+
+/// The reading half of a [`Stream`].
+pub struct StreamReader {
+    shared: Arc<Shared>,
+    id: StreamId,
+    inbox: mpsc::UnboundedReceiver<Inbound>,
+    done: bool,
+    _guard: Arc<StreamGuard>,
+}
+
+impl StreamReader {
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// The next chunk of bytes; `Ok(None)` once the peer finished (FIN).
+    /// Reading a chunk returns its bytes to the peer's send window.
+    pub async fn read(&mut self) -> io::Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.inbox.recv().await {
+            Some(Inbound::Data(b)) => {
+                let mut g = self.shared.lock();
+                g.session.stream_consumed(self.id, b.len());
+                let wants = g.session.wants_transmit();
+                drop(g);
+                if wants {
+                    self.shared.writer_wake.notify_one();
+                }
+                Ok(Some(b))
+            }
+            Some(Inbound::Fin) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(Inbound::Reset(code, reason)) => {
+                self.done = true;
+                Err(stream_gone(format!("stream reset: {code}: {reason}")))
+            }
+            None => {
+                self.done = true;
+                Err(stream_gone("stream closed"))
+            }
+        }
+    }
+}
+
+/// The writing half of a [`Stream`].
+pub struct StreamWriter {
+    shared: Arc<Shared>,
+    id: StreamId,
+    writable: Arc<Notify>,
+    _guard: Arc<StreamGuard>,
+}
+
+impl StreamWriter {
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Sends all of `data`, waiting for flow-control credit as needed.
+    pub async fn write(&mut self, mut data: Bytes) -> io::Result<()> {
+        let total = data.len() as u64;
+        while !data.is_empty() {
+            let r = {
+                let mut g = self.shared.lock();
+                let r = g.session.stream_write(self.id, data.clone());
+                self.shared.dispatch(&mut g);
+                r
+            };
+            match r {
+                Ok(0) => self.writable.notified().await,
+                Ok(n) => {
+                    let _ = data.split_to(n);
+                    self.shared.writer_wake.notify_one();
+                }
+                Err(WriteError::UnknownStream) => return Err(stream_gone("stream is closed")),
+                Err(e) => return Err(stream_gone(e.to_string())),
+            }
+        }
+        self.shared
+            .counters
+            .bytes_out
+            .fetch_add(total, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Half-closes: the peer reads EOF after everything written so far.
+    pub async fn finish(&mut self) -> io::Result<()> {
+        let r = {
+            let mut g = self.shared.lock();
+            let r = g.session.stream_finish(self.id);
+            self.shared.dispatch(&mut g);
+            r
+        };
+        self.shared.writer_wake.notify_one();
+        self.shared.timer_wake.notify_one(); // linger starts
+        r.map_err(|e| stream_gone(e.to_string()))
+    }
+
+    /// Aborts the stream in both directions.
+    pub fn reset(&mut self, code: ResetCode, reason: &str) {
+        let mut g = self.shared.lock();
+        g.session.stream_reset(self.id, code, reason);
+        self.shared.dispatch(&mut g);
+        drop(g);
+        self.shared.writer_wake.notify_one();
+    }
+}

@@ -1,0 +1,34 @@
+//! Message transports: whatever carries whole protocol messages between two
+//! session ends.
+//!
+//! The session driver only needs "send one message" and "receive one
+//! message"; every transport implements [`MessageSink`] and
+//! [`MessageSource`]. Today that is a WebSocket ([`ws`]) over plain TCP or
+//! TLS ([`tls`]); a QUIC transport would be one more file here.
+
+pub mod tls;
+pub mod ws;
+
+use bytes::Bytes;
+use std::future::Future;
+use std::io;
+
+/// Largest message (a batch of whole frames) a writer puts on the transport.
+pub const MAX_SEND_MESSAGE: usize = 256 * 1024;
+
+/// Largest message a reader accepts; anything bigger is a protocol violation.
+pub const MAX_RECV_MESSAGE: usize = 1024 * 1024;
+
+/// The sending half of a message transport.
+pub trait MessageSink: Send + 'static {
+    /// Sends one message (one or more whole frames).
+    fn send(&mut self, msg: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Closes the transport, telling the peer `reason` if the transport can.
+    fn close(&mut self, reason: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// The receiving half of a message transport.
+pub trait MessageSource: Send + 'static {
+    /// The next message, `Ok(None)` on an orderly close.
+    fn recv(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+}

@@ -1,0 +1,210 @@
+//! TLS for the transports: server certificates from PEM files or generated
+//! on the spot, and client verification against system roots, a CA file or a
+//! pinned certificate fingerprint.
+
+use anyhow::{anyhow, bail, Context};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The crypto provider every TLS config here uses (ring: small and fast to build).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server certificate chain and key, ready for a [`ServerConfig`].
+pub struct ServerIdentity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// Loads a PEM certificate chain and a PEM private key.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let chain = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("reading certificate {}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing certificate {}", cert.display()))?;
+        if chain.is_empty() {
+            bail!("no certificate found in {}", cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("reading private key {}", key.display()))?;
+        Ok(ServerIdentity { chain, key })
+    }
+
+    /// Generates a self-signed certificate for `names` (for trials; clients
+    /// must pin its fingerprint or skip verification).
+    pub fn self_signed(names: &[String]) -> anyhow::Result<Self> {
+        let ck = rcgen::generate_simple_self_signed(names.to_vec())
+            .context("generating a self-signed certificate")?;
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+            .map_err(|e| anyhow!("self-signed key: {e}"))?;
+        Ok(ServerIdentity {
+            chain: vec![ck.cert.der().clone()],
+            key,
+        })
+    }
+
+    /// SHA-256 fingerprint of the leaf certificate, as colon-separated hex.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.chain[0])
+    }
+
+    /// A rustls server config offering `alpn` protocols.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<ServerConfig>> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .context("certificate and key do not match")?;
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// SHA-256 of a certificate's DER bytes, as `AB:CD:...`.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn normalize_fingerprint(s: &str) -> String {
+    s.chars()
+        .filter(char::is_ascii_hexdigit)
+        .collect::<String>()
+        .to_ascii_uppercase()
+}
+
+/// How a client checks the server's certificate.
+#[derive(Debug, Clone, Default)]
+pub enum ServerTrust {
+    /// The operating system's root store.
+    #[default]
+    SystemRoots,
+    /// Only certificates issued by the CAs in this PEM file.
+    CaFile(std::path::PathBuf),
+    /// Exactly the certificate with this SHA-256 fingerprint (any name, any issuer).
+    Fingerprint(String),
+}
+
+/// Builds a client TLS config for the given trust rule.
+pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let mut cfg = match trust {
+        ServerTrust::SystemRoots => {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                bail!("no system root certificates found; use a CA file or a fingerprint");
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        ServerTrust::CaFile(path) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading CA file {}", path.display()))?
+            {
+                roots
+                    .add(c.with_context(|| format!("parsing CA file {}", path.display()))?)
+                    .context("adding CA certificate")?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        ServerTrust::Fingerprint(fp) => {
+            let want = normalize_fingerprint(fp);
+            if want.len() != 64 {
+                bail!("a SHA-256 fingerprint has 64 hex digits, got {}", want.len());
+            }
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                    want,
+                    provider: provider(),
+                }))
+                .with_no_client_auth()
+        }
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts exactly one certificate, by fingerprint; still checks that the
+/// handshake was signed by that certificate's key.
+#[derive(Debug)]
+struct PinnedCert {
+    want: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if normalize_fingerprint(&fingerprint(end_entity)) == self.want {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate fingerprint {} does not match the pinned one",
+                fingerprint(end_entity)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_normalize() {
+        let id = ServerIdentity::self_signed(&["localhost".into()]).unwrap();
+        let fp = id.fingerprint();
+        assert_eq!(fp.len(), 95);
+        assert_eq!(normalize_fingerprint(&fp.to_lowercase()).len(), 64);
+        assert!(client_config(&ServerTrust::Fingerprint(fp)).is_ok());
+        assert!(client_config(&ServerTrust::Fingerprint("abc".into())).is_err());
+    }
+}

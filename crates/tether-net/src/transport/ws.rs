@@ -1,0 +1,313 @@
+//! WebSocket transport (tokio-tungstenite), over plain TCP or TLS.
+//!
+//! Each WebSocket binary message carries one or more whole protocol frames.
+//! WebSocket-level pings are answered by tungstenite; our own PING frames do
+//! the liveness work, so a dead peer is caught even through proxies that
+//! answer WebSocket pings themselves.
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::tls::{client_config, ServerTrust};
+use super::{MessageSink, MessageSource, MAX_RECV_MESSAGE};
+
+/// How long TCP connect + TLS + WebSocket handshake may take when dialing.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket settings for tether sessions on both ends.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_RECV_MESSAGE))
+        .max_frame_size(Some(MAX_RECV_MESSAGE))
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_RECV_MESSAGE)
+        .read_buffer_size(256 * 1024)
+}
+
+/// The sending half of a WebSocket.
+pub struct WsSink<S>(SplitSink<WebSocketStream<S>, Message>);
+
+/// The receiving half of a WebSocket.
+pub struct WsSource<S>(SplitStream<WebSocketStream<S>>);
+
+/// Splits an established WebSocket into transport halves.
+pub fn split<S>(ws: WebSocketStream<S>) -> (WsSink<S>, WsSource<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = ws.split();
+    (WsSink(tx), WsSource(rx))
+}
+
+/// Wraps the raw I/O of an accepted HTTP upgrade as the server end of a WebSocket.
+pub async fn server_from_upgraded<S>(io: S) -> (WsSink<S>, WsSource<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    split(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await)
+}
+
+fn to_io(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+        }
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+impl<S> MessageSink for WsSink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn send(&mut self, msg: Bytes) -> io::Result<()> {
+        self.0.send(Message::Binary(msg)).await.map_err(to_io)
+    }
+
+    async fn close(&mut self, reason: &str) {
+        let mut r = reason.to_owned();
+        r.truncate(120); // a close frame's reason must fit in a control frame
+        while !r.is_char_boundary(r.len()) {
+            r.pop();
+        }
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: r.into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.0.send(Message::Close(Some(frame))).await;
+            let _ = self.0.close().await;
+        })
+        .await;
+    }
+}
+
+impl<S> MessageSource for WsSource<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.0.next().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(to_io(e)),
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Text(_))) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text message on a tether session (binary frames only)",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A dialed connection: plain TCP or TLS over TCP.
+pub enum ClientIo {
+    /// `ws://`
+    Plain(TcpStream),
+    /// `wss://`
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Why dialing a server failed, worded for the person running the command.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The URL is not `ws://` / `wss://` with a host.
+    #[error("bad server URL {0:?}: {1}")]
+    BadUrl(String, String),
+    /// TCP connect failed.
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, io::Error),
+    /// TLS setup or handshake failed.
+    #[error("TLS with {0} failed: {1}")]
+    Tls(String, String),
+    /// The server answered the upgrade with an HTTP error.
+    #[error("server refused the connection: HTTP {status}: {body}")]
+    Refused {
+        /// HTTP status code.
+        status: u16,
+        /// Response body (the server's explanation).
+        body: String,
+    },
+    /// The WebSocket handshake failed otherwise.
+    #[error("websocket handshake with {0} failed: {1}")]
+    Handshake(String, String),
+    /// Took longer than [`DIAL_TIMEOUT`].
+    #[error("connecting to {0} timed out after {DIAL_TIMEOUT:?}")]
+    Timeout(String),
+}
+
+impl DialError {
+    /// Whether retrying can help (network trouble) or not (bad URL, refused credentials).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DialError::BadUrl(..) | DialError::Refused { status: 400..=499, .. })
+    }
+}
+
+/// Dials `url` (`ws://` or `wss://`), asks for `subprotocol`, and sends `headers`.
+pub async fn dial(
+    url: &str,
+    subprotocol: &str,
+    headers: &[(String, String)],
+    trust: &ServerTrust,
+) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
+    match tokio::time::timeout(DIAL_TIMEOUT, dial_inner(url, subprotocol, headers, trust)).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout(url.to_owned())),
+    }
+}
+
+async fn dial_inner(
+    url: &str,
+    subprotocol: &str,
+    headers: &[(String, String)],
+    trust: &ServerTrust,
+) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
+    let bad = |why: &str| DialError::BadUrl(url.to_owned(), why.to_owned());
+    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err(bad("scheme must be ws:// or wss://")),
+    };
+    let host = uri.host().ok_or_else(|| bad("no host"))?.to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let addr = format!("{bare_host}:{port}");
+    let tcp = TcpStream::connect((bare_host.as_str(), port))
+        .await
+        .map_err(|e| DialError::Connect(addr.clone(), e))?;
+    let _ = tcp.set_nodelay(true);
+    let io = if tls {
+        let cfg = client_config(trust).map_err(|e| DialError::Tls(addr.clone(), format!("{e:#}")))?;
+        let name = rustls::pki_types::ServerName::try_from(bare_host.clone())
+            .map_err(|e| DialError::Tls(addr.clone(), e.to_string()))?;
+        let s = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| DialError::Tls(addr.clone(), e.to_string()))?;
+        ClientIo::Tls(Box::new(s))
+    } else {
+        ClientIo::Plain(tcp)
+    };
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| bad(&e.to_string()))?;
+    let h = req.headers_mut();
+    h.insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_str(subprotocol).map_err(|e| bad(&e.to_string()))?,
+    );
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(&e.to_string()))?;
+        let value = http::HeaderValue::from_str(v).map_err(|e| bad(&e.to_string()))?;
+        h.insert(name, value);
+    }
+    match tokio_tungstenite::client_async_with_config(req, io, Some(ws_config())).await {
+        Ok((ws, _resp)) => Ok(split(ws)),
+        Err(WsError::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .unwrap_or_default();
+            Err(DialError::Refused { status, body })
+        }
+        Err(e) => Err(DialError::Handshake(addr, e.to_string())),
+    }
+}
+
+/// Builds a TLS acceptor for a server config (re-exported for the server crate).
+pub fn tls_acceptor(cfg: Arc<rustls::ServerConfig>) -> tokio_rustls::TlsAcceptor {
+    tokio_rustls::TlsAcceptor::from(cfg)
+}
+
+/// Appends the endpoint `path` to a server URL that has no path of its own
+/// (`wss://host:7700` becomes `wss://host:7700/tether/v1/agent`).
+pub fn endpoint_url(server: &str, path: &str) -> String {
+    let s = server.trim_end_matches('/');
+    let after_scheme = s.split_once("://").map_or(s, |(_, r)| r);
+    if after_scheme.contains('/') {
+        s.to_owned()
+    } else {
+        format!("{s}{path}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint_url;
+
+    #[test]
+    fn endpoint_urls() {
+        assert_eq!(endpoint_url("wss://h:1", "/p"), "wss://h:1/p");
+        assert_eq!(endpoint_url("wss://h:1/", "/p"), "wss://h:1/p");
+        assert_eq!(endpoint_url("wss://h:1/custom", "/p"), "wss://h:1/custom");
+    }
+}

@@ -1,0 +1,85 @@
+//! Server configuration (TOML, environment, flags all end up here).
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on for agents, clients and HTTP.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// TLS settings; plain WebSocket when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Agents allowed to register.
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentCredential>,
+    /// Clients allowed to connect, each with its allow-list.
+    #[serde(default, rename = "client")]
+    pub clients: Vec<ClientCredential>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7700))
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            tls: None,
+            agents: vec![],
+            clients: vec![],
+        }
+    }
+}
+
+/// Where the server's certificate comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed certificate at start (its fingerprint is printed).
+    #[serde(default)]
+    pub self_signed: bool,
+    /// Names for the self-signed certificate.
+    #[serde(default = "default_names")]
+    pub names: Vec<String>,
+}
+
+fn default_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+
+/// One agent that may register. Exactly one of `token` / `token_sha256`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCredential {
+    /// The agent's name (what clients address it by).
+    pub name: String,
+    /// Its token in clear text (prefer `token_sha256`).
+    pub token: Option<String>,
+    /// Hex SHA-256 of its token.
+    pub token_sha256: Option<String>,
+}
+
+/// One client identity. Exactly one of `token` / `token_sha256`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCredential {
+    /// The client's name (for logs and metrics).
+    pub name: String,
+    /// Its token in clear text (prefer `token_sha256`).
+    pub token: Option<String>,
+    /// Hex SHA-256 of its token.
+    pub token_sha256: Option<String>,
+    /// `agent/service` glob patterns it may open. Empty: nothing (deny by default).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}

@@ -1,0 +1,389 @@
+//! HTTP front: routing, WebSocket upgrades, health and metrics.
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderMap, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming as Body;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tether_net::splice::{ChunkRead, ChunkWrite};
+use tether_net::transport::ws::{server_from_upgraded, ws_config};
+use tether_net::Connection;
+use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::relay::{open_on_agent, run_relay, RelayRefusal};
+use crate::{State, AGENT_PATH, CLIENT_PATH, HEADER_READ_TIMEOUT, RAW_WS_PREFIX};
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves HTTP/1.1 (with upgrades) on one accepted connection.
+pub async fn serve_connection<S>(state: Arc<State>, io: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(state, req, peer).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!(%peer, "http connection ended: {e}");
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.into() + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The bearer token of a request: `Authorization: Bearer T`, or `?token=T`
+/// for WebSocket clients that cannot set headers (browsers).
+fn bearer_token(req: &Request<Body>) -> Option<String> {
+    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+        return Some(t.trim().to_owned());
+    }
+    req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(str::to_owned)
+    })
+}
+
+fn is_websocket_upgrade(h: &HeaderMap) -> bool {
+    let has = |name: header::HeaderName, needle: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(needle)))
+                .unwrap_or(false)
+        })
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+}
+
+fn offers_subprotocol(h: &HeaderMap, proto: &str) -> bool {
+    h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|p| p.trim() == proto))
+            .unwrap_or(false)
+    })
+}
+
+/// The 101 answer to a WebSocket upgrade, or an error response.
+fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Result<Resp, Resp> {
+    if !is_websocket_upgrade(req.headers()) {
+        return Err(text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only",
+        ));
+    }
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))?;
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(text(StatusCode::BAD_REQUEST, "WebSocket version 13 required"));
+    }
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    if let Ok(v) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = subprotocol {
+        if let Ok(v) = header::HeaderValue::from_str(p) {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+    Ok(r)
+}
+
+async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/healthz" => text(StatusCode::OK, "ok"),
+        "/metrics" => {
+            state.metrics.agents.set(state.registry.len() as i64);
+            let mut r = text(StatusCode::OK, state.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        AGENT_PATH => agent_upgrade(state, req, peer),
+        CLIENT_PATH => client_upgrade(state, req, peer),
+        p if p.starts_with(RAW_WS_PREFIX) => {
+            let rest = p[RAW_WS_PREFIX.len()..].to_owned();
+            raw_ws(state, req, peer, &rest).await
+        }
+        "/" => text(
+            StatusCode::OK,
+            format!(
+                "tether server {}\nagents connected: {}\n",
+                env!("CARGO_PKG_VERSION"),
+                state.registry.len()
+            ),
+        ),
+        _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+fn check_tether_upgrade(req: &Request<Body>) -> Result<Resp, Resp> {
+    if is_websocket_upgrade(req.headers()) && !offers_subprotocol(req.headers(), SUBPROTOCOL) {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol version 1)"),
+        ));
+    }
+    switching_protocols(req, Some(SUBPROTOCOL))
+}
+
+fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
+    let Some(token) = bearer_token(&req) else {
+        state.metrics.error("missing_token");
+        tracing::warn!(%peer, "agent connection without a token");
+        return text(StatusCode::UNAUTHORIZED, "missing agent token (Authorization: Bearer ...)");
+    };
+    let Some(name) = state.auth.agent(&token).map(str::to_owned) else {
+        state.metrics.error("bad_token");
+        tracing::warn!(%peer, "agent connection with an unknown token");
+        return text(StatusCode::UNAUTHORIZED, "invalid agent token");
+    };
+    if let Some(claimed) = req.headers().get("x-tether-agent").and_then(|v| v.to_str().ok()) {
+        if claimed != name {
+            state.metrics.error("agent_name_mismatch");
+            tracing::warn!(%peer, %claimed, token_for = %name, "agent name does not match its token");
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("this token belongs to agent {name:?}, not {claimed:?}"),
+            );
+        }
+    }
+    let resp = match check_tether_upgrade(&req) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    tokio::spawn(async move {
+        let Some(io) = upgraded(req).await else { return };
+        let (sink, source) = server_from_upgraded(io).await;
+        let mut cfg = state.session_config.clone();
+        cfg.accept_opens = false; // agents do not open streams towards the server
+        let label = format!("agent={name}");
+        let (conn, info, _incoming) =
+            match Connection::start(Role::Acceptor, cfg, sink, source, label).await {
+                Ok(x) => x,
+                Err(e) => {
+                    state.metrics.error("handshake");
+                    tracing::warn!(agent = %name, %peer, "agent handshake failed: {e}");
+                    return;
+                }
+            };
+        let (generation, old) =
+            state
+                .registry
+                .register(&name, conn.clone(), peer, info.peer_software.clone());
+        if let Some(old) = old {
+            tracing::warn!(agent = %name, old_addr = %old.addr, new_addr = %peer, "agent re-registered: newest session wins, draining the old one");
+            old.conn.go_away(ErrorCode::Replaced, "a newer session of this agent connected");
+        }
+        let sessions = state.metrics.sessions_of("agent");
+        sessions.inc();
+        state.metrics.agents.set(state.registry.len() as i64);
+        tracing::info!(agent = %name, %peer, software = %info.peer_software, "agent connected");
+        let started = Instant::now();
+        let why = conn.closed().await;
+        sessions.dec();
+        state.registry.unregister(&name, generation);
+        state.metrics.agents.set(state.registry.len() as i64);
+        tracing::info!(agent = %name, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
+    });
+    resp
+}
+
+fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
+    let Some(token) = bearer_token(&req) else {
+        state.metrics.error("missing_token");
+        tracing::warn!(%peer, "client connection without a token");
+        return text(StatusCode::UNAUTHORIZED, "missing client token (Authorization: Bearer ...)");
+    };
+    let Some(client) = state.auth.client(&token).cloned() else {
+        state.metrics.error("bad_token");
+        tracing::warn!(%peer, "client connection with an unknown token");
+        return text(StatusCode::UNAUTHORIZED, "invalid client token");
+    };
+    let resp = match check_tether_upgrade(&req) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    tokio::spawn(async move {
+        let Some(io) = upgraded(req).await else { return };
+        let (sink, source) = server_from_upgraded(io).await;
+        let label = format!("client={}", client.name);
+        let cfg = state.session_config.clone();
+        let (conn, _info, mut incoming) =
+            match Connection::start(Role::Acceptor, cfg, sink, source, label).await {
+                Ok(x) => x,
+                Err(e) => {
+                    state.metrics.error("handshake");
+                    tracing::warn!(client = %client.name, %peer, "client handshake failed: {e}");
+                    return;
+                }
+            };
+        let sessions = state.metrics.sessions_of("client");
+        sessions.inc();
+        tracing::info!(client = %client.name, %peer, "client connected");
+        while let Some(inc) = incoming.recv().await {
+            tokio::spawn(crate::relay::relay_client_stream(
+                state.clone(),
+                client.clone(),
+                inc,
+            ));
+        }
+        let why = conn.closed().await;
+        sessions.dec();
+        tracing::info!(client = %client.name, %peer, reason = why.as_deref().unwrap_or("closed"), "client disconnected");
+    });
+    resp
+}
+
+async fn upgraded(req: Request<Body>) -> Option<TokioIo<hyper::upgrade::Upgraded>> {
+    match hyper::upgrade::on(req).await {
+        Ok(u) => Some(TokioIo::new(u)),
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            None
+        }
+    }
+}
+
+/// HTTP status for a refused open.
+pub fn status_for(code: OpenErrorCode) -> StatusCode {
+    match code {
+        OpenErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        OpenErrorCode::AgentOffline => StatusCode::SERVICE_UNAVAILABLE,
+        OpenErrorCode::UnknownService => StatusCode::NOT_FOUND,
+        OpenErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        OpenErrorCode::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
+        OpenErrorCode::BadTarget => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// `/tether/v1/ws/AGENT/SERVICE`: one WebSocket carries one stream's bytes.
+async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &str) -> Resp {
+    let Some(token) = bearer_token(&req) else {
+        state.metrics.error("missing_token");
+        return text(StatusCode::UNAUTHORIZED, "missing token (Authorization: Bearer ... or ?token=...)");
+    };
+    let Some(client) = state.auth.client(&token).cloned() else {
+        state.metrics.error("bad_token");
+        tracing::warn!(%peer, "raw websocket with an unknown token");
+        return text(StatusCode::UNAUTHORIZED, "invalid client token");
+    };
+    // Validate the upgrade before dialing anything.
+    if let Err(r) = switching_protocols(&req, None) {
+        return r;
+    }
+    let started = Instant::now();
+    let agent_stream = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
+        Ok(s) => s,
+        Err(RelayRefusal { code, reason }) => {
+            tracing::info!(client = %client.name, %peer, target = %rest, %code, "raw websocket refused: {reason}");
+            return text(status_for(code), reason);
+        }
+    };
+    let resp = match switching_protocols(&req, None) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let target = rest.to_owned();
+    tokio::spawn(async move {
+        let Some(io) = upgraded(req).await else { return };
+        let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(ws_config())).await;
+        let (tx, rx) = ws.split();
+        let sessions = state.metrics.sessions_of("raw_ws");
+        sessions.inc();
+        tracing::info!(client = %client.name, %peer, %target, "raw websocket stream open");
+        let (ar, aw) = agent_stream.split();
+        run_relay(
+            &state,
+            &client.name,
+            &target,
+            started,
+            RawWsReader(rx),
+            RawWsWriter(tx),
+            ar,
+            aw,
+        )
+        .await;
+        sessions.dec();
+    });
+    resp
+}
+
+/// Reads a raw WebSocket's binary (or text) messages as stream bytes.
+struct RawWsReader<S>(SplitStream<WebSocketStream<S>>);
+/// Writes stream bytes as binary messages; EOF closes the WebSocket.
+struct RawWsWriter<S>(SplitSink<WebSocketStream<S>, Message>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.0.next().await {
+                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Text(t))) => return Ok(Some(Bytes::from(t.as_str().to_owned()))),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
+    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
+        self.0
+            .send(Message::Binary(b))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        // WebSocket has no half-close: the service finishing ends the socket.
+        let _ = self.0.send(Message::Close(None)).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! The tether server: the public gateway.
+//!
+//! It listens on one port (plain or TLS) and serves:
+//!
+//! | path | what |
+//! |------|------|
+//! | `/tether/v1/agent` | agent sessions (WebSocket, subprotocol `tether.v1`, agent token) |
+//! | `/tether/v1/client` | CLI client sessions (same protocol, client token) |
+//! | `/tether/v1/ws/AGENT/SERVICE` | raw WebSocket: one WebSocket = one stream |
+//! | `/healthz` | liveness |
+//! | `/metrics` | Prometheus metrics |
+
+pub mod auth;
+pub mod config;
+mod http;
+pub mod metrics;
+pub mod registry;
+pub mod relay;
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_net::transport::tls::ServerIdentity;
+use tokio::net::TcpListener;
+
+pub use config::ServerConfig;
+
+/// Path of the agent endpoint.
+pub const AGENT_PATH: &str = "/tether/v1/agent";
+/// Path of the CLI client endpoint.
+pub const CLIENT_PATH: &str = "/tether/v1/client";
+/// Prefix of the raw WebSocket endpoint (`/tether/v1/ws/AGENT/SERVICE`).
+pub const RAW_WS_PREFIX: &str = "/tether/v1/ws/";
+
+/// How long a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send the request headers (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by every connection of the server.
+pub struct State {
+    /// Credential tables.
+    pub auth: auth::Authenticator,
+    /// Connected agents.
+    pub registry: registry::Registry,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// Protocol settings of accepted sessions.
+    pub session_config: tether_proto::Config,
+}
+
+/// A bound, not yet serving, server.
+pub struct Server {
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    fingerprint: Option<String>,
+    state: Arc<State>,
+}
+
+impl Server {
+    /// Validates the config, loads or makes the certificate and binds the port.
+    pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
+        let auth = auth::Authenticator::from_config(cfg)?;
+        let (tls, fingerprint) = match &cfg.tls {
+            None => (None, None),
+            Some(t) => {
+                let id = match (&t.cert, &t.key, t.self_signed) {
+                    (Some(c), Some(k), false) => ServerIdentity::from_pem_files(c, k)?,
+                    (None, None, true) => ServerIdentity::self_signed(&t.names)?,
+                    _ => anyhow::bail!("[tls]: set cert and key, or self_signed = true"),
+                };
+                let sc = id.server_config(&[b"http/1.1"])?;
+                (
+                    Some(tokio_rustls::TlsAcceptor::from(sc)),
+                    Some(id.fingerprint()),
+                )
+            }
+        };
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let session_config = tether_proto::Config {
+            software: format!("tether-server/{}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        Ok(Server {
+            listener,
+            tls,
+            fingerprint,
+            state: Arc::new(State {
+                auth,
+                registry: registry::Registry::default(),
+                metrics: metrics::Metrics::default(),
+                session_config,
+            }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// SHA-256 fingerprint of the TLS certificate, when serving TLS.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
+    }
+
+    /// The URL scheme agents and clients should use (`ws` or `wss`).
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        }
+    }
+
+    /// Shared state (registry, metrics).
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Accepts connections forever.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "server listening");
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let state = self.state.clone();
+            let tls = self.tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    None => http::serve_connection(state, tcp, peer).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => http::serve_connection(state, s, peer).await,
+                            Ok(Err(e)) => {
+                                state.metrics.error("tls_handshake");
+                                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            }
+                            Err(_) => {
+                                state.metrics.error("tls_handshake");
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+}

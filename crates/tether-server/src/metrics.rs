@@ -1,0 +1,109 @@
+//! Prometheus metrics of the server.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label for session kinds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `agent`, `client` or `raw_ws`.
+    pub kind: String,
+}
+
+/// Label for byte directions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `to_agent` or `from_agent`.
+    pub direction: String,
+}
+
+/// Label for error kinds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    /// A short stable name (`bad_token`, `agent_offline`, `forbidden`, ...).
+    pub kind: String,
+}
+
+/// All server metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Registered agents.
+    pub agents: Gauge,
+    /// Live sessions by kind.
+    pub sessions: Family<KindLabel, Gauge>,
+    /// Relayed streams currently open.
+    pub live_streams: Gauge,
+    /// Opens towards agents waiting for an answer.
+    pub pending_opens: Gauge,
+    /// Relayed streams ever opened.
+    pub streams_total: Counter,
+    /// Relayed payload bytes.
+    pub bytes: Family<DirectionLabel, Counter>,
+    /// Errors by kind.
+    pub errors: Family<ErrorLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let m = Metrics {
+            agents: Gauge::default(),
+            sessions: Family::default(),
+            live_streams: Gauge::default(),
+            pending_opens: Gauge::default(),
+            streams_total: Counter::default(),
+            bytes: Family::default(),
+            errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("agents", "Registered agents", m.agents.clone());
+        registry.register("sessions", "Live sessions by kind", m.sessions.clone());
+        registry.register("live_streams", "Relayed streams currently open", m.live_streams.clone());
+        registry.register("pending_opens", "Opens waiting for an agent's answer", m.pending_opens.clone());
+        registry.register("streams", "Relayed streams opened", m.streams_total.clone());
+        registry.register("relayed_bytes", "Relayed payload bytes", m.bytes.clone());
+        registry.register("errors", "Errors by kind", m.errors.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&ErrorLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The gauge of live sessions of `kind`.
+    pub fn sessions_of(&self, kind: &str) -> Gauge {
+        self.sessions
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Adds relayed bytes.
+    pub fn add_bytes(&self, to_agent: u64, from_agent: u64) {
+        for (dir, n) in [("to_agent", to_agent), ("from_agent", from_agent)] {
+            self.bytes
+                .get_or_create(&DirectionLabel {
+                    direction: dir.to_owned(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

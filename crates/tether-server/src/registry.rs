@@ -1,0 +1,95 @@
+//! The registry of connected agents.
+//!
+//! Rule for duplicate names: **the newest session wins**. When an agent
+//! registers under a name that already has a live session, the new session
+//! takes over at once (new opens go to it) and the old one is sent GOAWAY
+//! (`replaced`): its open streams may finish within the drain deadline.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::SystemTime;
+use tether_net::Connection;
+
+/// One registered agent session.
+#[derive(Clone)]
+pub struct AgentEntry {
+    /// The session.
+    pub conn: Connection,
+    /// Distinguishes sessions of the same name.
+    pub generation: u64,
+    /// When it registered.
+    pub since: SystemTime,
+    /// Where it connected from.
+    pub addr: SocketAddr,
+    /// The agent's software string.
+    pub software: String,
+}
+
+/// Live agents by name.
+#[derive(Default)]
+pub struct Registry {
+    agents: Mutex<HashMap<String, AgentEntry>>,
+    next_generation: std::sync::atomic::AtomicU64,
+}
+
+impl Registry {
+    /// Registers a session; returns its generation and the session it replaced.
+    pub fn register(
+        &self,
+        name: &str,
+        conn: Connection,
+        addr: SocketAddr,
+        software: String,
+    ) -> (u64, Option<AgentEntry>) {
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = AgentEntry {
+            conn,
+            generation,
+            since: SystemTime::now(),
+            addr,
+            software,
+        };
+        let old = self.lock().insert(name.to_owned(), entry);
+        (generation, old)
+    }
+
+    /// Removes the agent if it is still the given generation.
+    pub fn unregister(&self, name: &str, generation: u64) -> bool {
+        let mut g = self.lock();
+        if g.get(name).is_some_and(|e| e.generation == generation) {
+            g.remove(name);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The live session of an agent.
+    pub fn get(&self, name: &str) -> Option<AgentEntry> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Number of registered agents.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no agent is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Names of registered agents, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentEntry>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

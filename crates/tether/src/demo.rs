@@ -1,0 +1,178 @@
+//! `tether demo`: the whole path on loopback in one process.
+//!
+//! Starts a TLS server (self-signed, the agent pins its fingerprint), an
+//! agent offering two sample services (a web page and a TCP echo), and a
+//! client forwarding local ports to them, then prints what to try.
+
+use anyhow::Context;
+use clap::Args;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Options of `tether demo`.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Local port of the forwarded web page.
+    #[arg(long, default_value_t = 18080)]
+    web_port: u16,
+    /// Local port of the forwarded echo service.
+    #[arg(long, default_value_t = 17007)]
+    echo_port: u16,
+    /// Port of the tether server (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    server_port: u16,
+}
+
+/// A fresh random token (hex of 16 random bytes).
+pub fn random_token() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    // Sample services, on ephemeral loopback ports: only the agent knows them.
+    let web = TcpListener::bind("127.0.0.1:0").await?;
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let web_addr = web.local_addr()?;
+    let echo_addr = echo.local_addr()?;
+    tokio::spawn(serve_web(web));
+    tokio::spawn(serve_echo(echo));
+
+    let agent_token = random_token();
+    let client_token = format!("c{}", random_token());
+    let server_cfg: tether_server::ServerConfig = toml::from_str(&format!(
+        r#"
+        listen = "127.0.0.1:{port}"
+        [tls]
+        self_signed = true
+        [[agent]]
+        name = "demo"
+        token = "{agent_token}"
+        [[client]]
+        name = "you"
+        token = "{client_token}"
+        allow = ["demo/*"]
+        "#,
+        port = a.server_port
+    ))?;
+    let server = tether_server::Server::bind(&server_cfg).await?;
+    let server_addr = server.local_addr();
+    let fingerprint = server.fingerprint().unwrap_or_default().to_owned();
+    let url = format!("wss://localhost:{}", server_addr.port());
+    tokio::spawn(server.serve());
+
+    let agent_cfg = tether_agent::AgentConfig {
+        server: url.clone(),
+        name: "demo".into(),
+        token: agent_token,
+        ca_file: None,
+        fingerprint: Some(fingerprint.clone()),
+        services: [
+            ("web".to_owned(), web_addr.to_string()),
+            ("echo".to_owned(), echo_addr.to_string()),
+        ]
+        .into_iter()
+        .collect(),
+        allow: vec![],
+    };
+    let agent = tether_agent::Agent::new(agent_cfg)?;
+    let agent_stats = agent.stats();
+    tokio::spawn(agent.run());
+
+    let client_cfg = tether_client::ClientConfig {
+        server: url.clone(),
+        token: client_token.clone(),
+        ca_file: None,
+        fingerprint: Some(fingerprint.clone()),
+        forward: vec![
+            format!("127.0.0.1:{}=demo/web", a.web_port),
+            format!("127.0.0.1:{}=demo/echo", a.echo_port),
+        ],
+    };
+    let client = tether_client::Client::bind(client_cfg)
+        .await
+        .context("binding the demo's local ports (choose others with --web-port / --echo-port)")?;
+    let local = client.local_addrs();
+    tokio::spawn(client.run());
+
+    // Wait until the agent is registered so the printed commands work at once.
+    for _ in 0..100 {
+        if agent_stats
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let (web_local, echo_local) = (local[0], local[1]);
+    println!(
+        r#"
+tether demo is running (Ctrl-C to stop).
+
+  server  {url}   (self-signed TLS, fingerprint {fingerprint})
+  agent   "demo", offering web -> {web_addr} and echo -> {echo_addr}
+  client  forwarding {web_local} -> demo/web and {echo_local} -> demo/echo
+
+Try it:
+  curl http://{web_local}/                          # the sample page, through the tunnel
+  echo hello | nc -q1 {echo_ip} {echo_port}             # TCP echo, through the tunnel
+  curl -sk https://localhost:{server_port}/metrics | grep tether_   # server metrics
+
+Raw WebSocket (no CLI needed), e.g. with websocat:
+  websocat -k -b 'wss://localhost:{server_port}/tether/v1/ws/demo/echo?token={client_token}'
+"#,
+        echo_ip = echo_local.ip(),
+        echo_port = echo_local.port(),
+        server_port = server_addr.port(),
+    );
+    tokio::signal::ctrl_c().await.ok();
+    Ok(())
+}
+
+async fn serve_web(l: TcpListener) {
+    loop {
+        let Ok((mut s, peer)) = l.accept().await else { continue };
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the request head (bounded), answer, close.
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 64 * 1024 {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = format!(
+                "<!doctype html><title>tether demo</title>\
+                 <h1>Hello through the tunnel</h1>\
+                 <p>This page is served by a sample service only the agent can reach.</p>\
+                 <p>Your connection reached it from {peer}, the agent's side of the tunnel.</p>\n"
+            );
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+async fn serve_echo(l: TcpListener) {
+    loop {
+        let Ok((s, _)) = l.accept().await else { continue };
+        tokio::spawn(echo(s));
+    }
+}
+
+async fn echo(s: TcpStream) {
+    let (mut r, mut w) = s.into_split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}

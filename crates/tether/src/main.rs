@@ -1,0 +1,310 @@
+//! `tether`: one binary for the server, the agent, the client and a demo.
+
+mod demo;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use toml::{Table, Value};
+
+/// Reach services inside private networks (Kubernetes clusters, VPCs) from
+/// anywhere, through one outbound WebSocket from an agent inside.
+///
+///   client --ws--> server --ws--> agent --tcp--> service
+///
+/// Start with `tether demo`: it runs all parts on loopback and tells you what to try.
+#[derive(Parser)]
+#[command(name = "tether", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the public gateway that agents and clients connect to.
+    Server(ServerArgs),
+    /// Run inside the private network: dial out to the server and serve its services.
+    Agent(AgentArgs),
+    /// Run on your machine: forward local ports to services behind agents.
+    Client(ClientArgs),
+    /// Run server, agent, sample services and client on loopback, and say how to try them.
+    Demo(demo::DemoArgs),
+}
+
+/// Settings may come from a TOML file (`--config`), `TETHER_*` environment
+/// variables and flags; flags and environment win over the file.
+#[derive(Args)]
+struct ServerArgs {
+    /// TOML config file (see README for the format).
+    #[arg(long, short, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:7700].
+    #[arg(long, env = "TETHER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve TLS with a freshly generated self-signed certificate (prints its fingerprint).
+    #[arg(long, env = "TETHER_SELF_SIGNED", conflicts_with = "tls_cert")]
+    self_signed: bool,
+    /// Allow an agent: NAME=TOKEN (repeatable).
+    #[arg(long = "agent", value_name = "NAME=TOKEN")]
+    agents: Vec<String>,
+    /// Allow a client: NAME=TOKEN=PATTERN[,PATTERN...], patterns like prod/* (repeatable).
+    #[arg(long = "client", value_name = "NAME=TOKEN=ALLOW")]
+    clients: Vec<String>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Server URL, e.g. wss://tether.example.com:7700.
+    #[arg(long, env = "TETHER_SERVER")]
+    server: Option<String>,
+    /// Name to register as.
+    #[arg(long, env = "TETHER_AGENT_NAME")]
+    name: Option<String>,
+    /// Agent token (prefer the environment variable over the flag).
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Verify the server against this PEM CA file instead of system roots.
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Accept exactly the server certificate with this SHA-256 fingerprint.
+    #[arg(long, env = "TETHER_FINGERPRINT")]
+    fingerprint: Option<String>,
+    /// A named service: NAME=HOST:PORT (repeatable).
+    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    services: Vec<String>,
+    /// Raw targets clients may ask for: HOSTGLOB:PORTS or CIDR:PORTS (repeatable).
+    #[arg(long = "allow", value_name = "PATTERN")]
+    allow: Vec<String>,
+    /// Serve /metrics and /healthz here.
+    #[arg(long, env = "TETHER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Server URL, e.g. wss://tether.example.com:7700.
+    #[arg(long, env = "TETHER_SERVER")]
+    server: Option<String>,
+    /// Client token (prefer the environment variable over the flag).
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Verify the server against this PEM CA file instead of system roots.
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Accept exactly the server certificate with this SHA-256 fingerprint.
+    #[arg(long, env = "TETHER_FINGERPRINT")]
+    fingerprint: Option<String>,
+    #[command(subcommand)]
+    action: Option<ClientAction>,
+}
+
+#[derive(Subcommand)]
+enum ClientAction {
+    /// Listen locally and forward each connection: LISTEN=AGENT/SERVICE, e.g. 15432=prod/db.
+    Forward {
+        /// One or more LISTEN=AGENT/SERVICE (LISTEN is PORT or IP:PORT).
+        #[arg(required = true, value_name = "LISTEN=AGENT/SERVICE")]
+        forwards: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => run_server(a).await,
+            Command::Agent(a) => run_agent(a).await,
+            Command::Client(a) => run_client(a).await,
+            Command::Demo(a) => demo::run(a).await,
+        }
+    })
+}
+
+fn load_table(path: &Option<PathBuf>) -> anyhow::Result<Table> {
+    match path {
+        None => Ok(Table::new()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading config {}", p.display()))?;
+            text.parse::<Table>()
+                .with_context(|| format!("parsing config {}", p.display()))
+        }
+    }
+}
+
+fn set<T: Into<Value>>(t: &mut Table, key: &str, v: Option<T>) {
+    if let Some(v) = v {
+        t.insert(key.to_owned(), v.into());
+    }
+}
+
+fn path_str(p: Option<PathBuf>) -> Option<String> {
+    p.map(|p| p.display().to_string())
+}
+
+fn push_array(t: &mut Table, key: &str, items: Vec<Value>) {
+    if items.is_empty() {
+        return;
+    }
+    let arr = t
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Array(vec![]));
+    if let Value::Array(a) = arr {
+        a.extend(items);
+    }
+}
+
+fn finish<T: serde::de::DeserializeOwned>(t: Table, what: &str) -> anyhow::Result<T> {
+    T::deserialize(Value::Table(t)).with_context(|| format!("invalid {what} configuration"))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
+    let mut t = load_table(&a.config)?;
+    set(&mut t, "listen", a.listen.map(|l| l.to_string()));
+    if a.tls_cert.is_some() || a.self_signed {
+        let mut tls = Table::new();
+        set(&mut tls, "cert", path_str(a.tls_cert));
+        set(&mut tls, "key", path_str(a.tls_key));
+        if a.self_signed {
+            tls.insert("self_signed".into(), true.into());
+        }
+        t.insert("tls".into(), Value::Table(tls));
+    }
+    let mut agents = vec![];
+    for s in a.agents {
+        let (name, token) = s
+            .split_once('=')
+            .with_context(|| format!("--agent {s:?}: expected NAME=TOKEN"))?;
+        let mut e = Table::new();
+        e.insert("name".into(), name.into());
+        e.insert("token".into(), token.into());
+        agents.push(Value::Table(e));
+    }
+    push_array(&mut t, "agent", agents);
+    let mut clients = vec![];
+    for s in a.clients {
+        let mut parts = s.splitn(3, '=');
+        let (Some(name), Some(token), Some(allow)) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("--client {s:?}: expected NAME=TOKEN=PATTERN[,PATTERN...]");
+        };
+        let mut e = Table::new();
+        e.insert("name".into(), name.into());
+        e.insert("token".into(), token.into());
+        e.insert(
+            "allow".into(),
+            Value::Array(allow.split(',').map(|p| p.trim().into()).collect()),
+        );
+        clients.push(Value::Table(e));
+    }
+    push_array(&mut t, "client", clients);
+    let cfg: tether_server::ServerConfig = finish(t, "server")?;
+    if cfg.agents.is_empty() {
+        tracing::warn!("no agents configured: add --agent NAME=TOKEN or [[agent]] in the config");
+    }
+    let server = tether_server::Server::bind(&cfg).await?;
+    if let Some(fp) = server.fingerprint() {
+        tracing::info!(fingerprint = %fp, "TLS certificate SHA-256 fingerprint (pin it with --fingerprint)");
+    }
+    tokio::select! {
+        r = server.serve() => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
+    let mut t = load_table(&a.config)?;
+    set(&mut t, "server", a.server);
+    set(&mut t, "name", a.name);
+    set(&mut t, "token", a.token);
+    set(&mut t, "ca_file", path_str(a.ca_file));
+    set(&mut t, "fingerprint", a.fingerprint);
+    if !a.services.is_empty() {
+        let svc = t
+            .entry("services".to_owned())
+            .or_insert_with(|| Value::Table(Table::new()));
+        let Value::Table(svc) = svc else {
+            bail!("config: services must be a table");
+        };
+        for s in a.services {
+            let (name, addr) = s
+                .split_once('=')
+                .with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
+            svc.insert(name.to_owned(), addr.into());
+        }
+    }
+    push_array(&mut t, "allow", a.allow.into_iter().map(Value::from).collect());
+    let cfg: tether_agent::AgentConfig = finish(t, "agent")?;
+    let agent = tether_agent::Agent::new(cfg)?;
+    if let Some(addr) = a.metrics_listen {
+        let stats = agent.stats();
+        let bound = tether_net::observe::serve_metrics(addr, Arc::new(move || stats.render()))
+            .await
+            .with_context(|| format!("metrics listener {addr}"))?;
+        tracing::info!(addr = %bound, "serving /metrics");
+    }
+    tokio::select! {
+        r = agent.run() => r,
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
+async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
+    let mut t = load_table(&a.config)?;
+    set(&mut t, "server", a.server);
+    set(&mut t, "token", a.token);
+    set(&mut t, "ca_file", path_str(a.ca_file));
+    set(&mut t, "fingerprint", a.fingerprint);
+    if let Some(ClientAction::Forward { forwards }) = a.action {
+        push_array(&mut t, "forward", forwards.into_iter().map(Value::from).collect());
+    }
+    let cfg: tether_client::ClientConfig = finish(t, "client")?;
+    let client = tether_client::Client::bind(cfg).await?;
+    tokio::select! {
+        r = client.run() => r,
+        _ = shutdown_signal() => Ok(()),
+    }
+}
