@@ -14,9 +14,12 @@
 //!   tt-hyper   tokio-tungstenite, server side upgraded through hyper 1.x
 //!              (WebSocketStream::from_raw_socket over TokioIo<Upgraded>),
 //!              client as tt-direct. This is how tether's server would run it.
-//!   tt-hyper-wb0 tt-hyper with WebSocketConfig::write_buffer_size(0) on both
-//!              ends (each message written eagerly instead of being coalesced
-//!              into the default 128 KiB write buffer).
+//!   tt-tuned   tt-hyper with, on both ends, WebSocketConfig
+//!              write_buffer_size(0) (each message written eagerly instead of
+//!              being coalesced into the default 128 KiB write buffer) and
+//!              read_buffer_size(32 KiB) (tungstenite zero-fills up to
+//!              read_buffer_size bytes before EVERY read() call, 128 KiB by
+//!              default, which costs ~4-5 µs per read on this machine).
 //!   fws-hyper  fastwebsockets with its own `upgrade` feature: server through
 //!              hyper 1.x (upgrade::upgrade), client through
 //!              handshake::client (also hyper). Both ends run over TokioIo<Upgraded>.
@@ -188,17 +191,19 @@ fn tt_halves<S: AsyncRead + AsyncWrite + Unpin>(
         TtRx { stream },
     )
 }
-fn tt_config(eager: bool) -> WebSocketConfig {
+fn tt_config(tuned: bool) -> WebSocketConfig {
     // Library defaults (read/write buffer 128 KiB, max message 64 MiB, max
     // frame 16 MiB); tether would lower the limits to ~1 MiB.
-    // `eager` (variant tt-hyper-wb0): write_buffer_size = 0, i.e. every
+    // `tuned` (variant tt-tuned): write_buffer_size = 0, i.e. every
     // message is written to the socket as soon as it is queued instead of
-    // being coalesced into a >= 128 KiB write buffer.
+    // being coalesced into a >= 128 KiB write buffer; read_buffer_size =
+    // 32 KiB, because FrameCodec::read_in zero-fills that many bytes before
+    // each read() (also the ones that end in WouldBlock).
     // TT_WRITE_BUF / TT_READ_BUF (bytes) override the buffer sizes for tuning runs.
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
     let mut c = WebSocketConfig::default();
-    if eager {
-        c = c.write_buffer_size(0);
+    if tuned {
+        c = c.write_buffer_size(0).read_buffer_size(32 * 1024);
     }
     if let Some(w) = env("TT_WRITE_BUF") {
         c = c.write_buffer_size(w);
@@ -376,9 +381,9 @@ async fn tt_accept_direct(tcp: TcpStream) -> Result<WebSocketStream<TcpStream>> 
     Ok(tokio_tungstenite::accept_hdr_async_with_config(tcp, cb, Some(tt_config(false))).await?)
 }
 
-async fn tt_accept_hyper(tcp: TcpStream, eager: bool) -> Result<WebSocketStream<Up>> {
+async fn tt_accept_hyper(tcp: TcpStream, tuned: bool) -> Result<WebSocketStream<Up>> {
     let io = hyper_accept(tcp, tt_hyper_upgrade).await?;
-    Ok(WebSocketStream::from_raw_socket(io, TtRole::Server, Some(tt_config(eager))).await)
+    Ok(WebSocketStream::from_raw_socket(io, TtRole::Server, Some(tt_config(tuned))).await)
 }
 
 async fn fws_accept_hyper(tcp: TcpStream) -> Result<fastwebsockets::WebSocket<Up>> {
@@ -409,7 +414,7 @@ async fn tt_connect<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
     host: &str,
     token: &str,
-    eager: bool,
+    tuned: bool,
 ) -> Result<WebSocketStream<S>> {
     let mut req = format!("ws://{host}/tunnel").into_client_request()?;
     req.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(token)?);
@@ -417,7 +422,7 @@ async fn tt_connect<S: AsyncRead + AsyncWrite + Unpin>(
         .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTO));
     // tungstenite verifies Sec-WebSocket-Accept and that the server picked
     // one of the offered subprotocols.
-    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(tt_config(eager))).await?;
+    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(tt_config(tuned))).await?;
     if resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).map(|v| v.as_bytes()) != Some(SUBPROTO.as_bytes()) {
         bail!("tt: subprotocol not negotiated");
     }
@@ -467,7 +472,7 @@ enum Variant {
     Raw,
     TtDirect,
     TtHyper,
-    TtHyperWb0,
+    TtTuned,
     FwsHyper,
     FwsDirect,
 }
@@ -477,7 +482,7 @@ impl Variant {
             Variant::Raw => "raw",
             Variant::TtDirect => "tt-direct",
             Variant::TtHyper => "tt-hyper",
-            Variant::TtHyperWb0 => "tt-hyper-wb0",
+            Variant::TtTuned => "tt-tuned",
             Variant::FwsHyper => "fws-hyper",
             Variant::FwsDirect => "fws-direct",
         }
@@ -487,7 +492,7 @@ impl Variant {
             "raw" => Variant::Raw,
             "tt-direct" => Variant::TtDirect,
             "tt-hyper" => Variant::TtHyper,
-            "tt-hyper-wb0" => Variant::TtHyperWb0,
+            "tt-tuned" => Variant::TtTuned,
             "fws-hyper" => Variant::FwsHyper,
             "fws-direct" => Variant::FwsDirect,
             _ => bail!("unknown variant {s}"),
@@ -599,9 +604,9 @@ async fn server_main(v: Variant, tcp: TcpStream, job: Job) -> Result<Out> {
             let (mut t, mut r) = tt_halves(tt_accept_direct(tcp).await?, m);
             run_side(false, &mut t, &mut r, job).await
         }
-        Variant::TtHyper | Variant::TtHyperWb0 => {
-            let eager = v == Variant::TtHyperWb0;
-            let (mut t, mut r) = tt_halves(tt_accept_hyper(tcp, eager).await?, m);
+        Variant::TtHyper | Variant::TtTuned => {
+            let tuned = v == Variant::TtTuned;
+            let (mut t, mut r) = tt_halves(tt_accept_hyper(tcp, tuned).await?, m);
             run_side(false, &mut t, &mut r, job).await
         }
         Variant::FwsHyper => {
@@ -624,9 +629,9 @@ async fn client_main(v: Variant, tcp: TcpStream, job: Job) -> Result<Out> {
             let (mut t, mut r) = raw_halves(tcp, m);
             run_side(true, &mut t, &mut r, job).await
         }
-        Variant::TtDirect | Variant::TtHyper | Variant::TtHyperWb0 => {
-            let eager = v == Variant::TtHyperWb0;
-            let (mut t, mut r) = tt_halves(tt_connect(tcp, &host, TOKEN, eager).await?, m);
+        Variant::TtDirect | Variant::TtHyper | Variant::TtTuned => {
+            let tuned = v == Variant::TtTuned;
+            let (mut t, mut r) = tt_halves(tt_connect(tcp, &host, TOKEN, tuned).await?, m);
             run_side(true, &mut t, &mut r, job).await
         }
         Variant::FwsHyper => {
@@ -998,7 +1003,7 @@ fn parse_args() -> Result<Args> {
             Variant::Raw,
             Variant::TtDirect,
             Variant::TtHyper,
-            Variant::TtHyperWb0,
+            Variant::TtTuned,
             Variant::FwsHyper,
             Variant::FwsDirect,
         ],
@@ -1022,7 +1027,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "wslib-bench [--mib 2048] [--reps 3] [--rtt 20000] [--sizes 32,256] \
-                     [--variants raw,tt-direct,tt-hyper,tt-hyper-wb0,fws-hyper,fws-direct] [--no-checks]\n\
+                     [--variants raw,tt-direct,tt-hyper,tt-tuned,fws-hyper,fws-direct] [--no-checks]\n\
                      env TT_WRITE_BUF / TT_READ_BUF override tokio-tungstenite's buffer sizes (tuning only)"
                 );
                 std::process::exit(0);

@@ -22,8 +22,12 @@ use tokio::net::TcpStream;
 
 pub use policy::TargetPolicy;
 
-/// How long the agent waits for a service to accept a TCP connection.
+/// How long the agent waits, by default, for a service to accept a TCP connection.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn default_dial_timeout_ms() -> u64 {
+    DIAL_TIMEOUT.as_millis() as u64
+}
 
 /// A session that lasted this long counts as healthy: backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -54,6 +58,9 @@ pub struct AgentConfig {
     /// `10.0.0.0/8:5432`, `localhost:8000-8100`.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// How long to wait for a service to accept a connection, in milliseconds.
+    #[serde(default = "default_dial_timeout_ms")]
+    pub dial_timeout_ms: u64,
 }
 
 impl AgentConfig {
@@ -189,6 +196,7 @@ impl Agent {
             tokio::spawn(serve_stream(
                 self.policy.clone(),
                 self.stats.clone(),
+                Duration::from_millis(self.config.dial_timeout_ms),
                 inc,
             ));
         }
@@ -204,7 +212,12 @@ fn dial_error_code(e: &io::Error) -> OpenErrorCode {
     }
 }
 
-async fn serve_stream(policy: Arc<TargetPolicy>, stats: Arc<AgentStats>, inc: Incoming) {
+async fn serve_stream(
+    policy: Arc<TargetPolicy>,
+    stats: Arc<AgentStats>,
+    dial_timeout: Duration,
+    inc: Incoming,
+) {
     let target = inc.target().clone();
     let id = inc.id();
     if target.kind != TargetKind::Tcp {
@@ -222,7 +235,8 @@ async fn serve_stream(policy: Arc<TargetPolicy>, stats: Arc<AgentStats>, inc: In
         }
     };
     let started = Instant::now();
-    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&resolved.address)).await {
+    let tcp = match tokio::time::timeout(dial_timeout, TcpStream::connect(&resolved.address)).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             stats.open_errors.fetch_add(1, Ordering::Relaxed);
@@ -234,7 +248,10 @@ async fn serve_stream(policy: Arc<TargetPolicy>, stats: Arc<AgentStats>, inc: In
         }
         Err(_) => {
             stats.open_errors.fetch_add(1, Ordering::Relaxed);
-            let reason = format!("{} did not answer within {DIAL_TIMEOUT:?}", resolved.address);
+            let reason = format!(
+                "{} did not answer within {dial_timeout:?}",
+                resolved.address
+            );
             tracing::info!(stream = %id, target = %target, "open failed: {reason}");
             inc.reject(OpenErrorCode::Timeout, &reason);
             return;
@@ -257,8 +274,12 @@ async fn serve_stream(policy: Arc<TargetPolicy>, stats: Arc<AgentStats>, inc: In
     stats.live_streams.fetch_sub(1, Ordering::Relaxed);
     let ms = started.elapsed().as_millis() as u64;
     match report.error {
-        None => tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream closed"),
-        Some(e) => tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}"),
+        None => {
+            tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream closed")
+        }
+        Some(e) => {
+            tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+        }
     }
 }
 

@@ -38,7 +38,9 @@ impl AllowRule {
             p => match p.split_once('-') {
                 Some((a, b)) => (a.parse()?, b.parse()?),
                 None => {
-                    let n: u16 = p.parse().with_context(|| format!("allow rule {s:?}: bad port"))?;
+                    let n: u16 = p
+                        .parse()
+                        .with_context(|| format!("allow rule {s:?}: bad port"))?;
                     (n, n)
                 }
             },
@@ -162,7 +164,10 @@ mod tests {
 
     fn policy() -> TargetPolicy {
         let mut services = BTreeMap::new();
-        services.insert("db".to_owned(), "postgres.default.svc.cluster.local:5432".to_owned());
+        services.insert(
+            "db".to_owned(),
+            "postgres.default.svc.cluster.local:5432".to_owned(),
+        );
         TargetPolicy::new(
             &services,
             &[
@@ -182,16 +187,30 @@ mod tests {
             p.resolve("db").unwrap().address,
             "postgres.default.svc.cluster.local:5432"
         );
-        assert!(p.resolve("grafana.monitoring.svc.cluster.local:3000").is_ok());
+        assert!(p
+            .resolve("grafana.monitoring.svc.cluster.local:3000")
+            .is_ok());
         assert!(p.resolve("10.1.2.3:5432").is_ok());
-        assert_eq!(p.resolve("10.1.2.3:5433").unwrap_err().0, OpenErrorCode::Forbidden);
-        assert_eq!(p.resolve("11.1.2.3:5432").unwrap_err().0, OpenErrorCode::Forbidden);
+        assert_eq!(
+            p.resolve("10.1.2.3:5433").unwrap_err().0,
+            OpenErrorCode::Forbidden
+        );
+        assert_eq!(
+            p.resolve("11.1.2.3:5432").unwrap_err().0,
+            OpenErrorCode::Forbidden
+        );
         assert!(p.resolve("localhost:8080").is_ok());
         assert!(p.resolve("localhost:9000").is_err());
         assert!(p.resolve("[::1]:22").is_ok());
-        assert_eq!(p.resolve("redis").unwrap_err().0, OpenErrorCode::UnknownService);
+        assert_eq!(
+            p.resolve("redis").unwrap_err().0,
+            OpenErrorCode::UnknownService
+        );
         // A name never matches a CIDR rule, even if it would resolve into it.
-        assert_eq!(p.resolve("evil.example:5432").unwrap_err().0, OpenErrorCode::Forbidden);
+        assert_eq!(
+            p.resolve("evil.example:5432").unwrap_err().0,
+            OpenErrorCode::Forbidden
+        );
         assert!(p.resolve("svc.cluster.local.evil.com:80").is_err());
     }
 

@@ -131,7 +131,10 @@ impl Client {
     }
 }
 
-async fn keep_session(cfg: ClientConfig, tx: watch::Sender<Option<Connection>>) -> anyhow::Result<()> {
+async fn keep_session(
+    cfg: ClientConfig,
+    tx: watch::Sender<Option<Connection>>,
+) -> anyhow::Result<()> {
     let url = endpoint_url(&cfg.server, CLIENT_PATH);
     let trust = cfg.trust();
     let headers = vec![("authorization".to_owned(), format!("Bearer {}", cfg.token))];
@@ -144,6 +147,9 @@ async fn keep_session(cfg: ClientConfig, tx: watch::Sender<Option<Connection>>) 
                 let scfg = tether_proto::Config {
                     software: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
                     accept_opens: false,
+                    // Longer than the server's own wait for the agent, so the
+                    // server's explanation (refused, timeout...) arrives first.
+                    open_timeout: Duration::from_secs(20),
                     ..Default::default()
                 };
                 match Connection::start(Role::Initiator, scfg, sink, source, "client").await {
@@ -165,7 +171,11 @@ async fn keep_session(cfg: ClientConfig, tx: watch::Sender<Option<Connection>>) 
     }
 }
 
-async fn accept_loop(listener: TcpListener, fwd: Forward, session: watch::Receiver<Option<Connection>>) {
+async fn accept_loop(
+    listener: TcpListener,
+    fwd: Forward,
+    session: watch::Receiver<Option<Connection>>,
+) {
     let fwd = Arc::new(fwd);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -205,8 +215,12 @@ async fn forward_one(conn: Connection, tcp: TcpStream, peer: SocketAddr, fwd: Ar
     let report = splice(tr, tw, sr, sw).await;
     let ms = started.elapsed().as_millis() as u64;
     match report.error {
-        None => tracing::info!(%peer, stream = %id, target = %fwd.target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream closed"),
-        Some(e) => tracing::info!(%peer, stream = %id, target = %fwd.target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream ended with error: {e}"),
+        None => {
+            tracing::info!(%peer, stream = %id, target = %fwd.target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream closed")
+        }
+        Some(e) => {
+            tracing::info!(%peer, stream = %id, target = %fwd.target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+        }
     }
 }
 
@@ -224,6 +238,8 @@ mod tests {
         assert!("8080=prod".parse::<Forward>().is_err());
         assert!("nonsense".parse::<Forward>().is_err());
         assert!("x:1=a/b".parse::<Forward>().is_err());
-        assert!("8080=prod/cache.default.svc:6379".parse::<Forward>().is_ok());
+        assert!("8080=prod/cache.default.svc:6379"
+            .parse::<Forward>()
+            .is_ok());
     }
 }

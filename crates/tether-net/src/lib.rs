@@ -16,5 +16,5 @@ pub mod transport;
 pub use session::{Connection, Incoming, SessionInfo, Stream, StreamReader, StreamWriter};
 
 pub mod backoff;
-pub mod pattern;
 pub mod observe;
+pub mod pattern;

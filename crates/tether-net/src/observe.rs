@@ -32,7 +32,10 @@ pub async fn serve_metrics(
                         let (status, body) = match req.uri().path() {
                             "/metrics" => (StatusCode::OK, render()),
                             "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
-                            _ => (StatusCode::NOT_FOUND, "try /metrics or /healthz\n".to_owned()),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "try /metrics or /healthz\n".to_owned(),
+                            ),
                         };
                         let mut r = Response::new(Full::new(Bytes::from(body)));
                         *r.status_mut() = status;

@@ -38,8 +38,14 @@ mod tests {
         assert!(glob_match("prod/*", "prod/db"));
         assert!(!glob_match("prod/*", "staging/db"));
         assert!(glob_match("*", ""));
-        assert!(glob_match("*.svc.cluster.local", "pg.default.svc.cluster.local"));
-        assert!(!glob_match("*.svc.cluster.local", "svc.cluster.local.evil.com"));
+        assert!(glob_match(
+            "*.svc.cluster.local",
+            "pg.default.svc.cluster.local"
+        ));
+        assert!(!glob_match(
+            "*.svc.cluster.local",
+            "svc.cluster.local.evil.com"
+        ));
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("a?c", "ac"));
         assert!(glob_match("*/db", "prod/db"));

@@ -162,7 +162,10 @@ impl Connection {
         self.shared.timer_wake.notify_one();
         match rx.await {
             Ok(Ok(())) => {
-                self.shared.counters.streams_opened.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .streams_opened
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(stream)
             }
             Ok(Err(e)) => Err(e),
@@ -306,7 +309,12 @@ impl Shared {
                         if let Some(mut s) = inc.stream.take() {
                             s.detached = true;
                         }
-                        g.session.reject(id, OpenErrorCode::TooManyStreams, why);
+                        let code = if g.incoming.as_ref().is_some_and(|tx| !tx.is_closed()) {
+                            OpenErrorCode::TooManyStreams
+                        } else {
+                            OpenErrorCode::NotAccepted
+                        };
+                        g.session.reject(id, code, why);
                     }
                 }
                 Event::Opened { id } => {
@@ -419,7 +427,9 @@ async fn writer_task<W: MessageSink>(shared: Arc<Shared>, mut sink: W) {
         let (has, closed) = {
             let mut g = shared.lock();
             buf.reserve(MAX_SEND_MESSAGE + 64 * 1024);
-            let has = g.session.poll_transmit(&mut buf, MAX_SEND_MESSAGE);
+            let has = g
+                .session
+                .poll_transmit_at(&mut buf, MAX_SEND_MESSAGE, Some(Instant::now()));
             shared.dispatch(&mut g);
             (has, g.session.is_closed())
         };
@@ -436,8 +446,12 @@ async fn writer_task<W: MessageSink>(shared: Arc<Shared>, mut sink: W) {
             }
         } else if closed {
             let why = shared.closed_tx.borrow().clone().unwrap_or_default();
-            sink.close(if why.is_empty() { "session closed" } else { &why })
-                .await;
+            sink.close(if why.is_empty() {
+                "session closed"
+            } else {
+                &why
+            })
+            .await;
             return;
         } else {
             shared.writer_wake.notified().await;
@@ -502,7 +516,10 @@ impl Incoming {
             r.map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))?;
         }
         shared.writer_wake.notify_one();
-        shared.counters.streams_opened.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .streams_opened
+            .fetch_add(1, Ordering::Relaxed);
         Ok(stream)
     }
 
@@ -548,8 +565,11 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         let mut g = self.shared.lock();
         // A cleanly finished stream is already gone; this is a no-op then.
-        g.session
-            .stream_reset(self.id, ResetCode::Cancel, "stream dropped by its application");
+        g.session.stream_release(
+            self.id,
+            ResetCode::Cancel,
+            "stream dropped by its application",
+        );
         self.shared.dispatch(&mut g);
         let wants = g.session.wants_transmit();
         drop(g);

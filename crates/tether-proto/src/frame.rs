@@ -50,8 +50,10 @@ impl fmt::Display for StreamId {
 pub enum TargetKind {
     /// A TCP connection (reliable, ordered bytes).
     Tcp,
-    /// A UDP flow (reserved; carried as length-prefixed datagrams).
+    /// A UDP flow (reserved: its datagram framing is not defined in version 1).
     Udp,
+    /// A kind this build does not know; answered with OPEN_ERR `bad_target`.
+    Other(u8),
 }
 
 impl TargetKind {
@@ -59,13 +61,14 @@ impl TargetKind {
         match self {
             TargetKind::Tcp => 1,
             TargetKind::Udp => 2,
+            TargetKind::Other(v) => v,
         }
     }
-    fn from_u8(v: u8) -> Option<Self> {
+    fn from_u8(v: u8) -> Self {
         match v {
-            1 => Some(TargetKind::Tcp),
-            2 => Some(TargetKind::Udp),
-            _ => None,
+            1 => TargetKind::Tcp,
+            2 => TargetKind::Udp,
+            other => TargetKind::Other(other),
         }
     }
 }
@@ -96,6 +99,7 @@ impl fmt::Display for Target {
         match self.kind {
             TargetKind::Tcp => write!(f, "{}", self.address),
             TargetKind::Udp => write!(f, "udp:{}", self.address),
+            TargetKind::Other(k) => write!(f, "kind{k}:{}", self.address),
         }
     }
 }
@@ -456,8 +460,7 @@ impl Frame {
             }
             FrameType::Open => {
                 need(&p, 3, ty)?;
-                let kind = TargetKind::from_u8(p.get_u8())
-                    .ok_or(FrameError::Malformed("OPEN", "unknown target kind"))?;
+                let kind = TargetKind::from_u8(p.get_u8());
                 let alen = p.get_u16() as usize;
                 if alen != p.len() || alen == 0 || alen > MAX_TARGET_LEN {
                     return Err(FrameError::Malformed("OPEN", "bad target length"));

@@ -72,6 +72,10 @@ impl Default for Config {
 /// would make the session crawl and is treated as a protocol error.
 const MIN_PEER_WINDOW: u32 = 4096;
 const MIN_PEER_FRAME: u32 = 1024;
+/// Largest window a peer may announce (credit is kept below 2^31).
+const MAX_PEER_WINDOW: u32 = (1 << 31) - 1;
+/// Control frames waiting to be sent before the session gives up on the peer.
+const MAX_QUEUED_CONTROL: usize = 16 * 1024;
 
 /// What the session tells its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +410,12 @@ impl Session {
     }
 
     fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), SessionError> {
+        if self.control.len() >= MAX_QUEUED_CONTROL {
+            // The peer keeps provoking answers (PONG, RST) but does not read them.
+            return Err(self.fail(SessionError::Protocol(format!(
+                "{MAX_QUEUED_CONTROL} control frames queued: the peer is not reading"
+            ))));
+        }
         if self.state == State::Handshaking {
             return self.handle_handshake(frame, now);
         }
@@ -524,12 +534,13 @@ impl Session {
                     return Ok(());
                 };
                 let new_credit = s.send_credit + u64::from(increment);
-                // Credit beyond 2^31 means the peer's arithmetic is broken.
-                if new_credit > u64::from(u32::MAX >> 1) {
+                // Credit of 2^31 or more means the peer's arithmetic is broken.
+                if new_credit > u64::from(MAX_PEER_WINDOW) {
                     self.reset_stream(id, ResetCode::FlowControl, "window overflow", now);
                     return Ok(());
                 }
                 s.send_credit = new_credit;
+                s.last_activity = now;
                 if s.write_blocked {
                     s.write_blocked = false;
                     self.events.push_back(Event::Writable { id });
@@ -581,9 +592,12 @@ impl Session {
     }
 
     fn learn_peer(&mut self, h: &Hello) -> Result<(), SessionError> {
-        if h.initial_window < MIN_PEER_WINDOW || h.max_frame_payload < MIN_PEER_FRAME {
+        if h.initial_window < MIN_PEER_WINDOW
+            || h.initial_window > MAX_PEER_WINDOW
+            || h.max_frame_payload < MIN_PEER_FRAME
+        {
             return Err(self.fail(SessionError::Protocol(format!(
-                "peer limits too small: window {} (min {MIN_PEER_WINDOW}), frame {} (min {MIN_PEER_FRAME})",
+                "peer limits out of range: window {} ({MIN_PEER_WINDOW}..={MAX_PEER_WINDOW}), frame {} (min {MIN_PEER_FRAME})",
                 h.initial_window, h.max_frame_payload
             ))));
         }
@@ -833,6 +847,17 @@ impl Session {
         }
     }
 
+    /// The application is done with the stream. A stream finished both ways
+    /// (FIN queued and FIN received) is left to flush its last DATA and FIN;
+    /// anything else is reset with `code`.
+    pub fn stream_release(&mut self, id: StreamId, code: ResetCode, reason: &str) {
+        match self.streams.get(&id) {
+            Some(s) if s.fin_queued && s.fin_received => {}
+            Some(_) => self.stream_reset(id, code, reason),
+            None => {}
+        }
+    }
+
     /// The application delivered `n` bytes of this stream's Data; grant the
     /// peer that much more credit (batched into WINDOW_UPDATE frames).
     pub fn stream_consumed(&mut self, id: StreamId, n: usize) {
@@ -901,9 +926,27 @@ impl Session {
     /// until `out` holds at least `max_len` bytes or nothing is left.
     /// Returns whether anything was appended.
     pub fn poll_transmit(&mut self, out: &mut BytesMut, max_len: usize) -> bool {
+        self.poll_transmit_at(out, max_len, None)
+    }
+
+    /// Like [`Session::poll_transmit`], also recording `now` as activity on
+    /// the streams whose data goes out (keeps a busy half-closed stream from
+    /// lingering out).
+    pub fn poll_transmit_at(
+        &mut self,
+        out: &mut BytesMut,
+        max_len: usize,
+        now: Option<Instant>,
+    ) -> bool {
         let start = out.len();
-        while let Some(f) = self.control.pop_front() {
+        while out.len() < max_len {
+            let Some(f) = self.control.pop_front() else {
+                break;
+            };
             f.encode(out);
+        }
+        if !self.control.is_empty() {
+            return true; // the rest of the control frames go in the next message
         }
         if self.state != State::Established {
             return out.len() > start;
@@ -928,6 +971,9 @@ impl Session {
                 let payload = front.split_to(n);
                 if front.is_empty() {
                     s.send_queue.pop_front();
+                }
+                if let Some(now) = now {
+                    s.last_activity = now;
                 }
                 Frame::Data { id, payload }.encode(out);
             }

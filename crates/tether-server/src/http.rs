@@ -60,13 +60,18 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     r
 }
 
-/// The bearer token of a request: `Authorization: Bearer T`, or `?token=T`
-/// for WebSocket clients that cannot set headers (browsers).
-fn bearer_token(req: &Request<Body>) -> Option<String> {
+/// The bearer token of a request: `Authorization: Bearer T`, or (when
+/// `allow_query`) `?token=T` for WebSocket clients that cannot set headers.
+fn bearer_token(req: &Request<Body>, allow_query: bool) -> Option<String> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION) {
         let v = v.to_str().ok()?;
-        let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
-        return Some(t.trim().to_owned());
+        let (scheme, t) = v.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(t.trim().to_owned());
+        }
+    }
+    if !allow_query {
+        return None;
     }
     req.uri().query().and_then(|q| {
         q.split('&')
@@ -111,13 +116,22 @@ fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Result
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_none_or(|v| v.as_bytes() != b"13")
     {
-        return Err(text(StatusCode::BAD_REQUEST, "WebSocket version 13 required"));
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "WebSocket version 13 required",
+        ));
     }
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
-    h.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
     if let Ok(v) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
@@ -173,17 +187,24 @@ fn check_tether_upgrade(req: &Request<Body>) -> Result<Resp, Resp> {
 }
 
 fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
-    let Some(token) = bearer_token(&req) else {
+    let Some(token) = bearer_token(&req, false) else {
         state.metrics.error("missing_token");
         tracing::warn!(%peer, "agent connection without a token");
-        return text(StatusCode::UNAUTHORIZED, "missing agent token (Authorization: Bearer ...)");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "missing agent token (Authorization: Bearer ...)",
+        );
     };
     let Some(name) = state.auth.agent(&token).map(str::to_owned) else {
         state.metrics.error("bad_token");
         tracing::warn!(%peer, "agent connection with an unknown token");
         return text(StatusCode::UNAUTHORIZED, "invalid agent token");
     };
-    if let Some(claimed) = req.headers().get("x-tether-agent").and_then(|v| v.to_str().ok()) {
+    if let Some(claimed) = req
+        .headers()
+        .get("x-tether-agent")
+        .and_then(|v| v.to_str().ok())
+    {
         if claimed != name {
             state.metrics.error("agent_name_mismatch");
             tracing::warn!(%peer, %claimed, token_for = %name, "agent name does not match its token");
@@ -198,7 +219,9 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
         Err(r) => return r,
     };
     tokio::spawn(async move {
-        let Some(io) = upgraded(req).await else { return };
+        let Some(io) = upgraded(req).await else {
+            return;
+        };
         let (sink, source) = server_from_upgraded(io).await;
         let mut cfg = state.session_config.clone();
         cfg.accept_opens = false; // agents do not open streams towards the server
@@ -218,7 +241,10 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
                 .register(&name, conn.clone(), peer, info.peer_software.clone());
         if let Some(old) = old {
             tracing::warn!(agent = %name, old_addr = %old.addr, new_addr = %peer, "agent re-registered: newest session wins, draining the old one");
-            old.conn.go_away(ErrorCode::Replaced, "a newer session of this agent connected");
+            old.conn.go_away(
+                ErrorCode::Replaced,
+                "a newer session of this agent connected",
+            );
         }
         let sessions = state.metrics.sessions_of("agent");
         sessions.inc();
@@ -235,10 +261,13 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
 }
 
 fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
-    let Some(token) = bearer_token(&req) else {
+    let Some(token) = bearer_token(&req, false) else {
         state.metrics.error("missing_token");
         tracing::warn!(%peer, "client connection without a token");
-        return text(StatusCode::UNAUTHORIZED, "missing client token (Authorization: Bearer ...)");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "missing client token (Authorization: Bearer ...)",
+        );
     };
     let Some(client) = state.auth.client(&token).cloned() else {
         state.metrics.error("bad_token");
@@ -250,7 +279,9 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         Err(r) => return r,
     };
     tokio::spawn(async move {
-        let Some(io) = upgraded(req).await else { return };
+        let Some(io) = upgraded(req).await else {
+            return;
+        };
         let (sink, source) = server_from_upgraded(io).await;
         let label = format!("client={}", client.name);
         let cfg = state.session_config.clone();
@@ -305,9 +336,12 @@ pub fn status_for(code: OpenErrorCode) -> StatusCode {
 
 /// `/tether/v1/ws/AGENT/SERVICE`: one WebSocket carries one stream's bytes.
 async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &str) -> Resp {
-    let Some(token) = bearer_token(&req) else {
+    let Some(token) = bearer_token(&req, true) else {
         state.metrics.error("missing_token");
-        return text(StatusCode::UNAUTHORIZED, "missing token (Authorization: Bearer ... or ?token=...)");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "missing token (Authorization: Bearer ... or ?token=...)",
+        );
     };
     let Some(client) = state.auth.client(&token).cloned() else {
         state.metrics.error("bad_token");
@@ -332,7 +366,9 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
     };
     let target = rest.to_owned();
     tokio::spawn(async move {
-        let Some(io) = upgraded(req).await else { return };
+        let Some(io) = upgraded(req).await else {
+            return;
+        };
         let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(ws_config())).await;
         let (tx, rx) = ws.split();
         let sessions = state.metrics.sessions_of("raw_ws");

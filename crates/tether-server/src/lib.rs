@@ -143,7 +143,9 @@ impl Server {
                 match tls {
                     None => http::serve_connection(state, tcp, peer).await,
                     Some(acceptor) => {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
                             Ok(Ok(s)) => http::serve_connection(state, s, peer).await,
                             Ok(Err(e)) => {
                                 state.metrics.error("tls_handshake");

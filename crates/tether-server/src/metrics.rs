@@ -61,8 +61,16 @@ impl Default for Metrics {
         };
         registry.register("agents", "Registered agents", m.agents.clone());
         registry.register("sessions", "Live sessions by kind", m.sessions.clone());
-        registry.register("live_streams", "Relayed streams currently open", m.live_streams.clone());
-        registry.register("pending_opens", "Opens waiting for an agent's answer", m.pending_opens.clone());
+        registry.register(
+            "live_streams",
+            "Relayed streams currently open",
+            m.live_streams.clone(),
+        );
+        registry.register(
+            "pending_opens",
+            "Opens waiting for an agent's answer",
+            m.pending_opens.clone(),
+        );
         registry.register("streams", "Relayed streams opened", m.streams_total.clone());
         registry.register("relayed_bytes", "Relayed payload bytes", m.bytes.clone());
         registry.register("errors", "Errors by kind", m.errors.clone());

@@ -92,7 +92,17 @@ pub async fn relay_client_stream(state: Arc<State>, client: ClientIdentity, inco
             tracing::info!(client = %client.name, stream = %client_stream_id, target = %target, "stream open");
             let (cr, cw) = client_stream.split();
             let (ar, aw) = agent_stream.split();
-            run_relay(&state, &client.name, &target.to_string(), started, cr, cw, ar, aw).await;
+            run_relay(
+                &state,
+                &client.name,
+                &target.to_string(),
+                started,
+                cr,
+                cw,
+                ar,
+                aw,
+            )
+            .await;
         }
     }
 }
@@ -121,7 +131,9 @@ pub async fn run_relay<CR, CW, AR, AW>(
     state.metrics.add_bytes(report.a_to_b, report.b_to_a);
     let ms = started.elapsed().as_millis() as u64;
     match &report.error {
-        None => tracing::info!(%client, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream closed"),
+        None => {
+            tracing::info!(%client, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream closed")
+        }
         Some(e) => {
             state.metrics.error("stream_reset");
             tracing::info!(%client, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")

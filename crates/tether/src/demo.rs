@@ -76,6 +76,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .into_iter()
         .collect(),
         allow: vec![],
+        dial_timeout_ms: tether_agent::DIAL_TIMEOUT.as_millis() as u64,
     };
     let agent = tether_agent::Agent::new(agent_cfg)?;
     let agent_stats = agent.stats();
@@ -137,7 +138,9 @@ Raw WebSocket (no CLI needed), e.g. with websocat:
 
 async fn serve_web(l: TcpListener) {
     loop {
-        let Ok((mut s, peer)) = l.accept().await else { continue };
+        let Ok((mut s, peer)) = l.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
@@ -166,7 +169,9 @@ async fn serve_web(l: TcpListener) {
 
 async fn serve_echo(l: TcpListener) {
     loop {
-        let Ok((s, _)) = l.accept().await else { continue };
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
         tokio::spawn(echo(s));
     }
 }

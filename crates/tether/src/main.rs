@@ -87,6 +87,9 @@ struct AgentArgs {
     /// Raw targets clients may ask for: HOSTGLOB:PORTS or CIDR:PORTS (repeatable).
     #[arg(long = "allow", value_name = "PATTERN")]
     allow: Vec<String>,
+    /// How long to wait for a service to accept a connection, in milliseconds [default: 10000].
+    #[arg(long, env = "TETHER_DIAL_TIMEOUT_MS")]
+    dial_timeout_ms: Option<u64>,
     /// Serve /metrics and /healthz here.
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -225,7 +228,8 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     let mut clients = vec![];
     for s in a.clients {
         let mut parts = s.splitn(3, '=');
-        let (Some(name), Some(token), Some(allow)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(name), Some(token), Some(allow)) = (parts.next(), parts.next(), parts.next())
+        else {
             bail!("--client {s:?}: expected NAME=TOKEN=PATTERN[,PATTERN...]");
         };
         let mut e = Table::new();
@@ -262,6 +266,11 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     set(&mut t, "token", a.token);
     set(&mut t, "ca_file", path_str(a.ca_file));
     set(&mut t, "fingerprint", a.fingerprint);
+    set(
+        &mut t,
+        "dial_timeout_ms",
+        a.dial_timeout_ms.map(|v| v as i64),
+    );
     if !a.services.is_empty() {
         let svc = t
             .entry("services".to_owned())
@@ -276,7 +285,11 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
             svc.insert(name.to_owned(), addr.into());
         }
     }
-    push_array(&mut t, "allow", a.allow.into_iter().map(Value::from).collect());
+    push_array(
+        &mut t,
+        "allow",
+        a.allow.into_iter().map(Value::from).collect(),
+    );
     let cfg: tether_agent::AgentConfig = finish(t, "agent")?;
     let agent = tether_agent::Agent::new(cfg)?;
     if let Some(addr) = a.metrics_listen {
@@ -299,7 +312,11 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     set(&mut t, "ca_file", path_str(a.ca_file));
     set(&mut t, "fingerprint", a.fingerprint);
     if let Some(ClientAction::Forward { forwards }) = a.action {
-        push_array(&mut t, "forward", forwards.into_iter().map(Value::from).collect());
+        push_array(
+            &mut t,
+            "forward",
+            forwards.into_iter().map(Value::from).collect(),
+        );
     }
     let cfg: tether_client::ClientConfig = finish(t, "client")?;
     let client = tether_client::Client::bind(cfg).await?;

@@ -100,7 +100,8 @@ pub enum ServerTrust {
 
 /// Builds a client TLS config for the given trust rule.
 pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
-    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let mut cfg = match trust {
         ServerTrust::SystemRoots => {
             let mut roots = RootCertStore::empty();
@@ -127,7 +128,10 @@ pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
         ServerTrust::Fingerprint(fp) => {
             let want = normalize_fingerprint(fp);
             if want.len() != 64 {
-                bail!("a SHA-256 fingerprint has 64 hex digits, got {}", want.len());
+                bail!(
+                    "a SHA-256 fingerprint has 64 hex digits, got {}",
+                    want.len()
+                );
             }
             builder
                 .dangerous()
@@ -175,7 +179,12 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -184,7 +193,12 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -80,11 +80,12 @@ where
     }
 
     async fn close(&mut self, reason: &str) {
-        let mut r = reason.to_owned();
-        r.truncate(120); // a close frame's reason must fit in a control frame
-        while !r.is_char_boundary(r.len()) {
-            r.pop();
+        // A close frame's reason must fit in a control frame (123 bytes).
+        let mut end = reason.len().min(120);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
         }
+        let r = reason[..end].to_owned();
         let frame = CloseFrame {
             code: CloseCode::Normal,
             reason: r.into(),
@@ -129,7 +130,11 @@ pub enum ClientIo {
 }
 
 impl AsyncRead for ClientIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -138,7 +143,11 @@ impl AsyncRead for ClientIo {
 }
 
 impl AsyncWrite for ClientIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
@@ -205,7 +214,14 @@ pub enum DialError {
 impl DialError {
     /// Whether retrying can help (network trouble) or not (bad URL, refused credentials).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, DialError::BadUrl(..) | DialError::Refused { status: 400..=499, .. })
+        matches!(
+            self,
+            DialError::BadUrl(..)
+                | DialError::Refused {
+                    status: 400..=499,
+                    ..
+                }
+        )
     }
 }
 
@@ -229,7 +245,9 @@ async fn dial_inner(
     trust: &ServerTrust,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
     let bad = |why: &str| DialError::BadUrl(url.to_owned(), why.to_owned());
-    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
     let tls = match uri.scheme_str() {
         Some("ws") => false,
         Some("wss") => true,
@@ -237,14 +255,18 @@ async fn dial_inner(
     };
     let host = uri.host().ok_or_else(|| bad("no host"))?.to_owned();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let bare_host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let addr = format!("{bare_host}:{port}");
     let tcp = TcpStream::connect((bare_host.as_str(), port))
         .await
         .map_err(|e| DialError::Connect(addr.clone(), e))?;
     let _ = tcp.set_nodelay(true);
     let io = if tls {
-        let cfg = client_config(trust).map_err(|e| DialError::Tls(addr.clone(), format!("{e:#}")))?;
+        let cfg =
+            client_config(trust).map_err(|e| DialError::Tls(addr.clone(), format!("{e:#}")))?;
         let name = rustls::pki_types::ServerName::try_from(bare_host.clone())
             .map_err(|e| DialError::Tls(addr.clone(), e.to_string()))?;
         let s = tokio_rustls::TlsConnector::from(cfg)
@@ -255,9 +277,7 @@ async fn dial_inner(
     } else {
         ClientIo::Plain(tcp)
     };
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| bad(&e.to_string()))?;
+    let mut req = url.into_client_request().map_err(|e| bad(&e.to_string()))?;
     let h = req.headers_mut();
     h.insert(
         http::header::SEC_WEBSOCKET_PROTOCOL,
