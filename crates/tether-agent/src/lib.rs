@@ -17,7 +17,7 @@ use tether_net::splice::splice;
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::{dial, endpoint_url};
 use tether_net::{Connection, Incoming};
-use tether_proto::{OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
+use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
 use tokio::net::TcpStream;
 
 pub use policy::TargetPolicy;
@@ -28,6 +28,10 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 fn default_dial_timeout_ms() -> u64 {
     DIAL_TIMEOUT.as_millis() as u64
 }
+
+/// How long an agent that was replaced by a newer one with its name waits
+/// before registering again.
+pub const REPLACED_RETRY: Duration = Duration::from_secs(60);
 
 /// A session that lasted this long counts as healthy: backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -171,8 +175,15 @@ impl Agent {
                             tracing::info!(server = %url, peer = %info.peer_software, "registered as {}", self.config.name);
                             self.stats.connected.store(1, Ordering::Relaxed);
                             self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-                            let why = self.serve(conn, incoming).await;
+                            let why = self.serve(conn.clone(), incoming).await;
                             self.stats.connected.store(0, Ordering::Relaxed);
+                            if conn.peer_goaway() == Some(ErrorCode::Replaced) {
+                                // Another agent took our name. Coming straight back
+                                // would take it back and the two would flap.
+                                tracing::error!(name = %self.config.name, "another agent registered under this name and replaced this one; retrying in {REPLACED_RETRY:?}");
+                                tokio::time::sleep(REPLACED_RETRY).await;
+                                continue;
+                            }
                             tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "session ended; reconnecting");
                         }
                     }

@@ -51,7 +51,7 @@ struct Inner {
     routes: HashMap<StreamId, Route>,
     incoming: Option<mpsc::Sender<Incoming>>,
     rtt: Option<Duration>,
-    goaway: bool,
+    goaway: Option<ErrorCode>,
     /// Told once when the handshake succeeds or the session dies first.
     handshake: Option<oneshot::Sender<Result<SessionInfo, SessionError>>>,
 }
@@ -116,7 +116,7 @@ impl Connection {
                 routes: HashMap::new(),
                 incoming: Some(incoming_tx),
                 rtt: None,
-                goaway: false,
+                goaway: None,
                 handshake: Some(est_tx),
             }),
             writer_wake: Notify::new(),
@@ -213,7 +213,12 @@ impl Connection {
     /// Whether the peer sent GOAWAY (open new streams elsewhere).
     pub fn is_draining(&self) -> bool {
         let g = self.lock();
-        g.goaway || g.session.is_draining()
+        g.goaway.is_some() || g.session.is_draining()
+    }
+
+    /// The code of the GOAWAY the peer sent, if it sent one.
+    pub fn peer_goaway(&self) -> Option<ErrorCode> {
+        self.lock().goaway
     }
 
     /// Stream counters of the session.
@@ -363,7 +368,7 @@ impl Shared {
                 }
                 Event::GoAway { code, reason } => {
                     tracing::info!(session = %self.label, %code, %reason, "peer is draining the session (GOAWAY)");
-                    g.goaway = true;
+                    g.goaway = Some(code);
                 }
                 Event::Rtt(d) => g.rtt = Some(d),
                 Event::SessionClosed { error } => {
@@ -392,7 +397,7 @@ async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
             Ok(Some(m)) => g.session.handle_input(m, Instant::now()),
             Ok(None) => {
                 g.session.transport_lost("peer closed the connection");
-                Err(SessionError::Transport("peer closed the connection".into()))
+                Err(SessionError::Transport(String::new()))
             }
             Err(e) => {
                 let why = e.to_string();
@@ -409,8 +414,9 @@ async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
         }
         if let Err(e) = &result {
             match e {
-                SessionError::Transport(_) => {
-                    tracing::debug!(session = %shared.label, "transport closed: {e}")
+                // An orderly close of the transport is not worth a warning.
+                SessionError::Transport(why) if why.is_empty() => {
+                    tracing::debug!(session = %shared.label, "peer closed the transport")
                 }
                 _ => tracing::warn!(session = %shared.label, "session failed: {e}"),
             }

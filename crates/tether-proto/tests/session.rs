@@ -158,8 +158,10 @@ fn pending_open_times_out_and_late_answer_is_harmless() {
 
 #[test]
 fn flow_control_blocks_then_resumes() {
-    let mut cfg = Config::default();
-    cfg.initial_window = 8192;
+    let cfg = Config {
+        initial_window: 8192,
+        ..Config::default()
+    };
     let mut p = Pair::new(cfg.clone(), cfg);
     let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
     p.pump(usize::MAX);
@@ -178,8 +180,10 @@ fn flow_control_blocks_then_resumes() {
 
 #[test]
 fn data_past_window_resets_only_that_stream() {
-    let mut cfg = Config::default();
-    cfg.initial_window = 4096;
+    let cfg = Config {
+        initial_window: 4096,
+        ..Config::default()
+    };
     let mut p = Pair::new(cfg.clone(), cfg);
     let s1 = p.a.open(Target::tcp("a/1"), p.now).unwrap();
     let s2 = p.a.open(Target::tcp("a/2"), p.now).unwrap();
@@ -430,8 +434,10 @@ fn half_closed_idle_stream_lingers_then_resets() {
 
 #[test]
 fn open_flood_beyond_limit_is_refused_not_fatal() {
-    let mut cfg_b = Config::default();
-    cfg_b.max_peer_streams = 4;
+    let cfg_b = Config {
+        max_peer_streams: 4,
+        ..Config::default()
+    };
     let mut p = Pair::new(Config::default(), cfg_b);
     let ids: Vec<StreamId> = (0..10)
         .map(|i| p.a.open(Target::tcp(format!("a/{i}")), p.now).unwrap())
@@ -687,8 +693,10 @@ proptest! {
 
     #[test]
     fn random_interleavings_keep_every_byte_in_order(ops in proptest::collection::vec(op(), 1..300)) {
-        let mut cfg = Config::default();
-        cfg.initial_window = 16 * 1024; // small, so credit runs out often
+        let cfg = Config {
+            initial_window: 16 * 1024,
+            ..Config::default()
+        }; // small, so credit runs out often
         let mut m = Model {
             p: Pair::new(cfg.clone(), cfg),
             streams: vec![],

@@ -99,27 +99,24 @@ fn offers_subprotocol(h: &HeaderMap, proto: &str) -> bool {
     })
 }
 
-/// The 101 answer to a WebSocket upgrade, or an error response.
-fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Result<Resp, Resp> {
+/// The 101 answer to a WebSocket upgrade, or an error response (any other
+/// status) explaining what is wrong with the request.
+fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Resp {
     if !is_websocket_upgrade(req.headers()) {
-        return Err(text(
+        return text(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint speaks WebSocket only",
-        ));
+        );
     }
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))?;
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
     if req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_none_or(|v| v.as_bytes() != b"13")
     {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "WebSocket version 13 required",
-        ));
+        return text(StatusCode::BAD_REQUEST, "WebSocket version 13 required");
     }
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -140,7 +137,7 @@ fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Result
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
         }
     }
-    Ok(r)
+    r
 }
 
 async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
@@ -176,12 +173,12 @@ async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp 
     }
 }
 
-fn check_tether_upgrade(req: &Request<Body>) -> Result<Resp, Resp> {
+fn check_tether_upgrade(req: &Request<Body>) -> Resp {
     if is_websocket_upgrade(req.headers()) && !offers_subprotocol(req.headers(), SUBPROTOCOL) {
-        return Err(text(
+        return text(
             StatusCode::BAD_REQUEST,
             format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol version 1)"),
-        ));
+        );
     }
     switching_protocols(req, Some(SUBPROTOCOL))
 }
@@ -214,10 +211,10 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
             );
         }
     }
-    let resp = match check_tether_upgrade(&req) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+    let resp = check_tether_upgrade(&req);
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
+    }
     tokio::spawn(async move {
         let Some(io) = upgraded(req).await else {
             return;
@@ -274,10 +271,10 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         tracing::warn!(%peer, "client connection with an unknown token");
         return text(StatusCode::UNAUTHORIZED, "invalid client token");
     };
-    let resp = match check_tether_upgrade(&req) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+    let resp = check_tether_upgrade(&req);
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
+    }
     tokio::spawn(async move {
         let Some(io) = upgraded(req).await else {
             return;
@@ -349,8 +346,9 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
         return text(StatusCode::UNAUTHORIZED, "invalid client token");
     };
     // Validate the upgrade before dialing anything.
-    if let Err(r) = switching_protocols(&req, None) {
-        return r;
+    let resp = switching_protocols(&req, None);
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
     }
     let started = Instant::now();
     let agent_stream = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
@@ -359,10 +357,6 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
             tracing::info!(client = %client.name, %peer, target = %rest, %code, "raw websocket refused: {reason}");
             return text(status_for(code), reason);
         }
-    };
-    let resp = match switching_protocols(&req, None) {
-        Ok(r) => r,
-        Err(r) => return r,
     };
     let target = rest.to_owned();
     tokio::spawn(async move {

@@ -1,0 +1,267 @@
+//! Hostile input against a live server: garbage, truncated and oversize
+//! frames, unknown stream ids and open floods, while a good client's
+//! transfer in another session completes byte-exact.
+
+mod common;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tether_proto::frame::{Frame, Hello, StreamId};
+use tether_proto::{ErrorCode, OpenErrorCode, ResetCode, Target, SUBPROTOCOL};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A raw WebSocket to the client endpoint, speaking frames by hand.
+async fn raw_session(t: &Tunnel) -> Ws {
+    let mut req = format!("{}/tether/v1/client", t.url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {CLIENT_TOKEN}").parse().unwrap(),
+    );
+    let tcp = tokio::net::TcpStream::connect(t.server_addr())
+        .await
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws
+}
+
+fn encode(frames: &[Frame]) -> Bytes {
+    let mut b = BytesMut::new();
+    for f in frames {
+        f.encode(&mut b);
+    }
+    b.freeze()
+}
+
+fn hello() -> Frame {
+    Frame::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: 0,
+        initial_window: 256 * 1024,
+        max_frame_payload: 64 * 1024,
+        software: "abuse-test".into(),
+    })
+}
+
+/// Reads frames until one matches, or the connection ends.
+async fn next_frame(ws: &mut Ws, want: impl Fn(&Frame) -> bool) -> Option<Frame> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
+        let Ok(Message::Binary(mut b)) = msg else {
+            return None;
+        };
+        while let Ok(Some(f)) = Frame::decode(&mut b, 1 << 20) {
+            if want(&f) {
+                return Some(f);
+            }
+        }
+    }
+}
+
+/// A good transfer through the CLI client that must survive everything.
+async fn good_transfer(port: u16, len: usize) {
+    let s = connect(port).await;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut data = vec![0u8; len];
+        Pattern::new(99).fill(&mut data);
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+        data
+    });
+    let mut got = Vec::with_capacity(len);
+    r.read_to_end(&mut got).await.unwrap();
+    let sent = writer.await.unwrap();
+    assert!(got == sent, "good transfer corrupted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_closes_only_the_offending_session() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let good = tokio::spawn(good_transfer(port, 16 * 1024 * 1024));
+
+    // 1. Garbage before any HELLO: GOAWAY(protocol_error) with a reason.
+    let mut ws = raw_session(&t).await;
+    ws.send(Message::Binary(Bytes::from_static(&[0xee; 12])))
+        .await
+        .unwrap();
+    match next_frame(&mut ws, |f| matches!(f, Frame::GoAway { .. })).await {
+        Some(Frame::GoAway { code, reason }) => {
+            assert_eq!(code, ErrorCode::ProtocolError);
+            assert!(reason.contains("unknown frame type 0xee"), "{reason}");
+        }
+        other => panic!("expected GOAWAY, got {other:?}"),
+    }
+
+    // 2. A truncated frame after a good handshake.
+    let mut ws = raw_session(&t).await;
+    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
+    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
+        .await
+        .is_some());
+    ws.send(Message::Binary(Bytes::from_static(&[
+        0x13, 0, 0, 0, 0, 1, 0, 0, 0, 10, 1, 2,
+    ])))
+    .await
+    .unwrap();
+    match next_frame(&mut ws, |f| matches!(f, Frame::GoAway { .. })).await {
+        Some(Frame::GoAway { code, reason }) => {
+            assert_eq!(code, ErrorCode::ProtocolError);
+            assert!(reason.contains("truncated"), "{reason}");
+        }
+        other => panic!("expected GOAWAY, got {other:?}"),
+    }
+
+    // 3. A frame larger than the announced maximum.
+    let mut ws = raw_session(&t).await;
+    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
+    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
+        .await
+        .is_some());
+    let mut big = BytesMut::new();
+    Frame::Data {
+        id: StreamId(1),
+        payload: Bytes::from(vec![0u8; 200 * 1024]),
+    }
+    .encode(&mut big);
+    ws.send(Message::Binary(big.freeze())).await.unwrap();
+    match next_frame(&mut ws, |f| matches!(f, Frame::GoAway { .. })).await {
+        Some(Frame::GoAway { code, .. }) => assert_eq!(code, ErrorCode::FrameTooLarge),
+        other => panic!("expected GOAWAY, got {other:?}"),
+    }
+
+    // 4. A WebSocket message over the transport limit: the connection is cut.
+    let mut ws = raw_session(&t).await;
+    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
+    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
+        .await
+        .is_some());
+    let _ = ws
+        .send(Message::Binary(Bytes::from(vec![0u8; 3 * 1024 * 1024])))
+        .await;
+    assert!(
+        next_frame(&mut ws, |_| false).await.is_none(),
+        "connection must end"
+    );
+
+    // 5. Frames for a stream that never existed get exactly an RST; the session lives.
+    let mut ws = raw_session(&t).await;
+    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
+    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
+        .await
+        .is_some());
+    ws.send(Message::Binary(encode(&[Frame::Data {
+        id: StreamId(999),
+        payload: Bytes::from_static(b"who?"),
+    }])))
+    .await
+    .unwrap();
+    match next_frame(&mut ws, |f| matches!(f, Frame::Rst { .. })).await {
+        Some(Frame::Rst { id, code, .. }) => {
+            assert_eq!(id, StreamId(999));
+            assert_eq!(code, ResetCode::UnknownStream);
+        }
+        other => panic!("expected RST, got {other:?}"),
+    }
+    ws.send(Message::Binary(encode(&[Frame::Ping(42)])))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut ws, |f| matches!(f, Frame::Pong(_))).await,
+        Some(Frame::Pong(42))
+    );
+
+    // 6. Text messages are refused.
+    let mut ws = raw_session(&t).await;
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert!(next_frame(&mut ws, |_| false).await.is_none());
+
+    tokio::time::timeout(Duration::from_secs(60), good)
+        .await
+        .expect("good transfer finishes")
+        .unwrap();
+    assert!(t.server.log_text().contains("session failed"));
+    assert_eq!(t.server_metric("tether_agents"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_flood_is_answered_and_bounded() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+
+    // A misbehaving client opens 3000 streams at once on one session.
+    let (sink, source) = tether_net::transport::ws::dial(
+        &format!("{}/tether/v1/client", t.url()),
+        SUBPROTOCOL,
+        &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let cfg = tether_proto::Config {
+        accept_opens: false,
+        ..Default::default()
+    };
+    let (conn, _, _) =
+        tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "flood")
+            .await
+            .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..3000 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let target = if i % 3 == 0 { "prod/nope" } else { "prod/echo" };
+            conn.open(Target::tcp(target)).await.map_err(|(c, _)| c)
+        }));
+    }
+    let good = tokio::spawn(good_transfer(port, 8 * 1024 * 1024));
+    let mut opened = Vec::new();
+    let (mut too_many, mut unknown) = (0, 0);
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("every open is answered")
+            .unwrap()
+        {
+            Ok(s) => opened.push(s),
+            Err(OpenErrorCode::TooManyStreams) => too_many += 1,
+            Err(OpenErrorCode::UnknownService) => unknown += 1,
+            Err(other) => panic!("unexpected refusal {other}"),
+        }
+    }
+    eprintln!(
+        "flood: {} opened, {too_many} too many, {unknown} unknown",
+        opened.len()
+    );
+    assert!(too_many > 0, "the per-session stream limit applies");
+    assert!(opened.len() <= 1024);
+    tokio::time::timeout(Duration::from_secs(60), good)
+        .await
+        .expect("good transfer finishes during the flood")
+        .unwrap();
+    drop(opened);
+    conn.close(ErrorCode::Normal, "done");
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            t.server_metric("tether_live_streams") == Some(0.0)
+                && t.agent_metric("tether_agent_live_streams") == Some(0.0)
+        }),
+        "streams of the flood were not all released"
+    );
+}

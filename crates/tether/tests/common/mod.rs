@@ -1,0 +1,422 @@
+//! Test harness: runs the real `tether` binary as separate processes on
+//! loopback, plus small sample services, and reads their metrics.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const AGENT_TOKEN: &str = "agent-token-for-tests";
+pub const CLIENT_TOKEN: &str = "client-token-for-tests";
+pub const LIMITED_TOKEN: &str = "limited-token-for-tests";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process that is killed when dropped; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[String]) -> Proc {
+        let dir = std::env::temp_dir().join(format!("tether-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let log = dir.join(format!("{name}-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn tether");
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, like a crash or a node going away.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (bounded) until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- {} log ({}) -----", self.name, self.log.display());
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A plain HTTP GET on loopback (enough for /metrics and /healthz).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = StdStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// Reads one sample of a metric (first line starting with `name` and a space or `{`).
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with([' ', '{'])
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Server + agent (+ optional client) as three processes.
+pub struct Tunnel {
+    pub server: Proc,
+    pub agent: Proc,
+    pub server_port: u16,
+    pub agent_metrics: SocketAddr,
+}
+
+pub struct Services {
+    /// name -> address
+    pub list: Vec<(String, SocketAddr)>,
+}
+
+impl Tunnel {
+    pub fn server_args(port: u16) -> Vec<String> {
+        [
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--agent",
+            &format!("prod={AGENT_TOKEN}"),
+            "--client",
+            &format!("dev={CLIENT_TOKEN}=prod/*,ghost/*"),
+            "--client",
+            &format!("limited={LIMITED_TOKEN}=prod/echo"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Starts server and agent; `services` become `--service` flags.
+    pub fn start(services: &[(&str, SocketAddr)], extra_agent_args: &[&str]) -> Tunnel {
+        let server_port = free_port();
+        let server = Proc::spawn("server", &Self::server_args(server_port));
+        let server_addr: SocketAddr = format!("127.0.0.1:{server_port}").parse().unwrap();
+        wait_until(Duration::from_secs(10), || {
+            http_get(server_addr, "/healthz").is_some_and(|(s, _)| s == 200)
+        });
+        let metrics_port = free_port();
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--server".into(),
+            format!("ws://127.0.0.1:{server_port}"),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ];
+        for (name, addr) in services {
+            args.push("--service".into());
+            args.push(format!("{name}={addr}"));
+        }
+        args.extend(extra_agent_args.iter().map(|s| s.to_string()));
+        let agent = Proc::spawn("agent", &args);
+        let t = Tunnel {
+            server,
+            agent,
+            server_port,
+            agent_metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(15), || t.server_metric("tether_agents")
+                == Some(1.0)),
+            "agent did not register"
+        );
+        t
+    }
+
+    pub fn server_addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.server_port).parse().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.server_port)
+    }
+
+    pub fn server_metrics(&self) -> String {
+        http_get(self.server_addr(), "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    pub fn server_metric(&self, name: &str) -> Option<f64> {
+        metric(&self.server_metrics(), name)
+    }
+
+    pub fn agent_metric(&self, name: &str) -> Option<f64> {
+        http_get(self.agent_metrics, "/metrics").and_then(|(_, b)| metric(&b, name))
+    }
+
+    /// Starts a CLI client forwarding each `(local_port, target)`.
+    pub fn client(&self, token: &str, forwards: &[(u16, &str)]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "client".into(),
+            "--server".into(),
+            self.url(),
+            "--token".into(),
+            token.into(),
+            "forward".into(),
+        ];
+        for (port, target) in forwards {
+            args.push(format!("127.0.0.1:{port}={target}"));
+        }
+        let p = Proc::spawn("client", &args);
+        assert!(
+            p.wait_log("connected", Duration::from_secs(10)),
+            "client did not connect"
+        );
+        p
+    }
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+// ---------------------------------------------------------------------------
+// Sample services (in the test process, on loopback).
+// ---------------------------------------------------------------------------
+
+/// Echoes every byte back; closes its write side at EOF (keeps half-close).
+pub async fn echo_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads everything until EOF, then answers with the byte count and a
+/// checksum: proves the service saw the client's half-close.
+pub async fn count_then_answer_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut n = 0u64;
+                let mut h = Fnv::new();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            n += k as u64;
+                            h.update(&buf[..k]);
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = s
+                    .write_all(format!("{n} {:016x}\n", h.finish()).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `len` deterministic bytes to every connection, then closes.
+pub async fn source_service(len: u64) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut gen = Pattern::new(len);
+                let mut buf = vec![0u8; 65536];
+                let mut left = len;
+                while left > 0 {
+                    let k = (left as usize).min(buf.len());
+                    gen.fill(&mut buf[..k]);
+                    if s.write_all(&buf[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port where nothing listens (connection refused).
+pub fn refused_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// A listener that never accepts and whose backlog is full, so new
+/// connections hang in SYN: a service that does not answer.
+pub fn blackhole_addr() -> (socket2_free::Holder, SocketAddr) {
+    socket2_free::blackhole()
+}
+
+pub mod socket2_free {
+    use super::*;
+
+    /// Keeps the listener and the connections that fill its backlog alive.
+    pub struct Holder {
+        _listener: StdListener,
+        _fill: Vec<StdStream>,
+    }
+
+    pub fn blackhole() -> (Holder, SocketAddr) {
+        // std listens with a large backlog; fill it with connections nobody
+        // accepts, until a connect attempt no longer completes at once.
+        let l = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut fill = Vec::new();
+        for _ in 0..5000 {
+            match StdStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fill.push(s),
+                Err(_) => break,
+            }
+        }
+        (
+            Holder {
+                _listener: l,
+                _fill: fill,
+            },
+            addr,
+        )
+    }
+}
+
+/// FNV-1a, for cheap checksums of test data.
+pub struct Fnv(u64);
+
+impl Fnv {
+    pub fn new() -> Fnv {
+        Fnv(0xcbf29ce484222325)
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A deterministic byte sequence seeded per stream (xorshift).
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            let b = x.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+/// Connects to a local forward.
+pub async fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to forward")
+}

@@ -1,0 +1,443 @@
+//! End-to-end tests: real `tether` processes (server, agent, client) on
+//! loopback, real sockets, byte-exact checks.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Checks a received byte stream against [`Pattern`] generated in 64 KiB blocks.
+struct Verifier {
+    gen: Pattern,
+    block: Vec<u8>,
+    pos: usize,
+    total: u64,
+}
+
+impl Verifier {
+    fn new(seed: u64) -> Verifier {
+        Verifier {
+            gen: Pattern::new(seed),
+            block: vec![0u8; 65536],
+            pos: 65536,
+            total: 0,
+        }
+    }
+    /// Returns false at the first mismatching byte.
+    fn check(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.pos == self.block.len() {
+                self.gen.fill(&mut self.block);
+                self.pos = 0;
+            }
+            let n = data.len().min(self.block.len() - self.pos);
+            if data[..n] != self.block[self.pos..self.pos + n] {
+                return false;
+            }
+            self.pos += n;
+            self.total += n as u64;
+            data = &data[n..];
+        }
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_client_still_gets_whole_response() {
+    let svc = count_then_answer_service().await;
+    let t = Tunnel::start(&[("count", svc)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/count")]);
+
+    let mut s = connect(port).await;
+    let mut data = vec![0u8; 3 * 1024 * 1024 + 17];
+    Pattern::new(7).fill(&mut data);
+    let mut h = Fnv::new();
+    h.update(&data);
+    s.write_all(&data).await.unwrap();
+    // Half-close: the service only answers after it sees EOF.
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut answer))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    assert_eq!(answer, format!("{} {:016x}\n", data.len(), h.finish()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_streams_are_byte_exact() {
+    let svc = echo_service().await;
+    let t = Tunnel::start(&[("echo", svc)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    const STREAMS: u64 = 100;
+    const LEN: usize = 3 * 1024 * 1024;
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        tasks.push(tokio::spawn(async move {
+            let s = connect(port).await;
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                let mut gen = Pattern::new(i + 1);
+                let mut buf = vec![0u8; 65536];
+                let mut left = LEN;
+                while left > 0 {
+                    gen.fill(&mut buf);
+                    let k = left.min(buf.len());
+                    w.write_all(&buf[..k]).await.unwrap();
+                    left -= k;
+                }
+                w.shutdown().await.unwrap();
+            });
+            let mut v = Verifier::new(i + 1);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(
+                    v.check(&buf[..n]),
+                    "stream {i}: bytes differ at {}",
+                    v.total
+                );
+            }
+            writer.await.unwrap();
+            assert_eq!(v.total, LEN as u64, "stream {i}: length");
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(240), task)
+            .await
+            .expect("streams finish")
+            .unwrap();
+    }
+    eprintln!("100 x 3 MiB echoed in {:?}", started.elapsed());
+    assert!(wait_until(Duration::from_secs(10), || {
+        t.server_metric("tether_live_streams") == Some(0.0)
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_does_not_stall_other_streams() {
+    const BIG: u64 = 64 * 1024 * 1024;
+    const SMALL: u64 = 16 * 1024 * 1024;
+    let big = source_service(BIG).await;
+    let small = source_service(SMALL).await;
+    let t = Tunnel::start(&[("big", big), ("small", small)], &[]);
+    let (pb, ps) = (free_port(), free_port());
+    let _client = t.client(CLIENT_TOKEN, &[(pb, "prod/big"), (ps, "prod/small")]);
+
+    // This reader stops reading after connecting: its window fills up.
+    let mut stalled = connect(pb).await;
+    let mut first = [0u8; 1024];
+    stalled.read_exact(&mut first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Meanwhile 8 other streams on the same session run to completion.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = connect(ps).await;
+            let mut v = Verifier::new(SMALL);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(v.check(&buf[..n]));
+            }
+            v.total
+        }));
+    }
+    for task in tasks {
+        let got = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("other streams are not blocked by the stalled one")
+            .unwrap();
+        assert_eq!(got, SMALL);
+    }
+
+    // The stalled stream resumes and loses nothing.
+    let mut v = Verifier::new(BIG);
+    assert!(v.check(&first));
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), stalled.read(&mut buf))
+            .await
+            .expect("stalled stream resumes")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            v.check(&buf[..n]),
+            "stalled stream corrupted at {}",
+            v.total
+        );
+    }
+    assert_eq!(v.total, BIG);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_short_connections_leave_no_streams_behind() {
+    let svc = count_then_answer_service().await;
+    let t = Tunnel::start(&[("count", svc)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/count")]);
+    let one = |i: u64| async move {
+        let mut s = connect(port).await;
+        let msg = format!("request {i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with(&format!("{} ", msg.len())), "{answer:?}");
+    };
+    for i in 0..200 {
+        one(i).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        tasks.push(tokio::spawn(one(i)));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            t.server_metric("tether_live_streams") == Some(0.0)
+                && t.server_metric("tether_pending_opens") == Some(0.0)
+                && t.agent_metric("tether_agent_live_streams") == Some(0.0)
+        }),
+        "live streams did not return to zero: server {:?}, agent {:?}",
+        t.server_metric("tether_live_streams"),
+        t.agent_metric("tether_agent_live_streams")
+    );
+    assert_eq!(t.server_metric("tether_streams_total"), Some(500.0));
+    assert_eq!(t.agent_metric("tether_agent_streams_total"), Some(500.0));
+}
+
+/// Connects to a forward and expects the tunnel to close it promptly
+/// (the open was refused), rather than hang.
+async fn expect_closed_promptly(port: u16) {
+    let mut s = connect(port).await;
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("refused stream closes promptly");
+    assert!(matches!(r, Ok(0) | Err(_)), "expected close, got {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_opens_close_promptly_and_are_logged() {
+    let echo = echo_service().await;
+    let (_hole, blackhole) = blackhole_addr();
+    let t = Tunnel::start(
+        &[
+            ("echo", echo),
+            ("down", refused_addr()),
+            ("hole", blackhole),
+        ],
+        &["--dial-timeout-ms", "1000"],
+    );
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let client = t.client(
+        CLIENT_TOKEN,
+        &[
+            (ports[0], "ghost/echo"),
+            (ports[1], "prod/nope"),
+            (ports[2], "prod/down"),
+            (ports[3], "prod/hole"),
+            (ports[4], "prod/echo"),
+        ],
+    );
+    let limited = t.client(LIMITED_TOKEN, &[(free_port(), "prod/down")]);
+    for p in &ports[..4] {
+        expect_closed_promptly(*p).await;
+    }
+    let log = client.log_text();
+    for needle in [
+        "agent_offline",
+        "agent ghost is not connected",
+        "unknown_service",
+        "no service named \"nope\"",
+        "refused",
+        "timeout",
+        "did not answer within",
+    ] {
+        assert!(log.contains(needle), "client log lacks {needle:?}:\n{log}");
+    }
+    // The session survived all of that: a good stream still works.
+    let mut s = connect(ports[4]).await;
+    s.write_all(b"still alive").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = String::new();
+    s.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "still alive");
+    drop(limited);
+    let server_log = t.server.log_text();
+    assert!(server_log.contains("open refused"), "{server_log}");
+    let m = t.server_metrics();
+    for kind in ["agent_offline", "unknown_service", "refused", "timeout"] {
+        assert!(
+            m.contains(&format!("tether_errors_total{{kind=\"{kind}\"}}")),
+            "no error metric for {kind}:\n{m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_allow_list_is_enforced() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo), ("echo2", echo)], &[]);
+    let (ok, denied) = (free_port(), free_port());
+    let client = t.client(LIMITED_TOKEN, &[(ok, "prod/echo"), (denied, "prod/echo2")]);
+    expect_closed_promptly(denied).await;
+    assert!(client.wait_log("forbidden", Duration::from_secs(5)));
+    let mut s = connect(ok).await;
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_is_refused_with_a_reason_and_local_connections_fail_fast() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let bad = Proc::spawn(
+        "client-bad-token",
+        &[
+            "client".into(),
+            "--server".into(),
+            t.url(),
+            "--token".into(),
+            "not-a-token".into(),
+            "forward".into(),
+            format!("127.0.0.1:{port}=prod/echo"),
+        ],
+    );
+    assert!(
+        bad.wait_log("HTTP 401: invalid client token", Duration::from_secs(10)),
+        "{}",
+        bad.log_text()
+    );
+    expect_closed_promptly(port).await;
+    assert!(bad.wait_log("not connected to the server", Duration::from_secs(5)));
+    // A bad agent token is refused too, and logged on the server.
+    let bad_agent = Proc::spawn(
+        "agent-bad-token",
+        &[
+            "agent".into(),
+            "--server".into(),
+            t.url(),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            "wrong".into(),
+        ],
+    );
+    assert!(bad_agent.wait_log("HTTP 401: invalid agent token", Duration::from_secs(10)));
+    assert!(t.server.wait_log(
+        "agent connection with an unknown token",
+        Duration::from_secs(5)
+    ));
+    // The real agent is still the registered one.
+    assert_eq!(t.server_metric("tether_agents"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_vanishing_mid_stream_closes_client_connection_promptly() {
+    let echo = echo_service().await;
+    let mut t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let mut s = connect(port).await;
+    s.write_all(b"hello").await.unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).await.unwrap();
+    t.agent.kill();
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+        .await
+        .expect("client sees the close promptly, not a hang");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    eprintln!("close seen {:?} after the agent died", started.elapsed());
+    assert!(wait_until(Duration::from_secs(5), || {
+        t.server_metric("tether_agents") == Some(0.0)
+            && t.server_metric("tether_live_streams") == Some(0.0)
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_agent_and_client_reconnect() {
+    let echo = echo_service().await;
+    let mut t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    t.server.kill();
+    // While the server is down, new local connections fail fast.
+    assert!(client.wait_log("disconnected", Duration::from_secs(5)));
+    expect_closed_promptly(port).await;
+    // Same port, new process.
+    t.server = Proc::spawn("server-restarted", &Tunnel::server_args(t.server_port));
+    assert!(
+        wait_until(Duration::from_secs(30), || t.server_metric("tether_agents")
+            == Some(1.0)),
+        "agent did not reconnect"
+    );
+    let ok = async {
+        loop {
+            let mut s = connect(port).await;
+            if s.write_all(b"back").await.is_ok() {
+                let mut b = [0u8; 4];
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b)).await
+                {
+                    if &b == b"back" {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ok)
+        .await
+        .expect("client reconnected and forwards again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newest_agent_session_wins() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let second = Proc::spawn(
+        "agent-2",
+        &[
+            "agent".into(),
+            "--server".into(),
+            t.url(),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--service".into(),
+            format!("echo={echo}"),
+        ],
+    );
+    assert!(second.wait_log("registered as prod", Duration::from_secs(10)));
+    assert!(t
+        .server
+        .wait_log("newest session wins", Duration::from_secs(5)));
+    assert!(t.agent.wait_log("GOAWAY", Duration::from_secs(5)));
+    assert_eq!(t.server_metric("tether_agents"), Some(1.0));
+}
