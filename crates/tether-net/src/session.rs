@@ -680,7 +680,7 @@ impl StreamReader {
         match self.inbox.recv().await {
             Some(Inbound::Data(b)) => {
                 let mut g = self.shared.lock();
-                g.session.stream_consumed(self.id, b.len());
+                g.session.stream_consumed(self.id, b.len(), Instant::now());
                 let wants = g.session.wants_transmit();
                 drop(g);
                 if wants {

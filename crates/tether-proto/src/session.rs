@@ -21,9 +21,11 @@ pub enum Role {
 /// Tunables of one session. The defaults are the documented protocol defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Receive window granted to each stream, in bytes. Bounds the memory a
-    /// stream can make the receiver hold.
+    /// Receive window granted to each new stream, in bytes.
     pub initial_window: u32,
+    /// Largest receive window auto-tuning may grow a stream to. Bounds the
+    /// memory one stream can make the receiver hold.
+    pub max_window: u32,
     /// Largest DATA payload we accept from the peer.
     pub max_frame_payload: u32,
     /// Largest DATA payload we send (also capped by the peer's limit). Small
@@ -52,7 +54,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            initial_window: 1024 * 1024,
+            initial_window: 256 * 1024,
+            max_window: 8 * 1024 * 1024,
             max_frame_payload: 64 * 1024,
             max_send_chunk: 32 * 1024,
             ping_interval: Duration::from_secs(10),
@@ -289,6 +292,7 @@ pub struct Session {
     next_ping: Instant,
     ping_seq: u64,
     ping_sent_at: Option<(u64, Instant)>,
+    rtt: Option<Duration>,
     goaway_sent: bool,
     goaway_received: bool,
     drain_deadline: Option<Instant>,
@@ -316,6 +320,7 @@ impl Session {
             next_ping: now + config.ping_interval,
             ping_seq: 0,
             ping_sent_at: None,
+            rtt: None,
             goaway_sent: false,
             goaway_received: false,
             drain_deadline: None,
@@ -430,8 +435,9 @@ impl Session {
             Frame::Pong(v) => {
                 if let Some((seq, at)) = self.ping_sent_at {
                     if seq == v {
-                        self.events
-                            .push_back(Event::Rtt(now.saturating_duration_since(at)));
+                        let rtt = now.saturating_duration_since(at);
+                        self.rtt = Some(rtt);
+                        self.events.push_back(Event::Rtt(rtt));
                         self.ping_sent_at = None;
                     }
                 }
@@ -611,7 +617,8 @@ impl Session {
     fn establish(&mut self, peer_software: String, now: Instant) {
         self.state = State::Established;
         self.handshake_deadline = None;
-        self.next_ping = now + self.config.ping_interval;
+        // Ping at once: the first RTT sample drives window auto-tuning.
+        self.next_ping = now;
         self.events.push_back(Event::Established {
             version: PROTOCOL_VERSION,
             peer_software,
@@ -860,8 +867,14 @@ impl Session {
 
     /// The application delivered `n` bytes of this stream's Data; grant the
     /// peer that much more credit (batched into WINDOW_UPDATE frames).
-    pub fn stream_consumed(&mut self, id: StreamId, n: usize) {
-        let threshold = u64::from(self.config.initial_window / 4).max(1);
+    ///
+    /// Window auto-tuning: when a stream's reader consumes a quarter of its
+    /// window in less than two round trips, the window (not the credit
+    /// already granted) is the bottleneck, so it doubles, up to
+    /// `max_window`. A stalled reader consumes nothing and never grows.
+    pub fn stream_consumed(&mut self, id: StreamId, n: usize, now: Instant) {
+        let rtt = self.rtt;
+        let max_window = self.config.max_window.max(self.config.initial_window);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -869,13 +882,29 @@ impl Session {
             return; // nothing more will come; no credit needed
         }
         s.recv_unacked += n as u64;
-        if s.recv_unacked >= threshold {
-            let inc = s.recv_unacked.min(u64::from(u32::MAX)) as u32;
-            s.recv_unacked -= u64::from(inc);
-            s.recv_remaining += u64::from(inc);
-            self.control
-                .push_back(Frame::WindowUpdate { id, increment: inc });
+        let threshold = u64::from(s.recv_window / 4).max(1);
+        if s.recv_unacked < threshold {
+            return;
         }
+        let mut extra = 0u32;
+        if let (Some(rtt), Some(last)) = (rtt, s.last_update_at) {
+            if now.saturating_duration_since(last) < rtt * 2 && s.recv_window < max_window {
+                let grown = s.recv_window.saturating_mul(2).min(max_window);
+                extra = grown - s.recv_window;
+                s.recv_window = grown;
+            }
+        }
+        s.last_update_at = Some(now);
+        let inc = (s.recv_unacked + u64::from(extra)).min(u64::from(MAX_PEER_WINDOW)) as u32;
+        s.recv_unacked = 0;
+        s.recv_remaining += u64::from(inc);
+        self.control
+            .push_back(Frame::WindowUpdate { id, increment: inc });
+    }
+
+    /// The latest round-trip time measured with PING / PONG.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
     }
 
     /// Starts a graceful drain: GOAWAY goes out, new opens from the peer are

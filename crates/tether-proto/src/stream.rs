@@ -43,6 +43,10 @@ pub(crate) struct Stream {
     pub recv_unacked: u64,
     /// The peer sent FIN.
     pub fin_received: bool,
+    /// Current receive window (grows by auto-tuning).
+    pub recv_window: u32,
+    /// When the last WINDOW_UPDATE for this stream was queued.
+    pub last_update_at: Option<Instant>,
 
     /// Last frame seen or sent for this stream (drives the half-close linger).
     pub last_activity: Instant,
@@ -61,6 +65,8 @@ impl Stream {
             write_blocked: false,
             recv_remaining: u64::from(recv_window),
             recv_unacked: 0,
+            recv_window,
+            last_update_at: None,
             fin_received: false,
             last_activity: now,
         }

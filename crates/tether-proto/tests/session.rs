@@ -38,6 +38,29 @@ impl Pair {
         Pair::new(Config::default(), Config::default())
     }
 
+    /// A pair whose sessions have measured an RTT of `rtt` (for auto-tuning).
+    fn with_rtt(cfg_a: Config, cfg_b: Config, rtt: Duration) -> Pair {
+        let mut p = Pair::new(cfg_a, cfg_b);
+        // The first PINGs are due at establishment; answer them `rtt` later.
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        let mut out = BytesMut::new();
+        let mut pongs = vec![];
+        for (from_a, s) in [(true, &mut p.a), (false, &mut p.b)] {
+            if s.poll_transmit(&mut out, usize::MAX) {
+                pongs.push((from_a, out.split().freeze()));
+            }
+        }
+        p.now += rtt;
+        for (from_a, m) in pongs {
+            let dst = if from_a { &mut p.b } else { &mut p.a };
+            dst.handle_input(m, p.now).unwrap();
+        }
+        p.pump(usize::MAX);
+        assert_eq!(p.a.rtt(), Some(rtt));
+        p
+    }
+
     /// Moves messages both ways until quiet, each message at most `max_len` bytes.
     fn pump(&mut self, max_len: usize) {
         for _ in 0..100_000 {
@@ -172,10 +195,48 @@ fn flow_control_blocks_then_resumes() {
     assert_eq!(p.a.send_capacity(id), 0);
     p.pump(usize::MAX);
     // b consumes: a gets credit back and a Writable event.
-    p.b.stream_consumed(id, 8192);
+    p.b.stream_consumed(id, 8192, p.now);
     p.pump(usize::MAX);
     assert!(p.a_events.contains(&Event::Writable { id }));
     assert_eq!(p.a.send_capacity(id), 8192);
+}
+
+#[test]
+fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
+    let cfg = Config {
+        initial_window: 64 * 1024,
+        max_window: 1024 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::with_rtt(cfg.clone(), cfg, Duration::from_millis(10));
+    let fast = p.a.open(Target::tcp("a/fast"), p.now).unwrap();
+    let slow = p.a.open(Target::tcp("a/slow"), p.now).unwrap();
+    p.pump(usize::MAX);
+    p.b.accept(fast, p.now).unwrap();
+    p.b.accept(slow, p.now).unwrap();
+    p.pump(usize::MAX);
+    // The fast reader consumes everything at once (well within 2 RTT).
+    for _ in 0..40 {
+        let cap = p.a.send_capacity(fast);
+        p.a.stream_write(fast, Bytes::from(vec![0u8; cap])).unwrap();
+        p.pump(usize::MAX);
+        p.b.stream_consumed(fast, cap, p.now);
+        p.pump(usize::MAX);
+    }
+    assert_eq!(p.a.send_capacity(fast), 1024 * 1024, "grew to max_window");
+    // The slow reader consumes a quarter window every 100 ms (>> 2 RTT).
+    for _ in 0..10 {
+        let cap = p.a.send_capacity(slow).min(16 * 1024);
+        p.a.stream_write(slow, Bytes::from(vec![0u8; cap])).unwrap();
+        p.pump(usize::MAX);
+        p.now += Duration::from_millis(100);
+        p.b.stream_consumed(slow, cap, p.now);
+        p.pump(usize::MAX);
+    }
+    assert!(
+        p.a.send_capacity(slow) <= 64 * 1024,
+        "slow stream keeps its window"
+    );
 }
 
 #[test]
@@ -666,7 +727,7 @@ impl Model {
                 let n = d.unconsumed * frac as usize / 100;
                 d.unconsumed -= n;
                 let s = if at_a { &mut self.p.a } else { &mut self.p.b };
-                s.stream_consumed(id, n);
+                s.stream_consumed(id, n, self.p.now);
             }
             Op::Finish { stream, from_a } => {
                 let Some(&id) = self.streams.get(stream) else {
@@ -698,7 +759,9 @@ proptest! {
             ..Config::default()
         }; // small, so credit runs out often
         let mut m = Model {
-            p: Pair::new(cfg.clone(), cfg),
+            // Time stands still in the model, so with a 5 ms RTT every window
+            // update looks fast: auto-tuning grows windows as far as it can.
+            p: Pair::with_rtt(cfg.clone(), cfg, Duration::from_millis(5)),
             streams: vec![],
             dirs: HashMap::new(),
             counter: 0,
@@ -719,7 +782,7 @@ proptest! {
                     let d = m.dirs.entry((id, !at_a)).or_default();
                     let n = std::mem::take(&mut d.unconsumed);
                     let s = if at_a { &mut m.p.a } else { &mut m.p.b };
-                    s.stream_consumed(id, n);
+                    s.stream_consumed(id, n, m.p.now);
                     let _ = s.stream_finish(id);
                 }
             }

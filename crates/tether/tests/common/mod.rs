@@ -18,12 +18,20 @@ pub const LIMITED_TOKEN: &str = "limited-token-for-tests";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A free loopback port (bound and released; good enough for tests).
+/// A free loopback port for a process to bind later. Picked below the
+/// kernel's ephemeral range (32768+), so outgoing connections of parallel
+/// tests cannot grab it between this check and the bind.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = (std::process::id() as usize * 7919) % 12000;
+    for _ in 0..12000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + ((base + n * 13) % 12000) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 /// A child process that is killed when dropped; its output goes to a log file.
