@@ -198,20 +198,36 @@ impl Agent {
         }
     }
 
+    /// Serves the session's streams until it ends, or until the server
+    /// drains it (GOAWAY): then its open streams finish in the background
+    /// while the caller registers a fresh session.
     async fn serve(
         &self,
         conn: Connection,
         mut incoming: tether_net::session::IncomingStreams,
     ) -> Option<String> {
-        while let Some(inc) = incoming.recv().await {
-            tokio::spawn(serve_stream(
-                self.policy.clone(),
-                self.stats.clone(),
-                Duration::from_millis(self.config.dial_timeout_ms),
-                inc,
-            ));
+        loop {
+            tokio::select! {
+                inc = incoming.recv() => match inc {
+                    Some(inc) => {
+                        tokio::spawn(serve_stream(
+                            self.policy.clone(),
+                            self.stats.clone(),
+                            Duration::from_millis(self.config.dial_timeout_ms),
+                            inc,
+                        ));
+                    }
+                    None => return conn.closed().await,
+                },
+                _ = conn.draining() => {
+                    if conn.is_closed() {
+                        return conn.closed().await;
+                    }
+                    let code = conn.peer_goaway().map(|c| c.to_string()).unwrap_or_default();
+                    return Some(format!("server sent GOAWAY ({code})"));
+                }
+            }
         }
-        conn.closed().await
     }
 }
 

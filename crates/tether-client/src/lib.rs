@@ -157,9 +157,17 @@ async fn keep_session(
                     Ok((conn, info, _incoming)) => {
                         tracing::info!(server = %url, peer = %info.peer_software, "connected");
                         tx.send_replace(Some(conn.clone()));
-                        let why = conn.closed().await;
+                        conn.draining().await;
+                        // New connections must not go to a draining session;
+                        // its open streams finish on their own.
                         tx.send_replace(None);
-                        tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "disconnected; reconnecting");
+                        if conn.is_closed() {
+                            let why = conn.closed().await;
+                            tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "disconnected; reconnecting");
+                        } else {
+                            tracing::info!(server = %url, "server is draining this session (GOAWAY); reconnecting");
+                            backoff.reset();
+                        }
                     }
                 }
             }
@@ -186,7 +194,10 @@ async fn accept_loop(
                 continue;
             }
         };
-        let conn = session.borrow().clone().filter(|c| !c.is_closed());
+        let conn = session
+            .borrow()
+            .clone()
+            .filter(|c| !c.is_closed() && !c.is_draining());
         let Some(conn) = conn else {
             // Fail fast: the application sees its connection closed at once
             // instead of hanging until the server comes back.

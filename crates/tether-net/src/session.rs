@@ -72,6 +72,8 @@ struct Shared {
     writer_wake: Notify,
     timer_wake: Notify,
     closed_tx: watch::Sender<Option<String>>,
+    /// Set when the peer's GOAWAY arrives.
+    goaway_tx: watch::Sender<Option<ErrorCode>>,
     counters: Counters,
     label: String,
 }
@@ -122,6 +124,7 @@ impl Connection {
             writer_wake: Notify::new(),
             timer_wake: Notify::new(),
             closed_tx,
+            goaway_tx: watch::channel(None).0,
             counters: Counters::default(),
             label: label.into(),
         });
@@ -201,6 +204,22 @@ impl Connection {
             }
             if rx.changed().await.is_err() {
                 return Some("driver gone".into());
+            }
+        }
+    }
+
+    /// Resolves when the peer sent GOAWAY (open new streams on a new
+    /// session from now on) or the session ended.
+    pub async fn draining(&self) {
+        let mut goaway = self.shared.goaway_tx.subscribe();
+        let mut closed = self.shared.closed_tx.subscribe();
+        loop {
+            if goaway.borrow().is_some() || closed.borrow().is_some() {
+                return;
+            }
+            tokio::select! {
+                r = goaway.changed() => if r.is_err() { return },
+                r = closed.changed() => if r.is_err() { return },
             }
         }
     }
@@ -369,6 +388,7 @@ impl Shared {
                 Event::GoAway { code, reason } => {
                     tracing::info!(session = %self.label, %code, %reason, "peer is draining the session (GOAWAY)");
                     g.goaway = Some(code);
+                    self.goaway_tx.send_replace(Some(code));
                 }
                 Event::Rtt(d) => g.rtt = Some(d),
                 Event::SessionClosed { error } => {

@@ -243,6 +243,7 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
                 "a newer session of this agent connected",
             );
         }
+        let key = state.track(conn.clone());
         let sessions = state.metrics.sessions_of("agent");
         sessions.inc();
         state.metrics.agents.set(state.registry.len() as i64);
@@ -250,6 +251,7 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
         let started = Instant::now();
         let why = conn.closed().await;
         sessions.dec();
+        state.untrack(key);
         state.registry.unregister(&name, generation);
         state.metrics.agents.set(state.registry.len() as i64);
         tracing::info!(agent = %name, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
@@ -291,6 +293,7 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
                     return;
                 }
             };
+        let key = state.track(conn.clone());
         let sessions = state.metrics.sessions_of("client");
         sessions.inc();
         tracing::info!(client = %client.name, %peer, "client connected");
@@ -303,6 +306,7 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         }
         let why = conn.closed().await;
         sessions.dec();
+        state.untrack(key);
         tracing::info!(client = %client.name, %peer, reason = why.as_deref().unwrap_or("closed"), "client disconnected");
     });
     resp

@@ -48,6 +48,47 @@ pub struct State {
     pub metrics: metrics::Metrics,
     /// Protocol settings of accepted sessions.
     pub session_config: tether_proto::Config,
+    /// Every live multiplexed session (agents and clients), for draining.
+    sessions: std::sync::Mutex<std::collections::HashMap<u64, tether_net::Connection>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl State {
+    /// Remembers a live session until [`State::untrack`].
+    pub fn track(&self, conn: tether_net::Connection) -> u64 {
+        let key = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock_sessions().insert(key, conn);
+        key
+    }
+
+    /// Forgets a session.
+    pub fn untrack(&self, key: u64) {
+        self.lock_sessions().remove(&key);
+    }
+
+    fn lock_sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, tether_net::Connection>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends GOAWAY on every session and waits until they are all gone (each
+    /// session resets its last streams at its drain deadline).
+    pub async fn drain(&self, reason: &str) {
+        let conns: Vec<tether_net::Connection> = self.lock_sessions().values().cloned().collect();
+        tracing::info!(
+            sessions = conns.len(),
+            "draining: GOAWAY sent to every session"
+        );
+        for c in &conns {
+            c.go_away(tether_proto::ErrorCode::Normal, reason);
+        }
+        for c in conns {
+            c.closed().await;
+        }
+    }
 }
 
 /// A bound, not yet serving, server.
@@ -93,6 +134,8 @@ impl Server {
                 registry: registry::Registry::default(),
                 metrics: metrics::Metrics::default(),
                 session_config,
+                sessions: Default::default(),
+                next_session: Default::default(),
             }),
         })
     }
@@ -125,9 +168,29 @@ impl Server {
 
     /// Accepts connections forever.
     pub async fn serve(self) -> anyhow::Result<()> {
+        self.serve_until(std::future::pending()).await
+    }
+
+    /// Accepts connections until `shutdown` resolves, then stops accepting,
+    /// drains every session (GOAWAY; streams get the drain deadline to
+    /// finish) and returns.
+    pub async fn serve_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "server listening");
+        tokio::pin!(shutdown);
         loop {
-            let (tcp, peer) = match self.listener.accept().await {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = &mut shutdown => {
+                    drop(self.listener);
+                    self.state.drain("server shutting down").await;
+                    tracing::info!("all sessions drained");
+                    return Ok(());
+                }
+            };
+            let (tcp, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.

@@ -254,13 +254,17 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     if let Some(fp) = server.fingerprint() {
         tracing::info!(fingerprint = %fp, "TLS certificate SHA-256 fingerprint (pin it with --fingerprint)");
     }
-    tokio::select! {
-        r = server.serve() => r,
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
-    }
+    // On SIGTERM / Ctrl-C: stop accepting, GOAWAY every session, let streams
+    // finish (up to the drain deadline), then exit. A second signal exits now.
+    let shutdown = async {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining sessions (signal again to exit now)");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            std::process::exit(130);
+        });
+    };
+    server.serve_until(shutdown).await
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {

@@ -74,6 +74,14 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -1,0 +1,283 @@
+//! Process lifecycle and TLS: graceful drain on SIGTERM, certificates from
+//! PEM files verified against a CA, fingerprint pinning, and the demo.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_before_the_server_exits() {
+    const LEN: u64 = 48 * 1024 * 1024;
+    let src = source_service(LEN).await;
+    let mut t = Tunnel::start(&[("src", src)], &[]);
+    let port = free_port();
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/src")]);
+    let mut s = connect(port).await;
+    let mut buf = vec![0u8; 65536];
+    let mut total = s.read(&mut buf).await.unwrap() as u64;
+    let mut h = Fnv::new();
+    h.update(&buf[..total as usize]);
+
+    // Ask the server to stop while the transfer is in flight (the reader is
+    // slow, so most of it is still to come).
+    t.server.signal("TERM");
+    assert!(t.server.wait_log("draining", Duration::from_secs(5)));
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("transfer continues during the drain")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    assert_eq!(total, LEN, "the in-flight stream finished whole");
+    let mut expect = Fnv::new();
+    let mut gen = Pattern::new(LEN);
+    let mut block = vec![0u8; 65536];
+    for _ in 0..LEN / 65536 {
+        gen.fill(&mut block);
+        expect.update(&block);
+    }
+    assert_eq!(h.finish(), expect.finish(), "bytes differ");
+    // Our side of the stream is still open (half-closed): closing it lets
+    // the last stream end, and with it the drain.
+    drop(s);
+    assert!(
+        wait_until(Duration::from_secs(10), || !t.server.is_running()),
+        "server exits once drained"
+    );
+    assert!(t.server.log_text().contains("all sessions drained"));
+    assert!(t.agent.wait_log("GOAWAY", Duration::from_secs(5)));
+    assert!(client.wait_log("GOAWAY", Duration::from_secs(5)));
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1 signed by it.
+fn make_pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tether test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_pem_files_ca_verification_and_pinning() {
+    let dir = std::env::temp_dir().join(format!("tether-pki-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_pki(&dir);
+    let echo = echo_service().await;
+    let sp = free_port();
+    let server = Proc::spawn(
+        "tls-server",
+        &[
+            "server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{sp}"),
+            "--tls-cert".into(),
+            dir.join("server.pem").display().to_string(),
+            "--tls-key".into(),
+            dir.join("server.key").display().to_string(),
+            "--agent".into(),
+            format!("prod={AGENT_TOKEN}"),
+            "--client".into(),
+            format!("dev={CLIENT_TOKEN}=prod/*"),
+        ],
+    );
+    assert!(server.wait_log("server listening", Duration::from_secs(10)));
+    let url = format!("wss://localhost:{sp}");
+    let ca = dir.join("ca.pem").display().to_string();
+
+    // Verified against the CA file.
+    let agent = Proc::spawn(
+        "tls-agent",
+        &[
+            "agent".into(),
+            "--server".into(),
+            url.clone(),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--ca-file".into(),
+            ca.clone(),
+            "--service".into(),
+            format!("echo={echo}"),
+        ],
+    );
+    assert!(
+        agent.wait_log("registered as prod", Duration::from_secs(10)),
+        "{}",
+        agent.log_text()
+    );
+
+    let port = free_port();
+    let client = Proc::spawn(
+        "tls-client",
+        &[
+            "client".into(),
+            "--server".into(),
+            url.clone(),
+            "--token".into(),
+            CLIENT_TOKEN.into(),
+            "--ca-file".into(),
+            ca.clone(),
+            "forward".into(),
+            format!("127.0.0.1:{port}=prod/echo"),
+        ],
+    );
+    assert!(client.wait_log("connected", Duration::from_secs(10)));
+    let mut s = connect(port).await;
+    s.write_all(b"over tls").await.unwrap();
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"over tls");
+
+    // Without the CA (system roots only) the certificate is refused, clearly.
+    let untrusting = Proc::spawn(
+        "tls-agent-no-ca",
+        &[
+            "agent".into(),
+            "--server".into(),
+            url.clone(),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+        ],
+    );
+    assert!(
+        untrusting.wait_log("TLS with localhost", Duration::from_secs(10)),
+        "{}",
+        untrusting.log_text()
+    );
+    assert!(untrusting.log_text().to_lowercase().contains("certificate"));
+
+    // A wrong pinned fingerprint is refused and says so.
+    let wrong_pin = Proc::spawn(
+        "tls-agent-wrong-pin",
+        &[
+            "agent".into(),
+            "--server".into(),
+            url,
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--fingerprint".into(),
+            "00".repeat(32),
+        ],
+    );
+    assert!(
+        wrong_pin.wait_log("does not match the pinned one", Duration::from_secs(10)),
+        "{}",
+        wrong_pin.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_the_sample_page_and_echo_through_the_tunnel() {
+    let (web, echo) = (free_port(), free_port());
+    let demo = Proc::spawn(
+        "demo",
+        &[
+            "demo".into(),
+            "--web-port".into(),
+            web.to_string(),
+            "--echo-port".into(),
+            echo.to_string(),
+        ],
+    );
+    assert!(
+        demo.wait_log("tether demo is running", Duration::from_secs(15)),
+        "{}",
+        demo.log_text()
+    );
+    let (status, body) = http_get(format!("127.0.0.1:{web}").parse().unwrap(), "/").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("Hello through the tunnel"), "{body}");
+    let mut s = connect(echo).await;
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = String::new();
+    s.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "hello");
+    assert!(demo
+        .log_text()
+        .contains(&format!("curl http://127.0.0.1:{web}/")));
+}
