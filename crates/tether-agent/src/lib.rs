@@ -65,6 +65,9 @@ pub struct AgentConfig {
     /// How long to wait for a service to accept a connection, in milliseconds.
     #[serde(default = "default_dial_timeout_ms")]
     pub dial_timeout_ms: u64,
+    /// Heartbeat settings.
+    #[serde(default)]
+    pub session: tether_net::tuning::SessionTuning,
 }
 
 impl AgentConfig {
@@ -164,10 +167,11 @@ impl Agent {
                     tracing::warn!(server = %url, "cannot connect: {e}");
                 }
                 Ok((sink, source)) => {
-                    let cfg = tether_proto::Config {
+                    let mut cfg = tether_proto::Config {
                         software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
                         ..Default::default()
                     };
+                    self.config.session.apply(&mut cfg);
                     let label = format!("agent={}", self.config.name);
                     match Connection::start(Role::Initiator, cfg, sink, source, label).await {
                         Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),

@@ -40,6 +40,9 @@ pub struct ClientConfig {
     /// Forwards, `LISTEN=AGENT/SERVICE`.
     #[serde(default)]
     pub forward: Vec<String>,
+    /// Heartbeat settings.
+    #[serde(default)]
+    pub session: tether_net::tuning::SessionTuning,
 }
 
 impl ClientConfig {
@@ -144,7 +147,7 @@ async fn keep_session(
         match dial(&url, SUBPROTOCOL, &headers, &trust).await {
             Err(e) => tracing::warn!(server = %url, "cannot connect: {e}"),
             Ok((sink, source)) => {
-                let scfg = tether_proto::Config {
+                let mut scfg = tether_proto::Config {
                     software: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
                     accept_opens: false,
                     // Longer than the server's own wait for the agent, so the
@@ -152,6 +155,7 @@ async fn keep_session(
                     open_timeout: Duration::from_secs(20),
                     ..Default::default()
                 };
+                cfg.session.apply(&mut scfg);
                 match Connection::start(Role::Initiator, scfg, sink, source, "client").await {
                     Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),
                     Ok((conn, info, _incoming)) => {

@@ -18,3 +18,4 @@ pub use session::{Connection, Incoming, SessionInfo, Stream, StreamReader, Strea
 pub mod backoff;
 pub mod observe;
 pub mod pattern;
+pub mod tuning;

@@ -1,6 +1,7 @@
 //! Server configuration (TOML, environment, flags all end up here).
 
 use serde::Deserialize;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -20,6 +21,9 @@ pub struct ServerConfig {
     /// Clients allowed to connect, each with its allow-list.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientCredential>,
+    /// Heartbeat settings.
+    #[serde(default)]
+    pub session: tether_net::tuning::SessionTuning,
 }
 
 fn default_listen() -> SocketAddr {
@@ -33,6 +37,7 @@ impl Default for ServerConfig {
             tls: None,
             agents: vec![],
             clients: vec![],
+            session: Default::default(),
         }
     }
 }

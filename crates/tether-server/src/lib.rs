@@ -121,10 +121,11 @@ impl Server {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-        let session_config = tether_proto::Config {
+        let mut session_config = tether_proto::Config {
             software: format!("tether-server/{}", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
+        cfg.session.apply(&mut session_config);
         Ok(Server {
             listener,
             tls,

@@ -77,6 +77,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .collect(),
         allow: vec![],
         dial_timeout_ms: tether_agent::DIAL_TIMEOUT.as_millis() as u64,
+        session: Default::default(),
     };
     let agent = tether_agent::Agent::new(agent_cfg)?;
     let agent_stats = agent.stats();
@@ -91,6 +92,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             format!("127.0.0.1:{}=demo/web", a.web_port),
             format!("127.0.0.1:{}=demo/echo", a.echo_port),
         ],
+        session: Default::default(),
     };
     let client = tether_client::Client::bind(client_cfg)
         .await

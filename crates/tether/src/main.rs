@@ -36,8 +36,36 @@ enum Command {
 
 /// Settings may come from a TOML file (`--config`), `TETHER_*` environment
 /// variables and flags; flags and environment win over the file.
+/// Heartbeat flags shared by every subcommand.
+#[derive(Args)]
+struct SessionArgs {
+    /// PING interval in milliseconds [default: 10000].
+    #[arg(long, env = "TETHER_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+    /// Declare a silent session dead after this many milliseconds [default: 30000].
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+}
+
+impl SessionArgs {
+    fn apply(self, t: &mut Table) {
+        if self.heartbeat_ms.is_none() && self.idle_timeout_ms.is_none() {
+            return;
+        }
+        let entry = t
+            .entry("session".to_owned())
+            .or_insert_with(|| Value::Table(Table::new()));
+        if let Value::Table(s) = entry {
+            set(s, "heartbeat_ms", self.heartbeat_ms.map(|v| v as i64));
+            set(s, "idle_timeout_ms", self.idle_timeout_ms.map(|v| v as i64));
+        }
+    }
+}
+
 #[derive(Args)]
 struct ServerArgs {
+    #[command(flatten)]
+    session: SessionArgs,
     /// TOML config file (see README for the format).
     #[arg(long, short, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -63,6 +91,8 @@ struct ServerArgs {
 
 #[derive(Args)]
 struct AgentArgs {
+    #[command(flatten)]
+    session: SessionArgs,
     /// TOML config file.
     #[arg(long, short, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -97,6 +127,8 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct ClientArgs {
+    #[command(flatten)]
+    session: SessionArgs,
     /// TOML config file.
     #[arg(long, short, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -208,6 +240,7 @@ async fn shutdown_signal() {
 
 async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     let mut t = load_table(&a.config)?;
+    a.session.apply(&mut t);
     set(&mut t, "listen", a.listen.map(|l| l.to_string()));
     if a.tls_cert.is_some() || a.self_signed {
         let mut tls = Table::new();
@@ -269,6 +302,7 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut t = load_table(&a.config)?;
+    a.session.apply(&mut t);
     set(&mut t, "server", a.server);
     set(&mut t, "name", a.name);
     set(&mut t, "token", a.token);
@@ -315,6 +349,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
 
 async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     let mut t = load_table(&a.config)?;
+    a.session.apply(&mut t);
     set(&mut t, "server", a.server);
     set(&mut t, "token", a.token);
     set(&mut t, "ca_file", path_str(a.ca_file));

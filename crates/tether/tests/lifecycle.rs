@@ -281,3 +281,30 @@ async fn demo_serves_the_sample_page_and_echo_through_the_tunnel() {
         .log_text()
         .contains(&format!("curl http://127.0.0.1:{web}/")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_declared_dead_and_reconnects_when_it_wakes() {
+    let echo = echo_service().await;
+    let fast = ["--heartbeat-ms", "200", "--idle-timeout-ms", "1500"];
+    let t = Tunnel::start_with(&[("echo", echo)], &fast, &fast);
+    // Freeze the agent: its TCP connection stays open but nothing comes out,
+    // like a peer behind a network that silently drops packets.
+    t.agent.signal("STOP");
+    assert!(
+        t.server
+            .wait_log("agent disconnected", Duration::from_secs(10)),
+        "server did not notice the silent agent"
+    );
+    assert!(
+        t.server.log_text().contains("peer silent"),
+        "{}",
+        t.server.log_text()
+    );
+    assert_eq!(t.server_metric("tether_agents"), Some(0.0));
+    t.agent.signal("CONT");
+    assert!(
+        wait_until(Duration::from_secs(15), || t.server_metric("tether_agents")
+            == Some(1.0)),
+        "agent did not come back"
+    );
+}

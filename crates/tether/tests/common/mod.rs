@@ -173,8 +173,19 @@ impl Tunnel {
 
     /// Starts server and agent; `services` become `--service` flags.
     pub fn start(services: &[(&str, SocketAddr)], extra_agent_args: &[&str]) -> Tunnel {
+        Self::start_with(services, &[], extra_agent_args)
+    }
+
+    /// Like [`Tunnel::start`], with extra server flags too.
+    pub fn start_with(
+        services: &[(&str, SocketAddr)],
+        extra_server_args: &[&str],
+        extra_agent_args: &[&str],
+    ) -> Tunnel {
         let server_port = free_port();
-        let server = Proc::spawn("server", &Self::server_args(server_port));
+        let mut server_args = Self::server_args(server_port);
+        server_args.extend(extra_server_args.iter().map(|s| s.to_string()));
+        let server = Proc::spawn("server", &server_args);
         let server_addr: SocketAddr = format!("127.0.0.1:{server_port}").parse().unwrap();
         wait_until(Duration::from_secs(10), || {
             http_get(server_addr, "/healthz").is_some_and(|(s, _)| s == 200)
