@@ -521,6 +521,19 @@ struct Out {
     t0: Option<Instant>,
     t1: Option<Instant>,
     rtts_ns: Vec<u64>,
+    /// CPU time (user + sys) this side's thread spent in the job.
+    cpu_secs: f64,
+}
+
+/// CPU time consumed so far by the calling OS thread (CLOCK_THREAD_CPUTIME_ID).
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and a valid out-pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 async fn bulk_send(tx: &mut impl Tx, rx: &mut impl Rx, msgs: usize, size: usize) -> Result<Out> {
@@ -556,6 +569,13 @@ async fn bulk_recv(tx: &mut impl Tx, rx: &mut impl Rx, msgs: usize, size: usize)
 }
 
 async fn run_side(is_client: bool, tx: &mut impl Tx, rx: &mut impl Rx, job: Job) -> Result<Out> {
+    let cpu0 = thread_cpu_secs();
+    let mut out = run_side_inner(is_client, tx, rx, job).await?;
+    out.cpu_secs = thread_cpu_secs() - cpu0;
+    Ok(out)
+}
+
+async fn run_side_inner(is_client: bool, tx: &mut impl Tx, rx: &mut impl Rx, job: Job) -> Result<Out> {
     // Preamble: the client always speaks first (see fws_unwrap_upgraded).
     if is_client {
         tx.send(1).await?;
@@ -727,13 +747,15 @@ fn run_job(v: Variant, job: Job, same_thread: bool) -> Result<(Out, Out)> {
 }
 
 /// MiB/s for one bulk transfer.
-fn measure_bulk(v: Variant, c2s: bool, total_mib: usize, size: usize) -> Result<f64> {
+/// (MiB/s, CPU seconds per GiB summed over both ends) for one bulk transfer.
+fn measure_bulk(v: Variant, c2s: bool, total_mib: usize, size: usize) -> Result<(f64, f64)> {
     let msgs = total_mib * 1024 * 1024 / size;
     let (s, c) = run_job(v, Job::Bulk { c2s, msgs, size }, false)?;
     let (t0, t1) = if c2s { (c.t0, s.t1) } else { (s.t0, c.t1) };
     let (t0, t1) = (t0.context("no t0")?, t1.context("no t1")?);
     let secs = t1.duration_since(t0).as_secs_f64();
-    Ok((msgs * size) as f64 / (1024.0 * 1024.0) / secs)
+    let mib = (msgs * size) as f64 / (1024.0 * 1024.0);
+    Ok((mib / secs, (s.cpu_secs + c.cpu_secs) / (mib / 1024.0)))
 }
 
 /// (median µs, p99 µs) of 64-byte round trips.
@@ -1058,25 +1080,33 @@ fn main() -> Result<()> {
     let ncols = args.sizes_kib.len() * dirs.len();
     let nv = args.variants.len();
     let mut thr: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); ncols]; nv];
+    let mut cpu: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); ncols]; nv];
     let mut lat: Vec<Vec<(f64, f64)>> = vec![Vec::new(); nv];
     let mut lat1: Vec<Vec<(f64, f64)>> = vec![Vec::new(); nv];
+    // Order: rep -> cell -> variant, so the variants of one cell are measured
+    // back to back (a few seconds apart) and ratios to raw are taken within
+    // the same rep; this keeps load changes from other users of the machine
+    // from skewing one variant more than another.
     for rep in 0..args.reps {
-        for (vi, &v) in args.variants.iter().enumerate() {
-            let mut col = 0;
-            for &kib in &args.sizes_kib {
-                for &(c2s, dname) in &dirs {
-                    let r = measure_bulk(v, c2s, args.mib, kib * 1024)
+        let mut col = 0;
+        for &kib in &args.sizes_kib {
+            for &(c2s, dname) in &dirs {
+                for (vi, &v) in args.variants.iter().enumerate() {
+                    let (r, c) = measure_bulk(v, c2s, args.mib, kib * 1024)
                         .with_context(|| format!("{} {dname} {kib}KiB", v.name()))?;
-                    eprintln!("rep {rep} {:<10} {dname} {kib:>3} KiB: {r:8.0} MiB/s", v.name());
+                    eprintln!("rep {rep} {:<12} {dname} {kib:>3} KiB: {r:8.0} MiB/s  {c:.3} CPU-s/GiB", v.name());
                     thr[vi][col].push(r);
-                    col += 1;
+                    cpu[vi][col].push(c);
                 }
+                col += 1;
             }
+        }
+        for (vi, &v) in args.variants.iter().enumerate() {
             let (p50, p99) = measure_ping(v, args.rtt, false).with_context(|| format!("{} ping", v.name()))?;
-            eprintln!("rep {rep} {:<10} ping 2 threads: p50 {p50:.1} us  p99 {p99:.1} us", v.name());
+            eprintln!("rep {rep} {:<12} ping 2 threads: p50 {p50:.1} us  p99 {p99:.1} us", v.name());
             lat[vi].push((p50, p99));
             let (p50, p99) = measure_ping(v, args.rtt, true).with_context(|| format!("{} ping 1 thread", v.name()))?;
-            eprintln!("rep {rep} {:<10} ping 1 thread:  p50 {p50:.1} us  p99 {p99:.1} us", v.name());
+            eprintln!("rep {rep} {:<12} ping 1 thread:  p50 {p50:.1} us  p99 {p99:.1} us", v.name());
             lat1[vi].push((p50, p99));
         }
     }
@@ -1090,8 +1120,17 @@ fn main() -> Result<()> {
     };
     let lat_med = med2(&lat);
     let lat1_med = med2(&lat1);
+    // Median over reps of the per-rep ratio to raw TCP.
+    let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    let lat_ratio = |lat: &Vec<Vec<(f64, f64)>>, vi: usize, q: usize| {
+        let pick = |l: &Vec<(f64, f64)>| l.iter().map(|x| if q == 0 { x.0 } else { x.1 }).collect::<Vec<_>>();
+        ratio(&pick(&lat[vi]), &pick(&lat[raw]))
+    };
 
-    println!("## Throughput, MiB/s (median of {}), ratio to raw TCP in parentheses", args.reps);
+    println!(
+        "## Throughput, MiB/s (median of {}); in parentheses: median of the per-rep ratios to raw TCP",
+        args.reps
+    );
     print!("| variant |");
     for &kib in &args.sizes_kib {
         for &(_, d) in &dirs {
@@ -1103,12 +1142,36 @@ fn main() -> Result<()> {
     for (vi, &v) in args.variants.iter().enumerate() {
         print!("| {} |", v.name());
         for c in 0..ncols {
-            print!(" {:.0} ({:.2}) |", thr_med[vi][c], thr_med[vi][c] / thr_med[raw][c]);
+            print!(" {:.0} ({:.2}) |", thr_med[vi][c], ratio(&thr[vi][c], &thr[raw][c]));
         }
         println!();
     }
     println!();
-    println!("## Latency, 64 B round trip, µs (median of {} runs of {} round trips)", args.reps, args.rtt);
+    println!(
+        "## CPU cost, CPU-seconds per GiB moved, client + server threads (user + sys; median of {}); \
+         in parentheses: median of per-rep ratios to raw TCP. Less sensitive to other load than MiB/s.",
+        args.reps
+    );
+    print!("| variant |");
+    for &kib in &args.sizes_kib {
+        for &(_, d) in &dirs {
+            print!(" {kib} KiB {d} |");
+        }
+    }
+    println!();
+    println!("|---|{}", "---:|".repeat(ncols));
+    for (vi, &v) in args.variants.iter().enumerate() {
+        print!("| {} |", v.name());
+        for c in 0..ncols {
+            print!(" {:.3} ({:.2}) |", median(cpu[vi][c].clone()), ratio(&cpu[vi][c], &cpu[raw][c]));
+        }
+        println!();
+    }
+    println!();
+    println!(
+        "## Latency, 64 B round trip, µs (median of {} runs of {} round trips; ratios = median of per-rep ratios)",
+        args.reps, args.rtt
+    );
     println!("2 threads = client and server on separate threads/cores (realistic, includes the VM's wake-up latency);");
     println!("1 thread = both ends on one runtime thread (pure per-message CPU + syscall path).");
     println!();
@@ -1122,12 +1185,12 @@ fn main() -> Result<()> {
             v.name(),
             a50,
             a99,
-            a50 / lat_med[raw].0,
-            a99 / lat_med[raw].1,
+            lat_ratio(&lat, vi, 0),
+            lat_ratio(&lat, vi, 1),
             b50,
             b99,
-            b50 / lat1_med[raw].0,
-            b99 / lat1_med[raw].1
+            lat_ratio(&lat1, vi, 0),
+            lat_ratio(&lat1, vi, 1)
         );
     }
     println!();
