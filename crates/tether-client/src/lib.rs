@@ -1,6 +1,8 @@
 //! The tether CLI client: local TCP listeners whose connections travel as
 //! streams of one multiplexed session to the server, and on to an agent's
-//! service.
+//! service; and a local SOCKS5 / HTTP CONNECT proxy ([`proxy`]).
+
+pub mod proxy;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -43,6 +45,9 @@ pub struct ClientConfig {
     /// Heartbeat settings.
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
+    /// A local SOCKS5 / HTTP CONNECT proxy.
+    #[serde(default)]
+    pub proxy: Option<proxy::ProxyConfig>,
 }
 
 impl ClientConfig {
@@ -95,13 +100,14 @@ impl std::str::FromStr for Forward {
 pub struct Client {
     config: ClientConfig,
     listeners: Vec<(TcpListener, Forward)>,
+    proxy: Option<(TcpListener, Arc<proxy::Router>)>,
 }
 
 impl Client {
     /// Parses forwards and binds every listener (so a port in use fails now).
     pub async fn bind(config: ClientConfig) -> anyhow::Result<Client> {
-        if config.forward.is_empty() {
-            bail!("no forwards given: add LISTEN=AGENT/SERVICE");
+        if config.forward.is_empty() && config.proxy.is_none() {
+            bail!("nothing to do: add forwards (LISTEN=AGENT/SERVICE) or a proxy");
         }
         let mut listeners = Vec::new();
         for f in &config.forward {
@@ -111,7 +117,26 @@ impl Client {
                 .with_context(|| format!("cannot listen on {}", fwd.listen))?;
             listeners.push((l, fwd));
         }
-        Ok(Client { config, listeners })
+        let proxy = match &config.proxy {
+            None => None,
+            Some(p) => {
+                let router = proxy::Router::new(&p.route, p.default_agent.clone())?;
+                let l = TcpListener::bind(p.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {} (proxy)", p.listen))?;
+                Some((l, Arc::new(router)))
+            }
+        };
+        Ok(Client {
+            config,
+            listeners,
+            proxy,
+        })
+    }
+
+    /// The proxy's bound address, if a proxy is configured.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The bound local addresses, in forward order.
@@ -129,6 +154,12 @@ impl Client {
             let addr = listener.local_addr().unwrap_or(fwd.listen);
             tracing::info!(listen = %addr, target = %fwd.target, "forwarding");
             tokio::spawn(accept_loop(listener, fwd, rx.clone()));
+        }
+        if let Some((listener, router)) = self.proxy {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listen = %addr, "SOCKS5 / HTTP CONNECT proxy");
+            }
+            tokio::spawn(proxy::serve(listener, router, rx.clone()));
         }
         keep_session(self.config, tx).await
     }

@@ -93,6 +93,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             format!("127.0.0.1:{}=demo/echo", a.echo_port),
         ],
         session: Default::default(),
+        proxy: None,
     };
     let client = tether_client::Client::bind(client_cfg)
         .await

@@ -156,6 +156,20 @@ enum ClientAction {
         #[arg(required = true, value_name = "LISTEN=AGENT/SERVICE")]
         forwards: Vec<String>,
     },
+    /// Run a local SOCKS5 and HTTP CONNECT proxy (one port) into the cluster;
+    /// host names are resolved by the agent.
+    Proxy {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        listen: SocketAddr,
+        /// Which agent serves which hosts: PATTERN=AGENT, a domain glob
+        /// (*.prod.svc.cluster.local=prod) or a CIDR (10.0.0.0/8=prod). Repeatable.
+        #[arg(long = "route", value_name = "PATTERN=AGENT")]
+        routes: Vec<String>,
+        /// Agent for hosts no route matches (otherwise they are refused).
+        #[arg(long)]
+        default_agent: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -354,12 +368,29 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     set(&mut t, "token", a.token);
     set(&mut t, "ca_file", path_str(a.ca_file));
     set(&mut t, "fingerprint", a.fingerprint);
-    if let Some(ClientAction::Forward { forwards }) = a.action {
-        push_array(
-            &mut t,
-            "forward",
-            forwards.into_iter().map(Value::from).collect(),
-        );
+    match a.action {
+        Some(ClientAction::Forward { forwards }) => {
+            push_array(
+                &mut t,
+                "forward",
+                forwards.into_iter().map(Value::from).collect(),
+            );
+        }
+        Some(ClientAction::Proxy {
+            listen,
+            routes,
+            default_agent,
+        }) => {
+            let mut p = Table::new();
+            p.insert("listen".into(), listen.to_string().into());
+            p.insert(
+                "route".into(),
+                Value::Array(routes.into_iter().map(Value::from).collect()),
+            );
+            set(&mut p, "default_agent", default_agent);
+            t.insert("proxy".into(), Value::Table(p));
+        }
+        None => {}
     }
     let cfg: tether_client::ClientConfig = finish(t, "client")?;
     let client = tether_client::Client::bind(cfg).await?;

@@ -361,6 +361,44 @@ pub async fn source_service(len: u64) -> SocketAddr {
     addr
 }
 
+/// A tiny HTTP service answering every request with `body` (one request per
+/// connection).
+pub async fn http_service(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf);
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                let reply = format!("{body}\nrequest: {line}\n");
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                            reply.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// A port where nothing listens (connection refused).
 pub fn refused_addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()

@@ -1,0 +1,438 @@
+//! A local SOCKS5 and HTTP CONNECT proxy whose connections travel through
+//! the tunnel. Host names are sent as they are and resolved by the agent, in
+//! the cluster's DNS, so `grafana.monitoring.svc.cluster.local:3000` works
+//! from a laptop. Routing rules pick the agent by domain glob or CIDR.
+//!
+//! SOCKS5 (RFC 1928, no authentication, CONNECT) and HTTP CONNECT share one
+//! port: the first byte tells them apart (SOCKS5 starts with 0x05). The
+//! handshakes are small enough to write out here; doing so keeps the target
+//! as the client named it (no local DNS), which generic proxy crates resolve.
+
+use anyhow::{bail, Context};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_net::pattern::glob_match;
+use tether_net::splice::splice;
+use tether_net::Connection;
+use tether_proto::{OpenErrorCode, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// How long a proxy client may take to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest HTTP request head accepted on the proxy port.
+const MAX_HTTP_HEAD: usize = 16 * 1024;
+
+/// Proxy settings (`[proxy]` in the client config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Where to listen, e.g. `127.0.0.1:1080`.
+    pub listen: SocketAddr,
+    /// Routing rules, `PATTERN=AGENT`: a domain glob (`*.prod.svc.cluster.local`)
+    /// or a CIDR (`10.0.0.0/8`). First match wins.
+    #[serde(default)]
+    pub route: Vec<String>,
+    /// The agent for targets no rule matches; without one they are refused.
+    #[serde(default)]
+    pub default_agent: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum RouteMatch {
+    Domain(String),
+    Net(IpNet),
+}
+
+/// Parsed routing rules.
+#[derive(Debug, Clone)]
+pub struct Router {
+    rules: Vec<(RouteMatch, String)>,
+    default_agent: Option<String>,
+}
+
+impl Router {
+    /// Parses `PATTERN=AGENT` rules.
+    pub fn new(rules: &[String], default_agent: Option<String>) -> anyhow::Result<Router> {
+        let mut parsed = Vec::new();
+        for r in rules {
+            let (pat, agent) = r
+                .rsplit_once('=')
+                .with_context(|| format!("route {r:?}: expected PATTERN=AGENT"))?;
+            if agent.is_empty() || pat.is_empty() {
+                bail!("route {r:?}: expected PATTERN=AGENT");
+            }
+            let m = match pat.parse::<IpNet>() {
+                Ok(net) => RouteMatch::Net(net),
+                Err(_) => RouteMatch::Domain(pat.to_ascii_lowercase()),
+            };
+            parsed.push((m, agent.to_owned()));
+        }
+        Ok(Router {
+            rules: parsed,
+            default_agent,
+        })
+    }
+
+    /// The agent that serves `host`.
+    pub fn agent_for(&self, host: &str) -> Option<&str> {
+        let host_l = host.to_ascii_lowercase();
+        let ip = host.parse::<IpAddr>().ok();
+        for (m, agent) in &self.rules {
+            let hit = match (m, ip) {
+                (RouteMatch::Net(net), Some(ip)) => net.contains(&ip),
+                (RouteMatch::Net(_), None) => false,
+                (RouteMatch::Domain(g), _) => glob_match(g, &host_l),
+            };
+            if hit {
+                return Some(agent);
+            }
+        }
+        self.default_agent.as_deref()
+    }
+}
+
+/// Formats `host:port` with brackets for IPv6.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Serves the proxy port until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    router: Arc<Router>,
+    session: watch::Receiver<Option<Connection>>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("proxy accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            if let Err(e) = handle(tcp, peer, &router, session).await {
+                tracing::info!(%peer, "proxy connection failed: {e:#}");
+            }
+        });
+    }
+}
+
+/// What a handshake asked for.
+struct Request {
+    host: String,
+    port: u16,
+    kind: Kind,
+}
+
+enum Kind {
+    Socks5,
+    HttpConnect,
+    /// An absolute-form HTTP request (`GET http://host/path`): forward the
+    /// rewritten head, then splice.
+    HttpForward(Vec<u8>),
+}
+
+async fn handle(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    router: &Router,
+    session: watch::Receiver<Option<Connection>>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut tcp))
+        .await
+        .context("proxy handshake timed out")??;
+    let Some(agent) = router.agent_for(&req.host).map(str::to_owned) else {
+        refuse(
+            &mut tcp,
+            &req.kind,
+            OpenErrorCode::Forbidden,
+            "no route to an agent for this host",
+        )
+        .await;
+        bail!("no route for {}", req.host);
+    };
+    let target = format!("{agent}/{}", host_port(&req.host, req.port));
+    let conn = session
+        .borrow()
+        .clone()
+        .filter(|c| !c.is_closed() && !c.is_draining());
+    let Some(conn) = conn else {
+        refuse(
+            &mut tcp,
+            &req.kind,
+            OpenErrorCode::SessionLost,
+            "not connected to the tether server",
+        )
+        .await;
+        bail!("not connected to the server ({target})");
+    };
+    let stream = match conn.open(Target::tcp(target.clone())).await {
+        Ok(s) => s,
+        Err((code, reason)) => {
+            refuse(&mut tcp, &req.kind, code, &reason).await;
+            bail!("{target}: {code}: {reason}");
+        }
+    };
+    match &req.kind {
+        Kind::Socks5 => {
+            tcp.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+        }
+        Kind::HttpConnect => {
+            tcp.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                .await?;
+        }
+        Kind::HttpForward(_) => {}
+    }
+    let id = stream.id();
+    let (sr, mut sw) = stream.split();
+    if let Kind::HttpForward(head) = req.kind {
+        sw.write(bytes::Bytes::from(head)).await?;
+    }
+    let (tr, tw) = tcp.into_split();
+    let report = splice(tr, tw, sr, sw).await;
+    let ms = started.elapsed().as_millis() as u64;
+    match report.error {
+        None => {
+            tracing::info!(%peer, stream = %id, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "proxy stream closed")
+        }
+        Some(e) => {
+            tracing::info!(%peer, stream = %id, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "proxy stream ended with error: {e}")
+        }
+    }
+    Ok(())
+}
+
+async fn read_request(tcp: &mut TcpStream) -> anyhow::Result<Request> {
+    let mut first = [0u8; 1];
+    tcp.read_exact(&mut first).await?;
+    if first[0] == 5 {
+        read_socks5(tcp).await
+    } else {
+        read_http(tcp, first[0]).await
+    }
+}
+
+async fn read_socks5(tcp: &mut TcpStream) -> anyhow::Result<Request> {
+    let n = tcp.read_u8().await? as usize;
+    let mut methods = vec![0u8; n];
+    tcp.read_exact(&mut methods).await?;
+    if !methods.contains(&0) {
+        tcp.write_all(&[5, 0xff]).await?;
+        bail!("SOCKS5 client offers no 'no authentication' method");
+    }
+    tcp.write_all(&[5, 0]).await?;
+    let mut head = [0u8; 4];
+    tcp.read_exact(&mut head).await?;
+    if head[0] != 5 {
+        bail!("bad SOCKS5 request version {}", head[0]);
+    }
+    let host = match head[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            tcp.read_exact(&mut a).await?;
+            Ipv4Addr::from(a).to_string()
+        }
+        3 => {
+            let len = tcp.read_u8().await? as usize;
+            let mut d = vec![0u8; len];
+            tcp.read_exact(&mut d).await?;
+            String::from_utf8(d).context("SOCKS5 domain is not UTF-8")?
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            tcp.read_exact(&mut a).await?;
+            Ipv6Addr::from(a).to_string()
+        }
+        other => {
+            tcp.write_all(&[5, 8, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+            bail!("SOCKS5 address type {other} not supported");
+        }
+    };
+    let port = tcp.read_u16().await?;
+    if head[1] != 1 {
+        // 7: command not supported (BIND, UDP ASSOCIATE).
+        tcp.write_all(&[5, 7, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+        bail!("SOCKS5 command {} not supported (CONNECT only)", head[1]);
+    }
+    Ok(Request {
+        host,
+        port,
+        kind: Kind::Socks5,
+    })
+}
+
+async fn read_http(tcp: &mut TcpStream, first: u8) -> anyhow::Result<Request> {
+    let mut buf = vec![first];
+    let mut chunk = [0u8; 2048];
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if buf.len() > MAX_HTTP_HEAD {
+            let _ = tcp
+                .write_all(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+            bail!("HTTP request head too large");
+        }
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed during the request head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..end]).context("request head is not UTF-8")?;
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    let (method, uri, version) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or("HTTP/1.1"),
+    );
+    if method.eq_ignore_ascii_case("CONNECT") {
+        let (host, port) = split_authority(uri, 443)?;
+        // Bytes the client sent after the head (rare before the 200) would be
+        // lost; clients wait for the answer, as the spec requires.
+        return Ok(Request {
+            host,
+            port,
+            kind: Kind::HttpConnect,
+        });
+    }
+    // Absolute-form request to a plain HTTP site: rewrite to origin-form.
+    let Some(rest) = uri.strip_prefix("http://") else {
+        let _ = tcp
+            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nthis is a proxy: use CONNECT or an absolute http:// URL\n")
+            .await;
+        bail!("not a proxy request: {line:?}");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = split_authority(authority, 80)?;
+    let mut new_head = format!("{method} {path} {version}\r\n").into_bytes();
+    let after_line = head.find("\r\n").map_or(head.len(), |i| i + 2);
+    for l in head[after_line..].split("\r\n") {
+        if l.is_empty() {
+            continue;
+        }
+        // Hop-by-hop headers meant for the proxy stay here.
+        let name = l.split(':').next().unwrap_or_default().trim();
+        if name.eq_ignore_ascii_case("proxy-connection")
+            || name.eq_ignore_ascii_case("proxy-authorization")
+        {
+            continue;
+        }
+        new_head.extend_from_slice(l.as_bytes());
+        new_head.extend_from_slice(b"\r\n");
+    }
+    new_head.extend_from_slice(b"\r\n");
+    new_head.extend_from_slice(&buf[end..]);
+    Ok(Request {
+        host,
+        port,
+        kind: Kind::HttpForward(new_head),
+    })
+}
+
+fn split_authority(a: &str, default_port: u16) -> anyhow::Result<(String, u16)> {
+    if let Some(rest) = a.strip_prefix('[') {
+        let (h, p) = rest.split_once(']').context("bad IPv6 authority")?;
+        let port = match p.strip_prefix(':') {
+            Some(p) => p.parse().context("bad port")?,
+            None => default_port,
+        };
+        return Ok((h.to_owned(), port));
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) => Ok((h.to_owned(), p.parse().context("bad port")?)),
+        None => Ok((a.to_owned(), default_port)),
+    }
+}
+
+/// Tells the proxy client why its connection is refused, in its protocol.
+async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &str) {
+    match kind {
+        Kind::Socks5 => {
+            let rep = match code {
+                OpenErrorCode::Forbidden => 2,
+                OpenErrorCode::AgentOffline | OpenErrorCode::SessionLost => 3,
+                OpenErrorCode::Unreachable | OpenErrorCode::UnknownService => 4,
+                OpenErrorCode::Refused => 5,
+                OpenErrorCode::Timeout => 6,
+                _ => 1,
+            };
+            let _ = tcp.write_all(&[5, rep, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+        }
+        Kind::HttpConnect | Kind::HttpForward(_) => {
+            let status = match code {
+                OpenErrorCode::Forbidden => "403 Forbidden",
+                OpenErrorCode::Timeout => "504 Gateway Timeout",
+                OpenErrorCode::AgentOffline | OpenErrorCode::SessionLost => {
+                    "503 Service Unavailable"
+                }
+                _ => "502 Bad Gateway",
+            };
+            let body = format!("tether: {code}: {reason}\n");
+            let _ = tcp
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_rules() {
+        let r = Router::new(
+            &[
+                "*.prod.svc.cluster.local=prod".into(),
+                "10.1.0.0/16=staging".into(),
+            ],
+            Some("dev".into()),
+        )
+        .unwrap();
+        assert_eq!(r.agent_for("grafana.prod.svc.cluster.local"), Some("prod"));
+        assert_eq!(r.agent_for("GRAFANA.Prod.svc.cluster.local"), Some("prod"));
+        assert_eq!(r.agent_for("10.1.2.3"), Some("staging"));
+        assert_eq!(r.agent_for("10.2.2.3"), Some("dev"));
+        let strict = Router::new(&["*.x=a".into()], None).unwrap();
+        assert_eq!(strict.agent_for("y"), None);
+        assert!(Router::new(&["nope".into()], None).is_err());
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(split_authority("h:8080", 80).unwrap(), ("h".into(), 8080));
+        assert_eq!(split_authority("h", 80).unwrap(), ("h".into(), 80));
+        assert_eq!(split_authority("[::1]:22", 80).unwrap(), ("::1".into(), 22));
+        assert_eq!(host_port("::1", 22), "[::1]:22");
+    }
+}

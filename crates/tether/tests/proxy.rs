@@ -1,0 +1,95 @@
+//! The client's SOCKS5 / HTTP CONNECT proxy, driven by curl.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
+    let web = http_service("hello from the web service").await;
+    let other = http_service("should not be reachable").await;
+    // The agent allows raw targets on localhost only at web's port.
+    let allow = format!("localhost:{}", web.port());
+    let t = Tunnel::start(&[], &["--allow", &allow]);
+    let proxy_port = free_port();
+    let client = Proc::spawn(
+        "proxy-client",
+        &[
+            "client".into(),
+            "--server".into(),
+            t.url(),
+            "--token".into(),
+            CLIENT_TOKEN.into(),
+            "proxy".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{proxy_port}"),
+            "--route".into(),
+            "localhost=prod".into(),
+            "--route".into(),
+            "*.nowhere.example=ghost".into(),
+        ],
+    );
+    assert!(client.wait_log("connected", Duration::from_secs(10)));
+    let proxy = format!("127.0.0.1:{proxy_port}");
+    let url = format!("http://localhost:{}/page", web.port());
+
+    // SOCKS5 with the name resolved on the far side.
+    let (ok, body, err) = curl(&["--socks5-hostname", &proxy, &url]);
+    assert!(ok, "socks5: {err}");
+    assert!(body.contains("hello from the web service"), "{body}");
+
+    // HTTP CONNECT (tunnel through the proxy).
+    let (ok, body, err) = curl(&["--proxytunnel", "--proxy", &format!("http://{proxy}"), &url]);
+    assert!(ok, "connect: {err}");
+    assert!(body.contains("request: GET /page HTTP/1.1"), "{body}");
+
+    // Plain HTTP proxying of an absolute URL, rewritten to origin form.
+    let (ok, body, err) = curl(&["--proxy", &format!("http://{proxy}"), &url]);
+    assert!(ok, "forward: {err}");
+    assert!(body.contains("request: GET /page HTTP/1.1"), "{body}");
+
+    // Not in the agent's allow list: refused by the agent, reported by the proxy.
+    let denied = format!("http://localhost:{}/", other.port());
+    let (ok, _, err) = curl(&["--socks5-hostname", &proxy, &denied]);
+    assert!(!ok, "agent allow list must refuse");
+    assert!(err.contains("SOCKS") || err.contains("socks"), "{err}");
+    let (ok, _, err) = curl(&[
+        "--proxytunnel",
+        "--proxy",
+        &format!("http://{proxy}"),
+        &denied,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("403"), "{err}");
+
+    // No route for the host: refused locally with a reason.
+    let (ok, _, _) = curl(&["--socks5-hostname", &proxy, "http://unrouted.example/"]);
+    assert!(!ok);
+    // A route to an agent that is not connected.
+    let (ok, _, err) = curl(&[
+        "--proxytunnel",
+        "--proxy",
+        &format!("http://{proxy}"),
+        "http://a.nowhere.example/",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("503") || err.contains("403"), "{err}");
+    let log = client.log_text();
+    assert!(log.contains("no route for unrouted.example"), "{log}");
+    assert!(log.contains("forbidden"), "{log}");
+}
