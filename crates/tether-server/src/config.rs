@@ -24,6 +24,9 @@ pub struct ServerConfig {
     /// Heartbeat settings.
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
+    /// Public TCP ports bound to `agent/service`.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<crate::listeners::ListenerConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -38,6 +41,7 @@ impl Default for ServerConfig {
             agents: vec![],
             clients: vec![],
             session: Default::default(),
+            listeners: vec![],
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod config;
 mod http;
+pub mod listeners;
 pub mod metrics;
 pub mod registry;
 pub mod relay;
@@ -94,6 +95,7 @@ impl State {
 /// A bound, not yet serving, server.
 pub struct Server {
     listener: TcpListener,
+    public_listeners: Vec<listeners::ListenerConfig>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     fingerprint: Option<String>,
     state: Arc<State>,
@@ -103,6 +105,9 @@ impl Server {
     /// Validates the config, loads or makes the certificate and binds the port.
     pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
         let auth = auth::Authenticator::from_config(cfg)?;
+        for l in &cfg.listeners {
+            l.validate()?;
+        }
         let (tls, fingerprint) = match &cfg.tls {
             None => (None, None),
             Some(t) => {
@@ -128,6 +133,7 @@ impl Server {
         cfg.session.apply(&mut session_config);
         Ok(Server {
             listener,
+            public_listeners: cfg.listeners.clone(),
             tls,
             fingerprint,
             state: Arc::new(State {
@@ -180,12 +186,20 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "server listening");
+        let public: Vec<_> = self
+            .public_listeners
+            .iter()
+            .map(|l| tokio::spawn(listeners::run(self.state.clone(), l.clone())))
+            .collect();
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
                 _ = &mut shutdown => {
                     drop(self.listener);
+                    for task in &public {
+                        task.abort();
+                    }
                     self.state.drain("server shutting down").await;
                     tracing::info!("all sessions drained");
                     return Ok(());

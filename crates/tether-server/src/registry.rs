@@ -27,10 +27,21 @@ pub struct AgentEntry {
 }
 
 /// Live agents by name.
-#[derive(Default)]
 pub struct Registry {
     agents: Mutex<HashMap<String, AgentEntry>>,
     next_generation: std::sync::atomic::AtomicU64,
+    /// Bumped on every change, so listeners can follow agents coming and going.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            agents: Mutex::default(),
+            next_generation: Default::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Registry {
@@ -53,6 +64,7 @@ impl Registry {
             software,
         };
         let old = self.lock().insert(name.to_owned(), entry);
+        self.changes.send_modify(|v| *v += 1);
         (generation, old)
     }
 
@@ -61,10 +73,17 @@ impl Registry {
         let mut g = self.lock();
         if g.get(name).is_some_and(|e| e.generation == generation) {
             g.remove(name);
+            drop(g);
+            self.changes.send_modify(|v| *v += 1);
             true
         } else {
             false
         }
+    }
+
+    /// A receiver that changes whenever an agent registers or leaves.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The live session of an agent.

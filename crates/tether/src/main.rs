@@ -87,6 +87,11 @@ struct ServerArgs {
     /// Allow a client: NAME=TOKEN=PATTERN[,PATTERN...], patterns like prod/* (repeatable).
     #[arg(long = "client", value_name = "NAME=TOKEN=ALLOW")]
     clients: Vec<String>,
+    /// Public port bound to a service while its agent is connected:
+    /// LISTEN=AGENT/SERVICE, e.g. 0.0.0.0:15432=prod/db (repeatable; use the
+    /// config file for source allow-lists and the PROXY protocol).
+    #[arg(long = "listener", value_name = "LISTEN=AGENT/SERVICE")]
+    listeners: Vec<String>,
 }
 
 #[derive(Args)]
@@ -293,6 +298,17 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
         clients.push(Value::Table(e));
     }
     push_array(&mut t, "client", clients);
+    let mut listeners = vec![];
+    for s in a.listeners {
+        let (listen, target) = s
+            .split_once('=')
+            .with_context(|| format!("--listener {s:?}: expected LISTEN=AGENT/SERVICE"))?;
+        let mut e = Table::new();
+        e.insert("listen".into(), listen.into());
+        e.insert("target".into(), target.into());
+        listeners.push(Value::Table(e));
+    }
+    push_array(&mut t, "listener", listeners);
     let cfg: tether_server::ServerConfig = finish(t, "server")?;
     if cfg.agents.is_empty() {
         tracing::warn!("no agents configured: add --agent NAME=TOKEN or [[agent]] in the config");

@@ -1,0 +1,161 @@
+//! Server-side listeners: public ports bound to agent/service.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Reads a PROXY v2 header and answers with the source address it names.
+async fn proxy_header_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = [0u8; 16];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let sig = b"\r\n\r\n\0\r\nQUIT\n";
+                let answer = if &head[..12] != sig || head[12] != 0x21 || head[13] != 0x11 {
+                    "bad header".to_owned()
+                } else {
+                    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+                    let mut body = vec![0u8; len];
+                    if s.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let ip = std::net::Ipv4Addr::new(body[0], body[1], body[2], body[3]);
+                    let port = u16::from_be_bytes([body[8], body[9]]);
+                    format!("src={ip}:{port}")
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn connect_refused(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_follow_their_agent_and_enforce_sources() {
+    let echo = echo_service().await;
+    let pp = proxy_header_service().await;
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tether-listeners-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[listener]]
+listen = "127.0.0.1:{pa}"
+target = "prod/echo"
+allow_from = ["127.0.0.0/8"]
+
+[[listener]]
+listen = "127.0.0.1:{pb}"
+target = "prod/pp"
+proxy_protocol = true
+
+[[listener]]
+listen = "127.0.0.1:{pc}"
+target = "prod/echo"
+allow_from = ["10.0.0.0/8"]
+"#
+        ),
+    )
+    .unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let mut t = Tunnel::start_with(&[("echo", echo), ("pp", pp)], &["--config", &cfg_arg], &[]);
+    assert!(t
+        .server
+        .wait_log(&format!("127.0.0.1:{pa}"), Duration::from_secs(5)));
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", pa)).is_ok()
+    }));
+
+    // Plain forwarding through the public port.
+    let mut s = connect(pa).await;
+    s.write_all(b"via listener").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = String::new();
+    s.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "via listener");
+
+    // The PROXY v2 header carries the real client address.
+    let mut s = connect(pb).await;
+    let me = s.local_addr().unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, format!("src={}:{}", me.ip(), me.port()));
+
+    // A source outside allow_from is closed at once.
+    let mut s = connect(pc).await;
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+        .await
+        .unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)));
+    assert!(t
+        .server
+        .wait_log("outside allow_from", Duration::from_secs(5)));
+
+    // The agent goes away: the ports close.
+    t.agent.kill();
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            pa
+        ))
+        .is_err()),
+        "listener must close when its agent leaves"
+    );
+    assert!(connect_refused(pb).await);
+
+    // It comes back: the same ports open again, no "address already in use".
+    let _agent2 = Proc::spawn(
+        "agent-again",
+        &[
+            "agent".into(),
+            "--server".into(),
+            t.url(),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--service".into(),
+            format!("echo={echo}"),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            pa
+        ))
+        .is_ok()),
+        "listener must reopen: {}",
+        t.server.log_text()
+    );
+    let mut s = connect(pa).await;
+    s.write_all(b"again").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = String::new();
+    s.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "again");
+    assert!(!t.server.log_text().contains("Address already in use"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
