@@ -65,9 +65,16 @@ pub struct AgentConfig {
     /// How long to wait for a service to accept a connection, in milliseconds.
     #[serde(default = "default_dial_timeout_ms")]
     pub dial_timeout_ms: u64,
+    /// Close a UDP flow after this long without datagrams, in milliseconds.
+    #[serde(default = "default_udp_idle_ms")]
+    pub udp_idle_timeout_ms: u64,
     /// Heartbeat settings.
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
+}
+
+fn default_udp_idle_ms() -> u64 {
+    tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis() as u64
 }
 
 impl AgentConfig {
@@ -99,6 +106,8 @@ pub struct AgentStats {
     pub connected: AtomicI64,
     /// Sessions established.
     pub sessions_total: AtomicU64,
+    /// UDP flows.
+    pub udp: tether_net::udp::UdpStats,
 }
 
 impl AgentStats {
@@ -115,7 +124,7 @@ impl AgentStats {
             self.streams_total.load(Ordering::Relaxed),
             self.open_errors.load(Ordering::Relaxed),
             self.sessions_total.load(Ordering::Relaxed),
-        )
+        ) + &self.udp.render("tether_agent")
     }
 }
 
@@ -218,6 +227,7 @@ impl Agent {
                             self.policy.clone(),
                             self.stats.clone(),
                             Duration::from_millis(self.config.dial_timeout_ms),
+                            Duration::from_millis(self.config.udp_idle_timeout_ms),
                             inc,
                         ));
                     }
@@ -247,13 +257,14 @@ async fn serve_stream(
     policy: Arc<TargetPolicy>,
     stats: Arc<AgentStats>,
     dial_timeout: Duration,
+    udp_idle: Duration,
     inc: Incoming,
 ) {
     let target = inc.target().clone();
     let id = inc.id();
-    if target.kind != TargetKind::Tcp {
+    if !matches!(target.kind, TargetKind::Tcp | TargetKind::Udp) {
         stats.open_errors.fetch_add(1, Ordering::Relaxed);
-        inc.reject(OpenErrorCode::BadTarget, "this agent serves TCP only");
+        inc.reject(OpenErrorCode::BadTarget, "unknown stream kind");
         return;
     }
     let resolved = match policy.resolve(&target.address) {
@@ -266,6 +277,10 @@ async fn serve_stream(
         }
     };
     let started = Instant::now();
+    if target.kind == TargetKind::Udp {
+        serve_udp(stats, resolved.address, inc, udp_idle).await;
+        return;
+    }
     let tcp = match tokio::time::timeout(dial_timeout, TcpStream::connect(&resolved.address)).await
     {
         Ok(Ok(s)) => s,
@@ -312,6 +327,53 @@ async fn serve_stream(
             tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
         }
     }
+}
+
+/// Connects a UDP socket to the service and serves the flow.
+async fn serve_udp(stats: Arc<AgentStats>, address: String, inc: Incoming, idle: Duration) {
+    let id = inc.id();
+    let addr = match tokio::net::lookup_host(&address)
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(a)) => a,
+        Ok(None) | Err(_) => {
+            stats.open_errors.fetch_add(1, Ordering::Relaxed);
+            inc.reject(
+                OpenErrorCode::Unreachable,
+                &format!("cannot resolve {address}"),
+            );
+            return;
+        }
+    };
+    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = match tokio::net::UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.open_errors.fetch_add(1, Ordering::Relaxed);
+            inc.reject(OpenErrorCode::Internal, &format!("udp socket: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = socket.connect(addr).await {
+        stats.open_errors.fetch_add(1, Ordering::Relaxed);
+        inc.reject(OpenErrorCode::Unreachable, &format!("udp {addr}: {e}"));
+        return;
+    }
+    let Ok(stream) = inc.accept() else { return };
+    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    stats.live_streams.fetch_add(1, Ordering::Relaxed);
+    stats.udp.flows.fetch_add(1, Ordering::Relaxed);
+    stats.udp.flows_total.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(stream = %id, %address, "udp flow open");
+    tether_net::udp::serve_flow(stream, socket, idle, &stats.udp).await;
+    stats.udp.flows.fetch_sub(1, Ordering::Relaxed);
+    stats.live_streams.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(stream = %id, %address, "udp flow closed");
 }
 
 #[cfg(test)]

@@ -48,6 +48,20 @@ pub struct ClientConfig {
     /// A local SOCKS5 / HTTP CONNECT proxy.
     #[serde(default)]
     pub proxy: Option<proxy::ProxyConfig>,
+    /// Close a UDP flow after this long without datagrams, in milliseconds.
+    #[serde(default = "default_udp_idle_ms")]
+    pub udp_idle_timeout_ms: u64,
+    /// Most UDP flows per forward; the least recently used is evicted beyond.
+    #[serde(default = "default_max_udp_flows")]
+    pub max_udp_flows: usize,
+}
+
+fn default_udp_idle_ms() -> u64 {
+    tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis() as u64
+}
+
+fn default_max_udp_flows() -> usize {
+    tether_net::udp::DEFAULT_MAX_FLOWS
 }
 
 impl ClientConfig {
@@ -68,14 +82,21 @@ pub struct Forward {
     pub listen: SocketAddr,
     /// `agent/service` to reach.
     pub target: String,
+    /// TCP or UDP (`udp:` prefix).
+    pub udp: bool,
 }
 
 impl std::str::FromStr for Forward {
     type Err = anyhow::Error;
 
-    /// `127.0.0.1:15432=prod/db`, or `15432=prod/db` (loopback).
+    /// `127.0.0.1:15432=prod/db`, or `15432=prod/db` (loopback); a `udp:`
+    /// prefix forwards UDP: `udp:127.0.0.1:5353=prod/dns`.
     fn from_str(s: &str) -> anyhow::Result<Forward> {
-        let (listen, target) = s
+        let (udp, rest) = match s.strip_prefix("udp:") {
+            Some(r) => (true, r),
+            None => (false, s.strip_prefix("tcp:").unwrap_or(s)),
+        };
+        let (listen, target) = rest
             .split_once('=')
             .with_context(|| format!("forward {s:?}: expected LISTEN=AGENT/SERVICE"))?;
         let listen: SocketAddr = if let Ok(port) = listen.parse::<u16>() {
@@ -92,6 +113,7 @@ impl std::str::FromStr for Forward {
         Ok(Forward {
             listen,
             target: target.to_owned(),
+            udp,
         })
     }
 }
@@ -100,6 +122,8 @@ impl std::str::FromStr for Forward {
 pub struct Client {
     config: ClientConfig,
     listeners: Vec<(TcpListener, Forward)>,
+    udp_sockets: Vec<(Arc<tokio::net::UdpSocket>, Forward)>,
+    udp_stats: Arc<tether_net::udp::UdpStats>,
     proxy: Option<(TcpListener, Arc<proxy::Router>)>,
 }
 
@@ -110,8 +134,16 @@ impl Client {
             bail!("nothing to do: add forwards (LISTEN=AGENT/SERVICE) or a proxy");
         }
         let mut listeners = Vec::new();
+        let mut udp_sockets = Vec::new();
         for f in &config.forward {
             let fwd: Forward = f.parse()?;
+            if fwd.udp {
+                let sock = tokio::net::UdpSocket::bind(fwd.listen)
+                    .await
+                    .with_context(|| format!("cannot bind udp {}", fwd.listen))?;
+                udp_sockets.push((Arc::new(sock), fwd));
+                continue;
+            }
             let l = TcpListener::bind(fwd.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", fwd.listen))?;
@@ -130,6 +162,8 @@ impl Client {
         Ok(Client {
             config,
             listeners,
+            udp_sockets,
+            udp_stats: Arc::default(),
             proxy,
         })
     }
@@ -147,9 +181,46 @@ impl Client {
             .collect()
     }
 
+    /// UDP flow counters (for metrics).
+    pub fn udp_stats(&self) -> Arc<tether_net::udp::UdpStats> {
+        self.udp_stats.clone()
+    }
+
     /// Runs the listeners and keeps the session up, forever.
     pub async fn run(self) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel::<Option<Connection>>(None);
+        let limits = tether_net::udp::UdpLimits {
+            idle_timeout: Duration::from_millis(self.config.udp_idle_timeout_ms),
+            max_flows: self.config.max_udp_flows,
+        };
+        for (sock, fwd) in self.udp_sockets {
+            tracing::info!(listen = %fwd.listen, target = %fwd.target, "forwarding udp");
+            let rx = rx.clone();
+            let target = fwd.target.clone();
+            let open = move || {
+                let conn = rx
+                    .borrow()
+                    .clone()
+                    .filter(|c| !c.is_closed() && !c.is_draining());
+                let target = target.clone();
+                async move {
+                    let conn = conn.ok_or_else(|| "not connected to the server".to_owned())?;
+                    conn.open(tether_proto::Target {
+                        kind: tether_proto::TargetKind::Udp,
+                        address: target,
+                    })
+                    .await
+                    .map_err(|(code, reason)| format!("{code}: {reason}"))
+                }
+            };
+            tokio::spawn(tether_net::udp::serve_socket(
+                sock,
+                open,
+                limits.clone(),
+                self.udp_stats.clone(),
+                |_| true,
+            ));
+        }
         for (listener, fwd) in self.listeners {
             let addr = listener.local_addr().unwrap_or(fwd.listen);
             tracing::info!(listen = %addr, target = %fwd.target, "forwarding");

@@ -19,3 +19,4 @@ pub mod backoff;
 pub mod observe;
 pub mod pattern;
 pub mod tuning;
+pub mod udp;

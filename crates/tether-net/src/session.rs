@@ -765,6 +765,33 @@ impl StreamWriter {
         Ok(())
     }
 
+    /// Queues all of `data` if the stream has the credit for it right now,
+    /// and nothing otherwise (returns `false`). For datagrams, which are
+    /// dropped rather than waited for.
+    pub fn try_write(&mut self, data: Bytes) -> io::Result<bool> {
+        let len = data.len();
+        let r = {
+            let mut g = self.shared.lock();
+            if g.session.send_capacity(self.id) < len {
+                return Ok(false);
+            }
+            let r = g.session.stream_write(self.id, data);
+            self.shared.dispatch(&mut g);
+            r
+        };
+        match r {
+            Ok(_) => {
+                self.shared.writer_wake.notify_one();
+                self.shared
+                    .counters
+                    .bytes_out
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => Err(stream_gone(e.to_string())),
+        }
+    }
+
     /// Half-closes: the peer reads EOF after everything written so far.
     pub async fn finish(&mut self) -> io::Result<()> {
         let r = {

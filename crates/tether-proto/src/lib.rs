@@ -26,5 +26,14 @@ pub use session::{Config, Event, OpenError, Role, Session, SessionError, StreamS
 /// The WebSocket subprotocol that carries version 1 of this protocol.
 pub const SUBPROTOCOL: &str = "tether.v1";
 
-/// The protocol version this build speaks (and the only one so far).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks. Version 2 adds UDP
+/// streams (kind 2, length-prefixed datagrams); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The first version that carries UDP streams.
+pub const UDP_VERSION: u16 = 2;
+
+pub mod datagram;

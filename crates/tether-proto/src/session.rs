@@ -5,9 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
-use crate::frame::{Frame, FrameError, Hello, StreamId, Target, HEADER_LEN};
+use crate::frame::{Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN};
 use crate::stream::{Phase, Stream};
-use crate::PROTOCOL_VERSION;
+use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, UDP_VERSION};
 
 /// Which end of the WebSocket this session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +293,8 @@ pub struct Session {
     ping_seq: u64,
     ping_sent_at: Option<(u64, Instant)>,
     rtt: Option<Duration>,
+    /// Negotiated protocol version (0 before the handshake).
+    version: u16,
     goaway_sent: bool,
     goaway_received: bool,
     drain_deadline: Option<Instant>,
@@ -321,13 +323,14 @@ impl Session {
             ping_seq: 0,
             ping_sent_at: None,
             rtt: None,
+            version: 0,
             goaway_sent: false,
             goaway_received: false,
             drain_deadline: None,
             config,
         };
         if role == Role::Initiator {
-            let hello = s.our_hello(1, PROTOCOL_VERSION);
+            let hello = s.our_hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
             s.control.push_back(Frame::Hello(hello));
         }
         s
@@ -342,6 +345,11 @@ impl Session {
             max_frame_payload: self.config.max_frame_payload,
             software: self.config.software.clone(),
         }
+    }
+
+    /// The negotiated protocol version (0 before the handshake).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// This session's role.
@@ -559,27 +567,30 @@ impl Session {
     fn handle_handshake(&mut self, frame: Frame, now: Instant) -> Result<(), SessionError> {
         match (self.role, frame) {
             (Role::Acceptor, Frame::Hello(h)) => {
-                if h.min_version > PROTOCOL_VERSION || h.max_version < PROTOCOL_VERSION {
+                // The highest version both speak.
+                let chosen = h.max_version.min(PROTOCOL_VERSION);
+                if chosen < h.min_version.max(MIN_PROTOCOL_VERSION) {
                     return Err(self.fail(SessionError::VersionMismatch(format!(
-                        "this side speaks version {PROTOCOL_VERSION}, the peer {}..={}",
+                        "this side speaks versions {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {}..={}",
                         h.min_version, h.max_version
                     ))));
                 }
                 self.learn_peer(&h)?;
-                let ack = self.our_hello(PROTOCOL_VERSION, PROTOCOL_VERSION);
+                let ack = self.our_hello(chosen, chosen);
                 self.control.push_back(Frame::HelloAck(ack));
-                self.establish(h.software, now);
+                self.establish(chosen, h.software, now);
                 Ok(())
             }
             (Role::Initiator, Frame::HelloAck(h)) => {
-                if h.min_version != PROTOCOL_VERSION || h.max_version != PROTOCOL_VERSION {
+                let v = h.min_version;
+                if v != h.max_version || !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
                     return Err(self.fail(SessionError::VersionMismatch(format!(
-                        "peer chose version {}..={}, this side speaks {PROTOCOL_VERSION}",
+                        "peer chose version {}..={}, this side speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
                         h.min_version, h.max_version
                     ))));
                 }
                 self.learn_peer(&h)?;
-                self.establish(h.software, now);
+                self.establish(v, h.software, now);
                 Ok(())
             }
             (_, Frame::GoAway { code, reason }) => {
@@ -614,13 +625,14 @@ impl Session {
         Ok(())
     }
 
-    fn establish(&mut self, peer_software: String, now: Instant) {
+    fn establish(&mut self, version: u16, peer_software: String, now: Instant) {
+        self.version = version;
         self.state = State::Established;
         self.handshake_deadline = None;
         // Ping at once: the first RTT sample drives window auto-tuning.
         self.next_ping = now;
         self.events.push_back(Event::Established {
-            version: PROTOCOL_VERSION,
+            version,
             peer_software,
         });
     }
@@ -653,6 +665,11 @@ impl Session {
             Some((
                 OpenErrorCode::TooManyStreams,
                 "too many streams on this session",
+            ))
+        } else if target.kind == TargetKind::Udp && self.version < UDP_VERSION {
+            Some((
+                OpenErrorCode::BadTarget,
+                "UDP streams need protocol version 2",
             ))
         } else {
             None
@@ -747,6 +764,11 @@ impl Session {
         }
         if target.address.is_empty() {
             return Err(OpenError::BadTarget("empty address"));
+        }
+        if target.kind == TargetKind::Udp && self.version < UDP_VERSION {
+            return Err(OpenError::BadTarget(
+                "the peer speaks protocol version 1: no UDP",
+            ));
         }
         if target.address.len() > crate::frame::MAX_TARGET_LEN {
             return Err(OpenError::BadTarget("address too long"));

@@ -352,7 +352,7 @@ fn version_mismatch_is_explicit() {
     let mut b = Session::new(Role::Acceptor, Config::default(), now);
     let mut out = BytesMut::new();
     Frame::Hello(tether_proto::frame::Hello {
-        min_version: 2,
+        min_version: 3,
         max_version: 5,
         capabilities: 0,
         initial_window: 65536,
@@ -372,6 +372,80 @@ fn version_mismatch_is_explicit() {
             ..
         }
     ));
+}
+
+/// A version-1 peer (HELLO 1..=1) gets version 1, and no UDP either way.
+#[test]
+fn version_1_peer_negotiates_down_and_gets_no_udp() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Acceptor, Config::default(), now);
+    let mut out = BytesMut::new();
+    Frame::Hello(tether_proto::frame::Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: 0,
+        initial_window: 65536,
+        max_frame_payload: 65536,
+        software: "old".into(),
+    })
+    .encode(&mut out);
+    b.handle_input(out.freeze(), now).unwrap();
+    assert_eq!(b.version(), 1);
+    let mut tx = BytesMut::new();
+    b.poll_transmit(&mut tx, usize::MAX);
+    let mut tx = tx.freeze();
+    match Frame::decode(&mut tx, 0).unwrap().unwrap() {
+        Frame::HelloAck(h) => assert_eq!((h.min_version, h.max_version), (1, 1)),
+        f => panic!("{f:?}"),
+    }
+    let udp = Target {
+        kind: tether_proto::TargetKind::Udp,
+        address: "dns".into(),
+    };
+    assert!(matches!(
+        b.open(udp.clone(), now),
+        Err(tether_proto::OpenError::BadTarget(_))
+    ));
+    // An OPEN for UDP from that peer is refused for the stream only.
+    let mut out = BytesMut::new();
+    Frame::Open {
+        id: StreamId(1),
+        target: udp,
+    }
+    .encode(&mut out);
+    b.handle_input(out.freeze(), now).unwrap();
+    let mut tx = BytesMut::new();
+    b.poll_transmit(&mut tx, usize::MAX);
+    let mut tx = tx.freeze();
+    let mut saw = false;
+    while let Ok(Some(f)) = Frame::decode(&mut tx, 1 << 20) {
+        if let Frame::OpenErr { code, .. } = f {
+            assert_eq!(code, OpenErrorCode::BadTarget);
+            saw = true;
+        }
+    }
+    assert!(saw);
+    assert!(b.is_established());
+}
+
+#[test]
+fn current_peers_negotiate_version_2_with_udp() {
+    let mut p = Pair::default();
+    assert_eq!((p.a.version(), p.b.version()), (2, 2));
+    let id =
+        p.a.open(
+            Target {
+                kind: tether_proto::TargetKind::Udp,
+                address: "prod/dns".into(),
+            },
+            p.now,
+        )
+        .unwrap();
+    p.pump(usize::MAX);
+    assert!(p
+        .b_events
+        .iter()
+        .any(|e| matches!(e, Event::IncomingOpen { id: i, .. } if *i == id)));
 }
 
 #[test]

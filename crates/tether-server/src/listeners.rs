@@ -35,9 +35,16 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub allow_from: Vec<IpNet>,
     /// Send a PROXY protocol v2 header to the service first, so it sees the
-    /// real client address.
+    /// real client address (TCP only).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// `tcp` (default) or `udp`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
 }
 
 impl ListenerConfig {
@@ -51,6 +58,15 @@ impl ListenerConfig {
 
     /// Checks the target shape.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.protocol != "tcp" && self.protocol != "udp" {
+            anyhow::bail!("listener {}: protocol must be tcp or udp", self.listen);
+        }
+        if self.protocol == "udp" && self.proxy_protocol {
+            anyhow::bail!(
+                "listener {}: proxy_protocol is for TCP listeners",
+                self.listen
+            );
+        }
         if self.agent().is_empty() || self.service().is_empty() {
             anyhow::bail!(
                 "listener {}: target {:?} is not AGENT/SERVICE",
@@ -79,6 +95,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Runs one listener forever: bound while its agent is connected.
 pub async fn run(state: Arc<State>, cfg: ListenerConfig) {
+    if cfg.protocol == "udp" {
+        return run_udp(state, Arc::new(cfg)).await;
+    }
     let cfg = Arc::new(cfg);
     let mut changes = state.registry.subscribe();
     loop {
@@ -173,4 +192,67 @@ async fn serve_one(state: Arc<State>, cfg: Arc<ListenerConfig>, tcp: TcpStream, 
     let (tr, tw) = tcp.into_split();
     let who = format!("listener {} from {peer}", cfg.listen);
     run_relay(&state, &who, &cfg.target, started, tr, tw, sr, sw).await;
+}
+
+/// A UDP listener: every source address is a flow (one tunnel stream).
+async fn run_udp(state: Arc<State>, cfg: Arc<ListenerConfig>) {
+    let mut changes = state.registry.subscribe();
+    let stats = Arc::new(tether_net::udp::UdpStats::default());
+    loop {
+        while state.registry.get(cfg.agent()).is_none() {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+        let socket = match tokio::net::UdpSocket::bind(cfg.listen).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                state.metrics.error("listener_bind");
+                tracing::error!(listen = %cfg.listen, target = %cfg.target, "binding udp: {e}; retrying in {REBIND_DELAY:?}");
+                tokio::time::sleep(REBIND_DELAY).await;
+                continue;
+            }
+        };
+        tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener open (agent connected)");
+        let gauge = state.metrics.sessions_of("listener");
+        gauge.inc();
+        let open = {
+            let state = state.clone();
+            let cfg = cfg.clone();
+            move || {
+                let entry = state.registry.get(cfg.agent());
+                let service = cfg.service().to_owned();
+                async move {
+                    let entry = entry.ok_or_else(|| "agent offline".to_owned())?;
+                    entry
+                        .conn
+                        .open(Target {
+                            kind: tether_proto::TargetKind::Udp,
+                            address: service,
+                        })
+                        .await
+                        .map_err(|(code, reason)| format!("{code}: {reason}"))
+                }
+            }
+        };
+        let allow = {
+            let cfg = cfg.clone();
+            move |peer: &SocketAddr| cfg.allows(peer)
+        };
+        let server = tokio::spawn(tether_net::udp::serve_socket(
+            socket,
+            open,
+            tether_net::udp::UdpLimits::default(),
+            stats.clone(),
+            allow,
+        ));
+        while state.registry.get(cfg.agent()).is_some() {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+        server.abort();
+        gauge.dec();
+        tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
+    }
 }

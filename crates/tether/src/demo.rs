@@ -77,6 +77,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .collect(),
         allow: vec![],
         dial_timeout_ms: tether_agent::DIAL_TIMEOUT.as_millis() as u64,
+        udp_idle_timeout_ms: tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
         session: Default::default(),
     };
     let agent = tether_agent::Agent::new(agent_cfg)?;
@@ -94,6 +95,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         ],
         session: Default::default(),
         proxy: None,
+        udp_idle_timeout_ms: tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
+        max_udp_flows: tether_net::udp::DEFAULT_MAX_FLOWS,
     };
     let client = tether_client::Client::bind(client_cfg)
         .await

@@ -122,6 +122,9 @@ struct AgentArgs {
     /// Raw targets clients may ask for: HOSTGLOB:PORTS or CIDR:PORTS (repeatable).
     #[arg(long = "allow", value_name = "PATTERN")]
     allow: Vec<String>,
+    /// Close a UDP flow after this long without datagrams, in milliseconds [default: 60000].
+    #[arg(long, env = "TETHER_UDP_IDLE_TIMEOUT_MS")]
+    udp_idle_timeout_ms: Option<u64>,
     /// How long to wait for a service to accept a connection, in milliseconds [default: 10000].
     #[arg(long, env = "TETHER_DIAL_TIMEOUT_MS")]
     dial_timeout_ms: Option<u64>,
@@ -149,15 +152,25 @@ struct ClientArgs {
     /// Accept exactly the server certificate with this SHA-256 fingerprint.
     #[arg(long, env = "TETHER_FINGERPRINT")]
     fingerprint: Option<String>,
+    /// Close a UDP flow after this long without datagrams, in milliseconds [default: 60000].
+    #[arg(long, env = "TETHER_UDP_IDLE_TIMEOUT_MS")]
+    udp_idle_timeout_ms: Option<u64>,
+    /// Most UDP flows per forward (least recently used evicted) [default: 1024].
+    #[arg(long, env = "TETHER_MAX_UDP_FLOWS")]
+    max_udp_flows: Option<u64>,
+    /// Serve /metrics and /healthz here.
+    #[arg(long, env = "TETHER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     action: Option<ClientAction>,
 }
 
 #[derive(Subcommand)]
 enum ClientAction {
-    /// Listen locally and forward each connection: LISTEN=AGENT/SERVICE, e.g. 15432=prod/db.
+    /// Listen locally and forward each connection: LISTEN=AGENT/SERVICE, e.g.
+    /// 15432=prod/db; prefix udp: for UDP, e.g. udp:5353=prod/dns.
     Forward {
-        /// One or more LISTEN=AGENT/SERVICE (LISTEN is PORT or IP:PORT).
+        /// One or more [udp:]LISTEN=AGENT/SERVICE (LISTEN is PORT or IP:PORT).
         #[arg(required = true, value_name = "LISTEN=AGENT/SERVICE")]
         forwards: Vec<String>,
     },
@@ -343,6 +356,11 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         "dial_timeout_ms",
         a.dial_timeout_ms.map(|v| v as i64),
     );
+    set(
+        &mut t,
+        "udp_idle_timeout_ms",
+        a.udp_idle_timeout_ms.map(|v| v as i64),
+    );
     if !a.services.is_empty() {
         let svc = t
             .entry("services".to_owned())
@@ -408,8 +426,24 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
+    set(
+        &mut t,
+        "udp_idle_timeout_ms",
+        a.udp_idle_timeout_ms.map(|v| v as i64),
+    );
+    set(&mut t, "max_udp_flows", a.max_udp_flows.map(|v| v as i64));
     let cfg: tether_client::ClientConfig = finish(t, "client")?;
     let client = tether_client::Client::bind(cfg).await?;
+    if let Some(addr) = a.metrics_listen {
+        let stats = client.udp_stats();
+        let bound = tether_net::observe::serve_metrics(
+            addr,
+            Arc::new(move || stats.render("tether_client")),
+        )
+        .await
+        .with_context(|| format!("metrics listener {addr}"))?;
+        tracing::info!(addr = %bound, "serving /metrics");
+    }
     tokio::select! {
         r = client.run() => r,
         _ = shutdown_signal() => Ok(()),

@@ -159,3 +159,51 @@ allow_from = ["10.0.0.0/8"]
     assert!(!t.server.log_text().contains("Address already in use"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
+    // A UDP echo service behind the agent.
+    let svc = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let svc_addr = svc.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = svc.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = svc.send_to(&buf[..n], from).await;
+        }
+    });
+    let port = loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            break p;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("tether-udp-listener-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"prod/uecho\"\nprotocol = \"udp\"\n"),
+    )
+    .unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let t = Tunnel::start_with(&[("uecho", svc_addr)], &["--config", &cfg_arg], &[]);
+    assert!(t
+        .server
+        .wait_log("udp listener open", Duration::from_secs(10)));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    for i in 0..20u8 {
+        let d = vec![i; 100 + i as usize];
+        sock.send(&d).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+            .await
+            .expect("echo through the udp listener")
+            .unwrap();
+        assert_eq!(&buf[..n], &d[..]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

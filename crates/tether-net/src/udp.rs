@@ -1,0 +1,330 @@
+//! UDP over tunnel streams (protocol version 2): each flow (one source
+//! address) is one stream carrying length-prefixed datagrams.
+//!
+//! Datagrams are never waited for: when a flow's queue is full or its stream
+//! has no send credit, the datagram is dropped and counted, like a congested
+//! network would. Flows end after an idle timeout; a capped flow table evicts
+//! the least recently used flow (closing its stream and, on the agent, its
+//! socket) to make room.
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether_proto::datagram::{self, Decoder, MAX_DATAGRAM};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::Stream;
+
+/// Default idle time after which a flow is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on flows per socket (or per agent session).
+pub const DEFAULT_MAX_FLOWS: usize = 1024;
+/// Datagrams queued per flow while its stream opens.
+const FLOW_QUEUE: usize = 256;
+
+/// Limits of a UDP flow table.
+#[derive(Debug, Clone)]
+pub struct UdpLimits {
+    /// Close a flow after this long without a datagram either way.
+    pub idle_timeout: Duration,
+    /// Most flows at once; the least recently used is evicted beyond.
+    pub max_flows: usize,
+}
+
+impl Default for UdpLimits {
+    fn default() -> Self {
+        UdpLimits {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_flows: DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// Counters of UDP flows (exported as metrics).
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Flows alive now.
+    pub flows: AtomicI64,
+    /// Flows ever opened.
+    pub flows_total: AtomicU64,
+    /// Flows evicted to stay under the cap.
+    pub evicted: AtomicU64,
+    /// Datagrams dropped (full queue, no credit, too large, open failed).
+    pub drops: AtomicU64,
+    /// Datagrams forwarded into the tunnel.
+    pub datagrams_in: AtomicU64,
+    /// Datagrams delivered out of the tunnel.
+    pub datagrams_out: AtomicU64,
+}
+
+impl UdpStats {
+    /// Prometheus text lines with `prefix` (e.g. `tether_client`).
+    pub fn render(&self, prefix: &str) -> String {
+        let l = |o: &AtomicU64| o.load(Ordering::Relaxed);
+        format!(
+            "# TYPE {prefix}_udp_flows gauge\n{prefix}_udp_flows {}\n\
+             # TYPE {prefix}_udp_flows_total counter\n{prefix}_udp_flows_total {}\n\
+             # TYPE {prefix}_udp_evicted_total counter\n{prefix}_udp_evicted_total {}\n\
+             # TYPE {prefix}_udp_drops_total counter\n{prefix}_udp_drops_total {}\n\
+             # TYPE {prefix}_udp_datagrams_in_total counter\n{prefix}_udp_datagrams_in_total {}\n\
+             # TYPE {prefix}_udp_datagrams_out_total counter\n{prefix}_udp_datagrams_out_total {}\n",
+            self.flows.load(Ordering::Relaxed),
+            l(&self.flows_total),
+            l(&self.evicted),
+            l(&self.drops),
+            l(&self.datagrams_in),
+            l(&self.datagrams_out),
+        )
+    }
+}
+
+struct FlowEntry {
+    tx: mpsc::Sender<Bytes>,
+    last_used: Instant,
+    generation: u64,
+}
+
+/// Serves a local UDP socket whose every source address becomes a flow: a
+/// stream opened with `open`, carrying that source's datagrams to the far
+/// side and the answers back to the source.
+pub async fn serve_socket<F, Fut>(
+    socket: Arc<UdpSocket>,
+    open: F,
+    limits: UdpLimits,
+    stats: Arc<UdpStats>,
+    accept: impl Fn(&SocketAddr) -> bool + Send + 'static,
+) where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Stream, String>> + Send + 'static,
+{
+    let open = Arc::new(open);
+    let flows: Arc<Mutex<HashMap<SocketAddr, FlowEntry>>> = Arc::default();
+    let mut generation = 0u64;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // E.g. ICMP port unreachable reported on the socket: not fatal.
+                tracing::debug!("udp recv: {e}");
+                continue;
+            }
+        };
+        if !accept(&src) {
+            stats.drops.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let d = Bytes::copy_from_slice(&buf[..n]);
+        let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(&src) {
+            e.last_used = Instant::now();
+            match e.tx.try_send(d) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    stats.drops.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    map.remove(&src);
+                    // Fall through: start a fresh flow with this datagram.
+                    start_flow(
+                        &mut map,
+                        &flows,
+                        src,
+                        d,
+                        &socket,
+                        &open,
+                        &limits,
+                        &stats,
+                        &mut generation,
+                    );
+                }
+            }
+        } else {
+            start_flow(
+                &mut map,
+                &flows,
+                src,
+                d,
+                &socket,
+                &open,
+                &limits,
+                &stats,
+                &mut generation,
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_flow<F, Fut>(
+    map: &mut HashMap<SocketAddr, FlowEntry>,
+    flows: &Arc<Mutex<HashMap<SocketAddr, FlowEntry>>>,
+    src: SocketAddr,
+    first: Bytes,
+    socket: &Arc<UdpSocket>,
+    open: &Arc<F>,
+    limits: &UdpLimits,
+    stats: &Arc<UdpStats>,
+    generation: &mut u64,
+) where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Stream, String>> + Send + 'static,
+{
+    if map.len() >= limits.max_flows {
+        // Evict the least recently used flow; dropping its sender ends it.
+        if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k) {
+            map.remove(&oldest);
+            stats.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    *generation += 1;
+    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+    let _ = tx.try_send(first);
+    map.insert(
+        src,
+        FlowEntry {
+            tx,
+            last_used: Instant::now(),
+            generation: *generation,
+        },
+    );
+    let gen = *generation;
+    let flows = flows.clone();
+    let socket = socket.clone();
+    let open = open.clone();
+    let limits = limits.clone();
+    let stats = stats.clone();
+    stats.flows.fetch_add(1, Ordering::Relaxed);
+    stats.flows_total.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        local_flow(src, rx, socket, open(), limits.idle_timeout, &stats).await;
+        stats.flows.fetch_sub(1, Ordering::Relaxed);
+        let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&src).is_some_and(|e| e.generation == gen) {
+            map.remove(&src);
+        }
+    });
+}
+
+async fn local_flow(
+    src: SocketAddr,
+    mut rx: mpsc::Receiver<Bytes>,
+    socket: Arc<UdpSocket>,
+    open: impl Future<Output = Result<Stream, String>>,
+    idle: Duration,
+    stats: &UdpStats,
+) {
+    let stream = match open.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%src, "udp flow refused: {e}");
+            // Everything queued for it is lost.
+            stats.drops.fetch_add(rx.len() as u64, Ordering::Relaxed);
+            return;
+        }
+    };
+    let id = stream.id();
+    tracing::debug!(%src, stream = %id, "udp flow open");
+    let (mut r, mut w) = stream.split();
+    let mut dec = Decoder::default();
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { break }; // evicted
+                last = Instant::now();
+                match datagram::encode(&d) {
+                    Ok(rec) => match w.try_write(rec) {
+                        Ok(true) => { stats.datagrams_in.fetch_add(1, Ordering::Relaxed); }
+                        Ok(false) => { stats.drops.fetch_add(1, Ordering::Relaxed); }
+                        Err(_) => break,
+                    },
+                    Err(_) => { stats.drops.fetch_add(1, Ordering::Relaxed); }
+                }
+            }
+            chunk = r.read() => {
+                let Ok(Some(chunk)) = chunk else { break };
+                last = Instant::now();
+                dec.push(&chunk);
+                loop {
+                    match dec.next_datagram() {
+                        Ok(Some(d)) => {
+                            if socket.send_to(&d, src).await.is_ok() {
+                                stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(%src, stream = %id, "bad datagram record: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until((last + idle).into()) => {
+                tracing::debug!(%src, stream = %id, "udp flow idle; closed");
+                break;
+            }
+        }
+    }
+}
+
+/// Serves one UDP flow on the far side: datagrams from the stream go to
+/// `socket` (connected to the service), answers go back into the stream.
+/// Returns when the stream ends or the flow idles out; the socket closes
+/// with it.
+pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats: &UdpStats) {
+    let id = stream.id();
+    let (mut r, mut w) = stream.split();
+    let mut dec = Decoder::default();
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            chunk = r.read() => {
+                let Ok(Some(chunk)) = chunk else { break };
+                last = Instant::now();
+                dec.push(&chunk);
+                loop {
+                    match dec.next_datagram() {
+                        Ok(Some(d)) => {
+                            match socket.send(&d).await {
+                                Ok(_) => { stats.datagrams_out.fetch_add(1, Ordering::Relaxed); }
+                                Err(_) => { stats.drops.fetch_add(1, Ordering::Relaxed); }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(stream = %id, "bad datagram record: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            got = socket.recv(&mut buf) => {
+                match got {
+                    Ok(n) => {
+                        last = Instant::now();
+                        match datagram::encode(&buf[..n]).map(|rec| w.try_write(rec)) {
+                            Ok(Ok(true)) => { stats.datagrams_in.fetch_add(1, Ordering::Relaxed); }
+                            Ok(Ok(false)) | Err(_) => { stats.drops.fetch_add(1, Ordering::Relaxed); }
+                            Ok(Err(_)) => break,
+                        }
+                    }
+                    // ICMP errors (port unreachable) surface here; keep going.
+                    Err(e) => tracing::debug!(stream = %id, "udp recv: {e}"),
+                }
+            }
+            _ = tokio::time::sleep_until((last + idle).into()) => {
+                tracing::debug!(stream = %id, "udp flow idle; closed");
+                break;
+            }
+        }
+    }
+}
