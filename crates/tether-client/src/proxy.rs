@@ -141,6 +141,8 @@ struct Request {
 
 enum Kind {
     Socks5,
+    /// SOCKS5 UDP ASSOCIATE: datagrams relayed while the TCP connection lives.
+    UdpAssociate,
     HttpConnect,
     /// An absolute-form HTTP request (`GET http://host/path`): forward the
     /// rewritten head, then splice.
@@ -157,6 +159,9 @@ async fn handle(
     let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut tcp))
         .await
         .context("proxy handshake timed out")??;
+    if let Kind::UdpAssociate = req.kind {
+        return udp_associate(tcp, peer, router, session).await;
+    }
     let Some(agent) = router.agent_for(&req.host).map(str::to_owned) else {
         refuse(
             &mut tcp,
@@ -197,7 +202,7 @@ async fn handle(
             tcp.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
                 .await?;
         }
-        Kind::HttpForward(_) => {}
+        Kind::HttpForward(_) | Kind::UdpAssociate => {}
     }
     let id = stream.id();
     let (sr, mut sw) = stream.split();
@@ -265,10 +270,17 @@ async fn read_socks5(tcp: &mut TcpStream) -> anyhow::Result<Request> {
         }
     };
     let port = tcp.read_u16().await?;
+    if head[1] == 3 {
+        return Ok(Request {
+            host,
+            port,
+            kind: Kind::UdpAssociate,
+        });
+    }
     if head[1] != 1 {
-        // 7: command not supported (BIND, UDP ASSOCIATE).
+        // 7: command not supported (BIND).
         tcp.write_all(&[5, 7, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
-        bail!("SOCKS5 command {} not supported (CONNECT only)", head[1]);
+        bail!("SOCKS5 command {} not supported", head[1]);
     }
     Ok(Request {
         host,
@@ -371,7 +383,7 @@ fn split_authority(a: &str, default_port: u16) -> anyhow::Result<(String, u16)> 
 /// Tells the proxy client why its connection is refused, in its protocol.
 async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &str) {
     match kind {
-        Kind::Socks5 => {
+        Kind::Socks5 | Kind::UdpAssociate => {
             let rep = match code {
                 OpenErrorCode::Forbidden => 2,
                 OpenErrorCode::AgentOffline | OpenErrorCode::SessionLost => 3,
@@ -402,6 +414,212 @@ async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &
                 )
                 .await;
         }
+    }
+}
+
+/// Most destinations one UDP association may talk to at once.
+const MAX_ASSOCIATION_FLOWS: usize = 256;
+
+/// SOCKS5 UDP ASSOCIATE (RFC 1928 section 7): a relay socket for the client;
+/// each destination it names becomes a UDP stream to the routed agent, which
+/// resolves and sends. The association ends with its TCP connection.
+async fn udp_associate(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    router: &Router,
+    session: watch::Receiver<Option<Connection>>,
+) -> anyhow::Result<()> {
+    let local_ip = tcp.local_addr()?.ip();
+    let relay = Arc::new(tokio::net::UdpSocket::bind((local_ip, 0)).await?);
+    let bound = relay.local_addr()?;
+    let mut reply = vec![5, 0, 0];
+    match bound {
+        SocketAddr::V4(a) => {
+            reply.push(1);
+            reply.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            reply.push(4);
+            reply.extend_from_slice(&a.ip().octets());
+        }
+    }
+    reply.extend_from_slice(&bound.port().to_be_bytes());
+    tcp.write_all(&reply).await?;
+    tracing::info!(%peer, relay = %bound, "SOCKS5 UDP association open");
+
+    // destination (as the client named it) -> sender into that flow's stream
+    let mut flows: std::collections::HashMap<
+        (String, u16),
+        tokio::sync::mpsc::Sender<bytes::Bytes>,
+    > = std::collections::HashMap::new();
+    let client_addr: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    let mut buf = vec![0u8; 65536];
+    let mut tcp_probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            // The association lives as long as the TCP connection.
+            r = tcp.read(&mut tcp_probe) => {
+                if matches!(r, Ok(0) | Err(_)) { break; }
+            }
+            got = relay.recv_from(&mut buf) => {
+                let Ok((n, from)) = got else { continue };
+                // Only the client that asked for the association may use it.
+                if from.ip() != peer.ip() {
+                    continue;
+                }
+                *client_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+                let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
+                let key = (host.clone(), port);
+                if let Some(tx) = flows.get(&key) {
+                    if tx.try_send(bytes::Bytes::copy_from_slice(payload)).is_ok() {
+                        continue;
+                    }
+                    if !tx.is_closed() {
+                        continue; // queue full: drop
+                    }
+                    flows.remove(&key);
+                }
+                if flows.len() >= MAX_ASSOCIATION_FLOWS {
+                    continue;
+                }
+                let Some(agent) = router.agent_for(&host).map(str::to_owned) else {
+                    tracing::info!(%peer, %host, "udp: no route to an agent; dropped");
+                    continue;
+                };
+                let conn = session.borrow().clone().filter(|c| !c.is_closed() && !c.is_draining());
+                let Some(conn) = conn else { continue };
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                let _ = tx.try_send(bytes::Bytes::copy_from_slice(payload));
+                flows.insert(key, tx);
+                tokio::spawn(association_flow(
+                    conn,
+                    format!("{agent}/{}", host_port(&host, port)),
+                    udp_header(&host, port),
+                    rx,
+                    relay.clone(),
+                    client_addr.clone(),
+                ));
+            }
+        }
+    }
+    tracing::info!(%peer, relay = %bound, "SOCKS5 UDP association closed");
+    Ok(())
+}
+
+/// Relays one destination of an association.
+async fn association_flow(
+    conn: Connection,
+    target: String,
+    header: Vec<u8>,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    relay: Arc<tokio::net::UdpSocket>,
+    client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+) {
+    let stream = match conn
+        .open(Target {
+            kind: tether_proto::TargetKind::Udp,
+            address: target.clone(),
+        })
+        .await
+    {
+        Ok(s) => s,
+        Err((code, reason)) => {
+            tracing::info!(%target, %code, "udp association flow refused: {reason}");
+            return;
+        }
+    };
+    let (mut r, mut w) = stream.split();
+    let mut dec = tether_proto::datagram::Decoder::default();
+    let idle = tether_net::udp::DEFAULT_IDLE_TIMEOUT;
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { break };
+                last = Instant::now();
+                if let Ok(rec) = tether_proto::datagram::encode(&d) {
+                    if w.try_write(rec).is_err() { break; }
+                }
+            }
+            chunk = r.read() => {
+                let Ok(Some(chunk)) = chunk else { break };
+                last = Instant::now();
+                dec.push(&chunk);
+                while let Ok(Some(d)) = dec.next_datagram() {
+                    let to = *client.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(to) = to {
+                        let mut out = header.clone();
+                        out.extend_from_slice(&d);
+                        let _ = relay.send_to(&out, to).await;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until((last + idle).into()) => break,
+        }
+    }
+}
+
+/// Parses a SOCKS5 UDP request header; fragments (FRAG != 0) are dropped.
+fn parse_udp_header(b: &[u8]) -> Option<(String, u16, &[u8])> {
+    if b.len() < 4 || b[2] != 0 {
+        return None;
+    }
+    let (host, rest) = match b[3] {
+        1 if b.len() >= 10 => (Ipv4Addr::new(b[4], b[5], b[6], b[7]).to_string(), &b[8..]),
+        3 if b.len() >= 5 => {
+            let len = b[4] as usize;
+            let name = b.get(5..5 + len)?;
+            (String::from_utf8(name.to_vec()).ok()?, &b[5 + len..])
+        }
+        4 if b.len() >= 22 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&b[4..20]);
+            (Ipv6Addr::from(a).to_string(), &b[20..])
+        }
+        _ => return None,
+    };
+    if rest.len() < 2 {
+        return None;
+    }
+    let port = u16::from_be_bytes([rest[0], rest[1]]);
+    Some((host, port, &rest[2..]))
+}
+
+/// The SOCKS5 UDP header naming `host:port`, for answers to the client.
+fn udp_header(host: &str, port: u16) -> Vec<u8> {
+    let mut h = vec![0, 0, 0];
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        h.push(1);
+        h.extend_from_slice(&ip.octets());
+    } else if let Ok(ip) = host.parse::<Ipv6Addr>() {
+        h.push(4);
+        h.extend_from_slice(&ip.octets());
+    } else {
+        h.push(3);
+        h.push(host.len().min(255) as u8);
+        h.extend_from_slice(&host.as_bytes()[..host.len().min(255)]);
+    }
+    h.extend_from_slice(&port.to_be_bytes());
+    h
+}
+
+#[cfg(test)]
+mod udp_tests {
+    use super::*;
+
+    #[test]
+    fn udp_headers_roundtrip() {
+        for host in ["10.1.2.3", "::1", "dns.kube-system.svc.cluster.local"] {
+            let mut d = udp_header(host, 53);
+            d.extend_from_slice(b"payload");
+            let (h, p, rest) = parse_udp_header(&d).unwrap();
+            assert_eq!((h.as_str(), p, rest), (host, 53, &b"payload"[..]));
+        }
+        assert!(
+            parse_udp_header(&[0, 0, 1, 1]).is_none(),
+            "fragments are dropped"
+        );
+        assert!(parse_udp_header(&[0, 0, 0, 3, 200, b'a']).is_none());
     }
 }
 

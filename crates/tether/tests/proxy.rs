@@ -93,3 +93,78 @@ async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
     assert!(log.contains("no route for unrouted.example"), "{log}");
     assert!(log.contains("forbidden"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_udp_associate_relays_datagrams_by_name() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // UDP echo service, reachable by the agent as localhost:PORT.
+    let svc = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let svc_port = svc.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = svc.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = svc.send_to(&buf[..n], from).await;
+        }
+    });
+    let allow = format!("localhost:{svc_port}");
+    let t = Tunnel::start(&[], &["--allow", &allow]);
+    let proxy_port = free_port();
+    let client = Proc::spawn(
+        "proxy-udp-client",
+        &[
+            "client".into(),
+            "--server".into(),
+            t.url(),
+            "--token".into(),
+            CLIENT_TOKEN.into(),
+            "proxy".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{proxy_port}"),
+            "--default-agent".into(),
+            "prod".into(),
+        ],
+    );
+    assert!(client.wait_log("connected", Duration::from_secs(10)));
+
+    // SOCKS5 greeting and UDP ASSOCIATE.
+    let mut ctl = connect(proxy_port).await;
+    ctl.write_all(&[5, 1, 0]).await.unwrap();
+    let mut b2 = [0u8; 2];
+    ctl.read_exact(&mut b2).await.unwrap();
+    assert_eq!(b2, [5, 0]);
+    ctl.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut rep = [0u8; 10];
+    ctl.read_exact(&mut rep).await.unwrap();
+    assert_eq!(&rep[..2], &[5, 0], "association granted");
+    let relay_port = u16::from_be_bytes([rep[8], rep[9]]);
+
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.connect(("127.0.0.1", relay_port)).await.unwrap();
+    let name = b"localhost";
+    let mut header = vec![0, 0, 0, 3, name.len() as u8];
+    header.extend_from_slice(name);
+    header.extend_from_slice(&svc_port.to_be_bytes());
+    let mut buf = vec![0u8; 65536];
+    for i in 0..10u8 {
+        let mut d = header.clone();
+        d.extend_from_slice(&[i; 300]);
+        udp.send(&d).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), udp.recv(&mut buf))
+            .await
+            .expect("answer through the association")
+            .unwrap();
+        assert_eq!(
+            &buf[..header.len()],
+            &header[..],
+            "answer names the destination"
+        );
+        assert_eq!(&buf[header.len()..n], &[i; 300][..]);
+    }
+    drop(ctl);
+    assert!(client.wait_log("UDP association closed", Duration::from_secs(5)));
+}
