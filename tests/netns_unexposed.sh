@@ -83,7 +83,7 @@ cleanup() {
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
   done
   # Deleting a namespace destroys the veth ends inside it, and with them their peers.
-  for ns in "${CREATED[@]}"; do ip netns del "$ns"; done
+  for ns in "${CREATED[@]}"; do ip netns del "$ns"; rm -rf "/etc/netns/$ns"; done
   if [ "${KEEP_LOGS:-0}" = 1 ]; then echo "logs kept in $WORK"; else rm -rf "$WORK"; fi
   local left
   left=$(ip netns list | grep -E "^${P}" || true)
@@ -105,6 +105,10 @@ done
 # veth pairs created directly inside the namespaces (never in the root namespace).
 ip link add c-e netns "$C" type veth peer name e-c netns "$E"
 ip link add e-k netns "$E" type veth peer name k-e netns "$K"
+# A name only the cluster can resolve: `ip netns exec` bind-mounts
+# /etc/netns/NS/hosts over /etc/hosts for what it runs in NS.
+mkdir -p "/etc/netns/$K"
+printf '127.0.0.1 localhost\n10.200.2.2 web.cluster.internal\n' > "/etc/netns/$K/hosts"
 ip -n "$C" addr add 10.200.1.2/24 dev c-e
 ip -n "$E" addr add 10.200.1.1/24 dev e-c
 ip -n "$E" addr add 10.200.2.1/24 dev e-k
@@ -172,7 +176,7 @@ wait_port "$E" 10.200.2.1 7700 50 || die "server not listening on 10.200.2.1:770
 # ---------------------------------------------------------------- 3. agent in cluster
 ip netns exec "$K" env NO_COLOR=1 RUST_LOG=info TETHER_TOKEN="$AGENT_TOKEN" \
   "$TETHER" agent --server wss://10.200.2.1:7700 --name cluster1 --fingerprint "$FP" \
-  --service web=10.200.2.2:8080 \
+  --service web=10.200.2.2:8080 --allow '*.cluster.internal:*' \
   >"$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 PIDS+=("$AGENT_PID")
@@ -191,6 +195,14 @@ ip netns exec "$C" env NO_COLOR=1 RUST_LOG=info TETHER_TOKEN="$LIMITED_TOKEN" \
   >"$WORK/client-limited.log" 2>&1 &
 LIMITED_PID=$!
 PIDS+=("$LIMITED_PID")
+# A SOCKS5 / HTTP CONNECT proxy into the cluster, names resolved by the agent.
+ip netns exec "$C" env NO_COLOR=1 RUST_LOG=info TETHER_TOKEN="$CLIENT_TOKEN" \
+  "$TETHER" client --server wss://10.200.1.1:7700 --fingerprint "$FP" \
+  proxy --listen 127.0.0.1:1080 --route '*.cluster.internal=cluster1' \
+  >"$WORK/client-proxy.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+LOGS+=("$WORK/client-proxy.log")
 
 # ---------------------------------------------------------------- 5. through the tunnel
 OK=0
@@ -258,6 +270,43 @@ elif ! kill -0 "$LIMITED_PID" 2>/dev/null; then
   pass "client 'limited' (allow cluster1/other) was refused at startup for cluster1/web"
 else
   fail "client listener 127.0.0.1:18082 (limited) never came up"
+fi
+
+# ---------------------------------------------------------------- 7. proxy by cluster name
+if ip netns exec "$C" getent hosts web.cluster.internal >/dev/null 2>&1; then
+  fail "web.cluster.internal resolves in the client namespace (the test needs it not to)"
+else
+  pass "web.cluster.internal does not resolve in the client namespace"
+fi
+wait_port "$C" 127.0.0.1 1080 50 || fail "proxy 127.0.0.1:1080 never came up"
+if ip netns exec "$C" curl -s --max-time 5 --socks5-hostname 127.0.0.1:1080 \
+     http://web.cluster.internal:8080/ 2>/dev/null | grep -qF "$MARKER"; then
+  pass "curl --socks5-hostname reached web.cluster.internal (resolved by the agent)"
+else
+  fail "curl --socks5-hostname did not reach web.cluster.internal"
+fi
+if ip netns exec "$C" curl -s --max-time 5 --proxy http://127.0.0.1:1080 \
+     http://web.cluster.internal:8080/ 2>/dev/null | grep -qF "$MARKER"; then
+  pass "curl --proxy (HTTP proxy) reached web.cluster.internal"
+else
+  fail "curl --proxy did not reach web.cluster.internal"
+fi
+if command -v chromium >/dev/null 2>&1; then
+  PROFILE="$WORK/chromium-profile"
+  DOM=$(ip netns exec "$C" timeout 60 chromium --headless --no-sandbox --disable-gpu \
+        --disable-quic --no-first-run --disable-background-networking \
+        --disable-component-update --disable-sync --user-data-dir="$PROFILE" \
+        --proxy-server=socks5://127.0.0.1:1080 --dump-dom http://web.cluster.internal:8080/ 2>"$WORK/chromium.log" || true)
+  if echo "$DOM" | grep -qF "$MARKER"; then
+    pass "headless Chromium with --proxy-server loaded http://web.cluster.internal:8080/"
+  else
+    fail "Chromium did not load the page by its cluster name: ${DOM:0:120}"
+    tail -n 20 "$WORK/chromium.log"
+  fi
+elif [ "${SKIP_CHROMIUM:-0}" = 1 ]; then
+  echo "SKIPPED: chromium not installed (SKIP_CHROMIUM=1)"
+else
+  fail "chromium is not installed (apt-get install chromium, or SKIP_CHROMIUM=1)"
 fi
 
 # Tether must not have opened the direct path.

@@ -1,6 +1,8 @@
 //! The "unexposed" test: a service in a network namespace that the client's
 //! namespace cannot route to is reachable through tether (server in an edge
-//! namespace, agent in the cluster namespace). See tests/netns_unexposed.sh.
+//! namespace, agent in the cluster namespace), with curl through a forward,
+//! and by a name only the cluster resolves through the client's SOCKS5 /
+//! HTTP proxy with curl and headless Chromium. See tests/netns_unexposed.sh.
 
 use std::process::Command;
 
