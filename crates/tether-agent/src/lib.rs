@@ -33,6 +33,10 @@ fn default_dial_timeout_ms() -> u64 {
 /// before registering again.
 pub const REPLACED_RETRY: Duration = Duration::from_secs(60);
 
+/// Most streams the server may have open on this agent at once (all clients
+/// together; each client is held to a smaller share by the server).
+pub const MAX_STREAMS: usize = 8192;
+
 /// A session that lasted this long counts as healthy: backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
@@ -178,6 +182,7 @@ impl Agent {
                 Ok((sink, source)) => {
                     let mut cfg = tether_proto::Config {
                         software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
+                        max_peer_streams: MAX_STREAMS,
                         ..Default::default()
                     };
                     self.config.session.apply(&mut cfg);

@@ -121,43 +121,35 @@ pub async fn serve_socket<F, Fut>(
         }
         let d = Bytes::copy_from_slice(&buf[..n]);
         let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = map.get_mut(&src) {
-            e.last_used = Instant::now();
-            match e.tx.try_send(d) {
-                Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    stats.drops.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Err(mpsc::error::TrySendError::Closed(d)) => {
-                    map.remove(&src);
-                    // Fall through: start a fresh flow with this datagram.
-                    start_flow(
-                        &mut map,
-                        &flows,
-                        src,
-                        d,
-                        &socket,
-                        &open,
-                        &limits,
-                        &stats,
-                        &mut generation,
-                    );
+        let d = match map.get_mut(&src) {
+            None => d,
+            Some(e) => {
+                e.last_used = Instant::now();
+                match e.tx.try_send(d) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        stats.drops.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // The flow ended (idle): start a fresh one with this datagram.
+                    Err(mpsc::error::TrySendError::Closed(d)) => {
+                        map.remove(&src);
+                        d
+                    }
                 }
             }
-        } else {
-            start_flow(
-                &mut map,
-                &flows,
-                src,
-                d,
-                &socket,
-                &open,
-                &limits,
-                &stats,
-                &mut generation,
-            );
-        }
+        };
+        start_flow(
+            &mut map,
+            &flows,
+            src,
+            d,
+            &socket,
+            &open,
+            &limits,
+            &stats,
+            &mut generation,
+        );
     }
 }
 

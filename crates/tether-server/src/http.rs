@@ -177,25 +177,67 @@ fn check_tether_upgrade(req: &Request<Body>) -> Resp {
     if is_websocket_upgrade(req.headers()) && !offers_subprotocol(req.headers(), SUBPROTOCOL) {
         return text(
             StatusCode::BAD_REQUEST,
-            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol version 1)"),
+            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol versions 1 and 2)"),
         );
     }
     switching_protocols(req, Some(SUBPROTOCOL))
 }
 
-fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
-    let Some(token) = bearer_token(&req, false) else {
+/// The request's bearer token, or the 401 answer for `who` (agent, client).
+fn require_token(
+    state: &State,
+    req: &Request<Body>,
+    peer: SocketAddr,
+    who: &str,
+    allow_query: bool,
+) -> Result<String, Box<Resp>> {
+    bearer_token(req, allow_query).ok_or_else(|| {
         state.metrics.error("missing_token");
-        tracing::warn!(%peer, "agent connection without a token");
-        return text(
+        tracing::warn!(%peer, "{who} connection without a token");
+        Box::new(text(
             StatusCode::UNAUTHORIZED,
-            "missing agent token (Authorization: Bearer ...)",
-        );
+            format!("missing {who} token (Authorization: Bearer ...)"),
+        ))
+    })
+}
+
+fn unknown_token(state: &State, peer: SocketAddr, who: &str) -> Resp {
+    state.metrics.error("bad_token");
+    tracing::warn!(%peer, "{who} connection with an unknown token");
+    text(StatusCode::UNAUTHORIZED, format!("invalid {who} token"))
+}
+
+/// Completes the upgrade and the protocol handshake of an accepted session.
+async fn accept_session(
+    state: &State,
+    req: Request<Body>,
+    cfg: tether_proto::Config,
+    label: String,
+    peer: SocketAddr,
+) -> Option<(
+    Connection,
+    tether_net::SessionInfo,
+    tether_net::session::IncomingStreams,
+)> {
+    let io = upgraded(req).await?;
+    let (sink, source) = server_from_upgraded(io).await;
+    match Connection::start(Role::Acceptor, cfg, sink, source, label.clone()).await {
+        Ok(x) => Some(x),
+        Err(e) => {
+            state.metrics.error("handshake");
+            tracing::warn!(session = %label, %peer, "handshake failed: {e}");
+            None
+        }
+    }
+}
+
+fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
+    let token = match require_token(&state, &req, peer, "agent", false) {
+        Ok(t) => t,
+        Err(r) => return *r,
     };
     let Some(name) = state.auth.agent(&token).map(str::to_owned) else {
-        state.metrics.error("bad_token");
-        tracing::warn!(%peer, "agent connection with an unknown token");
-        return text(StatusCode::UNAUTHORIZED, "invalid agent token");
+        return unknown_token(&state, peer, "agent");
     };
     if let Some(claimed) = req
         .headers()
@@ -216,22 +258,13 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
         return resp;
     }
     tokio::spawn(async move {
-        let Some(io) = upgraded(req).await else {
-            return;
-        };
-        let (sink, source) = server_from_upgraded(io).await;
         let mut cfg = state.session_config.clone();
         cfg.accept_opens = false; // agents do not open streams towards the server
         let label = format!("agent={name}");
-        let (conn, info, _incoming) =
-            match Connection::start(Role::Acceptor, cfg, sink, source, label).await {
-                Ok(x) => x,
-                Err(e) => {
-                    state.metrics.error("handshake");
-                    tracing::warn!(agent = %name, %peer, "agent handshake failed: {e}");
-                    return;
-                }
-            };
+        let Some((conn, info, _incoming)) = accept_session(&state, req, cfg, label, peer).await
+        else {
+            return;
+        };
         let (generation, old) =
             state
                 .registry
@@ -260,39 +293,26 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
 }
 
 fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
-    let Some(token) = bearer_token(&req, false) else {
-        state.metrics.error("missing_token");
-        tracing::warn!(%peer, "client connection without a token");
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "missing client token (Authorization: Bearer ...)",
-        );
+    let token = match require_token(&state, &req, peer, "client", false) {
+        Ok(t) => t,
+        Err(r) => return *r,
     };
     let Some(client) = state.auth.client(&token).cloned() else {
-        state.metrics.error("bad_token");
-        tracing::warn!(%peer, "client connection with an unknown token");
-        return text(StatusCode::UNAUTHORIZED, "invalid client token");
+        return unknown_token(&state, peer, "client");
     };
     let resp = check_tether_upgrade(&req);
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
     tokio::spawn(async move {
-        let Some(io) = upgraded(req).await else {
+        let label = format!("client={}", client.name);
+        let mut cfg = state.session_config.clone();
+        // One client must not be able to take all of an agent's streams.
+        cfg.max_peer_streams = crate::MAX_STREAMS_PER_CLIENT;
+        let Some((conn, _info, mut incoming)) = accept_session(&state, req, cfg, label, peer).await
+        else {
             return;
         };
-        let (sink, source) = server_from_upgraded(io).await;
-        let label = format!("client={}", client.name);
-        let cfg = state.session_config.clone();
-        let (conn, _info, mut incoming) =
-            match Connection::start(Role::Acceptor, cfg, sink, source, label).await {
-                Ok(x) => x,
-                Err(e) => {
-                    state.metrics.error("handshake");
-                    tracing::warn!(client = %client.name, %peer, "client handshake failed: {e}");
-                    return;
-                }
-            };
         let key = state.track(conn.clone());
         let sessions = state.metrics.sessions_of("client");
         sessions.inc();
@@ -337,17 +357,12 @@ pub fn status_for(code: OpenErrorCode) -> StatusCode {
 
 /// `/tether/v1/ws/AGENT/SERVICE`: one WebSocket carries one stream's bytes.
 async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &str) -> Resp {
-    let Some(token) = bearer_token(&req, true) else {
-        state.metrics.error("missing_token");
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "missing token (Authorization: Bearer ... or ?token=...)",
-        );
+    let token = match require_token(&state, &req, peer, "client", true) {
+        Ok(t) => t,
+        Err(r) => return *r,
     };
     let Some(client) = state.auth.client(&token).cloned() else {
-        state.metrics.error("bad_token");
-        tracing::warn!(%peer, "raw websocket with an unknown token");
-        return text(StatusCode::UNAUTHORIZED, "invalid client token");
+        return unknown_token(&state, peer, "client");
     };
     // Validate the upgrade before dialing anything.
     let resp = switching_protocols(&req, None);

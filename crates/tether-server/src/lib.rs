@@ -34,6 +34,12 @@ pub const CLIENT_PATH: &str = "/tether/v1/client";
 /// Prefix of the raw WebSocket endpoint (`/tether/v1/ws/AGENT/SERVICE`).
 pub const RAW_WS_PREFIX: &str = "/tether/v1/ws/";
 
+/// Most streams one client session may have open or opening at once. Well
+/// below an agent's own limit (8192), so a
+/// client that floods opens cannot take every stream of an agent from the
+/// others.
+pub const MAX_STREAMS_PER_CLIENT: usize = 512;
+
 /// How long a TLS handshake may take.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send the request headers (slowloris guard).

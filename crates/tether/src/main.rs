@@ -69,6 +69,32 @@ impl SessionArgs {
     }
 }
 
+/// How agents and clients reach the server.
+#[derive(Args)]
+struct DialArgs {
+    /// Server URL, e.g. wss://tether.example.com:7700.
+    #[arg(long, env = "TETHER_SERVER")]
+    server: Option<String>,
+    /// Token (prefer the environment variable over the flag: flags show in `ps`).
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Verify the server against this PEM CA file instead of system roots.
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Accept exactly the server certificate with this SHA-256 fingerprint.
+    #[arg(long, env = "TETHER_FINGERPRINT")]
+    fingerprint: Option<String>,
+}
+
+impl DialArgs {
+    fn apply(self, t: &mut Table) {
+        set(t, "server", self.server);
+        set(t, "token", self.token);
+        set(t, "ca_file", path_str(self.ca_file));
+        set(t, "fingerprint", self.fingerprint);
+    }
+}
+
 #[derive(Args)]
 struct ServerArgs {
     #[command(flatten)]
@@ -105,24 +131,14 @@ struct ServerArgs {
 struct AgentArgs {
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    dial: DialArgs,
     /// TOML config file.
     #[arg(long, short, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
-    /// Server URL, e.g. wss://tether.example.com:7700.
-    #[arg(long, env = "TETHER_SERVER")]
-    server: Option<String>,
     /// Name to register as.
     #[arg(long, env = "TETHER_AGENT_NAME")]
     name: Option<String>,
-    /// Agent token (prefer the environment variable over the flag).
-    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Verify the server against this PEM CA file instead of system roots.
-    #[arg(long, env = "TETHER_CA_FILE")]
-    ca_file: Option<PathBuf>,
-    /// Accept exactly the server certificate with this SHA-256 fingerprint.
-    #[arg(long, env = "TETHER_FINGERPRINT")]
-    fingerprint: Option<String>,
     /// A named service: NAME=HOST:PORT (repeatable).
     #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     services: Vec<String>,
@@ -144,21 +160,11 @@ struct AgentArgs {
 struct ClientArgs {
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    dial: DialArgs,
     /// TOML config file.
     #[arg(long, short, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
-    /// Server URL, e.g. wss://tether.example.com:7700.
-    #[arg(long, env = "TETHER_SERVER")]
-    server: Option<String>,
-    /// Client token (prefer the environment variable over the flag).
-    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Verify the server against this PEM CA file instead of system roots.
-    #[arg(long, env = "TETHER_CA_FILE")]
-    ca_file: Option<PathBuf>,
-    /// Accept exactly the server certificate with this SHA-256 fingerprint.
-    #[arg(long, env = "TETHER_FINGERPRINT")]
-    fingerprint: Option<String>,
     /// Close a UDP flow after this long without datagrams, in milliseconds [default: 60000].
     #[arg(long, env = "TETHER_UDP_IDLE_TIMEOUT_MS")]
     udp_idle_timeout_ms: Option<u64>,
@@ -376,11 +382,8 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut t = load_table(&a.config)?;
     a.session.apply(&mut t);
-    set(&mut t, "server", a.server);
+    a.dial.apply(&mut t);
     set(&mut t, "name", a.name);
-    set(&mut t, "token", a.token);
-    set(&mut t, "ca_file", path_str(a.ca_file));
-    set(&mut t, "fingerprint", a.fingerprint);
     set(
         &mut t,
         "dial_timeout_ms",
@@ -428,10 +431,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
 async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     let mut t = load_table(&a.config)?;
     a.session.apply(&mut t);
-    set(&mut t, "server", a.server);
-    set(&mut t, "token", a.token);
-    set(&mut t, "ca_file", path_str(a.ca_file));
-    set(&mut t, "fingerprint", a.fingerprint);
+    a.dial.apply(&mut t);
     match a.action {
         Some(ClientAction::Forward { forwards }) => {
             push_array(

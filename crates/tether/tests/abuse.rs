@@ -250,7 +250,7 @@ async fn open_flood_is_answered_and_bounded() {
         opened.len()
     );
     assert!(too_many > 0, "the per-session stream limit applies");
-    assert!(opened.len() <= 1024);
+    assert!(opened.len() <= tether_server::MAX_STREAMS_PER_CLIENT);
     tokio::time::timeout(Duration::from_secs(60), good)
         .await
         .expect("good transfer finishes during the flood")
