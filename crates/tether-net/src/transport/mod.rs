@@ -14,7 +14,10 @@ use std::future::Future;
 use std::io;
 
 /// Largest message (a batch of whole frames) a writer puts on the transport.
-pub const MAX_SEND_MESSAGE: usize = 256 * 1024;
+/// Small enough that a control frame (PONG, WINDOW_UPDATE) queued while a
+/// message is being written waits at most ~64 KiB of wire time; large
+/// enough to batch two 32 KiB DATA frames per write.
+pub const MAX_SEND_MESSAGE: usize = 64 * 1024;
 
 /// Largest message a reader accepts; anything bigger is a protocol violation.
 pub const MAX_RECV_MESSAGE: usize = 1024 * 1024;
