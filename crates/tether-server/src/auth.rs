@@ -15,6 +15,14 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     out
 }
 
+/// [`token_hash`] as lowercase hex, as `token_sha256` in the config wants it.
+pub fn token_hash_hex(token: &str) -> String {
+    token_hash(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn parse_hex32(s: &str) -> anyhow::Result<[u8; 32]> {
     let s = s.trim();
     if s.len() != 64 {

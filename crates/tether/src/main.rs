@@ -39,6 +39,20 @@ enum Command {
     Client(ClientArgs),
     /// Run server, agent, sample services and client on loopback, and say how to try them.
     Demo(demo::DemoArgs),
+    /// Make and hash tokens (configs can hold the hash instead of the token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token and the SHA-256 to put in the server config.
+    New,
+    /// Print the SHA-256 of a token (read from stdin when not given).
+    Hash {
+        /// The token; prefer stdin, so it stays out of the shell history.
+        token: Option<String>,
+    },
 }
 
 /// Settings may come from a TOML file (`--config`), `TETHER_*` environment
@@ -223,6 +237,7 @@ fn main() -> anyhow::Result<()> {
             Command::Agent(a) => run_agent(a).await,
             Command::Client(a) => run_client(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Token(t) => token_command(t),
         }
     })
 }
@@ -289,6 +304,34 @@ fn push_array(t: &mut Table, key: &str, items: Vec<Value>) {
 
 fn finish<T: serde::de::DeserializeOwned>(t: Table, what: &str) -> anyhow::Result<T> {
     T::deserialize(Value::Table(t)).with_context(|| format!("invalid {what} configuration"))
+}
+
+fn token_command(t: TokenCommand) -> anyhow::Result<()> {
+    match t {
+        TokenCommand::New => {
+            let token = demo::random_token() + &demo::random_token();
+            println!("token        = \"{token}\"");
+            println!(
+                "token_sha256 = \"{}\"",
+                tether_server::auth::token_hash_hex(&token)
+            );
+        }
+        TokenCommand::Hash { token } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    s.trim().to_owned()
+                }
+            };
+            if token.is_empty() {
+                bail!("empty token");
+            }
+            println!("{}", tether_server::auth::token_hash_hex(&token));
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -308,3 +308,59 @@ async fn a_silent_agent_is_declared_dead_and_reconnects_when_it_wakes() {
         "agent did not come back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_new_gives_a_hash_the_server_accepts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["token", "new"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |k: &str| {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split('"').nth(1))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {k} in {text}"))
+    };
+    let (token, hash) = (field("token "), field("token_sha256"));
+    assert_eq!(hash.len(), 64);
+    let dir = std::env::temp_dir().join(format!("tether-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"hashed\"\ntoken_sha256 = \"{hash}\"\n"),
+    )
+    .unwrap();
+    let server = Proc::spawn(
+        "server-hashed",
+        &[
+            "server".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    assert!(server.wait_log("server listening", Duration::from_secs(10)));
+    let agent = Proc::spawn(
+        "agent-hashed",
+        &[
+            "agent".into(),
+            "--server".into(),
+            format!("ws://127.0.0.1:{port}"),
+            "--name".into(),
+            "hashed".into(),
+            "--token".into(),
+            token.clone(),
+        ],
+    );
+    assert!(
+        agent.wait_log("registered as hashed", Duration::from_secs(10)),
+        "{}",
+        agent.log_text()
+    );
+    // The token itself never appears in the server's log.
+    assert!(!server.log_text().contains(&token));
+    let _ = std::fs::remove_dir_all(&dir);
+}
