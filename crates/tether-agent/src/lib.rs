@@ -137,6 +137,8 @@ pub struct Agent {
     config: AgentConfig,
     policy: Arc<TargetPolicy>,
     stats: Arc<AgentStats>,
+    /// The live session, for a graceful shutdown.
+    current: Arc<std::sync::Mutex<Option<Connection>>>,
 }
 
 impl Agent {
@@ -151,12 +153,36 @@ impl Agent {
             config,
             policy: Arc::new(policy),
             stats: Arc::default(),
+            current: Arc::default(),
         })
     }
 
     /// Live counters.
     pub fn stats(&self) -> Arc<AgentStats> {
         self.stats.clone()
+    }
+
+    /// Like [`Agent::run`] until `shutdown` resolves; then drains: GOAWAY
+    /// to the server, and the open streams get up to the drain deadline to
+    /// finish before the session closes.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let current = self.current.clone();
+        tokio::select! {
+            r = self.run() => r,
+            _ = shutdown => {
+                let conn = current.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(conn) = conn {
+                    tracing::info!("shutting down: draining the session (GOAWAY)");
+                    conn.go_away(ErrorCode::Normal, "agent shutting down");
+                    let drain = tether_proto::Config::default().drain_timeout + Duration::from_secs(5);
+                    let _ = tokio::time::timeout(drain, conn.transport_closed()).await;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Connects, serves, and reconnects with backoff, forever.
@@ -193,7 +219,13 @@ impl Agent {
                             tracing::info!(server = %url, peer = %info.peer_software, "registered as {}", self.config.name);
                             self.stats.connected.store(1, Ordering::Relaxed);
                             self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                            *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(conn.clone());
                             let why = self.serve(conn.clone(), incoming).await;
+                            self.current
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .take();
                             self.stats.connected.store(0, Ordering::Relaxed);
                             if conn.peer_goaway() == Some(ErrorCode::Replaced) {
                                 // Another agent took our name. Coming straight back

@@ -188,6 +188,15 @@ impl Client {
 
     /// Runs the listeners and keeps the session up, forever.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Like [`Client::run`] until `shutdown` resolves; then closes the
+    /// session cleanly (GOAWAY and a WebSocket close) instead of vanishing.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel::<Option<Connection>>(None);
         let limits = tether_net::udp::UdpLimits {
             idle_timeout: Duration::from_millis(self.config.udp_idle_timeout_ms),
@@ -232,7 +241,17 @@ impl Client {
             }
             tokio::spawn(proxy::serve(listener, router, rx.clone()));
         }
-        keep_session(self.config, tx).await
+        tokio::select! {
+            r = keep_session(self.config, tx) => r,
+            _ = shutdown => {
+                let conn = rx.borrow().clone();
+                if let Some(conn) = conn {
+                    conn.close(tether_proto::ErrorCode::Normal, "client exiting");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.transport_closed()).await;
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -74,6 +74,8 @@ struct Shared {
     closed_tx: watch::Sender<Option<String>>,
     /// Set when the peer's GOAWAY arrives.
     goaway_tx: watch::Sender<Option<ErrorCode>>,
+    /// Set when the writer has closed the transport.
+    transport_closed: watch::Sender<bool>,
     counters: Counters,
     label: String,
 }
@@ -125,6 +127,7 @@ impl Connection {
             timer_wake: Notify::new(),
             closed_tx,
             goaway_tx: watch::channel(None).0,
+            transport_closed: watch::channel(false).0,
             counters: Counters::default(),
             label: label.into(),
         });
@@ -220,6 +223,17 @@ impl Connection {
             tokio::select! {
                 r = goaway.changed() => if r.is_err() { return },
                 r = closed.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Resolves once the writer closed the transport (after flushing the
+    /// last frames, e.g. a GOAWAY, and the WebSocket close).
+    pub async fn transport_closed(&self) {
+        let mut rx = self.shared.transport_closed.subscribe();
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return;
             }
         }
     }
@@ -447,7 +461,12 @@ async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
     }
 }
 
-async fn writer_task<W: MessageSink>(shared: Arc<Shared>, mut sink: W) {
+async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
+    write_loop(&shared, sink).await;
+    shared.transport_closed.send_replace(true);
+}
+
+async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
     let mut buf = BytesMut::new();
     loop {
         let (has, closed) = {

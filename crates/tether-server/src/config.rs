@@ -24,9 +24,16 @@ pub struct ServerConfig {
     /// Heartbeat settings.
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
+    /// Most streams one client session may have at once (default 512).
+    #[serde(default = "default_max_streams_per_client")]
+    pub max_streams_per_client: usize,
     /// Public TCP ports bound to `agent/service`.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<crate::listeners::ListenerConfig>,
+}
+
+fn default_max_streams_per_client() -> usize {
+    crate::MAX_STREAMS_PER_CLIENT
 }
 
 fn default_listen() -> SocketAddr {
@@ -42,6 +49,7 @@ impl Default for ServerConfig {
             clients: vec![],
             session: Default::default(),
             listeners: vec![],
+            max_streams_per_client: crate::MAX_STREAMS_PER_CLIENT,
         }
     }
 }

@@ -308,7 +308,7 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         let label = format!("client={}", client.name);
         let mut cfg = state.session_config.clone();
         // One client must not be able to take all of an agent's streams.
-        cfg.max_peer_streams = crate::MAX_STREAMS_PER_CLIENT;
+        cfg.max_peer_streams = state.max_streams_per_client;
         let Some((conn, _info, mut incoming)) = accept_session(&state, req, cfg, label, peer).await
         else {
             return;

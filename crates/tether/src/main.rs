@@ -245,11 +245,11 @@ fn main() -> anyhow::Result<()> {
 /// The async runtime: one thread unless `TETHER_WORKER_THREADS=N` asks for
 /// more.
 ///
-/// Measured on the full client -> server -> agent path (bench/README.md):
-/// with a thread per process, a 64-byte round trip costs about 55 us more
-/// than direct, against about 220 us with tokio's multi-threaded default,
-/// and throughput is higher too: every hop is a wake-up, and a wake-up on
-/// another core is the expensive kind. A busy server with many sessions can
+/// Measured on the full client -> server -> agent path on this project's
+/// 2-core machine: with a thread per process, a 64-byte round trip cost
+/// 40-70 us more than direct, against about 220 us with tokio's
+/// multi-threaded default, and throughput was higher too: every hop is a
+/// wake-up, and a wake-up on another core is the expensive kind. A busy server with many sessions can
 /// trade some latency for more cores with `TETHER_WORKER_THREADS`.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let threads: usize = match std::env::var("TETHER_WORKER_THREADS") {
@@ -465,10 +465,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("metrics listener {addr}"))?;
         tracing::info!(addr = %bound, "serving /metrics");
     }
-    tokio::select! {
-        r = agent.run() => r,
-        _ = shutdown_signal() => Ok(()),
-    }
+    agent.run_until(shutdown_signal()).await
 }
 
 async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
@@ -517,8 +514,5 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         .with_context(|| format!("metrics listener {addr}"))?;
         tracing::info!(addr = %bound, "serving /metrics");
     }
-    tokio::select! {
-        r = client.run() => r,
-        _ = shutdown_signal() => Ok(()),
-    }
+    client.run_until(shutdown_signal()).await
 }

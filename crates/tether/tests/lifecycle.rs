@@ -364,3 +364,33 @@ async fn token_new_gives_a_hash_the_server_accepts() {
     assert!(!server.log_text().contains(&token));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_and_client_leave_cleanly_on_sigterm() {
+    let echo = echo_service().await;
+    let mut t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let mut client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    client.signal("TERM");
+    t.agent.signal("TERM");
+    assert!(
+        wait_until(Duration::from_secs(10), || !client.is_running()),
+        "client exits"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !t.agent.is_running()),
+        "agent exits"
+    );
+    assert!(t.agent.log_text().contains("draining the session"));
+    assert!(t
+        .server
+        .wait_log("agent disconnected", Duration::from_secs(5)));
+    assert!(t
+        .server
+        .wait_log("client disconnected", Duration::from_secs(5)));
+    let log = t.server.log_text();
+    assert!(
+        !log.contains("without closing handshake") && !log.contains("WARN"),
+        "server saw an unclean goodbye:\n{log}"
+    );
+}
