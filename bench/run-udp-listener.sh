@@ -54,7 +54,7 @@ udp() { # port -> "Mbit/s loss%"
   iperf3 -c 127.0.0.1 -p "$1" -u -b "${RATE}M" -l 1400 -t 5 -J | python3 -c '
 import json,sys
 d=json.load(sys.stdin)["end"]["sum"]
-# sum = the sender's rate; the receiver's loss comes back in the same report
+# sum = what was sent; the loss measured by the receiver comes back in the same report
 print("%.1f %.2f" % (d["bits_per_second"]/1e6*(1-d["lost_percent"]/100), d["lost_percent"]))'
 }
 dns_rtt() { # port -> median µs of 2000 sequential queries

@@ -1,0 +1,400 @@
+//! probe: a small loopback load tool for tether's benchmark suite.
+//!
+//! Servers: `echo-server`, `source-server`, `sink-server`.
+//! Measurements: `rtt`, `connect`, `idle`, `fair`.
+//!
+//! Every measurement prints exactly one result line of `key=value` pairs on
+//! stdout (prefixed with the subcommand name) so `bench/run.sh` can parse it,
+//! and is bounded both in count and in time (`--timeout-secs`): on timeout it
+//! exits non-zero instead of hanging.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(about = "Loopback load tool for tether's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP echo server; on the peer's FIN it finishes echoing and then sends its own FIN (half-close kept).
+    EchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Writes zeros to every connection as fast as it can, forever; ignores what it receives.
+    SourceServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Reads and discards everything; sends FIN after the peer's FIN.
+    SinkServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// One connection, COUNT ping-pong round trips of SIZE bytes (after WARMUP ones) against an echo server.
+    Rtt {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 500)]
+        warmup: usize,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// COUNT sequential new connections, each: connect + 1-byte echo round trip (after WARMUP ones).
+    Connect {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// Open COUNT connections to an echo server, one 1-byte round trip on each, print READY, hold them idle HOLD seconds.
+    Idle {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 5)]
+        hold: u64,
+        /// Connections set up in parallel.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// Aggregate read throughput of STREAMS connections to a source server, optionally beside one
+    /// more connection (via STALL_ADDR) that never reads.
+    Fair {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        #[arg(long)]
+        stall_addr: Option<SocketAddr>,
+        /// Measured seconds (after the warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+        /// Time the stalled stream gets to fill its windows and buffers before the others start.
+        #[arg(long, default_value_t = 1.0)]
+        stall_fill_secs: f64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // One thread: the probe must not compete for the machine's 2 cores more than the
+    // thing it measures; servers and measurements alike are I/O bound.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::EchoServer { listen } => serve(listen, Kind::Echo).await,
+            Cmd::SourceServer { listen } => serve(listen, Kind::Source).await,
+            Cmd::SinkServer { listen } => serve(listen, Kind::Sink).await,
+            Cmd::Rtt { addr, count, size, warmup, timeout_secs } => {
+                bounded(timeout_secs, "rtt", rtt(addr, count, size, warmup)).await
+            }
+            Cmd::Connect { addr, count, warmup, timeout_secs } => {
+                bounded(timeout_secs, "connect", connect(addr, count, warmup)).await
+            }
+            Cmd::Idle { addr, count, hold, parallel, timeout_secs } => {
+                idle(addr, count, hold, parallel, timeout_secs).await
+            }
+            Cmd::Fair { addr, streams, stall_addr, secs, warmup_secs, stall_fill_secs } => {
+                fair(addr, streams, stall_addr, secs, warmup_secs, stall_fill_secs).await
+            }
+        }
+    })
+}
+
+async fn bounded<F: std::future::Future<Output = Result<()>>>(secs: u64, what: &str, f: F) -> Result<()> {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(r) => r,
+        Err(_) => bail!("{what}: did not finish within {secs} s"),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Echo,
+    Source,
+    Sink,
+}
+
+async fn serve(listen: SocketAddr, kind: Kind) -> Result<()> {
+    let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    eprintln!("listening on {}", l.local_addr()?);
+    loop {
+        let (s, _) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let _ = match kind {
+                Kind::Echo => echo_conn(s).await,
+                Kind::Source => source_conn(s).await,
+                Kind::Sink => sink_conn(s).await,
+            };
+        });
+    }
+}
+
+async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            // Peer half-closed: everything was echoed; now close our side.
+            return s.shutdown().await;
+        }
+        s.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn source_conn(s: TcpStream) -> std::io::Result<()> {
+    let (mut r, mut w) = s.into_split();
+    // Drain (and ignore) whatever the peer sends so it never blocks on us.
+    tokio::spawn(async move {
+        let mut b = vec![0u8; 4096];
+        while let Ok(n) = r.read(&mut b).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let buf = vec![0u8; 64 * 1024];
+    loop {
+        w.write_all(&buf).await?;
+    }
+}
+
+async fn sink_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while s.read(&mut buf).await? != 0 {}
+    s.shutdown().await
+}
+
+struct Stats {
+    median: f64,
+    p90: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+    mean: f64,
+}
+
+fn stats(mut us: Vec<f64>) -> Stats {
+    us.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |p: f64| us[(((us.len() - 1) as f64) * p).round() as usize];
+    Stats {
+        median: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        min: us[0],
+        max: us[us.len() - 1],
+        mean: us.iter().sum::<f64>() / us.len() as f64,
+    }
+}
+
+fn print_stats(what: &str, extra: &str, s: &Stats) {
+    println!(
+        "{what} {extra} median_us={:.1} p90_us={:.1} p99_us={:.1} min_us={:.1} max_us={:.1} mean_us={:.1}",
+        s.median, s.p90, s.p99, s.min, s.max, s.mean
+    );
+}
+
+async fn rtt(addr: SocketAddr, count: usize, size: usize, warmup: usize) -> Result<()> {
+    if count == 0 || size == 0 {
+        bail!("count and size must be > 0");
+    }
+    let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    let out: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    let mut inb = vec![0u8; size];
+    let mut us = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t = Instant::now();
+        s.write_all(&out).await?;
+        s.read_exact(&mut inb).await.context("echo closed early")?;
+        let d = t.elapsed();
+        if inb != out {
+            bail!("echo returned different bytes");
+        }
+        if i >= warmup {
+            us.push(d.as_secs_f64() * 1e6);
+        }
+    }
+    print_stats("rtt", &format!("count={count} size={size}"), &stats(us));
+    Ok(())
+}
+
+async fn connect(addr: SocketAddr, count: usize, warmup: usize) -> Result<()> {
+    if count == 0 {
+        bail!("count must be > 0");
+    }
+    let mut us = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        s.write_all(&[i as u8]).await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.with_context(|| format!("connection {i}: echo closed early"))?;
+        let d = t.elapsed();
+        if b[0] != i as u8 {
+            bail!("echo returned a different byte");
+        }
+        if i >= warmup {
+            us.push(d.as_secs_f64() * 1e6);
+        }
+        drop(s);
+    }
+    print_stats("connect", &format!("count={count}"), &stats(us));
+    Ok(())
+}
+
+async fn open_one(addr: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(&[7]).await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await?;
+    Ok(s)
+}
+
+async fn idle(addr: SocketAddr, count: usize, hold: u64, parallel: usize, timeout_secs: u64) -> Result<()> {
+    let t = Instant::now();
+    let parallel = parallel.clamp(1, count.max(1));
+    let setup = async {
+        let mut conns: Vec<TcpStream> = Vec::with_capacity(count);
+        let mut set = tokio::task::JoinSet::new();
+        let mut started = 0usize;
+        while conns.len() < count {
+            while started < count && set.len() < parallel {
+                set.spawn(open_one(addr));
+                started += 1;
+            }
+            match set.join_next().await {
+                Some(r) => conns.push(r?.with_context(|| format!("idle: connection {} of {count}", conns.len() + 1))?),
+                None => break,
+            }
+        }
+        anyhow::Ok(conns)
+    };
+    let mut conns = match tokio::time::timeout(Duration::from_secs(timeout_secs), setup).await {
+        Ok(r) => r?,
+        Err(_) => bail!("idle: opening {count} connections took more than {timeout_secs} s"),
+    };
+    println!("READY idle count={} setup_ms={:.0}", conns.len(), t.elapsed().as_secs_f64() * 1e3);
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    // Check every stream is still alive end to end after the idle period.
+    let t2 = Instant::now();
+    let mut alive = 0usize;
+    let check = async {
+        for s in conns.iter_mut() {
+            let mut b = [0u8; 1];
+            if s.write_all(&[9]).await.is_ok() && s.read_exact(&mut b).await.is_ok() && b[0] == 9 {
+                alive += 1;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(timeout_secs), check).await;
+    println!("DONE idle count={count} alive_after_hold={alive} check_ms={:.0}", t2.elapsed().as_secs_f64() * 1e3);
+    drop(conns);
+    Ok(())
+}
+
+async fn fair(
+    addr: SocketAddr,
+    streams: usize,
+    stall_addr: Option<SocketAddr>,
+    secs: f64,
+    warmup_secs: f64,
+    stall_fill_secs: f64,
+) -> Result<()> {
+    if streams == 0 || !(secs > 0.0 && secs <= 600.0) {
+        bail!("streams must be > 0 and 0 < secs <= 600");
+    }
+    // The stalled stream: connected, never read. Keep it alive till the end.
+    let _stalled = match stall_addr {
+        Some(a) => {
+            let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(a))
+                .await
+                .context("stall connect timed out")??;
+            tokio::time::sleep(Duration::from_secs_f64(stall_fill_secs)).await;
+            Some(s)
+        }
+        None => None,
+    };
+    let counters: Arc<Vec<AtomicU64>> = Arc::new((0..streams).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let c = counters.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    anyhow::bail!("stream {i}: source closed");
+                }
+                c[i].fetch_add(n as u64, Ordering::Relaxed);
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(warmup_secs)).await;
+    let snap = |c: &Vec<AtomicU64>| c.iter().map(|x| x.load(Ordering::Relaxed)).collect::<Vec<u64>>();
+    let a = snap(&counters);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let b = snap(&counters);
+    let el = t.elapsed().as_secs_f64();
+    let mut failed = 0;
+    for task in &tasks {
+        if task.is_finished() {
+            failed += 1;
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
+    let per: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (y - x) as f64 / el / (1024.0 * 1024.0)).collect();
+    let total: f64 = per.iter().sum();
+    let min = per.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = per.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "fair streams={streams} stalled={} secs={el:.2} aggregate_mib_s={total:.1} min_stream_mib_s={min:.1} max_stream_mib_s={max:.1} failed_streams={failed}",
+        stall_addr.is_some() as u8
+    );
+    if failed > 0 {
+        bail!("{failed} streams ended early");
+    }
+    Ok(())
+}
