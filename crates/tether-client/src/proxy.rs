@@ -480,7 +480,10 @@ async fn udp_associate(
                     flows.remove(&key);
                 }
                 if flows.len() >= MAX_ASSOCIATION_FLOWS {
-                    continue;
+                    flows.retain(|_, tx| !tx.is_closed()); // forget idle-ended flows
+                    if flows.len() >= MAX_ASSOCIATION_FLOWS {
+                        continue;
+                    }
                 }
                 let Some(agent) = router.agent_for(&host).map(str::to_owned) else {
                     tracing::info!(%peer, %host, "udp: no route to an agent; dropped");
@@ -545,7 +548,15 @@ async fn association_flow(
                 let Ok(Some(chunk)) = chunk else { break };
                 last = Instant::now();
                 dec.push(&chunk);
-                while let Ok(Some(d)) = dec.next_datagram() {
+                loop {
+                    let d = match dec.next_datagram() {
+                        Ok(Some(d)) => d,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(%target, "bad datagram record: {e}");
+                            return;
+                        }
+                    };
                     let to = *client.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(to) = to {
                         let mut out = header.clone();

@@ -28,6 +28,13 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::transport::{MessageSink, MessageSource, MAX_SEND_MESSAGE};
 
+/// After the session closed, how long the reader waits for the peer's close.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A transport write that takes longer than this (the peer stopped reading)
+/// fails the session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Most incoming opens waiting for the application before new ones are refused.
 const MAX_UNANSWERED_OPENS: usize = 256;
 
@@ -325,6 +332,8 @@ impl Shared {
                             peer_software,
                         }));
                     }
+                    // The first PING is due now (its RTT seeds window tuning).
+                    self.timer_wake.notify_one();
                 }
                 Event::IncomingOpen { id, target } => {
                     let conn = Connection {
@@ -406,7 +415,16 @@ impl Shared {
                 }
                 Event::Rtt(d) => g.rtt = Some(d),
                 Event::SessionClosed { error } => {
-                    g.incoming = None;
+                    // Dropping the last sender can drop queued Incomings, whose
+                    // Drop takes this lock: never do it while holding it.
+                    if let Some(tx) = g.incoming.take() {
+                        match tokio::runtime::Handle::try_current() {
+                            Ok(h) => {
+                                h.spawn(async move { drop(tx) });
+                            }
+                            Err(_) => std::mem::forget(tx), // no runtime: process is ending
+                        }
+                    }
                     if let Some(tx) = g.handshake.take() {
                         let e = error
                             .clone()
@@ -424,8 +442,20 @@ impl Shared {
 }
 
 async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
+    let mut closed = shared.closed_tx.subscribe();
     loop {
-        let msg = source.recv().await;
+        let msg = tokio::select! {
+            m = source.recv() => m,
+            _ = async { let _ = closed.wait_for(Option::is_some).await; } => {
+                // Closed by this side (timeout, error, drain): give the writer
+                // a moment to send its GOAWAY and close, then let the socket go.
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    while let Ok(Some(_)) = source.recv().await {}
+                })
+                .await;
+                return;
+            }
+        };
         let mut g = shared.lock();
         let result = match msg {
             Ok(Some(m)) => g.session.handle_input(m, Instant::now()),
@@ -480,7 +510,14 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         };
         if has {
             let msg = buf.split().freeze();
-            if let Err(e) = sink.send(msg).await {
+            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("peer read nothing for {WRITE_TIMEOUT:?}"),
+                )),
+            };
+            if let Err(e) = sent {
                 {
                     let mut g = shared.lock();
                     g.session.transport_lost(&format!("write failed: {e}"));
@@ -545,6 +582,18 @@ impl Incoming {
     /// The stream id (for logs).
     pub fn id(&self) -> StreamId {
         self.stream.as_ref().map_or(StreamId(0), |s| s.id)
+    }
+
+    /// Resolves if the opener gives up (RST) or the session ends before
+    /// this open was answered.
+    pub async fn cancelled(&mut self) {
+        match self.stream.as_mut() {
+            Some(s) => {
+                // Nothing but a reset can arrive before OPEN_OK.
+                let _ = s.inbox.recv().await;
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Sends OPEN_OK and returns the stream.

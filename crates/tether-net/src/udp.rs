@@ -87,6 +87,18 @@ struct FlowEntry {
     tx: mpsc::Sender<Bytes>,
     last_used: Instant,
     generation: u64,
+    /// Ends the flow's task at once on eviction, even while its open is
+    /// still pending (which resets that open).
+    task: tokio::task::AbortHandle,
+}
+
+/// Counts a flow as alive for as long as its task exists (also when aborted).
+struct FlowCount(Arc<UdpStats>);
+
+impl Drop for FlowCount {
+    fn drop(&mut self) {
+        self.0.flows.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves a local UDP socket whose every source address becomes a flow: a
@@ -169,39 +181,43 @@ fn start_flow<F, Fut>(
     Fut: Future<Output = Result<Stream, String>> + Send + 'static,
 {
     if map.len() >= limits.max_flows {
-        // Evict the least recently used flow; dropping its sender ends it.
+        // Evict the least recently used flow: its task ends now, its stream resets.
         if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k) {
-            map.remove(&oldest);
+            if let Some(e) = map.remove(&oldest) {
+                e.task.abort();
+            }
             stats.evicted.fetch_add(1, Ordering::Relaxed);
         }
     }
     *generation += 1;
     let (tx, rx) = mpsc::channel(FLOW_QUEUE);
     let _ = tx.try_send(first);
+    let gen = *generation;
+    let flows2 = flows.clone();
+    let socket = socket.clone();
+    let open = open.clone();
+    let limits = limits.clone();
+    let stats2 = stats.clone();
+    stats.flows.fetch_add(1, Ordering::Relaxed);
+    stats.flows_total.fetch_add(1, Ordering::Relaxed);
+    let count = FlowCount(stats.clone());
+    let task = tokio::spawn(async move {
+        let _count = count;
+        local_flow(src, rx, socket, open(), limits.idle_timeout, &stats2).await;
+        let mut map = flows2.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&src).is_some_and(|e| e.generation == gen) {
+            map.remove(&src);
+        }
+    });
     map.insert(
         src,
         FlowEntry {
             tx,
             last_used: Instant::now(),
-            generation: *generation,
+            generation: gen,
+            task: task.abort_handle(),
         },
     );
-    let gen = *generation;
-    let flows = flows.clone();
-    let socket = socket.clone();
-    let open = open.clone();
-    let limits = limits.clone();
-    let stats = stats.clone();
-    stats.flows.fetch_add(1, Ordering::Relaxed);
-    stats.flows_total.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(async move {
-        local_flow(src, rx, socket, open(), limits.idle_timeout, &stats).await;
-        stats.flows.fetch_sub(1, Ordering::Relaxed);
-        let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&src).is_some_and(|e| e.generation == gen) {
-            map.remove(&src);
-        }
-    });
 }
 
 async fn local_flow(

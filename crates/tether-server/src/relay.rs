@@ -72,11 +72,25 @@ pub async fn open_on_agent(
 }
 
 /// Serves one stream a client session asked for.
-pub async fn relay_client_stream(state: Arc<State>, client: ClientIdentity, incoming: Incoming) {
+pub async fn relay_client_stream(
+    state: Arc<State>,
+    client: ClientIdentity,
+    mut incoming: Incoming,
+) {
     let started = Instant::now();
     let target = incoming.target().clone();
     let client_stream_id = incoming.id();
-    match open_on_agent(&state, &client, target.kind, &target.address).await {
+    // If the client gives up while the agent is still dialing, drop the
+    // agent-side open too (it is reset), so pending opens stay within the
+    // client's stream cap.
+    let opened = tokio::select! {
+        r = open_on_agent(&state, &client, target.kind, &target.address) => r,
+        _ = incoming.cancelled() => {
+            tracing::debug!(client = %client.name, stream = %client_stream_id, target = %target, "client cancelled the open");
+            return;
+        }
+    };
+    match opened {
         Err(RelayRefusal { code, reason }) => {
             tracing::info!(client = %client.name, stream = %client_stream_id, target = %target, %code, "open refused: {reason}");
             incoming.reject(code, &reason);
