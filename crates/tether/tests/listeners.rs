@@ -163,23 +163,8 @@ allow_from = ["10.0.0.0/8"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
     // A UDP echo service behind the agent.
-    let svc = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let svc_addr = svc.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, from)) = svc.recv_from(&mut buf).await else {
-                return;
-            };
-            let _ = svc.send_to(&buf[..n], from).await;
-        }
-    });
-    let port = loop {
-        let p = free_port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            break p;
-        }
-    };
+    let svc_addr = udp_echo().await;
+    let port = free_udp_port();
     let dir = std::env::temp_dir().join(format!("tether-udp-listener-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("server.toml");

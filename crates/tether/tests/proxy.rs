@@ -98,17 +98,7 @@ async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
 async fn socks5_udp_associate_relays_datagrams_by_name() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // UDP echo service, reachable by the agent as localhost:PORT.
-    let svc = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let svc_port = svc.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, from)) = svc.recv_from(&mut buf).await else {
-                return;
-            };
-            let _ = svc.send_to(&buf[..n], from).await;
-        }
-    });
+    let svc_port = udp_echo().await.port();
     let allow = format!("localhost:{svc_port}");
     let t = Tunnel::start(&[], &["--allow", &allow]);
     let proxy_port = free_port();

@@ -39,31 +39,6 @@ fn dnsmasq(port: u16) -> Option<Dnsmasq> {
     Some(Dnsmasq(child))
 }
 
-/// Echoes every datagram back to its sender.
-async fn udp_echo() -> std::net::SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, from)) = s.recv_from(&mut buf).await else {
-                return;
-            };
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
-fn free_udp_port() -> u16 {
-    loop {
-        let p = free_port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_over_the_tunnel_with_dig_and_bounded_flows() {
     let dns_port = free_udp_port();
