@@ -265,3 +265,105 @@ async fn open_flood_is_answered_and_bounded() {
         "streams of the flood were not all released"
     );
 }
+
+/// Sends a WebSocket upgrade by hand and returns the status line and body.
+fn raw_upgrade(addr: std::net::SocketAddr, path: &str, extra: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_without_valid_credentials_get_401_with_a_reason() {
+    let t = Tunnel::start(&[], &[]);
+    let addr = t.server_addr();
+    let r = raw_upgrade(
+        addr,
+        "/tether/v1/client",
+        "Sec-WebSocket-Protocol: tether.v1\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(r.contains("missing client token"), "{r}");
+    let r = raw_upgrade(
+        addr,
+        "/tether/v1/agent",
+        "Sec-WebSocket-Protocol: tether.v1\r\nAuthorization: Bearer nope\r\n",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 401") && r.contains("invalid agent token"),
+        "{r}"
+    );
+    // A valid token without the tether subprotocol is told what is missing.
+    let r = raw_upgrade(
+        addr,
+        "/tether/v1/client",
+        &format!("Authorization: Bearer {CLIENT_TOKEN}\r\n"),
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("tether.v1"),
+        "{r}"
+    );
+    // The raw endpoint names unknown agents and services.
+    let r = raw_upgrade(
+        addr,
+        &format!("/tether/v1/ws/ghost/x?token={CLIENT_TOKEN}"),
+        "",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains("agent ghost is not connected"),
+        "{r}"
+    );
+    let r = raw_upgrade(
+        addr,
+        &format!("/tether/v1/ws/prod/nope?token={CLIENT_TOKEN}"),
+        "",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 404") && r.contains("no service named"),
+        "{r}"
+    );
+    let m = t.server_metrics();
+    assert!(
+        m.contains("tether_errors_total{kind=\"missing_token\"}"),
+        "{m}"
+    );
+    assert!(m.contains("tether_errors_total{kind=\"bad_token\"}"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_websocket_endpoint_carries_one_stream() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let url = format!("{}/tether/v1/ws/prod/echo?token={CLIENT_TOKEN}", t.url());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut got = Vec::new();
+    for i in 0..50u8 {
+        let msg = vec![i; 1000 + i as usize * 100];
+        ws.send(Message::Binary(Bytes::from(msg.clone())))
+            .await
+            .unwrap();
+        got.extend_from_slice(&msg);
+    }
+    // Echoed bytes come back in order, whatever the message boundaries.
+    let mut back = Vec::new();
+    while back.len() < got.len() {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => back.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(back == got, "raw websocket bytes differ");
+    ws.close(None).await.unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        t.server_metric("tether_live_streams") == Some(0.0)
+    }));
+}
