@@ -24,7 +24,8 @@ pub struct ServerConfig {
     /// Heartbeat settings.
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
-    /// Most streams one client session may have at once (default 512).
+    /// Most streams one client (identity, over all its sessions and the raw
+    /// WebSocket endpoint) may have at once (default 512).
     #[serde(default = "default_max_streams_per_client")]
     pub max_streams_per_client: usize,
     /// Public TCP ports bound to `agent/service`.

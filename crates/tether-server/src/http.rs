@@ -370,8 +370,8 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
         return resp;
     }
     let started = Instant::now();
-    let agent_stream = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
-        Ok(s) => s,
+    let (agent_stream, permit) = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
+        Ok(x) => x,
         Err(RelayRefusal { code, reason }) => {
             tracing::info!(client = %client.name, %peer, target = %rest, %code, "raw websocket refused: {reason}");
             return text(status_for(code), reason);
@@ -379,6 +379,7 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
     };
     let target = rest.to_owned();
     tokio::spawn(async move {
+        let _permit = permit;
         let Some(io) = upgraded(req).await else {
             return;
         };

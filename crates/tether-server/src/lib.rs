@@ -34,8 +34,8 @@ pub const CLIENT_PATH: &str = "/tether/v1/client";
 /// Prefix of the raw WebSocket endpoint (`/tether/v1/ws/AGENT/SERVICE`).
 pub const RAW_WS_PREFIX: &str = "/tether/v1/ws/";
 
-/// Default for the most streams one client session may have open or
-/// opening at once (`max_streams_per_client`). Well
+/// Default for the most streams one client (identity, over all its
+/// sessions) may have open or opening at once (`max_streams_per_client`). Well
 /// below an agent's own limit (8192), so a
 /// client that floods opens cannot take every stream of an agent from the
 /// others.
@@ -56,8 +56,10 @@ pub struct State {
     pub metrics: metrics::Metrics,
     /// Protocol settings of accepted sessions.
     pub session_config: tether_proto::Config,
-    /// Stream cap of each client session.
+    /// Stream cap of each client identity (over all its sessions).
     pub max_streams_per_client: usize,
+    /// Live relayed streams per client identity.
+    client_streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Every live multiplexed session (agents and clients), for draining.
     sessions: std::sync::Mutex<std::collections::HashMap<u64, tether_net::Connection>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -151,6 +153,7 @@ impl Server {
                 metrics: metrics::Metrics::default(),
                 session_config,
                 max_streams_per_client: cfg.max_streams_per_client.max(1),
+                client_streams: Default::default(),
                 sessions: Default::default(),
                 next_session: Default::default(),
             }),

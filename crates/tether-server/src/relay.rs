@@ -27,13 +27,54 @@ pub struct RelayRefusal {
     pub reason: String,
 }
 
-/// Checks policy, finds the agent and opens the stream on it.
+/// One of a client identity's streams, counted against
+/// `max_streams_per_client` across all its sessions and endpoints until
+/// dropped.
+pub struct ClientStreamPermit {
+    state: Arc<State>,
+    client: String,
+}
+
+impl Drop for ClientStreamPermit {
+    fn drop(&mut self) {
+        let mut g = self
+            .state
+            .client_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.client);
+            }
+        }
+    }
+}
+
+fn acquire_permit(state: &Arc<State>, client: &str) -> Option<ClientStreamPermit> {
+    let mut g = state
+        .client_streams
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let n = g.entry(client.to_owned()).or_insert(0);
+    if *n >= state.max_streams_per_client {
+        return None;
+    }
+    *n += 1;
+    Some(ClientStreamPermit {
+        state: state.clone(),
+        client: client.to_owned(),
+    })
+}
+
+/// Checks policy and the client's stream budget, finds the agent and opens
+/// the stream on it. The permit must live as long as the relayed stream.
 pub async fn open_on_agent(
     state: &Arc<State>,
     client: &ClientIdentity,
     kind: TargetKind,
     address: &str,
-) -> Result<Stream, RelayRefusal> {
+) -> Result<(Stream, ClientStreamPermit), RelayRefusal> {
     let refuse = |code: OpenErrorCode, reason: String| {
         state.metrics.error(code.as_str());
         Err(RelayRefusal { code, reason })
@@ -50,6 +91,15 @@ pub async fn open_on_agent(
             format!("client {} may not open {agent}/{service}", client.name),
         );
     }
+    let Some(permit) = acquire_permit(state, &client.name) else {
+        return refuse(
+            OpenErrorCode::TooManyStreams,
+            format!(
+                "client {} already has {} streams open (the limit, over all its sessions)",
+                client.name, state.max_streams_per_client
+            ),
+        );
+    };
     let Some(entry) = state.registry.get(agent) else {
         return refuse(
             OpenErrorCode::AgentOffline,
@@ -66,7 +116,7 @@ pub async fn open_on_agent(
         .await;
     state.metrics.pending_opens.dec();
     match r {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok((s, permit)),
         Err((code, reason)) => refuse(code, format!("agent {agent}: {reason}")),
     }
 }
@@ -95,7 +145,7 @@ pub async fn relay_client_stream(
             tracing::info!(client = %client.name, stream = %client_stream_id, target = %target, %code, "open refused: {reason}");
             incoming.reject(code, &reason);
         }
-        Ok(agent_stream) => {
+        Ok((agent_stream, _permit)) => {
             let client_stream = match incoming.accept() {
                 Ok(s) => s,
                 Err(e) => {

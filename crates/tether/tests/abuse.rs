@@ -367,3 +367,52 @@ async fn raw_websocket_endpoint_carries_one_stream() {
         t.server_metric("tether_live_streams") == Some(0.0)
     }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_cap_holds_per_client_across_sessions() {
+    let echo = echo_service().await;
+    let dir = std::env::temp_dir().join(format!("tether-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, "max_streams_per_client = 20\n").unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let t = Tunnel::start_with(&[("echo", echo)], &["--config", &cfg_arg], &[]);
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let (sink, source) = tether_net::transport::ws::dial(
+            &format!("{}/tether/v1/client", t.url()),
+            SUBPROTOCOL,
+            &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        let cfg = tether_proto::Config {
+            accept_opens: false,
+            ..Default::default()
+        };
+        let (conn, _, _) =
+            tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "cap")
+                .await
+                .unwrap();
+        conns.push(conn);
+    }
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..30 {
+        match conns[i % 2].open(Target::tcp("prod/echo")).await {
+            Ok(s) => open.push(s),
+            Err((OpenErrorCode::TooManyStreams, reason)) => {
+                assert!(reason.contains("over all its sessions"), "{reason}");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (20, 10));
+    // Closing some gives the budget back.
+    open.truncate(15);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(conns[0].open(Target::tcp("prod/echo")).await.is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
