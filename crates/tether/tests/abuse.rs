@@ -34,6 +34,24 @@ async fn raw_session(t: &Tunnel) -> Ws {
     ws
 }
 
+/// A raw session past a good HELLO / HELLO_ACK exchange.
+async fn established_session(t: &Tunnel) -> Ws {
+    let mut ws = raw_session(t).await;
+    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
+    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
+        .await
+        .is_some());
+    ws
+}
+
+/// Waits for the server's GOAWAY and returns its code and reason.
+async fn expect_goaway(ws: &mut Ws) -> (ErrorCode, String) {
+    match next_frame(ws, |f| matches!(f, Frame::GoAway { .. })).await {
+        Some(Frame::GoAway { code, reason }) => (code, reason),
+        other => panic!("expected GOAWAY, got {other:?}"),
+    }
+}
+
 fn encode(frames: &[Frame]) -> Bytes {
     let mut b = BytesMut::new();
     for f in frames {
@@ -99,39 +117,23 @@ async fn malformed_input_closes_only_the_offending_session() {
     ws.send(Message::Binary(Bytes::from_static(&[0xee; 12])))
         .await
         .unwrap();
-    match next_frame(&mut ws, |f| matches!(f, Frame::GoAway { .. })).await {
-        Some(Frame::GoAway { code, reason }) => {
-            assert_eq!(code, ErrorCode::ProtocolError);
-            assert!(reason.contains("unknown frame type 0xee"), "{reason}");
-        }
-        other => panic!("expected GOAWAY, got {other:?}"),
-    }
+    let (code, reason) = expect_goaway(&mut ws).await;
+    assert_eq!(code, ErrorCode::ProtocolError);
+    assert!(reason.contains("unknown frame type 0xee"), "{reason}");
 
     // 2. A truncated frame after a good handshake.
-    let mut ws = raw_session(&t).await;
-    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
-    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
-        .await
-        .is_some());
+    let mut ws = established_session(&t).await;
     ws.send(Message::Binary(Bytes::from_static(&[
         0x13, 0, 0, 0, 0, 1, 0, 0, 0, 10, 1, 2,
     ])))
     .await
     .unwrap();
-    match next_frame(&mut ws, |f| matches!(f, Frame::GoAway { .. })).await {
-        Some(Frame::GoAway { code, reason }) => {
-            assert_eq!(code, ErrorCode::ProtocolError);
-            assert!(reason.contains("truncated"), "{reason}");
-        }
-        other => panic!("expected GOAWAY, got {other:?}"),
-    }
+    let (code, reason) = expect_goaway(&mut ws).await;
+    assert_eq!(code, ErrorCode::ProtocolError);
+    assert!(reason.contains("truncated"), "{reason}");
 
     // 3. A frame larger than the announced maximum.
-    let mut ws = raw_session(&t).await;
-    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
-    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
-        .await
-        .is_some());
+    let mut ws = established_session(&t).await;
     let mut big = BytesMut::new();
     Frame::Data {
         id: StreamId(1),
@@ -139,17 +141,10 @@ async fn malformed_input_closes_only_the_offending_session() {
     }
     .encode(&mut big);
     ws.send(Message::Binary(big.freeze())).await.unwrap();
-    match next_frame(&mut ws, |f| matches!(f, Frame::GoAway { .. })).await {
-        Some(Frame::GoAway { code, .. }) => assert_eq!(code, ErrorCode::FrameTooLarge),
-        other => panic!("expected GOAWAY, got {other:?}"),
-    }
+    assert_eq!(expect_goaway(&mut ws).await.0, ErrorCode::FrameTooLarge);
 
     // 4. A WebSocket message over the transport limit: the connection is cut.
-    let mut ws = raw_session(&t).await;
-    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
-    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
-        .await
-        .is_some());
+    let mut ws = established_session(&t).await;
     let _ = ws
         .send(Message::Binary(Bytes::from(vec![0u8; 3 * 1024 * 1024])))
         .await;
@@ -159,11 +154,7 @@ async fn malformed_input_closes_only_the_offending_session() {
     );
 
     // 5. Frames for a stream that never existed get exactly an RST; the session lives.
-    let mut ws = raw_session(&t).await;
-    ws.send(Message::Binary(encode(&[hello()]))).await.unwrap();
-    assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
-        .await
-        .is_some());
+    let mut ws = established_session(&t).await;
     ws.send(Message::Binary(encode(&[Frame::Data {
         id: StreamId(999),
         payload: Bytes::from_static(b"who?"),

@@ -6,6 +6,28 @@ use common::*;
 use std::process::Command;
 use std::time::Duration;
 
+/// A CLI client running `proxy` with `args`, connected; returns it and its port.
+fn proxy_client(t: &Tunnel, args: &[&str]) -> (Proc, u16) {
+    let port = free_port();
+    let mut all: Vec<String> = [
+        "client",
+        "--server",
+        &t.url(),
+        "--token",
+        CLIENT_TOKEN,
+        "proxy",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    all.push("--listen".into());
+    all.push(format!("127.0.0.1:{port}"));
+    all.extend(args.iter().map(|s| s.to_string()));
+    let p = Proc::spawn("proxy-client", &all);
+    assert!(p.wait_log("connected", Duration::from_secs(10)));
+    (p, port)
+}
+
 fn curl(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10"])
@@ -26,25 +48,15 @@ async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
     // The agent allows raw targets on localhost only at web's port.
     let allow = format!("localhost:{}", web.port());
     let t = Tunnel::start(&[], &["--allow", &allow]);
-    let proxy_port = free_port();
-    let client = Proc::spawn(
-        "proxy-client",
+    let (client, proxy_port) = proxy_client(
+        &t,
         &[
-            "client".into(),
-            "--server".into(),
-            t.url(),
-            "--token".into(),
-            CLIENT_TOKEN.into(),
-            "proxy".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{proxy_port}"),
-            "--route".into(),
-            "localhost=prod".into(),
-            "--route".into(),
-            "*.nowhere.example=ghost".into(),
+            "--route",
+            "localhost=prod",
+            "--route",
+            "*.nowhere.example=ghost",
         ],
     );
-    assert!(client.wait_log("connected", Duration::from_secs(10)));
     let proxy = format!("127.0.0.1:{proxy_port}");
     let url = format!("http://localhost:{}/page", web.port());
 
@@ -101,23 +113,7 @@ async fn socks5_udp_associate_relays_datagrams_by_name() {
     let svc_port = udp_echo().await.port();
     let allow = format!("localhost:{svc_port}");
     let t = Tunnel::start(&[], &["--allow", &allow]);
-    let proxy_port = free_port();
-    let client = Proc::spawn(
-        "proxy-udp-client",
-        &[
-            "client".into(),
-            "--server".into(),
-            t.url(),
-            "--token".into(),
-            CLIENT_TOKEN.into(),
-            "proxy".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{proxy_port}"),
-            "--default-agent".into(),
-            "prod".into(),
-        ],
-    );
-    assert!(client.wait_log("connected", Duration::from_secs(10)));
+    let (client, proxy_port) = proxy_client(&t, &["--default-agent", "prod"]);
 
     // SOCKS5 greeting and UDP ASSOCIATE.
     let mut ctl = connect(proxy_port).await;
