@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::backoff::Backoff;
-use tether_net::splice::splice;
+use tether_net::splice::{splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::{dial, endpoint_url};
 use tether_net::{Connection, Incoming};
 use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
 use tokio::net::TcpStream;
 
-pub use policy::TargetPolicy;
+pub use policy::{ServiceSpec, TargetPolicy};
 
 /// How long the agent waits, by default, for a service to accept a TCP connection.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,9 +59,11 @@ pub struct AgentConfig {
     /// Pinned SHA-256 fingerprint of the server certificate.
     #[serde(default)]
     pub fingerprint: Option<String>,
-    /// Named services: `db = "postgres.default.svc.cluster.local:5432"`.
+    /// Named services: `db = "postgres.default.svc.cluster.local:5432"`,
+    /// `grafana = "http://grafana.monitoring:3000"`, or a table
+    /// (see [`policy::ServiceTable`]).
     #[serde(default)]
-    pub services: BTreeMap<String, String>,
+    pub services: BTreeMap<String, ServiceSpec>,
     /// Raw `host:port` targets clients may ask for: `*.svc.cluster.local:*`,
     /// `10.0.0.0/8:5432`, `localhost:8000-8100`.
     #[serde(default)]
@@ -216,7 +218,8 @@ impl Agent {
                     match Connection::start(Role::Initiator, cfg, sink, source, label).await {
                         Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),
                         Ok((conn, info, incoming)) => {
-                            tracing::info!(server = %url, peer = %info.peer_software, "registered as {}", self.config.name);
+                            conn.announce_catalog(self.policy.catalog());
+                            tracing::info!(server = %url, peer = %info.peer_software, version = info.version, "registered as {}", self.config.name);
                             self.stats.connected.store(1, Ordering::Relaxed);
                             self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
                             *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -341,6 +344,36 @@ async fn serve_stream(
         }
     };
     let _ = tcp.set_nodelay(true);
+    // TLS towards the service, inside the dial timeout.
+    enum ServiceIo {
+        Plain(TcpStream),
+        Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    }
+    let io = match &resolved.tls {
+        None => ServiceIo::Plain(tcp),
+        Some(t) => {
+            let hs = t.connector.connect(t.server_name.clone(), tcp);
+            match tokio::time::timeout(dial_timeout, hs).await {
+                Ok(Ok(s)) => ServiceIo::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    stats.open_errors.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!("TLS to {}: {e}", resolved.address);
+                    tracing::info!(stream = %id, target = %target, "open failed: {reason}");
+                    inc.reject(OpenErrorCode::Unreachable, &reason);
+                    return;
+                }
+                Err(_) => {
+                    stats.open_errors.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!(
+                        "TLS to {} did not finish in {dial_timeout:?}",
+                        resolved.address
+                    );
+                    inc.reject(OpenErrorCode::Timeout, &reason);
+                    return;
+                }
+            }
+        }
+    };
     let stream = match inc.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -350,10 +383,18 @@ async fn serve_stream(
     };
     stats.streams_total.fetch_add(1, Ordering::Relaxed);
     stats.live_streams.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(stream = %id, target = %target, address = %resolved.address, "stream open");
+    tracing::info!(stream = %id, target = %target, address = %resolved.address, tls = resolved.tls.is_some(), "stream open");
     let (sr, sw) = stream.split();
-    let (tr, tw) = tcp.into_split();
-    let report = splice(sr, sw, tr, tw).await;
+    let report = match io {
+        ServiceIo::Tls(tls) => {
+            let (tr, tw) = tokio::io::split(*tls);
+            splice(sr, sw, IoReader(tr), IoWriter(tw)).await
+        }
+        ServiceIo::Plain(tcp) => {
+            let (tr, tw) = tcp.into_split();
+            splice(sr, sw, tr, tw).await
+        }
+    };
     stats.live_streams.fetch_sub(1, Ordering::Relaxed);
     let ms = started.elapsed().as_millis() as u64;
     match report.error {

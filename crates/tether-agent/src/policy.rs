@@ -5,10 +5,152 @@
 
 use anyhow::{bail, Context};
 use ipnet::IpNet;
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use tether_net::pattern::glob_match;
-use tether_proto::OpenErrorCode;
+use tether_net::transport::tls::{client_config, ServerTrust};
+use tether_proto::{CatalogEntry, OpenErrorCode, ServiceKind};
+
+/// A named service as written in the config: a string
+/// (`HOST:PORT` for TCP, `http://HOST:PORT`, `https://HOST:PORT`,
+/// `https+insecure://HOST:PORT`) or a table with every option.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ServiceSpec {
+    /// The short form.
+    Short(String),
+    /// The long form.
+    Full(ServiceTable),
+}
+
+impl From<&str> for ServiceSpec {
+    fn from(s: &str) -> Self {
+        ServiceSpec::Short(s.to_owned())
+    }
+}
+
+/// The long form of a service.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTable {
+    /// `HOST:PORT` (or one of the URL forms of the short form).
+    pub address: String,
+    /// The service speaks HTTP: the server may proxy browsers to it.
+    #[serde(default)]
+    pub http: bool,
+    /// The agent speaks TLS to the service (the tunnel carries plain bytes
+    /// from the server to the agent, inside the tunnel's own TLS).
+    #[serde(default)]
+    pub tls: bool,
+    /// Check the service's certificate (default true). `false` accepts any
+    /// certificate: for self-signed in-cluster services only.
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+    /// PEM CA file to check the service's certificate with (default: system roots).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to send in SNI and check the certificate for (default: the host).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// The server sends the service's own `HOST:PORT` as `Host` instead of
+    /// the name the browser used (for services that check it).
+    #[serde(default)]
+    pub rewrite_host: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// TLS to a service: the connector and the name to verify.
+#[derive(Clone)]
+pub struct ServiceTls {
+    /// Configured connector.
+    pub connector: tokio_rustls::TlsConnector,
+    /// SNI / certificate name.
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for ServiceTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServiceTls({:?})", self.server_name)
+    }
+}
+
+/// A named service, checked and ready to dial.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// `HOST:PORT` to dial.
+    pub address: String,
+    /// It speaks HTTP.
+    pub http: bool,
+    /// TLS towards the service, when configured.
+    pub tls: Option<ServiceTls>,
+    /// `Host` header the server should send, when rewriting.
+    pub host_header: Option<String>,
+}
+
+impl Service {
+    /// Checks a config entry and builds its TLS settings.
+    pub fn from_spec(name: &str, spec: &ServiceSpec) -> anyhow::Result<Service> {
+        let mut t = match spec {
+            ServiceSpec::Full(t) => t.clone(),
+            ServiceSpec::Short(s) => ServiceTable {
+                address: s.clone(),
+                http: false,
+                tls: false,
+                tls_verify: true,
+                tls_ca: None,
+                tls_server_name: None,
+                rewrite_host: false,
+            },
+        };
+        if let Some((scheme, rest)) = t.address.split_once("://") {
+            match scheme {
+                "http" => t.http = true,
+                "https" => (t.http, t.tls) = (true, true),
+                "https+insecure" => (t.http, t.tls, t.tls_verify) = (true, true, false),
+                "tcp" => {}
+                "tls" => t.tls = true,
+                other => bail!("service {name}: unknown scheme {other:?} (http, https, https+insecure, tcp, tls)"),
+            }
+            t.address = rest.trim_end_matches('/').to_owned();
+        }
+        let Some((host, _port)) = split_host_port(&t.address) else {
+            bail!("service {name}: address {:?} is not HOST:PORT", t.address);
+        };
+        let tls = if t.tls {
+            let trust = match (&t.tls_ca, t.tls_verify) {
+                (_, false) => ServerTrust::AnyCertificate,
+                (Some(ca), true) => ServerTrust::CaFile(ca.clone()),
+                (None, true) => ServerTrust::SystemRoots,
+            };
+            let cfg = client_config(&trust).with_context(|| format!("service {name}: TLS"))?;
+            let sni = t.tls_server_name.clone().unwrap_or_else(|| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            });
+            let server_name = rustls_pki_types::ServerName::try_from(sni.clone())
+                .with_context(|| format!("service {name}: {sni:?} is not a TLS server name"))?;
+            Some(ServiceTls {
+                connector: tokio_rustls::TlsConnector::from(cfg),
+                server_name,
+            })
+        } else {
+            None
+        };
+        Ok(Service {
+            host_header: t.rewrite_host.then(|| t.address.clone()),
+            address: t.address,
+            http: t.http,
+            tls,
+        })
+    }
+}
 
 /// How an allow rule matches the host part.
 #[derive(Debug, Clone)]
@@ -77,32 +219,33 @@ impl AllowRule {
 /// The agent's dial policy.
 #[derive(Debug, Clone, Default)]
 pub struct TargetPolicy {
-    services: BTreeMap<String, String>,
+    services: BTreeMap<String, Service>,
     allow: Vec<AllowRule>,
 }
 
 /// A target that passed the policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Resolved {
     /// `host:port` to dial (names resolve in the agent's network).
     pub address: String,
     /// The service name, when the target was one.
     pub service: Option<String>,
+    /// TLS towards the service.
+    pub tls: Option<ServiceTls>,
 }
 
 impl TargetPolicy {
-    /// Builds the policy; named services must be `host:port`.
-    pub fn new(services: &BTreeMap<String, String>, allow: &[String]) -> anyhow::Result<Self> {
-        for (name, addr) in services {
-            if split_host_port(addr).is_none() {
-                bail!("service {name}: address {addr:?} is not HOST:PORT");
-            }
-            if name.contains(':') || name.contains('/') || name.is_empty() {
+    /// Builds the policy; named services must be `host:port` (or a URL form).
+    pub fn new(services: &BTreeMap<String, ServiceSpec>, allow: &[String]) -> anyhow::Result<Self> {
+        let mut checked = BTreeMap::new();
+        for (name, spec) in services {
+            if name.contains(':') || name.contains('/') || name.is_empty() || name.len() > 255 {
                 bail!("service name {name:?} may not be empty or contain ':' or '/'");
             }
+            checked.insert(name.clone(), Service::from_spec(name, spec)?);
         }
         Ok(TargetPolicy {
-            services: services.clone(),
+            services: checked,
             allow: allow
                 .iter()
                 .map(|r| AllowRule::parse(r))
@@ -112,10 +255,11 @@ impl TargetPolicy {
 
     /// Decides whether `target` (a service name or `host:port`) may be dialed.
     pub fn resolve(&self, target: &str) -> Result<Resolved, (OpenErrorCode, String)> {
-        if let Some(addr) = self.services.get(target) {
+        if let Some(svc) = self.services.get(target) {
             return Ok(Resolved {
-                address: addr.clone(),
+                address: svc.address.clone(),
                 service: Some(target.to_owned()),
+                tls: svc.tls.clone(),
             });
         }
         match split_host_port(target) {
@@ -128,6 +272,7 @@ impl TargetPolicy {
                     Ok(Resolved {
                         address: target.to_owned(),
                         service: None,
+                        tls: None,
                     })
                 } else {
                     Err((
@@ -142,6 +287,28 @@ impl TargetPolicy {
     /// Names of the configured services.
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
         self.services.keys().map(String::as_str)
+    }
+
+    /// What the agent announces to the server (CATALOG): names and kinds,
+    /// never addresses, except a `Host` value the service asked to be sent.
+    pub fn catalog(&self) -> Vec<CatalogEntry> {
+        self.services
+            .iter()
+            .map(|(name, s)| CatalogEntry {
+                name: name.clone(),
+                kind: if s.http {
+                    ServiceKind::Http
+                } else {
+                    ServiceKind::Tcp
+                },
+                host: s.host_header.clone().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Shared handle (the agent keeps one per session).
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new(self)
     }
 }
 
@@ -166,7 +333,23 @@ mod tests {
         let mut services = BTreeMap::new();
         services.insert(
             "db".to_owned(),
-            "postgres.default.svc.cluster.local:5432".to_owned(),
+            "postgres.default.svc.cluster.local:5432".into(),
+        );
+        services.insert(
+            "grafana".to_owned(),
+            "http://grafana.monitoring:3000".into(),
+        );
+        services.insert(
+            "kibana".to_owned(),
+            ServiceSpec::Full(ServiceTable {
+                address: "kibana:5601".into(),
+                http: true,
+                tls: true,
+                tls_verify: false,
+                tls_ca: None,
+                tls_server_name: None,
+                rewrite_host: true,
+            }),
         );
         TargetPolicy::new(
             &services,
@@ -212,6 +395,32 @@ mod tests {
             OpenErrorCode::Forbidden
         );
         assert!(p.resolve("svc.cluster.local.evil.com:80").is_err());
+    }
+
+    #[test]
+    fn catalog_says_kinds_not_addresses() {
+        let p = policy();
+        let c = p.catalog();
+        let kinds: Vec<_> = c
+            .iter()
+            .map(|e| (e.name.as_str(), e.kind, e.host.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("db", ServiceKind::Tcp, ""),
+                ("grafana", ServiceKind::Http, ""),
+                ("kibana", ServiceKind::Http, "kibana:5601"),
+            ]
+        );
+        assert_eq!(
+            p.resolve("grafana").unwrap().address,
+            "grafana.monitoring:3000"
+        );
+        assert!(p.resolve("kibana").unwrap().tls.is_some());
+        let bad: BTreeMap<String, ServiceSpec> =
+            [("x".to_owned(), "ftp://a:1".into())].into_iter().collect();
+        assert!(TargetPolicy::new(&bad, &[]).is_err());
     }
 
     #[test]

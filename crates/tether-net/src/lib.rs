@@ -8,7 +8,9 @@
 //!   [`transport::MessageSource`]) and its WebSocket and TLS implementations.
 //! * [`splice`]: copying bytes both ways between two endpoints while keeping
 //!   half-close.
+//! * [`io`]: a stream as an `AsyncRead` + `AsyncWrite` byte pipe.
 
+pub mod io;
 pub mod session;
 pub mod splice;
 pub mod transport;

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tether_proto::{
-    Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError, StreamId,
-    StreamStats, Target, WriteError,
+    CatalogEntry, Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError,
+    StreamId, StreamStats, Target, WriteError,
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -83,6 +83,8 @@ struct Shared {
     goaway_tx: watch::Sender<Option<ErrorCode>>,
     /// Set when the writer has closed the transport.
     transport_closed: watch::Sender<bool>,
+    /// The services the peer announced (CATALOG, version 3).
+    catalog: watch::Sender<Option<Vec<CatalogEntry>>>,
     counters: Counters,
     label: String,
 }
@@ -135,6 +137,7 @@ impl Connection {
             closed_tx,
             goaway_tx: watch::channel(None).0,
             transport_closed: watch::channel(false).0,
+            catalog: watch::channel(None).0,
             counters: Counters::default(),
             label: label.into(),
         });
@@ -194,6 +197,21 @@ impl Connection {
         drop(g);
         self.shared.writer_wake.notify_one();
         self.shared.timer_wake.notify_one();
+    }
+
+    /// Tells the peer which services this side offers (sent only when the
+    /// session speaks version 3; a later call replaces the list).
+    pub fn announce_catalog(&self, entries: Vec<CatalogEntry>) {
+        let mut g = self.lock();
+        g.session.announce_catalog(entries);
+        drop(g);
+        self.shared.writer_wake.notify_one();
+    }
+
+    /// The services the peer announced; `None` until it sends a catalog
+    /// (a version 1 or 2 peer never does).
+    pub fn peer_catalog(&self) -> watch::Receiver<Option<Vec<CatalogEntry>>> {
+        self.shared.catalog.subscribe()
     }
 
     /// Closes the session now; every stream is reset.
@@ -414,6 +432,9 @@ impl Shared {
                     self.goaway_tx.send_replace(Some(code));
                 }
                 Event::Rtt(d) => g.rtt = Some(d),
+                Event::Catalog(c) => {
+                    self.catalog.send_replace(Some(c));
+                }
                 Event::SessionClosed { error } => {
                     // Dropping the last sender can drop queued Incomings, whose
                     // Drop takes this lock: never do it while holding it.
@@ -727,6 +748,7 @@ impl Stream {
                 shared: self.shared.clone(),
                 id: self.id,
                 writable: self.writable.clone(),
+                credit_wait: None,
                 _guard: guard,
             },
         )
@@ -762,10 +784,22 @@ impl StreamReader {
     /// The next chunk of bytes; `Ok(None)` once the peer finished (FIN).
     /// Reading a chunk returns its bytes to the peer's send window.
     pub async fn read(&mut self) -> io::Result<Option<Bytes>> {
+        std::future::poll_fn(|cx| self.poll_read_chunk(cx)).await
+    }
+
+    /// Poll form of [`StreamReader::read`].
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<Option<Bytes>>> {
+        use std::task::Poll;
         if self.done {
-            return Ok(None);
+            return Poll::Ready(Ok(None));
         }
-        match self.inbox.recv().await {
+        let Poll::Ready(next) = self.inbox.poll_recv(cx) else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match next {
             Some(Inbound::Data(b)) => {
                 let mut g = self.shared.lock();
                 g.session.stream_consumed(self.id, b.len(), Instant::now());
@@ -788,7 +822,7 @@ impl StreamReader {
                 self.done = true;
                 Err(stream_gone("stream closed"))
             }
-        }
+        })
     }
 }
 
@@ -797,6 +831,8 @@ pub struct StreamWriter {
     shared: Arc<Shared>,
     id: StreamId,
     writable: Arc<Notify>,
+    /// A pending wait for credit, for [`StreamWriter::poll_write_some`].
+    credit_wait: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
     _guard: Arc<StreamGuard>,
 }
 
@@ -858,6 +894,72 @@ impl StreamWriter {
             }
             Err(e) => Err(stream_gone(e.to_string())),
         }
+    }
+
+    /// Copies as much of `data` as the stream has credit for (at least one
+    /// byte, waiting for credit when there is none). For byte-oriented
+    /// callers such as [`crate::io::StreamIo`].
+    pub fn poll_write_some(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let r = {
+                let mut g = self.shared.lock();
+                // With no credit, a one-byte write is refused (Ok(0)) and
+                // marks the stream blocked, so a Writable event follows.
+                let n = g.session.send_capacity(self.id).clamp(1, data.len());
+                let r = g
+                    .session
+                    .stream_write(self.id, Bytes::copy_from_slice(&data[..n]));
+                self.shared.dispatch(&mut g);
+                r
+            };
+            match r {
+                Ok(n) if n > 0 => {
+                    self.credit_wait = None;
+                    self.shared.writer_wake.notify_one();
+                    self.shared
+                        .counters
+                        .bytes_out
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(WriteError::UnknownStream) => {
+                    return Poll::Ready(Err(stream_gone("stream is closed")))
+                }
+                Err(e) => return Poll::Ready(Err(stream_gone(e.to_string()))),
+                Ok(_) => {
+                    // No credit: wait for the Writable notification (its
+                    // permit is kept if it fired before we got here).
+                    let wait = self
+                        .credit_wait
+                        .get_or_insert_with(|| Box::pin(self.writable.clone().notified_owned()));
+                    match std::future::Future::poll(wait.as_mut(), cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) => self.credit_wait = None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Half-closes at once (the non-async form of [`StreamWriter::finish`]).
+    pub fn finish_now(&mut self) -> io::Result<()> {
+        let r = {
+            let mut g = self.shared.lock();
+            let r = g.session.stream_finish(self.id);
+            self.shared.dispatch(&mut g);
+            r
+        };
+        self.shared.writer_wake.notify_one();
+        self.shared.timer_wake.notify_one(); // linger starts
+        r.map_err(|e| stream_gone(e.to_string()))
     }
 
     /// Half-closes: the peer reads EOF after everything written so far.

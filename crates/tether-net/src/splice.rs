@@ -71,6 +71,33 @@ impl ChunkWrite for OwnedWriteHalf {
     }
 }
 
+/// Any [`tokio::io::AsyncRead`] as a [`ChunkRead`] (e.g. a TLS stream's read half).
+pub struct IoReader<R>(pub R);
+
+/// Any [`tokio::io::AsyncWrite`] as a [`ChunkWrite`]; `finish` shuts it down.
+pub struct IoWriter<W>(pub W);
+
+impl<R: tokio::io::AsyncRead + Unpin + Send> ChunkRead for IoReader<R> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = BytesMut::with_capacity(SOCKET_READ_CHUNK);
+        match self.0.read_buf(&mut buf).await? {
+            0 => Ok(None),
+            _ => Ok(Some(buf.freeze())),
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin + Send> ChunkWrite for IoWriter<W> {
+    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
+        self.0.write_all(&b).await?;
+        self.0.flush().await
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
 /// How a splice ended.
 #[derive(Debug, Default)]
 pub struct SpliceReport {

@@ -30,6 +30,69 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// Longest target address accepted in an OPEN.
 pub const MAX_TARGET_LEN: usize = 1024;
 
+/// Largest CATALOG payload (version 3): the one control frame that may be
+/// bigger than [`MAX_CONTROL_PAYLOAD`], since an agent may offer hundreds of
+/// services. It still fits one WebSocket message.
+pub const MAX_CATALOG_PAYLOAD: usize = 60 * 1024;
+
+/// One service in a CATALOG frame: what an agent offers by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// The service name clients open (`agent/NAME`).
+    pub name: String,
+    /// What the service speaks, so the server knows what it can do with it.
+    pub kind: ServiceKind,
+    /// For HTTP services: the `Host` header value the service expects when
+    /// the server is told to rewrite it (empty: keep the browser's).
+    pub host: String,
+}
+
+/// What a named service speaks (CATALOG, version 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceKind {
+    /// A TCP service of unknown protocol.
+    Tcp,
+    /// An HTTP service the server may proxy browsers to (the agent has
+    /// already taken care of TLS to the service, if any).
+    Http,
+    /// A UDP service.
+    Udp,
+    /// A kind this build does not know (shown, never proxied).
+    Other(u8),
+}
+
+impl ServiceKind {
+    /// The wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            ServiceKind::Tcp => 0,
+            ServiceKind::Http => 1,
+            ServiceKind::Udp => 2,
+            ServiceKind::Other(v) => v,
+        }
+    }
+
+    /// From the wire value.
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            0 => ServiceKind::Tcp,
+            1 => ServiceKind::Http,
+            2 => ServiceKind::Udp,
+            v => ServiceKind::Other(v),
+        }
+    }
+
+    /// Lowercase name (`tcp`, `http`, `udp`, `kindN`).
+    pub fn as_str(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            ServiceKind::Tcp => "tcp".into(),
+            ServiceKind::Http => "http".into(),
+            ServiceKind::Udp => "udp".into(),
+            ServiceKind::Other(v) => format!("kind{v}").into(),
+        }
+    }
+}
+
 /// A stream identifier, scoped to one session. 0 is the session itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub u32);
@@ -118,6 +181,8 @@ pub enum FrameType {
     Pong = 0x04,
     /// The sender takes no new streams; the session ends when drained.
     GoAway = 0x05,
+    /// The services the sender offers (version 3).
+    Catalog = 0x06,
     /// Ask the peer to open a stream to a target.
     Open = 0x10,
     /// The stream is open.
@@ -142,6 +207,7 @@ impl FrameType {
             0x03 => FrameType::Ping,
             0x04 => FrameType::Pong,
             0x05 => FrameType::GoAway,
+            0x06 => FrameType::Catalog,
             0x10 => FrameType::Open,
             0x11 => FrameType::OpenOk,
             0x12 => FrameType::OpenErr,
@@ -189,6 +255,8 @@ pub enum Frame {
         /// Human-readable detail.
         reason: String,
     },
+    /// See [`FrameType::Catalog`]: the full list, replacing any earlier one.
+    Catalog(Vec<CatalogEntry>),
     /// See [`FrameType::Open`].
     Open {
         /// The new stream's id (its parity says which side opened it).
@@ -271,7 +339,8 @@ impl Frame {
             | Frame::HelloAck(_)
             | Frame::Ping(_)
             | Frame::Pong(_)
-            | Frame::GoAway { .. } => StreamId::SESSION,
+            | Frame::GoAway { .. }
+            | Frame::Catalog(_) => StreamId::SESSION,
             Frame::Open { id, .. }
             | Frame::OpenOk { id }
             | Frame::OpenErr { id, .. }
@@ -290,6 +359,7 @@ impl Frame {
             Frame::Ping(_) => FrameType::Ping,
             Frame::Pong(_) => FrameType::Pong,
             Frame::GoAway { .. } => FrameType::GoAway,
+            Frame::Catalog(_) => FrameType::Catalog,
             Frame::Open { .. } => FrameType::Open,
             Frame::OpenOk { .. } => FrameType::OpenOk,
             Frame::OpenErr { .. } => FrameType::OpenErr,
@@ -310,6 +380,10 @@ impl Frame {
             Frame::Hello(h) | Frame::HelloAck(h) => 17 + clip(&h.software, 255).len(),
             Frame::Ping(_) | Frame::Pong(_) => 8,
             Frame::GoAway { reason, .. } => 2 + clip(reason, MAX_REASON_LEN).len(),
+            Frame::Catalog(entries) => catalog_fit(entries)
+                .iter()
+                .map(|e| 3 + clip(&e.name, 255).len() + clip(&e.host, 255).len())
+                .sum(),
             Frame::Open { target, .. } => 3 + target.address.len(),
             Frame::OpenOk { .. } | Frame::Fin { .. } => 0,
             Frame::OpenErr { reason, .. } | Frame::Rst { reason, .. } => {
@@ -347,6 +421,17 @@ impl Frame {
                 out.put_u16(code.to_u16());
                 out.put_slice(clip(reason, MAX_REASON_LEN).as_bytes());
             }
+            Frame::Catalog(entries) => {
+                for e in catalog_fit(entries) {
+                    out.put_u8(e.kind.to_u8());
+                    let name = clip(&e.name, 255);
+                    out.put_u8(name.len() as u8);
+                    out.put_slice(name.as_bytes());
+                    let host = clip(&e.host, 255);
+                    out.put_u8(host.len() as u8);
+                    out.put_slice(host.as_bytes());
+                }
+            }
             Frame::Open { target, .. } => {
                 out.put_u8(target.kind.to_u8());
                 out.put_u16(target.address.len() as u16);
@@ -382,10 +467,10 @@ impl Frame {
         let ty = FrameType::from_u8(ty_byte).ok_or(FrameError::UnknownType(ty_byte))?;
         let id = StreamId(u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]));
         let len = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]) as usize;
-        let max = if ty == FrameType::Data {
-            max_data_payload
-        } else {
-            MAX_CONTROL_PAYLOAD
+        let max = match ty {
+            FrameType::Data => max_data_payload,
+            FrameType::Catalog => MAX_CATALOG_PAYLOAD,
+            _ => MAX_CONTROL_PAYLOAD,
         };
         if len > max {
             return Err(FrameError::TooLarge { len, max });
@@ -402,6 +487,7 @@ impl Frame {
                 | FrameType::Ping
                 | FrameType::Pong
                 | FrameType::GoAway
+                | FrameType::Catalog
         );
         if session_frame != (id == StreamId::SESSION) {
             return Err(FrameError::Malformed(
@@ -457,6 +543,20 @@ impl Frame {
                     code,
                     reason: lossy(&p),
                 }
+            }
+            FrameType::Catalog => {
+                let mut entries = Vec::new();
+                while !p.is_empty() {
+                    need(&p, 2, ty)?;
+                    let kind = ServiceKind::from_u8(p.get_u8());
+                    let name = catalog_text(&mut p)?;
+                    let host = catalog_text(&mut p)?;
+                    if name.is_empty() {
+                        return Err(FrameError::Malformed("CATALOG", "empty service name"));
+                    }
+                    entries.push(CatalogEntry { name, kind, host });
+                }
+                Frame::Catalog(entries)
             }
             FrameType::Open => {
                 need(&p, 3, ty)?;
@@ -526,6 +626,34 @@ impl Frame {
     }
 }
 
+/// The entries of a catalog that fit in [`MAX_CATALOG_PAYLOAD`] (the rest
+/// are left out rather than making a frame the peer must refuse).
+fn catalog_fit(entries: &[CatalogEntry]) -> &[CatalogEntry] {
+    let mut total = 0;
+    for (i, e) in entries.iter().enumerate() {
+        total += 3 + clip(&e.name, 255).len() + clip(&e.host, 255).len();
+        if total > MAX_CATALOG_PAYLOAD {
+            return &entries[..i];
+        }
+    }
+    entries
+}
+
+/// One `len:u8 utf8[len]` text of a CATALOG entry.
+fn catalog_text(p: &mut Bytes) -> Result<String, FrameError> {
+    if p.is_empty() {
+        return Err(FrameError::Malformed("CATALOG", "truncated entry"));
+    }
+    let n = p.get_u8() as usize;
+    if p.len() < n {
+        return Err(FrameError::Malformed("CATALOG", "truncated entry"));
+    }
+    let t = p.split_to(n);
+    std::str::from_utf8(&t)
+        .map(str::to_owned)
+        .map_err(|_| FrameError::Malformed("CATALOG", "text is not UTF-8"))
+}
+
 fn need(p: &Bytes, n: usize, ty: FrameType) -> Result<(), FrameError> {
     if p.len() < n {
         Err(FrameError::Malformed(type_name(ty), "payload too short"))
@@ -559,6 +687,7 @@ pub fn type_name(ty: FrameType) -> &'static str {
         FrameType::Ping => "PING",
         FrameType::Pong => "PONG",
         FrameType::GoAway => "GOAWAY",
+        FrameType::Catalog => "CATALOG",
         FrameType::Open => "OPEN",
         FrameType::OpenOk => "OPEN_OK",
         FrameType::OpenErr => "OPEN_ERR",
@@ -597,6 +726,19 @@ mod tests {
         roundtrip(Frame::Hello(h.clone()));
         roundtrip(Frame::HelloAck(h));
         roundtrip(Frame::Ping(7));
+        roundtrip(Frame::Catalog(vec![]));
+        roundtrip(Frame::Catalog(vec![
+            CatalogEntry {
+                name: "grafana".into(),
+                kind: ServiceKind::Http,
+                host: "grafana.monitoring.svc".into(),
+            },
+            CatalogEntry {
+                name: "db".into(),
+                kind: ServiceKind::Other(9),
+                host: String::new(),
+            },
+        ]));
         roundtrip(Frame::Pong(u64::MAX));
         roundtrip(Frame::GoAway {
             code: ErrorCode::Replaced,

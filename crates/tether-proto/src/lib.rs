@@ -20,20 +20,26 @@ mod session;
 mod stream;
 
 pub use codes::{ErrorCode, OpenErrorCode, ResetCode};
-pub use frame::{Frame, FrameError, FrameType, StreamId, Target, TargetKind};
+pub use frame::{
+    CatalogEntry, Frame, FrameError, FrameType, ServiceKind, StreamId, Target, TargetKind,
+};
 pub use session::{Config, Event, OpenError, Role, Session, SessionError, StreamStats, WriteError};
 
 /// The WebSocket subprotocol that carries version 1 of this protocol.
 pub const SUBPROTOCOL: &str = "tether.v1";
 
 /// The newest protocol version this build speaks. Version 2 adds UDP
-/// streams (kind 2, length-prefixed datagrams); everything else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// streams (kind 2, length-prefixed datagrams); version 3 adds the CATALOG
+/// frame (the services an agent offers); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// The first version that carries UDP streams.
 pub const UDP_VERSION: u16 = 2;
+
+/// The first version that carries CATALOG frames.
+pub const CATALOG_VERSION: u16 = 3;
 
 pub mod datagram;

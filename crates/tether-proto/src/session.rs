@@ -5,9 +5,11 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
-use crate::frame::{Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN};
+use crate::frame::{
+    CatalogEntry, Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN,
+};
 use crate::stream::{Phase, Stream};
-use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, UDP_VERSION};
+use crate::{CATALOG_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, UDP_VERSION};
 
 /// Which end of the WebSocket this session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +155,9 @@ pub enum Event {
     },
     /// A PONG answered our PING.
     Rtt(Duration),
+    /// The peer announced the services it offers (version 3), replacing any
+    /// earlier list.
+    Catalog(Vec<CatalogEntry>),
     /// The session is over; nothing more will happen. Close the transport
     /// after flushing [`Session::poll_transmit`].
     SessionClosed {
@@ -298,6 +303,8 @@ pub struct Session {
     goaway_sent: bool,
     goaway_received: bool,
     drain_deadline: Option<Instant>,
+    /// The catalog to announce once the session speaks version 3.
+    catalog: Option<Vec<CatalogEntry>>,
 }
 
 impl Session {
@@ -327,6 +334,7 @@ impl Session {
             goaway_sent: false,
             goaway_received: false,
             drain_deadline: None,
+            catalog: None,
             config,
         };
         if role == Role::Initiator {
@@ -461,6 +469,16 @@ impl Session {
                 }
                 self.events.push_back(Event::GoAway { code, reason });
                 self.maybe_finish_drain();
+                Ok(())
+            }
+            Frame::Catalog(entries) => {
+                if self.version < CATALOG_VERSION {
+                    return Err(self.fail(SessionError::Protocol(format!(
+                        "CATALOG needs protocol version {CATALOG_VERSION}, this session speaks {}",
+                        self.version
+                    ))));
+                }
+                self.events.push_back(Event::Catalog(entries));
                 Ok(())
             }
             Frame::Open { id, target } => self.handle_open(id, target, now),
@@ -635,6 +653,21 @@ impl Session {
             version,
             peer_software,
         });
+        if version >= CATALOG_VERSION {
+            if let Some(c) = &self.catalog {
+                self.control.push_back(Frame::Catalog(c.clone()));
+            }
+        }
+    }
+
+    /// Announces the services this side offers (a CATALOG frame, version 3),
+    /// replacing any earlier announcement. Before the handshake it is kept
+    /// and sent on establishment; with a version 1 or 2 peer it is never sent.
+    pub fn announce_catalog(&mut self, entries: Vec<CatalogEntry>) {
+        if self.state == State::Established && self.version >= CATALOG_VERSION {
+            self.control.push_back(Frame::Catalog(entries.clone()));
+        }
+        self.catalog = Some(entries);
     }
 
     fn peer_parity(&self, id: StreamId) -> bool {

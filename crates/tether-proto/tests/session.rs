@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use tether_proto::frame::{Frame, StreamId, Target};
+use tether_proto::frame::{CatalogEntry, Frame, ServiceKind, StreamId, Target};
 use tether_proto::{
     Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError,
 };
@@ -352,7 +352,7 @@ fn version_mismatch_is_explicit() {
     let mut b = Session::new(Role::Acceptor, Config::default(), now);
     let mut out = BytesMut::new();
     Frame::Hello(tether_proto::frame::Hello {
-        min_version: 3,
+        min_version: 4,
         max_version: 5,
         capabilities: 0,
         initial_window: 65536,
@@ -429,9 +429,9 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 }
 
 #[test]
-fn current_peers_negotiate_version_2_with_udp() {
+fn current_peers_negotiate_version_3_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (2, 2));
+    assert_eq!((p.a.version(), p.b.version()), (3, 3));
     let id =
         p.a.open(
             Target {
@@ -446,6 +446,80 @@ fn current_peers_negotiate_version_2_with_udp() {
         .b_events
         .iter()
         .any(|e| matches!(e, Event::IncomingOpen { id: i, .. } if *i == id)));
+}
+
+fn catalog(names: &[&str]) -> Vec<CatalogEntry> {
+    names
+        .iter()
+        .map(|n| CatalogEntry {
+            name: (*n).into(),
+            kind: ServiceKind::Http,
+            host: format!("{n}.svc"),
+        })
+        .collect()
+}
+
+/// A catalog announced before the handshake goes out on establishment; a
+/// later one replaces it.
+#[test]
+fn catalog_is_sent_at_establishment_and_on_change() {
+    let now = Instant::now();
+    let mut a = Session::new(Role::Initiator, Config::default(), now);
+    a.announce_catalog(catalog(&["web", "grafana"]));
+    let mut p = Pair {
+        a,
+        b: Session::new(Role::Acceptor, Config::default(), now),
+        now,
+        a_events: vec![],
+        b_events: vec![],
+    };
+    p.pump(usize::MAX);
+    let got: Vec<_> = p
+        .b_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Catalog(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![catalog(&["web", "grafana"])]);
+    p.b_events.clear();
+    p.a.announce_catalog(catalog(&["web"]));
+    p.pump(usize::MAX);
+    assert!(p.b_events.contains(&Event::Catalog(catalog(&["web"]))));
+}
+
+/// A version-2 peer never gets a CATALOG, and a CATALOG on a version-2
+/// session is a protocol error.
+#[test]
+fn catalog_needs_version_3() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Acceptor, Config::default(), now);
+    b.announce_catalog(catalog(&["web"]));
+    let mut out = BytesMut::new();
+    Frame::Hello(tether_proto::frame::Hello {
+        min_version: 1,
+        max_version: 2,
+        capabilities: 0,
+        initial_window: 65536,
+        max_frame_payload: 65536,
+        software: "v2".into(),
+    })
+    .encode(&mut out);
+    b.handle_input(out.freeze(), now).unwrap();
+    assert_eq!(b.version(), 2);
+    let mut tx = BytesMut::new();
+    b.poll_transmit(&mut tx, usize::MAX);
+    let mut tx = tx.freeze();
+    while let Ok(Some(f)) = Frame::decode(&mut tx, 1 << 20) {
+        assert!(!matches!(f, Frame::Catalog(_)), "v2 peer got {f:?}");
+    }
+    let mut out = BytesMut::new();
+    Frame::Catalog(catalog(&["x"])).encode(&mut out);
+    assert!(matches!(
+        b.handle_input(out.freeze(), now),
+        Err(SessionError::Protocol(_))
+    ));
 }
 
 #[test]

@@ -61,6 +61,15 @@ impl ClientIdentity {
         let target = format!("{agent}/{service}");
         self.allow.iter().any(|p| glob_match(p, &target))
     }
+
+    /// Whether any allow rule can reach something on `agent` (the console
+    /// lists only those agents).
+    pub fn may_see_agent(&self, agent: &str) -> bool {
+        self.allow.iter().any(|p| {
+            let agent_part = p.split_once('/').map_or(p.as_str(), |(a, _)| a);
+            glob_match(agent_part, agent)
+        })
+    }
 }
 
 /// The server's credential tables.
@@ -68,6 +77,7 @@ impl ClientIdentity {
 pub struct Authenticator {
     agents: HashMap<[u8; 32], String>,
     clients: HashMap<[u8; 32], ClientIdentity>,
+    clients_by_name: HashMap<String, ClientIdentity>,
 }
 
 impl Authenticator {
@@ -98,8 +108,11 @@ impl Authenticator {
                 name: name.clone(),
                 allow: allow.clone(),
             };
-            if a.clients.insert(h, id).is_some() {
+            if a.clients.insert(h, id.clone()).is_some() {
                 bail!("client {name}: the same token is configured twice");
+            }
+            if a.clients_by_name.insert(name.clone(), id).is_some() {
+                bail!("client {name}: the name is configured twice");
             }
         }
         Ok(a)
@@ -113,6 +126,19 @@ impl Authenticator {
     /// The client this token belongs to.
     pub fn client(&self, token: &str) -> Option<&ClientIdentity> {
         self.clients.get(&token_hash(token))
+    }
+
+    /// A client by its configured name (browser sessions remember the name).
+    pub fn client_by_name(&self, name: &str) -> Option<&ClientIdentity> {
+        self.clients_by_name.get(name)
+    }
+
+    /// Names of every configured agent, sorted.
+    pub fn agent_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.agents.values().cloned().collect();
+        v.sort();
+        v.dedup();
+        v
     }
 }
 

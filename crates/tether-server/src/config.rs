@@ -31,6 +31,9 @@ pub struct ServerConfig {
     /// Public TCP ports bound to `agent/service`.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<crate::listeners::ListenerConfig>,
+    /// Browser access: host routing, login cookies.
+    #[serde(default)]
+    pub http: crate::web::WebConfig,
 }
 
 fn default_max_streams_per_client() -> usize {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             session: Default::default(),
             listeners: vec![],
             max_streams_per_client: crate::MAX_STREAMS_PER_CLIENT,
+            http: Default::default(),
         }
     }
 }

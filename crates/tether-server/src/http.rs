@@ -4,7 +4,6 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderMap, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming as Body;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::relay::{open_on_agent, run_relay, RelayRefusal};
 use crate::{State, AGENT_PATH, CLIENT_PATH, HEADER_READ_TIMEOUT, RAW_WS_PREFIX};
 
-type Resp = Response<Full<Bytes>>;
+use crate::web::{self, full, Resp};
 
 /// Serves HTTP/1.1 (with upgrades) on one accepted connection.
 pub async fn serve_connection<S>(state: Arc<State>, io: S, peer: SocketAddr)
@@ -51,7 +50,7 @@ where
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.into() + "\n")));
+    let mut r = Response::new(full(body.into() + "\n"));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -118,7 +117,7 @@ fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Resp {
     {
         return text(StatusCode::BAD_REQUEST, "WebSocket version 13 required");
     }
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(web::empty());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(
@@ -142,6 +141,27 @@ fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Resp {
 
 async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
     let path = req.uri().path().to_owned();
+    let host = web::request_host(&req).unwrap_or_default();
+    // Our own static files, on every host (also host-routed service hosts,
+    // whose error pages use them).
+    match path.as_str() {
+        "/_tether/style.css" => return web::pages::asset(web::pages::STYLE_CSS, "text/css"),
+        "/_tether/console.js" => {
+            return web::pages::asset(web::pages::CONSOLE_JS, "text/javascript")
+        }
+        _ => {}
+    }
+    // Host routing: every other path of SERVICE.AGENT.BASE is the service's.
+    if let Some(base) = state.web.base() {
+        if let Some(route) = web::proxy::route_by_host(&base, &host) {
+            let rest = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into());
+            return web_proxy(state, req, peer, route, rest, host).await;
+        }
+    }
     match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok"),
         "/metrics" => {
@@ -161,16 +181,80 @@ async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp 
             let rest = p[RAW_WS_PREFIX.len()..].to_owned();
             raw_ws(state, req, peer, &rest).await
         }
-        "/" => text(
-            StatusCode::OK,
-            format!(
-                "tether server {}\nagents connected: {}\n",
-                env!("CARGO_PKG_VERSION"),
-                state.registry.len()
-            ),
-        ),
+        "/login" if req.method() == http::Method::POST => {
+            web::login::login_submit(&state, req, peer, &host).await
+        }
+        "/login" => web::login::login_page(&state, &req),
+        "/logout" => web::login::logout(&state, req, &host).await,
+        "/" | "/api/agents" | "/api/events" => {
+            let Some((client, via)) = web::login::identify(&state, req.headers()) else {
+                return web::login::login_required(&state, &req, &host);
+            };
+            let scheme = state.public_scheme();
+            let port = web::split_port(&host).1.to_owned();
+            match path.as_str() {
+                "/" => web::console::page(&client, &via),
+                "/api/agents" => web::console::agents_json(&state, &client, scheme, &port),
+                _ => web::console::events(state.clone(), client, scheme, port),
+            }
+        }
+        p if p.starts_with(web::PATH_PREFIX) => {
+            let Some((route, tail)) = web::proxy::route_by_path(p) else {
+                return web::pages::error(
+                    req.headers(),
+                    StatusCode::NOT_FOUND,
+                    "bad_path",
+                    "expected /a/AGENT/SERVICE/",
+                );
+            };
+            let Some(tail) = tail else {
+                // `/a/AGENT/SERVICE` → `/a/AGENT/SERVICE/` so relative links resolve.
+                let q = req
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                return web::redirect(StatusCode::PERMANENT_REDIRECT, &format!("{p}/{q}"));
+            };
+            let rest = match req.uri().query() {
+                Some(q) => format!("{tail}?{q}"),
+                None => tail.to_owned(),
+            };
+            web_proxy(state, req, peer, route, rest, host).await
+        }
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
+}
+
+/// Authenticates a browser or API request and proxies it to its service.
+async fn web_proxy(
+    state: Arc<State>,
+    req: Request<Body>,
+    peer: SocketAddr,
+    route: web::proxy::WebRoute,
+    rest: String,
+    host: String,
+) -> Resp {
+    let Some((client, via)) = web::login::identify(&state, req.headers()) else {
+        if web::login::bearer(req.headers()).is_some() {
+            state.metrics.error("bad_token");
+            tracing::warn!(%peer, "http request with an unknown token");
+            return web::pages::error(
+                req.headers(),
+                StatusCode::UNAUTHORIZED,
+                "bad_token",
+                "invalid client token",
+            );
+        }
+        return web::login::login_required(&state, &req, &host);
+    };
+    let scheme = state.public_scheme();
+    let cx = web::proxy::ProxyContext {
+        peer,
+        scheme,
+        host: &host,
+    };
+    web::proxy::proxy(&state, req, route, &rest, &client, via, cx).await
 }
 
 fn check_tether_upgrade(req: &Request<Body>) -> Resp {

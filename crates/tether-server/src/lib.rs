@@ -9,6 +9,7 @@
 //! | `/tether/v1/ws/AGENT/SERVICE` | raw WebSocket: one WebSocket = one stream |
 //! | `/healthz` | liveness |
 //! | `/metrics` | Prometheus metrics |
+//! | `/`, `/login`, `/a/AGENT/SERVICE/`, `SERVICE.AGENT.BASE_DOMAIN` | browser access (see [`web`]) |
 
 pub mod auth;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod registry;
 pub mod relay;
+pub mod web;
 
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -58,6 +60,14 @@ pub struct State {
     pub session_config: tether_proto::Config,
     /// Stream cap of each client identity (over all its sessions).
     pub max_streams_per_client: usize,
+    /// Browser access settings.
+    pub web: web::WebConfig,
+    /// Logged-in browsers.
+    pub web_sessions: web::login::WebSessions,
+    /// Keep-alive tunnel streams to web services.
+    pub web_pool: web::proxy::Pool,
+    /// Whether the server itself serves TLS.
+    pub tls: bool,
     /// Live relayed streams per client identity.
     client_streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Every live multiplexed session (agents and clients), for draining.
@@ -66,6 +76,20 @@ pub struct State {
 }
 
 impl State {
+    /// Whether cookies are marked `Secure`.
+    pub fn secure_cookies(&self) -> bool {
+        self.web.secure_cookies.unwrap_or(self.tls)
+    }
+
+    /// The scheme browsers use to reach this server.
+    pub fn public_scheme(&self) -> &'static str {
+        if self.tls || self.web.secure_cookies == Some(true) {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Remembers a live session until [`State::untrack`].
     pub fn track(&self, conn: tether_net::Connection) -> u64 {
         let key = self
@@ -119,6 +143,7 @@ impl Server {
         for l in &cfg.listeners {
             l.validate()?;
         }
+        cfg.http.validate()?;
         let (tls, fingerprint) = match &cfg.tls {
             None => (None, None),
             Some(t) => {
@@ -127,7 +152,9 @@ impl Server {
                     (None, None, true) => ServerIdentity::self_signed(&t.names)?,
                     _ => anyhow::bail!("[tls]: set cert and key, or self_signed = true"),
                 };
-                let sc = id.server_config(&[b"http/1.1"])?;
+                // h2 for browsers; agents and clients ask for http/1.1
+                // (WebSocket upgrades need it).
+                let sc = id.server_config(&[b"h2", b"http/1.1"])?;
                 (
                     Some(tokio_rustls::TlsAcceptor::from(sc)),
                     Some(id.fingerprint()),
@@ -147,12 +174,16 @@ impl Server {
             public_listeners: cfg.listeners.clone(),
             tls,
             fingerprint,
-            state: Arc::new(State {
+            state: Arc::new_cyclic(|weak| State {
                 auth,
                 registry: registry::Registry::default(),
                 metrics: metrics::Metrics::default(),
                 session_config,
                 max_streams_per_client: cfg.max_streams_per_client.max(1),
+                web: cfg.http.clone(),
+                web_sessions: Default::default(),
+                web_pool: web::proxy::Pool::new(weak.clone()),
+                tls: cfg.tls.is_some(),
                 client_streams: Default::default(),
                 sessions: Default::default(),
                 next_session: Default::default(),

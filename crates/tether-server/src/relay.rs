@@ -51,7 +51,8 @@ impl Drop for ClientStreamPermit {
     }
 }
 
-fn acquire_permit(state: &Arc<State>, client: &str) -> Option<ClientStreamPermit> {
+/// Takes one of `client`'s stream slots, if it has one left.
+pub fn acquire_permit(state: &Arc<State>, client: &str) -> Option<ClientStreamPermit> {
     let mut g = state
         .client_streams
         .lock()

@@ -1,13 +1,15 @@
 //! `tether demo`: the whole path on loopback in one process.
 //!
 //! Starts a TLS server (self-signed, the agent pins its fingerprint), an
-//! agent offering two sample services (a web page and a TCP echo), and a
-//! client forwarding local ports to them, then prints what to try.
+//! agent offering two sample services (a web app and a TCP echo), and a
+//! client forwarding local ports to them, then prints what to try: the web
+//! app in a browser through the server, and both services through the
+//! client's local ports.
 
 use anyhow::Context;
 use clap::Args;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Options of `tether demo`.
@@ -37,7 +39,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let echo = TcpListener::bind("127.0.0.1:0").await?;
     let web_addr = web.local_addr()?;
     let echo_addr = echo.local_addr()?;
-    tokio::spawn(serve_web(web));
+    tokio::spawn(crate::sample_app::serve(web));
     tokio::spawn(serve_echo(echo));
 
     let agent_token = random_token();
@@ -70,8 +72,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         ca_file: None,
         fingerprint: Some(fingerprint.clone()),
         services: [
-            ("web".to_owned(), web_addr.to_string()),
-            ("echo".to_owned(), echo_addr.to_string()),
+            (
+                "web".to_owned(),
+                tether_agent::ServiceSpec::Short(format!("http://{web_addr}")),
+            ),
+            (
+                "echo".to_owned(),
+                tether_agent::ServiceSpec::Short(echo_addr.to_string()),
+            ),
         ]
         .into_iter()
         .collect(),
@@ -123,11 +131,17 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
 tether demo is running (Ctrl-C to stop).
 
   server  {url}   (self-signed TLS, fingerprint {fingerprint})
-  agent   "demo", offering web -> {web_addr} and echo -> {echo_addr}
+  agent   "demo", offering web -> {web_addr} (http) and echo -> {echo_addr} (tcp)
   client  forwarding {web_local} -> demo/web and {echo_local} -> demo/echo
 
-Try it:
+In a browser (accept the self-signed certificate), sign in with the client token
+  {client_token}
+at https://localhost:{server_port}/ : the console lists the agent; "open" shows the web app at
+  https://localhost:{server_port}/a/demo/web/
+
+From a shell:
   curl http://{web_local}/                          # the sample page, through the tunnel
+  curl -k -H 'Authorization: Bearer {client_token}' https://localhost:{server_port}/a/demo/web/headers
   echo hello | nc -q1 {echo_ip} {echo_port}             # TCP echo, through the tunnel
   curl -sk https://localhost:{server_port}/metrics | grep tether_   # server metrics
 
@@ -140,37 +154,6 @@ Raw WebSocket (no CLI needed), e.g. with websocat:
     );
     tokio::signal::ctrl_c().await.ok();
     Ok(())
-}
-
-async fn serve_web(l: TcpListener) {
-    loop {
-        let Ok((mut s, peer)) = l.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read the request head (bounded), answer, close.
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 64 * 1024 {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let body = format!(
-                "<!doctype html><title>tether demo</title>\
-                 <h1>Hello through the tunnel</h1>\
-                 <p>This page is served by a sample service only the agent can reach.</p>\
-                 <p>Your connection reached it from {peer}, the agent's side of the tunnel.</p>\n"
-            );
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
-    }
 }
 
 async fn serve_echo(l: TcpListener) {

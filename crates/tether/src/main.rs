@@ -1,6 +1,7 @@
 //! `tether`: one binary for the server, the agent, the client and a demo.
 
 mod demo;
+mod sample_app;
 
 /// mimalloc instead of the system allocator: the data path allocates and
 /// frees buffers of tens to hundreds of KiB per message, and glibc's malloc
@@ -42,6 +43,9 @@ enum Command {
     /// Make and hash tokens (configs can hold the hash instead of the token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// A small web app (page, WebSocket echo, events) to try browser access with.
+    #[command(hide = true)]
+    SampleApp(sample_app::SampleAppArgs),
 }
 
 #[derive(Subcommand)]
@@ -139,6 +143,13 @@ struct ServerArgs {
     /// config file for source allow-lists and the PROXY protocol).
     #[arg(long = "listener", value_name = "LISTEN=AGENT/SERVICE")]
     listeners: Vec<String>,
+    /// Base domain for browser host routing: SERVICE.AGENT.BASE_DOMAIN
+    /// (wildcard DNS and certificate). Path routing (/a/AGENT/SERVICE/) always works.
+    #[arg(long, env = "TETHER_BASE_DOMAIN")]
+    base_domain: Option<String>,
+    /// Additional names for the self-signed certificate (repeatable; e.g. *.tether.example.com).
+    #[arg(long = "tls-name", value_name = "NAME", requires = "self_signed")]
+    tls_names: Vec<String>,
 }
 
 #[derive(Args)]
@@ -153,7 +164,9 @@ struct AgentArgs {
     /// Name to register as.
     #[arg(long, env = "TETHER_AGENT_NAME")]
     name: Option<String>,
-    /// A named service: NAME=HOST:PORT (repeatable).
+    /// A named service: NAME=HOST:PORT for TCP, NAME=http://HOST:PORT or
+    /// NAME=https://HOST:PORT (https+insecure:// skips the certificate check)
+    /// for web services (repeatable).
     #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     services: Vec<String>,
     /// Raw targets clients may ask for: HOSTGLOB:PORTS or CIDR:PORTS (repeatable).
@@ -237,6 +250,7 @@ fn main() -> anyhow::Result<()> {
             Command::Agent(a) => run_agent(a).await,
             Command::Client(a) => run_client(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::SampleApp(a) => sample_app::run(a).await,
             Command::Token(t) => token_command(t),
         }
     })
@@ -359,6 +373,11 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
         set(&mut tls, "key", path_str(a.tls_key));
         if a.self_signed {
             tls.insert("self_signed".into(), true.into());
+            if !a.tls_names.is_empty() {
+                let mut names: Vec<Value> = vec!["localhost".into(), "127.0.0.1".into()];
+                names.extend(a.tls_names.iter().map(|n| Value::from(n.as_str())));
+                tls.insert("names".into(), Value::Array(names));
+            }
         }
         t.insert("tls".into(), Value::Table(tls));
     }
@@ -401,6 +420,14 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
         listeners.push(Value::Table(e));
     }
     push_array(&mut t, "listener", listeners);
+    if let Some(d) = a.base_domain {
+        let entry = t
+            .entry("http".to_owned())
+            .or_insert_with(|| Value::Table(Table::new()));
+        if let Value::Table(h) = entry {
+            h.insert("base_domain".into(), d.into());
+        }
+    }
     let cfg: tether_server::ServerConfig = finish(t, "server")?;
     if cfg.agents.is_empty() {
         tracing::warn!("no agents configured: add --agent NAME=TOKEN or [[agent]] in the config");

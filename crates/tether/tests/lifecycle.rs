@@ -270,7 +270,7 @@ async fn demo_serves_the_sample_page_and_echo_through_the_tunnel() {
     );
     let (status, body) = http_get(format!("127.0.0.1:{web}").parse().unwrap(), "/").unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("Hello through the tunnel"), "{body}");
+    assert!(body.contains("tether sample app"), "{body}");
     let mut s = connect(echo).await;
     s.write_all(b"hello").await.unwrap();
     s.shutdown().await.unwrap();

@@ -96,6 +96,10 @@ pub enum ServerTrust {
     CaFile(std::path::PathBuf),
     /// Exactly the certificate with this SHA-256 fingerprint (any name, any issuer).
     Fingerprint(String),
+    /// Any certificate at all (the handshake signature is still checked).
+    /// Only for an agent's self-signed in-cluster services that the user
+    /// explicitly marked `tls_verify = false`; never for the tunnel itself.
+    AnyCertificate,
 }
 
 /// Builds a client TLS config for the given trust rule.
@@ -136,21 +140,29 @@ pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                    want,
+                    want: Some(want),
                     provider: provider(),
                 }))
                 .with_no_client_auth()
         }
+        ServerTrust::AnyCertificate => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                want: None,
+                provider: provider(),
+            }))
+            .with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 
-/// Accepts exactly one certificate, by fingerprint; still checks that the
-/// handshake was signed by that certificate's key.
+/// Accepts exactly one certificate, by fingerprint (or any, when `want` is
+/// `None`); still checks that the handshake was signed by that
+/// certificate's key.
 #[derive(Debug)]
 struct PinnedCert {
-    want: String,
+    want: Option<String>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -163,7 +175,11 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if normalize_fingerprint(&fingerprint(end_entity)) == self.want {
+        if self
+            .want
+            .as_ref()
+            .is_none_or(|w| normalize_fingerprint(&fingerprint(end_entity)) == *w)
+        {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(

@@ -1,0 +1,222 @@
+//! The web console: agents and their services, live.
+//!
+//! `/` is a static page; its script reads `/api/events` (server-sent events,
+//! one JSON snapshot per change, checked once a second) and falls back to
+//! polling `/api/agents`. A client sees only the agents and services its
+//! allow-list reaches.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{header, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use tether_proto::ServiceKind;
+
+use super::login::Via;
+use super::pages::{escape, html_page};
+use super::{full, Resp, PATH_PREFIX};
+use crate::auth::ClientIdentity;
+use crate::State;
+
+/// How often the event stream checks for changes (byte counters move
+/// without registry events).
+pub const EVENTS_TICK: Duration = Duration::from_secs(1);
+
+/// How long one event stream lasts before the browser reconnects (bounds
+/// stale connections; `EventSource` reconnects by itself).
+pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(300);
+
+/// One service in the console.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ServiceView {
+    /// Name.
+    pub name: String,
+    /// `http`, `tcp`, ...
+    pub kind: String,
+    /// Where to open it in a browser (HTTP services the client may open).
+    pub url: Option<String>,
+}
+
+/// One agent in the console.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct AgentView {
+    /// Name.
+    pub name: String,
+    /// Connected now.
+    pub online: bool,
+    /// Its software string.
+    pub version: Option<String>,
+    /// Connected since (Unix seconds).
+    pub since: Option<u64>,
+    /// Address it connected from.
+    pub address: Option<String>,
+    /// Streams open on its session.
+    pub streams: u64,
+    /// Bytes from the agent to the server.
+    pub bytes_in: u64,
+    /// Bytes from the server to the agent.
+    pub bytes_out: u64,
+    /// Its services (empty for agents that do not announce them).
+    pub services: Vec<ServiceView>,
+}
+
+/// What the console shows one client.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Snapshot {
+    /// The client's name.
+    pub identity: String,
+    /// Agents it can reach.
+    pub agents: Vec<AgentView>,
+}
+
+/// The console data for `client`. `origin` is `scheme://host[:port]` of the
+/// request, to build service links.
+pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str) -> Snapshot {
+    let base = state.web.base();
+    let mut agents = vec![];
+    for name in state.auth.agent_names() {
+        if !client.may_see_agent(&name) {
+            continue;
+        }
+        let entry = state.registry.get(&name);
+        let mut view = AgentView {
+            name: name.clone(),
+            online: entry.is_some(),
+            version: None,
+            since: None,
+            address: None,
+            streams: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            services: vec![],
+        };
+        if let Some(e) = entry {
+            view.version = Some(e.software.clone());
+            view.since = e.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+            view.address = Some(e.addr.to_string());
+            view.streams = e.conn.stats().live as u64;
+            let c = e.conn.counters();
+            view.bytes_in = c.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+            view.bytes_out = c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
+            let catalog = e.conn.peer_catalog().borrow().clone().unwrap_or_default();
+            for s in catalog {
+                if !client.may_open(&name, &s.name) {
+                    continue;
+                }
+                let url = (s.kind == ServiceKind::Http).then(|| match &base {
+                    Some(b) => format!("{scheme}://{}.{name}.{b}{port}/", s.name),
+                    None => format!("{PATH_PREFIX}{name}/{}/", s.name),
+                });
+                view.services.push(ServiceView {
+                    name: s.name,
+                    kind: s.kind.as_str().into_owned(),
+                    url,
+                });
+            }
+        }
+        agents.push(view);
+    }
+    Snapshot {
+        identity: client.name.clone(),
+        agents,
+    }
+}
+
+/// `GET /`: the console page.
+pub fn page(client: &ClientIdentity, via: &Via) -> Resp {
+    let logout = match via {
+        Via::Cookie { csrf } => format!(
+            "<form method=\"post\" action=\"/logout\" class=\"inline\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button id=\"logout\" class=\"link\">Sign out</button></form>",
+            escape(csrf)
+        ),
+        Via::Bearer => String::new(),
+    };
+    html_page(
+        StatusCode::OK,
+        "Console",
+        &format!(
+            "<header><strong>tether</strong><span class=\"muted\" id=\"identity\">{}</span>{logout}</header>\
+             <main><h1>Agents</h1><p class=\"muted\" id=\"status\">Loading…</p>\
+             <div id=\"agents\" class=\"grid\"></div></main>\
+             <script src=\"/_tether/console.js\"></script>",
+            escape(&client.name)
+        ),
+    )
+}
+
+/// `GET /api/agents`: the snapshot as JSON.
+pub fn agents_json(state: &State, client: &ClientIdentity, scheme: &str, port: &str) -> Resp {
+    let s = snapshot(state, client, scheme, port);
+    let mut r = Response::new(full(serde_json::to_vec(&s).unwrap_or_default()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// `GET /api/events`: a snapshot now and after every change.
+pub fn events(
+    state: Arc<State>,
+    client: ClientIdentity,
+    scheme: &'static str,
+    port: String,
+) -> Resp {
+    struct Ev {
+        state: Arc<State>,
+        client: ClientIdentity,
+        port: String,
+        last: String,
+        changes: tokio::sync::watch::Receiver<u64>,
+        deadline: tokio::time::Instant,
+        first: bool,
+    }
+    let ev = Ev {
+        changes: state.registry.subscribe(),
+        state,
+        client,
+        port,
+        last: String::new(),
+        deadline: tokio::time::Instant::now() + EVENTS_MAX_AGE,
+        first: true,
+    };
+    let stream = futures_util::stream::unfold(ev, move |mut ev| async move {
+        loop {
+            if !ev.first {
+                tokio::select! {
+                    _ = ev.changes.changed() => {}
+                    _ = tokio::time::sleep(EVENTS_TICK) => {}
+                    _ = tokio::time::sleep_until(ev.deadline) => return None,
+                }
+            }
+            ev.first = false;
+            let snap = snapshot(&ev.state, &ev.client, scheme, &ev.port);
+            let json = serde_json::to_string(&snap).unwrap_or_default();
+            if json != ev.last {
+                ev.last = json.clone();
+                let msg = Bytes::from(format!("event: agents\ndata: {json}\n\n"));
+                return Some((Ok::<_, super::BoxError>(Frame::data(msg)), ev));
+            }
+        }
+    });
+    let body = StreamBody::new(stream.boxed()).boxed_unsync();
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}

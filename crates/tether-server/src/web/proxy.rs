@@ -1,0 +1,717 @@
+//! The HTTP reverse proxy: browser requests to an agent's web service, over
+//! tunnel streams.
+//!
+//! Requests go to the service as HTTP/1.1 through a keep-alive pool of
+//! tunnel streams (hyper's pooled client, with a connector that opens
+//! streams instead of sockets), so a page with fifty assets does not open
+//! fifty streams. Bodies stream both ways with backpressure from the tunnel
+//! windows; nothing is buffered whole. WebSocket upgrades are passed through:
+//! after the service's `101`, the two upgraded connections are spliced.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tether_net::io::StreamIo;
+use tether_proto::{OpenErrorCode, ServiceKind, Target, TargetKind};
+
+use super::login::{Via, CSRF_COOKIE, SESSION_COOKIE};
+use super::pages::error;
+use super::{Body, BoxError, Resp, PATH_PREFIX, POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT};
+use crate::auth::ClientIdentity;
+use crate::relay::acquire_permit;
+use crate::State;
+
+/// Which service a browser request is for, and how it was addressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebRoute {
+    /// The agent.
+    pub agent: String,
+    /// The service on it.
+    pub service: String,
+    /// `/a/AGENT/SERVICE` for path routing (stripped before forwarding);
+    /// `None` for host routing.
+    pub prefix: Option<String>,
+}
+
+/// Host routing: `SERVICE.AGENT.BASE` (the host without its port).
+pub fn route_by_host(base: &str, host: &str) -> Option<WebRoute> {
+    let (h, _) = super::split_port(host);
+    let labels = h.strip_suffix(base)?.strip_suffix('.')?;
+    let (service, agent) = labels.split_once('.')?;
+    if service.is_empty() || agent.is_empty() {
+        return None;
+    }
+    Some(WebRoute {
+        agent: agent.to_owned(),
+        service: service.to_owned(),
+        prefix: None,
+    })
+}
+
+/// Path routing: `/a/AGENT/SERVICE[/rest]`. Returns the route and the rest
+/// of the path (`None` when the path stops right after the service name,
+/// which gets a redirect to the slash form so relative links resolve).
+pub fn route_by_path(path: &str) -> Option<(WebRoute, Option<&str>)> {
+    let rest = path.strip_prefix(PATH_PREFIX)?;
+    let (agent, rest) = rest.split_once('/')?;
+    let (service, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(&rest[i..])),
+        None => (rest, None),
+    };
+    if agent.is_empty() || service.is_empty() {
+        return None;
+    }
+    Some((
+        WebRoute {
+            agent: agent.to_owned(),
+            service: service.to_owned(),
+            prefix: Some(format!("{PATH_PREFIX}{agent}/{service}")),
+        },
+        tail,
+    ))
+}
+
+/// A failed tunnel open, as the connector reports it to hyper.
+#[derive(Debug)]
+pub struct ConnectError {
+    /// Why.
+    pub code: OpenErrorCode,
+    /// Detail.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.reason)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// A tunnel stream as hyper's client connection.
+pub struct TunnelConn(TokioIo<StreamIo>);
+
+impl Connection for TunnelConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TunnelConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TunnelConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// Maps pool keys (URI hosts `sN.tether.invalid`) to `agent/service`.
+#[derive(Default)]
+struct Targets {
+    by_target: HashMap<(String, String), u64>,
+    by_id: HashMap<u64, (String, String)>,
+}
+
+/// Opens tunnel streams for hyper's pooled client.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    state: Weak<State>,
+    targets: Arc<Mutex<Targets>>,
+}
+
+impl tower_service::Service<Uri> for TunnelConnector {
+    type Response = TunnelConn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<TunnelConn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let state = self.state.clone();
+        let target = uri
+            .host()
+            .and_then(|h| h.strip_prefix('s'))
+            .and_then(|h| h.split('.').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .and_then(|id| {
+                self.targets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .by_id
+                    .get(&id)
+                    .cloned()
+            });
+        Box::pin(async move {
+            let fail = |code, reason: String| ConnectError { code, reason };
+            let (agent, service) =
+                target.ok_or_else(|| fail(OpenErrorCode::Internal, "unknown pool key".into()))?;
+            let state = state
+                .upgrade()
+                .ok_or_else(|| fail(OpenErrorCode::Internal, "server stopping".into()))?;
+            let entry = state.registry.get(&agent).ok_or_else(|| {
+                fail(
+                    OpenErrorCode::AgentOffline,
+                    format!("agent {agent} is not connected"),
+                )
+            })?;
+            state.metrics.pending_opens.inc();
+            let r = entry
+                .conn
+                .open(Target {
+                    kind: TargetKind::Tcp,
+                    address: service.clone(),
+                })
+                .await;
+            state.metrics.pending_opens.dec();
+            match r {
+                Ok(s) => {
+                    state.metrics.streams_total.inc();
+                    Ok(TunnelConn(TokioIo::new(StreamIo::new(s))))
+                }
+                Err((code, reason)) => Err(fail(code, format!("agent {agent}: {reason}"))),
+            }
+        })
+    }
+}
+
+/// The keep-alive pool of tunnel streams to web services.
+pub struct Pool {
+    client: Client<TunnelConnector, Body>,
+    targets: Arc<Mutex<Targets>>,
+}
+
+impl Pool {
+    /// A pool whose connector finds agents in `state`.
+    pub fn new(state: Weak<State>) -> Pool {
+        let targets: Arc<Mutex<Targets>> = Arc::default();
+        let connector = TunnelConnector {
+            state,
+            targets: targets.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_IDLE_PER_SERVICE)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        Pool { client, targets }
+    }
+
+    /// The pool key of a service: a URI authority only the connector reads.
+    fn authority(&self, agent: &str, service: &str) -> String {
+        let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (agent.to_owned(), service.to_owned());
+        let next = t.by_id.len() as u64;
+        let id = *t.by_target.entry(key.clone()).or_insert(next);
+        t.by_id.entry(id).or_insert(key);
+        format!("s{id}.tether.invalid")
+    }
+}
+
+/// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn is_upgrade(h: &HeaderMap) -> Option<HeaderValue> {
+    let conn_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| {
+                s.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
+            })
+            .unwrap_or(false)
+    });
+    if conn_upgrade {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header
+/// names, and `Upgrade` (put back by the caller for upgrades).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// Removes tether's own cookies from the `Cookie` headers: the service never
+/// sees the browser's login.
+fn strip_tether_cookies(h: &mut HeaderMap) {
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| {
+            let name = kv.split('=').next().unwrap_or("");
+            !kv.is_empty() && name != SESSION_COOKIE && name != CSRF_COOKIE
+        })
+        .map(str::to_owned)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Rewrites a `Location` from the service so it points back through the proxy.
+pub fn rewrite_location(
+    loc: &str,
+    prefix: Option<&str>,
+    external_origin: &str,
+    service_hosts: &[&str],
+) -> Option<String> {
+    let prefix = prefix.unwrap_or("");
+    if loc.starts_with('/') && !loc.starts_with("//") {
+        return (!prefix.is_empty()).then(|| format!("{prefix}{loc}"));
+    }
+    for scheme in ["http://", "https://"] {
+        if let Some(rest) = loc.strip_prefix(scheme) {
+            let (authority, path) = match rest.find(['/', '?', '#']) {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if service_hosts
+                .iter()
+                .any(|h| !h.is_empty() && authority.eq_ignore_ascii_case(h))
+            {
+                let path = if path.starts_with('/') {
+                    path.to_owned()
+                } else {
+                    format!("/{path}")
+                };
+                return Some(format!("{external_origin}{prefix}{path}"));
+            }
+        }
+    }
+    None
+}
+
+/// Rewrites a `Set-Cookie` for path routing: `Path` moves under the prefix
+/// and `Domain` goes (the cookie belongs to the server's host).
+pub fn rewrite_set_cookie(value: &str, prefix: &str) -> String {
+    let mut parts = value.split(';');
+    let mut out = parts.next().unwrap_or("").trim().to_owned();
+    let mut had_path = false;
+    for attr in parts {
+        let a = attr.trim();
+        let lower = a.to_ascii_lowercase();
+        if lower.starts_with("domain=") {
+            continue;
+        }
+        out.push_str("; ");
+        if lower.starts_with("path=") {
+            had_path = true;
+            let p = &a[5..];
+            let p = if p.starts_with('/') { p } else { "/" };
+            out.push_str("Path=");
+            out.push_str(prefix);
+            out.push_str(p);
+        } else {
+            out.push_str(a);
+        }
+    }
+    if !had_path {
+        out.push_str("; Path=");
+        out.push_str(prefix);
+        out.push('/');
+    }
+    out
+}
+
+/// What the proxy needs to know about the incoming request.
+pub struct ProxyContext<'a> {
+    /// The browser's address.
+    pub peer: SocketAddr,
+    /// `http` or `https`, as the browser sees the server.
+    pub scheme: &'static str,
+    /// The host the browser used (with port).
+    pub host: &'a str,
+}
+
+/// Proxies one request to `route` for `client`.
+pub async fn proxy(
+    state: &Arc<State>,
+    mut req: Request<Incoming>,
+    route: WebRoute,
+    rest: &str,
+    client: &ClientIdentity,
+    via: Via,
+    cx: ProxyContext<'_>,
+) -> Resp {
+    let started = Instant::now();
+    let headers = req.headers().clone();
+    let (agent, service) = (route.agent.as_str(), route.service.as_str());
+    let refuse = |status: StatusCode, code: &str, msg: String| {
+        state.metrics.error(code);
+        tracing::info!(client = %client.name, %agent, %service, path = %rest, status = status.as_u16(), "http request refused: {msg}");
+        error(&headers, status, code, &msg)
+    };
+    if !client.may_open(agent, service) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not open {agent}/{service}", client.name),
+        );
+    }
+    let Some(entry) = state.registry.get(agent) else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent_offline",
+            format!("agent {agent} is not connected"),
+        );
+    };
+    let catalog = entry.conn.peer_catalog().borrow().clone();
+    let mut host_header = None;
+    if let Some(c) = catalog {
+        match c.iter().find(|e| e.name == service) {
+            None => {
+                return refuse(
+                    StatusCode::NOT_FOUND,
+                    "unknown_service",
+                    format!("agent {agent} has no service named {service}"),
+                )
+            }
+            Some(e) if e.kind != ServiceKind::Http => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "not_http",
+                    format!("{agent}/{service} is a {} service, not HTTP (mark it http in the agent's config to open it in a browser)", e.kind.as_str()),
+                )
+            }
+            Some(e) => {
+                if !e.host.is_empty() {
+                    host_header = Some(e.host.clone());
+                }
+            }
+        }
+    }
+    let Some(permit) = acquire_permit(state, &client.name) else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "{} already has {} requests and streams open",
+                client.name, state.max_streams_per_client
+            ),
+        );
+    };
+
+    // The request as the service will see it.
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let mut h = parts.headers;
+    strip_hop_by_hop(&mut h);
+    strip_tether_cookies(&mut h);
+    if via == Via::Bearer {
+        h.remove(header::AUTHORIZATION);
+    }
+    let peer_ip = cx.peer.ip().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {peer_ip}"),
+        None => peer_ip,
+    };
+    let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(name, v);
+        }
+    };
+    set(&mut h, "x-forwarded-for", &xff);
+    set(&mut h, "x-forwarded-proto", cx.scheme);
+    set(&mut h, "x-forwarded-host", cx.host);
+    match &route.prefix {
+        Some(p) => set(&mut h, "x-forwarded-prefix", p),
+        None => {
+            h.remove("x-forwarded-prefix");
+        }
+    }
+    set(&mut h, "host", host_header.as_deref().unwrap_or(cx.host));
+    if let Some(u) = &upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u.clone());
+    }
+    let uri =
+        match format!("http://{}{rest}", state.web_pool.authority(agent, service)).parse::<Uri>() {
+            Ok(u) => u,
+            Err(_) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    format!("cannot forward path {rest:?}"),
+                )
+            }
+        };
+    let mut out = Request::new(body.boxed_unsync().map_err(BoxError::from).boxed_unsync());
+    *out.method_mut() = method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = h;
+
+    let resp = match state.web_pool.client.request(out).await {
+        Ok(r) => r,
+        Err(e) => {
+            let (status, code, msg) = match find_connect_error(&e) {
+                Some(ce) => (
+                    crate::http::status_for(ce.code),
+                    ce.code.as_str().to_owned(),
+                    ce.reason.clone(),
+                ),
+                None => (
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway".to_owned(),
+                    format!("{agent}/{service} did not answer with HTTP: {e}"),
+                ),
+            };
+            // Refusals keep their meaning (404 unknown, 403 forbidden by the
+            // agent); everything else is the gateway's failure.
+            let status = match status {
+                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => status,
+                s if s.is_server_error() => s,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            return refuse(status, &code, msg);
+        }
+    };
+
+    let mut resp = resp;
+    let status = resp.status();
+    let service_upgrade = if status == StatusCode::SWITCHING_PROTOCOLS {
+        Some(hyper::upgrade::on(&mut resp))
+    } else {
+        None
+    };
+    let (mut parts, body) = resp.into_parts();
+    let resp_upgrade = is_upgrade(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
+    // Point redirects and cookies back through the proxy.
+    let external_origin = format!("{}://{}", cx.scheme, cx.host);
+    let hosts = [host_header.as_deref().unwrap_or(""), cx.host];
+    if let Some(loc) = parts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(new) = rewrite_location(loc, route.prefix.as_deref(), &external_origin, &hosts)
+        {
+            if let Ok(v) = HeaderValue::from_str(&new) {
+                parts.headers.insert(header::LOCATION, v);
+            }
+        }
+    }
+    if let Some(prefix) = &route.prefix {
+        let cookies: Vec<String> = parts
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|v| rewrite_set_cookie(v, prefix))
+            .collect();
+        parts.headers.remove(header::SET_COOKIE);
+        for c in cookies {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+        }
+    }
+    tracing::info!(client = %client.name, %agent, %service, %method, path = %rest, status = status.as_u16(), ttfb_ms = started.elapsed().as_millis() as u64, "http request");
+
+    if let (Some(service_side), Some(client_side)) = (service_upgrade, client_upgrade) {
+        if let Some(u) = resp_upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, u);
+        }
+        let state = state.clone();
+        let who = client.name.clone();
+        let target = format!("{agent}/{service}");
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (Ok(s), Ok(c)) = (service_side.await, client_side.await) else {
+                tracing::debug!(%target, "upgrade did not complete");
+                return;
+            };
+            state.metrics.live_streams.inc();
+            let mut s = TokioIo::new(s);
+            let mut c = TokioIo::new(c);
+            let r = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+            state.metrics.live_streams.dec();
+            match r {
+                Ok((up, down)) => {
+                    state.metrics.add_bytes(up, down);
+                    tracing::info!(client = %who, %target, bytes_up = up, bytes_down = down, "upgraded connection closed")
+                }
+                Err(e) => tracing::info!(client = %who, %target, "upgraded connection ended: {e}"),
+            }
+        });
+        return Response::from_parts(parts, super::empty());
+    }
+    // The permit lives as long as the response body.
+    let body = body
+        .map_frame(move |f| {
+            let _ = &permit;
+            f
+        })
+        .map_err(BoxError::from)
+        .boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(ce) = err.downcast_ref::<ConnectError>() {
+            return Some(ce);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            route_by_host("tether.test", "grafana.prod.tether.test:8443"),
+            Some(WebRoute {
+                agent: "prod".into(),
+                service: "grafana".into(),
+                prefix: None
+            })
+        );
+        assert_eq!(
+            route_by_host("tether.test", "web.eu.prod.tether.test").map(|r| r.agent),
+            Some("eu.prod".into())
+        );
+        assert_eq!(route_by_host("tether.test", "tether.test"), None);
+        assert_eq!(route_by_host("tether.test", "prod.tether.test"), None);
+        assert_eq!(route_by_host("tether.test", "a.b.eviltether.test"), None);
+        let (r, rest) = route_by_path("/a/prod/grafana/d/x?y=1").unwrap();
+        assert_eq!((r.agent.as_str(), r.service.as_str()), ("prod", "grafana"));
+        assert_eq!(r.prefix.as_deref(), Some("/a/prod/grafana"));
+        assert_eq!(rest, Some("/d/x?y=1"));
+        assert_eq!(route_by_path("/a/prod/grafana").unwrap().1, None);
+        assert!(route_by_path("/a/prod").is_none());
+        assert!(route_by_path("/a//x/").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn tether_cookies_never_reach_the_service() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1; tether_session=s3cret".parse().unwrap());
+        h.append("cookie", "tether_csrf=x; b=2".parse().unwrap());
+        strip_tether_cookies(&mut h);
+        assert_eq!(h.get("cookie").unwrap(), "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.append("cookie", "tether_session=s3cret".parse().unwrap());
+        strip_tether_cookies(&mut h);
+        assert!(h.get("cookie").is_none());
+    }
+
+    #[test]
+    fn locations_and_cookies_follow_the_prefix() {
+        let hosts = ["grafana:3000", "tether.test"];
+        assert_eq!(
+            rewrite_location("/login", Some("/a/p/g"), "https://tether.test", &hosts).as_deref(),
+            Some("/a/p/g/login")
+        );
+        assert_eq!(
+            rewrite_location(
+                "http://grafana:3000/x?y",
+                Some("/a/p/g"),
+                "https://tether.test",
+                &hosts
+            )
+            .as_deref(),
+            Some("https://tether.test/a/p/g/x?y")
+        );
+        assert_eq!(
+            rewrite_location(
+                "https://other.example/",
+                Some("/a/p/g"),
+                "https://tether.test",
+                &hosts
+            ),
+            None
+        );
+        assert_eq!(rewrite_location("/x", None, "https://h", &hosts), None);
+        assert_eq!(
+            rewrite_set_cookie("sid=1; Path=/; Domain=grafana; HttpOnly", "/a/p/g"),
+            "sid=1; Path=/a/p/g/; HttpOnly"
+        );
+        assert_eq!(rewrite_set_cookie("sid=1", "/a/p/g"), "sid=1; Path=/a/p/g/");
+    }
+}
