@@ -30,6 +30,9 @@ pub struct SampleAppArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve HTTPS with a self-signed certificate (to try `https://` services).
+    #[arg(long)]
+    self_signed: bool,
 }
 
 const PAGE: &str = r#"<!doctype html>
@@ -243,30 +246,59 @@ async fn handle(mut req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Serves the app on `listener` forever.
-pub async fn serve(listener: TcpListener) {
+async fn serve_io<S>(io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc =
+        hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(handle(req).await) });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
+}
+
+/// Serves the app on `listener` forever (TLS when `tls` is set).
+pub async fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(
-                    |req| async move { Ok::<_, Infallible>(handle(req).await) },
-                );
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                .await;
+            match tls {
+                None => serve_io(tcp).await,
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(tcp).await {
+                        serve_io(s).await
+                    }
+                }
+            }
         });
     }
+}
+
+/// Serves the app over plain HTTP on `listener` forever.
+pub async fn serve(listener: TcpListener) {
+    serve_with(listener, None).await
 }
 
 /// Runs `tether sample-app`.
 pub async fn run(a: SampleAppArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(a.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "sample app listening");
-    serve(listener).await;
+    let tls = if a.self_signed {
+        let id = tether_net::transport::tls::ServerIdentity::self_signed(&[
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ])?;
+        Some(tokio_rustls::TlsAcceptor::from(
+            id.server_config(&[b"http/1.1"])?,
+        ))
+    } else {
+        None
+    };
+    tracing::info!(addr = %listener.local_addr()?, tls = a.self_signed, "sample app listening");
+    serve_with(listener, tls).await;
     Ok(())
 }

@@ -1,0 +1,755 @@
+//! Browser access through the server, tested with curl against the real
+//! processes: sample app(s) ← agent ← server (TLS, host and path routing).
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const BASE: &str = "tether.test";
+
+/// Sample apps, an agent offering them, and a TLS server with a base domain.
+pub struct Web {
+    pub server: Proc,
+    pub agent: Proc,
+    pub apps: Vec<Proc>,
+    pub port: u16,
+    pub dir: PathBuf,
+    _blackhole: Option<Box<dyn std::any::Any>>,
+}
+
+/// What one curl call saw.
+#[derive(Debug)]
+pub struct CurlOut {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+    pub raw: Vec<u8>,
+}
+
+impl CurlOut {
+    /// All values of a response header (lowercase name).
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header_all(name).into_iter().last()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+impl Web {
+    pub fn start() -> Web {
+        Self::start_opts(true)
+    }
+
+    pub fn start_opts(tls: bool) -> Web {
+        let dir =
+            std::env::temp_dir().join(format!("tether-web-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (app_port, tls_app_port) = (free_port(), free_port());
+        let app = Proc::spawn(
+            "sample-app",
+            &[
+                "sample-app".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{app_port}"),
+            ],
+        );
+        let tls_app = Proc::spawn(
+            "sample-app-tls",
+            &[
+                "sample-app".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{tls_app_port}"),
+                "--self-signed".into(),
+            ],
+        );
+        assert!(app.wait_log("sample app listening", Duration::from_secs(10)));
+        assert!(tls_app.wait_log("sample app listening", Duration::from_secs(10)));
+        let port = free_port();
+        let mut args: Vec<String> = [
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--base-domain",
+            BASE,
+            "--agent",
+            &format!("prod={AGENT_TOKEN}"),
+            "--agent",
+            "ghost=ghost-agent-token",
+            "--client",
+            &format!("dev={CLIENT_TOKEN}=prod/*,ghost/*"),
+            "--client",
+            &format!("limited={LIMITED_TOKEN}=prod/echo"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if tls {
+            args.extend(
+                [
+                    "--self-signed",
+                    "--tls-name",
+                    "tether.test",
+                    "--tls-name",
+                    "*.prod.tether.test",
+                ]
+                .map(String::from),
+            );
+        }
+        let server = Proc::spawn("server", &args);
+        assert!(
+            server.wait_log("server listening", Duration::from_secs(10)),
+            "{}",
+            server.log_text()
+        );
+        let fingerprint = server
+            .log_text()
+            .split("fingerprint=")
+            .nth(1)
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_owned());
+        let (holder, blackhole) = blackhole_addr();
+        let refused = refused_addr();
+        let cfg = format!(
+            r#"
+server = "{scheme}://127.0.0.1:{port}"
+name = "prod"
+token = "{AGENT_TOKEN}"
+{fp}
+dial_timeout_ms = 700
+
+[services]
+web = "http://127.0.0.1:{app_port}"
+echo = "127.0.0.1:{app_port}"
+secure = "https+insecure://127.0.0.1:{tls_app_port}"
+strict = "https://127.0.0.1:{tls_app_port}"
+refused = "http://{refused}"
+blackhole = "http://{blackhole}"
+hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
+"#,
+            scheme = if tls { "wss" } else { "ws" },
+            fp = fingerprint
+                .map(|f| format!("fingerprint = \"{f}\""))
+                .unwrap_or_default(),
+        );
+        let cfg_path = dir.join("agent.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let agent = Proc::spawn(
+            "agent",
+            &[
+                "agent".into(),
+                "--config".into(),
+                cfg_path.display().to_string(),
+            ],
+        );
+        assert!(
+            agent.wait_log("registered as prod", Duration::from_secs(15)),
+            "{}",
+            agent.log_text()
+        );
+        Web {
+            server,
+            agent,
+            apps: vec![app, tls_app],
+            port,
+            dir,
+            _blackhole: Some(Box::new(holder)),
+        }
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        "https"
+    }
+
+    /// `https://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `https://HOST:PORT{path}` for a name under the base domain.
+    pub fn host_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.port)
+    }
+
+    /// curl with `--resolve` for the base domain names this test uses.
+    pub fn curl(&self, args: &[&str]) -> CurlOut {
+        let n = free_port();
+        let hfile = self.dir.join(format!("h{n}"));
+        let bfile = self.dir.join(format!("b{n}"));
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-k", "--max-time", "30"])
+            .arg("-D")
+            .arg(&hfile)
+            .arg("-o")
+            .arg(&bfile)
+            .args(["-w", "%{http_code}"]);
+        for h in [
+            BASE.to_owned(),
+            format!("web.prod.{BASE}"),
+            format!("hosty.prod.{BASE}"),
+            format!("secure.prod.{BASE}"),
+        ] {
+            cmd.arg("--resolve")
+                .arg(format!("{h}:{}:127.0.0.1", self.port));
+        }
+        let out = cmd.args(args).output().expect("curl");
+        let status = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let headers = std::fs::read_to_string(&hfile).unwrap_or_default();
+        let raw = std::fs::read(&bfile).unwrap_or_default();
+        let body = String::from_utf8_lossy(&raw).into_owned();
+        let _ = std::fs::remove_file(hfile);
+        let _ = std::fs::remove_file(bfile);
+        CurlOut {
+            status,
+            headers,
+            body,
+            raw,
+        }
+    }
+
+    /// curl with the dev client's bearer token.
+    pub fn get(&self, url: &str, extra: &[&str]) -> CurlOut {
+        let auth = format!("Authorization: Bearer {CLIENT_TOKEN}");
+        let mut args = vec!["-H", auth.as_str()];
+        args.extend_from_slice(extra);
+        args.push(url);
+        self.curl(&args)
+    }
+
+    pub fn server_metrics(&self) -> String {
+        self.curl(&[&self.url("/metrics")]).body
+    }
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn headers_seen(out: &CurlOut) -> HashMap<String, String> {
+    let j = out.json();
+    j["headers"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no headers in {}", out.body))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+        .collect()
+}
+
+#[test]
+fn path_and_host_routing_forward_headers_and_rewrite_redirects() {
+    let w = Web::start();
+
+    // Path routing: the prefix is stripped and announced.
+    let out = w.get(
+        &w.url("/a/prod/web/headers?x=1"),
+        &[
+            "--http1.1",
+            "-H",
+            "Connection: keep-alive, x-hop",
+            "-H",
+            "X-Hop: secret",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "Cookie: app=1; tether_session=abc; other=2",
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+        ],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.json()["uri"], "/headers?x=1");
+    let h = headers_seen(&out);
+    assert_eq!(h["x-forwarded-prefix"], "/a/prod/web");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], format!("127.0.0.1:{}", w.port));
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["host"], format!("127.0.0.1:{}", w.port));
+    assert_eq!(
+        h["cookie"], "app=1; other=2",
+        "tether's cookie must not reach the service"
+    );
+    for hop in ["x-hop", "keep-alive", "authorization", "te"] {
+        assert!(!h.contains_key(hop), "{hop} was forwarded: {h:?}");
+    }
+
+    // `/a/prod/web` (no slash) redirects to the slash form, keeping the query.
+    let out = w.get(&w.url("/a/prod/web?q=1"), &[]);
+    assert_eq!(out.status, 308);
+    assert_eq!(out.header("location").as_deref(), Some("/a/prod/web/?q=1"));
+
+    // Host routing: SERVICE.AGENT.BASE, nothing stripped, no prefix header.
+    let out = w.get(&w.host_url(&format!("web.prod.{BASE}"), "/headers"), &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+    let h = headers_seen(&out);
+    assert_eq!(h["host"], format!("web.prod.{BASE}:{}", w.port));
+    assert!(!h.contains_key("x-forwarded-prefix"));
+
+    // rewrite_host: the service sees its own name.
+    let out = w.get(&w.host_url(&format!("hosty.prod.{BASE}"), "/headers"), &[]);
+    let h = headers_seen(&out);
+    assert!(h["host"].starts_with("127.0.0.1:"), "{h:?}");
+    assert_eq!(
+        h["x-forwarded-host"],
+        format!("hosty.prod.{BASE}:{}", w.port)
+    );
+
+    // Redirects and cookies under the path prefix.
+    let out = w.get(&w.url("/a/prod/web/redirect"), &[]);
+    assert_eq!(out.status, 302);
+    assert_eq!(
+        out.header("location").as_deref(),
+        Some("/a/prod/web/headers")
+    );
+    assert_eq!(
+        out.header("set-cookie").as_deref(),
+        Some("sample=1; Path=/a/prod/web/; HttpOnly")
+    );
+    // An absolute redirect naming the service's own Host comes back to us.
+    let out = w.get(&w.url("/a/prod/hosty/absolute-redirect"), &[]);
+    assert_eq!(
+        out.header("location"),
+        Some(format!("https://127.0.0.1:{}/a/prod/hosty/headers", w.port))
+    );
+    // Host routing keeps the service's paths as they are.
+    let out = w.get(&w.host_url(&format!("web.prod.{BASE}"), "/redirect"), &[]);
+    assert_eq!(out.header("location").as_deref(), Some("/headers"));
+
+    // HTTPS services: the agent speaks TLS to them.
+    let out = w.get(&w.url("/a/prod/secure/headers"), &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+    let out = w.get(&w.url("/a/prod/strict/headers"), &[]);
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.body.contains("TLS to 127.0.0.1"), "{}", out.body);
+
+    // HTTP/2 from the browser side, HTTP/1.1 to the service.
+    let out = w.get(&w.url("/a/prod/web/headers"), &["--http2"]);
+    assert!(out.headers.starts_with("HTTP/2 200"), "{}", out.headers);
+    assert_eq!(out.json()["version"], "HTTP/1.1");
+}
+
+#[test]
+fn keep_alive_reuses_pooled_tunnel_streams() {
+    let w = Web::start();
+    let opened = |w: &Web| metric(&w.server_metrics(), "tether_streams_total").unwrap_or(0.0);
+    // Warm the pool with one request, then send twenty more over fresh
+    // browser connections: they reuse the idle tunnel stream.
+    assert_eq!(w.get(&w.url("/a/prod/web/headers"), &[]).status, 200);
+    let before = opened(&w);
+    for _ in 0..20 {
+        assert_eq!(w.get(&w.url("/a/prod/web/headers"), &[]).status, 200);
+    }
+    let after = opened(&w);
+    assert!(
+        after - before <= 1.0,
+        "20 sequential requests opened {} tunnel streams",
+        after - before
+    );
+}
+
+#[test]
+fn every_failure_has_a_clear_status_and_reason() {
+    let w = Web::start();
+    // Not logged in: a browser is sent to the login page, an API client gets 401.
+    let out = w.curl(&["-H", "Accept: text/html", &w.url("/a/prod/web/")]);
+    assert_eq!(out.status, 302);
+    assert_eq!(
+        out.header("location").as_deref(),
+        Some("/login?next=%2Fa%2Fprod%2Fweb%2F")
+    );
+    let out = w.curl(&[
+        "-H",
+        "Accept: text/html",
+        &w.host_url(&format!("web.prod.{BASE}"), "/x"),
+    ]);
+    assert_eq!(out.status, 302);
+    assert_eq!(
+        out.header("location"),
+        Some(format!(
+            "https://{BASE}:{}/login?next=https%3A%2F%2Fweb.prod.{BASE}%3A{}%2Fx",
+            w.port, w.port
+        ))
+    );
+    let out = w.curl(&[&w.url("/a/prod/web/")]);
+    assert_eq!(out.status, 401);
+    assert_eq!(out.json()["error"], "login_required");
+    let out = w.curl(&["-H", "Authorization: Bearer wrong", &w.url("/a/prod/web/")]);
+    assert_eq!(out.status, 401);
+    assert_eq!(out.json()["error"], "bad_token");
+
+    let cases: &[(&str, &str, u16, &str, &str)] = &[
+        (
+            LIMITED_TOKEN,
+            "/a/prod/web/",
+            403,
+            "forbidden",
+            "may not open prod/web",
+        ),
+        (
+            CLIENT_TOKEN,
+            "/a/ghost/web/",
+            503,
+            "agent_offline",
+            "agent ghost is not connected",
+        ),
+        (
+            CLIENT_TOKEN,
+            "/a/prod/nope/",
+            404,
+            "unknown_service",
+            "no service named nope",
+        ),
+        (CLIENT_TOKEN, "/a/prod/echo/", 400, "not_http", "not HTTP"),
+        (CLIENT_TOKEN, "/a/prod/refused/", 502, "refused", "refused"),
+        (
+            CLIENT_TOKEN,
+            "/a/prod/blackhole/",
+            504,
+            "timeout",
+            "did not answer",
+        ),
+    ];
+    for (token, path, status, code, reason) in cases {
+        let auth = format!("Authorization: Bearer {token}");
+        let out = w.curl(&["-H", &auth, &w.url(path)]);
+        assert_eq!(out.status, *status, "{path}: {out:?}");
+        let j = out.json();
+        assert_eq!(j["error"], *code, "{path}: {j}");
+        assert!(
+            j["message"].as_str().unwrap_or("").contains(reason),
+            "{path}: {j}"
+        );
+        // Browsers get the same as an HTML page.
+        let html = w.curl(&["-H", &auth, "-H", "Accept: text/html", &w.url(path)]);
+        assert_eq!(html.status, *status);
+        assert!(html.body.contains("<h1>"), "{}", html.body);
+        assert!(html
+            .header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/html"));
+    }
+    let log = w.server.log_text();
+    assert!(
+        log.contains("http request refused"),
+        "no log line for refusals"
+    );
+    // The session survived all of it.
+    assert_eq!(w.get(&w.url("/a/prod/web/headers"), &[]).status, 200);
+}
+
+#[test]
+fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
+    let w = Web::start();
+    let base = w.host_url(BASE, "");
+    // The form and its CSRF cookie.
+    let jar = w.dir.join("jar");
+    let jar_s = jar.display().to_string();
+    let page = w.curl(&[
+        "-c",
+        &jar_s,
+        &format!("{base}/login?next=%2Fa%2Fprod%2Fweb%2F"),
+    ]);
+    assert_eq!(page.status, 200);
+    let csrf = page
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("csrf field")
+        .to_owned();
+    assert!(page.header("content-security-policy").is_some());
+
+    // Without the CSRF value, or from another site: refused.
+    let form = format!("token={CLIENT_TOKEN}&next=%2F");
+    let out = w.curl(&["-b", &jar_s, "--data", &form, &format!("{base}/login")]);
+    assert_eq!(out.status, 403);
+    let with_csrf = format!("{form}&csrf={csrf}");
+    let out = w.curl(&[
+        "-b",
+        &jar_s,
+        "-H",
+        "Origin: https://evil.example",
+        "--data",
+        &with_csrf,
+        &format!("{base}/login"),
+    ]);
+    assert_eq!(out.status, 403);
+    // A wrong token: 401 and the form again.
+    let bad = format!("token=nope&csrf={csrf}&next=%2F");
+    let out = w.curl(&["-b", &jar_s, "--data", &bad, &format!("{base}/login")]);
+    assert_eq!(out.status, 401);
+    assert!(out.body.contains("not valid"));
+
+    // The real thing; `next` pointing at another site is ignored.
+    let good = format!("token={CLIENT_TOKEN}&csrf={csrf}&next=https%3A%2F%2Fevil.example%2F");
+    let out = w.curl(&[
+        "-b",
+        &jar_s,
+        "-c",
+        &jar_s,
+        "--data",
+        &good,
+        &format!("{base}/login"),
+    ]);
+    assert_eq!(out.status, 303, "{out:?}");
+    assert_eq!(out.header("location").as_deref(), Some("/"));
+    let cookie = out
+        .header_all("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("tether_session="))
+        .expect("session cookie");
+    for attr in [
+        "HttpOnly",
+        "Secure",
+        "SameSite=Lax",
+        &format!("Domain={BASE}"),
+        "Max-Age=",
+    ] {
+        assert!(cookie.contains(attr), "{attr} missing: {cookie}");
+    }
+    assert!(
+        !w.server.log_text().contains(CLIENT_TOKEN),
+        "token in a log line"
+    );
+
+    // The cookie opens the console, its API and host-routed services.
+    let console = w.curl(&["-b", &jar_s, &format!("{base}/")]);
+    assert_eq!(console.status, 200);
+    assert!(console.body.contains("console.js"));
+    let api = w.curl(&["-b", &jar_s, &format!("{base}/api/agents")]);
+    let j = api.json();
+    assert_eq!(j["identity"], "dev");
+    let agents = j["agents"].as_array().unwrap();
+    let names: Vec<_> = agents.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ghost", "prod"]);
+    assert_eq!(agents[0]["online"], false);
+    assert_eq!(agents[1]["online"], true);
+    let web = agents[1]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    assert_eq!(web["kind"], "http");
+    assert_eq!(web["url"], format!("https://web.prod.{BASE}:{}/", w.port));
+    let echo = agents[1]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo")
+        .unwrap();
+    assert!(echo["url"].is_null(), "TCP services get no link");
+
+    let out = w.curl(&[
+        "-b",
+        &jar_s,
+        &w.host_url(&format!("web.prod.{BASE}"), "/headers"),
+    ]);
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(
+        !headers_seen(&out).contains_key("cookie"),
+        "session cookie leaked"
+    );
+
+    // The limited client sees only what it may open.
+    let auth = format!("Authorization: Bearer {LIMITED_TOKEN}");
+    let j = w.curl(&["-H", &auth, &w.url("/api/agents")]).json();
+    let services = j["agents"][0]["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0]["name"], "echo");
+
+    // Logout needs the session's CSRF value, then the cookie is dead.
+    let session_csrf = console
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_owned();
+    let out = w.curl(&["-b", &jar_s, "-X", "POST", &format!("{base}/logout")]);
+    assert_eq!(out.status, 403);
+    let out = w.curl(&[
+        "-b",
+        &jar_s,
+        "--data",
+        &format!("csrf={session_csrf}"),
+        &format!("{base}/logout"),
+    ]);
+    assert_eq!(out.status, 303);
+    let out = w.curl(&["-b", &jar_s, &format!("{base}/api/agents")]);
+    assert_eq!(out.status, 401);
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn large_bodies_stream_both_ways_with_flat_server_memory() {
+    let w = Web::start();
+    let warm = w.get(&w.url("/a/prod/web/bytes?n=1048576"), &[]);
+    assert_eq!(warm.raw.len(), 1 << 20);
+    let before = vm_hwm_kib(w.server.pid());
+    // 1 GiB down, checked by size (the content is checked on a smaller body).
+    let n: u64 = 1 << 30;
+    let started = Instant::now();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            "-H",
+        ])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .arg(w.url(&format!("/a/prod/web/bytes?n={n}")))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
+    eprintln!("1 GiB download in {:?}", started.elapsed());
+    let small = w.get(&w.url("/a/prod/web/bytes?n=300000"), &[]);
+    let want: Vec<u8> = (0..300000u64).map(|i| (i % 251) as u8).collect();
+    assert_eq!(small.raw, want);
+
+    // 256 MiB up, streamed from a file, checked by size and hash.
+    let file = w.dir.join("upload.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&file).unwrap();
+        let mut p = Pattern::new(7);
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            p.fill(&mut buf);
+            f.write_all(&buf).unwrap();
+        }
+    }
+    let mut fnv = 0xcbf29ce484222325u64;
+    for b in std::fs::read(&file).unwrap() {
+        fnv ^= b as u64;
+        fnv = fnv.wrapping_mul(0x100000001b3);
+    }
+    let upload = format!("@{}", file.display());
+    let out = w.get(
+        &w.url("/a/prod/web/upload"),
+        &[
+            "--data-binary",
+            &upload,
+            "-H",
+            "Content-Type: application/octet-stream",
+        ],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.json()["bytes"], 256u64 << 20);
+    assert_eq!(out.json()["fnv"], format!("{fnv:016x}"));
+    let after = vm_hwm_kib(w.server.pid());
+    eprintln!("server peak RSS: {before} KiB before, {after} KiB after 1 GiB down + 256 MiB up");
+    assert!(
+        after < before + 48 * 1024,
+        "server memory grew by {} KiB while streaming",
+        after - before
+    );
+}
+
+#[test]
+fn server_sent_events_arrive_as_they_are_sent() {
+    let w = Web::start();
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("curl")
+        .args(["-sS", "-k", "-N", "-H"])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .arg(w.url("/a/prod/web/events?n=10"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(first, "id: 0");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let total = started.elapsed();
+    let data: Vec<&String> = rest.iter().filter(|l| l.starts_with("data:")).collect();
+    assert_eq!(data.len(), 10, "{rest:?}");
+    assert_eq!(data[9], "data: tick 9");
+    // Ten events 100 ms apart: the first must not wait for the last.
+    assert!(
+        first_at + Duration::from_millis(500) < total,
+        "first event after {first_at:?}, all after {total:?}: buffered"
+    );
+    let _ = child.wait();
+
+    // The console's own event stream sends a snapshot at once.
+    let mut child = Command::new("curl")
+        .args(["-sS", "-k", "-N", "--max-time", "5", "-H"])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .arg(w.url("/api/events"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "event: agents");
+    let data = lines.next().unwrap().unwrap();
+    assert!(data.starts_with("data: {\"identity\":\"dev\""), "{data}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_to_the_service() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let w = Web::start_opts(false);
+    let url = format!("ws://127.0.0.1:{}/a/prod/web/ws", w.port);
+    // Without a login the upgrade is refused before reaching the service.
+    let err = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {CLIENT_TOKEN}").parse().unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..50 {
+        let msg = format!("message {i} {}", "x".repeat(i * 100));
+        ws.send(Message::text(msg.clone())).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), msg),
+            other => panic!("{other:?}"),
+        }
+    }
+    let big = vec![7u8; 3 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Binary(b))) => assert_eq!(b.len(), big.len()),
+        other => panic!("{other:?}"),
+    }
+    ws.close(None).await.unwrap();
+}
