@@ -1,0 +1,242 @@
+//! Harness for browser-access tests: sample apps (plain and HTTPS), an agent
+//! offering them under several service kinds, and a TLS server with a base
+//! domain for host routing.
+
+use super::*;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+pub const BASE: &str = "tether.test";
+
+/// Sample apps, an agent offering them, and a TLS server with a base domain.
+pub struct Web {
+    pub server: Proc,
+    pub agent: Proc,
+    pub apps: Vec<Proc>,
+    pub port: u16,
+    pub dir: PathBuf,
+    _blackhole: Option<Box<dyn std::any::Any>>,
+}
+
+/// What one curl call saw.
+#[derive(Debug)]
+pub struct CurlOut {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+    pub raw: Vec<u8>,
+}
+
+impl CurlOut {
+    /// All values of a response header (lowercase name).
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header_all(name).into_iter().last()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+impl Web {
+    pub fn start() -> Web {
+        Self::start_opts(true)
+    }
+
+    pub fn start_opts(tls: bool) -> Web {
+        let dir =
+            std::env::temp_dir().join(format!("tether-web-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (app_port, tls_app_port) = (free_port(), free_port());
+        let app = Proc::spawn(
+            "sample-app",
+            &[
+                "sample-app".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{app_port}"),
+            ],
+        );
+        let tls_app = Proc::spawn(
+            "sample-app-tls",
+            &[
+                "sample-app".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{tls_app_port}"),
+                "--self-signed".into(),
+            ],
+        );
+        assert!(app.wait_log("sample app listening", Duration::from_secs(10)));
+        assert!(tls_app.wait_log("sample app listening", Duration::from_secs(10)));
+        let port = free_port();
+        let mut args: Vec<String> = [
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--base-domain",
+            BASE,
+            "--agent",
+            &format!("prod={AGENT_TOKEN}"),
+            "--agent",
+            "ghost=ghost-agent-token",
+            "--client",
+            &format!("dev={CLIENT_TOKEN}=prod/*,ghost/*"),
+            "--client",
+            &format!("limited={LIMITED_TOKEN}=prod/echo"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if tls {
+            args.extend(
+                [
+                    "--self-signed",
+                    "--tls-name",
+                    "tether.test",
+                    "--tls-name",
+                    "*.prod.tether.test",
+                ]
+                .map(String::from),
+            );
+        }
+        let server = Proc::spawn("server", &args);
+        assert!(
+            server.wait_log("server listening", Duration::from_secs(10)),
+            "{}",
+            server.log_text()
+        );
+        let fingerprint = server
+            .log_text()
+            .split("fingerprint=")
+            .nth(1)
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_owned());
+        let (holder, blackhole) = blackhole_addr();
+        let refused = refused_addr();
+        let cfg = format!(
+            r#"
+server = "{scheme}://127.0.0.1:{port}"
+name = "prod"
+token = "{AGENT_TOKEN}"
+{fp}
+dial_timeout_ms = 700
+
+[services]
+web = "http://127.0.0.1:{app_port}"
+echo = "127.0.0.1:{app_port}"
+secure = "https+insecure://127.0.0.1:{tls_app_port}"
+strict = "https://127.0.0.1:{tls_app_port}"
+refused = "http://{refused}"
+blackhole = "http://{blackhole}"
+hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
+"#,
+            scheme = if tls { "wss" } else { "ws" },
+            fp = fingerprint
+                .map(|f| format!("fingerprint = \"{f}\""))
+                .unwrap_or_default(),
+        );
+        let cfg_path = dir.join("agent.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let agent = Proc::spawn(
+            "agent",
+            &[
+                "agent".into(),
+                "--config".into(),
+                cfg_path.display().to_string(),
+            ],
+        );
+        assert!(
+            agent.wait_log("registered as prod", Duration::from_secs(15)),
+            "{}",
+            agent.log_text()
+        );
+        Web {
+            server,
+            agent,
+            apps: vec![app, tls_app],
+            port,
+            dir,
+            _blackhole: Some(Box::new(holder)),
+        }
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        "https"
+    }
+
+    /// `https://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `https://HOST:PORT{path}` for a name under the base domain.
+    pub fn host_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.port)
+    }
+
+    /// curl with `--resolve` for the base domain names this test uses.
+    pub fn curl(&self, args: &[&str]) -> CurlOut {
+        let n = free_port();
+        let hfile = self.dir.join(format!("h{n}"));
+        let bfile = self.dir.join(format!("b{n}"));
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-k", "--max-time", "30"])
+            .arg("-D")
+            .arg(&hfile)
+            .arg("-o")
+            .arg(&bfile)
+            .args(["-w", "%{http_code}"]);
+        for h in [
+            BASE.to_owned(),
+            format!("web.prod.{BASE}"),
+            format!("hosty.prod.{BASE}"),
+            format!("secure.prod.{BASE}"),
+        ] {
+            cmd.arg("--resolve")
+                .arg(format!("{h}:{}:127.0.0.1", self.port));
+        }
+        let out = cmd.args(args).output().expect("curl");
+        let status = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let headers = std::fs::read_to_string(&hfile).unwrap_or_default();
+        let raw = std::fs::read(&bfile).unwrap_or_default();
+        let body = String::from_utf8_lossy(&raw).into_owned();
+        let _ = std::fs::remove_file(hfile);
+        let _ = std::fs::remove_file(bfile);
+        CurlOut {
+            status,
+            headers,
+            body,
+            raw,
+        }
+    }
+
+    /// curl with the dev client's bearer token.
+    pub fn get(&self, url: &str, extra: &[&str]) -> CurlOut {
+        let auth = format!("Authorization: Bearer {CLIENT_TOKEN}");
+        let mut args = vec!["-H", auth.as_str()];
+        args.extend_from_slice(extra);
+        args.push(url);
+        self.curl(&args)
+    }
+
+    pub fn server_metrics(&self) -> String {
+        self.curl(&[&self.url("/metrics")]).body
+    }
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
