@@ -261,7 +261,7 @@ fn check_tether_upgrade(req: &Request<Body>) -> Resp {
     if is_websocket_upgrade(req.headers()) && !offers_subprotocol(req.headers(), SUBPROTOCOL) {
         return text(
             StatusCode::BAD_REQUEST,
-            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol versions 1 and 2)"),
+            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol versions 1 to 3)"),
         );
     }
     switching_protocols(req, Some(SUBPROTOCOL))

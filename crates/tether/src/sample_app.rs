@@ -98,6 +98,7 @@ async fn handle(mut req: Request<Incoming>) -> Response<Body> {
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         (Method::GET, "/app.js") => respond(StatusCode::OK, "text/javascript", SCRIPT),
+        (Method::GET, "/hello") => respond(StatusCode::OK, "text/plain", "hello\n"),
         (Method::GET, "/headers") => {
             let mut headers = serde_json::Map::new();
             for (k, v) in req.headers() {
