@@ -256,7 +256,7 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         &with_csrf,
         &format!("{base}/login"),
     ]);
-    assert_eq!(out.status, 403);
+    assert_eq!(out.status, 403, "{out:?}");
     // A wrong token: 401 and the form again.
     let bad = format!("token=nope&csrf={csrf}&next=%2F");
     let out = w.curl(&["-b", &jar_s, "--data", &bad, &format!("{base}/login")]);

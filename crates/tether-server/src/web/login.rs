@@ -285,6 +285,17 @@ pub async fn login_submit(
     host: &str,
 ) -> Resp {
     let headers = req.headers().clone();
+    let csrf_cookie_value = cookie(&headers, CSRF_COOKIE).map(str::to_owned);
+    // Read the (small, bounded) form first: answering before the body is
+    // read makes HTTP/2 clients see a reset stream instead of our answer.
+    let Some(form) = read_form(req).await else {
+        return error(
+            &headers,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bad_form",
+            "login form too large or unreadable",
+        );
+    };
     if cross_origin(&headers, host) {
         state.metrics.error("csrf");
         return error(
@@ -294,15 +305,6 @@ pub async fn login_submit(
             "cross-site login refused",
         );
     }
-    let csrf_cookie_value = cookie(&headers, CSRF_COOKIE).map(str::to_owned);
-    let Some(form) = read_form(req).await else {
-        return error(
-            &headers,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "bad_form",
-            "login form too large or unreadable",
-        );
-    };
     let next = form
         .get("next")
         .filter(|n| safe_next(&state.web, n))
@@ -361,6 +363,7 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
             "log out with POST",
         );
     }
+    let form = read_form(req).await.unwrap_or_default();
     if cross_origin(&headers, host) {
         state.metrics.error("csrf");
         return error(
@@ -372,7 +375,6 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
     }
     let id = cookie(&headers, SESSION_COOKIE).map(str::to_owned);
     let session = id.as_deref().and_then(|i| state.web_sessions.get(i));
-    let form = read_form(req).await.unwrap_or_default();
     match (id, session) {
         (Some(id), Some(s))
             if form

@@ -26,6 +26,8 @@ pub struct CurlOut {
     pub headers: String,
     pub body: String,
     pub raw: Vec<u8>,
+    /// curl's own error output (empty when all went well).
+    pub stderr: String,
 }
 
 impl CurlOut {
@@ -218,6 +220,7 @@ hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
             headers,
             body,
             raw,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
 
