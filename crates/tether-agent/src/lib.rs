@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tether_net::backoff::Backoff;
 use tether_net::splice::{splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
-use tether_net::transport::ws::{dial, endpoint_url};
+use tether_net::transport::ws::{dial_with_identity, endpoint_url};
 use tether_net::{Connection, Incoming};
 use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
 use tokio::net::TcpStream;
@@ -51,8 +51,20 @@ pub struct AgentConfig {
     pub server: String,
     /// The name to register under (must match the token's name on the server).
     pub name: String,
-    /// The agent token.
+    /// The agent token (prefer `token_file` or `TETHER_TOKEN`: a config
+    /// file should not hold secrets).
+    #[serde(default)]
     pub token: String,
+    /// File holding the token (e.g. a mounted Kubernetes Secret).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (the server's agent entry has
+    /// `mtls = true`); with it, no token is needed.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// PEM CA file to verify the server with (instead of system roots).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -137,6 +149,7 @@ impl AgentStats {
 /// A configured agent.
 pub struct Agent {
     config: AgentConfig,
+    identity: Option<tether_net::transport::tls::ServerIdentity>,
     policy: Arc<TargetPolicy>,
     stats: Arc<AgentStats>,
     /// The live session, for a graceful shutdown.
@@ -145,14 +158,27 @@ pub struct Agent {
 
 impl Agent {
     /// Validates the configuration.
-    pub fn new(config: AgentConfig) -> anyhow::Result<Agent> {
+    pub fn new(mut config: AgentConfig) -> anyhow::Result<Agent> {
         let policy = TargetPolicy::new(&config.services, &config.allow)
             .context("agent services / allow list")?;
-        if config.token.is_empty() {
-            anyhow::bail!("agent token is empty");
+        if let Some(f) = &config.token_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("token_file {}", f.display()))?;
+            config.token = t.trim().to_owned();
+        }
+        let identity = match (&config.client_cert, &config.client_key) {
+            (Some(c), Some(k)) => Some(tether_net::transport::tls::ServerIdentity::from_pem_files(
+                c, k,
+            )?),
+            (None, None) => None,
+            _ => anyhow::bail!("client_cert and client_key go together"),
+        };
+        if config.token.is_empty() && identity.is_none() {
+            anyhow::bail!("no agent credential: set a token (token_file, TETHER_TOKEN) or client_cert + client_key");
         }
         Ok(Agent {
             config,
+            identity,
             policy: Arc::new(policy),
             stats: Arc::default(),
             current: Arc::default(),
@@ -191,19 +217,21 @@ impl Agent {
     pub async fn run(self) -> anyhow::Result<()> {
         let url = self.config.url();
         let trust = self.config.trust();
-        let headers = vec![
-            (
+        let mut headers = vec![("x-tether-agent".to_owned(), self.config.name.clone())];
+        if !self.config.token.is_empty() {
+            headers.push((
                 "authorization".to_owned(),
                 format!("Bearer {}", self.config.token),
-            ),
-            ("x-tether-agent".to_owned(), self.config.name.clone()),
-        ];
+            ));
+        }
         let mut backoff = Backoff::default();
         let services: Vec<&str> = self.policy.service_names().collect();
         tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, "agent starting");
         loop {
             let started = Instant::now();
-            match dial(&url, SUBPROTOCOL, &headers, &trust).await {
+            match dial_with_identity(&url, SUBPROTOCOL, &headers, &trust, self.identity.as_ref())
+                .await
+            {
                 Err(e) => {
                     tracing::warn!(server = %url, "cannot connect: {e}");
                 }

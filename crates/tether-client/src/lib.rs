@@ -31,8 +31,13 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 pub struct ClientConfig {
     /// Server URL, `wss://host:port`.
     pub server: String,
-    /// The client token.
+    /// The client token, or a JWT from your identity provider (prefer
+    /// `token_file` or `TETHER_TOKEN` over writing it into a file here).
+    #[serde(default)]
     pub token: String,
+    /// File holding the token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// PEM CA file to verify the server with.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -129,7 +134,15 @@ pub struct Client {
 
 impl Client {
     /// Parses forwards and binds every listener (so a port in use fails now).
-    pub async fn bind(config: ClientConfig) -> anyhow::Result<Client> {
+    pub async fn bind(mut config: ClientConfig) -> anyhow::Result<Client> {
+        if let Some(f) = &config.token_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("token_file {}", f.display()))?;
+            config.token = t.trim().to_owned();
+        }
+        if config.token.is_empty() {
+            bail!("no client token: set TETHER_TOKEN, --token or token_file");
+        }
         if config.forward.is_empty() && config.proxy.is_none() {
             bail!("nothing to do: add forwards (LISTEN=AGENT/SERVICE) or a proxy");
         }

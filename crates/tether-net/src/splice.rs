@@ -30,6 +30,9 @@ pub trait ChunkWrite: Send {
     fn write_chunk(&mut self, b: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Signals EOF to the other side (half-close).
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the stream abruptly with a reason, when the endpoint can say one
+    /// (a tunnel stream sends RST); sockets are simply dropped.
+    fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {}
 }
 
 impl ChunkRead for StreamReader {
@@ -44,6 +47,9 @@ impl ChunkWrite for StreamWriter {
     }
     async fn finish(&mut self) -> io::Result<()> {
         StreamWriter::finish(self).await
+    }
+    fn abort(&mut self, code: tether_proto::ResetCode, reason: &str) {
+        self.reset(code, reason);
     }
 }
 
@@ -125,10 +131,28 @@ async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(
 /// reached EOF, or either failed. The endpoints are dropped on return (which
 /// resets an unfinished tunnel stream and closes sockets).
 pub async fn splice<AR, AW, BR, BW>(
+    a_read: AR,
+    a_write: AW,
+    b_read: BR,
+    b_write: BW,
+) -> SpliceReport
+where
+    AR: ChunkRead,
+    AW: ChunkWrite,
+    BR: ChunkRead,
+    BW: ChunkWrite,
+{
+    splice_until(a_read, a_write, b_read, b_write, std::future::pending()).await
+}
+
+/// Like [`splice`], but when `stop` resolves first both sides are aborted
+/// with its code and reason (e.g. RST `forbidden` when access is revoked).
+pub async fn splice_until<AR, AW, BR, BW>(
     mut a_read: AR,
     mut a_write: AW,
     mut b_read: BR,
     mut b_write: BW,
+    stop: impl Future<Output = (tether_proto::ResetCode, String)>,
 ) -> SpliceReport
 where
     AR: ChunkRead,
@@ -139,10 +163,11 @@ where
     let mut report = SpliceReport::default();
     let mut up = 0u64;
     let mut down = 0u64;
+    let mut stopped = None;
     {
         let a_to_b = copy_one_way(&mut a_read, &mut b_write, &mut up);
         let b_to_a = copy_one_way(&mut b_read, &mut a_write, &mut down);
-        tokio::pin!(a_to_b, b_to_a);
+        tokio::pin!(a_to_b, b_to_a, stop);
         let (mut a_done, mut b_done) = (false, false);
         while !(a_done && b_done) {
             tokio::select! {
@@ -154,8 +179,17 @@ where
                     b_done = true;
                     if let Err(e) = r { report.error = Some(e); break; }
                 }
+                why = &mut stop => {
+                    stopped = Some(why);
+                    break;
+                }
             }
         }
+    }
+    if let Some((code, reason)) = stopped {
+        a_write.abort(code, &reason);
+        b_write.abort(code, &reason);
+        report.error = Some(io::Error::new(io::ErrorKind::PermissionDenied, reason));
     }
     report.a_to_b = up;
     report.b_to_a = down;

@@ -2,9 +2,10 @@
 
 use anyhow::{bail, Context};
 use std::collections::HashMap;
-use tether_net::pattern::glob_match;
 
 use crate::config::{AgentCredential, ClientCredential, ServerConfig};
+use crate::jwt::{looks_like_jwt, JwtVerifier};
+use crate::policy::{Decision, Policy, Protocol};
 
 /// SHA-256 of a token, as 32 bytes. Tokens are compared by hash so that the
 /// comparison time says nothing about the token, and configs can hold hashes.
@@ -47,37 +48,60 @@ fn credential_hash(
     }
 }
 
-/// A client that presented a valid token.
-#[derive(Debug, Clone)]
+/// How a client proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// A static token (`[[client]]`); `hash` is its SHA-256, so a reload can
+    /// tell whether this token is still configured.
+    Token {
+        /// SHA-256 of the token.
+        hash: [u8; 32],
+    },
+    /// A JWT from the identity provider, valid until `expires` (Unix seconds).
+    Jwt {
+        /// The token's `exp`.
+        expires: u64,
+    },
+}
+
+/// A client that presented a valid credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIdentity {
-    /// Its configured name.
+    /// Its name (`[[client]] name`, or the JWT's name claim).
     pub name: String,
-    allow: Vec<String>,
+    /// Its groups (JWT group claim; empty for token clients).
+    pub groups: Vec<String>,
+    /// Token or JWT.
+    pub kind: IdentityKind,
 }
 
 impl ClientIdentity {
-    /// Whether this client may open `agent/service`.
-    pub fn may_open(&self, agent: &str, service: &str) -> bool {
-        let target = format!("{agent}/{service}");
-        self.allow.iter().any(|p| glob_match(p, &target))
-    }
-
-    /// Whether any allow rule can reach something on `agent` (the console
-    /// lists only those agents).
-    pub fn may_see_agent(&self, agent: &str) -> bool {
-        self.allow.iter().any(|p| {
-            let agent_part = p.split_once('/').map_or(p.as_str(), |(a, _)| a);
-            glob_match(agent_part, agent)
-        })
+    /// Seconds until the credential expires (`None`: it does not).
+    pub fn expires_in(&self) -> Option<std::time::Duration> {
+        match self.kind {
+            IdentityKind::Token { .. } => None,
+            IdentityKind::Jwt { expires } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                Some(std::time::Duration::from_secs(expires.saturating_sub(now)))
+            }
+        }
     }
 }
 
-/// The server's credential tables.
+/// The server's credential tables and policy. Rebuilt as a whole on reload.
 #[derive(Debug, Default)]
 pub struct Authenticator {
     agents: HashMap<[u8; 32], String>,
-    clients: HashMap<[u8; 32], ClientIdentity>,
-    clients_by_name: HashMap<String, ClientIdentity>,
+    /// Agents that may authenticate with a client certificate naming them.
+    mtls_agents: std::collections::HashSet<String>,
+    clients: HashMap<[u8; 32], String>,
+    policy: Policy,
+    jwt: Option<JwtVerifier>,
+    /// Configured secrets in clear text (warned about at load).
+    pub plaintext_secrets: Vec<String>,
 }
 
 impl Authenticator {
@@ -88,14 +112,26 @@ impl Authenticator {
             name,
             token,
             token_sha256,
+            mtls,
         } in &cfg.agents
         {
             validate_name(name)?;
+            if token.is_some() {
+                a.plaintext_secrets.push(format!("agent {name}"));
+            }
+            if *mtls {
+                a.mtls_agents.insert(name.clone());
+                if token.is_none() && token_sha256.is_none() {
+                    continue;
+                }
+            }
             let h = credential_hash(&format!("agent {name}"), token, token_sha256)?;
             if a.agents.insert(h, name.clone()).is_some() {
                 bail!("agent {name}: the same token is configured twice");
             }
         }
+        let mut allows = vec![];
+        let mut names = std::collections::HashSet::new();
         for ClientCredential {
             name,
             token,
@@ -103,17 +139,21 @@ impl Authenticator {
             allow,
         } in &cfg.clients
         {
+            if token.is_some() {
+                a.plaintext_secrets.push(format!("client {name}"));
+            }
             let h = credential_hash(&format!("client {name}"), token, token_sha256)?;
-            let id = ClientIdentity {
-                name: name.clone(),
-                allow: allow.clone(),
-            };
-            if a.clients.insert(h, id.clone()).is_some() {
+            if a.clients.insert(h, name.clone()).is_some() {
                 bail!("client {name}: the same token is configured twice");
             }
-            if a.clients_by_name.insert(name.clone(), id).is_some() {
+            if !names.insert(name.clone()) {
                 bail!("client {name}: the name is configured twice");
             }
+            allows.push((name.clone(), allow.clone()));
+        }
+        a.policy = Policy::new(&cfg.rules, &allows)?;
+        if let Some(j) = &cfg.jwt {
+            a.jwt = Some(JwtVerifier::new(j)?);
         }
         Ok(a)
     }
@@ -123,19 +163,80 @@ impl Authenticator {
         self.agents.get(&token_hash(token)).map(String::as_str)
     }
 
-    /// The client this token belongs to.
-    pub fn client(&self, token: &str) -> Option<&ClientIdentity> {
-        self.clients.get(&token_hash(token))
+    /// The agent a verified client certificate names (one of its DNS
+    /// names is an agent configured with `mtls = true`).
+    pub fn agent_by_cert<'a>(
+        &self,
+        dns_names: impl IntoIterator<Item = &'a str>,
+    ) -> Option<String> {
+        dns_names
+            .into_iter()
+            .find(|n| self.mtls_agents.contains(*n))
+            .map(str::to_owned)
     }
 
-    /// A client by its configured name (browser sessions remember the name).
-    pub fn client_by_name(&self, name: &str) -> Option<&ClientIdentity> {
-        self.clients_by_name.get(name)
+    /// Whether an agent session that authenticated as `name` (by token hash
+    /// `hash`, or by certificate when `None`) is still allowed in.
+    pub fn agent_still_valid(&self, name: &str, hash: Option<&[u8; 32]>) -> bool {
+        match hash {
+            Some(h) => self.agents.get(h).is_some_and(|n| n == name),
+            None => self.mtls_agents.contains(name),
+        }
+    }
+
+    /// The client a bearer credential (static token or JWT) belongs to; the
+    /// error is for the log and never contains the credential.
+    pub fn client(&self, credential: &str) -> Result<ClientIdentity, String> {
+        if let Some(name) = self.clients.get(&token_hash(credential)) {
+            return Ok(ClientIdentity {
+                name: name.clone(),
+                groups: vec![],
+                kind: IdentityKind::Token {
+                    hash: token_hash(credential),
+                },
+            });
+        }
+        match &self.jwt {
+            Some(j) if looks_like_jwt(credential) => j.verify(credential),
+            _ => Err("unknown token".into()),
+        }
+    }
+
+    /// Whether a live identity still holds: its token is still configured
+    /// under its name, or its JWT has not expired (and JWTs are still accepted).
+    pub fn client_still_valid(&self, id: &ClientIdentity) -> bool {
+        match &id.kind {
+            IdentityKind::Token { hash } => self.clients.get(hash).is_some_and(|n| *n == id.name),
+            IdentityKind::Jwt { .. } => {
+                self.jwt.is_some() && id.expires_in().is_some_and(|d| !d.is_zero())
+            }
+        }
+    }
+
+    /// Decides one open.
+    pub fn decide(
+        &self,
+        id: &ClientIdentity,
+        agent: &str,
+        service: &str,
+        proto: Protocol,
+    ) -> Decision {
+        self.policy.decide(id, agent, service, proto)
+    }
+
+    /// Whether the console shows `agent` to `id`.
+    pub fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
+        self.policy.may_see_agent(id, agent)
     }
 
     /// Names of every configured agent, sorted.
     pub fn agent_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.agents.values().cloned().collect();
+        let mut v: Vec<String> = self
+            .agents
+            .values()
+            .chain(self.mtls_agents.iter())
+            .cloned()
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -178,10 +279,13 @@ mod tests {
         assert_eq!(a.agent("agent-secret"), Some("prod"));
         assert_eq!(a.agent("nope"), None);
         let alice = a.client("alice-secret").unwrap();
-        assert!(alice.may_open("prod", "db"));
-        assert!(!alice.may_open("prod", "redis"));
-        assert!(alice.may_open("staging", "anything"));
-        assert!(a.client("agent-secret").is_none());
+        let may = |agent: &str, svc: &str| a.decide(&alice, agent, svc, Protocol::Tcp).allowed;
+        assert!(may("prod", "db"));
+        assert!(!may("prod", "redis"));
+        assert!(may("staging", "anything"));
+        assert!(a.client("agent-secret").is_err());
+        assert!(a.client_still_valid(&alice));
+        assert_eq!(a.plaintext_secrets, vec!["agent prod".to_owned()]);
     }
 
     fn hex(b: &[u8]) -> String {

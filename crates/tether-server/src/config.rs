@@ -34,6 +34,15 @@ pub struct ServerConfig {
     /// Browser access: host routing, login cookies.
     #[serde(default)]
     pub http: crate::web::WebConfig,
+    /// Access rules beyond each client's own `allow` list.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<crate::policy::RuleConfig>,
+    /// JWT client identities.
+    #[serde(default)]
+    pub jwt: Option<crate::jwt::JwtConfig>,
+    /// Limits per identity and overall.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 fn default_max_streams_per_client() -> usize {
@@ -55,6 +64,9 @@ impl Default for ServerConfig {
             listeners: vec![],
             max_streams_per_client: crate::MAX_STREAMS_PER_CLIENT,
             http: Default::default(),
+            rules: vec![],
+            jwt: None,
+            limits: Default::default(),
         }
     }
 }
@@ -73,13 +85,17 @@ pub struct TlsConfig {
     /// Names for the self-signed certificate.
     #[serde(default = "default_names")]
     pub names: Vec<String>,
+    /// PEM CA file for client certificates (agents with `mtls = true`).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 fn default_names() -> Vec<String> {
     vec!["localhost".into(), "127.0.0.1".into()]
 }
 
-/// One agent that may register. Exactly one of `token` / `token_sha256`.
+/// One agent that may register: by token (exactly one of `token` /
+/// `token_sha256`), by client certificate (`mtls = true`), or both.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentCredential {
@@ -89,6 +105,10 @@ pub struct AgentCredential {
     pub token: Option<String>,
     /// Hex SHA-256 of its token.
     pub token_sha256: Option<String>,
+    /// Accept a client certificate from `[tls] client_ca` whose DNS name is
+    /// this agent's name.
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 /// One client identity. Exactly one of `token` / `token_sha256`.

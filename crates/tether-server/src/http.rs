@@ -17,6 +17,7 @@ use tether_net::transport::ws::{server_from_upgraded, ws_config};
 use tether_net::Connection;
 use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::tungstenite::Message;
@@ -28,13 +29,19 @@ use crate::{State, AGENT_PATH, CLIENT_PATH, HEADER_READ_TIMEOUT, RAW_WS_PREFIX};
 use crate::web::{self, full, Resp};
 
 /// Serves HTTP/1.1 (with upgrades) on one accepted connection.
-pub async fn serve_connection<S>(state: Arc<State>, io: S, peer: SocketAddr)
-where
+pub async fn serve_connection<S>(
+    state: Arc<State>,
+    io: S,
+    peer: SocketAddr,
+    client_cert: Option<CertificateDer<'static>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let client_cert = client_cert.map(Arc::new);
     let svc = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(state, req, peer).await) }
+        let cert = client_cert.clone();
+        async move { Ok::<_, Infallible>(route(state, req, peer, cert).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -139,7 +146,12 @@ fn switching_protocols(req: &Request<Body>, subprotocol: Option<&str>) -> Resp {
     r
 }
 
-async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
+async fn route(
+    state: Arc<State>,
+    req: Request<Body>,
+    peer: SocketAddr,
+    client_cert: Option<Arc<CertificateDer<'static>>>,
+) -> Resp {
     let path = req.uri().path().to_owned();
     let host = web::request_host(&req).unwrap_or_default();
     // Our own static files, on every host (also host-routed service hosts,
@@ -175,7 +187,7 @@ async fn route(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp 
             );
             r
         }
-        AGENT_PATH => agent_upgrade(state, req, peer),
+        AGENT_PATH => agent_upgrade(state, req, peer, client_cert.as_deref()),
         CLIENT_PATH => client_upgrade(state, req, peer),
         p if p.starts_with(RAW_WS_PREFIX) => {
             let rest = p[RAW_WS_PREFIX.len()..].to_owned();
@@ -315,20 +327,65 @@ async fn accept_session(
     }
 }
 
-fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
-    let token = match require_token(&state, &req, peer, "agent", false) {
-        Ok(t) => t,
-        Err(r) => return *r,
+/// A verified client certificate's claim to be agent `name` (mutual TLS).
+fn cert_names_agent(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
     };
-    let Some(name) = state.auth.agent(&token).map(str::to_owned) else {
-        return unknown_token(&state, peer, "agent");
+    let Ok(server_name) = tokio_rustls::rustls::pki_types::ServerName::try_from(name) else {
+        return false;
     };
-    if let Some(claimed) = req
+    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// Refuses a request that hit a limit.
+fn limit_refusal(state: &State, peer: SocketAddr, hit: crate::limits::LimitHit) -> Resp {
+    state.metrics.limit_hit(hit.limit);
+    tracing::warn!(%peer, limit = hit.limit, "refused: {}", hit.reason);
+    let status = if hit.limit == "sessions" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    text(status, hit.reason)
+}
+
+fn agent_upgrade(
+    state: Arc<State>,
+    req: Request<Body>,
+    peer: SocketAddr,
+    client_cert: Option<&CertificateDer<'static>>,
+) -> Resp {
+    let auth = state.auth();
+    let claimed = req
         .headers()
         .get("x-tether-agent")
         .and_then(|v| v.to_str().ok())
-    {
-        if claimed != name {
+        .map(str::to_owned);
+    // A client certificate naming a `mtls = true` agent, or a token.
+    let by_cert = match (client_cert, &claimed) {
+        (Some(cert), Some(c))
+            if auth.agent_by_cert([c.as_str()]).is_some() && cert_names_agent(cert, c) =>
+        {
+            Some(c.clone())
+        }
+        _ => None,
+    };
+    let (name, token_hash) = match by_cert {
+        Some(n) => (n, None),
+        None => {
+            let token = match require_token(&state, &req, peer, "agent", false) {
+                Ok(t) => t,
+                Err(r) => return *r,
+            };
+            let Some(name) = auth.agent(&token).map(str::to_owned) else {
+                return unknown_token(&state, peer, "agent");
+            };
+            (name, Some(crate::auth::token_hash(&token)))
+        }
+    };
+    if let Some(claimed) = &claimed {
+        if *claimed != name {
             state.metrics.error("agent_name_mismatch");
             tracing::warn!(%peer, %claimed, token_for = %name, "agent name does not match its token");
             return text(
@@ -341,7 +398,17 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
+    let slot = match state.limits.session(None) {
+        Ok(s) => s,
+        Err(hit) => return limit_refusal(&state, peer, hit),
+    };
+    let via = if token_hash.is_some() {
+        "token"
+    } else {
+        "certificate"
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         let mut cfg = state.session_config.clone();
         cfg.accept_opens = false; // agents do not open streams towards the server
         let label = format!("agent={name}");
@@ -360,11 +427,15 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
                 "a newer session of this agent connected",
             );
         }
-        let key = state.track(conn.clone());
+        let owner = crate::SessionOwner::Agent {
+            name: name.clone(),
+            token_hash,
+        };
+        let key = state.track(conn.clone(), Some(owner));
         let sessions = state.metrics.sessions_of("agent");
         sessions.inc();
         state.metrics.agents.set(state.registry.len() as i64);
-        tracing::info!(agent = %name, %peer, software = %info.peer_software, "agent connected");
+        tracing::info!(agent = %name, %peer, software = %info.peer_software, version = info.version, auth = via, "agent connected");
         let started = Instant::now();
         let why = conn.closed().await;
         sessions.dec();
@@ -376,19 +447,39 @@ fn agent_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Res
     resp
 }
 
+/// The client a request's bearer credential names, or the 401 answer.
+fn authenticate_client(
+    state: &State,
+    req: &Request<Body>,
+    peer: SocketAddr,
+    allow_query: bool,
+) -> Result<crate::auth::ClientIdentity, Box<Resp>> {
+    let token = require_token(state, req, peer, "client", allow_query)?;
+    state.auth().client(&token).map_err(|why| {
+        state.metrics.error("bad_token");
+        tracing::warn!(%peer, "client credential refused: {why}");
+        Box::new(text(
+            StatusCode::UNAUTHORIZED,
+            format!("invalid client credential: {why}"),
+        ))
+    })
+}
+
 fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Resp {
-    let token = match require_token(&state, &req, peer, "client", false) {
-        Ok(t) => t,
+    let client = match authenticate_client(&state, &req, peer, false) {
+        Ok(c) => c,
         Err(r) => return *r,
-    };
-    let Some(client) = state.auth.client(&token).cloned() else {
-        return unknown_token(&state, peer, "client");
     };
     let resp = check_tether_upgrade(&req);
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
+    let slot = match state.limits.session(Some(&client.name)) {
+        Ok(s) => s,
+        Err(hit) => return limit_refusal(&state, peer, hit),
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         let label = format!("client={}", client.name);
         let mut cfg = state.session_config.clone();
         // One client must not be able to take all of an agent's streams.
@@ -397,10 +488,27 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         else {
             return;
         };
-        let key = state.track(conn.clone());
+        let key = state.track(
+            conn.clone(),
+            Some(crate::SessionOwner::Client(client.clone())),
+        );
         let sessions = state.metrics.sessions_of("client");
         sessions.inc();
         tracing::info!(client = %client.name, %peer, "client connected");
+        // A JWT identity's session ends when its token does.
+        if let Some(left) = client.expires_in() {
+            let c = conn.clone();
+            let who = client.name.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(left) => {
+                        tracing::info!(client = %who, "credential expired: closing the session");
+                        c.close(ErrorCode::Unauthorized, "credential expired");
+                    }
+                    _ = c.closed() => {}
+                }
+            });
+        }
         while let Some(inc) = incoming.recv().await {
             tokio::spawn(crate::relay::relay_client_stream(
                 state.clone(),
@@ -441,12 +549,9 @@ pub fn status_for(code: OpenErrorCode) -> StatusCode {
 
 /// `/tether/v1/ws/AGENT/SERVICE`: one WebSocket carries one stream's bytes.
 async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &str) -> Resp {
-    let token = match require_token(&state, &req, peer, "client", true) {
-        Ok(t) => t,
+    let client = match authenticate_client(&state, &req, peer, true) {
+        Ok(c) => c,
         Err(r) => return *r,
-    };
-    let Some(client) = state.auth.client(&token).cloned() else {
-        return unknown_token(&state, peer, "client");
     };
     // Validate the upgrade before dialing anything.
     let resp = switching_protocols(&req, None);
@@ -454,7 +559,7 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
         return resp;
     }
     let started = Instant::now();
-    let (agent_stream, permit) = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
+    let (agent_stream, grant) = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
         Ok(x) => x,
         Err(RelayRefusal { code, reason }) => {
             tracing::info!(client = %client.name, %peer, target = %rest, %code, "raw websocket refused: {reason}");
@@ -463,7 +568,6 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
     };
     let target = rest.to_owned();
     tokio::spawn(async move {
-        let _permit = permit;
         let Some(io) = upgraded(req).await else {
             return;
         };
@@ -478,10 +582,9 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
             &client.name,
             &target,
             started,
-            RawWsReader(rx),
-            RawWsWriter(tx),
-            ar,
-            aw,
+            Some(grant),
+            (RawWsReader(rx), RawWsWriter(tx)),
+            (ar, aw),
         )
         .await;
         sessions.dec();

@@ -14,17 +14,20 @@
 pub mod auth;
 pub mod config;
 mod http;
+pub mod jwt;
+pub mod limits;
 pub mod listeners;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 pub mod relay;
+pub mod reload;
 pub mod web;
 
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_net::transport::tls::ServerIdentity;
 use tokio::net::TcpListener;
 
 pub use config::ServerConfig;
@@ -48,10 +51,60 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send the request headers (slowloris guard).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Who a tracked multiplexed session belongs to (re-checked on reload).
+#[derive(Debug, Clone)]
+pub enum SessionOwner {
+    /// An agent, by token (its SHA-256) or by certificate (`None`).
+    Agent {
+        /// Agent name.
+        name: String,
+        /// SHA-256 of the token it used, if any.
+        token_hash: Option<[u8; 32]>,
+    },
+    /// A CLI client.
+    Client(auth::ClientIdentity),
+}
+
+/// One relayed stream, re-checked against the policy on reload.
+pub struct LiveStream {
+    /// Who opened it.
+    pub identity: auth::ClientIdentity,
+    /// Agent.
+    pub agent: String,
+    /// Service or `host:port`.
+    pub service: String,
+    /// Protocol.
+    pub protocol: policy::Protocol,
+    /// Notified when the stream must end (its access was revoked).
+    pub revoked: Arc<tokio::sync::Notify>,
+}
+
+/// Removes a live stream from the table when dropped.
+pub struct StreamTicket {
+    state: Arc<State>,
+    key: u64,
+    /// Notified on revocation.
+    pub revoked: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for StreamTicket {
+    fn drop(&mut self) {
+        self.state
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// State shared by every connection of the server.
 pub struct State {
-    /// Credential tables.
-    pub auth: auth::Authenticator,
+    /// Credential tables and policy (swapped whole on reload).
+    auth: std::sync::RwLock<Arc<auth::Authenticator>>,
+    /// Per-identity and global limits.
+    pub limits: limits::Limits,
+    /// Current TLS acceptor (swapped on reload).
+    tls_acceptor: std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     /// Connected agents.
     pub registry: registry::Registry,
     /// Metrics.
@@ -70,12 +123,114 @@ pub struct State {
     pub tls: bool,
     /// Live relayed streams per client identity.
     client_streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-    /// Every live multiplexed session (agents and clients), for draining.
-    sessions: std::sync::Mutex<std::collections::HashMap<u64, tether_net::Connection>>,
+    /// Every live multiplexed session (agents and clients), for draining
+    /// and for re-checking credentials on reload.
+    sessions: std::sync::Mutex<
+        std::collections::HashMap<u64, (tether_net::Connection, Option<SessionOwner>)>,
+    >,
+    /// Every relayed stream opened by a client identity.
+    streams: std::sync::Mutex<std::collections::HashMap<u64, LiveStream>>,
     next_session: std::sync::atomic::AtomicU64,
 }
 
 impl State {
+    /// The current credential tables and policy.
+    pub fn auth(&self) -> Arc<auth::Authenticator> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs new credential tables and policy.
+    pub fn set_auth(&self, a: auth::Authenticator) {
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
+    }
+
+    /// The current TLS acceptor.
+    pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls_acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs a new TLS acceptor (new handshakes use it).
+    pub fn set_tls_acceptor(&self, a: tokio_rustls::TlsAcceptor) {
+        *self.tls_acceptor.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
+    }
+
+    /// Registers a relayed stream for revocation checks; keep the ticket
+    /// for the stream's life.
+    pub fn track_stream(
+        self: &Arc<Self>,
+        identity: &auth::ClientIdentity,
+        agent: &str,
+        service: &str,
+        protocol: policy::Protocol,
+    ) -> StreamTicket {
+        let key = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let revoked = Arc::new(tokio::sync::Notify::new());
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key,
+                LiveStream {
+                    identity: identity.clone(),
+                    agent: agent.to_owned(),
+                    service: service.to_owned(),
+                    protocol,
+                    revoked: revoked.clone(),
+                },
+            );
+        StreamTicket {
+            state: self.clone(),
+            key,
+            revoked,
+        }
+    }
+
+    /// Closes sessions whose credentials no longer hold and ends streams the
+    /// policy no longer allows. Returns (sessions closed, streams ended).
+    pub fn enforce(&self) -> (usize, usize) {
+        let auth = self.auth();
+        let mut closed = 0;
+        for (conn, owner) in self.lock_sessions().values() {
+            let valid = match owner {
+                None => true,
+                Some(SessionOwner::Agent { name, token_hash }) => {
+                    auth.agent_still_valid(name, token_hash.as_ref())
+                }
+                Some(SessionOwner::Client(id)) => auth.client_still_valid(id),
+            };
+            if !valid && !conn.is_closed() {
+                tracing::warn!(session = %conn.label(), "credentials revoked: closing the session");
+                conn.close(
+                    tether_proto::ErrorCode::Unauthorized,
+                    "credentials revoked by the server's configuration",
+                );
+                closed += 1;
+            }
+        }
+        let mut ended = 0;
+        for s in self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            let allowed = auth.client_still_valid(&s.identity)
+                && auth
+                    .decide(&s.identity, &s.agent, &s.service, s.protocol)
+                    .allowed;
+            if !allowed {
+                s.revoked.notify_one();
+                ended += 1;
+            }
+        }
+        (closed, ended)
+    }
+
     /// Whether cookies are marked `Secure`.
     pub fn secure_cookies(&self) -> bool {
         self.web.secure_cookies.unwrap_or(self.tls)
@@ -91,11 +246,11 @@ impl State {
     }
 
     /// Remembers a live session until [`State::untrack`].
-    pub fn track(&self, conn: tether_net::Connection) -> u64 {
+    pub fn track(&self, conn: tether_net::Connection, owner: Option<SessionOwner>) -> u64 {
         let key = self
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock_sessions().insert(key, conn);
+        self.lock_sessions().insert(key, (conn, owner));
         key
     }
 
@@ -104,16 +259,24 @@ impl State {
         self.lock_sessions().remove(&key);
     }
 
+    #[allow(clippy::type_complexity)]
     fn lock_sessions(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, tether_net::Connection>> {
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<u64, (tether_net::Connection, Option<SessionOwner>)>,
+    > {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends GOAWAY on every session and waits until they are all gone (each
     /// session resets its last streams at its drain deadline).
     pub async fn drain(&self, reason: &str) {
-        let conns: Vec<tether_net::Connection> = self.lock_sessions().values().cloned().collect();
+        let conns: Vec<tether_net::Connection> = self
+            .lock_sessions()
+            .values()
+            .map(|(c, _)| c.clone())
+            .collect();
         tracing::info!(
             sessions = conns.len(),
             "draining: GOAWAY sent to every session"
@@ -131,15 +294,18 @@ impl State {
 pub struct Server {
     listener: TcpListener,
     public_listeners: Vec<listeners::ListenerConfig>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     fingerprint: Option<String>,
     state: Arc<State>,
+    reload: Option<(reload::ConfigSource, Option<std::path::PathBuf>)>,
 }
 
 impl Server {
     /// Validates the config, loads or makes the certificate and binds the port.
     pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
         let auth = auth::Authenticator::from_config(cfg)?;
+        for who in &auth.plaintext_secrets {
+            tracing::warn!("{who}: token in clear text in the config; store token_sha256 instead (tether token hash)");
+        }
         for l in &cfg.listeners {
             l.validate()?;
         }
@@ -147,18 +313,8 @@ impl Server {
         let (tls, fingerprint) = match &cfg.tls {
             None => (None, None),
             Some(t) => {
-                let id = match (&t.cert, &t.key, t.self_signed) {
-                    (Some(c), Some(k), false) => ServerIdentity::from_pem_files(c, k)?,
-                    (None, None, true) => ServerIdentity::self_signed(&t.names)?,
-                    _ => anyhow::bail!("[tls]: set cert and key, or self_signed = true"),
-                };
-                // h2 for browsers; agents and clients ask for http/1.1
-                // (WebSocket upgrades need it).
-                let sc = id.server_config(&[b"h2", b"http/1.1"])?;
-                (
-                    Some(tokio_rustls::TlsAcceptor::from(sc)),
-                    Some(id.fingerprint()),
-                )
+                let (a, fp) = reload::build_tls(t)?;
+                (Some(a), Some(fp))
             }
         };
         let listener = TcpListener::bind(cfg.listen)
@@ -172,10 +328,13 @@ impl Server {
         Ok(Server {
             listener,
             public_listeners: cfg.listeners.clone(),
-            tls,
             fingerprint,
+            reload: None,
             state: Arc::new_cyclic(|weak| State {
-                auth,
+                auth: std::sync::RwLock::new(Arc::new(auth)),
+                limits: limits::Limits::new(cfg.limits.clone()),
+                tls_acceptor: std::sync::RwLock::new(tls),
+                streams: Default::default(),
                 registry: registry::Registry::default(),
                 metrics: metrics::Metrics::default(),
                 session_config,
@@ -203,9 +362,20 @@ impl Server {
         self.fingerprint.as_deref()
     }
 
+    /// Reloads from `source` on SIGHUP and when the config file (or a
+    /// certificate, key or JWT key file it names) changes.
+    pub fn with_reload(
+        mut self,
+        source: reload::ConfigSource,
+        config_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        self.reload = Some((source, config_file));
+        self
+    }
+
     /// The URL scheme agents and clients should use (`ws` or `wss`).
     pub fn scheme(&self) -> &'static str {
-        if self.tls.is_some() {
+        if self.state.tls {
             "wss"
         } else {
             "ws"
@@ -229,7 +399,11 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "server listening");
+        tracing::info!(addr = %self.local_addr(), tls = self.state.tls, "server listening");
+        let watcher = self
+            .reload
+            .clone()
+            .map(|(source, file)| tokio::spawn(reload::watch(self.state.clone(), source, file)));
         let public: Vec<_> = self
             .public_listeners
             .iter()
@@ -243,6 +417,9 @@ impl Server {
                     drop(self.listener);
                     for task in &public {
                         task.abort();
+                    }
+                    if let Some(w) = &watcher {
+                        w.abort();
                     }
                     self.state.drain("server shutting down").await;
                     tracing::info!("all sessions drained");
@@ -260,15 +437,25 @@ impl Server {
             };
             let _ = tcp.set_nodelay(true);
             let state = self.state.clone();
-            let tls = self.tls.clone();
+            let tls = self.state.tls_acceptor();
             tokio::spawn(async move {
                 match tls {
-                    None => http::serve_connection(state, tcp, peer).await,
+                    None => http::serve_connection(state, tcp, peer, None).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                             .await
                         {
-                            Ok(Ok(s)) => http::serve_connection(state, s, peer).await,
+                            Ok(Ok(s)) => {
+                                // A client certificate rustls verified against
+                                // [tls] client_ca (agents with mtls = true).
+                                let cert = s
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| c.clone().into_owned());
+                                http::serve_connection(state, s, peer, cert).await
+                            }
                             Ok(Err(e)) => {
                                 state.metrics.error("tls_handshake");
                                 tracing::debug!(%peer, "TLS handshake failed: {e}");

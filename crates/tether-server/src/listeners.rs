@@ -191,7 +191,7 @@ async fn serve_one(state: Arc<State>, cfg: Arc<ListenerConfig>, tcp: TcpStream, 
     }
     let (tr, tw) = tcp.into_split();
     let who = format!("listener {} from {peer}", cfg.listen);
-    run_relay(&state, &who, &cfg.target, started, tr, tw, sr, sw).await;
+    run_relay(&state, &who, &cfg.target, started, None, (tr, tw), (sr, sw)).await;
 }
 
 /// A UDP listener: every source address is a flow (one tunnel stream).

@@ -27,6 +27,20 @@ pub struct ErrorLabel {
     pub kind: String,
 }
 
+/// Label for limits.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// The limit's name (`opens_per_sec`, `sessions_per_client`, ...).
+    pub limit: String,
+}
+
+/// Label for outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `failed`.
+    pub result: String,
+}
+
 /// All server metrics.
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +58,12 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabel, Counter>,
     /// Errors by kind.
     pub errors: Family<ErrorLabel, Counter>,
+    /// Requests refused by a limit.
+    pub limit_hits: Family<LimitLabel, Counter>,
+    /// Configuration reloads.
+    pub reloads: Family<ResultLabel, Counter>,
+    /// Opens decided by the policy.
+    pub decisions: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +77,9 @@ impl Default for Metrics {
             streams_total: Counter::default(),
             bytes: Family::default(),
             errors: Family::default(),
+            limit_hits: Family::default(),
+            reloads: Family::default(),
+            decisions: Family::default(),
             registry: Registry::default(),
         };
         registry.register("agents", "Registered agents", m.agents.clone());
@@ -74,6 +97,17 @@ impl Default for Metrics {
         registry.register("streams", "Relayed streams opened", m.streams_total.clone());
         registry.register("relayed_bytes", "Relayed payload bytes", m.bytes.clone());
         registry.register("errors", "Errors by kind", m.errors.clone());
+        registry.register(
+            "limit_hits",
+            "Requests refused by a limit",
+            m.limit_hits.clone(),
+        );
+        registry.register("reloads", "Configuration reloads", m.reloads.clone());
+        registry.register(
+            "policy_decisions",
+            "Opens allowed or denied by the policy",
+            m.decisions.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -84,6 +118,33 @@ impl Metrics {
         self.errors
             .get_or_create(&ErrorLabel {
                 kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one refusal by `limit`.
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits
+            .get_or_create(&LimitLabel {
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The reload counter for `result`.
+    pub fn reloads_of(&self, result: &str) -> Counter {
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts one policy decision.
+    pub fn decision(&self, allowed: bool) {
+        self.decisions
+            .get_or_create(&ResultLabel {
+                result: if allowed { "allowed" } else { "denied" }.to_owned(),
             })
             .inc();
     }

@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 use std::time::Instant;
-use tether_net::splice::{splice, ChunkRead, ChunkWrite};
+use tether_net::splice::{splice_until, ChunkRead, ChunkWrite};
 use tether_net::{Incoming, Stream};
-use tether_proto::{OpenErrorCode, Target, TargetKind};
+use tether_proto::{OpenErrorCode, ResetCode, Target, TargetKind};
 
 use crate::auth::ClientIdentity;
+use crate::policy::Protocol;
 use crate::State;
 
 /// Splits a client target `agent/service` (the service part may itself be
@@ -68,14 +69,70 @@ pub fn acquire_permit(state: &Arc<State>, client: &str) -> Option<ClientStreamPe
     })
 }
 
-/// Checks policy and the client's stream budget, finds the agent and opens
-/// the stream on it. The permit must live as long as the relayed stream.
+/// What an allowed open holds for the life of its stream: the client's
+/// stream slot, and the ticket that ends the stream if access is revoked.
+pub struct OpenGrant {
+    _permit: ClientStreamPermit,
+    /// Revocation ticket.
+    pub ticket: crate::StreamTicket,
+    /// The protocol the policy allowed.
+    pub protocol: Protocol,
+}
+
+/// The policy's protocol for a stream kind.
+pub fn protocol_of(kind: TargetKind) -> Protocol {
+    match kind {
+        TargetKind::Udp => Protocol::Udp,
+        _ => Protocol::Tcp,
+    }
+}
+
+/// Checks a client's open against the limits and the policy, with its metric
+/// and audit line; `Ok` carries the client's stream slot.
+pub fn admit(
+    state: &Arc<State>,
+    client: &ClientIdentity,
+    agent: &str,
+    service: &str,
+    protocol: Protocol,
+) -> Result<ClientStreamPermit, RelayRefusal> {
+    let target = format!("{agent}/{service}");
+    let deny = |code: OpenErrorCode, reason: String| {
+        tracing::info!(target: "audit", identity = %client.name, %target, protocol = protocol.as_str(), decision = "denied", %reason, "open");
+        Err(RelayRefusal { code, reason })
+    };
+    if let Err(hit) = state.limits.open(&client.name) {
+        state.metrics.limit_hit(hit.limit);
+        return deny(OpenErrorCode::TooManyStreams, hit.reason);
+    }
+    let auth = state.auth();
+    let d = auth.decide(client, agent, service, protocol);
+    state.metrics.decision(d.allowed);
+    if !d.allowed {
+        state.metrics.error("forbidden");
+        return deny(OpenErrorCode::Forbidden, d.reason);
+    }
+    let Some(permit) = acquire_permit(state, &client.name) else {
+        state.metrics.limit_hit("streams_per_client");
+        return deny(
+            OpenErrorCode::TooManyStreams,
+            format!(
+                "client {} already has {} streams open (the limit, over all its sessions)",
+                client.name, state.max_streams_per_client
+            ),
+        );
+    };
+    Ok(permit)
+}
+
+/// Checks limits and policy, finds the agent and opens the stream on it.
+/// The grant must live as long as the relayed stream.
 pub async fn open_on_agent(
     state: &Arc<State>,
     client: &ClientIdentity,
     kind: TargetKind,
     address: &str,
-) -> Result<(Stream, ClientStreamPermit), RelayRefusal> {
+) -> Result<(Stream, OpenGrant), RelayRefusal> {
     let refuse = |code: OpenErrorCode, reason: String| {
         state.metrics.error(code.as_str());
         Err(RelayRefusal { code, reason })
@@ -86,26 +143,20 @@ pub async fn open_on_agent(
             format!("target {address:?} is not AGENT/SERVICE"),
         );
     };
-    if !client.may_open(agent, service) {
-        return refuse(
-            OpenErrorCode::Forbidden,
-            format!("client {} may not open {agent}/{service}", client.name),
-        );
-    }
-    let Some(permit) = acquire_permit(state, &client.name) else {
-        return refuse(
-            OpenErrorCode::TooManyStreams,
-            format!(
-                "client {} already has {} streams open (the limit, over all its sessions)",
-                client.name, state.max_streams_per_client
-            ),
-        );
-    };
+    let protocol = protocol_of(kind);
+    let permit = admit(state, client, agent, service, protocol)?;
     let Some(entry) = state.registry.get(agent) else {
         return refuse(
             OpenErrorCode::AgentOffline,
             format!("agent {agent} is not connected"),
         );
+    };
+    let pending = match state.limits.pending(&client.name) {
+        Ok(p) => p,
+        Err(hit) => {
+            state.metrics.limit_hit(hit.limit);
+            return refuse(OpenErrorCode::TooManyStreams, hit.reason);
+        }
     };
     state.metrics.pending_opens.inc();
     let r = entry
@@ -116,9 +167,23 @@ pub async fn open_on_agent(
         })
         .await;
     state.metrics.pending_opens.dec();
+    drop(pending);
     match r {
-        Ok(s) => Ok((s, permit)),
-        Err((code, reason)) => refuse(code, format!("agent {agent}: {reason}")),
+        Ok(s) => {
+            let ticket = state.track_stream(client, agent, service, protocol);
+            Ok((
+                s,
+                OpenGrant {
+                    _permit: permit,
+                    ticket,
+                    protocol,
+                },
+            ))
+        }
+        Err((code, reason)) => {
+            tracing::info!(target: "audit", identity = %client.name, target = %address, protocol = protocol.as_str(), decision = "allowed", result = %code, %reason, "open");
+            refuse(code, format!("agent {agent}: {reason}"))
+        }
     }
 }
 
@@ -146,7 +211,7 @@ pub async fn relay_client_stream(
             tracing::info!(client = %client.name, stream = %client_stream_id, target = %target, %code, "open refused: {reason}");
             incoming.reject(code, &reason);
         }
-        Ok((agent_stream, _permit)) => {
+        Ok((agent_stream, grant)) => {
             let client_stream = match incoming.accept() {
                 Ok(s) => s,
                 Err(e) => {
@@ -160,29 +225,27 @@ pub async fn relay_client_stream(
             run_relay(
                 &state,
                 &client.name,
-                &target.to_string(),
+                &target.address,
                 started,
-                cr,
-                cw,
-                ar,
-                aw,
+                Some(grant),
+                (cr, cw),
+                (ar, aw),
             )
             .await;
         }
     }
 }
 
-/// Splices a client side onto an agent stream with metrics and a closing log line.
-#[allow(clippy::too_many_arguments)]
+/// Splices a client side onto an agent stream with metrics, revocation and
+/// the closing audit line.
 pub async fn run_relay<CR, CW, AR, AW>(
     state: &Arc<State>,
     client: &str,
     target: &str,
     started: Instant,
-    cr: CR,
-    cw: CW,
-    ar: AR,
-    aw: AW,
+    grant: Option<OpenGrant>,
+    (cr, cw): (CR, CW),
+    (ar, aw): (AR, AW),
 ) where
     CR: ChunkRead,
     CW: ChunkWrite,
@@ -191,17 +254,29 @@ pub async fn run_relay<CR, CW, AR, AW>(
 {
     state.metrics.live_streams.inc();
     state.metrics.streams_total.inc();
-    let report = splice(cr, cw, ar, aw).await;
+    // Server-side listeners are the operator's: no identity, no revocation.
+    let revoked = grant.as_ref().map(|g| g.ticket.revoked.clone());
+    let stop = async move {
+        match revoked {
+            Some(r) => r.notified().await,
+            None => std::future::pending().await,
+        }
+        (
+            ResetCode::Forbidden,
+            "access revoked by the server's configuration".to_owned(),
+        )
+    };
+    let report = splice_until(cr, cw, ar, aw, stop).await;
     state.metrics.live_streams.dec();
     state.metrics.add_bytes(report.a_to_b, report.b_to_a);
     let ms = started.elapsed().as_millis() as u64;
-    match &report.error {
-        None => {
-            tracing::info!(%client, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream closed")
-        }
+    let protocol = grant.as_ref().map_or("tcp", |g| g.protocol.as_str());
+    let result = match &report.error {
+        None => "closed".to_owned(),
         Some(e) => {
             state.metrics.error("stream_reset");
-            tracing::info!(%client, %target, bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+            format!("error: {e}")
         }
-    }
+    };
+    tracing::info!(target: "audit", identity = %client, %target, protocol, decision = "allowed", bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, %result, "open");
 }

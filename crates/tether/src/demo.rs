@@ -69,6 +69,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         server: url.clone(),
         name: "demo".into(),
         token: agent_token,
+        token_file: None,
+        client_cert: None,
+        client_key: None,
         ca_file: None,
         fingerprint: Some(fingerprint.clone()),
         services: [
@@ -95,6 +98,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let client_cfg = tether_client::ClientConfig {
         server: url.clone(),
         token: client_token.clone(),
+        token_file: None,
         ca_file: None,
         fingerprint: Some(fingerprint.clone()),
         forward: vec![

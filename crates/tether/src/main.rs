@@ -62,7 +62,7 @@ enum TokenCommand {
 /// Settings may come from a TOML file (`--config`), `TETHER_*` environment
 /// variables and flags; flags and environment win over the file.
 /// Heartbeat flags shared by every subcommand.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct SessionArgs {
     /// PING interval in milliseconds [default: 10000].
     #[arg(long, env = "TETHER_HEARTBEAT_MS")]
@@ -113,7 +113,7 @@ impl DialArgs {
     }
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ServerArgs {
     #[command(flatten)]
     session: SessionArgs,
@@ -364,6 +364,34 @@ async fn shutdown_signal() {
 }
 
 async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
+    let config_file = a.config.clone();
+    let cfg = server_config(a.clone())?;
+    if cfg.agents.is_empty() {
+        tracing::warn!("no agents configured: add --agent NAME=TOKEN or [[agent]] in the config");
+    }
+    let source: tether_server::reload::ConfigSource = Arc::new(move || server_config(a.clone()));
+    let server = tether_server::Server::bind(&cfg)
+        .await?
+        .with_reload(source, config_file);
+    if let Some(fp) = server.fingerprint() {
+        tracing::info!(fingerprint = %fp, "TLS certificate SHA-256 fingerprint (pin it with --fingerprint)");
+    }
+    // On SIGTERM / Ctrl-C: stop accepting, GOAWAY every session, let streams
+    // finish (up to the drain deadline), then exit. A second signal exits now.
+    let shutdown = async {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining sessions (signal again to exit now)");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            std::process::exit(130);
+        });
+    };
+    server.serve_until(shutdown).await
+}
+
+/// The server config from the file, the environment and the flags (called
+/// again on every reload).
+fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
     let mut t = load_table(&a.config)?;
     a.session.apply(&mut t);
     set(&mut t, "listen", a.listen.map(|l| l.to_string()));
@@ -428,25 +456,7 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
             h.insert("base_domain".into(), d.into());
         }
     }
-    let cfg: tether_server::ServerConfig = finish(t, "server")?;
-    if cfg.agents.is_empty() {
-        tracing::warn!("no agents configured: add --agent NAME=TOKEN or [[agent]] in the config");
-    }
-    let server = tether_server::Server::bind(&cfg).await?;
-    if let Some(fp) = server.fingerprint() {
-        tracing::info!(fingerprint = %fp, "TLS certificate SHA-256 fingerprint (pin it with --fingerprint)");
-    }
-    // On SIGTERM / Ctrl-C: stop accepting, GOAWAY every session, let streams
-    // finish (up to the drain deadline), then exit. A second signal exits now.
-    let shutdown = async {
-        shutdown_signal().await;
-        tracing::info!("shutting down: draining sessions (signal again to exit now)");
-        tokio::spawn(async {
-            shutdown_signal().await;
-            std::process::exit(130);
-        });
-    };
-    server.serve_until(shutdown).await
+    finish(t, "server")
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {

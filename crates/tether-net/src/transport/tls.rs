@@ -59,9 +59,42 @@ impl ServerIdentity {
 
     /// A rustls server config offering `alpn` protocols.
     pub fn server_config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<ServerConfig>> {
-        let mut cfg = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
+        self.server_config_with_client_ca(alpn, None)
+    }
+
+    /// Like [`ServerIdentity::server_config`]; with `client_ca`, clients
+    /// may present a certificate issued by one of its CAs (checked by
+    /// rustls; a client without one still connects and authenticates
+    /// otherwise, e.g. with a token).
+    pub fn server_config_with_client_ca(
+        &self,
+        alpn: &[&[u8]],
+        client_ca: Option<&Path>,
+    ) -> anyhow::Result<Arc<ServerConfig>> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(path)
+                    .with_context(|| format!("reading client CA {}", path.display()))?
+                {
+                    roots
+                        .add(c.with_context(|| format!("parsing client CA {}", path.display()))?)
+                        .context("adding client CA certificate")?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .context("client CA")?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .context("certificate and key do not match")?;
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -104,9 +137,18 @@ pub enum ServerTrust {
 
 /// Builds a client TLS config for the given trust rule.
 pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
+    client_config_with_identity(trust, None)
+}
+
+/// Like [`client_config`], presenting `identity` as a client certificate
+/// (mutual TLS) when given.
+pub fn client_config_with_identity(
+    trust: &ServerTrust,
+    identity: Option<&ServerIdentity>,
+) -> anyhow::Result<Arc<ClientConfig>> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let mut cfg = match trust {
+    let wants_cert = match trust {
         ServerTrust::SystemRoots => {
             let mut roots = RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
@@ -116,7 +158,7 @@ pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
             if roots.is_empty() {
                 bail!("no system root certificates found; use a CA file or a fingerprint");
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         ServerTrust::CaFile(path) => {
             let mut roots = RootCertStore::empty();
@@ -127,7 +169,7 @@ pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
                     .add(c.with_context(|| format!("parsing CA file {}", path.display()))?)
                     .context("adding CA certificate")?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         ServerTrust::Fingerprint(fp) => {
             let want = normalize_fingerprint(fp);
@@ -143,15 +185,21 @@ pub fn client_config(trust: &ServerTrust) -> anyhow::Result<Arc<ClientConfig>> {
                     want: Some(want),
                     provider: provider(),
                 }))
-                .with_no_client_auth()
         }
-        ServerTrust::AnyCertificate => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                want: None,
-                provider: provider(),
-            }))
-            .with_no_client_auth(),
+        ServerTrust::AnyCertificate => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                    want: None,
+                    provider: provider(),
+                }))
+        }
+    };
+    let mut cfg = match identity {
+        None => wants_cert.with_no_client_auth(),
+        Some(id) => wants_cert
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .context("client certificate and key do not match")?,
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))

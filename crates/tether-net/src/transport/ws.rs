@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::tls::{client_config, ServerTrust};
+use super::tls::{client_config_with_identity, ServerIdentity, ServerTrust};
 use super::{MessageSink, MessageSource, MAX_RECV_MESSAGE};
 
 /// How long TCP connect + TLS + WebSocket handshake may take when dialing.
@@ -238,7 +238,19 @@ pub async fn dial(
     headers: &[(String, String)],
     trust: &ServerTrust,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
-    match tokio::time::timeout(DIAL_TIMEOUT, dial_inner(url, subprotocol, headers, trust)).await {
+    dial_with_identity(url, subprotocol, headers, trust, None).await
+}
+
+/// Like [`dial`], presenting a client certificate (mutual TLS) over `wss://`.
+pub async fn dial_with_identity(
+    url: &str,
+    subprotocol: &str,
+    headers: &[(String, String)],
+    trust: &ServerTrust,
+    identity: Option<&ServerIdentity>,
+) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
+    let dial = dial_inner(url, subprotocol, headers, trust, identity);
+    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Timeout(url.to_owned())),
     }
@@ -249,6 +261,7 @@ async fn dial_inner(
     subprotocol: &str,
     headers: &[(String, String)],
     trust: &ServerTrust,
+    identity: Option<&ServerIdentity>,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
     let bad = |why: &str| DialError::BadUrl(url.to_owned(), why.to_owned());
     let uri: http::Uri = url
@@ -271,8 +284,8 @@ async fn dial_inner(
         .map_err(|e| DialError::Connect(addr.clone(), e))?;
     let _ = tcp.set_nodelay(true);
     let io = if tls {
-        let cfg =
-            client_config(trust).map_err(|e| DialError::Tls(addr.clone(), format!("{e:#}")))?;
+        let cfg = client_config_with_identity(trust, identity)
+            .map_err(|e| DialError::Tls(addr.clone(), format!("{e:#}")))?;
         let name = rustls::pki_types::ServerName::try_from(bare_host.clone())
             .map_err(|e| DialError::Tls(addr.clone(), e.to_string()))?;
         let s = tokio_rustls::TlsConnector::from(cfg)

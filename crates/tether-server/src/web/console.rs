@@ -76,9 +76,10 @@ pub struct Snapshot {
 /// request, to build service links.
 pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str) -> Snapshot {
     let base = state.web.base();
+    let auth = state.auth();
     let mut agents = vec![];
-    for name in state.auth.agent_names() {
-        if !client.may_see_agent(&name) {
+    for name in auth.agent_names() {
+        if !auth.may_see_agent(client, &name) {
             continue;
         }
         let entry = state.registry.get(&name);
@@ -103,7 +104,12 @@ pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str
             view.bytes_out = c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
             let catalog = e.conn.peer_catalog().borrow().clone().unwrap_or_default();
             for s in catalog {
-                if !client.may_open(&name, &s.name) {
+                let proto = match s.kind {
+                    ServiceKind::Http => crate::policy::Protocol::Http,
+                    ServiceKind::Udp => crate::policy::Protocol::Udp,
+                    _ => crate::policy::Protocol::Tcp,
+                };
+                if !auth.decide(client, &name, &s.name, proto).allowed {
                     continue;
                 }
                 let url = (s.kind == ServiceKind::Http).then(|| match &base {

@@ -34,7 +34,7 @@ pub const MAX_WEB_SESSIONS: usize = 100_000;
 /// One logged-in browser.
 #[derive(Debug, Clone)]
 struct WebSession {
-    client: String,
+    identity: ClientIdentity,
     expires: Instant,
     csrf: String,
 }
@@ -68,7 +68,7 @@ impl WebSessions {
     }
 
     /// Starts a session for `client`; returns its id (the cookie value).
-    fn create(&self, client: &str, ttl: Duration) -> String {
+    fn create(&self, client: &ClientIdentity, ttl: Duration) -> String {
         let id = random_hex();
         let now = Instant::now();
         let mut g = self.lock();
@@ -81,7 +81,7 @@ impl WebSessions {
         g.insert(
             token_hash(&id),
             WebSession {
-                client: client.to_owned(),
+                identity: client.clone(),
                 expires: now + ttl,
                 csrf: random_hex(),
             },
@@ -108,7 +108,7 @@ impl WebSessions {
 
     /// Ends every session of a client (its token was removed).
     pub fn remove_client(&self, client: &str) {
-        self.lock().retain(|_, s| s.client != client);
+        self.lock().retain(|_, s| s.identity.name != client);
     }
 
     /// Live sessions.
@@ -124,13 +124,19 @@ impl WebSessions {
 
 /// The client identity of a request: the session cookie or a bearer token.
 pub fn identify(state: &State, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
+    let auth = state.auth();
     if let Some(t) = bearer(h) {
-        return state.auth.client(&t).map(|c| (c.clone(), Via::Bearer));
+        return auth.client(&t).ok().map(|c| (c, Via::Bearer));
     }
     let id = cookie(h, SESSION_COOKIE)?;
     let s = state.web_sessions.get(id)?;
-    let c = state.auth.client_by_name(&s.client)?.clone();
-    Some((c, Via::Cookie { csrf: s.csrf }))
+    // The token behind the login must still be configured (a reload may
+    // have removed it), and a JWT must not have expired.
+    if !auth.client_still_valid(&s.identity) {
+        state.web_sessions.remove(id);
+        return None;
+    }
+    Some((s.identity, Via::Cookie { csrf: s.csrf }))
 }
 
 /// The bearer token of an `Authorization` header.
@@ -328,18 +334,25 @@ pub async fn login_submit(
         return r;
     }
     let token = form.get("token").map(String::as_str).unwrap_or("");
-    let Some(client) = state.auth.client(token).cloned() else {
-        state.metrics.error("bad_login");
-        tracing::warn!(%peer, "browser login with an unknown token");
-        let csrf = csrf_cookie_value.unwrap_or_default();
-        return html_page(
-            StatusCode::UNAUTHORIZED,
-            "Sign in",
-            &login_form(&next, &csrf, Some("That token is not valid.")),
-        );
+    let client = match state.auth().client(token) {
+        Ok(c) => c,
+        Err(why) => {
+            state.metrics.error("bad_login");
+            tracing::warn!(%peer, "browser login refused: {why}");
+            let csrf = csrf_cookie_value.unwrap_or_default();
+            return html_page(
+                StatusCode::UNAUTHORIZED,
+                "Sign in",
+                &login_form(&next, &csrf, Some("That token is not valid.")),
+            );
+        }
     };
-    let ttl = Duration::from_secs(state.web.session_ttl_secs.max(60));
-    let id = state.web_sessions.create(&client.name, ttl);
+    // A JWT login lasts no longer than the JWT.
+    let mut ttl = Duration::from_secs(state.web.session_ttl_secs.max(60));
+    if let Some(left) = client.expires_in() {
+        ttl = ttl.min(left);
+    }
+    let id = state.web_sessions.create(&client, ttl);
     tracing::info!(client = %client.name, %peer, "browser login");
     let mut r = redirect(StatusCode::SEE_OTHER, &next);
     set_cookie(
@@ -382,7 +395,7 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
                 .is_some_and(|f| token_hash(f) == token_hash(&s.csrf)) =>
         {
             state.web_sessions.remove(&id);
-            tracing::info!(client = %s.client, "browser logout");
+            tracing::info!(client = %s.identity.name, "browser logout");
         }
         (Some(_), Some(_)) => {
             state.metrics.error("csrf");
@@ -487,11 +500,16 @@ mod tests {
     #[test]
     fn sessions_expire_and_are_stored_hashed() {
         let s = WebSessions::default();
-        let id = s.create("alice", Duration::from_secs(60));
-        assert_eq!(s.get(&id).unwrap().client, "alice");
+        let who = |n: &str| ClientIdentity {
+            name: n.into(),
+            groups: vec![],
+            kind: crate::auth::IdentityKind::Token { hash: [0; 32] },
+        };
+        let id = s.create(&who("alice"), Duration::from_secs(60));
+        assert_eq!(s.get(&id).unwrap().identity.name, "alice");
         assert!(!s.lock().contains_key(&[0u8; 32]));
         assert!(s.lock().keys().all(|k| *k == token_hash(&id)));
-        let old = s.create("bob", Duration::ZERO);
+        let old = s.create(&who("bob"), Duration::ZERO);
         assert!(s.get(&old).is_none());
         s.remove_client("alice");
         assert!(s.get(&id).is_none());

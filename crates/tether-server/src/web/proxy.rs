@@ -29,7 +29,8 @@ use super::login::{Via, CSRF_COOKIE, SESSION_COOKIE};
 use super::pages::error;
 use super::{Body, BoxError, Resp, PATH_PREFIX, POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT};
 use crate::auth::ClientIdentity;
-use crate::relay::acquire_permit;
+use crate::policy::Protocol;
+use crate::relay::{admit, RelayRefusal};
 use crate::State;
 
 /// Which service a browser request is for, and how it was addressed.
@@ -402,13 +403,17 @@ pub async fn proxy(
         tracing::info!(client = %client.name, %agent, %service, path = %rest, status = status.as_u16(), "http request refused: {msg}");
         error(&headers, status, code, &msg)
     };
-    if !client.may_open(agent, service) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("{} may not open {agent}/{service}", client.name),
-        );
-    }
+    let permit = match admit(state, client, agent, service, Protocol::Http) {
+        Ok(p) => p,
+        Err(RelayRefusal { code, reason }) => {
+            let status = if code == OpenErrorCode::Forbidden {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            return refuse(status, code.as_str(), reason);
+        }
+    };
     let Some(entry) = state.registry.get(agent) else {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -441,16 +446,6 @@ pub async fn proxy(
             }
         }
     }
-    let Some(permit) = acquire_permit(state, &client.name) else {
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            format!(
-                "{} already has {} requests and streams open",
-                client.name, state.max_streams_per_client
-            ),
-        );
-    };
 
     // The request as the service will see it.
     let upgrade = is_upgrade(req.headers());

@@ -1,0 +1,322 @@
+//! Who may open what: one policy, evaluated on every open (CLI streams, raw
+//! WebSocket, SOCKS/HTTP-proxy streams from the CLI, browser requests).
+//!
+//! Deny by default. A request is allowed when some rule allows it and no rule
+//! denies it. A rule names:
+//!
+//! * **who**: identity names (`alice`, globs allowed), `group:NAME` for a
+//!   JWT group claim, or `*`;
+//! * **what**: `AGENT/SERVICE` globs (the service part may be `host:port`
+//!   for raw targets the agent allows);
+//! * **how**: protocols (`tcp`, `udp`, `http`); all when absent.
+//!
+//! A `[[client]]`'s own `allow` list is a rule for that token identity only,
+//! so a JWT whose subject happens to be `alice` does not inherit it.
+//!
+//! The agent checks its own allow-list again on every open, so even a
+//! compromised server reaches nothing the agent does not allow.
+
+use anyhow::bail;
+use serde::Deserialize;
+use tether_net::pattern::glob_match;
+
+use crate::auth::{ClientIdentity, IdentityKind};
+
+/// The protocol an open asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// A TCP stream (CLI forwards, SOCKS/HTTP CONNECT, raw WebSocket, listeners).
+    Tcp,
+    /// A UDP flow.
+    Udp,
+    /// A browser or API request through the HTTP proxy.
+    Http,
+}
+
+impl Protocol {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// A `[[rule]]` as written in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Identities: names (globs), `group:NAME`, `*`.
+    pub who: Vec<String>,
+    /// `AGENT/SERVICE` globs this rule allows.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// `AGENT/SERVICE` globs this rule denies (deny wins over any allow).
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Protocols the rule applies to (default: all).
+    #[serde(default)]
+    pub protocols: Vec<Protocol>,
+}
+
+#[derive(Debug, Clone)]
+enum Subject {
+    /// Any identity with this name (glob).
+    Name(String),
+    /// Identities carrying this group (glob).
+    Group(String),
+    /// Only the token identity `[[client]] name = ...`.
+    TokenClient(String),
+}
+
+impl Subject {
+    fn matches(&self, id: &ClientIdentity) -> bool {
+        match self {
+            Subject::Name(p) => glob_match(p, &id.name),
+            Subject::Group(p) => id.groups.iter().any(|g| glob_match(p, g)),
+            Subject::TokenClient(n) => {
+                matches!(id.kind, IdentityKind::Token { .. }) && *n == id.name
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    who: Vec<Subject>,
+    targets: Vec<String>,
+    deny: bool,
+    protocols: Vec<Protocol>,
+    /// For decisions: where the rule came from.
+    label: String,
+}
+
+impl Rule {
+    fn applies(&self, id: &ClientIdentity, target: &str, proto: Protocol) -> bool {
+        (self.protocols.is_empty() || self.protocols.contains(&proto))
+            && self.who.iter().any(|s| s.matches(id))
+            && self.targets.iter().any(|p| glob_match(p, target))
+    }
+}
+
+/// The outcome of a check, with a reason fit for the requester and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the open may proceed.
+    pub allowed: bool,
+    /// Which rule decided, or why nothing allowed it.
+    pub reason: String,
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Compiles `[[rule]]`s and the `allow` lists of token clients
+    /// (`(name, patterns)`).
+    pub fn new(
+        rules: &[RuleConfig],
+        client_allows: &[(String, Vec<String>)],
+    ) -> anyhow::Result<Policy> {
+        let mut out = vec![];
+        for (i, r) in rules.iter().enumerate() {
+            if r.who.is_empty() {
+                bail!("[[rule]] #{}: `who` is empty", i + 1);
+            }
+            if r.allow.is_empty() == r.deny.is_empty() {
+                bail!("[[rule]] #{}: set exactly one of `allow` / `deny`", i + 1);
+            }
+            let who = r
+                .who
+                .iter()
+                .map(|w| match w.strip_prefix("group:") {
+                    Some(g) => Subject::Group(g.to_owned()),
+                    None => Subject::Name(w.clone()),
+                })
+                .collect();
+            let deny = !r.deny.is_empty();
+            let targets = if deny {
+                r.deny.clone()
+            } else {
+                r.allow.clone()
+            };
+            for t in &targets {
+                if !t.contains('/') {
+                    bail!("[[rule]] #{}: target {t:?} is not AGENT/SERVICE", i + 1);
+                }
+            }
+            out.push(Rule {
+                who,
+                targets,
+                deny,
+                protocols: r.protocols.clone(),
+                label: format!("rule #{}", i + 1),
+            });
+        }
+        for (name, allow) in client_allows {
+            if allow.is_empty() {
+                continue;
+            }
+            out.push(Rule {
+                who: vec![Subject::TokenClient(name.clone())],
+                targets: allow.clone(),
+                deny: false,
+                protocols: vec![],
+                label: format!("client {name}'s allow list"),
+            });
+        }
+        Ok(Policy { rules: out })
+    }
+
+    /// Decides whether `id` may open `agent/service` over `proto`.
+    pub fn decide(
+        &self,
+        id: &ClientIdentity,
+        agent: &str,
+        service: &str,
+        proto: Protocol,
+    ) -> Decision {
+        let target = format!("{agent}/{service}");
+        if let Some(r) = self
+            .rules
+            .iter()
+            .find(|r| r.deny && r.applies(id, &target, proto))
+        {
+            return Decision {
+                allowed: false,
+                reason: format!(
+                    "{} may not open {target} ({}): denied by {}",
+                    id.name,
+                    proto.as_str(),
+                    r.label
+                ),
+            };
+        }
+        match self
+            .rules
+            .iter()
+            .find(|r| !r.deny && r.applies(id, &target, proto))
+        {
+            Some(r) => Decision {
+                allowed: true,
+                reason: format!("allowed by {}", r.label),
+            },
+            None => Decision {
+                allowed: false,
+                reason: format!(
+                    "{} may not open {target} ({}): no rule allows it",
+                    id.name,
+                    proto.as_str()
+                ),
+            },
+        }
+    }
+
+    /// Whether any allow rule for `id` can reach something on `agent` (the
+    /// console lists only those agents).
+    pub fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
+        self.rules.iter().any(|r| {
+            !r.deny
+                && r.who.iter().any(|s| s.matches(id))
+                && r.targets.iter().any(|t| {
+                    let agent_part = t.split_once('/').map_or(t.as_str(), |(a, _)| a);
+                    glob_match(agent_part, agent)
+                })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(name: &str) -> ClientIdentity {
+        ClientIdentity {
+            name: name.into(),
+            groups: vec![],
+            kind: IdentityKind::Token { hash: [0; 32] },
+        }
+    }
+
+    fn jwt(name: &str, groups: &[&str]) -> ClientIdentity {
+        ClientIdentity {
+            name: name.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            kind: IdentityKind::Jwt { expires: u64::MAX },
+        }
+    }
+
+    fn policy() -> Policy {
+        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
+            r#"
+            [[rule]]
+            who = ["group:sre"]
+            allow = ["prod/*", "staging/*"]
+            [[rule]]
+            who = ["group:sre"]
+            deny = ["prod/vault"]
+            [[rule]]
+            who = ["dev-*"]
+            allow = ["staging/web"]
+            protocols = ["http"]
+            "#,
+        )
+        .unwrap()["rule"]
+            .clone()
+            .try_into()
+            .unwrap();
+        Policy::new(&rules, &[("alice".into(), vec!["prod/db".into()])]).unwrap()
+    }
+
+    #[test]
+    fn deny_by_default_deny_wins_protocols_matter() {
+        let p = policy();
+        let sre = jwt("bob", &["sre"]);
+        assert!(p.decide(&sre, "prod", "grafana", Protocol::Http).allowed);
+        assert!(p.decide(&sre, "staging", "db", Protocol::Tcp).allowed);
+        let d = p.decide(&sre, "prod", "vault", Protocol::Http);
+        assert!(!d.allowed);
+        assert!(d.reason.contains("denied by rule #2"), "{}", d.reason);
+        assert!(!p.decide(&sre, "other", "x", Protocol::Tcp).allowed);
+
+        let dev = jwt("dev-carol", &[]);
+        assert!(p.decide(&dev, "staging", "web", Protocol::Http).allowed);
+        assert!(!p.decide(&dev, "staging", "web", Protocol::Tcp).allowed);
+
+        // The [[client]] allow list belongs to the token identity only.
+        assert!(
+            p.decide(&token("alice"), "prod", "db", Protocol::Tcp)
+                .allowed
+        );
+        assert!(
+            !p.decide(&jwt("alice", &[]), "prod", "db", Protocol::Tcp)
+                .allowed
+        );
+        let d = p.decide(&token("alice"), "prod", "web", Protocol::Http);
+        assert!(d.reason.contains("no rule allows"), "{}", d.reason);
+
+        assert!(p.may_see_agent(&sre, "staging"));
+        assert!(!p.may_see_agent(&dev, "prod"));
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        let r = |s: &str| -> anyhow::Result<Policy> {
+            let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(s).unwrap()["rule"]
+                .clone()
+                .try_into()
+                .unwrap();
+            Policy::new(&rules, &[])
+        };
+        assert!(r("[[rule]]\nwho = []\nallow = [\"a/b\"]").is_err());
+        assert!(r("[[rule]]\nwho = [\"x\"]").is_err());
+        assert!(r("[[rule]]\nwho = [\"x\"]\nallow = [\"a/b\"]\ndeny = [\"a/c\"]").is_err());
+        assert!(r("[[rule]]\nwho = [\"x\"]\nallow = [\"nothing\"]").is_err());
+    }
+}
