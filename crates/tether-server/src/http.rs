@@ -248,9 +248,10 @@ async fn web_proxy(
     host: String,
 ) -> Resp {
     let Some((client, via)) = web::login::identify(&state, req.headers()) else {
-        if web::login::bearer(req.headers()).is_some() {
+        if let Some(t) = web::login::bearer(req.headers()) {
+            let why = state.auth().client(&t).err().unwrap_or_default();
             state.metrics.error("bad_token");
-            tracing::warn!(%peer, "http request with an unknown token");
+            tracing::warn!(%peer, "http request with a refused credential: {why}");
             return web::pages::error(
                 req.headers(),
                 StatusCode::UNAUTHORIZED,
@@ -460,7 +461,7 @@ fn authenticate_client(
         tracing::warn!(%peer, "client credential refused: {why}");
         Box::new(text(
             StatusCode::UNAUTHORIZED,
-            format!("invalid client credential: {why}"),
+            format!("invalid client token: {why}"),
         ))
     })
 }

@@ -16,9 +16,9 @@ pub const MAX_SESSIONS: usize = 10_000;
 /// Default cap on one client identity's live sessions.
 pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
 /// Default sustained opens (streams, HTTP requests) per second per identity.
-pub const OPENS_PER_SEC: f64 = 200.0;
+pub const OPENS_PER_SEC: f64 = 1000.0;
 /// Default burst of opens above the sustained rate.
-pub const OPEN_BURST: f64 = 400.0;
+pub const OPEN_BURST: f64 = 2000.0;
 /// Default cap on one identity's opens waiting for the agent's answer.
 pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 128;
 /// Rate buckets kept before idle full ones are dropped.

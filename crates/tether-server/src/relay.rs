@@ -98,7 +98,7 @@ pub fn admit(
 ) -> Result<ClientStreamPermit, RelayRefusal> {
     let target = format!("{agent}/{service}");
     let deny = |code: OpenErrorCode, reason: String| {
-        tracing::info!(target: "audit", identity = %client.name, %target, protocol = protocol.as_str(), decision = "denied", %reason, "open");
+        tracing::info!(target: "audit", identity = %client.name, %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
         Err(RelayRefusal { code, reason })
     };
     if let Err(hit) = state.limits.open(&client.name) {
@@ -181,7 +181,7 @@ pub async fn open_on_agent(
             ))
         }
         Err((code, reason)) => {
-            tracing::info!(target: "audit", identity = %client.name, target = %address, protocol = protocol.as_str(), decision = "allowed", result = %code, %reason, "open");
+            tracing::info!(target: "audit", identity = %client.name, target = %address, protocol = protocol.as_str(), decision = "allowed", result = %code, %reason, "audit");
             refuse(code, format!("agent {agent}: {reason}"))
         }
     }
@@ -278,5 +278,5 @@ pub async fn run_relay<CR, CW, AR, AW>(
             format!("error: {e}")
         }
     };
-    tracing::info!(target: "audit", identity = %client, %target, protocol, decision = "allowed", bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, %result, "open");
+    tracing::info!(target: "audit", identity = %client, %target, protocol, decision = "allowed", bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, %result, "audit");
 }

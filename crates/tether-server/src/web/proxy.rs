@@ -385,6 +385,41 @@ pub struct ProxyContext<'a> {
     pub host: &'a str,
 }
 
+/// The audit line of one proxied request, written when its response body
+/// is done (or dropped): who, what, status, bytes both ways, durations.
+struct HttpAudit {
+    identity: String,
+    target: String,
+    method: String,
+    path: String,
+    status: u16,
+    started: Instant,
+    ttfb_ms: u64,
+    bytes_up: Arc<std::sync::atomic::AtomicU64>,
+    bytes_down: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for HttpAudit {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        tracing::info!(
+            target: "audit",
+            identity = %self.identity,
+            target = %self.target,
+            protocol = "http",
+            decision = "allowed",
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes_up = self.bytes_up.load(Relaxed),
+            bytes_down = self.bytes_down.load(Relaxed),
+            ttfb_ms = self.ttfb_ms,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "audit"
+        );
+    }
+}
+
 /// Proxies one request to `route` for `client`.
 pub async fn proxy(
     state: &Arc<State>,
@@ -493,7 +528,15 @@ pub async fn proxy(
                 )
             }
         };
-    let mut out = Request::new(body.boxed_unsync().map_err(BoxError::from).boxed_unsync());
+    let bytes_up: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let counted = bytes_up.clone();
+    let body = body.map_frame(move |f| {
+        if let Some(d) = f.data_ref() {
+            counted.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        f
+    });
+    let mut out = Request::new(body.map_err(BoxError::from).boxed_unsync());
     *out.method_mut() = method.clone();
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
@@ -565,7 +608,17 @@ pub async fn proxy(
             }
         }
     }
-    tracing::info!(client = %client.name, %agent, %service, %method, path = %rest, status = status.as_u16(), ttfb_ms = started.elapsed().as_millis() as u64, "http request");
+    let audit = Arc::new(HttpAudit {
+        identity: client.name.clone(),
+        target: format!("{agent}/{service}"),
+        method: method.to_string(),
+        path: rest.to_owned(),
+        status: status.as_u16(),
+        started,
+        ttfb_ms: started.elapsed().as_millis() as u64,
+        bytes_up: bytes_up.clone(),
+        bytes_down: Default::default(),
+    });
 
     if let (Some(service_side), Some(client_side)) = (service_upgrade, client_upgrade) {
         if let Some(u) = resp_upgrade {
@@ -579,6 +632,7 @@ pub async fn proxy(
         let target = format!("{agent}/{service}");
         tokio::spawn(async move {
             let _permit = permit;
+            let _audit = audit;
             let (Ok(s), Ok(c)) = (service_side.await, client_side.await) else {
                 tracing::debug!(%target, "upgrade did not complete");
                 return;
@@ -602,6 +656,11 @@ pub async fn proxy(
     let body = body
         .map_frame(move |f| {
             let _ = &permit;
+            if let Some(d) = f.data_ref() {
+                audit
+                    .bytes_down
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             f
         })
         .map_err(BoxError::from)

@@ -1,0 +1,799 @@
+//! Identities, policy, reload and limits against real processes: JWTs of
+//! three algorithms, agent client certificates made with openssl, a config
+//! file rewritten under a running server, and one identity's flood beside
+//! another's traffic.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!";
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tether-sec-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn jwt(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: serde_json::Value) -> String {
+    let mut h = Header::new(alg);
+    h.kid = kid.map(str::to_owned);
+    encode(&h, &claims, key).unwrap()
+}
+
+fn claims(sub: &str, groups: &[&str], aud: &str, exp_in: i64) -> serde_json::Value {
+    serde_json::json!({
+        "sub": sub, "groups": groups, "iss": "https://idp.test", "aud": aud,
+        "exp": (now() as i64 + exp_in) as u64, "iat": now(),
+    })
+}
+
+/// base64url without padding.
+fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..=c.len() {
+            out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+        }
+    }
+    out
+}
+
+fn hex_to_bytes(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn curl_status(url: &str, bearer: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-k",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+        ])
+        .arg(format!("Authorization: Bearer {bearer}"))
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Server (plain HTTP) from a config file + agent with the sample app.
+struct Setup {
+    server: Proc,
+    _agent: Proc,
+    _app: Proc,
+    port: u16,
+    dir: PathBuf,
+    cfg_path: PathBuf,
+}
+
+impl Setup {
+    fn start(tag: &str, server_toml: &str) -> Setup {
+        let dir = tmpdir(tag);
+        let app_port = free_port();
+        let app = Proc::spawn(
+            "sample-app",
+            &[
+                "sample-app".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{app_port}"),
+            ],
+        );
+        assert!(app.wait_log("sample app listening", Duration::from_secs(10)));
+        let port = free_port();
+        let cfg_path = dir.join("server.toml");
+        std::fs::write(
+            &cfg_path,
+            format!("listen = \"127.0.0.1:{port}\"\n{server_toml}"),
+        )
+        .unwrap();
+        let server = Proc::spawn(
+            "server",
+            &[
+                "server".into(),
+                "--config".into(),
+                cfg_path.display().to_string(),
+            ],
+        );
+        assert!(
+            server.wait_log("server listening", Duration::from_secs(10)),
+            "{}",
+            server.log_text()
+        );
+        let agent = Proc::spawn(
+            "agent",
+            &[
+                "agent".into(),
+                "--server".into(),
+                format!("ws://127.0.0.1:{port}"),
+                "--name".into(),
+                "prod".into(),
+                "--token".into(),
+                AGENT_TOKEN.into(),
+                "--service".into(),
+                format!("web=http://127.0.0.1:{app_port}"),
+                "--service".into(),
+                format!("secret=http://127.0.0.1:{app_port}"),
+                "--service".into(),
+                format!("echo=127.0.0.1:{app_port}"),
+            ],
+        );
+        assert!(
+            agent.wait_log("registered as prod", Duration::from_secs(15)),
+            "{}",
+            agent.log_text()
+        );
+        Setup {
+            server,
+            _agent: agent,
+            _app: app,
+            port,
+            dir,
+            cfg_path,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn metrics(&self) -> String {
+        http_get(
+            format!("127.0.0.1:{}", self.port).parse().unwrap(),
+            "/metrics",
+        )
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn jwt_identities_of_three_algorithms_follow_the_policy() {
+    let dir = tmpdir("jwtkeys");
+    // RS256 key as PEM, ES256 key published in a JWKS file.
+    openssl(
+        &dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa.key",
+        ],
+    );
+    openssl(
+        &dir,
+        &["pkey", "-in", "rsa.key", "-pubout", "-out", "rsa.pub"],
+    );
+    openssl(
+        &dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "ec.key",
+        ],
+    );
+    let ec_text = Command::new("openssl")
+        .current_dir(&dir)
+        .args(["pkey", "-in", "ec.key", "-text", "-noout"])
+        .output()
+        .unwrap();
+    let ec_text = String::from_utf8_lossy(&ec_text.stdout).into_owned();
+    // The public point: "pub:" then hex bytes 04 || X || Y.
+    let pub_hex: String = ec_text
+        .split("pub:")
+        .nth(1)
+        .unwrap()
+        .split("ASN1 OID")
+        .next()
+        .unwrap()
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    let point = hex_to_bytes(&pub_hex);
+    assert_eq!(point.len(), 65, "{ec_text}");
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "use": "sig",
+        "x": b64(&point[1..33]), "y": b64(&point[33..]),
+    }]});
+    std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+    std::fs::write(dir.join("hs.secret"), format!("{HS_SECRET}\n")).unwrap();
+
+    let s = Setup::start(
+        "jwt",
+        &format!(
+            r#"
+[[agent]]
+name = "prod"
+token_sha256 = "{agent_hash}"
+[jwt]
+issuer = "https://idp.test"
+audience = "tether"
+secret_file = "{d}/hs.secret"
+public_key_file = "{d}/rsa.pub"
+[[rule]]
+who = ["group:sre"]
+allow = ["prod/*"]
+[[rule]]
+who = ["group:sre"]
+deny = ["prod/secret"]
+[[rule]]
+who = ["dana"]
+allow = ["prod/web"]
+protocols = ["tcp"]
+"#,
+            agent_hash = sha256_hex(AGENT_TOKEN),
+            d = dir.display()
+        ),
+    );
+    // The JWKS file comes in by reload (and proves file-change reloads).
+    let cfg = std::fs::read_to_string(&s.cfg_path).unwrap();
+    std::fs::write(
+        &s.cfg_path,
+        cfg.replace(
+            "[jwt]\n",
+            &format!("[jwt]\njwks_file = \"{}/jwks.json\"\n", dir.display()),
+        ),
+    )
+    .unwrap();
+    assert!(
+        s.server
+            .wait_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        s.server.log_text()
+    );
+
+    let hs = EncodingKey::from_secret(HS_SECRET.as_bytes());
+    let rs = EncodingKey::from_rsa_pem(&std::fs::read(dir.join("rsa.key")).unwrap()).unwrap();
+    let es = EncodingKey::from_ec_pem(&std::fs::read(dir.join("ec.key")).unwrap()).unwrap();
+    let web = s.url("/a/prod/web/headers");
+    for (alg, key, kid) in [
+        (Algorithm::HS256, &hs, None),
+        (Algorithm::RS256, &rs, None),
+        (Algorithm::ES256, &es, Some("ec-1")),
+    ] {
+        let t = jwt(alg, key, kid, claims("bob", &["sre"], "tether", 300));
+        let (code, body) = curl_status(&web, &t);
+        assert_eq!(code, 200, "{alg:?}: {body}");
+        assert!(!body.contains(&t), "the JWT reached the service");
+    }
+    // Deny wins, protocols matter, no rule = no access.
+    let sre = jwt(
+        Algorithm::RS256,
+        &rs,
+        None,
+        claims("bob", &["sre"], "tether", 300),
+    );
+    let (code, body) = curl_status(&s.url("/a/prod/secret/"), &sre);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("denied by rule #2"), "{body}");
+    let dana = jwt(
+        Algorithm::HS256,
+        &hs,
+        None,
+        claims("dana", &[], "tether", 300),
+    );
+    let (code, body) = curl_status(&web, &dana);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("no rule allows"), "{body}");
+    // Wrong audience, wrong issuer, expired, wrong key, algorithm confusion.
+    let bad = [
+        jwt(
+            Algorithm::HS256,
+            &hs,
+            None,
+            claims("bob", &["sre"], "someone-else", 300),
+        ),
+        jwt(Algorithm::HS256, &hs, None, {
+            let mut c = claims("bob", &["sre"], "tether", 300);
+            c["iss"] = "https://evil.test".into();
+            c
+        }),
+        jwt(
+            Algorithm::HS256,
+            &hs,
+            None,
+            claims("bob", &["sre"], "tether", -120),
+        ),
+        jwt(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(b"another-secret-that-is-32-bytes-long!!"),
+            None,
+            claims("bob", &["sre"], "tether", 300),
+        ),
+        // HS256 "signed" with the RSA public key as the secret.
+        jwt(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(&std::fs::read(dir.join("rsa.pub")).unwrap()),
+            None,
+            claims("bob", &["sre"], "tether", 300),
+        ),
+    ];
+    for t in &bad {
+        let (code, body) = curl_status(&web, t);
+        assert_eq!(code, 401, "{body}");
+    }
+    // The CLI takes a JWT too.
+    let local = free_port();
+    let client = Proc::spawn(
+        "client",
+        &[
+            "client".into(),
+            "--server".into(),
+            format!("ws://127.0.0.1:{}", s.port),
+            "--token".into(),
+            sre.clone(),
+            "forward".into(),
+            format!("127.0.0.1:{local}=prod/web"),
+        ],
+    );
+    assert!(
+        client.wait_log("connected", Duration::from_secs(10)),
+        "{}",
+        client.log_text()
+    );
+    let (status, _) =
+        wait_for(|| http_get(format!("127.0.0.1:{local}").parse().unwrap(), "/hello"));
+    assert_eq!(status, 200);
+    // Audit lines: who, what, decision, bytes (a stream's line comes when it closes).
+    assert!(s.server.wait_log("result=closed", Duration::from_secs(5)));
+    let log = s.server.log_text();
+    let audit = |want: &[&str]| {
+        log.lines()
+            .any(|l| l.contains(" audit ") && want.iter().all(|w| l.contains(w)))
+    };
+    assert!(
+        audit(&["identity=dana", "decision=\"denied\"", "no rule allows"]),
+        "{log}"
+    );
+    assert!(
+        audit(&[
+            "identity=bob",
+            "protocol=\"tcp\"",
+            "decision=\"allowed\"",
+            "bytes_up=",
+            "duration_ms="
+        ]),
+        "{log}"
+    );
+    assert!(
+        audit(&[
+            "identity=bob",
+            "protocol=\"http\"",
+            "status=200",
+            "bytes_down="
+        ]),
+        "{log}"
+    );
+    for t in [&sre, &dana] {
+        assert!(!log.contains(t.as_str()), "a JWT was logged");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..100 {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("never happened");
+}
+
+fn sha256_hex(s: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("printf %s '{s}' | sha256sum")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_revokes_tokens_and_policy_without_a_restart() {
+    let base = |alice_allow: &str, with_bob: bool| {
+        let bob = if with_bob {
+            format!(
+                "[[client]]\nname = \"bob\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n",
+                sha256_hex("bob-token")
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n[[client]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nallow = [{alice_allow}]\n{bob}",
+            sha256_hex(AGENT_TOKEN),
+            sha256_hex("alice-token")
+        )
+    };
+    let s = Setup::start("reload", &base("\"prod/echo\", \"prod/web\"", true));
+    let (pa, pb) = (free_port(), free_port());
+    let client = |token: &str, port: u16| {
+        let p = Proc::spawn(
+            "client",
+            &[
+                "client".into(),
+                "--server".into(),
+                format!("ws://127.0.0.1:{}", s.port),
+                "--token".into(),
+                token.into(),
+                "forward".into(),
+                format!("127.0.0.1:{port}=prod/echo"),
+            ],
+        );
+        assert!(
+            p.wait_log("connected", Duration::from_secs(10)),
+            "{}",
+            p.log_text()
+        );
+        p
+    };
+    let mut alice = client("alice-token", pa);
+    let bob = client("bob-token", pb);
+    // Long-lived connections through both (the sample app answers HTTP; a
+    // kept-alive connection stays open).
+    let mut a_conn = connect(pa).await;
+    let mut b_conn = connect(pb).await;
+    for c in [&mut a_conn, &mut b_conn] {
+        c.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    }
+
+    // 1. alice loses prod/echo (a file change): her live stream is reset,
+    //    her session stays; bob is untouched.
+    std::fs::write(
+        &s.cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{}",
+            s.port,
+            base("\"prod/web\"", true)
+        ),
+    )
+    .unwrap();
+    assert!(
+        s.server
+            .wait_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        s.server.log_text()
+    );
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), a_conn.read(&mut buf))
+        .await
+        .expect("alice's stream was not ended");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    b_conn
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = b_conn.read(&mut [0u8; 256]).await.unwrap();
+    assert!(n > 0, "bob's stream was cut");
+    assert!(
+        s.server.log_text().contains("streams_reset=1"),
+        "{}",
+        s.server.log_text()
+    );
+
+    // 2. A broken config is refused and the running one stays.
+    std::fs::write(&s.cfg_path, "this is = = not toml").unwrap();
+    s.server.signal("HUP");
+    assert!(s.server.wait_log(
+        "reload failed, keeping the running configuration",
+        Duration::from_secs(10)
+    ));
+    b_conn
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(b_conn.read(&mut [0u8; 256]).await.unwrap() > 0);
+
+    // 3. bob's token is removed (SIGHUP): his session is closed at once.
+    std::fs::write(
+        &s.cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{}",
+            s.port,
+            base("\"prod/web\"", false)
+        ),
+    )
+    .unwrap();
+    s.server.signal("HUP");
+    let r = tokio::time::timeout(Duration::from_secs(5), b_conn.read(&mut buf))
+        .await
+        .expect("bob's stream survived");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        bob.wait_log("credentials revoked", Duration::from_secs(5)),
+        "{}",
+        bob.log_text()
+    );
+    assert!(
+        s.server.log_text().contains("trigger=\"SIGHUP\"")
+            || s.server.log_text().contains("trigger=SIGHUP")
+    );
+    // Alice still works for what she may open.
+    assert!(alice.is_running());
+    assert!(s.metrics().contains("tether_reloads_total{result=\"ok\"}"));
+}
+
+#[test]
+fn limits_refuse_the_flooding_identity_only() {
+    let s = Setup::start(
+        "limits",
+        &format!(
+            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n[[client]]\nname = \"flood\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n[[client]]\nname = \"calm\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n[limits]\nopens_per_sec = 5\nopen_burst = 5\nmax_sessions_per_client = 1\n",
+            sha256_hex(AGENT_TOKEN),
+            sha256_hex("flood-token"),
+            sha256_hex("calm-token")
+        ),
+    );
+    let web = s.url("/a/prod/web/hello");
+    let mut refused = 0;
+    for _ in 0..30 {
+        let (code, body) = curl_status(&web, "flood-token");
+        if code == 429 {
+            assert!(body.contains("per second"), "{body}");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 20, "only {refused} of 30 refused");
+    for _ in 0..4 {
+        assert_eq!(curl_status(&web, "calm-token").0, 200, "calm was refused");
+    }
+    let m = s.metrics();
+    assert!(
+        metric(&m, "tether_limit_hits_total{limit=\"opens_per_sec\"}").unwrap_or(0.0) >= 20.0,
+        "{m}"
+    );
+    // One session per client: the second CLI session of "calm" is refused.
+    let c1 = Proc::spawn(
+        "client",
+        &[
+            "client".into(),
+            "--server".into(),
+            format!("ws://127.0.0.1:{}", s.port),
+            "--token".into(),
+            "calm-token".into(),
+            "forward".into(),
+            format!("127.0.0.1:{}=prod/echo", free_port()),
+        ],
+    );
+    assert!(c1.wait_log("connected", Duration::from_secs(10)));
+    let c2 = Proc::spawn(
+        "client",
+        &[
+            "client".into(),
+            "--server".into(),
+            format!("ws://127.0.0.1:{}", s.port),
+            "--token".into(),
+            "calm-token".into(),
+            "forward".into(),
+            format!("127.0.0.1:{}=prod/echo", free_port()),
+        ],
+    );
+    assert!(
+        c2.wait_log("429", Duration::from_secs(10)),
+        "{}",
+        c2.log_text()
+    );
+    assert!(c2.log_text().contains("sessions"), "{}", c2.log_text());
+}
+
+#[test]
+fn agents_authenticate_with_client_certificates() {
+    let dir = tmpdir("mtls");
+    let ca = |name: &str| {
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+    };
+    ca("ca");
+    ca("rogue");
+    let leaf = |issuer: &str, dns: &str| {
+        let base = format!("{dns}-{issuer}");
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={dns}"),
+                "-keyout",
+                &format!("{base}.key"),
+                "-out",
+                &format!("{base}.csr"),
+            ],
+        );
+        std::fs::write(
+            dir.join(format!("{base}.ext")),
+            format!("subjectAltName=DNS:{dns}\nextendedKeyUsage=clientAuth\n"),
+        )
+        .unwrap();
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{base}.csr"),
+                "-CA",
+                &format!("{issuer}.pem"),
+                "-CAkey",
+                &format!("{issuer}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{base}.ext"),
+                "-out",
+                &format!("{base}.pem"),
+            ],
+        );
+        base
+    };
+    let good = leaf("ca", "prod");
+    let other = leaf("ca", "staging");
+    let rogue = leaf("rogue", "prod");
+    let port = free_port();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[tls]\nself_signed = true\nclient_ca = \"{}/ca.pem\"\n[[agent]]\nname = \"prod\"\nmtls = true\n[[agent]]\nname = \"staging\"\ntoken_sha256 = \"{}\"\n",
+            dir.display(),
+            sha256_hex("staging-token")
+        ),
+    )
+    .unwrap();
+    let server = Proc::spawn(
+        "server",
+        &[
+            "server".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    assert!(
+        server.wait_log("fingerprint=", Duration::from_secs(10)),
+        "{}",
+        server.log_text()
+    );
+    let fp = server
+        .log_text()
+        .split("fingerprint=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let agent = |name: &str, cert: &str| {
+        Proc::spawn(
+            "agent",
+            &[
+                "agent".into(),
+                "--server".into(),
+                format!("wss://127.0.0.1:{port}"),
+                "--fingerprint".into(),
+                fp.clone(),
+                "--name".into(),
+                name.into(),
+                "--config".into(),
+                {
+                    let p = dir.join(format!("agent-{cert}.toml"));
+                    std::fs::write(&p, format!("client_cert = \"{0}/{cert}.pem\"\nclient_key = \"{0}/{cert}.key\"\n[services]\nx = \"127.0.0.1:9\"\n", dir.display())).unwrap();
+                    p.display().to_string()
+                },
+            ],
+        )
+    };
+    let ok = agent("prod", &good);
+    assert!(
+        ok.wait_log("registered as prod", Duration::from_secs(15)),
+        "{}",
+        ok.log_text()
+    );
+    assert!(
+        server.wait_log("auth=\"certificate\"", Duration::from_secs(5))
+            || server.log_text().contains("auth=certificate"),
+        "{}",
+        server.log_text()
+    );
+    // A certificate for another name, or from another CA, is no credential.
+    let wrong_name = agent("prod", &other);
+    assert!(
+        wrong_name.wait_log("401", Duration::from_secs(10)),
+        "{}",
+        wrong_name.log_text()
+    );
+    let wrong_ca = agent("prod", &rogue);
+    assert!(
+        wrong_ca.wait_log("cannot connect", Duration::from_secs(10)),
+        "{}",
+        wrong_ca.log_text()
+    );
+    assert!(!wrong_ca.log_text().contains("registered as"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
