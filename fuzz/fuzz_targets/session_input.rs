@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         let mut hello = BytesMut::new();
         Frame::Hello(Hello {
             min_version: 1,
-            max_version: 2,
+            max_version: 3,
             capabilities: 0,
             initial_window: 65536,
             max_frame_payload: 65536,

@@ -185,6 +185,20 @@ impl Agent {
         })
     }
 
+    /// The token: `token_file`'s current content, or the configured one.
+    fn current_token(&self) -> String {
+        match &self.config.token_file {
+            Some(f) => match std::fs::read_to_string(f) {
+                Ok(t) => t.trim().to_owned(),
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), "cannot read token_file ({e}); using the token read at start");
+                    self.config.token.clone()
+                }
+            },
+            None => self.config.token.clone(),
+        }
+    }
+
     /// Live counters.
     pub fn stats(&self) -> Arc<AgentStats> {
         self.stats.clone()
@@ -216,19 +230,20 @@ impl Agent {
     /// Connects, serves, and reconnects with backoff, forever.
     pub async fn run(self) -> anyhow::Result<()> {
         let url = self.config.url();
+        tether_net::transport::ws::warn_if_plain(&url);
         let trust = self.config.trust();
-        let mut headers = vec![("x-tether-agent".to_owned(), self.config.name.clone())];
-        if !self.config.token.is_empty() {
-            headers.push((
-                "authorization".to_owned(),
-                format!("Bearer {}", self.config.token),
-            ));
-        }
         let mut backoff = Backoff::default();
         let services: Vec<&str> = self.policy.service_names().collect();
         tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, "agent starting");
         loop {
             let started = Instant::now();
+            // The token is read again for every connection, so a rotated
+            // token_file (a re-mounted Secret) is picked up without a restart.
+            let mut headers = vec![("x-tether-agent".to_owned(), self.config.name.clone())];
+            let token = self.current_token();
+            if !token.is_empty() {
+                headers.push(("authorization".to_owned(), format!("Bearer {token}")));
+            }
             match dial_with_identity(&url, SUBPROTOCOL, &headers, &trust, self.identity.as_ref())
                 .await
             {

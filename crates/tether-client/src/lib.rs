@@ -273,6 +273,7 @@ async fn keep_session(
     tx: watch::Sender<Option<Connection>>,
 ) -> anyhow::Result<()> {
     let url = endpoint_url(&cfg.server, CLIENT_PATH);
+    tether_net::transport::ws::warn_if_plain(&url);
     let trust = cfg.trust();
     let headers = vec![("authorization".to_owned(), format!("Bearer {}", cfg.token))];
     let mut backoff = Backoff::default();

@@ -76,6 +76,15 @@ pub struct ClientIdentity {
 }
 
 impl ClientIdentity {
+    /// The key its limits and stream slots are counted under: a token
+    /// client and a JWT subject of the same name are different identities.
+    pub fn key(&self) -> String {
+        match self.kind {
+            IdentityKind::Token { .. } => format!("token:{}", self.name),
+            IdentityKind::Jwt { .. } => format!("jwt:{}", self.name),
+        }
+    }
+
     /// Seconds until the credential expires (`None`: it does not).
     pub fn expires_in(&self) -> Option<std::time::Duration> {
         match self.kind {
@@ -146,9 +155,9 @@ impl Authenticator {
             if a.clients.insert(h, name.clone()).is_some() {
                 bail!("client {name}: the same token is configured twice");
             }
-            if !names.insert(name.clone()) {
-                bail!("client {name}: the name is configured twice");
-            }
+            // The same name may appear twice with two tokens (rotation);
+            // both entries' allow lists apply to it.
+            names.insert(name.clone());
             allows.push((name.clone(), allow.clone()));
         }
         a.policy = Policy::new(&cfg.rules, &allows)?;

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// Limits per identity and overall.
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// Serve `/metrics` on this (private) address instead of the public port.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_max_streams_per_client() -> usize {
@@ -67,6 +70,7 @@ impl Default for ServerConfig {
             rules: vec![],
             jwt: None,
             limits: Default::default(),
+            metrics_listen: None,
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::relay::{open_on_agent, run_relay, RelayRefusal};
-use crate::{State, AGENT_PATH, CLIENT_PATH, HEADER_READ_TIMEOUT, RAW_WS_PREFIX};
+use crate::{State, AGENT_PATH, CLIENT_PATH, HEADER_READ_TIMEOUT, HTTP2_KEEPALIVE, RAW_WS_PREFIX};
 
 use crate::web::{self, full, Resp};
 
@@ -48,6 +48,14 @@ pub async fn serve_connection<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    // HTTP/2 has no header-read timeout: ping idle connections instead, and
+    // drop those that do not answer.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEPALIVE)
+        .keep_alive_timeout(HEADER_READ_TIMEOUT)
+        .max_concurrent_streams(256);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
@@ -176,7 +184,7 @@ async fn route(
     }
     match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok"),
-        "/metrics" => {
+        "/metrics" if state.public_metrics => {
             state.metrics.agents.set(state.registry.len() as i64);
             let mut r = text(StatusCode::OK, state.metrics.render());
             r.headers_mut().insert(
@@ -422,6 +430,7 @@ fn agent_upgrade(
                 .registry
                 .register(&name, conn.clone(), peer, info.peer_software.clone());
         if let Some(old) = old {
+            state.metrics.error("agent_replaced");
             tracing::warn!(agent = %name, old_addr = %old.addr, new_addr = %peer, "agent re-registered: newest session wins, draining the old one");
             old.conn.go_away(
                 ErrorCode::Replaced,
@@ -475,7 +484,7 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
-    let slot = match state.limits.session(Some(&client.name)) {
+    let slot = match state.limits.session(Some(&client.key())) {
         Ok(s) => s,
         Err(hit) => return limit_refusal(&state, peer, hit),
     };
@@ -559,6 +568,10 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
+    let slot = match state.limits.session(Some(&client.key())) {
+        Ok(s) => s,
+        Err(hit) => return limit_refusal(&state, peer, hit),
+    };
     let started = Instant::now();
     let (agent_stream, grant) = match open_on_agent(&state, &client, TargetKind::Tcp, rest).await {
         Ok(x) => x,
@@ -569,6 +582,7 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
     };
     let target = rest.to_owned();
     tokio::spawn(async move {
+        let _slot = slot;
         let Some(io) = upgraded(req).await else {
             return;
         };

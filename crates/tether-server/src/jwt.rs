@@ -172,6 +172,7 @@ impl JwtVerifier {
             v.set_audience(&[&self.cfg.audience]);
             v.set_required_spec_claims(&["exp", "iss", "aud"]);
             v.leeway = self.cfg.leeway_secs;
+            v.validate_nbf = true;
             match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &v) {
                 Ok(data) => return self.identity(&data.claims),
                 Err(e) => last = format!("JWT refused: {e}"),

@@ -50,6 +50,9 @@ pub const MAX_STREAMS_PER_CLIENT: usize = 512;
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send the request headers (slowloris guard).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an HTTP/2 connection is pinged (it is dropped when a ping goes
+/// unanswered for [`HEADER_READ_TIMEOUT`]).
+pub const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Who a tracked multiplexed session belongs to (re-checked on reload).
 #[derive(Debug, Clone)]
@@ -121,6 +124,10 @@ pub struct State {
     pub web_pool: web::proxy::Pool,
     /// Whether the server itself serves TLS.
     pub tls: bool,
+    /// Whether `/metrics` is served on the public port (no `metrics_listen`).
+    pub public_metrics: bool,
+    /// Open TCP connections on the public port.
+    connections: std::sync::atomic::AtomicUsize,
     /// Live relayed streams per client identity.
     client_streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Every live multiplexed session (agents and clients), for draining
@@ -290,11 +297,23 @@ impl State {
     }
 }
 
+/// Counts one open connection until dropped.
+struct ConnectionGuard(Arc<State>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A bound, not yet serving, server.
 pub struct Server {
     listener: TcpListener,
     public_listeners: Vec<listeners::ListenerConfig>,
     fingerprint: Option<String>,
+    metrics_listen: Option<SocketAddr>,
     state: Arc<State>,
     reload: Option<(reload::ConfigSource, Option<std::path::PathBuf>)>,
 }
@@ -304,7 +323,7 @@ impl Server {
     pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
         let auth = auth::Authenticator::from_config(cfg)?;
         for who in &auth.plaintext_secrets {
-            tracing::warn!("{who}: token in clear text in the config; store token_sha256 instead (tether token hash)");
+            tracing::warn!("{who}: token in clear text (config file or flag); store token_sha256 instead (tether token hash)");
         }
         for l in &cfg.listeners {
             l.validate()?;
@@ -329,6 +348,7 @@ impl Server {
             listener,
             public_listeners: cfg.listeners.clone(),
             fingerprint,
+            metrics_listen: cfg.metrics_listen,
             reload: None,
             state: Arc::new_cyclic(|weak| State {
                 auth: std::sync::RwLock::new(Arc::new(auth)),
@@ -343,6 +363,8 @@ impl Server {
                 web_sessions: Default::default(),
                 web_pool: web::proxy::Pool::new(weak.clone()),
                 tls: cfg.tls.is_some(),
+                public_metrics: cfg.metrics_listen.is_none(),
+                connections: Default::default(),
                 client_streams: Default::default(),
                 sessions: Default::default(),
                 next_session: Default::default(),
@@ -400,6 +422,17 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), tls = self.state.tls, "server listening");
+        if let Some(addr) = self.metrics_listen {
+            let state = self.state.clone();
+            let render = Arc::new(move || {
+                state.metrics.agents.set(state.registry.len() as i64);
+                state.metrics.render()
+            });
+            let bound = tether_net::observe::serve_metrics(addr, render)
+                .await
+                .with_context(|| format!("metrics_listen {addr}"))?;
+            tracing::info!(addr = %bound, "serving /metrics (not on the public port)");
+        }
         let watcher = self
             .reload
             .clone()
@@ -436,9 +469,24 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // Connection cap: refuse at once instead of running out of
+            // file descriptors for everyone.
+            let open = self
+                .state
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let conn_guard = ConnectionGuard(self.state.clone());
+            if open >= self.state.limits.max_connections() {
+                self.state.metrics.limit_hit("connections");
+                tracing::warn!(%peer, open, "connection limit reached; closing a new connection");
+                drop(tcp);
+                drop(conn_guard);
+                continue;
+            }
             let state = self.state.clone();
             let tls = self.state.tls_acceptor();
             tokio::spawn(async move {
+                let _conn_guard = conn_guard;
                 match tls {
                     None => http::serve_connection(state, tcp, peer, None).await,
                     Some(acceptor) => {

@@ -20,7 +20,9 @@ pub const OPENS_PER_SEC: f64 = 1000.0;
 /// Default burst of opens above the sustained rate.
 pub const OPEN_BURST: f64 = 2000.0;
 /// Default cap on one identity's opens waiting for the agent's answer.
-pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 128;
+pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
+/// Default cap on open TCP connections to the public port.
+pub const MAX_CONNECTIONS: usize = 20_000;
 /// Rate buckets kept before idle full ones are dropped.
 const MAX_BUCKETS: usize = 10_000;
 
@@ -44,6 +46,13 @@ pub struct LimitsConfig {
     /// Opens of one identity waiting for their agent's answer.
     #[serde(default = "d_max_pending")]
     pub max_pending_opens_per_client: usize,
+    /// Open TCP connections to the public port (before any authentication).
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+}
+
+fn d_max_connections() -> usize {
+    MAX_CONNECTIONS
 }
 
 fn d_max_sessions() -> usize {
@@ -70,6 +79,7 @@ impl Default for LimitsConfig {
             opens_per_sec: OPENS_PER_SEC,
             open_burst: OPEN_BURST,
             max_pending_opens_per_client: MAX_PENDING_OPENS_PER_CLIENT,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -154,6 +164,14 @@ impl Limits {
     /// Takes new settings (reload); live counts are kept.
     pub fn set_config(&self, cfg: LimitsConfig) {
         *self.cfg.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
+    }
+
+    /// The connection cap.
+    pub fn max_connections(&self) -> usize {
+        self.cfg
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_connections
     }
 
     fn cfg(&self) -> LimitsConfig {

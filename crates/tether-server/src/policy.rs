@@ -102,6 +102,18 @@ impl Rule {
     }
 }
 
+/// `AGENT/SERVICE` as the policy compares it: a raw `host:port` service is
+/// lowercased (DNS names are case-insensitive and the agent lowercases them
+/// too, so `PROD.example:80` must not slip past a rule about `prod.example`).
+fn normalize_target(t: &str) -> String {
+    match t.split_once('/') {
+        Some((agent, service)) if service.contains(':') => {
+            format!("{agent}/{}", service.to_ascii_lowercase())
+        }
+        _ => t.to_owned(),
+    }
+}
+
 /// The outcome of a check, with a reason fit for the requester and the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -141,11 +153,10 @@ impl Policy {
                 })
                 .collect();
             let deny = !r.deny.is_empty();
-            let targets = if deny {
-                r.deny.clone()
-            } else {
-                r.allow.clone()
-            };
+            let targets: Vec<String> = if deny { &r.deny } else { &r.allow }
+                .iter()
+                .map(|t| normalize_target(t))
+                .collect();
             for t in &targets {
                 if !t.contains('/') {
                     bail!("[[rule]] #{}: target {t:?} is not AGENT/SERVICE", i + 1);
@@ -165,7 +176,7 @@ impl Policy {
             }
             out.push(Rule {
                 who: vec![Subject::TokenClient(name.clone())],
-                targets: allow.clone(),
+                targets: allow.iter().map(|t| normalize_target(t)).collect(),
                 deny: false,
                 protocols: vec![],
                 label: format!("client {name}'s allow list"),
@@ -182,7 +193,7 @@ impl Policy {
         service: &str,
         proto: Protocol,
     ) -> Decision {
-        let target = format!("{agent}/{service}");
+        let target = normalize_target(&format!("{agent}/{service}"));
         if let Some(r) = self
             .rules
             .iter()
@@ -300,6 +311,28 @@ mod tests {
         );
         let d = p.decide(&token("alice"), "prod", "web", Protocol::Http);
         assert!(d.reason.contains("no rule allows"), "{}", d.reason);
+
+        // Raw host targets compare case-insensitively, like DNS.
+        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
+            "[[rule]]\nwho = [\"*\"]\nallow = [\"prod/*:80\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"prod/Vault.internal:*\"]",
+        )
+        .unwrap()["rule"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let q = Policy::new(&rules, &[]).unwrap();
+        assert!(
+            q.decide(&sre, "prod", "web.internal:80", Protocol::Tcp)
+                .allowed
+        );
+        assert!(
+            !q.decide(&sre, "prod", "VAULT.internal:80", Protocol::Tcp)
+                .allowed
+        );
+        assert!(
+            !q.decide(&sre, "prod", "vault.INTERNAL:80", Protocol::Tcp)
+                .allowed
+        );
 
         assert!(p.may_see_agent(&sre, "staging"));
         assert!(!p.may_see_agent(&dev, "prod"));

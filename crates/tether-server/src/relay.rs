@@ -77,6 +77,8 @@ pub struct OpenGrant {
     pub ticket: crate::StreamTicket,
     /// The protocol the policy allowed.
     pub protocol: Protocol,
+    /// When the identity's credential expires (JWT), the stream ends.
+    pub expires_in: Option<std::time::Duration>,
 }
 
 /// The policy's protocol for a stream kind.
@@ -101,7 +103,7 @@ pub fn admit(
         tracing::info!(target: "audit", identity = %client.name, %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
         Err(RelayRefusal { code, reason })
     };
-    if let Err(hit) = state.limits.open(&client.name) {
+    if let Err(hit) = state.limits.open(&client.key()) {
         state.metrics.limit_hit(hit.limit);
         return deny(OpenErrorCode::TooManyStreams, hit.reason);
     }
@@ -112,7 +114,7 @@ pub fn admit(
         state.metrics.error("forbidden");
         return deny(OpenErrorCode::Forbidden, d.reason);
     }
-    let Some(permit) = acquire_permit(state, &client.name) else {
+    let Some(permit) = acquire_permit(state, &client.key()) else {
         state.metrics.limit_hit("streams_per_client");
         return deny(
             OpenErrorCode::TooManyStreams,
@@ -151,7 +153,7 @@ pub async fn open_on_agent(
             format!("agent {agent} is not connected"),
         );
     };
-    let pending = match state.limits.pending(&client.name) {
+    let pending = match state.limits.pending(&client.key()) {
         Ok(p) => p,
         Err(hit) => {
             state.metrics.limit_hit(hit.limit);
@@ -177,6 +179,7 @@ pub async fn open_on_agent(
                     _permit: permit,
                     ticket,
                     protocol,
+                    expires_in: client.expires_in(),
                 },
             ))
         }
@@ -256,15 +259,27 @@ pub async fn run_relay<CR, CW, AR, AW>(
     state.metrics.streams_total.inc();
     // Server-side listeners are the operator's: no identity, no revocation.
     let revoked = grant.as_ref().map(|g| g.ticket.revoked.clone());
+    let expires_in = grant.as_ref().and_then(|g| g.expires_in);
     let stop = async move {
-        match revoked {
-            Some(r) => r.notified().await,
-            None => std::future::pending().await,
+        let expiry = async {
+            match expires_in {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let revocation = async {
+            match revoked {
+                Some(r) => r.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = revocation => (
+                ResetCode::Forbidden,
+                "access revoked by the server's configuration".to_owned(),
+            ),
+            _ = expiry => (ResetCode::Forbidden, "credential expired".to_owned()),
         }
-        (
-            ResetCode::Forbidden,
-            "access revoked by the server's configuration".to_owned(),
-        )
     };
     let report = splice_until(cr, cw, ar, aw, stop).await;
     state.metrics.live_streams.dec();

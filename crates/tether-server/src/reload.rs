@@ -49,8 +49,9 @@ pub struct ReloadReport {
 }
 
 /// Applies a new config to a running server: credentials, policy, JWT keys,
-/// limits and (file-based) certificates. The listen address, listeners and
-/// `[http]` settings need a restart.
+/// limits and (file-based) certificates, including the client CA. The
+/// listen address, `[[listener]]`s, `[http]`, `[session]`,
+/// `max_streams_per_client` and a self-signed certificate need a restart.
 pub fn apply(state: &State, cfg: &ServerConfig) -> anyhow::Result<ReloadReport> {
     let auth = crate::auth::Authenticator::from_config(cfg)?;
     let mut report = ReloadReport::default();
@@ -60,7 +61,7 @@ pub fn apply(state: &State, cfg: &ServerConfig) -> anyhow::Result<ReloadReport> 
         _ => None,
     };
     for who in &auth.plaintext_secrets {
-        tracing::warn!("{who}: token in clear text in the config; store token_sha256 instead (tether token hash)");
+        tracing::warn!("{who}: token in clear text (config file or flag); store token_sha256 instead (tether token hash)");
     }
     state.set_auth(auth);
     state.limits.set_config(cfg.limits.clone());

@@ -132,10 +132,11 @@ struct ServerArgs {
     /// Serve TLS with a freshly generated self-signed certificate (prints its fingerprint).
     #[arg(long, env = "TETHER_SELF_SIGNED", conflicts_with = "tls_cert")]
     self_signed: bool,
-    /// Allow an agent: NAME=TOKEN (repeatable).
+    /// Allow an agent: NAME=TOKEN or NAME=sha256:HEX (repeatable).
     #[arg(long = "agent", value_name = "NAME=TOKEN")]
     agents: Vec<String>,
-    /// Allow a client: NAME=TOKEN=PATTERN[,PATTERN...], patterns like prod/* (repeatable).
+    /// Allow a client: NAME=TOKEN=PATTERN[,PATTERN...] (TOKEN may be sha256:HEX),
+    /// patterns like prod/* (repeatable).
     #[arg(long = "client", value_name = "NAME=TOKEN=ALLOW")]
     clients: Vec<String>,
     /// Public port bound to a service while its agent is connected:
@@ -389,6 +390,14 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     server.serve_until(shutdown).await
 }
 
+/// `TOKEN` or `sha256:HEX` (keeps the token itself out of `ps`).
+fn insert_token(e: &mut Table, token: &str) {
+    match token.strip_prefix("sha256:") {
+        Some(h) => e.insert("token_sha256".into(), h.into()),
+        None => e.insert("token".into(), token.into()),
+    };
+}
+
 /// The server config from the file, the environment and the flags (called
 /// again on every reload).
 fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
@@ -416,7 +425,7 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
             .with_context(|| format!("--agent {s:?}: expected NAME=TOKEN"))?;
         let mut e = Table::new();
         e.insert("name".into(), name.into());
-        e.insert("token".into(), token.into());
+        insert_token(&mut e, token);
         agents.push(Value::Table(e));
     }
     push_array(&mut t, "agent", agents);
@@ -429,7 +438,7 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
         };
         let mut e = Table::new();
         e.insert("name".into(), name.into());
-        e.insert("token".into(), token.into());
+        insert_token(&mut e, token);
         e.insert(
             "allow".into(),
             Value::Array(allow.split(',').map(|p| p.trim().into()).collect()),

@@ -192,7 +192,12 @@ async fn malformed_input_closes_only_the_offending_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_flood_is_answered_and_bounded() {
     let echo = echo_service().await;
-    let t = Tunnel::start(&[("echo", echo)], &[]);
+    // The flood comes from its own identity: its limits must not touch "dev".
+    let t = Tunnel::start_with(
+        &[("echo", echo)],
+        &["--client", "flood=flood-token=prod/*"],
+        &[],
+    );
     let port = free_port();
     let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
 
@@ -200,7 +205,7 @@ async fn open_flood_is_answered_and_bounded() {
     let (sink, source) = tether_net::transport::ws::dial(
         &format!("{}/tether/v1/client", t.url()),
         SUBPROTOCOL,
-        &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
+        &[("authorization".into(), "Bearer flood-token".into())],
         &Default::default(),
     )
     .await
@@ -406,4 +411,103 @@ async fn the_stream_cap_holds_per_client_across_sessions() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(conns[0].open(Target::tcp("prod/echo")).await.is_ok());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Slowloris clients, raw garbage on the HTTP port and a session that never
+/// reads while it holds a stream to an endless source: a good transfer in
+/// another session still completes byte-exact, the slow header senders are
+/// cut at the header-read timeout, and the server's memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_garbage_and_a_reader_that_never_reads_leave_good_traffic_alone() {
+    let echo = echo_service().await;
+    let source = source_service(u64::MAX).await;
+    let t = Tunnel::start(&[("echo", echo), ("source", source)], &[]);
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let rss_before = rss(t.server.pid());
+
+    // A session that opens a stream to an endless source and then never
+    // reads its WebSocket again.
+    let mut stuck = established_session(&t).await;
+    stuck
+        .send(Message::Binary(encode(&[Frame::Open {
+            id: StreamId(1),
+            target: Target::tcp("prod/source"),
+        }])))
+        .await
+        .unwrap();
+    assert!(
+        next_frame(&mut stuck, |f| matches!(f, Frame::OpenOk { .. }))
+            .await
+            .is_some()
+    );
+
+    // 40 slowloris connections: a request line, then a header byte now and then.
+    let started = std::time::Instant::now();
+    let mut loris = vec![];
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(t.server_addr())
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        loris.push(tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::select! {
+                    r = s.read(&mut buf) => return (r.map(|n| n == 0).unwrap_or(true), started.elapsed()),
+                    _ = tokio::time::sleep(Duration::from_millis(700)) => {
+                        if s.write_all(b"a").await.is_err() {
+                            return (true, started.elapsed());
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    // Garbage that is not HTTP at all gets closed at once.
+    for seed in 0..20u64 {
+        let mut s = tokio::net::TcpStream::connect(t.server_addr())
+            .await
+            .unwrap();
+        let mut junk = vec![0u8; 4096];
+        Pattern::new(seed).fill(&mut junk);
+        let _ = s.write_all(&junk).await;
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "garbage connection {seed} left open");
+    }
+
+    // The good transfer, while all of that is going on.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        good_transfer(port, 32 * 1024 * 1024),
+    )
+    .await
+    .expect("good transfer finishes");
+
+    for l in loris {
+        let (closed, after) = tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .expect("slowloris connection never closed")
+            .unwrap();
+        assert!(closed);
+        assert!(
+            after < Duration::from_secs(20),
+            "closed only after {after:?}"
+        );
+    }
+    let grown = rss(t.server.pid()).saturating_sub(rss_before);
+    assert!(grown < 64 * 1024, "server RSS grew by {grown} KiB");
+    assert_eq!(t.server_metric("tether_agents"), Some(1.0));
+    drop(stuck);
 }

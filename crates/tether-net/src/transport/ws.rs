@@ -241,6 +241,29 @@ pub async fn dial(
     dial_with_identity(url, subprotocol, headers, trust, None).await
 }
 
+/// Logs a warning when `url` is plain `ws://` to anything but loopback:
+/// tokens and all tunneled bytes would cross the network in clear text.
+pub fn warn_if_plain(url: &str) {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return;
+    };
+    if uri.scheme_str() != Some("ws") {
+        return;
+    }
+    let host = uri
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        tracing::warn!(%url, "plain ws:// to a non-loopback server: the token and every tunneled byte travel unencrypted; use wss://");
+    }
+}
+
 /// Like [`dial`], presenting a client certificate (mutual TLS) over `wss://`.
 pub async fn dial_with_identity(
     url: &str,

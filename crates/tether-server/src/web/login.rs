@@ -275,9 +275,10 @@ fn cross_origin(req_headers: &HeaderMap, host: &str) -> bool {
 }
 
 async fn read_form(req: Request<Incoming>) -> Option<HashMap<String, String>> {
-    let body = Limited::new(req.into_body(), MAX_FORM_BODY)
-        .collect()
+    let read = Limited::new(req.into_body(), MAX_FORM_BODY).collect();
+    let body = tokio::time::timeout(crate::HEADER_READ_TIMEOUT, read)
         .await
+        .ok()?
         .ok()?
         .to_bytes();
     Some(form_urlencoded::parse(&body).into_owned().collect())

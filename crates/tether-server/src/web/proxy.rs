@@ -593,6 +593,27 @@ pub async fn proxy(
             }
         }
     }
+    // A service may not set (or clear) tether's own cookies, e.g. to sign
+    // a browser in as someone else across the base domain.
+    let theirs: Vec<HeaderValue> = parts
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.split('=').next())
+                .unwrap_or("")
+                .trim();
+            name != SESSION_COOKIE && name != CSRF_COOKIE
+        })
+        .cloned()
+        .collect();
+    parts.headers.remove(header::SET_COOKIE);
+    for v in theirs {
+        parts.headers.append(header::SET_COOKIE, v);
+    }
     if let Some(prefix) = &route.prefix {
         let cookies: Vec<String> = parts
             .headers
