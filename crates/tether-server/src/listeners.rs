@@ -41,10 +41,53 @@ pub struct ListenerConfig {
     /// `tcp` (default) or `udp`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// Most TCP connections one source address may have open through this
+    /// listener at once (default 64), so one source cannot take the agent's
+    /// streams from everyone else.
+    #[serde(default = "default_per_source")]
+    pub max_connections_per_source: usize,
 }
 
 fn default_protocol() -> String {
     "tcp".into()
+}
+
+/// Default for `max_connections_per_source`.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+
+fn default_per_source() -> usize {
+    MAX_CONNECTIONS_PER_SOURCE
+}
+
+/// Open connections per source address of one listener.
+#[derive(Default)]
+struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One source's connection slot, returned on drop.
+struct SourceSlot(Arc<PerSource>, std::net::IpAddr);
+
+impl PerSource {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut g = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.1);
+            }
+        }
+    }
 }
 
 impl ListenerConfig {
@@ -99,6 +142,7 @@ pub async fn run(state: Arc<State>, cfg: ListenerConfig) {
         return run_udp(state, Arc::new(cfg)).await;
     }
     let cfg = Arc::new(cfg);
+    let per_source: Arc<PerSource> = Arc::default();
     let mut changes = state.registry.subscribe();
     loop {
         // Wait for the agent.
@@ -128,7 +172,17 @@ pub async fn run(state: Arc<State>, cfg: ListenerConfig) {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        tokio::spawn(serve_one(state.clone(), cfg.clone(), tcp, peer));
+                        let Some(slot) = per_source.take(peer.ip(), cfg.max_connections_per_source.max(1)) else {
+                            state.metrics.limit_hit("listener_connections_per_source");
+                            tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, "source has too many connections through this listener; closed");
+                            continue;
+                        };
+                        let state = state.clone();
+                        let cfg = cfg.clone();
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            serve_one(state, cfg, tcp, peer).await
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(listen = %cfg.listen, "accept failed: {e}");

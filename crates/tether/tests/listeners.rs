@@ -65,6 +65,7 @@ async fn listeners_follow_their_agent_and_enforce_sources() {
 listen = "127.0.0.1:{pa}"
 target = "prod/echo"
 allow_from = ["127.0.0.0/8"]
+max_connections_per_source = 3
 
 [[listener]]
 listen = "127.0.0.1:{pb}"
@@ -95,6 +96,48 @@ allow_from = ["10.0.0.0/8"]
     let mut back = String::new();
     s.read_to_string(&mut back).await.unwrap();
     assert_eq!(back, "via listener");
+
+    // One source holds at most 3 connections through it; the 4th is closed
+    // at once, and a slot frees when a connection ends.
+    let mut held = vec![];
+    for _ in 0..3 {
+        let mut s = connect(pa).await;
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        held.push(s);
+    }
+    let mut fourth = connect(pa).await;
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), fourth.read(&mut b))
+        .await
+        .expect("4th connection must be closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(t.server.wait_log(
+        "too many connections through this listener",
+        Duration::from_secs(5)
+    ));
+    drop(held.pop());
+    assert!(wait_until(Duration::from_secs(5), || {
+        let m = t.server_metrics();
+        metric(
+            &m,
+            "tether_limit_hits_total{limit=\"listener_connections_per_source\"}",
+        ) == Some(1.0)
+    }));
+    let ok = wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", pa))
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"y")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)
+            })
+            .is_ok()
+    });
+    assert!(ok, "a freed slot is usable again");
+    drop(held);
 
     // The PROXY v2 header carries the real client address.
     let mut s = connect(pb).await;

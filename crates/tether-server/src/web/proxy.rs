@@ -651,6 +651,10 @@ pub async fn proxy(
         let state = state.clone();
         let who = client.name.clone();
         let target = format!("{agent}/{service}");
+        // An upgraded connection lives on: a reload that revokes its access,
+        // or its JWT expiring, ends it like any stream.
+        let ticket = state.track_stream(client, agent, service, Protocol::Http);
+        let expires_in = client.expires_in();
         tokio::spawn(async move {
             let _permit = permit;
             let _audit = audit;
@@ -661,7 +665,23 @@ pub async fn proxy(
             state.metrics.live_streams.inc();
             let mut s = TokioIo::new(s);
             let mut c = TokioIo::new(c);
-            let r = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+            let expiry = async {
+                match expires_in {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let r = tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut c, &mut s) => r,
+                _ = ticket.revoked.notified() => Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "access revoked by the server's configuration",
+                )),
+                _ = expiry => Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "credential expired",
+                )),
+            };
             state.metrics.live_streams.dec();
             match r {
                 Ok((up, down)) => {
