@@ -26,6 +26,9 @@ pub fn token_hash_hex(token: &str) -> String {
 
 fn parse_hex32(s: &str) -> anyhow::Result<[u8; 32]> {
     let s = s.trim();
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("a SHA-256 hash is written in hex digits");
+    }
     if s.len() != 64 {
         bail!("a SHA-256 hash has 64 hex digits, got {}", s.len());
     }
@@ -295,6 +298,13 @@ mod tests {
         assert!(a.client("agent-secret").is_err());
         assert!(a.client_still_valid(&alice));
         assert_eq!(a.plaintext_secrets, vec!["agent prod".to_owned()]);
+    }
+
+    #[test]
+    fn bad_hashes_are_errors_not_panics() {
+        assert!(parse_hex32(&"é".repeat(32)).is_err());
+        assert!(parse_hex32("zz").is_err());
+        assert!(parse_hex32(&"a".repeat(64)).is_ok());
     }
 
     fn hex(b: &[u8]) -> String {

@@ -34,11 +34,13 @@ pub async fn serve_connection<S>(
     io: S,
     peer: SocketAddr,
     client_cert: Option<CertificateDer<'static>>,
+    hold: crate::ConnectionHold,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_cert = client_cert.map(Arc::new);
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<Body>| {
+        req.extensions_mut().insert(hold.clone());
         let state = state.clone();
         let cert = client_cert.clone();
         async move { Ok::<_, Infallible>(route(state, req, peer, cert).await) }
@@ -416,8 +418,10 @@ fn agent_upgrade(
     } else {
         "certificate"
     };
+    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
     tokio::spawn(async move {
         let _slot = slot;
+        let _hold = hold;
         let mut cfg = state.session_config.clone();
         cfg.accept_opens = false; // agents do not open streams towards the server
         let label = format!("agent={name}");
@@ -425,10 +429,13 @@ fn agent_upgrade(
         else {
             return;
         };
-        let (generation, old) =
-            state
-                .registry
-                .register(&name, conn.clone(), peer, info.peer_software.clone());
+        let (generation, old) = state.registry.register(
+            &name,
+            conn.clone(),
+            peer,
+            info.peer_software.clone(),
+            info.version,
+        );
         if let Some(old) = old {
             state.metrics.error("agent_replaced");
             tracing::warn!(agent = %name, old_addr = %old.addr, new_addr = %peer, "agent re-registered: newest session wins, draining the old one");
@@ -488,8 +495,10 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         Ok(s) => s,
         Err(hit) => return limit_refusal(&state, peer, hit),
     };
+    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
     tokio::spawn(async move {
         let _slot = slot;
+        let _hold = hold;
         let label = format!("client={}", client.name);
         let mut cfg = state.session_config.clone();
         // One client must not be able to take all of an agent's streams.
@@ -581,8 +590,10 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
         }
     };
     let target = rest.to_owned();
+    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
     tokio::spawn(async move {
         let _slot = slot;
+        let _hold = hold;
         let Some(io) = upgraded(req).await else {
             return;
         };

@@ -195,7 +195,12 @@ impl JwtVerifier {
             Some(serde_json::Value::String(s)) => vec![s.clone()],
             _ => vec![],
         };
-        let expires = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
+        // `exp` may be fractional (the library accepts that too).
+        let expires = claims
+            .get("exp")
+            .and_then(|v| v.as_f64())
+            .map(|f| f.max(0.0) as u64)
+            .unwrap_or(0);
         Ok(ClientIdentity {
             name: name.to_owned(),
             groups,

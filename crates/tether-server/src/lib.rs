@@ -297,8 +297,14 @@ impl State {
     }
 }
 
-/// Counts one open connection until dropped.
-struct ConnectionGuard(Arc<State>);
+/// Counts one open connection until dropped. Requests carry it (as a
+/// [`ConnectionHold`] extension) so that WebSocket upgrades, which outlive
+/// hyper's connection task, keep counting.
+pub(crate) struct ConnectionGuard(Arc<State>);
+
+/// A shared hold on a connection's slot in `max_connections`.
+#[derive(Clone)]
+pub(crate) struct ConnectionHold(#[allow(dead_code)] pub(crate) Arc<ConnectionGuard>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
@@ -486,9 +492,9 @@ impl Server {
             let state = self.state.clone();
             let tls = self.state.tls_acceptor();
             tokio::spawn(async move {
-                let _conn_guard = conn_guard;
+                let hold = ConnectionHold(Arc::new(conn_guard));
                 match tls {
-                    None => http::serve_connection(state, tcp, peer, None).await,
+                    None => http::serve_connection(state, tcp, peer, None, hold).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                             .await
@@ -502,7 +508,7 @@ impl Server {
                                     .peer_certificates()
                                     .and_then(|c| c.first())
                                     .map(|c| c.clone().into_owned());
-                                http::serve_connection(state, s, peer, cert).await
+                                http::serve_connection(state, s, peer, cert, hold).await
                             }
                             Ok(Err(e)) => {
                                 state.metrics.error("tls_handshake");

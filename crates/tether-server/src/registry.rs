@@ -24,6 +24,8 @@ pub struct AgentEntry {
     pub addr: SocketAddr,
     /// The agent's software string.
     pub software: String,
+    /// The negotiated protocol version (3 and up announce a catalog).
+    pub version: u16,
 }
 
 /// Live agents by name.
@@ -52,6 +54,7 @@ impl Registry {
         conn: Connection,
         addr: SocketAddr,
         software: String,
+        version: u16,
     ) -> (u64, Option<AgentEntry>) {
         let generation = self
             .next_generation
@@ -62,6 +65,7 @@ impl Registry {
             since: SystemTime::now(),
             addr,
             software,
+            version,
         };
         let old = self.lock().insert(name.to_owned(), entry);
         self.changes.send_modify(|v| *v += 1);

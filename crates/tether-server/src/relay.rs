@@ -69,6 +69,24 @@ pub fn acquire_permit(state: &Arc<State>, client: &str) -> Option<ClientStreamPe
     })
 }
 
+/// Counts one open in `tether_pending_opens` until dropped (also when the
+/// open is cancelled midway).
+pub struct PendingGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl PendingGauge {
+    /// Increments the gauge.
+    pub fn new(state: &State) -> PendingGauge {
+        state.metrics.pending_opens.inc();
+        PendingGauge(state.metrics.pending_opens.clone())
+    }
+}
+
+impl Drop for PendingGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What an allowed open holds for the life of its stream: the client's
 /// stream slot, and the ticket that ends the stream if access is revoked.
 pub struct OpenGrant {
@@ -160,7 +178,7 @@ pub async fn open_on_agent(
             return refuse(OpenErrorCode::TooManyStreams, hit.reason);
         }
     };
-    state.metrics.pending_opens.inc();
+    let gauge = PendingGauge::new(state);
     let r = entry
         .conn
         .open(Target {
@@ -168,11 +186,24 @@ pub async fn open_on_agent(
             address: service.to_owned(),
         })
         .await;
-    state.metrics.pending_opens.dec();
+    drop(gauge);
     drop(pending);
     match r {
         Ok(s) => {
             let ticket = state.track_stream(client, agent, service, protocol);
+            // A reload may have revoked access while the agent was dialing
+            // (the stream was not yet in the table): check again now that
+            // it is.
+            let auth = state.auth();
+            if !auth.client_still_valid(client)
+                || !auth.decide(client, agent, service, protocol).allowed
+            {
+                drop(s);
+                return refuse(
+                    OpenErrorCode::Forbidden,
+                    "access revoked by the server's configuration".into(),
+                );
+            }
             Ok((
                 s,
                 OpenGrant {

@@ -104,6 +104,11 @@ pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str
             view.bytes_out = c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
             let catalog = e.conn.peer_catalog().borrow().clone().unwrap_or_default();
             for s in catalog {
+                // Names go into links and host names: show only plain ones
+                // (an agent could announce anything).
+                if crate::auth::validate_name(&s.name).is_err() {
+                    continue;
+                }
                 let proto = match s.kind {
                     ServiceKind::Http => crate::policy::Protocol::Http,
                     ServiceKind::Udp => crate::policy::Protocol::Udp,
@@ -204,6 +209,10 @@ pub fn events(
                 }
             }
             ev.first = false;
+            // A revoked or expired identity's console stops updating.
+            if !ev.state.auth().client_still_valid(&ev.client) {
+                return None;
+            }
             let snap = snapshot(&ev.state, &ev.client, scheme, &ev.port);
             let json = serde_json::to_string(&snap).unwrap_or_default();
             if json != ev.last {

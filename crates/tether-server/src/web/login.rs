@@ -164,6 +164,15 @@ pub fn login_url(cfg: &WebConfig, scheme: &str, host: &str, next: &str) -> Strin
 /// Whether `next` is a safe place to send the browser after login: a path
 /// on this server, or a URL on the base domain (never another site).
 pub fn safe_next(cfg: &WebConfig, next: &str) -> bool {
+    // Browsers drop tabs and newlines from URLs and treat `\` as `/`, so
+    // `/\t/evil.com` would become `//evil.com`: refuse all of them.
+    if next
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b' ' || b == b'\\')
+        || !next.is_ascii()
+    {
+        return false;
+    }
     if next.starts_with('/') {
         return !next.starts_with("//") && !next.starts_with("/\\");
     }
@@ -477,6 +486,9 @@ mod tests {
         assert!(!safe_next(&c, "https://eviltether.test/"));
         assert!(!safe_next(&c, "https://tether.test@evil.com/"));
         assert!(!safe_next(&c, "javascript:alert(1)"));
+        assert!(!safe_next(&c, "/\t/evil.com"));
+        assert!(!safe_next(&c, "/\n/evil.com"));
+        assert!(!safe_next(&c, "/a\\b"));
         assert!(!safe_next(&WebConfig::default(), "https://tether.test/"));
     }
 

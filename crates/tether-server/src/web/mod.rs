@@ -120,15 +120,21 @@ pub fn wants_html(h: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/html"))
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
+/// The value of cookie `name` in the request's `Cookie` headers. When the
+/// browser sends the name more than once (a page on a sibling host may have
+/// planted a second one with a more specific path), there is no telling
+/// which is ours: none is used.
 pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get_all(header::COOKIE)
+    let mut found = h
+        .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// The host the request was addressed to (`Host`, or the URI authority in
@@ -212,6 +218,8 @@ mod tests {
         assert_eq!(cookie(&h, "tether_session"), Some("xyz"));
         assert_eq!(cookie(&h, "b"), Some("2"));
         assert_eq!(cookie(&h, "c"), None);
+        h.append(header::COOKIE, "tether_session=planted".parse().unwrap());
+        assert_eq!(cookie(&h, "tether_session"), None, "ambiguous");
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl tower_service::Service<Uri> for TunnelConnector {
                     format!("agent {agent} is not connected"),
                 )
             })?;
-            state.metrics.pending_opens.inc();
+            let gauge = crate::relay::PendingGauge::new(&state);
             let r = entry
                 .conn
                 .open(Target {
@@ -194,7 +194,7 @@ impl tower_service::Service<Uri> for TunnelConnector {
                     address: service.clone(),
                 })
                 .await;
-            state.metrics.pending_opens.dec();
+            drop(gauge);
             match r {
                 Ok(s) => {
                     state.metrics.streams_total.inc();
@@ -308,6 +308,16 @@ fn strip_tether_cookies(h: &mut HeaderMap) {
             h.insert(header::COOKIE, v);
         }
     }
+}
+
+/// Whether a service's `Set-Cookie` may reach the browser: never one for
+/// tether's own cookies. Judged by raw bytes, so a header with non-ASCII
+/// bytes cannot slip through as "no name".
+pub fn service_may_set(v: &HeaderValue) -> bool {
+    let raw = v.as_bytes();
+    let name = raw.split(|b| *b == b'=').next().unwrap_or(raw).trim_ascii();
+    !name.eq_ignore_ascii_case(SESSION_COOKIE.as_bytes())
+        && !name.eq_ignore_ascii_case(CSRF_COOKIE.as_bytes())
 }
 
 /// Rewrites a `Location` from the service so it points back through the proxy.
@@ -457,6 +467,15 @@ pub async fn proxy(
         );
     };
     let catalog = entry.conn.peer_catalog().borrow().clone();
+    if catalog.is_none() && entry.version >= tether_proto::CATALOG_VERSION {
+        // It announces its services right after connecting; until then we
+        // cannot tell an HTTP service from a database.
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent_starting",
+            format!("agent {agent} has not announced its services yet; retry in a moment"),
+        );
+    }
     let mut host_header = None;
     if let Some(c) = catalog {
         match c.iter().find(|e| e.name == service) {
@@ -484,6 +503,7 @@ pub async fn proxy(
 
     // The request as the service will see it.
     let upgrade = is_upgrade(req.headers());
+    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
@@ -599,15 +619,7 @@ pub async fn proxy(
         .headers
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| {
-            let name = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.split('=').next())
-                .unwrap_or("")
-                .trim();
-            name != SESSION_COOKIE && name != CSRF_COOKIE
-        })
+        .filter(|v| service_may_set(v))
         .cloned()
         .collect();
     parts.headers.remove(header::SET_COOKIE);
@@ -655,13 +667,23 @@ pub async fn proxy(
         // or its JWT expiring, ends it like any stream.
         let ticket = state.track_stream(client, agent, service, Protocol::Http);
         let expires_in = client.expires_in();
+        let recheck = {
+            let auth = state.auth();
+            auth.client_still_valid(client)
+                && auth.decide(client, agent, service, Protocol::Http).allowed
+        };
         tokio::spawn(async move {
             let _permit = permit;
             let _audit = audit;
+            let _hold = hold;
             let (Ok(s), Ok(c)) = (service_side.await, client_side.await) else {
                 tracing::debug!(%target, "upgrade did not complete");
                 return;
             };
+            if !recheck {
+                tracing::info!(client = %who, %target, "access revoked during the upgrade; closed");
+                return;
+            }
             state.metrics.live_streams.inc();
             let mut s = TokioIo::new(s);
             let mut c = TokioIo::new(c);
@@ -693,7 +715,10 @@ pub async fn proxy(
         });
         return Response::from_parts(parts, super::empty());
     }
-    // The permit lives as long as the response body.
+    // The permit lives as long as the response body, and a long response
+    // (events, a download) ends when access is revoked or the JWT expires.
+    let ticket = state.track_stream(client, agent, service, Protocol::Http);
+    let expires_in = client.expires_in();
     let body = body
         .map_frame(move |f| {
             let _ = &permit;
@@ -706,7 +731,61 @@ pub async fn proxy(
         })
         .map_err(BoxError::from)
         .boxed_unsync();
-    Response::from_parts(parts, body)
+    let body = RevocableBody {
+        revoked: Box::pin(ticket.revoked.clone().notified_owned()),
+        expiry: expires_in.map(|d| Box::pin(tokio::time::sleep(d))),
+        _ticket: ticket,
+        inner: body,
+        done: false,
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A response body that ends with an error when its stream ticket is
+/// revoked (a reload took the access away) or the credential expires.
+struct RevocableBody {
+    inner: Body,
+    revoked: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    _ticket: crate::StreamTicket,
+    done: bool,
+}
+
+impl http_body::Body for RevocableBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let expired = this
+            .expiry
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready());
+        if expired || this.revoked.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            let why = if expired {
+                "credential expired"
+            } else {
+                "access revoked by the server's configuration"
+            };
+            return Poll::Ready(Some(Err(why.into())));
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
@@ -774,6 +853,18 @@ mod tests {
         h.append("cookie", "tether_session=s3cret".parse().unwrap());
         strip_tether_cookies(&mut h);
         assert!(h.get("cookie").is_none());
+    }
+
+    #[test]
+    fn services_cannot_set_tethers_cookies() {
+        let v = |b: &[u8]| HeaderValue::from_bytes(b).unwrap();
+        assert!(service_may_set(&v(b"sid=1; Path=/")));
+        assert!(!service_may_set(&v(b"tether_session=x; Domain=t.test")));
+        assert!(!service_may_set(&v(b" Tether_Session=x")));
+        assert!(!service_may_set(&v(
+            b"tether_session=x; Path=/; x=\xc3\xa9"
+        )));
+        assert!(!service_may_set(&v(b"tether_csrf=1")));
     }
 
     #[test]
