@@ -501,6 +501,26 @@ async fn serve_udp(stats: Arc<AgentStats>, address: String, inc: Incoming, idle:
 mod tests {
     use super::*;
 
+    /// The agent config shipped in deploy/kubernetes/agent.yaml is valid.
+    #[test]
+    fn the_kubernetes_example_config_parses() {
+        let yaml = include_str!("../../../deploy/kubernetes/agent.yaml");
+        let block: String = yaml
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("agent.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let mut c: AgentConfig = toml::from_str(&block).unwrap();
+        assert_eq!(c.name, "prod");
+        assert!(c.token_file.is_some());
+        c.token = "t".into(); // the file is read at start; not here
+        c.token_file = None;
+        let a = Agent::new(c).unwrap();
+        assert_eq!(a.policy.catalog().len(), 2);
+    }
+
     #[test]
     fn config_parses() {
         let c: AgentConfig = toml::from_str(

@@ -575,6 +575,40 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
     // Alice still works for what she may open.
     assert!(alice.is_running());
     assert!(s.metrics().contains("tether_reloads_total{result=\"ok\"}"));
+
+    // 4. A streaming HTTP response (server-sent events) of alice's is cut
+    //    when she loses prod/web.
+    use std::io::{BufRead, BufReader};
+    let mut sse = Command::new("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "60",
+            "-H",
+            "Authorization: Bearer alice-token",
+        ])
+        .arg(s.url("/a/prod/web/events?n=600"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sse.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "id: 0");
+    std::fs::write(
+        &s.cfg_path,
+        format!("listen = \"127.0.0.1:{}\"\n{}", s.port, base("", false)),
+    )
+    .unwrap();
+    s.server.signal("HUP");
+    let started = std::time::Instant::now();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the event stream ran on for {:?}",
+        started.elapsed()
+    );
+    assert!(rest.len() < 100, "{} more lines", rest.len());
+    let _ = sse.wait();
 }
 
 #[test]
