@@ -19,6 +19,11 @@ pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
 pub const OPENS_PER_SEC: f64 = 1000.0;
 /// Default burst of opens above the sustained rate.
 pub const OPEN_BURST: f64 = 2000.0;
+/// Default sustained HTTP proxy requests per second per identity (requests
+/// reuse pooled streams, so they have their own, higher budget).
+pub const REQUESTS_PER_SEC: f64 = 20_000.0;
+/// Default burst of HTTP requests above the sustained rate.
+pub const REQUEST_BURST: f64 = 40_000.0;
 /// Default cap on one identity's opens waiting for the agent's answer.
 pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
 /// Default cap on open TCP connections to the public port.
@@ -36,13 +41,19 @@ pub struct LimitsConfig {
     /// Live sessions of one client identity.
     #[serde(default = "d_max_sessions_per_client")]
     pub max_sessions_per_client: usize,
-    /// Sustained opens per second per identity (CLI streams, raw WebSockets,
-    /// HTTP proxy requests).
+    /// Sustained stream opens per second per identity (CLI streams, SOCKS
+    /// and HTTP CONNECT streams, raw WebSockets).
     #[serde(default = "d_opens_per_sec")]
     pub opens_per_sec: f64,
     /// Burst above that rate.
     #[serde(default = "d_open_burst")]
     pub open_burst: f64,
+    /// Sustained HTTP proxy requests per second per identity.
+    #[serde(default = "d_requests_per_sec")]
+    pub requests_per_sec: f64,
+    /// Burst above that rate.
+    #[serde(default = "d_request_burst")]
+    pub request_burst: f64,
     /// Opens of one identity waiting for their agent's answer.
     #[serde(default = "d_max_pending")]
     pub max_pending_opens_per_client: usize,
@@ -67,6 +78,12 @@ fn d_opens_per_sec() -> f64 {
 fn d_open_burst() -> f64 {
     OPEN_BURST
 }
+fn d_requests_per_sec() -> f64 {
+    REQUESTS_PER_SEC
+}
+fn d_request_burst() -> f64 {
+    REQUEST_BURST
+}
 fn d_max_pending() -> usize {
     MAX_PENDING_OPENS_PER_CLIENT
 }
@@ -78,6 +95,8 @@ impl Default for LimitsConfig {
             max_sessions_per_client: MAX_SESSIONS_PER_CLIENT,
             opens_per_sec: OPENS_PER_SEC,
             open_burst: OPEN_BURST,
+            requests_per_sec: REQUESTS_PER_SEC,
+            request_burst: REQUEST_BURST,
             max_pending_opens_per_client: MAX_PENDING_OPENS_PER_CLIENT,
             max_connections: MAX_CONNECTIONS,
         }
@@ -178,35 +197,61 @@ impl Limits {
         self.cfg.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// One open (stream or HTTP request) by `who`, if its rate allows.
+    /// One stream open by `who`, if its rate allows.
     pub fn open(&self, who: &str) -> Result<(), LimitHit> {
         self.open_at(who, Instant::now())
     }
 
+    /// One HTTP proxy request by `who`, if its rate allows.
+    pub fn request(&self, who: &str) -> Result<(), LimitHit> {
+        let cfg = self.cfg();
+        self.take(
+            &format!("http:{who}"),
+            Instant::now(),
+            cfg.requests_per_sec,
+            cfg.request_burst,
+            "requests_per_sec",
+            "HTTP requests",
+        )
+    }
+
     fn open_at(&self, who: &str, now: Instant) -> Result<(), LimitHit> {
         let cfg = self.cfg();
+        self.take(
+            who,
+            now,
+            cfg.opens_per_sec,
+            cfg.open_burst,
+            "opens_per_sec",
+            "streams",
+        )
+    }
+
+    fn take(
+        &self,
+        who: &str,
+        now: Instant,
+        rate: f64,
+        burst: f64,
+        limit: &'static str,
+        what: &str,
+    ) -> Result<(), LimitHit> {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if b.len() >= MAX_BUCKETS && !b.contains_key(who) {
             // Forget identities whose bucket has refilled: they lose nothing.
-            b.retain(|_, v| {
-                v.tokens + now.duration_since(v.at).as_secs_f64() * cfg.opens_per_sec
-                    < cfg.open_burst
-            });
+            b.retain(|_, v| v.tokens + now.duration_since(v.at).as_secs_f64() * rate < burst);
         }
         let e = b.entry(who.to_owned()).or_insert(Bucket {
-            tokens: cfg.open_burst,
+            tokens: burst,
             at: now,
         });
         let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
-        e.tokens = (e.tokens + elapsed * cfg.opens_per_sec).min(cfg.open_burst.max(1.0));
+        e.tokens = (e.tokens + elapsed * rate).min(burst.max(1.0));
         e.at = now;
         if e.tokens < 1.0 {
             return Err(LimitHit {
-                limit: "opens_per_sec",
-                reason: format!(
-                    "{who} opens more than {} streams or requests per second (burst {})",
-                    cfg.opens_per_sec, cfg.open_burst
-                ),
+                limit,
+                reason: format!("{who}: more than {rate} {what} per second (burst {burst})"),
             });
         }
         e.tokens -= 1.0;

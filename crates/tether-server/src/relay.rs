@@ -121,7 +121,11 @@ pub fn admit(
         tracing::info!(target: "audit", identity = %client.name, %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
         Err(RelayRefusal { code, reason })
     };
-    if let Err(hit) = state.limits.open(&client.key()) {
+    let rate = match protocol {
+        Protocol::Http => state.limits.request(&client.key()),
+        _ => state.limits.open(&client.key()),
+    };
+    if let Err(hit) = rate {
         state.metrics.limit_hit(hit.limit);
         return deny(OpenErrorCode::TooManyStreams, hit.reason);
     }

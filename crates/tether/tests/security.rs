@@ -616,7 +616,7 @@ fn limits_refuse_the_flooding_identity_only() {
     let s = Setup::start(
         "limits",
         &format!(
-            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n[[client]]\nname = \"flood\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n[[client]]\nname = \"calm\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n[limits]\nopens_per_sec = 5\nopen_burst = 5\nmax_sessions_per_client = 1\n",
+            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n[[client]]\nname = \"flood\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n[[client]]\nname = \"calm\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n[limits]\nrequests_per_sec = 5\nrequest_burst = 5\nmax_sessions_per_client = 1\n",
             sha256_hex(AGENT_TOKEN),
             sha256_hex("flood-token"),
             sha256_hex("calm-token")
@@ -637,7 +637,7 @@ fn limits_refuse_the_flooding_identity_only() {
     }
     let m = s.metrics();
     assert!(
-        metric(&m, "tether_limit_hits_total{limit=\"opens_per_sec\"}").unwrap_or(0.0) >= 20.0,
+        metric(&m, "tether_limit_hits_total{limit=\"requests_per_sec\"}").unwrap_or(0.0) >= 20.0,
         "{m}"
     );
     // One session per client: the second CLI session of "calm" is refused.
