@@ -51,13 +51,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         self_signed = true
         [[agent]]
         name = "demo"
-        token = "{agent_token}"
+        token_sha256 = "{agent_hash}"
         [[client]]
         name = "you"
-        token = "{client_token}"
+        token_sha256 = "{client_hash}"
         allow = ["demo/*"]
         "#,
-        port = a.server_port
+        port = a.server_port,
+        agent_hash = tether_server::auth::token_hash_hex(&agent_token),
+        client_hash = tether_server::auth::token_hash_hex(&client_token),
     ))?;
     let server = tether_server::Server::bind(&server_cfg).await?;
     let server_addr = server.local_addr();
