@@ -24,6 +24,10 @@ pub const OPEN_BURST: f64 = 2000.0;
 pub const REQUESTS_PER_SEC: f64 = 20_000.0;
 /// Default burst of HTTP requests above the sustained rate.
 pub const REQUEST_BURST: f64 = 40_000.0;
+/// Login attempts per second from one source address.
+pub const LOGINS_PER_SEC: f64 = 2.0;
+/// Burst of login attempts from one source address.
+pub const LOGIN_BURST: f64 = 20.0;
 /// Default cap on one identity's opens waiting for the agent's answer.
 pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
 /// Default cap on open TCP connections to the public port.
@@ -215,6 +219,19 @@ impl Limits {
         )
     }
 
+    /// One browser login attempt from `ip` (a slow brute force is still
+    /// hopeless against 256-bit tokens; this keeps the log and the CPU quiet).
+    pub fn login(&self, ip: std::net::IpAddr) -> Result<(), LimitHit> {
+        self.take(
+            &format!("login:{ip}"),
+            Instant::now(),
+            LOGINS_PER_SEC,
+            LOGIN_BURST,
+            "logins_per_source",
+            "login attempts",
+        )
+    }
+
     fn open_at(&self, who: &str, now: Instant) -> Result<(), LimitHit> {
         let cfg = self.cfg();
         self.take(
@@ -332,6 +349,18 @@ mod tests {
         // 100 ms later one more token is there.
         l.open_at("a", t0 + Duration::from_millis(100)).unwrap();
         assert!(l.open_at("a", t0 + Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn login_attempts_are_limited_per_source() {
+        let l = Limits::new(LimitsConfig::default());
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..LOGIN_BURST as usize {
+            l.login(a).unwrap();
+        }
+        assert_eq!(l.login(a).unwrap_err().limit, "logins_per_source");
+        assert!(l.login(b).is_ok());
     }
 
     #[test]

@@ -321,6 +321,16 @@ pub async fn login_submit(
             "cross-site login refused",
         );
     }
+    if let Err(hit) = state.limits.login(peer.ip()) {
+        state.metrics.limit_hit(hit.limit);
+        tracing::warn!(%peer, "login refused: {}", hit.reason);
+        return error(
+            &headers,
+            StatusCode::TOO_MANY_REQUESTS,
+            hit.limit,
+            "too many login attempts from your address; wait a few seconds",
+        );
+    }
     let next = form
         .get("next")
         .filter(|n| safe_next(&state.web, n))
