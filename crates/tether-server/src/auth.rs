@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::config::{AgentCredential, ClientCredential, ServerConfig};
 use crate::jwt::{looks_like_jwt, JwtVerifier};
@@ -52,7 +53,7 @@ fn credential_hash(
 }
 
 /// How a client proved who it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum IdentityKind {
     /// A static token (`[[client]]`); `hash` is its SHA-256, so a reload can
     /// tell whether this token is still configured.
@@ -64,7 +65,19 @@ pub enum IdentityKind {
     Jwt {
         /// The token's `exp`.
         expires: u64,
+        /// The JWT itself, kept in memory only so that a reload can verify
+        /// it again against the new keys (never logged: see `Debug`).
+        token: Arc<str>,
     },
+}
+
+impl std::fmt::Debug for IdentityKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentityKind::Token { .. } => f.write_str("Token"),
+            IdentityKind::Jwt { expires, .. } => write!(f, "Jwt {{ expires: {expires} }}"),
+        }
+    }
 }
 
 /// A client that presented a valid credential.
@@ -92,7 +105,7 @@ impl ClientIdentity {
     pub fn expires_in(&self) -> Option<std::time::Duration> {
         match self.kind {
             IdentityKind::Token { .. } => None,
-            IdentityKind::Jwt { expires } => {
+            IdentityKind::Jwt { expires, .. } => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
@@ -214,8 +227,22 @@ impl Authenticator {
         }
     }
 
-    /// Whether a live identity still holds: its token is still configured
-    /// under its name, or its JWT has not expired (and JWTs are still accepted).
+    /// Whether a live identity still holds after a reload: like
+    /// [`Authenticator::client_still_valid`], and a JWT must verify against
+    /// the current keys (a removed signing key ends its sessions).
+    pub fn client_revalidate(&self, id: &ClientIdentity) -> bool {
+        match &id.kind {
+            IdentityKind::Jwt { token, .. } => self
+                .jwt
+                .as_ref()
+                .is_some_and(|j| j.verify(token).is_ok_and(|v| v.name == id.name)),
+            IdentityKind::Token { .. } => self.client_still_valid(id),
+        }
+    }
+
+    /// Whether a live identity still holds (cheap, per request): its token is
+    /// still configured under its name, or its JWT has not expired (and JWTs
+    /// are still accepted).
     pub fn client_still_valid(&self, id: &ClientIdentity) -> bool {
         match &id.kind {
             IdentityKind::Token { hash } => self.clients.get(hash).is_some_and(|n| *n == id.name),

@@ -174,14 +174,14 @@ impl JwtVerifier {
             v.leeway = self.cfg.leeway_secs;
             v.validate_nbf = true;
             match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &v) {
-                Ok(data) => return self.identity(&data.claims),
+                Ok(data) => return self.identity(&data.claims, token),
                 Err(e) => last = format!("JWT refused: {e}"),
             }
         }
         Err(last)
     }
 
-    fn identity(&self, claims: &serde_json::Value) -> Result<ClientIdentity, String> {
+    fn identity(&self, claims: &serde_json::Value, token: &str) -> Result<ClientIdentity, String> {
         let name = claims
             .get(&self.cfg.name_claim)
             .and_then(|v| v.as_str())
@@ -204,7 +204,10 @@ impl JwtVerifier {
         Ok(ClientIdentity {
             name: name.to_owned(),
             groups,
-            kind: IdentityKind::Jwt { expires },
+            kind: IdentityKind::Jwt {
+                expires,
+                token: token.into(),
+            },
         })
     }
 }

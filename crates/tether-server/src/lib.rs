@@ -208,7 +208,7 @@ impl State {
                 Some(SessionOwner::Agent { name, token_hash }) => {
                     auth.agent_still_valid(name, token_hash.as_ref())
                 }
-                Some(SessionOwner::Client(id)) => auth.client_still_valid(id),
+                Some(SessionOwner::Client(id)) => auth.client_revalidate(id),
             };
             if !valid && !conn.is_closed() {
                 tracing::warn!(session = %conn.label(), "credentials revoked: closing the session");
@@ -226,7 +226,7 @@ impl State {
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            let allowed = auth.client_still_valid(&s.identity)
+            let allowed = auth.client_revalidate(&s.identity)
                 && auth
                     .decide(&s.identity, &s.agent, &s.service, s.protocol)
                     .allowed;
@@ -235,6 +235,8 @@ impl State {
                 ended += 1;
             }
         }
+        // Browser logins whose credential no longer holds end now.
+        self.web_sessions.retain(|id| auth.client_revalidate(id));
         (closed, ended)
     }
 

@@ -259,7 +259,10 @@ mod tests {
         ClientIdentity {
             name: name.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
-            kind: IdentityKind::Jwt { expires: u64::MAX },
+            kind: IdentityKind::Jwt {
+                expires: u64::MAX,
+                token: "".into(),
+            },
         }
     }
 

@@ -422,6 +422,25 @@ protocols = ["tcp"]
     for t in [&sre, &dana] {
         assert!(!log.contains(t.as_str()), "a JWT was logged");
     }
+
+    // The RS256 key is withdrawn (compromised): the reload verifies live
+    // JWT sessions again and closes the one signed with it.
+    let cfg = std::fs::read_to_string(&s.cfg_path).unwrap();
+    let without: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("public_key_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(cfg, without);
+    std::fs::write(&s.cfg_path, without).unwrap();
+    s.server.signal("HUP");
+    assert!(
+        client.wait_log("credentials revoked", Duration::from_secs(10)),
+        "{}",
+        client.log_text()
+    );
+    let (code, _) = curl_status(&web, &sre);
+    assert_eq!(code, 401, "a JWT signed with the withdrawn key still works");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

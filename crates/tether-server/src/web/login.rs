@@ -106,6 +106,11 @@ impl WebSessions {
         self.lock().remove(&token_hash(id));
     }
 
+    /// Keeps only the sessions whose identity passes `keep`.
+    pub fn retain(&self, keep: impl Fn(&ClientIdentity) -> bool) {
+        self.lock().retain(|_, s| keep(&s.identity));
+    }
+
     /// Ends every session of a client (its token was removed).
     pub fn remove_client(&self, client: &str) {
         self.lock().retain(|_, s| s.identity.name != client);
