@@ -130,6 +130,14 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// Logs one warning per credential configured in clear text (at start
+    /// and on every reload).
+    pub fn warn_plaintext(&self) {
+        for who in &self.plaintext_secrets {
+            tracing::warn!("{who}: token in clear text (config file or flag); store token_sha256 instead (tether token hash)");
+        }
+    }
+
     /// Builds the tables, rejecting incomplete or duplicate credentials.
     pub fn from_config(cfg: &ServerConfig) -> anyhow::Result<Self> {
         let mut a = Authenticator::default();

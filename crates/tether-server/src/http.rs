@@ -79,12 +79,8 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
 /// The bearer token of a request: `Authorization: Bearer T`, or (when
 /// `allow_query`) `?token=T` for WebSocket clients that cannot set headers.
 fn bearer_token(req: &Request<Body>, allow_query: bool) -> Option<String> {
-    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        let (scheme, t) = v.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return Some(t.trim().to_owned());
-        }
+    if let Some(t) = web::login::bearer(req.headers()) {
+        return Some(t);
     }
     if !allow_query {
         return None;

@@ -82,12 +82,40 @@ pub struct LiveStream {
     pub revoked: Arc<tokio::sync::Notify>,
 }
 
+/// Why a tracked stream must end (see [`StreamTicket::ended`]).
+pub const ACCESS_REVOKED: &str = "access revoked by the server's configuration";
+/// Why a tracked stream of an expired JWT identity ends.
+pub const CREDENTIAL_EXPIRED: &str = "credential expired";
+
 /// Removes a live stream from the table when dropped.
 pub struct StreamTicket {
     state: Arc<State>,
     key: u64,
-    /// Notified on revocation.
-    pub revoked: Arc<tokio::sync::Notify>,
+    revoked: Arc<tokio::sync::Notify>,
+    expires_at: Option<tokio::time::Instant>,
+}
+
+impl StreamTicket {
+    /// Resolves, with the reason, when the stream must end: a reload
+    /// revoked its access, or its identity's credential (a JWT) expired.
+    pub fn ended(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = &'static str> + Send>> {
+        let revoked = self.revoked.clone();
+        let expires_at = self.expires_at;
+        Box::pin(async move {
+            let expiry = async {
+                match expires_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = revoked.notified() => ACCESS_REVOKED,
+                _ = expiry => CREDENTIAL_EXPIRED,
+            }
+        })
+    }
 }
 
 impl Drop for StreamTicket {
@@ -104,6 +132,9 @@ impl Drop for StreamTicket {
 pub struct State {
     /// Credential tables and policy (swapped whole on reload).
     auth: std::sync::RwLock<Arc<auth::Authenticator>>,
+    /// Bumped by every [`State::set_auth`], so an open admitted before a
+    /// reload can tell that it must be checked again.
+    auth_generation: std::sync::atomic::AtomicU64,
     /// Per-identity and global limits.
     pub limits: limits::Limits,
     /// Current TLS acceptor (swapped on reload).
@@ -149,6 +180,15 @@ impl State {
     /// Installs new credential tables and policy.
     pub fn set_auth(&self, a: auth::Authenticator) {
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
+        self.auth_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The current auth generation; read it *before* deciding an open and
+    /// pass it to [`State::track_stream`].
+    pub fn auth_generation(&self) -> u64 {
+        self.auth_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The current TLS acceptor.
@@ -165,14 +205,19 @@ impl State {
     }
 
     /// Registers a relayed stream for revocation checks; keep the ticket
-    /// for the stream's life.
+    /// for the stream's life. `admitted_under` is the auth generation the
+    /// open was decided under: when a reload happened since (while the
+    /// agent was dialing, say), the stream was not in the table when that
+    /// reload checked it, so it is checked now, and `None` means it is no
+    /// longer allowed.
     pub fn track_stream(
         self: &Arc<Self>,
         identity: &auth::ClientIdentity,
         agent: &str,
         service: &str,
         protocol: policy::Protocol,
-    ) -> StreamTicket {
+        admitted_under: u64,
+    ) -> Option<StreamTicket> {
         let key = self
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -190,11 +235,23 @@ impl State {
                     revoked: revoked.clone(),
                 },
             );
-        StreamTicket {
+        let ticket = StreamTicket {
             state: self.clone(),
             key,
             revoked,
+            expires_at: identity
+                .expires_in()
+                .map(|d| tokio::time::Instant::now() + d),
+        };
+        if self.auth_generation() != admitted_under {
+            let auth = self.auth();
+            if !auth.client_revalidate(identity)
+                || !auth.decide(identity, agent, service, protocol).allowed
+            {
+                return None;
+            }
         }
+        Some(ticket)
     }
 
     /// Closes sessions whose credentials no longer hold and ends streams the
@@ -330,9 +387,7 @@ impl Server {
     /// Validates the config, loads or makes the certificate and binds the port.
     pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
         let auth = auth::Authenticator::from_config(cfg)?;
-        for who in &auth.plaintext_secrets {
-            tracing::warn!("{who}: token in clear text (config file or flag); store token_sha256 instead (tether token hash)");
-        }
+        auth.warn_plaintext();
         for l in &cfg.listeners {
             l.validate()?;
         }
@@ -360,6 +415,7 @@ impl Server {
             reload: None,
             state: Arc::new_cyclic(|weak| State {
                 auth: std::sync::RwLock::new(Arc::new(auth)),
+                auth_generation: Default::default(),
                 limits: limits::Limits::new(cfg.limits.clone()),
                 tls_acceptor: std::sync::RwLock::new(tls),
                 streams: Default::default(),

@@ -88,15 +88,23 @@ impl Drop for PendingGauge {
 }
 
 /// What an allowed open holds for the life of its stream: the client's
-/// stream slot, and the ticket that ends the stream if access is revoked.
+/// stream slot, and the ticket that ends the stream if access is revoked
+/// or the credential expires.
 pub struct OpenGrant {
     _permit: ClientStreamPermit,
     /// Revocation ticket.
     pub ticket: crate::StreamTicket,
     /// The protocol the policy allowed.
     pub protocol: Protocol,
-    /// When the identity's credential expires (JWT), the stream ends.
-    pub expires_in: Option<std::time::Duration>,
+}
+
+/// An open that passed [`admit`]: the client's stream slot, and the auth
+/// generation it was decided under (for [`State::track_stream`]).
+pub struct Admission {
+    /// The client's stream slot.
+    pub permit: ClientStreamPermit,
+    /// Auth generation of the decision.
+    pub generation: u64,
 }
 
 /// The policy's protocol for a stream kind.
@@ -115,7 +123,10 @@ pub fn admit(
     agent: &str,
     service: &str,
     protocol: Protocol,
-) -> Result<ClientStreamPermit, RelayRefusal> {
+) -> Result<Admission, RelayRefusal> {
+    // Read before the rules: a reload after this point makes
+    // `track_stream` check the open again.
+    let generation = state.auth_generation();
     let target = format!("{agent}/{service}");
     let deny = |code: OpenErrorCode, reason: String| {
         tracing::info!(target: "audit", identity = %client.name, %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
@@ -146,7 +157,7 @@ pub fn admit(
             ),
         );
     };
-    Ok(permit)
+    Ok(Admission { permit, generation })
 }
 
 /// Checks limits and policy, finds the agent and opens the stream on it.
@@ -168,7 +179,7 @@ pub async fn open_on_agent(
         );
     };
     let protocol = protocol_of(kind);
-    let permit = admit(state, client, agent, service, protocol)?;
+    let admission = admit(state, client, agent, service, protocol)?;
     let Some(entry) = state.registry.get(agent) else {
         return refuse(
             OpenErrorCode::AgentOffline,
@@ -194,27 +205,18 @@ pub async fn open_on_agent(
     drop(pending);
     match r {
         Ok(s) => {
-            let ticket = state.track_stream(client, agent, service, protocol);
-            // A reload may have revoked access while the agent was dialing
-            // (the stream was not yet in the table): check again now that
-            // it is.
-            let auth = state.auth();
-            if !auth.client_still_valid(client)
-                || !auth.decide(client, agent, service, protocol).allowed
-            {
+            let Some(ticket) =
+                state.track_stream(client, agent, service, protocol, admission.generation)
+            else {
                 drop(s);
-                return refuse(
-                    OpenErrorCode::Forbidden,
-                    "access revoked by the server's configuration".into(),
-                );
-            }
+                return refuse(OpenErrorCode::Forbidden, crate::ACCESS_REVOKED.into());
+            };
             Ok((
                 s,
                 OpenGrant {
-                    _permit: permit,
+                    _permit: admission.permit,
                     ticket,
                     protocol,
-                    expires_in: client.expires_in(),
                 },
             ))
         }
@@ -293,28 +295,13 @@ pub async fn run_relay<CR, CW, AR, AW>(
     state.metrics.live_streams.inc();
     state.metrics.streams_total.inc();
     // Server-side listeners are the operator's: no identity, no revocation.
-    let revoked = grant.as_ref().map(|g| g.ticket.revoked.clone());
-    let expires_in = grant.as_ref().and_then(|g| g.expires_in);
+    let ended = grant.as_ref().map(|g| g.ticket.ended());
     let stop = async move {
-        let expiry = async {
-            match expires_in {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
+        let why = match ended {
+            Some(e) => e.await,
+            None => std::future::pending().await,
         };
-        let revocation = async {
-            match revoked {
-                Some(r) => r.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = revocation => (
-                ResetCode::Forbidden,
-                "access revoked by the server's configuration".to_owned(),
-            ),
-            _ = expiry => (ResetCode::Forbidden, "credential expired".to_owned()),
-        }
+        (ResetCode::Forbidden, why.to_owned())
     };
     let report = splice_until(cr, cw, ar, aw, stop).await;
     state.metrics.live_streams.dec();

@@ -60,9 +60,7 @@ pub fn apply(state: &State, cfg: &ServerConfig) -> anyhow::Result<ReloadReport> 
         Some(t) if !t.self_signed && state.tls => Some(build_tls(t)?),
         _ => None,
     };
-    for who in &auth.plaintext_secrets {
-        tracing::warn!("{who}: token in clear text (config file or flag); store token_sha256 instead (tether token hash)");
-    }
+    auth.warn_plaintext();
     state.set_auth(auth);
     state.limits.set_config(cfg.limits.clone());
     if let Some((acceptor, fingerprint)) = new_tls {

@@ -175,6 +175,10 @@ impl Setup {
         }
     }
 
+    fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -369,18 +373,7 @@ protocols = ["tcp"]
     }
     // The CLI takes a JWT too.
     let local = free_port();
-    let client = Proc::spawn(
-        "client",
-        &[
-            "client".into(),
-            "--server".into(),
-            format!("ws://127.0.0.1:{}", s.port),
-            "--token".into(),
-            sre.clone(),
-            "forward".into(),
-            format!("127.0.0.1:{local}=prod/web"),
-        ],
-    );
+    let client = forward_client(&s.ws_url(), &sre, &[(local, "prod/web")]);
     assert!(
         client.wait_log("connected", Duration::from_secs(10)),
         "{}",
@@ -486,18 +479,7 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
     let s = Setup::start("reload", &base("\"prod/echo\", \"prod/web\"", true));
     let (pa, pb) = (free_port(), free_port());
     let client = |token: &str, port: u16| {
-        let p = Proc::spawn(
-            "client",
-            &[
-                "client".into(),
-                "--server".into(),
-                format!("ws://127.0.0.1:{}", s.port),
-                "--token".into(),
-                token.into(),
-                "forward".into(),
-                format!("127.0.0.1:{port}=prod/echo"),
-            ],
-        );
+        let p = forward_client(&s.ws_url(), token, &[(port, "prod/echo")]);
         assert!(
             p.wait_log("connected", Duration::from_secs(10)),
             "{}",
@@ -660,31 +642,9 @@ fn limits_refuse_the_flooding_identity_only() {
         "{m}"
     );
     // One session per client: the second CLI session of "calm" is refused.
-    let c1 = Proc::spawn(
-        "client",
-        &[
-            "client".into(),
-            "--server".into(),
-            format!("ws://127.0.0.1:{}", s.port),
-            "--token".into(),
-            "calm-token".into(),
-            "forward".into(),
-            format!("127.0.0.1:{}=prod/echo", free_port()),
-        ],
-    );
+    let c1 = forward_client(&s.ws_url(), "calm-token", &[(free_port(), "prod/echo")]);
     assert!(c1.wait_log("connected", Duration::from_secs(10)));
-    let c2 = Proc::spawn(
-        "client",
-        &[
-            "client".into(),
-            "--server".into(),
-            format!("ws://127.0.0.1:{}", s.port),
-            "--token".into(),
-            "calm-token".into(),
-            "forward".into(),
-            format!("127.0.0.1:{}=prod/echo", free_port()),
-        ],
-    );
+    let c2 = forward_client(&s.ws_url(), "calm-token", &[(free_port(), "prod/echo")]);
     assert!(
         c2.wait_log("429", Duration::from_secs(10)),
         "{}",

@@ -157,13 +157,21 @@ pub fn bearer(h: &HeaderMap) -> Option<String> {
 /// host-routed service name; the login lives on the base domain then).
 pub fn login_url(cfg: &WebConfig, scheme: &str, host: &str, next: &str) -> String {
     let next_q: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
-    let (h, port) = split_port(host);
-    match cfg.base() {
-        Some(base) if h != base && h.ends_with(&format!(".{base}")) => {
+    match (service_host(cfg, host), cfg.base()) {
+        (true, Some(base)) => {
+            let port = split_port(host).1;
             format!("{scheme}://{base}{port}/login?next={next_q}")
         }
         _ => format!("/login?next={next_q}"),
     }
+}
+
+/// Whether `host` is a host-routed service (`SERVICE.AGENT.BASE`), not the
+/// server's own name.
+fn service_host(cfg: &WebConfig, host: &str) -> bool {
+    let h = split_port(host).0;
+    cfg.base()
+        .is_some_and(|base| h != base && h.ends_with(&format!(".{base}")))
 }
 
 /// Whether `next` is a safe place to send the browser after login: a path
@@ -446,19 +454,13 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
 pub fn login_required(state: &State, req: &Request<Incoming>, host: &str) -> Resp {
     if super::wants_html(req.headers()) && req.method() == Method::GET {
         let scheme = state.public_scheme();
-        let next = if login_url(&state.web, scheme, host, "").starts_with('/') {
-            req.uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| "/".into())
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        // The login page lives on the base domain: coming back to a service
+        // host needs the full URL.
+        let next = if service_host(&state.web, host) {
+            format!("{scheme}://{host}{path}")
         } else {
-            format!(
-                "{scheme}://{host}{}",
-                req.uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/")
-            )
+            path.to_owned()
         };
         return redirect(
             StatusCode::FOUND,

@@ -49,7 +49,12 @@ pub fn html_page(status: StatusCode, title: &str, body_html: &str) -> Resp {
 /// An error answer: an HTML page when a browser asks, JSON otherwise.
 /// `code` is a short stable name (`agent_offline`, `forbidden`, ...).
 pub fn error(req_headers: &HeaderMap, status: StatusCode, code: &str, message: &str) -> Resp {
-    if wants_html(req_headers) {
+    error_page(wants_html(req_headers), status, code, message)
+}
+
+/// [`error`] when the caller already knows whether the client wants HTML.
+pub fn error_page(html: bool, status: StatusCode, code: &str, message: &str) -> Resp {
+    if html {
         let title = status.canonical_reason().unwrap_or("Error");
         html_page(
             status,

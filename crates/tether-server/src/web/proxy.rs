@@ -26,7 +26,7 @@ use tether_net::io::StreamIo;
 use tether_proto::{OpenErrorCode, ServiceKind, Target, TargetKind};
 
 use super::login::{Via, CSRF_COOKIE, SESSION_COOKIE};
-use super::pages::error;
+use super::pages::error_page;
 use super::{Body, BoxError, Resp, PATH_PREFIX, POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT};
 use crate::auth::ClientIdentity;
 use crate::policy::Protocol;
@@ -441,15 +441,15 @@ pub async fn proxy(
     cx: ProxyContext<'_>,
 ) -> Resp {
     let started = Instant::now();
-    let headers = req.headers().clone();
+    let html = super::wants_html(req.headers());
     let (agent, service) = (route.agent.as_str(), route.service.as_str());
     let refuse = |status: StatusCode, code: &str, msg: String| {
         state.metrics.error(code);
         tracing::info!(client = %client.name, %agent, %service, path = %rest, status = status.as_u16(), "http request refused: {msg}");
-        error(&headers, status, code, &msg)
+        error_page(html, status, code, &msg)
     };
-    let permit = match admit(state, client, agent, service, Protocol::Http) {
-        Ok(p) => p,
+    let admission = match admit(state, client, agent, service, Protocol::Http) {
+        Ok(a) => a,
         Err(RelayRefusal { code, reason }) => {
             let status = if code == OpenErrorCode::Forbidden {
                 StatusCode::FORBIDDEN
@@ -665,44 +665,29 @@ pub async fn proxy(
         let target = format!("{agent}/{service}");
         // An upgraded connection lives on: a reload that revokes its access,
         // or its JWT expiring, ends it like any stream.
-        let ticket = state.track_stream(client, agent, service, Protocol::Http);
-        let expires_in = client.expires_in();
-        let recheck = {
-            let auth = state.auth();
-            auth.client_still_valid(client)
-                && auth.decide(client, agent, service, Protocol::Http).allowed
+        let Some(ticket) =
+            state.track_stream(client, agent, service, Protocol::Http, admission.generation)
+        else {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                crate::ACCESS_REVOKED.into(),
+            );
         };
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = admission.permit;
             let _audit = audit;
             let _hold = hold;
             let (Ok(s), Ok(c)) = (service_side.await, client_side.await) else {
                 tracing::debug!(%target, "upgrade did not complete");
                 return;
             };
-            if !recheck {
-                tracing::info!(client = %who, %target, "access revoked during the upgrade; closed");
-                return;
-            }
             state.metrics.live_streams.inc();
             let mut s = TokioIo::new(s);
             let mut c = TokioIo::new(c);
-            let expiry = async {
-                match expires_in {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
             let r = tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut c, &mut s) => r,
-                _ = ticket.revoked.notified() => Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "access revoked by the server's configuration",
-                )),
-                _ = expiry => Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "credential expired",
-                )),
+                why = ticket.ended() => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
             };
             state.metrics.live_streams.dec();
             match r {
@@ -717,8 +702,16 @@ pub async fn proxy(
     }
     // The permit lives as long as the response body, and a long response
     // (events, a download) ends when access is revoked or the JWT expires.
-    let ticket = state.track_stream(client, agent, service, Protocol::Http);
-    let expires_in = client.expires_in();
+    let Some(ticket) =
+        state.track_stream(client, agent, service, Protocol::Http, admission.generation)
+    else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            crate::ACCESS_REVOKED.into(),
+        );
+    };
+    let permit = admission.permit;
     let body = body
         .map_frame(move |f| {
             let _ = &permit;
@@ -732,8 +725,7 @@ pub async fn proxy(
         .map_err(BoxError::from)
         .boxed_unsync();
     let body = RevocableBody {
-        revoked: Box::pin(ticket.revoked.clone().notified_owned()),
-        expiry: expires_in.map(|d| Box::pin(tokio::time::sleep(d))),
+        ended: ticket.ended(),
         _ticket: ticket,
         inner: body,
         done: false,
@@ -745,8 +737,7 @@ pub async fn proxy(
 /// revoked (a reload took the access away) or the credential expires.
 struct RevocableBody {
     inner: Body,
-    revoked: Pin<Box<tokio::sync::futures::OwnedNotified>>,
-    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
     _ticket: crate::StreamTicket,
     done: bool,
 }
@@ -763,17 +754,8 @@ impl http_body::Body for RevocableBody {
         if this.done {
             return Poll::Ready(None);
         }
-        let expired = this
-            .expiry
-            .as_mut()
-            .is_some_and(|s| s.as_mut().poll(cx).is_ready());
-        if expired || this.revoked.as_mut().poll(cx).is_ready() {
+        if let Poll::Ready(why) = this.ended.as_mut().poll(cx) {
             this.done = true;
-            let why = if expired {
-                "credential expired"
-            } else {
-                "access revoked by the server's configuration"
-            };
             return Poll::Ready(Some(Err(why.into())));
         }
         Pin::new(&mut this.inner).poll_frame(cx)

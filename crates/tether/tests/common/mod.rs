@@ -253,24 +253,29 @@ impl Tunnel {
 
     /// Starts a CLI client forwarding each `(local_port, target)`.
     pub fn client(&self, token: &str, forwards: &[(u16, &str)]) -> Proc {
-        let mut args: Vec<String> = vec![
-            "client".into(),
-            "--server".into(),
-            self.url(),
-            "--token".into(),
-            token.into(),
-            "forward".into(),
-        ];
-        for (port, target) in forwards {
-            args.push(format!("127.0.0.1:{port}={target}"));
-        }
-        let p = Proc::spawn("client", &args);
+        let p = forward_client(&self.url(), token, forwards);
         assert!(
             p.wait_log("connected", Duration::from_secs(10)),
             "client did not connect"
         );
         p
     }
+}
+
+/// Starts `tether client forward` to `server` (not waiting for it to connect).
+pub fn forward_client(server: &str, token: &str, forwards: &[(u16, &str)]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "client".into(),
+        "--server".into(),
+        server.into(),
+        "--token".into(),
+        token.into(),
+        "forward".into(),
+    ];
+    for (port, target) in forwards {
+        args.push(format!("127.0.0.1:{port}={target}"));
+    }
+    Proc::spawn("client", &args)
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passes.
