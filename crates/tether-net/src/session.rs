@@ -35,6 +35,18 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// fails the session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// While frames wait to be sent, the peer must take at least
+/// [`MIN_DRAIN_BYTES`] in every [`DRAIN_WINDOW`] (4 KiB/s on average), or the
+/// session fails. A peer that reads a few bytes now and then keeps each
+/// single write going; this judges it by what it drains instead. (What it
+/// can make us hold meanwhile is bounded by the session's send buffers.)
+const DRAIN_WINDOW: Duration = Duration::from_secs(30);
+const MIN_DRAIN_BYTES: u64 = 120 * 1024;
+
+/// Unread bytes a stream may hold as slices of received messages; beyond
+/// this, new chunks are copied so that a slow reader pins no message buffer.
+const UNREAD_BEFORE_COPY: usize = 64 * 1024;
+
 /// Most incoming opens waiting for the application before new ones are refused.
 const MAX_UNANSWERED_OPENS: usize = 256;
 
@@ -399,6 +411,14 @@ impl Shared {
                         .bytes_in
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if let Some(r) = g.routes.get(&id) {
+                        // A chunk is a slice of the whole transport message;
+                        // kept in a slow reader's inbox it would pin all of
+                        // it. Copy it out once the reader is behind.
+                        let data = if g.session.stream_unread(id) > UNREAD_BEFORE_COPY {
+                            Bytes::copy_from_slice(&data)
+                        } else {
+                            data
+                        };
                         let _ = r.inbox.send(Inbound::Data(data));
                     }
                 }
@@ -519,6 +539,7 @@ async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
 
 async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
     let mut buf = BytesMut::new();
+    let mut drain = DrainMeter::default();
     loop {
         let (has, closed) = {
             let mut g = shared.lock();
@@ -531,6 +552,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         };
         if has {
             let msg = buf.split().freeze();
+            let len = msg.len();
             let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(
@@ -538,6 +560,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
                     format!("peer read nothing for {WRITE_TIMEOUT:?}"),
                 )),
             };
+            let sent = sent.and_then(|()| drain.sent(len, Instant::now()));
             if let Err(e) = sent {
                 {
                     let mut g = shared.lock();
@@ -557,8 +580,43 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
             .await;
             return;
         } else {
+            drain.idle();
             shared.writer_wake.notified().await;
         }
+    }
+}
+
+/// Measures how fast the peer takes what we send while a backlog lasts.
+#[derive(Default)]
+struct DrainMeter {
+    /// Start of the current measuring window (None: no backlog).
+    since: Option<Instant>,
+    bytes: u64,
+}
+
+impl DrainMeter {
+    /// The writer ran out of work: the peer keeps up.
+    fn idle(&mut self) {
+        self.since = None;
+    }
+
+    /// A message of `len` bytes went out at `now`; fails when the window
+    /// ended with less than [`MIN_DRAIN_BYTES`] drained.
+    fn sent(&mut self, len: usize, now: Instant) -> io::Result<()> {
+        let since = *self.since.get_or_insert(now);
+        self.bytes += len as u64;
+        if now.saturating_duration_since(since) < DRAIN_WINDOW {
+            return Ok(());
+        }
+        let drained = std::mem::take(&mut self.bytes);
+        self.since = Some(now);
+        if drained < MIN_DRAIN_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("peer took only {drained} bytes in {DRAIN_WINDOW:?} while more waited"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -982,5 +1040,33 @@ impl StreamWriter {
         self.shared.dispatch(&mut g);
         drop(g);
         self.shared.writer_wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_meter_fails_a_trickle_and_passes_a_slow_reader() {
+        let t0 = Instant::now();
+        let mut m = DrainMeter::default();
+        // 1 KiB every 10 s through one window: too little.
+        for i in 0..3 {
+            assert!(m.sent(1024, t0 + DRAIN_WINDOW / 3 * i).is_ok());
+        }
+        assert!(m.sent(1024, t0 + DRAIN_WINDOW).is_err());
+
+        // 64 KiB every 10 s (6.4 KiB/s): slow, but alive.
+        let mut m = DrainMeter::default();
+        for i in 0..10 {
+            assert!(m.sent(64 * 1024, t0 + DRAIN_WINDOW / 3 * i).is_ok());
+        }
+
+        // Gaps with nothing to send start a new window.
+        let mut m = DrainMeter::default();
+        assert!(m.sent(10, t0).is_ok());
+        m.idle();
+        assert!(m.sent(10, t0 + DRAIN_WINDOW * 2).is_ok());
     }
 }

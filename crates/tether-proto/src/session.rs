@@ -28,6 +28,18 @@ pub struct Config {
     /// Largest receive window auto-tuning may grow a stream to. Bounds the
     /// memory one stream can make the receiver hold.
     pub max_window: u32,
+    /// Auto-tuning grows no stream's window while the session's receive
+    /// windows add up to this much: what all of one peer's streams can make
+    /// us hold at once, however many streams it opens.
+    pub max_session_window: u64,
+    /// Most bytes one stream may have accepted from its application and not
+    /// yet framed, whatever credit the peer granted. Credit beyond it goes
+    /// unused: a peer that announces a huge window and stops reading makes
+    /// us hold this much, not its window.
+    pub max_stream_send_buffer: usize,
+    /// Most bytes all streams of the session together may have queued and
+    /// not yet framed (the same guard, across a peer's many streams).
+    pub max_session_send_buffer: usize,
     /// Largest DATA payload we accept from the peer.
     pub max_frame_payload: u32,
     /// Largest DATA payload we send (also capped by the peer's limit). Small
@@ -58,6 +70,9 @@ impl Default for Config {
         Config {
             initial_window: 256 * 1024,
             max_window: 8 * 1024 * 1024,
+            max_session_window: 16 * 1024 * 1024,
+            max_stream_send_buffer: 256 * 1024,
+            max_session_send_buffer: 2 * 1024 * 1024,
             max_frame_payload: 64 * 1024,
             max_send_chunk: 32 * 1024,
             ping_interval: Duration::from_secs(10),
@@ -305,6 +320,11 @@ pub struct Session {
     drain_deadline: Option<Instant>,
     /// The catalog to announce once the session speaks version 3.
     catalog: Option<Vec<CatalogEntry>>,
+    /// Bytes queued on all streams and not yet framed.
+    queued_total: usize,
+    /// Some writer was refused because the session's send buffer was full;
+    /// wake the blocked streams when it has drained to half.
+    session_send_blocked: bool,
 }
 
 impl Session {
@@ -335,6 +355,8 @@ impl Session {
             goaway_received: false,
             drain_deadline: None,
             catalog: None,
+            queued_total: 0,
+            session_send_blocked: false,
             config,
         };
         if role == Role::Initiator {
@@ -393,8 +415,8 @@ impl Session {
             if s.write_blocked {
                 st.blocked += 1;
             }
-            st.queued_bytes += s.queued_bytes();
         }
+        st.queued_bytes = self.queued_total;
         st
     }
 
@@ -573,10 +595,7 @@ impl Session {
                 }
                 s.send_credit = new_credit;
                 s.last_activity = now;
-                if s.write_blocked {
-                    s.write_blocked = false;
-                    self.events.push_back(Event::Writable { id });
-                }
+                self.wake_if_writable(id);
                 Ok(())
             }
         }
@@ -843,40 +862,104 @@ impl Session {
         }
     }
 
-    /// Bytes the stream may send right now.
+    /// Bytes the stream may send right now: the peer's credit, capped by
+    /// the local send buffers (per stream and per session).
     pub fn send_capacity(&self, id: StreamId) -> usize {
         self.streams
             .get(&id)
             .filter(|s| s.phase == Phase::Open && !s.fin_queued)
-            .map_or(0, |s| s.send_credit.min(usize::MAX as u64) as usize)
+            .map_or(0, |s| self.room_for(s))
     }
 
-    /// Queues as much of `data` as the stream's credit allows and returns how
-    /// many bytes were taken. When fewer than all were taken, an
-    /// [`Event::Writable`] follows once the peer grants more credit.
+    /// What `s` may queue now: the least of its credit, its own send buffer
+    /// and the session's send buffer.
+    fn room_for(&self, s: &Stream) -> usize {
+        let credit = s.send_credit.min(usize::MAX as u64) as usize;
+        let own = self.config.max_stream_send_buffer.saturating_sub(s.queued);
+        let session = self
+            .config
+            .max_session_send_buffer
+            .saturating_sub(self.queued_total);
+        credit.min(own).min(session)
+    }
+
+    /// Queues as much of `data` as the stream's credit and the local send
+    /// buffers allow, and returns how many bytes were taken. When fewer than
+    /// all were taken, an [`Event::Writable`] follows once there is room
+    /// again (the peer granted credit, or queued data went out).
     pub fn stream_write(&mut self, id: StreamId, mut data: Bytes) -> Result<usize, WriteError> {
-        let s = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream)?;
+        let s = self.streams.get(&id).ok_or(WriteError::UnknownStream)?;
         if s.phase != Phase::Open {
             return Err(WriteError::NotOpen);
         }
         if s.fin_queued {
             return Err(WriteError::Finished);
         }
-        let take = (data.len() as u64).min(s.send_credit) as usize;
+        let room = self.room_for(s);
+        // The session's buffer, not this stream's credit or queue, is what
+        // refused the rest: remember to wake this writer when it drains.
+        let session_limited = self
+            .config
+            .max_session_send_buffer
+            .saturating_sub(self.queued_total)
+            == room;
+        let take = data.len().min(room);
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Err(WriteError::UnknownStream);
+        };
         if take < data.len() {
             s.write_blocked = true;
+            self.session_send_blocked |= session_limited;
         }
         if take == 0 {
             return Ok(0);
         }
         let chunk = data.split_to(take);
         s.send_credit -= take as u64;
+        s.queued += take;
         s.send_queue.push_back(chunk);
+        self.queued_total += take;
         if !s.in_ready {
             s.in_ready = true;
             self.ready.push_back(id);
         }
         Ok(take)
+    }
+
+    /// Tells a blocked writer that its stream has room again. Waits until
+    /// its own queue has drained to half, so that writers are woken per
+    /// batch, not per frame.
+    fn wake_if_writable(&mut self, id: StreamId) {
+        let half = self.config.max_stream_send_buffer / 2;
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        if s.write_blocked && s.queued <= half && self.room_for(s) > 0 {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.write_blocked = false;
+            }
+            self.events.push_back(Event::Writable { id });
+        }
+    }
+
+    /// Once the session's send buffer has drained to half, wakes every
+    /// writer that was refused for lack of room in it.
+    fn wake_session_blocked(&mut self) {
+        if !self.session_send_blocked || self.queued_total > self.config.max_session_send_buffer / 2
+        {
+            return;
+        }
+        self.session_send_blocked = false;
+        let mut ids: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.write_blocked)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort();
+        for id in ids {
+            self.wake_if_writable(id);
+        }
     }
 
     /// Half-closes the sending direction: a FIN follows the queued data.
@@ -930,6 +1013,17 @@ impl Session {
     pub fn stream_consumed(&mut self, id: StreamId, n: usize, now: Instant) {
         let rtt = self.rtt;
         let max_window = self.config.max_window.max(self.config.initial_window);
+        // Only summed when the stream may grow (rare: a few times per stream).
+        let windows_total = if self.streams.get(&id).is_some_and(|s| {
+            s.recv_window < max_window && s.recv_unacked + n as u64 >= u64::from(s.recv_window / 4)
+        }) {
+            self.streams
+                .values()
+                .map(|s| u64::from(s.recv_window))
+                .sum()
+        } else {
+            0
+        };
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -943,8 +1037,10 @@ impl Session {
         }
         let mut extra = 0u32;
         if let (Some(rtt), Some(last)) = (rtt, s.last_update_at) {
+            let budget_left = self.config.max_session_window.saturating_sub(windows_total);
             if now.saturating_duration_since(last) < rtt * 2 && s.recv_window < max_window {
-                let grown = s.recv_window.saturating_mul(2).min(max_window);
+                let grown = u64::from(s.recv_window.saturating_mul(2).min(max_window))
+                    .min(u64::from(s.recv_window) + budget_left) as u32;
                 extra = grown - s.recv_window;
                 s.recv_window = grown;
             }
@@ -955,6 +1051,15 @@ impl Session {
         s.recv_remaining += u64::from(inc);
         self.control
             .push_back(Frame::WindowUpdate { id, increment: inc });
+    }
+
+    /// Bytes of this stream received and not yet reported consumed with
+    /// [`Session::stream_consumed`] (0 for unknown streams).
+    pub fn stream_unread(&self, id: StreamId) -> usize {
+        self.streams.get(&id).map_or(0, |s| {
+            let granted_unused = s.recv_remaining + s.recv_unacked;
+            u64::from(s.recv_window).saturating_sub(granted_unused) as usize
+        })
     }
 
     /// The latest round-trip time measured with PING / PONG.
@@ -1056,6 +1161,8 @@ impl Session {
                 if front.is_empty() {
                     s.send_queue.pop_front();
                 }
+                s.queued -= n;
+                self.queued_total -= n;
                 if let Some(now) = now {
                     s.last_activity = now;
                 }
@@ -1071,7 +1178,9 @@ impl Session {
             } else {
                 self.ready.push_back(id);
             }
+            self.wake_if_writable(id);
         }
+        self.wake_session_blocked();
         out.len() > start
     }
 
@@ -1193,7 +1302,9 @@ impl Session {
     }
 
     fn remove_stream(&mut self, id: StreamId) {
-        if self.streams.remove(&id).is_some() {
+        if let Some(s) = self.streams.remove(&id) {
+            self.queued_total -= s.queued;
+            self.wake_session_blocked();
             if self.peer_parity(id) {
                 self.peer_streams -= 1;
             }
@@ -1246,6 +1357,7 @@ impl Session {
             }
         }
         self.peer_streams = 0;
+        self.queued_total = 0;
         self.ready.clear();
         self.state = State::Closed;
         self.handshake_deadline = None;

@@ -27,6 +27,8 @@ pub(crate) struct Stream {
     pub send_credit: u64,
     /// Data accepted from the application, not yet framed.
     pub send_queue: VecDeque<Bytes>,
+    /// Bytes in `send_queue` (bounded by the local send buffer).
+    pub queued: usize,
     /// The application finished its side; a FIN follows the queued data.
     pub fin_queued: bool,
     /// The FIN went out.
@@ -59,6 +61,7 @@ impl Stream {
             open_deadline: None,
             send_credit: u64::from(send_credit),
             send_queue: VecDeque::new(),
+            queued: 0,
             fin_queued: false,
             fin_sent: false,
             in_ready: false,
@@ -80,10 +83,5 @@ impl Stream {
     /// One direction is finished but not the other.
     pub fn is_half_closed(&self) -> bool {
         self.fin_queued || self.fin_received
-    }
-
-    /// Bytes queued but not yet framed.
-    pub fn queued_bytes(&self) -> usize {
-        self.send_queue.iter().map(Bytes::len).sum()
     }
 }

@@ -206,6 +206,8 @@ fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
     let cfg = Config {
         initial_window: 64 * 1024,
         max_window: 1024 * 1024,
+        // Lets send_capacity show the whole credit.
+        max_stream_send_buffer: 4 << 20,
         ..Config::default()
     };
     let mut p = Pair::with_rtt(cfg.clone(), cfg, Duration::from_millis(10));
@@ -237,6 +239,128 @@ fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
         p.a.send_capacity(slow) <= 64 * 1024,
         "slow stream keeps its window"
     );
+}
+
+/// An open stream from `a` to `b`, with `b` announcing `b_window`.
+fn pair_with_stream(a_cfg: Config, b_window: u32) -> (Pair, StreamId) {
+    let b_cfg = Config {
+        initial_window: b_window,
+        ..Config::default()
+    };
+    let mut p = Pair::new(a_cfg, b_cfg);
+    let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
+    p.pump(usize::MAX);
+    p.b.accept(id, p.now).unwrap();
+    p.pump(usize::MAX);
+    (p, id)
+}
+
+/// Frames one transport message of `a` (as the writer would) and drops it,
+/// as if the peer read it; returns its length.
+fn drain_one(p: &mut Pair, len: usize) -> usize {
+    let mut out = BytesMut::new();
+    p.a.poll_transmit(&mut out, len);
+    while let Some(e) = p.a.poll_event() {
+        p.a_events.push(e);
+    }
+    out.len()
+}
+
+#[test]
+fn a_huge_peer_window_does_not_make_a_huge_send_buffer() {
+    let cfg = Config::default();
+    let (mut p, id) = pair_with_stream(cfg.clone(), (1 << 31) - 1);
+    // The peer grants 2 GiB of credit; we queue only our own buffer's worth.
+    let taken =
+        p.a.stream_write(id, Bytes::from(vec![1u8; 8 << 20]))
+            .unwrap();
+    assert_eq!(taken, cfg.max_stream_send_buffer);
+    assert_eq!(p.a.send_capacity(id), 0);
+    assert_eq!(p.a.stats().queued_bytes, cfg.max_stream_send_buffer);
+    assert_eq!(p.a.stream_write(id, Bytes::from_static(b"x")).unwrap(), 0);
+    // The writer takes messages: nobody is woken while the queue is over
+    // half full, and the writer is told it may go on once it is not.
+    let half = cfg.max_stream_send_buffer / 2;
+    while p.a.stats().queued_bytes > half {
+        assert!(!p.a_events.contains(&Event::Writable { id }));
+        drain_one(&mut p, 64 * 1024);
+    }
+    assert!(p.a_events.contains(&Event::Writable { id }));
+    assert!(p.a.send_capacity(id) >= half);
+}
+
+#[test]
+fn the_session_send_buffer_bounds_many_streams_and_wakes_them_all() {
+    let cfg = Config {
+        max_stream_send_buffer: 256 * 1024,
+        max_session_send_buffer: 1024 * 1024,
+        ..Config::default()
+    };
+    let b_cfg = Config {
+        initial_window: (1 << 31) - 1,
+        ..Config::default()
+    };
+    let mut p = Pair::new(cfg.clone(), b_cfg);
+    let mut ids = vec![];
+    for _ in 0..8 {
+        let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
+        p.pump(usize::MAX);
+        p.b.accept(id, p.now).unwrap();
+        p.pump(usize::MAX);
+        ids.push(id);
+    }
+    let mut total = 0;
+    for id in &ids {
+        total +=
+            p.a.stream_write(*id, Bytes::from(vec![2u8; 1 << 20]))
+                .unwrap();
+    }
+    assert_eq!(total, cfg.max_session_send_buffer, "session bound holds");
+    assert!(ids.iter().all(|id| p.a.send_capacity(*id) == 0));
+    // Drain until the session is at half: the writers that got nothing in
+    // are woken then (the others when their own queue has drained).
+    while p.a.stats().queued_bytes > cfg.max_session_send_buffer / 2 {
+        assert!(!p.a_events.contains(&Event::Writable { id: ids[7] }));
+        drain_one(&mut p, 64 * 1024);
+    }
+    let starved: Vec<_> = ids[4..].to_vec();
+    for id in &starved {
+        assert!(
+            p.a_events.contains(&Event::Writable { id: *id }),
+            "stream {id:?} not woken"
+        );
+    }
+    // No byte lost: what was queued comes out in full, and everyone is woken.
+    while drain_one(&mut p, 64 * 1024) > 0 {}
+    for id in &ids {
+        assert!(p.a_events.contains(&Event::Writable { id: *id }));
+    }
+    assert_eq!(p.a.stats().queued_bytes, 0);
+}
+
+#[test]
+fn window_growth_stops_at_the_session_budget() {
+    let cfg = Config {
+        initial_window: 64 * 1024,
+        max_window: 1024 * 1024,
+        max_session_window: 256 * 1024,
+        max_stream_send_buffer: 4 << 20,
+        ..Config::default()
+    };
+    let mut p = Pair::with_rtt(cfg.clone(), cfg, Duration::from_millis(10));
+    let id = p.a.open(Target::tcp("a/fast"), p.now).unwrap();
+    p.pump(usize::MAX);
+    p.b.accept(id, p.now).unwrap();
+    p.pump(usize::MAX);
+    for _ in 0..40 {
+        let cap = p.a.send_capacity(id);
+        p.a.stream_write(id, Bytes::from(vec![0u8; cap])).unwrap();
+        p.pump(usize::MAX);
+        p.b.stream_consumed(id, cap, p.now);
+        p.pump(usize::MAX);
+    }
+    // It doubled while the session's windows summed under the budget, then stopped.
+    assert_eq!(p.a.send_capacity(id), 256 * 1024);
 }
 
 #[test]

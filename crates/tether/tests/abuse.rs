@@ -511,3 +511,209 @@ async fn slowloris_garbage_and_a_reader_that_never_reads_leave_good_traffic_alon
     assert_eq!(t.server_metric("tether_agents"), Some(1.0));
     drop(stuck);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A HELLO granting the largest window the protocol allows (2^31 - 1).
+fn greedy_hello() -> Frame {
+    Frame::Hello(Hello {
+        min_version: 1,
+        max_version: 3,
+        capabilities: 0,
+        initial_window: (1 << 31) - 1,
+        max_frame_payload: 64 * 1024,
+        software: "greedy-window".into(),
+    })
+}
+
+/// Reads the WebSocket at about `bytes_per_sec` (0: never reads) until
+/// `stop` passes.
+async fn read_slowly(ws: &mut Ws, bytes_per_sec: usize, stop: tokio::time::Instant) {
+    if bytes_per_sec == 0 {
+        tokio::time::sleep_until(stop).await;
+        return;
+    }
+    let mut budget = 0usize;
+    while tokio::time::Instant::now() < stop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        budget += bytes_per_sec / 10;
+        while budget > 0 {
+            match tokio::time::timeout(Duration::from_millis(10), ws.next()).await {
+                Ok(Some(Ok(m))) => budget = budget.saturating_sub(m.len()),
+                _ => break,
+            }
+        }
+    }
+}
+
+/// A client that grants a 2 GiB window on streams from an endless source,
+/// then reads nothing (or a 300 KB/s trickle): the server holds what its own
+/// send buffers allow, not what the client's window allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_window_client_cannot_make_the_server_buffer_its_window() {
+    let source = source_service(u64::MAX).await;
+    let t = Tunnel::start(&[("source", source)], &[]);
+    let before = rss_kib(t.server.pid());
+    let mut sessions = vec![];
+    for rate in [0usize, 300 * 1024] {
+        let mut ws = raw_session(&t).await;
+        ws.send(Message::Binary(encode(&[greedy_hello()])))
+            .await
+            .unwrap();
+        assert!(next_frame(&mut ws, |f| matches!(f, Frame::HelloAck(_)))
+            .await
+            .is_some());
+        let opens: Vec<Frame> = (0..4)
+            .map(|i| Frame::Open {
+                id: StreamId(1 + 2 * i),
+                target: Target::tcp("prod/source"),
+            })
+            .collect();
+        ws.send(Message::Binary(encode(&opens))).await.unwrap();
+        sessions.push((ws, rate));
+    }
+    let stop = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut peak = 0;
+    let readers = sessions
+        .iter_mut()
+        .map(|(ws, rate)| read_slowly(ws, *rate, stop));
+    let watch = async {
+        while tokio::time::Instant::now() < stop {
+            peak = peak.max(rss_kib(t.server.pid()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::join!(futures_util::future::join_all(readers), watch);
+    let grown = peak.saturating_sub(before);
+    eprintln!("server RSS grew by {grown} KiB");
+    // 8 streams: each holds at most its send buffer (256 KiB) plus what the
+    // agent's window lets in (the session's windows stay within 32 MiB).
+    assert!(grown < 48 * 1024, "server RSS grew by {grown} KiB");
+    assert_eq!(t.server_metric("tether_agents"), Some(1.0));
+}
+
+/// The same from the other side: a hostile agent grants a 2 GiB window and
+/// never reads, while a client uploads without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_window_agent_cannot_make_the_server_buffer_its_window() {
+    let port = free_port();
+    let server = Proc::spawn(
+        "server",
+        &[
+            "server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--agent".into(),
+            format!("evil={AGENT_TOKEN}"),
+            "--client".into(),
+            format!("dev={CLIENT_TOKEN}=evil/*"),
+        ],
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    }));
+    let mut req = format!("ws://127.0.0.1:{port}/tether/v1/agent")
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+    h.insert("x-tether-agent", "evil".parse().unwrap());
+    h.insert(
+        "authorization",
+        format!("Bearer {AGENT_TOKEN}").parse().unwrap(),
+    );
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut agent, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    agent
+        .send(Message::Binary(encode(&[greedy_hello()])))
+        .await
+        .unwrap();
+    assert!(next_frame(&mut agent, |f| matches!(f, Frame::HelloAck(_)))
+        .await
+        .is_some());
+
+    let local = free_port();
+    let _client = forward_client(
+        &format!("ws://127.0.0.1:{port}"),
+        CLIENT_TOKEN,
+        &[(local, "evil/sink")],
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+    }));
+    let before = rss_kib(server.pid());
+    // Four uploads; the agent accepts each stream, then stops reading.
+    let mut uploads = vec![];
+    for _ in 0..4 {
+        let mut s = connect(local).await;
+        uploads.push(tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+            while tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout_at(deadline, s.write_all(&chunk)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+        }));
+        let Some(Frame::Open { id, .. }) =
+            next_frame(&mut agent, |f| matches!(f, Frame::Open { .. })).await
+        else {
+            panic!("no OPEN reached the agent");
+        };
+        agent
+            .send(Message::Binary(encode(&[Frame::OpenOk { id }])))
+            .await
+            .unwrap();
+    }
+    let mut peak = 0;
+    let stop = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < stop {
+        peak = peak.max(rss_kib(server.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("server RSS grew by {grown} KiB");
+    assert!(grown < 48 * 1024, "server RSS grew by {grown} KiB");
+    for u in uploads {
+        u.abort();
+    }
+    drop(agent);
+}
+
+/// Raw WebSockets that never read hold a bounded amount each (issue: 4-5 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_websockets_that_never_read_hold_a_bounded_amount() {
+    let source = source_service(u64::MAX).await;
+    let t = Tunnel::start(&[("source", source)], &[]);
+    let before = rss_kib(t.server.pid());
+    let mut held = vec![];
+    for _ in 0..16 {
+        let url = format!("{}/tether/v1/ws/prod/source?token={CLIENT_TOKEN}", t.url());
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        held.push(ws);
+    }
+    let mut peak = 0;
+    let stop = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < stop {
+        peak = peak.max(rss_kib(t.server.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("server RSS grew by {grown} KiB");
+    // Bounded by the agent session's window budget (16 MiB), whatever the count.
+    assert!(
+        grown < 28 * 1024,
+        "server RSS grew by {grown} KiB for 16 streams"
+    );
+    assert_eq!(t.server_metric("tether_live_streams"), Some(16.0));
+}
