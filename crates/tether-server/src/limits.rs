@@ -32,8 +32,14 @@ pub const LOGIN_BURST: f64 = 20.0;
 pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
 /// Default cap on open TCP connections to the public port.
 pub const MAX_CONNECTIONS: usize = 20_000;
-/// Rate buckets kept before idle full ones are dropped.
-const MAX_BUCKETS: usize = 10_000;
+/// Most rate buckets kept per kind (stream opens, HTTP requests, logins).
+/// At the cap, buckets that have refilled are dropped first (they lose
+/// nothing); if none has, the fullest goes, so the map never grows past it
+/// and a throttled key (an empty bucket) is the last to be forgotten.
+pub const MAX_BUCKETS: usize = 10_000;
+/// Login attempts from IPv6 are counted per /64: one host usually holds a
+/// whole /64, and counting per address would give it 2^64 budgets.
+const LOGIN_V6_PREFIX: u8 = 64;
 
 /// `[limits]` in the server config.
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +128,75 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    /// Tokens the bucket would hold at `now` (refilled at `rate`, at most `burst`).
+    fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + elapsed * rate).min(burst.max(1.0))
+    }
+}
+
+/// What a rate bucket counts. Each kind has its own map, rate and cap, so
+/// that making room for one kind never applies its rate to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    /// Stream opens per identity.
+    Opens,
+    /// HTTP proxy requests per identity.
+    Requests,
+    /// Login attempts per source address.
+    Logins,
+}
+
+/// One kind's buckets, by key.
+#[derive(Default)]
+struct Buckets {
+    opens: HashMap<String, Bucket>,
+    requests: HashMap<String, Bucket>,
+    logins: HashMap<String, Bucket>,
+}
+
+impl Buckets {
+    fn of(&mut self, kind: Kind) -> &mut HashMap<String, Bucket> {
+        match kind {
+            Kind::Opens => &mut self.opens,
+            Kind::Requests => &mut self.requests,
+            Kind::Logins => &mut self.logins,
+        }
+    }
+}
+
+/// Makes room for one more key in a full map: drops every bucket that has
+/// refilled at this kind's own rate, and if none has, the fullest one.
+fn make_room(m: &mut HashMap<String, Bucket>, now: Instant, rate: f64, burst: f64) {
+    let full = burst.max(1.0);
+    m.retain(|_, b| b.level(now, rate, burst) < full);
+    if m.len() < MAX_BUCKETS {
+        return;
+    }
+    let fullest = m
+        .iter()
+        .max_by(|a, b| {
+            a.1.level(now, rate, burst)
+                .total_cmp(&b.1.level(now, rate, burst))
+        })
+        .map(|(k, _)| k.clone());
+    if let Some(k) = fullest {
+        m.remove(&k);
+    }
+}
+
+/// The key a login attempt from `ip` is counted under: the address, or its
+/// /64 for IPv6 (IPv4-mapped addresses count as IPv4).
+fn login_key(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, LOGIN_V6_PREFIX)
+            .map(|n| n.trunc().to_string())
+            .unwrap_or_else(|_| v6.to_string()),
+        v4 => v4.to_string(),
+    }
+}
+
 #[derive(Default)]
 struct Counts {
     total: usize,
@@ -132,7 +207,7 @@ struct Counts {
 /// Live limit state.
 pub struct Limits {
     cfg: Mutex<LimitsConfig>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
     counts: Arc<Mutex<Counts>>,
 }
 
@@ -210,7 +285,8 @@ impl Limits {
     pub fn request(&self, who: &str) -> Result<(), LimitHit> {
         let cfg = self.cfg();
         self.take(
-            &format!("http:{who}"),
+            Kind::Requests,
+            who,
             Instant::now(),
             cfg.requests_per_sec,
             cfg.request_burst,
@@ -221,10 +297,17 @@ impl Limits {
 
     /// One browser login attempt from `ip` (a slow brute force is still
     /// hopeless against 256-bit tokens; this keeps the log and the CPU quiet).
+    /// The caller charges only real attempts (a token was submitted and the
+    /// CSRF checks passed), so nobody can lock out an address for free.
     pub fn login(&self, ip: std::net::IpAddr) -> Result<(), LimitHit> {
+        self.login_at(ip, Instant::now())
+    }
+
+    fn login_at(&self, ip: std::net::IpAddr, now: Instant) -> Result<(), LimitHit> {
         self.take(
-            &format!("login:{ip}"),
-            Instant::now(),
+            Kind::Logins,
+            &login_key(ip),
+            now,
             LOGINS_PER_SEC,
             LOGIN_BURST,
             "logins_per_source",
@@ -235,6 +318,7 @@ impl Limits {
     fn open_at(&self, who: &str, now: Instant) -> Result<(), LimitHit> {
         let cfg = self.cfg();
         self.take(
+            Kind::Opens,
             who,
             now,
             cfg.opens_per_sec,
@@ -244,8 +328,10 @@ impl Limits {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &self,
+        kind: Kind,
         who: &str,
         now: Instant,
         rate: f64,
@@ -253,17 +339,16 @@ impl Limits {
         limit: &'static str,
         what: &str,
     ) -> Result<(), LimitHit> {
-        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let b = all.of(kind);
         if b.len() >= MAX_BUCKETS && !b.contains_key(who) {
-            // Forget identities whose bucket has refilled: they lose nothing.
-            b.retain(|_, v| v.tokens + now.duration_since(v.at).as_secs_f64() * rate < burst);
+            make_room(b, now, rate, burst);
         }
         let e = b.entry(who.to_owned()).or_insert(Bucket {
             tokens: burst,
             at: now,
         });
-        let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
-        e.tokens = (e.tokens + elapsed * rate).min(burst.max(1.0));
+        e.tokens = e.level(now, rate, burst);
         e.at = now;
         if e.tokens < 1.0 {
             return Err(LimitHit {
@@ -361,6 +446,74 @@ mod tests {
         }
         assert_eq!(l.login(a).unwrap_err().limit, "logins_per_source");
         assert!(l.login(b).is_ok());
+    }
+
+    #[test]
+    fn ipv6_logins_count_per_64() {
+        let l = Limits::new(LimitsConfig::default());
+        let t0 = Instant::now();
+        for i in 0..LOGIN_BURST as u16 {
+            let ip = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            l.login_at(ip, t0).unwrap();
+        }
+        // Another address of the same /64 shares the budget...
+        let same: std::net::IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert!(l.login_at(same, t0).is_err());
+        // ...another /64 does not, and IPv4-mapped addresses count as IPv4.
+        let other: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.login_at(other, t0).is_ok());
+        assert_eq!(login_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
+    }
+
+    #[test]
+    fn bucket_maps_are_hard_capped() {
+        let l = Limits::new(LimitsConfig::default());
+        let t0 = Instant::now();
+        // Keys that keep a drained bucket (nothing refills at t0) cannot
+        // grow the map past its cap.
+        for i in 0..MAX_BUCKETS + 50 {
+            l.open_at(&format!("who{i}"), t0).unwrap();
+        }
+        let n = l.buckets.lock().unwrap().opens.len();
+        assert!(n <= MAX_BUCKETS, "{n} buckets");
+        // A throttled key (empty bucket) is never the one evicted.
+        let l = Limits::new(LimitsConfig {
+            opens_per_sec: 1.0,
+            open_burst: 2.0,
+            ..Default::default()
+        });
+        l.open_at("flood", t0).unwrap();
+        l.open_at("flood", t0).unwrap();
+        assert!(l.open_at("flood", t0).is_err());
+        for i in 0..MAX_BUCKETS + 50 {
+            l.open_at(&format!("who{i}"), t0).unwrap();
+        }
+        assert!(
+            l.open_at("flood", t0).is_err(),
+            "the flooder got a new bucket"
+        );
+    }
+
+    #[test]
+    fn making_room_uses_each_kinds_own_rate() {
+        // A source that used up its login budget stays refused even when
+        // stream opens (1000/s) fill their map: their rate must not make the
+        // login bucket look refilled.
+        let l = Limits::new(LimitsConfig::default());
+        let t0 = Instant::now();
+        let ip: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        for _ in 0..LOGIN_BURST as usize {
+            l.login_at(ip, t0).unwrap();
+        }
+        assert!(l.login_at(ip, t0).is_err());
+        let later = t0 + Duration::from_millis(100);
+        for i in 0..MAX_BUCKETS + 1 {
+            l.open_at(&format!("who{i}"), later).unwrap();
+        }
+        assert_eq!(
+            l.login_at(ip, later).unwrap_err().limit,
+            "logins_per_source"
+        );
     }
 
     #[test]

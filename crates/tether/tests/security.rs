@@ -437,6 +437,106 @@ protocols = ["tcp"]
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An HS256 JWT with a header of our choosing (the `Header` type has no
+/// `crit`).
+fn jwt_with_header(header: serde_json::Value, claims: serde_json::Value, secret: &[u8]) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &EncodingKey::from_secret(secret),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{input}.{sig}")
+}
+
+#[test]
+fn jwt_refusals_tell_the_log_not_the_caller() {
+    let dir = tmpdir("jwtwhy");
+    std::fs::write(dir.join("hs.secret"), HS_SECRET).unwrap();
+    let s = Setup::start(
+        "jwtwhy",
+        &format!(
+            r#"
+[[agent]]
+name = "prod"
+token_sha256 = "{agent_hash}"
+[jwt]
+issuer = "https://idp.test"
+audience = "tether"
+secret_file = "{d}/hs.secret"
+leeway_secs = 0
+[[rule]]
+who = ["bob"]
+allow = ["prod/*"]
+"#,
+            agent_hash = sha256_hex(AGENT_TOKEN),
+            d = dir.display()
+        ),
+    );
+    let hs = EncodingKey::from_secret(HS_SECRET.as_bytes());
+    let web = s.url("/a/prod/web/headers");
+    let raw = s.url("/tether/v1/ws/prod/web");
+    let good = jwt(
+        Algorithm::HS256,
+        &hs,
+        None,
+        claims("bob", &[], "tether", 300),
+    );
+    assert_eq!(curl_status(&web, &good).0, 200);
+
+    // Expired: the caller hears "invalid client token", the log says why.
+    let expired = jwt(
+        Algorithm::HS256,
+        &hs,
+        None,
+        claims("bob", &[], "tether", -120),
+    );
+    for url in [&web, &raw] {
+        let (code, body) = curl_status(url, &expired);
+        assert_eq!(code, 401, "{url}: {body}");
+        assert!(body.contains("invalid client token"), "{url}: {body}");
+        for detail in ["xpired", "JWT", "Signature", "exp"] {
+            assert!(!body.contains(detail), "{url}: {detail} in {body:?}");
+        }
+    }
+    assert!(
+        s.server
+            .wait_log("JWT refused: expired", Duration::from_secs(5)),
+        "{}",
+        s.server.log_text()
+    );
+
+    // A `crit` header names extensions we do not implement: refused, even
+    // with a good signature and claims.
+    let crit = jwt_with_header(
+        serde_json::json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"], "exp": 1}),
+        claims("bob", &[], "tether", 300),
+        HS_SECRET.as_bytes(),
+    );
+    let plain = jwt_with_header(
+        serde_json::json!({"alg": "HS256", "typ": "JWT"}),
+        claims("bob", &[], "tether", 300),
+        HS_SECRET.as_bytes(),
+    );
+    assert_eq!(
+        curl_status(&web, &plain).0,
+        200,
+        "the hand-made JWT is valid"
+    );
+    for url in [&web, &raw] {
+        let (code, body) = curl_status(url, &crit);
+        assert_eq!(code, 401, "{url}: {body}");
+        assert!(!body.contains("crit"), "{url}: {body}");
+    }
+    assert!(s.server.log_text().contains("crit parameter"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
     for _ in 0..100 {
         if let Some(v) = f() {

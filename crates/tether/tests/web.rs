@@ -45,15 +45,87 @@ fn path_and_host_routing_forward_headers_and_rewrite_redirects() {
     let h = headers_seen(&out);
     assert_eq!(h["x-forwarded-prefix"], "/a/prod/web");
     assert_eq!(h["x-forwarded-proto"], "https");
-    assert_eq!(h["x-forwarded-host"], format!("127.0.0.1:{}", w.port));
-    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
-    assert_eq!(h["host"], format!("127.0.0.1:{}", w.port));
+    // Path routing names the server by its base domain (with the port the
+    // browser used), not by whatever Host the client sent.
+    assert_eq!(h["x-forwarded-host"], format!("{BASE}:{}", w.port));
+    assert_eq!(h["host"], format!("{BASE}:{}", w.port));
+    // No proxy is trusted: what the client wrote in X-Forwarded-For is
+    // dropped, and the service gets the address the server saw.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(
         h["cookie"], "app=1; other=2",
         "tether's cookie must not reach the service"
     );
     for hop in ["x-hop", "keep-alive", "authorization", "te"] {
         assert!(!h.contains_key(hop), "{hop} was forwarded: {h:?}");
+    }
+
+    // A made-up Host and forwarding headers never reach the service.
+    let out = w.get(
+        &w.url("/a/prod/web/headers"),
+        &[
+            "-H",
+            "Host: evil.example",
+            "-H",
+            "X-Forwarded-Host: evil.example",
+            "-H",
+            "X-Forwarded-Proto: http",
+            "-H",
+            "X-Forwarded-Prefix: /evil",
+            "-H",
+            "Forwarded: for=198.51.100.66;host=evil.example;proto=http",
+            "-H",
+            "X-Real-IP: 198.51.100.66",
+            "-H",
+            "X-Forwarded-Port: 1",
+            "-H",
+            "X-Forwarded-Server: evil.example",
+            "-H",
+            "X-Original-URL: /admin",
+            "-H",
+            "X-Rewrite-URL: /admin",
+            "-H",
+            "X-Client-IP: 198.51.100.66",
+            "-H",
+            "True-Client-IP: 198.51.100.66",
+            "-H",
+            "X-Original-Host: evil.example",
+            "-H",
+            "X-Host: evil.example",
+            "-H",
+            "X-Forwarded-Scheme: http",
+            "-H",
+            "X-Scheme: http",
+            "-H",
+            "CF-Connecting-IP: 198.51.100.66",
+            "-H",
+            "X-Forwarded-User: admin",
+        ],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    let h = headers_seen(&out);
+    assert_eq!(h["host"], BASE, "{h:?}");
+    assert_eq!(h["x-forwarded-host"], BASE);
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-prefix"], "/a/prod/web");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    for gone in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-server",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-client-ip",
+        "true-client-ip",
+        "x-original-host",
+        "x-host",
+        "x-forwarded-scheme",
+        "x-scheme",
+        "cf-connecting-ip",
+        "x-forwarded-user",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
     }
 
     // `/a/prod/web` (no slash) redirects to the slash form, keeping the query.
@@ -156,6 +228,11 @@ fn every_failure_has_a_clear_status_and_reason() {
     let out = w.curl(&[&w.url("/a/prod/web/")]);
     assert_eq!(out.status, 401);
     assert_eq!(out.json()["error"], "login_required");
+    assert_eq!(
+        out.header("x-content-type-options").as_deref(),
+        Some("nosniff"),
+        "{out:?}"
+    );
     let out = w.curl(&["-H", "Authorization: Bearer wrong", &w.url("/a/prod/web/")]);
     assert_eq!(out.status, 401);
     assert_eq!(out.json()["error"], "bad_token");
@@ -241,6 +318,17 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         .expect("csrf field")
         .to_owned();
     assert!(page.header("content-security-policy").is_some());
+    // The CSRF cookie is host-only and Secure: `__Host-` keeps neighbours
+    // from planting one.
+    let csrf_cookie = page
+        .header_all("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("__Host-tether_csrf="))
+        .expect("__Host- CSRF cookie");
+    for attr in ["Path=/;", "Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(csrf_cookie.contains(attr), "{attr} missing: {csrf_cookie}");
+    }
+    assert!(!csrf_cookie.contains("Domain"), "{csrf_cookie}");
 
     // Without the CSRF value, or from another site: refused.
     let form = format!("token={CLIENT_TOKEN}&next=%2F");
@@ -257,6 +345,33 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         &format!("{base}/login"),
     ]);
     assert_eq!(out.status, 403, "{out:?}");
+    // Same host and port but plain http, or another port: another origin.
+    for origin in [
+        format!("http://{BASE}:{}", w.port),
+        format!("https://{BASE}:{}", w.port + 1),
+        format!("https://{BASE}"),
+    ] {
+        let out = w.curl(&[
+            "-b",
+            &jar_s,
+            "-H",
+            &format!("Origin: {origin}"),
+            "--data",
+            &with_csrf,
+            &format!("{base}/login"),
+        ]);
+        assert_eq!(out.status, 403, "{origin}: {out:?}");
+    }
+    // A value the server did not sign fails, even when cookie and form
+    // field agree (under either cookie name).
+    let out = w.curl(&[
+        "-H",
+        "Cookie: __Host-tether_csrf=abc; tether_csrf=abc",
+        "--data",
+        &format!("{form}&csrf=abc"),
+        &format!("{base}/login"),
+    ]);
+    assert_eq!(out.status, 403, "{out:?}");
     // A wrong token: 401 and the form again.
     let bad = format!("token=nope&csrf={csrf}&next=%2F");
     let out = w.curl(&["-b", &jar_s, "--data", &bad, &format!("{base}/login")]);
@@ -265,11 +380,14 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
 
     // The real thing; `next` pointing at another site is ignored.
     let good = format!("token={CLIENT_TOKEN}&csrf={csrf}&next=https%3A%2F%2Fevil.example%2F");
+    let origin = format!("Origin: https://{BASE}:{}", w.port);
     let out = w.curl(&[
         "-b",
         &jar_s,
         "-c",
         &jar_s,
+        "-H",
+        &origin,
         "--data",
         &good,
         &format!("{base}/login"),
@@ -300,6 +418,10 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
     assert_eq!(console.status, 200);
     assert!(console.body.contains("console.js"));
     let api = w.curl(&["-b", &jar_s, &format!("{base}/api/agents")]);
+    assert_eq!(
+        api.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
     let j = api.json();
     assert_eq!(j["identity"], "dev");
     let agents = j["agents"].as_array().unwrap();
@@ -307,6 +429,10 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
     assert_eq!(names, ["ghost", "prod"]);
     assert_eq!(agents[0]["online"], false);
     assert_eq!(agents[1]["online"], true);
+    assert!(
+        agents[1].get("address").is_none(),
+        "an agent's address is shown to clients: {j}"
+    );
     let web = agents[1]["services"]
         .as_array()
         .unwrap()
@@ -333,6 +459,26 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         !headers_seen(&out).contains_key("cookie"),
         "session cookie leaked"
     );
+    // A bearer header in any case and spacing is the credential, and never
+    // reaches the service, even beside a login cookie.
+    for auth in [
+        format!("Authorization: Bearer\t{CLIENT_TOKEN}"),
+        format!("Authorization: bEaReR \t  {CLIENT_TOKEN}"),
+    ] {
+        let out = w.curl(&[
+            "-b",
+            &jar_s,
+            "-H",
+            &auth,
+            &w.host_url(&format!("web.prod.{BASE}"), "/headers"),
+        ]);
+        assert_eq!(out.status, 200, "{auth:?}: {out:?}");
+        let h = headers_seen(&out);
+        assert!(!h.contains_key("authorization"), "{auth:?} leaked: {h:?}");
+        let out = w.curl(&["-H", &auth, &w.url("/a/prod/web/headers")]);
+        assert_eq!(out.status, 200, "{auth:?} alone: {out:?}");
+        assert!(!headers_seen(&out).contains_key("authorization"));
+    }
 
     // The limited client sees only what it may open.
     let auth = format!("Authorization: Bearer {LIMITED_TOKEN}");
@@ -361,6 +507,171 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
     assert_eq!(out.status, 303);
     let out = w.curl(&["-b", &jar_s, &format!("{base}/api/agents")]);
     assert_eq!(out.status, 401);
+}
+
+/// Fetches the login form into `jar`; returns its CSRF value.
+fn login_form_csrf(w: &Web, base: &str, jar: &str) -> String {
+    let page = w.curl(&["-c", jar, &format!("{base}/login")]);
+    assert_eq!(page.status, 200, "{page:?}");
+    page.body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("csrf field")
+        .to_owned()
+}
+
+/// Posts the login form; returns what curl saw.
+fn post_login(w: &Web, base: &str, jar: &str, body: &str, extra: &[&str]) -> CurlOut {
+    let url = format!("{base}/login");
+    let mut args = vec!["-b", jar, "-c", jar, "--data", body];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    w.curl(&args)
+}
+
+#[test]
+fn only_real_login_attempts_count_against_an_address() {
+    let w = Web::start();
+    let base = w.host_url(BASE, "");
+    let jar = w.dir.join("jar").display().to_string();
+    // Posts without a CSRF value, and posts without a token: none of them
+    // is a login attempt, so none locks the address out.
+    for _ in 0..25 {
+        let out = w.curl(&["--data", "token=&next=%2F", &format!("{base}/login")]);
+        assert_eq!(out.status, 403, "{out:?}");
+    }
+    let csrf = login_form_csrf(&w, &base, &jar);
+    for _ in 0..25 {
+        let out = post_login(&w, &base, &jar, &format!("csrf={csrf}&token="), &[]);
+        assert_eq!(out.status, 401, "{out:?}");
+    }
+    let good = format!("csrf={csrf}&token={CLIENT_TOKEN}&next=%2F");
+    let out = post_login(&w, &base, &jar, &good, &[]);
+    assert_eq!(out.status, 303, "a correct login was locked out: {out:?}");
+
+    // Wrong tokens are attempts: after the burst, 429, and no proxy is
+    // trusted, so a made-up X-Forwarded-For does not help.
+    let bad = format!("csrf={csrf}&token=wrong&next=%2F");
+    let limited = (0..60).find(|i| {
+        let xff = format!("X-Forwarded-For: 198.51.100.{i}");
+        let out = post_login(&w, &base, &jar, &bad, &["-H", &xff]);
+        assert!(out.status == 401 || out.status == 429, "{out:?}");
+        out.status == 429
+    });
+    assert!(
+        limited.is_some_and(|i| i >= 15),
+        "limited after {limited:?} attempts"
+    );
+    assert!(
+        metric(
+            &w.server_metrics(),
+            "tether_limit_hits_total{limit=\"logins_per_source\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+}
+
+#[test]
+fn trusted_proxies_name_the_client_and_public_name_the_server() {
+    let w = Web::start_with(WebOpts {
+        config:
+            "[http]\ntrusted_proxies = [\"127.0.0.0/8\"]\npublic_name = \"gw.tether.test:8443\"\n"
+                .into(),
+        ..Default::default()
+    });
+    // The client is the right-most address the proxy vouches for; what the
+    // client wrote before it is dropped.
+    let out = w.get(
+        &w.url("/a/prod/web/headers"),
+        &[
+            "-H",
+            "X-Forwarded-For: 198.51.100.66, 203.0.113.9",
+            "-H",
+            "Host: evil.example",
+            "-H",
+            "X-Forwarded-Host: evil.example",
+        ],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    let h = headers_seen(&out);
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-host"], "gw.tether.test:8443");
+    assert_eq!(h["host"], "gw.tether.test:8443");
+    // Host routing keeps the routed name, with the public name's port.
+    let out = w.get(&w.host_url(&format!("web.prod.{BASE}"), "/headers"), &[]);
+    let h = headers_seen(&out);
+    assert_eq!(h["host"], format!("web.prod.{BASE}:8443"));
+
+    // Login attempts are counted per client address behind the proxy: one
+    // client using up its budget leaves the next one alone.
+    let base = w.host_url(BASE, "");
+    let jar = w.dir.join("jar").display().to_string();
+    let csrf = login_form_csrf(&w, &base, &jar);
+    let bad = format!("csrf={csrf}&token=wrong&next=%2F");
+    let noisy = "X-Forwarded-For: 198.51.100.7";
+    let limited = (0..60).find(|_| post_login(&w, &base, &jar, &bad, &["-H", noisy]).status == 429);
+    assert!(limited.is_some(), "never limited");
+    let good = format!("csrf={csrf}&token={CLIENT_TOKEN}&next=%2F");
+    let out = post_login(&w, &base, &jar, &good, &["-H", noisy]);
+    assert_eq!(out.status, 429, "{out:?}");
+    let out = post_login(
+        &w,
+        &base,
+        &jar,
+        &good,
+        &["-H", "X-Forwarded-For: 198.51.100.8"],
+    );
+    assert_eq!(out.status, 303, "{out:?}");
+    assert!(w.server.log_text().contains("source=198.51.100.7"));
+}
+
+#[test]
+fn host_only_secure_cookies_carry_the_host_prefix() {
+    let w = Web::start_with(WebOpts {
+        no_base_domain: true,
+        ..Default::default()
+    });
+    let base = w.url("");
+    let jar = w.dir.join("jar").display().to_string();
+    let csrf = login_form_csrf(&w, &base, &jar);
+    let out = post_login(
+        &w,
+        &base,
+        &jar,
+        &format!("csrf={csrf}&token={CLIENT_TOKEN}&next=%2F"),
+        &[],
+    );
+    assert_eq!(out.status, 303, "{out:?}");
+    let cookie = out
+        .header_all("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("__Host-tether_session="))
+        .unwrap_or_else(|| panic!("no __Host- session cookie: {out:?}"));
+    for attr in ["Path=/;", "Secure", "HttpOnly", "SameSite=Lax"] {
+        assert!(cookie.contains(attr), "{attr} missing: {cookie}");
+    }
+    assert!(!cookie.contains("Domain"), "{cookie}");
+    let id = cookie
+        .split(';')
+        .next()
+        .and_then(|kv| kv.split_once('='))
+        .map(|(_, v)| v.to_owned())
+        .unwrap();
+    // The cookie the server set opens the console; the unprefixed name,
+    // which any neighbour could plant, is not accepted.
+    assert_eq!(w.curl(&["-b", &jar, &w.url("/api/agents")]).status, 200);
+    let out = w.curl(&[
+        "-H",
+        &format!("Cookie: tether_session={id}"),
+        &w.url("/api/agents"),
+    ]);
+    assert_eq!(out.status, 401, "{out:?}");
+    // Neither prefixed cookie reaches a service.
+    let out = w.curl(&["-b", &jar, &w.url("/a/prod/web/headers")]);
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(!headers_seen(&out).contains_key("cookie"), "{}", out.body);
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {

@@ -3,7 +3,8 @@
 //! `/` is a static page; its script reads `/api/events` (server-sent events,
 //! one JSON snapshot per change, checked once a second) and falls back to
 //! polling `/api/agents`. A client sees only the agents and services its
-//! allow-list reaches.
+//! allow-list reaches, and never an agent's network address (there is no
+//! administrator role that could be shown it).
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -51,8 +52,6 @@ pub struct AgentView {
     pub version: Option<String>,
     /// Connected since (Unix seconds).
     pub since: Option<u64>,
-    /// Address it connected from.
-    pub address: Option<String>,
     /// Streams open on its session.
     pub streams: u64,
     /// Bytes from the agent to the server.
@@ -88,7 +87,6 @@ pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str
             online: entry.is_some(),
             version: None,
             since: None,
-            address: None,
             streams: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -97,7 +95,6 @@ pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str
         if let Some(e) = entry {
             view.version = Some(e.software.clone());
             view.since = e.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
-            view.address = Some(e.addr.to_string());
             view.streams = e.conn.stats().live as u64;
             let c = e.conn.counters();
             view.bytes_in = c.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
@@ -167,10 +164,7 @@ pub fn agents_json(state: &State, client: &ClientIdentity, scheme: &str, port: &
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
+    super::api_headers(r.headers_mut());
     r
 }
 
@@ -229,9 +223,6 @@ pub fn events(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/event-stream"),
     );
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
+    super::api_headers(h);
     r
 }

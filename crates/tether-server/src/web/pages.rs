@@ -80,6 +80,7 @@ pub fn error_page(html: bool, status: StatusCode, code: &str, message: &str) -> 
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
         );
+        super::api_headers(r.headers_mut());
         r
     }
 }
@@ -105,6 +106,23 @@ pub fn asset(body: &'static str, content_type: &'static str) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_answers_are_never_sniffed() {
+        for html in [false, true] {
+            let r = error_page(
+                html,
+                StatusCode::UNAUTHORIZED,
+                "bad_token",
+                "invalid client token",
+            );
+            assert_eq!(
+                r.headers()[header::X_CONTENT_TYPE_OPTIONS],
+                "nosniff",
+                "html={html}"
+            );
+        }
+    }
 
     #[test]
     fn escapes_markup() {

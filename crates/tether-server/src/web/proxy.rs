@@ -7,6 +7,14 @@
 //! fifty streams. Bodies stream both ways with backpressure from the tunnel
 //! windows; nothing is buffered whole. WebSocket upgrades are passed through:
 //! after the service's `101`, the two upgraded connections are spliced.
+//!
+//! What the service learns about the request comes from the server's own
+//! view, never from what the client wrote ([`set_forwarding`]): `Host` and
+//! `X-Forwarded-Host` name the server (its public name, base domain or the
+//! routed service name), `X-Forwarded-For` holds the client address the
+//! server saw (or that trusted proxies vouch for), and every other
+//! forwarding header the client sent (`Forwarded`, `X-Real-IP`,
+//! `X-Forwarded-Port`, `X-Original-URL`, ...) is removed.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -17,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -25,9 +33,12 @@ use std::time::Instant;
 use tether_net::io::StreamIo;
 use tether_proto::{OpenErrorCode, ServiceKind, Target, TargetKind};
 
-use super::login::{Via, CSRF_COOKIE, SESSION_COOKIE};
+use super::login::{Via, COOKIE_NAMES};
 use super::pages::error_page;
-use super::{Body, BoxError, Resp, PATH_PREFIX, POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT};
+use super::{
+    split_port, Body, BoxError, Resp, WebConfig, PATH_PREFIX, POOL_IDLE_PER_SERVICE,
+    POOL_IDLE_TIMEOUT,
+};
 use crate::auth::ClientIdentity;
 use crate::policy::Protocol;
 use crate::relay::{admit, RelayRefusal};
@@ -252,6 +263,117 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
+/// Request headers that say where a request came from or what it was,
+/// besides the ones the proxy sets itself. Clients can write them, and
+/// services or frameworks may believe them (client address, scheme, host,
+/// original URL), so they never reach a service. Every `X-Forwarded-*`
+/// header the proxy does not set goes too (see [`set_forwarding`]).
+const CLIENT_FORWARDING: [&str; 19] = [
+    "forwarded",
+    "forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-proxyuser-ip",
+    "x-envoy-external-address",
+    "x-original-forwarded-for",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-envoy-original-path",
+    "x-original-host",
+    "x-host",
+    "x-scheme",
+    "x-url-scheme",
+];
+
+/// What the proxy tells a service about a request, all from the server's
+/// own view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarding<'a> {
+    /// The client and the trusted proxies it came through, ending with the
+    /// TCP peer ([`super::client_chain`]): `X-Forwarded-For`.
+    pub chain: &'a [IpAddr],
+    /// `http` or `https` as browsers reach the server: `X-Forwarded-Proto`.
+    pub scheme: &'a str,
+    /// The authority the server vouches for ([`forwarded_host`]):
+    /// `X-Forwarded-Host`.
+    pub host: &'a str,
+    /// `Host`: the service's own name from the agent's catalog, or `host`.
+    pub host_header: &'a str,
+    /// `/a/AGENT/SERVICE` under path routing: `X-Forwarded-Prefix`.
+    pub prefix: Option<&'a str>,
+}
+
+/// Replaces every forwarding header the client sent with the server's own:
+/// `Host` and `X-Forwarded-{For,Proto,Host,Prefix}` are set, every other
+/// `X-Forwarded-*` and the headers in [`CLIENT_FORWARDING`] are removed.
+pub fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
+    let theirs: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-forwarded"))
+        .cloned()
+        .collect();
+    for n in theirs {
+        h.remove(n);
+    }
+    for n in CLIENT_FORWARDING {
+        h.remove(n);
+    }
+    let set = |h: &mut HeaderMap, name: HeaderName, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(name, v);
+        }
+    };
+    let xff: Vec<String> = f.chain.iter().map(IpAddr::to_string).collect();
+    set(
+        h,
+        HeaderName::from_static("x-forwarded-for"),
+        &xff.join(", "),
+    );
+    set(h, HeaderName::from_static("x-forwarded-proto"), f.scheme);
+    set(h, HeaderName::from_static("x-forwarded-host"), f.host);
+    if let Some(p) = f.prefix {
+        set(h, HeaderName::from_static("x-forwarded-prefix"), p);
+    }
+    set(h, header::HOST, f.host_header);
+}
+
+/// The authority (`host[:port]`) the server vouches for as the one the
+/// browser addressed, for `X-Forwarded-Host` (and `Host`, unless the
+/// service names its own). Never a name the client made up:
+///
+/// * host routing: the routed name `SERVICE.AGENT.BASE` (routing checked
+///   that it lies under the base domain);
+/// * path routing: `[http] public_name`, else the base domain.
+///
+/// The port is `public_name`'s when that is set, else the one the browser
+/// used (a port on the server's own name). With neither a public name nor a
+/// base domain the server has no name of its own, and path routing passes
+/// on the host the browser sent (the caller logs a warning once).
+pub fn forwarded_host(cfg: &WebConfig, route: &WebRoute, request_host: &str) -> String {
+    let (name, request_port) = split_port(request_host);
+    let public = cfg.public();
+    let port = match &public {
+        Some(p) => split_port(p).1.to_owned(),
+        None => request_port.to_owned(),
+    };
+    match (&route.prefix, public, cfg.base()) {
+        (None, _, _) => format!("{name}{port}"),
+        (Some(_), Some(p), _) => p,
+        (Some(_), None, Some(base)) => format!("{base}{port}"),
+        (Some(_), None, None) => request_host.to_owned(),
+    }
+}
+
+/// Whether the warning about path routing without a name of the server's
+/// own has been logged (once per process is enough).
+static NO_PUBLIC_NAME_WARNED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 fn is_upgrade(h: &HeaderMap) -> Option<HeaderValue> {
     let conn_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
         v.to_str()
@@ -287,8 +409,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
-/// Removes tether's own cookies from the `Cookie` headers: the service never
-/// sees the browser's login.
+/// Whether a cookie name is one of tether's own (any letter case, so that
+/// look-alikes go too).
+fn is_tether_cookie(name: &[u8]) -> bool {
+    COOKIE_NAMES
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+/// Removes tether's own cookies (under every name they may have) from the
+/// `Cookie` headers: the service never sees the browser's login.
 fn strip_tether_cookies(h: &mut HeaderMap) {
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
@@ -297,8 +427,8 @@ fn strip_tether_cookies(h: &mut HeaderMap) {
         .flat_map(|v| v.split(';'))
         .map(str::trim)
         .filter(|kv| {
-            let name = kv.split('=').next().unwrap_or("");
-            !kv.is_empty() && name != SESSION_COOKIE && name != CSRF_COOKIE
+            let name = kv.split('=').next().unwrap_or("").trim();
+            !kv.is_empty() && !is_tether_cookie(name.as_bytes())
         })
         .map(str::to_owned)
         .collect();
@@ -316,8 +446,7 @@ fn strip_tether_cookies(h: &mut HeaderMap) {
 pub fn service_may_set(v: &HeaderValue) -> bool {
     let raw = v.as_bytes();
     let name = raw.split(|b| *b == b'=').next().unwrap_or(raw).trim_ascii();
-    !name.eq_ignore_ascii_case(SESSION_COOKIE.as_bytes())
-        && !name.eq_ignore_ascii_case(CSRF_COOKIE.as_bytes())
+    !is_tether_cookie(name)
 }
 
 /// Rewrites a `Location` from the service so it points back through the proxy.
@@ -508,31 +637,33 @@ pub async fn proxy(
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
     let mut h = parts.headers;
+    // Read the client chain before anything is stripped: a client could
+    // name `X-Forwarded-For` in `Connection` to hide the proxies' entries.
+    let chain = super::client_chain(&state.web, cx.peer.ip(), &h);
     strip_hop_by_hop(&mut h);
     strip_tether_cookies(&mut h);
     if via == Via::Bearer {
+        // It was the credential: the service never sees it.
         h.remove(header::AUTHORIZATION);
     }
-    let peer_ip = cx.peer.ip().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip,
-    };
-    let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
-        if let Ok(v) = HeaderValue::from_str(v) {
-            h.insert(name, v);
-        }
-    };
-    set(&mut h, "x-forwarded-for", &xff);
-    set(&mut h, "x-forwarded-proto", cx.scheme);
-    set(&mut h, "x-forwarded-host", cx.host);
-    match &route.prefix {
-        Some(p) => set(&mut h, "x-forwarded-prefix", p),
-        None => {
-            h.remove("x-forwarded-prefix");
-        }
+    let public_host = forwarded_host(&state.web, &route, cx.host);
+    if route.prefix.is_some()
+        && state.web.public().is_none()
+        && state.web.base().is_none()
+        && !NO_PUBLIC_NAME_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!("path routing without [http] public_name or base_domain: services get the Host the browser sent; set public_name");
     }
-    set(&mut h, "host", host_header.as_deref().unwrap_or(cx.host));
+    set_forwarding(
+        &mut h,
+        &Forwarding {
+            chain: &chain,
+            scheme: cx.scheme,
+            host: &public_host,
+            host_header: host_header.as_deref().unwrap_or(&public_host),
+            prefix: route.prefix.as_deref(),
+        },
+    );
     if let Some(u) = &upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, u.clone());
@@ -599,8 +730,10 @@ pub async fn proxy(
     let resp_upgrade = is_upgrade(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
     // Point redirects and cookies back through the proxy.
+    // Back to the browser that asked, at the host it used; an absolute
+    // redirect may name the service's own host or the one we forwarded.
     let external_origin = format!("{}://{}", cx.scheme, cx.host);
-    let hosts = [host_header.as_deref().unwrap_or(""), cx.host];
+    let hosts = [host_header.as_deref().unwrap_or(""), &public_host, cx.host];
     if let Some(loc) = parts
         .headers
         .get(header::LOCATION)
@@ -829,6 +962,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("cookie", "a=1; tether_session=s3cret".parse().unwrap());
         h.append("cookie", "tether_csrf=x; b=2".parse().unwrap());
+        h.append(
+            "cookie",
+            "__Host-tether_session=s; __Host-tether_csrf=c; __host-TETHER_SESSION=x"
+                .parse()
+                .unwrap(),
+        );
         strip_tether_cookies(&mut h);
         assert_eq!(h.get("cookie").unwrap(), "a=1; b=2");
         let mut h = HeaderMap::new();
@@ -847,6 +986,109 @@ mod tests {
             b"tether_session=x; Path=/; x=\xc3\xa9"
         )));
         assert!(!service_may_set(&v(b"tether_csrf=1")));
+        assert!(!service_may_set(&v(
+            b"__Host-tether_session=1; Path=/; Secure"
+        )));
+        assert!(!service_may_set(&v(
+            b"__Host-tether_csrf=1; Path=/; Secure"
+        )));
+    }
+
+    #[test]
+    fn services_get_the_servers_forwarding_headers_only() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "evil.example"),
+            ("x-forwarded-for", "198.51.100.66"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-forwarded-port", "1"),
+            ("x-forwarded-server", "evil"),
+            ("x-forwarded-scheme", "http"),
+            ("x-forwarded-user", "admin"),
+            ("forwarded", "for=198.51.100.66;host=evil.example"),
+            ("x-real-ip", "198.51.100.66"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-client-ip", "198.51.100.66"),
+            ("true-client-ip", "198.51.100.66"),
+            ("x-original-host", "evil.example"),
+            ("x-host", "evil.example"),
+            ("x-scheme", "http"),
+            ("cf-connecting-ip", "198.51.100.66"),
+            ("x-kept", "1"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        let chain: Vec<IpAddr> = vec!["203.0.113.9".parse().unwrap(), "10.0.0.5".parse().unwrap()];
+        set_forwarding(
+            &mut h,
+            &Forwarding {
+                chain: &chain,
+                scheme: "https",
+                host: "tether.test",
+                host_header: "grafana:3000",
+                prefix: None,
+            },
+        );
+        let mut seen: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        seen.sort();
+        let want: Vec<(String, String)> = [
+            ("host", "grafana:3000"),
+            ("x-forwarded-for", "203.0.113.9, 10.0.0.5"),
+            ("x-forwarded-host", "tether.test"),
+            ("x-forwarded-proto", "https"),
+            ("x-kept", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn the_forwarded_host_is_one_the_server_vouches_for() {
+        let path = route_by_path("/a/prod/web/").unwrap().0;
+        let host = route_by_host("tether.test", "web.prod.tether.test:8443").unwrap();
+        let cfg = |base: Option<&str>, public: Option<&str>| WebConfig {
+            base_domain: base.map(str::to_owned),
+            public_name: public.map(str::to_owned),
+            ..Default::default()
+        };
+        let base = cfg(Some("Tether.Test"), None);
+        assert_eq!(forwarded_host(&base, &path, "evil.example"), "tether.test");
+        assert_eq!(
+            forwarded_host(&base, &path, "evil.example:8443"),
+            "tether.test:8443"
+        );
+        assert_eq!(
+            forwarded_host(&base, &host, "web.prod.tether.test:8443"),
+            "web.prod.tether.test:8443"
+        );
+        let public = cfg(Some("tether.test"), Some("gw.example.com"));
+        assert_eq!(
+            forwarded_host(&public, &path, "evil.example:1"),
+            "gw.example.com"
+        );
+        assert_eq!(
+            forwarded_host(&public, &host, "web.prod.tether.test:8443"),
+            "web.prod.tether.test",
+            "the public name's port (none) wins over the browser's"
+        );
+        let public = cfg(None, Some("gw.example.com:8443"));
+        assert_eq!(
+            forwarded_host(&public, &path, "10.0.0.1:7700"),
+            "gw.example.com:8443"
+        );
+        // No name of its own: what the browser used.
+        assert_eq!(
+            forwarded_host(&cfg(None, None), &path, "127.0.0.1:7700"),
+            "127.0.0.1:7700"
+        );
     }
 
     #[test]

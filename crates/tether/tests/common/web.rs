@@ -19,6 +19,17 @@ pub struct Web {
     _blackhole: Option<Box<dyn std::any::Any>>,
 }
 
+/// How to start the test server.
+#[derive(Debug, Clone, Default)]
+pub struct WebOpts {
+    /// Plain HTTP instead of TLS.
+    pub plain: bool,
+    /// No base domain: path routing only (and, with TLS, `__Host-` cookies).
+    pub no_base_domain: bool,
+    /// Server config (TOML) given with `--config`, e.g. an `[http]` table.
+    pub config: String,
+}
+
 /// What one curl call saw.
 #[derive(Debug)]
 pub struct CurlOut {
@@ -56,6 +67,14 @@ impl Web {
     }
 
     pub fn start_opts(tls: bool) -> Web {
+        Self::start_with(WebOpts {
+            plain: !tls,
+            ..Default::default()
+        })
+    }
+
+    pub fn start_with(opts: WebOpts) -> Web {
+        let tls = !opts.plain;
         let dir =
             std::env::temp_dir().join(format!("tether-web-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -84,8 +103,6 @@ impl Web {
             "server",
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--base-domain",
-            BASE,
             "--agent",
             &format!("prod={AGENT_TOKEN}"),
             "--agent",
@@ -98,6 +115,14 @@ impl Web {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !opts.no_base_domain {
+            args.extend(["--base-domain", BASE].map(String::from));
+        }
+        if !opts.config.is_empty() {
+            let path = dir.join("server.toml");
+            std::fs::write(&path, &opts.config).unwrap();
+            args.extend(["--config".to_owned(), path.display().to_string()]);
+        }
         if tls {
             args.extend(
                 [

@@ -46,7 +46,6 @@
           el("dt", {}, "status"), el("dd", { class: "state" }, a.online ? "online" : "offline"),
           el("dt", {}, "version"), el("dd", {}, a.version || "—"),
           el("dt", {}, "since"), el("dd", {}, since(a.since)),
-          el("dt", {}, "address"), el("dd", {}, a.address || "—"),
           el("dt", {}, "streams"), el("dd", {}, String(a.streams)),
           el("dt", {}, "in / out"), el("dd", {}, bytes(a.bytes_in) + " / " + bytes(a.bytes_out))),
         services);
