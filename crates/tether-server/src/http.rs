@@ -73,6 +73,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    web::api_headers(r.headers_mut());
     r
 }
 
@@ -471,10 +472,9 @@ fn authenticate_client(
     state.auth().client(&token).map_err(|why| {
         state.metrics.error("bad_token");
         tracing::warn!(%peer, "client credential refused: {why}");
-        Box::new(text(
-            StatusCode::UNAUTHORIZED,
-            format!("invalid client token: {why}"),
-        ))
+        // The reason is for the log only: callers learn nothing about
+        // which check failed.
+        Box::new(text(StatusCode::UNAUTHORIZED, "invalid client token"))
     })
 }
 
