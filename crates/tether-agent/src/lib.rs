@@ -2,12 +2,14 @@
 //! server over one WebSocket, and connects the streams the server opens to
 //! the services its policy allows.
 
+pub mod dns;
 pub mod policy;
 
 use anyhow::Context;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +22,8 @@ use tether_net::{Connection, Incoming};
 use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
 use tokio::net::TcpStream;
 
-pub use policy::{ServiceSpec, TargetPolicy};
+pub use dns::NameResolver;
+pub use policy::{Resolved, ServiceSpec, TargetPolicy};
 
 /// How long the agent waits, by default, for a service to accept a TCP connection.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,9 +80,16 @@ pub struct AgentConfig {
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
     /// Raw `host:port` targets clients may ask for: `*.svc.cluster.local:*`,
-    /// `10.0.0.0/8:5432`, `localhost:8000-8100`.
+    /// `10.0.0.0/8:5432`, `localhost:8000-8100`. Every address a name
+    /// resolves to is checked too; loopback, link-local and cloud metadata
+    /// addresses need a rule of their own (see [`policy::builtin_deny`]).
     #[serde(default)]
     pub allow: Vec<String>,
+    /// DNS server for the names of raw targets (`IP` or `IP:PORT`, port 53
+    /// by default), instead of the system resolver: e.g. the cluster DNS.
+    /// Named services always use the system resolver.
+    #[serde(default)]
+    pub dns_server: Option<String>,
     /// How long to wait for a service to accept a connection, in milliseconds.
     #[serde(default = "default_dial_timeout_ms")]
     pub dial_timeout_ms: u64,
@@ -151,6 +161,7 @@ pub struct Agent {
     config: AgentConfig,
     identity: Option<tether_net::transport::tls::ServerIdentity>,
     policy: Arc<TargetPolicy>,
+    resolver: Arc<NameResolver>,
     stats: Arc<AgentStats>,
     /// The live session, for a graceful shutdown.
     current: Arc<std::sync::Mutex<Option<Connection>>>,
@@ -161,6 +172,7 @@ impl Agent {
     pub fn new(mut config: AgentConfig) -> anyhow::Result<Agent> {
         let policy = TargetPolicy::new(&config.services, &config.allow)
             .context("agent services / allow list")?;
+        let resolver = NameResolver::from_setting(config.dns_server.as_deref())?;
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
                 .with_context(|| format!("token_file {}", f.display()))?;
@@ -180,6 +192,7 @@ impl Agent {
             config,
             identity,
             policy: Arc::new(policy),
+            resolver: Arc::new(resolver),
             stats: Arc::default(),
             current: Arc::default(),
         })
@@ -234,7 +247,7 @@ impl Agent {
         let trust = self.config.trust();
         let mut backoff = Backoff::default();
         let services: Vec<&str> = self.policy.service_names().collect();
-        tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, "agent starting");
+        tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
         loop {
             let started = Instant::now();
             // The token is read again for every connection, so a rotated
@@ -308,6 +321,7 @@ impl Agent {
                     Some(inc) => {
                         tokio::spawn(serve_stream(
                             self.policy.clone(),
+                            self.resolver.clone(),
                             self.stats.clone(),
                             Duration::from_millis(self.config.dial_timeout_ms),
                             Duration::from_millis(self.config.udp_idle_timeout_ms),
@@ -336,8 +350,88 @@ fn dial_error_code(e: &io::Error) -> OpenErrorCode {
     }
 }
 
+/// Counts, logs and answers a failed open: "refused" when the policy said
+/// no, "failed" when the service could not be reached.
+fn refuse(stats: &AgentStats, inc: Incoming, code: OpenErrorCode, reason: &str) {
+    stats.open_errors.fetch_add(1, Ordering::Relaxed);
+    let (id, target) = (inc.id(), inc.target().clone());
+    let by_policy = matches!(
+        code,
+        OpenErrorCode::Forbidden | OpenErrorCode::UnknownService | OpenErrorCode::BadTarget
+    );
+    if by_policy {
+        tracing::info!(stream = %id, target = %target, %code, "open refused: {reason}");
+    } else {
+        tracing::info!(stream = %id, target = %target, %code, "open failed: {reason}");
+    }
+    inc.reject(code, reason);
+}
+
+/// The exact addresses to dial for a target the policy let through: a
+/// named service's address as the system resolves it, or a raw target's
+/// addresses from the agent's resolver once every one passed the policy.
+async fn dial_addresses(
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+) -> Result<Vec<SocketAddr>, (OpenErrorCode, String)> {
+    let found = match &resolved.raw {
+        None => tokio::net::lookup_host(resolved.address.as_str())
+            .await
+            .map(Iterator::collect),
+        Some(raw) => resolver.lookup(&raw.host, raw.port).await,
+    };
+    let addrs: Vec<SocketAddr> = found.map_err(|e| {
+        (
+            OpenErrorCode::Unreachable,
+            format!("cannot resolve {}: {e}", resolved.address),
+        )
+    })?;
+    match &resolved.raw {
+        Some(raw) => policy.check_addresses(raw, &addrs)?,
+        None if addrs.is_empty() => {
+            return Err((
+                OpenErrorCode::Unreachable,
+                format!("{} resolves to no address", resolved.address),
+            ))
+        }
+        None => {}
+    }
+    Ok(addrs)
+}
+
+/// Resolves and connects within `dial_timeout`, to the checked addresses
+/// only (in order, the first that accepts).
+async fn connect_tcp(
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+    dial_timeout: Duration,
+) -> Result<TcpStream, (OpenErrorCode, String)> {
+    let dial = async {
+        let addrs = dial_addresses(policy, resolver, resolved).await?;
+        TcpStream::connect(addrs.as_slice()).await.map_err(|e| {
+            (
+                dial_error_code(&e),
+                format!("dialing {} ({addrs:?}): {e}", resolved.address),
+            )
+        })
+    };
+    match tokio::time::timeout(dial_timeout, dial).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            OpenErrorCode::Timeout,
+            format!(
+                "{} did not answer within {dial_timeout:?}",
+                resolved.address
+            ),
+        )),
+    }
+}
+
 async fn serve_stream(
     policy: Arc<TargetPolicy>,
+    resolver: Arc<NameResolver>,
     stats: Arc<AgentStats>,
     dial_timeout: Duration,
     udp_idle: Duration,
@@ -346,47 +440,35 @@ async fn serve_stream(
     let target = inc.target().clone();
     let id = inc.id();
     if !matches!(target.kind, TargetKind::Tcp | TargetKind::Udp) {
-        stats.open_errors.fetch_add(1, Ordering::Relaxed);
-        inc.reject(OpenErrorCode::BadTarget, "unknown stream kind");
+        refuse(&stats, inc, OpenErrorCode::BadTarget, "unknown stream kind");
         return;
     }
     let resolved = match policy.resolve(&target.address) {
         Ok(r) => r,
-        Err((code, reason)) => {
-            stats.open_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(stream = %id, target = %target, %code, "open refused: {reason}");
-            inc.reject(code, &reason);
-            return;
-        }
+        Err((code, reason)) => return refuse(&stats, inc, code, &reason),
     };
     let started = Instant::now();
     if target.kind == TargetKind::Udp {
-        serve_udp(stats, resolved.address, inc, udp_idle).await;
+        let found =
+            tokio::time::timeout(dial_timeout, dial_addresses(&policy, &resolver, &resolved)).await;
+        match found {
+            Ok(Ok(addrs)) => serve_udp(stats, &resolved.address, &addrs, inc, udp_idle).await,
+            Ok(Err((code, reason))) => refuse(&stats, inc, code, &reason),
+            Err(_) => {
+                let reason = format!("resolving {} took over {dial_timeout:?}", resolved.address);
+                refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
+            }
+        }
         return;
     }
-    let tcp = match tokio::time::timeout(dial_timeout, TcpStream::connect(&resolved.address)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            stats.open_errors.fetch_add(1, Ordering::Relaxed);
-            let code = dial_error_code(&e);
-            let reason = format!("dialing {}: {e}", resolved.address);
-            tracing::info!(stream = %id, target = %target, %code, "open failed: {reason}");
-            inc.reject(code, &reason);
-            return;
-        }
-        Err(_) => {
-            stats.open_errors.fetch_add(1, Ordering::Relaxed);
-            let reason = format!(
-                "{} did not answer within {dial_timeout:?}",
-                resolved.address
-            );
-            tracing::info!(stream = %id, target = %target, "open failed: {reason}");
-            inc.reject(OpenErrorCode::Timeout, &reason);
-            return;
-        }
+    let tcp = match connect_tcp(&policy, &resolver, &resolved, dial_timeout).await {
+        Ok(s) => s,
+        Err((code, reason)) => return refuse(&stats, inc, code, &reason),
     };
     let _ = tcp.set_nodelay(true);
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
     // TLS towards the service, inside the dial timeout.
     enum ServiceIo {
         Plain(TcpStream),
@@ -399,20 +481,15 @@ async fn serve_stream(
             match tokio::time::timeout(dial_timeout, hs).await {
                 Ok(Ok(s)) => ServiceIo::Tls(Box::new(s)),
                 Ok(Err(e)) => {
-                    stats.open_errors.fetch_add(1, Ordering::Relaxed);
                     let reason = format!("TLS to {}: {e}", resolved.address);
-                    tracing::info!(stream = %id, target = %target, "open failed: {reason}");
-                    inc.reject(OpenErrorCode::Unreachable, &reason);
-                    return;
+                    return refuse(&stats, inc, OpenErrorCode::Unreachable, &reason);
                 }
                 Err(_) => {
-                    stats.open_errors.fetch_add(1, Ordering::Relaxed);
                     let reason = format!(
                         "TLS to {} did not finish in {dial_timeout:?}",
                         resolved.address
                     );
-                    inc.reject(OpenErrorCode::Timeout, &reason);
-                    return;
+                    return refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
                 }
             }
         }
@@ -426,7 +503,7 @@ async fn serve_stream(
     };
     stats.streams_total.fetch_add(1, Ordering::Relaxed);
     stats.live_streams.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(stream = %id, target = %target, address = %resolved.address, tls = resolved.tls.is_some(), "stream open");
+    tracing::info!(stream = %id, target = %target, address = %resolved.address, %peer, tls = resolved.tls.is_some(), "stream open");
     let (sr, sw) = stream.split();
     let report = match io {
         ServiceIo::Tls(tls) => {
@@ -450,24 +527,21 @@ async fn serve_stream(
     }
 }
 
-/// Connects a UDP socket to the service and serves the flow.
-async fn serve_udp(stats: Arc<AgentStats>, address: String, inc: Incoming, idle: Duration) {
+/// Connects a UDP socket to the first of the service's checked addresses
+/// and serves the flow.
+async fn serve_udp(
+    stats: Arc<AgentStats>,
+    address: &str,
+    addrs: &[SocketAddr],
+    inc: Incoming,
+    idle: Duration,
+) {
     let id = inc.id();
-    let addr = match tokio::net::lookup_host(&address)
-        .await
-        .map(|mut a| a.next())
-    {
-        Ok(Some(a)) => a,
-        Ok(None) | Err(_) => {
-            stats.open_errors.fetch_add(1, Ordering::Relaxed);
-            inc.reject(
-                OpenErrorCode::Unreachable,
-                &format!("cannot resolve {address}"),
-            );
-            return;
-        }
+    let Some(&addr) = addrs.first() else {
+        let reason = format!("{address} resolves to no address");
+        return refuse(&stats, inc, OpenErrorCode::Unreachable, &reason);
     };
-    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+    let bind: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -475,22 +549,28 @@ async fn serve_udp(stats: Arc<AgentStats>, address: String, inc: Incoming, idle:
     let socket = match tokio::net::UdpSocket::bind(bind).await {
         Ok(s) => s,
         Err(e) => {
-            stats.open_errors.fetch_add(1, Ordering::Relaxed);
-            inc.reject(OpenErrorCode::Internal, &format!("udp socket: {e}"));
-            return;
+            return refuse(
+                &stats,
+                inc,
+                OpenErrorCode::Internal,
+                &format!("udp socket: {e}"),
+            );
         }
     };
     if let Err(e) = socket.connect(addr).await {
-        stats.open_errors.fetch_add(1, Ordering::Relaxed);
-        inc.reject(OpenErrorCode::Unreachable, &format!("udp {addr}: {e}"));
-        return;
+        return refuse(
+            &stats,
+            inc,
+            OpenErrorCode::Unreachable,
+            &format!("udp {addr}: {e}"),
+        );
     }
     let Ok(stream) = inc.accept() else { return };
     stats.streams_total.fetch_add(1, Ordering::Relaxed);
     stats.live_streams.fetch_add(1, Ordering::Relaxed);
     stats.udp.flows.fetch_add(1, Ordering::Relaxed);
     stats.udp.flows_total.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(stream = %id, %address, "udp flow open");
+    tracing::debug!(stream = %id, %address, peer = %addr, "udp flow open");
     tether_net::udp::serve_flow(stream, socket, idle, &stats.udp).await;
     stats.udp.flows.fetch_sub(1, Ordering::Relaxed);
     stats.live_streams.fetch_sub(1, Ordering::Relaxed);
@@ -529,13 +609,27 @@ mod tests {
             name = "prod"
             token = "t"
             fingerprint = "AA:BB"
-            allow = ["*.svc.cluster.local:*"]
+            allow = ["*.svc.cluster.local:*", "10.0.*.*:5432"]
+            dns_server = "10.96.0.10"
             [services]
             db = "postgres.default.svc.cluster.local:5432"
             "#,
         )
         .unwrap();
         assert!(matches!(c.trust(), ServerTrust::Fingerprint(_)));
-        assert!(Agent::new(c).is_ok());
+        let a = Agent::new(c.clone()).unwrap();
+        assert_eq!(
+            a.resolver.dns_server(),
+            Some("10.96.0.10:53".parse().unwrap())
+        );
+        // IP globs that are not whole octets at the end, and bad DNS
+        // servers, are refused at load.
+        let mut bad = c.clone();
+        bad.allow = vec!["10.*.0.1:*".into()];
+        let e = Agent::new(bad).err().expect("refused");
+        assert!(format!("{e:#}").contains("write a CIDR"), "{e:#}");
+        let mut bad = c;
+        bad.dns_server = Some("cluster-dns".into());
+        assert!(Agent::new(bad).is_err());
     }
 }

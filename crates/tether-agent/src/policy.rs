@@ -2,14 +2,20 @@
 //!
 //! The agent enforces this itself, whatever the server asks: a compromised or
 //! misconfigured server cannot make the agent reach anything else.
+//!
+//! Raw `host:port` targets are checked twice: the name against the host
+//! globs before it is resolved, then every address it resolves to against the
+//! address rules and the built-in deny ranges ([`builtin_deny`]). The agent
+//! dials exactly the addresses it checked. Named services are the operator's
+//! own choice and are not subject to the built-in deny ranges.
 
-use anyhow::{bail, Context};
-use ipnet::IpNet;
+use anyhow::{anyhow, bail, Context};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use tether_net::pattern::glob_match;
 use tether_net::transport::tls::{client_config, ServerTrust};
 use tether_proto::{CatalogEntry, OpenErrorCode, ServiceKind};
@@ -152,12 +158,88 @@ impl Service {
     }
 }
 
+/// An address range the agent does not dial for a raw target unless a rule
+/// names it explicitly: loopback, "this host", link-local and the cloud
+/// metadata endpoints. See [`builtin_deny`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenyRange {
+    /// The range.
+    pub net: IpNet,
+    /// What it is, for refusals and logs.
+    pub what: &'static str,
+    /// A loopback range: a rule for the name `localhost` allows it too.
+    loopback: bool,
+}
+
+/// The built-in deny ranges for raw targets. An address in one is allowed
+/// only by an address rule whose network lies inside that range
+/// (`127.0.0.0/8:*`, `127.0.0.1:8000`, `169.254.169.254:80`), or, for
+/// loopback, by a rule naming `localhost` itself; never by a broader network
+/// (`0.0.0.0/0:*`) or a host glob. IPv4-mapped IPv6 addresses
+/// (`::ffff:127.0.0.1`) count as the IPv4 address they reach.
+pub fn builtin_deny() -> &'static [DenyRange] {
+    static RANGES: LazyLock<Vec<DenyRange>> = LazyLock::new(|| {
+        [
+            ("127.0.0.0/8", "loopback", true),
+            ("::1/128", "loopback", true),
+            ("0.0.0.0/8", "this-host", false),
+            ("::/128", "unspecified", false),
+            ("169.254.0.0/16", "link-local (cloud metadata)", false),
+            ("fe80::/10", "link-local", false),
+            ("100.100.100.200/32", "cloud metadata", false),
+            ("fd00:ec2::254/128", "cloud metadata", false),
+            ("168.63.129.16/32", "cloud platform (Azure)", false),
+        ]
+        .into_iter()
+        .map(|(net, what, loopback)| DenyRange {
+            net: net.parse().expect("built-in deny ranges are valid"),
+            what,
+            loopback,
+        })
+        .collect()
+    });
+    &RANGES
+}
+
+/// The built-in deny range `ip` falls in, if any.
+pub fn deny_range_of(ip: IpAddr) -> Option<&'static DenyRange> {
+    let ip = canonical_ip(ip);
+    builtin_deny().iter().find(|d| d.net.contains(&ip))
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it
+/// reaches; any other address unchanged.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// A network in the form of [`canonical_ip`]: an IPv4-mapped IPv6 network
+/// of /96 or longer becomes the IPv4 network it maps.
+fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), Some(len)) = (
+            v6.network().to_ipv4_mapped(),
+            v6.prefix_len().checked_sub(96),
+        ) {
+            if let Ok(n) = Ipv4Net::new(v4, len) {
+                return IpNet::V4(n);
+            }
+        }
+    }
+    net
+}
+
 /// How an allow rule matches the host part.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum HostRule {
-    /// Host names (and literal IPs) by glob: `*.svc.cluster.local`.
+    /// Host names by glob, in lower case: `*.svc.cluster.local`. It matches
+    /// the name asked for; the addresses the name resolves to are allowed
+    /// unless they fall in a built-in deny range.
     Glob(String),
-    /// IP addresses in a network: `10.0.0.0/8`.
+    /// IP addresses in a network: `10.0.0.0/8`, `[fd00::]/8`, `10.0.*.*`.
     Net(IpNet),
 }
 
@@ -169,51 +251,169 @@ pub struct AllowRule {
 }
 
 impl AllowRule {
-    /// Parses `HOSTGLOB:PORTS` or `CIDR:PORTS` (`[v6]/len:PORTS` for IPv6),
-    /// where PORTS is `*`, `N` or `N-M`.
+    /// Parses `HOSTGLOB:PORTS`, `IP:PORTS` or `CIDR:PORTS` (`[v6]:PORTS`,
+    /// `[v6]/len:PORTS` for IPv6), where PORTS is `*`, `N` or `N-M`. An
+    /// IPv4 glob with whole-octet wildcards at the end (`10.0.*.*`, `10.*`)
+    /// becomes the CIDR it means (`10.0.0.0/16`, `10.0.0.0/8`); any other
+    /// glob of digits and dots (`10.*.0.1`) is refused.
     pub fn parse(s: &str) -> anyhow::Result<AllowRule> {
         let (host, ports) = s
             .rsplit_once(':')
             .with_context(|| format!("allow rule {s:?}: expected HOST:PORTS"))?;
-        let ports = match ports {
-            "*" => (1, 65535),
-            p => match p.split_once('-') {
-                Some((a, b)) => (a.parse()?, b.parse()?),
-                None => {
-                    let n: u16 = p
-                        .parse()
-                        .with_context(|| format!("allow rule {s:?}: bad port"))?;
-                    (n, n)
-                }
-            },
-        };
-        if ports.0 > ports.1 || ports.0 == 0 {
-            bail!("allow rule {s:?}: bad port range");
-        }
-        let bare = host.trim_start_matches('[').replace(']', "");
-        let host = if let Ok(net) = bare.parse::<IpNet>() {
-            HostRule::Net(net)
-        } else if let Ok(ip) = bare.parse::<IpAddr>() {
-            HostRule::Net(IpNet::from(ip))
-        } else if host.is_empty() {
-            bail!("allow rule {s:?}: empty host");
-        } else {
-            HostRule::Glob(host.to_ascii_lowercase())
-        };
+        let ports = parse_port_range(ports).with_context(|| {
+            format!("allow rule {s:?}: ports must be *, N or N-M (1-65535, N <= M)")
+        })?;
+        let host = parse_host_rule(host).with_context(|| format!("allow rule {s:?}"))?;
         Ok(AllowRule { host, ports })
     }
 
-    fn matches(&self, host: &str, port: u16) -> bool {
-        if port < self.ports.0 || port > self.ports.1 {
-            return false;
-        }
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        match (&self.host, bare.parse::<IpAddr>()) {
-            (HostRule::Net(net), Ok(ip)) => net.contains(&ip),
-            (HostRule::Net(_), Err(_)) => false,
-            (HostRule::Glob(g), _) => glob_match(g, &bare.to_ascii_lowercase()),
+    fn has_port(&self, port: u16) -> bool {
+        (self.ports.0..=self.ports.1).contains(&port)
+    }
+
+    /// The rule's host glob matches `host` (lower case) on `port`.
+    fn matches_name(&self, host: &str, port: u16) -> bool {
+        match &self.host {
+            HostRule::Glob(g) => self.has_port(port) && glob_match(g, host),
+            HostRule::Net(_) => false,
         }
     }
+
+    /// The rule is the name `localhost` itself (no wildcard).
+    fn is_localhost(&self) -> bool {
+        matches!(&self.host, HostRule::Glob(g) if g == "localhost")
+    }
+
+    /// The rule's network allows dialing `ip` (canonical) on `port`. An
+    /// address in the built-in deny range `deny` needs a network inside it.
+    fn allows_address(&self, ip: IpAddr, port: u16, deny: Option<&DenyRange>) -> bool {
+        match &self.host {
+            HostRule::Net(net) => {
+                self.has_port(port) && net.contains(&ip) && deny.is_none_or(|d| d.net.contains(net))
+            }
+            HostRule::Glob(_) => false,
+        }
+    }
+}
+
+/// Parses a decimal port: 1-65535, digits only, no sign, no leading zero.
+fn parse_port(s: &str) -> Option<u16> {
+    parse_decimal(s)
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|&p| p != 0)
+}
+
+/// Parses a decimal number of at most 5 digits, without sign or leading
+/// zero (`0` itself is fine).
+fn parse_decimal(s: &str) -> Option<u32> {
+    let digits = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// `*`, `N` or `N-M`.
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = match s {
+        "*" => return Some((1, 65535)),
+        s => match s.split_once('-') {
+            Some((a, b)) => (parse_port(a)?, parse_port(b)?),
+            None => (parse_port(s)?, parse_port(s)?),
+        },
+    };
+    (a <= b).then_some((a, b))
+}
+
+/// A prefix length of at most `max` bits.
+fn parse_prefix(s: &str, max: u8) -> Option<u8> {
+    parse_decimal(s)
+        .and_then(|n| u8::try_from(n).ok())
+        .filter(|&n| n <= max)
+}
+
+/// The host part of an allow rule.
+fn parse_host_rule(host: &str) -> anyhow::Result<HostRule> {
+    if host.is_empty() {
+        bail!("empty host");
+    }
+    if let Some(rest) = host.strip_prefix('[') {
+        let (inner, tail) = rest
+            .split_once(']')
+            .with_context(|| format!("{host:?}: '[' without ']'"))?;
+        let ip: Ipv6Addr = inner.parse().map_err(|_| {
+            anyhow!(
+                "{host:?}: brackets hold exactly one IPv6 address, as in [fd00::1] or [fd00::]/8"
+            )
+        })?;
+        let len = match tail {
+            "" => 128,
+            t => t
+                .strip_prefix('/')
+                .and_then(|l| parse_prefix(l, 128))
+                .with_context(|| format!("{host:?}: expected [IPv6] or [IPv6]/LEN"))?,
+        };
+        return Ok(HostRule::Net(canonical_net(Ipv6Net::new(ip, len)?.into())));
+    }
+    if host.contains([':', '[', ']']) {
+        bail!("{host:?}: write an IPv6 address in brackets, as in [fd00::1] or [fd00::]/8");
+    }
+    if let Some((ip, len)) = host.split_once('/') {
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| anyhow!("{host:?} is not an IPv4 CIDR"))?;
+        let len = parse_prefix(len, 32).with_context(|| format!("{host:?}: bad prefix length"))?;
+        return Ok(HostRule::Net(Ipv4Net::new(ip, len)?.into()));
+    }
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(HostRule::Net(IpAddr::V4(ip).into()));
+    }
+    if looks_like_ip(host) {
+        return ip_glob_to_net(host).map(HostRule::Net);
+    }
+    let glob = host.to_ascii_lowercase();
+    if !glob
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._*?".contains(&b))
+    {
+        bail!("{host:?} is not a host glob (letters, digits, '-', '.', '_', '*' and '?')");
+    }
+    Ok(HostRule::Glob(glob))
+}
+
+/// Made of digits, dots and wildcards, with at least one digit or dot: an
+/// IPv4 address or glob, never a host name glob (`*` alone is a name glob).
+fn looks_like_ip(host: &str) -> bool {
+    host.bytes()
+        .all(|b| b.is_ascii_digit() || b"*?.".contains(&b))
+        && host.bytes().any(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// `10.0.*.*` (or `10.0.*`) as `10.0.0.0/16`: whole decimal octets first,
+/// then whole-octet `*`s, at least one of each.
+fn ip_glob_to_net(host: &str) -> anyhow::Result<IpNet> {
+    if !host.contains(['*', '?']) {
+        bail!("{host:?} is not an IPv4 address");
+    }
+    let refuse = || {
+        anyhow!(
+            "{host:?} looks like an IPv4 glob, but only whole octets at the end may be \
+             wildcards (10.0.*.* means 10.0.0.0/16): write a CIDR instead"
+        )
+    };
+    let parts: Vec<&str> = host.split('.').collect();
+    let fixed = parts.iter().take_while(|p| **p != "*").count();
+    if parts.len() > 4 || fixed == 0 || !parts[fixed..].iter().all(|p| *p == "*") {
+        return Err(refuse());
+    }
+    let mut octets = [0u8; 4];
+    for (o, p) in octets.iter_mut().zip(&parts[..fixed]) {
+        *o = parse_decimal(p)
+            .and_then(|n| u8::try_from(n).ok())
+            .ok_or_else(refuse)?;
+    }
+    let len = u8::try_from(fixed * 8).map_err(|_| refuse())?;
+    Ok(Ipv4Net::new(Ipv4Addr::from(octets), len)?.into())
 }
 
 /// The agent's dial policy.
@@ -223,15 +423,60 @@ pub struct TargetPolicy {
     allow: Vec<AllowRule>,
 }
 
+/// What a raw target's name earned from the host globs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct NameGrant {
+    /// A host glob matched: the addresses outside the built-in deny ranges.
+    any: bool,
+    /// A rule names `localhost` itself: loopback addresses too.
+    loopback: bool,
+}
+
+/// A raw `host:port` target whose name passed the allow list; the addresses
+/// it resolves to still have to pass [`TargetPolicy::check_addresses`].
+#[derive(Debug, Clone)]
+pub struct RawTarget {
+    /// The host asked for (an IPv6 address without its brackets).
+    pub host: String,
+    /// The port asked for.
+    pub port: u16,
+    grant: NameGrant,
+}
+
 /// A target that passed the policy.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    /// `host:port` to dial (names resolve in the agent's network).
+    /// `host:port`: a service's configured address, or the raw target.
     pub address: String,
     /// The service name, when the target was one.
     pub service: Option<String>,
     /// TLS towards the service.
     pub tls: Option<ServiceTls>,
+    /// A raw target: resolve its host, check the addresses with
+    /// [`TargetPolicy::check_addresses`], dial exactly those.
+    pub raw: Option<RawTarget>,
+}
+
+/// Why an address is refused.
+enum AddressRefusal {
+    /// No rule covers it.
+    NoRule,
+    /// It is in a built-in deny range and no rule names it.
+    Reserved(&'static DenyRange),
+}
+
+impl AddressRefusal {
+    fn explain(&self, addr: SocketAddr) -> String {
+        match self {
+            AddressRefusal::NoRule => "which no rule allows".to_owned(),
+            AddressRefusal::Reserved(d) => format!(
+                "a {} address ({}) that only an explicit rule for it allows (such as {})",
+                d.what,
+                d.net,
+                SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+            ),
+        }
+    }
 }
 
 impl TargetPolicy {
@@ -253,35 +498,124 @@ impl TargetPolicy {
         })
     }
 
-    /// Decides whether `target` (a service name or `host:port`) may be dialed.
+    /// Decides whether `target` (a service name or `host:port`) may be
+    /// dialed, as far as it can before resolving: a named service is
+    /// allowed as configured; a raw target's name must match a host glob (it
+    /// is not resolved otherwise) and an IP literal must pass the address
+    /// rules. The addresses a raw name resolves to are checked with
+    /// [`TargetPolicy::check_addresses`].
     pub fn resolve(&self, target: &str) -> Result<Resolved, (OpenErrorCode, String)> {
         if let Some(svc) = self.services.get(target) {
             return Ok(Resolved {
                 address: svc.address.clone(),
                 service: Some(target.to_owned()),
                 tls: svc.tls.clone(),
+                raw: None,
             });
         }
-        match split_host_port(target) {
-            None => Err((
-                OpenErrorCode::UnknownService,
-                format!("no service named {target:?} on this agent"),
-            )),
-            Some((host, port)) => {
-                if self.allow.iter().any(|r| r.matches(host, port)) {
-                    Ok(Resolved {
-                        address: target.to_owned(),
-                        service: None,
-                        tls: None,
-                    })
-                } else {
-                    Err((
-                        OpenErrorCode::Forbidden,
-                        format!("{target} is not in this agent's allow list"),
-                    ))
-                }
+        let Some((host, port)) = split_host_port(target) else {
+            return Err(if target.contains(':') {
+                (
+                    OpenErrorCode::BadTarget,
+                    format!("{target:?} is not a valid HOST:PORT"),
+                )
+            } else {
+                (
+                    OpenErrorCode::UnknownService,
+                    format!("no service named {target:?} on this agent"),
+                )
+            });
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let raw = RawTarget {
+            host: host.to_owned(),
+            port,
+            grant: self.name_grant(host, port),
+        };
+        let not_allowed = || format!("{target} is not in this agent's allow list");
+        match host.parse::<IpAddr>() {
+            Ok(ip) => {
+                let addr = SocketAddr::new(ip, port);
+                self.check_address(&raw, addr).map_err(|why| {
+                    let why = match why {
+                        AddressRefusal::NoRule => String::new(),
+                        r => format!(": {ip} is {}", r.explain(addr)),
+                    };
+                    (OpenErrorCode::Forbidden, not_allowed() + &why)
+                })?;
+            }
+            Err(_) if !raw.grant.any => return Err((OpenErrorCode::Forbidden, not_allowed())),
+            Err(_) => {}
+        }
+        Ok(Resolved {
+            address: target.to_owned(),
+            service: None,
+            tls: None,
+            raw: Some(raw),
+        })
+    }
+
+    /// Checks every address a raw target resolved to: each must be allowed
+    /// (see [`builtin_deny`] for the ranges that need an explicit rule). The
+    /// refusal names the first address that is not.
+    pub fn check_addresses(
+        &self,
+        raw: &RawTarget,
+        addrs: &[SocketAddr],
+    ) -> Result<(), (OpenErrorCode, String)> {
+        if addrs.is_empty() {
+            return Err((
+                OpenErrorCode::Unreachable,
+                format!("{} resolves to no address", raw.host),
+            ));
+        }
+        for &addr in addrs {
+            if let Err(why) = self.check_address(raw, addr) {
+                return Err((
+                    OpenErrorCode::Forbidden,
+                    format!(
+                        "{} resolves to {}, {}",
+                        raw.host,
+                        addr.ip(),
+                        why.explain(addr)
+                    ),
+                ));
             }
         }
+        Ok(())
+    }
+
+    /// One address of a raw target: allowed by an address rule, or by the
+    /// name's glob when it is outside the built-in deny ranges.
+    fn check_address(&self, raw: &RawTarget, addr: SocketAddr) -> Result<(), AddressRefusal> {
+        let ip = canonical_ip(addr.ip());
+        let deny = deny_range_of(ip);
+        let by_rule = self
+            .allow
+            .iter()
+            .any(|r| r.allows_address(ip, addr.port(), deny));
+        let by_name = addr.port() == raw.port
+            && match deny {
+                None => raw.grant.any,
+                Some(d) => d.loopback && raw.grant.loopback,
+            };
+        match (by_rule || by_name, deny) {
+            (true, _) => Ok(()),
+            (false, None) => Err(AddressRefusal::NoRule),
+            (false, Some(d)) => Err(AddressRefusal::Reserved(d)),
+        }
+    }
+
+    /// Which host globs match `host` on `port`.
+    fn name_grant(&self, host: &str, port: u16) -> NameGrant {
+        let host = host.to_ascii_lowercase();
+        self.allow
+            .iter()
+            .filter(|r| r.matches_name(&host, port))
+            .fold(NameGrant::default(), |g, r| NameGrant {
+                any: true,
+                loopback: g.loopback || r.is_localhost(),
+            })
     }
 
     /// Names of the configured services.
@@ -312,17 +646,30 @@ impl TargetPolicy {
     }
 }
 
-/// Splits `host:port` / `[v6]:port`.
+/// Splits `host:port` / `[v6]:port`, strictly: a decimal port 1-65535
+/// without sign or leading zero; an IPv6 address in exactly one pair of
+/// brackets; otherwise a host name or IPv4 address (letters, digits, `-`,
+/// `.`, `_`).
 pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    if host.is_empty() || port == 0 {
-        return None;
+    let port = parse_port(port)?;
+    valid_host(host).then_some((host, port))
+}
+
+/// `[IPv6]`, or a host name / IPv4 address of at most 254 characters.
+fn valid_host(host: &str) -> bool {
+    match host.strip_prefix('[') {
+        Some(rest) => rest
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && host.len() <= 254
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        }
     }
-    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return None; // bare IPv6 without brackets is ambiguous
-    }
-    Some((host, port))
 }
 
 #[cfg(test)]
@@ -351,6 +698,7 @@ mod tests {
                 rewrite_host: true,
             }),
         );
+        services.insert("local".to_owned(), "127.0.0.1:8002".into());
         TargetPolicy::new(
             &services,
             &[
@@ -361,6 +709,27 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    /// A policy from allow rules only.
+    fn rules(allow: &[&str]) -> TargetPolicy {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        TargetPolicy::new(&BTreeMap::new(), &allow).unwrap()
+    }
+
+    /// Checks `target` as if its host resolved to `addrs`.
+    fn check(
+        p: &TargetPolicy,
+        target: &str,
+        addrs: &[&str],
+    ) -> Result<(), (OpenErrorCode, String)> {
+        let r = p.resolve(target)?;
+        let raw = r.raw.expect("a raw target");
+        let addrs: Vec<SocketAddr> = addrs
+            .iter()
+            .map(|a| SocketAddr::new(a.parse().unwrap(), raw.port))
+            .collect();
+        p.check_addresses(&raw, &addrs)
     }
 
     #[test]
@@ -398,6 +767,14 @@ mod tests {
     }
 
     #[test]
+    fn named_services_skip_the_address_checks() {
+        // The operator named it: no built-in deny, nothing left to check.
+        let r = policy().resolve("local").unwrap();
+        assert_eq!(r.address, "127.0.0.1:8002");
+        assert!(r.raw.is_none());
+    }
+
+    #[test]
     fn catalog_says_kinds_not_addresses() {
         let p = policy();
         let c = p.catalog();
@@ -411,6 +788,7 @@ mod tests {
                 ("db", ServiceKind::Tcp, ""),
                 ("grafana", ServiceKind::Http, ""),
                 ("kibana", ServiceKind::Http, "kibana:5601"),
+                ("local", ServiceKind::Tcp, ""),
             ]
         );
         assert_eq!(
@@ -425,9 +803,202 @@ mod tests {
 
     #[test]
     fn bad_rules_are_rejected() {
-        assert!(AllowRule::parse("host").is_err());
-        assert!(AllowRule::parse("host:0").is_err());
-        assert!(AllowRule::parse("host:9-3").is_err());
-        assert!(AllowRule::parse(":80").is_err());
+        for bad in [
+            "host",
+            "host:0",
+            "host:9-3",
+            ":80",
+            "host:08002",
+            "host:+8002",
+            "host:0008002",
+            "host:65536",
+            "host:80-",
+            "[[127.0.0.2]]:8002",
+            "[127.0.0.2]:8002",
+            "[::1]]:22",
+            "[::1:22",
+            "::1:22",
+            "fe80::/10:*",
+            "[fe80::]/010:*",
+            "[fe80::]/129:*",
+            "10.0.0.0/33:*",
+            "10.0.0.0/08:*",
+            "300.1.2.3:80",
+            "bad host:80",
+            "host/x:80",
+        ] {
+            assert!(AllowRule::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            AllowRule::parse("Host.Example:80-81").unwrap().ports,
+            (80, 81)
+        );
+        assert_eq!(
+            AllowRule::parse("[::ffff:127.0.0.1]:80").unwrap().host,
+            HostRule::Net("127.0.0.1/32".parse().unwrap()),
+            "IPv4-mapped rules are IPv4 rules"
+        );
+    }
+
+    #[test]
+    fn targets_are_parsed_strictly() {
+        for bad in [
+            "[[127.0.0.2]]:8002",
+            "[127.0.0.2]:8002",
+            "127.0.0.2:08002",
+            "127.0.0.2:+8002",
+            "127.0.0.2:0008002",
+            "127.0.0.2:0",
+            "127.0.0.2:65536",
+            "127.0.0.2:",
+            ":8002",
+            "::1:22",
+            "[::1]]:22",
+            "[[::1]]:22",
+            "a b:80",
+            "a/b:80",
+        ] {
+            assert_eq!(split_host_port(bad), None, "{bad:?} accepted");
+        }
+        assert_eq!(split_host_port("[::1]:22"), Some(("[::1]", 22)));
+        assert_eq!(
+            split_host_port("db.example:65535"),
+            Some(("db.example", 65535))
+        );
+        assert_eq!(split_host_port("10.0.0.1:1"), Some(("10.0.0.1", 1)));
+        // Malformed raw targets are refused as such, not as unknown services.
+        let p = rules(&["*:*"]);
+        assert_eq!(
+            p.resolve("[[127.0.0.2]]:8002").unwrap_err().0,
+            OpenErrorCode::BadTarget
+        );
+        assert_eq!(
+            p.resolve("x:08002").unwrap_err().0,
+            OpenErrorCode::BadTarget
+        );
+    }
+
+    #[test]
+    fn ip_globs_become_cidrs_or_are_refused() {
+        let net = |s: &str| match AllowRule::parse(s).unwrap().host {
+            HostRule::Net(n) => n.to_string(),
+            HostRule::Glob(g) => panic!("{s} stayed a glob: {g}"),
+        };
+        assert_eq!(net("10.0.*.*:*"), "10.0.0.0/16");
+        assert_eq!(net("10.*:*"), "10.0.0.0/8");
+        assert_eq!(net("192.168.1.*:22"), "192.168.1.0/24");
+        for bad in [
+            "10.*.0.1:*",
+            "*.*.0.1:*",
+            "10.0.0.1?:*",
+            "1*:*",
+            "*.1:*",
+            "*.*:*",
+            "10..*:*",
+            "010.*:*",
+        ] {
+            let e = AllowRule::parse(bad).unwrap_err();
+            assert!(format!("{e:#}").contains("CIDR"), "{bad}: {e:#}");
+        }
+        // An IP glob never matches names; `*` alone still is a name glob.
+        let p = rules(&["10.0.*.*:*"]);
+        assert!(p.resolve("10.0.5.6:80").is_ok());
+        assert!(p.resolve("10.1.5.6:80").is_err());
+        assert!(p.resolve("10.0.evil.example:80").is_err());
+        assert!(rules(&["*:*"]).resolve("anything.example:80").is_ok());
+    }
+
+    #[test]
+    fn resolved_addresses_are_checked() {
+        let p = rules(&["*.test:*", "10.0.0.0/8:5432"]);
+        assert!(check(&p, "db.test:5432", &["10.1.2.3"]).is_ok());
+        assert!(check(&p, "db.test:80", &["192.0.2.7", "2001:db8::7"]).is_ok());
+        // A name in the glob that resolves into a built-in deny range.
+        for (addr, what) in [
+            ("127.0.0.1", "loopback"),
+            ("127.9.9.9", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("0.0.0.0", "this-host"),
+            ("::", "unspecified"),
+            ("169.254.169.254", "link-local"),
+            ("fe80::1", "link-local"),
+            ("100.100.100.200", "metadata"),
+            ("fd00:ec2::254", "metadata"),
+            ("168.63.129.16", "Azure"),
+        ] {
+            let (code, reason) = check(&p, "evil.test:80", &["192.0.2.7", addr]).unwrap_err();
+            assert_eq!(code, OpenErrorCode::Forbidden);
+            assert!(reason.starts_with("evil.test resolves to "), "{reason}");
+            assert!(reason.contains(what), "{addr}: {reason}");
+        }
+        let (_, reason) = check(&p, "evil.test:80", &["127.0.0.1"]).unwrap_err();
+        assert_eq!(
+            reason,
+            "evil.test resolves to 127.0.0.1, a loopback address (127.0.0.0/8) that only an \
+             explicit rule for it allows (such as 127.0.0.1:80)"
+        );
+        // Names need a glob; an address rule alone is not enough.
+        let p = rules(&["10.0.0.0/8:*"]);
+        assert!(p.resolve("db.test:80").is_err());
+        // With a glob on another port, the address rules decide.
+        let p = rules(&["*.test:80", "10.0.0.0/8:5432"]);
+        assert!(check(&p, "db.test:80", &["10.1.2.3"]).is_ok());
+        let (_, reason) = check(&p, "db.test:5432", &["192.0.2.7"]).unwrap_err();
+        assert!(
+            reason.contains("is not in this agent's allow list") || reason.contains("no rule"),
+            "{reason}"
+        );
+        let (code, _) = check(&p, "db.test:80", &[]).unwrap_err();
+        assert_eq!(code, OpenErrorCode::Unreachable);
+    }
+
+    #[test]
+    fn deny_ranges_need_an_explicit_rule() {
+        let p = rules(&[
+            "*.test:*",
+            "0.0.0.0/0:*",
+            "[::]/0:*",
+            "127.0.0.0/8:8002",
+            "[::1]:8003",
+            "169.254.169.254:80",
+        ]);
+        // Broad networks do not open the deny ranges...
+        assert!(check(&p, "x.test:8003", &["127.0.0.1"]).is_err());
+        assert!(check(&p, "x.test:81", &["169.254.169.254"]).is_err());
+        assert!(check(&p, "x.test:80", &["169.254.169.253"]).is_err());
+        assert!(p.resolve("127.0.0.1:8003").is_err());
+        assert!(p.resolve("[::ffff:127.0.0.1]:8003").is_err());
+        assert!(p.resolve("0.0.0.0:80").is_err());
+        assert!(p.resolve("[fe80::1]:80").is_err());
+        // ...a rule inside them does, for its ports.
+        assert!(check(&p, "x.test:8002", &["127.0.0.1", "127.1.2.3"]).is_ok());
+        assert!(check(&p, "x.test:8002", &["::ffff:127.0.0.1"]).is_ok());
+        assert!(check(&p, "x.test:8002", &["127.0.0.1", "::1"]).is_err());
+        assert!(check(&p, "x.test:8003", &["::1"]).is_ok());
+        assert!(check(&p, "x.test:80", &["169.254.169.254"]).is_ok());
+        assert!(p.resolve("127.0.0.1:8002").is_ok());
+        assert!(p.resolve("[::1]:8003").is_ok());
+        // Everything else is allowed by the broad rules.
+        assert!(p.resolve("192.0.2.1:9").is_ok());
+        assert!(p.resolve("[2001:db8::1]:9").is_ok());
+        let (code, reason) = rules(&["0.0.0.0/0:*"]).resolve("127.0.0.1:22").unwrap_err();
+        assert_eq!(code, OpenErrorCode::Forbidden);
+        assert!(
+            reason.contains("not in this agent's allow list: 127.0.0.1 is a loopback address"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn localhost_rule_allows_loopback_for_that_name_only() {
+        let p = rules(&["localhost:8000-8100", "*.test:*"]);
+        assert!(check(&p, "localhost:8080", &["127.0.0.1", "::1"]).is_ok());
+        assert!(check(&p, "LOCALHOST:8080", &["127.0.0.1"]).is_ok());
+        assert!(check(&p, "localhost:8080", &["169.254.169.254"]).is_err());
+        assert!(check(&p, "evil.test:8080", &["127.0.0.1"]).is_err());
+        // A wildcard that happens to match `localhost` is not an explicit allow.
+        let p = rules(&["local*:*"]);
+        assert!(check(&p, "localhost:8080", &["127.0.0.1"]).is_err());
     }
 }
