@@ -10,8 +10,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tether_net::splice::{ChunkRead, ChunkWrite};
 use tether_net::transport::ws::{server_from_upgraded, ws_config};
 use tether_net::Connection;
@@ -28,7 +29,17 @@ use crate::{State, AGENT_PATH, CLIENT_PATH, HEADER_READ_TIMEOUT, HTTP2_KEEPALIVE
 
 use crate::web::{self, full, Resp};
 
-/// Serves HTTP/1.1 (with upgrades) on one accepted connection.
+/// A connection with no request in flight is closed (gracefully: responses
+/// still streaming finish first) after this long without a new request.
+/// HTTP/1.1 connections are also cut by hyper's header-read timeout; this
+/// is what ends idle HTTP/2 connections, which answer PINGs forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How soon a connection accepted into the session reserve must send its
+/// request, and how long it may stay idle after it.
+const RESERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one accepted connection.
 pub async fn serve_connection<S>(
     state: Arc<State>,
     io: S,
@@ -39,31 +50,142 @@ pub async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_cert = client_cert.map(Arc::new);
-    let svc = service_fn(move |mut req: Request<Body>| {
-        req.extensions_mut().insert(hold.clone());
-        let state = state.clone();
-        let cert = client_cert.clone();
-        async move { Ok::<_, Infallible>(route(state, req, peer, cert).await) }
-    });
+    let activity = Arc::new(Activity::new());
+    let reserve_only = hold.reserve_only();
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |mut req: Request<Body>| {
+            let busy = activity.begin();
+            req.extensions_mut().insert(hold.clone());
+            let state = state.clone();
+            let cert = client_cert.clone();
+            async move {
+                let _busy = busy;
+                if reserve_only && !reserve_may_serve(&req) {
+                    return Ok::<_, Infallible>(reserve_refusal(&state, peer));
+                }
+                Ok::<_, Infallible>(route(state, req, peer, cert).await)
+            }
+        })
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    // HTTP/2 has no header-read timeout: ping idle connections instead, and
-    // drop those that do not answer.
+    // HTTP/2 has no header-read timeout: ping idle connections to drop
+    // dead ones, and close live but idle ones below.
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(HTTP2_KEEPALIVE)
         .keep_alive_timeout(HEADER_READ_TIMEOUT)
         .max_concurrent_streams(256);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let (first, idle) = if reserve_only {
+        (RESERVE_IDLE_TIMEOUT, RESERVE_IDLE_TIMEOUT)
+    } else {
+        (HEADER_READ_TIMEOUT, IDLE_TIMEOUT)
+    };
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = activity.idle_for(first, idle) => {
+            tracing::debug!(%peer, "closing an idle connection");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, "http connection ended: {e}");
     }
+}
+
+/// Requests in flight on one connection and when the last one started.
+struct Activity {
+    in_flight: AtomicUsize,
+    last_start: std::sync::Mutex<tokio::time::Instant>,
+    started: AtomicBool,
+}
+
+/// One request in flight (until its response head is sent).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_start: std::sync::Mutex::new(tokio::time::Instant::now()),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started.store(true, Ordering::Relaxed);
+        *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request is in flight and none started for `first`
+    /// (before the first request) or `idle` (after it).
+    async fn idle_for(&self, first: Duration, idle: Duration) {
+        loop {
+            let limit = if self.started.load(Ordering::Relaxed) {
+                idle
+            } else {
+                first
+            };
+            let due = *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) + limit;
+            if tokio::time::Instant::now() >= due && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(
+                due.max(tokio::time::Instant::now() + Duration::from_millis(500)),
+            )
+            .await;
+        }
+    }
+}
+
+/// What a connection accepted into the session reserve may ask for:
+/// agent and client session upgrades (they authenticate at once) and
+/// health checks.
+fn reserve_may_serve(req: &Request<Body>) -> bool {
+    let path = req.uri().path();
+    matches!(path, AGENT_PATH | CLIENT_PATH | "/healthz" | "/readyz")
+        || path.starts_with(RAW_WS_PREFIX)
+}
+
+/// 503 for anything else on a reserve connection.
+fn reserve_refusal(state: &State, peer: SocketAddr) -> Resp {
+    state.metrics.limit_hit("connections_reserved");
+    tracing::warn!(%peer, "connection slots are full: only agent and client sessions are served");
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server busy: the remaining connection slots are kept for agent and client sessions",
+    );
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// The connection's hold from a request, marked as carrying an
+/// authenticated session (it leaves the anonymous share).
+fn authenticated_hold(req: &Request<Body>) -> Option<crate::ConnectionHold> {
+    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
+    if let Some(h) = &hold {
+        h.authenticated();
+    }
+    hold
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Resp {
@@ -415,7 +537,7 @@ fn agent_upgrade(
     } else {
         "certificate"
     };
-    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
+    let hold = authenticated_hold(&req);
     tokio::spawn(async move {
         let _slot = slot;
         let _hold = hold;
@@ -491,7 +613,7 @@ fn client_upgrade(state: Arc<State>, req: Request<Body>, peer: SocketAddr) -> Re
         Ok(s) => s,
         Err(hit) => return limit_refusal(&state, peer, hit),
     };
-    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
+    let hold = authenticated_hold(&req);
     tokio::spawn(async move {
         let _slot = slot;
         let _hold = hold;
@@ -586,7 +708,7 @@ async fn raw_ws(state: Arc<State>, req: Request<Body>, peer: SocketAddr, rest: &
         }
     };
     let target = rest.to_owned();
-    let hold = req.extensions().get::<crate::ConnectionHold>().cloned();
+    let hold = authenticated_hold(&req);
     tokio::spawn(async move {
         let _slot = slot;
         let _hold = hold;

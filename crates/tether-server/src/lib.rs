@@ -11,6 +11,8 @@
 //! | `/metrics` | Prometheus metrics |
 //! | `/`, `/login`, `/a/AGENT/SERVICE/`, `SERVICE.AGENT.BASE_DOMAIN` | browser access (see [`web`]) |
 
+mod admission;
+pub(crate) use admission::ConnectionHold;
 pub mod auth;
 pub mod config;
 mod http;
@@ -157,8 +159,8 @@ pub struct State {
     pub tls: bool,
     /// Whether `/metrics` is served on the public port (no `metrics_listen`).
     pub public_metrics: bool,
-    /// Open TCP connections on the public port.
-    connections: std::sync::atomic::AtomicUsize,
+    /// Who may hold a connection on the public port.
+    admission: Arc<admission::Admission>,
     /// Live relayed streams per client identity.
     client_streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Every live multiplexed session (agents and clients), for draining
@@ -356,23 +358,6 @@ impl State {
     }
 }
 
-/// Counts one open connection until dropped. Requests carry it (as a
-/// [`ConnectionHold`] extension) so that WebSocket upgrades, which outlive
-/// hyper's connection task, keep counting.
-pub(crate) struct ConnectionGuard(Arc<State>);
-
-/// A shared hold on a connection's slot in `max_connections`.
-#[derive(Clone)]
-pub(crate) struct ConnectionHold(#[allow(dead_code)] pub(crate) Arc<ConnectionGuard>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0
-            .connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// A bound, not yet serving, server.
 pub struct Server {
     listener: TcpListener,
@@ -428,7 +413,7 @@ impl Server {
                 web_pool: web::proxy::Pool::new(weak.clone()),
                 tls: cfg.tls.is_some(),
                 public_metrics: cfg.metrics_listen.is_none(),
-                connections: Default::default(),
+                admission: Default::default(),
                 client_streams: Default::default(),
                 sessions: Default::default(),
                 next_session: Default::default(),
@@ -533,24 +518,23 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            // Connection cap: refuse at once instead of running out of
+            // Connection caps: refuse at once instead of running out of
             // file descriptors for everyone.
-            let open = self
+            let hold = match self
                 .state
-                .connections
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let conn_guard = ConnectionGuard(self.state.clone());
-            if open >= self.state.limits.max_connections() {
-                self.state.metrics.limit_hit("connections");
-                tracing::warn!(%peer, open, "connection limit reached; closing a new connection");
-                drop(tcp);
-                drop(conn_guard);
-                continue;
-            }
+                .admission
+                .admit(peer.ip(), self.state.limits.connection_caps())
+            {
+                Ok(h) => h,
+                Err(refused) => {
+                    self.state.metrics.limit_hit(refused.limit());
+                    tracing::warn!(%peer, open = self.state.admission.open(), limit = refused.limit(), "connection limit reached; closing a new connection");
+                    continue;
+                }
+            };
             let state = self.state.clone();
             let tls = self.state.tls_acceptor();
             tokio::spawn(async move {
-                let hold = ConnectionHold(Arc::new(conn_guard));
                 match tls {
                     None => http::serve_connection(state, tcp, peer, None, hold).await,
                     Some(acceptor) => {

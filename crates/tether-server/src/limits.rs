@@ -32,6 +32,9 @@ pub const LOGIN_BURST: f64 = 20.0;
 pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
 /// Default cap on open TCP connections to the public port.
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// Default cap on one source address's connections to the public port
+/// (IPv6: per /64). A browser opens a handful; a NAT'd office a few hundred.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 512;
 /// Most rate buckets kept per kind (stream opens, HTTP requests, logins).
 /// At the cap, buckets that have refilled are dropped first (they lose
 /// nothing); if none has, the fullest goes, so the map never grows past it
@@ -70,6 +73,13 @@ pub struct LimitsConfig {
     /// Open TCP connections to the public port (before any authentication).
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
+    /// Open TCP connections to the public port from one source address.
+    #[serde(default = "d_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+}
+
+fn d_max_connections_per_source() -> usize {
+    MAX_CONNECTIONS_PER_SOURCE
 }
 
 fn d_max_connections() -> usize {
@@ -109,6 +119,7 @@ impl Default for LimitsConfig {
             request_burst: REQUEST_BURST,
             max_pending_opens_per_client: MAX_PENDING_OPENS_PER_CLIENT,
             max_connections: MAX_CONNECTIONS,
+            max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
         }
     }
 }
@@ -264,12 +275,13 @@ impl Limits {
         *self.cfg.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
     }
 
-    /// The connection cap.
-    pub fn max_connections(&self) -> usize {
-        self.cfg
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .max_connections
+    /// The connection caps of the public port.
+    pub(crate) fn connection_caps(&self) -> crate::admission::Caps {
+        let g = self.cfg.lock().unwrap_or_else(|p| p.into_inner());
+        crate::admission::Caps {
+            max_connections: g.max_connections,
+            max_per_source: g.max_connections_per_source,
+        }
     }
 
     fn cfg(&self) -> LimitsConfig {

@@ -8,6 +8,7 @@
 //! socket is bound with `SO_REUSEADDR`, so rebinding after the agent returns
 //! never fails with "address already in use" because of old connections.
 
+use crate::admission::SourceCounts;
 use anyhow::Context;
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -57,37 +58,6 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
 
 fn default_per_source() -> usize {
     MAX_CONNECTIONS_PER_SOURCE
-}
-
-/// Open connections per source address of one listener.
-#[derive(Default)]
-struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One source's connection slot, returned on drop.
-struct SourceSlot(Arc<PerSource>, std::net::IpAddr);
-
-impl PerSource {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = g.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut g = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = g.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                g.remove(&self.1);
-            }
-        }
-    }
 }
 
 impl ListenerConfig {
@@ -142,7 +112,7 @@ pub async fn run(state: Arc<State>, cfg: ListenerConfig) {
         return run_udp(state, Arc::new(cfg)).await;
     }
     let cfg = Arc::new(cfg);
-    let per_source: Arc<PerSource> = Arc::default();
+    let per_source: Arc<SourceCounts> = Arc::default();
     let mut changes = state.registry.subscribe();
     loop {
         // Wait for the agent.

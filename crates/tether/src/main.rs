@@ -182,6 +182,10 @@ struct AgentArgs {
     /// Serve /metrics and /healthz here.
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Resolve raw targets with this DNS server (IP or IP:PORT) instead of
+    /// the system resolver.
+    #[arg(long, env = "TETHER_DNS_SERVER")]
+    dns_server: Option<String>,
 }
 
 #[derive(Args)]
@@ -473,6 +477,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     a.session.apply(&mut t);
     a.dial.apply(&mut t);
     set(&mut t, "name", a.name);
+    set(&mut t, "dns_server", a.dns_server);
     set(
         &mut t,
         "dial_timeout_ms",

@@ -717,3 +717,177 @@ async fn raw_websockets_that_never_read_hold_a_bounded_amount() {
     );
     assert_eq!(t.server_metric("tether_live_streams"), Some(16.0));
 }
+
+/// An HTTP/2 connection (prior knowledge, no TLS) from a chosen loopback
+/// source that sends no request; hyper answers the server's PINGs. Resolves
+/// when the server closes it.
+async fn idle_h2(
+    server: std::net::SocketAddr,
+    source: [u8; 4],
+) -> Option<tokio::task::JoinHandle<()>> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    let tcp = sock.connect(server).await.ok()?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .ok()?;
+    Some(tokio::spawn(async move {
+        let _sender = sender;
+        let _ = conn.await;
+    }))
+}
+
+/// A GET from a chosen loopback source on a fresh connection: the status.
+async fn get_from(server: std::net::SocketAddr, source: [u8; 4], path: &str) -> Option<u16> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    let mut tcp = sock.connect(server).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Idle HTTP/2 connections cannot fill the connection cap: one source gets
+/// at most its share, the last tenth stays for agent and client sessions,
+/// and idle connections are closed after the first-request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_cannot_lock_out_agents_and_clients() {
+    let echo = echo_service().await;
+    let dir = std::env::temp_dir().join(format!("tether-h2idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"prod\"\ntoken = \"{AGENT_TOKEN}\"\n\
+             [[client]]\nname = \"dev\"\ntoken = \"{CLIENT_TOKEN}\"\nallow = [\"prod/*\"]\n\
+             [limits]\nmax_connections = 50\nmax_connections_per_source = 30\n"
+        ),
+    )
+    .unwrap();
+    let server = Proc::spawn(
+        "server",
+        &[
+            "server".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    }));
+
+    // One source gets 30 connections and no more.
+    let started = std::time::Instant::now();
+    let mut idle = vec![];
+    for _ in 0..30 {
+        idle.push(
+            idle_h2(addr, [127, 0, 0, 2])
+                .await
+                .expect("within the per-source cap"),
+        );
+    }
+    let over = idle_h2(addr, [127, 0, 0, 2]).await;
+    match over {
+        None => {}
+        Some(h) => assert!(
+            tokio::time::timeout(Duration::from_secs(2), h)
+                .await
+                .is_ok(),
+            "the 31st connection of one source was kept"
+        ),
+    }
+    // A second source fills the anonymous share (45 of 50).
+    for _ in 0..15 {
+        idle.push(
+            idle_h2(addr, [127, 0, 0, 3])
+                .await
+                .expect("within the anonymous share"),
+        );
+    }
+    // Now only sessions and health checks are served on new connections.
+    assert_eq!(get_from(addr, [127, 0, 0, 4], "/metrics").await, Some(503));
+    assert_eq!(get_from(addr, [127, 0, 0, 4], "/healthz").await, Some(200));
+    let metrics_port = free_port();
+    let _agent = Proc::spawn(
+        "agent",
+        &[
+            "agent".into(),
+            "--server".into(),
+            format!("ws://127.0.0.1:{port}"),
+            "--name".into(),
+            "prod".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+            "--service".into(),
+            format!("echo={echo}"),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || _agent
+            .log_text()
+            .contains("registered")),
+        "agent could not connect: {}",
+        _agent.log_text()
+    );
+    let local = free_port();
+    let client = forward_client(
+        &format!("ws://127.0.0.1:{port}"),
+        CLIENT_TOKEN,
+        &[(local, "prod/echo")],
+    );
+    assert!(
+        client.wait_log("connected", Duration::from_secs(10)),
+        "{}",
+        client.log_text()
+    );
+    good_transfer(local, 64 * 1024).await;
+
+    // The idle HTTP/2 connections are closed at the first-request timeout,
+    // PINGs or not.
+    for h in idle {
+        tokio::time::timeout(Duration::from_secs(20), h)
+            .await
+            .expect("an idle HTTP/2 connection was kept")
+            .unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(25));
+    let m = http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metric(
+            &m,
+            "tether_limit_hits_total{limit=\"connections_per_source\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "tether_limit_hits_total{limit=\"connections_reserved\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,243 @@
+//! Who gets a TCP connection on the public port, before anyone is known.
+//!
+//! Three rules, checked at accept:
+//!
+//! * at most `max_connections` open connections in all;
+//! * at most `max_connections_per_source` from one source address (IPv6
+//!   counted per /64), so one host cannot take every slot;
+//! * anonymous connections (nothing authenticated on them yet) may fill the
+//!   cap only up to a reserve: the last tenth is kept for agent and client
+//!   sessions. A connection accepted into the reserve is *reserve-only*: it
+//!   may carry a session upgrade or a health check and nothing else, and
+//!   must send its request quickly.
+//!
+//! A connection stops counting as anonymous once an agent or client session
+//! is authenticated on it ([`ConnectionHold::authenticated`]).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Open connections per source address (shared by the public port and the
+/// `[[listener]]` ports, each with its own table).
+#[derive(Default)]
+pub(crate) struct SourceCounts(Mutex<HashMap<IpAddr, usize>>);
+
+/// One source's connection slot, given back on drop.
+pub(crate) struct SourceSlot(Arc<SourceCounts>, IpAddr);
+
+impl SourceCounts {
+    /// Takes a slot for `ip` if it holds fewer than `max`.
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), key))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut g = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// The address a source is counted under: IPv4 as is, IPv6 by its /64
+/// (one host usually holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Why a connection was refused at accept (the metric label and the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// `max_connections` reached.
+    Connections,
+    /// `max_connections_per_source` reached for this source.
+    PerSource,
+}
+
+impl Refused {
+    /// The `tether_limit_hits_total{limit}` label.
+    pub(crate) fn limit(self) -> &'static str {
+        match self {
+            Refused::Connections => "connections",
+            Refused::PerSource => "connections_per_source",
+        }
+    }
+}
+
+/// The public port's connection counts.
+#[derive(Default)]
+pub(crate) struct Admission {
+    total: AtomicUsize,
+    anonymous: AtomicUsize,
+    sources: Arc<SourceCounts>,
+}
+
+/// The caps in force (read per accept, so a reload applies at once).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    pub max_connections: usize,
+    pub max_per_source: usize,
+}
+
+impl Caps {
+    /// Slots anonymous connections may not take: a tenth of the cap.
+    fn reserve(self) -> usize {
+        (self.max_connections / 10).max(1)
+    }
+}
+
+impl Admission {
+    /// Admits a new connection from `ip`, or says which cap refused it.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        caps: Caps,
+    ) -> Result<ConnectionHold, Refused> {
+        let source = self
+            .sources
+            .take(ip, caps.max_per_source.max(1))
+            .ok_or(Refused::PerSource)?;
+        let total = self.total.fetch_add(1, Ordering::Relaxed);
+        let anonymous = self.anonymous.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnectionGuard {
+            admission: self.clone(),
+            authenticated: AtomicBool::new(false),
+            reserve_only: anonymous >= caps.max_connections.saturating_sub(caps.reserve()),
+            _source: source,
+        };
+        if total >= caps.max_connections {
+            return Err(Refused::Connections); // the guard gives the counts back
+        }
+        Ok(ConnectionHold(Arc::new(guard)))
+    }
+
+    /// Open connections on the public port.
+    pub(crate) fn open(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one connection until dropped.
+pub(crate) struct ConnectionGuard {
+    admission: Arc<Admission>,
+    authenticated: AtomicBool,
+    reserve_only: bool,
+    _source: SourceSlot,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.admission.total.fetch_sub(1, Ordering::Relaxed);
+        if !self.authenticated.load(Ordering::Relaxed) {
+            self.admission.anonymous.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A shared hold on a connection's slot. Requests carry it (as an
+/// extension) so that WebSocket upgrades, which outlive hyper's connection
+/// task, keep counting.
+#[derive(Clone)]
+pub(crate) struct ConnectionHold(Arc<ConnectionGuard>);
+
+impl ConnectionHold {
+    /// An agent or client session was authenticated on this connection: it
+    /// no longer counts against the anonymous share.
+    pub(crate) fn authenticated(&self) {
+        if !self.0.authenticated.swap(true, Ordering::Relaxed) {
+            self.0.admission.anonymous.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Accepted into the reserve: serve only session upgrades and health
+    /// checks on it.
+    pub(crate) fn reserve_only(&self) -> bool {
+        self.0.reserve_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(max: usize, per_source: usize) -> Caps {
+        Caps {
+            max_connections: max,
+            max_per_source: per_source,
+        }
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_slot() {
+        let a = Arc::new(Admission::default());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| a.admit(ip, caps(100, 3)).unwrap()).collect();
+        assert_eq!(a.admit(ip, caps(100, 3)).err(), Some(Refused::PerSource));
+        assert!(a.admit("192.0.2.2".parse().unwrap(), caps(100, 3)).is_ok());
+        drop(held);
+        assert!(a.admit(ip, caps(100, 3)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let a = Arc::new(Admission::default());
+        let _h = a
+            .admit("2001:db8::1".parse().unwrap(), caps(100, 1))
+            .unwrap();
+        let other_host_same_64 = "2001:db8::ffff".parse().unwrap();
+        assert_eq!(
+            a.admit(other_host_same_64, caps(100, 1)).err(),
+            Some(Refused::PerSource)
+        );
+        assert!(a
+            .admit("2001:db8:0:1::1".parse().unwrap(), caps(100, 1))
+            .is_ok());
+    }
+
+    #[test]
+    fn the_last_tenth_is_kept_for_sessions() {
+        let a = Arc::new(Admission::default());
+        let mut held = vec![];
+        for i in 0..9u8 {
+            let h = a.admit(IpAddr::from([10, 0, 0, i]), caps(10, 5)).unwrap();
+            assert!(!h.reserve_only());
+            held.push(h);
+        }
+        // The tenth anonymous connection gets in, but only for sessions.
+        let r = a.admit("10.0.1.1".parse().unwrap(), caps(10, 5)).unwrap();
+        assert!(r.reserve_only());
+        assert_eq!(
+            a.admit("10.0.1.2".parse().unwrap(), caps(10, 5)).err(),
+            Some(Refused::Connections)
+        );
+        // A session authenticated on it frees the anonymous share.
+        r.authenticated();
+        drop(held.pop());
+        let h = a.admit("10.0.1.3".parse().unwrap(), caps(10, 5)).unwrap();
+        assert!(!h.reserve_only());
+        assert_eq!(a.open(), 10);
+    }
+}
