@@ -18,6 +18,7 @@ pub mod codes;
 pub mod frame;
 mod session;
 mod stream;
+pub mod target;
 
 pub use codes::{ErrorCode, OpenErrorCode, ResetCode};
 pub use frame::{

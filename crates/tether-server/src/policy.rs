@@ -98,8 +98,21 @@ impl Rule {
     fn applies(&self, id: &ClientIdentity, target: &str, proto: Protocol) -> bool {
         (self.protocols.is_empty() || self.protocols.contains(&proto))
             && self.who.iter().any(|s| s.matches(id))
-            && self.targets.iter().any(|p| glob_match(p, target))
+            && self.targets.iter().any(|p| target_matches(p, target))
     }
+}
+
+/// Whether a rule's `AGENT/SERVICE` pattern covers a target. A raw target
+/// (`HOST:PORT`) is covered only by a pattern that names one (its service
+/// part has a `:`): `prod/*` means prod's named services, so a deny of
+/// `prod/db` cannot be walked around by dialing db's address through
+/// `prod/*`; raw access needs a rule such as `prod/*.svc.cluster.local:*`.
+fn target_matches(pattern: &str, target: &str) -> bool {
+    let raw_target = target.split_once('/').is_some_and(|(_, s)| s.contains(':'));
+    let raw_pattern = pattern
+        .split_once('/')
+        .is_some_and(|(_, s)| s.contains(':'));
+    (raw_pattern || !raw_target) && glob_match(pattern, target)
 }
 
 /// `AGENT/SERVICE` as the policy compares it: a raw `host:port` service is
@@ -339,6 +352,38 @@ mod tests {
 
         assert!(p.may_see_agent(&sre, "staging"));
         assert!(!p.may_see_agent(&dev, "prod"));
+    }
+
+    #[test]
+    fn agent_star_covers_named_services_only() {
+        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
+            "[[rule]]\nwho = [\"*\"]\nallow = [\"a/*\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"a/db\"]",
+        )
+        .unwrap()["rule"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let p = Policy::new(&rules, &[]).unwrap();
+        let who = token("alice");
+        assert!(p.decide(&who, "a", "web", Protocol::Tcp).allowed);
+        assert!(!p.decide(&who, "a", "db", Protocol::Tcp).allowed);
+        // db's address through `a/*`: no rule names raw targets.
+        let d = p.decide(&who, "a", "127.0.0.2:8002", Protocol::Tcp);
+        assert!(
+            !d.allowed && d.reason.contains("no rule allows"),
+            "{}",
+            d.reason
+        );
+        // A token client's `allow` list follows the same rule.
+        let q = Policy::new(&[], &[("bob".into(), vec!["a/*".into(), "a/*:443".into()])]).unwrap();
+        assert!(
+            !q.decide(&token("bob"), "a", "10.0.0.1:80", Protocol::Tcp)
+                .allowed
+        );
+        assert!(
+            q.decide(&token("bob"), "a", "10.0.0.1:443", Protocol::Tcp)
+                .allowed
+        );
     }
 
     #[test]

@@ -4,21 +4,12 @@ use std::sync::Arc;
 use std::time::Instant;
 use tether_net::splice::{splice_until, ChunkRead, ChunkWrite};
 use tether_net::{Incoming, Stream};
+use tether_proto::target::ClientTarget;
 use tether_proto::{OpenErrorCode, ResetCode, Target, TargetKind};
 
 use crate::auth::ClientIdentity;
 use crate::policy::Protocol;
 use crate::State;
-
-/// Splits a client target `agent/service` (the service part may itself be
-/// `host:port`).
-pub fn parse_client_target(address: &str) -> Option<(&str, &str)> {
-    let (agent, service) = address.split_once('/')?;
-    if agent.is_empty() || service.is_empty() {
-        return None;
-    }
-    Some((agent, service))
-}
 
 /// Why a client's open could not be relayed.
 pub struct RelayRefusal {
@@ -172,12 +163,13 @@ pub async fn open_on_agent(
         state.metrics.error(code.as_str());
         Err(RelayRefusal { code, reason })
     };
-    let Some((agent, service)) = parse_client_target(address) else {
-        return refuse(
-            OpenErrorCode::BadTarget,
-            format!("target {address:?} is not AGENT/SERVICE"),
-        );
+    // One spelling per target before any policy runs (see tether_proto::target).
+    let target = match ClientTarget::parse(address) {
+        Ok(t) => t,
+        Err(e) => return refuse(OpenErrorCode::BadTarget, e.to_string()),
     };
+    let agent = target.agent.as_str();
+    let service = &target.service.to_string();
     let protocol = protocol_of(kind);
     let admission = admit(state, client, agent, service, protocol)?;
     let Some(entry) = state.registry.get(agent) else {

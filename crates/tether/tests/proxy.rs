@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use std::process::Command;
 use std::time::Duration;
+use tether_proto::{OpenErrorCode, Target};
 
 /// A CLI client running `proxy` with `args`, connected; returns it and its port.
 fn proxy_client(t: &Tunnel, args: &[&str]) -> (Proc, u16) {
@@ -153,4 +154,130 @@ async fn socks5_udp_associate_relays_datagrams_by_name() {
     }
     drop(ctl);
     assert!(client.wait_log("UDP association closed", Duration::from_secs(5)));
+}
+
+/// A session of the CLI protocol with `token`, for exact refusal codes.
+async fn session(t: &Tunnel, token: &str) -> tether_net::Connection {
+    let (sink, source) = tether_net::transport::ws::dial(
+        &format!("{}/tether/v1/client", t.url()),
+        tether_proto::SUBPROTOCOL,
+        &[("authorization".into(), format!("Bearer {token}"))],
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let cfg = tether_proto::Config {
+        accept_opens: false,
+        ..Default::default()
+    };
+    tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "t")
+        .await
+        .unwrap()
+        .0
+}
+
+/// A deny rule holds whatever the target is called: `AGENT/*` covers named
+/// services only, so a denied service's address is not reachable through
+/// it, and a raw target has one spelling (`:08002`, `127.1` are refused)
+/// over the CLI protocol, SOCKS5 and HTTP CONNECT alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rules_hold_whatever_the_target_is_called() {
+    let db = http_service("the database").await;
+    let dir = std::env::temp_dir().join(format!("tether-canon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    let port = db.port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[client]]\nname = \"alice\"\ntoken = \"alice-token\"\n\
+             [[client]]\nname = \"bob\"\ntoken = \"bob-token\"\n\
+             [[rule]]\nwho = [\"alice\"]\nallow = [\"prod/*\"]\n\
+             [[rule]]\nwho = [\"alice\"]\ndeny = [\"prod/db\"]\n\
+             [[rule]]\nwho = [\"bob\"]\nallow = [\"prod/*:*\"]\n\
+             [[rule]]\nwho = [\"bob\"]\ndeny = [\"prod/127.0.0.1:{port}\"]\n"
+        ),
+    )
+    .unwrap();
+    let cfg_arg = cfg.display().to_string();
+    // The agent itself would dial db's address (an explicit loopback rule).
+    let allow = format!("127.0.0.1:{port}");
+    let t = Tunnel::start_with(&[("db", db)], &["--config", &cfg_arg], &["--allow", &allow]);
+
+    let alice = session(&t, "alice-token").await;
+    let refused = |r: Result<tether_net::Stream, (OpenErrorCode, String)>| match r {
+        Ok(_) => panic!("opened"),
+        Err(e) => e,
+    };
+    let (code, why) = refused(alice.open(Target::tcp("prod/db")).await);
+    assert_eq!(code, OpenErrorCode::Forbidden, "{why}");
+    // db's address through `prod/*`: no rule names raw targets for alice.
+    let (code, why) = refused(
+        alice
+            .open(Target::tcp(format!("prod/127.0.0.1:{port}")))
+            .await,
+    );
+    assert_eq!(code, OpenErrorCode::Forbidden, "{why}");
+    assert!(why.contains("no rule allows"), "{why}");
+
+    let bob = session(&t, "bob-token").await;
+    let (code, why) = refused(
+        bob.open(Target::tcp(format!("prod/127.0.0.1:{port}")))
+            .await,
+    );
+    assert_eq!(code, OpenErrorCode::Forbidden, "{why}");
+    for other in [
+        format!("prod/127.0.0.1:0{port}"),
+        format!("prod/127.0.0.1:+{port}"),
+        format!("prod/127.0.0.1:000{port}"),
+        format!("prod/127.1:{port}"),
+        format!("prod/0x7f.0.0.1:{port}"),
+        format!("prod/[[127.0.0.1]]:{port}"),
+    ] {
+        let (code, why) = refused(bob.open(Target::tcp(other.clone())).await);
+        assert_eq!(code, OpenErrorCode::BadTarget, "{other}: {why}");
+    }
+    // Another address form of the same place is the same target.
+    let (code, _) = refused(
+        bob.open(Target::tcp(format!("prod/[::ffff:127.0.0.1]:{port}")))
+            .await,
+    );
+    assert_eq!(code, OpenErrorCode::Forbidden);
+
+    // SOCKS5 and HTTP CONNECT through alice's proxy client: refused too.
+    let p_port = free_port();
+    let proxy = Proc::spawn(
+        "proxy-client",
+        &[
+            "client".into(),
+            "--server".into(),
+            t.url(),
+            "--token".into(),
+            "alice-token".into(),
+            "proxy".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{p_port}"),
+            "--default-agent".into(),
+            "prod".into(),
+        ],
+    );
+    assert!(proxy.wait_log("connected", Duration::from_secs(10)));
+    let url = format!("http://127.0.0.1:{port}/");
+    let via = format!("127.0.0.1:{p_port}");
+    let (ok, body, _) = curl(&["--socks5", &via, &url]);
+    assert!(
+        !ok && !body.contains("the database"),
+        "SOCKS5 reached db: {body}"
+    );
+    let (ok, body, _) = curl(&["--proxytunnel", "--proxy", &format!("http://{via}"), &url]);
+    assert!(
+        !ok && !body.contains("the database"),
+        "CONNECT reached db: {body}"
+    );
+    assert!(
+        proxy.wait_log("no rule allows", Duration::from_secs(5)),
+        "{}",
+        proxy.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

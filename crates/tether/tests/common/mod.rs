@@ -169,7 +169,7 @@ impl Tunnel {
             "--agent",
             &format!("prod={AGENT_TOKEN}"),
             "--client",
-            &format!("dev={CLIENT_TOKEN}=prod/*,ghost/*"),
+            &format!("dev={CLIENT_TOKEN}=prod/*,prod/*:*,ghost/*"),
             "--client",
             &format!("limited={LIMITED_TOKEN}=prod/echo"),
         ]
