@@ -154,7 +154,7 @@ fi
 # ---------------------------------------------------------------- 2. server in edge
 ip netns exec "$E" env NO_COLOR=1 RUST_LOG=info "$TETHER" server --listen 0.0.0.0:7700 --self-signed \
   --agent "cluster1=$AGENT_TOKEN" \
-  --client "dev=$CLIENT_TOKEN=cluster1/*" \
+  --client "dev=$CLIENT_TOKEN=cluster1/*,cluster1/*:*" \
   --client "limited=$LIMITED_TOKEN=cluster1/other" \
   >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
