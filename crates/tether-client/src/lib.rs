@@ -232,7 +232,7 @@ impl Client {
                         address: target,
                     })
                     .await
-                    .map_err(|(code, reason)| format!("{code}: {reason}"))
+                    .map_err(|r| r.to_string())
                 }
             };
             tokio::spawn(tether_net::udp::serve_socket(
@@ -353,7 +353,7 @@ async fn forward_one(conn: Connection, tcp: TcpStream, peer: SocketAddr, fwd: Ar
     let _ = tcp.set_nodelay(true);
     let stream = match conn.open(Target::tcp(fwd.target.clone())).await {
         Ok(s) => s,
-        Err((code, reason)) => {
+        Err(tether_net::Refusal { code, reason }) => {
             tracing::warn!(%peer, target = %fwd.target, %code, "cannot open: {reason}");
             return;
         }

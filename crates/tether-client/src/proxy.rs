@@ -189,7 +189,7 @@ async fn handle(
     };
     let stream = match conn.open(Target::tcp(target.clone())).await {
         Ok(s) => s,
-        Err((code, reason)) => {
+        Err(tether_net::Refusal { code, reason }) => {
             refuse(&mut tcp, &req.kind, code, &reason).await;
             bail!("{target}: {code}: {reason}");
         }
@@ -526,7 +526,7 @@ async fn association_flow(
         .await
     {
         Ok(s) => s,
-        Err((code, reason)) => {
+        Err(tether_net::Refusal { code, reason }) => {
             tracing::info!(%target, %code, "udp association flow refused: {reason}");
             return;
         }

@@ -45,7 +45,7 @@ impl AsyncRead for StreamIo {
         if this.pending.is_empty() {
             match this.reader.poll_read_chunk(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())), // EOF
                 Poll::Ready(Ok(Some(b))) => this.pending = b,
             }
@@ -63,7 +63,10 @@ impl AsyncWrite for StreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().writer.poll_write_some(cx, buf)
+        self.get_mut()
+            .writer
+            .poll_write_some(cx, buf)
+            .map_err(Into::into)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -72,6 +75,6 @@ impl AsyncWrite for StreamIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.get_mut().writer.finish_now())
+        Poll::Ready(self.get_mut().writer.finish_now().map_err(Into::into))
     }
 }

@@ -4,17 +4,22 @@
 //!
 //! * [`session`]: [`Connection`] (a running session) and [`Stream`] (one
 //!   multiplexed stream, split into [`StreamReader`] / [`StreamWriter`]).
+//! * [`error`]: why a stream operation failed ([`StreamError`], keeping the
+//!   reset code) and why an open was refused ([`Refusal`]).
 //! * [`transport`]: the message-transport seam ([`transport::MessageSink`],
-//!   [`transport::MessageSource`]) and its WebSocket and TLS implementations.
+//!   [`transport::MessageSource`]), its WebSocket and TLS implementations,
+//!   and an in-memory pair for tests ([`transport::mem`]).
 //! * [`splice`]: copying bytes both ways between two endpoints while keeping
 //!   half-close.
 //! * [`io`]: a stream as an `AsyncRead` + `AsyncWrite` byte pipe.
 
+pub mod error;
 pub mod io;
 pub mod session;
 pub mod splice;
 pub mod transport;
 
+pub use error::{Refusal, StreamError};
 pub use session::{Connection, Incoming, SessionInfo, Stream, StreamReader, StreamWriter};
 
 pub mod backoff;

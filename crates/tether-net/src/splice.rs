@@ -37,16 +37,16 @@ pub trait ChunkWrite: Send {
 
 impl ChunkRead for StreamReader {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        self.read().await
+        Ok(self.read().await?)
     }
 }
 
 impl ChunkWrite for StreamWriter {
     async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
-        self.write(b).await
+        Ok(self.write(b).await?)
     }
     async fn finish(&mut self) -> io::Result<()> {
-        StreamWriter::finish(self).await
+        Ok(StreamWriter::finish(self).await?)
     }
     fn abort(&mut self, code: tether_proto::ResetCode, reason: &str) {
         self.reset(code, reason);

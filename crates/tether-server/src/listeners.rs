@@ -185,7 +185,7 @@ async fn serve_one(state: Arc<State>, cfg: Arc<ListenerConfig>, tcp: TcpStream, 
     state.metrics.pending_opens.dec();
     let stream = match opened {
         Ok(s) => s,
-        Err((code, reason)) => {
+        Err(tether_net::Refusal { code, reason }) => {
             state.metrics.error(code.as_str());
             tracing::info!(listen = %cfg.listen, %peer, target = %cfg.target, %code, "open refused: {reason}");
             return;
@@ -255,7 +255,7 @@ async fn run_udp(state: Arc<State>, cfg: Arc<ListenerConfig>) {
                             address: service,
                         })
                         .await
-                        .map_err(|(code, reason)| format!("{code}: {reason}"))
+                        .map_err(|r| r.to_string())
                 }
             }
         };

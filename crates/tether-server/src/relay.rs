@@ -212,7 +212,7 @@ pub async fn open_on_agent(
                 },
             ))
         }
-        Err((code, reason)) => {
+        Err(tether_net::Refusal { code, reason }) => {
             tracing::info!(target: "audit", identity = %client.name, target = %address, protocol = protocol.as_str(), decision = "allowed", result = %code, %reason, "audit");
             refuse(code, format!("agent {agent}: {reason}"))
         }

@@ -223,7 +223,7 @@ async fn open_flood_is_answered_and_bounded() {
         let conn = conn.clone();
         tasks.push(tokio::spawn(async move {
             let target = if i % 3 == 0 { "prod/nope" } else { "prod/echo" };
-            conn.open(Target::tcp(target)).await.map_err(|(c, _)| c)
+            conn.open(Target::tcp(target)).await.map_err(|r| r.code)
         }));
     }
     let good = tokio::spawn(good_transfer(port, 8 * 1024 * 1024));
@@ -398,7 +398,10 @@ async fn the_stream_cap_holds_per_client_across_sessions() {
     for i in 0..30 {
         match conns[i % 2].open(Target::tcp("prod/echo")).await {
             Ok(s) => open.push(s),
-            Err((OpenErrorCode::TooManyStreams, reason)) => {
+            Err(tether_net::Refusal {
+                code: OpenErrorCode::TooManyStreams,
+                reason,
+            }) => {
                 assert!(reason.contains("over all its sessions"), "{reason}");
                 refused += 1;
             }

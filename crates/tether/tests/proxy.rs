@@ -205,9 +205,9 @@ async fn deny_rules_hold_whatever_the_target_is_called() {
     let t = Tunnel::start_with(&[("db", db)], &["--config", &cfg_arg], &["--allow", &allow]);
 
     let alice = session(&t, "alice-token").await;
-    let refused = |r: Result<tether_net::Stream, (OpenErrorCode, String)>| match r {
+    let refused = |r: Result<tether_net::Stream, tether_net::Refusal>| match r {
         Ok(_) => panic!("opened"),
-        Err(e) => e,
+        Err(e) => (e.code, e.reason),
     };
     let (code, why) = refused(alice.open(Target::tcp("prod/db")).await);
     assert_eq!(code, OpenErrorCode::Forbidden, "{why}");

@@ -4,8 +4,10 @@
 //! The session driver only needs "send one message" and "receive one
 //! message"; every transport implements [`MessageSink`] and
 //! [`MessageSource`]. Today that is a WebSocket ([`ws`]) over plain TCP or
-//! TLS ([`tls`]); a QUIC transport would be one more file here.
+//! TLS ([`tls`]); a QUIC transport would be one more file here. [`mem`] is
+//! an in-memory pair of ends, for tests that run sessions in-process.
 
+pub mod mem;
 pub mod tls;
 pub mod ws;
 

@@ -211,7 +211,9 @@ impl tower_service::Service<Uri> for TunnelConnector {
                     state.metrics.streams_total.inc();
                     Ok(TunnelConn(TokioIo::new(StreamIo::new(s))))
                 }
-                Err((code, reason)) => Err(fail(code, format!("agent {agent}: {reason}"))),
+                Err(tether_net::Refusal { code, reason }) => {
+                    Err(fail(code, format!("agent {agent}: {reason}")))
+                }
             }
         })
     }

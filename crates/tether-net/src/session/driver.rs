@@ -1,0 +1,405 @@
+//! [`Connection`]: a running session, and the three tasks that drive it
+//! (reader, writer, timer; see the [module docs](super)).
+
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether_proto::{
+    CatalogEntry, Config, ErrorCode, OpenError, OpenErrorCode, Role, Session, SessionError,
+    StreamStats, Target,
+};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use super::{now, Counters, Incoming, Inner, SessionInfo, Shared, Stream};
+use crate::error::Refusal;
+use crate::transport::{MessageSink, MessageSource, MAX_SEND_MESSAGE};
+
+/// After the session closed, how long the reader waits for the peer's close.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A transport write that takes longer than this (the peer stopped reading)
+/// fails the session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// While frames wait to be sent, the peer must take at least
+/// [`MIN_DRAIN_BYTES`] in every [`DRAIN_WINDOW`] (4 KiB/s on average), or the
+/// session fails. A peer that reads a few bytes now and then keeps each
+/// single write going; this judges it by what it drains instead. (What it
+/// can make us hold meanwhile is bounded by the session's send buffers.)
+const DRAIN_WINDOW: Duration = Duration::from_secs(30);
+const MIN_DRAIN_BYTES: u64 = 120 * 1024;
+
+/// Most incoming opens waiting for the application before new ones are refused.
+const MAX_UNANSWERED_OPENS: usize = 256;
+
+/// A running session. Cheap to clone; every clone drives the same session.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+/// Receives the streams the peer opens.
+pub type IncomingStreams = mpsc::Receiver<Incoming>;
+
+impl Connection {
+    /// Starts the driver on a transport and waits for the handshake.
+    ///
+    /// `label` names the session in logs (e.g. `agent=prod`). Incoming opens
+    /// arrive on the returned receiver when `config.accept_opens` is set.
+    pub async fn start<W: MessageSink, R: MessageSource>(
+        role: Role,
+        config: Config,
+        sink: W,
+        source: R,
+        label: impl Into<String>,
+    ) -> Result<(Connection, SessionInfo, IncomingStreams), SessionError> {
+        let handshake_timeout = config.handshake_timeout;
+        let (incoming_tx, incoming_rx) = mpsc::channel(MAX_UNANSWERED_OPENS);
+        let (est_tx, est_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                session: Session::new(role, config, now()),
+                routes: HashMap::new(),
+                incoming: Some(incoming_tx),
+                rtt: None,
+                goaway: None,
+                handshake: Some(est_tx),
+                timer_stale: false,
+            }),
+            writer_wake: Notify::new(),
+            timer_wake: Notify::new(),
+            closed_tx: watch::channel(None).0,
+            goaway_tx: watch::channel(None).0,
+            transport_closed: watch::channel(false).0,
+            catalog: watch::channel(None).0,
+            counters: Counters::default(),
+            label: label.into(),
+        });
+        let conn = Connection { shared };
+        tokio::spawn(reader_task(conn.shared.clone(), source));
+        tokio::spawn(writer_task(conn.shared.clone(), sink));
+        tokio::spawn(timer_task(conn.shared.clone()));
+        conn.shared.writer_wake.notify_one(); // the initiator's HELLO
+        match tokio::time::timeout(handshake_timeout + Duration::from_secs(1), est_rx).await {
+            Ok(Ok(Ok(info))) => Ok((conn, info, incoming_rx)),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) | Err(_) => {
+                conn.close(ErrorCode::Timeout, "handshake did not finish");
+                Err(SessionError::Timeout(handshake_timeout))
+            }
+        }
+    }
+
+    /// The label given at start (for logs).
+    pub fn label(&self) -> &str {
+        &self.shared.label
+    }
+
+    /// Opens a stream and waits for the peer's answer.
+    pub async fn open(&self, target: Target) -> Result<Stream, Refusal> {
+        let (tx, rx) = oneshot::channel();
+        let stream = self.shared.with_session(|g| {
+            let id = g
+                .session
+                .open(target, now())
+                .map_err(|e| Refusal::new(open_error_code(&e), e.to_string()))?;
+            g.deadlines_changed(); // the open timeout
+            Ok::<_, Refusal>(self.shared.attach(g, id, Some(tx)))
+        })?;
+        match rx.await {
+            Ok(Ok(())) => {
+                self.shared
+                    .counters
+                    .streams_opened
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(stream)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Refusal::new(OpenErrorCode::SessionLost, "session ended")),
+        }
+    }
+
+    /// Starts a graceful drain (GOAWAY).
+    pub fn go_away(&self, code: ErrorCode, reason: &str) {
+        self.shared.with_session(|g| {
+            g.session.go_away(code, reason, now());
+            g.deadlines_changed(); // the drain deadline
+        });
+    }
+
+    /// Tells the peer which services this side offers (sent only when the
+    /// session speaks version 3; a later call replaces the list).
+    pub fn announce_catalog(&self, entries: Vec<CatalogEntry>) {
+        self.shared
+            .with_session(|g| g.session.announce_catalog(entries));
+    }
+
+    /// The services the peer announced; `None` until it sends a catalog
+    /// (a version 1 or 2 peer never does).
+    pub fn peer_catalog(&self) -> watch::Receiver<Option<Vec<CatalogEntry>>> {
+        self.shared.catalog.subscribe()
+    }
+
+    /// Closes the session now; every stream is reset.
+    pub fn close(&self, code: ErrorCode, reason: &str) {
+        self.shared.with_session(|g| g.session.close(code, reason));
+    }
+
+    /// Resolves when the session is over, with the reason if it failed.
+    pub async fn closed(&self) -> Option<String> {
+        let mut rx = self.shared.closed_tx.subscribe();
+        loop {
+            if let Some(r) = rx.borrow().clone() {
+                return if r.is_empty() { None } else { Some(r) };
+            }
+            if rx.changed().await.is_err() {
+                return Some("driver gone".into());
+            }
+        }
+    }
+
+    /// Resolves when the peer sent GOAWAY (open new streams on a new
+    /// session from now on) or the session ended.
+    pub async fn draining(&self) {
+        let mut goaway = self.shared.goaway_tx.subscribe();
+        let mut closed = self.shared.closed_tx.subscribe();
+        loop {
+            if goaway.borrow().is_some() || closed.borrow().is_some() {
+                return;
+            }
+            tokio::select! {
+                r = goaway.changed() => if r.is_err() { return },
+                r = closed.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Resolves once the writer closed the transport (after flushing the
+    /// last frames, e.g. a GOAWAY, and the WebSocket close).
+    pub async fn transport_closed(&self) {
+        let mut rx = self.shared.transport_closed.subscribe();
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed_tx.borrow().is_some()
+    }
+
+    /// Whether the peer sent GOAWAY (open new streams elsewhere).
+    pub fn is_draining(&self) -> bool {
+        let g = self.shared.lock();
+        g.goaway.is_some() || g.session.is_draining()
+    }
+
+    /// The code of the GOAWAY the peer sent, if it sent one.
+    pub fn peer_goaway(&self) -> Option<ErrorCode> {
+        self.shared.lock().goaway
+    }
+
+    /// Stream counters of the session.
+    pub fn stats(&self) -> StreamStats {
+        self.shared.lock().session.stats()
+    }
+
+    /// Latest measured round-trip time.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.shared.lock().rtt
+    }
+
+    /// Byte counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+}
+
+fn open_error_code(e: &OpenError) -> OpenErrorCode {
+    match e {
+        OpenError::GoingAway => OpenErrorCode::GoingAway,
+        OpenError::Closed | OpenError::NotEstablished => OpenErrorCode::SessionLost,
+        OpenError::IdsExhausted => OpenErrorCode::TooManyStreams,
+        OpenError::BadTarget(_) => OpenErrorCode::BadTarget,
+    }
+}
+
+async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
+    let mut closed = shared.closed_tx.subscribe();
+    loop {
+        let msg = tokio::select! {
+            m = source.recv() => m,
+            _ = async { let _ = closed.wait_for(Option::is_some).await; } => {
+                // Closed by this side (timeout, error, drain): give the writer
+                // a moment to send its GOAWAY and close, then let the socket go.
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    while let Ok(Some(_)) = source.recv().await {}
+                })
+                .await;
+                return;
+            }
+        };
+        let (result, closed) = shared.with_session(|g| {
+            let result = match msg {
+                Ok(Some(m)) => g.session.handle_input(m, now()),
+                Ok(None) => {
+                    g.session.transport_lost("peer closed the connection");
+                    Err(SessionError::Transport(String::new()))
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    g.session.transport_lost(&why);
+                    Err(SessionError::Transport(why))
+                }
+            };
+            (result, g.session.is_closed())
+        });
+        if let Err(e) = &result {
+            match e {
+                // An orderly close of the transport is not worth a warning.
+                SessionError::Transport(why) if why.is_empty() => {
+                    tracing::debug!(session = %shared.label, "peer closed the transport")
+                }
+                _ => tracing::warn!(session = %shared.label, "session failed: {e}"),
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
+    write_loop(&shared, sink).await;
+    shared.transport_closed.send_replace(true);
+}
+
+async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
+    let mut buf = BytesMut::new();
+    let mut drain = DrainMeter::default();
+    loop {
+        // (When more is left than one message holds, this wakes the writer
+        // itself: at most one extra look once the backlog is gone.)
+        let (has, closed) = shared.with_session(|g| {
+            buf.reserve(MAX_SEND_MESSAGE + 64 * 1024);
+            let has = g
+                .session
+                .poll_transmit_at(&mut buf, MAX_SEND_MESSAGE, Some(now()));
+            (has, g.session.is_closed())
+        });
+        if has {
+            let msg = buf.split().freeze();
+            let len = msg.len();
+            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("peer read nothing for {WRITE_TIMEOUT:?}"),
+                )),
+            };
+            let sent = sent.and_then(|()| drain.sent(len, now()));
+            if let Err(e) = sent {
+                shared.with_session(|g| g.session.transport_lost(&format!("write failed: {e}")));
+                sink.close("write failed").await;
+                return;
+            }
+        } else if closed {
+            let why = shared.closed_tx.borrow().clone().unwrap_or_default();
+            sink.close(if why.is_empty() {
+                "session closed"
+            } else {
+                &why
+            })
+            .await;
+            return;
+        } else {
+            drain.idle();
+            shared.writer_wake.notified().await;
+        }
+    }
+}
+
+/// Measures how fast the peer takes what we send while a backlog lasts.
+#[derive(Default)]
+struct DrainMeter {
+    /// Start of the current measuring window (None: no backlog).
+    since: Option<Instant>,
+    bytes: u64,
+}
+
+impl DrainMeter {
+    /// The writer ran out of work: the peer keeps up.
+    fn idle(&mut self) {
+        self.since = None;
+    }
+
+    /// A message of `len` bytes went out at `now`; fails when the window
+    /// ended with less than [`MIN_DRAIN_BYTES`] drained.
+    fn sent(&mut self, len: usize, now: Instant) -> io::Result<()> {
+        let since = *self.since.get_or_insert(now);
+        self.bytes += len as u64;
+        if now.saturating_duration_since(since) < DRAIN_WINDOW {
+            return Ok(());
+        }
+        let drained = std::mem::take(&mut self.bytes);
+        self.since = Some(now);
+        if drained < MIN_DRAIN_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("peer took only {drained} bytes in {DRAIN_WINDOW:?} while more waited"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn timer_task(shared: Arc<Shared>) {
+    loop {
+        let deadline = {
+            let g = shared.lock();
+            match g.session.poll_timeout() {
+                Some(d) => d,
+                None => return,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                shared.with_session(|g| g.session.handle_timeout(now()));
+            }
+            _ = shared.timer_wake.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_meter_fails_a_trickle_and_passes_a_slow_reader() {
+        let t0 = Instant::now();
+        let mut m = DrainMeter::default();
+        // 1 KiB every 10 s through one window: too little.
+        for i in 0..3 {
+            assert!(m.sent(1024, t0 + DRAIN_WINDOW / 3 * i).is_ok());
+        }
+        assert!(m.sent(1024, t0 + DRAIN_WINDOW).is_err());
+
+        // 64 KiB every 10 s (6.4 KiB/s): slow, but alive.
+        let mut m = DrainMeter::default();
+        for i in 0..10 {
+            assert!(m.sent(64 * 1024, t0 + DRAIN_WINDOW / 3 * i).is_ok());
+        }
+
+        // Gaps with nothing to send start a new window.
+        let mut m = DrainMeter::default();
+        assert!(m.sent(10, t0).is_ok());
+        m.idle();
+        assert!(m.sent(10, t0 + DRAIN_WINDOW * 2).is_ok());
+    }
+}

@@ -1,0 +1,386 @@
+//! The stream handles: [`Incoming`] (an open waiting for an answer),
+//! [`Stream`] and its halves [`StreamReader`] / [`StreamWriter`].
+
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use tether_proto::{OpenErrorCode, ResetCode, StreamId, Target, WriteError};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{mpsc, Notify};
+
+use super::{now, Inbound, Shared};
+use crate::error::StreamError;
+
+/// A stream the peer asked to open. Answer with [`Incoming::accept`] or
+/// [`Incoming::reject`]; dropping it unanswered rejects it.
+pub struct Incoming {
+    target: Target,
+    stream: Option<Stream>,
+}
+
+impl Incoming {
+    pub(super) fn new(target: Target, stream: Stream) -> Incoming {
+        Incoming {
+            target,
+            stream: Some(stream),
+        }
+    }
+
+    /// Drops the open without answering it and without touching the
+    /// session (the caller answers it, holding the lock).
+    pub(super) fn disarm(mut self) {
+        if let Some(mut s) = self.stream.take() {
+            s.detached = true;
+        }
+    }
+
+    /// What the peer wants to reach.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The stream id (for logs).
+    pub fn id(&self) -> StreamId {
+        self.stream.as_ref().map_or(StreamId(0), |s| s.id)
+    }
+
+    /// Resolves if the opener gives up (RST) or the session ends before
+    /// this open was answered.
+    pub async fn cancelled(&mut self) {
+        match self.stream.as_mut() {
+            Some(s) => {
+                // Nothing but a reset can arrive before OPEN_OK.
+                let _ = s.inbox.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sends OPEN_OK and returns the stream. Fails when the opener gave up
+    /// or the session ended meanwhile.
+    pub fn accept(mut self) -> Result<Stream, StreamError> {
+        let stream = self.stream.take().ok_or(StreamError::NotOpen)?;
+        let shared = stream.shared.clone();
+        shared
+            .with_session(|g| g.session.accept(stream.id, now()))
+            .map_err(|e| stream.write_error(e))?;
+        shared
+            .counters
+            .streams_opened
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    /// Sends OPEN_ERR with a code and a reason for the opener.
+    pub fn reject(mut self, code: OpenErrorCode, reason: &str) {
+        self.answer_refused(code, reason);
+    }
+
+    fn answer_refused(&mut self, code: OpenErrorCode, reason: &str) {
+        if let Some(mut s) = self.stream.take() {
+            s.detached = true;
+            s.shared
+                .with_session(|g| g.session.reject(s.id, code, reason));
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.answer_refused(OpenErrorCode::Internal, "open was not answered");
+    }
+}
+
+/// Resets the stream when the last half is dropped without a clean close.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        // A cleanly finished stream is already gone; this is a no-op then.
+        self.shared.with_session(|g| {
+            g.session.stream_release(
+                self.id,
+                ResetCode::Cancel,
+                "stream dropped by its application",
+            )
+        });
+    }
+}
+
+/// One multiplexed stream. Split it to read and write from two tasks.
+pub struct Stream {
+    shared: Arc<Shared>,
+    id: StreamId,
+    inbox: mpsc::UnboundedReceiver<Inbound>,
+    writable: Arc<Notify>,
+    reset: Arc<OnceLock<StreamError>>,
+    /// Rejected before ever being handed out: no guard, no reset on drop.
+    detached: bool,
+}
+
+impl Stream {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        id: StreamId,
+        inbox: mpsc::UnboundedReceiver<Inbound>,
+        writable: Arc<Notify>,
+        reset: Arc<OnceLock<StreamError>>,
+    ) -> Stream {
+        Stream {
+            shared,
+            id,
+            inbox,
+            writable,
+            reset,
+            detached: false,
+        }
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Splits into a reading and a writing half. The stream is reset if both
+    /// halves are dropped before it closed cleanly.
+    pub fn split(mut self) -> (StreamReader, StreamWriter) {
+        self.detached = true;
+        let guard = Arc::new(StreamGuard {
+            shared: self.shared.clone(),
+            id: self.id,
+        });
+        let (dummy_tx, dummy_rx) = mpsc::unbounded_channel();
+        drop(dummy_tx);
+        let inbox = std::mem::replace(&mut self.inbox, dummy_rx);
+        (
+            StreamReader {
+                shared: self.shared.clone(),
+                id: self.id,
+                inbox,
+                done: false,
+                _guard: guard.clone(),
+            },
+            StreamWriter {
+                shared: self.shared.clone(),
+                id: self.id,
+                writable: self.writable.clone(),
+                reset: self.reset.clone(),
+                credit_wait: None,
+                _guard: guard,
+            },
+        )
+    }
+
+    fn write_error(&self, e: WriteError) -> StreamError {
+        write_error(&self.reset, e)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = StreamGuard {
+                shared: self.shared.clone(),
+                id: self.id,
+            };
+        }
+    }
+}
+
+/// Why the session refused a write, finish or accept: the stream's reset
+/// when there was one.
+fn write_error(reset: &OnceLock<StreamError>, e: WriteError) -> StreamError {
+    match e {
+        WriteError::UnknownStream => reset.get().cloned().unwrap_or(StreamError::Closed),
+        WriteError::NotOpen => StreamError::NotOpen,
+        WriteError::Finished => StreamError::Finished,
+    }
+}
+
+/// The reading half of a [`Stream`].
+pub struct StreamReader {
+    shared: Arc<Shared>,
+    id: StreamId,
+    inbox: mpsc::UnboundedReceiver<Inbound>,
+    done: bool,
+    _guard: Arc<StreamGuard>,
+}
+
+impl StreamReader {
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// The next chunk of bytes; `Ok(None)` once the peer finished (FIN).
+    /// Reading a chunk returns its bytes to the peer's send window.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, StreamError> {
+        std::future::poll_fn(|cx| self.poll_read_chunk(cx)).await
+    }
+
+    /// Poll form of [`StreamReader::read`].
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, StreamError>> {
+        if self.done {
+            return Poll::Ready(Ok(None));
+        }
+        let Poll::Ready(next) = self.inbox.poll_recv(cx) else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match next {
+            Some(Inbound::Data(b)) => {
+                self.shared
+                    .with_session(|g| g.session.stream_consumed(self.id, b.len(), now()));
+                Ok(Some(b))
+            }
+            Some(Inbound::Fin) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(Inbound::Reset(e)) => {
+                self.done = true;
+                Err(e)
+            }
+            None => {
+                self.done = true;
+                Err(StreamError::Closed)
+            }
+        })
+    }
+}
+
+/// The writing half of a [`Stream`].
+pub struct StreamWriter {
+    shared: Arc<Shared>,
+    id: StreamId,
+    writable: Arc<Notify>,
+    reset: Arc<OnceLock<StreamError>>,
+    /// A pending wait for credit, for [`StreamWriter::poll_write_some`].
+    credit_wait: Option<Pin<Box<OwnedNotified>>>,
+    _guard: Arc<StreamGuard>,
+}
+
+impl StreamWriter {
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Sends all of `data`, waiting for flow-control credit as needed.
+    pub async fn write(&mut self, mut data: Bytes) -> Result<(), StreamError> {
+        let total = data.len() as u64;
+        while !data.is_empty() {
+            let r = self
+                .shared
+                .with_session(|g| g.session.stream_write(self.id, data.clone()));
+            match r {
+                Ok(0) => self.writable.notified().await,
+                Ok(n) => {
+                    let _ = data.split_to(n);
+                }
+                Err(e) => return Err(write_error(&self.reset, e)),
+            }
+        }
+        self.count_out(total);
+        Ok(())
+    }
+
+    /// Queues all of `data` if the stream has the credit for it right now,
+    /// and nothing otherwise (returns `false`). For datagrams, which are
+    /// dropped rather than waited for.
+    pub fn try_write(&mut self, data: Bytes) -> Result<bool, StreamError> {
+        let len = data.len();
+        let r = self.shared.with_session(|g| {
+            if g.session.send_capacity(self.id) < len {
+                return Ok(false);
+            }
+            g.session.stream_write(self.id, data).map(|_| true)
+        });
+        match r {
+            Ok(true) => {
+                self.count_out(len as u64);
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => Err(write_error(&self.reset, e)),
+        }
+    }
+
+    /// Copies as much of `data` as the stream has credit for (at least one
+    /// byte, waiting for credit when there is none). For byte-oriented
+    /// callers such as [`crate::io::StreamIo`].
+    pub fn poll_write_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<Result<usize, StreamError>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let r = self.shared.with_session(|g| {
+                // With no credit, a one-byte write is refused (Ok(0)) and
+                // marks the stream blocked, so a Writable event follows.
+                let n = g.session.send_capacity(self.id).clamp(1, data.len());
+                g.session
+                    .stream_write(self.id, Bytes::copy_from_slice(&data[..n]))
+            });
+            match r {
+                Ok(n) if n > 0 => {
+                    self.credit_wait = None;
+                    self.count_out(n as u64);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => return Poll::Ready(Err(write_error(&self.reset, e))),
+                Ok(_) => {
+                    // No credit: wait for the Writable notification (its
+                    // permit is kept if it fired before we got here).
+                    let wait = self
+                        .credit_wait
+                        .get_or_insert_with(|| Box::pin(self.writable.clone().notified_owned()));
+                    match wait.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) => self.credit_wait = None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Half-closes at once (the non-async form of [`StreamWriter::finish`]).
+    pub fn finish_now(&mut self) -> Result<(), StreamError> {
+        self.shared
+            .with_session(|g| {
+                let r = g.session.stream_finish(self.id);
+                g.deadlines_changed(); // linger starts
+                r
+            })
+            .map_err(|e| write_error(&self.reset, e))
+    }
+
+    /// Half-closes: the peer reads EOF after everything written so far.
+    pub async fn finish(&mut self) -> Result<(), StreamError> {
+        self.finish_now()
+    }
+
+    /// Aborts the stream in both directions.
+    pub fn reset(&mut self, code: ResetCode, reason: &str) {
+        self.shared
+            .with_session(|g| g.session.stream_reset(self.id, code, reason));
+    }
+
+    fn count_out(&self, n: u64) {
+        self.shared
+            .counters
+            .bytes_out
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,394 @@
+//! The session driver, in-process: two `Connection`s over an in-memory
+//! transport (`transport::mem`), on tokio's paused test clock, so that
+//! timeouts of seconds pass in microseconds of real time.
+
+use bytes::Bytes;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_net::session::IncomingStreams;
+use tether_net::transport::mem::{self, Valve};
+use tether_net::transport::MAX_SEND_MESSAGE;
+use tether_net::{Connection, Refusal, Stream, StreamError, StreamReader};
+use tether_proto::{Config, ErrorCode, OpenErrorCode, ResetCode, Role, Target};
+
+/// Two connected sessions: `a` dialed (initiator), `b` accepted.
+struct Pair {
+    a: Connection,
+    b: Connection,
+    /// Opens `a` receives (kept so that they are not refused).
+    _a_in: IncomingStreams,
+    b_in: IncomingStreams,
+    /// Pauses what `a` sends to `b`.
+    a_to_b: Valve,
+    /// Pauses what `b` sends to `a`.
+    b_to_a: Valve,
+}
+
+async fn pair(a_cfg: Config, b_cfg: Config) -> Pair {
+    pair_with_capacity(mem::DEFAULT_CAPACITY, a_cfg, b_cfg).await
+}
+
+async fn pair_with_capacity(messages: usize, a_cfg: Config, b_cfg: Config) -> Pair {
+    let (ea, eb) = mem::pair_with_capacity(messages);
+    let (a_to_b, b_to_a) = (ea.sink.valve(), eb.sink.valve());
+    let b = tokio::spawn(Connection::start(
+        Role::Acceptor,
+        b_cfg,
+        eb.sink,
+        eb.source,
+        "b",
+    ));
+    let (a, _, a_in) = within(Connection::start(
+        Role::Initiator,
+        a_cfg,
+        ea.sink,
+        ea.source,
+        "a",
+    ))
+    .await
+    .expect("a starts");
+    let (b, _, b_in) = b.await.unwrap().expect("b starts");
+    Pair {
+        a,
+        b,
+        _a_in: a_in,
+        b_in,
+        a_to_b,
+        b_to_a,
+    }
+}
+
+/// Fails the test instead of hanging (on the paused clock: a minute of
+/// virtual time, far beyond every deadline the tests use).
+async fn within<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("timed out")
+}
+
+/// `a` opens a stream to `b`, which accepts it: (a's end, b's end).
+async fn open(p: &mut Pair, target: &str) -> (Stream, Stream) {
+    let opening = {
+        let a = p.a.clone();
+        let target = Target::tcp(target);
+        tokio::spawn(async move { a.open(target).await })
+    };
+    let inc = within(p.b_in.recv()).await.expect("an incoming open");
+    assert_eq!(inc.target().address, target);
+    let theirs = inc.accept().expect("accepted");
+    let ours = opening.await.unwrap().expect("opened");
+    (ours, theirs)
+}
+
+async fn read_to_end(r: &mut StreamReader) -> Result<Vec<u8>, StreamError> {
+    let mut out = Vec::new();
+    while let Some(b) = within(r.read()).await? {
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    // 251 is prime: a lost, doubled or moved chunk shows.
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_close_each_way_independently() {
+    let mut p = pair(Config::default(), Config::default()).await;
+
+    // The opener finishes first; the acceptor reads EOF and keeps sending.
+    let (s1a, s1b) = open(&mut p, "one").await;
+    let (mut ra, mut wa) = s1a.split();
+    let (mut rb, mut wb) = s1b.split();
+    wa.write(Bytes::from_static(b"hello ")).await.unwrap();
+    wa.write(Bytes::from_static(b"from a")).await.unwrap();
+    wa.finish().await.unwrap();
+    assert_eq!(
+        wa.write(Bytes::from_static(b"late")).await,
+        Err(StreamError::Finished)
+    );
+    assert_eq!(read_to_end(&mut rb).await.unwrap(), b"hello from a");
+    assert_eq!(rb.read().await, Ok(None), "EOF stays EOF");
+    wb.write(Bytes::from_static(b"b still ")).await.unwrap();
+    wb.write(Bytes::from_static(b"talks")).await.unwrap();
+    wb.finish().await.unwrap();
+    assert_eq!(read_to_end(&mut ra).await.unwrap(), b"b still talks");
+
+    // The acceptor finishes first, while the opener is still sending.
+    let (s2a, s2b) = open(&mut p, "two").await;
+    let (mut ra, mut wa) = s2a.split();
+    let (mut rb, mut wb) = s2b.split();
+    wa.write(Bytes::from_static(b"a, part 1; ")).await.unwrap();
+    wb.write(Bytes::from_static(b"all b says")).await.unwrap();
+    wb.finish().await.unwrap();
+    assert_eq!(read_to_end(&mut ra).await.unwrap(), b"all b says");
+    wa.write(Bytes::from_static(b"part 2")).await.unwrap();
+    wa.finish().await.unwrap();
+    assert_eq!(read_to_end(&mut rb).await.unwrap(), b"a, part 1; part 2");
+
+    // Finished both ways, the streams are gone on both sides without a reset
+    // (dropping the halves now changes nothing).
+    drop((ra, wa, rb, wb));
+    within(async {
+        while p.a.stats().live + p.b.stats().live > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(!p.a.is_closed() && !p.b.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_both_halves_unfinished_resets_the_stream() {
+    let mut p = pair(Config::default(), Config::default()).await;
+    let (sa, sb) = open(&mut p, "dropped").await;
+    let (ra, mut wa) = sa.split();
+    let (mut rb, mut wb) = sb.split();
+
+    // One half alone is no reset: the other keeps working.
+    drop(ra);
+    wa.write(Bytes::from_static(b"still here")).await.unwrap();
+    assert_eq!(
+        within(rb.read()).await.unwrap().as_deref(),
+        Some(&b"still here"[..])
+    );
+
+    drop(wa);
+    let reset = StreamError::Reset {
+        code: ResetCode::Cancel,
+        reason: "stream dropped by its application".into(),
+        remote: true,
+    };
+    assert_eq!(within(rb.read()).await, Err(reset.clone()));
+    // The writer learns the same reset, code and all.
+    assert_eq!(wb.write(Bytes::from_static(b"x")).await, Err(reset.clone()));
+    // And the code survives the trip through io::Error (as in a splice).
+    let e = std::io::Error::from(wb.finish().await.unwrap_err());
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(StreamError::from_io(&e), Some(&reset));
+
+    // An unsplit stream dropped is reset too.
+    let (sa, sb) = open(&mut p, "dropped whole").await;
+    drop(sa);
+    let (mut rb, _wb) = sb.split();
+    let e = within(rb.read()).await.unwrap_err();
+    assert_eq!(e.reset_code(), Some(ResetCode::Cancel));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_writer_waits_for_credit_and_loses_nothing() {
+    const WINDOW: u32 = 4096;
+    const TOTAL: usize = 1 << 20;
+    let small = Config {
+        initial_window: WINDOW,
+        max_window: WINDOW, // no auto-tuning: every 4 KiB waits for credit
+        ..Config::default()
+    };
+    let mut p = pair(Config::default(), small).await;
+    let (sa, sb) = open(&mut p, "slow reader").await;
+    let (_ra, mut wa) = sa.split();
+    let (mut rb, _wb) = sb.split();
+
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn({
+        let written = written.clone();
+        async move {
+            for chunk in pattern(TOTAL).chunks(1000) {
+                wa.write(Bytes::copy_from_slice(chunk)).await?;
+                written.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+            wa.finish().await
+        }
+    });
+
+    // Nothing read yet: the writer is held at the window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = written.load(Ordering::Relaxed);
+    assert!(
+        (3000..=WINDOW as usize).contains(&held),
+        "{held} bytes written"
+    );
+    assert!(!writer.is_finished());
+    assert_eq!(p.a.stats().blocked, 1);
+
+    // Reading lets it through, in order, to the last byte.
+    let got = read_to_end(&mut rb).await.unwrap();
+    assert_eq!(got.len(), TOTAL);
+    assert!(got == pattern(TOTAL), "bytes differ");
+    within(writer).await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_holds_only_the_send_buffer() {
+    const BUFFER: usize = 64 * 1024;
+    const TRANSPORT: usize = 1; // messages the in-memory link holds
+    let ours = Config {
+        max_stream_send_buffer: BUFFER,
+        ..Config::default()
+    };
+    let theirs = Config {
+        initial_window: (1 << 31) - 1, // all the credit there is
+        ..Config::default()
+    };
+    let mut p = pair_with_capacity(TRANSPORT, ours, theirs).await;
+    let (sa, sb) = open(&mut p, "never read").await;
+    let (_ra, mut wa) = sa.split();
+    let (mut rb, _wb) = sb.split();
+
+    p.a_to_b.pause(); // b stops reading its socket
+    const TOTAL: usize = 1 << 20;
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn({
+        let written = written.clone();
+        async move {
+            for chunk in pattern(TOTAL).chunks(4096) {
+                wa.write(Bytes::copy_from_slice(chunk)).await?;
+                written.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+            wa.finish().await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Held: the send buffer, what the transport holds and the message the
+    // writer task is sending; not the 2 GiB of credit.
+    let held = written.load(Ordering::Relaxed);
+    let most = BUFFER + (TRANSPORT + 1) * MAX_SEND_MESSAGE;
+    assert!(
+        (BUFFER - 4096..=most).contains(&held),
+        "{held} bytes written, expected {BUFFER}..={most}"
+    );
+    assert!(!writer.is_finished());
+    assert!(p.a.stats().queued_bytes <= BUFFER);
+    assert_eq!(p.a.stats().blocked, 1);
+
+    // Reading again, b gets everything.
+    p.a_to_b.resume();
+    let got = read_to_end(&mut rb).await.unwrap();
+    assert!(got == pattern(TOTAL), "bytes differ");
+    within(writer).await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn go_away_drains_then_closes() {
+    let mut p = pair(Config::default(), Config::default()).await;
+    let (sa, sb) = open(&mut p, "kept").await;
+
+    // An open a sends while b's GOAWAY is on its way is refused by b.
+    p.b_to_a.pause();
+    p.b.go_away(ErrorCode::Normal, "maintenance");
+    assert!(p.b.is_draining());
+    let crossing = {
+        let a = p.a.clone();
+        tokio::spawn(async move { a.open(Target::tcp("crossing")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.b_to_a.resume();
+    within(p.a.draining()).await;
+    assert!(p.a.is_draining());
+    assert_eq!(p.a.peer_goaway(), Some(ErrorCode::Normal));
+    let refused = crossing.await.unwrap().err().expect("refused by b");
+    assert_eq!(refused.code, OpenErrorCode::GoingAway);
+
+    // New opens are refused on both sides.
+    for side in [&p.a, &p.b] {
+        let r = side.open(Target::tcp("new")).await.err().expect("refused");
+        assert_eq!(r.code, OpenErrorCode::GoingAway);
+    }
+
+    // The existing stream still runs both ways.
+    let (mut ra, mut wa) = sa.split();
+    let (mut rb, mut wb) = sb.split();
+    wa.write(Bytes::from_static(b"last words")).await.unwrap();
+    wa.finish().await.unwrap();
+    assert_eq!(read_to_end(&mut rb).await.unwrap(), b"last words");
+    assert!(!p.b.is_closed(), "a stream is still open");
+    wb.write(Bytes::from_static(b"bye")).await.unwrap();
+    wb.finish().await.unwrap();
+    assert_eq!(read_to_end(&mut ra).await.unwrap(), b"bye");
+
+    // With the last stream done, b closes, in order (no error).
+    assert_eq!(within(p.b.closed()).await, None);
+    within(p.b.transport_closed()).await;
+    within(p.a.closed()).await;
+    assert!(p.a.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_incoming_open_is_refused() {
+    let mut p = pair(Config::default(), Config::default()).await;
+    let opening = {
+        let a = p.a.clone();
+        tokio::spawn(async move { a.open(Target::tcp("nobody home")).await })
+    };
+    let inc = within(p.b_in.recv()).await.unwrap();
+    drop(inc);
+    let refused = within(opening).await.unwrap().err().expect("refused");
+    assert_eq!(
+        refused,
+        Refusal {
+            code: OpenErrorCode::Internal,
+            reason: "open was not answered".into(),
+        }
+    );
+    assert_eq!(refused.to_string(), "internal: open was not answered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_opener_that_gives_up_cancels_the_incoming_open() {
+    let mut p = pair(Config::default(), Config::default()).await;
+    let opening = {
+        let a = p.a.clone();
+        tokio::spawn(async move { a.open(Target::tcp("slow service")).await })
+    };
+    let mut inc = within(p.b_in.recv()).await.unwrap();
+    opening.abort();
+    within(inc.cancelled()).await;
+    let e = inc.accept().err().expect("the opener gave up");
+    assert_eq!(e.reset_code(), Some(ResetCode::Cancel));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_goes_silent_ends_the_session() {
+    let idle = Duration::from_secs(3);
+    let ours = Config {
+        idle_timeout: idle,
+        ping_interval: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let mut p = pair(ours, Config::default()).await;
+    let (sa, _sb) = open(&mut p, "live").await;
+    let (mut ra, mut wa) = sa.split();
+
+    p.b_to_a.pause(); // b still hears a, but a hears nothing more
+    let silent_since = tokio::time::Instant::now();
+    let opening = {
+        let a = p.a.clone();
+        tokio::spawn(async move { a.open(Target::tcp("pending")).await })
+    };
+    // b gets the open and accepts it; the OPEN_OK never reaches a.
+    let _pending = within(p.b_in.recv()).await.unwrap().accept();
+
+    let why = within(p.a.closed()).await.expect("a failure");
+    assert!(why.contains("silent"), "{why}");
+    let after = silent_since.elapsed();
+    assert!(after <= idle && after >= idle / 2, "closed after {after:?}");
+
+    let refused = within(opening).await.unwrap().err().expect("refused");
+    assert_eq!(refused.code, OpenErrorCode::SessionLost);
+    let lost = within(ra.read()).await.unwrap_err();
+    assert!(
+        matches!(
+            lost,
+            StreamError::Reset {
+                code: ResetCode::SessionLost,
+                remote: false,
+                ..
+            }
+        ),
+        "{lost:?}"
+    );
+    assert_eq!(wa.write(Bytes::from_static(b"x")).await, Err(lost));
+}
