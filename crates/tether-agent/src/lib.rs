@@ -43,8 +43,7 @@ pub const MAX_STREAMS: usize = 8192;
 /// A session that lasted this long counts as healthy: backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
-/// Path of the agent endpoint on the server.
-pub const AGENT_PATH: &str = "/tether/v1/agent";
+use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH};
 
 /// Agent configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -252,7 +251,7 @@ impl Agent {
             let started = Instant::now();
             // The token is read again for every connection, so a rotated
             // token_file (a re-mounted Secret) is picked up without a restart.
-            let mut headers = vec![("x-tether-agent".to_owned(), self.config.name.clone())];
+            let mut headers = vec![(AGENT_NAME_HEADER.to_owned(), self.config.name.clone())];
             let token = self.current_token();
             if !token.is_empty() {
                 headers.push(("authorization".to_owned(), format!("Bearer {token}")));

@@ -19,8 +19,7 @@ use tether_proto::{Role, Target, SUBPROTOCOL};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// Path of the client endpoint on the server.
-pub const CLIENT_PATH: &str = "/tether/v1/client";
+use tether_proto::endpoints::CLIENT_PATH;
 
 /// A session that lasted this long counts as healthy: backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);

@@ -15,6 +15,7 @@
 //! against each other deterministically.
 
 pub mod codes;
+pub mod endpoints;
 pub mod frame;
 mod session;
 mod stream;

@@ -489,7 +489,7 @@ fn agent_upgrade(
     let auth = state.auth();
     let claimed = req
         .headers()
-        .get("x-tether-agent")
+        .get(tether_proto::endpoints::AGENT_NAME_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     // A client certificate naming a `mtls = true` agent, or a token.

@@ -34,12 +34,7 @@ use tokio::net::TcpListener;
 
 pub use config::ServerConfig;
 
-/// Path of the agent endpoint.
-pub const AGENT_PATH: &str = "/tether/v1/agent";
-/// Path of the CLI client endpoint.
-pub const CLIENT_PATH: &str = "/tether/v1/client";
-/// Prefix of the raw WebSocket endpoint (`/tether/v1/ws/AGENT/SERVICE`).
-pub const RAW_WS_PREFIX: &str = "/tether/v1/ws/";
+pub use tether_proto::endpoints::{AGENT_PATH, CLIENT_PATH, RAW_WS_PREFIX};
 
 /// Default for the most streams one client (identity, over all its
 /// sessions) may have open or opening at once (`max_streams_per_client`). Well

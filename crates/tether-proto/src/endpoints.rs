@@ -1,0 +1,17 @@
+//! Where the protocol is spoken: the server's WebSocket endpoints and the
+//! header names the roles exchange at the upgrade. Defined once here; the
+//! server routes by them, the agent and the client dial them.
+
+/// Agent sessions (WebSocket, subprotocol [`crate::SUBPROTOCOL`], agent
+/// credential).
+pub const AGENT_PATH: &str = "/tether/v1/agent";
+
+/// CLI client sessions (the same protocol, client credential).
+pub const CLIENT_PATH: &str = "/tether/v1/client";
+
+/// Prefix of the raw WebSocket endpoint, `/tether/v1/ws/AGENT/SERVICE`: one
+/// WebSocket carries one TCP stream's bytes, no framing of ours.
+pub const RAW_WS_PREFIX: &str = "/tether/v1/ws/";
+
+/// Header in which an agent names itself at the upgrade.
+pub const AGENT_NAME_HEADER: &str = "x-tether-agent";
