@@ -7,6 +7,8 @@
 //! port: the first byte tells them apart (SOCKS5 starts with 0x05). The
 //! handshakes are small enough to write out here; doing so keeps the target
 //! as the client named it (no local DNS), which generic proxy crates resolve.
+//! The parsers take untrusted bytes: the `proxy_handshake` fuzz target
+//! (`fuzz/`) runs them in CI.
 
 use anyhow::{bail, Context};
 use ipnet::IpNet;
@@ -18,7 +20,7 @@ use tether_net::pattern::glob_match;
 use tether_net::splice::splice;
 use tether_net::Connection;
 use tether_proto::{OpenErrorCode, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -132,17 +134,25 @@ pub async fn serve(
     }
 }
 
-/// What a handshake asked for.
-struct Request {
-    host: String,
-    port: u16,
-    kind: Kind,
+/// What a proxy handshake asked for.
+#[derive(Debug)]
+pub struct Request {
+    /// The host as the client named it (never resolved here).
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// Which protocol asked, and how to answer it.
+    pub kind: Kind,
 }
 
-enum Kind {
+/// The kind of proxy request.
+#[derive(Debug)]
+pub enum Kind {
+    /// SOCKS5 CONNECT.
     Socks5,
     /// SOCKS5 UDP ASSOCIATE: datagrams relayed while the TCP connection lives.
     UdpAssociate,
+    /// HTTP CONNECT.
     HttpConnect,
     /// An absolute-form HTTP request (`GET http://host/path`): forward the
     /// rewritten head, then splice.
@@ -223,7 +233,12 @@ async fn handle(
     Ok(())
 }
 
-async fn read_request(tcp: &mut TcpStream) -> anyhow::Result<Request> {
+/// Reads one proxy handshake (SOCKS5 or HTTP) from `tcp`, answering the
+/// SOCKS5 method negotiation and refusing what is not supported. Public for
+/// the `proxy_handshake` fuzz target: this parses untrusted local input.
+pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: &mut S,
+) -> anyhow::Result<Request> {
     let mut first = [0u8; 1];
     tcp.read_exact(&mut first).await?;
     if first[0] == 5 {
@@ -233,7 +248,7 @@ async fn read_request(tcp: &mut TcpStream) -> anyhow::Result<Request> {
     }
 }
 
-async fn read_socks5(tcp: &mut TcpStream) -> anyhow::Result<Request> {
+async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::Result<Request> {
     let n = tcp.read_u8().await? as usize;
     let mut methods = vec![0u8; n];
     tcp.read_exact(&mut methods).await?;
@@ -289,7 +304,10 @@ async fn read_socks5(tcp: &mut TcpStream) -> anyhow::Result<Request> {
     })
 }
 
-async fn read_http(tcp: &mut TcpStream, first: u8) -> anyhow::Result<Request> {
+async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: &mut S,
+    first: u8,
+) -> anyhow::Result<Request> {
     let mut buf = vec![first];
     let mut chunk = [0u8; 2048];
     let end = loop {
@@ -570,8 +588,9 @@ async fn association_flow(
     }
 }
 
-/// Parses a SOCKS5 UDP request header; fragments (FRAG != 0) are dropped.
-fn parse_udp_header(b: &[u8]) -> Option<(String, u16, &[u8])> {
+/// Parses a SOCKS5 UDP request header into host, port and payload;
+/// fragments (FRAG != 0) are dropped. Public for the fuzz target.
+pub fn parse_udp_header(b: &[u8]) -> Option<(String, u16, &[u8])> {
     if b.len() < 4 || b[2] != 0 {
         return None;
     }
