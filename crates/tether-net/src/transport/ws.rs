@@ -30,7 +30,7 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// WebSocket settings for tether sessions on both ends.
 ///
-/// Measured in `bench/wslib` (see its RESULTS.md): tungstenite zero-fills
+/// Measured in `bench/wslib-RESULTS.md`: tungstenite zero-fills
 /// `read_buffer_size` bytes before every read, so a large read buffer costs
 /// microseconds per message (256 KiB: 21.6 µs per 64-byte round trip, 32 KiB:
 /// 6.3 µs, raw TCP 4.6 µs); and a write buffer coalesces messages into
