@@ -2,6 +2,8 @@
 //! server over one WebSocket, and connects the streams the server opens to
 //! the services its policy allows.
 
+#![deny(missing_docs)]
+
 pub mod dns;
 pub mod policy;
 
@@ -14,12 +16,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_net::backoff::Backoff;
+use tether_net::reconnect::{
+    current_token, keep_connected, server_trust, Endpoint, Established, SessionEnd,
+};
 use tether_net::splice::{splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
-use tether_net::transport::ws::{dial_with_identity, endpoint_url};
+use tether_net::transport::ws::endpoint_url;
 use tether_net::{Connection, Incoming};
-use tether_proto::{ErrorCode, OpenErrorCode, Role, TargetKind, SUBPROTOCOL};
+use tether_proto::{ErrorCode, OpenErrorCode, TargetKind};
 use tokio::net::TcpStream;
 
 pub use dns::NameResolver;
@@ -39,9 +43,6 @@ pub const REPLACED_RETRY: Duration = Duration::from_secs(60);
 /// Most streams the server may have open on this agent at once (all clients
 /// together; each client is held to a smaller share by the server).
 pub const MAX_STREAMS: usize = 8192;
-
-/// A session that lasted this long counts as healthy: backoff starts over.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH};
 
@@ -107,11 +108,7 @@ fn default_udp_idle_ms() -> u64 {
 impl AgentConfig {
     /// How to check the server's certificate.
     pub fn trust(&self) -> ServerTrust {
-        match (&self.fingerprint, &self.ca_file) {
-            (Some(fp), _) => ServerTrust::Fingerprint(fp.clone()),
-            (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
-            (None, None) => ServerTrust::SystemRoots,
-        }
+        server_trust(self.fingerprint.as_ref(), self.ca_file.as_ref())
     }
 
     /// The full URL of the agent endpoint.
@@ -199,16 +196,7 @@ impl Agent {
 
     /// The token: `token_file`'s current content, or the configured one.
     fn current_token(&self) -> String {
-        match &self.config.token_file {
-            Some(f) => match std::fs::read_to_string(f) {
-                Ok(t) => t.trim().to_owned(),
-                Err(e) => {
-                    tracing::warn!(file = %f.display(), "cannot read token_file ({e}); using the token read at start");
-                    self.config.token.clone()
-                }
-            },
-            None => self.config.token.clone(),
-        }
+        current_token(&self.config.token, self.config.token_file.as_deref())
     }
 
     /// Live counters.
@@ -241,14 +229,17 @@ impl Agent {
 
     /// Connects, serves, and reconnects with backoff, forever.
     pub async fn run(self) -> anyhow::Result<()> {
-        let url = self.config.url();
-        tether_net::transport::ws::warn_if_plain(&url);
-        let trust = self.config.trust();
-        let mut backoff = Backoff::default();
+        let endpoint = Endpoint {
+            url: self.config.url(),
+            trust: self.config.trust(),
+            identity: self.identity.as_ref(),
+        };
+        tether_net::transport::ws::warn_if_plain(&endpoint.url);
+        let url = endpoint.url.clone();
         let services: Vec<&str> = self.policy.service_names().collect();
         tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
-        loop {
-            let started = Instant::now();
+        let label = format!("agent={}", self.config.name);
+        let dial = || {
             // The token is read again for every connection, so a rotated
             // token_file (a re-mounted Secret) is picked up without a restart.
             let mut headers = vec![(AGENT_NAME_HEADER.to_owned(), self.config.name.clone())];
@@ -256,54 +247,42 @@ impl Agent {
             if !token.is_empty() {
                 headers.push(("authorization".to_owned(), format!("Bearer {token}")));
             }
-            match dial_with_identity(&url, SUBPROTOCOL, &headers, &trust, self.identity.as_ref())
-                .await
-            {
-                Err(e) => {
-                    tracing::warn!(server = %url, "cannot connect: {e}");
+            let mut cfg = tether_proto::Config {
+                software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
+                max_peer_streams: MAX_STREAMS,
+                ..Default::default()
+            };
+            self.config.session.apply(&mut cfg);
+            let (endpoint, label) = (&endpoint, &label);
+            async move { endpoint.connect(&headers, cfg, label).await }
+        };
+        let serve = |(conn, info, incoming): Established| {
+            let url = &url;
+            let this = &self;
+            async move {
+                conn.announce_catalog(this.policy.catalog());
+                tracing::info!(server = %url, peer = %info.peer_software, version = info.version, "registered as {}", this.config.name);
+                this.stats.connected.store(1, Ordering::Relaxed);
+                this.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                *this.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+                let why = this.serve(conn.clone(), incoming).await;
+                this.current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                this.stats.connected.store(0, Ordering::Relaxed);
+                if conn.peer_goaway() == Some(ErrorCode::Replaced) {
+                    // Another agent took our name. Coming straight back
+                    // would take it back and the two would flap.
+                    tracing::error!(name = %this.config.name, "another agent registered under this name and replaced this one; retrying in {REPLACED_RETRY:?}");
+                    return SessionEnd::RetryAfter(REPLACED_RETRY);
                 }
-                Ok((sink, source)) => {
-                    let mut cfg = tether_proto::Config {
-                        software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
-                        max_peer_streams: MAX_STREAMS,
-                        ..Default::default()
-                    };
-                    self.config.session.apply(&mut cfg);
-                    let label = format!("agent={}", self.config.name);
-                    match Connection::start(Role::Initiator, cfg, sink, source, label).await {
-                        Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),
-                        Ok((conn, info, incoming)) => {
-                            conn.announce_catalog(self.policy.catalog());
-                            tracing::info!(server = %url, peer = %info.peer_software, version = info.version, "registered as {}", self.config.name);
-                            self.stats.connected.store(1, Ordering::Relaxed);
-                            self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-                            *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(conn.clone());
-                            let why = self.serve(conn.clone(), incoming).await;
-                            self.current
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .take();
-                            self.stats.connected.store(0, Ordering::Relaxed);
-                            if conn.peer_goaway() == Some(ErrorCode::Replaced) {
-                                // Another agent took our name. Coming straight back
-                                // would take it back and the two would flap.
-                                tracing::error!(name = %self.config.name, "another agent registered under this name and replaced this one; retrying in {REPLACED_RETRY:?}");
-                                tokio::time::sleep(REPLACED_RETRY).await;
-                                continue;
-                            }
-                            tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "session ended; reconnecting");
-                        }
-                    }
-                }
+                tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "session ended; reconnecting");
+                SessionEnd::Lost
             }
-            if started.elapsed() >= HEALTHY_SESSION {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            tracing::debug!(?delay, "reconnecting after backoff");
-            tokio::time::sleep(delay).await;
-        }
+        };
+        keep_connected(&url, dial, serve).await;
+        Ok(())
     }
 
     /// Serves the session's streams until it ends, or until the server

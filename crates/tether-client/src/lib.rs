@@ -2,6 +2,8 @@
 //! streams of one multiplexed session to the server, and on to an agent's
 //! service; and a local SOCKS5 / HTTP CONNECT proxy ([`proxy`]).
 
+#![deny(missing_docs)]
+
 pub mod proxy;
 
 use anyhow::{bail, Context};
@@ -10,19 +12,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_net::backoff::Backoff;
+use tether_net::reconnect::{keep_connected, server_trust, Endpoint, Established, SessionEnd};
 use tether_net::splice::splice;
 use tether_net::transport::tls::ServerTrust;
-use tether_net::transport::ws::{dial, endpoint_url};
+use tether_net::transport::ws::endpoint_url;
 use tether_net::Connection;
-use tether_proto::{Role, Target, SUBPROTOCOL};
+use tether_proto::Target;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use tether_proto::endpoints::CLIENT_PATH;
-
-/// A session that lasted this long counts as healthy: backoff starts over.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 /// Client configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -71,11 +70,7 @@ fn default_max_udp_flows() -> usize {
 impl ClientConfig {
     /// How to check the server's certificate.
     pub fn trust(&self) -> ServerTrust {
-        match (&self.fingerprint, &self.ca_file) {
-            (Some(fp), _) => ServerTrust::Fingerprint(fp.clone()),
-            (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
-            (None, None) => ServerTrust::SystemRoots,
-        }
+        server_trust(self.fingerprint.as_ref(), self.ca_file.as_ref())
     }
 }
 
@@ -271,50 +266,47 @@ async fn keep_session(
     cfg: ClientConfig,
     tx: watch::Sender<Option<Connection>>,
 ) -> anyhow::Result<()> {
-    let url = endpoint_url(&cfg.server, CLIENT_PATH);
-    tether_net::transport::ws::warn_if_plain(&url);
-    let trust = cfg.trust();
+    let endpoint = Endpoint {
+        url: endpoint_url(&cfg.server, CLIENT_PATH),
+        trust: cfg.trust(),
+        identity: None,
+    };
+    tether_net::transport::ws::warn_if_plain(&endpoint.url);
+    let url = endpoint.url.clone();
     let headers = vec![("authorization".to_owned(), format!("Bearer {}", cfg.token))];
-    let mut backoff = Backoff::default();
-    loop {
-        let started = Instant::now();
-        match dial(&url, SUBPROTOCOL, &headers, &trust).await {
-            Err(e) => tracing::warn!(server = %url, "cannot connect: {e}"),
-            Ok((sink, source)) => {
-                let mut scfg = tether_proto::Config {
-                    software: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
-                    accept_opens: false,
-                    // Longer than the server's own wait for the agent, so the
-                    // server's explanation (refused, timeout...) arrives first.
-                    open_timeout: Duration::from_secs(20),
-                    ..Default::default()
-                };
-                cfg.session.apply(&mut scfg);
-                match Connection::start(Role::Initiator, scfg, sink, source, "client").await {
-                    Err(e) => tracing::warn!(server = %url, "handshake failed: {e}"),
-                    Ok((conn, info, _incoming)) => {
-                        tracing::info!(server = %url, peer = %info.peer_software, "connected");
-                        tx.send_replace(Some(conn.clone()));
-                        conn.draining().await;
-                        // New connections must not go to a draining session;
-                        // its open streams finish on their own.
-                        tx.send_replace(None);
-                        if conn.is_closed() {
-                            let why = conn.closed().await;
-                            tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "disconnected; reconnecting");
-                        } else {
-                            tracing::info!(server = %url, "server is draining this session (GOAWAY); reconnecting");
-                            backoff.reset();
-                        }
-                    }
-                }
+    let dial = || {
+        let mut scfg = tether_proto::Config {
+            software: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
+            accept_opens: false,
+            // Longer than the server's own wait for the agent, so the
+            // server's explanation (refused, timeout...) arrives first.
+            open_timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        cfg.session.apply(&mut scfg);
+        endpoint.connect(&headers, scfg, "client")
+    };
+    let serve = |(conn, info, _incoming): Established| {
+        let (tx, url) = (&tx, &url);
+        async move {
+            tracing::info!(server = %url, peer = %info.peer_software, "connected");
+            tx.send_replace(Some(conn.clone()));
+            conn.draining().await;
+            // New connections must not go to a draining session; its open
+            // streams finish on their own.
+            tx.send_replace(None);
+            if conn.is_closed() {
+                let why = conn.closed().await;
+                tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "disconnected; reconnecting");
+                SessionEnd::Lost
+            } else {
+                tracing::info!(server = %url, "server is draining this session (GOAWAY); reconnecting");
+                SessionEnd::Drained
             }
         }
-        if started.elapsed() >= HEALTHY_SESSION {
-            backoff.reset();
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
+    };
+    keep_connected(&url, dial, serve).await;
+    Ok(())
 }
 
 async fn accept_loop(

@@ -12,6 +12,10 @@
 //! * [`splice`]: copying bytes both ways between two endpoints while keeping
 //!   half-close.
 //! * [`io`]: a stream as an `AsyncRead` + `AsyncWrite` byte pipe.
+//! * [`reconnect`]: how an agent or a client reaches its server (trust,
+//!   token, dial and handshake, the reconnect loop).
+
+#![deny(missing_docs)]
 
 pub mod error;
 pub mod io;
@@ -25,5 +29,6 @@ pub use session::{Connection, Incoming, SessionInfo, Stream, StreamReader, Strea
 pub mod backoff;
 pub mod observe;
 pub mod pattern;
+pub mod reconnect;
 pub mod tuning;
 pub mod udp;

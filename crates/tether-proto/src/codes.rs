@@ -106,6 +106,7 @@ code_enum! {
         SessionLost = 9, "session_lost";
         /// The peer broke the protocol on this stream (e.g. DATA before OPEN_OK).
         ProtocolError = 10, "protocol_error";
+        /// Access was revoked (a reload's policy no longer allows the stream).
         Forbidden = 11, "forbidden";
     }
 }

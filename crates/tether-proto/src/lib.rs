@@ -14,6 +14,8 @@
 //! thin shell around it, and the tests in this crate drive two sessions
 //! against each other deterministically.
 
+#![deny(missing_docs)]
+
 pub mod codes;
 pub mod endpoints;
 pub mod frame;

@@ -55,7 +55,7 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
-    pub fn new(phase: Phase, send_credit: u32, recv_window: u32, now: Instant) -> Self {
+    pub(crate) fn new(phase: Phase, send_credit: u32, recv_window: u32, now: Instant) -> Self {
         Stream {
             phase,
             open_deadline: None,
@@ -76,12 +76,12 @@ impl Stream {
     }
 
     /// Both directions are finished and everything went out.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.fin_sent && self.fin_received
     }
 
     /// One direction is finished but not the other.
-    pub fn is_half_closed(&self) -> bool {
+    pub(crate) fn is_half_closed(&self) -> bool {
         self.fin_queued || self.fin_received
     }
 }

@@ -1,0 +1,123 @@
+//! How an agent or a client reaches its server, shared by both: which
+//! certificate to trust, the token to present, one dial-and-handshake, and
+//! the loop that keeps a session up with backoff.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tether_proto::{Role, SUBPROTOCOL};
+
+use crate::backoff::Backoff;
+use crate::session::IncomingStreams;
+use crate::transport::tls::{ServerIdentity, ServerTrust};
+use crate::transport::ws::dial_with_identity;
+use crate::{Connection, SessionInfo};
+
+/// A session that lasted this long counts as healthy: backoff starts over.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// How to check the server's certificate, from the `fingerprint` and
+/// `ca_file` settings (a pin wins over a CA; neither means system roots).
+pub fn server_trust(fingerprint: Option<&String>, ca_file: Option<&PathBuf>) -> ServerTrust {
+    match (fingerprint, ca_file) {
+        (Some(fp), _) => ServerTrust::Fingerprint(fp.clone()),
+        (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+        (None, None) => ServerTrust::SystemRoots,
+    }
+}
+
+/// The token to present: the contents of `file` (trimmed) when there is
+/// one, else `token`. Read per connection, so a rotated file (a re-mounted
+/// Kubernetes Secret) is picked up without a restart; when the file cannot
+/// be read, `token` is used and a warning logged.
+pub fn current_token(token: &str, file: Option<&Path>) -> String {
+    match file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) => {
+                tracing::warn!(file = %f.display(), "cannot read token_file ({e}); using the token read at start");
+                token.to_owned()
+            }
+        },
+        None => token.to_owned(),
+    }
+}
+
+/// Where and how to dial: the endpoint URL, the certificate check and an
+/// optional client certificate (agents with mutual TLS).
+pub struct Endpoint<'a> {
+    /// The full WebSocket URL (`wss://host:port/tether/v1/...`).
+    pub url: String,
+    /// How to check the server's certificate.
+    pub trust: ServerTrust,
+    /// A client certificate to present, if any.
+    pub identity: Option<&'a ServerIdentity>,
+}
+
+/// A session just established: the connection, what the peer said in the
+/// handshake, and the streams it opens.
+pub type Established = (Connection, SessionInfo, IncomingStreams);
+
+impl Endpoint<'_> {
+    /// Dials the endpoint with `headers` and runs the handshake; the error
+    /// says which of the two failed.
+    pub async fn connect(
+        &self,
+        headers: &[(String, String)],
+        config: tether_proto::Config,
+        label: &str,
+    ) -> Result<Established, String> {
+        let (sink, source) =
+            dial_with_identity(&self.url, SUBPROTOCOL, headers, &self.trust, self.identity)
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+        Connection::start(Role::Initiator, config, sink, source, label)
+            .await
+            .map_err(|e| format!("handshake failed: {e}"))
+    }
+}
+
+/// How a session ended, which decides when to dial again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Lost (error, timeout, server gone): back off.
+    Lost,
+    /// The server drained it (GOAWAY): come back at once.
+    Drained,
+    /// Wait this long first (e.g. another agent took our name).
+    RetryAfter(Duration),
+}
+
+/// Keeps a session up forever: `dial` makes one, `serve` runs it until it
+/// ends; between attempts the delay grows with full jitter (see
+/// [`Backoff`]) and starts over after a healthy session.
+pub async fn keep_connected<D, DF, S, SF>(server: &str, mut dial: D, mut serve: S)
+where
+    D: FnMut() -> DF,
+    DF: Future<Output = Result<Established, String>>,
+    S: FnMut(Established) -> SF,
+    SF: Future<Output = SessionEnd>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        match dial().await {
+            Err(e) => tracing::warn!(%server, "{e}"),
+            Ok(established) => match serve(established).await {
+                SessionEnd::Lost => {}
+                SessionEnd::Drained => backoff.reset(),
+                SessionEnd::RetryAfter(d) => {
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+            },
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::debug!(?delay, "reconnecting after backoff");
+        tokio::time::sleep(delay).await;
+    }
+}
