@@ -6,9 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use tether_server::web::login::safe_next;
-use tether_server::web::proxy::{
-    rewrite_location, rewrite_set_cookie, route_by_host, route_by_path, strip_hop_by_hop,
-};
+use tether_server::web::rewrite::{rewrite_location, rewrite_set_cookie, strip_hop_by_hop};
+use tether_server::web::route::{route_by_host, route_by_path};
 use tether_server::web::{cookie, split_port, WebConfig};
 
 fuzz_target!(|data: &[u8]| {

@@ -114,6 +114,28 @@ pub async fn serve_socket<F, Fut>(
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Stream, String>> + Send + 'static,
 {
+    let open = move || {
+        let opening = open();
+        async move { opening.await.map(|s| (s, ())) }
+    };
+    serve_socket_guarded(socket, open, limits, stats, accept).await
+}
+
+/// [`serve_socket`] for opens that come with a guard (`G`: whatever must
+/// live as long as the flow, such as the server's accounting of the
+/// stream): the flow holds it until it ends, however it ends (idle,
+/// evicted, the stream closed).
+pub async fn serve_socket_guarded<F, Fut, G>(
+    socket: Arc<UdpSocket>,
+    open: F,
+    limits: UdpLimits,
+    stats: Arc<UdpStats>,
+    accept: impl Fn(&SocketAddr) -> bool + Send + 'static,
+) where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(Stream, G), String>> + Send + 'static,
+    G: Send + 'static,
+{
     let open = Arc::new(open);
     let flows: Arc<Mutex<HashMap<SocketAddr, FlowEntry>>> = Arc::default();
     let mut generation = 0u64;
@@ -166,7 +188,7 @@ pub async fn serve_socket<F, Fut>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn start_flow<F, Fut>(
+fn start_flow<F, Fut, G>(
     map: &mut HashMap<SocketAddr, FlowEntry>,
     flows: &Arc<Mutex<HashMap<SocketAddr, FlowEntry>>>,
     src: SocketAddr,
@@ -178,7 +200,8 @@ fn start_flow<F, Fut>(
     generation: &mut u64,
 ) where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Stream, String>> + Send + 'static,
+    Fut: Future<Output = Result<(Stream, G), String>> + Send + 'static,
+    G: Send + 'static,
 {
     if map.len() >= limits.max_flows {
         // Evict the least recently used flow: its task ends now, its stream resets.
@@ -220,15 +243,16 @@ fn start_flow<F, Fut>(
     );
 }
 
-async fn local_flow(
+async fn local_flow<G>(
     src: SocketAddr,
     mut rx: mpsc::Receiver<Bytes>,
     socket: Arc<UdpSocket>,
-    open: impl Future<Output = Result<Stream, String>>,
+    open: impl Future<Output = Result<(Stream, G), String>>,
     idle: Duration,
     stats: &UdpStats,
 ) {
-    let stream = match open.await {
+    // The guard lives as long as this function: the flow's whole life.
+    let (stream, _guard) = match open.await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(%src, "udp flow refused: {e}");

@@ -19,6 +19,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::limits::{Caps, Limit};
+
 /// Open connections per source address (shared by the public port and the
 /// `[[listener]]` ports, each with its own table).
 #[derive(Default)]
@@ -78,11 +80,11 @@ pub(crate) enum Refused {
 }
 
 impl Refused {
-    /// The `tether_limit_hits_total{limit}` label.
-    pub(crate) fn limit(self) -> &'static str {
+    /// The limit that refused it.
+    pub(crate) fn limit(self) -> Limit {
         match self {
-            Refused::Connections => "connections",
-            Refused::PerSource => "connections_per_source",
+            Refused::Connections => Limit::Connections,
+            Refused::PerSource => Limit::ConnectionsPerSource,
         }
     }
 }
@@ -95,18 +97,9 @@ pub(crate) struct Admission {
     sources: Arc<SourceCounts>,
 }
 
-/// The caps in force (read per accept, so a reload applies at once).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Caps {
-    pub max_connections: usize,
-    pub max_per_source: usize,
-}
-
-impl Caps {
-    /// Slots anonymous connections may not take: a tenth of the cap.
-    fn reserve(self) -> usize {
-        (self.max_connections / 10).max(1)
-    }
+/// Slots anonymous connections may not take: a tenth of the cap.
+fn reserve(caps: Caps) -> usize {
+    (caps.max_connections / 10).max(1)
 }
 
 impl Admission {
@@ -125,7 +118,7 @@ impl Admission {
         let guard = ConnectionGuard {
             admission: self.clone(),
             authenticated: AtomicBool::new(false),
-            reserve_only: anonymous >= caps.max_connections.saturating_sub(caps.reserve()),
+            reserve_only: anonymous >= caps.max_connections.saturating_sub(reserve(caps)),
             _source: source,
         };
         if total >= caps.max_connections {

@@ -1,16 +1,33 @@
-//! Token checks and client allow-lists.
+//! Credentials: the agent and client token tables, mutual-TLS agents, the
+//! JWT verifier and the policy, swapped as a whole on reload
+//! ([`AuthStore`]), and how a request carries a credential ([`bearer`]).
 
 use anyhow::{bail, Context};
+use http::{header, HeaderMap};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use crate::config::{AgentCredential, ClientCredential, ServerConfig};
-use crate::jwt::{looks_like_jwt, JwtVerifier};
-use crate::policy::{Decision, Policy, Protocol};
+use crate::config::{AgentCredential, ClientCredential, Protocol, ServerConfig};
+use crate::identity::{ClientIdentity, IdentityKind};
+use crate::jwt::{looks_like_jwt, JwtError, JwtVerifier};
+use crate::policy::{Decision, Policy};
+
+/// Why a client credential was refused (for the log only: the client learns
+/// no more than "invalid client token"; no variant holds the credential).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CredentialError {
+    /// Neither a configured token nor a JWT.
+    #[error("unknown token")]
+    Unknown,
+    /// A JWT the verifier refused.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
+}
 
 /// SHA-256 of a token, as 32 bytes. Tokens are compared by hash so that the
 /// comparison time says nothing about the token, and configs can hold hashes.
-pub fn token_hash(token: &str) -> [u8; 32] {
+pub(crate) fn token_hash(token: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
@@ -52,73 +69,9 @@ fn credential_hash(
     }
 }
 
-/// How a client proved who it is.
-#[derive(Clone, PartialEq, Eq)]
-pub enum IdentityKind {
-    /// A static token (`[[client]]`); `hash` is its SHA-256, so a reload can
-    /// tell whether this token is still configured.
-    Token {
-        /// SHA-256 of the token.
-        hash: [u8; 32],
-    },
-    /// A JWT from the identity provider, valid until `expires` (Unix seconds).
-    Jwt {
-        /// The token's `exp`.
-        expires: u64,
-        /// The JWT itself, kept in memory only so that a reload can verify
-        /// it again against the new keys (never logged: see `Debug`).
-        token: Arc<str>,
-    },
-}
-
-impl std::fmt::Debug for IdentityKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            IdentityKind::Token { .. } => f.write_str("Token"),
-            IdentityKind::Jwt { expires, .. } => write!(f, "Jwt {{ expires: {expires} }}"),
-        }
-    }
-}
-
-/// A client that presented a valid credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientIdentity {
-    /// Its name (`[[client]] name`, or the JWT's name claim).
-    pub name: String,
-    /// Its groups (JWT group claim; empty for token clients).
-    pub groups: Vec<String>,
-    /// Token or JWT.
-    pub kind: IdentityKind,
-}
-
-impl ClientIdentity {
-    /// The key its limits and stream slots are counted under: a token
-    /// client and a JWT subject of the same name are different identities.
-    pub fn key(&self) -> String {
-        match self.kind {
-            IdentityKind::Token { .. } => format!("token:{}", self.name),
-            IdentityKind::Jwt { .. } => format!("jwt:{}", self.name),
-        }
-    }
-
-    /// Seconds until the credential expires (`None`: it does not).
-    pub fn expires_in(&self) -> Option<std::time::Duration> {
-        match self.kind {
-            IdentityKind::Token { .. } => None,
-            IdentityKind::Jwt { expires, .. } => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                Some(std::time::Duration::from_secs(expires.saturating_sub(now)))
-            }
-        }
-    }
-}
-
 /// The server's credential tables and policy. Rebuilt as a whole on reload.
 #[derive(Debug, Default)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     agents: HashMap<[u8; 32], String>,
     /// Agents that may authenticate with a client certificate naming them.
     mtls_agents: std::collections::HashSet<String>,
@@ -126,20 +79,20 @@ pub struct Authenticator {
     policy: Policy,
     jwt: Option<JwtVerifier>,
     /// Configured secrets in clear text (warned about at load).
-    pub plaintext_secrets: Vec<String>,
+    plaintext_secrets: Vec<String>,
 }
 
 impl Authenticator {
     /// Logs one warning per credential configured in clear text (at start
     /// and on every reload).
-    pub fn warn_plaintext(&self) {
+    pub(crate) fn warn_plaintext(&self) {
         for who in &self.plaintext_secrets {
             tracing::warn!("{who}: token in clear text (config file or flag); store token_sha256 instead (tether token hash)");
         }
     }
 
     /// Builds the tables, rejecting incomplete or duplicate credentials.
-    pub fn from_config(cfg: &ServerConfig) -> anyhow::Result<Self> {
+    pub(crate) fn from_config(cfg: &ServerConfig) -> anyhow::Result<Self> {
         let mut a = Authenticator::default();
         for AgentCredential {
             name,
@@ -192,13 +145,13 @@ impl Authenticator {
     }
 
     /// The agent name this token belongs to.
-    pub fn agent(&self, token: &str) -> Option<&str> {
+    pub(crate) fn agent(&self, token: &str) -> Option<&str> {
         self.agents.get(&token_hash(token)).map(String::as_str)
     }
 
     /// The agent a verified client certificate names (one of its DNS
     /// names is an agent configured with `mtls = true`).
-    pub fn agent_by_cert<'a>(
+    pub(crate) fn agent_by_cert<'a>(
         &self,
         dns_names: impl IntoIterator<Item = &'a str>,
     ) -> Option<String> {
@@ -210,7 +163,7 @@ impl Authenticator {
 
     /// Whether an agent session that authenticated as `name` (by token hash
     /// `hash`, or by certificate when `None`) is still allowed in.
-    pub fn agent_still_valid(&self, name: &str, hash: Option<&[u8; 32]>) -> bool {
+    pub(crate) fn agent_still_valid(&self, name: &str, hash: Option<&[u8; 32]>) -> bool {
         match hash {
             Some(h) => self.agents.get(h).is_some_and(|n| n == name),
             None => self.mtls_agents.contains(name),
@@ -219,7 +172,7 @@ impl Authenticator {
 
     /// The client a bearer credential (static token or JWT) belongs to; the
     /// error is for the log and never contains the credential.
-    pub fn client(&self, credential: &str) -> Result<ClientIdentity, String> {
+    pub(crate) fn client(&self, credential: &str) -> Result<ClientIdentity, CredentialError> {
         if let Some(name) = self.clients.get(&token_hash(credential)) {
             return Ok(ClientIdentity {
                 name: name.clone(),
@@ -230,15 +183,15 @@ impl Authenticator {
             });
         }
         match &self.jwt {
-            Some(j) if looks_like_jwt(credential) => j.verify(credential),
-            _ => Err("unknown token".into()),
+            Some(j) if looks_like_jwt(credential) => Ok(j.verify(credential)?),
+            _ => Err(CredentialError::Unknown),
         }
     }
 
     /// Whether a live identity still holds after a reload: like
     /// [`Authenticator::client_still_valid`], and a JWT must verify against
     /// the current keys (a removed signing key ends its sessions).
-    pub fn client_revalidate(&self, id: &ClientIdentity) -> bool {
+    pub(crate) fn client_revalidate(&self, id: &ClientIdentity) -> bool {
         match &id.kind {
             IdentityKind::Jwt { token, .. } => self
                 .jwt
@@ -251,7 +204,7 @@ impl Authenticator {
     /// Whether a live identity still holds (cheap, per request): its token is
     /// still configured under its name, or its JWT has not expired (and JWTs
     /// are still accepted).
-    pub fn client_still_valid(&self, id: &ClientIdentity) -> bool {
+    pub(crate) fn client_still_valid(&self, id: &ClientIdentity) -> bool {
         match &id.kind {
             IdentityKind::Token { hash } => self.clients.get(hash).is_some_and(|n| *n == id.name),
             IdentityKind::Jwt { .. } => {
@@ -261,7 +214,7 @@ impl Authenticator {
     }
 
     /// Decides one open.
-    pub fn decide(
+    pub(crate) fn decide(
         &self,
         id: &ClientIdentity,
         agent: &str,
@@ -272,12 +225,12 @@ impl Authenticator {
     }
 
     /// Whether the console shows `agent` to `id`.
-    pub fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
+    pub(crate) fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
         self.policy.may_see_agent(id, agent)
     }
 
     /// Names of every configured agent, sorted.
-    pub fn agent_names(&self) -> Vec<String> {
+    pub(crate) fn agent_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .agents
             .values()
@@ -291,7 +244,7 @@ impl Authenticator {
 }
 
 /// Agent names are path and label safe: letters, digits, `-`, `_`, `.`.
-pub fn validate_name(name: &str) -> anyhow::Result<()> {
+pub(crate) fn validate_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty()
         || name.len() > 63
         || !name
@@ -301,6 +254,62 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
         bail!("invalid agent name {name:?}: use 1-63 letters, digits, '-', '_' or '.'");
     }
     Ok(())
+}
+
+/// The credential tables in force. A reload swaps them whole; an open
+/// reads the generation before deciding, so that one admitted under old
+/// tables can tell it must be checked again ([`AuthStore::generation`]).
+#[derive(Default)]
+pub(crate) struct AuthStore {
+    current: RwLock<Arc<Authenticator>>,
+    generation: AtomicU64,
+}
+
+impl AuthStore {
+    /// A store holding `a`.
+    pub(crate) fn new(a: Authenticator) -> AuthStore {
+        AuthStore {
+            current: RwLock::new(Arc::new(a)),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The current credential tables and policy.
+    pub(crate) fn get(&self) -> Arc<Authenticator> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs new credential tables and policy.
+    pub(crate) fn set(&self, a: Authenticator) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Bumped by every [`AuthStore::set`]; read it *before* deciding.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// The credential of an `Authorization: Bearer` header. The scheme is
+/// matched in any letter case and may be followed by any run of spaces and
+/// tabs (RFC 9110 5.6.3, 11.4): a bearer header the server failed to
+/// recognise would not count as the credential, and would go on to the
+/// service, token and all. A bearer header without a credential yields an
+/// empty one, which is then refused rather than ignored.
+pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
+    let v = h.get(header::AUTHORIZATION)?.as_bytes().trim_ascii();
+    let end = v
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\t')
+        .unwrap_or(v.len());
+    let (scheme, credential) = v.split_at(end);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
 }
 
 #[cfg(test)]
@@ -344,5 +353,35 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn bearer_is_recognised_in_any_case_and_spacing() {
+        let auth = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                header::HeaderValue::from_bytes(v).unwrap(),
+            );
+            bearer(&h)
+        };
+        for v in [
+            &b"Bearer tok"[..],
+            b"bearer tok",
+            b"BEARER  tok",
+            b"Bearer\ttok",
+            b"Bearer \t tok ",
+            b" bEaReR\t\ttok\t",
+        ] {
+            assert_eq!(auth(v).as_deref(), Some("tok"), "{v:?}");
+        }
+        // A bearer header without a usable credential is still a bearer
+        // header (refused later), never passed over.
+        assert_eq!(auth(b"Bearer").as_deref(), Some(""));
+        assert_eq!(auth(b"Bearer   ").as_deref(), Some(""));
+        assert!(auth(b"Bearer tok\xff").is_some());
+        assert_eq!(auth(b"Basic dXNlcjpwYXNz"), None);
+        assert_eq!(auth(b"Bearertok"), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
     }
 }

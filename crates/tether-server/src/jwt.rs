@@ -14,48 +14,54 @@ use anyhow::{bail, Context};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
-use std::path::PathBuf;
 
-use crate::auth::{ClientIdentity, IdentityKind};
+use crate::config::JwtConfig;
+use crate::identity::{ClientIdentity, IdentityKind};
 
-/// `[jwt]` in the server config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// Required `iss`.
-    pub issuer: String,
-    /// Required `aud` (one of the token's audiences).
-    pub audience: String,
-    /// File holding the HS256 shared secret (its bytes, trailing newline trimmed).
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
-    /// PEM public key (RSA → RS256, EC P-256 → ES256).
-    #[serde(default)]
-    pub public_key_file: Option<PathBuf>,
-    /// JWKS file (`{"keys": [...]}`), e.g. a copy of the provider's
-    /// `jwks_uri`; reloaded with the config.
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// Claim holding the identity name (default `sub`).
-    #[serde(default = "default_name_claim")]
-    pub name_claim: String,
-    /// Claim holding the groups, a string array or one string (default `groups`).
-    #[serde(default = "default_groups_claim")]
-    pub groups_claim: String,
-    /// Clock skew tolerated on `exp` / `nbf`, in seconds (default 30).
-    #[serde(default = "default_leeway")]
-    pub leeway_secs: u64,
-}
-
-fn default_name_claim() -> String {
-    "sub".into()
-}
-fn default_groups_claim() -> String {
-    "groups".into()
-}
-fn default_leeway() -> u64 {
-    30
+/// Why a JWT was refused, in words for the log (the library's names read
+/// badly: an expired token is `ExpiredSignature`). Callers tell the client
+/// no more than "invalid token", and no variant holds the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum JwtError {
+    /// The header is not base64url JSON, or the library could not read it.
+    #[error("bad JWT header: {0}")]
+    BadHeader(String),
+    /// The header has a `crit` parameter.
+    #[error("JWT refused: its header has a crit parameter (no extension is supported)")]
+    Crit,
+    /// No configured key is for the header's algorithm.
+    #[error("JWT refused: no key for algorithm {0:?}")]
+    NoKey(Algorithm),
+    /// `exp` is in the past.
+    #[error("JWT refused: expired (exp is in the past)")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("JWT refused: not valid yet (nbf is in the future)")]
+    NotYetValid,
+    /// `iss` is not the configured issuer.
+    #[error("JWT refused: wrong issuer (iss)")]
+    WrongIssuer,
+    /// No `aud` is the configured audience.
+    #[error("JWT refused: wrong audience (aud)")]
+    WrongAudience,
+    /// `sub` failed a check.
+    #[error("JWT refused: wrong subject (sub)")]
+    WrongSubject,
+    /// A required claim is missing.
+    #[error("JWT refused: missing required claim {0}")]
+    MissingClaim(String),
+    /// No key of the algorithm verified the signature.
+    #[error("JWT refused: bad signature")]
+    BadSignature,
+    /// The algorithm does not match the key.
+    #[error("JWT refused: algorithm does not match the key")]
+    AlgorithmMismatch,
+    /// Anything else the library refused.
+    #[error("JWT refused: malformed ({0})")]
+    Malformed(String),
+    /// The token has no usable name claim.
+    #[error("JWT has no {0} claim")]
+    NoName(String),
 }
 
 struct Key {
@@ -65,7 +71,7 @@ struct Key {
 }
 
 /// Checks JWTs against the configured keys.
-pub struct JwtVerifier {
+pub(crate) struct JwtVerifier {
     keys: Vec<Key>,
     cfg: JwtConfig,
 }
@@ -83,7 +89,7 @@ impl std::fmt::Debug for JwtVerifier {
 
 /// Whether a bearer credential looks like a JWT (three base64url parts)
 /// rather than a static token.
-pub fn looks_like_jwt(t: &str) -> bool {
+pub(crate) fn looks_like_jwt(t: &str) -> bool {
     t.starts_with("ey")
         && t.split('.').count() == 3
         && t.bytes()
@@ -92,7 +98,7 @@ pub fn looks_like_jwt(t: &str) -> bool {
 
 impl JwtVerifier {
     /// Loads the keys.
-    pub fn new(cfg: &JwtConfig) -> anyhow::Result<JwtVerifier> {
+    pub(crate) fn new(cfg: &JwtConfig) -> anyhow::Result<JwtVerifier> {
         let mut keys = vec![];
         if let Some(p) = &cfg.secret_file {
             let raw =
@@ -163,11 +169,11 @@ impl JwtVerifier {
     /// Checks a token; the error says why it was refused (for the log only:
     /// callers tell the client no more than "invalid token"; it never
     /// contains the token).
-    pub fn verify(&self, token: &str) -> Result<ClientIdentity, String> {
+    pub(crate) fn verify(&self, token: &str) -> Result<ClientIdentity, JwtError> {
         refuse_crit(token)?;
         let header =
-            jsonwebtoken::decode_header(token).map_err(|e| format!("bad JWT header: {e}"))?;
-        let mut last = format!("JWT refused: no key for algorithm {:?}", header.alg);
+            jsonwebtoken::decode_header(token).map_err(|e| JwtError::BadHeader(e.to_string()))?;
+        let mut last = JwtError::NoKey(header.alg);
         for k in self.keys.iter().filter(|k| k.alg == header.alg) {
             if let (Some(want), Some(have)) = (&header.kid, &k.kid) {
                 if want != have {
@@ -192,12 +198,16 @@ impl JwtVerifier {
         Err(last)
     }
 
-    fn identity(&self, claims: &serde_json::Value, token: &str) -> Result<ClientIdentity, String> {
+    fn identity(
+        &self,
+        claims: &serde_json::Value,
+        token: &str,
+    ) -> Result<ClientIdentity, JwtError> {
         let name = claims
             .get(&self.cfg.name_claim)
             .and_then(|v| v.as_str())
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| format!("JWT has no {} claim", self.cfg.name_claim))?;
+            .ok_or_else(|| JwtError::NoName(self.cfg.name_claim.clone()))?;
         let groups = match claims.get(&self.cfg.groups_claim) {
             Some(serde_json::Value::Array(a)) => a
                 .iter()
@@ -238,35 +248,31 @@ fn signature_checked(kind: &ErrorKind) -> bool {
     )
 }
 
-/// Why a JWT was refused, in words for the log (the library's names read
-/// badly: an expired token is `ExpiredSignature`).
-fn refusal(kind: &ErrorKind) -> String {
-    let why = match kind {
-        ErrorKind::ExpiredSignature => "expired (exp is in the past)".to_owned(),
-        ErrorKind::ImmatureSignature => "not valid yet (nbf is in the future)".to_owned(),
-        ErrorKind::InvalidIssuer => "wrong issuer (iss)".to_owned(),
-        ErrorKind::InvalidAudience => "wrong audience (aud)".to_owned(),
-        ErrorKind::InvalidSubject => "wrong subject (sub)".to_owned(),
-        ErrorKind::MissingRequiredClaim(c) => format!("missing required claim {c}"),
-        ErrorKind::InvalidSignature => "bad signature".to_owned(),
-        ErrorKind::InvalidAlgorithm => "algorithm does not match the key".to_owned(),
-        other => format!("malformed ({other:?})"),
-    };
-    format!("JWT refused: {why}")
+/// The refusal for a decoding error.
+fn refusal(kind: &ErrorKind) -> JwtError {
+    match kind {
+        ErrorKind::ExpiredSignature => JwtError::Expired,
+        ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+        ErrorKind::InvalidIssuer => JwtError::WrongIssuer,
+        ErrorKind::InvalidAudience => JwtError::WrongAudience,
+        ErrorKind::InvalidSubject => JwtError::WrongSubject,
+        ErrorKind::MissingRequiredClaim(c) => JwtError::MissingClaim(c.clone()),
+        ErrorKind::InvalidSignature => JwtError::BadSignature,
+        ErrorKind::InvalidAlgorithm => JwtError::AlgorithmMismatch,
+        other => JwtError::Malformed(format!("{other:?}")),
+    }
 }
 
 /// Refuses a token whose protected header has a `crit` parameter: it names
 /// extensions that change how the token must be read, and we implement none
 /// (`jsonwebtoken` ignores the parameter, so it is checked here).
-fn refuse_crit(token: &str) -> Result<(), String> {
+fn refuse_crit(token: &str) -> Result<(), JwtError> {
     let head = token.split('.').next().unwrap_or("");
-    let bytes = b64url_decode(head).ok_or("bad JWT header: not base64url")?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes).map_err(|_| "bad JWT header: not a JSON object")?;
+    let bytes = b64url_decode(head).ok_or(JwtError::BadHeader("not base64url".into()))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes)
+        .map_err(|_| JwtError::BadHeader("not a JSON object".into()))?;
     if header.contains_key("crit") {
-        return Err(
-            "JWT refused: its header has a crit parameter (no extension is supported)".into(),
-        );
+        return Err(JwtError::Crit);
     }
     Ok(())
 }
@@ -322,8 +328,8 @@ mod tests {
                 secret_file: None,
                 public_key_file: None,
                 jwks_file: None,
-                name_claim: default_name_claim(),
-                groups_claim: default_groups_claim(),
+                name_claim: "sub".into(),
+                groups_claim: "groups".into(),
                 leeway_secs: 0,
             },
         }
@@ -398,7 +404,7 @@ mod tests {
             &EncodingKey::from_secret(SECRET_A),
         )
         .unwrap();
-        let why = v.verify(&t).unwrap_err();
+        let why = v.verify(&t).unwrap_err().to_string();
         assert!(why.contains("expired"), "{why}");
         let t = encode(
             &Header::default(),
@@ -406,18 +412,18 @@ mod tests {
             &EncodingKey::from_secret(SECRET_B),
         )
         .unwrap();
-        assert!(v.verify(&t).unwrap_err().contains("expired"));
+        assert_eq!(v.verify(&t).unwrap_err(), JwtError::Expired);
         let mut c = claims(60);
         c["aud"] = "other".into();
         let t = encode(&Header::default(), &c, &EncodingKey::from_secret(SECRET_A)).unwrap();
-        assert!(v.verify(&t).unwrap_err().contains("wrong audience"));
+        assert_eq!(v.verify(&t).unwrap_err(), JwtError::WrongAudience);
         let t = encode(
             &Header::default(),
             &claims(60),
             &EncodingKey::from_secret(b"another-key-of-at-least-32-bytes!!"),
         )
         .unwrap();
-        assert!(v.verify(&t).unwrap_err().contains("bad signature"));
+        assert_eq!(v.verify(&t).unwrap_err(), JwtError::BadSignature);
     }
 
     #[test]
@@ -434,7 +440,8 @@ mod tests {
                 SECRET_A,
             );
             let why = v.verify(&t).unwrap_err();
-            assert!(why.contains("crit"), "{why}");
+            assert_eq!(why, JwtError::Crit);
+            assert!(why.to_string().contains("crit"), "{why}");
         }
     }
 

@@ -1,136 +1,102 @@
 //! Limits that keep one identity from crowding out the others: sessions,
-//! pending opens and the rate of opens, each per identity, plus a cap on all
-//! sessions. Each refusal names the limit, counts in
+//! streams, pending opens and the rate of opens, each per identity, plus a
+//! cap on all sessions. Each refusal names the limit ([`Limit`]), counts in
 //! `tether_limit_hits_total{limit=...}`, and touches nobody else's traffic.
-//! (Streams per client are capped by `max_streams_per_client`; frame and
-//! message sizes, handshake, idle and header-read timeouts live with the
-//! protocol and the HTTP front.)
+//! (Frame and message sizes, handshake, idle and header-read timeouts live
+//! with the protocol and the HTTP front; the settings are
+//! [`crate::config::LimitsConfig`].)
+//!
+//! Stream and pending-open slots are taken and given back by the open path
+//! only ([`crate::open`]), whose one guard releases them on drop.
 
-use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Default cap on all live sessions (agents, clients, raw WebSockets).
-pub const MAX_SESSIONS: usize = 10_000;
-/// Default cap on one client identity's live sessions.
-pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
-/// Default sustained opens (streams, HTTP requests) per second per identity.
-pub const OPENS_PER_SEC: f64 = 1000.0;
-/// Default burst of opens above the sustained rate.
-pub const OPEN_BURST: f64 = 2000.0;
-/// Default sustained HTTP proxy requests per second per identity (requests
-/// reuse pooled streams, so they have their own, higher budget).
-pub const REQUESTS_PER_SEC: f64 = 20_000.0;
-/// Default burst of HTTP requests above the sustained rate.
-pub const REQUEST_BURST: f64 = 40_000.0;
+use crate::config::LimitsConfig;
+
 /// Login attempts per second from one source address.
-pub const LOGINS_PER_SEC: f64 = 2.0;
+pub(crate) const LOGINS_PER_SEC: f64 = 2.0;
 /// Burst of login attempts from one source address.
-pub const LOGIN_BURST: f64 = 20.0;
-/// Default cap on one identity's opens waiting for the agent's answer.
-pub const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
-/// Default cap on open TCP connections to the public port.
-pub const MAX_CONNECTIONS: usize = 20_000;
-/// Default cap on one source address's connections to the public port
-/// (IPv6: per /64). A browser opens a handful; a NAT'd office a few hundred.
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 512;
+pub(crate) const LOGIN_BURST: f64 = 20.0;
 /// Most rate buckets kept per kind (stream opens, HTTP requests, logins).
 /// At the cap, buckets that have refilled are dropped first (they lose
 /// nothing); if none has, the fullest goes, so the map never grows past it
 /// and a throttled key (an empty bucket) is the last to be forgotten.
-pub const MAX_BUCKETS: usize = 10_000;
+pub(crate) const MAX_BUCKETS: usize = 10_000;
 /// Login attempts from IPv6 are counted per /64: one host usually holds a
 /// whole /64, and counting per address would give it 2^64 budgets.
 const LOGIN_V6_PREFIX: u8 = 64;
 
-/// `[limits]` in the server config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
+/// Every limit the server enforces, by the name operators see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Limit {
+    /// Stream opens per second per identity.
+    OpensPerSec,
+    /// HTTP proxy requests per second per identity.
+    RequestsPerSec,
+    /// Login attempts per second per source address.
+    LoginsPerSource,
     /// All live sessions.
-    #[serde(default = "d_max_sessions")]
-    pub max_sessions: usize,
+    Sessions,
     /// Live sessions of one client identity.
-    #[serde(default = "d_max_sessions_per_client")]
-    pub max_sessions_per_client: usize,
-    /// Sustained stream opens per second per identity (CLI streams, SOCKS
-    /// and HTTP CONNECT streams, raw WebSockets).
-    #[serde(default = "d_opens_per_sec")]
-    pub opens_per_sec: f64,
-    /// Burst above that rate.
-    #[serde(default = "d_open_burst")]
-    pub open_burst: f64,
-    /// Sustained HTTP proxy requests per second per identity.
-    #[serde(default = "d_requests_per_sec")]
-    pub requests_per_sec: f64,
-    /// Burst above that rate.
-    #[serde(default = "d_request_burst")]
-    pub request_burst: f64,
-    /// Opens of one identity waiting for their agent's answer.
-    #[serde(default = "d_max_pending")]
-    pub max_pending_opens_per_client: usize,
-    /// Open TCP connections to the public port (before any authentication).
-    #[serde(default = "d_max_connections")]
-    pub max_connections: usize,
-    /// Open TCP connections to the public port from one source address.
-    #[serde(default = "d_max_connections_per_source")]
-    pub max_connections_per_source: usize,
+    SessionsPerClient,
+    /// Streams of one identity, over all its sessions.
+    StreamsPerClient,
+    /// Opens of one identity waiting for their agent.
+    PendingOpens,
+    /// Open connections to the public port.
+    Connections,
+    /// Open connections to the public port from one source.
+    ConnectionsPerSource,
+    /// The anonymous share of the public port is full: only sessions.
+    ConnectionsReserved,
+    /// Connections from one source through one `[[listener]]`.
+    ListenerConnectionsPerSource,
 }
 
-fn d_max_connections_per_source() -> usize {
-    MAX_CONNECTIONS_PER_SOURCE
-}
-
-fn d_max_connections() -> usize {
-    MAX_CONNECTIONS
-}
-
-fn d_max_sessions() -> usize {
-    MAX_SESSIONS
-}
-fn d_max_sessions_per_client() -> usize {
-    MAX_SESSIONS_PER_CLIENT
-}
-fn d_opens_per_sec() -> f64 {
-    OPENS_PER_SEC
-}
-fn d_open_burst() -> f64 {
-    OPEN_BURST
-}
-fn d_requests_per_sec() -> f64 {
-    REQUESTS_PER_SEC
-}
-fn d_request_burst() -> f64 {
-    REQUEST_BURST
-}
-fn d_max_pending() -> usize {
-    MAX_PENDING_OPENS_PER_CLIENT
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_sessions: MAX_SESSIONS,
-            max_sessions_per_client: MAX_SESSIONS_PER_CLIENT,
-            opens_per_sec: OPENS_PER_SEC,
-            open_burst: OPEN_BURST,
-            requests_per_sec: REQUESTS_PER_SEC,
-            request_burst: REQUEST_BURST,
-            max_pending_opens_per_client: MAX_PENDING_OPENS_PER_CLIENT,
-            max_connections: MAX_CONNECTIONS,
-            max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+impl Limit {
+    /// The `tether_limit_hits_total{limit}` label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Limit::OpensPerSec => "opens_per_sec",
+            Limit::RequestsPerSec => "requests_per_sec",
+            Limit::LoginsPerSource => "logins_per_source",
+            Limit::Sessions => "sessions",
+            Limit::SessionsPerClient => "sessions_per_client",
+            Limit::StreamsPerClient => "streams_per_client",
+            Limit::PendingOpens => "pending_opens",
+            Limit::Connections => "connections",
+            Limit::ConnectionsPerSource => "connections_per_source",
+            Limit::ConnectionsReserved => "connections_reserved",
+            Limit::ListenerConnectionsPerSource => "listener_connections_per_source",
         }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
 /// A refused request: which limit, and the reason for the requester.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitHit {
-    /// Stable name, the metric label (`opens_per_sec`, `sessions`, ...).
-    pub limit: &'static str,
+pub(crate) struct LimitHit {
+    /// Which limit.
+    pub(crate) limit: Limit,
     /// Human-readable reason.
-    pub reason: String,
+    pub(crate) reason: String,
+}
+
+/// The connection caps of the public port in force (read per accept, so a
+/// reload applies at once).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    /// `max_connections`.
+    pub(crate) max_connections: usize,
+    /// `max_connections_per_source`.
+    pub(crate) max_per_source: usize,
 }
 
 #[derive(Debug)]
@@ -216,14 +182,19 @@ struct Counts {
 }
 
 /// Live limit state.
-pub struct Limits {
+pub(crate) struct Limits {
     cfg: Mutex<LimitsConfig>,
+    /// `max_streams_per_client` (restart only, so not in `cfg`).
+    max_streams: usize,
     buckets: Mutex<Buckets>,
     counts: Arc<Mutex<Counts>>,
+    /// Streams per identity; their own lock, as every open and HTTP
+    /// request takes one.
+    streams: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 /// Holds one session slot until dropped.
-pub struct SessionSlot {
+pub(crate) struct SessionSlot {
     counts: Arc<Mutex<Counts>>,
     client: Option<String>,
 }
@@ -238,19 +209,6 @@ impl Drop for SessionSlot {
     }
 }
 
-/// Holds one pending-open slot until dropped.
-pub struct PendingSlot {
-    counts: Arc<Mutex<Counts>>,
-    client: String,
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        dec(&mut c.pending, &self.client);
-    }
-}
-
 fn dec(m: &mut HashMap<String, usize>, k: &str) {
     if let Some(n) = m.get_mut(k) {
         *n = n.saturating_sub(1);
@@ -261,24 +219,32 @@ fn dec(m: &mut HashMap<String, usize>, k: &str) {
 }
 
 impl Limits {
-    /// Limits with these settings.
-    pub fn new(cfg: LimitsConfig) -> Limits {
+    /// Limits with these settings, and at most `max_streams` streams per
+    /// identity.
+    pub(crate) fn new(cfg: LimitsConfig, max_streams: usize) -> Limits {
         Limits {
             cfg: Mutex::new(cfg),
+            max_streams: max_streams.max(1),
             buckets: Mutex::default(),
             counts: Arc::default(),
+            streams: Mutex::default(),
         }
     }
 
     /// Takes new settings (reload); live counts are kept.
-    pub fn set_config(&self, cfg: LimitsConfig) {
+    pub(crate) fn set_config(&self, cfg: LimitsConfig) {
         *self.cfg.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
     }
 
+    /// `max_streams_per_client`.
+    pub(crate) fn max_streams(&self) -> usize {
+        self.max_streams
+    }
+
     /// The connection caps of the public port.
-    pub(crate) fn connection_caps(&self) -> crate::admission::Caps {
+    pub(crate) fn connection_caps(&self) -> Caps {
         let g = self.cfg.lock().unwrap_or_else(|p| p.into_inner());
-        crate::admission::Caps {
+        Caps {
             max_connections: g.max_connections,
             max_per_source: g.max_connections_per_source,
         }
@@ -289,12 +255,12 @@ impl Limits {
     }
 
     /// One stream open by `who`, if its rate allows.
-    pub fn open(&self, who: &str) -> Result<(), LimitHit> {
+    pub(crate) fn open(&self, who: &str) -> Result<(), LimitHit> {
         self.open_at(who, Instant::now())
     }
 
     /// One HTTP proxy request by `who`, if its rate allows.
-    pub fn request(&self, who: &str) -> Result<(), LimitHit> {
+    pub(crate) fn request(&self, who: &str) -> Result<(), LimitHit> {
         let cfg = self.cfg();
         self.take(
             Kind::Requests,
@@ -302,7 +268,7 @@ impl Limits {
             Instant::now(),
             cfg.requests_per_sec,
             cfg.request_burst,
-            "requests_per_sec",
+            Limit::RequestsPerSec,
             "HTTP requests",
         )
     }
@@ -311,7 +277,7 @@ impl Limits {
     /// hopeless against 256-bit tokens; this keeps the log and the CPU quiet).
     /// The caller charges only real attempts (a token was submitted and the
     /// CSRF checks passed), so nobody can lock out an address for free.
-    pub fn login(&self, ip: std::net::IpAddr) -> Result<(), LimitHit> {
+    pub(crate) fn login(&self, ip: std::net::IpAddr) -> Result<(), LimitHit> {
         self.login_at(ip, Instant::now())
     }
 
@@ -322,7 +288,7 @@ impl Limits {
             now,
             LOGINS_PER_SEC,
             LOGIN_BURST,
-            "logins_per_source",
+            Limit::LoginsPerSource,
             "login attempts",
         )
     }
@@ -335,7 +301,7 @@ impl Limits {
             now,
             cfg.opens_per_sec,
             cfg.open_burst,
-            "opens_per_sec",
+            Limit::OpensPerSec,
             "streams",
         )
     }
@@ -348,7 +314,7 @@ impl Limits {
         now: Instant,
         rate: f64,
         burst: f64,
-        limit: &'static str,
+        limit: Limit,
         what: &str,
     ) -> Result<(), LimitHit> {
         let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -373,12 +339,12 @@ impl Limits {
     }
 
     /// A session slot (for `client`, or an agent / raw session when `None`).
-    pub fn session(&self, client: Option<&str>) -> Result<SessionSlot, LimitHit> {
+    pub(crate) fn session(&self, client: Option<&str>) -> Result<SessionSlot, LimitHit> {
         let cfg = self.cfg();
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if c.total >= cfg.max_sessions {
             return Err(LimitHit {
-                limit: "sessions",
+                limit: Limit::Sessions,
                 reason: format!("the server has {} sessions, its limit", cfg.max_sessions),
             });
         }
@@ -386,7 +352,7 @@ impl Limits {
             let n = c.per_client.get(name).copied().unwrap_or(0);
             if n >= cfg.max_sessions_per_client {
                 return Err(LimitHit {
-                    limit: "sessions_per_client",
+                    limit: Limit::SessionsPerClient,
                     reason: format!(
                         "{name} already has {} sessions, its limit",
                         cfg.max_sessions_per_client
@@ -402,25 +368,52 @@ impl Limits {
         })
     }
 
-    /// A pending-open slot for `client`.
-    pub fn pending(&self, client: &str) -> Result<PendingSlot, LimitHit> {
+    /// Takes one of `who`'s stream slots, if it has one left; the caller
+    /// gives it back with [`Limits::release_stream`].
+    pub(crate) fn take_stream(&self, who: &Arc<str>) -> bool {
+        let mut g = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(who.clone()).or_insert(0);
+        if *n >= self.max_streams {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back a slot [`Limits::take_stream`] took.
+    pub(crate) fn release_stream(&self, who: &str) {
+        let mut g = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.remove(who);
+            }
+        }
+    }
+
+    /// Takes one of `who`'s pending-open slots; the caller gives it back
+    /// with [`Limits::release_pending`].
+    pub(crate) fn take_pending(&self, who: &str) -> Result<(), LimitHit> {
         let cfg = self.cfg();
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = c.pending.entry(client.to_owned()).or_insert(0);
+        let n = c.pending.entry(who.to_owned()).or_insert(0);
         if *n >= cfg.max_pending_opens_per_client {
             return Err(LimitHit {
-                limit: "pending_opens",
+                limit: Limit::PendingOpens,
                 reason: format!(
-                    "{client} already has {} opens waiting for their agent, its limit",
+                    "{who} already has {} opens waiting for their agent, its limit",
                     cfg.max_pending_opens_per_client
                 ),
             });
         }
         *n += 1;
-        Ok(PendingSlot {
-            counts: self.counts.clone(),
-            client: client.to_owned(),
-        })
+        Ok(())
+    }
+
+    /// Gives back a slot [`Limits::take_pending`] took.
+    pub(crate) fn release_pending(&self, who: &str) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        dec(&mut c.pending, who);
     }
 }
 
@@ -431,16 +424,19 @@ mod tests {
 
     #[test]
     fn rate_is_per_identity_and_refills() {
-        let l = Limits::new(LimitsConfig {
-            opens_per_sec: 10.0,
-            open_burst: 5.0,
-            ..Default::default()
-        });
+        let l = Limits::new(
+            LimitsConfig {
+                opens_per_sec: 10.0,
+                open_burst: 5.0,
+                ..Default::default()
+            },
+            1,
+        );
         let t0 = Instant::now();
         for _ in 0..5 {
             l.open_at("a", t0).unwrap();
         }
-        assert_eq!(l.open_at("a", t0).unwrap_err().limit, "opens_per_sec");
+        assert_eq!(l.open_at("a", t0).unwrap_err().limit, Limit::OpensPerSec);
         // Someone else is not affected.
         l.open_at("b", t0).unwrap();
         // 100 ms later one more token is there.
@@ -450,19 +446,19 @@ mod tests {
 
     #[test]
     fn login_attempts_are_limited_per_source() {
-        let l = Limits::new(LimitsConfig::default());
+        let l = Limits::new(LimitsConfig::default(), 1);
         let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
         let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
         for _ in 0..LOGIN_BURST as usize {
             l.login(a).unwrap();
         }
-        assert_eq!(l.login(a).unwrap_err().limit, "logins_per_source");
+        assert_eq!(l.login(a).unwrap_err().limit, Limit::LoginsPerSource);
         assert!(l.login(b).is_ok());
     }
 
     #[test]
     fn ipv6_logins_count_per_64() {
-        let l = Limits::new(LimitsConfig::default());
+        let l = Limits::new(LimitsConfig::default(), 1);
         let t0 = Instant::now();
         for i in 0..LOGIN_BURST as u16 {
             let ip = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
@@ -479,7 +475,7 @@ mod tests {
 
     #[test]
     fn bucket_maps_are_hard_capped() {
-        let l = Limits::new(LimitsConfig::default());
+        let l = Limits::new(LimitsConfig::default(), 1);
         let t0 = Instant::now();
         // Keys that keep a drained bucket (nothing refills at t0) cannot
         // grow the map past its cap.
@@ -489,11 +485,14 @@ mod tests {
         let n = l.buckets.lock().unwrap().opens.len();
         assert!(n <= MAX_BUCKETS, "{n} buckets");
         // A throttled key (empty bucket) is never the one evicted.
-        let l = Limits::new(LimitsConfig {
-            opens_per_sec: 1.0,
-            open_burst: 2.0,
-            ..Default::default()
-        });
+        let l = Limits::new(
+            LimitsConfig {
+                opens_per_sec: 1.0,
+                open_burst: 2.0,
+                ..Default::default()
+            },
+            1,
+        );
         l.open_at("flood", t0).unwrap();
         l.open_at("flood", t0).unwrap();
         assert!(l.open_at("flood", t0).is_err());
@@ -511,7 +510,7 @@ mod tests {
         // A source that used up its login budget stays refused even when
         // stream opens (1000/s) fill their map: their rate must not make the
         // login bucket look refilled.
-        let l = Limits::new(LimitsConfig::default());
+        let l = Limits::new(LimitsConfig::default(), 1);
         let t0 = Instant::now();
         let ip: std::net::IpAddr = "192.0.2.9".parse().unwrap();
         for _ in 0..LOGIN_BURST as usize {
@@ -524,32 +523,43 @@ mod tests {
         }
         assert_eq!(
             l.login_at(ip, later).unwrap_err().limit,
-            "logins_per_source"
+            Limit::LoginsPerSource
         );
     }
 
     #[test]
     fn session_and_pending_slots_are_returned() {
-        let l = Limits::new(LimitsConfig {
-            max_sessions: 3,
-            max_sessions_per_client: 2,
-            max_pending_opens_per_client: 1,
-            ..Default::default()
-        });
+        let l = Limits::new(
+            LimitsConfig {
+                max_sessions: 3,
+                max_sessions_per_client: 2,
+                max_pending_opens_per_client: 1,
+                ..Default::default()
+            },
+            1,
+        );
         let a1 = l.session(Some("a")).unwrap();
         let _a2 = l.session(Some("a")).unwrap();
         assert_eq!(
             l.session(Some("a")).err().unwrap().limit,
-            "sessions_per_client"
+            Limit::SessionsPerClient
         );
         let _agent = l.session(None).unwrap();
-        assert_eq!(l.session(Some("b")).err().unwrap().limit, "sessions");
+        assert_eq!(l.session(Some("b")).err().unwrap().limit, Limit::Sessions);
         drop(a1);
         let _b = l.session(Some("b")).unwrap();
-        let p = l.pending("a").unwrap();
-        assert_eq!(l.pending("a").err().unwrap().limit, "pending_opens");
-        assert!(l.pending("b").is_ok());
-        drop(p);
-        assert!(l.pending("a").is_ok());
+        l.take_pending("a").unwrap();
+        assert_eq!(
+            l.take_pending("a").err().unwrap().limit,
+            Limit::PendingOpens
+        );
+        assert!(l.take_pending("b").is_ok());
+        l.release_pending("a");
+        assert!(l.take_pending("a").is_ok());
+        let a: Arc<str> = "a".into();
+        let l = Limits::new(LimitsConfig::default(), 2);
+        assert!(l.take_stream(&a) && l.take_stream(&a) && !l.take_stream(&a));
+        l.release_stream("a");
+        assert!(l.take_stream(&a));
     }
 }

@@ -6,64 +6,66 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::limits::Limit;
+
 /// Label for session kinds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
+pub(crate) struct KindLabel {
     /// `agent`, `client` or `raw_ws`.
-    pub kind: String,
+    pub(crate) kind: String,
 }
 
 /// Label for byte directions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabel {
+pub(crate) struct DirectionLabel {
     /// `to_agent` or `from_agent`.
-    pub direction: String,
+    pub(crate) direction: String,
 }
 
 /// Label for error kinds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabel {
+pub(crate) struct ErrorLabel {
     /// A short stable name (`bad_token`, `agent_offline`, `forbidden`, ...).
-    pub kind: String,
+    pub(crate) kind: String,
 }
 
 /// Label for limits.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LimitLabel {
+pub(crate) struct LimitLabel {
     /// The limit's name (`opens_per_sec`, `sessions_per_client`, ...).
-    pub limit: String,
+    pub(crate) limit: String,
 }
 
 /// Label for outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub(crate) struct ResultLabel {
     /// `ok` or `failed`.
-    pub result: String,
+    pub(crate) result: String,
 }
 
 /// All server metrics.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Registered agents.
-    pub agents: Gauge,
+    pub(crate) agents: Gauge,
     /// Live sessions by kind.
-    pub sessions: Family<KindLabel, Gauge>,
+    pub(crate) sessions: Family<KindLabel, Gauge>,
     /// Relayed streams currently open.
-    pub live_streams: Gauge,
+    pub(crate) live_streams: Gauge,
     /// Opens towards agents waiting for an answer.
-    pub pending_opens: Gauge,
+    pub(crate) pending_opens: Gauge,
     /// Relayed streams ever opened.
-    pub streams_total: Counter,
+    pub(crate) streams_total: Counter,
     /// Relayed payload bytes.
-    pub bytes: Family<DirectionLabel, Counter>,
+    pub(crate) bytes: Family<DirectionLabel, Counter>,
     /// Errors by kind.
-    pub errors: Family<ErrorLabel, Counter>,
+    pub(crate) errors: Family<ErrorLabel, Counter>,
     /// Requests refused by a limit.
-    pub limit_hits: Family<LimitLabel, Counter>,
+    pub(crate) limit_hits: Family<LimitLabel, Counter>,
     /// Configuration reloads.
-    pub reloads: Family<ResultLabel, Counter>,
+    pub(crate) reloads: Family<ResultLabel, Counter>,
     /// Opens decided by the policy.
-    pub decisions: Family<ResultLabel, Counter>,
+    pub(crate) decisions: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,7 +116,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts one error of `kind`.
-    pub fn error(&self, kind: &str) {
+    pub(crate) fn error(&self, kind: &str) {
         self.errors
             .get_or_create(&ErrorLabel {
                 kind: kind.to_owned(),
@@ -123,16 +125,16 @@ impl Metrics {
     }
 
     /// Counts one refusal by `limit`.
-    pub fn limit_hit(&self, limit: &str) {
+    pub(crate) fn limit_hit(&self, limit: Limit) {
         self.limit_hits
             .get_or_create(&LimitLabel {
-                limit: limit.to_owned(),
+                limit: limit.as_str().to_owned(),
             })
             .inc();
     }
 
     /// The reload counter for `result`.
-    pub fn reloads_of(&self, result: &str) -> Counter {
+    pub(crate) fn reloads_of(&self, result: &str) -> Counter {
         self.reloads
             .get_or_create(&ResultLabel {
                 result: result.to_owned(),
@@ -141,7 +143,7 @@ impl Metrics {
     }
 
     /// Counts one policy decision.
-    pub fn decision(&self, allowed: bool) {
+    pub(crate) fn decision(&self, allowed: bool) {
         self.decisions
             .get_or_create(&ResultLabel {
                 result: if allowed { "allowed" } else { "denied" }.to_owned(),
@@ -150,7 +152,7 @@ impl Metrics {
     }
 
     /// The gauge of live sessions of `kind`.
-    pub fn sessions_of(&self, kind: &str) -> Gauge {
+    pub(crate) fn sessions_of(&self, kind: &str) -> Gauge {
         self.sessions
             .get_or_create(&KindLabel {
                 kind: kind.to_owned(),
@@ -159,7 +161,7 @@ impl Metrics {
     }
 
     /// Adds relayed bytes.
-    pub fn add_bytes(&self, to_agent: u64, from_agent: u64) {
+    pub(crate) fn add_bytes(&self, to_agent: u64, from_agent: u64) {
         for (dir, n) in [("to_agent", to_agent), ("from_agent", from_agent)] {
             self.bytes
                 .get_or_create(&DirectionLabel {
@@ -170,7 +172,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

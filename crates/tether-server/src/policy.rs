@@ -17,50 +17,10 @@
 //! compromised server reaches nothing the agent does not allow.
 
 use anyhow::bail;
-use serde::Deserialize;
 use tether_net::pattern::glob_match;
 
-use crate::auth::{ClientIdentity, IdentityKind};
-
-/// The protocol an open asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// A TCP stream (CLI forwards, SOCKS/HTTP CONNECT, raw WebSocket, listeners).
-    Tcp,
-    /// A UDP flow.
-    Udp,
-    /// A browser or API request through the HTTP proxy.
-    Http,
-}
-
-impl Protocol {
-    /// Lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Http => "http",
-        }
-    }
-}
-
-/// A `[[rule]]` as written in the config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    /// Identities: names (globs), `group:NAME`, `*`.
-    pub who: Vec<String>,
-    /// `AGENT/SERVICE` globs this rule allows.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// `AGENT/SERVICE` globs this rule denies (deny wins over any allow).
-    #[serde(default)]
-    pub deny: Vec<String>,
-    /// Protocols the rule applies to (default: all).
-    #[serde(default)]
-    pub protocols: Vec<Protocol>,
-}
+use crate::config::{Protocol, RuleConfig};
+use crate::identity::{ClientIdentity, IdentityKind};
 
 #[derive(Debug, Clone)]
 enum Subject {
@@ -129,23 +89,23 @@ fn normalize_target(t: &str) -> String {
 
 /// The outcome of a check, with a reason fit for the requester and the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
+pub(crate) struct Decision {
     /// Whether the open may proceed.
-    pub allowed: bool,
+    pub(crate) allowed: bool,
     /// Which rule decided, or why nothing allowed it.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The compiled policy.
 #[derive(Debug, Clone, Default)]
-pub struct Policy {
+pub(crate) struct Policy {
     rules: Vec<Rule>,
 }
 
 impl Policy {
     /// Compiles `[[rule]]`s and the `allow` lists of token clients
     /// (`(name, patterns)`).
-    pub fn new(
+    pub(crate) fn new(
         rules: &[RuleConfig],
         client_allows: &[(String, Vec<String>)],
     ) -> anyhow::Result<Policy> {
@@ -199,7 +159,7 @@ impl Policy {
     }
 
     /// Decides whether `id` may open `agent/service` over `proto`.
-    pub fn decide(
+    pub(crate) fn decide(
         &self,
         id: &ClientIdentity,
         agent: &str,
@@ -244,7 +204,7 @@ impl Policy {
 
     /// Whether any allow rule for `id` can reach something on `agent` (the
     /// console lists only those agents).
-    pub fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
+    pub(crate) fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
         self.rules.iter().any(|r| {
             !r.deny
                 && r.who.iter().any(|s| s.matches(id))

@@ -13,23 +13,23 @@ use tether_net::Connection;
 
 /// One registered agent session.
 #[derive(Clone)]
-pub struct AgentEntry {
+pub(crate) struct AgentEntry {
     /// The session.
-    pub conn: Connection,
+    pub(crate) conn: Connection,
     /// Distinguishes sessions of the same name.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// When it registered.
-    pub since: SystemTime,
+    pub(crate) since: SystemTime,
     /// Where it connected from.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The agent's software string.
-    pub software: String,
+    pub(crate) software: String,
     /// The negotiated protocol version (3 and up announce a catalog).
-    pub version: u16,
+    pub(crate) version: u16,
 }
 
 /// Live agents by name.
-pub struct Registry {
+pub(crate) struct Registry {
     agents: Mutex<HashMap<String, AgentEntry>>,
     next_generation: std::sync::atomic::AtomicU64,
     /// Bumped on every change, so listeners can follow agents coming and going.
@@ -48,7 +48,7 @@ impl Default for Registry {
 
 impl Registry {
     /// Registers a session; returns its generation and the session it replaced.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         name: &str,
         conn: Connection,
@@ -73,7 +73,7 @@ impl Registry {
     }
 
     /// Removes the agent if it is still the given generation.
-    pub fn unregister(&self, name: &str, generation: u64) -> bool {
+    pub(crate) fn unregister(&self, name: &str, generation: u64) -> bool {
         let mut g = self.lock();
         if g.get(name).is_some_and(|e| e.generation == generation) {
             g.remove(name);
@@ -86,30 +86,18 @@ impl Registry {
     }
 
     /// A receiver that changes whenever an agent registers or leaves.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
     /// The live session of an agent.
-    pub fn get(&self, name: &str) -> Option<AgentEntry> {
+    pub(crate) fn get(&self, name: &str) -> Option<AgentEntry> {
         self.lock().get(name).cloned()
     }
 
     /// Number of registered agents.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// Whether no agent is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Names of registered agents, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.lock().keys().cloned().collect();
-        v.sort();
-        v
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentEntry>> {

@@ -1,9 +1,35 @@
-//! Server configuration (TOML, environment, flags all end up here).
+//! Server configuration: the TOML file, the `TETHER_*` environment and the
+//! flags all end up in a [`ServerConfig`].
+//!
+//! Config types are leaves: they import nothing of the server's runtime
+//! modules, so loading and checking a configuration never needs a running
+//! server (and the runtime modules can all depend on them without cycles).
+//! One file per section: `[limits]` ([`LimitsConfig`]), `[http]`
+//! ([`WebConfig`]), `[[listener]]` ([`ListenerConfig`]), `[[rule]]`
+//! ([`RuleConfig`]), `[jwt]` ([`JwtConfig`]); the top level, `[tls]` and the
+//! credentials are here.
+
+mod jwt;
+mod limits;
+mod listener;
+mod rules;
+mod web;
+
+pub use jwt::JwtConfig;
+pub use limits::LimitsConfig;
+pub use listener::ListenerConfig;
+pub use rules::{Protocol, RuleConfig};
+pub use web::{split_port, WebConfig};
 
 use serde::Deserialize;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+/// Default for the most streams one client (identity, over all its
+/// sessions) may have open or opening at once (`max_streams_per_client`).
+/// Well below an agent's own limit (8192), so a client that floods opens
+/// cannot take every stream of an agent from the others.
+pub const MAX_STREAMS_PER_CLIENT: usize = 512;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,26 +56,26 @@ pub struct ServerConfig {
     pub max_streams_per_client: usize,
     /// Public TCP ports bound to `agent/service`.
     #[serde(default, rename = "listener")]
-    pub listeners: Vec<crate::listeners::ListenerConfig>,
+    pub listeners: Vec<ListenerConfig>,
     /// Browser access: host routing, login cookies.
     #[serde(default)]
-    pub http: crate::web::WebConfig,
+    pub http: WebConfig,
     /// Access rules beyond each client's own `allow` list.
     #[serde(default, rename = "rule")]
-    pub rules: Vec<crate::policy::RuleConfig>,
+    pub rules: Vec<RuleConfig>,
     /// JWT client identities.
     #[serde(default)]
-    pub jwt: Option<crate::jwt::JwtConfig>,
+    pub jwt: Option<JwtConfig>,
     /// Limits per identity and overall.
     #[serde(default)]
-    pub limits: crate::limits::LimitsConfig,
+    pub limits: LimitsConfig,
     /// Serve `/metrics` on this (private) address instead of the public port.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_max_streams_per_client() -> usize {
-    crate::MAX_STREAMS_PER_CLIENT
+    MAX_STREAMS_PER_CLIENT
 }
 
 fn default_listen() -> SocketAddr {
@@ -65,7 +91,7 @@ impl Default for ServerConfig {
             clients: vec![],
             session: Default::default(),
             listeners: vec![],
-            max_streams_per_client: crate::MAX_STREAMS_PER_CLIENT,
+            max_streams_per_client: MAX_STREAMS_PER_CLIENT,
             http: Default::default(),
             rules: vec![],
             jwt: None,

@@ -18,70 +18,72 @@ use tether_proto::ServiceKind;
 
 use super::login::Via;
 use super::pages::{escape, html_page};
-use super::{full, Resp, PATH_PREFIX};
-use crate::auth::ClientIdentity;
-use crate::State;
+use super::{Web, PATH_PREFIX};
+use crate::auth::validate_name;
+use crate::config::Protocol;
+use crate::identity::ClientIdentity;
+use crate::response::{api_headers, full, BoxError, Resp};
 
 /// How often the event stream checks for changes (byte counters move
 /// without registry events).
-pub const EVENTS_TICK: Duration = Duration::from_secs(1);
+pub(crate) const EVENTS_TICK: Duration = Duration::from_secs(1);
 
 /// How long one event stream lasts before the browser reconnects (bounds
 /// stale connections; `EventSource` reconnects by itself).
-pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(300);
+pub(crate) const EVENTS_MAX_AGE: Duration = Duration::from_secs(300);
 
 /// One service in the console.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct ServiceView {
+pub(crate) struct ServiceView {
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// `http`, `tcp`, ...
-    pub kind: String,
+    pub(crate) kind: String,
     /// Where to open it in a browser (HTTP services the client may open).
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
 }
 
 /// One agent in the console.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct AgentView {
+pub(crate) struct AgentView {
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Connected now.
-    pub online: bool,
+    pub(crate) online: bool,
     /// Its software string.
-    pub version: Option<String>,
+    pub(crate) version: Option<String>,
     /// Connected since (Unix seconds).
-    pub since: Option<u64>,
+    pub(crate) since: Option<u64>,
     /// Streams open on its session.
-    pub streams: u64,
+    pub(crate) streams: u64,
     /// Bytes from the agent to the server.
-    pub bytes_in: u64,
+    pub(crate) bytes_in: u64,
     /// Bytes from the server to the agent.
-    pub bytes_out: u64,
+    pub(crate) bytes_out: u64,
     /// Its services (empty for agents that do not announce them).
-    pub services: Vec<ServiceView>,
+    pub(crate) services: Vec<ServiceView>,
 }
 
 /// What the console shows one client.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The client's name.
-    pub identity: String,
+    pub(crate) identity: String,
     /// Agents it can reach.
-    pub agents: Vec<AgentView>,
+    pub(crate) agents: Vec<AgentView>,
 }
 
 /// The console data for `client`. `origin` is `scheme://host[:port]` of the
 /// request, to build service links.
-pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str) -> Snapshot {
-    let base = state.web.base();
-    let auth = state.auth();
+pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &str) -> Snapshot {
+    let base = web.base();
+    let auth = web.auth.get();
     let mut agents = vec![];
     for name in auth.agent_names() {
         if !auth.may_see_agent(client, &name) {
             continue;
         }
-        let entry = state.registry.get(&name);
+        let entry = web.registry.get(&name);
         let mut view = AgentView {
             name: name.clone(),
             online: entry.is_some(),
@@ -103,13 +105,13 @@ pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str
             for s in catalog {
                 // Names go into links and host names: show only plain ones
                 // (an agent could announce anything).
-                if crate::auth::validate_name(&s.name).is_err() {
+                if validate_name(&s.name).is_err() {
                     continue;
                 }
                 let proto = match s.kind {
-                    ServiceKind::Http => crate::policy::Protocol::Http,
-                    ServiceKind::Udp => crate::policy::Protocol::Udp,
-                    _ => crate::policy::Protocol::Tcp,
+                    ServiceKind::Http => Protocol::Http,
+                    ServiceKind::Udp => Protocol::Udp,
+                    _ => Protocol::Tcp,
                 };
                 if !auth.decide(client, &name, &s.name, proto).allowed {
                     continue;
@@ -134,7 +136,7 @@ pub fn snapshot(state: &State, client: &ClientIdentity, scheme: &str, port: &str
 }
 
 /// `GET /`: the console page.
-pub fn page(client: &ClientIdentity, via: &Via) -> Resp {
+pub(crate) fn page(client: &ClientIdentity, via: &Via) -> Resp {
     let logout = match via {
         Via::Cookie { csrf } => format!(
             "<form method=\"post\" action=\"/logout\" class=\"inline\">\
@@ -157,26 +159,26 @@ pub fn page(client: &ClientIdentity, via: &Via) -> Resp {
 }
 
 /// `GET /api/agents`: the snapshot as JSON.
-pub fn agents_json(state: &State, client: &ClientIdentity, scheme: &str, port: &str) -> Resp {
-    let s = snapshot(state, client, scheme, port);
+pub(crate) fn agents_json(web: &Web, client: &ClientIdentity, scheme: &str, port: &str) -> Resp {
+    let s = snapshot(web, client, scheme, port);
     let mut r = Response::new(full(serde_json::to_vec(&s).unwrap_or_default()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
-    super::api_headers(r.headers_mut());
+    api_headers(r.headers_mut());
     r
 }
 
 /// `GET /api/events`: a snapshot now and after every change.
-pub fn events(
-    state: Arc<State>,
+pub(crate) fn events(
+    web: Arc<Web>,
     client: ClientIdentity,
     scheme: &'static str,
     port: String,
 ) -> Resp {
     struct Ev {
-        state: Arc<State>,
+        web: Arc<Web>,
         client: ClientIdentity,
         port: String,
         last: String,
@@ -185,8 +187,8 @@ pub fn events(
         first: bool,
     }
     let ev = Ev {
-        changes: state.registry.subscribe(),
-        state,
+        changes: web.registry.subscribe(),
+        web,
         client,
         port,
         last: String::new(),
@@ -204,15 +206,15 @@ pub fn events(
             }
             ev.first = false;
             // A revoked or expired identity's console stops updating.
-            if !ev.state.auth().client_still_valid(&ev.client) {
+            if !ev.web.auth.get().client_still_valid(&ev.client) {
                 return None;
             }
-            let snap = snapshot(&ev.state, &ev.client, scheme, &ev.port);
+            let snap = snapshot(&ev.web, &ev.client, scheme, &ev.port);
             let json = serde_json::to_string(&snap).unwrap_or_default();
             if json != ev.last {
                 ev.last = json.clone();
                 let msg = Bytes::from(format!("event: agents\ndata: {json}\n\n"));
-                return Some((Ok::<_, super::BoxError>(Frame::data(msg)), ev));
+                return Some((Ok::<_, BoxError>(Frame::data(msg)), ev));
             }
         }
     });
@@ -223,6 +225,6 @@ pub fn events(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/event-stream"),
     );
-    super::api_headers(h);
+    api_headers(h);
     r
 }

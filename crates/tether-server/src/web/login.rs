@@ -28,67 +28,18 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::logins::{cookie_names, unix_now, CSRF_TTL};
 use super::pages::{error, escape, html_page};
-use super::{cookie, redirect, split_port, Resp, WebConfig, MAX_FORM_BODY};
-use crate::auth::{token_hash, ClientIdentity};
-use crate::State;
-
-/// Name of the session cookie.
-pub const SESSION_COOKIE: &str = "tether_session";
-/// Name of the login form's CSRF cookie.
-pub const CSRF_COOKIE: &str = "tether_csrf";
-/// Name of the session cookie when it is `Secure` and host-only.
-pub const HOST_SESSION_COOKIE: &str = "__Host-tether_session";
-/// Name of the CSRF cookie when it is `Secure` (it is always host-only).
-pub const HOST_CSRF_COOKIE: &str = "__Host-tether_csrf";
-/// Every name tether's own cookies may have (the proxy keeps them all from
-/// services, and services may set none of them).
-pub const COOKIE_NAMES: [&str; 4] = [
-    SESSION_COOKIE,
-    CSRF_COOKIE,
-    HOST_SESSION_COOKIE,
-    HOST_CSRF_COOKIE,
-];
-
-/// How long a login form's CSRF value is accepted after it was issued.
-pub const CSRF_TTL: Duration = Duration::from_secs(3600);
-
-/// Most browser sessions kept at once; the oldest expire first beyond it.
-pub const MAX_WEB_SESSIONS: usize = 100_000;
-
-/// One logged-in browser.
-#[derive(Debug, Clone)]
-struct WebSession {
-    identity: ClientIdentity,
-    expires: Instant,
-    csrf: String,
-}
-
-/// Logged-in browsers, by SHA-256 of their session id, and the key that
-/// signs login forms' CSRF values.
-pub struct WebSessions {
-    map: Mutex<HashMap<[u8; 32], WebSession>>,
-    /// Per-process HMAC key: a restart invalidates open login forms, which
-    /// then ask the user to sign in again.
-    csrf_key: ring::hmac::Key,
-}
-
-impl Default for WebSessions {
-    fn default() -> Self {
-        let key: [u8; 32] = rand::random();
-        WebSessions {
-            map: Mutex::default(),
-            csrf_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
-        }
-    }
-}
+use super::{cookie, split_port, Web, WebConfig, FORM_READ_TIMEOUT, MAX_FORM_BODY};
+use crate::auth::{bearer, token_hash};
+use crate::identity::ClientIdentity;
+use crate::response::{redirect, Resp};
 
 /// How a request proved who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Via {
+pub(crate) enum Via {
     /// The login cookie; carries the session's CSRF value (for logout).
     Cookie {
         /// The session's CSRF value.
@@ -98,198 +49,36 @@ pub enum Via {
     Bearer,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn random_hex() -> String {
-    let b: [u8; 32] = rand::random();
-    hex(&b)
-}
-
-/// Decodes lowercase or uppercase hex; `None` on anything else.
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// What the login CSRF MAC covers: a fixed label (so the key signs nothing
-/// else by accident), then `TIME.NONCE`.
-fn csrf_input(body: &str) -> Vec<u8> {
-    format!("tether login csrf\n{body}").into_bytes()
-}
-
-/// The names of the session and CSRF cookies. `__Host-` needs `Secure`,
-/// `Path=/` and no `Domain`: the CSRF cookie never has a `Domain`, the
-/// session cookie has none when there is no base domain.
-fn cookie_names(secure: bool, base_domain: bool) -> (&'static str, &'static str) {
-    let session = if secure && !base_domain {
-        HOST_SESSION_COOKIE
-    } else {
-        SESSION_COOKIE
-    };
-    let csrf = if secure {
-        HOST_CSRF_COOKIE
-    } else {
-        CSRF_COOKIE
-    };
-    (session, csrf)
-}
-
 /// The session cookie's name on this server (the only one it accepts).
-pub fn session_cookie_name(state: &State) -> &'static str {
-    cookie_names(state.secure_cookies(), state.web.base().is_some()).0
+fn session_cookie_name(web: &Web) -> &'static str {
+    cookie_names(web.secure_cookies(), web.base().is_some()).0
 }
 
 /// The CSRF cookie's name on this server (the only one it accepts).
-pub fn csrf_cookie_name(state: &State) -> &'static str {
-    cookie_names(state.secure_cookies(), state.web.base().is_some()).1
-}
-
-impl WebSessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], WebSession>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Starts a session for `client`; returns its id (the cookie value).
-    fn create(&self, client: &ClientIdentity, ttl: Duration) -> String {
-        let id = random_hex();
-        let now = Instant::now();
-        let mut g = self.lock();
-        g.retain(|_, s| s.expires > now);
-        if g.len() >= MAX_WEB_SESSIONS {
-            if let Some(oldest) = g.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k) {
-                g.remove(&oldest);
-            }
-        }
-        g.insert(
-            token_hash(&id),
-            WebSession {
-                identity: client.clone(),
-                expires: now + ttl,
-                csrf: random_hex(),
-            },
-        );
-        id
-    }
-
-    fn get(&self, id: &str) -> Option<WebSession> {
-        let key = token_hash(id);
-        let mut g = self.lock();
-        match g.get(&key) {
-            Some(s) if s.expires > Instant::now() => Some(s.clone()),
-            Some(_) => {
-                g.remove(&key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn remove(&self, id: &str) {
-        self.lock().remove(&token_hash(id));
-    }
-
-    /// A fresh CSRF value for the login form: `TIME.NONCE.MAC`, the MAC an
-    /// HMAC-SHA256 of `TIME.NONCE` under this process's key. The cookie and
-    /// the form field carry the same value; an attacker who can plant a
-    /// cookie still cannot make up a value the server accepts.
-    fn issue_login_csrf(&self) -> String {
-        self.login_csrf_at(unix_now())
-    }
-
-    fn login_csrf_at(&self, issued: u64) -> String {
-        let nonce: [u8; 16] = rand::random();
-        let body = format!("{issued}.{}", hex(&nonce));
-        let mac = ring::hmac::sign(&self.csrf_key, &csrf_input(&body));
-        format!("{body}.{}", hex(mac.as_ref()))
-    }
-
-    /// How old (seconds) a login CSRF value is, if this process issued it
-    /// and it has not expired. The MAC is checked in constant time.
-    fn login_csrf_age(&self, value: &str, now: u64) -> Option<u64> {
-        let (body, mac) = value.rsplit_once('.')?;
-        let (issued, nonce) = body.split_once('.')?;
-        if nonce.len() != 32 {
-            return None;
-        }
-        ring::hmac::verify(&self.csrf_key, &csrf_input(body), &unhex(mac)?).ok()?;
-        let age = now.checked_sub(issued.parse::<u64>().ok()?)?;
-        (age < CSRF_TTL.as_secs()).then_some(age)
-    }
-
-    /// Keeps only the sessions whose identity passes `keep`.
-    pub fn retain(&self, keep: impl Fn(&ClientIdentity) -> bool) {
-        self.lock().retain(|_, s| keep(&s.identity));
-    }
-
-    /// Ends every session of a client (its token was removed).
-    pub fn remove_client(&self, client: &str) {
-        self.lock().retain(|_, s| s.identity.name != client);
-    }
-
-    /// Live sessions.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+fn csrf_cookie_name(web: &Web) -> &'static str {
+    cookie_names(web.secure_cookies(), web.base().is_some()).1
 }
 
 /// The client identity of a request: the session cookie or a bearer token.
-pub fn identify(state: &State, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
-    let auth = state.auth();
+pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
+    let auth = web.auth.get();
     if let Some(t) = bearer(h) {
         return auth.client(&t).ok().map(|c| (c, Via::Bearer));
     }
-    let id = cookie(h, session_cookie_name(state))?;
-    let s = state.web_sessions.get(id)?;
+    let id = cookie(h, session_cookie_name(web))?;
+    let s = web.logins.get(id)?;
     // The token behind the login must still be configured (a reload may
     // have removed it), and a JWT must not have expired.
     if !auth.client_still_valid(&s.identity) {
-        state.web_sessions.remove(id);
+        web.logins.remove(id);
         return None;
     }
     Some((s.identity, Via::Cookie { csrf: s.csrf }))
 }
 
-/// The credential of an `Authorization: Bearer` header. The scheme is
-/// matched in any letter case and may be followed by any run of spaces and
-/// tabs (RFC 9110 5.6.3, 11.4): a bearer header the server failed to
-/// recognise would not count as the credential, and would go on to the
-/// service, token and all. A bearer header without a credential yields an
-/// empty one, which is then refused rather than ignored.
-pub fn bearer(h: &HeaderMap) -> Option<String> {
-    let v = h.get(header::AUTHORIZATION)?.as_bytes().trim_ascii();
-    let end = v
-        .iter()
-        .position(|b| *b == b' ' || *b == b'\t')
-        .unwrap_or(v.len());
-    let (scheme, credential) = v.split_at(end);
-    scheme
-        .eq_ignore_ascii_case(b"bearer")
-        .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
-}
-
 /// Where the login page is for a request to `host` (`host` may be a
 /// host-routed service name; the login lives on the base domain then).
-pub fn login_url(cfg: &WebConfig, scheme: &str, host: &str, next: &str) -> String {
+pub(crate) fn login_url(cfg: &WebConfig, scheme: &str, host: &str, next: &str) -> String {
     let next_q: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
     match (service_host(cfg, host), cfg.base()) {
         (true, Some(base)) => {
@@ -342,16 +131,16 @@ pub fn safe_next(cfg: &WebConfig, next: &str) -> bool {
 /// Attributes of the session cookie for a response to `host`: valid for
 /// the whole base domain when the browser is on it (so host-routed services
 /// are covered), host-only otherwise (e.g. reached by IP address).
-fn cookie_attrs(state: &State, max_age: u64, host: &str) -> String {
+fn cookie_attrs(web: &Web, max_age: u64, host: &str) -> String {
     let mut a = format!("; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax");
-    if state.secure_cookies() {
+    if web.secure_cookies() {
         a.push_str("; Secure");
     }
-    if let Some(base) = state.web.base() {
+    if let Some(base) = web.base() {
         let (h, _) = split_port(host);
         if h == base || h.ends_with(&format!(".{base}")) {
             a.push_str("; Domain=");
-            a.push_str(&base);
+            a.push_str(base);
         }
     }
     a
@@ -388,29 +177,28 @@ fn login_form(next: &str, csrf: &str, message: Option<&str>) -> String {
 /// `GET /login`: the form, and its CSRF cookie. A value this server issued
 /// less than half its lifetime ago is kept, so that two open login tabs do
 /// not invalidate each other; anything else is replaced.
-pub fn login_page(state: &State, req: &Request<Incoming>) -> Resp {
+pub(crate) fn login_page(web: &Web, req: &Request<Incoming>) -> Resp {
     let next = query_param(req.uri().query(), "next")
-        .filter(|n| safe_next(&state.web, n))
+        .filter(|n| safe_next(&web.cfg, n))
         .unwrap_or_else(|| "/".to_owned());
-    let csrf = cookie(req.headers(), csrf_cookie_name(state))
+    let csrf = cookie(req.headers(), csrf_cookie_name(web))
         .filter(|c| {
-            state
-                .web_sessions
+            web.logins
                 .login_csrf_age(c, unix_now())
                 .is_some_and(|age| age < CSRF_TTL.as_secs() / 2)
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| state.web_sessions.issue_login_csrf());
+        .unwrap_or_else(|| web.logins.issue_login_csrf());
     let mut r = html_page(StatusCode::OK, "Sign in", &login_form(&next, &csrf, None));
-    set_cookie(&mut r, csrf_cookie(state, &csrf));
+    set_cookie(&mut r, csrf_cookie(web, &csrf));
     r
 }
 
 /// The `Set-Cookie` value of the login form's CSRF cookie.
-fn csrf_cookie(state: &State, csrf: &str) -> String {
+fn csrf_cookie(web: &Web, csrf: &str) -> String {
     let max_age = CSRF_TTL.as_secs();
-    let name = csrf_cookie_name(state);
-    if state.secure_cookies() {
+    let name = csrf_cookie_name(web);
+    if web.secure_cookies() {
         // `__Host-` requires `Path=/`.
         format!("{name}={csrf}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict; Secure")
     } else {
@@ -419,7 +207,7 @@ fn csrf_cookie(state: &State, csrf: &str) -> String {
 }
 
 /// One query or form parameter.
-pub fn query_param(q: Option<&str>, name: &str) -> Option<String> {
+fn query_param(q: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(q?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
@@ -430,16 +218,16 @@ pub fn query_param(q: Option<&str>, name: &str) -> Option<String> {
 /// scheme, host and port as the browser addressed it (`host`), or as
 /// `[http] public_name` names it. An `http://` page may not post to an
 /// `https://` server of the same name, nor another port's page to ours.
-fn cross_origin(state: &State, req_headers: &HeaderMap, host: &str) -> bool {
+fn cross_origin(web: &Web, req_headers: &HeaderMap, host: &str) -> bool {
     let Some(origin) = req_headers.get(header::ORIGIN) else {
         return false; // non-browser clients send none; the CSRF value still applies
     };
     let ours: Vec<String> = std::iter::once(host.to_owned())
-        .chain(state.web.public())
+        .chain(web.public.clone())
         .collect();
     !origin
         .to_str()
-        .is_ok_and(|o| same_origin(o, state.public_scheme(), &ours))
+        .is_ok_and(|o| same_origin(o, web.public_scheme(), &ours))
 }
 
 /// Whether `origin` is `scheme://` one of `authorities`, comparing scheme,
@@ -480,7 +268,7 @@ fn parse_origin(o: &str) -> Option<(String, String, u16)> {
 
 async fn read_form(req: Request<Incoming>) -> Option<HashMap<String, String>> {
     let read = Limited::new(req.into_body(), MAX_FORM_BODY).collect();
-    let body = tokio::time::timeout(crate::HEADER_READ_TIMEOUT, read)
+    let body = tokio::time::timeout(FORM_READ_TIMEOUT, read)
         .await
         .ok()?
         .ok()?
@@ -489,14 +277,14 @@ async fn read_form(req: Request<Incoming>) -> Option<HashMap<String, String>> {
 }
 
 /// `POST /login`: checks the CSRF value and the token, starts a session.
-pub async fn login_submit(
-    state: &State,
+pub(crate) async fn login_submit(
+    web: &Web,
     req: Request<Incoming>,
     peer: SocketAddr,
     host: &str,
 ) -> Resp {
     let headers = req.headers().clone();
-    let csrf_cookie_value = cookie(&headers, csrf_cookie_name(state)).map(str::to_owned);
+    let csrf_cookie_value = cookie(&headers, csrf_cookie_name(web)).map(str::to_owned);
     // Read the (small, bounded) form first: answering before the body is
     // read makes HTTP/2 clients see a reset stream instead of our answer.
     let Some(form) = read_form(req).await else {
@@ -507,8 +295,8 @@ pub async fn login_submit(
             "login form too large or unreadable",
         );
     };
-    if cross_origin(state, &headers, host) {
-        state.metrics.error("csrf");
+    if cross_origin(web, &headers, host) {
+        web.metrics.error("csrf");
         return error(
             &headers,
             StatusCode::FORBIDDEN,
@@ -518,21 +306,20 @@ pub async fn login_submit(
     }
     let next = form
         .get("next")
-        .filter(|n| safe_next(&state.web, n))
+        .filter(|n| safe_next(&web.cfg, n))
         .cloned()
         .unwrap_or_else(|| "/".into());
     // Double submit, and the value must be one this process signed.
     let csrf_ok = match (&csrf_cookie_value, form.get("csrf")) {
         (Some(c), Some(f)) => {
-            token_hash(c) == token_hash(f)
-                && state.web_sessions.login_csrf_age(c, unix_now()).is_some()
+            token_hash(c) == token_hash(f) && web.logins.login_csrf_age(c, unix_now()).is_some()
         }
         _ => false,
     };
     if !csrf_ok {
-        state.metrics.error("csrf");
+        web.metrics.error("csrf");
         tracing::warn!(%peer, "login without a valid, matching CSRF value");
-        let csrf = state.web_sessions.issue_login_csrf();
+        let csrf = web.logins.issue_login_csrf();
         let mut r = html_page(
             StatusCode::FORBIDDEN,
             "Sign in",
@@ -542,7 +329,7 @@ pub async fn login_submit(
                 Some("Your login form expired; please sign in again."),
             ),
         );
-        set_cookie(&mut r, csrf_cookie(state, &csrf));
+        set_cookie(&mut r, csrf_cookie(web, &csrf));
         return r;
     }
     let token = form.get("token").map(String::as_str).unwrap_or("");
@@ -557,21 +344,21 @@ pub async fn login_submit(
     }
     // Only now is this a real attempt: charge it to the client's address
     // (so token-less or forged posts cannot lock out a shared address).
-    let source = super::client_ip(&state.web, peer.ip(), &headers);
-    if let Err(hit) = state.limits.login(source) {
-        state.metrics.limit_hit(hit.limit);
+    let source = super::client_ip(&web.cfg, peer.ip(), &headers);
+    if let Err(hit) = web.limits.login(source) {
+        web.metrics.limit_hit(hit.limit);
         tracing::warn!(%peer, %source, "login refused: {}", hit.reason);
         return error(
             &headers,
             StatusCode::TOO_MANY_REQUESTS,
-            hit.limit,
+            hit.limit.as_str(),
             "too many login attempts from your address; wait a few seconds",
         );
     }
-    let client = match state.auth().client(token) {
+    let client = match web.auth.get().client(token) {
         Ok(c) => c,
         Err(why) => {
-            state.metrics.error("bad_login");
+            web.metrics.error("bad_login");
             tracing::warn!(%peer, %source, "browser login refused: {why}");
             return html_page(
                 StatusCode::UNAUTHORIZED,
@@ -581,26 +368,26 @@ pub async fn login_submit(
         }
     };
     // A JWT login lasts no longer than the JWT.
-    let mut ttl = Duration::from_secs(state.web.session_ttl_secs.max(60));
+    let mut ttl = Duration::from_secs(web.cfg.session_ttl_secs.max(60));
     if let Some(left) = client.expires_in() {
         ttl = ttl.min(left);
     }
-    let id = state.web_sessions.create(&client, ttl);
+    let id = web.logins.create(&client, ttl);
     tracing::info!(client = %client.name, %peer, %source, "browser login");
     let mut r = redirect(StatusCode::SEE_OTHER, &next);
     set_cookie(
         &mut r,
         format!(
             "{}={id}{}",
-            session_cookie_name(state),
-            cookie_attrs(state, ttl.as_secs(), host)
+            session_cookie_name(web),
+            cookie_attrs(web, ttl.as_secs(), host)
         ),
     );
     r
 }
 
 /// `POST /logout`: ends the session (the form carries its CSRF value).
-pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
+pub(crate) async fn logout(web: &Web, req: Request<Incoming>, host: &str) -> Resp {
     let headers = req.headers().clone();
     if req.method() != Method::POST {
         return error(
@@ -611,8 +398,8 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
         );
     }
     let form = read_form(req).await.unwrap_or_default();
-    if cross_origin(state, &headers, host) {
-        state.metrics.error("csrf");
+    if cross_origin(web, &headers, host) {
+        web.metrics.error("csrf");
         return error(
             &headers,
             StatusCode::FORBIDDEN,
@@ -620,19 +407,19 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
             "cross-site logout refused",
         );
     }
-    let id = cookie(&headers, session_cookie_name(state)).map(str::to_owned);
-    let session = id.as_deref().and_then(|i| state.web_sessions.get(i));
+    let id = cookie(&headers, session_cookie_name(web)).map(str::to_owned);
+    let session = id.as_deref().and_then(|i| web.logins.get(i));
     match (id, session) {
         (Some(id), Some(s))
             if form
                 .get("csrf")
                 .is_some_and(|f| token_hash(f) == token_hash(&s.csrf)) =>
         {
-            state.web_sessions.remove(&id);
+            web.logins.remove(&id);
             tracing::info!(client = %s.identity.name, "browser logout");
         }
         (Some(_), Some(_)) => {
-            state.metrics.error("csrf");
+            web.metrics.error("csrf");
             return error(
                 &headers,
                 StatusCode::FORBIDDEN,
@@ -647,8 +434,8 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
         &mut r,
         format!(
             "{}={}",
-            session_cookie_name(state),
-            cookie_attrs(state, 0, host)
+            session_cookie_name(web),
+            cookie_attrs(web, 0, host)
         ),
     );
     r
@@ -656,21 +443,18 @@ pub async fn logout(state: &State, req: Request<Incoming>, host: &str) -> Resp {
 
 /// The answer to a request that needs a login: a redirect to the login page
 /// for a browser, 401 for an API client.
-pub fn login_required(state: &State, req: &Request<Incoming>, host: &str) -> Resp {
+pub(crate) fn login_required(web: &Web, req: &Request<Incoming>, host: &str) -> Resp {
     if super::wants_html(req.headers()) && req.method() == Method::GET {
-        let scheme = state.public_scheme();
+        let scheme = web.public_scheme();
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         // The login page lives on the base domain: coming back to a service
         // host needs the full URL.
-        let next = if service_host(&state.web, host) {
+        let next = if service_host(&web.cfg, host) {
             format!("{scheme}://{host}{path}")
         } else {
             path.to_owned()
         };
-        return redirect(
-            StatusCode::FOUND,
-            &login_url(&state.web, scheme, host, &next),
-        );
+        return redirect(StatusCode::FOUND, &login_url(&web.cfg, scheme, host, &next));
     }
     let mut r = error(
         req.headers(),
@@ -733,67 +517,6 @@ mod tests {
     }
 
     #[test]
-    fn bearer_is_recognised_in_any_case_and_spacing() {
-        let auth = |v: &[u8]| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                header::AUTHORIZATION,
-                header::HeaderValue::from_bytes(v).unwrap(),
-            );
-            bearer(&h)
-        };
-        for v in [
-            &b"Bearer tok"[..],
-            b"bearer tok",
-            b"BEARER  tok",
-            b"Bearer\ttok",
-            b"Bearer \t tok ",
-            b" bEaReR\t\ttok\t",
-        ] {
-            assert_eq!(auth(v).as_deref(), Some("tok"), "{v:?}");
-        }
-        // A bearer header without a usable credential is still a bearer
-        // header (refused later), never passed over.
-        assert_eq!(auth(b"Bearer").as_deref(), Some(""));
-        assert_eq!(auth(b"Bearer   ").as_deref(), Some(""));
-        assert!(auth(b"Bearer tok\xff").is_some());
-        assert_eq!(auth(b"Basic dXNlcjpwYXNz"), None);
-        assert_eq!(auth(b"Bearertok"), None);
-        assert_eq!(bearer(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn login_csrf_values_are_signed_and_expire() {
-        let s = WebSessions::default();
-        let now = unix_now();
-        let v = s.issue_login_csrf();
-        assert_eq!(s.login_csrf_age(&v, now), Some(0));
-        // Anything the server did not sign fails, however well formed.
-        assert_eq!(s.login_csrf_age(&random_hex(), now), None);
-        assert_eq!(s.login_csrf_age("x", now), None);
-        assert_eq!(s.login_csrf_age("", now), None);
-        let (body, mac) = v.rsplit_once('.').unwrap();
-        let mut forged = mac.to_owned();
-        forged.replace_range(0..1, if mac.starts_with('0') { "1" } else { "0" });
-        assert_eq!(s.login_csrf_age(&format!("{body}.{forged}"), now), None);
-        let (_, rest) = body.split_once('.').unwrap();
-        assert_eq!(
-            s.login_csrf_age(&format!("{}.{rest}.{mac}", now + 10), now),
-            None,
-            "the time is signed too"
-        );
-        // Another process (another key) did not sign it.
-        assert_eq!(WebSessions::default().login_csrf_age(&v, now), None);
-        // Expired after CSRF_TTL; never valid from the future.
-        let old = s.login_csrf_at(now - CSRF_TTL.as_secs());
-        assert_eq!(s.login_csrf_age(&old, now), None);
-        let young = s.login_csrf_at(now - 10);
-        assert_eq!(s.login_csrf_age(&young, now), Some(10));
-        let future = s.login_csrf_at(now + 100);
-        assert_eq!(s.login_csrf_age(&future, now), None);
-    }
-
-    #[test]
     fn origins_compare_scheme_host_and_port() {
         let ours = [
             "tether.test:8443".to_owned(),
@@ -834,36 +557,5 @@ mod tests {
             &["127.0.0.1:7700".into()]
         ));
         assert!(same_origin("http://[::1]", "http", &["[::1]:80".into()]));
-    }
-
-    #[test]
-    fn host_prefixed_cookies_when_secure_and_host_only() {
-        assert_eq!(
-            cookie_names(true, false),
-            (HOST_SESSION_COOKIE, HOST_CSRF_COOKIE)
-        );
-        // With a base domain the session cookie carries `Domain`, which
-        // `__Host-` forbids; the CSRF cookie never does.
-        assert_eq!(cookie_names(true, true), (SESSION_COOKIE, HOST_CSRF_COOKIE));
-        assert_eq!(cookie_names(false, false), (SESSION_COOKIE, CSRF_COOKIE));
-        assert_eq!(cookie_names(false, true), (SESSION_COOKIE, CSRF_COOKIE));
-    }
-
-    #[test]
-    fn sessions_expire_and_are_stored_hashed() {
-        let s = WebSessions::default();
-        let who = |n: &str| ClientIdentity {
-            name: n.into(),
-            groups: vec![],
-            kind: crate::auth::IdentityKind::Token { hash: [0; 32] },
-        };
-        let id = s.create(&who("alice"), Duration::from_secs(60));
-        assert_eq!(s.get(&id).unwrap().identity.name, "alice");
-        assert!(!s.lock().contains_key(&[0u8; 32]));
-        assert!(s.lock().keys().all(|k| *k == token_hash(&id)));
-        let old = s.create(&who("bob"), Duration::ZERO);
-        assert!(s.get(&old).is_none());
-        s.remove_client("alice");
-        assert!(s.get(&id).is_none());
     }
 }

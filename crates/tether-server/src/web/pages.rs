@@ -4,15 +4,16 @@
 
 use http::{header, HeaderMap, Response, StatusCode};
 
-use super::{full, harden, wants_html, Resp};
+use super::wants_html;
+use crate::response::{api_headers, full, harden, Resp};
 
 /// The stylesheet shared by the login page, the console and error pages.
-pub const STYLE_CSS: &str = include_str!("static/style.css");
+pub(crate) const STYLE_CSS: &str = include_str!("static/style.css");
 /// The console's script.
-pub const CONSOLE_JS: &str = include_str!("static/console.js");
+pub(crate) const CONSOLE_JS: &str = include_str!("static/console.js");
 
 /// Escapes text for HTML element content and attribute values.
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -28,7 +29,7 @@ pub fn escape(s: &str) -> String {
 }
 
 /// A whole HTML page in the server's look.
-pub fn html_page(status: StatusCode, title: &str, body_html: &str) -> Resp {
+pub(crate) fn html_page(status: StatusCode, title: &str, body_html: &str) -> Resp {
     let page = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
@@ -48,12 +49,17 @@ pub fn html_page(status: StatusCode, title: &str, body_html: &str) -> Resp {
 
 /// An error answer: an HTML page when a browser asks, JSON otherwise.
 /// `code` is a short stable name (`agent_offline`, `forbidden`, ...).
-pub fn error(req_headers: &HeaderMap, status: StatusCode, code: &str, message: &str) -> Resp {
+pub(crate) fn error(
+    req_headers: &HeaderMap,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Resp {
     error_page(wants_html(req_headers), status, code, message)
 }
 
 /// [`error`] when the caller already knows whether the client wants HTML.
-pub fn error_page(html: bool, status: StatusCode, code: &str, message: &str) -> Resp {
+pub(crate) fn error_page(html: bool, status: StatusCode, code: &str, message: &str) -> Resp {
     if html {
         let title = status.canonical_reason().unwrap_or("Error");
         html_page(
@@ -80,13 +86,13 @@ pub fn error_page(html: bool, status: StatusCode, code: &str, message: &str) -> 
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
         );
-        super::api_headers(r.headers_mut());
+        api_headers(r.headers_mut());
         r
     }
 }
 
 /// A static asset with a long cache lifetime.
-pub fn asset(body: &'static str, content_type: &'static str) -> Resp {
+pub(crate) fn asset(body: &'static str, content_type: &'static str) -> Resp {
     let mut r = Response::new(full(body));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

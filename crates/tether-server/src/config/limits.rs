@@ -1,0 +1,104 @@
+//! `[limits]`: what one identity (and the server as a whole) may hold. The
+//! counting itself is in [`crate::limits`].
+
+use serde::Deserialize;
+
+/// Default cap on all live sessions (agents, clients, raw WebSockets).
+pub(crate) const MAX_SESSIONS: usize = 10_000;
+/// Default cap on one client identity's live sessions.
+pub(crate) const MAX_SESSIONS_PER_CLIENT: usize = 64;
+/// Default sustained stream opens per second per identity.
+pub(crate) const OPENS_PER_SEC: f64 = 1000.0;
+/// Default burst of opens above the sustained rate.
+pub(crate) const OPEN_BURST: f64 = 2000.0;
+/// Default sustained HTTP proxy requests per second per identity (requests
+/// reuse pooled streams, so they have their own, higher budget).
+pub(crate) const REQUESTS_PER_SEC: f64 = 20_000.0;
+/// Default burst of HTTP requests above the sustained rate.
+pub(crate) const REQUEST_BURST: f64 = 40_000.0;
+/// Default cap on one identity's opens waiting for the agent's answer.
+pub(crate) const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
+/// Default cap on open TCP connections to the public port.
+pub(crate) const MAX_CONNECTIONS: usize = 20_000;
+/// Default cap on one source address's connections to the public port
+/// (IPv6: per /64). A browser opens a handful; a NAT'd office a few hundred.
+pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 512;
+
+/// `[limits]` in the server config (reloadable).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// All live sessions.
+    #[serde(default = "d_max_sessions")]
+    pub max_sessions: usize,
+    /// Live sessions of one client identity.
+    #[serde(default = "d_max_sessions_per_client")]
+    pub max_sessions_per_client: usize,
+    /// Sustained stream opens per second per identity (CLI streams, SOCKS
+    /// and HTTP CONNECT streams, raw WebSockets, each `[[listener]]`).
+    #[serde(default = "d_opens_per_sec")]
+    pub opens_per_sec: f64,
+    /// Burst above that rate.
+    #[serde(default = "d_open_burst")]
+    pub open_burst: f64,
+    /// Sustained HTTP proxy requests per second per identity.
+    #[serde(default = "d_requests_per_sec")]
+    pub requests_per_sec: f64,
+    /// Burst above that rate.
+    #[serde(default = "d_request_burst")]
+    pub request_burst: f64,
+    /// Opens of one identity (or one `[[listener]]`) waiting for their
+    /// agent's answer.
+    #[serde(default = "d_max_pending")]
+    pub max_pending_opens_per_client: usize,
+    /// Open TCP connections to the public port (before any authentication).
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    /// Open TCP connections to the public port from one source address.
+    #[serde(default = "d_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+}
+
+fn d_max_connections_per_source() -> usize {
+    MAX_CONNECTIONS_PER_SOURCE
+}
+fn d_max_connections() -> usize {
+    MAX_CONNECTIONS
+}
+fn d_max_sessions() -> usize {
+    MAX_SESSIONS
+}
+fn d_max_sessions_per_client() -> usize {
+    MAX_SESSIONS_PER_CLIENT
+}
+fn d_opens_per_sec() -> f64 {
+    OPENS_PER_SEC
+}
+fn d_open_burst() -> f64 {
+    OPEN_BURST
+}
+fn d_requests_per_sec() -> f64 {
+    REQUESTS_PER_SEC
+}
+fn d_request_burst() -> f64 {
+    REQUEST_BURST
+}
+fn d_max_pending() -> usize {
+    MAX_PENDING_OPENS_PER_CLIENT
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: MAX_SESSIONS,
+            max_sessions_per_client: MAX_SESSIONS_PER_CLIENT,
+            opens_per_sec: OPENS_PER_SEC,
+            open_burst: OPEN_BURST,
+            requests_per_sec: REQUESTS_PER_SEC,
+            request_burst: REQUEST_BURST,
+            max_pending_opens_per_client: MAX_PENDING_OPENS_PER_CLIENT,
+            max_connections: MAX_CONNECTIONS,
+            max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+        }
+    }
+}

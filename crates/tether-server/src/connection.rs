@@ -1,0 +1,182 @@
+//! One accepted connection on the public port: HTTP/1.1 and HTTP/2 with
+//! upgrades, the slowloris and idle timeouts, and the session reserve (a
+//! connection accepted into it serves only session upgrades and health
+//! checks; see [`crate::admission`]).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tether_proto::endpoints::{AGENT_PATH, CLIENT_PATH, RAW_WS_PREFIX};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+
+use crate::admission::ConnectionHold;
+use crate::limits::Limit;
+use crate::metrics::Metrics;
+use crate::response::{text, Resp};
+use crate::router::Router;
+
+/// How long a client may take to send the request headers (slowloris
+/// guard), and the first request on a connection.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an HTTP/2 connection is pinged (it is dropped when a ping goes
+/// unanswered for [`HEADER_READ_TIMEOUT`]).
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// A connection with no request in flight is closed (gracefully: responses
+/// still streaming finish first) after this long without a new request.
+/// HTTP/1.1 connections are also cut by hyper's header-read timeout; this
+/// is what ends idle HTTP/2 connections, which answer PINGs forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How soon a connection accepted into the session reserve must send its
+/// request, and how long it may stay idle after it.
+const RESERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one accepted connection.
+pub(crate) async fn serve_connection<S>(
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    io: S,
+    peer: SocketAddr,
+    client_cert: Option<CertificateDer<'static>>,
+    hold: ConnectionHold,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client_cert = client_cert.map(Arc::new);
+    let activity = Arc::new(Activity::new());
+    let reserve_only = hold.reserve_only();
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |mut req: Request<Incoming>| {
+            let busy = activity.begin();
+            req.extensions_mut().insert(hold.clone());
+            let router = router.clone();
+            let metrics = metrics.clone();
+            let cert = client_cert.clone();
+            async move {
+                let _busy = busy;
+                if reserve_only && !reserve_may_serve(&req) {
+                    return Ok::<_, Infallible>(reserve_refusal(&metrics, peer));
+                }
+                Ok::<_, Infallible>(router.route(req, peer, cert).await)
+            }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // HTTP/2 has no header-read timeout: ping idle connections to drop
+    // dead ones, and close live but idle ones below.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEPALIVE)
+        .keep_alive_timeout(HEADER_READ_TIMEOUT)
+        .max_concurrent_streams(256);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let (first, idle) = if reserve_only {
+        (RESERVE_IDLE_TIMEOUT, RESERVE_IDLE_TIMEOUT)
+    } else {
+        (HEADER_READ_TIMEOUT, IDLE_TIMEOUT)
+    };
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = activity.idle_for(first, idle) => {
+            tracing::debug!(%peer, "closing an idle connection");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, "http connection ended: {e}");
+    }
+}
+
+/// Requests in flight on one connection and when the last one started.
+struct Activity {
+    in_flight: AtomicUsize,
+    last_start: std::sync::Mutex<tokio::time::Instant>,
+    started: AtomicBool,
+}
+
+/// One request in flight (until its response head is sent).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_start: std::sync::Mutex::new(tokio::time::Instant::now()),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started.store(true, Ordering::Relaxed);
+        *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request is in flight and none started for `first`
+    /// (before the first request) or `idle` (after it).
+    async fn idle_for(&self, first: Duration, idle: Duration) {
+        loop {
+            let limit = if self.started.load(Ordering::Relaxed) {
+                idle
+            } else {
+                first
+            };
+            let due = *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) + limit;
+            if tokio::time::Instant::now() >= due && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(
+                due.max(tokio::time::Instant::now() + Duration::from_millis(500)),
+            )
+            .await;
+        }
+    }
+}
+
+/// What a connection accepted into the session reserve may ask for:
+/// agent and client session upgrades (they authenticate at once) and
+/// health checks.
+fn reserve_may_serve(req: &Request<Incoming>) -> bool {
+    let path = req.uri().path();
+    matches!(path, AGENT_PATH | CLIENT_PATH | "/healthz" | "/readyz")
+        || path.starts_with(RAW_WS_PREFIX)
+}
+
+/// 503 for anything else on a reserve connection.
+fn reserve_refusal(metrics: &Metrics, peer: SocketAddr) -> Resp {
+    metrics.limit_hit(Limit::ConnectionsReserved);
+    tracing::warn!(%peer, "connection slots are full: only agent and client sessions are served");
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server busy: the remaining connection slots are kept for agent and client sessions",
+    );
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
+}

@@ -1,0 +1,72 @@
+//! Who a client is, once its credential checked out ([`ClientIdentity`]).
+//!
+//! A leaf module: the credential tables ([`crate::auth`]), the JWT verifier
+//! ([`crate::jwt`]) and the policy ([`crate::policy`]) all speak of
+//! identities, and none of them needs the others to do so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a client proved who it is.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum IdentityKind {
+    /// A static token (`[[client]]`); `hash` is its SHA-256, so a reload can
+    /// tell whether this token is still configured.
+    Token {
+        /// SHA-256 of the token.
+        hash: [u8; 32],
+    },
+    /// A JWT from the identity provider, valid until `expires` (Unix seconds).
+    Jwt {
+        /// The token's `exp`.
+        expires: u64,
+        /// The JWT itself, kept in memory only so that a reload can verify
+        /// it again against the new keys (never logged: see `Debug`).
+        token: Arc<str>,
+    },
+}
+
+impl std::fmt::Debug for IdentityKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentityKind::Token { .. } => f.write_str("Token"),
+            IdentityKind::Jwt { expires, .. } => write!(f, "Jwt {{ expires: {expires} }}"),
+        }
+    }
+}
+
+/// A client that presented a valid credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientIdentity {
+    /// Its name (`[[client]] name`, or the JWT's name claim).
+    pub(crate) name: String,
+    /// Its groups (JWT group claim; empty for token clients).
+    pub(crate) groups: Vec<String>,
+    /// Token or JWT.
+    pub(crate) kind: IdentityKind,
+}
+
+impl ClientIdentity {
+    /// The key its limits and stream slots are counted under: a token
+    /// client and a JWT subject of the same name are different identities.
+    pub(crate) fn key(&self) -> String {
+        match self.kind {
+            IdentityKind::Token { .. } => format!("token:{}", self.name),
+            IdentityKind::Jwt { .. } => format!("jwt:{}", self.name),
+        }
+    }
+
+    /// Time until the credential expires (`None`: it does not).
+    pub(crate) fn expires_in(&self) -> Option<Duration> {
+        match self.kind {
+            IdentityKind::Token { .. } => None,
+            IdentityKind::Jwt { expires, .. } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                Some(Duration::from_secs(expires.saturating_sub(now)))
+            }
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The one open path: every stream the server opens on an agent (CLI and
+//! SOCKS / HTTP CONNECT streams, raw WebSockets, browser requests through
+//! the HTTP proxy, `[[listener]]` connections and UDP flows) is admitted,
+//! counted and tracked here, the same way, and holds one [`OpenGuard`] that
+//! gives everything back when dropped, also when the open is cancelled
+//! halfway (a client that gives up, a UDP flow evicted while it opens).
+//!
+//! An open runs up to three stages, always in this order:
+//!
+//! 1. **admit** ([`OpenGuard::admit`]): the caller's rate (stream opens, or
+//!    HTTP requests), the policy (for client identities only: listeners are
+//!    the operator's and bypass it, SECURITY.md 2.2), and one of the
+//!    caller's stream slots (`max_streams_per_client`);
+//! 2. **dial** ([`OpenGuard::dial`]): the agent's session, one of the
+//!    caller's pending-open slots (`max_pending_opens_per_client`) and the
+//!    `tether_pending_opens` gauge, held only while the agent answers;
+//! 3. **track** ([`OpenGuard::track`]): the stream's entry in the table of
+//!    live streams, so a reload or a JWT's expiry ends it; an open admitted
+//!    before a reload is checked again here.
+//!
+//! [`Opener::open`] runs all three. The HTTP proxy splits them because its
+//! streams are pooled: a request is admitted and tracked
+//! ([`Opener::admit_request`]), and the pool's connector dials new streams
+//! ([`Opener::dial_pooled`]), charged to the caller whose request needed
+//! one.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use tether_net::{Refusal, Stream};
+use tether_proto::target::ClientTarget;
+use tether_proto::{OpenErrorCode, Target, TargetKind};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::auth::AuthStore;
+use crate::config::Protocol;
+use crate::identity::ClientIdentity;
+use crate::limits::{Limit, Limits};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::streams::{self, Streams, ACCESS_REVOKED};
+
+/// Who opens: whether the policy applies, and the identity the limits are
+/// counted under.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    /// An authenticated client: the policy decides, and its limits are
+    /// counted under [`ClientIdentity::key`].
+    Client(ClientIdentity),
+    /// A server-side `[[listener]]`, by its listen address: configured by
+    /// the operator, so no policy; its connections and flows together are
+    /// one pseudo-identity for the limits (`listener:ADDR`).
+    Listener(SocketAddr),
+}
+
+impl Caller {
+    /// The key its limits are counted under.
+    pub(crate) fn key(&self) -> String {
+        match self {
+            Caller::Client(c) => c.key(),
+            Caller::Listener(addr) => format!("listener:{addr}"),
+        }
+    }
+
+    /// The name in logs and audit lines.
+    pub(crate) fn name(&self) -> Cow<'_, str> {
+        match self {
+            Caller::Client(c) => Cow::Borrowed(&c.name),
+            Caller::Listener(addr) => Cow::Owned(format!("listener {addr}")),
+        }
+    }
+
+    /// How it is named in a refusal ("client alice", "listener ADDR").
+    fn describe(&self) -> String {
+        match self {
+            Caller::Client(c) => format!("client {}", c.name),
+            Caller::Listener(addr) => format!("listener {addr}"),
+        }
+    }
+}
+
+/// The policy's protocol for a stream kind.
+pub(crate) fn protocol_of(kind: TargetKind) -> Protocol {
+    match kind {
+        TargetKind::Udp => Protocol::Udp,
+        _ => Protocol::Tcp,
+    }
+}
+
+/// The HTTP status that answers a refused open.
+pub(crate) fn http_status(code: OpenErrorCode) -> StatusCode {
+    match code {
+        OpenErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        OpenErrorCode::AgentOffline => StatusCode::SERVICE_UNAVAILABLE,
+        OpenErrorCode::UnknownService => StatusCode::NOT_FOUND,
+        OpenErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        OpenErrorCode::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
+        OpenErrorCode::BadTarget => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// The handles an open uses.
+struct Handles {
+    auth: Arc<AuthStore>,
+    registry: Arc<Registry>,
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+    streams: Arc<Streams>,
+}
+
+/// Opens streams on agents (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Opener(Arc<Handles>);
+
+impl Opener {
+    /// An opener over these handles.
+    pub(crate) fn new(
+        auth: Arc<AuthStore>,
+        registry: Arc<Registry>,
+        limits: Arc<Limits>,
+        metrics: Arc<Metrics>,
+        streams: Arc<Streams>,
+    ) -> Opener {
+        Opener(Arc::new(Handles {
+            auth,
+            registry,
+            limits,
+            metrics,
+            streams,
+        }))
+    }
+
+    /// A guard that holds nothing yet, for `key`. The auth generation is
+    /// read first: a reload after this point makes [`OpenGuard::track`]
+    /// check the open again.
+    fn guard(&self, key: Arc<str>, protocol: Protocol) -> OpenGuard {
+        OpenGuard {
+            h: self.0.clone(),
+            generation: self.0.auth.generation(),
+            key,
+            protocol,
+            stream_slot: false,
+            pending: false,
+            live: None,
+            expires_at: None,
+        }
+    }
+
+    /// Opens a stream to `target` (`AGENT/SERVICE` as the caller wrote it,
+    /// parsed with the one grammar of [`ClientTarget`]) for `caller`: admit,
+    /// dial, track. Refusals are counted (`tether_errors_total`, and
+    /// `tether_limit_hits_total` for limits). The guard must live as long
+    /// as the stream.
+    pub(crate) async fn open(
+        &self,
+        caller: &Caller,
+        target: &str,
+        kind: TargetKind,
+    ) -> Result<(Stream, OpenGuard), Refusal> {
+        let refuse = |r: Refusal| {
+            self.0.metrics.error(r.code.as_str());
+            r
+        };
+        let parsed = ClientTarget::parse(target)
+            .map_err(|e| refuse(Refusal::new(OpenErrorCode::BadTarget, e.to_string())))?;
+        let agent = parsed.agent.as_str();
+        let service = parsed.service.to_string();
+        let protocol = protocol_of(kind);
+        let mut guard = self.guard(caller.key().into(), protocol);
+        guard.admit(caller, agent, &service)?;
+        let stream = match guard.dial(agent, &service, kind).await {
+            Ok(s) => s,
+            Err(Dial::Server(r)) => return Err(refuse(r)),
+            Err(Dial::Agent(r)) => {
+                tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "allowed", result = %r.code, reason = %r.reason, "audit");
+                return Err(refuse(Refusal::new(
+                    r.code,
+                    format!("agent {agent}: {}", r.reason),
+                )));
+            }
+        };
+        guard.track(caller, agent, &service).map_err(refuse)?;
+        Ok((stream, guard))
+    }
+
+    /// Admits one HTTP request through the proxy to `agent`/`service`: the
+    /// request's rate, the policy (protocol `http`) and a stream slot, held
+    /// by the guard until the response is done. Call [`OpenGuard::track`]
+    /// once the response is there; the stream itself comes from the pool
+    /// ([`Opener::dial_pooled`]).
+    pub(crate) fn admit_request(
+        &self,
+        client: &Caller,
+        agent: &str,
+        service: &str,
+    ) -> Result<OpenGuard, Refusal> {
+        let mut guard = self.guard(client.key().into(), Protocol::Http);
+        guard.admit(client, agent, service)?;
+        Ok(guard)
+    }
+
+    /// Dials a stream for the HTTP proxy's pool, charged to `key` (the
+    /// caller whose request needs it) while the agent answers. Refusals are
+    /// counted by the proxy, which answers them.
+    pub(crate) async fn dial_pooled(
+        &self,
+        key: Arc<str>,
+        agent: &str,
+        service: &str,
+    ) -> Result<Stream, Refusal> {
+        let mut guard = self.guard(key, Protocol::Http);
+        match guard.dial(agent, service, TargetKind::Tcp).await {
+            Ok(s) => {
+                self.0.metrics.streams_total.inc();
+                Ok(s)
+            }
+            Err(Dial::Server(r)) => Err(r),
+            Err(Dial::Agent(r)) => {
+                Err(Refusal::new(r.code, format!("agent {agent}: {}", r.reason)))
+            }
+        }
+    }
+}
+
+/// Why a dial failed: refused here, or by the agent.
+enum Dial {
+    Server(Refusal),
+    Agent(Refusal),
+}
+
+/// Everything one open holds, given back on drop: the caller's stream slot,
+/// its pending-open slot and the `tether_pending_opens` gauge while the
+/// agent has not answered, and the stream's entry in the table of live
+/// streams.
+pub(crate) struct OpenGuard {
+    h: Arc<Handles>,
+    /// The auth generation the open was decided under.
+    generation: u64,
+    /// The caller's limits key.
+    key: Arc<str>,
+    protocol: Protocol,
+    stream_slot: bool,
+    pending: bool,
+    /// Key and revocation signal in the table of live streams.
+    live: Option<(u64, Arc<Notify>)>,
+    /// When the caller's credential expires (a JWT).
+    expires_at: Option<Instant>,
+}
+
+impl OpenGuard {
+    /// Stage 1: the caller's rate, the policy for client identities, and a
+    /// stream slot, each refusal with its metric and audit line.
+    fn admit(&mut self, caller: &Caller, agent: &str, service: &str) -> Result<(), Refusal> {
+        let h = &self.h;
+        let protocol = self.protocol;
+        let deny = |code: OpenErrorCode, reason: String| {
+            let target = format!("{agent}/{service}");
+            tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
+            Err(Refusal::new(code, reason))
+        };
+        let rate = match protocol {
+            Protocol::Http => h.limits.request(&self.key),
+            _ => h.limits.open(&self.key),
+        };
+        if let Err(hit) = rate {
+            h.metrics.limit_hit(hit.limit);
+            return deny(OpenErrorCode::TooManyStreams, hit.reason);
+        }
+        if let Caller::Client(client) = caller {
+            let d = h.auth.get().decide(client, agent, service, protocol);
+            h.metrics.decision(d.allowed);
+            if !d.allowed {
+                h.metrics.error("forbidden");
+                return deny(OpenErrorCode::Forbidden, d.reason);
+            }
+        }
+        if !h.limits.take_stream(&self.key) {
+            h.metrics.limit_hit(Limit::StreamsPerClient);
+            return deny(
+                OpenErrorCode::TooManyStreams,
+                format!(
+                    "{} already has {} streams open (the limit, over all its sessions)",
+                    caller.describe(),
+                    h.limits.max_streams()
+                ),
+            );
+        }
+        self.stream_slot = true;
+        Ok(())
+    }
+
+    /// Stage 2: finds the agent's session, takes a pending-open slot and
+    /// opens the stream. The slot and the gauge are given back when the
+    /// agent answers, or when this future is dropped.
+    async fn dial(&mut self, agent: &str, service: &str, kind: TargetKind) -> Result<Stream, Dial> {
+        let Some(entry) = self.h.registry.get(agent) else {
+            return Err(Dial::Server(Refusal::new(
+                OpenErrorCode::AgentOffline,
+                format!("agent {agent} is not connected"),
+            )));
+        };
+        if let Err(hit) = self.h.limits.take_pending(&self.key) {
+            self.h.metrics.limit_hit(hit.limit);
+            return Err(Dial::Server(Refusal::new(
+                OpenErrorCode::TooManyStreams,
+                hit.reason,
+            )));
+        }
+        self.h.metrics.pending_opens.inc();
+        self.pending = true;
+        let opened = entry
+            .conn
+            .open(Target {
+                kind,
+                address: service.to_owned(),
+            })
+            .await;
+        self.end_pending();
+        opened.map_err(Dial::Agent)
+    }
+
+    /// Stage 3: enters the stream in the table of live streams (client
+    /// identities only: a listener's streams are the operator's). When a
+    /// reload happened since [`OpenGuard::admit`] (while the agent was
+    /// dialing, say), that reload could not see this stream, so it is
+    /// checked against the current tables now.
+    pub(crate) fn track(
+        &mut self,
+        caller: &Caller,
+        agent: &str,
+        service: &str,
+    ) -> Result<(), Refusal> {
+        let Caller::Client(identity) = caller else {
+            return Ok(());
+        };
+        self.live = Some(
+            self.h
+                .streams
+                .insert(identity, agent, service, self.protocol),
+        );
+        self.expires_at = identity.expires_in().map(|d| Instant::now() + d);
+        if self.h.auth.generation() != self.generation {
+            let auth = self.h.auth.get();
+            if !auth.client_revalidate(identity)
+                || !auth.decide(identity, agent, service, self.protocol).allowed
+            {
+                return Err(Refusal::new(
+                    OpenErrorCode::Forbidden,
+                    ACCESS_REVOKED.to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves, with the reason, when the stream must end: a reload
+    /// revoked its access, or its caller's credential (a JWT) expired.
+    /// Never, for a stream that is not tracked.
+    pub(crate) fn ended(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = &'static str> + Send>> {
+        streams::ended(self.live.as_ref().map(|(_, n)| n.clone()), self.expires_at)
+    }
+
+    /// The protocol the open was admitted for.
+    pub(crate) fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The caller's limits key (the HTTP proxy's pool charges its dials to
+    /// it).
+    pub(crate) fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+
+    fn end_pending(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.h.limits.release_pending(&self.key);
+            self.h.metrics.pending_opens.dec();
+        }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Some((key, _)) = self.live.take() {
+            self.h.streams.remove(key);
+        }
+        if std::mem::take(&mut self.stream_slot) {
+            self.h.limits.release_stream(&self.key);
+        }
+        // The gauge last: once it reads zero, everything else is back too.
+        self.end_pending();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::config::{LimitsConfig, ServerConfig};
+    use std::time::Duration;
+    use tether_net::session::IncomingStreams;
+    use tether_net::transport::mem;
+    use tether_net::Connection;
+    use tether_proto::{Config, Role};
+
+    /// An opener whose agent `prod` never answers an open (it holds them),
+    /// with at most one pending open and `max_streams` streams per caller.
+    /// `alice` may open `prod/web` only.
+    async fn silent_agent(max_streams: usize) -> (Opener, Connection, IncomingStreams) {
+        let cfg: ServerConfig = toml::from_str(
+            r#"
+            [[client]]
+            name = "alice"
+            token = "alice-token"
+            allow = ["prod/web"]
+            "#,
+        )
+        .unwrap();
+        let limits = LimitsConfig {
+            max_pending_opens_per_client: 1,
+            ..Default::default()
+        };
+        let h = Opener::new(
+            Arc::new(AuthStore::new(Authenticator::from_config(&cfg).unwrap())),
+            Arc::default(),
+            Arc::new(Limits::new(limits, max_streams)),
+            Arc::default(),
+            Arc::default(),
+        );
+        let (server_end, agent_end) = mem::pair();
+        let agent = tokio::spawn(Connection::start(
+            Role::Initiator,
+            Config::default(),
+            agent_end.sink,
+            agent_end.source,
+            "agent",
+        ));
+        let (conn, _, _) = Connection::start(
+            Role::Acceptor,
+            Config::default(),
+            server_end.sink,
+            server_end.source,
+            "server",
+        )
+        .await
+        .unwrap();
+        let (agent_conn, _, held) = agent.await.unwrap().unwrap();
+        h.0.registry.register(
+            "prod",
+            conn,
+            "127.0.0.1:1".parse().unwrap(),
+            "agent".into(),
+            3,
+        );
+        (h, agent_conn, held)
+    }
+
+    fn alice(h: &Opener) -> Caller {
+        Caller::Client(h.0.auth.get().client("alice-token").unwrap())
+    }
+
+    fn pending(h: &Opener) -> i64 {
+        h.0.metrics.pending_opens.get()
+    }
+
+    #[tokio::test]
+    async fn listeners_bypass_the_policy_but_not_the_limits() {
+        let (h, _agent, mut held) = silent_agent(4).await;
+        let listener = Caller::Listener("127.0.0.1:9000".parse().unwrap());
+        // The policy: alice may not open prod/db; a listener may.
+        let r = h.open(&alice(&h), "prod/db", TargetKind::Tcp).await;
+        assert_eq!(r.err().map(|r| r.code), Some(OpenErrorCode::Forbidden));
+        let first = tokio::spawn({
+            let h = h.clone();
+            let listener = listener.clone();
+            async move { h.open(&listener, "prod/db", TargetKind::Tcp).await }
+        });
+        // Kept: a dropped one would answer the open.
+        let _got_first = held.recv().await.unwrap();
+        assert_eq!(pending(&h), 1);
+        // The limits: a second open of the same listener waits on nothing,
+        // it is refused at its pending-open cap, like a client's.
+        let second = h.open(&listener, "prod/db", TargetKind::Udp).await;
+        let refusal = second.err().unwrap();
+        assert_eq!(refusal.code, OpenErrorCode::TooManyStreams);
+        assert!(refusal.reason.contains("listener:127.0.0.1:9000"), "{refusal}");
+        // Another caller has its own budget.
+        let theirs = tokio::spawn({
+            let h = h.clone();
+            let alice = alice(&h);
+            async move { h.open(&alice, "prod/web", TargetKind::Tcp).await }
+        });
+        let _got_theirs = held.recv().await.unwrap();
+        assert_eq!(pending(&h), 2);
+        first.abort();
+        theirs.abort();
+        let _ = (first.await, theirs.await);
+        assert_eq!(pending(&h), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_open_gives_everything_back() {
+        let (h, _agent, mut held) = silent_agent(1).await;
+        let client = alice(&h);
+        for _ in 0..3 {
+            // Cancelled while the agent dials: the pending slot, the gauge
+            // and the stream slot (at most one per caller here) are all
+            // back, or the next round would be refused.
+            let open = h.open(&client, "prod/web", TargetKind::Tcp);
+            let r = tokio::time::timeout(Duration::from_millis(100), open).await;
+            assert!(r.is_err(), "the open is still pending when cancelled");
+            assert_eq!(pending(&h), 0);
+            let _got = held.recv().await.unwrap();
+        }
+        // A refused open gives back what it took too: the stream slot.
+        let r = h.open(&client, "prod/db", TargetKind::Tcp).await;
+        assert_eq!(r.err().map(|r| r.code), Some(OpenErrorCode::Forbidden));
+        assert!(h.0.limits.take_stream(&client.key().into()));
+    }
+}

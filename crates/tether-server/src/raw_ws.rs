@@ -1,0 +1,152 @@
+//! The raw WebSocket endpoint (`/tether/v1/ws/AGENT/SERVICE`): one
+//! WebSocket carries one stream's bytes, for clients that speak WebSocket
+//! but not the tether protocol (browser JavaScript, websocat). It counts as
+//! a session of its client, and its stream is opened through the one open
+//! path before the `101`, so a refusal is an HTTP status.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use tether_net::splice::{ChunkRead, ChunkWrite};
+use tether_net::transport::ws::ws_config;
+use tether_net::Refusal;
+use tether_proto::TargetKind;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::auth::AuthStore;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::open::{http_status, Caller, Opener};
+use crate::relay::run_relay;
+use crate::response::{text, Resp};
+use crate::upgrade::{
+    authenticate_client, authenticated_hold, limit_refusal, switching_protocols, upgraded,
+};
+
+/// The raw WebSocket endpoint and the handles it uses.
+pub(crate) struct RawWsEndpoint {
+    auth: Arc<AuthStore>,
+    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+    opener: Opener,
+}
+
+impl RawWsEndpoint {
+    /// The endpoint over these handles.
+    pub(crate) fn new(
+        auth: Arc<AuthStore>,
+        metrics: Arc<Metrics>,
+        limits: Arc<Limits>,
+        opener: Opener,
+    ) -> RawWsEndpoint {
+        RawWsEndpoint {
+            auth,
+            metrics,
+            limits,
+            opener,
+        }
+    }
+
+    /// Authenticates the request, opens `target` (`AGENT/SERVICE`) and, when
+    /// that worked, relays the upgraded WebSocket in a task.
+    pub(crate) async fn serve(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        target: &str,
+    ) -> Resp {
+        let client = match authenticate_client(&self.auth, &self.metrics, &req, peer, true) {
+            Ok(c) => c,
+            Err(r) => return *r,
+        };
+        // Validate the upgrade before dialing anything.
+        let resp = switching_protocols(&req, None);
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return resp;
+        }
+        let slot = match self.limits.session(Some(&client.key())) {
+            Ok(s) => s,
+            Err(hit) => return limit_refusal(&self.metrics, peer, hit),
+        };
+        let started = Instant::now();
+        let caller = Caller::Client(client);
+        let (agent_stream, guard) = match self.opener.open(&caller, target, TargetKind::Tcp).await {
+            Ok(x) => x,
+            Err(Refusal { code, reason }) => {
+                tracing::info!(client = %caller.name(), %peer, %target, %code, "raw websocket refused: {reason}");
+                return text(http_status(code), reason);
+            }
+        };
+        let target = target.to_owned();
+        let hold = authenticated_hold(&req);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _hold = hold;
+            let Some(io) = upgraded(req).await else {
+                return;
+            };
+            let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(ws_config())).await;
+            let (tx, rx) = ws.split();
+            let sessions = this.metrics.sessions_of("raw_ws");
+            sessions.inc();
+            let name = caller.name();
+            tracing::info!(client = %name, %peer, %target, "raw websocket stream open");
+            run_relay(
+                &this.metrics,
+                &name,
+                &target,
+                started,
+                &guard,
+                (RawWsReader(rx), RawWsWriter(tx)),
+                agent_stream.split(),
+            )
+            .await;
+            sessions.dec();
+        });
+        resp
+    }
+}
+
+/// Reads a raw WebSocket's binary (or text) messages as stream bytes.
+struct RawWsReader<S>(SplitStream<WebSocketStream<S>>);
+/// Writes stream bytes as binary messages; EOF closes the WebSocket.
+struct RawWsWriter<S>(SplitSink<WebSocketStream<S>, Message>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.0.next().await {
+                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Text(t))) => return Ok(Some(Bytes::from(t.as_str().to_owned()))),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
+    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
+        self.0
+            .send(Message::Binary(b))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        // WebSocket has no half-close: the service finishing ends the socket.
+        let _ = self.0.send(Message::Close(None)).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! HTTP routing: which part of the server answers a request.
+//!
+//! | request | answered by |
+//! |---------|-------------|
+//! | `/_tether/style.css`, `/_tether/console.js` (every host) | [`crate::web::pages`] |
+//! | `Host: SERVICE.AGENT.BASE_DOMAIN` (every other path) | [`crate::web::proxy`] |
+//! | `/healthz`, `/metrics` | here |
+//! | `/tether/v1/agent` | [`crate::session_agent`] |
+//! | `/tether/v1/client` | [`crate::session_client`] |
+//! | `/tether/v1/ws/AGENT/SERVICE` | [`crate::raw_ws`] |
+//! | `/login`, `/logout` | [`crate::web::login`] |
+//! | `/`, `/api/agents`, `/api/events` | [`crate::web::console`] |
+//! | `/a/AGENT/SERVICE/...` | [`crate::web::proxy`] |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, Method, Request, StatusCode};
+use hyper::body::Incoming;
+use tether_proto::endpoints::{AGENT_PATH, CLIENT_PATH, RAW_WS_PREFIX};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+
+use crate::metrics::Metrics;
+use crate::raw_ws::RawWsEndpoint;
+use crate::registry::Registry;
+use crate::response::{redirect, text, Resp};
+use crate::session_agent::AgentEndpoint;
+use crate::session_client::ClientEndpoint;
+use crate::web::route::{route_by_host, route_by_path};
+use crate::web::{console, login, pages, proxy, request_host, split_port, Web, PATH_PREFIX};
+
+/// Routes each request to the part of the server that answers it.
+pub(crate) struct Router {
+    agents: Arc<AgentEndpoint>,
+    clients: Arc<ClientEndpoint>,
+    raw: Arc<RawWsEndpoint>,
+    web: Arc<Web>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    /// Whether `/metrics` is served here (no `metrics_listen`).
+    public_metrics: bool,
+}
+
+impl Router {
+    /// A router over these endpoints.
+    pub(crate) fn new(
+        agents: AgentEndpoint,
+        clients: ClientEndpoint,
+        raw: RawWsEndpoint,
+        web: Web,
+        metrics: Arc<Metrics>,
+        registry: Arc<Registry>,
+        public_metrics: bool,
+    ) -> Router {
+        Router {
+            agents: Arc::new(agents),
+            clients: Arc::new(clients),
+            raw: Arc::new(raw),
+            web: Arc::new(web),
+            metrics,
+            registry,
+            public_metrics,
+        }
+    }
+
+    /// Answers one request from `peer` (`client_cert`: the certificate
+    /// rustls verified on this connection, if any).
+    pub(crate) async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client_cert: Option<Arc<CertificateDer<'static>>>,
+    ) -> Resp {
+        let path = req.uri().path().to_owned();
+        let host = request_host(&req).unwrap_or_default();
+        let web = &self.web;
+        // Our own static files, on every host (also host-routed service
+        // hosts, whose error pages use them).
+        match path.as_str() {
+            "/_tether/style.css" => return pages::asset(pages::STYLE_CSS, "text/css"),
+            "/_tether/console.js" => return pages::asset(pages::CONSOLE_JS, "text/javascript"),
+            _ => {}
+        }
+        // Host routing: every other path of SERVICE.AGENT.BASE is the service's.
+        if let Some(route) = web.base().and_then(|base| route_by_host(base, &host)) {
+            let rest = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into());
+            return proxy::serve(web, req, peer, route, rest, host).await;
+        }
+        match path.as_str() {
+            "/healthz" => text(StatusCode::OK, "ok"),
+            "/metrics" if self.public_metrics => {
+                self.metrics.agents.set(self.registry.len() as i64);
+                let mut r = text(StatusCode::OK, self.metrics.render());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            AGENT_PATH => self.agents.upgrade(req, peer, client_cert.as_deref()),
+            CLIENT_PATH => self.clients.upgrade(req, peer),
+            p if p.starts_with(RAW_WS_PREFIX) => {
+                self.raw.serve(req, peer, &p[RAW_WS_PREFIX.len()..]).await
+            }
+            "/login" if req.method() == Method::POST => {
+                login::login_submit(web, req, peer, &host).await
+            }
+            "/login" => login::login_page(web, &req),
+            "/logout" => login::logout(web, req, &host).await,
+            "/" | "/api/agents" | "/api/events" => {
+                let Some((client, via)) = login::identify(web, req.headers()) else {
+                    return login::login_required(web, &req, &host);
+                };
+                let scheme = web.public_scheme();
+                let port = split_port(&host).1.to_owned();
+                match path.as_str() {
+                    "/" => console::page(&client, &via),
+                    "/api/agents" => console::agents_json(web, &client, scheme, &port),
+                    _ => console::events(web.clone(), client, scheme, port),
+                }
+            }
+            p if p.starts_with(PATH_PREFIX) => {
+                let Some((route, tail)) = route_by_path(p) else {
+                    return pages::error(
+                        req.headers(),
+                        StatusCode::NOT_FOUND,
+                        "bad_path",
+                        "expected /a/AGENT/SERVICE/",
+                    );
+                };
+                let Some(tail) = tail else {
+                    // `/a/AGENT/SERVICE` → `/a/AGENT/SERVICE/` so relative links resolve.
+                    let q = req
+                        .uri()
+                        .query()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default();
+                    return redirect(StatusCode::PERMANENT_REDIRECT, &format!("{p}/{q}"));
+                };
+                let rest = match req.uri().query() {
+                    Some(q) => format!("{tail}?{q}"),
+                    None => tail.to_owned(),
+                };
+                proxy::serve(web, req, peer, route, rest, host).await
+            }
+            _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Binding the public port, accepting connections (with the connection caps
+//! of [`crate::admission`]), the TLS handshake, and the server's life from
+//! the first accept to the drain at shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::Authenticator;
+use crate::config::{ListenerConfig, ServerConfig};
+use crate::connection::serve_connection;
+use crate::reload::ConfigSource;
+use crate::router::Router;
+use crate::state::State;
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound, not yet serving, server.
+pub struct Server {
+    listener: TcpListener,
+    public_listeners: Vec<ListenerConfig>,
+    fingerprint: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    state: State,
+    router: Arc<Router>,
+    reload: Option<(ConfigSource, Option<std::path::PathBuf>)>,
+}
+
+impl Server {
+    /// Validates the config, loads or makes the certificate and binds the port.
+    pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
+        let auth = Authenticator::from_config(cfg)?;
+        auth.warn_plaintext();
+        for l in &cfg.listeners {
+            l.validate()?;
+        }
+        cfg.http.validate()?;
+        let (tls, fingerprint) = match &cfg.tls {
+            None => (None, None),
+            Some(t) => {
+                let (a, fp) = crate::tls::build(t)?;
+                (Some(a), Some(fp))
+            }
+        };
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let state = State::new(cfg, auth, tls);
+        Ok(Server {
+            listener,
+            public_listeners: cfg.listeners.clone(),
+            fingerprint,
+            metrics_listen: cfg.metrics_listen,
+            router: Arc::new(state.router(cfg)),
+            state,
+            reload: None,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// SHA-256 fingerprint of the TLS certificate, when serving TLS.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
+    }
+
+    /// Reloads from `source` on SIGHUP and when the config file (or a
+    /// certificate, key or JWT key file it names) changes.
+    pub fn with_reload(
+        mut self,
+        source: ConfigSource,
+        config_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        self.reload = Some((source, config_file));
+        self
+    }
+
+    /// Accepts connections forever.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        self.serve_until(std::future::pending()).await
+    }
+
+    /// Accepts connections until `shutdown` resolves, then stops accepting,
+    /// drains every session (GOAWAY; streams get the drain deadline to
+    /// finish) and returns.
+    pub async fn serve_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let state = &self.state;
+        tracing::info!(addr = %self.local_addr(), tls = state.tls().serving(), "server listening");
+        if let Some(addr) = self.metrics_listen {
+            let metrics = state.metrics().clone();
+            let registry = state.registry().clone();
+            let render = Arc::new(move || {
+                metrics.agents.set(registry.len() as i64);
+                metrics.render()
+            });
+            let bound = tether_net::observe::serve_metrics(addr, render)
+                .await
+                .with_context(|| format!("metrics_listen {addr}"))?;
+            tracing::info!(addr = %bound, "serving /metrics (not on the public port)");
+        }
+        let watcher = self
+            .reload
+            .clone()
+            .map(|(source, file)| tokio::spawn(state.reloader().watch(source, file)));
+        let public: Vec<_> = self
+            .public_listeners
+            .iter()
+            .map(|l| tokio::spawn(state.listener(l.clone()).run()))
+            .collect();
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = &mut shutdown => {
+                    drop(self.listener);
+                    for task in &public {
+                        task.abort();
+                    }
+                    if let Some(w) = &watcher {
+                        w.abort();
+                    }
+                    state.sessions().drain("server shutting down").await;
+                    tracing::info!("all sessions drained");
+                    return Ok(());
+                }
+            };
+            match accepted {
+                Ok((tcp, peer)) => self.accept(tcp, peer),
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Admits one accepted connection (or closes it at a connection cap)
+    /// and serves it in a task, after the TLS handshake if the server
+    /// speaks TLS.
+    fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
+        let state = &self.state;
+        let _ = tcp.set_nodelay(true);
+        // Connection caps: refuse at once instead of running out of
+        // file descriptors for everyone.
+        let hold = match state
+            .admission()
+            .admit(peer.ip(), state.limits().connection_caps())
+        {
+            Ok(h) => h,
+            Err(refused) => {
+                state.metrics().limit_hit(refused.limit());
+                tracing::warn!(%peer, open = state.admission().open(), limit = refused.limit().as_str(), "connection limit reached; closing a new connection");
+                return;
+            }
+        };
+        let router = self.router.clone();
+        let metrics = state.metrics().clone();
+        let tls = state.tls().get();
+        tokio::spawn(async move {
+            let Some(acceptor) = tls else {
+                return serve_connection(router, metrics, tcp, peer, None, hold).await;
+            };
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => {
+                    // A client certificate rustls verified against
+                    // [tls] client_ca (agents with mtls = true).
+                    let cert = s
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.clone().into_owned());
+                    serve_connection(router, metrics, s, peer, cert, hold).await
+                }
+                Ok(Err(e)) => {
+                    metrics.error("tls_handshake");
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    metrics.error("tls_handshake");
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,183 @@
+//! Agent sessions (`/tether/v1/agent`): authentication by token or client
+//! certificate, the upgrade, and the session's life in the registry (the
+//! newest session of a name wins; see [`crate::registry`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use tether_proto::ErrorCode;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+
+use crate::auth::{token_hash, AuthStore};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::response::{text, Resp};
+use crate::sessions::{SessionOwner, Sessions};
+use crate::upgrade::{
+    accept_session, authenticated_hold, limit_refusal, require_token, tether_upgrade, unknown_token,
+};
+
+/// The agent endpoint and the handles its sessions use.
+pub(crate) struct AgentEndpoint {
+    auth: Arc<AuthStore>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+    sessions: Arc<Sessions>,
+    /// Protocol settings of accepted sessions.
+    session_config: tether_proto::Config,
+}
+
+/// A verified client certificate's claim to be agent `name` (mutual TLS).
+fn cert_names_agent(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(server_name) = tokio_rustls::rustls::pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+impl AgentEndpoint {
+    /// The endpoint over these handles.
+    pub(crate) fn new(
+        auth: Arc<AuthStore>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        limits: Arc<Limits>,
+        sessions: Arc<Sessions>,
+        session_config: tether_proto::Config,
+    ) -> AgentEndpoint {
+        AgentEndpoint {
+            auth,
+            registry,
+            metrics,
+            limits,
+            sessions,
+            session_config,
+        }
+    }
+
+    /// Authenticates an agent's upgrade request and, when it passes, runs
+    /// its session in a task; returns the answer to the request.
+    pub(crate) fn upgrade(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client_cert: Option<&CertificateDer<'static>>,
+    ) -> Resp {
+        let auth = self.auth.get();
+        let claimed = req
+            .headers()
+            .get(tether_proto::endpoints::AGENT_NAME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // A client certificate naming a `mtls = true` agent, or a token.
+        let by_cert = match (client_cert, &claimed) {
+            (Some(cert), Some(c))
+                if auth.agent_by_cert([c.as_str()]).is_some() && cert_names_agent(cert, c) =>
+            {
+                Some(c.clone())
+            }
+            _ => None,
+        };
+        let (name, token_hash) = match by_cert {
+            Some(n) => (n, None),
+            None => {
+                let token = match require_token(&self.metrics, &req, peer, "agent", false) {
+                    Ok(t) => t,
+                    Err(r) => return *r,
+                };
+                let Some(name) = auth.agent(&token).map(str::to_owned) else {
+                    return unknown_token(&self.metrics, peer, "agent");
+                };
+                (name, Some(token_hash(&token)))
+            }
+        };
+        if let Some(claimed) = &claimed {
+            if *claimed != name {
+                self.metrics.error("agent_name_mismatch");
+                tracing::warn!(%peer, %claimed, token_for = %name, "agent name does not match its token");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!("this token belongs to agent {name:?}, not {claimed:?}"),
+                );
+            }
+        }
+        let resp = tether_upgrade(&req);
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return resp;
+        }
+        let slot = match self.limits.session(None) {
+            Ok(s) => s,
+            Err(hit) => return limit_refusal(&self.metrics, peer, hit),
+        };
+        let hold = authenticated_hold(&req);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _hold = hold;
+            this.run(req, peer, name, token_hash).await
+        });
+        resp
+    }
+
+    /// One agent session, from the handshake to its end.
+    async fn run(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        name: String,
+        token_hash: Option<[u8; 32]>,
+    ) {
+        let via = if token_hash.is_some() {
+            "token"
+        } else {
+            "certificate"
+        };
+        let mut cfg = self.session_config.clone();
+        cfg.accept_opens = false; // agents do not open streams towards the server
+        let label = format!("agent={name}");
+        let Some((conn, info, _incoming)) =
+            accept_session(&self.metrics, req, cfg, label, peer).await
+        else {
+            return;
+        };
+        let (generation, old) = self.registry.register(
+            &name,
+            conn.clone(),
+            peer,
+            info.peer_software.clone(),
+            info.version,
+        );
+        if let Some(old) = old {
+            self.metrics.error("agent_replaced");
+            tracing::warn!(agent = %name, old_addr = %old.addr, new_addr = %peer, "agent re-registered: newest session wins, draining the old one");
+            old.conn.go_away(
+                ErrorCode::Replaced,
+                "a newer session of this agent connected",
+            );
+        }
+        let owner = SessionOwner::Agent {
+            name: name.clone(),
+            token_hash,
+        };
+        let key = self.sessions.track(conn.clone(), owner);
+        let sessions = self.metrics.sessions_of("agent");
+        sessions.inc();
+        self.metrics.agents.set(self.registry.len() as i64);
+        tracing::info!(agent = %name, %peer, software = %info.peer_software, version = info.version, auth = via, "agent connected");
+        let started = Instant::now();
+        let why = conn.closed().await;
+        sessions.dec();
+        self.sessions.untrack(key);
+        self.registry.unregister(&name, generation);
+        self.metrics.agents.set(self.registry.len() as i64);
+        tracing::info!(agent = %name, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
+    }
+}

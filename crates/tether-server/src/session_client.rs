@@ -1,0 +1,172 @@
+//! CLI client sessions (`/tether/v1/client`): authentication, the upgrade,
+//! the session's life (closed when its JWT expires), and each stream it
+//! opens, relayed to its agent through the one open path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use tether_net::{Incoming as IncomingStream, Refusal};
+use tether_proto::ErrorCode;
+
+use crate::auth::AuthStore;
+use crate::identity::ClientIdentity;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::open::{Caller, Opener};
+use crate::relay::run_relay;
+use crate::response::Resp;
+use crate::sessions::{SessionOwner, Sessions};
+use crate::upgrade::{
+    accept_session, authenticate_client, authenticated_hold, limit_refusal, tether_upgrade,
+};
+
+/// The client endpoint and the handles its sessions use.
+pub(crate) struct ClientEndpoint {
+    auth: Arc<AuthStore>,
+    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+    sessions: Arc<Sessions>,
+    opener: Opener,
+    /// Protocol settings of accepted sessions.
+    session_config: tether_proto::Config,
+}
+
+impl ClientEndpoint {
+    /// The endpoint over these handles.
+    pub(crate) fn new(
+        auth: Arc<AuthStore>,
+        metrics: Arc<Metrics>,
+        limits: Arc<Limits>,
+        sessions: Arc<Sessions>,
+        opener: Opener,
+        session_config: tether_proto::Config,
+    ) -> ClientEndpoint {
+        ClientEndpoint {
+            auth,
+            metrics,
+            limits,
+            sessions,
+            opener,
+            session_config,
+        }
+    }
+
+    /// Authenticates a client's upgrade request and, when it passes, runs
+    /// its session in a task; returns the answer to the request.
+    pub(crate) fn upgrade(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        let client = match authenticate_client(&self.auth, &self.metrics, &req, peer, false) {
+            Ok(c) => c,
+            Err(r) => return *r,
+        };
+        let resp = tether_upgrade(&req);
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return resp;
+        }
+        let slot = match self.limits.session(Some(&client.key())) {
+            Ok(s) => s,
+            Err(hit) => return limit_refusal(&self.metrics, peer, hit),
+        };
+        let hold = authenticated_hold(&req);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _hold = hold;
+            this.run(req, peer, client).await
+        });
+        resp
+    }
+
+    /// One client session, from the handshake to its end.
+    async fn run(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client: ClientIdentity,
+    ) {
+        let label = format!("client={}", client.name);
+        let mut cfg = self.session_config.clone();
+        // One client must not be able to take all of an agent's streams.
+        cfg.max_peer_streams = self.limits.max_streams();
+        let Some((conn, _info, mut incoming)) =
+            accept_session(&self.metrics, req, cfg, label, peer).await
+        else {
+            return;
+        };
+        let key = self
+            .sessions
+            .track(conn.clone(), SessionOwner::Client(client.clone()));
+        let sessions = self.metrics.sessions_of("client");
+        sessions.inc();
+        tracing::info!(client = %client.name, %peer, "client connected");
+        // A JWT identity's session ends when its token does.
+        if let Some(left) = client.expires_in() {
+            let c = conn.clone();
+            let who = client.name.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(left) => {
+                        tracing::info!(client = %who, "credential expired: closing the session");
+                        c.close(ErrorCode::Unauthorized, "credential expired");
+                    }
+                    _ = c.closed() => {}
+                }
+            });
+        }
+        let caller = Arc::new(Caller::Client(client.clone()));
+        while let Some(inc) = incoming.recv().await {
+            tokio::spawn(self.clone().relay_stream(caller.clone(), inc));
+        }
+        let why = conn.closed().await;
+        sessions.dec();
+        self.sessions.untrack(key);
+        tracing::info!(client = %client.name, %peer, reason = why.as_deref().unwrap_or("closed"), "client disconnected");
+    }
+
+    /// Serves one stream the session asked for: opens it on the agent and
+    /// relays it, or answers OPEN_ERR.
+    async fn relay_stream(self: Arc<Self>, caller: Arc<Caller>, mut incoming: IncomingStream) {
+        let started = Instant::now();
+        let target = incoming.target().clone();
+        let id = incoming.id();
+        let name = caller.name();
+        // If the client gives up while the agent is still dialing, the open
+        // is dropped: the agent-side open is reset, and the guard gives
+        // back the pending-open and stream slots.
+        let opened = tokio::select! {
+            r = self.opener.open(&caller, &target.address, target.kind) => r,
+            _ = incoming.cancelled() => {
+                tracing::debug!(client = %name, stream = %id, %target, "client cancelled the open");
+                return;
+            }
+        };
+        let (agent_stream, guard) = match opened {
+            Ok(x) => x,
+            Err(Refusal { code, reason }) => {
+                tracing::info!(client = %name, stream = %id, %target, %code, "open refused: {reason}");
+                incoming.reject(code, &reason);
+                return;
+            }
+        };
+        let client_stream = match incoming.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(client = %name, "client went away before the open finished: {e}");
+                return;
+            }
+        };
+        tracing::info!(client = %name, stream = %id, %target, "stream open");
+        run_relay(
+            &self.metrics,
+            &name,
+            &target.address,
+            started,
+            &guard,
+            client_stream.split(),
+            agent_stream.split(),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,211 @@
+//! WebSocket upgrade mechanics shared by the three upgrade endpoints (agent
+//! and client sessions, raw WebSockets): checking the request, the `101`
+//! answer, the bearer credential and its refusals, the session limits, and
+//! taking over the connection once hyper hands it over.
+
+use std::net::SocketAddr;
+
+use http::{header, HeaderMap, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tether_net::transport::ws::server_from_upgraded;
+use tether_net::Connection;
+use tether_proto::{Role, SUBPROTOCOL};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::admission::ConnectionHold;
+use crate::auth::{bearer, AuthStore};
+use crate::identity::ClientIdentity;
+use crate::limits::{Limit, LimitHit};
+use crate::metrics::Metrics;
+use crate::response::{empty, text, Resp};
+
+/// The connection taken over from hyper after a `101`.
+pub(crate) type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
+
+fn is_websocket_upgrade(h: &HeaderMap) -> bool {
+    let has = |name: header::HeaderName, needle: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(needle)))
+                .unwrap_or(false)
+        })
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+}
+
+fn offers_subprotocol(h: &HeaderMap, proto: &str) -> bool {
+    h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|p| p.trim() == proto))
+            .unwrap_or(false)
+    })
+}
+
+/// The 101 answer to a WebSocket upgrade, or an error response (any other
+/// status) explaining what is wrong with the request.
+pub(crate) fn switching_protocols(req: &Request<Incoming>, subprotocol: Option<&str>) -> Resp {
+    if !is_websocket_upgrade(req.headers()) {
+        return text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only",
+        );
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return text(StatusCode::BAD_REQUEST, "WebSocket version 13 required");
+    }
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = subprotocol {
+        if let Ok(v) = header::HeaderValue::from_str(p) {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+    r
+}
+
+/// [`switching_protocols`] for a tether session: the subprotocol is required.
+pub(crate) fn tether_upgrade(req: &Request<Incoming>) -> Resp {
+    if is_websocket_upgrade(req.headers()) && !offers_subprotocol(req.headers(), SUBPROTOCOL) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol versions 1 to 3)"),
+        );
+    }
+    switching_protocols(req, Some(SUBPROTOCOL))
+}
+
+/// The connection's hold from a request, marked as carrying an
+/// authenticated session (it leaves the anonymous share).
+pub(crate) fn authenticated_hold(req: &Request<Incoming>) -> Option<ConnectionHold> {
+    let hold = req.extensions().get::<ConnectionHold>().cloned();
+    if let Some(h) = &hold {
+        h.authenticated();
+    }
+    hold
+}
+
+/// The bearer token of a request: `Authorization: Bearer T`, or (when
+/// `allow_query`) `?token=T` for WebSocket clients that cannot set headers.
+fn bearer_token(req: &Request<Incoming>, allow_query: bool) -> Option<String> {
+    if let Some(t) = bearer(req.headers()) {
+        return Some(t);
+    }
+    if !allow_query {
+        return None;
+    }
+    req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(str::to_owned)
+    })
+}
+
+/// The request's bearer token, or the 401 answer for `who` (agent, client).
+pub(crate) fn require_token(
+    metrics: &Metrics,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    who: &str,
+    allow_query: bool,
+) -> Result<String, Box<Resp>> {
+    bearer_token(req, allow_query).ok_or_else(|| {
+        metrics.error("missing_token");
+        tracing::warn!(%peer, "{who} connection without a token");
+        Box::new(text(
+            StatusCode::UNAUTHORIZED,
+            format!("missing {who} token (Authorization: Bearer ...)"),
+        ))
+    })
+}
+
+/// The 401 answer to a token nobody has.
+pub(crate) fn unknown_token(metrics: &Metrics, peer: SocketAddr, who: &str) -> Resp {
+    metrics.error("bad_token");
+    tracing::warn!(%peer, "{who} connection with an unknown token");
+    text(StatusCode::UNAUTHORIZED, format!("invalid {who} token"))
+}
+
+/// The client a request's bearer credential names, or the 401 answer.
+pub(crate) fn authenticate_client(
+    auth: &AuthStore,
+    metrics: &Metrics,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    allow_query: bool,
+) -> Result<ClientIdentity, Box<Resp>> {
+    let token = require_token(metrics, req, peer, "client", allow_query)?;
+    auth.get().client(&token).map_err(|why| {
+        metrics.error("bad_token");
+        tracing::warn!(%peer, "client credential refused: {why}");
+        // The reason is for the log only: callers learn nothing about
+        // which check failed.
+        Box::new(text(StatusCode::UNAUTHORIZED, "invalid client token"))
+    })
+}
+
+/// Refuses an upgrade that hit a session limit.
+pub(crate) fn limit_refusal(metrics: &Metrics, peer: SocketAddr, hit: LimitHit) -> Resp {
+    metrics.limit_hit(hit.limit);
+    tracing::warn!(%peer, limit = hit.limit.as_str(), "refused: {}", hit.reason);
+    let status = if hit.limit == Limit::Sessions {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    text(status, hit.reason)
+}
+
+/// The upgraded connection, once hyper has sent the `101`.
+pub(crate) async fn upgraded(req: Request<Incoming>) -> Option<Upgraded> {
+    match hyper::upgrade::on(req).await {
+        Ok(u) => Some(TokioIo::new(u)),
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            None
+        }
+    }
+}
+
+/// Completes the upgrade and the protocol handshake of an accepted session.
+pub(crate) async fn accept_session(
+    metrics: &Metrics,
+    req: Request<Incoming>,
+    cfg: tether_proto::Config,
+    label: String,
+    peer: SocketAddr,
+) -> Option<(
+    Connection,
+    tether_net::SessionInfo,
+    tether_net::session::IncomingStreams,
+)> {
+    let io = upgraded(req).await?;
+    let (sink, source) = server_from_upgraded(io).await;
+    match Connection::start(Role::Acceptor, cfg, sink, source, label.clone()).await {
+        Ok(x) => Some(x),
+        Err(e) => {
+            metrics.error("handshake");
+            tracing::warn!(session = %label, %peer, "handshake failed: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! What the proxy changes in the headers it passes on, both ways.
+//!
+//! Towards the service ([`set_forwarding`], [`strip_hop_by_hop`],
+//! [`strip_tether_cookies`]): what the service learns about the request
+//! comes from the server's own view, never from what the client wrote.
+//! `Host` and `X-Forwarded-Host` name the server (its public name, base
+//! domain or the routed service name), `X-Forwarded-For` holds the client
+//! address the server saw (or that trusted proxies vouch for), and every
+//! other forwarding header the client sent (`Forwarded`, `X-Real-IP`,
+//! `X-Forwarded-Port`, `X-Original-URL`, ...) is removed, with hop-by-hop
+//! headers and tether's own cookies.
+//!
+//! Back to the browser ([`rewrite_response`]): redirects and cookies point
+//! back through the proxy, and the service can set none of tether's
+//! cookies.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+use super::logins::COOKIE_NAMES;
+use super::route::WebRoute;
+use super::{split_port, WebConfig};
+
+/// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Request headers that say where a request came from or what it was,
+/// besides the ones the proxy sets itself. Clients can write them, and
+/// services or frameworks may believe them (client address, scheme, host,
+/// original URL), so they never reach a service. Every `X-Forwarded-*`
+/// header the proxy does not set goes too (see [`set_forwarding`]).
+const CLIENT_FORWARDING: [&str; 19] = [
+    "forwarded",
+    "forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-proxyuser-ip",
+    "x-envoy-external-address",
+    "x-original-forwarded-for",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-envoy-original-path",
+    "x-original-host",
+    "x-host",
+    "x-scheme",
+    "x-url-scheme",
+];
+
+/// What the proxy tells a service about a request, all from the server's
+/// own view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Forwarding<'a> {
+    /// The client and the trusted proxies it came through, ending with the
+    /// TCP peer ([`super::client_chain`]): `X-Forwarded-For`.
+    pub(crate) chain: &'a [IpAddr],
+    /// `http` or `https` as browsers reach the server: `X-Forwarded-Proto`.
+    pub(crate) scheme: &'a str,
+    /// The authority the server vouches for ([`forwarded_host`]):
+    /// `X-Forwarded-Host`.
+    pub(crate) host: &'a str,
+    /// `Host`: the service's own name from the agent's catalog, or `host`.
+    pub(crate) host_header: &'a str,
+    /// `/a/AGENT/SERVICE` under path routing: `X-Forwarded-Prefix`.
+    pub(crate) prefix: Option<&'a str>,
+}
+
+/// Replaces every forwarding header the client sent with the server's own:
+/// `Host` and `X-Forwarded-{For,Proto,Host,Prefix}` are set, every other
+/// `X-Forwarded-*` and the headers in [`CLIENT_FORWARDING`] are removed.
+pub(crate) fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
+    let theirs: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-forwarded"))
+        .cloned()
+        .collect();
+    for n in theirs {
+        h.remove(n);
+    }
+    for n in CLIENT_FORWARDING {
+        h.remove(n);
+    }
+    let set = |h: &mut HeaderMap, name: HeaderName, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(name, v);
+        }
+    };
+    let xff: Vec<String> = f.chain.iter().map(IpAddr::to_string).collect();
+    set(
+        h,
+        HeaderName::from_static("x-forwarded-for"),
+        &xff.join(", "),
+    );
+    set(h, HeaderName::from_static("x-forwarded-proto"), f.scheme);
+    set(h, HeaderName::from_static("x-forwarded-host"), f.host);
+    if let Some(p) = f.prefix {
+        set(h, HeaderName::from_static("x-forwarded-prefix"), p);
+    }
+    set(h, header::HOST, f.host_header);
+}
+
+/// The authority (`host[:port]`) the server vouches for as the one the
+/// browser addressed, for `X-Forwarded-Host` (and `Host`, unless the
+/// service names its own). Never a name the client made up:
+///
+/// * host routing: the routed name `SERVICE.AGENT.BASE` (routing checked
+///   that it lies under the base domain);
+/// * path routing: `[http] public_name`, else the base domain.
+///
+/// The port is `public_name`'s when that is set, else the one the browser
+/// used (a port on the server's own name). With neither a public name nor a
+/// base domain the server has no name of its own, and path routing passes
+/// on the host the browser sent (the caller logs a warning once).
+pub(crate) fn forwarded_host(cfg: &WebConfig, route: &WebRoute, request_host: &str) -> String {
+    let (name, request_port) = split_port(request_host);
+    let public = cfg.public();
+    let port = match &public {
+        Some(p) => split_port(p).1.to_owned(),
+        None => request_port.to_owned(),
+    };
+    match (&route.prefix, public, cfg.base()) {
+        (None, _, _) => format!("{name}{port}"),
+        (Some(_), Some(p), _) => p,
+        (Some(_), None, Some(base)) => format!("{base}{port}"),
+        (Some(_), None, None) => request_host.to_owned(),
+    }
+}
+
+/// The `Upgrade` header of a request or response that asks to switch
+/// protocols (`Connection: upgrade`), if any.
+pub(crate) fn is_upgrade(h: &HeaderMap) -> Option<HeaderValue> {
+    let conn_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| {
+                s.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
+            })
+            .unwrap_or(false)
+    });
+    if conn_upgrade {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header
+/// names, and `Upgrade` (put back by the caller for upgrades).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// Whether a cookie name is one of tether's own (any letter case, so that
+/// look-alikes go too).
+fn is_tether_cookie(name: &[u8]) -> bool {
+    COOKIE_NAMES
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+/// Removes tether's own cookies (under every name they may have) from the
+/// `Cookie` headers: the service never sees the browser's login.
+pub(crate) fn strip_tether_cookies(h: &mut HeaderMap) {
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| {
+            let name = kv.split('=').next().unwrap_or("").trim();
+            !kv.is_empty() && !is_tether_cookie(name.as_bytes())
+        })
+        .map(str::to_owned)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Whether a service's `Set-Cookie` may reach the browser: never one for
+/// tether's own cookies. Judged by raw bytes, so a header with non-ASCII
+/// bytes cannot slip through as "no name".
+pub(crate) fn service_may_set(v: &HeaderValue) -> bool {
+    let raw = v.as_bytes();
+    let name = raw.split(|b| *b == b'=').next().unwrap_or(raw).trim_ascii();
+    !is_tether_cookie(name)
+}
+
+/// Rewrites a `Location` from the service so it points back through the proxy.
+pub fn rewrite_location(
+    loc: &str,
+    prefix: Option<&str>,
+    external_origin: &str,
+    service_hosts: &[&str],
+) -> Option<String> {
+    let prefix = prefix.unwrap_or("");
+    if loc.starts_with('/') && !loc.starts_with("//") {
+        return (!prefix.is_empty()).then(|| format!("{prefix}{loc}"));
+    }
+    for scheme in ["http://", "https://"] {
+        if let Some(rest) = loc.strip_prefix(scheme) {
+            let (authority, path) = match rest.find(['/', '?', '#']) {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if service_hosts
+                .iter()
+                .any(|h| !h.is_empty() && authority.eq_ignore_ascii_case(h))
+            {
+                let path = if path.starts_with('/') {
+                    path.to_owned()
+                } else {
+                    format!("/{path}")
+                };
+                return Some(format!("{external_origin}{prefix}{path}"));
+            }
+        }
+    }
+    None
+}
+
+/// Rewrites a `Set-Cookie` for path routing: `Path` moves under the prefix
+/// and `Domain` goes (the cookie belongs to the server's host).
+pub fn rewrite_set_cookie(value: &str, prefix: &str) -> String {
+    let mut parts = value.split(';');
+    let mut out = parts.next().unwrap_or("").trim().to_owned();
+    let mut had_path = false;
+    for attr in parts {
+        let a = attr.trim();
+        let lower = a.to_ascii_lowercase();
+        if lower.starts_with("domain=") {
+            continue;
+        }
+        out.push_str("; ");
+        if lower.starts_with("path=") {
+            had_path = true;
+            let p = &a[5..];
+            let p = if p.starts_with('/') { p } else { "/" };
+            out.push_str("Path=");
+            out.push_str(prefix);
+            out.push_str(p);
+        } else {
+            out.push_str(a);
+        }
+    }
+    if !had_path {
+        out.push_str("; Path=");
+        out.push_str(prefix);
+        out.push('/');
+    }
+    out
+}
+
+/// Rewrites a service's response headers for the browser: `Location`
+/// back through the proxy (`external_origin` is `scheme://host` as the
+/// browser addressed the server; `service_hosts` the names an absolute
+/// redirect may use for the service), no `Set-Cookie` for tether's own
+/// cookies, and, under path routing (`prefix`), cookies scoped to the
+/// prefix.
+pub(crate) fn rewrite_response(
+    h: &mut HeaderMap,
+    prefix: Option<&str>,
+    external_origin: &str,
+    service_hosts: &[&str],
+) {
+    if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+        if let Some(new) = rewrite_location(loc, prefix, external_origin, service_hosts) {
+            if let Ok(v) = HeaderValue::from_str(&new) {
+                h.insert(header::LOCATION, v);
+            }
+        }
+    }
+    // A service may not set (or clear) tether's own cookies, e.g. to sign
+    // a browser in as someone else across the base domain.
+    let theirs: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| service_may_set(v))
+        .cloned()
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for v in theirs {
+        h.append(header::SET_COOKIE, v);
+    }
+    if let Some(prefix) = prefix {
+        let cookies: Vec<String> = h
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|v| rewrite_set_cookie(v, prefix))
+            .collect();
+        h.remove(header::SET_COOKIE);
+        for c in cookies {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                h.append(header::SET_COOKIE, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::web::route::{route_by_host, route_by_path};
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn tether_cookies_never_reach_the_service() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1; tether_session=s3cret".parse().unwrap());
+        h.append("cookie", "tether_csrf=x; b=2".parse().unwrap());
+        h.append(
+            "cookie",
+            "__Host-tether_session=s; __Host-tether_csrf=c; __host-TETHER_SESSION=x"
+                .parse()
+                .unwrap(),
+        );
+        strip_tether_cookies(&mut h);
+        assert_eq!(h.get("cookie").unwrap(), "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.append("cookie", "tether_session=s3cret".parse().unwrap());
+        strip_tether_cookies(&mut h);
+        assert!(h.get("cookie").is_none());
+    }
+
+    #[test]
+    fn services_cannot_set_tethers_cookies() {
+        let v = |b: &[u8]| HeaderValue::from_bytes(b).unwrap();
+        assert!(service_may_set(&v(b"sid=1; Path=/")));
+        assert!(!service_may_set(&v(b"tether_session=x; Domain=t.test")));
+        assert!(!service_may_set(&v(b" Tether_Session=x")));
+        assert!(!service_may_set(&v(
+            b"tether_session=x; Path=/; x=\xc3\xa9"
+        )));
+        assert!(!service_may_set(&v(b"tether_csrf=1")));
+        assert!(!service_may_set(&v(
+            b"__Host-tether_session=1; Path=/; Secure"
+        )));
+        assert!(!service_may_set(&v(
+            b"__Host-tether_csrf=1; Path=/; Secure"
+        )));
+    }
+
+    #[test]
+    fn services_get_the_servers_forwarding_headers_only() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "evil.example"),
+            ("x-forwarded-for", "198.51.100.66"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-forwarded-port", "1"),
+            ("x-forwarded-server", "evil"),
+            ("x-forwarded-scheme", "http"),
+            ("x-forwarded-user", "admin"),
+            ("forwarded", "for=198.51.100.66;host=evil.example"),
+            ("x-real-ip", "198.51.100.66"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-client-ip", "198.51.100.66"),
+            ("true-client-ip", "198.51.100.66"),
+            ("x-original-host", "evil.example"),
+            ("x-host", "evil.example"),
+            ("x-scheme", "http"),
+            ("cf-connecting-ip", "198.51.100.66"),
+            ("x-kept", "1"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        let chain: Vec<IpAddr> = vec!["203.0.113.9".parse().unwrap(), "10.0.0.5".parse().unwrap()];
+        set_forwarding(
+            &mut h,
+            &Forwarding {
+                chain: &chain,
+                scheme: "https",
+                host: "tether.test",
+                host_header: "grafana:3000",
+                prefix: None,
+            },
+        );
+        let mut seen: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        seen.sort();
+        let want: Vec<(String, String)> = [
+            ("host", "grafana:3000"),
+            ("x-forwarded-for", "203.0.113.9, 10.0.0.5"),
+            ("x-forwarded-host", "tether.test"),
+            ("x-forwarded-proto", "https"),
+            ("x-kept", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn the_forwarded_host_is_one_the_server_vouches_for() {
+        let path = route_by_path("/a/prod/web/").unwrap().0;
+        let host = route_by_host("tether.test", "web.prod.tether.test:8443").unwrap();
+        let cfg = |base: Option<&str>, public: Option<&str>| WebConfig {
+            base_domain: base.map(str::to_owned),
+            public_name: public.map(str::to_owned),
+            ..Default::default()
+        };
+        let base = cfg(Some("Tether.Test"), None);
+        assert_eq!(forwarded_host(&base, &path, "evil.example"), "tether.test");
+        assert_eq!(
+            forwarded_host(&base, &path, "evil.example:8443"),
+            "tether.test:8443"
+        );
+        assert_eq!(
+            forwarded_host(&base, &host, "web.prod.tether.test:8443"),
+            "web.prod.tether.test:8443"
+        );
+        let public = cfg(Some("tether.test"), Some("gw.example.com"));
+        assert_eq!(
+            forwarded_host(&public, &path, "evil.example:1"),
+            "gw.example.com"
+        );
+        assert_eq!(
+            forwarded_host(&public, &host, "web.prod.tether.test:8443"),
+            "web.prod.tether.test",
+            "the public name's port (none) wins over the browser's"
+        );
+        let public = cfg(None, Some("gw.example.com:8443"));
+        assert_eq!(
+            forwarded_host(&public, &path, "10.0.0.1:7700"),
+            "gw.example.com:8443"
+        );
+        // No name of its own: what the browser used.
+        assert_eq!(
+            forwarded_host(&cfg(None, None), &path, "127.0.0.1:7700"),
+            "127.0.0.1:7700"
+        );
+    }
+
+    #[test]
+    fn locations_and_cookies_follow_the_prefix() {
+        let hosts = ["grafana:3000", "tether.test"];
+        assert_eq!(
+            rewrite_location("/login", Some("/a/p/g"), "https://tether.test", &hosts).as_deref(),
+            Some("/a/p/g/login")
+        );
+        assert_eq!(
+            rewrite_location(
+                "http://grafana:3000/x?y",
+                Some("/a/p/g"),
+                "https://tether.test",
+                &hosts
+            )
+            .as_deref(),
+            Some("https://tether.test/a/p/g/x?y")
+        );
+        assert_eq!(
+            rewrite_location(
+                "https://other.example/",
+                Some("/a/p/g"),
+                "https://tether.test",
+                &hosts
+            ),
+            None
+        );
+        assert_eq!(rewrite_location("/x", None, "https://h", &hosts), None);
+        assert_eq!(
+            rewrite_set_cookie("sid=1; Path=/; Domain=grafana; HttpOnly", "/a/p/g"),
+            "sid=1; Path=/a/p/g/; HttpOnly"
+        );
+        assert_eq!(rewrite_set_cookie("sid=1", "/a/p/g"), "sid=1; Path=/a/p/g/");
+    }
+}
