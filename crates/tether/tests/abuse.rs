@@ -894,3 +894,89 @@ async fn idle_http2_connections_cannot_lock_out_agents_and_clients() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A client that gives up on its opens while the agent is still dialing
+/// (the service never answers): each cancelled open gives back its
+/// pending-open slot, so with a cap of one the next open is admitted again,
+/// and every gauge returns to zero, also when the whole session goes away
+/// with an open pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_open_leaves_every_gauge_at_zero() {
+    let (_hole, blackhole) = blackhole_addr();
+    let dir = std::env::temp_dir().join(format!("tether-cancel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, "[limits]\nmax_pending_opens_per_client = 1\n").unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let t = Tunnel::start_with(
+        &[("hole", blackhole)],
+        &["--config", &cfg_arg],
+        &["--dial-timeout-ms", "30000"],
+    );
+    let session = || async {
+        let (sink, source) = tether_net::transport::ws::dial(
+            &format!("{}/tether/v1/client", t.url()),
+            SUBPROTOCOL,
+            &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        let cfg = tether_proto::Config {
+            accept_opens: false,
+            ..Default::default()
+        };
+        let (conn, _, _) = tether_net::Connection::start(
+            tether_proto::Role::Initiator,
+            cfg,
+            sink,
+            source,
+            "cancel",
+        )
+        .await
+        .unwrap();
+        conn
+    };
+    let all_zero = |t: &Tunnel| {
+        wait_until(Duration::from_secs(10), || {
+            t.server_metric("tether_pending_opens") == Some(0.0)
+                && t.server_metric("tether_live_streams") == Some(0.0)
+                && t.agent_metric("tether_agent_live_streams") == Some(0.0)
+        })
+    };
+    let conn = session().await;
+    for round in 0..3 {
+        let pending = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.open(Target::tcp("prod/hole")).await }
+        });
+        assert!(
+            wait_until(Duration::from_secs(10), || t
+                .server_metric("tether_pending_opens")
+                == Some(1.0)),
+            "round {round}: the open is pending"
+        );
+        // The client gives up: its open is reset, and the server's too.
+        pending.abort();
+        assert!(all_zero(&t), "round {round}: {}", t.server_metrics());
+    }
+    // The whole session goes away with an open pending.
+    let pending = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.open(Target::tcp("prod/hole")).await }
+    });
+    assert!(wait_until(Duration::from_secs(10), || t
+        .server_metric("tether_pending_opens")
+        == Some(1.0)));
+    conn.close(ErrorCode::Normal, "giving up");
+    let _ = pending.await;
+    assert!(all_zero(&t), "{}", t.server_metrics());
+    // Nothing was ever refused at the cap: each slot came back in time.
+    let m = t.server_metrics();
+    assert_eq!(
+        metric(&m, "tether_limit_hits_total{limit=\"pending_opens\"}"),
+        None,
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,8 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -233,5 +235,200 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
             .unwrap();
         assert_eq!(&buf[..n], &d[..]);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server alone (no agent), with `config` as its config file.
+fn server_only(config: &str, tag: &str) -> (Proc, SocketAddr, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tether-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let port = free_port();
+    let mut args = Tunnel::server_args(port);
+    args.extend(["--config".to_owned(), cfg.display().to_string()]);
+    let server = Proc::spawn("server", &args);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    }));
+    (server, addr, dir)
+}
+
+/// An agent `prod` that takes every open and never answers it: each open
+/// on it stays pending (until the server's open timeout, 15 s). Returns the
+/// session and a count of the opens it holds.
+async fn silent_agent(server: SocketAddr) -> (tether_net::Connection, Arc<AtomicUsize>) {
+    let (sink, source) = tether_net::transport::ws::dial(
+        &format!("ws://{server}/tether/v1/agent"),
+        tether_proto::SUBPROTOCOL,
+        &[
+            ("authorization".into(), format!("Bearer {AGENT_TOKEN}")),
+            (
+                tether_proto::endpoints::AGENT_NAME_HEADER.into(),
+                "prod".into(),
+            ),
+        ],
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let (conn, _, mut incoming) = tether_net::Connection::start(
+        tether_proto::Role::Initiator,
+        Default::default(),
+        sink,
+        source,
+        "silent-agent",
+    )
+    .await
+    .unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        // Held, not dropped: a dropped open is answered.
+        let mut held = Vec::new();
+        while let Some(open) = incoming.recv().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(open);
+        }
+    });
+    (conn, seen)
+}
+
+/// Opens through a TCP listener, through a UDP listener and from a CLI
+/// session count alike as pending while the agent dials, and each caller
+/// (a listener is one, by its address) is refused at the same per-identity
+/// pending-open cap; when the opens end, every gauge is back at zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_opens_are_pending_opens_with_the_same_cap() {
+    let (tcp_port, udp_port) = (free_port(), free_udp_port());
+    let (server, addr, dir) = server_only(
+        &format!(
+            r#"
+[limits]
+max_pending_opens_per_client = 1
+
+[[listener]]
+listen = "127.0.0.1:{tcp_port}"
+target = "prod/echo"
+
+[[listener]]
+listen = "127.0.0.1:{udp_port}"
+target = "prod/uecho"
+protocol = "udp"
+"#
+        ),
+        "pending",
+    );
+    let metrics = || {
+        http_get(addr, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    let gauge = |name: &str| metric(&metrics(), name);
+    let hits = || {
+        metric(
+            &metrics(),
+            "tether_limit_hits_total{limit=\"pending_opens\"}",
+        )
+    };
+    let (agent, seen) = silent_agent(addr).await;
+    assert!(server.wait_log("udp listener open", Duration::from_secs(10)));
+    assert!(server.wait_log("listener open (agent connected)", Duration::from_secs(10)));
+
+    // TCP listener: the first connection's open waits on the agent...
+    let _first = connect(tcp_port).await;
+    assert!(wait_until(Duration::from_secs(5), || seen
+        .load(Ordering::SeqCst)
+        == 1));
+    assert!(wait_until(Duration::from_secs(5), || gauge(
+        "tether_pending_opens"
+    ) == Some(1.0)));
+    // ...so the second one is refused at the listener's cap, and closed.
+    let mut second = connect(tcp_port).await;
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), second.read(&mut b))
+        .await
+        .expect("the refused connection is closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(wait_until(Duration::from_secs(5), || hits() == Some(1.0)));
+    assert!(server.wait_log(
+        &format!("listener:127.0.0.1:{tcp_port} already has 1 opens waiting"),
+        Duration::from_secs(5)
+    ));
+
+    // UDP listener: its own identity, the same cap. One source's flow
+    // waits; another source's flow is refused.
+    let u1 = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    u1.send_to(b"one", ("127.0.0.1", udp_port)).await.unwrap();
+    assert!(wait_until(Duration::from_secs(5), || seen
+        .load(Ordering::SeqCst)
+        == 2));
+    assert!(wait_until(Duration::from_secs(5), || gauge(
+        "tether_pending_opens"
+    ) == Some(2.0)));
+    let u2 = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    u2.send_to(b"two", ("127.0.0.1", udp_port)).await.unwrap();
+    assert!(wait_until(Duration::from_secs(5), || hits() == Some(2.0)));
+    assert!(server.wait_log(
+        &format!("listener:127.0.0.1:{udp_port} already has 1 opens waiting"),
+        Duration::from_secs(5)
+    ));
+
+    // A CLI session: the same count, the same cap, the same refusal.
+    let (sink, source) = tether_net::transport::ws::dial(
+        &format!("ws://{addr}/tether/v1/client"),
+        tether_proto::SUBPROTOCOL,
+        &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let cfg = tether_proto::Config {
+        accept_opens: false,
+        ..Default::default()
+    };
+    let (client, _, _) =
+        tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "cli")
+            .await
+            .unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(tether_proto::Target::tcp("prod/echo")).await }
+    });
+    assert!(wait_until(Duration::from_secs(5), || seen
+        .load(Ordering::SeqCst)
+        == 3));
+    assert!(wait_until(Duration::from_secs(5), || gauge(
+        "tether_pending_opens"
+    ) == Some(3.0)));
+    let refused = client
+        .open(tether_proto::Target::tcp("prod/echo"))
+        .await
+        .err()
+        .expect("a second pending open is refused");
+    assert_eq!(refused.code, tether_proto::OpenErrorCode::TooManyStreams);
+    assert!(
+        refused.reason.contains("opens waiting for their agent"),
+        "{refused}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || hits() == Some(3.0)));
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        3,
+        "refused opens never reach the agent"
+    );
+
+    // The agent goes away: every pending open fails, and nothing is left
+    // counted.
+    agent.close(tether_proto::ErrorCode::Normal, "done");
+    let _ = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            gauge("tether_pending_opens") == Some(0.0) && gauge("tether_live_streams") == Some(0.0)
+        }),
+        "{}",
+        metrics()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
