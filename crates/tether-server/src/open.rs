@@ -489,7 +489,10 @@ mod tests {
         let second = h.open(&listener, "prod/db", TargetKind::Udp).await;
         let refusal = second.err().unwrap();
         assert_eq!(refusal.code, OpenErrorCode::TooManyStreams);
-        assert!(refusal.reason.contains("listener:127.0.0.1:9000"), "{refusal}");
+        assert!(
+            refusal.reason.contains("listener:127.0.0.1:9000"),
+            "{refusal}"
+        );
         // Another caller has its own budget.
         let theirs = tokio::spawn({
             let h = h.clone();

@@ -109,38 +109,7 @@ impl Reloader {
         self.logins.retain(|id| auth.client_revalidate(id));
         (closed, ended)
     }
-}
 
-/// Files whose change triggers a reload.
-fn watched_files(cfg: &ServerConfig, config_file: Option<&PathBuf>) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = config_file.into_iter().cloned().collect();
-    if let Some(t) = &cfg.tls {
-        v.extend(t.cert.iter().chain(&t.key).chain(&t.client_ca).cloned());
-    }
-    if let Some(j) = &cfg.jwt {
-        v.extend(
-            j.secret_file
-                .iter()
-                .chain(&j.public_key_file)
-                .chain(&j.jwks_file)
-                .cloned(),
-        );
-    }
-    v
-}
-
-fn stamp(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
-    files
-        .iter()
-        .map(|f| {
-            std::fs::metadata(f)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
-}
-
-impl Reloader {
     /// Reloads on SIGHUP and on file changes, forever.
     pub(crate) async fn watch(self, source: ConfigSource, config_file: Option<PathBuf>) {
         let mut files = match source() {
@@ -203,4 +172,33 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Files whose change triggers a reload.
+fn watched_files(cfg: &ServerConfig, config_file: Option<&PathBuf>) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = config_file.into_iter().cloned().collect();
+    if let Some(t) = &cfg.tls {
+        v.extend(t.cert.iter().chain(&t.key).chain(&t.client_ca).cloned());
+    }
+    if let Some(j) = &cfg.jwt {
+        v.extend(
+            j.secret_file
+                .iter()
+                .chain(&j.public_key_file)
+                .chain(&j.jwks_file)
+                .cloned(),
+        );
+    }
+    v
+}
+
+fn stamp(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
 }

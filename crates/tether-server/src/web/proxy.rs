@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tether_net::Refusal;
 use tether_proto::{OpenErrorCode, ServiceKind};
@@ -38,6 +39,7 @@ use super::rewrite::{
 use super::route::WebRoute;
 use super::{client_chain, wants_html, Web};
 use crate::admission::ConnectionHold;
+use crate::metrics::Metrics;
 use crate::open::{http_status, Caller, OpenGuard};
 use crate::response::{empty, BoxError, Resp};
 use crate::streams::ACCESS_REVOKED;
@@ -137,37 +139,15 @@ async fn proxy(
     let (parts, body) = req.into_parts();
     let method = parts.method;
     let mut h = parts.headers;
-    // Read the client chain before anything is stripped: a client could
-    // name `X-Forwarded-For` in `Connection` to hide the proxies' entries.
-    let chain = client_chain(&web.cfg, cx.peer.ip(), &h);
-    strip_hop_by_hop(&mut h);
-    strip_tether_cookies(&mut h);
-    if via == Via::Bearer {
-        // It was the credential: the service never sees it.
-        h.remove(header::AUTHORIZATION);
-    }
-    let public_host = forwarded_host(&web.cfg, &route, cx.host);
-    if route.prefix.is_some()
-        && web.public.is_none()
-        && web.base.is_none()
-        && !NO_PUBLIC_NAME_WARNED.swap(true, Ordering::Relaxed)
-    {
-        tracing::warn!("path routing without [http] public_name or base_domain: services get the Host the browser sent; set public_name");
-    }
-    set_forwarding(
+    let public_host = outbound_headers(
+        web,
         &mut h,
-        &Forwarding {
-            chain: &chain,
-            scheme: cx.scheme,
-            host: &public_host,
-            host_header: host_header.as_deref().unwrap_or(&public_host),
-            prefix: route.prefix.as_deref(),
-        },
+        &route,
+        &via,
+        &cx,
+        host_header.as_deref(),
+        upgrade.as_ref(),
     );
-    if let Some(u) = &upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, u.clone());
-    }
     let Ok(uri) = web.pool.uri(agent, service, rest) else {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -192,25 +172,7 @@ async fn proxy(
     let mut resp = match web.pool.request(guard.key().clone(), out).await {
         Ok(r) => r,
         Err(e) => {
-            let (status, code, msg) = match refusal_of(&e) {
-                Some(r) => (
-                    http_status(r.code),
-                    r.code.as_str().to_owned(),
-                    r.reason.clone(),
-                ),
-                None => (
-                    StatusCode::BAD_GATEWAY,
-                    "bad_gateway".to_owned(),
-                    format!("{agent}/{service} did not answer with HTTP: {e}"),
-                ),
-            };
-            // Refusals keep their meaning (404 unknown, 403 forbidden by the
-            // agent); everything else is the gateway's failure.
-            let status = match status {
-                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => status,
-                s if s.is_server_error() => s,
-                _ => StatusCode::BAD_GATEWAY,
-            };
+            let (status, code, msg) = gateway_refusal(&e, agent, service);
             return refuse(status, &code, msg);
         }
     };
@@ -255,31 +217,18 @@ async fn proxy(
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, u);
         }
-        let metrics = web.metrics.clone();
-        let who = name.clone().into_owned();
-        let target = audit.target.clone();
+        let who = name.into_owned();
+        let upgrade = splice_upgraded(
+            web.metrics.clone(),
+            guard,
+            audit,
+            who,
+            service_side,
+            client_side,
+        );
         tokio::spawn(async move {
-            let _audit = audit;
             let _hold = hold;
-            let (Ok(s), Ok(c)) = (service_side.await, client_side.await) else {
-                tracing::debug!(%target, "upgrade did not complete");
-                return;
-            };
-            metrics.live_streams.inc();
-            let mut s = TokioIo::new(s);
-            let mut c = TokioIo::new(c);
-            let r = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut c, &mut s) => r,
-                why = guard.ended() => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
-            };
-            metrics.live_streams.dec();
-            match r {
-                Ok((up, down)) => {
-                    metrics.add_bytes(up, down);
-                    tracing::info!(client = %who, %target, bytes_up = up, bytes_down = down, "upgraded connection closed")
-                }
-                Err(e) => tracing::info!(client = %who, %target, "upgraded connection ended: {e}"),
-            }
+            upgrade.await
         });
         return Response::from_parts(parts, empty());
     }
@@ -291,6 +240,114 @@ async fn proxy(
         done: false,
     };
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Rewrites the client's request headers `h` for the service (see
+/// [`super::rewrite`]); returns the authority the server vouches for
+/// (`X-Forwarded-Host`).
+fn outbound_headers(
+    web: &Web,
+    h: &mut HeaderMap,
+    route: &WebRoute,
+    via: &Via,
+    cx: &ProxyContext<'_>,
+    host_header: Option<&str>,
+    upgrade: Option<&HeaderValue>,
+) -> String {
+    // Read the client chain before anything is stripped: a client could
+    // name `X-Forwarded-For` in `Connection` to hide the proxies' entries.
+    let chain = client_chain(&web.cfg, cx.peer.ip(), h);
+    strip_hop_by_hop(h);
+    strip_tether_cookies(h);
+    if *via == Via::Bearer {
+        // It was the credential: the service never sees it.
+        h.remove(header::AUTHORIZATION);
+    }
+    let public_host = forwarded_host(&web.cfg, route, cx.host);
+    if route.prefix.is_some()
+        && web.public.is_none()
+        && web.base.is_none()
+        && !NO_PUBLIC_NAME_WARNED.swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!("path routing without [http] public_name or base_domain: services get the Host the browser sent; set public_name");
+    }
+    set_forwarding(
+        h,
+        &Forwarding {
+            chain: &chain,
+            scheme: cx.scheme,
+            host: &public_host,
+            host_header: host_header.unwrap_or(&public_host),
+            prefix: route.prefix.as_deref(),
+        },
+    );
+    if let Some(u) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u.clone());
+    }
+    public_host
+}
+
+/// The answer to a request the pool could not deliver: status, code and
+/// message. Refusals keep their meaning (404 unknown, 403 forbidden by the
+/// agent); everything else is the gateway's failure.
+fn gateway_refusal(
+    e: &hyper_util::client::legacy::Error,
+    agent: &str,
+    service: &str,
+) -> (StatusCode, String, String) {
+    let (status, code, msg) = match refusal_of(e) {
+        Some(r) => (
+            http_status(r.code),
+            r.code.as_str().to_owned(),
+            r.reason.clone(),
+        ),
+        None => (
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway".to_owned(),
+            format!("{agent}/{service} did not answer with HTTP: {e}"),
+        ),
+    };
+    let status = match status {
+        StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => status,
+        s if s.is_server_error() => s,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    (status, code, msg)
+}
+
+/// Splices a WebSocket (or other) upgrade once both sides have switched,
+/// under the request's guard: it ends when the access is revoked or the
+/// credential expires. The audit line is written when it is over.
+async fn splice_upgraded(
+    metrics: Arc<Metrics>,
+    guard: OpenGuard,
+    audit: HttpAudit,
+    who: String,
+    service_side: OnUpgrade,
+    client_side: OnUpgrade,
+) {
+    let _audit = audit;
+    let target = &_audit.target;
+    let (Ok(s), Ok(c)) = (service_side.await, client_side.await) else {
+        tracing::debug!(%target, "upgrade did not complete");
+        return;
+    };
+    metrics.live_streams.inc();
+    let mut s = TokioIo::new(s);
+    let mut c = TokioIo::new(c);
+    let r = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut c, &mut s) => r,
+        why = guard.ended() => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
+    };
+    metrics.live_streams.dec();
+    match r {
+        Ok((up, down)) => {
+            metrics.add_bytes(up, down);
+            tracing::info!(client = %who, %target, bytes_up = up, bytes_down = down, "upgraded connection closed")
+        }
+        Err(e) => tracing::info!(client = %who, %target, "upgraded connection ended: {e}"),
+    }
 }
 
 /// Whether `agent` is connected and offers `service` over HTTP; `Ok` with
