@@ -243,14 +243,20 @@ impl Authenticator {
     }
 }
 
-/// Agent names are path and label safe: letters, digits, `-`, `_`, `.`.
-pub(crate) fn validate_name(name: &str) -> anyhow::Result<()> {
-    if name.is_empty()
-        || name.len() > 63
-        || !name
+/// Whether `name` is a plain name, safe in paths and host labels: 1-63
+/// letters, digits, `-`, `_`, `.` (agent names, and the service names the
+/// console links to).
+pub(crate) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+}
+
+/// Agent names are path and label safe ([`is_plain_name`]).
+fn validate_name(name: &str) -> anyhow::Result<()> {
+    if !is_plain_name(name) {
         bail!("invalid agent name {name:?}: use 1-63 letters, digits, '-', '_' or '.'");
     }
     Ok(())

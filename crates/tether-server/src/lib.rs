@@ -58,4 +58,4 @@ mod state;
 pub mod web;
 
 pub use config::{ServerConfig, MAX_STREAMS_PER_CLIENT};
-pub use server::Server;
+pub use server::{ServeError, Server};

@@ -19,6 +19,20 @@ use crate::state::State;
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a server stopped serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// `metrics_listen` could not be bound.
+    #[error("metrics_listen {addr}: {source}")]
+    MetricsListen {
+        /// The address from the config.
+        addr: SocketAddr,
+        /// Why binding it failed.
+        source: std::io::Error,
+    },
+}
+
 /// A bound, not yet serving, server.
 pub struct Server {
     listener: TcpListener,
@@ -85,7 +99,7 @@ impl Server {
     }
 
     /// Accepts connections forever.
-    pub async fn serve(self) -> anyhow::Result<()> {
+    pub async fn serve(self) -> Result<(), ServeError> {
         self.serve_until(std::future::pending()).await
     }
 
@@ -95,7 +109,7 @@ impl Server {
     pub async fn serve_until(
         self,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ServeError> {
         let state = &self.state;
         tracing::info!(addr = %self.local_addr(), tls = state.tls().serving(), "server listening");
         if let Some(addr) = self.metrics_listen {
@@ -107,7 +121,7 @@ impl Server {
             });
             let bound = tether_net::observe::serve_metrics(addr, render)
                 .await
-                .with_context(|| format!("metrics_listen {addr}"))?;
+                .map_err(|source| ServeError::MetricsListen { addr, source })?;
             tracing::info!(addr = %bound, "serving /metrics (not on the public port)");
         }
         let watcher = self

@@ -391,7 +391,7 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
-    server.serve_until(shutdown).await
+    Ok(server.serve_until(shutdown).await?)
 }
 
 /// `TOKEN` or `sha256:HEX` (keeps the token itself out of `ps`).

@@ -19,7 +19,7 @@ use tether_proto::ServiceKind;
 use super::login::Via;
 use super::pages::{escape, html_page};
 use super::{Web, PATH_PREFIX};
-use crate::auth::validate_name;
+use crate::auth::is_plain_name;
 use crate::config::Protocol;
 use crate::identity::ClientIdentity;
 use crate::response::{api_headers, full, BoxError, Resp};
@@ -105,7 +105,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
             for s in catalog {
                 // Names go into links and host names: show only plain ones
                 // (an agent could announce anything).
-                if validate_name(&s.name).is_err() {
+                if !is_plain_name(&s.name) {
                     continue;
                 }
                 let proto = match s.kind {
