@@ -12,10 +12,10 @@
 //! | `/`, `/login`, `/a/AGENT/SERVICE/`, `SERVICE.AGENT.BASE_DOMAIN` | browser access (see [`web`]) |
 //!
 //! The public API is what the `tether` binary, its tests and the fuzz
-//! targets use: [`Server`], the [`config`] types, [`auth::token_hash_hex`],
-//! [`reload::ConfigSource`], and the browser proxy's pure routing and
-//! rewriting functions in [`web`]. Everything else is internal; the layout
-//! is described in `docs/ARCHITECTURE.md`.
+//! targets use: [`Server`] (and [`ServeError`]), the [`config`] types,
+//! [`auth::token_hash_hex`], [`reload::ConfigSource`], and the browser
+//! proxy's pure routing and rewriting functions in [`web`]. Everything else
+//! is internal; the layout is described in `docs/ARCHITECTURE.md`.
 
 #![deny(missing_docs)]
 
