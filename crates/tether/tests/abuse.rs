@@ -645,14 +645,18 @@ async fn a_greedy_window_agent_cannot_make_the_server_buffer_its_window() {
         .is_some());
 
     let local = free_port();
-    let _client = forward_client(
+    let client = forward_client(
         &format!("ws://127.0.0.1:{port}"),
         CLIENT_TOKEN,
         &[(local, "evil/sink")],
     );
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
-    }));
+    // Its port is bound before its session is up; connections before that
+    // are closed at once.
+    assert!(
+        client.wait_log("connected", Duration::from_secs(10)),
+        "{}",
+        client.log_text()
+    );
     let before = rss_kib(server.pid());
     // Four uploads; the agent accepts each stream, then stops reading.
     let mut uploads = vec![];
