@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Options of `tether demo`.
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Local port of the forwarded web page.
     #[arg(long, default_value_t = 18080)]
     web_port: u16,
@@ -27,13 +27,13 @@ pub struct DemoArgs {
 }
 
 /// A fresh random token (hex of 16 random bytes).
-pub fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let b: [u8; 16] = rand::random();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Runs the demo until Ctrl-C.
-pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // Sample services, on ephemeral loopback ports: only the agent knows them.
     let web = TcpListener::bind("127.0.0.1:0").await?;
     let echo = TcpListener::bind("127.0.0.1:0").await?;

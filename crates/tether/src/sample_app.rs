@@ -26,7 +26,7 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Options of `tether sample-app`.
 #[derive(Args)]
-pub struct SampleAppArgs {
+pub(crate) struct SampleAppArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -89,7 +89,7 @@ fn fnv(h: &mut u64, data: &[u8]) {
 }
 
 /// The byte at position `i` of a `/bytes` download.
-pub fn pattern_byte(i: u64) -> u8 {
+pub(crate) fn pattern_byte(i: u64) -> u8 {
     (i % 251) as u8
 }
 
@@ -259,7 +259,7 @@ where
 }
 
 /// Serves the app on `listener` forever (TLS when `tls` is set).
-pub async fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+pub(crate) async fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -281,12 +281,12 @@ pub async fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcce
 }
 
 /// Serves the app over plain HTTP on `listener` forever.
-pub async fn serve(listener: TcpListener) {
+pub(crate) async fn serve(listener: TcpListener) {
     serve_with(listener, None).await
 }
 
 /// Runs `tether sample-app`.
-pub async fn run(a: SampleAppArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(a: SampleAppArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(a.listen).await?;
     let tls = if a.self_signed {
         let id = tether_net::transport::tls::ServerIdentity::self_signed(&[

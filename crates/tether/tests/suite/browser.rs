@@ -4,10 +4,8 @@
 //! loads a script, opens a WebSocket and shows the echo, and reads
 //! server-sent events. Screenshots go to `target/test-artifacts/browser/`.
 
-mod common;
-
-use common::web::*;
-use common::*;
+use crate::common::web::*;
+use crate::common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

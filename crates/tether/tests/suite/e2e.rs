@@ -1,9 +1,7 @@
 //! End-to-end tests: real `tether` processes (server, agent, client) on
 //! loopback, real sockets, byte-exact checks.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

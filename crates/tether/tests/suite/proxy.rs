@@ -1,8 +1,6 @@
 //! The client's SOCKS5 / HTTP CONNECT proxy, driven by curl.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::Command;
 use std::time::Duration;
 use tether_proto::{OpenErrorCode, Target};

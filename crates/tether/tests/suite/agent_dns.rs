@@ -5,9 +5,7 @@
 //! given as `dns_server`), never the machine's resolver; all traffic stays on
 //! loopback.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,8 +1,6 @@
 //! Server-side listeners: public ports bound to agent/service.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,9 +1,7 @@
 //! UDP through the tunnel: a real DNS server (dnsmasq) queried with dig,
 //! datagram boundaries, flow caps and idle expiry.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::net::UdpSocket;

@@ -3,9 +3,7 @@
 //! file rewritten under a running server, and one identity's flood beside
 //! another's traffic.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use std::path::{Path, PathBuf};
 use std::process::Command;

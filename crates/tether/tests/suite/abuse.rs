@@ -2,10 +2,8 @@
 //! frames, unknown stream ids and open floods, while a good client's
 //! transfer in another session completes byte-exact.
 
-mod common;
-
+use crate::common::*;
 use bytes::{Bytes, BytesMut};
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tether_proto::frame::{Frame, Hello, StreamId};

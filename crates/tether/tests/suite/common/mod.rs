@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod web;
+pub(crate) mod web;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub const AGENT_TOKEN: &str = "agent-token-for-tests";
-pub const CLIENT_TOKEN: &str = "client-token-for-tests";
-pub const LIMITED_TOKEN: &str = "limited-token-for-tests";
+pub(crate) const AGENT_TOKEN: &str = "agent-token-for-tests";
+pub(crate) const CLIENT_TOKEN: &str = "client-token-for-tests";
+pub(crate) const LIMITED_TOKEN: &str = "limited-token-for-tests";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A free loopback port for a process to bind later. Picked below the
 /// kernel's ephemeral range (32768+), so outgoing connections of parallel
 /// tests cannot grab it between this check and the bind.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let base = (std::process::id() as usize * 7919) % 12000;
     for _ in 0..12000 {
@@ -37,14 +37,14 @@ pub fn free_port() -> u16 {
 }
 
 /// A child process that is killed when dropped; its output goes to a log file.
-pub struct Proc {
+pub(crate) struct Proc {
     pub name: String,
     child: Child,
     pub log: PathBuf,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, args: &[String]) -> Proc {
+    pub(crate) fn spawn(name: &str, args: &[String]) -> Proc {
         let dir = std::env::temp_dir().join(format!("tether-tests-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("log dir");
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -66,18 +66,18 @@ impl Proc {
         }
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGKILL, like a crash or a node going away.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// Sends a signal by name (`TERM`, `INT`).
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.child.id().to_string())
@@ -85,16 +85,16 @@ impl Proc {
     }
 
     /// The process id.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits (bounded) until the log contains `needle`.
-    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+    pub(crate) fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if self.log_text().contains(needle) {
@@ -121,7 +121,7 @@ impl Drop for Proc {
 }
 
 /// A plain HTTP GET on loopback (enough for /metrics and /healthz).
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = StdStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -137,7 +137,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 /// Reads one sample of a metric (first line starting with `name` and a space or `{`).
-pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| {
@@ -148,20 +148,20 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 /// Server + agent (+ optional client) as three processes.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     pub server: Proc,
     pub agent: Proc,
     pub server_port: u16,
     pub agent_metrics: SocketAddr,
 }
 
-pub struct Services {
+pub(crate) struct Services {
     /// name -> address
     pub list: Vec<(String, SocketAddr)>,
 }
 
 impl Tunnel {
-    pub fn server_args(port: u16) -> Vec<String> {
+    pub(crate) fn server_args(port: u16) -> Vec<String> {
         [
             "server",
             "--listen",
@@ -179,12 +179,12 @@ impl Tunnel {
     }
 
     /// Starts server and agent; `services` become `--service` flags.
-    pub fn start(services: &[(&str, SocketAddr)], extra_agent_args: &[&str]) -> Tunnel {
+    pub(crate) fn start(services: &[(&str, SocketAddr)], extra_agent_args: &[&str]) -> Tunnel {
         Self::start_with(services, &[], extra_agent_args)
     }
 
     /// Like [`Tunnel::start`], with extra server flags too.
-    pub fn start_with(
+    pub(crate) fn start_with(
         services: &[(&str, SocketAddr)],
         extra_server_args: &[&str],
         extra_agent_args: &[&str],
@@ -229,30 +229,30 @@ impl Tunnel {
         t
     }
 
-    pub fn server_addr(&self) -> SocketAddr {
+    pub(crate) fn server_addr(&self) -> SocketAddr {
         format!("127.0.0.1:{}", self.server_port).parse().unwrap()
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("ws://127.0.0.1:{}", self.server_port)
     }
 
-    pub fn server_metrics(&self) -> String {
+    pub(crate) fn server_metrics(&self) -> String {
         http_get(self.server_addr(), "/metrics")
             .map(|(_, b)| b)
             .unwrap_or_default()
     }
 
-    pub fn server_metric(&self, name: &str) -> Option<f64> {
+    pub(crate) fn server_metric(&self, name: &str) -> Option<f64> {
         metric(&self.server_metrics(), name)
     }
 
-    pub fn agent_metric(&self, name: &str) -> Option<f64> {
+    pub(crate) fn agent_metric(&self, name: &str) -> Option<f64> {
         http_get(self.agent_metrics, "/metrics").and_then(|(_, b)| metric(&b, name))
     }
 
     /// Starts a CLI client forwarding each `(local_port, target)`.
-    pub fn client(&self, token: &str, forwards: &[(u16, &str)]) -> Proc {
+    pub(crate) fn client(&self, token: &str, forwards: &[(u16, &str)]) -> Proc {
         let p = forward_client(&self.url(), token, forwards);
         assert!(
             p.wait_log("connected", Duration::from_secs(10)),
@@ -263,7 +263,7 @@ impl Tunnel {
 }
 
 /// Starts `tether client forward` to `server` (not waiting for it to connect).
-pub fn forward_client(server: &str, token: &str, forwards: &[(u16, &str)]) -> Proc {
+pub(crate) fn forward_client(server: &str, token: &str, forwards: &[(u16, &str)]) -> Proc {
     let mut args: Vec<String> = vec![
         "client".into(),
         "--server".into(),
@@ -279,7 +279,7 @@ pub fn forward_client(server: &str, token: &str, forwards: &[(u16, &str)]) -> Pr
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if f() {
@@ -295,7 +295,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 // ---------------------------------------------------------------------------
 
 /// Echoes every byte back; closes its write side at EOF (keeps half-close).
-pub async fn echo_service() -> SocketAddr {
+pub(crate) async fn echo_service() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -313,7 +313,7 @@ pub async fn echo_service() -> SocketAddr {
 
 /// Reads everything until EOF, then answers with the byte count and a
 /// checksum: proves the service saw the client's half-close.
-pub async fn count_then_answer_service() -> SocketAddr {
+pub(crate) async fn count_then_answer_service() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -346,7 +346,7 @@ pub async fn count_then_answer_service() -> SocketAddr {
 }
 
 /// Sends `len` deterministic bytes to every connection, then closes.
-pub async fn source_service(len: u64) -> SocketAddr {
+pub(crate) async fn source_service(len: u64) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -375,7 +375,7 @@ pub async fn source_service(len: u64) -> SocketAddr {
 
 /// A tiny HTTP service answering every request with `body` (one request per
 /// connection).
-pub async fn http_service(body: &'static str) -> SocketAddr {
+pub(crate) async fn http_service(body: &'static str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -412,26 +412,26 @@ pub async fn http_service(body: &'static str) -> SocketAddr {
 }
 
 /// A port where nothing listens (connection refused).
-pub fn refused_addr() -> SocketAddr {
+pub(crate) fn refused_addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
 /// A listener that never accepts and whose backlog is full, so new
 /// connections hang in SYN: a service that does not answer.
-pub fn blackhole_addr() -> (socket2_free::Holder, SocketAddr) {
+pub(crate) fn blackhole_addr() -> (socket2_free::Holder, SocketAddr) {
     socket2_free::blackhole()
 }
 
-pub mod socket2_free {
+pub(crate) mod socket2_free {
     use super::*;
 
     /// Keeps the listener and the connections that fill its backlog alive.
-    pub struct Holder {
+    pub(crate) struct Holder {
         _listener: StdListener,
         _fill: Vec<StdStream>,
     }
 
-    pub fn blackhole() -> (Holder, SocketAddr) {
+    pub(crate) fn blackhole() -> (Holder, SocketAddr) {
         // std listens with a large backlog; fill it with connections nobody
         // accepts, until a connect attempt no longer completes at once.
         let l = StdListener::bind("127.0.0.1:0").unwrap();
@@ -454,31 +454,31 @@ pub mod socket2_free {
 }
 
 /// FNV-1a, for cheap checksums of test data.
-pub struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl Fnv {
-    pub fn new() -> Fnv {
+    pub(crate) fn new() -> Fnv {
         Fnv(0xcbf29ce484222325)
     }
-    pub fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         for b in data {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x100000001b3);
         }
     }
-    pub fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }
 
 /// A deterministic byte sequence seeded per stream (xorshift).
-pub struct Pattern(u64);
+pub(crate) struct Pattern(u64);
 
 impl Pattern {
-    pub fn new(seed: u64) -> Pattern {
+    pub(crate) fn new(seed: u64) -> Pattern {
         Pattern(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
     }
-    pub fn fill(&mut self, buf: &mut [u8]) {
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             let mut x = self.0;
             x ^= x << 13;
@@ -492,14 +492,14 @@ impl Pattern {
 }
 
 /// Connects to a local forward.
-pub async fn connect(port: u16) -> TcpStream {
+pub(crate) async fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect to forward")
 }
 
 /// Echoes every datagram back to its sender.
-pub async fn udp_echo() -> SocketAddr {
+pub(crate) async fn udp_echo() -> SocketAddr {
     let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = s.local_addr().unwrap();
     tokio::spawn(async move {
@@ -515,7 +515,7 @@ pub async fn udp_echo() -> SocketAddr {
 }
 
 /// A loopback port free for both TCP and UDP.
-pub fn free_udp_port() -> u16 {
+pub(crate) fn free_udp_port() -> u16 {
     loop {
         let p = free_port();
         if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {

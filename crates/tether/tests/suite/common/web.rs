@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-pub const BASE: &str = "tether.test";
+pub(crate) const BASE: &str = "tether.test";
 
 /// Sample apps, an agent offering them, and a TLS server with a base domain.
-pub struct Web {
+pub(crate) struct Web {
     pub server: Proc,
     pub agent: Proc,
     pub apps: Vec<Proc>,
@@ -21,7 +21,7 @@ pub struct Web {
 
 /// How to start the test server.
 #[derive(Debug, Clone, Default)]
-pub struct WebOpts {
+pub(crate) struct WebOpts {
     /// Plain HTTP instead of TLS.
     pub plain: bool,
     /// No base domain: path routing only (and, with TLS, `__Host-` cookies).
@@ -32,7 +32,7 @@ pub struct WebOpts {
 
 /// What one curl call saw.
 #[derive(Debug)]
-pub struct CurlOut {
+pub(crate) struct CurlOut {
     pub status: u16,
     pub headers: String,
     pub body: String,
@@ -43,7 +43,7 @@ pub struct CurlOut {
 
 impl CurlOut {
     /// All values of a response header (lowercase name).
-    pub fn header_all(&self, name: &str) -> Vec<String> {
+    pub(crate) fn header_all(&self, name: &str) -> Vec<String> {
         self.headers
             .lines()
             .filter_map(|l| l.split_once(':'))
@@ -52,28 +52,28 @@ impl CurlOut {
             .collect()
     }
 
-    pub fn header(&self, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
         self.header_all(name).into_iter().last()
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 }
 
 impl Web {
-    pub fn start() -> Web {
+    pub(crate) fn start() -> Web {
         Self::start_opts(true)
     }
 
-    pub fn start_opts(tls: bool) -> Web {
+    pub(crate) fn start_opts(tls: bool) -> Web {
         Self::start_with(WebOpts {
             plain: !tls,
             ..Default::default()
         })
     }
 
-    pub fn start_with(opts: WebOpts) -> Web {
+    pub(crate) fn start_with(opts: WebOpts) -> Web {
         let tls = !opts.plain;
         let dir =
             std::env::temp_dir().join(format!("tether-web-{}-{}", std::process::id(), free_port()));
@@ -195,22 +195,22 @@ hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
         }
     }
 
-    pub fn scheme(&self) -> &'static str {
+    pub(crate) fn scheme(&self) -> &'static str {
         "https"
     }
 
     /// `https://127.0.0.1:PORT{path}`.
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
     }
 
     /// `https://HOST:PORT{path}` for a name under the base domain.
-    pub fn host_url(&self, host: &str, path: &str) -> String {
+    pub(crate) fn host_url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.port)
     }
 
     /// curl with `--resolve` for the base domain names this test uses.
-    pub fn curl(&self, args: &[&str]) -> CurlOut {
+    pub(crate) fn curl(&self, args: &[&str]) -> CurlOut {
         let n = free_port();
         let hfile = self.dir.join(format!("h{n}"));
         let bfile = self.dir.join(format!("b{n}"));
@@ -250,7 +250,7 @@ hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
     }
 
     /// curl with the dev client's bearer token.
-    pub fn get(&self, url: &str, extra: &[&str]) -> CurlOut {
+    pub(crate) fn get(&self, url: &str, extra: &[&str]) -> CurlOut {
         let auth = format!("Authorization: Bearer {CLIENT_TOKEN}");
         let mut args = vec!["-H", auth.as_str()];
         args.extend_from_slice(extra);
@@ -258,7 +258,7 @@ hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
         self.curl(&args)
     }
 
-    pub fn server_metrics(&self) -> String {
+    pub(crate) fn server_metrics(&self) -> String {
         self.curl(&[&self.url("/metrics")]).body
     }
 }

@@ -1,10 +1,8 @@
 //! Browser access through the server, tested with curl against the real
 //! processes: sample app(s) ← agent ← server (TLS, host and path routing).
 
-mod common;
-
-use common::web::*;
-use common::*;
+use crate::common::web::*;
+use crate::common::*;
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};

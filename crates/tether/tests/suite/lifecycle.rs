@@ -1,9 +1,7 @@
 //! Process lifecycle and TLS: graceful drain on SIGTERM, certificates from
 //! PEM files verified against a CA, fingerprint pinning, and the demo.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
