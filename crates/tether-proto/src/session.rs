@@ -934,11 +934,18 @@ impl Session {
         let Some(s) = self.streams.get(&id) else {
             return;
         };
-        if s.write_blocked && s.queued <= half && self.room_for(s) > 0 {
+        if !s.write_blocked || s.queued > half {
+            return;
+        }
+        if self.room_for(s) > 0 {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.write_blocked = false;
             }
             self.events.push_back(Event::Writable { id });
+        } else if s.send_credit > 0 {
+            // Credit came back but the session's buffer is full: this
+            // writer now waits for the session to drain.
+            self.session_send_blocked = true;
         }
     }
 

@@ -338,6 +338,63 @@ fn the_session_send_buffer_bounds_many_streams_and_wakes_them_all() {
     assert_eq!(p.a.stats().queued_bytes, 0);
 }
 
+/// A stream blocked for credit whose credit returns while the session's
+/// buffer is exactly full is woken when the session drains.
+#[test]
+fn credit_returning_into_a_full_session_buffer_is_not_lost() {
+    let cfg = Config {
+        max_stream_send_buffer: 256 * 1024,
+        max_session_send_buffer: 128 * 1024,
+        ..Config::default()
+    };
+    let b_cfg = Config {
+        initial_window: 64 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(cfg, b_cfg);
+    let mut ids = vec![];
+    for _ in 0..3 {
+        let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
+        p.pump(usize::MAX);
+        p.b.accept(id, p.now).unwrap();
+        p.pump(usize::MAX);
+        ids.push(id);
+    }
+    let (starved, f1, f2) = (ids[0], ids[1], ids[2]);
+    let k64 = 64 * 1024;
+    // `starved` spends its 64 KiB of credit and is refused for lack of it.
+    assert_eq!(
+        p.a.stream_write(starved, Bytes::from(vec![1u8; 2 * k64]))
+            .unwrap(),
+        k64
+    );
+    while drain_one(&mut p, k64) > 0 {}
+    // Two writers take exactly what they may, filling the session's buffer
+    // without being refused (as poll_write_some does).
+    assert_eq!(
+        p.a.stream_write(f1, Bytes::from(vec![2u8; k64])).unwrap(),
+        k64
+    );
+    assert_eq!(
+        p.a.stream_write(f2, Bytes::from(vec![3u8; k64])).unwrap(),
+        k64
+    );
+    assert_eq!(p.a.send_capacity(starved), 0);
+    p.a_events.clear();
+    // Credit for `starved` arrives while the session buffer is full.
+    p.b.stream_consumed(starved, k64, p.now);
+    let mut out = BytesMut::new();
+    assert!(p.b.poll_transmit(&mut out, usize::MAX));
+    p.a.handle_input(out.freeze(), p.now).unwrap();
+    while let Some(e) = p.a.poll_event() {
+        assert_ne!(e, Event::Writable { id: starved }, "woken with no room");
+    }
+    // Draining the session wakes it.
+    while drain_one(&mut p, k64) > 0 {}
+    assert!(p.a_events.contains(&Event::Writable { id: starved }));
+    assert!(p.a.send_capacity(starved) > 0);
+}
+
 #[test]
 fn window_growth_stops_at_the_session_budget() {
     let cfg = Config {
