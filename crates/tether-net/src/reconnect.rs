@@ -83,7 +83,8 @@ impl Endpoint<'_> {
 pub enum SessionEnd {
     /// Lost (error, timeout, server gone): back off.
     Lost,
-    /// The server drained it (GOAWAY): come back at once.
+    /// The server drained it (GOAWAY): the backoff starts over, so the next
+    /// dial comes after the shortest delay.
     Drained,
     /// Wait this long first (e.g. another agent took our name).
     RetryAfter(Duration),

@@ -16,8 +16,10 @@
 //! * a host name is lowercased; it holds letters, digits, `-` and `_` in
 //!   dot-separated labels, has no trailing dot and at most 253 characters.
 //!
-//! [`ClientTarget::parse`] does this once, before any policy runs; the
-//! agent checks the same grammar with [`RawTarget::parse`].
+//! [`ClientTarget::parse`] does this once, before any policy runs, and the
+//! server's policy writes its raw rule targets the same way. The agent
+//! parses what it is asked for with its own allow-list grammar and checks
+//! every address a name resolves to (`tether-agent/src/policy.rs`).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -13,7 +13,6 @@ use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tether_proto::endpoints::{AGENT_PATH, CLIENT_PATH, RAW_WS_PREFIX};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
@@ -37,8 +36,8 @@ const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How soon a connection accepted into the session reserve must send its
-/// request, and how long it may stay idle after it.
-const RESERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// one request (it is closed after answering it, unless it upgraded).
+const RESERVE_FIRST_REQUEST: Duration = Duration::from_secs(5);
 
 /// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one accepted connection.
 pub(crate) async fn serve_connection<S>(
@@ -62,12 +61,34 @@ pub(crate) async fn serve_connection<S>(
             let router = router.clone();
             let metrics = metrics.clone();
             let cert = client_cert.clone();
+            let activity = activity.clone();
             async move {
                 let _busy = busy;
-                if reserve_only && !reserve_may_serve(&req) {
-                    return Ok::<_, Infallible>(reserve_refusal(&metrics, peer));
+                if !reserve_only {
+                    return Ok::<_, Infallible>(router.route(req, peer, cert).await);
                 }
-                Ok::<_, Infallible>(router.route(req, peer, cert).await)
+                // A reserve connection carries one request: a session
+                // upgrade keeps it (as the session), anything else ends it,
+                // so anonymous clients cannot hold reserve slots.
+                let http1 = req.version() < http::Version::HTTP_2;
+                let mut resp = if router.reserve_may_serve(&req) {
+                    router.route(req, peer, cert).await
+                } else {
+                    reserve_refusal(&metrics, peer)
+                };
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    // HTTP/1.1: hyper closes after a response that says so
+                    // (no race with a next request); HTTP/2: a GOAWAY once
+                    // nothing is in flight.
+                    if http1 {
+                        resp.headers_mut().insert(
+                            header::CONNECTION,
+                            header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    activity.close_after_this();
+                }
+                Ok::<_, Infallible>(resp)
             }
         })
     };
@@ -87,7 +108,7 @@ pub(crate) async fn serve_connection<S>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let (first, idle) = if reserve_only {
-        (RESERVE_IDLE_TIMEOUT, RESERVE_IDLE_TIMEOUT)
+        (RESERVE_FIRST_REQUEST, RESERVE_FIRST_REQUEST)
     } else {
         (HEADER_READ_TIMEOUT, IDLE_TIMEOUT)
     };
@@ -109,6 +130,9 @@ struct Activity {
     in_flight: AtomicUsize,
     last_start: std::sync::Mutex<tokio::time::Instant>,
     started: AtomicBool,
+    /// Close as soon as nothing is in flight (a reserve connection's one
+    /// request was answered).
+    closing: AtomicBool,
 }
 
 /// One request in flight (until its response head is sent).
@@ -126,7 +150,13 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last_start: std::sync::Mutex::new(tokio::time::Instant::now()),
             started: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
+    }
+
+    /// Ends the connection once what is in flight is answered.
+    fn close_after_this(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
@@ -146,24 +176,21 @@ impl Activity {
                 first
             };
             let due = *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) + limit;
-            if tokio::time::Instant::now() >= due && self.in_flight.load(Ordering::Relaxed) == 0 {
+            let closing = self.closing.load(Ordering::Relaxed);
+            let idle = self.in_flight.load(Ordering::Relaxed) == 0;
+            if idle && (closing || tokio::time::Instant::now() >= due) {
                 return;
             }
-            tokio::time::sleep_until(
-                due.max(tokio::time::Instant::now() + Duration::from_millis(500)),
-            )
-            .await;
+            // Closing waits only for the answer in flight: look again soon.
+            let now = tokio::time::Instant::now();
+            let wake = if closing {
+                now + Duration::from_millis(20)
+            } else {
+                due.max(now + Duration::from_millis(500))
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
-}
-
-/// What a connection accepted into the session reserve may ask for:
-/// agent and client session upgrades (they authenticate at once) and
-/// health checks.
-fn reserve_may_serve(req: &Request<Incoming>) -> bool {
-    let path = req.uri().path();
-    matches!(path, AGENT_PATH | CLIENT_PATH | "/healthz" | "/readyz")
-        || path.starts_with(RAW_WS_PREFIX)
 }
 
 /// 503 for anything else on a reserve connection.

@@ -198,6 +198,15 @@ impl Opener {
         agent: &str,
         service: &str,
     ) -> Result<OpenGuard, Refusal> {
+        // The proxy's route names the service as the URL spelled it: a raw
+        // target must already be in its one spelling (see
+        // tether_proto::target), or a rule about it could be walked around.
+        if service.contains(':') && !tether_proto::target::RawTarget::is_canonical(service) {
+            return Err(Refusal {
+                code: OpenErrorCode::BadTarget,
+                reason: format!("{agent}/{service} is not a target in its canonical form"),
+            });
+        }
         let mut guard = self.guard(client.key().into(), Protocol::Http);
         guard.admit(client, agent, service)?;
         Ok(guard)

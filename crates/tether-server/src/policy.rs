@@ -87,6 +87,22 @@ fn normalize_target(t: &str) -> String {
     }
 }
 
+/// A rule's target pattern in the form it is compared in. A raw target
+/// without wildcards is written in the one spelling targets arrive in
+/// (`[::ffff:10.0.0.5]:22` becomes `10.0.0.5:22`), or refused when it is
+/// not a valid target, so that no rule silently never matches.
+fn rule_pattern(t: &str) -> Result<String, String> {
+    let t = normalize_target(t);
+    match t.split_once('/') {
+        Some((agent, service)) if service.contains(':') && !service.contains(['*', '?']) => {
+            tether_proto::target::RawTarget::parse(service)
+                .map(|raw| format!("{agent}/{raw}"))
+                .map_err(|e| e.to_string())
+        }
+        _ => Ok(t),
+    }
+}
+
 /// The outcome of a check, with a reason fit for the requester and the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Decision {
@@ -126,10 +142,11 @@ impl Policy {
                 })
                 .collect();
             let deny = !r.deny.is_empty();
-            let targets: Vec<String> = if deny { &r.deny } else { &r.allow }
+            let targets = if deny { &r.deny } else { &r.allow }
                 .iter()
-                .map(|t| normalize_target(t))
-                .collect();
+                .map(|t| rule_pattern(t))
+                .collect::<Result<Vec<String>, String>>()
+                .map_err(|e| anyhow::anyhow!("[[rule]] #{}: {e}", i + 1))?;
             for t in &targets {
                 if !t.contains('/') {
                     bail!("[[rule]] #{}: target {t:?} is not AGENT/SERVICE", i + 1);
@@ -149,7 +166,11 @@ impl Policy {
             }
             out.push(Rule {
                 who: vec![Subject::TokenClient(name.clone())],
-                targets: allow.iter().map(|t| normalize_target(t)).collect(),
+                targets: allow
+                    .iter()
+                    .map(|t| rule_pattern(t))
+                    .collect::<Result<Vec<String>, String>>()
+                    .map_err(|e| anyhow::anyhow!("client {name}'s allow list: {e}"))?,
                 deny: false,
                 protocols: vec![],
                 label: format!("client {name}'s allow list"),
@@ -312,6 +333,33 @@ mod tests {
 
         assert!(p.may_see_agent(&sre, "staging"));
         assert!(!p.may_see_agent(&dev, "prod"));
+    }
+
+    #[test]
+    fn raw_rule_targets_are_written_in_the_one_spelling() {
+        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
+            "[[rule]]\nwho = [\"*\"]\nallow = [\"a/*:*\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"a/[::ffff:10.0.0.5]:22\", \"a/[2001:db8:0:0::1]:22\"]",
+        )
+        .unwrap()["rule"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let p = Policy::new(&rules, &[]).unwrap();
+        let who = token("alice");
+        assert!(!p.decide(&who, "a", "10.0.0.5:22", Protocol::Tcp).allowed);
+        assert!(
+            !p.decide(&who, "a", "[2001:db8::1]:22", Protocol::Tcp)
+                .allowed
+        );
+        assert!(p.decide(&who, "a", "10.0.0.6:22", Protocol::Tcp).allowed);
+        // A rule that no target could ever match is refused at load.
+        let bad: Vec<RuleConfig> =
+            toml::from_str::<toml::Table>("[[rule]]\nwho = [\"*\"]\ndeny = [\"a/10.0.0.5:022\"]")
+                .unwrap()["rule"]
+                .clone()
+                .try_into()
+                .unwrap();
+        assert!(Policy::new(&bad, &[]).is_err());
     }
 
     #[test]

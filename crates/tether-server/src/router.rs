@@ -63,6 +63,24 @@ impl Router {
         }
     }
 
+    /// What a connection accepted into the session reserve may ask for:
+    /// agent and client session upgrades and raw WebSockets (they
+    /// authenticate at once) and the health check; never a host-routed
+    /// service, whatever its path.
+    pub(crate) fn reserve_may_serve(&self, req: &Request<Incoming>) -> bool {
+        let host = request_host(req).unwrap_or_default();
+        if self
+            .web
+            .base()
+            .and_then(|b| route_by_host(b, &host))
+            .is_some()
+        {
+            return false;
+        }
+        let path = req.uri().path();
+        matches!(path, AGENT_PATH | CLIENT_PATH | "/healthz") || path.starts_with(RAW_WS_PREFIX)
+    }
+
     /// Answers one request from `peer` (`client_cert`: the certificate
     /// rustls verified on this connection, if any).
     pub(crate) async fn route(

@@ -32,9 +32,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_WINDOW: Duration = Duration::from_secs(30);
 const MIN_DRAIN_BYTES: u64 = 120 * 1024;
 
-/// Most incoming opens waiting for the application before new ones are refused.
-const MAX_UNANSWERED_OPENS: usize = 256;
-
 /// A running session. Cheap to clone; every clone drives the same session.
 #[derive(Clone)]
 pub struct Connection {
@@ -57,7 +54,11 @@ impl Connection {
         label: impl Into<String>,
     ) -> Result<(Connection, SessionInfo, IncomingStreams), SessionError> {
         let handshake_timeout = config.handshake_timeout;
-        let (incoming_tx, incoming_rx) = mpsc::channel(MAX_UNANSWERED_OPENS);
+        // As many unanswered opens as the peer may have streams: a burst of
+        // opens in one message (a 64 KiB message holds ~2000) is queued, not
+        // refused to whoever happens to be in it; the session itself refuses
+        // opens beyond max_peer_streams.
+        let (incoming_tx, incoming_rx) = mpsc::channel(config.max_peer_streams.max(1));
         let (est_tx, est_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {

@@ -119,10 +119,10 @@ async fn proxy(
     let mut guard = match web.opener.admit_request(&caller, agent, service) {
         Ok(g) => g,
         Err(Refusal { code, reason }) => {
-            let status = if code == OpenErrorCode::Forbidden {
-                StatusCode::FORBIDDEN
-            } else {
-                StatusCode::TOO_MANY_REQUESTS
+            let status = match code {
+                OpenErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                OpenErrorCode::BadTarget => StatusCode::BAD_REQUEST,
+                _ => StatusCode::TOO_MANY_REQUESTS,
             };
             return refuse(status, code.as_str(), reason);
         }
@@ -309,7 +309,7 @@ fn gateway_refusal(
         ),
     };
     let status = match status {
-        StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => status,
+        StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => status,
         s if s.is_server_error() => s,
         _ => StatusCode::BAD_GATEWAY,
     };

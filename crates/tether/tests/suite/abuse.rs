@@ -826,6 +826,30 @@ async fn idle_http2_connections_cannot_lock_out_agents_and_clients() {
     // Now only sessions and health checks are served on new connections.
     assert_eq!(get_from(addr, [127, 0, 0, 4], "/metrics").await, Some(503));
     assert_eq!(get_from(addr, [127, 0, 0, 4], "/healthz").await, Some(200));
+    // A reserve connection answers one request and closes: keep-alive
+    // health checks cannot hold a reserve slot.
+    {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(std::net::SocketAddr::from(([127, 0, 0, 5], 0)))
+            .unwrap();
+        let mut tcp = sock.connect(addr).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = vec![0u8; 512];
+        let n = tcp.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        let _ = tcp
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "the reserve connection was kept open");
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"),
+            "a second request was served on a reserve connection"
+        );
+    }
     let metrics_port = free_port();
     let _agent = Proc::spawn(
         "agent",

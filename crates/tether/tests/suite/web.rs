@@ -258,6 +258,13 @@ fn every_failure_has_a_clear_status_and_reason() {
             "no service named nope",
         ),
         (CLIENT_TOKEN, "/a/prod/echo/", 400, "not_http", "not HTTP"),
+        (
+            CLIENT_TOKEN,
+            "/a/prod/127.0.0.1:0080/",
+            400,
+            "bad_target",
+            "canonical form",
+        ),
         (CLIENT_TOKEN, "/a/prod/refused/", 502, "refused", "refused"),
         (
             CLIENT_TOKEN,
