@@ -9,7 +9,7 @@
 #   ROUNDS=5            direct/tether alternations for RTT and connect (median of the round medians)
 #   TPUT_ROUNDS=2       direct/tether alternations of the short iperf3 runs (median)
 #   IDLE_N=1000         idle streams for the memory-per-stream figure
-#   IDLE_PER_CLIENT=500 at most this many per client session (the server caps a client at 512)
+#   IDLE_PER_CLIENT=500 at most this many per client process, each its own identity (the server caps an identity at 512)
 #   FAIR_SECS=4         measured seconds per fairness run
 #   FAIR_ROUNDS=3       alternations of fairness runs without / with the stalled reader (median)
 #   PERF=1              also perf-record the three tether processes during one extra tunnel
@@ -138,7 +138,10 @@ say "starting services, tether server, agent, client"
 start iperf3s iperf3 -s -B 127.0.0.1 -p "$P_IPERF" --idle-timeout 60
 start echo "$PROBE" echo-server --listen "127.0.0.1:$P_ECHO"
 start source "$PROBE" source-server --listen "127.0.0.1:$P_SRC"
-start server "$TETHER" server --listen "127.0.0.1:$P_SRV" --agent "bench=$AGENT_TOKEN" --client "b=$CLIENT_TOKEN=bench/*"
+# One identity per client process: the server caps each identity at 512
+# streams over all its sessions, and the idle figure spreads 1000 streams.
+start server "$TETHER" server --listen "127.0.0.1:$P_SRV" --agent "bench=$AGENT_TOKEN" --client "b=$CLIENT_TOKEN=bench/*" \
+    --client "b2=${CLIENT_TOKEN}2=bench/*" --client "b3=${CLIENT_TOKEN}3=bench/*" --client "b4=${CLIENT_TOKEN}4=bench/*"
 wait_port "$P_SRV"; wait_port "$P_ECHO"; wait_port "$P_SRC"; wait_port "$P_IPERF"
 TETHER_TOKEN="$AGENT_TOKEN" start agent "$TETHER" agent --server "ws://127.0.0.1:$P_SRV" --name bench \
     --service "iperf=127.0.0.1:$P_IPERF" --service "echo=127.0.0.1:$P_ECHO" --service "source=127.0.0.1:$P_SRC" \
@@ -216,7 +219,7 @@ IDLE_CLIENTS=$(( (IDLE_N + IDLE_PER_CLIENT - 1) / IDLE_PER_CLIENT ))
 IDLE_PIDS_T=("$PID_server" "$PID_agent" "$PID_client"); IDLE_ADDRS=("$L_ECHO")
 for c in $(seq 2 "$IDLE_CLIENTS"); do
     port=$((L_ECHO2 + c - 2))
-    TETHER_TOKEN="$CLIENT_TOKEN" start "client$c" "$TETHER" client --server "ws://127.0.0.1:$P_SRV" forward "127.0.0.1:$port=bench/echo"
+    TETHER_TOKEN="$CLIENT_TOKEN$c" start "client$c" "$TETHER" client --server "ws://127.0.0.1:$P_SRV" forward "127.0.0.1:$port=bench/echo"
     pv="PID_client$c"; IDLE_PIDS_T+=("${!pv}"); IDLE_ADDRS+=("$port")
     wait_port "$port"
     for _ in $(seq 100); do grep -q ' connected ' "$LOG/client$c.log" && break; sleep 0.1; done

@@ -22,6 +22,7 @@ use tether_net::reconnect::{
 use tether_net::splice::{splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::endpoint_url;
+use tether_net::Refusal;
 use tether_net::{Connection, Incoming};
 use tether_proto::{ErrorCode, OpenErrorCode, TargetKind};
 use tokio::net::TcpStream;
@@ -352,7 +353,7 @@ async fn dial_addresses(
     policy: &TargetPolicy,
     resolver: &NameResolver,
     resolved: &Resolved,
-) -> Result<Vec<SocketAddr>, (OpenErrorCode, String)> {
+) -> Result<Vec<SocketAddr>, Refusal> {
     let found = match &resolved.raw {
         None => tokio::net::lookup_host(resolved.address.as_str())
             .await
@@ -360,7 +361,7 @@ async fn dial_addresses(
         Some(raw) => resolver.lookup(&raw.host, raw.port).await,
     };
     let addrs: Vec<SocketAddr> = found.map_err(|e| {
-        (
+        Refusal::new(
             OpenErrorCode::Unreachable,
             format!("cannot resolve {}: {e}", resolved.address),
         )
@@ -368,7 +369,7 @@ async fn dial_addresses(
     match &resolved.raw {
         Some(raw) => policy.check_addresses(raw, &addrs)?,
         None if addrs.is_empty() => {
-            return Err((
+            return Err(Refusal::new(
                 OpenErrorCode::Unreachable,
                 format!("{} resolves to no address", resolved.address),
             ))
@@ -385,11 +386,11 @@ async fn connect_tcp(
     resolver: &NameResolver,
     resolved: &Resolved,
     dial_timeout: Duration,
-) -> Result<TcpStream, (OpenErrorCode, String)> {
+) -> Result<TcpStream, Refusal> {
     let dial = async {
         let addrs = dial_addresses(policy, resolver, resolved).await?;
         TcpStream::connect(addrs.as_slice()).await.map_err(|e| {
-            (
+            Refusal::new(
                 dial_error_code(&e),
                 format!("dialing {} ({addrs:?}): {e}", resolved.address),
             )
@@ -397,7 +398,7 @@ async fn connect_tcp(
     };
     match tokio::time::timeout(dial_timeout, dial).await {
         Ok(r) => r,
-        Err(_) => Err((
+        Err(_) => Err(Refusal::new(
             OpenErrorCode::Timeout,
             format!(
                 "{} did not answer within {dial_timeout:?}",
@@ -423,7 +424,7 @@ async fn serve_stream(
     }
     let resolved = match policy.resolve(&target.address) {
         Ok(r) => r,
-        Err((code, reason)) => return refuse(&stats, inc, code, &reason),
+        Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
     };
     let started = Instant::now();
     if target.kind == TargetKind::Udp {
@@ -431,7 +432,7 @@ async fn serve_stream(
             tokio::time::timeout(dial_timeout, dial_addresses(&policy, &resolver, &resolved)).await;
         match found {
             Ok(Ok(addrs)) => serve_udp(stats, &resolved.address, &addrs, inc, udp_idle).await,
-            Ok(Err((code, reason))) => refuse(&stats, inc, code, &reason),
+            Ok(Err(Refusal { code, reason })) => refuse(&stats, inc, code, &reason),
             Err(_) => {
                 let reason = format!("resolving {} took over {dial_timeout:?}", resolved.address);
                 refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
@@ -441,7 +442,7 @@ async fn serve_stream(
     }
     let tcp = match connect_tcp(&policy, &resolver, &resolved, dial_timeout).await {
         Ok(s) => s,
-        Err((code, reason)) => return refuse(&stats, inc, code, &reason),
+        Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
     };
     let _ = tcp.set_nodelay(true);
     let peer = tcp

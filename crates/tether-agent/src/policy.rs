@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
 use tether_net::pattern::glob_match;
 use tether_net::transport::tls::{client_config, ServerTrust};
+use tether_net::Refusal;
 use tether_proto::{CatalogEntry, OpenErrorCode, ServiceKind};
 
 /// A named service as written in the config: a string
@@ -504,7 +505,7 @@ impl TargetPolicy {
     /// is not resolved otherwise) and an IP literal must pass the address
     /// rules. The addresses a raw name resolves to are checked with
     /// [`TargetPolicy::check_addresses`].
-    pub fn resolve(&self, target: &str) -> Result<Resolved, (OpenErrorCode, String)> {
+    pub fn resolve(&self, target: &str) -> Result<Resolved, Refusal> {
         if let Some(svc) = self.services.get(target) {
             return Ok(Resolved {
                 address: svc.address.clone(),
@@ -515,12 +516,12 @@ impl TargetPolicy {
         }
         let Some((host, port)) = split_host_port(target) else {
             return Err(if target.contains(':') {
-                (
+                Refusal::new(
                     OpenErrorCode::BadTarget,
                     format!("{target:?} is not a valid HOST:PORT"),
                 )
             } else {
-                (
+                Refusal::new(
                     OpenErrorCode::UnknownService,
                     format!("no service named {target:?} on this agent"),
                 )
@@ -541,10 +542,12 @@ impl TargetPolicy {
                         AddressRefusal::NoRule => String::new(),
                         r => format!(": {ip} is {}", r.explain(addr)),
                     };
-                    (OpenErrorCode::Forbidden, not_allowed() + &why)
+                    Refusal::new(OpenErrorCode::Forbidden, not_allowed() + &why)
                 })?;
             }
-            Err(_) if !raw.grant.any => return Err((OpenErrorCode::Forbidden, not_allowed())),
+            Err(_) if !raw.grant.any => {
+                return Err(Refusal::new(OpenErrorCode::Forbidden, not_allowed()))
+            }
             Err(_) => {}
         }
         Ok(Resolved {
@@ -558,20 +561,16 @@ impl TargetPolicy {
     /// Checks every address a raw target resolved to: each must be allowed
     /// (see [`builtin_deny`] for the ranges that need an explicit rule). The
     /// refusal names the first address that is not.
-    pub fn check_addresses(
-        &self,
-        raw: &RawTarget,
-        addrs: &[SocketAddr],
-    ) -> Result<(), (OpenErrorCode, String)> {
+    pub fn check_addresses(&self, raw: &RawTarget, addrs: &[SocketAddr]) -> Result<(), Refusal> {
         if addrs.is_empty() {
-            return Err((
+            return Err(Refusal::new(
                 OpenErrorCode::Unreachable,
                 format!("{} resolves to no address", raw.host),
             ));
         }
         for &addr in addrs {
             if let Err(why) = self.check_address(raw, addr) {
-                return Err((
+                return Err(Refusal::new(
                     OpenErrorCode::Forbidden,
                     format!(
                         "{} resolves to {}, {}",
@@ -718,11 +717,7 @@ mod tests {
     }
 
     /// Checks `target` as if its host resolved to `addrs`.
-    fn check(
-        p: &TargetPolicy,
-        target: &str,
-        addrs: &[&str],
-    ) -> Result<(), (OpenErrorCode, String)> {
+    fn check(p: &TargetPolicy, target: &str, addrs: &[&str]) -> Result<(), Refusal> {
         let r = p.resolve(target)?;
         let raw = r.raw.expect("a raw target");
         let addrs: Vec<SocketAddr> = addrs
@@ -744,23 +739,23 @@ mod tests {
             .is_ok());
         assert!(p.resolve("10.1.2.3:5432").is_ok());
         assert_eq!(
-            p.resolve("10.1.2.3:5433").unwrap_err().0,
+            p.resolve("10.1.2.3:5433").unwrap_err().code,
             OpenErrorCode::Forbidden
         );
         assert_eq!(
-            p.resolve("11.1.2.3:5432").unwrap_err().0,
+            p.resolve("11.1.2.3:5432").unwrap_err().code,
             OpenErrorCode::Forbidden
         );
         assert!(p.resolve("localhost:8080").is_ok());
         assert!(p.resolve("localhost:9000").is_err());
         assert!(p.resolve("[::1]:22").is_ok());
         assert_eq!(
-            p.resolve("redis").unwrap_err().0,
+            p.resolve("redis").unwrap_err().code,
             OpenErrorCode::UnknownService
         );
         // A name never matches a CIDR rule, even if it would resolve into it.
         assert_eq!(
-            p.resolve("evil.example:5432").unwrap_err().0,
+            p.resolve("evil.example:5432").unwrap_err().code,
             OpenErrorCode::Forbidden
         );
         assert!(p.resolve("svc.cluster.local.evil.com:80").is_err());
@@ -869,11 +864,11 @@ mod tests {
         // Malformed raw targets are refused as such, not as unknown services.
         let p = rules(&["*:*"]);
         assert_eq!(
-            p.resolve("[[127.0.0.2]]:8002").unwrap_err().0,
+            p.resolve("[[127.0.0.2]]:8002").unwrap_err().code,
             OpenErrorCode::BadTarget
         );
         assert_eq!(
-            p.resolve("x:08002").unwrap_err().0,
+            p.resolve("x:08002").unwrap_err().code,
             OpenErrorCode::BadTarget
         );
     }
@@ -927,12 +922,13 @@ mod tests {
             ("fd00:ec2::254", "metadata"),
             ("168.63.129.16", "Azure"),
         ] {
-            let (code, reason) = check(&p, "evil.test:80", &["192.0.2.7", addr]).unwrap_err();
+            let Refusal { code, reason } =
+                check(&p, "evil.test:80", &["192.0.2.7", addr]).unwrap_err();
             assert_eq!(code, OpenErrorCode::Forbidden);
             assert!(reason.starts_with("evil.test resolves to "), "{reason}");
             assert!(reason.contains(what), "{addr}: {reason}");
         }
-        let (_, reason) = check(&p, "evil.test:80", &["127.0.0.1"]).unwrap_err();
+        let Refusal { reason, .. } = check(&p, "evil.test:80", &["127.0.0.1"]).unwrap_err();
         assert_eq!(
             reason,
             "evil.test resolves to 127.0.0.1, a loopback address (127.0.0.0/8) that only an \
@@ -944,12 +940,12 @@ mod tests {
         // With a glob on another port, the address rules decide.
         let p = rules(&["*.test:80", "10.0.0.0/8:5432"]);
         assert!(check(&p, "db.test:80", &["10.1.2.3"]).is_ok());
-        let (_, reason) = check(&p, "db.test:5432", &["192.0.2.7"]).unwrap_err();
+        let Refusal { reason, .. } = check(&p, "db.test:5432", &["192.0.2.7"]).unwrap_err();
         assert!(
             reason.contains("is not in this agent's allow list") || reason.contains("no rule"),
             "{reason}"
         );
-        let (code, _) = check(&p, "db.test:80", &[]).unwrap_err();
+        let Refusal { code, .. } = check(&p, "db.test:80", &[]).unwrap_err();
         assert_eq!(code, OpenErrorCode::Unreachable);
     }
 
@@ -982,7 +978,7 @@ mod tests {
         // Everything else is allowed by the broad rules.
         assert!(p.resolve("192.0.2.1:9").is_ok());
         assert!(p.resolve("[2001:db8::1]:9").is_ok());
-        let (code, reason) = rules(&["0.0.0.0/0:*"]).resolve("127.0.0.1:22").unwrap_err();
+        let Refusal { code, reason } = rules(&["0.0.0.0/0:*"]).resolve("127.0.0.1:22").unwrap_err();
         assert_eq!(code, OpenErrorCode::Forbidden);
         assert!(
             reason.contains("not in this agent's allow list: 127.0.0.1 is a loopback address"),
