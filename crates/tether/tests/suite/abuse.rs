@@ -200,22 +200,7 @@ async fn open_flood_is_answered_and_bounded() {
     let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
 
     // A misbehaving client opens 3000 streams at once on one session.
-    let (sink, source) = tether_net::transport::ws::dial(
-        &format!("{}/tether/v1/client", t.url()),
-        SUBPROTOCOL,
-        &[("authorization".into(), "Bearer flood-token".into())],
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    let cfg = tether_proto::Config {
-        accept_opens: false,
-        ..Default::default()
-    };
-    let (conn, _, _) =
-        tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "flood")
-            .await
-            .unwrap();
+    let conn = cli_session(&t.url(), "flood-token").await;
     let mut tasks = Vec::new();
     for i in 0..3000 {
         let conn = conn.clone();
@@ -373,23 +358,7 @@ async fn the_stream_cap_holds_per_client_across_sessions() {
     let t = Tunnel::start_with(&[("echo", echo)], &["--config", &cfg_arg], &[]);
     let mut conns = Vec::new();
     for _ in 0..2 {
-        let (sink, source) = tether_net::transport::ws::dial(
-            &format!("{}/tether/v1/client", t.url()),
-            SUBPROTOCOL,
-            &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        let cfg = tether_proto::Config {
-            accept_opens: false,
-            ..Default::default()
-        };
-        let (conn, _, _) =
-            tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "cap")
-                .await
-                .unwrap();
-        conns.push(conn);
+        conns.push(cli_session(&t.url(), CLIENT_TOKEN).await);
     }
     let mut open = Vec::new();
     let mut refused = 0;
@@ -939,30 +908,8 @@ async fn a_cancelled_open_leaves_every_gauge_at_zero() {
         &["--config", &cfg_arg],
         &["--dial-timeout-ms", "30000"],
     );
-    let session = || async {
-        let (sink, source) = tether_net::transport::ws::dial(
-            &format!("{}/tether/v1/client", t.url()),
-            SUBPROTOCOL,
-            &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-        let cfg = tether_proto::Config {
-            accept_opens: false,
-            ..Default::default()
-        };
-        let (conn, _, _) = tether_net::Connection::start(
-            tether_proto::Role::Initiator,
-            cfg,
-            sink,
-            source,
-            "cancel",
-        )
-        .await
-        .unwrap();
-        conn
-    };
+    let url = t.url();
+    let session = || cli_session(&url, CLIENT_TOKEN);
     let all_zero = |t: &Tunnel| {
         wait_until(Duration::from_secs(10), || {
             t.server_metric("tether_pending_opens") == Some(0.0)

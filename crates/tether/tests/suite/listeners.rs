@@ -374,22 +374,7 @@ protocol = "udp"
     ));
 
     // A CLI session: the same count, the same cap, the same refusal.
-    let (sink, source) = tether_net::transport::ws::dial(
-        &format!("ws://{addr}/tether/v1/client"),
-        tether_proto::SUBPROTOCOL,
-        &[("authorization".into(), format!("Bearer {CLIENT_TOKEN}"))],
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    let cfg = tether_proto::Config {
-        accept_opens: false,
-        ..Default::default()
-    };
-    let (client, _, _) =
-        tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "cli")
-            .await
-            .unwrap();
+    let client = cli_session(&format!("ws://{addr}"), CLIENT_TOKEN).await;
     let waiting = tokio::spawn({
         let client = client.clone();
         async move { client.open(tether_proto::Target::tcp("prod/echo")).await }

@@ -154,26 +154,6 @@ async fn socks5_udp_associate_relays_datagrams_by_name() {
     assert!(client.wait_log("UDP association closed", Duration::from_secs(5)));
 }
 
-/// A session of the CLI protocol with `token`, for exact refusal codes.
-async fn session(t: &Tunnel, token: &str) -> tether_net::Connection {
-    let (sink, source) = tether_net::transport::ws::dial(
-        &format!("{}/tether/v1/client", t.url()),
-        tether_proto::SUBPROTOCOL,
-        &[("authorization".into(), format!("Bearer {token}"))],
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    let cfg = tether_proto::Config {
-        accept_opens: false,
-        ..Default::default()
-    };
-    tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "t")
-        .await
-        .unwrap()
-        .0
-}
-
 /// A deny rule holds whatever the target is called: `AGENT/*` covers named
 /// services only, so a denied service's address is not reachable through
 /// it, and a raw target has one spelling (`:08002`, `127.1` are refused)
@@ -202,7 +182,7 @@ async fn deny_rules_hold_whatever_the_target_is_called() {
     let allow = format!("127.0.0.1:{port}");
     let t = Tunnel::start_with(&[("db", db)], &["--config", &cfg_arg], &["--allow", &allow]);
 
-    let alice = session(&t, "alice-token").await;
+    let alice = cli_session(&t.url(), "alice-token").await;
     let refused = |r: Result<tether_net::Stream, tether_net::Refusal>| match r {
         Ok(_) => panic!("opened"),
         Err(e) => (e.code, e.reason),
@@ -218,7 +198,7 @@ async fn deny_rules_hold_whatever_the_target_is_called() {
     assert_eq!(code, OpenErrorCode::Forbidden, "{why}");
     assert!(why.contains("no rule allows"), "{why}");
 
-    let bob = session(&t, "bob-token").await;
+    let bob = cli_session(&t.url(), "bob-token").await;
     let (code, why) = refused(
         bob.open(Target::tcp(format!("prod/127.0.0.1:{port}")))
             .await,

@@ -523,3 +523,24 @@ pub(crate) fn free_udp_port() -> u16 {
         }
     }
 }
+
+/// A CLI-protocol session to the server at `ws_url` (`ws://host:port`) with
+/// `token`, speaking tether-net directly (for exact refusal codes).
+pub(crate) async fn cli_session(ws_url: &str, token: &str) -> tether_net::Connection {
+    let (sink, source) = tether_net::transport::ws::dial(
+        &format!("{ws_url}{}", tether_proto::endpoints::CLIENT_PATH),
+        tether_proto::SUBPROTOCOL,
+        &[("authorization".into(), format!("Bearer {token}"))],
+        &Default::default(),
+    )
+    .await
+    .expect("dial the client endpoint");
+    let cfg = tether_proto::Config {
+        accept_opens: false,
+        ..Default::default()
+    };
+    tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, "test")
+        .await
+        .expect("handshake")
+        .0
+}
