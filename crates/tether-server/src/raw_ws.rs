@@ -70,7 +70,7 @@ impl RawWsEndpoint {
             Err(r) => return *r,
         };
         // Validate the upgrade before dialing anything.
-        let resp = switching_protocols(&req, None);
+        let resp = switching_protocols(&req);
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return resp;
         }

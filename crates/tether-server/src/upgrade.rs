@@ -5,13 +5,12 @@
 
 use std::net::SocketAddr;
 
-use http::{header, HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tether_net::transport::ws::server_from_upgraded;
+use tether_net::transport::ws::{accept_upgrade, server_from_upgraded};
 use tether_net::Connection;
 use tether_proto::{Role, SUBPROTOCOL};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::admission::ConnectionHold;
 use crate::auth::{bearer, AuthStore};
@@ -23,75 +22,29 @@ use crate::response::{empty, text, Resp};
 /// The connection taken over from hyper after a `101`.
 pub(crate) type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 
-fn is_websocket_upgrade(h: &HeaderMap) -> bool {
-    let has = |name: header::HeaderName, needle: &str| {
-        h.get_all(name).iter().any(|v| {
-            v.to_str()
-                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(needle)))
-                .unwrap_or(false)
-        })
-    };
-    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
-}
-
-fn offers_subprotocol(h: &HeaderMap, proto: &str) -> bool {
-    h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|p| p.trim() == proto))
-            .unwrap_or(false)
-    })
-}
-
-/// The 101 answer to a WebSocket upgrade, or an error response (any other
-/// status) explaining what is wrong with the request.
-pub(crate) fn switching_protocols(req: &Request<Incoming>, subprotocol: Option<&str>) -> Resp {
-    if !is_websocket_upgrade(req.headers()) {
-        return text(
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint speaks WebSocket only",
-        );
-    }
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
-    };
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v.as_bytes() != b"13")
-    {
-        return text(StatusCode::BAD_REQUEST, "WebSocket version 13 required");
-    }
-    let mut r = Response::new(empty());
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("upgrade"),
-    );
-    h.insert(
-        header::UPGRADE,
-        header::HeaderValue::from_static("websocket"),
-    );
-    if let Ok(v) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if let Some(p) = subprotocol {
-        if let Ok(v) = header::HeaderValue::from_str(p) {
-            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-        }
-    }
-    r
+/// The 101 answer to a WebSocket upgrade (no subprotocol: the raw
+/// endpoint), or an error response explaining what is wrong with it.
+pub(crate) fn switching_protocols(req: &Request<Incoming>) -> Resp {
+    websocket_answer(req, None)
 }
 
 /// [`switching_protocols`] for a tether session: the subprotocol is required.
 pub(crate) fn tether_upgrade(req: &Request<Incoming>) -> Resp {
-    if is_websocket_upgrade(req.headers()) && !offers_subprotocol(req.headers(), SUBPROTOCOL) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("WebSocket subprotocol {SUBPROTOCOL} required (this server speaks protocol versions 1 to 3)"),
-        );
+    websocket_answer(req, Some(SUBPROTOCOL))
+}
+
+/// The checks and the `101` headers come from the transport
+/// ([`accept_upgrade`]); this turns them into a response.
+fn websocket_answer(req: &Request<Incoming>, subprotocol: Option<&'static str>) -> Resp {
+    match accept_upgrade(req.headers(), subprotocol) {
+        Ok(headers) => {
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *r.headers_mut() = headers;
+            r
+        }
+        Err(e) => text(e.status(), e.to_string()),
     }
-    switching_protocols(req, Some(SUBPROTOCOL))
 }
 
 /// The connection's hold from a request, marked as carrying an

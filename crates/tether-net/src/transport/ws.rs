@@ -44,6 +44,92 @@ pub fn ws_config() -> WebSocketConfig {
         .read_buffer_size(32 * 1024)
 }
 
+/// Why a request cannot be upgraded to a WebSocket (the server side of
+/// RFC 6455 section 4.2.1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpgradeError {
+    /// Not a WebSocket upgrade at all (`Connection: upgrade` and
+    /// `Upgrade: websocket` missing).
+    #[error("this endpoint speaks WebSocket only")]
+    NotWebSocket,
+    /// No `Sec-WebSocket-Key`.
+    #[error("missing Sec-WebSocket-Key")]
+    MissingKey,
+    /// A WebSocket version other than 13.
+    #[error("WebSocket version 13 required")]
+    WrongVersion,
+    /// The required subprotocol is not offered.
+    #[error(
+        "WebSocket subprotocol {0} required (this server speaks protocol versions {min} to {max})",
+        min = tether_proto::MIN_PROTOCOL_VERSION,
+        max = tether_proto::PROTOCOL_VERSION
+    )]
+    MissingSubprotocol(&'static str),
+}
+
+impl UpgradeError {
+    /// The HTTP status that answers it.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            UpgradeError::NotWebSocket => http::StatusCode::UPGRADE_REQUIRED,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Checks a WebSocket upgrade request's headers and returns the headers of
+/// the `101 Switching Protocols` answer. With `subprotocol`, the client must
+/// offer it and the answer selects it.
+pub fn accept_upgrade(
+    request: &http::HeaderMap,
+    subprotocol: Option<&'static str>,
+) -> Result<http::HeaderMap, UpgradeError> {
+    use http::header::{self, HeaderValue};
+    let has = |name: header::HeaderName, needle: &str| {
+        request.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(needle)))
+                .unwrap_or(false)
+        })
+    };
+    if !(has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")) {
+        return Err(UpgradeError::NotWebSocket);
+    }
+    if let Some(p) = subprotocol {
+        let offered = request
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .map(|s| s.split(',').any(|o| o.trim() == p))
+                    .unwrap_or(false)
+            });
+        if !offered {
+            return Err(UpgradeError::MissingSubprotocol(p));
+        }
+    }
+    let key = request
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(UpgradeError::MissingKey)?;
+    if request
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(UpgradeError::WrongVersion);
+    }
+    let mut h = http::HeaderMap::new();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    Ok(h)
+}
+
 /// The sending half of a WebSocket.
 pub struct WsSink<S>(SplitSink<WebSocketStream<S>, Message>);
 
@@ -364,7 +450,38 @@ pub fn endpoint_url(server: &str, path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::endpoint_url;
+    use super::{accept_upgrade, endpoint_url, UpgradeError};
+
+    #[test]
+    fn upgrade_requests_are_checked_in_order_and_answered() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(accept_upgrade(&h, None), Err(UpgradeError::NotWebSocket));
+        h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        assert_eq!(
+            accept_upgrade(&h, Some("tether.v1")),
+            Err(UpgradeError::MissingSubprotocol("tether.v1"))
+        );
+        h.insert("sec-websocket-protocol", "x, tether.v1".parse().unwrap());
+        assert_eq!(
+            accept_upgrade(&h, Some("tether.v1")),
+            Err(UpgradeError::MissingKey)
+        );
+        h.insert(
+            "sec-websocket-key",
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        h.insert("sec-websocket-version", "8".parse().unwrap());
+        assert_eq!(accept_upgrade(&h, None), Err(UpgradeError::WrongVersion));
+        h.insert("sec-websocket-version", "13".parse().unwrap());
+        let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
+        // RFC 6455's own example key and accept value.
+        assert_eq!(
+            answer["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(answer["sec-websocket-protocol"], "tether.v1");
+    }
 
     #[test]
     fn endpoint_urls() {
