@@ -61,6 +61,15 @@ impl Pair {
         p
     }
 
+    /// A stream `a` opened to `target` and `b` accepted.
+    fn open_accepted(&mut self, target: &str) -> StreamId {
+        let id = self.a.open(Target::tcp(target), self.now).unwrap();
+        self.pump(usize::MAX);
+        self.b.accept(id, self.now).unwrap();
+        self.pump(usize::MAX);
+        id
+    }
+
     /// Moves messages both ways until quiet, each message at most `max_len` bytes.
     fn pump(&mut self, max_len: usize) {
         for _ in 0..100_000 {
@@ -248,10 +257,7 @@ fn pair_with_stream(a_cfg: Config, b_window: u32) -> (Pair, StreamId) {
         ..Config::default()
     };
     let mut p = Pair::new(a_cfg, b_cfg);
-    let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
-    p.pump(usize::MAX);
-    p.b.accept(id, p.now).unwrap();
-    p.pump(usize::MAX);
+    let id = p.open_accepted("a/b");
     (p, id)
 }
 
@@ -303,10 +309,7 @@ fn the_session_send_buffer_bounds_many_streams_and_wakes_them_all() {
     let mut p = Pair::new(cfg.clone(), b_cfg);
     let mut ids = vec![];
     for _ in 0..8 {
-        let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
-        p.pump(usize::MAX);
-        p.b.accept(id, p.now).unwrap();
-        p.pump(usize::MAX);
+        let id = p.open_accepted("a/b");
         ids.push(id);
     }
     let mut total = 0;
@@ -354,10 +357,7 @@ fn credit_returning_into_a_full_session_buffer_is_not_lost() {
     let mut p = Pair::new(cfg, b_cfg);
     let mut ids = vec![];
     for _ in 0..3 {
-        let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
-        p.pump(usize::MAX);
-        p.b.accept(id, p.now).unwrap();
-        p.pump(usize::MAX);
+        let id = p.open_accepted("a/b");
         ids.push(id);
     }
     let (starved, f1, f2) = (ids[0], ids[1], ids[2]);
@@ -405,10 +405,7 @@ fn window_growth_stops_at_the_session_budget() {
         ..Config::default()
     };
     let mut p = Pair::with_rtt(cfg.clone(), cfg, Duration::from_millis(10));
-    let id = p.a.open(Target::tcp("a/fast"), p.now).unwrap();
-    p.pump(usize::MAX);
-    p.b.accept(id, p.now).unwrap();
-    p.pump(usize::MAX);
+    let id = p.open_accepted("a/fast");
     for _ in 0..40 {
         let cap = p.a.send_capacity(id);
         p.a.stream_write(id, Bytes::from(vec![0u8; cap])).unwrap();
