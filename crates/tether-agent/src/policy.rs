@@ -204,20 +204,11 @@ pub fn builtin_deny() -> &'static [DenyRange] {
 
 /// The built-in deny range `ip` falls in, if any.
 pub fn deny_range_of(ip: IpAddr) -> Option<&'static DenyRange> {
-    let ip = canonical_ip(ip);
+    let ip = ip.to_canonical();
     builtin_deny().iter().find(|d| d.net.contains(&ip))
 }
 
-/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it
-/// reaches; any other address unchanged.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// A network in the form of [`canonical_ip`]: an IPv4-mapped IPv6 network
+/// A network in the form of [`IpAddr::to_canonical`]: an IPv4-mapped IPv6 network
 /// of /96 or longer becomes the IPv4 network it maps.
 fn canonical_net(net: IpNet) -> IpNet {
     if let IpNet::V6(v6) = net {
@@ -474,7 +465,7 @@ impl AddressRefusal {
                 "a {} address ({}) that only an explicit rule for it allows (such as {})",
                 d.what,
                 d.net,
-                SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+                SocketAddr::new(addr.ip().to_canonical(), addr.port())
             ),
         }
     }
@@ -587,7 +578,7 @@ impl TargetPolicy {
     /// One address of a raw target: allowed by an address rule, or by the
     /// name's glob when it is outside the built-in deny ranges.
     fn check_address(&self, raw: &RawTarget, addr: SocketAddr) -> Result<(), AddressRefusal> {
-        let ip = canonical_ip(addr.ip());
+        let ip = addr.ip().to_canonical();
         let deny = deny_range_of(ip);
         let by_rule = self
             .allow
