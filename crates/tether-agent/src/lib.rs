@@ -4,10 +4,14 @@
 
 #![deny(missing_docs)]
 
-pub mod dns;
 pub mod policy;
+mod replicas;
+
+/// Name lookups for raw targets (kept here under its old path).
+pub use tether_net::dns;
 
 use anyhow::Context;
+use replicas::{Ended, Key, Supervisor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io;
@@ -16,9 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_net::reconnect::{
-    current_token, keep_connected, server_trust, Endpoint, Established, SessionEnd,
-};
+use tether_net::reconnect::{current_token, server_trust, Endpoint, Established};
 use tether_net::splice::{splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::endpoint_url;
@@ -37,15 +39,15 @@ fn default_dial_timeout_ms() -> u64 {
     DIAL_TIMEOUT.as_millis() as u64
 }
 
-/// How long an agent that was replaced by a newer one with its name waits
-/// before registering again.
-pub const REPLACED_RETRY: Duration = Duration::from_secs(60);
-
 /// Most streams the server may have open on this agent at once (all clients
 /// together; each client is held to a smaller share by the server).
 pub const MAX_STREAMS: usize = 8192;
 
-use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH};
+use tether_proto::endpoints::{AGENT_INSTANCE_HEADER, AGENT_NAME_HEADER, AGENT_PATH};
+
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
 
 /// Agent configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +57,15 @@ pub struct AgentConfig {
     pub server: String,
     /// The name to register under (must match the token's name on the server).
     pub name: String,
+    /// This process's instance id: agent processes with one name and
+    /// different instance ids form a pool (opens are spread over them).
+    /// Default: the host name (a pod's name) and a random suffix.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// On shutdown, how long live streams may take to finish, in
+    /// milliseconds.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
     /// The agent token (prefer `token_file` or `TETHER_TOKEN`: a config
     /// file should not hold secrets).
     #[serde(default)]
@@ -129,6 +140,10 @@ pub struct AgentStats {
     pub open_errors: AtomicU64,
     /// 1 while a session to the server is up.
     pub connected: AtomicI64,
+    /// Sessions to server replicas that take opens.
+    pub replica_sessions: AtomicI64,
+    /// Replicas known but not held.
+    pub replicas_missing: AtomicI64,
     /// Sessions established.
     pub sessions_total: AtomicU64,
     /// UDP flows.
@@ -143,13 +158,38 @@ impl AgentStats {
              # TYPE tether_agent_live_streams gauge\ntether_agent_live_streams {}\n\
              # TYPE tether_agent_streams_total counter\ntether_agent_streams_total {}\n\
              # TYPE tether_agent_open_errors_total counter\ntether_agent_open_errors_total {}\n\
-             # TYPE tether_agent_sessions_total counter\ntether_agent_sessions_total {}\n",
+             # TYPE tether_agent_sessions_total counter\ntether_agent_sessions_total {}\n\
+             # TYPE tether_agent_replica_sessions gauge\ntether_agent_replica_sessions {}\n\
+             # TYPE tether_agent_replicas_missing gauge\ntether_agent_replicas_missing {}\n",
             self.connected.load(Ordering::Relaxed),
             self.live_streams.load(Ordering::Relaxed),
             self.streams_total.load(Ordering::Relaxed),
             self.open_errors.load(Ordering::Relaxed),
             self.sessions_total.load(Ordering::Relaxed),
+            self.replica_sessions.load(Ordering::Relaxed),
+            self.replicas_missing.load(Ordering::Relaxed),
         ) + &self.udp.render("tether_agent")
+    }
+
+    /// `/readyz` (200 once a session to every known replica is up) and
+    /// `/livez`.
+    pub fn probe(&self, path: &str) -> Option<(u16, String)> {
+        match path {
+            "/livez" => Some((200, "ok\n".to_owned())),
+            "/readyz" => {
+                let up = self.replica_sessions.load(Ordering::Relaxed);
+                let missing = self.replicas_missing.load(Ordering::Relaxed);
+                Some(if up > 0 && missing == 0 {
+                    (200, format!("ready: {up} replica sessions\n"))
+                } else {
+                    (
+                        503,
+                        format!("{up} replica sessions, {missing} replicas missing\n"),
+                    )
+                })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -160,8 +200,19 @@ pub struct Agent {
     policy: Arc<TargetPolicy>,
     resolver: Arc<NameResolver>,
     stats: Arc<AgentStats>,
-    /// The live session, for a graceful shutdown.
-    current: Arc<std::sync::Mutex<Option<Connection>>>,
+    /// This process's instance id.
+    instance: String,
+}
+
+/// A default instance id: the host name (a pod's name) and a random
+/// suffix, so processes on one host differ.
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".to_owned());
+    format!("{host}/{:08x}", rand::random::<u32>())
 }
 
 impl Agent {
@@ -185,13 +236,20 @@ impl Agent {
         if config.token.is_empty() && identity.is_none() {
             anyhow::bail!("no agent credential: set a token (token_file, TETHER_TOKEN) or client_cert + client_key");
         }
+        let instance = config.instance.clone().unwrap_or_else(default_instance);
+        if instance.is_empty()
+            || instance.len() > tether_proto::endpoints::MAX_INSTANCE_ID_LEN
+            || !instance.bytes().all(|b| b.is_ascii_graphic())
+        {
+            anyhow::bail!("instance {instance:?}: 1 to 128 visible ASCII characters, no spaces");
+        }
         Ok(Agent {
             config,
             identity,
             policy: Arc::new(policy),
             resolver: Arc::new(resolver),
             stats: Arc::default(),
-            current: Arc::default(),
+            instance,
         })
     }
 
@@ -206,84 +264,173 @@ impl Agent {
     }
 
     /// Like [`Agent::run`] until `shutdown` resolves; then drains: GOAWAY
-    /// to the server, and the open streams get up to the drain deadline to
-    /// finish before the session closes.
+    /// on every session (servers send new opens to other instances), and
+    /// the open streams get up to `drain_timeout_ms` to finish.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let current = self.current.clone();
+        let sup = Supervisor::new();
+        let drain = Duration::from_millis(self.config.drain_timeout_ms);
+        let this = Arc::new(self);
         tokio::select! {
-            r = self.run() => r,
+            () = this.clone().supervise(sup.clone()) => Ok(()),
             _ = shutdown => {
-                let conn = current.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(conn) = conn {
-                    tracing::info!("shutting down: draining the session (GOAWAY)");
-                    conn.go_away(ErrorCode::Normal, "agent shutting down");
-                    let drain = tether_proto::Config::default().drain_timeout + Duration::from_secs(5);
-                    let _ = tokio::time::timeout(drain, conn.transport_closed()).await;
+                let conns = sup.stop();
+                tracing::info!(sessions = conns.len(), "shutting down: GOAWAY on every session; live streams may finish");
+                for c in &conns {
+                    c.go_away(ErrorCode::Normal, "agent shutting down");
+                }
+                let all_closed = async {
+                    for c in &conns {
+                        c.transport_closed().await;
+                    }
+                };
+                if tokio::time::timeout(drain + Duration::from_secs(2), all_closed).await.is_err() {
+                    tracing::warn!("drain timeout: closing the sessions that are left");
+                }
+                for c in &conns {
+                    c.close(ErrorCode::Normal, "agent shut down");
                 }
                 Ok(())
             }
         }
     }
 
-    /// Connects, serves, and reconnects with backoff, forever.
+    /// Connects to every server replica, serves, and reconnects with
+    /// backoff, forever (see [`replicas`]).
     pub async fn run(self) -> anyhow::Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Dials what the supervisor says is missing, forever.
+    async fn supervise(self: Arc<Self>, sup: Supervisor) {
+        let url = self.config.url();
+        tether_net::transport::ws::warn_if_plain(&url);
+        let services: Vec<&str> = self.policy.service_names().collect();
+        tracing::info!(name = %self.config.name, instance = %self.instance, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
+        let url_host = url_host_port(&url);
+        let mut resolved_at: Option<Instant> = None;
+        loop {
+            for key in sup.due() {
+                tokio::spawn(self.clone().attempt(sup.clone(), key));
+            }
+            if let Some((host, port)) = &url_host {
+                if resolved_at.is_none_or(|t| t.elapsed() >= replicas::URL_RESOLVE_EVERY) {
+                    resolved_at = Some(Instant::now());
+                    if let Ok(found) = tokio::net::lookup_host((host.as_str(), *port)).await {
+                        let mut addrs: Vec<SocketAddr> = found.collect();
+                        addrs.sort();
+                        addrs.dedup();
+                        sup.set_url_addrs(addrs);
+                    }
+                }
+            }
+            let counts = sup.counts();
+            self.stats
+                .replica_sessions
+                .store(counts.sessions as i64, Ordering::Relaxed);
+            self.stats
+                .replicas_missing
+                .store(counts.missing as i64, Ordering::Relaxed);
+            self.stats
+                .connected
+                .store(i64::from(counts.sessions > 0), Ordering::Relaxed);
+            sup.tick().await;
+        }
+    }
+
+    /// One dial of `key` and, when it connects, the session until it stops
+    /// taking opens.
+    async fn attempt(self: Arc<Self>, sup: Supervisor, key: Key) {
+        let connect_to = match &key {
+            Key::Addr(a) => Some(*a),
+            _ => None,
+        };
+        let (conn, info, incoming) = match self.connect(connect_to).await {
+            Ok(est) => est,
+            Err(e) => {
+                if sup.failed(&key) {
+                    tracing::warn!(server = %key, "{e} (retrying with backoff)");
+                } else {
+                    tracing::debug!(server = %key, "{e}");
+                }
+                return;
+            }
+        };
+        conn.announce_catalog(self.policy.catalog());
+        // What the replica says it is (version 4 sends it right away).
+        let mut replicas = conn.peer_replicas();
+        if info.version >= tether_proto::REPLICAS_VERSION {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), replicas.wait_for(|r| r.is_some()))
+                    .await;
+        }
+        let this = conn
+            .peer_replicas()
+            .borrow()
+            .as_ref()
+            .and_then(|r| r.this().cloned());
+        let replica = this
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |t| t.id.clone());
+        let slot_key = match &key {
+            Key::Id(want) if this.as_ref().is_none_or(|t| t.id != *want) => {
+                // Looking for one replica through the load balancer, this
+                // landed on another: keep it (it serves that one), look again.
+                sup.landed_elsewhere(&key);
+                Key::Url
+            }
+            _ => key.clone(),
+        };
+        let slot = sup.up(&slot_key, conn.clone());
+        tracing::info!(server = %key, %replica, peer = %info.peer_software, version = info.version, "registered as {} (instance {})", self.config.name, self.instance);
+        self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let why = self.serve(conn.clone(), incoming).await;
+        let goaway = conn.peer_goaway();
+        if !sup.stopping() {
+            tracing::warn!(server = %key, %replica, reason = why.as_deref().unwrap_or("drained"), "session ended");
+        }
+        sup.down(
+            slot,
+            Ended {
+                goaway,
+                lasted: started.elapsed(),
+            },
+            &self.config.name,
+        );
+    }
+
+    /// Dials the server URL, or one replica's address with the URL's name,
+    /// and runs the handshake.
+    async fn connect(&self, connect_to: Option<SocketAddr>) -> Result<Established, String> {
         let endpoint = Endpoint {
             url: self.config.url(),
             trust: self.config.trust(),
             identity: self.identity.as_ref(),
         };
-        tether_net::transport::ws::warn_if_plain(&endpoint.url);
-        let url = endpoint.url.clone();
-        let services: Vec<&str> = self.policy.service_names().collect();
-        tracing::info!(name = %self.config.name, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
+        // The token is read again for every connection, so a rotated
+        // token_file (a re-mounted Secret) is picked up without a restart.
+        let mut headers = vec![
+            (AGENT_NAME_HEADER.to_owned(), self.config.name.clone()),
+            (AGENT_INSTANCE_HEADER.to_owned(), self.instance.clone()),
+        ];
+        let token = self.current_token();
+        if !token.is_empty() {
+            headers.push(("authorization".to_owned(), format!("Bearer {token}")));
+        }
+        let mut cfg = tether_proto::Config {
+            software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
+            max_peer_streams: MAX_STREAMS,
+            drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
+            ..Default::default()
+        };
+        self.config.session.apply(&mut cfg);
         let label = format!("agent={}", self.config.name);
-        let dial = || {
-            // The token is read again for every connection, so a rotated
-            // token_file (a re-mounted Secret) is picked up without a restart.
-            let mut headers = vec![(AGENT_NAME_HEADER.to_owned(), self.config.name.clone())];
-            let token = self.current_token();
-            if !token.is_empty() {
-                headers.push(("authorization".to_owned(), format!("Bearer {token}")));
-            }
-            let mut cfg = tether_proto::Config {
-                software: format!("tether-agent/{}", env!("CARGO_PKG_VERSION")),
-                max_peer_streams: MAX_STREAMS,
-                ..Default::default()
-            };
-            self.config.session.apply(&mut cfg);
-            let (endpoint, label) = (&endpoint, &label);
-            async move { endpoint.connect(&headers, cfg, label).await }
-        };
-        let serve = |(conn, info, incoming): Established| {
-            let url = &url;
-            let this = &self;
-            async move {
-                conn.announce_catalog(this.policy.catalog());
-                tracing::info!(server = %url, peer = %info.peer_software, version = info.version, "registered as {}", this.config.name);
-                this.stats.connected.store(1, Ordering::Relaxed);
-                this.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-                *this.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-                let why = this.serve(conn.clone(), incoming).await;
-                this.current
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-                this.stats.connected.store(0, Ordering::Relaxed);
-                if conn.peer_goaway() == Some(ErrorCode::Replaced) {
-                    // Another agent took our name. Coming straight back
-                    // would take it back and the two would flap.
-                    tracing::error!(name = %this.config.name, "another agent registered under this name and replaced this one; retrying in {REPLACED_RETRY:?}");
-                    return SessionEnd::RetryAfter(REPLACED_RETRY);
-                }
-                tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "session ended; reconnecting");
-                SessionEnd::Lost
-            }
-        };
-        keep_connected(&url, dial, serve).await;
-        Ok(())
+        endpoint
+            .connect_via(connect_to, &headers, cfg, &label)
+            .await
     }
 
     /// Serves the session's streams until it ends, or until the server
@@ -319,6 +466,24 @@ impl Agent {
             }
         }
     }
+}
+
+/// The host and port of a `ws://` / `wss://` URL whose host is a name (an
+/// IP needs no lookup).
+fn url_host_port(url: &str) -> Option<(String, u16)> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    Some((host.to_owned(), port))
 }
 
 fn dial_error_code(e: &io::Error) -> OpenErrorCode {

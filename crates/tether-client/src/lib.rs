@@ -4,7 +4,10 @@
 
 #![deny(missing_docs)]
 
+mod current;
 pub mod proxy;
+
+pub use current::{CurrentSession, SESSION_WAIT};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -205,28 +208,27 @@ impl Client {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel::<Option<Connection>>(None);
+        let renew = Arc::new(tokio::sync::Notify::new());
+        let current = CurrentSession::new(rx.clone(), renew.clone());
         let limits = tether_net::udp::UdpLimits {
             idle_timeout: Duration::from_millis(self.config.udp_idle_timeout_ms),
             max_flows: self.config.max_udp_flows,
         };
         for (sock, fwd) in self.udp_sockets {
             tracing::info!(listen = %fwd.listen, target = %fwd.target, "forwarding udp");
-            let rx = rx.clone();
+            let current = current.clone();
             let target = fwd.target.clone();
             let open = move || {
-                let conn = rx
-                    .borrow()
-                    .clone()
-                    .filter(|c| !c.is_closed() && !c.is_draining());
+                let current = current.clone();
                 let target = target.clone();
                 async move {
-                    let conn = conn.ok_or_else(|| "not connected to the server".to_owned())?;
-                    conn.open(tether_proto::Target {
-                        kind: tether_proto::TargetKind::Udp,
-                        address: target,
-                    })
-                    .await
-                    .map_err(|r| r.to_string())
+                    current
+                        .open(tether_proto::Target {
+                            kind: tether_proto::TargetKind::Udp,
+                            address: target,
+                        })
+                        .await
+                        .map_err(|r| r.to_string())
                 }
             };
             tokio::spawn(tether_net::udp::serve_socket(
@@ -240,16 +242,16 @@ impl Client {
         for (listener, fwd) in self.listeners {
             let addr = listener.local_addr().unwrap_or(fwd.listen);
             tracing::info!(listen = %addr, target = %fwd.target, "forwarding");
-            tokio::spawn(accept_loop(listener, fwd, rx.clone()));
+            tokio::spawn(accept_loop(listener, fwd, current.clone()));
         }
         if let Some((listener, router)) = self.proxy {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(listen = %addr, "SOCKS5 / HTTP CONNECT proxy");
             }
-            tokio::spawn(proxy::serve(listener, router, rx.clone()));
+            tokio::spawn(proxy::serve(listener, router, current.clone()));
         }
         tokio::select! {
-            r = keep_session(self.config, tx) => r,
+            r = keep_session(self.config, tx, renew) => r,
             _ = shutdown => {
                 let conn = rx.borrow().clone();
                 if let Some(conn) = conn {
@@ -265,6 +267,7 @@ impl Client {
 async fn keep_session(
     cfg: ClientConfig,
     tx: watch::Sender<Option<Connection>>,
+    renew: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<()> {
     let endpoint = Endpoint {
         url: endpoint_url(&cfg.server, CLIENT_PATH),
@@ -287,11 +290,20 @@ async fn keep_session(
         endpoint.connect(&headers, scfg, "client")
     };
     let serve = |(conn, info, _incoming): Established| {
-        let (tx, url) = (&tx, &url);
+        let (tx, url, renew) = (&tx, &url, &renew);
         async move {
             tracing::info!(server = %url, peer = %info.peer_software, "connected");
             tx.send_replace(Some(conn.clone()));
-            conn.draining().await;
+            tokio::select! {
+                () = conn.draining() => {}
+                // An open found this replica without the agent: a fresh
+                // session may land on another one.
+                () = renew.notified() => {
+                    tx.send_replace(None);
+                    tracing::info!(server = %url, "moving to a fresh session");
+                    return SessionEnd::Drained;
+                }
+            }
             // New connections must not go to a draining session; its open
             // streams finish on their own.
             tx.send_replace(None);
@@ -309,11 +321,7 @@ async fn keep_session(
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    fwd: Forward,
-    session: watch::Receiver<Option<Connection>>,
-) {
+async fn accept_loop(listener: TcpListener, fwd: Forward, session: CurrentSession) {
     let fwd = Arc::new(fwd);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -324,25 +332,17 @@ async fn accept_loop(
                 continue;
             }
         };
-        let conn = session
-            .borrow()
-            .clone()
-            .filter(|c| !c.is_closed() && !c.is_draining());
-        let Some(conn) = conn else {
-            // Fail fast: the application sees its connection closed at once
-            // instead of hanging until the server comes back.
-            tracing::warn!(%peer, target = %fwd.target, "not connected to the server; closing the local connection");
-            drop(tcp);
-            continue;
-        };
-        tokio::spawn(forward_one(conn, tcp, peer, fwd.clone()));
+        tokio::spawn(forward_one(session.clone(), tcp, peer, fwd.clone()));
     }
 }
 
-async fn forward_one(conn: Connection, tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>) {
+async fn forward_one(session: CurrentSession, tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let stream = match conn.open(Target::tcp(fwd.target.clone())).await {
+    // With no session (the server is being reconnected), the connection
+    // waits up to SESSION_WAIT for one, then is closed: the application
+    // sees a failure soon instead of hanging until the server is back.
+    let stream = match session.open(Target::tcp(fwd.target.clone())).await {
         Ok(s) => s,
         Err(tether_net::Refusal { code, reason }) => {
             tracing::warn!(%peer, target = %fwd.target, %code, "cannot open: {reason}");

@@ -22,7 +22,6 @@ use tether_net::Connection;
 use tether_proto::{OpenErrorCode, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// How long a proxy client may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,11 +108,7 @@ fn host_port(host: &str, port: u16) -> String {
 }
 
 /// Serves the proxy port until the process ends.
-pub async fn serve(
-    listener: TcpListener,
-    router: Arc<Router>,
-    session: watch::Receiver<Option<Connection>>,
-) {
+pub async fn serve(listener: TcpListener, router: Arc<Router>, session: crate::CurrentSession) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -163,7 +158,7 @@ async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
     router: &Router,
-    session: watch::Receiver<Option<Connection>>,
+    session: crate::CurrentSession,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut tcp))
@@ -183,21 +178,7 @@ async fn handle(
         bail!("no route for {}", req.host);
     };
     let target = format!("{agent}/{}", host_port(&req.host, req.port));
-    let conn = session
-        .borrow()
-        .clone()
-        .filter(|c| !c.is_closed() && !c.is_draining());
-    let Some(conn) = conn else {
-        refuse(
-            &mut tcp,
-            &req.kind,
-            OpenErrorCode::SessionLost,
-            "not connected to the tether server",
-        )
-        .await;
-        bail!("not connected to the server ({target})");
-    };
-    let stream = match conn.open(Target::tcp(target.clone())).await {
+    let stream = match session.open(Target::tcp(target.clone())).await {
         Ok(s) => s,
         Err(tether_net::Refusal { code, reason }) => {
             refuse(&mut tcp, &req.kind, code, &reason).await;
@@ -445,7 +426,7 @@ async fn udp_associate(
     mut tcp: TcpStream,
     peer: SocketAddr,
     router: &Router,
-    session: watch::Receiver<Option<Connection>>,
+    session: crate::CurrentSession,
 ) -> anyhow::Result<()> {
     let local_ip = tcp.local_addr()?.ip();
     let relay = Arc::new(tokio::net::UdpSocket::bind((local_ip, 0)).await?);
@@ -507,8 +488,7 @@ async fn udp_associate(
                     tracing::info!(%peer, %host, "udp: no route to an agent; dropped");
                     continue;
                 };
-                let conn = session.borrow().clone().filter(|c| !c.is_closed() && !c.is_draining());
-                let Some(conn) = conn else { continue };
+                let Some(conn) = session.now() else { continue };
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
                 let _ = tx.try_send(bytes::Bytes::copy_from_slice(payload));
                 flows.insert(key, tx);

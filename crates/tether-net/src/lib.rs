@@ -27,6 +27,7 @@ pub use error::{Refusal, StreamError};
 pub use session::{Connection, Incoming, SessionInfo, Stream, StreamReader, StreamWriter};
 
 pub mod backoff;
+pub mod dns;
 pub mod observe;
 pub mod pattern;
 pub mod reconnect;

@@ -11,7 +11,7 @@ use tether_proto::{Role, SUBPROTOCOL};
 use crate::backoff::Backoff;
 use crate::session::IncomingStreams;
 use crate::transport::tls::{ServerIdentity, ServerTrust};
-use crate::transport::ws::dial_with_identity;
+use crate::transport::ws::dial_via;
 use crate::{Connection, SessionInfo};
 
 /// A session that lasted this long counts as healthy: backoff starts over.
@@ -68,10 +68,29 @@ impl Endpoint<'_> {
         config: tether_proto::Config,
         label: &str,
     ) -> Result<Established, String> {
-        let (sink, source) =
-            dial_with_identity(&self.url, SUBPROTOCOL, headers, &self.trust, self.identity)
-                .await
-                .map_err(|e| format!("cannot connect: {e}"))?;
+        self.connect_via(None, headers, config, label).await
+    }
+
+    /// Like [`Endpoint::connect`], with the TCP connection to `connect_to`
+    /// when given (one server replica's own address; TLS is still checked
+    /// against the URL's host).
+    pub async fn connect_via(
+        &self,
+        connect_to: Option<std::net::SocketAddr>,
+        headers: &[(String, String)],
+        config: tether_proto::Config,
+        label: &str,
+    ) -> Result<Established, String> {
+        let (sink, source) = dial_via(
+            &self.url,
+            connect_to,
+            SUBPROTOCOL,
+            headers,
+            &self.trust,
+            self.identity,
+        )
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
         Connection::start(Role::Initiator, config, sink, source, label)
             .await
             .map_err(|e| format!("handshake failed: {e}"))
@@ -107,7 +126,15 @@ where
             Err(e) => tracing::warn!(%server, "{e}"),
             Ok(established) => match serve(established).await {
                 SessionEnd::Lost => {}
-                SessionEnd::Drained => backoff.reset(),
+                SessionEnd::Drained => {
+                    // Drained (GOAWAY): the server asked us to move, so a
+                    // fresh session at once, through the load balancer
+                    // (unless it drains every session at once: then wait).
+                    backoff.reset();
+                    if started.elapsed() >= Duration::from_secs(1) {
+                        continue;
+                    }
+                }
                 SessionEnd::RetryAfter(d) => {
                     tokio::time::sleep(d).await;
                     continue;

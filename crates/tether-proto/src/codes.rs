@@ -80,6 +80,11 @@ code_enum! {
         SessionLost = 11, "session_lost";
         /// Anything else; the reason text says more.
         Internal = 12, "internal";
+        /// This server replica has no session to the agent (yet), but the
+        /// agent was connected here recently: another replica, or this one
+        /// a moment later, may well reach it (version 4; retry via a fresh
+        /// connection to the load balancer).
+        NotHere = 13, "not_here";
     }
 }
 
@@ -130,5 +135,9 @@ code_enum! {
         Internal = 6, "internal";
         /// The peer's credentials are no longer valid.
         Unauthorized = 7, "unauthorized";
+        /// The sending server replica is leaving the set for good (scale
+        /// down, or a restart under a new id): do not dial it again unless
+        /// it is advertised anew (version 4).
+        Leaving = 8, "leaving";
     }
 }

@@ -15,3 +15,12 @@ pub const RAW_WS_PREFIX: &str = "/tether/v1/ws/";
 
 /// Header in which an agent names itself at the upgrade.
 pub const AGENT_NAME_HEADER: &str = "x-tether-agent";
+
+/// Header in which an agent tells its instance id at the upgrade: agent
+/// processes with one name and different instance ids form a pool; a new
+/// session of the same instance replaces the old one. At most
+/// [`MAX_INSTANCE_ID_LEN`] bytes of visible ASCII.
+pub const AGENT_INSTANCE_HEADER: &str = "x-tether-instance";
+
+/// Longest instance id a server accepts.
+pub const MAX_INSTANCE_ID_LEN: usize = 128;

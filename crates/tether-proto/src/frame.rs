@@ -93,6 +93,37 @@ impl ServiceKind {
     }
 }
 
+/// One server replica in a REPLICAS frame (version 4).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaEntry {
+    /// The replica's id (a pod name, say); empty when the sender knows only
+    /// its address (peers found by DNS).
+    pub id: String,
+    /// `IP:PORT` an agent may dial to reach this replica directly (TLS is
+    /// still checked against the server's public name); empty when agents
+    /// can reach it only through the load balancer.
+    pub addr: String,
+    /// This entry is the sender itself.
+    pub this: bool,
+}
+
+/// The server replicas a REPLICAS frame lists (version 4): every replica the
+/// sender knows of, itself included, replacing any earlier list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Replicas {
+    /// Grows with every change the sender makes to its list.
+    pub generation: u64,
+    /// The replicas.
+    pub entries: Vec<ReplicaEntry>,
+}
+
+impl Replicas {
+    /// The sender's own entry.
+    pub fn this(&self) -> Option<&ReplicaEntry> {
+        self.entries.iter().find(|e| e.this)
+    }
+}
+
 /// A stream identifier, scoped to one session. 0 is the session itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub u32);
@@ -183,6 +214,8 @@ pub enum FrameType {
     GoAway = 0x05,
     /// The services the sender offers (version 3).
     Catalog = 0x06,
+    /// The server replicas the sender knows of (version 4).
+    Replicas = 0x07,
     /// Ask the peer to open a stream to a target.
     Open = 0x10,
     /// The stream is open.
@@ -208,6 +241,7 @@ impl FrameType {
             0x04 => FrameType::Pong,
             0x05 => FrameType::GoAway,
             0x06 => FrameType::Catalog,
+            0x07 => FrameType::Replicas,
             0x10 => FrameType::Open,
             0x11 => FrameType::OpenOk,
             0x12 => FrameType::OpenErr,
@@ -257,6 +291,8 @@ pub enum Frame {
     },
     /// See [`FrameType::Catalog`]: the full list, replacing any earlier one.
     Catalog(Vec<CatalogEntry>),
+    /// See [`FrameType::Replicas`]: the full list, replacing any earlier one.
+    Replicas(Replicas),
     /// See [`FrameType::Open`].
     Open {
         /// The new stream's id (its parity says which side opened it).
@@ -340,7 +376,8 @@ impl Frame {
             | Frame::Ping(_)
             | Frame::Pong(_)
             | Frame::GoAway { .. }
-            | Frame::Catalog(_) => StreamId::SESSION,
+            | Frame::Catalog(_)
+            | Frame::Replicas(_) => StreamId::SESSION,
             Frame::Open { id, .. }
             | Frame::OpenOk { id }
             | Frame::OpenErr { id, .. }
@@ -360,6 +397,7 @@ impl Frame {
             Frame::Pong(_) => FrameType::Pong,
             Frame::GoAway { .. } => FrameType::GoAway,
             Frame::Catalog(_) => FrameType::Catalog,
+            Frame::Replicas(_) => FrameType::Replicas,
             Frame::Open { .. } => FrameType::Open,
             Frame::OpenOk { .. } => FrameType::OpenOk,
             Frame::OpenErr { .. } => FrameType::OpenErr,
@@ -384,6 +422,12 @@ impl Frame {
                 .iter()
                 .map(|e| 3 + clip(&e.name, 255).len() + clip(&e.host, 255).len())
                 .sum(),
+            Frame::Replicas(r) => {
+                8 + replicas_fit(&r.entries)
+                    .iter()
+                    .map(replica_entry_len)
+                    .sum::<usize>()
+            }
             Frame::Open { target, .. } => 3 + target.address.len(),
             Frame::OpenOk { .. } | Frame::Fin { .. } => 0,
             Frame::OpenErr { reason, .. } | Frame::Rst { reason, .. } => {
@@ -432,6 +476,18 @@ impl Frame {
                     out.put_slice(host.as_bytes());
                 }
             }
+            Frame::Replicas(r) => {
+                out.put_u64(r.generation);
+                for e in replicas_fit(&r.entries) {
+                    out.put_u8(u8::from(e.this));
+                    let id = clip(&e.id, 255);
+                    out.put_u8(id.len() as u8);
+                    out.put_slice(id.as_bytes());
+                    let addr = clip(&e.addr, 255);
+                    out.put_u8(addr.len() as u8);
+                    out.put_slice(addr.as_bytes());
+                }
+            }
             Frame::Open { target, .. } => {
                 out.put_u8(target.kind.to_u8());
                 out.put_u16(target.address.len() as u16);
@@ -469,7 +525,7 @@ impl Frame {
         let len = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]) as usize;
         let max = match ty {
             FrameType::Data => max_data_payload,
-            FrameType::Catalog => MAX_CATALOG_PAYLOAD,
+            FrameType::Catalog | FrameType::Replicas => MAX_CATALOG_PAYLOAD,
             _ => MAX_CONTROL_PAYLOAD,
         };
         if len > max {
@@ -488,6 +544,7 @@ impl Frame {
                 | FrameType::Pong
                 | FrameType::GoAway
                 | FrameType::Catalog
+                | FrameType::Replicas
         );
         if session_frame != (id == StreamId::SESSION) {
             return Err(FrameError::Malformed(
@@ -549,14 +606,39 @@ impl Frame {
                 while !p.is_empty() {
                     need(&p, 2, ty)?;
                     let kind = ServiceKind::from_u8(p.get_u8());
-                    let name = catalog_text(&mut p)?;
-                    let host = catalog_text(&mut p)?;
+                    let name = entry_text(&mut p, "CATALOG")?;
+                    let host = entry_text(&mut p, "CATALOG")?;
                     if name.is_empty() {
                         return Err(FrameError::Malformed("CATALOG", "empty service name"));
                     }
                     entries.push(CatalogEntry { name, kind, host });
                 }
                 Frame::Catalog(entries)
+            }
+            FrameType::Replicas => {
+                need(&p, 8, ty)?;
+                let generation = p.get_u64();
+                let mut entries = Vec::new();
+                while !p.is_empty() {
+                    let flags = p.get_u8();
+                    let id = entry_text(&mut p, "REPLICAS")?;
+                    let addr = entry_text(&mut p, "REPLICAS")?;
+                    if id.is_empty() && addr.is_empty() {
+                        return Err(FrameError::Malformed(
+                            "REPLICAS",
+                            "an entry needs an id or an address",
+                        ));
+                    }
+                    entries.push(ReplicaEntry {
+                        id,
+                        addr,
+                        this: flags & 1 != 0,
+                    });
+                }
+                Frame::Replicas(Replicas {
+                    generation,
+                    entries,
+                })
             }
             FrameType::Open => {
                 need(&p, 3, ty)?;
@@ -639,19 +721,35 @@ fn catalog_fit(entries: &[CatalogEntry]) -> &[CatalogEntry] {
     entries
 }
 
-/// One `len:u8 utf8[len]` text of a CATALOG entry.
-fn catalog_text(p: &mut Bytes) -> Result<String, FrameError> {
+fn replica_entry_len(e: &ReplicaEntry) -> usize {
+    3 + clip(&e.id, 255).len() + clip(&e.addr, 255).len()
+}
+
+/// The entries of a REPLICAS list that fit in [`MAX_CATALOG_PAYLOAD`].
+fn replicas_fit(entries: &[ReplicaEntry]) -> &[ReplicaEntry] {
+    let mut total = 8;
+    for (i, e) in entries.iter().enumerate() {
+        total += replica_entry_len(e);
+        if total > MAX_CATALOG_PAYLOAD {
+            return &entries[..i];
+        }
+    }
+    entries
+}
+
+/// One `len:u8 utf8[len]` text of a CATALOG or REPLICAS entry.
+fn entry_text(p: &mut Bytes, frame: &'static str) -> Result<String, FrameError> {
     if p.is_empty() {
-        return Err(FrameError::Malformed("CATALOG", "truncated entry"));
+        return Err(FrameError::Malformed(frame, "truncated entry"));
     }
     let n = p.get_u8() as usize;
     if p.len() < n {
-        return Err(FrameError::Malformed("CATALOG", "truncated entry"));
+        return Err(FrameError::Malformed(frame, "truncated entry"));
     }
     let t = p.split_to(n);
     std::str::from_utf8(&t)
         .map(str::to_owned)
-        .map_err(|_| FrameError::Malformed("CATALOG", "text is not UTF-8"))
+        .map_err(|_| FrameError::Malformed(frame, "text is not UTF-8"))
 }
 
 fn need(p: &Bytes, n: usize, ty: FrameType) -> Result<(), FrameError> {
@@ -688,6 +786,7 @@ pub fn type_name(ty: FrameType) -> &'static str {
         FrameType::Pong => "PONG",
         FrameType::GoAway => "GOAWAY",
         FrameType::Catalog => "CATALOG",
+        FrameType::Replicas => "REPLICAS",
         FrameType::Open => "OPEN",
         FrameType::OpenOk => "OPEN_OK",
         FrameType::OpenErr => "OPEN_ERR",
@@ -711,6 +810,21 @@ mod tests {
         let got = Frame::decode(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got, f);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn replica_entries_need_an_id_or_an_address() {
+        // generation, then one entry with flags, empty id, empty address.
+        let mut payload = vec![0u8; 8];
+        payload.extend_from_slice(&[0, 0, 0]);
+        let mut b = BytesMut::new();
+        b.put_u8(FrameType::Replicas as u8);
+        b.put_u8(0);
+        b.put_u32(0);
+        b.put_u32(payload.len() as u32);
+        b.put_slice(&payload);
+        let e = Frame::decode(&mut b.freeze(), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("an id or an address"), "{e}");
     }
 
     #[test]
@@ -740,6 +854,27 @@ mod tests {
             },
         ]));
         roundtrip(Frame::Pong(u64::MAX));
+        roundtrip(Frame::Replicas(Replicas::default()));
+        roundtrip(Frame::Replicas(Replicas {
+            generation: 7,
+            entries: vec![
+                ReplicaEntry {
+                    id: "tether-server-0".into(),
+                    addr: "10.1.2.3:8443".into(),
+                    this: true,
+                },
+                ReplicaEntry {
+                    id: String::new(),
+                    addr: "[fd00::1]:8443".into(),
+                    this: false,
+                },
+                ReplicaEntry {
+                    id: "r3".into(),
+                    addr: String::new(),
+                    this: false,
+                },
+            ],
+        }));
         roundtrip(Frame::GoAway {
             code: ErrorCode::Replaced,
             reason: "newer session".into(),

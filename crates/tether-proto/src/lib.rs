@@ -25,7 +25,8 @@ pub mod target;
 
 pub use codes::{ErrorCode, OpenErrorCode, ResetCode};
 pub use frame::{
-    CatalogEntry, Frame, FrameError, FrameType, ServiceKind, StreamId, Target, TargetKind,
+    CatalogEntry, Frame, FrameError, FrameType, ReplicaEntry, Replicas, ServiceKind, StreamId,
+    Target, TargetKind,
 };
 pub use session::{Config, Event, OpenError, Role, Session, SessionError, StreamStats, WriteError};
 
@@ -34,8 +35,10 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 
 /// The newest protocol version this build speaks. Version 2 adds UDP
 /// streams (kind 2, length-prefixed datagrams); version 3 adds the CATALOG
-/// frame (the services an agent offers); everything else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// frame (the services an agent offers); version 4 adds the REPLICAS frame
+/// (the server replicas an agent should hold a session to); everything else
+/// is as in 1.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -45,5 +48,8 @@ pub const UDP_VERSION: u16 = 2;
 
 /// The first version that carries CATALOG frames.
 pub const CATALOG_VERSION: u16 = 3;
+
+/// The first version that carries REPLICAS frames.
+pub const REPLICAS_VERSION: u16 = 4;
 
 pub mod datagram;

@@ -5,11 +5,14 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
+use crate::frame::Replicas;
 use crate::frame::{
     CatalogEntry, Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN,
 };
 use crate::stream::{Phase, Stream};
-use crate::{CATALOG_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, UDP_VERSION};
+use crate::{
+    CATALOG_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, REPLICAS_VERSION, UDP_VERSION,
+};
 
 /// Which end of the WebSocket this session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +176,9 @@ pub enum Event {
     /// The peer announced the services it offers (version 3), replacing any
     /// earlier list.
     Catalog(Vec<CatalogEntry>),
+    /// The peer (a server replica) listed the replicas it knows of (version
+    /// 4), replacing any earlier list.
+    Replicas(Replicas),
     /// The session is over; nothing more will happen. Close the transport
     /// after flushing [`Session::poll_transmit`].
     SessionClosed {
@@ -320,6 +326,8 @@ pub struct Session {
     drain_deadline: Option<Instant>,
     /// The catalog to announce once the session speaks version 3.
     catalog: Option<Vec<CatalogEntry>>,
+    /// The replica list to announce (version 4 and up).
+    replicas: Option<Replicas>,
     /// Bytes queued on all streams and not yet framed.
     queued_total: usize,
     /// Some writer was refused because the session's send buffer was full;
@@ -355,6 +363,7 @@ impl Session {
             goaway_received: false,
             drain_deadline: None,
             catalog: None,
+            replicas: None,
             queued_total: 0,
             session_send_blocked: false,
             config,
@@ -483,7 +492,10 @@ impl Session {
             }
             Frame::GoAway { code, reason } => {
                 self.goaway_received = true;
-                if code != ErrorCode::Normal && code != ErrorCode::Replaced {
+                if !matches!(
+                    code,
+                    ErrorCode::Normal | ErrorCode::Replaced | ErrorCode::Leaving
+                ) {
                     // An error GOAWAY: the peer is about to close the transport.
                     let err = SessionError::Peer { code, reason };
                     self.close_now(Some(err.clone()), false);
@@ -501,6 +513,16 @@ impl Session {
                     ))));
                 }
                 self.events.push_back(Event::Catalog(entries));
+                Ok(())
+            }
+            Frame::Replicas(replicas) => {
+                if self.version < REPLICAS_VERSION {
+                    return Err(self.fail(SessionError::Protocol(format!(
+                        "REPLICAS needs protocol version {REPLICAS_VERSION}, this session speaks {}",
+                        self.version
+                    ))));
+                }
+                self.events.push_back(Event::Replicas(replicas));
                 Ok(())
             }
             Frame::Open { id, target } => self.handle_open(id, target, now),
@@ -677,6 +699,22 @@ impl Session {
                 self.control.push_back(Frame::Catalog(c.clone()));
             }
         }
+        if version >= REPLICAS_VERSION {
+            if let Some(r) = &self.replicas {
+                self.control.push_back(Frame::Replicas(r.clone()));
+            }
+        }
+    }
+
+    /// Announces the server replicas this side knows of (a REPLICAS frame,
+    /// version 4), replacing any earlier announcement. Before the handshake
+    /// it is kept and sent on establishment; with an older peer it is never
+    /// sent.
+    pub fn announce_replicas(&mut self, replicas: Replicas) {
+        if self.state == State::Established && self.version >= REPLICAS_VERSION {
+            self.control.push_back(Frame::Replicas(replicas.clone()));
+        }
+        self.replicas = Some(replicas);
     }
 
     /// Announces the services this side offers (a CATALOG frame, version 3),

@@ -530,8 +530,8 @@ fn version_mismatch_is_explicit() {
     let mut b = Session::new(Role::Acceptor, Config::default(), now);
     let mut out = BytesMut::new();
     Frame::Hello(tether_proto::frame::Hello {
-        min_version: 4,
-        max_version: 5,
+        min_version: 5,
+        max_version: 6,
         capabilities: 0,
         initial_window: 65536,
         max_frame_payload: 65536,
@@ -607,9 +607,9 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 }
 
 #[test]
-fn current_peers_negotiate_version_3_with_udp() {
+fn current_peers_negotiate_version_4_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (3, 3));
+    assert_eq!((p.a.version(), p.b.version()), (4, 4));
     let id =
         p.a.open(
             Target {
@@ -694,6 +694,84 @@ fn catalog_needs_version_3() {
     }
     let mut out = BytesMut::new();
     Frame::Catalog(catalog(&["x"])).encode(&mut out);
+    assert!(matches!(
+        b.handle_input(out.freeze(), now),
+        Err(SessionError::Protocol(_))
+    ));
+}
+
+fn replicas(n: u64) -> tether_proto::Replicas {
+    tether_proto::Replicas {
+        generation: n,
+        entries: vec![tether_proto::ReplicaEntry {
+            id: format!("r{n}"),
+            addr: String::new(),
+            this: true,
+        }],
+    }
+}
+
+/// A replica list announced before the handshake goes out on
+/// establishment, a later one replaces it; a GOAWAY `leaving` drains like
+/// `normal` (the streams may finish).
+#[test]
+fn replicas_are_sent_at_establishment_and_on_change() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Acceptor, Config::default(), now);
+    b.announce_replicas(replicas(1));
+    let mut p = Pair {
+        a: Session::new(Role::Initiator, Config::default(), now),
+        b,
+        now,
+        a_events: vec![],
+        b_events: vec![],
+    };
+    p.pump(usize::MAX);
+    assert!(p.a_events.contains(&Event::Replicas(replicas(1))));
+    let id = p.a.open(Target::tcp("web"), p.now).unwrap();
+    p.pump(usize::MAX);
+    p.b.accept(id, p.now).unwrap();
+    p.b.announce_replicas(replicas(2));
+    p.b.go_away(ErrorCode::Leaving, "scaling down", p.now);
+    p.pump(usize::MAX);
+    assert!(p.a_events.contains(&Event::Replicas(replicas(2))));
+    assert!(p.a.is_draining() && !p.a.is_closed(), "leaving drains");
+    p.a.stream_write(id, Bytes::from_static(b"still here"))
+        .unwrap();
+    p.pump(usize::MAX);
+    assert!(p
+        .b_events
+        .iter()
+        .any(|e| matches!(e, Event::Data { id: i, .. } if *i == id)));
+}
+
+/// A version-3 peer never gets a REPLICAS, and a REPLICAS on a version-3
+/// session is a protocol error.
+#[test]
+fn replicas_need_version_4() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Acceptor, Config::default(), now);
+    b.announce_replicas(replicas(1));
+    let mut out = BytesMut::new();
+    Frame::Hello(tether_proto::frame::Hello {
+        min_version: 1,
+        max_version: 3,
+        capabilities: 0,
+        initial_window: 65536,
+        max_frame_payload: 65536,
+        software: "v3".into(),
+    })
+    .encode(&mut out);
+    b.handle_input(out.freeze(), now).unwrap();
+    assert_eq!(b.version(), 3);
+    let mut tx = BytesMut::new();
+    b.poll_transmit(&mut tx, usize::MAX);
+    let mut tx = tx.freeze();
+    while let Ok(Some(f)) = Frame::decode(&mut tx, 1 << 20) {
+        assert!(!matches!(f, Frame::Replicas(_)), "v3 peer got {f:?}");
+    }
+    let mut out = BytesMut::new();
+    Frame::Replicas(replicas(2)).encode(&mut out);
     assert!(matches!(
         b.handle_input(out.freeze(), now),
         Err(SessionError::Protocol(_))

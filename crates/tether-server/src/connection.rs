@@ -52,6 +52,9 @@ pub(crate) async fn serve_connection<S>(
 {
     let client_cert = client_cert.map(Arc::new);
     let activity = Arc::new(Activity::new());
+    metrics.http_connections.inc();
+    let _counted = CountedConnection(metrics.clone());
+    let closing = router.clone();
     let reserve_only = hold.reserve_only();
     let svc = {
         let activity = activity.clone();
@@ -119,6 +122,12 @@ pub(crate) async fn serve_connection<S>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = closing.closing() => {
+            // The server is draining: HTTP/1.1 finishes the request in
+            // flight and closes, HTTP/2 sends GOAWAY and finishes its streams.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, "http connection ended: {e}");
@@ -126,6 +135,15 @@ pub(crate) async fn serve_connection<S>(
 }
 
 /// Requests in flight on one connection and when the last one started.
+/// Counts the connection in `tether_http_connections` while it is served.
+struct CountedConnection(Arc<Metrics>);
+
+impl Drop for CountedConnection {
+    fn drop(&mut self) {
+        self.0.http_connections.dec();
+    }
+}
+
 struct Activity {
     in_flight: AtomicUsize,
     last_start: std::sync::Mutex<tokio::time::Instant>,

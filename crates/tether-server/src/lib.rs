@@ -7,7 +7,8 @@
 //! | `/tether/v1/agent` | agent sessions (WebSocket, subprotocol `tether.v1`, agent token) |
 //! | `/tether/v1/client` | CLI client sessions (same protocol, client token) |
 //! | `/tether/v1/ws/AGENT/SERVICE` | raw WebSocket: one WebSocket = one stream |
-//! | `/healthz` | liveness |
+//! | `/healthz`, `/livez` | liveness |
+//! | `/readyz` | readiness (agents arrived; 404 while shutting down) |
 //! | `/metrics` | Prometheus metrics |
 //! | `/`, `/login`, `/a/AGENT/SERVICE/`, `SERVICE.AGENT.BASE_DOMAIN` | browser access (see [`web`]) |
 //!
@@ -29,6 +30,7 @@ mod jwt;
 mod policy;
 
 // Shared handles.
+mod cluster;
 mod limits;
 mod metrics;
 mod registry;

@@ -36,6 +36,20 @@ pub(crate) struct LimitLabel {
     pub(crate) limit: String,
 }
 
+/// Label for agent names (bounded: only configured agents register).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct AgentLabel {
+    /// The agent's name.
+    pub(crate) agent: String,
+}
+
+/// Label for this replica.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReplicaLabel {
+    /// The replica id.
+    pub(crate) replica: String,
+}
+
 /// Label for outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabel {
@@ -48,12 +62,22 @@ pub(crate) struct Metrics {
     registry: Registry,
     /// Registered agents.
     pub(crate) agents: Gauge,
+    /// Connected instances per agent name.
+    pub(crate) agent_instances: Family<AgentLabel, Gauge>,
+    /// 1, labelled with this replica's id.
+    pub(crate) replica: Family<ReplicaLabel, Gauge>,
     /// Live sessions by kind.
     pub(crate) sessions: Family<KindLabel, Gauge>,
     /// Relayed streams currently open.
     pub(crate) live_streams: Gauge,
     /// Opens towards agents waiting for an answer.
     pub(crate) pending_opens: Gauge,
+    /// Streams and proxied HTTP requests admitted and not finished (a
+    /// drain waits for this to reach zero).
+    pub(crate) active_opens: Gauge,
+    /// HTTP connections being served (not counting those upgraded to
+    /// sessions or WebSockets).
+    pub(crate) http_connections: Gauge,
     /// Relayed streams ever opened.
     pub(crate) streams_total: Counter,
     /// Relayed payload bytes.
@@ -73,9 +97,13 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("tether");
         let m = Metrics {
             agents: Gauge::default(),
+            agent_instances: Family::default(),
+            replica: Family::default(),
             sessions: Family::default(),
             live_streams: Gauge::default(),
             pending_opens: Gauge::default(),
+            active_opens: Gauge::default(),
+            http_connections: Gauge::default(),
             streams_total: Counter::default(),
             bytes: Family::default(),
             errors: Family::default(),
@@ -85,6 +113,12 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("agents", "Registered agents", m.agents.clone());
+        registry.register(
+            "agent_instances",
+            "Connected instances of each agent (a pool has several)",
+            m.agent_instances.clone(),
+        );
+        registry.register("replica", "This server replica's id", m.replica.clone());
         registry.register("sessions", "Live sessions by kind", m.sessions.clone());
         registry.register(
             "live_streams",
@@ -95,6 +129,16 @@ impl Default for Metrics {
             "pending_opens",
             "Opens waiting for an agent's answer",
             m.pending_opens.clone(),
+        );
+        registry.register(
+            "active_opens",
+            "Streams and proxied HTTP requests admitted and not finished",
+            m.active_opens.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections being served (upgraded ones not counted)",
+            m.http_connections.clone(),
         );
         registry.register("streams", "Relayed streams opened", m.streams_total.clone());
         registry.register("relayed_bytes", "Relayed payload bytes", m.bytes.clone());
@@ -156,6 +200,15 @@ impl Metrics {
         self.sessions
             .get_or_create(&KindLabel {
                 kind: kind.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The gauge of connected instances of agent `name`.
+    pub(crate) fn agent_instances(&self, name: &str) -> Gauge {
+        self.agent_instances
+            .get_or_create(&AgentLabel {
+                agent: name.to_owned(),
             })
             .clone()
     }

@@ -29,18 +29,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
-use tether_net::{Refusal, Stream};
+use tether_net::{Connection, Refusal, Stream};
 use tether_proto::target::ClientTarget;
 use tether_proto::{OpenErrorCode, Target, TargetKind};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::auth::AuthStore;
+use crate::cluster::{Cluster, NOT_HERE_WINDOW};
 use crate::config::Protocol;
 use crate::identity::ClientIdentity;
 use crate::limits::{Limit, Limits};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{AgentEntry, Registry};
 use crate::streams::{self, Streams, ACCESS_REVOKED};
 
 /// Who opens: whether the policy applies, and the identity the limits are
@@ -94,7 +95,9 @@ pub(crate) fn protocol_of(kind: TargetKind) -> Protocol {
 pub(crate) fn http_status(code: OpenErrorCode) -> StatusCode {
     match code {
         OpenErrorCode::Forbidden => StatusCode::FORBIDDEN,
-        OpenErrorCode::AgentOffline => StatusCode::SERVICE_UNAVAILABLE,
+        OpenErrorCode::AgentOffline | OpenErrorCode::NotHere | OpenErrorCode::GoingAway => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         OpenErrorCode::UnknownService => StatusCode::NOT_FOUND,
         OpenErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         OpenErrorCode::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
@@ -107,6 +110,7 @@ pub(crate) fn http_status(code: OpenErrorCode) -> StatusCode {
 struct Handles {
     auth: Arc<AuthStore>,
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     streams: Arc<Streams>,
@@ -121,6 +125,7 @@ impl Opener {
     pub(crate) fn new(
         auth: Arc<AuthStore>,
         registry: Arc<Registry>,
+        cluster: Arc<Cluster>,
         limits: Arc<Limits>,
         metrics: Arc<Metrics>,
         streams: Arc<Streams>,
@@ -128,6 +133,7 @@ impl Opener {
         Opener(Arc::new(Handles {
             auth,
             registry,
+            cluster,
             limits,
             metrics,
             streams,
@@ -173,7 +179,7 @@ impl Opener {
         let mut guard = self.guard(caller.key().into(), protocol);
         guard.admit(caller, agent, &service)?;
         let stream = match guard.dial(agent, &service, kind).await {
-            Ok(s) => s,
+            Ok((s, _)) => s,
             Err(Dial::Server(r)) => return Err(refuse(r)),
             Err(Dial::Agent(r)) => {
                 tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "allowed", result = %r.code, reason = %r.reason, "audit");
@@ -213,14 +219,15 @@ impl Opener {
     }
 
     /// Dials a stream for the HTTP proxy's pool, charged to `key` (the
-    /// caller whose request needs it) while the agent answers. Refusals are
-    /// counted by the proxy, which answers them.
+    /// caller whose request needs it) while the agent answers; with the
+    /// agent session it runs on. Refusals are counted by the proxy, which
+    /// answers them.
     pub(crate) async fn dial_pooled(
         &self,
         key: Arc<str>,
         agent: &str,
         service: &str,
-    ) -> Result<Stream, Refusal> {
+    ) -> Result<(Stream, Connection), Refusal> {
         let mut guard = self.guard(key, Protocol::Http);
         match guard.dial(agent, service, TargetKind::Tcp).await {
             Ok(s) => {
@@ -233,6 +240,59 @@ impl Opener {
             }
         }
     }
+}
+
+impl Opener {
+    /// A live session of `agent` to open on: at once when this replica has
+    /// one; else, when the replica just started or the agent's session here
+    /// just ended, the first to arrive within `[cluster] agent_wait_ms`.
+    /// The refusal says which replica and why: `not_here` when the agent
+    /// was connected here lately (a reconnect or a partition: another
+    /// replica, or a retry, may well reach it), `agent_offline` otherwise.
+    pub(crate) async fn find_agent(&self, agent: &str) -> Result<AgentEntry, Refusal> {
+        find_agent(&self.0, agent, None).await
+    }
+}
+
+async fn find_agent(h: &Handles, agent: &str, except: Option<u64>) -> Result<AgentEntry, Refusal> {
+    if let Some(e) = h.registry.pick(agent, except) {
+        return Ok(e);
+    }
+    let wait = h.cluster.hold_for(&h.registry, agent);
+    if !wait.is_zero() {
+        if let Some(_held) = h.cluster.take_hold() {
+            let mut changes = h.registry.subscribe();
+            let deadline = Instant::now() + wait;
+            loop {
+                if let Some(e) = h.registry.pick(agent, except) {
+                    tracing::debug!(%agent, "an open waited for the agent's session and got it");
+                    return Ok(e);
+                }
+                match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        }
+    }
+    let replica = h.cluster.id();
+    let draining = !h.registry.instances(agent).is_empty();
+    Err(if draining {
+        Refusal::new(
+            OpenErrorCode::NotHere,
+            format!("replica {replica}: every session of agent {agent} is draining"),
+        )
+    } else if h.registry.seen_within(agent, NOT_HERE_WINDOW) {
+        Refusal::new(
+            OpenErrorCode::NotHere,
+            format!("replica {replica} has no session to agent {agent} right now (it was connected here lately; retry)"),
+        )
+    } else {
+        Refusal::new(
+            OpenErrorCode::AgentOffline,
+            format!("agent {agent} is not connected (to replica {replica})"),
+        )
+    })
 }
 
 /// Why a dial failed: refused here, or by the agent.
@@ -299,19 +359,22 @@ impl OpenGuard {
             );
         }
         self.stream_slot = true;
+        h.metrics.active_opens.inc();
         Ok(())
     }
 
     /// Stage 2: finds the agent's session, takes a pending-open slot and
     /// opens the stream. The slot and the gauge are given back when the
     /// agent answers, or when this future is dropped.
-    async fn dial(&mut self, agent: &str, service: &str, kind: TargetKind) -> Result<Stream, Dial> {
-        let Some(entry) = self.h.registry.get(agent) else {
-            return Err(Dial::Server(Refusal::new(
-                OpenErrorCode::AgentOffline,
-                format!("agent {agent} is not connected"),
-            )));
-        };
+    async fn dial(
+        &mut self,
+        agent: &str,
+        service: &str,
+        kind: TargetKind,
+    ) -> Result<(Stream, Connection), Dial> {
+        let entry = find_agent(&self.h, agent, None)
+            .await
+            .map_err(Dial::Server)?;
         if let Err(hit) = self.h.limits.take_pending(&self.key) {
             self.h.metrics.limit_hit(hit.limit);
             return Err(Dial::Server(Refusal::new(
@@ -321,15 +384,28 @@ impl OpenGuard {
         }
         self.h.metrics.pending_opens.inc();
         self.pending = true;
-        let opened = entry
-            .conn
-            .open(Target {
-                kind,
-                address: service.to_owned(),
-            })
-            .await;
+        let target = Target {
+            kind,
+            address: service.to_owned(),
+        };
+        let mut session = entry.conn.clone();
+        let mut opened = session.open(target.clone()).await;
+        if let Err(r) = &opened {
+            // The member left (or began draining) before it answered: no
+            // byte has moved yet, so the open goes to another member once.
+            if matches!(
+                r.code,
+                OpenErrorCode::SessionLost | OpenErrorCode::GoingAway
+            ) {
+                if let Some(other) = self.h.registry.pick(agent, Some(entry.generation)) {
+                    tracing::debug!(%agent, instance = %other.instance, "open retried on another instance: {r}");
+                    session = other.conn.clone();
+                    opened = session.open(target).await;
+                }
+            }
+        }
         self.end_pending();
-        opened.map_err(Dial::Agent)
+        opened.map(|s| (s, session)).map_err(Dial::Agent)
     }
 
     /// Stage 3: enters the stream in the table of live streams (client
@@ -401,6 +477,7 @@ impl Drop for OpenGuard {
         }
         if std::mem::take(&mut self.stream_slot) {
             self.h.limits.release_stream(&self.key);
+            self.h.metrics.active_opens.dec();
         }
         // The gauge last: once it reads zero, everything else is back too.
         self.end_pending();
@@ -438,6 +515,10 @@ mod tests {
         let h = Opener::new(
             Arc::new(AuthStore::new(Authenticator::from_config(&cfg).unwrap())),
             Arc::default(),
+            Arc::new(Cluster::new(
+                &Default::default(),
+                "127.0.0.1:7700".parse().unwrap(),
+            )),
             Arc::new(Limits::new(limits, max_streams)),
             Arc::default(),
             Arc::default(),
@@ -460,8 +541,9 @@ mod tests {
         .await
         .unwrap();
         let (agent_conn, _, held) = agent.await.unwrap().unwrap();
-        h.0.registry.register(
+        let _ = h.0.registry.register(
             "prod",
+            "",
             conn,
             "127.0.0.1:1".parse().unwrap(),
             "agent".into(),

@@ -1,23 +1,33 @@
-//! The registry of connected agents.
+//! The registry of connected agents: for each name, its pool of instances.
 //!
-//! Rule for duplicate names: **the newest session wins**. When an agent
-//! registers under a name that already has a live session, the new session
-//! takes over at once (new opens go to it) and the old one is sent GOAWAY
-//! (`replaced`): its open streams may finish within the drain deadline.
+//! Several agent processes with one name (a Deployment with replicas > 1)
+//! form a **pool**: each tells its instance id when it connects, and opens
+//! go to the least loaded live member ([`Registry::pick`]). The rule for a
+//! reconnect is **the newest session of an instance wins**: when the same
+//! instance registers again (a reconnect after a half-open socket), the new
+//! session takes over at once and the old one is sent GOAWAY (`replaced`),
+//! its open streams may finish within the drain deadline. Agents that tell
+//! no instance (older builds) are all one instance, so for them the newest
+//! session of the name wins, as before pools existed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tether_net::Connection;
+
+/// Most instances one agent name may have connected to this replica.
+pub(crate) const MAX_INSTANCES: usize = 8;
 
 /// One registered agent session.
 #[derive(Clone)]
 pub(crate) struct AgentEntry {
     /// The session.
     pub(crate) conn: Connection,
-    /// Distinguishes sessions of the same name.
+    /// Distinguishes sessions, also of the same instance.
     pub(crate) generation: u64,
+    /// The instance id the agent told (empty for agents that tell none).
+    pub(crate) instance: String,
     /// When it registered.
     pub(crate) since: SystemTime,
     /// Where it connected from.
@@ -28,9 +38,42 @@ pub(crate) struct AgentEntry {
     pub(crate) version: u16,
 }
 
+impl AgentEntry {
+    /// Takes new opens: neither closed nor draining.
+    fn is_live(&self) -> bool {
+        !self.conn.is_closed() && !self.conn.is_draining()
+    }
+
+    /// Streams live or opening on this session (its load here).
+    fn load(&self) -> usize {
+        self.conn.stats().live
+    }
+}
+
+/// Why a session could not join its name's pool.
+#[derive(Debug)]
+pub(crate) struct PoolFull;
+
+/// When a name was last present here.
+#[derive(Clone, Copy)]
+struct Seen {
+    /// Still has a session, or the moment its last one ended.
+    present_until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Table {
+    pools: HashMap<String, Vec<AgentEntry>>,
+    /// Every name that ever registered in this process (bounded by the
+    /// configured agents: only authenticated names get here).
+    seen: HashMap<String, Seen>,
+    /// When a name registered here for the first time.
+    last_new_name: Option<Instant>,
+}
+
 /// Live agents by name.
 pub(crate) struct Registry {
-    agents: Mutex<HashMap<String, AgentEntry>>,
+    table: Mutex<Table>,
     next_generation: std::sync::atomic::AtomicU64,
     /// Bumped on every change, so listeners can follow agents coming and going.
     changes: tokio::sync::watch::Sender<u64>,
@@ -39,50 +82,99 @@ pub(crate) struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            agents: Mutex::default(),
+            table: Mutex::default(),
             next_generation: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
         }
     }
 }
 
+/// What [`Registry::register`] did.
+pub(crate) struct Registered {
+    /// The new session's generation (for [`Registry::unregister`]).
+    pub(crate) generation: u64,
+    /// The older session of the same instance it replaced.
+    pub(crate) replaced: Option<AgentEntry>,
+    /// Instances of the name now connected.
+    pub(crate) instances: usize,
+}
+
 impl Registry {
-    /// Registers a session; returns its generation and the session it replaced.
+    /// Registers a session as `instance` of `name`; refused when the pool
+    /// already has [`MAX_INSTANCES`] other instances.
     pub(crate) fn register(
         &self,
         name: &str,
+        instance: &str,
         conn: Connection,
         addr: SocketAddr,
         software: String,
         version: u16,
-    ) -> (u64, Option<AgentEntry>) {
+    ) -> Result<Registered, PoolFull> {
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = AgentEntry {
             conn,
             generation,
+            instance: instance.to_owned(),
             since: SystemTime::now(),
             addr,
             software,
             version,
         };
-        let old = self.lock().insert(name.to_owned(), entry);
+        let mut t = self.lock();
+        let pool = t.pools.entry(name.to_owned()).or_default();
+        let replaced = match pool.iter().position(|e| e.instance == instance) {
+            Some(i) => Some(std::mem::replace(&mut pool[i], entry)),
+            None if pool.len() >= MAX_INSTANCES => return Err(PoolFull),
+            None => {
+                pool.push(entry);
+                None
+            }
+        };
+        let instances = pool.len();
+        let now = Instant::now();
+        if t.seen
+            .insert(
+                name.to_owned(),
+                Seen {
+                    present_until: None,
+                },
+            )
+            .is_none()
+        {
+            t.last_new_name = Some(now);
+        }
+        drop(t);
         self.changes.send_modify(|v| *v += 1);
-        (generation, old)
+        Ok(Registered {
+            generation,
+            replaced,
+            instances,
+        })
     }
 
-    /// Removes the agent if it is still the given generation.
-    pub(crate) fn unregister(&self, name: &str, generation: u64) -> bool {
-        let mut g = self.lock();
-        if g.get(name).is_some_and(|e| e.generation == generation) {
-            g.remove(name);
-            drop(g);
-            self.changes.send_modify(|v| *v += 1);
-            true
-        } else {
-            false
+    /// Removes the session if it is still registered; returns how many
+    /// instances of the name are left, `None` when it was not there.
+    pub(crate) fn unregister(&self, name: &str, generation: u64) -> Option<usize> {
+        let mut t = self.lock();
+        let pool = t.pools.get_mut(name)?;
+        let i = pool.iter().position(|e| e.generation == generation)?;
+        pool.remove(i);
+        let left = pool.len();
+        if left == 0 {
+            t.pools.remove(name);
+            t.seen.insert(
+                name.to_owned(),
+                Seen {
+                    present_until: Some(Instant::now()),
+                },
+            );
         }
+        drop(t);
+        self.changes.send_modify(|v| *v += 1);
+        Some(left)
     }
 
     /// A receiver that changes whenever an agent registers or leaves.
@@ -90,17 +182,61 @@ impl Registry {
         self.changes.subscribe()
     }
 
-    /// The live session of an agent.
+    /// The live member of `name` with the fewest streams here (ties at
+    /// random, so short requests spread too), leaving out the session
+    /// `except`.
+    pub(crate) fn pick(&self, name: &str, except: Option<u64>) -> Option<AgentEntry> {
+        let t = self.lock();
+        let live: Vec<&AgentEntry> = t
+            .pools
+            .get(name)?
+            .iter()
+            .filter(|e| e.is_live() && Some(e.generation) != except)
+            .collect();
+        let least = live.iter().map(|e| e.load()).min()?;
+        let tied: Vec<&&AgentEntry> = live.iter().filter(|e| e.load() == least).collect();
+        let i = if tied.len() > 1 {
+            rand::random_range(0..tied.len())
+        } else {
+            0
+        };
+        tied.get(i).map(|e| (**e).clone())
+    }
+
+    /// The live member of `name` to show or use (see [`Registry::pick`]).
     pub(crate) fn get(&self, name: &str) -> Option<AgentEntry> {
-        self.lock().get(name).cloned()
+        self.pick(name, None)
     }
 
-    /// Number of registered agents.
+    /// Every session of `name` (draining ones included), oldest first.
+    pub(crate) fn instances(&self, name: &str) -> Vec<AgentEntry> {
+        self.lock().pools.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Whether `name` had a session here within `window` (now included).
+    pub(crate) fn seen_within(&self, name: &str, window: Duration) -> bool {
+        match self.lock().seen.get(name) {
+            None => false,
+            Some(Seen {
+                present_until: None,
+            }) => true,
+            Some(Seen {
+                present_until: Some(at),
+            }) => at.elapsed() <= window,
+        }
+    }
+
+    /// When a name registered here for the first time, most recently.
+    pub(crate) fn last_new_name(&self) -> Option<Instant> {
+        self.lock().last_new_name
+    }
+
+    /// Number of names with at least one session.
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().pools.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentEntry>> {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -4,7 +4,8 @@
 //! |---------|-------------|
 //! | `/_tether/style.css`, `/_tether/console.js` (every host) | [`crate::web::pages`] |
 //! | `Host: SERVICE.AGENT.BASE_DOMAIN` (every other path) | [`crate::web::proxy`] |
-//! | `/healthz`, `/metrics` | here |
+//! | `/healthz`, `/livez`, `/readyz` | [`crate::cluster::Cluster::probe`] |
+//! | `/metrics` | here |
 //! | `/tether/v1/agent` | [`crate::session_agent`] |
 //! | `/tether/v1/client` | [`crate::session_client`] |
 //! | `/tether/v1/ws/AGENT/SERVICE` | [`crate::raw_ws`] |
@@ -20,6 +21,7 @@ use hyper::body::Incoming;
 use tether_proto::endpoints::{AGENT_PATH, CLIENT_PATH, RAW_WS_PREFIX};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::raw_ws::RawWsEndpoint;
 use crate::registry::Registry;
@@ -37,21 +39,38 @@ pub(crate) struct Router {
     web: Arc<Web>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
     /// Whether `/metrics` is served here (no `metrics_listen`).
     public_metrics: bool,
+}
+
+/// The endpoints a [`Router`] dispatches to.
+pub(crate) struct Endpoints {
+    /// Agent sessions.
+    pub(crate) agents: AgentEndpoint,
+    /// CLI client sessions.
+    pub(crate) clients: ClientEndpoint,
+    /// Raw WebSockets.
+    pub(crate) raw: RawWsEndpoint,
+    /// Browser access.
+    pub(crate) web: Web,
 }
 
 impl Router {
     /// A router over these endpoints.
     pub(crate) fn new(
-        agents: AgentEndpoint,
-        clients: ClientEndpoint,
-        raw: RawWsEndpoint,
-        web: Web,
+        endpoints: Endpoints,
         metrics: Arc<Metrics>,
         registry: Arc<Registry>,
+        cluster: Arc<Cluster>,
         public_metrics: bool,
     ) -> Router {
+        let Endpoints {
+            agents,
+            clients,
+            raw,
+            web,
+        } = endpoints;
         Router {
             agents: Arc::new(agents),
             clients: Arc::new(clients),
@@ -59,8 +78,15 @@ impl Router {
             web: Arc::new(web),
             metrics,
             registry,
+            cluster,
             public_metrics,
         }
+    }
+
+    /// Resolves once the server is closing (after its shutdown delay):
+    /// connections finish what is in flight and close.
+    pub(crate) async fn closing(&self) {
+        self.cluster.closing().await
     }
 
     /// What a connection accepted into the session reserve may ask for:
@@ -78,7 +104,10 @@ impl Router {
             return false;
         }
         let path = req.uri().path();
-        matches!(path, AGENT_PATH | CLIENT_PATH | "/healthz") || path.starts_with(RAW_WS_PREFIX)
+        matches!(
+            path,
+            AGENT_PATH | CLIENT_PATH | "/healthz" | "/livez" | "/readyz"
+        ) || path.starts_with(RAW_WS_PREFIX)
     }
 
     /// Answers one request from `peer` (`client_cert`: the certificate
@@ -108,8 +137,10 @@ impl Router {
                 .unwrap_or_else(|| "/".into());
             return proxy::serve(web, req, peer, route, rest, host).await;
         }
+        if let Some((code, body)) = self.cluster.probe(&path, &self.registry) {
+            return text(StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body);
+        }
         match path.as_str() {
-            "/healthz" => text(StatusCode::OK, "ok"),
             "/metrics" if self.public_metrics => {
                 self.metrics.agents.set(self.registry.len() as i64);
                 let mut r = text(StatusCode::OK, self.metrics.render());

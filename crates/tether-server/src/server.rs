@@ -10,11 +10,65 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::Authenticator;
+use crate::cluster::Phase;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::connection::serve_connection;
 use crate::reload::ConfigSource;
 use crate::router::Router;
 use crate::state::State;
+
+/// The drain, once the listeners are closed: GOAWAY on client sessions and
+/// graceful close of HTTP connections; live streams and requests get up to
+/// `timeout` to finish (agent sessions still take opens for requests in
+/// flight meanwhile); then GOAWAY `leaving` to the agents, and what is left
+/// is reset.
+async fn drain(state: &State, timeout: Duration) {
+    let cluster = state.cluster();
+    let metrics = state.metrics();
+    cluster.set_phase(Phase::Closing);
+    let clients = state.sessions().go_away_clients("server shutting down");
+    tracing::info!(
+        clients,
+        streams = metrics.active_opens.get(),
+        http_connections = metrics.http_connections.get(),
+        ?timeout,
+        "draining: GOAWAY sent to client sessions; waiting for live streams and requests"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    let finished = loop {
+        if metrics.active_opens.get() <= 0 && metrics.http_connections.get() <= 0 {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if !finished {
+        tracing::warn!(
+            streams = metrics.active_opens.get(),
+            http_connections = metrics.http_connections.get(),
+            "drain timeout: resetting what is left"
+        );
+    }
+    let agents = state
+        .sessions()
+        .go_away_agents("this server replica is leaving");
+    tracing::info!(
+        agents = agents.len(),
+        "GOAWAY (leaving) sent to agent sessions"
+    );
+    // Agents close their side once nothing is left on the session; give
+    // them a moment, then close whatever remains.
+    let closed = async {
+        for c in &agents {
+            c.transport_closed().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
+    state.sessions().close_all("server shut down");
+    tracing::info!(sessions = state.sessions().len(), "drained; exiting");
+}
 
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +107,7 @@ impl Server {
             l.validate()?;
         }
         cfg.http.validate()?;
+        cfg.cluster.validate()?;
         let (tls, fingerprint) = match &cfg.tls {
             None => (None, None),
             Some(t) => {
@@ -103,27 +158,35 @@ impl Server {
         self.serve_until(std::future::pending()).await
     }
 
-    /// Accepts connections until `shutdown` resolves, then stops accepting,
-    /// drains every session (GOAWAY; streams get the drain deadline to
-    /// finish) and returns.
+    /// Accepts connections until `shutdown` resolves, then drains (see
+    /// [`Server::drain`]) and returns.
     pub async fn serve_until(
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let state = &self.state;
-        tracing::info!(addr = %self.local_addr(), tls = state.tls().serving(), "server listening");
+        let cluster = state.cluster().clone();
+        tracing::info!(addr = %self.local_addr(), tls = state.tls().serving(), replica = %cluster.id(), "server listening");
         if let Some(addr) = self.metrics_listen {
             let metrics = state.metrics().clone();
             let registry = state.registry().clone();
-            let render = Arc::new(move || {
-                metrics.agents.set(registry.len() as i64);
-                metrics.render()
-            });
-            let bound = tether_net::observe::serve_metrics(addr, render)
+            let render = {
+                let registry = registry.clone();
+                Arc::new(move || {
+                    metrics.agents.set(registry.len() as i64);
+                    metrics.render()
+                })
+            };
+            let probe = {
+                let cluster = cluster.clone();
+                Arc::new(move |path: &str| cluster.probe(path, &registry))
+            };
+            let bound = tether_net::observe::serve_observe(addr, render, probe)
                 .await
                 .map_err(|source| ServeError::MetricsListen { addr, source })?;
-            tracing::info!(addr = %bound, "serving /metrics (not on the public port)");
+            tracing::info!(addr = %bound, "serving /metrics, /livez and /readyz (not on the public port)");
         }
+        let discovery = tokio::spawn(cluster.clone().discover());
         let watcher = self
             .reload
             .clone()
@@ -134,21 +197,35 @@ impl Server {
             .map(|l| tokio::spawn(state.listener(l.clone()).run()))
             .collect();
         tokio::pin!(shutdown);
+        self.accept_until(&mut shutdown).await;
+        // Leaving: /readyz fails (404) so load balancers stop sending new
+        // connections, while everything is still served for the delay.
+        let (delay, drain_timeout) = cluster.drain_timers();
+        cluster.set_phase(Phase::Leaving);
+        tracing::info!(
+            ?delay,
+            "shutting down: /readyz now fails; still serving until the load balancers notice"
+        );
+        self.accept_until(tokio::time::sleep(delay)).await;
+        drop(self.listener);
+        for task in &public {
+            task.abort();
+        }
+        if let Some(w) = &watcher {
+            w.abort();
+        }
+        discovery.abort();
+        drain(state, drain_timeout).await;
+        Ok(())
+    }
+
+    /// Accepts connections until `until` resolves.
+    async fn accept_until(&self, until: impl std::future::Future<Output = ()>) {
+        tokio::pin!(until);
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
-                _ = &mut shutdown => {
-                    drop(self.listener);
-                    for task in &public {
-                        task.abort();
-                    }
-                    if let Some(w) = &watcher {
-                        w.abort();
-                    }
-                    state.sessions().drain("server shutting down").await;
-                    tracing::info!("all sessions drained");
-                    return Ok(());
-                }
+                () = &mut until => return,
             };
             match accepted {
                 Ok((tcp, peer)) => self.accept(tcp, peer),

@@ -8,13 +8,15 @@ use std::time::Instant;
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
+use tether_net::Connection;
 use tether_proto::ErrorCode;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use crate::auth::{token_hash, AuthStore};
+use crate::cluster::{Cluster, REPLICAS_REFRESH};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, MAX_INSTANCES};
 use crate::response::{text, Resp};
 use crate::sessions::{SessionOwner, Sessions};
 use crate::upgrade::{
@@ -25,6 +27,7 @@ use crate::upgrade::{
 pub(crate) struct AgentEndpoint {
     auth: Arc<AuthStore>,
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
     metrics: Arc<Metrics>,
     limits: Arc<Limits>,
     sessions: Arc<Sessions>,
@@ -48,6 +51,7 @@ impl AgentEndpoint {
     pub(crate) fn new(
         auth: Arc<AuthStore>,
         registry: Arc<Registry>,
+        cluster: Arc<Cluster>,
         metrics: Arc<Metrics>,
         limits: Arc<Limits>,
         sessions: Arc<Sessions>,
@@ -56,6 +60,7 @@ impl AgentEndpoint {
         AgentEndpoint {
             auth,
             registry,
+            cluster,
             metrics,
             limits,
             sessions,
@@ -109,6 +114,27 @@ impl AgentEndpoint {
                 );
             }
         }
+        let instance = match req
+            .headers()
+            .get(tether_proto::endpoints::AGENT_INSTANCE_HEADER)
+            .map(|v| v.to_str().map(str::to_owned))
+        {
+            None => String::new(),
+            Some(Ok(i))
+                if i.len() <= tether_proto::endpoints::MAX_INSTANCE_ID_LEN
+                    && i.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                i
+            }
+            Some(_) => {
+                self.metrics.error("bad_instance");
+                tracing::warn!(%peer, agent = %name, "agent instance id is not 1-128 visible ASCII characters");
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "the instance id must be at most 128 visible ASCII characters",
+                );
+            }
+        };
         let resp = tether_upgrade(&req);
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return resp;
@@ -122,7 +148,7 @@ impl AgentEndpoint {
         tokio::spawn(async move {
             let _slot = slot;
             let _hold = hold;
-            this.run(req, peer, name, token_hash).await
+            this.run(req, peer, name, instance, token_hash).await
         });
         resp
     }
@@ -133,6 +159,7 @@ impl AgentEndpoint {
         req: Request<Incoming>,
         peer: SocketAddr,
         name: String,
+        instance: String,
         token_hash: Option<[u8; 32]>,
     ) {
         let via = if token_hash.is_some() {
@@ -142,25 +169,41 @@ impl AgentEndpoint {
         };
         let mut cfg = self.session_config.clone();
         cfg.accept_opens = false; // agents do not open streams towards the server
-        let label = format!("agent={name}");
+        let label = if instance.is_empty() {
+            format!("agent={name}")
+        } else {
+            format!("agent={name}/{instance}")
+        };
         let Some((conn, info, _incoming)) =
             accept_session(&self.metrics, req, cfg, label, peer).await
         else {
             return;
         };
-        let (generation, old) = self.registry.register(
+        let registered = match self.registry.register(
             &name,
+            &instance,
             conn.clone(),
             peer,
             info.peer_software.clone(),
             info.version,
-        );
-        if let Some(old) = old {
+        ) {
+            Ok(r) => r,
+            Err(_) => {
+                self.metrics.error("agent_pool_full");
+                tracing::warn!(agent = %name, %instance, %peer, "agent pool full: {MAX_INSTANCES} instances already connected");
+                conn.close(
+                    ErrorCode::Internal,
+                    &format!("agent {name} already has {MAX_INSTANCES} instances connected to this replica"),
+                );
+                return;
+            }
+        };
+        if let Some(old) = registered.replaced {
             self.metrics.error("agent_replaced");
-            tracing::warn!(agent = %name, old_addr = %old.addr, new_addr = %peer, "agent re-registered: newest session wins, draining the old one");
+            tracing::warn!(agent = %name, %instance, old_addr = %old.addr, new_addr = %peer, "agent instance re-registered: newest session wins, draining the old one");
             old.conn.go_away(
                 ErrorCode::Replaced,
-                "a newer session of this agent connected",
+                "a newer session of this agent instance connected",
             );
         }
         let owner = SessionOwner::Agent {
@@ -171,13 +214,37 @@ impl AgentEndpoint {
         let sessions = self.metrics.sessions_of("agent");
         sessions.inc();
         self.metrics.agents.set(self.registry.len() as i64);
-        tracing::info!(agent = %name, %peer, software = %info.peer_software, version = info.version, auth = via, "agent connected");
+        self.metrics
+            .agent_instances(&name)
+            .set(registered.instances as i64);
+        tracing::info!(agent = %name, %instance, %peer, software = %info.peer_software, version = info.version, auth = via, instances = registered.instances, "agent connected");
         let started = Instant::now();
-        let why = conn.closed().await;
+        let why = tokio::select! {
+            why = conn.closed() => why,
+            () = tell_replicas(&conn, &self.cluster) => None,
+        };
         sessions.dec();
         self.sessions.untrack(key);
-        self.registry.unregister(&name, generation);
+        let left = self
+            .registry
+            .unregister(&name, registered.generation)
+            .unwrap_or(self.registry.instances(&name).len());
         self.metrics.agents.set(self.registry.len() as i64);
-        tracing::info!(agent = %name, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
+        self.metrics.agent_instances(&name).set(left as i64);
+        tracing::info!(agent = %name, %instance, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
+    }
+}
+
+/// Tells the agent which replicas exist (REPLICAS, version 4): now, on
+/// every change and every [`REPLICAS_REFRESH`]. Never returns.
+async fn tell_replicas(conn: &Connection, cluster: &Cluster) {
+    let mut replicas = cluster.replicas();
+    loop {
+        let list = replicas.borrow_and_update().clone();
+        conn.announce_replicas(list);
+        tokio::select! {
+            r = replicas.changed() => if r.is_err() { return std::future::pending().await },
+            () = tokio::time::sleep(REPLICAS_REFRESH) => {}
+        }
     }
 }

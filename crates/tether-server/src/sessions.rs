@@ -68,20 +68,48 @@ impl Sessions {
         closed
     }
 
-    /// Sends GOAWAY on every session and waits until they are all gone (each
-    /// session resets its last streams at its drain deadline).
-    pub(crate) async fn drain(&self, reason: &str) {
-        let conns: Vec<Connection> = self.lock().values().map(|(c, _)| c.clone()).collect();
-        tracing::info!(
-            sessions = conns.len(),
-            "draining: GOAWAY sent to every session"
-        );
-        for c in &conns {
-            c.go_away(ErrorCode::Normal, reason);
+    /// Sends GOAWAY (`normal`) on every client session: they open nothing
+    /// new here, their live streams finish.
+    pub(crate) fn go_away_clients(&self, reason: &str) -> usize {
+        let mut n = 0;
+        for (conn, owner) in self.lock().values() {
+            if matches!(owner, SessionOwner::Client(_)) {
+                conn.go_away(ErrorCode::Normal, reason);
+                n += 1;
+            }
         }
-        for c in conns {
-            c.closed().await;
+        n
+    }
+
+    /// Sends GOAWAY on every agent session: `leaving` to agents that know
+    /// it (version 4: do not dial this replica again unless it is
+    /// advertised anew), `normal` to older ones; returns the sessions.
+    pub(crate) fn go_away_agents(&self, reason: &str) -> Vec<Connection> {
+        let mut conns = vec![];
+        for (conn, owner) in self.lock().values() {
+            if matches!(owner, SessionOwner::Agent { .. }) {
+                let code = if conn.version() >= tether_proto::REPLICAS_VERSION {
+                    ErrorCode::Leaving
+                } else {
+                    ErrorCode::Normal
+                };
+                conn.go_away(code, reason);
+                conns.push(conn.clone());
+            }
         }
+        conns
+    }
+
+    /// Closes every session now (their last streams are reset).
+    pub(crate) fn close_all(&self, reason: &str) {
+        for (conn, _) in self.lock().values() {
+            conn.close(ErrorCode::Normal, reason);
+        }
+    }
+
+    /// Live sessions.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Connection, SessionOwner)>> {

@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Admission;
 use crate::auth::{AuthStore, Authenticator};
+use crate::cluster::Cluster;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::limits::Limits;
 use crate::listeners::Listener;
@@ -21,7 +22,7 @@ use crate::open::Opener;
 use crate::raw_ws::RawWsEndpoint;
 use crate::registry::Registry;
 use crate::reload::Reloader;
-use crate::router::Router;
+use crate::router::{Endpoints, Router};
 use crate::session_agent::AgentEndpoint;
 use crate::session_client::ClientEndpoint;
 use crate::sessions::Sessions;
@@ -34,6 +35,7 @@ use crate::web::Web;
 pub(crate) struct State {
     auth: Arc<AuthStore>,
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
     metrics: Arc<Metrics>,
     limits: Arc<Limits>,
     streams: Arc<Streams>,
@@ -50,12 +52,20 @@ impl State {
     pub(crate) fn new(cfg: &ServerConfig, auth: Authenticator, tls: Option<TlsAcceptor>) -> State {
         let auth = Arc::new(AuthStore::new(auth));
         let registry = Arc::new(Registry::default());
+        let cluster = Arc::new(Cluster::new(&cfg.cluster, cfg.listen));
         let metrics = Arc::new(Metrics::default());
+        metrics
+            .replica
+            .get_or_create(&crate::metrics::ReplicaLabel {
+                replica: cluster.id().to_owned(),
+            })
+            .set(1);
         let limits = Arc::new(Limits::new(cfg.limits.clone(), cfg.max_streams_per_client));
         let streams = Arc::new(Streams::default());
         let opener = Opener::new(
             auth.clone(),
             registry.clone(),
+            cluster.clone(),
             limits.clone(),
             metrics.clone(),
             streams.clone(),
@@ -63,6 +73,7 @@ impl State {
         State {
             auth,
             registry,
+            cluster,
             metrics,
             limits,
             streams,
@@ -81,9 +92,14 @@ impl State {
             ..Default::default()
         };
         cfg.session.apply(&mut session_config);
+        // Client sessions told GOAWAY at shutdown get the drain timeout to
+        // finish their streams.
+        session_config.drain_timeout =
+            std::time::Duration::from_millis(cfg.cluster.drain_timeout_ms);
         let agents = AgentEndpoint::new(
             self.auth.clone(),
             self.registry.clone(),
+            self.cluster.clone(),
             self.metrics.clone(),
             self.limits.clone(),
             self.sessions.clone(),
@@ -114,12 +130,15 @@ impl State {
             self.limits.clone(),
         );
         Router::new(
-            agents,
-            clients,
-            raw,
-            web,
+            Endpoints {
+                agents,
+                clients,
+                raw,
+                web,
+            },
             self.metrics.clone(),
             self.registry.clone(),
+            self.cluster.clone(),
             cfg.metrics_listen.is_none(),
         )
     }
@@ -156,6 +175,10 @@ impl State {
     /// The registry of connected agents.
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub(crate) fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// The limits.

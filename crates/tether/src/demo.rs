@@ -70,6 +70,8 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let agent_cfg = tether_agent::AgentConfig {
         server: url.clone(),
         name: "demo".into(),
+        instance: None,
+        drain_timeout_ms: 30_000,
         token: agent_token,
         token_file: None,
         client_cert: None,

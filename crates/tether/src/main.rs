@@ -151,6 +151,34 @@ struct ServerArgs {
     /// Additional names for the self-signed certificate (repeatable; e.g. *.tether.example.com).
     #[arg(long = "tls-name", value_name = "NAME", requires = "self_signed")]
     tls_names: Vec<String>,
+    /// Serve /metrics, /livez and /readyz on this (private) address instead
+    /// of the public port.
+    #[arg(long, env = "TETHER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// This replica's id, told to agents (under Kubernetes: the pod name)
+    /// [default: host name and a random suffix].
+    #[arg(long, env = "TETHER_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// The address agents may dial to reach this replica directly (a pod
+    /// IP and port) [default: the listen address, when it is one IP].
+    #[arg(long, env = "TETHER_ADVERTISE")]
+    advertise: Option<SocketAddr>,
+    /// A server replica: [ID=]IP:PORT (repeatable; this one may be listed).
+    #[arg(long = "peer", value_name = "[ID=]IP:PORT")]
+    peers: Vec<String>,
+    /// The replicas are the addresses of NAME (a headless Service), at PORT.
+    #[arg(long, env = "TETHER_PEERS_DNS", value_name = "NAME:PORT")]
+    peers_dns: Option<String>,
+    /// DNS server for --peers-dns (IP or IP:PORT) [default: the system resolver].
+    #[arg(long, env = "TETHER_PEERS_DNS_SERVER")]
+    peers_dns_server: Option<String>,
+    /// After SIGTERM, keep serving this long while /readyz fails, so load
+    /// balancers stop sending new connections first [default: 10000].
+    #[arg(long, env = "TETHER_SHUTDOWN_DELAY_MS")]
+    shutdown_delay_ms: Option<u64>,
+    /// Then give live streams and requests this long to finish [default: 30000].
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -186,6 +214,13 @@ struct AgentArgs {
     /// the system resolver.
     #[arg(long, env = "TETHER_DNS_SERVER")]
     dns_server: Option<String>,
+    /// This process's instance id: agents with one name and different
+    /// instance ids form a pool [default: host name and a random suffix].
+    #[arg(long, env = "TETHER_AGENT_INSTANCE")]
+    instance: Option<String>,
+    /// On SIGTERM, give live streams this long to finish [default: 30000].
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -381,11 +416,12 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     if let Some(fp) = server.fingerprint() {
         tracing::info!(fingerprint = %fp, "TLS certificate SHA-256 fingerprint (pin it with --fingerprint)");
     }
-    // On SIGTERM / Ctrl-C: stop accepting, GOAWAY every session, let streams
-    // finish (up to the drain deadline), then exit. A second signal exits now.
+    // On SIGTERM / Ctrl-C: fail /readyz, serve on for the shutdown delay,
+    // then stop accepting, GOAWAY every session, let streams finish (up to
+    // the drain timeout), then exit. A second signal exits now.
     let shutdown = async {
         shutdown_signal().await;
-        tracing::info!("shutting down: draining sessions (signal again to exit now)");
+        tracing::info!("shutting down: draining (signal again to exit now)");
         tokio::spawn(async {
             shutdown_signal().await;
             std::process::exit(130);
@@ -461,6 +497,36 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
         listeners.push(Value::Table(e));
     }
     push_array(&mut t, "listener", listeners);
+    set(
+        &mut t,
+        "metrics_listen",
+        a.metrics_listen.map(|l| l.to_string()),
+    );
+    let cluster = t
+        .entry("cluster".to_owned())
+        .or_insert_with(|| Value::Table(Table::new()));
+    let Value::Table(cluster) = cluster else {
+        bail!("config: cluster must be a table");
+    };
+    set(cluster, "replica_id", a.replica_id);
+    set(cluster, "advertise", a.advertise.map(|l| l.to_string()));
+    set(cluster, "peers_dns", a.peers_dns);
+    set(cluster, "dns_server", a.peers_dns_server);
+    set(
+        cluster,
+        "shutdown_delay_ms",
+        a.shutdown_delay_ms.map(|v| v as i64),
+    );
+    set(
+        cluster,
+        "drain_timeout_ms",
+        a.drain_timeout_ms.map(|v| v as i64),
+    );
+    push_array(
+        cluster,
+        "peers",
+        a.peers.into_iter().map(Value::from).collect(),
+    );
     if let Some(d) = a.base_domain {
         let entry = t
             .entry("http".to_owned())
@@ -478,6 +544,12 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     a.dial.apply(&mut t);
     set(&mut t, "name", a.name);
     set(&mut t, "dns_server", a.dns_server);
+    set(&mut t, "instance", a.instance);
+    set(
+        &mut t,
+        "drain_timeout_ms",
+        a.drain_timeout_ms.map(|v| v as i64),
+    );
     set(
         &mut t,
         "dial_timeout_ms",
@@ -511,10 +583,15 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     let agent = tether_agent::Agent::new(cfg)?;
     if let Some(addr) = a.metrics_listen {
         let stats = agent.stats();
-        let bound = tether_net::observe::serve_metrics(addr, Arc::new(move || stats.render()))
-            .await
-            .with_context(|| format!("metrics listener {addr}"))?;
-        tracing::info!(addr = %bound, "serving /metrics");
+        let probed = stats.clone();
+        let bound = tether_net::observe::serve_observe(
+            addr,
+            Arc::new(move || stats.render()),
+            Arc::new(move |path: &str| probed.probe(path)),
+        )
+        .await
+        .with_context(|| format!("metrics listener {addr}"))?;
+        tracing::info!(addr = %bound, "serving /metrics, /livez and /readyz");
     }
     agent.run_until(shutdown_signal()).await
 }

@@ -76,6 +76,7 @@ impl Connection {
             goaway_tx: watch::channel(None).0,
             transport_closed: watch::channel(false).0,
             catalog: watch::channel(None).0,
+            replicas: watch::channel(None).0,
             counters: Counters::default(),
             label: label.into(),
         });
@@ -123,6 +124,16 @@ impl Connection {
         }
     }
 
+    /// Whether `other` is a handle to this same session.
+    pub fn same_session(&self, other: &Connection) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// The negotiated protocol version (0 before the handshake).
+    pub fn version(&self) -> u16 {
+        self.shared.lock().session.version()
+    }
+
     /// Starts a graceful drain (GOAWAY).
     pub fn go_away(&self, code: ErrorCode, reason: &str) {
         self.shared.with_session(|g| {
@@ -142,6 +153,19 @@ impl Connection {
     /// (a version 1 or 2 peer never does).
     pub fn peer_catalog(&self) -> watch::Receiver<Option<Vec<CatalogEntry>>> {
         self.shared.catalog.subscribe()
+    }
+
+    /// Tells the peer (an agent) which server replicas exist (sent only
+    /// when the session speaks version 4; a later call replaces the list).
+    pub fn announce_replicas(&self, replicas: tether_proto::Replicas) {
+        self.shared
+            .with_session(|g| g.session.announce_replicas(replicas));
+    }
+
+    /// The replicas the peer (a server) listed; `None` until it sends a
+    /// list (a server older than version 4 never does).
+    pub fn peer_replicas(&self) -> watch::Receiver<Option<tether_proto::Replicas>> {
+        self.shared.replicas.subscribe()
     }
 
     /// Closes the session now; every stream is reset.

@@ -121,6 +121,8 @@ struct Shared {
     transport_closed: watch::Sender<bool>,
     /// The services the peer announced (CATALOG, version 3).
     catalog: watch::Sender<Option<Vec<CatalogEntry>>>,
+    /// The server replicas the peer listed (REPLICAS, version 4).
+    replicas: watch::Sender<Option<tether_proto::Replicas>>,
     counters: Counters,
     label: String,
 }
@@ -286,6 +288,9 @@ impl Shared {
                 Event::Rtt(d) => g.rtt = Some(d),
                 Event::Catalog(c) => {
                     self.catalog.send_replace(Some(c));
+                }
+                Event::Replicas(r) => {
+                    self.replicas.send_replace(Some(r));
                 }
                 Event::SessionClosed { error } => {
                     // Dropping the last sender can drop queued Incomings, whose

@@ -358,7 +358,22 @@ pub async fn dial_with_identity(
     trust: &ServerTrust,
     identity: Option<&ServerIdentity>,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
-    let dial = dial_inner(url, subprotocol, headers, trust, identity);
+    dial_via(url, None, subprotocol, headers, trust, identity).await
+}
+
+/// Like [`dial_with_identity`], but the TCP connection goes to `connect_to`
+/// when given (one server replica's own address) instead of the URL's host;
+/// TLS (server name and certificate check) and the `Host` header still use
+/// the URL's host, so a replica is checked against the public name.
+pub async fn dial_via(
+    url: &str,
+    connect_to: Option<std::net::SocketAddr>,
+    subprotocol: &str,
+    headers: &[(String, String)],
+    trust: &ServerTrust,
+    identity: Option<&ServerIdentity>,
+) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
+    let dial = dial_inner(url, connect_to, subprotocol, headers, trust, identity);
     match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Timeout(url.to_owned())),
@@ -367,6 +382,7 @@ pub async fn dial_with_identity(
 
 async fn dial_inner(
     url: &str,
+    connect_to: Option<std::net::SocketAddr>,
     subprotocol: &str,
     headers: &[(String, String)],
     trust: &ServerTrust,
@@ -387,10 +403,14 @@ async fn dial_inner(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let addr = format!("{bare_host}:{port}");
-    let tcp = TcpStream::connect((bare_host.as_str(), port))
-        .await
-        .map_err(|e| DialError::Connect(addr.clone(), e))?;
+    let (addr, tcp) = match connect_to {
+        Some(to) => (format!("{to} ({bare_host})"), TcpStream::connect(to).await),
+        None => (
+            format!("{bare_host}:{port}"),
+            TcpStream::connect((bare_host.as_str(), port)).await,
+        ),
+    };
+    let tcp = tcp.map_err(|e| DialError::Connect(addr.clone(), e))?;
     let _ = tcp.set_nodelay(true);
     let io = if tls {
         let cfg = client_config_with_identity(trust, identity)

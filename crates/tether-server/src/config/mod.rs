@@ -6,15 +6,18 @@
 //! server (and the runtime modules can all depend on them without cycles).
 //! One file per section: `[limits]` ([`LimitsConfig`]), `[http]`
 //! ([`WebConfig`]), `[[listener]]` ([`ListenerConfig`]), `[[rule]]`
-//! ([`RuleConfig`]), `[jwt]` ([`JwtConfig`]); the top level, `[tls]` and the
+//! ([`RuleConfig`]), `[jwt]` ([`JwtConfig`]), `[cluster]`
+//! ([`ClusterConfig`]); the top level, `[tls]` and the
 //! credentials are here.
 
+mod cluster;
 mod jwt;
 mod limits;
 mod listener;
 mod rules;
 mod web;
 
+pub use cluster::{ClusterConfig, StaticPeer};
 pub use jwt::JwtConfig;
 pub use limits::LimitsConfig;
 pub use listener::ListenerConfig;
@@ -72,6 +75,9 @@ pub struct ServerConfig {
     /// Serve `/metrics` on this (private) address instead of the public port.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Replicas, peers and the drain at shutdown.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
 }
 
 fn default_max_streams_per_client() -> usize {
@@ -97,6 +103,7 @@ impl Default for ServerConfig {
             jwt: None,
             limits: Default::default(),
             metrics_listen: None,
+            cluster: Default::default(),
         }
     }
 }

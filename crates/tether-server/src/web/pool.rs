@@ -35,11 +35,16 @@ tokio::task_local! {
 }
 
 /// A tunnel stream as hyper's client connection.
-pub(crate) struct TunnelConn(TokioIo<StreamIo>);
+pub(crate) struct TunnelConn(TokioIo<StreamIo>, AgentSession);
+
+/// The agent session a pooled stream runs on (kept in hyper's connection
+/// metadata, so [`Pool::request`] can tell a draining one).
+#[derive(Clone)]
+struct AgentSession(tether_net::Connection);
 
 impl Connection for TunnelConn {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.1.clone())
     }
 }
 
@@ -112,8 +117,11 @@ impl tower_service::Service<Uri> for TunnelConnector {
             let internal = |why: &str| Refusal::new(OpenErrorCode::Internal, why);
             let (agent, service) = target.ok_or_else(|| internal("unknown pool key"))?;
             let caller = caller.ok_or_else(|| internal("pool used outside a request"))?;
-            let stream = opener.dial_pooled(caller, &agent, &service).await?;
-            Ok(TunnelConn(TokioIo::new(StreamIo::new(stream))))
+            let (stream, session) = opener.dial_pooled(caller, &agent, &service).await?;
+            Ok(TunnelConn(
+                TokioIo::new(StreamIo::new(stream)),
+                AgentSession(session),
+            ))
         })
     }
 }
@@ -162,12 +170,28 @@ impl Pool {
 
     /// Sends `req` (its URI from [`Pool::uri`]); a new stream it needs is
     /// charged to `caller` (a limits key).
+    ///
+    /// A pooled stream on an agent session that is draining (the agent
+    /// instance is shutting down) serves this request and is then not used
+    /// again, so the agent's drain is not held up by idle keep-alives.
     pub(crate) async fn request(
         &self,
         caller: Arc<str>,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        CALLER.scope(caller, self.client.request(req)).await
+        let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
+        let resp = CALLER.scope(caller, self.client.request(req)).await?;
+        if let Some(meta) = captured.connection_metadata().as_ref() {
+            let mut ext = http::Extensions::new();
+            meta.get_extras(&mut ext);
+            if ext
+                .get::<AgentSession>()
+                .is_some_and(|s| s.0.is_draining() || s.0.is_closed())
+            {
+                meta.poison();
+            }
+        }
+        Ok(resp)
     }
 }
 

@@ -114,7 +114,16 @@ async fn proxy(
     let refuse = |status: StatusCode, code: &str, msg: String| {
         web.metrics.error(code);
         tracing::info!(client = %name, %agent, %service, path = %rest, status = status.as_u16(), "http request refused: {msg}");
-        error_page(html, status, code, &msg)
+        let mut r = error_page(html, status, code, &msg);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The agent may well be reachable through another replica or in
+            // a moment: retry soon, on a new connection (the load balancer
+            // may pick another replica).
+            let h = r.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     };
     let mut guard = match web.opener.admit_request(&caller, agent, service) {
         Ok(g) => g,
@@ -127,7 +136,7 @@ async fn proxy(
             return refuse(status, code.as_str(), reason);
         }
     };
-    let host_header = match check_service(web, agent, service) {
+    let host_header = match check_service(web, agent, service).await {
         Ok(h) => h,
         Err((status, code, msg)) => return refuse(status, code, msg),
     };
@@ -353,17 +362,14 @@ async fn splice_upgraded(
 /// Whether `agent` is connected and offers `service` over HTTP; `Ok` with
 /// the `Host` the service wants (from the agent's catalog), else the
 /// refusal's status, code and message.
-fn check_service(
+async fn check_service(
     web: &Web,
     agent: &str,
     service: &str,
 ) -> Result<Option<String>, (StatusCode, &'static str, String)> {
-    let Some(entry) = web.registry.get(agent) else {
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            "agent_offline",
-            format!("agent {agent} is not connected"),
-        ));
+    let entry = match web.opener.find_agent(agent).await {
+        Ok(e) => e,
+        Err(Refusal { code, reason }) => return Err((http_status(code), code.as_str(), reason)),
     };
     let catalog = entry.conn.peer_catalog().borrow().clone();
     if catalog.is_none() && entry.version >= tether_proto::CATALOG_VERSION {

@@ -1,10 +1,11 @@
-//! Name lookups for raw targets: the system resolver, or the one DNS server
-//! named by the agent's `dns_server` setting.
+//! Name lookups with the system resolver or one given DNS server: the
+//! agent's raw targets (its `dns_server` setting) and the server's peer
+//! replicas (`[cluster] dns_server`).
 //!
 //! The agent resolves a raw target's host itself, checks every address
-//! (see [`crate::policy::TargetPolicy::check_addresses`]) and then dials
-//! those addresses: the name is looked up once per open, never again at
-//! connect time.
+//! (see `tether_agent::policy::TargetPolicy::check_addresses`) and then
+//! dials those addresses: the name is looked up once per open, never again
+//! at connect time.
 
 use anyhow::bail;
 use hickory_resolver::config::{

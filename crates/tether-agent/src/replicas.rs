@@ -1,0 +1,394 @@
+//! One session to every server replica.
+//!
+//! Server replicas tell the agent which replicas exist (REPLICAS frames,
+//! protocol version 4). The agent keeps one session to each, so whichever
+//! replica a client lands on can reach it. A [`Supervisor`] holds the view
+//! and the live sessions and, every half second or when something changed,
+//! dials what is missing:
+//!
+//! * a replica advertised with an address is dialed at that address (TLS
+//!   and the `Host` header still use the server URL's name);
+//! * a replica advertised by id only is looked for through the URL (the
+//!   load balancer), keeping whatever session lands, until one lands on it;
+//! * with no session at all, or a server that advertises nothing (older
+//!   than version 4: one replica), the URL itself is dialed;
+//! * a URL host with several addresses counts each as a replica.
+//!
+//! A replica leaves the view 60 s after no live session advertised it, and
+//! at once when it said it is leaving (GOAWAY `leaving`), unless it is
+//! advertised again. Additions count at once: a stale view costs a few
+//! dials, never a missed replica.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tether_net::backoff::Backoff;
+use tether_net::Connection;
+use tether_proto::{ErrorCode, ReplicaEntry};
+use tokio::sync::Notify;
+
+/// How long a replica stays in the view after no session advertised it.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Longest wait between dials of a replica that is advertised.
+const ADVERTISED_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// First dial of a replica that appeared while others are held: spread
+/// over this long, so a fleet of agents does not arrive at once.
+const FIRST_DIAL_SPREAD: Duration = Duration::from_secs(2);
+/// How often the view and the sessions are looked at.
+const TICK: Duration = Duration::from_millis(500);
+/// Looking for an id-only replica through the load balancer: the wait
+/// after landing on another one.
+const LB_RETRY: (u64, u64) = (250, 1000);
+/// Another process with our name and instance took a session: wait this
+/// long before taking it back (they would flap).
+pub(crate) const REPLACED_RETRY: Duration = Duration::from_secs(60);
+/// How often a server URL name is resolved for its addresses.
+pub(crate) const URL_RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// How a replica is dialed, and what a dial is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    /// The server URL (the load balancer), for any replica.
+    Url,
+    /// A replica's own address.
+    Addr(SocketAddr),
+    /// A replica known by id only: through the URL until one lands on it.
+    Id(String),
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Url => f.write_str("server URL"),
+            Key::Addr(a) => write!(f, "{a}"),
+            Key::Id(i) => write!(f, "replica {i} (via the server URL)"),
+        }
+    }
+}
+
+/// A session that is up.
+struct Live {
+    key: Key,
+    conn: Connection,
+}
+
+impl Live {
+    /// The replica this session reached, as it told (version 4).
+    fn this(&self) -> Option<ReplicaEntry> {
+        self.conn.peer_replicas().borrow().as_ref()?.this().cloned()
+    }
+
+    /// Whether it takes opens and stands for `key`.
+    fn covers(&self, key: &Key) -> bool {
+        if self.conn.is_closed() || self.conn.is_draining() {
+            return false;
+        }
+        if self.key == *key {
+            return true;
+        }
+        match (key, self.this()) {
+            (Key::Addr(a), Some(t)) => t.addr == a.to_string(),
+            (Key::Id(i), Some(t)) => t.id == *i,
+            // A server that advertises nothing is the only replica.
+            (Key::Url, None) => self.conn.version() < tether_proto::REPLICAS_VERSION,
+            _ => false,
+        }
+    }
+}
+
+/// Dial state of one key.
+struct Target {
+    backoff: Backoff,
+    next_attempt: Instant,
+    busy: bool,
+    /// Dials failed in a row (the first is a warning, the rest debug).
+    failures: u32,
+}
+
+/// What the view knows of a replica.
+struct Seen {
+    last: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    live: HashMap<u64, Live>,
+    next_slot: u64,
+    targets: HashMap<Key, Target>,
+    view: HashMap<Key, Seen>,
+    /// Addresses of the server URL's name, when it has several.
+    url_addrs: Vec<SocketAddr>,
+    stopping: bool,
+    /// Every session not yet closed (draining ones too), for the shutdown.
+    all: Vec<Connection>,
+}
+
+/// How a session ended, as the supervisor needs it.
+pub(crate) struct Ended {
+    /// GOAWAY code the server sent, if any.
+    pub(crate) goaway: Option<ErrorCode>,
+    /// How long the session was up.
+    pub(crate) lasted: Duration,
+}
+
+/// The view of replicas and the sessions to them.
+#[derive(Clone)]
+pub(crate) struct Supervisor {
+    state: Arc<Mutex<State>>,
+    wake: Arc<Notify>,
+}
+
+/// The numbers for `/metrics` and `/readyz`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counts {
+    /// Sessions up and taking opens.
+    pub(crate) sessions: usize,
+    /// Replicas wanted but not held.
+    pub(crate) missing: usize,
+}
+
+impl Supervisor {
+    pub(crate) fn new() -> Supervisor {
+        Supervisor {
+            state: Arc::default(),
+            wake: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks at the view again now.
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits for the next look.
+    pub(crate) async fn tick(&self) {
+        let _ = tokio::time::timeout(TICK, self.wake.notified()).await;
+    }
+
+    /// Sessions up, and replicas missing.
+    pub(crate) fn counts(&self) -> Counts {
+        let st = self.lock();
+        let wanted = wanted(&st);
+        let missing = wanted
+            .iter()
+            .filter(|k| !st.live.values().any(|l| l.covers(k)))
+            .count();
+        let sessions = st
+            .live
+            .values()
+            .filter(|l| !l.conn.is_closed() && !l.conn.is_draining())
+            .count();
+        Counts { sessions, missing }
+    }
+
+    /// Records the server URL's addresses (several: each is a replica).
+    pub(crate) fn set_url_addrs(&self, addrs: Vec<SocketAddr>) {
+        self.lock().url_addrs = if addrs.len() > 1 { addrs } else { vec![] };
+    }
+
+    /// The keys to dial now (marked busy): missing from the held set, not
+    /// dialing already, and past their backoff.
+    pub(crate) fn due(&self) -> Vec<Key> {
+        let mut st = self.lock();
+        if st.stopping {
+            return vec![];
+        }
+        let now = Instant::now();
+        // Refresh the view from what live sessions advertise.
+        let mut advertised: Vec<Key> = vec![];
+        for l in st.live.values() {
+            if l.conn.is_closed() {
+                continue;
+            }
+            if let Some(r) = l.conn.peer_replicas().borrow().as_ref() {
+                advertised.extend(r.entries.iter().filter_map(key_of));
+            }
+        }
+        advertised.extend(st.url_addrs.iter().map(|a| Key::Addr(*a)));
+        let holding = st.live.values().any(|l| !l.conn.is_closed());
+        for k in advertised {
+            let new = !st.view.contains_key(&k);
+            st.view.insert(k.clone(), Seen { last: now });
+            if new && holding {
+                // Spread the first dial of a replica that just appeared.
+                let spread = rand::random_range(0..FIRST_DIAL_SPREAD.as_millis() as u64);
+                target(&mut st.targets, &k, now).next_attempt = now + Duration::from_millis(spread);
+            }
+        }
+        st.view
+            .retain(|_, s| now.duration_since(s.last) < FORGET_AFTER);
+        let wanted = wanted(&st);
+        let mut due = vec![];
+        for k in wanted {
+            if st.live.values().any(|l| l.covers(&k)) {
+                continue;
+            }
+            let t = target(&mut st.targets, &k, now);
+            if !t.busy && now >= t.next_attempt {
+                t.busy = true;
+                due.push(k);
+            }
+        }
+        due
+    }
+
+    /// A dial of `key` failed; returns whether this is the first failure
+    /// in a row (worth a warning; the rest are logged at debug).
+    pub(crate) fn failed(&self, key: &Key) -> bool {
+        let mut st = self.lock();
+        let advertised = st.view.contains_key(key);
+        let t = target(&mut st.targets, key, Instant::now());
+        t.busy = false;
+        t.failures += 1;
+        let first = t.failures == 1;
+        let mut delay = t.backoff.next_delay();
+        if advertised {
+            delay = delay.min(ADVERTISED_BACKOFF_CAP);
+        }
+        t.next_attempt = Instant::now() + delay;
+        first
+    }
+
+    /// A session for `key` is up; returns its slot.
+    pub(crate) fn up(&self, key: &Key, conn: Connection) -> u64 {
+        let mut st = self.lock();
+        if let Some(t) = st.targets.get_mut(key) {
+            t.failures = 0;
+        }
+        let slot = st.next_slot;
+        st.next_slot += 1;
+        st.all.retain(|c| !c.is_closed());
+        st.all.push(conn.clone());
+        st.live.insert(
+            slot,
+            Live {
+                key: key.clone(),
+                conn,
+            },
+        );
+        drop(st);
+        self.wake();
+        slot
+    }
+
+    /// The session in `slot` stopped taking opens (drained or lost).
+    pub(crate) fn down(&self, slot: u64, ended: Ended, name: &str) {
+        let mut st = self.lock();
+        let Some(live) = st.live.remove(&slot) else {
+            return;
+        };
+        let now = Instant::now();
+        let this = live.this();
+        // Another of our sessions reaches the same replica: this one was a
+        // duplicate (a landing through the load balancer), nothing to redo.
+        let duplicate = this.as_ref().is_some_and(|t| {
+            st.live
+                .values()
+                .any(|l| l.this().is_some_and(|o| o.id == t.id && !o.id.is_empty()))
+        });
+        if ended.goaway == Some(ErrorCode::Leaving) {
+            tracing::info!(key = %live.key, replica = ?this.as_ref().map(|t| &t.id), "replica is leaving");
+            // Forgotten unless a live session still advertises it (a
+            // restart at the same address), and not dialed at once.
+            if let Some(k) = this.as_ref().and_then(key_of) {
+                st.view.remove(&k);
+            }
+        }
+        let advertised = st.view.contains_key(&live.key);
+        let t = target(&mut st.targets, &live.key, now);
+        t.busy = false;
+        if ended.lasted >= tether_net::reconnect::HEALTHY_SESSION {
+            t.backoff.reset();
+        }
+        let delay = match ended.goaway {
+            Some(ErrorCode::Replaced) if duplicate => {
+                tracing::debug!(key = %live.key, "a newer session of ours to the same replica took over");
+                Duration::ZERO
+            }
+            Some(ErrorCode::Replaced) => {
+                tracing::error!(%name, key = %live.key, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
+                REPLACED_RETRY
+            }
+            Some(ErrorCode::Leaving) => {
+                t.backoff.reset();
+                t.backoff.next_delay()
+            }
+            Some(ErrorCode::Normal) => {
+                t.backoff.reset();
+                Duration::ZERO
+            }
+            _ => {
+                let d = t.backoff.next_delay();
+                if advertised {
+                    d.min(ADVERTISED_BACKOFF_CAP)
+                } else {
+                    d
+                }
+            }
+        };
+        if let Some(t) = st.targets.get_mut(&live.key) {
+            t.next_attempt = now + delay;
+        }
+        drop(st);
+        self.wake();
+    }
+
+    /// An id-only dial landed on another replica: look again soon.
+    pub(crate) fn landed_elsewhere(&self, key: &Key) {
+        let mut st = self.lock();
+        let t = target(&mut st.targets, key, Instant::now());
+        t.busy = false;
+        t.next_attempt =
+            Instant::now() + Duration::from_millis(rand::random_range(LB_RETRY.0..LB_RETRY.1));
+    }
+
+    /// Stops dialing; returns every session not yet closed.
+    pub(crate) fn stop(&self) -> Vec<Connection> {
+        let mut st = self.lock();
+        st.stopping = true;
+        st.all.retain(|c| !c.is_closed());
+        st.all.clone()
+    }
+
+    /// Whether [`Supervisor::stop`] was called.
+    pub(crate) fn stopping(&self) -> bool {
+        self.lock().stopping
+    }
+}
+
+/// What to dial for an advertised replica.
+fn key_of(e: &ReplicaEntry) -> Option<Key> {
+    if let Ok(a) = e.addr.parse::<SocketAddr>() {
+        return Some(Key::Addr(a));
+    }
+    (!e.id.is_empty()).then(|| Key::Id(e.id.clone()))
+}
+
+/// The replicas to hold: the view; the URL when nothing is held (or the
+/// servers advertise nothing).
+fn wanted(st: &State) -> Vec<Key> {
+    let mut keys: Vec<Key> = st.view.keys().cloned().collect();
+    let holding = st
+        .live
+        .values()
+        .any(|l| !l.conn.is_closed() && !l.conn.is_draining());
+    if keys.is_empty() || !holding {
+        keys.push(Key::Url);
+    }
+    keys
+}
+
+fn target<'a>(targets: &'a mut HashMap<Key, Target>, key: &Key, now: Instant) -> &'a mut Target {
+    targets.entry(key.clone()).or_insert_with(|| Target {
+        backoff: Backoff::default(),
+        next_attempt: now,
+        busy: false,
+        failures: 0,
+    })
+}

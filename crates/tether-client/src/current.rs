@@ -1,0 +1,117 @@
+//! The client's current session to the server, shared by every listener:
+//! which session new connections open on, waiting briefly for one when
+//! there is none (a reconnect in progress), and moving to a fresh session
+//! when a server replica cannot reach the agent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_net::{Connection, Refusal, Stream};
+use tether_proto::{OpenErrorCode, Target};
+use tokio::sync::{watch, Notify};
+
+/// How long a new connection waits for a session when there is none (the
+/// server drained the last one and a fresh one is being dialed).
+pub const SESSION_WAIT: Duration = Duration::from_secs(3);
+
+/// How often an open is tried again on a fresh session after the replica
+/// said the agent is not here.
+const RETRIES: usize = 2;
+
+/// At most one fresh session per this long, whatever the refusals.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// The session new streams open on (cheap to clone).
+#[derive(Clone)]
+pub struct CurrentSession {
+    rx: watch::Receiver<Option<Connection>>,
+    renew: Arc<Notify>,
+    last_renew: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl CurrentSession {
+    /// A handle over the session published in `rx`; `renew` asks the
+    /// reconnect loop for a fresh session.
+    pub fn new(rx: watch::Receiver<Option<Connection>>, renew: Arc<Notify>) -> CurrentSession {
+        CurrentSession {
+            rx,
+            renew,
+            last_renew: Arc::default(),
+        }
+    }
+
+    /// The current session if it takes new streams, else the next one
+    /// within [`SESSION_WAIT`]; never `avoid` (a session that just failed
+    /// an open).
+    pub async fn get(&self, avoid: Option<&Connection>) -> Option<Connection> {
+        let usable = |c: &Option<Connection>| {
+            c.as_ref().is_some_and(|c| {
+                !c.is_closed() && !c.is_draining() && avoid.is_none_or(|a| !a.same_session(c))
+            })
+        };
+        let mut rx = self.rx.clone();
+        let found = tokio::time::timeout(SESSION_WAIT, rx.wait_for(usable)).await;
+        match found {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        }
+    }
+
+    /// The current session if it takes new streams, without waiting.
+    pub fn now(&self) -> Option<Connection> {
+        self.rx
+            .borrow()
+            .clone()
+            .filter(|c| !c.is_closed() && !c.is_draining())
+    }
+
+    /// Asks for a fresh session through the server URL (the load balancer
+    /// may pick another replica); `old` is told GOAWAY, its streams finish.
+    fn renew(&self, old: &Connection) {
+        let mut last = self.last_renew.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < RENEW_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        old.go_away(
+            tether_proto::ErrorCode::Normal,
+            "moving to a fresh session: this server replica cannot reach the agent",
+        );
+        self.renew.notify_one();
+    }
+
+    /// Opens `target`. A refusal that another replica may not give (the
+    /// replica has no session to the agent, or it is draining) is retried
+    /// on a fresh session: no byte has moved yet, so nothing is lost.
+    pub async fn open(&self, target: Target) -> Result<Stream, Refusal> {
+        let mut avoid: Option<Connection> = None;
+        let mut last_err = None;
+        for attempt in 0..=RETRIES {
+            let Some(conn) = self.get(avoid.as_ref()).await else {
+                return Err(last_err.unwrap_or_else(|| {
+                    Refusal::new(
+                        OpenErrorCode::SessionLost,
+                        "not connected to the tether server",
+                    )
+                }));
+            };
+            match conn.open(target.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(r)
+                    if attempt < RETRIES
+                        && matches!(r.code, OpenErrorCode::NotHere | OpenErrorCode::GoingAway) =>
+                {
+                    tracing::info!(target = %target, code = %r.code, "open refused by this server replica; retrying on a fresh session: {}", r.reason);
+                    if r.code == OpenErrorCode::NotHere {
+                        self.renew(&conn);
+                    }
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(200..500))).await;
+                    avoid = Some(conn);
+                    last_err = Some(r);
+                }
+                Err(r) => return Err(r),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Refusal::new(OpenErrorCode::Internal, "no attempt made")))
+    }
+}
