@@ -56,6 +56,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long an OPEN we sent may wait for its answer.
     pub open_timeout: Duration,
+    /// Partition detection: when an OPEN has waited this long and nothing
+    /// was heard from the peer since it was sent, a PING goes out; if
+    /// nothing is heard for this long again, the session is dead (a silent
+    /// peer is found in seconds instead of `idle_timeout`).
+    pub open_probe: Duration,
     /// How long a half-closed stream may go without any traffic before it is reset.
     pub linger: Duration,
     /// After GOAWAY, how long remaining streams may run before they are reset.
@@ -82,6 +87,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(15),
+            open_probe: Duration::from_secs(2),
             linger: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             max_peer_streams: 1024,
@@ -315,6 +321,8 @@ pub struct Session {
     events: VecDeque<Event>,
     handshake_deadline: Option<Instant>,
     last_recv: Instant,
+    /// A probe PING went out at this time, for an unanswered OPEN.
+    probe_sent: Option<Instant>,
     next_ping: Instant,
     ping_seq: u64,
     ping_sent_at: Option<(u64, Instant)>,
@@ -354,6 +362,7 @@ impl Session {
             events: VecDeque::new(),
             handshake_deadline: Some(now + config.handshake_timeout),
             last_recv: now,
+            probe_sent: None,
             next_ping: now + config.ping_interval,
             ping_seq: 0,
             ping_sent_at: None,
@@ -1234,6 +1243,18 @@ impl Session {
         !self.control.is_empty() || (self.state == State::Established && !self.ready.is_empty())
     }
 
+    /// When a probe PING is due: `open_probe` after the oldest OPEN still
+    /// unanswered that was sent after the last thing heard from the peer.
+    fn probe_due(&self) -> Option<Instant> {
+        self.streams
+            .values()
+            .filter_map(|s| s.open_deadline)
+            .map(|d| d - self.config.open_timeout)
+            .filter(|sent| *sent >= self.last_recv)
+            .min()
+            .map(|sent| sent + self.config.open_probe)
+    }
+
     /// The earliest instant at which [`Session::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.state == State::Closed {
@@ -1250,6 +1271,11 @@ impl Session {
             consider(Some(self.next_ping));
         }
         consider(self.drain_deadline);
+        match self.probe_sent {
+            Some(sent) => consider(Some(sent + self.config.open_probe)),
+            None if self.state == State::Established => consider(self.probe_due()),
+            None => {}
+        }
         for s in self.streams.values() {
             consider(s.open_deadline);
             if s.is_half_closed() {
@@ -1273,6 +1299,26 @@ impl Session {
         if now >= self.last_recv + self.config.idle_timeout {
             self.fail(SessionError::Timeout(self.config.idle_timeout));
             return;
+        }
+        if let Some(sent) = self.probe_sent {
+            if self.last_recv >= sent {
+                self.probe_sent = None;
+            } else if now >= sent + self.config.open_probe {
+                self.fail(SessionError::Timeout(
+                    now.saturating_duration_since(self.last_recv),
+                ));
+                return;
+            }
+        }
+        if self.state == State::Established
+            && self.probe_sent.is_none()
+            && self.probe_due().is_some_and(|d| now >= d)
+        {
+            // An open waits and the peer has been silent since it was sent:
+            // ask it for a sign of life now.
+            self.ping_seq += 1;
+            self.control.push_back(Frame::Ping(self.ping_seq));
+            self.probe_sent = Some(now);
         }
         if self.state == State::Established && now >= self.next_ping {
             self.ping_seq += 1;

@@ -1214,3 +1214,41 @@ proptest! {
         prop_assert_eq!(m.p.b.stats().live, 0);
     }
 }
+
+/// A peer that goes silent while an open waits is found dead after two
+/// probe intervals, not after the idle timeout; a peer that answers the
+/// probe PING keeps the session.
+#[test]
+fn an_unanswered_open_probes_the_peer() {
+    let mut p = Pair::default();
+    let probe = Config::default().open_probe;
+    // The peer answers: the open waits (a slow service), the session lives.
+    let id = p.a.open(Target::tcp("slow"), p.now).unwrap();
+    p.pump(usize::MAX);
+    p.now += probe;
+    p.a.handle_timeout(p.now);
+    p.pump(usize::MAX); // the PING goes out, b answers PONG
+    p.now += probe + Duration::from_millis(1);
+    p.a.handle_timeout(p.now);
+    assert!(!p.a.is_closed(), "a peer that answers the probe is alive");
+    p.b.accept(id, p.now).unwrap();
+    p.pump(usize::MAX);
+    // Now the peer goes silent (nothing pumped from b any more).
+    let _second = p.a.open(Target::tcp("web"), p.now).unwrap();
+    let mut out = BytesMut::new();
+    p.a.poll_transmit(&mut out, usize::MAX);
+    let started = p.now;
+    let mut steps = 0;
+    while !p.a.is_closed() && steps < 100 {
+        p.now = p.a.poll_timeout().unwrap().max(p.now);
+        p.a.handle_timeout(p.now);
+        p.a.poll_transmit(&mut out, usize::MAX);
+        steps += 1;
+    }
+    assert!(p.a.is_closed(), "a silent peer ends the session");
+    let took = p.now - started;
+    assert!(
+        took <= probe * 2 + Duration::from_millis(10),
+        "found dead after {took:?}, not after the idle timeout"
+    );
+}
