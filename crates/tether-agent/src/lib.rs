@@ -277,7 +277,7 @@ impl Agent {
             () = this.clone().supervise(sup.clone()) => Ok(()),
             _ = shutdown => {
                 let conns = sup.stop();
-                tracing::info!(sessions = conns.len(), "shutting down: GOAWAY on every session; live streams may finish");
+                tracing::info!(sessions = conns.len(), "shutting down: draining the sessions (GOAWAY on each); live streams may finish");
                 for c in &conns {
                     c.go_away(ErrorCode::Normal, "agent shutting down");
                 }

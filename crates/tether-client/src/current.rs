@@ -10,9 +10,14 @@ use tether_net::{Connection, Refusal, Stream};
 use tether_proto::{OpenErrorCode, Target};
 use tokio::sync::{watch, Notify};
 
-/// How long a new connection waits for a session when there is none (the
-/// server drained the last one and a fresh one is being dialed).
+/// How long a new connection waits for a session when there is none but
+/// there was one lately (the server drained it and a fresh one is being
+/// dialed). A client that has had no session for longer fails new
+/// connections at once.
 pub const SESSION_WAIT: Duration = Duration::from_secs(3);
+
+/// "Lately", for [`SESSION_WAIT`].
+const HANDOVER: Duration = Duration::from_secs(10);
 
 /// How often an open is tried again on a fresh session after the replica
 /// said the agent is not here.
@@ -24,32 +29,69 @@ const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// The session new streams open on (cheap to clone).
 #[derive(Clone)]
 pub struct CurrentSession {
-    rx: watch::Receiver<Option<Connection>>,
+    tx: Arc<watch::Sender<Option<Connection>>>,
     renew: Arc<Notify>,
     last_renew: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// When the last session stopped taking streams.
+    lost_at: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Default for CurrentSession {
+    fn default() -> Self {
+        CurrentSession {
+            tx: Arc::new(watch::channel(None).0),
+            renew: Arc::default(),
+            last_renew: Arc::default(),
+            lost_at: Arc::default(),
+        }
+    }
 }
 
 impl CurrentSession {
-    /// A handle over the session published in `rx`; `renew` asks the
-    /// reconnect loop for a fresh session.
-    pub fn new(rx: watch::Receiver<Option<Connection>>, renew: Arc<Notify>) -> CurrentSession {
-        CurrentSession {
-            rx,
-            renew,
-            last_renew: Arc::default(),
-        }
+    /// No session yet.
+    pub fn new() -> CurrentSession {
+        CurrentSession::default()
     }
 
-    /// The current session if it takes new streams, else the next one
-    /// within [`SESSION_WAIT`]; never `avoid` (a session that just failed
-    /// an open).
+    /// New streams go to `conn` from now on.
+    pub fn publish(&self, conn: Connection) {
+        self.tx.send_replace(Some(conn));
+    }
+
+    /// The session stopped taking new streams (drained or lost).
+    pub fn clear(&self) {
+        *self.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.tx.send_replace(None);
+    }
+
+    /// Resolves when an open asked for a fresh session.
+    pub async fn renew_requested(&self) {
+        self.renew.notified().await
+    }
+
+    /// The current session if it takes new streams; else, during a
+    /// hand-over (there was one in the last 10 s), the next one within
+    /// [`SESSION_WAIT`]; never `avoid` (a session that just failed an open).
     pub async fn get(&self, avoid: Option<&Connection>) -> Option<Connection> {
         let usable = |c: &Option<Connection>| {
             c.as_ref().is_some_and(|c| {
                 !c.is_closed() && !c.is_draining() && avoid.is_none_or(|a| !a.same_session(c))
             })
         };
-        let mut rx = self.rx.clone();
+        let mut rx = self.tx.subscribe();
+        let now = rx.borrow().clone();
+        if usable(&now) {
+            return now;
+        }
+        let handover = avoid.is_some()
+            || self
+                .lost_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < HANDOVER);
+        if !handover {
+            return None;
+        }
         let found = tokio::time::timeout(SESSION_WAIT, rx.wait_for(usable)).await;
         match found {
             Ok(Ok(c)) => c.clone(),
@@ -59,7 +101,7 @@ impl CurrentSession {
 
     /// The current session if it takes new streams, without waiting.
     pub fn now(&self) -> Option<Connection> {
-        self.rx
+        self.tx
             .borrow()
             .clone()
             .filter(|c| !c.is_closed() && !c.is_draining())
@@ -89,17 +131,21 @@ impl CurrentSession {
         for attempt in 0..=RETRIES {
             let Some(conn) = self.get(avoid.as_ref()).await else {
                 return Err(last_err.unwrap_or_else(|| {
-                    Refusal::new(
-                        OpenErrorCode::SessionLost,
-                        "not connected to the tether server",
-                    )
+                    Refusal::new(OpenErrorCode::SessionLost, "not connected to the server")
                 }));
             };
             match conn.open(target.clone()).await {
                 Ok(s) => return Ok(s),
+                // Refusals another replica, or a fresh session, may not give;
+                // no byte has moved, so trying again loses nothing.
                 Err(r)
                     if attempt < RETRIES
-                        && matches!(r.code, OpenErrorCode::NotHere | OpenErrorCode::GoingAway) =>
+                        && matches!(
+                            r.code,
+                            OpenErrorCode::NotHere
+                                | OpenErrorCode::GoingAway
+                                | OpenErrorCode::SessionLost
+                        ) =>
                 {
                     tracing::info!(target = %target, code = %r.code, "open refused by this server replica; retrying on a fresh session: {}", r.reason);
                     if r.code == OpenErrorCode::NotHere {

@@ -19,10 +19,8 @@ use tether_net::reconnect::{keep_connected, server_trust, Endpoint, Established,
 use tether_net::splice::splice;
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::endpoint_url;
-use tether_net::Connection;
 use tether_proto::Target;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use tether_proto::endpoints::CLIENT_PATH;
 
@@ -207,9 +205,7 @@ impl Client {
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let (tx, rx) = watch::channel::<Option<Connection>>(None);
-        let renew = Arc::new(tokio::sync::Notify::new());
-        let current = CurrentSession::new(rx.clone(), renew.clone());
+        let current = CurrentSession::new();
         let limits = tether_net::udp::UdpLimits {
             idle_timeout: Duration::from_millis(self.config.udp_idle_timeout_ms),
             max_flows: self.config.max_udp_flows,
@@ -251,9 +247,9 @@ impl Client {
             tokio::spawn(proxy::serve(listener, router, current.clone()));
         }
         tokio::select! {
-            r = keep_session(self.config, tx, renew) => r,
+            r = keep_session(self.config, current.clone()) => r,
             _ = shutdown => {
-                let conn = rx.borrow().clone();
+                let conn = current.now();
                 if let Some(conn) = conn {
                     conn.close(tether_proto::ErrorCode::Normal, "client exiting");
                     let _ = tokio::time::timeout(Duration::from_secs(2), conn.transport_closed()).await;
@@ -264,11 +260,7 @@ impl Client {
     }
 }
 
-async fn keep_session(
-    cfg: ClientConfig,
-    tx: watch::Sender<Option<Connection>>,
-    renew: Arc<tokio::sync::Notify>,
-) -> anyhow::Result<()> {
+async fn keep_session(cfg: ClientConfig, current: CurrentSession) -> anyhow::Result<()> {
     let endpoint = Endpoint {
         url: endpoint_url(&cfg.server, CLIENT_PATH),
         trust: cfg.trust(),
@@ -290,23 +282,23 @@ async fn keep_session(
         endpoint.connect(&headers, scfg, "client")
     };
     let serve = |(conn, info, _incoming): Established| {
-        let (tx, url, renew) = (&tx, &url, &renew);
+        let (current, url) = (&current, &url);
         async move {
             tracing::info!(server = %url, peer = %info.peer_software, "connected");
-            tx.send_replace(Some(conn.clone()));
+            current.publish(conn.clone());
             tokio::select! {
                 () = conn.draining() => {}
                 // An open found this replica without the agent: a fresh
                 // session may land on another one.
-                () = renew.notified() => {
-                    tx.send_replace(None);
+                () = current.renew_requested() => {
+                    current.clear();
                     tracing::info!(server = %url, "moving to a fresh session");
                     return SessionEnd::Drained;
                 }
             }
             // New connections must not go to a draining session; its open
             // streams finish on their own.
-            tx.send_replace(None);
+            current.clear();
             if conn.is_closed() {
                 let why = conn.closed().await;
                 tracing::warn!(server = %url, reason = why.as_deref().unwrap_or("drained"), "disconnected; reconnecting");

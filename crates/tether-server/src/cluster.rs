@@ -71,6 +71,8 @@ pub(crate) struct Cluster {
     agent_wait: Duration,
     held: AtomicUsize,
     config: ClusterConfig,
+    /// Skip the shutdown delay (an operator's Ctrl-C, not an orchestrator).
+    skip_delay: std::sync::atomic::AtomicBool,
 }
 
 /// A default replica id: the host name (a pod's name under Kubernetes)
@@ -100,6 +102,7 @@ impl Cluster {
             agent_wait: Duration::from_millis(cfg.agent_wait_ms),
             held: AtomicUsize::new(0),
             config: cfg.clone(),
+            skip_delay: Default::default(),
         };
         let peers = cfg.static_peers().unwrap_or_default();
         this.set_peers(&peers, &[]);
@@ -270,10 +273,17 @@ impl Cluster {
 
     /// The drain settings: the shutdown delay and the drain timeout.
     pub(crate) fn drain_timers(&self) -> (Duration, Duration) {
-        (
-            Duration::from_millis(self.config.shutdown_delay_ms),
-            Duration::from_millis(self.config.drain_timeout_ms),
-        )
+        let delay = if self.skip_delay.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.config.shutdown_delay_ms)
+        };
+        (delay, Duration::from_millis(self.config.drain_timeout_ms))
+    }
+
+    /// The coming shutdown skips the delay.
+    pub(crate) fn skip_shutdown_delay(&self) {
+        self.skip_delay.store(true, Ordering::Relaxed);
     }
 }
 

@@ -35,8 +35,14 @@ async fn drain(state: &State, timeout: Duration) {
         "draining: GOAWAY sent to client sessions; waiting for live streams and requests"
     );
     let deadline = tokio::time::Instant::now() + timeout;
+    // Client sessions leave on their own once their streams are done (an
+    // open they sent as the GOAWAY crossed it is answered going_away and
+    // retried elsewhere, not cut off by closing the session under it).
     let finished = loop {
-        if metrics.active_opens.get() <= 0 && metrics.http_connections.get() <= 0 {
+        if metrics.active_opens.get() <= 0
+            && metrics.http_connections.get() <= 0
+            && state.sessions().clients() == 0
+        {
             break true;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -48,6 +54,7 @@ async fn drain(state: &State, timeout: Duration) {
         tracing::warn!(
             streams = metrics.active_opens.get(),
             http_connections = metrics.http_connections.get(),
+            client_sessions = state.sessions().clients(),
             "drain timeout: resetting what is left"
         );
     }
@@ -67,7 +74,7 @@ async fn drain(state: &State, timeout: Duration) {
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
     state.sessions().close_all("server shut down");
-    tracing::info!(sessions = state.sessions().len(), "drained; exiting");
+    tracing::info!("all sessions drained; exiting");
 }
 
 /// How long a TLS handshake may take.
@@ -151,6 +158,14 @@ impl Server {
     ) -> Self {
         self.reload = Some((source, config_file));
         self
+    }
+
+    /// A handle that makes the coming shutdown skip `shutdown_delay` (for
+    /// an operator's Ctrl-C at a terminal: there is no load balancer to
+    /// wait for). The drain itself still happens.
+    pub fn skip_shutdown_delay_handle(&self) -> impl Fn() + Send + Sync + 'static {
+        let cluster = self.state.cluster().clone();
+        move || cluster.skip_shutdown_delay()
     }
 
     /// Accepts connections forever.

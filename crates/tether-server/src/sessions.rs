@@ -107,9 +107,12 @@ impl Sessions {
         }
     }
 
-    /// Live sessions.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+    /// Live client sessions (a drained one leaves once its streams are done).
+    pub(crate) fn clients(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|(_, o)| matches!(o, SessionOwner::Client(_)))
+            .count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Connection, SessionOwner)>> {

@@ -388,19 +388,28 @@ fn token_command(t: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Which signal asked the process to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM (an orchestrator: Kubernetes, systemd).
+    Terminate,
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+}
+
+async fn shutdown_signal() -> Signal {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
+            return tokio::select! {
+                _ = term.recv() => Signal::Terminate,
+                _ = tokio::signal::ctrl_c() => Signal::Interrupt,
+            };
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+    Signal::Interrupt
 }
 
 async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
@@ -419,8 +428,12 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     // On SIGTERM / Ctrl-C: fail /readyz, serve on for the shutdown delay,
     // then stop accepting, GOAWAY every session, let streams finish (up to
     // the drain timeout), then exit. A second signal exits now.
-    let shutdown = async {
-        shutdown_signal().await;
+    let skip_delay = server.skip_shutdown_delay_handle();
+    let shutdown = async move {
+        if shutdown_signal().await == Signal::Interrupt {
+            // Ctrl-C at a terminal: no load balancer to wait for.
+            skip_delay();
+        }
         tracing::info!("shutting down: draining (signal again to exit now)");
         tokio::spawn(async {
             shutdown_signal().await;
@@ -593,7 +606,11 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("metrics listener {addr}"))?;
         tracing::info!(addr = %bound, "serving /metrics, /livez and /readyz");
     }
-    agent.run_until(shutdown_signal()).await
+    agent
+        .run_until(async {
+            shutdown_signal().await;
+        })
+        .await
 }
 
 async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
@@ -642,5 +659,9 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         .with_context(|| format!("metrics listener {addr}"))?;
         tracing::info!(addr = %bound, "serving /metrics");
     }
-    client.run_until(shutdown_signal()).await
+    client
+        .run_until(async {
+            shutdown_signal().await;
+        })
+        .await
 }

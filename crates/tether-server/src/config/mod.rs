@@ -162,3 +162,34 @@ pub struct ClientCredential {
     #[serde(default)]
     pub allow: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server config shipped in deploy/kubernetes/server.yaml is valid.
+    #[test]
+    fn the_kubernetes_server_config_parses() {
+        let yaml = include_str!("../../../../deploy/kubernetes/server.yaml");
+        let block: String = yaml
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("server.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let c: ServerConfig = toml::from_str(&block).unwrap();
+        c.cluster.validate().unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7700".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(c.agents.len(), 1);
+        assert_eq!(c.clients.len(), 1);
+        // The Deployment's grace period (60 s) covers the delay and the drain.
+        assert_eq!(
+            (c.cluster.shutdown_delay_ms, c.cluster.drain_timeout_ms),
+            (10_000, 30_000)
+        );
+        // Token hashes and allow patterns load as the server loads them.
+        crate::auth::Authenticator::from_config(&c).unwrap();
+    }
+}

@@ -62,6 +62,21 @@ pub(crate) struct AgentView {
     pub(crate) bytes_out: u64,
     /// Its services (empty for agents that do not announce them).
     pub(crate) services: Vec<ServiceView>,
+    /// Its instances connected to this server replica (a pool has several).
+    pub(crate) instances: Vec<InstanceView>,
+}
+
+/// One instance of an agent (one agent process) on this replica.
+#[derive(Debug, Serialize, PartialEq)]
+pub(crate) struct InstanceView {
+    /// The instance id it told (empty for agents that tell none).
+    pub(crate) id: String,
+    /// Connected since (Unix seconds).
+    pub(crate) since: Option<u64>,
+    /// Streams open on its session.
+    pub(crate) streams: u64,
+    /// It is shutting down: no new streams go to it.
+    pub(crate) draining: bool,
 }
 
 /// What the console shows one client.
@@ -93,14 +108,26 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
             bytes_in: 0,
             bytes_out: 0,
             services: vec![],
+            instances: vec![],
         };
+        for i in web.registry.instances(&name) {
+            view.instances.push(InstanceView {
+                id: i.instance.clone(),
+                since: i.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
+                streams: i.conn.stats().live as u64,
+                draining: i.conn.is_draining(),
+            });
+        }
         if let Some(e) = entry {
             view.version = Some(e.software.clone());
             view.since = e.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
-            view.streams = e.conn.stats().live as u64;
-            let c = e.conn.counters();
-            view.bytes_in = c.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
-            view.bytes_out = c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
+            // Streams and bytes over all its instances here.
+            view.streams = view.instances.iter().map(|i| i.streams).sum();
+            for i in web.registry.instances(&name) {
+                let c = i.conn.counters();
+                view.bytes_in += c.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+                view.bytes_out += c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
+            }
             let catalog = e.conn.peer_catalog().borrow().clone().unwrap_or_default();
             for s in catalog {
                 // Names go into links and host names: show only plain ones

@@ -371,7 +371,21 @@ async fn check_service(
         Ok(e) => e,
         Err(Refusal { code, reason }) => return Err((http_status(code), code.as_str(), reason)),
     };
-    let catalog = entry.conn.peer_catalog().borrow().clone();
+    let mut catalog = entry.conn.peer_catalog().borrow().clone();
+    if catalog.is_none() && entry.version >= tether_proto::CATALOG_VERSION {
+        // It announces its services right after connecting (this session
+        // may be seconds old: the replica just started, or the agent just
+        // reconnected): wait a moment for the list.
+        let mut rx = entry.conn.peer_catalog();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            rx.wait_for(Option::is_some),
+        )
+        .await;
+        if let Ok(Ok(c)) = waited {
+            catalog = c.clone();
+        }
+    }
     if catalog.is_none() && entry.version >= tether_proto::CATALOG_VERSION {
         // It announces its services right after connecting; until then we
         // cannot tell an HTTP service from a database.

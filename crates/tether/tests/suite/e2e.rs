@@ -416,8 +416,10 @@ async fn server_restart_agent_and_client_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newest_agent_session_wins() {
+    // The same agent instance connecting again (a reconnect after a
+    // half-open socket) replaces its old session.
     let echo = echo_service().await;
-    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let t = Tunnel::start(&[("echo", echo)], &["--instance", "prod-0"]);
     let second = Proc::spawn(
         "agent-2",
         &[
@@ -426,6 +428,8 @@ async fn newest_agent_session_wins() {
             t.url(),
             "--name".into(),
             "prod".into(),
+            "--instance".into(),
+            "prod-0".into(),
             "--token".into(),
             AGENT_TOKEN.into(),
             "--service".into(),
@@ -438,4 +442,59 @@ async fn newest_agent_session_wins() {
         .wait_log("newest session wins", Duration::from_secs(5)));
     assert!(t.agent.wait_log("GOAWAY", Duration::from_secs(5)));
     assert_eq!(t.server_metric("tether_agents"), Some(1.0));
+    assert_eq!(
+        t.server_metric("tether_agent_instances{agent=\"prod\"}"),
+        Some(1.0)
+    );
+}
+
+/// Two agent processes with one name and different instance ids form a
+/// pool: both stay connected and new streams go to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_with_one_name_and_two_instances_share_the_streams() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &["--instance", "i1"]);
+    let second = Proc::spawn(
+        "agent-i2",
+        &[
+            "agent".into(),
+            "--server".into(),
+            t.url(),
+            "--name".into(),
+            "prod".into(),
+            "--instance".into(),
+            "i2".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--service".into(),
+            format!("echo={echo}"),
+        ],
+    );
+    assert!(second.wait_log("registered as prod", Duration::from_secs(10)));
+    assert!(wait_until(Duration::from_secs(5), || t
+        .server_metric("tether_agent_instances{agent=\"prod\"}")
+        == Some(2.0)));
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    for i in 0..40u32 {
+        let mut s = connect(port).await;
+        let msg = format!("hello {i}\n");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(got, msg.as_bytes());
+    }
+    let opened = |p: &Proc| p.log_text().matches("stream open").count();
+    assert!(wait_until(Duration::from_secs(5), || opened(&t.agent)
+        + opened(&second)
+        >= 40));
+    let (a, b) = (opened(&t.agent), opened(&second));
+    assert!(
+        a >= 5 && b >= 5,
+        "40 streams spread over the pool: {a} and {b}"
+    );
+    assert!(!t.server.log_text().contains("newest session wins"));
 }

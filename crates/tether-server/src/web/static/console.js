@@ -47,6 +47,8 @@
           el("dt", {}, "version"), el("dd", {}, a.version || "—"),
           el("dt", {}, "since"), el("dd", {}, since(a.since)),
           el("dt", {}, "streams"), el("dd", {}, String(a.streams)),
+          el("dt", {}, "instances"), el("dd", { class: "instances" },
+            a.instances.length ? a.instances.map((i) => (i.id || "—") + (i.draining ? " (draining)" : "") + " · " + i.streams + " streams").join(", ") : "—"),
           el("dt", {}, "in / out"), el("dd", {}, bytes(a.bytes_in) + " / " + bytes(a.bytes_out))),
         services);
     });

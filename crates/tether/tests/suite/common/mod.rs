@@ -172,6 +172,10 @@ impl Tunnel {
             &format!("dev={CLIENT_TOKEN}=prod/*,prod/*:*,ghost/*"),
             "--client",
             &format!("limited={LIMITED_TOKEN}=prod/echo"),
+            // Short, so tests that stop the server do not wait 10 s (the
+            // delay itself is exercised by the ha tests).
+            "--shutdown-delay-ms",
+            "300",
         ]
         .iter()
         .map(|s| s.to_string())
