@@ -343,17 +343,19 @@ impl Agent {
     /// One dial of `key` and, when it connects, the session until it stops
     /// taking opens.
     async fn attempt(self: Arc<Self>, sup: Supervisor, key: Key) {
-        let connect_to = match &key {
-            Key::Addr(a) => Some(*a),
-            _ => None,
+        let connect_to = sup.route(&key);
+        let shown = match (&key, connect_to) {
+            (_, Some(a)) => a.to_string(),
+            (Key::Url, None) => self.config.url(),
+            (k, None) => format!("{} for {k}", self.config.url()),
         };
         let (conn, info, incoming) = match self.connect(connect_to).await {
             Ok(est) => est,
             Err(e) => {
                 if sup.failed(&key) {
-                    tracing::warn!(server = %key, "{e} (retrying with backoff)");
+                    tracing::warn!(server = %shown, "{e} (retrying with backoff)");
                 } else {
-                    tracing::debug!(server = %key, "{e}");
+                    tracing::debug!(server = %shown, "{e}");
                 }
                 return;
             }
@@ -374,23 +376,29 @@ impl Agent {
         let replica = this
             .as_ref()
             .map_or_else(|| "-".to_owned(), |t| t.id.clone());
-        let slot_key = match &key {
-            Key::Id(want) if this.as_ref().is_none_or(|t| t.id != *want) => {
-                // Looking for one replica through the load balancer, this
-                // landed on another: keep it (it serves that one), look again.
-                sup.landed_elsewhere(&key);
-                Key::Url
+        let landed_elsewhere = match (&key, &this) {
+            (Key::Id(want), t) => t.as_ref().is_none_or(|t| t.id != *want),
+            (Key::Addr(a), t) if connect_to.is_none() => {
+                t.as_ref().is_none_or(|t| t.addr != a.to_string())
             }
-            _ => key.clone(),
+            _ => false,
+        };
+        let slot_key = if landed_elsewhere {
+            // Looking for one replica through the load balancer, this
+            // landed on another: keep it (it serves that one), look again.
+            sup.landed_elsewhere(&key);
+            Key::Url
+        } else {
+            key.clone()
         };
         let slot = sup.up(&slot_key, conn.clone());
-        tracing::info!(server = %key, %replica, peer = %info.peer_software, version = info.version, "registered as {} (instance {})", self.config.name, self.instance);
+        tracing::info!(server = %shown, %replica, peer = %info.peer_software, version = info.version, "registered as {} (instance {})", self.config.name, self.instance);
         self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let why = self.serve(conn.clone(), incoming).await;
         let goaway = conn.peer_goaway();
         if !sup.stopping() {
-            tracing::warn!(server = %key, %replica, reason = why.as_deref().unwrap_or("drained"), "session ended");
+            tracing::warn!(server = %shown, %replica, reason = why.as_deref().unwrap_or("drained"), "session ended");
         }
         sup.down(
             slot,

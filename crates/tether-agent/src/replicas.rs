@@ -38,9 +38,9 @@ const ADVERTISED_BACKOFF_CAP: Duration = Duration::from_secs(2);
 const FIRST_DIAL_SPREAD: Duration = Duration::from_secs(2);
 /// How often the view and the sessions are looked at.
 const TICK: Duration = Duration::from_millis(500);
-/// Looking for an id-only replica through the load balancer: the wait
-/// after landing on another one.
-const LB_RETRY: (u64, u64) = (250, 1000);
+/// Looking for a replica through the load balancer: the wait after landing
+/// on another one, in milliseconds (at most about 30 dials a minute).
+const LB_RETRY: (u64, u64) = (1000, 3000);
 /// Another process with our name and instance took a session: wait this
 /// long before taking it back (they would flap).
 pub(crate) const REPLACED_RETRY: Duration = Duration::from_secs(60);
@@ -339,11 +339,24 @@ impl Supervisor {
         self.wake();
     }
 
-    /// An id-only dial landed on another replica: look again soon.
+    /// Where to dial `key` this time: its address, or (`None`) the server
+    /// URL. A replica whose address failed twice in a row is looked for
+    /// through the URL every other attempt: an agent outside the servers'
+    /// network cannot reach pod addresses, but the load balancer can.
+    pub(crate) fn route(&self, key: &Key) -> Option<SocketAddr> {
+        let Key::Addr(a) = key else { return None };
+        let st = self.lock();
+        let failures = st.targets.get(key).map_or(0, |t| t.failures);
+        (failures < 2 || failures % 2 == 1).then_some(*a)
+    }
+
+    /// A dial through the URL for `key` landed on another replica: look
+    /// again in a moment.
     pub(crate) fn landed_elsewhere(&self, key: &Key) {
         let mut st = self.lock();
         let t = target(&mut st.targets, key, Instant::now());
         t.busy = false;
+        t.failures += 1;
         t.next_attempt =
             Instant::now() + Duration::from_millis(rand::random_range(LB_RETRY.0..LB_RETRY.1));
     }

@@ -152,7 +152,9 @@ impl CurrentSession {
                         self.renew(&conn);
                     }
                     tokio::time::sleep(Duration::from_millis(rand::random_range(200..500))).await;
-                    avoid = Some(conn);
+                    // After not_here, not this session again (it is being
+                    // replaced); otherwise the same session is fine.
+                    avoid = (r.code == OpenErrorCode::NotHere).then_some(conn);
                     last_err = Some(r);
                 }
                 Err(r) => return Err(r),

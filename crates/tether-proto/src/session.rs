@@ -1243,16 +1243,16 @@ impl Session {
         !self.control.is_empty() || (self.state == State::Established && !self.ready.is_empty())
     }
 
-    /// When a probe PING is due: `open_probe` after the oldest OPEN still
-    /// unanswered that was sent after the last thing heard from the peer.
+    /// When a probe PING is due: `open_probe` after both the oldest OPEN
+    /// still unanswered and the last thing heard from the peer (a frame
+    /// that crossed the OPEN in flight proves nothing about what followed).
     fn probe_due(&self) -> Option<Instant> {
         self.streams
             .values()
             .filter_map(|s| s.open_deadline)
             .map(|d| d - self.config.open_timeout)
-            .filter(|sent| *sent >= self.last_recv)
             .min()
-            .map(|sent| sent + self.config.open_probe)
+            .map(|sent| sent.max(self.last_recv) + self.config.open_probe)
     }
 
     /// The earliest instant at which [`Session::handle_timeout`] must be called.

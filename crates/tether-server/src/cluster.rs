@@ -210,7 +210,7 @@ impl Cluster {
 
     /// What `/readyz` answers: draining once shutdown began; warming until
     /// the agents had a chance to arrive (≥ 2 s of uptime and no new agent
-    /// name for 3 s, or 15 s of uptime).
+    /// name for 3 s, and with peers at least one agent; or 15 s of uptime).
     pub(crate) fn readiness(&self, registry: &Registry) -> Readiness {
         if self.phase() != Phase::Serving {
             return Readiness::Draining;
@@ -218,6 +218,12 @@ impl Cluster {
         let up = self.started.elapsed();
         if up >= READY_MAX_WAIT {
             return Readiness::Ready;
+        }
+        // A replica with peers that has seen no agent yet waits for one:
+        // agents learn of a new replica only when a peer's list changes.
+        let has_peers = self.replicas.borrow().entries.len() > 1;
+        if has_peers && registry.last_new_name().is_none() {
+            return Readiness::Warming;
         }
         // Quiet since the last agent name new here (or since the start).
         let quiet_since = registry.last_new_name().unwrap_or(self.started);

@@ -250,15 +250,26 @@ impl Opener {
     /// was connected here lately (a reconnect or a partition: another
     /// replica, or a retry, may well reach it), `agent_offline` otherwise.
     pub(crate) async fn find_agent(&self, agent: &str) -> Result<AgentEntry, Refusal> {
-        find_agent(&self.0, agent, None).await
+        find_agent(&self.0, agent, None, true).await
     }
 }
 
-async fn find_agent(h: &Handles, agent: &str, except: Option<u64>) -> Result<AgentEntry, Refusal> {
+/// A live session of `agent` other than `except`; when there is none and
+/// `hold`, waits for one as [`Opener::find_agent`] says.
+async fn find_agent(
+    h: &Handles,
+    agent: &str,
+    except: Option<u64>,
+    hold: bool,
+) -> Result<AgentEntry, Refusal> {
     if let Some(e) = h.registry.pick(agent, except) {
         return Ok(e);
     }
-    let wait = h.cluster.hold_for(&h.registry, agent);
+    let wait = if hold {
+        h.cluster.hold_for(&h.registry, agent)
+    } else {
+        std::time::Duration::ZERO
+    };
     if !wait.is_zero() {
         if let Some(_held) = h.cluster.take_hold() {
             let mut changes = h.registry.subscribe();
@@ -372,7 +383,7 @@ impl OpenGuard {
         service: &str,
         kind: TargetKind,
     ) -> Result<(Stream, Connection), Dial> {
-        let entry = find_agent(&self.h, agent, None)
+        let entry = find_agent(&self.h, agent, None, true)
             .await
             .map_err(Dial::Server)?;
         if let Err(hit) = self.h.limits.take_pending(&self.key) {
@@ -391,16 +402,46 @@ impl OpenGuard {
         let mut session = entry.conn.clone();
         let mut opened = session.open(target.clone()).await;
         if let Err(r) = &opened {
-            // The member left (or began draining) before it answered: no
-            // byte has moved yet, so the open goes to another member once.
+            // The member left (or began draining, or went silent) before it
+            // answered: no byte has moved yet, so the open goes once to
+            // another member, or, when the member is draining (an agent
+            // restarting), to its next session here (the short hold); with
+            // none, the refusal says not_here and the client retries
+            // through another replica. A session lost to silence is a
+            // partition: no hold, the agent will not come back here soon.
             if matches!(
                 r.code,
                 OpenErrorCode::SessionLost | OpenErrorCode::GoingAway
             ) {
-                if let Some(other) = self.h.registry.pick(agent, Some(entry.generation)) {
-                    tracing::debug!(%agent, instance = %other.instance, "open retried on another instance: {r}");
-                    session = other.conn.clone();
-                    opened = session.open(target).await;
+                let hold = r.code == OpenErrorCode::GoingAway;
+                match find_agent(&self.h, agent, Some(entry.generation), hold).await {
+                    Ok(other) => {
+                        tracing::debug!(%agent, instance = %other.instance, "open retried on another session: {r}");
+                        session = other.conn.clone();
+                        opened = session.open(target).await;
+                        if let Err(again) = &opened {
+                            if matches!(
+                                again.code,
+                                OpenErrorCode::SessionLost | OpenErrorCode::GoingAway
+                            ) {
+                                // Two sessions of the agent here are gone:
+                                // another replica is the better bet.
+                                self.end_pending();
+                                return Err(Dial::Server(Refusal::new(
+                                    OpenErrorCode::NotHere,
+                                    format!(
+                                        "replica {}: the sessions of agent {agent} here were lost ({})",
+                                        self.h.cluster.id(),
+                                        again.reason
+                                    ),
+                                )));
+                            }
+                        }
+                    }
+                    Err(refusal) => {
+                        self.end_pending();
+                        return Err(Dial::Server(refusal));
+                    }
                 }
             }
         }
