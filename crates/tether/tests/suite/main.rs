@@ -9,6 +9,7 @@ mod abuse;
 mod agent_dns;
 mod browser;
 mod e2e;
+mod ha;
 mod lifecycle;
 mod listeners;
 mod netns;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub(crate) mod ha;
+
 pub(crate) mod web;
 
 use std::io::{Read, Write};
