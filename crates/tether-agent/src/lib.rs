@@ -311,6 +311,9 @@ impl Agent {
         tracing::info!(name = %self.config.name, instance = %self.instance, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
         let url_host = url_host_port(&url);
         let mut resolved_at: Option<Instant> = None;
+        // Since when some replica has been missing, to warn once after 60 s
+        // (usually a load balancer with affinity, or an unreachable address).
+        let mut missing_since: Option<Instant> = None;
         loop {
             for key in sup.due() {
                 tokio::spawn(self.clone().attempt(sup.clone(), key));
@@ -336,6 +339,15 @@ impl Agent {
             self.stats
                 .connected
                 .store(i64::from(counts.sessions > 0), Ordering::Relaxed);
+            match (counts.missing, missing_since) {
+                (0, _) => missing_since = None,
+                (_, None) => missing_since = Some(Instant::now()),
+                (n, Some(t)) if t.elapsed() >= Duration::from_secs(60) => {
+                    tracing::warn!(missing = n, sessions = counts.sessions, "some server replicas have been unreachable for 60 s: check that this agent can reach their advertised addresses, or that the load balancer spreads new connections");
+                    missing_since = Some(Instant::now()); // again in 60 s
+                }
+                _ => {}
+            }
             sup.tick().await;
         }
     }

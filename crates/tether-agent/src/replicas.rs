@@ -120,6 +120,9 @@ struct State {
     view: HashMap<Key, Seen>,
     /// Addresses of the server URL's name, when it has several.
     url_addrs: Vec<SocketAddr>,
+    /// Replicas that said they are leaving and have not come back: still
+    /// dialed (a restart comes back at the same address), not "missing".
+    left: std::collections::HashSet<Key>,
     stopping: bool,
     /// Every session not yet closed (draining ones too), for the shutdown.
     all: Vec<Connection>,
@@ -177,7 +180,7 @@ impl Supervisor {
         let wanted = wanted(&st);
         let missing = wanted
             .iter()
-            .filter(|k| !st.live.values().any(|l| l.covers(k)))
+            .filter(|k| !st.left.contains(*k) && !st.live.values().any(|l| l.covers(k)))
             .count();
         let sessions = st
             .live
@@ -261,6 +264,7 @@ impl Supervisor {
         if let Some(t) = st.targets.get_mut(key) {
             t.failures = 0;
         }
+        st.left.remove(key);
         let slot = st.next_slot;
         st.next_slot += 1;
         st.all.retain(|c| !c.is_closed());
@@ -298,6 +302,10 @@ impl Supervisor {
             // restart at the same address), and not dialed at once.
             if let Some(k) = this.as_ref().and_then(key_of) {
                 st.view.remove(&k);
+                st.left.insert(k);
+            }
+            if matches!(live.key, Key::Addr(_)) {
+                st.left.insert(live.key.clone());
             }
         }
         let advertised = st.view.contains_key(&live.key);
