@@ -866,3 +866,108 @@ fn scale_up_from_two_to_three_replicas_under_load() {
         "too little load to mean anything:\n{summary}"
     );
 }
+
+/// "A plain multi-address DNS name works too": two replicas that know
+/// nothing of each other (no peers), and a server URL whose name has both
+/// addresses. The agent counts each address as a replica and holds a
+/// session to both. Runs in a network namespace of its own, whose
+/// `/etc/hosts` (`/etc/netns/NAME/hosts`, which `ip netns exec` mounts)
+/// gives the name its two addresses.
+#[test]
+fn a_server_name_with_several_addresses_counts_each_as_a_replica() {
+    const T: &str = "a_server_name_with_several_addresses_counts_each_as_a_replica";
+    if !is_root() {
+        assert!(!under_ci(), "{T} needs root (network namespaces)");
+        eprintln!("SKIPPED {T}: network namespaces need root");
+        return;
+    }
+    let dir = TestDir::new("multiaddr");
+    let ns = Netns::create("ma");
+    let net = ns.net();
+    let hosts_dir = std::path::PathBuf::from("/etc/netns").join(&ns.name);
+    std::fs::create_dir_all(&hosts_dir).expect("/etc/netns/NAME");
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _hosts_cleanup = RemoveDir(hosts_dir.clone());
+    std::fs::write(
+        hosts_dir.join("hosts"),
+        "127.0.0.1 localhost\n127.0.0.11 tether.test\n127.0.0.12 tether.test\n",
+    )
+    .expect("hosts file");
+    let pki = Pki::new(&dir.path, "127.0.0.10".parse().expect("ip"));
+    let port = 7443;
+    let replicas: Vec<Proc> = ["127.0.0.11", "127.0.0.12"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let args: Vec<String> = [
+                "server",
+                "--listen",
+                &format!("{ip}:{port}"),
+                "--metrics-listen",
+                &format!("{ip}:9090"),
+                "--tls-cert",
+                &pki.cert.display().to_string(),
+                "--tls-key",
+                &pki.key.display().to_string(),
+                "--replica-id",
+                &format!("m{}", i + 1),
+                "--agent",
+                &format!("prod={AGENT_TOKEN}"),
+                "--shutdown-delay-ms",
+                "0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            Proc::spawn_in(&net, &dir.path, &format!("m{}", i + 1), &args)
+        })
+        .collect();
+    let agent_args: Vec<String> = [
+        "agent",
+        "--server",
+        &format!("wss://tether.test:{port}"),
+        "--ca-file",
+        &pki.ca.display().to_string(),
+        "--name",
+        "prod",
+        "--token",
+        AGENT_TOKEN,
+        "--instance",
+        "a1",
+        "--service",
+        "echo=127.0.0.1:9",
+        "--metrics-listen",
+        "127.0.0.1:9191",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let agent = Proc::spawn_in(&net, &dir.path, "agent", &agent_args);
+    let instances = |ip: &str| {
+        net.http_get(format!("{ip}:9090").parse().expect("addr"), "/metrics")
+            .and_then(|(_, body)| metric(&body, "tether_agent_instances{agent=\"prod\"}"))
+    };
+    let both = wait_until(Duration::from_secs(20), || {
+        instances("127.0.0.11") == Some(1.0) && instances("127.0.0.12") == Some(1.0)
+    });
+    let agent_sessions = net
+        .http_get("127.0.0.1:9191".parse().expect("addr"), "/metrics")
+        .and_then(|(_, body)| metric(&body, "tether_agent_replica_sessions"));
+    assert!(
+        both && agent_sessions == Some(2.0),
+        "the agent should hold a session to each address of tether.test: replicas {:?} {:?}, \
+         agent sessions {agent_sessions:?}\n--- agent ---\n{}\n--- m1 ---\n{}\n--- m2 ---\n{}",
+        instances("127.0.0.11"),
+        instances("127.0.0.12"),
+        agent.log_lines(&["registered", "WARN", "ERROR"], 20),
+        replicas[0].log_lines(&["agent", "WARN"], 10),
+        replicas[1].log_lines(&["agent", "WARN"], 10),
+    );
+    drop(agent);
+    drop(replicas);
+}
