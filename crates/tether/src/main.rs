@@ -26,8 +26,21 @@ use toml::{Table, Value};
 #[derive(Parser)]
 #[command(name = "tether", version, about, long_about, max_term_width = 100)]
 struct Cli {
+    /// Log lines as text for people, or as one JSON object per line for log
+    /// pipelines (audit lines included, with target "audit").
+    #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +56,13 @@ enum Command {
     /// Make and hash tokens (configs can hold the hash instead of the token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a shell completion script: `tether completions bash > /etc/bash_completion.d/tether`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `tether man | man -l -`.
+    Man,
     /// A small web app (page, WebSocket echo, events) to try browser access with.
     #[command(hide = true)]
     SampleApp(sample_app::SampleAppArgs),
@@ -272,17 +292,36 @@ enum ClientAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "tether", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none(),
+            )
+            .init(),
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         match cli.command {
@@ -292,6 +331,7 @@ fn main() -> anyhow::Result<()> {
             Command::Demo(a) => demo::run(a).await,
             Command::SampleApp(a) => sample_app::run(a).await,
             Command::Token(t) => token_command(t),
+            Command::Completions { .. } | Command::Man => Ok(()),
         }
     })
 }

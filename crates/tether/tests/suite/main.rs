@@ -8,6 +8,7 @@ mod common;
 mod abuse;
 mod agent_dns;
 mod browser;
+mod cli;
 mod e2e;
 mod ha;
 mod lifecycle;
