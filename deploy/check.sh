@@ -24,6 +24,17 @@ for f in deploy/kubernetes/*.yaml; do
   fi
 done
 
+# The dashboard and the alert rules parse (their metric names are checked
+# against a live /metrics by the test cli::dashboard_and_alerts_*).
+if python3 -c 'import json, sys, yaml
+json.load(open("deploy/observability/grafana-dashboard.json"))
+rules = yaml.safe_load(open("deploy/observability/alerts.yaml"))
+assert all("alert" in r and "expr" in r for g in rules["groups"] for r in g["rules"])'; then
+  echo "deploy: the Grafana dashboard and the alert rules parse"
+else
+  echo "deploy: deploy/observability/ does not parse"; fail=1
+fi
+
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for f in deploy/systemd/*.service; do

@@ -94,3 +94,102 @@ async fn json_logs_are_one_object_per_line_audit_included() {
     assert_eq!(audit["fields"]["target"], "prod/echo");
     drop(client);
 }
+
+/// Every metric the Grafana dashboard and the alert rules in
+/// `deploy/observability/` query exists in a live `/metrics` of a server or
+/// an agent, once the things they count have happened (a stream, a refused
+/// open, a limit hit, a reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_query_only_metrics_that_exist() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/observability/");
+    let wanted: std::collections::BTreeSet<String> = ["grafana-dashboard.json", "alerts.yaml"]
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(format!("{root}{f}")).expect("read");
+            metric_names_in(&text)
+        })
+        .collect();
+    assert!(wanted.len() >= 10, "too few metrics found: {wanted:?}");
+
+    let dir = std::env::temp_dir().join(format!("tether-observe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, "[limits]\nmax_sessions_per_client = 1\n").expect("config");
+    let echo = echo_service().await;
+    let t = Tunnel::start_with(
+        &[("echo", echo)],
+        &["--config", &cfg.display().to_string()],
+        &[],
+    );
+    let (port, ghost) = (free_port(), free_port());
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo"), (ghost, "ghost/web")]);
+    // A stream with bytes both ways.
+    let mut s = connect(port).await;
+    s.write_all(b"ping\n").await.expect("write");
+    let mut got = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    drop(s);
+    // A refused open (no such agent) and a refused session (the limit).
+    let mut g = connect(ghost).await;
+    let mut buf = [0u8; 8];
+    let _ = tokio::time::timeout(Duration::from_secs(5), g.read(&mut buf)).await;
+    let second = forward_client(&t.url(), CLIENT_TOKEN, &[(free_port(), "prod/echo")]);
+    assert!(
+        second.wait_log("HTTP 429", Duration::from_secs(10)),
+        "{}",
+        second.log_text()
+    );
+    // A reload.
+    t.server.signal("HUP");
+    assert!(t.server.wait_log("reload", Duration::from_secs(10)));
+    let ok = wait_until(Duration::from_secs(10), || {
+        let have = live_names(&t);
+        wanted.iter().all(|m| have.contains(m))
+    });
+    let have = live_names(&t);
+    let missing: Vec<&String> = wanted.iter().filter(|m| !have.contains(*m)).collect();
+    assert!(
+        ok,
+        "dashboard/alerts query metrics that do not exist: {missing:?}\nlive: {have:?}"
+    );
+    drop(second);
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every `tether_*` name in a dashboard or rules file.
+fn metric_names_in(text: &str) -> Vec<String> {
+    let mut names = vec![];
+    let mut rest = text;
+    while let Some(i) = rest.find("tether_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let before = rest[..i].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Metric names with samples in the server's and the agent's `/metrics`.
+fn live_names(t: &Tunnel) -> std::collections::BTreeSet<String> {
+    let agent = http_get(t.agent_metrics, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    [t.server_metrics(), agent]
+        .iter()
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
