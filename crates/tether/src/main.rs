@@ -1,6 +1,7 @@
 //! `tether`: one binary for the server, the agent, the client and a demo.
 
 mod demo;
+mod doctor;
 mod sample_app;
 
 /// mimalloc instead of the system allocator: the data path allocates and
@@ -56,6 +57,8 @@ enum Command {
     /// Make and hash tokens (configs can hold the hash instead of the token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Check the way to a server step by step (DNS, TCP, TLS, token) and say what to fix.
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script: `tether completions bash > /etc/bash_completion.d/tether`.
     Completions {
         /// The shell.
@@ -331,6 +334,7 @@ fn main() -> anyhow::Result<()> {
             Command::Demo(a) => demo::run(a).await,
             Command::SampleApp(a) => sample_app::run(a).await,
             Command::Token(t) => token_command(t),
+            Command::Doctor(a) => doctor::summary(doctor::run(a).await),
             Command::Completions { .. } | Command::Man => Ok(()),
         }
     })

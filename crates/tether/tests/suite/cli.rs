@@ -193,3 +193,122 @@ fn live_names(t: &Tunnel) -> std::collections::BTreeSet<String> {
         })
         .collect()
 }
+
+/// `tether doctor` against a real TLS server: all checks pass with the
+/// right settings, and each common mistake is named on its own line with
+/// its fix (wrong port, ws:// to a TLS port, a wrong pin, an expired
+/// certificate, a wrong token); the exit status says which.
+#[test]
+fn doctor_names_each_common_mistake() {
+    let port = free_port();
+    let server = Proc::spawn(
+        "doctor-server",
+        &[
+            "server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--self-signed".into(),
+            "--client".into(),
+            format!("dev={CLIENT_TOKEN}=prod/*"),
+        ],
+    );
+    assert!(server.wait_log("server listening", Duration::from_secs(10)));
+    let log = server.log_text();
+    let fp = log
+        .split("fingerprint=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the server prints its fingerprint")
+        .to_owned();
+    let doctor = |args: &[&str]| -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("doctor")
+            .args(args)
+            .env_remove("TETHER_TOKEN")
+            .output()
+            .expect("run doctor");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let url = format!("wss://127.0.0.1:{port}");
+    let (ok, out) = doctor(&[
+        "--server",
+        &url,
+        "--fingerprint",
+        &fp,
+        "--token",
+        CLIENT_TOKEN,
+    ]);
+    assert!(ok && out.contains("all checks passed"), "{out}");
+    assert!(out.contains("protocol version 4"), "{out}");
+
+    let closed = format!("wss://127.0.0.1:{}", free_port());
+    let (ok, out) = doctor(&["--server", &closed, "--fingerprint", &fp]);
+    assert!(
+        !ok && out.contains("FAIL  tcp") && out.contains("refused"),
+        "{out}"
+    );
+
+    let plain = format!("ws://127.0.0.1:{port}");
+    let (ok, out) = doctor(&["--server", &plain, "--token", CLIENT_TOKEN]);
+    assert!(
+        !ok && out.contains("FAIL  plain") && out.contains("use wss://"),
+        "{out}"
+    );
+
+    let other = ["AB"; 32].join(":");
+    let (ok, out) = doctor(&["--server", &url, "--fingerprint", &other]);
+    assert!(
+        !ok && out.contains("FAIL  tls") && out.contains(&fp) && out.contains("not the pinned"),
+        "{out}"
+    );
+
+    let (ok, out) = doctor(&["--server", &url, "--fingerprint", &fp, "--token", "nope"]);
+    assert!(
+        !ok && out.contains("FAIL  token") && out.contains("401"),
+        "{out}"
+    );
+
+    // An expired certificate, checked against its CA.
+    let dir = std::env::temp_dir().join(format!("tether-doctor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("params");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("cert");
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).expect("write cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    let expired_port = free_port();
+    let expired = Proc::spawn(
+        "doctor-expired",
+        &[
+            "server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{expired_port}"),
+            "--tls-cert".into(),
+            cert_file.display().to_string(),
+            "--tls-key".into(),
+            key_file.display().to_string(),
+        ],
+    );
+    assert!(expired.wait_log("server listening", Duration::from_secs(10)));
+    let (ok, out) = doctor(&[
+        "--server",
+        &format!("wss://127.0.0.1:{expired_port}"),
+        "--ca-file",
+        &cert_file.display().to_string(),
+    ]);
+    assert!(
+        !ok && out.contains("FAIL  tls") && out.contains("expired"),
+        "{out}"
+    );
+    drop(expired);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
