@@ -420,22 +420,7 @@ async fn newest_agent_session_wins() {
     // half-open socket) replaces its old session.
     let echo = echo_service().await;
     let t = Tunnel::start(&[("echo", echo)], &["--instance", "prod-0"]);
-    let second = Proc::spawn(
-        "agent-2",
-        &[
-            "agent".into(),
-            "--server".into(),
-            t.url(),
-            "--name".into(),
-            "prod".into(),
-            "--instance".into(),
-            "prod-0".into(),
-            "--token".into(),
-            AGENT_TOKEN.into(),
-            "--service".into(),
-            format!("echo={echo}"),
-        ],
-    );
+    let second = agent_instance(&t, "prod-0", echo);
     assert!(second.wait_log("registered as prod", Duration::from_secs(10)));
     assert!(t
         .server
@@ -448,14 +433,10 @@ async fn newest_agent_session_wins() {
     );
 }
 
-/// Two agent processes with one name and different instance ids form a
-/// pool: both stay connected and new streams go to both.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_with_one_name_and_two_instances_share_the_streams() {
-    let echo = echo_service().await;
-    let t = Tunnel::start(&[("echo", echo)], &["--instance", "i1"]);
-    let second = Proc::spawn(
-        "agent-i2",
+/// A second agent process `prod` with instance id `instance`, serving `echo`.
+fn agent_instance(t: &Tunnel, instance: &str, echo: std::net::SocketAddr) -> Proc {
+    Proc::spawn(
+        &format!("agent-{instance}"),
         &[
             "agent".into(),
             "--server".into(),
@@ -463,13 +444,22 @@ async fn agents_with_one_name_and_two_instances_share_the_streams() {
             "--name".into(),
             "prod".into(),
             "--instance".into(),
-            "i2".into(),
+            instance.into(),
             "--token".into(),
             AGENT_TOKEN.into(),
             "--service".into(),
             format!("echo={echo}"),
         ],
-    );
+    )
+}
+
+/// Two agent processes with one name and different instance ids form a
+/// pool: both stay connected and new streams go to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_with_one_name_and_two_instances_share_the_streams() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &["--instance", "i1"]);
+    let second = agent_instance(&t, "i2", echo);
     assert!(second.wait_log("registered as prod", Duration::from_secs(10)));
     assert!(wait_until(Duration::from_secs(5), || t
         .server_metric("tether_agent_instances{agent=\"prod\"}")

@@ -49,23 +49,7 @@ impl Proc {
     pub(crate) fn spawn(name: &str, args: &[String]) -> Proc {
         let dir = std::env::temp_dir().join(format!("tether-tests-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("log dir");
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let log = dir.join(format!("{name}-{n}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("dup"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn tether");
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        }
+        Proc::spawn_in(&ha::Net::Root, &dir, name, args)
     }
 
     pub(crate) fn log_text(&self) -> String {
