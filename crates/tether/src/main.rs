@@ -186,8 +186,14 @@ struct ServerArgs {
     /// IP and port) [default: the listen address, when it is one IP].
     #[arg(long, env = "TETHER_ADVERTISE")]
     advertise: Option<SocketAddr>,
-    /// A server replica: [ID=]IP:PORT (repeatable; this one may be listed).
-    #[arg(long = "peer", value_name = "[ID=]IP:PORT")]
+    /// A server replica: [ID=]IP:PORT (repeatable, or comma-separated in
+    /// TETHER_PEERS; this one may be listed).
+    #[arg(
+        long = "peer",
+        value_name = "[ID=]IP:PORT",
+        env = "TETHER_PEERS",
+        value_delimiter = ','
+    )]
     peers: Vec<String>,
     /// The replicas are the addresses of NAME (a headless Service), at PORT.
     #[arg(long, env = "TETHER_PEERS_DNS", value_name = "NAME:PORT")]
@@ -195,6 +201,13 @@ struct ServerArgs {
     /// DNS server for --peers-dns (IP or IP:PORT) [default: the system resolver].
     #[arg(long, env = "TETHER_PEERS_DNS_SERVER")]
     peers_dns_server: Option<String>,
+    /// How often --peers-dns is resolved again, in milliseconds [default: 5000].
+    #[arg(long, env = "TETHER_PEERS_INTERVAL_MS")]
+    peers_interval_ms: Option<u64>,
+    /// How long an open waits for an agent this replica does not hold yet
+    /// (just started, or the agent just dropped), in milliseconds [default: 3000].
+    #[arg(long, env = "TETHER_AGENT_WAIT_MS")]
+    agent_wait_ms: Option<u64>,
     /// After SIGTERM, keep serving this long while /readyz fails, so load
     /// balancers stop sending new connections first [default: 10000].
     #[arg(long, env = "TETHER_SHUTDOWN_DELAY_MS")]
@@ -569,6 +582,12 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
     set(cluster, "advertise", a.advertise.map(|l| l.to_string()));
     set(cluster, "peers_dns", a.peers_dns);
     set(cluster, "dns_server", a.peers_dns_server);
+    set(
+        cluster,
+        "peers_interval_ms",
+        a.peers_interval_ms.map(|v| v as i64),
+    );
+    set(cluster, "agent_wait_ms", a.agent_wait_ms.map(|v| v as i64));
     set(
         cluster,
         "shutdown_delay_ms",

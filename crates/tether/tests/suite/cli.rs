@@ -312,3 +312,48 @@ fn doctor_names_each_common_mistake() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `[cluster]` settings come from the environment too (as a Kubernetes
+/// manifest sets them): the replica id, a comma-separated peer list, and
+/// the replica list the server builds from them.
+#[test]
+fn cluster_settings_come_from_the_environment() {
+    let port = free_port();
+    let metrics = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .env("TETHER_REPLICA_ID", "pod-a")
+        .env("TETHER_PEERS", "pod-b=127.0.0.12:7700,127.0.0.13:7700")
+        .env("TETHER_AGENT_WAIT_MS", "500")
+        .env("TETHER_SHUTDOWN_DELAY_MS", "0")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let addr = format!("127.0.0.1:{metrics}").parse().expect("addr");
+    let up = wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/metrics")
+            .is_some_and(|(_, b)| b.contains("tether_replica{replica=\"pod-a\"} 1"))
+    });
+    // With peers and no agent yet, the replica is not ready.
+    let ready = http_get(addr, "/readyz").map(|(s, _)| s);
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(up, "no tether_replica metric for pod-a:\n{log}");
+    assert_eq!(ready, Some(503), "{log}");
+    assert!(
+        log.contains(&format!("pod-a@127.0.0.1:{port}"))
+            && log.contains("pod-b@127.0.0.12:7700")
+            && log.contains("127.0.0.13:7700"),
+        "the replica list should hold this replica and both peers:\n{log}"
+    );
+}
