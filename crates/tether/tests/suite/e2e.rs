@@ -487,4 +487,23 @@ async fn agents_with_one_name_and_two_instances_share_the_streams() {
         "40 streams spread over the pool: {a} and {b}"
     );
     assert!(!t.server.log_text().contains("newest session wins"));
+    // The console's API lists both instances of the pool.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {CLIENT_TOKEN}")])
+        .arg(format!("http://{}/api/agents", t.server_addr()))
+        .output()
+        .expect("curl");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let prod = j["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == "prod"))
+        .expect("agent prod listed");
+    let mut ids: Vec<&str> = prod["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["i1", "i2"], "{j}");
 }
