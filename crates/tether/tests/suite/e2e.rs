@@ -187,29 +187,53 @@ async fn many_short_connections_leave_no_streams_behind() {
     let svc = count_then_answer_service().await;
     let t = Tunnel::start(&[("count", svc)], &[]);
     let port = free_port();
-    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/count")]);
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/count")]);
+    // Each connection reports its failure instead of panicking, so that a
+    // failure shows what the client logged about it (a refused open drops
+    // the local connection with unread bytes: the test sees a reset).
     let one = |i: u64| async move {
         let mut s = connect(port).await;
+        let local = s.local_addr().map_err(|e| e.to_string())?;
         let msg = format!("request {i}");
-        s.write_all(msg.as_bytes()).await.unwrap();
-        s.shutdown().await.unwrap();
+        let io = |e: std::io::Error| format!("connection {i} from {local}: {e}");
+        s.write_all(msg.as_bytes()).await.map_err(io)?;
+        s.shutdown().await.map_err(io)?;
         let mut answer = String::new();
-        s.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with(&format!("{} ", msg.len())), "{answer:?}");
+        s.read_to_string(&mut answer).await.map_err(io)?;
+        if !answer.starts_with(&format!("{} ", msg.len())) {
+            return Err(format!("connection {i} from {local}: answer {answer:?}"));
+        }
+        Ok::<(), String>(())
     };
+    let mut failures = Vec::new();
     for i in 0..200 {
-        one(i).await;
+        if let Err(e) = one(i).await {
+            failures.push(e);
+        }
     }
     let mut tasks = Vec::new();
     for i in 0..300 {
         tasks.push(tokio::spawn(one(i)));
     }
     for task in tasks {
-        tokio::time::timeout(Duration::from_secs(60), task)
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(60), task)
             .await
-            .unwrap()
-            .unwrap();
+            .expect("every connection ends within 60 s")
+            .expect("connection task")
+        {
+            failures.push(e);
+        }
     }
+    let client_log = client.log_text();
+    let complaints: Vec<&str> = client_log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("ended with error"))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} connections failed: {failures:?}\nclient complaints: {complaints:#?}",
+        failures.len()
+    );
     assert!(
         wait_until(Duration::from_secs(10), || {
             t.server_metric("tether_live_streams") == Some(0.0)
