@@ -28,7 +28,9 @@ pub use frame::{
     CatalogEntry, Frame, FrameError, FrameType, ReplicaEntry, Replicas, ServiceKind, StreamId,
     Target, TargetKind,
 };
-pub use session::{Config, Event, OpenError, Role, Session, SessionError, StreamStats, WriteError};
+pub use session::{
+    Config, Event, OpenError, Role, Session, SessionError, StreamBytes, StreamStats, WriteError,
+};
 
 /// The WebSocket subprotocol that carries version 1 of this protocol.
 pub const SUBPROTOCOL: &str = "tether.v1";

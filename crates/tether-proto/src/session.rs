@@ -290,6 +290,15 @@ pub struct StreamStats {
     pub queued_bytes: usize,
 }
 
+/// One stream's byte counts (see [`Session::stream_bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamBytes {
+    /// Bytes the application wrote on the stream.
+    pub sent: u64,
+    /// Bytes of DATA the peer sent on it.
+    pub received: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Handshaking,
@@ -822,6 +831,7 @@ impl Session {
             return;
         }
         s.recv_remaining -= len;
+        s.bytes_received += len;
         s.last_activity = now;
         if !payload.is_empty() {
             self.events.push_back(Event::Data { id, data: payload });
@@ -963,6 +973,7 @@ impl Session {
         }
         let chunk = data.split_to(take);
         s.send_credit -= take as u64;
+        s.bytes_sent += take as u64;
         s.queued += take;
         s.send_queue.push_back(chunk);
         self.queued_total += take;
@@ -1113,6 +1124,16 @@ impl Session {
         self.streams.get(&id).map_or(0, |s| {
             let granted_unused = s.recv_remaining + s.recv_unacked;
             u64::from(s.recv_window).saturating_sub(granted_unused) as usize
+        })
+    }
+
+    /// Bytes written on this stream by the application and received from
+    /// the peer so far, while the session keeps the stream (`None` once it
+    /// is gone).
+    pub fn stream_bytes(&self, id: StreamId) -> Option<StreamBytes> {
+        self.streams.get(&id).map(|s| StreamBytes {
+            sent: s.bytes_sent,
+            received: s.bytes_received,
         })
     }
 

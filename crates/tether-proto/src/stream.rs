@@ -52,6 +52,11 @@ pub(crate) struct Stream {
 
     /// Last frame seen or sent for this stream (drives the half-close linger).
     pub last_activity: Instant,
+
+    /// Bytes the application wrote (accepted into the send queue).
+    pub bytes_sent: u64,
+    /// Bytes of DATA the peer sent on it.
+    pub bytes_received: u64,
 }
 
 impl Stream {
@@ -72,6 +77,8 @@ impl Stream {
             last_update_at: None,
             fin_received: false,
             last_activity: now,
+            bytes_sent: 0,
+            bytes_received: 0,
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tether_proto::frame::{CatalogEntry, Frame, ServiceKind, StreamId, Target};
 use tether_proto::{
-    Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError,
+    Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError, StreamBytes,
 };
 
 /// Two sessions and the messages in flight between them.
@@ -147,6 +147,27 @@ fn handshake_and_open_accept_data_fin() {
     assert!(p.b_events.contains(&Event::Closed { id }));
     assert_eq!(p.a.stats().live, 0);
     assert_eq!(p.b.stats().live, 0);
+}
+
+#[test]
+fn stream_bytes_count_what_each_side_wrote_and_received() {
+    let mut p = Pair::default();
+    let id = p.open_accepted("prod/db");
+    assert_eq!(p.a.stream_bytes(id), Some(StreamBytes::default()));
+    p.a.stream_write(id, Bytes::from_static(b"hello")).unwrap();
+    p.pump(usize::MAX);
+    p.b.stream_write(id, Bytes::from_static(b"hi")).unwrap();
+    p.pump(usize::MAX);
+    let a = p.a.stream_bytes(id).unwrap();
+    let b = p.b.stream_bytes(id).unwrap();
+    assert_eq!((a.sent, a.received), (5, 2));
+    assert_eq!((b.sent, b.received), (2, 5));
+    // Gone with the stream.
+    p.a.stream_finish(id).unwrap();
+    p.b.stream_finish(id).unwrap();
+    p.pump(usize::MAX);
+    assert_eq!(p.a.stream_bytes(id), None);
+    assert_eq!(p.b.stream_bytes(id), None);
 }
 
 #[test]

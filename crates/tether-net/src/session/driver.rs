@@ -234,6 +234,12 @@ impl Connection {
         self.shared.lock().session.stats()
     }
 
+    /// Bytes written and received on stream `id` of this session so far
+    /// (`None` once the stream is gone).
+    pub fn stream_bytes(&self, id: tether_proto::StreamId) -> Option<tether_proto::StreamBytes> {
+        self.shared.lock().session.stream_bytes(id)
+    }
+
     /// Latest measured round-trip time.
     pub fn rtt(&self) -> Option<Duration> {
         self.shared.lock().rtt
