@@ -137,7 +137,7 @@ impl Authenticator {
             names.insert(name.clone());
             allows.push((name.clone(), allow.clone()));
         }
-        a.policy = Policy::new(&cfg.rules, &allows)?;
+        a.policy = Policy::new(&cfg.rules, &allows)?.with_admins(&cfg.admins)?;
         if let Some(j) = &cfg.jwt {
             a.jwt = Some(JwtVerifier::new(j)?);
         }
@@ -222,6 +222,11 @@ impl Authenticator {
         proto: Protocol,
     ) -> Decision {
         self.policy.decide(id, agent, service, proto)
+    }
+
+    /// Whether `id` may use the admin API (`admins` in the config).
+    pub(crate) fn is_admin(&self, id: &ClientIdentity) -> bool {
+        self.policy.is_admin(id)
     }
 
     /// Whether the console shows `agent` to `id`.

@@ -192,6 +192,11 @@ impl Cluster {
         }
     }
 
+    /// How long this replica has been up.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// The current phase.
     pub(crate) fn phase(&self) -> Phase {
         *self.phase.borrow()

@@ -42,7 +42,7 @@ use crate::identity::ClientIdentity;
 use crate::limits::{Limit, Limits};
 use crate::metrics::Metrics;
 use crate::registry::{AgentEntry, Registry};
-use crate::streams::{self, Streams, ACCESS_REVOKED};
+use crate::streams::{self, StreamOwner, Streams, Traffic, ACCESS_REVOKED};
 
 /// Who opens: whether the policy applies, and the identity the limits are
 /// counted under.
@@ -178,8 +178,8 @@ impl Opener {
         let protocol = protocol_of(kind);
         let mut guard = self.guard(caller.key().into(), protocol);
         guard.admit(caller, agent, &service)?;
-        let stream = match guard.dial(agent, &service, kind).await {
-            Ok((s, _)) => s,
+        let (stream, conn) = match guard.dial(agent, &service, kind).await {
+            Ok(dialed) => dialed,
             Err(Dial::Server(r)) => return Err(refuse(r)),
             Err(Dial::Agent(r)) => {
                 tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "allowed", result = %r.code, reason = %r.reason, "audit");
@@ -189,7 +189,10 @@ impl Opener {
                 )));
             }
         };
-        guard.track(caller, agent, &service).map_err(refuse)?;
+        let traffic = Traffic::OnSession(conn, stream.id());
+        guard
+            .track(caller, agent, &service, traffic)
+            .map_err(refuse)?;
         Ok((stream, guard))
     }
 
@@ -449,25 +452,32 @@ impl OpenGuard {
         opened.map(|s| (s, session)).map_err(Dial::Agent)
     }
 
-    /// Stage 3: enters the stream in the table of live streams (client
-    /// identities only: a listener's streams are the operator's). When a
-    /// reload happened since [`OpenGuard::admit`] (while the agent was
-    /// dialing, say), that reload could not see this stream, so it is
-    /// checked against the current tables now.
+    /// Stage 3: enters the stream in the table of live streams, with where
+    /// its byte counts come from (`traffic`). A client identity's stream is
+    /// revocable: when a reload happened since [`OpenGuard::admit`] (while
+    /// the agent was dialing, say), that reload could not see this stream,
+    /// so it is checked against the current tables now. A listener's
+    /// streams are the operator's and only listed.
     pub(crate) fn track(
         &mut self,
         caller: &Caller,
         agent: &str,
         service: &str,
+        traffic: Traffic,
     ) -> Result<(), Refusal> {
-        let Caller::Client(identity) = caller else {
-            return Ok(());
+        let owner = match caller {
+            Caller::Client(identity) => StreamOwner::Client(identity.clone()),
+            Caller::Listener(_) => StreamOwner::Listener(caller.name().into_owned()),
         };
         self.live = Some(
             self.h
                 .streams
-                .insert(identity, agent, service, self.protocol),
+                .insert(owner, agent, service, self.protocol, traffic),
         );
+        // Listeners are the operator's: no credential to expire or revoke.
+        let Caller::Client(identity) = caller else {
+            return Ok(());
+        };
         self.expires_at = identity.expires_in().map(|d| Instant::now() + d);
         if self.h.auth.generation() != self.generation {
             let auth = self.h.auth.get();

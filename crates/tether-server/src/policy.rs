@@ -116,6 +116,16 @@ pub(crate) struct Decision {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Policy {
     rules: Vec<Rule>,
+    /// Who may use the admin API (`admins` in the config).
+    admins: Vec<Subject>,
+}
+
+/// A `who` entry: `group:NAME` or a name, both globs.
+fn subject(w: &str) -> Subject {
+    match w.strip_prefix("group:") {
+        Some(g) => Subject::Group(g.to_owned()),
+        None => Subject::Name(w.to_owned()),
+    }
 }
 
 impl Policy {
@@ -133,14 +143,7 @@ impl Policy {
             if r.allow.is_empty() == r.deny.is_empty() {
                 bail!("[[rule]] #{}: set exactly one of `allow` / `deny`", i + 1);
             }
-            let who = r
-                .who
-                .iter()
-                .map(|w| match w.strip_prefix("group:") {
-                    Some(g) => Subject::Group(g.to_owned()),
-                    None => Subject::Name(w.clone()),
-                })
-                .collect();
+            let who = r.who.iter().map(|w| subject(w)).collect();
             let deny = !r.deny.is_empty();
             let targets = if deny { &r.deny } else { &r.allow }
                 .iter()
@@ -176,7 +179,27 @@ impl Policy {
                 label: format!("client {name}'s allow list"),
             });
         }
-        Ok(Policy { rules: out })
+        Ok(Policy {
+            rules: out,
+            admins: vec![],
+        })
+    }
+
+    /// The policy with `admins` (names and `group:NAME`s, globs, as in a
+    /// rule's `who`) allowed to use the admin API.
+    pub(crate) fn with_admins(mut self, admins: &[String]) -> anyhow::Result<Policy> {
+        for w in admins {
+            if w.is_empty() || w == "group:" {
+                bail!("admins: an empty entry");
+            }
+        }
+        self.admins = admins.iter().map(|w| subject(w)).collect();
+        Ok(self)
+    }
+
+    /// Whether `id` may use the admin API.
+    pub(crate) fn is_admin(&self, id: &ClientIdentity) -> bool {
+        self.admins.iter().any(|s| s.matches(id))
     }
 
     /// Decides whether `id` may open `agent/service` over `proto`.

@@ -11,6 +11,7 @@
 //! | `/tether/v1/ws/AGENT/SERVICE` | [`crate::raw_ws`] |
 //! | `/login`, `/logout` | [`crate::web::login`] |
 //! | `/`, `/api/agents`, `/api/events` | [`crate::web::console`] |
+//! | `/api/v1/...` | [`crate::web::admin`] |
 //! | `/a/AGENT/SERVICE/...` | [`crate::web::proxy`] |
 
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use crate::registry::Registry;
 use crate::response::{redirect, text, Resp};
 use crate::session_agent::AgentEndpoint;
 use crate::session_client::ClientEndpoint;
+use crate::web::admin::{AdminApi, API_PREFIX};
 use crate::web::route::{route_by_host, route_by_path};
 use crate::web::{console, login, pages, proxy, request_host, split_port, Web, PATH_PREFIX};
 
@@ -37,6 +39,7 @@ pub(crate) struct Router {
     clients: Arc<ClientEndpoint>,
     raw: Arc<RawWsEndpoint>,
     web: Arc<Web>,
+    admin: AdminApi,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     cluster: Arc<Cluster>,
@@ -54,6 +57,8 @@ pub(crate) struct Endpoints {
     pub(crate) raw: RawWsEndpoint,
     /// Browser access.
     pub(crate) web: Web,
+    /// The admin API.
+    pub(crate) admin: AdminApi,
 }
 
 impl Router {
@@ -70,12 +75,14 @@ impl Router {
             clients,
             raw,
             web,
+            admin,
         } = endpoints;
         Router {
             agents: Arc::new(agents),
             clients: Arc::new(clients),
             raw: Arc::new(raw),
             web: Arc::new(web),
+            admin,
             metrics,
             registry,
             cluster,
@@ -174,6 +181,7 @@ impl Router {
                     _ => console::events(web.clone(), client, scheme, port),
                 }
             }
+            p if p.starts_with(API_PREFIX) => self.admin.serve(web, &req),
             p if p.starts_with(PATH_PREFIX) => {
                 let Some((route, tail)) = route_by_path(p) else {
                     return pages::error(

@@ -210,7 +210,9 @@ impl AgentEndpoint {
             name: name.clone(),
             token_hash,
         };
-        let key = self.sessions.track(conn.clone(), owner);
+        let key = self
+            .sessions
+            .track(conn.clone(), owner, peer, &info.peer_software);
         let sessions = self.metrics.sessions_of("agent");
         sessions.inc();
         self.metrics.agents.set(self.registry.len() as i64);

@@ -90,14 +90,17 @@ impl ClientEndpoint {
         let mut cfg = self.session_config.clone();
         // One client must not be able to take all of an agent's streams.
         cfg.max_peer_streams = self.limits.max_streams();
-        let Some((conn, _info, mut incoming)) =
+        let Some((conn, info, mut incoming)) =
             accept_session(&self.metrics, req, cfg, label, peer).await
         else {
             return;
         };
-        let key = self
-            .sessions
-            .track(conn.clone(), SessionOwner::Client(client.clone()));
+        let key = self.sessions.track(
+            conn.clone(),
+            SessionOwner::Client(client.clone()),
+            peer,
+            &info.peer_software,
+        );
         let sessions = self.metrics.sessions_of("client");
         sessions.inc();
         tracing::info!(client = %client.name, %peer, "client connected");

@@ -1,9 +1,12 @@
-//! Live multiplexed sessions (agents and CLI clients), for draining at
-//! shutdown and for closing those whose credentials a reload removed.
+//! Live multiplexed sessions (agents and CLI clients): for draining at
+//! shutdown, for closing those whose credentials a reload removed, and for
+//! the admin API's list ([`Sessions::list`]).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use tether_net::Connection;
 use tether_proto::ErrorCode;
@@ -25,19 +28,100 @@ pub(crate) enum SessionOwner {
     Client(ClientIdentity),
 }
 
+/// One tracked session.
+struct Tracked {
+    conn: Connection,
+    owner: SessionOwner,
+    peer: SocketAddr,
+    software: String,
+    since: SystemTime,
+}
+
+/// What the admin API shows of one session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionView {
+    /// Its key in the table (stable while it lives).
+    pub(crate) key: u64,
+    /// `agent` or `client`.
+    pub(crate) kind: &'static str,
+    /// The agent's or the client identity's name.
+    pub(crate) name: String,
+    /// Where it connects from (as the server sees it).
+    pub(crate) peer: SocketAddr,
+    /// The peer's software string.
+    pub(crate) software: String,
+    /// The negotiated protocol version.
+    pub(crate) version: u16,
+    /// Connected since.
+    pub(crate) since: SystemTime,
+    /// Streams open on it.
+    pub(crate) streams: u64,
+    /// Payload bytes received on it.
+    pub(crate) bytes_in: u64,
+    /// Payload bytes sent on it.
+    pub(crate) bytes_out: u64,
+    /// It was told to go away (or is closing): no new streams.
+    pub(crate) draining: bool,
+}
+
 /// Every live session.
 #[derive(Default)]
 pub(crate) struct Sessions {
-    map: Mutex<HashMap<u64, (Connection, SessionOwner)>>,
+    map: Mutex<HashMap<u64, Tracked>>,
     next: AtomicU64,
 }
 
 impl Sessions {
-    /// Remembers a live session until [`Sessions::untrack`].
-    pub(crate) fn track(&self, conn: Connection, owner: SessionOwner) -> u64 {
+    /// Remembers a live session from `peer` until [`Sessions::untrack`].
+    pub(crate) fn track(
+        &self,
+        conn: Connection,
+        owner: SessionOwner,
+        peer: SocketAddr,
+        software: &str,
+    ) -> u64 {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(key, (conn, owner));
+        self.lock().insert(
+            key,
+            Tracked {
+                conn,
+                owner,
+                peer,
+                software: software.to_owned(),
+                since: SystemTime::now(),
+            },
+        );
         key
+    }
+
+    /// Every live session, oldest first.
+    pub(crate) fn list(&self) -> Vec<SessionView> {
+        let mut v: Vec<SessionView> = self
+            .lock()
+            .iter()
+            .map(|(key, t)| {
+                let (kind, name) = match &t.owner {
+                    SessionOwner::Agent { name, .. } => ("agent", name.clone()),
+                    SessionOwner::Client(id) => ("client", id.name.clone()),
+                };
+                let c = t.conn.counters();
+                SessionView {
+                    key: *key,
+                    kind,
+                    name,
+                    peer: t.peer,
+                    software: t.software.clone(),
+                    version: t.conn.version(),
+                    since: t.since,
+                    streams: t.conn.stats().live as u64,
+                    bytes_in: c.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                    draining: t.conn.is_draining() || t.conn.is_closed(),
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| s.key);
+        v
     }
 
     /// Forgets a session.
@@ -49,7 +133,7 @@ impl Sessions {
     /// no longer accepts; returns how many.
     pub(crate) fn enforce(&self, auth: &Authenticator) -> usize {
         let mut closed = 0;
-        for (conn, owner) in self.lock().values() {
+        for Tracked { conn, owner, .. } in self.lock().values() {
             let valid = match owner {
                 SessionOwner::Agent { name, token_hash } => {
                     auth.agent_still_valid(name, token_hash.as_ref())
@@ -72,7 +156,7 @@ impl Sessions {
     /// new here, their live streams finish.
     pub(crate) fn go_away_clients(&self, reason: &str) -> usize {
         let mut n = 0;
-        for (conn, owner) in self.lock().values() {
+        for Tracked { conn, owner, .. } in self.lock().values() {
             if matches!(owner, SessionOwner::Client(_)) {
                 conn.go_away(ErrorCode::Normal, reason);
                 n += 1;
@@ -86,7 +170,7 @@ impl Sessions {
     /// advertised anew), `normal` to older ones; returns the sessions.
     pub(crate) fn go_away_agents(&self, reason: &str) -> Vec<Connection> {
         let mut conns = vec![];
-        for (conn, owner) in self.lock().values() {
+        for Tracked { conn, owner, .. } in self.lock().values() {
             if matches!(owner, SessionOwner::Agent { .. }) {
                 let code = if conn.version() >= tether_proto::REPLICAS_VERSION {
                     ErrorCode::Leaving
@@ -102,7 +186,7 @@ impl Sessions {
 
     /// Closes every session now (their last streams are reset).
     pub(crate) fn close_all(&self, reason: &str) {
-        for (conn, _) in self.lock().values() {
+        for Tracked { conn, .. } in self.lock().values() {
             conn.close(ErrorCode::Normal, reason);
         }
     }
@@ -111,11 +195,11 @@ impl Sessions {
     pub(crate) fn clients(&self) -> usize {
         self.lock()
             .values()
-            .filter(|(_, o)| matches!(o, SessionOwner::Client(_)))
+            .filter(|t| matches!(t.owner, SessionOwner::Client(_)))
             .count()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Connection, SessionOwner)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -28,6 +28,7 @@ use crate::session_client::ClientEndpoint;
 use crate::sessions::Sessions;
 use crate::streams::Streams;
 use crate::tls::TlsSlot;
+use crate::web::admin::AdminApi;
 use crate::web::logins::WebSessions;
 use crate::web::Web;
 
@@ -135,6 +136,12 @@ impl State {
                 clients,
                 raw,
                 web,
+                admin: AdminApi::new(
+                    self.registry.clone(),
+                    self.sessions.clone(),
+                    self.streams.clone(),
+                    self.cluster.clone(),
+                ),
             },
             self.metrics.clone(),
             self.registry.clone(),

@@ -3,6 +3,7 @@
 mod demo;
 mod doctor;
 mod sample_app;
+mod status;
 
 /// mimalloc instead of the system allocator: the data path allocates and
 /// frees buffers of tens to hundreds of KiB per message, and glibc's malloc
@@ -59,6 +60,8 @@ enum Command {
     Token(TokenCommand),
     /// Check the way to a server step by step (DNS, TCP, TLS, token) and say what to fix.
     Doctor(doctor::DoctorArgs),
+    /// Show what is connected to a server and what flows through it (admin API).
+    Status(status::StatusArgs),
     /// Print a shell completion script: `tether completions bash > /etc/bash_completion.d/tether`.
     Completions {
         /// The shell.
@@ -162,6 +165,10 @@ struct ServerArgs {
     /// patterns like prod/* (repeatable).
     #[arg(long = "client", value_name = "NAME=TOKEN=ALLOW")]
     clients: Vec<String>,
+    /// An identity that may use the admin API and `tether status`: a name
+    /// or group:NAME, globs allowed (repeatable; adds to the config's `admins`).
+    #[arg(long = "admin", value_name = "NAME")]
+    admins: Vec<String>,
     /// Public port bound to a service while its agent is connected:
     /// LISTEN=AGENT/SERVICE, e.g. 0.0.0.0:15432=prod/db (repeatable; use the
     /// config file for source allow-lists and the PROXY protocol).
@@ -348,6 +355,7 @@ fn main() -> anyhow::Result<()> {
             Command::SampleApp(a) => sample_app::run(a).await,
             Command::Token(t) => token_command(t),
             Command::Doctor(a) => doctor::summary(doctor::run(a).await),
+            Command::Status(a) => status::run(a).await,
             Command::Completions { .. } | Command::Man => Ok(()),
         }
     })
@@ -556,6 +564,11 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
         clients.push(Value::Table(e));
     }
     push_array(&mut t, "client", clients);
+    push_array(
+        &mut t,
+        "admins",
+        a.admins.into_iter().map(Value::String).collect(),
+    );
     let mut listeners = vec![];
     for s in a.listeners {
         let (listen, target) = s

@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// Access rules beyond each client's own `allow` list.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
+    /// Identities that may use the admin API (`/api/v1/...`, `tether
+    /// status`): names and `group:NAME`s, globs, as in a rule's `who`.
+    #[serde(default)]
+    pub admins: Vec<String>,
     /// JWT client identities.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
@@ -100,6 +104,7 @@ impl Default for ServerConfig {
             max_streams_per_client: MAX_STREAMS_PER_CLIENT,
             http: Default::default(),
             rules: vec![],
+            admins: vec![],
             jwt: None,
             limits: Default::default(),
             metrics_listen: None,

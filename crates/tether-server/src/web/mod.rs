@@ -21,6 +21,7 @@
 //! * [`login`] with [`logins`]: the login form and the browser sessions;
 //! * [`console`]: the console; [`pages`]: the server's own pages.
 
+pub(crate) mod admin;
 pub(crate) mod console;
 pub mod login;
 pub(crate) mod logins;

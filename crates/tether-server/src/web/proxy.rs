@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -42,7 +42,7 @@ use crate::admission::ConnectionHold;
 use crate::metrics::Metrics;
 use crate::open::{http_status, Caller, OpenGuard};
 use crate::response::{empty, BoxError, Resp};
-use crate::streams::ACCESS_REVOKED;
+use crate::streams::{ByteCounts, Traffic, ACCESS_REVOKED};
 
 /// Whether the warning about path routing without a name of the server's
 /// own has been logged (once per process is enough).
@@ -164,11 +164,11 @@ async fn proxy(
             format!("cannot forward path {rest:?}"),
         );
     };
-    let bytes_up: Arc<AtomicU64> = Arc::default();
-    let counted = bytes_up.clone();
+    let bytes: Arc<ByteCounts> = Arc::default();
+    let counted = bytes.clone();
     let body = body.map_frame(move |f| {
         if let Some(d) = f.data_ref() {
-            counted.fetch_add(d.len() as u64, Ordering::Relaxed);
+            counted.up.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
         f
     });
@@ -210,13 +210,15 @@ async fn proxy(
         status: status.as_u16(),
         started,
         ttfb_ms: started.elapsed().as_millis() as u64,
-        bytes_up,
-        bytes_down: 0,
+        bytes: bytes.clone(),
     };
     // The response lives on (a long download, server-sent events, an
     // upgraded connection): a reload that revokes its access, or its JWT
     // expiring, ends it like any stream.
-    if guard.track(&caller, agent, service).is_err() {
+    if guard
+        .track(&caller, agent, service, Traffic::Counted(bytes))
+        .is_err()
+    {
         return refuse(StatusCode::FORBIDDEN, "forbidden", ACCESS_REVOKED.into());
     }
     if let (Some(service_side), Some(client_side)) = (service_upgrade, client_upgrade) {
@@ -423,8 +425,8 @@ struct HttpAudit {
     status: u16,
     started: Instant,
     ttfb_ms: u64,
-    bytes_up: Arc<AtomicU64>,
-    bytes_down: u64,
+    /// Body bytes both ways (also shown live by the admin API).
+    bytes: Arc<ByteCounts>,
 }
 
 impl Drop for HttpAudit {
@@ -438,8 +440,8 @@ impl Drop for HttpAudit {
             method = %self.method,
             path = %self.path,
             status = self.status,
-            bytes_up = self.bytes_up.load(Ordering::Relaxed),
-            bytes_down = self.bytes_down,
+            bytes_up = self.bytes.up.load(Ordering::Relaxed),
+            bytes_down = self.bytes.down.load(Ordering::Relaxed),
             ttfb_ms = self.ttfb_ms,
             duration_ms = self.started.elapsed().as_millis() as u64,
             "audit"
@@ -478,7 +480,10 @@ impl http_body::Body for GuardedBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &polled {
             if let Some(d) = f.data_ref() {
-                this.audit.bytes_down += d.len() as u64;
+                this.audit
+                    .bytes
+                    .down
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
             }
         }
         polled.map_err(BoxError::from)

@@ -6,6 +6,7 @@
 mod common;
 
 mod abuse;
+mod admin;
 mod agent_dns;
 mod browser;
 mod cli;
