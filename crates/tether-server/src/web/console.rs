@@ -3,8 +3,9 @@
 //! `/` is a static page; its script reads `/api/events` (server-sent events,
 //! one JSON snapshot per change, checked once a second) and falls back to
 //! polling `/api/agents`. A client sees only the agents and services its
-//! allow-list reaches, and never an agent's network address (there is no
-//! administrator role that could be shown it).
+//! allow-list reaches, and never an agent's network address. Identities in
+//! `admins` also see the live streams: the page reads them from the admin
+//! API ([`super::admin`]), which checks the identity again.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -84,6 +85,8 @@ pub(crate) struct InstanceView {
 pub(crate) struct Snapshot {
     /// The client's name.
     pub(crate) identity: String,
+    /// It may read the admin API (the page then shows live streams).
+    pub(crate) admin: bool,
     /// Agents it can reach.
     pub(crate) agents: Vec<AgentView>,
 }
@@ -158,6 +161,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
     }
     Snapshot {
         identity: client.name.clone(),
+        admin: auth.is_admin(client),
         agents,
     }
 }
@@ -177,8 +181,14 @@ pub(crate) fn page(client: &ClientIdentity, via: &Via) -> Resp {
         "Console",
         &format!(
             "<header><strong>tether</strong><span class=\"muted\" id=\"identity\">{}</span>{logout}</header>\
-             <main><h1>Agents</h1><p class=\"muted\" id=\"status\">Loading…</p>\
-             <div id=\"agents\" class=\"grid\"></div></main>\
+             <main><h1>Agents</h1>\
+             <div class=\"filters\"><input id=\"search\" type=\"search\" placeholder=\"Search agents and services\" aria-label=\"Search agents and services\" autocomplete=\"off\">\
+             <label class=\"check\"><input id=\"online-only\" type=\"checkbox\"> online only</label></div>\
+             <p class=\"muted\" id=\"status\">Loading…</p>\
+             <div id=\"agents\" class=\"grid\"></div>\
+             <section id=\"streams\" hidden><h1>Live streams</h1><p class=\"muted\" id=\"streams-note\"></p>\
+             <div class=\"scroll\"><table><thead><tr><th>who</th><th>target</th><th>protocol</th><th>age</th><th class=\"num\">up</th><th class=\"num\">down</th></tr></thead>\
+             <tbody id=\"streams-body\"></tbody></table></div></section></main>\
              <script src=\"/_tether/console.js\"></script>",
             escape(&client.name)
         ),

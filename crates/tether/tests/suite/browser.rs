@@ -63,17 +63,22 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_logs_in_and_uses_a_tunneled_app_with_a_websocket() {
-    if !(have("chromium") && have("chromedriver")) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "chromium and chromium-driver are required in CI"
-        );
-        eprintln!("SKIPPED: install chromium and chromium-driver to run the browser test");
-        return;
+/// Whether the browser tests can run here (in CI they must).
+fn chromium_available() -> bool {
+    if have("chromium") && have("chromedriver") {
+        return true;
     }
-    let w = Web::start();
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "chromium and chromium-driver are required in CI"
+    );
+    eprintln!("SKIPPED: install chromium and chromium-driver to run the browser test");
+    false
+}
+
+/// Starts chromedriver and a headless Chromium session that resolves the
+/// test's base domain to loopback.
+async fn chromium(w: &Web) -> (Driver, Client) {
     let port = free_port();
     let driver = Driver(
         Command::new("chromedriver")
@@ -102,24 +107,46 @@ async fn chromium_logs_in_and_uses_a_tunneled_app_with_a_websocket() {
         }
     }))
     .unwrap();
-    let mut c = None;
     for _ in 0..50 {
         match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps.clone())
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
         {
-            Ok(client) => {
-                c = Some(client);
-                break;
-            }
+            Ok(client) => return (driver, client),
             Err(e) => {
                 eprintln!("waiting for chromedriver: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
-    let c = c.expect("chromedriver session");
+    panic!("no chromedriver session");
+}
+
+/// Signs in on the login page with `token`.
+async fn sign_in(c: &Client, origin: &str, token: &str) {
+    c.goto(&format!("{origin}/")).await.unwrap();
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_logs_in_and_uses_a_tunneled_app_with_a_websocket() {
+    if !chromium_available() {
+        return;
+    }
+    let w = Web::start();
+    let (driver, c) = chromium(&w).await;
     let origin = format!("https://{BASE}:{}", w.port);
 
     // Not signed in: the console sends the browser to the login page.
@@ -225,5 +252,160 @@ async fn chromium_logs_in_and_uses_a_tunneled_app_with_a_websocket() {
     c.goto(&format!("{origin}/a/prod/web/")).await.unwrap();
     assert!(c.current_url().await.unwrap().path().starts_with("/login"));
     c.close().await.unwrap();
+    drop(driver);
+}
+
+/// The console with a thousand agents: online ones first, at most a page of
+/// cards in the document, search by agent or service name, the exact
+/// `tether client forward` line for a TCP service (which works when run),
+/// a traffic sparkline per agent, and (for an admin) the live streams with
+/// their bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_streams() {
+    if !chromium_available() {
+        return;
+    }
+    let mut config = String::from("admins = [\"dev\"]\n");
+    for i in 0..1000 {
+        config.push_str(&format!(
+            "[[agent]]\nname = \"fleet-{i:04}\"\ntoken = \"fleet-token-{i:04}\"\n"
+        ));
+    }
+    config.push_str("[[rule]]\nwho = [\"dev\"]\nallow = [\"fleet-*/*\"]\n");
+    let w = Web::start_with(WebOpts {
+        config,
+        ..Default::default()
+    });
+    let (driver, c) = chromium(&w).await;
+    let origin = format!("https://{BASE}:{}", w.port);
+    sign_in(&c, &origin, CLIENT_TOKEN).await;
+
+    // 1002 agents, one online: it comes first, and the page holds one page
+    // of cards, not a thousand.
+    let status = wait_text(&c, "#status", |t| t.starts_with("1 of 1002 agents online")).await;
+    assert!(status.contains("refine the search"), "{status}");
+    let first = c
+        .find(Locator::Css("#agents section"))
+        .await
+        .unwrap()
+        .attr("data-agent")
+        .await
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("prod"));
+    let cards = c.find_all(Locator::Css("#agents section")).await.unwrap();
+    assert!(cards.len() <= 60, "{} cards in the page", cards.len());
+
+    // Search: one agent among a thousand, then by service name.
+    let search = c.find(Locator::Css("#search")).await.unwrap();
+    search.send_keys("fleet-0999").await.unwrap();
+    wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
+    let cards = c.find_all(Locator::Css("#agents section")).await.unwrap();
+    assert_eq!(cards.len(), 1);
+    assert_eq!(
+        cards[0].attr("data-agent").await.unwrap().as_deref(),
+        Some("fleet-0999")
+    );
+    search.clear().await.unwrap();
+    search.send_keys("echo").await.unwrap();
+    wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
+    wait_text(&c, "[data-agent=prod] .state", |t| t == "online").await;
+
+    // The forward line for the TCP service, exactly as a user would paste
+    // it (with TETHER_TOKEN set): run it and reach the service through it.
+    let line = wait_text(&c, "[data-agent=prod] [data-forward=echo]", |t| {
+        t.starts_with("tether client --server ")
+    })
+    .await;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[..3], ["tether", "client", "--server"], "{line}");
+    assert_eq!(words[3], format!("wss://{BASE}:{}", w.port), "{line}");
+    assert_eq!(words[4], "forward", "{line}");
+    let (listen, target) = words[5].split_once('=').expect("LISTEN=TARGET");
+    assert_eq!(target, "prod/echo");
+    let local: std::net::SocketAddr = listen.parse().expect("a local address");
+    assert!(local.ip().is_loopback());
+    let fingerprint = w
+        .server
+        .log_text()
+        .split("fingerprint=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .expect("the server prints its fingerprint");
+    // The line names the server by its public name; this test maps that
+    // name to loopback for Chromium only, so the client dials loopback.
+    let server_arg = words[3].replace(BASE, "127.0.0.1");
+    let mut args: Vec<String> = words[1..].iter().map(|s| s.to_string()).collect();
+    args[2] = server_arg;
+    args.insert(1, "--fingerprint".into());
+    args.insert(2, fingerprint);
+    let forward = Proc::spawn_env("copied-forward", &args, &[("TETHER_TOKEN", CLIENT_TOKEN)]);
+    assert!(
+        forward.wait_log("connected", Duration::from_secs(10)),
+        "{}",
+        forward.log_text()
+    );
+
+    // A live stream with traffic: the admin sees it, with its bytes, and
+    // prod's sparkline shows the rate.
+    let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "the copied forward reaches the service"
+    );
+    wait_text(&c, "#streams-note", |t| t.starts_with("1 live stream")).await;
+    let row = wait_text(&c, "#streams-body tr", |t| t.contains("prod/echo")).await;
+    assert!(row.starts_with("dev"), "{row}");
+    assert!(
+        row.contains(&format!("{} B", request.len())),
+        "bytes up shown: {row}"
+    );
+    let points = {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            // Keep traffic flowing (keep-alive requests) while waiting.
+            s.write_all(request).await.unwrap();
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the service answers again");
+            let p = c
+                .find(Locator::Css("[data-agent=prod] svg.spark polyline"))
+                .await
+                .unwrap()
+                .attr("points")
+                .await
+                .unwrap()
+                .unwrap_or_default();
+            let peak = p
+                .split_whitespace()
+                .filter_map(|xy| xy.split_once(',').and_then(|(_, y)| y.parse::<f64>().ok()))
+                .fold(f64::MAX, f64::min);
+            // y is drawn downwards: a point above the baseline is traffic;
+            // a line needs two points.
+            if peak < 20.0 && p.split_whitespace().count() >= 2 {
+                break p;
+            }
+            assert!(Instant::now() < end, "no traffic in the sparkline: {p:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    eprintln!("prod's sparkline: {points}");
+    screenshot(&c, "6-console-search-streams.png").await;
+
+    // A client that is not an admin sees no live streams.
+    drop(s);
+    c.delete_all_cookies().await.unwrap();
+    sign_in(&c, &origin, LIMITED_TOKEN).await;
+    wait_text(&c, "[data-agent=prod] .state", |t| t == "online").await;
+    let hidden = c
+        .execute("return document.getElementById('streams').hidden;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(hidden, serde_json::Value::Bool(true));
+    c.close().await.unwrap();
+    drop(forward);
     drop(driver);
 }

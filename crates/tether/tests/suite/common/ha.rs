@@ -227,6 +227,17 @@ impl Drop for Netns {
 impl Proc {
     /// Starts `tether ARGS` in `net`; its output goes to `dir/NAME-N.log`.
     pub(crate) fn spawn_in(net: &Net, dir: &Path, name: &str, args: &[String]) -> Proc {
+        Self::spawn_in_env(net, dir, name, args, &[])
+    }
+
+    /// Like [`Proc::spawn_in`], with extra environment variables.
+    pub(crate) fn spawn_in_env(
+        net: &Net,
+        dir: &Path,
+        name: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let log = dir.join(format!("{name}-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -235,6 +246,7 @@ impl Proc {
             .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)

@@ -47,9 +47,14 @@ pub(crate) struct Proc {
 
 impl Proc {
     pub(crate) fn spawn(name: &str, args: &[String]) -> Proc {
+        Self::spawn_env(name, args, &[])
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub(crate) fn spawn_env(name: &str, args: &[String], envs: &[(&str, &str)]) -> Proc {
         let dir = std::env::temp_dir().join(format!("tether-tests-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("log dir");
-        Proc::spawn_in(&ha::Net::Root, &dir, name, args)
+        Proc::spawn_in_env(&ha::Net::Root, &dir, name, args, envs)
     }
 
     pub(crate) fn log_text(&self) -> String {
