@@ -4,6 +4,7 @@
 
 #![deny(missing_docs)]
 
+pub mod discovery;
 pub mod policy;
 mod replicas;
 
@@ -29,6 +30,7 @@ use tether_net::{Connection, Incoming};
 use tether_proto::{ErrorCode, OpenErrorCode, TargetKind};
 use tokio::net::TcpStream;
 
+pub use discovery::Discovered;
 pub use dns::NameResolver;
 pub use policy::{Resolved, ServiceSpec, TargetPolicy};
 
@@ -111,6 +113,9 @@ pub struct AgentConfig {
     /// Heartbeat settings.
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
+    /// Publish Services found in the Kubernetes API (see [`discovery`]).
+    #[serde(default)]
+    pub kubernetes: Option<discovery::KubernetesDiscovery>,
 }
 
 fn default_udp_idle_ms() -> u64 {
@@ -198,10 +203,23 @@ pub struct Agent {
     config: AgentConfig,
     identity: Option<tether_net::transport::tls::ServerIdentity>,
     policy: Arc<TargetPolicy>,
+    /// Services found by Kubernetes discovery (empty without it).
+    discovered: Arc<Discovered>,
     resolver: Arc<NameResolver>,
     stats: Arc<AgentStats>,
     /// This process's instance id.
     instance: String,
+}
+
+/// An instance id goes into an HTTP header: 1 to 128 visible ASCII bytes.
+fn check_instance(instance: &str) -> anyhow::Result<()> {
+    if instance.is_empty()
+        || instance.len() > tether_proto::endpoints::MAX_INSTANCE_ID_LEN
+        || !instance.bytes().all(|b| b.is_ascii_graphic())
+    {
+        anyhow::bail!("instance {instance:?}: 1 to 128 visible ASCII characters, no spaces");
+    }
+    Ok(())
 }
 
 /// A default instance id: the host name (a pod's name) and a random
@@ -216,6 +234,19 @@ fn default_instance() -> String {
 }
 
 impl Agent {
+    /// Checks `config` without reading any file or dialing anything: its
+    /// services, allow list, DNS server and instance id
+    /// (`tether agent --check-config`).
+    pub fn check(config: &AgentConfig) -> anyhow::Result<()> {
+        TargetPolicy::new(&config.services, &config.allow)
+            .context("agent services / allow list")?;
+        NameResolver::from_setting(config.dns_server.as_deref())?;
+        if let Some(i) = &config.instance {
+            check_instance(i)?;
+        }
+        Ok(())
+    }
+
     /// Validates the configuration.
     pub fn new(mut config: AgentConfig) -> anyhow::Result<Agent> {
         let policy = TargetPolicy::new(&config.services, &config.allow)
@@ -237,16 +268,12 @@ impl Agent {
             anyhow::bail!("no agent credential: set a token (token_file, TETHER_TOKEN) or client_cert + client_key");
         }
         let instance = config.instance.clone().unwrap_or_else(default_instance);
-        if instance.is_empty()
-            || instance.len() > tether_proto::endpoints::MAX_INSTANCE_ID_LEN
-            || !instance.bytes().all(|b| b.is_ascii_graphic())
-        {
-            anyhow::bail!("instance {instance:?}: 1 to 128 visible ASCII characters, no spaces");
-        }
+        check_instance(&instance)?;
         Ok(Agent {
             config,
             identity,
             policy: Arc::new(policy),
+            discovered: Arc::default(),
             resolver: Arc::new(resolver),
             stats: Arc::default(),
             instance,
@@ -256,6 +283,17 @@ impl Agent {
     /// The token: `token_file`'s current content, or the configured one.
     fn current_token(&self) -> String {
         current_token(&self.config.token, self.config.token_file.as_deref())
+    }
+
+    /// What this agent announces: its configured services, then the
+    /// discovered ones (a configured name wins).
+    fn catalog(&self) -> Vec<tether_proto::frame::CatalogEntry> {
+        let mut entries = self.policy.catalog();
+        entries.extend(
+            self.discovered
+                .catalog(&|name| self.policy.has_service(name)),
+        );
+        entries
     }
 
     /// Live counters.
@@ -307,6 +345,9 @@ impl Agent {
     async fn supervise(self: Arc<Self>, sup: Supervisor) {
         let url = self.config.url();
         tether_net::transport::ws::warn_if_plain(&url);
+        if let Some(k8s) = &self.config.kubernetes {
+            tokio::spawn(discovery::run(k8s.clone(), self.discovered.clone()));
+        }
         let services: Vec<&str> = self.policy.service_names().collect();
         tracing::info!(name = %self.config.name, instance = %self.instance, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
         let url_host = url_host_port(&url);
@@ -372,7 +413,26 @@ impl Agent {
                 return;
             }
         };
-        conn.announce_catalog(self.policy.catalog());
+        conn.announce_catalog(self.catalog());
+        // Discovery changed the services: tell this server again (a
+        // CATALOG replaces the previous one).
+        {
+            let (this, conn) = (self.clone(), conn.clone());
+            let mut changes = self.discovered.changes();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = changes.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            conn.announce_catalog(this.catalog());
+                        }
+                        _ = conn.closed() => return,
+                    }
+                }
+            });
+        }
         // What the replica says it is (version 4 sends it right away).
         let mut replicas = conn.peer_replicas();
         if info.version >= tether_proto::REPLICAS_VERSION {
@@ -467,6 +527,7 @@ impl Agent {
                     Some(inc) => {
                         tokio::spawn(serve_stream(
                             self.policy.clone(),
+                            self.discovered.clone(),
                             self.resolver.clone(),
                             self.stats.clone(),
                             Duration::from_millis(self.config.dial_timeout_ms),
@@ -593,8 +654,37 @@ async fn connect_tcp(
     }
 }
 
+/// What `target` means here: a configured service, then a discovered one
+/// (dialed as the raw target it names, so the allow list decides), then a
+/// raw `host:port`.
+fn resolve_target(
+    policy: &TargetPolicy,
+    discovered: &Discovered,
+    target: &str,
+) -> Result<Resolved, Refusal> {
+    if !policy.has_service(target) {
+        if let Some(found) = discovered.get(target) {
+            return match policy.resolve(&found.address) {
+                Ok(mut r) => {
+                    r.service = Some(target.to_owned());
+                    Ok(r)
+                }
+                Err(Refusal { code, reason }) => Err(Refusal::new(
+                    code,
+                    format!(
+                        "discovered service {target} ({}, {}): {reason}",
+                        found.source, found.address
+                    ),
+                )),
+            };
+        }
+    }
+    policy.resolve(target)
+}
+
 async fn serve_stream(
     policy: Arc<TargetPolicy>,
+    discovered: Arc<Discovered>,
     resolver: Arc<NameResolver>,
     stats: Arc<AgentStats>,
     dial_timeout: Duration,
@@ -607,7 +697,7 @@ async fn serve_stream(
         refuse(&stats, inc, OpenErrorCode::BadTarget, "unknown stream kind");
         return;
     }
-    let resolved = match policy.resolve(&target.address) {
+    let resolved = match resolve_target(&policy, &discovered, &target.address) {
         Ok(r) => r,
         Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
     };

@@ -608,6 +608,11 @@ impl TargetPolicy {
             })
     }
 
+    /// Whether `name` is a configured service.
+    pub fn has_service(&self, name: &str) -> bool {
+        self.services.contains_key(name)
+    }
+
     /// Names of the configured services.
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
         self.services.keys().map(String::as_str)

@@ -108,13 +108,9 @@ pub struct Server {
 impl Server {
     /// Validates the config, loads or makes the certificate and binds the port.
     pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Server> {
+        Self::check(cfg)?;
         let auth = Authenticator::from_config(cfg)?;
         auth.warn_plaintext();
-        for l in &cfg.listeners {
-            l.validate()?;
-        }
-        cfg.http.validate()?;
-        cfg.cluster.validate()?;
         let (tls, fingerprint) = match &cfg.tls {
             None => (None, None),
             Some(t) => {
@@ -135,6 +131,19 @@ impl Server {
             state,
             reload: None,
         })
+    }
+
+    /// Checks `cfg` the way [`Server::bind`] does before it reads any file
+    /// or binds any port: credentials, rules, admins, listeners, `[http]`,
+    /// `[cluster]` (`tether server --check-config`).
+    pub fn check(cfg: &ServerConfig) -> anyhow::Result<()> {
+        Authenticator::from_config(cfg)?;
+        for l in &cfg.listeners {
+            l.validate()?;
+        }
+        cfg.http.validate()?;
+        cfg.cluster.validate()?;
+        Ok(())
     }
 
     /// The bound address.

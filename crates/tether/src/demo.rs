@@ -91,6 +91,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .into_iter()
         .collect(),
         allow: vec![],
+        kubernetes: None,
         dns_server: None,
         dial_timeout_ms: tether_agent::DIAL_TIMEOUT.as_millis() as u64,
         udp_idle_timeout_ms: tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,

@@ -146,6 +146,9 @@ struct ServerArgs {
     /// TOML config file (see README for the format).
     #[arg(long, short, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
+    /// Check the configuration (file, environment, flags) and exit.
+    #[arg(long)]
+    check_config: bool,
     /// Address to listen on [default: 0.0.0.0:7700].
     #[arg(long, env = "TETHER_LISTEN")]
     listen: Option<SocketAddr>,
@@ -264,6 +267,17 @@ struct AgentArgs {
     /// On SIGTERM, give live streams this long to finish [default: 30000].
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
+    /// Check the configuration (file, environment, flags) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Publish Services annotated tether.dev/expose=true from the Kubernetes
+    /// API (in the agent's own namespace unless --kubernetes-namespace).
+    #[arg(long, env = "TETHER_KUBERNETES")]
+    kubernetes: bool,
+    /// Watch this namespace for Services to publish ("*" for all);
+    /// repeatable; implies --kubernetes.
+    #[arg(long = "kubernetes-namespace", value_name = "NAMESPACE")]
+    kubernetes_namespaces: Vec<String>,
 }
 
 #[derive(Args)]
@@ -480,6 +494,11 @@ async fn shutdown_signal() -> Signal {
 async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     let config_file = a.config.clone();
     let cfg = server_config(a.clone())?;
+    if a.check_config {
+        tether_server::Server::check(&cfg)?;
+        println!("server configuration is valid");
+        return Ok(());
+    }
     if cfg.agents.is_empty() {
         tracing::warn!("no agents configured: add --agent NAME=TOKEN or [[agent]] in the config");
     }
@@ -628,7 +647,24 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
+    let check_config = a.check_config;
     let mut t = load_table(&a.config)?;
+    if a.kubernetes || !a.kubernetes_namespaces.is_empty() {
+        let k = t
+            .entry("kubernetes".to_owned())
+            .or_insert_with(|| Value::Table(Table::new()));
+        let Value::Table(k) = k else {
+            bail!("config: kubernetes must be a table");
+        };
+        push_array(
+            k,
+            "namespaces",
+            a.kubernetes_namespaces
+                .into_iter()
+                .map(Value::String)
+                .collect(),
+        );
+    }
     a.session.apply(&mut t);
     a.dial.apply(&mut t);
     set(&mut t, "name", a.name);
@@ -669,6 +705,11 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         a.allow.into_iter().map(Value::from).collect(),
     );
     let cfg: tether_agent::AgentConfig = finish(t, "agent")?;
+    if check_config {
+        tether_agent::Agent::check(&cfg)?;
+        println!("agent configuration is valid");
+        return Ok(());
+    }
     let agent = tether_agent::Agent::new(cfg)?;
     if let Some(addr) = a.metrics_listen {
         let stats = agent.stats();

@@ -10,6 +10,7 @@ mod admin;
 mod agent_dns;
 mod browser;
 mod cli;
+mod discovery;
 mod e2e;
 mod ha;
 mod lifecycle;

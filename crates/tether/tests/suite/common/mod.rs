@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod ha;
+pub(crate) mod kube;
 
 pub(crate) mod web;
 

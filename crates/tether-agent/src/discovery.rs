@@ -1,0 +1,584 @@
+//! Services discovered from the Kubernetes API (`[kubernetes]` in the
+//! agent config).
+//!
+//! The agent watches Services in the configured namespaces (kube-runtime's
+//! watcher: list, then watch from the list's resourceVersion; a watch that
+//! expires with 410 Gone or a dropped connection is listed again, with
+//! backoff). A Service is published when it carries the annotation
+//! `tether.dev/expose: "true"` (or when `require_annotation = false`, every
+//! Service the label selector matches), one entry per port:
+//!
+//! * name: `tether.dev/name`, else the Service's name, with `-NAMESPACE`
+//!   when more than one namespace is watched, and `-PORTNAME` (or
+//!   `-PORT`) when it has several ports;
+//! * kind: `http` for a port named `http`/`http-*`/`web` or with
+//!   `appProtocol: http`, `udp` for UDP ports, `tcp` otherwise; the
+//!   annotation `tether.dev/kind` overrides it for every port;
+//! * address: `NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT`, dialed like a raw
+//!   target: the agent's `allow` list still decides (so an operator's
+//!   allow-list bounds what discovery can publish), the name resolves with
+//!   the agent's resolver and every address is checked.
+//!
+//! What is found is kept in [`Discovered`]; each change is announced to the
+//! server again (CATALOG replaces the previous list), so the console and the
+//! SOCKS proxy see it without a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Service as K8sService;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde::Deserialize;
+use tether_proto::frame::{CatalogEntry, ServiceKind, MAX_CATALOG_PAYLOAD};
+use tokio::sync::watch;
+
+/// The annotation that publishes a Service.
+pub const EXPOSE_ANNOTATION: &str = "tether.dev/expose";
+/// The annotation that names it (instead of the Service's name).
+pub const NAME_ANNOTATION: &str = "tether.dev/name";
+/// The annotation that sets its kind (`http`, `tcp`, `udp`).
+pub const KIND_ANNOTATION: &str = "tether.dev/kind";
+
+/// `[kubernetes]`: which Services to publish.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// Namespaces to watch; `["*"]` for all (needs a ClusterRole). Default:
+    /// the agent's own namespace (its service account's, or
+    /// `POD_NAMESPACE`).
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Only Services with these labels (a Kubernetes label selector, e.g.
+    /// `team=shop,tier!=internal`), filtered by the API server.
+    #[serde(default)]
+    pub label_selector: Option<String>,
+    /// Publish only Services annotated `tether.dev/expose: "true"`
+    /// (default); with `false`, every Service the selector matches.
+    #[serde(default = "yes")]
+    pub require_annotation: bool,
+    /// The cluster's DNS domain, for the addresses dialed.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+    /// A kubeconfig file to use instead of the in-cluster service account
+    /// (or `KUBECONFIG`).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_cluster_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+impl Default for KubernetesDiscovery {
+    fn default() -> Self {
+        KubernetesDiscovery {
+            namespaces: vec![],
+            label_selector: None,
+            require_annotation: true,
+            cluster_domain: default_cluster_domain(),
+            kubeconfig: None,
+        }
+    }
+}
+
+/// One published service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// `HOST:PORT` to dial (a raw target: the allow list decides).
+    pub address: String,
+    /// What it speaks.
+    pub kind: ServiceKind,
+    /// Where it came from: `NAMESPACE/SERVICE:PORT`.
+    pub source: String,
+}
+
+/// The services discovery found, by name; [`Discovered::changes`] ticks on
+/// every change.
+#[derive(Debug)]
+pub struct Discovered {
+    map: RwLock<BTreeMap<String, Found>>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for Discovered {
+    fn default() -> Self {
+        Discovered {
+            map: RwLock::default(),
+            version: watch::channel(0).0,
+        }
+    }
+}
+
+impl Discovered {
+    /// The service published as `name`.
+    pub fn get(&self, name: &str) -> Option<Found> {
+        self.read().get(name).cloned()
+    }
+
+    /// Names and kinds for the CATALOG, skipping names in `taken` (the
+    /// configured services win).
+    pub fn catalog(&self, taken: &dyn Fn(&str) -> bool) -> Vec<CatalogEntry> {
+        self.read()
+            .iter()
+            .filter(|(name, _)| !taken(name))
+            .map(|(name, f)| CatalogEntry {
+                name: name.clone(),
+                kind: f.kind,
+                host: String::new(),
+            })
+            .collect()
+    }
+
+    /// Ticks whenever the published set changes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Replaces the published set; logs and announces what changed.
+    fn replace(&self, next: BTreeMap<String, Found>) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if *map == next {
+            return;
+        }
+        let added: Vec<&String> = next
+            .iter()
+            .filter(|(k, v)| map.get(*k) != Some(v))
+            .map(|(k, _)| k)
+            .collect();
+        let removed: Vec<&String> = map.keys().filter(|k| !next.contains_key(*k)).collect();
+        tracing::info!(added = ?added, removed = ?removed, services = next.len(), "discovered services changed");
+        *map = next;
+        drop(map);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Found>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The agent's own namespace, when it runs in a pod.
+fn own_namespace() -> Option<String> {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// A plain service name: what the server accepts in links and host names.
+fn plain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// What one Service publishes (empty when it is not to be published).
+pub fn entries_of(
+    svc: &K8sService,
+    cfg: &KubernetesDiscovery,
+    several_namespaces: bool,
+) -> Vec<(String, Found)> {
+    let meta = &svc.metadata;
+    let (Some(name), Some(ns)) = (meta.name.as_deref(), meta.namespace.as_deref()) else {
+        return vec![];
+    };
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let exposed = annotations
+        .get(EXPOSE_ANNOTATION)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if cfg.require_annotation && !exposed {
+        return vec![];
+    }
+    if annotations
+        .get(EXPOSE_ANNOTATION)
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+    {
+        return vec![];
+    }
+    let Some(spec) = &svc.spec else {
+        return vec![];
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        // Its DNS name points outside the cluster: publish it by hand.
+        return vec![];
+    }
+    let ports = spec.ports.clone().unwrap_or_default();
+    let base = match annotations.get(NAME_ANNOTATION) {
+        Some(n) => n.clone(),
+        None if several_namespaces => format!("{name}-{ns}"),
+        None => name.to_owned(),
+    };
+    let kind_override = annotations
+        .get(KIND_ANNOTATION)
+        .map(|k| k.to_ascii_lowercase());
+    let mut out = vec![];
+    for p in &ports {
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        let pname = p.name.clone().unwrap_or_default();
+        let published = if ports.len() == 1 {
+            base.clone()
+        } else if pname.is_empty() {
+            format!("{base}-{port}")
+        } else {
+            format!("{base}-{pname}")
+        };
+        if !plain(&published) {
+            tracing::warn!(service = %format!("{ns}/{name}"), name = %published, "discovered service not published: its name must be 1-63 letters, digits, '-', '_' or '.' (set {NAME_ANNOTATION})");
+            continue;
+        }
+        let udp = p.protocol.as_deref() == Some("UDP");
+        let kind = match kind_override.as_deref() {
+            Some("http") => ServiceKind::Http,
+            Some("udp") => ServiceKind::Udp,
+            Some(_) => ServiceKind::Tcp,
+            None if udp => ServiceKind::Udp,
+            None if pname == "http"
+                || pname.starts_with("http-")
+                || pname == "web"
+                || p.app_protocol
+                    .as_deref()
+                    .is_some_and(|a| a.eq_ignore_ascii_case("http")) =>
+            {
+                ServiceKind::Http
+            }
+            None => ServiceKind::Tcp,
+        };
+        out.push((
+            published,
+            Found {
+                address: format!("{name}.{ns}.svc.{}:{port}", cfg.cluster_domain),
+                kind,
+                source: format!("{ns}/{name}:{port}"),
+            },
+        ));
+    }
+    out
+}
+
+/// The Services one watcher currently sees, by `namespace/name`.
+type Seen = HashMap<String, K8sService>;
+
+/// Rebuilds the published set from what every watcher sees; a name two
+/// Services claim goes to the first in order (and a warning names both).
+fn publish(discovered: &Discovered, cfg: &KubernetesDiscovery, seen: &[Seen], several: bool) {
+    let mut all: Vec<(&String, &K8sService)> = seen.iter().flat_map(|s| s.iter()).collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let mut next = BTreeMap::new();
+    let mut size = 0usize;
+    for (_, svc) in all {
+        for (name, found) in entries_of(svc, cfg, several) {
+            if let Some(first) = next.get(&name) {
+                let first: &Found = first;
+                tracing::warn!(%name, kept = %first.source, ignored = %found.source, "two discovered services claim one name (set {NAME_ANNOTATION} on one)");
+                continue;
+            }
+            // Stay within one CATALOG frame (3 bytes + name per entry).
+            size += 3 + name.len();
+            if size > MAX_CATALOG_PAYLOAD - 4096 {
+                tracing::warn!(%name, "too many discovered services for one catalog: the rest are not published");
+                break;
+            }
+            next.insert(name, found);
+        }
+    }
+    discovered.replace(next);
+}
+
+/// Watches the configured namespaces and keeps `discovered` up to date,
+/// forever (the watcher relists and retries on its own; a client that
+/// cannot even be built is retried every 30 s).
+pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
+    let namespaces = if cfg.namespaces.is_empty() {
+        match own_namespace() {
+            Some(ns) => vec![ns],
+            None => {
+                tracing::warn!("kubernetes discovery: no namespaces configured and the agent's own namespace is unknown (set namespaces, or POD_NAMESPACE); watching \"default\"");
+                vec!["default".to_owned()]
+            }
+        }
+    } else {
+        cfg.namespaces.clone()
+    };
+    let several = namespaces.len() > 1 || namespaces.iter().any(|n| n == "*");
+    let client = loop {
+        match client(&cfg).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(
+                    "kubernetes discovery: cannot build an API client: {e:#} (retrying in 30 s)"
+                );
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    };
+    tracing::info!(namespaces = ?namespaces, label_selector = ?cfg.label_selector, require_annotation = cfg.require_annotation, "kubernetes discovery: watching Services");
+    let mut wcfg = watcher::Config::default();
+    if let Some(sel) = &cfg.label_selector {
+        wcfg = wcfg.labels(sel);
+    }
+    // One watcher per namespace, merged; events carry which one.
+    let streams = namespaces.iter().enumerate().map(|(i, ns)| {
+        let api: Api<K8sService> = if ns == "*" {
+            Api::all(client.clone())
+        } else {
+            Api::namespaced(client.clone(), ns)
+        };
+        watcher(api, wcfg.clone()).map(move |e| (i, e)).boxed()
+    });
+    let mut events = futures_util::stream::select_all(streams);
+    let mut seen: Vec<Seen> = vec![Seen::new(); namespaces.len()];
+    // A relist in progress, per watcher.
+    let mut relist: Vec<Option<Seen>> = vec![None; namespaces.len()];
+    let key = |s: &K8sService| {
+        format!(
+            "{}/{}",
+            s.metadata.namespace.as_deref().unwrap_or(""),
+            s.metadata.name.as_deref().unwrap_or("")
+        )
+    };
+    while let Some((i, event)) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => relist[i] = Some(Seen::new()),
+            Ok(watcher::Event::InitApply(s)) => {
+                if let Some(r) = relist[i].as_mut() {
+                    r.insert(key(&s), s);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(r) = relist[i].take() {
+                    seen[i] = r;
+                    publish(&discovered, &cfg, &seen, several);
+                }
+            }
+            Ok(watcher::Event::Apply(s)) => {
+                seen[i].insert(key(&s), s);
+                publish(&discovered, &cfg, &seen, several);
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                seen[i].remove(&key(&s));
+                publish(&discovered, &cfg, &seen, several);
+            }
+            Err(e) => {
+                // The watcher backs off and lists again by itself; what was
+                // published stays until the next complete list says otherwise.
+                tracing::warn!(namespace = %namespaces[i], "kubernetes discovery: {e} (listing again)");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn client(cfg: &KubernetesDiscovery) -> anyhow::Result<Client> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use kube::api::ObjectMeta;
+
+    fn svc(
+        name: &str,
+        ns: &str,
+        annotations: &[(&str, &str)],
+        ports: &[(&str, i32, &str)],
+    ) -> K8sService {
+        K8sService {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(n, p, proto)| ServicePort {
+                            name: (!n.is_empty()).then(|| n.to_string()),
+                            port: *p,
+                            protocol: Some(proto.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names_kinds_and_addresses_follow_ports_and_annotations() {
+        let cfg = KubernetesDiscovery::default();
+        let expose = [(EXPOSE_ANNOTATION, "true")];
+        assert!(entries_of(&svc("db", "shop", &[], &[("", 5432, "TCP")]), &cfg, false).is_empty());
+        let e = entries_of(
+            &svc("db", "shop", &expose, &[("", 5432, "TCP")]),
+            &cfg,
+            false,
+        );
+        assert_eq!(
+            e,
+            vec![(
+                "db".to_owned(),
+                Found {
+                    address: "db.shop.svc.cluster.local:5432".into(),
+                    kind: ServiceKind::Tcp,
+                    source: "shop/db:5432".into()
+                }
+            )]
+        );
+        let e = entries_of(
+            &svc(
+                "grafana",
+                "mon",
+                &expose,
+                &[("http", 3000, "TCP"), ("dns", 53, "UDP"), ("", 9000, "TCP")],
+            ),
+            &cfg,
+            true,
+        );
+        let names: Vec<(&str, ServiceKind)> = e.iter().map(|(n, f)| (n.as_str(), f.kind)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("grafana-mon-http", ServiceKind::Http),
+                ("grafana-mon-dns", ServiceKind::Udp),
+                ("grafana-mon-9000", ServiceKind::Tcp)
+            ]
+        );
+        let e = entries_of(
+            &svc(
+                "x",
+                "a",
+                &[
+                    (EXPOSE_ANNOTATION, "true"),
+                    (NAME_ANNOTATION, "ui"),
+                    (KIND_ANNOTATION, "http"),
+                ],
+                &[("", 80, "TCP")],
+            ),
+            &cfg,
+            true,
+        );
+        assert_eq!(e[0].0, "ui");
+        assert_eq!(e[0].1.kind, ServiceKind::Http);
+        // A name the server would not accept is skipped.
+        let e = entries_of(
+            &svc(
+                "x",
+                "a",
+                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "no/slash")],
+                &[("", 80, "TCP")],
+            ),
+            &cfg,
+            false,
+        );
+        assert!(e.is_empty());
+        // Without the annotation requirement, every Service, but an explicit
+        // "false" still hides one.
+        let open = KubernetesDiscovery {
+            require_annotation: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            entries_of(&svc("db", "s", &[], &[("", 1, "TCP")]), &open, false).len(),
+            1
+        );
+        assert!(entries_of(
+            &svc(
+                "db",
+                "s",
+                &[(EXPOSE_ANNOTATION, "false")],
+                &[("", 1, "TCP")]
+            ),
+            &open,
+            false
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn one_name_claimed_twice_is_published_once() {
+        let cfg = KubernetesDiscovery::default();
+        let d = Discovered::default();
+        let mut a = Seen::new();
+        a.insert(
+            "a/web".into(),
+            svc(
+                "web",
+                "a",
+                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
+                &[("", 80, "TCP")],
+            ),
+        );
+        a.insert(
+            "b/web".into(),
+            svc(
+                "web",
+                "b",
+                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
+                &[("", 80, "TCP")],
+            ),
+        );
+        let mut changes = d.changes();
+        publish(&d, &cfg, &[a], true);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(d.get("web").unwrap().source, "a/web:80");
+        // The same set again is no change.
+        let mut again = Seen::new();
+        again.insert(
+            "a/web".into(),
+            svc(
+                "web",
+                "a",
+                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
+                &[("", 80, "TCP")],
+            ),
+        );
+        again.insert(
+            "b/web".into(),
+            svc(
+                "web",
+                "b",
+                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
+                &[("", 80, "TCP")],
+            ),
+        );
+        publish(&d, &cfg, &[again], true);
+        assert!(!changes.has_changed().unwrap());
+        publish(&d, &cfg, &[Seen::new()], true);
+        assert!(d.get("web").is_none());
+    }
+}
