@@ -25,9 +25,24 @@ enum Push {
 struct State {
     services: BTreeMap<String, Value>,
     resource_version: u64,
+    /// Every event with its resourceVersion: a watch from version X gets
+    /// the ones after X first, as from the real API server.
+    events: Vec<(u64, String)>,
     watches: Vec<mpsc::UnboundedSender<Push>>,
+    /// Watch requests so far.
+    watches_started: usize,
     /// Every request's path and query, in order.
     requests: Vec<String>,
+}
+
+impl State {
+    /// Records an event and sends it to every live watch.
+    fn publish(&mut self, line: String) {
+        let rv = self.resource_version;
+        self.events.push((rv, line.clone()));
+        self.watches
+            .retain(|w| w.send(Push::Line(line.clone())).is_ok());
+    }
 }
 
 /// The fake API server (runs until the test's runtime ends).
@@ -138,9 +153,12 @@ impl FakeKube {
             .retain(|w| w.send(Push::Line(line.clone())).is_ok());
     }
 
-    /// Every open watch ends with an ERROR event, 410 Gone.
+    /// Every open watch ends with an ERROR event, 410 Gone, and the event
+    /// history is forgotten (a watch from an older version gets 410 too).
     pub(crate) fn expire_watches(&self) {
-        self.lock().watches.retain(|w| w.send(Push::Gone).is_ok());
+        let mut st = self.lock();
+        st.events.clear();
+        st.watches.retain(|w| w.send(Push::Gone).is_ok());
     }
 
     /// Every open watch's connection is cut.
@@ -157,13 +175,9 @@ impl FakeKube {
             .count()
     }
 
-    /// How many watches are open.
-    pub(crate) fn open_watches(&self) -> usize {
-        self.lock()
-            .watches
-            .iter()
-            .filter(|w| !w.is_closed())
-            .count()
+    /// How many watch requests came so far.
+    pub(crate) fn watches_started(&self) -> usize {
+        self.lock().watches_started
     }
 
     async fn serve(&self, s: tokio::net::TcpStream) {
@@ -215,10 +229,33 @@ impl FakeKube {
                     .await;
                 continue;
             }
-            // A watch: events as they come, until told to end; the body
-            // ends when the connection closes.
+            // A watch: the events after the version asked for, then events
+            // as they come, until told to end; the body ends when the
+            // connection closes.
+            let from: u64 = target
+                .split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("resourceVersion="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             let (tx, mut rx) = mpsc::unbounded_channel();
-            self.lock().watches.push(tx);
+            {
+                let mut st = self.lock();
+                st.watches_started += 1;
+                let oldest = st
+                    .events
+                    .first()
+                    .map_or(st.resource_version, |(rv, _)| rv - 1);
+                if from < oldest {
+                    let _ = tx.send(Push::Gone);
+                } else {
+                    for (rv, line) in &st.events {
+                        if *rv > from {
+                            let _ = tx.send(Push::Line(line.clone()));
+                        }
+                    }
+                }
+                st.watches.push(tx);
+            }
             if w.write_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
             )
