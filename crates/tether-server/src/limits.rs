@@ -74,6 +74,24 @@ impl Limit {
     }
 }
 
+impl Limit {
+    /// The setting that raises it, for refusals and log lines.
+    pub(crate) fn setting(self) -> &'static str {
+        match self {
+            Limit::OpensPerSec => "[limits] opens_per_sec and open_burst",
+            Limit::RequestsPerSec => "[limits] requests_per_sec and request_burst",
+            Limit::LoginsPerSource => "nothing (fixed: 2 per second, burst 20)",
+            Limit::Sessions => "[limits] max_sessions",
+            Limit::SessionsPerClient => "[limits] max_sessions_per_client",
+            Limit::StreamsPerClient => "max_streams_per_client (top level; at restart)",
+            Limit::PendingOpens => "[limits] max_pending_opens_per_client",
+            Limit::Connections | Limit::ConnectionsReserved => "[limits] max_connections",
+            Limit::ConnectionsPerSource => "[limits] max_connections_per_source",
+            Limit::ListenerConnectionsPerSource => "max_connections_per_source of the [[listener]]",
+        }
+    }
+}
+
 impl std::fmt::Display for Limit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -331,7 +349,10 @@ impl Limits {
         if e.tokens < 1.0 {
             return Err(LimitHit {
                 limit,
-                reason: format!("{who}: more than {rate} {what} per second (burst {burst})"),
+                reason: format!(
+                    "{who}: more than {rate} {what} per second (burst {burst}); the server's {} raises it",
+                    limit.setting()
+                ),
             });
         }
         e.tokens -= 1.0;
@@ -345,7 +366,11 @@ impl Limits {
         if c.total >= cfg.max_sessions {
             return Err(LimitHit {
                 limit: Limit::Sessions,
-                reason: format!("the server has {} sessions, its limit", cfg.max_sessions),
+                reason: format!(
+                    "the server has {} sessions, its limit ({} raises it)",
+                    cfg.max_sessions,
+                    Limit::Sessions.setting()
+                ),
             });
         }
         if let Some(name) = client {
@@ -354,8 +379,9 @@ impl Limits {
                 return Err(LimitHit {
                     limit: Limit::SessionsPerClient,
                     reason: format!(
-                        "{name} already has {} sessions, its limit",
-                        cfg.max_sessions_per_client
+                        "{name} already has {} sessions, its limit (the server's {} raises it)",
+                        cfg.max_sessions_per_client,
+                        Limit::SessionsPerClient.setting()
                     ),
                 });
             }
@@ -401,8 +427,9 @@ impl Limits {
             return Err(LimitHit {
                 limit: Limit::PendingOpens,
                 reason: format!(
-                    "{who} already has {} opens waiting for their agent, its limit",
-                    cfg.max_pending_opens_per_client
+                    "{who} already has {} opens waiting for their agent, its limit (the server's {} raises it)",
+                    cfg.max_pending_opens_per_client,
+                    Limit::PendingOpens.setting()
                 ),
             });
         }

@@ -115,7 +115,7 @@ impl Listener {
                         Ok((tcp, peer)) => {
                             let Some(slot) = per_source.take(peer.ip(), cfg.max_connections_per_source.max(1)) else {
                                 self.metrics.limit_hit(Limit::ListenerConnectionsPerSource);
-                                tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, "source has too many connections through this listener; closed");
+                                tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, raise_with = Limit::ListenerConnectionsPerSource.setting(), "source has too many connections through this listener; closed");
                                 continue;
                             };
                             let this = self.clone();

@@ -366,9 +366,10 @@ impl OpenGuard {
             return deny(
                 OpenErrorCode::TooManyStreams,
                 format!(
-                    "{} already has {} streams open (the limit, over all its sessions)",
+                    "{} already has {} streams open (the limit, over all its sessions; the server's {} raises it)",
                     caller.describe(),
-                    h.limits.max_streams()
+                    h.limits.max_streams(),
+                    Limit::StreamsPerClient.setting()
                 ),
             );
         }

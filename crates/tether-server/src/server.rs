@@ -277,7 +277,7 @@ impl Server {
             Ok(h) => h,
             Err(refused) => {
                 state.metrics().limit_hit(refused.limit());
-                tracing::warn!(%peer, open = state.admission().open(), limit = refused.limit().as_str(), "connection limit reached; closing a new connection");
+                tracing::warn!(%peer, open = state.admission().open(), limit = refused.limit().as_str(), raise_with = refused.limit().setting(), "connection limit reached; closing a new connection");
                 return;
             }
         };

@@ -23,6 +23,10 @@ use crate::upgrade::{
     accept_session, authenticate_client, authenticated_hold, limit_refusal, tether_upgrade,
 };
 
+/// How far above `max_streams_per_client` a client session's protocol-level
+/// stream cap sits (see `ClientEndpoint::serve`).
+const SESSION_CAP_MARGIN: usize = 64;
+
 /// The client endpoint and the handles its sessions use.
 pub(crate) struct ClientEndpoint {
     auth: Arc<AuthStore>,
@@ -88,8 +92,12 @@ impl ClientEndpoint {
     ) {
         let label = format!("client={}", client.name);
         let mut cfg = self.session_config.clone();
-        // One client must not be able to take all of an agent's streams.
-        cfg.max_peer_streams = self.limits.max_streams();
+        // One client must not be able to take all of an agent's streams:
+        // the open path refuses past `max_streams_per_client` (over all the
+        // identity's sessions, naming the setting); the session's own cap
+        // is a backstop just above it, so that refusal is the one a user
+        // sees.
+        cfg.max_peer_streams = self.limits.max_streams() + SESSION_CAP_MARGIN;
         let Some((conn, info, mut incoming)) =
             accept_session(&self.metrics, req, cfg, label, peer).await
         else {

@@ -359,6 +359,12 @@ fn main() -> anyhow::Result<()> {
             )
             .init(),
     }
+    if matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Client(_) | Command::Demo(_)
+    ) {
+        raise_open_file_limit();
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         match cli.command {
@@ -373,6 +379,25 @@ fn main() -> anyhow::Result<()> {
             Command::Completions { .. } | Command::Man => Ok(()),
         }
     })
+}
+
+/// Sockets are files: a server holding thousands of sessions, or a client
+/// forwarding a thousand connections, needs more than the soft limit many
+/// systems start processes with (1024). Raise it to the hard limit where the
+/// system allows, and say so.
+fn raise_open_file_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok(before), Ok(now)) if now > before => {
+            tracing::info!(from = before, to = now, "raised the open-file limit")
+        }
+        (_, Ok(now)) if now < 4096 => tracing::warn!(
+            limit = now,
+            "the open-file limit is low: at most about {now} connections (raise the hard limit: ulimit -Hn, LimitNOFILE=)"
+        ),
+        (_, Ok(_)) => {}
+        (_, Err(e)) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+    }
 }
 
 /// The async runtime: one thread unless `TETHER_WORKER_THREADS=N` asks for

@@ -16,8 +16,10 @@ pub(crate) const OPEN_BURST: f64 = 2000.0;
 pub(crate) const REQUESTS_PER_SEC: f64 = 20_000.0;
 /// Default burst of HTTP requests above the sustained rate.
 pub(crate) const REQUEST_BURST: f64 = 40_000.0;
-/// Default cap on one identity's opens waiting for the agent's answer.
-pub(crate) const MAX_PENDING_OPENS_PER_CLIENT: usize = 512;
+/// Default cap on one identity's opens waiting for the agent's answer (as
+/// many as its streams: 1000 connections opened at once through one forward
+/// all wait at the same moment).
+pub(crate) const MAX_PENDING_OPENS_PER_CLIENT: usize = 2048;
 /// Default cap on open TCP connections to the public port.
 pub(crate) const MAX_CONNECTIONS: usize = 20_000;
 /// Default cap on one source address's connections to the public port

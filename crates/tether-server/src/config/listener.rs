@@ -5,8 +5,10 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use tether_proto::target::ClientTarget;
 
-/// Default for `max_connections_per_source`.
-pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Default for `max_connections_per_source`: a whole office behind one NAT
+/// address holds a few hundred connections; one source still cannot take
+/// all of an agent's 8192 streams.
+pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
 
 /// One `[[listener]]` of the server config.
 #[derive(Debug, Clone, Deserialize)]
@@ -27,7 +29,7 @@ pub struct ListenerConfig {
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Most TCP connections one source address may have open through this
-    /// listener at once (default 64), so one source cannot take the agent's
+    /// listener at once (default 1024), so one source cannot take the agent's
     /// streams from everyone else.
     #[serde(default = "default_per_source")]
     pub max_connections_per_source: usize,

@@ -30,9 +30,11 @@ use std::path::PathBuf;
 
 /// Default for the most streams one client (identity, over all its
 /// sessions) may have open or opening at once (`max_streams_per_client`).
-/// Well below an agent's own limit (8192), so a client that floods opens
-/// cannot take every stream of an agent from the others.
-pub const MAX_STREAMS_PER_CLIENT: usize = 512;
+/// Enough for a team's real use (a browser-heavy page, a connection pool,
+/// 1000 connections through one CLI forward) and a quarter of an agent's own
+/// limit (8192), so a client that floods opens cannot take every stream of
+/// an agent from the others.
+pub const MAX_STREAMS_PER_CLIENT: usize = 2048;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,7 +56,7 @@ pub struct ServerConfig {
     #[serde(default)]
     pub session: tether_net::tuning::SessionTuning,
     /// Most streams one client (identity, over all its sessions and the raw
-    /// WebSocket endpoint) may have at once (default 512).
+    /// WebSocket endpoint) may have at once (default 2048).
     #[serde(default = "default_max_streams_per_client")]
     pub max_streams_per_client: usize,
     /// Public TCP ports bound to `agent/service`.

@@ -248,6 +248,100 @@ async fn many_short_connections_leave_no_streams_behind() {
     assert_eq!(t.agent_metric("tether_agent_streams_total"), Some(500.0));
 }
 
+/// The defaults hold what a team does: 1000 connections at once through
+/// one CLI forward, each proven open end to end and all held together; the
+/// identity's limit refuses beyond it, and the refusal names the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connections_through_one_forward_are_held_at_once() {
+    // This process holds both ends of every connection (and the service).
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if limit < 4500 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the open-file hard limit ({limit}) is too low for this test"
+        );
+        eprintln!("SKIPPED: open-file limit {limit}");
+        return;
+    }
+    const N: usize = 1000;
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let port = free_port();
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let mut held = Vec::with_capacity(N);
+    // Opened 100 at a time, each with a round trip before the next batch.
+    for batch in 0..N / 100 {
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            tasks.push(tokio::spawn(async move {
+                let mut s = connect(port).await;
+                let b = [(batch * 100 + i) as u8];
+                s.write_all(&b).await.map_err(|e| e.to_string())?;
+                let mut back = [0u8; 1];
+                tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut back))
+                    .await
+                    .map_err(|_| "no echo within 20 s".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                if back != b {
+                    return Err("wrong echo".to_owned());
+                }
+                Ok::<_, String>(s)
+            }));
+        }
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(s) => held.push(s),
+                Err(e) => panic!(
+                    "connection {} of {N} failed: {e}\nclient log:\n{}",
+                    held.len() + 1,
+                    client.log_text()
+                ),
+            }
+        }
+    }
+    assert_eq!(held.len(), N);
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .server_metric("tether_live_streams")
+            == Some(N as f64)),
+        "the server holds {N} live streams: {:?}",
+        t.server_metric("tether_live_streams")
+    );
+    // Every one of them still echoes while all are held.
+    for (i, s) in held.iter_mut().enumerate().step_by(97) {
+        s.write_all(&[i as u8]).await.unwrap();
+        let mut back = [0u8; 1];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [i as u8]);
+    }
+    drop(held);
+    drop(client);
+
+    // The limit is still there, and says how to raise it.
+    let cfg = std::env::temp_dir().join(format!("tether-small-limit-{}.toml", free_port()));
+    std::fs::write(&cfg, "max_streams_per_client = 5\n").unwrap();
+    let small = Tunnel::start_with(&[("echo", echo)], &["--config", cfg.to_str().unwrap()], &[]);
+    let port = free_port();
+    let _client = small.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let mut five = Vec::new();
+    for i in 0..5u8 {
+        let mut s = connect(port).await;
+        s.write_all(&[i]).await.unwrap();
+        let mut back = [0u8; 1];
+        s.read_exact(&mut back).await.unwrap();
+        five.push(s);
+    }
+    expect_closed_promptly(port).await;
+    assert!(
+        small.server.wait_log(
+            "already has 5 streams open (the limit, over all its sessions; the server's max_streams_per_client",
+            Duration::from_secs(5)
+        ),
+        "the refusal names the setting that raises it:\n{}",
+        small.server.log_text()
+    );
+}
+
 /// Connects to a forward and expects the tunnel to close it promptly
 /// (the open was refused), rather than hang.
 async fn expect_closed_promptly(port: u16) {
