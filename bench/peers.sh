@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# tether against its peers and against the limit, in one run, on 127.0.0.1 only:
+# the same three services (iperf3, an echo server) reached
+#   direct        straight to the service
+#   copy-2        through a chain of 2 plain byte-copy relays (socat): the limit for 2 hops
+#   copy-3        through 3 of them: the limit for 3 hops
+#   rathole       rathole server -> rathole client -> service (2 hops)
+#   bore          bore server -> bore local -> service (2 hops)
+#   tether-2      a tether [[listener]] on the server -> agent -> service (2 hops)
+#   tether-3      tether client forward -> server -> agent -> service (3 hops)
+# and prints one table of ratios against the direct path measured in the same round.
+#
+# Usage: bench/peers.sh            (builds tether and the probe in release, installs rathole
+#                                   and bore-cli from crates.io into bench/.peers the first time)
+# Knobs: SKIP_BUILD=1, ROUNDS=2, IPERF_SECS=5, RTT_COUNT=5000, CONNECT_COUNT=300,
+#        BENCH_PORT_BASE=20400 (ports BASE .. BASE+40, below the ephemeral range),
+#        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure).
+# Writes bench/results/peers.md; process logs in bench/results/logs-peers/.
+set -euo pipefail
+BENCH=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$BENCH")
+OUT="$BENCH/results"; LOG="$OUT/logs-peers"
+mkdir -p "$LOG"
+ROUNDS=${ROUNDS:-2}; IPERF_SECS=${IPERF_SECS:-5}; RTT_COUNT=${RTT_COUNT:-5000}
+CONNECT_COUNT=${CONNECT_COUNT:-300}; BASE=${BENCH_PORT_BASE:-20400}
+PATHS=${PATHS:-"copy-2 copy-3 rathole bore tether-2 tether-3"}
+T0=$(date +%s)
+say() { printf '[peers %3ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
+die() { say "FAILED: $*"; exit 1; }
+med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END { if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+
+PIDS=()
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+start() { local name=$1; shift; "$@" >"$LOG/$name.log" 2>&1 & PIDS+=($!); }
+wait_port() { local i; for i in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing listens on $1 (see $LOG)"; }
+
+# ------------------------------------------------------------------ tools
+for pkg_cmd in iperf3:iperf3 socat:socat jq:jq; do
+    command -v "${pkg_cmd##*:}" >/dev/null || { say "installing ${pkg_cmd%%:*}";
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkg_cmd%%:*}" >/dev/null 2>&1 \
+        || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkg_cmd%%:*}" >/dev/null; }; }
+done
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    say "building tether (release) and the probe"
+    (cd "$ROOT" && cargo build --release -p tether) >"$LOG/build.log" 2>&1 || die "tether build (see $LOG/build.log)"
+    CARGO_TARGET_DIR="$BENCH/target" cargo build --release --manifest-path "$BENCH/probe/Cargo.toml" >>"$LOG/build.log" 2>&1 \
+        || die "probe build"
+    # The peers as a new user gets them: the released crates, default settings. rathole
+    # 0.5.0's lockfile pins a `time` that today's rustc rejects, so it resolves afresh;
+    # its plain TCP transport needs no TLS features (and no OpenSSL headers).
+    [ -x "$BENCH/.peers/bin/bore" ] || { say "installing bore-cli from crates.io into bench/.peers";
+        cargo install --locked --root "$BENCH/.peers" bore-cli >>"$LOG/build.log" 2>&1 || die "cargo install bore-cli"; }
+    [ -x "$BENCH/.peers/bin/rathole" ] || { say "installing rathole from crates.io into bench/.peers";
+        cargo install --root "$BENCH/.peers" rathole --no-default-features --features server,client \
+            >>"$LOG/build.log" 2>&1 || die "cargo install rathole"; }
+fi
+TETHER="$ROOT/target/release/tether"; PROBE="$BENCH/target/release/probe"
+RATHOLE="$BENCH/.peers/bin/rathole"; BORE="$BENCH/.peers/bin/bore"
+for b in "$TETHER" "$PROBE" "$RATHOLE" "$BORE"; do [ -x "$b" ] || die "$b missing (run without SKIP_BUILD)"; done
+ulimit -n 20000 2>/dev/null || true
+
+# ------------------------------------------------------------------ ports: per path, an iperf3 and an echo port
+S_IPERF=$BASE; S_ECHO=$((BASE + 1))
+# port_of PATH KIND: BASE+2+4i for iperf3, +1 for echo; +2 and +3 are the paths' own inner ports.
+port_of() { local i=0 p; for p in copy-2 copy-3 rathole bore tether-2 tether-3; do i=$((i + 1)); [ "$p" = "$1" ] && break; done
+    if [ "$2" = echo ]; then echo $((BASE + 2 + i * 4 + 1)); else echo $((BASE + 2 + i * 4)); fi; }
+# A plain copy relay: socat with a 256 KiB copy buffer (its 8 KiB default would make the
+# "limit" slower than the tunnels it bounds). It forks per connection, so its connection
+# setup is no limit for anyone's.
+relay() { start "relay-$1" socat -b 262144 "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$2"; }
+
+# ------------------------------------------------------------------ services
+say "starting the services"
+start iperf3s iperf3 -s -B 127.0.0.1 -p "$S_IPERF"
+start echo "$PROBE" echo-server --listen "127.0.0.1:$S_ECHO"
+wait_port "$S_IPERF"; wait_port "$S_ECHO"
+
+for path in $PATHS; do
+    pi=$(port_of "$path" iperf); pe=$(port_of "$path" echo)
+    say "starting $path (iperf3 on $pi, echo on $pe)"
+    case $path in
+    copy-2) relay "$pi" $((pi + 2)); relay $((pi + 2)) "$S_IPERF"; relay "$pe" $((pe + 2)); relay $((pe + 2)) "$S_ECHO" ;;
+    copy-3) relay "$pi" $((pi + 2)); relay $((pi + 2)) $((BASE + 38)); relay $((BASE + 38)) "$S_IPERF"
+            relay "$pe" $((pe + 2)); relay $((pe + 2)) $((BASE + 39)); relay $((BASE + 39)) "$S_ECHO" ;;
+    rathole)
+        cat >"$LOG/rathole-server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$((pi + 2))"
+[server.services.iperf]
+token = "bench"
+bind_addr = "127.0.0.1:$pi"
+[server.services.echo]
+token = "bench"
+bind_addr = "127.0.0.1:$pe"
+EOF
+        cat >"$LOG/rathole-client.toml" <<EOF
+[client]
+remote_addr = "127.0.0.1:$((pi + 2))"
+[client.services.iperf]
+token = "bench"
+local_addr = "127.0.0.1:$S_IPERF"
+[client.services.echo]
+token = "bench"
+local_addr = "127.0.0.1:$S_ECHO"
+EOF
+        start rathole-server "$RATHOLE" --server "$LOG/rathole-server.toml"
+        wait_port $((pi + 2))
+        start rathole-client "$RATHOLE" --client "$LOG/rathole-client.toml" ;;
+    bore)
+        # bore's control port is fixed (7835); the public ports are asked for explicitly.
+        start bore-server "$BORE" server --min-port "$pi" --max-port "$pe" --bind-addr 127.0.0.1
+        wait_port 7835
+        start bore-iperf "$BORE" local "$S_IPERF" --local-host 127.0.0.1 --to 127.0.0.1 --port "$pi"
+        start bore-echo "$BORE" local "$S_ECHO" --local-host 127.0.0.1 --to 127.0.0.1 --port "$pe" ;;
+    tether-2|tether-3)
+        if [ -z "${TETHER_UP:-}" ]; then
+            TETHER_UP=1; TP=$((BASE + 36))
+            start tether-server "$TETHER" server --listen "127.0.0.1:$TP" --agent bench=bench-agent-token \
+                --client "b=bench-client-token=bench/*" \
+                --listener "127.0.0.1:$(port_of tether-2 iperf)=bench/iperf" --listener "127.0.0.1:$(port_of tether-2 echo)=bench/echo"
+            wait_port "$TP"
+            TETHER_TOKEN=bench-agent-token start tether-agent "$TETHER" agent --server "ws://127.0.0.1:$TP" --name bench \
+                --service "iperf=127.0.0.1:$S_IPERF" --service "echo=127.0.0.1:$S_ECHO"
+        fi
+        if [ "$path" = tether-3 ]; then
+            TETHER_TOKEN=bench-client-token start tether-client "$TETHER" client --server "ws://127.0.0.1:$TP" forward \
+                "127.0.0.1:$pi=bench/iperf" "127.0.0.1:$pe=bench/echo"
+        fi ;;
+    *) die "unknown path $path" ;;
+    esac
+    # Ready when one echo round trip goes through.
+    ok=0
+    for _ in $(seq 100); do
+        if "$PROBE" rtt --addr "127.0.0.1:$pe" --count 1 --warmup 0 --timeout-secs 2 >/dev/null 2>&1; then ok=1; break; fi
+        sleep 0.2
+    done
+    [ "$ok" = 1 ] || die "$path: no echo after 20 s (see $LOG)"
+done
+
+# ------------------------------------------------------------------ measuring
+iperf() { # iperf PORT STREAMS -> Gbit/s received
+    iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$IPERF_SECS" -J 2>/dev/null \
+        | jq -r '.end.sum_received.bits_per_second / 1e9' 2>/dev/null || echo 0
+}
+rtt() { "$PROBE" rtt --addr "127.0.0.1:$1" --count "$RTT_COUNT" --size 64 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
+conn() { "$PROBE" connect --addr "127.0.0.1:$1" --count "$CONNECT_COUNT" | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
+
+declare -A R
+for r in $(seq "$ROUNDS"); do
+    say "round $r/$ROUNDS: direct"
+    d1=$(iperf "$S_IPERF" 1); d8=$(iperf "$S_IPERF" 8); drtt=$(rtt "$S_ECHO"); dconn=$(conn "$S_ECHO")
+    for path in $PATHS; do
+        say "round $r/$ROUNDS: $path"
+        pi=$(port_of "$path" iperf); pe=$(port_of "$path" echo)
+        t1=$(iperf "$pi" 1); t8=$(iperf "$pi" 8); trtt=$(rtt "$pe"); tconn=$(conn "$pe")
+        R[$path,t1]+=" $(calc "$t1 / $d1")"; R[$path,t8]+=" $(calc "$t8 / $d8")"
+        R[$path,rtt]+=" $(calc "$trtt - $drtt" 1)"; R[$path,conn]+=" $(calc "$tconn - $dconn" 0)"
+    done
+    R[direct,t1]+=" $d1"; R[direct,t8]+=" $d8"; R[direct,rtt]+=" $drtt"; R[direct,conn]+=" $dconn"
+done
+
+# ------------------------------------------------------------------ table
+{
+    echo "# tether and its peers, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "Medians over $ROUNDS rounds; each ratio against the direct run of its own round."
+    echo "direct: 1 stream $(calc "$(med ${R[direct,t1]})" 1) Gbit/s, 8 streams $(calc "$(med ${R[direct,t8]})" 1) Gbit/s,"
+    echo "64-byte round trip $(med ${R[direct,rtt]}) µs, connection + first echo $(med ${R[direct,conn]}) µs."
+    echo
+    echo "| path | hops | 1 stream | 8 streams | added round trip (µs) | added connect (µs) |"
+    echo "|---|---|---|---|---|---|"
+    for path in $PATHS; do
+        case $path in copy-3|tether-3) hops=3 ;; *) hops=2 ;; esac
+        echo "| $path | $hops | $(med ${R[$path,t1]})x | $(med ${R[$path,t8]})x | +$(med ${R[$path,rtt]}) | +$(med ${R[$path,conn]}) |"
+    done
+} | tee "$OUT/peers.md"
