@@ -152,8 +152,7 @@ impl Client {
                 udp_sockets.push((Arc::new(sock), fwd));
                 continue;
             }
-            let l = TcpListener::bind(fwd.listen)
-                .await
+            let l = tether_net::listen::bind(fwd.listen)
                 .with_context(|| format!("cannot listen on {}", fwd.listen))?;
             listeners.push((l, fwd));
         }
@@ -161,8 +160,7 @@ impl Client {
             None => None,
             Some(p) => {
                 let router = proxy::Router::new(&p.route, p.default_agent.clone())?;
-                let l = TcpListener::bind(p.listen)
-                    .await
+                let l = tether_net::listen::bind(p.listen)
                     .with_context(|| format!("cannot listen on {} (proxy)", p.listen))?;
                 Some((l, Arc::new(router)))
             }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_proto::TargetKind;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::admission::SourceCounts;
 use crate::config::ListenerConfig;
@@ -92,7 +92,7 @@ impl Listener {
             if !self.agent_connected(&mut changes).await {
                 return;
             }
-            let listener = match bind(cfg.listen) {
+            let listener = match tether_net::listen::bind(cfg.listen) {
                 Ok(l) => l,
                 Err(e) => {
                     self.metrics.error("listener_bind");
@@ -251,15 +251,4 @@ impl Listener {
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
         }
     }
-}
-
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(1024)
 }

@@ -118,8 +118,7 @@ impl Server {
                 (Some(a), Some(fp))
             }
         };
-        let listener = TcpListener::bind(cfg.listen)
-            .await
+        let listener = tether_net::listen::bind(cfg.listen)
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let state = State::new(cfg, auth, tls);
         Ok(Server {

@@ -290,9 +290,16 @@ pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool
 // Sample services (in the test process, on loopback).
 // ---------------------------------------------------------------------------
 
+/// A loopback listener for a test service, with the accept queue tether's
+/// own listeners use: tests open hundreds of connections at once, and
+/// `TcpListener::bind`'s 128 would drop (and now and then reset) some.
+pub(crate) fn service_listener() -> TcpListener {
+    tether_net::listen::bind("127.0.0.1:0".parse().unwrap()).expect("bind a test service")
+}
+
 /// Echoes every byte back; closes its write side at EOF (keeps half-close).
 pub(crate) async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = service_listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -310,7 +317,7 @@ pub(crate) async fn echo_service() -> SocketAddr {
 /// Reads everything until EOF, then answers with the byte count and a
 /// checksum: proves the service saw the client's half-close.
 pub(crate) async fn count_then_answer_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = service_listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -343,7 +350,7 @@ pub(crate) async fn count_then_answer_service() -> SocketAddr {
 
 /// Sends `len` deterministic bytes to every connection, then closes.
 pub(crate) async fn source_service(len: u64) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = service_listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -372,7 +379,7 @@ pub(crate) async fn source_service(len: u64) -> SocketAddr {
 /// A tiny HTTP service answering every request with `body` (one request per
 /// connection).
 pub(crate) async fn http_service(body: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = service_listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

@@ -1,0 +1,58 @@
+//! TCP listeners with an accept queue sized for bursts.
+//!
+//! `TcpListener::bind` (tokio, like the standard library) asks the kernel
+//! for a queue of 128 connections not yet accepted. A browser opening a page,
+//! a connection pool starting or a load balancer's health checks arrive in
+//! bursts of hundreds: past 128 the kernel drops SYNs (the client retries
+//! after a second) and may reset a connection whose handshake it had half
+//! completed. Every listener tether opens for traffic (the server's port, its
+//! `[[listener]]`s, the CLI's forwards and proxy) asks for [`BACKLOG`]; the
+//! kernel caps it at `net.core.somaxconn`.
+
+use std::io;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpSocket};
+
+/// The accept queue tether asks for.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds `addr` (with `SO_REUSEADDR`, like `TcpListener::bind`) and listens
+/// with a [`BACKLOG`]-deep accept queue.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_beyond_128_waits_in_the_queue() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        // 300 handshakes complete without a single accept: they wait in
+        // the queue (with the default 128, the rest would be dropped and
+        // retried a second later).
+        let mut conns = Vec::new();
+        for _ in 0..300 {
+            let c = tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .expect("connects without waiting for a SYN retry")
+            .unwrap();
+            conns.push(c);
+        }
+        for _ in 0..300 {
+            l.accept().await.unwrap();
+        }
+    }
+}
