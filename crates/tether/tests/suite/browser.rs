@@ -62,6 +62,14 @@ async fn wait_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
     panic!("{css}: text never matched; last seen {last:?}");
 }
 
+/// Runs `script` in the page; its string result.
+async fn js(c: &Client, script: &str) -> String {
+    match c.execute(script, vec![]).await.expect("script runs") {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
 fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
@@ -292,27 +300,32 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
     // of cards, not a thousand.
     let status = wait_text(&c, "#status", |t| t.starts_with("1 of 1002 agents online")).await;
     assert!(status.contains("refine the search"), "{status}");
-    let first = c
-        .find(Locator::Css("#agents section"))
-        .await
-        .unwrap()
-        .attr("data-agent")
-        .await
-        .unwrap();
-    assert_eq!(first.as_deref(), Some("prod"));
-    let cards = c.find_all(Locator::Css("#agents section")).await.unwrap();
-    assert!(cards.len() <= 60, "{} cards in the page", cards.len());
+    let first = js(
+        &c,
+        "return document.querySelector('#agents section').dataset.agent;",
+    )
+    .await;
+    assert_eq!(first, "prod");
+    let cards = js(
+        &c,
+        "return String(document.querySelectorAll('#agents section').length);",
+    )
+    .await;
+    assert!(
+        cards.parse::<usize>().unwrap() <= 60,
+        "{cards} cards in the page"
+    );
 
     // Search: one agent among a thousand, then by service name.
     let search = c.find(Locator::Css("#search")).await.unwrap();
     search.send_keys("fleet-0999").await.unwrap();
     wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
-    let cards = c.find_all(Locator::Css("#agents section")).await.unwrap();
-    assert_eq!(cards.len(), 1);
-    assert_eq!(
-        cards[0].attr("data-agent").await.unwrap().as_deref(),
-        Some("fleet-0999")
-    );
+    let shown = js(
+        &c,
+        "return [...document.querySelectorAll('#agents section')].map(s => s.dataset.agent).join(',');",
+    )
+    .await;
+    assert_eq!(shown, "fleet-0999");
     search.clear().await.unwrap();
     search.send_keys("echo").await.unwrap();
     wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
@@ -379,14 +392,13 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
             s.write_all(request).await.unwrap();
             let n = s.read(&mut buf).await.unwrap();
             assert!(n > 0, "the service answers again");
-            let p = c
-                .find(Locator::Css("[data-agent=prod] svg.spark polyline"))
-                .await
-                .unwrap()
-                .attr("points")
-                .await
-                .unwrap()
-                .unwrap_or_default();
+            // One script call: the cards are redrawn every 2 s, so an
+            // element found in one call may be gone by the next.
+            let p = js(
+                &c,
+                "return document.querySelector('[data-agent=prod] svg.spark polyline')?.getAttribute('points') || '';",
+            )
+            .await;
             let peak = p
                 .split_whitespace()
                 .filter_map(|xy| xy.split_once(',').and_then(|(_, y)| y.parse::<f64>().ok()))

@@ -174,7 +174,11 @@
         if (t.rates.length > SPARK_POINTS) t.rates.shift();
         t.total = total; t.at = now;
       }
-      render();
+      // Only the sparklines change: the cards (and their links) stay.
+      for (const sec of agentsEl.querySelectorAll("section[data-agent]")) {
+        const old = sec.querySelector("svg.spark");
+        if (old) old.replaceWith(sparkline(sec.dataset.agent));
+      }
     }
     setTimeout(sample, TICK_MS);
   }
