@@ -8,11 +8,17 @@
 #   bore          bore server -> bore local -> service (2 hops)
 #   tether-2      a tether [[listener]] on the server -> agent -> service (2 hops)
 #   tether-3      tether client forward -> server -> agent -> service (3 hops)
-# and prints one table of ratios against the direct path measured in the same round.
+# and prints one table of ratios against the direct path measured in the same round: iperf3
+# with 1 and 8 streams, the added 64-byte round trip, the added connection setup, and many
+# small messages (50 connections at once, 64-byte ping-pongs, round trips per second).
+# Then HTTP: wrk (1 thread, 16 keep-alive connections, `tether sample-app /hello`) direct,
+# through nginx as a 1-hop reverse proxy, through rathole and a tether [[listener]] carrying
+# the HTTP as TCP, and through tether's own HTTP proxy (/a/AGENT/SERVICE/).
 #
 # Usage: bench/peers.sh            (builds tether and the probe in release, installs rathole
 #                                   and bore-cli from crates.io into bench/.peers the first time)
-# Knobs: SKIP_BUILD=1, ROUNDS=2, IPERF_SECS=5, RTT_COUNT=5000, CONNECT_COUNT=300,
+# Knobs: SKIP_BUILD=1, ROUNDS=2, IPERF_SECS=5, RTT_COUNT=5000, CONNECT_COUNT=300, MANY_SECS=3,
+#        HTTP_SECS=5 (0 skips HTTP), TETHER_WORKER_THREADS (passed on to tether),
 #        BENCH_PORT_BASE=20400 (ports BASE .. BASE+40, below the ephemeral range),
 #        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure).
 # Writes bench/results/peers.md; process logs in bench/results/logs-peers/.
@@ -22,6 +28,7 @@ ROOT=$(dirname "$BENCH")
 OUT="$BENCH/results"; LOG="$OUT/logs-peers"
 mkdir -p "$LOG"
 ROUNDS=${ROUNDS:-2}; IPERF_SECS=${IPERF_SECS:-5}; RTT_COUNT=${RTT_COUNT:-5000}
+MANY_SECS=${MANY_SECS:-3}; HTTP_SECS=${HTTP_SECS:-5}
 CONNECT_COUNT=${CONNECT_COUNT:-300}; BASE=${BENCH_PORT_BASE:-20400}
 PATHS=${PATHS:-"copy-2 copy-3 rathole bore tether-2 tether-3"}
 T0=$(date +%s)
@@ -37,7 +44,7 @@ start() { local name=$1; shift; "$@" >"$LOG/$name.log" 2>&1 & PIDS+=($!); }
 wait_port() { local i; for i in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing listens on $1 (see $LOG)"; }
 
 # ------------------------------------------------------------------ tools
-for pkg_cmd in iperf3:iperf3 socat:socat jq:jq; do
+for pkg_cmd in iperf3:iperf3 socat:socat jq:jq wrk:wrk nginx:nginx; do
     command -v "${pkg_cmd##*:}" >/dev/null || { say "installing ${pkg_cmd%%:*}";
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkg_cmd%%:*}" >/dev/null 2>&1 \
         || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkg_cmd%%:*}" >/dev/null; }; }
@@ -75,7 +82,9 @@ relay() { start "relay-$1" socat -b 262144 "TCP-LISTEN:$1,bind=127.0.0.1,fork,re
 say "starting the services"
 start iperf3s iperf3 -s -B 127.0.0.1 -p "$S_IPERF"
 start echo "$PROBE" echo-server --listen "127.0.0.1:$S_ECHO"
-wait_port "$S_IPERF"; wait_port "$S_ECHO"
+S_WEB=$((BASE + 30))
+start web "$TETHER" sample-app --listen "127.0.0.1:$S_WEB"
+wait_port "$S_IPERF"; wait_port "$S_ECHO"; wait_port "$S_WEB"
 
 for path in $PATHS; do
     pi=$(port_of "$path" iperf); pe=$(port_of "$path" echo)
@@ -94,6 +103,9 @@ bind_addr = "127.0.0.1:$pi"
 [server.services.echo]
 token = "bench"
 bind_addr = "127.0.0.1:$pe"
+[server.services.web]
+token = "bench"
+bind_addr = "127.0.0.1:$((BASE + 31))"
 EOF
         cat >"$LOG/rathole-client.toml" <<EOF
 [client]
@@ -104,6 +116,9 @@ local_addr = "127.0.0.1:$S_IPERF"
 [client.services.echo]
 token = "bench"
 local_addr = "127.0.0.1:$S_ECHO"
+[client.services.web]
+token = "bench"
+local_addr = "127.0.0.1:$S_WEB"
 EOF
         start rathole-server "$RATHOLE" --server "$LOG/rathole-server.toml"
         wait_port $((pi + 2))
@@ -117,12 +132,17 @@ EOF
     tether-2|tether-3)
         if [ -z "${TETHER_UP:-}" ]; then
             TETHER_UP=1; TP=$((BASE + 36))
-            start tether-server "$TETHER" server --listen "127.0.0.1:$TP" --agent bench=bench-agent-token \
+            # The load generators are one identity far above any person's request and open
+            # rates: lift the per-identity budgets (defaults 20 000 requests/s, 200 opens/s).
+            printf '[limits]\nrequests_per_sec = 1e9\nrequest_burst = 1e9\nopens_per_sec = 1e9\nopen_burst = 1e9\n' >"$LOG/tether-limits.toml"
+            start tether-server "$TETHER" server --config "$LOG/tether-limits.toml" --listen "127.0.0.1:$TP" --agent bench=bench-agent-token \
                 --client "b=bench-client-token=bench/*" \
-                --listener "127.0.0.1:$(port_of tether-2 iperf)=bench/iperf" --listener "127.0.0.1:$(port_of tether-2 echo)=bench/echo"
+                --listener "127.0.0.1:$(port_of tether-2 iperf)=bench/iperf" --listener "127.0.0.1:$(port_of tether-2 echo)=bench/echo" \
+                --listener "127.0.0.1:$((BASE + 32))=bench/webtcp"
             wait_port "$TP"
             TETHER_TOKEN=bench-agent-token start tether-agent "$TETHER" agent --server "ws://127.0.0.1:$TP" --name bench \
-                --service "iperf=127.0.0.1:$S_IPERF" --service "echo=127.0.0.1:$S_ECHO"
+                --service "iperf=127.0.0.1:$S_IPERF" --service "echo=127.0.0.1:$S_ECHO" \
+                --service "web=http://127.0.0.1:$S_WEB" --service "webtcp=127.0.0.1:$S_WEB"
         fi
         if [ "$path" = tether-3 ]; then
             TETHER_TOKEN=bench-client-token start tether-client "$TETHER" client --server "ws://127.0.0.1:$TP" forward \
@@ -144,21 +164,30 @@ iperf() { # iperf PORT STREAMS -> Gbit/s received
     iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$IPERF_SECS" -J 2>/dev/null \
         | jq -r '.end.sum_received.bits_per_second / 1e9' 2>/dev/null || echo 0
 }
-rtt() { "$PROBE" rtt --addr "127.0.0.1:$1" --count "$RTT_COUNT" --size 64 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
-conn() { "$PROBE" connect --addr "127.0.0.1:$1" --count "$CONNECT_COUNT" | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
+rtt() { taskset -c 0 "$PROBE" rtt --addr "127.0.0.1:$1" --count "$RTT_COUNT" --size 64 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
+many() { "$PROBE" many --addr "127.0.0.1:$1" --conns 50 --size 64 --secs "$MANY_SECS" | sed -n 's/.*per_sec=\([^ ]*\).*/\1/p'; }
+conn() { taskset -c 0 "$PROBE" connect --addr "127.0.0.1:$1" --count "$CONNECT_COUNT" | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
 
+# The round trip and the connection setup are measured with every process on one CPU (and
+# the probe too): then they count the CPU work per message and per connection, not how long
+# an idle virtual CPU takes to wake up, which on a shared VM moves by tens of microseconds.
+ALLCPUS="0-$(( $(nproc) - 1 ))"
+pin() { local p; for p in "${PIDS[@]}"; do taskset -a -p -c "$1" "$p" >/dev/null 2>&1 || true; done; }
 declare -A R
 for r in $(seq "$ROUNDS"); do
     say "round $r/$ROUNDS: direct"
-    d1=$(iperf "$S_IPERF" 1); d8=$(iperf "$S_IPERF" 8); drtt=$(rtt "$S_ECHO"); dconn=$(conn "$S_ECHO")
+    d1=$(iperf "$S_IPERF" 1); d8=$(iperf "$S_IPERF" 8); dmany=$(many "$S_ECHO")
+    pin 0; drtt=$(rtt "$S_ECHO"); dconn=$(conn "$S_ECHO"); pin "$ALLCPUS"
     for path in $PATHS; do
         say "round $r/$ROUNDS: $path"
         pi=$(port_of "$path" iperf); pe=$(port_of "$path" echo)
-        t1=$(iperf "$pi" 1); t8=$(iperf "$pi" 8); trtt=$(rtt "$pe"); tconn=$(conn "$pe")
+        t1=$(iperf "$pi" 1); t8=$(iperf "$pi" 8); tmany=$(many "$pe")
+        pin 0; trtt=$(rtt "$pe"); tconn=$(conn "$pe"); pin "$ALLCPUS"
+        R[$path,many]+=" $(calc "$tmany / $dmany")"
         R[$path,t1]+=" $(calc "$t1 / $d1")"; R[$path,t8]+=" $(calc "$t8 / $d8")"
         R[$path,rtt]+=" $(calc "$trtt - $drtt" 1)"; R[$path,conn]+=" $(calc "$tconn - $dconn" 0)"
     done
-    R[direct,t1]+=" $d1"; R[direct,t8]+=" $d8"; R[direct,rtt]+=" $drtt"; R[direct,conn]+=" $dconn"
+    R[direct,t1]+=" $d1"; R[direct,t8]+=" $d8"; R[direct,rtt]+=" $drtt"; R[direct,conn]+=" $dconn"; R[direct,many]+=" $dmany"
 done
 
 # ------------------------------------------------------------------ table
@@ -167,12 +196,74 @@ done
     echo
     echo "Medians over $ROUNDS rounds; each ratio against the direct run of its own round."
     echo "direct: 1 stream $(calc "$(med ${R[direct,t1]})" 1) Gbit/s, 8 streams $(calc "$(med ${R[direct,t8]})" 1) Gbit/s,"
-    echo "64-byte round trip $(med ${R[direct,rtt]}) µs, connection + first echo $(med ${R[direct,conn]}) µs."
+    echo "64-byte round trip $(med ${R[direct,rtt]}) µs and connection + first echo $(med ${R[direct,conn]}) µs (all on one CPU),"
+    echo "50 connections of 64-byte ping-pongs $(med ${R[direct,many]}) round trips/s."
     echo
-    echo "| path | hops | 1 stream | 8 streams | added round trip (µs) | added connect (µs) |"
-    echo "|---|---|---|---|---|---|"
+    echo "| path | hops | 1 stream | 8 streams | added round trip, one CPU (µs) | added connect, one CPU (µs) | 50 conns, 64 B |"
+    echo "|---|---|---|---|---|---|---|"
     for path in $PATHS; do
         case $path in copy-3|tether-3) hops=3 ;; *) hops=2 ;; esac
-        echo "| $path | $hops | $(med ${R[$path,t1]})x | $(med ${R[$path,t8]})x | +$(med ${R[$path,rtt]}) | +$(med ${R[$path,conn]}) |"
+        echo "| $path | $hops | $(med ${R[$path,t1]})x | $(med ${R[$path,t8]})x | +$(med ${R[$path,rtt]}) | +$(med ${R[$path,conn]}) | $(med ${R[$path,many]})x |"
     done
 } | tee "$OUT/peers.md"
+
+# ------------------------------------------------------------------ HTTP
+[ "$HTTP_SECS" = 0 ] && exit 0
+S_NGINX=$((BASE + 33))
+mkdir -p "$LOG/nginx"
+cat >"$LOG/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $LOG/nginx/nginx.pid;
+error_log $LOG/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $LOG/nginx; proxy_temp_path $LOG/nginx; fastcgi_temp_path $LOG/nginx;
+    uwsgi_temp_path $LOG/nginx; scgi_temp_path $LOG/nginx;
+    upstream app { server 127.0.0.1:$S_WEB; keepalive 32; }
+    server {
+        listen 127.0.0.1:$S_NGINX;
+        location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+EOF
+start nginx nginx -c "$LOG/nginx/nginx.conf" -e "$LOG/nginx/error.log"
+wait_port "$S_NGINX"
+AUTH="Authorization: Bearer bench-client-token"
+declare -A H
+H[direct]="http://127.0.0.1:$S_WEB/hello"
+H[nginx]="http://127.0.0.1:$S_NGINX/hello"
+HPATHS="direct nginx"
+case " $PATHS " in *" rathole "*) H[rathole-tcp]="http://127.0.0.1:$((BASE + 31))/hello"; HPATHS+=" rathole-tcp" ;; esac
+if [ -n "${TETHER_UP:-}" ]; then
+    H[tether-tcp]="http://127.0.0.1:$((BASE + 32))/hello"; H[tether-proxy]="http://127.0.0.1:$TP/a/bench/web/hello"
+    HPATHS+=" tether-tcp tether-proxy"
+fi
+for p in $HPATHS; do
+    ok=0; for _ in $(seq 50); do curl -sf -H "$AUTH" "${H[$p]}" >/dev/null && { ok=1; break; }; sleep 0.2; done
+    [ "$ok" = 1 ] || die "HTTP through $p does not answer (see $LOG)"
+done
+wrk_rps() { # URL -> requests/s; no figure when any answer was an error
+    local out; out=$(wrk -t1 -c16 -d"${HTTP_SECS}s" -H "$AUTH" "$1")
+    if grep -q "Non-2xx\|Socket errors" <<<"$out"; then say "errors through $1: $out"; echo 0; return; fi
+    sed -n 's/^Requests\/sec:[[:space:]]*\([0-9.]*\).*/\1/p' <<<"$out"
+}
+declare -A HR
+for r in $(seq "$ROUNDS"); do
+    for p in $HPATHS; do
+        say "HTTP round $r/$ROUNDS: $p"
+        HR[$p]+=" $(wrk_rps "${H[$p]}")"
+    done
+done
+{
+    echo
+    echo "HTTP: wrk -t1 -c16 -d${HTTP_SECS}s, keep-alive, 6-byte answer (tether sample-app /hello); medians over $ROUNDS rounds."
+    echo
+    echo "| path | requests/s | vs direct |"
+    echo "|---|---|---|"
+    d=$(med ${HR[direct]})
+    for p in $HPATHS; do
+        v=$(med ${HR[$p]}); echo "| $p | $(calc "$v" 0) | $(calc "$v / $d")x |"
+    done
+} | tee -a "$OUT/peers.md"

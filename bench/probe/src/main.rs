@@ -80,6 +80,20 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
+    /// CONNS connections at once, each doing SIZE-byte ping-pongs against an echo server for
+    /// SECS seconds (after WARMUP_SECS): aggregate round trips per second.
+    Many {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        conns: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
     /// Aggregate read throughput of STREAMS connections to a source server, optionally beside one
     /// more connection (via STALL_ADDR) that never reads.
     Fair {
@@ -118,6 +132,9 @@ fn main() -> Result<()> {
             }
             Cmd::Idle { addr, count, hold, parallel, timeout_secs } => {
                 idle(addr, count, hold, parallel, timeout_secs).await
+            }
+            Cmd::Many { addr, conns, size, secs, warmup_secs } => {
+                bounded((secs + warmup_secs) as u64 + 30, "many", many(addr, conns, size, secs, warmup_secs)).await
             }
             Cmd::Fair { addr, streams, stall_addr, secs, warmup_secs, stall_fill_secs } => {
                 fair(addr, streams, stall_addr, secs, warmup_secs, stall_fill_secs).await
@@ -275,6 +292,44 @@ async fn connect(addr: SocketAddr, count: usize, warmup: usize) -> Result<()> {
         drop(s);
     }
     print_stats("connect", &format!("count={count}"), &stats(us));
+    Ok(())
+}
+
+async fn many(addr: SocketAddr, conns: usize, size: usize, secs: f64, warmup_secs: f64) -> Result<()> {
+    if conns == 0 || size == 0 || secs <= 0.0 {
+        bail!("conns, size and secs must be > 0");
+    }
+    let start = Instant::now() + Duration::from_secs_f64(warmup_secs);
+    let end = start + Duration::from_secs_f64(secs);
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..conns {
+        set.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+            s.set_nodelay(true)?;
+            let out: Vec<u8> = (0..size).map(|i| (i + c) as u8).collect();
+            let mut inb = vec![0u8; size];
+            let mut counted = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    return anyhow::Ok(counted);
+                }
+                s.write_all(&out).await?;
+                s.read_exact(&mut inb).await.context("echo closed early")?;
+                if inb != out {
+                    bail!("echo returned different bytes");
+                }
+                if t >= start {
+                    counted += 1;
+                }
+            }
+        });
+    }
+    let mut total = 0u64;
+    while let Some(r) = set.join_next().await {
+        total += r??;
+    }
+    println!("many conns={conns} size={size} round_trips={total} per_sec={:.0}", total as f64 / secs);
     Ok(())
 }
 
