@@ -17,12 +17,14 @@
 //! caused and wakes the writer or the timer when they have work.
 //!
 //! * `driver.rs`: [`Connection`] and the three tasks;
+//! * `inbox.rs`: what the reader hands one stream, queued for its reader;
 //! * `stream.rs`: the stream handles ([`Incoming`], [`Stream`],
 //!   [`StreamReader`], [`StreamWriter`]);
 //! * this file: the state they share and how a change to it is published
 //!   (`Shared::with_session`, `dispatch`).
 
 mod driver;
+mod inbox;
 mod stream;
 
 pub use driver::{Connection, IncomingStreams};
@@ -61,7 +63,7 @@ enum Inbound {
 
 /// Per-stream plumbing held by the driver.
 struct Route {
-    inbox: mpsc::UnboundedSender<Inbound>,
+    inbox: inbox::InboxTx,
     writable: Arc<Notify>,
     /// Why the stream was reset, for its writer (the reader learns it from
     /// its inbox).
@@ -166,7 +168,7 @@ impl Shared {
         id: StreamId,
         open_answer: Option<oneshot::Sender<Result<(), Refusal>>>,
     ) -> Stream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = inbox::inbox();
         let writable = Arc::new(Notify::new());
         let reset = Arc::new(OnceLock::new());
         g.routes.insert(
@@ -244,12 +246,12 @@ impl Shared {
                         } else {
                             data
                         };
-                        let _ = r.inbox.send(Inbound::Data(data));
+                        r.inbox.send(Inbound::Data(data));
                     }
                 }
                 Event::Finished { id } => {
                     if let Some(r) = g.routes.get(&id) {
-                        let _ = r.inbox.send(Inbound::Fin);
+                        r.inbox.send(Inbound::Fin);
                     }
                     g.deadlines_changed(); // linger starts
                 }
@@ -266,7 +268,7 @@ impl Shared {
                             remote,
                         };
                         let _ = r.reset.set(e.clone());
-                        let _ = r.inbox.send(Inbound::Reset(e));
+                        r.inbox.send(Inbound::Reset(e));
                         r.writable.notify_one();
                     }
                 }

@@ -9,8 +9,9 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use tether_proto::{OpenErrorCode, ResetCode, StreamId, Target, WriteError};
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
+use super::inbox::InboxRx;
 use super::{now, Inbound, Shared};
 use crate::error::StreamError;
 
@@ -117,7 +118,7 @@ impl Drop for StreamGuard {
 pub struct Stream {
     shared: Arc<Shared>,
     id: StreamId,
-    inbox: mpsc::UnboundedReceiver<Inbound>,
+    inbox: InboxRx,
     writable: Arc<Notify>,
     reset: Arc<OnceLock<StreamError>>,
     /// Rejected before ever being handed out: no guard, no reset on drop.
@@ -128,7 +129,7 @@ impl Stream {
     pub(super) fn new(
         shared: Arc<Shared>,
         id: StreamId,
-        inbox: mpsc::UnboundedReceiver<Inbound>,
+        inbox: InboxRx,
         writable: Arc<Notify>,
         reset: Arc<OnceLock<StreamError>>,
     ) -> Stream {
@@ -155,9 +156,7 @@ impl Stream {
             shared: self.shared.clone(),
             id: self.id,
         });
-        let (dummy_tx, dummy_rx) = mpsc::unbounded_channel();
-        drop(dummy_tx);
-        let inbox = std::mem::replace(&mut self.inbox, dummy_rx);
+        let inbox = std::mem::replace(&mut self.inbox, InboxRx::closed());
         (
             StreamReader {
                 shared: self.shared.clone(),
@@ -207,7 +206,7 @@ fn write_error(reset: &OnceLock<StreamError>, e: WriteError) -> StreamError {
 pub struct StreamReader {
     shared: Arc<Shared>,
     id: StreamId,
-    inbox: mpsc::UnboundedReceiver<Inbound>,
+    inbox: InboxRx,
     done: bool,
     _guard: Arc<StreamGuard>,
 }

@@ -1,0 +1,171 @@
+//! A stream's inbox: what the reader task hands one stream (data, FIN,
+//! reset), queued until the stream's reader takes it.
+//!
+//! One sender (the session's route for the stream), one receiver (the
+//! stream's reading half), no bound of its own: the session's flow-control
+//! window bounds what can arrive. A tokio unbounded channel does the same
+//! job but allocates a block of 32 slots and a cache-padded channel up front,
+//! about 2 KiB for every stream whether it ever carries a byte; an idle
+//! stream passes through four of them across client, server and agent. This
+//! is one small allocation, and the queue grows only when data waits.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use super::Inbound;
+
+/// Creates a connected sender and receiver.
+pub(super) fn inbox() -> (InboxTx, InboxRx) {
+    let slot = Arc::new(Slot {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            sender_gone: false,
+            receiver_gone: false,
+            waker: None,
+        }),
+    });
+    (InboxTx(slot.clone()), InboxRx(slot))
+}
+
+struct Slot {
+    state: Mutex<State>,
+}
+
+struct State {
+    queue: VecDeque<Inbound>,
+    sender_gone: bool,
+    receiver_gone: bool,
+    waker: Option<Waker>,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing here can panic while holding it; keep serving anyway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sending side (held by the session's route for the stream). Dropping
+/// it tells the receiver that nothing more will come.
+pub(super) struct InboxTx(Arc<Slot>);
+
+impl InboxTx {
+    /// Queues `item` and wakes the receiver; dropped when the receiver is
+    /// gone.
+    pub(super) fn send(&self, item: Inbound) {
+        let waker = {
+            let mut s = self.0.lock();
+            if s.receiver_gone {
+                return;
+            }
+            s.queue.push_back(item);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for InboxTx {
+    fn drop(&mut self) {
+        let waker = {
+            let mut s = self.0.lock();
+            s.sender_gone = true;
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The receiving side (held by the stream's reading half).
+pub(super) struct InboxRx(Arc<Slot>);
+
+impl InboxRx {
+    /// A receiver whose sender is already gone (it yields nothing).
+    pub(super) fn closed() -> InboxRx {
+        inbox().1
+    }
+
+    /// The next item; `None` once the sender is gone and the queue is empty.
+    pub(super) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
+        let mut s = self.0.lock();
+        if let Some(item) = s.queue.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if s.sender_gone {
+            return Poll::Ready(None);
+        }
+        match &mut s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Waits for the next item (cancel-safe: nothing is taken until it is
+    /// returned).
+    pub(super) async fn recv(&mut self) -> Option<Inbound> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl Drop for InboxRx {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.receiver_gone = true;
+        s.waker = None;
+        // What was queued is nobody's now; let it go at once.
+        s.queue = VecDeque::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn items_arrive_in_order_then_none_when_the_sender_is_gone() {
+        let (tx, mut rx) = inbox();
+        tx.send(Inbound::Data(Bytes::from_static(b"a")));
+        tx.send(Inbound::Data(Bytes::from_static(b"b")));
+        tx.send(Inbound::Fin);
+        drop(tx);
+        assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "a"));
+        assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "b"));
+        assert!(matches!(rx.recv().await, Some(Inbound::Fin)));
+        assert!(rx.recv().await.is_none());
+        assert!(InboxRx::closed().recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken_by_a_send_and_by_the_sender_leaving() {
+        let (tx, mut rx) = inbox();
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let second = rx.recv().await;
+            (first, second)
+        });
+        tokio::task::yield_now().await; // the reader is waiting now
+        tx.send(Inbound::Fin);
+        tokio::task::yield_now().await;
+        drop(tx);
+        let (first, second) = reader.await.unwrap();
+        assert!(matches!(first, Some(Inbound::Fin)));
+        assert!(second.is_none());
+    }
+
+    #[test]
+    fn sends_to_a_dropped_receiver_are_not_kept() {
+        let (tx, rx) = inbox();
+        tx.send(Inbound::Fin);
+        drop(rx);
+        tx.send(Inbound::Data(Bytes::from(vec![0u8; 1024])));
+        assert!(tx.0.lock().queue.is_empty());
+    }
+}
