@@ -532,51 +532,29 @@ mod tests {
     fn one_name_claimed_twice_is_published_once() {
         let cfg = KubernetesDiscovery::default();
         let d = Discovered::default();
-        let mut a = Seen::new();
-        a.insert(
-            "a/web".into(),
-            svc(
-                "web",
-                "a",
-                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
-                &[("", 80, "TCP")],
-            ),
-        );
-        a.insert(
-            "b/web".into(),
-            svc(
-                "web",
-                "b",
-                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
-                &[("", 80, "TCP")],
-            ),
-        );
+        // Services `web` in namespaces a and b both ask for the name `web`.
+        let both_claim_web = || {
+            let mut seen = Seen::new();
+            for ns in ["a", "b"] {
+                seen.insert(
+                    format!("{ns}/web"),
+                    svc(
+                        "web",
+                        ns,
+                        &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
+                        &[("", 80, "TCP")],
+                    ),
+                );
+            }
+            seen
+        };
         let mut changes = d.changes();
-        publish(&d, &cfg, &[a], true);
+        publish(&d, &cfg, &[both_claim_web()], true);
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
         assert_eq!(d.get("web").unwrap().source, "a/web:80");
         // The same set again is no change.
-        let mut again = Seen::new();
-        again.insert(
-            "a/web".into(),
-            svc(
-                "web",
-                "a",
-                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
-                &[("", 80, "TCP")],
-            ),
-        );
-        again.insert(
-            "b/web".into(),
-            svc(
-                "web",
-                "b",
-                &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
-                &[("", 80, "TCP")],
-            ),
-        );
-        publish(&d, &cfg, &[again], true);
+        publish(&d, &cfg, &[both_claim_web()], true);
         assert!(!changes.has_changed().unwrap());
         publish(&d, &cfg, &[Seen::new()], true);
         assert!(d.get("web").is_none());
