@@ -1,5 +1,5 @@
 //! Services discovered from the Kubernetes API, against a fake API server
-//! (list and watch, 410 Gone, a dropped watch): an annotated Service appears
+//! (list and watch, a Service modified, 410 Gone, a dropped watch): an annotated Service appears
 //! in the server's catalog and is reachable through the tunnel; deleted, it
 //! disappears and opens are refused; the watch resumes after the API server
 //! expires or drops it; the agent's allow list still applies.
@@ -157,6 +157,21 @@ kubeconfig = "{kubeconfig}"
         ),
         "the refusal names the address and the rule it needs"
     );
+
+    // Modified (a watch sees MODIFIED): the published kind follows the
+    // Service's new annotation, under the same name.
+    kube.apply(
+        service(
+            "default",
+            "outside",
+            &[EXPOSE, ("tether.dev/kind", "http")],
+            &[("", 9, "TCP")],
+        ),
+        false,
+    );
+    wait_catalog(&t, "outside changes kind", |c| {
+        c.contains(&"outside:http".to_owned()) && !c.contains(&"outside:tcp".to_owned())
+    });
 
     // Deleted: gone from the catalog, and opens are refused.
     kube.delete("web");
