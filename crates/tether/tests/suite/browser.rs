@@ -18,10 +18,7 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // chromedriver and the Chromium it started share a process group
         // (see `chromium`): a test that fails halfway leaves no browser behind.
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(format!("-{}", self.0.id()))
-            .status();
+        signal_group(self.0.id(), Signal::KILL);
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

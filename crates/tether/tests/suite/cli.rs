@@ -143,7 +143,7 @@ async fn dashboard_and_alerts_query_only_metrics_that_exist() {
         second.log_text()
     );
     // A reload.
-    t.server.signal("HUP");
+    t.server.signal(Signal::HUP);
     assert!(t.server.wait_log("reload", Duration::from_secs(10)));
     let ok = wait_until(Duration::from_secs(10), || {
         let have = live_names(&t);

@@ -22,7 +22,7 @@ async fn sigterm_drains_streams_before_the_server_exits() {
 
     // Ask the server to stop while the transfer is in flight (the reader is
     // slow, so most of it is still to come).
-    t.server.signal("TERM");
+    t.server.signal(Signal::TERM);
     assert!(t.server.wait_log("draining", Duration::from_secs(5)));
     loop {
         let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
@@ -287,7 +287,7 @@ async fn a_silent_agent_is_declared_dead_and_reconnects_when_it_wakes() {
     let t = Tunnel::start_with(&[("echo", echo)], &fast, &fast);
     // Freeze the agent: its TCP connection stays open but nothing comes out,
     // like a peer behind a network that silently drops packets.
-    t.agent.signal("STOP");
+    t.agent.signal(Signal::STOP);
     assert!(
         t.server
             .wait_log("agent disconnected", Duration::from_secs(10)),
@@ -299,7 +299,7 @@ async fn a_silent_agent_is_declared_dead_and_reconnects_when_it_wakes() {
         t.server.log_text()
     );
     assert_eq!(t.server_metric("tether_agents"), Some(0.0));
-    t.agent.signal("CONT");
+    t.agent.signal(Signal::CONT);
     assert!(
         wait_until(Duration::from_secs(15), || t.server_metric("tether_agents")
             == Some(1.0)),
@@ -369,8 +369,8 @@ async fn agent_and_client_leave_cleanly_on_sigterm() {
     let mut t = Tunnel::start(&[("echo", echo)], &[]);
     let port = free_port();
     let mut client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
-    client.signal("TERM");
-    t.agent.signal("TERM");
+    client.signal(Signal::TERM);
+    t.agent.signal(Signal::TERM);
     assert!(
         wait_until(Duration::from_secs(10), || !client.is_running()),
         "client exits"

@@ -424,7 +424,7 @@ protocols = ["tcp"]
         .collect();
     assert_ne!(cfg, without);
     std::fs::write(&s.cfg_path, without).unwrap();
-    s.server.signal("HUP");
+    s.server.signal(Signal::HUP);
     assert!(
         client.wait_log("credentials revoked", Duration::from_secs(10)),
         "{}",
@@ -636,7 +636,7 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
 
     // 2. A broken config is refused and the running one stays.
     std::fs::write(&s.cfg_path, "this is = = not toml").unwrap();
-    s.server.signal("HUP");
+    s.server.signal(Signal::HUP);
     assert!(s.server.wait_log(
         "reload failed, keeping the running configuration",
         Duration::from_secs(10)
@@ -657,7 +657,7 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
         ),
     )
     .unwrap();
-    s.server.signal("HUP");
+    s.server.signal(Signal::HUP);
     let r = tokio::time::timeout(Duration::from_secs(5), b_conn.read(&mut buf))
         .await
         .expect("bob's stream survived");
@@ -698,7 +698,7 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
         format!("listen = \"127.0.0.1:{}\"\n{}", s.port, base("", false)),
     )
     .unwrap();
-    s.server.signal("HUP");
+    s.server.signal(Signal::HUP);
     let started = std::time::Instant::now();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(

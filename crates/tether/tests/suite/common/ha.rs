@@ -211,7 +211,9 @@ impl Drop for Netns {
             .output()
         {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
+                if let Ok(pid) = pid.parse() {
+                    signal_process(pid, Signal::KILL);
+                }
             }
         }
         let _ = Command::new("ip")
@@ -665,9 +667,7 @@ impl Dnsmasq {
         let tmp = self.hosts.with_extension("new");
         std::fs::write(&tmp, hosts).expect("write hosts");
         std::fs::rename(&tmp, &self.hosts).expect("rename hosts");
-        let _ = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status();
+        signal_process(self.child.id(), Signal::HUP);
     }
 
     pub(crate) fn log_text(&self) -> String {
@@ -1666,7 +1666,7 @@ impl Cluster {
     pub(crate) fn restart_replica(&mut self, i: usize, exit_within: Duration, tl: &Timeline) {
         let id = self.replicas[i].id.clone();
         tl.note(format!("SIGTERM {id}"));
-        self.replicas[i].proc().signal("TERM");
+        self.replicas[i].proc().signal(Signal::TERM);
         // Draining starts with /readyz 404 (HAProxy's soft stop) while the
         // replica keeps serving (this expects a shutdown delay >= 1 s).
         let r = &self.replicas[i];
@@ -1705,7 +1705,7 @@ impl Cluster {
     pub(crate) fn restart_agent(&mut self, k: usize, tl: &Timeline) {
         let inst = self.agents[k].instance.clone();
         tl.note(format!("SIGTERM agent {inst}"));
-        self.agents[k].proc().signal("TERM");
+        self.agents[k].proc().signal(Signal::TERM);
         let st = self.agents[k].proc_mut().wait_exit(Duration::from_secs(20));
         tl.note(format!("agent {inst} exited: {st:?}"));
         assert!(

@@ -21,6 +21,39 @@ pub(crate) const AGENT_TOKEN: &str = "agent-token-for-tests";
 pub(crate) const CLIENT_TOKEN: &str = "client-token-for-tests";
 pub(crate) const LIMITED_TOKEN: &str = "limited-token-for-tests";
 
+pub(crate) use rustix::process::Signal;
+
+/// Sends `sig` to process `pid`; a process that is already gone is not an
+/// error. By syscall, never by running `kill(1)`: procps-ng 4.0.2 parses
+/// `kill -KILL -1234` as `kill(-1, SIGKILL)`, every process on the machine.
+/// Refuses pid 1 and the test process itself.
+pub(crate) fn signal_process(pid: u32, sig: Signal) {
+    if pid <= 1 || pid == std::process::id() {
+        return;
+    }
+    if let Some(pid) = as_pid(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// Sends `sig` to every process of the group `pgid` (a child started with
+/// `process_group(0)` leads the group of its own id). Refuses group ids 0
+/// and 1, which would reach the caller's own group or init's.
+pub(crate) fn signal_group(pgid: u32, sig: Signal) {
+    if pgid <= 1 {
+        return;
+    }
+    if let Some(pgid) = as_pid(pgid) {
+        let _ = rustix::process::kill_process_group(pgid, sig);
+    }
+}
+
+fn as_pid(id: u32) -> Option<rustix::process::Pid> {
+    i32::try_from(id)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A free loopback port for a process to bind later. Picked below the
@@ -68,12 +101,9 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// Sends a signal by name (`TERM`, `INT`).
-    pub(crate) fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status();
+    /// Sends `sig` (`Signal::TERM`, `Signal::HUP`, ...).
+    pub(crate) fn signal(&self, sig: Signal) {
+        signal_process(self.child.id(), sig);
     }
 
     /// The process id.
@@ -546,4 +576,43 @@ pub(crate) async fn cli_session(ws_url: &str, token: &str) -> tether_net::Connec
         .await
         .expect("handshake")
         .0
+}
+
+/// The harness's own signal helpers: a group signal reaches every process of
+/// that group and nothing else (the test process, which is in another group,
+/// lives on to assert it).
+#[test]
+fn a_group_signal_reaches_the_whole_group_and_only_it() {
+    use std::os::unix::process::CommandExt;
+    let mut outside = Command::new("sleep").arg("30").spawn().expect("sleep");
+    let mut leader = Command::new("sh")
+        .args(["-c", "sleep 30 & echo $!; wait"])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(leader.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("child pid");
+    let member: u32 = line.trim().parse().expect("a pid");
+    signal_group(leader.id(), Signal::KILL);
+    assert!(
+        leader.wait().expect("wait").code().is_none(),
+        "the leader was killed"
+    );
+    let member_gone = wait_until(Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{member}")).exists()
+            || std::fs::read_to_string(format!("/proc/{member}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(member_gone, "the group's other process was killed too");
+    assert!(
+        matches!(outside.try_wait(), Ok(None)),
+        "a process outside the group is untouched"
+    );
+    signal_process(outside.id(), Signal::TERM);
+    assert!(outside.wait().expect("wait").code().is_none());
 }
