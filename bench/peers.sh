@@ -20,7 +20,8 @@
 # Knobs: SKIP_BUILD=1, ROUNDS=2, IPERF_SECS=5, RTT_COUNT=5000, CONNECT_COUNT=300, MANY_SECS=3,
 #        HTTP_SECS=5 (0 skips HTTP), TETHER_WORKER_THREADS (passed on to tether),
 #        BENCH_PORT_BASE=20400 (ports BASE .. BASE+40, below the ephemeral range),
-#        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure).
+#        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure),
+#        TETHER_BIN (another tether binary, e.g. the previous commit's, to compare).
 # Writes bench/results/peers.md; process logs in bench/results/logs-peers/.
 set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -63,7 +64,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
         cargo install --root "$BENCH/.peers" rathole --no-default-features --features server,client \
             >>"$LOG/build.log" 2>&1 || die "cargo install rathole"; }
 fi
-TETHER="$ROOT/target/release/tether"; PROBE="$BENCH/target/release/probe"
+TETHER="${TETHER_BIN:-$ROOT/target/release/tether}"; PROBE="$BENCH/target/release/probe"
 RATHOLE="$BENCH/.peers/bin/rathole"; BORE="$BENCH/.peers/bin/bore"
 for b in "$TETHER" "$PROBE" "$RATHOLE" "$BORE"; do [ -x "$b" ] || die "$b missing (run without SKIP_BUILD)"; done
 ulimit -n 20000 2>/dev/null || true

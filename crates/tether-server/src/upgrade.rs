@@ -152,7 +152,7 @@ pub(crate) async fn accept_session(
     tether_net::session::IncomingStreams,
 )> {
     let io = upgraded(req).await?;
-    let (sink, source) = server_from_upgraded(io).await;
+    let (sink, source) = server_from_upgraded(io);
     match Connection::start(Role::Acceptor, cfg, sink, source, label.clone()).await {
         Ok(x) => Some(x),
         Err(e) => {

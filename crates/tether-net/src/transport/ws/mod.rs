@@ -1,13 +1,20 @@
-//! WebSocket transport (tokio-tungstenite), over plain TCP or TLS.
+//! WebSocket transport, over plain TCP or TLS.
 //!
 //! Each WebSocket binary message carries one or more whole protocol frames.
-//! WebSocket-level pings are answered by tungstenite; our own PING frames do
-//! the liveness work, so a dead peer is caught even through proxies that
-//! answer WebSocket pings themselves.
+//! The framing is ours ([`frame`], driven by [`stream`]); the client's
+//! upgrade request goes through hyper. WebSocket-level pings are answered;
+//! our own PING frames do the liveness work, so a dead peer is caught even
+//! through proxies that answer WebSocket pings themselves.
+
+pub mod frame;
+pub mod stream;
+
+pub use frame::Role;
+pub use stream::{WsSink, WsSource};
 
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,19 +23,17 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::tls::{client_config_with_identity, ServerIdentity, ServerTrust};
-use super::{MessageSink, MessageSource, MAX_RECV_MESSAGE};
+use super::MAX_RECV_MESSAGE;
 
 /// How long TCP connect + TLS + WebSocket handshake may take when dialing.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// WebSocket settings for tether sessions on both ends.
+/// tungstenite's settings for the raw WebSocket endpoint (tether sessions
+/// use [`stream`]).
 ///
 /// Measured in `bench/wslib-RESULTS.md`: tungstenite zero-fills
 /// `read_buffer_size` bytes before every read, so a large read buffer costs
@@ -120,7 +125,7 @@ pub fn accept_upgrade(
     let mut h = http::HeaderMap::new();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accept = derive_accept_key(key.as_bytes());
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
@@ -130,87 +135,13 @@ pub fn accept_upgrade(
     Ok(h)
 }
 
-/// The sending half of a WebSocket.
-pub struct WsSink<S>(SplitSink<WebSocketStream<S>, Message>);
-
-/// The receiving half of a WebSocket.
-pub struct WsSource<S>(SplitStream<WebSocketStream<S>>);
-
-/// Splits an established WebSocket into transport halves.
-pub fn split<S>(ws: WebSocketStream<S>) -> (WsSink<S>, WsSource<S>)
+/// Wraps the raw I/O of an accepted HTTP upgrade as the server end of a
+/// tether session's WebSocket.
+pub fn server_from_upgraded<S>(io: S) -> (WsSink<S>, WsSource<S>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (tx, rx) = ws.split();
-    (WsSink(tx), WsSource(rx))
-}
-
-/// Wraps the raw I/O of an accepted HTTP upgrade as the server end of a WebSocket.
-pub async fn server_from_upgraded<S>(io: S) -> (WsSink<S>, WsSource<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    split(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await)
-}
-
-fn to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => {
-            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
-        }
-        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
-    }
-}
-
-impl<S> MessageSink for WsSink<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    async fn send(&mut self, msg: Bytes) -> io::Result<()> {
-        self.0.send(Message::Binary(msg)).await.map_err(to_io)
-    }
-
-    async fn close(&mut self, reason: &str) {
-        // A close frame's reason must fit in a control frame (123 bytes).
-        let mut end = reason.len().min(120);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let r = reason[..end].to_owned();
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: r.into(),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.0.send(Message::Close(Some(frame))).await;
-            let _ = self.0.close().await;
-        })
-        .await;
-    }
-}
-
-impl<S> MessageSource for WsSource<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        loop {
-            match self.0.next().await {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(to_io(e)),
-                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
-                Some(Ok(Message::Close(_))) => return Ok(None),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Text(_))) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text message on a tether session (binary frames only)",
-                    ))
-                }
-            }
-        }
-    }
+    stream::from_io(io, Role::Server, Bytes::new())
 }
 
 /// A dialed connection: plain TCP or TLS over TCP.
@@ -425,30 +356,86 @@ async fn dial_inner(
     } else {
         ClientIo::Plain(tcp)
     };
-    let mut req = url.into_client_request().map_err(|e| bad(&e.to_string()))?;
-    let h = req.headers_mut();
-    h.insert(
-        http::header::SEC_WEBSOCKET_PROTOCOL,
-        http::HeaderValue::from_str(subprotocol).map_err(|e| bad(&e.to_string()))?,
-    );
+    use http::header;
+    let key = generate_key();
+    let authority = uri.authority().map_or(host.as_str(), |a| a.as_str());
+    let mut req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(header::HOST, authority)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .header(header::SEC_WEBSOCKET_KEY, &key)
+        .header(header::SEC_WEBSOCKET_PROTOCOL, subprotocol)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| bad(&e.to_string()))?;
     for (k, v) in headers {
         let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(&e.to_string()))?;
         let value = http::HeaderValue::from_str(v).map_err(|e| bad(&e.to_string()))?;
-        h.insert(name, value);
+        req.headers_mut().insert(name, value);
     }
-    match tokio_tungstenite::client_async_with_config(req, io, Some(ws_config())).await {
-        Ok((ws, _resp)) => Ok(split(ws)),
-        Err(WsError::Http(resp)) => {
-            let status = resp.status().as_u16();
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
-                .unwrap_or_default();
-            Err(DialError::Refused { status, body })
-        }
-        Err(e) => Err(DialError::Handshake(addr, e.to_string())),
+    let (io, read_ahead) = client_upgrade(io, req, &key, subprotocol, &addr).await?;
+    Ok(stream::from_io(io, Role::Client, read_ahead))
+}
+
+/// Sends the upgrade request over `io` and checks the `101` answer (RFC 6455
+/// section 4.1); returns the connection and whatever was read past the answer.
+async fn client_upgrade(
+    io: ClientIo,
+    req: http::Request<http_body_util::Empty<Bytes>>,
+    key: &str,
+    subprotocol: &str,
+    addr: &str,
+) -> Result<(ClientIo, Bytes), DialError> {
+    use http::header;
+    let fail = |why: String| DialError::Handshake(addr.to_owned(), why);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    // The connection task ends on its own: at the upgrade, or when the
+    // sender is dropped after a refusal.
+    tokio::spawn(conn.with_upgrades());
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    if status != http::StatusCode::SWITCHING_PROTOCOLS {
+        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(DialError::Refused {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        });
     }
+    let answer = |name: header::HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if !answer(header::UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return Err(fail("the 101 answer does not switch to websocket".into()));
+    }
+    if answer(header::SEC_WEBSOCKET_ACCEPT) != Some(derive_accept_key(key.as_bytes())) {
+        return Err(fail(
+            "the 101 answer has a wrong Sec-WebSocket-Accept".into(),
+        ));
+    }
+    if answer(header::SEC_WEBSOCKET_PROTOCOL).as_deref() != Some(subprotocol) {
+        return Err(fail(format!(
+            "the server did not select the subprotocol {subprotocol}"
+        )));
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let parts = upgraded
+        .downcast::<TokioIo<ClientIo>>()
+        .map_err(|_| fail("the upgraded connection is not the one dialed".into()))?;
+    Ok((parts.io.into_inner(), parts.read_buf))
 }
 
 /// Builds a TLS acceptor for a server config (re-exported for the server crate).

@@ -1,0 +1,306 @@
+//! The tokio side of a tether session's WebSocket: [`WsSink`] writes each
+//! message as one frame, header and payload in one vectored write;
+//! [`WsSource`] reads into uninitialised buffer space and hands up payloads
+//! sliced out of it. The framing rules are in [`super::frame`].
+
+use bytes::{Bytes, BytesMut};
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use super::frame::{self, Decoder, Event, Role, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG};
+use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE};
+
+/// Room made in the read buffer before each read (more when the frame in
+/// progress needs it). Idle sessions keep this much; the pages the kernel
+/// never wrote to cost no memory.
+const READ_ROOM: usize = 32 * 1024;
+
+/// How long closing may take (writing the close frame, shutting down).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The writing half, shared: the sink writes messages, the source answers
+/// pings.
+struct Writer<S> {
+    io: tokio::sync::Mutex<WriteHalf<S>>,
+    role: Role,
+}
+
+impl<S: AsyncWrite> Writer<S> {
+    /// A fresh random mask for a client's frame; none for a server's.
+    fn mask(&self) -> Option<[u8; 4]> {
+        (self.role == Role::Client).then(rand::random)
+    }
+
+    async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut io = self.io.lock().await;
+        write_two(&mut *io, header, payload).await?;
+        io.flush().await
+    }
+}
+
+/// Writes `a` then `b`, as one vectored write when the socket takes it.
+async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut b = b;
+    while !a.is_empty() {
+        let n = w
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    w.write_all(b).await
+}
+
+/// The sending half of a session's WebSocket.
+pub struct WsSink<S> {
+    writer: Arc<Writer<S>>,
+}
+
+/// The receiving half of a session's WebSocket.
+pub struct WsSource<S> {
+    io: ReadHalf<S>,
+    buf: BytesMut,
+    decoder: Decoder,
+    writer: Arc<Writer<S>>,
+}
+
+/// Splits an established WebSocket connection (the handshake done) into
+/// transport halves. `read_ahead` is whatever was read past the handshake.
+pub fn from_io<S>(io: S, role: Role, read_ahead: Bytes) -> (WsSink<S>, WsSource<S>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(io);
+    let writer = Arc::new(Writer {
+        io: tokio::sync::Mutex::new(w),
+        role,
+    });
+    let mut buf = BytesMut::with_capacity(READ_ROOM.max(read_ahead.len()));
+    buf.extend_from_slice(&read_ahead);
+    (
+        WsSink {
+            writer: writer.clone(),
+        },
+        WsSource {
+            io: r,
+            buf,
+            decoder: Decoder::new(role, MAX_RECV_MESSAGE),
+            writer,
+        },
+    )
+}
+
+impl<S> MessageSink for WsSink<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    async fn send(&mut self, msg: Bytes) -> io::Result<()> {
+        let mask = self.writer.mask();
+        let mut header = [0u8; MAX_HEADER];
+        let n = frame::encode_header(OP_BINARY, msg.len(), mask, &mut header);
+        match mask {
+            None => self.writer.write_frame(&header[..n], &msg).await,
+            Some(key) => {
+                // The session's writer hands over a buffer it no longer
+                // holds: masked in place, not copied.
+                let mut payload = msg
+                    .try_into_mut()
+                    .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                frame::apply_mask(&mut payload, key);
+                self.writer.write_frame(&header[..n], &payload).await
+            }
+        }
+    }
+
+    async fn close(&mut self, reason: &str) {
+        let close = frame::control_frame(
+            OP_CLOSE,
+            &frame::close_payload(1000, reason),
+            self.writer.mask(),
+        );
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.writer.write_frame(&close, &[]).await;
+            let _ = self.writer.io.lock().await.shutdown().await;
+        })
+        .await;
+    }
+}
+
+impl<S> MessageSource for WsSource<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            while let Some(event) = self.decoder.decode(&mut self.buf)? {
+                match event {
+                    Event::Binary(msg) => return Ok(Some(msg)),
+                    Event::Ping(payload) => self.answer_ping(payload),
+                    Event::Pong => {}
+                    Event::Close(..) => return Ok(None),
+                }
+            }
+            self.buf
+                .reserve(self.decoder.wanted(&self.buf).max(READ_ROOM));
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed without a WebSocket close frame",
+                ));
+            }
+        }
+    }
+}
+
+impl<S> WsSource<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    /// Answers a ping from a task of its own: a write can wait for the
+    /// peer to read, and the peer may be waiting for us to read.
+    fn answer_ping(&self, payload: Bytes) {
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
+            let _ = writer.write_frame(&pong, &[]).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::ws::frame::{OP_PING, OP_TEXT};
+
+    /// A server end over one side of an in-memory pipe, and the raw other side.
+    fn server_and_raw() -> (
+        WsSink<tokio::io::DuplexStream>,
+        WsSource<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (sink, source) = from_io(a, Role::Server, Bytes::new());
+        (sink, source, b)
+    }
+
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [9, 8, 7, 6];
+        let mut h = [0u8; MAX_HEADER];
+        let n = frame::encode_header(opcode, payload.len(), Some(key), &mut h);
+        let mut p = payload.to_vec();
+        frame::apply_mask(&mut p, key);
+        [&h[..n], &p[..]].concat()
+    }
+
+    #[tokio::test]
+    async fn a_client_and_a_server_exchange_messages_of_every_size() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (mut ctx, mut crx) = from_io(a, Role::Client, Bytes::new());
+        let (mut stx, mut srx) = from_io(b, Role::Server, Bytes::new());
+        let sizes = [0usize, 1, 125, 126, 65535, 65536, 300_000];
+        let send = async {
+            for &n in &sizes {
+                ctx.send(Bytes::from(vec![n as u8; n])).await.unwrap();
+                stx.send(Bytes::from(vec![!(n as u8); n])).await.unwrap();
+            }
+        };
+        let recv = async {
+            for &n in &sizes {
+                assert_eq!(srx.recv().await.unwrap().unwrap(), vec![n as u8; n]);
+                assert_eq!(crx.recv().await.unwrap().unwrap(), vec![!(n as u8); n]);
+            }
+        };
+        tokio::join!(send, recv);
+        ctx.close("done").await;
+        assert_eq!(srx.recv().await.unwrap(), None, "a close frame ends it");
+    }
+
+    #[tokio::test]
+    async fn bytes_read_past_the_handshake_come_first() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let first = Bytes::from(client_frame(OP_BINARY, b"early"));
+        let (_sink, mut source) = from_io(a, Role::Server, first);
+        b.write_all(&client_frame(OP_BINARY, b"late"))
+            .await
+            .unwrap();
+        assert_eq!(source.recv().await.unwrap().unwrap(), "early");
+        assert_eq!(source.recv().await.unwrap().unwrap(), "late");
+    }
+
+    #[tokio::test]
+    async fn pings_are_answered_with_their_payload() {
+        let (_sink, mut source, mut raw) = server_and_raw();
+        raw.write_all(&client_frame(OP_PING, b"are you there"))
+            .await
+            .unwrap();
+        raw.write_all(&client_frame(OP_BINARY, b"after"))
+            .await
+            .unwrap();
+        assert_eq!(source.recv().await.unwrap().unwrap(), "after");
+        let mut pong = [0u8; 15];
+        raw.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong[..2], [0x80 | OP_PONG, 13]);
+        assert_eq!(&pong[2..], b"are you there");
+    }
+
+    #[tokio::test]
+    async fn bad_frames_and_a_vanished_peer_are_errors_that_say_why() {
+        let (_sink, mut source, mut raw) = server_and_raw();
+        raw.write_all(&client_frame(OP_TEXT, b"hi")).await.unwrap();
+        let e = source.recv().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("text message"), "{e}");
+
+        let (_sink, mut source, mut raw) = server_and_raw();
+        let f = client_frame(OP_BINARY, b"cut short");
+        raw.write_all(&f[..5]).await.unwrap();
+        drop(raw);
+        let e = source.recv().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_client_masks_with_a_fresh_key_and_a_shared_buffer_is_left_intact() {
+        let (a, mut raw) = tokio::io::duplex(1024);
+        let (mut sink, _source) = from_io(a, Role::Client, Bytes::new());
+        let msg = Bytes::from_static(b"same payload");
+        let keep = msg.clone();
+        sink.send(msg.clone()).await.unwrap();
+        sink.send(msg).await.unwrap();
+        assert_eq!(
+            keep, "same payload",
+            "a shared buffer is copied, not masked"
+        );
+        let mut d = Decoder::new(Role::Server, 1024);
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut masks = Vec::new();
+        while got.len() < 2 {
+            let mut chunk = [0u8; 64];
+            let n = raw.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 6 && got.len() < 2 {
+                let key = [buf[2], buf[3], buf[4], buf[5]];
+                match d.decode(&mut buf).unwrap() {
+                    Some(Event::Binary(m)) => {
+                        masks.push(key);
+                        got.push(m);
+                    }
+                    Some(other) => panic!("{other:?}"),
+                    None => break,
+                }
+            }
+        }
+        assert_eq!(got, vec!["same payload", "same payload"]);
+        assert_ne!(masks[0], masks[1], "each frame gets its own mask");
+    }
+}
