@@ -17,6 +17,9 @@ use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE};
 /// never wrote to cost no memory.
 const READ_ROOM: usize = 32 * 1024;
 
+/// Least room worth a read; below it, a fresh allocation of [`READ_ROOM`].
+const MIN_READ: usize = 4 * 1024;
+
 /// How long closing may take (writing the close frame, shutting down).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -149,8 +152,13 @@ where
                     Event::Close(..) => return Ok(None),
                 }
             }
-            self.buf
-                .reserve(self.decoder.wanted(&self.buf).max(READ_ROOM));
+            // Keep reading into the current allocation while it has room:
+            // payloads handed up still point into it, so asking for a full
+            // READ_ROOM every time would allocate anew for every message.
+            let wanted = self.decoder.wanted(&self.buf);
+            if self.buf.capacity() - self.buf.len() < wanted.max(MIN_READ) {
+                self.buf.reserve(wanted.max(READ_ROOM));
+            }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
