@@ -1,7 +1,8 @@
 //! probe: a small loopback load tool for tether's benchmark suite.
 //!
 //! Servers: `echo-server`, `source-server`, `sink-server`.
-//! Measurements: `rtt`, `connect`, `idle`, `fair`.
+//! Measurements: `rtt`, `connect`, `idle`, `many`, `fair`; `agents` holds
+//! many idle agent sessions to a tether server (the scale benchmark).
 //!
 //! Every measurement prints exactly one result line of `key=value` pairs on
 //! stdout (prefixed with the subcommand name) so `bench/run.sh` can parse it,
@@ -112,6 +113,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         stall_fill_secs: f64,
     },
+    /// Holds COUNT idle agent sessions to a tether server, speaking the agent protocol (the
+    /// WebSocket upgrade with the agent's name and token, HELLO, heartbeats): agent `NAME-i`
+    /// with token `TOKEN-i`, from source addresses 127.0.0.2, 127.0.0.3, ... (`--sources` of
+    /// them, each with its own range of ports; `--source-net N` uses 127.N.0.2, ... instead, so
+    /// a run right after another does not meet its TIME_WAIT sockets). Prints `READY agents ...` once all are up,
+    /// holds them `--hold` seconds, then `DONE agents ... alive=N`.
+    Agents {
+        /// The server's address (plain ws on loopback).
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        sources: u8,
+        #[arg(long, default_value_t = 0)]
+        source_net: u8,
+        #[arg(long, default_value = "load")]
+        name: String,
+        #[arg(long, default_value = "load-token")]
+        token: String,
+        #[arg(long, default_value_t = 10)]
+        hold: u64,
+        #[arg(long, default_value_t = 128)]
+        parallel: usize,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -138,6 +166,9 @@ fn main() -> Result<()> {
             }
             Cmd::Fair { addr, streams, stall_addr, secs, warmup_secs, stall_fill_secs } => {
                 fair(addr, streams, stall_addr, secs, warmup_secs, stall_fill_secs).await
+            }
+            Cmd::Agents { addr, count, sources, source_net, name, token, hold, parallel, timeout_secs } => {
+                agents(AgentLoad { addr, count, sources, source_net, name, token, hold, parallel, timeout_secs }).await
             }
         }
     })
@@ -451,5 +482,75 @@ async fn fair(
     if failed > 0 {
         bail!("{failed} streams ended early");
     }
+    Ok(())
+}
+
+struct AgentLoad {
+    addr: SocketAddr,
+    count: usize,
+    sources: u8,
+    source_net: u8,
+    name: String,
+    token: String,
+    hold: u64,
+    parallel: usize,
+    timeout_secs: u64,
+}
+
+/// One agent session: its connection and the (unused) streams the server would open.
+type AgentSession = (tether_net::Connection, tether_net::session::IncomingStreams);
+
+async fn agent_one(load: Arc<AgentLoad>, i: usize) -> Result<AgentSession> {
+    use tether_proto::endpoints::{AGENT_INSTANCE_HEADER, AGENT_NAME_HEADER};
+    let source = std::net::Ipv4Addr::new(127, load.source_net, 0, 2 + (i % usize::from(load.sources.max(1))) as u8);
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((source, 0))).with_context(|| format!("bind {source}"))?;
+    let tcp = sock.connect(load.addr).await.with_context(|| format!("connect from {source}"))?;
+    let name = format!("{}-{i}", load.name);
+    let headers = vec![
+        (AGENT_NAME_HEADER.to_owned(), name.clone()),
+        (AGENT_INSTANCE_HEADER.to_owned(), format!("probe-{i}")),
+        ("authorization".to_owned(), format!("Bearer {}-{i}", load.token)),
+    ];
+    let url = format!("ws://{}/tether/v1/agent", load.addr);
+    let trust = tether_net::transport::tls::ServerTrust::SystemRoots;
+    let (sink, source) = tether_net::transport::ws::dial_over(tcp, &url, tether_proto::SUBPROTOCOL, &headers, &trust, None)
+        .await
+        .with_context(|| format!("{name}: upgrade"))?;
+    let cfg = tether_proto::Config { software: "probe-agents".into(), ..Default::default() };
+    let (conn, _info, incoming) = tether_net::Connection::start(tether_proto::Role::Initiator, cfg, sink, source, name.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{name}: handshake: {e}"))?;
+    Ok((conn, incoming))
+}
+
+async fn agents(load: AgentLoad) -> Result<()> {
+    let t = Instant::now();
+    let load = Arc::new(load);
+    let (count, parallel, timeout_secs) = (load.count, load.parallel.clamp(1, load.count.max(1)), load.timeout_secs);
+    let setup = async {
+        let mut sessions: Vec<AgentSession> = Vec::with_capacity(count);
+        let mut set = tokio::task::JoinSet::new();
+        let mut started = 0usize;
+        while sessions.len() < count {
+            while started < count && set.len() < parallel {
+                set.spawn(agent_one(load.clone(), started));
+                started += 1;
+            }
+            match set.join_next().await {
+                Some(r) => sessions.push(r??),
+                None => break,
+            }
+        }
+        anyhow::Ok(sessions)
+    };
+    let sessions = match tokio::time::timeout(Duration::from_secs(timeout_secs), setup).await {
+        Ok(r) => r?,
+        Err(_) => bail!("agents: opening {count} sessions took more than {timeout_secs} s"),
+    };
+    println!("READY agents count={} setup_ms={:.0}", sessions.len(), t.elapsed().as_secs_f64() * 1e3);
+    tokio::time::sleep(Duration::from_secs(load.hold)).await;
+    let alive = sessions.iter().filter(|(c, _)| !c.is_closed()).count();
+    println!("DONE agents count={count} alive={alive}");
     Ok(())
 }

@@ -304,16 +304,45 @@ pub async fn dial_via(
     trust: &ServerTrust,
     identity: Option<&ServerIdentity>,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
-    let dial = dial_inner(url, connect_to, subprotocol, headers, trust, identity);
+    let via = connect_to.map_or(Via::Url, Via::Addr);
+    let dial = dial_inner(url, via, subprotocol, headers, trust, identity);
     match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Timeout(url.to_owned())),
     }
 }
 
+/// Like [`dial_with_identity`] over a TCP connection the caller made (from
+/// a source address of its choosing, say): TLS, `Host` and the path still
+/// come from `url`.
+pub async fn dial_over(
+    tcp: TcpStream,
+    url: &str,
+    subprotocol: &str,
+    headers: &[(String, String)],
+    trust: &ServerTrust,
+    identity: Option<&ServerIdentity>,
+) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
+    let dial = dial_inner(url, Via::Socket(tcp), subprotocol, headers, trust, identity);
+    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout(url.to_owned())),
+    }
+}
+
+/// Where the TCP connection of a dial goes.
+enum Via {
+    /// The URL's host and port.
+    Url,
+    /// This address (one replica's own).
+    Addr(std::net::SocketAddr),
+    /// Already connected by the caller.
+    Socket(TcpStream),
+}
+
 async fn dial_inner(
     url: &str,
-    connect_to: Option<std::net::SocketAddr>,
+    connect_to: Via,
     subprotocol: &str,
     headers: &[(String, String)],
     trust: &ServerTrust,
@@ -335,11 +364,17 @@ async fn dial_inner(
         .trim_end_matches(']')
         .to_owned();
     let (addr, tcp) = match connect_to {
-        Some(to) => (format!("{to} ({bare_host})"), TcpStream::connect(to).await),
-        None => (
+        Via::Addr(to) => (format!("{to} ({bare_host})"), TcpStream::connect(to).await),
+        Via::Url => (
             format!("{bare_host}:{port}"),
             TcpStream::connect((bare_host.as_str(), port)).await,
         ),
+        Via::Socket(tcp) => {
+            let peer = tcp
+                .peer_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
+            (format!("{peer} ({bare_host})"), Ok(tcp))
+        }
     };
     let tcp = tcp.map_err(|e| DialError::Connect(addr.clone(), e))?;
     let _ = tcp.set_nodelay(true);
