@@ -3,7 +3,7 @@
 #
 # `probe agents` speaks the agent protocol (WebSocket upgrade with name and token, HELLO,
 # heartbeats) for COUNT agents `load-0 .. load-(COUNT-1)`, each with its own token in the
-# server's config, from source addresses 127.N.0.2, 127.N.0.3, ... (one per 25 000 sessions:
+# server's config, from source addresses 127.N.0.2, 127.N.0.3, ... (one per 10 000 sessions:
 # each source address has its own range of ephemeral ports). One real agent, `bench`, offers
 # an echo service behind a `[[listener]]`, so the time to open a connection through the server
 # is measured idle and again with every load session up.
@@ -49,12 +49,12 @@ TETHER="${TETHER_BIN:-$ROOT/target/release/tether}"; PROBE="$BENCH/target/releas
 [ -x "$TETHER" ] && [ -x "$PROBE" ] || die "build tether and the probe first (or drop SKIP_BUILD)"
 
 # Each session is a socket in the server and one in the probe.
-want=$((COUNT + 4096))
+want=$((COUNT + 200))
 if [ "$(ulimit -Hn)" -lt "$want" ]; then ulimit -Hn "$want" 2>/dev/null || true; fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" -ge "$want" ] || die "the open-file limit is $(ulimit -n); COUNT=$COUNT needs $want (run as root, or lower COUNT)"
 say "open-file limit raised to $(ulimit -n) for this run"
-SOURCES=$(( (COUNT + 24999) / 25000 ))
+SOURCES=$(( (COUNT + 9999) / 10000 ))
 # Source addresses 127.N.0.2, ...: a fresh N per run, so the server's TIME_WAIT sockets from
 # the run before (same addresses and ports) cannot delay new handshakes by a SYN retry (1 s).
 SOURCE_NET=${SOURCE_NET:-$((RANDOM % 250 + 1))}

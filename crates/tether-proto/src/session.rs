@@ -105,6 +105,9 @@ const MIN_PEER_FRAME: u32 = 1024;
 const MAX_PEER_WINDOW: u32 = (1 << 31) - 1;
 /// Control frames waiting to be sent before the session gives up on the peer.
 const MAX_QUEUED_CONTROL: usize = 16 * 1024;
+/// How old the acceptor lets its RTT sample grow before it pings for a new
+/// one even while the peer's heartbeats arrive (see `ping_can_wait`).
+const RTT_REFRESH: Duration = Duration::from_secs(60);
 
 /// What the session tells its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,6 +339,8 @@ pub struct Session {
     ping_seq: u64,
     ping_sent_at: Option<(u64, Instant)>,
     rtt: Option<Duration>,
+    /// When `rtt` was sampled.
+    rtt_at: Option<Instant>,
     /// Negotiated protocol version (0 before the handshake).
     version: u16,
     goaway_sent: bool,
@@ -376,6 +381,7 @@ impl Session {
             ping_seq: 0,
             ping_sent_at: None,
             rtt: None,
+            rtt_at: None,
             version: 0,
             goaway_sent: false,
             goaway_received: false,
@@ -502,6 +508,7 @@ impl Session {
                     if seq == v {
                         let rtt = now.saturating_duration_since(at);
                         self.rtt = Some(rtt);
+                        self.rtt_at = Some(now);
                         self.events.push_back(Event::Rtt(rtt));
                         self.ping_sent_at = None;
                     }
@@ -1267,6 +1274,35 @@ impl Session {
     /// When a probe PING is due: `open_probe` after both the oldest OPEN
     /// still unanswered and the last thing heard from the peer (a frame
     /// that crossed the OPEN in flight proves nothing about what followed).
+    /// The periodic PING, which also samples the RTT.
+    fn send_ping(&mut self, now: Instant) {
+        self.ping_seq += 1;
+        self.control.push_back(Frame::Ping(self.ping_seq));
+        if self.ping_sent_at.is_none() {
+            self.ping_sent_at = Some((self.ping_seq, now));
+        }
+        self.next_ping = now + self.config.ping_interval;
+    }
+
+    /// When the acceptor may put its periodic PING off to (`None`: send it
+    /// now). A server holds thousands of idle agent sessions whose agents
+    /// ping it every interval; answering those is proof of life both ways,
+    /// so while the peer's frames keep arriving, no stream is open and the
+    /// last RTT sample is younger than [`RTT_REFRESH`], the acceptor waits
+    /// until the peer has been silent for one and a half intervals. That halves the
+    /// heartbeat messages a server sends and reads. Liveness is unchanged:
+    /// it rests on `idle_timeout` since the last inbound frame.
+    fn ping_can_wait(&self, now: Instant) -> Option<Instant> {
+        if self.role != Role::Acceptor || !self.streams.is_empty() {
+            return None;
+        }
+        let fresh = self.rtt_at.is_some_and(|at| now < at + RTT_REFRESH);
+        // Half an interval of slack: the peer's PING, sent every interval,
+        // must not lose the race against this timer by its transit time.
+        let quiet_until = self.last_recv + self.config.ping_interval * 3 / 2;
+        (fresh && quiet_until > now).then_some(quiet_until)
+    }
+
     fn probe_due(&self) -> Option<Instant> {
         self.streams
             .values()
@@ -1342,12 +1378,11 @@ impl Session {
             self.probe_sent = Some(now);
         }
         if self.state == State::Established && now >= self.next_ping {
-            self.ping_seq += 1;
-            self.control.push_back(Frame::Ping(self.ping_seq));
-            if self.ping_sent_at.is_none() {
-                self.ping_sent_at = Some((self.ping_seq, now));
+            if let Some(later) = self.ping_can_wait(now) {
+                self.next_ping = later;
+            } else {
+                self.send_ping(now);
             }
-            self.next_ping = now + self.config.ping_interval;
         }
         let mut expired_opens = Vec::new();
         let mut lingering = Vec::new();

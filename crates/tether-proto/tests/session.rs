@@ -842,6 +842,90 @@ fn pings_keep_an_idle_session_alive() {
     assert!(p.a_events.iter().any(|e| matches!(e, Event::Rtt(_))));
 }
 
+/// PING frames in one message.
+fn pings_in(msg: &Bytes) -> usize {
+    let mut b = msg.clone();
+    let mut n = 0;
+    while let Ok(Some(f)) = Frame::decode(&mut b, 1 << 20) {
+        n += usize::from(matches!(f, Frame::Ping(_)));
+    }
+    n
+}
+
+/// Lets `secs` seconds pass one at a time, both sides' timers firing and
+/// their messages delivered; the PINGs each side sent.
+fn idle_for(p: &mut Pair, secs: u64) -> (usize, usize) {
+    let (mut a_pings, mut b_pings) = (0, 0);
+    for _ in 0..secs {
+        p.now += Duration::from_secs(1);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        for _ in 0..100 {
+            let mut out = BytesMut::new();
+            let mut moved = false;
+            if p.a.poll_transmit(&mut out, usize::MAX) {
+                let m = out.split().freeze();
+                a_pings += pings_in(&m);
+                let _ = p.b.handle_input(m, p.now);
+                moved = true;
+            }
+            if p.b.poll_transmit(&mut out, usize::MAX) {
+                let m = out.split().freeze();
+                b_pings += pings_in(&m);
+                let _ = p.a.handle_input(m, p.now);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+    (a_pings, b_pings)
+}
+
+#[test]
+fn the_acceptor_leaves_heartbeats_to_the_initiator_while_they_arrive() {
+    let mut p = Pair::default();
+    let (a_pings, b_pings) = idle_for(&mut p, 600);
+    assert!(p.a.is_established() && p.b.is_established());
+    assert!(
+        (59..=61).contains(&a_pings),
+        "the initiator pings every 10 s: {a_pings}"
+    );
+    assert!(
+        (9..=12).contains(&b_pings),
+        "the acceptor pings only to refresh its RTT, about once a minute: {b_pings}"
+    );
+    assert!(p.b.rtt().is_some());
+
+    // The initiator goes silent (a partition): the acceptor pings after one
+    // and a half intervals of silence and gives up at idle_timeout, as before.
+    let silent_since = p.now;
+    let mut first_ping = None;
+    while !p.b.is_closed() && p.now < silent_since + Duration::from_secs(60) {
+        p.now += Duration::from_secs(1);
+        p.b.handle_timeout(p.now);
+        let mut out = BytesMut::new();
+        if p.b.poll_transmit(&mut out, usize::MAX) && pings_in(&out.freeze()) > 0 {
+            first_ping.get_or_insert(p.now - silent_since);
+        }
+    }
+    assert!(
+        first_ping.is_some_and(|t| t <= Duration::from_secs(15)),
+        "{first_ping:?}"
+    );
+    assert!(p.b.is_closed(), "closed at idle_timeout");
+    assert!(p.now - silent_since <= Duration::from_secs(31));
+}
+
+#[test]
+fn with_a_stream_open_the_acceptor_pings_every_interval() {
+    let mut p = Pair::default();
+    p.open_accepted("a/b");
+    let (_, b_pings) = idle_for(&mut p, 60);
+    assert!(b_pings >= 6, "{b_pings}");
+}
+
 #[test]
 fn goaway_drains_then_closes() {
     let mut p = Pair::default();
