@@ -28,6 +28,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 struct Writer<S> {
     io: tokio::sync::Mutex<WriteHalf<S>>,
     role: Role,
+    /// The payload of the latest ping not answered yet. One slot, so a peer
+    /// that floods pings and never reads holds one pong here, not one task
+    /// per ping (RFC 6455 lets an endpoint answer only the latest ping).
+    pending_pong: std::sync::Mutex<Option<Bytes>>,
 }
 
 impl<S: AsyncWrite> Writer<S> {
@@ -86,6 +90,7 @@ where
     let writer = Arc::new(Writer {
         io: tokio::sync::Mutex::new(w),
         role,
+        pending_pong: std::sync::Mutex::new(None),
     });
     let mut buf = BytesMut::with_capacity(READ_ROOM.max(read_ahead.len()));
     buf.extend_from_slice(&read_ahead);
@@ -174,14 +179,33 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     /// Answers a ping from a task of its own: a write can wait for the
-    /// peer to read, and the peer may be waiting for us to read.
+    /// peer to read, and the peer may be waiting for us to read. While a
+    /// pong is still waiting, a newer ping only replaces its payload.
     fn answer_ping(&self, payload: Bytes) {
+        let was_idle = {
+            let mut slot = lock(&self.writer.pending_pong);
+            slot.replace(payload).is_none()
+        };
+        if !was_idle {
+            return;
+        }
         let writer = self.writer.clone();
         tokio::spawn(async move {
+            let mut io = writer.io.lock().await;
+            let Some(payload) = lock(&writer.pending_pong).take() else {
+                return;
+            };
             let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
-            let _ = writer.write_frame(&pong, &[]).await;
+            if write_two(&mut *io, &pong, &[]).await.is_ok() {
+                let _ = io.flush().await;
+            }
         });
     }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -258,6 +282,29 @@ mod tests {
         raw.read_exact(&mut pong).await.unwrap();
         assert_eq!(pong[..2], [0x80 | OP_PONG, 13]);
         assert_eq!(&pong[2..], b"are you there");
+    }
+
+    #[tokio::test]
+    async fn a_ping_flood_from_a_peer_that_never_reads_holds_one_pong() {
+        // A 4 KiB pipe: the pongs stop fitting at once, the peer reads nothing.
+        let (a, mut raw) = tokio::io::duplex(4096);
+        let (_sink, mut source) = from_io(a, Role::Server, Bytes::new());
+        let pings: Vec<u8> = (0..5000u32)
+            .flat_map(|i| client_frame(OP_PING, &i.to_be_bytes()))
+            .collect();
+        let last = client_frame(OP_BINARY, b"last");
+        let flood = async {
+            raw.write_all(&pings).await.unwrap();
+            raw.write_all(&last).await.unwrap();
+            raw
+        };
+        let (raw, got) = tokio::join!(flood, source.recv());
+        assert_eq!(got.unwrap().unwrap(), "last");
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert!(tasks <= 1, "{tasks} pong tasks alive after 5000 pings");
+        drop(raw);
     }
 
     #[tokio::test]
