@@ -324,7 +324,10 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
             (has, g.session.is_closed())
         });
         if has {
-            let msg = buf.split().freeze();
+            // Handed over whole, not split off: a message that owns its
+            // allocation alone can be masked in place by a WebSocket
+            // client (agents, CLI) instead of copied first.
+            let msg = std::mem::take(&mut buf).freeze();
             let len = msg.len();
             let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
                 Ok(r) => r,
