@@ -305,11 +305,7 @@ pub async fn dial_via(
     identity: Option<&ServerIdentity>,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
     let via = connect_to.map_or(Via::Url, Via::Addr);
-    let dial = dial_inner(url, via, subprotocol, headers, trust, identity);
-    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
-        Ok(r) => r,
-        Err(_) => Err(DialError::Timeout(url.to_owned())),
-    }
+    dial_within_timeout(url, via, subprotocol, headers, trust, identity).await
 }
 
 /// Like [`dial_with_identity`] over a TCP connection the caller made (from
@@ -323,11 +319,8 @@ pub async fn dial_over(
     trust: &ServerTrust,
     identity: Option<&ServerIdentity>,
 ) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
-    let dial = dial_inner(url, Via::Socket(tcp), subprotocol, headers, trust, identity);
-    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
-        Ok(r) => r,
-        Err(_) => Err(DialError::Timeout(url.to_owned())),
-    }
+    let via = Via::Socket(tcp);
+    dial_within_timeout(url, via, subprotocol, headers, trust, identity).await
 }
 
 /// Where the TCP connection of a dial goes.
@@ -338,6 +331,22 @@ enum Via {
     Addr(std::net::SocketAddr),
     /// Already connected by the caller.
     Socket(TcpStream),
+}
+
+/// [`dial_inner`], bounded by [`DIAL_TIMEOUT`].
+async fn dial_within_timeout(
+    url: &str,
+    via: Via,
+    subprotocol: &str,
+    headers: &[(String, String)],
+    trust: &ServerTrust,
+    identity: Option<&ServerIdentity>,
+) -> Result<(WsSink<ClientIo>, WsSource<ClientIo>), DialError> {
+    let dial = dial_inner(url, via, subprotocol, headers, trust, identity);
+    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout(url.to_owned())),
+    }
 }
 
 async fn dial_inner(

@@ -41,10 +41,14 @@ impl<S: AsyncWrite> Writer<S> {
     }
 
     async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        let mut io = self.io.lock().await;
-        write_two(&mut *io, header, payload).await?;
-        io.flush().await
+        write_flushed(&mut *self.io.lock().await, header, payload).await
     }
+}
+
+/// Writes `a` then `b` and flushes (TLS holds records until then).
+async fn write_flushed<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
+    write_two(w, a, b).await?;
+    w.flush().await
 }
 
 /// Writes `a` then `b`, as one vectored write when the socket takes it.
@@ -196,9 +200,7 @@ where
                 return;
             };
             let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
-            if write_two(&mut *io, &pong, &[]).await.is_ok() {
-                let _ = io.flush().await;
-            }
+            let _ = write_flushed(&mut *io, &pong, &[]).await;
         });
     }
 }
