@@ -364,6 +364,31 @@ async fn many(addr: SocketAddr, conns: usize, size: usize, secs: f64, warmup_sec
     Ok(())
 }
 
+/// Runs `open(0) .. open(count - 1)`, at most `parallel` at a time; all the results in
+/// the order they finished, or the first error.
+async fn open_all<T, F, Fut>(count: usize, parallel: usize, open: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let parallel = parallel.clamp(1, count.max(1));
+    let mut done = Vec::with_capacity(count);
+    let mut set = tokio::task::JoinSet::new();
+    let mut started = 0usize;
+    while done.len() < count {
+        while started < count && set.len() < parallel {
+            set.spawn(open(started));
+            started += 1;
+        }
+        match set.join_next().await {
+            Some(r) => done.push(r??),
+            None => break,
+        }
+    }
+    Ok(done)
+}
+
 async fn open_one(addr: SocketAddr) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
@@ -375,23 +400,9 @@ async fn open_one(addr: SocketAddr) -> Result<TcpStream> {
 
 async fn idle(addr: SocketAddr, count: usize, hold: u64, parallel: usize, timeout_secs: u64) -> Result<()> {
     let t = Instant::now();
-    let parallel = parallel.clamp(1, count.max(1));
-    let setup = async {
-        let mut conns: Vec<TcpStream> = Vec::with_capacity(count);
-        let mut set = tokio::task::JoinSet::new();
-        let mut started = 0usize;
-        while conns.len() < count {
-            while started < count && set.len() < parallel {
-                set.spawn(open_one(addr));
-                started += 1;
-            }
-            match set.join_next().await {
-                Some(r) => conns.push(r?.with_context(|| format!("idle: connection {} of {count}", conns.len() + 1))?),
-                None => break,
-            }
-        }
-        anyhow::Ok(conns)
-    };
+    let setup = open_all(count, parallel, |i| async move {
+        open_one(addr).await.with_context(|| format!("idle: connection {} of {count}", i + 1))
+    });
     let mut conns = match tokio::time::timeout(Duration::from_secs(timeout_secs), setup).await {
         Ok(r) => r?,
         Err(_) => bail!("idle: opening {count} connections took more than {timeout_secs} s"),
@@ -527,23 +538,8 @@ async fn agent_one(load: Arc<AgentLoad>, i: usize) -> Result<AgentSession> {
 async fn agents(load: AgentLoad) -> Result<()> {
     let t = Instant::now();
     let load = Arc::new(load);
-    let (count, parallel, timeout_secs) = (load.count, load.parallel.clamp(1, load.count.max(1)), load.timeout_secs);
-    let setup = async {
-        let mut sessions: Vec<AgentSession> = Vec::with_capacity(count);
-        let mut set = tokio::task::JoinSet::new();
-        let mut started = 0usize;
-        while sessions.len() < count {
-            while started < count && set.len() < parallel {
-                set.spawn(agent_one(load.clone(), started));
-                started += 1;
-            }
-            match set.join_next().await {
-                Some(r) => sessions.push(r??),
-                None => break,
-            }
-        }
-        anyhow::Ok(sessions)
-    };
+    let (count, timeout_secs) = (load.count, load.timeout_secs);
+    let setup = open_all(count, load.parallel, |i| agent_one(load.clone(), i));
     let sessions = match tokio::time::timeout(Duration::from_secs(timeout_secs), setup).await {
         Ok(r) => r?,
         Err(_) => bail!("agents: opening {count} sessions took more than {timeout_secs} s"),
