@@ -3,6 +3,7 @@
 //! there is none (a reconnect in progress), and moving to a fresh session
 //! when a server replica cannot reach the agent.
 
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,6 +127,13 @@ impl CurrentSession {
     /// replica has no session to the agent, or it is draining) is retried
     /// on a fresh session: no byte has moved yet, so nothing is lost.
     pub async fn open(&self, target: Target) -> Result<Stream, Refusal> {
+        self.open_with(target, Bytes::new()).await
+    }
+
+    /// Like [`CurrentSession::open`], with the stream's first bytes sent
+    /// along (early data, at most [`tether_proto::MAX_EARLY_DATA`]); a
+    /// retry sends them again (PROTOCOL.md 6.3).
+    pub async fn open_with(&self, target: Target, early: Bytes) -> Result<Stream, Refusal> {
         let mut avoid: Option<Connection> = None;
         let mut last_err = None;
         for attempt in 0..=RETRIES {
@@ -134,7 +142,7 @@ impl CurrentSession {
                     Refusal::new(OpenErrorCode::SessionLost, "not connected to the server")
                 }));
             };
-            match conn.open(target.clone()).await {
+            match conn.open_with(target.clone(), early.clone()).await {
                 Ok(s) => return Ok(s),
                 // Refusals another replica, or a fresh session, may not give;
                 // no byte has moved, so trying again loses nothing.

@@ -58,6 +58,15 @@ pub struct ClientConfig {
     /// Most UDP flows per forward; the least recently used is evicted beyond.
     #[serde(default = "default_max_udp_flows")]
     pub max_udp_flows: usize,
+    /// Send what a forwarded connection has already written with its open
+    /// (early data, PROTOCOL.md 6.3): a round trip less per connection. Off,
+    /// a retry after a lost session can never repeat a byte to the service.
+    #[serde(default = "default_early_data")]
+    pub early_data: bool,
+}
+
+fn default_early_data() -> bool {
+    true
 }
 
 fn default_udp_idle_ms() -> u64 {
@@ -236,7 +245,12 @@ impl Client {
         for (listener, fwd) in self.listeners {
             let addr = listener.local_addr().unwrap_or(fwd.listen);
             tracing::info!(listen = %addr, target = %fwd.target, "forwarding");
-            tokio::spawn(accept_loop(listener, fwd, current.clone()));
+            tokio::spawn(accept_loop(
+                listener,
+                fwd,
+                current.clone(),
+                self.config.early_data,
+            ));
         }
         if let Some((listener, router)) = self.proxy {
             if let Ok(addr) = listener.local_addr() {
@@ -311,7 +325,12 @@ async fn keep_session(cfg: ClientConfig, current: CurrentSession) -> anyhow::Res
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, fwd: Forward, session: CurrentSession) {
+async fn accept_loop(
+    listener: TcpListener,
+    fwd: Forward,
+    session: CurrentSession,
+    early_data: bool,
+) {
     let fwd = Arc::new(fwd);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -322,17 +341,46 @@ async fn accept_loop(listener: TcpListener, fwd: Forward, session: CurrentSessio
                 continue;
             }
         };
-        tokio::spawn(forward_one(session.clone(), tcp, peer, fwd.clone()));
+        tokio::spawn(forward_one(
+            session.clone(),
+            tcp,
+            peer,
+            fwd.clone(),
+            early_data,
+        ));
     }
 }
 
-async fn forward_one(session: CurrentSession, tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>) {
+async fn forward_one(
+    session: CurrentSession,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    fwd: Arc<Forward>,
+    early_data: bool,
+) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     // With no session (the server is being reconnected), the connection
     // waits up to SESSION_WAIT for one, then is closed: the application
     // sees a failure soon instead of hanging until the server is back.
-    let stream = match session.open(Target::tcp(fwd.target.clone())).await {
+    // What the application has sent already goes with the open.
+    let read_early = if early_data {
+        tether_net::early::arrived(&tcp, tether_proto::MAX_EARLY_DATA)
+    } else {
+        Ok(bytes::Bytes::new())
+    };
+    let early = match read_early {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::info!(%peer, target = %fwd.target, "connection failed before its open: {e}");
+            return;
+        }
+    };
+    let early_len = early.len() as u64;
+    let stream = match session
+        .open_with(Target::tcp(fwd.target.clone()), early)
+        .await
+    {
         Ok(s) => s,
         Err(tether_net::Refusal { code, reason }) => {
             tracing::warn!(%peer, target = %fwd.target, %code, "cannot open: {reason}");
@@ -343,7 +391,8 @@ async fn forward_one(session: CurrentSession, tcp: TcpStream, peer: SocketAddr, 
     tracing::debug!(%peer, stream = %id, target = %fwd.target, "stream open");
     let (tr, tw) = tcp.into_split();
     let (sr, sw) = stream.split();
-    let report = splice(tr, tw, sr, sw).await;
+    let mut report = splice(tr, tw, sr, sw).await;
+    report.a_to_b += early_len; // sent with the open, before the splice
     let ms = started.elapsed().as_millis() as u64;
     match report.error {
         None => {

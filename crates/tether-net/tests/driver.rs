@@ -350,6 +350,39 @@ async fn an_opener_that_gives_up_cancels_the_incoming_open() {
     assert_eq!(e.reset_code(), Some(ResetCode::Cancel));
 }
 
+/// Early data waits in the incoming open, untouched by waiting for a
+/// cancel; a relay can take some of it for its own open, and the accepted
+/// stream's reader gets the rest, in order, then what follows.
+#[tokio::test(start_paused = true)]
+async fn early_data_waits_for_the_answer_and_is_read_in_order() {
+    let mut p = pair(Config::default(), Config::default()).await;
+    let opening = {
+        let a = p.a.clone();
+        tokio::spawn(async move {
+            a.open_with(Target::tcp("web"), Bytes::from_static(b"hello early world"))
+                .await
+        })
+    };
+    let mut inc = within(p.b_in.recv()).await.unwrap();
+    // Waiting for a cancel consumes nothing (the data is no cancel).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), inc.cancelled())
+            .await
+            .is_err()
+    );
+    assert_eq!(&inc.take_early_data(5)[..], b"hello");
+    let ours = inc.accept().unwrap();
+    let theirs = within(opening).await.unwrap().expect("opened");
+    let (mut r, _w) = ours.split();
+    let (_tr, mut tw) = theirs.split();
+    tw.write(Bytes::from_static(b"; and after")).await.unwrap();
+    tw.finish().await.unwrap();
+    assert_eq!(
+        within(read_to_end(&mut r)).await.unwrap(),
+        b" early world; and after"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_goes_silent_ends_the_session() {
     let idle = Duration::from_secs(3);

@@ -38,9 +38,10 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// The newest protocol version this build speaks. Version 2 adds UDP
 /// streams (kind 2, length-prefixed datagrams); version 3 adds the CATALOG
 /// frame (the services an agent offers); version 4 adds the REPLICAS frame
-/// (the server replicas an agent should hold a session to); everything else
-/// is as in 1.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// (the server replicas an agent should hold a session to); version 5 lets
+/// the opener send its first bytes with the OPEN (early data); everything
+/// else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -53,5 +54,14 @@ pub const CATALOG_VERSION: u16 = 3;
 
 /// The first version that carries REPLICAS frames.
 pub const REPLICAS_VERSION: u16 = 4;
+
+/// The first version in which the opener may send DATA (early data) on a
+/// stream before its OPEN_OK.
+pub const EARLY_DATA_VERSION: u16 = 5;
+
+/// Most early data [`Session::open_with`] takes: the smallest receive
+/// window a peer may announce, so it always fits the peer's credit, and
+/// small enough that it may bypass the send buffers' limits.
+pub const MAX_EARLY_DATA: usize = 4096;
 
 pub mod datagram;

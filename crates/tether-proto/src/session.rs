@@ -11,7 +11,8 @@ use crate::frame::{
 };
 use crate::stream::{Phase, Stream};
 use crate::{
-    CATALOG_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, REPLICAS_VERSION, UDP_VERSION,
+    CATALOG_VERSION, EARLY_DATA_VERSION, MAX_EARLY_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    REPLICAS_VERSION, UDP_VERSION,
 };
 
 /// Which end of the WebSocket this session is.
@@ -100,6 +101,8 @@ impl Default for Config {
 /// Smallest window and frame limits a peer may announce; anything smaller
 /// would make the session crawl and is treated as a protocol error.
 const MIN_PEER_WINDOW: u32 = 4096;
+// Early data must always fit the credit of a freshly opened stream.
+const _: () = assert!(MAX_EARLY_DATA as u64 <= MIN_PEER_WINDOW as u64);
 const MIN_PEER_FRAME: u32 = 1024;
 /// Largest window a peer may announce (credit is kept below 2^31).
 const MAX_PEER_WINDOW: u32 = (1 << 31) - 1;
@@ -108,6 +111,13 @@ const MAX_QUEUED_CONTROL: usize = 16 * 1024;
 /// How old the acceptor lets its RTT sample grow before it pings for a new
 /// one even while the peer's heartbeats arrive (see `ping_can_wait`).
 const RTT_REFRESH: Duration = Duration::from_secs(60);
+
+/// Whether DATA and FIN may arrive on a stream in `phase`: once it is open
+/// and, from version 5, also before we accepted it (the opener's early
+/// data, held for the application until it accepts).
+fn receives_in(phase: Phase, version: u16) -> bool {
+    phase == Phase::Open || (phase == Phase::PendingAccept && version >= EARLY_DATA_VERSION)
+}
 
 /// What the session tells its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,6 +274,10 @@ pub enum OpenError {
     /// The target address is empty or too long.
     #[error("bad target: {0}")]
     BadTarget(&'static str),
+    /// More early data than [`MAX_EARLY_DATA`] was given to
+    /// [`Session::open_with`].
+    #[error("{0} bytes of early data (at most {MAX_EARLY_DATA})")]
+    EarlyDataTooLarge(usize),
 }
 
 /// Why a write or finish on a stream was refused.
@@ -557,6 +571,11 @@ impl Session {
                         s.phase = Phase::Open;
                         s.open_deadline = None;
                         s.last_activity = now;
+                        // Early data held back for a pre-5 peer goes now.
+                        if !s.send_queue.is_empty() && !s.in_ready {
+                            s.in_ready = true;
+                            self.ready.push_back(id);
+                        }
                         self.events.push_back(Event::Opened { id });
                     }
                     Some(_) => self.reset_stream(
@@ -595,8 +614,8 @@ impl Session {
                     self.unknown_stream(id);
                     return Ok(());
                 };
-                if s.phase != Phase::Open {
-                    self.reset_stream(id, ResetCode::ProtocolError, "FIN before OPEN_OK", now);
+                if !receives_in(s.phase, self.version) {
+                    self.reset_stream(id, ResetCode::ProtocolError, "FIN before OPEN", now);
                 } else if s.fin_received {
                     self.reset_stream(id, ResetCode::StreamClosed, "second FIN", now);
                 } else {
@@ -815,7 +834,7 @@ impl Session {
             self.unknown_stream(id);
             return;
         };
-        if s.phase != Phase::Open {
+        if !receives_in(s.phase, self.version) {
             self.reset_stream(
                 id,
                 ResetCode::ProtocolError,
@@ -870,6 +889,27 @@ impl Session {
     /// Starts opening a stream to `target`. The answer comes as
     /// [`Event::Opened`] or [`Event::OpenFailed`].
     pub fn open(&mut self, target: Target, now: Instant) -> Result<StreamId, OpenError> {
+        self.open_with(target, Bytes::new(), now)
+    }
+
+    /// Like [`Session::open`], with the stream's first bytes (at most
+    /// [`MAX_EARLY_DATA`]). With a version 5 peer they follow the OPEN at
+    /// once, before its answer (early data: the connection's first round
+    /// trip overlaps the peer's dial); with an older peer they wait for
+    /// OPEN_OK. A refusal means the peer's application never saw them.
+    ///
+    /// Early data bypasses the send buffers' limits (it is at most
+    /// [`MAX_EARLY_DATA`] per stream being opened, so bounded by the number
+    /// of streams) but is charged to the stream's credit like any DATA.
+    pub fn open_with(
+        &mut self,
+        target: Target,
+        early: Bytes,
+        now: Instant,
+    ) -> Result<StreamId, OpenError> {
+        if early.len() > MAX_EARLY_DATA {
+            return Err(OpenError::EarlyDataTooLarge(early.len()));
+        }
         match self.state {
             State::Handshaking => return Err(OpenError::NotEstablished),
             State::Closed => return Err(OpenError::Closed),
@@ -897,6 +937,19 @@ impl Session {
         let (send, recv) = self.windows();
         let mut s = Stream::new(Phase::Opening, send, recv, now);
         s.open_deadline = Some(now + self.config.open_timeout);
+        if !early.is_empty() {
+            let n = early.len();
+            s.send_credit -= n as u64; // n <= MIN_PEER_WINDOW <= the peer's initial window
+            s.bytes_sent += n as u64;
+            s.queued += n;
+            s.send_queue.push_back(early);
+            self.queued_total += n;
+            if self.version >= EARLY_DATA_VERSION {
+                // Framed after the OPEN: control frames go first.
+                s.in_ready = true;
+                self.ready.push_back(id);
+            }
+        }
         self.streams.insert(id, s);
         self.control.push_back(Frame::Open { id, target });
         Ok(id)

@@ -551,8 +551,8 @@ fn version_mismatch_is_explicit() {
     let mut b = Session::new(Role::Acceptor, Config::default(), now);
     let mut out = BytesMut::new();
     Frame::Hello(tether_proto::frame::Hello {
-        min_version: 5,
-        max_version: 6,
+        min_version: tether_proto::PROTOCOL_VERSION + 1,
+        max_version: tether_proto::PROTOCOL_VERSION + 2,
         capabilities: 0,
         initial_window: 65536,
         max_frame_payload: 65536,
@@ -628,9 +628,9 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 }
 
 #[test]
-fn current_peers_negotiate_version_4_with_udp() {
+fn current_peers_negotiate_version_5_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (4, 4));
+    assert_eq!((p.a.version(), p.b.version()), (5, 5));
     let id =
         p.a.open(
             Target {
@@ -797,6 +797,210 @@ fn replicas_need_version_4() {
         b.handle_input(out.freeze(), now),
         Err(SessionError::Protocol(_))
     ));
+}
+
+/// The frames of one message.
+fn frames(mut msg: Bytes) -> Vec<Frame> {
+    let mut v = vec![];
+    while let Ok(Some(f)) = Frame::decode(&mut msg, 1 << 20) {
+        v.push(f);
+    }
+    v
+}
+
+fn transmit(s: &mut Session) -> Vec<Frame> {
+    let mut out = BytesMut::new();
+    s.poll_transmit(&mut out, usize::MAX);
+    frames(out.freeze())
+}
+
+/// Version 5: early data follows the OPEN in the same message, reaches the
+/// acceptor before it answers, and the stream goes on from there.
+#[test]
+fn early_data_travels_with_the_open_and_counts_against_the_window() {
+    let mut p = Pair::default();
+    let id =
+        p.a.open_with(
+            Target::tcp("prod/web"),
+            Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+            p.now,
+        )
+        .unwrap();
+    let sent = transmit(&mut p.a);
+    assert!(
+        matches!(&sent[..], [Frame::Open { id: o, .. }, Frame::Data { id: d, payload }]
+            if *o == id && *d == id && payload == "GET / HTTP/1.1\r\n\r\n"),
+        "{sent:?}"
+    );
+    for f in sent {
+        let mut m = BytesMut::new();
+        f.encode(&mut m);
+        p.b.handle_input(m.freeze(), p.now).unwrap();
+    }
+    while let Some(e) = p.b.poll_event() {
+        p.b_events.push(e);
+    }
+    assert_eq!(take_incoming(&mut p.b_events).len(), 1);
+    assert!(p.b_events.contains(&Event::Data {
+        id,
+        data: Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n")
+    }));
+    assert_eq!(
+        p.b.stream_unread(id),
+        18,
+        "held against the stream's window"
+    );
+    p.b.accept(id, p.now).unwrap();
+    p.b.stream_write(id, Bytes::from_static(b"HTTP/1.1 200 OK"))
+        .unwrap();
+    p.pump(usize::MAX);
+    assert!(p.a_events.contains(&Event::Opened { id }));
+    assert!(p.a_events.contains(&Event::Data {
+        id,
+        data: Bytes::from_static(b"HTTP/1.1 200 OK")
+    }));
+    assert_eq!(p.a.stream_bytes(id).unwrap().sent, 18);
+    // More than MAX_EARLY_DATA is refused up front.
+    let big = Bytes::from(vec![0u8; tether_proto::MAX_EARLY_DATA + 1]);
+    assert!(matches!(
+        p.a.open_with(Target::tcp("prod/web"), big, p.now),
+        Err(tether_proto::OpenError::EarlyDataTooLarge(_))
+    ));
+}
+
+/// A refused open's early data is dropped by the acceptor with the stream:
+/// no RST for its DATA, nothing delivered, nothing left behind.
+#[test]
+fn early_data_of_a_refused_open_is_dropped_quietly() {
+    let cfg = Config {
+        max_peer_streams: 1,
+        ..Config::default()
+    };
+    let mut p = Pair::new(Config::default(), cfg);
+    let first = p.open_accepted("prod/web");
+    p.b_events.clear();
+    // Refused by the session itself (too many streams): no state kept.
+    let id =
+        p.a.open_with(Target::tcp("prod/web"), Bytes::from_static(b"hello"), p.now)
+            .unwrap();
+    p.pump(usize::MAX);
+    assert!(p.a_events.iter().any(|e| matches!(e, Event::OpenFailed { id: i, code: OpenErrorCode::TooManyStreams, .. } if *i == id)));
+    // Refused by the application after the data arrived.
+    p.b.stream_finish(first).unwrap();
+    p.a.stream_finish(first).unwrap();
+    p.pump(usize::MAX);
+    let id2 =
+        p.a.open_with(
+            Target::tcp("prod/nope"),
+            Bytes::from_static(b"hello"),
+            p.now,
+        )
+        .unwrap();
+    p.pump(usize::MAX);
+    assert_eq!(take_incoming(&mut p.b_events).len(), 1);
+    p.b.reject(id2, OpenErrorCode::UnknownService, "no such service");
+    p.pump(usize::MAX);
+    assert!(p
+        .a_events
+        .iter()
+        .any(|e| matches!(e, Event::OpenFailed { id: i, .. } if *i == id2)));
+    let resets = p
+        .a_events
+        .iter()
+        .chain(p.b_events.iter())
+        .filter(|e| matches!(e, Event::Reset { .. }))
+        .count();
+    assert_eq!(resets, 0);
+    assert_eq!((p.a.stats().live, p.b.stats().live), (0, 0));
+    assert_eq!(p.a.stats().queued_bytes, 0);
+}
+
+/// Handshakes `a` (this build) with a hand-made peer that speaks at most
+/// `version`.
+fn initiator_against(version: u16, now: Instant) -> Session {
+    let mut a = Session::new(Role::Initiator, Config::default(), now);
+    let _hello = transmit(&mut a);
+    let mut m = BytesMut::new();
+    Frame::HelloAck(tether_proto::frame::Hello {
+        min_version: version,
+        max_version: version,
+        capabilities: 0,
+        initial_window: 65536,
+        max_frame_payload: 65536,
+        software: "old".into(),
+    })
+    .encode(&mut m);
+    a.handle_input(m.freeze(), now).unwrap();
+    assert_eq!(a.version(), version);
+    a
+}
+
+/// A version-4 peer never sees DATA before its OPEN_OK: early data waits
+/// for the answer, then goes first.
+#[test]
+fn early_data_waits_for_open_ok_from_a_version_4_peer() {
+    let now = Instant::now();
+    let mut a = initiator_against(4, now);
+    let id = a
+        .open_with(Target::tcp("prod/web"), Bytes::from_static(b"early"), now)
+        .unwrap();
+    a.stream_finish(id).unwrap_err(); // not open yet: nothing may follow
+    let sent = transmit(&mut a);
+    assert!(
+        sent.iter().any(|f| matches!(f, Frame::Open { .. }))
+            && !sent.iter().any(|f| matches!(f, Frame::Data { .. })),
+        "{sent:?}"
+    );
+    let mut m = BytesMut::new();
+    Frame::OpenOk { id }.encode(&mut m);
+    a.handle_input(m.freeze(), now).unwrap();
+    let sent = transmit(&mut a);
+    assert!(
+        sent.iter()
+            .any(|f| matches!(f, Frame::Data { id: d, payload } if *d == id && payload == "early")),
+        "{sent:?}"
+    );
+}
+
+/// A version-4 acceptor keeps the old rule: DATA before its OPEN_OK resets
+/// the stream.
+#[test]
+fn a_version_4_acceptor_resets_data_before_open_ok() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Acceptor, Config::default(), now);
+    let mut m = BytesMut::new();
+    Frame::Hello(tether_proto::frame::Hello {
+        min_version: 1,
+        max_version: 4,
+        capabilities: 0,
+        initial_window: 65536,
+        max_frame_payload: 65536,
+        software: "v4".into(),
+    })
+    .encode(&mut m);
+    Frame::Open {
+        id: StreamId(1),
+        target: Target::tcp("prod/web"),
+    }
+    .encode(&mut m);
+    Frame::Data {
+        id: StreamId(1),
+        payload: Bytes::from_static(b"too soon"),
+    }
+    .encode(&mut m);
+    b.handle_input(m.freeze(), now).unwrap();
+    assert_eq!(b.version(), 4);
+    let sent = transmit(&mut b);
+    assert!(
+        sent.iter().any(|f| matches!(
+            f,
+            Frame::Rst {
+                code: ResetCode::ProtocolError,
+                ..
+            }
+        )),
+        "{sent:?}"
+    );
 }
 
 #[test]

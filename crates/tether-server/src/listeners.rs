@@ -17,7 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether_proto::TargetKind;
+use bytes::BytesMut;
+use tether_proto::{TargetKind, MAX_EARLY_DATA};
 use tokio::net::TcpStream;
 
 use crate::admission::SourceCounts;
@@ -146,18 +147,9 @@ impl Listener {
             return;
         }
         let _ = tcp.set_nodelay(true);
-        let (stream, guard) = match self
-            .opener
-            .open(&self.caller, &cfg.target, TargetKind::Tcp)
-            .await
-        {
-            Ok(x) => x,
-            Err(tether_net::Refusal { code, reason }) => {
-                tracing::info!(listen = %cfg.listen, %peer, target = %cfg.target, %code, "open refused: {reason}");
-                return;
-            }
-        };
-        let (sr, mut sw) = stream.split();
+        // The PROXY header, then what the client has sent already, go with
+        // the open (early data).
+        let mut early = BytesMut::new();
         if cfg.proxy_protocol {
             let local = tcp.local_addr().unwrap_or(cfg.listen);
             let header = ppp::v2::Builder::with_addresses(
@@ -167,18 +159,37 @@ impl Listener {
             )
             .build();
             match header {
-                Ok(h) => {
-                    if let Err(e) = sw.write(bytes::Bytes::from(h)).await {
-                        tracing::info!(%peer, "stream closed before the PROXY header: {e}");
-                        return;
-                    }
-                }
+                Ok(h) => early.extend_from_slice(&h),
                 Err(e) => {
                     tracing::warn!(%peer, "cannot build PROXY header: {e}");
                     return;
                 }
             }
         }
+        let room = if cfg.early_data {
+            MAX_EARLY_DATA.saturating_sub(early.len())
+        } else {
+            0
+        };
+        match tether_net::early::arrived(&tcp, room) {
+            Ok(first) => early.extend_from_slice(&first),
+            Err(e) => {
+                tracing::info!(listen = %cfg.listen, %peer, "connection failed before its open: {e}");
+                return;
+            }
+        }
+        let (stream, guard) = match self
+            .opener
+            .open(&self.caller, &cfg.target, TargetKind::Tcp, early.freeze())
+            .await
+        {
+            Ok(x) => x,
+            Err(tether_net::Refusal { code, reason }) => {
+                tracing::info!(listen = %cfg.listen, %peer, target = %cfg.target, %code, "open refused: {reason}");
+                return;
+            }
+        };
+        let (sr, sw) = stream.split();
         let (tr, tw) = tcp.into_split();
         let who = format!("listener {} from {peer}", cfg.listen);
         run_relay(
@@ -221,7 +232,12 @@ impl Listener {
                     let this = this.clone();
                     async move {
                         this.opener
-                            .open(&this.caller, &this.cfg.target, TargetKind::Udp)
+                            .open(
+                                &this.caller,
+                                &this.cfg.target,
+                                TargetKind::Udp,
+                                bytes::Bytes::new(),
+                            )
                             .await
                             .map_err(|r| r.to_string())
                     }

@@ -28,6 +28,7 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::StatusCode;
 use tether_net::{Connection, Refusal, Stream};
 use tether_proto::target::ClientTarget;
@@ -153,6 +154,7 @@ impl Opener {
             pending: false,
             live: None,
             expires_at: None,
+            early_bytes: 0,
         }
     }
 
@@ -160,12 +162,15 @@ impl Opener {
     /// parsed with the one grammar of [`ClientTarget`]) for `caller`: admit,
     /// dial, track. Refusals are counted (`tether_errors_total`, and
     /// `tether_limit_hits_total` for limits). The guard must live as long
-    /// as the stream.
+    /// as the stream. `early` is the stream's first bytes, if the caller
+    /// has them already (at most [`tether_proto::MAX_EARLY_DATA`]): they
+    /// travel with the open to the agent.
     pub(crate) async fn open(
         &self,
         caller: &Caller,
         target: &str,
         kind: TargetKind,
+        early: Bytes,
     ) -> Result<(Stream, OpenGuard), Refusal> {
         let refuse = |r: Refusal| {
             self.0.metrics.error(r.code.as_str());
@@ -178,7 +183,8 @@ impl Opener {
         let protocol = protocol_of(kind);
         let mut guard = self.guard(caller.key().into(), protocol);
         guard.admit(caller, agent, &service)?;
-        let (stream, conn) = match guard.dial(agent, &service, kind).await {
+        guard.early_bytes = early.len() as u64;
+        let (stream, conn) = match guard.dial(agent, &service, kind, early).await {
             Ok(dialed) => dialed,
             Err(Dial::Server(r)) => return Err(refuse(r)),
             Err(Dial::Agent(r)) => {
@@ -232,7 +238,10 @@ impl Opener {
         service: &str,
     ) -> Result<(Stream, Connection), Refusal> {
         let mut guard = self.guard(key, Protocol::Http);
-        match guard.dial(agent, service, TargetKind::Tcp).await {
+        match guard
+            .dial(agent, service, TargetKind::Tcp, Bytes::new())
+            .await
+        {
             Ok(s) => {
                 self.0.metrics.streams_total.inc();
                 Ok(s)
@@ -332,6 +341,8 @@ pub(crate) struct OpenGuard {
     live: Option<(u64, Arc<Notify>)>,
     /// When the caller's credential expires (a JWT).
     expires_at: Option<Instant>,
+    /// Bytes that went to the agent with the open (early data).
+    early_bytes: u64,
 }
 
 impl OpenGuard {
@@ -386,6 +397,7 @@ impl OpenGuard {
         agent: &str,
         service: &str,
         kind: TargetKind,
+        early: Bytes,
     ) -> Result<(Stream, Connection), Dial> {
         let entry = find_agent(&self.h, agent, None, true)
             .await
@@ -404,7 +416,7 @@ impl OpenGuard {
             address: service.to_owned(),
         };
         let mut session = entry.conn.clone();
-        let mut opened = session.open(target.clone()).await;
+        let mut opened = session.open_with(target.clone(), early.clone()).await;
         if let Err(r) = &opened {
             // The member left (or began draining, or went silent) before it
             // answered: no byte has moved yet, so the open goes once to
@@ -413,6 +425,10 @@ impl OpenGuard {
             // none, the refusal says not_here and the client retries
             // through another replica. A session lost to silence is a
             // partition: no hold, the agent will not come back here soon.
+            // Early data goes again with the retry (PROTOCOL.md 6.3: in
+            // the rare case that the lost member had passed it on, the
+            // service sees it twice, the first time on a connection the
+            // member then closed).
             if matches!(
                 r.code,
                 OpenErrorCode::SessionLost | OpenErrorCode::GoingAway
@@ -422,7 +438,7 @@ impl OpenGuard {
                     Ok(other) => {
                         tracing::debug!(%agent, instance = %other.instance, "open retried on another session: {r}");
                         session = other.conn.clone();
-                        opened = session.open(target).await;
+                        opened = session.open_with(target, early.clone()).await;
                         if let Err(again) = &opened {
                             if matches!(
                                 again.code,
@@ -506,6 +522,12 @@ impl OpenGuard {
     /// The protocol the open was admitted for.
     pub(crate) fn protocol(&self) -> Protocol {
         self.protocol
+    }
+
+    /// Bytes that went to the agent with the open (early data): part of
+    /// what the caller sent, though the relay's splice never saw them.
+    pub(crate) fn early_bytes(&self) -> u64 {
+        self.early_bytes
     }
 
     /// The caller's limits key (the HTTP proxy's pool charges its dials to
@@ -617,19 +639,26 @@ mod tests {
         let (h, _agent, mut held) = silent_agent(4).await;
         let listener = Caller::Listener("127.0.0.1:9000".parse().unwrap());
         // The policy: alice may not open prod/db; a listener may.
-        let r = h.open(&alice(&h), "prod/db", TargetKind::Tcp).await;
+        let r = h
+            .open(&alice(&h), "prod/db", TargetKind::Tcp, Bytes::new())
+            .await;
         assert_eq!(r.err().map(|r| r.code), Some(OpenErrorCode::Forbidden));
         let first = tokio::spawn({
             let h = h.clone();
             let listener = listener.clone();
-            async move { h.open(&listener, "prod/db", TargetKind::Tcp).await }
+            async move {
+                h.open(&listener, "prod/db", TargetKind::Tcp, Bytes::new())
+                    .await
+            }
         });
         // Kept: a dropped one would answer the open.
         let _got_first = held.recv().await.unwrap();
         assert_eq!(pending(&h), 1);
         // The limits: a second open of the same listener waits on nothing,
         // it is refused at its pending-open cap, like a client's.
-        let second = h.open(&listener, "prod/db", TargetKind::Udp).await;
+        let second = h
+            .open(&listener, "prod/db", TargetKind::Udp, Bytes::new())
+            .await;
         let refusal = second.err().unwrap();
         assert_eq!(refusal.code, OpenErrorCode::TooManyStreams);
         assert!(
@@ -640,7 +669,10 @@ mod tests {
         let theirs = tokio::spawn({
             let h = h.clone();
             let alice = alice(&h);
-            async move { h.open(&alice, "prod/web", TargetKind::Tcp).await }
+            async move {
+                h.open(&alice, "prod/web", TargetKind::Tcp, Bytes::new())
+                    .await
+            }
         });
         let _got_theirs = held.recv().await.unwrap();
         assert_eq!(pending(&h), 2);
@@ -658,14 +690,16 @@ mod tests {
             // Cancelled while the agent dials: the pending slot, the gauge
             // and the stream slot (at most one per caller here) are all
             // back, or the next round would be refused.
-            let open = h.open(&client, "prod/web", TargetKind::Tcp);
+            let open = h.open(&client, "prod/web", TargetKind::Tcp, Bytes::new());
             let r = tokio::time::timeout(Duration::from_millis(100), open).await;
             assert!(r.is_err(), "the open is still pending when cancelled");
             assert_eq!(pending(&h), 0);
             let _got = held.recv().await.unwrap();
         }
         // A refused open gives back what it took too: the stream slot.
-        let r = h.open(&client, "prod/db", TargetKind::Tcp).await;
+        let r = h
+            .open(&client, "prod/db", TargetKind::Tcp, Bytes::new())
+            .await;
         assert_eq!(r.err().map(|r| r.code), Some(OpenErrorCode::Forbidden));
         assert!(h.0.limits.take_stream(&client.key().into()));
     }

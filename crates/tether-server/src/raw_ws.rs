@@ -80,7 +80,11 @@ impl RawWsEndpoint {
         };
         let started = Instant::now();
         let caller = Caller::Client(client);
-        let (agent_stream, guard) = match self.opener.open(&caller, target, TargetKind::Tcp).await {
+        let (agent_stream, guard) = match self
+            .opener
+            .open(&caller, target, TargetKind::Tcp, bytes::Bytes::new())
+            .await
+        {
             Ok(x) => x,
             Err(Refusal { code, reason }) => {
                 tracing::info!(client = %caller.name(), %peer, %target, %code, "raw websocket refused: {reason}");

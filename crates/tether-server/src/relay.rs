@@ -34,7 +34,8 @@ pub(crate) async fn run_relay<CR, CW, AR, AW>(
     metrics.streams_total.inc();
     let ended = guard.ended();
     let stop = async move { (ResetCode::Forbidden, ended.await.to_owned()) };
-    let report = splice_until(cr, cw, ar, aw, stop).await;
+    let mut report = splice_until(cr, cw, ar, aw, stop).await;
+    report.a_to_b += guard.early_bytes();
     metrics.live_streams.dec();
     metrics.add_bytes(report.a_to_b, report.b_to_a);
     let ms = started.elapsed().as_millis() as u64;

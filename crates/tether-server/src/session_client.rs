@@ -9,7 +9,7 @@ use std::time::Instant;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 use tether_net::{Incoming as IncomingStream, Refusal};
-use tether_proto::ErrorCode;
+use tether_proto::{ErrorCode, MAX_EARLY_DATA};
 
 use crate::auth::AuthStore;
 use crate::identity::ClientIdentity;
@@ -146,8 +146,10 @@ impl ClientEndpoint {
         // If the client gives up while the agent is still dialing, the open
         // is dropped: the agent-side open is reset, and the guard gives
         // back the pending-open and stream slots.
+        // What the client sent with its open goes on with ours.
+        let early = incoming.take_early_data(MAX_EARLY_DATA);
         let opened = tokio::select! {
-            r = self.opener.open(&caller, &target.address, target.kind) => r,
+            r = self.opener.open(&caller, &target.address, target.kind, early) => r,
             _ = incoming.cancelled() => {
                 tracing::debug!(client = %name, stream = %id, %target, "client cancelled the open");
                 return;

@@ -115,6 +115,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         proxy: None,
         udp_idle_timeout_ms: tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
         max_udp_flows: tether_net::udp::DEFAULT_MAX_FLOWS,
+        early_data: true,
     };
     let client = tether_client::Client::bind(client_cfg)
         .await

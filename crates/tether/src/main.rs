@@ -298,6 +298,10 @@ struct ClientArgs {
     /// Serve /metrics and /healthz here.
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Wait for the server's answer before sending a forwarded connection's
+    /// first bytes (no early data; see PROTOCOL.md 6.3).
+    #[arg(long, env = "TETHER_NO_EARLY_DATA")]
+    no_early_data: bool,
     #[command(subcommand)]
     action: Option<ClientAction>,
 }
@@ -789,6 +793,9 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
         a.udp_idle_timeout_ms.map(|v| v as i64),
     );
     set(&mut t, "max_udp_flows", a.max_udp_flows.map(|v| v as i64));
+    if a.no_early_data {
+        t.insert("early_data".into(), false.into());
+    }
     let cfg: tether_client::ClientConfig = finish(t, "client")?;
     let client = tether_client::Client::bind(cfg).await?;
     if let Some(addr) = a.metrics_listen {

@@ -1,7 +1,7 @@
 //! [`Connection`]: a running session, and the three tasks that drive it
 //! (reader, writer, timer; see the [module docs](super)).
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -102,11 +102,20 @@ impl Connection {
 
     /// Opens a stream and waits for the peer's answer.
     pub async fn open(&self, target: Target) -> Result<Stream, Refusal> {
+        self.open_with(target, Bytes::new()).await
+    }
+
+    /// Opens a stream whose first bytes (at most
+    /// [`tether_proto::MAX_EARLY_DATA`]) travel with the OPEN when the peer
+    /// speaks version 5, and waits for the peer's answer. A refusal from
+    /// the peer means `early` never reached its target; a session lost
+    /// before the answer does not say either way (PROTOCOL.md 6.3).
+    pub async fn open_with(&self, target: Target, early: Bytes) -> Result<Stream, Refusal> {
         let (tx, rx) = oneshot::channel();
         let stream = self.shared.with_session(|g| {
             let id = g
                 .session
-                .open(target, now())
+                .open_with(target, early, now())
                 .map_err(|e| Refusal::new(open_error_code(&e), e.to_string()))?;
             g.deadlines_changed(); // the open timeout
             Ok::<_, Refusal>(self.shared.attach(g, id, Some(tx)))
@@ -257,6 +266,7 @@ fn open_error_code(e: &OpenError) -> OpenErrorCode {
         OpenError::Closed | OpenError::NotEstablished => OpenErrorCode::SessionLost,
         OpenError::IdsExhausted => OpenErrorCode::TooManyStreams,
         OpenError::BadTarget(_) => OpenErrorCode::BadTarget,
+        OpenError::EarlyDataTooLarge(_) => OpenErrorCode::Internal,
     }
 }
 

@@ -14,6 +14,8 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use bytes::Bytes;
+
 use super::Inbound;
 
 /// Creates a connected sender and receiver.
@@ -109,8 +111,50 @@ impl InboxRx {
 
     /// Waits for the next item (cancel-safe: nothing is taken until it is
     /// returned).
+    #[cfg(test)]
     pub(super) async fn recv(&mut self) -> Option<Inbound> {
         poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Waits until a reset is queued or the sender is gone, taking nothing:
+    /// data and FIN queued before (early data) stay for the reader.
+    pub(super) async fn reset_or_gone(&mut self) {
+        poll_fn(|cx| {
+            let mut s = self.0.lock();
+            if s.sender_gone || s.queue.iter().any(|i| matches!(i, Inbound::Reset(_))) {
+                return Poll::Ready(());
+            }
+            match &mut s.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Takes the data at the front of the queue, up to `max` bytes, without
+    /// waiting (empty when none is there). What is left of a chunk stays at
+    /// the front, so nothing is reordered.
+    pub(super) fn take_front_data(&mut self, max: usize) -> Vec<Bytes> {
+        let mut s = self.0.lock();
+        let mut taken = Vec::new();
+        let mut left = max;
+        while left > 0 {
+            let Some(Inbound::Data(chunk)) = s.queue.front_mut() else {
+                break;
+            };
+            if chunk.len() <= left {
+                left -= chunk.len();
+                if let Some(Inbound::Data(c)) = s.queue.pop_front() {
+                    taken.push(c);
+                }
+            } else {
+                taken.push(chunk.split_to(left));
+                left = 0;
+            }
+        }
+        taken
     }
 }
 
@@ -127,7 +171,6 @@ impl Drop for InboxRx {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     #[tokio::test]
     async fn items_arrive_in_order_then_none_when_the_sender_is_gone() {
@@ -158,6 +201,33 @@ mod tests {
         let (first, second) = reader.await.unwrap();
         assert!(matches!(first, Some(Inbound::Fin)));
         assert!(second.is_none());
+    }
+
+    #[test]
+    fn front_data_is_taken_up_to_the_limit_and_the_rest_keeps_its_place() {
+        let (tx, mut rx) = inbox();
+        tx.send(Inbound::Data(Bytes::from_static(b"abc")));
+        tx.send(Inbound::Data(Bytes::from_static(b"defg")));
+        tx.send(Inbound::Fin);
+        let taken = rx.take_front_data(5);
+        assert_eq!(taken.concat(), b"abcde");
+        assert!(matches!(rx.0.lock().queue.front(), Some(Inbound::Data(b)) if b == "fg"));
+        assert_eq!(rx.take_front_data(10).concat(), b"fg");
+        // A FIN at the front stops the taking and stays.
+        assert!(rx.take_front_data(10).is_empty());
+        assert!(matches!(rx.0.lock().queue.front(), Some(Inbound::Fin)));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_reset_takes_no_data() {
+        let (tx, mut rx) = inbox();
+        tx.send(Inbound::Data(Bytes::from_static(b"early")));
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(20), rx.reset_or_gone()).await;
+        assert!(waited.is_err(), "data alone is no reset");
+        drop(tx);
+        rx.reset_or_gone().await;
+        assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "early"));
     }
 
     #[test]

@@ -52,11 +52,32 @@ impl Incoming {
     /// this open was answered.
     pub async fn cancelled(&mut self) {
         match self.stream.as_mut() {
-            Some(s) => {
-                // Nothing but a reset can arrive before OPEN_OK.
-                let _ = s.inbox.recv().await;
-            }
+            // Early data may arrive before the answer; it stays queued.
+            Some(s) => s.inbox.reset_or_gone().await,
             None => std::future::pending().await,
+        }
+    }
+
+    /// The opener's early data that has arrived so far, up to `max` bytes,
+    /// taken without waiting (empty when there is none): a relay passes it
+    /// on with its own open. What is taken counts as read (its credit goes
+    /// back to the opener); the rest stays for the accepted stream's reader,
+    /// in order.
+    pub fn take_early_data(&mut self, max: usize) -> Bytes {
+        let Some(s) = self.stream.as_mut() else {
+            return Bytes::new();
+        };
+        let chunks = s.inbox.take_front_data(max);
+        let n: usize = chunks.iter().map(Bytes::len).sum();
+        if n == 0 {
+            return Bytes::new();
+        }
+        let id = s.id;
+        s.shared
+            .with_session(|g| g.session.stream_consumed(id, n, now()));
+        match <[Bytes; 1]>::try_from(chunks) {
+            Ok([one]) => one,
+            Err(many) => Bytes::from(many.concat()),
         }
     }
 

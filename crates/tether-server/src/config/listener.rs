@@ -33,6 +33,16 @@ pub struct ListenerConfig {
     /// streams from everyone else.
     #[serde(default = "default_per_source")]
     pub max_connections_per_source: usize,
+    /// Send what a connection has already written with its open (early
+    /// data, PROTOCOL.md 6.3; TCP only): a round trip less per connection.
+    /// Off, a retry after a lost agent session can never repeat a byte to
+    /// the service.
+    #[serde(default = "default_early_data")]
+    pub early_data: bool,
+}
+
+fn default_early_data() -> bool {
+    true
 }
 
 fn default_protocol() -> String {

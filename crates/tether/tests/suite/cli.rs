@@ -242,7 +242,13 @@ fn doctor_names_each_common_mistake() {
         CLIENT_TOKEN,
     ]);
     assert!(ok && out.contains("all checks passed"), "{out}");
-    assert!(out.contains("protocol version 4"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "protocol version {}",
+            tether_proto::PROTOCOL_VERSION
+        )),
+        "{out}"
+    );
 
     let closed = format!("wss://127.0.0.1:{}", free_port());
     let (ok, out) = doctor(&["--server", &closed, "--fingerprint", &fp]);

@@ -64,6 +64,100 @@ async fn half_close_client_still_gets_whole_response() {
     assert_eq!(answer, format!("{} {:016x}\n", data.len(), h.finish()));
 }
 
+/// Early data (PROTOCOL.md 6.3): a connection's first bytes may travel
+/// with its open. Through a CLI forward (early data on, the default), one
+/// with `--no-early-data`, and a server `[[listener]]`, short connections
+/// that write their whole request at once and half-close get exact
+/// answers, and every audit line counts all the bytes the client sent,
+/// the early ones included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_sent_with_the_open_arrive_exactly_and_are_counted() {
+    let svc = count_then_answer_service().await;
+    let listener = free_port();
+    let listener_flag = format!("127.0.0.1:{listener}=prod/count");
+    let t = Tunnel::start_with(&[("count", svc)], &["--listener", &listener_flag], &[]);
+    let early = free_port();
+    let early_client = t.client(CLIENT_TOKEN, &[(early, "prod/count")]);
+    let late = free_port();
+    let late_client = Proc::spawn(
+        "client",
+        &[
+            "client".to_string(),
+            "--server".into(),
+            t.url(),
+            "--token".into(),
+            CLIENT_TOKEN.into(),
+            "--no-early-data".into(),
+            "forward".into(),
+            format!("127.0.0.1:{late}=prod/count"),
+        ],
+    );
+    assert!(late_client.wait_log("connected", Duration::from_secs(10)));
+    assert!(t.server.wait_log("listener open", Duration::from_secs(10)));
+    const PER_ENTRANCE: usize = 40;
+    const LEN: usize = 1000;
+    for port in [early, late, listener] {
+        for i in 0..PER_ENTRANCE {
+            let mut data = vec![0u8; LEN];
+            Pattern::new((port as u64) << 16 | i as u64).fill(&mut data);
+            let mut h = Fnv::new();
+            h.update(&data);
+            let mut s = connect(port).await;
+            s.write_all(&data).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut answer = String::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
+                .await
+                .expect("answer in time")
+                .unwrap();
+            assert_eq!(
+                answer,
+                format!("{LEN} {:016x}\n", h.finish()),
+                "port {port} #{i}"
+            );
+        }
+    }
+    let audit_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(" audit ") && l.contains("target=prod/count"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || audit_lines(
+            &t.server.log_text()
+        )
+        .len()
+            >= 3 * PER_ENTRANCE),
+        "{}",
+        t.server.log_text()
+    );
+    for line in audit_lines(&t.server.log_text()) {
+        assert!(line.contains(&format!("bytes_up={LEN} ")), "{line}");
+        assert!(line.contains("result=closed"), "{line}");
+    }
+    // The CLI's own line for each connection counts them too.
+    let closed = || -> Vec<String> {
+        late_client
+            .log_text()
+            .lines()
+            .chain(early_client.log_text().lines())
+            .filter(|l| l.contains("stream closed"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || closed().len()
+            >= 2 * PER_ENTRANCE),
+        "{:?}",
+        closed()
+    );
+    let closed = closed();
+    for line in closed {
+        assert!(line.contains(&format!("bytes_up={LEN} ")), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_streams_are_byte_exact() {
     let svc = echo_service().await;
