@@ -3,30 +3,40 @@
 /// Matches `text` against `pattern`, where `*` matches any run of characters
 /// (including none) and `?` exactly one. Case-sensitive.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    // Classic two-pointer match with backtracking to the last star.
+    // Classic two-pointer match with backtracking to the last star, over
+    // byte offsets that always sit on character boundaries (no allocation:
+    // the policy runs this for every open and every proxied request).
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+    while let Some(t) = char_at(text, ti) {
+        match char_at(pattern, pi) {
+            Some(p) if p == '?' || p == t => {
+                pi += p.len_utf8();
+                ti += t.len_utf8();
+                continue;
+            }
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+                continue;
+            }
+            _ => {}
         }
+        let Some((sp, st)) = star else {
+            return false;
+        };
+        // The star takes one more character of the text.
+        let next = st + char_at(text, st).map_or(1, char::len_utf8);
+        pi = sp + 1;
+        ti = next;
+        star = Some((sp, next));
     }
-    while pi < p.len() && p[pi] == '*' {
-        pi += 1;
-    }
-    pi == p.len()
+    pattern[pi..].bytes().all(|b| b == b'*')
+}
+
+/// The character starting at byte offset `i` of `s`, if any.
+fn char_at(s: &str, i: usize) -> Option<char> {
+    s.get(i..).and_then(|rest| rest.chars().next())
 }
 
 #[cfg(test)]
@@ -51,5 +61,13 @@ mod tests {
         assert!(glob_match("*/db", "prod/db"));
         assert!(glob_match("a*b*c", "aXXbYYc"));
         assert!(!glob_match("a*b*c", "aXXbYY"));
+        // `?` and `*` take whole characters, not bytes.
+        assert!(glob_match("caf?", "café"));
+        assert!(!glob_match("caf??", "café"));
+        assert!(glob_match("*é*", "aébé"));
+        assert!(glob_match("ü*x", "üaéx"));
+        assert!(!glob_match("ü*x", "üaéy"));
+        assert!(glob_match("**", ""));
+        assert!(!glob_match("", "a"));
     }
 }

@@ -173,13 +173,12 @@ impl Authenticator {
     /// The client a bearer credential (static token or JWT) belongs to; the
     /// error is for the log and never contains the credential.
     pub(crate) fn client(&self, credential: &str) -> Result<ClientIdentity, CredentialError> {
-        if let Some(name) = self.clients.get(&token_hash(credential)) {
+        let hash = token_hash(credential);
+        if let Some(name) = self.clients.get(&hash) {
             return Ok(ClientIdentity {
                 name: name.clone(),
                 groups: vec![],
-                kind: IdentityKind::Token {
-                    hash: token_hash(credential),
-                },
+                kind: IdentityKind::Token { hash },
             });
         }
         match &self.jwt {
