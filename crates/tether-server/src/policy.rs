@@ -108,7 +108,9 @@ fn rule_pattern(t: &str) -> Result<String, String> {
 pub(crate) struct Decision {
     /// Whether the open may proceed.
     pub(crate) allowed: bool,
-    /// Which rule decided, or why nothing allowed it.
+    /// Why the open is refused (which deny rule, or that no rule allows
+    /// it), for the refusal and the audit line; empty when allowed (built
+    /// only when needed: this runs for every open and request).
     pub(crate) reason: String,
 }
 
@@ -210,7 +212,11 @@ impl Policy {
         service: &str,
         proto: Protocol,
     ) -> Decision {
-        let target = normalize_target(&format!("{agent}/{service}"));
+        let target = if service.contains(':') {
+            normalize_target(&format!("{agent}/{service}"))
+        } else {
+            format!("{agent}/{service}") // nothing to normalise: one allocation
+        };
         if let Some(r) = self
             .rules
             .iter()
@@ -231,9 +237,9 @@ impl Policy {
             .iter()
             .find(|r| !r.deny && r.applies(id, &target, proto))
         {
-            Some(r) => Decision {
+            Some(_) => Decision {
                 allowed: true,
-                reason: format!("allowed by {}", r.label),
+                reason: String::new(),
             },
             None => Decision {
                 allowed: false,

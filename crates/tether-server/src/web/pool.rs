@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -77,7 +78,9 @@ impl hyper::rt::Write for TunnelConn {
 /// Maps pool keys (URI hosts `sN.tether.invalid`) to `agent/service`.
 #[derive(Default)]
 struct Targets {
-    by_target: HashMap<(String, String), u64>,
+    /// agent -> service -> (pool key, its URI authority), looked up with
+    /// borrowed names on every request.
+    by_target: HashMap<String, HashMap<String, (u64, Authority)>>,
     by_id: HashMap<u64, (String, String)>,
 }
 
@@ -151,21 +154,38 @@ impl Pool {
 
     /// The URI of `path_and_query` on `agent/service` in the pool: its
     /// authority is a pool key only the connector reads.
-    pub(crate) fn uri(
-        &self,
-        agent: &str,
-        service: &str,
-        path_and_query: &str,
-    ) -> Result<Uri, http::uri::InvalidUri> {
-        let id = {
+    pub(crate) fn uri(&self, agent: &str, service: &str, path_and_query: &str) -> Option<Uri> {
+        // Origin form only (`OPTIONS *` and the like are not forwarded).
+        if !path_and_query.starts_with('/') {
+            return None;
+        }
+        let authority = {
             let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-            let key = (agent.to_owned(), service.to_owned());
-            let next = t.by_id.len() as u64;
-            let id = *t.by_target.entry(key.clone()).or_insert(next);
-            t.by_id.entry(id).or_insert(key);
-            id
+            let known = t
+                .by_target
+                .get(agent)
+                .and_then(|services| services.get(service))
+                .map(|(_, a)| a.clone());
+            match known {
+                Some(a) => a,
+                None => {
+                    let id = t.by_id.len() as u64;
+                    let a = Authority::try_from(format!("s{id}.tether.invalid")).ok()?;
+                    t.by_id.insert(id, (agent.to_owned(), service.to_owned()));
+                    t.by_target
+                        .entry(agent.to_owned())
+                        .or_default()
+                        .insert(service.to_owned(), (id, a.clone()));
+                    a
+                }
+            }
         };
-        format!("http://s{id}.tether.invalid{path_and_query}").parse()
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+            .ok()
     }
 
     /// Sends `req` (its URI from [`Pool::uri`]); a new stream it needs is

@@ -157,7 +157,7 @@ async fn proxy(
         host_header.as_deref(),
         upgrade.as_ref(),
     );
-    let Ok(uri) = web.pool.uri(agent, service, rest) else {
+    let Some(uri) = web.pool.uri(agent, service, rest) else {
         return refuse(
             StatusCode::BAD_REQUEST,
             "bad_path",
