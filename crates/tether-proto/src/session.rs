@@ -1,7 +1,11 @@
 //! The sans-I/O session: handshake, streams, flow control, liveness, drain.
 
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// Looked up several times per frame; stream ids are bounded per session
+// (max_peer_streams), so a seeded fast hash is enough.
+use foldhash::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
@@ -378,7 +382,7 @@ impl Session {
             role,
             state: State::Handshaking,
             peer: None,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             next_local_id: match role {
                 Role::Initiator => 1,
                 Role::Acceptor => 2,

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context};
 use http::{header, HeaderMap};
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 

@@ -9,7 +9,7 @@
 //! Stream and pending-open slots are taken and given back by the open path
 //! only ([`crate::open`]), whose one guard releases them on drop.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 

@@ -10,7 +10,7 @@
 //! no instance (older builds) are all one instance, so for them the newest
 //! session of the name wins, as before pools existed.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};

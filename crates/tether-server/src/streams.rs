@@ -9,7 +9,7 @@
 //! and end it. Entries are added and removed by the open path's guard
 //! ([`crate::open::OpenGuard`]); what ends a stream is [`ended`].
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,7 +2,6 @@
 //! (reader, writer, timer; see the [module docs](super)).
 
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -63,7 +62,7 @@ impl Connection {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 session: Session::new(role, config, now()),
-                routes: HashMap::new(),
+                routes: Default::default(),
                 incoming: Some(incoming_tx),
                 rtt: None,
                 goaway: None,

@@ -31,7 +31,7 @@ pub use driver::{Connection, IncomingStreams};
 pub use stream::{Incoming, Stream, StreamReader, StreamWriter};
 
 use bytes::Bytes;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! of each session id), the login form's signed CSRF values, and the names
 //! of tether's own cookies.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
