@@ -205,7 +205,7 @@ async fn proxy(
     let audit = HttpAudit {
         identity: name.clone().into_owned(),
         target: format!("{agent}/{service}"),
-        method: method.to_string(),
+        method: method.as_str().to_owned(),
         path: rest.to_owned(),
         status: status.as_u16(),
         started,

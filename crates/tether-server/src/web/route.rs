@@ -43,11 +43,13 @@ pub fn route_by_path(path: &str) -> Option<(WebRoute, Option<&str>)> {
     if agent.is_empty() || service.is_empty() {
         return None;
     }
+    // `/a/AGENT/SERVICE` is the start of `path` itself.
+    let prefix_len = PATH_PREFIX.len() + agent.len() + 1 + service.len();
     Some((
         WebRoute {
             agent: agent.to_owned(),
             service: service.to_owned(),
-            prefix: Some(format!("{PATH_PREFIX}{agent}/{service}")),
+            prefix: Some(path[..prefix_len].to_owned()),
         },
         tail,
     ))
