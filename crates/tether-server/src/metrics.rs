@@ -90,12 +90,25 @@ pub(crate) struct Metrics {
     pub(crate) reloads: Family<ResultLabel, Counter>,
     /// Opens decided by the policy.
     pub(crate) decisions: Family<ResultLabel, Counter>,
+    /// The series of label sets known up front, resolved once: a family
+    /// lookup hashes and allocates its labels, and these count every open,
+    /// request and relayed stream.
+    hot: HotSeries,
+}
+
+/// See [`Metrics::hot`].
+#[derive(Default)]
+struct HotSeries {
+    allowed: Counter,
+    denied: Counter,
+    to_agent: Counter,
+    from_agent: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("tether");
-        let m = Metrics {
+        let mut m = Metrics {
             agents: Gauge::default(),
             agent_instances: Family::default(),
             replica: Family::default(),
@@ -110,7 +123,25 @@ impl Default for Metrics {
             limit_hits: Family::default(),
             reloads: Family::default(),
             decisions: Family::default(),
+            hot: HotSeries::default(),
             registry: Registry::default(),
+        };
+        let result = |r: &str| ResultLabel { result: r.into() };
+        let direction = |d: &str| DirectionLabel {
+            direction: d.into(),
+        };
+        // One statement each: a family's read guard lives to the end of its
+        // statement, and the next get_or_create of the same family needs
+        // the write lock.
+        let allowed = m.decisions.get_or_create(&result("allowed")).clone();
+        let denied = m.decisions.get_or_create(&result("denied")).clone();
+        let to_agent = m.bytes.get_or_create(&direction("to_agent")).clone();
+        let from_agent = m.bytes.get_or_create(&direction("from_agent")).clone();
+        m.hot = HotSeries {
+            allowed,
+            denied,
+            to_agent,
+            from_agent,
         };
         registry.register("agents", "Registered agents", m.agents.clone());
         registry.register(
@@ -188,11 +219,11 @@ impl Metrics {
 
     /// Counts one policy decision.
     pub(crate) fn decision(&self, allowed: bool) {
-        self.decisions
-            .get_or_create(&ResultLabel {
-                result: if allowed { "allowed" } else { "denied" }.to_owned(),
-            })
-            .inc();
+        if allowed {
+            self.hot.allowed.inc();
+        } else {
+            self.hot.denied.inc();
+        }
     }
 
     /// The gauge of live sessions of `kind`.
@@ -215,13 +246,8 @@ impl Metrics {
 
     /// Adds relayed bytes.
     pub(crate) fn add_bytes(&self, to_agent: u64, from_agent: u64) {
-        for (dir, n) in [("to_agent", to_agent), ("from_agent", from_agent)] {
-            self.bytes
-                .get_or_create(&DirectionLabel {
-                    direction: dir.to_owned(),
-                })
-                .inc_by(n);
-        }
+        self.hot.to_agent.inc_by(to_agent);
+        self.hot.from_agent.inc_by(from_agent);
     }
 
     /// The Prometheus text exposition.
@@ -229,5 +255,28 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_series_count_into_their_families() {
+        let m = Metrics::default();
+        m.decision(true);
+        m.decision(true);
+        m.decision(false);
+        m.add_bytes(10, 32);
+        let out = m.render();
+        for line in [
+            "tether_policy_decisions_total{result=\"allowed\"} 2",
+            "tether_policy_decisions_total{result=\"denied\"} 1",
+            "tether_relayed_bytes_total{direction=\"to_agent\"} 10",
+            "tether_relayed_bytes_total{direction=\"from_agent\"} 32",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");
+        }
     }
 }
