@@ -3,8 +3,8 @@
 //! ([`AuthStore`]), and how a request carries a credential ([`bearer`]).
 
 use anyhow::{bail, Context};
-use http::{header, HeaderMap};
 use foldhash::HashMap;
+use http::{header, HeaderMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
