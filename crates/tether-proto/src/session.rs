@@ -852,6 +852,13 @@ impl Session {
             return;
         }
         let len = payload.len() as u64;
+        if s.phase == Phase::PendingAccept && s.bytes_received + len > MAX_EARLY_DATA as u64 {
+            // Held until the application answers: bounded far below the
+            // window, so a peer's pending opens cannot park much here.
+            let reason = format!("more than {MAX_EARLY_DATA} bytes of early data");
+            self.reset_stream(id, ResetCode::FlowControl, &reason, now);
+            return;
+        }
         if len > s.recv_remaining {
             let reason = format!(
                 "{len} bytes of DATA with only {} bytes of window left",

@@ -962,6 +962,43 @@ fn early_data_waits_for_open_ok_from_a_version_4_peer() {
     );
 }
 
+/// More than MAX_EARLY_DATA before the acceptor answers resets that stream
+/// (flow_control); the session and other streams go on.
+#[test]
+fn early_data_beyond_the_limit_resets_only_that_stream() {
+    let mut p = Pair::default();
+    let other = p.open_accepted("prod/db");
+    let id =
+        p.a.open_with(Target::tcp("prod/web"), Bytes::from(vec![1u8; 4096]), p.now)
+            .unwrap();
+    p.pump(usize::MAX);
+    // A peer that ignores the limit: more DATA while the open is pending.
+    let mut m = BytesMut::new();
+    Frame::Data {
+        id,
+        payload: Bytes::from_static(b"x"),
+    }
+    .encode(&mut m);
+    p.b.handle_input(m.freeze(), p.now).unwrap();
+    p.pump(usize::MAX);
+    assert!(
+        p.a_events.iter().any(|e| matches!(
+            e,
+            Event::OpenFailed { id: i, .. } if *i == id
+        )),
+        "{:?}",
+        p.a_events
+    );
+    assert!(p.b.is_established() && p.a.is_established());
+    p.a.stream_write(other, Bytes::from_static(b"still fine"))
+        .unwrap();
+    p.pump(usize::MAX);
+    assert!(p.b_events.contains(&Event::Data {
+        id: other,
+        data: Bytes::from_static(b"still fine")
+    }));
+}
+
 /// A version-4 acceptor keeps the old rule: DATA before its OPEN_OK resets
 /// the stream.
 #[test]
