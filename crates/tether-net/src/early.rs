@@ -20,6 +20,9 @@ use tokio::net::TcpStream;
 /// has not heard from the kernel yet for a socket accepted a moment ago);
 /// tokio's later reads see the socket as it is after this one.
 pub fn arrived(tcp: &TcpStream, max: usize) -> io::Result<Bytes> {
+    if max == 0 {
+        return Ok(Bytes::new()); // no read, no buffer
+    }
     let mut buf = BytesMut::zeroed(max);
     let sock = socket2::SockRef::from(tcp);
     match (&*sock).read(&mut buf) {

@@ -949,12 +949,9 @@ impl Session {
         let mut s = Stream::new(Phase::Opening, send, recv, now);
         s.open_deadline = Some(now + self.config.open_timeout);
         if !early.is_empty() {
-            let n = early.len();
-            s.send_credit -= n as u64; // n <= MIN_PEER_WINDOW <= the peer's initial window
-            s.bytes_sent += n as u64;
-            s.queued += n;
-            s.send_queue.push_back(early);
-            self.queued_total += n;
+            // early.len() <= MIN_PEER_WINDOW <= the peer's initial window.
+            self.queued_total += early.len();
+            s.enqueue(early);
             if self.version >= EARLY_DATA_VERSION {
                 // Framed after the OPEN: control frames go first.
                 s.in_ready = true;
@@ -1042,11 +1039,7 @@ impl Session {
         if take == 0 {
             return Ok(0);
         }
-        let chunk = data.split_to(take);
-        s.send_credit -= take as u64;
-        s.bytes_sent += take as u64;
-        s.queued += take;
-        s.send_queue.push_back(chunk);
+        s.enqueue(data.split_to(take));
         self.queued_total += take;
         if !s.in_ready {
             s.in_ready = true;

@@ -87,6 +87,16 @@ impl Stream {
         self.fin_sent && self.fin_received
     }
 
+    /// Takes `chunk` into the send queue, charged to the credit (the caller
+    /// checked there is enough, and adds it to the session's queued total).
+    pub(crate) fn enqueue(&mut self, chunk: Bytes) {
+        let n = chunk.len();
+        self.send_credit -= n as u64;
+        self.bytes_sent += n as u64;
+        self.queued += n;
+        self.send_queue.push_back(chunk);
+    }
+
     /// One direction is finished but not the other.
     pub(crate) fn is_half_closed(&self) -> bool {
         self.fin_queued || self.fin_received

@@ -81,9 +81,9 @@ impl hyper::rt::Write for TunnelConn {
 /// instructions); it never reaches the wire (`set_host(false)`).
 #[derive(Default)]
 struct Targets {
-    /// agent -> service -> (pool key, its URI authority), looked up with
+    /// agent -> service -> its pool key's URI authority, looked up with
     /// borrowed names on every request.
-    by_target: HashMap<String, HashMap<String, (u64, Authority)>>,
+    by_target: HashMap<String, HashMap<String, Authority>>,
     by_id: HashMap<u64, (String, String)>,
 }
 
@@ -168,7 +168,7 @@ impl Pool {
                 .by_target
                 .get(agent)
                 .and_then(|services| services.get(service))
-                .map(|(_, a)| a.clone());
+                .cloned();
             match known {
                 Some(a) => a,
                 None => {
@@ -178,7 +178,7 @@ impl Pool {
                     t.by_target
                         .entry(agent.to_owned())
                         .or_default()
-                        .insert(service.to_owned(), (id, a.clone()));
+                        .insert(service.to_owned(), a.clone());
                     a
                 }
             }

@@ -79,18 +79,11 @@ async fn first_bytes_sent_with_the_open_arrive_exactly_and_are_counted() {
     let early = free_port();
     let early_client = t.client(CLIENT_TOKEN, &[(early, "prod/count")]);
     let late = free_port();
-    let late_client = Proc::spawn(
-        "client",
-        &[
-            "client".to_string(),
-            "--server".into(),
-            t.url(),
-            "--token".into(),
-            CLIENT_TOKEN.into(),
-            "--no-early-data".into(),
-            "forward".into(),
-            format!("127.0.0.1:{late}=prod/count"),
-        ],
+    let late_client = forward_client_with(
+        &t.url(),
+        CLIENT_TOKEN,
+        &["--no-early-data"],
+        &[(late, "prod/count")],
     );
     assert!(late_client.wait_log("connected", Duration::from_secs(10)));
     assert!(t.server.wait_log("listener open", Duration::from_secs(10)));

@@ -290,14 +290,26 @@ impl Tunnel {
 
 /// Starts `tether client forward` to `server` (not waiting for it to connect).
 pub(crate) fn forward_client(server: &str, token: &str, forwards: &[(u16, &str)]) -> Proc {
+    forward_client_with(server, token, &[], forwards)
+}
+
+/// Like [`forward_client`], with client options (`--no-early-data`, ...)
+/// before `forward`.
+pub(crate) fn forward_client_with(
+    server: &str,
+    token: &str,
+    options: &[&str],
+    forwards: &[(u16, &str)],
+) -> Proc {
     let mut args: Vec<String> = vec![
         "client".into(),
         "--server".into(),
         server.into(),
         "--token".into(),
         token.into(),
-        "forward".into(),
     ];
+    args.extend(options.iter().map(|o| o.to_string()));
+    args.push("forward".into());
     for (port, target) in forwards {
         args.push(format!("127.0.0.1:{port}={target}"));
     }
