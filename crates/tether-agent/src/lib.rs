@@ -762,7 +762,7 @@ async fn serve_stream(
     let report = match io {
         ServiceIo::Tls(tls) => {
             let (tr, tw) = tokio::io::split(*tls);
-            splice(sr, sw, IoReader(tr), IoWriter(tw)).await
+            splice(sr, sw, IoReader::new(tr), IoWriter(tw)).await
         }
         ServiceIo::Plain(tcp) => {
             let (tr, tw) = tcp.into_split();

@@ -5,11 +5,18 @@
 //! going. Only an error (a reset stream, a broken socket) stops both: that is
 //! the difference from a `select!` over two copies, which would cut the
 //! still-open direction at the first EOF.
+//!
+//! The endpoints are polled, not awaited: a splice is one small state
+//! machine ([`Splice`], a few hundred bytes) instead of a tree of nested
+//! `async fn` futures, each holding its own copy of its arguments (over a
+//! kilobyte). Every idle connection holds one, in every process it crosses.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::future::Future;
 use std::io;
-use tokio::io::AsyncWriteExt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::session::{StreamReader, StreamWriter};
@@ -19,34 +26,40 @@ use crate::session::{StreamReader, StreamWriter};
 pub const SOCKET_READ_CHUNK: usize = 64 * 1024;
 
 /// A source of byte chunks.
-pub trait ChunkRead: Send {
+pub trait ChunkRead: Send + Unpin {
     /// The next chunk, `Ok(None)` at EOF.
-    fn read_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+    fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>>;
 }
 
 /// A sink of byte chunks.
-pub trait ChunkWrite: Send {
-    /// Writes the whole chunk.
-    fn write_chunk(&mut self, b: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+pub trait ChunkWrite: Send + Unpin {
+    /// Writes from `chunk`, advancing it past what was written; ready once
+    /// all of it is written (`chunk` is then empty).
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes)
+        -> Poll<io::Result<()>>;
     /// Signals EOF to the other side (half-close).
-    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Ends the stream abruptly with a reason, when the endpoint can say one
     /// (a tunnel stream sends RST); sockets are simply dropped.
     fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {}
 }
 
 impl ChunkRead for StreamReader {
-    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        Ok(self.read().await?)
+    fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        StreamReader::poll_read_chunk(self, cx).map_err(io::Error::from)
     }
 }
 
 impl ChunkWrite for StreamWriter {
-    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
-        Ok(self.write(b).await?)
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        StreamWriter::poll_write_all(self, cx, chunk).map_err(io::Error::from)
     }
-    async fn finish(&mut self) -> io::Result<()> {
-        Ok(StreamWriter::finish(self).await?)
+    fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.finish_now().map_err(io::Error::from))
     }
     fn abort(&mut self, code: tether_proto::ResetCode, reason: &str) {
         self.reset(code, reason);
@@ -54,54 +67,102 @@ impl ChunkWrite for StreamWriter {
 }
 
 impl ChunkRead for OwnedReadHalf {
-    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
-            self.readable().await?;
+            // Wait for readiness first, so that an idle socket holds no buffer.
+            ready!(self.as_ref().poll_read_ready(cx))?;
             let mut buf = BytesMut::with_capacity(SOCKET_READ_CHUNK);
             match self.try_read_buf(&mut buf) {
-                Ok(0) => return Ok(None),
-                Ok(_) => return Ok(Some(buf.freeze())),
+                Ok(0) => return Poll::Ready(Ok(None)),
+                Ok(_) => return Poll::Ready(Ok(Some(buf.freeze()))),
+                // Readiness was stale; `try_read_buf` cleared it, so the
+                // next poll registers for the next event.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
 impl ChunkWrite for OwnedWriteHalf {
-    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
-        self.write_all(&b).await
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        poll_write_all(Pin::new(self), cx, chunk)
     }
-    async fn finish(&mut self) -> io::Result<()> {
-        self.shutdown().await
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
     }
 }
 
-/// Any [`tokio::io::AsyncRead`] as a [`ChunkRead`] (e.g. a TLS stream's read half).
-pub struct IoReader<R>(pub R);
+/// Any [`AsyncRead`] as a [`ChunkRead`] (e.g. a TLS stream's read half).
+///
+/// An `AsyncRead` needs a buffer to learn whether bytes are ready, so this
+/// one holds a buffer while it waits (unlike a bare socket's read half).
+pub struct IoReader<R> {
+    io: R,
+    buf: BytesMut,
+}
 
-/// Any [`tokio::io::AsyncWrite`] as a [`ChunkWrite`]; `finish` shuts it down.
-pub struct IoWriter<W>(pub W);
-
-impl<R: tokio::io::AsyncRead + Unpin + Send> ChunkRead for IoReader<R> {
-    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        use tokio::io::AsyncReadExt;
-        let mut buf = BytesMut::with_capacity(SOCKET_READ_CHUNK);
-        match self.0.read_buf(&mut buf).await? {
-            0 => Ok(None),
-            _ => Ok(Some(buf.freeze())),
+impl<R> IoReader<R> {
+    /// Wraps `io`.
+    pub fn new(io: R) -> Self {
+        IoReader {
+            io,
+            buf: BytesMut::new(),
         }
     }
 }
 
-impl<W: tokio::io::AsyncWrite + Unpin + Send> ChunkWrite for IoWriter<W> {
-    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
-        self.0.write_all(&b).await?;
-        self.0.flush().await
+/// Any [`AsyncWrite`] as a [`ChunkWrite`]; each chunk is flushed, and
+/// `finish` shuts the writer down.
+pub struct IoWriter<W>(pub W);
+
+impl<R: AsyncRead + Unpin + Send> ChunkRead for IoReader<R> {
+    fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(SOCKET_READ_CHUNK);
+        }
+        match ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))? {
+            0 => Poll::Ready(Ok(None)),
+            _ => Poll::Ready(Ok(Some(std::mem::take(&mut self.buf).freeze()))),
+        }
     }
-    async fn finish(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
+}
+
+impl<W: AsyncWrite + Unpin + Send> ChunkWrite for IoWriter<W> {
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        ready!(poll_write_all(Pin::new(&mut self.0), cx, chunk))?;
+        Pin::new(&mut self.0).poll_flush(cx)
     }
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Writes all of `chunk` to `w`, advancing it as bytes go out.
+fn poll_write_all<W: AsyncWrite + ?Sized>(
+    mut w: Pin<&mut W>,
+    cx: &mut Context<'_>,
+    chunk: &mut Bytes,
+) -> Poll<io::Result<()>> {
+    while !chunk.is_empty() {
+        match ready!(w.as_mut().poll_write(cx, chunk))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            n => chunk.advance(n),
+        }
+    }
+    Poll::Ready(Ok(()))
 }
 
 /// How a splice ended.
@@ -115,83 +176,170 @@ pub struct SpliceReport {
     pub error: Option<io::Error>,
 }
 
-async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(
-    r: &mut R,
-    w: &mut W,
-    count: &mut u64,
-) -> io::Result<()> {
-    while let Some(chunk) = r.read_chunk().await? {
-        *count += chunk.len() as u64;
-        w.write_chunk(chunk).await?;
+/// Where one direction of a splice is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading chunks and writing them on.
+    Copying,
+    /// The source ended: finishing the destination.
+    Finishing,
+    /// Finished (or failed).
+    Done,
+}
+
+/// One direction: chunks from `r` written to `w`.
+struct OneWay<R, W> {
+    r: R,
+    w: W,
+    /// The chunk read and not yet (wholly) written.
+    chunk: Bytes,
+    phase: Phase,
+    count: u64,
+}
+
+impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
+    fn new(r: R, w: W) -> Self {
+        OneWay {
+            r,
+            w,
+            chunk: Bytes::new(),
+            phase: Phase::Copying,
+            count: 0,
+        }
     }
-    w.finish().await
+
+    /// Copies until the source's EOF has been passed on, or an error.
+    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.phase {
+                Phase::Copying if !self.chunk.is_empty() => {
+                    ready!(self.w.poll_write_chunk(cx, &mut self.chunk))?;
+                }
+                Phase::Copying => match ready!(self.r.poll_next_chunk(cx))? {
+                    Some(chunk) => {
+                        self.count += chunk.len() as u64;
+                        self.chunk = chunk;
+                    }
+                    None => self.phase = Phase::Finishing,
+                },
+                Phase::Finishing => {
+                    ready!(self.w.poll_finish(cx))?;
+                    self.phase = Phase::Done;
+                }
+                Phase::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    /// Polls unless done; an error ends the direction.
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.phase == Phase::Done {
+            return Poll::Ready(Ok(()));
+        }
+        let r = ready!(self.poll_copy(cx));
+        self.phase = Phase::Done;
+        Poll::Ready(r)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A running splice (see [`splice_until`]): resolves to its report.
+    #[must_use = "a splice does nothing unless polled"]
+    pub struct Splice<AR, AW, BR, BW, S> {
+        a_to_b: Option<OneWay<AR, BW>>,
+        b_to_a: Option<OneWay<BR, AW>>,
+        #[pin]
+        stop: S,
+    }
 }
 
 /// Copies `a_read → b_write` and `b_read → a_write` until both directions
 /// reached EOF, or either failed. The endpoints are dropped on return (which
 /// resets an unfinished tunnel stream and closes sockets).
-pub async fn splice<AR, AW, BR, BW>(
+pub fn splice<AR, AW, BR, BW>(
     a_read: AR,
     a_write: AW,
     b_read: BR,
     b_write: BW,
-) -> SpliceReport
+) -> Splice<AR, AW, BR, BW, std::future::Pending<(tether_proto::ResetCode, String)>>
 where
     AR: ChunkRead,
     AW: ChunkWrite,
     BR: ChunkRead,
     BW: ChunkWrite,
 {
-    splice_until(a_read, a_write, b_read, b_write, std::future::pending()).await
+    splice_until(a_read, a_write, b_read, b_write, std::future::pending())
 }
 
 /// Like [`splice`], but when `stop` resolves first both sides are aborted
 /// with its code and reason (e.g. RST `forbidden` when access is revoked).
-pub async fn splice_until<AR, AW, BR, BW>(
-    mut a_read: AR,
-    mut a_write: AW,
-    mut b_read: BR,
-    mut b_write: BW,
-    stop: impl Future<Output = (tether_proto::ResetCode, String)>,
-) -> SpliceReport
+pub fn splice_until<AR, AW, BR, BW, S>(
+    a_read: AR,
+    a_write: AW,
+    b_read: BR,
+    b_write: BW,
+    stop: S,
+) -> Splice<AR, AW, BR, BW, S>
 where
     AR: ChunkRead,
     AW: ChunkWrite,
     BR: ChunkRead,
     BW: ChunkWrite,
+    S: Future<Output = (tether_proto::ResetCode, String)>,
 {
-    let mut report = SpliceReport::default();
-    let mut up = 0u64;
-    let mut down = 0u64;
-    let mut stopped = None;
-    {
-        let a_to_b = copy_one_way(&mut a_read, &mut b_write, &mut up);
-        let b_to_a = copy_one_way(&mut b_read, &mut a_write, &mut down);
-        tokio::pin!(a_to_b, b_to_a, stop);
-        let (mut a_done, mut b_done) = (false, false);
-        while !(a_done && b_done) {
-            tokio::select! {
-                r = &mut a_to_b, if !a_done => {
-                    a_done = true;
-                    if let Err(e) = r { report.error = Some(e); break; }
-                }
-                r = &mut b_to_a, if !b_done => {
-                    b_done = true;
-                    if let Err(e) = r { report.error = Some(e); break; }
-                }
-                why = &mut stop => {
-                    stopped = Some(why);
-                    break;
-                }
+    Splice {
+        a_to_b: Some(OneWay::new(a_read, b_write)),
+        b_to_a: Some(OneWay::new(b_read, a_write)),
+        stop,
+    }
+}
+
+impl<AR, AW, BR, BW, S> Future for Splice<AR, AW, BR, BW, S>
+where
+    AR: ChunkRead,
+    AW: ChunkWrite,
+    BR: ChunkRead,
+    BW: ChunkWrite,
+    S: Future<Output = (tether_proto::ResetCode, String)>,
+{
+    type Output = SpliceReport;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceReport> {
+        let this = self.project();
+        let (Some(up), Some(down)) = (this.a_to_b.as_mut(), this.b_to_a.as_mut()) else {
+            panic!("Splice polled after it finished");
+        };
+        let mut error = None;
+        let up_done = match up.poll_step(cx) {
+            Poll::Ready(Err(e)) => {
+                error = Some(e);
+                true
             }
+            p => p.is_ready(),
+        };
+        let down_done = error.is_some()
+            || match down.poll_step(cx) {
+                Poll::Ready(Err(e)) => {
+                    error = Some(e);
+                    true
+                }
+                p => p.is_ready(),
+            };
+        if error.is_none() && !(up_done && down_done) {
+            let (code, reason) = ready!(this.stop.poll(cx));
+            up.w.abort(code, &reason);
+            down.w.abort(code, &reason);
+            error = Some(io::Error::new(io::ErrorKind::PermissionDenied, reason));
         }
+        let report = SpliceReport {
+            a_to_b: up.count,
+            b_to_a: down.count,
+            error,
+        };
+        // Dropping the endpoints now resets an unfinished stream and closes
+        // the sockets, before the caller logs the end.
+        *this.a_to_b = None;
+        *this.b_to_a = None;
+        Poll::Ready(report)
     }
-    if let Some((code, reason)) = stopped {
-        a_write.abort(code, &reason);
-        b_write.abort(code, &reason);
-        report.error = Some(io::Error::new(io::ErrorKind::PermissionDenied, reason));
-    }
-    report.a_to_b = up;
-    report.b_to_a = down;
-    report
 }

@@ -425,3 +425,108 @@ async fn a_peer_that_goes_silent_ends_the_session() {
     );
     assert_eq!(wa.write(Bytes::from_static(b"x")).await, Err(lost));
 }
+
+/// A loopback TCP connection: (the application's end, the relay's end).
+async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+    let (app, accepted) = tokio::join!(app, l.accept());
+    (app.unwrap(), accepted.unwrap().0)
+}
+
+/// The splice between a real socket and a tunnel stream, as a relay runs
+/// it: more bytes than a window each way, exact and in order; the socket
+/// finishing first does not cut the stream's direction, which keeps
+/// sending; the report counts both ways.
+#[tokio::test]
+async fn a_splice_copies_both_ways_and_keeps_half_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = pair(Config::default(), Config::default()).await;
+    let (sa, sb) = open(&mut p, "spliced").await;
+    let (app, relay_end) = tcp_pair().await;
+    let (tr, tw) = relay_end.into_split();
+    let (sr, sw) = sb.split();
+    let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
+
+    let up = pattern(3 << 20);
+    let down = pattern(700_000);
+    let (mut app_r, mut app_w) = app.into_split();
+    let (mut ra, mut wa) = sa.split();
+    let sender = {
+        let up = up.clone();
+        tokio::spawn(async move {
+            app_w.write_all(&up).await.unwrap();
+            app_w.shutdown().await.unwrap(); // half-close: EOF up, still reading
+            app_w
+        })
+    };
+    assert_eq!(read_to_end(&mut ra).await.unwrap(), up);
+    let _app_w = sender.await.unwrap();
+    // After the socket's EOF arrived, the other direction still flows.
+    for chunk in down.chunks(65_000) {
+        wa.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    wa.finish().await.unwrap();
+    let mut got = Vec::new();
+    within(app_r.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, down);
+
+    let report = within(splice).await.unwrap();
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.a_to_b, up.len() as u64);
+    assert_eq!(report.b_to_a, down.len() as u64);
+}
+
+/// When the splice's stop resolves (access revoked), the tunnel side is
+/// reset with its code and reason, the socket is closed, and the report
+/// says why; a splice whose stream the peer resets ends with that error.
+#[tokio::test]
+async fn a_stopped_or_reset_splice_ends_both_sides() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = pair(Config::default(), Config::default()).await;
+
+    let (sa, sb) = open(&mut p, "stopped").await;
+    let (mut app, relay_end) = tcp_pair().await;
+    let (tr, tw) = relay_end.into_split();
+    let (sr, sw) = sb.split();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        let _ = stop_rx.await;
+        (ResetCode::Forbidden, "access revoked".to_owned())
+    };
+    let splice = tokio::spawn(tether_net::splice::splice_until(tr, tw, sr, sw, stop));
+    let (mut ra, _wa) = sa.split();
+    app.write_all(b"before").await.unwrap();
+    assert_eq!(
+        within(ra.read()).await.unwrap().as_deref(),
+        Some(&b"before"[..])
+    );
+    stop_tx.send(()).unwrap();
+    let report = within(splice).await.unwrap();
+    let e = report.error.expect("a stopped splice reports why");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+    assert_eq!(e.to_string(), "access revoked");
+    assert_eq!(report.a_to_b, 6);
+    let e = within(ra.read()).await.unwrap_err();
+    assert_eq!(e.reset_code(), Some(ResetCode::Forbidden));
+    assert!(e.to_string().contains("access revoked"), "{e}");
+    let mut rest = Vec::new();
+    let closed = within(app.read_to_end(&mut rest)).await;
+    assert!(closed.is_err() || rest.is_empty(), "the socket is closed");
+
+    // The peer resets the stream: the splice ends with that error.
+    let (sa, sb) = open(&mut p, "reset").await;
+    let (app, relay_end) = tcp_pair().await;
+    let (tr, tw) = relay_end.into_split();
+    let (sr, sw) = sb.split();
+    let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
+    let (_ra, mut wa) = sa.split();
+    wa.reset(ResetCode::Cancel, "changed my mind");
+    let report = within(splice).await.unwrap();
+    let e = report.error.expect("a reset splice reports it");
+    assert_eq!(
+        StreamError::from_io(&e).and_then(StreamError::reset_code),
+        Some(ResetCode::Cancel)
+    );
+    drop(app);
+}

@@ -7,6 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -112,7 +113,13 @@ impl RawWsEndpoint {
                 &target,
                 started,
                 &guard,
-                (RawWsReader(rx), RawWsWriter(tx)),
+                (
+                    RawWsReader(rx),
+                    RawWsWriter {
+                        sink: tx,
+                        close_sent: false,
+                    },
+                ),
                 agent_stream.split(),
             )
             .await;
@@ -124,33 +131,56 @@ impl RawWsEndpoint {
 
 /// Reads a raw WebSocket's binary (or text) messages as stream bytes.
 struct RawWsReader<S>(SplitStream<WebSocketStream<S>>);
+
 /// Writes stream bytes as binary messages; EOF closes the WebSocket.
-struct RawWsWriter<S>(SplitSink<WebSocketStream<S>, Message>);
+struct RawWsWriter<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    close_sent: bool,
+}
+
+fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
-    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
-            match self.0.next().await {
-                None | Some(Ok(Message::Close(_))) => return Ok(None),
-                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
-                Some(Ok(Message::Text(t))) => return Ok(Some(Bytes::from(t.as_str().to_owned()))),
+            return Poll::Ready(match ready!(self.0.poll_next_unpin(cx)) {
+                None | Some(Ok(Message::Close(_))) => Ok(None),
+                Some(Ok(Message::Binary(b))) => Ok(Some(b)),
+                Some(Ok(Message::Text(t))) => Ok(Some(Bytes::from(t.as_str().to_owned()))),
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
-            }
+                Some(Err(e)) => Err(ws_error(e)),
+            });
         }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
-    async fn write_chunk(&mut self, b: Bytes) -> io::Result<()> {
-        self.0
-            .send(Message::Binary(b))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        if !chunk.is_empty() {
+            ready!(self.sink.poll_ready_unpin(cx)).map_err(ws_error)?;
+            let message = Message::Binary(std::mem::take(chunk));
+            self.sink.start_send_unpin(message).map_err(ws_error)?;
+        }
+        self.sink.poll_flush_unpin(cx).map_err(ws_error)
     }
-    async fn finish(&mut self) -> io::Result<()> {
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // WebSocket has no half-close: the service finishing ends the socket.
-        let _ = self.0.send(Message::Close(None)).await;
-        Ok(())
+        // A socket already broken needs no Close.
+        if !self.close_sent {
+            if ready!(self.sink.poll_ready_unpin(cx)).is_err()
+                || self.sink.start_send_unpin(Message::Close(None)).is_err()
+            {
+                return Poll::Ready(Ok(()));
+            }
+            self.close_sent = true;
+        }
+        let _ = ready!(self.sink.poll_flush_unpin(cx));
+        Poll::Ready(Ok(()))
     }
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use tether_proto::{OpenErrorCode, ResetCode, StreamId, Target, WriteError};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
@@ -296,21 +296,30 @@ impl StreamWriter {
 
     /// Sends all of `data`, waiting for flow-control credit as needed.
     pub async fn write(&mut self, mut data: Bytes) -> Result<(), StreamError> {
-        let total = data.len() as u64;
+        std::future::poll_fn(|cx| self.poll_write_all(cx, &mut data)).await
+    }
+
+    /// Poll form of [`StreamWriter::write`]: queues `data` as credit allows,
+    /// advancing it past what was queued; ready once all of it is.
+    pub fn poll_write_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<Result<(), StreamError>> {
         while !data.is_empty() {
             let r = self
                 .shared
                 .with_session(|g| g.session.stream_write(self.id, data.clone()));
             match r {
-                Ok(0) => self.writable.notified().await,
+                Ok(0) => ready!(self.poll_credit(cx)),
                 Ok(n) => {
                     let _ = data.split_to(n);
+                    self.count_out(n as u64);
                 }
-                Err(e) => return Err(write_error(&self.reset, e)),
+                Err(e) => return Poll::Ready(Err(write_error(&self.reset, e))),
             }
         }
-        self.count_out(total);
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Queues all of `data` if the stream has the credit for it right now,
@@ -360,19 +369,20 @@ impl StreamWriter {
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) => return Poll::Ready(Err(write_error(&self.reset, e))),
-                Ok(_) => {
-                    // No credit: wait for the Writable notification (its
-                    // permit is kept if it fired before we got here).
-                    let wait = self
-                        .credit_wait
-                        .get_or_insert_with(|| Box::pin(self.writable.clone().notified_owned()));
-                    match wait.as_mut().poll(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(()) => self.credit_wait = None,
-                    }
-                }
+                Ok(_) => ready!(self.poll_credit(cx)),
             }
         }
+    }
+
+    /// Waits for the Writable notification after a write found no credit
+    /// (its permit is kept if it fired before we got here).
+    fn poll_credit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let wait = self
+            .credit_wait
+            .get_or_insert_with(|| Box::pin(self.writable.clone().notified_owned()));
+        ready!(wait.as_mut().poll(cx));
+        self.credit_wait = None;
+        Poll::Ready(())
     }
 
     /// Half-closes at once (the non-async form of [`StreamWriter::finish`]).
