@@ -703,50 +703,25 @@ async fn serve_stream(
     };
     let started = Instant::now();
     if target.kind == TargetKind::Udp {
-        let found =
-            tokio::time::timeout(dial_timeout, dial_addresses(&policy, &resolver, &resolved)).await;
-        match found {
-            Ok(Ok(addrs)) => serve_udp(stats, &resolved.address, &addrs, inc, udp_idle).await,
-            Ok(Err(Refusal { code, reason })) => refuse(&stats, inc, code, &reason),
-            Err(_) => {
-                let reason = format!("resolving {} took over {dial_timeout:?}", resolved.address);
-                refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
-            }
-        }
-        return;
+        // Boxed, like the dial below: a TCP stream's task should not carry
+        // the UDP flow's state for its whole life.
+        return Box::pin(open_udp(
+            stats,
+            &policy,
+            &resolver,
+            &resolved,
+            inc,
+            dial_timeout,
+            udp_idle,
+        ))
+        .await;
     }
-    let tcp = match connect_tcp(&policy, &resolver, &resolved, dial_timeout).await {
-        Ok(s) => s,
+    // Boxed: the dial's state lives only while dialing, the task's for the
+    // stream's whole life.
+    let (io, peer) = match Box::pin(dial_service(&policy, &resolver, &resolved, dial_timeout)).await
+    {
+        Ok(x) => x,
         Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
-    };
-    let _ = tcp.set_nodelay(true);
-    let peer = tcp
-        .peer_addr()
-        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-    // TLS towards the service, inside the dial timeout.
-    enum ServiceIo {
-        Plain(TcpStream),
-        Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    }
-    let io = match &resolved.tls {
-        None => ServiceIo::Plain(tcp),
-        Some(t) => {
-            let hs = t.connector.connect(t.server_name.clone(), tcp);
-            match tokio::time::timeout(dial_timeout, hs).await {
-                Ok(Ok(s)) => ServiceIo::Tls(Box::new(s)),
-                Ok(Err(e)) => {
-                    let reason = format!("TLS to {}: {e}", resolved.address);
-                    return refuse(&stats, inc, OpenErrorCode::Unreachable, &reason);
-                }
-                Err(_) => {
-                    let reason = format!(
-                        "TLS to {} did not finish in {dial_timeout:?}",
-                        resolved.address
-                    );
-                    return refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
-                }
-            }
-        }
     };
     let stream = match inc.accept() {
         Ok(s) => s,
@@ -777,6 +752,67 @@ async fn serve_stream(
         }
         Some(e) => {
             tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+        }
+    }
+}
+
+/// The service's end of a TCP stream: the socket, or TLS over it.
+enum ServiceIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Dials a TCP service (TLS towards it included, inside the dial timeout):
+/// its connection and peer address (for the log).
+async fn dial_service(
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+    dial_timeout: Duration,
+) -> Result<(ServiceIo, String), Refusal> {
+    let tcp = connect_tcp(policy, resolver, resolved, dial_timeout).await?;
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let Some(t) = &resolved.tls else {
+        return Ok((ServiceIo::Plain(tcp), peer));
+    };
+    let hs = t.connector.connect(t.server_name.clone(), tcp);
+    match tokio::time::timeout(dial_timeout, hs).await {
+        Ok(Ok(s)) => Ok((ServiceIo::Tls(Box::new(s)), peer)),
+        Ok(Err(e)) => Err(Refusal::new(
+            OpenErrorCode::Unreachable,
+            format!("TLS to {}: {e}", resolved.address),
+        )),
+        Err(_) => Err(Refusal::new(
+            OpenErrorCode::Timeout,
+            format!(
+                "TLS to {} did not finish in {dial_timeout:?}",
+                resolved.address
+            ),
+        )),
+    }
+}
+
+/// Resolves a UDP service and serves the flow, or refuses the open.
+async fn open_udp(
+    stats: Arc<AgentStats>,
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+    inc: Incoming,
+    dial_timeout: Duration,
+    udp_idle: Duration,
+) {
+    let found =
+        tokio::time::timeout(dial_timeout, dial_addresses(policy, resolver, resolved)).await;
+    match found {
+        Ok(Ok(addrs)) => serve_udp(stats, &resolved.address, &addrs, inc, udp_idle).await,
+        Ok(Err(Refusal { code, reason })) => refuse(&stats, inc, code, &reason),
+        Err(_) => {
+            let reason = format!("resolving {} took over {dial_timeout:?}", resolved.address);
+            refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
         }
     }
 }

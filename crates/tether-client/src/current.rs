@@ -134,6 +134,12 @@ impl CurrentSession {
     /// along (early data, at most [`tether_proto::MAX_EARLY_DATA`]); a
     /// retry sends them again (PROTOCOL.md 6.3).
     pub async fn open_with(&self, target: Target, early: Bytes) -> Result<Stream, Refusal> {
+        // Boxed: the retries' state lives only while opening; the caller's
+        // task keeps its own state for the stream's whole life.
+        Box::pin(self.open_with_retries(target, early)).await
+    }
+
+    async fn open_with_retries(&self, target: Target, early: Bytes) -> Result<Stream, Refusal> {
         let mut avoid: Option<Connection> = None;
         let mut last_err = None;
         for attempt in 0..=RETRIES {

@@ -184,7 +184,10 @@ impl Opener {
         let mut guard = self.guard(caller.key().into(), protocol);
         guard.admit(caller, agent, &service)?;
         guard.early_bytes = early.len() as u64;
-        let (stream, conn) = match guard.dial(agent, &service, kind, early).await {
+        // Boxed: the dial's state is large and lives only while dialing; the
+        // relay task that awaits this open keeps every byte of its own
+        // state for the stream's whole life.
+        let (stream, conn) = match Box::pin(guard.dial(agent, &service, kind, early)).await {
             Ok(dialed) => dialed,
             Err(Dial::Server(r)) => return Err(refuse(r)),
             Err(Dial::Agent(r)) => {

@@ -8,14 +8,14 @@ use std::time::Instant;
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use tether_net::{Incoming as IncomingStream, Refusal};
+use tether_net::{Incoming as IncomingStream, Refusal, Stream};
 use tether_proto::{ErrorCode, MAX_EARLY_DATA};
 
 use crate::auth::AuthStore;
 use crate::identity::ClientIdentity;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::open::{Caller, Opener};
+use crate::open::{Caller, OpenGuard, Opener};
 use crate::relay::run_relay;
 use crate::response::Resp;
 use crate::sessions::{SessionOwner, Sessions};
@@ -138,39 +138,17 @@ impl ClientEndpoint {
 
     /// Serves one stream the session asked for: opens it on the agent and
     /// relays it, or answers OPEN_ERR.
-    async fn relay_stream(self: Arc<Self>, caller: Arc<Caller>, mut incoming: IncomingStream) {
+    async fn relay_stream(self: Arc<Self>, caller: Arc<Caller>, incoming: IncomingStream) {
         let started = Instant::now();
         let target = incoming.target().clone();
-        let id = incoming.id();
         let name = caller.name();
-        // If the client gives up while the agent is still dialing, the open
-        // is dropped: the agent-side open is reset, and the guard gives
-        // back the pending-open and stream slots.
-        // What the client sent with its open goes on with ours.
-        let early = incoming.take_early_data(MAX_EARLY_DATA);
-        let opened = tokio::select! {
-            r = self.opener.open(&caller, &target.address, target.kind, early) => r,
-            _ = incoming.cancelled() => {
-                tracing::debug!(client = %name, stream = %id, %target, "client cancelled the open");
-                return;
-            }
+        // Boxed: the open's state lives only while opening; this task keeps
+        // its own state for the stream's whole life.
+        let Some((client_stream, agent_stream, guard)) =
+            Box::pin(self.open_both(&caller, &name, incoming)).await
+        else {
+            return;
         };
-        let (agent_stream, guard) = match opened {
-            Ok(x) => x,
-            Err(Refusal { code, reason }) => {
-                tracing::info!(client = %name, stream = %id, %target, %code, "open refused: {reason}");
-                incoming.reject(code, &reason);
-                return;
-            }
-        };
-        let client_stream = match incoming.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(client = %name, "client went away before the open finished: {e}");
-                return;
-            }
-        };
-        tracing::info!(client = %name, stream = %id, %target, "stream open");
         run_relay(
             &self.metrics,
             &name,
@@ -181,5 +159,47 @@ impl ClientEndpoint {
             agent_stream.split(),
         )
         .await;
+    }
+
+    /// Opens the stream on the agent, then accepts the client's: both
+    /// streams and the open's guard, or `None` when either side refused or
+    /// went away (answered and logged here).
+    async fn open_both(
+        &self,
+        caller: &Caller,
+        name: &str,
+        mut incoming: IncomingStream,
+    ) -> Option<(Stream, Stream, OpenGuard)> {
+        let target = incoming.target().clone();
+        let id = incoming.id();
+        // If the client gives up while the agent is still dialing, the open
+        // is dropped: the agent-side open is reset, and the guard gives
+        // back the pending-open and stream slots.
+        // What the client sent with its open goes on with ours.
+        let early = incoming.take_early_data(MAX_EARLY_DATA);
+        let opened = tokio::select! {
+            r = self.opener.open(caller, &target.address, target.kind, early) => r,
+            _ = incoming.cancelled() => {
+                tracing::debug!(client = %name, stream = %id, %target, "client cancelled the open");
+                return None;
+            }
+        };
+        let (agent_stream, guard) = match opened {
+            Ok(x) => x,
+            Err(Refusal { code, reason }) => {
+                tracing::info!(client = %name, stream = %id, %target, %code, "open refused: {reason}");
+                incoming.reject(code, &reason);
+                return None;
+            }
+        };
+        let client_stream = match incoming.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(client = %name, "client went away before the open finished: {e}");
+                return None;
+            }
+        };
+        tracing::info!(client = %name, stream = %id, %target, "stream open");
+        Some((client_stream, agent_stream, guard))
     }
 }
