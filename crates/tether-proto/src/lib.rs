@@ -19,6 +19,7 @@
 pub mod codes;
 pub mod endpoints;
 pub mod frame;
+pub mod queue;
 mod session;
 mod stream;
 pub mod target;
@@ -28,6 +29,7 @@ pub use frame::{
     CatalogEntry, Frame, FrameError, FrameType, ReplicaEntry, Replicas, ServiceKind, StreamId,
     Target, TargetKind,
 };
+pub use queue::InlineQueue;
 pub use session::{
     Config, Event, OpenError, Role, Session, SessionError, StreamBytes, StreamStats, WriteError,
 };

@@ -1,8 +1,9 @@
 //! Per-stream state kept by a [`crate::Session`].
 
 use bytes::Bytes;
-use std::collections::VecDeque;
 use std::time::Instant;
+
+use crate::queue::InlineQueue;
 
 /// Where a stream is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +27,7 @@ pub(crate) struct Stream {
     /// Bytes the peer still lets us send (granted minus accepted from the app).
     pub send_credit: u64,
     /// Data accepted from the application, not yet framed.
-    pub send_queue: VecDeque<Bytes>,
+    pub send_queue: InlineQueue<Bytes>,
     /// Bytes in `send_queue` (bounded by the local send buffer).
     pub queued: usize,
     /// The application finished its side; a FIN follows the queued data.
@@ -65,7 +66,7 @@ impl Stream {
             phase,
             open_deadline: None,
             send_credit: u64::from(send_credit),
-            send_queue: VecDeque::new(),
+            send_queue: InlineQueue::new(),
             queued: 0,
             fin_queued: false,
             fin_sent: false,

@@ -7,14 +7,15 @@
 //! job but allocates a block of 32 slots and a cache-padded channel up front,
 //! about 2 KiB for every stream whether it ever carries a byte; an idle
 //! stream passes through four of them across client, server and agent. This
-//! is one small allocation, and the queue grows only when data waits.
+//! is one small allocation, and its queue allocates only when a second item
+//! waits behind the first.
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use tether_proto::InlineQueue;
 
 use super::Inbound;
 
@@ -22,7 +23,7 @@ use super::Inbound;
 pub(super) fn inbox() -> (InboxTx, InboxRx) {
     let slot = Arc::new(Slot {
         state: Mutex::new(State {
-            queue: VecDeque::new(),
+            queue: InlineQueue::new(),
             sender_gone: false,
             receiver_gone: false,
             waker: None,
@@ -36,7 +37,7 @@ struct Slot {
 }
 
 struct State {
-    queue: VecDeque<Inbound>,
+    queue: InlineQueue<Inbound>,
     sender_gone: bool,
     receiver_gone: bool,
     waker: Option<Waker>,
@@ -164,7 +165,7 @@ impl Drop for InboxRx {
         s.receiver_gone = true;
         s.waker = None;
         // What was queued is nobody's now; let it go at once.
-        s.queue = VecDeque::new();
+        s.queue.clear();
     }
 }
 
