@@ -109,7 +109,9 @@ pub(crate) struct StreamView {
 /// Every live stream.
 #[derive(Default)]
 pub(crate) struct Streams {
-    map: Mutex<HashMap<u64, LiveStream>>,
+    /// Boxed values, as in `tether_proto::Session`'s stream map: every
+    /// bucket, full or not, costs the value's size, and many are empty.
+    map: Mutex<HashMap<u64, Box<LiveStream>>>,
     next: AtomicU64,
 }
 
@@ -128,7 +130,7 @@ impl Streams {
         let revoked = Arc::new(Notify::new());
         self.lock().insert(
             key,
-            LiveStream {
+            Box::new(LiveStream {
                 owner,
                 agent: agent.to_owned(),
                 service: service.to_owned(),
@@ -137,7 +139,7 @@ impl Streams {
                 started: Instant::now(),
                 traffic,
                 revoked: revoked.clone(),
-            },
+            }),
         );
         (key, revoked)
     }
@@ -201,7 +203,7 @@ impl Streams {
         ended
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveStream>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<LiveStream>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
