@@ -3,6 +3,7 @@
 //! with the stream metrics, the end on revocation, and the closing audit
 //! line.
 
+use std::future::Future;
 use std::time::Instant;
 
 use tether_net::splice::{splice_until, ChunkRead, ChunkWrite};
@@ -15,37 +16,45 @@ use crate::open::OpenGuard;
 /// the guard's stream must end (revoked, credential expired: RST
 /// `forbidden` both ways). `who` and `target` name the stream in the audit
 /// line.
+///
+/// Not an `async fn`: the endpoints move straight into the splice, so the
+/// relay's future does not also keep them as arguments (it lives as long
+/// as the stream, and every idle stream holds one).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn run_relay<CR, CW, AR, AW>(
-    metrics: &Metrics,
-    who: &str,
-    target: &str,
+pub(crate) fn run_relay<'a, CR, CW, AR, AW>(
+    metrics: &'a Metrics,
+    who: &'a str,
+    target: &'a str,
     started: Instant,
-    guard: &OpenGuard,
+    guard: &'a OpenGuard,
     (cr, cw): (CR, CW),
     (ar, aw): (AR, AW),
-) where
-    CR: ChunkRead,
-    CW: ChunkWrite,
-    AR: ChunkRead,
-    AW: ChunkWrite,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    CR: ChunkRead + 'a,
+    CW: ChunkWrite + 'a,
+    AR: ChunkRead + 'a,
+    AW: ChunkWrite + 'a,
 {
     metrics.live_streams.inc();
     metrics.streams_total.inc();
     let ended = guard.ended();
     let stop = async move { (ResetCode::Forbidden, ended.await.to_owned()) };
-    let mut report = splice_until(cr, cw, ar, aw, stop).await;
-    report.a_to_b += guard.early_bytes();
-    metrics.live_streams.dec();
-    metrics.add_bytes(report.a_to_b, report.b_to_a);
-    let ms = started.elapsed().as_millis() as u64;
-    let protocol = guard.protocol().as_str();
-    let result = match &report.error {
-        None => "closed".to_owned(),
-        Some(e) => {
-            metrics.error("stream_reset");
-            format!("error: {e}")
-        }
-    };
-    tracing::info!(target: "audit", identity = %who, %target, protocol, decision = "allowed", bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, %result, "audit");
+    let splice = splice_until(cr, cw, ar, aw, stop);
+    async move {
+        let mut report = splice.await;
+        report.a_to_b += guard.early_bytes();
+        metrics.live_streams.dec();
+        metrics.add_bytes(report.a_to_b, report.b_to_a);
+        let ms = started.elapsed().as_millis() as u64;
+        let protocol = guard.protocol().as_str();
+        let result = match &report.error {
+            None => "closed".to_owned(),
+            Some(e) => {
+                metrics.error("stream_reset");
+                format!("error: {e}")
+            }
+        };
+        tracing::info!(target: "audit", identity = %who, %target, protocol, decision = "allowed", bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, %result, "audit");
+    }
 }

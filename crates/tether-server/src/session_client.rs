@@ -2,6 +2,7 @@
 //! the session's life (closed when its JWT expires), and each stream it
 //! opens, relayed to its agent through the one open path.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -138,38 +139,44 @@ impl ClientEndpoint {
 
     /// Serves one stream the session asked for: opens it on the agent and
     /// relays it, or answers OPEN_ERR.
-    async fn relay_stream(self: Arc<Self>, caller: Arc<Caller>, incoming: IncomingStream) {
+    ///
+    /// Not an `async fn`, so that the task keeps only what the relay needs
+    /// for the stream's whole life: the open runs boxed (its state is freed
+    /// when it is done), and `incoming`, moved into it, is not kept beside.
+    fn relay_stream(
+        self: Arc<Self>,
+        caller: Arc<Caller>,
+        incoming: IncomingStream,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let started = Instant::now();
-        let target = incoming.target().clone();
-        let name = caller.name();
-        // Boxed: the open's state lives only while opening; this task keeps
-        // its own state for the stream's whole life.
-        let Some((client_stream, agent_stream, guard)) =
-            Box::pin(self.open_both(&caller, &name, incoming)).await
-        else {
-            return;
-        };
-        run_relay(
-            &self.metrics,
-            &name,
-            &target.address,
-            started,
-            &guard,
-            client_stream.split(),
-            agent_stream.split(),
-        )
-        .await;
+        let target = incoming.target().address.clone();
+        let opening = Box::pin(self.clone().open_both(caller.clone(), incoming));
+        async move {
+            let Some((client_stream, agent_stream, guard)) = opening.await else {
+                return;
+            };
+            run_relay(
+                &self.metrics,
+                &caller.name(),
+                &target,
+                started,
+                &guard,
+                client_stream.split(),
+                agent_stream.split(),
+            )
+            .await;
+        }
     }
 
     /// Opens the stream on the agent, then accepts the client's: both
     /// streams and the open's guard, or `None` when either side refused or
     /// went away (answered and logged here).
     async fn open_both(
-        &self,
-        caller: &Caller,
-        name: &str,
+        self: Arc<Self>,
+        caller: Arc<Caller>,
         mut incoming: IncomingStream,
     ) -> Option<(Stream, Stream, OpenGuard)> {
+        let name = caller.name();
         let target = incoming.target().clone();
         let id = incoming.id();
         // If the client gives up while the agent is still dialing, the open
@@ -178,7 +185,7 @@ impl ClientEndpoint {
         // What the client sent with its open goes on with ours.
         let early = incoming.take_early_data(MAX_EARLY_DATA);
         let opened = tokio::select! {
-            r = self.opener.open(caller, &target.address, target.kind, early) => r,
+            r = self.opener.open(&caller, &target.address, target.kind, early) => r,
             _ = incoming.cancelled() => {
                 tracing::debug!(client = %name, stream = %id, %target, "client cancelled the open");
                 return None;
