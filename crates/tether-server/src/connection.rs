@@ -60,7 +60,12 @@ pub(crate) async fn serve_connection<S>(
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
             let busy = activity.begin();
-            req.extensions_mut().insert(hold.clone());
+            // Only an upgrade (a session, a raw or proxied WebSocket)
+            // takes the hold past its request; other requests skip the
+            // extensions insert (a map allocated per request).
+            if req.headers().contains_key(header::UPGRADE) {
+                req.extensions_mut().insert(hold.clone());
+            }
             let router = router.clone();
             let metrics = metrics.clone();
             let cert = client_cert.clone();

@@ -204,13 +204,13 @@ impl Pool {
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
         let resp = CALLER.scope(caller, self.client.request(req)).await?;
-        if let Some(meta) = captured.connection_metadata().as_ref() {
-            let mut ext = http::Extensions::new();
-            meta.get_extras(&mut ext);
-            if ext
-                .get::<AgentSession>()
-                .is_some_and(|s| s.0.is_draining() || s.0.is_closed())
-            {
+        // The client copies the connection's extras into every response.
+        let draining = resp
+            .extensions()
+            .get::<AgentSession>()
+            .is_some_and(|s| s.0.is_draining() || s.0.is_closed());
+        if draining {
+            if let Some(meta) = captured.connection_metadata().as_ref() {
                 meta.poison();
             }
         }
