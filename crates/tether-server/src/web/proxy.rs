@@ -194,12 +194,13 @@ async fn proxy(
     strip_hop_by_hop(&mut parts.headers);
     // Back to the browser that asked, at the host it used; an absolute
     // redirect may name the service's own host or the one we forwarded.
-    let external_origin = format!("{}://{}", cx.scheme, cx.host);
+    // (Formatted only for a response that has a `Location` to rewrite.)
+    let external_origin = || format!("{}://{}", cx.scheme, cx.host);
     let hosts = [host_header.as_deref().unwrap_or(""), &public_host, cx.host];
     rewrite_response(
         &mut parts.headers,
         route.prefix.as_deref(),
-        &external_origin,
+        external_origin,
         &hosts,
     );
     let audit = HttpAudit {

@@ -90,12 +90,16 @@ pub(crate) fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
             h.insert(name, v);
         }
     };
-    let xff: Vec<String> = f.chain.iter().map(IpAddr::to_string).collect();
-    set(
-        h,
-        HeaderName::from_static("x-forwarded-for"),
-        &xff.join(", "),
-    );
+    let xff = match f.chain {
+        // Most requests come straight from the browser: one address.
+        [one] => one.to_string(),
+        chain => chain
+            .iter()
+            .map(IpAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    set(h, HeaderName::from_static("x-forwarded-for"), &xff);
     set(h, HeaderName::from_static("x-forwarded-proto"), f.scheme);
     set(h, HeaderName::from_static("x-forwarded-host"), f.host);
     if let Some(p) = f.prefix {
@@ -292,11 +296,11 @@ pub fn rewrite_set_cookie(value: &str, prefix: &str) -> String {
 pub(crate) fn rewrite_response(
     h: &mut HeaderMap,
     prefix: Option<&str>,
-    external_origin: &str,
+    external_origin: impl FnOnce() -> String,
     service_hosts: &[&str],
 ) {
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-        if let Some(new) = rewrite_location(loc, prefix, external_origin, service_hosts) {
+        if let Some(new) = rewrite_location(loc, prefix, &external_origin(), service_hosts) {
             if let Ok(v) = HeaderValue::from_str(&new) {
                 h.insert(header::LOCATION, v);
             }
