@@ -21,6 +21,7 @@ use crate::limits::Limit;
 use crate::metrics::Metrics;
 use crate::response::{text, Resp};
 use crate::router::Router;
+use crate::web::credential::ConnectionCredential;
 
 /// How long a client may take to send the request headers (slowloris
 /// guard), and the first request on a connection.
@@ -56,6 +57,7 @@ pub(crate) async fn serve_connection<S>(
     let _counted = CountedConnection(metrics.clone());
     let closing = router.clone();
     let reserve_only = hold.reserve_only();
+    let credential = Arc::new(ConnectionCredential::default());
     let svc = {
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
@@ -70,17 +72,18 @@ pub(crate) async fn serve_connection<S>(
             let metrics = metrics.clone();
             let cert = client_cert.clone();
             let activity = activity.clone();
+            let credential = credential.clone();
             async move {
                 let _busy = busy;
                 if !reserve_only {
-                    return Ok::<_, Infallible>(router.route(req, peer, cert).await);
+                    return Ok::<_, Infallible>(router.route(req, peer, cert, &credential).await);
                 }
                 // A reserve connection carries one request: a session
                 // upgrade keeps it (as the session), anything else ends it,
                 // so anonymous clients cannot hold reserve slots.
                 let http1 = req.version() < http::Version::HTTP_2;
                 let mut resp = if router.reserve_may_serve(&req) {
-                    router.route(req, peer, cert).await
+                    router.route(req, peer, cert, &credential).await
                 } else {
                     reserve_refusal(&metrics, peer)
                 };

@@ -30,6 +30,7 @@ use crate::response::{redirect, text, Resp};
 use crate::session_agent::AgentEndpoint;
 use crate::session_client::ClientEndpoint;
 use crate::web::admin::{AdminApi, API_PREFIX};
+use crate::web::credential::ConnectionCredential;
 use crate::web::route::{route_by_host, route_by_path};
 use crate::web::{console, login, pages, proxy, request_host, split_port, Web, PATH_PREFIX};
 
@@ -118,12 +119,14 @@ impl Router {
     }
 
     /// Answers one request from `peer` (`client_cert`: the certificate
-    /// rustls verified on this connection, if any).
+    /// rustls verified on this connection, if any; `credential`: the
+    /// connection's last bearer credential, see [`ConnectionCredential`]).
     pub(crate) async fn route(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         client_cert: Option<Arc<CertificateDer<'static>>>,
+        credential: &ConnectionCredential,
     ) -> Resp {
         let path = req.uri().path().to_owned();
         let host = request_host(&req).unwrap_or_default();
@@ -142,7 +145,7 @@ impl Router {
                 .path_and_query()
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_else(|| "/".into());
-            return proxy::serve(web, req, peer, route, rest, host).await;
+            return proxy::serve(web, req, peer, route, rest, host, credential).await;
         }
         if let Some((code, body)) = self.cluster.probe(&path, &self.registry) {
             return text(StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body);
@@ -204,7 +207,7 @@ impl Router {
                     Some(q) => format!("{tail}?{q}"),
                     None => tail.to_owned(),
                 };
-                proxy::serve(web, req, peer, route, rest, host).await
+                proxy::serve(web, req, peer, route, rest, host, credential).await
             }
             _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
         }

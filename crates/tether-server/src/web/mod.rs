@@ -23,6 +23,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod console;
+pub(crate) mod credential;
 pub mod login;
 pub(crate) mod logins;
 pub(crate) mod pages;

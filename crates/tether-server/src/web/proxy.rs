@@ -29,7 +29,8 @@ use hyper_util::rt::TokioIo;
 use tether_net::Refusal;
 use tether_proto::{OpenErrorCode, ServiceKind};
 
-use super::login::{identify, login_required, Via};
+use super::credential::{identify_on, ConnectionCredential};
+use super::login::{login_required, Via};
 use super::pages::{error, error_page};
 use super::pool::refusal_of;
 use super::rewrite::{
@@ -58,9 +59,10 @@ struct ProxyContext<'a> {
     host: &'a str,
 }
 
-/// Authenticates a browser or API request (login cookie or bearer token)
-/// and proxies it to `route`; `rest` is the path and query to forward,
-/// `host` the host the browser used.
+/// Authenticates a browser or API request (login cookie or bearer token,
+/// the latter remembered on the request's connection) and proxies it to
+/// `route`; `rest` is the path and query to forward, `host` the host the
+/// browser used.
 pub(crate) async fn serve(
     web: &Web,
     req: Request<Incoming>,
@@ -68,8 +70,9 @@ pub(crate) async fn serve(
     route: WebRoute,
     rest: String,
     host: String,
+    credential: &ConnectionCredential,
 ) -> Resp {
-    let Some((client, via)) = identify(web, req.headers()) else {
+    let Some((client, via)) = identify_on(web, req.headers(), credential) else {
         if let Some(t) = crate::auth::bearer(req.headers()) {
             let why = web
                 .auth

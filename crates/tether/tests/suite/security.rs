@@ -557,6 +557,42 @@ fn sha256_hex(s: &str) -> String {
         .to_owned()
 }
 
+/// One GET on a kept-alive HTTP/1.1 connection with a bearer token: the
+/// status code (the body is read whole, so the connection can go on).
+async fn keep_alive_get(c: &mut tokio::net::TcpStream, path: &str, token: &str) -> u16 {
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let head = text[..end].to_ascii_lowercase();
+            let done = match head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+                Some(len) => buf.len() >= end + 4 + len.trim().parse::<usize>().unwrap(),
+                None => text.ends_with("0\r\n\r\n"), // chunked
+            };
+            if done {
+                return text[9..12].parse::<u16>().unwrap();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no whole response in 10 s")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_revokes_tokens_and_policy_without_a_restart() {
     let base = |alice_allow: &str, with_bob: bool| {
@@ -647,6 +683,16 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
         .unwrap();
     assert!(b_conn.read(&mut [0u8; 256]).await.unwrap() > 0);
 
+    // A kept-alive HTTP connection with bob's bearer token: the second
+    // request is served with the credential the connection remembers.
+    let mut web_conn = connect(s.port).await;
+    for _ in 0..2 {
+        assert_eq!(
+            keep_alive_get(&mut web_conn, "/a/prod/web/hello", "bob-token").await,
+            200
+        );
+    }
+
     // 3. bob's token is removed (SIGHUP): his session is closed at once.
     std::fs::write(
         &s.cfg_path,
@@ -670,6 +716,11 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
     assert!(
         s.server.log_text().contains("trigger=\"SIGHUP\"")
             || s.server.log_text().contains("trigger=SIGHUP")
+    );
+    // The same HTTP connection does not get by on what it remembered.
+    assert_eq!(
+        keep_alive_get(&mut web_conn, "/a/prod/web/hello", "bob-token").await,
+        401
     );
     // Alice still works for what she may open.
     assert!(alice.is_running());
