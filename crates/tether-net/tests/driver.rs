@@ -336,6 +336,30 @@ async fn an_unanswered_incoming_open_is_refused() {
     assert_eq!(refused.to_string(), "internal: open was not answered");
 }
 
+/// An acceptor that stops taking opens when its session drains (an agent
+/// whose session the server replaced) refuses the opens already queued
+/// for it with `going_away`, which openers retry on another session, not
+/// `internal`.
+#[tokio::test(start_paused = true)]
+async fn opens_a_draining_acceptor_leaves_unanswered_are_going_away() {
+    let p = pair(Config::default(), Config::default()).await;
+    let opening = {
+        let a = p.a.clone();
+        tokio::spawn(async move { a.open(Target::tcp("queued")).await })
+    };
+    within(async {
+        while p.b_in.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    p.a.go_away(ErrorCode::Normal, "replaced");
+    within(p.b.draining()).await;
+    drop(p.b_in); // stops taking opens, the queued one unanswered
+    let refused = within(opening).await.unwrap().err().expect("refused");
+    assert_eq!(refused.code, OpenErrorCode::GoingAway, "{refused}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_opener_that_gives_up_cancels_the_incoming_open() {
     let mut p = pair(Config::default(), Config::default()).await;

@@ -112,7 +112,22 @@ impl Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        self.answer_refused(OpenErrorCode::Internal, "open was not answered");
+        let Some(mut s) = self.stream.take() else {
+            return;
+        };
+        s.detached = true;
+        s.shared.with_session(|g| {
+            // Dropped unanswered while the session drains (its application
+            // stopped taking opens at the GOAWAY, as an agent does when its
+            // session is replaced): `going_away`, which openers retry on
+            // another session. Otherwise this side failed to answer.
+            let (code, reason) = if g.session.is_draining() {
+                (OpenErrorCode::GoingAway, "the session is draining")
+            } else {
+                (OpenErrorCode::Internal, "open was not answered")
+            };
+            g.session.reject(s.id, code, reason)
+        });
     }
 }
 
