@@ -68,7 +68,7 @@ pub(crate) struct Forwarding<'a> {
     /// TCP peer ([`super::client_chain`]): `X-Forwarded-For`.
     pub(crate) chain: &'a [IpAddr],
     /// `http` or `https` as browsers reach the server: `X-Forwarded-Proto`.
-    pub(crate) scheme: &'a str,
+    pub(crate) scheme: &'static str,
     /// The authority the server vouches for ([`forwarded_host`]):
     /// `X-Forwarded-Host`.
     pub(crate) host: &'a str,
@@ -92,20 +92,42 @@ pub(crate) fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
     };
     let xff = match f.chain {
         // Most requests come straight from the browser: one address.
-        [one] => one.to_string(),
-        chain => chain
-            .iter()
-            .map(IpAddr::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
+        [one] => ip_text(one),
+        chain => chain.iter().map(ip_text).collect::<Vec<_>>().join(", "),
     };
     set(h, HeaderName::from_static("x-forwarded-for"), &xff);
-    set(h, HeaderName::from_static("x-forwarded-proto"), f.scheme);
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(f.scheme),
+    );
     set(h, HeaderName::from_static("x-forwarded-host"), f.host);
     if let Some(p) = f.prefix {
         set(h, HeaderName::from_static("x-forwarded-prefix"), p);
     }
     set(h, header::HOST, f.host_header);
+}
+
+/// An address as `X-Forwarded-For` writes it; IPv4 without `fmt`, which
+/// took about 1 000 instructions for the one address of every proxied
+/// request.
+fn ip_text(ip: &IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut s = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if octet >= 100 {
+            s.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            s.push(char::from(b'0' + octet / 10 % 10));
+        }
+        s.push(char::from(b'0' + octet % 10));
+    }
+    s
 }
 
 /// The authority (`host[:port]`) the server vouches for as the one the
@@ -338,6 +360,23 @@ pub(crate) fn rewrite_response(
 mod tests {
     use super::*;
     use crate::web::route::{route_by_host, route_by_path};
+
+    #[test]
+    fn addresses_read_as_std_writes_them() {
+        for a in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.5",
+            "127.0.0.1",
+            "1.20.100.9",
+            "203.0.113.199",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(ip_text(&ip), ip.to_string());
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_go() {
