@@ -231,14 +231,17 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
         }
     }
 
-    /// Polls unless done; an error ends the direction.
-    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Polls unless done: `Ok(true)` once done, `Ok(false)` while
+    /// copying; an error ends the direction.
+    fn poll_done(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         if self.phase == Phase::Done {
-            return Poll::Ready(Ok(()));
+            return Ok(true);
         }
-        let r = ready!(self.poll_copy(cx));
+        let Poll::Ready(r) = self.poll_copy(cx) else {
+            return Ok(false);
+        };
         self.phase = Phase::Done;
-        Poll::Ready(r)
+        r.map(|()| true)
     }
 }
 
@@ -309,28 +312,21 @@ where
         let (Some(up), Some(down)) = (this.a_to_b.as_mut(), this.b_to_a.as_mut()) else {
             panic!("Splice polled after it finished");
         };
-        let mut error = None;
-        let up_done = match up.poll_step(cx) {
-            Poll::Ready(Err(e)) => {
-                error = Some(e);
-                true
+        // The first error ends both directions (`down` is not polled after
+        // `up` failed); `stop` matters only while one is still copying.
+        let both_done = up
+            .poll_done(cx)
+            .and_then(|up_done| Ok(down.poll_done(cx)? && up_done));
+        let error = match both_done {
+            Ok(true) => None,
+            Err(e) => Some(e),
+            Ok(false) => {
+                let (code, reason) = ready!(this.stop.poll(cx));
+                up.w.abort(code, &reason);
+                down.w.abort(code, &reason);
+                Some(io::Error::new(io::ErrorKind::PermissionDenied, reason))
             }
-            p => p.is_ready(),
         };
-        let down_done = error.is_some()
-            || match down.poll_step(cx) {
-                Poll::Ready(Err(e)) => {
-                    error = Some(e);
-                    true
-                }
-                p => p.is_ready(),
-            };
-        if error.is_none() && !(up_done && down_done) {
-            let (code, reason) = ready!(this.stop.poll(cx));
-            up.w.abort(code, &reason);
-            down.w.abort(code, &reason);
-            error = Some(io::Error::new(io::ErrorKind::PermissionDenied, reason));
-        }
         let report = SpliceReport {
             a_to_b: up.count,
             b_to_a: down.count,

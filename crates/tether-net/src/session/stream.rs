@@ -98,35 +98,34 @@ impl Incoming {
 
     /// Sends OPEN_ERR with a code and a reason for the opener.
     pub fn reject(mut self, code: OpenErrorCode, reason: &str) {
-        self.answer_refused(code, reason);
+        self.answer_refused(|_| (code, reason));
     }
 
-    fn answer_refused(&mut self, code: OpenErrorCode, reason: &str) {
+    /// Sends OPEN_ERR with the code and reason `refusal` picks, told
+    /// whether the session is draining.
+    fn answer_refused<'r>(&mut self, refusal: impl FnOnce(bool) -> (OpenErrorCode, &'r str)) {
         if let Some(mut s) = self.stream.take() {
             s.detached = true;
-            s.shared
-                .with_session(|g| g.session.reject(s.id, code, reason));
+            s.shared.with_session(|g| {
+                let (code, reason) = refusal(g.session.is_draining());
+                g.session.reject(s.id, code, reason)
+            });
         }
     }
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        let Some(mut s) = self.stream.take() else {
-            return;
-        };
-        s.detached = true;
-        s.shared.with_session(|g| {
-            // Dropped unanswered while the session drains (its application
-            // stopped taking opens at the GOAWAY, as an agent does when its
-            // session is replaced): `going_away`, which openers retry on
-            // another session. Otherwise this side failed to answer.
-            let (code, reason) = if g.session.is_draining() {
+        // Dropped unanswered while the session drains (its application
+        // stopped taking opens at the GOAWAY, as an agent does when its
+        // session is replaced): `going_away`, which openers retry on
+        // another session. Otherwise this side failed to answer.
+        self.answer_refused(|draining| {
+            if draining {
                 (OpenErrorCode::GoingAway, "the session is draining")
             } else {
                 (OpenErrorCode::Internal, "open was not answered")
-            };
-            g.session.reject(s.id, code, reason)
+            }
         });
     }
 }
