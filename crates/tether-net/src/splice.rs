@@ -68,18 +68,17 @@ impl ChunkWrite for StreamWriter {
 
 impl ChunkRead for OwnedReadHalf {
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        loop {
-            // Wait for readiness first, so that an idle socket holds no buffer.
-            ready!(self.as_ref().poll_read_ready(cx))?;
-            let mut buf = BytesMut::with_capacity(SOCKET_READ_CHUNK);
-            match self.try_read_buf(&mut buf) {
-                Ok(0) => return Poll::Ready(Ok(None)),
-                Ok(_) => return Poll::Ready(Ok(Some(buf.freeze()))),
-                // Readiness was stale; `try_read_buf` cleared it, so the
-                // next poll registers for the next event.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        // Wait for readiness first, so that an idle socket holds no buffer.
+        ready!(self.as_ref().poll_read_ready(cx))?;
+        // Read through `AsyncRead`, not `try_read_buf`: a read that leaves
+        // room in the buffer has drained the socket, and tokio's `poll_read`
+        // then clears the readiness, so the next chunk waits for epoll
+        // instead of spending a `recvfrom` on EAGAIN (one per small message).
+        // If the readiness was stale, the buffer is dropped with the Pending.
+        let mut buf = BytesMut::with_capacity(SOCKET_READ_CHUNK);
+        match ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, &mut buf))? {
+            0 => Poll::Ready(Ok(None)),
+            _ => Poll::Ready(Ok(Some(buf.freeze()))),
         }
     }
 }
