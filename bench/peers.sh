@@ -2,7 +2,8 @@
 # tether against its peers and against the limit, in one run, on 127.0.0.1 only:
 # the same three services (iperf3, an echo server) reached
 #   direct        straight to the service
-#   copy-2        through a chain of 2 plain byte-copy relays (socat): the limit for 2 hops
+#   copy-2        through a chain of 2 plain byte-copy relays (`probe relay`: one tokio thread,
+#                 256 KiB buffers, no protocol; RELAY=socat for socat): the limit for 2 hops
 #   copy-3        through 3 of them: the limit for 3 hops
 #   rathole       rathole server -> rathole client -> service (2 hops)
 #   bore          bore server -> bore local -> service (2 hops)
@@ -21,7 +22,8 @@
 #        HTTP_SECS=5 (0 skips HTTP), TETHER_WORKER_THREADS (passed on to tether),
 #        BENCH_PORT_BASE=20400 (ports BASE .. BASE+40, below the ephemeral range),
 #        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure),
-#        TETHER_BIN (another tether binary, e.g. the previous commit's, to compare).
+#        TETHER_BIN (another tether binary, e.g. the previous commit's, to compare),
+#        RELAY=probe|socat (the copy relay of copy-2 / copy-3; probe by default).
 # Writes bench/results/peers.md; process logs in bench/results/logs-peers/.
 set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -74,10 +76,18 @@ S_IPERF=$BASE; S_ECHO=$((BASE + 1))
 # port_of PATH KIND: BASE+2+4i for iperf3, +1 for echo; +2 and +3 are the paths' own inner ports.
 port_of() { local i=0 p; for p in copy-2 copy-3 rathole bore tether-2 tether-3; do i=$((i + 1)); [ "$p" = "$1" ] && break; done
     if [ "$2" = echo ]; then echo $((BASE + 2 + i * 4 + 1)); else echo $((BASE + 2 + i * 4)); fi; }
-# A plain copy relay: socat with a 256 KiB copy buffer (its 8 KiB default would make the
-# "limit" slower than the tunnels it bounds). It forks per connection, so its connection
-# setup is no limit for anyone's.
-relay() { start "relay-$1" socat -b 262144 "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$2"; }
+# A plain copy relay. By default `probe relay`: one tokio thread, 256 KiB buffers, no
+# protocol, a new inner TCP connection per connection: what a hop costs with nothing to
+# decide. RELAY=socat uses socat with a 256 KiB copy buffer instead (its 8 KiB default would
+# make the "limit" slower than the tunnels it bounds); it forks per connection, so its
+# connection setup is no limit for anyone's, and 8 streams are 16 processes.
+relay() {
+    if [ "${RELAY:-probe}" = socat ]; then
+        start "relay-$1" socat -b 262144 "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$2"
+    else
+        start "relay-$1" "$PROBE" relay --listen "127.0.0.1:$1" --to "127.0.0.1:$2"
+    fi
+}
 
 # ------------------------------------------------------------------ services
 say "starting the services"

@@ -43,6 +43,18 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// A plain byte-copy relay (the limit for a hop that speaks no protocol): accepts on
+    /// LISTEN, connects to TO, copies both ways with BUF-byte buffers, keeping half-close.
+    /// One thread, no fork: its connection setup and round trip are a relay's, not a
+    /// process start's.
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 256 * 1024)]
+        buf: usize,
+    },
     /// One connection, COUNT ping-pong round trips of SIZE bytes (after WARMUP ones) against an echo server.
     Rtt {
         #[arg(long)]
@@ -152,6 +164,7 @@ fn main() -> Result<()> {
             Cmd::EchoServer { listen } => serve(listen, Kind::Echo).await,
             Cmd::SourceServer { listen } => serve(listen, Kind::Source).await,
             Cmd::SinkServer { listen } => serve(listen, Kind::Sink).await,
+            Cmd::Relay { listen, to, buf } => relay(listen, to, buf).await,
             Cmd::Rtt { addr, count, size, warmup, timeout_secs } => {
                 bounded(timeout_secs, "rtt", rtt(addr, count, size, warmup)).await
             }
@@ -208,6 +221,30 @@ async fn serve(listen: SocketAddr, kind: Kind) -> Result<()> {
                 Kind::Source => source_conn(s).await,
                 Kind::Sink => sink_conn(s).await,
             };
+        });
+    }
+}
+
+async fn relay(listen: SocketAddr, to: SocketAddr, buf: usize) -> Result<()> {
+    let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    eprintln!("relaying {} -> {to}", l.local_addr()?);
+    loop {
+        let (mut a, _) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let mut b = match TcpStream::connect(to).await {
+                Ok(b) => b,
+                Err(e) => return eprintln!("connect {to}: {e}"),
+            };
+            let _ = a.set_nodelay(true);
+            let _ = b.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buf, buf).await;
         });
     }
 }
