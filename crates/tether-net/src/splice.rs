@@ -13,7 +13,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,10 +25,25 @@ use crate::session::{StreamReader, StreamWriter};
 /// so idle connections hold no buffer.
 pub const SOCKET_READ_CHUNK: usize = 64 * 1024;
 
+/// Most chunks one gathered write sends (see [`ChunkWrite::gathers`]).
+const MAX_GATHER_CHUNKS: usize = 16;
+
+/// Most bytes a splice takes ahead from its source for one gathered write:
+/// what a direction holds beyond the chunk it is writing.
+const MAX_GATHER_BYTES: usize = 256 * 1024;
+
 /// A source of byte chunks.
 pub trait ChunkRead: Send + Unpin {
     /// The next chunk, `Ok(None)` at EOF.
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>>;
+
+    /// Another chunk that is ready now, without waiting, for a gathered
+    /// write; `None` when there is none (EOF and errors come from
+    /// [`ChunkRead::poll_next_chunk`]). Sources that hold no queue keep the
+    /// default.
+    fn ready_chunk(&mut self) -> Option<Bytes> {
+        None
+    }
 }
 
 /// A sink of byte chunks.
@@ -39,6 +54,29 @@ pub trait ChunkWrite: Send + Unpin {
         -> Poll<io::Result<()>>;
     /// Signals EOF to the other side (half-close).
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Whether several chunks go out in one call ([`ChunkWrite::poll_write_gather`]):
+    /// a socket's `writev`, one system call instead of one per chunk.
+    fn gathers(&self) -> bool {
+        false
+    }
+    /// Writes `first`, then `more` in order, in as few calls as it can,
+    /// advancing `first` and moving the next of `more` into it as bytes go
+    /// out; ready once everything is written. The default writes one chunk
+    /// at a time.
+    fn poll_write_gather(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut Bytes,
+        more: &mut Vec<Bytes>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.poll_write_chunk(cx, first))?;
+            if more.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            *first = more.remove(0);
+        }
+    }
     /// Ends the stream abruptly with a reason, when the endpoint can say one
     /// (a tunnel stream sends RST); sockets are simply dropped.
     fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {}
@@ -47,6 +85,9 @@ pub trait ChunkWrite: Send + Unpin {
 impl ChunkRead for StreamReader {
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         StreamReader::poll_read_chunk(self, cx).map_err(io::Error::from)
+    }
+    fn ready_chunk(&mut self) -> Option<Bytes> {
+        self.try_read_ready()
     }
 }
 
@@ -93,6 +134,41 @@ impl ChunkWrite for OwnedWriteHalf {
     }
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self).poll_shutdown(cx)
+    }
+    fn gathers(&self) -> bool {
+        true
+    }
+    fn poll_write_gather(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut Bytes,
+        more: &mut Vec<Bytes>,
+    ) -> Poll<io::Result<()>> {
+        while !first.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_GATHER_CHUNKS];
+            slices[0] = IoSlice::new(first);
+            let mut n = 1;
+            for (slot, b) in slices[1..].iter_mut().zip(more.iter()) {
+                *slot = IoSlice::new(b);
+                n += 1;
+            }
+            let mut written =
+                match ready!(Pin::new(&mut *self).poll_write_vectored(cx, &slices[..n]))? {
+                    0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    w => w,
+                };
+            // Advance over what went out: whole chunks, then part of one.
+            loop {
+                let k = written.min(first.len());
+                first.advance(k);
+                written -= k;
+                if !first.is_empty() || more.is_empty() {
+                    break;
+                }
+                *first = more.remove(0);
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -192,6 +268,9 @@ struct OneWay<R, W> {
     w: W,
     /// The chunk read and not yet (wholly) written.
     chunk: Bytes,
+    /// Chunks read after `chunk` for one gathered write (empty, holding no
+    /// allocation, unless the writer gathers and more had arrived).
+    more: Vec<Bytes>,
     phase: Phase,
     count: u64,
 }
@@ -202,6 +281,7 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
             r,
             w,
             chunk: Bytes::new(),
+            more: Vec::new(),
             phase: Phase::Copying,
             count: 0,
         }
@@ -211,13 +291,25 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
     fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match self.phase {
-                Phase::Copying if !self.chunk.is_empty() => {
+                Phase::Copying if !self.chunk.is_empty() && self.more.is_empty() => {
                     ready!(self.w.poll_write_chunk(cx, &mut self.chunk))?;
                 }
+                Phase::Copying if !self.chunk.is_empty() => {
+                    ready!(self
+                        .w
+                        .poll_write_gather(cx, &mut self.chunk, &mut self.more))?;
+                    // Written: an idle direction keeps no allocation.
+                    self.more = Vec::new();
+                }
                 Phase::Copying => match ready!(self.r.poll_next_chunk(cx))? {
+                    // (An empty chunk, say an empty DATA frame, is skipped:
+                    // `chunk` stays empty and the next one is read.)
                     Some(chunk) => {
                         self.count += chunk.len() as u64;
                         self.chunk = chunk;
+                        if self.w.gathers() && !self.chunk.is_empty() {
+                            self.gather();
+                        }
                     }
                     None => self.phase = Phase::Finishing,
                 },
@@ -226,6 +318,22 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
                     self.phase = Phase::Done;
                 }
                 Phase::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    /// Takes what else the source has ready (within the gather limits) to
+    /// go out with `chunk` in one write.
+    fn gather(&mut self) {
+        let mut bytes = self.chunk.len();
+        while self.more.len() + 1 < MAX_GATHER_CHUNKS && bytes < MAX_GATHER_BYTES {
+            let Some(next) = self.r.ready_chunk() else {
+                break;
+            };
+            bytes += next.len();
+            self.count += next.len() as u64;
+            if !next.is_empty() {
+                self.more.push(next);
             }
         }
     }

@@ -110,6 +110,19 @@ impl InboxRx {
         Poll::Pending
     }
 
+    /// The next item if it is data already queued; FIN, a reset and an
+    /// empty queue are left for [`InboxRx::poll_recv`].
+    pub(super) fn try_recv_data(&mut self) -> Option<Bytes> {
+        let mut s = self.0.lock();
+        if !matches!(s.queue.front(), Some(Inbound::Data(_))) {
+            return None;
+        }
+        match s.queue.pop_front() {
+            Some(Inbound::Data(b)) => Some(b),
+            _ => None,
+        }
+    }
+
     /// Waits for the next item (cancel-safe: nothing is taken until it is
     /// returned).
     #[cfg(test)]

@@ -289,6 +289,20 @@ impl StreamReader {
             }
         })
     }
+
+    /// Data that has already arrived, without waiting: `None` when nothing
+    /// is queued, or when what comes next is the end (FIN, a reset), which
+    /// [`StreamReader::poll_read_chunk`] reports. The window credit is
+    /// returned as for a read.
+    pub fn try_read_ready(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let b = self.inbox.try_recv_data()?;
+        self.shared
+            .with_session(|g| g.session.stream_consumed(self.id, b.len(), now()));
+        Some(b)
+    }
 }
 
 /// The writing half of a [`Stream`].
