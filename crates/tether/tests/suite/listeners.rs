@@ -332,7 +332,12 @@ protocol = "udp"
     };
     let (agent, seen) = silent_agent(addr).await;
     assert!(server.wait_log("udp listener open", Duration::from_secs(10)));
-    assert!(server.wait_log("listener open (agent connected)", Duration::from_secs(10)));
+    // The TCP listener's own line: "listener open (agent connected)" alone
+    // also matches the UDP listener's, which may come first.
+    assert!(server.wait_log(
+        &format!("listener open (agent connected) listen=127.0.0.1:{tcp_port}"),
+        Duration::from_secs(10)
+    ));
 
     // TCP listener: the first connection's open waits on the agent...
     let _first = connect(tcp_port).await;
