@@ -144,6 +144,9 @@ impl ChunkWrite for OwnedWriteHalf {
         first: &mut Bytes,
         more: &mut Vec<Bytes>,
     ) -> Poll<io::Result<()>> {
+        while first.is_empty() && !more.is_empty() {
+            *first = more.remove(0);
+        }
         while !first.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_GATHER_CHUNKS];
             slices[0] = IoSlice::new(first);
