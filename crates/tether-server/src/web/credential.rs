@@ -13,6 +13,7 @@
 use std::sync::Mutex;
 
 use http::HeaderMap;
+use subtle::ConstantTimeEq;
 
 use super::login::{identify, Via};
 use super::Web;
@@ -73,11 +74,7 @@ pub(crate) fn identify_on(
 /// shared upstream proxy may carry several users' requests on one
 /// connection).
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |diff, (x, y)| diff | (x ^ y))
-            == 0
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 #[cfg(test)]
