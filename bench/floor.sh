@@ -60,7 +60,7 @@ ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 # traced PIDS... -- COMMAND: strace -c on each pid while COMMAND runs; prints "calls errors" per pid
 traced() {
-    local pids=() p i=0; while [ "$1" != -- ]; do pids+=("$1"); shift; done; shift
+    local pids=() p; while [ "$1" != -- ]; do pids+=("$1"); shift; done; shift
     local tr=()
     for p in "${pids[@]}"; do strace -c -f -o "$LOG/strace.$p" -p "$p" 2>/dev/null & tr+=($!); done
     sleep 0.7; "$@" >/dev/null; sleep 0.3
