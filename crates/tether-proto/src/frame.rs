@@ -445,10 +445,14 @@ impl Frame {
     /// within the peer's limits.
     pub fn encode(&self, out: &mut BytesMut) {
         out.reserve(self.encoded_len());
-        out.put_u8(self.frame_type() as u8);
-        out.put_u8(0); // flags: none defined in version 1
-        out.put_u32(self.stream_id().0);
-        out.put_u32(self.payload_len() as u32);
+        let mut header = [0u8; HEADER_LEN];
+        encode_header(
+            self.frame_type(),
+            self.stream_id(),
+            self.payload_len(),
+            &mut header,
+        );
+        out.put_slice(&header);
         match self {
             Frame::Hello(h) | Frame::HelloAck(h) => {
                 out.put_u16(h.min_version);
@@ -505,6 +509,12 @@ impl Frame {
             Frame::Data { payload, .. } => out.put_slice(payload),
             Frame::WindowUpdate { increment, .. } => out.put_u32(*increment),
         }
+    }
+
+    /// Writes the header of a DATA frame carrying `len` payload bytes on
+    /// stream `id` (the payload itself follows it on the wire).
+    pub fn encode_data_header(id: StreamId, len: usize, out: &mut [u8; HEADER_LEN]) {
+        encode_header(FrameType::Data, id, len, out);
     }
 
     /// Decodes one frame from the front of `buf`, advancing it.
@@ -766,6 +776,15 @@ fn lossy(p: &[u8]) -> String {
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+/// The fixed header every frame starts with: type, flags (none defined),
+/// stream id, payload length (PROTOCOL.md section 3.1).
+fn encode_header(kind: FrameType, id: StreamId, len: usize, out: &mut [u8; HEADER_LEN]) {
+    out[0] = kind as u8;
+    out[1] = 0;
+    out[2..6].copy_from_slice(&id.0.to_be_bytes());
+    out[6..10].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
 fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;

@@ -23,6 +23,7 @@ pub mod queue;
 mod session;
 mod stream;
 pub mod target;
+pub mod transmit;
 
 pub use codes::{ErrorCode, OpenErrorCode, ResetCode};
 pub use frame::{
@@ -33,6 +34,7 @@ pub use queue::InlineQueue;
 pub use session::{
     Config, Event, OpenError, Role, Session, SessionError, StreamBytes, StreamStats, WriteError,
 };
+pub use transmit::{FrameBuf, Transmit};
 
 /// The WebSocket subprotocol that carries version 1 of this protocol.
 pub const SUBPROTOCOL: &str = "tether.v1";

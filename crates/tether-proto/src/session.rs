@@ -1,6 +1,6 @@
 //! The sans-I/O session: handshake, streams, flow control, liveness, drain.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::VecDeque;
 
 // Looked up several times per frame; stream ids are bounded per session
@@ -14,6 +14,7 @@ use crate::frame::{
     CatalogEntry, Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN,
 };
 use crate::stream::{Phase, Stream};
+use crate::transmit::FrameBuf;
 use crate::{
     CATALOG_VERSION, EARLY_DATA_VERSION, MAX_EARLY_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
     REPLICAS_VERSION, UDP_VERSION,
@@ -1258,7 +1259,7 @@ impl Session {
     /// round-robin across streams in chunks of at most `max_send_chunk`,
     /// until `out` holds at least `max_len` bytes or nothing is left.
     /// Returns whether anything was appended.
-    pub fn poll_transmit(&mut self, out: &mut BytesMut, max_len: usize) -> bool {
+    pub fn poll_transmit(&mut self, out: &mut impl FrameBuf, max_len: usize) -> bool {
         self.poll_transmit_at(out, max_len, None)
     }
 
@@ -1267,7 +1268,7 @@ impl Session {
     /// lingering out).
     pub fn poll_transmit_at(
         &mut self,
-        out: &mut BytesMut,
+        out: &mut impl FrameBuf,
         max_len: usize,
         now: Option<Instant>,
     ) -> bool {
@@ -1276,7 +1277,7 @@ impl Session {
             let Some(f) = self.control.pop_front() else {
                 break;
             };
-            f.encode(out);
+            out.push(f);
         }
         if !self.control.is_empty() {
             return true; // the rest of the control frames go in the next message
@@ -1310,11 +1311,11 @@ impl Session {
                 if let Some(now) = now {
                     s.last_activity = now;
                 }
-                Frame::Data { id, payload }.encode(out);
+                out.push(Frame::Data { id, payload });
             }
             if s.send_queue.is_empty() && s.fin_queued && !s.fin_sent {
                 s.fin_sent = true;
-                Frame::Fin { id }.encode(out);
+                out.push(Frame::Fin { id });
             }
             if s.send_queue.is_empty() {
                 s.in_ready = false;

@@ -1,14 +1,14 @@
 //! [`Connection`]: a running session, and the three tasks that drive it
 //! (reader, writer, timer; see the [module docs](super)).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tether_proto::{
-    CatalogEntry, Config, ErrorCode, OpenError, OpenErrorCode, Role, Session, SessionError,
-    StreamStats, Target,
+    CatalogEntry, Config, ErrorCode, FrameBuf, OpenError, OpenErrorCode, Role, Session,
+    SessionError, StreamStats, Target, Transmit,
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -320,25 +320,32 @@ async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
 }
 
 async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
-    let mut buf = BytesMut::new();
+    // A transport that writes vectored takes large payloads as they are;
+    // one that rewrites every byte (a masking WebSocket client) gets one
+    // buffer it owns alone, masked in place instead of copied first.
+    let by_reference = sink.gathers();
+    // A message may pass MAX_SEND_MESSAGE by the frame that crosses it.
+    let room = if by_reference {
+        8 * 1024 // frame headers and small payloads
+    } else {
+        MAX_SEND_MESSAGE + 64 * 1024
+    };
     let mut drain = DrainMeter::default();
     loop {
         // (When more is left than one message holds, this wakes the writer
         // itself: at most one extra look once the backlog is gone.)
+        let mut msg = Transmit::with_capacity(by_reference, room);
         let (has, closed) = shared.with_session(|g| {
-            buf.reserve(MAX_SEND_MESSAGE + 64 * 1024);
             let has = g
                 .session
-                .poll_transmit_at(&mut buf, MAX_SEND_MESSAGE, Some(now()));
+                .poll_transmit_at(&mut msg, MAX_SEND_MESSAGE, Some(now()));
             (has, g.session.is_closed())
         });
         if has {
-            // Handed over whole, not split off: a message that owns its
-            // allocation alone can be masked in place by a WebSocket
-            // client (agents, CLI) instead of copied first.
-            let msg = std::mem::take(&mut buf).freeze();
             let len = msg.len();
-            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
+            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send_parts(msg.into_parts()))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,

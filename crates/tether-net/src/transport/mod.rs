@@ -28,6 +28,24 @@ pub const MAX_RECV_MESSAGE: usize = 1024 * 1024;
 pub trait MessageSink: Send + 'static {
     /// Sends one message (one or more whole frames).
     fn send(&mut self, msg: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sends one message given as parts, in order (see
+    /// [`tether_proto::Transmit`]). A transport that [gathers](Self::gathers)
+    /// writes them as they are; the default joins them into one buffer.
+    fn send_parts(&mut self, parts: Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let msg = match <[Bytes; 1]>::try_from(parts) {
+                Ok([one]) => one,
+                Err(parts) => Bytes::from(parts.concat()),
+            };
+            self.send(msg).await
+        }
+    }
+    /// Whether [`send_parts`](Self::send_parts) writes the parts without
+    /// copying them into one buffer; the session writer then keeps large
+    /// payloads by reference instead of copying them into the message.
+    fn gathers(&self) -> bool {
+        false
+    }
     /// Closes the transport, telling the peer `reason` if the transport can.
     fn close(&mut self, reason: &str) -> impl Future<Output = ()> + Send;
 }

@@ -3,7 +3,7 @@
 //! [`WsSource`] reads into uninitialised buffer space and hands up payloads
 //! sliced out of it. The framing rules are in [`super::frame`].
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +71,60 @@ async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], b: &[u8]) -> 
     w.write_all(b).await
 }
 
+/// A message's parts as one [`Buf`], so that a vectored write takes as many
+/// as it can at once (and resumes mid-part after a short write).
+struct PartList {
+    /// Not empty, none of them empty; `parts[next..]` are still to write.
+    parts: Vec<Bytes>,
+    next: usize,
+    remaining: usize,
+}
+
+impl PartList {
+    fn new(mut parts: Vec<Bytes>) -> Self {
+        parts.retain(|p| !p.is_empty());
+        let remaining = parts.iter().map(Bytes::len).sum();
+        PartList {
+            parts,
+            next: 0,
+            remaining,
+        }
+    }
+}
+
+impl Buf for PartList {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.get(self.next).map_or(&[], |p| &p[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts[self.next..]) {
+            *slot = IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advanced past the end");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let part = &mut self.parts[self.next];
+            if cnt < part.len() {
+                part.advance(cnt);
+                return;
+            }
+            cnt -= part.len();
+            self.next += 1;
+        }
+    }
+}
+
 /// The sending half of a session's WebSocket.
 pub struct WsSink<S> {
     writer: Arc<Writer<S>>,
@@ -131,6 +185,28 @@ where
                 self.writer.write_frame(&header[..n], &payload).await
             }
         }
+    }
+
+    async fn send_parts(&mut self, parts: Vec<Bytes>) -> io::Result<()> {
+        if self.writer.role == Role::Client || parts.len() < 2 {
+            // A client masks every byte: one buffer, masked in place.
+            let msg = match <[Bytes; 1]>::try_from(parts) {
+                Ok([one]) => one,
+                Err(parts) => Bytes::from(parts.concat()),
+            };
+            return self.send(msg).await;
+        }
+        let parts = PartList::new(parts);
+        let mut header = [0u8; MAX_HEADER];
+        let n = frame::encode_header(OP_BINARY, parts.remaining(), None, &mut header);
+        let mut io = self.writer.io.lock().await;
+        io.write_all_buf(&mut Buf::chain(&header[..n], parts))
+            .await?;
+        io.flush().await
+    }
+
+    fn gathers(&self) -> bool {
+        self.writer.role == Role::Server
     }
 
     async fn close(&mut self, reason: &str) {
@@ -256,6 +332,35 @@ mod tests {
         tokio::join!(send, recv);
         ctx.close("done").await;
         assert_eq!(srx.recv().await.unwrap(), None, "a close frame ends it");
+    }
+
+    #[tokio::test]
+    async fn a_message_in_parts_arrives_whole_through_short_writes() {
+        // A 4 KiB pipe: every vectored write is cut short, often mid-part;
+        // 150 parts are more than one write takes at once.
+        let (a, b) = tokio::io::duplex(4096);
+        let (mut stx, mut srx) = from_io(a, Role::Server, Bytes::new());
+        let (mut ctx, mut crx) = from_io(b, Role::Client, Bytes::new());
+        let parts: Vec<Bytes> = (0..150usize)
+            .map(|i| {
+                Bytes::from(
+                    (0..(i * 37) % 5000)
+                        .map(|j| (i + j) as u8)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let whole = parts.concat();
+        assert!(stx.gathers() && !ctx.gathers());
+        let send = async {
+            stx.send_parts(parts.clone()).await.unwrap();
+            ctx.send_parts(parts).await.unwrap(); // joined and masked
+        };
+        let recv = async {
+            assert_eq!(crx.recv().await.unwrap().unwrap(), whole);
+            assert_eq!(srx.recv().await.unwrap().unwrap(), whole);
+        };
+        tokio::join!(send, recv);
     }
 
     #[tokio::test]

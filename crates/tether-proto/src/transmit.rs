@@ -1,0 +1,175 @@
+//! Where [`Session::poll_transmit`](crate::Session::poll_transmit) puts the
+//! frames it sends: [`FrameBuf`], implemented by a plain [`BytesMut`] (every
+//! byte copied into one buffer) and by [`Transmit`] (large DATA payloads
+//! kept by reference).
+//!
+//! A relay moves most of its bytes as DATA payloads that arrived as `Bytes`
+//! (a socket read, or a slice of a message from the other session). Copying
+//! each into the outgoing message costs a pass over every byte in user
+//! space; a transport that writes vectored (a WebSocket server's frames are
+//! not masked) can instead take the payloads as they are. The bytes on the
+//! wire are the same either way.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{Frame, HEADER_LEN};
+
+/// DATA payloads shorter than this are copied into the message even by a
+/// [`Transmit`] that keeps payloads by reference: below it, a copy costs
+/// less than one more part for the transport to gather.
+pub const INLINE_PAYLOAD: usize = 2048;
+
+/// Somewhere encoded frames are appended.
+pub trait FrameBuf {
+    /// Bytes appended so far.
+    fn len(&self) -> usize;
+    /// Whether nothing was appended yet.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends one frame.
+    fn push(&mut self, frame: Frame);
+}
+
+impl FrameBuf for BytesMut {
+    fn len(&self) -> usize {
+        BytesMut::len(self)
+    }
+    fn push(&mut self, frame: Frame) {
+        frame.encode(self);
+    }
+}
+
+/// One outgoing transport message as a list of parts: encoded frames, and
+/// DATA payloads of at least [`INLINE_PAYLOAD`] bytes by reference.
+#[derive(Debug, Default)]
+pub struct Transmit {
+    /// Finished parts, in order.
+    parts: Vec<Bytes>,
+    /// Frames encoded since the last payload kept by reference.
+    tail: BytesMut,
+    /// Every part's length plus the tail's.
+    len: usize,
+    /// Whether large payloads are kept by reference (else copied, as into a
+    /// `BytesMut`).
+    by_reference: bool,
+    /// Room the tail reserves at its first frame.
+    capacity: usize,
+}
+
+impl Transmit {
+    /// An empty message. With `by_reference`, large DATA payloads become
+    /// parts of their own; without, everything is copied into one buffer
+    /// (for a transport that must rewrite the bytes anyway, e.g. to mask
+    /// them).
+    pub fn new(by_reference: bool) -> Self {
+        Transmit {
+            by_reference,
+            ..Transmit::default()
+        }
+    }
+
+    /// Like [`Transmit::new`], reserving `capacity` bytes for the encoded
+    /// frames when the first one arrives (an empty message allocates
+    /// nothing), so that filling a message does not move it as it grows.
+    pub fn with_capacity(by_reference: bool, capacity: usize) -> Self {
+        Transmit {
+            by_reference,
+            capacity,
+            ..Transmit::default()
+        }
+    }
+
+    /// The parts in order; one part when nothing was kept by reference, none
+    /// when the message is empty.
+    pub fn into_parts(mut self) -> Vec<Bytes> {
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.freeze());
+        }
+        self.parts
+    }
+}
+
+impl FrameBuf for Transmit {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, frame: Frame) {
+        if self.len == 0 {
+            self.tail.reserve(self.capacity);
+        }
+        self.len += frame.encoded_len();
+        match frame {
+            Frame::Data { id, payload } if self.by_reference && payload.len() >= INLINE_PAYLOAD => {
+                // The header in the tail, the tail a part, the payload a part.
+                let mut header = [0u8; HEADER_LEN];
+                Frame::encode_data_header(id, payload.len(), &mut header);
+                self.tail.extend_from_slice(&header);
+                self.parts.push(self.tail.split().freeze());
+                self.parts.push(payload);
+            }
+            frame => frame.encode(&mut self.tail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::StreamId;
+
+    fn frames() -> Vec<Frame> {
+        let data = |id: u32, n: usize| Frame::Data {
+            id: StreamId(id),
+            payload: Bytes::from(
+                (0..n)
+                    .map(|i| (i * 7 + id as usize) as u8)
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        vec![
+            Frame::Ping(7),
+            data(1, INLINE_PAYLOAD - 1),
+            data(3, INLINE_PAYLOAD),
+            Frame::Fin { id: StreamId(3) },
+            data(5, 40_000),
+            data(7, 10),
+            data(9, 33_000),
+        ]
+    }
+
+    #[test]
+    fn the_parts_join_to_the_bytes_a_buffer_gets() {
+        let mut flat = BytesMut::new();
+        let mut by_ref = Transmit::new(true);
+        let mut copied = Transmit::new(false);
+        for f in frames() {
+            flat.push(f.clone());
+            by_ref.push(f.clone());
+            copied.push(f);
+            assert_eq!(by_ref.len(), flat.len());
+            assert_eq!(copied.len(), flat.len());
+        }
+        let parts = by_ref.into_parts();
+        // ping + small data + header | 2048 | fin + header | 40000 | 10-byte data + header | 33000
+        assert_eq!(parts.len(), 6, "three payloads kept by reference");
+        assert_eq!(parts.concat(), flat[..]);
+        let one = copied.into_parts();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0], flat);
+    }
+
+    #[test]
+    fn an_empty_message_has_no_parts() {
+        assert!(Transmit::new(true).into_parts().is_empty());
+        let mut t = Transmit::new(true);
+        t.push(Frame::Data {
+            id: StreamId(1),
+            payload: Bytes::from(vec![1u8; 4096]),
+        });
+        let parts = t.into_parts();
+        assert_eq!(parts.len(), 2, "header, payload; no empty tail");
+        assert_eq!(parts[0].len(), HEADER_LEN);
+    }
+}
