@@ -19,6 +19,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use crate::chunk::unpinned;
 use crate::session::{StreamReader, StreamWriter};
 
 /// Read buffer size for sockets. Allocated only when the socket is readable,
@@ -119,7 +120,9 @@ impl ChunkRead for OwnedReadHalf {
         let mut buf = BytesMut::with_capacity(SOCKET_READ_CHUNK);
         match ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, &mut buf))? {
             0 => Poll::Ready(Ok(None)),
-            _ => Poll::Ready(Ok(Some(buf.freeze()))),
+            // A short read's chunk must not keep the whole buffer alive in
+            // the queues it goes through (see crate::chunk).
+            _ => Poll::Ready(Ok(Some(unpinned(buf.freeze(), SOCKET_READ_CHUNK)))),
         }
     }
 }
@@ -209,7 +212,10 @@ impl<R: AsyncRead + Unpin + Send> ChunkRead for IoReader<R> {
             &mut self.buf
         ))? {
             0 => Poll::Ready(Ok(None)),
-            _ => Poll::Ready(Ok(Some(std::mem::take(&mut self.buf).freeze()))),
+            _ => {
+                let chunk = std::mem::take(&mut self.buf).freeze();
+                Poll::Ready(Ok(Some(unpinned(chunk, SOCKET_READ_CHUNK))))
+            }
         }
     }
 }

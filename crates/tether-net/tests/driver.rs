@@ -600,3 +600,66 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
     );
     drop(app);
 }
+
+/// A chunk keeps the whole buffer it was cut from alive, in every queue it
+/// passes through: small chunks, from a session's message or from a short
+/// socket read, must come in an allocation of their own (crate::chunk), so
+/// that a peer sending a byte per packet cannot turn the byte bounds of
+/// those queues into thousands of times as much memory.
+#[tokio::test]
+async fn small_chunks_keep_no_large_buffer_alive() {
+    use tether_net::chunk::MAX_PIN_RATIO;
+    use tether_net::splice::ChunkRead;
+    use tokio::io::AsyncWriteExt;
+
+    // From a session: 100 bytes in one message with 60 KiB for another
+    // stream (still unread, so the message buffer is alive).
+    let mut p = pair(Config::default(), Config::default()).await;
+    let (s1a, s1b) = open(&mut p, "small").await;
+    let (s2a, s2b) = open(&mut p, "large").await;
+    let ((_r1a, mut w1a), (mut r1b, _w1b)) = (s1a.split(), s1b.split());
+    let ((_r2a, mut w2a), (mut r2b, _w2b)) = (s2a.split(), s2b.split());
+    w1a.write(Bytes::from(vec![1u8; 100])).await.unwrap();
+    w2a.write(Bytes::from(vec![2u8; 60 * 1024])).await.unwrap();
+    let small = within(r1b.read()).await.unwrap().unwrap();
+    assert_eq!(small, vec![1u8; 100]);
+    let held = small.try_into_mut().map(|b| b.capacity());
+    assert!(
+        matches!(held, Ok(n) if n <= 100 * MAX_PIN_RATIO),
+        "a 100-byte chunk keeps its message's buffer alive: {held:?}"
+    );
+    let mut large = 0;
+    while large < 60 * 1024 {
+        large += within(r2b.read()).await.unwrap().unwrap().len();
+    }
+
+    // From a socket: a short read's chunk, not the 64 KiB read buffer.
+    let (mut app, relay_end) = tcp_pair().await;
+    let (mut from_app, _to_app) = relay_end.into_split();
+    app.write_all(b"ten bytes!").await.unwrap();
+    let chunk = within(std::future::poll_fn(|cx| from_app.poll_next_chunk(cx)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(chunk, &b"ten bytes!"[..]);
+    let held = chunk.try_into_mut().map(|b| b.capacity());
+    assert!(
+        matches!(held, Ok(n) if n <= 10 * MAX_PIN_RATIO),
+        "a 10-byte read keeps its read buffer alive: {held:?}"
+    );
+
+    // From any AsyncRead (a TLS service's read half), the same.
+    let (mut near, far) = tokio::io::duplex(1024);
+    let mut from_io = tether_net::splice::IoReader::new(far);
+    near.write_all(b"ten bytes!").await.unwrap();
+    let chunk = within(std::future::poll_fn(|cx| from_io.poll_next_chunk(cx)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(chunk, &b"ten bytes!"[..]);
+    let held = chunk.try_into_mut().map(|b| b.capacity());
+    assert!(
+        matches!(held, Ok(n) if n <= 10 * MAX_PIN_RATIO),
+        "a 10-byte read keeps the reader's buffer alive: {held:?}"
+    );
+}

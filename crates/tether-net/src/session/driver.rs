@@ -68,6 +68,7 @@ impl Connection {
                 goaway: None,
                 handshake: Some(est_tx),
                 timer_stale: false,
+                input_len: 0,
             }),
             writer_wake: Notify::new(),
             timer_wake: Notify::new(),
@@ -286,7 +287,10 @@ async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
         };
         let (result, closed) = shared.with_session(|g| {
             let result = match msg {
-                Ok(Some(m)) => g.session.handle_input(m, now()),
+                Ok(Some(m)) => {
+                    g.input_len = m.len();
+                    g.session.handle_input(m, now())
+                }
                 Ok(None) => {
                     g.session.transport_lost("peer closed the connection");
                     Err(SessionError::Transport(String::new()))

@@ -40,7 +40,9 @@ use tether_proto::{
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::chunk::unpinned;
 use crate::error::{Refusal, StreamError};
+use crate::transport::MAX_SHARED_READ_BUFFER;
 
 /// Unread bytes a stream may hold as slices of received messages; beyond
 /// this, new chunks are copied so that a slow reader pins no message buffer.
@@ -81,6 +83,9 @@ struct Inner {
     handshake: Option<oneshot::Sender<Result<SessionInfo, SessionError>>>,
     /// A deadline may have moved earlier: the timer must look again.
     timer_stale: bool,
+    /// Length of the message being handled: its chunks are slices of a
+    /// buffer of at most this or [`MAX_SHARED_READ_BUFFER`] bytes.
+    input_len: usize,
 }
 
 impl Inner {
@@ -238,13 +243,15 @@ impl Shared {
                         .bytes_in
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if let Some(r) = g.routes.get(&id) {
-                        // A chunk is a slice of the whole transport message;
-                        // kept in a slow reader's inbox it would pin all of
-                        // it. Copy it out once the reader is behind.
+                        // A chunk is a slice of the buffer its message was
+                        // read into, and keeps all of it alive wherever it
+                        // goes (an inbox, a relay's send queue). Copy it out
+                        // when it is small against that buffer, and always
+                        // once the reader is behind.
                         let data = if g.session.stream_unread(id) > UNREAD_BEFORE_COPY {
                             Bytes::copy_from_slice(&data)
                         } else {
-                            data
+                            unpinned(data, g.input_len.max(MAX_SHARED_READ_BUFFER))
                         };
                         r.inbox.send(Inbound::Data(data));
                     }

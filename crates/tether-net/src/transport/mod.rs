@@ -24,6 +24,14 @@ pub const MAX_SEND_MESSAGE: usize = 64 * 1024;
 /// Largest message a reader accepts; anything bigger is a protocol violation.
 pub const MAX_RECV_MESSAGE: usize = 1024 * 1024;
 
+/// A received message may share its allocation with others, but the
+/// allocation is at most this size or the message's own (plus its
+/// WebSocket header), whichever is larger: the WebSocket reader keeps to
+/// it. The session's chunks stay slices of that allocation, so this is
+/// what a chunk can keep alive (see [`crate::chunk`]). (The in-memory pair,
+/// for tests, hands over the sender's buffers as they are.)
+pub const MAX_SHARED_READ_BUFFER: usize = 64 * 1024;
+
 /// The sending half of a message transport.
 pub trait MessageSink: Send + 'static {
     /// Sends one message (one or more whole frames).

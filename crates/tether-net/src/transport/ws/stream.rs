@@ -10,12 +10,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::frame::{self, Decoder, Event, Role, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG};
-use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE};
+use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE, MAX_SHARED_READ_BUFFER};
 
 /// Room made in the read buffer before each read (more when the frame in
 /// progress needs it). Idle sessions keep this much; the pages the kernel
 /// never wrote to cost no memory.
 const READ_ROOM: usize = 32 * 1024;
+const _: () = assert!(READ_ROOM <= MAX_SHARED_READ_BUFFER);
 
 /// Least room worth a read; below it, a fresh allocation of [`READ_ROOM`].
 const MIN_READ: usize = 4 * 1024;
@@ -134,6 +135,8 @@ pub struct WsSink<S> {
 pub struct WsSource<S> {
     io: ReadHalf<S>,
     buf: BytesMut,
+    /// Size of the allocation `buf` is in.
+    allocated: usize,
     decoder: Decoder,
     writer: Arc<Writer<S>>,
 }
@@ -150,7 +153,8 @@ where
         role,
         pending_pong: std::sync::Mutex::new(None),
     });
-    let mut buf = BytesMut::with_capacity(READ_ROOM.max(read_ahead.len()));
+    let allocated = READ_ROOM.max(read_ahead.len());
+    let mut buf = BytesMut::with_capacity(allocated);
     buf.extend_from_slice(&read_ahead);
     (
         WsSink {
@@ -159,6 +163,7 @@ where
         WsSource {
             io: r,
             buf,
+            allocated,
             decoder: Decoder::new(role, MAX_RECV_MESSAGE),
             writer,
         },
@@ -241,8 +246,9 @@ where
             // payloads handed up still point into it, so asking for a full
             // READ_ROOM every time would allocate anew for every message.
             let wanted = self.decoder.wanted(&self.buf);
-            if self.buf.capacity() - self.buf.len() < wanted.max(MIN_READ) {
-                self.buf.reserve(wanted.max(READ_ROOM));
+            let need = wanted.max(MIN_READ);
+            if self.buf.capacity() - self.buf.len() < need {
+                self.make_room(wanted, need);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(io::Error::new(
@@ -258,6 +264,26 @@ impl<S> WsSource<S>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    /// Makes room for `need` more bytes, `wanted` of them the rest of the
+    /// frame in progress. Every message stays a slice of the buffer it was
+    /// read into and keeps all of it alive, so the buffer is sized to what
+    /// comes: the frame alone when it is larger than [`READ_ROOM`], else
+    /// [`READ_ROOM`] shared by the messages that follow. The allocation is
+    /// reused only when no message refers to it any more and it is not far
+    /// larger than that; never grown in place, which could leave small
+    /// messages in a buffer sized for a large one
+    /// ([`MAX_SHARED_READ_BUFFER`]).
+    fn make_room(&mut self, wanted: usize, need: usize) {
+        let size = self.buf.len().saturating_add(wanted).max(READ_ROOM);
+        if self.allocated <= size.max(MAX_SHARED_READ_BUFFER) && self.buf.try_reclaim(need) {
+            return;
+        }
+        let mut fresh = BytesMut::with_capacity(size);
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
+        self.allocated = size;
+    }
+
     /// Answers a ping from a task of its own: a write can wait for the
     /// peer to read, and the peer may be waiting for us to read. While a
     /// pong is still waiting, a newer ping only replaces its payload.
@@ -361,6 +387,38 @@ mod tests {
             assert_eq!(srx.recv().await.unwrap().unwrap(), whole);
         };
         tokio::join!(send, recv);
+    }
+
+    #[tokio::test]
+    async fn a_message_holds_no_buffer_much_bigger_than_itself() {
+        // A message is a slice of the buffer it was read into, and keeps
+        // that buffer alive as long as any chunk of it lives: after a large
+        // message, a small one must not land in a buffer grown to fit it.
+        for (before, size) in [
+            (300_000, 10),
+            (1_000_000, 10),
+            (70_000, 5),
+            (10, 300_000),
+            (200_000, 300_000),
+        ] {
+            let (a, mut raw) = tokio::io::duplex(1 << 21);
+            let (sink, mut source) = from_io(a, Role::Server, Bytes::new());
+            for n in [before, size] {
+                raw.write_all(&client_frame(OP_BINARY, &vec![7u8; n]))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(source.recv().await.unwrap().unwrap().len(), before);
+            let msg = source.recv().await.unwrap().unwrap();
+            drop((sink, source, raw));
+            // Nothing else refers to the buffer now: what the message can
+            // reach of it is what it keeps alive.
+            let held = msg.try_into_mut().expect("the last reference").capacity();
+            assert!(
+                held <= size.max(MAX_SHARED_READ_BUFFER),
+                "after {before} bytes, a {size}-byte message keeps {held} bytes"
+            );
+        }
     }
 
     #[tokio::test]
