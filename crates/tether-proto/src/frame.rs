@@ -775,7 +775,6 @@ fn lossy(p: &[u8]) -> String {
     clip(&s, MAX_REASON_LEN).to_owned()
 }
 
-/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
 /// The fixed header every frame starts with: type, flags (none defined),
 /// stream id, payload length (PROTOCOL.md section 3.1).
 fn encode_header(kind: FrameType, id: StreamId, len: usize, out: &mut [u8; HEADER_LEN]) {
@@ -785,6 +784,7 @@ fn encode_header(kind: FrameType, id: StreamId, len: usize, out: &mut [u8; HEADE
     out[6..10].copy_from_slice(&(len as u32).to_be_bytes());
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
 fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;

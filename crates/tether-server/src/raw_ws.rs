@@ -15,8 +15,10 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
+use tether_net::chunk::unpinned;
 use tether_net::splice::{ChunkRead, ChunkWrite};
 use tether_net::transport::ws::ws_config;
+use tether_net::transport::MAX_RECV_MESSAGE;
 use tether_net::Refusal;
 use tether_proto::TargetKind;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -147,7 +149,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
         loop {
             return Poll::Ready(match ready!(self.0.poll_next_unpin(cx)) {
                 None | Some(Ok(Message::Close(_))) => Ok(None),
-                Some(Ok(Message::Binary(b))) => Ok(Some(b)),
+                // tungstenite slices messages out of a read buffer that
+                // grows to fit the largest one (≤ MAX_RECV_MESSAGE): a
+                // small one must not keep it alive in the relay's queues.
+                Some(Ok(Message::Binary(b))) => Ok(Some(unpinned(b, MAX_RECV_MESSAGE))),
                 Some(Ok(Message::Text(t))) => Ok(Some(Bytes::from(t.as_str().to_owned()))),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => Err(ws_error(e)),

@@ -180,6 +180,19 @@ pub fn encode_header(
     n
 }
 
+/// A message joined from fragments, in an allocation not much larger than
+/// itself: joining grows its buffer by doubling, and every chunk cut from
+/// the message keeps the whole allocation alive (see `crate::chunk`).
+/// Fragmented messages are rare (tether's own peers never fragment), so the
+/// copy costs nothing on the usual path.
+fn exact(whole: BytesMut) -> Bytes {
+    if whole.capacity() > whole.len() + whole.len() / 4 {
+        Bytes::copy_from_slice(&whole)
+    } else {
+        whole.freeze()
+    }
+}
+
 /// XORs `buf` with the repeating 4-byte `key` (masking and unmasking are
 /// the same operation), eight bytes at a time.
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
@@ -276,7 +289,7 @@ impl Decoder {
                     partial.extend_from_slice(&payload);
                     if h.fin {
                         let whole = self.partial.take().unwrap_or_default();
-                        return Ok(Some(Event::Binary(whole.freeze())));
+                        return Ok(Some(Event::Binary(exact(whole))));
                     }
                 }
                 OP_PING => return Ok(Some(Event::Ping(payload.freeze()))),
@@ -466,6 +479,32 @@ mod tests {
                 Event::Ping(Bytes::from_static(b"x")),
                 Event::Binary(Bytes::from_static(b"abcdef")),
             ])
+        );
+    }
+
+    #[test]
+    fn a_message_joined_from_fragments_keeps_no_spare_buffer_alive() {
+        // Joining grows the buffer by doubling; the message handed up must
+        // not keep the slack alive (its chunks would hold it in queues).
+        let mut wire = frame(false, OP_BINARY, &[1; 5000], Role::Server);
+        for _ in 0..9 {
+            wire.extend(frame(false, OP_CONTINUATION, &[2; 7000], Role::Server));
+        }
+        wire.extend(frame(true, OP_CONTINUATION, &[3; 100], Role::Server));
+        let mut d = Decoder::new(Role::Client, 1 << 20);
+        let mut events = decode_all(&mut d, &wire).unwrap();
+        let Some(Event::Binary(msg)) = events.pop() else {
+            panic!("no message")
+        };
+        // 68 100 bytes: just past the 64 KiB the joined buffer doubles from.
+        assert_eq!(msg.len(), 5000 + 9 * 7000 + 100);
+        let held = msg
+            .try_into_mut()
+            .map(|b| b.capacity())
+            .unwrap_or(usize::MAX);
+        assert!(
+            held <= 68_100 + 68_100 / 4,
+            "a 68 100-byte message holds {held} bytes"
         );
     }
 

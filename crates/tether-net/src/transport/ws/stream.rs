@@ -18,7 +18,8 @@ use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE, MAX_SHARED_
 const READ_ROOM: usize = 32 * 1024;
 const _: () = assert!(READ_ROOM <= MAX_SHARED_READ_BUFFER);
 
-/// Least room worth a read; below it, a fresh allocation of [`READ_ROOM`].
+/// Least room an allocation that no message refers to any more must offer
+/// to be reused; else a fresh one.
 const MIN_READ: usize = 4 * 1024;
 
 /// How long closing may take (writing the close frame, shutting down).
@@ -242,13 +243,15 @@ where
                     Event::Close(..) => return Ok(None),
                 }
             }
-            // Keep reading into the current allocation while it has room:
-            // payloads handed up still point into it, so asking for a full
-            // READ_ROOM every time would allocate anew for every message.
+            // Keep reading into the current allocation while the rest of
+            // the frame fits: payloads handed up still point into it, so
+            // asking for a full READ_ROOM every time would allocate anew for
+            // every message. (A buffer sized to a large frame has exactly
+            // the rest of that frame as room: a trickle of it is read in
+            // place, not copied into a new buffer per read.)
             let wanted = self.decoder.wanted(&self.buf);
-            let need = wanted.max(MIN_READ);
-            if self.buf.capacity() - self.buf.len() < need {
-                self.make_room(wanted, need);
+            if self.buf.capacity() - self.buf.len() < wanted {
+                self.make_room(wanted);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(io::Error::new(
@@ -264,8 +267,8 @@ impl<S> WsSource<S>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    /// Makes room for `need` more bytes, `wanted` of them the rest of the
-    /// frame in progress. Every message stays a slice of the buffer it was
+    /// Makes room for the `wanted` rest of the frame in progress (more when
+    /// the frame is small). Every message stays a slice of the buffer it was
     /// read into and keeps all of it alive, so the buffer is sized to what
     /// comes: the frame alone when it is larger than [`READ_ROOM`], else
     /// [`READ_ROOM`] shared by the messages that follow. The allocation is
@@ -273,9 +276,11 @@ where
     /// larger than that; never grown in place, which could leave small
     /// messages in a buffer sized for a large one
     /// ([`MAX_SHARED_READ_BUFFER`]).
-    fn make_room(&mut self, wanted: usize, need: usize) {
+    fn make_room(&mut self, wanted: usize) {
         let size = self.buf.len().saturating_add(wanted).max(READ_ROOM);
-        if self.allocated <= size.max(MAX_SHARED_READ_BUFFER) && self.buf.try_reclaim(need) {
+        if self.allocated <= size.max(MAX_SHARED_READ_BUFFER)
+            && self.buf.try_reclaim(wanted.max(MIN_READ))
+        {
             return;
         }
         let mut fresh = BytesMut::with_capacity(size);
@@ -419,6 +424,38 @@ mod tests {
                 "after {before} bytes, a {size}-byte message keeps {held} bytes"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_a_large_frame_arriving_in_drips_is_read_in_place() {
+        // A buffer sized to a large frame has exactly the rest of the frame
+        // as room: each drip is read into it, not copied with everything
+        // before it into a new buffer (which a peer could make cost a
+        // megabyte of copying per byte it sends).
+        let (a, mut raw) = tokio::io::duplex(1 << 20);
+        let (_sink, mut source) = from_io(a, Role::Server, Bytes::new());
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let frame = client_frame(OP_BINARY, &payload);
+        let (most, drips) = frame.split_at(frame.len() - 3000);
+        raw.write_all(most).await.unwrap();
+        let pending = tokio::time::timeout(Duration::from_millis(10), source.recv()).await;
+        assert!(pending.is_err(), "the frame is not complete yet");
+        let start = source.buf.as_ptr();
+        // Holds the allocation, so that a new buffer cannot reuse its address.
+        let _hold = source.buf.split_to(0);
+        for byte in &drips[..100] {
+            raw.write_all(std::slice::from_ref(byte)).await.unwrap();
+            let pending = tokio::time::timeout(Duration::from_millis(10), source.recv()).await;
+            assert!(pending.is_err(), "the frame is not complete yet");
+            assert_eq!(
+                source.buf.as_ptr(),
+                start,
+                "the frame moved to a new buffer"
+            );
+        }
+        raw.write_all(&drips[100..]).await.unwrap();
+        let msg = source.recv().await.unwrap().unwrap();
+        assert!(msg == payload[..], "bytes lost or changed");
     }
 
     #[tokio::test]
