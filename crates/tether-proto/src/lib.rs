@@ -34,6 +34,7 @@ pub use queue::InlineQueue;
 pub use session::{
     Config, Event, OpenError, Role, Session, SessionError, StreamBytes, StreamStats, WriteError,
 };
+pub use stream::CHUNK_COST;
 pub use transmit::{FrameBuf, Transmit};
 
 /// The WebSocket subprotocol that carries version 1 of this protocol.

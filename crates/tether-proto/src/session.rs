@@ -13,7 +13,7 @@ use crate::frame::Replicas;
 use crate::frame::{
     CatalogEntry, Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN,
 };
-use crate::stream::{Phase, Stream};
+use crate::stream::{Phase, Stream, CHUNK_COST};
 use crate::transmit::FrameBuf;
 use crate::{
     CATALOG_VERSION, EARLY_DATA_VERSION, MAX_EARLY_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
@@ -956,8 +956,7 @@ impl Session {
         s.open_deadline = Some(now + self.config.open_timeout);
         if !early.is_empty() {
             // early.len() <= MIN_PEER_WINDOW <= the peer's initial window.
-            self.queued_total += early.len();
-            s.enqueue(early);
+            self.queued_total += s.enqueue(early);
             if self.version >= EARLY_DATA_VERSION {
                 // Framed after the OPEN: control frames go first.
                 s.in_ready = true;
@@ -1002,16 +1001,25 @@ impl Session {
             .map_or(0, |s| self.room_for(s))
     }
 
-    /// What `s` may queue now: the least of its credit, its own send buffer
-    /// and the session's send buffer.
+    /// How many bytes one more chunk of `s` may carry now: the least of its
+    /// credit, its own send buffer and the session's send buffer (the
+    /// buffers less the chunk's [`CHUNK_COST`]).
     fn room_for(&self, s: &Stream) -> usize {
         let credit = s.send_credit.min(usize::MAX as u64) as usize;
-        let own = self.config.max_stream_send_buffer.saturating_sub(s.queued);
-        let session = self
+        let own = self
             .config
+            .max_stream_send_buffer
+            .saturating_sub(s.queued)
+            .saturating_sub(CHUNK_COST);
+        credit.min(own).min(self.session_room())
+    }
+
+    /// Bytes one more chunk may carry within the session's send buffer.
+    fn session_room(&self) -> usize {
+        self.config
             .max_session_send_buffer
-            .saturating_sub(self.queued_total);
-        credit.min(own).min(session)
+            .saturating_sub(self.queued_total)
+            .saturating_sub(CHUNK_COST)
     }
 
     /// Queues as much of `data` as the stream's credit and the local send
@@ -1029,11 +1037,7 @@ impl Session {
         let room = self.room_for(s);
         // The session's buffer, not this stream's credit or queue, is what
         // refused the rest: remember to wake this writer when it drains.
-        let session_limited = self
-            .config
-            .max_session_send_buffer
-            .saturating_sub(self.queued_total)
-            == room;
+        let session_limited = self.session_room() == room;
         let take = data.len().min(room);
         let Some(s) = self.streams.get_mut(&id) else {
             return Err(WriteError::UnknownStream);
@@ -1045,8 +1049,7 @@ impl Session {
         if take == 0 {
             return Ok(0);
         }
-        s.enqueue(data.split_to(take));
-        self.queued_total += take;
+        self.queued_total += s.enqueue(data.split_to(take));
         if !s.in_ready {
             s.in_ready = true;
             self.ready.push_back(id);
@@ -1303,11 +1306,13 @@ impl Session {
                 let room = (max_len - out.len()).saturating_sub(HEADER_LEN).max(1);
                 let n = front.len().min(chunk_max).min(room);
                 let payload = front.split_to(n);
+                let mut sent = n;
                 if front.is_empty() {
                     s.send_queue.pop_front();
+                    sent += CHUNK_COST;
                 }
-                s.queued -= n;
-                self.queued_total -= n;
+                s.queued -= sent;
+                self.queued_total -= sent;
                 if let Some(now) = now {
                     s.last_activity = now;
                 }

@@ -5,6 +5,12 @@ use std::time::Instant;
 
 use crate::queue::InlineQueue;
 
+/// What each queued chunk costs the send buffers on top of its bytes: about
+/// what its queue entry and its allocation take. A writer of one-byte
+/// chunks then queues a few thousand within the buffers, not millions of
+/// entries (each in an allocation of its own).
+pub const CHUNK_COST: usize = 64;
+
 /// Where a stream is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -89,13 +95,15 @@ impl Stream {
     }
 
     /// Takes `chunk` into the send queue, charged to the credit (the caller
-    /// checked there is enough, and adds it to the session's queued total).
-    pub(crate) fn enqueue(&mut self, chunk: Bytes) {
+    /// checked there is enough) and, with [`CHUNK_COST`], to the send
+    /// buffer; returns that charge, for the session's queued total.
+    pub(crate) fn enqueue(&mut self, chunk: Bytes) -> usize {
         let n = chunk.len();
         self.send_credit -= n as u64;
         self.bytes_sent += n as u64;
-        self.queued += n;
+        self.queued += n + CHUNK_COST;
         self.send_queue.push_back(chunk);
+        n + CHUNK_COST
     }
 
     /// One direction is finished but not the other.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tether_proto::frame::{CatalogEntry, Frame, ServiceKind, StreamId, Target};
 use tether_proto::{
     Config, ErrorCode, Event, OpenErrorCode, ResetCode, Role, Session, SessionError, StreamBytes,
+    CHUNK_COST,
 };
 
 /// Two sessions and the messages in flight between them.
@@ -294,6 +295,24 @@ fn drain_one(p: &mut Pair, len: usize) -> usize {
 }
 
 #[test]
+fn one_byte_chunks_fill_the_send_buffer_by_their_count_too() {
+    // Each queued chunk is an entry and an allocation: a writer of one-byte
+    // chunks must not queue a quarter of a million of them in 256 KiB.
+    let cfg = Config::default();
+    let (mut p, id) = pair_with_stream(cfg.clone(), (1 << 31) - 1);
+    let mut chunks = 0;
+    while p.a.stream_write(id, Bytes::from_static(b"x")).unwrap() == 1 {
+        chunks += 1;
+        assert!(chunks <= 1 << 20, "never refused");
+    }
+    assert_eq!(chunks, cfg.max_stream_send_buffer / (1 + CHUNK_COST));
+    // Sent, they give their room back: the queue accounts to zero.
+    while drain_one(&mut p, 64 * 1024) > 0 {}
+    assert_eq!(p.a.stats().queued_bytes, 0);
+    assert!(p.a.stream_write(id, Bytes::from_static(b"x")).unwrap() == 1);
+}
+
+#[test]
 fn a_huge_peer_window_does_not_make_a_huge_send_buffer() {
     let cfg = Config::default();
     let (mut p, id) = pair_with_stream(cfg.clone(), (1 << 31) - 1);
@@ -301,7 +320,7 @@ fn a_huge_peer_window_does_not_make_a_huge_send_buffer() {
     let taken =
         p.a.stream_write(id, Bytes::from(vec![1u8; 8 << 20]))
             .unwrap();
-    assert_eq!(taken, cfg.max_stream_send_buffer);
+    assert_eq!(taken, cfg.max_stream_send_buffer - CHUNK_COST);
     assert_eq!(p.a.send_capacity(id), 0);
     assert_eq!(p.a.stats().queued_bytes, cfg.max_stream_send_buffer);
     assert_eq!(p.a.stream_write(id, Bytes::from_static(b"x")).unwrap(), 0);
@@ -339,7 +358,12 @@ fn the_session_send_buffer_bounds_many_streams_and_wakes_them_all() {
             p.a.stream_write(*id, Bytes::from(vec![2u8; 1 << 20]))
                 .unwrap();
     }
-    assert_eq!(total, cfg.max_session_send_buffer, "session bound holds");
+    // Four streams fill their own buffers (each chunk charged CHUNK_COST).
+    assert_eq!(
+        total,
+        cfg.max_session_send_buffer - 4 * CHUNK_COST,
+        "session bound holds"
+    );
     assert!(ids.iter().all(|id| p.a.send_capacity(*id) == 0));
     // Drain until the session is at half: the writers that got nothing in
     // are woken then (the others when their own queue has drained).
@@ -398,7 +422,7 @@ fn credit_returning_into_a_full_session_buffer_is_not_lost() {
     );
     assert_eq!(
         p.a.stream_write(f2, Bytes::from(vec![3u8; k64])).unwrap(),
-        k64
+        k64 - 2 * CHUNK_COST
     );
     assert_eq!(p.a.send_capacity(starved), 0);
     p.a_events.clear();
