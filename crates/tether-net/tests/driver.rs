@@ -608,8 +608,6 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
 /// those queues into thousands of times as much memory.
 #[tokio::test]
 async fn small_chunks_keep_no_large_buffer_alive() {
-    use tether_net::chunk::MAX_PIN_RATIO;
-    use tether_net::splice::ChunkRead;
     use tokio::io::AsyncWriteExt;
 
     // From a session: 100 bytes in one message with 60 KiB for another
@@ -622,12 +620,7 @@ async fn small_chunks_keep_no_large_buffer_alive() {
     w1a.write(Bytes::from(vec![1u8; 100])).await.unwrap();
     w2a.write(Bytes::from(vec![2u8; 60 * 1024])).await.unwrap();
     let small = within(r1b.read()).await.unwrap().unwrap();
-    assert_eq!(small, vec![1u8; 100]);
-    let held = small.try_into_mut().map(|b| b.capacity());
-    assert!(
-        matches!(held, Ok(n) if n <= 100 * MAX_PIN_RATIO),
-        "a 100-byte chunk keeps its message's buffer alive: {held:?}"
-    );
+    assert_own_allocation(small, &[1u8; 100], "a chunk of a message");
     let mut large = 0;
     while large < 60 * 1024 {
         large += within(r2b.read()).await.unwrap().unwrap().len();
@@ -637,29 +630,31 @@ async fn small_chunks_keep_no_large_buffer_alive() {
     let (mut app, relay_end) = tcp_pair().await;
     let (mut from_app, _to_app) = relay_end.into_split();
     app.write_all(b"ten bytes!").await.unwrap();
-    let chunk = within(std::future::poll_fn(|cx| from_app.poll_next_chunk(cx)))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(chunk, &b"ten bytes!"[..]);
-    let held = chunk.try_into_mut().map(|b| b.capacity());
-    assert!(
-        matches!(held, Ok(n) if n <= 10 * MAX_PIN_RATIO),
-        "a 10-byte read keeps its read buffer alive: {held:?}"
-    );
+    let chunk = next_chunk(&mut from_app).await;
+    assert_own_allocation(chunk, b"ten bytes!", "a socket read");
 
     // From any AsyncRead (a TLS service's read half), the same.
     let (mut near, far) = tokio::io::duplex(1024);
     let mut from_io = tether_net::splice::IoReader::new(far);
     near.write_all(b"ten bytes!").await.unwrap();
-    let chunk = within(std::future::poll_fn(|cx| from_io.poll_next_chunk(cx)))
+    let chunk = next_chunk(&mut from_io).await;
+    assert_own_allocation(chunk, b"ten bytes!", "an AsyncRead read");
+}
+
+async fn next_chunk(r: &mut impl tether_net::splice::ChunkRead) -> Bytes {
+    within(std::future::poll_fn(|cx| r.poll_next_chunk(cx)))
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!(chunk, &b"ten bytes!"[..]);
+        .expect("a chunk, not EOF")
+}
+
+/// `chunk` holds `want` in an allocation at most MAX_PIN_RATIO times its size.
+fn assert_own_allocation(chunk: Bytes, want: &[u8], what: &str) {
+    assert_eq!(chunk, want);
     let held = chunk.try_into_mut().map(|b| b.capacity());
     assert!(
-        matches!(held, Ok(n) if n <= 10 * MAX_PIN_RATIO),
-        "a 10-byte read keeps the reader's buffer alive: {held:?}"
+        matches!(held, Ok(n) if n <= want.len() * tether_net::chunk::MAX_PIN_RATIO),
+        "{what} of {} bytes keeps a larger buffer alive: {held:?}",
+        want.len()
     );
 }
