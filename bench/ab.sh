@@ -39,7 +39,8 @@ L_IPERF=$((BASE + 3)) L_ECHO=$((BASE + 4)) F_IPERF=$((BASE + 5))
 
 PIDS=()
 TETHER_PIDS=()
-pin() { taskset -c "$CPU" "$@"; }
+# `exec`: the background job's PID is the program's own, so that stopping it stops it.
+pin() { exec taskset -c "$CPU" "$@"; }
 stop_tether() {
     # SIGKILL: a graceful stop drains, and the next build needs the ports now.
     for p in "${TETHER_PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
@@ -62,24 +63,29 @@ wait_port() { # wait_port PORT: up to 10 s
     die "nothing listens on $1 after 10 s (logs: $LOG)"
 }
 
-pin iperf3 -s -B 127.0.0.1 -p "$S_IPERF" >/dev/null 2>&1 & PIDS+=($!)
-pin "$PROBE" echo-server --listen "127.0.0.1:$S_ECHO" >/dev/null 2>&1 & PIDS+=($!)
+(pin iperf3 -s -B 127.0.0.1 -p "$S_IPERF" >/dev/null 2>&1) & PIDS+=($!)
+(pin "$PROBE" echo-server --listen "127.0.0.1:$S_ECHO" >/dev/null 2>&1) & PIDS+=($!)
 wait_port "$S_IPERF"; wait_port "$S_ECHO"
 printf '[limits]\nopens_per_sec = 1e9\nopen_burst = 1e9\n' >"$LOG/limits.toml"
 
 start_tether() { # start_tether BINARY
     local t=$1
-    RUST_LOG=warn pin "$t" server --config "$LOG/limits.toml" --listen "127.0.0.1:$TP" \
+    (RUST_LOG=warn pin "$t" server --config "$LOG/limits.toml" --listen "127.0.0.1:$TP" \
         --agent ab=ab-agent-token --client "c=ab-client-token=ab/*" \
         --listener "127.0.0.1:$L_IPERF=ab/iperf" --listener "127.0.0.1:$L_ECHO=ab/echo" \
-        >"$LOG/server.log" 2>&1 & TETHER_PIDS+=($!)
+        >"$LOG/server.log" 2>&1) & TETHER_PIDS+=($!)
     wait_port "$TP"
-    TETHER_TOKEN=ab-agent-token RUST_LOG=warn pin "$t" agent --server "ws://127.0.0.1:$TP" \
+    (TETHER_TOKEN=ab-agent-token RUST_LOG=warn pin "$t" agent --server "ws://127.0.0.1:$TP" \
         --name ab --service "iperf=127.0.0.1:$S_IPERF" --service "echo=127.0.0.1:$S_ECHO" \
-        >"$LOG/agent.log" 2>&1 & TETHER_PIDS+=($!)
-    TETHER_TOKEN=ab-client-token RUST_LOG=warn pin "$t" client --server "ws://127.0.0.1:$TP" \
-        forward "127.0.0.1:$F_IPERF=ab/iperf" >"$LOG/client.log" 2>&1 & TETHER_PIDS+=($!)
+        >"$LOG/agent.log" 2>&1) & TETHER_PIDS+=($!)
+    (TETHER_TOKEN=ab-client-token RUST_LOG=warn pin "$t" client --server "ws://127.0.0.1:$TP" \
+        forward "127.0.0.1:$F_IPERF=ab/iperf" >"$LOG/client.log" 2>&1) & TETHER_PIDS+=($!)
     wait_port "$F_IPERF"
+    # Each build must be measured by its own processes, not a previous round's still
+    # holding the ports.
+    for p in "${TETHER_PIDS[@]}"; do
+        kill -0 "$p" 2>/dev/null || die "a $t process exited at start (logs: $LOG)"
+    done
     # Ready when a round trip goes through the listener (the agent is registered).
     for _ in $(seq 100); do
         "$PROBE" rtt --addr "127.0.0.1:$L_ECHO" --count 1 --warmup 0 --timeout-secs 2 \
