@@ -40,13 +40,7 @@ pub trait MessageSink: Send + 'static {
     /// [`tether_proto::Transmit`]). A transport that [gathers](Self::gathers)
     /// writes them as they are; the default joins them into one buffer.
     fn send_parts(&mut self, parts: Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            let msg = match <[Bytes; 1]>::try_from(parts) {
-                Ok([one]) => one,
-                Err(parts) => Bytes::from(parts.concat()),
-            };
-            self.send(msg).await
-        }
+        async move { self.send(joined(parts)).await }
     }
     /// Whether [`send_parts`](Self::send_parts) writes the parts without
     /// copying them into one buffer; the session writer then keeps large
@@ -56,6 +50,15 @@ pub trait MessageSink: Send + 'static {
     }
     /// Closes the transport, telling the peer `reason` if the transport can.
     fn close(&mut self, reason: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// A message's parts as one buffer: the part itself when there is one
+/// (no copy, so a sole owner can still rewrite it in place), else a copy.
+pub(crate) fn joined(parts: Vec<Bytes>) -> Bytes {
+    match <[Bytes; 1]>::try_from(parts) {
+        Ok([one]) => one,
+        Err(parts) => Bytes::from(parts.concat()),
+    }
 }
 
 /// The receiving half of a message transport.

@@ -10,7 +10,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::frame::{self, Decoder, Event, Role, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG};
-use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE, MAX_SHARED_READ_BUFFER};
+use crate::transport::{
+    joined, MessageSink, MessageSource, MAX_RECV_MESSAGE, MAX_SHARED_READ_BUFFER,
+};
 
 /// Room made in the read buffer before each read (more when the frame in
 /// progress needs it). Idle sessions keep this much; the pages the kernel
@@ -196,11 +198,7 @@ where
     async fn send_parts(&mut self, parts: Vec<Bytes>) -> io::Result<()> {
         if self.writer.role == Role::Client || parts.len() < 2 {
             // A client masks every byte: one buffer, masked in place.
-            let msg = match <[Bytes; 1]>::try_from(parts) {
-                Ok([one]) => one,
-                Err(parts) => Bytes::from(parts.concat()),
-            };
-            return self.send(msg).await;
+            return self.send(joined(parts)).await;
         }
         let parts = PartList::new(parts);
         let mut header = [0u8; MAX_HEADER];
