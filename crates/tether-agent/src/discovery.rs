@@ -12,8 +12,10 @@
 //!   when more than one namespace is watched, and `-PORTNAME` (or
 //!   `-PORT`) when it has several ports;
 //! * kind: `http` for a port named `http`/`http-*`/`web` or with
-//!   `appProtocol: http`, `udp` for UDP ports, `tcp` otherwise; the
-//!   annotation `tether.dev/kind` overrides it for every port;
+//!   `appProtocol: http`, `http2` (cleartext HTTP/2: gRPC) for a port named
+//!   `grpc`/`grpc-*` or with `appProtocol: kubernetes.io/h2c` or `grpc`,
+//!   `udp` for UDP ports, `tcp` otherwise; the annotation `tether.dev/kind`
+//!   overrides it for every port;
 //! * address: `NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT`, dialed like a raw
 //!   target: the agent's `allow` list still decides (so an operator's
 //!   allow-list bounds what discovery can publish), the name resolves with
@@ -40,7 +42,8 @@ use tokio::sync::watch;
 pub const EXPOSE_ANNOTATION: &str = "tether.dev/expose";
 /// The annotation that names it (instead of the Service's name).
 pub const NAME_ANNOTATION: &str = "tether.dev/name";
-/// The annotation that sets its kind (`http`, `tcp`, `udp`).
+/// The annotation that sets its kind (`http`, `http2` (also `h2c`, `grpc`),
+/// `tcp`, `udp`).
 pub const KIND_ANNOTATION: &str = "tether.dev/kind";
 
 /// `[kubernetes]`: which Services to publish.
@@ -242,17 +245,27 @@ pub fn entries_of(
             continue;
         }
         let udp = p.protocol.as_deref() == Some("UDP");
+        let app_protocol = p.app_protocol.as_deref().unwrap_or("");
         let kind = match kind_override.as_deref() {
             Some("http") => ServiceKind::Http,
+            Some("http2" | "h2c" | "grpc") => ServiceKind::Http2,
             Some("udp") => ServiceKind::Udp,
             Some(_) => ServiceKind::Tcp,
             None if udp => ServiceKind::Udp,
+            // Cleartext HTTP/2 by the Kubernetes convention
+            // (`appProtocol: kubernetes.io/h2c`) or the service meshes'
+            // (a port named `grpc` or `grpc-*`).
+            None if app_protocol.eq_ignore_ascii_case("kubernetes.io/h2c")
+                || app_protocol.eq_ignore_ascii_case("grpc")
+                || pname == "grpc"
+                || pname.starts_with("grpc-") =>
+            {
+                ServiceKind::Http2
+            }
             None if pname == "http"
                 || pname.starts_with("http-")
                 || pname == "web"
-                || p.app_protocol
-                    .as_deref()
-                    .is_some_and(|a| a.eq_ignore_ascii_case("http")) =>
+                || app_protocol.eq_ignore_ascii_case("http") =>
             {
                 ServiceKind::Http
             }
@@ -463,7 +476,12 @@ mod tests {
                 "grafana",
                 "mon",
                 &expose,
-                &[("http", 3000, "TCP"), ("dns", 53, "UDP"), ("", 9000, "TCP")],
+                &[
+                    ("http", 3000, "TCP"),
+                    ("dns", 53, "UDP"),
+                    ("", 9000, "TCP"),
+                    ("grpc-api", 9090, "TCP"),
+                ],
             ),
             &cfg,
             true,
@@ -474,9 +492,27 @@ mod tests {
             vec![
                 ("grafana-mon-http", ServiceKind::Http),
                 ("grafana-mon-dns", ServiceKind::Udp),
-                ("grafana-mon-9000", ServiceKind::Tcp)
+                ("grafana-mon-9000", ServiceKind::Tcp),
+                ("grafana-mon-grpc-api", ServiceKind::Http2)
             ]
         );
+        // The Kubernetes name for cleartext HTTP/2, and the kind annotation.
+        let mut h2c = svc("api", "a", &expose, &[("", 8080, "TCP")]);
+        if let Some(p) = h2c.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+            p[0].app_protocol = Some("kubernetes.io/h2c".into());
+        }
+        assert_eq!(entries_of(&h2c, &cfg, false)[0].1.kind, ServiceKind::Http2);
+        let e = entries_of(
+            &svc(
+                "x",
+                "a",
+                &[(EXPOSE_ANNOTATION, "true"), (KIND_ANNOTATION, "grpc")],
+                &[("", 80, "TCP")],
+            ),
+            &cfg,
+            false,
+        );
+        assert_eq!(e[0].1.kind, ServiceKind::Http2);
         let e = entries_of(
             &svc(
                 "x",

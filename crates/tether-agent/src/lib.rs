@@ -780,7 +780,17 @@ async fn dial_service(
     };
     let hs = t.connector.connect(t.server_name.clone(), tcp);
     match tokio::time::timeout(dial_timeout, hs).await {
-        Ok(Ok(s)) => Ok((ServiceIo::Tls(Box::new(s)), peer)),
+        Ok(Ok(s)) => match t.require_alpn {
+            Some(want) if s.get_ref().1.alpn_protocol() != Some(want) => Err(Refusal::new(
+                OpenErrorCode::Unreachable,
+                format!(
+                    "TLS to {}: the service did not agree to {} (ALPN); is it an HTTP/2 server? (set http2 = false for HTTP/1.1)",
+                    resolved.address,
+                    String::from_utf8_lossy(want)
+                ),
+            )),
+            _ => Ok((ServiceIo::Tls(Box::new(s)), peer)),
+        },
         Ok(Err(e)) => Err(Refusal::new(
             OpenErrorCode::Unreachable,
             format!("TLS to {}: {e}", resolved.address),

@@ -23,7 +23,8 @@ use tether_proto::{CatalogEntry, OpenErrorCode, ServiceKind};
 
 /// A named service as written in the config: a string
 /// (`HOST:PORT` for TCP, `http://HOST:PORT`, `https://HOST:PORT`,
-/// `https+insecure://HOST:PORT`) or a table with every option.
+/// `https+insecure://HOST:PORT`, `h2c://HOST:PORT`) or a table with every
+/// option.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum ServiceSpec {
@@ -48,6 +49,11 @@ pub struct ServiceTable {
     /// The service speaks HTTP: the server may proxy browsers to it.
     #[serde(default)]
     pub http: bool,
+    /// The service speaks HTTP/2 only (gRPC, say): the server sends it
+    /// requests as HTTP/2, all over one tunnel stream; cleartext with prior
+    /// knowledge, or over TLS with ALPN `h2`. Implies `http`.
+    #[serde(default)]
+    pub http2: bool,
     /// The agent speaks TLS to the service (the tunnel carries plain bytes
     /// from the server to the agent, inside the tunnel's own TLS).
     #[serde(default)]
@@ -79,6 +85,9 @@ pub struct ServiceTls {
     pub connector: tokio_rustls::TlsConnector,
     /// SNI / certificate name.
     pub server_name: rustls_pki_types::ServerName<'static>,
+    /// The ALPN protocol the service must choose (`h2` for an HTTP/2
+    /// service: the server will speak nothing else on the stream).
+    pub require_alpn: Option<&'static [u8]>,
 }
 
 impl std::fmt::Debug for ServiceTls {
@@ -94,6 +103,8 @@ pub struct Service {
     pub address: String,
     /// It speaks HTTP.
     pub http: bool,
+    /// It speaks HTTP/2 only (the server proxies to it with HTTP/2).
+    pub http2: bool,
     /// TLS towards the service, when configured.
     pub tls: Option<ServiceTls>,
     /// `Host` header the server should send, when rewriting.
@@ -108,6 +119,7 @@ impl Service {
             ServiceSpec::Short(s) => ServiceTable {
                 address: s.clone(),
                 http: false,
+                http2: false,
                 tls: false,
                 tls_verify: true,
                 tls_ca: None,
@@ -120,12 +132,14 @@ impl Service {
                 "http" => t.http = true,
                 "https" => (t.http, t.tls) = (true, true),
                 "https+insecure" => (t.http, t.tls, t.tls_verify) = (true, true, false),
+                "h2c" => t.http2 = true,
                 "tcp" => {}
                 "tls" => t.tls = true,
-                other => bail!("service {name}: unknown scheme {other:?} (http, https, https+insecure, tcp, tls)"),
+                other => bail!("service {name}: unknown scheme {other:?} (http, https, https+insecure, h2c, tcp, tls)"),
             }
             t.address = rest.trim_end_matches('/').to_owned();
         }
+        t.http |= t.http2;
         let Some((host, _port)) = split_host_port(&t.address) else {
             bail!("service {name}: address {:?} is not HOST:PORT", t.address);
         };
@@ -135,7 +149,11 @@ impl Service {
                 (Some(ca), true) => ServerTrust::CaFile(ca.clone()),
                 (None, true) => ServerTrust::SystemRoots,
             };
-            let cfg = client_config(&trust).with_context(|| format!("service {name}: TLS"))?;
+            let mut cfg = client_config(&trust).with_context(|| format!("service {name}: TLS"))?;
+            let require_alpn: Option<&'static [u8]> = t.http2.then_some(b"h2");
+            if let Some(p) = require_alpn {
+                Arc::make_mut(&mut cfg).alpn_protocols = vec![p.to_vec()];
+            }
             let sni = t.tls_server_name.clone().unwrap_or_else(|| {
                 host.trim_start_matches('[')
                     .trim_end_matches(']')
@@ -146,6 +164,7 @@ impl Service {
             Some(ServiceTls {
                 connector: tokio_rustls::TlsConnector::from(cfg),
                 server_name,
+                require_alpn,
             })
         } else {
             None
@@ -154,6 +173,7 @@ impl Service {
             host_header: t.rewrite_host.then(|| t.address.clone()),
             address: t.address,
             http: t.http,
+            http2: t.http2,
             tls,
         })
     }
@@ -625,10 +645,10 @@ impl TargetPolicy {
             .iter()
             .map(|(name, s)| CatalogEntry {
                 name: name.clone(),
-                kind: if s.http {
-                    ServiceKind::Http
-                } else {
-                    ServiceKind::Tcp
+                kind: match (s.http2, s.http) {
+                    (true, _) => ServiceKind::Http2,
+                    (false, true) => ServiceKind::Http,
+                    (false, false) => ServiceKind::Tcp,
                 },
                 host: s.host_header.clone().unwrap_or_default(),
             })
@@ -686,6 +706,7 @@ mod tests {
             ServiceSpec::Full(ServiceTable {
                 address: "kibana:5601".into(),
                 http: true,
+                http2: false,
                 tls: true,
                 tls_verify: false,
                 tls_ca: None,
@@ -693,6 +714,7 @@ mod tests {
                 rewrite_host: true,
             }),
         );
+        services.insert("grpc".to_owned(), "h2c://grpc.shop:50051".into());
         services.insert("local".to_owned(), "127.0.0.1:8002".into());
         TargetPolicy::new(
             &services,
@@ -778,6 +800,7 @@ mod tests {
             vec![
                 ("db", ServiceKind::Tcp, ""),
                 ("grafana", ServiceKind::Http, ""),
+                ("grpc", ServiceKind::Http2, ""),
                 ("kibana", ServiceKind::Http, "kibana:5601"),
                 ("local", ServiceKind::Tcp, ""),
             ]

@@ -57,6 +57,10 @@ pub enum ServiceKind {
     Http,
     /// A UDP service.
     Udp,
+    /// An HTTP service that speaks only HTTP/2 to the server (cleartext
+    /// with prior knowledge, or over the agent's TLS with ALPN `h2`): gRPC
+    /// and other HTTP/2-only servers (version 6).
+    Http2,
     /// A kind this build does not know (shown, never proxied).
     Other(u8),
 }
@@ -68,6 +72,7 @@ impl ServiceKind {
             ServiceKind::Tcp => 0,
             ServiceKind::Http => 1,
             ServiceKind::Udp => 2,
+            ServiceKind::Http2 => 3,
             ServiceKind::Other(v) => v,
         }
     }
@@ -78,16 +83,34 @@ impl ServiceKind {
             0 => ServiceKind::Tcp,
             1 => ServiceKind::Http,
             2 => ServiceKind::Udp,
+            3 => ServiceKind::Http2,
             v => ServiceKind::Other(v),
         }
     }
 
-    /// Lowercase name (`tcp`, `http`, `udp`, `kindN`).
+    /// Whether the server may proxy browsers to it (HTTP/1.1 or HTTP/2).
+    pub fn is_http(self) -> bool {
+        matches!(self, ServiceKind::Http | ServiceKind::Http2)
+    }
+
+    /// The kind a peer speaking protocol `version` is told: a version-5 (or
+    /// older) server does not know kind 3 and could only refuse it, so an
+    /// HTTP/2 service is announced to it as what it still is for that
+    /// server, a TCP service.
+    pub fn for_version(self, version: u16) -> ServiceKind {
+        match self {
+            ServiceKind::Http2 if version < crate::HTTP2_SERVICE_VERSION => ServiceKind::Tcp,
+            k => k,
+        }
+    }
+
+    /// Lowercase name (`tcp`, `http`, `udp`, `http2`, `kindN`).
     pub fn as_str(self) -> std::borrow::Cow<'static, str> {
         match self {
             ServiceKind::Tcp => "tcp".into(),
             ServiceKind::Http => "http".into(),
             ServiceKind::Udp => "udp".into(),
+            ServiceKind::Http2 => "http2".into(),
             ServiceKind::Other(v) => format!("kind{v}").into(),
         }
     }
@@ -865,6 +888,11 @@ mod tests {
                 name: "grafana".into(),
                 kind: ServiceKind::Http,
                 host: "grafana.monitoring.svc".into(),
+            },
+            CatalogEntry {
+                name: "grpc".into(),
+                kind: ServiceKind::Http2,
+                host: String::new(),
             },
             CatalogEntry {
                 name: "db".into(),

@@ -44,9 +44,9 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// streams (kind 2, length-prefixed datagrams); version 3 adds the CATALOG
 /// frame (the services an agent offers); version 4 adds the REPLICAS frame
 /// (the server replicas an agent should hold a session to); version 5 lets
-/// the opener send its first bytes with the OPEN (early data); everything
-/// else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// the opener send its first bytes with the OPEN (early data); version 6
+/// adds the catalog kind HTTP/2; everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -63,6 +63,9 @@ pub const REPLICAS_VERSION: u16 = 4;
 /// The first version in which the opener may send DATA (early data) on a
 /// stream before its OPEN_OK.
 pub const EARLY_DATA_VERSION: u16 = 5;
+
+/// The first version whose CATALOG may carry kind 3 (an HTTP/2 service).
+pub const HTTP2_SERVICE_VERSION: u16 = 6;
 
 /// Most early data [`Session::open_with`] takes: the smallest receive
 /// window a peer may announce, so it always fits the peer's credit, and

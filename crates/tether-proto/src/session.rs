@@ -748,7 +748,8 @@ impl Session {
         });
         if version >= CATALOG_VERSION {
             if let Some(c) = &self.catalog {
-                self.control.push_back(Frame::Catalog(c.clone()));
+                self.control
+                    .push_back(Frame::Catalog(catalog_for(c, version)));
             }
         }
         if version >= REPLICAS_VERSION {
@@ -771,10 +772,13 @@ impl Session {
 
     /// Announces the services this side offers (a CATALOG frame, version 3),
     /// replacing any earlier announcement. Before the handshake it is kept
-    /// and sent on establishment; with a version 1 or 2 peer it is never sent.
+    /// and sent on establishment; with a version 1 or 2 peer it is never sent,
+    /// and a peer older than version 6 is told kinds it knows
+    /// ([`crate::frame::ServiceKind::for_version`]).
     pub fn announce_catalog(&mut self, entries: Vec<CatalogEntry>) {
         if self.state == State::Established && self.version >= CATALOG_VERSION {
-            self.control.push_back(Frame::Catalog(entries.clone()));
+            self.control
+                .push_back(Frame::Catalog(catalog_for(&entries, self.version)));
         }
         self.catalog = Some(entries);
     }
@@ -1578,4 +1582,14 @@ impl Session {
         self.handshake_deadline = None;
         self.events.push_back(Event::SessionClosed { error });
     }
+}
+/// `entries` as a peer speaking `version` is told them.
+fn catalog_for(entries: &[CatalogEntry], version: u16) -> Vec<CatalogEntry> {
+    entries
+        .iter()
+        .map(|e| CatalogEntry {
+            kind: e.kind.for_version(version),
+            ..e.clone()
+        })
+        .collect()
 }

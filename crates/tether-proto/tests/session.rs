@@ -652,9 +652,9 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 }
 
 #[test]
-fn current_peers_negotiate_version_5_with_udp() {
+fn current_peers_negotiate_version_6_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (5, 5));
+    assert_eq!((p.a.version(), p.b.version()), (6, 6));
     let id =
         p.a.open(
             Target {
@@ -743,6 +743,70 @@ fn catalog_needs_version_3() {
         b.handle_input(out.freeze(), now),
         Err(SessionError::Protocol(_))
     ));
+}
+
+/// The catalogs an acceptor speaking with a peer of `max_version` sends,
+/// once at establishment and once after a later announcement.
+fn catalogs_sent_to(max_version: u16, entries: Vec<CatalogEntry>) -> Vec<Vec<CatalogEntry>> {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Acceptor, Config::default(), now);
+    b.announce_catalog(entries.clone());
+    let mut out = BytesMut::new();
+    Frame::Hello(tether_proto::frame::Hello {
+        min_version: 1,
+        max_version,
+        capabilities: 0,
+        initial_window: 65536,
+        max_frame_payload: 65536,
+        software: format!("v{max_version}"),
+    })
+    .encode(&mut out);
+    b.handle_input(out.freeze(), now).unwrap();
+    assert_eq!(b.version(), max_version);
+    b.announce_catalog(entries);
+    let mut tx = BytesMut::new();
+    b.poll_transmit(&mut tx, usize::MAX);
+    let mut tx = tx.freeze();
+    let mut got = vec![];
+    while let Ok(Some(f)) = Frame::decode(&mut tx, 1 << 20) {
+        if let Frame::Catalog(c) = f {
+            got.push(c);
+        }
+    }
+    got
+}
+
+/// An HTTP/2 service (kind 3, version 6) is announced as what an older
+/// server can still use it for: a TCP service. A version-6 peer learns the
+/// kind.
+#[test]
+fn http2_services_reach_older_peers_as_tcp() {
+    let entries = vec![
+        CatalogEntry {
+            name: "grpc".into(),
+            kind: ServiceKind::Http2,
+            host: String::new(),
+        },
+        CatalogEntry {
+            name: "web".into(),
+            kind: ServiceKind::Http,
+            host: String::new(),
+        },
+    ];
+    let kinds = |catalogs: Vec<Vec<CatalogEntry>>| -> Vec<Vec<ServiceKind>> {
+        catalogs
+            .into_iter()
+            .map(|c| c.into_iter().map(|e| e.kind).collect())
+            .collect()
+    };
+    assert_eq!(
+        kinds(catalogs_sent_to(5, entries.clone())),
+        vec![vec![ServiceKind::Tcp, ServiceKind::Http]; 2]
+    );
+    assert_eq!(
+        kinds(catalogs_sent_to(6, entries)),
+        vec![vec![ServiceKind::Http2, ServiceKind::Http]; 2]
+    );
 }
 
 fn replicas(n: u64) -> tether_proto::Replicas {

@@ -234,7 +234,8 @@ struct AgentArgs {
     name: Option<String>,
     /// A named service: NAME=HOST:PORT for TCP, NAME=http://HOST:PORT or
     /// NAME=https://HOST:PORT (https+insecure:// skips the certificate check)
-    /// for web services (repeatable).
+    /// for web services, NAME=h2c://HOST:PORT for cleartext HTTP/2 ones such
+    /// as gRPC (repeatable).
     #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     services: Vec<String>,
     /// Raw targets clients may ask for: HOSTGLOB:PORTS or CIDR:PORTS (repeatable).

@@ -294,7 +294,7 @@ pub(crate) async fn run(a: SampleAppArgs) -> anyhow::Result<()> {
             "127.0.0.1".into(),
         ])?;
         Some(tokio_rustls::TlsAcceptor::from(
-            id.server_config(&[b"http/1.1"])?,
+            id.server_config(&[b"h2", b"http/1.1"])?,
         ))
     } else {
         None

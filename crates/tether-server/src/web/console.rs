@@ -139,14 +139,14 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
                     continue;
                 }
                 let proto = match s.kind {
-                    ServiceKind::Http => Protocol::Http,
+                    ServiceKind::Http | ServiceKind::Http2 => Protocol::Http,
                     ServiceKind::Udp => Protocol::Udp,
                     _ => Protocol::Tcp,
                 };
                 if !auth.decide(client, &name, &s.name, proto).allowed {
                     continue;
                 }
-                let url = (s.kind == ServiceKind::Http).then(|| match &base {
+                let url = s.kind.is_http().then(|| match &base {
                     Some(b) => format!("{scheme}://{}.{name}.{b}{port}/", s.name),
                     None => format!("{PATH_PREFIX}{name}/{}/", s.name),
                 });

@@ -16,7 +16,8 @@
 //! * [`route`]: which service a request is for (host or path routing);
 //! * [`proxy`]: the proxy handler, one request from admission to the end of
 //!   its response body; [`pool`]: the keep-alive pool of tunnel streams it
-//!   sends requests over; [`rewrite`]: what the proxy changes in headers
+//!   sends requests over, [`h2_pool`] the HTTP/2 connections to services
+//!   that speak only HTTP/2; [`rewrite`]: what the proxy changes in headers
 //!   and cookies, both ways;
 //! * [`login`] with [`logins`]: the login form and the browser sessions;
 //! * [`console`]: the console; [`pages`]: the server's own pages.
@@ -24,6 +25,7 @@
 pub(crate) mod admin;
 pub(crate) mod console;
 pub(crate) mod credential;
+pub(crate) mod h2_pool;
 pub mod login;
 pub(crate) mod logins;
 pub(crate) mod pages;
@@ -72,6 +74,7 @@ pub(crate) struct Web {
     tls: bool,
     logins: Arc<logins::WebSessions>,
     pool: pool::Pool,
+    h2: h2_pool::H2Pool,
     opener: Opener,
     auth: Arc<AuthStore>,
     registry: Arc<Registry>,
@@ -99,6 +102,7 @@ impl Web {
             tls,
             logins,
             pool: pool::Pool::new(opener.clone()),
+            h2: h2_pool::H2Pool::new(opener.clone()),
             opener,
             auth,
             registry,

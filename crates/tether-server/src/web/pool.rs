@@ -38,6 +38,13 @@ tokio::task_local! {
 /// A tunnel stream as hyper's client connection.
 pub(crate) struct TunnelConn(TokioIo<StreamIo>, AgentSession);
 
+impl TunnelConn {
+    /// `io`, a tunnel stream on the agent session `session`.
+    pub(crate) fn new(io: TokioIo<StreamIo>, session: tether_net::Connection) -> TunnelConn {
+        TunnelConn(io, AgentSession(session))
+    }
+}
+
 /// The agent session a pooled stream runs on (kept in hyper's connection
 /// metadata, so [`Pool::request`] can tell a draining one).
 #[derive(Clone)]
@@ -124,9 +131,9 @@ impl tower_service::Service<Uri> for TunnelConnector {
             let (agent, service) = target.ok_or_else(|| internal("unknown pool key"))?;
             let caller = caller.ok_or_else(|| internal("pool used outside a request"))?;
             let (stream, session) = opener.dial_pooled(caller, &agent, &service).await?;
-            Ok(TunnelConn(
+            Ok(TunnelConn::new(
                 TokioIo::new(StreamIo::new(stream)),
-                AgentSession(session),
+                session,
             ))
         })
     }

@@ -5,7 +5,8 @@
 //! ([`crate::open::Opener::admit_request`]: rate, policy with protocol
 //! `http`, a stream slot), checked against the agent's catalog, rewritten
 //! ([`super::rewrite`]) and sent over the pool's keep-alive tunnel streams
-//! ([`super::pool`]). Bodies stream both ways with backpressure from the
+//! ([`super::pool`]), or, to a service that speaks only HTTP/2, as HTTP/2
+//! streams on one tunnel stream ([`super::h2_pool`]). Bodies stream both ways with backpressure from the
 //! tunnel windows; nothing is buffered whole. The request's guard lives as
 //! long as its response body, which ends when a reload revokes the access
 //! or the JWT expires. WebSocket upgrades are passed through: after the
@@ -139,18 +140,29 @@ async fn proxy(
             return refuse(status, code.as_str(), reason);
         }
     };
-    let host_header = match check_service(web, agent, service).await {
+    let ServiceHttp { host_header, http2 } = match check_service(web, agent, service).await {
         Ok(h) => h,
         Err((status, code, msg)) => return refuse(status, code, msg),
     };
 
     // The request as the service will see it.
     let upgrade = is_upgrade(req.headers());
+    if http2 && upgrade.is_some() {
+        // RFC 8441's extended CONNECT would carry it; not implemented.
+        return refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "upgrade_unsupported",
+            format!("{agent}/{service} speaks HTTP/2 only: protocol upgrades (WebSocket) to it are not supported"),
+        );
+    }
     let hold = req.extensions().get::<ConnectionHold>().cloned();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let method = parts.method;
     let mut h = parts.headers;
+    // `TE: trailers` says the client takes trailers (gRPC's status comes in
+    // them); HTTP/2 lets it through, the one `TE` value it allows.
+    let te_trailers = http2 && accepts_trailers(&h);
     let public_host = outbound_headers(
         web,
         &mut h,
@@ -160,7 +172,18 @@ async fn proxy(
         host_header.as_deref(),
         upgrade.as_ref(),
     );
-    let Some(uri) = web.pool.uri(agent, service, rest) else {
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // HTTP/2 names the host in `:authority`, which hyper takes from the
+    // URI: the `Host` the service should see. The pool's URIs name a pool
+    // key instead.
+    let uri = if http2 {
+        h2_uri(h.remove(header::HOST), rest)
+    } else {
+        web.pool.uri(agent, service, rest)
+    };
+    let Some(uri) = uri else {
         return refuse(
             StatusCode::BAD_REQUEST,
             "bad_path",
@@ -178,13 +201,22 @@ async fn proxy(
     let mut out = Request::new(body.map_err(BoxError::from).boxed_unsync());
     *out.method_mut() = method.clone();
     *out.uri_mut() = uri;
-    *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = h;
-
-    let mut resp = match web.pool.request(guard.key().clone(), out).await {
+    let caller_key = guard.key().clone();
+    let sent = if http2 {
+        *out.version_mut() = Version::HTTP_2;
+        web.h2.request(caller_key, agent, service, out).await
+    } else {
+        *out.version_mut() = Version::HTTP_11;
+        web.pool
+            .request(caller_key, out)
+            .await
+            .map_err(BoxError::from)
+    };
+    let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {
-            let (status, code, msg) = gateway_refusal(&e, agent, service);
+            let (status, code, msg) = gateway_refusal(&*e, agent, service);
             return refuse(status, &code, msg);
         }
     };
@@ -303,11 +335,35 @@ fn outbound_headers(
     public_host
 }
 
+/// Whether the request's `TE` names `trailers`.
+fn accepts_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// The absolute URI of `path_and_query` at `host` (the `Host` the service
+/// should see), for an HTTP/2 request.
+fn h2_uri(host: Option<HeaderValue>, path_and_query: &str) -> Option<http::Uri> {
+    if !path_and_query.starts_with('/') {
+        return None;
+    }
+    let authority = http::uri::Authority::try_from(host?.as_bytes()).ok()?;
+    http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .ok()
+}
+
 /// The answer to a request the pool could not deliver: status, code and
 /// message. Refusals keep their meaning (404 unknown, 403 forbidden by the
 /// agent); everything else is the gateway's failure.
 fn gateway_refusal(
-    e: &hyper_util::client::legacy::Error,
+    e: &(dyn std::error::Error + 'static),
     agent: &str,
     service: &str,
 ) -> (StatusCode, String, String) {
@@ -365,14 +421,22 @@ async fn splice_upgraded(
     }
 }
 
+/// How a service takes HTTP, from its agent's catalog.
+struct ServiceHttp {
+    /// The `Host` it wants, when the agent rewrites it.
+    host_header: Option<String>,
+    /// It speaks HTTP/2 only.
+    http2: bool,
+}
+
 /// Whether `agent` is connected and offers `service` over HTTP; `Ok` with
-/// the `Host` the service wants (from the agent's catalog), else the
-/// refusal's status, code and message.
+/// how it takes HTTP (from the agent's catalog), else the refusal's status,
+/// code and message.
 async fn check_service(
     web: &Web,
     agent: &str,
     service: &str,
-) -> Result<Option<String>, (StatusCode, &'static str, String)> {
+) -> Result<ServiceHttp, (StatusCode, &'static str, String)> {
     let entry = match web.opener.find_agent(agent).await {
         Ok(e) => e,
         Err(Refusal { code, reason }) => return Err((http_status(code), code.as_str(), reason)),
@@ -402,7 +466,11 @@ async fn check_service(
         ));
     }
     let Some(c) = catalog else {
-        return Ok(None);
+        // A version 1 or 2 agent: no catalog, HTTP/1.1 to any allowed name.
+        return Ok(ServiceHttp {
+            host_header: None,
+            http2: false,
+        });
     };
     match c.iter().find(|e| e.name == service) {
         None => Err((
@@ -410,12 +478,15 @@ async fn check_service(
             "unknown_service",
             format!("agent {agent} has no service named {service}"),
         )),
-        Some(e) if e.kind != ServiceKind::Http => Err((
+        Some(e) if !e.kind.is_http() => Err((
             StatusCode::BAD_REQUEST,
             "not_http",
             format!("{agent}/{service} is a {} service, not HTTP (mark it http in the agent's config to open it in a browser)", e.kind.as_str()),
         )),
-        Some(e) => Ok((!e.host.is_empty()).then(|| e.host.clone())),
+        Some(e) => Ok(ServiceHttp {
+            host_header: (!e.host.is_empty()).then(|| e.host.clone()),
+            http2: e.kind == ServiceKind::Http2,
+        }),
     }
 }
 

@@ -13,6 +13,7 @@ mod cli;
 mod discovery;
 mod e2e;
 mod ha;
+mod http2;
 mod lifecycle;
 mod listeners;
 mod netns;

@@ -28,6 +28,8 @@ pub(crate) struct WebOpts {
     pub no_base_domain: bool,
     /// Server config (TOML) given with `--config`, e.g. an `[http]` table.
     pub config: String,
+    /// More lines for the agent's `[services]` table.
+    pub services: String,
 }
 
 /// What one curl call saw.
@@ -164,7 +166,11 @@ strict = "https://127.0.0.1:{tls_app_port}"
 refused = "http://{refused}"
 blackhole = "http://{blackhole}"
 hosty = {{ address = "127.0.0.1:{app_port}", http = true, rewrite_host = true }}
+h2web = "h2c://127.0.0.1:{app_port}"
+h2secure = {{ address = "https+insecure://127.0.0.1:{tls_app_port}", http2 = true }}
+{extra}
 "#,
+            extra = opts.services,
             scheme = if tls { "wss" } else { "ws" },
             fp = fingerprint
                 .map(|f| format!("fingerprint = \"{f}\""))

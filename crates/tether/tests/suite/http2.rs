@@ -1,0 +1,299 @@
+//! HTTP/2 to services that speak only HTTP/2: the proxy sends requests as
+//! HTTP/2 (cleartext with prior knowledge, or over the agent's TLS with
+//! ALPN `h2`), all over one tunnel stream per service; gRPC works through
+//! it with a real gRPC client and server (grpcio).
+
+use super::common::web::{Web, WebOpts};
+use super::common::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Tunnel streams the server has opened so far.
+fn opened(w: &Web) -> f64 {
+    metric(&w.server_metrics(), "tether_streams_total").unwrap_or(0.0)
+}
+
+/// `n` curl processes fetching `url` at the same time with the dev
+/// client's token; their status codes.
+fn concurrent_gets(url: &str, n: usize) -> Vec<String> {
+    let children: Vec<Child> = (0..n)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sS", "-k", "--max-time", "30", "-o", "/dev/null"])
+                .args(["-w", "%{http_code}", "-H"])
+                .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+                .arg(url)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn http2_services_get_http2_requests_over_one_tunnel_stream() {
+    let w = Web::start();
+    for service in ["h2web", "h2secure"] {
+        let out = w.get(&w.url(&format!("/a/prod/{service}/headers")), &[]);
+        assert_eq!(out.status, 200, "{service}: {out:?}");
+        let seen = out.json();
+        assert_eq!(seen["version"], "HTTP/2.0", "{service}: {seen}");
+        // The host the browser used travels as `:authority`; the proxy's
+        // own headers as with HTTP/1.1; the bearer token never.
+        let headers = &seen["headers"];
+        assert_eq!(
+            seen["uri"],
+            format!("http://tether.test:{}/headers", w.port),
+            "{seen}"
+        );
+        assert_eq!(
+            headers["x-forwarded-host"],
+            format!("tether.test:{}", w.port)
+        );
+        assert_eq!(headers["x-forwarded-prefix"], format!("/a/prod/{service}"));
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+        assert!(headers.get("authorization").is_none(), "{seen}");
+        assert!(headers.get("host").is_none(), "{seen}");
+    }
+    // The HTTP/1.1 service still gets HTTP/1.1.
+    let out = w.get(&w.url("/a/prod/web/headers"), &[]);
+    assert_eq!(out.json()["version"], "HTTP/1.1");
+
+    // Twelve slow responses at once: HTTP/2 carries them on the stream
+    // already open; the HTTP/1.1 pool needs a stream for each one in flight.
+    let slow = |service: &str| w.url(&format!("/a/prod/{service}/events?n=5"));
+    let before = opened(&w);
+    let codes = concurrent_gets(&slow("h2web"), 12);
+    assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
+    let h2_streams = opened(&w) - before;
+    assert_eq!(
+        h2_streams, 0.0,
+        "12 concurrent HTTP/2 requests opened {h2_streams} tunnel streams"
+    );
+    let before = opened(&w);
+    let codes = concurrent_gets(&slow("web"), 12);
+    assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
+    let h1_streams = opened(&w) - before;
+    assert!(
+        h1_streams >= 6.0,
+        "the HTTP/1.1 control opened only {h1_streams} streams for 12 concurrent requests"
+    );
+
+    // Bodies both ways, larger than every window on the way.
+    let out = w.get(&w.url("/a/prod/h2web/bytes?n=8388608"), &[]);
+    assert_eq!(out.status, 200);
+    assert_eq!(out.raw.len(), 8 << 20);
+    assert!(out
+        .raw
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern_byte(i as u64)));
+    let upload = w.dir.join("upload.bin");
+    let mut data = vec![0u8; 5 << 20];
+    Pattern::new(7).fill(&mut data);
+    std::fs::write(&upload, &data).unwrap();
+    let out = w.get(
+        &w.url("/a/prod/h2secure/upload"),
+        &["--data-binary", &format!("@{}", upload.display())],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    let mut h = Fnv::new();
+    h.update(&data);
+    assert_eq!(out.json()["bytes"], 5 << 20);
+    assert_eq!(out.json()["fnv"], format!("{:016x}", h.finish()));
+
+    // A WebSocket upgrade has no HTTP/2 form here: a clear refusal.
+    let out = w.get(
+        &w.url("/a/prod/h2web/ws"),
+        &[
+            "--http1.1",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        ],
+    );
+    assert_eq!(out.status, 501, "{out:?}");
+    assert!(out.body.contains("HTTP/2 only"), "{}", out.body);
+}
+
+/// The sample app's `/bytes` pattern.
+fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// The gRPC server process, killed when the test ends.
+struct GrpcPeer(Child);
+
+impl Drop for GrpcPeer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether grpcio can run here (in CI it must).
+fn grpcio_available() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import grpc"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "python3 with grpcio is required in CI (pip install grpcio)"
+    );
+    eprintln!("SKIPPED: pip install grpcio to run the gRPC test");
+    false
+}
+
+#[test]
+fn grpc_passes_through_the_proxy_with_trailers_and_streams() {
+    if !grpcio_available() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/suite/grpc_peer.py");
+    let grpc_port = free_port();
+    let _peer = GrpcPeer(
+        Command::new("python3")
+            .arg(&script)
+            .args(["serve", &grpc_port.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", grpc_port)).is_ok()
+        }),
+        "the gRPC server did not start"
+    );
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        services: format!("grpc = \"h2c://127.0.0.1:{grpc_port}\""),
+        ..Default::default()
+    });
+    let out = Command::new("timeout")
+        .args(["120", "python3"])
+        .arg(&script)
+        .args([
+            "call",
+            &format!("127.0.0.1:{}", w.port),
+            &format!("grpc.prod.{}:{}", super::common::web::BASE, w.port),
+            CLIENT_TOKEN,
+        ])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.server.log_text()
+    );
+    let got: serde_json::Value = serde_json::from_str(text.trim()).expect("JSON from the client");
+    // A 1 MiB message each way, and its trailer.
+    assert_eq!(got["echo_ok"], true, "{got}");
+    assert_eq!(got["echo_trailer"], "1048576", "{got}");
+    // A server stream, in order.
+    let count: Vec<u64> = (0..200).collect();
+    assert_eq!(got["count"], serde_json::json!(count));
+    // The status and message come in trailers.
+    assert_eq!(
+        got["fail"],
+        serde_json::json!(["NOT_FOUND", "no such thing: x"])
+    );
+    // The bearer token stays at the server; the forwarding headers arrive.
+    let meta: Vec<&str> = got["meta"]
+        .as_array()
+        .expect("meta")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(!meta.contains(&"authorization"), "{meta:?}");
+    assert!(meta.contains(&"x-forwarded-for"), "{meta:?}");
+    assert_eq!(got["concurrent_ok"], 32);
+    // A wrong token is refused before the service: gRPC's UNAUTHENTICATED.
+    assert_eq!(got["bad_token"], "UNAUTHENTICATED");
+}
+
+/// A TLS server that knows nothing of ALPN (`openssl s_server`), killed
+/// when dropped.
+struct TlsServer(Child);
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_http2_service_that_does_not_agree_to_h2_is_refused_clearly() {
+    let dir = std::env::temp_dir().join(format!("tether-h2-alpn-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args([
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let port = free_port();
+    let _tls = TlsServer(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
+    let w = Web::start_with(WebOpts {
+        services: format!(
+            "noh2 = {{ address = \"https+insecure://127.0.0.1:{port}\", http2 = true }}"
+        ),
+        ..Default::default()
+    });
+    let out = w.get(&w.url("/a/prod/noh2/"), &[]);
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(
+        out.body.contains("did not agree to h2"),
+        "the refusal should say why: {}",
+        out.body
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
