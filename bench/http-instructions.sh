@@ -7,6 +7,8 @@
 # machine's load, so two binaries compare exactly.
 #
 # Usage: bench/http-instructions.sh [N=1000] [BINARY=target/release/tether] [BINARY2 ...]
+# UPSTREAM=h2c offers the app as an HTTP/2 service (`h2c://`): the proxy speaks HTTP/2
+# to it over one tunnel stream.
 # Needs valgrind and curl; loopback only (ports 22100-22101). Writes nothing but a
 # temporary directory; the callgrind profile of the last run stays in it for
 # callgrind_annotate (its path is printed).
@@ -15,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}; shift || true
+UPSTREAM=${UPSTREAM:-http}
 BINS=("$@"); [ ${#BINS[@]} -gt 0 ] || BINS=(target/release/tether)
 for c in valgrind curl; do command -v $c >/dev/null || { echo "need $c"; exit 1; }; done
 WORK=$(mktemp -d)
@@ -35,7 +38,7 @@ count() { # BINARY REQUESTS -> instructions the server executed
     local srv=$!
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/22101) 2>/dev/null && break; sleep 0.2; done
     "$t" agent --server ws://127.0.0.1:22101 --name bench --token bench-agent \
-        --service web=http://127.0.0.1:22100 >"$WORK/agent.log" 2>&1 & PIDS+=($!)
+        --service "web=$UPSTREAM://127.0.0.1:22100" >"$WORK/agent.log" 2>&1 & PIDS+=($!)
     local ok=0
     for _ in $(seq 100); do curl -sf -H "Authorization: Bearer tok" "$URL" >/dev/null && { ok=1; break; }; sleep 0.3; done
     [ $ok = 1 ] || { echo "no answer through the proxy (see $WORK)" >&2; exit 1; }
@@ -52,6 +55,6 @@ count() { # BINARY REQUESTS -> instructions the server executed
 
 for b in "${BINS[@]}"; do
     zero=$(count "$b" 0); many=$(count "$b" "$N")
-    echo "$b: $(( (many - zero) / N )) server instructions per proxied request ($N requests)"
+    echo "$b: $(( (many - zero) / N )) server instructions per proxied request ($N requests, $UPSTREAM to the app)"
 done
 echo "profile of the last run: $WORK/cg.out (callgrind_annotate --inclusive=yes $WORK/cg.out)"

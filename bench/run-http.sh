@@ -4,7 +4,8 @@
 #   1. HTTP requests/s and latency with keep-alive (wrk, 1 thread, 16
 #      connections, a small fixed response from `tether sample-app /hello`):
 #      direct to the app vs through the server's reverse proxy (plain HTTP,
-#      so the ratio is the tunnel's cost, not TLS's).
+#      so the ratio is the tunnel's cost, not TLS's); the same app offered
+#      as an HTTP/2 service (`h2c://`) too, so the proxy speaks HTTP/2 to it.
 #   2. Time to first byte of a new browser-style connection (curl, a fresh
 #      connection per request, 300 requests, median and p90): direct, through
 #      the proxy, and through the proxy over TLS (self-signed, h2 by ALPN).
@@ -40,14 +41,15 @@ SPID=${PIDS[1]}
 for _ in $(seq 50); do grep -q fingerprint= "$LOG/server-$SRVTLS.log" && break; sleep 0.1; done
 FP=$(grep -o 'fingerprint=[0-9A-F:]*' "$LOG/server-$SRVTLS.log" | head -1 | cut -d= -f2)
 RUST_LOG=warn $T agent --server ws://127.0.0.1:$SRV --name bench --token bench-agent \
-  --service web=http://127.0.0.1:$APP >"$LOG/agent.log" 2>&1 & PIDS+=($!)
+  --service web=http://127.0.0.1:$APP --service web2=h2c://127.0.0.1:$APP >"$LOG/agent.log" 2>&1 & PIDS+=($!)
 RUST_LOG=warn $T agent --server wss://127.0.0.1:$SRVTLS --fingerprint "$FP" --name bench --token bench-agent \
   --service web=http://127.0.0.1:$APP >"$LOG/agent-tls.log" 2>&1 & PIDS+=($!)
 DIRECT=http://127.0.0.1:$APP/hello
 PROXY=http://127.0.0.1:$SRV/a/bench/web/hello
+PROXYH2=http://127.0.0.1:$SRV/a/bench/web2/hello
 PROXYTLS=https://127.0.0.1:$SRVTLS/a/bench/web/hello
 AUTH="Authorization: Bearer $TOKEN"
-for _ in $(seq 100); do curl -sfk -H "$AUTH" "$PROXY" >/dev/null && curl -sfk -H "$AUTH" "$PROXYTLS" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sfk -H "$AUTH" "$PROXY" >/dev/null && curl -sfk -H "$AUTH" "$PROXYH2" >/dev/null && curl -sfk -H "$AUTH" "$PROXYTLS" >/dev/null && break; sleep 0.1; done
 
 wrk_run() { # url -> "rps p50_us p99_us"
   wrk -t1 -c16 -d"${SECS}s" --latency -H "$AUTH" "$1" | python3 -c '
@@ -73,11 +75,13 @@ print("%.0f %.0f" % (statistics.median(v), v[int(len(v) * 0.9)]))'
 
 read -r D_RPS D_P50 D_P99 <<<"$(wrk_run $DIRECT)"
 read -r P_RPS P_P50 P_P99 <<<"$(wrk_run $PROXY)"
+read -r Q_RPS Q_P50 Q_P99 <<<"$(wrk_run $PROXYH2)"
 read -r D_T D_T90 <<<"$(ttfb $DIRECT)"
 read -r P_T P_T90 <<<"$(ttfb $PROXY)"
 read -r S_T S_T90 <<<"$(ttfb $PROXYTLS --http2)"
 RSS=$(awk '/VmHWM/ {print $2}' /proc/$SPID/status)
 RATIO=$(python3 -c "print('%.2f' % ($P_RPS / $D_RPS))")
+RATIO2=$(python3 -c "print('%.2f' % ($Q_RPS / $D_RPS))")
 
 {
   echo "# HTTP through the server's reverse proxy ($(date -u +%F), $(nproc) cores, loopback)"
@@ -88,6 +92,7 @@ RATIO=$(python3 -c "print('%.2f' % ($P_RPS / $D_RPS))")
   echo "|---|---|---|---|"
   echo "| direct | $D_RPS | ${D_P50} µs | ${D_P99} µs |"
   echo "| proxy (server → agent → app) | $P_RPS (**${RATIO}x** direct) | ${P_P50} µs | ${P_P99} µs |"
+  echo "| proxy, HTTP/2 to the app (\`h2c://\`) | $Q_RPS (**${RATIO2}x** direct) | ${Q_P50} µs | ${Q_P99} µs |"
   echo
   echo "Time to first byte of a new connection (curl, 300 fresh connections, median / p90):"
   echo
