@@ -187,7 +187,13 @@ async fn proxy(
         return refuse(
             StatusCode::BAD_REQUEST,
             "bad_path",
-            format!("cannot forward path {rest:?}"),
+            match http2 {
+                true => format!(
+                    "cannot forward path {rest:?} with host {:?} as HTTP/2",
+                    host_header.as_deref().unwrap_or(&public_host)
+                ),
+                false => format!("cannot forward path {rest:?}"),
+            },
         );
     };
     let bytes: Arc<ByteCounts> = Arc::default();
