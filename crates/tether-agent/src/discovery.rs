@@ -12,8 +12,9 @@
 //!   when more than one namespace is watched, and `-PORTNAME` (or
 //!   `-PORT`) when it has several ports;
 //! * kind: `http` for a port named `http`/`http-*`/`web` or with
-//!   `appProtocol: http`, `http2` (cleartext HTTP/2: gRPC) for a port named
-//!   `grpc`/`grpc-*` or with `appProtocol: kubernetes.io/h2c` or `grpc`,
+//!   `appProtocol: http` (also gRPC-Web's `grpc-web`/`grpc-web-*`), `http2`
+//!   (cleartext HTTP/2: gRPC) for any other port named `grpc`/`grpc-*` or
+//!   with `appProtocol: kubernetes.io/h2c` or `grpc`,
 //!   `udp` for UDP ports, `tcp` otherwise; the annotation `tether.dev/kind`
 //!   overrides it for every port;
 //! * address: `NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT`, dialed like a raw
@@ -179,6 +180,15 @@ fn own_namespace() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Whether a port is gRPC-Web by the meshes' naming (`grpc-web`,
+/// `grpc-web-*`) or its `appProtocol`: HTTP that browsers send, not
+/// HTTP/2 only.
+fn is_grpc_web(port_name: &str, app_protocol: &str) -> bool {
+    port_name == "grpc-web"
+        || port_name.starts_with("grpc-web-")
+        || app_protocol.eq_ignore_ascii_case("grpc-web")
+}
+
 /// A plain service name: what the server accepts in links and host names.
 fn plain(name: &str) -> bool {
     !name.is_empty()
@@ -254,17 +264,20 @@ pub fn entries_of(
             None if udp => ServiceKind::Udp,
             // Cleartext HTTP/2 by the Kubernetes convention
             // (`appProtocol: kubernetes.io/h2c`) or the service meshes'
-            // (a port named `grpc` or `grpc-*`).
-            None if app_protocol.eq_ignore_ascii_case("kubernetes.io/h2c")
-                || app_protocol.eq_ignore_ascii_case("grpc")
-                || pname == "grpc"
-                || pname.starts_with("grpc-") =>
+            // (a port named `grpc` or `grpc-*`, but not `grpc-web`: gRPC-Web
+            // is for browsers, over HTTP/1.1 as often as not).
+            None if !is_grpc_web(&pname, app_protocol)
+                && (app_protocol.eq_ignore_ascii_case("kubernetes.io/h2c")
+                    || app_protocol.eq_ignore_ascii_case("grpc")
+                    || pname == "grpc"
+                    || pname.starts_with("grpc-")) =>
             {
                 ServiceKind::Http2
             }
             None if pname == "http"
                 || pname.starts_with("http-")
                 || pname == "web"
+                || is_grpc_web(&pname, app_protocol)
                 || app_protocol.eq_ignore_ascii_case("http") =>
             {
                 ServiceKind::Http
@@ -481,6 +494,7 @@ mod tests {
                     ("dns", 53, "UDP"),
                     ("", 9000, "TCP"),
                     ("grpc-api", 9090, "TCP"),
+                    ("grpc-web", 8080, "TCP"),
                 ],
             ),
             &cfg,
@@ -493,7 +507,8 @@ mod tests {
                 ("grafana-mon-http", ServiceKind::Http),
                 ("grafana-mon-dns", ServiceKind::Udp),
                 ("grafana-mon-9000", ServiceKind::Tcp),
-                ("grafana-mon-grpc-api", ServiceKind::Http2)
+                ("grafana-mon-grpc-api", ServiceKind::Http2),
+                ("grafana-mon-grpc-web", ServiceKind::Http)
             ]
         );
         // The Kubernetes name for cleartext HTTP/2, and the kind annotation.

@@ -1583,6 +1583,7 @@ impl Session {
         self.events.push_back(Event::SessionClosed { error });
     }
 }
+
 /// `entries` as a peer speaking `version` is told them.
 fn catalog_for(entries: &[CatalogEntry], version: u16) -> Vec<CatalogEntry> {
     entries

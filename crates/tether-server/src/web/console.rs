@@ -139,7 +139,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
                     continue;
                 }
                 let proto = match s.kind {
-                    ServiceKind::Http | ServiceKind::Http2 => Protocol::Http,
+                    k if k.is_http() => Protocol::Http,
                     ServiceKind::Udp => Protocol::Udp,
                     _ => Protocol::Tcp,
                 };

@@ -1,20 +1,28 @@
 //! HTTP/2 to the web services that speak only HTTP/2 (catalog kind
-//! `http2`: gRPC servers, say). One tunnel stream per service carries all
-//! of this replica's requests to it, as HTTP/2 streams, where the HTTP/1.1
-//! pool ([`super::pool`]) needs a tunnel stream per request in flight.
+//! `http2`: gRPC servers, say). One tunnel stream per service and caller
+//! carries that caller's requests to it, as HTTP/2 streams, where the
+//! HTTP/1.1 pool ([`super::pool`]) needs a tunnel stream per request in
+//! flight.
 //!
-//! The connection is opened by the first request that needs it (charged to
-//! that request's caller while the agent answers, like the pool's opens)
-//! and shared by every request after it. It is let go after
-//! [`POOL_IDLE_TIMEOUT`] without a new request, when its agent session
-//! drains or ends, or when it fails; requests still in flight on it finish
-//! first (hyper closes the connection once the last of them is done). A
-//! failed open answers every request that was waiting for it; the next
-//! request tries again.
+//! Connections are per caller (the limits key of the request's identity),
+//! not shared by everyone: HTTP/2's connection window is shared by the
+//! requests on it, so responses one caller leaves unread would otherwise
+//! stall every other caller's responses from that service; and the open
+//! is charged to the caller, whose own limits may refuse it.
+//!
+//! The connection is opened by the first request that needs it and shared
+//! by the caller's requests after it. It is let go after
+//! [`POOL_IDLE_TIMEOUT`] without a new request, as soon as its agent
+//! session drains or ends (so the agent's drain is not held up), or when it
+//! fails; requests still in flight on it finish first (hyper closes the
+//! connection once the last of them is done). A failed open answers every
+//! request that was waiting for it; the next request tries again. A
+//! request that never left because its connection was closing (the
+//! service's GOAWAY, say) is sent once more on a new connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -32,23 +40,42 @@ use crate::response::{Body, BoxError};
 /// (HTTP/2 stream window): what the server buffers for a slow reader.
 const STREAM_WINDOW: u32 = 1 << 20;
 
-/// What a service may send on all requests together before browsers read
-/// (HTTP/2 connection window): the server's buffer per service.
+/// What a service may send on all of a caller's requests together before
+/// they are read (HTTP/2 connection window): the server's buffer per
+/// service and caller.
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
-/// The HTTP/2 connections to services, one per `agent/service`.
+/// How often a connection with requests in flight is pinged, and how long
+/// the answer may take: a link between agent and service that died
+/// without a word fails its requests instead of hanging them.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// The HTTP/2 connections to services, one per `agent/service` and caller.
 pub(crate) struct H2Pool {
     opener: Opener,
-    /// agent -> service -> its slot, looked up with borrowed names.
-    slots: Mutex<HashMap<String, HashMap<String, Arc<Slot>>>>,
+    slots: Arc<Mutex<Slots>>,
 }
 
-/// One service's connection, or what happened to the last attempt. The
-/// async lock is held while a connection is opened, so requests that
-/// arrive meanwhile wait for it instead of opening their own.
+/// agent -> service -> caller -> its slot, looked up with borrowed names.
 #[derive(Default)]
-struct Slot(tokio::sync::Mutex<SlotState>);
+struct Slots(HashMap<String, HashMap<String, CallerSlots>>);
 
+/// One service's slots, by caller.
+type CallerSlots = HashMap<Arc<str>, Arc<Slot>>;
+
+/// One caller's connection to one service, or what happened to the last
+/// attempt. The async lock is held while a connection is opened (the
+/// agent's answer, at most the open timeout, and the HTTP/2 handshake),
+/// so the caller's requests that arrive meanwhile wait for it instead of
+/// opening their own.
+struct Slot {
+    agent: String,
+    service: String,
+    caller: Arc<str>,
+    state: tokio::sync::Mutex<SlotState>,
+}
+
+/// The mutable part of a [`Slot`].
 #[derive(Default)]
 struct SlotState {
     live: Option<Live>,
@@ -56,8 +83,8 @@ struct SlotState {
     last_used: Option<Instant>,
     /// The last failed open, and when it ended.
     failed: Option<(Instant, Refusal)>,
-    /// Counts connections, so an idle timer knows whether its connection
-    /// is still the slot's.
+    /// Counts connections, so an idle timer or a retry knows whether the
+    /// connection it means is still the slot's.
     generation: u64,
 }
 
@@ -76,19 +103,47 @@ impl Live {
     }
 }
 
+impl Slots {
+    /// Removes `slot` if nobody but the map and the one caller of this
+    /// holds it (no request is using or waiting for it).
+    fn forget(&mut self, slot: &Arc<Slot>) {
+        if Arc::strong_count(slot) > 2 {
+            return;
+        }
+        let Some(services) = self.0.get_mut(&slot.agent) else {
+            return;
+        };
+        let Some(callers) = services.get_mut(&slot.service) else {
+            return;
+        };
+        if callers
+            .get(&slot.caller)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+        {
+            callers.remove(&slot.caller);
+        }
+        if callers.is_empty() {
+            services.remove(&slot.service);
+        }
+        if services.is_empty() {
+            self.0.remove(&slot.agent);
+        }
+    }
+}
+
 impl H2Pool {
     /// Connections whose tunnel streams `opener` opens.
     pub(crate) fn new(opener: Opener) -> H2Pool {
         H2Pool {
             opener,
-            slots: Mutex::default(),
+            slots: Arc::default(),
         }
     }
 
     /// Sends `req` (its URI absolute: the authority becomes `:authority`)
-    /// to `agent/service`; a connection it has to open is charged to
-    /// `caller` (a limits key). The error is a [`Refusal`] when the tunnel
-    /// stream could not be opened, else hyper's.
+    /// to `agent/service` on `caller`'s connection (`caller`: a limits key,
+    /// charged for the open of one). The error is a [`Refusal`] when the
+    /// tunnel stream could not be opened, else hyper's.
     pub(crate) async fn request(
         &self,
         caller: Arc<str>,
@@ -96,81 +151,123 @@ impl H2Pool {
         service: &str,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, BoxError> {
-        let mut send = self.sender(caller, agent, service).await?;
+        let slot = self.slot(caller, agent, service);
+        let (mut send, generation) = self.sender(&slot).await?;
+        let req = match send.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    tracing::debug!(%agent, %service, "HTTP/2 request not sent ({}): once more on a new connection", e.error());
+                    discard(&slot, generation).await;
+                    req
+                }
+                None => return Err(e.into_error().into()),
+            },
+        };
+        let (mut send, _) = self.sender(&slot).await?;
         Ok(send.send_request(req).await?)
     }
 
-    /// The slot of `agent/service`, made on first use. (Only services an
-    /// agent announced as HTTP/2 get here, so the map is bounded by the
-    /// catalogs.)
-    fn slot(&self, agent: &str, service: &str) -> Arc<Slot> {
+    /// The slot of `caller` for `agent/service`, made on first use.
+    fn slot(&self, caller: Arc<str>, agent: &str, service: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slots.get(agent).and_then(|m| m.get(service)) {
+        if let Some(s) = slots
+            .0
+            .get(agent)
+            .and_then(|m| m.get(service))
+            .and_then(|m| m.get(&caller))
+        {
             return s.clone();
         }
         slots
+            .0
             .entry(agent.to_owned())
             .or_default()
             .entry(service.to_owned())
             .or_default()
+            .entry(caller.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    agent: agent.to_owned(),
+                    service: service.to_owned(),
+                    caller,
+                    state: tokio::sync::Mutex::default(),
+                })
+            })
             .clone()
     }
 
-    /// A sender on the service's connection, opening one when there is no
-    /// usable one.
-    async fn sender(
-        &self,
-        caller: Arc<str>,
-        agent: &str,
-        service: &str,
-    ) -> Result<SendRequest<Body>, Refusal> {
-        let slot = self.slot(agent, service);
+    /// A sender on the slot's connection and the connection's generation,
+    /// opening one when there is no usable one.
+    async fn sender(&self, slot: &Arc<Slot>) -> Result<(SendRequest<Body>, u64), Refusal> {
         let arrived = Instant::now();
-        let mut state = slot.0.lock().await;
+        let mut state = slot.state.lock().await;
         state.last_used = Some(Instant::now());
         if let Some(live) = state.live.as_ref().filter(|l| l.usable()) {
-            return Ok(live.send.clone());
+            return Ok((live.send.clone(), live.generation));
         }
         state.live = None;
         if let Some((at, why)) = &state.failed {
             // This request waited for that attempt: it is the answer.
             if *at >= arrived {
-                return Err(why.clone());
+                let why = why.clone();
+                drop(state);
+                self.forget(slot);
+                return Err(why);
             }
         }
-        match self.connect(caller, agent, service).await {
+        match self.connect(slot).await {
             Ok((send, session)) => {
                 state.generation += 1;
                 state.failed = None;
-                let send_out = send.clone();
+                let generation = state.generation;
                 state.live = Some(Live {
-                    send,
-                    session,
-                    generation: state.generation,
+                    send: send.clone(),
+                    session: session.clone(),
+                    generation,
                 });
-                tokio::spawn(let_go_when_idle(Arc::downgrade(&slot), state.generation));
-                Ok(send_out)
+                tokio::spawn(let_go_when_idle(
+                    Arc::downgrade(&self.slots),
+                    Arc::downgrade(slot),
+                    generation,
+                    session,
+                ));
+                Ok((send, generation))
             }
             Err(why) => {
                 state.failed = Some((Instant::now(), why.clone()));
+                drop(state);
+                self.forget(slot);
                 Err(why)
             }
         }
     }
 
-    /// Opens a tunnel stream to `agent/service` and starts HTTP/2 on it.
+    /// Removes `slot` from the map unless a request still holds it.
+    fn forget(&self, slot: &Arc<Slot>) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(slot);
+    }
+
+    /// Opens a tunnel stream to the slot's service and starts HTTP/2 on it.
     async fn connect(
         &self,
-        caller: Arc<str>,
-        agent: &str,
-        service: &str,
+        slot: &Slot,
     ) -> Result<(SendRequest<Body>, tether_net::Connection), Refusal> {
-        let (stream, session) = self.opener.dial_pooled(caller, agent, service).await?;
+        let (agent, service) = (&slot.agent, &slot.service);
+        let (stream, session) = self
+            .opener
+            .dial_pooled(slot.caller.clone(), agent, service)
+            .await?;
         let io = TunnelConn::new(TokioIo::new(StreamIo::new(stream)), session.clone());
         let (send, conn) = Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
             .handshake(io)
             .await
             .map_err(|e| {
@@ -189,21 +286,50 @@ impl H2Pool {
     }
 }
 
+/// Lets go of the slot's connection `generation` (a request found it
+/// closing), so the next request opens a new one.
+async fn discard(slot: &Slot, generation: u64) {
+    let mut state = slot.state.lock().await;
+    if state
+        .live
+        .as_ref()
+        .is_some_and(|l| l.generation == generation)
+    {
+        state.live = None;
+    }
+}
+
 /// Lets the slot's connection `generation` go once no request has taken it
-/// for [`POOL_IDLE_TIMEOUT`] (its requests in flight still finish), or once
-/// it is no longer usable.
-async fn let_go_when_idle(slot: Weak<Slot>, generation: u64) {
+/// for [`POOL_IDLE_TIMEOUT`], once its agent session drains or ends, or once
+/// it is no longer usable (its requests in flight still finish); then
+/// removes the slot unless a request holds it.
+async fn let_go_when_idle(
+    slots: Weak<Mutex<Slots>>,
+    slot: Weak<Slot>,
+    generation: u64,
+    session: tether_net::Connection,
+) {
     let mut wake = Instant::now() + POOL_IDLE_TIMEOUT;
     loop {
-        tokio::time::sleep_until(wake.into()).await;
+        let draining = tokio::select! {
+            () = tokio::time::sleep_until(wake.into()) => false,
+            () = session.draining() => true,
+        };
         let Some(slot) = slot.upgrade() else { return };
-        let mut state = slot.0.lock().await;
+        let mut state = slot.state.lock().await;
         let Some(live) = state.live.as_ref().filter(|l| l.generation == generation) else {
             return;
         };
         let idle_until = state.last_used.unwrap_or(wake) + POOL_IDLE_TIMEOUT;
-        if !live.usable() || idle_until <= Instant::now() {
+        if draining || !live.usable() || idle_until <= Instant::now() {
             state.live = None;
+            drop(state);
+            if let Some(slots) = slots.upgrade() {
+                slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .forget(&slot);
+            }
             return;
         }
         wake = idle_until;

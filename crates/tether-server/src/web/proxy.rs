@@ -6,8 +6,9 @@
 //! `http`, a stream slot), checked against the agent's catalog, rewritten
 //! ([`super::rewrite`]) and sent over the pool's keep-alive tunnel streams
 //! ([`super::pool`]), or, to a service that speaks only HTTP/2, as HTTP/2
-//! streams on one tunnel stream ([`super::h2_pool`]). Bodies stream both ways with backpressure from the
-//! tunnel windows; nothing is buffered whole. The request's guard lives as
+//! streams on one tunnel stream per caller ([`super::h2_pool`]). Bodies
+//! stream both ways with backpressure from the tunnel windows; nothing is
+//! buffered whole. The request's guard lives as
 //! long as its response body, which ends when a reload revokes the access
 //! or the JWT expires. WebSocket upgrades are passed through: after the
 //! service's `101`, the two upgraded connections are spliced, under the
@@ -187,12 +188,13 @@ async fn proxy(
         return refuse(
             StatusCode::BAD_REQUEST,
             "bad_path",
-            match http2 {
-                true => format!(
+            if http2 {
+                format!(
                     "cannot forward path {rest:?} with host {:?} as HTTP/2",
                     host_header.as_deref().unwrap_or(&public_host)
-                ),
-                false => format!("cannot forward path {rest:?}"),
+                )
+            } else {
+                format!("cannot forward path {rest:?}")
             },
         );
     };

@@ -5,6 +5,7 @@
 
 use super::common::web::{Web, WebOpts};
 use super::common::*;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -41,6 +42,19 @@ fn concurrent_gets(url: &str, n: usize) -> Vec<String> {
 #[test]
 fn http2_services_get_http2_requests_over_one_tunnel_stream() {
     let w = Web::start();
+    // Twelve slow responses at once, the first requests to the service:
+    // those that arrive while the connection opens wait for it, and all of
+    // them share its one tunnel stream (the HTTP/1.1 pool, below, needs a
+    // stream for each request in flight).
+    let slow = |service: &str| w.url(&format!("/a/prod/{service}/events?n=5"));
+    let before = opened(&w);
+    let codes = concurrent_gets(&slow("h2web"), 12);
+    assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
+    let h2_streams = opened(&w) - before;
+    assert_eq!(
+        h2_streams, 1.0,
+        "12 concurrent HTTP/2 requests opened {h2_streams} tunnel streams"
+    );
     for service in ["h2web", "h2secure"] {
         let out = w.get(&w.url(&format!("/a/prod/{service}/headers")), &[]);
         assert_eq!(out.status, 200, "{service}: {out:?}");
@@ -67,17 +81,7 @@ fn http2_services_get_http2_requests_over_one_tunnel_stream() {
     let out = w.get(&w.url("/a/prod/web/headers"), &[]);
     assert_eq!(out.json()["version"], "HTTP/1.1");
 
-    // Twelve slow responses at once: HTTP/2 carries them on the stream
-    // already open; the HTTP/1.1 pool needs a stream for each one in flight.
     let slow = |service: &str| w.url(&format!("/a/prod/{service}/events?n=5"));
-    let before = opened(&w);
-    let codes = concurrent_gets(&slow("h2web"), 12);
-    assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
-    let h2_streams = opened(&w) - before;
-    assert_eq!(
-        h2_streams, 0.0,
-        "12 concurrent HTTP/2 requests opened {h2_streams} tunnel streams"
-    );
     let before = opened(&w);
     let codes = concurrent_gets(&slow("web"), 12);
     assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
@@ -127,6 +131,77 @@ fn http2_services_get_http2_requests_over_one_tunnel_stream() {
     );
     assert_eq!(out.status, 501, "{out:?}");
     assert!(out.body.contains("HTTP/2 only"), "{}", out.body);
+}
+
+#[test]
+fn one_callers_unread_responses_do_not_stall_another_callers() {
+    // bob leaves six large responses unread: more than his connection's
+    // HTTP/2 window (4 MiB) waits at the server once the sockets on the
+    // way are full. dev's requests to the same service go on a connection
+    // of their own and are not held up.
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        config: "[[client]]\nname = \"bob\"\ntoken = \"bob-token\"\nallow = [\"prod/*\"]\n".into(),
+        ..Default::default()
+    });
+    let big = 64 << 20;
+    let stalled: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", w.port)).expect("connect");
+            write!(
+                s,
+                "GET /a/prod/h2web/bytes?n={big} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\
+                 Authorization: Bearer bob-token\r\n\r\n",
+                w.port
+            )
+            .expect("request");
+            s
+        })
+        .collect();
+    // Until the sockets on the way are full and the rest waits in bob's
+    // HTTP/2 connection (a few hundred MB/s through the tunnel: well
+    // within this).
+    std::thread::sleep(Duration::from_secs(4));
+    let started = std::time::Instant::now();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{size_download}", "-H"])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .arg(format!(
+            "http://127.0.0.1:{}/a/prod/h2web/bytes?n=2097152",
+            w.port
+        ))
+        .output()
+        .expect("curl");
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        seen,
+        "200 2097152",
+        "dev's download beside bob's unread ones ({:?}): {}\nserver:\n{}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr),
+        w.server.log_text()
+    );
+    drop(stalled);
+}
+
+#[test]
+fn an_agent_drains_at_once_with_an_idle_http2_connection() {
+    // An HTTP/2 connection sits idle on the agent's session when it is
+    // told to stop: the server lets it go when the session drains, so the
+    // agent exits without waiting for its drain timeout (30 s).
+    let mut w = Web::start();
+    let out = w.get(&w.url("/a/prod/h2web/headers"), &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+    let asked = std::time::Instant::now();
+    w.agent.signal(Signal::TERM);
+    let exited = wait_until(Duration::from_secs(20), || !w.agent.is_running());
+    assert!(
+        exited && asked.elapsed() < Duration::from_secs(8),
+        "the agent took {:?} to drain (exited: {exited})\nagent:\n{}",
+        asked.elapsed(),
+        w.agent.log_text()
+    );
 }
 
 /// The sample app's `/bytes` pattern.
