@@ -31,7 +31,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tether_net::io::StreamIo;
 use tether_net::Refusal;
 
-use super::pool::TunnelConn;
 use super::POOL_IDLE_TIMEOUT;
 use crate::open::Opener;
 use crate::response::{Body, BoxError};
@@ -261,7 +260,7 @@ impl H2Pool {
             .opener
             .dial_pooled(slot.caller.clone(), agent, service)
             .await?;
-        let io = TunnelConn::new(TokioIo::new(StreamIo::new(stream)), session.clone());
+        let io = TokioIo::new(StreamIo::new(stream));
         let (send, conn) = Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)

@@ -1,227 +1,267 @@
-//! The keep-alive pool of tunnel streams to web services: hyper's pooled
-//! HTTP/1.1 client, with a connector that opens tunnel streams instead of
-//! sockets, so a page with fifty assets does not open fifty streams.
+//! The keep-alive pool of tunnel streams to HTTP/1.1 web services: each
+//! pooled tunnel stream is one HTTP/1.1 connection (hyper's client
+//! connection over the stream), so a page with fifty assets does not open
+//! fifty streams.
 //!
 //! A pooled stream serves whichever request comes next for its service, so
 //! it belongs to no client: each request holds its own open guard (see
 //! [`crate::open`]). Opening a new stream is still charged to the caller
 //! whose request needed it (its pending-open slot, while the agent
-//! answers): [`Pool::request`] names that caller to the connector.
+//! answers).
+//!
+//! A connection goes back to the pool once its response has been read to
+//! the end (hyper says it is ready again), and leaves it after
+//! [`POOL_IDLE_TIMEOUT`] unused, when the service closes it, or at once
+//! when its agent session drains or ends: an idle keep-alive must not hold
+//! up the drain of an agent instance that is shutting down. A request that
+//! never left because its pooled connection had just closed is sent once
+//! more on a new one.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http1::{Builder, SendRequest};
+use hyper_util::rt::TokioIo;
 use tether_net::io::StreamIo;
 use tether_net::Refusal;
 use tether_proto::OpenErrorCode;
 
 use super::{POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT};
 use crate::open::Opener;
-use crate::response::Body;
+use crate::response::{Body, BoxError};
 
-tokio::task_local! {
-    /// The limits key of the caller whose request the pool is serving
-    /// ([`Pool::request`]). hyper calls the connector from within the
-    /// request's own future, so the connector reads it there.
-    static CALLER: Arc<str>;
-}
-
-/// A tunnel stream as hyper's client connection.
-pub(crate) struct TunnelConn(TokioIo<StreamIo>, AgentSession);
-
-impl TunnelConn {
-    /// `io`, a tunnel stream on the agent session `session`.
-    pub(crate) fn new(io: TokioIo<StreamIo>, session: tether_net::Connection) -> TunnelConn {
-        TunnelConn(io, AgentSession(session))
-    }
-}
-
-/// The agent session a pooled stream runs on (kept in hyper's connection
-/// metadata, so [`Pool::request`] can tell a draining one).
-#[derive(Clone)]
-struct AgentSession(tether_net::Connection);
-
-impl Connection for TunnelConn {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.1.clone())
-    }
-}
-
-impl hyper::rt::Read for TunnelConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TunnelConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
-/// Maps pool keys (URI hosts `sN`) to `agent/service`. Short on purpose:
-/// hyper-util's pool hashes the authority byte by byte with SipHash three
-/// times per request (a 17-byte `sN.tether.invalid` cost 2 000
-/// instructions); it never reaches the wire (`set_host(false)`).
-#[derive(Default)]
-struct Targets {
-    /// agent -> service -> its pool key's URI authority, looked up with
-    /// borrowed names on every request.
-    by_target: HashMap<String, HashMap<String, Authority>>,
-    by_id: HashMap<u64, (String, String)>,
-}
-
-/// Opens tunnel streams for hyper's pooled client.
-#[derive(Clone)]
-pub(crate) struct TunnelConnector {
+/// The keep-alive pool of tunnel streams to HTTP/1.1 web services.
+pub(crate) struct Pool {
     opener: Opener,
-    targets: Arc<Mutex<Targets>>,
+    idle: Arc<Mutex<Idle>>,
+    /// Numbers connections, so a connection's driver finds its own entry.
+    next_id: AtomicU64,
 }
 
-impl tower_service::Service<Uri> for TunnelConnector {
-    type Response = TunnelConn;
-    type Error = Refusal;
-    type Future = Pin<Box<dyn Future<Output = Result<TunnelConn, Refusal>> + Send>>;
+/// agent -> service -> its idle connections (the most recently used
+/// last), looked up with borrowed names.
+#[derive(Default)]
+struct Idle(HashMap<String, HashMap<String, Vec<Pooled>>>);
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+/// A connection to one service.
+struct Pooled {
+    id: u64,
+    send: SendRequest<Body>,
+    /// The agent session its tunnel stream runs on.
+    session: tether_net::Connection,
+    /// When it went back to the pool.
+    since: Instant,
+}
+
+impl Pooled {
+    /// Whether a new request may go on it.
+    fn usable(&self) -> bool {
+        self.send.is_ready() && !self.session.is_draining() && !self.session.is_closed()
+    }
+}
+
+impl Idle {
+    /// A usable idle connection to `agent/service`, dropping (and so
+    /// closing) the unusable ones it passes.
+    fn take(&mut self, agent: &str, service: &str) -> Option<Pooled> {
+        let list = self.0.get_mut(agent)?.get_mut(service)?;
+        while let Some(p) = list.pop() {
+            if p.usable() && p.since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(p);
+            }
+        }
+        None
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let opener = self.opener.clone();
-        let caller = CALLER.try_with(Arc::clone).ok();
-        let target = uri
-            .host()
-            .and_then(|h| h.strip_prefix('s'))
-            .and_then(|h| h.split('.').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .and_then(|id| {
-                self.targets
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .by_id
-                    .get(&id)
-                    .cloned()
+    /// Keeps `p` for the next request to `agent/service`, unless the
+    /// service already has as many idle connections as it may keep.
+    fn put(&mut self, agent: &str, service: &str, p: Pooled) {
+        let services = match self.0.get_mut(agent) {
+            Some(s) => s,
+            None => self.0.entry(agent.to_owned()).or_default(),
+        };
+        let list = match services.get_mut(service) {
+            Some(l) => l,
+            None => services.entry(service.to_owned()).or_default(),
+        };
+        if list.len() < POOL_IDLE_PER_SERVICE {
+            list.push(p);
+        }
+    }
+
+    /// Drops connection `id` of `agent/service` if it is idle; with
+    /// `expired_only`, only once it has been idle for [`POOL_IDLE_TIMEOUT`].
+    fn evict(&mut self, agent: &str, service: &str, id: u64, expired_only: bool) {
+        let Some(services) = self.0.get_mut(agent) else {
+            return;
+        };
+        let Some(list) = services.get_mut(service) else {
+            return;
+        };
+        list.retain(|p| p.id != id || (expired_only && p.since.elapsed() < POOL_IDLE_TIMEOUT));
+        if list.is_empty() {
+            services.remove(service);
+            if services.is_empty() {
+                self.0.remove(agent);
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// A pool whose streams `opener` opens.
+    pub(crate) fn new(opener: Opener) -> Pool {
+        Pool {
+            opener,
+            idle: Arc::default(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Sends `req` (its URI in origin form, its `Host` header set) to
+    /// `agent/service`; a new stream it needs is charged to `caller` (a
+    /// limits key). The error is a [`Refusal`] when the tunnel stream could
+    /// not be opened, else hyper's.
+    pub(crate) async fn request(
+        &self,
+        caller: Arc<str>,
+        agent: &str,
+        service: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let pooled = self.lock().take(agent, service);
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(p) => p,
+            None => self.connect(caller.clone(), agent, service).await?,
+        };
+        let resp = match conn.send.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                // The pooled connection closed before the request left
+                // (the service ended its keep-alive): once more on a new one.
+                Some(req) if reused => {
+                    tracing::debug!(%agent, %service, "pooled connection closed before the request left ({}): once more on a new one", e.error());
+                    conn = self.connect(caller, agent, service).await?;
+                    conn.send.send_request(req).await?
+                }
+                _ => return Err(e.into_error().into()),
+            },
+        };
+        self.give_back_when_ready(conn, agent, service);
+        Ok(resp)
+    }
+
+    /// Puts `conn` back in the pool once its response has been read (hyper
+    /// ready for the next request), unless it closed or its session is
+    /// draining by then.
+    fn give_back_when_ready(&self, mut conn: Pooled, agent: &str, service: &str) {
+        if !conn.send.is_ready() {
+            let idle = Arc::downgrade(&self.idle);
+            let (agent, service) = (agent.to_owned(), service.to_owned());
+            tokio::spawn(async move {
+                if conn.send.ready().await.is_ok() {
+                    give_back(&idle, conn, &agent, &service);
+                }
             });
-        Box::pin(async move {
-            let internal = |why: &str| Refusal::new(OpenErrorCode::Internal, why);
-            let (agent, service) = target.ok_or_else(|| internal("unknown pool key"))?;
-            let caller = caller.ok_or_else(|| internal("pool used outside a request"))?;
-            let (stream, session) = opener.dial_pooled(caller, &agent, &service).await?;
-            Ok(TunnelConn::new(
-                TokioIo::new(StreamIo::new(stream)),
-                session,
-            ))
+            return;
+        }
+        give_back(&Arc::downgrade(&self.idle), conn, agent, service);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a tunnel stream to `agent/service` and starts HTTP/1.1 on it.
+    async fn connect(
+        &self,
+        caller: Arc<str>,
+        agent: &str,
+        service: &str,
+    ) -> Result<Pooled, Refusal> {
+        let (stream, session) = self.opener.dial_pooled(caller, agent, service).await?;
+        let (send, conn) = Builder::new()
+            .handshake(TokioIo::new(StreamIo::new(stream)))
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    OpenErrorCode::Internal,
+                    format!("agent {agent}: HTTP/1.1 to {service}: {e}"),
+                )
+            })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(
+            conn.with_upgrades(),
+            Arc::downgrade(&self.idle),
+            id,
+            (agent.to_owned(), service.to_owned()),
+            session.clone(),
+        ));
+        Ok(Pooled {
+            id,
+            send,
+            session,
+            since: Instant::now(),
         })
     }
 }
 
-/// The keep-alive pool of tunnel streams to web services.
-pub(crate) struct Pool {
-    client: Client<TunnelConnector, Body>,
-    targets: Arc<Mutex<Targets>>,
+/// Returns `conn` to the pool if it may take another request.
+fn give_back(idle: &Weak<Mutex<Idle>>, mut conn: Pooled, agent: &str, service: &str) {
+    if !conn.usable() {
+        return;
+    }
+    if let Some(idle) = idle.upgrade() {
+        conn.since = Instant::now();
+        idle.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(agent, service, conn);
+    }
 }
 
-impl Pool {
-    /// A pool whose connector opens streams with `opener`.
-    pub(crate) fn new(opener: Opener) -> Pool {
-        let targets: Arc<Mutex<Targets>> = Arc::default();
-        let connector = TunnelConnector {
-            opener,
-            targets: targets.clone(),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_IDLE_PER_SERVICE)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .set_host(false)
-            .build(connector);
-        Pool { client, targets }
-    }
-
-    /// The URI of `path_and_query` on `agent/service` in the pool: its
-    /// authority is a pool key only the connector reads.
-    pub(crate) fn uri(&self, agent: &str, service: &str, path_and_query: &str) -> Option<Uri> {
-        // Origin form only (`OPTIONS *` and the like are not forwarded).
-        if !path_and_query.starts_with('/') {
-            return None;
+/// Runs connection `id` to `target` until it ends, and takes it out of the
+/// pool when it has been idle too long or its agent session drains (an idle
+/// connection then closes at once: hyper ends a client connection whose
+/// last handle is gone; a request in flight on it finishes first).
+async fn drive(
+    conn: impl std::future::Future<Output = hyper::Result<()>>,
+    idle: Weak<Mutex<Idle>>,
+    id: u64,
+    target: (String, String),
+    session: tether_net::Connection,
+) {
+    let (agent, service) = (&target.0, &target.1);
+    let evict = |expired_only| {
+        if let Some(idle) = idle.upgrade() {
+            idle.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .evict(agent, service, id, expired_only);
         }
-        let authority = {
-            let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-            let known = t
-                .by_target
-                .get(agent)
-                .and_then(|services| services.get(service))
-                .cloned();
-            match known {
-                Some(a) => a,
-                None => {
-                    let id = t.by_id.len() as u64;
-                    let a = Authority::try_from(format!("s{id}")).ok()?;
-                    t.by_id.insert(id, (agent.to_owned(), service.to_owned()));
-                    t.by_target
-                        .entry(agent.to_owned())
-                        .or_default()
-                        .insert(service.to_owned(), a.clone());
-                    a
+    };
+    let mut conn = pin!(conn);
+    let mut draining = pin!(session.draining());
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(%agent, %service, "pooled connection to the service ended: {e}");
                 }
+                evict(false);
+                return;
             }
-        };
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-            .ok()
-    }
-
-    /// Sends `req` (its URI from [`Pool::uri`]); a new stream it needs is
-    /// charged to `caller` (a limits key).
-    ///
-    /// A pooled stream on an agent session that is draining (the agent
-    /// instance is shutting down) serves this request and is then not used
-    /// again, so the agent's drain is not held up by idle keep-alives.
-    pub(crate) async fn request(
-        &self,
-        caller: Arc<str>,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
-        let resp = CALLER.scope(caller, self.client.request(req)).await?;
-        // The client copies the connection's extras into every response.
-        let draining = resp
-            .extensions()
-            .get::<AgentSession>()
-            .is_some_and(|s| s.0.is_draining() || s.0.is_closed());
-        if draining {
-            if let Some(meta) = captured.connection_metadata().as_ref() {
-                meta.poison();
+            () = &mut draining, if !drained => {
+                drained = true;
+                evict(false);
             }
+            () = tokio::time::sleep(POOL_IDLE_TIMEOUT / 4) => evict(true),
         }
-        Ok(resp)
     }
 }
 

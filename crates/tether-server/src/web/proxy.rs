@@ -182,7 +182,7 @@ async fn proxy(
     let uri = if http2 {
         h2_uri(h.remove(header::HOST), rest)
     } else {
-        web.pool.uri(agent, service, rest)
+        origin_form(rest)
     };
     let Some(uri) = uri else {
         return refuse(
@@ -216,10 +216,7 @@ async fn proxy(
         web.h2.request(caller_key, agent, service, out).await
     } else {
         *out.version_mut() = Version::HTTP_11;
-        web.pool
-            .request(caller_key, out)
-            .await
-            .map_err(BoxError::from)
+        web.pool.request(caller_key, agent, service, out).await
     };
     let mut resp = match sent {
         Ok(r) => r,
@@ -350,6 +347,15 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// `path_and_query` as an HTTP/1.1 request target: origin form only
+/// (`OPTIONS *` and absolute forms are not forwarded).
+fn origin_form(path_and_query: &str) -> Option<http::Uri> {
+    if !path_and_query.starts_with('/') {
+        return None;
+    }
+    http::Uri::try_from(path_and_query).ok()
 }
 
 /// The absolute URI of `path_and_query` at `host` (the `Host` the service

@@ -186,13 +186,16 @@ fn one_callers_unread_responses_do_not_stall_another_callers() {
 }
 
 #[test]
-fn an_agent_drains_at_once_with_an_idle_http2_connection() {
-    // An HTTP/2 connection sits idle on the agent's session when it is
-    // told to stop: the server lets it go when the session drains, so the
-    // agent exits without waiting for its drain timeout (30 s).
+fn an_agent_drains_at_once_with_idle_connections_in_the_pools() {
+    // An HTTP/2 connection and an HTTP/1.1 keep-alive stream sit idle on
+    // the agent's session when it is told to stop: the server lets them go
+    // when the session drains, so the agent exits without waiting for its
+    // drain timeout (30 s).
     let mut w = Web::start();
-    let out = w.get(&w.url("/a/prod/h2web/headers"), &[]);
-    assert_eq!(out.status, 200, "{out:?}");
+    for service in ["h2web", "web"] {
+        let out = w.get(&w.url(&format!("/a/prod/{service}/headers")), &[]);
+        assert_eq!(out.status, 200, "{service}: {out:?}");
+    }
     let asked = std::time::Instant::now();
     w.agent.signal(Signal::TERM);
     let exited = wait_until(Duration::from_secs(20), || !w.agent.is_running());
