@@ -11,12 +11,13 @@
 #      the proxy, and through the proxy over TLS (self-signed, h2 by ALPN).
 #   3. Peak RSS of the server.
 # Usage: bench/run-http.sh [SECONDS=10] ; needs wrk, curl, python3.
+# TETHER_BIN measures another build (the previous commit's, say) without building.
 # Writes bench/results/http.md. Everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
-T=target/release/tether
-cargo build --release -p tether >/dev/null
+T=${TETHER_BIN:-target/release/tether}
+[ -n "${TETHER_BIN:-}" ] || cargo build --release -p tether >/dev/null
 for c in wrk curl python3; do command -v $c >/dev/null || { echo "need $c"; exit 1; }; done
 mkdir -p bench/results
 OUT=bench/results/http.md
