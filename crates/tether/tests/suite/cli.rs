@@ -95,6 +95,44 @@ async fn json_logs_are_one_object_per_line_audit_included() {
     drop(client);
 }
 
+/// `RUST_LOG=info,audit=off` (README, Tuning) turns the audit lines off
+/// and nothing else: the stream's open line stays (its audit line is the
+/// one written when it ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_can_be_turned_off_alone() {
+    let echo = echo_service().await;
+    let t = Tunnel::start_with_env(
+        &[("echo", echo)],
+        &[],
+        &[],
+        &[("RUST_LOG", "info,audit=off")],
+    );
+    let port = free_port();
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let mut s = connect(port).await;
+    s.write_all(b"ping\n").await.expect("write");
+    let mut got = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    drop(s);
+    // The audit line is written as the stream's gauge drops, in one step.
+    assert!(
+        wait_until(Duration::from_secs(5), || t
+            .server_metric("tether_live_streams")
+            == Some(0.0)),
+        "the stream did not end"
+    );
+    let log = t.server.log_text();
+    assert!(log.contains("stream open"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.contains(" audit ")),
+        "an audit line despite audit=off: {log}"
+    );
+    drop(client);
+}
+
 /// Every metric the Grafana dashboard and the alert rules in
 /// `deploy/observability/` query exists in a live `/metrics` of a server or
 /// an agent, once the things they count have happened (a stream, a refused

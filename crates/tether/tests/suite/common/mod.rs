@@ -215,10 +215,21 @@ impl Tunnel {
         extra_server_args: &[&str],
         extra_agent_args: &[&str],
     ) -> Tunnel {
+        Self::start_with_env(services, extra_server_args, extra_agent_args, &[])
+    }
+
+    /// Like [`Tunnel::start_with`], with environment variables for the
+    /// server.
+    pub(crate) fn start_with_env(
+        services: &[(&str, SocketAddr)],
+        extra_server_args: &[&str],
+        extra_agent_args: &[&str],
+        server_env: &[(&str, &str)],
+    ) -> Tunnel {
         let server_port = free_port();
         let mut server_args = Self::server_args(server_port);
         server_args.extend(extra_server_args.iter().map(|s| s.to_string()));
-        let server = Proc::spawn("server", &server_args);
+        let server = Proc::spawn_env("server", &server_args, server_env);
         let server_addr: SocketAddr = format!("127.0.0.1:{server_port}").parse().unwrap();
         wait_until(Duration::from_secs(10), || {
             http_get(server_addr, "/healthz").is_some_and(|(s, _)| s == 200)
