@@ -8,7 +8,7 @@
 use crate::common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 struct Dnsmasq(std::process::Child);
 
@@ -60,19 +60,6 @@ fn dnsmasq(port: u16, log: &std::path::Path) -> Option<Dnsmasq> {
         "dnsmasq did not start on port {port}"
     );
     Some(dns)
-}
-
-/// Sends `msg` through a forward and reads the echo.
-async fn echo_through(port: u16, msg: &[u8]) -> Vec<u8> {
-    let mut s = connect(port).await;
-    s.write_all(msg).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
-        .await
-        .expect("echo in time")
-        .unwrap();
-    back
 }
 
 /// Expects the forward's stream to be closed at once: the open was refused.

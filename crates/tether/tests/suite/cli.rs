@@ -4,7 +4,7 @@
 use crate::common::*;
 use std::process::Command;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 fn tether(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tether"))
@@ -70,14 +70,7 @@ async fn json_logs_are_one_object_per_line_audit_included() {
     let t = Tunnel::start_with(&[("echo", echo)], &["--log-format", "json"], &[]);
     let port = free_port();
     let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
-    let mut s = connect(port).await;
-    s.write_all(b"ping\n").await.expect("write");
-    let mut got = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    drop(s);
+    assert_eq!(echo_through(port, b"ping\n").await, b"ping\n");
     assert!(t.server.wait_log("\"audit\"", Duration::from_secs(5)));
     let log = t.server.log_text();
     let mut audit = None;
@@ -109,14 +102,7 @@ async fn audit_lines_can_be_turned_off_alone() {
     );
     let port = free_port();
     let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
-    let mut s = connect(port).await;
-    s.write_all(b"ping\n").await.expect("write");
-    let mut got = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    drop(s);
+    assert_eq!(echo_through(port, b"ping\n").await, b"ping\n");
     // The audit line is written as the stream's gauge drops, in one step.
     assert!(
         wait_until(Duration::from_secs(5), || t
@@ -162,14 +148,7 @@ async fn dashboard_and_alerts_query_only_metrics_that_exist() {
     let (port, ghost) = (free_port(), free_port());
     let client = t.client(CLIENT_TOKEN, &[(port, "prod/echo"), (ghost, "ghost/web")]);
     // A stream with bytes both ways.
-    let mut s = connect(port).await;
-    s.write_all(b"ping\n").await.expect("write");
-    let mut got = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    drop(s);
+    assert_eq!(echo_through(port, b"ping\n").await, b"ping\n");
     // A refused open (no such agent) and a refused session (the limit).
     let mut g = connect(ghost).await;
     let mut buf = [0u8; 8];

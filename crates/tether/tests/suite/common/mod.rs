@@ -350,6 +350,20 @@ pub(crate) fn service_listener() -> TcpListener {
     tether_net::listen::bind("127.0.0.1:0".parse().unwrap()).expect("bind a test service")
 }
 
+/// Sends `msg` through the local forward at `port`, half-closes, and
+/// reads the echo to its end.
+pub(crate) async fn echo_through(port: u16, msg: &[u8]) -> Vec<u8> {
+    let mut s = connect(port).await;
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    back
+}
+
 /// Echoes every byte back; closes its write side at EOF (keeps half-close).
 pub(crate) async fn echo_service() -> SocketAddr {
     let l = service_listener();
