@@ -235,7 +235,7 @@ fn default_instance() -> String {
 
 impl Agent {
     /// Checks `config` without reading any file or dialing anything: its
-    /// services, allow list, DNS server and instance id
+    /// services, allow list, DNS server, instance id and heartbeat
     /// (`tether agent --check-config`).
     pub fn check(config: &AgentConfig) -> anyhow::Result<()> {
         TargetPolicy::new(&config.services, &config.allow)
@@ -244,6 +244,7 @@ impl Agent {
         if let Some(i) = &config.instance {
             check_instance(i)?;
         }
+        config.session.validate()?;
         Ok(())
     }
 
@@ -252,6 +253,7 @@ impl Agent {
         let policy = TargetPolicy::new(&config.services, &config.allow)
             .context("agent services / allow list")?;
         let resolver = NameResolver::from_setting(config.dns_server.as_deref())?;
+        config.session.validate()?;
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
                 .with_context(|| format!("token_file {}", f.display()))?;

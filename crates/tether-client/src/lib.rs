@@ -139,6 +139,7 @@ pub struct Client {
 impl Client {
     /// Parses forwards and binds every listener (so a port in use fails now).
     pub async fn bind(mut config: ClientConfig) -> anyhow::Result<Client> {
+        config.session.validate()?;
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
                 .with_context(|| format!("token_file {}", f.display()))?;

@@ -413,6 +413,8 @@ async fn a_peer_that_goes_silent_ends_the_session() {
     let ours = Config {
         idle_timeout: idle,
         ping_interval: Duration::from_secs(1),
+        // Its own timing, not the acceptor's (HEARTBEAT, version 7).
+        adopt_peer_heartbeat: false,
         ..Config::default()
     };
     let mut p = pair(ours, Config::default()).await;

@@ -239,6 +239,8 @@ pub enum FrameType {
     Catalog = 0x06,
     /// The server replicas the sender knows of (version 4).
     Replicas = 0x07,
+    /// The heartbeat the acceptor asks of the initiator (version 7).
+    Heartbeat = 0x08,
     /// Ask the peer to open a stream to a target.
     Open = 0x10,
     /// The stream is open.
@@ -265,6 +267,7 @@ impl FrameType {
             0x05 => FrameType::GoAway,
             0x06 => FrameType::Catalog,
             0x07 => FrameType::Replicas,
+            0x08 => FrameType::Heartbeat,
             0x10 => FrameType::Open,
             0x11 => FrameType::OpenOk,
             0x12 => FrameType::OpenErr,
@@ -294,6 +297,36 @@ pub struct Hello {
     pub software: String,
 }
 
+/// What a HEARTBEAT frame asks (version 7): how often the initiator
+/// should PING, and how long the acceptor waits in silence before it
+/// declares the session dead. The server's operator sets these once for
+/// every agent and client instead of on each of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// PING at least this often, in milliseconds ([`Heartbeat::MIN_INTERVAL_MS`] or more).
+    pub ping_interval_ms: u32,
+    /// The sender ends the session after this much silence, in
+    /// milliseconds; longer than `ping_interval_ms`.
+    pub idle_timeout_ms: u32,
+}
+
+impl Heartbeat {
+    /// The shortest interval a HEARTBEAT may ask for.
+    pub const MIN_INTERVAL_MS: u32 = 100;
+
+    /// Whether the values are ones a peer may send: an interval of at
+    /// least [`Heartbeat::MIN_INTERVAL_MS`] and an idle timeout longer than it.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.ping_interval_ms < Self::MIN_INTERVAL_MS {
+            return Err("interval below 100 ms");
+        }
+        if self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err("idle timeout not longer than the interval");
+        }
+        Ok(())
+    }
+}
+
 /// One protocol frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -316,6 +349,8 @@ pub enum Frame {
     Catalog(Vec<CatalogEntry>),
     /// See [`FrameType::Replicas`]: the full list, replacing any earlier one.
     Replicas(Replicas),
+    /// See [`FrameType::Heartbeat`]: replaces any earlier one.
+    Heartbeat(Heartbeat),
     /// See [`FrameType::Open`].
     Open {
         /// The new stream's id (its parity says which side opened it).
@@ -400,7 +435,8 @@ impl Frame {
             | Frame::Pong(_)
             | Frame::GoAway { .. }
             | Frame::Catalog(_)
-            | Frame::Replicas(_) => StreamId::SESSION,
+            | Frame::Replicas(_)
+            | Frame::Heartbeat(_) => StreamId::SESSION,
             Frame::Open { id, .. }
             | Frame::OpenOk { id }
             | Frame::OpenErr { id, .. }
@@ -421,6 +457,7 @@ impl Frame {
             Frame::GoAway { .. } => FrameType::GoAway,
             Frame::Catalog(_) => FrameType::Catalog,
             Frame::Replicas(_) => FrameType::Replicas,
+            Frame::Heartbeat(_) => FrameType::Heartbeat,
             Frame::Open { .. } => FrameType::Open,
             Frame::OpenOk { .. } => FrameType::OpenOk,
             Frame::OpenErr { .. } => FrameType::OpenErr,
@@ -439,7 +476,7 @@ impl Frame {
     fn payload_len(&self) -> usize {
         match self {
             Frame::Hello(h) | Frame::HelloAck(h) => 17 + clip(&h.software, 255).len(),
-            Frame::Ping(_) | Frame::Pong(_) => 8,
+            Frame::Ping(_) | Frame::Pong(_) | Frame::Heartbeat(_) => 8,
             Frame::GoAway { reason, .. } => 2 + clip(reason, MAX_REASON_LEN).len(),
             Frame::Catalog(entries) => catalog_fit(entries)
                 .iter()
@@ -488,6 +525,10 @@ impl Frame {
                 out.put_slice(sw.as_bytes());
             }
             Frame::Ping(v) | Frame::Pong(v) => out.put_u64(*v),
+            Frame::Heartbeat(h) => {
+                out.put_u32(h.ping_interval_ms);
+                out.put_u32(h.idle_timeout_ms);
+            }
             Frame::GoAway { code, reason } => {
                 out.put_u16(code.to_u16());
                 out.put_slice(clip(reason, MAX_REASON_LEN).as_bytes());
@@ -578,6 +619,7 @@ impl Frame {
                 | FrameType::GoAway
                 | FrameType::Catalog
                 | FrameType::Replicas
+                | FrameType::Heartbeat
         );
         if session_frame != (id == StreamId::SESSION) {
             return Err(FrameError::Malformed(
@@ -625,6 +667,22 @@ impl Frame {
                 } else {
                     Frame::Pong(v)
                 }
+            }
+            FrameType::Heartbeat => {
+                if p.len() != 8 {
+                    return Err(FrameError::Malformed(
+                        "HEARTBEAT",
+                        "payload must be 8 bytes",
+                    ));
+                }
+                let h = Heartbeat {
+                    ping_interval_ms: p.get_u32(),
+                    idle_timeout_ms: p.get_u32(),
+                };
+                if let Err(why) = h.check() {
+                    return Err(FrameError::Malformed("HEARTBEAT", why));
+                }
+                Frame::Heartbeat(h)
             }
             FrameType::GoAway => {
                 need(&p, 2, ty)?;
@@ -829,6 +887,7 @@ pub fn type_name(ty: FrameType) -> &'static str {
         FrameType::GoAway => "GOAWAY",
         FrameType::Catalog => "CATALOG",
         FrameType::Replicas => "REPLICAS",
+        FrameType::Heartbeat => "HEARTBEAT",
         FrameType::Open => "OPEN",
         FrameType::OpenOk => "OPEN_OK",
         FrameType::OpenErr => "OPEN_ERR",
@@ -852,6 +911,43 @@ mod tests {
         let got = Frame::decode(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got, f);
         assert!(b.is_empty());
+    }
+
+    /// A HEARTBEAT frame with `payload`, encoded by hand.
+    fn heartbeat_bytes(payload: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(FrameType::Heartbeat as u8);
+        b.put_u8(0);
+        b.put_u32(0);
+        b.put_u32(payload.len() as u32);
+        b.put_slice(payload);
+        b.freeze()
+    }
+
+    #[test]
+    fn heartbeats_out_of_range_are_malformed() {
+        let hb = |interval: u32, idle: u32| {
+            let mut p = interval.to_be_bytes().to_vec();
+            p.extend_from_slice(&idle.to_be_bytes());
+            Frame::decode(&mut heartbeat_bytes(&p), 1 << 20)
+        };
+        assert!(hb(100, 101).is_ok());
+        for (interval, idle, why) in [
+            (99, 30_000, "below 100 ms"),
+            (0, 30_000, "below 100 ms"),
+            (10_000, 10_000, "not longer"),
+            (10_000, 5_000, "not longer"),
+        ] {
+            let e = hb(interval, idle).unwrap_err().to_string();
+            assert!(
+                e.contains("HEARTBEAT") && e.contains(why),
+                "{interval}/{idle}: {e}"
+            );
+        }
+        for len in [0, 4, 7, 9, 16] {
+            let e = Frame::decode(&mut heartbeat_bytes(&vec![1; len]), 1 << 20).unwrap_err();
+            assert!(e.to_string().contains("8 bytes"), "{len}: {e}");
+        }
     }
 
     #[test]
@@ -902,6 +998,10 @@ mod tests {
         ]));
         roundtrip(Frame::Pong(u64::MAX));
         roundtrip(Frame::Replicas(Replicas::default()));
+        roundtrip(Frame::Heartbeat(Heartbeat {
+            ping_interval_ms: 60_000,
+            idle_timeout_ms: u32::MAX,
+        }));
         roundtrip(Frame::Replicas(Replicas {
             generation: 7,
             entries: vec![

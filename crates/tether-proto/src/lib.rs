@@ -27,8 +27,8 @@ pub mod transmit;
 
 pub use codes::{ErrorCode, OpenErrorCode, ResetCode};
 pub use frame::{
-    CatalogEntry, Frame, FrameError, FrameType, ReplicaEntry, Replicas, ServiceKind, StreamId,
-    Target, TargetKind,
+    CatalogEntry, Frame, FrameError, FrameType, Heartbeat, ReplicaEntry, Replicas, ServiceKind,
+    StreamId, Target, TargetKind,
 };
 pub use queue::InlineQueue;
 pub use session::{
@@ -45,8 +45,9 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// frame (the services an agent offers); version 4 adds the REPLICAS frame
 /// (the server replicas an agent should hold a session to); version 5 lets
 /// the opener send its first bytes with the OPEN (early data); version 6
-/// adds the catalog kind HTTP/2; everything else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// adds the catalog kind HTTP/2; version 7 adds the HEARTBEAT frame (the
+/// acceptor sets the initiator's PING interval); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -66,6 +67,9 @@ pub const EARLY_DATA_VERSION: u16 = 5;
 
 /// The first version whose CATALOG may carry kind 3 (an HTTP/2 service).
 pub const HTTP2_SERVICE_VERSION: u16 = 6;
+
+/// The first version that carries HEARTBEAT frames.
+pub const HEARTBEAT_VERSION: u16 = 7;
 
 /// Most early data [`Session::open_with`] takes: the smallest receive
 /// window a peer may announce, so it always fits the peer's credit, and

@@ -9,15 +9,15 @@ use foldhash::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
-use crate::frame::Replicas;
 use crate::frame::{
-    CatalogEntry, Frame, FrameError, Hello, StreamId, Target, TargetKind, HEADER_LEN,
+    CatalogEntry, Frame, FrameError, Heartbeat, Hello, Replicas, StreamId, Target, TargetKind,
+    HEADER_LEN,
 };
 use crate::stream::{Phase, Stream, CHUNK_COST};
 use crate::transmit::FrameBuf;
 use crate::{
-    CATALOG_VERSION, EARLY_DATA_VERSION, MAX_EARLY_DATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    REPLICAS_VERSION, UDP_VERSION,
+    CATALOG_VERSION, EARLY_DATA_VERSION, HEARTBEAT_VERSION, MAX_EARLY_DATA, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, REPLICAS_VERSION, UDP_VERSION,
 };
 
 /// Which end of the WebSocket this session is.
@@ -54,10 +54,15 @@ pub struct Config {
     /// Largest DATA payload we send (also capped by the peer's limit). Small
     /// enough that round-robin between streams stays fair.
     pub max_send_chunk: usize,
-    /// How often to send a PING when established.
+    /// How often to send a PING when established. An acceptor asks its
+    /// version 7 peers for the same (a HEARTBEAT frame).
     pub ping_interval: Duration,
     /// Silence (no inbound frame at all) after which the session is dead.
     pub idle_timeout: Duration,
+    /// Whether an initiator takes the acceptor's HEARTBEAT as its own
+    /// `ping_interval` and `idle_timeout`. Off when this side's operator
+    /// set them: then it keeps its own, pinging more often only if asked.
+    pub adopt_peer_heartbeat: bool,
     /// How long the HELLO / HELLO_ACK exchange may take.
     pub handshake_timeout: Duration,
     /// How long an OPEN we sent may wait for its answer.
@@ -91,6 +96,7 @@ impl Default for Config {
             max_send_chunk: 32 * 1024,
             ping_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            adopt_peer_heartbeat: true,
             handshake_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(15),
             open_probe: Duration::from_secs(2),
@@ -114,8 +120,12 @@ const MAX_PEER_WINDOW: u32 = (1 << 31) - 1;
 /// Control frames waiting to be sent before the session gives up on the peer.
 const MAX_QUEUED_CONTROL: usize = 16 * 1024;
 /// How old the acceptor lets its RTT sample grow before it pings for a new
-/// one even while the peer's heartbeats arrive (see `ping_can_wait`).
+/// one even while the peer's heartbeats arrive (see `ping_can_wait`), or
+/// [`RTT_REFRESH_INTERVALS`] PING intervals if that is longer.
 const RTT_REFRESH: Duration = Duration::from_secs(60);
+/// See [`RTT_REFRESH`]: with a long interval (a server holding many agents
+/// may ask for a minute), one acceptor PING in this many intervals.
+const RTT_REFRESH_INTERVALS: u32 = 6;
 
 /// Whether DATA and FIN may arrive on a stream in `phase`: once it is open
 /// and, from version 5, also before we accepted it (the opener's early
@@ -197,6 +207,14 @@ pub enum Event {
     },
     /// A PONG answered our PING.
     Rtt(Duration),
+    /// The acceptor's HEARTBEAT (version 7) set this initiator's heartbeat
+    /// to these values.
+    Heartbeat {
+        /// How often this side now PINGs.
+        ping_interval: Duration,
+        /// The silence after which this side now declares the session dead.
+        idle_timeout: Duration,
+    },
     /// The peer announced the services it offers (version 3), replacing any
     /// earlier list.
     Catalog(Vec<CatalogEntry>),
@@ -572,6 +590,21 @@ impl Session {
                 self.events.push_back(Event::Replicas(replicas));
                 Ok(())
             }
+            Frame::Heartbeat(h) => {
+                if self.version < HEARTBEAT_VERSION {
+                    return Err(self.fail(SessionError::Protocol(format!(
+                        "HEARTBEAT needs protocol version {HEARTBEAT_VERSION}, this session speaks {}",
+                        self.version
+                    ))));
+                }
+                if self.role == Role::Acceptor {
+                    return Err(self.fail(SessionError::Protocol(
+                        "HEARTBEAT from the initiator (only the acceptor sends it)".into(),
+                    )));
+                }
+                self.take_heartbeat(h, now);
+                Ok(())
+            }
             Frame::Open { id, target } => self.handle_open(id, target, now),
             Frame::OpenOk { id } => {
                 match self.streams.get_mut(&id) {
@@ -757,6 +790,36 @@ impl Session {
                 self.control.push_back(Frame::Replicas(r.clone()));
             }
         }
+        if self.role == Role::Acceptor && version >= HEARTBEAT_VERSION {
+            let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+            let asked = Heartbeat {
+                ping_interval_ms: millis(self.config.ping_interval),
+                idle_timeout_ms: millis(self.config.idle_timeout),
+            };
+            // A config the peer would have to refuse is kept to ourselves
+            // (the operator's config check names it).
+            if asked.check().is_ok() {
+                self.control.push_back(Frame::Heartbeat(asked));
+            }
+        }
+    }
+
+    /// An initiator's answer to the acceptor's HEARTBEAT: its values become
+    /// ours, or, when our operator set our own, we only ping at least as
+    /// often as the acceptor's idle timeout needs.
+    fn take_heartbeat(&mut self, h: Heartbeat, now: Instant) {
+        let interval = Duration::from_millis(h.ping_interval_ms.into());
+        if self.config.adopt_peer_heartbeat {
+            self.config.ping_interval = interval;
+            self.config.idle_timeout = Duration::from_millis(h.idle_timeout_ms.into());
+        } else {
+            self.config.ping_interval = self.config.ping_interval.min(interval);
+        }
+        self.next_ping = self.next_ping.min(now + self.config.ping_interval);
+        self.events.push_back(Event::Heartbeat {
+            ping_interval: self.config.ping_interval,
+            idle_timeout: self.config.idle_timeout,
+        });
     }
 
     /// Announces the server replicas this side knows of (a REPLICAS frame,
@@ -1368,7 +1431,8 @@ impl Session {
         if self.role != Role::Acceptor || !self.streams.is_empty() {
             return None;
         }
-        let fresh = self.rtt_at.is_some_and(|at| now < at + RTT_REFRESH);
+        let refresh = RTT_REFRESH.max(self.config.ping_interval * RTT_REFRESH_INTERVALS);
+        let fresh = self.rtt_at.is_some_and(|at| now < at + refresh);
         // Half an interval of slack: the peer's PING, sent every interval,
         // must not lose the race against this timer by its transit time.
         let quiet_until = self.last_recv + self.config.ping_interval * 3 / 2;

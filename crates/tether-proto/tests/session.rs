@@ -652,9 +652,9 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 }
 
 #[test]
-fn current_peers_negotiate_version_6_with_udp() {
+fn current_peers_negotiate_version_7_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (6, 6));
+    assert_eq!((p.a.version(), p.b.version()), (7, 7));
     let id =
         p.a.open(
             Target {
@@ -1253,6 +1253,130 @@ fn with_a_stream_open_the_acceptor_pings_every_interval() {
     p.open_accepted("a/b");
     let (_, b_pings) = idle_for(&mut p, 60);
     assert!(b_pings >= 6, "{b_pings}");
+}
+
+fn heartbeat_config(interval_secs: u64, idle_secs: u64) -> Config {
+    Config {
+        ping_interval: Duration::from_secs(interval_secs),
+        idle_timeout: Duration::from_secs(idle_secs),
+        ..Config::default()
+    }
+}
+
+/// Version 7: the acceptor (a server holding many agents) asks for a PING
+/// a minute; the initiator takes it, and the acceptor's own RTT refreshes
+/// stretch with it. The session stays up, and a silent initiator is still
+/// found at the acceptor's idle timeout.
+#[test]
+fn the_initiator_takes_the_acceptors_heartbeat() {
+    let mut p = Pair::new(Config::default(), heartbeat_config(60, 180));
+    assert!(p.a_events.iter().any(|e| *e
+        == Event::Heartbeat {
+            ping_interval: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(180),
+        }));
+    let (a_pings, b_pings) = idle_for(&mut p, 1800);
+    assert!(p.a.is_established() && p.b.is_established());
+    assert!(
+        (29..=32).contains(&a_pings),
+        "the initiator pings once a minute, not every 10 s: {a_pings}"
+    );
+    assert!(
+        (4..=7).contains(&b_pings),
+        "the acceptor refreshes its RTT once in six intervals: {b_pings}"
+    );
+    // A partition: the acceptor gives up at its idle timeout (180 s after
+    // the initiator's last PING), not sooner.
+    let silent_since = p.now;
+    while !p.b.is_closed() && p.now < silent_since + Duration::from_secs(400) {
+        p.now += Duration::from_secs(1);
+        p.b.handle_timeout(p.now);
+        let mut out = BytesMut::new();
+        p.b.poll_transmit(&mut out, usize::MAX);
+    }
+    assert!(p.b.is_closed());
+    let silent = p.now - silent_since;
+    assert!(
+        silent > Duration::from_secs(110) && silent <= Duration::from_secs(181),
+        "{silent:?}"
+    );
+}
+
+/// An initiator whose operator set its own heartbeat keeps it, unless the
+/// acceptor needs PINGs more often than that.
+#[test]
+fn an_initiator_with_its_own_heartbeat_keeps_it_or_pings_more_often() {
+    let own = Config {
+        adopt_peer_heartbeat: false,
+        ..heartbeat_config(30, 90)
+    };
+    let mut p = Pair::new(own.clone(), heartbeat_config(60, 180));
+    let (a_pings, _) = idle_for(&mut p, 600);
+    assert!((19..=21).contains(&a_pings), "its own 30 s: {a_pings}");
+
+    let mut p = Pair::new(own, heartbeat_config(5, 15));
+    assert!(p.a_events.iter().any(|e| *e
+        == Event::Heartbeat {
+            ping_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+        }));
+    let (a_pings, _) = idle_for(&mut p, 600);
+    assert!(p.b.is_established());
+    assert!((119..=121).contains(&a_pings), "the asked 5 s: {a_pings}");
+}
+
+/// A version-6 peer gets no HEARTBEAT (it would be a protocol error to
+/// it); a version-7 peer gets one, right after HELLO_ACK.
+#[test]
+fn heartbeat_goes_to_version_7_peers_only() {
+    for (version, expected) in [(6, false), (7, true)] {
+        let now = Instant::now();
+        let mut b = Session::new(Role::Acceptor, heartbeat_config(60, 180), now);
+        let mut out = BytesMut::new();
+        Frame::Hello(tether_proto::frame::Hello {
+            min_version: 1,
+            max_version: version,
+            capabilities: 0,
+            initial_window: 65536,
+            max_frame_payload: 65536,
+            software: format!("v{version}"),
+        })
+        .encode(&mut out);
+        b.handle_input(out.freeze(), now).unwrap();
+        let sent = transmit(&mut b);
+        assert!(matches!(sent.first(), Some(Frame::HelloAck(_))), "{sent:?}");
+        let hb = sent.iter().position(|f| {
+            *f == Frame::Heartbeat(tether_proto::Heartbeat {
+                ping_interval_ms: 60_000,
+                idle_timeout_ms: 180_000,
+            })
+        });
+        assert_eq!(hb == Some(1), expected, "v{version}: {sent:?}");
+        assert_eq!(hb.is_some(), expected, "v{version}: {sent:?}");
+    }
+}
+
+/// HEARTBEAT on a version-6 session, or from the initiator, ends the
+/// session with a protocol error that says why.
+#[test]
+fn heartbeat_out_of_place_is_a_protocol_error() {
+    let hb = || {
+        let mut m = BytesMut::new();
+        Frame::Heartbeat(tether_proto::Heartbeat {
+            ping_interval_ms: 1_000,
+            idle_timeout_ms: 3_000,
+        })
+        .encode(&mut m);
+        m.freeze()
+    };
+    let now = Instant::now();
+    let mut a = initiator_against(6, now);
+    let e = a.handle_input(hb(), now).unwrap_err();
+    assert!(e.to_string().contains("needs protocol version 7"), "{e}");
+
+    let mut p = Pair::default();
+    let e = p.b.handle_input(hb(), p.now).unwrap_err();
+    assert!(e.to_string().contains("only the acceptor"), "{e}");
 }
 
 #[test]

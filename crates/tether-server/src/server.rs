@@ -134,7 +134,7 @@ impl Server {
 
     /// Checks `cfg` the way [`Server::bind`] does before it reads any file
     /// or binds any port: credentials, rules, admins, listeners, `[http]`,
-    /// `[cluster]` (`tether server --check-config`).
+    /// `[cluster]`, `[session]` (`tether server --check-config`).
     pub fn check(cfg: &ServerConfig) -> anyhow::Result<()> {
         Authenticator::from_config(cfg)?;
         for l in &cfg.listeners {
@@ -142,6 +142,7 @@ impl Server {
         }
         cfg.http.validate()?;
         cfg.cluster.validate()?;
+        cfg.session.validate()?;
         Ok(())
     }
 

@@ -295,6 +295,16 @@ impl Shared {
                     self.goaway_tx.send_replace(Some(code));
                 }
                 Event::Rtt(d) => g.rtt = Some(d),
+                Event::Heartbeat {
+                    ping_interval,
+                    idle_timeout,
+                } => {
+                    tracing::info!(
+                        session = %self.label,
+                        "heartbeat set by the server: PING every {ping_interval:?}, {idle_timeout:?} of silence ends the session"
+                    );
+                    g.deadlines_changed(); // the next PING may be due sooner
+                }
                 Event::Catalog(c) => {
                     self.catalog.send_replace(Some(c));
                 }

@@ -307,6 +307,37 @@ async fn a_silent_agent_is_declared_dead_and_reconnects_when_it_wakes() {
     );
 }
 
+/// Protocol version 7: the server's heartbeat paces agents that set none
+/// (the HEARTBEAT frame). Only the server is set fast here; the agent takes
+/// its values, so it finds a frozen server in about 1.5 s instead of its
+/// own default 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_takes_the_servers_heartbeat() {
+    let echo = echo_service().await;
+    let fast = ["--heartbeat-ms", "200", "--idle-timeout-ms", "1500"];
+    let t = Tunnel::start_with(&[("echo", echo)], &fast, &[]);
+    assert!(
+        t.agent
+            .wait_log("heartbeat set by the server", Duration::from_secs(5)),
+        "{}",
+        t.agent.log_text()
+    );
+    assert!(
+        t.agent
+            .log_text()
+            .contains("PING every 200ms, 1.5s of silence ends the session"),
+        "{}",
+        t.agent.log_text()
+    );
+    t.server.signal(Signal::STOP);
+    let stopped = std::time::Instant::now();
+    let noticed = t.agent.wait_log("peer silent", Duration::from_secs(20));
+    let after = stopped.elapsed();
+    t.server.signal(Signal::CONT);
+    assert!(noticed, "{}", t.agent.log_text());
+    assert!(after < Duration::from_secs(8), "noticed after {after:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_new_gives_a_hash_the_server_accepts() {
     let out = Command::new(env!("CARGO_BIN_EXE_tether"))
