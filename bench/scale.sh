@@ -16,7 +16,9 @@
 #
 # Usage: bench/scale.sh            (builds tether and the probe in release)
 # Knobs: SKIP_BUILD=1, COUNT=10000, IDLE_SECS=30, CONNECT_COUNT=300, PARALLEL=128,
-#        BENCH_PORT_BASE=20500 (ports BASE .. BASE+3), TETHER_BIN (another tether binary).
+#        BENCH_PORT_BASE=20500 (ports BASE .. BASE+3), TETHER_BIN (another tether binary),
+#        HEARTBEAT_MS / IDLE_TIMEOUT_MS (the server's [session]; the probe's sessions take
+#        them from its HEARTBEAT, protocol version 7).
 # The open-file limit is raised for the run (as root, up to fs.nr_open) and the script
 # says so. Writes bench/results/scale.md; process logs in bench/results/logs-scale/.
 set -euo pipefail
@@ -65,6 +67,11 @@ CFG="$LOG/server.toml"
     printf '[limits]\nmax_sessions = %d\nmax_connections = %d\nmax_connections_per_source = %d\n' \
         $((COUNT + 100)) $((COUNT + 1000)) $((COUNT + 1000))
     printf 'opens_per_sec = 1e9\nopen_burst = 1e9\n'
+    if [ -n "${HEARTBEAT_MS:-}${IDLE_TIMEOUT_MS:-}" ]; then
+        printf '\n[session]\n'
+        [ -z "${HEARTBEAT_MS:-}" ] || printf 'heartbeat_ms = %d\n' "$HEARTBEAT_MS"
+        [ -z "${IDLE_TIMEOUT_MS:-}" ] || printf 'idle_timeout_ms = %d\n' "$IDLE_TIMEOUT_MS"
+    fi
     awk -v n="$COUNT" 'BEGIN { for (i = 0; i < n; i++) printf "\n[[agent]]\nname = \"load-%d\"\ntoken = \"load-token-%d\"\n", i, i }'
 } >"$CFG"
 
@@ -116,7 +123,7 @@ RATIO=$(awk -v a="$C_IDLE" -v b="$C_LOAD" 'BEGIN { printf "%.2f", b / a }')
     echo "| config load ($COUNT \`[[agent]]\` entries): start to listening | $LOAD_MS ms |"
     echo "| $COUNT sessions set up ($PARALLEL at a time, from $SOURCES source address(es)) | $SETUP_MS ms |"
     echo "| server memory per idle agent session (VmRSS $RSS0 -> $RSS1 KiB) | $PER KiB |"
-    echo "| server CPU while they idle (heartbeats), over ${IDLE_SECS} s | $CPU % of one core |"
+    echo "| server CPU while they idle (heartbeats every ${HEARTBEAT_MS:-10000} ms), over ${IDLE_SECS} s | $CPU % of one core |"
     echo "| connect + first echo through a listener, idle server / loaded | $C_IDLE / $C_LOAD µs (${RATIO}x) |"
     echo "| sessions still up after ${HOLD} s | $ALIVE of $COUNT |"
     echo "| server VmRSS after the loaded connects | $RSS2 KiB |"
