@@ -14,7 +14,8 @@
 //!   than version 4: one replica), the URL itself is dialed;
 //! * a URL host with several addresses counts each as a replica.
 //!
-//! A replica leaves the view 60 s after no live session advertised it, and
+//! A replica leaves the view 60 s after no live session lists it (each
+//! session's latest REPLICAS stands until the session ends), and
 //! at once when it said it is leaving (GOAWAY `leaving`), unless it is
 //! advertised again. Additions count at once: a stale view costs a few
 //! dials, never a missed replica.

@@ -46,7 +46,8 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// (the server replicas an agent should hold a session to); version 5 lets
 /// the opener send its first bytes with the OPEN (early data); version 6
 /// adds the catalog kind HTTP/2; version 7 adds the HEARTBEAT frame (the
-/// acceptor sets the initiator's PING interval); everything else is as in 1.
+/// acceptor sets the initiator's PING interval) and sends REPLICAS only on a
+/// change; everything else is as in 1.
 pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The oldest protocol version this build still speaks.
@@ -70,6 +71,11 @@ pub const HTTP2_SERVICE_VERSION: u16 = 6;
 
 /// The first version that carries HEARTBEAT frames.
 pub const HEARTBEAT_VERSION: u16 = 7;
+
+/// The first version in which a server sends REPLICAS only after HELLO_ACK
+/// and when its list changes; earlier sessions also get it every 30 s, as
+/// version 4 promised them.
+pub const REPLICAS_ON_CHANGE_VERSION: u16 = 7;
 
 /// Most early data [`Session::open_with`] takes: the smallest receive
 /// window a peer may announce, so it always fits the peer's credit, and

@@ -18,7 +18,8 @@ use tokio::sync::watch;
 use crate::config::{ClusterConfig, StaticPeer};
 use crate::registry::Registry;
 
-/// How often agents are told the list even when it did not change.
+/// How often agents of protocol versions 4 to 6 are told the list even when
+/// it did not change (version 7 agents hold it for the session's life).
 pub(crate) const REPLICAS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Readiness: at least this much uptime...

@@ -237,16 +237,49 @@ impl AgentEndpoint {
     }
 }
 
-/// Tells the agent which replicas exist (REPLICAS, version 4): now, on
-/// every change and every [`REPLICAS_REFRESH`]. Never returns.
+/// Tells the agent which replicas exist (REPLICAS, version 4): now and on
+/// every change, and every [`REPLICAS_REFRESH`] where the session is older
+/// than version 7. Never returns.
 async fn tell_replicas(conn: &Connection, cluster: &Cluster) {
+    let resend = resends_replicas(conn.version());
     let mut replicas = cluster.replicas();
     loop {
         let list = replicas.borrow_and_update().clone();
         conn.announce_replicas(list);
+        let refresh = async {
+            match resend {
+                Some(every) => tokio::time::sleep(every).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = replicas.changed() => if r.is_err() { return std::future::pending().await },
-            () = tokio::time::sleep(REPLICAS_REFRESH) => {}
+            () = refresh => {}
         }
+    }
+}
+
+/// How often an unchanged replica list is sent again on a session of
+/// `version`: versions 4 to 6 were promised a resend every 30 s; from 7 a
+/// list stands for the session's life, and the resend (a timer and a write
+/// per idle agent) is dropped.
+fn resends_replicas(version: u16) -> Option<std::time::Duration> {
+    (version < tether_proto::REPLICAS_ON_CHANGE_VERSION).then_some(REPLICAS_REFRESH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sessions_before_version_7_get_the_replica_list_again() {
+        for v in tether_proto::REPLICAS_VERSION..tether_proto::REPLICAS_ON_CHANGE_VERSION {
+            assert_eq!(resends_replicas(v), Some(REPLICAS_REFRESH), "version {v}");
+        }
+        assert_eq!(
+            resends_replicas(tether_proto::REPLICAS_ON_CHANGE_VERSION),
+            None
+        );
+        assert_eq!(resends_replicas(tether_proto::PROTOCOL_VERSION), None);
     }
 }
