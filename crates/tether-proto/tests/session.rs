@@ -1212,6 +1212,23 @@ fn idle_for(p: &mut Pair, secs: u64) -> (usize, usize) {
     (a_pings, b_pings)
 }
 
+/// The initiator goes silent (a partition): lets time pass on the acceptor
+/// alone, a second at a time, until it closes or `limit_secs` pass. Returns
+/// how long that took and when the acceptor's first PING went out.
+fn silence_the_initiator(p: &mut Pair, limit_secs: u64) -> (Duration, Option<Duration>) {
+    let silent_since = p.now;
+    let mut first_ping = None;
+    while !p.b.is_closed() && p.now < silent_since + Duration::from_secs(limit_secs) {
+        p.now += Duration::from_secs(1);
+        p.b.handle_timeout(p.now);
+        let mut out = BytesMut::new();
+        if p.b.poll_transmit(&mut out, usize::MAX) && pings_in(&out.freeze()) > 0 {
+            first_ping.get_or_insert(p.now - silent_since);
+        }
+    }
+    (p.now - silent_since, first_ping)
+}
+
 #[test]
 fn the_acceptor_leaves_heartbeats_to_the_initiator_while_they_arrive() {
     let mut p = Pair::default();
@@ -1229,22 +1246,13 @@ fn the_acceptor_leaves_heartbeats_to_the_initiator_while_they_arrive() {
 
     // The initiator goes silent (a partition): the acceptor pings after one
     // and a half intervals of silence and gives up at idle_timeout, as before.
-    let silent_since = p.now;
-    let mut first_ping = None;
-    while !p.b.is_closed() && p.now < silent_since + Duration::from_secs(60) {
-        p.now += Duration::from_secs(1);
-        p.b.handle_timeout(p.now);
-        let mut out = BytesMut::new();
-        if p.b.poll_transmit(&mut out, usize::MAX) && pings_in(&out.freeze()) > 0 {
-            first_ping.get_or_insert(p.now - silent_since);
-        }
-    }
+    let (silent, first_ping) = silence_the_initiator(&mut p, 60);
     assert!(
         first_ping.is_some_and(|t| t <= Duration::from_secs(15)),
         "{first_ping:?}"
     );
     assert!(p.b.is_closed(), "closed at idle_timeout");
-    assert!(p.now - silent_since <= Duration::from_secs(31));
+    assert!(silent <= Duration::from_secs(31));
 }
 
 #[test]
@@ -1287,15 +1295,8 @@ fn the_initiator_takes_the_acceptors_heartbeat() {
     );
     // A partition: the acceptor gives up at its idle timeout (180 s after
     // the initiator's last PING), not sooner.
-    let silent_since = p.now;
-    while !p.b.is_closed() && p.now < silent_since + Duration::from_secs(400) {
-        p.now += Duration::from_secs(1);
-        p.b.handle_timeout(p.now);
-        let mut out = BytesMut::new();
-        p.b.poll_transmit(&mut out, usize::MAX);
-    }
+    let (silent, _) = silence_the_initiator(&mut p, 400);
     assert!(p.b.is_closed());
-    let silent = p.now - silent_since;
     assert!(
         silent > Duration::from_secs(110) && silent <= Duration::from_secs(181),
         "{silent:?}"
