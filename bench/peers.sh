@@ -68,7 +68,10 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 TETHER="${TETHER_BIN:-$ROOT/target/release/tether}"; PROBE="$BENCH/target/release/probe"
 RATHOLE="$BENCH/.peers/bin/rathole"; BORE="$BENCH/.peers/bin/bore"
-for b in "$TETHER" "$PROBE" "$RATHOLE" "$BORE"; do [ -x "$b" ] || die "$b missing (run without SKIP_BUILD)"; done
+NEEDED=("$TETHER" "$PROBE")  # the services and the HTTP paths use both; a peer only when measured
+case " $PATHS " in *" rathole "*) NEEDED+=("$RATHOLE") ;; esac
+case " $PATHS " in *" bore "*) NEEDED+=("$BORE") ;; esac
+for b in "${NEEDED[@]}"; do [ -x "$b" ] || die "$b missing (run without SKIP_BUILD)"; done
 ulimit -n 20000 2>/dev/null || true
 
 # ------------------------------------------------------------------ ports: per path, an iperf3 and an echo port
