@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::reconnect::{current_token, server_trust, Endpoint, Established};
-use tether_net::splice::{splice, IoReader, IoWriter};
+use tether_net::splice::{socket_halves, splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::endpoint_url;
 use tether_net::Refusal;
@@ -742,7 +742,7 @@ async fn serve_stream(
             splice(sr, sw, IoReader::new(tr), IoWriter(tw)).await
         }
         ServiceIo::Plain(tcp) => {
-            let (tr, tw) = tcp.into_split();
+            let (tr, tw) = socket_halves(tcp);
             splice(sr, sw, tr, tw).await
         }
     };

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::reconnect::{keep_connected, server_trust, Endpoint, Established, SessionEnd};
-use tether_net::splice::splice;
+use tether_net::splice::{socket_halves, splice};
 use tether_net::transport::tls::ServerTrust;
 use tether_net::transport::ws::endpoint_url;
 use tether_proto::Target;
@@ -390,7 +390,7 @@ async fn forward_one(
     };
     let id = stream.id();
     tracing::debug!(%peer, stream = %id, target = %fwd.target, "stream open");
-    let (tr, tw) = tcp.into_split();
+    let (tr, tw) = socket_halves(tcp);
     let (sr, sw) = stream.split();
     let mut report = splice(tr, tw, sr, sw).await;
     report.a_to_b += early_len; // sent with the open, before the splice

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::pattern::glob_match;
-use tether_net::splice::splice;
+use tether_net::splice::{socket_halves, splice};
 use tether_net::Connection;
 use tether_proto::{OpenErrorCode, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -200,7 +200,7 @@ async fn handle(
     if let Kind::HttpForward(head) = req.kind {
         sw.write(bytes::Bytes::from(head)).await?;
     }
-    let (tr, tw) = tcp.into_split();
+    let (tr, tw) = socket_halves(tcp);
     let report = splice(tr, tw, sr, sw).await;
     let ms = started.elapsed().as_millis() as u64;
     match report.error {

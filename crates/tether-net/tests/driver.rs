@@ -470,7 +470,7 @@ async fn a_splice_copies_both_ways_and_keeps_half_close() {
     let mut p = pair(Config::default(), Config::default()).await;
     let (sa, sb) = open(&mut p, "spliced").await;
     let (app, relay_end) = tcp_pair().await;
-    let (tr, tw) = relay_end.into_split();
+    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
     let (sr, sw) = sb.split();
     let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
 
@@ -513,7 +513,7 @@ async fn a_splice_gathers_queued_chunks_in_order() {
     let mut p = pair(Config::default(), Config::default()).await;
     let (sa, sb) = open(&mut p, "gathered").await;
     let (app, relay_end) = tcp_pair().await;
-    let (tr, tw) = relay_end.into_split();
+    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
     let (sr, sw) = sb.split();
     let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
 
@@ -559,7 +559,7 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
 
     let (sa, sb) = open(&mut p, "stopped").await;
     let (mut app, relay_end) = tcp_pair().await;
-    let (tr, tw) = relay_end.into_split();
+    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
     let (sr, sw) = sb.split();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
@@ -589,7 +589,7 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
     // The peer resets the stream: the splice ends with that error.
     let (sa, sb) = open(&mut p, "reset").await;
     let (app, relay_end) = tcp_pair().await;
-    let (tr, tw) = relay_end.into_split();
+    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
     let (sr, sw) = sb.split();
     let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
     let (_ra, mut wa) = sa.split();
@@ -630,7 +630,7 @@ async fn small_chunks_keep_no_large_buffer_alive() {
 
     // From a socket: a short read's chunk, not the 64 KiB read buffer.
     let (mut app, relay_end) = tcp_pair().await;
-    let (mut from_app, _to_app) = relay_end.into_split();
+    let (mut from_app, _to_app) = tether_net::splice::socket_halves(relay_end);
     app.write_all(b"ten bytes!").await.unwrap();
     let chunk = next_chunk(&mut from_app).await;
     assert_own_allocation(chunk, b"ten bytes!", "a socket read");
@@ -641,6 +641,44 @@ async fn small_chunks_keep_no_large_buffer_alive() {
     near.write_all(b"ten bytes!").await.unwrap();
     let chunk = next_chunk(&mut from_io).await;
     assert_own_allocation(chunk, b"ten bytes!", "an AsyncRead read");
+}
+
+/// A socket that keeps filling its reads is read in larger chunks (fewer
+/// reads per byte in a bulk transfer), every byte in order; a short read
+/// after that still comes in an allocation of its own.
+#[tokio::test]
+async fn a_bulk_socket_is_read_in_larger_chunks_and_a_trickle_in_small_ones() {
+    use tether_net::splice::{BULK_READ_CHUNK, SOCKET_READ_CHUNK};
+    use tokio::io::AsyncWriteExt;
+
+    let (mut app, relay_end) = tcp_pair().await;
+    let (mut from_app, _to_app) = tether_net::splice::socket_halves(relay_end);
+    let total = 4 << 20;
+    let sent: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+    let writer = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            app.write_all(&sent).await.unwrap();
+            app
+        }
+    });
+    // Let the socket's buffers fill, as they do behind a slower relay.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut got, mut largest) = (Vec::with_capacity(total), 0);
+    while got.len() < total {
+        let chunk = next_chunk(&mut from_app).await;
+        largest = largest.max(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert!(got == sent, "bytes lost, changed or reordered");
+    assert!(
+        largest > SOCKET_READ_CHUNK && largest <= BULK_READ_CHUNK,
+        "largest chunk of a bulk transfer: {largest} bytes"
+    );
+    let mut app = within(writer).await.unwrap();
+    app.write_all(b"ten bytes!").await.unwrap();
+    let chunk = next_chunk(&mut from_app).await;
+    assert_own_allocation(chunk, b"ten bytes!", "a short read after a bulk one");
 }
 
 async fn next_chunk(r: &mut impl tether_net::splice::ChunkRead) -> Bytes {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use tether_net::splice::socket_halves;
 use tether_proto::{TargetKind, MAX_EARLY_DATA};
 use tokio::net::TcpStream;
 
@@ -190,7 +191,7 @@ impl Listener {
             }
         };
         let (sr, sw) = stream.split();
-        let (tr, tw) = tcp.into_split();
+        let (tr, tw) = socket_halves(tcp);
         let who = format!("listener {} from {peer}", cfg.listen);
         run_relay(
             &self.metrics,
