@@ -327,6 +327,13 @@ impl Heartbeat {
     }
 }
 
+// `Heartbeat::check` spells the minimum out in its refusal (frame errors
+// are static strings): a change to the constant must change that text.
+const _: () = assert!(
+    Heartbeat::MIN_INTERVAL_MS == 100,
+    "update the refusal text in Heartbeat::check"
+);
+
 /// One protocol frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
