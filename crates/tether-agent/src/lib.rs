@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_net::dns::split_host_port;
 use tether_net::reconnect::{current_token, server_trust, Endpoint, Established};
 use tether_net::splice::{socket_halves, splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
@@ -252,7 +253,8 @@ impl Agent {
     pub fn new(mut config: AgentConfig) -> anyhow::Result<Agent> {
         let policy = TargetPolicy::new(&config.services, &config.allow)
             .context("agent services / allow list")?;
-        let resolver = NameResolver::from_setting(config.dns_server.as_deref())?;
+        let resolver = NameResolver::from_setting(config.dns_server.as_deref())?
+            .remembering(tether_net::dns::REMEMBER_FOR);
         config.session.validate()?;
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
@@ -602,11 +604,12 @@ async fn dial_addresses(
     resolver: &NameResolver,
     resolved: &Resolved,
 ) -> Result<Vec<SocketAddr>, Refusal> {
-    let found = match &resolved.raw {
-        None => tokio::net::lookup_host(resolved.address.as_str())
+    let found = match (&resolved.raw, split_host_port(&resolved.address)) {
+        (Some(raw), _) => resolver.lookup(&raw.host, raw.port).await,
+        (None, Some((host, port))) => resolver.lookup_system(host, port).await,
+        (None, None) => tokio::net::lookup_host(resolved.address.as_str())
             .await
             .map(Iterator::collect),
-        Some(raw) => resolver.lookup(&raw.host, raw.port).await,
     };
     let addrs: Vec<SocketAddr> = found.map_err(|e| {
         Refusal::new(
@@ -628,23 +631,31 @@ async fn dial_addresses(
 }
 
 /// Resolves and connects within `dial_timeout`, to the checked addresses
-/// only (in order, the first that accepts).
+/// in turn: the connection and the address that answered. When none
+/// answers, the name's remembered addresses are forgotten, so the next open
+/// looks it up again.
 async fn connect_tcp(
     policy: &TargetPolicy,
     resolver: &NameResolver,
     resolved: &Resolved,
     dial_timeout: Duration,
-) -> Result<TcpStream, Refusal> {
+) -> Result<(TcpStream, SocketAddr), Refusal> {
     let dial = async {
         let addrs = dial_addresses(policy, resolver, resolved).await?;
-        TcpStream::connect(addrs.as_slice()).await.map_err(|e| {
-            Refusal::new(
-                dial_error_code(&e),
-                format!("dialing {} ({addrs:?}): {e}", resolved.address),
-            )
-        })
+        let mut last = None;
+        for &addr in &addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => return Ok((tcp, addr)),
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.unwrap_or_else(|| io::Error::other("no address"));
+        Err(Refusal::new(
+            dial_error_code(&e),
+            format!("dialing {} ({addrs:?}): {e}", resolved.address),
+        ))
     };
-    match tokio::time::timeout(dial_timeout, dial).await {
+    let result = match tokio::time::timeout(dial_timeout, dial).await {
         Ok(r) => r,
         Err(_) => Err(Refusal::new(
             OpenErrorCode::Timeout,
@@ -653,7 +664,15 @@ async fn connect_tcp(
                 resolved.address
             ),
         )),
+    };
+    if result.is_err() {
+        match (&resolved.raw, split_host_port(&resolved.address)) {
+            (Some(raw), _) => resolver.forget(&raw.host),
+            (None, Some((host, _))) => resolver.forget(host),
+            (None, None) => {}
+        }
     }
+    result
 }
 
 /// What `target` means here: a configured service, then a discovered one
@@ -771,12 +790,9 @@ async fn dial_service(
     resolver: &NameResolver,
     resolved: &Resolved,
     dial_timeout: Duration,
-) -> Result<(ServiceIo, String), Refusal> {
-    let tcp = connect_tcp(policy, resolver, resolved, dial_timeout).await?;
+) -> Result<(ServiceIo, SocketAddr), Refusal> {
+    let (tcp, peer) = connect_tcp(policy, resolver, resolved, dial_timeout).await?;
     let _ = tcp.set_nodelay(true);
-    let peer = tcp
-        .peer_addr()
-        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
     let Some(t) = &resolved.tls else {
         return Ok((ServiceIo::Plain(tcp), peer));
     };
@@ -901,6 +917,34 @@ mod tests {
         c.token_file = None;
         let a = Agent::new(c).unwrap();
         assert_eq!(a.policy.catalog().len(), 2);
+    }
+
+    /// A named service's host is looked up once and then remembered; when
+    /// none of its addresses answers, it is forgotten, so the next open
+    /// asks the resolver again (the service may have moved).
+    #[tokio::test]
+    async fn a_service_name_is_remembered_until_a_dial_fails() {
+        let listener = tether_net::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c: AgentConfig = toml::from_str(&format!(
+            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n[services]\nweb = \"localhost:{port}\"\n"
+        ))
+        .unwrap();
+        let a = Agent::new(c).unwrap();
+        let web = a.policy.resolve("web").unwrap();
+        let wait = Duration::from_secs(2);
+        assert!(!a.resolver.remembers("localhost"));
+        let (_tcp, peer) = connect_tcp(&a.policy, &a.resolver, &web, wait)
+            .await
+            .unwrap();
+        assert_eq!(peer, listener.local_addr().unwrap());
+        assert!(a.resolver.remembers("localhost"));
+        drop(listener);
+        let refused = connect_tcp(&a.policy, &a.resolver, &web, wait)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, OpenErrorCode::Refused, "{}", refused.reason);
+        assert!(!a.resolver.remembers("localhost"));
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! (see `tether_agent::policy::TargetPolicy::check_addresses`) and then
 //! dials those addresses: the name is looked up once per open, never again
 //! at connect time.
+//!
+//! The system resolver (`getaddrinfo`) keeps no answers and runs on a
+//! blocking thread: each lookup is a thread hand-off, a read of the hosts
+//! file and, in a cluster, DNS queries for every search domain. A resolver
+//! built [`NameResolver::remembering`] keeps its answers for a few seconds
+//! ([`NameCache`]), so a service opened often is looked up once per
+//! [`REMEMBER_FOR`], not once per connection. A DNS server set with
+//! `dns_server` keeps its own answers, for as long as their TTL says.
 
 use anyhow::bail;
 use hickory_resolver::config::{
@@ -13,9 +21,11 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::TokioResolver;
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The DNS port, when `dns_server` gives none.
 const DNS_PORT: u16 = 53;
@@ -25,9 +35,19 @@ const DNS_PORT: u16 = 53;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 const QUERY_ATTEMPTS: usize = 2;
 
-/// Where the agent looks up the names of raw targets.
+/// How long a remembering resolver reuses the system resolver's answer for
+/// a name: the TTL Kubernetes' cluster DNS gives its records by default, so
+/// a Service's addresses are as fresh as any client in the cluster sees them.
+pub const REMEMBER_FOR: Duration = Duration::from_secs(5);
+
+/// At most this many names are remembered (raw targets may name many).
+const MAX_REMEMBERED: usize = 4096;
+
+/// Where the agent looks up the names of raw targets and services.
 pub struct NameResolver {
     server: Option<(SocketAddr, TokioResolver)>,
+    /// The system resolver's recent answers (`None`: every lookup asks).
+    remembered: Option<Mutex<NameCache>>,
 }
 
 impl std::fmt::Debug for NameResolver {
@@ -42,7 +62,10 @@ impl std::fmt::Debug for NameResolver {
 impl NameResolver {
     /// The system resolver (`getaddrinfo`: hosts file, search domains).
     pub fn system() -> NameResolver {
-        NameResolver { server: None }
+        NameResolver {
+            server: None,
+            remembered: None,
+        }
     }
 
     /// Every lookup asks the DNS server at `addr` (UDP, TCP for truncated
@@ -61,7 +84,16 @@ impl NameResolver {
                 .build();
         NameResolver {
             server: Some((addr, resolver)),
+            remembered: None,
         }
+    }
+
+    /// The same resolver, reusing each answer of the system resolver for
+    /// `ttl` (see [`NameCache`]); a failed dial should [`forget`](Self::forget)
+    /// the name.
+    pub fn remembering(mut self, ttl: Duration) -> NameResolver {
+        self.remembered = Some(Mutex::new(NameCache::new(ttl)));
+        self
     }
 
     /// From the `dns_server` setting: `IP`, `IP:PORT` or `[IPv6]:PORT`
@@ -85,7 +117,7 @@ impl NameResolver {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         match &self.server {
-            None => Ok(tokio::net::lookup_host((host, port)).await?.collect()),
+            None => self.lookup_system(host, port).await,
             Some((_, resolver)) => {
                 let found = resolver
                     .lookup_ip(host)
@@ -95,6 +127,131 @@ impl NameResolver {
             }
         }
     }
+
+    /// Like [`lookup`](Self::lookup), always with the system resolver (the
+    /// agent's named services), and remembered when this resolver is.
+    pub async fn lookup_system(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let Some(cache) = &self.remembered else {
+            return Ok(tokio::net::lookup_host((host, port)).await?.collect());
+        };
+        let known = lock(cache).get(host, Instant::now());
+        let ips = match known {
+            Some(ips) => ips,
+            None => {
+                let found: Vec<IpAddr> = tokio::net::lookup_host((host, port))
+                    .await?
+                    .map(|a| a.ip())
+                    .collect();
+                let ips: Arc<[IpAddr]> = found.into();
+                lock(cache).insert(host, ips.clone(), Instant::now());
+                ips
+            }
+        };
+        Ok(ips.iter().map(|&ip| SocketAddr::new(ip, port)).collect())
+    }
+
+    /// Whether an answer for `host` is remembered and still fresh.
+    pub fn remembers(&self, host: &str) -> bool {
+        self.remembered
+            .as_ref()
+            .is_some_and(|c| lock(c).get(host, Instant::now()).is_some())
+    }
+
+    /// Drops what is remembered of `host`: none of its addresses answered,
+    /// so the next open asks again (a pod that moved, a Service recreated).
+    pub fn forget(&self, host: &str) {
+        if let Some(cache) = &self.remembered {
+            lock(cache).forget(host);
+        }
+    }
+}
+
+/// The cache's lock; a panic while holding it cannot leave it half-written
+/// (every change is one map operation), so a poisoned lock is used as is.
+fn lock(cache: &Mutex<NameCache>) -> std::sync::MutexGuard<'_, NameCache> {
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Names and the addresses they resolved to, each kept for a fixed time.
+///
+/// A pure structure (the caller passes the time), so its rules are tested
+/// without waiting: an answer is reused until `ttl` after it was stored;
+/// empty answers and failures are never stored (a Service created a moment
+/// later is found at once); at [`MAX_REMEMBERED`] names, the expired ones
+/// go first and, if none has, everything does.
+#[derive(Debug)]
+pub struct NameCache {
+    ttl: Duration,
+    entries: HashMap<String, (Arc<[IpAddr]>, Instant)>,
+}
+
+impl NameCache {
+    /// An empty cache keeping answers for `ttl`.
+    pub fn new(ttl: Duration) -> NameCache {
+        NameCache {
+            ttl,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The addresses of `host` if they were stored less than `ttl` before `now`.
+    pub fn get(&self, host: &str, now: Instant) -> Option<Arc<[IpAddr]>> {
+        let (ips, stored) = self.entries.get(host)?;
+        (now.saturating_duration_since(*stored) < self.ttl).then(|| ips.clone())
+    }
+
+    /// Stores the addresses `host` resolved to at `now` (nothing when empty).
+    pub fn insert(&mut self, host: &str, ips: Arc<[IpAddr]>, now: Instant) {
+        if ips.is_empty() || self.ttl.is_zero() {
+            return;
+        }
+        if self.entries.len() >= MAX_REMEMBERED && !self.entries.contains_key(host) {
+            let ttl = self.ttl;
+            self.entries
+                .retain(|_, (_, stored)| now.saturating_duration_since(*stored) < ttl);
+            if self.entries.len() >= MAX_REMEMBERED {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(host.to_owned(), (ips, now));
+    }
+
+    /// Drops `host`.
+    pub fn forget(&mut self, host: &str) {
+        self.entries.remove(host);
+    }
+
+    /// How many names are stored (expired ones included, until pushed out).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no name is stored.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Splits a `host:port` address (`name:80`, `10.0.0.1:80`, `[fd00::1]:80`)
+/// into its host (without brackets) and port; `None` for anything else.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        let host = match a {
+            SocketAddr::V4(_) => address.rsplit_once(':')?.0,
+            SocketAddr::V6(_) => address.strip_prefix('[')?.rsplit_once("]:")?.0,
+        };
+        return Some((host, a.port()));
+    }
+    let (host, port) = address.rsplit_once(':')?;
+    if host.is_empty() || host.contains(':') {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
 }
 
 /// `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when absent.
@@ -129,6 +286,124 @@ mod tests {
         assert!(parse_dns_server("kube-dns.kube-system:53").is_err());
         assert!(NameResolver::from_setting(Some("nope")).is_err());
         assert_eq!(NameResolver::from_setting(None).unwrap().dns_server(), None);
+    }
+
+    fn ips(list: &[&str]) -> Arc<[IpAddr]> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// An answer is reused until its time is up, then asked for again;
+    /// empty answers are not kept, and a forgotten name is asked for again.
+    #[test]
+    fn remembered_answers_expire_and_can_be_forgotten() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(5);
+        let mut c = NameCache::new(ttl);
+        c.insert("web.default.svc", ips(&["10.0.0.7"]), t0);
+        assert_eq!(
+            c.get("web.default.svc", t0 + Duration::from_millis(4999)),
+            Some(ips(&["10.0.0.7"]))
+        );
+        assert_eq!(c.get("web.default.svc", t0 + ttl), None);
+        assert_eq!(c.get("db.default.svc", t0), None);
+        // A newer answer replaces the old one and starts its own time.
+        c.insert("web.default.svc", ips(&["10.0.0.8", "fd00::8"]), t0 + ttl);
+        assert_eq!(
+            c.get("web.default.svc", t0 + ttl + Duration::from_secs(1)),
+            Some(ips(&["10.0.0.8", "fd00::8"]))
+        );
+        c.forget("web.default.svc");
+        assert_eq!(
+            c.get("web.default.svc", t0 + ttl + Duration::from_secs(1)),
+            None
+        );
+        c.insert("gone.default.svc", ips(&[]), t0);
+        assert!(c.is_empty());
+        // A zero time keeps nothing.
+        let mut never = NameCache::new(Duration::ZERO);
+        never.insert("web", ips(&["10.0.0.7"]), t0);
+        assert!(never.is_empty());
+    }
+
+    /// The cache stays bounded: when full, expired names go first, and if
+    /// every name is still fresh, all of them go.
+    #[test]
+    fn a_full_cache_drops_expired_names_first_then_everything() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(5);
+        let mut c = NameCache::new(ttl);
+        for i in 0..MAX_REMEMBERED - 1 {
+            c.insert(&format!("old{i}"), ips(&["10.0.0.1"]), t0);
+        }
+        let later = t0 + Duration::from_secs(3);
+        c.insert("fresh", ips(&["10.0.0.2"]), later);
+        assert_eq!(c.len(), MAX_REMEMBERED);
+        // Full: the expired names go, the fresh one stays.
+        let past = t0 + ttl + Duration::from_secs(1);
+        c.insert("new", ips(&["10.0.0.3"]), past);
+        assert_eq!(c.len(), 2);
+        assert!(c.get("fresh", past).is_some());
+        assert!(c.get("new", past).is_some());
+        // Full of fresh names: everything goes but the newcomer.
+        for i in 0..MAX_REMEMBERED - 2 {
+            c.insert(&format!("more{i}"), ips(&["10.0.0.1"]), past);
+        }
+        assert_eq!(c.len(), MAX_REMEMBERED);
+        c.insert("last", ips(&["10.0.0.4"]), past);
+        assert_eq!(c.len(), 1);
+        assert!(c.get("last", past).is_some());
+        // Replacing a stored name never counts as growing.
+        c.insert("last", ips(&["10.0.0.5"]), past);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn host_and_port_of_an_address() {
+        assert_eq!(
+            split_host_port("web.default.svc:80"),
+            Some(("web.default.svc", 80))
+        );
+        assert_eq!(split_host_port("10.0.0.1:5432"), Some(("10.0.0.1", 5432)));
+        assert_eq!(split_host_port("[fd00::1]:22"), Some(("fd00::1", 22)));
+        assert_eq!(split_host_port("localhost:0"), Some(("localhost", 0)));
+        for bad in [
+            "web",
+            "web:",
+            ":80",
+            "web:http",
+            "fd00::1:22",
+            "web:65536",
+            "",
+        ] {
+            assert_eq!(split_host_port(bad), None, "{bad}");
+        }
+    }
+
+    /// A remembering resolver asks the system once per name and time: the
+    /// second lookup of `localhost` (the hosts file) is the stored answer,
+    /// with the port of its own call; a forgotten name is asked again.
+    #[tokio::test]
+    async fn a_remembering_resolver_keeps_system_answers() {
+        let r = NameResolver::system().remembering(REMEMBER_FOR);
+        let first = r.lookup_system("localhost", 8000).await.unwrap();
+        assert!(first
+            .iter()
+            .any(|a| a.ip().is_loopback() && a.port() == 8000));
+        let cache = r.remembered.as_ref().unwrap();
+        assert_eq!(lock(cache).len(), 1);
+        let stored = lock(cache).get("localhost", Instant::now()).unwrap();
+        let second = r.lookup("localhost", 9000).await.unwrap();
+        let want: Vec<SocketAddr> = stored.iter().map(|&ip| SocketAddr::new(ip, 9000)).collect();
+        assert_eq!(second, want);
+        r.forget("localhost");
+        assert_eq!(lock(cache).len(), 0);
+        // IP literals are never looked up, so never stored.
+        r.lookup_system("127.0.0.1", 80).await.unwrap();
+        assert_eq!(lock(cache).len(), 0);
+        // A resolver that does not remember stores nothing.
+        let plain = NameResolver::system();
+        plain.lookup_system("localhost", 80).await.unwrap();
+        assert!(plain.remembered.is_none());
     }
 
     /// The system resolver takes the shorthand IPv4 forms (`127.1`) as
