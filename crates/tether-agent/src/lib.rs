@@ -753,7 +753,9 @@ async fn serve_stream(
     };
     stats.streams_total.fetch_add(1, Ordering::Relaxed);
     stats.live_streams.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(stream = %id, target = %target, address = %resolved.address, %peer, tls = resolved.tls.is_some(), "stream open");
+    // One info line per stream, at its end (below); the server's admin API
+    // lists the streams that are live.
+    tracing::debug!(stream = %id, target = %target, address = %resolved.address, %peer, tls = resolved.tls.is_some(), "stream open");
     let (sr, sw) = stream.split();
     let report = match io {
         ServiceIo::Tls(tls) => {
@@ -769,10 +771,10 @@ async fn serve_stream(
     let ms = started.elapsed().as_millis() as u64;
     match report.error {
         None => {
-            tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream closed")
+            tracing::info!(stream = %id, target = %target, %peer, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream closed")
         }
         Some(e) => {
-            tracing::info!(stream = %id, target = %target, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+            tracing::info!(stream = %id, target = %target, %peer, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
         }
     }
 }

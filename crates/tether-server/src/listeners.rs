@@ -57,7 +57,7 @@ impl Listener {
         max_streams: usize,
     ) -> Listener {
         Listener {
-            caller: Caller::Listener(cfg.listen),
+            caller: Caller::listener(cfg.listen),
             cfg,
             registry,
             metrics,
@@ -192,7 +192,10 @@ impl Listener {
         };
         let (sr, sw) = stream.split();
         let (tr, tw) = socket_halves(tcp);
-        let who = format!("listener {} from {peer}", cfg.listen);
+        let who = FromSource {
+            listener: self.caller.name(),
+            peer,
+        };
         run_relay(
             &self.metrics,
             &who,
@@ -267,5 +270,17 @@ impl Listener {
             gauge.dec();
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
         }
+    }
+}
+
+/// A listener connection in its audit line: `listener ADDR from PEER`.
+struct FromSource<'a> {
+    listener: &'a str,
+    peer: SocketAddr,
+}
+
+impl std::fmt::Display for FromSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} from {}", self.listener, self.peer)
     }
 }

@@ -24,7 +24,6 @@
 //! ([`Opener::dial_pooled`]), charged to the caller whose request needed
 //! one.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -52,26 +51,42 @@ pub(crate) enum Caller {
     /// An authenticated client: the policy decides, and its limits are
     /// counted under [`ClientIdentity::key`].
     Client(ClientIdentity),
-    /// A server-side `[[listener]]`, by its listen address: configured by
-    /// the operator, so no policy; its connections and flows together are
-    /// one pseudo-identity for the limits (`listener:ADDR`).
-    Listener(SocketAddr),
+    /// A server-side `[[listener]]`: configured by the operator, so no
+    /// policy; its connections and flows together are one pseudo-identity
+    /// for the limits (`listener:ADDR`).
+    Listener(ListenerCaller),
+}
+
+/// A `[[listener]]` as a caller: its limit key and its name, spelled once
+/// when the listener is set up rather than at each of its connections.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerCaller {
+    key: Arc<str>,
+    name: Arc<str>,
 }
 
 impl Caller {
+    /// The caller for the listener on `addr`.
+    pub(crate) fn listener(addr: SocketAddr) -> Caller {
+        Caller::Listener(ListenerCaller {
+            key: format!("listener:{addr}").into(),
+            name: format!("listener {addr}").into(),
+        })
+    }
+
     /// The key its limits are counted under.
-    pub(crate) fn key(&self) -> String {
+    pub(crate) fn key(&self) -> Arc<str> {
         match self {
-            Caller::Client(c) => c.key(),
-            Caller::Listener(addr) => format!("listener:{addr}"),
+            Caller::Client(c) => c.key().into(),
+            Caller::Listener(l) => l.key.clone(),
         }
     }
 
     /// The name in logs and audit lines.
-    pub(crate) fn name(&self) -> Cow<'_, str> {
+    pub(crate) fn name(&self) -> &str {
         match self {
-            Caller::Client(c) => Cow::Borrowed(&c.name),
-            Caller::Listener(addr) => Cow::Owned(format!("listener {addr}")),
+            Caller::Client(c) => &c.name,
+            Caller::Listener(l) => &l.name,
         }
     }
 
@@ -79,7 +94,7 @@ impl Caller {
     fn describe(&self) -> String {
         match self {
             Caller::Client(c) => format!("client {}", c.name),
-            Caller::Listener(addr) => format!("listener {addr}"),
+            Caller::Listener(l) => l.name.to_string(),
         }
     }
 }
@@ -181,7 +196,7 @@ impl Opener {
         let agent = parsed.agent.as_str();
         let service = parsed.service.to_string();
         let protocol = protocol_of(kind);
-        let mut guard = self.guard(caller.key().into(), protocol);
+        let mut guard = self.guard(caller.key(), protocol);
         guard.admit(caller, agent, &service)?;
         guard.early_bytes = early.len() as u64;
         // Boxed: the dial's state is large and lives only while dialing; the
@@ -225,7 +240,7 @@ impl Opener {
                 reason: format!("{agent}/{service} is not a target in its canonical form"),
             });
         }
-        let mut guard = self.guard(client.key().into(), Protocol::Http);
+        let mut guard = self.guard(client.key(), Protocol::Http);
         guard.admit(client, agent, service)?;
         Ok(guard)
     }
@@ -487,7 +502,7 @@ impl OpenGuard {
     ) -> Result<(), Refusal> {
         let owner = match caller {
             Caller::Client(identity) => StreamOwner::Client(identity.clone()),
-            Caller::Listener(_) => StreamOwner::Listener(caller.name().into_owned()),
+            Caller::Listener(l) => StreamOwner::Listener(l.name.to_string()),
         };
         self.live = Some(
             self.h
@@ -640,7 +655,7 @@ mod tests {
     #[tokio::test]
     async fn listeners_bypass_the_policy_but_not_the_limits() {
         let (h, _agent, mut held) = silent_agent(4).await;
-        let listener = Caller::Listener("127.0.0.1:9000".parse().unwrap());
+        let listener = Caller::listener("127.0.0.1:9000".parse().unwrap());
         // The policy: alice may not open prod/db; a listener may.
         let r = h
             .open(&alice(&h), "prod/db", TargetKind::Tcp, Bytes::new())
@@ -704,6 +719,6 @@ mod tests {
             .open(&client, "prod/db", TargetKind::Tcp, Bytes::new())
             .await;
         assert_eq!(r.err().map(|r| r.code), Some(OpenErrorCode::Forbidden));
-        assert!(h.0.limits.take_stream(&client.key().into()));
+        assert!(h.0.limits.take_stream(&client.key()));
     }
 }

@@ -3,6 +3,7 @@
 //! with the stream metrics, the end on revocation, and the closing audit
 //! line.
 
+use std::fmt::Display;
 use std::future::Future;
 use std::time::Instant;
 
@@ -15,7 +16,8 @@ use crate::open::OpenGuard;
 /// Splices a client side onto an agent stream until both ends finish, or
 /// the guard's stream must end (revoked, credential expired: RST
 /// `forbidden` both ways). `who` and `target` name the stream in the audit
-/// line.
+/// line; `who` is only formatted into that line, not spelled out in
+/// advance for every connection (a listener's names two socket addresses).
 ///
 /// Not an `async fn`: the endpoints move straight into the splice, so the
 /// relay's future does not also keep them as arguments (it lives as long
@@ -23,7 +25,7 @@ use crate::open::OpenGuard;
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_relay<'a, CR, CW, AR, AW>(
     metrics: &'a Metrics,
-    who: &'a str,
+    who: &'a (dyn Display + Sync),
     target: &'a str,
     started: Instant,
     guard: &'a OpenGuard,

@@ -244,7 +244,7 @@ async fn proxy(
         &hosts,
     );
     let audit = HttpAudit {
-        identity: name.clone().into_owned(),
+        identity: name.to_owned(),
         target: format!("{agent}/{service}"),
         method: method.as_str().to_owned(),
         path: rest.to_owned(),
@@ -269,7 +269,7 @@ async fn proxy(
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, u);
         }
-        let who = name.into_owned();
+        let who = name.to_owned();
         let upgrade = splice_upgraded(
             web.metrics.clone(),
             guard,

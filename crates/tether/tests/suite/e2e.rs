@@ -682,11 +682,11 @@ async fn agents_with_one_name_and_two_instances_share_the_streams() {
             .unwrap();
         assert_eq!(got, msg.as_bytes());
     }
-    let opened = |p: &Proc| p.log_text().matches("stream open").count();
-    assert!(wait_until(Duration::from_secs(5), || opened(&t.agent)
-        + opened(&second)
+    let served = |p: &Proc| p.log_text().matches("stream closed").count();
+    assert!(wait_until(Duration::from_secs(5), || served(&t.agent)
+        + served(&second)
         >= 40));
-    let (a, b) = (opened(&t.agent), opened(&second));
+    let (a, b) = (served(&t.agent), served(&second));
     assert!(
         a >= 5 && b >= 5,
         "40 streams spread over the pool: {a} and {b}"
