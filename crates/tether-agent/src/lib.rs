@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_net::dns::split_host_port;
 use tether_net::reconnect::{current_token, server_trust, Endpoint, Established};
 use tether_net::splice::{socket_halves, splice, IoReader, IoWriter};
 use tether_net::transport::tls::ServerTrust;
@@ -604,12 +603,14 @@ async fn dial_addresses(
     resolver: &NameResolver,
     resolved: &Resolved,
 ) -> Result<Vec<SocketAddr>, Refusal> {
-    let found = match (&resolved.raw, split_host_port(&resolved.address)) {
+    let found = match (&resolved.raw, resolved.host_port()) {
         (Some(raw), _) => resolver.lookup(&raw.host, raw.port).await,
         (None, Some((host, port))) => resolver.lookup_system(host, port).await,
-        (None, None) => tokio::net::lookup_host(resolved.address.as_str())
-            .await
-            .map(Iterator::collect),
+        // Not reached: a service's address was checked when the config loaded.
+        (None, None) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address is not HOST:PORT",
+        )),
     };
     let addrs: Vec<SocketAddr> = found.map_err(|e| {
         Refusal::new(
@@ -649,6 +650,7 @@ async fn connect_tcp(
                 Err(e) => last = Some(e),
             }
         }
+        // Never empty here (dial_addresses refuses an empty answer).
         let e = last.unwrap_or_else(|| io::Error::other("no address"));
         Err(Refusal::new(
             dial_error_code(&e),
@@ -665,12 +667,8 @@ async fn connect_tcp(
             ),
         )),
     };
-    if result.is_err() {
-        match (&resolved.raw, split_host_port(&resolved.address)) {
-            (Some(raw), _) => resolver.forget(&raw.host),
-            (None, Some((host, _))) => resolver.forget(host),
-            (None, None) => {}
-        }
+    if let (Err(_), Some((host, _))) = (&result, resolved.host_port()) {
+        resolver.forget(host);
     }
     result
 }

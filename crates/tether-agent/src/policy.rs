@@ -469,6 +469,23 @@ pub struct Resolved {
     pub raw: Option<RawTarget>,
 }
 
+impl Resolved {
+    /// The host to look up (an IPv6 address without its brackets) and the
+    /// port to dial: a raw target's, or a service's configured address
+    /// (checked as `HOST:PORT` when the config loaded).
+    pub fn host_port(&self) -> Option<(&str, u16)> {
+        if let Some(raw) = &self.raw {
+            return Some((raw.host.as_str(), raw.port));
+        }
+        let (host, port) = split_host_port(&self.address)?;
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Some((bare, port))
+    }
+}
+
 /// Why an address is refused.
 enum AddressRefusal {
     /// No rule covers it.
@@ -920,6 +937,29 @@ mod tests {
         assert!(p.resolve("10.1.5.6:80").is_err());
         assert!(p.resolve("10.0.evil.example:80").is_err());
         assert!(rules(&["*:*"]).resolve("anything.example:80").is_ok());
+    }
+
+    /// What the agent looks up and dials: a service's configured host and
+    /// port (an IPv6 address without brackets), or a raw target's.
+    #[test]
+    fn resolved_targets_name_the_host_to_look_up() {
+        let mut services = BTreeMap::new();
+        services.insert("v6".to_owned(), "[fd00::7]:8080".into());
+        let p = TargetPolicy::new(&services, &["*.svc.cluster.local:*".into()]).unwrap();
+        assert_eq!(
+            p.resolve("v6").unwrap().host_port(),
+            Some(("fd00::7", 8080))
+        );
+        let db = policy().resolve("db").unwrap();
+        assert_eq!(
+            db.host_port(),
+            Some(("postgres.default.svc.cluster.local", 5432))
+        );
+        let raw = policy()
+            .resolve("web.default.svc.cluster.local:80")
+            .unwrap();
+        assert!(raw.raw.is_some());
+        assert_eq!(raw.host_port(), Some(("web.default.svc.cluster.local", 80)));
     }
 
     #[test]

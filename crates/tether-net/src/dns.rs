@@ -1,19 +1,21 @@
 //! Name lookups with the system resolver or one given DNS server: the
-//! agent's raw targets (its `dns_server` setting) and the server's peer
-//! replicas (`[cluster] dns_server`).
+//! agent's services and raw targets (its `dns_server` setting applies to
+//! raw targets) and the server's peer replicas (`[cluster] dns_server`).
 //!
 //! The agent resolves a raw target's host itself, checks every address
 //! (see `tether_agent::policy::TargetPolicy::check_addresses`) and then
-//! dials those addresses: the name is looked up once per open, never again
-//! at connect time.
+//! dials those addresses: the name is looked up at most once per open,
+//! never again at connect time.
 //!
 //! The system resolver (`getaddrinfo`) keeps no answers and runs on a
 //! blocking thread: each lookup is a thread hand-off, a read of the hosts
-//! file and, in a cluster, DNS queries for every search domain. A resolver
-//! built [`NameResolver::remembering`] keeps its answers for a few seconds
-//! ([`NameCache`]), so a service opened often is looked up once per
-//! [`REMEMBER_FOR`], not once per connection. A DNS server set with
-//! `dns_server` keeps its own answers, for as long as their TTL says.
+//! file and, in a cluster, DNS queries for every search domain. The
+//! agent's resolver is built [`NameResolver::remembering`]: it reuses the
+//! system resolver's answer for a name for [`REMEMBER_FOR`] ([`NameCache`];
+//! the record's own TTL is not known through `getaddrinfo`), so a service
+//! opened often is looked up once per 5 s, not once per connection. A DNS
+//! server set with `dns_server` keeps its own answers (hickory's cache, for
+//! as long as their TTL says).
 
 use anyhow::bail;
 use hickory_resolver::config::{
@@ -24,7 +26,7 @@ use hickory_resolver::TokioResolver;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The DNS port, when `dns_server` gives none.
@@ -36,12 +38,17 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 const QUERY_ATTEMPTS: usize = 2;
 
 /// How long a remembering resolver reuses the system resolver's answer for
-/// a name: the TTL Kubernetes' cluster DNS gives its records by default, so
-/// a Service's addresses are as fresh as any client in the cluster sees them.
+/// a name: the TTL Kubernetes' cluster DNS gives its records by default
+/// (a cache in front of `getaddrinfo`, such as NodeLocal DNSCache, adds its
+/// own time to this).
 pub const REMEMBER_FOR: Duration = Duration::from_secs(5);
 
 /// At most this many names are remembered (raw targets may name many).
 const MAX_REMEMBERED: usize = 4096;
+
+/// An answer with more addresses than this is used but not remembered, so
+/// the cache's memory stays bounded by [`MAX_REMEMBERED`] small answers.
+const MAX_ADDRESSES_REMEMBERED: usize = 64;
 
 /// Where the agent looks up the names of raw targets and services.
 pub struct NameResolver {
@@ -111,7 +118,8 @@ impl NameResolver {
     }
 
     /// Every address `host` resolves to, with `port`. An IP literal is
-    /// returned as it is, without a lookup.
+    /// returned as it is, without a lookup; a remembering resolver may give
+    /// the system resolver's answer of up to [`REMEMBER_FOR`] ago.
     pub async fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
@@ -145,23 +153,27 @@ impl NameResolver {
                     .await?
                     .map(|a| a.ip())
                     .collect();
-                let ips: Arc<[IpAddr]> = found.into();
-                lock(cache).insert(host, ips.clone(), Instant::now());
-                ips
+                lock(cache).insert(host, &found, Instant::now());
+                found
             }
         };
-        Ok(ips.iter().map(|&ip| SocketAddr::new(ip, port)).collect())
+        Ok(ips
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect())
     }
 
     /// Whether an answer for `host` is remembered and still fresh.
     pub fn remembers(&self, host: &str) -> bool {
         self.remembered
             .as_ref()
-            .is_some_and(|c| lock(c).get(host, Instant::now()).is_some())
+            .is_some_and(|c| lock(c).holds(host, Instant::now()))
     }
 
-    /// Drops what is remembered of `host`: none of its addresses answered,
-    /// so the next open asks again (a pod that moved, a Service recreated).
+    /// Drops what is remembered of `host`: none of its addresses answered a
+    /// TCP dial, so the next open asks again (a pod that moved, a Service
+    /// recreated). Its other ports' opens ask again too: a lookup is cheap
+    /// next to leaving a dead address in use.
     pub fn forget(&self, host: &str) {
         if let Some(cache) = &self.remembered {
             lock(cache).forget(host);
@@ -170,7 +182,8 @@ impl NameResolver {
 }
 
 /// The cache's lock; a panic while holding it cannot leave it half-written
-/// (every change is one map operation), so a poisoned lock is used as is.
+/// (each step of a change leaves a valid map), so a poisoned lock is used
+/// as is.
 fn lock(cache: &Mutex<NameCache>) -> std::sync::MutexGuard<'_, NameCache> {
     cache
         .lock()
@@ -181,13 +194,26 @@ fn lock(cache: &Mutex<NameCache>) -> std::sync::MutexGuard<'_, NameCache> {
 ///
 /// A pure structure (the caller passes the time), so its rules are tested
 /// without waiting: an answer is reused until `ttl` after it was stored;
-/// empty answers and failures are never stored (a Service created a moment
-/// later is found at once); at [`MAX_REMEMBERED`] names, the expired ones
-/// go first and, if none has, everything does.
+/// empty answers, failures and answers of more than
+/// [`MAX_ADDRESSES_REMEMBERED`] addresses are never stored (a Service
+/// created a moment later is found at once); each reuse starts one address
+/// further along, so the opens of a name with several addresses (a headless
+/// Service) still spread over them as the DNS server's rotation would; at
+/// [`MAX_REMEMBERED`] names, the expired ones go first and, if none has,
+/// everything does.
 #[derive(Debug)]
 pub struct NameCache {
     ttl: Duration,
-    entries: HashMap<String, (Arc<[IpAddr]>, Instant)>,
+    entries: HashMap<String, Remembered>,
+}
+
+/// One name's answer.
+#[derive(Debug)]
+struct Remembered {
+    addresses: Vec<IpAddr>,
+    stored: Instant,
+    /// How many times it was given out: where the next reuse starts.
+    uses: usize,
 }
 
 impl NameCache {
@@ -199,31 +225,53 @@ impl NameCache {
         }
     }
 
-    /// The addresses of `host` if they were stored less than `ttl` before `now`.
-    pub fn get(&self, host: &str, now: Instant) -> Option<Arc<[IpAddr]>> {
-        let (ips, stored) = self.entries.get(host)?;
-        (now.saturating_duration_since(*stored) < self.ttl).then(|| ips.clone())
+    /// The addresses of `host` if they were stored less than `ttl` before
+    /// `now`, starting one further along than the previous time.
+    pub fn get(&mut self, host: &str, now: Instant) -> Option<Vec<IpAddr>> {
+        let r = self.entries.get_mut(host)?;
+        if now.saturating_duration_since(r.stored) >= self.ttl {
+            return None;
+        }
+        r.uses = r.uses.wrapping_add(1);
+        let mut addresses = r.addresses.clone();
+        let start = r.uses % addresses.len();
+        addresses.rotate_left(start);
+        Some(addresses)
     }
 
-    /// Stores the addresses `host` resolved to at `now` (nothing when empty).
-    pub fn insert(&mut self, host: &str, ips: Arc<[IpAddr]>, now: Instant) {
-        if ips.is_empty() || self.ttl.is_zero() {
+    /// Stores the addresses `host` resolved to at `now` (see the type's
+    /// rules for what is not stored).
+    pub fn insert(&mut self, host: &str, addresses: &[IpAddr], now: Instant) {
+        if addresses.is_empty() || addresses.len() > MAX_ADDRESSES_REMEMBERED || self.ttl.is_zero()
+        {
             return;
         }
         if self.entries.len() >= MAX_REMEMBERED && !self.entries.contains_key(host) {
             let ttl = self.ttl;
             self.entries
-                .retain(|_, (_, stored)| now.saturating_duration_since(*stored) < ttl);
+                .retain(|_, r| now.saturating_duration_since(r.stored) < ttl);
             if self.entries.len() >= MAX_REMEMBERED {
                 self.entries.clear();
             }
         }
-        self.entries.insert(host.to_owned(), (ips, now));
+        let r = Remembered {
+            addresses: addresses.to_vec(),
+            stored: now,
+            uses: 0,
+        };
+        self.entries.insert(host.to_owned(), r);
     }
 
     /// Drops `host`.
     pub fn forget(&mut self, host: &str) {
         self.entries.remove(host);
+    }
+
+    /// Whether a fresh answer for `host` is stored (without using it).
+    pub fn holds(&self, host: &str, now: Instant) -> bool {
+        self.entries
+            .get(host)
+            .is_some_and(|r| now.saturating_duration_since(r.stored) < self.ttl)
     }
 
     /// How many names are stored (expired ones included, until pushed out).
@@ -235,23 +283,6 @@ impl NameCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// Splits a `host:port` address (`name:80`, `10.0.0.1:80`, `[fd00::1]:80`)
-/// into its host (without brackets) and port; `None` for anything else.
-pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
-    if let Ok(a) = address.parse::<SocketAddr>() {
-        let host = match a {
-            SocketAddr::V4(_) => address.rsplit_once(':')?.0,
-            SocketAddr::V6(_) => address.strip_prefix('[')?.rsplit_once("]:")?.0,
-        };
-        return Some((host, a.port()));
-    }
-    let (host, port) = address.rsplit_once(':')?;
-    if host.is_empty() || host.contains(':') {
-        return None;
-    }
-    Some((host, port.parse().ok()?))
 }
 
 /// `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when absent.
@@ -288,41 +319,67 @@ mod tests {
         assert_eq!(NameResolver::from_setting(None).unwrap().dns_server(), None);
     }
 
-    fn ips(list: &[&str]) -> Arc<[IpAddr]> {
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
     }
 
     /// An answer is reused until its time is up, then asked for again;
-    /// empty answers are not kept, and a forgotten name is asked for again.
+    /// empty and very long answers are not kept, and a forgotten name is
+    /// asked for again.
     #[test]
     fn remembered_answers_expire_and_can_be_forgotten() {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(5);
         let mut c = NameCache::new(ttl);
-        c.insert("web.default.svc", ips(&["10.0.0.7"]), t0);
-        assert_eq!(
-            c.get("web.default.svc", t0 + Duration::from_millis(4999)),
-            Some(ips(&["10.0.0.7"]))
-        );
+        c.insert("web.default.svc", &ips(&["10.0.0.7"]), t0);
+        let almost = t0 + Duration::from_millis(4999);
+        assert!(c.holds("web.default.svc", almost));
+        assert_eq!(c.get("web.default.svc", almost), Some(ips(&["10.0.0.7"])));
         assert_eq!(c.get("web.default.svc", t0 + ttl), None);
+        assert!(!c.holds("web.default.svc", t0 + ttl));
         assert_eq!(c.get("db.default.svc", t0), None);
         // A newer answer replaces the old one and starts its own time.
-        c.insert("web.default.svc", ips(&["10.0.0.8", "fd00::8"]), t0 + ttl);
-        assert_eq!(
-            c.get("web.default.svc", t0 + ttl + Duration::from_secs(1)),
-            Some(ips(&["10.0.0.8", "fd00::8"]))
-        );
+        c.insert("web.default.svc", &ips(&["10.0.0.8"]), t0 + ttl);
+        let later = t0 + ttl + Duration::from_secs(1);
+        assert_eq!(c.get("web.default.svc", later), Some(ips(&["10.0.0.8"])));
         c.forget("web.default.svc");
-        assert_eq!(
-            c.get("web.default.svc", t0 + ttl + Duration::from_secs(1)),
-            None
-        );
-        c.insert("gone.default.svc", ips(&[]), t0);
-        assert!(c.is_empty());
+        assert_eq!(c.get("web.default.svc", later), None);
+        c.insert("gone.default.svc", &[], t0);
+        let many: Vec<IpAddr> = (0..=MAX_ADDRESSES_REMEMBERED)
+            .map(|i| IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8]))
+            .collect();
+        c.insert("huge.example", &many, t0);
+        c.insert("largest.example", &many[..MAX_ADDRESSES_REMEMBERED], t0);
+        assert_eq!(c.len(), 1, "only the answer within the limit is kept");
+        assert!(c.holds("largest.example", t0));
         // A zero time keeps nothing.
         let mut never = NameCache::new(Duration::ZERO);
-        never.insert("web", ips(&["10.0.0.7"]), t0);
+        never.insert("web", &ips(&["10.0.0.7"]), t0);
         assert!(never.is_empty());
+    }
+
+    /// Each reuse of an answer starts one address further along, so opens
+    /// still spread over a headless Service's pods; the addresses are the
+    /// same ones every time.
+    #[test]
+    fn a_remembered_answer_rotates_its_addresses() {
+        let t0 = Instant::now();
+        let mut c = NameCache::new(Duration::from_secs(5));
+        c.insert(
+            "pods.default.svc",
+            &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+            t0,
+        );
+        let firsts: Vec<IpAddr> = (0..6)
+            .map(|_| c.get("pods.default.svc", t0).unwrap()[0])
+            .collect();
+        assert_eq!(
+            firsts,
+            ips(&["10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"])
+        );
+        let mut all = c.get("pods.default.svc", t0).unwrap();
+        all.sort();
+        assert_eq!(all, ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
     }
 
     /// The cache stays bounded: when full, expired names go first, and if
@@ -331,52 +388,31 @@ mod tests {
     fn a_full_cache_drops_expired_names_first_then_everything() {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(5);
+        let one = ips(&["10.0.0.1"]);
         let mut c = NameCache::new(ttl);
         for i in 0..MAX_REMEMBERED - 1 {
-            c.insert(&format!("old{i}"), ips(&["10.0.0.1"]), t0);
+            c.insert(&format!("old{i}"), &one, t0);
         }
         let later = t0 + Duration::from_secs(3);
-        c.insert("fresh", ips(&["10.0.0.2"]), later);
+        c.insert("fresh", &one, later);
         assert_eq!(c.len(), MAX_REMEMBERED);
         // Full: the expired names go, the fresh one stays.
         let past = t0 + ttl + Duration::from_secs(1);
-        c.insert("new", ips(&["10.0.0.3"]), past);
+        c.insert("new", &one, past);
         assert_eq!(c.len(), 2);
-        assert!(c.get("fresh", past).is_some());
-        assert!(c.get("new", past).is_some());
+        assert!(c.holds("fresh", past));
+        assert!(c.holds("new", past));
         // Full of fresh names: everything goes but the newcomer.
         for i in 0..MAX_REMEMBERED - 2 {
-            c.insert(&format!("more{i}"), ips(&["10.0.0.1"]), past);
+            c.insert(&format!("more{i}"), &one, past);
         }
         assert_eq!(c.len(), MAX_REMEMBERED);
-        c.insert("last", ips(&["10.0.0.4"]), past);
+        c.insert("last", &one, past);
         assert_eq!(c.len(), 1);
-        assert!(c.get("last", past).is_some());
+        assert!(c.holds("last", past));
         // Replacing a stored name never counts as growing.
-        c.insert("last", ips(&["10.0.0.5"]), past);
+        c.insert("last", &ips(&["10.0.0.5"]), past);
         assert_eq!(c.len(), 1);
-    }
-
-    #[test]
-    fn host_and_port_of_an_address() {
-        assert_eq!(
-            split_host_port("web.default.svc:80"),
-            Some(("web.default.svc", 80))
-        );
-        assert_eq!(split_host_port("10.0.0.1:5432"), Some(("10.0.0.1", 5432)));
-        assert_eq!(split_host_port("[fd00::1]:22"), Some(("fd00::1", 22)));
-        assert_eq!(split_host_port("localhost:0"), Some(("localhost", 0)));
-        for bad in [
-            "web",
-            "web:",
-            ":80",
-            "web:http",
-            "fd00::1:22",
-            "web:65536",
-            "",
-        ] {
-            assert_eq!(split_host_port(bad), None, "{bad}");
-        }
     }
 
     /// A remembering resolver asks the system once per name and time: the
@@ -389,21 +425,26 @@ mod tests {
         assert!(first
             .iter()
             .any(|a| a.ip().is_loopback() && a.port() == 8000));
+        assert!(r.remembers("localhost"));
         let cache = r.remembered.as_ref().unwrap();
         assert_eq!(lock(cache).len(), 1);
-        let stored = lock(cache).get("localhost", Instant::now()).unwrap();
-        let second = r.lookup("localhost", 9000).await.unwrap();
-        let want: Vec<SocketAddr> = stored.iter().map(|&ip| SocketAddr::new(ip, 9000)).collect();
+        let mut second = r.lookup("localhost", 9000).await.unwrap();
+        let mut want: Vec<SocketAddr> = first
+            .iter()
+            .map(|a| SocketAddr::new(a.ip(), 9000))
+            .collect();
+        second.sort();
+        want.sort();
         assert_eq!(second, want);
         r.forget("localhost");
-        assert_eq!(lock(cache).len(), 0);
+        assert!(!r.remembers("localhost"));
         // IP literals are never looked up, so never stored.
         r.lookup_system("127.0.0.1", 80).await.unwrap();
         assert_eq!(lock(cache).len(), 0);
         // A resolver that does not remember stores nothing.
         let plain = NameResolver::system();
         plain.lookup_system("localhost", 80).await.unwrap();
-        assert!(plain.remembered.is_none());
+        assert!(!plain.remembers("localhost"));
     }
 
     /// The system resolver takes the shorthand IPv4 forms (`127.1`) as

@@ -192,7 +192,7 @@ impl Listener {
         };
         let (sr, sw) = stream.split();
         let (tr, tw) = socket_halves(tcp);
-        let who = FromSource {
+        let who = ListenerConnection {
             listener: self.caller.name(),
             peer,
         };
@@ -273,13 +273,13 @@ impl Listener {
     }
 }
 
-/// A listener connection in its audit line: `listener ADDR from PEER`.
-struct FromSource<'a> {
+/// A listener connection's name in its audit line: `listener ADDR from PEER`.
+struct ListenerConnection<'a> {
     listener: &'a str,
     peer: SocketAddr,
 }
 
-impl std::fmt::Display for FromSource<'_> {
+impl std::fmt::Display for ListenerConnection<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} from {}", self.listener, self.peer)
     }

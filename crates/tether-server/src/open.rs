@@ -502,7 +502,7 @@ impl OpenGuard {
     ) -> Result<(), Refusal> {
         let owner = match caller {
             Caller::Client(identity) => StreamOwner::Client(identity.clone()),
-            Caller::Listener(l) => StreamOwner::Listener(l.name.to_string()),
+            Caller::Listener(l) => StreamOwner::Listener(l.name.clone()),
         };
         self.live = Some(
             self.h

@@ -17,7 +17,8 @@ use crate::open::OpenGuard;
 /// the guard's stream must end (revoked, credential expired: RST
 /// `forbidden` both ways). `who` and `target` name the stream in the audit
 /// line; `who` is only formatted into that line, not spelled out in
-/// advance for every connection (a listener's names two socket addresses).
+/// advance for every connection (a listener connection's name holds two
+/// socket addresses).
 ///
 /// Not an `async fn`: the endpoints move straight into the splice, so the
 /// relay's future does not also keep them as arguments (it lives as long

@@ -65,7 +65,7 @@ pub(crate) enum StreamOwner {
     /// A client identity (re-checked against the policy on reload).
     Client(ClientIdentity),
     /// A `[[listener]]`, by name (`listener ADDR`); not revocable.
-    Listener(String),
+    Listener(Arc<str>),
 }
 
 /// One relayed stream.
@@ -153,7 +153,7 @@ impl Streams {
                 let (bytes_up, bytes_down) = s.traffic.bytes();
                 let (who, kind) = match &s.owner {
                     StreamOwner::Client(id) => (id.name.clone(), "client"),
-                    StreamOwner::Listener(name) => (name.clone(), "listener"),
+                    StreamOwner::Listener(name) => (name.to_string(), "listener"),
                 };
                 StreamView {
                     key: *key,
