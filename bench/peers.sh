@@ -23,7 +23,10 @@
 #        BENCH_PORT_BASE=20400 (ports BASE .. BASE+40, below the ephemeral range),
 #        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure),
 #        TETHER_BIN (another tether binary, e.g. the previous commit's, to compare),
-#        RELAY=probe|socat (the copy relay of copy-2 / copy-3; probe by default).
+#        RELAY=probe|socat (the copy relay of copy-2 / copy-3; probe by default),
+#        SERVICE_HOST=127.0.0.1 (how the tunnels' clients and agent name the services: a name
+#        such as localhost adds the system resolver's lookup, as a cluster's service names do;
+#        the copy relays always dial 127.0.0.1).
 # Writes bench/results/peers.md; process logs in bench/results/logs-peers/.
 set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -34,6 +37,7 @@ ROUNDS=${ROUNDS:-2}; IPERF_SECS=${IPERF_SECS:-5}; RTT_COUNT=${RTT_COUNT:-5000}
 MANY_SECS=${MANY_SECS:-3}; HTTP_SECS=${HTTP_SECS:-5}
 CONNECT_COUNT=${CONNECT_COUNT:-300}; BASE=${BENCH_PORT_BASE:-20400}
 PATHS=${PATHS:-"copy-2 copy-3 rathole bore tether-2 tether-3"}
+SH=${SERVICE_HOST:-127.0.0.1}
 T0=$(date +%s)
 say() { printf '[peers %3ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
 die() { say "FAILED: $*"; exit 1; }
@@ -126,13 +130,13 @@ EOF
 remote_addr = "127.0.0.1:$((pi + 2))"
 [client.services.iperf]
 token = "bench"
-local_addr = "127.0.0.1:$S_IPERF"
+local_addr = "$SH:$S_IPERF"
 [client.services.echo]
 token = "bench"
-local_addr = "127.0.0.1:$S_ECHO"
+local_addr = "$SH:$S_ECHO"
 [client.services.web]
 token = "bench"
-local_addr = "127.0.0.1:$S_WEB"
+local_addr = "$SH:$S_WEB"
 EOF
         start rathole-server "$RATHOLE" --server "$LOG/rathole-server.toml"
         wait_port $((pi + 2))
@@ -141,8 +145,8 @@ EOF
         # bore's control port is fixed (7835); the public ports are asked for explicitly.
         start bore-server "$BORE" server --min-port "$pi" --max-port "$pe" --bind-addr 127.0.0.1
         wait_port 7835
-        start bore-iperf "$BORE" local "$S_IPERF" --local-host 127.0.0.1 --to 127.0.0.1 --port "$pi"
-        start bore-echo "$BORE" local "$S_ECHO" --local-host 127.0.0.1 --to 127.0.0.1 --port "$pe" ;;
+        start bore-iperf "$BORE" local "$S_IPERF" --local-host "$SH" --to 127.0.0.1 --port "$pi"
+        start bore-echo "$BORE" local "$S_ECHO" --local-host "$SH" --to 127.0.0.1 --port "$pe" ;;
     tether-2|tether-3)
         if [ -z "${TETHER_UP:-}" ]; then
             TETHER_UP=1; TP=$((BASE + 36))
@@ -155,8 +159,8 @@ EOF
                 --listener "127.0.0.1:$((BASE + 32))=bench/webtcp"
             wait_port "$TP"
             TETHER_TOKEN=bench-agent-token start tether-agent "$TETHER" agent --server "ws://127.0.0.1:$TP" --name bench \
-                --service "iperf=127.0.0.1:$S_IPERF" --service "echo=127.0.0.1:$S_ECHO" \
-                --service "web=http://127.0.0.1:$S_WEB" --service "webtcp=127.0.0.1:$S_WEB"
+                --service "iperf=$SH:$S_IPERF" --service "echo=$SH:$S_ECHO" \
+                --service "web=http://$SH:$S_WEB" --service "webtcp=$SH:$S_WEB"
         fi
         if [ "$path" = tether-3 ]; then
             TETHER_TOKEN=bench-client-token start tether-client "$TETHER" client --server "ws://127.0.0.1:$TP" forward \
@@ -209,6 +213,7 @@ done
     echo "# tether and its peers, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     echo "Medians over $ROUNDS rounds; each ratio against the direct run of its own round."
+    echo "Tunnels dial the services as $SH; congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null || echo unknown)."
     echo "direct: 1 stream $(calc "$(med ${R[direct,t1]})" 1) Gbit/s, 8 streams $(calc "$(med ${R[direct,t8]})" 1) Gbit/s,"
     echo "64-byte round trip $(med ${R[direct,rtt]}) µs and connection + first echo $(med ${R[direct,conn]}) µs (all on one CPU),"
     echo "50 connections of 64-byte ping-pongs $(med ${R[direct,many]}) round trips/s."
