@@ -71,8 +71,10 @@ impl CurrentSession {
     }
 
     /// The current session if it takes new streams; else, during a
-    /// hand-over (there was one in the last 10 s), the next one within
-    /// [`SESSION_WAIT`]; never `avoid` (a session that just failed an open).
+    /// hand-over, the next one within [`SESSION_WAIT`]; never `avoid` (a
+    /// session that just failed an open). A hand-over: the published
+    /// session has just been told GOAWAY or closed (its successor is being
+    /// dialed, and it is not cleared yet), or there was one in the last 10 s.
     pub async fn get(&self, avoid: Option<&Connection>) -> Option<Connection> {
         let usable = |c: &Option<Connection>| {
             c.as_ref().is_some_and(|c| {
@@ -85,6 +87,7 @@ impl CurrentSession {
             return now;
         }
         let handover = avoid.is_some()
+            || now.is_some()
             || self
                 .lost_at
                 .lock()
@@ -175,5 +178,80 @@ impl CurrentSession {
             }
         }
         Err(last_err.unwrap_or_else(|| Refusal::new(OpenErrorCode::Internal, "no attempt made")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_net::transport::mem;
+    use tether_proto::{Config, ErrorCode, Role};
+
+    /// A client session and its server end, over memory.
+    async fn session() -> (Connection, Connection) {
+        let (server_end, client_end) = mem::pair();
+        let server = tokio::spawn(Connection::start(
+            Role::Acceptor,
+            Config::default(),
+            server_end.sink,
+            server_end.source,
+            "server",
+        ));
+        let (client, _, _) = Connection::start(
+            Role::Initiator,
+            Config::default(),
+            client_end.sink,
+            client_end.source,
+            "client",
+        )
+        .await
+        .unwrap();
+        let (server, _, _) = server.await.unwrap().unwrap();
+        (client, server)
+    }
+
+    /// A connection accepted the moment the server drains the session
+    /// (GOAWAY seen, the session not yet cleared by the reconnect loop)
+    /// waits for the next session instead of failing at once: a rolling
+    /// restart loses no connection.
+    #[tokio::test]
+    async fn an_open_during_a_goaway_waits_for_the_next_session() {
+        let current = CurrentSession::new();
+        let (first, first_server) = session().await;
+        current.publish(first.clone());
+        assert!(current
+            .get(None)
+            .await
+            .is_some_and(|c| c.same_session(&first)));
+        first_server.go_away(ErrorCode::Normal, "server shutting down");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !first.is_draining() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the GOAWAY arrives");
+        let waiting = tokio::spawn({
+            let current = current.clone();
+            async move { current.get(None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "gave up without waiting for the next session"
+        );
+        let (second, _second_server) = session().await;
+        current.publish(second.clone());
+        let got = waiting.await.unwrap().expect("the next session");
+        assert!(got.same_session(&second));
+    }
+
+    /// With no session ever, or none for long, a connection fails at once.
+    #[tokio::test]
+    async fn without_a_session_an_open_fails_at_once() {
+        let current = CurrentSession::new();
+        let t = Instant::now();
+        assert!(current.get(None).await.is_none());
+        assert!(t.elapsed() < SESSION_WAIT / 2);
     }
 }
