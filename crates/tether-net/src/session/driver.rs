@@ -324,10 +324,10 @@ async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
 }
 
 async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
-    // A transport that writes vectored takes large payloads as they are;
-    // one that rewrites every byte (a masking WebSocket client) gets one
-    // buffer it owns alone, masked in place instead of copied first.
-    let by_reference = sink.gathers();
+    // A transport that takes the parts as they are (a WebSocket writes
+    // them vectored, or masks them into its own buffer in one pass) gets
+    // large payloads by reference; any other, one buffer to write whole.
+    let by_reference = sink.takes_parts();
     // A message may pass MAX_SEND_MESSAGE by the frame that crosses it.
     let room = if by_reference {
         8 * 1024 // frame headers and small payloads

@@ -37,15 +37,17 @@ pub trait MessageSink: Send + 'static {
     /// Sends one message (one or more whole frames).
     fn send(&mut self, msg: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Sends one message given as parts, in order (see
-    /// [`tether_proto::Transmit`]). A transport that [gathers](Self::gathers)
-    /// writes them as they are; the default joins them into one buffer.
+    /// [`tether_proto::Transmit`]). A transport that
+    /// [takes parts](Self::takes_parts) writes them as they are or copies
+    /// them once on its own terms; the default joins them into one buffer.
     fn send_parts(&mut self, parts: Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
         async move { self.send(joined(parts)).await }
     }
-    /// Whether [`send_parts`](Self::send_parts) writes the parts without
-    /// copying them into one buffer; the session writer then keeps large
-    /// payloads by reference instead of copying them into the message.
-    fn gathers(&self) -> bool {
+    /// Whether [`send_parts`](Self::send_parts) wants the parts as they are
+    /// (a WebSocket server writes them gathered, a client copies them once
+    /// while masking); the session writer then keeps large payloads by
+    /// reference instead of copying them into the message first.
+    fn takes_parts(&self) -> bool {
         false
     }
     /// Closes the transport, telling the peer `reason` if the transport can.

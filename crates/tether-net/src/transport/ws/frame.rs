@@ -193,21 +193,47 @@ fn exact(whole: BytesMut) -> Bytes {
     }
 }
 
+/// Bytes masked per step: the key repeated to this length lets the
+/// compiler XOR whole vector registers at a time.
+const MASK_BLOCK: usize = 64;
+
+/// `key` repeated over a [`MASK_BLOCK`], starting at its byte `phase`.
+fn mask_pattern(key: [u8; 4], phase: usize) -> [u8; MASK_BLOCK] {
+    std::array::from_fn(|i| key[(phase + i) % 4])
+}
+
 /// XORs `buf` with the repeating 4-byte `key` (masking and unmasking are
-/// the same operation), eight bytes at a time.
+/// the same operation).
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
-    let mut chunks = buf.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        if let Ok(bytes) = <[u8; 8]>::try_from(&*chunk) {
-            chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
+    let pattern = mask_pattern(key, 0);
+    let mut blocks = buf.chunks_exact_mut(MASK_BLOCK);
+    for block in &mut blocks {
+        for (b, k) in block.iter_mut().zip(&pattern) {
+            *b ^= k;
         }
     }
-    // Each chunk was 8 bytes, a multiple of 4: the key's phase restarts at 0.
-    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i % 4];
+    // Whole blocks are a multiple of 4 bytes: the rest starts at phase 0.
+    for (b, k) in blocks.into_remainder().iter_mut().zip(&pattern) {
+        *b ^= k;
+    }
+}
+
+/// Writes `src` XORed with the mask `key` into `dst` (of the same length),
+/// `src` being the part of a payload that starts at byte `offset`: one pass
+/// over the bytes where a copy followed by [`apply_mask`] makes two.
+pub fn copy_masked(dst: &mut [u8], src: &[u8], key: [u8; 4], offset: usize) {
+    debug_assert_eq!(dst.len(), src.len());
+    let pattern = mask_pattern(key, offset % 4);
+    let mut to = dst.chunks_exact_mut(MASK_BLOCK);
+    let mut from = src.chunks_exact(MASK_BLOCK);
+    for (d, s) in (&mut to).zip(&mut from) {
+        for ((d, s), k) in d.iter_mut().zip(s).zip(&pattern) {
+            *d = s ^ k;
+        }
+    }
+    let rest = to.into_remainder().iter_mut().zip(from.remainder());
+    for ((d, s), k) in rest.zip(&pattern) {
+        *d = s ^ k;
     }
 }
 
@@ -455,6 +481,27 @@ mod tests {
             ]
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_payload_masked_in_pieces_equals_one_masked_whole() {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let mut whole = payload.clone();
+        apply_mask(&mut whole, key);
+        // Pieces of every length from 0 to 22, so that each starts at
+        // every phase of the key and ends both on and off a word.
+        let mut pieces = vec![0u8; payload.len()];
+        let (mut at, mut n) = (0, 0);
+        while at < payload.len() {
+            let end = (at + n).min(payload.len());
+            copy_masked(&mut pieces[at..end], &payload[at..end], key, at);
+            at = end;
+            n = (n + 1) % 23;
+        }
+        assert_eq!(pieces, whole);
+        apply_mask(&mut pieces, key);
+        assert_eq!(pieces, payload, "masking twice gives the bytes back");
     }
 
     #[test]

@@ -10,9 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::frame::{self, Decoder, Event, Role, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG};
-use crate::transport::{
-    joined, MessageSink, MessageSource, MAX_RECV_MESSAGE, MAX_SHARED_READ_BUFFER,
-};
+use crate::transport::{MessageSink, MessageSource, MAX_RECV_MESSAGE, MAX_SHARED_READ_BUFFER};
 
 /// Room made in the read buffer before each read (more when the frame in
 /// progress needs it). Idle sessions keep this much; the pages the kernel
@@ -132,6 +130,9 @@ impl Buf for PartList {
 /// The sending half of a session's WebSocket.
 pub struct WsSink<S> {
     writer: Arc<Writer<S>>,
+    /// A client's masked copy of the message it is sending (RFC 6455
+    /// section 5.3: a client masks every byte), kept for the next one.
+    masked: Vec<u8>,
 }
 
 /// The receiving half of a session's WebSocket.
@@ -162,6 +163,7 @@ where
     (
         WsSink {
             writer: writer.clone(),
+            masked: Vec::new(),
         },
         WsSource {
             io: r,
@@ -173,35 +175,52 @@ where
     )
 }
 
+/// A kept masking buffer larger than this is let go after a message of a
+/// quarter of its size: a bulk transfer is over, and an idle client keeps
+/// no message-sized buffer for its heartbeats.
+const KEEP_MASKED: usize = 16 * 1024;
+
+impl<S> WsSink<S> {
+    /// Copies `parts` into `self.masked`, masked with `key` on the way (one
+    /// pass over the bytes, the stream's chunks left untouched), and
+    /// returns the message's length.
+    fn mask_parts(&mut self, parts: Vec<Bytes>, key: [u8; 4]) -> usize {
+        let len = parts.iter().map(Bytes::len).sum();
+        if self.masked.len() > KEEP_MASKED && len < self.masked.len() / 4 {
+            self.masked = Vec::new();
+        }
+        if self.masked.len() < len {
+            self.masked.resize(len, 0);
+        }
+        let mut at = 0;
+        for part in parts {
+            let end = at + part.len();
+            frame::copy_masked(&mut self.masked[at..end], &part, key, at);
+            at = end;
+        }
+        len
+    }
+}
+
 impl<S> MessageSink for WsSink<S>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     async fn send(&mut self, msg: Bytes) -> io::Result<()> {
-        let mask = self.writer.mask();
-        let mut header = [0u8; MAX_HEADER];
-        let n = frame::encode_header(OP_BINARY, msg.len(), mask, &mut header);
-        match mask {
-            None => self.writer.write_frame(&header[..n], &msg).await,
-            Some(key) => {
-                // The session's writer hands over a buffer it no longer
-                // holds: masked in place, not copied.
-                let mut payload = msg
-                    .try_into_mut()
-                    .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-                frame::apply_mask(&mut payload, key);
-                self.writer.write_frame(&header[..n], &payload).await
-            }
-        }
+        self.send_parts(vec![msg]).await
     }
 
     async fn send_parts(&mut self, parts: Vec<Bytes>) -> io::Result<()> {
-        if self.writer.role == Role::Client || parts.len() < 2 {
-            // A client masks every byte: one buffer, masked in place.
-            return self.send(joined(parts)).await;
+        let mut header = [0u8; MAX_HEADER];
+        if let Some(key) = self.writer.mask() {
+            let len = self.mask_parts(parts, key);
+            let n = frame::encode_header(OP_BINARY, len, Some(key), &mut header);
+            return self
+                .writer
+                .write_frame(&header[..n], &self.masked[..len])
+                .await;
         }
         let parts = PartList::new(parts);
-        let mut header = [0u8; MAX_HEADER];
         let n = frame::encode_header(OP_BINARY, parts.remaining(), None, &mut header);
         let mut io = self.writer.io.lock().await;
         io.write_all_buf(&mut Buf::chain(&header[..n], parts))
@@ -209,8 +228,8 @@ where
         io.flush().await
     }
 
-    fn gathers(&self) -> bool {
-        self.writer.role == Role::Server
+    fn takes_parts(&self) -> bool {
+        true
     }
 
     async fn close(&mut self, reason: &str) {
@@ -380,16 +399,33 @@ mod tests {
             })
             .collect();
         let whole = parts.concat();
-        assert!(stx.gathers() && !ctx.gathers());
+        assert!(stx.takes_parts() && ctx.takes_parts());
         let send = async {
             stx.send_parts(parts.clone()).await.unwrap();
-            ctx.send_parts(parts).await.unwrap(); // joined and masked
+            ctx.send_parts(parts).await.unwrap(); // masked into one buffer
         };
         let recv = async {
             assert_eq!(crx.recv().await.unwrap().unwrap(), whole);
             assert_eq!(srx.recv().await.unwrap().unwrap(), whole);
         };
         tokio::join!(send, recv);
+    }
+
+    #[tokio::test]
+    async fn a_client_lets_go_of_its_masking_buffer_when_messages_turn_small() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (mut ctx, _crx) = from_io(a, Role::Client, Bytes::new());
+        let (_stx, mut srx) = from_io(b, Role::Server, Bytes::new());
+        let large = vec![Bytes::from(vec![1u8; 100_001]), Bytes::from(vec![2u8; 3])];
+        ctx.send_parts(large.clone()).await.unwrap();
+        assert!(ctx.masked.len() >= 100_004, "grown to the message");
+        ctx.send(Bytes::from_static(b"ping")).await.unwrap();
+        assert!(
+            ctx.masked.len() <= KEEP_MASKED,
+            "an idle client keeps no bulk buffer"
+        );
+        assert_eq!(srx.recv().await.unwrap().unwrap(), large.concat());
+        assert_eq!(srx.recv().await.unwrap().unwrap(), "ping");
     }
 
     #[tokio::test]
