@@ -10,7 +10,9 @@
 #   tether-2      a tether [[listener]] on the server -> agent -> service (2 hops)
 #   tether-3      tether client forward -> server -> agent -> service (3 hops)
 # and prints one table of ratios against the direct path measured in the same round: iperf3
-# with 1 and 8 streams, the added 64-byte round trip, the added connection setup, and many
+# with 1 and 8 streams, 1 stream the other way (`-R`: the service sends, as when a browser
+# downloads; a WebSocket client such as tether's agent masks what it sends), the added
+# 64-byte round trip, the added connection setup, and many
 # small messages (50 connections at once, 64-byte ping-pongs, round trips per second).
 # Then HTTP: wrk (1 thread, 16 keep-alive connections, `tether sample-app /hello`) direct,
 # through nginx as a 1-hop reverse proxy, through rathole and a tether [[listener]] carrying
@@ -178,8 +180,8 @@ EOF
 done
 
 # ------------------------------------------------------------------ measuring
-iperf() { # iperf PORT STREAMS -> Gbit/s received
-    iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$IPERF_SECS" -J 2>/dev/null \
+iperf() { # iperf PORT STREAMS [-R] -> Gbit/s received
+    iperf3 -c 127.0.0.1 -p "$1" -P "$2" ${3:-} -t "$IPERF_SECS" -J 2>/dev/null \
         | jq -r '.end.sum_received.bits_per_second / 1e9' 2>/dev/null || echo 0
 }
 rtt() { taskset -c 0 "$PROBE" rtt --addr "127.0.0.1:$1" --count "$RTT_COUNT" --size 64 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
@@ -194,18 +196,18 @@ pin() { local p; for p in "${PIDS[@]}"; do taskset -a -p -c "$1" "$p" >/dev/null
 declare -A R
 for r in $(seq "$ROUNDS"); do
     say "round $r/$ROUNDS: direct"
-    d1=$(iperf "$S_IPERF" 1); d8=$(iperf "$S_IPERF" 8); dmany=$(many "$S_ECHO")
+    d1=$(iperf "$S_IPERF" 1); d8=$(iperf "$S_IPERF" 8); dr=$(iperf "$S_IPERF" 1 -R); dmany=$(many "$S_ECHO")
     pin 0; drtt=$(rtt "$S_ECHO"); dconn=$(conn "$S_ECHO"); pin "$ALLCPUS"
     for path in $PATHS; do
         say "round $r/$ROUNDS: $path"
         pi=$(port_of "$path" iperf); pe=$(port_of "$path" echo)
-        t1=$(iperf "$pi" 1); t8=$(iperf "$pi" 8); tmany=$(many "$pe")
+        t1=$(iperf "$pi" 1); t8=$(iperf "$pi" 8); tr=$(iperf "$pi" 1 -R); tmany=$(many "$pe")
         pin 0; trtt=$(rtt "$pe"); tconn=$(conn "$pe"); pin "$ALLCPUS"
         R[$path,many]+=" $(calc "$tmany / $dmany")"
-        R[$path,t1]+=" $(calc "$t1 / $d1")"; R[$path,t8]+=" $(calc "$t8 / $d8")"
+        R[$path,t1]+=" $(calc "$t1 / $d1")"; R[$path,t8]+=" $(calc "$t8 / $d8")"; R[$path,tr]+=" $(calc "$tr / $dr")"
         R[$path,rtt]+=" $(calc "$trtt - $drtt" 1)"; R[$path,conn]+=" $(calc "$tconn - $dconn" 0)"
     done
-    R[direct,t1]+=" $d1"; R[direct,t8]+=" $d8"; R[direct,rtt]+=" $drtt"; R[direct,conn]+=" $dconn"; R[direct,many]+=" $dmany"
+    R[direct,t1]+=" $d1"; R[direct,t8]+=" $d8"; R[direct,tr]+=" $dr"; R[direct,rtt]+=" $drtt"; R[direct,conn]+=" $dconn"; R[direct,many]+=" $dmany"
 done
 
 # ------------------------------------------------------------------ table
@@ -214,15 +216,15 @@ done
     echo
     echo "Medians over $ROUNDS rounds; each ratio against the direct run of its own round."
     echo "Tunnels dial the services as $SH; congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null || echo unknown)."
-    echo "direct: 1 stream $(calc "$(med ${R[direct,t1]})" 1) Gbit/s, 8 streams $(calc "$(med ${R[direct,t8]})" 1) Gbit/s,"
+    echo "direct: 1 stream $(calc "$(med ${R[direct,t1]})" 1) Gbit/s, 8 streams $(calc "$(med ${R[direct,t8]})" 1) Gbit/s, 1 stream back $(calc "$(med ${R[direct,tr]})" 1) Gbit/s,"
     echo "64-byte round trip $(med ${R[direct,rtt]}) µs and connection + first echo $(med ${R[direct,conn]}) µs (all on one CPU),"
     echo "50 connections of 64-byte ping-pongs $(med ${R[direct,many]}) round trips/s."
     echo
-    echo "| path | hops | 1 stream | 8 streams | added round trip, one CPU (µs) | added connect, one CPU (µs) | 50 conns, 64 B |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| path | hops | 1 stream | 8 streams | 1 stream back (-R) | added round trip, one CPU (µs) | added connect, one CPU (µs) | 50 conns, 64 B |"
+    echo "|---|---|---|---|---|---|---|---|"
     for path in $PATHS; do
         case $path in copy-3|tether-3) hops=3 ;; *) hops=2 ;; esac
-        echo "| $path | $hops | $(med ${R[$path,t1]})x | $(med ${R[$path,t8]})x | +$(med ${R[$path,rtt]}) | +$(med ${R[$path,conn]}) | $(med ${R[$path,many]})x |"
+        echo "| $path | $hops | $(med ${R[$path,t1]})x | $(med ${R[$path,t8]})x | $(med ${R[$path,tr]})x | +$(med ${R[$path,rtt]}) | +$(med ${R[$path,conn]}) | $(med ${R[$path,many]})x |"
     done
 } | tee "$OUT/peers.md"
 
