@@ -7,8 +7,9 @@
 //! (a socket read, or a slice of a message from the other session). Copying
 //! each into the outgoing message costs a pass over every byte in user
 //! space; a transport that writes vectored (a WebSocket server's frames are
-//! not masked) can instead take the payloads as they are. The bytes on the
-//! wire are the same either way.
+//! not masked), or that rewrites every byte as it copies it anyway (a
+//! WebSocket client's masking), can instead take the payloads as they are.
+//! The bytes on the wire are the same either way.
 
 use bytes::{Bytes, BytesMut};
 
@@ -60,8 +61,7 @@ pub struct Transmit {
 impl Transmit {
     /// An empty message. With `by_reference`, large DATA payloads become
     /// parts of their own; without, everything is copied into one buffer
-    /// (for a transport that must rewrite the bytes anyway, e.g. to mask
-    /// them).
+    /// (for a transport that wants the message whole).
     pub fn new(by_reference: bool) -> Self {
         Transmit {
             by_reference,

@@ -55,7 +55,7 @@ pub trait MessageSink: Send + 'static {
 }
 
 /// A message's parts as one buffer: the part itself when there is one
-/// (no copy, so a sole owner can still rewrite it in place), else a copy.
+/// (no copy), else a copy.
 pub(crate) fn joined(parts: Vec<Bytes>) -> Bytes {
     match <[Bytes; 1]>::try_from(parts) {
         Ok([one]) => one,

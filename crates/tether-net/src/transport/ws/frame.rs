@@ -486,18 +486,22 @@ mod tests {
     #[test]
     fn a_payload_masked_in_pieces_equals_one_masked_whole() {
         let key = [0x37, 0xfa, 0x21, 0x3d];
-        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 256) as u8).collect();
         let mut whole = payload.clone();
         apply_mask(&mut whole, key);
-        // Pieces of every length from 0 to 22, so that each starts at
-        // every phase of the key and ends both on and off a word.
+        // Pieces of every length from 0 to 22 and around a block's, so
+        // that each starts at every phase of the key, ends both on and off
+        // a word, and whole blocks are masked at every phase too.
+        let lengths: Vec<usize> = (0..23).chain([63, 64, 65, 130, 201]).collect();
         let mut pieces = vec![0u8; payload.len()];
-        let (mut at, mut n) = (0, 0);
-        while at < payload.len() {
+        let mut at = 0;
+        for &n in lengths.iter().cycle() {
+            if at == payload.len() {
+                break;
+            }
             let end = (at + n).min(payload.len());
             copy_masked(&mut pieces[at..end], &payload[at..end], key, at);
             at = end;
-            n = (n + 1) % 23;
         }
         assert_eq!(pieces, whole);
         apply_mask(&mut pieces, key);
@@ -649,7 +653,7 @@ mod tests {
 
     #[test]
     fn masking_twice_restores_every_length_and_matches_the_bytewise_rule() {
-        for len in 0..40 {
+        for len in 0..200 {
             let orig: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut m = orig.clone();
             apply_mask(&mut m, KEY);

@@ -76,7 +76,7 @@ async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], b: &[u8]) -> 
 /// A message's parts as one [`Buf`], so that a vectored write takes as many
 /// as it can at once (and resumes mid-part after a short write).
 struct PartList {
-    /// Not empty, none of them empty; `parts[next..]` are still to write.
+    /// None of them empty; `parts[next..]` are still to write.
     parts: Vec<Bytes>,
     next: usize,
     remaining: usize,
@@ -133,6 +133,8 @@ pub struct WsSink<S> {
     /// A client's masked copy of the message it is sending (RFC 6455
     /// section 5.3: a client masks every byte), kept for the next one.
     masked: Vec<u8>,
+    /// When the last message larger than [`KEEP_MASKED`] went out.
+    masked_large_at: tokio::time::Instant,
 }
 
 /// The receiving half of a session's WebSocket.
@@ -164,6 +166,7 @@ where
         WsSink {
             writer: writer.clone(),
             masked: Vec::new(),
+            masked_large_at: tokio::time::Instant::now(),
         },
         WsSource {
             io: r,
@@ -175,10 +178,13 @@ where
     )
 }
 
-/// A kept masking buffer larger than this is let go after a message of a
-/// quarter of its size: a bulk transfer is over, and an idle client keeps
-/// no message-sized buffer for its heartbeats.
+/// A kept masking buffer larger than this is let go once no message of
+/// that size went out for [`MASKED_IDLE`]: a bulk transfer is over, and an
+/// idle client keeps no message-sized buffer for its heartbeats. (Letting
+/// go at the first small message would make a transfer with window updates
+/// between its messages allocate and zero a buffer for every message.)
 const KEEP_MASKED: usize = 16 * 1024;
+const MASKED_IDLE: Duration = Duration::from_secs(1);
 
 impl<S> WsSink<S> {
     /// Copies `parts` into `self.masked`, masked with `key` on the way (one
@@ -186,10 +192,16 @@ impl<S> WsSink<S> {
     /// returns the message's length.
     fn mask_parts(&mut self, parts: Vec<Bytes>, key: [u8; 4]) -> usize {
         let len = parts.iter().map(Bytes::len).sum();
-        if self.masked.len() > KEEP_MASKED && len < self.masked.len() / 4 {
+        let now = tokio::time::Instant::now();
+        if len > KEEP_MASKED {
+            self.masked_large_at = now;
+        } else if self.masked.capacity() > KEEP_MASKED
+            && now.saturating_duration_since(self.masked_large_at) >= MASKED_IDLE
+        {
             self.masked = Vec::new();
         }
         if self.masked.len() < len {
+            self.masked.reserve_exact(len - self.masked.len());
             self.masked.resize(len, 0);
         }
         let mut at = 0;
@@ -411,20 +423,28 @@ mod tests {
         tokio::join!(send, recv);
     }
 
-    #[tokio::test]
-    async fn a_client_lets_go_of_its_masking_buffer_when_messages_turn_small() {
+    #[tokio::test(start_paused = true)]
+    async fn a_client_lets_go_of_its_masking_buffer_once_bulk_is_over() {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (mut ctx, _crx) = from_io(a, Role::Client, Bytes::new());
         let (_stx, mut srx) = from_io(b, Role::Server, Bytes::new());
         let large = vec![Bytes::from(vec![1u8; 100_001]), Bytes::from(vec![2u8; 3])];
         ctx.send_parts(large.clone()).await.unwrap();
         assert!(ctx.masked.len() >= 100_004, "grown to the message");
+        // A window update between two bulk messages: the buffer stays.
+        ctx.send(Bytes::from_static(b"update")).await.unwrap();
+        assert!(
+            ctx.masked.capacity() >= 100_004,
+            "kept between bulk messages"
+        );
+        tokio::time::advance(MASKED_IDLE).await;
         ctx.send(Bytes::from_static(b"ping")).await.unwrap();
         assert!(
-            ctx.masked.len() <= KEEP_MASKED,
+            ctx.masked.capacity() <= KEEP_MASKED,
             "an idle client keeps no bulk buffer"
         );
         assert_eq!(srx.recv().await.unwrap().unwrap(), large.concat());
+        assert_eq!(srx.recv().await.unwrap().unwrap(), "update");
         assert_eq!(srx.recv().await.unwrap().unwrap(), "ping");
     }
 
