@@ -1401,6 +1401,11 @@ impl Session {
         out.len() > start
     }
 
+    /// How many streams have DATA (or a FIN) waiting to be sent.
+    pub fn sending_streams(&self) -> usize {
+        self.ready.len()
+    }
+
     /// Whether [`Session::poll_transmit`] has anything to send.
     pub fn wants_transmit(&self) -> bool {
         !self.control.is_empty() || (self.state == State::Established && !self.ready.is_empty())

@@ -233,6 +233,29 @@ fn flow_control_blocks_then_resumes() {
 }
 
 #[test]
+fn sending_streams_counts_the_streams_with_data_to_send() {
+    let mut p = Pair::default();
+    let (one, two) = (p.open_accepted("a/b"), p.open_accepted("a/c"));
+    assert_eq!(p.a.sending_streams(), 0);
+    p.a.stream_write(one, Bytes::from(vec![1u8; 100_000]))
+        .unwrap();
+    assert_eq!(p.a.sending_streams(), 1);
+    p.a.stream_write(two, Bytes::from(vec![2u8; 100])).unwrap();
+    assert_eq!(p.a.sending_streams(), 2);
+    // One 64 KiB message: the small stream's data all goes, the big one's
+    // rest still waits.
+    drain_one(&mut p, 64 * 1024);
+    assert_eq!(p.a.sending_streams(), 1);
+    p.pump(usize::MAX);
+    assert_eq!(p.a.sending_streams(), 0);
+    // A FIN alone waits to be sent too.
+    p.a.stream_finish(two).unwrap();
+    assert_eq!(p.a.sending_streams(), 1);
+    p.pump(usize::MAX);
+    assert_eq!(p.a.sending_streams(), 0);
+}
+
+#[test]
 fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
     let cfg = Config {
         initial_window: 64 * 1024,

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{now, Counters, Incoming, Inner, SessionInfo, Shared, Stream};
 use crate::error::Refusal;
-use crate::transport::{MessageSink, MessageSource, MAX_SEND_MESSAGE};
+use crate::transport::{MessageSink, MessageSource, MAX_SEND_BATCH, MAX_SEND_MESSAGE};
 
 /// After the session closed, how long the reader waits for the peer's close.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -336,20 +336,32 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
     };
     let mut drain = DrainMeter::default();
     loop {
-        // (When more is left than one message holds, this wakes the writer
-        // itself: at most one extra look once the backlog is gone.)
-        let mut msg = Transmit::with_capacity(by_reference, room);
-        let (has, closed) = shared.with_session(|g| {
-            let has = g
-                .session
-                .poll_transmit_at(&mut msg, MAX_SEND_MESSAGE, Some(now()));
-            (has, g.session.is_closed())
+        // A full message while two or more streams still wait means a
+        // multiplexed bulk transfer: take up to MAX_SEND_BATCH for one write
+        // (see there). (When more is left, this wakes the writer itself: at
+        // most one extra look once the backlog is gone.)
+        let mut batch = Vec::new();
+        let mut len = 0;
+        let closed = shared.with_session(|g| {
+            while len < MAX_SEND_BATCH {
+                let mut msg = Transmit::with_capacity(by_reference, room);
+                if !g
+                    .session
+                    .poll_transmit_at(&mut msg, MAX_SEND_MESSAGE, Some(now()))
+                {
+                    break;
+                }
+                len += msg.len();
+                let full = msg.len() >= MAX_SEND_MESSAGE;
+                batch.push(msg.into_parts());
+                if !full || g.session.sending_streams() < 2 {
+                    break;
+                }
+            }
+            g.session.is_closed()
         });
-        if has {
-            let len = msg.len();
-            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send_parts(msg.into_parts()))
-                .await
-            {
+        if !batch.is_empty() {
+            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send_batch(batch)).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,

@@ -187,11 +187,10 @@ const KEEP_MASKED: usize = 16 * 1024;
 const MASKED_IDLE: Duration = Duration::from_secs(1);
 
 impl<S> WsSink<S> {
-    /// Copies `parts` into `self.masked`, masked with `key` on the way (one
-    /// pass over the bytes, the stream's chunks left untouched), and
-    /// returns the message's length.
-    fn mask_parts(&mut self, parts: Vec<Bytes>, key: [u8; 4]) -> usize {
-        let len = parts.iter().map(Bytes::len).sum();
+    /// Makes `self.masked` at least `len` bytes long, after letting a large
+    /// buffer go once nothing larger than [`KEEP_MASKED`] went out for
+    /// [`MASKED_IDLE`].
+    fn masked_room(&mut self, len: usize) {
         let now = tokio::time::Instant::now();
         if len > KEEP_MASKED {
             self.masked_large_at = now;
@@ -204,13 +203,43 @@ impl<S> WsSink<S> {
             self.masked.reserve_exact(len - self.masked.len());
             self.masked.resize(len, 0);
         }
+    }
+
+    /// Writes `messages` into `self.masked` as binary frames, each with its
+    /// header and masked with a fresh key on the way (one pass over the
+    /// bytes, the stream's chunks left untouched), and returns how many
+    /// bytes of it they fill.
+    fn mask_messages(&mut self, messages: Vec<Vec<Bytes>>) -> usize {
+        let bound = messages
+            .iter()
+            .map(|parts| MAX_HEADER + parts.iter().map(Bytes::len).sum::<usize>())
+            .sum();
+        self.masked_room(bound);
         let mut at = 0;
-        for part in parts {
-            let end = at + part.len();
-            frame::copy_masked(&mut self.masked[at..end], &part, key, at);
-            at = end;
+        for parts in messages {
+            let key = rand::random();
+            let len = parts.iter().map(Bytes::len).sum();
+            let mut header = [0u8; MAX_HEADER];
+            let n = frame::encode_header(OP_BINARY, len, Some(key), &mut header);
+            self.masked[at..at + n].copy_from_slice(&header[..n]);
+            at += n;
+            let mut phase = 0;
+            for part in parts {
+                let end = at + part.len();
+                frame::copy_masked(&mut self.masked[at..end], &part, key, phase);
+                phase += part.len();
+                at = end;
+            }
         }
-        len
+        at
+    }
+
+    /// Writes the first `len` bytes of `self.masked`.
+    async fn write_masked(&self, len: usize) -> io::Result<()>
+    where
+        S: AsyncWrite,
+    {
+        self.writer.write_frame(&self.masked[..len], &[]).await
     }
 }
 
@@ -223,20 +252,41 @@ where
     }
 
     async fn send_parts(&mut self, parts: Vec<Bytes>) -> io::Result<()> {
-        let mut header = [0u8; MAX_HEADER];
-        if let Some(key) = self.writer.mask() {
-            let len = self.mask_parts(parts, key);
-            let n = frame::encode_header(OP_BINARY, len, Some(key), &mut header);
-            return self
-                .writer
-                .write_frame(&header[..n], &self.masked[..len])
-                .await;
+        if self.writer.role == Role::Client {
+            let len = self.mask_messages(vec![parts]);
+            return self.write_masked(len).await;
         }
+        let mut header = [0u8; MAX_HEADER];
         let parts = PartList::new(parts);
         let n = frame::encode_header(OP_BINARY, parts.remaining(), None, &mut header);
         let mut io = self.writer.io.lock().await;
         io.write_all_buf(&mut Buf::chain(&header[..n], parts))
             .await?;
+        io.flush().await
+    }
+
+    async fn send_batch(&mut self, mut messages: Vec<Vec<Bytes>>) -> io::Result<()> {
+        if messages.len() == 1 {
+            return self.send_parts(messages.pop().unwrap_or_default()).await;
+        }
+        if self.writer.role == Role::Client {
+            let len = self.mask_messages(messages);
+            return self.write_masked(len).await;
+        }
+        // The headers share one small allocation; every message's parts
+        // follow its header in one vectored write.
+        let mut headers = BytesMut::with_capacity(MAX_HEADER * messages.len());
+        let mut list = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum());
+        for parts in messages {
+            let len = parts.iter().map(Bytes::len).sum();
+            let mut header = [0u8; MAX_HEADER];
+            let n = frame::encode_header(OP_BINARY, len, None, &mut header);
+            headers.extend_from_slice(&header[..n]);
+            list.push(headers.split().freeze());
+            list.extend(parts);
+        }
+        let mut io = self.writer.io.lock().await;
+        io.write_all_buf(&mut PartList::new(list)).await?;
         io.flush().await
     }
 
@@ -419,6 +469,40 @@ mod tests {
         let recv = async {
             assert_eq!(crx.recv().await.unwrap().unwrap(), whole);
             assert_eq!(srx.recv().await.unwrap().unwrap(), whole);
+        };
+        tokio::join!(send, recv);
+    }
+
+    #[tokio::test]
+    async fn a_batch_arrives_as_its_messages_each_whole_and_in_order() {
+        // Sizes around the WebSocket header's length forms (125/126,
+        // 65 535/65 536), a message given as many parts, and one as none;
+        // a small pipe cuts every write short.
+        let (a, b) = tokio::io::duplex(8192);
+        let (mut stx, mut srx) = from_io(a, Role::Server, Bytes::new());
+        let (mut ctx, mut crx) = from_io(b, Role::Client, Bytes::new());
+        let message = |n: usize, seed: usize| -> Vec<Bytes> {
+            let bytes: Vec<u8> = (0..n).map(|j| (j * 7 + seed) as u8).collect();
+            bytes.chunks(1000).map(Bytes::copy_from_slice).collect()
+        };
+        let sizes = [125, 126, 65_535, 65_536, 3, 0, 70_000];
+        let batch: Vec<Vec<Bytes>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| message(n, i))
+            .collect();
+        let wholes: Vec<Bytes> = batch.iter().map(|m| Bytes::from(m.concat())).collect();
+        let send = async {
+            stx.send_batch(batch.clone()).await.unwrap();
+            ctx.send_batch(batch).await.unwrap(); // masked, a fresh key per message
+        };
+        let recv = async {
+            for whole in &wholes {
+                assert_eq!(&crx.recv().await.unwrap().unwrap(), whole);
+            }
+            for whole in &wholes {
+                assert_eq!(&srx.recv().await.unwrap().unwrap(), whole);
+            }
         };
         tokio::join!(send, recv);
     }
