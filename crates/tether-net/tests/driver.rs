@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tether_net::session::IncomingStreams;
 use tether_net::transport::mem::{self, Valve};
-use tether_net::transport::MAX_SEND_MESSAGE;
+use tether_net::transport::{MessageSink, MAX_SEND_MESSAGE};
 use tether_net::{Connection, Refusal, Stream, StreamError, StreamReader};
 use tether_proto::{Config, ErrorCode, OpenErrorCode, ResetCode, Role, Target};
 
@@ -696,5 +696,112 @@ fn assert_own_allocation(chunk: Bytes, want: &[u8], what: &str) {
         matches!(held, Ok(n) if n <= want.len() * tether_net::chunk::MAX_PIN_RATIO),
         "{what} of {} bytes keeps a larger buffer alive: {held:?}",
         want.len()
+    );
+}
+
+/// `a`'s sink, recording how many messages each of its writer's writes
+/// carries before handing them to the in-memory link one by one.
+struct CountingSink {
+    inner: mem::MemSink,
+    writes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl MessageSink for CountingSink {
+    async fn send(&mut self, msg: Bytes) -> std::io::Result<()> {
+        self.inner.send(msg).await
+    }
+    async fn send_batch(&mut self, messages: Vec<Vec<Bytes>>) -> std::io::Result<()> {
+        self.writes.lock().unwrap().push(messages.len());
+        for parts in messages {
+            self.inner.send_parts(parts).await?;
+        }
+        Ok(())
+    }
+    async fn close(&mut self, reason: &str) {
+        self.inner.close(reason).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_sending_streams_share_writes_and_a_lone_one_does_not() {
+    let (ea, eb) = mem::pair();
+    let (a_to_b, b_to_a) = (ea.sink.valve(), eb.sink.valve());
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = CountingSink {
+        inner: ea.sink,
+        writes: writes.clone(),
+    };
+    let b = tokio::spawn(Connection::start(
+        Role::Acceptor,
+        Config::default(),
+        eb.sink,
+        eb.source,
+        "b",
+    ));
+    let (a, _, _a_in) = within(Connection::start(
+        Role::Initiator,
+        Config::default(),
+        sink,
+        ea.source,
+        "a",
+    ))
+    .await
+    .expect("a starts");
+    let (b, _, b_in) = b.await.unwrap().expect("b starts");
+    let mut p = Pair {
+        a,
+        b,
+        _a_in,
+        b_in,
+        a_to_b,
+        b_to_a,
+    };
+
+    // Two streams fill their send buffers while the link is paused, then
+    // drain together: the writer hands over several full messages at once.
+    const TOTAL: usize = 1 << 20;
+    let (s1, r1) = open(&mut p, "one").await;
+    let (s2, r2) = open(&mut p, "two").await;
+    p.a_to_b.pause();
+    let send = |s: Stream| {
+        // The reading half stays alive until the task is joined: dropping
+        // both halves before the peer finishes would reset the stream.
+        let (r, mut w) = s.split();
+        tokio::spawn(async move {
+            for chunk in pattern(TOTAL).chunks(32 * 1024) {
+                w.write(Bytes::copy_from_slice(chunk)).await?;
+            }
+            w.finish().await.map(|()| r)
+        })
+    };
+    let (w1, w2) = (send(s1), send(s2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mark = writes.lock().unwrap().len();
+    p.a_to_b.resume();
+    let (mut r1, mut r2) = (r1.split().0, r2.split().0);
+    let (g1, g2) = tokio::join!(read_to_end(&mut r1), read_to_end(&mut r2));
+    assert!(g1.unwrap() == pattern(TOTAL) && g2.unwrap() == pattern(TOTAL));
+    within(w1).await.unwrap().unwrap();
+    within(w2).await.unwrap().unwrap();
+    let shared: Vec<usize> = writes.lock().unwrap()[mark..].to_vec();
+    assert!(
+        shared.iter().any(|&n| n > 1) && shared.iter().all(|&n| n <= 4),
+        "writes while two streams sent: {shared:?}"
+    );
+
+    // One stream alone: every write carries one message.
+    let (s3, r3) = open(&mut p, "three").await;
+    let mark = writes.lock().unwrap().len();
+    p.a_to_b.pause();
+    let w3 = send(s3);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.a_to_b.resume();
+    let got = read_to_end(&mut r3.split().0).await.unwrap();
+    assert!(got == pattern(TOTAL), "bytes differ");
+    within(w3).await.unwrap().unwrap();
+    let alone: Vec<usize> = writes.lock().unwrap()[mark..].to_vec();
+    assert!(
+        alone.len() > 10 && alone.iter().all(|&n| n == 1),
+        "writes while one stream sent: {alone:?}"
     );
 }

@@ -1401,7 +1401,8 @@ impl Session {
         out.len() > start
     }
 
-    /// How many streams have DATA (or a FIN) waiting to be sent.
+    /// How many streams have DATA (or a FIN) waiting to be sent. A stream
+    /// reset while it waited still counts until its turn comes round.
     pub fn sending_streams(&self) -> usize {
         self.ready.len()
     }

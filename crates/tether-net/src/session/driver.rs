@@ -19,8 +19,8 @@ use crate::transport::{MessageSink, MessageSource, MAX_SEND_BATCH, MAX_SEND_MESS
 /// After the session closed, how long the reader waits for the peer's close.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// A transport write that takes longer than this (the peer stopped reading)
-/// fails the session.
+/// A transport write that takes longer than this per message it carries
+/// (the peer stopped reading) fails the session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// While frames wait to be sent, the peer must take at least
@@ -361,11 +361,15 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
             g.session.is_closed()
         });
         if !batch.is_empty() {
-            let sent = match tokio::time::timeout(WRITE_TIMEOUT, sink.send_batch(batch)).await {
+            // A batch gets each message's time: a slow but live peer is
+            // judged by the drain rate below, not by how many messages one
+            // write happens to carry.
+            let timeout = WRITE_TIMEOUT * batch.len() as u32;
+            let sent = match tokio::time::timeout(timeout, sink.send_batch(batch)).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("peer read nothing for {WRITE_TIMEOUT:?}"),
+                    format!("peer read nothing for {timeout:?}"),
                 )),
             };
             let sent = sent.and_then(|()| drain.sent(len, now()));
@@ -404,7 +408,7 @@ impl DrainMeter {
         self.since = None;
     }
 
-    /// A message of `len` bytes went out at `now`; fails when the window
+    /// A write of `len` bytes (one message or a batch) went out at `now`; fails when the window
     /// ended with less than [`MIN_DRAIN_BYTES`] drained.
     fn sent(&mut self, len: usize, now: Instant) -> io::Result<()> {
         let since = *self.since.get_or_insert(now);

@@ -17,8 +17,9 @@ use std::io;
 
 /// Largest message (a batch of whole frames) a writer puts on the transport.
 /// Small enough that a control frame (PONG, WINDOW_UPDATE) queued while a
-/// message is being written waits at most ~64 KiB of wire time; large
-/// enough to batch two 32 KiB DATA frames per write.
+/// lone stream's message is being written waits at most ~64 KiB of wire
+/// time (several streams' messages go out four at a time, see
+/// [`MAX_SEND_BATCH`]); large enough for two 32 KiB DATA frames.
 pub const MAX_SEND_MESSAGE: usize = 64 * 1024;
 
 /// Most bytes of messages a session writer hands the transport at once

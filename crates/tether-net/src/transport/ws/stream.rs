@@ -1,5 +1,6 @@
 //! The tokio side of a tether session's WebSocket: [`WsSink`] writes each
-//! message as one frame, header and payload in one vectored write;
+//! message as one frame, header and payload in one vectored write (a batch
+//! of messages, every frame in one write);
 //! [`WsSource`] reads into uninitialised buffer space and hands up payloads
 //! sliced out of it. The framing rules are in [`super::frame`].
 
@@ -130,8 +131,9 @@ impl Buf for PartList {
 /// The sending half of a session's WebSocket.
 pub struct WsSink<S> {
     writer: Arc<Writer<S>>,
-    /// A client's masked copy of the message it is sending (RFC 6455
-    /// section 5.3: a client masks every byte), kept for the next one.
+    /// A client's masked copy of the frames it is sending, headers
+    /// included (RFC 6455 section 5.3: a client masks every byte), kept for
+    /// the next write.
     masked: Vec<u8>,
     /// When the last message larger than [`KEEP_MASKED`] went out.
     masked_large_at: tokio::time::Instant,
@@ -483,7 +485,8 @@ mod tests {
         let (mut ctx, mut crx) = from_io(b, Role::Client, Bytes::new());
         let message = |n: usize, seed: usize| -> Vec<Bytes> {
             let bytes: Vec<u8> = (0..n).map(|j| (j * 7 + seed) as u8).collect();
-            bytes.chunks(1000).map(Bytes::copy_from_slice).collect()
+            // Parts of 999 bytes: each starts at another phase of the mask.
+            bytes.chunks(999).map(Bytes::copy_from_slice).collect()
         };
         let sizes = [125, 126, 65_535, 65_536, 3, 0, 70_000];
         let batch: Vec<Vec<Bytes>> = sizes
