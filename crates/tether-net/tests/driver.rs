@@ -31,6 +31,16 @@ async fn pair(a_cfg: Config, b_cfg: Config) -> Pair {
 }
 
 async fn pair_with_capacity(messages: usize, a_cfg: Config, b_cfg: Config) -> Pair {
+    pair_with_a_sink(messages, a_cfg, b_cfg, |sink| sink).await
+}
+
+/// A pair whose `a` writes through `wrap(its in-memory sink)`.
+async fn pair_with_a_sink<S: MessageSink>(
+    messages: usize,
+    a_cfg: Config,
+    b_cfg: Config,
+    wrap: impl FnOnce(mem::MemSink) -> S,
+) -> Pair {
     let (ea, eb) = mem::pair_with_capacity(messages);
     let (a_to_b, b_to_a) = (ea.sink.valve(), eb.sink.valve());
     let b = tokio::spawn(Connection::start(
@@ -43,7 +53,7 @@ async fn pair_with_capacity(messages: usize, a_cfg: Config, b_cfg: Config) -> Pa
     let (a, _, a_in) = within(Connection::start(
         Role::Initiator,
         a_cfg,
-        ea.sink,
+        wrap(ea.sink),
         ea.source,
         "a",
     ))
@@ -724,38 +734,17 @@ impl MessageSink for CountingSink {
 
 #[tokio::test(start_paused = true)]
 async fn several_sending_streams_share_writes_and_a_lone_one_does_not() {
-    let (ea, eb) = mem::pair();
-    let (a_to_b, b_to_a) = (ea.sink.valve(), eb.sink.valve());
     let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = CountingSink {
-        inner: ea.sink,
-        writes: writes.clone(),
-    };
-    let b = tokio::spawn(Connection::start(
-        Role::Acceptor,
+    let mut p = pair_with_a_sink(
+        mem::DEFAULT_CAPACITY,
         Config::default(),
-        eb.sink,
-        eb.source,
-        "b",
-    ));
-    let (a, _, _a_in) = within(Connection::start(
-        Role::Initiator,
         Config::default(),
-        sink,
-        ea.source,
-        "a",
-    ))
-    .await
-    .expect("a starts");
-    let (b, _, b_in) = b.await.unwrap().expect("b starts");
-    let mut p = Pair {
-        a,
-        b,
-        _a_in,
-        b_in,
-        a_to_b,
-        b_to_a,
-    };
+        |inner| CountingSink {
+            inner,
+            writes: writes.clone(),
+        },
+    )
+    .await;
 
     // Two streams fill their send buffers while the link is paused, then
     // drain together: the writer hands over several full messages at once.

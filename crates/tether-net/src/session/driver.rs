@@ -408,8 +408,9 @@ impl DrainMeter {
         self.since = None;
     }
 
-    /// A write of `len` bytes (one message or a batch) went out at `now`; fails when the window
-    /// ended with less than [`MIN_DRAIN_BYTES`] drained.
+    /// A write of `len` bytes (one message or a batch) went out at `now`;
+    /// fails when the window ended with less than [`MIN_DRAIN_BYTES`]
+    /// drained.
     fn sent(&mut self, len: usize, now: Instant) -> io::Result<()> {
         let since = *self.since.get_or_insert(now);
         self.bytes += len as u64;
