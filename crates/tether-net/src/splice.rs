@@ -133,16 +133,72 @@ pub fn socket_halves(tcp: TcpStream) -> (SocketReader, OwnedWriteHalf) {
 /// buffer, and reading and sending no longer overlap.) A read that comes
 /// back smaller than a normal one ends the bulk mode, so that the copy a
 /// short read's chunk gets ([`crate::chunk`]) stays small.
+///
+/// While reads come back small (requests, answers, keystrokes: under
+/// [`SMALL_READ`]), a read goes into the thread's scratch buffer and its
+/// bytes are copied into a chunk of their own: a small chunk is copied out
+/// of its buffer anyway, and a fresh buffer per message would cost an
+/// allocation of [`SOCKET_READ_CHUNK`] and its release on top.
 pub struct SocketReader {
     half: OwnedReadHalf,
-    /// The last read filled at least a normal buffer.
-    bulk: bool,
+    mode: ReadMode,
+}
+
+/// How big the next read of a [`SocketReader`] is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadMode {
+    /// The last read was under [`SMALL_READ`]: read into the scratch buffer.
+    Small,
+    /// Read into a fresh buffer of [`SOCKET_READ_CHUNK`].
+    Normal,
+    /// The last read filled [`SOCKET_READ_CHUNK`]: a fresh [`BULK_READ_CHUNK`].
+    Bulk,
+}
+
+/// Reads shorter than this keep a [`SocketReader`] reading into the
+/// thread's scratch buffer.
+const SMALL_READ: usize = 4 * 1024;
+
+thread_local! {
+    /// The scratch buffer small socket reads go into, one per thread: a
+    /// read is copied out before the poll that made it returns.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SOCKET_READ_CHUNK].into_boxed_slice());
 }
 
 impl SocketReader {
     /// Wraps a socket's reading half.
     pub fn new(half: OwnedReadHalf) -> Self {
-        SocketReader { half, bulk: false }
+        SocketReader {
+            half,
+            mode: ReadMode::Small,
+        }
+    }
+
+    /// A read into the thread's scratch buffer, copied out.
+    fn poll_read_small(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch[..]);
+            ready!(Pin::new(&mut self.half).poll_read(cx, &mut buf))?;
+            let n = buf.filled().len();
+            if n == 0 {
+                return Poll::Ready(Ok(None));
+            }
+            self.mode = self.next_mode(n);
+            Poll::Ready(Ok(Some(Bytes::copy_from_slice(buf.filled()))))
+        })
+    }
+
+    /// The mode after a read of `n` bytes.
+    fn next_mode(&self, n: usize) -> ReadMode {
+        if n >= SOCKET_READ_CHUNK {
+            ReadMode::Bulk
+        } else if n < SMALL_READ {
+            ReadMode::Small
+        } else {
+            ReadMode::Normal
+        }
     }
 }
 
@@ -155,10 +211,10 @@ impl ChunkRead for SocketReader {
         // then clears the readiness, so the next chunk waits for epoll
         // instead of spending a `recvfrom` on EAGAIN (one per small message).
         // If the readiness was stale, the buffer is dropped with the Pending.
-        let size = if self.bulk {
-            BULK_READ_CHUNK
-        } else {
-            SOCKET_READ_CHUNK
+        let size = match self.mode {
+            ReadMode::Small => return self.poll_read_small(cx),
+            ReadMode::Normal => SOCKET_READ_CHUNK,
+            ReadMode::Bulk => BULK_READ_CHUNK,
         };
         let mut buf = BytesMut::with_capacity(size);
         match ready!(tokio_util::io::poll_read_buf(
@@ -168,7 +224,7 @@ impl ChunkRead for SocketReader {
         ))? {
             0 => Poll::Ready(Ok(None)),
             n => {
-                self.bulk = n >= SOCKET_READ_CHUNK;
+                self.mode = self.next_mode(n);
                 // A short read's chunk must not keep the whole buffer alive
                 // in the queues it goes through (see crate::chunk).
                 Poll::Ready(Ok(Some(unpinned(buf.freeze(), size))))
