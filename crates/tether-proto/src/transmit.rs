@@ -54,7 +54,7 @@ pub struct Transmit {
     /// Whether large payloads are kept by reference (else copied, as into a
     /// `BytesMut`).
     by_reference: bool,
-    /// Room the tail reserves at its first frame.
+    /// Room the tail reserves at its first frame (unless it has half of it).
     capacity: usize,
 }
 
@@ -80,13 +80,34 @@ impl Transmit {
         }
     }
 
+    /// Like [`Transmit::with_capacity`], with the frames written into
+    /// `buffer`'s spare room while it has at least half of `capacity`:
+    /// what [`Transmit::into_parts_and_buffer`] left of the last message's.
+    /// A writer that passes its buffer on from message to message allocates
+    /// one per many small messages instead of one per message.
+    pub fn with_buffer(by_reference: bool, buffer: BytesMut, capacity: usize) -> Self {
+        Transmit {
+            by_reference,
+            capacity,
+            tail: buffer,
+            ..Transmit::default()
+        }
+    }
+
     /// The parts in order; one part when nothing was kept by reference, none
     /// when the message is empty.
-    pub fn into_parts(mut self) -> Vec<Bytes> {
+    pub fn into_parts(self) -> Vec<Bytes> {
+        self.into_parts_and_buffer().0
+    }
+
+    /// The parts, as [`Transmit::into_parts`], and the unused room of the
+    /// buffer the frames went into, for the next message
+    /// ([`Transmit::with_buffer`]).
+    pub fn into_parts_and_buffer(mut self) -> (Vec<Bytes>, BytesMut) {
         if !self.tail.is_empty() {
-            self.parts.push(self.tail.freeze());
+            self.parts.push(self.tail.split().freeze());
         }
-        self.parts
+        (self.parts, self.tail)
     }
 }
 
@@ -96,7 +117,9 @@ impl FrameBuf for Transmit {
     }
 
     fn push(&mut self, frame: Frame) {
-        if self.len == 0 {
+        // A buffer passed on from the last message is used while it has at
+        // least half the room asked for (more comes as a frame needs it).
+        if self.len == 0 && self.tail.capacity() < self.capacity / 2 {
             self.tail.reserve(self.capacity);
         }
         self.len += frame.encoded_len();
@@ -158,6 +181,33 @@ mod tests {
         let one = copied.into_parts();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0], flat);
+    }
+
+    #[test]
+    fn messages_passing_their_buffer_on_share_one_allocation() {
+        let mut buffer = BytesMut::new();
+        let mut sent = Vec::new();
+        for i in 0..3u64 {
+            let mut t = Transmit::with_buffer(true, std::mem::take(&mut buffer), 1024);
+            t.push(Frame::Ping(i));
+            let mut flat = BytesMut::new();
+            flat.push(Frame::Ping(i));
+            let (parts, rest) = t.into_parts_and_buffer();
+            assert_eq!(parts.concat(), flat[..], "message {i}");
+            sent.push(parts);
+            buffer = rest;
+        }
+        // Each message starts where the one before it ended, in the same
+        // buffer, while the earlier ones are still held.
+        for w in sent.windows(2) {
+            let end = w[0][0].as_ptr_range().end;
+            assert_eq!(w[1][0].as_ptr(), end, "one allocation, not one per message");
+        }
+        // An empty message hands its buffer back untouched.
+        let t = Transmit::with_buffer(true, buffer, 1024);
+        let (parts, rest) = t.into_parts_and_buffer();
+        assert!(parts.is_empty());
+        assert!(rest.capacity() > 0, "the room is passed on");
     }
 
     #[test]

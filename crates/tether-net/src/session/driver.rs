@@ -1,7 +1,7 @@
 //! [`Connection`]: a running session, and the three tasks that drive it
 //! (reader, writer, timer; see the [module docs](super)).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -335,6 +335,9 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         MAX_SEND_MESSAGE + 64 * 1024
     };
     let mut drain = DrainMeter::default();
+    // Messages are encoded into the room the last one left (see
+    // Transmit::with_buffer).
+    let mut spare = BytesMut::new();
     loop {
         // A full message while two or more streams still wait means a
         // multiplexed bulk transfer: take up to MAX_SEND_BATCH for one write
@@ -344,16 +347,19 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         let mut len = 0;
         let closed = shared.with_session(|g| {
             while len < MAX_SEND_BATCH {
-                let mut msg = Transmit::with_capacity(by_reference, room);
-                if !g
+                let mut msg = Transmit::with_buffer(by_reference, std::mem::take(&mut spare), room);
+                let more = g
                     .session
-                    .poll_transmit_at(&mut msg, MAX_SEND_MESSAGE, Some(now()))
-                {
+                    .poll_transmit_at(&mut msg, MAX_SEND_MESSAGE, Some(now()));
+                let msg_len = msg.len();
+                let (parts, rest) = msg.into_parts_and_buffer();
+                spare = rest;
+                if !more {
                     break;
                 }
-                len += msg.len();
-                let full = msg.len() >= MAX_SEND_MESSAGE;
-                batch.push(msg.into_parts());
+                len += msg_len;
+                let full = msg_len >= MAX_SEND_MESSAGE;
+                batch.push(parts);
                 if !full || g.session.sending_streams() < 2 {
                     break;
                 }
