@@ -2,6 +2,7 @@
 //! (reader, writer, timer; see the [module docs](super)).
 
 use bytes::{Bytes, BytesMut};
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -323,6 +324,14 @@ async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
     shared.transport_closed.send_replace(true);
 }
 
+thread_local! {
+    /// The room the last message encoded on this thread left in its buffer,
+    /// where the next one is encoded (see `Transmit::with_buffer`): one
+    /// allocation per many small messages. Per thread, not per session, so
+    /// that an idle session holds none.
+    static SPARE_ROOM: Cell<BytesMut> = Cell::new(BytesMut::new());
+}
+
 async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
     // A transport that takes the parts as they are (a WebSocket writes
     // them vectored, or masks them into its own buffer in one pass) gets
@@ -335,9 +344,6 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         MAX_SEND_MESSAGE + 64 * 1024
     };
     let mut drain = DrainMeter::default();
-    // Messages are encoded into the room the last one left (see
-    // Transmit::with_buffer).
-    let mut spare = BytesMut::new();
     loop {
         // A full message while two or more streams still wait means a
         // multiplexed bulk transfer: take up to MAX_SEND_BATCH for one write
@@ -345,6 +351,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         // most one extra look once the backlog is gone.)
         let mut batch = Vec::new();
         let mut len = 0;
+        let mut spare = SPARE_ROOM.take();
         let closed = shared.with_session(|g| {
             while len < MAX_SEND_BATCH {
                 let mut msg = Transmit::with_buffer(by_reference, std::mem::take(&mut spare), room);
@@ -366,6 +373,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
             }
             g.session.is_closed()
         });
+        SPARE_ROOM.set(spare);
         if !batch.is_empty() {
             // A batch gets each message's time: a slow but live peer is
             // judged by the drain rate below, not by how many messages one
