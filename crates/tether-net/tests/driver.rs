@@ -733,7 +733,7 @@ impl MessageSink for CountingSink {
 }
 
 #[tokio::test(start_paused = true)]
-async fn several_sending_streams_share_writes_and_a_lone_one_does_not() {
+async fn several_sending_streams_share_writes_and_a_lone_one_does_not_unless_relayed() {
     let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut p = pair_with_a_sink(
         mem::DEFAULT_CAPACITY,
@@ -792,5 +792,23 @@ async fn several_sending_streams_share_writes_and_a_lone_one_does_not() {
     assert!(
         alone.len() > 10 && alone.iter().all(|&n| n == 1),
         "writes while one stream sent: {alone:?}"
+    );
+
+    // One relayed stream alone (a relay between two sessions): its full
+    // messages share writes again.
+    let (s4, r4) = open(&mut p, "four").await;
+    s4.mark_relayed();
+    let mark = writes.lock().unwrap().len();
+    p.a_to_b.pause();
+    let w4 = send(s4);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.a_to_b.resume();
+    let got = read_to_end(&mut r4.split().0).await.unwrap();
+    assert!(got == pattern(TOTAL), "bytes differ");
+    within(w4).await.unwrap().unwrap();
+    let relayed: Vec<usize> = writes.lock().unwrap()[mark..].to_vec();
+    assert!(
+        relayed.iter().any(|&n| n > 1) && relayed.iter().all(|&n| n <= 4),
+        "writes while one relayed stream sent: {relayed:?}"
     );
 }

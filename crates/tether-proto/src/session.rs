@@ -1407,6 +1407,28 @@ impl Session {
         self.ready.len()
     }
 
+    /// Marks stream `id` as relayed from another session (its bytes arrive
+    /// in whole messages there): see [`Session::batch_sends`]. Unknown ids
+    /// are ignored.
+    pub fn set_relayed(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.relayed = true;
+        }
+    }
+
+    /// Whether a writer that just took a full message should take more for
+    /// the same write (`docs/PROTOCOL.md` section 12): while two or more
+    /// streams have data waiting (a multiplexed bulk transfer), or when the
+    /// stream whose turn is next is relayed ([`Session::set_relayed`]).
+    pub fn batch_sends(&self) -> bool {
+        self.ready.len() >= 2
+            || self
+                .ready
+                .front()
+                .and_then(|id| self.streams.get(id))
+                .is_some_and(|s| s.relayed)
+    }
+
     /// Whether [`Session::poll_transmit`] has anything to send.
     pub fn wants_transmit(&self) -> bool {
         !self.control.is_empty() || (self.state == State::Established && !self.ready.is_empty())

@@ -44,6 +44,10 @@ pub(crate) struct Stream {
     pub in_ready: bool,
     /// The application was refused credit; tell it when credit returns.
     pub write_blocked: bool,
+    /// Its bytes come from another session in whole messages (a relay):
+    /// the sender batches its messages even while it sends alone
+    /// ([`crate::Session::batch_sends`]).
+    pub relayed: bool,
 
     // --- receiving ---
     /// Bytes the peer may still send before exceeding the window we granted.
@@ -78,6 +82,7 @@ impl Stream {
             fin_sent: false,
             in_ready: false,
             write_blocked: false,
+            relayed: false,
             recv_remaining: u64::from(recv_window),
             recv_unacked: 0,
             recv_window,

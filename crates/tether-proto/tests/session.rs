@@ -256,6 +256,30 @@ fn sending_streams_counts_the_streams_with_data_to_send() {
 }
 
 #[test]
+fn sends_are_batched_for_several_streams_or_a_relayed_one() {
+    let mut p = Pair::default();
+    let (one, two) = (p.open_accepted("a/b"), p.open_accepted("a/c"));
+    assert!(!p.a.batch_sends(), "nothing waits");
+    p.a.stream_write(one, Bytes::from(vec![1u8; 200_000]))
+        .unwrap();
+    assert!(!p.a.batch_sends(), "one stream fed from a socket");
+    p.a.stream_write(two, Bytes::from(vec![2u8; 200_000]))
+        .unwrap();
+    assert!(p.a.batch_sends(), "two streams wait");
+    p.pump(usize::MAX);
+    // A relayed stream is batched alone, whether it is next or not.
+    p.a.set_relayed(two);
+    p.a.stream_write(two, Bytes::from(vec![2u8; 200_000]))
+        .unwrap();
+    assert!(p.a.batch_sends(), "a relayed stream alone");
+    p.pump(usize::MAX);
+    p.a.stream_write(one, Bytes::from(vec![1u8; 200_000]))
+        .unwrap();
+    assert!(!p.a.batch_sends(), "the relayed one is done");
+    p.a.set_relayed(StreamId(999)); // unknown: ignored
+}
+
+#[test]
 fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
     let cfg = Config {
         initial_window: 64 * 1024,

@@ -155,6 +155,10 @@ impl ClientEndpoint {
             let Some((client_stream, agent_stream, guard)) = opening.await else {
                 return;
             };
+            // Each side's bytes come from the other session in whole
+            // messages: let both writers batch them.
+            client_stream.mark_relayed();
+            agent_stream.mark_relayed();
             run_relay(
                 &self.metrics,
                 &caller.name(),

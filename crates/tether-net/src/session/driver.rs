@@ -345,8 +345,9 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
     };
     let mut drain = DrainMeter::default();
     loop {
-        // A full message while two or more streams still wait means a
-        // multiplexed bulk transfer: take up to MAX_SEND_BATCH for one write
+        // A full message while two or more streams still wait (a
+        // multiplexed bulk transfer), or while a relayed stream is next
+        // (Session::batch_sends): take up to MAX_SEND_BATCH for one write
         // (see there). (When more is left, this wakes the writer itself: at
         // most one extra look once the backlog is gone.)
         let mut batch = Vec::new();
@@ -367,7 +368,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
                 len += msg_len;
                 let full = msg_len >= MAX_SEND_MESSAGE;
                 batch.push(parts);
-                if !full || g.session.sending_streams() < 2 {
+                if !full || !g.session.batch_sends() {
                     break;
                 }
             }
