@@ -1407,9 +1407,9 @@ impl Session {
         self.ready.len()
     }
 
-    /// Marks stream `id` as relayed from another session (its bytes arrive
-    /// in whole messages there): see [`Session::batch_sends`]. Unknown ids
-    /// are ignored.
+    /// Marks stream `id` as relayed from another session (its bytes come
+    /// from a session where they arrived in whole messages): see
+    /// [`Session::batch_sends`]. Unknown ids are ignored.
     pub fn set_relayed(&mut self, id: StreamId) {
         if let Some(s) = self.streams.get_mut(&id) {
             s.relayed = true;
@@ -1418,8 +1418,8 @@ impl Session {
 
     /// Whether a writer that just took a full message should take more for
     /// the same write (`docs/PROTOCOL.md` section 12): while two or more
-    /// streams have data waiting (a multiplexed bulk transfer), or when the
-    /// stream whose turn is next is relayed ([`Session::set_relayed`]).
+    /// streams have data waiting (a multiplexed bulk transfer), or while the
+    /// only one waiting is relayed ([`Session::set_relayed`]).
     pub fn batch_sends(&self) -> bool {
         self.ready.len() >= 2
             || self

@@ -54,7 +54,8 @@ pub struct Transmit {
     /// Whether large payloads are kept by reference (else copied, as into a
     /// `BytesMut`).
     by_reference: bool,
-    /// Room the tail reserves at its first frame (unless it has half of it).
+    /// Room the tail reserves at its first frame (unless it has enough, see
+    /// [`Transmit::with_buffer`]).
     capacity: usize,
 }
 
@@ -81,11 +82,13 @@ impl Transmit {
     }
 
     /// Like [`Transmit::with_capacity`], with the frames written into
-    /// `buffer`'s spare room while it has at least half of `capacity`:
+    /// `buffer`'s spare room while it has at least half of `capacity` (all
+    /// of it without `by_reference`; `buffer`'s bytes, if any, are dropped):
     /// what [`Transmit::into_parts_and_buffer`] left of the last message's.
     /// A writer that passes its buffer on from message to message allocates
     /// one per many small messages instead of one per message.
-    pub fn with_buffer(by_reference: bool, buffer: BytesMut, capacity: usize) -> Self {
+    pub fn with_buffer(by_reference: bool, mut buffer: BytesMut, capacity: usize) -> Self {
+        buffer.clear(); // only its room is wanted
         Transmit {
             by_reference,
             capacity,
@@ -96,8 +99,11 @@ impl Transmit {
 
     /// The parts in order; one part when nothing was kept by reference, none
     /// when the message is empty.
-    pub fn into_parts(self) -> Vec<Bytes> {
-        self.into_parts_and_buffer().0
+    pub fn into_parts(mut self) -> Vec<Bytes> {
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.freeze());
+        }
+        self.parts
     }
 
     /// The parts, as [`Transmit::into_parts`], and the unused room of the
@@ -118,8 +124,15 @@ impl FrameBuf for Transmit {
 
     fn push(&mut self, frame: Frame) {
         // A buffer passed on from the last message is used while it has at
-        // least half the room asked for (more comes as a frame needs it).
-        if self.len == 0 && self.tail.capacity() < self.capacity / 2 {
+        // least half the room asked for when it takes frame headers and
+        // small payloads (more comes as a frame needs it), all of it when
+        // it takes every byte of the message (growing would copy them).
+        let enough = if self.by_reference {
+            self.capacity / 2
+        } else {
+            self.capacity
+        };
+        if self.len == 0 && self.tail.capacity() < enough {
             self.tail.reserve(self.capacity);
         }
         self.len += frame.encoded_len();

@@ -267,7 +267,7 @@ fn sends_are_batched_for_several_streams_or_a_relayed_one() {
         .unwrap();
     assert!(p.a.batch_sends(), "two streams wait");
     p.pump(usize::MAX);
-    // A relayed stream is batched alone, whether it is next or not.
+    // A relayed stream is batched while it waits alone.
     p.a.set_relayed(two);
     p.a.stream_write(two, Bytes::from(vec![2u8; 200_000]))
         .unwrap();
@@ -276,6 +276,15 @@ fn sends_are_batched_for_several_streams_or_a_relayed_one() {
     p.a.stream_write(one, Bytes::from(vec![1u8; 200_000]))
         .unwrap();
     assert!(!p.a.batch_sends(), "the relayed one is done");
+    p.pump(usize::MAX);
+    // A relayed stream reset while its data waited no longer counts.
+    let three = p.open_accepted("a/d");
+    p.a.set_relayed(three);
+    p.a.stream_write(three, Bytes::from(vec![3u8; 200_000]))
+        .unwrap();
+    assert!(p.a.batch_sends(), "another relayed stream alone");
+    p.a.stream_reset(three, ResetCode::Cancel, "gone");
+    assert!(!p.a.batch_sends(), "reset");
     p.a.set_relayed(StreamId(999)); // unknown: ignored
 }
 

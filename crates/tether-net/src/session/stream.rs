@@ -183,11 +183,12 @@ impl Stream {
         self.id
     }
 
-    /// Marks the stream as relayed from another session: what it sends
-    /// arrives there in whole messages, and its session's writer takes
-    /// several of them per write even while this stream sends alone (a
-    /// relay between two sessions moved 9-13 % more that way; a stream fed
-    /// from a socket moved 7-14 % less, so only relays ask for it).
+    /// Marks the stream as relayed from another session: its bytes come
+    /// from a session where they arrived in whole messages, and its own
+    /// session's writer takes several messages per write even while this
+    /// stream sends alone (a relay between two sessions moved 9 % more that
+    /// way; a stream fed from a socket moved 7-14 % less, so only relays
+    /// ask for it).
     pub fn mark_relayed(&self) {
         self.shared.with_session(|g| g.session.set_relayed(self.id));
     }

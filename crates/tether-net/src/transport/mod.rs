@@ -18,12 +18,13 @@ use std::io;
 /// Largest message (a batch of whole frames) a writer puts on the transport.
 /// Small enough that a control frame (PONG, WINDOW_UPDATE) queued while a
 /// lone stream's message is being written waits at most ~64 KiB of wire
-/// time (several streams' messages go out four at a time, see
-/// [`MAX_SEND_BATCH`]); large enough for two 32 KiB DATA frames.
+/// time (several streams' messages, or a relayed stream's, go out four at a
+/// time, see [`MAX_SEND_BATCH`]); large enough for two 32 KiB DATA frames.
 pub const MAX_SEND_MESSAGE: usize = 64 * 1024;
 
 /// Most bytes of messages a session writer hands the transport at once
-/// while two or more streams have data waiting: the transport writes them
+/// while two or more streams have data waiting, or a stream relayed from
+/// another session is next (`Session::batch_sends`): the transport writes them
 /// with one call. With one write per 64 KiB message, a server carrying 8
 /// bulk streams to an agent spent most of its time in the kernel, arming
 /// TCP's pacing timer and waking the agent once per message (on loopback a
