@@ -342,6 +342,11 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
     assert_eq!(target, "prod/echo");
     let local: std::net::SocketAddr = listen.parse().expect("a local address");
     assert!(local.ip().is_loopback());
+    assert_eq!(
+        local.port(),
+        CONSOLE_PROD_ECHO_PORT,
+        "the console's port for prod/echo changed: update the constant other tests avoid"
+    );
     let fingerprint = w
         .server
         .log_text()

@@ -56,6 +56,11 @@ fn as_pid(id: u32) -> Option<rustix::process::Pid> {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The local port the web console suggests in its forward line for
+/// `prod/echo` (stable per target: a hash of the name). The browser test
+/// runs that line as printed, so no other test may be handed this port.
+pub(crate) const CONSOLE_PROD_ECHO_PORT: u16 = 22064;
+
 /// A free loopback port for a process to bind later. Picked below the
 /// kernel's ephemeral range (32768+), so outgoing connections of parallel
 /// tests cannot grab it between this check and the bind.
@@ -65,6 +70,9 @@ pub(crate) fn free_port() -> u16 {
     for _ in 0..12000 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = 20000 + ((base + n * 13) % 12000) as u16;
+        if port == CONSOLE_PROD_ECHO_PORT {
+            continue;
+        }
         if StdListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
