@@ -1421,7 +1421,7 @@ impl Session {
     /// streams have data waiting (a multiplexed bulk transfer), or while the
     /// only one waiting is relayed ([`Session::set_relayed`]).
     pub fn batch_sends(&self) -> bool {
-        self.ready.len() >= 2
+        self.sending_streams() >= 2
             || self
                 .ready
                 .front()

@@ -99,11 +99,8 @@ impl Transmit {
 
     /// The parts in order; one part when nothing was kept by reference, none
     /// when the message is empty.
-    pub fn into_parts(mut self) -> Vec<Bytes> {
-        if !self.tail.is_empty() {
-            self.parts.push(self.tail.freeze());
-        }
-        self.parts
+    pub fn into_parts(self) -> Vec<Bytes> {
+        self.into_parts_and_buffer().0
     }
 
     /// The parts, as [`Transmit::into_parts`], and the unused room of the
