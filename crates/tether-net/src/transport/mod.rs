@@ -40,9 +40,9 @@ const _: () = assert!(MAX_SEND_MESSAGE + ws::frame::MAX_HEADER + 5 * 22 <= 65_48
 /// another session is next (`Session::batch_sends`): the transport writes them
 /// with one call. With one write per 64 KiB message, a server carrying 8
 /// bulk streams to an agent spent most of its time in the kernel, arming
-/// TCP's pacing timer and waking the agent once per message (on loopback a
-/// 64 KiB message also leaves a full segment and a sliver of a few dozen
-/// bytes); four messages per write took 8 streams through a listener from
+/// TCP's pacing timer and waking the agent once per message (a message of
+/// exactly 64 KiB also left a full segment and a sliver, before the size
+/// above); four messages per write took 8 streams through a listener from
 /// 10.6 to 13.9 Gbit/s here. A lone stream keeps one message per write (its
 /// batches measured slower, bench/README.md, session 20) unless it is
 /// relayed from another session: a server's relay between a CLI client and
