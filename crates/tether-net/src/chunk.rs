@@ -25,6 +25,24 @@ pub fn unpinned(chunk: Bytes, buffer: usize) -> Bytes {
     }
 }
 
+/// A chunk kept as a slice while its reader is behind is at least
+/// `BEHIND_KEEP_EIGHTHS`/8 of the buffer it keeps alive: a message read into
+/// a buffer of its own (a bulk transfer's) pins at most a seventh more than
+/// its bytes, so copying it would buy no memory.
+pub const BEHIND_KEEP_EIGHTHS: usize = 7;
+
+/// `chunk`, a slice of a buffer of at most `buffer` bytes, for a reader
+/// that is behind (its unread bytes are already many): copied out unless
+/// it is nearly all of that buffer, so that what waits pins little more
+/// than itself.
+pub fn unpinned_behind(chunk: Bytes, buffer: usize) -> Bytes {
+    if chunk.len().saturating_mul(8) < buffer.saturating_mul(BEHIND_KEEP_EIGHTHS) {
+        Bytes::copy_from_slice(&chunk)
+    } else {
+        chunk
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,5 +60,19 @@ mod tests {
         );
         let large = unpinned(buffer.slice(..16 * 1024), buffer.len());
         assert!(large.as_ptr() == buffer.as_ptr(), "a quarter stays a slice");
+    }
+
+    #[test]
+    fn behind_only_a_chunk_that_is_nearly_its_buffer_stays_a_slice() {
+        let buffer = Bytes::from(vec![5u8; 64 * 1024]);
+        let half = unpinned_behind(buffer.slice(..32 * 1024), buffer.len());
+        assert!(half.as_ptr() != buffer.as_ptr(), "half is copied");
+        assert_eq!(half, vec![5u8; 32 * 1024]);
+        let whole = unpinned_behind(buffer.slice(10..), buffer.len());
+        assert_eq!(
+            whole.as_ptr(),
+            buffer[10..].as_ptr(),
+            "nearly all stays a slice"
+        );
     }
 }

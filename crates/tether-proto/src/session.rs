@@ -51,8 +51,10 @@ pub struct Config {
     pub max_session_send_buffer: usize,
     /// Largest DATA payload we accept from the peer.
     pub max_frame_payload: u32,
-    /// Largest DATA payload we send (also capped by the peer's limit). Small
-    /// enough that round-robin between streams stays fair.
+    /// Largest DATA payload we send while other streams wait their turn
+    /// (also capped by the peer's limit). Small enough that round-robin
+    /// between streams stays fair; a stream sending alone sends frames up to
+    /// the peer's `max_frame_payload`.
     pub max_send_chunk: usize,
     /// How often to send a PING when established. An acceptor asks its
     /// version 7 peers for the same (a HEARTBEAT frame).
@@ -1326,8 +1328,9 @@ impl Session {
     }
 
     /// Appends frames to send to `out`, control frames first, then DATA
-    /// round-robin across streams in chunks of at most `max_send_chunk`,
-    /// until `out` holds at least `max_len` bytes or nothing is left.
+    /// round-robin across streams in chunks of at most `max_send_chunk`
+    /// (a stream alone: the peer's `max_frame_payload`), until `out` holds
+    /// at least `max_len` bytes or nothing is left.
     /// Returns whether anything was appended.
     pub fn poll_transmit(&mut self, out: &mut impl FrameBuf, max_len: usize) -> bool {
         self.poll_transmit_at(out, max_len, None)
@@ -1355,13 +1358,14 @@ impl Session {
         if self.state != State::Established {
             return out.len() > start;
         }
-        let chunk_max = self
+        // A stream sending alone has no one to be fair to: its frames may
+        // fill the message (a receiver then gets each chunk in a buffer of
+        // its own). Several take turns in chunks of `max_send_chunk`.
+        let frame_max = self
             .peer
             .as_ref()
-            .map_or(self.config.max_send_chunk, |p| {
-                self.config.max_send_chunk.min(p.max_frame_payload as usize)
-            })
-            .max(1);
+            .map_or(self.config.max_send_chunk, |p| p.max_frame_payload as usize);
+        let chunk_max = self.config.max_send_chunk.min(frame_max).max(1);
         while out.len() < max_len {
             let Some(id) = self.ready.pop_front() else {
                 break;
@@ -1371,7 +1375,12 @@ impl Session {
             };
             if let Some(front) = s.send_queue.front_mut() {
                 let room = (max_len - out.len()).saturating_sub(HEADER_LEN).max(1);
-                let n = front.len().min(chunk_max).min(room);
+                let turn_max = if self.ready.is_empty() {
+                    frame_max.max(1)
+                } else {
+                    chunk_max
+                };
+                let n = front.len().min(turn_max).min(room);
                 let payload = front.split_to(n);
                 let mut sent = n;
                 if front.is_empty() {

@@ -288,6 +288,58 @@ fn sends_are_batched_for_several_streams_or_a_relayed_one() {
     p.a.set_relayed(StreamId(999)); // unknown: ignored
 }
 
+/// The DATA payload sizes in one message of at most `max_len` bytes from `a`.
+fn data_sizes(p: &mut Pair, max_len: usize) -> Vec<(StreamId, usize)> {
+    let mut out = BytesMut::new();
+    p.a.poll_transmit(&mut out, max_len);
+    frames(out.freeze())
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Data { id, payload } => Some((id, payload.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_stream_sending_alone_fills_the_message_and_several_take_turns() {
+    let message = 64 * 1024 - 256;
+    let mut p = Pair::default();
+    let (one, two) = (p.open_accepted("a/b"), p.open_accepted("a/c"));
+    // Alone: one frame as large as the message allows (under the peer's
+    // 64 KiB max_frame_payload), not max_send_chunk.
+    p.a.stream_write(one, Bytes::from(vec![1u8; 200_000]))
+        .unwrap();
+    let sizes = data_sizes(&mut p, message);
+    assert_eq!(sizes.len(), 1, "{sizes:?}");
+    assert!(sizes[0].1 > Config::default().max_send_chunk, "{sizes:?}");
+    assert!(sizes[0].1 <= message, "{sizes:?}");
+    // Two waiting: turns of at most max_send_chunk each.
+    p.a.stream_write(two, Bytes::from(vec![2u8; 200_000]))
+        .unwrap();
+    let sizes = data_sizes(&mut p, message);
+    assert!(sizes.len() >= 2, "{sizes:?}");
+    assert!(sizes.iter().any(|&(id, _)| id == one) && sizes.iter().any(|&(id, _)| id == two));
+    assert!(
+        sizes
+            .iter()
+            .all(|&(_, n)| n <= Config::default().max_send_chunk),
+        "{sizes:?}"
+    );
+    // A peer's smaller max_frame_payload still bounds the lone stream.
+    let small = Config {
+        max_frame_payload: 16 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(Config::default(), small);
+    let one = p.open_accepted("a/b");
+    p.a.stream_write(one, Bytes::from(vec![1u8; 200_000]))
+        .unwrap();
+    let sizes = data_sizes(&mut p, message);
+    assert!(sizes.iter().all(|&(_, n)| n <= 16 * 1024), "{sizes:?}");
+    assert_eq!(sizes.len(), 4, "a message of four: {sizes:?}");
+}
+
 #[test]
 fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
     let cfg = Config {

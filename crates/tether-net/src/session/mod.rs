@@ -40,12 +40,14 @@ use tether_proto::{
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::chunk::unpinned;
+use crate::chunk::{unpinned, unpinned_behind};
 use crate::error::{Refusal, StreamError};
 use crate::transport::MAX_SHARED_READ_BUFFER;
 
-/// Unread bytes a stream may hold as slices of received messages; beyond
-/// this, new chunks are copied so that a slow reader pins no message buffer.
+/// Unread bytes a stream may hold as slices of received messages under the
+/// loose rule ([`unpinned`]); beyond this, only a chunk that is nearly its
+/// whole message buffer stays a slice ([`unpinned_behind`]), so that a slow
+/// reader pins little more than its unread bytes.
 const UNREAD_BEFORE_COPY: usize = 64 * 1024;
 
 /// The session's clock. Tokio's, so that tests with a paused clock drive the
@@ -246,12 +248,15 @@ impl Shared {
                         // A chunk is a slice of the buffer its message was
                         // read into, and keeps all of it alive wherever it
                         // goes (an inbox, a relay's send queue). Copy it out
-                        // when it is small against that buffer, and always
-                        // once the reader is behind.
+                        // when it is small against that buffer, and, once the
+                        // reader is behind, unless it is nearly all of it (a
+                        // bulk transfer's full message: a copy would free
+                        // nothing, and cost a sixth of a relay's CPU).
+                        let buffer = g.input_len.max(MAX_SHARED_READ_BUFFER);
                         let data = if g.session.stream_unread(id) > UNREAD_BEFORE_COPY {
-                            Bytes::copy_from_slice(&data)
+                            unpinned_behind(data, buffer)
                         } else {
-                            unpinned(data, g.input_len.max(MAX_SHARED_READ_BUFFER))
+                            unpinned(data, buffer)
                         };
                         r.inbox.send(Inbound::Data(data));
                     }
