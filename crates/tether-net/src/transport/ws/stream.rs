@@ -145,6 +145,14 @@ pub struct WsSource<S> {
     buf: BytesMut,
     /// Size of the allocation `buf` is in.
     allocated: usize,
+    /// Room to make before reading the next frame's first bytes: the size of
+    /// the frame just read when it was larger than [`READ_ROOM`], up to
+    /// [`MAX_SHARED_READ_BUFFER`] (a bulk transfer's next frame is likely as
+    /// large, and is then read straight into a buffer of its size instead of
+    /// being copied out of a [`READ_ROOM`] one), else nothing beyond the
+    /// header. A small message after a large one resets it, so an idle
+    /// session's next read is into [`READ_ROOM`] again.
+    expected: usize,
     decoder: Decoder,
     writer: Arc<Writer<S>>,
 }
@@ -174,6 +182,7 @@ where
             io: r,
             buf,
             allocated,
+            expected: 0,
             decoder: Decoder::new(role, MAX_RECV_MESSAGE),
             writer,
         },
@@ -318,7 +327,16 @@ where
         loop {
             while let Some(event) = self.decoder.decode(&mut self.buf)? {
                 match event {
-                    Event::Binary(msg) => return Ok(Some(msg)),
+                    Event::Binary(msg) => {
+                        // Within MAX_SHARED_READ_BUFFER: a small message
+                        // read into this room must not be in a larger buffer.
+                        self.expected = if msg.len() > READ_ROOM {
+                            (msg.len() + MAX_HEADER).min(MAX_SHARED_READ_BUFFER)
+                        } else {
+                            0
+                        };
+                        return Ok(Some(msg));
+                    }
                     Event::Ping(payload) => self.answer_ping(payload),
                     Event::Pong => {}
                     Event::Close(..) => return Ok(None),
@@ -330,7 +348,12 @@ where
             // every message. (A buffer sized to a large frame has exactly
             // the rest of that frame as room: a trickle of it is read in
             // place, not copied into a new buffer per read.)
-            let wanted = self.decoder.wanted(&self.buf);
+            let wanted = match self.decoder.wanted(&self.buf) {
+                // Nothing of the next frame read yet: room for what the
+                // last one was, when that was large.
+                _ if self.buf.is_empty() && self.expected > 0 => self.expected,
+                wanted => wanted,
+            };
             if self.buf.capacity() - self.buf.len() < wanted {
                 self.make_room(wanted);
             }
@@ -544,6 +567,7 @@ mod tests {
             (300_000, 10),
             (1_000_000, 10),
             (70_000, 5),
+            (60_000, 10), // room made for another 60 000 before the read
             (10, 300_000),
             (200_000, 300_000),
         ] {
