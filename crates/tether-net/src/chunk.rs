@@ -18,11 +18,7 @@ pub const MAX_PIN_RATIO: usize = 4;
 /// `chunk`, a slice of a buffer of at most `buffer` bytes; copied out when
 /// it is less than 1/[`MAX_PIN_RATIO`] of that.
 pub fn unpinned(chunk: Bytes, buffer: usize) -> Bytes {
-    if chunk.len().saturating_mul(MAX_PIN_RATIO) < buffer {
-        Bytes::copy_from_slice(&chunk)
-    } else {
-        chunk
-    }
+    kept_if_at_least(chunk, buffer, 1, MAX_PIN_RATIO)
 }
 
 /// A chunk kept as a slice while its reader is behind is at least
@@ -36,7 +32,12 @@ pub const BEHIND_KEEP_EIGHTHS: usize = 7;
 /// it is nearly all of that buffer, so that what waits pins little more
 /// than itself.
 pub fn unpinned_behind(chunk: Bytes, buffer: usize) -> Bytes {
-    if chunk.len().saturating_mul(8) < buffer.saturating_mul(BEHIND_KEEP_EIGHTHS) {
+    kept_if_at_least(chunk, buffer, BEHIND_KEEP_EIGHTHS, 8)
+}
+
+/// `chunk` as it is when it is at least `num`/`den` of `buffer`, else a copy.
+fn kept_if_at_least(chunk: Bytes, buffer: usize, num: usize, den: usize) -> Bytes {
+    if chunk.len().saturating_mul(den) < buffer.saturating_mul(num) {
         Bytes::copy_from_slice(&chunk)
     } else {
         chunk

@@ -1364,7 +1364,8 @@ impl Session {
         let frame_max = self
             .peer
             .as_ref()
-            .map_or(self.config.max_send_chunk, |p| p.max_frame_payload as usize);
+            .map_or(self.config.max_send_chunk, |p| p.max_frame_payload as usize)
+            .max(1);
         let chunk_max = self.config.max_send_chunk.min(frame_max).max(1);
         while out.len() < max_len {
             let Some(id) = self.ready.pop_front() else {
@@ -1376,7 +1377,7 @@ impl Session {
             if let Some(front) = s.send_queue.front_mut() {
                 let room = (max_len - out.len()).saturating_sub(HEADER_LEN).max(1);
                 let turn_max = if self.ready.is_empty() {
-                    frame_max.max(1)
+                    frame_max
                 } else {
                     chunk_max
                 };

@@ -348,11 +348,12 @@ where
             // every message. (A buffer sized to a large frame has exactly
             // the rest of that frame as room: a trickle of it is read in
             // place, not copied into a new buffer per read.)
-            let wanted = match self.decoder.wanted(&self.buf) {
+            let wanted = if self.buf.is_empty() && self.expected > 0 {
                 // Nothing of the next frame read yet: room for what the
                 // last one was, when that was large.
-                _ if self.buf.is_empty() && self.expected > 0 => self.expected,
-                wanted => wanted,
+                self.expected
+            } else {
+                self.decoder.wanted(&self.buf)
             };
             if self.buf.capacity() - self.buf.len() < wanted {
                 self.make_room(wanted);
