@@ -51,11 +51,6 @@ pub struct Config {
     pub max_session_send_buffer: usize,
     /// Largest DATA payload we accept from the peer.
     pub max_frame_payload: u32,
-    /// Largest DATA payload we send while other streams wait their turn
-    /// (also capped by the peer's limit). Small enough that round-robin
-    /// between streams stays fair; a stream sending alone sends frames up to
-    /// the peer's `max_frame_payload`.
-    pub max_send_chunk: usize,
     /// How often to send a PING when established. An acceptor asks its
     /// version 7 peers for the same (a HEARTBEAT frame).
     pub ping_interval: Duration,
@@ -95,7 +90,6 @@ impl Default for Config {
             max_stream_send_buffer: 256 * 1024,
             max_session_send_buffer: 2 * 1024 * 1024,
             max_frame_payload: 64 * 1024,
-            max_send_chunk: 32 * 1024,
             ping_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             adopt_peer_heartbeat: true,
@@ -1328,9 +1322,9 @@ impl Session {
     }
 
     /// Appends frames to send to `out`, control frames first, then DATA
-    /// round-robin across streams in chunks of at most `max_send_chunk`
-    /// (a stream alone: the peer's `max_frame_payload`), until `out` holds
-    /// at least `max_len` bytes or nothing is left.
+    /// round-robin across streams, one frame of at most the peer's
+    /// `max_frame_payload` per turn, until `out` holds at least `max_len`
+    /// bytes or nothing is left.
     /// Returns whether anything was appended.
     pub fn poll_transmit(&mut self, out: &mut impl FrameBuf, max_len: usize) -> bool {
         self.poll_transmit_at(out, max_len, None)
@@ -1355,18 +1349,17 @@ impl Session {
         if !self.control.is_empty() {
             return true; // the rest of the control frames go in the next message
         }
-        if self.state != State::Established {
-            return out.len() > start;
-        }
-        // A stream sending alone has no one to be fair to: its frames may
-        // fill the message (a receiver then gets each chunk in a buffer of
-        // its own). Several take turns in chunks of `max_send_chunk`.
-        let frame_max = self
-            .peer
-            .as_ref()
-            .map_or(self.config.max_send_chunk, |p| p.max_frame_payload as usize)
-            .max(1);
-        let chunk_max = self.config.max_send_chunk.min(frame_max).max(1);
+        // Established: the peer's HELLO came, with its frame limit.
+        let peer = match &self.peer {
+            Some(peer) if self.state == State::Established => peer,
+            _ => return out.len() > start,
+        };
+        // Each turn's frame may fill the rest of the message: a bulk
+        // stream's message is then one frame, which its receiver keeps as
+        // a slice of a buffer of its own instead of copying it out (see
+        // docs/PROTOCOL.md section 12). Fairness between streams is by
+        // message: the next stream's turn starts the next one.
+        let frame_max = (peer.max_frame_payload as usize).max(1);
         while out.len() < max_len {
             let Some(id) = self.ready.pop_front() else {
                 break;
@@ -1376,12 +1369,7 @@ impl Session {
             };
             if let Some(front) = s.send_queue.front_mut() {
                 let room = (max_len - out.len()).saturating_sub(HEADER_LEN).max(1);
-                let turn_max = if self.ready.is_empty() {
-                    frame_max
-                } else {
-                    chunk_max
-                };
-                let n = front.len().min(turn_max).min(room);
+                let n = front.len().min(frame_max).min(room);
                 let payload = front.split_to(n);
                 let mut sent = n;
                 if front.is_empty() {

@@ -242,10 +242,13 @@ fn sending_streams_counts_the_streams_with_data_to_send() {
     assert_eq!(p.a.sending_streams(), 1);
     p.a.stream_write(two, Bytes::from(vec![2u8; 100])).unwrap();
     assert_eq!(p.a.sending_streams(), 2);
-    // One 64 KiB message: the small stream's data all goes, the big one's
-    // rest still waits.
+    // One 64 KiB message: the big stream's first frame fills it, both
+    // still wait; the next takes the small one's data and the big one's
+    // rest.
     drain_one(&mut p, 64 * 1024);
-    assert_eq!(p.a.sending_streams(), 1);
+    assert_eq!(p.a.sending_streams(), 2);
+    drain_one(&mut p, 64 * 1024);
+    assert_eq!(p.a.sending_streams(), 0);
     p.pump(usize::MAX);
     assert_eq!(p.a.sending_streams(), 0);
     // A FIN alone waits to be sent too.
@@ -302,31 +305,29 @@ fn data_sizes(p: &mut Pair, max_len: usize) -> Vec<(StreamId, usize)> {
 }
 
 #[test]
-fn a_stream_sending_alone_fills_the_message_and_several_take_turns() {
+fn each_turn_fills_the_message_and_streams_take_turns_by_message() {
     let message = 64 * 1024 - 256;
     let mut p = Pair::default();
     let (one, two) = (p.open_accepted("a/b"), p.open_accepted("a/c"));
     // Alone: one frame as large as the message allows (under the peer's
-    // 64 KiB max_frame_payload), not max_send_chunk.
+    // 64 KiB max_frame_payload).
     p.a.stream_write(one, Bytes::from(vec![1u8; 200_000]))
         .unwrap();
     let sizes = data_sizes(&mut p, message);
     assert_eq!(sizes.len(), 1, "{sizes:?}");
-    assert!(sizes[0].1 > Config::default().max_send_chunk, "{sizes:?}");
+    assert!(sizes[0].1 > message - 64, "{sizes:?}");
     assert!(sizes[0].1 <= message, "{sizes:?}");
-    // Two waiting: turns of at most max_send_chunk each.
+    // Two waiting: still one frame per message, the streams in turn (the
+    // receiver keeps each as a slice of its own buffer).
     p.a.stream_write(two, Bytes::from(vec![2u8; 200_000]))
         .unwrap();
-    let sizes = data_sizes(&mut p, message);
-    assert!(sizes.len() >= 2, "{sizes:?}");
-    assert!(sizes.iter().any(|&(id, _)| id == one) && sizes.iter().any(|&(id, _)| id == two));
-    assert!(
-        sizes
-            .iter()
-            .all(|&(_, n)| n <= Config::default().max_send_chunk),
-        "{sizes:?}"
-    );
-    // A peer's smaller max_frame_payload still bounds the lone stream.
+    let turns: Vec<_> = (0..4).map(|_| data_sizes(&mut p, message)).collect();
+    assert!(turns.iter().all(|t| t.len() == 1), "{turns:?}");
+    let ids: Vec<_> = turns.iter().map(|t| t[0].0).collect();
+    assert_ne!(ids[0], ids[1], "{ids:?}");
+    assert_eq!(ids[0], ids[2], "{ids:?}");
+    assert_eq!(ids[1], ids[3], "{ids:?}");
+    // A peer's smaller max_frame_payload bounds every turn.
     let small = Config {
         max_frame_payload: 16 * 1024,
         ..Config::default()

@@ -19,8 +19,8 @@ use std::io;
 /// Small enough that a control frame (PONG, WINDOW_UPDATE) queued while a
 /// lone stream's message is being written waits at most ~64 KiB of wire
 /// time (several streams' messages, or a relayed stream's, go out four at a
-/// time, see [`MAX_SEND_BATCH`]); large enough for nearly two 32 KiB DATA
-/// frames.
+/// time, see [`MAX_SEND_BATCH`]); large enough that a bulk stream's frame
+/// in it is nearly as large as the peer's 64 KiB `max_frame_payload`.
 ///
 /// 256 bytes under 64 KiB so that a message with its WebSocket header (and,
 /// over TLS, its five records' overhead) fits one 64 KiB TCP segment (the
