@@ -1349,7 +1349,8 @@ impl Session {
         if !self.control.is_empty() {
             return true; // the rest of the control frames go in the next message
         }
-        // Established: the peer's HELLO came, with its frame limit.
+        // Established: the peer's HELLO came, with its frame limit (at
+        // least MIN_PEER_FRAME, checked there).
         let peer = match &self.peer {
             Some(peer) if self.state == State::Established => peer,
             _ => return out.len() > start,
@@ -1359,7 +1360,7 @@ impl Session {
         // a slice of a buffer of its own instead of copying it out (see
         // docs/PROTOCOL.md section 12). Fairness between streams is by
         // message: the next stream's turn starts the next one.
-        let frame_max = (peer.max_frame_payload as usize).max(1);
+        let frame_max = peer.max_frame_payload as usize;
         while out.len() < max_len {
             let Some(id) = self.ready.pop_front() else {
                 break;
