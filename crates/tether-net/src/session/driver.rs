@@ -344,7 +344,20 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         MAX_SEND_MESSAGE + 64 * 1024
     };
     let mut drain = DrainMeter::default();
+    // Whether the last message written was full: a bulk transfer is on.
+    let mut last_full = false;
     loop {
+        if std::mem::take(&mut last_full) {
+            // Let the tasks that fill the streams run before the next
+            // message is framed. A writer that never waits drains a bulk
+            // stream's whole send buffer while the task refilling it (woken
+            // at half) cannot run, so every buffer's last bytes went as a
+            // small message of their own, one in five on a lone stream,
+            // each a segment and a wake-up on every hop after it. After the
+            // refill they fill the next message. One scheduler round per
+            // 64 KiB; small messages never get here.
+            tokio::task::yield_now().await;
+        }
         // A full message while two or more streams still wait (a
         // multiplexed bulk transfer), or while a relayed stream is next
         // (Session::batch_sends): take up to MAX_SEND_BATCH for one write
@@ -367,6 +380,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
                 }
                 len += msg_len;
                 let full = msg_len >= MAX_SEND_MESSAGE;
+                last_full = full;
                 batch.push(parts);
                 if !full || !g.session.batch_sends() {
                     break;
