@@ -366,6 +366,9 @@ pub struct Session {
     peer_streams: usize,
     control: VecDeque<Frame>,
     ready: VecDeque<StreamId>,
+    /// The chunks of the DATA frame being built (empty between frames; kept
+    /// for its allocation).
+    gather: Vec<Bytes>,
     events: VecDeque<Event>,
     handshake_deadline: Option<Instant>,
     last_recv: Instant,
@@ -409,6 +412,7 @@ impl Session {
             peer_streams: 0,
             control: VecDeque::new(),
             ready: VecDeque::new(),
+            gather: Vec::new(),
             events: VecDeque::new(),
             handshake_deadline: Some(now + config.handshake_timeout),
             last_recv: now,
@@ -1368,21 +1372,39 @@ impl Session {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue; // removed while queued
             };
-            if let Some(front) = s.send_queue.front_mut() {
+            if !s.send_queue.is_empty() {
+                // One frame per turn, gathered from as many queued chunks as
+                // fit: frames are cut by the message and the peer's limit,
+                // never where the chunks (socket reads, relayed frames)
+                // happened to end, so a relay passes full frames on.
                 let room = (max_len - out.len()).saturating_sub(HEADER_LEN).max(1);
-                let n = front.len().min(frame_max).min(room);
-                let payload = front.split_to(n);
-                let mut sent = n;
-                if front.is_empty() {
-                    s.send_queue.pop_front();
-                    sent += CHUNK_COST;
+                let mut want = frame_max.min(room);
+                let mut sent = 0;
+                while want > 0 {
+                    let Some(front) = s.send_queue.front_mut() else {
+                        break;
+                    };
+                    let n = front.len().min(want);
+                    self.gather.push(front.split_to(n));
+                    want -= n;
+                    sent += n;
+                    if front.is_empty() {
+                        s.send_queue.pop_front();
+                        sent += CHUNK_COST;
+                    }
                 }
                 s.queued -= sent;
                 self.queued_total -= sent;
                 if let Some(now) = now {
                     s.last_activity = now;
                 }
-                out.push(Frame::Data { id, payload });
+                if let [payload] = &mut self.gather[..] {
+                    let payload = std::mem::take(payload);
+                    self.gather.clear();
+                    out.push(Frame::Data { id, payload });
+                } else {
+                    out.push_data(id, &mut self.gather);
+                }
             }
             if s.send_queue.is_empty() && s.fin_queued && !s.fin_sent {
                 s.fin_sent = true;

@@ -13,7 +13,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::{Frame, HEADER_LEN};
+use crate::frame::{Frame, StreamId, HEADER_LEN};
 
 /// DATA payloads shorter than this are copied into the message even by a
 /// [`Transmit`] that keeps payloads by reference: below it, a copy costs
@@ -30,6 +30,21 @@ pub trait FrameBuf {
     }
     /// Appends one frame.
     fn push(&mut self, frame: Frame);
+    /// Appends one DATA frame for stream `id` whose payload is `parts`
+    /// joined, leaving `parts` empty: a frame gathered from several queued
+    /// chunks goes out whole, not cut where the chunks were.
+    fn push_data(&mut self, id: StreamId, parts: &mut Vec<Bytes>);
+}
+
+/// The header of a DATA frame carrying `len` bytes.
+fn data_header(id: StreamId, len: usize) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    Frame::encode_data_header(id, len, &mut header);
+    header
+}
+
+fn total_len(parts: &[Bytes]) -> usize {
+    parts.iter().map(Bytes::len).sum()
 }
 
 impl FrameBuf for BytesMut {
@@ -38,6 +53,12 @@ impl FrameBuf for BytesMut {
     }
     fn push(&mut self, frame: Frame) {
         frame.encode(self);
+    }
+    fn push_data(&mut self, id: StreamId, parts: &mut Vec<Bytes>) {
+        self.extend_from_slice(&data_header(id, total_len(parts)));
+        for part in parts.drain(..) {
+            self.extend_from_slice(&part);
+        }
     }
 }
 
@@ -97,6 +118,42 @@ impl Transmit {
         }
     }
 
+    /// Reserves the tail's room at the message's first frame. A buffer
+    /// passed on from the last message is used while it has at least half
+    /// the room asked for when it takes frame headers and small payloads
+    /// (more comes as a frame needs it), all of it when it takes every byte
+    /// of the message (growing would copy them).
+    fn reserve_first(&mut self) {
+        let enough = if self.by_reference {
+            self.capacity / 2
+        } else {
+            self.capacity
+        };
+        if self.len == 0 && self.tail.capacity() < enough {
+            self.tail.reserve(self.capacity);
+        }
+    }
+
+    /// Appends a DATA header for a payload of `len` bytes, which
+    /// [`Transmit::push_payload`] then appends.
+    fn push_data_header(&mut self, id: StreamId, len: usize) {
+        self.len += HEADER_LEN + len;
+        self.tail.extend_from_slice(&data_header(id, len));
+    }
+
+    /// Appends DATA payload bytes, as a part of their own when they are
+    /// large and kept by reference, else copied into the tail.
+    fn push_payload(&mut self, part: Bytes) {
+        if self.by_reference && part.len() >= INLINE_PAYLOAD {
+            if !self.tail.is_empty() {
+                self.parts.push(self.tail.split().freeze());
+            }
+            self.parts.push(part);
+        } else {
+            self.tail.extend_from_slice(&part);
+        }
+    }
+
     /// The parts in order; one part when nothing was kept by reference, none
     /// when the message is empty.
     pub fn into_parts(self) -> Vec<Bytes> {
@@ -120,29 +177,24 @@ impl FrameBuf for Transmit {
     }
 
     fn push(&mut self, frame: Frame) {
-        // A buffer passed on from the last message is used while it has at
-        // least half the room asked for when it takes frame headers and
-        // small payloads (more comes as a frame needs it), all of it when
-        // it takes every byte of the message (growing would copy them).
-        let enough = if self.by_reference {
-            self.capacity / 2
-        } else {
-            self.capacity
-        };
-        if self.len == 0 && self.tail.capacity() < enough {
-            self.tail.reserve(self.capacity);
-        }
-        self.len += frame.encoded_len();
+        self.reserve_first();
         match frame {
-            Frame::Data { id, payload } if self.by_reference && payload.len() >= INLINE_PAYLOAD => {
-                // The header in the tail, the tail a part, the payload a part.
-                let mut header = [0u8; HEADER_LEN];
-                Frame::encode_data_header(id, payload.len(), &mut header);
-                self.tail.extend_from_slice(&header);
-                self.parts.push(self.tail.split().freeze());
-                self.parts.push(payload);
+            Frame::Data { id, payload } => {
+                self.push_data_header(id, payload.len());
+                self.push_payload(payload);
             }
-            frame => frame.encode(&mut self.tail),
+            frame => {
+                self.len += frame.encoded_len();
+                frame.encode(&mut self.tail);
+            }
+        }
+    }
+
+    fn push_data(&mut self, id: StreamId, parts: &mut Vec<Bytes>) {
+        self.reserve_first();
+        self.push_data_header(id, total_len(parts));
+        for part in parts.drain(..) {
+            self.push_payload(part);
         }
     }
 }
@@ -191,6 +243,40 @@ mod tests {
         let one = copied.into_parts();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0], flat);
+    }
+
+    #[test]
+    fn a_gathered_frame_is_the_frame_of_its_joined_payload() {
+        let parts = [10, INLINE_PAYLOAD, 5, 40_000, INLINE_PAYLOAD - 1, 3_000];
+        let parts: Vec<Bytes> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![i as u8 + 1; n]))
+            .collect();
+        let id = StreamId(9);
+        let mut whole = BytesMut::new();
+        whole.push(Frame::Ping(1));
+        whole.push(Frame::Data {
+            id,
+            payload: Bytes::from(parts.concat()),
+        });
+        for by_reference in [true, false] {
+            let mut flat = BytesMut::new();
+            let mut t = Transmit::new(by_reference);
+            flat.push(Frame::Ping(1));
+            t.push(Frame::Ping(1));
+            flat.push_data(id, &mut parts.clone());
+            let mut gathered = parts.clone();
+            t.push_data(id, &mut gathered);
+            assert!(gathered.is_empty(), "the parts are taken");
+            assert_eq!(flat, whole);
+            assert_eq!(t.len(), whole.len());
+            let out = t.into_parts();
+            // ping + header + 10 | 2048 | 5 | 40000 | 2047 | 3000
+            let expected = if by_reference { 6 } else { 1 };
+            assert_eq!(out.len(), expected, "by_reference={by_reference}");
+            assert_eq!(out.concat(), whole[..]);
+        }
     }
 
     #[test]

@@ -342,6 +342,42 @@ fn each_turn_fills_the_message_and_streams_take_turns_by_message() {
 }
 
 #[test]
+fn a_frame_gathers_queued_chunks_instead_of_ending_where_they_end() {
+    let message = 64 * 1024 - 256;
+    let mut p = Pair::default();
+    let id = p.open_accepted("a/b");
+    // Chunks as socket reads or relayed frames leave them: odd sizes.
+    let sizes = [532, 3_000, 70_000, 1, 40_000];
+    let mut sent = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let chunk: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8).collect();
+        assert_eq!(p.a.stream_write(id, Bytes::from(chunk.clone())).unwrap(), n);
+        sent.extend(chunk);
+    }
+    // Every message but the last is one full frame, whatever the chunks.
+    let mut got = Vec::new();
+    loop {
+        let mut out = BytesMut::new();
+        if !p.a.poll_transmit(&mut out, message) {
+            break;
+        }
+        let data: Vec<Bytes> = frames(out.freeze())
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Data { payload, .. } => Some(payload),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(data.len(), 1, "one frame per message");
+        got.push(data[0].clone());
+    }
+    let lens: Vec<usize> = got.iter().map(Bytes::len).collect();
+    assert_eq!(lens.len(), 2, "{lens:?}");
+    assert!(lens[0] > message - 64, "{lens:?}");
+    assert_eq!(got.concat(), sent, "the bytes, in order");
+}
+
+#[test]
 fn window_grows_for_a_fast_reader_and_not_for_a_slow_one() {
     let cfg = Config {
         initial_window: 64 * 1024,
