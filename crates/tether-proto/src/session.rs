@@ -111,6 +111,11 @@ const MIN_PEER_WINDOW: u32 = 4096;
 // Early data must always fit the credit of a freshly opened stream.
 const _: () = assert!(MAX_EARLY_DATA as u64 <= MIN_PEER_WINDOW as u64);
 const MIN_PEER_FRAME: u32 = 1024;
+
+/// How many chunks' room the list a DATA frame is gathered in keeps between
+/// frames (a bulk stream's frame spans two or three chunks).
+const GATHER_KEPT: usize = 16;
+
 /// Largest window a peer may announce (credit is kept below 2^31).
 const MAX_PEER_WINDOW: u32 = (1 << 31) - 1;
 /// Control frames waiting to be sent before the session gives up on the peer.
@@ -1404,6 +1409,11 @@ impl Session {
                     out.push(Frame::Data { id, payload });
                 } else {
                     out.push_data(id, &mut self.gather);
+                    if self.gather.capacity() > GATHER_KEPT {
+                        // A frame of many tiny chunks (a peer writing a
+                        // byte at a time) leaves no large list behind.
+                        self.gather = Vec::new();
+                    }
                 }
             }
             if s.send_queue.is_empty() && s.fin_queued && !s.fin_sent {

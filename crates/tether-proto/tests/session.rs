@@ -375,6 +375,35 @@ fn a_frame_gathers_queued_chunks_instead_of_ending_where_they_end() {
     assert_eq!(lens.len(), 2, "{lens:?}");
     assert!(lens[0] > message - 64, "{lens:?}");
     assert_eq!(got.concat(), sent, "the bytes, in order");
+
+    // A peer writing a byte at a time: its chunks go out as one frame too.
+    let bytes: Vec<u8> = (0..3_000).map(|i| (i % 251) as u8).collect();
+    for b in &bytes {
+        assert_eq!(p.a.stream_write(id, Bytes::from(vec![*b])).unwrap(), 1);
+    }
+    let mut out = BytesMut::new();
+    assert!(p.a.poll_transmit(&mut out, message));
+    let msg = out.freeze();
+    let data: Vec<Bytes> = frames(msg.clone())
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Data { payload, .. } => Some(payload),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        data,
+        vec![Bytes::from(bytes.clone())],
+        "one frame, in order"
+    );
+    p.b.handle_input(msg, p.now).unwrap();
+    assert_eq!(
+        p.b.poll_event(),
+        Some(Event::Data {
+            id,
+            data: Bytes::from(bytes)
+        })
+    );
 }
 
 #[test]
