@@ -1403,17 +1403,11 @@ impl Session {
                 if let Some(now) = now {
                     s.last_activity = now;
                 }
-                if let [payload] = &mut self.gather[..] {
-                    let payload = std::mem::take(payload);
-                    self.gather.clear();
-                    out.push(Frame::Data { id, payload });
-                } else {
-                    out.push_data(id, &mut self.gather);
-                    if self.gather.capacity() > GATHER_KEPT {
-                        // A frame of many tiny chunks (a peer writing a
-                        // byte at a time) leaves no large list behind.
-                        self.gather = Vec::new();
-                    }
+                out.push_data(id, &mut self.gather);
+                if self.gather.capacity() > GATHER_KEPT {
+                    // A frame of many tiny chunks (a peer writing a byte at
+                    // a time) leaves no large list behind.
+                    self.gather = Vec::new();
                 }
             }
             if s.send_queue.is_empty() && s.fin_queued && !s.fin_sent {

@@ -43,6 +43,7 @@ fn data_header(id: StreamId, len: usize) -> [u8; HEADER_LEN] {
     header
 }
 
+/// The bytes of `parts` joined.
 fn total_len(parts: &[Bytes]) -> usize {
     parts.iter().map(Bytes::len).sum()
 }

@@ -341,6 +341,17 @@ fn each_turn_fills_the_message_and_streams_take_turns_by_message() {
     assert_eq!(sizes.len(), 4, "a message of four: {sizes:?}");
 }
 
+/// The DATA payloads in one message, in order.
+fn data_payloads(msg: Bytes) -> Vec<Bytes> {
+    frames(msg)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Data { payload, .. } => Some(payload),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_frame_gathers_queued_chunks_instead_of_ending_where_they_end() {
     let message = 64 * 1024 - 256;
@@ -361,13 +372,7 @@ fn a_frame_gathers_queued_chunks_instead_of_ending_where_they_end() {
         if !p.a.poll_transmit(&mut out, message) {
             break;
         }
-        let data: Vec<Bytes> = frames(out.freeze())
-            .into_iter()
-            .filter_map(|f| match f {
-                Frame::Data { payload, .. } => Some(payload),
-                _ => None,
-            })
-            .collect();
+        let data = data_payloads(out.freeze());
         assert_eq!(data.len(), 1, "one frame per message");
         got.push(data[0].clone());
     }
@@ -384,13 +389,7 @@ fn a_frame_gathers_queued_chunks_instead_of_ending_where_they_end() {
     let mut out = BytesMut::new();
     assert!(p.a.poll_transmit(&mut out, message));
     let msg = out.freeze();
-    let data: Vec<Bytes> = frames(msg.clone())
-        .into_iter()
-        .filter_map(|f| match f {
-            Frame::Data { payload, .. } => Some(payload),
-            _ => None,
-        })
-        .collect();
+    let data = data_payloads(msg.clone());
     assert_eq!(
         data,
         vec![Bytes::from(bytes.clone())],
