@@ -1,7 +1,7 @@
 //! The sans-I/O session: handshake, streams, flow control, liveness, drain.
 
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 // Looked up several times per frame; stream ids are bounded per session
 // (max_peer_streams), so a seeded fast hash is enough.
@@ -365,6 +365,15 @@ pub struct Session {
     /// are empty, and every bucket, full or not, costs the value's size (a
     /// `Stream` is about 180 bytes); boxed, an empty bucket costs a pointer.
     streams: HashMap<StreamId, Box<Stream>>,
+    /// The pending opens by deadline: one entry per stream in
+    /// `Phase::Opening`, so the timers look at the earliest, not at every
+    /// stream (a session may carry tens of thousands).
+    open_deadlines: BTreeSet<(Instant, StreamId)>,
+    /// The half-closed streams by the earliest instant their linger can
+    /// end (`Stream::linger_check`). An entry may be early, never late:
+    /// activity since it was made moves the real end later, and the timer
+    /// then looks again.
+    linger_checks: BTreeSet<(Instant, StreamId)>,
     next_local_id: u32,
     highest_peer_id: u32,
     /// Streams the peer opened that are still alive (bounded by `max_peer_streams`).
@@ -409,6 +418,8 @@ impl Session {
             state: State::Handshaking,
             peer: None,
             streams: HashMap::default(),
+            open_deadlines: BTreeSet::new(),
+            linger_checks: BTreeSet::new(),
             next_local_id: match role {
                 Role::Initiator => 1,
                 Role::Acceptor => 2,
@@ -480,7 +491,13 @@ impl Session {
         self.goaway_sent || self.goaway_received
     }
 
-    /// Current stream counters.
+    /// Streams live or opening: `stats().live` without visiting every
+    /// stream (a server asks on each open, to pick the least loaded session).
+    pub fn live_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Current stream counters (visits every stream).
     pub fn stats(&self) -> StreamStats {
         let mut st = StreamStats {
             live: self.streams.len(),
@@ -615,7 +632,9 @@ impl Session {
                 match self.streams.get_mut(&id) {
                     Some(s) if s.phase == Phase::Opening => {
                         s.phase = Phase::Open;
-                        s.open_deadline = None;
+                        if let Some(d) = s.open_deadline.take() {
+                            self.open_deadlines.remove(&(d, id));
+                        }
                         s.last_activity = now;
                         // Early data held back for a pre-5 peer goes now.
                         if !s.send_queue.is_empty() && !s.in_ready {
@@ -667,6 +686,7 @@ impl Session {
                 } else {
                     s.fin_received = true;
                     s.last_activity = now;
+                    Self::arm_linger(&mut self.linger_checks, s, id, self.config.linger);
                     self.events.push_back(Event::Finished { id });
                     self.maybe_remove(id);
                 }
@@ -1025,7 +1045,9 @@ impl Session {
         self.next_local_id += 2;
         let (send, recv) = self.windows();
         let mut s = Box::new(Stream::new(Phase::Opening, send, recv, now));
-        s.open_deadline = Some(now + self.config.open_timeout);
+        let deadline = now + self.config.open_timeout;
+        s.open_deadline = Some(deadline);
+        self.open_deadlines.insert((deadline, id));
         if !early.is_empty() {
             // early.len() <= MIN_PEER_WINDOW <= the peer's initial window.
             self.queued_total += s.enqueue(early);
@@ -1182,6 +1204,7 @@ impl Session {
             return Ok(());
         }
         s.fin_queued = true;
+        Self::arm_linger(&mut self.linger_checks, s, id, self.config.linger);
         if !s.in_ready {
             s.in_ready = true;
             self.ready.push_back(id);
@@ -1493,11 +1516,10 @@ impl Session {
     }
 
     fn probe_due(&self) -> Option<Instant> {
-        self.streams
-            .values()
-            .filter_map(|s| s.open_deadline)
-            .map(|d| d - self.config.open_timeout)
-            .min()
+        // The oldest pending open: the one with the earliest deadline.
+        self.open_deadlines
+            .first()
+            .map(|&(d, _)| d - self.config.open_timeout)
             .map(|sent| sent.max(self.last_recv) + self.config.open_probe)
     }
 
@@ -1522,12 +1544,8 @@ impl Session {
             None if self.state == State::Established => consider(self.probe_due()),
             None => {}
         }
-        for s in self.streams.values() {
-            consider(s.open_deadline);
-            if s.is_half_closed() {
-                consider(Some(s.last_activity + self.config.linger));
-            }
-        }
+        consider(self.open_deadlines.first().map(|&(d, _)| d));
+        consider(self.linger_checks.first().map(|&(d, _)| d));
         Some(t)
     }
 
@@ -1574,12 +1592,33 @@ impl Session {
             }
         }
         let mut expired_opens = Vec::new();
+        while let Some(&(d, id)) = self.open_deadlines.first() {
+            if now < d {
+                break;
+            }
+            self.open_deadlines.pop_first();
+            expired_opens.push(id);
+        }
         let mut lingering = Vec::new();
-        for (&id, s) in &self.streams {
+        while let Some(&(check, id)) = self.linger_checks.first() {
+            if now < check {
+                break;
+            }
+            self.linger_checks.pop_first();
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.linger_check = None;
             if s.open_deadline.is_some_and(|d| now >= d) {
-                expired_opens.push(id);
-            } else if s.is_half_closed() && now >= s.last_activity + self.config.linger {
+                continue; // its open expired: it goes with those
+            }
+            let end = s.last_activity + self.config.linger;
+            if now >= end {
                 lingering.push(id);
+            } else {
+                // Active since this check was made: look again at the real end.
+                s.linger_check = Some(end);
+                self.linger_checks.insert((end, id));
             }
         }
         for id in expired_opens {
@@ -1637,8 +1676,34 @@ impl Session {
         }
     }
 
+    /// Puts a stream that just became half-closed among the linger checks
+    /// (once: a second half-close finds its entry there, early or exact).
+    fn arm_linger(
+        checks: &mut BTreeSet<(Instant, StreamId)>,
+        s: &mut Stream,
+        id: StreamId,
+        linger: Duration,
+    ) {
+        if s.linger_check.is_none() {
+            let end = s.last_activity + linger;
+            s.linger_check = Some(end);
+            checks.insert((end, id));
+        }
+    }
+
+    /// Takes a removed stream's entries out of the timer sets.
+    fn forget_deadlines(&mut self, id: StreamId, s: &Stream) {
+        if let Some(d) = s.open_deadline {
+            self.open_deadlines.remove(&(d, id));
+        }
+        if let Some(check) = s.linger_check {
+            self.linger_checks.remove(&(check, id));
+        }
+    }
+
     fn remove_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
+            self.forget_deadlines(id, &s);
             self.queued_total -= s.queued;
             self.wake_session_blocked();
             if self.peer_parity(id) {
@@ -1692,6 +1757,8 @@ impl Session {
                 self.events.push_back(Event::Closed { id });
             }
         }
+        self.open_deadlines.clear();
+        self.linger_checks.clear();
         self.peer_streams = 0;
         self.queued_total = 0;
         self.ready.clear();

@@ -63,6 +63,10 @@ pub(crate) struct Stream {
 
     /// Last frame seen or sent for this stream (drives the half-close linger).
     pub last_activity: Instant,
+    /// This stream's entry among the session's linger checks (set once it
+    /// is half-closed): the instant it was filed under, at or before
+    /// `last_activity + linger`.
+    pub linger_check: Option<Instant>,
 
     /// Bytes the application wrote (accepted into the send queue).
     pub bytes_sent: u64,
@@ -89,6 +93,7 @@ impl Stream {
             last_update_at: None,
             fin_received: false,
             last_activity: now,
+            linger_check: None,
             bytes_sent: 0,
             bytes_received: 0,
         }
@@ -109,10 +114,5 @@ impl Stream {
         self.queued += n + CHUNK_COST;
         self.send_queue.push_back(chunk);
         n + CHUNK_COST
-    }
-
-    /// One direction is finished but not the other.
-    pub(crate) fn is_half_closed(&self) -> bool {
-        self.fin_queued || self.fin_received
     }
 }

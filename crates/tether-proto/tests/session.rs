@@ -1629,6 +1629,134 @@ fn half_closed_idle_stream_lingers_then_resets() {
     assert_eq!(p.b.stats().live, 0);
 }
 
+/// The OpenFailed{Timeout} ids among `events`, in order.
+fn timed_out_opens(events: &[Event]) -> Vec<StreamId> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::OpenFailed {
+                id,
+                code: OpenErrorCode::Timeout,
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn among_many_pending_opens_the_oldest_time_out_first_and_answered_ones_never() {
+    let cfg = Config {
+        max_peer_streams: 4096,
+        ..Config::default()
+    };
+    let mut p = Pair::new(Config::default(), cfg);
+    let t0 = p.now;
+    // 2 000 opens one millisecond apart; b answers every other one.
+    let ids: Vec<StreamId> = (0..2000u64)
+        .map(|i| {
+            p.now = t0 + Duration::from_millis(i);
+            p.a.open(Target::tcp(format!("a/{i}")), p.now).unwrap()
+        })
+        .collect();
+    p.pump(usize::MAX);
+    for id in ids.iter().step_by(2) {
+        p.b.accept(*id, p.now).unwrap();
+    }
+    p.pump(usize::MAX);
+    let open_timeout = Config::default().open_timeout;
+    // The timer's next instant is no later than the oldest unanswered open's
+    // deadline (ids[1], opened at t0 + 1 ms).
+    assert!(p.a.poll_timeout().unwrap() <= t0 + Duration::from_millis(1) + open_timeout);
+    // Just past the deadlines of ids[1] and ids[3], short of ids[5]'s; b's
+    // PINGs keep the session alive meanwhile.
+    p.now = t0 + Duration::from_millis(4) + open_timeout;
+    p.b.handle_timeout(p.now);
+    p.pump(usize::MAX);
+    p.a.handle_timeout(p.now);
+    p.pump(usize::MAX);
+    assert_eq!(timed_out_opens(&p.a_events), vec![ids[1], ids[3]]);
+    assert_eq!(p.a.stats().live, 2000 - 2);
+    let next = p.a.poll_timeout().unwrap();
+    assert!(
+        next > p.now && next <= t0 + Duration::from_millis(5) + open_timeout,
+        "the next deadline is ids[5]'s (or a PING's before it)"
+    );
+    // Later, every unanswered open has timed out, oldest first, and no
+    // answered one.
+    p.now = t0 + Duration::from_millis(2000) + open_timeout;
+    p.b.handle_timeout(p.now);
+    p.pump(usize::MAX);
+    p.a.handle_timeout(p.now);
+    p.pump(usize::MAX);
+    let unanswered: Vec<StreamId> = ids.iter().skip(1).step_by(2).copied().collect();
+    let mut failed = timed_out_opens(&p.a_events);
+    assert_eq!(failed.len(), unanswered.len());
+    failed[2..].sort();
+    assert_eq!(failed, unanswered);
+    assert_eq!(p.a.stats().live, 1000);
+    assert_eq!(p.a.stats().pending_opens, 0);
+}
+
+#[test]
+fn a_half_closed_stream_that_keeps_receiving_does_not_linger_out() {
+    let mut p = Pair::default();
+    let id = p.open_accepted("a/b");
+    p.a.stream_finish(id).unwrap();
+    p.pump(usize::MAX);
+    // b goes on sending every 10 s for twice the linger: a's half-closed
+    // stream has activity, so it stays.
+    let linger = Config::default().linger;
+    let until = p.now + linger * 2;
+    while p.now < until {
+        p.now += Duration::from_secs(10);
+        p.b.stream_write(id, Bytes::from_static(b"tick")).unwrap();
+        // Sent as the driver sends: with the clock, so b's side of the
+        // stream has activity too.
+        let mut out = BytesMut::new();
+        assert!(p.b.poll_transmit_at(&mut out, usize::MAX, Some(p.now)));
+        p.a.handle_input(out.split().freeze(), p.now).unwrap();
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.pump(usize::MAX);
+        p.a.stream_consumed(id, 4, p.now);
+        p.pump(usize::MAX);
+    }
+    let linger_resets = |events: &[Event]| {
+        events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::Reset {
+                        code: ResetCode::LingerTimeout,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    assert_eq!(linger_resets(&p.a_events), 0);
+    assert_eq!(p.a.stats().live, 1);
+    // Then silence: the linger ends it, counted from the last frame.
+    let last = p.now;
+    while p.now < last + linger + Duration::from_secs(10) {
+        p.now += Duration::from_secs(10);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.pump(usize::MAX);
+        if p.now < last + linger {
+            assert_eq!(
+                linger_resets(&p.a_events),
+                0,
+                "reset before the linger ran out"
+            );
+        }
+    }
+    assert_eq!(linger_resets(&p.a_events), 1);
+    assert_eq!(p.a.stats().live, 0);
+}
+
 #[test]
 fn open_flood_beyond_limit_is_refused_not_fatal() {
     let cfg_b = Config {
