@@ -239,7 +239,12 @@ impl Connection {
         self.shared.lock().goaway
     }
 
-    /// Stream counters of the session.
+    /// Streams live or opening on the session (cheap: no visit of each).
+    pub fn live_streams(&self) -> usize {
+        self.shared.lock().session.live_streams()
+    }
+
+    /// Stream counters of the session (visits every stream).
     pub fn stats(&self) -> StreamStats {
         self.shared.lock().session.stats()
     }
