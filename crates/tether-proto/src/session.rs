@@ -37,9 +37,12 @@ pub struct Config {
     /// Largest receive window auto-tuning may grow a stream to. Bounds the
     /// memory one stream can make the receiver hold.
     pub max_window: u32,
-    /// Auto-tuning grows no stream's window while the session's receive
-    /// windows add up to this much: what all of one peer's streams can make
-    /// us hold at once, however many streams it opens.
+    /// Auto-tuning grows a stream's window only while the windows it has
+    /// grown past `initial_window` add up to at most this much over the
+    /// session: what one peer's streams can make us hold beyond their
+    /// initial windows, however many streams it opens. (Streams at their
+    /// initial window do not count: a session's idle streams must not stop
+    /// its busy one from growing.)
     pub max_session_window: u64,
     /// Most bytes one stream may have accepted from its application and not
     /// yet framed, whatever credit the peer granted. Credit beyond it goes
@@ -405,6 +408,9 @@ pub struct Session {
     replicas: Option<Replicas>,
     /// Bytes queued on all streams and not yet framed.
     queued_total: usize,
+    /// The receive windows of the streams auto-tuning has grown past
+    /// `initial_window`, added up (what `max_session_window` bounds).
+    grown_windows: u64,
     /// Some writer was refused because the session's send buffer was full;
     /// wake the blocked streams when it has drained to half.
     session_send_blocked: bool,
@@ -445,6 +451,7 @@ impl Session {
             catalog: None,
             replicas: None,
             queued_total: 0,
+            grown_windows: 0,
             session_send_blocked: false,
             config,
         };
@@ -1245,18 +1252,8 @@ impl Session {
     /// `max_window`. A stalled reader consumes nothing and never grows.
     pub fn stream_consumed(&mut self, id: StreamId, n: usize, now: Instant) {
         let rtt = self.rtt;
-        let max_window = self.config.max_window.max(self.config.initial_window);
-        // Only summed when the stream may grow (rare: a few times per stream).
-        let windows_total = if self.streams.get(&id).is_some_and(|s| {
-            s.recv_window < max_window && s.recv_unacked + n as u64 >= u64::from(s.recv_window / 4)
-        }) {
-            self.streams
-                .values()
-                .map(|s| u64::from(s.recv_window))
-                .sum()
-        } else {
-            0
-        };
+        let initial = self.config.initial_window;
+        let max_window = self.config.max_window.max(initial);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -1270,11 +1267,24 @@ impl Session {
         }
         let mut extra = 0u32;
         if let (Some(rtt), Some(last)) = (rtt, s.last_update_at) {
-            let budget_left = self.config.max_session_window.saturating_sub(windows_total);
             if now.saturating_duration_since(last) < rtt * 2 && s.recv_window < max_window {
+                // A stream still at its initial window joins the grown ones
+                // with its whole window.
+                let counted = if s.recv_window > initial {
+                    0
+                } else {
+                    u64::from(s.recv_window)
+                };
+                let budget_left = self
+                    .config
+                    .max_session_window
+                    .saturating_sub(self.grown_windows + counted);
                 let grown = u64::from(s.recv_window.saturating_mul(2).min(max_window))
                     .min(u64::from(s.recv_window) + budget_left) as u32;
                 extra = grown - s.recv_window;
+                if extra > 0 {
+                    self.grown_windows += counted + u64::from(extra);
+                }
                 s.recv_window = grown;
             }
         }
@@ -1704,6 +1714,9 @@ impl Session {
     fn remove_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
             self.forget_deadlines(id, &s);
+            if s.recv_window > self.config.initial_window {
+                self.grown_windows -= u64::from(s.recv_window);
+            }
             self.queued_total -= s.queued;
             self.wake_session_blocked();
             if self.peer_parity(id) {
@@ -1761,6 +1774,7 @@ impl Session {
         self.linger_checks.clear();
         self.peer_streams = 0;
         self.queued_total = 0;
+        self.grown_windows = 0;
         self.ready.clear();
         self.state = State::Closed;
         self.handshake_deadline = None;

@@ -635,6 +635,59 @@ fn window_growth_stops_at_the_session_budget() {
     assert_eq!(p.a.send_capacity(id), 256 * 1024);
 }
 
+/// The budget tests' sessions: 64 KiB initial windows, growth to 1 MiB,
+/// 256 KiB of grown windows per session, a 10 ms round trip.
+fn budget_pair() -> Pair {
+    let cfg = Config {
+        initial_window: 64 * 1024,
+        max_window: 1024 * 1024,
+        max_session_window: 256 * 1024,
+        max_stream_send_buffer: 4 << 20,
+        ..Config::default()
+    };
+    Pair::with_rtt(cfg.clone(), cfg, Duration::from_millis(10))
+}
+
+/// A sends on `id` as fast as b's window allows and b reads at once (the
+/// pattern auto-tuning answers): returns the window a may send into.
+fn run_fast(p: &mut Pair, id: StreamId) -> usize {
+    for _ in 0..40 {
+        let cap = p.a.send_capacity(id);
+        p.a.stream_write(id, Bytes::from(vec![0u8; cap])).unwrap();
+        p.pump(usize::MAX);
+        p.b.stream_consumed(id, cap, p.now);
+        p.pump(usize::MAX);
+    }
+    p.a.send_capacity(id)
+}
+
+#[test]
+fn idle_streams_leave_the_window_growth_budget_to_the_busy_one() {
+    let mut p = budget_pair();
+    // Ten idle streams: 640 KiB of initial windows, more than the budget.
+    for i in 0..10 {
+        p.open_accepted(&format!("a/idle-{i}"));
+    }
+    let fast = p.open_accepted("a/fast");
+    assert_eq!(run_fast(&mut p, fast), 256 * 1024);
+}
+
+#[test]
+fn a_finished_streams_grown_window_goes_back_to_the_budget() {
+    let mut p = budget_pair();
+    let first = p.open_accepted("a/first");
+    assert_eq!(run_fast(&mut p, first), 256 * 1024);
+    // The budget is taken: a second fast stream keeps its initial window.
+    let second = p.open_accepted("a/second");
+    assert_eq!(run_fast(&mut p, second), 64 * 1024);
+    // The first one ends both ways and is gone; its window is free again.
+    p.a.stream_finish(first).unwrap();
+    p.b.stream_finish(first).unwrap();
+    p.pump(usize::MAX);
+    assert_eq!(p.b.stats().live, 1);
+    assert_eq!(run_fast(&mut p, second), 256 * 1024);
+}
+
 #[test]
 fn data_past_window_resets_only_that_stream() {
     let cfg = Config {
