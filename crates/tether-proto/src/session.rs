@@ -1715,7 +1715,8 @@ impl Session {
         if let Some(s) = self.streams.remove(&id) {
             self.forget_deadlines(id, &s);
             if s.recv_window > self.config.initial_window {
-                self.grown_windows -= u64::from(s.recv_window);
+                debug_assert!(self.grown_windows >= u64::from(s.recv_window));
+                self.grown_windows = self.grown_windows.saturating_sub(u64::from(s.recv_window));
             }
             self.queued_total -= s.queued;
             self.wake_session_blocked();
