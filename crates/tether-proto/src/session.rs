@@ -414,6 +414,10 @@ pub struct Session {
     /// Some writer was refused because the session's send buffer was full;
     /// wake the blocked streams when it has drained to half.
     session_send_blocked: bool,
+    /// The streams whose writer was refused room (`Stream::write_blocked`),
+    /// in id order: what a drained session buffer wakes, without visiting
+    /// every stream.
+    blocked_writers: BTreeSet<StreamId>,
 }
 
 impl Session {
@@ -453,6 +457,7 @@ impl Session {
             queued_total: 0,
             grown_windows: 0,
             session_send_blocked: false,
+            blocked_writers: BTreeSet::new(),
             config,
         };
         if role == Role::Initiator {
@@ -1145,6 +1150,7 @@ impl Session {
         };
         if take < data.len() {
             s.write_blocked = true;
+            self.blocked_writers.insert(id);
             self.session_send_blocked |= session_limited;
         }
         if take == 0 {
@@ -1173,6 +1179,7 @@ impl Session {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.write_blocked = false;
             }
+            self.blocked_writers.remove(&id);
             self.events.push_back(Event::Writable { id });
         } else if s.send_credit > 0 {
             // Credit came back but the session's buffer is full: this
@@ -1189,13 +1196,7 @@ impl Session {
             return;
         }
         self.session_send_blocked = false;
-        let mut ids: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.write_blocked)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort();
+        let ids: Vec<StreamId> = self.blocked_writers.iter().copied().collect();
         for id in ids {
             self.wake_if_writable(id);
         }
@@ -1714,6 +1715,9 @@ impl Session {
     fn remove_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
             self.forget_deadlines(id, &s);
+            if s.write_blocked {
+                self.blocked_writers.remove(&id);
+            }
             if s.recv_window > self.config.initial_window {
                 debug_assert!(self.grown_windows >= u64::from(s.recv_window));
                 self.grown_windows = self.grown_windows.saturating_sub(u64::from(s.recv_window));
@@ -1776,6 +1780,7 @@ impl Session {
         self.peer_streams = 0;
         self.queued_total = 0;
         self.grown_windows = 0;
+        self.blocked_writers.clear();
         self.ready.clear();
         self.state = State::Closed;
         self.handshake_deadline = None;
