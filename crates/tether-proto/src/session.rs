@@ -503,28 +503,17 @@ impl Session {
         self.goaway_sent || self.goaway_received
     }
 
-    /// Streams live or opening: `stats().live` without visiting every
-    /// stream (a server asks on each open, to pick the least loaded session).
-    pub fn live_streams(&self) -> usize {
-        self.streams.len()
-    }
-
-    /// Current stream counters (visits every stream).
+    /// Current stream counters, read off the session's tables without
+    /// visiting each stream (a server asks on every open, to pick the least
+    /// loaded session).
     pub fn stats(&self) -> StreamStats {
-        let mut st = StreamStats {
+        StreamStats {
             live: self.streams.len(),
-            ..Default::default()
-        };
-        for s in self.streams.values() {
-            if s.phase == Phase::Opening {
-                st.pending_opens += 1;
-            }
-            if s.write_blocked {
-                st.blocked += 1;
-            }
+            // Every stream in `Phase::Opening` has its entry there.
+            pending_opens: self.open_deadlines.len(),
+            blocked: self.blocked_writers.len(),
+            queued_bytes: self.queued_total,
         }
-        st.queued_bytes = self.queued_total;
-        st
     }
 
     // ------------------------------------------------------------------

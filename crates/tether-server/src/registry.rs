@@ -46,7 +46,7 @@ impl AgentEntry {
 
     /// Streams live or opening on this session (its load here).
     fn load(&self) -> usize {
-        self.conn.live_streams()
+        self.conn.stats().live
     }
 }
 

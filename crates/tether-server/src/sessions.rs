@@ -113,7 +113,7 @@ impl Sessions {
                     software: t.software.clone(),
                     version: t.conn.version(),
                     since: t.since,
-                    streams: t.conn.live_streams() as u64,
+                    streams: t.conn.stats().live as u64,
                     bytes_in: c.bytes_in.load(Ordering::Relaxed),
                     bytes_out: c.bytes_out.load(Ordering::Relaxed),
                     draining: t.conn.is_draining() || t.conn.is_closed(),

@@ -239,12 +239,7 @@ impl Connection {
         self.shared.lock().goaway
     }
 
-    /// Streams live or opening on the session (cheap: no visit of each).
-    pub fn live_streams(&self) -> usize {
-        self.shared.lock().session.live_streams()
-    }
-
-    /// Stream counters of the session (visits every stream).
+    /// Stream counters of the session.
     pub fn stats(&self) -> StreamStats {
         self.shared.lock().session.stats()
     }

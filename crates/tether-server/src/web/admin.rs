@@ -335,7 +335,7 @@ impl AdminApi {
                             protocol: i.version,
                             since: unix(i.since),
                             uptime_secs: age(i.since),
-                            streams: i.conn.live_streams() as u64,
+                            streams: i.conn.stats().live as u64,
                             bytes_in: c.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
                             bytes_out: c.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
                             draining: i.conn.is_draining(),

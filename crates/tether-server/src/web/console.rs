@@ -117,7 +117,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
             view.instances.push(InstanceView {
                 id: i.instance.clone(),
                 since: i.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
-                streams: i.conn.live_streams() as u64,
+                streams: i.conn.stats().live as u64,
                 draining: i.conn.is_draining(),
             });
         }
