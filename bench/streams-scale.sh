@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Many live streams on one server: its memory per idle stream, its idle CPU and the open
+# latency beside them.
+#
+# One process may hold at most `ulimit -Hn` sockets (20 000 on the machine these figures come
+# from), but a stream through a CLI forward costs the server no socket: it rides the client's
+# and the agent's sessions. So GROUP_COUNT groups each hold PER_GROUP idle streams, a group being
+# `probe idle` -> `tether client` forward -> the server -> its own `tether agent` (an agent
+# session carries at most 8 192 streams) -> its own `probe echo-server`; by default 13 x 7 700
+# = 100 100 streams on one server, spread over 13 client and 13 agent sessions. Each stream is
+# proven open end to end by a one-byte echo when opened and again after the hold.
+#
+# Figures: the server's VmRSS with every group connected and no stream, then with all the
+# streams open (the difference over the stream count is its memory per idle stream), the
+# same summed over every tether process, the server's CPU while the streams idle (% of one
+# core over IDLE_SECS), its `tether_live_streams` gauge, and the open latency (`probe
+# connect`, median of CONNECT_COUNT connections through a server [[listener]] to group 0's
+# agent) before the streams and beside them.
+#
+# Usage: bench/streams-scale.sh   (build tether and the probe in release first)
+# Knobs: GROUP_COUNT=13, PER_GROUP=7700 (at most 8000), IDLE_SECS=20, CONNECT_COUNT=1000,
+#        PARALLEL=32 (opens in flight per group), BENCH_PORT_BASE=21000 (ports BASE ..
+#        BASE+1+2*GROUP_COUNT), TETHER_BIN (another tether binary). The open-file limit is raised
+#        for the run where the system allows. Writes bench/results/streams-scale.md; logs in
+#        bench/results/logs-streams-scale/.
+set -euo pipefail
+BENCH=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$BENCH")
+OUT="$BENCH/results"; LOG="$OUT/logs-streams-scale"; mkdir -p "$LOG"
+TETHER=${TETHER_BIN:-$ROOT/target/release/tether}; PROBE="$BENCH/target/release/probe"
+NGROUPS=${GROUP_COUNT:-13}; PER=${PER_GROUP:-7700}; IDLE_SECS=${IDLE_SECS:-20}
+N=${CONNECT_COUNT:-1000}; PARALLEL=${PARALLEL:-32}; BASE=${BENCH_PORT_BASE:-21000}
+T0=$(date +%s)
+say() { printf '[streams-scale %4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
+die() { say "FAILED: $*"; exit 1; }
+for b in "$TETHER" "$PROBE"; do [ -x "$b" ] || die "$b missing (cargo build --release -p tether; see bench/README.md for the probe)"; done
+[ "$NGROUPS" -ge 1 ] && [ "$NGROUPS" -le 40 ] || die "GROUP_COUNT must be 1..40"
+[ "$PER" -ge 1 ] && [ "$PER" -le 8000 ] || die "PER_GROUP must be 1..8000 (an agent session carries at most 8 192 streams)"
+TOTAL=$((NGROUPS * PER))
+# Every probe, client, agent and echo server holds PER_GROUP sockets; the server a few dozen.
+want=$((PER + 500))
+if [ "$(ulimit -n)" -lt "$want" ]; then ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; fi
+[ "$(ulimit -n)" -ge "$want" ] || die "the open-file limit is $(ulimit -n); PER_GROUP=$PER needs $want"
+say "open-file limit $(ulimit -n) for this run; $NGROUPS groups x $PER streams = $TOTAL"
+
+PIDS=()
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+start() { local name=$1; shift; "$@" >"$LOG/$name.log" 2>&1 & PIDS+=($!); }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+P_SERVER=$BASE; P_LISTEN=$((BASE + 1))
+echo_port() { echo $((BASE + 2 + 2 * $1)); }
+fwd_port() { echo $((BASE + 3 + 2 * $1)); }
+metric() { curl -s --max-time 5 "http://127.0.0.1:$P_SERVER/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+connect_median() {
+    "$PROBE" connect --addr "127.0.0.1:$P_LISTEN" --count "$N" --warmup 100 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'
+}
+
+# One client identity per group; the budgets meant for people are lifted for the load.
+{
+    echo "max_streams_per_client = 1000000"
+    echo "[limits]"
+    echo "opens_per_sec = 1e9"
+    echo "open_burst = 1e9"
+    echo "max_connections_per_source = 1000000"
+    echo "max_pending_opens_per_client = 1000000"
+    echo "[[listener]]"
+    echo "listen = \"127.0.0.1:$P_LISTEN\""
+    echo "target = \"g0/echo\""
+} >"$LOG/server.toml"
+args=()
+for g in $(seq 0 $((NGROUPS - 1))); do args+=(--agent "g$g=agent-token-$g" --client "c$g=client-token-$g=g$g/*"); done
+RUST_LOG=warn start server "$TETHER" server --config "$LOG/server.toml" --listen "127.0.0.1:$P_SERVER" "${args[@]}"
+SRV=${PIDS[-1]}
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$P_SERVER") 2>/dev/null && break; sleep 0.1; done
+TPIDS=("$SRV")
+for g in $(seq 0 $((NGROUPS - 1))); do
+    start "echo$g" "$PROBE" echo-server --listen "127.0.0.1:$(echo_port "$g")"
+    TETHER_TOKEN="agent-token-$g" RUST_LOG=warn start "agent$g" "$TETHER" agent --server "ws://127.0.0.1:$P_SERVER" \
+        --name "g$g" --service "echo=127.0.0.1:$(echo_port "$g")"; TPIDS+=("${PIDS[-1]}")
+    TETHER_TOKEN="client-token-$g" RUST_LOG=warn start "client$g" "$TETHER" client --server "ws://127.0.0.1:$P_SERVER" \
+        forward "127.0.0.1:$(fwd_port "$g")=g$g/echo"; TPIDS+=("${PIDS[-1]}")
+done
+for g in $(seq 0 $((NGROUPS - 1))); do
+    ok=0
+    for _ in $(seq 100); do "$PROBE" rtt --addr "127.0.0.1:$(fwd_port "$g")" --count 1 --warmup 0 --timeout-secs 2 >/dev/null 2>&1 && { ok=1; break; }; sleep 0.2; done
+    [ $ok = 1 ] || die "group $g: no echo through its forward (see $LOG)"
+done
+ok=0
+for _ in $(seq 100); do "$PROBE" rtt --addr "127.0.0.1:$P_LISTEN" --count 1 --warmup 0 --timeout-secs 2 >/dev/null 2>&1 && { ok=1; break; }; sleep 0.2; done
+[ $ok = 1 ] || die "no echo through the listener (see $LOG)"
+sleep 1
+say "every group connected; open latency with no stream held"
+med0=$(connect_median)
+sleep 1
+rss0=$(rss_kib "$SRV"); all0=0; for p in "${TPIDS[@]}"; do all0=$((all0 + $(rss_kib "$p"))); done
+live0=$(metric tether_live_streams)
+
+say "opening $TOTAL streams"
+t_open=$(date +%s%N)
+HOLDERS=()
+hold=$((IDLE_SECS + 20 + N / 100))
+for g in $(seq 0 $((NGROUPS - 1))); do
+    start "idle$g" "$PROBE" idle --addr "127.0.0.1:$(fwd_port "$g")" --count "$PER" --hold "$hold" --parallel "$PARALLEL" --timeout-secs 300
+    HOLDERS+=("${PIDS[-1]}")
+done
+for g in $(seq 0 $((NGROUPS - 1))); do
+    for _ in $(seq 3000); do
+        grep -q '^READY' "$LOG/idle$g.log" && break
+        kill -0 "${HOLDERS[$g]}" 2>/dev/null || die "group $g: probe idle stopped (see $LOG/idle$g.log)"
+        sleep 0.1
+    done
+    grep -q '^READY' "$LOG/idle$g.log" || die "group $g: streams not open after 300 s"
+done
+open_ms=$(( ($(date +%s%N) - t_open) / 1000000 ))
+sleep 2
+live1=$(metric tether_live_streams)
+rss1=$(rss_kib "$SRV"); all1=0; for p in "${TPIDS[@]}"; do all1=$((all1 + $(rss_kib "$p"))); done
+say "$live1 live streams on the server after $open_ms ms; idle CPU over $IDLE_SECS s"
+c0=$(ticks "$SRV"); sleep "$IDLE_SECS"; c1=$(ticks "$SRV")
+say "open latency beside them"
+med1=$(connect_median)
+say "waiting for the holders' end-to-end check"
+alive=0
+for g in $(seq 0 $((NGROUPS - 1))); do
+    wait "${HOLDERS[$g]}" || true
+    a=$(sed -n 's/^DONE .*alive_after_hold=\([0-9]*\).*/\1/p' "$LOG/idle$g.log"); alive=$((alive + ${a:-0}))
+done
+sleep 2
+live2=$(metric tether_live_streams)
+warns=$(cat "$LOG"/server.log "$LOG"/agent*.log "$LOG"/client*.log | grep -E ' (WARN|ERROR) ' | grep -cv 'token in clear text' || true)
+
+calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
+{
+echo "# Many live streams on one server, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "$NGROUPS groups (probe idle -> tether client -> server -> tether agent -> echo), $PER idle streams each."
+echo
+echo "| figure | value |"
+echo "|---|---|"
+echo "| streams held (opened and echoed end to end) | $TOTAL, opened in $open_ms ms |"
+echo "| server's tether_live_streams: before / held / after the holders closed | $live0 / $live1 / $live2 |"
+echo "| server VmRSS, no stream -> all held | $(calc "$rss0 / 1024") -> $(calc "$rss1 / 1024") MiB |"
+echo "| **server memory per idle stream** | **$(calc "($rss1 - $rss0) / $TOTAL" 2) KiB** |"
+echo "| every tether process (server, $NGROUPS agents, $NGROUPS clients) per idle stream | $(calc "($all1 - $all0) / $TOTAL" 2) KiB |"
+echo "| server CPU while they idle | $(calc "($c1 - $c0) / $HZ / $IDLE_SECS * 100" 2) % of one core |"
+echo "| open latency through a listener, median of $N: no stream / $TOTAL held | $med0 / $med1 µs ($(calc "$med1 / $med0" 2)x) |"
+echo "| streams alive after the hold (one-byte echo each) | $alive / $TOTAL |"
+echo "| WARN/ERROR log lines, every tether process (the clear-text token warnings left out) | $warns |"
+} | tee "$OUT/streams-scale.md"
