@@ -17,9 +17,14 @@
 # connect`, median of CONNECT_COUNT connections through a server [[listener]] to group 0's
 # agent) before the streams and beside them.
 #
+# SESSIONS=N also holds N idle agent sessions (`probe agents`, as bench/scale.sh does) on the
+# server through the stream figures: the streams then share the server with N + 26 sessions,
+# the nearest this machine comes to the target's 100 000 streams across 100 000 sessions
+# (the server's socket per session counts against the open-file limit).
+#
 # Usage: bench/streams-scale.sh   (build tether and the probe in release first)
 # Knobs: GROUP_COUNT=13, PER_GROUP=7700 (at most 8000), IDLE_SECS=20, CONNECT_COUNT=1000,
-#        PARALLEL=32 (opens in flight per group), BENCH_PORT_BASE=21000 (ports BASE ..
+#        SESSIONS=0, PARALLEL=32 (opens in flight per group), BENCH_PORT_BASE=21000 (ports BASE ..
 #        BASE+1+2*GROUP_COUNT), TETHER_BIN (another tether binary). The open-file limit is raised
 #        for the run where the system allows. Writes bench/results/streams-scale.md; logs in
 #        bench/results/logs-streams-scale/.
@@ -29,7 +34,7 @@ ROOT=$(dirname "$BENCH")
 OUT="$BENCH/results"; LOG="$OUT/logs-streams-scale"; mkdir -p "$LOG"
 TETHER=${TETHER_BIN:-$ROOT/target/release/tether}; PROBE="$BENCH/target/release/probe"
 NGROUPS=${GROUP_COUNT:-13}; PER=${PER_GROUP:-7700}; IDLE_SECS=${IDLE_SECS:-20}
-N=${CONNECT_COUNT:-1000}; PARALLEL=${PARALLEL:-32}; BASE=${BENCH_PORT_BASE:-21000}
+N=${CONNECT_COUNT:-1000}; SESSIONS=${SESSIONS:-0}; PARALLEL=${PARALLEL:-32}; BASE=${BENCH_PORT_BASE:-21000}
 T0=$(date +%s)
 say() { printf '[streams-scale %4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
 die() { say "FAILED: $*"; exit 1; }
@@ -38,7 +43,7 @@ for b in "$TETHER" "$PROBE"; do [ -x "$b" ] || die "$b missing (cargo build --re
 [ "$PER" -ge 1 ] && [ "$PER" -le 8000 ] || die "PER_GROUP must be 1..8000 (an agent session carries at most 8 192 streams)"
 TOTAL=$((NGROUPS * PER))
 # Every probe, client, agent and echo server holds PER_GROUP sockets; the server a few dozen.
-want=$((PER + 500))
+want=$((PER + 500)); [ "$((SESSIONS + 500))" -le "$want" ] || want=$((SESSIONS + 500))
 if [ "$(ulimit -n)" -lt "$want" ]; then ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; fi
 [ "$(ulimit -n)" -ge "$want" ] || die "the open-file limit is $(ulimit -n); PER_GROUP=$PER needs $want"
 say "open-file limit $(ulimit -n) for this run; $NGROUPS groups x $PER streams = $TOTAL"
@@ -66,9 +71,12 @@ connect_median() {
     echo "open_burst = 1e9"
     echo "max_connections_per_source = 1000000"
     echo "max_pending_opens_per_client = 1000000"
+    echo "max_sessions = $((SESSIONS + 1000))"
+    echo "max_connections = $((SESSIONS + 10000))"
     echo "[[listener]]"
     echo "listen = \"127.0.0.1:$P_LISTEN\""
     echo "target = \"g0/echo\""
+    awk -v n="$SESSIONS" 'BEGIN { for (i = 0; i < n; i++) printf "\n[[agent]]\nname = \"load-%d\"\ntoken = \"load-token-%d\"\n", i, i }'
 } >"$LOG/server.toml"
 args=()
 for g in $(seq 0 $((NGROUPS - 1))); do args+=(--agent "g$g=agent-token-$g" --client "c$g=client-token-$g=g$g/*"); done
@@ -95,6 +103,18 @@ sleep 1
 say "every group connected; open latency with no stream held"
 med0=$(connect_median)
 sleep 1
+rss_none=$(rss_kib "$SRV"); sessions_up=0
+if [ "$SESSIONS" -gt 0 ]; then
+    say "opening $SESSIONS idle agent sessions"
+    # Each source address has its own ephemeral ports; a fresh 127.N per run (see bench/scale.sh).
+    "$PROBE" agents --addr "127.0.0.1:$P_SERVER" --count "$SESSIONS" --sources $(( (SESSIONS + 9999) / 10000 )) \
+        --source-net $((RANDOM % 250 + 1)) --name load --token load-token --hold $((IDLE_SECS + 300 + N / 50)) \
+        --parallel 128 --timeout-secs 900 >"$LOG/agents.out" 2>"$LOG/agents.err" &
+    SESS_PID=$!; PIDS+=("$SESS_PID")
+    for _ in $(seq 9000); do grep -q READY "$LOG/agents.out" && break; kill -0 "$SESS_PID" 2>/dev/null || break; sleep 0.1; done
+    grep -q READY "$LOG/agents.out" || die "the agent sessions did not come up: $(tail -3 "$LOG/agents.err")"
+    sleep 5
+fi
 rss0=$(rss_kib "$SRV"); all0=0; for p in "${TPIDS[@]}"; do all0=$((all0 + $(rss_kib "$p"))); done
 live0=$(metric tether_live_streams)
 
@@ -130,6 +150,8 @@ for g in $(seq 0 $((NGROUPS - 1))); do
 done
 sleep 2
 live2=$(metric tether_live_streams)
+# Registered agents still counted by the server at the end, the load's and the groups'.
+sessions_up=$(( $(metric tether_agents) - NGROUPS ))
 warns=$(cat "$LOG"/server.log "$LOG"/agent*.log "$LOG"/client*.log | grep -E ' (WARN|ERROR) ' | grep -cv 'token in clear text' || true)
 
 calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
@@ -137,16 +159,18 @@ calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 echo "# Many live streams on one server, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "$NGROUPS groups (probe idle -> tether client -> server -> tether agent -> echo), $PER idle streams each."
+[ "$SESSIONS" -eq 0 ] || echo "Beside them, $SESSIONS idle agent sessions (\`probe agents\`) held through the whole run."
 echo
 echo "| figure | value |"
 echo "|---|---|"
 echo "| streams held (opened and echoed end to end) | $TOTAL, opened in $open_ms ms |"
 echo "| server's tether_live_streams: before / held / after the holders closed | $live0 / $live1 / $live2 |"
+[ "$SESSIONS" -eq 0 ] || echo "| idle agent sessions: server memory per session; still registered at the end | $(calc "($rss0 - $rss_none) / $SESSIONS" 2) KiB; ${sessions_up:-0} / $SESSIONS |"
 echo "| server VmRSS, no stream -> all held | $(calc "$rss0 / 1024") -> $(calc "$rss1 / 1024") MiB |"
 echo "| **server memory per idle stream** | **$(calc "($rss1 - $rss0) / $TOTAL" 2) KiB** |"
 echo "| every tether process (server, $NGROUPS agents, $NGROUPS clients) per idle stream | $(calc "($all1 - $all0) / $TOTAL" 2) KiB |"
 echo "| server CPU while they idle | $(calc "($c1 - $c0) / $HZ / $IDLE_SECS * 100" 2) % of one core |"
-echo "| open latency through a listener, median of $N: no stream / $TOTAL held | $med0 / $med1 µs ($(calc "$med1 / $med0" 2)x) |"
+echo "| open latency through a listener, median of $N: no stream$( [ "$SESSIONS" -eq 0 ] || echo " nor session") / $TOTAL held | $med0 / $med1 µs ($(calc "$med1 / $med0" 2)x) |"
 echo "| streams alive after the hold (one-byte echo each) | $alive / $TOTAL |"
 echo "| WARN/ERROR log lines, every tether process (the clear-text token warnings left out) | $warns |"
 } | tee "$OUT/streams-scale.md"
