@@ -21,9 +21,12 @@ pub(crate) const LOGINS_PER_SEC: f64 = 2.0;
 pub(crate) const LOGIN_BURST: f64 = 20.0;
 /// Most rate buckets kept per kind (stream opens, HTTP requests, logins).
 /// At the cap, buckets that have refilled are dropped first (they lose
-/// nothing); if none has, the fullest goes, so the map never grows past it
+/// nothing); if too few have, the fullest go, so the map never grows past it
 /// and a throttled key (an empty bucket) is the last to be forgotten.
 pub(crate) const MAX_BUCKETS: usize = 10_000;
+/// How many buckets a full map keeps after making room (an eighth of the
+/// cap goes at once; see `make_room`).
+const REFILL_MARK: usize = MAX_BUCKETS - MAX_BUCKETS / 8;
 /// Login attempts from IPv6 are counted per /64: one host usually holds a
 /// whole /64, and counting per address would give it 2^64 budgets.
 const LOGIN_V6_PREFIX: u8 = 64;
@@ -161,22 +164,29 @@ impl Buckets {
     }
 }
 
-/// Makes room for one more key in a full map: drops every bucket that has
-/// refilled at this kind's own rate, and if none has, the fullest one.
+/// Makes room in a full map: drops every bucket that has refilled at this
+/// kind's own rate, and if that leaves the map above [`REFILL_MARK`], the
+/// fullest buckets down to it. Freeing a batch rather than one slot keeps a
+/// flood of new keys (login attempts from ever new source addresses) at one
+/// O(n) sweep per `MAX_BUCKETS - REFILL_MARK` keys: a sweep per key cost
+/// ~0.3 ms each under the lock every rate check takes.
 fn make_room(m: &mut HashMap<String, Bucket>, now: Instant, rate: f64, burst: f64) {
     let full = burst.max(1.0);
     m.retain(|_, b| b.level(now, rate, burst) < full);
-    if m.len() < MAX_BUCKETS {
+    let Some(excess) = m.len().checked_sub(REFILL_MARK).filter(|&n| n > 0) else {
         return;
-    }
-    let fullest = m
+    };
+    let mut by_level: Vec<(f64, &String)> = m
         .iter()
-        .max_by(|a, b| {
-            a.1.level(now, rate, burst)
-                .total_cmp(&b.1.level(now, rate, burst))
-        })
-        .map(|(k, _)| k.clone());
-    if let Some(k) = fullest {
+        .map(|(k, b)| (b.level(now, rate, burst), k))
+        .collect();
+    // The `excess` fullest first; their order among themselves does not matter.
+    by_level.select_nth_unstable_by(excess - 1, |a, b| b.0.total_cmp(&a.0));
+    let drop: Vec<String> = by_level[..excess]
+        .iter()
+        .map(|(_, k)| (*k).clone())
+        .collect();
+    for k in drop {
         m.remove(&k);
     }
 }
@@ -529,6 +539,38 @@ mod tests {
         assert!(
             l.open_at("flood", t0).is_err(),
             "the flooder got a new bucket"
+        );
+    }
+
+    #[test]
+    fn a_full_bucket_map_frees_a_batch_so_new_keys_do_not_sweep_it_each() {
+        let l = Limits::new(LimitsConfig::default(), 1);
+        let t0 = Instant::now();
+        let ip = |i: u32| std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        // A source that used up its budget, then sources that used a little
+        // of theirs: nothing refills at t0.
+        let drained = ip(900_000);
+        while l.login_at(drained, t0).is_ok() {}
+        for i in 1..MAX_BUCKETS as u32 {
+            l.login_at(ip(i), t0).unwrap();
+        }
+        let len = || l.buckets.lock().unwrap().logins.len();
+        assert_eq!(len(), MAX_BUCKETS);
+        // One more source frees an eighth of the map at once...
+        l.login_at(ip(MAX_BUCKETS as u32), t0).unwrap();
+        assert_eq!(len(), REFILL_MARK + 1);
+        // ...so the next ones up to the cap find room without a sweep, and
+        // the map never passes its cap.
+        for i in 1..(MAX_BUCKETS - REFILL_MARK) as u32 {
+            l.login_at(ip(MAX_BUCKETS as u32 + i), t0).unwrap();
+        }
+        assert_eq!(len(), MAX_BUCKETS);
+        l.login_at(ip(800_000), t0).unwrap();
+        assert_eq!(len(), REFILL_MARK + 1);
+        // The drained source was in neither batch that went.
+        assert_eq!(
+            l.login_at(drained, t0).unwrap_err().limit,
+            Limit::LoginsPerSource
         );
     }
 
