@@ -31,6 +31,14 @@ pub(crate) const CSRF_TTL: Duration = Duration::from_secs(3600);
 
 /// Most browser sessions kept at once; the oldest expire first beyond it.
 pub(crate) const MAX_WEB_SESSIONS: usize = 100_000;
+/// How many sessions a full table keeps after making room: an eighth of the
+/// cap goes at once, the soonest to expire first.
+const SESSIONS_KEPT_WHEN_FULL: usize = MAX_WEB_SESSIONS - MAX_WEB_SESSIONS / 8;
+/// How often a login sweeps out expired sessions. A lookup never returns an
+/// expired one, so the sweep only gives their memory back; once per interval
+/// (or when the table is full) rather than per login, since it walks every
+/// session under the lock each browser request's cookie check takes.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// One logged-in browser.
 #[derive(Debug, Clone)]
@@ -45,7 +53,7 @@ pub(crate) struct WebSession {
 /// Logged-in browsers, by SHA-256 of their session id, and the key that
 /// signs login forms' CSRF values.
 pub(crate) struct WebSessions {
-    map: Mutex<HashMap<[u8; 32], WebSession>>,
+    table: Mutex<Table>,
     /// Per-process HMAC key: a restart invalidates open login forms, which
     /// then ask the user to sign in again.
     csrf_key: ring::hmac::Key,
@@ -55,7 +63,10 @@ impl Default for WebSessions {
     fn default() -> Self {
         let key: [u8; 32] = rand::random();
         WebSessions {
-            map: Mutex::default(),
+            table: Mutex::new(Table {
+                map: HashMap::default(),
+                next_sweep: Instant::now() + SWEEP_EVERY,
+            }),
             csrf_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
         }
     }
@@ -112,23 +123,50 @@ pub(crate) fn cookie_names(secure: bool, base_domain: bool) -> (&'static str, &'
     (session, csrf)
 }
 
+/// The sessions by SHA-256 of their id, and when expired ones are next swept.
+struct Table {
+    map: HashMap<[u8; 32], WebSession>,
+    next_sweep: Instant,
+}
+
+impl Table {
+    /// Drops expired sessions when a sweep is due or the table is full, then,
+    /// if it is still full, the soonest to expire down to
+    /// [`SESSIONS_KEPT_WHEN_FULL`]: at most one walk per interval or per
+    /// `MAX_WEB_SESSIONS / 8` logins.
+    fn make_room(&mut self, now: Instant) {
+        if now >= self.next_sweep || self.map.len() >= MAX_WEB_SESSIONS {
+            self.map.retain(|_, s| s.expires > now);
+            self.next_sweep = now + SWEEP_EVERY;
+        }
+        if self.map.len() < MAX_WEB_SESSIONS {
+            return;
+        }
+        let excess = self.map.len() - SESSIONS_KEPT_WHEN_FULL;
+        let mut by_expiry: Vec<(Instant, [u8; 32])> =
+            self.map.iter().map(|(k, s)| (s.expires, *k)).collect();
+        by_expiry.select_nth_unstable(excess - 1);
+        for (_, k) in &by_expiry[..excess] {
+            self.map.remove(k);
+        }
+    }
+}
+
 impl WebSessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], WebSession>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts a session for `client`; returns its id (the cookie value).
     pub(crate) fn create(&self, client: &ClientIdentity, ttl: Duration) -> String {
+        self.create_at(client, ttl, Instant::now())
+    }
+
+    fn create_at(&self, client: &ClientIdentity, ttl: Duration, now: Instant) -> String {
         let id = random_hex();
-        let now = Instant::now();
         let mut g = self.lock();
-        g.retain(|_, s| s.expires > now);
-        if g.len() >= MAX_WEB_SESSIONS {
-            if let Some(oldest) = g.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k) {
-                g.remove(&oldest);
-            }
-        }
-        g.insert(
+        g.make_room(now);
+        g.map.insert(
             token_hash(&id),
             WebSession {
                 identity: client.clone(),
@@ -142,10 +180,10 @@ impl WebSessions {
     pub(crate) fn get(&self, id: &str) -> Option<WebSession> {
         let key = token_hash(id);
         let mut g = self.lock();
-        match g.get(&key) {
+        match g.map.get(&key) {
             Some(s) if s.expires > Instant::now() => Some(s.clone()),
             Some(_) => {
-                g.remove(&key);
+                g.map.remove(&key);
                 None
             }
             None => None,
@@ -153,7 +191,7 @@ impl WebSessions {
     }
 
     pub(crate) fn remove(&self, id: &str) {
-        self.lock().remove(&token_hash(id));
+        self.lock().map.remove(&token_hash(id));
     }
 
     /// A fresh CSRF value for the login form: `TIME.NONCE.MAC`, the MAC an
@@ -186,7 +224,7 @@ impl WebSessions {
 
     /// Keeps only the sessions whose identity passes `keep`.
     pub(crate) fn retain(&self, keep: impl Fn(&ClientIdentity) -> bool) {
-        self.lock().retain(|_, s| keep(&s.identity));
+        self.lock().map.retain(|_, s| keep(&s.identity));
     }
 }
 
@@ -238,18 +276,67 @@ mod tests {
         assert_eq!(cookie_names(false, true), (SESSION_COOKIE, CSRF_COOKIE));
     }
 
+    fn who(name: &str) -> ClientIdentity {
+        ClientIdentity {
+            name: name.into(),
+            groups: vec![],
+            kind: crate::identity::IdentityKind::Token { hash: [0; 32] },
+        }
+    }
+
+    #[test]
+    fn expired_sessions_are_swept_once_per_interval_not_per_login() {
+        let s = WebSessions::default();
+        let t0 = Instant::now();
+        let gone = s.create_at(&who("bob"), Duration::ZERO, t0);
+        let live = s.create_at(&who("alice"), Duration::from_secs(3600), t0);
+        // A login within the interval leaves the expired one in memory (a
+        // lookup would refuse it all the same)...
+        s.create_at(
+            &who("carol"),
+            Duration::from_secs(3600),
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(s.lock().map.len(), 3);
+        // ...and the first login after the interval sweeps it out.
+        s.create_at(
+            &who("dave"),
+            Duration::from_secs(3600),
+            t0 + SWEEP_EVERY + Duration::from_secs(1),
+        );
+        assert_eq!(s.lock().map.len(), 3);
+        assert!(!s.lock().map.contains_key(&token_hash(&gone)));
+        assert_eq!(s.get(&live).unwrap().identity.name, "alice");
+    }
+
+    #[test]
+    fn a_full_session_table_frees_an_eighth_soonest_expiring_first() {
+        let s = WebSessions::default();
+        let t0 = Instant::now();
+        let keeper = s.create_at(&who("keeper"), Duration::from_secs(7200), t0);
+        let first = s.create_at(&who("first"), Duration::from_secs(60), t0);
+        for i in 2..MAX_WEB_SESSIONS as u64 {
+            s.create_at(&who("x"), Duration::from_secs(100 + i % 1000), t0);
+        }
+        assert_eq!(s.lock().map.len(), MAX_WEB_SESSIONS);
+        s.create_at(&who("late"), Duration::from_secs(3600), t0);
+        assert_eq!(s.lock().map.len(), SESSIONS_KEPT_WHEN_FULL + 1);
+        assert!(s.get(&first).is_none(), "the soonest to expire went first");
+        assert_eq!(s.get(&keeper).unwrap().identity.name, "keeper");
+        // The room made lasts: the next logins up to the cap walk nothing.
+        for _ in 1..MAX_WEB_SESSIONS - SESSIONS_KEPT_WHEN_FULL {
+            s.create_at(&who("y"), Duration::from_secs(3600), t0);
+        }
+        assert_eq!(s.lock().map.len(), MAX_WEB_SESSIONS);
+    }
+
     #[test]
     fn sessions_expire_and_are_stored_hashed() {
         let s = WebSessions::default();
-        let who = |n: &str| ClientIdentity {
-            name: n.into(),
-            groups: vec![],
-            kind: crate::identity::IdentityKind::Token { hash: [0; 32] },
-        };
         let id = s.create(&who("alice"), Duration::from_secs(60));
         assert_eq!(s.get(&id).unwrap().identity.name, "alice");
-        assert!(!s.lock().contains_key(&[0u8; 32]));
-        assert!(s.lock().keys().all(|k| *k == token_hash(&id)));
+        assert!(!s.lock().map.contains_key(&[0u8; 32]));
+        assert!(s.lock().map.keys().all(|k| *k == token_hash(&id)));
         let old = s.create(&who("bob"), Duration::ZERO);
         assert!(s.get(&old).is_none());
         s.retain(|id| id.name != "alice");
