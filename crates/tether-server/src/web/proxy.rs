@@ -455,31 +455,31 @@ async fn check_service(
         Ok(e) => e,
         Err(Refusal { code, reason }) => return Err((http_status(code), code.as_str(), reason)),
     };
-    let mut catalog = entry.conn.peer_catalog().borrow().clone();
-    if catalog.is_none() && entry.version >= tether_proto::CATALOG_VERSION {
+    let mut rx = entry.conn.peer_catalog();
+    let catalog_kept = entry.version >= tether_proto::CATALOG_VERSION;
+    if catalog_kept && rx.borrow().is_none() {
         // It announces its services right after connecting (this session
         // may be seconds old: the replica just started, or the agent just
         // reconnected): wait a moment for the list.
-        let mut rx = entry.conn.peer_catalog();
-        let waited = tokio::time::timeout(
+        let _ = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             rx.wait_for(Option::is_some),
         )
         .await;
-        if let Ok(Ok(c)) = waited {
-            catalog = c.clone();
+    }
+    // Looked up in place: the catalog may hold thousands of services (a
+    // cluster's discovery), too many to copy for every request.
+    let catalog = rx.borrow();
+    let Some(c) = catalog.as_deref() else {
+        if catalog_kept {
+            // It announces its services right after connecting; until then
+            // we cannot tell an HTTP service from a database.
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agent_starting",
+                format!("agent {agent} has not announced its services yet; retry in a moment"),
+            ));
         }
-    }
-    if catalog.is_none() && entry.version >= tether_proto::CATALOG_VERSION {
-        // It announces its services right after connecting; until then we
-        // cannot tell an HTTP service from a database.
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            "agent_starting",
-            format!("agent {agent} has not announced its services yet; retry in a moment"),
-        ));
-    }
-    let Some(c) = catalog else {
         // A version 1 or 2 agent: no catalog, HTTP/1.1 to any allowed name.
         return Ok(ServiceHttp {
             host_header: None,
