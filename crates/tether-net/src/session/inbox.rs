@@ -24,6 +24,7 @@ pub(super) fn inbox() -> (InboxTx, InboxRx) {
     let slot = Arc::new(Slot {
         state: Mutex::new(State {
             queue: InlineQueue::new(),
+            reset_queued: false,
             sender_gone: false,
             receiver_gone: false,
             waker: None,
@@ -38,6 +39,9 @@ struct Slot {
 
 struct State {
     queue: InlineQueue<Inbound>,
+    /// A reset waits in `queue`: what a pending open watches for, kept here
+    /// so that early data queued in front of it is not searched per wake-up.
+    reset_queued: bool,
     sender_gone: bool,
     receiver_gone: bool,
     waker: Option<Waker>,
@@ -62,6 +66,9 @@ impl InboxTx {
             let mut s = self.0.lock();
             if s.receiver_gone {
                 return;
+            }
+            if matches!(item, Inbound::Reset(_)) {
+                s.reset_queued = true;
             }
             s.queue.push_back(item);
             s.waker.take()
@@ -98,6 +105,9 @@ impl InboxRx {
     pub(super) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
         let mut s = self.0.lock();
         if let Some(item) = s.queue.pop_front() {
+            if matches!(item, Inbound::Reset(_)) {
+                s.reset_queued = false;
+            }
             return Poll::Ready(Some(item));
         }
         if s.sender_gone {
@@ -135,7 +145,7 @@ impl InboxRx {
     pub(super) async fn reset_or_gone(&mut self) {
         poll_fn(|cx| {
             let mut s = self.0.lock();
-            if s.sender_gone || s.queue.iter().any(|i| matches!(i, Inbound::Reset(_))) {
+            if s.sender_gone || s.reset_queued {
                 return Poll::Ready(());
             }
             match &mut s.waker {
@@ -242,6 +252,31 @@ mod tests {
         drop(tx);
         rx.reset_or_gone().await;
         assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "early"));
+    }
+
+    #[tokio::test]
+    async fn a_reset_behind_early_data_ends_the_wait_and_keeps_the_order() {
+        let (tx, mut rx) = inbox();
+        for i in 0..4096u32 {
+            tx.send(Inbound::Data(Bytes::from(i.to_be_bytes().to_vec())));
+        }
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(20), rx.reset_or_gone()).await;
+        assert!(waited.is_err(), "data alone is no reset");
+        tx.send(Inbound::Reset(crate::StreamError::Reset {
+            code: tether_proto::ResetCode::Cancel,
+            reason: "gave up".into(),
+            remote: true,
+        }));
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.reset_or_gone())
+            .await
+            .expect("a queued reset ends the wait");
+        for i in 0..4096u32 {
+            assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b[..] == i.to_be_bytes()));
+        }
+        assert!(matches!(rx.recv().await, Some(Inbound::Reset(_))));
+        // Read, the reset no longer counts as waiting.
+        assert!(!rx.0.lock().reset_queued);
     }
 
     #[test]
