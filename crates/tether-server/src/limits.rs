@@ -27,6 +27,11 @@ pub(crate) const MAX_BUCKETS: usize = 10_000;
 /// How many buckets a full map keeps after making room (an eighth of the
 /// cap goes at once; see `make_room`).
 const REFILL_MARK: usize = MAX_BUCKETS - MAX_BUCKETS / 8;
+/// Console event streams (`/api/events`, one per open console tab) one
+/// identity may hold at once. Each recomputes the identity's view of every
+/// agent once a second, so without a cap one client could keep the server
+/// busy with thousands.
+pub(crate) const CONSOLE_STREAMS_PER_CLIENT: usize = 16;
 /// Login attempts from IPv6 are counted per /64: one host usually holds a
 /// whole /64, and counting per address would give it 2^64 budgets.
 const LOGIN_V6_PREFIX: u8 = 64;
@@ -56,6 +61,8 @@ pub(crate) enum Limit {
     ConnectionsReserved,
     /// Connections from one source through one `[[listener]]`.
     ListenerConnectionsPerSource,
+    /// Console event streams of one identity.
+    ConsoleStreams,
 }
 
 impl Limit {
@@ -73,6 +80,7 @@ impl Limit {
             Limit::ConnectionsPerSource => "connections_per_source",
             Limit::ConnectionsReserved => "connections_reserved",
             Limit::ListenerConnectionsPerSource => "listener_connections_per_source",
+            Limit::ConsoleStreams => "console_streams",
         }
     }
 }
@@ -91,6 +99,7 @@ impl Limit {
             Limit::Connections | Limit::ConnectionsReserved => "[limits] max_connections",
             Limit::ConnectionsPerSource => "[limits] max_connections_per_source",
             Limit::ListenerConnectionsPerSource => "max_connections_per_source of the [[listener]]",
+            Limit::ConsoleStreams => "nothing (fixed: 16 open consoles per client)",
         }
     }
 }
@@ -207,6 +216,7 @@ struct Counts {
     total: usize,
     per_client: HashMap<String, usize>,
     pending: HashMap<String, usize>,
+    console: HashMap<String, usize>,
 }
 
 /// Live limit state.
@@ -234,6 +244,19 @@ impl Drop for SessionSlot {
         if let Some(name) = &self.client {
             dec(&mut c.per_client, name);
         }
+    }
+}
+
+/// Holds one console event stream slot until dropped.
+pub(crate) struct ConsoleSlot {
+    counts: Arc<Mutex<Counts>>,
+    client: String,
+}
+
+impl Drop for ConsoleSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        dec(&mut c.console, &self.client);
     }
 }
 
@@ -447,6 +470,26 @@ impl Limits {
         Ok(())
     }
 
+    /// A console event stream slot for `who`.
+    pub(crate) fn console_stream(&self, who: &str) -> Result<ConsoleSlot, LimitHit> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.console.entry(who.to_owned()).or_insert(0);
+        if *n >= CONSOLE_STREAMS_PER_CLIENT {
+            return Err(LimitHit {
+                limit: Limit::ConsoleStreams,
+                reason: format!(
+                    "{who} already has {CONSOLE_STREAMS_PER_CLIENT} consoles open with live updates, its limit ({}); close one",
+                    Limit::ConsoleStreams.setting()
+                ),
+            });
+        }
+        *n += 1;
+        Ok(ConsoleSlot {
+            counts: self.counts.clone(),
+            client: who.to_owned(),
+        })
+    }
+
     /// Gives back a slot [`Limits::take_pending`] took.
     pub(crate) fn release_pending(&self, who: &str) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -594,6 +637,22 @@ mod tests {
             l.login_at(ip, later).unwrap_err().limit,
             Limit::LoginsPerSource
         );
+    }
+
+    #[test]
+    fn console_streams_are_capped_per_identity_and_returned() {
+        let l = Limits::new(LimitsConfig::default(), 1);
+        let held: Vec<ConsoleSlot> = (0..CONSOLE_STREAMS_PER_CLIENT)
+            .map(|_| l.console_stream("alice").unwrap())
+            .collect();
+        let hit = l.console_stream("alice").err().unwrap();
+        assert_eq!(hit.limit, Limit::ConsoleStreams);
+        assert!(hit.reason.contains("16"), "{}", hit.reason);
+        // Nobody else's budget is touched, and a closed one frees a slot.
+        assert!(l.console_stream("bob").is_ok());
+        drop(held);
+        assert!(l.console_stream("alice").is_ok());
+        assert!(!l.counts.lock().unwrap().console.contains_key("alice"));
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Router {
                 match path.as_str() {
                     "/" => console::page(&client, &via),
                     "/api/agents" => console::agents_json(web, &client, scheme, &port),
-                    _ => console::events(web.clone(), client, scheme, port),
+                    _ => console::events(web.clone(), req.headers(), client, peer, scheme, port),
                 }
             }
             p if p.starts_with(API_PREFIX) => self.admin.serve(web, &req),

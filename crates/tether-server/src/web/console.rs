@@ -9,20 +9,22 @@
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{header, Response, StatusCode};
+use http::{header, HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use serde::Serialize;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tether_proto::ServiceKind;
 
 use super::login::Via;
-use super::pages::{escape, html_page};
+use super::pages::{error, escape, html_page};
 use super::{Web, PATH_PREFIX};
 use crate::auth::is_plain_name;
 use crate::config::Protocol;
 use crate::identity::ClientIdentity;
+use crate::limits::ConsoleSlot;
 use crate::response::{api_headers, full, BoxError, Resp};
 
 /// How often the event stream checks for changes (byte counters move
@@ -131,8 +133,9 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
                 view.bytes_in += c.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
                 view.bytes_out += c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
             }
-            let catalog = e.conn.peer_catalog().borrow().clone().unwrap_or_default();
-            for s in catalog {
+            let catalog = e.conn.peer_catalog();
+            let catalog = catalog.borrow();
+            for s in catalog.iter().flatten() {
                 // Names go into links and host names: show only plain ones
                 // (an agent could announce anything).
                 if !is_plain_name(&s.name) {
@@ -151,7 +154,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
                     None => format!("{PATH_PREFIX}{name}/{}/", s.name),
                 });
                 view.services.push(ServiceView {
-                    name: s.name,
+                    name: s.name.clone(),
                     kind: s.kind.as_str().into_owned(),
                     url,
                 });
@@ -207,16 +210,34 @@ pub(crate) fn agents_json(web: &Web, client: &ClientIdentity, scheme: &str, port
     r
 }
 
-/// `GET /api/events`: a snapshot now and after every change.
+/// `GET /api/events`: a snapshot now and after every change, while the
+/// client has a console stream slot left (429 naming the limit if not); the
+/// slot is held as long as the stream is.
 pub(crate) fn events(
     web: Arc<Web>,
+    req_headers: &HeaderMap,
     client: ClientIdentity,
+    peer: SocketAddr,
     scheme: &'static str,
     port: String,
 ) -> Resp {
+    let slot = match web.limits.console_stream(&client.name) {
+        Ok(slot) => slot,
+        Err(hit) => {
+            web.metrics.limit_hit(hit.limit);
+            tracing::warn!(client = %client.name, %peer, "console event stream refused: {}", hit.reason);
+            return error(
+                req_headers,
+                StatusCode::TOO_MANY_REQUESTS,
+                hit.limit.as_str(),
+                &hit.reason,
+            );
+        }
+    };
     struct Ev {
         web: Arc<Web>,
         client: ClientIdentity,
+        _slot: ConsoleSlot,
         port: String,
         last: String,
         changes: tokio::sync::watch::Receiver<u64>,
@@ -227,6 +248,7 @@ pub(crate) fn events(
         changes: web.registry.subscribe(),
         web,
         client,
+        _slot: slot,
         port,
         last: String::new(),
         deadline: tokio::time::Instant::now() + EVENTS_MAX_AGE,

@@ -808,6 +808,79 @@ fn server_sent_events_arrive_as_they_are_sent() {
     let _ = child.wait();
 }
 
+#[test]
+fn a_client_holds_at_most_sixteen_live_consoles_and_a_closed_one_frees_its_slot() {
+    use std::io::{BufRead, BufReader};
+    let w = Web::start();
+    let open = || {
+        let mut child = Command::new("curl")
+            .args(["-sS", "-k", "-N", "--max-time", "60", "-H"])
+            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+            .arg(w.url("/api/events"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(Result::ok);
+        (child, first, lines)
+    };
+    let refused = || {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-k",
+                "--max-time",
+                "5",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+            ])
+            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+            .args(["-H", "Accept: application/json"])
+            .arg(w.url("/api/events"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut held = vec![];
+    for i in 0..16 {
+        let (child, first, lines) = open();
+        assert_eq!(first.as_deref(), Some("event: agents"), "console {i}");
+        held.push((child, lines));
+    }
+    // The seventeenth is refused with the limit's name and what to do.
+    let out = refused();
+    assert!(out.ends_with("\n429"), "{out}");
+    assert!(
+        out.contains("console_streams") && out.contains("close one"),
+        "{out}"
+    );
+    // A closed tab gives its slot back.
+    let (mut gone, _) = held.pop().unwrap();
+    let _ = gone.kill();
+    let _ = gone.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut child, first, _lines) = open();
+        let _ = child.kill();
+        let _ = child.wait();
+        if first.as_deref() == Some("event: agents") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed console's slot never came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (mut c, _) in held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_pass_through_to_the_service() {
     use futures_util::{SinkExt, StreamExt};
