@@ -17,6 +17,7 @@
 //! compromised server reaches nothing the agent does not allow.
 
 use anyhow::bail;
+use foldhash::HashMap;
 use tether_net::pattern::glob_match;
 
 use crate::config::{Protocol, RuleConfig};
@@ -117,7 +118,12 @@ pub(crate) struct Decision {
 /// The compiled policy.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Policy {
+    /// The `[[rule]]`s, in order.
     rules: Vec<Rule>,
+    /// Each token client's own `allow` list, by name: looked up, not walked,
+    /// so that a config with thousands of clients costs an open no more than
+    /// one with a few (they only ever allow, and only their own client).
+    client_allows: HashMap<String, Rule>,
     /// Who may use the admin API (`admins` in the config).
     admins: Vec<Subject>,
 }
@@ -165,24 +171,30 @@ impl Policy {
                 label: format!("rule #{}", i + 1),
             });
         }
+        let mut own = HashMap::default();
         for (name, allow) in client_allows {
             if allow.is_empty() {
                 continue;
             }
-            out.push(Rule {
-                who: vec![Subject::TokenClient(name.clone())],
-                targets: allow
-                    .iter()
-                    .map(|t| rule_pattern(t))
-                    .collect::<Result<Vec<String>, String>>()
-                    .map_err(|e| anyhow::anyhow!("client {name}'s allow list: {e}"))?,
-                deny: false,
-                protocols: vec![],
-                label: format!("client {name}'s allow list"),
-            });
+            let targets = allow
+                .iter()
+                .map(|t| rule_pattern(t))
+                .collect::<Result<Vec<String>, String>>()
+                .map_err(|e| anyhow::anyhow!("client {name}'s allow list: {e}"))?;
+            own.entry(name.clone())
+                .or_insert_with(|| Rule {
+                    who: vec![Subject::TokenClient(name.clone())],
+                    targets: vec![],
+                    deny: false,
+                    protocols: vec![],
+                    label: format!("client {name}'s allow list"),
+                })
+                .targets
+                .extend(targets);
         }
         Ok(Policy {
             rules: out,
+            client_allows: own,
             admins: vec![],
         })
     }
@@ -202,6 +214,16 @@ impl Policy {
     /// Whether `id` may use the admin API.
     pub(crate) fn is_admin(&self, id: &ClientIdentity) -> bool {
         self.admins.iter().any(|s| s.matches(id))
+    }
+
+    /// The rules that may allow `id`: the `[[rule]]`s, then its own allow
+    /// list if it is a token client that has one.
+    fn allow_rules<'a>(&'a self, id: &ClientIdentity) -> impl Iterator<Item = &'a Rule> {
+        let own = match id.kind {
+            IdentityKind::Token { .. } => self.client_allows.get(&id.name),
+            _ => None,
+        };
+        self.rules.iter().filter(|r| !r.deny).chain(own)
     }
 
     /// Decides whether `id` may open `agent/service` over `proto`.
@@ -232,11 +254,7 @@ impl Policy {
                 ),
             };
         }
-        match self
-            .rules
-            .iter()
-            .find(|r| !r.deny && r.applies(id, &target, proto))
-        {
+        match self.allow_rules(id).find(|r| r.applies(id, &target, proto)) {
             Some(_) => Decision {
                 allowed: true,
                 reason: String::new(),
@@ -255,9 +273,8 @@ impl Policy {
     /// Whether any allow rule for `id` can reach something on `agent` (the
     /// console lists only those agents).
     pub(crate) fn may_see_agent(&self, id: &ClientIdentity, agent: &str) -> bool {
-        self.rules.iter().any(|r| {
-            !r.deny
-                && r.who.iter().any(|s| s.matches(id))
+        self.allow_rules(id).any(|r| {
+            r.who.iter().any(|s| s.matches(id))
                 && r.targets.iter().any(|t| {
                     let agent_part = t.split_once('/').map_or(t.as_str(), |(a, _)| a);
                     glob_match(agent_part, agent)
@@ -362,6 +379,44 @@ mod tests {
 
         assert!(p.may_see_agent(&sre, "staging"));
         assert!(!p.may_see_agent(&dev, "prod"));
+    }
+
+    #[test]
+    fn thousands_of_client_allow_lists_each_open_only_their_own_targets() {
+        let allows: Vec<(String, Vec<String>)> = (0..5000)
+            .map(|i| (format!("c{i}"), vec![format!("a{i}/*")]))
+            .collect();
+        let rules: Vec<RuleConfig> =
+            toml::from_str::<toml::Table>("[[rule]]\nwho = [\"*\"]\ndeny = [\"a4999/secret\"]")
+                .unwrap()["rule"]
+                .clone()
+                .try_into()
+                .unwrap();
+        let p = Policy::new(&rules, &allows).unwrap();
+        for i in [0, 2500, 4999] {
+            let me = token(&format!("c{i}"));
+            assert!(
+                p.decide(&me, &format!("a{i}"), "web", Protocol::Http)
+                    .allowed
+            );
+            assert!(p.may_see_agent(&me, &format!("a{i}")));
+            let other = format!("a{}", (i + 1) % 5000);
+            let d = p.decide(&me, &other, "web", Protocol::Http);
+            assert!(
+                !d.allowed && d.reason.contains("no rule allows"),
+                "{}",
+                d.reason
+            );
+            assert!(!p.may_see_agent(&me, &other));
+        }
+        // A [[rule]] deny still wins over a client's own allow list.
+        let d = p.decide(&token("c4999"), "a4999", "secret", Protocol::Tcp);
+        assert!(!d.allowed && d.reason.contains("rule #1"), "{}", d.reason);
+        // The same name from a JWT is another identity.
+        assert!(
+            !p.decide(&jwt("c7", &[]), "a7", "web", Protocol::Http)
+                .allowed
+        );
     }
 
     #[test]
