@@ -200,6 +200,16 @@ impl Authenticator {
         }
     }
 
+    /// A [`Revalidation`] against this configuration, for one reload's pass
+    /// over every live stream, session and browser login.
+    pub(crate) fn revalidation(&self) -> Revalidation<'_> {
+        Revalidation {
+            auth: self,
+            jwts: HashMap::default(),
+            verified: 0,
+        }
+    }
+
     /// Whether a live identity still holds (cheap, per request): its token is
     /// still configured under its name, or its JWT has not expired (and JWTs
     /// are still accepted).
@@ -322,6 +332,42 @@ pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
         .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
 }
 
+/// [`Authenticator::client_revalidate`] for many identities at once, each
+/// distinct JWT verified once: a reload re-checks every live stream, session
+/// and browser login, most of them sharing a few tokens, and a signature
+/// check (tens of µs for RS256) per stream would hold the stream table's lock
+/// for seconds at 100 000 streams.
+pub(crate) struct Revalidation<'a> {
+    auth: &'a Authenticator,
+    /// A JWT's verified subject, or `None` where it no longer verifies.
+    jwts: HashMap<Arc<str>, Option<String>>,
+    /// Signature checks made (one per distinct JWT).
+    verified: usize,
+}
+
+impl Revalidation<'_> {
+    /// The configuration it checks against.
+    pub(crate) fn auth(&self) -> &Authenticator {
+        self.auth
+    }
+
+    /// Whether `id` still holds (as [`Authenticator::client_revalidate`]).
+    pub(crate) fn holds(&mut self, id: &ClientIdentity) -> bool {
+        let IdentityKind::Jwt { token, .. } = &id.kind else {
+            return self.auth.client_still_valid(id);
+        };
+        let (auth, verified) = (self.auth, &mut self.verified);
+        let subject = self.jwts.entry(token.clone()).or_insert_with(|| {
+            *verified += 1;
+            auth.jwt
+                .as_ref()
+                .and_then(|j| j.verify(token).ok())
+                .map(|v| v.name)
+        });
+        subject.as_deref() == Some(id.name.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +398,52 @@ mod tests {
         assert!(a.client("agent-secret").is_err());
         assert!(a.client_still_valid(&alice));
         assert_eq!(a.plaintext_secrets, vec!["agent prod".to_owned()]);
+    }
+
+    #[test]
+    fn a_reload_verifies_each_distinct_jwt_once() {
+        let dir = std::env::temp_dir().join(format!("tether-auth-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = b"a-test-secret-of-at-least-32-bytes!!";
+        let file = dir.join("hs.secret");
+        std::fs::write(&file, secret).unwrap();
+        let cfg = |with_jwt: bool| -> ServerConfig {
+            let jwt = format!(
+                "[jwt]\nissuer = \"https://idp.test\"\naudience = \"tether\"\nsecret_file = {:?}\n",
+                file.display().to_string()
+            );
+            toml::from_str(if with_jwt { &jwt } else { "" }).unwrap()
+        };
+        let a = Authenticator::from_config(&cfg(true)).unwrap();
+        let sign = |sub: &str| {
+            let claims = serde_json::json!({"sub": sub, "iss": "https://idp.test", "aud": "tether",
+                "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600});
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret),
+            )
+            .unwrap()
+        };
+        let bob = a.client(&sign("bob")).unwrap();
+        let carol = a.client(&sign("carol")).unwrap();
+        // A thousand streams of bob's and one of carol's: two signature checks.
+        let mut check = a.revalidation();
+        for _ in 0..1000 {
+            assert!(check.holds(&bob));
+        }
+        assert!(check.holds(&carol));
+        assert_eq!(check.verified, 2);
+        // Bob's token under another name does not hold (the subject is compared).
+        let mut impostor = bob.clone();
+        impostor.name = "mallory".into();
+        assert!(!check.holds(&impostor));
+        // Without the key, none holds; still one check per token.
+        let b = Authenticator::from_config(&cfg(false)).unwrap();
+        let mut check = b.revalidation();
+        assert!(!check.holds(&bob) && !check.holds(&bob) && !check.holds(&carol));
+        assert_eq!(check.verified, 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

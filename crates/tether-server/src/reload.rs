@@ -104,9 +104,10 @@ impl Reloader {
     /// is gone. Returns (sessions closed, streams ended).
     fn enforce(&self) -> (usize, usize) {
         let auth = self.auth.get();
-        let closed = self.sessions.enforce(&auth);
-        let ended = self.streams.enforce(&auth);
-        self.logins.retain(|id| auth.client_revalidate(id));
+        let mut check = auth.revalidation();
+        let closed = self.sessions.enforce(&mut check);
+        let ended = self.streams.enforce(&mut check);
+        self.logins.retain(|id| check.holds(id));
         (closed, ended)
     }
 

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use tether_net::Connection;
 use tether_proto::ErrorCode;
 
-use crate::auth::Authenticator;
+use crate::auth::Revalidation;
 use crate::identity::ClientIdentity;
 
 /// Who a tracked session belongs to (re-checked on reload).
@@ -131,14 +131,14 @@ impl Sessions {
 
     /// Closes (GOAWAY `unauthorized`) every session whose credentials `auth`
     /// no longer accepts; returns how many.
-    pub(crate) fn enforce(&self, auth: &Authenticator) -> usize {
+    pub(crate) fn enforce(&self, check: &mut Revalidation) -> usize {
         let mut closed = 0;
         for Tracked { conn, owner, .. } in self.lock().values() {
             let valid = match owner {
                 SessionOwner::Agent { name, token_hash } => {
-                    auth.agent_still_valid(name, token_hash.as_ref())
+                    check.auth().agent_still_valid(name, token_hash.as_ref())
                 }
-                SessionOwner::Client(id) => auth.client_revalidate(id),
+                SessionOwner::Client(id) => check.holds(id),
             };
             if !valid && !conn.is_closed() {
                 tracing::warn!(session = %conn.label(), "credentials revoked: closing the session");

@@ -21,7 +21,7 @@ use tether_proto::StreamId;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::auth::Authenticator;
+use crate::auth::Revalidation;
 use crate::config::Protocol;
 use crate::identity::ClientIdentity;
 
@@ -185,14 +185,15 @@ impl Streams {
 
     /// Ends every stream whose identity no longer holds or that `auth`'s
     /// policy no longer allows; returns how many.
-    pub(crate) fn enforce(&self, auth: &Authenticator) -> usize {
+    pub(crate) fn enforce(&self, check: &mut Revalidation) -> usize {
         let mut ended = 0;
         for s in self.lock().values() {
             let StreamOwner::Client(identity) = &s.owner else {
                 continue;
             };
-            let allowed = auth.client_revalidate(identity)
-                && auth
+            let allowed = check.holds(identity)
+                && check
+                    .auth()
                     .decide(identity, &s.agent, &s.service, s.protocol)
                     .allowed;
             if !allowed {

@@ -223,7 +223,7 @@ impl WebSessions {
     }
 
     /// Keeps only the sessions whose identity passes `keep`.
-    pub(crate) fn retain(&self, keep: impl Fn(&ClientIdentity) -> bool) {
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&ClientIdentity) -> bool) {
         self.lock().map.retain(|_, s| keep(&s.identity));
     }
 }
