@@ -32,6 +32,7 @@ set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$BENCH")
 OUT="$BENCH/results"; LOG="$OUT/logs-streams-scale"; mkdir -p "$LOG"
+rm -f "$LOG"/*.log "$LOG"/agents.out "$LOG"/agents.err   # the WARN count reads every log
 TETHER=${TETHER_BIN:-$ROOT/target/release/tether}; PROBE="$BENCH/target/release/probe"
 NGROUPS=${GROUP_COUNT:-13}; PER=${PER_GROUP:-7700}; IDLE_SECS=${IDLE_SECS:-20}
 N=${CONNECT_COUNT:-1000}; SESSIONS=${SESSIONS:-0}; PARALLEL=${PARALLEL:-32}; BASE=${BENCH_PORT_BASE:-21000}
@@ -58,7 +59,7 @@ HZ=$(getconf CLK_TCK)
 P_SERVER=$BASE; P_LISTEN=$((BASE + 1))
 echo_port() { echo $((BASE + 2 + 2 * $1)); }
 fwd_port() { echo $((BASE + 3 + 2 * $1)); }
-metric() { curl -s --max-time 5 "http://127.0.0.1:$P_SERVER/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+metric() { { curl -s --max-time 10 "http://127.0.0.1:$P_SERVER/metrics" || true; } | awk -v m="$1" '$1 == m { print $2 }'; }
 connect_median() {
     "$PROBE" connect --addr "127.0.0.1:$P_LISTEN" --count "$N" --warmup 100 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'
 }
@@ -82,7 +83,13 @@ args=()
 for g in $(seq 0 $((NGROUPS - 1))); do args+=(--agent "g$g=agent-token-$g" --client "c$g=client-token-$g=g$g/*"); done
 RUST_LOG=warn start server "$TETHER" server --config "$LOG/server.toml" --listen "127.0.0.1:$P_SERVER" "${args[@]}"
 SRV=${PIDS[-1]}
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$P_SERVER") 2>/dev/null && break; sleep 0.1; done
+up=0
+for _ in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$P_SERVER") 2>/dev/null && { up=1; break; }
+    kill -0 "$SRV" 2>/dev/null || die "the server exited (see $LOG/server.log)"
+    sleep 0.1
+done
+[ $up = 1 ] || die "the server does not listen on $P_SERVER (see $LOG/server.log)"
 TPIDS=("$SRV")
 for g in $(seq 0 $((NGROUPS - 1))); do
     start "echo$g" "$PROBE" echo-server --listen "127.0.0.1:$(echo_port "$g")"
@@ -121,7 +128,7 @@ live0=$(metric tether_live_streams)
 say "opening $TOTAL streams"
 t_open=$(date +%s%N)
 HOLDERS=()
-hold=$((IDLE_SECS + 20 + N / 100))
+hold=$((IDLE_SECS + 40 + N / 100))
 for g in $(seq 0 $((NGROUPS - 1))); do
     start "idle$g" "$PROBE" idle --addr "127.0.0.1:$(fwd_port "$g")" --count "$PER" --hold "$hold" --parallel "$PARALLEL" --timeout-secs 300
     HOLDERS+=("${PIDS[-1]}")
@@ -142,6 +149,10 @@ say "$live1 live streams on the server after $open_ms ms; idle CPU over $IDLE_SE
 c0=$(ticks "$SRV"); sleep "$IDLE_SECS"; c1=$(ticks "$SRV")
 say "open latency beside them"
 med1=$(connect_median)
+# Each holder's hold counts from its own READY: every stream must still be up here, or the
+# figures above were taken with fewer.
+live_end=$(metric tether_live_streams)
+[ "${live_end:-0}" = "$TOTAL" ] || die "only ${live_end:-?} of $TOTAL streams were still live after the measurements (some holders let go early; see $LOG)"
 say "waiting for the holders' end-to-end check"
 alive=0
 for g in $(seq 0 $((NGROUPS - 1))); do
@@ -151,7 +162,8 @@ done
 sleep 2
 live2=$(metric tether_live_streams)
 # Registered agents still counted by the server at the end, the load's and the groups'.
-sessions_up=$(( $(metric tether_agents) - NGROUPS ))
+agents_end=$(metric tether_agents)
+sessions_up=$(( ${agents_end:-$NGROUPS} - NGROUPS ))
 warns=$(cat "$LOG"/server.log "$LOG"/agent*.log "$LOG"/client*.log | grep -E ' (WARN|ERROR) ' | grep -cv 'token in clear text' || true)
 
 calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }

@@ -590,11 +590,13 @@ mod tests {
         let l = Limits::new(LimitsConfig::default(), 1);
         let t0 = Instant::now();
         let ip = |i: u32| std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-        // A source that used up its budget, then sources that used a little
-        // of theirs: nothing refills at t0.
-        let drained = ip(900_000);
-        while l.login_at(drained, t0).is_ok() {}
-        for i in 1..MAX_BUCKETS as u32 {
+        // A hundred sources that used up their budget, then sources that
+        // used a little of theirs: nothing refills at t0.
+        let drained: Vec<_> = (0..100).map(|i| ip(900_000 + i)).collect();
+        for &d in &drained {
+            while l.login_at(d, t0).is_ok() {}
+        }
+        for i in 100..MAX_BUCKETS as u32 {
             l.login_at(ip(i), t0).unwrap();
         }
         let len = || l.buckets.lock().unwrap().logins.len();
@@ -610,11 +612,11 @@ mod tests {
         assert_eq!(len(), MAX_BUCKETS);
         l.login_at(ip(800_000), t0).unwrap();
         assert_eq!(len(), REFILL_MARK + 1);
-        // The drained source was in neither batch that went.
-        assert_eq!(
-            l.login_at(drained, t0).unwrap_err().limit,
-            Limit::LoginsPerSource
-        );
+        // The drained sources were in neither batch that went (the fullest
+        // go first; a random pick would have dropped some of them).
+        for &d in &drained {
+            assert_eq!(l.login_at(d, t0).unwrap_err().limit, Limit::LoginsPerSource);
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ struct State {
     queue: InlineQueue<Inbound>,
     /// A reset waits in `queue`: what a pending open watches for, kept here
     /// so that early data queued in front of it is not searched per wake-up.
+    /// A flag, not a count: a stream gets at most one reset (its route is
+    /// gone after it), and nothing is queued behind one.
     reset_queued: bool,
     sender_gone: bool,
     receiver_gone: bool,

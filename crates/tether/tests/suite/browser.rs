@@ -431,3 +431,50 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
     drop(forward);
     drop(driver);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_console_polls_when_its_live_updates_are_refused() {
+    if !chromium_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let w = Web::start();
+    // Sixteen consoles of this client are open elsewhere: the server's cap.
+    let mut held = vec![];
+    for i in 0..16 {
+        let mut child = Command::new("curl")
+            .args(["-sS", "-k", "-N", "--max-time", "120", "-H"])
+            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+            .arg(w.url("/api/events"))
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(Result::ok);
+        assert_eq!(first.as_deref(), Some("event: agents"), "console {i}");
+        held.push((child, lines));
+    }
+    let (driver, c) = chromium(&w).await;
+    let origin = format!("https://{BASE}:{}", w.port);
+    sign_in(&c, &origin, CLIENT_TOKEN).await;
+    // The page's event stream is refused (429), so it polls instead and
+    // says so: the agents still show.
+    wait_text(&c, "[data-agent=prod] .state", |t| t == "online").await;
+    assert!(
+        w.server
+            .wait_log("console event stream refused", Duration::from_secs(10)),
+        "the refusal is logged"
+    );
+    wait_text(&c, "#status", |t| {
+        t.contains("agents online") && t.contains("refreshing every 3 s (live updates refused")
+    })
+    .await;
+    screenshot(&c, "console-polling.png").await;
+    c.close().await.unwrap();
+    drop(driver);
+    for (mut child, _) in held {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

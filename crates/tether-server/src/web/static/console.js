@@ -22,6 +22,10 @@
   const streamsNote = document.getElementById("streams-note");
 
   let snap = null;
+
+  // Said in the status line while the page polls instead of live updates.
+
+  let pollingNote = "";
   // Per agent: last byte total and its traffic rates (bytes/s), newest last.
   const traffic = new Map();
 
@@ -149,7 +153,7 @@
     let text = online + " of " + snap.agents.length + " agents online";
     if (q || onlineEl.checked) text += " · " + shown.length + " match";
     if (shown.length > RENDER_CAP) text += " · showing the first " + RENDER_CAP + ": refine the search";
-    statusEl.textContent = text + " · updated " + new Date().toLocaleTimeString();
+    statusEl.textContent = text + " · updated " + new Date().toLocaleTimeString() + pollingNote;
   }
 
   function accept(s) {
@@ -216,7 +220,18 @@
   if (window.EventSource) {
     const es = new EventSource("/api/events");
     es.addEventListener("agents", (e) => accept(JSON.parse(e.data)));
-    es.onerror = () => { statusEl.textContent = "reconnecting…"; };
+    es.onerror = () => {
+      if (es.readyState !== EventSource.CLOSED) {
+        statusEl.textContent = "reconnecting…";
+        return;
+      }
+      // Refused for good (a 429: this client has 16 live consoles open
+      // elsewhere, the server's cap): keep the page current by polling.
+      es.close();
+      pollingNote = " · refreshing every 3 s (live updates refused: too many consoles open)";
+      statusEl.textContent = pollingNote.slice(3);
+      poll();
+    };
   } else {
     poll();
   }
