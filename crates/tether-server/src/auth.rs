@@ -75,6 +75,9 @@ pub(crate) struct Authenticator {
     agents: HashMap<[u8; 32], String>,
     /// Agents that may authenticate with a client certificate naming them.
     mtls_agents: std::collections::HashSet<String>,
+    /// Every configured agent's name, sorted, once per configuration (the
+    /// console lists them every second for each open console).
+    agent_names: Vec<String>,
     clients: HashMap<[u8; 32], String>,
     policy: Policy,
     jwt: Option<JwtVerifier>,
@@ -141,6 +144,15 @@ impl Authenticator {
         if let Some(j) = &cfg.jwt {
             a.jwt = Some(JwtVerifier::new(j)?);
         }
+        let mut names: Vec<String> = a
+            .agents
+            .values()
+            .chain(a.mtls_agents.iter())
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        a.agent_names = names;
         Ok(a)
     }
 
@@ -244,16 +256,8 @@ impl Authenticator {
     }
 
     /// Names of every configured agent, sorted.
-    pub(crate) fn agent_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .agents
-            .values()
-            .chain(self.mtls_agents.iter())
-            .cloned()
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+    pub(crate) fn agent_names(&self) -> &[String] {
+        &self.agent_names
     }
 }
 

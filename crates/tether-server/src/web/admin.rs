@@ -310,7 +310,7 @@ impl AdminApi {
     fn agents(&self, web: &Web) -> Agents {
         let mut agents = vec![];
         for name in web.auth.get().agent_names() {
-            let instances = self.registry.instances(&name);
+            let instances = self.registry.instances(name);
             let services = instances
                 .first()
                 .and_then(|e| e.conn.peer_catalog().borrow().clone())
@@ -322,7 +322,7 @@ impl AdminApi {
                 })
                 .collect();
             agents.push(Agent {
-                online: self.registry.get(&name).is_some(),
+                online: self.registry.get(name).is_some(),
                 services,
                 instances: instances
                     .iter()
@@ -342,7 +342,7 @@ impl AdminApi {
                         }
                     })
                     .collect(),
-                name,
+                name: name.clone(),
             });
         }
         Agents {

@@ -100,10 +100,10 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
     let auth = web.auth.get();
     let mut agents = vec![];
     for name in auth.agent_names() {
-        if !auth.may_see_agent(client, &name) {
+        if !auth.may_see_agent(client, name) {
             continue;
         }
-        let entry = web.registry.get(&name);
+        let entry = web.registry.get(name);
         let mut view = AgentView {
             name: name.clone(),
             online: entry.is_some(),
@@ -115,7 +115,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
             services: vec![],
             instances: vec![],
         };
-        for i in web.registry.instances(&name) {
+        for i in web.registry.instances(name) {
             view.instances.push(InstanceView {
                 id: i.instance.clone(),
                 since: i.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
@@ -128,7 +128,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
             view.since = e.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
             // Streams and bytes over all its instances here.
             view.streams = view.instances.iter().map(|i| i.streams).sum();
-            for i in web.registry.instances(&name) {
+            for i in web.registry.instances(name) {
                 let c = i.conn.counters();
                 view.bytes_in += c.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
                 view.bytes_out += c.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
@@ -146,7 +146,7 @@ pub(crate) fn snapshot(web: &Web, client: &ClientIdentity, scheme: &str, port: &
                     ServiceKind::Udp => Protocol::Udp,
                     _ => Protocol::Tcp,
                 };
-                if !auth.decide(client, &name, &s.name, proto).allowed {
+                if !auth.decide(client, name, &s.name, proto).allowed {
                     continue;
                 }
                 let url = s.kind.is_http().then(|| match &base {
