@@ -287,6 +287,14 @@ impl Policy {
 mod tests {
     use super::*;
 
+    /// The `[[rule]]`s of a TOML text.
+    fn parse_rules(toml: &str) -> Vec<RuleConfig> {
+        toml::from_str::<toml::Table>(toml).unwrap()["rule"]
+            .clone()
+            .try_into()
+            .unwrap()
+    }
+
     fn token(name: &str) -> ClientIdentity {
         ClientIdentity {
             name: name.into(),
@@ -307,7 +315,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
+        let rules = parse_rules(
             r#"
             [[rule]]
             who = ["group:sre"]
@@ -320,11 +328,7 @@ mod tests {
             allow = ["staging/web"]
             protocols = ["http"]
             "#,
-        )
-        .unwrap()["rule"]
-            .clone()
-            .try_into()
-            .unwrap();
+        );
         Policy::new(&rules, &[("alice".into(), vec!["prod/db".into()])]).unwrap()
     }
 
@@ -356,13 +360,7 @@ mod tests {
         assert!(d.reason.contains("no rule allows"), "{}", d.reason);
 
         // Raw host targets compare case-insensitively, like DNS.
-        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
-            "[[rule]]\nwho = [\"*\"]\nallow = [\"prod/*:80\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"prod/Vault.internal:*\"]",
-        )
-        .unwrap()["rule"]
-            .clone()
-            .try_into()
-            .unwrap();
+        let rules = parse_rules("[[rule]]\nwho = [\"*\"]\nallow = [\"prod/*:80\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"prod/Vault.internal:*\"]");
         let q = Policy::new(&rules, &[]).unwrap();
         assert!(
             q.decide(&sre, "prod", "web.internal:80", Protocol::Tcp)
@@ -386,12 +384,7 @@ mod tests {
         let allows: Vec<(String, Vec<String>)> = (0..5000)
             .map(|i| (format!("c{i}"), vec![format!("a{i}/*")]))
             .collect();
-        let rules: Vec<RuleConfig> =
-            toml::from_str::<toml::Table>("[[rule]]\nwho = [\"*\"]\ndeny = [\"a4999/secret\"]")
-                .unwrap()["rule"]
-                .clone()
-                .try_into()
-                .unwrap();
+        let rules = parse_rules("[[rule]]\nwho = [\"*\"]\ndeny = [\"a4999/secret\"]");
         let p = Policy::new(&rules, &allows).unwrap();
         for i in [0, 2500, 4999] {
             let me = token(&format!("c{i}"));
@@ -421,13 +414,7 @@ mod tests {
 
     #[test]
     fn raw_rule_targets_are_written_in_the_one_spelling() {
-        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
-            "[[rule]]\nwho = [\"*\"]\nallow = [\"a/*:*\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"a/[::ffff:10.0.0.5]:22\", \"a/[2001:db8:0:0::1]:22\"]",
-        )
-        .unwrap()["rule"]
-            .clone()
-            .try_into()
-            .unwrap();
+        let rules = parse_rules("[[rule]]\nwho = [\"*\"]\nallow = [\"a/*:*\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"a/[::ffff:10.0.0.5]:22\", \"a/[2001:db8:0:0::1]:22\"]");
         let p = Policy::new(&rules, &[]).unwrap();
         let who = token("alice");
         assert!(!p.decide(&who, "a", "10.0.0.5:22", Protocol::Tcp).allowed);
@@ -437,24 +424,13 @@ mod tests {
         );
         assert!(p.decide(&who, "a", "10.0.0.6:22", Protocol::Tcp).allowed);
         // A rule that no target could ever match is refused at load.
-        let bad: Vec<RuleConfig> =
-            toml::from_str::<toml::Table>("[[rule]]\nwho = [\"*\"]\ndeny = [\"a/10.0.0.5:022\"]")
-                .unwrap()["rule"]
-                .clone()
-                .try_into()
-                .unwrap();
+        let bad = parse_rules("[[rule]]\nwho = [\"*\"]\ndeny = [\"a/10.0.0.5:022\"]");
         assert!(Policy::new(&bad, &[]).is_err());
     }
 
     #[test]
     fn agent_star_covers_named_services_only() {
-        let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(
-            "[[rule]]\nwho = [\"*\"]\nallow = [\"a/*\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"a/db\"]",
-        )
-        .unwrap()["rule"]
-            .clone()
-            .try_into()
-            .unwrap();
+        let rules = parse_rules("[[rule]]\nwho = [\"*\"]\nallow = [\"a/*\"]\n[[rule]]\nwho = [\"*\"]\ndeny = [\"a/db\"]");
         let p = Policy::new(&rules, &[]).unwrap();
         let who = token("alice");
         assert!(p.decide(&who, "a", "web", Protocol::Tcp).allowed);
@@ -481,10 +457,7 @@ mod tests {
     #[test]
     fn bad_rules_are_refused() {
         let r = |s: &str| -> anyhow::Result<Policy> {
-            let rules: Vec<RuleConfig> = toml::from_str::<toml::Table>(s).unwrap()["rule"]
-                .clone()
-                .try_into()
-                .unwrap();
+            let rules = parse_rules(s);
             Policy::new(&rules, &[])
         };
         assert!(r("[[rule]]\nwho = []\nallow = [\"a/b\"]").is_err());

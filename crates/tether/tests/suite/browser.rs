@@ -437,20 +437,11 @@ async fn chromium_console_polls_when_its_live_updates_are_refused() {
     if !chromium_available() {
         return;
     }
-    use std::io::{BufRead, BufReader};
     let w = Web::start();
     // Sixteen consoles of this client are open elsewhere: the server's cap.
     let mut held = vec![];
     for i in 0..16 {
-        let mut child = Command::new("curl")
-            .args(["-sS", "-k", "-N", "--max-time", "120", "-H"])
-            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
-            .arg(w.url("/api/events"))
-            .stdout(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (child, mut lines) = w.console_events(120);
         let first = lines.next().and_then(Result::ok);
         assert_eq!(first.as_deref(), Some("event: agents"), "console {i}");
         held.push((child, lines));

@@ -793,14 +793,7 @@ fn server_sent_events_arrive_as_they_are_sent() {
     let _ = child.wait();
 
     // The console's own event stream sends a snapshot at once.
-    let mut child = Command::new("curl")
-        .args(["-sS", "-k", "-N", "--max-time", "5", "-H"])
-        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
-        .arg(w.url("/api/events"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = w.console_events(5);
     assert_eq!(lines.next().unwrap().unwrap(), "event: agents");
     let data = lines.next().unwrap().unwrap();
     assert!(data.starts_with("data: {\"identity\":\"dev\""), "{data}");
@@ -810,17 +803,9 @@ fn server_sent_events_arrive_as_they_are_sent() {
 
 #[test]
 fn a_client_holds_at_most_sixteen_live_consoles_and_a_closed_one_frees_its_slot() {
-    use std::io::{BufRead, BufReader};
     let w = Web::start();
     let open = || {
-        let mut child = Command::new("curl")
-            .args(["-sS", "-k", "-N", "--max-time", "60", "-H"])
-            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
-            .arg(w.url("/api/events"))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (child, mut lines) = w.console_events(60);
         let first = lines.next().and_then(Result::ok);
         (child, first, lines)
     };

@@ -19,6 +19,9 @@ pub(crate) struct Web {
     _blackhole: Option<Box<dyn std::any::Any>>,
 }
 
+/// The lines of a console event stream (see [`Web::console_events`]).
+pub(crate) type ConsoleLines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
 /// How to start the test server.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct WebOpts {
@@ -208,6 +211,21 @@ h2secure = {{ address = "https+insecure://127.0.0.1:{tls_app_port}", http2 = tru
     /// `https://127.0.0.1:PORT{path}`.
     pub(crate) fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Opens the console's event stream (`/api/events`) as [`CLIENT_TOKEN`]
+    /// with curl, for at most `max_secs`: the process and its output lines.
+    pub(crate) fn console_events(&self, max_secs: u32) -> (std::process::Child, ConsoleLines) {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new("curl")
+            .args(["-sS", "-k", "-N", "--max-time", &max_secs.to_string(), "-H"])
+            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+            .arg(self.url("/api/events"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run curl");
+        let lines = BufReader::new(child.stdout.take().expect("curl's stdout")).lines();
+        (child, lines)
     }
 
     /// `https://HOST:PORT{path}` for a name under the base domain.
