@@ -414,9 +414,9 @@ pub struct Session {
     /// Some writer was refused because the session's send buffer was full;
     /// wake the blocked streams when it has drained to half.
     session_send_blocked: bool,
-    /// The streams whose writer was refused room (`Stream::write_blocked`),
-    /// in id order: what a drained session buffer wakes, without visiting
-    /// every stream.
+    /// The streams whose writer was refused room, in id order: told when
+    /// room returns, and what a drained session buffer wakes without
+    /// visiting every stream.
     blocked_writers: BTreeSet<StreamId>,
 }
 
@@ -1138,7 +1138,6 @@ impl Session {
             return Err(WriteError::UnknownStream);
         };
         if take < data.len() {
-            s.write_blocked = true;
             self.blocked_writers.insert(id);
             self.session_send_blocked |= session_limited;
         }
@@ -1161,13 +1160,10 @@ impl Session {
         let Some(s) = self.streams.get(&id) else {
             return;
         };
-        if !s.write_blocked || s.queued > half {
+        if !self.blocked_writers.contains(&id) || s.queued > half {
             return;
         }
         if self.room_for(s) > 0 {
-            if let Some(s) = self.streams.get_mut(&id) {
-                s.write_blocked = false;
-            }
             self.blocked_writers.remove(&id);
             self.events.push_back(Event::Writable { id });
         } else if s.send_credit > 0 {
@@ -1704,9 +1700,7 @@ impl Session {
     fn remove_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
             self.forget_deadlines(id, &s);
-            if s.write_blocked {
-                self.blocked_writers.remove(&id);
-            }
+            self.blocked_writers.remove(&id);
             if s.recv_window > self.config.initial_window {
                 debug_assert!(self.grown_windows >= u64::from(s.recv_window));
                 self.grown_windows = self.grown_windows.saturating_sub(u64::from(s.recv_window));

@@ -42,8 +42,6 @@ pub(crate) struct Stream {
     pub fin_sent: bool,
     /// The stream is in the session's round-robin queue.
     pub in_ready: bool,
-    /// The application was refused credit; tell it when credit returns.
-    pub write_blocked: bool,
     /// Its bytes come from another session in whole messages (a relay):
     /// the sender batches its messages even while it sends alone
     /// ([`crate::Session::batch_sends`]).
@@ -85,7 +83,6 @@ impl Stream {
             fin_queued: false,
             fin_sent: false,
             in_ready: false,
-            write_blocked: false,
             relayed: false,
             recv_remaining: u64::from(recv_window),
             recv_unacked: 0,
