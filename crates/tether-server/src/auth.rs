@@ -202,14 +202,9 @@ impl Authenticator {
     /// Whether a live identity still holds after a reload: like
     /// [`Authenticator::client_still_valid`], and a JWT must verify against
     /// the current keys (a removed signing key ends its sessions).
+    /// (One identity; a reload's pass over many uses one [`Revalidation`].)
     pub(crate) fn client_revalidate(&self, id: &ClientIdentity) -> bool {
-        match &id.kind {
-            IdentityKind::Jwt { token, .. } => self
-                .jwt
-                .as_ref()
-                .is_some_and(|j| j.verify(token).is_ok_and(|v| v.name == id.name)),
-            IdentityKind::Token { .. } => self.client_still_valid(id),
-        }
+        self.revalidation().holds(id)
     }
 
     /// A [`Revalidation`] against this configuration, for one reload's pass
@@ -218,7 +213,6 @@ impl Authenticator {
         Revalidation {
             auth: self,
             jwts: HashMap::default(),
-            verified: 0,
         }
     }
 
@@ -343,10 +337,9 @@ pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
 /// for seconds at 100 000 streams.
 pub(crate) struct Revalidation<'a> {
     auth: &'a Authenticator,
-    /// A JWT's verified subject, or `None` where it no longer verifies.
+    /// Each JWT checked so far (one signature check each): its verified
+    /// subject, or `None` where it no longer verifies.
     jwts: HashMap<Arc<str>, Option<String>>,
-    /// Signature checks made (one per distinct JWT).
-    verified: usize,
 }
 
 impl Revalidation<'_> {
@@ -355,14 +348,15 @@ impl Revalidation<'_> {
         self.auth
     }
 
-    /// Whether `id` still holds (as [`Authenticator::client_revalidate`]).
+    /// Whether `id` still holds: like [`Authenticator::client_still_valid`],
+    /// and a JWT must verify against the current keys (a removed signing key
+    /// ends its sessions) and still name `id`.
     pub(crate) fn holds(&mut self, id: &ClientIdentity) -> bool {
         let IdentityKind::Jwt { token, .. } = &id.kind else {
             return self.auth.client_still_valid(id);
         };
-        let (auth, verified) = (self.auth, &mut self.verified);
+        let auth = self.auth;
         let subject = self.jwts.entry(token.clone()).or_insert_with(|| {
-            *verified += 1;
             auth.jwt
                 .as_ref()
                 .and_then(|j| j.verify(token).ok())
@@ -437,7 +431,7 @@ mod tests {
             assert!(check.holds(&bob));
         }
         assert!(check.holds(&carol));
-        assert_eq!(check.verified, 2);
+        assert_eq!(check.jwts.len(), 2);
         // Bob's token under another name does not hold (the subject is compared).
         let mut impostor = bob.clone();
         impostor.name = "mallory".into();
@@ -446,7 +440,7 @@ mod tests {
         let b = Authenticator::from_config(&cfg(false)).unwrap();
         let mut check = b.revalidation();
         assert!(!check.holds(&bob) && !check.holds(&bob) && !check.holds(&carol));
-        assert_eq!(check.verified, 2);
+        assert_eq!(check.jwts.len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
