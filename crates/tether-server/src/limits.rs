@@ -478,8 +478,7 @@ impl Limits {
             return Err(LimitHit {
                 limit: Limit::ConsoleStreams,
                 reason: format!(
-                    "{who} already has {CONSOLE_STREAMS_PER_CLIENT} consoles open with live updates, its limit ({}); close one",
-                    Limit::ConsoleStreams.setting()
+                    "{who} already has {CONSOLE_STREAMS_PER_CLIENT} consoles open with live updates, a fixed limit; close one (a console over the limit refreshes every 3 s instead)"
                 ),
             });
         }
