@@ -14,8 +14,13 @@
 # the connect latency through the listener (median, `probe connect`) idle and loaded, and how
 # many sessions were still up at the end.
 #
+# CONSOLES=N also keeps N browser consoles open from before the sessions come up (curl on
+# `/api/events` as a client that may see every agent): the sessions' setup then runs beside
+# them while they follow the fleet registering, the idle CPU includes theirs, and the table
+# adds what one of them received. Compare with a CONSOLES=0 run for their cost.
+#
 # Usage: bench/scale.sh            (builds tether and the probe in release)
-# Knobs: SKIP_BUILD=1, COUNT=10000, IDLE_SECS=30, CONNECT_COUNT=300, PARALLEL=128,
+# Knobs: SKIP_BUILD=1, COUNT=10000, IDLE_SECS=30, CONNECT_COUNT=300, PARALLEL=128, CONSOLES=0,
 #        BENCH_PORT_BASE=20500 (ports BASE .. BASE+3), TETHER_BIN (another tether binary),
 #        HEARTBEAT_MS / IDLE_TIMEOUT_MS (the server's [session]; the probe's sessions take
 #        them from its HEARTBEAT, protocol version 7).
@@ -27,7 +32,7 @@ ROOT=$(dirname "$BENCH")
 OUT="$BENCH/results"; LOG="$OUT/logs-scale"
 mkdir -p "$LOG"
 COUNT=${COUNT:-10000}; IDLE_SECS=${IDLE_SECS:-30}; CONNECT_COUNT=${CONNECT_COUNT:-300}
-PARALLEL=${PARALLEL:-128}; BASE=${BENCH_PORT_BASE:-20500}
+PARALLEL=${PARALLEL:-128}; BASE=${BENCH_PORT_BASE:-20500}; CONSOLES=${CONSOLES:-0}
 [ "$COUNT" -ge 1 ] && [ "$COUNT" -le 200000 ] || { echo "COUNT must be 1..200000" >&2; exit 2; }
 T0=$(date +%s)
 say() { printf '[scale %4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
@@ -79,7 +84,7 @@ start echo "$PROBE" echo-server --listen "127.0.0.1:$P_ECHO"
 wait_port "$P_ECHO"
 t_cfg=$(date +%s%N)
 start tether-server "$TETHER" server --config "$CFG" --listen "127.0.0.1:$P_SERVER" --agent bench=bench-agent-token \
-    --listener "127.0.0.1:$P_LISTEN=bench/echo"
+    --client "console=console-token=*" --listener "127.0.0.1:$P_LISTEN=bench/echo"
 SERVER_PID=${PIDS[-1]}
 wait_port "$P_SERVER" 600
 LOAD_MS=$(( ($(date +%s%N) - t_cfg) / 1000000 ))
@@ -93,6 +98,11 @@ sleep 2
 RSS0=$(rss_kib "$SERVER_PID")
 C_IDLE=$(conn) || die "connect through the idle server"
 say "idle server: VmRSS $RSS0 KiB, connect median $C_IDLE µs; opening $COUNT agent sessions from $SOURCES source address(es)"
+
+for c in $(seq "$CONSOLES"); do
+    start "console-$c" curl -sN -H "Authorization: Bearer console-token" "http://127.0.0.1:$P_SERVER/api/events"
+done
+[ "$CONSOLES" = 0 ] || { sleep 1; say "$CONSOLES console(s) following the fleet"; }
 
 HOLD=$((IDLE_SECS + 60))
 "$PROBE" agents --addr "127.0.0.1:$P_SERVER" --count "$COUNT" --sources "$SOURCES" --source-net "$SOURCE_NET" --name load --token load-token \
@@ -127,4 +137,8 @@ RATIO=$(awk -v a="$C_IDLE" -v b="$C_LOAD" 'BEGIN { printf "%.2f", b / a }')
     echo "| connect + first echo through a listener, idle server / loaded | $C_IDLE / $C_LOAD µs (${RATIO}x) |"
     echo "| sessions still up after ${HOLD} s | $ALIVE of $COUNT |"
     echo "| server VmRSS after the loaded connects | $RSS2 KiB |"
+    if [ "$CONSOLES" != 0 ]; then
+        echo "| consoles open throughout | $CONSOLES |"
+        echo "| what one console received: bytes / updates | $(wc -c <"$LOG/console-1.log") / $(grep -c '^event:' "$LOG/console-1.log") |"
+    fi
 } | tee "$OUT/scale.md"

@@ -208,6 +208,15 @@ impl Registry {
         self.pick(name, None)
     }
 
+    /// Whether `name` has a live (not draining) session here: what
+    /// [`Registry::get`] would find, without choosing one.
+    pub(crate) fn is_online(&self, name: &str) -> bool {
+        self.lock()
+            .pools
+            .get(name)
+            .is_some_and(|p| p.iter().any(AgentEntry::is_live))
+    }
+
     /// Every session of `name` (draining ones included), oldest first.
     pub(crate) fn instances(&self, name: &str) -> Vec<AgentEntry> {
         self.lock().pools.get(name).cloned().unwrap_or_default()

@@ -178,10 +178,19 @@ impl Router {
                 };
                 let scheme = web.public_scheme();
                 let port = split_port(&host).1.to_owned();
+                let filter = console::Filter::from_query(req.uri().query());
                 match path.as_str() {
                     "/" => console::page(&client, &via),
-                    "/api/agents" => console::agents_json(web, &client, scheme, &port),
-                    _ => console::events(web.clone(), req.headers(), client, peer, scheme, port),
+                    "/api/agents" => console::agents_json(web, &client, &filter, scheme, &port),
+                    _ => console::events(
+                        web.clone(),
+                        req.headers(),
+                        client,
+                        filter,
+                        peer,
+                        scheme,
+                        port,
+                    ),
                 }
             }
             p if p.starts_with(API_PREFIX) => self.admin.serve(web, &req),

@@ -60,6 +60,15 @@ async fn wait_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
 }
 
 /// Runs `script` in the page; its string result.
+/// The agents whose cards the console shows, in order, comma-separated.
+async fn shown_cards(c: &Client) -> String {
+    js(
+        c,
+        "return [...document.querySelectorAll('#agents section')].map(s => s.dataset.agent).join(',');",
+    )
+    .await
+}
+
 async fn js(c: &Client, script: &str) -> String {
     match c.execute(script, vec![]).await.expect("script runs") {
         serde_json::Value::String(s) => s,
@@ -278,13 +287,7 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
     if !chromium_available() {
         return;
     }
-    let mut config = String::from("admins = [\"dev\"]\n");
-    for i in 0..1000 {
-        config.push_str(&format!(
-            "[[agent]]\nname = \"fleet-{i:04}\"\ntoken = \"fleet-token-{i:04}\"\n"
-        ));
-    }
-    config.push_str("[[rule]]\nwho = [\"dev\"]\nallow = [\"fleet-*/*\"]\n");
+    let config = format!("admins = [\"dev\"]\n{}", fleet_config(1000, 4));
     let w = Web::start_with(WebOpts {
         config,
         ..Default::default()
@@ -317,16 +320,26 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
     let search = c.find(Locator::Css("#search")).await.unwrap();
     search.send_keys("fleet-0999").await.unwrap();
     wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
-    let shown = js(
-        &c,
-        "return [...document.querySelectorAll('#agents section')].map(s => s.dataset.agent).join(',');",
-    )
-    .await;
+    let shown = shown_cards(&c).await;
     assert_eq!(shown, "fleet-0999");
     search.clear().await.unwrap();
     search.send_keys("echo").await.unwrap();
     wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
     wait_text(&c, "[data-agent=prod] .state", |t| t == "online").await;
+    // Online only (the server filters): prod alone, then the fleet again.
+    search.clear().await.unwrap();
+    let online_only = c.find(Locator::Css("#online-only")).await.unwrap();
+    online_only.click().await.unwrap();
+    wait_text(&c, "#status", |t| {
+        t.starts_with("1 of 1002 agents online · 1 match") && !t.contains("refine")
+    })
+    .await;
+    let shown = shown_cards(&c).await;
+    assert_eq!(shown, "prod");
+    online_only.click().await.unwrap();
+    wait_text(&c, "#status", |t| t.contains("refine the search")).await;
+    search.send_keys("echo").await.unwrap();
+    wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
 
     // The forward line for the TCP service, exactly as a user would paste
     // it (with TETHER_TOKEN set): run it and reach the service through it.
@@ -347,13 +360,7 @@ async fn chromium_console_finds_one_agent_among_a_thousand_and_shows_live_stream
         CONSOLE_PROD_ECHO_PORT,
         "the console's port for prod/echo changed: update the constant other tests avoid"
     );
-    let fingerprint = w
-        .server
-        .log_text()
-        .split("fingerprint=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .expect("the server prints its fingerprint");
+    let fingerprint = w.fingerprint();
     // The line names the server by its public name; this test maps that
     // name to loopback for Chromium only, so the client dials loopback.
     let server_arg = words[3].replace(BASE, "127.0.0.1");

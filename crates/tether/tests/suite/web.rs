@@ -431,14 +431,15 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
     assert_eq!(j["identity"], "dev");
     let agents = j["agents"].as_array().unwrap();
     let names: Vec<_> = agents.iter().map(|a| a["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["ghost", "prod"]);
-    assert_eq!(agents[0]["online"], false);
-    assert_eq!(agents[1]["online"], true);
+    // Online agents first.
+    assert_eq!(names, ["prod", "ghost"]);
+    assert_eq!(agents[0]["online"], true);
+    assert_eq!(agents[1]["online"], false);
     assert!(
-        agents[1].get("address").is_none(),
+        agents[0].get("address").is_none(),
         "an agent's address is shown to clients: {j}"
     );
-    let web = agents[1]["services"]
+    let web = agents[0]["services"]
         .as_array()
         .unwrap()
         .iter()
@@ -446,7 +447,7 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         .unwrap();
     assert_eq!(web["kind"], "http");
     assert_eq!(web["url"], format!("https://web.prod.{BASE}:{}/", w.port));
-    let echo = agents[1]["services"]
+    let echo = agents[0]["services"]
         .as_array()
         .unwrap()
         .iter()
@@ -864,6 +865,122 @@ fn a_client_holds_at_most_sixteen_live_consoles_and_a_closed_one_frees_its_slot(
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+/// The console's data is filtered, ordered and cut on the server: with 152
+/// agents a console gets the counts and one page, online agents first, then
+/// by name; a search finds agent names in any case and service names only
+/// among those the client may see; the event stream carries the same cut.
+#[test]
+fn the_console_filters_orders_and_pages_on_the_server() {
+    let w = Web::start_with(WebOpts {
+        config: fleet_config(150, 3),
+        ..Default::default()
+    });
+    let dev = format!("Authorization: Bearer {CLIENT_TOKEN}");
+    let limited = format!("Authorization: Bearer {LIMITED_TOKEN}");
+    let get = |auth: &str, query: &str| {
+        let out = w.curl(&["-H", auth, &w.url(&format!("/api/agents{query}"))]);
+        assert_eq!(out.status, 200, "{out:?}");
+        out.json()
+    };
+    let names = |j: &serde_json::Value| -> Vec<String> {
+        j["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .map(|a| a["name"].as_str().expect("a name").to_owned())
+            .collect()
+    };
+
+    // dev may see prod, ghost and the fleet; only prod is online.
+    let j = get(&dev, "");
+    assert_eq!(
+        (&j["total"], &j["online"], &j["matched"]),
+        (&152.into(), &1.into(), &152.into()),
+        "{j}"
+    );
+    let page = names(&j);
+    assert_eq!(page.len(), 60, "one page by default");
+    assert_eq!(page[..3], ["prod", "fleet-000", "fleet-001"]);
+    assert!(page[1..].windows(2).all(|p| p[0] < p[1]), "{page:?}");
+    assert_eq!(j["agents"][0]["services"].as_array().map(Vec::len), Some(9));
+    assert_eq!(
+        names(&get(&dev, "?limit=3")),
+        ["prod", "fleet-000", "fleet-001"]
+    );
+    let all = names(&get(&dev, "?limit=100000"));
+    assert_eq!(
+        (all.len(), all.last().map(String::as_str)),
+        (152, Some("ghost"))
+    );
+    let j = get(&dev, "?online=1");
+    assert_eq!((&j["total"], &j["matched"]), (&152.into(), &1.into()));
+    assert_eq!(names(&j), ["prod"]);
+
+    // Agent names, in any case.
+    let j = get(&dev, "?q=FLEET-14");
+    assert_eq!(j["matched"], 10);
+    let want: Vec<String> = (140..150).map(|i| format!("fleet-{i}")).collect();
+    assert_eq!(names(&j), want);
+    // Service names: prod offers `secure`, which dev may open and limited
+    // (allowed prod/echo only) may not even see.
+    assert_eq!(names(&get(&dev, "?q=secur")), ["prod"]);
+    let j = get(&limited, "?q=secur");
+    assert_eq!((&j["total"], &j["matched"]), (&1.into(), &0.into()), "{j}");
+    assert!(names(&j).is_empty());
+    assert_eq!(names(&get(&limited, "?q=ech")), ["prod"]);
+
+    // The event stream: the same cut.
+    let (mut child, mut lines) = w.console_events_filtered("?q=fleet-007", 10);
+    assert_eq!(lines.next().unwrap().unwrap(), "event: agents");
+    let data = lines.next().unwrap().unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(data.strip_prefix("data: ").expect("a data line")).unwrap();
+    assert_eq!((&j["total"], &j["matched"]), (&152.into(), &1.into()));
+    assert_eq!(names(&j), ["fleet-007"]);
+    assert_eq!(
+        (&j["online"], &j["agents"][0]["online"]),
+        (&1.into(), &false.into())
+    );
+    // fleet-007 connects: the stream says so at once (its next event, well
+    // before the 10 s after which a stream walks the fleet again anyway).
+    let fingerprint = w.fingerprint();
+    let started = Instant::now();
+    let agent = Proc::spawn(
+        "fleet-007",
+        &[
+            "agent",
+            "--server",
+            &format!("wss://127.0.0.1:{}", w.port),
+            "--fingerprint",
+            &fingerprint,
+            "--name",
+            "fleet-007",
+            "--token",
+            "fleet-token-007",
+        ]
+        .map(String::from),
+    );
+    let j = loop {
+        let line = lines.next().expect("the stream goes on").unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            let j: serde_json::Value = serde_json::from_str(data).unwrap();
+            if j["online"] == 2 {
+                break j;
+            }
+        }
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(j["agents"][0]["online"], true, "{j}");
+    assert_eq!(names(&j), ["fleet-007"]);
+    drop(agent);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,13 +2,14 @@
 // server-sent events are unavailable). Builds DOM nodes, never HTML strings,
 // so names from agents cannot inject markup.
 //
-// With a thousand agents it stays usable: online agents come first, the
-// search box filters by agent or service name, and at most RENDER_CAP cards
-// are in the page at once. Admins also see the live streams (from the admin
-// API, /api/v1/streams).
+// With 100 000 agents it stays usable: the server filters (the search box:
+// agent or service name; online only), puts online agents first and sends
+// one page of them with the counts, so an update is a page, not the fleet.
+// A new search reopens the event stream. Admins also see the live streams
+// (from the admin API, /api/v1/streams).
 "use strict";
 (function () {
-  const RENDER_CAP = 60;
+  const SEARCH_DELAY_MS = 250;
   const SPARK_POINTS = 30;
   const TICK_MS = 2000;
   const STREAM_ROWS = 200;
@@ -136,28 +137,30 @@
       services);
   }
 
-  function matches(a, q) {
-    if (onlineEl.checked && !a.online) return false;
-    if (!q) return true;
-    return a.name.toLowerCase().includes(q) || a.services.some((s) => s.name.toLowerCase().includes(q));
+  // The filter as the server takes it: ?q=TEXT&online=1.
+  function query() {
+    const p = new URLSearchParams();
+    const q = searchEl.value.trim();
+    if (q) p.set("q", q);
+    if (onlineEl.checked) p.set("online", "1");
+    const s = p.toString();
+    return s ? "?" + s : "";
   }
 
+  // The snapshot is already filtered, ordered (online first, then by name)
+  // and cut to a page by the server.
   function render() {
     if (!snap) return;
-    const q = searchEl.value.trim().toLowerCase();
-    // Online first, then by name.
-    const all = snap.agents.slice().sort((x, y) => (y.online - x.online) || (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
-    const shown = all.filter((a) => matches(a, q));
-    agentsEl.replaceChildren(...shown.slice(0, RENDER_CAP).map(card));
-    const online = snap.agents.filter((a) => a.online).length;
-    let text = online + " of " + snap.agents.length + " agents online";
-    if (q || onlineEl.checked) text += " · " + shown.length + " match";
-    if (shown.length > RENDER_CAP) text += " · showing the first " + RENDER_CAP + ": refine the search";
+    agentsEl.replaceChildren(...snap.agents.map(card));
+    let text = snap.online + " of " + snap.total + " agents online";
+    if (snap.filtered) text += " · " + snap.matched + " match";
+    if (snap.matched > snap.agents.length) text += " · showing the first " + snap.agents.length + ": refine the search";
     statusEl.textContent = text + " · updated " + new Date().toLocaleTimeString() + pollingNote;
   }
 
-  function accept(s) {
+  function accept(s, filtered) {
     snap = s;
+    snap.filtered = filtered;
     if (s.admin && streamsEl.hidden) {
       streamsEl.hidden = false;
       pollStreams();
@@ -206,33 +209,58 @@
       .finally(() => setTimeout(pollStreams, TICK_MS));
   }
 
-  searchEl.addEventListener("input", render);
-  onlineEl.addEventListener("change", render);
+  let es = null;
+  let polling = false;
+  // A new filter starts a new round of polls; the previous round stops.
+  let pollRound = 0;
 
   function poll() {
-    fetch("/api/agents", { headers: { Accept: "application/json" } })
+    const round = ++pollRound;
+    const q = query();
+    fetch("/api/agents" + q, { headers: { Accept: "application/json" } })
       .then((r) => (r.ok ? r.json() : Promise.reject(r.status)))
-      .then(accept)
+      .then((s) => { if (round === pollRound) accept(s, q !== ""); })
       .catch(() => { statusEl.textContent = "cannot reach the server; retrying"; })
-      .finally(() => setTimeout(poll, 3000));
+      .finally(() => { if (round === pollRound) setTimeout(poll, 3000); });
   }
 
-  if (window.EventSource) {
-    const es = new EventSource("/api/events");
-    es.addEventListener("agents", (e) => accept(JSON.parse(e.data)));
+  // One event stream for the current filter; a new filter closes it (which
+  // gives its slot back) and opens the next.
+  function listen() {
+    if (es) es.close();
+    const q = query();
+    es = new EventSource("/api/events" + q);
+    const mine = es;
+    es.addEventListener("agents", (e) => accept(JSON.parse(e.data), q !== ""));
     es.onerror = () => {
-      if (es.readyState !== EventSource.CLOSED) {
+      if (mine.readyState !== EventSource.CLOSED) {
         statusEl.textContent = "reconnecting…";
         return;
       }
       // Refused for good (a 429: this client has 16 live consoles open
       // elsewhere, the server's cap): keep the page current by polling.
-      es.close();
+      mine.close();
+      if (es !== mine) return;
+      es = null;
+      polling = true;
       pollingNote = " · refreshing every 3 s (live updates refused: too many consoles open)";
       statusEl.textContent = pollingNote.slice(3);
       poll();
     };
+  }
+
+  let searchTimer = null;
+  function refilter() {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => (polling ? poll() : listen()), SEARCH_DELAY_MS);
+  }
+  searchEl.addEventListener("input", refilter);
+  onlineEl.addEventListener("change", refilter);
+
+  if (window.EventSource) {
+    listen();
   } else {
+    polling = true;
     poll();
   }
   setTimeout(sample, TICK_MS);

@@ -22,6 +22,19 @@ pub(crate) struct Web {
 /// The lines of a console event stream (see [`Web::console_events`]).
 pub(crate) type ConsoleLines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
 
+/// Server config for `count` more offline agents, `fleet-0..` (numbers
+/// `width` digits wide, token `fleet-token-N`), which dev may reach.
+pub(crate) fn fleet_config(count: usize, width: usize) -> String {
+    let mut config = String::new();
+    for i in 0..count {
+        config.push_str(&format!(
+            "[[agent]]\nname = \"fleet-{i:0width$}\"\ntoken = \"fleet-token-{i:0width$}\"\n"
+        ));
+    }
+    config.push_str("[[rule]]\nwho = [\"dev\"]\nallow = [\"fleet-*/*\"]\n");
+    config
+}
+
 /// How to start the test server.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct WebOpts {
@@ -208,6 +221,16 @@ h2secure = {{ address = "https+insecure://127.0.0.1:{tls_app_port}", http2 = tru
         "https"
     }
 
+    /// The server's certificate fingerprint, as it printed it (TLS only).
+    pub(crate) fn fingerprint(&self) -> String {
+        self.server
+            .log_text()
+            .split("fingerprint=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+            .expect("the server prints its fingerprint")
+    }
+
     /// `https://127.0.0.1:PORT{path}`.
     pub(crate) fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
@@ -216,11 +239,20 @@ h2secure = {{ address = "https+insecure://127.0.0.1:{tls_app_port}", http2 = tru
     /// Opens the console's event stream (`/api/events`) as [`CLIENT_TOKEN`]
     /// with curl, for at most `max_secs`: the process and its output lines.
     pub(crate) fn console_events(&self, max_secs: u32) -> (std::process::Child, ConsoleLines) {
+        self.console_events_filtered("", max_secs)
+    }
+
+    /// [`Web::console_events`] with the console's filter (`?q=...`).
+    pub(crate) fn console_events_filtered(
+        &self,
+        query: &str,
+        max_secs: u32,
+    ) -> (std::process::Child, ConsoleLines) {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new("curl")
             .args(["-sS", "-k", "-N", "--max-time", &max_secs.to_string(), "-H"])
             .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
-            .arg(self.url("/api/events"))
+            .arg(self.url(&format!("/api/events{query}")))
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("run curl");
