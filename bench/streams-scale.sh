@@ -22,9 +22,13 @@
 # the nearest this machine comes to the target's 100 000 streams across 100 000 sessions
 # (the server's socket per session counts against the open-file limit).
 #
+# ADMIN_POLL=1 then times one answer of the admin API's stream list (what an admin's
+# console reads every 2 s; ADMIN_QUERY, default `?limit=200`, the console's request) and the
+# open latency once more while an admin polls it every 0.5 s (four admin tabs).
+#
 # Usage: bench/streams-scale.sh   (build tether and the probe in release first)
 # Knobs: GROUP_COUNT=13, PER_GROUP=7700 (at most 8000), IDLE_SECS=20, CONNECT_COUNT=1000,
-#        SESSIONS=0, PARALLEL=32 (opens in flight per group), BENCH_PORT_BASE=21000 (ports BASE ..
+#        SESSIONS=0, ADMIN_POLL=0, PARALLEL=32 (opens in flight per group), BENCH_PORT_BASE=21000 (ports BASE ..
 #        BASE+1+2*GROUP_COUNT), TETHER_BIN (another tether binary). The open-file limit is raised
 #        for the run where the system allows. Writes bench/results/streams-scale.md; logs in
 #        bench/results/logs-streams-scale/.
@@ -35,7 +39,7 @@ OUT="$BENCH/results"; LOG="$OUT/logs-streams-scale"; mkdir -p "$LOG"
 rm -f "$LOG"/*.log "$LOG"/agents.out "$LOG"/agents.err   # the WARN count reads every log
 TETHER=${TETHER_BIN:-$ROOT/target/release/tether}; PROBE="$BENCH/target/release/probe"
 NGROUPS=${GROUP_COUNT:-13}; PER=${PER_GROUP:-7700}; IDLE_SECS=${IDLE_SECS:-20}
-N=${CONNECT_COUNT:-1000}; SESSIONS=${SESSIONS:-0}; PARALLEL=${PARALLEL:-32}; BASE=${BENCH_PORT_BASE:-21000}
+N=${CONNECT_COUNT:-1000}; SESSIONS=${SESSIONS:-0}; ADMIN_POLL=${ADMIN_POLL:-0}; PARALLEL=${PARALLEL:-32}; BASE=${BENCH_PORT_BASE:-21000}
 T0=$(date +%s)
 say() { printf '[streams-scale %4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
 die() { say "FAILED: $*"; exit 1; }
@@ -67,6 +71,7 @@ connect_median() {
 # One client identity per group; the budgets meant for people are lifted for the load.
 {
     echo "max_streams_per_client = 1000000"
+    echo "admins = [\"ops\"]"
     echo "[limits]"
     echo "opens_per_sec = 1e9"
     echo "open_burst = 1e9"
@@ -81,6 +86,7 @@ connect_median() {
 } >"$LOG/server.toml"
 args=()
 for g in $(seq 0 $((NGROUPS - 1))); do args+=(--agent "g$g=agent-token-$g" --client "c$g=client-token-$g=g$g/*"); done
+args+=(--client "ops=ops-token=g0/*")
 RUST_LOG=warn start server "$TETHER" server --config "$LOG/server.toml" --listen "127.0.0.1:$P_SERVER" "${args[@]}"
 SRV=${PIDS[-1]}
 up=0
@@ -128,7 +134,7 @@ live0=$(metric tether_live_streams)
 say "opening $TOTAL streams"
 t_open=$(date +%s%N)
 HOLDERS=()
-hold=$((IDLE_SECS + 40 + N / 100))
+hold=$((IDLE_SECS + 40 + N / 100 + ADMIN_POLL * (30 + N / 100)))
 for g in $(seq 0 $((NGROUPS - 1))); do
     start "idle$g" "$PROBE" idle --addr "127.0.0.1:$(fwd_port "$g")" --count "$PER" --hold "$hold" --parallel "$PARALLEL" --timeout-secs 300
     HOLDERS+=("${PIDS[-1]}")
@@ -149,6 +155,19 @@ say "$live1 live streams on the server after $open_ms ms; idle CPU over $IDLE_SE
 c0=$(ticks "$SRV"); sleep "$IDLE_SECS"; c1=$(ticks "$SRV")
 say "open latency beside them"
 med1=$(connect_median)
+if [ "$ADMIN_POLL" = 1 ]; then
+    say "the admin API's stream list, and the open latency while an admin polls it"
+    admin_url="http://127.0.0.1:$P_SERVER/api/v1/streams${ADMIN_QUERY-?limit=200}"
+    admin_get() { curl -s --max-time 30 -o /dev/null -w '%{http_code} %{size_download} %{time_total}\n' -H "Authorization: Bearer ops-token" "$admin_url"; }
+    admin_get >/dev/null
+    read -r admin_code admin_bytes admin_secs < <(admin_get)
+    [ "$admin_code" = 200 ] || die "the admin API answered $admin_code"
+    max_1=$("$PROBE" connect --addr "127.0.0.1:$P_LISTEN" --count "$N" --warmup 100 | sed -n 's/.*max_us=\([^ ]*\).*/\1/p')
+    ( for _ in $(seq 240); do admin_get >/dev/null; sleep 0.5; done ) & POLLER=$!; PIDS+=("$POLLER")
+    read -r med2 max_2 < <("$PROBE" connect --addr "127.0.0.1:$P_LISTEN" --count "$N" --warmup 100 \
+        | sed -n 's/.*median_us=\([^ ]*\) .*max_us=\([^ ]*\).*/\1 \2/p')
+    kill "$POLLER" 2>/dev/null || true
+fi
 # Each holder's hold counts from its own READY: every stream must still be up here, or the
 # figures above were taken with fewer.
 live_end=$(metric tether_live_streams)
@@ -183,6 +202,10 @@ echo "| **server memory per idle stream** | **$(calc "($rss1 - $rss0) / $TOTAL" 
 echo "| every tether process (server, $NGROUPS agents, $NGROUPS clients) per idle stream | $(calc "($all1 - $all0) / $TOTAL" 2) KiB |"
 echo "| server CPU while they idle | $(calc "($c1 - $c0) / $HZ / $IDLE_SECS * 100" 2) % of one core |"
 echo "| open latency through a listener, median of $N: no stream$( [ "$SESSIONS" -eq 0 ] || echo " nor session") / $TOTAL held | $med0 / $med1 µs ($(calc "$med1 / $med0" 2)x) |"
+if [ "$ADMIN_POLL" = 1 ]; then
+    echo "| admin API \`/api/v1/streams${ADMIN_QUERY-?limit=200}\` beside them: one answer | $admin_bytes bytes in $(calc "$admin_secs * 1000") ms |"
+    echo "| open latency while an admin polls it every 0.5 s: median; slowest (slowest without the polls) | $med2 µs ($(calc "$med2 / $med0" 2)x); $max_2 µs ($max_1 µs) |"
+fi
 echo "| streams alive after the hold (one-byte echo each) | $alive / $TOTAL |"
 echo "| WARN/ERROR log lines, every tether process (the clear-text token warnings left out) | $warns |"
 } | tee "$OUT/streams-scale.md"

@@ -31,6 +31,7 @@ pub(crate) const ACCESS_REVOKED: &str = "access revoked by the server's configur
 pub(crate) const CREDENTIAL_EXPIRED: &str = "credential expired";
 
 /// Where a live stream's byte counts come from.
+#[derive(Clone)]
 pub(crate) enum Traffic {
     /// A stream of an agent session: the session counts its bytes.
     OnSession(Connection, StreamId),
@@ -79,6 +80,28 @@ struct LiveStream {
     traffic: Traffic,
     /// Notified when the stream must end (its access was revoked).
     revoked: Arc<Notify>,
+}
+
+impl LiveStream {
+    /// What the admin API shows of it, with its byte counts (up, down).
+    fn view(&self, key: u64, (bytes_up, bytes_down): (u64, u64)) -> StreamView {
+        let (who, kind) = match &self.owner {
+            StreamOwner::Client(id) => (id.name.clone(), "client"),
+            StreamOwner::Listener(name) => (name.to_string(), "listener"),
+        };
+        StreamView {
+            key,
+            who,
+            kind,
+            agent: self.agent.clone(),
+            service: self.service.clone(),
+            protocol: self.protocol.as_str(),
+            since: self.since,
+            age_secs: self.started.elapsed().as_secs_f64(),
+            bytes_up,
+            bytes_down,
+        }
+    }
 }
 
 /// What the admin API shows of one live stream.
@@ -149,28 +172,44 @@ impl Streams {
         let mut v: Vec<StreamView> = self
             .lock()
             .iter()
-            .map(|(key, s)| {
-                let (bytes_up, bytes_down) = s.traffic.bytes();
-                let (who, kind) = match &s.owner {
-                    StreamOwner::Client(id) => (id.name.clone(), "client"),
-                    StreamOwner::Listener(name) => (name.to_string(), "listener"),
-                };
-                StreamView {
-                    key: *key,
-                    who,
-                    kind,
-                    agent: s.agent.clone(),
-                    service: s.service.clone(),
-                    protocol: s.protocol.as_str(),
-                    since: s.since,
-                    age_secs: s.started.elapsed().as_secs_f64(),
-                    bytes_up,
-                    bytes_down,
-                }
-            })
+            .map(|(key, s)| s.view(*key, s.traffic.bytes()))
             .collect();
         v.sort_by_key(|s| s.key);
         v
+    }
+
+    /// The `n` live streams that carried the most bytes (up and down),
+    /// busiest first (the oldest first among equals), and how many are
+    /// live: the view of a few without building the view of all (an
+    /// admin's console asks every 2 s, and a replica may hold 100 000).
+    pub(crate) fn busiest(&self, n: usize) -> (usize, Vec<StreamView>) {
+        use std::cmp::Reverse;
+        // The byte counts live in the sessions (a lock and a lookup each):
+        // read them after letting go of the table, which every open and
+        // close takes.
+        let counted: Vec<(u64, Traffic)> = self
+            .lock()
+            .iter()
+            .map(|(key, s)| (*key, s.traffic.clone()))
+            .collect();
+        // The best `n` so far, the least busy on top: (bytes, newer first).
+        let mut best = std::collections::BinaryHeap::with_capacity(n + 1);
+        for (key, traffic) in &counted {
+            let (up, down) = traffic.bytes();
+            best.push(Reverse((up.saturating_add(down), Reverse(*key), up, down)));
+            if best.len() > n {
+                best.pop();
+            }
+        }
+        let streams = self.lock();
+        let views = best
+            .into_sorted_vec()
+            .into_iter()
+            .filter_map(|Reverse((_, Reverse(key), up, down))| {
+                streams.get(&key).map(|s| s.view(key, (up, down)))
+            })
+            .collect();
+        (counted.len(), views)
     }
 
     /// How many streams are live.
@@ -234,4 +273,45 @@ pub(crate) fn ended(
             _ = expiry => CREDENTIAL_EXPIRED,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener's stream whose relay has counted `up` and `down` bytes.
+    fn add(streams: &Streams, up: u64, down: u64) -> u64 {
+        let counts = Arc::new(ByteCounts::default());
+        counts.up.store(up, Ordering::Relaxed);
+        counts.down.store(down, Ordering::Relaxed);
+        let owner = StreamOwner::Listener("listener 127.0.0.1:1".into());
+        let traffic = Traffic::Counted(counts);
+        streams
+            .insert(owner, "prod", "db", Protocol::Tcp, traffic)
+            .0
+    }
+
+    #[test]
+    fn the_busiest_streams_come_first_and_the_oldest_among_equals() {
+        let streams = Streams::default();
+        let quiet = add(&streams, 1, 0);
+        let old_tie = add(&streams, 500, 500);
+        let busiest = add(&streams, 10, 5_000);
+        let new_tie = add(&streams, 1_000, 0);
+        let _idle = add(&streams, 0, 0);
+        let keys = |n| -> (usize, Vec<u64>) {
+            let (total, views) = streams.busiest(n);
+            (total, views.iter().map(|v| v.key).collect())
+        };
+        assert_eq!(keys(1), (5, vec![busiest]));
+        assert_eq!(keys(2), (5, vec![busiest, old_tie]));
+        assert_eq!(keys(3), (5, vec![busiest, old_tie, new_tie]));
+        assert_eq!(keys(4), (5, vec![busiest, old_tie, new_tie, quiet]));
+        assert_eq!(keys(100).1.len(), 5);
+        let (_, views) = streams.busiest(1);
+        assert_eq!((views[0].bytes_up, views[0].bytes_down), (10, 5_000));
+        assert_eq!(views[0].who, "listener 127.0.0.1:1");
+        streams.remove(busiest);
+        assert_eq!(keys(1), (4, vec![old_tie]));
+    }
 }

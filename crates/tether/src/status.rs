@@ -39,6 +39,10 @@ pub(crate) struct StatusArgs {
     /// Refresh every SECS seconds until interrupted.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<u64>,
+    /// Show the N busiest live streams (0: every one). A replica may carry
+    /// 100 000; the count of all is shown either way.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    streams: usize,
     /// With --watch: stop after this many refreshes (for scripts).
     #[arg(long, hide = true)]
     count: Option<u64>,
@@ -111,7 +115,11 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
 async fn fetch_all(a: &StatusArgs, t: &Target) -> anyhow::Result<Value> {
     let mut all = serde_json::Map::new();
     for part in ["status", "agents", "sessions", "streams"] {
-        let v = get(a, t, &format!("/api/v1/{part}")).await?;
+        let query = match (part, a.streams) {
+            ("streams", n) if n > 0 => format!("?limit={}", n.min(10_000)),
+            _ => String::new(),
+        };
+        let v = get(a, t, &format!("/api/v1/{part}{query}")).await?;
         all.insert(part.to_owned(), v);
     }
     Ok(Value::Object(all))
@@ -294,6 +302,14 @@ fn render(v: &Value) -> String {
         out.push_str("no live streams\n");
     } else {
         table(&mut out, &rows);
+        let total = num(&v["streams"]["total"]);
+        let shown = rows.len() as u64 - 1;
+        if total > shown {
+            let _ = writeln!(
+                out,
+                "the {shown} busiest of {total} live streams (--streams N for more)"
+            );
+        }
     }
     out
 }
@@ -418,6 +434,15 @@ mod tests {
         assert!(
             out.lines()
                 .any(|l| l.contains("alice") && l.contains("prod/db") && l.contains("100 B")),
+            "{out}"
+        );
+        assert!(!out.contains("busiest"), "all streams shown: {out}");
+        // The server sent a page of a larger list: the table says so.
+        let mut paged = v.clone();
+        paged["streams"]["total"] = 120.into();
+        let out = render(&paged);
+        assert!(
+            out.contains("the 1 busiest of 120 live streams (--streams N for more)"),
             "{out}"
         );
     }

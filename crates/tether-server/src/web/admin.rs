@@ -1,4 +1,5 @@
-//! The admin API: `GET /api/v1/{status,agents,sessions,streams}`, JSON.
+//! The admin API: `GET /api/v1/{status,agents,sessions,streams}`, JSON
+//! (`streams?limit=N`: the N busiest).
 //!
 //! What is connected to this replica and what flows through it, for
 //! `tether status`, the console's live view and an operator's scripts. Only
@@ -110,11 +111,31 @@ struct Session {
     draining: bool,
 }
 
-/// `GET /api/v1/streams`.
+/// `GET /api/v1/streams[?limit=N]`.
 #[derive(Debug, Serialize)]
 struct StreamList {
     replica: String,
+    /// Live streams on this replica (`streams` may hold fewer).
+    total: usize,
     streams: Vec<LiveStream>,
+}
+
+/// Most streams `?limit=` may ask for.
+const MAX_STREAMS_LIMIT: usize = 10_000;
+
+/// The `limit` of a `/api/v1/streams` query: `Ok(None)` without one.
+fn streams_limit(query: Option<&str>) -> Result<Option<usize>, String> {
+    let Some((_, v)) =
+        form_urlencoded::parse(query.unwrap_or("").as_bytes()).find(|(k, _)| k == "limit")
+    else {
+        return Ok(None);
+    };
+    match v.parse::<usize>() {
+        Ok(n) if (1..=MAX_STREAMS_LIMIT).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "limit must be a whole number from 1 to {MAX_STREAMS_LIMIT}, not {v:?}"
+        )),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -273,13 +294,10 @@ impl AdminApi {
                     sessions: self.sessions.list().into_iter().map(Into::into).collect(),
                 },
             ),
-            "streams" => json(
-                StatusCode::OK,
-                &StreamList {
-                    replica: self.cluster.id().to_owned(),
-                    streams: self.streams.list().into_iter().map(Into::into).collect(),
-                },
-            ),
+            "streams" => match streams_limit(req.uri().query()) {
+                Ok(limit) => json(StatusCode::OK, &self.stream_list(limit)),
+                Err(reason) => error(StatusCode::BAD_REQUEST, "bad_request", reason),
+            },
             _ => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -304,6 +322,22 @@ impl AdminApi {
             agent_sessions: sessions.iter().filter(|s| s.kind == "agent").count(),
             client_sessions: sessions.iter().filter(|s| s.kind == "client").count(),
             live_streams: self.streams.len(),
+        }
+    }
+
+    /// Every live stream, or the `limit` busiest.
+    fn stream_list(&self, limit: Option<usize>) -> StreamList {
+        let (total, streams) = match limit {
+            Some(n) => self.streams.busiest(n),
+            None => {
+                let all = self.streams.list();
+                (all.len(), all)
+            }
+        };
+        StreamList {
+            replica: self.cluster.id().to_owned(),
+            total,
+            streams: streams.into_iter().map(Into::into).collect(),
         }
     }
 

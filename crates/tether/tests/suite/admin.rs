@@ -149,6 +149,42 @@ async fn admins_see_agents_sessions_and_live_streams_with_their_bytes() {
     assert_eq!(st["protocol"], "tcp");
     assert_eq!(st["bytes_up"], 3000, "{st}");
     assert_eq!(st["bytes_down"], 3000, "{st}");
+    assert_eq!(streams["total"], 1, "{streams}");
+
+    // Two more streams, one busier and one quieter: `limit` returns the
+    // busiest first and counts them all; a limit out of range is refused.
+    let mut busier = connect(port).await;
+    let mut quieter = connect(port).await;
+    for (conn, n) in [(&mut busier, 5000), (&mut quieter, 1000)] {
+        conn.write_all(&vec![1u8; n]).await.unwrap();
+        let mut back = vec![0u8; n];
+        conn.read_exact(&mut back).await.unwrap();
+    }
+    let top = api(&t, "streams?limit=2");
+    let ups: Vec<&Value> = top["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["bytes_up"])
+        .collect();
+    assert_eq!(ups, [5000, 3000], "{top}");
+    assert_eq!(top["total"], 3, "{top}");
+    assert_eq!(
+        api(&t, "streams")["streams"].as_array().map(Vec::len),
+        Some(3)
+    );
+    for bad in ["0", "10001", "many", "-1"] {
+        let (status, _, body) = curl(
+            &format!("{base}/api/v1/streams?limit={bad}"),
+            &["-H", &bearer(CLIENT_TOKEN)],
+        );
+        assert_eq!(status, 400, "limit={bad}: {body}");
+        assert!(
+            body.contains("\"error\":\"bad_request\"") && body.contains("limit must be"),
+            "{body}"
+        );
+    }
+    drop((busier, quieter));
 
     // `tether status`: the same, as JSON and as a table.
     let status_as = |token: &str, extra: &[&str]| {

@@ -191,18 +191,19 @@
   }
 
   function pollStreams() {
-    fetch("/api/v1/streams", { headers: { Accept: "application/json" } })
+    // The server sends the busiest STREAM_ROWS, busiest first, and the count.
+    fetch("/api/v1/streams?limit=" + STREAM_ROWS, { headers: { Accept: "application/json" } })
       .then((r) => (r.ok ? r.json() : Promise.reject(r.status)))
       .then((body) => {
-        const rows = body.streams.slice().sort((x, y) => (y.bytes_up + y.bytes_down) - (x.bytes_up + x.bytes_down));
-        streamsBody.replaceChildren(...rows.slice(0, STREAM_ROWS).map((s) =>
+        const rows = body.streams;
+        streamsBody.replaceChildren(...rows.map((s) =>
           el("tr", { "data-stream": String(s.id) },
             el("td", {}, s.who), el("td", {}, s.agent + "/" + s.service), el("td", {}, s.protocol),
             el("td", {}, age(s.age_secs)), el("td", { class: "num" }, bytes(s.bytes_up)),
             el("td", { class: "num" }, bytes(s.bytes_down)))));
-        streamsNote.textContent = rows.length
-          ? rows.length + " live stream" + (rows.length === 1 ? "" : "s") + " on replica " + body.replica +
-            (rows.length > STREAM_ROWS ? " · the " + STREAM_ROWS + " busiest shown" : "")
+        streamsNote.textContent = body.total
+          ? body.total + " live stream" + (body.total === 1 ? "" : "s") + " on replica " + body.replica +
+            (body.total > rows.length ? " · the " + rows.length + " busiest shown" : "")
           : "no live streams on replica " + body.replica;
       })
       .catch(() => { streamsNote.textContent = "cannot read the live streams; retrying"; })
