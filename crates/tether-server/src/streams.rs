@@ -201,6 +201,7 @@ impl Streams {
                 best.pop();
             }
         }
+        // A stream that ended meanwhile is left out (and not counted).
         let streams = self.lock();
         let views = best
             .into_sorted_vec()
@@ -209,7 +210,7 @@ impl Streams {
                 streams.get(&key).map(|s| s.view(key, (up, down)))
             })
             .collect();
-        (counted.len(), views)
+        (streams.len(), views)
     }
 
     /// How many streams are live.

@@ -15,6 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
+/// Live streams a table shows unless `--streams` says otherwise.
+const TABLE_STREAMS: usize = 50;
+
+/// Most streams the admin API sends in one answer with a limit.
+const MAX_STREAMS: usize = 10_000;
+
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,10 +45,11 @@ pub(crate) struct StatusArgs {
     /// Refresh every SECS seconds until interrupted.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<u64>,
-    /// Show the N busiest live streams (0: every one). A replica may carry
-    /// 100 000; the count of all is shown either way.
-    #[arg(long, value_name = "N", default_value_t = 50)]
-    streams: usize,
+    /// Show the N busiest live streams (0: every one; at most 10 000). A
+    /// replica may carry 100 000; the count of all is shown either way.
+    /// Default: 50 in tables, every one with --json.
+    #[arg(long, value_name = "N")]
+    streams: Option<usize>,
     /// With --watch: stop after this many refreshes (for scripts).
     #[arg(long, hide = true)]
     count: Option<u64>,
@@ -115,8 +122,9 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
 async fn fetch_all(a: &StatusArgs, t: &Target) -> anyhow::Result<Value> {
     let mut all = serde_json::Map::new();
     for part in ["status", "agents", "sessions", "streams"] {
-        let query = match (part, a.streams) {
-            ("streams", n) if n > 0 => format!("?limit={}", n.min(10_000)),
+        let streams = a.streams.unwrap_or(if a.json { 0 } else { TABLE_STREAMS });
+        let query = match (part, streams) {
+            ("streams", n) if n > 0 => format!("?limit={}", n.min(MAX_STREAMS)),
             _ => String::new(),
         };
         let v = get(a, t, &format!("/api/v1/{part}{query}")).await?;
@@ -307,7 +315,7 @@ fn render(v: &Value) -> String {
         if total > shown {
             let _ = writeln!(
                 out,
-                "the {shown} busiest of {total} live streams (--streams N for more)"
+                "the {shown} busiest of {total} live streams (--streams N for more, 0 for all)"
             );
         }
     }
@@ -442,7 +450,7 @@ mod tests {
         paged["streams"]["total"] = 120.into();
         let out = render(&paged);
         assert!(
-            out.contains("the 1 busiest of 120 live streams (--streams N for more)"),
+            out.contains("the 1 busiest of 120 live streams (--streams N for more, 0 for all)"),
             "{out}"
         );
     }

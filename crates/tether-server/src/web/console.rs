@@ -501,6 +501,9 @@ pub(crate) fn events(
                 tokio::time::sleep_until(next).await;
             }
             let now = tokio::time::Instant::now();
+            if now >= ev.deadline {
+                return None;
+            }
             ev.built = Some(now);
             let auth = ev.web.auth.get();
             // A revoked or expired identity's console stops updating.

@@ -469,10 +469,33 @@ async fn chromium_console_polls_when_its_live_updates_are_refused() {
     })
     .await;
     screenshot(&c, "console-polling.png").await;
-    c.close().await.unwrap();
-    drop(driver);
+    // A search while refused: the page tries live updates again, is
+    // refused again and polls with the search (ghost only).
+    let search = c.find(Locator::Css("#search")).await.unwrap();
+    search.send_keys("gho").await.unwrap();
+    wait_text(&c, "#status", |t| {
+        t.contains("· 1 match") && t.contains("refreshing every 3 s")
+    })
+    .await;
+    assert_eq!(shown_cards(&c).await, "ghost");
+    // The other consoles close; the next search goes live again.
     for (mut child, _) in held {
         let _ = child.kill();
         let _ = child.wait();
     }
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        search.clear().await.unwrap();
+        search.send_keys("prod").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status = wait_text(&c, "#status", |t| t.contains("· 1 match")).await;
+        if !status.contains("refreshing") {
+            break;
+        }
+        // Refused again: the server has not yet noticed a close.
+        assert!(Instant::now() < end, "never live again: {status}");
+    }
+    assert_eq!(shown_cards(&c).await, "prod");
+    c.close().await.unwrap();
+    drop(driver);
 }

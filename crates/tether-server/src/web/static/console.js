@@ -222,7 +222,7 @@
       .then((r) => (r.ok ? r.json() : Promise.reject(r.status)))
       .then((s) => { if (round === pollRound) accept(s, q !== ""); })
       .catch(() => { statusEl.textContent = "cannot reach the server; retrying"; })
-      .finally(() => { if (round === pollRound) setTimeout(poll, 3000); });
+      .finally(() => { if (round === pollRound) setTimeout(() => { if (round === pollRound) poll(); }, 3000); });
   }
 
   // One event stream for the current filter; a new filter closes it (which
@@ -250,10 +250,20 @@
     };
   }
 
+  // A new filter tries live updates again (a refusal may have been a slot
+  // not yet given back); without EventSource it polls with the new filter.
   let searchTimer = null;
   function refilter() {
     clearTimeout(searchTimer);
-    searchTimer = setTimeout(() => (polling ? poll() : listen()), SEARCH_DELAY_MS);
+    searchTimer = setTimeout(() => {
+      if (!window.EventSource) { poll(); return; }
+      if (polling) {
+        polling = false;
+        pollRound++; // ends the polling round
+        pollingNote = "";
+      }
+      listen();
+    }, SEARCH_DELAY_MS);
   }
   searchEl.addEventListener("input", refilter);
   onlineEl.addEventListener("change", refilter);
