@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Two builds' HTTP proxies against each other, alternately: per round, for each build,
-# `wrk -t1 -c16` straight to the app and then through that build's server proxy
+# `wrk -t1 -c$CONNS` straight to the app and then through that build's server proxy
 # (/a/bench/web/hello, keep-alive, plain HTTP), each build's ratio taken against the
 # direct run measured right before it. On a machine whose speed moves by more than the
 # difference between two builds, only alternating rounds show which is faster.
 # The server and agent log to files, as a deployed server's do (not a terminal).
 #
 # Usage: bench/ab-http.sh OLD_BINARY NEW_BINARY
-# Knobs: ROUNDS (4), SECS (5), CPUS (unset: no pinning; "0" pins everything to CPU 0),
-#        BENCH_PORT_BASE (20900). Loopback only. Prints one line per round and the means.
+# Knobs: ROUNDS (4), SECS (5), CONNS (16 keep-alive connections; at most 500, the
+#        server's per-source limit), CPUS (unset: no pinning; "0" pins everything to
+#        CPU 0), BENCH_PORT_BASE (20900). Loopback only. Prints one line per round and the means.
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 OLD_BINARY NEW_BINARY" >&2; exit 2; }
 BINS=("$1" "$2")
-ROUNDS=${ROUNDS:-4}; SECS=${SECS:-5}; BASE=${BENCH_PORT_BASE:-20900}
+ROUNDS=${ROUNDS:-4}; SECS=${SECS:-5}; CONNS=${CONNS:-16}; BASE=${BENCH_PORT_BASE:-20900}
+[ "$CONNS" -ge 1 ] && [ "$CONNS" -le 500 ] || { echo "CONNS must be 1..500" >&2; exit 2; }
 for c in wrk curl; do command -v $c >/dev/null || { echo "need $c" >&2; exit 1; }; done
 for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "$b is not an executable" >&2; exit 1; }; done
 PIN=(); [ -n "${CPUS:-}" ] && PIN=(taskset -c "$CPUS")
@@ -26,7 +28,7 @@ APP=$BASE; SRV=$((BASE + 1))
 printf '[limits]\nrequests_per_sec = 1e9\nrequest_burst = 1e9\n' >"$LOG/limits.toml"
 "${PIN[@]}" "${BINS[0]}" sample-app --listen "127.0.0.1:$APP" >"$LOG/app.log" 2>&1 & APP_PID=$!
 AUTH="Authorization: Bearer tok"; URL="http://127.0.0.1:$SRV/a/bench/web/hello"
-rps() { wrk -t1 -c16 -d"${SECS}s" "$@" | awk '/Requests\/sec/ {print $2}'; }
+rps() { wrk -t1 -c"$CONNS" -d"${SECS}s" "$@" | awk '/Requests\/sec/ {print $2}'; }
 start() { # BINARY: a server and an agent, until the proxy answers
     "${PIN[@]}" "$1" server --config "$LOG/limits.toml" --listen "127.0.0.1:$SRV" \
         --agent bench=bench-agent --client "b=tok=bench/*" >"$LOG/server.log" 2>&1 & RUN+=($!)

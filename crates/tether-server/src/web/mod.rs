@@ -57,8 +57,18 @@ pub(crate) const MAX_FORM_BODY: usize = 8 * 1024;
 /// the HTTP front allows for request headers).
 pub(crate) const FORM_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Idle keep-alive tunnel streams kept per service.
-pub(crate) const POOL_IDLE_PER_SERVICE: usize = 32;
+/// Idle keep-alive tunnel streams kept per service: as many as the
+/// requests one busy service has in flight at once. A connection that
+/// finds the list full is closed, and the next request opens a new tunnel
+/// stream and the agent a new connection to the service: at 32, 64 browser
+/// connections to one service made a fifth of their requests do that and
+/// 256 connections halved the proxy's rate (`bench/ab-http.sh`, `CONNS`).
+pub(crate) const POOL_IDLE_PER_SERVICE: usize = 256;
+
+/// Idle keep-alive tunnel streams kept over all services (each holds about
+/// 40 KiB of the server's heap, most of it hyper's buffers and request
+/// queue, and a connection the agent keeps open to its service).
+pub(crate) const POOL_IDLE_TOTAL: usize = 4096;
 
 /// How long an idle keep-alive tunnel stream stays in the pool.
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

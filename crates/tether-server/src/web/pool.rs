@@ -31,7 +31,7 @@ use tether_net::io::StreamIo;
 use tether_net::Refusal;
 use tether_proto::OpenErrorCode;
 
-use super::{POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT};
+use super::{POOL_IDLE_PER_SERVICE, POOL_IDLE_TIMEOUT, POOL_IDLE_TOTAL};
 use crate::open::Opener;
 use crate::response::{Body, BoxError};
 
@@ -44,9 +44,24 @@ pub(crate) struct Pool {
 }
 
 /// agent -> service -> its idle connections (the most recently used
-/// last), looked up with borrowed names.
-#[derive(Default)]
-struct Idle(HashMap<String, HashMap<String, Vec<Pooled>>>);
+/// last), looked up with borrowed names; and how many there are in all.
+struct Idle<P = Pooled> {
+    by_target: HashMap<String, HashMap<String, Vec<P>>>,
+    total: usize,
+    /// Most kept per service, and in all.
+    per_service: usize,
+    max_total: usize,
+}
+
+/// What the idle lists need to know of a connection.
+trait Reusable {
+    /// Its number (see [`Pool::next_id`]).
+    fn id(&self) -> u64;
+    /// When it went back to the pool.
+    fn since(&self) -> Instant;
+    /// Whether a new request may go on it.
+    fn usable(&self) -> bool;
+}
 
 /// A connection to one service.
 struct Pooled {
@@ -58,20 +73,37 @@ struct Pooled {
     since: Instant,
 }
 
-impl Pooled {
-    /// Whether a new request may go on it.
+impl Reusable for Pooled {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn since(&self) -> Instant {
+        self.since
+    }
     fn usable(&self) -> bool {
         self.send.is_ready() && !self.session.is_draining() && !self.session.is_closed()
     }
 }
 
-impl Idle {
+impl<P: Reusable> Idle<P> {
+    /// Empty lists keeping at most `per_service` connections per service
+    /// and `max_total` in all.
+    fn new(per_service: usize, max_total: usize) -> Self {
+        Idle {
+            by_target: HashMap::new(),
+            total: 0,
+            per_service,
+            max_total,
+        }
+    }
+
     /// A usable idle connection to `agent/service`, dropping (and so
     /// closing) the unusable ones it passes.
-    fn take(&mut self, agent: &str, service: &str) -> Option<Pooled> {
-        let list = self.0.get_mut(agent)?.get_mut(service)?;
+    fn take(&mut self, agent: &str, service: &str) -> Option<P> {
+        let list = self.by_target.get_mut(agent)?.get_mut(service)?;
         while let Some(p) = list.pop() {
-            if p.usable() && p.since.elapsed() < POOL_IDLE_TIMEOUT {
+            self.total -= 1;
+            if p.usable() && p.since().elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(p);
             }
         }
@@ -79,35 +111,42 @@ impl Idle {
     }
 
     /// Keeps `p` for the next request to `agent/service`, unless the
-    /// service already has as many idle connections as it may keep.
-    fn put(&mut self, agent: &str, service: &str, p: Pooled) {
-        let services = match self.0.get_mut(agent) {
+    /// service already has as many idle connections as it may keep, or the
+    /// pool as many as all services may (then `p` is dropped: closed).
+    fn put(&mut self, agent: &str, service: &str, p: P) {
+        if self.total >= self.max_total {
+            return;
+        }
+        let services = match self.by_target.get_mut(agent) {
             Some(s) => s,
-            None => self.0.entry(agent.to_owned()).or_default(),
+            None => self.by_target.entry(agent.to_owned()).or_default(),
         };
         let list = match services.get_mut(service) {
             Some(l) => l,
             None => services.entry(service.to_owned()).or_default(),
         };
-        if list.len() < POOL_IDLE_PER_SERVICE {
+        if list.len() < self.per_service {
             list.push(p);
+            self.total += 1;
         }
     }
 
     /// Drops connection `id` of `agent/service` if it is idle; with
     /// `expired_only`, only once it has been idle for [`POOL_IDLE_TIMEOUT`].
     fn evict(&mut self, agent: &str, service: &str, id: u64, expired_only: bool) {
-        let Some(services) = self.0.get_mut(agent) else {
+        let Some(services) = self.by_target.get_mut(agent) else {
             return;
         };
         let Some(list) = services.get_mut(service) else {
             return;
         };
-        list.retain(|p| p.id != id || (expired_only && p.since.elapsed() < POOL_IDLE_TIMEOUT));
+        let before = list.len();
+        list.retain(|p| p.id() != id || (expired_only && p.since().elapsed() < POOL_IDLE_TIMEOUT));
+        self.total -= before - list.len();
         if list.is_empty() {
             services.remove(service);
             if services.is_empty() {
-                self.0.remove(agent);
+                self.by_target.remove(agent);
             }
         }
     }
@@ -118,7 +157,10 @@ impl Pool {
     pub(crate) fn new(opener: Opener) -> Pool {
         Pool {
             opener,
-            idle: Arc::default(),
+            idle: Arc::new(Mutex::new(Idle::new(
+                POOL_IDLE_PER_SERVICE,
+                POOL_IDLE_TOTAL,
+            ))),
             next_id: AtomicU64::new(0),
         }
     }
@@ -276,4 +318,81 @@ pub(crate) fn refusal_of<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
         cur = err.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Conn {
+        id: u64,
+        since: Instant,
+        usable: bool,
+    }
+
+    impl Reusable for Conn {
+        fn id(&self) -> u64 {
+            self.id
+        }
+        fn since(&self) -> Instant {
+            self.since
+        }
+        fn usable(&self) -> bool {
+            self.usable
+        }
+    }
+
+    fn conn(id: u64) -> Conn {
+        Conn {
+            id,
+            since: Instant::now(),
+            usable: true,
+        }
+    }
+
+    #[test]
+    fn idle_connections_are_capped_per_service_and_in_all() {
+        let mut idle = Idle::new(3, 5);
+        for id in 0..4 {
+            idle.put("a", "web", conn(id));
+        }
+        assert_eq!(idle.total, 3, "the fourth for a/web is closed");
+        for id in 10..13 {
+            idle.put("b", "web", conn(id));
+        }
+        assert_eq!(idle.total, 5, "the sixth in all is closed");
+        assert!(idle.take("b", "web").is_some());
+        assert!(idle.take("b", "web").is_some());
+        assert!(idle.take("b", "web").is_none(), "b/web kept two");
+        // Taking frees room for any service.
+        idle.put("c", "api", conn(20));
+        assert_eq!(idle.total, 4);
+        // Most recently used first.
+        assert_eq!(idle.take("a", "web").map(|c| c.id), Some(2));
+    }
+
+    #[test]
+    fn the_count_follows_evictions_and_unusable_connections() {
+        let mut idle = Idle::new(8, 8);
+        for id in 0..4 {
+            idle.put("a", "web", conn(id));
+        }
+        idle.evict("a", "web", 1, false);
+        idle.evict("a", "web", 2, true); // not expired: stays
+        idle.evict("a", "web", 9, false); // not there
+        assert_eq!(idle.total, 3);
+        let mut dead = conn(5);
+        dead.usable = false;
+        idle.put("a", "web", dead);
+        assert_eq!(
+            idle.take("a", "web").map(|c| c.id),
+            Some(3),
+            "the unusable one is dropped on the way"
+        );
+        assert_eq!(idle.total, 2);
+        idle.evict("a", "web", 0, false);
+        idle.evict("a", "web", 2, false);
+        assert_eq!(idle.total, 0);
+        assert!(idle.by_target.is_empty(), "empty lists are removed");
+    }
 }

@@ -200,6 +200,51 @@ fn keep_alive_reuses_pooled_tunnel_streams() {
     );
 }
 
+/// `count` requests to `path` at once (curl, new connections where it can),
+/// as the dev client: their status codes.
+fn burst(w: &Web, path: &str, count: usize) -> Vec<u16> {
+    let auth = format!("Authorization: Bearer {CLIENT_TOKEN}");
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "30", "--parallel"])
+        .args(["--parallel-immediate", "--parallel-max", &count.to_string()])
+        .args(["-H", &auth, "-w", "%{http_code}\\n", "-o"])
+        .arg(w.dir.join("burst_#1"))
+        .arg(format!("{}&i=[1-{count}]", w.url(path)))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(0))
+        .collect()
+}
+
+#[test]
+fn a_burst_of_concurrent_requests_leaves_its_connections_pooled() {
+    let w = Web::start();
+    let opened = |w: &Web| metric(&w.server_metrics(), "tether_streams_total").unwrap_or(0.0);
+    // A hundred requests at once, each answered over 200 ms: the first
+    // burst opens a tunnel stream per request, and all of them go back to
+    // the pool; the second finds them there. (With a pool that kept 32,
+    // the second burst opened 68 again: the service's connections churned
+    // whenever more than 32 requests were in flight.)
+    let path = "/a/prod/web/events?n=3";
+    let before = opened(&w);
+    let codes = burst(&w, path, 100);
+    assert_eq!(codes.len(), 100, "{codes:?}");
+    assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
+    let first = opened(&w) - before;
+    assert!(first >= 50.0, "the first burst overlapped: {first} streams");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = opened(&w);
+    let codes = burst(&w, path, 100);
+    assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
+    let second = opened(&w) - before;
+    assert!(
+        second <= 5.0,
+        "the second burst opened {second} tunnel streams (the first {first})"
+    );
+}
+
 #[test]
 fn every_failure_has_a_clear_status_and_reason() {
     let w = Web::start();
