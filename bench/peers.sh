@@ -14,14 +14,15 @@
 # downloads; a WebSocket client such as tether's agent masks what it sends), the added
 # 64-byte round trip, the added connection setup, and many
 # small messages (50 connections at once, 64-byte ping-pongs, round trips per second).
-# Then HTTP: wrk (1 thread, 16 keep-alive connections, `tether sample-app /hello`) direct,
+# Then HTTP: wrk (1 thread, HTTP_CONNS keep-alive connections, `tether sample-app /hello`) direct,
 # through nginx as a 1-hop reverse proxy, through rathole and a tether [[listener]] carrying
 # the HTTP as TCP, and through tether's own HTTP proxy (/a/AGENT/SERVICE/).
 #
 # Usage: bench/peers.sh            (builds tether and the probe in release, installs rathole
 #                                   and bore-cli from crates.io into bench/.peers the first time)
 # Knobs: SKIP_BUILD=1, ROUNDS=2, IPERF_SECS=5, RTT_COUNT=5000, CONNECT_COUNT=300, MANY_SECS=3,
-#        HTTP_SECS=5 (0 skips HTTP), TETHER_WORKER_THREADS (passed on to tether),
+#        HTTP_SECS=5 (0 skips HTTP), HTTP_CONNS=16 (wrk's connections, at most 500; nginx keeps
+#        as many to the app, at least 32), TETHER_WORKER_THREADS (passed on to tether),
 #        BENCH_PORT_BASE=20400 (ports BASE .. BASE+40, below the ephemeral range),
 #        PATHS="copy-2 copy-3 rathole bore tether-2 tether-3" (a subset to measure),
 #        TETHER_BIN (another tether binary, e.g. the previous commit's, to compare),
@@ -36,7 +37,8 @@ ROOT=$(dirname "$BENCH")
 OUT="$BENCH/results"; LOG="$OUT/logs-peers"
 mkdir -p "$LOG"
 ROUNDS=${ROUNDS:-2}; IPERF_SECS=${IPERF_SECS:-5}; RTT_COUNT=${RTT_COUNT:-5000}
-MANY_SECS=${MANY_SECS:-3}; HTTP_SECS=${HTTP_SECS:-5}
+MANY_SECS=${MANY_SECS:-3}; HTTP_SECS=${HTTP_SECS:-5}; HTTP_CONNS=${HTTP_CONNS:-16}
+[ "$HTTP_CONNS" -ge 1 ] && [ "$HTTP_CONNS" -le 500 ] || { echo "HTTP_CONNS must be 1..500" >&2; exit 2; }
 CONNECT_COUNT=${CONNECT_COUNT:-300}; BASE=${BENCH_PORT_BASE:-20400}
 PATHS=${PATHS:-"copy-2 copy-3 rathole bore tether-2 tether-3"}
 SH=${SERVICE_HOST:-127.0.0.1}
@@ -242,7 +244,7 @@ http {
     access_log off;
     client_body_temp_path $LOG/nginx; proxy_temp_path $LOG/nginx; fastcgi_temp_path $LOG/nginx;
     uwsgi_temp_path $LOG/nginx; scgi_temp_path $LOG/nginx;
-    upstream app { server 127.0.0.1:$S_WEB; keepalive 32; }
+    upstream app { server 127.0.0.1:$S_WEB; keepalive $((HTTP_CONNS > 32 ? HTTP_CONNS : 32)); }
     server {
         listen 127.0.0.1:$S_NGINX;
         location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -266,7 +268,7 @@ for p in $HPATHS; do
     [ "$ok" = 1 ] || die "HTTP through $p does not answer (see $LOG)"
 done
 wrk_rps() { # URL -> requests/s; no figure when any answer was an error
-    local out; out=$(wrk -t1 -c16 -d"${HTTP_SECS}s" -H "$AUTH" "$1")
+    local out; out=$(wrk -t1 -c"$HTTP_CONNS" -d"${HTTP_SECS}s" -H "$AUTH" "$1")
     if grep -q "Non-2xx\|Socket errors" <<<"$out"; then say "errors through $1: $out"; echo 0; return; fi
     sed -n 's/^Requests\/sec:[[:space:]]*\([0-9.]*\).*/\1/p' <<<"$out"
 }
@@ -279,7 +281,7 @@ for r in $(seq "$ROUNDS"); do
 done
 {
     echo
-    echo "HTTP: wrk -t1 -c16 -d${HTTP_SECS}s, keep-alive, 6-byte answer (tether sample-app /hello); medians over $ROUNDS rounds."
+    echo "HTTP: wrk -t1 -c$HTTP_CONNS -d${HTTP_SECS}s, keep-alive, 6-byte answer (tether sample-app /hello); medians over $ROUNDS rounds."
     echo
     echo "| path | requests/s | vs direct |"
     echo "|---|---|---|"
