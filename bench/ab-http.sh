@@ -14,7 +14,7 @@ set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 OLD_BINARY NEW_BINARY" >&2; exit 2; }
 BINS=("$1" "$2")
 ROUNDS=${ROUNDS:-4}; SECS=${SECS:-5}; CONNS=${CONNS:-16}; BASE=${BENCH_PORT_BASE:-20900}
-[ "$CONNS" -ge 1 ] && [ "$CONNS" -le 500 ] || { echo "CONNS must be 1..500" >&2; exit 2; }
+[[ $CONNS =~ ^[1-9][0-9]*$ ]] && [ "$CONNS" -le 500 ] || { echo "CONNS must be 1..500" >&2; exit 2; }
 for c in wrk curl; do command -v $c >/dev/null || { echo "need $c" >&2; exit 1; }; done
 for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "$b is not an executable" >&2; exit 1; }; done
 PIN=(); [ -n "${CPUS:-}" ] && PIN=(taskset -c "$CPUS")

@@ -38,7 +38,7 @@ OUT="$BENCH/results"; LOG="$OUT/logs-peers"
 mkdir -p "$LOG"
 ROUNDS=${ROUNDS:-2}; IPERF_SECS=${IPERF_SECS:-5}; RTT_COUNT=${RTT_COUNT:-5000}
 MANY_SECS=${MANY_SECS:-3}; HTTP_SECS=${HTTP_SECS:-5}; HTTP_CONNS=${HTTP_CONNS:-16}
-[ "$HTTP_CONNS" -ge 1 ] && [ "$HTTP_CONNS" -le 500 ] || { echo "HTTP_CONNS must be 1..500" >&2; exit 2; }
+[[ $HTTP_CONNS =~ ^[1-9][0-9]*$ ]] && [ "$HTTP_CONNS" -le 500 ] || { echo "HTTP_CONNS must be 1..500" >&2; exit 2; }
 CONNECT_COUNT=${CONNECT_COUNT:-300}; BASE=${BENCH_PORT_BASE:-20400}
 PATHS=${PATHS:-"copy-2 copy-3 rathole bore tether-2 tether-3"}
 SH=${SERVICE_HOST:-127.0.0.1}

@@ -65,10 +65,12 @@ pub(crate) const FORM_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// 256 connections halved the proxy's rate (`bench/ab-http.sh`, `CONNS`).
 pub(crate) const POOL_IDLE_PER_SERVICE: usize = 256;
 
-/// Idle keep-alive tunnel streams kept over all services (each holds about
-/// 40 KiB of the server's heap, most of it hyper's buffers and request
-/// queue, and a connection the agent keeps open to its service).
-pub(crate) const POOL_IDLE_TOTAL: usize = 4096;
+/// Idle keep-alive tunnel streams kept over all services, so that what the
+/// pool holds stays within a small server's memory: each holds about 40 KiB
+/// of the server's heap after small responses (hyper's request queue and
+/// buffers), about 160 KiB after large ones (hyper keeps a read buffer of
+/// up to 128 KiB), and a connection the agent keeps open to its service.
+pub(crate) const POOL_IDLE_TOTAL: usize = 1024;
 
 /// How long an idle keep-alive tunnel stream stays in the pool.
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -48,8 +48,9 @@ pub(crate) struct Pool {
 struct Idle<P = Pooled> {
     by_target: HashMap<String, HashMap<String, Vec<P>>>,
     total: usize,
-    /// Most kept per service, and in all.
+    /// Most kept per service.
     per_service: usize,
+    /// Most kept over all services.
     max_total: usize,
 }
 
@@ -369,6 +370,37 @@ mod tests {
         assert_eq!(idle.total, 4);
         // Most recently used first.
         assert_eq!(idle.take("a", "web").map(|c| c.id), Some(2));
+    }
+
+    #[test]
+    fn an_expired_connection_is_evicted_and_never_taken() {
+        let Some(long_ago) = Instant::now().checked_sub(POOL_IDLE_TIMEOUT * 2) else {
+            return; // a clock this close to its start cannot express it
+        };
+        let mut idle = Idle::new(8, 8);
+        let old = Conn {
+            since: long_ago,
+            ..conn(1)
+        };
+        idle.put("a", "web", old);
+        idle.put("a", "web", conn(2));
+        idle.evict("a", "web", 2, true); // fresh: stays
+        idle.evict("a", "web", 1, true);
+        assert_eq!(idle.total, 1);
+        idle.put(
+            "a",
+            "web",
+            Conn {
+                since: long_ago,
+                ..conn(3)
+            },
+        );
+        assert_eq!(
+            idle.take("a", "web").map(|c| c.id),
+            Some(2),
+            "the expired one on top is dropped, the fresh one under it taken"
+        );
+        assert_eq!(idle.total, 0);
     }
 
     #[test]
