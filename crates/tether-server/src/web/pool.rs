@@ -112,10 +112,21 @@ impl<P: Reusable> Idle<P> {
     }
 
     /// Keeps `p` for the next request to `agent/service`, unless the
-    /// service already has as many idle connections as it may keep, or the
-    /// pool as many as all services may (then `p` is dropped: closed).
+    /// service already has as many idle connections as it may keep (then
+    /// `p` is dropped: closed). When the pool holds as many as all services
+    /// may, the connection idle longest, whichever its service, makes room:
+    /// a service that was busy a minute ago must not keep one in use now
+    /// from being pooled.
     fn put(&mut self, agent: &str, service: &str, p: P) {
-        if self.total >= self.max_total {
+        let kept = self
+            .by_target
+            .get(agent)
+            .and_then(|s| s.get(service))
+            .map_or(0, Vec::len);
+        if kept >= self.per_service {
+            return;
+        }
+        if self.total >= self.max_total && !self.drop_longest_idle() {
             return;
         }
         let services = match self.by_target.get_mut(agent) {
@@ -126,9 +137,51 @@ impl<P: Reusable> Idle<P> {
             Some(l) => l,
             None => services.entry(service.to_owned()).or_default(),
         };
-        if list.len() < self.per_service {
-            list.push(p);
-            self.total += 1;
+        list.push(p);
+        self.total += 1;
+    }
+
+    /// Drops (closes) the connection idle longest over all services:
+    /// `false` when there is none. Each list's first is its oldest, so
+    /// this visits one entry per service with idle connections (it runs
+    /// only at the cap).
+    fn drop_longest_idle(&mut self) -> bool {
+        let oldest = self
+            .by_target
+            .iter()
+            .flat_map(|(agent, services)| {
+                services.iter().filter_map(move |(service, list)| {
+                    Some((list.first()?.since(), agent, service))
+                })
+            })
+            .min_by_key(|(since, ..)| *since)
+            .map(|(_, agent, service)| (agent.clone(), service.clone()));
+        let Some((agent, service)) = oldest else {
+            return false;
+        };
+        if let Some(list) = self
+            .by_target
+            .get_mut(&agent)
+            .and_then(|s| s.get_mut(&service))
+        {
+            list.remove(0);
+            self.total -= 1;
+        }
+        self.forget_if_empty(&agent, &service);
+        true
+    }
+
+    /// Removes the entries of `agent/service` once it has no idle
+    /// connection left.
+    fn forget_if_empty(&mut self, agent: &str, service: &str) {
+        let Some(services) = self.by_target.get_mut(agent) else {
+            return;
+        };
+        if services.get(service).is_some_and(Vec::is_empty) {
+            services.remove(service);
+            if services.is_empty() {
+                self.by_target.remove(agent);
+            }
         }
     }
 
@@ -144,12 +197,7 @@ impl<P: Reusable> Idle<P> {
         let before = list.len();
         list.retain(|p| p.id() != id || (expired_only && p.since().elapsed() < POOL_IDLE_TIMEOUT));
         self.total -= before - list.len();
-        if list.is_empty() {
-            services.remove(service);
-            if services.is_empty() {
-                self.by_target.remove(agent);
-            }
-        }
+        self.forget_if_empty(agent, service);
     }
 }
 
@@ -324,6 +372,7 @@ pub(crate) fn refusal_of<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     struct Conn {
         id: u64,
@@ -351,25 +400,42 @@ mod tests {
         }
     }
 
+    /// Connection `id`, back in the pool `ms` milliseconds after `t0`.
+    fn conn_at(id: u64, t0: Instant, ms: u64) -> Conn {
+        Conn {
+            since: t0 + Duration::from_millis(ms),
+            ..conn(id)
+        }
+    }
+
     #[test]
     fn idle_connections_are_capped_per_service_and_in_all() {
+        let t0 = Instant::now();
         let mut idle = Idle::new(3, 5);
         for id in 0..4 {
-            idle.put("a", "web", conn(id));
+            idle.put("a", "web", conn_at(id, t0, id));
         }
         assert_eq!(idle.total, 3, "the fourth for a/web is closed");
-        for id in 10..13 {
-            idle.put("b", "web", conn(id));
+        for id in 10..12 {
+            idle.put("b", "web", conn_at(id, t0, id));
         }
-        assert_eq!(idle.total, 5, "the sixth in all is closed");
-        assert!(idle.take("b", "web").is_some());
-        assert!(idle.take("b", "web").is_some());
-        assert!(idle.take("b", "web").is_none(), "b/web kept two");
-        // Taking frees room for any service.
-        idle.put("c", "api", conn(20));
-        assert_eq!(idle.total, 4);
+        assert_eq!(idle.total, 5);
+        // The pool is full: the newcomer takes the place of the connection
+        // idle longest (a/web's first), whichever service it belongs to.
+        idle.put("c", "api", conn_at(20, t0, 20));
+        assert_eq!(idle.total, 5, "still at the cap");
+        let a: Vec<u64> = idle.by_target["a"]["web"].iter().map(|c| c.id).collect();
+        assert_eq!(a, [1, 2], "a/web's oldest made room");
+        assert_eq!(idle.take("c", "api").map(|c| c.id), Some(20));
         // Most recently used first.
         assert_eq!(idle.take("a", "web").map(|c| c.id), Some(2));
+        assert_eq!(idle.total, 3);
+        // A list emptied by making room goes too.
+        let mut idle = Idle::new(3, 1);
+        idle.put("a", "web", conn_at(1, t0, 1));
+        idle.put("b", "web", conn_at(2, t0, 2));
+        assert!(!idle.by_target.contains_key("a"));
+        assert_eq!(idle.total, 1);
     }
 
     #[test]
