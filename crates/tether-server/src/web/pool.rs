@@ -118,16 +118,15 @@ impl<P: Reusable> Idle<P> {
     /// a service that was busy a minute ago must not keep one in use now
     /// from being pooled.
     fn put(&mut self, agent: &str, service: &str, p: P) {
-        let kept = self
-            .by_target
-            .get(agent)
-            .and_then(|s| s.get(service))
-            .map_or(0, Vec::len);
-        if kept >= self.per_service {
-            return;
-        }
-        if self.total >= self.max_total && !self.drop_longest_idle() {
-            return;
+        if self.total >= self.max_total {
+            let kept = self
+                .by_target
+                .get(agent)
+                .and_then(|s| s.get(service))
+                .map_or(0, Vec::len);
+            if kept >= self.per_service || !self.drop_longest_idle() {
+                return;
+            }
         }
         let services = match self.by_target.get_mut(agent) {
             Some(s) => s,
@@ -137,8 +136,10 @@ impl<P: Reusable> Idle<P> {
             Some(l) => l,
             None => services.entry(service.to_owned()).or_default(),
         };
-        list.push(p);
-        self.total += 1;
+        if list.len() < self.per_service {
+            list.push(p);
+            self.total += 1;
+        }
     }
 
     /// Drops (closes) the connection idle longest over all services:
