@@ -239,6 +239,7 @@ fn a_burst_of_concurrent_requests_leaves_its_connections_pooled() {
     std::thread::sleep(Duration::from_millis(300));
     let before = opened(&w);
     let codes = burst(&w, path, 100);
+    assert_eq!(codes.len(), 100, "{codes:?}");
     assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
     let second = opened(&w) - before;
     assert!(
