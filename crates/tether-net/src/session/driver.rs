@@ -139,6 +139,13 @@ impl Connection {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
+    /// A number that tells this session from every other one alive (the
+    /// address its handles share): a key for state kept per session. A
+    /// session that ended may leave its number to a new one.
+    pub fn key(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
     /// The negotiated protocol version (0 before the handshake).
     pub fn version(&self) -> u16 {
         self.shared.lock().session.version()

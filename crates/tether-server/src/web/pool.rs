@@ -9,18 +9,21 @@
 //! whose request needed it (its pending-open slot, while the agent
 //! answers).
 //!
-//! A connection goes back to the pool once its response has been read to
-//! the end (hyper says it is ready again), and leaves it after
-//! [`POOL_IDLE_TIMEOUT`] unused, when the service closes it, or at once
-//! when its agent session drains or ends: an idle keep-alive must not hold
-//! up the drain of an agent instance that is shutting down. A request that
-//! never left because its pooled connection had just closed is sent once
-//! more on a new one.
+//! A connection goes back to the pool when its response's body is dropped
+//! (read to the end, hyper is ready for the next request: see
+//! [`ServiceBody`]), and leaves it after [`POOL_IDLE_TIMEOUT`] unused, when
+//! the service closes it, or at once when its agent session drains or
+//! ends: an idle keep-alive must not hold up the drain of an agent
+//! instance that is shutting down. Each connection has a task that drives
+//! it and nothing else; one task per agent session ([`watch_session`])
+//! does the expiry and the drain. A request that never left because its
+//! pooled connection had just closed is sent once more on a new one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
@@ -41,6 +44,9 @@ pub(crate) struct Pool {
     idle: Arc<Mutex<Idle>>,
     /// Numbers connections, so a connection's driver finds its own entry.
     next_id: AtomicU64,
+    /// The agent sessions a [`watch_session`] task follows, by
+    /// [`tether_net::Connection::key`].
+    watched: Arc<Mutex<HashSet<usize>>>,
 }
 
 /// agent -> service -> its idle connections (the most recently used
@@ -70,8 +76,16 @@ struct Pooled {
     send: SendRequest<Body>,
     /// The agent session its tunnel stream runs on.
     session: tether_net::Connection,
+    /// Its agent and service.
+    target: Arc<Target>,
     /// When it went back to the pool.
     since: Instant,
+}
+
+/// An agent and one of its services.
+struct Target {
+    agent: String,
+    service: String,
 }
 
 impl Reusable for Pooled {
@@ -186,19 +200,35 @@ impl<P: Reusable> Idle<P> {
         }
     }
 
-    /// Drops connection `id` of `agent/service` if it is idle; with
-    /// `expired_only`, only once it has been idle for [`POOL_IDLE_TIMEOUT`].
-    fn evict(&mut self, agent: &str, service: &str, id: u64, expired_only: bool) {
-        let Some(services) = self.by_target.get_mut(agent) else {
-            return;
-        };
-        let Some(list) = services.get_mut(service) else {
+    /// Drops connection `id` of `agent/service` if it is idle.
+    fn evict(&mut self, agent: &str, service: &str, id: u64) {
+        let Some(list) = self
+            .by_target
+            .get_mut(agent)
+            .and_then(|s| s.get_mut(service))
+        else {
             return;
         };
         let before = list.len();
-        list.retain(|p| p.id() != id || (expired_only && p.since().elapsed() < POOL_IDLE_TIMEOUT));
+        list.retain(|p| p.id() != id);
         self.total -= before - list.len();
         self.forget_if_empty(agent, service);
+    }
+
+    /// Keeps only the idle connections `keep` says yes to (the others are
+    /// dropped: closed). Visits every idle connection: for the rare sweeps
+    /// (a session draining, the periodic expiry), not per request.
+    fn retain(&mut self, mut keep: impl FnMut(&P) -> bool) {
+        let mut total = 0;
+        self.by_target.retain(|_, services| {
+            services.retain(|_, list| {
+                list.retain(&mut keep);
+                total += list.len();
+                !list.is_empty()
+            });
+            !services.is_empty()
+        });
+        self.total = total;
     }
 }
 
@@ -212,21 +242,23 @@ impl Pool {
                 POOL_IDLE_TOTAL,
             ))),
             next_id: AtomicU64::new(0),
+            watched: Arc::default(),
         }
     }
 
     /// Sends `req` (its URI in origin form, its `Host` header set) to
     /// `agent/service`; a new stream it needs is charged to `caller` (a
     /// limits key). The error is a [`Refusal`] when the tunnel stream could
-    /// not be opened, else hyper's.
+    /// not be opened, else hyper's. The connection goes back to the pool
+    /// when the response's body is dropped.
     pub(crate) async fn request(
         &self,
         caller: Arc<str>,
         agent: &str,
         service: &str,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, BoxError> {
-        let pooled = self.lock().take(agent, service);
+    ) -> Result<Response<ServiceBody>, BoxError> {
+        let pooled = lock(&self.idle).take(agent, service);
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(p) => p,
@@ -245,29 +277,11 @@ impl Pool {
                 _ => return Err(e.into_error().into()),
             },
         };
-        self.give_back_when_ready(conn, agent, service);
-        Ok(resp)
-    }
-
-    /// Puts `conn` back in the pool once its response has been read (hyper
-    /// ready for the next request), unless it closed or its session is
-    /// draining by then.
-    fn give_back_when_ready(&self, mut conn: Pooled, agent: &str, service: &str) {
-        if !conn.send.is_ready() {
-            let idle = Arc::downgrade(&self.idle);
-            let (agent, service) = (agent.to_owned(), service.to_owned());
-            tokio::spawn(async move {
-                if conn.send.ready().await.is_ok() {
-                    give_back(&idle, conn, &agent, &service);
-                }
-            });
-            return;
-        }
-        give_back(&Arc::downgrade(&self.idle), conn, agent, service);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        let idle = Arc::downgrade(&self.idle);
+        Ok(resp.map(|inner| ServiceBody {
+            inner,
+            give_back: Some((conn, idle)),
+        }))
     }
 
     /// Opens a tunnel stream to `agent/service` and starts HTTP/1.1 on it.
@@ -288,72 +302,143 @@ impl Pool {
                 )
             })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(drive(
-            conn.with_upgrades(),
-            Arc::downgrade(&self.idle),
-            id,
-            (agent.to_owned(), service.to_owned()),
-            session.clone(),
-        ));
+        let target = Arc::new(Target {
+            agent: agent.to_owned(),
+            service: service.to_owned(),
+        });
+        if lock(&self.watched).insert(session.key()) {
+            tokio::spawn(watch_session(
+                session.clone(),
+                Arc::downgrade(&self.idle),
+                Arc::downgrade(&self.watched),
+            ));
+        }
+        let idle = Arc::downgrade(&self.idle);
+        let driven = target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(agent = %driven.agent, service = %driven.service, "pooled connection to the service ended: {e}");
+            }
+            if let Some(idle) = idle.upgrade() {
+                lock(&idle).evict(&driven.agent, &driven.service, id);
+            }
+        });
         Ok(Pooled {
             id,
             send,
             session,
+            target,
             since: Instant::now(),
         })
     }
 }
 
+/// Locks `m`, whether or not a holder panicked (the pool's lists stay
+/// consistent at every step).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A response body from a pooled connection. Dropping it (the response
+/// was sent, or its client left) gives the connection back: hyper has by
+/// then read the response to its end and the connection takes the next
+/// request, so no task waits for that per request. A connection that is
+/// not ready yet (its body left unread) gets a task that waits for it; one
+/// that closed, or whose session drains, is dropped.
+pub(crate) struct ServiceBody {
+    inner: Incoming,
+    give_back: Option<(Pooled, Weak<Mutex<Idle>>)>,
+}
+
+impl From<Incoming> for ServiceBody {
+    /// A body on a connection that is not the pool's (HTTP/2).
+    fn from(inner: Incoming) -> Self {
+        ServiceBody {
+            inner,
+            give_back: None,
+        }
+    }
+}
+
+impl http_body::Body for ServiceBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ServiceBody {
+    fn drop(&mut self) {
+        let Some((mut conn, idle)) = self.give_back.take() else {
+            return;
+        };
+        if conn.send.is_ready() {
+            give_back(&idle, conn);
+            return;
+        }
+        tokio::spawn(async move {
+            if conn.send.ready().await.is_ok() {
+                give_back(&idle, conn);
+            }
+        });
+    }
+}
+
 /// Returns `conn` to the pool if it may take another request.
-fn give_back(idle: &Weak<Mutex<Idle>>, mut conn: Pooled, agent: &str, service: &str) {
+fn give_back(idle: &Weak<Mutex<Idle>>, mut conn: Pooled) {
     if !conn.usable() {
         return;
     }
     if let Some(idle) = idle.upgrade() {
         conn.since = Instant::now();
-        idle.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(agent, service, conn);
+        let target = conn.target.clone();
+        lock(&idle).put(&target.agent, &target.service, conn);
     }
 }
 
-/// Runs connection `id` to `target` until it ends, and takes it out of the
-/// pool when it has been idle too long or its agent session drains (an idle
-/// connection then closes at once: hyper ends a client connection whose
-/// last handle is gone; a request in flight on it finishes first).
-async fn drive(
-    conn: impl std::future::Future<Output = hyper::Result<()>>,
-    idle: Weak<Mutex<Idle>>,
-    id: u64,
-    target: (String, String),
+/// Follows one agent session that has pooled connections: closes those of
+/// them that have been idle [`POOL_IDLE_TIMEOUT`], and all of them at once
+/// when the session drains or ends (an idle keep-alive must not hold up the
+/// drain of an agent instance that is shutting down). One task per session,
+/// not per connection: a connection's own driver then polls nothing but the
+/// connection each time it wakes.
+async fn watch_session(
     session: tether_net::Connection,
+    idle: Weak<Mutex<Idle>>,
+    watched: Weak<Mutex<HashSet<usize>>>,
 ) {
-    let (agent, service) = (&target.0, &target.1);
-    let evict = |expired_only| {
-        if let Some(idle) = idle.upgrade() {
-            idle.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .evict(agent, service, id, expired_only);
-        }
-    };
-    let mut conn = pin!(conn);
+    let mut sweep = tokio::time::interval(POOL_IDLE_TIMEOUT / 4);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = pin!(session.draining());
-    let mut drained = false;
     loop {
         tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    tracing::debug!(%agent, %service, "pooled connection to the service ended: {e}");
-                }
-                evict(false);
-                return;
+            () = &mut draining => break,
+            _ = sweep.tick() => {
+                let Some(idle) = idle.upgrade() else { return };
+                lock(&idle).retain(|p| {
+                    !p.session.same_session(&session) || p.since.elapsed() < POOL_IDLE_TIMEOUT
+                });
             }
-            () = &mut draining, if !drained => {
-                drained = true;
-                evict(false);
-            }
-            () = tokio::time::sleep(POOL_IDLE_TIMEOUT / 4) => evict(true),
         }
+    }
+    if let Some(idle) = idle.upgrade() {
+        lock(&idle).retain(|p| !p.session.same_session(&session));
+    }
+    if let Some(watched) = watched.upgrade() {
+        lock(&watched).remove(&session.key());
     }
 }
 
@@ -451,8 +536,7 @@ mod tests {
         };
         idle.put("a", "web", old);
         idle.put("a", "web", conn(2));
-        idle.evict("a", "web", 2, true); // fresh: stays
-        idle.evict("a", "web", 1, true);
+        idle.retain(|p| p.since().elapsed() < POOL_IDLE_TIMEOUT);
         assert_eq!(idle.total, 1);
         idle.put(
             "a",
@@ -476,9 +560,8 @@ mod tests {
         for id in 0..4 {
             idle.put("a", "web", conn(id));
         }
-        idle.evict("a", "web", 1, false);
-        idle.evict("a", "web", 2, true); // not expired: stays
-        idle.evict("a", "web", 9, false); // not there
+        idle.evict("a", "web", 1);
+        idle.evict("a", "web", 9); // not there
         assert_eq!(idle.total, 3);
         let mut dead = conn(5);
         dead.usable = false;
@@ -489,8 +572,8 @@ mod tests {
             "the unusable one is dropped on the way"
         );
         assert_eq!(idle.total, 2);
-        idle.evict("a", "web", 0, false);
-        idle.evict("a", "web", 2, false);
+        idle.evict("a", "web", 0);
+        idle.evict("a", "web", 2);
         assert_eq!(idle.total, 0);
         assert!(idle.by_target.is_empty(), "empty lists are removed");
     }

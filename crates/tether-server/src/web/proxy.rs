@@ -34,7 +34,7 @@ use tether_proto::{OpenErrorCode, ServiceKind};
 use super::credential::{identify_on, ConnectionCredential};
 use super::login::{login_required, Via};
 use super::pages::{error, error_page};
-use super::pool::refusal_of;
+use super::pool::{refusal_of, ServiceBody};
 use super::rewrite::{
     forwarded_host, is_upgrade, rewrite_response, set_forwarding, strip_hop_by_hop,
     strip_tether_cookies, Forwarding,
@@ -213,7 +213,7 @@ async fn proxy(
     let caller_key = guard.key().clone();
     let sent = if http2 {
         *out.version_mut() = Version::HTTP_2;
-        web.h2.request(caller_key, agent, service, out).await
+        (web.h2.request(caller_key, agent, service, out).await).map(|r| r.map(ServiceBody::from))
     } else {
         *out.version_mut() = Version::HTTP_11;
         web.pool.request(caller_key, agent, service, out).await
@@ -543,7 +543,7 @@ impl Drop for HttpAudit {
 /// and ends with an error when the guard's stream must end (a reload took
 /// the access away, or the credential expired).
 struct GuardedBody {
-    inner: Incoming,
+    inner: ServiceBody,
     ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
     _guard: OpenGuard,
     audit: HttpAudit,
