@@ -187,11 +187,11 @@ impl Authenticator {
     pub(crate) fn client(&self, credential: &str) -> Result<ClientIdentity, CredentialError> {
         let hash = token_hash(credential);
         if let Some(name) = self.clients.get(&hash) {
-            return Ok(ClientIdentity {
-                name: name.clone(),
-                groups: vec![],
-                kind: IdentityKind::Token { hash },
-            });
+            return Ok(ClientIdentity::new(
+                name.clone(),
+                vec![],
+                IdentityKind::Token { hash },
+            ));
         }
         match &self.jwt {
             Some(j) if looks_like_jwt(credential) => Ok(j.verify(credential)?),

@@ -44,16 +44,31 @@ pub(crate) struct ClientIdentity {
     pub(crate) groups: Vec<String>,
     /// Token or JWT.
     pub(crate) kind: IdentityKind,
+    /// See [`ClientIdentity::key`]; made once, as the identity is (it is
+    /// asked for at every request and stream).
+    key: Arc<str>,
 }
 
 impl ClientIdentity {
+    /// The identity `name` (in `groups`) proved with a credential of `kind`.
+    pub(crate) fn new(name: String, groups: Vec<String>, kind: IdentityKind) -> Self {
+        let prefix = match kind {
+            IdentityKind::Token { .. } => "token:",
+            IdentityKind::Jwt { .. } => "jwt:",
+        };
+        let key = [prefix, &name].concat().into();
+        ClientIdentity {
+            name,
+            groups,
+            kind,
+            key,
+        }
+    }
+
     /// The key its limits and stream slots are counted under: a token
     /// client and a JWT subject of the same name are different identities.
-    pub(crate) fn key(&self) -> String {
-        match self.kind {
-            IdentityKind::Token { .. } => format!("token:{}", self.name),
-            IdentityKind::Jwt { .. } => format!("jwt:{}", self.name),
-        }
+    pub(crate) fn key(&self) -> &Arc<str> {
+        &self.key
     }
 
     /// Time until the credential expires (`None`: it does not).

@@ -222,14 +222,14 @@ impl JwtVerifier {
             .and_then(|v| v.as_f64())
             .map(|f| f.max(0.0) as u64)
             .unwrap_or(0);
-        Ok(ClientIdentity {
-            name: name.to_owned(),
+        Ok(ClientIdentity::new(
+            name.to_owned(),
             groups,
-            kind: IdentityKind::Jwt {
+            IdentityKind::Jwt {
                 expires,
                 token: token.into(),
             },
-        })
+        ))
     }
 }
 

@@ -41,6 +41,7 @@ use crate::config::Protocol;
 use crate::identity::ClientIdentity;
 use crate::limits::{Limit, Limits};
 use crate::metrics::Metrics;
+use crate::policy::target_name;
 use crate::registry::{AgentEntry, Registry};
 use crate::streams::{self, StreamOwner, Streams, Traffic, ACCESS_REVOKED};
 
@@ -77,7 +78,7 @@ impl Caller {
     /// The key its limits are counted under.
     pub(crate) fn key(&self) -> Arc<str> {
         match self {
-            Caller::Client(c) => c.key().into(),
+            Caller::Client(c) => c.key().clone(),
             Caller::Listener(l) => l.key.clone(),
         }
     }
@@ -370,7 +371,7 @@ impl OpenGuard {
         let h = &self.h;
         let protocol = self.protocol;
         let deny = |code: OpenErrorCode, reason: String| {
-            let target = format!("{agent}/{service}");
+            let target = target_name(agent, service);
             tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
             Err(Refusal::new(code, reason))
         };

@@ -77,7 +77,7 @@ impl RawWsEndpoint {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return resp;
         }
-        let slot = match self.limits.session(Some(&client.key())) {
+        let slot = match self.limits.session(Some(client.key())) {
             Ok(s) => s,
             Err(hit) => return limit_refusal(&self.metrics, peer, hit),
         };

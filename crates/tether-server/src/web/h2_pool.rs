@@ -33,6 +33,7 @@ use tether_net::Refusal;
 
 use super::POOL_IDLE_TIMEOUT;
 use crate::open::Opener;
+use crate::policy::target_name;
 use crate::response::{Body, BoxError};
 
 /// What a service may send on one request before the browser reads it
@@ -275,7 +276,7 @@ impl H2Pool {
                     format!("agent {agent}: HTTP/2 to {service}: {e}"),
                 )
             })?;
-        let target = format!("{agent}/{service}");
+        let target = target_name(agent, service);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%target, "HTTP/2 connection to the service ended: {e}");

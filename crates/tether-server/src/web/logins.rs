@@ -278,11 +278,11 @@ mod tests {
     }
 
     fn who(name: &str) -> ClientIdentity {
-        ClientIdentity {
-            name: name.into(),
-            groups: vec![],
-            kind: crate::identity::IdentityKind::Token { hash: [0; 32] },
-        }
+        ClientIdentity::new(
+            name.into(),
+            vec![],
+            crate::identity::IdentityKind::Token { hash: [0; 32] },
+        )
     }
 
     #[test]

@@ -44,6 +44,7 @@ use super::{client_chain, wants_html, Web};
 use crate::admission::ConnectionHold;
 use crate::metrics::Metrics;
 use crate::open::{http_status, Caller, OpenGuard};
+use crate::policy::target_name;
 use crate::response::{empty, BoxError, Resp};
 use crate::streams::{ByteCounts, Traffic, ACCESS_REVOKED};
 
@@ -245,7 +246,7 @@ async fn proxy(
     );
     let audit = HttpAudit {
         identity: name.to_owned(),
-        target: format!("{agent}/{service}"),
+        target: target_name(agent, service),
         method: method.as_str().to_owned(),
         path: rest.to_owned(),
         status: status.as_u16(),
