@@ -13,6 +13,8 @@ use bytes::{Bytes, BytesMut};
 use std::io::{self, Read};
 use tokio::net::TcpStream;
 
+use crate::scratch::with_scratch;
+
 /// Reads what has already arrived on `tcp`, at most `max` bytes, without
 /// waiting: empty when nothing is there yet, or the peer has closed.
 ///
@@ -20,20 +22,31 @@ use tokio::net::TcpStream;
 /// has not heard from the kernel yet for a socket accepted a moment ago);
 /// tokio's later reads see the socket as it is after this one.
 pub fn arrived(tcp: &TcpStream, max: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::new();
+    arrived_into(tcp, &mut buf, max)?;
+    Ok(buf.freeze())
+}
+
+/// Like [`arrived`], appending to `buf`; returns how many bytes came.
+/// The read goes through the thread's scratch buffer, so a connection
+/// that has sent nothing yet (or a few bytes) costs no buffer of `max`.
+pub fn arrived_into(tcp: &TcpStream, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
     if max == 0 {
-        return Ok(Bytes::new()); // no read, no buffer
+        return Ok(0); // no read
     }
-    let mut buf = BytesMut::zeroed(max);
-    let sock = socket2::SockRef::from(tcp);
-    match (&*sock).read(&mut buf) {
-        Ok(n) => {
-            buf.truncate(n);
-            Ok(buf.freeze())
+    with_scratch(|scratch| {
+        let room = max.min(scratch.len());
+        let sock = socket2::SockRef::from(tcp);
+        match (&*sock).read(&mut scratch[..room]) {
+            Ok(n) => {
+                buf.extend_from_slice(&scratch[..n]);
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(e),
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Bytes::new()),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Bytes::new()),
-        Err(e) => Err(e),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -34,5 +34,6 @@ pub mod listen;
 pub mod observe;
 pub mod pattern;
 pub mod reconnect;
+mod scratch;
 pub mod tuning;
 pub mod udp;

@@ -21,11 +21,15 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::chunk::unpinned;
+use crate::scratch::{with_scratch, SCRATCH_LEN};
 use crate::session::{StreamReader, StreamWriter};
 
 /// Read buffer size for sockets. Allocated only when the socket is readable,
 /// so idle connections hold no buffer.
 pub const SOCKET_READ_CHUNK: usize = 64 * 1024;
+
+// A small-mode read takes the whole scratch buffer: as much as a normal one.
+const _: () = assert!(SCRATCH_LEN == SOCKET_READ_CHUNK);
 
 /// Read buffer size for a socket whose reads keep filling
 /// [`SOCKET_READ_CHUNK`] (a bulk transfer; see [`SocketReader`]). Half a
@@ -148,7 +152,8 @@ pub struct SocketReader {
 /// How big the next read of a [`SocketReader`] is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ReadMode {
-    /// The last read was under [`SMALL_READ`]: read into the scratch buffer.
+    /// The last read was under [`SMALL_READ`]: read into the thread's
+    /// scratch buffer ([`crate::scratch`]).
     Small,
     /// Read into a fresh buffer of [`SOCKET_READ_CHUNK`].
     Normal,
@@ -177,13 +182,6 @@ impl ReadMode {
 /// down 11.2 -> 10.7 Gbit/s, 3-hop 7.7 -> 7.5 (3 alternating rounds).
 const SMALL_READ: usize = 4 * 1024;
 
-thread_local! {
-    /// The scratch buffer small socket reads go into, one per thread: a
-    /// read is copied out before the poll that made it returns.
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; SOCKET_READ_CHUNK].into_boxed_slice());
-}
-
 impl SocketReader {
     /// Wraps a socket's reading half.
     pub fn new(half: OwnedReadHalf) -> Self {
@@ -195,9 +193,8 @@ impl SocketReader {
 
     /// A read into the thread's scratch buffer, copied out.
     fn poll_read_small(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut buf = tokio::io::ReadBuf::new(&mut scratch[..]);
+        with_scratch(|scratch| {
+            let mut buf = tokio::io::ReadBuf::new(scratch);
             ready!(Pin::new(&mut self.half).poll_read(cx, &mut buf))?;
             let n = buf.filled().len();
             if n == 0 {

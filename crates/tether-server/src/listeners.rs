@@ -172,12 +172,9 @@ impl Listener {
         } else {
             0
         };
-        match tether_net::early::arrived(&tcp, room) {
-            Ok(first) => early.extend_from_slice(&first),
-            Err(e) => {
-                tracing::info!(listen = %cfg.listen, %peer, "connection failed before its open: {e}");
-                return;
-            }
+        if let Err(e) = tether_net::early::arrived_into(&tcp, &mut early, room) {
+            tracing::info!(listen = %cfg.listen, %peer, "connection failed before its open: {e}");
+            return;
         }
         let (stream, guard) = match self
             .opener
