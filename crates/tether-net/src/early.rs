@@ -29,7 +29,8 @@ pub fn arrived(tcp: &TcpStream, max: usize) -> io::Result<Bytes> {
 
 /// Like [`arrived`], appending to `buf`; returns how many bytes came.
 /// The read goes through the thread's scratch buffer, so a connection
-/// that has sent nothing yet (or a few bytes) costs no buffer of `max`.
+/// that has sent nothing yet (or a few bytes) costs no buffer of `max`;
+/// a `max` above its 64 KiB reads 64 KiB (early data is at most 4 KiB).
 pub fn arrived_into(tcp: &TcpStream, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
     if max == 0 {
         return Ok(0); // no read

@@ -35,7 +35,9 @@ impl std::fmt::Debug for IdentityKind {
     }
 }
 
-/// A client that presented a valid credential.
+/// A client that presented a valid credential. Made by
+/// [`ClientIdentity::new`] and not changed after: its limits key is made
+/// from its name and kind then.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClientIdentity {
     /// Its name (`[[client]] name`, or the JWT's name claim).

@@ -95,17 +95,20 @@ impl<'writer> FormatFields<'writer> for PlainFields {
             fields.record(&mut v);
             v.result.and_then(|()| writer.write_str(buf))
         };
-        FIELDS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                let written = write(&mut buf, &mut writer);
-                if buf.capacity() > FIELDS_KEPT {
-                    *buf = String::new();
-                }
-                written
+        let shared = FIELDS.try_with(|cell| {
+            let mut buf = cell.try_borrow_mut().ok()?;
+            let written = write(&mut buf, &mut writer);
+            if buf.capacity() > FIELDS_KEPT {
+                *buf = String::new();
             }
-            // A field's formatting wrote a line of its own: not ours to share.
-            Err(_) => write(&mut String::new(), &mut writer),
-        })
+            Some(written)
+        });
+        match shared {
+            Ok(Some(written)) => written,
+            // A field's formatting wrote a line of its own, or the thread
+            // is ending: a string of its own.
+            _ => write(&mut String::new(), &mut writer),
+        }
     }
 }
 

@@ -10,18 +10,17 @@
 //! answers).
 //!
 //! A connection goes back to the pool when its response's body is dropped
-//! (read to the end, hyper is ready for the next request: see
-//! [`ServiceBody`]), and leaves it after [`POOL_IDLE_TIMEOUT`] unused, when
-//! the service closes it, or at once when its agent session drains or
-//! ends: an idle keep-alive must not hold up the drain of an agent
-//! instance that is shutting down. Each connection has a task that drives
-//! it and nothing else; one task per agent session ([`watch_session`])
-//! does the expiry and the drain. A request that never left because its
+//! (read to the end, hyper ready for the next request: see
+//! [`ServiceBody`]), and leaves it after [`POOL_IDLE_TIMEOUT`] unused
+//! ([`expire_idle`], one task for the pool), when the service closes it,
+//! or at once when its agent session drains or ends ([`watch_session`],
+//! one task per session): an idle keep-alive must not hold up the drain of
+//! an agent instance that is shutting down. Each connection has a task
+//! that drives it and nothing else. A request that never left because its
 //! pooled connection had just closed is sent once more on a new one.
 
 use std::collections::{HashMap, HashSet};
-use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -47,6 +46,8 @@ pub(crate) struct Pool {
     /// The agent sessions a [`watch_session`] task follows, by
     /// [`tether_net::Connection::key`].
     watched: Arc<Mutex<HashSet<usize>>>,
+    /// The [`expire_idle`] task was started (at the first connection).
+    expiring: AtomicBool,
 }
 
 /// agent -> service -> its idle connections (the most recently used
@@ -243,6 +244,7 @@ impl Pool {
             ))),
             next_id: AtomicU64::new(0),
             watched: Arc::default(),
+            expiring: AtomicBool::new(false),
         }
     }
 
@@ -306,6 +308,9 @@ impl Pool {
             agent: agent.to_owned(),
             service: service.to_owned(),
         });
+        if !self.expiring.swap(true, Ordering::Relaxed) {
+            tokio::spawn(expire_idle(Arc::downgrade(&self.idle)));
+        }
         if lock(&self.watched).insert(session.key()) {
             tokio::spawn(watch_session(
                 session.clone(),
@@ -340,11 +345,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A response body from a pooled connection. Dropping it (the response
-/// was sent, or its client left) gives the connection back: hyper has by
-/// then read the response to its end and the connection takes the next
-/// request, so no task waits for that per request. A connection that is
-/// not ready yet (its body left unread) gets a task that waits for it; one
-/// that closed, or whose session drains, is dropped.
+/// was sent, or its client left) gives the connection back: hyper has
+/// usually read the response to its end by then and the connection takes
+/// the next request, so no task waits for that per request. A connection
+/// that is not ready yet (hyper's connection task has not seen the end,
+/// or the body was left unread) gets a task that waits for it; one that
+/// closed, or whose session drains, is dropped.
 pub(crate) struct ServiceBody {
     inner: Incoming,
     give_back: Option<(Pooled, Weak<Mutex<Idle>>)>,
@@ -389,56 +395,63 @@ impl Drop for ServiceBody {
             give_back(&idle, conn);
             return;
         }
-        tokio::spawn(async move {
-            if conn.send.ready().await.is_ok() {
-                give_back(&idle, conn);
-            }
-        });
+        // Not ready yet (its body dropped before hyper's connection task
+        // saw the end, or left unread): a task waits for it. Outside a
+        // runtime (being torn down) the connection just closes.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if conn.send.ready().await.is_ok() {
+                    give_back(&idle, conn);
+                }
+            });
+        }
     }
 }
 
 /// Returns `conn` to the pool if it may take another request.
 fn give_back(idle: &Weak<Mutex<Idle>>, mut conn: Pooled) {
-    if !conn.usable() {
+    let Some(idle) = idle.upgrade() else {
         return;
-    }
-    if let Some(idle) = idle.upgrade() {
+    };
+    // Judged under the lock: a session's watcher sweeps its connections out
+    // under it once the session drains, and a drain does not end, so a
+    // connection checked here after that sweep is seen to be unusable.
+    let mut idle = lock(&idle);
+    if conn.usable() {
         conn.since = Instant::now();
         let target = conn.target.clone();
-        lock(&idle).put(&target.agent, &target.service, conn);
+        idle.put(&target.agent, &target.service, conn);
     }
 }
 
-/// Follows one agent session that has pooled connections: closes those of
-/// them that have been idle [`POOL_IDLE_TIMEOUT`], and all of them at once
-/// when the session drains or ends (an idle keep-alive must not hold up the
-/// drain of an agent instance that is shutting down). One task per session,
-/// not per connection: a connection's own driver then polls nothing but the
-/// connection each time it wakes.
+/// Follows one agent session that has pooled connections and closes them
+/// all at once when it drains or ends: an idle keep-alive must not hold up
+/// the drain of an agent instance that is shutting down. One task per
+/// session, not per connection: a connection's own driver then polls
+/// nothing but the connection each time it wakes.
 async fn watch_session(
     session: tether_net::Connection,
     idle: Weak<Mutex<Idle>>,
     watched: Weak<Mutex<HashSet<usize>>>,
 ) {
-    let mut sweep = tokio::time::interval(POOL_IDLE_TIMEOUT / 4);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut draining = pin!(session.draining());
-    loop {
-        tokio::select! {
-            () = &mut draining => break,
-            _ = sweep.tick() => {
-                let Some(idle) = idle.upgrade() else { return };
-                lock(&idle).retain(|p| {
-                    !p.session.same_session(&session) || p.since.elapsed() < POOL_IDLE_TIMEOUT
-                });
-            }
-        }
-    }
+    session.draining().await;
     if let Some(idle) = idle.upgrade() {
         lock(&idle).retain(|p| !p.session.same_session(&session));
     }
     if let Some(watched) = watched.upgrade() {
         lock(&watched).remove(&session.key());
+    }
+}
+
+/// Closes, every quarter of [`POOL_IDLE_TIMEOUT`], the connections idle
+/// longer than that; ends with the pool. One task for the whole pool.
+async fn expire_idle(idle: Weak<Mutex<Idle>>) {
+    let mut sweep = tokio::time::interval(POOL_IDLE_TIMEOUT / 4);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        sweep.tick().await;
+        let Some(idle) = idle.upgrade() else { return };
+        lock(&idle).retain(|p| p.since.elapsed() < POOL_IDLE_TIMEOUT);
     }
 }
 
