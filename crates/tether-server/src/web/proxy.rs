@@ -214,7 +214,10 @@ async fn proxy(
     let caller_key = guard.key().clone();
     let sent = if http2 {
         *out.version_mut() = Version::HTTP_2;
-        (web.h2.request(caller_key, agent, service, out).await).map(|r| r.map(ServiceBody::from))
+        web.h2
+            .request(caller_key, agent, service, out)
+            .await
+            .map(|r| r.map(ServiceBody::from))
     } else {
         *out.version_mut() = Version::HTTP_11;
         web.pool.request(caller_key, agent, service, out).await
