@@ -260,30 +260,37 @@ impl Pool {
         service: &str,
         req: Request<Body>,
     ) -> Result<Response<ServiceBody>, BoxError> {
-        let pooled = lock(&self.idle).take(agent, service);
-        let reused = pooled.is_some();
-        let mut conn = match pooled {
-            Some(p) => p,
-            None => self.connect(caller.clone(), agent, service).await?,
-        };
-        let resp = match conn.send.try_send_request(req).await {
-            Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                // The pooled connection closed before the request left
-                // (the service ended its keep-alive): once more on a new one.
-                Some(req) if reused => {
-                    tracing::debug!(%agent, %service, "pooled connection closed before the request left ({}): once more on a new one", e.error());
-                    conn = self.connect(caller, agent, service).await?;
-                    conn.send.send_request(req).await?
+        let mut req = req;
+        let mut pooled = lock(&self.idle).take(agent, service);
+        // At most twice: a pooled connection that closed before the request
+        // left (the service ended its keep-alive) is retried once on a new
+        // one. (One await of each kind: each await takes its own room in
+        // the request's future, which hyper moves per request.)
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(p) => p,
+                // Boxed: a new connection is the rare case, and its future
+                // would otherwise size every request's.
+                None => Box::pin(self.connect(caller.clone(), agent, service)).await?,
+            };
+            match conn.send.try_send_request(req).await {
+                Ok(resp) => {
+                    let idle = Arc::downgrade(&self.idle);
+                    return Ok(resp.map(|inner| ServiceBody {
+                        inner,
+                        give_back: Some((conn, idle)),
+                    }));
                 }
-                _ => return Err(e.into_error().into()),
-            },
-        };
-        let idle = Arc::downgrade(&self.idle);
-        Ok(resp.map(|inner| ServiceBody {
-            inner,
-            give_back: Some((conn, idle)),
-        }))
+                Err(mut e) => match e.take_message() {
+                    Some(again) if reused => {
+                        tracing::debug!(%agent, %service, "pooled connection closed before the request left ({}): once more on a new one", e.error());
+                        req = again;
+                    }
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
     }
 
     /// Opens a tunnel stream to `agent/service` and starts HTTP/1.1 on it.

@@ -214,8 +214,9 @@ async fn proxy(
     let caller_key = guard.key().clone();
     let sent = if http2 {
         *out.version_mut() = Version::HTTP_2;
-        web.h2
-            .request(caller_key, agent, service, out)
+        // Boxed: an HTTP/2 service's request future is the largest, and
+        // would otherwise size every request's (hyper moves it per request).
+        Box::pin(web.h2.request(caller_key, agent, service, out))
             .await
             .map(|r| r.map(ServiceBody::from))
     } else {
