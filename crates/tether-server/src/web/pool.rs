@@ -105,6 +105,14 @@ impl Replay {
     }
 }
 
+/// Whether `e` says the connection ended before an answer began: it
+/// closed (the service's FIN) or failed (its reset, which the agent passes
+/// on) while the request was out.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    e.is_incomplete_message()
+        || std::error::Error::source(e).is_some_and(|cause| cause.is::<std::io::Error>())
+}
+
 /// agent -> service -> its idle connections (the most recently used
 /// last), looked up with borrowed names; and how many there are in all.
 struct Idle<P = Pooled> {
@@ -348,7 +356,7 @@ impl Pool {
                         tracing::debug!(%agent, %service, "pooled connection closed before the request left ({}): once more on a new one", e.error());
                         req = again;
                     }
-                    (None, Some(replay)) if e.error().is_incomplete_message() => {
+                    (None, Some(replay)) if closed_unanswered(e.error()) => {
                         tracing::debug!(%agent, %service, "pooled connection closed without an answer ({}): the idempotent request once more on a new one", e.error());
                         req = replay.request();
                     }

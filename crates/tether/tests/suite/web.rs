@@ -250,9 +250,12 @@ fn a_burst_of_concurrent_requests_leaves_its_connections_pooled() {
 
 /// A service that answers the first request on each connection, keeping it
 /// alive, and closes the connection unanswered when a second request comes
-/// on it: a keep-alive timeout firing just as a request arrives, every time.
-/// Returns its port and the methods of the requests it saw.
-fn service_closing_kept_connections() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// on it (with a reset when `reset`, else a FIN): a keep-alive timeout
+/// firing just as a request arrives, every time. Returns its port and the
+/// methods of the requests it saw.
+fn service_closing_kept_connections(
+    reset: bool,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -264,7 +267,7 @@ fn service_closing_kept_connections() -> (u16, std::sync::Arc<std::sync::Mutex<V
             let log = log.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                for answered in [false, true] {
+                for second in [false, true] {
                     // One request head (no bodies besides the POST's few bytes).
                     let mut chunk = [0u8; 4096];
                     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -276,7 +279,10 @@ fn service_closing_kept_connections() -> (u16, std::sync::Arc<std::sync::Mutex<V
                     let head = String::from_utf8_lossy(&buf).into_owned();
                     let method = head.split(' ').next().unwrap_or("").to_owned();
                     log.lock().unwrap().push(method);
-                    if answered {
+                    if second {
+                        if reset {
+                            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                        }
                         return; // closed, the request unanswered
                     }
                     buf.clear();
@@ -290,25 +296,43 @@ fn service_closing_kept_connections() -> (u16, std::sync::Arc<std::sync::Mutex<V
 
 #[test]
 fn an_idempotent_request_on_a_connection_the_service_closed_is_sent_again() {
-    let (port, seen) = service_closing_kept_connections();
+    let (closing, closing_seen) = service_closing_kept_connections(false);
+    let (resetting, resetting_seen) = service_closing_kept_connections(true);
     let w = Web::start_with(WebOpts {
-        services: format!("closing = \"http://127.0.0.1:{port}\"\n"),
+        services: format!(
+            "closing = \"http://127.0.0.1:{closing}\"\nresetting = \"http://127.0.0.1:{resetting}\"\n"
+        ),
         ..Default::default()
     });
-    let url = w.url("/a/prod/closing/x");
-    let out = w.get(&url, &[]);
-    assert_eq!((out.status, out.body.as_str()), (200, "ok"), "{out:?}");
-    // The connection is pooled; idle long enough, the next GET goes on it,
-    // the service closes it unanswered, and the GET goes again on a new one.
-    std::thread::sleep(Duration::from_millis(400));
-    let out = w.get(&url, &[]);
-    assert_eq!((out.status, out.body.as_str()), (200, "ok"), "{out:?}");
-    assert_eq!(*seen.lock().unwrap(), ["GET", "GET", "GET"]);
-    // A POST is not sent twice: the browser gets the gateway's error.
-    std::thread::sleep(Duration::from_millis(400));
-    let out = w.get(&url, &["-X", "POST", "-d", "x=1"]);
-    assert_eq!(out.status, 502, "{out:?}");
-    assert_eq!(*seen.lock().unwrap(), ["GET", "GET", "GET", "POST"]);
+    for (service, seen) in [("closing", closing_seen), ("resetting", resetting_seen)] {
+        let url = w.url(&format!("/a/prod/{service}/x"));
+        let out = w.get(&url, &[]);
+        assert_eq!(
+            (out.status, out.body.as_str()),
+            (200, "ok"),
+            "{service}: {out:?}"
+        );
+        // The connection is pooled; idle long enough, the next GET goes on
+        // it, the service closes it unanswered, and the GET goes again on a
+        // new one.
+        std::thread::sleep(Duration::from_millis(400));
+        let out = w.get(&url, &[]);
+        assert_eq!(
+            (out.status, out.body.as_str()),
+            (200, "ok"),
+            "{service}: {out:?}"
+        );
+        assert_eq!(*seen.lock().unwrap(), ["GET", "GET", "GET"], "{service}");
+        // A POST is not sent twice: the browser gets the gateway's error.
+        std::thread::sleep(Duration::from_millis(400));
+        let out = w.get(&url, &["-X", "POST", "-d", "x=1"]);
+        assert_eq!(out.status, 502, "{service}: {out:?}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["GET", "GET", "GET", "POST"],
+            "{service}"
+        );
+    }
 }
 
 #[test]
