@@ -75,16 +75,7 @@ impl Replay {
     /// The copy of `req`, if it may be sent again. Boxed: it is rare, and
     /// the request's future, which hyper moves per request, holds it.
     fn of(req: &Request<Body>) -> Option<Box<Replay>> {
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
-        (idempotent && req.body().is_end_stream()).then(|| {
+        (req.method().is_idempotent() && req.body().is_end_stream()).then(|| {
             Box::new(Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
@@ -176,14 +167,15 @@ impl<P: Reusable> Idle<P> {
         }
     }
 
-    /// A usable idle connection to `agent/service`, dropping (and so
-    /// closing) the unusable ones it passes.
-    fn take(&mut self, agent: &str, service: &str) -> Option<P> {
+    /// A usable idle connection to `agent/service` and how long it was
+    /// idle, dropping (and so closing) the unusable ones it passes.
+    fn take(&mut self, agent: &str, service: &str) -> Option<(P, Duration)> {
         let list = self.by_target.get_mut(agent)?.get_mut(service)?;
         while let Some(p) = list.pop() {
             self.total -= 1;
-            if p.usable() && p.since().elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(p);
+            let idle_for = p.since().elapsed();
+            if p.usable() && idle_for < POOL_IDLE_TIMEOUT {
+                return Some((p, idle_for));
             }
         }
         None
@@ -321,9 +313,8 @@ impl Pool {
         caller: Arc<str>,
         agent: &str,
         service: &str,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> Result<Response<ServiceBody>, BoxError> {
-        let mut req = req;
         let mut pooled = lock(&self.idle).take(agent, service);
         // At most twice: on a pooled connection the service closed (it ended
         // its keep-alive) a request that never left, or an idempotent one
@@ -335,10 +326,10 @@ impl Pool {
             let reused = pooled.is_some();
             let replay = pooled
                 .as_ref()
-                .filter(|p| p.since.elapsed() >= REPLAY_AFTER_IDLE)
+                .filter(|(_, idle_for)| *idle_for >= REPLAY_AFTER_IDLE)
                 .and_then(|_| Replay::of(&req));
             let mut conn = match pooled.take() {
-                Some(p) => p,
+                Some((p, _)) => p,
                 // Boxed: a new connection is the rare case, and its future
                 // would otherwise size every request's.
                 None => Box::pin(self.connect(caller.clone(), agent, service)).await?,
@@ -604,9 +595,9 @@ mod tests {
         assert_eq!(idle.total, 5, "still at the cap");
         let a: Vec<u64> = idle.by_target["a"]["web"].iter().map(|c| c.id).collect();
         assert_eq!(a, [1, 2], "a/web's oldest made room");
-        assert_eq!(idle.take("c", "api").map(|c| c.id), Some(20));
+        assert_eq!(idle.take("c", "api").map(|(c, _)| c.id), Some(20));
         // Most recently used first.
-        assert_eq!(idle.take("a", "web").map(|c| c.id), Some(2));
+        assert_eq!(idle.take("a", "web").map(|(c, _)| c.id), Some(2));
         assert_eq!(idle.total, 3);
         // A list emptied by making room goes too.
         let mut idle = Idle::new(3, 1);
@@ -639,7 +630,7 @@ mod tests {
             },
         );
         assert_eq!(
-            idle.take("a", "web").map(|c| c.id),
+            idle.take("a", "web").map(|(c, _)| c.id),
             Some(2),
             "the expired one on top is dropped, the fresh one under it taken"
         );
@@ -659,7 +650,7 @@ mod tests {
         dead.usable = false;
         idle.put("a", "web", dead);
         assert_eq!(
-            idle.take("a", "web").map(|c| c.id),
+            idle.take("a", "web").map(|(c, _)| c.id),
             Some(3),
             "the unusable one is dropped on the way"
         );
@@ -677,7 +668,7 @@ mod tests {
             let body = Full::new(bytes::Bytes::from_static(body.as_bytes()))
                 .map_err(BoxError::from)
                 .boxed_unsync();
-            let mut req = Request::new(if body.is_end_stream() { empty() } else { body });
+            let mut req = Request::new(body);
             *req.method_mut() = method;
             *req.uri_mut() = Uri::from_static("/x?y=1");
             req.headers_mut()
