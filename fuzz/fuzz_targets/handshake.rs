@@ -31,7 +31,8 @@ fuzz_target!(|data: &[u8]| {
         capabilities: u32_at(data, 4),
         initial_window: u32_at(data, 8),
         max_frame_payload: u32_at(data, 12),
-        software: String::from_utf8_lossy(data.get(16..data.len().min(48)).unwrap_or(&[])).into_owned(),
+        software: String::from_utf8_lossy(data.get(16..data.len().min(48)).unwrap_or(&[]))
+            .into_owned(),
     };
     let rest = data.get(48..).unwrap_or(&[]);
     for role in [Role::Acceptor, Role::Initiator] {
@@ -47,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
         let r = s.handle_input(msg.freeze(), now);
         if s.is_established() {
             let v = s.version();
-            assert!((MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v), "version {v}");
+            assert!(
+                (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v),
+                "version {v}"
+            );
             // Only a HELLO naming a common version may succeed.
             assert!(hello.min_version <= v && v <= hello.max_version.max(hello.min_version));
         } else if r.is_ok() {

@@ -11,7 +11,9 @@ use tether_server::web::route::{route_by_host, route_by_path};
 use tether_server::web::{cookie, split_port, WebConfig};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     let base = "tether.test";
     let cfg = WebConfig {
         base_domain: Some(base.into()),
@@ -19,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some(r) = route_by_host(base, s) {
         let (h, _) = split_port(s);
-        assert!(h.ends_with(&format!(".{}.{base}", r.agent)), "{s:?} -> {r:?}");
+        assert!(
+            h.ends_with(&format!(".{}.{base}", r.agent)),
+            "{s:?} -> {r:?}"
+        );
         assert!(!r.service.is_empty() && !r.agent.is_empty());
     }
     if let Some((r, tail)) = route_by_path(s) {
@@ -39,7 +44,12 @@ fuzz_target!(|data: &[u8]| {
         });
         assert!(on_site || under_base, "unsafe next accepted: {s:?}");
     }
-    let _ = rewrite_location(s, Some("/a/p/s"), "https://tether.test", &["svc:80", "tether.test"]);
+    let _ = rewrite_location(
+        s,
+        Some("/a/p/s"),
+        "https://tether.test",
+        &["svc:80", "tether.test"],
+    );
     let c = rewrite_set_cookie(s, "/a/p/s");
     assert!(!c.to_ascii_lowercase().contains("; domain="), "{c:?}");
     if let Ok(v) = http::HeaderValue::from_str(s) {

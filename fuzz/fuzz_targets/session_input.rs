@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
         while s.poll_event().is_some() {}
         let mut out = BytesMut::new();
         s.poll_transmit(&mut out, 64 * 1024);
-        assert!(out.len() <= 64 * 1024 + 64 * 1024 + 16, "message size bounded");
+        assert!(
+            out.len() <= 64 * 1024 + 64 * 1024 + 16,
+            "message size bounded"
+        );
         if s.is_closed() {
             break;
         }

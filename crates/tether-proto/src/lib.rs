@@ -47,8 +47,10 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// the opener send its first bytes with the OPEN (early data); version 6
 /// adds the catalog kind HTTP/2; version 7 adds the HEARTBEAT frame (the
 /// acceptor sets the initiator's PING interval) and sends REPLICAS only on a
-/// change; everything else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 7;
+/// change; version 8 adds the `tether-unmasked` WebSocket extension, agreed
+/// in the upgrade, before HELLO (tether-net's `transport::ws`); everything
+/// else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

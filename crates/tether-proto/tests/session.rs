@@ -873,9 +873,10 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 }
 
 #[test]
-fn current_peers_negotiate_version_7_with_udp() {
+fn current_peers_negotiate_the_newest_version_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (7, 7));
+    assert_eq!((p.a.version(), p.b.version()), (8, 8));
+    assert_eq!(p.a.version(), tether_proto::PROTOCOL_VERSION);
     let id =
         p.a.open(
             Target {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tether_net::transport::ws::{accept_upgrade, server_from_upgraded};
+use tether_net::transport::ws::{accept_upgrade, offers_unmasked, server_from_upgraded};
 use tether_net::Connection;
 use tether_proto::{Role, SUBPROTOCOL};
 
@@ -151,8 +151,11 @@ pub(crate) async fn accept_session(
     tether_net::SessionInfo,
     tether_net::session::IncomingStreams,
 )> {
+    // The 101 agreed to unmasked frames when the request offered them
+    // (`tether_upgrade`).
+    let unmasked = offers_unmasked(req.headers());
     let io = upgraded(req).await?;
-    let (sink, source) = server_from_upgraded(io);
+    let (sink, source) = server_from_upgraded(io, unmasked);
     match Connection::start(Role::Acceptor, cfg, sink, source, label.clone()).await {
         Ok(x) => Some(x),
         Err(e) => {

@@ -269,6 +269,9 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct Decoder {
     role: Role,
+    /// A server's: the client may send unmasked frames (both ends agreed
+    /// on [`super::UNMASKED_EXTENSION`]).
+    unmasked_client: bool,
     max_message: usize,
     /// The fragments of an unfinished message.
     partial: Option<BytesMut>,
@@ -280,9 +283,18 @@ impl Decoder {
     pub fn new(role: Role, max_message: usize) -> Self {
         Decoder {
             role,
+            unmasked_client: false,
             max_message,
             partial: None,
         }
+    }
+
+    /// A server's decoder that also takes unmasked frames from the client,
+    /// once both ends agreed on [`super::UNMASKED_EXTENSION`] (masked ones
+    /// stay valid). No change for a client's.
+    pub fn unmasked_client(mut self, agreed: bool) -> Self {
+        self.unmasked_client = agreed;
+        self
     }
 
     /// Takes the next event out of `buf` (bytes read from the peer, in
@@ -340,7 +352,7 @@ impl Decoder {
 
     fn check(&self, h: &Header) -> Result<(), FrameError> {
         match (self.role, h.mask.is_some()) {
-            (Role::Server, false) => return Err(FrameError::Unmasked),
+            (Role::Server, false) if !self.unmasked_client => return Err(FrameError::Unmasked),
             (Role::Client, true) => return Err(FrameError::Masked),
             _ => {}
         }

@@ -29,6 +29,61 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::tls::{client_config_with_identity, ServerIdentity, ServerTrust};
 use super::MAX_RECV_MESSAGE;
 
+/// The WebSocket extension (`Sec-WebSocket-Extensions`) by which a tether
+/// dialer and server agree that the dialer's frames go unmasked
+/// (docs/PROTOCOL.md section 2.6, version 8).
+///
+/// RFC 6455 has clients mask every byte so that a script in a browser
+/// cannot choose the bytes an HTTP proxy between it and the server reads
+/// (a proxy that missed the upgrade and takes them for requests). Our
+/// dialer is an agent or the CLI, not a browser, and offers the extension
+/// only where no such proxy can read the stream: over TLS, or to a
+/// loopback server. It saves a pass over every byte on both ends (the
+/// dialer's masking copy and the server's unmasking): 3-hop transfers
+/// moved up to a sixth more (bench/README.md, session 34).
+pub const UNMASKED_EXTENSION: &str = "tether-unmasked";
+
+/// Whether a header map's `Sec-WebSocket-Extensions` names
+/// [`UNMASKED_EXTENSION`] (a list of extensions, each with optional
+/// parameters after `;`).
+fn names_unmasked(headers: &http::HeaderMap) -> bool {
+    extensions(headers).any(|e| e.eq_ignore_ascii_case(UNMASKED_EXTENSION))
+}
+
+/// The extension names in a header map's `Sec-WebSocket-Extensions`.
+fn extensions(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|e| e.split(';').next().unwrap_or("").trim())
+        .filter(|e| !e.is_empty())
+}
+
+/// Whether a tether session's upgrade request offers
+/// [`UNMASKED_EXTENSION`]; [`accept_upgrade`] then agrees to it (on the
+/// session endpoints), and the server's end must take unmasked frames
+/// ([`server_from_upgraded`]).
+pub fn offers_unmasked(request: &http::HeaderMap) -> bool {
+    names_unmasked(request)
+}
+
+/// Whether a dialer offers [`UNMASKED_EXTENSION`]: over TLS, or to a
+/// loopback host, where no HTTP proxy reads the stream.
+pub fn may_offer_unmasked(tls: bool, host: &str) -> bool {
+    tls || is_loopback(host)
+}
+
+/// `localhost` or a loopback address (brackets around IPv6 allowed).
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// How long TCP connect + TLS + WebSocket handshake may take when dialing.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,8 +138,9 @@ impl UpgradeError {
 }
 
 /// Checks a WebSocket upgrade request's headers and returns the headers of
-/// the `101 Switching Protocols` answer. With `subprotocol`, the client must
-/// offer it and the answer selects it.
+/// the `101 Switching Protocols` answer. With `subprotocol` (a tether
+/// session), the client must offer it and the answer selects it, and an
+/// offered [`UNMASKED_EXTENSION`] is agreed to.
 pub fn accept_upgrade(
     request: &http::HeaderMap,
     subprotocol: Option<&'static str>,
@@ -131,17 +187,25 @@ pub fn accept_upgrade(
     }
     if let Some(p) = subprotocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+        if offers_unmasked(request) {
+            h.insert(
+                header::SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_static(UNMASKED_EXTENSION),
+            );
+        }
     }
     Ok(h)
 }
 
 /// Wraps the raw I/O of an accepted HTTP upgrade as the server end of a
-/// tether session's WebSocket.
-pub fn server_from_upgraded<S>(io: S) -> (WsSink<S>, WsSource<S>)
+/// tether session's WebSocket. `unmasked`: the request
+/// [offered](offers_unmasked) [`UNMASKED_EXTENSION`] and the answer (from
+/// [`accept_upgrade`]) agreed.
+pub fn server_from_upgraded<S>(io: S, unmasked: bool) -> (WsSink<S>, WsSource<S>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    stream::from_io(io, Role::Server, Bytes::new())
+    stream::from_io(io, Role::Server, unmasked, Bytes::new())
 }
 
 /// A dialed connection: plain TCP or TLS over TCP.
@@ -267,16 +331,7 @@ pub fn warn_if_plain(url: &str) {
     if uri.scheme_str() != Some("ws") {
         return;
     }
-    let host = uri
-        .host()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
+    if !is_loopback(uri.host().unwrap_or("")) {
         tracing::warn!(%url, "plain ws:// to a non-loopback server: the token and every tunneled byte travel unencrypted; use wss://");
     }
 }
@@ -412,24 +467,35 @@ async fn dial_inner(
         .header(header::SEC_WEBSOCKET_PROTOCOL, subprotocol)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| bad(&e.to_string()))?;
+    let offer_unmasked = may_offer_unmasked(tls, &bare_host);
+    if offer_unmasked {
+        req.headers_mut().insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            http::HeaderValue::from_static(UNMASKED_EXTENSION),
+        );
+    }
     for (k, v) in headers {
         let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(&e.to_string()))?;
         let value = http::HeaderValue::from_str(v).map_err(|e| bad(&e.to_string()))?;
         req.headers_mut().insert(name, value);
     }
-    let (io, read_ahead) = client_upgrade(io, req, &key, subprotocol, &addr).await?;
-    Ok(stream::from_io(io, Role::Client, read_ahead))
+    let (io, read_ahead, unmasked) =
+        client_upgrade(io, req, &key, subprotocol, offer_unmasked, &addr).await?;
+    Ok(stream::from_io(io, Role::Client, unmasked, read_ahead))
 }
 
 /// Sends the upgrade request over `io` and checks the `101` answer (RFC 6455
-/// section 4.1); returns the connection and whatever was read past the answer.
+/// section 4.1); returns the connection, whatever was read past the answer,
+/// and whether the server agreed to [`UNMASKED_EXTENSION`] (offered when
+/// `offered_unmasked`).
 async fn client_upgrade(
     io: ClientIo,
     req: http::Request<http_body_util::Empty<Bytes>>,
     key: &str,
     subprotocol: &str,
+    offered_unmasked: bool,
     addr: &str,
-) -> Result<(ClientIo, Bytes), DialError> {
+) -> Result<(ClientIo, Bytes, bool), DialError> {
     use http::header;
     let fail = |why: String| DialError::Handshake(addr.to_owned(), why);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
@@ -473,13 +539,23 @@ async fn client_upgrade(
             "the server did not select the subprotocol {subprotocol}"
         )));
     }
+    // RFC 6455 section 4.1: an extension the dialer did not offer fails
+    // the connection.
+    if let Some(other) = extensions(resp.headers())
+        .find(|e| !(offered_unmasked && e.eq_ignore_ascii_case(UNMASKED_EXTENSION)))
+    {
+        return Err(fail(format!(
+            "the server chose the WebSocket extension {other:?}, which was not offered"
+        )));
+    }
+    let unmasked = names_unmasked(resp.headers());
     let upgraded = hyper::upgrade::on(resp)
         .await
         .map_err(|e| fail(e.to_string()))?;
     let parts = upgraded
         .downcast::<TokioIo<ClientIo>>()
         .map_err(|_| fail("the upgraded connection is not the one dialed".into()))?;
-    Ok((parts.io.into_inner(), parts.read_buf))
+    Ok((parts.io.into_inner(), parts.read_buf, unmasked))
 }
 
 /// Builds a TLS acceptor for a server config (re-exported for the server crate).
@@ -501,7 +577,11 @@ pub fn endpoint_url(server: &str, path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{accept_upgrade, endpoint_url, UpgradeError};
+    use super::{
+        accept_upgrade, derive_accept_key, dial, endpoint_url, may_offer_unmasked, offers_unmasked,
+        ServerTrust, UpgradeError, UNMASKED_EXTENSION,
+    };
+    use crate::transport::MessageSink;
 
     #[test]
     fn upgrade_requests_are_checked_in_order_and_answered() {
@@ -532,6 +612,107 @@ mod tests {
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
         assert_eq!(answer["sec-websocket-protocol"], "tether.v1");
+        assert!(!answer.contains_key("sec-websocket-extensions"));
+
+        // The unmasked-frames extension: agreed when offered (among others,
+        // with parameters), on a session endpoint only.
+        h.insert(
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits, Tether-Unmasked"
+                .parse()
+                .unwrap(),
+        );
+        assert!(offers_unmasked(&h));
+        let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
+        assert_eq!(answer["sec-websocket-extensions"], UNMASKED_EXTENSION);
+        let raw = accept_upgrade(&h, None).unwrap();
+        assert!(!raw.contains_key("sec-websocket-extensions"));
+        h.insert(
+            "sec-websocket-extensions",
+            "permessage-deflate".parse().unwrap(),
+        );
+        assert!(!offers_unmasked(&h));
+    }
+
+    #[test]
+    fn unmasked_frames_are_offered_over_tls_or_to_loopback_only() {
+        assert!(may_offer_unmasked(true, "tether.example.com"));
+        assert!(may_offer_unmasked(false, "127.0.0.1"));
+        assert!(may_offer_unmasked(false, "[::1]"));
+        assert!(may_offer_unmasked(false, "localhost"));
+        assert!(!may_offer_unmasked(false, "tether.example.com"));
+        assert!(!may_offer_unmasked(false, "10.0.0.7"));
+    }
+
+    /// Dials a server on a real loopback socket that answers the upgrade
+    /// with `extensions` in its 101 (`None`: no such header), and returns
+    /// whether the dial offered the unmasked extension, and either the
+    /// dial's error or whether the dialer's first frame came masked.
+    async fn dial_answered_with(extensions: Option<&'static str>) -> (bool, Result<bool, String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/tether/v1/agent", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            while !req.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                tcp.read_exact(&mut b).await.unwrap();
+                req.push(b[0]);
+            }
+            let req = String::from_utf8(req).unwrap();
+            let header = |name: &str| {
+                req.lines().find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                })
+            };
+            let offered = header("sec-websocket-extensions").as_deref() == Some(UNMASKED_EXTENSION);
+            let accept = derive_accept_key(header("sec-websocket-key").unwrap().as_bytes());
+            let mut answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                 sec-websocket-accept: {accept}\r\nsec-websocket-protocol: tether.v1\r\n"
+            );
+            if let Some(e) = extensions {
+                answer.push_str(&format!("sec-websocket-extensions: {e}\r\n"));
+            }
+            answer.push_str("\r\n");
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+            let mut first = [0u8; 2];
+            let masked = match tcp.read_exact(&mut first).await {
+                Ok(_) => Some(first[1] & 0x80 != 0),
+                Err(_) => None, // the dialer gave up
+            };
+            (offered, masked)
+        });
+        let dialed = dial(&url, "tether.v1", &[], &ServerTrust::default()).await;
+        let result = match dialed {
+            Ok((mut sink, _source)) => {
+                sink.send(bytes::Bytes::from_static(b"hi")).await.unwrap();
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let (offered, masked) = server.await.unwrap();
+        (offered, result.map(|()| masked.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn a_dialer_to_loopback_sends_unmasked_frames_once_the_server_agrees() {
+        let (offered, masked) = dial_answered_with(Some(UNMASKED_EXTENSION)).await;
+        assert!(offered);
+        assert_eq!(masked, Ok(false));
+        // A server that predates the extension: masked, as RFC 6455 has it.
+        let (offered, masked) = dial_answered_with(None).await;
+        assert!(offered);
+        assert_eq!(masked, Ok(true));
+        // An extension the dialer did not offer fails the dial, saying so.
+        let (_, masked) = dial_answered_with(Some("permessage-deflate")).await;
+        let e = masked.unwrap_err();
+        assert!(
+            e.contains("permessage-deflate") && e.contains("not offered"),
+            "{e}"
+        );
     }
 
     #[test]

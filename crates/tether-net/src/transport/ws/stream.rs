@@ -30,7 +30,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// pings.
 struct Writer<S> {
     io: tokio::sync::Mutex<WriteHalf<S>>,
-    role: Role,
+    /// A client's, unless both ends agreed on
+    /// [`super::UNMASKED_EXTENSION`].
+    masks: bool,
     /// The payload of the latest ping not answered yet. One slot, so a peer
     /// that floods pings and never reads holds one pong here, not one task
     /// per ping (RFC 6455 lets an endpoint answer only the latest ping).
@@ -40,7 +42,7 @@ struct Writer<S> {
 impl<S: AsyncWrite> Writer<S> {
     /// A fresh random mask for a client's frame; none for a server's.
     fn mask(&self) -> Option<[u8; 4]> {
-        (self.role == Role::Client).then(rand::random)
+        self.masks.then(rand::random)
     }
 
     async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
@@ -158,15 +160,18 @@ pub struct WsSource<S> {
 }
 
 /// Splits an established WebSocket connection (the handshake done) into
-/// transport halves. `read_ahead` is whatever was read past the handshake.
-pub fn from_io<S>(io: S, role: Role, read_ahead: Bytes) -> (WsSink<S>, WsSource<S>)
+/// transport halves. `unmasked`: both ends agreed on
+/// [`super::UNMASKED_EXTENSION`], so the client's frames go unmasked (a
+/// pass over every byte less on both ends). `read_ahead` is whatever was
+/// read past the handshake.
+pub fn from_io<S>(io: S, role: Role, unmasked: bool, read_ahead: Bytes) -> (WsSink<S>, WsSource<S>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (r, w) = tokio::io::split(io);
     let writer = Arc::new(Writer {
         io: tokio::sync::Mutex::new(w),
-        role,
+        masks: role == Role::Client && !unmasked,
         pending_pong: std::sync::Mutex::new(None),
     });
     let allocated = READ_ROOM.max(read_ahead.len());
@@ -183,7 +188,7 @@ where
             buf,
             allocated,
             expected: 0,
-            decoder: Decoder::new(role, MAX_RECV_MESSAGE),
+            decoder: Decoder::new(role, MAX_RECV_MESSAGE).unmasked_client(unmasked),
             writer,
         },
     )
@@ -263,7 +268,7 @@ where
     }
 
     async fn send_parts(&mut self, parts: Vec<Bytes>) -> io::Result<()> {
-        if self.writer.role == Role::Client {
+        if self.writer.masks {
             let len = self.mask_messages(vec![parts]);
             return self.write_masked(len).await;
         }
@@ -280,7 +285,7 @@ where
         if messages.len() == 1 {
             return self.send_parts(messages.pop().unwrap_or_default()).await;
         }
-        if self.writer.role == Role::Client {
+        if self.writer.masks {
             let len = self.mask_messages(messages);
             return self.write_masked(len).await;
         }
@@ -434,7 +439,7 @@ mod tests {
         tokio::io::DuplexStream,
     ) {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let (sink, source) = from_io(a, Role::Server, Bytes::new());
+        let (sink, source) = from_io(a, Role::Server, false, Bytes::new());
         (sink, source, b)
     }
 
@@ -449,25 +454,66 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_and_a_server_exchange_messages_of_every_size() {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let (mut ctx, mut crx) = from_io(a, Role::Client, Bytes::new());
-        let (mut stx, mut srx) = from_io(b, Role::Server, Bytes::new());
-        let sizes = [0usize, 1, 125, 126, 65535, 65536, 300_000];
-        let send = async {
-            for &n in &sizes {
-                ctx.send(Bytes::from(vec![n as u8; n])).await.unwrap();
-                stx.send(Bytes::from(vec![!(n as u8); n])).await.unwrap();
+        // Masked as RFC 6455 has it, and unmasked as both ends may agree.
+        for unmasked in [false, true] {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let (mut ctx, mut crx) = from_io(a, Role::Client, unmasked, Bytes::new());
+            let (mut stx, mut srx) = from_io(b, Role::Server, unmasked, Bytes::new());
+            let sizes = [0usize, 1, 125, 126, 65535, 65536, 300_000];
+            let send = async {
+                for &n in &sizes {
+                    ctx.send(Bytes::from(vec![n as u8; n])).await.unwrap();
+                    stx.send(Bytes::from(vec![!(n as u8); n])).await.unwrap();
+                }
+                ctx.send_batch(vec![
+                    vec![Bytes::from_static(b"a")],
+                    vec![Bytes::from_static(b"b")],
+                ])
+                .await
+                .unwrap();
+            };
+            let recv = async {
+                for &n in &sizes {
+                    assert_eq!(srx.recv().await.unwrap().unwrap(), vec![n as u8; n]);
+                    assert_eq!(crx.recv().await.unwrap().unwrap(), vec![!(n as u8); n]);
+                }
+                assert_eq!(srx.recv().await.unwrap().unwrap(), "a");
+                assert_eq!(srx.recv().await.unwrap().unwrap(), "b");
+            };
+            tokio::join!(send, recv);
+            ctx.close("done").await;
+            assert_eq!(srx.recv().await.unwrap(), None, "a close frame ends it");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agreed_client_sends_unmasked_frames_that_only_an_agreeing_server_takes() {
+        // On the wire: the mask bit clear and the payload as it is.
+        let (a, mut raw) = tokio::io::duplex(1024);
+        let (mut sink, _source) = from_io(a, Role::Client, true, Bytes::new());
+        sink.send(Bytes::from_static(b"plain")).await.unwrap();
+        let mut wire = [0u8; 7];
+        raw.read_exact(&mut wire).await.unwrap();
+        assert_eq!(wire, [0x82, 5, b'p', b'l', b'a', b'i', b'n']);
+
+        for agreed in [true, false] {
+            let (a, b) = tokio::io::duplex(1024);
+            let (mut ctx, _crx) = from_io(a, Role::Client, true, Bytes::new());
+            let (_stx, mut srx) = from_io(b, Role::Server, agreed, Bytes::new());
+            ctx.send(Bytes::from_static(b"x")).await.unwrap();
+            if agreed {
+                assert_eq!(srx.recv().await.unwrap().unwrap(), "x");
+            } else {
+                let e = srx.recv().await.unwrap_err();
+                assert!(e.to_string().contains("unmasked"), "{e}");
             }
-        };
-        let recv = async {
-            for &n in &sizes {
-                assert_eq!(srx.recv().await.unwrap().unwrap(), vec![n as u8; n]);
-                assert_eq!(crx.recv().await.unwrap().unwrap(), vec![!(n as u8); n]);
-            }
-        };
-        tokio::join!(send, recv);
-        ctx.close("done").await;
-        assert_eq!(srx.recv().await.unwrap(), None, "a close frame ends it");
+        }
+        // An agreeing server still takes a masking client's frames.
+        let (a, b) = tokio::io::duplex(1024);
+        let (mut ctx, _crx) = from_io(a, Role::Client, false, Bytes::new());
+        let (_stx, mut srx) = from_io(b, Role::Server, true, Bytes::new());
+        ctx.send(Bytes::from_static(b"masked")).await.unwrap();
+        assert_eq!(srx.recv().await.unwrap().unwrap(), "masked");
     }
 
     #[tokio::test]
@@ -475,8 +521,8 @@ mod tests {
         // A 4 KiB pipe: every vectored write is cut short, often mid-part;
         // 150 parts are more than one write takes at once.
         let (a, b) = tokio::io::duplex(4096);
-        let (mut stx, mut srx) = from_io(a, Role::Server, Bytes::new());
-        let (mut ctx, mut crx) = from_io(b, Role::Client, Bytes::new());
+        let (mut stx, mut srx) = from_io(a, Role::Server, false, Bytes::new());
+        let (mut ctx, mut crx) = from_io(b, Role::Client, false, Bytes::new());
         let parts: Vec<Bytes> = (0..150usize)
             .map(|i| {
                 Bytes::from(
@@ -505,8 +551,8 @@ mod tests {
         // 65 535/65 536), a message given as many parts, and one as none;
         // a small pipe cuts every write short.
         let (a, b) = tokio::io::duplex(8192);
-        let (mut stx, mut srx) = from_io(a, Role::Server, Bytes::new());
-        let (mut ctx, mut crx) = from_io(b, Role::Client, Bytes::new());
+        let (mut stx, mut srx) = from_io(a, Role::Server, false, Bytes::new());
+        let (mut ctx, mut crx) = from_io(b, Role::Client, false, Bytes::new());
         let message = |n: usize, seed: usize| -> Vec<Bytes> {
             let bytes: Vec<u8> = (0..n).map(|j| (j * 7 + seed) as u8).collect();
             // Parts of 999 bytes: each starts at another phase of the mask.
@@ -537,8 +583,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_lets_go_of_its_masking_buffer_once_bulk_is_over() {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let (mut ctx, _crx) = from_io(a, Role::Client, Bytes::new());
-        let (_stx, mut srx) = from_io(b, Role::Server, Bytes::new());
+        let (mut ctx, _crx) = from_io(a, Role::Client, false, Bytes::new());
+        let (_stx, mut srx) = from_io(b, Role::Server, false, Bytes::new());
         let large = vec![Bytes::from(vec![1u8; 100_001]), Bytes::from(vec![2u8; 3])];
         ctx.send_parts(large.clone()).await.unwrap();
         assert!(ctx.masked.len() >= 100_004, "grown to the message");
@@ -573,7 +619,7 @@ mod tests {
             (200_000, 300_000),
         ] {
             let (a, mut raw) = tokio::io::duplex(1 << 21);
-            let (sink, mut source) = from_io(a, Role::Server, Bytes::new());
+            let (sink, mut source) = from_io(a, Role::Server, false, Bytes::new());
             for n in [before, size] {
                 raw.write_all(&client_frame(OP_BINARY, &vec![7u8; n]))
                     .await
@@ -599,7 +645,7 @@ mod tests {
         // before it into a new buffer (which a peer could make cost a
         // megabyte of copying per byte it sends).
         let (a, mut raw) = tokio::io::duplex(1 << 20);
-        let (_sink, mut source) = from_io(a, Role::Server, Bytes::new());
+        let (_sink, mut source) = from_io(a, Role::Server, false, Bytes::new());
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let frame = client_frame(OP_BINARY, &payload);
         let (most, drips) = frame.split_at(frame.len() - 3000);
@@ -628,7 +674,7 @@ mod tests {
     async fn bytes_read_past_the_handshake_come_first() {
         let (a, mut b) = tokio::io::duplex(1024);
         let first = Bytes::from(client_frame(OP_BINARY, b"early"));
-        let (_sink, mut source) = from_io(a, Role::Server, first);
+        let (_sink, mut source) = from_io(a, Role::Server, false, first);
         b.write_all(&client_frame(OP_BINARY, b"late"))
             .await
             .unwrap();
@@ -656,7 +702,7 @@ mod tests {
     async fn a_ping_flood_from_a_peer_that_never_reads_holds_one_pong() {
         // A 4 KiB pipe: the pongs stop fitting at once, the peer reads nothing.
         let (a, mut raw) = tokio::io::duplex(4096);
-        let (_sink, mut source) = from_io(a, Role::Server, Bytes::new());
+        let (_sink, mut source) = from_io(a, Role::Server, false, Bytes::new());
         let pings: Vec<u8> = (0..5000u32)
             .flat_map(|i| client_frame(OP_PING, &i.to_be_bytes()))
             .collect();
@@ -694,7 +740,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_masks_with_a_fresh_key_and_a_shared_buffer_is_left_intact() {
         let (a, mut raw) = tokio::io::duplex(1024);
-        let (mut sink, _source) = from_io(a, Role::Client, Bytes::new());
+        let (mut sink, _source) = from_io(a, Role::Client, false, Bytes::new());
         let msg = Bytes::from_static(b"same payload");
         let keep = msg.clone();
         sink.send(msg.clone()).await.unwrap();
