@@ -121,10 +121,25 @@ struct DialArgs {
     /// Accept exactly the server certificate with this SHA-256 fingerprint.
     #[arg(long, env = "TETHER_FINGERPRINT")]
     fingerprint: Option<String>,
+    /// WebSocket masking: `auto` sends unmasked frames where the server
+    /// agrees, over TLS or to a loopback address (docs/PROTOCOL.md 2.6);
+    /// `always` masks every frame, for a gateway that insists on it.
+    #[arg(long, env = "TETHER_WS_MASK", value_enum, default_value_t = WsMask::Auto)]
+    ws_mask: WsMask,
+}
+
+/// `--ws-mask`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WsMask {
+    /// Unmasked where the server agrees, over TLS or loopback.
+    Auto,
+    /// Every frame masked, as RFC 6455 has it.
+    Always,
 }
 
 impl DialArgs {
     fn apply(self, t: &mut Table) {
+        tether_net::transport::ws::always_mask(self.ws_mask == WsMask::Always);
         set(t, "server", self.server);
         set(t, "token", self.token);
         set(t, "ca_file", path_str(self.ca_file));

@@ -715,3 +715,82 @@ async fn agents_with_one_name_and_two_instances_share_the_streams() {
     ids.sort_unstable();
     assert_eq!(ids, ["i1", "i2"], "{j}");
 }
+
+/// A relay between dialers and `to` that keeps every byte the dialers
+/// sent (all connections, in arrival order), to read the WebSocket
+/// handshake and frames off the wire.
+async fn tap(to: std::net::SocketAddr) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((dialer, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut dr, mut dw) = dialer.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = dr.read(&mut buf).await {
+                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+                let _ = sw.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut dw).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// What a dialer's side of a tap shows: whether the upgrade request
+/// offered the unmasked extension, and whether its first frame was masked.
+fn offer_and_first_mask(sent: &[u8]) -> (bool, bool) {
+    let end = sent
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an upgrade request")
+        + 4;
+    let request = String::from_utf8_lossy(&sent[..end]).to_ascii_lowercase();
+    let offered = request.contains("sec-websocket-extensions: tether-unmasked");
+    let frame = &sent[end..];
+    assert!(frame.len() >= 2, "a frame after the upgrade");
+    assert_eq!(frame[0] & 0x0f, 2, "a binary frame");
+    (offered, frame[1] & 0x80 != 0)
+}
+
+/// Version 8 (PROTOCOL.md 2.6): a CLI client dialing a loopback server
+/// offers `tether-unmasked` and, the server agreeing, sends its frames
+/// unmasked; with `--ws-mask always` it offers nothing and masks, and the
+/// server (whose decoder then insists on masks) serves it all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sends_unmasked_frames_by_agreement_and_masked_ones_when_told() {
+    let svc = echo_service().await;
+    let t = Tunnel::start(&[("echo", svc)], &[]);
+    for (options, want_unmasked) in [(&[][..], true), (&["--ws-mask", "always"][..], false)] {
+        let (tap_port, seen) = tap(t.server_addr()).await;
+        let port = free_port();
+        let client = forward_client_with(
+            &format!("ws://127.0.0.1:{tap_port}"),
+            CLIENT_TOKEN,
+            options,
+            &[(port, "prod/echo")],
+        );
+        assert!(client.wait_log("connected", Duration::from_secs(10)));
+        let msg = vec![0x5au8; 100_000];
+        assert_eq!(echo_through(port, &msg).await, msg, "{options:?}");
+        let (offered, masked) = offer_and_first_mask(&seen.lock().unwrap());
+        assert_eq!(
+            (offered, masked),
+            (want_unmasked, !want_unmasked),
+            "{options:?}"
+        );
+    }
+}

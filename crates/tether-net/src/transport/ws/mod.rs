@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,11 +38,22 @@ use super::MAX_RECV_MESSAGE;
 /// cannot choose the bytes an HTTP proxy between it and the server reads
 /// (a proxy that missed the upgrade and takes them for requests). Our
 /// dialer is an agent or the CLI, not a browser, and offers the extension
-/// only where no such proxy can read the stream: over TLS, or to a
-/// loopback server. It saves a pass over every byte on both ends (the
-/// dialer's masking copy and the server's unmasking): 3-hop transfers
-/// moved up to a sixth more (bench/README.md, session 34).
+/// only where no such proxy can read the stream: over TLS, or over a
+/// connection to a loopback address. It saves a pass over every byte on
+/// both ends (the dialer's masking copy and the server's unmasking): 3-hop
+/// transfers moved up to a sixth more (bench/README.md, session 34).
 pub const UNMASKED_EXTENSION: &str = "tether-unmasked";
+
+/// Set by [`always_mask`]: this process never offers [`UNMASKED_EXTENSION`].
+static ALWAYS_MASK: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later dial of this process mask its frames, never offering
+/// [`UNMASKED_EXTENSION`] (`tether agent|client --ws-mask always`): for a
+/// path through a gateway that inspects WebSocket frames and insists on
+/// masks even over TLS.
+pub fn always_mask(on: bool) {
+    ALWAYS_MASK.store(on, Ordering::Relaxed);
+}
 
 /// Whether a header map's `Sec-WebSocket-Extensions` names
 /// [`UNMASKED_EXTENSION`] (a list of extensions, each with optional
@@ -50,12 +62,14 @@ fn names_unmasked(headers: &http::HeaderMap) -> bool {
     extensions(headers).any(|e| e.eq_ignore_ascii_case(UNMASKED_EXTENSION))
 }
 
-/// The extension names in a header map's `Sec-WebSocket-Extensions`.
+/// The extension names in a header map's `Sec-WebSocket-Extensions`; a
+/// value that is not visible ASCII comes through whole, naming no
+/// extension anyone offered.
 fn extensions(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.to_str().unwrap_or("(not visible ASCII)"))
         .flat_map(|v| v.split(','))
         .map(|e| e.split(';').next().unwrap_or("").trim())
         .filter(|e| !e.is_empty())
@@ -69,19 +83,12 @@ pub fn offers_unmasked(request: &http::HeaderMap) -> bool {
     names_unmasked(request)
 }
 
-/// Whether a dialer offers [`UNMASKED_EXTENSION`]: over TLS, or to a
-/// loopback host, where no HTTP proxy reads the stream.
-pub fn may_offer_unmasked(tls: bool, host: &str) -> bool {
-    tls || is_loopback(host)
-}
-
-/// `localhost` or a loopback address (brackets around IPv6 allowed).
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+/// Whether a dialer offers [`UNMASKED_EXTENSION`]: over TLS, or over a TCP
+/// connection to a loopback address (`peer`, where the connection went:
+/// not the URL's host, which a replica's own address or a name in
+/// `/etc/hosts` may stand in for), where no HTTP proxy reads the stream.
+pub fn may_offer_unmasked(tls: bool, peer: Option<std::net::IpAddr>) -> bool {
+    tls || peer.is_some_and(|ip| ip.is_loopback())
 }
 
 /// How long TCP connect + TLS + WebSocket handshake may take when dialing.
@@ -331,7 +338,16 @@ pub fn warn_if_plain(url: &str) {
     if uri.scheme_str() != Some("ws") {
         return;
     }
-    if !is_loopback(uri.host().unwrap_or("")) {
+    let host = uri
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
         tracing::warn!(%url, "plain ws:// to a non-loopback server: the token and every tunneled byte travel unencrypted; use wss://");
     }
 }
@@ -442,6 +458,8 @@ async fn dial_inner(
     };
     let tcp = tcp.map_err(|e| DialError::Connect(addr.clone(), e))?;
     let _ = tcp.set_nodelay(true);
+    let offer_unmasked = !ALWAYS_MASK.load(Ordering::Relaxed)
+        && may_offer_unmasked(tls, tcp.peer_addr().ok().map(|a| a.ip()));
     let io = if tls {
         let cfg = client_config_with_identity(trust, identity)
             .map_err(|e| DialError::Tls(addr.clone(), format!("{e:#}")))?;
@@ -467,17 +485,19 @@ async fn dial_inner(
         .header(header::SEC_WEBSOCKET_PROTOCOL, subprotocol)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| bad(&e.to_string()))?;
-    let offer_unmasked = may_offer_unmasked(tls, &bare_host);
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(&e.to_string()))?;
+        let value = http::HeaderValue::from_str(v).map_err(|e| bad(&e.to_string()))?;
+        req.headers_mut().insert(name, value);
+    }
+    // After the caller's headers: the offer is the dialer's to make.
     if offer_unmasked {
         req.headers_mut().insert(
             header::SEC_WEBSOCKET_EXTENSIONS,
             http::HeaderValue::from_static(UNMASKED_EXTENSION),
         );
-    }
-    for (k, v) in headers {
-        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(&e.to_string()))?;
-        let value = http::HeaderValue::from_str(v).map_err(|e| bad(&e.to_string()))?;
-        req.headers_mut().insert(name, value);
+    } else {
+        req.headers_mut().remove(header::SEC_WEBSOCKET_EXTENSIONS);
     }
     let (io, read_ahead, unmasked) =
         client_upgrade(io, req, &key, subprotocol, offer_unmasked, &addr).await?;
@@ -636,12 +656,17 @@ mod tests {
 
     #[test]
     fn unmasked_frames_are_offered_over_tls_or_to_loopback_only() {
-        assert!(may_offer_unmasked(true, "tether.example.com"));
-        assert!(may_offer_unmasked(false, "127.0.0.1"));
-        assert!(may_offer_unmasked(false, "[::1]"));
-        assert!(may_offer_unmasked(false, "localhost"));
-        assert!(!may_offer_unmasked(false, "tether.example.com"));
-        assert!(!may_offer_unmasked(false, "10.0.0.7"));
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert!(may_offer_unmasked(true, ip("203.0.113.7")));
+        assert!(may_offer_unmasked(true, None));
+        assert!(may_offer_unmasked(false, ip("127.0.0.1")));
+        assert!(may_offer_unmasked(false, ip("127.3.0.9")));
+        assert!(may_offer_unmasked(false, ip("::1")));
+        // Plain ws over the network (a replica's own address, say),
+        // whatever the URL named: masked.
+        assert!(!may_offer_unmasked(false, ip("10.0.0.7")));
+        assert!(!may_offer_unmasked(false, ip("::ffff:10.0.0.7")));
+        assert!(!may_offer_unmasked(false, None));
     }
 
     /// Dials a server on a real loopback socket that answers the upgrade
@@ -713,6 +738,10 @@ mod tests {
             e.contains("permessage-deflate") && e.contains("not offered"),
             "{e}"
         );
+        // So does one that is not even readable.
+        let (_, masked) = dial_answered_with(Some("tether-unmasked, caf\u{e9}")).await;
+        let e = masked.unwrap_err();
+        assert!(e.contains("not offered"), "{e}");
     }
 
     #[test]
