@@ -501,6 +501,7 @@ async fn dial_inner(
     }
     let (io, read_ahead, unmasked) =
         client_upgrade(io, req, &key, subprotocol, offer_unmasked, &addr).await?;
+    tracing::debug!(server = %addr, offered = offer_unmasked, unmasked, "WebSocket up (frames unmasked when both agreed on {UNMASKED_EXTENSION}; --ws-mask always to mask them)");
     Ok(stream::from_io(io, Role::Client, unmasked, read_ahead))
 }
 
