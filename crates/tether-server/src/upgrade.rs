@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tether_net::transport::ws::{accept_upgrade, offers_unmasked, server_from_upgraded};
+use tether_net::transport::ws::{accept_upgrade, names_unmasked, server_from_upgraded};
 use tether_net::Connection;
 use tether_proto::{Role, SUBPROTOCOL};
 
@@ -153,7 +153,7 @@ pub(crate) async fn accept_session(
 )> {
     // The 101 agreed to unmasked frames when the request offered them
     // (`tether_upgrade`).
-    let unmasked = offers_unmasked(req.headers());
+    let unmasked = names_unmasked(req.headers());
     let io = upgraded(req).await?;
     let (sink, source) = server_from_upgraded(io, unmasked);
     match Connection::start(Role::Acceptor, cfg, sink, source, label.clone()).await {

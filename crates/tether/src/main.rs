@@ -139,6 +139,7 @@ enum WsMask {
 
 impl DialArgs {
     fn apply(self, t: &mut Table) {
+        // Not a config key: a switch for every dial this process makes.
         tether_net::transport::ws::always_mask(self.ws_mask == WsMask::Always);
         set(t, "server", self.server);
         set(t, "token", self.token);

@@ -57,8 +57,10 @@ pub fn always_mask(on: bool) {
 
 /// Whether a header map's `Sec-WebSocket-Extensions` names
 /// [`UNMASKED_EXTENSION`] (a list of extensions, each with optional
-/// parameters after `;`).
-fn names_unmasked(headers: &http::HeaderMap) -> bool {
+/// parameters after `;`): a tether session's upgrade request that offers
+/// it, which [`accept_upgrade`] agrees to (the server's end must then take
+/// unmasked frames, [`server_from_upgraded`]), or a `101` that agreed.
+pub fn names_unmasked(headers: &http::HeaderMap) -> bool {
     extensions(headers).any(|e| e.eq_ignore_ascii_case(UNMASKED_EXTENSION))
 }
 
@@ -73,14 +75,6 @@ fn extensions(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
         .flat_map(|v| v.split(','))
         .map(|e| e.split(';').next().unwrap_or("").trim())
         .filter(|e| !e.is_empty())
-}
-
-/// Whether a tether session's upgrade request offers
-/// [`UNMASKED_EXTENSION`]; [`accept_upgrade`] then agrees to it (on the
-/// session endpoints), and the server's end must take unmasked frames
-/// ([`server_from_upgraded`]).
-pub fn offers_unmasked(request: &http::HeaderMap) -> bool {
-    names_unmasked(request)
 }
 
 /// Whether a dialer offers [`UNMASKED_EXTENSION`]: over TLS, or over a TCP
@@ -194,7 +188,7 @@ pub fn accept_upgrade(
     }
     if let Some(p) = subprotocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
-        if offers_unmasked(request) {
+        if names_unmasked(request) {
             h.insert(
                 header::SEC_WEBSOCKET_EXTENSIONS,
                 HeaderValue::from_static(UNMASKED_EXTENSION),
@@ -206,7 +200,7 @@ pub fn accept_upgrade(
 
 /// Wraps the raw I/O of an accepted HTTP upgrade as the server end of a
 /// tether session's WebSocket. `unmasked`: the request
-/// [offered](offers_unmasked) [`UNMASKED_EXTENSION`] and the answer (from
+/// [offered](names_unmasked) [`UNMASKED_EXTENSION`] and the answer (from
 /// [`accept_upgrade`]) agreed.
 pub fn server_from_upgraded<S>(io: S, unmasked: bool) -> (WsSink<S>, WsSource<S>)
 where
@@ -599,7 +593,7 @@ pub fn endpoint_url(server: &str, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{
-        accept_upgrade, derive_accept_key, dial, endpoint_url, may_offer_unmasked, offers_unmasked,
+        accept_upgrade, derive_accept_key, dial, endpoint_url, may_offer_unmasked, names_unmasked,
         ServerTrust, UpgradeError, UNMASKED_EXTENSION,
     };
     use crate::transport::MessageSink;
@@ -643,7 +637,7 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert!(offers_unmasked(&h));
+        assert!(names_unmasked(&h));
         let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
         assert_eq!(answer["sec-websocket-extensions"], UNMASKED_EXTENSION);
         let raw = accept_upgrade(&h, None).unwrap();
@@ -652,7 +646,7 @@ mod tests {
             "sec-websocket-extensions",
             "permessage-deflate".parse().unwrap(),
         );
-        assert!(!offers_unmasked(&h));
+        assert!(!names_unmasked(&h));
     }
 
     #[test]
