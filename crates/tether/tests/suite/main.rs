@@ -21,3 +21,4 @@ mod proxy;
 mod security;
 mod udp;
 mod web;
+mod worker_threads;

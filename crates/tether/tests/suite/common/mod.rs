@@ -227,17 +227,17 @@ impl Tunnel {
     }
 
     /// Like [`Tunnel::start_with`], with environment variables for the
-    /// server.
+    /// server and the agent.
     pub(crate) fn start_with_env(
         services: &[(&str, SocketAddr)],
         extra_server_args: &[&str],
         extra_agent_args: &[&str],
-        server_env: &[(&str, &str)],
+        env: &[(&str, &str)],
     ) -> Tunnel {
         let server_port = free_port();
         let mut server_args = Self::server_args(server_port);
         server_args.extend(extra_server_args.iter().map(|s| s.to_string()));
-        let server = Proc::spawn_env("server", &server_args, server_env);
+        let server = Proc::spawn_env("server", &server_args, env);
         let server_addr: SocketAddr = format!("127.0.0.1:{server_port}").parse().unwrap();
         wait_until(Duration::from_secs(10), || {
             http_get(server_addr, "/healthz").is_some_and(|(s, _)| s == 200)
@@ -259,7 +259,7 @@ impl Tunnel {
             args.push(format!("{name}={addr}"));
         }
         args.extend(extra_agent_args.iter().map(|s| s.to_string()));
-        let agent = Proc::spawn("agent", &args);
+        let agent = Proc::spawn_env("agent", &args, env);
         let t = Tunnel {
             server,
             agent,
@@ -320,6 +320,17 @@ pub(crate) fn forward_client_with(
     options: &[&str],
     forwards: &[(u16, &str)],
 ) -> Proc {
+    forward_client_with_env(server, token, options, forwards, &[])
+}
+
+/// Like [`forward_client_with`], with environment variables.
+pub(crate) fn forward_client_with_env(
+    server: &str,
+    token: &str,
+    options: &[&str],
+    forwards: &[(u16, &str)],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args: Vec<String> = vec![
         "client".into(),
         "--server".into(),
@@ -332,7 +343,7 @@ pub(crate) fn forward_client_with(
     for (port, target) in forwards {
         args.push(format!("127.0.0.1:{port}={target}"));
     }
-    Proc::spawn("client", &args)
+    Proc::spawn_env("client", &args, env)
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passes.

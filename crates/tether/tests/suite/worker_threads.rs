@@ -1,0 +1,158 @@
+//! Every process on several runtime threads: `TETHER_WORKER_THREADS`, which
+//! the README gives a server on many cores. A session's reader, writer and
+//! streams then run on different threads at once (here on two CPUs); the
+//! rest of the suite runs each process on one thread, the default.
+
+use crate::common::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const THREADS: &[(&str, &str)] = &[("TETHER_WORKER_THREADS", "4")];
+
+/// How many threads process `pid` runs.
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// `streams` connections to `port` at once, each sending `len` bytes of its
+/// own pattern and reading them back from an echo service; panics at the
+/// first byte that differs, or a stream that does not finish in time.
+async fn echo_streams(port: u16, streams: u64, len: usize, seed: u64) {
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = connect(port).await.into_split();
+            let writer = tokio::spawn(async move {
+                let mut gen = Pattern::new(seed + i);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    gen.fill(&mut buf);
+                    let k = left.min(buf.len());
+                    w.write_all(&buf[..k]).await.unwrap();
+                    left -= k;
+                }
+                w.shutdown().await.unwrap();
+            });
+            let mut got = Vec::with_capacity(len);
+            r.read_to_end(&mut got).await.unwrap();
+            writer.await.unwrap();
+            let mut want = vec![0u8; len.div_ceil(64 * 1024) * 64 * 1024];
+            let mut gen = Pattern::new(seed + i);
+            for block in want.chunks_mut(64 * 1024) {
+                gen.fill(block);
+            }
+            want.truncate(len);
+            assert_eq!(got.len(), len, "stream {i} to port {port}: length");
+            if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+                panic!("stream {i} to port {port}: bytes differ at {at}");
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("streams finish")
+            .unwrap();
+    }
+}
+
+/// `count` downloads of `/bytes?n=len` on one keep-alive connection by
+/// curl, through the server's HTTP proxy; checks every byte.
+fn proxied_downloads(server: std::net::SocketAddr, count: usize, len: usize) {
+    let url = format!("http://{server}/a/prod/web/bytes?n={len}");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "60", "-H"])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .args(std::iter::repeat_n(&url, count))
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), count * len, "downloaded length");
+    for (i, body) in out.stdout.chunks(len).enumerate() {
+        if let Some(at) = body
+            .iter()
+            .enumerate()
+            .position(|(j, b)| *b != (j % 251) as u8)
+        {
+            panic!("download {i}: byte {at} differs");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_in_is_byte_exact_with_four_worker_threads_per_process() {
+    let echo = echo_service().await;
+    let app_port = free_port();
+    let app = Proc::spawn_env(
+        "sample-app",
+        &[
+            "sample-app".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{app_port}"),
+        ],
+        THREADS,
+    );
+    assert!(app.wait_log("sample app listening", Duration::from_secs(10)));
+    let listener_port = free_port();
+    let t = Tunnel::start_with_env(
+        &[("echo", echo)],
+        &[
+            "--listener",
+            &format!("127.0.0.1:{listener_port}=prod/echo"),
+        ],
+        &["--service", &format!("web=http://127.0.0.1:{app_port}")],
+        THREADS,
+    );
+    let forward_port = free_port();
+    let client = forward_client_with_env(
+        &t.url(),
+        CLIENT_TOKEN,
+        &[],
+        &[(forward_port, "prod/echo")],
+        THREADS,
+    );
+    assert!(client.wait_log("connected", Duration::from_secs(10)));
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            listener_port
+        ))
+        .is_ok()),
+        "the listener was not bound"
+    );
+    // The setting took: each process runs its four workers (and more).
+    for p in [&t.server, &t.agent, &client] {
+        assert!(threads_of(p.pid()) >= 4, "{} runs on one thread", p.name);
+    }
+
+    // All three ways in at once: a CLI forward (client, server and agent
+    // threaded), a server listener, and HTTP downloads on keep-alive
+    // connections through the proxy's pool.
+    let server = t.server_addr();
+    let http = (0..4)
+        .map(|_| tokio::task::spawn_blocking(move || proxied_downloads(server, 4, 1 << 20)))
+        .collect::<Vec<_>>();
+    tokio::join!(
+        echo_streams(forward_port, 24, 2 << 20, 1000),
+        echo_streams(listener_port, 24, 2 << 20, 2000),
+    );
+    for h in http {
+        h.await.unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .server_metric("tether_live_streams")
+            .is_some_and(|n| n <= 4.0)),
+        "streams left behind: {:?}",
+        t.server_metric("tether_live_streams")
+    );
+    for p in [&t.server, &t.agent, &client, &app] {
+        let log = p.log_text();
+        assert!(!log.contains("panicked"), "{}: {log}", p.name);
+    }
+}
