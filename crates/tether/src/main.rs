@@ -363,7 +363,16 @@ fn main() -> anyhow::Result<()> {
     ) {
         raise_open_file_limit();
     }
-    let rt = runtime()?;
+    let cores = usable_cores();
+    let setting = std::env::var("TETHER_WORKER_THREADS").ok();
+    let threads = worker_threads(setting.as_deref(), cores)?;
+    if matches!(cli.command, Command::Server(_)) && left_cores_idle(setting.as_deref(), cores) {
+        tracing::info!(
+            cores,
+            "the server runs on one thread; TETHER_WORKER_THREADS=auto gives it one per core"
+        );
+    }
+    let rt = runtime(threads)?;
     rt.block_on(async move {
         match cli.command {
             Command::Server(a) => run_server(a).await,
@@ -398,8 +407,8 @@ fn raise_open_file_limit() {
     }
 }
 
-/// The async runtime: one thread unless `TETHER_WORKER_THREADS=N` asks for
-/// more.
+/// The async runtime: one thread unless `TETHER_WORKER_THREADS` asks for
+/// more ([`worker_threads`]).
 ///
 /// Measured on the full client -> server -> agent path on this project's
 /// 2-core machine: with a thread per process, a 64-byte round trip cost
@@ -407,13 +416,7 @@ fn raise_open_file_limit() {
 /// multi-threaded default, and throughput was higher too: every hop is a
 /// wake-up, and a wake-up on another core is the expensive kind. A busy server with many sessions can
 /// trade some latency for more cores with `TETHER_WORKER_THREADS`.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let threads: usize = match std::env::var("TETHER_WORKER_THREADS") {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("TETHER_WORKER_THREADS={v:?} is not a number"))?,
-        Err(_) => 1,
-    };
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -422,6 +425,32 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         b
     };
     b.enable_all().build().context("starting the async runtime")
+}
+
+/// The runtime threads `TETHER_WORKER_THREADS` (`setting`) asks for: one
+/// when unset; `auto`, one per core this process may use (`cores`); else
+/// the number given.
+fn worker_threads(setting: Option<&str>, cores: usize) -> anyhow::Result<usize> {
+    match setting.map(str::trim) {
+        None => Ok(1),
+        Some(v) if v.eq_ignore_ascii_case("auto") => Ok(cores.max(1)),
+        Some(v) => v.parse().map_err(|_| {
+            anyhow::anyhow!("TETHER_WORKER_THREADS={v:?} is neither a number nor \"auto\"")
+        }),
+    }
+}
+
+/// A server on the default one thread where it may use four cores or
+/// more: the default suits small machines, and one that owns its cores is
+/// told it may use them (README, Tuning).
+fn left_cores_idle(setting: Option<&str>, cores: usize) -> bool {
+    setting.is_none() && cores >= 4
+}
+
+/// The cores this process may use: its CPU affinity and, in a container,
+/// its cgroup's CPU quota (as the standard library reads them).
+fn usable_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn load_table(path: &Option<PathBuf>) -> anyhow::Result<Table> {
@@ -807,4 +836,28 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
             shutdown_signal().await;
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_are_one_a_number_or_one_per_core() {
+        assert_eq!(worker_threads(None, 8).unwrap(), 1);
+        assert_eq!(worker_threads(Some("auto"), 8).unwrap(), 8);
+        assert_eq!(worker_threads(Some(" AUTO "), 2).unwrap(), 2);
+        assert_eq!(worker_threads(Some("auto"), 0).unwrap(), 1);
+        assert_eq!(worker_threads(Some("4"), 8).unwrap(), 4);
+        let e = worker_threads(Some("lots"), 8).unwrap_err().to_string();
+        assert!(e.contains("\"lots\"") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
+    fn a_server_on_one_thread_with_cores_to_spare_is_told() {
+        assert!(left_cores_idle(None, 4));
+        assert!(!left_cores_idle(None, 2));
+        assert!(!left_cores_idle(Some("1"), 16));
+        assert!(!left_cores_idle(Some("auto"), 16));
+    }
 }

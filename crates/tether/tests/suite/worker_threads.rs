@@ -156,3 +156,40 @@ async fn every_way_in_is_byte_exact_with_four_worker_threads_per_process() {
         assert!(!log.contains("panicked"), "{}: {log}", p.name);
     }
 }
+
+/// `TETHER_WORKER_THREADS=auto`: a thread per core the process may use;
+/// a value that is neither a number nor `auto` stops the process with a
+/// message that says what it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_gives_a_thread_per_core_and_a_bad_value_is_named() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let echo = echo_service().await;
+    let t = Tunnel::start_with_env(
+        &[("echo", echo)],
+        &[],
+        &[],
+        &[("TETHER_WORKER_THREADS", "auto")],
+    );
+    // The main thread beside the workers when there are several.
+    let want = if cores > 1 { cores + 1 } else { 1 };
+    assert!(
+        threads_of(t.server.pid()) >= want,
+        "{} threads for {cores} cores",
+        threads_of(t.server.pid())
+    );
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    assert_eq!(echo_through(port, b"auto\n").await, b"auto\n");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(Tunnel::server_args(free_port()))
+        .env("TETHER_WORKER_THREADS", "lots")
+        .output()
+        .expect("tether runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TETHER_WORKER_THREADS=\"lots\"") && err.contains("auto"),
+        "{err}"
+    );
+}
