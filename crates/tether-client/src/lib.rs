@@ -354,7 +354,7 @@ async fn accept_loop(
 
 async fn forward_one(
     session: CurrentSession,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     fwd: Arc<Forward>,
     early_data: bool,
@@ -366,7 +366,7 @@ async fn forward_one(
     // sees a failure soon instead of hanging until the server is back.
     // What the application has sent already goes with the open.
     let read_early = if early_data {
-        tether_net::early::arrived(&tcp, tether_proto::MAX_EARLY_DATA)
+        tether_net::early::arrived(&mut tcp, tether_proto::MAX_EARLY_DATA)
     } else {
         Ok(bytes::Bytes::new())
     };

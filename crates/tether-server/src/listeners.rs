@@ -139,7 +139,7 @@ impl Listener {
         }
     }
 
-    async fn serve_one(&self, tcp: TcpStream, peer: SocketAddr) {
+    async fn serve_one(&self, mut tcp: TcpStream, peer: SocketAddr) {
         let cfg = &self.cfg;
         let started = Instant::now();
         if !cfg.allows(&peer) {
@@ -172,7 +172,7 @@ impl Listener {
         } else {
             0
         };
-        if let Err(e) = tether_net::early::arrived_into(&tcp, &mut early, room) {
+        if let Err(e) = tether_net::early::arrived_into(&mut tcp, &mut early, room) {
             tracing::info!(listen = %cfg.listen, %peer, "connection failed before its open: {e}");
             return;
         }
