@@ -51,7 +51,9 @@ pub fn arrived_into(tcp: &mut TcpStream, buf: &mut BytesMut, max: usize) -> io::
             match Pin::new(tcp).poll_read(&mut cx, &mut read) {
                 Poll::Ready(Ok(())) => Ok(read.filled().len()),
                 Poll::Ready(Err(e)) => Err(e),
-                Poll::Pending => return Ok(0), // EAGAIN: nothing yet
+                // EAGAIN, or the task's cooperative budget spent: either
+                // way what arrived waits in the socket for the next read.
+                Poll::Pending => return Ok(0),
             }
         } else {
             let sock = socket2::SockRef::from(&*tcp);

@@ -372,6 +372,9 @@ fn main() -> anyhow::Result<()> {
             "the server runs on one thread; TETHER_WORKER_THREADS=auto gives it one per core"
         );
     }
+    if threads > 1 {
+        tracing::info!(threads, "the async runtime runs on several threads");
+    }
     let rt = runtime(threads)?;
     rt.block_on(async move {
         match cli.command {
