@@ -207,11 +207,6 @@ fn an_agent_drains_at_once_with_idle_connections_in_the_pools() {
     );
 }
 
-/// The sample app's `/bytes` pattern.
-fn pattern_byte(i: u64) -> u8 {
-    (i % 251) as u8
-}
-
 /// The gRPC server process, killed when the test ends.
 struct GrpcPeer(Child);
 

@@ -860,7 +860,7 @@ fn large_bodies_stream_both_ways_with_flat_server_memory() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
     eprintln!("1 GiB download in {:?}", started.elapsed());
     let small = w.get(&w.url("/a/prod/web/bytes?n=300000"), &[]);
-    let want: Vec<u8> = (0..300000u64).map(|i| (i % 251) as u8).collect();
+    let want: Vec<u8> = (0..300000u64).map(pattern_byte).collect();
     assert_eq!(small.raw, want);
 
     // 256 MiB up, streamed from a file, checked by size and hash.

@@ -6,7 +6,6 @@
 
 use crate::common::*;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const THREADS: &[(&str, &str)] = &[("TETHER_WORKER_THREADS", "4")];
 
@@ -17,49 +16,6 @@ fn runs_on(p: &Proc, threads: usize) -> bool {
             l.contains("runtime runs on several threads")
                 && l.contains(&format!("threads={threads}"))
         })
-}
-
-/// `streams` connections to `port` at once, each sending `len` bytes of its
-/// own pattern and reading them back from an echo service; panics at the
-/// first byte that differs, or a stream that does not finish in time.
-async fn echo_streams(port: u16, streams: u64, len: usize, seed: u64) {
-    let mut tasks = Vec::new();
-    for i in 0..streams {
-        tasks.push(tokio::spawn(async move {
-            let (mut r, mut w) = connect(port).await.into_split();
-            let writer = tokio::spawn(async move {
-                let mut gen = Pattern::new(seed + i);
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut left = len;
-                while left > 0 {
-                    gen.fill(&mut buf);
-                    let k = left.min(buf.len());
-                    w.write_all(&buf[..k]).await.unwrap();
-                    left -= k;
-                }
-                w.shutdown().await.unwrap();
-            });
-            let mut got = Vec::with_capacity(len);
-            r.read_to_end(&mut got).await.unwrap();
-            writer.await.unwrap();
-            let mut want = vec![0u8; len.div_ceil(64 * 1024) * 64 * 1024];
-            let mut gen = Pattern::new(seed + i);
-            for block in want.chunks_mut(64 * 1024) {
-                gen.fill(block);
-            }
-            want.truncate(len);
-            assert_eq!(got.len(), len, "stream {i} to port {port}: length");
-            if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
-                panic!("stream {i} to port {port}: bytes differ at {at}");
-            }
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(Duration::from_secs(120), task)
-            .await
-            .expect("streams finish")
-            .unwrap();
-    }
 }
 
 /// `count` downloads of `/bytes?n=len` on one keep-alive connection by
@@ -82,7 +38,7 @@ fn proxied_downloads(server: std::net::SocketAddr, count: usize, len: usize) {
         if let Some(at) = body
             .iter()
             .enumerate()
-            .position(|(j, b)| *b != (j % 251) as u8)
+            .position(|(j, b)| *b != pattern_byte(j as u64))
         {
             panic!("download {i}: byte {at} differs");
         }
@@ -142,9 +98,10 @@ async fn every_way_in_is_byte_exact_with_four_worker_threads_per_process() {
     let http = (0..4)
         .map(|_| tokio::task::spawn_blocking(move || proxied_downloads(server, 4, 1 << 20)))
         .collect::<Vec<_>>();
+    let within = Duration::from_secs(120);
     tokio::join!(
-        echo_streams(forward_port, 24, 2 << 20, 1000),
-        echo_streams(listener_port, 24, 2 << 20, 2000),
+        echo_patterns(forward_port, 24, 2 << 20, 1000, within),
+        echo_patterns(listener_port, 24, 2 << 20, 2000, within),
     );
     for h in http {
         h.await.unwrap();

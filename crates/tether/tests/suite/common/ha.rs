@@ -761,46 +761,8 @@ impl HaServices {
 }
 
 // ---------------------------------------------------------------------------
-// Byte checks.
+// Byte checks ([`Verifier`] is in the parent module).
 // ---------------------------------------------------------------------------
-
-/// Checks a received byte stream against [`Pattern`] generated in blocks.
-pub(crate) struct Verifier {
-    gen: Pattern,
-    block: Vec<u8>,
-    pos: usize,
-    pub total: u64,
-    pub ok: bool,
-}
-
-impl Verifier {
-    pub(crate) fn new(seed: u64, block: usize) -> Verifier {
-        Verifier {
-            gen: Pattern::new(seed),
-            block: vec![0u8; block],
-            pos: block,
-            total: 0,
-            ok: true,
-        }
-    }
-
-    /// Feeds received bytes; `ok` turns false at the first wrong byte.
-    pub(crate) fn update(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.pos == self.block.len() {
-                self.gen.fill(&mut self.block);
-                self.pos = 0;
-            }
-            let n = data.len().min(self.block.len() - self.pos);
-            if data[..n] != self.block[self.pos..self.pos + n] {
-                self.ok = false;
-            }
-            self.pos += n;
-            self.total += n as u64;
-            data = &data[n..];
-        }
-    }
-}
 
 /// One stream read from a local forward (blocking), checked as it comes.
 pub(crate) struct Download {

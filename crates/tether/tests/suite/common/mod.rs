@@ -580,6 +580,105 @@ impl Pattern {
     }
 }
 
+/// Checks a received byte stream against [`Pattern`] generated in blocks.
+pub(crate) struct Verifier {
+    gen: Pattern,
+    block: Vec<u8>,
+    pos: usize,
+    /// Bytes checked so far.
+    pub total: u64,
+    /// No byte differed so far.
+    pub ok: bool,
+}
+
+impl Verifier {
+    pub(crate) fn new(seed: u64, block: usize) -> Verifier {
+        Verifier {
+            gen: Pattern::new(seed),
+            block: vec![0u8; block],
+            pos: block,
+            total: 0,
+            ok: true,
+        }
+    }
+
+    /// Feeds received bytes; `ok` turns false at the first wrong byte.
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.pos == self.block.len() {
+                self.gen.fill(&mut self.block);
+                self.pos = 0;
+            }
+            let n = data.len().min(self.block.len() - self.pos);
+            if data[..n] != self.block[self.pos..self.pos + n] {
+                self.ok = false;
+            }
+            self.pos += n;
+            self.total += n as u64;
+            data = &data[n..];
+        }
+    }
+}
+
+/// `streams` connections to the echo service behind `port` at once, stream
+/// `i` sending `len` bytes of [`Pattern`] seeded `first_seed + i` and
+/// reading them back; panics at the first byte that differs, a wrong
+/// length, or a stream not done within `timeout`.
+pub(crate) async fn echo_patterns(
+    port: u16,
+    streams: u64,
+    len: usize,
+    first_seed: u64,
+    timeout: Duration,
+) {
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let seed = first_seed + i;
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = connect(port).await.into_split();
+            let writer = tokio::spawn(async move {
+                let mut gen = Pattern::new(seed);
+                let mut buf = vec![0u8; 65536];
+                let mut left = len;
+                while left > 0 {
+                    gen.fill(&mut buf);
+                    let k = left.min(buf.len());
+                    w.write_all(&buf[..k]).await.unwrap();
+                    left -= k;
+                }
+                w.shutdown().await.unwrap();
+            });
+            let mut v = Verifier::new(seed, 65536);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                v.update(&buf[..n]);
+                assert!(
+                    v.ok,
+                    "stream {i} to port {port}: bytes differ within the first {}",
+                    v.total
+                );
+            }
+            writer.await.unwrap();
+            assert_eq!(v.total, len as u64, "stream {i} to port {port}: length");
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(timeout, task)
+            .await
+            .expect("streams finish")
+            .unwrap();
+    }
+}
+
+/// The byte at position `i` of the sample app's `/bytes` download.
+pub(crate) fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
 /// Connects to a local forward.
 pub(crate) async fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port))
