@@ -121,7 +121,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, session: crate::C
         let router = router.clone();
         let session = session.clone();
         tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
+            tether_net::listen::nodelay_accepted(&tcp);
             if let Err(e) = handle(tcp, peer, &router, session).await {
                 tracing::info!(%peer, "proxy connection failed: {e:#}");
             }

@@ -147,7 +147,7 @@ impl Listener {
             tracing::warn!(listen = %cfg.listen, %peer, "connection from a source outside allow_from; closed");
             return;
         }
-        let _ = tcp.set_nodelay(true);
+        tether_net::listen::nodelay_accepted(&tcp);
         // The PROXY header, then what the client has sent already, go with
         // the open (early data).
         let mut early = BytesMut::new();

@@ -267,7 +267,7 @@ impl Server {
     /// speaks TLS.
     fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
         let state = &self.state;
-        let _ = tcp.set_nodelay(true);
+        tether_net::listen::nodelay_accepted(&tcp);
         // Connection caps: refuse at once instead of running out of
         // file descriptors for everyone.
         let hold = match state
