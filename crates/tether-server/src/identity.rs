@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How a client proved who it is.
 #[derive(Clone, PartialEq, Eq)]
@@ -85,5 +86,47 @@ impl ClientIdentity {
                 Some(Duration::from_secs(expires.saturating_sub(now)))
             }
         }
+    }
+
+    /// When the credential expires on this process's clock, counted from
+    /// `now`; `None` when it does not, or only beyond what an [`Instant`]
+    /// can hold (a signed JWT may carry an `exp` of 10^19 seconds: adding
+    /// that to an `Instant` would panic).
+    pub(crate) fn expires_at(&self, now: Instant) -> Option<Instant> {
+        now.checked_add(self.expires_in()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt_until(expires: u64) -> ClientIdentity {
+        let kind = IdentityKind::Jwt {
+            expires,
+            token: "t".into(),
+        };
+        ClientIdentity::new("bob".into(), vec![], kind)
+    }
+
+    #[test]
+    fn an_expiry_beyond_the_clock_is_no_expiry_not_a_panic() {
+        let now = Instant::now();
+        assert_eq!(jwt_until(10_000_000_000_000_000_000).expires_at(now), None);
+        assert_eq!(jwt_until(u64::MAX).expires_at(now), None);
+        let token = ClientIdentity::new("ci".into(), vec![], IdentityKind::Token { hash: [0; 32] });
+        assert_eq!(token.expires_at(now), None);
+        // An ordinary `exp` an hour from now is an hour from now.
+        let in_an_hour = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let at = jwt_until(in_an_hour).expires_at(now).unwrap();
+        let left = at - now;
+        assert!(
+            left > Duration::from_secs(3590) && left <= Duration::from_secs(3600),
+            "{left:?}"
+        );
     }
 }

@@ -514,7 +514,7 @@ impl OpenGuard {
         let Caller::Client(identity) = caller else {
             return Ok(());
         };
-        self.expires_at = identity.expires_in().map(|d| Instant::now() + d);
+        self.expires_at = identity.expires_at(Instant::now());
         if self.h.auth.generation() != self.generation {
             let auth = self.h.auth.get();
             if !auth.client_revalidate(identity)

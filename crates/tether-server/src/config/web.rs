@@ -9,6 +9,11 @@ use std::time::Duration;
 /// Default lifetime of a browser login.
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
+/// The longest a browser login may be set to last: 400 days, the longest a
+/// browser keeps a cookie (RFC 6265bis; Chrome caps `Max-Age` there), so a
+/// longer setting could only be a mistake.
+pub(crate) const MAX_SESSION_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
+
 /// Browser access settings (`[http]` in the server config).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,8 +93,15 @@ pub fn split_port(host: &str) -> (&str, &str) {
 }
 
 impl WebConfig {
-    /// Checks the base domain and the public name.
+    /// Checks the base domain, the public name and the login lifetime.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.session_ttl_secs > MAX_SESSION_TTL.as_secs() {
+            anyhow::bail!(
+                "[http] session_ttl_secs = {} is longer than a browser keeps a cookie ({} s, 400 days)",
+                self.session_ttl_secs,
+                MAX_SESSION_TTL.as_secs()
+            );
+        }
         if let Some(d) = &self.base_domain {
             if !is_dns_name(d) {
                 anyhow::bail!("[http] base_domain {d:?} is not a DNS name");
@@ -143,6 +155,23 @@ mod tests {
         assert!(c.validate().is_ok());
         c.base_domain = Some("*.example.com".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_login_lifetime_beyond_a_cookies_is_refused() {
+        let ttl = |secs| {
+            WebConfig {
+                session_ttl_secs: secs,
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert!(ttl(MAX_SESSION_TTL.as_secs()).is_ok());
+        let e = ttl(u64::MAX).unwrap_err().to_string();
+        assert!(
+            e.contains("session_ttl_secs") && e.contains("400 days"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -313,6 +313,15 @@ protocols = ["tcp"]
         assert_eq!(code, 200, "{alg:?}: {body}");
         assert!(!body.contains(&t), "the JWT reached the service");
     }
+    // An `exp` further off than the server's clock can count (10^19 s) is a
+    // token that does not expire, not a panic in the request's task.
+    let far = jwt(Algorithm::HS256, &hs, None, {
+        let mut c = claims("bob", &["sre"], "tether", 300);
+        c["exp"] = 10_000_000_000_000_000_000u64.into();
+        c
+    });
+    let (code, body) = curl_status(&web, &far);
+    assert_eq!(code, 200, "exp 10^19: {body}");
     // Deny wins, protocols matter, no rule = no access.
     let sre = jwt(
         Algorithm::RS256,
