@@ -334,14 +334,7 @@ async fn accept_loop(
 ) {
     let fwd = Arc::new(fwd);
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = tether_net::listen::accept(&listener).await;
         tokio::spawn(forward_one(
             session.clone(),
             tcp,

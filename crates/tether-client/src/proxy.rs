@@ -110,14 +110,7 @@ fn host_port(host: &str, port: u16) -> String {
 /// Serves the proxy port until the process ends.
 pub async fn serve(listener: TcpListener, router: Arc<Router>, session: crate::CurrentSession) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("proxy accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = tether_net::listen::accept(&listener).await;
         let router = router.clone();
         let session = session.clone();
         tokio::spawn(async move {

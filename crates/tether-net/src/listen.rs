@@ -1,4 +1,5 @@
-//! TCP listeners with an accept queue sized for bursts.
+//! TCP listeners: an accept queue sized for bursts, `TCP_NODELAY` for what
+//! they accept, and an accept loop that waits out a failing accept.
 //!
 //! `TcpListener::bind` (tokio, like the standard library) asks the kernel
 //! for a queue of 128 connections not yet accepted. A browser opening a page,
@@ -17,6 +18,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The accept queue tether asks for.
@@ -35,6 +37,29 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_nodelay(true)?;
     sock.bind(addr)?;
     sock.listen(BACKLOG)
+}
+
+/// How long [`accept`] waits after a failed accept before the next try.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The next connection on `listener`. A failed accept (out of file
+/// descriptors, most likely: it fails again at once while nothing closes)
+/// is logged and retried after [`ACCEPT_BACKOFF`] instead of in a loop that
+/// would take a core from the connections being served. Cancel-safe: a
+/// connection is never accepted and then dropped.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let listen = listener
+                    .local_addr()
+                    .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+                tracing::warn!(%listen, "accept failed: {e}; trying again in 100 ms");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
 }
 
 /// Gives a connection accepted from a [`bind`] listener `TCP_NODELAY` where

@@ -36,9 +36,7 @@ pub async fn serve_observe(
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+            let (tcp, _) = crate::listen::accept(&listener).await;
             let render = render.clone();
             let probe = probe.clone();
             tokio::spawn(async move {

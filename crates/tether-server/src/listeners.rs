@@ -113,24 +113,18 @@ impl Listener {
                             break;
                         }
                     }
-                    accepted = listener.accept() => match accepted {
-                        Ok((tcp, peer)) => {
-                            let Some(slot) = per_source.take(peer.ip(), cfg.max_connections_per_source.max(1)) else {
-                                self.metrics.limit_hit(Limit::ListenerConnectionsPerSource);
-                                tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, raise_with = Limit::ListenerConnectionsPerSource.setting(), "source has too many connections through this listener; closed");
-                                continue;
-                            };
-                            let this = self.clone();
-                            tokio::spawn(async move {
-                                let _slot = slot;
-                                this.serve_one(tcp, peer).await
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(listen = %cfg.listen, "accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    },
+                    (tcp, peer) = tether_net::listen::accept(&listener) => {
+                        let Some(slot) = per_source.take(peer.ip(), cfg.max_connections_per_source.max(1)) else {
+                            self.metrics.limit_hit(Limit::ListenerConnectionsPerSource);
+                            tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, raise_with = Limit::ListenerConnectionsPerSource.setting(), "source has too many connections through this listener; closed");
+                            continue;
+                        };
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            this.serve_one(tcp, peer).await
+                        });
+                    }
                 }
             }
             drop(listener);

@@ -247,17 +247,9 @@ impl Server {
     async fn accept_until(&self, until: impl std::future::Future<Output = ()>) {
         tokio::pin!(until);
         loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
+            tokio::select! {
+                (tcp, peer) = tether_net::listen::accept(&self.listener) => self.accept(tcp, peer),
                 () = &mut until => return,
-            };
-            match accepted {
-                Ok((tcp, peer)) => self.accept(tcp, peer),
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
             }
         }
     }

@@ -169,9 +169,7 @@ Raw WebSocket (no CLI needed), e.g. with websocat:
 
 async fn serve_echo(l: TcpListener) {
     loop {
-        let Ok((s, _)) = l.accept().await else {
-            continue;
-        };
+        let (s, _) = tether_net::listen::accept(&l).await;
         tokio::spawn(echo(s));
     }
 }

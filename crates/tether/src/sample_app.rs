@@ -261,10 +261,7 @@ where
 /// Serves the app on `listener` forever (TLS when `tls` is set).
 pub(crate) async fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let (tcp, _) = tether_net::listen::accept(&listener).await;
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
         tokio::spawn(async move {
