@@ -1,4 +1,5 @@
-//! Exponential reconnect backoff with full jitter.
+//! Exponential reconnect backoff with "equal jitter": a random point in the
+//! upper half of the delay.
 
 use rand::Rng;
 use std::time::Duration;

@@ -102,16 +102,17 @@ impl Endpoint<'_> {
 pub enum SessionEnd {
     /// Lost (error, timeout, server gone): back off.
     Lost,
-    /// The server drained it (GOAWAY): the backoff starts over, so the next
-    /// dial comes after the shortest delay.
+    /// The server drained it (GOAWAY): the next dial comes at once if the
+    /// session lasted a second or more (else after the shortest delay: a
+    /// server draining every session at once), and the backoff starts over.
     Drained,
     /// Wait this long first (e.g. another agent took our name).
     RetryAfter(Duration),
 }
 
 /// Keeps a session up forever: `dial` makes one, `serve` runs it until it
-/// ends; between attempts the delay grows with full jitter (see
-/// [`Backoff`]) and starts over after a healthy session.
+/// ends; between attempts the delay grows, a random point in its upper
+/// half (see [`Backoff`]), and starts over after a healthy session.
 pub async fn keep_connected<D, DF, S, SF>(server: &str, mut dial: D, mut serve: S)
 where
     D: FnMut() -> DF,

@@ -30,9 +30,10 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// Longest target address accepted in an OPEN.
 pub const MAX_TARGET_LEN: usize = 1024;
 
-/// Largest CATALOG payload (version 3): the one control frame that may be
-/// bigger than [`MAX_CONTROL_PAYLOAD`], since an agent may offer hundreds of
-/// services. It still fits one WebSocket message.
+/// Largest CATALOG (version 3) and REPLICAS (version 4) payload: the two
+/// control frames that may be bigger than [`MAX_CONTROL_PAYLOAD`], since an
+/// agent may offer hundreds of services and a server may have many
+/// replicas. It still fits one WebSocket message.
 pub const MAX_CATALOG_PAYLOAD: usize = 60 * 1024;
 
 /// One service in a CATALOG frame: what an agent offers by name.
@@ -167,7 +168,7 @@ impl fmt::Display for StreamId {
 pub enum TargetKind {
     /// A TCP connection (reliable, ordered bytes).
     Tcp,
-    /// A UDP flow (reserved: its datagram framing is not defined in version 1).
+    /// A UDP flow (version 2: datagrams framed as in [`crate::datagram`]).
     Udp,
     /// A kind this build does not know; answered with OPEN_ERR `bad_target`.
     Other(u8),
@@ -591,7 +592,8 @@ impl Frame {
     /// Decodes one frame from the front of `buf`, advancing it.
     ///
     /// Returns `Ok(None)` when `buf` is empty. `max_data_payload` bounds DATA
-    /// payloads (the limit this side announced); control frames are bounded by
+    /// payloads (the limit this side announced); CATALOG and REPLICAS by
+    /// [`MAX_CATALOG_PAYLOAD`], other control frames by
     /// [`MAX_CONTROL_PAYLOAD`]. DATA payloads are zero-copy slices of `buf`.
     pub fn decode(buf: &mut Bytes, max_data_payload: usize) -> Result<Option<Frame>, FrameError> {
         if buf.is_empty() {

@@ -1,6 +1,7 @@
 //! Agent sessions (`/tether/v1/agent`): authentication by token or client
 //! certificate, the upgrade, and the session's life in the registry (the
-//! newest session of a name wins; see [`crate::registry`]).
+//! newest session of a name and instance wins; sessions of one name with
+//! different instances form a pool; see [`crate::registry`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -263,7 +263,7 @@ struct AgentArgs {
     /// How long to wait for a service to accept a connection, in milliseconds [default: 10000].
     #[arg(long, env = "TETHER_DIAL_TIMEOUT_MS")]
     dial_timeout_ms: Option<u64>,
-    /// Serve /metrics and /healthz here.
+    /// Serve /metrics, /healthz, /livez and /readyz (ready once a session to every server replica is up) here.
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// Resolve raw targets with this DNS server (IP or IP:PORT) instead of

@@ -12,7 +12,10 @@
 //!
 //! What a tether session needs of WebSocket, and no more: binary messages
 //! (fragmented ones are joined), pings answered, pongs ignored, the close
-//! frame; no extensions. Everything else is a [`FrameError`].
+//! frame; one extension, `tether-unmasked` (agreed in the upgrade between a
+//! dialer and a server that both know it: the dialer's frames then go
+//! unmasked, see [`Decoder::unmasked_client`]). Everything else is a
+//! [`FrameError`].
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::io;
@@ -37,8 +40,9 @@ pub const MAX_HEADER: usize = 14;
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// Which end of the WebSocket this is. Clients mask what they send and
-/// servers require masked input (RFC 6455 section 5.1); servers send
-/// unmasked frames and clients require exactly that.
+/// servers require masked input (RFC 6455 section 5.1), unless both agreed
+/// on `tether-unmasked`; servers send unmasked frames and clients require
+/// exactly that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// The end that dialed (agent, CLI client).

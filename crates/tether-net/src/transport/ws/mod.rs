@@ -299,20 +299,6 @@ pub enum DialError {
     Timeout(String),
 }
 
-impl DialError {
-    /// Whether retrying can help (network trouble) or not (bad URL, refused credentials).
-    pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            DialError::BadUrl(..)
-                | DialError::Refused {
-                    status: 400..=499,
-                    ..
-                }
-        )
-    }
-}
-
 /// Dials `url` (`ws://` or `wss://`), asks for `subprotocol`, and sends `headers`.
 pub async fn dial(
     url: &str,
