@@ -1,0 +1,376 @@
+//! One stream the server opened: its target checked against the agent's
+//! allow-list, the service dialed (TCP, TLS or a UDP flow), the bytes
+//! spliced, and every refusal answered, counted and logged.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_net::splice::{socket_halves, splice, IoReader, IoWriter};
+use tether_net::Incoming;
+use tether_net::Refusal;
+use tether_proto::{OpenErrorCode, TargetKind};
+use tokio::net::TcpStream;
+
+use crate::{AgentStats, Discovered, NameResolver, Resolved, TargetPolicy};
+
+/// The OPEN_ERR code a failed dial is answered with.
+fn dial_error_code(e: &io::Error) -> OpenErrorCode {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => OpenErrorCode::Refused,
+        io::ErrorKind::TimedOut => OpenErrorCode::Timeout,
+        _ => OpenErrorCode::Unreachable,
+    }
+}
+
+/// Counts, logs and answers a failed open: "refused" when the policy said
+/// no, "failed" when the service could not be reached.
+fn refuse(stats: &AgentStats, inc: Incoming, code: OpenErrorCode, reason: &str) {
+    stats.open_errors.fetch_add(1, Ordering::Relaxed);
+    let (id, target) = (inc.id(), inc.target().clone());
+    let by_policy = matches!(
+        code,
+        OpenErrorCode::Forbidden | OpenErrorCode::UnknownService | OpenErrorCode::BadTarget
+    );
+    if by_policy {
+        tracing::info!(stream = %id, target = %target, %code, "open refused: {reason}");
+    } else {
+        tracing::info!(stream = %id, target = %target, %code, "open failed: {reason}");
+    }
+    inc.reject(code, reason);
+}
+
+/// The exact addresses to dial for a target the policy let through: a
+/// named service's address as the system resolves it, or a raw target's
+/// addresses from the agent's resolver once every one passed the policy.
+async fn dial_addresses(
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+) -> Result<Vec<SocketAddr>, Refusal> {
+    let found = match (&resolved.raw, resolved.host_port()) {
+        (Some(raw), _) => resolver.lookup(&raw.host, raw.port).await,
+        (None, Some((host, port))) => resolver.lookup_system(host, port).await,
+        // Not reached: a service's address was checked when the config loaded.
+        (None, None) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address is not HOST:PORT",
+        )),
+    };
+    let addrs: Vec<SocketAddr> = found.map_err(|e| {
+        Refusal::new(
+            OpenErrorCode::Unreachable,
+            format!("cannot resolve {}: {e}", resolved.address),
+        )
+    })?;
+    match &resolved.raw {
+        Some(raw) => policy.check_addresses(raw, &addrs)?,
+        None if addrs.is_empty() => {
+            return Err(Refusal::new(
+                OpenErrorCode::Unreachable,
+                format!("{} resolves to no address", resolved.address),
+            ))
+        }
+        None => {}
+    }
+    Ok(addrs)
+}
+
+/// Resolves and connects within `dial_timeout`, to the checked addresses
+/// in turn: the connection and the address that answered. When none
+/// answers, the name's remembered addresses are forgotten, so the next open
+/// looks it up again.
+async fn connect_tcp(
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+    dial_timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    let dial = async {
+        let addrs = dial_addresses(policy, resolver, resolved).await?;
+        let mut last = None;
+        for &addr in &addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => return Ok((tcp, addr)),
+                Err(e) => last = Some(e),
+            }
+        }
+        // Never empty here (dial_addresses refuses an empty answer).
+        let e = last.unwrap_or_else(|| io::Error::other("no address"));
+        Err(Refusal::new(
+            dial_error_code(&e),
+            format!("dialing {} ({addrs:?}): {e}", resolved.address),
+        ))
+    };
+    let result = match tokio::time::timeout(dial_timeout, dial).await {
+        Ok(r) => r,
+        Err(_) => Err(Refusal::new(
+            OpenErrorCode::Timeout,
+            format!(
+                "{} did not answer within {dial_timeout:?}",
+                resolved.address
+            ),
+        )),
+    };
+    if let (Err(_), Some((host, _))) = (&result, resolved.host_port()) {
+        resolver.forget(host);
+    }
+    result
+}
+
+/// What `target` means here: a configured service, then a discovered one
+/// (dialed as the raw target it names, so the allow list decides), then a
+/// raw `host:port`.
+fn resolve_target(
+    policy: &TargetPolicy,
+    discovered: &Discovered,
+    target: &str,
+) -> Result<Resolved, Refusal> {
+    if !policy.has_service(target) {
+        if let Some(found) = discovered.get(target) {
+            return match policy.resolve(&found.address) {
+                Ok(mut r) => {
+                    r.service = Some(target.to_owned());
+                    Ok(r)
+                }
+                Err(Refusal { code, reason }) => Err(Refusal::new(
+                    code,
+                    format!(
+                        "discovered service {target} ({}, {}): {reason}",
+                        found.source, found.address
+                    ),
+                )),
+            };
+        }
+    }
+    policy.resolve(target)
+}
+
+pub(crate) async fn serve_stream(
+    policy: Arc<TargetPolicy>,
+    discovered: Arc<Discovered>,
+    resolver: Arc<NameResolver>,
+    stats: Arc<AgentStats>,
+    dial_timeout: Duration,
+    udp_idle: Duration,
+    inc: Incoming,
+) {
+    let target = inc.target().clone();
+    let id = inc.id();
+    if !matches!(target.kind, TargetKind::Tcp | TargetKind::Udp) {
+        refuse(&stats, inc, OpenErrorCode::BadTarget, "unknown stream kind");
+        return;
+    }
+    let resolved = match resolve_target(&policy, &discovered, &target.address) {
+        Ok(r) => r,
+        Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
+    };
+    let started = Instant::now();
+    if target.kind == TargetKind::Udp {
+        // Boxed, like the dial below: a TCP stream's task should not carry
+        // the UDP flow's state for its whole life.
+        return Box::pin(open_udp(
+            stats,
+            &policy,
+            &resolver,
+            &resolved,
+            inc,
+            dial_timeout,
+            udp_idle,
+        ))
+        .await;
+    }
+    // Boxed: the dial's state lives only while dialing, the task's for the
+    // stream's whole life.
+    let (io, peer) = match Box::pin(dial_service(&policy, &resolver, &resolved, dial_timeout)).await
+    {
+        Ok(x) => x,
+        Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
+    };
+    let stream = match inc.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(stream = %id, "stream gone before accept: {e}");
+            return;
+        }
+    };
+    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    stats.live_streams.fetch_add(1, Ordering::Relaxed);
+    // One info line per stream, at its end (below); the server's admin API
+    // lists the streams that are live.
+    tracing::debug!(stream = %id, target = %target, address = %resolved.address, %peer, tls = resolved.tls.is_some(), "stream open");
+    let (sr, sw) = stream.split();
+    let report = match io {
+        ServiceIo::Tls(tls) => {
+            let (tr, tw) = tokio::io::split(*tls);
+            splice(sr, sw, IoReader::new(tr), IoWriter(tw)).await
+        }
+        ServiceIo::Plain(tcp) => {
+            let (tr, tw) = socket_halves(tcp);
+            splice(sr, sw, tr, tw).await
+        }
+    };
+    stats.live_streams.fetch_sub(1, Ordering::Relaxed);
+    let ms = started.elapsed().as_millis() as u64;
+    match report.error {
+        None => {
+            tracing::info!(stream = %id, target = %target, %peer, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream closed")
+        }
+        Some(e) => {
+            tracing::info!(stream = %id, target = %target, %peer, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+        }
+    }
+}
+
+/// The service's end of a TCP stream: the socket, or TLS over it.
+enum ServiceIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Dials a TCP service (TLS towards it included, inside the dial timeout):
+/// its connection and peer address (for the log).
+async fn dial_service(
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+    dial_timeout: Duration,
+) -> Result<(ServiceIo, SocketAddr), Refusal> {
+    let (tcp, peer) = connect_tcp(policy, resolver, resolved, dial_timeout).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(t) = &resolved.tls else {
+        return Ok((ServiceIo::Plain(tcp), peer));
+    };
+    let hs = t.connector.connect(t.server_name.clone(), tcp);
+    match tokio::time::timeout(dial_timeout, hs).await {
+        Ok(Ok(s)) => match t.require_alpn {
+            Some(want) if s.get_ref().1.alpn_protocol() != Some(want) => Err(Refusal::new(
+                OpenErrorCode::Unreachable,
+                format!(
+                    "TLS to {}: the service did not agree to {} (ALPN); is it an HTTP/2 server? (set http2 = false for HTTP/1.1)",
+                    resolved.address,
+                    String::from_utf8_lossy(want)
+                ),
+            )),
+            _ => Ok((ServiceIo::Tls(Box::new(s)), peer)),
+        },
+        Ok(Err(e)) => Err(Refusal::new(
+            OpenErrorCode::Unreachable,
+            format!("TLS to {}: {e}", resolved.address),
+        )),
+        Err(_) => Err(Refusal::new(
+            OpenErrorCode::Timeout,
+            format!(
+                "TLS to {} did not finish in {dial_timeout:?}",
+                resolved.address
+            ),
+        )),
+    }
+}
+
+/// Resolves a UDP service and serves the flow, or refuses the open.
+async fn open_udp(
+    stats: Arc<AgentStats>,
+    policy: &TargetPolicy,
+    resolver: &NameResolver,
+    resolved: &Resolved,
+    inc: Incoming,
+    dial_timeout: Duration,
+    udp_idle: Duration,
+) {
+    let found =
+        tokio::time::timeout(dial_timeout, dial_addresses(policy, resolver, resolved)).await;
+    match found {
+        Ok(Ok(addrs)) => serve_udp(stats, &resolved.address, &addrs, inc, udp_idle).await,
+        Ok(Err(Refusal { code, reason })) => refuse(&stats, inc, code, &reason),
+        Err(_) => {
+            let reason = format!("resolving {} took over {dial_timeout:?}", resolved.address);
+            refuse(&stats, inc, OpenErrorCode::Timeout, &reason);
+        }
+    }
+}
+
+/// Connects a UDP socket to the first of the service's checked addresses
+/// and serves the flow.
+async fn serve_udp(
+    stats: Arc<AgentStats>,
+    address: &str,
+    addrs: &[SocketAddr],
+    inc: Incoming,
+    idle: Duration,
+) {
+    let id = inc.id();
+    let Some(&addr) = addrs.first() else {
+        let reason = format!("{address} resolves to no address");
+        return refuse(&stats, inc, OpenErrorCode::Unreachable, &reason);
+    };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = match tokio::net::UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(
+                &stats,
+                inc,
+                OpenErrorCode::Internal,
+                &format!("udp socket: {e}"),
+            );
+        }
+    };
+    if let Err(e) = socket.connect(addr).await {
+        return refuse(
+            &stats,
+            inc,
+            OpenErrorCode::Unreachable,
+            &format!("udp {addr}: {e}"),
+        );
+    }
+    let Ok(stream) = inc.accept() else { return };
+    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    stats.live_streams.fetch_add(1, Ordering::Relaxed);
+    stats.udp.flows.fetch_add(1, Ordering::Relaxed);
+    stats.udp.flows_total.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(stream = %id, %address, peer = %addr, "udp flow open");
+    tether_net::udp::serve_flow(stream, socket, idle, &stats.udp).await;
+    stats.udp.flows.fetch_sub(1, Ordering::Relaxed);
+    stats.live_streams.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(stream = %id, %address, "udp flow closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Agent, AgentConfig};
+
+    /// A named service's host is looked up once and then remembered; when
+    /// none of its addresses answers, it is forgotten, so the next open
+    /// asks the resolver again (the service may have moved).
+    #[tokio::test]
+    async fn a_service_name_is_remembered_until_a_dial_fails() {
+        let listener = tether_net::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c: AgentConfig = toml::from_str(&format!(
+            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n[services]\nweb = \"localhost:{port}\"\n"
+        ))
+        .unwrap();
+        let a = Agent::new(c).unwrap();
+        let web = a.policy.resolve("web").unwrap();
+        let wait = Duration::from_secs(2);
+        assert!(!a.resolver.remembers("localhost"));
+        let (_tcp, peer) = connect_tcp(&a.policy, &a.resolver, &web, wait)
+            .await
+            .unwrap();
+        assert_eq!(peer, listener.local_addr().unwrap());
+        assert!(a.resolver.remembers("localhost"));
+        drop(listener);
+        let refused = connect_tcp(&a.policy, &a.resolver, &web, wait)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, OpenErrorCode::Refused, "{}", refused.reason);
+        assert!(!a.resolver.remembers("localhost"));
+    }
+}
