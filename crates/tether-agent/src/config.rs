@@ -68,13 +68,13 @@ pub struct AgentConfig {
     pub fingerprint: Option<String>,
     /// Named services: `db = "postgres.default.svc.cluster.local:5432"`,
     /// `grafana = "http://grafana.monitoring:3000"`, or a table
-    /// (see [`policy::ServiceTable`]).
+    /// (see [`crate::policy::ServiceTable`]).
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
     /// Raw `host:port` targets clients may ask for: `*.svc.cluster.local:*`,
     /// `10.0.0.0/8:5432`, `localhost:8000-8100`. Every address a name
     /// resolves to is checked too; loopback, link-local and cloud metadata
-    /// addresses need a rule of their own (see [`policy::builtin_deny`]).
+    /// addresses need a rule of their own (see [`crate::policy::builtin_deny`]).
     #[serde(default)]
     pub allow: Vec<String>,
     /// DNS server for the names of raw targets (`IP` or `IP:PORT`, port 53

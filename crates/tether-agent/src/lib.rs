@@ -172,7 +172,7 @@ impl Agent {
     }
 
     /// Connects to every server replica, serves, and reconnects with
-    /// backoff, forever (see [`replicas`]).
+    /// backoff, forever (see the `replicas` module).
     pub async fn run(self) -> anyhow::Result<()> {
         self.run_until(std::future::pending()).await
     }

@@ -195,11 +195,11 @@ fn lock(cache: &Mutex<NameCache>) -> std::sync::MutexGuard<'_, NameCache> {
 /// A pure structure (the caller passes the time), so its rules are tested
 /// without waiting: an answer is reused until `ttl` after it was stored;
 /// empty answers, failures and answers of more than
-/// [`MAX_ADDRESSES_REMEMBERED`] addresses are never stored (a Service
+/// `MAX_ADDRESSES_REMEMBERED` addresses are never stored (a Service
 /// created a moment later is found at once); each reuse starts one address
 /// further along, so the opens of a name with several addresses (a headless
 /// Service) still spread over them as the DNS server's rotation would; at
-/// [`MAX_REMEMBERED`] names, the expired ones go first and, if none has,
+/// `MAX_REMEMBERED` names, the expired ones go first and, if none has,
 /// everything does.
 #[derive(Debug)]
 pub struct NameCache {

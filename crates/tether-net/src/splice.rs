@@ -33,7 +33,7 @@ const _: () = assert!(SCRATCH_LEN == SOCKET_READ_CHUNK);
 
 /// Read buffer size for a socket whose reads keep filling
 /// [`SOCKET_READ_CHUNK`] (a bulk transfer; see [`SocketReader`]). Half a
-/// stream's send buffer, and within [`MAX_GATHER_BYTES`], what the other
+/// stream's send buffer, and within `MAX_GATHER_BYTES`, what the other
 /// direction may hold beyond the session's own buffers.
 pub const BULK_READ_CHUNK: usize = 128 * 1024;
 
@@ -139,7 +139,7 @@ pub fn socket_halves(tcp: TcpStream) -> (SocketReader, OwnedWriteHalf) {
 /// short read's chunk gets ([`crate::chunk`]) stays small.
 ///
 /// A new reader starts there: while reads come back small (requests,
-/// answers, keystrokes: under [`SMALL_READ`]), a read goes into the
+/// answers, keystrokes: under `SMALL_READ`, 4 KiB), a read goes into the
 /// thread's scratch buffer and its
 /// bytes are copied into a chunk of their own: a small chunk is copied out
 /// of its buffer anyway, and a fresh buffer per message would cost an

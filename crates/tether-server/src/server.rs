@@ -183,7 +183,7 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` resolves, then drains (see
-    /// [`Server::drain`]) and returns.
+    /// [`drain`]) and returns.
     pub async fn serve_until(
         self,
         shutdown: impl std::future::Future<Output = ()>,

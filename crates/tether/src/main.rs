@@ -316,6 +316,8 @@ struct ClientArgs {
     action: Option<ClientAction>,
 }
 
+// `[udp:]` in the help text below is clap's notation, not a doc link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Subcommand)]
 enum ClientAction {
     /// Listen locally and forward each connection: LISTEN=AGENT/SERVICE, e.g.
