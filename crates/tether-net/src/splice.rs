@@ -6,6 +6,12 @@
 //! the difference from a `select!` over two copies, which would cut the
 //! still-open direction at the first EOF.
 //!
+//! An error is passed on as one, never as an end: both destinations are
+//! aborted (a tunnel stream gets RST with the reset's own code and reason,
+//! or `io_error` when a socket failed; a socket is reset, RST instead of
+//! FIN), so an application behind any number of relays sees a failed
+//! transfer fail, not end early and look complete.
+//!
 //! The endpoints are polled, not awaited: a splice is one small state
 //! machine ([`Splice`], a few hundred bytes) instead of a tree of nested
 //! `async fn` futures, each holding its own copy of its arguments (over a
@@ -19,6 +25,8 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+use crate::error::StreamError;
 
 use crate::chunk::unpinned;
 use crate::scratch::{with_scratch, SCRATCH_LEN};
@@ -89,8 +97,10 @@ pub trait ChunkWrite: Send + Unpin {
             *first = more.remove(0);
         }
     }
-    /// Ends the stream abruptly with a reason, when the endpoint can say one
-    /// (a tunnel stream sends RST); sockets are simply dropped.
+    /// Ends the destination abruptly, because the splice failed or was
+    /// stopped: a tunnel stream sends RST with `code` and `reason`, a
+    /// socket is reset. The default (any other writer) does nothing: it is
+    /// simply dropped.
     fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {}
 }
 
@@ -119,11 +129,24 @@ impl ChunkWrite for StreamWriter {
     }
 }
 
-/// A TCP connection's halves for a splice: its reading half as a
-/// [`SocketReader`].
-pub fn socket_halves(tcp: TcpStream) -> (SocketReader, OwnedWriteHalf) {
+/// A TCP connection's halves for a splice: a [`SocketReader`] and a
+/// [`SocketWriter`].
+pub fn socket_halves(tcp: TcpStream) -> (SocketReader, SocketWriter) {
     let (r, w) = tcp.into_split();
-    (SocketReader::new(r), w)
+    (SocketReader::new(r), SocketWriter(Some(w)))
+}
+
+/// A socket's writing half as a [`ChunkWrite`]: chunks gathered into
+/// `writev`, `finish` sends FIN, and `abort` resets the connection.
+pub struct SocketWriter(Option<OwnedWriteHalf>);
+
+impl SocketWriter {
+    /// The write half, or the error a write after an abort gets.
+    fn half(&mut self) -> io::Result<&mut OwnedWriteHalf> {
+        self.0.as_mut().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "connection reset by the relay")
+        })
+    }
 }
 
 /// A socket's reading half as a [`ChunkRead`]. It reads
@@ -237,19 +260,31 @@ impl ChunkRead for SocketReader {
     }
 }
 
-impl ChunkWrite for OwnedWriteHalf {
+impl ChunkWrite for SocketWriter {
     fn poll_write_chunk(
         &mut self,
         cx: &mut Context<'_>,
         chunk: &mut Bytes,
     ) -> Poll<io::Result<()>> {
-        poll_write_all(Pin::new(self), cx, chunk)
+        poll_write_all(Pin::new(self.half()?), cx, chunk)
     }
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self).poll_shutdown(cx)
+        Pin::new(self.half()?).poll_shutdown(cx)
     }
     fn gathers(&self) -> bool {
         true
+    }
+    /// Resets the connection: `SO_LINGER` of zero makes the close send RST
+    /// and drop what is still unsent, and the half is forgotten so that
+    /// dropping it sends no FIN first (the socket closes with the read
+    /// half, when the splice ends).
+    fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {
+        if let Some(half) = self.0.take() {
+            // Best effort: if it fails the peer sees a FIN, as before.
+            let _ =
+                socket2::SockRef::from(half.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+            half.forget();
+        }
     }
     fn poll_write_gather(
         &mut self,
@@ -257,6 +292,7 @@ impl ChunkWrite for OwnedWriteHalf {
         first: &mut Bytes,
         more: &mut Vec<Bytes>,
     ) -> Poll<io::Result<()>> {
+        let half = self.half()?;
         while first.is_empty() && !more.is_empty() {
             *first = more.remove(0);
         }
@@ -269,7 +305,7 @@ impl ChunkWrite for OwnedWriteHalf {
                 n += 1;
             }
             let mut written =
-                match ready!(Pin::new(&mut *self).poll_write_vectored(cx, &slices[..n]))? {
+                match ready!(Pin::new(&mut *half).poll_write_vectored(cx, &slices[..n]))? {
                     0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     w => w,
                 };
@@ -475,6 +511,24 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
     }
 }
 
+/// The RST a failed splice passes on: a peer's reset keeps its code and
+/// reason across the relay; a reset this side's session decided (it was
+/// lost, or drained past its deadline) is `upstream` to the far side; any
+/// other failure (a socket's) is `io_error`.
+fn failure_reset(e: &io::Error) -> (tether_proto::ResetCode, String) {
+    match StreamError::from_io(e) {
+        Some(StreamError::Reset {
+            code,
+            reason,
+            remote: true,
+        }) => (*code, reason.clone()),
+        Some(local @ StreamError::Reset { .. }) => {
+            (tether_proto::ResetCode::Upstream, local.to_string())
+        }
+        _ => (tether_proto::ResetCode::IoError, e.to_string()),
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A running splice (see [`splice_until`]): resolves to its report.
     #[must_use = "a splice does nothing unless polled"]
@@ -549,7 +603,12 @@ where
             .and_then(|up_done| Ok(down.poll_done(cx)? && up_done));
         let error = match both_done {
             Ok(true) => None,
-            Err(e) => Some(e),
+            Err(e) => {
+                let (code, reason) = failure_reset(&e);
+                up.w.abort(code, &reason);
+                down.w.abort(code, &reason);
+                Some(e)
+            }
             Ok(false) => {
                 let (code, reason) = ready!(this.stop.poll(cx));
                 up.w.abort(code, &reason);

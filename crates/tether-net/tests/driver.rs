@@ -560,8 +560,11 @@ async fn a_splice_gathers_queued_chunks_in_order() {
 }
 
 /// When the splice's stop resolves (access revoked), the tunnel side is
-/// reset with its code and reason, the socket is closed, and the report
-/// says why; a splice whose stream the peer resets ends with that error.
+/// reset with its code and reason, the socket is reset, and the report
+/// says why; a splice whose stream the peer resets ends with that error and
+/// resets its socket (RST, not FIN: the application must not take a failed
+/// transfer for a complete one); a socket that fails resets the stream
+/// with `io_error`.
 #[tokio::test]
 async fn a_stopped_or_reset_splice_ends_both_sides() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -594,7 +597,11 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
     assert!(e.to_string().contains("access revoked"), "{e}");
     let mut rest = Vec::new();
     let closed = within(app.read_to_end(&mut rest)).await;
-    assert!(closed.is_err() || rest.is_empty(), "the socket is closed");
+    assert_eq!(
+        closed.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the socket is reset"
+    );
 
     // The peer resets the stream: the splice ends with that error.
     let (sa, sb) = open(&mut p, "reset").await;
@@ -610,7 +617,35 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
         StreamError::from_io(&e).and_then(StreamError::reset_code),
         Some(ResetCode::Cancel)
     );
+    let mut app = app;
+    let mut rest = Vec::new();
+    let ended = within(app.read_to_end(&mut rest)).await;
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a reset stream resets its socket, it does not finish it"
+    );
+
+    // The application's socket fails (it resets the connection): the
+    // stream is reset with io_error, the socket's error as its reason.
+    let (sa, sb) = open(&mut p, "socket fails").await;
+    let (app, relay_end) = tcp_pair().await;
+    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
+    let (sr, sw) = sb.split();
+    let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
+    let (mut ra, _wa) = sa.split();
+    socket2::SockRef::from(&app)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(app);
+    let report = within(splice).await.unwrap();
+    assert!(
+        report.error.is_some(),
+        "a failed socket ends the splice with an error"
+    );
+    let e = within(ra.read()).await.unwrap_err();
+    assert_eq!(e.reset_code(), Some(ResetCode::IoError), "{e}");
+    assert!(e.to_string().contains("reset"), "{e}");
 }
 
 /// A chunk keeps the whole buffer it was cut from alive, in every queue it

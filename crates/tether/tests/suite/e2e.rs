@@ -501,12 +501,68 @@ async fn agent_vanishing_mid_stream_closes_client_connection_promptly() {
     let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
         .await
         .expect("client sees the close promptly, not a hang");
-    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-    eprintln!("close seen {:?} after the agent died", started.elapsed());
+    // Reset, not an orderly end: the transfer failed.
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    eprintln!("reset seen {:?} after the agent died", started.elapsed());
     assert!(wait_until(Duration::from_secs(5), || {
         t.server_metric("tether_agents") == Some(0.0)
             && t.server_metric("tether_live_streams") == Some(0.0)
     }));
+}
+
+/// A service that resets its connection mid-transfer: the application at
+/// the other end of agent, server and CLI client sees a reset too, after
+/// every byte sent before it, and never an orderly end that would make a
+/// cut-off transfer look complete; the CLI says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_reset_reaches_the_application_as_a_reset() {
+    const SENT: usize = 256 * 1024;
+    let l = service_listener();
+    let svc = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        let mut data = vec![0u8; SENT];
+        Pattern::new(3).fill(&mut data);
+        s.write_all(&data).await.unwrap();
+        // Reset once the application has everything (it says so).
+        let mut go = [0u8; 1];
+        let _ = s.read_exact(&mut go).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let t = Tunnel::start(&[("resets", svc)], &[]);
+    let port = free_port();
+    let client = t.client(CLIENT_TOKEN, &[(port, "prod/resets")]);
+    let mut s = connect(port).await;
+    let mut got = vec![0u8; SENT];
+    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut got))
+        .await
+        .expect("the bytes before the reset arrive")
+        .unwrap();
+    let mut want = vec![0u8; SENT];
+    Pattern::new(3).fill(&mut want);
+    assert!(got == want, "the bytes before the reset arrive intact");
+    s.write_all(b"k").await.unwrap();
+    let mut more = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut more))
+        .await
+        .expect("the reset arrives, not a hang");
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the application saw {r:?} instead of a reset"
+    );
+    assert!(
+        client.wait_log("io_error", Duration::from_secs(5)),
+        "{}",
+        client.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
