@@ -99,6 +99,7 @@ pub(crate) fn looks_like_jwt(t: &str) -> bool {
 impl JwtVerifier {
     /// Loads the keys.
     pub(crate) fn new(cfg: &JwtConfig) -> anyhow::Result<JwtVerifier> {
+        cfg.validate()?;
         let mut keys = vec![];
         if let Some(p) = &cfg.secret_file {
             let raw =

@@ -78,6 +78,7 @@ impl Reloader {
     /// `max_streams_per_client` and a self-signed certificate need a
     /// restart.
     pub(crate) fn apply(&self, cfg: &ServerConfig) -> anyhow::Result<ReloadReport> {
+        cfg.limits.validate()?;
         let auth = Authenticator::from_config(cfg)?;
         let mut report = ReloadReport::default();
         let new_tls = match &cfg.tls {

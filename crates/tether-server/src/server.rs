@@ -141,6 +141,14 @@ impl Server {
             l.validate()?;
         }
         cfg.http.validate()?;
+        cfg.limits.validate()?;
+        if cfg.max_streams_per_client > crate::config::MAX_STREAMS_PER_CLIENT_CEILING {
+            anyhow::bail!(
+                "max_streams_per_client = {} is over {} (a million streams per client)",
+                cfg.max_streams_per_client,
+                crate::config::MAX_STREAMS_PER_CLIENT_CEILING
+            );
+        }
         cfg.cluster.validate()?;
         cfg.session.validate()?;
         Ok(())

@@ -100,8 +100,8 @@ impl SessionArgs {
             .entry("session".to_owned())
             .or_insert_with(|| Value::Table(Table::new()));
         if let Value::Table(s) = entry {
-            set(s, "heartbeat_ms", self.heartbeat_ms.map(|v| v as i64));
-            set(s, "idle_timeout_ms", self.idle_timeout_ms.map(|v| v as i64));
+            set(s, "heartbeat_ms", self.heartbeat_ms.map(toml_int));
+            set(s, "idle_timeout_ms", self.idle_timeout_ms.map(toml_int));
         }
     }
 }
@@ -470,6 +470,14 @@ fn load_table(path: &Option<PathBuf>) -> anyhow::Result<Table> {
     }
 }
 
+/// A flag's number as a TOML integer (an `i64`): one past `i64::MAX` (18
+/// digits of milliseconds: millions of years) means as long as can be,
+/// rather than wrapping to a negative number the config would refuse
+/// under a value the user never typed.
+fn toml_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 fn set<T: Into<Value>>(t: &mut Table, key: &str, v: Option<T>) {
     if let Some(v) = v {
         t.insert(key.to_owned(), v.into());
@@ -674,18 +682,18 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
     set(
         cluster,
         "peers_interval_ms",
-        a.peers_interval_ms.map(|v| v as i64),
+        a.peers_interval_ms.map(toml_int),
     );
-    set(cluster, "agent_wait_ms", a.agent_wait_ms.map(|v| v as i64));
+    set(cluster, "agent_wait_ms", a.agent_wait_ms.map(toml_int));
     set(
         cluster,
         "shutdown_delay_ms",
-        a.shutdown_delay_ms.map(|v| v as i64),
+        a.shutdown_delay_ms.map(toml_int),
     );
     set(
         cluster,
         "drain_timeout_ms",
-        a.drain_timeout_ms.map(|v| v as i64),
+        a.drain_timeout_ms.map(toml_int),
     );
     push_array(
         cluster,
@@ -727,20 +735,12 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     set(&mut t, "name", a.name);
     set(&mut t, "dns_server", a.dns_server);
     set(&mut t, "instance", a.instance);
-    set(
-        &mut t,
-        "drain_timeout_ms",
-        a.drain_timeout_ms.map(|v| v as i64),
-    );
-    set(
-        &mut t,
-        "dial_timeout_ms",
-        a.dial_timeout_ms.map(|v| v as i64),
-    );
+    set(&mut t, "drain_timeout_ms", a.drain_timeout_ms.map(toml_int));
+    set(&mut t, "dial_timeout_ms", a.dial_timeout_ms.map(toml_int));
     set(
         &mut t,
         "udp_idle_timeout_ms",
-        a.udp_idle_timeout_ms.map(|v| v as i64),
+        a.udp_idle_timeout_ms.map(toml_int),
     );
     if !a.services.is_empty() {
         let svc = t
@@ -818,9 +818,9 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
     set(
         &mut t,
         "udp_idle_timeout_ms",
-        a.udp_idle_timeout_ms.map(|v| v as i64),
+        a.udp_idle_timeout_ms.map(toml_int),
     );
-    set(&mut t, "max_udp_flows", a.max_udp_flows.map(|v| v as i64));
+    set(&mut t, "max_udp_flows", a.max_udp_flows.map(toml_int));
     if a.no_early_data {
         t.insert("early_data".into(), false.into());
     }
@@ -846,6 +846,27 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A duration flag past i64::MAX milliseconds is as long as can be, not
+    /// a negative number refused under a value nobody typed.
+    #[test]
+    fn a_huge_duration_flag_saturates_instead_of_wrapping() {
+        let cli = Cli::try_parse_from([
+            "tether",
+            "server",
+            "--drain-timeout-ms",
+            "18446744073709551615",
+            "--heartbeat-ms",
+            "5000",
+        ])
+        .unwrap();
+        let Command::Server(a) = cli.command else {
+            panic!("not a server command")
+        };
+        let cfg = server_config(a).unwrap();
+        assert_eq!(cfg.cluster.drain_timeout_ms, i64::MAX as u64);
+        assert_eq!(cfg.session.heartbeat_ms, Some(5000));
+    }
 
     #[test]
     fn worker_threads_are_one_a_number_or_one_per_core() {

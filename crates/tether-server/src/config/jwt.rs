@@ -42,3 +42,21 @@ fn default_groups_claim() -> String {
 fn default_leeway() -> u64 {
     30
 }
+
+/// The most clock skew `leeway_secs` may allow: a day. More is no skew
+/// any clock has, and a leeway past the Unix time itself would overflow
+/// the JWT library's `now - leeway`.
+const MAX_LEEWAY_SECS: u64 = 24 * 3600;
+
+impl JwtConfig {
+    /// Checks the leeway (the keys are checked as they load).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.leeway_secs > MAX_LEEWAY_SECS {
+            anyhow::bail!(
+                "[jwt] leeway_secs = {} is more clock skew than any clock has (at most {MAX_LEEWAY_SECS}, a day)",
+                self.leeway_secs
+            );
+        }
+        Ok(())
+    }
+}

@@ -61,6 +61,36 @@ pub struct LimitsConfig {
     pub max_connections_per_source: usize,
 }
 
+impl LimitsConfig {
+    /// Checks the rates and bursts: finite, a rate not negative, a burst of
+    /// at least one. (NaN or infinity would lift a limit without a word, a
+    /// negative rate refuse everything.)
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, rate, burst_name, burst) in [
+            (
+                "opens_per_sec",
+                self.opens_per_sec,
+                "open_burst",
+                self.open_burst,
+            ),
+            (
+                "requests_per_sec",
+                self.requests_per_sec,
+                "request_burst",
+                self.request_burst,
+            ),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                anyhow::bail!("[limits] {name} = {rate}: a rate is a number of 0 or more");
+            }
+            if !burst.is_finite() || burst < 1.0 {
+                anyhow::bail!("[limits] {burst_name} = {burst}: a burst is a number of 1 or more");
+            }
+        }
+        Ok(())
+    }
+}
+
 fn d_max_connections_per_source() -> usize {
     MAX_CONNECTIONS_PER_SOURCE
 }

@@ -36,6 +36,12 @@ use std::path::PathBuf;
 /// an agent from the others.
 pub const MAX_STREAMS_PER_CLIENT: usize = 2048;
 
+/// The most `max_streams_per_client` may be set to: a million streams
+/// (each session's queue of incoming opens is sized by it, and the runtime
+/// refuses a queue much larger than that: a bigger setting would make
+/// every client session fail at its start).
+pub const MAX_STREAMS_PER_CLIENT_CEILING: usize = 1 << 20;
+
 /// Everything the server needs to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,5 +204,48 @@ mod tests {
         );
         // Token hashes and allow patterns load as the server loads them.
         crate::auth::Authenticator::from_config(&c).unwrap();
+    }
+
+    /// Settings that would make every client session panic at its start,
+    /// lift a rate limit without a word (NaN, infinity), refuse everything
+    /// (a negative rate) or overflow the JWT library's clock arithmetic
+    /// stop the server at load, naming the setting.
+    #[test]
+    fn settings_that_break_a_limit_are_refused_at_load() {
+        let check = |text: &str| {
+            let c: ServerConfig = toml::from_str(text).unwrap();
+            crate::server::Server::check(&c)
+                .err()
+                .map(|e| format!("{e:#}"))
+        };
+        assert_eq!(check(""), None);
+        assert_eq!(check("[limits]\nopens_per_sec = 0.0\n"), None);
+        let jwt = "[jwt]\nissuer = \"https://idp\"\naudience = \"tether\"\n";
+        for (bad, names) in [
+            (
+                "max_streams_per_client = 9223372036854775807\n".to_owned(),
+                "max_streams_per_client",
+            ),
+            (
+                "[limits]\nopens_per_sec = nan\n".to_owned(),
+                "opens_per_sec",
+            ),
+            (
+                "[limits]\nrequests_per_sec = inf\n".to_owned(),
+                "requests_per_sec",
+            ),
+            (
+                "[limits]\nopens_per_sec = -5.0\n".to_owned(),
+                "opens_per_sec",
+            ),
+            (
+                "[limits]\nrequest_burst = 0.0\n".to_owned(),
+                "request_burst",
+            ),
+            (format!("{jwt}leeway_secs = 2000000000\n"), "leeway_secs"),
+        ] {
+            let e = check(&bad).unwrap_or_else(|| panic!("accepted: {bad}"));
+            assert!(e.contains(names), "{bad}: {e}");
+        }
     }
 }
