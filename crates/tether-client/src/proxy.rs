@@ -207,6 +207,28 @@ async fn handle(
     Ok(())
 }
 
+/// SOCKS5 reply codes (RFC 1928 section 6) for requests refused before any open.
+const SOCKS5_GENERAL_FAILURE: u8 = 1;
+const SOCKS5_COMMAND: u8 = 7;
+const SOCKS5_ADDRESS_TYPE: u8 = 8;
+
+/// Answers a SOCKS5 request that cannot be served with reply code `rep`
+/// (best effort: the client may be gone) and returns the error to log.
+async fn socks5_failure<S: AsyncWrite + Unpin>(tcp: &mut S, rep: u8, why: String) -> anyhow::Error {
+    let _ = tcp.write_all(&[5, rep, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+    anyhow::anyhow!(why)
+}
+
+/// Answers an HTTP proxy request that cannot be served with `400` and the
+/// reason (best effort) and returns the error to log.
+async fn http_bad_request<S: AsyncWrite + Unpin>(tcp: &mut S, why: String) -> anyhow::Error {
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{why}\n"
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    anyhow::anyhow!(why)
+}
+
 /// Reads one proxy handshake (SOCKS5 or HTTP) from `tcp`, answering the
 /// SOCKS5 method negotiation and refusing what is not supported. Public for
 /// the `proxy_handshake` fuzz target: this parses untrusted local input.
@@ -234,7 +256,8 @@ async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::
     let mut head = [0u8; 4];
     tcp.read_exact(&mut head).await?;
     if head[0] != 5 {
-        bail!("bad SOCKS5 request version {}", head[0]);
+        let why = format!("bad SOCKS5 request version {}", head[0]);
+        return Err(socks5_failure(tcp, SOCKS5_GENERAL_FAILURE, why).await);
     }
     let host = match head[3] {
         1 => {
@@ -246,7 +269,13 @@ async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::
             let len = tcp.read_u8().await? as usize;
             let mut d = vec![0u8; len];
             tcp.read_exact(&mut d).await?;
-            String::from_utf8(d).context("SOCKS5 domain is not UTF-8")?
+            match String::from_utf8(d) {
+                Ok(host) => host,
+                Err(_) => {
+                    let why = "SOCKS5 domain is not UTF-8".to_owned();
+                    return Err(socks5_failure(tcp, SOCKS5_ADDRESS_TYPE, why).await);
+                }
+            }
         }
         4 => {
             let mut a = [0u8; 16];
@@ -254,8 +283,8 @@ async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::
             Ipv6Addr::from(a).to_string()
         }
         other => {
-            tcp.write_all(&[5, 8, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
-            bail!("SOCKS5 address type {other} not supported");
+            let why = format!("SOCKS5 address type {other} not supported");
+            return Err(socks5_failure(tcp, SOCKS5_ADDRESS_TYPE, why).await);
         }
     };
     let port = tcp.read_u16().await?;
@@ -267,9 +296,9 @@ async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::
         });
     }
     if head[1] != 1 {
-        // 7: command not supported (BIND).
-        tcp.write_all(&[5, 7, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
-        bail!("SOCKS5 command {} not supported", head[1]);
+        // BIND.
+        let why = format!("SOCKS5 command {} not supported", head[1]);
+        return Err(socks5_failure(tcp, SOCKS5_COMMAND, why).await);
     }
     Ok(Request {
         host,
@@ -302,7 +331,9 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head = std::str::from_utf8(&buf[..end]).context("request head is not UTF-8")?;
+    let Ok(head) = std::str::from_utf8(&buf[..end]) else {
+        return Err(http_bad_request(tcp, "request head is not UTF-8".to_owned()).await);
+    };
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split_whitespace();
     let (method, uri, version) = (
@@ -311,7 +342,10 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
         parts.next().unwrap_or("HTTP/1.1"),
     );
     if method.eq_ignore_ascii_case("CONNECT") {
-        let (host, port) = split_authority(uri, 443)?;
+        let (host, port) = match split_authority(uri, 443) {
+            Ok(x) => x,
+            Err(e) => return Err(http_bad_request(tcp, format!("CONNECT {uri:?}: {e:#}")).await),
+        };
         // Bytes the client sent after the head (rare before the 200) would be
         // lost; clients wait for the answer, as the spec requires.
         return Ok(Request {
@@ -322,16 +356,17 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // Absolute-form request to a plain HTTP site: rewrite to origin-form.
     let Some(rest) = uri.strip_prefix("http://") else {
-        let _ = tcp
-            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nthis is a proxy: use CONNECT or an absolute http:// URL\n")
-            .await;
-        bail!("not a proxy request: {line:?}");
+        let why = format!("not a proxy request: {line:?}: use CONNECT or an absolute http:// URL");
+        return Err(http_bad_request(tcp, why).await);
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let (host, port) = split_authority(authority, 80)?;
+    let (host, port) = match split_authority(authority, 80) {
+        Ok(x) => x,
+        Err(e) => return Err(http_bad_request(tcp, format!("{authority:?}: {e:#}")).await),
+    };
     let mut new_head = format!("{method} {path} {version}\r\n").into_bytes();
     let after_line = head.find("\r\n").map_or(head.len(), |i| i + 2);
     for l in head[after_line..].split("\r\n") {
@@ -629,6 +664,53 @@ mod udp_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a client gets back for `request` when the handshake fails, and
+    /// the error logged.
+    async fn refused(request: &[u8]) -> (Vec<u8>, String) {
+        let (mut client, mut proxy) = tokio::io::duplex(64 * 1024);
+        client.write_all(request).await.unwrap();
+        let e = read_request(&mut proxy).await.expect_err("refused");
+        drop(proxy);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        (answer, format!("{e:#}"))
+    }
+
+    /// A handshake that cannot be served is answered in its own protocol,
+    /// with the reason, before the connection closes: never a bare close.
+    #[tokio::test]
+    async fn bad_handshakes_get_the_protocols_own_refusal() {
+        for (request, reason) in [
+            (&b"CONNECT db:abc HTTP/1.1\r\n\r\n"[..], "CONNECT"),
+            (b"GET http://h:99999/ HTTP/1.1\r\n\r\n", "h:99999"),
+            (b"GET /x HTTP/1.1\r\n\r\n", "use CONNECT"),
+            (b"GET http://h/ HTTP/1.1\r\nx: \xff\r\n\r\n", "not UTF-8"),
+        ] {
+            let (answer, e) = refused(request).await;
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+            assert!(text.contains(reason) && e.contains(reason), "{text} / {e}");
+        }
+        // SOCKS5: the method reply, then the request's refusal with the
+        // RFC 1928 code (1 general failure, 7 command, 8 address type).
+        for (request, code) in [
+            (
+                &[5u8, 1, 0, 4, 1, 0, 1, 127, 0, 0, 1, 0, 80][..],
+                SOCKS5_GENERAL_FAILURE,
+            ),
+            (&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80], SOCKS5_COMMAND),
+            (&[5, 1, 0, 5, 1, 0, 9], SOCKS5_ADDRESS_TYPE),
+            (
+                &[5, 1, 0, 5, 1, 0, 3, 2, 0xff, 0xfe, 0, 80],
+                SOCKS5_ADDRESS_TYPE,
+            ),
+        ] {
+            let (answer, e) = refused(request).await;
+            assert_eq!(&answer[..2], &[5, 0], "{e}");
+            assert_eq!(&answer[2..4], &[5, code], "{e}");
+        }
+    }
 
     #[test]
     fn routing_rules() {
