@@ -207,25 +207,39 @@ async fn handle(
     Ok(())
 }
 
-/// SOCKS5 reply codes (RFC 1928 section 6) for requests refused before any open.
+// SOCKS5 reply codes (RFC 1928 section 6) for requests refused before any
+// open: general failure, command not supported, address type not supported.
 const SOCKS5_GENERAL_FAILURE: u8 = 1;
 const SOCKS5_COMMAND: u8 = 7;
 const SOCKS5_ADDRESS_TYPE: u8 = 8;
 
-/// Answers a SOCKS5 request that cannot be served with reply code `rep`
-/// (best effort: the client may be gone) and returns the error to log.
-async fn socks5_failure<S: AsyncWrite + Unpin>(tcp: &mut S, rep: u8, why: String) -> anyhow::Error {
+/// Writes a SOCKS5 reply with code `rep` and no bound address (best
+/// effort: the client may be gone).
+async fn write_socks5_reply<S: AsyncWrite + Unpin>(tcp: &mut S, rep: u8) {
     let _ = tcp.write_all(&[5, rep, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+}
+
+/// Writes an HTTP answer with `status` and `body` as plain text, after which
+/// the connection closes (best effort).
+async fn write_http_error<S: AsyncWrite + Unpin>(tcp: &mut S, status: &str, body: &str) {
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+}
+
+/// Answers a SOCKS5 request that cannot be served with reply code `rep`
+/// and returns the error to log.
+async fn socks5_failure<S: AsyncWrite + Unpin>(tcp: &mut S, rep: u8, why: String) -> anyhow::Error {
+    write_socks5_reply(tcp, rep).await;
     anyhow::anyhow!(why)
 }
 
 /// Answers an HTTP proxy request that cannot be served with `400` and the
-/// reason (best effort) and returns the error to log.
+/// reason, and returns the error to log.
 async fn http_bad_request<S: AsyncWrite + Unpin>(tcp: &mut S, why: String) -> anyhow::Error {
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{why}\n"
-    );
-    let _ = tcp.write_all(answer.as_bytes()).await;
+    write_http_error(tcp, "400 Bad Request", &format!("{why}\n")).await;
     anyhow::anyhow!(why)
 }
 
@@ -419,7 +433,7 @@ async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &
                 OpenErrorCode::Timeout => 6,
                 _ => 1,
             };
-            let _ = tcp.write_all(&[5, rep, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+            write_socks5_reply(tcp, rep).await;
         }
         Kind::HttpConnect | Kind::HttpForward(_) => {
             let status = match code {
@@ -430,16 +444,7 @@ async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &
                 }
                 _ => "502 Bad Gateway",
             };
-            let body = format!("tether: {code}: {reason}\n");
-            let _ = tcp
-                .write_all(
-                    format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                )
-                .await;
+            write_http_error(tcp, status, &format!("tether: {code}: {reason}\n")).await;
         }
     }
 }

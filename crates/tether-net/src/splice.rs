@@ -26,9 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::error::StreamError;
-
 use crate::chunk::unpinned;
+use crate::error::StreamError;
 use crate::scratch::{with_scratch, SCRATCH_LEN};
 use crate::session::{StreamReader, StreamWriter};
 
@@ -601,21 +600,23 @@ where
         let both_done = up
             .poll_done(cx)
             .and_then(|up_done| Ok(down.poll_done(cx)? && up_done));
-        let error = match both_done {
-            Ok(true) => None,
+        // A failure or a stop aborts both destinations (see the module doc).
+        let (error, abort) = match both_done {
+            Ok(true) => (None, None),
             Err(e) => {
-                let (code, reason) = failure_reset(&e);
-                up.w.abort(code, &reason);
-                down.w.abort(code, &reason);
-                Some(e)
+                let abort = failure_reset(&e);
+                (Some(e), Some(abort))
             }
             Ok(false) => {
                 let (code, reason) = ready!(this.stop.poll(cx));
-                up.w.abort(code, &reason);
-                down.w.abort(code, &reason);
-                Some(io::Error::new(io::ErrorKind::PermissionDenied, reason))
+                let e = io::Error::new(io::ErrorKind::PermissionDenied, reason.clone());
+                (Some(e), Some((code, reason)))
             }
         };
+        if let Some((code, reason)) = abort {
+            up.w.abort(code, &reason);
+            down.w.abort(code, &reason);
+        }
         let report = SpliceReport {
             a_to_b: up.count,
             b_to_a: down.count,

@@ -470,6 +470,39 @@ async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
     (app.unwrap(), accepted.unwrap().0)
 }
 
+/// A stream from `a` to `b` whose `b` end is spliced to a socket: (a's end,
+/// the application's socket, the running splice).
+async fn spliced(
+    p: &mut Pair,
+    target: &str,
+) -> (
+    Stream,
+    tokio::net::TcpStream,
+    tokio::task::JoinHandle<tether_net::splice::SpliceReport>,
+) {
+    let (sa, sb) = open(p, target).await;
+    let (app, relay_end) = tcp_pair().await;
+    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
+    let (sr, sw) = sb.split();
+    (
+        sa,
+        app,
+        tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw)),
+    )
+}
+
+/// The application's socket ends with a reset (RST), not an orderly FIN.
+async fn assert_reset(app: &mut tokio::net::TcpStream, why: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let ended = within(app.read_to_end(&mut rest)).await;
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{why}"
+    );
+}
+
 /// The splice between a real socket and a tunnel stream, as a relay runs
 /// it: more bytes than a window each way, exact and in order; the socket
 /// finishing first does not cut the stream's direction, which keeps
@@ -567,7 +600,7 @@ async fn a_splice_gathers_queued_chunks_in_order() {
 /// with `io_error`.
 #[tokio::test]
 async fn a_stopped_or_reset_splice_ends_both_sides() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut p = pair(Config::default(), Config::default()).await;
 
     let (sa, sb) = open(&mut p, "stopped").await;
@@ -595,20 +628,10 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
     let e = within(ra.read()).await.unwrap_err();
     assert_eq!(e.reset_code(), Some(ResetCode::Forbidden));
     assert!(e.to_string().contains("access revoked"), "{e}");
-    let mut rest = Vec::new();
-    let closed = within(app.read_to_end(&mut rest)).await;
-    assert_eq!(
-        closed.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "the socket is reset"
-    );
+    assert_reset(&mut app, "the socket is reset").await;
 
     // The peer resets the stream: the splice ends with that error.
-    let (sa, sb) = open(&mut p, "reset").await;
-    let (app, relay_end) = tcp_pair().await;
-    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
-    let (sr, sw) = sb.split();
-    let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
+    let (sa, mut app, splice) = spliced(&mut p, "reset").await;
     let (_ra, mut wa) = sa.split();
     wa.reset(ResetCode::Cancel, "changed my mind");
     let report = within(splice).await.unwrap();
@@ -617,22 +640,15 @@ async fn a_stopped_or_reset_splice_ends_both_sides() {
         StreamError::from_io(&e).and_then(StreamError::reset_code),
         Some(ResetCode::Cancel)
     );
-    let mut app = app;
-    let mut rest = Vec::new();
-    let ended = within(app.read_to_end(&mut rest)).await;
-    assert_eq!(
-        ended.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "a reset stream resets its socket, it does not finish it"
-    );
+    assert_reset(
+        &mut app,
+        "a reset stream resets its socket, it does not finish it",
+    )
+    .await;
 
     // The application's socket fails (it resets the connection): the
     // stream is reset with io_error, the socket's error as its reason.
-    let (sa, sb) = open(&mut p, "socket fails").await;
-    let (app, relay_end) = tcp_pair().await;
-    let (tr, tw) = tether_net::splice::socket_halves(relay_end);
-    let (sr, sw) = sb.split();
-    let splice = tokio::spawn(tether_net::splice::splice(tr, tw, sr, sw));
+    let (sa, app, splice) = spliced(&mut p, "socket fails").await;
     let (mut ra, _wa) = sa.split();
     socket2::SockRef::from(&app)
         .set_linger(Some(Duration::ZERO))

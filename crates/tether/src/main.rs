@@ -470,10 +470,10 @@ fn load_table(path: &Option<PathBuf>) -> anyhow::Result<Table> {
     }
 }
 
-/// A flag's number as a TOML integer (an `i64`): one past `i64::MAX` (18
-/// digits of milliseconds: millions of years) means as long as can be,
-/// rather than wrapping to a negative number the config would refuse
-/// under a value the user never typed.
+/// A flag's number as a TOML integer (an `i64`): a value past `i64::MAX`
+/// (in milliseconds, 292 million years) means as long as can be, rather
+/// than wrapping to a negative number the config would refuse under a
+/// value the user never typed.
 fn toml_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
