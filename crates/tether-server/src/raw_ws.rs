@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -17,13 +18,17 @@ use http::{Request, StatusCode};
 use hyper::body::Incoming;
 use tether_net::chunk::unpinned;
 use tether_net::splice::{ChunkRead, ChunkWrite};
+use tether_net::transport::ws::frame::close_reason;
 use tether_net::transport::ws::ws_config;
 use tether_net::transport::MAX_RECV_MESSAGE;
 use tether_net::Refusal;
 use tether_proto::TargetKind;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::AuthStore;
@@ -105,6 +110,7 @@ impl RawWsEndpoint {
             };
             let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(ws_config())).await;
             let (tx, rx) = ws.split();
+            let failed_with = Arc::new(AtomicU16::new(0));
             let sessions = this.metrics.sessions_of("raw_ws");
             sessions.inc();
             let name = caller.name();
@@ -116,10 +122,14 @@ impl RawWsEndpoint {
                 started,
                 &guard,
                 (
-                    RawWsReader(rx),
+                    RawWsReader {
+                        stream: rx,
+                        failed_with: failed_with.clone(),
+                    },
                     RawWsWriter {
                         sink: tx,
                         close_sent: false,
+                        failed_with,
                     },
                 ),
                 agent_stream.split(),
@@ -132,22 +142,39 @@ impl RawWsEndpoint {
 }
 
 /// Reads a raw WebSocket's binary (or text) messages as stream bytes.
-struct RawWsReader<S>(SplitStream<WebSocketStream<S>>);
+struct RawWsReader<S> {
+    stream: SplitStream<WebSocketStream<S>>,
+    /// The close code the client's own error calls for (0: none yet), for
+    /// the writer's close frame.
+    failed_with: Arc<AtomicU16>,
+}
 
-/// Writes stream bytes as binary messages; EOF closes the WebSocket.
+/// Writes stream bytes as binary messages; EOF closes the WebSocket, and a
+/// failure closes it with a code and the reason.
 struct RawWsWriter<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
     close_sent: bool,
+    failed_with: Arc<AtomicU16>,
 }
 
-fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+fn ws_error(e: WsError) -> io::Error {
     io::Error::other(e.to_string())
+}
+
+/// The close code for a failure the client caused: a message over the
+/// limit is 1009, anything else it sent wrong 1002 (RFC 6455 7.4.1).
+fn client_fault(e: &WsError) -> Option<u16> {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(1009),
+        WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) => Some(1002),
+        _ => None,
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
-            return Poll::Ready(match ready!(self.0.poll_next_unpin(cx)) {
+            return Poll::Ready(match ready!(self.stream.poll_next_unpin(cx)) {
                 None | Some(Ok(Message::Close(_))) => Ok(None),
                 // tungstenite slices messages out of a read buffer that
                 // grows to fit the largest one (≤ MAX_RECV_MESSAGE): a
@@ -155,7 +182,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
                 Some(Ok(Message::Binary(b))) => Ok(Some(unpinned(b, MAX_RECV_MESSAGE))),
                 Some(Ok(Message::Text(t))) => Ok(Some(Bytes::from(t.as_str().to_owned()))),
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => Err(ws_error(e)),
+                Some(Err(e)) => {
+                    if let Some(code) = client_fault(&e) {
+                        self.failed_with.store(code, Ordering::Relaxed);
+                    }
+                    Err(ws_error(e))
+                }
             });
         }
     }
@@ -179,7 +211,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
         // A socket already broken needs no Close.
         if !self.close_sent {
             if ready!(self.sink.poll_ready_unpin(cx)).is_err()
-                || self.sink.start_send_unpin(Message::Close(None)).is_err()
+                || self
+                    .sink
+                    .start_send_unpin(Message::Close(Some(CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: "".into(),
+                    })))
+                    .is_err()
             {
                 return Poll::Ready(Ok(()));
             }
@@ -187,5 +225,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
         }
         let _ = ready!(self.sink.poll_flush_unpin(cx));
         Poll::Ready(Ok(()))
+    }
+    /// Closes the WebSocket with a code and the reason, best effort: the
+    /// close frame is queued and flushed without waiting (the splice drops
+    /// the socket right after), which a close frame's few bytes almost
+    /// always survive. 1009 or 1002 when the client's own message was at
+    /// fault, 1008 when access was revoked, 1011 when the far side failed
+    /// (not 1014, "bad gateway": common clients such as tungstenite refuse
+    /// it as a protocol error and lose the reason).
+    fn abort(&mut self, code: tether_proto::ResetCode, reason: &str) {
+        if self.close_sent {
+            return;
+        }
+        let code = match self.failed_with.load(Ordering::Relaxed) {
+            0 if code == tether_proto::ResetCode::Forbidden => 1008,
+            0 => 1011,
+            own => own,
+        };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: close_reason(reason).to_owned().into(),
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Ok(())) = self.sink.poll_ready_unpin(&mut cx) {
+            if self
+                .sink
+                .start_send_unpin(Message::Close(Some(frame)))
+                .is_ok()
+            {
+                self.close_sent = true;
+                let _ = self.sink.poll_flush_unpin(&mut cx);
+            }
+        }
     }
 }

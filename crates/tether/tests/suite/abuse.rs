@@ -348,6 +348,114 @@ async fn raw_websocket_endpoint_carries_one_stream() {
     }));
 }
 
+/// A raw WebSocket client whose message is over the limit gets a close
+/// frame that says so (1009 and the reason), not a dropped connection, and
+/// its stream is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_raw_websocket_message_is_answered_with_1009() {
+    use std::io::{Read, Write};
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let addr = t.server_addr();
+    let closing = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /tether/v1/ws/prod/echo?token={CLIENT_TOKEN} HTTP/1.1\r\nHost: x\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // A masked binary frame announcing 2 MiB (the limit is 1 MiB); no
+        // payload needs to follow for the server to refuse it.
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(2u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        s.write_all(&frame).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer
+    });
+    let answer = closing.await.unwrap();
+    assert!(
+        answer.len() >= 4 && answer[0] == 0x88,
+        "no close frame: {answer:?}"
+    );
+    let code = u16::from_be_bytes([answer[2], answer[3]]);
+    let reason = String::from_utf8_lossy(&answer[4..2 + (answer[1] & 0x7f) as usize]);
+    assert_eq!(code, 1009, "{reason}");
+    assert!(
+        reason.contains("too long") || reason.contains("Message"),
+        "{reason}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        t.server_metric("tether_live_streams") == Some(0.0)
+    }));
+}
+
+/// A raw WebSocket's close says how its stream ended: 1000 when the service
+/// closed its connection, 1011 (the far side failed) with the reset's reason
+/// when the service reset it, after every byte it sent before; a plain close
+/// for both would make a failure read as success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_websocket_close_tells_a_service_close_from_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let svc = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        for reset in [false, true] {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            s.write_all(b"before the close").await.unwrap();
+            let mut go = [0u8; 1];
+            let _ = s.read_exact(&mut go).await;
+            if reset {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+            drop(s);
+        }
+    });
+    let t = Tunnel::start(&[("svc", svc)], &[]);
+    let url = format!("{}/tether/v1/ws/prod/svc?token={CLIENT_TOKEN}", t.url());
+    for (code, reason) in [(CloseCode::Normal, ""), (CloseCode::Error, "reset")] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 16 {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => got.extend_from_slice(&b),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, b"before the close");
+        ws.send(Message::Binary(Bytes::from_static(b"k")))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert_eq!(frame.code, code, "{frame:?}");
+                assert!(frame.reason.contains(reason), "{frame:?}");
+            }
+            other => panic!("expected a close frame with {code}, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_cap_holds_per_client_across_sessions() {
     let echo = echo_service().await;

@@ -4,6 +4,7 @@
 //! another's traffic.
 
 use crate::common::*;
+use futures_util::StreamExt;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -632,6 +633,13 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
     };
     let mut alice = client("alice-token", pa);
     let bob = client("bob-token", pb);
+    // bob also holds a raw WebSocket (a browser's way in).
+    let (mut bob_ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/tether/v1/ws/prod/web?token=bob-token",
+        s.ws_url()
+    ))
+    .await
+    .unwrap();
     // Long-lived connections through both (the sample app answers HTTP; a
     // kept-alive connection stays open).
     let mut a_conn = connect(pa).await;
@@ -722,6 +730,14 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
         "{}",
         bob.log_text()
     );
+    // His raw WebSocket is closed with a code that says why (1008, policy).
+    match tokio::time::timeout(Duration::from_secs(5), bob_ws.next()).await {
+        Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame))))) => {
+            assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+            assert!(frame.reason.contains("revoked"), "{frame:?}");
+        }
+        other => panic!("bob's raw WebSocket: {other:?}"),
+    }
     assert!(
         s.server.log_text().contains("trigger=\"SIGHUP\"")
             || s.server.log_text().contains("trigger=SIGHUP")

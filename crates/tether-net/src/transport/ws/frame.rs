@@ -258,15 +258,21 @@ pub fn control_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Bytes
 }
 
 /// The payload of a close frame: a status code and a reason, cut to fit a
-/// control frame at a character boundary.
+/// control frame (see [`close_reason`]).
 pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(close_reason(reason).as_bytes());
+    p
+}
+
+/// The longest prefix of `reason` that fits a close frame beside its status
+/// code (123 bytes), cut at a character boundary.
+pub fn close_reason(reason: &str) -> &str {
     let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    let mut p = code.to_be_bytes().to_vec();
-    p.extend_from_slice(&reason.as_bytes()[..end]);
-    p
+    &reason[..end]
 }
 
 /// Turns the bytes read from one end of a WebSocket into [`Event`]s.
