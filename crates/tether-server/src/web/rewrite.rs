@@ -237,11 +237,23 @@ pub(crate) fn strip_tether_cookies(h: &mut HeaderMap) {
 
 /// Whether a service's `Set-Cookie` may reach the browser: never one for
 /// tether's own cookies. Judged by raw bytes, so a header with non-ASCII
-/// bytes cannot slip through as "no name".
+/// bytes cannot slip through as "no name", and by the name the browser
+/// will send the cookie back under: a nameless cookie (`=tether_session=x`,
+/// or no `=` at all) returns as its bare value, which reads as
+/// `tether_session=x` (RFC 6265bis 5.6).
 pub(crate) fn service_may_set(v: &HeaderValue) -> bool {
     let raw = v.as_bytes();
-    let name = raw.split(|b| *b == b'=').next().unwrap_or(raw).trim_ascii();
-    !is_tether_cookie(name)
+    let pair = raw.split(|b| *b == b';').next().unwrap_or(raw);
+    let (name, value) = match pair.iter().position(|b| *b == b'=') {
+        Some(i) => (&pair[..i], &pair[i + 1..]),
+        None => (&b""[..], pair),
+    };
+    let sent_as = if name.trim_ascii().is_empty() {
+        value.split(|b| *b == b'=').next().unwrap_or(value)
+    } else {
+        name
+    };
+    !is_tether_cookie(sent_as.trim_ascii())
 }
 
 /// Rewrites a `Location` from the service so it points back through the proxy.
@@ -278,33 +290,37 @@ pub fn rewrite_location(
 }
 
 /// Rewrites a `Set-Cookie` for path routing: `Path` moves under the prefix
-/// and `Domain` goes (the cookie belongs to the server's host).
-pub fn rewrite_set_cookie(value: &str, prefix: &str) -> String {
-    let mut parts = value.split(';');
-    let mut out = parts.next().unwrap_or("").trim().to_owned();
+/// and `Domain` goes (the cookie belongs to the server's host). Attribute
+/// names are matched as a browser matches them (case and whitespace
+/// around `=` ignored); bytes are kept as they came, non-ASCII included.
+pub fn rewrite_set_cookie(value: &[u8], prefix: &str) -> Vec<u8> {
+    let mut parts = value.split(|b| *b == b';');
+    let mut out = parts.next().unwrap_or_default().trim_ascii().to_vec();
     let mut had_path = false;
     for attr in parts {
-        let a = attr.trim();
-        let lower = a.to_ascii_lowercase();
-        if lower.starts_with("domain=") {
+        let a = attr.trim_ascii();
+        let (name, val) = match a.iter().position(|b| *b == b'=') {
+            Some(i) => (a[..i].trim_ascii(), a[i + 1..].trim_ascii()),
+            None => (a, &b""[..]),
+        };
+        if name.eq_ignore_ascii_case(b"domain") {
             continue;
         }
-        out.push_str("; ");
-        if lower.starts_with("path=") {
+        out.extend_from_slice(b"; ");
+        if name.eq_ignore_ascii_case(b"path") {
             had_path = true;
-            let p = &a[5..];
-            let p = if p.starts_with('/') { p } else { "/" };
-            out.push_str("Path=");
-            out.push_str(prefix);
-            out.push_str(p);
+            let p = if val.starts_with(b"/") { val } else { b"/" };
+            out.extend_from_slice(b"Path=");
+            out.extend_from_slice(prefix.as_bytes());
+            out.extend_from_slice(p);
         } else {
-            out.push_str(a);
+            out.extend_from_slice(a);
         }
     }
     if !had_path {
-        out.push_str("; Path=");
-        out.push_str(prefix);
-        out.push('/');
+        out.extend_from_slice(b"; Path=");
+        out.extend_from_slice(prefix.as_bytes());
+        out.push(b'/');
     }
     out
 }
@@ -341,15 +357,14 @@ pub(crate) fn rewrite_response(
         h.append(header::SET_COOKIE, v);
     }
     if let Some(prefix) = prefix {
-        let cookies: Vec<String> = h
+        let cookies: Vec<Vec<u8>> = h
             .get_all(header::SET_COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(|v| rewrite_set_cookie(v, prefix))
+            .map(|v| rewrite_set_cookie(v.as_bytes(), prefix))
             .collect();
         h.remove(header::SET_COOKIE);
         for c in cookies {
-            if let Ok(v) = HeaderValue::from_str(&c) {
+            if let Ok(v) = HeaderValue::from_bytes(&c) {
                 h.append(header::SET_COOKIE, v);
             }
         }
@@ -426,6 +441,24 @@ mod tests {
         assert!(!service_may_set(&v(
             b"__Host-tether_csrf=1; Path=/; Secure"
         )));
+        // Nameless cookies go back as their value: `tether_session=x`.
+        assert!(!service_may_set(&v(b"=tether_session=x; Path=/")));
+        assert!(!service_may_set(&v(b" =tether_csrf=x")));
+        assert!(!service_may_set(&v(b"tether_session; Path=/")));
+        assert!(service_may_set(&v(b"=sid=x; Path=/")));
+    }
+
+    #[test]
+    fn path_routing_keeps_a_cookie_with_non_ascii_bytes() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_bytes(b"p=\xc3\xa9").unwrap(),
+        );
+        rewrite_response(&mut h, Some("/a/p/g"), String::new, &[]);
+        let all: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].as_bytes(), b"p=\xc3\xa9; Path=/a/p/g/");
     }
 
     #[test]
@@ -552,10 +585,16 @@ mod tests {
             None
         );
         assert_eq!(rewrite_location("/x", None, "https://h", &hosts), None);
+        let cookie = |v: &str| String::from_utf8(rewrite_set_cookie(v.as_bytes(), "/a/p/g"));
         assert_eq!(
-            rewrite_set_cookie("sid=1; Path=/; Domain=grafana; HttpOnly", "/a/p/g"),
+            cookie("sid=1; Path=/; Domain=grafana; HttpOnly").unwrap(),
             "sid=1; Path=/a/p/g/; HttpOnly"
         );
-        assert_eq!(rewrite_set_cookie("sid=1", "/a/p/g"), "sid=1; Path=/a/p/g/");
+        assert_eq!(cookie("sid=1").unwrap(), "sid=1; Path=/a/p/g/");
+        // Browsers trim around `=` and ignore case: so does the rewrite.
+        assert_eq!(
+            cookie("sid=1; Domain =x.test; DOMAIN\t=y; path = /app").unwrap(),
+            "sid=1; Path=/a/p/g/app"
+        );
     }
 }
