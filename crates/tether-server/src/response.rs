@@ -46,15 +46,23 @@ pub(crate) fn redirect(status: StatusCode, location: &str) -> Resp {
     r
 }
 
+/// The content security policy of the server's own pages: everything from
+/// the server itself, no framing. Forms post to the server itself, and also
+/// to `also_post_to` (a CSP source list) where a page's form must be
+/// followed by a redirect elsewhere (browsers apply `form-action` to it).
+pub(crate) fn page_policy(also_post_to: Option<&str>) -> header::HeaderValue {
+    const POLICY: &str = "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'";
+    match also_post_to {
+        None => header::HeaderValue::from_static(POLICY),
+        Some(more) => header::HeaderValue::from_str(&format!("{POLICY} {more}"))
+            .unwrap_or_else(|_| header::HeaderValue::from_static(POLICY)),
+    }
+}
+
 /// Headers for the server's own pages: no framing, no sniffing, scripts and
-/// styles only from the server itself.
+/// styles only from the server itself ([`page_policy`]).
 pub(crate) fn harden(h: &mut HeaderMap) {
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static(
-            "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
-        ),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, page_policy(None));
     h.insert(
         header::X_FRAME_OPTIONS,
         header::HeaderValue::from_static("DENY"),

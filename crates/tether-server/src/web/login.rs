@@ -24,7 +24,7 @@
 //! * The proxy strips every tether cookie before a request reaches a service.
 
 use http::{header, HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,7 +35,7 @@ use super::pages::{error, escape, html_page};
 use super::{cookie, split_port, Web, WebConfig, FORM_READ_TIMEOUT, MAX_FORM_BODY};
 use crate::auth::{bearer, token_hash};
 use crate::identity::ClientIdentity;
-use crate::response::{redirect, Resp};
+use crate::response::{page_policy, redirect, Resp};
 
 /// How a request proved who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,8 +189,28 @@ pub(crate) fn login_page(web: &Web, req: &Request<Incoming>) -> Resp {
         })
         .map(str::to_owned)
         .unwrap_or_else(|| web.logins.issue_login_csrf());
-    let mut r = html_page(StatusCode::OK, "Sign in", &login_form(&next, &csrf, None));
+    let mut r = sign_in_page(web, StatusCode::OK, &next, &csrf, None);
     set_cookie(&mut r, csrf_cookie(web, &csrf));
+    r
+}
+
+/// The sign-in page (`message` above the form, if any). Its form may be
+/// answered with a redirect to a host-routed service (`next`) on a
+/// subdomain of the base domain, which the page's `form-action` must allow.
+fn sign_in_page(
+    web: &Web,
+    status: StatusCode,
+    next: &str,
+    csrf: &str,
+    message: Option<&str>,
+) -> Resp {
+    let mut r = html_page(status, "Sign in", &login_form(next, csrf, message));
+    if let Some(base) = web.base() {
+        r.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            page_policy(Some(&format!("*.{base}:*"))),
+        );
+    }
     r
 }
 
@@ -266,14 +286,27 @@ fn parse_origin(o: &str) -> Option<(String, String, u16)> {
     Some((scheme, host.to_ascii_lowercase(), port))
 }
 
-async fn read_form(req: Request<Incoming>) -> Option<HashMap<String, String>> {
+/// Reads a form body of at most `MAX_FORM_BODY` bytes within
+/// `FORM_READ_TIMEOUT`; a failure is the status and reason that say which
+/// limit (or the connection) failed.
+async fn read_form(
+    req: Request<Incoming>,
+) -> Result<HashMap<String, String>, (StatusCode, &'static str)> {
     let read = Limited::new(req.into_body(), MAX_FORM_BODY).collect();
-    let body = tokio::time::timeout(FORM_READ_TIMEOUT, read)
-        .await
-        .ok()?
-        .ok()?
-        .to_bytes();
-    Some(form_urlencoded::parse(&body).into_owned().collect())
+    let body = match tokio::time::timeout(FORM_READ_TIMEOUT, read).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "login form too large"))
+        }
+        Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "login form unreadable")),
+        Err(_) => {
+            return Err((
+                StatusCode::REQUEST_TIMEOUT,
+                "login form not received in time",
+            ))
+        }
+    };
+    Ok(form_urlencoded::parse(&body).into_owned().collect())
 }
 
 /// `POST /login`: checks the CSRF value and the token, starts a session.
@@ -287,13 +320,9 @@ pub(crate) async fn login_submit(
     let csrf_cookie_value = cookie(&headers, csrf_cookie_name(web)).map(str::to_owned);
     // Read the (small, bounded) form first: answering before the body is
     // read makes HTTP/2 clients see a reset stream instead of our answer.
-    let Some(form) = read_form(req).await else {
-        return error(
-            &headers,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "bad_form",
-            "login form too large or unreadable",
-        );
+    let form = match read_form(req).await {
+        Ok(form) => form,
+        Err((status, why)) => return error(&headers, status, "bad_form", why),
     };
     if cross_origin(web, &headers, host) {
         web.metrics.error("csrf");
@@ -320,14 +349,12 @@ pub(crate) async fn login_submit(
         web.metrics.error("csrf");
         tracing::warn!(%peer, "login without a valid, matching CSRF value");
         let csrf = web.logins.issue_login_csrf();
-        let mut r = html_page(
+        let mut r = sign_in_page(
+            web,
             StatusCode::FORBIDDEN,
-            "Sign in",
-            &login_form(
-                &next,
-                &csrf,
-                Some("Your login form expired; please sign in again."),
-            ),
+            &next,
+            &csrf,
+            Some("Your login form expired; please sign in again."),
         );
         set_cookie(&mut r, csrf_cookie(web, &csrf));
         return r;
@@ -336,10 +363,12 @@ pub(crate) async fn login_submit(
     let csrf = csrf_cookie_value.unwrap_or_default();
     if token.trim().is_empty() {
         // Nothing to check, so nothing charged to the address.
-        return html_page(
+        return sign_in_page(
+            web,
             StatusCode::UNAUTHORIZED,
-            "Sign in",
-            &login_form(&next, &csrf, Some("Enter your client token.")),
+            &next,
+            &csrf,
+            Some("Enter your client token."),
         );
     }
     // Only now is this a real attempt: charge it to the client's address
@@ -360,10 +389,12 @@ pub(crate) async fn login_submit(
         Err(why) => {
             web.metrics.error("bad_login");
             tracing::warn!(%peer, %source, "browser login refused: {why}");
-            return html_page(
+            return sign_in_page(
+                web,
                 StatusCode::UNAUTHORIZED,
-                "Sign in",
-                &login_form(&next, &csrf, Some("That token is not valid.")),
+                &next,
+                &csrf,
+                Some("That token is not valid."),
             );
         }
     };
@@ -371,6 +402,19 @@ pub(crate) async fn login_submit(
     let mut ttl = Duration::from_secs(web.cfg.session_ttl_secs.max(60));
     if let Some(left) = client.expires_in() {
         ttl = ttl.min(left);
+    }
+    // A JWT accepted within its leeway, or about to expire, would give a
+    // login that ends at once (`Max-Age=0` deletes the cookie): say so.
+    if ttl < Duration::from_secs(1) {
+        web.metrics.error("bad_login");
+        tracing::warn!(%peer, %source, client = %client.name, "browser login refused: the token has expired");
+        return sign_in_page(
+            web,
+            StatusCode::UNAUTHORIZED,
+            &next,
+            &csrf,
+            Some("That token has expired."),
+        );
     }
     let id = web.logins.create(&client, ttl);
     tracing::info!(client = %client.name, %peer, %source, "browser login");

@@ -148,6 +148,11 @@ async fn chromium(w: &Web) -> (Driver, Client) {
 /// Signs in on the login page with `token`.
 async fn sign_in(c: &Client, origin: &str, token: &str) {
     c.goto(&format!("{origin}/")).await.unwrap();
+    submit_token(c, token).await;
+}
+
+/// Types `token` into the login page on screen and submits it.
+async fn submit_token(c: &Client, token: &str) {
     c.find(Locator::Css("#token"))
         .await
         .unwrap()
@@ -176,31 +181,9 @@ async fn chromium_logs_in_and_uses_a_tunneled_app_with_a_websocket() {
     let url = c.current_url().await.unwrap();
     assert!(url.path().starts_with("/login"), "{url}");
     screenshot(&c, "1-login.png").await;
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys("wrong-token")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit_token(&c, "wrong-token").await;
     wait_text(&c, "#message", |t| t.contains("not valid")).await;
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(CLIENT_TOKEN)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit_token(&c, CLIENT_TOKEN).await;
 
     // The console: live agent list from server-sent events.
     wait_text(&c, "[data-agent=prod] .state", |t| t == "online").await;
@@ -273,6 +256,17 @@ async fn chromium_logs_in_and_uses_a_tunneled_app_with_a_websocket() {
     }
     c.goto(&format!("{origin}/a/prod/web/")).await.unwrap();
     assert!(c.current_url().await.unwrap().path().starts_with("/login"));
+
+    // Signed out, a host-routed service's page sends the browser to the
+    // login page on the base domain, and signing in brings it back there
+    // (the login page's form-action must allow that redirect).
+    c.goto(&href).await.unwrap();
+    let url = c.current_url().await.unwrap();
+    assert!(url.path().starts_with("/login"), "{url}");
+    submit_token(&c, CLIENT_TOKEN).await;
+    wait_text(&c, "h1", |t| t == "tether sample app").await;
+    let url = c.current_url().await.unwrap();
+    assert_eq!(url.host_str(), Some(&*format!("web.prod.{BASE}")), "{url}");
     c.close().await.unwrap();
     drop(driver);
 }

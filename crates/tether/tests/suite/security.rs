@@ -323,6 +323,52 @@ protocols = ["tcp"]
     });
     let (code, body) = curl_status(&web, &far);
     assert_eq!(code, 200, "exp 10^19: {body}");
+    // A browser login with a JWT that expired within the leeway (30 s) is
+    // refused with the reason, not a login whose cookie is gone at once.
+    let late = jwt(
+        Algorithm::HS256,
+        &hs,
+        None,
+        claims("bob", &["sre"], "tether", -5),
+    );
+    assert_eq!(
+        curl_status(&web, &late).0,
+        200,
+        "accepted within the leeway"
+    );
+    let jar = dir.join("jar").display().to_string();
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                "-b",
+                &jar,
+                "-c",
+                &jar,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let page = curl(&[&s.url("/login")]);
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .expect("csrf field")
+        .to_owned();
+    let answer = curl(&[
+        "--data",
+        &format!("token={late}&csrf={csrf}&next=%2F"),
+        &s.url("/login"),
+    ]);
+    assert!(answer.ends_with("\n401"), "{answer}");
+    assert!(answer.contains("That token has expired."), "{answer}");
     // Deny wins, protocols matter, no rule = no access.
     let sre = jwt(
         Algorithm::RS256,
@@ -443,6 +489,52 @@ protocols = ["tcp"]
     let (code, _) = curl_status(&web, &sre);
     assert_eq!(code, 401, "a JWT signed with the withdrawn key still works");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A login form that does not arrive whole is answered with what went
+/// wrong: 413 for one over the limit, 400 for one cut short.
+#[test]
+fn a_login_form_that_does_not_arrive_is_answered_with_why() {
+    use std::io::{Read, Write};
+    let s = Setup::start(
+        "loginform",
+        &format!(
+            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
+            sha256_hex(AGENT_TOKEN)
+        ),
+    );
+    let ask = |head: &str, body: &[u8]| {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        c.write_all(head.as_bytes()).unwrap();
+        c.write_all(body).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let big = vec![b'a'; 64 * 1024];
+    let r = ask(
+        &format!(
+            "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\n\r\n",
+            big.len()
+        ),
+        &big,
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 413") && r.contains("too large"),
+        "{r}"
+    );
+    let r = ask(
+        "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: 100\r\n\r\n",
+        b"token=abc",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("unreadable"),
+        "{r}"
+    );
 }
 
 /// An HS256 JWT with a header of our choosing (the `Header` type has no
