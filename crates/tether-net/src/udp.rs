@@ -118,19 +118,23 @@ pub async fn serve_socket<F, Fut>(
         let opening = open();
         async move { opening.await.map(|s| (s, ())) }
     };
-    serve_socket_guarded(socket, open, limits, stats, accept).await
+    serve_socket_guarded(socket, open, limits, stats, accept, || true).await
 }
 
 /// [`serve_socket`] for opens that come with a guard (`G`: whatever must
 /// live as long as the flow, such as the server's accounting of the
 /// stream): the flow holds it until it ends, however it ends (idle,
-/// evicted, the stream closed).
+/// evicted, the stream closed). A source without a flow starts one only
+/// while `new_flows()` says so (a draining server's listener keeps the
+/// flows it has and takes no new ones); its datagrams are dropped
+/// otherwise.
 pub async fn serve_socket_guarded<F, Fut, G>(
     socket: Arc<UdpSocket>,
     open: F,
     limits: UdpLimits,
     stats: Arc<UdpStats>,
     accept: impl Fn(&SocketAddr) -> bool + Send + 'static,
+    new_flows: impl Fn() -> bool + Send + 'static,
 ) where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(Stream, G), String>> + Send + 'static,
@@ -173,6 +177,10 @@ pub async fn serve_socket_guarded<F, Fut, G>(
                 }
             }
         };
+        if !new_flows() {
+            stats.drops.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         start_flow(
             &mut map,
             &flows,

@@ -23,6 +23,7 @@ use tether_proto::{TargetKind, MAX_EARLY_DATA};
 use tokio::net::TcpStream;
 
 use crate::admission::SourceCounts;
+use crate::cluster::{Cluster, Phase};
 use crate::config::ListenerConfig;
 use crate::limits::Limit;
 use crate::metrics::Metrics;
@@ -40,6 +41,9 @@ pub(crate) struct Listener {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     opener: Opener,
+    /// Whether the server is draining (a UDP listener then takes no new
+    /// flows).
+    cluster: Arc<Cluster>,
     /// Most UDP flows: no more than the streams one identity may hold, so
     /// the least recently used flow makes room before the stream cap
     /// refuses a new one.
@@ -54,6 +58,7 @@ impl Listener {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         opener: Opener,
+        cluster: Arc<Cluster>,
         max_streams: usize,
     ) -> Listener {
         Listener {
@@ -62,6 +67,7 @@ impl Listener {
             registry,
             metrics,
             opener,
+            cluster,
             max_flows: max_streams.min(tether_net::udp::DEFAULT_MAX_FLOWS),
         }
     }
@@ -251,6 +257,13 @@ impl Listener {
                 },
                 stats.clone(),
                 allow,
+                {
+                    // A draining server keeps the flows it carries but takes
+                    // no new ones (this task's abort leaves the socket's
+                    // task serving them until the process exits).
+                    let cluster = self.cluster.clone();
+                    move || cluster.phase() != Phase::Closing
+                },
             ));
             while self.registry.get(cfg.agent()).is_some() {
                 if changes.changed().await.is_err() {

@@ -157,6 +157,7 @@ impl State {
             self.registry.clone(),
             self.metrics.clone(),
             self.opener.clone(),
+            self.cluster.clone(),
             self.limits.max_streams(),
         )
     }

@@ -213,7 +213,10 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
     let cfg = dir.join("server.toml");
     std::fs::write(
         &cfg,
-        format!("[[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"prod/uecho\"\nprotocol = \"udp\"\n"),
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"prod/uecho\"\nprotocol = \"udp\"\n\
+             [cluster]\nshutdown_delay_ms = 0\ndrain_timeout_ms = 5000\n"
+        ),
     )
     .unwrap();
     let cfg_arg = cfg.display().to_string();
@@ -233,6 +236,27 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
             .unwrap();
         assert_eq!(&buf[..n], &d[..]);
     }
+    // Shutting down, the listener takes no new flow (a new source gets no
+    // answer), while the flow it carries keeps echoing through the drain.
+    t.server.signal(Signal::TERM);
+    assert!(t
+        .server
+        .wait_log("draining: GOAWAY", Duration::from_secs(10)));
+    let late = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    late.connect(("127.0.0.1", port)).await.unwrap();
+    late.send(b"too late").await.unwrap();
+    sock.send(b"still here").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+        .await
+        .expect("the open flow echoes during the drain")
+        .unwrap();
+    assert_eq!(&buf[..n], b"still here");
+    let late_answer = tokio::time::timeout(Duration::from_secs(1), late.recv(&mut buf)).await;
+    assert!(
+        late_answer.is_err(),
+        "a new flow was opened during the drain: {late_answer:?}\n{}",
+        t.server.log_text()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
