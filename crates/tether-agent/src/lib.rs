@@ -198,7 +198,12 @@ impl Agent {
             if let Some((host, port)) = &url_host {
                 if resolved_at.is_none_or(|t| t.elapsed() >= replicas::URL_RESOLVE_EVERY) {
                     resolved_at = Some(Instant::now());
-                    if let Ok(found) = tokio::net::lookup_host((host.as_str(), *port)).await {
+                    // Bounded: a resolver that hangs must not hold up the
+                    // redials of replicas whose addresses are known.
+                    let lookup = tokio::net::lookup_host((host.as_str(), *port));
+                    if let Ok(Ok(found)) =
+                        tokio::time::timeout(replicas::URL_LOOKUP_TIMEOUT, lookup).await
+                    {
                         let mut addrs: Vec<SocketAddr> = found.collect();
                         addrs.sort();
                         addrs.dedup();
@@ -299,7 +304,7 @@ impl Agent {
         } else {
             key.clone()
         };
-        let slot = sup.up(&slot_key, conn.clone());
+        let slot = sup.up(&slot_key, &key, conn.clone());
         tracing::info!(server = %shown, %replica, peer = %info.peer_software, version = info.version, "registered as {} (instance {})", self.config.name, self.instance);
         self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();

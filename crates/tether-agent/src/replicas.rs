@@ -12,7 +12,9 @@
 //!   load balancer), keeping whatever session lands, until one lands on it;
 //! * with no session at all, or a server that advertises nothing (older
 //!   than version 4: one replica), the URL itself is dialed;
-//! * a URL host with several addresses counts each as a replica.
+//! * a URL host with several addresses counts each as a replica, unless a
+//!   session at one of them landed on a replica already held (one replica
+//!   at two addresses is held once; checked again each minute).
 //!
 //! A replica leaves the view 60 s after no live session lists it (each
 //! session's latest REPLICAS stands until the session ends), and
@@ -47,6 +49,12 @@ const LB_RETRY: (u64, u64) = (1000, 3000);
 pub(crate) const REPLACED_RETRY: Duration = Duration::from_secs(60);
 /// How often a server URL name is resolved for its addresses.
 pub(crate) const URL_RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// Longest wait for those addresses (the view keeps the last answer).
+pub(crate) const URL_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a session replaced while one of our dials was under way waits
+/// for that dial to turn out to be the replacement: a dial waits up to 2 s
+/// for the replica to say who it is.
+const OWN_REPLACE_WAIT: Duration = Duration::from_secs(5);
 
 /// How a replica is dialed, and what a dial is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -81,15 +89,25 @@ impl Live {
         self.conn.peer_replicas().borrow().as_ref()?.this().cloned()
     }
 
-    /// Whether it takes opens and stands for `key`.
-    fn covers(&self, key: &Key) -> bool {
+    /// Whether it takes opens and stands for `key`. `reached` is the
+    /// replica a session dialed for `key` last landed on: one replica
+    /// reachable at two addresses (an A and an AAAA record, a server on
+    /// `0.0.0.0` advertising no address) is held once, not dialed again at
+    /// its other address (whose session would replace this one, and so on).
+    fn covers(&self, key: &Key, reached: Option<&str>) -> bool {
         if self.conn.is_closed() || self.conn.is_draining() {
             return false;
         }
         if self.key == *key {
             return true;
         }
-        match (key, self.this()) {
+        let this = self.this();
+        if let (Some(id), Some(t)) = (reached, &this) {
+            if !id.is_empty() && t.id == id {
+                return true;
+            }
+        }
+        match (key, this) {
             (Key::Addr(a), Some(t)) => t.addr == a.to_string(),
             (Key::Id(i), Some(t)) => t.id == *i,
             // A server that advertises nothing is the only replica.
@@ -127,6 +145,36 @@ struct State {
     stopping: bool,
     /// Every session not yet closed (draining ones too), for the shutdown.
     all: Vec<Connection>,
+    /// The replica (id) each key's last session landed on, and when: it
+    /// stands for `FORGET_AFTER`, then the key is dialed again (a replica
+    /// may have moved and another taken its address; the dial replaces our
+    /// session on a replica still there, which lets its streams finish).
+    reached: HashMap<Key, (String, Instant)>,
+    /// Dials under way (connecting, or waiting for the replica to say who
+    /// it is): a GOAWAY `replaced` may come from one of them.
+    dialing: usize,
+    /// Sessions replaced while a dial of ours was under way: our own new
+    /// session, unless none lands on that replica within `OWN_REPLACE_WAIT`.
+    replaced: Vec<Replaced>,
+}
+
+/// A session replaced by a session not (yet) known to be ours.
+struct Replaced {
+    key: Key,
+    replica: String,
+    at: Instant,
+}
+
+impl State {
+    /// Whether a live session stands for `key`.
+    fn covered(&self, key: &Key) -> bool {
+        let reached = self
+            .reached
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < FORGET_AFTER)
+            .map(|(id, _)| id.as_str());
+        self.live.values().any(|l| l.covers(key, reached))
+    }
 }
 
 /// How a session ended, as the supervisor needs it.
@@ -181,7 +229,7 @@ impl Supervisor {
         let wanted = wanted(&st);
         let missing = wanted
             .iter()
-            .filter(|k| !st.left.contains(*k) && !st.live.values().any(|l| l.covers(k)))
+            .filter(|k| !st.left.contains(*k) && !st.covered(k))
             .count();
         let sessions = st
             .live
@@ -227,10 +275,22 @@ impl Supervisor {
         }
         st.view
             .retain(|_, s| now.duration_since(s.last) < FORGET_AFTER);
+        st.reached
+            .retain(|_, (_, at)| now.duration_since(*at) < FORGET_AFTER);
+        // A replacement no dial of ours turned out to be: another process
+        // with our name and instance.
+        let (theirs, waiting): (Vec<Replaced>, Vec<Replaced>) = std::mem::take(&mut st.replaced)
+            .into_iter()
+            .partition(|r| now.duration_since(r.at) >= OWN_REPLACE_WAIT);
+        st.replaced = waiting;
+        for r in theirs {
+            tracing::error!(key = %r.key, replica = %r.replica, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
+            target(&mut st.targets, &r.key, now).next_attempt = now + REPLACED_RETRY;
+        }
         let wanted = wanted(&st);
         let mut due = vec![];
         for k in wanted {
-            if st.live.values().any(|l| l.covers(&k)) {
+            if st.covered(&k) {
                 continue;
             }
             let t = target(&mut st.targets, &k, now);
@@ -239,6 +299,7 @@ impl Supervisor {
                 due.push(k);
             }
         }
+        st.dialing += due.len();
         due
     }
 
@@ -246,6 +307,7 @@ impl Supervisor {
     /// in a row (worth a warning; the rest are logged at debug).
     pub(crate) fn failed(&self, key: &Key) -> bool {
         let mut st = self.lock();
+        st.dialing = st.dialing.saturating_sub(1);
         let advertised = st.view.contains_key(key);
         let t = target(&mut st.targets, key, Instant::now());
         t.busy = false;
@@ -259,11 +321,33 @@ impl Supervisor {
         first
     }
 
-    /// A session for `key` is up; returns its slot.
-    pub(crate) fn up(&self, key: &Key, conn: Connection) -> u64 {
+    /// A session for `key` is up (`dialed`: the key whose dial brought it,
+    /// which differs when a search through the load balancer landed
+    /// elsewhere); returns its slot.
+    pub(crate) fn up(&self, key: &Key, dialed: &Key, conn: Connection) -> u64 {
         let mut st = self.lock();
+        st.dialing = st.dialing.saturating_sub(1);
+        if st.stopping {
+            // Dialed before the shutdown, up after its GOAWAYs went out.
+            conn.go_away(ErrorCode::Normal, "agent shutting down");
+        }
         if let Some(t) = st.targets.get_mut(key) {
             t.failures = 0;
+        }
+        if let Some(id) = conn
+            .peer_replicas()
+            .borrow()
+            .as_ref()
+            .and_then(|r| r.this())
+            .map(|t| t.id.clone())
+            .filter(|id| !id.is_empty())
+        {
+            // A session of ours replaced on this replica was replaced by
+            // this one: nothing to wait for, and its key is covered.
+            st.replaced.retain(|r| r.replica != id);
+            if key == dialed {
+                st.reached.insert(key.clone(), (id, Instant::now()));
+            }
         }
         st.left.remove(key);
         let slot = st.next_slot;
@@ -310,6 +394,7 @@ impl Supervisor {
             }
         }
         let advertised = st.view.contains_key(&live.key);
+        let ours_dialing = st.dialing > 0;
         let t = target(&mut st.targets, &live.key, now);
         t.busy = false;
         if ended.lasted >= tether_net::reconnect::HEALTHY_SESSION {
@@ -319,6 +404,12 @@ impl Supervisor {
             Some(ErrorCode::Replaced) if duplicate => {
                 tracing::debug!(key = %live.key, "a newer session of ours to the same replica took over");
                 Duration::ZERO
+            }
+            Some(ErrorCode::Replaced) if ours_dialing && this.is_some() => {
+                // Most likely by a dial of ours that has not said yet
+                // which replica it reached: judged in `due`.
+                tracing::debug!(key = %live.key, "replaced while a dial of ours is under way");
+                OWN_REPLACE_WAIT
             }
             Some(ErrorCode::Replaced) => {
                 tracing::error!(%name, key = %live.key, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
@@ -343,6 +434,15 @@ impl Supervisor {
         };
         if let Some(t) = st.targets.get_mut(&live.key) {
             t.next_attempt = now + delay;
+        }
+        if ended.goaway == Some(ErrorCode::Replaced) && !duplicate && ours_dialing {
+            if let Some(t) = &this {
+                st.replaced.push(Replaced {
+                    key: live.key.clone(),
+                    replica: t.id.clone(),
+                    at: now,
+                });
+            }
         }
         drop(st);
         self.wake();

@@ -106,6 +106,13 @@ impl Cluster {
             skip_delay: Default::default(),
         };
         let peers = cfg.static_peers().unwrap_or_default();
+        if this.advertise.is_none()
+            && (cfg.peers_dns.is_some() || peers.iter().any(|p| p.id.is_none()))
+        {
+            // Its own address among the peers then looks like another
+            // replica: agents would dial it as one (and find it is us).
+            tracing::warn!(%listen, "[cluster] advertise is not set and the listen address names no one IP: this replica cannot recognise its own address among the peers and lists it to agents as another replica; set advertise (under Kubernetes \"$(POD_IP):PORT\") or give each static peer its ID=");
+        }
         this.set_peers(&peers, &[]);
         this
     }
