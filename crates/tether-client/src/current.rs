@@ -185,28 +185,11 @@ impl CurrentSession {
 mod tests {
     use super::*;
     use tether_net::transport::mem;
-    use tether_proto::{Config, ErrorCode, Role};
+    use tether_proto::ErrorCode;
 
     /// A client session and its server end, over memory.
     async fn session() -> (Connection, Connection) {
-        let (server_end, client_end) = mem::pair();
-        let server = tokio::spawn(Connection::start(
-            Role::Acceptor,
-            Config::default(),
-            server_end.sink,
-            server_end.source,
-            "server",
-        ));
-        let (client, _, _) = Connection::start(
-            Role::Initiator,
-            Config::default(),
-            client_end.sink,
-            client_end.source,
-            "client",
-        )
-        .await
-        .unwrap();
-        let (server, _, _) = server.await.unwrap().unwrap();
+        let ((client, _), (server, _)) = mem::sessions().await.unwrap();
         (client, server)
     }
 

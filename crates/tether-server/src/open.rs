@@ -408,9 +408,12 @@ impl OpenGuard {
         Ok(())
     }
 
-    /// Stage 2: finds the agent's session, takes a pending-open slot and
+    /// Stage 2: takes a pending-open slot, finds the agent's session and
     /// opens the stream. The slot and the gauge are given back when the
-    /// agent answers, or when this future is dropped.
+    /// agent answers, or when this future is dropped. The slot comes first:
+    /// an open waiting for its agent to (re)connect here waits in the
+    /// replica's shared pool of held opens, and one identity must not fill
+    /// it past its own pending-open cap.
     async fn dial(
         &mut self,
         agent: &str,
@@ -418,9 +421,6 @@ impl OpenGuard {
         kind: TargetKind,
         early: Bytes,
     ) -> Result<(Stream, Connection), Dial> {
-        let entry = find_agent(&self.h, agent, None, true)
-            .await
-            .map_err(Dial::Server)?;
         if let Err(hit) = self.h.limits.take_pending(&self.key) {
             self.h.metrics.limit_hit(hit.limit);
             return Err(Dial::Server(Refusal::new(
@@ -430,6 +430,9 @@ impl OpenGuard {
         }
         self.h.metrics.pending_opens.inc();
         self.pending = true;
+        let entry = find_agent(&self.h, agent, None, true)
+            .await
+            .map_err(Dial::Server)?;
         let target = Target {
             kind,
             address: service.to_owned(),
@@ -586,54 +589,13 @@ mod tests {
     use tether_net::session::IncomingStreams;
     use tether_net::transport::mem;
     use tether_net::Connection;
-    use tether_proto::{Config, Role};
 
     /// An opener whose agent `prod` never answers an open (it holds them),
     /// with at most one pending open and `max_streams` streams per caller.
     /// `alice` may open `prod/web` only.
     async fn silent_agent(max_streams: usize) -> (Opener, Connection, IncomingStreams) {
-        let cfg: ServerConfig = toml::from_str(
-            r#"
-            [[client]]
-            name = "alice"
-            token = "alice-token"
-            allow = ["prod/web"]
-            "#,
-        )
-        .unwrap();
-        let limits = LimitsConfig {
-            max_pending_opens_per_client: 1,
-            ..Default::default()
-        };
-        let h = Opener::new(
-            Arc::new(AuthStore::new(Authenticator::from_config(&cfg).unwrap())),
-            Arc::default(),
-            Arc::new(Cluster::new(
-                &Default::default(),
-                "127.0.0.1:7700".parse().unwrap(),
-            )),
-            Arc::new(Limits::new(limits, max_streams)),
-            Arc::default(),
-            Arc::default(),
-        );
-        let (server_end, agent_end) = mem::pair();
-        let agent = tokio::spawn(Connection::start(
-            Role::Initiator,
-            Config::default(),
-            agent_end.sink,
-            agent_end.source,
-            "agent",
-        ));
-        let (conn, _, _) = Connection::start(
-            Role::Acceptor,
-            Config::default(),
-            server_end.sink,
-            server_end.source,
-            "server",
-        )
-        .await
-        .unwrap();
-        let (agent_conn, _, held) = agent.await.unwrap().unwrap();
+        let h = opener(r#"["prod/web"]"#, max_streams);
+        let ((agent_conn, held), (conn, _)) = mem::sessions().await.unwrap();
         let _ = h.0.registry.register(
             "prod",
             "",
@@ -643,6 +605,64 @@ mod tests {
             3,
         );
         (h, agent_conn, held)
+    }
+
+    /// An opener (its replica just started, no agent connected) where
+    /// `alice` may open `allow`, with at most one pending open.
+    fn opener(allow: &str, max_streams: usize) -> Opener {
+        let cfg: ServerConfig = toml::from_str(&format!(
+            "[[client]]\nname = \"alice\"\ntoken = \"alice-token\"\nallow = {allow}\n"
+        ))
+        .unwrap();
+        let limits = LimitsConfig {
+            max_pending_opens_per_client: 1,
+            ..Default::default()
+        };
+        Opener::new(
+            Arc::new(AuthStore::new(Authenticator::from_config(&cfg).unwrap())),
+            Arc::default(),
+            Arc::new(Cluster::new(
+                &Default::default(),
+                "127.0.0.1:7700".parse().unwrap(),
+            )),
+            Arc::new(Limits::new(limits, max_streams)),
+            Arc::default(),
+            Arc::default(),
+        )
+    }
+
+    /// Opens waiting for an agent to connect here count as pending: one
+    /// identity cannot hold more of the replica's waiting slots than its
+    /// pending-open cap.
+    #[tokio::test]
+    async fn an_open_waiting_for_its_agent_holds_a_pending_slot() {
+        let h = opener(r#"["ghost/web"]"#, 4);
+        let first = tokio::spawn({
+            let h = h.clone();
+            async move {
+                let alice = alice(&h);
+                h.open(&alice, "ghost/web", TargetKind::Tcp, Bytes::new())
+                    .await
+            }
+        });
+        let waited = std::time::Instant::now();
+        while pending(&h) == 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(2),
+                "the open waiting for its agent holds no pending slot"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = std::time::Instant::now();
+        let second = h
+            .open(&alice(&h), "ghost/web", TargetKind::Tcp, Bytes::new())
+            .await;
+        let refusal = second.err().unwrap();
+        assert_eq!(refusal.code, OpenErrorCode::TooManyStreams, "{refusal}");
+        assert!(started.elapsed() < Duration::from_secs(1), "it waited");
+        first.abort();
+        let _ = first.await;
+        assert_eq!(pending(&h), 0);
     }
 
     fn alice(h: &Opener) -> Caller {

@@ -77,6 +77,7 @@ impl AgentEndpoint {
         peer: SocketAddr,
         client_cert: Option<&CertificateDer<'static>>,
     ) -> Resp {
+        let checked_at = self.auth.generation();
         let auth = self.auth.get();
         let claimed = req
             .headers()
@@ -149,7 +150,8 @@ impl AgentEndpoint {
         tokio::spawn(async move {
             let _slot = slot;
             let _hold = hold;
-            this.run(req, peer, name, instance, token_hash).await
+            this.run(req, peer, name, instance, token_hash, checked_at)
+                .await
         });
         resp
     }
@@ -162,6 +164,7 @@ impl AgentEndpoint {
         name: String,
         instance: String,
         token_hash: Option<[u8; 32]>,
+        checked_at: u64,
     ) {
         let via = if token_hash.is_some() {
             "token"
@@ -211,9 +214,14 @@ impl AgentEndpoint {
             name: name.clone(),
             token_hash,
         };
-        let key = self
-            .sessions
-            .track(conn.clone(), owner, peer, &info.peer_software);
+        let key = self.sessions.track(
+            conn.clone(),
+            owner,
+            peer,
+            &info.peer_software,
+            &self.auth,
+            checked_at,
+        );
         let sessions = self.metrics.sessions_of("agent");
         sessions.inc();
         self.metrics.agents.set(self.registry.len() as i64);

@@ -62,6 +62,7 @@ impl ClientEndpoint {
     /// Authenticates a client's upgrade request and, when it passes, runs
     /// its session in a task; returns the answer to the request.
     pub(crate) fn upgrade(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        let checked_at = self.auth.generation();
         let client = match authenticate_client(&self.auth, &self.metrics, &req, peer, false) {
             Ok(c) => c,
             Err(r) => return *r,
@@ -79,7 +80,7 @@ impl ClientEndpoint {
         tokio::spawn(async move {
             let _slot = slot;
             let _hold = hold;
-            this.run(req, peer, client).await
+            this.run(req, peer, client, checked_at).await
         });
         resp
     }
@@ -90,6 +91,7 @@ impl ClientEndpoint {
         req: Request<Incoming>,
         peer: SocketAddr,
         client: ClientIdentity,
+        checked_at: u64,
     ) {
         let label = format!("client={}", client.name);
         let mut cfg = self.session_config.clone();
@@ -109,6 +111,8 @@ impl ClientEndpoint {
             SessionOwner::Client(client.clone()),
             peer,
             &info.peer_software,
+            &self.auth,
+            checked_at,
         );
         let sessions = self.metrics.sessions_of("client");
         sessions.inc();

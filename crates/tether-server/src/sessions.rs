@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use tether_net::Connection;
 use tether_proto::ErrorCode;
 
-use crate::auth::Revalidation;
+use crate::auth::{AuthStore, Revalidation};
 use crate::identity::ClientIdentity;
 
 /// Who a tracked session belongs to (re-checked on reload).
@@ -26,6 +26,27 @@ pub(crate) enum SessionOwner {
     },
     /// A CLI client.
     Client(ClientIdentity),
+}
+
+impl SessionOwner {
+    /// Whether its credential still holds under `check`'s configuration.
+    fn holds(&self, check: &mut Revalidation) -> bool {
+        match self {
+            SessionOwner::Agent { name, token_hash } => {
+                check.auth().agent_still_valid(name, token_hash.as_ref())
+            }
+            SessionOwner::Client(id) => check.holds(id),
+        }
+    }
+}
+
+/// Closes a session whose credential no longer holds.
+fn revoke(conn: &Connection) {
+    tracing::warn!(session = %conn.label(), "credentials revoked: closing the session");
+    conn.close(
+        ErrorCode::Unauthorized,
+        "credentials revoked by the server's configuration",
+    );
 }
 
 /// One tracked session.
@@ -73,24 +94,35 @@ pub(crate) struct Sessions {
 
 impl Sessions {
     /// Remembers a live session from `peer` until [`Sessions::untrack`].
+    ///
+    /// `checked_at` is the [`AuthStore::generation`] read before the
+    /// credential was checked: a reload since then (during the handshake)
+    /// did not see this session, so its credential is checked again here,
+    /// against the configuration in force, and the session closed when it
+    /// no longer holds. A reload after this sees it tracked.
     pub(crate) fn track(
         &self,
         conn: Connection,
         owner: SessionOwner,
         peer: SocketAddr,
         software: &str,
+        auth: &AuthStore,
+        checked_at: u64,
     ) -> u64 {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(
             key,
             Tracked {
-                conn,
-                owner,
+                conn: conn.clone(),
+                owner: owner.clone(),
                 peer,
                 software: software.to_owned(),
                 since: SystemTime::now(),
             },
         );
+        if auth.generation() != checked_at && !owner.holds(&mut auth.get().revalidation()) {
+            revoke(&conn);
+        }
         key
     }
 
@@ -134,18 +166,8 @@ impl Sessions {
     pub(crate) fn enforce(&self, check: &mut Revalidation) -> usize {
         let mut closed = 0;
         for Tracked { conn, owner, .. } in self.lock().values() {
-            let valid = match owner {
-                SessionOwner::Agent { name, token_hash } => {
-                    check.auth().agent_still_valid(name, token_hash.as_ref())
-                }
-                SessionOwner::Client(id) => check.holds(id),
-            };
-            if !valid && !conn.is_closed() {
-                tracing::warn!(session = %conn.label(), "credentials revoked: closing the session");
-                conn.close(
-                    ErrorCode::Unauthorized,
-                    "credentials revoked by the server's configuration",
-                );
+            if !owner.holds(check) && !conn.is_closed() {
+                revoke(conn);
                 closed += 1;
             }
         }

@@ -52,6 +52,40 @@ pub fn pair() -> (MemEnd, MemEnd) {
     pair_with_capacity(DEFAULT_CAPACITY)
 }
 
+/// A session over [`pair`], both ends through their handshake with the
+/// default [`tether_proto::Config`]: the initiator (an agent's or client's
+/// side) and the acceptor (the server's), each with the opens the other
+/// sends it.
+pub async fn sessions() -> Result<
+    (
+        (crate::Connection, crate::session::IncomingStreams),
+        (crate::Connection, crate::session::IncomingStreams),
+    ),
+    tether_proto::SessionError,
+> {
+    use tether_proto::{Config, Role};
+    let (initiator_end, acceptor_end) = pair();
+    let acceptor = tokio::spawn(crate::Connection::start(
+        Role::Acceptor,
+        Config::default(),
+        acceptor_end.sink,
+        acceptor_end.source,
+        "acceptor",
+    ));
+    let (initiator, _, initiator_opens) = crate::Connection::start(
+        Role::Initiator,
+        Config::default(),
+        initiator_end.sink,
+        initiator_end.source,
+        "initiator",
+    )
+    .await?;
+    let (acceptor, _, acceptor_opens) = acceptor
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    Ok(((initiator, initiator_opens), (acceptor, acceptor_opens)))
+}
+
 /// Two connected ends, each direction holding `messages` messages (at least
 /// one) before a sender waits.
 pub fn pair_with_capacity(messages: usize) -> (MemEnd, MemEnd) {

@@ -447,7 +447,7 @@ pub(crate) fn events(
     scheme: &'static str,
     port: String,
 ) -> Resp {
-    let slot = match web.limits.console_stream(&client.name) {
+    let slot = match web.limits.console_stream(client.key()) {
         Ok(slot) => slot,
         Err(hit) => {
             web.metrics.limit_hit(hit.limit);

@@ -491,6 +491,91 @@ protocols = ["tcp"]
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A reload that removes a credential while a session holding it is still
+/// in its handshake (upgraded, HELLO not yet sent) closes that session once
+/// it is up: the reload did not see it, so it is checked when registered.
+/// Both an agent's and a client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_removed_during_the_handshake_does_not_survive_it() {
+    let base = |with_alice: bool| {
+        let alice = if with_alice {
+            format!(
+                "[[client]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/*\"]\n\
+                 [[agent]]\nname = \"side\"\ntoken_sha256 = \"{}\"\n",
+                sha256_hex("alice-token"),
+                sha256_hex("side-token")
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n{alice}",
+            sha256_hex(AGENT_TOKEN)
+        )
+    };
+    let s = Setup::start("handshake-reload", &base(true));
+    let upgraded = |path: &'static str, token: &'static str, agent: Option<&'static str>| {
+        let url = format!("{}/tether/v1/{path}", s.ws_url());
+        async move {
+            let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
+            if let Some(name) = agent {
+                headers.push((
+                    tether_proto::endpoints::AGENT_NAME_HEADER.to_owned(),
+                    name.to_owned(),
+                ));
+            }
+            tether_net::transport::ws::dial(
+                &url,
+                tether_proto::SUBPROTOCOL,
+                &headers,
+                &Default::default(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Both upgraded (101), neither has sent its HELLO.
+    let (client_sink, client_source) = upgraded("client", "alice-token", None).await;
+    let (agent_sink, agent_source) = upgraded("agent", "side-token", Some("side")).await;
+    std::fs::write(
+        &s.cfg_path,
+        format!("listen = \"127.0.0.1:{}\"\n{}", s.port, base(false)),
+    )
+    .unwrap();
+    s.server.signal(Signal::HUP);
+    assert!(
+        s.server
+            .wait_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        s.server.log_text()
+    );
+    for (role, sink, source) in [
+        ("client", client_sink, client_source),
+        ("agent", agent_sink, agent_source),
+    ] {
+        let (conn, _, _incoming) = tether_net::Connection::start(
+            tether_proto::Role::Initiator,
+            Default::default(),
+            sink,
+            source,
+            role,
+        )
+        .await
+        .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        let Ok(why) = closed else {
+            panic!(
+                "the {role} session outlived its removed credential\n{}",
+                s.server.log_text()
+            )
+        };
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("revoked")),
+            "{role}: {why:?}"
+        );
+    }
+}
+
 /// A login form that does not arrive whole is answered with what went
 /// wrong: 413 for one over the limit, 400 for one cut short.
 #[test]
