@@ -101,6 +101,21 @@ fn default_udp_idle_ms() -> u64 {
 }
 
 impl AgentConfig {
+    /// Checks the settings no type can rule out: a zero timeout would fail
+    /// every dial, or close every UDP flow, at once.
+    pub(crate) fn validate_timeouts(&self) -> anyhow::Result<()> {
+        if self.dial_timeout_ms == 0 {
+            anyhow::bail!(
+                "dial_timeout_ms = 0 would fail every dial: give it at least 1 (default {})",
+                default_dial_timeout_ms()
+            );
+        }
+        if self.udp_idle_timeout_ms == 0 {
+            anyhow::bail!("udp_idle_timeout_ms = 0 would close every UDP flow at once: give it at least 1 (default {})", default_udp_idle_ms());
+        }
+        Ok(())
+    }
+
     /// How to check the server's certificate.
     pub fn trust(&self) -> ServerTrust {
         server_trust(self.fingerprint.as_ref(), self.ca_file.as_ref())

@@ -78,6 +78,7 @@ impl Agent {
             check_instance(i)?;
         }
         config.session.validate()?;
+        config.validate_timeouts()?;
         Ok(())
     }
 
@@ -88,6 +89,7 @@ impl Agent {
         let resolver = NameResolver::from_setting(config.dns_server.as_deref())?
             .remembering(tether_net::dns::REMEMBER_FOR);
         config.session.validate()?;
+        config.validate_timeouts()?;
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
                 .with_context(|| format!("token_file {}", f.display()))?;
@@ -431,6 +433,21 @@ mod tests {
         c.token_file = None;
         let a = Agent::new(c).unwrap();
         assert_eq!(a.policy.catalog().len(), 2);
+    }
+
+    /// A zero timeout stops the agent at start (and `--check-config`),
+    /// naming the setting.
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for setting in ["dial_timeout_ms", "udp_idle_timeout_ms"] {
+            let c: AgentConfig = toml::from_str(&format!(
+                "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n{setting} = 0\n"
+            ))
+            .unwrap();
+            let e = Agent::check(&c).unwrap_err().to_string();
+            assert!(e.contains(setting), "{e}");
+            assert!(Agent::new(c).is_err());
+        }
     }
 
     #[test]

@@ -291,6 +291,11 @@ impl AllowRule {
         }
     }
 
+    /// The rule's host is a glob of wildcards only (`*:443`).
+    fn is_wildcard_only(&self) -> bool {
+        matches!(&self.host, HostRule::Glob(g) if g.bytes().all(|b| b == b'*'))
+    }
+
     /// The rule is the name `localhost` itself (no wildcard).
     fn is_localhost(&self) -> bool {
         matches!(&self.host, HostRule::Glob(g) if g == "localhost")
@@ -636,9 +641,19 @@ impl TargetPolicy {
     /// Which host globs match `host` on `port`.
     fn name_grant(&self, host: &str, port: u16) -> NameGrant {
         let host = host.to_ascii_lowercase();
+        // An IP literal is not a name: only a glob of wildcards only (which
+        // matches everything) reaches it, never one that happens to match
+        // its text (`*db` and `[fd00::db]`).
+        let literal = host.parse::<IpAddr>().is_ok();
         self.allow
             .iter()
-            .filter(|r| r.matches_name(&host, port))
+            .filter(|r| {
+                if literal {
+                    r.is_wildcard_only() && r.has_port(port)
+                } else {
+                    r.matches_name(&host, port)
+                }
+            })
             .fold(NameGrant::default(), |g, r| NameGrant {
                 any: true,
                 loopback: g.loopback || r.is_localhost(),
@@ -794,6 +809,21 @@ mod tests {
             OpenErrorCode::Forbidden
         );
         assert!(p.resolve("svc.cluster.local.evil.com:80").is_err());
+    }
+
+    /// A name glob never reaches an IP literal through its text (IPv4-like
+    /// globs are networks, refused unless whole octets); a glob
+    /// of wildcards only does (outside the deny ranges).
+    #[test]
+    fn name_globs_do_not_match_the_text_of_ip_literals() {
+        let p = rules(&["*db:5432", "fd*:22"]);
+        assert!(p.resolve("[fd00::1:db]:5432").is_err());
+        assert!(p.resolve("[fd00::db]:5432").is_err());
+        assert!(p.resolve("[fd00::1]:22").is_err());
+        assert!(p.resolve("pgdb:5432").is_ok());
+        let any = rules(&["*:5432"]);
+        assert!(any.resolve("[fd00::1:db]:5432").is_ok());
+        assert!(any.resolve("10.1.2.3:5432").is_ok());
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub(crate) async fn serve_stream(
     stats: Arc<AgentStats>,
     dial_timeout: Duration,
     udp_idle: Duration,
-    inc: Incoming,
+    mut inc: Incoming,
 ) {
     let target = inc.target().clone();
     let id = inc.id();
@@ -182,11 +182,20 @@ pub(crate) async fn serve_stream(
         .await;
     }
     // Boxed: the dial's state lives only while dialing, the task's for the
-    // stream's whole life.
-    let (io, peer) = match Box::pin(dial_service(&policy, &resolver, &resolved, dial_timeout)).await
-    {
-        Ok(x) => x,
-        Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
+    // stream's whole life. An open the opener gives up on (RST) stops its
+    // dial: its slot is free again at once, so a client that opens and
+    // cancels in a loop must not pile up dials (and service connections)
+    // beyond the stream caps.
+    let dial = Box::pin(dial_service(&policy, &resolver, &resolved, dial_timeout));
+    let (io, peer) = tokio::select! {
+        dialed = dial => match dialed {
+            Ok(x) => x,
+            Err(Refusal { code, reason }) => return refuse(&stats, inc, code, &reason),
+        },
+        () = inc.cancelled() => {
+            tracing::debug!(stream = %id, target = %target, "open cancelled while dialing");
+            return;
+        }
     };
     let stream = match inc.accept() {
         Ok(s) => s,
@@ -275,12 +284,15 @@ async fn open_udp(
     policy: &TargetPolicy,
     resolver: &NameResolver,
     resolved: &Resolved,
-    inc: Incoming,
+    mut inc: Incoming,
     dial_timeout: Duration,
     udp_idle: Duration,
 ) {
-    let found =
-        tokio::time::timeout(dial_timeout, dial_addresses(policy, resolver, resolved)).await;
+    let resolving = tokio::time::timeout(dial_timeout, dial_addresses(policy, resolver, resolved));
+    let found = tokio::select! {
+        found = resolving => found,
+        () = inc.cancelled() => return,
+    };
     match found {
         Ok(Ok(addrs)) => serve_udp(stats, &resolved.address, &addrs, inc, udp_idle).await,
         Ok(Err(Refusal { code, reason })) => refuse(&stats, inc, code, &reason),
@@ -372,5 +384,57 @@ mod tests {
             .unwrap_err();
         assert_eq!(refused.code, OpenErrorCode::Refused, "{}", refused.reason);
         assert!(!a.resolver.remembers("localhost"));
+    }
+
+    /// An open the opener gives up on while the agent is still dialing
+    /// stops the dial: the service's half-made connection is closed at once,
+    /// not held until the dial timeout (10 s here).
+    #[tokio::test]
+    async fn a_cancelled_open_stops_its_dial() {
+        use tether_net::transport::mem;
+        use tether_proto::Target;
+        use tokio::io::AsyncReadExt;
+        // A TLS service that accepts and never answers the handshake.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c: AgentConfig = toml::from_str(&format!(
+            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n\
+             [services]\nslow = {{ address = \"127.0.0.1:{port}\", tls = true }}\n"
+        ))
+        .unwrap();
+        let a = Agent::new(c).unwrap();
+        let ((_agent_conn, mut opens), (server, _)) = mem::sessions().await.unwrap();
+        let opening = tokio::spawn(async move {
+            server
+                .open(Target {
+                    kind: TargetKind::Tcp,
+                    address: "slow".into(),
+                })
+                .await
+        });
+        let inc = opens.recv().await.unwrap();
+        let serving = tokio::spawn(serve_stream(
+            a.policy.clone(),
+            a.discovered.clone(),
+            a.resolver.clone(),
+            a.stats.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            inc,
+        ));
+        let (mut service_side, _) = listener.accept().await.unwrap();
+        // The opener gives up (its open is dropped: RST).
+        opening.abort();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), service_side.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the dial went on after the open was cancelled"
+        );
+        tokio::time::timeout(Duration::from_secs(2), serving)
+            .await
+            .expect("the stream's task ended")
+            .unwrap();
     }
 }

@@ -7,7 +7,7 @@
 //! the least recently used flow (closing its stream and, on the agent, its
 //! socket) to make room.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -323,7 +323,6 @@ pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats
     let id = stream.id();
     let (mut r, mut w) = stream.split();
     let mut dec = Decoder::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut last = Instant::now();
     loop {
         tokio::select! {
@@ -347,8 +346,17 @@ pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats
                     }
                 }
             }
-            got = socket.recv(&mut buf) => {
+            ready = socket.readable() => {
+                // The room for a datagram exists only while one is read: an
+                // idle flow (a peer may hold thousands) keeps no 64 KiB
+                // buffer.
+                let mut buf = BytesMut::with_capacity(MAX_DATAGRAM + 1);
+                let got = match ready {
+                    Ok(()) => socket.try_recv_buf(&mut buf),
+                    Err(e) => Err(e),
+                };
                 match got {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Ok(n) => {
                         last = Instant::now();
                         match datagram::encode(&buf[..n]).map(|rec| w.try_write(rec)) {
