@@ -28,6 +28,7 @@ APP=$BASE; SRV=$((BASE + 1))
 printf '[limits]\nrequests_per_sec = 1e9\nrequest_burst = 1e9\n' >"$LOG/limits.toml"
 "${PIN[@]}" "${BINS[0]}" sample-app --listen "127.0.0.1:$APP" >"$LOG/app.log" 2>&1 & APP_PID=$!
 AUTH="Authorization: Bearer tok"; URL="http://127.0.0.1:$SRV/a/bench/web/hello"
+for i in $(seq 100); do curl -sf "http://127.0.0.1:$APP/hello" >/dev/null && break; sleep 0.1; done
 rps() { wrk -t1 -c"$CONNS" -d"${SECS}s" "$@" | awk '/Requests\/sec/ {print $2}'; }
 start() { # BINARY: a server and an agent, until the proxy answers
     "${PIN[@]}" "$1" server --config "$LOG/limits.toml" --listen "127.0.0.1:$SRV" \
