@@ -139,9 +139,10 @@ struct State {
     view: HashMap<Key, Seen>,
     /// Addresses of the server URL's name, when it has several.
     url_addrs: Vec<SocketAddr>,
-    /// Replicas that said they are leaving and have not come back: still
-    /// dialed (a restart comes back at the same address), not "missing".
-    left: std::collections::HashSet<Key>,
+    /// Replicas that said they are leaving and have not come back, with
+    /// the id that left: still dialed (a restart comes back at the same
+    /// address), not "missing" — until another replica is advertised there.
+    left: HashMap<Key, String>,
     stopping: bool,
     /// Every session not yet closed (draining ones too), for the shutdown.
     all: Vec<Connection>,
@@ -229,7 +230,7 @@ impl Supervisor {
         let wanted = wanted(&st);
         let missing = wanted
             .iter()
-            .filter(|k| !st.left.contains(*k) && !st.covered(k))
+            .filter(|k| !st.left.contains_key(*k) && !st.covered(k))
             .count();
         let sessions = st
             .live
@@ -253,18 +254,31 @@ impl Supervisor {
         }
         let now = Instant::now();
         // Refresh the view from what live sessions advertise.
-        let mut advertised: Vec<Key> = vec![];
+        let mut advertised: Vec<(Key, String)> = vec![];
         for l in st.live.values() {
             if l.conn.is_closed() {
                 continue;
             }
             if let Some(r) = l.conn.peer_replicas().borrow().as_ref() {
-                advertised.extend(r.entries.iter().filter_map(key_of));
+                advertised.extend(
+                    r.entries
+                        .iter()
+                        .filter_map(|e| Some((key_of(e)?, e.id.clone()))),
+                );
             }
         }
-        advertised.extend(st.url_addrs.iter().map(|a| Key::Addr(*a)));
+        advertised.extend(st.url_addrs.iter().map(|a| (Key::Addr(*a), String::new())));
         let holding = st.live.values().any(|l| !l.conn.is_closed());
-        for k in advertised {
+        for (k, id) in advertised {
+            // Another replica at the address of one that left: a new
+            // replica to hold, not the old one coming back.
+            if st
+                .left
+                .get(&k)
+                .is_some_and(|gone| !id.is_empty() && *gone != id)
+            {
+                st.left.remove(&k);
+            }
             let new = !st.view.contains_key(&k);
             st.view.insert(k.clone(), Seen { last: now });
             if new && holding {
@@ -277,6 +291,11 @@ impl Supervisor {
             .retain(|_, s| now.duration_since(s.last) < FORGET_AFTER);
         st.reached
             .retain(|_, (_, at)| now.duration_since(*at) < FORGET_AFTER);
+        // What the view forgot needs no dial state and no "left" mark.
+        let st = &mut *st;
+        st.left.retain(|k, _| st.view.contains_key(k));
+        st.targets
+            .retain(|k, t| t.busy || *k == Key::Url || st.view.contains_key(k));
         // A replacement no dial of ours turned out to be: another process
         // with our name and instance.
         let (theirs, waiting): (Vec<Replaced>, Vec<Replaced>) = std::mem::take(&mut st.replaced)
@@ -287,7 +306,7 @@ impl Supervisor {
             tracing::error!(key = %r.key, replica = %r.replica, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
             target(&mut st.targets, &r.key, now).next_attempt = now + REPLACED_RETRY;
         }
-        let wanted = wanted(&st);
+        let wanted = wanted(st);
         let mut due = vec![];
         for k in wanted {
             if st.covered(&k) {
@@ -385,12 +404,13 @@ impl Supervisor {
             tracing::info!(key = %live.key, replica = ?this.as_ref().map(|t| &t.id), "replica is leaving");
             // Forgotten unless a live session still advertises it (a
             // restart at the same address), and not dialed at once.
+            let id = this.as_ref().map(|t| t.id.clone()).unwrap_or_default();
             if let Some(k) = this.as_ref().and_then(key_of) {
                 st.view.remove(&k);
-                st.left.insert(k);
+                st.left.insert(k, id.clone());
             }
             if matches!(live.key, Key::Addr(_)) {
-                st.left.insert(live.key.clone());
+                st.left.insert(live.key.clone(), id);
             }
         }
         let advertised = st.view.contains_key(&live.key);
@@ -513,4 +533,84 @@ fn target<'a>(targets: &'a mut HashMap<Key, Target>, key: &Key, now: Instant) ->
         busy: false,
         failures: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_net::transport::mem;
+    use tether_proto::Replicas;
+
+    fn entry(id: &str, addr: &str, this: bool) -> ReplicaEntry {
+        ReplicaEntry {
+            id: id.into(),
+            addr: addr.into(),
+            this,
+        }
+    }
+
+    /// The server side lists `entries`; returns once the agent side has it.
+    async fn announce(
+        agent: &Connection,
+        server: &Connection,
+        generation: u64,
+        entries: Vec<ReplicaEntry>,
+    ) {
+        server.announce_replicas(Replicas {
+            generation,
+            entries,
+        });
+        agent
+            .peer_replicas()
+            .wait_for(|r| r.as_ref().is_some_and(|r| r.generation == generation))
+            .await
+            .unwrap();
+    }
+
+    /// An agent's session to a server that lists `entries`: (agent side,
+    /// server side).
+    async fn session(entries: Vec<ReplicaEntry>) -> (Connection, Connection) {
+        let ((agent, _), (server, _)) = mem::sessions().await.unwrap();
+        announce(&agent, &server, 1, entries).await;
+        (agent, server)
+    }
+
+    /// A replica that left is not "missing" while the others still list
+    /// it (it may come back at its address); a new replica advertised at
+    /// that address is, until it is held.
+    #[tokio::test]
+    async fn a_new_replica_at_a_departed_replicas_address_is_missing() {
+        let (a, b) = ("127.0.0.1:7001", "127.0.0.1:7002");
+        let (key_a, key_b) = (Key::Addr(a.parse().unwrap()), Key::Addr(b.parse().unwrap()));
+        let sup = Supervisor::new();
+        let (s1, server1) = session(vec![entry("r1", a, true), entry("r2", b, false)]).await;
+        let _slot1 = sup.up(&key_a, &key_a, s1.clone());
+        let (s2, _server2) = session(vec![entry("r2", b, true), entry("r1", a, false)]).await;
+        let slot2 = sup.up(&key_b, &key_b, s2);
+        let _ = sup.due();
+        assert_eq!(sup.counts().missing, 0);
+        sup.down(
+            slot2,
+            Ended {
+                goaway: Some(ErrorCode::Leaving),
+                lasted: Duration::from_secs(100),
+            },
+            "prod",
+        );
+        let _ = sup.due();
+        assert_eq!(sup.counts().missing, 0, "r2 left: not missing");
+        announce(
+            &s1,
+            &server1,
+            2,
+            vec![entry("r1", a, true), entry("r3", b, false)],
+        )
+        .await;
+        let _ = sup.due();
+        assert_eq!(
+            sup.counts().missing,
+            1,
+            "r3 at r2's address is a replica not held"
+        );
+    }
 }
