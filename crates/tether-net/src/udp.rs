@@ -7,7 +7,7 @@
 //! the least recently used flow (closing its stream and, on the agent, its
 //! socket) to make room.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +18,12 @@ use tether_proto::datagram::{self, Decoder, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use crate::scratch::{with_scratch, SCRATCH_LEN};
 use crate::Stream;
+
+// A flow reads each datagram (and one byte more: a datagram too large is
+// seen as such) into the thread's scratch buffer.
+const _: () = assert!(MAX_DATAGRAM < SCRATCH_LEN);
 
 /// Default idle time after which a flow is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -347,19 +352,20 @@ pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats
                 }
             }
             ready = socket.readable() => {
-                // The room for a datagram exists only while one is read: an
-                // idle flow (a peer may hold thousands) keeps no 64 KiB
-                // buffer.
-                let mut buf = BytesMut::with_capacity(MAX_DATAGRAM + 1);
-                let got = match ready {
-                    Ok(()) => socket.try_recv_buf(&mut buf),
-                    Err(e) => Err(e),
-                };
+                // Read into the thread's scratch buffer and encoded (copied)
+                // out of it at once: an idle flow (a peer may hold
+                // thousands) keeps no 64 KiB buffer of its own.
+                let got = ready.and_then(|()| {
+                    with_scratch(|buf| {
+                        let n = socket.try_recv(&mut buf[..MAX_DATAGRAM + 1])?;
+                        Ok(datagram::encode(&buf[..n]))
+                    })
+                });
                 match got {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Ok(n) => {
+                    Ok(record) => {
                         last = Instant::now();
-                        match datagram::encode(&buf[..n]).map(|rec| w.try_write(rec)) {
+                        match record.map(|rec| w.try_write(rec)) {
                             Ok(Ok(true)) => { stats.datagrams_in.fetch_add(1, Ordering::Relaxed); }
                             Ok(Ok(false)) | Err(_) => { stats.drops.fetch_add(1, Ordering::Relaxed); }
                             Ok(Err(_)) => break,
