@@ -321,7 +321,6 @@ impl Agent {
                 goaway,
                 lasted: started.elapsed(),
             },
-            &self.config.name,
         );
     }
 

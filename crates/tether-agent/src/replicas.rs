@@ -303,7 +303,7 @@ impl Supervisor {
             .partition(|r| now.duration_since(r.at) >= OWN_REPLACE_WAIT);
         st.replaced = waiting;
         for r in theirs {
-            tracing::error!(key = %r.key, replica = %r.replica, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
+            replaced_by_another(&r.key);
             target(&mut st.targets, &r.key, now).next_attempt = now + REPLACED_RETRY;
         }
         let wanted = wanted(st);
@@ -386,7 +386,7 @@ impl Supervisor {
     }
 
     /// The session in `slot` stopped taking opens (drained or lost).
-    pub(crate) fn down(&self, slot: u64, ended: Ended, name: &str) {
+    pub(crate) fn down(&self, slot: u64, ended: Ended) {
         let mut st = self.lock();
         let Some(live) = st.live.remove(&slot) else {
             return;
@@ -414,7 +414,20 @@ impl Supervisor {
             }
         }
         let advertised = st.view.contains_key(&live.key);
-        let ours_dialing = st.dialing > 0;
+        // Replaced while a dial of ours is under way: most likely by that
+        // dial, which has not said yet which replica it reached (judged in
+        // `due`).
+        let maybe_ours = match (&this, ended.goaway) {
+            (Some(t), Some(ErrorCode::Replaced)) if !duplicate && st.dialing > 0 => {
+                st.replaced.push(Replaced {
+                    key: live.key.clone(),
+                    replica: t.id.clone(),
+                    at: now,
+                });
+                true
+            }
+            _ => false,
+        };
         let t = target(&mut st.targets, &live.key, now);
         t.busy = false;
         if ended.lasted >= tether_net::reconnect::HEALTHY_SESSION {
@@ -425,14 +438,12 @@ impl Supervisor {
                 tracing::debug!(key = %live.key, "a newer session of ours to the same replica took over");
                 Duration::ZERO
             }
-            Some(ErrorCode::Replaced) if ours_dialing && this.is_some() => {
-                // Most likely by a dial of ours that has not said yet
-                // which replica it reached: judged in `due`.
+            Some(ErrorCode::Replaced) if maybe_ours => {
                 tracing::debug!(key = %live.key, "replaced while a dial of ours is under way");
                 OWN_REPLACE_WAIT
             }
             Some(ErrorCode::Replaced) => {
-                tracing::error!(%name, key = %live.key, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
+                replaced_by_another(&live.key);
                 REPLACED_RETRY
             }
             Some(ErrorCode::Leaving) => {
@@ -454,15 +465,6 @@ impl Supervisor {
         };
         if let Some(t) = st.targets.get_mut(&live.key) {
             t.next_attempt = now + delay;
-        }
-        if ended.goaway == Some(ErrorCode::Replaced) && !duplicate && ours_dialing {
-            if let Some(t) = &this {
-                st.replaced.push(Replaced {
-                    key: live.key.clone(),
-                    replica: t.id.clone(),
-                    at: now,
-                });
-            }
         }
         drop(st);
         self.wake();
@@ -502,6 +504,12 @@ impl Supervisor {
     pub(crate) fn stopping(&self) -> bool {
         self.lock().stopping
     }
+}
+
+/// Another agent process with our name and instance took the session for
+/// `key`: it is dialed again only after `REPLACED_RETRY` (they would flap).
+fn replaced_by_another(key: &Key) {
+    tracing::error!(%key, "another agent process with this name and instance id replaced this session; retrying in {REPLACED_RETRY:?} (give each agent process its own --instance)");
 }
 
 /// What to dial for an advertised replica.
@@ -595,7 +603,6 @@ mod tests {
                 goaway: Some(ErrorCode::Leaving),
                 lasted: Duration::from_secs(100),
             },
-            "prod",
         );
         let _ = sup.due();
         assert_eq!(sup.counts().missing, 0, "r2 left: not missing");
