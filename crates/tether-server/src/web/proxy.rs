@@ -36,8 +36,8 @@ use super::login::{login_required, Via};
 use super::pages::{error, error_page};
 use super::pool::{refusal_of, ServiceBody};
 use super::rewrite::{
-    forwarded_host, is_upgrade, rewrite_response, set_forwarding, strip_hop_by_hop,
-    strip_tether_cookies, Forwarding,
+    forwarded_host, rewrite_response, set_forwarding, strip_hop_by_hop, strip_tether_cookies,
+    websocket_upgrade, Forwarding,
 };
 use super::route::WebRoute;
 use super::{client_chain, wants_html, Web};
@@ -148,8 +148,8 @@ async fn proxy(
     };
 
     // The request as the service will see it.
-    let upgrade = is_upgrade(req.headers());
-    if http2 && upgrade.is_some() {
+    let upgrade = websocket_upgrade(req.headers());
+    if http2 && upgrade {
         // RFC 8441's extended CONNECT would carry it; not implemented.
         return refuse(
             StatusCode::NOT_IMPLEMENTED,
@@ -158,7 +158,7 @@ async fn proxy(
         );
     }
     let hold = req.extensions().get::<ConnectionHold>().cloned();
-    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let method = parts.method;
     let mut h = parts.headers;
@@ -172,7 +172,7 @@ async fn proxy(
         &via,
         &cx,
         host_header.as_deref(),
-        upgrade.as_ref(),
+        upgrade,
     );
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -232,10 +232,19 @@ async fn proxy(
     };
 
     let status = resp.status();
-    let service_upgrade =
-        (status == StatusCode::SWITCHING_PROTOCOLS).then(|| hyper::upgrade::on(&mut resp));
+    let service_upgrade = if status == StatusCode::SWITCHING_PROTOCOLS {
+        if !(upgrade && websocket_upgrade(resp.headers())) {
+            return refuse(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("{agent}/{service} switched to a protocol it was not asked for"),
+            );
+        }
+        Some(hyper::upgrade::on(&mut resp))
+    } else {
+        None
+    };
     let (mut parts, body) = resp.into_parts();
-    let resp_upgrade = is_upgrade(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
     // Back to the browser that asked, at the host it used; an absolute
     // redirect may name the service's own host or the one we forwarded.
@@ -268,12 +277,12 @@ async fn proxy(
         return refuse(StatusCode::FORBIDDEN, "forbidden", ACCESS_REVOKED.into());
     }
     if let (Some(service_side), Some(client_side)) = (service_upgrade, client_upgrade) {
-        if let Some(u) = resp_upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, u);
-        }
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         let who = name.to_owned();
         let upgrade = splice_upgraded(
             web.metrics.clone(),
@@ -309,7 +318,7 @@ fn outbound_headers(
     via: &Via,
     cx: &ProxyContext<'_>,
     host_header: Option<&str>,
-    upgrade: Option<&HeaderValue>,
+    upgrade: bool,
 ) -> String {
     // Read the client chain before anything is stripped: a client could
     // name `X-Forwarded-For` in `Connection` to hide the proxies' entries.
@@ -338,9 +347,9 @@ fn outbound_headers(
             prefix: route.prefix.as_deref(),
         },
     );
-    if let Some(u) = upgrade {
+    if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, u.clone());
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     public_host
 }
@@ -406,7 +415,7 @@ fn gateway_refusal(
     (status, code, msg)
 }
 
-/// Splices a WebSocket (or other) upgrade once both sides have switched,
+/// Splices a WebSocket upgrade once both sides have switched,
 /// under the request's guard: it ends when the access is revoked or the
 /// credential expires. The audit line is written when it is over.
 async fn splice_upgraded(

@@ -157,22 +157,22 @@ pub(crate) fn forwarded_host(cfg: &WebConfig, route: &WebRoute, request_host: &s
     }
 }
 
-/// The `Upgrade` header of a request or response that asks to switch
-/// protocols (`Connection: upgrade`), if any.
-pub(crate) fn is_upgrade(h: &HeaderMap) -> Option<HeaderValue> {
-    let conn_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
-            })
-            .unwrap_or(false)
-    });
-    if conn_upgrade {
-        h.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+/// Whether a request or a `101` response switches to WebSocket: the one
+/// upgrade the proxy carries (`Connection: upgrade` and a `websocket` token in
+/// `Upgrade`, both case-insensitive).
+///
+/// `Upgrade` is hop-by-hop (RFC 9110 7.8), so any other protocol (`h2c`,
+/// `TLS/1.0`) is dropped with it and the request goes on as HTTP/1.1: spliced
+/// as raw bytes, a second protocol would carry requests and responses past the
+/// proxy's per-request checks, audit and `Set-Cookie` filter.
+pub(crate) fn websocket_upgrade(h: &HeaderMap) -> bool {
+    let lists = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    lists(header::CONNECTION, "upgrade") && lists(header::UPGRADE, "websocket")
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header
@@ -391,6 +391,23 @@ mod tests {
             let ip: IpAddr = a.parse().unwrap();
             assert_eq!(ip_text(&ip), ip.to_string());
         }
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_one() {
+        let with = |connection: &str, upgrade: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, connection.parse().unwrap());
+            h.insert(header::UPGRADE, upgrade.parse().unwrap());
+            websocket_upgrade(&h)
+        };
+        assert!(with("Upgrade", "websocket"));
+        assert!(with("keep-alive, UPGRADE", "WebSocket"));
+        assert!(with("upgrade", "h2c, websocket"));
+        assert!(!with("Upgrade, HTTP2-Settings", "h2c"));
+        assert!(!with("upgrade", "TLS/1.0"));
+        assert!(!with("keep-alive", "websocket"));
+        assert!(!websocket_upgrade(&HeaderMap::new()));
     }
 
     #[test]

@@ -248,6 +248,23 @@ fn a_burst_of_concurrent_requests_leaves_its_connections_pooled() {
     );
 }
 
+/// A service on a free port that serves each connection with `serve` in a
+/// thread of its own. Returns its port.
+fn thread_per_connection_service(
+    serve: impl Fn(std::net::TcpStream) + Clone + Send + 'static,
+) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    port
+}
+
 /// A service that answers the first request on each connection, keeping it
 /// alive, and closes the connection unanswered when a second request comes
 /// on it (with a reset when `reset`, else a FIN): a keep-alive timeout
@@ -257,38 +274,30 @@ fn service_closing_kept_connections(
     reset: bool,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                for second in [false, true] {
-                    // One request head (none of the requests has a body).
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&buf).into_owned();
-                    let method = head.split(' ').next().unwrap_or("").to_owned();
-                    log.lock().unwrap().push(method);
-                    if second {
-                        if reset {
-                            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
-                        }
-                        return; // closed, the request unanswered
-                    }
-                    buf.clear();
-                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let port = thread_per_connection_service(move |mut conn| {
+        let mut buf = Vec::new();
+        for second in [false, true] {
+            // One request head (none of the requests has a body).
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
-            });
+            }
+            let head = String::from_utf8_lossy(&buf).into_owned();
+            let method = head.split(' ').next().unwrap_or("").to_owned();
+            log.lock().unwrap().push(method);
+            if second {
+                if reset {
+                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                }
+                return; // closed, the request unanswered
+            }
+            buf.clear();
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         }
     });
     (port, seen)
@@ -1118,6 +1127,108 @@ fn the_console_filters_orders_and_pages_on_the_server() {
     drop(agent);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A service that switches to `h2c` whenever a request asks for any upgrade
+/// (and answers `plain` otherwise). Returns its port and the request heads.
+fn service_switching_to_anything() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let port = thread_per_connection_service(move |mut conn| {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+            buf.clear();
+            log.lock().unwrap().push(head.clone());
+            if head.contains("\r\nupgrade:") {
+                let _ = conn.write_all(
+                            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nnot http any more",
+                        );
+                std::thread::sleep(Duration::from_secs(5));
+                return;
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
+        }
+    });
+    (port, seen)
+}
+
+/// Sends `request` on a new connection to the server and returns what came
+/// back within a second of the last byte (or until the server closed).
+fn raw_exchange(port: u16, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = c.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn only_websocket_upgrades_reach_the_service() {
+    let (port, seen) = service_switching_to_anything();
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        services: format!("switcher = \"http://127.0.0.1:{port}\"\n"),
+        ..Default::default()
+    });
+    // curl's `--http2` on http://: an h2c upgrade. Spliced, the service's
+    // HTTP/2 would pass the proxy's per-request checks; dropped, the request
+    // is answered as HTTP/1.1.
+    let got = raw_exchange(
+        w.port,
+        &format!(
+            "GET /a/prod/switcher/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        ),
+    );
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("plain"), "{got}");
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        !heads[0].contains("\r\nupgrade:") && !heads[0].contains("http2-settings"),
+        "{}",
+        heads[0]
+    );
+    // A WebSocket upgrade the service answers by switching to something
+    // else: the client is told, nothing is spliced.
+    let got = raw_exchange(
+        w.port,
+        &format!(
+            "GET /a/prod/switcher/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ),
+    );
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    assert!(
+        got.contains("switched to a protocol it was not asked for"),
+        "{got}"
+    );
+    assert!(!got.contains("not http any more"), "{got}");
+    assert!(
+        w.server.wait_log(
+            "switched to a protocol it was not asked for",
+            Duration::from_secs(5)
+        ),
+        "no log line"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
