@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use tether_net::{Connection, Refusal, Stream};
 use tether_proto::{OpenErrorCode, Target};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 /// How long a new connection waits for a session when there is none but
 /// there was one lately (the server drained it and a fresh one is being
-/// dialed). A client that has had no session for longer fails new
+/// dialed), or when the client has just started and its first session is
+/// being dialed. A client that has had no session for longer fails new
 /// connections at once.
 pub const SESSION_WAIT: Duration = Duration::from_secs(3);
 
@@ -31,7 +32,10 @@ const RENEW_EVERY: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct CurrentSession {
     tx: Arc<watch::Sender<Option<Connection>>>,
-    renew: Arc<Notify>,
+    /// The session an open asked to replace ([`Connection::key`]); only the
+    /// published one can be, so a late refusal from an older session does
+    /// not throw away its successor.
+    renew: Arc<watch::Sender<Option<usize>>>,
     last_renew: Arc<std::sync::Mutex<Option<Instant>>>,
     /// When the last session stopped taking streams.
     lost_at: Arc<std::sync::Mutex<Option<Instant>>>,
@@ -41,9 +45,12 @@ impl Default for CurrentSession {
     fn default() -> Self {
         CurrentSession {
             tx: Arc::new(watch::channel(None).0),
-            renew: Arc::default(),
+            renew: Arc::new(watch::channel(None).0),
             last_renew: Arc::default(),
-            lost_at: Arc::default(),
+            // Starting counts as a hand-over: a connection accepted while
+            // the first session is dialed waits for it (a script that starts
+            // the client and at once connects through it).
+            lost_at: Arc::new(std::sync::Mutex::new(Some(Instant::now()))),
         }
     }
 }
@@ -56,6 +63,7 @@ impl CurrentSession {
 
     /// New streams go to `conn` from now on.
     pub fn publish(&self, conn: Connection) {
+        self.renew.send_replace(None);
         self.tx.send_replace(Some(conn));
     }
 
@@ -65,9 +73,13 @@ impl CurrentSession {
         self.tx.send_replace(None);
     }
 
-    /// Resolves when an open asked for a fresh session.
-    pub async fn renew_requested(&self) {
-        self.renew.notified().await
+    /// Resolves when an open asked for a fresh session in place of `conn`.
+    pub async fn renew_requested(&self, conn: &Connection) {
+        let key = conn.key();
+        let mut rx = self.renew.subscribe();
+        if rx.wait_for(|k| *k == Some(key)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The current session if it takes new streams; else, during a
@@ -114,6 +126,14 @@ impl CurrentSession {
     /// Asks for a fresh session through the server URL (the load balancer
     /// may pick another replica); `old` is told GOAWAY, its streams finish.
     fn renew(&self, old: &Connection) {
+        let current = self
+            .tx
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.same_session(old));
+        if !current || old.is_draining() || old.is_closed() {
+            return; // already being replaced
+        }
         let mut last = self.last_renew.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < RENEW_EVERY) {
             return;
@@ -123,7 +143,7 @@ impl CurrentSession {
             tether_proto::ErrorCode::Normal,
             "moving to a fresh session: this server replica cannot reach the agent",
         );
-        self.renew.notify_one();
+        self.renew.send_replace(Some(old.key()));
     }
 
     /// Opens `target`. A refusal that another replica may not give (the
@@ -229,12 +249,46 @@ mod tests {
         assert!(got.same_session(&second));
     }
 
-    /// With no session ever, or none for long, a connection fails at once.
+    /// Just started, a connection waits for the first session; with none
+    /// for long, it fails at once.
     #[tokio::test]
-    async fn without_a_session_an_open_fails_at_once() {
+    async fn only_a_client_without_a_session_for_long_fails_at_once() {
         let current = CurrentSession::new();
+        let waiting = tokio::spawn({
+            let current = current.clone();
+            async move { current.get(None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "gave up before the first session");
+        let (first, _first_server) = session().await;
+        current.publish(first.clone());
+        let got = waiting.await.unwrap().expect("the first session");
+        assert!(got.same_session(&first));
+
+        current.clear();
+        *current.lost_at.lock().unwrap() = Instant::now().checked_sub(HANDOVER * 2);
         let t = Instant::now();
         assert!(current.get(None).await.is_none());
         assert!(t.elapsed() < SESSION_WAIT / 2);
+    }
+
+    /// A `not_here` that arrives late from a session already replaced does
+    /// not throw away its successor; one from the current session does.
+    #[tokio::test]
+    async fn only_the_current_session_is_renewed() {
+        let current = CurrentSession::new();
+        let (old, _old_server) = session().await;
+        let (new, _new_server) = session().await;
+        current.publish(old.clone());
+        current.publish(new.clone());
+        current.renew(&old);
+        let asked =
+            tokio::time::timeout(Duration::from_millis(200), current.renew_requested(&new)).await;
+        assert!(asked.is_err(), "a stale refusal replaced the new session");
+        assert!(!new.is_draining());
+        current.renew(&new);
+        tokio::time::timeout(Duration::from_secs(1), current.renew_requested(&new))
+            .await
+            .expect("the current session is replaced");
     }
 }

@@ -208,12 +208,15 @@ impl Client {
     }
 
     /// Like [`Client::run`] until `shutdown` resolves; then closes the
-    /// session cleanly (GOAWAY and a WebSocket close) instead of vanishing.
+    /// session cleanly (GOAWAY and a WebSocket close) instead of vanishing,
+    /// and stops the listeners: the ports close when this returns.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let current = CurrentSession::new();
+        // Aborted when this returns (dropped with the set).
+        let mut listeners = tokio::task::JoinSet::new();
         let limits = tether_net::udp::UdpLimits {
             idle_timeout: Duration::from_millis(self.config.udp_idle_timeout_ms),
             max_flows: self.config.max_udp_flows,
@@ -235,7 +238,7 @@ impl Client {
                         .map_err(|r| r.to_string())
                 }
             };
-            tokio::spawn(tether_net::udp::serve_socket(
+            listeners.spawn(tether_net::udp::serve_socket(
                 sock,
                 open,
                 limits.clone(),
@@ -246,7 +249,7 @@ impl Client {
         for (listener, fwd) in self.listeners {
             let addr = listener.local_addr().unwrap_or(fwd.listen);
             tracing::info!(listen = %addr, target = %fwd.target, "forwarding");
-            tokio::spawn(accept_loop(
+            listeners.spawn(accept_loop(
                 listener,
                 fwd,
                 current.clone(),
@@ -257,7 +260,12 @@ impl Client {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(listen = %addr, "SOCKS5 / HTTP CONNECT proxy");
             }
-            tokio::spawn(proxy::serve(listener, router, current.clone()));
+            listeners.spawn(proxy::serve(
+                listener,
+                router,
+                current.clone(),
+                limits.idle_timeout,
+            ));
         }
         tokio::select! {
             r = keep_session(self.config, current.clone()) => r,
@@ -303,7 +311,7 @@ async fn keep_session(cfg: ClientConfig, current: CurrentSession) -> anyhow::Res
                 () = conn.draining() => {}
                 // An open found this replica without the agent: a fresh
                 // session may land on another one.
-                () = current.renew_requested() => {
+                () = current.renew_requested(&conn) => {
                     current.clear();
                     tracing::info!(server = %url, "moving to a fresh session");
                     return SessionEnd::Drained;

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::pattern::glob_match;
 use tether_net::splice::{socket_halves, splice};
-use tether_net::Connection;
 use tether_proto::{OpenErrorCode, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -107,15 +106,21 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// Serves the proxy port until the process ends.
-pub async fn serve(listener: TcpListener, router: Arc<Router>, session: crate::CurrentSession) {
+/// Serves the proxy port until the process ends; a SOCKS5 UDP flow ends
+/// after `udp_idle` without a datagram.
+pub async fn serve(
+    listener: TcpListener,
+    router: Arc<Router>,
+    session: crate::CurrentSession,
+    udp_idle: Duration,
+) {
     loop {
         let (tcp, peer) = tether_net::listen::accept(&listener).await;
         let router = router.clone();
         let session = session.clone();
         tokio::spawn(async move {
             tether_net::listen::nodelay_accepted(&tcp);
-            if let Err(e) = handle(tcp, peer, &router, session).await {
+            if let Err(e) = handle(tcp, peer, &router, session, udp_idle).await {
                 tracing::info!(%peer, "proxy connection failed: {e:#}");
             }
         });
@@ -140,10 +145,13 @@ pub enum Kind {
     Socks5,
     /// SOCKS5 UDP ASSOCIATE: datagrams relayed while the TCP connection lives.
     UdpAssociate,
-    /// HTTP CONNECT.
-    HttpConnect,
+    /// HTTP CONNECT, with the bytes the client sent after the request head
+    /// (a client need not wait for the `200`).
+    HttpConnect(Vec<u8>),
     /// An absolute-form HTTP request (`GET http://host/path`): forward the
-    /// rewritten head, then splice.
+    /// rewritten head (asking the service to close after its answer, since
+    /// the client's next request on this connection may be for another
+    /// host), then splice.
     HttpForward(Vec<u8>),
 }
 
@@ -152,13 +160,19 @@ async fn handle(
     peer: SocketAddr,
     router: &Router,
     session: crate::CurrentSession,
+    udp_idle: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut tcp))
-        .await
-        .context("proxy handshake timed out")??;
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut tcp)).await {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => {
+            close_after_answer(tcp).await;
+            return Err(e);
+        }
+        Err(_) => bail!("proxy handshake timed out"),
+    };
     if let Kind::UdpAssociate = req.kind {
-        return udp_associate(tcp, peer, router, session).await;
+        return udp_associate(tcp, peer, router, session, udp_idle).await;
     }
     let Some(agent) = router.agent_for(&req.host).map(str::to_owned) else {
         refuse(
@@ -168,6 +182,7 @@ async fn handle(
             "no route to an agent for this host",
         )
         .await;
+        close_after_answer(tcp).await;
         bail!("no route for {}", req.host);
     };
     let target = format!("{agent}/{}", host_port(&req.host, req.port));
@@ -175,6 +190,7 @@ async fn handle(
         Ok(s) => s,
         Err(tether_net::Refusal { code, reason }) => {
             refuse(&mut tcp, &req.kind, code, &reason).await;
+            close_after_answer(tcp).await;
             bail!("{target}: {code}: {reason}");
         }
     };
@@ -182,7 +198,7 @@ async fn handle(
         Kind::Socks5 => {
             tcp.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
         }
-        Kind::HttpConnect => {
+        Kind::HttpConnect(_) => {
             tcp.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
                 .await?;
         }
@@ -190,8 +206,12 @@ async fn handle(
     }
     let id = stream.id();
     let (sr, mut sw) = stream.split();
-    if let Kind::HttpForward(head) = req.kind {
-        sw.write(bytes::Bytes::from(head)).await?;
+    // What the client sent after its request head goes first.
+    match req.kind {
+        Kind::HttpForward(first) | Kind::HttpConnect(first) if !first.is_empty() => {
+            sw.write(bytes::Bytes::from(first)).await?;
+        }
+        _ => {}
     }
     let (tr, tw) = socket_halves(tcp);
     let report = splice(tr, tw, sr, sw).await;
@@ -227,6 +247,24 @@ async fn write_http_error<S: AsyncWrite + Unpin>(tcp: &mut S, status: &str, body
         body.len()
     );
     let _ = tcp.write_all(answer.as_bytes()).await;
+}
+
+/// How long, and how many bytes, a refused client's unread input is read and
+/// dropped after the answer.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 1 << 20;
+
+/// Closes a connection that was answered with a refusal. Closed with input
+/// still unread (a request body on its way), the socket would send a reset,
+/// and a client still writing would report "connection reset" instead of
+/// the answer; so the write side is shut first and the rest of the input is
+/// read and dropped for a bounded time.
+async fn close_after_answer(mut tcp: TcpStream) {
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut rest = (&mut tcp).take(LINGER_BYTES);
+    let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
 }
 
 /// Answers a SOCKS5 request that cannot be served with reply code `rep`
@@ -360,12 +398,10 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(x) => x,
             Err(e) => return Err(http_bad_request(tcp, format!("CONNECT {uri:?}: {e:#}")).await),
         };
-        // Bytes the client sent after the head (rare before the 200) would be
-        // lost; clients wait for the answer, as the spec requires.
         return Ok(Request {
             host,
             port,
-            kind: Kind::HttpConnect,
+            kind: Kind::HttpConnect(buf.split_off(end)),
         });
     }
     // Absolute-form request to a plain HTTP site: rewrite to origin-form.
@@ -383,19 +419,37 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut new_head = format!("{method} {path} {version}\r\n").into_bytes();
     let after_line = head.find("\r\n").map_or(head.len(), |i| i + 2);
-    for l in head[after_line..].split("\r\n") {
-        if l.is_empty() {
-            continue;
-        }
+    let fields = || {
+        head[after_line..]
+            .split("\r\n")
+            .filter(|l| !l.is_empty())
+            .map(|l| (l.split(':').next().unwrap_or_default().trim(), l))
+    };
+    // The connection carries this one request to this host: the client's
+    // next request on it may be for another host (another route, another
+    // agent), so the service is asked to close after its answer and the
+    // client opens a new connection. A WebSocket upgrade keeps its
+    // `Connection: upgrade`: after it the connection is that protocol's.
+    let upgrade = fields().any(|(name, l)| {
+        name.eq_ignore_ascii_case("connection")
+            && l.split_once(':').is_some_and(|(_, v)| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+    });
+    for (name, l) in fields() {
         // Hop-by-hop headers meant for the proxy stay here.
-        let name = l.split(':').next().unwrap_or_default().trim();
-        if name.eq_ignore_ascii_case("proxy-connection")
-            || name.eq_ignore_ascii_case("proxy-authorization")
-        {
+        let hop = ["proxy-connection", "proxy-authorization", "keep-alive"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h));
+        if hop || (!upgrade && name.eq_ignore_ascii_case("connection")) {
             continue;
         }
         new_head.extend_from_slice(l.as_bytes());
         new_head.extend_from_slice(b"\r\n");
+    }
+    if !upgrade {
+        new_head.extend_from_slice(b"Connection: close\r\n");
     }
     new_head.extend_from_slice(b"\r\n");
     new_head.extend_from_slice(&buf[end..]);
@@ -427,7 +481,10 @@ async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &
         Kind::Socks5 | Kind::UdpAssociate => {
             let rep = match code {
                 OpenErrorCode::Forbidden => 2,
-                OpenErrorCode::AgentOffline | OpenErrorCode::SessionLost => 3,
+                OpenErrorCode::AgentOffline
+                | OpenErrorCode::SessionLost
+                | OpenErrorCode::NotHere
+                | OpenErrorCode::GoingAway => 3,
                 OpenErrorCode::Unreachable | OpenErrorCode::UnknownService => 4,
                 OpenErrorCode::Refused => 5,
                 OpenErrorCode::Timeout => 6,
@@ -435,13 +492,14 @@ async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &
             };
             write_socks5_reply(tcp, rep).await;
         }
-        Kind::HttpConnect | Kind::HttpForward(_) => {
-            let status = match code {
-                OpenErrorCode::Forbidden => "403 Forbidden",
-                OpenErrorCode::Timeout => "504 Gateway Timeout",
-                OpenErrorCode::AgentOffline | OpenErrorCode::SessionLost => {
-                    "503 Service Unavailable"
-                }
+        Kind::HttpConnect(_) | Kind::HttpForward(_) => {
+            let status = match code.http_status() {
+                400 => "400 Bad Request",
+                403 => "403 Forbidden",
+                404 => "404 Not Found",
+                429 => "429 Too Many Requests",
+                503 => "503 Service Unavailable",
+                504 => "504 Gateway Timeout",
                 _ => "502 Bad Gateway",
             };
             write_http_error(tcp, status, &format!("tether: {code}: {reason}\n")).await;
@@ -460,6 +518,7 @@ async fn udp_associate(
     peer: SocketAddr,
     router: &Router,
     session: crate::CurrentSession,
+    idle: Duration,
 ) -> anyhow::Result<()> {
     let local_ip = tcp.local_addr()?.ip();
     let relay = Arc::new(tokio::net::UdpSocket::bind((local_ip, 0)).await?);
@@ -521,17 +580,18 @@ async fn udp_associate(
                     tracing::info!(%peer, %host, "udp: no route to an agent; dropped");
                     continue;
                 };
-                let Some(conn) = session.now() else { continue };
+                // Datagrams that come while the flow opens (on a fresh
+                // session if this one is being replaced) wait in its queue.
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
                 let _ = tx.try_send(bytes::Bytes::copy_from_slice(payload));
                 flows.insert(key, tx);
                 tokio::spawn(association_flow(
-                    conn,
+                    session.clone(),
                     format!("{agent}/{}", host_port(&host, port)),
                     udp_header(&host, port),
                     rx,
-                    relay.clone(),
-                    client_addr.clone(),
+                    (relay.clone(), client_addr.clone()),
+                    idle,
                 ));
             }
         }
@@ -542,14 +602,17 @@ async fn udp_associate(
 
 /// Relays one destination of an association.
 async fn association_flow(
-    conn: Connection,
+    session: crate::CurrentSession,
     target: String,
     header: Vec<u8>,
     mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-    relay: Arc<tokio::net::UdpSocket>,
-    client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    (relay, client): (
+        Arc<tokio::net::UdpSocket>,
+        Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    ),
+    idle: Duration,
 ) {
-    let stream = match conn
+    let stream = match session
         .open(Target {
             kind: tether_proto::TargetKind::Udp,
             address: target.clone(),
@@ -564,7 +627,6 @@ async fn association_flow(
     };
     let (mut r, mut w) = stream.split();
     let mut dec = tether_proto::datagram::Decoder::default();
-    let idle = tether_net::udp::DEFAULT_IDLE_TIMEOUT;
     let mut last = Instant::now();
     loop {
         tokio::select! {

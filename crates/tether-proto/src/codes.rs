@@ -88,6 +88,25 @@ code_enum! {
     }
 }
 
+impl OpenErrorCode {
+    /// The HTTP status that tells an HTTP client of this refusal, wherever
+    /// tether answers one over HTTP (the server's proxy and raw WebSocket
+    /// endpoint, the CLI's HTTP proxy): one mapping, so a refusal reads the
+    /// same everywhere. 503 says "try again" (no session to the agent here,
+    /// yet); 502 is the gateway's failure to reach the service.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::Forbidden => 403,
+            Self::UnknownService => 404,
+            Self::BadTarget => 400,
+            Self::TooManyStreams => 429,
+            Self::Timeout => 504,
+            Self::AgentOffline | Self::NotHere | Self::GoingAway | Self::SessionLost => 503,
+            _ => 502,
+        }
+    }
+}
+
 code_enum! {
     /// Why a stream was reset (carried by RST).
     ResetCode {

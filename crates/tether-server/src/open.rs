@@ -110,17 +110,7 @@ pub(crate) fn protocol_of(kind: TargetKind) -> Protocol {
 
 /// The HTTP status that answers a refused open.
 pub(crate) fn http_status(code: OpenErrorCode) -> StatusCode {
-    match code {
-        OpenErrorCode::Forbidden => StatusCode::FORBIDDEN,
-        OpenErrorCode::AgentOffline | OpenErrorCode::NotHere | OpenErrorCode::GoingAway => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        OpenErrorCode::UnknownService => StatusCode::NOT_FOUND,
-        OpenErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        OpenErrorCode::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
-        OpenErrorCode::BadTarget => StatusCode::BAD_REQUEST,
-        _ => StatusCode::BAD_GATEWAY,
-    }
+    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
 }
 
 /// The handles an open uses.

@@ -259,3 +259,103 @@ async fn deny_rules_hold_whatever_the_target_is_called() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The HTTP side of the proxy as clients use it: a plain-HTTP connection
+/// that the client reuses for another host reaches that host (each request
+/// is routed, not spliced to the first host); bytes sent right behind a
+/// CONNECT arrive; and a refused upload is told its 503, not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxying_routes_each_request_and_loses_no_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let apps: Vec<(Proc, u16)> = (0..2)
+        .map(|i| {
+            let port = free_port();
+            let app = Proc::spawn(
+                &format!("sample-app-{i}"),
+                &[
+                    "sample-app".into(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                ],
+            );
+            assert!(app.wait_log("sample app listening", Duration::from_secs(10)));
+            (app, port)
+        })
+        .collect();
+    let (a, b) = (apps[0].1, apps[1].1);
+    let echo = echo_service().await.port();
+    let allow = [a, b, echo].map(|p| format!("localhost:{p}"));
+    let t = Tunnel::start(
+        &[],
+        &[
+            "--allow", &allow[0], "--allow", &allow[1], "--allow", &allow[2],
+        ],
+    );
+    let (client, proxy_port) = proxy_client(
+        &t,
+        &[
+            "--route",
+            "localhost=prod",
+            "--route",
+            "*.nowhere.example=ghost",
+        ],
+    );
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+
+    // curl reuses a keep-alive proxy connection for the second URL.
+    let (ok, body, err) = curl(&[
+        "--proxy",
+        &proxy,
+        &format!("http://localhost:{a}/hello"),
+        &format!("http://localhost:{b}/hello"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(body, "hello\nhello\n");
+    for port in [a, b] {
+        let opened = format!("target=prod/localhost:{port}");
+        assert!(
+            client.wait_log(&opened, Duration::from_secs(5)),
+            "no stream to localhost:{port}: {}",
+            client.log_text()
+        );
+    }
+
+    // Bytes in the same segment as the CONNECT head.
+    let mut c = connect(proxy_port).await;
+    c.write_all(
+        format!("CONNECT localhost:{echo} HTTP/1.1\r\nHost: localhost:{echo}\r\n\r\nhello")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let want = b"HTTP/1.1 200 Connection Established\r\n\r\nhello";
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+        .await
+        .expect("the early bytes come back")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+
+    // A 4 MiB upload to an agent this client may not reach: the answer, not a
+    // reset while curl is still sending.
+    let dir = std::env::temp_dir().join(format!("tether-proxy-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("upload");
+    std::fs::write(&file, vec![b'x'; 4 << 20]).unwrap();
+    let (ok, code, err) = curl(&[
+        "--proxy",
+        &proxy,
+        "-H",
+        "Expect:",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        "http://a.nowhere.example/upload",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{err}");
+    assert_eq!(code, "403", "{err}");
+}
