@@ -19,7 +19,10 @@
 //! that drives it and nothing else. A request that never left because its
 //! pooled connection had just closed is sent once more on a new one, and so
 //! is an idempotent request without a body that a connection closing after
-//! [`REPLAY_AFTER_IDLE`] idle left unanswered ([`Replay`]).
+//! [`REPLAY_AFTER_IDLE`] idle left unanswered ([`Replay`]). A connection
+//! that carried a connection-bound login (NTLM, Negotiate) never goes back:
+//! the service would take the next caller for the one who signed in on it
+//! ([`binds_login`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,6 +97,31 @@ impl Replay {
         *req.headers_mut() = self.headers;
         req
     }
+}
+
+/// Whether a request's or response's headers tie a login to the connection
+/// that carries them: NTLM and Negotiate (Kerberos) authenticate the TCP
+/// connection, not the request (IIS keeps the login for the connection's
+/// life; `Persistent-Auth` says so). Such a connection must never serve
+/// another request from the pool, which belongs to no caller; it closes
+/// after its response. (So these logins do not work through the proxy;
+/// a `[[listener]]` or the CLI forward carries them.)
+fn binds_login(h: &HeaderMap) -> bool {
+    // Any challenge or credential in a list naming one of the schemes (a
+    // false match only costs a connection).
+    let scheme = |v: &http::HeaderValue| {
+        v.as_bytes().split(|b| *b == b',').any(|part| {
+            let part = part.trim_ascii_start();
+            [&b"ntlm"[..], b"negotiate"].iter().any(|s| {
+                part.len() >= s.len()
+                    && part[..s.len()].eq_ignore_ascii_case(s)
+                    && part.get(s.len()).is_none_or(|b| *b == b' ')
+            })
+        })
+    };
+    h.get_all(http::header::AUTHORIZATION).iter().any(scheme)
+        || h.get_all(http::header::WWW_AUTHENTICATE).iter().any(scheme)
+        || h.contains_key("persistent-auth")
 }
 
 /// Whether `e` says the connection ended before an answer began: it
@@ -334,13 +362,12 @@ impl Pool {
                 // would otherwise size every request's.
                 None => Box::pin(self.connect(caller.clone(), agent, service)).await?,
             };
+            let bound = binds_login(req.headers());
             match conn.send.try_send_request(req).await {
                 Ok(resp) => {
-                    let idle = Arc::downgrade(&self.idle);
-                    return Ok(resp.map(|inner| ServiceBody {
-                        inner,
-                        give_back: Some((conn, idle)),
-                    }));
+                    let give_back = (!bound && !binds_login(resp.headers()))
+                        .then(|| (conn, Arc::downgrade(&self.idle)));
+                    return Ok(resp.map(|inner| ServiceBody { inner, give_back }));
                 }
                 Err(mut e) => match (e.take_message(), replay) {
                     (Some(again), _) if reused => {
@@ -542,6 +569,31 @@ pub(crate) fn refusal_of<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_bound_logins_are_recognised() {
+        let with = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            binds_login(&h)
+        };
+        assert!(with(
+            "authorization",
+            "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAO5CAAAADw=="
+        ));
+        assert!(with("authorization", "negotiate YIIFyw"));
+        assert!(with("www-authenticate", "Negotiate"));
+        assert!(with("www-authenticate", "NTLM"));
+        assert!(with("persistent-auth", "true"));
+        assert!(!with("authorization", "Basic YWxhZGRpbjpvcGVuc2VzYW1l"));
+        assert!(!with("authorization", "Bearer x"));
+        assert!(!with("www-authenticate", "NTLMish realm=x"));
+        assert!(!with("www-authenticate", "Basic realm=\"x\""));
+        assert!(with("www-authenticate", "Basic realm=\"x\", Negotiate"));
+    }
 
     struct Conn {
         id: u64,

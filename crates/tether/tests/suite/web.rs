@@ -265,6 +265,21 @@ fn thread_per_connection_service(
     port
 }
 
+/// Reads one request head (up to its blank line) from `conn`, a byte at a
+/// time so that nothing after it is taken; `None` once the connection ends.
+fn read_head(conn: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// A service that answers the first request on each connection, keeping it
 /// alive, and closes the connection unanswered when a second request comes
 /// on it (with a reset when `reset`, else a FIN): a keep-alive timeout
@@ -273,21 +288,15 @@ fn thread_per_connection_service(
 fn service_closing_kept_connections(
     reset: bool,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
     let port = thread_per_connection_service(move |mut conn| {
-        let mut buf = Vec::new();
         for second in [false, true] {
             // One request head (none of the requests has a body).
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf).into_owned();
+            let Some(head) = read_head(&mut conn) else {
+                return;
+            };
             let method = head.split(' ').next().unwrap_or("").to_owned();
             log.lock().unwrap().push(method);
             if second {
@@ -296,7 +305,6 @@ fn service_closing_kept_connections(
                 }
                 return; // closed, the request unanswered
             }
-            buf.clear();
             let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         }
     });
@@ -1132,31 +1140,23 @@ fn the_console_filters_orders_and_pages_on_the_server() {
 /// A service that switches to `h2c` whenever a request asks for any upgrade
 /// (and answers `plain` otherwise). Returns its port and the request heads.
 fn service_switching_to_anything() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
-    let port = thread_per_connection_service(move |mut conn| {
-        let mut buf = Vec::new();
-        loop {
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-            buf.clear();
-            log.lock().unwrap().push(head.clone());
-            if head.contains("\r\nupgrade:") {
-                let _ = conn.write_all(
+    let port = thread_per_connection_service(move |mut conn| loop {
+        let Some(head) = read_head(&mut conn) else {
+            return;
+        };
+        let head = head.to_ascii_lowercase();
+        log.lock().unwrap().push(head.clone());
+        if head.contains("\r\nupgrade:") {
+            let _ = conn.write_all(
                             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nnot http any more",
                         );
-                std::thread::sleep(Duration::from_secs(5));
-                return;
-            }
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
+            std::thread::sleep(Duration::from_secs(5));
+            return;
         }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
     });
     (port, seen)
 }
@@ -1177,6 +1177,58 @@ fn raw_exchange(port: u16, request: &str) -> String {
         got.extend_from_slice(&chunk[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A service that signs a connection in (`Authorization: Negotiate USER`)
+/// for the connection's life, as IIS does, and answers `/whoami` with the
+/// user signed in on the connection, or 401 with a Negotiate challenge.
+fn service_with_connection_logins() -> u16 {
+    use std::io::Write;
+    thread_per_connection_service(|mut conn| {
+        let mut user: Option<String> = None;
+        loop {
+            let Some(head) = read_head(&mut conn) else {
+                return;
+            };
+            let head = head.to_ascii_lowercase();
+            if let Some(u) = head.split("\r\nauthorization: negotiate ").nth(1) {
+                user = u.split("\r\n").next().map(str::to_owned);
+            }
+            let answer = match &user {
+                Some(u) => format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{u}", u.len()),
+                None => "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n".to_owned(),
+            };
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_connection_bound_login_never_serves_another_request() {
+    let port = service_with_connection_logins();
+    let w = Web::start_with(WebOpts {
+        services: format!("iis = \"http://127.0.0.1:{port}\"\n"),
+        ..Default::default()
+    });
+    let base = w.host_url(BASE, "");
+    let jar = w.dir.join("jar").display().to_string();
+    let csrf = login_form_csrf(&w, &base, &jar);
+    let good = format!("csrf={csrf}&token={CLIENT_TOKEN}&next=%2F");
+    assert_eq!(post_login(&w, &base, &jar, &good, &[]).status, 303);
+    let url = w.host_url(BASE, "/a/prod/iis/whoami");
+    let signed_in = w.curl(&["-b", &jar, "-H", "Authorization: Negotiate alice", &url]);
+    assert_eq!((signed_in.status, signed_in.body.as_str()), (200, "alice"));
+    // The next request, without the login (another browser, another
+    // tether identity: the pool belongs to no caller), on a new connection.
+    for _ in 0..3 {
+        let next = w.get(&url, &[]);
+        assert_eq!(
+            next.status, 401,
+            "served as the user signed in before: {next:?}"
+        );
+    }
 }
 
 #[test]
