@@ -2,6 +2,10 @@
 
 use std::collections::VecDeque;
 
+/// Room a queue keeps once it is empty again; more, left by a burst, is
+/// given back.
+const KEPT_CAPACITY: usize = 64;
+
 /// A first-in, first-out queue that keeps its front item inline.
 ///
 /// Every stream has queues (chunks to send, chunks received and not yet
@@ -57,6 +61,10 @@ impl<T> InlineQueue<T> {
     pub fn pop_front(&mut self) -> Option<T> {
         let item = self.head.take()?;
         self.head = self.rest.pop_front();
+        if self.head.is_none() && self.rest.capacity() > KEPT_CAPACITY {
+            // A burst is over: its room goes, not kept for the queue's life.
+            self.rest = VecDeque::new();
+        }
         Some(item)
     }
 
@@ -68,6 +76,14 @@ impl<T> InlineQueue<T> {
     /// The front item, to change in place.
     pub fn front_mut(&mut self) -> Option<&mut T> {
         self.head.as_mut()
+    }
+
+    /// The last item, mutable (to add to it).
+    pub fn back_mut(&mut self) -> Option<&mut T> {
+        match self.rest.back_mut() {
+            Some(last) => Some(last),
+            None => self.head.as_mut(),
+        }
     }
 
     /// The items, front to back.
@@ -83,7 +99,7 @@ impl<T> InlineQueue<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::InlineQueue;
+    use super::{InlineQueue, KEPT_CAPACITY};
 
     #[test]
     fn keeps_order_across_the_inline_slot() {
@@ -101,9 +117,12 @@ mod tests {
         if let Some(front) = q.front_mut() {
             *front = 20;
         }
+        if let Some(back) = q.back_mut() {
+            *back += 40;
+        }
         assert_eq!(q.pop_front(), Some(20));
         assert_eq!(q.pop_front(), Some(3));
-        assert_eq!(q.pop_front(), Some(4));
+        assert_eq!(q.pop_front(), Some(44));
         assert_eq!(q.pop_front(), None);
         assert!(q.is_empty());
         q.push_back(5);
@@ -111,6 +130,20 @@ mod tests {
         q.clear();
         assert!(q.is_empty());
         assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn the_room_of_a_burst_is_given_back_once_empty() {
+        let mut q = InlineQueue::new();
+        for i in 0..10_000 {
+            q.push_back(i);
+        }
+        while q.len() > 1 {
+            q.pop_front();
+        }
+        assert!(q.rest.capacity() >= 10_000 - 1);
+        assert_eq!(q.pop_front(), Some(9_999));
+        assert!(q.rest.capacity() <= KEPT_CAPACITY);
     }
 
     #[test]

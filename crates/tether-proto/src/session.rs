@@ -357,6 +357,10 @@ struct Peer {
     max_frame_payload: u32,
 }
 
+/// Room for events a session keeps between messages (a message of many
+/// small frames may need more for a moment; see [`Session::poll_event`]).
+const EVENTS_KEPT: usize = 256;
+
 /// One end of a tether session. See the crate docs for how to drive it.
 #[derive(Debug)]
 pub struct Session {
@@ -1346,7 +1350,13 @@ impl Session {
 
     /// Next thing that happened, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() && self.events.capacity() > EVENTS_KEPT {
+            // A message of many small frames left room for as many events;
+            // give it back rather than keep it for the session's life.
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     /// Appends frames to send to `out`, control frames first, then DATA

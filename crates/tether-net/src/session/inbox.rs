@@ -9,15 +9,30 @@
 //! stream passes through four of them across client, server and agent. This
 //! is one small allocation, and its queue allocates only when a second item
 //! waits behind the first.
+//!
+//! A small chunk is added to the chunk queued last instead of taking a
+//! place of its own: a peer sending its window as one-byte DATA frames would
+//! otherwise make each byte a queue entry and an allocation (tens of bytes
+//! of memory per byte of window, [`MERGE_BELOW`]).
 
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tether_proto::InlineQueue;
 
 use super::Inbound;
+
+/// A chunk shorter than this is added to the chunk queued before it, while
+/// that one is shorter than [`MERGE_UP_TO`]. Every queued chunk but the last
+/// is then at least this long, so the queue's own cost (a slot, an
+/// allocation's header) stays a few percent of the bytes it holds.
+const MERGE_BELOW: usize = 4096;
+
+/// How long a chunk grows by merging (the copy of a chunk that was a slice
+/// of a shared buffer is at most this).
+const MERGE_UP_TO: usize = 16 * 1024;
 
 /// Creates a connected sender and receiver.
 pub(super) fn inbox() -> (InboxTx, InboxRx) {
@@ -69,16 +84,39 @@ impl InboxTx {
             if s.receiver_gone {
                 return;
             }
-            if matches!(item, Inbound::Reset(_)) {
-                s.reset_queued = true;
+            match item {
+                Inbound::Data(chunk) if chunk.len() < MERGE_BELOW => match s.queue.back_mut() {
+                    Some(Inbound::Data(last)) if last.len() < MERGE_UP_TO => append(last, &chunk),
+                    _ => s.queue.push_back(Inbound::Data(chunk)),
+                },
+                Inbound::Reset(_) => {
+                    s.reset_queued = true;
+                    s.queue.push_back(item);
+                }
+                item => s.queue.push_back(item),
             }
-            s.queue.push_back(item);
             s.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
         }
     }
+}
+
+/// Adds `more` to the end of `last`: in place when `last` owns its buffer
+/// (a chunk merged before, or copied out of its message's), else copied
+/// once into a buffer of its own.
+fn append(last: &mut Bytes, more: &[u8]) {
+    let mut grown = match std::mem::take(last).try_into_mut() {
+        Ok(owned) => owned,
+        Err(shared) => {
+            let mut b = BytesMut::with_capacity(shared.len() + more.len());
+            b.extend_from_slice(&shared);
+            b
+        }
+    };
+    grown.extend_from_slice(more);
+    *last = grown.freeze();
 }
 
 impl Drop for InboxTx {
@@ -202,12 +240,12 @@ mod tests {
     async fn items_arrive_in_order_then_none_when_the_sender_is_gone() {
         let (tx, mut rx) = inbox();
         tx.send(Inbound::Data(Bytes::from_static(b"a")));
-        tx.send(Inbound::Data(Bytes::from_static(b"b")));
         tx.send(Inbound::Fin);
+        tx.send(Inbound::Data(Bytes::from_static(b"b")));
         drop(tx);
         assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "a"));
-        assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "b"));
         assert!(matches!(rx.recv().await, Some(Inbound::Fin)));
+        assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b == "b"));
         assert!(rx.recv().await.is_none());
         assert!(InboxRx::closed().recv().await.is_none());
     }
@@ -232,9 +270,14 @@ mod tests {
     #[test]
     fn front_data_is_taken_up_to_the_limit_and_the_rest_keeps_its_place() {
         let (tx, mut rx) = inbox();
+        tx.send(Inbound::Data(Bytes::from(vec![b'x'; MERGE_UP_TO])));
         tx.send(Inbound::Data(Bytes::from_static(b"abc")));
         tx.send(Inbound::Data(Bytes::from_static(b"defg")));
         tx.send(Inbound::Fin);
+        assert_eq!(
+            rx.take_front_data(MERGE_UP_TO).concat(),
+            vec![b'x'; MERGE_UP_TO]
+        );
         let taken = rx.take_front_data(5);
         assert_eq!(taken.concat(), b"abcde");
         assert!(matches!(rx.0.lock().queue.front(), Some(Inbound::Data(b)) if b == "fg"));
@@ -273,12 +316,43 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), rx.reset_or_gone())
             .await
             .expect("a queued reset ends the wait");
-        for i in 0..4096u32 {
-            assert!(matches!(rx.recv().await, Some(Inbound::Data(b)) if b[..] == i.to_be_bytes()));
+        let mut early = Vec::new();
+        loop {
+            match rx.recv().await {
+                Some(Inbound::Data(b)) => early.extend_from_slice(&b),
+                Some(Inbound::Reset(_)) => break,
+                other => panic!("{}", other.is_some()),
+            }
         }
-        assert!(matches!(rx.recv().await, Some(Inbound::Reset(_))));
+        let sent: Vec<u8> = (0..4096u32).flat_map(u32::to_be_bytes).collect();
+        assert_eq!(early, sent);
         // Read, the reset no longer counts as waiting.
         assert!(!rx.0.lock().reset_queued);
+    }
+
+    /// A window's worth of one-byte chunks takes a few queue places, not
+    /// one per byte, and arrives whole and in order.
+    #[test]
+    fn small_chunks_share_queue_places() {
+        let (tx, mut rx) = inbox();
+        let window = 256 * 1024;
+        for i in 0..window {
+            tx.send(Inbound::Data(Bytes::copy_from_slice(&[i as u8])));
+        }
+        let places = rx.0.lock().queue.len();
+        assert!(places <= window / MERGE_BELOW, "{places} queue places");
+        let mut got = Vec::new();
+        while let Some(b) = rx.try_recv_data() {
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got.len(), window);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == i as u8));
+        // A large chunk keeps its own place (and is not copied).
+        let large = Bytes::from(vec![1u8; MERGE_BELOW]);
+        tx.send(Inbound::Data(Bytes::from_static(b"a")));
+        tx.send(Inbound::Data(large.clone()));
+        assert_eq!(rx.try_recv_data().as_deref(), Some(&b"a"[..]));
+        assert_eq!(rx.try_recv_data().map(|b| b.as_ptr()), Some(large.as_ptr()));
     }
 
     #[test]
