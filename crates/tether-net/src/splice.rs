@@ -68,7 +68,10 @@ pub trait ChunkRead: Send + Unpin {
 /// A sink of byte chunks.
 pub trait ChunkWrite: Send + Unpin {
     /// Writes from `chunk`, advancing it past what was written; ready once
-    /// all of it is written (`chunk` is then empty).
+    /// all of it is written (`chunk` is then empty) and, for a writer that
+    /// buffers (TLS, a WebSocket sink), flushed. A writer may take all of
+    /// `chunk` and still be pending on its flush: it is then called again,
+    /// with `chunk` empty, until ready.
     fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes)
         -> Poll<io::Result<()>>;
     /// Signals EOF to the other side (half-close).
@@ -422,6 +425,10 @@ struct OneWay<R, W> {
     w: W,
     /// The chunk read and not yet (wholly) written.
     chunk: Bytes,
+    /// A write has begun and its writer has not said ready: its bytes may
+    /// sit in the writer's buffer (TLS records) until its flush is done,
+    /// even after `chunk` is empty.
+    writing: bool,
     /// Chunks read after `chunk` for one gathered write: `None` unless the
     /// writer gathers and more had arrived (boxed: every idle splice holds
     /// this field, in every process a connection crosses).
@@ -440,6 +447,7 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
             r,
             w,
             chunk: Bytes::new(),
+            writing: false,
             more: None,
             phase: Phase::Copying,
             count: 0,
@@ -450,21 +458,25 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
     fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match self.phase {
-                Phase::Copying if !self.chunk.is_empty() => match &mut self.more {
-                    None => ready!(self.w.poll_write_chunk(cx, &mut self.chunk))?,
-                    Some(more) => {
-                        ready!(self.w.poll_write_gather(cx, &mut self.chunk, more))?;
-                        // Written: an idle direction keeps no allocation.
-                        self.more = None;
+                Phase::Copying if self.writing => {
+                    match &mut self.more {
+                        None => ready!(self.w.poll_write_chunk(cx, &mut self.chunk))?,
+                        Some(more) => {
+                            ready!(self.w.poll_write_gather(cx, &mut self.chunk, more))?;
+                            // Written: an idle direction keeps no allocation.
+                            self.more = None;
+                        }
                     }
-                },
+                    self.writing = false;
+                }
                 Phase::Copying => match ready!(self.r.poll_next_chunk(cx))? {
                     // (An empty chunk, say an empty DATA frame, is skipped:
                     // `chunk` stays empty and the next one is read.)
                     Some(chunk) => {
                         self.count += chunk.len() as u64;
                         self.chunk = chunk;
-                        if self.w.gathers() && !self.chunk.is_empty() {
+                        self.writing = !self.chunk.is_empty();
+                        if self.w.gathers() && self.writing {
                             self.gather();
                         }
                     }

@@ -859,3 +859,31 @@ async fn several_sending_streams_share_writes_and_a_lone_one_does_not_unless_rel
         }
     }
 }
+
+/// A writer that buffers (TLS to a service, a WebSocket sink) may take all
+/// of a chunk and still be flushing it when its destination is full: the
+/// splice comes back to finish the flush when the destination drains, not
+/// only when the next chunk arrives. Before, the tail of a request could
+/// sit in the writer's buffer while both ends waited for each other.
+#[tokio::test]
+async fn a_splice_finishes_a_flush_without_waiting_for_more_bytes() {
+    use tokio::io::AsyncReadExt;
+    let mut p = pair(Config::default(), Config::default()).await;
+    let (sa, sb) = open(&mut p, "buffered").await;
+    // The destination takes 16 bytes at a time; the writer buffers.
+    let (near, mut far) = tokio::io::duplex(16);
+    let (nr, nw) = tokio::io::split(near);
+    let (sr, sw) = sb.split();
+    let _splice = tokio::spawn(tether_net::splice::splice(
+        sr,
+        sw,
+        tether_net::splice::IoReader::new(nr),
+        tether_net::splice::IoWriter(tokio::io::BufWriter::new(nw)),
+    ));
+    let (_ra, mut wa) = sa.split();
+    let request = Bytes::from(vec![7u8; 100]);
+    wa.write(request.clone()).await.unwrap();
+    let mut got = vec![0u8; 100];
+    within(far.read_exact(&mut got)).await.unwrap();
+    assert_eq!(got, request, "the whole request arrives, no FIN needed");
+}
