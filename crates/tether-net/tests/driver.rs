@@ -887,3 +887,20 @@ async fn a_splice_finishes_a_flush_without_waiting_for_more_bytes() {
     within(far.read_exact(&mut got)).await.unwrap();
     assert_eq!(got, request, "the whole request arrives, no FIN needed");
 }
+
+/// A drain this side starts is a drain for what keeps state for new
+/// streams (`drain_begun`), while `draining` waits for the peer's word.
+#[tokio::test]
+async fn a_drain_this_side_begins_is_seen_by_drain_begun() {
+    let mut p = pair(Config::default(), Config::default()).await;
+    // A live stream keeps the drained session open.
+    let _live = open(&mut p, "live").await;
+    p.b.go_away(ErrorCode::Normal, "replaced");
+    within(p.b.drain_begun()).await;
+    assert!(p.b.is_draining());
+    let peer_word = tokio::time::timeout(Duration::from_millis(50), p.b.draining()).await;
+    assert!(peer_word.is_err(), "b's own GOAWAY is not the peer's");
+    // The peer sees b's GOAWAY as a drain of either kind.
+    within(p.a.draining()).await;
+    within(p.a.drain_begun()).await;
+}

@@ -75,6 +75,7 @@ impl Connection {
             timer_wake: Notify::new(),
             closed_tx: watch::channel(None).0,
             goaway_tx: watch::channel(None).0,
+            own_goaway: watch::channel(false).0,
             transport_closed: watch::channel(false).0,
             catalog: watch::channel(None).0,
             replicas: watch::channel(None).0,
@@ -157,6 +158,7 @@ impl Connection {
             g.session.go_away(code, reason, now());
             g.deadlines_changed(); // the drain deadline
         });
+        self.shared.own_goaway.send_replace(true);
     }
 
     /// Tells the peer which services this side offers (sent only when the
@@ -219,6 +221,20 @@ impl Connection {
         }
     }
 
+    /// Resolves when either side began a drain (this side's
+    /// [`Connection::go_away`] or the peer's GOAWAY) or the session ended:
+    /// what [`Connection::is_draining`] says, awaited. For state kept for
+    /// new streams on this session (a pool of idle ones), which must go
+    /// whoever started the drain; [`Connection::draining`] is the peer's
+    /// word alone.
+    pub async fn drain_begun(&self) {
+        let mut own = self.shared.own_goaway.subscribe();
+        tokio::select! {
+            () = self.draining() => {}
+            _ = own.wait_for(|begun| *begun) => {}
+        }
+    }
+
     /// Resolves once the writer closed the transport (after flushing the
     /// last frames, e.g. a GOAWAY, and the WebSocket close).
     pub async fn transport_closed(&self) {
@@ -235,7 +251,7 @@ impl Connection {
         self.shared.closed_tx.borrow().is_some()
     }
 
-    /// Whether the peer sent GOAWAY (open new streams elsewhere).
+    /// Whether either side began a drain (open new streams elsewhere).
     pub fn is_draining(&self) -> bool {
         let g = self.shared.lock();
         g.goaway.is_some() || g.session.is_draining()

@@ -126,6 +126,8 @@ struct Shared {
     closed_tx: watch::Sender<Option<String>>,
     /// Set when the peer's GOAWAY arrives.
     goaway_tx: watch::Sender<Option<ErrorCode>>,
+    /// Set when this side starts a drain ([`Connection::go_away`]).
+    own_goaway: watch::Sender<bool>,
     /// Set when the writer has closed the transport.
     transport_closed: watch::Sender<bool>,
     /// The services the peer announced (CATALOG, version 3).

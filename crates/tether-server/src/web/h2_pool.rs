@@ -313,7 +313,7 @@ async fn let_go_when_idle(
     loop {
         let draining = tokio::select! {
             () = tokio::time::sleep_until(wake.into()) => false,
-            () = session.draining() => true,
+            () = session.drain_begun() => true,
         };
         let Some(slot) = slot.upgrade() else { return };
         let mut state = slot.state.lock().await;

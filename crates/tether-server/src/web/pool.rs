@@ -532,7 +532,7 @@ async fn watch_session(
     idle: Weak<Mutex<Idle>>,
     watched: Weak<Mutex<HashSet<usize>>>,
 ) {
-    session.draining().await;
+    session.drain_begun().await;
     if let Some(idle) = idle.upgrade() {
         lock(&idle).retain(|p| !p.session.same_session(&session));
     }
