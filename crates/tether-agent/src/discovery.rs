@@ -147,7 +147,7 @@ impl Discovered {
     }
 
     /// Replaces the published set; logs and announces what changed.
-    fn replace(&self, next: BTreeMap<String, Found>) {
+    pub(crate) fn replace(&self, next: BTreeMap<String, Found>) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         if *map == next {
             return;

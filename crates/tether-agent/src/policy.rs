@@ -595,22 +595,20 @@ impl TargetPolicy {
     /// (see [`builtin_deny`] for the ranges that need an explicit rule). The
     /// refusal names the first address that is not.
     pub fn check_addresses(&self, raw: &RawTarget, addrs: &[SocketAddr]) -> Result<(), Refusal> {
+        // Named as users write it (a discovered name is looked up with a
+        // trailing dot).
+        let name = raw.host.strip_suffix('.').unwrap_or(&raw.host);
         if addrs.is_empty() {
             return Err(Refusal::new(
                 OpenErrorCode::Unreachable,
-                format!("{} resolves to no address", raw.host),
+                format!("{name} resolves to no address"),
             ));
         }
         for &addr in addrs {
             if let Err(why) = self.check_address(raw, addr) {
                 return Err(Refusal::new(
                     OpenErrorCode::Forbidden,
-                    format!(
-                        "{} resolves to {}, {}",
-                        raw.host,
-                        addr.ip(),
-                        why.explain(addr)
-                    ),
+                    format!("{name} resolves to {}, {}", addr.ip(), why.explain(addr)),
                 ));
             }
         }

@@ -122,6 +122,12 @@ async fn connect_tcp(
 /// What `target` means here: a configured service, then a discovered one
 /// (dialed as the raw target it names, so the allow list decides), then a
 /// raw `host:port`.
+///
+/// A discovered name is complete (`NAME.NS.svc.CLUSTER_DOMAIN`) and is
+/// looked up as such (a trailing dot): in a pod (`ndots:5`) the resolver
+/// would otherwise try it under every search domain first, several wasted
+/// queries per lookup, and a wildcard record in a node's search domain
+/// would answer with an address the allow list never named.
 fn resolve_target(
     policy: &TargetPolicy,
     discovered: &Discovered,
@@ -132,6 +138,12 @@ fn resolve_target(
             return match policy.resolve(&found.address) {
                 Ok(mut r) => {
                     r.service = Some(target.to_owned());
+                    if let Some(raw) = &mut r.raw {
+                        if raw.host.parse::<std::net::IpAddr>().is_err() && !raw.host.ends_with('.')
+                        {
+                            raw.host.push('.');
+                        }
+                    }
                     Ok(r)
                 }
                 Err(Refusal { code, reason }) => Err(Refusal::new(
@@ -384,6 +396,36 @@ mod tests {
             .unwrap_err();
         assert_eq!(refused.code, OpenErrorCode::Refused, "{}", refused.reason);
         assert!(!a.resolver.remembers("localhost"));
+    }
+
+    /// A discovered service's name is looked up as the complete name it is
+    /// (no search domains); the address it is shown by stays as published.
+    #[test]
+    fn a_discovered_name_is_looked_up_as_complete() {
+        let policy =
+            TargetPolicy::new(&Default::default(), &["*.svc.cluster.local:*".into()]).unwrap();
+        let discovered = Discovered::default();
+        discovered.replace(
+            [(
+                "grafana".to_owned(),
+                crate::discovery::Found {
+                    address: "grafana.mon.svc.cluster.local:3000".into(),
+                    kind: tether_proto::ServiceKind::Http,
+                    source: "mon/grafana:3000".into(),
+                },
+            )]
+            .into(),
+        );
+        let r = resolve_target(&policy, &discovered, "grafana").unwrap();
+        assert_eq!(
+            r.host_port(),
+            Some(("grafana.mon.svc.cluster.local.", 3000))
+        );
+        assert_eq!(r.address, "grafana.mon.svc.cluster.local:3000");
+        // A raw target keeps what its opener wrote (short names may rely on
+        // the search list).
+        let r = resolve_target(&policy, &discovered, "web.ns.svc.cluster.local:80").unwrap();
+        assert_eq!(r.host_port(), Some(("web.ns.svc.cluster.local", 80)));
     }
 
     /// An open the opener gives up on while the agent is still dialing
