@@ -300,10 +300,19 @@ pub fn entries_of(
 type Seen = HashMap<String, K8sService>;
 
 /// Rebuilds the published set from what every watcher sees; a name two
-/// Services claim goes to the first in order (and a warning names both).
+/// Services claim goes to the one created first (then the first by
+/// `namespace/name`), and a warning names both: a Service created later,
+/// in any watched namespace, cannot take over a name users already reach
+/// (and send their cookies to).
 fn publish(discovered: &Discovered, cfg: &KubernetesDiscovery, seen: &[Seen], several: bool) {
     let mut all: Vec<(&String, &K8sService)> = seen.iter().flat_map(|s| s.iter()).collect();
-    all.sort_by(|a, b| a.0.cmp(b.0));
+    // Oldest first; a Service without a creation time (never from a real
+    // API server) last.
+    let created = |s: &K8sService| {
+        let t = s.metadata.creation_timestamp.as_ref();
+        (t.is_none(), t.cloned())
+    };
+    all.sort_by(|a, b| created(a.1).cmp(&created(b.1)).then_with(|| a.0.cmp(b.0)));
     let mut next = BTreeMap::new();
     let mut size = 0usize;
     for (_, svc) in all {
@@ -609,5 +618,19 @@ mod tests {
         assert!(!changes.has_changed().unwrap());
         publish(&d, &cfg, &[Seen::new()], true);
         assert!(d.get("web").is_none());
+
+        // The one created first keeps the name, whatever its namespace is
+        // called: `a/web`, created after `b/web`, does not take it over.
+        let created = |secs| {
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::chrono::DateTime::from_timestamp(secs, 0).unwrap(),
+            ))
+        };
+        let mut seen = both_claim_web();
+        for (key, secs) in [("a/web", 2_000_000_000), ("b/web", 1_000_000_000)] {
+            seen.get_mut(key).unwrap().metadata.creation_timestamp = created(secs);
+        }
+        publish(&d, &cfg, &[seen], true);
+        assert_eq!(d.get("web").unwrap().source, "b/web:80");
     }
 }
