@@ -77,6 +77,28 @@ async fn dial_addresses(
     Ok(addrs)
 }
 
+/// Silence on a service connection after which TCP keepalive probes
+/// start, the time between probes, and how many go unanswered before the
+/// connection is given up: a service host that vanishes (a node lost, a
+/// firewall dropping) is noticed in about 90 s instead of the kernel's
+/// two hours, so a pooled HTTP connection or a forwarded stream to it ends
+/// with an error instead of hanging.
+const SERVICE_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(60), Duration::from_secs(10), 3);
+
+/// Turns TCP keepalive on for a service connection (best effort: a
+/// failure costs only the early notice).
+fn keep_alive(tcp: &TcpStream) {
+    let (time, interval, retries) = SERVICE_KEEPALIVE;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(time)
+        .with_interval(interval)
+        .with_retries(retries);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot set TCP keepalive on a service connection: {e}");
+    }
+}
+
 /// Resolves and connects within `dial_timeout`, to the checked addresses
 /// in turn: the connection and the address that answered. When none
 /// answers, the name's remembered addresses are forgotten, so the next open
@@ -92,7 +114,10 @@ async fn connect_tcp(
         let mut last = None;
         for &addr in &addrs {
             match TcpStream::connect(addr).await {
-                Ok(tcp) => return Ok((tcp, addr)),
+                Ok(tcp) => {
+                    keep_alive(&tcp);
+                    return Ok((tcp, addr));
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -385,10 +410,16 @@ mod tests {
         let web = a.policy.resolve("web").unwrap();
         let wait = Duration::from_secs(2);
         assert!(!a.resolver.remembers("localhost"));
-        let (_tcp, peer) = connect_tcp(&a.policy, &a.resolver, &web, wait)
+        let (tcp, peer) = connect_tcp(&a.policy, &a.resolver, &web, wait)
             .await
             .unwrap();
         assert_eq!(peer, listener.local_addr().unwrap());
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(
+            sock.keepalive().unwrap(),
+            "keepalive on the service connection"
+        );
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), SERVICE_KEEPALIVE.0);
         assert!(a.resolver.remembers("localhost"));
         drop(listener);
         let refused = connect_tcp(&a.policy, &a.resolver, &web, wait)
