@@ -200,6 +200,16 @@ async fn proxy(
         );
     };
     let bytes: Arc<ByteCounts> = Arc::default();
+    // Live from here, not from the response: a reload that revokes the
+    // access, or the credential expiring, ends the request while it is sent
+    // (a long upload) and while the service works on it (a long poll).
+    if guard
+        .track(&caller, agent, service, Traffic::Counted(bytes.clone()))
+        .is_err()
+    {
+        return refuse(StatusCode::FORBIDDEN, "forbidden", ACCESS_REVOKED.into());
+    }
+    let guard = Arc::new(guard);
     let counted = bytes.clone();
     let body = body.map_frame(move |f| {
         if let Some(d) = f.data_ref() {
@@ -207,21 +217,44 @@ async fn proxy(
         }
         f
     });
-    let mut out = Request::new(body.map_err(BoxError::from).boxed_unsync());
+    // A body still on its way holds the guard (and so its stream slot and
+    // revocation entry) after the response is done, and ends with an error
+    // when the guard's stream must end.
+    let body = if http_body::Body::is_end_stream(&body) {
+        body.map_err(BoxError::from).boxed_unsync()
+    } else {
+        GuardedRequestBody {
+            inner: body,
+            ended: guard.ended(),
+            _guard: guard.clone(),
+            cut: false,
+        }
+        .boxed_unsync()
+    };
+    let mut out = Request::new(body);
     *out.method_mut() = method.clone();
     *out.uri_mut() = uri;
     *out.headers_mut() = h;
     let caller_key = guard.key().clone();
-    let sent = if http2 {
-        *out.version_mut() = Version::HTTP_2;
-        // Boxed: an HTTP/2 service's request future is the largest, and
-        // would otherwise size every request's (hyper moves it per request).
-        Box::pin(web.h2.request(caller_key, agent, service, out))
-            .await
-            .map(|r| r.map(ServiceBody::from))
-    } else {
-        *out.version_mut() = Version::HTTP_11;
-        web.pool.request(caller_key, agent, service, out).await
+    let send = async {
+        if http2 {
+            *out.version_mut() = Version::HTTP_2;
+            // Boxed: an HTTP/2 service's request future is the largest, and
+            // would otherwise size every request's (hyper moves it per
+            // request).
+            Box::pin(web.h2.request(caller_key, agent, service, out))
+                .await
+                .map(|r| r.map(ServiceBody::from))
+        } else {
+            *out.version_mut() = Version::HTTP_11;
+            web.pool.request(caller_key, agent, service, out).await
+        }
+    };
+    // Awaited again by the response body: one watch for the whole request.
+    let mut ended = guard.ended();
+    let sent = tokio::select! {
+        sent = send => sent,
+        why = &mut ended => return refuse(StatusCode::FORBIDDEN, "forbidden", why.into()),
     };
     let mut resp = match sent {
         Ok(r) => r,
@@ -269,13 +302,7 @@ async fn proxy(
     };
     // The response lives on (a long download, server-sent events, an
     // upgraded connection): a reload that revokes its access, or its JWT
-    // expiring, ends it like any stream.
-    if guard
-        .track(&caller, agent, service, Traffic::Counted(bytes))
-        .is_err()
-    {
-        return refuse(StatusCode::FORBIDDEN, "forbidden", ACCESS_REVOKED.into());
-    }
+    // expiring, ends it like any stream (the guard's `ended`).
     if let (Some(service_side), Some(client_side)) = (service_upgrade, client_upgrade) {
         parts
             .headers
@@ -286,6 +313,7 @@ async fn proxy(
         let who = name.to_owned();
         let upgrade = splice_upgraded(
             web.metrics.clone(),
+            ended,
             guard,
             audit,
             who,
@@ -299,7 +327,7 @@ async fn proxy(
         return Response::from_parts(parts, empty());
     }
     let body = GuardedBody {
-        ended: guard.ended(),
+        ended,
         _guard: guard,
         inner: body,
         audit,
@@ -420,7 +448,8 @@ fn gateway_refusal(
 /// credential expires. The audit line is written when it is over.
 async fn splice_upgraded(
     metrics: Arc<Metrics>,
-    guard: OpenGuard,
+    ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
+    _guard: Arc<OpenGuard>,
     audit: HttpAudit,
     who: String,
     service_side: OnUpgrade,
@@ -437,7 +466,7 @@ async fn splice_upgraded(
     let mut c = TokioIo::new(c);
     let r = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut c, &mut s) => r,
-        why = guard.ended() => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
+        why = ended => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
     };
     metrics.live_streams.dec();
     match r {
@@ -552,6 +581,49 @@ impl Drop for HttpAudit {
     }
 }
 
+/// A proxied request's body on its way to the service: holds the request's
+/// open guard until it is sent (a service may answer before reading all of
+/// it), and ends with an error when the guard's stream must end.
+struct GuardedRequestBody<B> {
+    inner: B,
+    ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
+    _guard: Arc<OpenGuard>,
+    /// `ended` fired (it is not polled again).
+    cut: bool,
+}
+
+impl<B> http_body::Body for GuardedRequestBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.cut {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(why) = this.ended.as_mut().poll(cx) {
+            this.cut = true;
+            return Poll::Ready(Some(Err(why.into())));
+        }
+        Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.cut || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A proxied response body: holds the request's open guard (its stream slot
 /// and revocation entry) and its audit line until done, counts the bytes,
 /// and ends with an error when the guard's stream must end (a reload took
@@ -559,7 +631,7 @@ impl Drop for HttpAudit {
 struct GuardedBody {
     inner: ServiceBody,
     ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
-    _guard: OpenGuard,
+    _guard: Arc<OpenGuard>,
     audit: HttpAudit,
     done: bool,
 }

@@ -1161,3 +1161,65 @@ fn agents_authenticate_with_client_certificates() {
     assert!(!wrong_ca.log_text().contains("registered as"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reload that takes an identity's access away ends its request while
+/// the body is still being sent (a long upload), not after the service has
+/// taken all of it and answered.
+#[test]
+fn a_revoked_upload_is_cut_while_it_is_sent() {
+    let toml = |alice: bool| {
+        let mut t = format!(
+            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
+            sha256_hex(AGENT_TOKEN)
+        );
+        if alice {
+            t.push_str(&format!(
+                "[[client]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/web\"]\n",
+                sha256_hex("alice-token")
+            ));
+        }
+        t
+    };
+    let s = Setup::start("revoked-upload", &toml(true));
+    let file = s.dir.join("upload");
+    std::fs::write(&file, vec![b'u'; 4 << 20]).unwrap();
+    // 4 MiB at 256 KiB/s: about 16 s to send.
+    let upload = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["--limit-rate", "256K", "-H", "Expect:"])
+        .args(["-H", "Authorization: Bearer alice-token", "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .arg(s.url("/a/prod/web/upload"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(
+        &s.cfg_path,
+        format!("listen = \"127.0.0.1:{}\"\n{}", s.port, toml(false)),
+    )
+    .unwrap();
+    s.server.signal(Signal::HUP);
+    assert!(s
+        .server
+        .wait_log("configuration reloaded", Duration::from_secs(10)));
+    let reloaded = std::time::Instant::now();
+    let out = upload.wait_with_output().unwrap();
+    let took = reloaded.elapsed();
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        took < Duration::from_secs(6),
+        "the upload went on for {took:?} after the reload (curl: {code} {})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(code, "200", "the revoked upload was served");
+}
