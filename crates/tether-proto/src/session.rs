@@ -357,6 +357,20 @@ struct Peer {
     max_frame_payload: u32,
 }
 
+/// A probe PING sent because an OPEN went unanswered (see
+/// [`Session::transmitted`]).
+#[derive(Debug)]
+struct Probe {
+    /// Its sequence number.
+    seq: u64,
+    /// When it was queued.
+    queued: Instant,
+    /// [`Session::poll_transmit`] handed it to the writer.
+    handed: bool,
+    /// When the write that carried it was done.
+    written: Option<Instant>,
+}
+
 /// Room for events a session keeps between messages (a message of many
 /// small frames may need more for a moment; see [`Session::poll_event`]).
 const EVENTS_KEPT: usize = 256;
@@ -393,8 +407,8 @@ pub struct Session {
     events: VecDeque<Event>,
     handshake_deadline: Option<Instant>,
     last_recv: Instant,
-    /// A probe PING went out at this time, for an unanswered OPEN.
-    probe_sent: Option<Instant>,
+    /// A probe PING for an unanswered OPEN, while it is out.
+    probe: Option<Probe>,
     next_ping: Instant,
     ping_seq: u64,
     ping_sent_at: Option<(u64, Instant)>,
@@ -446,7 +460,7 @@ impl Session {
             events: VecDeque::new(),
             handshake_deadline: Some(now + config.handshake_timeout),
             last_recv: now,
-            probe_sent: None,
+            probe: None,
             next_ping: now + config.ping_interval,
             ping_seq: 0,
             ping_sent_at: None,
@@ -1382,6 +1396,9 @@ impl Session {
             let Some(f) = self.control.pop_front() else {
                 break;
             };
+            if let (Frame::Ping(seq), Some(probe)) = (&f, &mut self.probe) {
+                probe.handed |= *seq == probe.seq;
+            }
             out.push(f);
         }
         if !self.control.is_empty() {
@@ -1483,6 +1500,26 @@ impl Session {
                 .is_some_and(|s| s.relayed)
     }
 
+    /// Whether the writer should call [`Session::transmitted`] when the
+    /// write it is about to make is done: a probe PING is in it.
+    pub fn wants_transmit_notice(&self) -> bool {
+        self.probe
+            .as_ref()
+            .is_some_and(|p| p.handed && p.written.is_none())
+    }
+
+    /// The writer finished writing what it took from
+    /// [`Session::poll_transmit`] at `now`. A probe PING's answer is awaited
+    /// from when it was written, not queued: our own backlog (a slow uplink
+    /// full of uploads) must not pass for a silent peer.
+    pub fn transmitted(&mut self, now: Instant) {
+        if let Some(probe) = &mut self.probe {
+            if probe.handed && probe.written.is_none() {
+                probe.written = Some(now);
+            }
+        }
+    }
+
     /// Whether [`Session::poll_transmit`] has anything to send.
     pub fn wants_transmit(&self) -> bool {
         !self.control.is_empty() || (self.state == State::Established && !self.ready.is_empty())
@@ -1545,8 +1582,9 @@ impl Session {
             consider(Some(self.next_ping));
         }
         consider(self.drain_deadline);
-        match self.probe_sent {
-            Some(sent) => consider(Some(sent + self.config.open_probe)),
+        match &self.probe {
+            // Not yet written: the writer's notice moves the deadline.
+            Some(probe) => consider(probe.written.map(|w| w + self.config.open_probe)),
             None if self.state == State::Established => consider(self.probe_due()),
             None => {}
         }
@@ -1570,10 +1608,13 @@ impl Session {
             self.fail(SessionError::Timeout(self.config.idle_timeout));
             return;
         }
-        if let Some(sent) = self.probe_sent {
-            if self.last_recv >= sent {
-                self.probe_sent = None;
-            } else if now >= sent + self.config.open_probe {
+        if let Some(probe) = &self.probe {
+            if self.last_recv >= probe.queued {
+                self.probe = None;
+            } else if probe
+                .written
+                .is_some_and(|w| now >= w + self.config.open_probe)
+            {
                 self.fail(SessionError::Timeout(
                     now.saturating_duration_since(self.last_recv),
                 ));
@@ -1581,14 +1622,19 @@ impl Session {
             }
         }
         if self.state == State::Established
-            && self.probe_sent.is_none()
+            && self.probe.is_none()
             && self.probe_due().is_some_and(|d| now >= d)
         {
             // An open waits and the peer has been silent since it was sent:
             // ask it for a sign of life now.
             self.ping_seq += 1;
             self.control.push_back(Frame::Ping(self.ping_seq));
-            self.probe_sent = Some(now);
+            self.probe = Some(Probe {
+                seq: self.ping_seq,
+                queued: now,
+                handed: false,
+                written: None,
+            });
         }
         if self.state == State::Established && now >= self.next_ping {
             if let Some(later) = self.ping_can_wait(now) {

@@ -86,10 +86,12 @@ impl Pair {
             let mut moved = false;
             let mut out = BytesMut::new();
             if self.a.poll_transmit(&mut out, max_len) {
+                self.a.transmitted(self.now);
                 let _ = self.b.handle_input(out.split().freeze(), self.now);
                 moved = true;
             }
             if self.b.poll_transmit(&mut out, max_len) {
+                self.b.transmitted(self.now);
                 let _ = self.a.handle_input(out.split().freeze(), self.now);
                 moved = true;
             }
@@ -2140,6 +2142,7 @@ fn an_unanswered_open_probes_the_peer() {
         p.now = p.a.poll_timeout().unwrap().max(p.now);
         p.a.handle_timeout(p.now);
         p.a.poll_transmit(&mut out, usize::MAX);
+        p.a.transmitted(p.now);
         steps += 1;
     }
     assert!(p.a.is_closed(), "a silent peer ends the session");
@@ -2148,4 +2151,29 @@ fn an_unanswered_open_probes_the_peer() {
         took <= probe * 2 + Duration::from_millis(10),
         "found dead after {took:?}, not after the idle timeout"
     );
+}
+
+/// The probe's answer is awaited from when the PING was written, not
+/// queued: while our own writer is backed up (a slow uplink full of
+/// uploads), a live peer is not taken for a dead one.
+#[test]
+fn a_probe_is_timed_from_its_write() {
+    let mut p = Pair::default();
+    let probe = Config::default().open_probe;
+    let _waiting = p.a.open(Target::tcp("slow"), p.now).unwrap();
+    let mut out = BytesMut::new();
+    p.a.poll_transmit(&mut out, usize::MAX); // the OPEN, handed over
+    p.now += probe;
+    p.a.handle_timeout(p.now); // the probe PING is queued
+    assert!(p.a.poll_transmit(&mut out, usize::MAX));
+    assert!(p.a.wants_transmit_notice(), "the PING was handed over");
+    // The write that carries it takes long: our backlog, not the peer.
+    p.now += probe * 3;
+    p.a.handle_timeout(p.now);
+    assert!(!p.a.is_closed(), "failed before its PING was written");
+    p.a.transmitted(p.now);
+    assert!(!p.a.wants_transmit_notice());
+    p.now += probe + Duration::from_millis(1);
+    p.a.handle_timeout(p.now);
+    assert!(p.a.is_closed(), "no answer after the PING was written");
 }

@@ -389,6 +389,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         let mut batch = Vec::new();
         let mut len = 0;
         let mut spare = SPARE_ROOM.take();
+        let mut notice = false;
         let closed = shared.with_session(|g| {
             while len < MAX_SEND_BATCH {
                 let mut msg = Transmit::with_buffer(by_reference, std::mem::take(&mut spare), room);
@@ -409,6 +410,9 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
                     break;
                 }
             }
+            // A probe PING is in this write: its answer is awaited from
+            // when the write is done (Session::transmitted).
+            notice = g.session.wants_transmit_notice();
             g.session.is_closed()
         });
         SPARE_ROOM.set(spare);
@@ -429,6 +433,12 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
                 shared.with_session(|g| g.session.transport_lost(&format!("write failed: {e}")));
                 sink.close("write failed").await;
                 return;
+            }
+            if notice {
+                shared.with_session(|g| {
+                    g.session.transmitted(now());
+                    g.deadlines_changed(); // the probe's deadline starts now
+                });
             }
         } else if closed {
             let why = shared.closed_tx.borrow().clone().unwrap_or_default();
