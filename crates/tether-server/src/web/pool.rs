@@ -22,7 +22,7 @@
 //! [`REPLAY_AFTER_IDLE`] idle left unanswered ([`Replay`]). A connection
 //! that carried a connection-bound login (NTLM, Negotiate) never goes back:
 //! the service would take the next caller for the one who signed in on it
-//! ([`binds_login`]).
+//! ([`names_connection_login`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,29 +99,43 @@ impl Replay {
     }
 }
 
-/// Whether a request's or response's headers tie a login to the connection
-/// that carries them: NTLM and Negotiate (Kerberos) authenticate the TCP
-/// connection, not the request (IIS keeps the login for the connection's
-/// life; `Persistent-Auth` says so). Such a connection must never serve
-/// another request from the pool, which belongs to no caller; it closes
-/// after its response. (So these logins do not work through the proxy;
-/// a `[[listener]]` or the CLI forward carries them.)
-fn binds_login(h: &HeaderMap) -> bool {
-    // Any challenge or credential in a list naming one of the schemes (a
-    // false match only costs a connection).
-    let scheme = |v: &http::HeaderValue| {
-        v.as_bytes().split(|b| *b == b',').any(|part| {
-            let part = part.trim_ascii_start();
-            [&b"ntlm"[..], b"negotiate"].iter().any(|s| {
-                part.len() >= s.len()
-                    && part[..s.len()].eq_ignore_ascii_case(s)
-                    && part.get(s.len()).is_none_or(|b| *b == b' ')
-            })
+/// Whether a header value names NTLM or Negotiate (Kerberos): logins that
+/// authenticate the TCP connection, not the request (IIS keeps them for the
+/// connection's life). A connection that carried one (the request's
+/// `Authorization`, or a 401's `WWW-Authenticate` challenge, the handshake
+/// under way) must never serve another request from the pool, which
+/// belongs to no caller; it closes after its response. (So these logins do
+/// not work through the proxy; a `[[listener]]` or the CLI forward carries
+/// them.) Any challenge in a list counts; a false match only costs a
+/// connection.
+fn names_connection_login(v: &http::HeaderValue) -> bool {
+    v.as_bytes().split(|b| *b == b',').any(|part| {
+        let part = part.trim_ascii_start();
+        [&b"ntlm"[..], b"negotiate"].iter().any(|s| {
+            part.len() >= s.len()
+                && part[..s.len()].eq_ignore_ascii_case(s)
+                && part.get(s.len()).is_none_or(|b| *b == b' ')
         })
-    };
-    h.get_all(http::header::AUTHORIZATION).iter().any(scheme)
-        || h.get_all(http::header::WWW_AUTHENTICATE).iter().any(scheme)
-        || h.contains_key("persistent-auth")
+    })
+}
+
+/// Whether a request ties a login to its connection (see
+/// [`names_connection_login`]).
+fn request_binds_login(h: &HeaderMap) -> bool {
+    h.get_all(http::header::AUTHORIZATION)
+        .iter()
+        .any(names_connection_login)
+}
+
+/// Whether a response ties a login to its connection: a 401 challenging
+/// for NTLM or Negotiate (one lookup, and only in a 401).
+fn response_binds_login<B>(resp: &Response<B>) -> bool {
+    resp.status() == http::StatusCode::UNAUTHORIZED
+        && resp
+            .headers()
+            .get_all(http::header::WWW_AUTHENTICATE)
+            .iter()
+            .any(names_connection_login)
 }
 
 /// Whether `e` says the connection ended before an answer began: it
@@ -362,10 +376,10 @@ impl Pool {
                 // would otherwise size every request's.
                 None => Box::pin(self.connect(caller.clone(), agent, service)).await?,
             };
-            let bound = binds_login(req.headers());
+            let bound = request_binds_login(req.headers());
             match conn.send.try_send_request(req).await {
                 Ok(resp) => {
-                    let give_back = (!bound && !binds_login(resp.headers()))
+                    let give_back = (!bound && !response_binds_login(&resp))
                         .then(|| (conn, Arc::downgrade(&self.idle)));
                     return Ok(resp.map(|inner| ServiceBody { inner, give_back }));
                 }
@@ -572,27 +586,30 @@ mod tests {
 
     #[test]
     fn connection_bound_logins_are_recognised() {
-        let with = |name: &str, value: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-            binds_login(&h)
-        };
+        let with = |value: &str| names_connection_login(&value.parse().unwrap());
         assert!(with(
-            "authorization",
             "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAO5CAAAADw=="
         ));
-        assert!(with("authorization", "negotiate YIIFyw"));
-        assert!(with("www-authenticate", "Negotiate"));
-        assert!(with("www-authenticate", "NTLM"));
-        assert!(with("persistent-auth", "true"));
-        assert!(!with("authorization", "Basic YWxhZGRpbjpvcGVuc2VzYW1l"));
-        assert!(!with("authorization", "Bearer x"));
-        assert!(!with("www-authenticate", "NTLMish realm=x"));
-        assert!(!with("www-authenticate", "Basic realm=\"x\""));
-        assert!(with("www-authenticate", "Basic realm=\"x\", Negotiate"));
+        assert!(with("negotiate YIIFyw"));
+        assert!(with("Negotiate"));
+        assert!(with("NTLM"));
+        assert!(!with("Basic YWxhZGRpbjpvcGVuc2VzYW1l"));
+        assert!(!with("Bearer x"));
+        assert!(!with("NTLMish realm=x"));
+        assert!(!with("Basic realm=\"x\""));
+        let mut h = HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, "NTLM x".parse().unwrap());
+        assert!(request_binds_login(&h));
+        let challenge = |status: u16| {
+            let mut r = Response::new(());
+            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            r.headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, "Negotiate".parse().unwrap());
+            response_binds_login(&r)
+        };
+        assert!(challenge(401));
+        assert!(!challenge(200), "a challenge outside a 401 is no handshake");
+        assert!(with("Basic realm=\"x\", Negotiate"));
     }
 
     struct Conn {

@@ -236,7 +236,9 @@ async fn proxy(
     *out.uri_mut() = uri;
     *out.headers_mut() = h;
     let caller_key = guard.key().clone();
-    let send = async {
+    // Boxed: raced against the guard, the send would otherwise widen the
+    // request's future, which hyper moves per request.
+    let send = Box::pin(async {
         if http2 {
             *out.version_mut() = Version::HTTP_2;
             // Boxed: an HTTP/2 service's request future is the largest, and
@@ -249,10 +251,11 @@ async fn proxy(
             *out.version_mut() = Version::HTTP_11;
             web.pool.request(caller_key, agent, service, out).await
         }
-    };
+    });
     // Awaited again by the response body: one watch for the whole request.
     let mut ended = guard.ended();
     let sent = tokio::select! {
+        biased; // no random pick per request: the answer is the usual end
         sent = send => sent,
         why = &mut ended => return refuse(StatusCode::FORBIDDEN, "forbidden", why.into()),
     };
