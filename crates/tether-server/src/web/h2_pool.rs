@@ -131,6 +131,33 @@ impl Slots {
     }
 }
 
+/// A request's hold on its slot: when the request ends, however it ends
+/// (answered, failed, or dropped while its connection was being opened),
+/// a slot left with no connection and no other request is removed. The
+/// connection's idle timer removes the others, but a slot whose open was
+/// cancelled, or whose timer fired while a request held it, has none: it
+/// stayed in the map for good, one per caller and service.
+struct Release<'a> {
+    slots: &'a Mutex<Slots>,
+    slot: &'a Arc<Slot>,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        // Locked: another request is using it; it releases it in turn.
+        let Ok(state) = self.slot.state.try_lock() else {
+            return;
+        };
+        if state.live.is_none() {
+            drop(state);
+            self.slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(self.slot);
+        }
+    }
+}
+
 impl H2Pool {
     /// Connections whose tunnel streams `opener` opens.
     pub(crate) fn new(opener: Opener) -> H2Pool {
@@ -152,6 +179,10 @@ impl H2Pool {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, BoxError> {
         let slot = self.slot(caller, agent, service);
+        let _release = Release {
+            slots: &self.slots,
+            slot: &slot,
+        };
         let (mut send, generation) = self.sender(&slot).await?;
         let req = match send.try_send_request(req).await {
             Ok(resp) => return Ok(resp),
@@ -333,5 +364,52 @@ async fn let_go_when_idle(
             return;
         }
         wake = idle_until;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot_in(slots: &Mutex<Slots>, caller: &str) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            agent: "prod".into(),
+            service: "grpc".into(),
+            caller: caller.into(),
+            state: tokio::sync::Mutex::default(),
+        });
+        slots
+            .lock()
+            .unwrap()
+            .0
+            .entry("prod".into())
+            .or_default()
+            .entry("grpc".into())
+            .or_default()
+            .insert(caller.into(), slot.clone());
+        slot
+    }
+
+    /// A request that ends while its slot has no connection (its open was
+    /// cancelled, or the connection was let go while it ran) takes the slot
+    /// out of the map; one still used by another request stays.
+    #[test]
+    fn a_slot_without_a_connection_goes_with_its_last_request() {
+        let slots = Mutex::new(Slots::default());
+        let alone = slot_in(&slots, "alice");
+        drop(Release {
+            slots: &slots,
+            slot: &alone,
+        });
+        assert!(slots.lock().unwrap().0.is_empty(), "the slot stayed");
+
+        let shared = slot_in(&slots, "bob");
+        let other_request = shared.clone();
+        drop(Release {
+            slots: &slots,
+            slot: &shared,
+        });
+        assert_eq!(slots.lock().unwrap().0.len(), 1, "a slot in use went");
+        drop(other_request);
     }
 }
