@@ -86,6 +86,14 @@ pub(crate) struct Authenticator {
 }
 
 impl Authenticator {
+    /// The clock skew a JWT is accepted with past its `exp` (zero without
+    /// `[jwt]`).
+    pub(crate) fn jwt_leeway(&self) -> std::time::Duration {
+        self.jwt
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, JwtVerifier::leeway)
+    }
+
     /// Logs one warning per credential configured in clear text (at start
     /// and on every reload).
     pub(crate) fn warn_plaintext(&self) {

@@ -91,9 +91,25 @@ impl ClientIdentity {
     /// When the credential expires on this process's clock, counted from
     /// `now`; `None` when it does not, or only beyond what an [`Instant`]
     /// can hold (a signed JWT may carry an `exp` of 10^19 seconds: adding
-    /// that to an `Instant` would panic).
-    pub(crate) fn expires_at(&self, now: Instant) -> Option<Instant> {
-        now.checked_add(self.expires_in()?)
+    /// that to an `Instant` would panic). A credential accepted within
+    /// `leeway` after its `exp` (clock skew) lasts to the end of the
+    /// leeway, not a moment (a proxied request would be cut as it starts).
+    pub(crate) fn expires_at_within(&self, now: Instant, leeway: Duration) -> Option<Instant> {
+        let IdentityKind::Jwt { expires, .. } = self.kind else {
+            return None;
+        };
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let left = if expires > unix_now {
+            expires - unix_now
+        } else {
+            expires
+                .saturating_add(leeway.as_secs())
+                .saturating_sub(unix_now)
+        };
+        now.checked_add(Duration::from_secs(left))
     }
 }
 
@@ -112,17 +128,40 @@ mod tests {
     #[test]
     fn an_expiry_beyond_the_clock_is_no_expiry_not_a_panic() {
         let now = Instant::now();
-        assert_eq!(jwt_until(10_000_000_000_000_000_000).expires_at(now), None);
-        assert_eq!(jwt_until(u64::MAX).expires_at(now), None);
+        assert_eq!(
+            jwt_until(10_000_000_000_000_000_000).expires_at_within(now, Duration::ZERO),
+            None
+        );
+        assert_eq!(
+            jwt_until(u64::MAX).expires_at_within(now, Duration::ZERO),
+            None
+        );
         let token = ClientIdentity::new("ci".into(), vec![], IdentityKind::Token { hash: [0; 32] });
-        assert_eq!(token.expires_at(now), None);
+        assert_eq!(token.expires_at_within(now, Duration::ZERO), None);
+        assert_eq!(token.expires_at_within(now, Duration::from_secs(30)), None);
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        // Expired 5 s ago, accepted within a 30 s leeway: about 25 s left.
+        let late = jwt_until(unix_now - 5)
+            .expires_at_within(now, Duration::from_secs(30))
+            .unwrap();
+        assert!(late >= now + Duration::from_secs(24) && late <= now + Duration::from_secs(26));
+        // Not yet expired: its `exp`, no leeway added.
+        let soon = jwt_until(unix_now + 60)
+            .expires_at_within(now, Duration::from_secs(30))
+            .unwrap();
+        assert!(soon <= now + Duration::from_secs(61));
         // An ordinary `exp` an hour from now is an hour from now.
         let in_an_hour = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
             + 3600;
-        let at = jwt_until(in_an_hour).expires_at(now).unwrap();
+        let at = jwt_until(in_an_hour)
+            .expires_at_within(now, Duration::ZERO)
+            .unwrap();
         let left = at - now;
         assert!(
             left > Duration::from_secs(3590) && left <= Duration::from_secs(3600),

@@ -97,6 +97,11 @@ pub(crate) fn looks_like_jwt(t: &str) -> bool {
 }
 
 impl JwtVerifier {
+    /// The clock skew allowed past a token's `exp` (`leeway_secs`).
+    pub(crate) fn leeway(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.cfg.leeway_secs)
+    }
+
     /// Loads the keys.
     pub(crate) fn new(cfg: &JwtConfig) -> anyhow::Result<JwtVerifier> {
         cfg.validate()?;

@@ -32,13 +32,12 @@ use http::StatusCode;
 use tether_net::{Connection, Refusal, Stream};
 use tether_proto::target::ClientTarget;
 use tether_proto::{OpenErrorCode, Target, TargetKind};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::auth::AuthStore;
 use crate::cluster::{Cluster, NOT_HERE_WINDOW};
 use crate::config::Protocol;
-use crate::identity::ClientIdentity;
+use crate::identity::{ClientIdentity, IdentityKind};
 use crate::limits::{Limit, Limits};
 use crate::metrics::Metrics;
 use crate::policy::target_name;
@@ -347,7 +346,7 @@ pub(crate) struct OpenGuard {
     stream_slot: bool,
     pending: bool,
     /// Key and revocation signal in the table of live streams.
-    live: Option<(u64, Arc<Notify>)>,
+    live: Option<(u64, Arc<crate::streams::Revocation>)>,
     /// When the caller's credential expires (a JWT).
     expires_at: Option<Instant>,
     /// Bytes that went to the agent with the open (early data).
@@ -507,7 +506,10 @@ impl OpenGuard {
         let Caller::Client(identity) = caller else {
             return Ok(());
         };
-        self.expires_at = identity.expires_at(Instant::now());
+        if matches!(identity.kind, IdentityKind::Jwt { .. }) {
+            let leeway = self.h.auth.get().jwt_leeway();
+            self.expires_at = identity.expires_at_within(Instant::now(), leeway);
+        }
         if self.h.auth.generation() != self.generation {
             let auth = self.h.auth.get();
             if !auth.client_revalidate(identity)

@@ -12,7 +12,7 @@
 use foldhash::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -78,8 +78,39 @@ struct LiveStream {
     since: SystemTime,
     started: Instant,
     traffic: Traffic,
-    /// Notified when the stream must end (its access was revoked).
-    revoked: Arc<Notify>,
+    /// Set when the stream must end (its access was revoked).
+    revoked: Arc<Revocation>,
+}
+
+/// Whether a stream's access was revoked, for every watch on it: a flag
+/// with a wake-up, so a watch that starts after the reload sees it, and
+/// two watches (a proxied request's body and its response) both do.
+#[derive(Default)]
+pub(crate) struct Revocation {
+    revoked: AtomicBool,
+    wake: Notify,
+}
+
+impl Revocation {
+    /// The stream must end: every watch resolves, now and later.
+    fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    /// Resolves once the stream is revoked.
+    async fn revoked(&self) {
+        loop {
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            // Registered before the flag is read: a revoke in between wakes it.
+            woken.as_mut().enable();
+            if self.revoked.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 impl LiveStream {
@@ -148,9 +179,9 @@ impl Streams {
         service: &str,
         protocol: Protocol,
         traffic: Traffic,
-    ) -> (u64, Arc<Notify>) {
+    ) -> (u64, Arc<Revocation>) {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let revoked = Arc::new(Notify::new());
+        let revoked = Arc::new(Revocation::default());
         self.lock().insert(
             key,
             Box::new(LiveStream {
@@ -237,7 +268,7 @@ impl Streams {
                     .decide(identity, &s.agent, &s.service, s.protocol)
                     .allowed;
             if !allowed {
-                s.revoked.notify_one();
+                s.revoked.revoke();
                 ended += 1;
             }
         }
@@ -253,7 +284,7 @@ impl Streams {
 /// notified (a reload took its access away), or `expires_at` (its JWT's
 /// `exp`) passed. Without either it never resolves.
 pub(crate) fn ended(
-    revoked: Option<Arc<Notify>>,
+    revoked: Option<Arc<Revocation>>,
     expires_at: Option<Instant>,
 ) -> Pin<Box<dyn Future<Output = &'static str> + Send>> {
     Box::pin(async move {
@@ -265,7 +296,7 @@ pub(crate) fn ended(
         };
         let revocation = async {
             match &revoked {
-                Some(r) => r.notified().await,
+                Some(r) => r.revoked().await,
                 None => std::future::pending().await,
             }
         };
