@@ -428,8 +428,9 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     // The connection carries this one request to this host: the client's
     // next request on it may be for another host (another route, another
     // agent), so the service is asked to close after its answer and the
-    // client opens a new connection. A WebSocket upgrade keeps its
-    // `Connection: upgrade`: after it the connection is that protocol's.
+    // client opens a new connection. An upgrade keeps its `upgrade` token
+    // beside `close` (after a 101 the connection is that protocol's; a
+    // declined upgrade closes like any other answer).
     let upgrade = fields().any(|(name, l)| {
         name.eq_ignore_ascii_case("connection")
             && l.split_once(':').is_some_and(|(_, v)| {
@@ -439,18 +440,25 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     });
     for (name, l) in fields() {
         // Hop-by-hop headers meant for the proxy stay here.
-        let hop = ["proxy-connection", "proxy-authorization", "keep-alive"]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h));
-        if hop || (!upgrade && name.eq_ignore_ascii_case("connection")) {
+        let hop = [
+            "proxy-connection",
+            "proxy-authorization",
+            "keep-alive",
+            "connection",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h));
+        if hop {
             continue;
         }
         new_head.extend_from_slice(l.as_bytes());
         new_head.extend_from_slice(b"\r\n");
     }
-    if !upgrade {
-        new_head.extend_from_slice(b"Connection: close\r\n");
-    }
+    new_head.extend_from_slice(if upgrade {
+        b"Connection: upgrade, close\r\n"
+    } else {
+        b"Connection: close\r\n"
+    });
     new_head.extend_from_slice(b"\r\n");
     new_head.extend_from_slice(&buf[end..]);
     Ok(Request {
@@ -742,6 +750,31 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         (answer, format!("{e:#}"))
+    }
+
+    /// An absolute-form request goes on in origin form, asking the service
+    /// to close after its answer (an upgrade keeps its token beside it),
+    /// without the headers meant for the proxy.
+    #[tokio::test]
+    async fn a_forwarded_request_asks_for_close() {
+        for (connection, sent) in [
+            ("keep-alive", "Connection: close\r\n"),
+            ("keep-alive, Upgrade", "Connection: upgrade, close\r\n"),
+        ] {
+            let head = format!(
+                "GET http://web.test:8080/x HTTP/1.1\r\nHost: web.test:8080\r\n\
+                 Connection: {connection}\r\nProxy-Authorization: Basic eA==\r\nKeep-Alive: 5\r\n\r\n"
+            );
+            let mut io = tokio::io::join(head.as_bytes(), tokio::io::sink());
+            let req = read_request(&mut io).await.unwrap();
+            let Kind::HttpForward(out) = req.kind else {
+                panic!("{:?}", req.kind)
+            };
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("GET /x HTTP/1.1\r\nHost: web.test:8080\r\n{sent}\r\n")
+            );
+        }
     }
 
     /// A handshake that cannot be served is answered in its own protocol,

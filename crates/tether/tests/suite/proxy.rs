@@ -263,7 +263,7 @@ async fn deny_rules_hold_whatever_the_target_is_called() {
 /// The HTTP side of the proxy as clients use it: a plain-HTTP connection
 /// that the client reuses for another host reaches that host (each request
 /// is routed, not spliced to the first host); bytes sent right behind a
-/// CONNECT arrive; and a refused upload is told its 503, not reset.
+/// CONNECT arrive; and a refused upload is told its answer, not reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_proxying_routes_each_request_and_loses_no_byte() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
