@@ -210,24 +210,20 @@ async fn proxy(
         return refuse(StatusCode::FORBIDDEN, "forbidden", ACCESS_REVOKED.into());
     }
     let guard = Arc::new(guard);
-    let counted = bytes.clone();
-    let body = body.map_frame(move |f| {
-        if let Some(d) = f.data_ref() {
-            counted.up.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        f
-    });
     // A body still on its way holds the guard (and so its stream slot and
     // revocation entry) after the response is done, and ends with an error
     // when the guard's stream must end.
     let body = if http_body::Body::is_end_stream(&body) {
         body.map_err(BoxError::from).boxed_unsync()
     } else {
-        GuardedRequestBody {
+        GuardedBody {
             inner: body,
             ended: guard.ended(),
             _guard: guard.clone(),
-            cut: false,
+            bytes: bytes.clone(),
+            way: Way::Up,
+            _audit: None,
+            done: false,
         }
         .boxed_unsync()
     };
@@ -242,8 +238,7 @@ async fn proxy(
         if http2 {
             *out.version_mut() = Version::HTTP_2;
             // Boxed: an HTTP/2 service's request future is the largest, and
-            // would otherwise size every request's (hyper moves it per
-            // request).
+            // would otherwise size the boxed send of every HTTP/1.1 request.
             Box::pin(web.h2.request(caller_key, agent, service, out))
                 .await
                 .map(|r| r.map(ServiceBody::from))
@@ -330,10 +325,12 @@ async fn proxy(
         return Response::from_parts(parts, empty());
     }
     let body = GuardedBody {
+        inner: body,
         ended,
         _guard: guard,
-        inner: body,
-        audit,
+        bytes,
+        way: Way::Down,
+        _audit: Some(audit),
         done: false,
     };
     Response::from_parts(parts, body.boxed_unsync())
@@ -584,62 +581,38 @@ impl Drop for HttpAudit {
     }
 }
 
-/// A proxied request's body on its way to the service: holds the request's
-/// open guard until it is sent (a service may answer before reading all of
-/// it), and ends with an error when the guard's stream must end.
-struct GuardedRequestBody<B> {
+/// Which way a proxied body goes (the byte count it adds to).
+#[derive(Clone, Copy)]
+enum Way {
+    /// The request's, to the service.
+    Up,
+    /// The response's, to the client.
+    Down,
+}
+
+/// A proxied body, either way: holds the request's open guard (its stream
+/// slot and revocation entry) until done (a request body may still be on
+/// its way after the response, a service answering before reading it all),
+/// and a response's audit line; counts its bytes; and ends with an error
+/// when the guard's stream must end (a reload took the access away, or the
+/// credential expired).
+struct GuardedBody<B> {
     inner: B,
     ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
     _guard: Arc<OpenGuard>,
-    /// `ended` fired (it is not polled again).
-    cut: bool,
+    bytes: Arc<ByteCounts>,
+    way: Way,
+    /// Written when the response body is done (dropped).
+    _audit: Option<HttpAudit>,
+    /// Over (`ended` fired: it is not polled again).
+    done: bool,
 }
 
-impl<B> http_body::Body for GuardedRequestBody<B>
+impl<B> http_body::Body for GuardedBody<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        if this.cut {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(why) = this.ended.as_mut().poll(cx) {
-            this.cut = true;
-            return Poll::Ready(Some(Err(why.into())));
-        }
-        Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.cut || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A proxied response body: holds the request's open guard (its stream slot
-/// and revocation entry) and its audit line until done, counts the bytes,
-/// and ends with an error when the guard's stream must end (a reload took
-/// the access away, or the credential expired).
-struct GuardedBody {
-    inner: ServiceBody,
-    ended: Pin<Box<dyn Future<Output = &'static str> + Send>>,
-    _guard: Arc<OpenGuard>,
-    audit: HttpAudit,
-    done: bool,
-}
-
-impl http_body::Body for GuardedBody {
     type Data = bytes::Bytes;
     type Error = BoxError;
 
@@ -658,13 +631,14 @@ impl http_body::Body for GuardedBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &polled {
             if let Some(d) = f.data_ref() {
-                this.audit
-                    .bytes
-                    .down
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                let count = match this.way {
+                    Way::Up => &this.bytes.up,
+                    Way::Down => &this.bytes.down,
+                };
+                count.fetch_add(d.len() as u64, Ordering::Relaxed);
             }
         }
-        polled.map_err(BoxError::from)
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
