@@ -118,8 +118,40 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Status, agents, sessions and streams, as one JSON object.
+/// How many times a snapshot is fetched again when its parts came from
+/// different replicas.
+const MIXED_REPLICA_TRIES: usize = 4;
+
+/// Status, agents, sessions and streams, as one JSON object, all from one
+/// replica.
+///
+/// Behind a load balancer each connection may land on another replica,
+/// and the tables would show one replica's header above another's rows.
+/// The four requests share one connection, which a TCP balancer keeps on
+/// one replica; an HTTP balancer may still spread them, so the parts'
+/// `replica` fields are compared and a mixed snapshot is fetched again.
 async fn fetch_all(a: &StatusArgs, t: &Target) -> anyhow::Result<Value> {
+    let mut replicas = vec![];
+    for _ in 0..MIXED_REPLICA_TRIES {
+        let snapshot = fetch_once(a, t).await?;
+        replicas = ["status", "agents", "sessions", "streams"]
+            .iter()
+            .map(|part| str_of(&snapshot[*part]["replica"]))
+            .collect::<Vec<_>>();
+        if replicas.iter().all(|r| *r == replicas[0]) {
+            return Ok(snapshot);
+        }
+    }
+    bail!(
+        "the answers kept coming from different replicas ({}): the load balancer spreads \
+         requests; point --server at one replica (each replica answers for itself)",
+        replicas.join(", ")
+    )
+}
+
+/// The four parts of a snapshot, over one connection.
+async fn fetch_once(a: &StatusArgs, t: &Target) -> anyhow::Result<Value> {
+    let mut send = connect(a, t).await?;
     let mut all = serde_json::Map::new();
     for part in ["status", "agents", "sessions", "streams"] {
         let streams = a.streams.unwrap_or(if a.json { 0 } else { TABLE_STREAMS });
@@ -127,14 +159,20 @@ async fn fetch_all(a: &StatusArgs, t: &Target) -> anyhow::Result<Value> {
             ("streams", n) if n > 0 => format!("?limit={}", n.min(MAX_STREAMS)),
             _ => String::new(),
         };
-        let v = get(a, t, &format!("/api/v1/{part}{query}")).await?;
+        let path = format!("/api/v1/{part}{query}");
+        let v = tokio::time::timeout(REQUEST_TIMEOUT, request(&mut send, a, t, &path))
+            .await
+            .with_context(|| format!("{path}: no answer within {REQUEST_TIMEOUT:?}"))??;
         all.insert(part.to_owned(), v);
     }
     Ok(Value::Object(all))
 }
 
-/// `GET path` with the token; the JSON answer, or the API's reason.
-async fn get(a: &StatusArgs, t: &Target, path: &str) -> anyhow::Result<Value> {
+/// An HTTP/1.1 connection to the server (TLS when the URL says so).
+async fn connect(
+    a: &StatusArgs,
+    t: &Target,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>> {
     let tcp = tokio::time::timeout(
         REQUEST_TIMEOUT,
         TcpStream::connect((t.host.as_str(), t.port)),
@@ -153,24 +191,44 @@ async fn get(a: &StatusArgs, t: &Target, path: &str) -> anyhow::Result<Value> {
                 .connect(name, tcp)
                 .await
                 .context("TLS handshake (tether doctor tells what is wrong)")?;
-            request(tls, a, t, path).await
+            handshake(tls).await
         } else {
-            request(tcp, a, t, path).await
+            handshake(tcp).await
         }
     };
     tokio::time::timeout(REQUEST_TIMEOUT, fut)
         .await
-        .with_context(|| format!("{path}: no answer within {REQUEST_TIMEOUT:?}"))?
+        .with_context(|| {
+            format!(
+                "{}:{}: no handshake within {REQUEST_TIMEOUT:?}",
+                t.host, t.port
+            )
+        })?
 }
 
-async fn request<S>(io: S, a: &StatusArgs, t: &Target, path: &str) -> anyhow::Result<Value>
+async fn handshake<S>(
+    io: S,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .context("HTTP handshake")?;
     tokio::spawn(conn);
+    Ok(send)
+}
+
+/// `GET path` with the token; the JSON answer, or the API's reason.
+async fn request(
+    send: &mut hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>,
+    a: &StatusArgs,
+    t: &Target,
+    path: &str,
+) -> anyhow::Result<Value> {
+    send.ready()
+        .await
+        .context("the server closed the connection")?;
     let req = http::Request::get(path)
         .header(http::header::HOST, &t.authority)
         .header(http::header::AUTHORIZATION, format!("Bearer {}", a.token))
@@ -182,12 +240,12 @@ where
     let v: Value = serde_json::from_slice(&body).with_context(|| {
         format!(
             "{path}: HTTP {status}, not JSON (is this a tether server with the admin API?): {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
+            printable(&String::from_utf8_lossy(&body[..body.len().min(200)]))
         )
     })?;
     if !status.is_success() {
         let reason = v["reason"].as_str().unwrap_or("(no reason given)");
-        bail!("{path}: HTTP {status}: {reason}");
+        bail!("{path}: HTTP {status}: {}", printable(reason));
     }
     Ok(v)
 }
@@ -326,8 +384,32 @@ fn array(v: &Value) -> &[Value] {
     v.as_array().map_or(&[], Vec::as_slice)
 }
 
+/// A string from the API as a table cell. Names, software strings and
+/// reasons come from agents and clients: control characters (a newline that
+/// forges a row, an escape sequence that drives the terminal) and Unicode's
+/// direction overrides are shown escaped, never passed to the terminal.
 fn str_of(v: &Value) -> String {
-    v.as_str().unwrap_or("-").to_owned()
+    printable(v.as_str().unwrap_or("-"))
+}
+
+/// `s` with control characters and direction overrides escaped (`\u{1b}`).
+fn printable(s: &str) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn num(v: &Value) -> u64 {
@@ -398,6 +480,30 @@ mod tests {
         assert_eq!(duration(192), "3m12s");
         assert_eq!(duration(7500), "2h05m");
         assert_eq!(duration(3 * 86400 + 4 * 3600), "3d04h");
+    }
+
+    /// Names and software strings come from agents and clients: a newline
+    /// or an escape sequence in one must not forge a row or reach the
+    /// terminal.
+    #[test]
+    fn peer_strings_cannot_forge_rows_or_drive_the_terminal() {
+        let v = serde_json::json!({
+            "status": {"replica": "r1"},
+            "agents": {"agents": [{"name": "prod", "online": true,
+                "services": [{"name": "db\nFAKE  yes  1", "kind": "tcp"}],
+                "instances": [{"software": "x\u{1b}]52;c;cHdu\u{7}\u{1b}[2J", "streams": 0}]}]},
+            "sessions": {"sessions": [{"id": 1, "kind": "client", "name": "dev",
+                "software": "evil\u{202e}gnp.exe\r"}]},
+            "streams": {"streams": [], "total": 0}
+        });
+        let out = render(&v);
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\r') && !out.contains('\u{202e}'),
+            "{out:?}"
+        );
+        assert!(!out.lines().any(|l| l.starts_with("FAKE")), "{out}");
+        assert!(out.contains("db\\u{a}FAKE"), "{out}");
+        assert_eq!(printable("plain-name_1.0 é"), "plain-name_1.0 é");
     }
 
     #[test]

@@ -36,7 +36,9 @@ fn every_agent_instance_holds_a_session_to_every_replica() {
         return;
     }
     let svc = HaServices::start();
-    let c = Cluster::start(ClusterSpec::loopback("sessions", 71, svc.agent_services()));
+    let mut spec = ClusterSpec::loopback("sessions", 71, svc.agent_services());
+    spec.server_args = vec!["--admin".into(), "dev".into()];
+    let c = Cluster::start(spec);
     eprintln!(
         "{T}: every replica held both agent instances {:.0} ms after the agents started",
         ms(c.agents_settled)
@@ -128,6 +130,32 @@ fn every_agent_instance_holds_a_session_to_every_replica() {
                 c.diag()
             )
         });
+    }
+
+    // `tether status` through HAProxy (a new replica per connection): every
+    // part of a snapshot comes from one replica.
+    for n in 0..4 {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["status", "--json", "--server", &c.lb_url(), "--ca-file"])
+            .arg(&c.pki.ca)
+            .args(["--token", CLIENT_TOKEN])
+            .output()
+            .expect("run tether status");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "tether status {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("--json prints JSON");
+        let replicas: Vec<&str> = ["status", "agents", "sessions", "streams"]
+            .iter()
+            .map(|p| v[p]["replica"].as_str().unwrap_or("?"))
+            .collect();
+        assert!(
+            replicas.iter().all(|r| *r == replicas[0]),
+            "tether status {n} mixed replicas: {replicas:?}"
+        );
     }
 
     // The pool: four streams open at once on one replica are spread over
