@@ -11,7 +11,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tether_proto::datagram::{self, Decoder, MAX_DATAGRAM};
@@ -31,6 +31,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_FLOWS: usize = 1024;
 /// Datagrams queued per flow while its stream opens.
 const FLOW_QUEUE: usize = 256;
+/// Bytes queued per flow while its stream opens. Datagrams are up to
+/// 64 KiB: counted in datagrams alone, a flow table of unauthenticated
+/// sources (one per source port) could hold 16 MiB each.
+const FLOW_QUEUE_BYTES: usize = 64 * 1024;
 
 /// Limits of a UDP flow table.
 #[derive(Debug, Clone)]
@@ -90,11 +94,37 @@ impl UdpStats {
 
 struct FlowEntry {
     tx: mpsc::Sender<Bytes>,
+    /// Bytes in `tx`'s queue, within [`FLOW_QUEUE_BYTES`].
+    queued: Arc<AtomicUsize>,
     last_used: Instant,
     generation: u64,
     /// Ends the flow's task at once on eviction, even while its open is
     /// still pending (which resets that open).
     task: tokio::task::AbortHandle,
+}
+
+/// A socket's flows. Dropped with the task that serves the socket, it ends
+/// them all: each holds the socket, and a flow that outlived its server
+/// (its open still waiting, say) would keep the port bound with nobody
+/// reading it.
+#[derive(Default)]
+struct FlowTable(Mutex<HashMap<SocketAddr, FlowEntry>>);
+
+impl FlowTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, FlowEntry>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Aborts every flow of a table when the socket's task ends.
+struct EndFlows(Arc<FlowTable>);
+
+impl Drop for EndFlows {
+    fn drop(&mut self) {
+        for (_, e) in self.0.lock().drain() {
+            e.task.abort();
+        }
+    }
 }
 
 /// Counts a flow as alive for as long as its task exists (also when aborted).
@@ -146,7 +176,8 @@ pub async fn serve_socket_guarded<F, Fut, G>(
     G: Send + 'static,
 {
     let open = Arc::new(open);
-    let flows: Arc<Mutex<HashMap<SocketAddr, FlowEntry>>> = Arc::default();
+    let flows: Arc<FlowTable> = Arc::default();
+    let _end_flows = EndFlows(flows.clone());
     let mut generation = 0u64;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -162,15 +193,20 @@ pub async fn serve_socket_guarded<F, Fut, G>(
             stats.drops.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let d = Bytes::copy_from_slice(&buf[..n]);
-        let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = flows.lock();
         let d = match map.get_mut(&src) {
-            None => d,
+            None => Bytes::copy_from_slice(&buf[..n]),
             Some(e) => {
                 e.last_used = Instant::now();
-                match e.tx.try_send(d) {
+                if e.queued.load(Ordering::Relaxed) + n > FLOW_QUEUE_BYTES {
+                    stats.drops.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                e.queued.fetch_add(n, Ordering::Relaxed);
+                match e.tx.try_send(Bytes::copy_from_slice(&buf[..n])) {
                     Ok(()) => continue,
                     Err(mpsc::error::TrySendError::Full(_)) => {
+                        e.queued.fetch_sub(n, Ordering::Relaxed);
                         stats.drops.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -203,7 +239,7 @@ pub async fn serve_socket_guarded<F, Fut, G>(
 #[allow(clippy::too_many_arguments)]
 fn start_flow<F, Fut, G>(
     map: &mut HashMap<SocketAddr, FlowEntry>,
-    flows: &Arc<Mutex<HashMap<SocketAddr, FlowEntry>>>,
+    flows: &Arc<FlowTable>,
     src: SocketAddr,
     first: Bytes,
     socket: &Arc<UdpSocket>,
@@ -227,7 +263,9 @@ fn start_flow<F, Fut, G>(
     }
     *generation += 1;
     let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+    let queued = Arc::new(AtomicUsize::new(first.len()));
     let _ = tx.try_send(first);
+    let queued2 = queued.clone();
     let gen = *generation;
     let flows2 = flows.clone();
     let socket = socket.clone();
@@ -239,8 +277,12 @@ fn start_flow<F, Fut, G>(
     let count = FlowCount(stats.clone());
     let task = tokio::spawn(async move {
         let _count = count;
-        local_flow(src, rx, socket, open(), limits.idle_timeout, &stats2).await;
-        let mut map = flows2.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = FlowQueue {
+            rx,
+            queued: queued2,
+        };
+        local_flow(src, queue, socket, open(), limits.idle_timeout, &stats2).await;
+        let mut map = flows2.lock();
         if map.get(&src).is_some_and(|e| e.generation == gen) {
             map.remove(&src);
         }
@@ -249,6 +291,7 @@ fn start_flow<F, Fut, G>(
         src,
         FlowEntry {
             tx,
+            queued,
             last_used: Instant::now(),
             generation: gen,
             task: task.abort_handle(),
@@ -256,9 +299,23 @@ fn start_flow<F, Fut, G>(
     );
 }
 
+/// The receiving end of a flow's queue, and its byte count.
+struct FlowQueue {
+    rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl FlowQueue {
+    async fn recv(&mut self) -> Option<Bytes> {
+        let d = self.rx.recv().await?;
+        self.queued.fetch_sub(d.len(), Ordering::Relaxed);
+        Some(d)
+    }
+}
+
 async fn local_flow<G>(
     src: SocketAddr,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: FlowQueue,
     socket: Arc<UdpSocket>,
     open: impl Future<Output = Result<(Stream, G), String>>,
     idle: Duration,
@@ -270,7 +327,7 @@ async fn local_flow<G>(
         Err(e) => {
             tracing::info!(%src, "udp flow refused: {e}");
             // Everything queued for it is lost.
-            stats.drops.fetch_add(rx.len() as u64, Ordering::Relaxed);
+            stats.drops.fetch_add(rx.rx.len() as u64, Ordering::Relaxed);
             return;
         }
     };
@@ -380,5 +437,83 @@ pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket served with opens that never complete (an agent that does
+    /// not answer), and a sender on loopback.
+    async fn served_with_a_silent_far_side() -> (
+        SocketAddr,
+        tokio::task::JoinHandle<()>,
+        Arc<UdpStats>,
+        std::net::UdpSocket,
+    ) {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        let stats = Arc::new(UdpStats::default());
+        let open = || std::future::pending::<Result<Stream, String>>();
+        let task = tokio::spawn(serve_socket(
+            socket,
+            open,
+            UdpLimits::default(),
+            stats.clone(),
+            |_| true,
+        ));
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        (addr, task, stats, sender)
+    }
+
+    /// While a flow's stream opens, its queue holds at most
+    /// FLOW_QUEUE_BYTES, not 256 datagrams of up to 64 KiB each.
+    #[tokio::test]
+    async fn a_flow_waiting_for_its_open_queues_a_bounded_number_of_bytes() {
+        let (addr, task, stats, sender) = served_with_a_silent_far_side().await;
+        let big = vec![7u8; 60_000];
+        // Paced, so that the socket's receive buffer drops none.
+        for _ in 0..16 {
+            sender.send_to(&big, addr).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let dropped = || stats.drops.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while dropped() < 15 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The first fits; every later one would pass 64 KiB.
+        assert_eq!(dropped(), 15, "datagrams kept beyond the byte budget");
+        assert_eq!(stats.flows.load(Ordering::Relaxed), 1);
+        task.abort();
+    }
+
+    /// Ending the socket's task ends its flows, and so their hold on the
+    /// socket: the port can be bound again (a listener whose agent came
+    /// back at once).
+    #[tokio::test]
+    async fn flows_end_with_their_socket_and_free_the_port() {
+        let (addr, task, stats, sender) = served_with_a_silent_far_side().await;
+        sender.send_to(b"hello", addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.flows.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.flows.load(Ordering::Relaxed), 1, "no flow started");
+        task.abort();
+        let _ = task.await;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let rebound = loop {
+            match UdpSocket::bind(addr).await {
+                Ok(s) => break Some(s),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(_) => break None,
+            }
+        };
+        assert!(rebound.is_some(), "the port stayed bound by a flow");
+        assert_eq!(stats.flows.load(Ordering::Relaxed), 0);
     }
 }

@@ -62,7 +62,7 @@ impl Listener {
         max_streams: usize,
     ) -> Listener {
         Listener {
-            caller: Caller::listener(cfg.listen),
+            caller: Caller::listener(cfg.listen, cfg.is_udp()),
             cfg,
             registry,
             metrics,
@@ -259,8 +259,9 @@ impl Listener {
                 allow,
                 {
                     // A draining server keeps the flows it carries but takes
-                    // no new ones (this task's abort leaves the socket's
-                    // task serving them until the process exits).
+                    // no new ones (aborting the listener's task at drain
+                    // leaves this task, and its flows, running until the
+                    // process exits).
                     let cluster = self.cluster.clone();
                     move || cluster.phase() != Phase::Closing
                 },
@@ -270,7 +271,10 @@ impl Listener {
                     break;
                 }
             }
+            // Its flows end with it (their session is gone), and with them
+            // their hold on the socket: the port is free for the next bind.
             server.abort();
+            let _ = server.await;
             gauge.dec();
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
         }

@@ -66,11 +66,22 @@ pub(crate) struct ListenerCaller {
 }
 
 impl Caller {
-    /// The caller for the listener on `addr`.
-    pub(crate) fn listener(addr: SocketAddr) -> Caller {
+    /// The caller for the listener on `addr`: `listener:ADDR` for TCP,
+    /// `listener:udp:ADDR` for UDP. A TCP and a UDP listener may share a
+    /// port (DNS); each has limits of its own, or the TCP connections would
+    /// take the stream slots the UDP flow table counts on.
+    pub(crate) fn listener(addr: SocketAddr, udp: bool) -> Caller {
+        let (key, name) = if udp {
+            (
+                format!("listener:udp:{addr}"),
+                format!("listener udp {addr}"),
+            )
+        } else {
+            (format!("listener:{addr}"), format!("listener {addr}"))
+        };
         Caller::Listener(ListenerCaller {
-            key: format!("listener:{addr}").into(),
-            name: format!("listener {addr}").into(),
+            key: key.into(),
+            name: name.into(),
         })
     }
 
@@ -668,7 +679,10 @@ mod tests {
     #[tokio::test]
     async fn listeners_bypass_the_policy_but_not_the_limits() {
         let (h, _agent, mut held) = silent_agent(4).await;
-        let listener = Caller::listener("127.0.0.1:9000".parse().unwrap());
+        let listener = Caller::listener("127.0.0.1:9000".parse().unwrap(), false);
+        // A UDP listener on the same port has limits of its own.
+        let udp = Caller::listener("127.0.0.1:9000".parse().unwrap(), true);
+        assert_ne!(udp.key(), listener.key());
         // The policy: alice may not open prod/db; a listener may.
         let r = h
             .open(&alice(&h), "prod/db", TargetKind::Tcp, Bytes::new())

@@ -398,7 +398,7 @@ protocol = "udp"
     u2.send_to(b"two", ("127.0.0.1", udp_port)).await.unwrap();
     assert!(wait_until(Duration::from_secs(5), || hits() == Some(2.0)));
     assert!(server.wait_log(
-        &format!("listener:127.0.0.1:{udp_port} already has 1 opens waiting"),
+        &format!("listener:udp:127.0.0.1:{udp_port} already has 1 opens waiting"),
         Duration::from_secs(5)
     ));
 
