@@ -78,7 +78,9 @@ impl Reloader {
     /// `max_streams_per_client` and a self-signed certificate need a
     /// restart.
     pub(crate) fn apply(&self, cfg: &ServerConfig) -> anyhow::Result<ReloadReport> {
-        cfg.limits.validate()?;
+        // All of it, the parts that need a restart too: what a restart
+        // would refuse is not applied in part.
+        cfg.validate()?;
         let auth = Authenticator::from_config(cfg)?;
         let mut report = ReloadReport::default();
         let new_tls = match &cfg.tls {
@@ -150,8 +152,14 @@ impl Reloader {
             let loaded = source().context("loading the config");
             match loaded.and_then(|cfg| {
                 let r = self.apply(&cfg)?;
-                files = watched_files(&cfg, config_file.as_ref());
-                last = stamp(&files);
+                let watched = watched_files(&cfg, config_file.as_ref());
+                if watched != files {
+                    // Files newly watched are stamped now; those watched
+                    // before keep the stamp taken before the load, so that
+                    // a change made while it ran is loaded next time.
+                    files = watched;
+                    last = stamp(&files);
+                }
                 Ok(r)
             }) {
                 Ok(r) => {

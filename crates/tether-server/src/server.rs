@@ -137,21 +137,7 @@ impl Server {
     /// `[cluster]`, `[session]` (`tether server --check-config`).
     pub fn check(cfg: &ServerConfig) -> anyhow::Result<()> {
         Authenticator::from_config(cfg)?;
-        for l in &cfg.listeners {
-            l.validate()?;
-        }
-        cfg.http.validate()?;
-        cfg.limits.validate()?;
-        if cfg.max_streams_per_client > crate::config::MAX_STREAMS_PER_CLIENT_CEILING {
-            anyhow::bail!(
-                "max_streams_per_client = {} is over {} (a million streams per client)",
-                cfg.max_streams_per_client,
-                crate::config::MAX_STREAMS_PER_CLIENT_CEILING
-            );
-        }
-        cfg.cluster.validate()?;
-        cfg.session.validate()?;
-        Ok(())
+        cfg.validate()
     }
 
     /// The bound address.

@@ -62,10 +62,41 @@ pub struct LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// Checks the rates and bursts: finite, a rate not negative, a burst of
-    /// at least one. (NaN or infinity would lift a limit without a word, a
-    /// negative rate refuse everything.)
+    /// Checks the caps and rates: a cap of at least one (0 is often meant
+    /// as "unlimited" and would refuse everything); rates and bursts
+    /// finite, a rate not negative, a burst of at least one. (NaN or
+    /// infinity would lift a limit without a word, a negative rate refuse
+    /// everything.)
     pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, cap, what) in [
+            (
+                "max_sessions",
+                self.max_sessions,
+                "every session, agents' too",
+            ),
+            (
+                "max_sessions_per_client",
+                self.max_sessions_per_client,
+                "every client session",
+            ),
+            (
+                "max_pending_opens_per_client",
+                self.max_pending_opens_per_client,
+                "every open",
+            ),
+            ("max_connections", self.max_connections, "every connection"),
+            (
+                "max_connections_per_source",
+                self.max_connections_per_source,
+                "every connection",
+            ),
+        ] {
+            if cap == 0 {
+                anyhow::bail!(
+                    "[limits] {name} = 0 would refuse {what} (there is no \"unlimited\"; leave it out for the default)"
+                );
+            }
+        }
         for (name, rate, burst_name, burst) in [
             (
                 "opens_per_sec",
@@ -132,5 +163,28 @@ impl Default for LimitsConfig {
             max_connections: MAX_CONNECTIONS,
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cap of 0 (often meant as "unlimited") would refuse everything: it
+    /// is refused at load, by name.
+    #[test]
+    fn a_cap_of_zero_is_refused() {
+        assert!(LimitsConfig::default().validate().is_ok());
+        let zero = LimitsConfig {
+            max_connections: 0,
+            ..Default::default()
+        };
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("max_connections = 0"), "{e}");
+        let zero = LimitsConfig {
+            max_pending_opens_per_client: 0,
+            ..Default::default()
+        };
+        assert!(zero.validate().is_err());
     }
 }

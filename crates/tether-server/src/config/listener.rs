@@ -88,3 +88,98 @@ impl ListenerConfig {
         self.allow_from.is_empty() || self.allow_from.iter().any(|n| n.contains(&peer.ip()))
     }
 }
+
+/// Refuses two listeners of one protocol that want the same port (the same
+/// address, or one of them on every address), and a TCP listener on the
+/// server's own port. Whichever bound first would win, and the other would
+/// take the port over when the first one's agent left: connections meant
+/// for one service reaching another.
+pub(crate) fn no_overlaps(listen: SocketAddr, listeners: &[ListenerConfig]) -> anyhow::Result<()> {
+    // `0.0.0.0` covers IPv4 addresses; `::` covers both (dual stack).
+    let covers = |any: SocketAddr, b: SocketAddr| {
+        any.ip().is_unspecified() && (any.is_ipv6() || b.is_ipv4())
+    };
+    let overlap = |a: SocketAddr, b: SocketAddr| {
+        a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+    };
+    for (i, l) in listeners.iter().enumerate() {
+        if !l.is_udp() && overlap(l.listen, listen) {
+            anyhow::bail!(
+                "listener {} ({}): the server itself listens on {listen}",
+                l.listen,
+                l.target
+            );
+        }
+        if let Some(o) = listeners[..i]
+            .iter()
+            .find(|o| o.is_udp() == l.is_udp() && overlap(o.listen, l.listen))
+        {
+            anyhow::bail!(
+                "listeners {} ({}) and {} ({}) want the same {} port",
+                o.listen,
+                o.target,
+                l.listen,
+                l.target,
+                l.protocol
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(listen: &str, protocol: &str) -> ListenerConfig {
+        ListenerConfig {
+            listen: listen.parse().unwrap(),
+            target: "prod/db".into(),
+            allow_from: vec![],
+            proxy_protocol: false,
+            protocol: protocol.into(),
+            max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            early_data: true,
+        }
+    }
+
+    #[test]
+    fn listeners_that_want_one_port_are_refused() {
+        let main: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+        let ok = |ls: &[ListenerConfig]| no_overlaps(main, ls).is_ok();
+        // TCP and UDP may share a port (DNS); other ports and families too.
+        assert!(ok(&[
+            listener("0.0.0.0:53", "tcp"),
+            listener("0.0.0.0:53", "udp")
+        ]));
+        assert!(ok(&[
+            listener("127.0.0.1:5432", "tcp"),
+            listener("127.0.0.2:5432", "tcp")
+        ]));
+        assert!(ok(&[
+            listener("0.0.0.0:5432", "tcp"),
+            listener("[::1]:5432", "tcp")
+        ]));
+        assert!(ok(&[listener("0.0.0.0:7700", "udp")]));
+        // The same address twice, or one on every address.
+        assert!(!ok(&[
+            listener("0.0.0.0:5432", "tcp"),
+            listener("0.0.0.0:5432", "tcp")
+        ]));
+        assert!(!ok(&[
+            listener("0.0.0.0:5432", "tcp"),
+            listener("127.0.0.1:5432", "tcp")
+        ]));
+        assert!(!ok(&[
+            listener("[::]:5432", "tcp"),
+            listener("127.0.0.1:5432", "tcp")
+        ]));
+        assert!(!ok(&[
+            listener("127.0.0.1:53", "udp"),
+            listener("0.0.0.0:53", "udp")
+        ]));
+        // The server's own port.
+        let e = no_overlaps(main, &[listener("127.0.0.1:7700", "tcp")]).unwrap_err();
+        assert!(e.to_string().contains("the server itself listens"), "{e}");
+    }
+}

@@ -121,6 +121,52 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Checks every part of the config that needs no file and no other
+    /// module: listeners (and that no two of them, or one and `listen`,
+    /// want the same port), `[http]`, `[limits]`, `[cluster]`, `[session]`,
+    /// the stream cap, and that `mtls` agents have a CA to be checked
+    /// against. Credentials and rules are checked where they are built
+    /// (`Authenticator::from_config`). Startup and every reload run both,
+    /// so a reload never applies what a restart would refuse.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for l in &self.listeners {
+            l.validate()?;
+        }
+        listener::no_overlaps(self.listen, &self.listeners)?;
+        self.http.validate()?;
+        self.limits.validate()?;
+        if self.max_streams_per_client == 0 {
+            anyhow::bail!(
+                "max_streams_per_client = 0 would refuse every stream (there is no \"unlimited\"; the default is {MAX_STREAMS_PER_CLIENT})"
+            );
+        }
+        if self.max_streams_per_client > MAX_STREAMS_PER_CLIENT_CEILING {
+            anyhow::bail!(
+                "max_streams_per_client = {} is over {} (a million streams per client)",
+                self.max_streams_per_client,
+                MAX_STREAMS_PER_CLIENT_CEILING
+            );
+        }
+        if let Some(a) = self.agents.iter().find(|a| a.mtls) {
+            if self
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
+            {
+                anyhow::bail!(
+                    "agent {}: mtls = true needs [tls] client_ca (the CA its certificate is checked against)",
+                    a.name
+                );
+            }
+        }
+        self.cluster.validate()?;
+        self.session.validate()?;
+        Ok(())
+    }
+}
+
 /// Where the server's certificate comes from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -877,6 +877,36 @@ async fn reload_revokes_tokens_and_policy_without_a_restart() {
         .unwrap();
     assert!(b_conn.read(&mut [0u8; 256]).await.unwrap() > 0);
 
+    // A config that a restart would refuse (two listeners on one port) is
+    // not applied in part: bob's token, removed in it, still works.
+    let twice = "[[listener]]\nlisten = \"127.0.0.1:1\"\ntarget = \"prod/echo\"\n";
+    std::fs::write(
+        &s.cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{}\n{twice}{twice}",
+            s.port,
+            base("\"prod/web\"", false)
+        ),
+    )
+    .unwrap();
+    s.server.signal(Signal::HUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || s
+            .server
+            .log_text()
+            .matches("reload failed, keeping the running configuration")
+            .count()
+            == 2),
+        "{}",
+        s.server.log_text()
+    );
+    assert!(s.server.log_text().contains("want the same tcp port"));
+    b_conn
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(b_conn.read(&mut [0u8; 256]).await.unwrap() > 0);
+
     // A kept-alive HTTP connection with bob's bearer token: the second
     // request is served with the credential the connection remembers.
     let mut web_conn = connect(s.port).await;
