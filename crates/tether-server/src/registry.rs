@@ -40,7 +40,7 @@ pub(crate) struct AgentEntry {
 
 impl AgentEntry {
     /// Takes new opens: neither closed nor draining.
-    fn is_live(&self) -> bool {
+    pub(crate) fn is_live(&self) -> bool {
         !self.conn.is_closed() && !self.conn.is_draining()
     }
 
@@ -127,7 +127,14 @@ impl Registry {
         let pool = t.pools.entry(name.to_owned()).or_default();
         let replaced = match pool.iter().position(|e| e.instance == instance) {
             Some(i) => Some(std::mem::replace(&mut pool[i], entry)),
-            None if pool.len() >= MAX_INSTANCES => return Err(PoolFull),
+            // Members that drain (an agent shutting down in a rolling
+            // update) leave within the drain timeout and do not count
+            // against the pool; at most as many again may be draining.
+            None if pool.iter().filter(|e| e.is_live()).count() >= MAX_INSTANCES
+                || pool.len() >= 2 * MAX_INSTANCES =>
+            {
+                return Err(PoolFull)
+            }
             None => {
                 pool.push(entry);
                 None
@@ -240,12 +247,77 @@ impl Registry {
         self.lock().last_new_name
     }
 
-    /// Number of names with at least one session.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().pools.len()
+    /// Agent names with a live (not draining) session here: what
+    /// `tether_agents` and the admin API's `agents_online` count. A walk
+    /// over every pool: for a scrape or an API call, not per session.
+    pub(crate) fn online(&self) -> usize {
+        self.lock()
+            .pools
+            .values()
+            .filter(|pool| pool.iter().any(AgentEntry::is_live))
+            .count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_net::transport::mem;
+    use tether_proto::ErrorCode;
+
+    /// Registers a session of `instance` of `prod`; the agent's end is
+    /// kept in `agents` (dropped, the session would close).
+    async fn register(
+        r: &Registry,
+        instance: &str,
+        agents: &mut Vec<Connection>,
+    ) -> (Result<Registered, PoolFull>, Connection) {
+        let ((agent, _), (conn, _)) = mem::sessions().await.unwrap();
+        agents.push(agent);
+        let got = r.register(
+            "prod",
+            instance,
+            conn.clone(),
+            "127.0.0.1:1".parse().unwrap(),
+            "agent".into(),
+            3,
+        );
+        (got, conn)
+    }
+
+    /// A member that drains (an agent process shutting down in a rolling
+    /// update) neither counts as online nor fills the pool.
+    #[tokio::test]
+    async fn draining_members_are_not_online_and_do_not_fill_the_pool() {
+        let r = Registry::default();
+        let a = &mut vec![];
+        let mut conns = vec![];
+        for i in 0..MAX_INSTANCES {
+            let (got, conn) = register(&r, &format!("i{i}"), a).await;
+            assert!(got.is_ok());
+            conns.push(conn);
+        }
+        assert_eq!(r.online(), 1);
+        assert!(
+            register(&r, "full", a).await.0.is_err(),
+            "a ninth live member"
+        );
+        conns[0].go_away(ErrorCode::Normal, "shutting down");
+        assert!(
+            register(&r, "new", a).await.0.is_ok(),
+            "the draining member filled the pool"
+        );
+        for c in &conns[1..] {
+            c.go_away(ErrorCode::Normal, "shutting down");
+        }
+        assert_eq!(r.online(), 1, "the new member is live");
+        let (got, _) = register(&r, "new", a).await;
+        let replaced = got.ok().and_then(|g| g.replaced).expect("replaced");
+        replaced.conn.go_away(ErrorCode::Normal, "replaced");
+        assert_eq!(r.online(), 1);
     }
 }

@@ -152,7 +152,7 @@ impl Router {
         }
         match path.as_str() {
             "/metrics" if self.public_metrics => {
-                self.metrics.agents.set(self.registry.len() as i64);
+                self.metrics.agents.set(self.registry.online() as i64);
                 let mut r = text(StatusCode::OK, self.metrics.render());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -191,7 +191,7 @@ impl Server {
             let render = {
                 let registry = registry.clone();
                 Arc::new(move || {
-                    metrics.agents.set(registry.len() as i64);
+                    metrics.agents.set(registry.online() as i64);
                     metrics.render()
                 })
             };

@@ -224,7 +224,6 @@ impl AgentEndpoint {
         );
         let sessions = self.metrics.sessions_of("agent");
         sessions.inc();
-        self.metrics.agents.set(self.registry.len() as i64);
         self.metrics
             .agent_instances(&name)
             .set(registered.instances as i64);
@@ -240,7 +239,6 @@ impl AgentEndpoint {
             .registry
             .unregister(&name, registered.generation)
             .unwrap_or(self.registry.instances(&name).len());
-        self.metrics.agents.set(self.registry.len() as i64);
         self.metrics.agent_instances(&name).set(left as i64);
         tracing::info!(agent = %name, %instance, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
     }

@@ -318,7 +318,7 @@ impl AdminApi {
                 Phase::Leaving => "leaving",
                 Phase::Closing => "closing",
             },
-            agents_online: self.registry.len(),
+            agents_online: self.registry.online(),
             agent_sessions: sessions.iter().filter(|s| s.kind == "agent").count(),
             client_sessions: sessions.iter().filter(|s| s.kind == "client").count(),
             live_streams: self.streams.len(),
@@ -345,8 +345,12 @@ impl AdminApi {
         let mut agents = vec![];
         for name in web.auth.get().agent_names() {
             let instances = self.registry.instances(name);
+            // A live member's catalog: a draining one may be the old
+            // version of a rolling update.
             let services = instances
-                .first()
+                .iter()
+                .find(|e| e.is_live())
+                .or(instances.first())
                 .and_then(|e| e.conn.peer_catalog().borrow().clone())
                 .unwrap_or_default()
                 .into_iter()
