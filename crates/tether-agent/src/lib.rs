@@ -20,9 +20,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_net::reconnect::{current_token, Endpoint, Established};
+use tether_net::reconnect::{current_token, ConnectError, Endpoint, Established};
 use tether_net::Connection;
-use tether_proto::endpoints::{AGENT_INSTANCE_HEADER, AGENT_NAME_HEADER};
+use tether_proto::endpoints::{
+    AGENT_HELD_HEADER, AGENT_INSTANCE_HEADER, AGENT_NAME_HEADER, HELD_STATUS,
+};
 use tether_proto::ErrorCode;
 
 pub use config::{AgentConfig, DIAL_TIMEOUT, MAX_STREAMS};
@@ -245,8 +247,16 @@ impl Agent {
             (Key::Url, None) => self.config.url(),
             (k, None) => format!("{} for {k}", self.config.url()),
         };
-        let (conn, info, incoming) = match self.connect(connect_to).await {
+        let held = sup.held_replicas();
+        let (conn, info, incoming) = match self.connect(connect_to, &held).await {
             Ok(est) => est,
+            Err(e) if e.refused_status() == Some(HELD_STATUS) => {
+                // Landed on a replica we hold (through the load balancer,
+                // or at a second address): it kept our session there.
+                tracing::debug!(server = %shown, "{e}");
+                sup.landed_on_held(&key, connect_to, e.refused_by());
+                return;
+            }
             Err(e) => {
                 if sup.failed(&key) {
                     tracing::warn!(server = %shown, "{e} (retrying with backoff)");
@@ -326,7 +336,11 @@ impl Agent {
 
     /// Dials the server URL, or one replica's address with the URL's name,
     /// and runs the handshake.
-    async fn connect(&self, connect_to: Option<SocketAddr>) -> Result<Established, String> {
+    async fn connect(
+        &self,
+        connect_to: Option<SocketAddr>,
+        held: &[String],
+    ) -> Result<Established, ConnectError> {
         let endpoint = Endpoint {
             url: self.config.url(),
             trust: self.config.trust(),
@@ -338,6 +352,9 @@ impl Agent {
             (AGENT_NAME_HEADER.to_owned(), self.config.name.clone()),
             (AGENT_INSTANCE_HEADER.to_owned(), self.instance.clone()),
         ];
+        if !held.is_empty() {
+            headers.push((AGENT_HELD_HEADER.to_owned(), held.join(",")));
+        }
         let token = self.current_token();
         if !token.is_empty() {
             headers.push(("authorization".to_owned(), format!("Bearer {token}")));

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use tether_net::backoff::Backoff;
 use tether_net::Connection;
+use tether_proto::endpoints::MAX_HELD_IDS;
 use tether_proto::{ErrorCode, ReplicaEntry};
 use tokio::sync::Notify;
 
@@ -470,6 +471,23 @@ impl Supervisor {
         self.wake();
     }
 
+    /// The ids of the replicas this agent holds a live session to (at most
+    /// [`MAX_HELD_IDS`]), for the `X-Tether-Held` header of its next dial.
+    pub(crate) fn held_replicas(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut ids: Vec<String> = st
+            .live
+            .values()
+            .filter(|l| !l.conn.is_closed() && !l.conn.is_draining())
+            .filter_map(|l| l.this().map(|t| t.id))
+            .filter(|id| !id.is_empty() && !id.contains(','))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.truncate(MAX_HELD_IDS);
+        ids
+    }
+
     /// Where to dial `key` this time: its address, or (`None`) the server
     /// URL. A replica whose address failed twice in a row is looked for
     /// through the URL every other attempt: an agent outside the servers'
@@ -490,6 +508,39 @@ impl Supervisor {
         t.failures += 1;
         t.next_attempt =
             Instant::now() + Duration::from_millis(rand::random_range(LB_RETRY.0..LB_RETRY.1));
+    }
+
+    /// A dial of `key` (to `connect_to`, or through the URL) was refused
+    /// by `replica` because we hold it already (version 9). Dialed at the
+    /// key's own address, that address is the replica we hold: it counts
+    /// as held, as if a session had landed there, and is checked again
+    /// after a while. Through the URL, it is a search that landed
+    /// elsewhere.
+    pub(crate) fn landed_on_held(
+        &self,
+        key: &Key,
+        connect_to: Option<SocketAddr>,
+        replica: Option<&str>,
+    ) {
+        let at_its_address = matches!(key, Key::Addr(a) if connect_to == Some(*a));
+        {
+            let mut st = self.lock();
+            st.dialing = st.dialing.saturating_sub(1);
+            match replica.filter(|id| !id.is_empty()) {
+                Some(id) if at_its_address => {
+                    st.reached
+                        .insert(key.clone(), (id.to_owned(), Instant::now()));
+                    let t = target(&mut st.targets, key, Instant::now());
+                    t.busy = false;
+                    t.failures = 0;
+                }
+                _ => {
+                    drop(st);
+                    self.landed_elsewhere(key);
+                }
+            }
+        }
+        self.wake();
     }
 
     /// Stops dialing; returns every session not yet closed.

@@ -300,7 +300,13 @@ async fn keep_session(cfg: ClientConfig, current: CurrentSession) -> anyhow::Res
             ..Default::default()
         };
         cfg.session.apply(&mut scfg);
-        endpoint.connect(&headers, scfg, "client")
+        let (endpoint, headers) = (&endpoint, &headers);
+        async move {
+            endpoint
+                .connect(headers, scfg, "client")
+                .await
+                .map_err(|e| e.to_string())
+        }
     };
     let serve = |(conn, info, _incoming): Established| {
         let (current, url) = (&current, &url);

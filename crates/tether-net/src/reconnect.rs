@@ -11,7 +11,7 @@ use tether_proto::{Role, SUBPROTOCOL};
 use crate::backoff::Backoff;
 use crate::session::IncomingStreams;
 use crate::transport::tls::{ServerIdentity, ServerTrust};
-use crate::transport::ws::dial_via;
+use crate::transport::ws::{dial_via, DialError};
 use crate::{Connection, SessionInfo};
 
 /// A session that lasted this long counts as healthy: backoff starts over.
@@ -59,6 +59,36 @@ pub struct Endpoint<'a> {
 /// handshake, and the streams it opens.
 pub type Established = (Connection, SessionInfo, IncomingStreams);
 
+/// Why a session could not be set up: the dial (TCP, TLS, the WebSocket
+/// upgrade) or the session's handshake after it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Dialing failed, or the server refused the upgrade.
+    #[error("cannot connect: {0}")]
+    Dial(#[from] DialError),
+    /// The WebSocket is up but the session's handshake failed.
+    #[error("handshake failed: {0}")]
+    Handshake(tether_proto::SessionError),
+}
+
+impl ConnectError {
+    /// The HTTP status the server refused the upgrade with, if it did.
+    pub fn refused_status(&self) -> Option<u16> {
+        match self {
+            ConnectError::Dial(DialError::Refused { status, .. }) => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The replica that refused the upgrade, when it named itself.
+    pub fn refused_by(&self) -> Option<&str> {
+        match self {
+            ConnectError::Dial(DialError::Refused { replica, .. }) => replica.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 impl Endpoint<'_> {
     /// Dials the endpoint with `headers` and runs the handshake; the error
     /// says which of the two failed.
@@ -67,7 +97,7 @@ impl Endpoint<'_> {
         headers: &[(String, String)],
         config: tether_proto::Config,
         label: &str,
-    ) -> Result<Established, String> {
+    ) -> Result<Established, ConnectError> {
         self.connect_via(None, headers, config, label).await
     }
 
@@ -80,7 +110,7 @@ impl Endpoint<'_> {
         headers: &[(String, String)],
         config: tether_proto::Config,
         label: &str,
-    ) -> Result<Established, String> {
+    ) -> Result<Established, ConnectError> {
         let (sink, source) = dial_via(
             &self.url,
             connect_to,
@@ -89,11 +119,10 @@ impl Endpoint<'_> {
             &self.trust,
             self.identity,
         )
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .await?;
         Connection::start(Role::Initiator, config, sink, source, label)
             .await
-            .map_err(|e| format!("handshake failed: {e}"))
+            .map_err(ConnectError::Handshake)
     }
 }
 

@@ -24,3 +24,23 @@ pub const AGENT_INSTANCE_HEADER: &str = "x-tether-instance";
 
 /// Longest instance id a server accepts.
 pub const MAX_INSTANCE_ID_LEN: usize = 128;
+
+/// Header in which an agent lists, comma-separated, the ids of the server
+/// replicas it holds a live session to (version 9). A replica that finds
+/// its own id there, and a live session of the same agent instance,
+/// refuses the upgrade with [`HELD_STATUS`] instead of replacing that
+/// session: a dial through the load balancer that lands on a replica the
+/// agent already holds costs the agent nothing.
+pub const AGENT_HELD_HEADER: &str = "x-tether-held";
+
+/// Most replica ids an agent lists in [`AGENT_HELD_HEADER`].
+pub const MAX_HELD_IDS: usize = 32;
+
+/// The status of an upgrade refused because the agent instance already
+/// holds this replica (409 Conflict). The answer names the replica in
+/// [`REPLICA_HEADER`].
+pub const HELD_STATUS: u16 = 409;
+
+/// Header in which a server names its replica id on a [`HELD_STATUS`]
+/// refusal (version 9).
+pub const REPLICA_HEADER: &str = "x-tether-replica";

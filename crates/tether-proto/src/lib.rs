@@ -48,9 +48,10 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// adds the catalog kind HTTP/2; version 7 adds the HEARTBEAT frame (the
 /// acceptor sets the initiator's PING interval) and sends REPLICAS only on a
 /// change; version 8 adds the `tether-unmasked` WebSocket extension, agreed
-/// in the upgrade, before HELLO (tether-net's `transport::ws`); everything
-/// else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 8;
+/// in the upgrade, before HELLO (tether-net's `transport::ws`); version 9
+/// adds the agent's `X-Tether-Held` upgrade header and the server's `409`
+/// refusal ([`endpoints::AGENT_HELD_HEADER`]); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

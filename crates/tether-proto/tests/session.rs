@@ -877,7 +877,7 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
 #[test]
 fn current_peers_negotiate_the_newest_version_with_udp() {
     let mut p = Pair::default();
-    assert_eq!((p.a.version(), p.b.version()), (8, 8));
+    assert_eq!((p.a.version(), p.b.version()), (9, 9));
     assert_eq!(p.a.version(), tether_proto::PROTOCOL_VERSION);
     let id =
         p.a.open(

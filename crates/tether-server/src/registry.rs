@@ -247,6 +247,14 @@ impl Registry {
         self.lock().last_new_name
     }
 
+    /// Whether `instance` of `name` has a live session here.
+    pub(crate) fn has_live(&self, name: &str, instance: &str) -> bool {
+        self.lock()
+            .pools
+            .get(name)
+            .is_some_and(|pool| pool.iter().any(|e| e.instance == instance && e.is_live()))
+    }
+
     /// Agent names with a live (not draining) session here: what
     /// `tether_agents` and the admin API's `agents_online` count. A walk
     /// over every pool: for a scrape or an API call, not per session.

@@ -141,6 +141,21 @@ impl AgentEndpoint {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return resp;
         }
+        if self.already_held(&req, &name, &instance) {
+            tracing::debug!(agent = %name, %instance, %peer, "this agent instance holds a live session here already: upgrade refused (409), its session kept");
+            let mut resp = text(
+                StatusCode::CONFLICT,
+                format!(
+                    "agent {name} instance {instance} already holds a live session to replica {}",
+                    self.cluster.id()
+                ),
+            );
+            if let Ok(id) = http::HeaderValue::from_str(self.cluster.id()) {
+                resp.headers_mut()
+                    .insert(tether_proto::endpoints::REPLICA_HEADER, id);
+            }
+            return resp;
+        }
         let slot = match self.limits.session(None) {
             Ok(s) => s,
             Err(hit) => return limit_refusal(&self.metrics, peer, hit),
@@ -154,6 +169,26 @@ impl AgentEndpoint {
                 .await
         });
         resp
+    }
+
+    /// Whether the dialing agent instance says it holds this replica
+    /// (`X-Tether-Held`, version 9) and a live session of it is here: a
+    /// dial that landed through the load balancer on a replica the agent
+    /// holds. Replacing that session would drain its streams for nothing,
+    /// and an agent that keeps looking for an unreachable replica would do
+    /// it every few seconds.
+    fn already_held(&self, req: &Request<Incoming>, name: &str, instance: &str) -> bool {
+        let me = self.cluster.id();
+        let listed = req
+            .headers()
+            .get(tether_proto::endpoints::AGENT_HELD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ids| {
+                ids.split(',')
+                    .take(tether_proto::endpoints::MAX_HELD_IDS)
+                    .any(|id| id.trim() == me)
+            });
+        listed && self.registry.has_live(name, instance)
     }
 
     /// One agent session, from the handshake to its end.

@@ -188,14 +188,14 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.transport_closed()).await;
             Ok(())
         }
-        Err(e) if e.contains("HTTP 401") => Err(step.fail(
+        Err(e) if e.refused_status() == Some(401) => Err(step.fail(
             format!("the server does not accept this token for {role}: {e}"),
             match role {
                 "an agent" => "use the agent's token, and check the server's [[agent]] entry (token or token_sha256)",
                 _ => "use a client token the server lists in [[client]] (or a valid JWT)",
             },
         )),
-        Err(e) if e.contains("HTTP 403") => Err(step.fail(
+        Err(e) if e.refused_status() == Some(403) => Err(step.fail(
             format!("refused: {e}"),
             "the token belongs to another agent name: pass that name to --agent",
         )),

@@ -1052,3 +1052,64 @@ fn several_addresses(test: &str, one_server: bool) {
     drop(agent);
     drop(replicas);
 }
+
+/// An agent that cannot reach a replica at its advertised address looks
+/// for it through the server URL; a look that lands on a replica the agent
+/// already holds must not replace its session there (protocol 9: the
+/// agent's `X-Tether-Held`, the server's 409). Before, every look replaced
+/// the session and drained it, cutting its long streams after the drain
+/// timeout, over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_that_lands_on_a_held_replica_keeps_the_session_there() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_service().await;
+    // r2 is advertised at an address where nothing listens.
+    let dead = free_port();
+    let t = Tunnel::start_with(
+        &[("echo", echo)],
+        &[
+            "--replica-id",
+            "r1",
+            "--peer",
+            &format!("r2=127.0.0.1:{dead}"),
+            "--drain-timeout-ms",
+            "1000",
+        ],
+        &["--instance", "a1"],
+    );
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/echo")]);
+    let mut held = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the forward");
+    // Long enough for r2's address to fail twice and for several looks
+    // through the URL (every other attempt, backoff capped at 2 s).
+    for i in 0..24 {
+        let msg = format!("ping {i:02}");
+        held.write_all(msg.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), held.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("echo {i} timed out\n{}", t.server.log_text()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the long stream was cut at echo {i}: {e}\n--- server ---\n{}\n--- agent ---\n{}",
+                    t.server.log_text(),
+                    t.agent.log_text()
+                )
+            });
+        assert_eq!(back, msg.as_bytes());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        t.agent_metric("tether_agent_replicas_missing"),
+        Some(1.0),
+        "r2 should stay missing"
+    );
+    assert!(
+        !t.server.log_text().contains("re-registered"),
+        "the agent's session was replaced\n{}",
+        t.server.log_text()
+    );
+    assert_eq!(t.agent_metric("tether_agent_sessions_total"), Some(1.0));
+}

@@ -290,6 +290,8 @@ pub enum DialError {
         status: u16,
         /// Response body (the server's explanation).
         body: String,
+        /// The replica that refused, when it said (`X-Tether-Replica`).
+        replica: Option<String>,
     },
     /// The WebSocket handshake failed otherwise.
     #[error("websocket handshake with {0} failed: {1}")]
@@ -511,6 +513,11 @@ async fn client_upgrade(
         .map_err(|e| fail(e.to_string()))?;
     let status = resp.status();
     if status != http::StatusCode::SWITCHING_PROTOCOLS {
+        let replica = resp
+            .headers()
+            .get(tether_proto::endpoints::REPLICA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
@@ -519,6 +526,7 @@ async fn client_upgrade(
         return Err(DialError::Refused {
             status: status.as_u16(),
             body: String::from_utf8_lossy(&body).trim().to_owned(),
+            replica,
         });
     }
     let answer = |name: header::HeaderName| {
