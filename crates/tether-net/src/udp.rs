@@ -31,6 +31,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_FLOWS: usize = 1024;
 /// Datagrams queued per flow while its stream opens.
 const FLOW_QUEUE: usize = 256;
+/// How long a source whose flow was refused has its datagrams dropped
+/// before one of them may try to open a flow again.
+const REFUSED_HOLD: Duration = Duration::from_secs(1);
 /// Bytes queued per flow while its stream opens. Datagrams are up to
 /// 64 KiB: counted in datagrams alone, a flow table of unauthenticated
 /// sources (one per source port) could hold 16 MiB each.
@@ -325,8 +328,15 @@ async fn local_flow<G>(
     let (stream, _guard) = match open.await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(%src, "udp flow refused: {e}");
-            // Everything queued for it is lost.
+            tracing::info!(%src, "udp flow refused: {e}; its datagrams are dropped for {REFUSED_HOLD:?}");
+            // Everything queued for it is lost, and what comes in the next
+            // moment too: UDP needs no handshake, so a source sending fast
+            // would otherwise start an open (and its log lines) for every
+            // datagram while the refusal stands.
+            let until = tokio::time::Instant::now() + REFUSED_HOLD;
+            while let Ok(Some(_)) = tokio::time::timeout_at(until, rx.recv()).await {
+                stats.drops.fetch_add(1, Ordering::Relaxed);
+            }
             stats.drops.fetch_add(rx.rx.len() as u64, Ordering::Relaxed);
             return;
         }
@@ -486,6 +496,40 @@ mod tests {
         // The first fits; every later one would pass 64 KiB.
         assert_eq!(dropped(), 15, "datagrams kept beyond the byte budget");
         assert_eq!(stats.flows.load(Ordering::Relaxed), 1);
+        task.abort();
+    }
+
+    /// A refused source's datagrams are dropped for a moment, not each
+    /// turned into an open (and its log lines) of its own.
+    #[tokio::test]
+    async fn a_refused_source_does_not_open_a_flow_per_datagram() {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        let stats = Arc::new(UdpStats::default());
+        let opens = Arc::new(AtomicU64::new(0));
+        let counted = opens.clone();
+        let open = move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Err::<Stream, String>("too_many_streams".into()))
+        };
+        let task = tokio::spawn(serve_socket(
+            socket,
+            open,
+            UdpLimits::default(),
+            stats.clone(),
+            |_| true,
+        ));
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..40 {
+            sender.send_to(b"query", addr).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while stats.drops.load(Ordering::Relaxed) < 40 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.drops.load(Ordering::Relaxed), 40);
+        assert_eq!(opens.load(Ordering::Relaxed), 1, "an open per datagram");
         task.abort();
     }
 
