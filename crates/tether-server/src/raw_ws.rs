@@ -175,7 +175,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
             return Poll::Ready(match ready!(self.stream.poll_next_unpin(cx)) {
-                None | Some(Ok(Message::Close(_))) => Ok(None),
+                None => Ok(None),
+                // The client's Close: tungstenite queues the answering
+                // Close and writes it on its next read, which then ends
+                // the stream. Read on, or the client would wait for that
+                // answer until the service writes or closes.
+                Some(Ok(Message::Close(_))) => continue,
                 // tungstenite slices messages out of a read buffer that
                 // grows to fit the largest one (≤ MAX_RECV_MESSAGE): a
                 // small one must not keep it alive in the relay's queues.

@@ -456,6 +456,44 @@ async fn a_raw_websocket_close_tells_a_service_close_from_a_reset() {
     }
 }
 
+/// A client's Close is answered at once, even when the service stays
+/// silent and keeps its end open after the stream's FIN (a browser tab
+/// closed on a quiet connection must not sit in CLOSING).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_websocket_close_is_answered_while_the_service_is_silent() {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let svc = l.local_addr().unwrap();
+    let (saw_fin_tx, saw_fin) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 16];
+        // The client's FIN arrives; the service says nothing and keeps
+        // its socket for a long time.
+        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        let _ = saw_fin_tx.send(());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    });
+    let t = Tunnel::start(&[("svc", svc)], &[]);
+    let url = format!("{}/tether/v1/ws/prod/svc?token={CLIENT_TOKEN}", t.url());
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Binary(Bytes::from_static(b"hello")))
+        .await
+        .unwrap();
+    ws.close(None).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+        Ok(Some(Ok(Message::Close(_)))) | Ok(None) => {}
+        other => panic!("no answer to the close within 3 s: {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(3), saw_fin)
+        .await
+        .expect("the service never saw the client's end")
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_cap_holds_per_client_across_sessions() {
     let echo = echo_service().await;
