@@ -41,6 +41,12 @@ pub const MAX_HELD_IDS: usize = 32;
 /// [`REPLICA_HEADER`].
 pub const HELD_STATUS: u16 = 409;
 
+/// Header with which a dialer on the agent endpoint asks only to have its
+/// credential checked (`tether doctor --agent`; version 9): the server
+/// runs the handshake but does not register the session, so no open is
+/// routed to it and it replaces no agent process.
+pub const AGENT_PROBE_HEADER: &str = "x-tether-probe";
+
 /// Header in which a server names its replica id on a [`HELD_STATUS`]
 /// refusal (version 9).
 pub const REPLICA_HEADER: &str = "x-tether-replica";

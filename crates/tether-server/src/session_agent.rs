@@ -24,6 +24,10 @@ use crate::upgrade::{
     accept_session, authenticated_hold, limit_refusal, require_token, tether_upgrade, unknown_token,
 };
 
+/// How long a probe session (`X-Tether-Probe`) may stay before the server
+/// ends it: the dialer has what it came for after the handshake.
+const PROBE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The agent endpoint and the handles its sessions use.
 pub(crate) struct AgentEndpoint {
     auth: Arc<AuthStore>,
@@ -141,7 +145,10 @@ impl AgentEndpoint {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return resp;
         }
-        if self.already_held(&req, &name, &instance) {
+        let probe = req
+            .headers()
+            .contains_key(tether_proto::endpoints::AGENT_PROBE_HEADER);
+        if !probe && self.already_held(&req, &name, &instance) {
             tracing::debug!(agent = %name, %instance, %peer, "this agent instance holds a live session here already: upgrade refused (409), its session kept");
             let mut resp = text(
                 StatusCode::CONFLICT,
@@ -165,6 +172,10 @@ impl AgentEndpoint {
         tokio::spawn(async move {
             let _slot = slot;
             let _hold = hold;
+            if probe {
+                this.probe(req, peer, name).await;
+                return;
+            }
             this.run(req, peer, name, instance, token_hash, checked_at)
                 .await
         });
@@ -189,6 +200,24 @@ impl AgentEndpoint {
                     .any(|id| id.trim() == me)
             });
         listed && self.registry.has_live(name, instance)
+    }
+
+    /// A credential check (`X-Tether-Probe`, version 9: `tether doctor
+    /// --agent`): the handshake, then the session ends without being
+    /// registered. Registered, it would join the agent's pool and be
+    /// picked for opens it refuses, or replace an agent process.
+    async fn probe(&self, req: Request<Incoming>, peer: SocketAddr, name: String) {
+        let mut cfg = self.session_config.clone();
+        cfg.accept_opens = false;
+        let label = format!("agent={name} (probe)");
+        let Some((conn, _info, _incoming)) =
+            accept_session(&self.metrics, req, cfg, label, peer).await
+        else {
+            return;
+        };
+        tracing::info!(agent = %name, %peer, "agent credential checked (probe): not registered");
+        let _ = tokio::time::timeout(PROBE_LINGER, conn.closed()).await;
+        conn.close(ErrorCode::Normal, "probe done");
     }
 
     /// One agent session, from the handshake to its end.

@@ -10,7 +10,7 @@ use clap::Args;
 use tether_net::reconnect::{server_trust, Endpoint};
 use tether_net::transport::tls::{client_config, fingerprint, ServerTrust};
 use tether_net::transport::ws::endpoint_url;
-use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH, CLIENT_PATH};
+use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH, AGENT_PROBE_HEADER, CLIENT_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -167,6 +167,8 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
     let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
     if let Some(name) = &a.agent {
         headers.push((AGENT_NAME_HEADER.to_owned(), name.clone()));
+        // Checked, not registered: the real agent's pool stays as it is.
+        headers.push((AGENT_PROBE_HEADER.to_owned(), "1".to_owned()));
     }
     let endpoint = Endpoint {
         url: endpoint_url(&a.server, path),

@@ -336,6 +336,39 @@ fn doctor_names_each_common_mistake() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `tether doctor --agent` checks the agent's token without joining the
+/// agent's pool: the running agent keeps every open, and the pool keeps
+/// one member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_an_agent_token_without_joining_its_pool() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "doctor",
+            "--server",
+            &t.url(),
+            "--agent",
+            "prod",
+            "--token",
+            AGENT_TOKEN,
+        ])
+        .env_remove("TETHER_TOKEN")
+        .output()
+        .expect("run doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("accepted as an agent"), "{text}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = t.server.log_text();
+    assert_eq!(
+        log.matches("agent connected").count(),
+        1,
+        "the doctor's session was registered\n{log}"
+    );
+    assert!(!log.contains("re-registered"), "{log}");
+    assert!(log.contains("agent credential checked (probe)"), "{log}");
+}
+
 /// The `[cluster]` settings come from the environment too (as a Kubernetes
 /// manifest sets them): the replica id, a comma-separated peer list, and
 /// the replica list the server builds from them.
