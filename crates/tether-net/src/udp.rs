@@ -106,6 +106,19 @@ struct FlowEntry {
     task: tokio::task::AbortHandle,
 }
 
+/// What a flow holds for its life (the server's accounting of the stream,
+/// say), told of every datagram the flow carries. Whatever it must do when
+/// the flow ends, however it ends (idle, evicted, the stream closed, the
+/// socket's task gone), it does when dropped.
+pub trait FlowGuard: Send + 'static {
+    /// A datagram of `len` bytes went into the tunnel.
+    fn sent(&self, _len: usize) {}
+    /// A datagram of `len` bytes came out of the tunnel to the source.
+    fn received(&self, _len: usize) {}
+}
+
+impl FlowGuard for () {}
+
 /// A socket's flows. Dropped with the task that serves the socket, it ends
 /// them all: each holds the socket, and a flow that outlived its server
 /// (its open still waiting, say) would keep the port bound with nobody
@@ -152,17 +165,16 @@ pub async fn serve_socket<F, Fut>(
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Stream, String>> + Send + 'static,
 {
-    let open = move || {
+    let open = move |_src: SocketAddr| {
         let opening = open();
         async move { opening.await.map(|s| (s, ())) }
     };
     serve_socket_guarded(socket, open, limits, stats, accept, || true).await
 }
 
-/// [`serve_socket`] for opens that come with a guard (`G`: whatever must
-/// live as long as the flow, such as the server's accounting of the
-/// stream): the flow holds it until it ends, however it ends (idle,
-/// evicted, the stream closed). A source without a flow starts one only
+/// [`serve_socket`] for opens that come with a guard (`G`, see
+/// [`FlowGuard`]) and are told the flow's source: the flow holds the guard
+/// until it ends. A source without a flow starts one only
 /// while `new_flows()` says so (a draining server's listener keeps the
 /// flows it has and takes no new ones); its datagrams are dropped
 /// otherwise.
@@ -174,9 +186,9 @@ pub async fn serve_socket_guarded<F, Fut, G>(
     accept: impl Fn(&SocketAddr) -> bool + Send + 'static,
     new_flows: impl Fn() -> bool + Send + 'static,
 ) where
-    F: Fn() -> Fut + Send + Sync + 'static,
+    F: Fn(SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(Stream, G), String>> + Send + 'static,
-    G: Send + 'static,
+    G: FlowGuard,
 {
     let open = Arc::new(open);
     let flows: Arc<FlowTable> = Arc::default();
@@ -251,9 +263,9 @@ fn start_flow<F, Fut, G>(
     stats: &Arc<UdpStats>,
     generation: &mut u64,
 ) where
-    F: Fn() -> Fut + Send + Sync + 'static,
+    F: Fn(SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(Stream, G), String>> + Send + 'static,
-    G: Send + 'static,
+    G: FlowGuard,
 {
     if map.len() >= limits.max_flows {
         // Evict the least recently used flow: its task ends now, its stream resets.
@@ -284,7 +296,7 @@ fn start_flow<F, Fut, G>(
             rx,
             queued: queued2,
         };
-        local_flow(src, queue, socket, open(), limits.idle_timeout, &stats2).await;
+        local_flow(src, queue, socket, open(src), limits.idle_timeout, &stats2).await;
         let mut map = flows2.lock();
         if map.get(&src).is_some_and(|e| e.generation == gen) {
             map.remove(&src);
@@ -316,7 +328,7 @@ impl FlowQueue {
     }
 }
 
-async fn local_flow<G>(
+async fn local_flow<G: FlowGuard>(
     src: SocketAddr,
     mut rx: FlowQueue,
     socket: Arc<UdpSocket>,
@@ -325,7 +337,7 @@ async fn local_flow<G>(
     stats: &UdpStats,
 ) {
     // The guard lives as long as this function: the flow's whole life.
-    let (stream, _guard) = match open.await {
+    let (stream, guard) = match open.await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(%src, "udp flow refused: {e}; its datagrams are dropped for {REFUSED_HOLD:?}");
@@ -353,7 +365,10 @@ async fn local_flow<G>(
                 last = Instant::now();
                 match datagram::encode(&d) {
                     Ok(rec) => match w.try_write(rec) {
-                        Ok(true) => { stats.datagrams_in.fetch_add(1, Ordering::Relaxed); }
+                        Ok(true) => {
+                            stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
+                            guard.sent(d.len());
+                        }
                         Ok(false) => { stats.drops.fetch_add(1, Ordering::Relaxed); }
                         Err(_) => break,
                     },
@@ -369,6 +384,7 @@ async fn local_flow<G>(
                         Ok(Some(d)) => {
                             if socket.send_to(&d, src).await.is_ok() {
                                 stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                                guard.received(d.len());
                             }
                         }
                         Ok(None) => break,

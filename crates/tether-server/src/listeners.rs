@@ -14,6 +14,7 @@
 //! and pending-open limits as a client identity.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,9 @@ use crate::cluster::{Cluster, Phase};
 use crate::config::ListenerConfig;
 use crate::limits::Limit;
 use crate::metrics::Metrics;
-use crate::open::{Caller, Opener};
+use crate::open::{Caller, OpenGuard, Opener};
 use crate::registry::Registry;
-use crate::relay::run_relay;
+use crate::relay::{run_relay, stream_ended, stream_started};
 
 /// How long to wait before retrying a bind that failed.
 const REBIND_DELAY: Duration = Duration::from_secs(5);
@@ -229,10 +230,12 @@ impl Listener {
             gauge.inc();
             let open = {
                 let this = self.clone();
-                move || {
+                move |src: SocketAddr| {
                     let this = this.clone();
                     async move {
-                        this.opener
+                        let started = Instant::now();
+                        let (stream, guard) = this
+                            .opener
                             .open(
                                 &this.caller,
                                 &this.cfg.target,
@@ -240,7 +243,17 @@ impl Listener {
                                 bytes::Bytes::new(),
                             )
                             .await
-                            .map_err(|r| r.to_string())
+                            .map_err(|r| r.to_string())?;
+                        stream_started(&this.metrics);
+                        let flow = AuditedFlow {
+                            listener: this.clone(),
+                            src,
+                            guard,
+                            started,
+                            up: AtomicU64::new(0),
+                            down: AtomicU64::new(0),
+                        };
+                        Ok((stream, flow))
                     }
                 }
             };
@@ -278,6 +291,48 @@ impl Listener {
             gauge.dec();
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
         }
+    }
+}
+
+/// A UDP listener flow's hold on its stream (the open's guard) and its
+/// account: counted in the stream metrics while it lives, and written in
+/// an audit line when it ends, however it ends, like a TCP connection's.
+struct AuditedFlow {
+    listener: Arc<Listener>,
+    src: SocketAddr,
+    guard: OpenGuard,
+    started: Instant,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl tether_net::udp::FlowGuard for AuditedFlow {
+    fn sent(&self, len: usize) {
+        self.up.fetch_add(len as u64, Ordering::Relaxed);
+    }
+    fn received(&self, len: usize) {
+        self.down.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for AuditedFlow {
+    fn drop(&mut self) {
+        let who = ListenerConnection {
+            listener: self.listener.caller.name(),
+            peer: self.src,
+        };
+        stream_ended(
+            &self.listener.metrics,
+            &who,
+            &self.listener.cfg.target,
+            &self.guard,
+            (
+                self.up.load(Ordering::Relaxed),
+                self.down.load(Ordering::Relaxed),
+            ),
+            self.started,
+            "closed",
+        );
     }
 }
 

@@ -39,18 +39,13 @@ where
     AR: ChunkRead + 'a,
     AW: ChunkWrite + 'a,
 {
-    metrics.live_streams.inc();
-    metrics.streams_total.inc();
+    stream_started(metrics);
     let ended = guard.ended();
     let stop = async move { (ResetCode::Forbidden, ended.await.to_owned()) };
     let splice = splice_until(cr, cw, ar, aw, stop);
     async move {
         let mut report = splice.await;
         report.a_to_b += guard.early_bytes();
-        metrics.live_streams.dec();
-        metrics.add_bytes(report.a_to_b, report.b_to_a);
-        let ms = started.elapsed().as_millis() as u64;
-        let protocol = guard.protocol().as_str();
         let result = match &report.error {
             None => "closed".to_owned(),
             Some(e) => {
@@ -58,6 +53,38 @@ where
                 format!("error: {e}")
             }
         };
-        tracing::info!(target: "audit", identity = %who, %target, protocol, decision = "allowed", bytes_up = report.a_to_b, bytes_down = report.b_to_a, duration_ms = ms, %result, "audit");
+        stream_ended(
+            metrics,
+            who,
+            target,
+            guard,
+            (report.a_to_b, report.b_to_a),
+            started,
+            &result,
+        );
     }
+}
+
+/// Counts a relayed stream in the stream metrics from its start: pair with
+/// [`stream_ended`].
+pub(crate) fn stream_started(metrics: &Metrics) {
+    metrics.live_streams.inc();
+    metrics.streams_total.inc();
+}
+
+/// A relayed stream ended: its bytes into the metrics, and its audit line.
+pub(crate) fn stream_ended(
+    metrics: &Metrics,
+    who: &(dyn Display + Sync),
+    target: &str,
+    guard: &OpenGuard,
+    (up, down): (u64, u64),
+    started: Instant,
+    result: &str,
+) {
+    metrics.live_streams.dec();
+    metrics.add_bytes(up, down);
+    let ms = started.elapsed().as_millis() as u64;
+    let protocol = guard.protocol().as_str();
+    tracing::info!(target: "audit", identity = %who, %target, protocol, decision = "allowed", bytes_up = up, bytes_down = down, duration_ms = ms, %result, "audit");
 }

@@ -236,6 +236,9 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
             .unwrap();
         assert_eq!(&buf[..n], &d[..]);
     }
+    // A flow counts as a live stream, like a TCP connection.
+    assert_eq!(t.server_metric("tether_live_streams"), Some(1.0));
+    assert_eq!(t.server_metric("tether_streams_total"), Some(1.0));
     // Shutting down, the listener takes no new flow (a new source gets no
     // answer), while the flow it carries keeps echoing through the drain.
     t.server.signal(Signal::TERM);
@@ -256,6 +259,24 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
         late_answer.is_err(),
         "a new flow was opened during the drain: {late_answer:?}\n{}",
         t.server.log_text()
+    );
+    // Ended by the drain, the flow leaves an audit line with its source
+    // and its bytes (20 datagrams of 100 to 119 bytes, and "still here").
+    let audit = format!("identity=listener udp 127.0.0.1:{port} from 127.0.0.1:");
+    assert!(
+        t.server.wait_log(&audit, Duration::from_secs(15)),
+        "{}",
+        t.server.log_text()
+    );
+    let log = t.server.log_text();
+    let line = log.lines().find(|l| l.contains(&audit)).unwrap_or_default();
+    assert!(
+        line.contains("protocol=\"udp\"") || line.contains("protocol=udp"),
+        "{line}"
+    );
+    assert!(
+        line.contains("bytes_up=2200") && line.contains("bytes_down=2200"),
+        "{line}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
