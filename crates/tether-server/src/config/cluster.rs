@@ -124,14 +124,44 @@ impl ClusterConfig {
 
     /// Checks every setting.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.static_peers()?;
+        let peers = self.static_peers()?;
+        // Two replicas with one id are one replica to the agents (each
+        // holds a session to "it" and leaves the other out), and each
+        // replica drops the peers with its own id as itself.
+        for (i, p) in peers.iter().enumerate() {
+            if let Some(id) = &p.id {
+                if let Some(o) = peers[..i].iter().find(|o| o.id.as_ref() == Some(id)) {
+                    anyhow::bail!(
+                        "[cluster] peers: {id} is named at {} and at {}: replica ids must differ",
+                        o.addr,
+                        p.addr
+                    );
+                }
+            }
+            if let (Some(id), Some(me), Some(at)) = (&p.id, &self.replica_id, self.advertise) {
+                if id == me && p.addr != at {
+                    anyhow::bail!(
+                        "[cluster] peers: {id} at {} has this replica's id, but this replica \
+                         advertises {at}: is replica_id shared by several replicas?",
+                        p.addr
+                    );
+                }
+            }
+        }
         self.peers_dns()?;
         if let Some(s) = &self.dns_server {
             tether_net::dns::parse_dns_server(s)?;
         }
         if let Some(id) = &self.replica_id {
-            if id.is_empty() || id.len() > 200 {
-                anyhow::bail!("[cluster] replica_id must be 1 to 200 characters");
+            // Agents list ids comma-separated in X-Tether-Held, and the
+            // server names itself in a header.
+            if id.is_empty()
+                || id.len() > 200
+                || !id.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+            {
+                anyhow::bail!(
+                    "[cluster] replica_id must be 1 to 200 visible ASCII characters, no comma"
+                );
             }
         }
         Ok(())
@@ -168,5 +198,30 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    /// One id at two addresses is refused: agents would hold one of the
+    /// two replicas only.
+    #[test]
+    fn replica_ids_must_differ() {
+        let peers = |p: &[&str]| ClusterConfig {
+            peers: p.iter().map(|s| s.to_string()).collect(),
+            replica_id: Some("r1".into()),
+            advertise: Some("10.0.0.1:8443".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(peers(&["r1=10.0.0.1:8443", "r2=10.0.0.2:8443"])
+            .validate()
+            .is_ok());
+        assert!(peers(&["r2=10.0.0.2:8443", "r2=10.0.0.3:8443"])
+            .validate()
+            .is_err());
+        // This replica's id at another address: a replica_id shared by all.
+        assert!(peers(&["r1=10.0.0.2:8443"]).validate().is_err());
+        let bad_id = ClusterConfig {
+            replica_id: Some("a,b".into()),
+            ..Default::default()
+        };
+        assert!(bad_id.validate().is_err());
     }
 }
