@@ -106,9 +106,9 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
                 ))
             }
         };
-    let Some(&addr) = addrs.first() else {
+    if addrs.is_empty() {
         return Err(step.fail(format!("{host} has no address"), "check the name"));
-    };
+    }
     step.ok(format!(
         "{host} -> {}",
         addrs
@@ -118,30 +118,51 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
             .join(", ")
     ));
 
-    // TCP.
+    // TCP: each address in turn, as agents and clients connect.
     let step = Step { name: "tcp" };
-    let tcp = match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Err(step.fail(
-                format!("{addr} refused the connection"),
+    let mut failed = vec![];
+    let mut connected = None;
+    for &addr in &addrs {
+        match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                connected = Some((s, addr));
+                break;
+            }
+            Ok(Err(e)) => failed.push((addr, Some(e))),
+            Err(_) => failed.push((addr, None)),
+        }
+    }
+    let Some((tcp, addr)) = connected else {
+        let (addr, err) = failed.swap_remove(0);
+        let others = if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" (and {} other addresses failed too)", failed.len())
+        };
+        return Err(match err {
+            Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => step.fail(
+                format!("{addr} refused the connection{others}"),
                 "is the server running, and is this its port (the server's --listen)?",
-            ))
-        }
-        Ok(Err(e)) => {
-            return Err(step.fail(
-                format!("cannot connect to {addr}: {e}"),
+            ),
+            Some(e) => step.fail(
+                format!("cannot connect to {addr}: {e}{others}"),
                 "check the address and any firewall in between",
-            ))
-        }
-        Err(_) => {
-            return Err(step.fail(
-                format!("no answer from {addr} within {STEP_TIMEOUT:?}"),
+            ),
+            None => step.fail(
+                format!("no answer from {addr} within {STEP_TIMEOUT:?}{others}"),
                 "a firewall drops the connection, or the address is wrong",
-            ))
-        }
+            ),
+        });
     };
-    step.ok(format!("connected to {addr}"));
+    if failed.is_empty() {
+        step.ok(format!("connected to {addr}"));
+    } else {
+        let tried: Vec<String> = failed.iter().map(|(a, _)| a.ip().to_string()).collect();
+        step.ok(format!(
+            "connected to {addr}; {} failed first (agents and clients try the addresses in turn too)",
+            tried.join(", ")
+        ));
+    }
 
     // TLS, or that the port does not speak TLS when the URL says ws://.
     let trust = server_trust(a.fingerprint.as_ref(), a.ca_file.as_ref());

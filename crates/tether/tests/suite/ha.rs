@@ -1113,3 +1113,72 @@ async fn a_search_that_lands_on_a_held_replica_keeps_the_session_there() {
     );
     assert_eq!(t.agent_metric("tether_agent_sessions_total"), Some(1.0));
 }
+
+/// `tether doctor` tries every address of the server's name, as agents and
+/// clients connect: a name whose first address refuses (an AAAA record
+/// for a server on IPv4 only) still passes, and the line says which failed.
+#[test]
+fn doctor_tries_every_address_of_the_name() {
+    const T: &str = "doctor_tries_every_address_of_the_name";
+    if !is_root() {
+        assert!(
+            !under_ci(),
+            "{T}: network namespaces need root (CI runs as root)"
+        );
+        eprintln!("SKIPPED {T}: network namespaces need root");
+        return;
+    }
+    let dir = TestDir::new("doctor-addrs");
+    let ns = Netns::create("dr");
+    let net = ns.net();
+    let hosts_dir = std::path::PathBuf::from("/etc/netns").join(&ns.name);
+    std::fs::create_dir_all(&hosts_dir).expect("/etc/netns/NAME");
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _hosts_cleanup = RemoveDir(hosts_dir.clone());
+    // ::1 sorts first; the server listens on 127.0.0.1 only.
+    std::fs::write(
+        hosts_dir.join("hosts"),
+        "127.0.0.1 localhost\n::1 tether.test\n127.0.0.1 tether.test\n",
+    )
+    .expect("hosts file");
+    let server = Proc::spawn_in(
+        &net,
+        &dir.path,
+        "server",
+        &[
+            "server".into(),
+            "--listen".into(),
+            "127.0.0.1:7443".into(),
+            "--client".into(),
+            format!("dev={CLIENT_TOKEN}=prod/*"),
+        ],
+    );
+    assert!(server.wait_log("server listening", Duration::from_secs(10)));
+    let out = net
+        .command(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "doctor",
+            "--server",
+            "ws://tether.test:7443",
+            "--token",
+            CLIENT_TOKEN,
+        ])
+        .env_remove("TETHER_TOKEN")
+        .output()
+        .expect("run doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("all checks passed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("connected to 127.0.0.1:7443; ::1 failed first"),
+        "{text}"
+    );
+    drop(server);
+}
