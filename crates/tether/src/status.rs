@@ -93,6 +93,10 @@ fn parse_server(s: &str) -> anyhow::Result<Target> {
 /// Runs `tether status`.
 pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
     let target = parse_server(&a.server)?;
+    if !target.tls {
+        // The admin token goes in every request.
+        tether_net::transport::ws::warn_if_plain(&format!("ws://{}", target.authority));
+    }
     let mut done = 0u64;
     loop {
         let snapshot = fetch_all(&a, &target).await?;

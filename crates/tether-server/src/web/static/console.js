@@ -206,8 +206,17 @@
             (body.total > rows.length ? " · the " + rows.length + " busiest shown" : "")
           : "no live streams on replica " + body.replica;
       })
-      .catch(() => { streamsNote.textContent = "cannot read the live streams; retrying"; })
-      .finally(() => setTimeout(pollStreams, TICK_MS));
+      .then(() => setTimeout(pollStreams, TICK_MS))
+      .catch((status) => {
+        // Signed out, or no longer an admin: stop asking (each answer
+        // would be a refusal in the server's log).
+        if (status === 401 || status === 403) {
+          streamsEl.hidden = true;
+          return;
+        }
+        streamsNote.textContent = "cannot read the live streams; retrying";
+        setTimeout(pollStreams, TICK_MS);
+      });
   }
 
   let es = null;
