@@ -250,7 +250,10 @@ impl Agent {
         let held = sup.held_replicas();
         let (conn, info, incoming) = match self.connect(connect_to, &held).await {
             Ok(est) => est,
-            Err(e) if e.refused_status() == Some(HELD_STATUS) => {
+            Err(e)
+                if e.refused_status() == Some(HELD_STATUS)
+                    && e.refused_by().is_some_and(|r| held.iter().any(|h| h == r)) =>
+            {
                 // Landed on a replica we hold (through the load balancer,
                 // or at a second address): it kept our session there.
                 tracing::debug!(server = %shown, "{e}");

@@ -97,8 +97,8 @@ impl UdpStats {
 
 struct FlowEntry {
     tx: mpsc::Sender<Bytes>,
-    /// Bytes in `tx`'s queue, within [`FLOW_QUEUE_BYTES`].
-    queued: Arc<AtomicUsize>,
+    /// Bytes in `tx`'s queue, and whether the flow's stream is open.
+    queue: Arc<QueueState>,
     last_used: Instant,
     generation: u64,
     /// Ends the flow's task at once on eviction, even while its open is
@@ -118,6 +118,24 @@ pub trait FlowGuard: Send + 'static {
 }
 
 impl FlowGuard for () {}
+
+/// What the socket's task and a flow share about the flow's queue.
+#[derive(Default)]
+struct QueueState {
+    /// Bytes queued: within [`FLOW_QUEUE_BYTES`] until the stream is open.
+    bytes: AtomicUsize,
+    /// The stream is open: the flow drains its queue as datagrams come,
+    /// and a burst may fill all [`FLOW_QUEUE`] places.
+    open: std::sync::atomic::AtomicBool,
+}
+
+impl QueueState {
+    /// Whether a datagram of `len` bytes may be queued now.
+    fn takes(&self, len: usize) -> bool {
+        self.open.load(Ordering::Relaxed)
+            || self.bytes.load(Ordering::Relaxed) + len <= FLOW_QUEUE_BYTES
+    }
+}
 
 /// A socket's flows. Dropped with the task that serves the socket, it ends
 /// them all: each holds the socket, and a flow that outlived its server
@@ -213,15 +231,15 @@ pub async fn serve_socket_guarded<F, Fut, G>(
             None => Bytes::copy_from_slice(&buf[..n]),
             Some(e) => {
                 e.last_used = Instant::now();
-                if e.queued.load(Ordering::Relaxed) + n > FLOW_QUEUE_BYTES {
+                if !e.queue.takes(n) {
                     stats.drops.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                e.queued.fetch_add(n, Ordering::Relaxed);
+                e.queue.bytes.fetch_add(n, Ordering::Relaxed);
                 match e.tx.try_send(Bytes::copy_from_slice(&buf[..n])) {
                     Ok(()) => continue,
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        e.queued.fetch_sub(n, Ordering::Relaxed);
+                        e.queue.bytes.fetch_sub(n, Ordering::Relaxed);
                         stats.drops.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -278,9 +296,12 @@ fn start_flow<F, Fut, G>(
     }
     *generation += 1;
     let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-    let queued = Arc::new(AtomicUsize::new(first.len()));
+    let queue = Arc::new(QueueState {
+        bytes: AtomicUsize::new(first.len()),
+        ..Default::default()
+    });
     let _ = tx.try_send(first);
-    let queued2 = queued.clone();
+    let queue2 = queue.clone();
     let gen = *generation;
     let flows2 = flows.clone();
     let socket = socket.clone();
@@ -292,10 +313,7 @@ fn start_flow<F, Fut, G>(
     let count = FlowCount(stats.clone());
     let task = tokio::spawn(async move {
         let _count = count;
-        let queue = FlowQueue {
-            rx,
-            queued: queued2,
-        };
+        let queue = FlowQueue { rx, state: queue2 };
         local_flow(src, queue, socket, open(src), limits.idle_timeout, &stats2).await;
         let mut map = flows2.lock();
         if map.get(&src).is_some_and(|e| e.generation == gen) {
@@ -306,7 +324,7 @@ fn start_flow<F, Fut, G>(
         src,
         FlowEntry {
             tx,
-            queued,
+            queue,
             last_used: Instant::now(),
             generation: gen,
             task: task.abort_handle(),
@@ -314,16 +332,16 @@ fn start_flow<F, Fut, G>(
     );
 }
 
-/// The receiving end of a flow's queue, and its byte count.
+/// The receiving end of a flow's queue, and its state.
 struct FlowQueue {
     rx: mpsc::Receiver<Bytes>,
-    queued: Arc<AtomicUsize>,
+    state: Arc<QueueState>,
 }
 
 impl FlowQueue {
     async fn recv(&mut self) -> Option<Bytes> {
         let d = self.rx.recv().await?;
-        self.queued.fetch_sub(d.len(), Ordering::Relaxed);
+        self.state.bytes.fetch_sub(d.len(), Ordering::Relaxed);
         Some(d)
     }
 }
@@ -353,6 +371,7 @@ async fn local_flow<G: FlowGuard>(
             return;
         }
     };
+    rx.state.open.store(true, Ordering::Relaxed);
     let id = stream.id();
     tracing::debug!(%src, stream = %id, "udp flow open");
     let (mut r, mut w) = stream.split();

@@ -53,6 +53,10 @@ pub const SUBPROTOCOL: &str = "tether.v1";
 /// refusal ([`endpoints::AGENT_HELD_HEADER`]); everything else is as in 1.
 pub const PROTOCOL_VERSION: u16 = 9;
 
+/// The first version whose servers know the agent's `X-Tether-Held` and
+/// `X-Tether-Probe` upgrade headers ([`endpoints`]).
+pub const PROBE_VERSION: u16 = 9;
+
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 

@@ -35,6 +35,10 @@ use crate::relay::{run_relay, stream_ended, stream_started};
 /// How long to wait before retrying a bind that failed.
 const REBIND_DELAY: Duration = Duration::from_secs(5);
 
+/// How long a UDP listener waits for its aborted flows to let go of the
+/// socket.
+const FLOWS_END_WAIT: Duration = Duration::from_secs(2);
+
 /// One configured listener and the handles it uses.
 pub(crate) struct Listener {
     cfg: ListenerConfig,
@@ -285,9 +289,17 @@ impl Listener {
                 }
             }
             // Its flows end with it (their session is gone), and with them
-            // their hold on the socket: the port is free for the next bind.
+            // their hold on the socket. Each flow's task lets go of it when
+            // the runtime drops that task, shortly after: wait for that, so
+            // that the next bind finds the port free.
             server.abort();
             let _ = server.await;
+            let deadline = Instant::now() + FLOWS_END_WAIT;
+            while stats.flows.load(std::sync::atomic::Ordering::Relaxed) > 0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             gauge.dec();
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
         }

@@ -148,7 +148,7 @@ impl Reloader {
             } else {
                 why
             };
-            last = now;
+            last = now.clone();
             let loaded = source().context("loading the config");
             match loaded.and_then(|cfg| {
                 let r = self.apply(&cfg)?;
@@ -157,8 +157,16 @@ impl Reloader {
                     // Files newly watched are stamped now; those watched
                     // before keep the stamp taken before the load, so that
                     // a change made while it ran is loaded next time.
+                    let fresh = stamp(&watched);
+                    last = watched
+                        .iter()
+                        .zip(fresh)
+                        .map(|(f, new)| match files.iter().position(|o| o == f) {
+                            Some(i) => now[i],
+                            None => new,
+                        })
+                        .collect();
                     files = watched;
-                    last = stamp(&files);
                 }
                 Ok(r)
             }) {

@@ -24,9 +24,9 @@ use crate::upgrade::{
     accept_session, authenticated_hold, limit_refusal, require_token, tether_upgrade, unknown_token,
 };
 
-/// How long a probe session (`X-Tether-Probe`) may stay before the server
-/// ends it: the dialer has what it came for after the handshake.
-const PROBE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a probe session (`X-Tether-Probe`), closed by the server right
+/// after its handshake, may take to say goodbye.
+const PROBE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The agent endpoint and the handles its sessions use.
 pub(crate) struct AgentEndpoint {
@@ -216,8 +216,10 @@ impl AgentEndpoint {
             return;
         };
         tracing::info!(agent = %name, %peer, "agent credential checked (probe): not registered");
-        let _ = tokio::time::timeout(PROBE_LINGER, conn.closed()).await;
+        // The handshake was the answer: ended at once, the probe holds its
+        // session slot no longer than any upgrade does.
         conn.close(ErrorCode::Normal, "probe done");
+        let _ = tokio::time::timeout(PROBE_LINGER, conn.transport_closed()).await;
     }
 
     /// One agent session, from the handshake to its end.

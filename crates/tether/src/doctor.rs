@@ -207,6 +207,9 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
                 "accepted as {role}; {} speaks protocol version {}",
                 info.peer_software, info.version
             ));
+            if a.agent.is_some() && info.version < tether_proto::PROBE_VERSION {
+                println!("      note: this server predates protocol {}: it counted the check as one more instance of the agent for a moment", tether_proto::PROBE_VERSION);
+            }
             conn.close(tether_proto::ErrorCode::Normal, "doctor done");
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.transport_closed()).await;
             Ok(())

@@ -148,7 +148,13 @@ impl ServerConfig {
                 MAX_STREAMS_PER_CLIENT_CEILING
             );
         }
-        if let Some(a) = self.agents.iter().find(|a| a.mtls) {
+        // A certificate-only agent with no CA to check it against could
+        // never sign in (one with a token still can, by its token).
+        if let Some(a) = self
+            .agents
+            .iter()
+            .find(|a| a.mtls && a.token.is_none() && a.token_sha256.is_none())
+        {
             if self
                 .tls
                 .as_ref()
@@ -266,6 +272,14 @@ mod tests {
         };
         assert_eq!(check(""), None);
         assert_eq!(check("[limits]\nopens_per_sec = 0.0\n"), None);
+        // mTLS beside a token needs no CA (TLS may end at a proxy); a
+        // certificate-only agent does.
+        let mtls = "[[agent]]\nname = \"prod\"\nmtls = true\n";
+        assert_eq!(
+            check(&format!("{mtls}token_sha256 = \"{}\"\n", "ab".repeat(32))),
+            None
+        );
+        assert!(check(mtls).is_some_and(|e| e.contains("client_ca")));
         let jwt = "[jwt]\nissuer = \"https://idp\"\naudience = \"tether\"\n";
         for (bad, names) in [
             (
@@ -289,6 +303,11 @@ mod tests {
                 "request_burst",
             ),
             (format!("{jwt}leeway_secs = 2000000000\n"), "leeway_secs"),
+            (
+                "max_streams_per_client = 0\n".to_owned(),
+                "max_streams_per_client",
+            ),
+            ("[limits]\nmax_sessions = 0\n".to_owned(), "max_sessions"),
         ] {
             let e = check(&bad).unwrap_or_else(|| panic!("accepted: {bad}"));
             assert!(e.contains(names), "{bad}: {e}");
