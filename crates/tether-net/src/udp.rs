@@ -119,6 +119,14 @@ pub trait FlowGuard: Send + 'static {
 
 impl FlowGuard for () {}
 
+impl FlowEntry {
+    /// When the flow last carried a datagram either way.
+    fn last_active(&self) -> Instant {
+        let answered = Duration::from_millis(self.queue.answered_ms.load(Ordering::Relaxed));
+        self.last_used.max(epoch() + answered)
+    }
+}
+
 /// What the socket's task and a flow share about the flow's queue.
 #[derive(Default)]
 struct QueueState {
@@ -127,6 +135,16 @@ struct QueueState {
     /// The stream is open: the flow drains its queue as datagrams come,
     /// and a burst may fill all [`FLOW_QUEUE`] places.
     open: std::sync::atomic::AtomicBool,
+    /// When the flow last delivered an answer to its source, in ms after
+    /// [`epoch`]: a flow the service talks on is in use too, and is not
+    /// the least recently used one to evict.
+    answered_ms: AtomicU64,
+}
+
+/// A fixed instant that flows' answer times are counted from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl QueueState {
@@ -287,7 +305,11 @@ fn start_flow<F, Fut, G>(
 {
     if map.len() >= limits.max_flows {
         // Evict the least recently used flow: its task ends now, its stream resets.
-        if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k) {
+        if let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, e)| e.last_active())
+            .map(|(k, _)| *k)
+        {
             if let Some(e) = map.remove(&oldest) {
                 e.task.abort();
             }
@@ -404,6 +426,8 @@ async fn local_flow<G: FlowGuard>(
                             if socket.send_to(&d, src).await.is_ok() {
                                 stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
                                 guard.received(d.len());
+                                let ms = epoch().elapsed().as_millis() as u64;
+                                rx.state.answered_ms.store(ms, Ordering::Relaxed);
                             }
                         }
                         Ok(None) => break,
@@ -566,6 +590,31 @@ mod tests {
         assert_eq!(stats.drops.load(Ordering::Relaxed), 40);
         assert_eq!(opens.load(Ordering::Relaxed), 1, "an open per datagram");
         task.abort();
+    }
+
+    /// A flow that only receives (the service talks, the source listens)
+    /// counts as in use by its answers.
+    #[tokio::test]
+    async fn answers_keep_a_flow_from_being_the_least_recently_used() {
+        let entry = |last_used: Instant, answered: Option<Instant>| {
+            let (tx, _rx) = mpsc::channel(1);
+            let queue = QueueState::default();
+            if let Some(at) = answered {
+                let ms = at.duration_since(epoch()).as_millis() as u64;
+                queue.answered_ms.store(ms, Ordering::Relaxed);
+            }
+            FlowEntry {
+                tx,
+                queue: Arc::new(queue),
+                last_used,
+                generation: 0,
+                task: tokio::spawn(async {}).abort_handle(),
+            }
+        };
+        let start = epoch();
+        let listening = entry(start, Some(start + Duration::from_millis(40)));
+        let quiet = entry(start + Duration::from_millis(10), None);
+        assert!(quiet.last_active() < listening.last_active());
     }
 
     /// Ending the socket's task ends its flows, and so their hold on the
