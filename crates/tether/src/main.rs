@@ -142,6 +142,18 @@ impl DialArgs {
         // Not a config key: a switch for every dial this process makes.
         tether_net::transport::ws::always_mask(self.ws_mask == WsMask::Always);
         set(t, "server", self.server);
+        // Flags and the environment win over the file, also over the file's
+        // other way to say the same thing (a token_file read first, a
+        // fingerprint pin checked before a CA).
+        if self.token.is_some() {
+            t.remove("token_file");
+        }
+        if self.ca_file.is_some() {
+            t.remove("fingerprint");
+        }
+        if self.fingerprint.is_some() {
+            t.remove("ca_file");
+        }
         set(t, "token", self.token);
         set(t, "ca_file", path_str(self.ca_file));
         set(t, "fingerprint", self.fingerprint);
@@ -330,9 +342,9 @@ enum ClientAction {
     /// Run a local SOCKS5 and HTTP CONNECT proxy (one port) into the cluster;
     /// host names are resolved by the agent.
     Proxy {
-        /// Where to listen.
-        #[arg(long, default_value = "127.0.0.1:1080")]
-        listen: SocketAddr,
+        /// Where to listen [default: the config file's, else 127.0.0.1:1080].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Which agent serves which hosts: PATTERN=AGENT, a domain glob
         /// (*.prod.svc.cluster.local=prod) or a CIDR (10.0.0.0/8=prod). Repeatable.
         #[arg(long = "route", value_name = "PATTERN=AGENT")]
@@ -464,8 +476,19 @@ fn load_table(path: &Option<PathBuf>) -> anyhow::Result<Table> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading config {}", p.display()))?;
-            text.parse::<Table>()
-                .with_context(|| format!("parsing config {}", p.display()))
+            text.parse::<Table>().map_err(|e| {
+                // toml's own text quotes the line, which may hold a token:
+                // the position and the message only.
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+                let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
+                anyhow::anyhow!(
+                    "parsing config {}{at}: {}",
+                    p.display(),
+                    e.message().trim_end()
+                )
+            })
         }
     }
 }
@@ -487,6 +510,9 @@ fn set<T: Into<Value>>(t: &mut Table, key: &str, v: Option<T>) {
 fn path_str(p: Option<PathBuf>) -> Option<String> {
     p.map(|p| p.display().to_string())
 }
+
+/// Where `tether client proxy` listens unless told.
+const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:1080";
 
 fn push_array(t: &mut Table, key: &str, items: Vec<Value>) {
     if items.is_empty() {
@@ -607,24 +633,35 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
     a.session.apply(&mut t);
     set(&mut t, "listen", a.listen.map(|l| l.to_string()));
     if a.tls_cert.is_some() || a.self_signed {
-        let mut tls = Table::new();
-        set(&mut tls, "cert", path_str(a.tls_cert));
-        set(&mut tls, "key", path_str(a.tls_key));
-        if a.self_signed {
-            tls.insert("self_signed".into(), true.into());
-            if !a.tls_names.is_empty() {
-                let mut names: Vec<Value> = vec!["localhost".into(), "127.0.0.1".into()];
-                names.extend(a.tls_names.iter().map(|n| Value::from(n.as_str())));
-                tls.insert("names".into(), Value::Array(names));
+        // Merged into the file's [tls]: its client_ca (and names) stay.
+        // Only the keys of the other way to get a certificate go.
+        let tls = t.entry("tls").or_insert_with(|| Value::Table(Table::new()));
+        if !tls.is_table() {
+            *tls = Value::Table(Table::new());
+        }
+        if let Value::Table(tls) = tls {
+            if a.self_signed {
+                tls.remove("cert");
+                tls.remove("key");
+                tls.insert("self_signed".into(), true.into());
+                if !a.tls_names.is_empty() {
+                    let mut names: Vec<Value> = vec!["localhost".into(), "127.0.0.1".into()];
+                    names.extend(a.tls_names.iter().map(|n| Value::from(n.as_str())));
+                    tls.insert("names".into(), Value::Array(names));
+                }
+            } else {
+                tls.remove("self_signed");
+                set(tls, "cert", path_str(a.tls_cert));
+                set(tls, "key", path_str(a.tls_key));
             }
         }
-        t.insert("tls".into(), Value::Table(tls));
     }
     let mut agents = vec![];
     for s in a.agents {
+        // The value may be a token alone: never quoted in the error.
         let (name, token) = s
             .split_once('=')
-            .with_context(|| format!("--agent {s:?}: expected NAME=TOKEN"))?;
+            .context("--agent: expected NAME=TOKEN (the value has no '=')")?;
         let mut e = Table::new();
         e.insert("name".into(), name.into());
         insert_token(&mut e, token);
@@ -633,10 +670,15 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
     push_array(&mut t, "agent", agents);
     let mut clients = vec![];
     for s in a.clients {
-        let mut parts = s.splitn(3, '=');
-        let (Some(name), Some(token), Some(allow)) = (parts.next(), parts.next(), parts.next())
-        else {
-            bail!("--client {s:?}: expected NAME=TOKEN=PATTERN[,PATTERN...]");
+        // NAME=TOKEN=PATTERNS: the name ends at the first '=', the patterns
+        // start after the last (a base64 token may end in '='). The token
+        // is never quoted in the error.
+        let parts = s
+            .split_once('=')
+            .and_then(|(name, rest)| Some((name, rest.rsplit_once('=')?)))
+            .filter(|(name, (token, _))| !name.is_empty() && !token.is_empty());
+        let Some((name, (token, allow))) = parts else {
+            bail!("--client: expected NAME=TOKEN=PATTERN[,PATTERN...] (the value is not quoted here: it holds a token)");
         };
         let mut e = Table::new();
         e.insert("name".into(), name.into());
@@ -787,14 +829,12 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         .await
 }
 
-async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
-    let mut t = load_table(&a.config)?;
-    a.session.apply(&mut t);
-    a.dial.apply(&mut t);
-    match a.action {
+/// The client subcommand's forwards or proxy, merged into the file's.
+fn merge_action(t: &mut Table, action: Option<ClientAction>) {
+    match action {
         Some(ClientAction::Forward { forwards }) => {
             push_array(
-                &mut t,
+                t,
                 "forward",
                 forwards.into_iter().map(Value::from).collect(),
             );
@@ -804,17 +844,37 @@ async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
             routes,
             default_agent,
         }) => {
-            let mut p = Table::new();
-            p.insert("listen".into(), listen.to_string().into());
-            p.insert(
-                "route".into(),
-                Value::Array(routes.into_iter().map(Value::from).collect()),
-            );
-            set(&mut p, "default_agent", default_agent);
-            t.insert("proxy".into(), Value::Table(p));
+            // Merged into the file's [proxy]: its routes stay, the flags'
+            // are added, and what the flags name replaces the file's.
+            let p = t
+                .entry("proxy")
+                .or_insert_with(|| Value::Table(Table::new()));
+            if !p.is_table() {
+                *p = Value::Table(Table::new());
+            }
+            if let Value::Table(p) = p {
+                match listen {
+                    Some(l) => {
+                        p.insert("listen".into(), l.to_string().into());
+                    }
+                    None => {
+                        p.entry("listen")
+                            .or_insert_with(|| DEFAULT_PROXY_LISTEN.into());
+                    }
+                }
+                push_array(p, "route", routes.into_iter().map(Value::from).collect());
+                set(p, "default_agent", default_agent);
+            }
         }
         None => {}
     }
+}
+
+async fn run_client(a: ClientArgs) -> anyhow::Result<()> {
+    let mut t = load_table(&a.config)?;
+    a.session.apply(&mut t);
+    a.dial.apply(&mut t);
+    merge_action(&mut t, a.action);
     set(
         &mut t,
         "udp_idle_timeout_ms",
@@ -866,6 +926,123 @@ mod tests {
         let cfg = server_config(a).unwrap();
         assert_eq!(cfg.cluster.drain_timeout_ms, i64::MAX as u64);
         assert_eq!(cfg.session.heartbeat_ms, Some(5000));
+    }
+
+    fn server_cfg_from(args: &[&str]) -> anyhow::Result<tether_server::ServerConfig> {
+        let cli = Cli::try_parse_from(["tether", "server"].iter().chain(args)).unwrap();
+        let Command::Server(a) = cli.command else {
+            panic!("not a server command")
+        };
+        server_config(a)
+    }
+
+    /// A TLS flag merges into the file's [tls]: the client CA the file
+    /// names stays (mutual TLS kept working).
+    #[test]
+    fn tls_flags_keep_the_files_client_ca() {
+        let dir = std::env::temp_dir().join(format!("tether-tls-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(
+            &file,
+            "[tls]\nclient_ca = \"/ca.pem\"\nself_signed = true\n",
+        )
+        .unwrap();
+        let f = file.display().to_string();
+        let cfg =
+            server_cfg_from(&["-c", &f, "--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
+        let tls = cfg.tls.expect("[tls]");
+        assert_eq!(
+            tls.client_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(tls.cert.as_deref(), Some(std::path::Path::new("/c.pem")));
+        assert!(!tls.self_signed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A base64 token may end in '='; a malformed value is refused without
+    /// quoting the token.
+    #[test]
+    fn client_flags_take_tokens_with_equals_signs_and_never_echo_them() {
+        let cfg = server_cfg_from(&["--client", "alice=YWJj===prod/*,staging/db"]).unwrap();
+        assert_eq!(cfg.clients[0].name, "alice");
+        assert_eq!(cfg.clients[0].token.as_deref(), Some("YWJj=="));
+        assert_eq!(cfg.clients[0].allow, ["prod/*", "staging/db"]);
+        let e = format!(
+            "{:#}",
+            server_cfg_from(&["--client", "alice=s3cret"]).unwrap_err()
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = format!("{:#}", server_cfg_from(&["--agent", "s3cret"]).unwrap_err());
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    /// A token or CA given by flag or environment wins over the file's
+    /// other way to give it (token_file, fingerprint).
+    #[test]
+    fn dial_flags_win_over_the_files_other_way_to_say_it() {
+        let cli = Cli::try_parse_from(["tether", "agent", "--token", "T", "--ca-file", "/ca.pem"])
+            .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not an agent command")
+        };
+        let mut t: Table = "token_file = \"/t\"\nfingerprint = \"AB\"\n"
+            .parse()
+            .unwrap();
+        a.dial.apply(&mut t);
+        assert!(
+            !t.contains_key("token_file") && !t.contains_key("fingerprint"),
+            "{t}"
+        );
+        assert_eq!(t["token"].as_str(), Some("T"));
+        assert_eq!(t["ca_file"].as_str(), Some("/ca.pem"));
+    }
+
+    /// `tether client proxy` adds to the file's [proxy] rather than
+    /// replacing it with the flags' defaults.
+    #[test]
+    fn proxy_flags_merge_into_the_files_proxy() {
+        let mut t: Table = "[proxy]\nlisten = \"127.0.0.1:9000\"\nroute = [\"*.prod=prod\"]\n"
+            .parse()
+            .unwrap();
+        merge_action(
+            &mut t,
+            Some(ClientAction::Proxy {
+                listen: None,
+                routes: vec!["10.0.0.0/8=prod".into()],
+                default_agent: None,
+            }),
+        );
+        let p = t["proxy"].as_table().unwrap();
+        assert_eq!(p["listen"].as_str(), Some("127.0.0.1:9000"));
+        assert_eq!(p["route"].as_array().map(Vec::len), Some(2));
+        let mut empty = Table::new();
+        merge_action(
+            &mut empty,
+            Some(ClientAction::Proxy {
+                listen: None,
+                routes: vec![],
+                default_agent: None,
+            }),
+        );
+        assert_eq!(
+            empty["proxy"]["listen"].as_str(),
+            Some(DEFAULT_PROXY_LISTEN)
+        );
+    }
+
+    /// A config file that does not parse is reported by line, without the
+    /// line itself (it may hold a token).
+    #[test]
+    fn a_config_that_does_not_parse_is_reported_without_its_text() {
+        let dir = std::env::temp_dir().join(format!("tether-bad-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(&file, "[[agent]]\nname = \"prod\"\ntoken = s3cret\n").unwrap();
+        let e = format!("{:#}", load_table(&Some(file)).unwrap_err());
+        assert!(!e.contains("s3cret") && e.contains("line 3"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
