@@ -140,6 +140,18 @@ impl Client {
     /// Parses forwards and binds every listener (so a port in use fails now).
     pub async fn bind(mut config: ClientConfig) -> anyhow::Result<Client> {
         config.session.validate()?;
+        if config.udp_idle_timeout_ms == 0 {
+            bail!(
+                "udp_idle_timeout_ms = 0 would close every UDP flow at once: give it at least 1 (default {})",
+                tether_net::udp::DEFAULT_IDLE_TIMEOUT.as_millis()
+            );
+        }
+        if config.max_udp_flows == 0 {
+            bail!(
+                "max_udp_flows = 0 would leave no room for a UDP flow: give it at least 1 (default {})",
+                default_max_udp_flows()
+            );
+        }
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
                 .with_context(|| format!("token_file {}", f.display()))?;
@@ -415,6 +427,31 @@ async fn forward_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Zero for a UDP flow's idle time or for the flow cap would break
+    /// every flow: refused at start, by name, as the agent refuses them.
+    #[tokio::test]
+    async fn zero_udp_settings_are_refused_by_name() {
+        let config = |text: &str| -> ClientConfig {
+            toml::from_str(&format!(
+                "server = \"ws://127.0.0.1:1\"\ntoken = \"t\"\nforward = [\"127.0.0.1:0=prod/db\"]\n{text}"
+            ))
+            .unwrap()
+        };
+        for (text, name) in [
+            ("udp_idle_timeout_ms = 0", "udp_idle_timeout_ms"),
+            ("max_udp_flows = 0", "max_udp_flows"),
+        ] {
+            let e = Client::bind(config(text))
+                .await
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(name)),
+                "{text}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn forwards_parse() {

@@ -80,6 +80,12 @@ impl ListenerConfig {
         if let Err(e) = ClientTarget::parse(&self.target) {
             anyhow::bail!("listener {}: {e}", self.listen);
         }
+        if self.max_connections_per_source == 0 {
+            anyhow::bail!(
+                "listener {}: max_connections_per_source = 0 would refuse every connection (default {MAX_CONNECTIONS_PER_SOURCE})",
+                self.listen
+            );
+        }
         Ok(())
     }
 
@@ -178,6 +184,10 @@ mod tests {
             listener("127.0.0.1:53", "udp"),
             listener("0.0.0.0:53", "udp")
         ]));
+        // A per-source cap of 0.
+        let mut zero = listener("0.0.0.0:5432", "tcp");
+        zero.max_connections_per_source = 0;
+        assert!(zero.validate().is_err());
         // The server's own port.
         let e = no_overlaps(main, &[listener("127.0.0.1:7700", "tcp")]).unwrap_err();
         assert!(e.to_string().contains("the server itself listens"), "{e}");
