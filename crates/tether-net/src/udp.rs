@@ -419,6 +419,10 @@ async fn local_flow<G: FlowGuard>(
             chunk = r.read() => {
                 let Ok(Some(chunk)) = chunk else { break };
                 last = Instant::now();
+                // Answers count as use: once per chunk, from the clock read
+                // just taken.
+                let ms = last.saturating_duration_since(epoch()).as_millis() as u64;
+                rx.state.answered_ms.store(ms, Ordering::Relaxed);
                 dec.push(&chunk);
                 loop {
                     match dec.next_datagram() {
@@ -426,8 +430,6 @@ async fn local_flow<G: FlowGuard>(
                             if socket.send_to(&d, src).await.is_ok() {
                                 stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
                                 guard.received(d.len());
-                                let ms = epoch().elapsed().as_millis() as u64;
-                                rx.state.answered_ms.store(ms, Ordering::Relaxed);
                             }
                         }
                         Ok(None) => break,
@@ -513,18 +515,22 @@ pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats
 mod tests {
     use super::*;
 
-    /// A socket served with opens that never complete (an agent that does
-    /// not answer), and a sender on loopback.
-    async fn served_with_a_silent_far_side() -> (
+    /// A socket served with `open`, and a sender on loopback.
+    async fn served_with<F, Fut>(
+        open: F,
+    ) -> (
         SocketAddr,
         tokio::task::JoinHandle<()>,
         Arc<UdpStats>,
         std::net::UdpSocket,
-    ) {
+    )
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Stream, String>> + Send + 'static,
+    {
         let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = socket.local_addr().unwrap();
         let stats = Arc::new(UdpStats::default());
-        let open = || std::future::pending::<Result<Stream, String>>();
         let task = tokio::spawn(serve_socket(
             socket,
             open,
@@ -536,11 +542,16 @@ mod tests {
         (addr, task, stats, sender)
     }
 
+    /// Opens that never complete: an agent that does not answer.
+    fn silent() -> impl Future<Output = Result<Stream, String>> {
+        std::future::pending()
+    }
+
     /// While a flow's stream opens, its queue holds at most
     /// FLOW_QUEUE_BYTES, not 256 datagrams of up to 64 KiB each.
     #[tokio::test]
     async fn a_flow_waiting_for_its_open_queues_a_bounded_number_of_bytes() {
-        let (addr, task, stats, sender) = served_with_a_silent_far_side().await;
+        let (addr, task, stats, sender) = served_with(silent).await;
         let big = vec![7u8; 60_000];
         // Paced, so that the socket's receive buffer drops none.
         for _ in 0..16 {
@@ -562,23 +573,13 @@ mod tests {
     /// turned into an open (and its log lines) of its own.
     #[tokio::test]
     async fn a_refused_source_does_not_open_a_flow_per_datagram() {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let addr = socket.local_addr().unwrap();
-        let stats = Arc::new(UdpStats::default());
         let opens = Arc::new(AtomicU64::new(0));
         let counted = opens.clone();
         let open = move || {
             counted.fetch_add(1, Ordering::Relaxed);
             std::future::ready(Err::<Stream, String>("too_many_streams".into()))
         };
-        let task = tokio::spawn(serve_socket(
-            socket,
-            open,
-            UdpLimits::default(),
-            stats.clone(),
-            |_| true,
-        ));
-        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (addr, task, stats, sender) = served_with(open).await;
         for _ in 0..40 {
             sender.send_to(b"query", addr).unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -622,7 +623,7 @@ mod tests {
     /// back at once).
     #[tokio::test]
     async fn flows_end_with_their_socket_and_free_the_port() {
-        let (addr, task, stats, sender) = served_with_a_silent_far_side().await;
+        let (addr, task, stats, sender) = served_with(silent).await;
         sender.send_to(b"hello", addr).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while stats.flows.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {

@@ -202,17 +202,30 @@ impl AgentEndpoint {
         listed && self.registry.has_live(name, instance)
     }
 
+    /// The WebSocket and the session handshake of an agent's upgrade; the
+    /// server takes no opens from agents.
+    async fn accept(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        label: String,
+    ) -> Option<(
+        Connection,
+        tether_net::SessionInfo,
+        tether_net::session::IncomingStreams,
+    )> {
+        let mut cfg = self.session_config.clone();
+        cfg.accept_opens = false;
+        accept_session(&self.metrics, req, cfg, label, peer).await
+    }
+
     /// A credential check (`X-Tether-Probe`, version 9: `tether doctor
     /// --agent`): the handshake, then the session ends without being
     /// registered. Registered, it would join the agent's pool and be
     /// picked for opens it refuses, or replace an agent process.
     async fn probe(&self, req: Request<Incoming>, peer: SocketAddr, name: String) {
-        let mut cfg = self.session_config.clone();
-        cfg.accept_opens = false;
         let label = format!("agent={name} (probe)");
-        let Some((conn, _info, _incoming)) =
-            accept_session(&self.metrics, req, cfg, label, peer).await
-        else {
+        let Some((conn, _info, _incoming)) = self.accept(req, peer, label).await else {
             return;
         };
         tracing::info!(agent = %name, %peer, "agent credential checked (probe): not registered");
@@ -237,16 +250,12 @@ impl AgentEndpoint {
         } else {
             "certificate"
         };
-        let mut cfg = self.session_config.clone();
-        cfg.accept_opens = false; // agents do not open streams towards the server
         let label = if instance.is_empty() {
             format!("agent={name}")
         } else {
             format!("agent={name}/{instance}")
         };
-        let Some((conn, info, _incoming)) =
-            accept_session(&self.metrics, req, cfg, label, peer).await
-        else {
+        let Some((conn, info, _incoming)) = self.accept(req, peer, label).await else {
             return;
         };
         let registered = match self.registry.register(

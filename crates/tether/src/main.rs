@@ -511,6 +511,18 @@ fn path_str(p: Option<PathBuf>) -> Option<String> {
     p.map(|p| p.display().to_string())
 }
 
+/// The table `key` of `t`, made (or replacing a value that is not a
+/// table) when needed: what the flags set is merged into the file's.
+fn sub_table<'a>(t: &'a mut Table, key: &str) -> &'a mut Table {
+    let v = t
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Table(Table::new()));
+    if !v.is_table() {
+        *v = Value::Table(Table::new());
+    }
+    v.as_table_mut().expect("a table: made so above")
+}
+
 /// Where `tether client proxy` listens unless told.
 const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:1080";
 
@@ -635,25 +647,20 @@ fn server_config(a: ServerArgs) -> anyhow::Result<tether_server::ServerConfig> {
     if a.tls_cert.is_some() || a.self_signed {
         // Merged into the file's [tls]: its client_ca (and names) stay.
         // Only the keys of the other way to get a certificate go.
-        let tls = t.entry("tls").or_insert_with(|| Value::Table(Table::new()));
-        if !tls.is_table() {
-            *tls = Value::Table(Table::new());
-        }
-        if let Value::Table(tls) = tls {
-            if a.self_signed {
-                tls.remove("cert");
-                tls.remove("key");
-                tls.insert("self_signed".into(), true.into());
-                if !a.tls_names.is_empty() {
-                    let mut names: Vec<Value> = vec!["localhost".into(), "127.0.0.1".into()];
-                    names.extend(a.tls_names.iter().map(|n| Value::from(n.as_str())));
-                    tls.insert("names".into(), Value::Array(names));
-                }
-            } else {
-                tls.remove("self_signed");
-                set(tls, "cert", path_str(a.tls_cert));
-                set(tls, "key", path_str(a.tls_key));
+        let tls = sub_table(&mut t, "tls");
+        if a.self_signed {
+            tls.remove("cert");
+            tls.remove("key");
+            tls.insert("self_signed".into(), true.into());
+            if !a.tls_names.is_empty() {
+                let mut names: Vec<Value> = vec!["localhost".into(), "127.0.0.1".into()];
+                names.extend(a.tls_names.iter().map(|n| Value::from(n.as_str())));
+                tls.insert("names".into(), Value::Array(names));
             }
+        } else {
+            tls.remove("self_signed");
+            set(tls, "cert", path_str(a.tls_cert));
+            set(tls, "key", path_str(a.tls_key));
         }
     }
     let mut agents = vec![];
@@ -846,25 +853,18 @@ fn merge_action(t: &mut Table, action: Option<ClientAction>) {
         }) => {
             // Merged into the file's [proxy]: its routes stay, the flags'
             // are added, and what the flags name replaces the file's.
-            let p = t
-                .entry("proxy")
-                .or_insert_with(|| Value::Table(Table::new()));
-            if !p.is_table() {
-                *p = Value::Table(Table::new());
-            }
-            if let Value::Table(p) = p {
-                match listen {
-                    Some(l) => {
-                        p.insert("listen".into(), l.to_string().into());
-                    }
-                    None => {
-                        p.entry("listen")
-                            .or_insert_with(|| DEFAULT_PROXY_LISTEN.into());
-                    }
+            let p = sub_table(t, "proxy");
+            match listen {
+                Some(l) => {
+                    p.insert("listen".into(), l.to_string().into());
                 }
-                push_array(p, "route", routes.into_iter().map(Value::from).collect());
-                set(p, "default_agent", default_agent);
+                None => {
+                    p.entry("listen")
+                        .or_insert_with(|| DEFAULT_PROXY_LISTEN.into());
+                }
             }
+            push_array(p, "route", routes.into_iter().map(Value::from).collect());
+            set(p, "default_agent", default_agent);
         }
         None => {}
     }

@@ -934,20 +934,10 @@ fn several_addresses(test: &str, one_server: bool) {
     let dir = TestDir::new(&format!("multiaddr-{tag}"));
     let ns = Netns::create(tag);
     let net = ns.net();
-    let hosts_dir = std::path::PathBuf::from("/etc/netns").join(&ns.name);
-    std::fs::create_dir_all(&hosts_dir).expect("/etc/netns/NAME");
-    struct RemoveDir(std::path::PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _hosts_cleanup = RemoveDir(hosts_dir.clone());
-    std::fs::write(
-        hosts_dir.join("hosts"),
+    let _hosts = NetnsHosts::write(
+        &ns,
         "127.0.0.1 localhost\n127.0.0.11 tether.test\n127.0.0.12 tether.test\n",
-    )
-    .expect("hosts file");
+    );
     let pki = Pki::new(&dir.path, "127.0.0.10".parse().expect("ip"));
     let port = 7443;
     let listen_on: &[&str] = if one_server {
@@ -1131,21 +1121,11 @@ fn doctor_tries_every_address_of_the_name() {
     let dir = TestDir::new("doctor-addrs");
     let ns = Netns::create("dr");
     let net = ns.net();
-    let hosts_dir = std::path::PathBuf::from("/etc/netns").join(&ns.name);
-    std::fs::create_dir_all(&hosts_dir).expect("/etc/netns/NAME");
-    struct RemoveDir(std::path::PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _hosts_cleanup = RemoveDir(hosts_dir.clone());
     // ::1 sorts first; the server listens on 127.0.0.1 only.
-    std::fs::write(
-        hosts_dir.join("hosts"),
+    let _hosts = NetnsHosts::write(
+        &ns,
         "127.0.0.1 localhost\n::1 tether.test\n127.0.0.1 tether.test\n",
-    )
-    .expect("hosts file");
+    );
     let server = Proc::spawn_in(
         &net,
         &dir.path,

@@ -204,6 +204,26 @@ impl Netns {
     }
 }
 
+/// A hosts file for one namespace (`/etc/netns/NAME/hosts`, which `ip
+/// netns exec` mounts over `/etc/hosts`), removed on drop.
+pub(crate) struct NetnsHosts(PathBuf);
+
+impl NetnsHosts {
+    pub(crate) fn write(ns: &Netns, hosts: &str) -> NetnsHosts {
+        let dir = PathBuf::from("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/NAME");
+        let made = NetnsHosts(dir);
+        std::fs::write(made.0.join("hosts"), hosts).expect("hosts file");
+        made
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Ok(out) = Command::new("ip")
