@@ -8,7 +8,7 @@ use std::time::Duration;
 /// its own values (a HEARTBEAT frame), so one setting there serves the
 /// fleet; an agent or client that sets its own keeps them, and pings at
 /// least as often as the server asks.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionTuning {
     /// PING interval in milliseconds (default 10000).

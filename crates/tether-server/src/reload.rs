@@ -37,6 +37,8 @@ pub(crate) struct ReloadReport {
     pub(crate) streams_reset: usize,
     /// Whether a new certificate was loaded.
     pub(crate) tls_reloaded: bool,
+    /// Changed settings that only a restart applies (left as they run).
+    pub(crate) needs_restart: Vec<&'static str>,
 }
 
 /// What a reload replaces, and what it checks again afterwards.
@@ -48,11 +50,16 @@ pub(crate) struct Reloader {
     streams: Arc<Streams>,
     logins: Arc<WebSessions>,
     metrics: Arc<Metrics>,
+    /// The config the server started with: what the restart-only
+    /// settings still are.
+    started: ServerConfig,
 }
 
 impl Reloader {
-    /// A reloader over these handles.
+    /// A reloader over these handles, for a server started with `started`.
+    #[allow(clippy::too_many_arguments)] // one per handle a reload touches
     pub(crate) fn new(
+        started: ServerConfig,
         auth: Arc<AuthStore>,
         limits: Arc<Limits>,
         tls: Arc<TlsSlot>,
@@ -69,20 +76,24 @@ impl Reloader {
             streams,
             logins,
             metrics,
+            started,
         }
     }
 
     /// Applies a new config to a running server: credentials, policy, JWT
     /// keys, limits and (file-based) certificates, including the client CA.
-    /// The listen address, `[[listener]]`s, `[http]`, `[session]`,
-    /// `max_streams_per_client` and a self-signed certificate need a
-    /// restart.
+    /// The rest (the listen address, `[[listener]]`s, `[http]`,
+    /// `[session]`, `[cluster]`, ...: [`ServerConfig::restart_only_changes`])
+    /// needs a restart; the report names what of it changed.
     pub(crate) fn apply(&self, cfg: &ServerConfig) -> anyhow::Result<ReloadReport> {
         // All of it, the parts that need a restart too: what a restart
         // would refuse is not applied in part.
         cfg.validate()?;
         let auth = Authenticator::from_config(cfg)?;
-        let mut report = ReloadReport::default();
+        let mut report = ReloadReport {
+            needs_restart: self.started.restart_only_changes(cfg),
+            ..Default::default()
+        };
         let new_tls = match &cfg.tls {
             // A self-signed certificate is kept: a new one would break every pin.
             Some(t) if !t.self_signed && self.tls.serving() => Some(crate::tls::build(t)?),
@@ -179,6 +190,12 @@ impl Reloader {
                         tls = r.tls_reloaded,
                         "configuration reloaded"
                     );
+                    if !r.needs_restart.is_empty() {
+                        tracing::warn!(
+                            "changed settings that only a restart applies were not applied: {}",
+                            r.needs_restart.join(", ")
+                        );
+                    }
                 }
                 Err(e) => {
                     self.metrics.reloads_of("failed").inc();

@@ -13,7 +13,7 @@ use crate::auth::Authenticator;
 use crate::cluster::Phase;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::connection::serve_connection;
-use crate::reload::ConfigSource;
+use crate::reload::{ConfigSource, Reloader};
 use crate::router::Router;
 use crate::state::State;
 
@@ -103,6 +103,8 @@ pub struct Server {
     state: State,
     router: Arc<Router>,
     reload: Option<(ConfigSource, Option<std::path::PathBuf>)>,
+    /// Applies reloads to what `bind` built (taken when serving starts).
+    reloader: Option<Reloader>,
 }
 
 impl Server {
@@ -127,6 +129,7 @@ impl Server {
             fingerprint,
             metrics_listen: cfg.metrics_listen,
             router: Arc::new(state.router(cfg)),
+            reloader: Some(state.reloader(cfg)),
             state,
             reload: None,
         })
@@ -179,9 +182,10 @@ impl Server {
     /// Accepts connections until `shutdown` resolves, then drains (see
     /// [`drain`]) and returns.
     pub async fn serve_until(
-        self,
+        mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ServeError> {
+        let reloader = self.reloader.take();
         let state = &self.state;
         let cluster = state.cluster().clone();
         tracing::info!(addr = %self.local_addr(), tls = state.tls().serving(), replica = %cluster.id(), "server listening");
@@ -205,10 +209,12 @@ impl Server {
             tracing::info!(addr = %bound, "serving /metrics, /livez and /readyz (not on the public port)");
         }
         let discovery = tokio::spawn(cluster.clone().discover());
-        let watcher = self
-            .reload
-            .clone()
-            .map(|(source, file)| tokio::spawn(state.reloader().watch(source, file)));
+        let watcher = match (self.reload.clone(), reloader) {
+            (Some((source, file)), Some(reloader)) => {
+                Some(tokio::spawn(reloader.watch(source, file)))
+            }
+            _ => None,
+        };
         let public: Vec<_> = self
             .public_listeners
             .iter()

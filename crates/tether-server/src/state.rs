@@ -162,9 +162,10 @@ impl State {
         )
     }
 
-    /// What applies a reload.
-    pub(crate) fn reloader(&self) -> Reloader {
+    /// What applies a reload to a server started with `cfg`.
+    pub(crate) fn reloader(&self, cfg: &ServerConfig) -> Reloader {
         Reloader::new(
+            cfg.clone(),
             self.auth.clone(),
             self.limits.clone(),
             self.tls.clone(),

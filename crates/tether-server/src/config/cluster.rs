@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 
 /// How this replica names itself, finds its peers and leaves.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This replica's id, told to agents (the pod name under Kubernetes,

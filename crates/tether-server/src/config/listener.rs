@@ -11,7 +11,7 @@ use tether_proto::target::ClientTarget;
 pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
 
 /// One `[[listener]]` of the server config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Public address to listen on.

@@ -171,6 +171,44 @@ impl ServerConfig {
         self.session.validate()?;
         Ok(())
     }
+
+    /// The settings in which `new` differs from this (running) config and
+    /// that only a restart applies, by the name an operator edits: a
+    /// reload warns of them instead of saying "reloaded" as if it had
+    /// applied them.
+    pub(crate) fn restart_only_changes(&self, new: &ServerConfig) -> Vec<&'static str> {
+        // Turning TLS on or off, or to a fresh self-signed certificate
+        // (whose new fingerprint would break every pin); a file-based
+        // certificate and client CA do reload.
+        let tls_restart = match (&self.tls, &new.tls) {
+            (None, None) => false,
+            (Some(old), Some(new)) => {
+                // A self-signed certificate is kept whole, its client CA
+                // with it.
+                new.self_signed
+                    && (!old.self_signed
+                        || old.names != new.names
+                        || old.client_ca != new.client_ca)
+            }
+            _ => true,
+        };
+        [
+            ("listen", self.listen != new.listen),
+            ("[tls] (on/off, self_signed)", tls_restart),
+            ("[session]", self.session != new.session),
+            (
+                "max_streams_per_client",
+                self.max_streams_per_client != new.max_streams_per_client,
+            ),
+            ("[[listener]]", self.listeners != new.listeners),
+            ("[http]", self.http != new.http),
+            ("metrics_listen", self.metrics_listen != new.metrics_listen),
+            ("[cluster]", self.cluster != new.cluster),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
 }
 
 /// Where the server's certificate comes from.
@@ -256,6 +294,43 @@ mod tests {
         );
         // Token hashes and allow patterns load as the server loads them.
         crate::auth::Authenticator::from_config(&c).unwrap();
+    }
+
+    /// What a reload cannot apply is named; what it can (credentials,
+    /// rules, limits, a certificate file) is not.
+    #[test]
+    fn restart_only_changes_name_what_a_reload_leaves() {
+        let load = |text: &str| toml::from_str::<ServerConfig>(text).unwrap();
+        let running =
+            load("[[agent]]\nname = \"a\"\ntoken = \"t\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n");
+        let same_but_reloadable = load(
+            "[[agent]]\nname = \"b\"\ntoken = \"u\"\n[limits]\nmax_sessions = 5\n\
+             [tls]\ncert = \"c2\"\nkey = \"k2\"\nclient_ca = \"ca\"\n",
+        );
+        assert!(running
+            .restart_only_changes(&same_but_reloadable)
+            .is_empty());
+        let moved = load(
+            "listen = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n\
+             [session]\nheartbeat_ms = 5000\n[cluster]\nagent_wait_ms = 1\n",
+        );
+        assert_eq!(
+            running.restart_only_changes(&moved),
+            [
+                "listen",
+                "[tls] (on/off, self_signed)",
+                "[session]",
+                "metrics_listen",
+                "[cluster]"
+            ]
+        );
+        // A file certificate may replace a self-signed one, not the reverse.
+        let self_signed = load("[tls]\nself_signed = true\n");
+        assert!(self_signed.restart_only_changes(&running).is_empty());
+        assert_eq!(
+            running.restart_only_changes(&self_signed),
+            ["[tls] (on/off, self_signed)"]
+        );
     }
 
     /// Settings that would make every client session panic at its start,

@@ -15,7 +15,7 @@ const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub(crate) const MAX_SESSION_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
 
 /// Browser access settings (`[http]` in the server config).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebConfig {
     /// Base domain for host routing: `SERVICE.AGENT.BASE_DOMAIN` (needs a

@@ -576,6 +576,66 @@ async fn a_credential_removed_during_the_handshake_does_not_survive_it() {
     }
 }
 
+/// A reload that changes settings only a restart applies says which, and
+/// leaves them as they run (here a new listener's port stays unbound).
+#[test]
+fn a_reload_names_the_settings_only_a_restart_applies() {
+    let agent = format!(
+        "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
+        sha256_hex(AGENT_TOKEN)
+    );
+    let s = Setup::start("restart-only", &agent);
+    let reloads = |n: usize| {
+        wait_until(Duration::from_secs(10), || {
+            s.server
+                .log_text()
+                .matches("configuration reloaded")
+                .count()
+                >= n
+        })
+    };
+    const WARNING: &str = "only a restart applies were not applied";
+    // The same settings again: reloaded, nothing to warn of.
+    s.server.signal(Signal::HUP);
+    assert!(reloads(1), "{}", s.server.log_text());
+    assert!(
+        !s.server.log_text().contains(WARNING),
+        "{}",
+        s.server.log_text()
+    );
+
+    let listener_port = free_port();
+    std::fs::write(
+        &s.cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{agent}[http]\nsession_ttl_secs = 60\n\
+             [[listener]]\nlisten = \"127.0.0.1:{listener_port}\"\ntarget = \"prod/echo\"\n",
+            s.port
+        ),
+    )
+    .unwrap();
+    s.server.signal(Signal::HUP);
+    assert!(reloads(2), "{}", s.server.log_text());
+    assert!(
+        s.server.wait_log(WARNING, Duration::from_secs(5)),
+        "{}",
+        s.server.log_text()
+    );
+    let log = s.server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_default();
+    assert!(
+        line.ends_with("[[listener]], [http]"),
+        "the warning names the changed settings, and only those: {line}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", listener_port)).is_err(),
+        "a reload bound the new listener"
+    );
+}
+
 /// A login form that does not arrive whole is answered with what went
 /// wrong: 413 for one over the limit, 400 for one cut short.
 #[test]
