@@ -82,7 +82,9 @@ pub struct AgentConfig {
     /// Named services always use the system resolver.
     #[serde(default)]
     pub dns_server: Option<String>,
-    /// How long to wait for a service to accept a connection, in milliseconds.
+    /// How long to wait for a service to accept a connection (and finish
+    /// its TLS handshake), in milliseconds. A name's addresses are tried
+    /// a quarter second apart, the slow ones still waited on.
     #[serde(default = "default_dial_timeout_ms")]
     pub dial_timeout_ms: u64,
     /// Close a UDP flow after this long without datagrams, in milliseconds.

@@ -151,9 +151,15 @@ impl Service {
             };
             let mut cfg = client_config(&trust).with_context(|| format!("service {name}: TLS"))?;
             let require_alpn: Option<&'static [u8]> = t.http2.then_some(b"h2");
-            if let Some(p) = require_alpn {
-                Arc::make_mut(&mut cfg).alpn_protocols = vec![p.to_vec()];
-            }
+            // Offer what the service will be spoken to in, and nothing for
+            // raw TLS: a server that enforces ALPN (PostgreSQL's direct TLS
+            // wants `postgresql`) aborts a handshake that offers a protocol
+            // it does not speak, and the open would fail as unreachable.
+            Arc::make_mut(&mut cfg).alpn_protocols = match (require_alpn, t.http) {
+                (Some(p), _) => vec![p.to_vec()],
+                (None, true) => vec![b"http/1.1".to_vec()],
+                (None, false) => vec![],
+            };
             let sni = t.tls_server_name.clone().unwrap_or_else(|| {
                 host.trim_start_matches('[')
                     .trim_end_matches(']')

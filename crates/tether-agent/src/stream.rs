@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_net::splice::{socket_halves, splice, IoReader, IoWriter};
+use tether_net::splice::{socket_halves, splice, ChunkWrite, IoReader, IoWriter};
 use tether_net::Incoming;
 use tether_net::Refusal;
 use tether_proto::{OpenErrorCode, TargetKind};
+use tokio::io::WriteHalf;
 use tokio::net::TcpStream;
 
 use crate::{AgentStats, Discovered, NameResolver, Resolved, TargetPolicy};
@@ -99,36 +100,73 @@ fn keep_alive(tcp: &TcpStream) {
     }
 }
 
-/// Resolves and connects within `dial_timeout`, to the checked addresses
-/// in turn: the connection and the address that answered. When none
-/// answers, the name's remembered addresses are forgotten, so the next open
-/// looks it up again.
+/// How long a dial waits on one address before it also tries the next
+/// (RFC 8305's connection attempt delay): an address that drops packets (a
+/// black-holed IPv6 route, a dead pod IP still in a headless Service) costs
+/// a quarter second, not the whole dial timeout.
+const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that answers: the next address is tried
+/// when one fails or has not answered within [`NEXT_ADDRESS_DELAY`], while
+/// the earlier attempts go on; the first connection made wins and the
+/// others are dropped. With every attempt failed, the last error.
+async fn connect_first(addrs: &[SocketAddr]) -> io::Result<(TcpStream, SocketAddr)> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let dial = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
+    let mut next = addrs.iter().copied();
+    let mut dials = FuturesUnordered::new();
+    let mut last = None;
+    loop {
+        if dials.is_empty() {
+            match next.next() {
+                Some(addr) => dials.push(dial(addr)),
+                None => return Err(last.unwrap_or_else(|| io::Error::other("no address"))),
+            }
+        }
+        tokio::select! {
+            Some((addr, result)) = dials.next() => match result {
+                Ok(tcp) => return Ok((tcp, addr)),
+                Err(e) => {
+                    last = Some(e);
+                    if let Some(addr) = next.next() {
+                        dials.push(dial(addr));
+                    }
+                }
+            },
+            () = tokio::time::sleep(NEXT_ADDRESS_DELAY), if next.len() > 0 => {
+                if let Some(addr) = next.next() {
+                    dials.push(dial(addr));
+                }
+            }
+        }
+    }
+}
+
+/// Resolves and connects by `deadline` to the checked addresses
+/// ([`connect_first`]): the connection and the address that answered. When
+/// none answers, the name's remembered addresses are forgotten, so the next
+/// open looks it up again.
 async fn connect_tcp(
     policy: &TargetPolicy,
     resolver: &NameResolver,
     resolved: &Resolved,
     dial_timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
     let dial = async {
         let addrs = dial_addresses(policy, resolver, resolved).await?;
-        let mut last = None;
-        for &addr in &addrs {
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => {
-                    keep_alive(&tcp);
-                    return Ok((tcp, addr));
-                }
-                Err(e) => last = Some(e),
+        match connect_first(&addrs).await {
+            Ok((tcp, addr)) => {
+                keep_alive(&tcp);
+                Ok((tcp, addr))
             }
+            Err(e) => Err(Refusal::new(
+                dial_error_code(&e),
+                format!("dialing {} ({addrs:?}): {e}", resolved.address),
+            )),
         }
-        // Never empty here (dial_addresses refuses an empty answer).
-        let e = last.unwrap_or_else(|| io::Error::other("no address"));
-        Err(Refusal::new(
-            dial_error_code(&e),
-            format!("dialing {} ({addrs:?}): {e}", resolved.address),
-        ))
     };
-    let result = match tokio::time::timeout(dial_timeout, dial).await {
+    let result = match tokio::time::timeout_at(deadline, dial).await {
         Ok(r) => r,
         Err(_) => Err(Refusal::new(
             OpenErrorCode::Timeout,
@@ -249,8 +287,13 @@ pub(crate) async fn serve_stream(
     let (sr, sw) = stream.split();
     let report = match io {
         ServiceIo::Tls(tls) => {
+            let socket = socket2::SockRef::from(tls.get_ref().0).try_clone();
             let (tr, tw) = tokio::io::split(*tls);
-            splice(sr, sw, IoReader::new(tr), IoWriter(tw)).await
+            let tw = TlsServiceWriter {
+                io: IoWriter(tw),
+                socket: socket.ok(),
+            };
+            splice(sr, sw, IoReader::new(tr), tw).await
         }
         ServiceIo::Plain(tcp) => {
             let (tr, tw) = socket_halves(tcp);
@@ -269,13 +312,47 @@ pub(crate) async fn serve_stream(
     }
 }
 
+/// The write half of a TLS connection to a service. A failed stream resets
+/// it (RST), as it does a plain one (PROTOCOL.md 9.2): closed with a FIN, a
+/// cut-off upload whose end is the connection's end would look complete to
+/// a service that takes a missing `close_notify` for the end (Go's
+/// `crypto/tls` does).
+struct TlsServiceWriter {
+    io: IoWriter<WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
+    /// A second descriptor of the connection's socket: the TLS stream owns
+    /// the first, behind the split's lock. `None` when it could not be had
+    /// (out of descriptors): a failure then ends with a FIN.
+    socket: Option<socket2::Socket>,
+}
+
+impl ChunkWrite for TlsServiceWriter {
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        chunk: &mut bytes::Bytes,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.io.poll_write_chunk(cx, chunk)
+    }
+    fn poll_finish(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        self.io.poll_finish(cx)
+    }
+    /// `SO_LINGER` of zero belongs to the socket, not the descriptor: the
+    /// last close (the TLS stream's or this one's, when the splice drops
+    /// both) sends RST and drops what is unsent.
+    fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {
+        if let Some(socket) = &self.socket {
+            let _ = socket.set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
 /// The service's end of a TCP stream: the socket, or TLS over it.
 enum ServiceIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// Dials a TCP service (TLS towards it included, inside the dial timeout):
+/// Dials a TCP service (TLS towards it included, within one dial timeout):
 /// its connection and peer address (for the log).
 async fn dial_service(
     policy: &TargetPolicy,
@@ -283,13 +360,17 @@ async fn dial_service(
     resolved: &Resolved,
     dial_timeout: Duration,
 ) -> Result<(ServiceIo, SocketAddr), Refusal> {
-    let (tcp, peer) = connect_tcp(policy, resolver, resolved, dial_timeout).await?;
+    // One deadline for the connection and the TLS handshake: the server
+    // gives up on an open after its own timeout, and a reason that comes
+    // later reaches nobody.
+    let deadline = tokio::time::Instant::now() + dial_timeout;
+    let (tcp, peer) = connect_tcp(policy, resolver, resolved, dial_timeout, deadline).await?;
     let _ = tcp.set_nodelay(true);
     let Some(t) = &resolved.tls else {
         return Ok((ServiceIo::Plain(tcp), peer));
     };
     let hs = t.connector.connect(t.server_name.clone(), tcp);
-    match tokio::time::timeout(dial_timeout, hs).await {
+    match tokio::time::timeout_at(deadline, hs).await {
         Ok(Ok(s)) => match t.require_alpn {
             Some(want) if s.get_ref().1.alpn_protocol() != Some(want) => Err(Refusal::new(
                 OpenErrorCode::Unreachable,
@@ -410,7 +491,8 @@ mod tests {
         let web = a.policy.resolve("web").unwrap();
         let wait = Duration::from_secs(2);
         assert!(!a.resolver.remembers("localhost"));
-        let (tcp, peer) = connect_tcp(&a.policy, &a.resolver, &web, wait)
+        let deadline = || tokio::time::Instant::now() + wait;
+        let (tcp, peer) = connect_tcp(&a.policy, &a.resolver, &web, wait, deadline())
             .await
             .unwrap();
         assert_eq!(peer, listener.local_addr().unwrap());
@@ -422,11 +504,46 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_time().unwrap(), SERVICE_KEEPALIVE.0);
         assert!(a.resolver.remembers("localhost"));
         drop(listener);
-        let refused = connect_tcp(&a.policy, &a.resolver, &web, wait)
+        let refused = connect_tcp(&a.policy, &a.resolver, &web, wait, deadline())
             .await
             .unwrap_err();
         assert_eq!(refused.code, OpenErrorCode::Refused, "{}", refused.reason);
         assert!(!a.resolver.remembers("localhost"));
+    }
+
+    /// An address that does not answer (its SYNs dropped) does not hold up
+    /// the next one: the dial moves on after a quarter second, where it
+    /// used to wait out the whole dial timeout. Every address refused: the
+    /// last refusal.
+    #[tokio::test]
+    async fn an_address_that_does_not_answer_does_not_hold_up_the_next() {
+        use socket2::{Domain, Socket, Type};
+        // A listener that never accepts, its backlog full: SYNs are dropped.
+        let hole = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        hole.listen(0).unwrap();
+        let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+        let mut fill = Vec::new();
+        for _ in 0..64 {
+            match std::net::TcpStream::connect_timeout(&hole_addr, Duration::from_millis(200)) {
+                Ok(s) => fill.push(s),
+                Err(_) => break,
+            }
+        }
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let (_tcp, addr) = tokio::time::timeout(
+            Duration::from_secs(5),
+            connect_first(&[hole_addr, live_addr]),
+        )
+        .await
+        .expect("the dial went on to the next address")
+        .unwrap();
+        assert_eq!(addr, live_addr);
+        drop(live);
+        let refused = connect_first(&[live_addr, live_addr]).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     /// A discovered service's name is looked up as the complete name it is
@@ -457,6 +574,64 @@ mod tests {
         // the search list).
         let r = resolve_target(&policy, &discovered, "web.ns.svc.cluster.local:80").unwrap();
         assert_eq!(r.host_port(), Some(("web.ns.svc.cluster.local", 80)));
+    }
+
+    /// A stream that fails resets a TLS service's connection (RST), as it
+    /// does a plain one, and raw TLS offers no ALPN protocol (a service
+    /// that enforces its own, like PostgreSQL's `postgresql`, would abort
+    /// the handshake on `http/1.1`).
+    #[tokio::test]
+    async fn a_failed_stream_resets_a_tls_service() {
+        use tether_net::transport::{mem, tls::ServerIdentity};
+        use tether_proto::{ResetCode, Target};
+        use tokio::io::AsyncReadExt;
+        let identity = ServerIdentity::self_signed(&["localhost".into()]).unwrap();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(identity.server_config(&[b"postgresql"]).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c: AgentConfig = toml::from_str(&format!(
+            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n\
+             [services]\ndb = {{ address = \"127.0.0.1:{port}\", tls = true, tls_verify = false }}\n"
+        ))
+        .unwrap();
+        let a = Agent::new(c).unwrap();
+        let ((_agent_conn, mut opens), (server, _)) = mem::sessions().await.unwrap();
+        let opening = tokio::spawn(async move {
+            server
+                .open(Target {
+                    kind: TargetKind::Tcp,
+                    address: "db".into(),
+                })
+                .await
+        });
+        let inc = opens.recv().await.unwrap();
+        tokio::spawn(serve_stream(
+            a.policy.clone(),
+            a.discovered.clone(),
+            a.resolver.clone(),
+            a.stats.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            inc,
+        ));
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut service_side = acceptor.accept(tcp).await.expect("the TLS handshake");
+        let stream = opening.await.unwrap().expect("the open");
+        let (_r, mut w) = stream.split();
+        w.write(bytes::Bytes::from_static(b"part")).await.unwrap();
+        let mut got = [0u8; 4];
+        service_side.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"part");
+        w.reset(ResetCode::IoError, "the client's connection failed");
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), service_side.read_to_end(&mut rest))
+            .await
+            .expect("the service sees the end");
+        assert!(
+            matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "the service saw {end:?}, not a reset"
+        );
     }
 
     /// An open the opener gives up on while the agent is still dialing
