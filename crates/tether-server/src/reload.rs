@@ -161,9 +161,11 @@ impl Reloader {
             };
             last = now.clone();
             let loaded = source().context("loading the config");
-            match loaded.and_then(|cfg| {
-                let r = self.apply(&cfg)?;
-                let watched = watched_files(&cfg, config_file.as_ref());
+            // The files a config names are watched from when it parses,
+            // applied or not: one that fails for a key file not there yet
+            // is loaded again when the file comes.
+            if let Ok(cfg) = &loaded {
+                let watched = watched_files(cfg, config_file.as_ref());
                 if watched != files {
                     // Files newly watched are stamped now; those watched
                     // before keep the stamp taken before the load, so that
@@ -179,8 +181,8 @@ impl Reloader {
                         .collect();
                     files = watched;
                 }
-                Ok(r)
-            }) {
+            }
+            match loaded.and_then(|cfg| self.apply(&cfg)) {
                 Ok(r) => {
                     self.metrics.reloads_of("ok").inc();
                     tracing::info!(

@@ -100,7 +100,11 @@ impl ListenerConfig {
 /// server's own port. Whichever bound first would win, and the other would
 /// take the port over when the first one's agent left: connections meant
 /// for one service reaching another.
-pub(crate) fn no_overlaps(listen: SocketAddr, listeners: &[ListenerConfig]) -> anyhow::Result<()> {
+pub(crate) fn no_overlaps(
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    listeners: &[ListenerConfig],
+) -> anyhow::Result<()> {
     // `0.0.0.0` covers IPv4 addresses; `::` covers both (dual stack).
     let covers = |any: SocketAddr, b: SocketAddr| {
         any.ip().is_unspecified() && (any.is_ipv6() || b.is_ipv4())
@@ -108,10 +112,20 @@ pub(crate) fn no_overlaps(listen: SocketAddr, listeners: &[ListenerConfig]) -> a
     let overlap = |a: SocketAddr, b: SocketAddr| {
         a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
     };
+    if let Some(m) = metrics_listen.filter(|&m| overlap(m, listen)) {
+        anyhow::bail!("metrics_listen {m}: the server itself listens on {listen}");
+    }
     for (i, l) in listeners.iter().enumerate() {
         if !l.is_udp() && overlap(l.listen, listen) {
             anyhow::bail!(
                 "listener {} ({}): the server itself listens on {listen}",
+                l.listen,
+                l.target
+            );
+        }
+        if let Some(m) = metrics_listen.filter(|&m| !l.is_udp() && overlap(l.listen, m)) {
+            anyhow::bail!(
+                "listener {} ({}): metrics_listen is {m}",
                 l.listen,
                 l.target
             );
@@ -152,7 +166,7 @@ mod tests {
     #[test]
     fn listeners_that_want_one_port_are_refused() {
         let main: SocketAddr = "0.0.0.0:7700".parse().unwrap();
-        let ok = |ls: &[ListenerConfig]| no_overlaps(main, ls).is_ok();
+        let ok = |ls: &[ListenerConfig]| no_overlaps(main, None, ls).is_ok();
         // TCP and UDP may share a port (DNS); other ports and families too.
         assert!(ok(&[
             listener("0.0.0.0:53", "tcp"),
@@ -189,7 +203,17 @@ mod tests {
         zero.max_connections_per_source = 0;
         assert!(zero.validate().is_err());
         // The server's own port.
-        let e = no_overlaps(main, &[listener("127.0.0.1:7700", "tcp")]).unwrap_err();
+        let e = no_overlaps(main, None, &[listener("127.0.0.1:7700", "tcp")]).unwrap_err();
+        assert!(e.to_string().contains("the server itself listens"), "{e}");
+        // The metrics port: not the server's, not a TCP listener's.
+        let metrics = Some("127.0.0.1:9090".parse().unwrap());
+        let e = no_overlaps(main, metrics, &[listener("0.0.0.0:9090", "tcp")]).unwrap_err();
+        assert!(
+            e.to_string().contains("metrics_listen is 127.0.0.1:9090"),
+            "{e}"
+        );
+        assert!(no_overlaps(main, metrics, &[listener("0.0.0.0:9090", "udp")]).is_ok());
+        let e = no_overlaps(main, Some("127.0.0.1:7700".parse().unwrap()), &[]).unwrap_err();
         assert!(e.to_string().contains("the server itself listens"), "{e}");
     }
 }

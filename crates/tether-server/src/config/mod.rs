@@ -133,7 +133,7 @@ impl ServerConfig {
         for l in &self.listeners {
             l.validate()?;
         }
-        listener::no_overlaps(self.listen, &self.listeners)?;
+        listener::no_overlaps(self.listen, self.metrics_listen, &self.listeners)?;
         self.http.validate()?;
         self.limits.validate()?;
         if self.max_streams_per_client == 0 {

@@ -636,6 +636,40 @@ fn a_reload_names_the_settings_only_a_restart_applies() {
     );
 }
 
+/// A reload that fails for a key file that is not there yet watches that
+/// file: when it comes, the config loads, with no other edit or signal.
+#[test]
+fn a_reload_waiting_for_a_key_file_loads_when_the_file_comes() {
+    let agent = format!(
+        "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
+        sha256_hex(AGENT_TOKEN)
+    );
+    let s = Setup::start("reload-later", &agent);
+    let secret = s.cfg_path.with_file_name("later.secret");
+    std::fs::write(
+        &s.cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{agent}[jwt]\nissuer = \"i\"\naudience = \"a\"\nsecret_file = \"{}\"\n",
+            s.port,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    assert!(
+        s.server.wait_log("reload failed", Duration::from_secs(10)),
+        "{}",
+        s.server.log_text()
+    );
+    assert!(!s.server.log_text().contains("configuration reloaded"));
+    std::fs::write(&secret, "a-shared-secret-of-at-least-32-bytes\n").unwrap();
+    assert!(
+        s.server
+            .wait_log("configuration reloaded", Duration::from_secs(10)),
+        "the key file came and nothing reloaded\n{}",
+        s.server.log_text()
+    );
+}
+
 /// A login form that does not arrive whole is answered with what went
 /// wrong: 413 for one over the limit, 400 for one cut short.
 #[test]
