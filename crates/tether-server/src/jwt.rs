@@ -18,6 +18,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use crate::config::JwtConfig;
 use crate::identity::{ClientIdentity, IdentityKind};
 
+/// The shortest HS256 shared secret taken, from `secret_file` or a JWKS
+/// `oct` key: RFC 7518 3.2 asks for a key as long as the hash (256 bits).
+const MIN_HS256_SECRET: usize = 32;
+
 /// Why a JWT was refused, in words for the log (the library's names read
 /// badly: an expired token is `ExpiredSignature`). Callers tell the client
 /// no more than "invalid token", and no variant holds the token.
@@ -102,7 +106,7 @@ impl JwtVerifier {
         std::time::Duration::from_secs(self.cfg.leeway_secs)
     }
 
-    /// Loads the keys.
+    /// Loads the keys (shared secrets of at least [`MIN_HS256_SECRET`]).
     pub(crate) fn new(cfg: &JwtConfig) -> anyhow::Result<JwtVerifier> {
         cfg.validate()?;
         let mut keys = vec![];
@@ -110,8 +114,8 @@ impl JwtVerifier {
             let raw =
                 std::fs::read(p).with_context(|| format!("[jwt] secret_file {}", p.display()))?;
             let secret = raw.strip_suffix(b"\n").unwrap_or(&raw);
-            if secret.len() < 32 {
-                bail!("[jwt] secret_file: an HS256 secret needs at least 32 bytes");
+            if secret.len() < MIN_HS256_SECRET {
+                bail!("[jwt] secret_file: an HS256 secret needs at least {MIN_HS256_SECRET} bytes");
             }
             keys.push(Key {
                 kid: None,
@@ -155,6 +159,18 @@ impl JwtVerifier {
                     (None, AlgorithmParameters::OctetKey(_)) => Algorithm::HS256,
                     (None, _) => continue,
                 };
+                // A shared secret from the JWKS is held to the secret
+                // file's minimum: an empty `k` would let anyone sign.
+                if let AlgorithmParameters::OctetKey(oct) = &jwk.algorithm {
+                    // Unpadded base64url: 3 bytes per 4 characters.
+                    let bytes = oct.value.trim_end_matches('=').len() * 3 / 4;
+                    if bytes < MIN_HS256_SECRET {
+                        bail!(
+                            "[jwt] jwks_file: shared-secret key {:?} has {bytes} bytes; HS256 needs at least {MIN_HS256_SECRET}",
+                            jwk.common.key_id.as_deref().unwrap_or("(no kid)")
+                        );
+                    }
+                }
                 let key = DecodingKey::from_jwk(jwk).context("[jwt] bad JWKS key")?;
                 keys.push(Key {
                     kid: jwk.common.key_id.clone(),
@@ -377,6 +393,38 @@ mod tests {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
         let sig = ring::hmac::sign(&key, input.as_bytes());
         format!("{input}.{}", b64(sig.as_ref()))
+    }
+
+    /// A JWKS shared secret shorter than the secret file's minimum (an
+    /// empty one would let anyone sign) stops the load; a long one loads.
+    #[test]
+    fn a_short_jwks_shared_secret_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tether-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |k: &str| {
+            let file = dir.join("jwks.json");
+            let set =
+                serde_json::json!({"keys": [{"kty": "oct", "kid": "s", "alg": "HS256", "k": k}]});
+            std::fs::write(&file, set.to_string()).unwrap();
+            let mut cfg = verifier().cfg;
+            cfg.jwks_file = Some(file);
+            JwtVerifier::new(&cfg)
+        };
+        for short in ["", &b64(&SECRET_A[..31])] {
+            let Err(e) = load(short) else {
+                panic!("a short shared secret loaded")
+            };
+            assert!(e.to_string().contains("needs at least 32"), "{e}");
+        }
+        let v = load(&b64(SECRET_A)).unwrap();
+        let t = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(60),
+            &EncodingKey::from_secret(SECRET_A),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&t).unwrap().name, "bob");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
