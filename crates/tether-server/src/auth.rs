@@ -226,13 +226,16 @@ impl Authenticator {
 
     /// Whether a live identity still holds (cheap, per request): its token is
     /// still configured under its name, or its JWT has not expired (and JWTs
-    /// are still accepted).
+    /// are still accepted). A JWT accepted within the clock-skew leeway
+    /// holds to the leeway's end, as its streams and sessions do.
     pub(crate) fn client_still_valid(&self, id: &ClientIdentity) -> bool {
         match &id.kind {
             IdentityKind::Token { hash } => self.clients.get(hash).is_some_and(|n| *n == id.name),
-            IdentityKind::Jwt { .. } => {
-                self.jwt.is_some() && id.expires_in().is_some_and(|d| !d.is_zero())
-            }
+            IdentityKind::Jwt { .. } => self.jwt.as_ref().is_some_and(|j| {
+                let now = tokio::time::Instant::now();
+                id.expires_at_within(now, j.leeway())
+                    .is_none_or(|at| at > now)
+            }),
         }
     }
 

@@ -117,13 +117,16 @@ impl ClientEndpoint {
         let sessions = self.metrics.sessions_of("client");
         sessions.inc();
         tracing::info!(client = %client.name, %peer, "client connected");
-        // A JWT identity's session ends when its token does.
-        if let Some(left) = client.expires_in() {
+        // A JWT identity's session ends when its token does (one accepted
+        // within the clock-skew leeway, at the leeway's end: closed at once,
+        // its client would only reconnect to be closed again).
+        let leeway = self.auth.get().jwt_leeway();
+        if let Some(at) = client.expires_at_within(tokio::time::Instant::now(), leeway) {
             let c = conn.clone();
             let who = client.name.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = tokio::time::sleep(left) => {
+                    _ = tokio::time::sleep_until(at) => {
                         tracing::info!(client = %who, "credential expired: closing the session");
                         c.close(ErrorCode::Unauthorized, "credential expired");
                     }

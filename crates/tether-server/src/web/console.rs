@@ -474,8 +474,12 @@ pub(crate) fn events(
         selected: Option<(Arc<Authenticator>, u64, tokio::time::Instant, Selection)>,
         /// When the last snapshot was built (`None` before the first).
         built: Option<tokio::time::Instant>,
+        /// The credential tables the client was last checked against in
+        /// full (at first: those it was just identified under).
+        checked: Arc<Authenticator>,
     }
     let ev = Ev {
+        checked: web.auth.get(),
         changes: web.registry.subscribe(),
         web,
         client,
@@ -506,7 +510,15 @@ pub(crate) fn events(
             }
             ev.built = Some(now);
             let auth = ev.web.auth.get();
-            // A revoked or expired identity's console stops updating.
+            // A revoked or expired identity's console stops updating. After
+            // a reload the identity is checked in full: a JWT whose key, or
+            // issuer, went out with it is revoked before it expires.
+            if !Arc::ptr_eq(&ev.checked, &auth) {
+                if !auth.client_revalidate(&ev.client) {
+                    return None;
+                }
+                ev.checked = auth.clone();
+            }
             if !auth.client_still_valid(&ev.client) {
                 return None;
             }

@@ -384,6 +384,9 @@ pub(crate) async fn login_submit(
             "too many login attempts from your address; wait a few seconds",
         );
     }
+    // Read before the check: a reload between the check and the login's
+    // creation sweeps logins before this one exists (see below).
+    let generation = web.auth.generation();
     let client = match web.auth.get().client(token) {
         Ok(c) => c,
         Err(why) => {
@@ -417,6 +420,20 @@ pub(crate) async fn login_submit(
         );
     }
     let id = web.logins.create(&client, ttl);
+    // A reload since the check may have revoked the credential, its sweep
+    // of logins done before this one was made: checked again under it.
+    if web.auth.generation() != generation && !web.auth.get().client_revalidate(&client) {
+        web.logins.remove(&id);
+        web.metrics.error("bad_login");
+        tracing::warn!(%peer, %source, client = %client.name, "browser login refused: the credential was revoked as it signed in");
+        return sign_in_page(
+            web,
+            StatusCode::UNAUTHORIZED,
+            &next,
+            &csrf,
+            Some("That token is not valid."),
+        );
+    }
     tracing::info!(client = %client.name, %peer, %source, "browser login");
     let mut r = redirect(StatusCode::SEE_OTHER, &next);
     set_cookie(
@@ -451,27 +468,32 @@ pub(crate) async fn logout(web: &Web, req: Request<Incoming>, host: &str) -> Res
             "cross-site logout refused",
         );
     }
-    let id = cookie(&headers, session_cookie_name(web)).map(str::to_owned);
-    let session = id.as_deref().and_then(|i| web.logins.get(i));
-    match (id, session) {
-        (Some(id), Some(s))
-            if form
-                .get("csrf")
-                .is_some_and(|f| token_hash(f) == token_hash(&s.csrf)) =>
-        {
-            web.logins.remove(&id);
+    // Every session cookie sent, not just a lone one: a sibling host may
+    // have planted a second, and a logout that ended nothing while the
+    // browser's cookie is deleted would leave the login usable by whoever
+    // holds its value. The login whose CSRF value the form carries ends.
+    let csrf = form.get("csrf").map(|f| token_hash(f));
+    let mut live = false;
+    let mut ended = false;
+    for id in super::cookies(&headers, session_cookie_name(web)) {
+        let Some(s) = web.logins.get(id) else {
+            continue;
+        };
+        live = true;
+        if csrf.as_ref() == Some(&token_hash(&s.csrf)) {
+            web.logins.remove(id);
             tracing::info!(client = %s.identity.name, "browser logout");
+            ended = true;
         }
-        (Some(_), Some(_)) => {
-            web.metrics.error("csrf");
-            return error(
-                &headers,
-                StatusCode::FORBIDDEN,
-                "csrf",
-                "logout without the session's CSRF value",
-            );
-        }
-        _ => {}
+    }
+    if live && !ended {
+        web.metrics.error("csrf");
+        return error(
+            &headers,
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "logout without the session's CSRF value",
+        );
     }
     let mut r = redirect(StatusCode::SEE_OTHER, "/login");
     set_cookie(

@@ -217,16 +217,24 @@ pub(crate) fn wants_html(h: &HeaderMap) -> bool {
 /// planted a second one with a more specific path), there is no telling
 /// which is ours: none is used.
 pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let mut found = h
-        .get_all(header::COOKIE)
+    let mut found = cookies(h, name);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
+/// Every value of cookie `name` in the request's `Cookie` headers (for a
+/// logout, which must end the real login whatever else was planted).
+pub(crate) fn cookies<'a, 'n>(
+    h: &'a HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v);
-    let first = found.next()?;
-    found.next().is_none().then_some(first)
+        .filter(move |(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 /// The host the request was addressed to (`Host`, or the URI authority in

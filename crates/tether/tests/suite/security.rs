@@ -436,6 +436,26 @@ protocols = ["tcp"]
     let (status, _) =
         wait_for(|| http_get(format!("127.0.0.1:{local}").parse().unwrap(), "/hello"));
     assert_eq!(status, 200);
+    // One accepted within the clock-skew leeway lasts to the leeway's end,
+    // not a moment: the session is not closed at once (and reopened, and
+    // closed, for the rest of the leeway).
+    let late_local = free_port();
+    let late_client = forward_client(&s.ws_url(), &late, &[(late_local, "prod/web")]);
+    assert!(
+        late_client.wait_log("connected", Duration::from_secs(10)),
+        "{}",
+        late_client.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !s.server.log_text().contains("credential expired"),
+        "a session within the leeway was closed at once\n{}",
+        s.server.log_text()
+    );
+    let (status, _) =
+        wait_for(|| http_get(format!("127.0.0.1:{late_local}").parse().unwrap(), "/hello"));
+    assert_eq!(status, 200);
+    drop(late_client);
     // Audit lines: who, what, decision, bytes (a stream's line comes when it closes).
     assert!(s.server.wait_log("result=closed", Duration::from_secs(5)));
     let log = s.server.log_text();
@@ -470,6 +490,22 @@ protocols = ["tcp"]
         assert!(!log.contains(t.as_str()), "a JWT was logged");
     }
 
+    // A console's event stream, identified by a JWT signed with that key.
+    let mut console = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "30", "-H"])
+        .arg(format!("Authorization: Bearer {sre}"))
+        .args(["-H", "Accept: text/event-stream"])
+        .arg(s.url("/api/events"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events =
+        std::io::BufRead::lines(std::io::BufReader::new(console.stdout.take().unwrap()));
+    assert_eq!(
+        events.next().and_then(Result::ok).as_deref(),
+        Some("event: agents")
+    );
+
     // The RS256 key is withdrawn (compromised): the reload verifies live
     // JWT sessions again and closes the one signed with it.
     let cfg = std::fs::read_to_string(&s.cfg_path).unwrap();
@@ -488,6 +524,14 @@ protocols = ["tcp"]
     );
     let (code, _) = curl_status(&web, &sre);
     assert_eq!(code, 401, "a JWT signed with the withdrawn key still works");
+    // The console's event stream ends too, long before the JWT expires.
+    assert!(
+        wait_until(Duration::from_secs(10), || console
+            .try_wait()
+            .is_ok_and(|done| done.is_some())),
+        "the console's event stream outlived the withdrawn key"
+    );
+    drop(events);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -657,16 +657,27 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         .to_owned();
     let out = w.curl(&["-b", &jar_s, "-X", "POST", &format!("{base}/logout")]);
     assert_eq!(out.status, 403);
+    // A second session cookie beside the real one (a sibling host may
+    // plant one) does not make the logout end nothing.
+    let jar_text = std::fs::read_to_string(&jar_s).unwrap();
+    let session_cookie = jar_text
+        .lines()
+        .filter_map(|l| l.split('\t').nth(5))
+        .find(|name| name.contains("session"))
+        .expect("the session cookie in the jar")
+        .to_owned();
     let out = w.curl(&[
         "-b",
         &jar_s,
+        "-H",
+        &format!("Cookie: {session_cookie}=planted"),
         "--data",
         &format!("csrf={session_csrf}"),
         &format!("{base}/logout"),
     ]);
     assert_eq!(out.status, 303);
     let out = w.curl(&["-b", &jar_s, &format!("{base}/api/agents")]);
-    assert_eq!(out.status, 401);
+    assert_eq!(out.status, 401, "the login outlived its logout");
 }
 
 /// Fetches the login form into `jar`; returns its CSRF value.
