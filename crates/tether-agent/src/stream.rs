@@ -112,6 +112,11 @@ const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
 /// others are dropped. With every attempt failed, the last error.
 async fn connect_first(addrs: &[SocketAddr]) -> io::Result<(TcpStream, SocketAddr)> {
     use futures_util::stream::{FuturesUnordered, StreamExt};
+    // The usual case (a Service's one cluster IP, a pod's one address):
+    // nothing to race.
+    if let [addr] = addrs {
+        return Ok((TcpStream::connect(*addr).await?, *addr));
+    }
     let dial = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
     let mut next = addrs.iter().copied();
     let mut dials = FuturesUnordered::new();
