@@ -19,18 +19,26 @@
 //! request that was waiting for it; the next request tries again. A
 //! request that never left because its connection was closing (the
 //! service's GOAWAY, say) is sent once more on a new connection.
+//!
+//! A connection carrying [`MAX_STREAMS_PER_CONNECTION`] requests is full:
+//! the next request opens a new one, which becomes the slot's, and the
+//! full one serves its requests to their end. Past the service's own limit
+//! (`SETTINGS_MAX_CONCURRENT_STREAMS`) hyper queues requests on the
+//! connection, without bound or a word, until one ends: a caller holding
+//! a hundred long streaming calls would have its next, quick, call hang.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tether_net::io::StreamIo;
 use tether_net::Refusal;
 
+use super::pool::{InFlight, ServiceBody};
 use super::POOL_IDLE_TIMEOUT;
 use crate::open::Opener;
 use crate::policy::target_name;
@@ -49,6 +57,12 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 /// the answer may take: a link between agent and service that died
 /// without a word fails its requests instead of hanging them.
 const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// The most requests one connection carries before the next opens another:
+/// at or under what services allow at once (Kestrel 100, nginx 128, Go's
+/// server 250, grpc-go and hyper more). hyper does not tell the service's
+/// value.
+const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
 /// The HTTP/2 connections to services, one per `agent/service` and caller.
 pub(crate) struct H2Pool {
@@ -94,6 +108,8 @@ struct Live {
     /// The agent session its tunnel stream runs on.
     session: tether_net::Connection,
     generation: u64,
+    /// Requests on it whose responses are not done.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Live {
@@ -177,15 +193,15 @@ impl H2Pool {
         agent: &str,
         service: &str,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, BoxError> {
+    ) -> Result<Response<ServiceBody>, BoxError> {
         let slot = self.slot(caller, agent, service);
         let _release = Release {
             slots: &self.slots,
             slot: &slot,
         };
-        let (mut send, generation) = self.sender(&slot).await?;
+        let (mut send, generation, counted) = self.sender(&slot).await?;
         let req = match send.try_send_request(req).await {
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => return Ok(resp.map(|b| ServiceBody::counted(b, counted))),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     tracing::debug!(%agent, %service, "HTTP/2 request not sent ({}): once more on a new connection", e.error());
@@ -195,8 +211,9 @@ impl H2Pool {
                 None => return Err(e.into_error().into()),
             },
         };
-        let (mut send, _) = self.sender(&slot).await?;
-        Ok(send.send_request(req).await?)
+        let (mut send, _, counted) = self.sender(&slot).await?;
+        let resp = send.send_request(req).await?;
+        Ok(resp.map(|b| ServiceBody::counted(b, counted)))
     }
 
     /// The slot of `caller` for `agent/service`, made on first use.
@@ -228,15 +245,24 @@ impl H2Pool {
             .clone()
     }
 
-    /// A sender on the slot's connection and the connection's generation,
-    /// opening one when there is no usable one.
-    async fn sender(&self, slot: &Arc<Slot>) -> Result<(SendRequest<Body>, u64), Refusal> {
+    /// A sender on the slot's connection, the connection's generation and
+    /// the request's place in its count, opening a connection when there is
+    /// no usable one or it is full.
+    async fn sender(
+        &self,
+        slot: &Arc<Slot>,
+    ) -> Result<(SendRequest<Body>, u64, InFlight), Refusal> {
         let arrived = Instant::now();
         let mut state = slot.state.lock().await;
         state.last_used = Some(Instant::now());
-        if let Some(live) = state.live.as_ref().filter(|l| l.usable()) {
-            return Ok((live.send.clone(), live.generation));
+        if let Some(live) = state.live.as_ref().filter(|l| {
+            l.usable() && l.in_flight.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+        }) {
+            let counted = InFlight::new(&live.in_flight);
+            return Ok((live.send.clone(), live.generation, counted));
         }
+        // Unusable, or full: a full one lives on with its requests (hyper
+        // closes it after the last), the slot's next is a new one.
         state.live = None;
         if let Some((at, why)) = &state.failed {
             // This request waited for that attempt: it is the answer.
@@ -252,10 +278,13 @@ impl H2Pool {
                 state.generation += 1;
                 state.failed = None;
                 let generation = state.generation;
+                let in_flight = Arc::new(AtomicUsize::new(0));
+                let counted = InFlight::new(&in_flight);
                 state.live = Some(Live {
                     send: send.clone(),
                     session: session.clone(),
                     generation,
+                    in_flight,
                 });
                 tokio::spawn(let_go_when_idle(
                     Arc::downgrade(&self.slots),
@@ -263,7 +292,7 @@ impl H2Pool {
                     generation,
                     session,
                 ));
-                Ok((send, generation))
+                Ok((send, generation, counted))
             }
             Err(why) => {
                 state.failed = Some((Instant::now(), why.clone()));

@@ -25,7 +25,7 @@
 //! ([`names_connection_login`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -381,7 +381,11 @@ impl Pool {
                 Ok(resp) => {
                     let give_back = (!bound && !response_binds_login(&resp))
                         .then(|| (conn, Arc::downgrade(&self.idle)));
-                    return Ok(resp.map(|inner| ServiceBody { inner, give_back }));
+                    return Ok(resp.map(|inner| ServiceBody {
+                        inner,
+                        give_back,
+                        _in_flight: None,
+                    }));
                 }
                 Err(mut e) => match (e.take_message(), replay) {
                     (Some(again), _) if reused => {
@@ -466,15 +470,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct ServiceBody {
     inner: Incoming,
     give_back: Option<(Pooled, Weak<Mutex<Idle>>)>,
+    /// The request's place in its HTTP/2 connection's count, held until
+    /// its response is done.
+    _in_flight: Option<InFlight>,
 }
 
-impl From<Incoming> for ServiceBody {
-    /// A body on a connection that is not the pool's (HTTP/2).
-    fn from(inner: Incoming) -> Self {
+impl ServiceBody {
+    /// A body on an HTTP/2 connection (not the pool's), counted there
+    /// until it ends.
+    pub(crate) fn counted(inner: Incoming, in_flight: InFlight) -> Self {
         ServiceBody {
             inner,
             give_back: None,
+            _in_flight: Some(in_flight),
         }
+    }
+}
+
+/// One request counted among those in flight on a connection, from when
+/// it takes the connection until its response body is done or dropped.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more request on `count`.
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -34,7 +34,7 @@ use tether_proto::{OpenErrorCode, ServiceKind};
 use super::credential::{identify_on, ConnectionCredential};
 use super::login::{login_required, Via};
 use super::pages::{error, error_page};
-use super::pool::{refusal_of, ServiceBody};
+use super::pool::refusal_of;
 use super::rewrite::{
     forwarded_host, rewrite_response, set_forwarding, strip_hop_by_hop, strip_tether_cookies,
     websocket_upgrade, Forwarding,
@@ -239,9 +239,7 @@ async fn proxy(
             *out.version_mut() = Version::HTTP_2;
             // Boxed: an HTTP/2 service's request future is the largest, and
             // would otherwise size the boxed send of every HTTP/1.1 request.
-            Box::pin(web.h2.request(caller_key, agent, service, out))
-                .await
-                .map(|r| r.map(ServiceBody::from))
+            Box::pin(web.h2.request(caller_key, agent, service, out)).await
         } else {
             *out.version_mut() = Version::HTTP_11;
             web.pool.request(caller_key, agent, service, out).await

@@ -370,3 +370,111 @@ fn an_http2_service_that_does_not_agree_to_h2_is_refused_clearly() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTP/2 service that allows 100 requests at once (as Kestrel does)
+/// on a connection: `/hold` answers when the test says so, anything else
+/// at once. Returns its address, the count of `/hold` requests it is
+/// holding, and the switch that lets them go.
+fn kestrel_like_service() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let holding = Arc::new(AtomicUsize::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let count = holding.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (count, released) = (count.clone(), released.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let (count, mut released) = (count.clone(), released.clone());
+                        async move {
+                            if req.uri().path() == "/hold" {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                let _ = released.wait_for(|go| *go).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .max_concurrent_streams(100)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    (addr, holding, release)
+}
+
+/// A client holding as many long requests as an HTTP/2 service takes on
+/// one connection: its next request opens another connection instead of
+/// waiting, unseen, for one of them to end.
+#[test]
+fn a_full_http2_connection_does_not_hold_up_the_next_request() {
+    let (addr, holding, release) = kestrel_like_service();
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        services: format!("limited = \"h2c://{addr}\"\n"),
+        ..Default::default()
+    });
+    let url = |path: &str| format!("http://127.0.0.1:{}/a/prod/limited{path}", w.port);
+    let urls: Vec<String> = (0..100).map(|_| url("/hold")).collect();
+    let held = Command::new("curl")
+        .args(["-sS", "-Z", "--parallel-immediate", "--parallel-max", "100"])
+        .args(["--max-time", "30"])
+        .args(["-w", "%{http_code}\n", "-H"])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .args(urls.iter().flat_map(|u| ["-o", "/dev/null", u.as_str()]))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    assert!(
+        wait_until(Duration::from_secs(20), || holding
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 100),
+        "the service holds {} requests",
+        holding.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-o", "/dev/null"])
+        .args(["-w", "%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+        .arg(url("/quick"))
+        .output()
+        .expect("curl");
+    let quick = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _ = release.send(true);
+    let held = held.wait_with_output().expect("curl");
+    let codes = String::from_utf8_lossy(&held.stdout).into_owned();
+    assert_eq!(
+        quick,
+        "200",
+        "the 101st request beside 100 held ones: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        100,
+        "{codes}"
+    );
+}
