@@ -371,8 +371,9 @@ struct Probe {
     written: Option<Instant>,
 }
 
-/// Room for events a session keeps between messages (a message of many
-/// small frames may need more for a moment; see [`Session::poll_event`]).
+/// Room for events, and for control frames, a session keeps between
+/// messages (a message of many small frames may need more for a moment;
+/// see [`Session::poll_event`]).
 const EVENTS_KEPT: usize = 256;
 
 /// One end of a tether session. See the crate docs for how to drive it.
@@ -419,6 +420,8 @@ pub struct Session {
     version: u16,
     goaway_sent: bool,
     goaway_received: bool,
+    /// The code of the last GOAWAY received.
+    goaway_received_code: Option<ErrorCode>,
     drain_deadline: Option<Instant>,
     /// The catalog to announce once the session speaks version 3.
     catalog: Option<Vec<CatalogEntry>>,
@@ -469,6 +472,7 @@ impl Session {
             version: 0,
             goaway_sent: false,
             goaway_received: false,
+            goaway_received_code: None,
             drain_deadline: None,
             catalog: None,
             replicas: None,
@@ -597,7 +601,11 @@ impl Session {
                 Ok(())
             }
             Frame::GoAway { code, reason } => {
+                // The same GOAWAY again says nothing new: no event (and no
+                // log line per frame for a peer that repeats it).
+                let repeated = self.goaway_received_code == Some(code);
                 self.goaway_received = true;
+                self.goaway_received_code = Some(code);
                 if !matches!(
                     code,
                     ErrorCode::Normal | ErrorCode::Replaced | ErrorCode::Leaving
@@ -607,7 +615,9 @@ impl Session {
                     self.close_now(Some(err.clone()), false);
                     return Err(err);
                 }
-                self.events.push_back(Event::GoAway { code, reason });
+                if !repeated {
+                    self.events.push_back(Event::GoAway { code, reason });
+                }
                 self.maybe_finish_drain();
                 Ok(())
             }
@@ -914,6 +924,12 @@ impl Session {
             ))
         } else if self.goaway_sent {
             Some((OpenErrorCode::GoingAway, "session is draining"))
+        } else if self.goaway_received {
+            // Neither side opens after a GOAWAY (PROTOCOL.md 10), the one
+            // that sent it included.
+            Some((OpenErrorCode::GoingAway, "you sent GOAWAY: no new streams"))
+        } else if matches!(target.kind, TargetKind::Other(_)) {
+            Some((OpenErrorCode::BadTarget, "unknown stream kind"))
         } else if self.peer_streams >= self.config.max_peer_streams {
             Some((
                 OpenErrorCode::TooManyStreams,
@@ -1205,8 +1221,12 @@ impl Session {
         }
     }
 
-    /// Half-closes the sending direction: a FIN follows the queued data.
-    pub fn stream_finish(&mut self, id: StreamId) -> Result<(), WriteError> {
+    /// Half-closes the sending direction at `now`: a FIN follows the queued
+    /// data. The half-close is activity: the linger counts from it, not
+    /// from the stream's last data (a stream idle for longer than `linger`
+    /// would otherwise be reset the moment it is half-closed, its FIN and
+    /// the other direction's answer lost).
+    pub fn stream_finish(&mut self, id: StreamId, now: Instant) -> Result<(), WriteError> {
         let s = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream)?;
         if s.phase != Phase::Open {
             return Err(WriteError::NotOpen);
@@ -1215,6 +1235,7 @@ impl Session {
             return Ok(());
         }
         s.fin_queued = true;
+        s.last_activity = now;
         Self::arm_linger(&mut self.linger_checks, s, id, self.config.linger);
         if !s.in_ready {
             s.in_ready = true;
@@ -1404,6 +1425,11 @@ impl Session {
         if !self.control.is_empty() {
             return true; // the rest of the control frames go in the next message
         }
+        if self.control.capacity() > EVENTS_KEPT {
+            // A message of many PINGs left room for as many PONGs: give it
+            // back rather than keep it for the session's life.
+            self.control = VecDeque::new();
+        }
         // Established: the peer's HELLO came, with its frame limit (at
         // least MIN_PEER_FRAME, checked there).
         let peer = match &self.peer {
@@ -1458,6 +1484,9 @@ impl Session {
             }
             if s.send_queue.is_empty() && s.fin_queued && !s.fin_sent {
                 s.fin_sent = true;
+                if let Some(now) = now {
+                    s.last_activity = now;
+                }
                 out.push(Frame::Fin { id });
             }
             if s.send_queue.is_empty() {

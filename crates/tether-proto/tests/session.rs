@@ -137,7 +137,7 @@ fn handshake_and_open_accept_data_fin() {
         p.a.stream_write(id, Bytes::from_static(b"ping")).unwrap(),
         4
     );
-    p.a.stream_finish(id).unwrap();
+    p.a.stream_finish(id, p.now).unwrap();
     p.pump(usize::MAX);
     assert!(p.b_events.contains(&Event::Data {
         id,
@@ -149,7 +149,7 @@ fn handshake_and_open_accept_data_fin() {
         p.b.stream_write(id, Bytes::from_static(b"pong")).unwrap(),
         4
     );
-    p.b.stream_finish(id).unwrap();
+    p.b.stream_finish(id, p.now).unwrap();
     p.pump(usize::MAX);
     assert!(p.a_events.contains(&Event::Data {
         id,
@@ -175,8 +175,8 @@ fn stream_bytes_count_what_each_side_wrote_and_received() {
     assert_eq!((a.sent, a.received), (5, 2));
     assert_eq!((b.sent, b.received), (2, 5));
     // Gone with the stream.
-    p.a.stream_finish(id).unwrap();
-    p.b.stream_finish(id).unwrap();
+    p.a.stream_finish(id, p.now).unwrap();
+    p.b.stream_finish(id, p.now).unwrap();
     p.pump(usize::MAX);
     assert_eq!(p.a.stream_bytes(id), None);
     assert_eq!(p.b.stream_bytes(id), None);
@@ -263,7 +263,7 @@ fn sending_streams_counts_the_streams_with_data_to_send() {
     p.pump(usize::MAX);
     assert_eq!(p.a.sending_streams(), 0);
     // A FIN alone waits to be sent too.
-    p.a.stream_finish(two).unwrap();
+    p.a.stream_finish(two, p.now).unwrap();
     assert_eq!(p.a.sending_streams(), 1);
     p.pump(usize::MAX);
     assert_eq!(p.a.sending_streams(), 0);
@@ -678,8 +678,8 @@ fn a_finished_streams_grown_window_goes_back_to_the_budget() {
     let second = p.open_accepted("a/second");
     assert_eq!(run_fast(&mut p, second), 64 * 1024);
     // The first one ends both ways and is gone; its window is free again.
-    p.a.stream_finish(first).unwrap();
-    p.b.stream_finish(first).unwrap();
+    p.a.stream_finish(first, p.now).unwrap();
+    p.b.stream_finish(first, p.now).unwrap();
     p.pump(usize::MAX);
     assert_eq!(p.b.stats().live, 1);
     assert_eq!(run_fast(&mut p, second), 256 * 1024);
@@ -872,6 +872,65 @@ fn version_1_peer_negotiates_down_and_gets_no_udp() {
     }
     assert!(saw);
     assert!(b.is_established());
+}
+
+/// What a peer sends that the session refuses for one stream, or hears
+/// once: an OPEN of a kind this build does not know gets OPEN_ERR
+/// `bad_target` from the session itself; a GOAWAY repeated is one event;
+/// an OPEN from a peer that sent GOAWAY gets OPEN_ERR `going_away`.
+#[test]
+fn unknown_kinds_repeated_goaways_and_opens_after_goaway() {
+    let mut p = Pair::default();
+    let inject = |p: &mut Pair, frames: Vec<Frame>| {
+        let mut m = BytesMut::new();
+        for f in frames {
+            f.encode(&mut m);
+        }
+        p.b.handle_input(m.freeze(), p.now).unwrap();
+        p.b_events.extend(std::iter::from_fn(|| p.b.poll_event()));
+        transmit(&mut p.b)
+    };
+    let refusal = |sent: &[Frame], want: StreamId| {
+        sent.iter().find_map(|f| match f {
+            Frame::OpenErr { id, code, .. } if *id == want => Some(*code),
+            _ => None,
+        })
+    };
+    let sent = inject(
+        &mut p,
+        vec![Frame::Open {
+            id: StreamId(1),
+            target: Target {
+                kind: tether_proto::TargetKind::Other(9),
+                address: "a/b".into(),
+            },
+        }],
+    );
+    assert_eq!(refusal(&sent, StreamId(1)), Some(OpenErrorCode::BadTarget));
+    assert!(!p
+        .b_events
+        .iter()
+        .any(|e| matches!(e, Event::IncomingOpen { .. })));
+    let goaway = || Frame::GoAway {
+        code: ErrorCode::Normal,
+        reason: "leaving".into(),
+    };
+    inject(&mut p, vec![goaway(), goaway(), goaway()]);
+    let goaways = p
+        .b_events
+        .iter()
+        .filter(|e| matches!(e, Event::GoAway { .. }))
+        .count();
+    assert_eq!(goaways, 1, "{:?}", p.b_events);
+    let sent = inject(
+        &mut p,
+        vec![Frame::Open {
+            id: StreamId(3),
+            target: Target::tcp("a/b"),
+        }],
+    );
+    assert_eq!(refusal(&sent, StreamId(3)), Some(OpenErrorCode::GoingAway));
+    assert!(p.b.is_established());
 }
 
 #[test]
@@ -1198,8 +1257,8 @@ fn early_data_of_a_refused_open_is_dropped_quietly() {
     p.pump(usize::MAX);
     assert!(p.a_events.iter().any(|e| matches!(e, Event::OpenFailed { id: i, code: OpenErrorCode::TooManyStreams, .. } if *i == id)));
     // Refused by the application after the data arrived.
-    p.b.stream_finish(first).unwrap();
-    p.a.stream_finish(first).unwrap();
+    p.b.stream_finish(first, p.now).unwrap();
+    p.a.stream_finish(first, p.now).unwrap();
     p.pump(usize::MAX);
     let id2 =
         p.a.open_with(
@@ -1256,7 +1315,7 @@ fn early_data_waits_for_open_ok_from_a_version_4_peer() {
     let id = a
         .open_with(Target::tcp("prod/web"), Bytes::from_static(b"early"), now)
         .unwrap();
-    a.stream_finish(id).unwrap_err(); // not open yet: nothing may follow
+    a.stream_finish(id, now).unwrap_err(); // not open yet: nothing may follow
     let sent = transmit(&mut a);
     assert!(
         sent.iter().any(|f| matches!(f, Frame::Open { .. }))
@@ -1620,8 +1679,8 @@ fn goaway_drains_then_closes() {
     );
     // The existing stream still works and, once finished, the session closes.
     p.a.stream_write(id, Bytes::from_static(b"last")).unwrap();
-    p.a.stream_finish(id).unwrap();
-    p.b.stream_finish(id).unwrap();
+    p.a.stream_finish(id, p.now).unwrap();
+    p.b.stream_finish(id, p.now).unwrap();
     p.pump(usize::MAX);
     assert!(p.b_events.contains(&Event::Data {
         id,
@@ -1664,7 +1723,7 @@ fn half_closed_idle_stream_lingers_then_resets() {
     p.pump(usize::MAX);
     p.b.accept(id, p.now).unwrap();
     p.pump(usize::MAX);
-    p.a.stream_finish(id).unwrap();
+    p.a.stream_finish(id, p.now).unwrap();
     p.pump(usize::MAX);
     // Keep the session alive with pings, but the stream carries nothing.
     for _ in 0..7 {
@@ -1678,6 +1737,55 @@ fn half_closed_idle_stream_lingers_then_resets() {
     ));
     assert_eq!(p.a.stats().live, 0);
     assert_eq!(p.b.stats().live, 0);
+}
+
+/// A stream idle for longer than the linger and then half-closed is not
+/// reset on the spot: its FIN arrives, the other direction still carries
+/// the answer, and the linger counts from the half-close.
+#[test]
+fn a_stream_half_closed_after_a_long_silence_gets_its_linger() {
+    let mut p = Pair::default();
+    let linger = Config::default().linger;
+    let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
+    p.pump(usize::MAX);
+    p.b.accept(id, p.now).unwrap();
+    p.pump(usize::MAX);
+    // Silence on the stream for one and a half lingers (pings keep the
+    // session alive).
+    let quiet_until = p.now + linger + linger / 2;
+    while p.now < quiet_until {
+        p.now += Duration::from_secs(10);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.pump(usize::MAX);
+    }
+    p.a.stream_finish(id, p.now).unwrap();
+    p.a.handle_timeout(p.now);
+    p.pump(usize::MAX);
+    let lingered = |events: &[Event]| {
+        events.iter().any(
+            |e| matches!(e, Event::Reset { id: i, code: ResetCode::LingerTimeout, .. } if *i == id),
+        )
+    };
+    assert!(!lingered(&p.a_events), "reset as it was half-closed");
+    assert!(
+        p.b_events.contains(&Event::Finished { id }),
+        "the FIN arrived"
+    );
+    p.b.stream_write(id, Bytes::from_static(b"answer")).unwrap();
+    p.pump(usize::MAX);
+    assert!(p.a_events.contains(&Event::Data {
+        id,
+        data: Bytes::from_static(b"answer")
+    }));
+    // Then silence again: the linger ends it, counted from the answer.
+    for _ in 0..7 {
+        p.now += Duration::from_secs(10);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        p.pump(usize::MAX);
+    }
+    assert!(lingered(&p.a_events) || lingered(&p.b_events));
 }
 
 /// The OpenFailed{Timeout} ids among `events`, in order.
@@ -1745,7 +1853,7 @@ fn among_many_pending_opens_the_oldest_time_out_first_and_answered_ones_never() 
 fn a_half_closed_stream_that_keeps_receiving_does_not_linger_out() {
     let mut p = Pair::default();
     let id = p.open_accepted("a/b");
-    p.a.stream_finish(id).unwrap();
+    p.a.stream_finish(id, p.now).unwrap();
     p.pump(usize::MAX);
     // b goes on sending every 10 s for twice the linger: a's half-closed
     // stream has activity, so it stays.
@@ -2037,7 +2145,7 @@ impl Model {
                     return;
                 };
                 let s = if from_a { &mut self.p.a } else { &mut self.p.b };
-                let _ = s.stream_finish(id);
+                let _ = s.stream_finish(id, self.p.now);
             }
             Op::Reset { stream } => {
                 // Rare: reset from a.
@@ -2086,7 +2194,7 @@ proptest! {
                     let n = std::mem::take(&mut d.unconsumed);
                     let s = if at_a { &mut m.p.a } else { &mut m.p.b };
                     s.stream_consumed(id, n, m.p.now);
-                    let _ = s.stream_finish(id);
+                    let _ = s.stream_finish(id, m.p.now);
                 }
             }
             let before = (m.p.a.wants_transmit(), m.p.b.wants_transmit());

@@ -427,7 +427,7 @@ impl StreamWriter {
     pub fn finish_now(&mut self) -> Result<(), StreamError> {
         self.shared
             .with_session(|g| {
-                let r = g.session.stream_finish(self.id);
+                let r = g.session.stream_finish(self.id, super::now());
                 g.deadlines_changed(); // linger starts
                 r
             })
