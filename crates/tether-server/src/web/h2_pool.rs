@@ -21,11 +21,14 @@
 //! service's GOAWAY, say) is sent once more on a new connection.
 //!
 //! A connection carrying [`MAX_STREAMS_PER_CONNECTION`] requests is full:
-//! the next request opens a new one, which becomes the slot's, and the
-//! full one serves its requests to their end. Past the service's own limit
-//! (`SETTINGS_MAX_CONCURRENT_STREAMS`) hyper queues requests on the
-//! connection, without bound or a word, until one ends: a caller holding
-//! a hundred long streaming calls would have its next, quick, call hang.
+//! when every connection of the slot is, the next request opens another
+//! (if that open fails, it queues on the least loaded one). Past the
+//! service's own limit (`SETTINGS_MAX_CONCURRENT_STREAMS`) hyper queues
+//! requests on a connection, without bound or a word, until one ends: a
+//! caller holding a hundred long streaming calls would have its next,
+//! quick, call hang. Requests go to the newest connection with room, so
+//! the older ones keep theirs and none is opened and dropped per hundred
+//! requests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,7 +80,7 @@ struct Slots(HashMap<String, HashMap<String, CallerSlots>>);
 /// One service's slots, by caller.
 type CallerSlots = HashMap<Arc<str>, Arc<Slot>>;
 
-/// One caller's connection to one service, or what happened to the last
+/// One caller's connections to one service, or what happened to the last
 /// attempt. The async lock is held while a connection is opened (the
 /// agent's answer, at most the open timeout, and the HTTP/2 handshake),
 /// so the caller's requests that arrive meanwhile wait for it instead of
@@ -92,9 +95,8 @@ struct Slot {
 /// The mutable part of a [`Slot`].
 #[derive(Default)]
 struct SlotState {
-    live: Option<Live>,
-    /// When the last request took the connection.
-    last_used: Option<Instant>,
+    /// The usable connections, oldest first.
+    conns: Vec<Live>,
     /// The last failed open, and when it ended.
     failed: Option<(Instant, Refusal)>,
     /// Counts connections, so an idle timer or a retry knows whether the
@@ -110,12 +112,30 @@ struct Live {
     generation: u64,
     /// Requests on it whose responses are not done.
     in_flight: Arc<AtomicUsize>,
+    /// When a request last took it.
+    last_used: Instant,
 }
 
 impl Live {
     /// Whether new requests may go on it.
     fn usable(&self) -> bool {
         !self.send.is_closed() && !self.session.is_draining() && !self.session.is_closed()
+    }
+
+    /// Whether it carries fewer than [`MAX_STREAMS_PER_CONNECTION`] requests.
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+    }
+
+    /// Takes it for one request: a sender, its generation, the request's
+    /// place in its count.
+    fn take(&mut self) -> (SendRequest<Body>, u64, InFlight) {
+        self.last_used = Instant::now();
+        (
+            self.send.clone(),
+            self.generation,
+            InFlight::new(&self.in_flight),
+        )
     }
 }
 
@@ -164,7 +184,7 @@ impl Drop for Release<'_> {
         let Ok(state) = self.slot.state.try_lock() else {
             return;
         };
-        if state.live.is_none() {
+        if state.conns.is_empty() {
             drop(state);
             self.slots
                 .lock()
@@ -245,29 +265,35 @@ impl H2Pool {
             .clone()
     }
 
-    /// A sender on the slot's connection, the connection's generation and
-    /// the request's place in its count, opening a connection when there is
-    /// no usable one or it is full.
+    /// A sender on one of the slot's connections, the connection's
+    /// generation and the request's place in its count: the newest
+    /// connection with room, else a new one, else (that open failed) the
+    /// least loaded full one.
     async fn sender(
         &self,
         slot: &Arc<Slot>,
     ) -> Result<(SendRequest<Body>, u64, InFlight), Refusal> {
         let arrived = Instant::now();
         let mut state = slot.state.lock().await;
-        state.last_used = Some(Instant::now());
-        if let Some(live) = state.live.as_ref().filter(|l| {
-            l.usable() && l.in_flight.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
-        }) {
-            let counted = InFlight::new(&live.in_flight);
-            return Ok((live.send.clone(), live.generation, counted));
+        state.conns.retain(Live::usable);
+        if let Some(live) = state.conns.iter_mut().rev().find(|l| l.has_room()) {
+            return Ok(live.take());
         }
-        // Unusable, or full: a full one lives on with its requests (hyper
-        // closes it after the last), the slot's next is a new one.
-        state.live = None;
+        // Full (hyper would queue on them), or none: queued on the least
+        // loaded only when no new one can be had.
+        let least_loaded = |conns: &mut Vec<Live>| {
+            conns
+                .iter_mut()
+                .min_by_key(|l| l.in_flight.load(Ordering::Relaxed))
+                .map(Live::take)
+        };
         if let Some((at, why)) = &state.failed {
             // This request waited for that attempt: it is the answer.
             if *at >= arrived {
                 let why = why.clone();
+                if let Some(taken) = least_loaded(&mut state.conns) {
+                    return Ok(taken);
+                }
                 drop(state);
                 self.forget(slot);
                 return Err(why);
@@ -278,24 +304,29 @@ impl H2Pool {
                 state.generation += 1;
                 state.failed = None;
                 let generation = state.generation;
-                let in_flight = Arc::new(AtomicUsize::new(0));
-                let counted = InFlight::new(&in_flight);
-                state.live = Some(Live {
-                    send: send.clone(),
+                let mut live = Live {
+                    send,
                     session: session.clone(),
                     generation,
-                    in_flight,
-                });
+                    in_flight: Arc::default(),
+                    last_used: Instant::now(),
+                };
+                let taken = live.take();
+                state.conns.push(live);
                 tokio::spawn(let_go_when_idle(
                     Arc::downgrade(&self.slots),
                     Arc::downgrade(slot),
                     generation,
                     session,
                 ));
-                Ok((send, generation, counted))
+                Ok(taken)
             }
             Err(why) => {
                 state.failed = Some((Instant::now(), why.clone()));
+                if let Some(taken) = least_loaded(&mut state.conns) {
+                    tracing::debug!(agent = %slot.agent, service = %slot.service, "HTTP/2: every connection full and no new one ({}): queued on the least loaded", why.reason);
+                    return Ok(taken);
+                }
                 drop(state);
                 self.forget(slot);
                 Err(why)
@@ -350,13 +381,7 @@ impl H2Pool {
 /// closing), so the next request opens a new one.
 async fn discard(slot: &Slot, generation: u64) {
     let mut state = slot.state.lock().await;
-    if state
-        .live
-        .as_ref()
-        .is_some_and(|l| l.generation == generation)
-    {
-        state.live = None;
-    }
+    state.conns.retain(|l| l.generation != generation);
 }
 
 /// Lets the slot's connection `generation` go once no request has taken it
@@ -377,14 +402,16 @@ async fn let_go_when_idle(
         };
         let Some(slot) = slot.upgrade() else { return };
         let mut state = slot.state.lock().await;
-        let Some(live) = state.live.as_ref().filter(|l| l.generation == generation) else {
+        let Some(at) = state.conns.iter().position(|l| l.generation == generation) else {
             return;
         };
-        let idle_until = state.last_used.unwrap_or(wake) + POOL_IDLE_TIMEOUT;
+        let live = &state.conns[at];
+        let idle_until = live.last_used + POOL_IDLE_TIMEOUT;
         if draining || !live.usable() || idle_until <= Instant::now() {
-            state.live = None;
+            state.conns.remove(at);
+            let empty = state.conns.is_empty();
             drop(state);
-            if let Some(slots) = slots.upgrade() {
+            if let (true, Some(slots)) = (empty, slots.upgrade()) {
                 slots
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -372,13 +372,13 @@ fn an_http2_service_that_does_not_agree_to_h2_is_refused_clearly() {
 }
 
 /// An HTTP/2 service that allows 100 requests at once (as Kestrel does)
-/// on a connection: `/hold` answers when the test says so, anything else
-/// at once. Returns its address, the count of `/hold` requests it is
-/// holding, and the switch that lets them go.
+/// on a connection: `/hold/N` answers once the test has let phase `N` go,
+/// anything else at once. Returns its address, the count of `/hold`
+/// requests it has taken, and the phase let go so far.
 fn kestrel_like_service() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Sender<u32>,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -386,7 +386,7 @@ fn kestrel_like_service() -> (
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let holding = Arc::new(AtomicUsize::new(0));
-    let (release, released) = tokio::sync::watch::channel(false);
+    let (release, released) = tokio::sync::watch::channel(0u32);
     let count = holding.clone();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -404,9 +404,10 @@ fn kestrel_like_service() -> (
                     let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                         let (count, mut released) = (count.clone(), released.clone());
                         async move {
-                            if req.uri().path() == "/hold" {
+                            if let Some(phase) = req.uri().path().strip_prefix("/hold/") {
+                                let phase: u32 = phase.parse().unwrap_or(0);
                                 count.fetch_add(1, Ordering::SeqCst);
-                                let _ = released.wait_for(|go| *go).await;
+                                let _ = released.wait_for(|go| *go >= phase).await;
                             }
                             Ok::<_, std::convert::Infallible>(http::Response::new(
                                 http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
@@ -428,53 +429,70 @@ fn kestrel_like_service() -> (
 
 /// A client holding as many long requests as an HTTP/2 service takes on
 /// one connection: its next request opens another connection instead of
-/// waiting, unseen, for one of them to end.
+/// waiting, unseen, for one of them to end; and the connections are kept
+/// and filled in turn, not one opened per hundred requests.
 #[test]
 fn a_full_http2_connection_does_not_hold_up_the_next_request() {
+    use std::sync::atomic::Ordering;
     let (addr, holding, release) = kestrel_like_service();
     let w = Web::start_with(WebOpts {
-        plain: true,
         services: format!("limited = \"h2c://{addr}\"\n"),
         ..Default::default()
     });
-    let url = |path: &str| format!("http://127.0.0.1:{}/a/prod/limited{path}", w.port);
-    let urls: Vec<String> = (0..100).map(|_| url("/hold")).collect();
-    let held = Command::new("curl")
-        .args(["-sS", "-Z", "--parallel-immediate", "--parallel-max", "100"])
-        .args(["--max-time", "30"])
-        .args(["-w", "%{http_code}\n", "-H"])
-        .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
-        .args(urls.iter().flat_map(|u| ["-o", "/dev/null", u.as_str()]))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
-    assert!(
-        wait_until(Duration::from_secs(20), || holding
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 100),
-        "the service holds {} requests",
-        holding.load(std::sync::atomic::Ordering::SeqCst)
-    );
+    let url = |path: &str| w.url(&format!("/a/prod/limited{path}"));
+    // `n` requests to `path` at once, in one curl; its status codes.
+    let parallel = |path: &str, n: usize| {
+        let urls: Vec<String> = (0..n).map(|_| url(path)).collect();
+        Command::new("curl")
+            .args(["-sS", "-k", "-Z", "--parallel-immediate", "--parallel-max"])
+            .arg(n.to_string())
+            .args(["--max-time", "30", "-w", "%{http_code}\n", "-H"])
+            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+            .args(urls.iter().flat_map(|u| ["-o", "/dev/null", u.as_str()]))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl")
+    };
+    let all_ok = |child: Child, n: usize| {
+        let out = child.wait_with_output().expect("curl");
+        let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(codes.lines().filter(|c| *c == "200").count(), n, "{codes}");
+    };
+    let holds = |n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(20), || holding.load(Ordering::SeqCst)
+                == n),
+            "the service holds {} requests, not {n}",
+            holding.load(Ordering::SeqCst)
+        );
+    };
+    let before = opened(&w);
+    let first = parallel("/hold/1", 100);
+    holds(100);
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5", "-o", "/dev/null"])
+        .args(["-sS", "-k", "--max-time", "5", "-o", "/dev/null"])
         .args(["-w", "%{http_code}", "-H"])
         .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
         .arg(url("/quick"))
         .output()
         .expect("curl");
     let quick = String::from_utf8_lossy(&out.stdout).into_owned();
-    let _ = release.send(true);
-    let held = held.wait_with_output().expect("curl");
-    let codes = String::from_utf8_lossy(&held.stdout).into_owned();
+    let _ = release.send(1);
+    all_ok(first, 100);
     assert_eq!(
         quick,
         "200",
         "the 101st request beside 100 held ones: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // 150 at once now: the two connections take them, no third.
+    let second = parallel("/hold/2", 150);
+    holds(250);
+    let _ = release.send(2);
+    all_ok(second, 150);
     assert_eq!(
-        codes.lines().filter(|c| *c == "200").count(),
-        100,
-        "{codes}"
+        opened(&w) - before,
+        2.0,
+        "tunnel streams (HTTP/2 connections) opened for 251 requests"
     );
 }
