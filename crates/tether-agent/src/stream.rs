@@ -238,6 +238,8 @@ pub(crate) async fn serve_stream(
 ) {
     let target = inc.target().clone();
     let id = inc.id();
+    // The session refuses unknown kinds before they get here; kept for a
+    // kind the session learns before this code does.
     if !matches!(target.kind, TargetKind::Tcp | TargetKind::Udp) {
         refuse(&stats, inc, OpenErrorCode::BadTarget, "unknown stream kind");
         return;
@@ -394,7 +396,7 @@ async fn dial_service(
         Err(_) => Err(Refusal::new(
             OpenErrorCode::Timeout,
             format!(
-                "TLS to {} did not finish in {dial_timeout:?}",
+                "TLS to {} did not finish within the dial timeout ({dial_timeout:?}, connecting included)",
                 resolved.address
             ),
         )),
@@ -520,6 +522,7 @@ mod tests {
     /// the next one: the dial moves on after a quarter second, where it
     /// used to wait out the whole dial timeout. Every address refused: the
     /// last refusal.
+    #[cfg(target_os = "linux")] // where a full accept queue drops SYNs
     #[tokio::test]
     async fn an_address_that_does_not_answer_does_not_hold_up_the_next() {
         use socket2::{Domain, Socket, Type};

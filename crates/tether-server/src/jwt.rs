@@ -146,6 +146,14 @@ impl JwtVerifier {
             let set: JwkSet =
                 serde_json::from_str(&text).context("[jwt] jwks_file is not a JWKS")?;
             for jwk in &set.keys {
+                // A key for encryption verifies no signature (a provider's
+                // JWKS may carry one beside its signing keys).
+                if matches!(
+                    jwk.common.public_key_use,
+                    Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+                ) {
+                    continue;
+                }
                 let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
                     (Some(KeyAlgorithm::RS256), _) => Algorithm::RS256,
                     (Some(KeyAlgorithm::ES256), _) => Algorithm::ES256,
@@ -396,15 +404,19 @@ mod tests {
     }
 
     /// A JWKS shared secret shorter than the secret file's minimum (an
-    /// empty one would let anyone sign) stops the load; a long one loads.
+    /// empty one would let anyone sign) stops the load; a long one loads,
+    /// and a key for encryption is skipped whatever its length.
     #[test]
     fn a_short_jwks_shared_secret_is_refused() {
         let dir = std::env::temp_dir().join(format!("tether-jwks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let load = |k: &str| {
             let file = dir.join("jwks.json");
-            let set =
-                serde_json::json!({"keys": [{"kty": "oct", "kid": "s", "alg": "HS256", "k": k}]});
+            // Beside it, an empty encryption key: not a signing key, skipped.
+            let set = serde_json::json!({"keys": [
+                {"kty": "oct", "kid": "e", "use": "enc", "k": ""},
+                {"kty": "oct", "kid": "s", "alg": "HS256", "k": k},
+            ]});
             std::fs::write(&file, set.to_string()).unwrap();
             let mut cfg = verifier().cfg;
             cfg.jwks_file = Some(file);
