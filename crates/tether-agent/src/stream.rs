@@ -584,45 +584,66 @@ mod tests {
         assert_eq!(r.host_port(), Some(("web.ns.svc.cluster.local", 80)));
     }
 
+    /// An agent whose one service `svc` is `service` (a `[services]`
+    /// value), an in-memory session to it, and an open of `svc` on it:
+    /// the opener's open (its stream once answered) and the agent's task
+    /// serving it (dial timeout 10 s).
+    async fn serve_an_open_of(
+        service: &str,
+    ) -> (
+        tokio::task::JoinHandle<Result<tether_net::Stream, Refusal>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use tether_net::transport::mem;
+        let c: AgentConfig = toml::from_str(&format!(
+            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n[services]\nsvc = {service}\n"
+        ))
+        .unwrap();
+        let a = Agent::new(c).unwrap();
+        let ((agent_conn, mut opens), (server, _)) = mem::sessions().await.unwrap();
+        let opening = tokio::spawn(async move {
+            server
+                .open(tether_proto::Target {
+                    kind: TargetKind::Tcp,
+                    address: "svc".into(),
+                })
+                .await
+        });
+        let inc = opens.recv().await.unwrap();
+        let serving = tokio::spawn(async move {
+            let _session = agent_conn;
+            serve_stream(
+                a.policy.clone(),
+                a.discovered.clone(),
+                a.resolver.clone(),
+                a.stats.clone(),
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+                inc,
+            )
+            .await
+        });
+        (opening, serving)
+    }
+
     /// A stream that fails resets a TLS service's connection (RST), as it
     /// does a plain one, and raw TLS offers no ALPN protocol (a service
     /// that enforces its own, like PostgreSQL's `postgresql`, would abort
     /// the handshake on `http/1.1`).
     #[tokio::test]
     async fn a_failed_stream_resets_a_tls_service() {
-        use tether_net::transport::{mem, tls::ServerIdentity};
-        use tether_proto::{ResetCode, Target};
+        use tether_net::transport::tls::ServerIdentity;
+        use tether_proto::ResetCode;
         use tokio::io::AsyncReadExt;
         let identity = ServerIdentity::self_signed(&["localhost".into()]).unwrap();
         let acceptor =
             tokio_rustls::TlsAcceptor::from(identity.server_config(&[b"postgresql"]).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let c: AgentConfig = toml::from_str(&format!(
-            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n\
-             [services]\ndb = {{ address = \"127.0.0.1:{port}\", tls = true, tls_verify = false }}\n"
+        let (opening, _serving) = serve_an_open_of(&format!(
+            "{{ address = \"127.0.0.1:{port}\", tls = true, tls_verify = false }}"
         ))
-        .unwrap();
-        let a = Agent::new(c).unwrap();
-        let ((_agent_conn, mut opens), (server, _)) = mem::sessions().await.unwrap();
-        let opening = tokio::spawn(async move {
-            server
-                .open(Target {
-                    kind: TargetKind::Tcp,
-                    address: "db".into(),
-                })
-                .await
-        });
-        let inc = opens.recv().await.unwrap();
-        tokio::spawn(serve_stream(
-            a.policy.clone(),
-            a.discovered.clone(),
-            a.resolver.clone(),
-            a.stats.clone(),
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-            inc,
-        ));
+        .await;
         let (tcp, _) = listener.accept().await.unwrap();
         let mut service_side = acceptor.accept(tcp).await.expect("the TLS handshake");
         let stream = opening.await.unwrap().expect("the open");
@@ -647,37 +668,12 @@ mod tests {
     /// not held until the dial timeout (10 s here).
     #[tokio::test]
     async fn a_cancelled_open_stops_its_dial() {
-        use tether_net::transport::mem;
-        use tether_proto::Target;
         use tokio::io::AsyncReadExt;
         // A TLS service that accepts and never answers the handshake.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let c: AgentConfig = toml::from_str(&format!(
-            "server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\n\
-             [services]\nslow = {{ address = \"127.0.0.1:{port}\", tls = true }}\n"
-        ))
-        .unwrap();
-        let a = Agent::new(c).unwrap();
-        let ((_agent_conn, mut opens), (server, _)) = mem::sessions().await.unwrap();
-        let opening = tokio::spawn(async move {
-            server
-                .open(Target {
-                    kind: TargetKind::Tcp,
-                    address: "slow".into(),
-                })
-                .await
-        });
-        let inc = opens.recv().await.unwrap();
-        let serving = tokio::spawn(serve_stream(
-            a.policy.clone(),
-            a.discovered.clone(),
-            a.resolver.clone(),
-            a.stats.clone(),
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-            inc,
-        ));
+        let (opening, serving) =
+            serve_an_open_of(&format!("{{ address = \"127.0.0.1:{port}\", tls = true }}")).await;
         let (mut service_side, _) = listener.accept().await.unwrap();
         // The opener gives up (its open is dropped: RST).
         opening.abort();

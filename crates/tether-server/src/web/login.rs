@@ -384,22 +384,19 @@ pub(crate) async fn login_submit(
             "too many login attempts from your address; wait a few seconds",
         );
     }
+    // A refused token: counted, logged with why (`who`: the identity, when
+    // the token named one), and the form again with what to tell the user.
+    let refused = |who: &str, why: &str, say: &str| {
+        web.metrics.error("bad_login");
+        tracing::warn!(%peer, %source, client = %who, "browser login refused: {why}");
+        sign_in_page(web, StatusCode::UNAUTHORIZED, &next, &csrf, Some(say))
+    };
     // Read before the check: a reload between the check and the login's
     // creation sweeps logins before this one exists (see below).
     let generation = web.auth.generation();
     let client = match web.auth.get().client(token) {
         Ok(c) => c,
-        Err(why) => {
-            web.metrics.error("bad_login");
-            tracing::warn!(%peer, %source, "browser login refused: {why}");
-            return sign_in_page(
-                web,
-                StatusCode::UNAUTHORIZED,
-                &next,
-                &csrf,
-                Some("That token is not valid."),
-            );
-        }
+        Err(why) => return refused("", &why.to_string(), "That token is not valid."),
     };
     // A JWT login lasts no longer than the JWT.
     let mut ttl = Duration::from_secs(web.cfg.session_ttl_secs.max(60));
@@ -409,14 +406,10 @@ pub(crate) async fn login_submit(
     // A JWT accepted within its leeway, or about to expire, would give a
     // login that ends at once (`Max-Age=0` deletes the cookie): say so.
     if ttl < Duration::from_secs(1) {
-        web.metrics.error("bad_login");
-        tracing::warn!(%peer, %source, client = %client.name, "browser login refused: the token has expired");
-        return sign_in_page(
-            web,
-            StatusCode::UNAUTHORIZED,
-            &next,
-            &csrf,
-            Some("That token has expired."),
+        return refused(
+            &client.name,
+            "the token has expired",
+            "That token has expired.",
         );
     }
     let id = web.logins.create(&client, ttl);
@@ -424,14 +417,10 @@ pub(crate) async fn login_submit(
     // of logins done before this one was made: checked again under it.
     if web.auth.generation() != generation && !web.auth.get().client_revalidate(&client) {
         web.logins.remove(&id);
-        web.metrics.error("bad_login");
-        tracing::warn!(%peer, %source, client = %client.name, "browser login refused: the credential was revoked as it signed in");
-        return sign_in_page(
-            web,
-            StatusCode::UNAUTHORIZED,
-            &next,
-            &csrf,
-            Some("That token is not valid."),
+        return refused(
+            &client.name,
+            "the credential was revoked as it signed in",
+            "That token is not valid.",
         );
     }
     tracing::info!(client = %client.name, %peer, %source, "browser login");
