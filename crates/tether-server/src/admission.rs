@@ -118,7 +118,12 @@ impl Admission {
         let guard = ConnectionGuard {
             admission: self.clone(),
             authenticated: AtomicBool::new(false),
-            reserve_only: anonymous >= caps.max_connections.saturating_sub(reserve(caps)),
+            // The reserve is the last tenth of all connections: counted on
+            // the anonymous ones alone, it was gone once sessions held more
+            // than a tenth (15 000 agents of 20 000: anonymous connections
+            // could take every slot left, and a reconnecting agent none).
+            reserve_only: anonymous.max(total)
+                >= caps.max_connections.saturating_sub(reserve(caps)),
             _source: source,
         };
         if total >= caps.max_connections {
@@ -226,11 +231,41 @@ mod tests {
             a.admit("10.0.1.2".parse().unwrap(), caps(10, 5)).err(),
             Some(Refused::Connections)
         );
-        // A session authenticated on it frees the anonymous share.
+        // Authenticated sessions count towards the reserve's line too: with
+        // 8 anonymous connections and one session, the tenth slot is still
+        // the reserve.
         r.authenticated();
         drop(held.pop());
         let h = a.admit("10.0.1.3".parse().unwrap(), caps(10, 5)).unwrap();
-        assert!(!h.reserve_only());
+        assert!(h.reserve_only());
         assert_eq!(a.open(), 10);
+        drop((h, held.pop()));
+        let h = a.admit("10.0.1.4".parse().unwrap(), caps(10, 5)).unwrap();
+        assert!(!h.reserve_only(), "below the reserve's line");
+    }
+
+    /// Sessions holding more than the reserve do not hand it to anonymous
+    /// connections: with 6 of 10 slots held by sessions, anonymous ones
+    /// get 3 more, and the last only for a session.
+    #[test]
+    fn sessions_holding_many_slots_keep_the_reserve() {
+        let a = Arc::new(Admission::default());
+        let sessions: Vec<_> = (0..6u8)
+            .map(|i| {
+                let h = a.admit(IpAddr::from([10, 0, 0, i]), caps(10, 5)).unwrap();
+                h.authenticated();
+                h
+            })
+            .collect();
+        let anonymous: Vec<_> = (0..3u8)
+            .map(|i| a.admit(IpAddr::from([10, 0, 1, i]), caps(10, 5)).unwrap())
+            .collect();
+        assert!(anonymous.iter().all(|h| !h.reserve_only()));
+        let last = a.admit("10.0.2.1".parse().unwrap(), caps(10, 5)).unwrap();
+        assert!(
+            last.reserve_only(),
+            "the reserve went to an anonymous connection"
+        );
+        drop((sessions, anonymous, last));
     }
 }

@@ -221,11 +221,16 @@ impl Activity {
 
 /// 503 for anything else on a reserve connection.
 fn reserve_refusal(metrics: &Metrics, peer: SocketAddr) -> Resp {
-    metrics.limit_hit(Limit::ConnectionsReserved);
-    tracing::warn!(%peer, "connection slots are full: only agent and client sessions are served");
+    let limit = Limit::ConnectionsReserved;
+    metrics.limit_hit(limit);
+    tracing::warn!(%peer, limit = limit.as_str(), raise_with = limit.setting(), "connection slots are full: only agent and client sessions are served");
     let mut r = text(
         StatusCode::SERVICE_UNAVAILABLE,
-        "server busy: the remaining connection slots are kept for agent and client sessions",
+        format!(
+            "server busy ({}): the remaining connection slots are kept for agent and client sessions; the operator can raise {}",
+            limit.as_str(),
+            limit.setting()
+        ),
     );
     r.headers_mut().insert(
         header::CONNECTION,

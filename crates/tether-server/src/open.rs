@@ -256,6 +256,14 @@ impl Opener {
         agent: &str,
         service: &str,
     ) -> Result<(Stream, Connection), Refusal> {
+        // A new tunnel stream is an open like any: charged to the caller's
+        // open rate, not only its request rate (a request that cannot use
+        // a pooled connection, such as a WebSocket upgrade or a login bound
+        // to its connection, dials one each).
+        if let Err(hit) = self.0.limits.open(&key) {
+            self.0.metrics.limit_hit(hit.limit);
+            return Err(Refusal::new(OpenErrorCode::TooManyStreams, hit.reason));
+        }
         let mut guard = self.guard(key, Protocol::Http);
         match guard
             .dial(agent, service, TargetKind::Tcp, Bytes::new())

@@ -496,3 +496,26 @@ fn a_full_http2_connection_does_not_hold_up_the_next_request() {
         "tunnel streams (HTTP/2 connections) opened for 251 requests"
     );
 }
+
+/// New pooled connections are opens, charged to the caller's open rate:
+/// requests that each need a connection of their own (here four slow ones
+/// at once) are refused past the open burst, with 429 naming the limit.
+#[test]
+fn new_pooled_connections_count_against_the_open_rate() {
+    let w = Web::start_with(WebOpts {
+        config: "[limits]\nopens_per_sec = 0.1\nopen_burst = 2\n".into(),
+        ..Default::default()
+    });
+    // Each lasts 2 s: none ends, and gives its connection back, before the
+    // last starts.
+    let codes = concurrent_gets(&w.url("/a/prod/web/events?n=20"), 4);
+    let count = |want: &str| codes.iter().filter(|c| *c == want).count();
+    assert_eq!((count("200"), count("429")), (2, 2), "{codes:?}");
+    assert_eq!(
+        metric(
+            &w.server_metrics(),
+            "tether_limit_hits_total{limit=\"opens_per_sec\"}"
+        ),
+        Some(2.0)
+    );
+}
