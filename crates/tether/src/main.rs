@@ -928,6 +928,16 @@ mod tests {
         assert_eq!(cfg.session.heartbeat_ms, Some(5000));
     }
 
+    /// A directory of this test's own (`tag`) holding `server.toml` with
+    /// `text`: the directory (to remove) and the file.
+    fn config_file(tag: &str, text: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tether-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
     fn server_cfg_from(args: &[&str]) -> anyhow::Result<tether_server::ServerConfig> {
         let cli = Cli::try_parse_from(["tether", "server"].iter().chain(args)).unwrap();
         let Command::Server(a) = cli.command else {
@@ -940,14 +950,10 @@ mod tests {
     /// names stays (mutual TLS kept working).
     #[test]
     fn tls_flags_keep_the_files_client_ca() {
-        let dir = std::env::temp_dir().join(format!("tether-tls-merge-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("server.toml");
-        std::fs::write(
-            &file,
+        let (dir, file) = config_file(
+            "tls-merge",
             "[tls]\nclient_ca = \"/ca.pem\"\nself_signed = true\n",
-        )
-        .unwrap();
+        );
         let f = file.display().to_string();
         let cfg =
             server_cfg_from(&["-c", &f, "--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
@@ -1036,10 +1042,7 @@ mod tests {
     /// line itself (it may hold a token).
     #[test]
     fn a_config_that_does_not_parse_is_reported_without_its_text() {
-        let dir = std::env::temp_dir().join(format!("tether-bad-toml-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("server.toml");
-        std::fs::write(&file, "[[agent]]\nname = \"prod\"\ntoken = s3cret\n").unwrap();
+        let (dir, file) = config_file("bad-toml", "[[agent]]\nname = \"prod\"\ntoken = s3cret\n");
         let e = format!("{:#}", load_table(&Some(file)).unwrap_err());
         assert!(!e.contains("s3cret") && e.contains("line 3"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

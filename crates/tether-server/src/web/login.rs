@@ -325,13 +325,7 @@ pub(crate) async fn login_submit(
         Err((status, why)) => return error(&headers, status, "bad_form", why),
     };
     if cross_origin(web, &headers, host) {
-        web.metrics.error("csrf");
-        return error(
-            &headers,
-            StatusCode::FORBIDDEN,
-            "csrf",
-            "cross-site login refused",
-        );
+        return csrf_refusal(web, &headers, "cross-site login refused");
     }
     let next = form
         .get("next")
@@ -436,6 +430,13 @@ pub(crate) async fn login_submit(
     r
 }
 
+/// 403 for a form that fails the CSRF checks (cross-site, or without the
+/// session's CSRF value), counted as `csrf`.
+fn csrf_refusal(web: &Web, headers: &HeaderMap, why: &str) -> Resp {
+    web.metrics.error("csrf");
+    error(headers, StatusCode::FORBIDDEN, "csrf", why)
+}
+
 /// `POST /logout`: ends the session (the form carries its CSRF value).
 pub(crate) async fn logout(web: &Web, req: Request<Incoming>, host: &str) -> Resp {
     let headers = req.headers().clone();
@@ -449,13 +450,7 @@ pub(crate) async fn logout(web: &Web, req: Request<Incoming>, host: &str) -> Res
     }
     let form = read_form(req).await.unwrap_or_default();
     if cross_origin(web, &headers, host) {
-        web.metrics.error("csrf");
-        return error(
-            &headers,
-            StatusCode::FORBIDDEN,
-            "csrf",
-            "cross-site logout refused",
-        );
+        return csrf_refusal(web, &headers, "cross-site logout refused");
     }
     // Every session cookie sent, not just a lone one: a sibling host may
     // have planted a second, and a logout that ended nothing while the
@@ -476,13 +471,7 @@ pub(crate) async fn logout(web: &Web, req: Request<Incoming>, host: &str) -> Res
         }
     }
     if live && !ended {
-        web.metrics.error("csrf");
-        return error(
-            &headers,
-            StatusCode::FORBIDDEN,
-            "csrf",
-            "logout without the session's CSRF value",
-        );
+        return csrf_refusal(web, &headers, "logout without the session's CSRF value");
     }
     let mut r = redirect(StatusCode::SEE_OTHER, "/login");
     set_cookie(
