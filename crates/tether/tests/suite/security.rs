@@ -624,10 +624,7 @@ async fn a_credential_removed_during_the_handshake_does_not_survive_it() {
 /// leaves them as they run (here a new listener's port stays unbound).
 #[test]
 fn a_reload_names_the_settings_only_a_restart_applies() {
-    let agent = format!(
-        "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
-        sha256_hex(AGENT_TOKEN)
-    );
+    let agent = prod_agent();
     let s = Setup::start("restart-only", &agent);
     let reloads = |n: usize| {
         wait_until(Duration::from_secs(10), || {
@@ -684,10 +681,7 @@ fn a_reload_names_the_settings_only_a_restart_applies() {
 /// file: when it comes, the config loads, with no other edit or signal.
 #[test]
 fn a_reload_waiting_for_a_key_file_loads_when_the_file_comes() {
-    let agent = format!(
-        "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
-        sha256_hex(AGENT_TOKEN)
-    );
+    let agent = prod_agent();
     let s = Setup::start("reload-later", &agent);
     let secret = s.cfg_path.with_file_name("later.secret");
     std::fs::write(
@@ -719,13 +713,7 @@ fn a_reload_waiting_for_a_key_file_loads_when_the_file_comes() {
 #[test]
 fn a_login_form_that_does_not_arrive_is_answered_with_why() {
     use std::io::{Read, Write};
-    let s = Setup::start(
-        "loginform",
-        &format!(
-            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
-            sha256_hex(AGENT_TOKEN)
-        ),
-    );
+    let s = Setup::start("loginform", &prod_agent());
     let ask = |head: &str, body: &[u8]| {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
@@ -868,6 +856,14 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("never happened");
+}
+
+/// The `[[agent]]` entry of the agent every [`Setup`] starts (`prod`).
+fn prod_agent() -> String {
+    format!(
+        "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
+        sha256_hex(AGENT_TOKEN)
+    )
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -1336,10 +1332,7 @@ fn agents_authenticate_with_client_certificates() {
 #[test]
 fn a_revoked_upload_is_cut_while_it_is_sent() {
     let toml = |alice: bool| {
-        let mut t = format!(
-            "[[agent]]\nname = \"prod\"\ntoken_sha256 = \"{}\"\n",
-            sha256_hex(AGENT_TOKEN)
-        );
+        let mut t = prod_agent();
         if alice {
             t.push_str(&format!(
                 "[[client]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nallow = [\"prod/web\"]\n",
