@@ -1746,18 +1746,13 @@ fn half_closed_idle_stream_lingers_then_resets() {
 fn a_stream_half_closed_after_a_long_silence_gets_its_linger() {
     let mut p = Pair::default();
     let linger = Config::default().linger;
-    let id = p.a.open(Target::tcp("a/b"), p.now).unwrap();
-    p.pump(usize::MAX);
-    p.b.accept(id, p.now).unwrap();
-    p.pump(usize::MAX);
+    let id = p.open_accepted("a/b");
     // Silence on the stream for one and a half lingers (pings keep the
     // session alive).
     let quiet_until = p.now + linger + linger / 2;
     while p.now < quiet_until {
         p.now += Duration::from_secs(10);
-        p.a.handle_timeout(p.now);
-        p.b.handle_timeout(p.now);
-        p.pump(usize::MAX);
+        p.run_timers();
     }
     p.a.stream_finish(id, p.now).unwrap();
     p.a.handle_timeout(p.now);
@@ -1781,9 +1776,7 @@ fn a_stream_half_closed_after_a_long_silence_gets_its_linger() {
     // Then silence again: the linger ends it, counted from the answer.
     for _ in 0..7 {
         p.now += Duration::from_secs(10);
-        p.a.handle_timeout(p.now);
-        p.b.handle_timeout(p.now);
-        p.pump(usize::MAX);
+        p.run_timers();
     }
     assert!(lingered(&p.a_events) || lingered(&p.b_events));
 }
