@@ -43,7 +43,13 @@ fn websocket_answer(req: &Request<Incoming>, subprotocol: Option<&'static str>) 
             *r.headers_mut() = headers;
             r
         }
-        Err(e) => text(e.status(), e.to_string()),
+        Err(e) => {
+            let mut r = text(e.status(), e.to_string());
+            if let Some((name, value)) = e.header() {
+                r.headers_mut().insert(name, value);
+            }
+            r
+        }
     }
 }
 

@@ -54,7 +54,7 @@ impl ServerIdentity {
 
     /// SHA-256 fingerprint of the leaf certificate, as colon-separated hex.
     pub fn fingerprint(&self) -> String {
-        fingerprint(&self.chain[0])
+        self.chain.first().map(fingerprint).unwrap_or_default()
     }
 
     /// A rustls server config offering `alpn` protocols.
@@ -156,7 +156,18 @@ pub fn client_config_with_identity(
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                bail!("no system root certificates found; use a CA file or a fingerprint");
+                let why: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+                bail!(
+                    "no system root certificates found{}; use a CA file or a fingerprint",
+                    if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", why.join("; "))
+                    }
+                );
+            }
+            for e in &found.errors {
+                tracing::debug!("system root certificates: {e}");
             }
             builder.with_root_certificates(roots)
         }

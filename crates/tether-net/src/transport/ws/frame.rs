@@ -97,6 +97,10 @@ pub enum FrameError {
     /// A close frame of one byte, or with a reason that is not UTF-8.
     #[error("malformed WebSocket close frame")]
     BadClose,
+    /// A close frame with a status code no endpoint may send (RFC 6455
+    /// section 7.4: under 1000, 1004-1006, 1015, unassigned, 5000 and up).
+    #[error("WebSocket close frame with the status code {0}, which no endpoint may send")]
+    BadCloseCode(u16),
 }
 
 impl From<FrameError> for io::Error {
@@ -397,13 +401,22 @@ fn parse_close(payload: &[u8]) -> Result<Event, FrameError> {
         [] => Ok(Event::Close(None, String::new())),
         [_] => Err(FrameError::BadClose),
         [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !may_be_sent(code) {
+                return Err(FrameError::BadCloseCode(code));
+            }
             let reason = std::str::from_utf8(reason).map_err(|_| FrameError::BadClose)?;
-            Ok(Event::Close(
-                Some(u16::from_be_bytes([*hi, *lo])),
-                reason.to_owned(),
-            ))
+            Ok(Event::Close(Some(code), reason.to_owned()))
         }
     }
+}
+
+/// Whether an endpoint may put `code` in a close frame: the codes RFC 6455
+/// defines for sending (1004-1006 and 1015 are reserved or only for local
+/// use), the ones IANA registered since (1012-1014), and the range for
+/// libraries and applications.
+fn may_be_sent(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[cfg(test)]
@@ -654,6 +667,23 @@ mod tests {
         assert_eq!(decode_all(&mut d, &wire), Err(FrameError::BadClose));
         let wire = frame(true, OP_CLOSE, &[3, 232, 0xff], Role::Server);
         assert_eq!(decode_all(&mut d, &wire), Err(FrameError::BadClose));
+        // Codes no endpoint may send fail the connection (RFC 6455 7.4).
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, u16::MAX] {
+            let mut d = Decoder::new(Role::Client, 100);
+            let wire = frame(true, OP_CLOSE, &close_payload(code, ""), Role::Server);
+            assert_eq!(
+                decode_all(&mut d, &wire),
+                Err(FrameError::BadCloseCode(code))
+            );
+        }
+        for code in [1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            let mut d = Decoder::new(Role::Client, 100);
+            let wire = frame(true, OP_CLOSE, &close_payload(code, ""), Role::Server);
+            assert_eq!(
+                decode_all(&mut d, &wire),
+                Ok(vec![Event::Close(Some(code), String::new())])
+            );
+        }
         // A long reason is cut at a character boundary to fit 125 bytes.
         let p = close_payload(1000, &"é".repeat(100));
         assert!(p.len() <= MAX_CONTROL_PAYLOAD);

@@ -18,7 +18,6 @@ use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -116,6 +115,10 @@ pub enum UpgradeError {
     /// No `Sec-WebSocket-Key`.
     #[error("missing Sec-WebSocket-Key")]
     MissingKey,
+    /// A `Sec-WebSocket-Key` that is not 16 bytes in base64 (RFC 6455
+    /// section 4.2.1).
+    #[error("Sec-WebSocket-Key is not 16 bytes in base64")]
+    BadKey,
     /// A WebSocket version other than 13.
     #[error("WebSocket version 13 required")]
     WrongVersion,
@@ -132,10 +135,30 @@ impl UpgradeError {
     /// The HTTP status that answers it.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            UpgradeError::NotWebSocket => http::StatusCode::UPGRADE_REQUIRED,
+            UpgradeError::NotWebSocket | UpgradeError::WrongVersion => {
+                http::StatusCode::UPGRADE_REQUIRED
+            }
             _ => http::StatusCode::BAD_REQUEST,
         }
     }
+
+    /// A header the refusal carries: the version this end speaks, for a
+    /// client that asked for another (RFC 6455 section 4.4).
+    pub fn header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
+        (*self == UpgradeError::WrongVersion).then(|| {
+            (
+                http::header::SEC_WEBSOCKET_VERSION,
+                http::HeaderValue::from_static("13"),
+            )
+        })
+    }
+}
+
+/// Whether `key` is 16 bytes in base64: 22 characters of the alphabet and
+/// the padding `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    matches!(key, [body @ .., b'=', b'='] if body.len() == 22
+        && body.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/'))
 }
 
 /// Checks a WebSocket upgrade request's headers and returns the headers of
@@ -173,6 +196,9 @@ pub fn accept_upgrade(
     let key = request
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or(UpgradeError::MissingKey)?;
+    if !is_websocket_key(key.as_bytes()) {
+        return Err(UpgradeError::BadKey);
+    }
     if request
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_none_or(|v| v.as_bytes() != b"13")
@@ -538,6 +564,13 @@ async fn client_upgrade(
     if !answer(header::UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
         return Err(fail("the 101 answer does not switch to websocket".into()));
     }
+    // RFC 6455 section 4.1: the answer's Connection names the upgrade.
+    if !answer(header::CONNECTION).is_some_and(|c| {
+        c.split(',')
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    }) {
+        return Err(fail("the 101 answer has no \"Connection: upgrade\"".into()));
+    }
     if answer(header::SEC_WEBSOCKET_ACCEPT) != Some(derive_accept_key(key.as_bytes())) {
         return Err(fail(
             "the 101 answer has a wrong Sec-WebSocket-Accept".into(),
@@ -565,11 +598,6 @@ async fn client_upgrade(
         .downcast::<TokioIo<ClientIo>>()
         .map_err(|_| fail("the upgraded connection is not the one dialed".into()))?;
     Ok((parts.io.into_inner(), parts.read_buf, unmasked))
-}
-
-/// Builds a TLS acceptor for a server config (re-exported for the server crate).
-pub fn tls_acceptor(cfg: Arc<rustls::ServerConfig>) -> tokio_rustls::TlsAcceptor {
-    tokio_rustls::TlsAcceptor::from(cfg)
 }
 
 /// Appends the endpoint `path` to a server URL that has no path of its own
@@ -607,12 +635,24 @@ mod tests {
             accept_upgrade(&h, Some("tether.v1")),
             Err(UpgradeError::MissingKey)
         );
+        for bad in [
+            "",
+            "x",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25j*Q==",
+        ] {
+            h.insert("sec-websocket-key", bad.parse().unwrap());
+            assert_eq!(accept_upgrade(&h, None), Err(UpgradeError::BadKey), "{bad}");
+        }
         h.insert(
             "sec-websocket-key",
             "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
         );
         h.insert("sec-websocket-version", "8".parse().unwrap());
-        assert_eq!(accept_upgrade(&h, None), Err(UpgradeError::WrongVersion));
+        let e = accept_upgrade(&h, None).unwrap_err();
+        assert_eq!(e, UpgradeError::WrongVersion);
+        assert_eq!(e.status(), http::StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(e.header().map(|(_, v)| v), Some("13".parse().unwrap()));
         h.insert("sec-websocket-version", "13".parse().unwrap());
         let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
         // RFC 6455's own example key and accept value.

@@ -6,6 +6,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -26,6 +27,13 @@ const MIN_READ: usize = 4 * 1024;
 /// How long closing may take (writing the close frame, shutting down).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a pong may wait for the lock and the socket: as long as the
+/// session lets any write take before it judges the peer gone. Without a
+/// bound, the pong's task would hold the write half, and so the socket,
+/// open after the session ended, for as long as the peer's kernel keeps
+/// answering with a zero window.
+const PONG_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The writing half, shared: the sink writes messages, the source answers
 /// pings.
 struct Writer<S> {
@@ -37,6 +45,12 @@ struct Writer<S> {
     /// that floods pings and never reads holds one pong here, not one task
     /// per ping (RFC 6455 lets an endpoint answer only the latest ping).
     pending_pong: std::sync::Mutex<Option<Bytes>>,
+    /// A write was given up part way through a frame (its future dropped
+    /// by a timeout): the peer's framing would be broken by any further
+    /// bytes, so none are written but the shutdown.
+    broken: AtomicBool,
+    /// Our close frame is written or being written: no pong may follow it.
+    closing: AtomicBool,
 }
 
 impl<S: AsyncWrite> Writer<S> {
@@ -44,9 +58,36 @@ impl<S: AsyncWrite> Writer<S> {
     fn mask(&self) -> Option<[u8; 4]> {
         self.masks.then(rand::random)
     }
+}
 
-    async fn write_frame(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        write_flushed(&mut *self.io.lock().await, header, payload).await
+/// Marks its writer [`Writer::broken`] unless [`WriteGuard::done`] is
+/// called: held across every frame write, so a write future dropped mid-frame
+/// leaves the writer refusing more bytes.
+struct WriteGuard<'a>(&'a AtomicBool);
+
+impl<'a> WriteGuard<'a> {
+    /// Refuses to start when an earlier write was given up mid-frame.
+    fn start(broken: &'a AtomicBool) -> io::Result<Self> {
+        if broken.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier WebSocket write was cut off mid-frame",
+            ));
+        }
+        Ok(WriteGuard(broken))
+    }
+
+    /// Passes the write's result through, the frame written whole or not
+    /// at all (an error from the socket ends the session anyway).
+    fn done<T>(self, r: io::Result<T>) -> io::Result<T> {
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -173,6 +214,8 @@ where
         io: tokio::sync::Mutex::new(w),
         masks: role == Role::Client && !unmasked,
         pending_pong: std::sync::Mutex::new(None),
+        broken: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
     });
     let allocated = READ_ROOM.max(read_ahead.len());
     let mut buf = BytesMut::with_capacity(allocated);
@@ -255,7 +298,9 @@ impl<S> WsSink<S> {
     where
         S: AsyncWrite,
     {
-        self.writer.write_frame(&self.masked[..len], &[]).await
+        let mut io = self.writer.io.lock().await;
+        let guard = WriteGuard::start(&self.writer.broken)?;
+        guard.done(write_flushed(&mut *io, &self.masked[..len], &[]).await)
     }
 }
 
@@ -276,9 +321,13 @@ where
         let parts = PartList::new(parts);
         let n = frame::encode_header(OP_BINARY, parts.remaining(), None, &mut header);
         let mut io = self.writer.io.lock().await;
-        io.write_all_buf(&mut Buf::chain(&header[..n], parts))
-            .await?;
-        io.flush().await
+        let guard = WriteGuard::start(&self.writer.broken)?;
+        let written = async {
+            io.write_all_buf(&mut Buf::chain(&header[..n], parts))
+                .await?;
+            io.flush().await
+        };
+        guard.done(written.await)
     }
 
     async fn send_batch(&mut self, mut messages: Vec<Vec<Bytes>>) -> io::Result<()> {
@@ -302,8 +351,12 @@ where
             list.extend(parts);
         }
         let mut io = self.writer.io.lock().await;
-        io.write_all_buf(&mut PartList::new(list)).await?;
-        io.flush().await
+        let guard = WriteGuard::start(&self.writer.broken)?;
+        let written = async {
+            io.write_all_buf(&mut PartList::new(list)).await?;
+            io.flush().await
+        };
+        guard.done(written.await)
     }
 
     fn takes_parts(&self) -> bool {
@@ -311,14 +364,20 @@ where
     }
 
     async fn close(&mut self, reason: &str) {
+        self.writer.closing.store(true, Ordering::Release);
         let close = frame::control_frame(
             OP_CLOSE,
             &frame::close_payload(1000, reason),
             self.writer.mask(),
         );
+        // One lock for both, so no pong lands between the close frame and
+        // the shutdown; after a write cut off mid-frame, only the shutdown.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _ = self.writer.write_frame(&close, &[]).await;
-            let _ = self.writer.io.lock().await.shutdown().await;
+            let mut io = self.writer.io.lock().await;
+            if let Ok(guard) = WriteGuard::start(&self.writer.broken) {
+                let _ = guard.done(write_flushed(&mut *io, &close, &[]).await);
+            }
+            let _ = io.shutdown().await;
         })
         .await;
     }
@@ -401,8 +460,13 @@ where
 
     /// Answers a ping from a task of its own: a write can wait for the
     /// peer to read, and the peer may be waiting for us to read. While a
-    /// pong is still waiting, a newer ping only replaces its payload.
+    /// pong is still waiting, a newer ping only replaces its payload. No
+    /// pong follows our close frame, and none waits longer than
+    /// [`PONG_TIMEOUT`].
     fn answer_ping(&self, payload: Bytes) {
+        if self.writer.closing.load(Ordering::Acquire) {
+            return;
+        }
         let was_idle = {
             let mut slot = lock(&self.writer.pending_pong);
             slot.replace(payload).is_none()
@@ -412,12 +476,25 @@ where
         }
         let writer = self.writer.clone();
         tokio::spawn(async move {
-            let mut io = writer.io.lock().await;
-            let Some(payload) = lock(&writer.pending_pong).take() else {
-                return;
-            };
-            let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
-            let _ = write_flushed(&mut *io, &pong, &[]).await;
+            let _ = tokio::time::timeout(PONG_TIMEOUT, async {
+                let mut io = writer.io.lock().await;
+                let Some(payload) = lock(&writer.pending_pong).take() else {
+                    return;
+                };
+                if writer.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(guard) = WriteGuard::start(&writer.broken) else {
+                    return;
+                };
+                let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
+                let _ = guard.done(write_flushed(&mut *io, &pong, &[]).await);
+            })
+            .await
+            .inspect_err(|_| {
+                // Never sent: the next ping may try again.
+                lock(&writer.pending_pong).take();
+            });
         });
     }
 }
@@ -719,6 +796,49 @@ mod tests {
             .num_alive_tasks();
         assert!(tasks <= 1, "{tasks} pong tasks alive after 5000 pings");
         drop(raw);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_the_peer_never_reads_lets_the_socket_go() {
+        // A 64-byte pipe: a 102-byte pong is cut off part way.
+        let (a, mut raw) = tokio::io::duplex(64);
+        let (sink, mut source) = from_io(a, Role::Server, false, Bytes::new());
+        let ping = client_frame(OP_PING, &[7; 100]);
+        let (sent, read) = tokio::join!(
+            raw.write_all(&ping),
+            tokio::time::timeout(Duration::from_secs(1), source.recv())
+        );
+        sent.unwrap();
+        assert!(read.is_err(), "nothing but the ping was sent");
+        // The session ends while the pong waits on the socket.
+        drop((sink, source));
+        tokio::time::sleep(PONG_TIMEOUT + Duration::from_secs(1)).await;
+        // The pong's task gave up and let go of the write half: the peer
+        // sees the end of the stream, not a pong finished later.
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got)).await;
+        assert!(end.is_ok(), "the socket is still held open");
+        assert_eq!(got.len(), 64, "the pong's cut-off start, then the end");
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_off_mid_frame_lets_no_more_frames_out() {
+        let (a, mut raw) = tokio::io::duplex(1024);
+        let (mut sink, _source) = from_io(a, Role::Server, false, Bytes::new());
+        let cut = tokio::time::timeout(
+            Duration::from_millis(50),
+            sink.send(Bytes::from(vec![1; 4096])),
+        )
+        .await;
+        assert!(cut.is_err(), "the pipe takes 1024 bytes only");
+        // Bytes after the cut would land inside the frame's payload.
+        let e = sink.send(Bytes::from_static(b"next")).await.unwrap_err();
+        assert!(e.to_string().contains("mid-frame"), "{e}");
+        let closing = tokio::spawn(async move { sink.close("bye").await });
+        let mut got = Vec::new();
+        raw.read_to_end(&mut got).await.unwrap();
+        closing.await.unwrap();
+        assert_eq!(got.len(), 1024, "no close frame after the cut-off one");
     }
 
     #[tokio::test]
