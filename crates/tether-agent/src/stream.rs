@@ -78,28 +78,6 @@ async fn dial_addresses(
     Ok(addrs)
 }
 
-/// Silence on a service connection after which TCP keepalive probes
-/// start, the time between probes, and how many go unanswered before the
-/// connection is given up: a service host that vanishes (a node lost, a
-/// firewall dropping) is noticed in about 90 s instead of the kernel's
-/// two hours, so a pooled HTTP connection or a forwarded stream to it ends
-/// with an error instead of hanging.
-const SERVICE_KEEPALIVE: (Duration, Duration, u32) =
-    (Duration::from_secs(60), Duration::from_secs(10), 3);
-
-/// Turns TCP keepalive on for a service connection (best effort: a
-/// failure costs only the early notice).
-fn keep_alive(tcp: &TcpStream) {
-    let (time, interval, retries) = SERVICE_KEEPALIVE;
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(time)
-        .with_interval(interval)
-        .with_retries(retries);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
-        tracing::debug!("cannot set TCP keepalive on a service connection: {e}");
-    }
-}
-
 /// How long a dial waits on one address before it also tries the next
 /// (RFC 8305's connection attempt delay): an address that drops packets (a
 /// black-holed IPv6 route, a dead pod IP still in a headless Service) costs
@@ -162,7 +140,7 @@ async fn connect_tcp(
         let addrs = dial_addresses(policy, resolver, resolved).await?;
         match connect_first(&addrs).await {
             Ok((tcp, addr)) => {
-                keep_alive(&tcp);
+                tether_net::keepalive::keep_alive(&tcp);
                 Ok((tcp, addr))
             }
             Err(e) => Err(Refusal::new(
@@ -508,7 +486,10 @@ mod tests {
             sock.keepalive().unwrap(),
             "keepalive on the service connection"
         );
-        assert_eq!(sock.tcp_keepalive_time().unwrap(), SERVICE_KEEPALIVE.0);
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            tether_net::keepalive::KEEPALIVE.0
+        );
         assert!(a.resolver.remembers("localhost"));
         drop(listener);
         let refused = connect_tcp(&a.policy, &a.resolver, &web, wait, deadline())

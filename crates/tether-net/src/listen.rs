@@ -15,6 +15,11 @@
 //! gives an accepted socket the listener's setting: set once on the
 //! listener, it saves a system call per accepted connection, which
 //! [`nodelay_accepted`] sets only on systems that do not inherit it.
+//!
+//! Every connection they accept has TCP keepalive too
+//! ([`crate::keepalive`]), inherited from the listener in the same way: a
+//! browser that vanished behind a raw WebSocket, a forwarded connection whose
+//! laptop was closed, frees its stream and its limits' slots in about 90 s.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +31,7 @@ pub const BACKLOG: u32 = 4096;
 
 /// Binds `addr` (with `SO_REUSEADDR`, like `TcpListener::bind`) and listens
 /// with a [`BACKLOG`]-deep accept queue; the connections it accepts have
-/// `TCP_NODELAY` (with [`nodelay_accepted`] called on each).
+/// `TCP_NODELAY` and TCP keepalive (with [`nodelay_accepted`] called on each).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -35,6 +40,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     sock.set_reuseaddr(true)?;
     sock.set_nodelay(true)?;
+    crate::keepalive::keep_alive(&sock);
     sock.bind(addr)?;
     sock.listen(BACKLOG)
 }
@@ -68,6 +74,7 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 pub fn nodelay_accepted(tcp: &TcpStream) {
     if !cfg!(any(target_os = "linux", target_os = "android")) {
         let _ = tcp.set_nodelay(true);
+        crate::keepalive::keep_alive(tcp);
     }
 }
 
@@ -99,7 +106,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_accepted_connection_has_nodelay_without_being_told() {
+    async fn an_accepted_connection_has_nodelay_and_keepalive_without_being_told() {
         let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = l.accept().await.unwrap();
@@ -107,6 +114,16 @@ mod tests {
         assert!(
             accepted.nodelay().unwrap(),
             "the listener's TCP_NODELAY was not inherited"
+        );
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.keepalive().unwrap(), "no keepalive on the connection");
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            crate::keepalive::KEEPALIVE.0
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            crate::keepalive::KEEPALIVE.1
         );
     }
 }
