@@ -614,6 +614,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             "agent".into(),
             3,
+            |_| {},
         );
         (h, agent_conn, held)
     }

@@ -89,6 +89,17 @@ impl Default for Registry {
     }
 }
 
+/// Whether a pool refuses a new session of `instance`: not one of its
+/// members, and [`MAX_INSTANCES`] live members there already. Members that
+/// drain (an agent shutting down in a rolling update) leave within the drain
+/// timeout and do not count against the pool; at most as many again may be
+/// draining.
+fn refuses(pool: &[AgentEntry], instance: &str) -> bool {
+    !pool.iter().any(|e| e.instance == instance)
+        && (pool.iter().filter(|e| e.is_live()).count() >= MAX_INSTANCES
+            || pool.len() >= 2 * MAX_INSTANCES)
+}
+
 /// What [`Registry::register`] did.
 pub(crate) struct Registered {
     /// The new session's generation (for [`Registry::unregister`]).
@@ -100,8 +111,23 @@ pub(crate) struct Registered {
 }
 
 impl Registry {
+    /// Whether a session of `instance` of `name` would be refused for a
+    /// full pool ([`Registry::register`]'s rule), asked before the upgrade
+    /// is answered; the registration still checks, as another instance
+    /// may join in between.
+    pub(crate) fn is_full_for(&self, name: &str, instance: &str) -> bool {
+        self.lock()
+            .pools
+            .get(name)
+            .is_some_and(|pool| refuses(pool, instance))
+    }
+
     /// Registers a session as `instance` of `name`; refused when the pool
-    /// already has [`MAX_INSTANCES`] other instances.
+    /// already has [`MAX_INSTANCES`] other instances. `count` hears how
+    /// many instances are connected now, under the registry's lock, so
+    /// that two sessions coming or going at once leave the last word with
+    /// the latest count.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn register(
         &self,
         name: &str,
@@ -110,6 +136,7 @@ impl Registry {
         addr: SocketAddr,
         software: String,
         version: u16,
+        count: impl FnOnce(usize),
     ) -> Result<Registered, PoolFull> {
         let generation = self
             .next_generation
@@ -127,20 +154,14 @@ impl Registry {
         let pool = t.pools.entry(name.to_owned()).or_default();
         let replaced = match pool.iter().position(|e| e.instance == instance) {
             Some(i) => Some(std::mem::replace(&mut pool[i], entry)),
-            // Members that drain (an agent shutting down in a rolling
-            // update) leave within the drain timeout and do not count
-            // against the pool; at most as many again may be draining.
-            None if pool.iter().filter(|e| e.is_live()).count() >= MAX_INSTANCES
-                || pool.len() >= 2 * MAX_INSTANCES =>
-            {
-                return Err(PoolFull)
-            }
+            None if refuses(pool, instance) => return Err(PoolFull),
             None => {
                 pool.push(entry);
                 None
             }
         };
         let instances = pool.len();
+        count(instances);
         let now = Instant::now();
         if t.seen
             .insert(
@@ -162,14 +183,21 @@ impl Registry {
         })
     }
 
-    /// Removes the session if it is still registered; returns how many
-    /// instances of the name are left, `None` when it was not there.
-    pub(crate) fn unregister(&self, name: &str, generation: u64) -> Option<usize> {
+    /// Removes the session if it is still registered (a newer session of
+    /// its instance may have taken its place); `count` hears how many
+    /// instances of the name are left, under the lock as in
+    /// [`Registry::register`].
+    pub(crate) fn unregister(&self, name: &str, generation: u64, count: impl FnOnce(usize)) {
         let mut t = self.lock();
-        let pool = t.pools.get_mut(name)?;
-        let i = pool.iter().position(|e| e.generation == generation)?;
+        let Some(pool) = t.pools.get_mut(name) else {
+            return;
+        };
+        let Some(i) = pool.iter().position(|e| e.generation == generation) else {
+            return;
+        };
         pool.remove(i);
         let left = pool.len();
+        count(left);
         if left == 0 {
             t.pools.remove(name);
             t.seen.insert(
@@ -181,7 +209,6 @@ impl Registry {
         }
         drop(t);
         self.changes.send_modify(|v| *v += 1);
-        Some(left)
     }
 
     /// A receiver that changes whenever an agent registers or leaves.
@@ -293,6 +320,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             "agent".into(),
             3,
+            |_| {},
         );
         (got, conn)
     }
@@ -310,11 +338,14 @@ mod tests {
             conns.push(conn);
         }
         assert_eq!(r.online(), 1);
+        assert!(r.is_full_for("prod", "full"), "told before the upgrade");
+        assert!(!r.is_full_for("prod", "i0"), "a member may reconnect");
         assert!(
             register(&r, "full", a).await.0.is_err(),
             "a ninth live member"
         );
         conns[0].go_away(ErrorCode::Normal, "shutting down");
+        assert!(!r.is_full_for("prod", "new"));
         assert!(
             register(&r, "new", a).await.0.is_ok(),
             "the draining member filled the pool"

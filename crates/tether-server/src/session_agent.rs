@@ -127,7 +127,8 @@ impl AgentEndpoint {
         {
             None => String::new(),
             Some(Ok(i))
-                if i.len() <= tether_proto::endpoints::MAX_INSTANCE_ID_LEN
+                if !i.is_empty()
+                    && i.len() <= tether_proto::endpoints::MAX_INSTANCE_ID_LEN
                     && i.bytes().all(|b| b.is_ascii_graphic()) =>
             {
                 i
@@ -137,7 +138,7 @@ impl AgentEndpoint {
                 tracing::warn!(%peer, agent = %name, "agent instance id is not 1-128 visible ASCII characters");
                 return text(
                     StatusCode::BAD_REQUEST,
-                    "the instance id must be at most 128 visible ASCII characters",
+                    "the instance id must be 1 to 128 visible ASCII characters",
                 );
             }
         };
@@ -162,6 +163,11 @@ impl AgentEndpoint {
                     .insert(tether_proto::endpoints::REPLICA_HEADER, id);
             }
             return resp;
+        }
+        if !probe && self.registry.is_full_for(&name, &instance) {
+            self.metrics.error("agent_pool_full");
+            tracing::warn!(agent = %name, %instance, %peer, "agent pool full: {MAX_INSTANCES} instances already connected; upgrade refused (503)");
+            return pool_full(&name);
         }
         let slot = match self.limits.session(None) {
             Ok(s) => s,
@@ -258,6 +264,7 @@ impl AgentEndpoint {
         let Some((conn, info, _incoming)) = self.accept(req, peer, label).await else {
             return;
         };
+        let instances = self.metrics.agent_instances(&name);
         let registered = match self.registry.register(
             &name,
             &instance,
@@ -265,6 +272,9 @@ impl AgentEndpoint {
             peer,
             info.peer_software.clone(),
             info.version,
+            |n| {
+                instances.set(n as i64);
+            },
         ) {
             Ok(r) => r,
             Err(_) => {
@@ -299,9 +309,6 @@ impl AgentEndpoint {
         );
         let sessions = self.metrics.sessions_of("agent");
         sessions.inc();
-        self.metrics
-            .agent_instances(&name)
-            .set(registered.instances as i64);
         tracing::info!(agent = %name, %instance, %peer, software = %info.peer_software, version = info.version, auth = via, instances = registered.instances, "agent connected");
         let started = Instant::now();
         let why = tokio::select! {
@@ -310,13 +317,21 @@ impl AgentEndpoint {
         };
         sessions.dec();
         self.sessions.untrack(key);
-        let left = self
-            .registry
-            .unregister(&name, registered.generation)
-            .unwrap_or(self.registry.instances(&name).len());
-        self.metrics.agent_instances(&name).set(left as i64);
+        self.registry.unregister(&name, registered.generation, |n| {
+            instances.set(n as i64);
+        });
         tracing::info!(agent = %name, %instance, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
     }
+}
+
+/// The refusal of a session that would be a ninth instance of `name` here:
+/// before the `101`, so the agent learns why without a handshake that
+/// would only end at once.
+fn pool_full(name: &str) -> Resp {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("agent {name} already has {MAX_INSTANCES} instances connected to this replica"),
+    )
 }
 
 /// Tells the agent which replicas exist (REPLICAS, version 4): now and on

@@ -200,10 +200,20 @@ impl Streams {
 
     /// Every live stream, oldest first.
     pub(crate) fn list(&self) -> Vec<StreamView> {
-        let mut v: Vec<StreamView> = self
+        // The byte counts are read after letting go of the table, as in
+        // `busiest`: a lock of each stream's session under the table's
+        // lock would hold up every open and close while 100 000 are read.
+        let listed: Vec<(StreamView, Traffic)> = self
             .lock()
             .iter()
-            .map(|(key, s)| s.view(*key, s.traffic.bytes()))
+            .map(|(key, s)| (s.view(*key, (0, 0)), s.traffic.clone()))
+            .collect();
+        let mut v: Vec<StreamView> = listed
+            .into_iter()
+            .map(|(mut view, traffic)| {
+                (view.bytes_up, view.bytes_down) = traffic.bytes();
+                view
+            })
             .collect();
         v.sort_by_key(|s| s.key);
         v

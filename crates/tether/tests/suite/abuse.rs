@@ -246,22 +246,6 @@ async fn open_flood_is_answered_and_bounded() {
     );
 }
 
-/// Sends a WebSocket upgrade by hand and returns the status line and body.
-fn raw_upgrade(addr: std::net::SocketAddr, path: &str, extra: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_without_valid_credentials_get_401_with_a_reason() {
     let t = Tunnel::start(&[], &[]);

@@ -642,6 +642,51 @@ fn agent_instance(t: &Tunnel, instance: &str, echo: std::net::SocketAddr) -> Pro
     )
 }
 
+/// A pool holds eight instances of a name: a ninth is refused before the
+/// `101`, with a 503 that says why, and an empty instance id is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ninth_instance_is_refused_before_the_upgrade() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &["--instance", "i1"]);
+    let others: Vec<Proc> = (2..=8)
+        .map(|i| agent_instance(&t, &format!("i{i}"), echo))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || t
+            .server_metric("tether_agent_instances{agent=\"prod\"}")
+            == Some(8.0)),
+        "eight instances connect"
+    );
+    let upgrade = |instance: &str| {
+        raw_upgrade(
+            t.server_addr(),
+            "/tether/v1/agent",
+            &format!(
+                "Sec-WebSocket-Protocol: tether.v1\r\nAuthorization: Bearer {AGENT_TOKEN}\r\n\
+                 X-Tether-Instance: {instance}\r\n"
+            ),
+        )
+    };
+    let r = upgrade("i9");
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("already has 8 instances"), "{r}");
+    let r = upgrade("");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("1 to 128"), "{r}");
+    assert_eq!(
+        t.server_metric("tether_agent_instances{agent=\"prod\"}"),
+        Some(8.0),
+        "the members stay"
+    );
+    drop(others);
+    assert!(
+        wait_until(Duration::from_secs(15), || t
+            .server_metric("tether_agent_instances{agent=\"prod\"}")
+            == Some(1.0)),
+        "the gauge follows the members that left"
+    );
+}
+
 /// Two agent processes with one name and different instance ids form a
 /// pool: both stay connected and new streams go to both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
