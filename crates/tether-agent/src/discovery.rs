@@ -33,7 +33,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service as K8sService;
-use kube::runtime::watcher;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use serde::Deserialize;
 use tether_proto::frame::{CatalogEntry, ServiceKind, MAX_CATALOG_PAYLOAD};
@@ -228,6 +229,9 @@ pub fn entries_of(
         // Its DNS name points outside the cluster: publish it by hand.
         return vec![];
     }
+    // A headless Service's name resolves to its pods' own addresses, where
+    // the target port listens and the Service's port means nothing.
+    let headless = spec.cluster_ip.as_deref() == Some("None");
     let ports = spec.ports.clone().unwrap_or_default();
     let base = match annotations.get(NAME_ANNOTATION) {
         Some(n) => n.clone(),
@@ -243,6 +247,21 @@ pub fn entries_of(
             continue;
         };
         let pname = p.name.clone().unwrap_or_default();
+        let dial_port = if headless {
+            match &p.target_port {
+                None => port,
+                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                    Ok(n) if n > 0 => n,
+                    _ => continue,
+                },
+                Some(IntOrString::String(named)) => {
+                    tracing::warn!(service = %format!("{ns}/{name}"), port, target_port = %named, "discovered headless service port not published: its target port is named, and each pod may number it differently (give targetPort as a number, or list the service in the agent's config)");
+                    continue;
+                }
+            }
+        } else {
+            port
+        };
         let published = if ports.len() == 1 {
             base.clone()
         } else if pname.is_empty() {
@@ -287,7 +306,7 @@ pub fn entries_of(
         out.push((
             published,
             Found {
-                address: format!("{name}.{ns}.svc.{}:{port}", cfg.cluster_domain),
+                address: format!("{name}.{ns}.svc.{}:{dial_port}", cfg.cluster_domain),
                 kind,
                 source: format!("{ns}/{name}:{port}"),
             },
@@ -346,10 +365,16 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
                 vec!["default".to_owned()]
             }
         }
+    } else if cfg.namespaces.iter().any(|n| n == "*") {
+        // All of them: another watcher beside would see its Services twice.
+        vec!["*".to_owned()]
     } else {
-        cfg.namespaces.clone()
+        let mut listed = cfg.namespaces.clone();
+        listed.sort();
+        listed.dedup();
+        listed
     };
-    let several = namespaces.len() > 1 || namespaces.iter().any(|n| n == "*");
+    let several = cfg.namespaces.len() > 1 || namespaces.iter().any(|n| n == "*");
     let client = loop {
         match client(&cfg).await {
             Ok(c) => break c,
@@ -373,7 +398,13 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
         } else {
             Api::namespaced(client.clone(), ns)
         };
-        watcher(api, wcfg.clone()).map(move |e| (i, e)).boxed()
+        // After an error, the watcher waits (0.8 s doubling to 30 s) before
+        // it lists again: a namespace it may not read costs the API server
+        // a request every 30 s, not two a second.
+        watcher(api, wcfg.clone())
+            .default_backoff()
+            .map(move |e| (i, e))
+            .boxed()
     });
     let mut events = futures_util::stream::select_all(streams);
     let mut seen: Vec<Seen> = vec![Seen::new(); namespaces.len()];
@@ -411,8 +442,7 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
             Err(e) => {
                 // The watcher backs off and lists again by itself; what was
                 // published stays until the next complete list says otherwise.
-                tracing::warn!(namespace = %namespaces[i], "kubernetes discovery: {e} (listing again)");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tracing::warn!(namespace = %namespaces[i], "kubernetes discovery: {e} (listing again after a backoff)");
             }
         }
     }
@@ -470,6 +500,48 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_headless_service_is_dialed_on_its_target_port() {
+        let cfg = KubernetesDiscovery::default();
+        let expose = [(EXPOSE_ANNOTATION, "true")];
+        let mut s = svc(
+            "db",
+            "shop",
+            &expose,
+            &[
+                ("pg", 5432, "TCP"),
+                ("web", 80, "TCP"),
+                ("metrics", 9000, "TCP"),
+            ],
+        );
+        let spec = s.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("None".into());
+        let ports = spec.ports.as_mut().unwrap();
+        ports[1].target_port = Some(IntOrString::Int(8080));
+        ports[2].target_port = Some(IntOrString::String("metrics".into()));
+        let got: Vec<(String, String)> = entries_of(&s, &cfg, false)
+            .into_iter()
+            .map(|(n, f)| (n, f.address))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                // No targetPort: the port itself.
+                ("db-pg".into(), "db.shop.svc.cluster.local:5432".into()),
+                ("db-web".into(), "db.shop.svc.cluster.local:8080".into()),
+                // A named target port may differ per pod: not published.
+            ]
+        );
+        // With a cluster IP, the Service's own port, whatever the target.
+        s.spec.as_mut().unwrap().cluster_ip = Some("10.0.0.7".into());
+        let addrs: Vec<String> = entries_of(&s, &cfg, false)
+            .into_iter()
+            .map(|(_, f)| f.address)
+            .collect();
+        assert_eq!(addrs[1], "db.shop.svc.cluster.local:80");
+        assert_eq!(addrs.len(), 3);
     }
 
     #[test]
