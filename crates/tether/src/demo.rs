@@ -124,15 +124,20 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     tokio::spawn(client.run());
 
     // Wait until the agent is registered so the printed commands work at once.
-    for _ in 0..100 {
-        if agent_stats
+    let connected = || {
+        agent_stats
             .connected
             .load(std::sync::atomic::Ordering::Relaxed)
             == 1
-        {
+    };
+    for _ in 0..100 {
+        if connected() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !connected() {
+        tracing::warn!("the demo's agent has not connected within 5 s (see the lines above): the commands below fail until it does");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
 

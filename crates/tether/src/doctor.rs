@@ -7,13 +7,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
-use tether_net::reconnect::{server_trust, Endpoint};
+use tether_net::reconnect::{server_trust, ConnectError, Endpoint};
 use tether_net::transport::tls::{client_config, fingerprint, ServerTrust};
 use tether_net::transport::ws::endpoint_url;
 use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH, AGENT_PROBE_HEADER, CLIENT_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+
+use crate::terminal::printable;
 
 /// How long one step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,7 +57,7 @@ impl Step {
 }
 
 /// Runs the checks; an error once one failed (after printing why).
-pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<Checked> {
     // The URL.
     let step = Step { name: "url" };
     let uri: http::Uri = match a.server.parse() {
@@ -85,6 +87,13 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
         "{}://{host}:{port}",
         if tls { "wss" } else { "ws" }
     ));
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !tls && !loopback {
+        println!("      note: plain ws:// to a host that is not loopback: the token and every tunneled byte would cross the network unencrypted; use wss://");
+    }
 
     // DNS.
     let step = Step { name: "dns" };
@@ -159,7 +168,7 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
     } else {
         let tried: Vec<String> = failed.iter().map(|(a, _)| a.ip().to_string()).collect();
         step.ok(format!(
-            "connected to {addr}; {} failed first (agents and clients try the addresses in turn too)",
+            "connected to {addr}; {} failed first (agents try each address in turn; a client dials the name and may give up on an address that hangs)",
             tried.join(", ")
         ));
     }
@@ -178,19 +187,6 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
         Some(_) => (AGENT_PATH, "an agent"),
         None => (CLIENT_PATH, "a client"),
     };
-    let Some(token) = a.token.as_deref() else {
-        println!(
-            "skip  {:<9} no --token (or TETHER_TOKEN) to check",
-            step.name
-        );
-        return Ok(());
-    };
-    let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
-    if let Some(name) = &a.agent {
-        headers.push((AGENT_NAME_HEADER.to_owned(), name.clone()));
-        // Checked, not registered: the real agent's pool stays as it is.
-        headers.push((AGENT_PROBE_HEADER.to_owned(), "1".to_owned()));
-    }
     let endpoint = Endpoint {
         url: endpoint_url(&a.server, path),
         trust,
@@ -201,34 +197,95 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<()> {
         accept_opens: false,
         ..Default::default()
     };
-    match endpoint.connect(&headers, cfg, "doctor").await {
+    let Some(token) = a.token.as_deref() else {
+        // Without a token, the upgrade alone: a tether server refuses it
+        // with its own 401, which a wrong service or a proxy that drops
+        // upgrades would not.
+        let step = Step { name: "upgrade" };
+        return match endpoint.connect_via(Some(addr), &[], cfg, "doctor").await {
+            Err(e) if e.refused_status() == Some(401) => {
+                step.ok("a tether server answers the upgrade and asks for a token");
+                println!("skip  {:<9} no --token (or TETHER_TOKEN) to check", "token");
+                Ok(Checked::WithoutToken)
+            }
+            Ok((conn, _, _)) => {
+                conn.close(tether_proto::ErrorCode::Normal, "doctor done");
+                step.ok("the server took a session without a token");
+                Ok(Checked::WithoutToken)
+            }
+            Err(e) => Err(refusal(&step, &e, role)),
+        };
+    };
+    let mut headers = vec![("authorization".to_owned(), format!("Bearer {token}"))];
+    if let Some(name) = &a.agent {
+        headers.push((AGENT_NAME_HEADER.to_owned(), name.clone()));
+        // Checked, not registered: the real agent's pool stays as it is.
+        headers.push((AGENT_PROBE_HEADER.to_owned(), "1".to_owned()));
+    }
+    // The address the TCP step reached: the name's other addresses may
+    // not answer (agents dial each address in turn, as that step did).
+    match endpoint
+        .connect_via(Some(addr), &headers, cfg, "doctor")
+        .await
+    {
         Ok((conn, info, _)) => {
             step.ok(format!(
                 "accepted as {role}; {} speaks protocol version {}",
-                info.peer_software, info.version
+                printable(&info.peer_software),
+                info.version
             ));
             if a.agent.is_some() && info.version < tether_proto::PROBE_VERSION {
                 println!("      note: this server predates protocol {}: it counted the check as one more instance of the agent for a moment", tether_proto::PROBE_VERSION);
             }
             conn.close(tether_proto::ErrorCode::Normal, "doctor done");
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.transport_closed()).await;
-            Ok(())
+            Ok(Checked::All)
         }
-        Err(e) if e.refused_status() == Some(401) => Err(step.fail(
-            format!("the server does not accept this token for {role}: {e}"),
+        Err(e) => Err(refusal(&step, &e, role)),
+    }
+}
+
+/// How far the checks went when none failed.
+pub(crate) enum Checked {
+    /// Every step, the token and the handshake too.
+    All,
+    /// Every step but the token's (none given) and the handshake's.
+    WithoutToken,
+}
+
+/// The failed step for a refused or failed upgrade, with the fix that fits
+/// the server's status. The server's text is shown escaped: it may come
+/// from anything that answers on the port.
+fn refusal(step: &Step, e: &ConnectError, role: &str) -> anyhow::Error {
+    let said = printable(&e.to_string());
+    match e.refused_status() {
+        Some(401) => step.fail(
+            format!("the server does not accept this token for {role}: {said}"),
             match role {
                 "an agent" => "use the agent's token, and check the server's [[agent]] entry (token or token_sha256)",
                 _ => "use a client token the server lists in [[client]] (or a valid JWT)",
             },
-        )),
-        Err(e) if e.refused_status() == Some(403) => Err(step.fail(
-            format!("refused: {e}"),
+        ),
+        Some(403) => step.fail(
+            format!("refused: {said}"),
             "the token belongs to another agent name: pass that name to --agent",
-        )),
-        Err(e) => Err(step.fail(
-            format!("the WebSocket upgrade failed: {e}"),
+        ),
+        Some(409) => step.fail(
+            format!("refused: {said}"),
+            "this agent instance is connected already; the running agent is fine",
+        ),
+        Some(429 | 503) => step.fail(
+            format!("the server is at a limit: {said}"),
+            "a tether server, busy or at a configured limit ([limits]); try again, or raise the limit its reason names",
+        ),
+        _ if matches!(e, ConnectError::Handshake(_)) => step.fail(
+            format!("the WebSocket is up, the tether handshake failed: {said}"),
+            "the server and this build may share no protocol version: upgrade the older one",
+        ),
+        _ => step.fail(
+            format!("the WebSocket upgrade failed: {said}"),
             "is this a tether server (a proxy in between may not pass WebSocket upgrades)?",
-        )),
+        ),
     }
 }
 
@@ -371,10 +428,14 @@ async fn check_plain(mut tcp: TcpStream, host: &str) -> anyhow::Result<()> {
 
 /// Ends the command: exit status 0 when every check passed, 1 otherwise
 /// (the steps printed the details).
-pub(crate) fn summary(r: anyhow::Result<()>) -> anyhow::Result<()> {
+pub(crate) fn summary(r: anyhow::Result<Checked>) -> anyhow::Result<()> {
     match r {
-        Ok(()) => {
+        Ok(Checked::All) => {
             println!("all checks passed");
+            Ok(())
+        }
+        Ok(Checked::WithoutToken) => {
+            println!("all checks passed (the token and the handshake not checked: no --token)");
             Ok(())
         }
         Err(e) => {

@@ -5,6 +5,7 @@ mod doctor;
 mod logging;
 mod sample_app;
 mod status;
+mod terminal;
 
 /// mimalloc instead of the system allocator: the data path allocates and
 /// frees buffers of tens to hundreds of KiB per message, and glibc's malloc

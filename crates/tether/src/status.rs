@@ -11,6 +11,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tether_net::reconnect::server_trust;
 use tether_net::transport::tls::client_config;
+
+use crate::terminal::printable;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -99,7 +101,19 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
     }
     let mut done = 0u64;
     loop {
-        let snapshot = fetch_all(&a, &target).await?;
+        let snapshot = match fetch_all(&a, &target).await {
+            Ok(s) => s,
+            // Watching without an end: a replica restarting in a rollout,
+            // or a snapshot from mixed replicas, is shown and tried again
+            // at the next tick instead of ending the watch.
+            Err(e) if a.watch.is_some() && a.count.is_none() => {
+                let every = a.watch.unwrap_or(1).max(1);
+                eprintln!("tether status: {e:#} (trying again in {every} s)");
+                tokio::time::sleep(Duration::from_secs(every)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let out = if a.json {
             serde_json::to_string_pretty(&snapshot)? + "\n"
         } else {
@@ -394,26 +408,6 @@ fn array(v: &Value) -> &[Value] {
 /// direction overrides are shown escaped, never passed to the terminal.
 fn str_of(v: &Value) -> String {
     printable(v.as_str().unwrap_or("-"))
-}
-
-/// `s` with control characters and direction overrides escaped (`\u{1b}`).
-fn printable(s: &str) -> String {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !s.chars().any(unsafe_char) {
-        return s.to_owned();
-    }
-    s.chars()
-        .map(|c| {
-            if unsafe_char(c) {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 fn num(v: &Value) -> u64 {

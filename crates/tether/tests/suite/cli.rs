@@ -267,6 +267,38 @@ fn doctor_names_each_common_mistake() {
         "{out}"
     );
 
+    // Without a token, the upgrade alone: the server's own 401.
+    let (ok, out) = doctor(&["--server", &url, "--fingerprint", &fp]);
+    assert!(
+        ok && out.contains("ok    upgrade") && out.contains("skip  token"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(the token and the handshake not checked"),
+        "{out}"
+    );
+    // Something else that speaks HTTP on the port is not passed.
+    let app_port = free_port();
+    let app = Proc::spawn(
+        "doctor-app",
+        &[
+            "sample-app".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{app_port}"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || http_get(
+        format!("127.0.0.1:{app_port}").parse().unwrap(),
+        "/hello"
+    )
+    .is_some()));
+    let (ok, out) = doctor(&["--server", &format!("ws://127.0.0.1:{app_port}")]);
+    assert!(
+        !ok && out.contains("FAIL  upgrade") && out.contains("is this a tether server"),
+        "{out}"
+    );
+    drop(app);
+
     let closed = format!("wss://127.0.0.1:{}", free_port());
     let (ok, out) = doctor(&["--server", &closed, "--fingerprint", &fp]);
     assert!(
@@ -412,4 +444,30 @@ fn cluster_settings_come_from_the_environment() {
             && log.contains("127.0.0.13:7700"),
         "the replica list should hold this replica and both peers:\n{log}"
     );
+}
+
+/// `tether status --watch` rides out a server that does not answer (a
+/// replica restarting in a rollout): it says so and tries again at the next
+/// tick instead of ending; a single `tether status` fails at once.
+#[test]
+fn status_watch_keeps_watching_through_a_failed_fetch() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let once = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["status", "--server", &url, "--token", "t"])
+        .output()
+        .expect("run tether status");
+    assert!(!once.status.success());
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["status", "--server", &url, "--token", "t", "--watch", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tether status --watch");
+    std::thread::sleep(Duration::from_millis(2500));
+    let running = watch.try_wait().expect("wait").is_none();
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(running, "the watch ended: {err}");
+    assert!(err.matches("trying again in 1 s").count() >= 2, "{err}");
 }
