@@ -115,7 +115,9 @@ pub(crate) async fn serve_connection<S>(
         .timer(TokioTimer::new())
         .keep_alive_interval(HTTP2_KEEPALIVE)
         .keep_alive_timeout(HEADER_READ_TIMEOUT)
-        .max_concurrent_streams(256);
+        // A reserve connection carries one request: one stream at a time,
+        // or an anonymous client could send 256 on one reserve slot.
+        .max_concurrent_streams(if reserve_only { 1 } else { 256 });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let (first, idle) = if reserve_only {
@@ -142,7 +144,6 @@ pub(crate) async fn serve_connection<S>(
     }
 }
 
-/// Requests in flight on one connection and when the last one started.
 /// Counts the connection in `tether_http_connections` while it is served.
 struct CountedConnection(Arc<Metrics>);
 
@@ -152,9 +153,11 @@ impl Drop for CountedConnection {
     }
 }
 
+/// Requests in flight on one connection, and when the last one started or
+/// was answered.
 struct Activity {
     in_flight: AtomicUsize,
-    last_start: std::sync::Mutex<tokio::time::Instant>,
+    last_seen: std::sync::Mutex<tokio::time::Instant>,
     started: AtomicBool,
     /// Close as soon as nothing is in flight (a reserve connection's one
     /// request was answered).
@@ -166,6 +169,9 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        // Idle counts from the answer, not the start: a request that took
+        // most of the idle timeout leaves its connection the whole of it.
+        *self.0.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -174,7 +180,7 @@ impl Activity {
     fn new() -> Activity {
         Activity {
             in_flight: AtomicUsize::new(0),
-            last_start: std::sync::Mutex::new(tokio::time::Instant::now()),
+            last_seen: std::sync::Mutex::new(tokio::time::Instant::now()),
             started: AtomicBool::new(false),
             closing: AtomicBool::new(false),
         }
@@ -188,7 +194,7 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.started.store(true, Ordering::Relaxed);
-        *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
         Busy(self.clone())
     }
 
@@ -201,7 +207,7 @@ impl Activity {
             } else {
                 first
             };
-            let due = *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) + limit;
+            let due = *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) + limit;
             let closing = self.closing.load(Ordering::Relaxed);
             let idle = self.in_flight.load(Ordering::Relaxed) == 0;
             if idle && (closing || tokio::time::Instant::now() >= due) {

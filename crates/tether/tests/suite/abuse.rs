@@ -846,6 +846,31 @@ async fn idle_h2(
     }))
 }
 
+/// The SETTINGS_MAX_CONCURRENT_STREAMS the server announces on a fresh
+/// HTTP/2 connection (prior knowledge) from a chosen loopback source.
+async fn h2_max_concurrent_streams(server: std::net::SocketAddr, source: [u8; 4]) -> Option<u32> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    let mut tcp = sock.connect(server).await.ok()?;
+    // The preface and an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .ok()?;
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    assert_eq!(head[3], 4, "the server's first frame is its SETTINGS");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.ok()?;
+    payload.chunks_exact(6).find_map(|s| {
+        (u16::from_be_bytes([s[0], s[1]]) == 3)
+            .then(|| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
+    })
+}
+
 /// A GET from a chosen loopback source on a fresh connection: the status.
 async fn get_from(server: std::net::SocketAddr, source: [u8; 4], path: &str) -> Option<u16> {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -895,6 +920,11 @@ async fn idle_http2_connections_cannot_lock_out_agents_and_clients() {
         http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
     }));
 
+    assert_eq!(
+        h2_max_concurrent_streams(addr, [127, 0, 0, 9]).await,
+        Some(256),
+        "an ordinary connection takes many streams"
+    );
     // One source gets 30 connections and no more.
     let started = std::time::Instant::now();
     let mut idle = vec![];
@@ -950,6 +980,12 @@ async fn idle_http2_connections_cannot_lock_out_agents_and_clients() {
             "a second request was served on a reserve connection"
         );
     }
+    // Over HTTP/2, a reserve connection takes one stream at a time: its
+    // SETTINGS say so (else one slot would carry 256 requests at once).
+    assert_eq!(
+        h2_max_concurrent_streams(addr, [127, 0, 0, 5]).await,
+        Some(1)
+    );
     let metrics_port = free_port();
     let _agent = Proc::spawn(
         "agent",
