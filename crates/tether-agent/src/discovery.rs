@@ -26,7 +26,7 @@
 //! server again (CATALOG replaces the previous list), so the console and the
 //! SOCKS proxy see it without a restart.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -315,41 +315,78 @@ pub fn entries_of(
     out
 }
 
-/// The Services one watcher currently sees, by `namespace/name`.
-type Seen = HashMap<String, K8sService>;
+/// What one Service publishes, worked out when it is listed or changes (so
+/// its warnings come then, not at every other Service's change), kept
+/// instead of the Service itself: for `"*"` a watcher sees every Service of
+/// the cluster, each several KiB with its `managedFields`.
+#[derive(Clone)]
+struct Listed {
+    /// When it was created: the oldest claim to a name wins.
+    created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    entries: Vec<(String, Found)>,
+}
+
+/// What one watcher's Services publish, by `namespace/name`; a Service that
+/// publishes nothing is not kept.
+type Seen = HashMap<String, Listed>;
+
+/// A Service's key in [`Seen`]: `namespace/name`.
+fn key_of(svc: &K8sService) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or(""),
+        svc.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Adds (or, when it publishes nothing, removes) a Service's entries.
+fn note(seen: &mut Seen, svc: &K8sService, cfg: &KubernetesDiscovery, several: bool) {
+    let key = key_of(svc);
+    let entries = entries_of(svc, cfg, several);
+    if entries.is_empty() {
+        seen.remove(&key);
+    } else {
+        let created = svc.metadata.creation_timestamp.clone();
+        seen.insert(key, Listed { created, entries });
+    }
+}
 
 /// Rebuilds the published set from what every watcher sees; a name two
 /// Services claim goes to the one created first (then the first by
 /// `namespace/name`), and a warning names both: a Service created later,
 /// in any watched namespace, cannot take over a name users already reach
-/// (and send their cookies to).
-fn publish(discovered: &Discovered, cfg: &KubernetesDiscovery, seen: &[Seen], several: bool) {
-    let mut all: Vec<(&String, &K8sService)> = seen.iter().flat_map(|s| s.iter()).collect();
+/// (and send their cookies to). `warned` holds the claims warned about
+/// last time, so that a standing one is told once, not at every change.
+fn publish(discovered: &Discovered, seen: &[Seen], warned: &mut BTreeSet<(String, String)>) {
+    let mut all: Vec<(&String, &Listed)> = seen.iter().flat_map(|s| s.iter()).collect();
     // Oldest first; a Service without a creation time (never from a real
     // API server) last.
-    let created = |s: &K8sService| {
-        let t = s.metadata.creation_timestamp.as_ref();
-        (t.is_none(), t.cloned())
-    };
+    let created = |l: &Listed| (l.created.is_none(), l.created.clone());
     all.sort_by(|a, b| created(a.1).cmp(&created(b.1)).then_with(|| a.0.cmp(b.0)));
     let mut next = BTreeMap::new();
     let mut size = 0usize;
-    for (_, svc) in all {
-        for (name, found) in entries_of(svc, cfg, several) {
-            if let Some(first) = next.get(&name) {
+    let mut claims = BTreeSet::new();
+    'services: for (_, listed) in all {
+        for (name, found) in &listed.entries {
+            if let Some(first) = next.get(name) {
                 let first: &Found = first;
-                tracing::warn!(%name, kept = %first.source, ignored = %found.source, "two discovered services claim one name (set {NAME_ANNOTATION} on one)");
+                let claim = (name.clone(), found.source.clone());
+                if !warned.contains(&claim) {
+                    tracing::warn!(%name, kept = %first.source, ignored = %found.source, "two discovered services claim one name (set {NAME_ANNOTATION} on one)");
+                }
+                claims.insert(claim);
                 continue;
             }
             // Stay within one CATALOG frame (3 bytes + name per entry).
             size += 3 + name.len();
             if size > MAX_CATALOG_PAYLOAD - 4096 {
                 tracing::warn!(%name, "too many discovered services for one catalog: the rest are not published");
-                break;
+                break 'services;
             }
-            next.insert(name, found);
+            next.insert(name.clone(), found.clone());
         }
     }
+    *warned = claims;
     discovered.replace(next);
 }
 
@@ -410,34 +447,28 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
     let mut seen: Vec<Seen> = vec![Seen::new(); namespaces.len()];
     // A relist in progress, per watcher.
     let mut relist: Vec<Option<Seen>> = vec![None; namespaces.len()];
-    let key = |s: &K8sService| {
-        format!(
-            "{}/{}",
-            s.metadata.namespace.as_deref().unwrap_or(""),
-            s.metadata.name.as_deref().unwrap_or("")
-        )
-    };
+    let mut warned = BTreeSet::new();
     while let Some((i, event)) = events.next().await {
         match event {
             Ok(watcher::Event::Init) => relist[i] = Some(Seen::new()),
             Ok(watcher::Event::InitApply(s)) => {
                 if let Some(r) = relist[i].as_mut() {
-                    r.insert(key(&s), s);
+                    note(r, &s, &cfg, several);
                 }
             }
             Ok(watcher::Event::InitDone) => {
                 if let Some(r) = relist[i].take() {
                     seen[i] = r;
-                    publish(&discovered, &cfg, &seen, several);
+                    publish(&discovered, &seen, &mut warned);
                 }
             }
             Ok(watcher::Event::Apply(s)) => {
-                seen[i].insert(key(&s), s);
-                publish(&discovered, &cfg, &seen, several);
+                note(&mut seen[i], &s, &cfg, several);
+                publish(&discovered, &seen, &mut warned);
             }
             Ok(watcher::Event::Delete(s)) => {
-                seen[i].remove(&key(&s));
-                publish(&discovered, &cfg, &seen, several);
+                seen[i].remove(&key_of(&s));
+                publish(&discovered, &seen, &mut warned);
             }
             Err(e) => {
                 // The watcher backs off and lists again by itself; what was
@@ -664,45 +695,57 @@ mod tests {
     fn one_name_claimed_twice_is_published_once() {
         let cfg = KubernetesDiscovery::default();
         let d = Discovered::default();
-        // Services `web` in namespaces a and b both ask for the name `web`.
-        let both_claim_web = || {
+        // Services `web` in namespaces a and b both ask for the name `web`,
+        // created at these times (none: never from a real API server).
+        let both_claim_web = |created: [Option<i64>; 2]| {
             let mut seen = Seen::new();
-            for ns in ["a", "b"] {
-                seen.insert(
-                    format!("{ns}/web"),
-                    svc(
-                        "web",
-                        ns,
-                        &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
-                        &[("", 80, "TCP")],
-                    ),
+            for (ns, at) in ["a", "b"].into_iter().zip(created) {
+                let mut s = svc(
+                    "web",
+                    ns,
+                    &[(EXPOSE_ANNOTATION, "true"), (NAME_ANNOTATION, "web")],
+                    &[("", 80, "TCP")],
                 );
+                s.metadata.creation_timestamp = at.map(|secs| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::chrono::DateTime::from_timestamp(secs, 0).unwrap(),
+                    )
+                });
+                note(&mut seen, &s, &cfg, true);
             }
             seen
         };
+        let mut warned = BTreeSet::new();
         let mut changes = d.changes();
-        publish(&d, &cfg, &[both_claim_web()], true);
+        publish(&d, &[both_claim_web([None, None])], &mut warned);
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
         assert_eq!(d.get("web").unwrap().source, "a/web:80");
+        assert_eq!(
+            warned,
+            BTreeSet::from([("web".to_owned(), "b/web:80".to_owned())]),
+            "the claim warned about, not again at the next change"
+        );
         // The same set again is no change.
-        publish(&d, &cfg, &[both_claim_web()], true);
+        publish(&d, &[both_claim_web([None, None])], &mut warned);
         assert!(!changes.has_changed().unwrap());
-        publish(&d, &cfg, &[Seen::new()], true);
+        publish(&d, &[Seen::new()], &mut warned);
         assert!(d.get("web").is_none());
+        assert!(warned.is_empty());
 
         // The one created first keeps the name, whatever its namespace is
         // called: `a/web`, created after `b/web`, does not take it over.
-        let created = |secs| {
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::chrono::DateTime::from_timestamp(secs, 0).unwrap(),
-            ))
-        };
-        let mut seen = both_claim_web();
-        for (key, secs) in [("a/web", 2_000_000_000), ("b/web", 1_000_000_000)] {
-            seen.get_mut(key).unwrap().metadata.creation_timestamp = created(secs);
-        }
-        publish(&d, &cfg, &[seen], true);
+        let seen = both_claim_web([Some(2_000_000_000), Some(1_000_000_000)]);
+        publish(&d, &[seen], &mut warned);
         assert_eq!(d.get("web").unwrap().source, "b/web:80");
+        // A Service that publishes nothing is not kept.
+        let mut seen = Seen::new();
+        note(
+            &mut seen,
+            &svc("db", "a", &[], &[("", 5432, "TCP")]),
+            &cfg,
+            true,
+        );
+        assert!(seen.is_empty());
     }
 }
