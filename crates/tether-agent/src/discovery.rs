@@ -249,15 +249,19 @@ pub fn entries_of(
         let pname = p.name.clone().unwrap_or_default();
         let dial_port = if headless {
             match &p.target_port {
-                None => port,
-                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
-                    Ok(n) if n > 0 => n,
-                    _ => continue,
+                Some(IntOrString::Int(n)) if *n != 0 => match u16::try_from(*n) {
+                    Ok(n) => n,
+                    Err(_) => continue,
                 },
-                Some(IntOrString::String(named)) => {
-                    tracing::warn!(service = %format!("{ns}/{name}"), port, target_port = %named, "discovered headless service port not published: its target port is named, and each pod may number it differently (give targetPort as a number, or list the service in the agent's config)");
-                    continue;
+                // A named target port is looked up in each pod, which the
+                // agent does not read: charts name the port the Service
+                // number almost always, so that number is dialed.
+                Some(IntOrString::String(named)) if !named.is_empty() => {
+                    tracing::debug!(service = %format!("{ns}/{name}"), port, target_port = %named, "headless service with a named target port: dialing the service's port number");
+                    port
                 }
+                // None, 0 or "": the target port is the port.
+                _ => port,
             }
         } else {
             port
@@ -411,6 +415,8 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
         listed.dedup();
         listed
     };
+    // As configured, before the duplicates went: a namespace listed twice
+    // keeps the names it had (`-NAMESPACE`).
     let several = cfg.namespaces.len() > 1 || namespaces.iter().any(|n| n == "*");
     let client = loop {
         match client(&cfg).await {
@@ -552,6 +558,11 @@ mod tests {
         let ports = spec.ports.as_mut().unwrap();
         ports[1].target_port = Some(IntOrString::Int(8080));
         ports[2].target_port = Some(IntOrString::String("metrics".into()));
+        let mut zero = ports[0].clone();
+        zero.name = Some("zero".into());
+        zero.port = 7000;
+        zero.target_port = Some(IntOrString::Int(0));
+        ports.push(zero);
         let got: Vec<(String, String)> = entries_of(&s, &cfg, false)
             .into_iter()
             .map(|(n, f)| (n, f.address))
@@ -562,7 +573,11 @@ mod tests {
                 // No targetPort: the port itself.
                 ("db-pg".into(), "db.shop.svc.cluster.local:5432".into()),
                 ("db-web".into(), "db.shop.svc.cluster.local:8080".into()),
-                // A named target port may differ per pod: not published.
+                // A named target port is looked up in each pod: the
+                // Service's number, which charts almost always give it.
+                ("db-metrics".into(), "db.shop.svc.cluster.local:9000".into()),
+                // 0 is no target port.
+                ("db-zero".into(), "db.shop.svc.cluster.local:7000".into()),
             ]
         );
         // With a cluster IP, the Service's own port, whatever the target.
@@ -572,7 +587,7 @@ mod tests {
             .map(|(_, f)| f.address)
             .collect();
         assert_eq!(addrs[1], "db.shop.svc.cluster.local:80");
-        assert_eq!(addrs.len(), 3);
+        assert_eq!(addrs.len(), 4);
     }
 
     #[test]

@@ -379,7 +379,7 @@ async fn forward_one(
     early_data: bool,
 ) {
     let started = Instant::now();
-    tether_net::listen::nodelay_accepted(&tcp);
+    tether_net::listen::tune_accepted(&tcp);
     // With no session (the server is being reconnected), the connection
     // waits up to SESSION_WAIT for one, then is closed: the application
     // sees a failure soon instead of hanging until the server is back.

@@ -119,7 +119,7 @@ pub async fn serve(
         let router = router.clone();
         let session = session.clone();
         tokio::spawn(async move {
-            tether_net::listen::nodelay_accepted(&tcp);
+            tether_net::listen::tune_accepted(&tcp);
             if let Err(e) = handle(tcp, peer, &router, session, udp_idle).await {
                 tracing::info!(%peer, "proxy connection failed: {e:#}");
             }

@@ -14,7 +14,7 @@
 //! has `TCP_NODELAY` (no Nagle wait for the rest of a small write). Linux
 //! gives an accepted socket the listener's setting: set once on the
 //! listener, it saves a system call per accepted connection, which
-//! [`nodelay_accepted`] sets only on systems that do not inherit it.
+//! [`tune_accepted`] sets only on systems that do not inherit it.
 //!
 //! Every connection they accept has TCP keepalive too
 //! ([`crate::keepalive`]), inherited from the listener in the same way: a
@@ -31,7 +31,7 @@ pub const BACKLOG: u32 = 4096;
 
 /// Binds `addr` (with `SO_REUSEADDR`, like `TcpListener::bind`) and listens
 /// with a [`BACKLOG`]-deep accept queue; the connections it accepts have
-/// `TCP_NODELAY` and TCP keepalive (with [`nodelay_accepted`] called on each).
+/// `TCP_NODELAY` and TCP keepalive (with [`tune_accepted`] called on each).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -68,10 +68,11 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
-/// Gives a connection accepted from a [`bind`] listener `TCP_NODELAY` where
-/// the kernel did not copy it from the listener (on Linux it did: nothing
-/// to do). A failure is ignored: the connection works, only less promptly.
-pub fn nodelay_accepted(tcp: &TcpStream) {
+/// Gives a connection accepted from a [`bind`] listener `TCP_NODELAY` and
+/// keepalive where the kernel did not copy them from the listener (on Linux
+/// it did: nothing to do). A failure is ignored: the connection works, only
+/// less promptly.
+pub fn tune_accepted(tcp: &TcpStream) {
     if !cfg!(any(target_os = "linux", target_os = "android")) {
         let _ = tcp.set_nodelay(true);
         crate::keepalive::keep_alive(tcp);
@@ -110,7 +111,7 @@ mod tests {
         let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = l.accept().await.unwrap();
-        nodelay_accepted(&accepted);
+        tune_accepted(&accepted);
         assert!(
             accepted.nodelay().unwrap(),
             "the listener's TCP_NODELAY was not inherited"

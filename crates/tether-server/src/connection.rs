@@ -172,7 +172,8 @@ impl Drop for Busy {
         // Idle counts from the answer, not the start: a request that took
         // most of the idle timeout leaves its connection the whole of it.
         *self.0.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Release: whoever sees the count drop sees the time above.
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -207,9 +208,11 @@ impl Activity {
             } else {
                 first
             };
+            // The count first: a request answered just now is either still
+            // counted or has already moved `last_seen`.
+            let idle = self.in_flight.load(Ordering::Acquire) == 0;
             let due = *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) + limit;
             let closing = self.closing.load(Ordering::Relaxed);
-            let idle = self.in_flight.load(Ordering::Relaxed) == 0;
             if idle && (closing || tokio::time::Instant::now() >= due) {
                 return;
             }

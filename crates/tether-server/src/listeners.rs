@@ -152,7 +152,7 @@ impl Listener {
             tracing::warn!(listen = %cfg.listen, %peer, "connection from a source outside allow_from; closed");
             return;
         }
-        tether_net::listen::nodelay_accepted(&tcp);
+        tether_net::listen::tune_accepted(&tcp);
         // The PROXY header, then what the client has sent already, go with
         // the open (early data).
         let mut early = BytesMut::new();

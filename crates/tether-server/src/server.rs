@@ -259,7 +259,7 @@ impl Server {
     /// speaks TLS.
     fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
         let state = &self.state;
-        tether_net::listen::nodelay_accepted(&tcp);
+        tether_net::listen::tune_accepted(&tcp);
         // Connection caps: refuse at once instead of running out of
         // file descriptors for everyone.
         let hold = match state

@@ -101,18 +101,18 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
     }
     let mut done = 0u64;
     loop {
-        let snapshot = match fetch_all(&a, &target).await {
-            Ok(s) => s,
-            // Watching without an end: a replica restarting in a rollout,
-            // or a snapshot from mixed replicas, is shown and tried again
-            // at the next tick instead of ending the watch.
-            Err(e) if a.watch.is_some() && a.count.is_none() => {
-                let every = a.watch.unwrap_or(1).max(1);
+        let snapshot = match (fetch_all(&a, &target).await, a.watch) {
+            (Ok(s), _) => s,
+            // Watching without an end, once a fetch worked (a wrong token
+            // or name fails at once): a replica restarting in a rollout is
+            // shown and tried again at the next tick.
+            (Err(e), Some(every)) if done > 0 && a.count.is_none() => {
+                let every = every.max(1);
                 eprintln!("tether status: {e:#} (trying again in {every} s)");
                 tokio::time::sleep(Duration::from_secs(every)).await;
                 continue;
             }
-            Err(e) => return Err(e),
+            (Err(e), _) => return Err(e),
         };
         let out = if a.json {
             serde_json::to_string_pretty(&snapshot)? + "\n"

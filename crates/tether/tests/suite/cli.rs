@@ -446,28 +446,49 @@ fn cluster_settings_come_from_the_environment() {
     );
 }
 
-/// `tether status --watch` rides out a server that does not answer (a
+/// `tether status --watch` rides out a server that stops answering (a
 /// replica restarting in a rollout): it says so and tries again at the next
-/// tick instead of ending; a single `tether status` fails at once.
-#[test]
-fn status_watch_keeps_watching_through_a_failed_fetch() {
-    let url = format!("http://127.0.0.1:{}", free_port());
-    let once = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["status", "--server", &url, "--token", "t"])
-        .output()
-        .expect("run tether status");
-    assert!(!once.status.success());
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["status", "--server", &url, "--token", "t", "--watch", "1"])
-        .stdout(std::process::Stdio::null())
+/// tick instead of ending. A watch whose first fetch fails (a wrong name or
+/// token) ends at once, as a single `tether status` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_keeps_watching_through_a_failed_fetch() {
+    let mut t = Tunnel::start_with(&[], &["--admin", "dev"], &[]);
+    let url = t.url();
+    let status = |token: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+        c.args(["status", "--server", &url, "--token", token, "--watch", "1"]);
+        c
+    };
+    let never = status("wrong").output().expect("run tether status");
+    assert!(!never.status.success(), "a watch that never worked ends");
+    assert!(
+        String::from_utf8_lossy(&never.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&never.stderr)
+    );
+    let mut watch = status(CLIENT_TOKEN)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run tether status --watch");
-    std::thread::sleep(Duration::from_millis(2500));
-    let running = watch.try_wait().expect("wait").is_none();
+    std::thread::sleep(Duration::from_millis(1500));
+    t.server.kill();
+    let mut running = true;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        running = watch.try_wait().expect("wait").is_none();
+        if !running {
+            break;
+        }
+    }
     let _ = watch.kill();
     let out = watch.wait_with_output().expect("output");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(running, "the watch ended: {err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\x1b[2J"),
+        "a table was shown first"
+    );
     assert!(err.matches("trying again in 1 s").count() >= 2, "{err}");
 }

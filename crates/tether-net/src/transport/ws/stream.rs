@@ -27,8 +27,8 @@ const MIN_READ: usize = 4 * 1024;
 /// How long closing may take (writing the close frame, shutting down).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a pong may wait for the lock and the socket: as long as the
-/// session lets any write take before it judges the peer gone. Without a
+/// How long a pong's write may wait for the socket: as long as the session
+/// lets any write take before it judges the peer gone. Without a
 /// bound, the pong's task would hold the write half, and so the socket,
 /// open after the session ended, for as long as the peer's kernel keeps
 /// answering with a zero window.
@@ -476,25 +476,25 @@ where
         }
         let writer = self.writer.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(PONG_TIMEOUT, async {
-                let mut io = writer.io.lock().await;
-                let Some(payload) = lock(&writer.pending_pong).take() else {
-                    return;
-                };
-                if writer.closing.load(Ordering::Acquire) {
-                    return;
-                }
-                let Ok(guard) = WriteGuard::start(&writer.broken) else {
-                    return;
-                };
-                let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
-                let _ = guard.done(write_flushed(&mut *io, &pong, &[]).await);
-            })
-            .await
-            .inspect_err(|_| {
-                // Never sent: the next ping may try again.
-                lock(&writer.pending_pong).take();
-            });
+            // The wait for the lock needs no bound of its own: the
+            // session's writes and its close hold it only within theirs.
+            let mut io = writer.io.lock().await;
+            let Some(payload) = lock(&writer.pending_pong).take() else {
+                return;
+            };
+            if writer.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(guard) = WriteGuard::start(&writer.broken) else {
+                return;
+            };
+            let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
+            let written =
+                tokio::time::timeout(PONG_TIMEOUT, write_flushed(&mut *io, &pong, &[])).await;
+            // Given up on (the guard dropped): the writer is broken.
+            if let Ok(r) = written {
+                let _ = guard.done(r);
+            }
         });
     }
 }
