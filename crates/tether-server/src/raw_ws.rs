@@ -4,15 +4,18 @@
 //! a session of its client, and its stream is opened through the one open
 //! path before the `101`, so a refusal is an HTTP status.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
@@ -110,7 +113,7 @@ impl RawWsEndpoint {
             };
             let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(ws_config())).await;
             let (tx, rx) = ws.split();
-            let failed_with = Arc::new(AtomicU16::new(0));
+            let shared = Arc::new(Shared::default());
             let sessions = this.metrics.sessions_of("raw_ws");
             sessions.inc();
             let name = caller.name();
@@ -124,12 +127,13 @@ impl RawWsEndpoint {
                 (
                     RawWsReader {
                         stream: rx,
-                        failed_with: failed_with.clone(),
+                        shared: shared.clone(),
+                        close_reply_due: None,
                     },
                     RawWsWriter {
                         sink: tx,
                         close_sent: false,
-                        failed_with,
+                        shared,
                     },
                 ),
                 agent_stream.split(),
@@ -141,12 +145,33 @@ impl RawWsEndpoint {
     }
 }
 
+/// How long the client has to answer our close frame (sent when the
+/// service finished) with its own before the connection is dropped: RFC
+/// 6455 7.1.1 lets the server close the TCP connection after a reasonable
+/// time, and without a bound a client that never answers would keep its
+/// stream and its slots.
+const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the two halves of one raw WebSocket tell each other.
+#[derive(Default)]
+struct Shared {
+    /// The close code the client's own error calls for (0: none yet), for
+    /// the writer's close frame.
+    failed_with: AtomicU16,
+    /// The writer sent its close frame: the reader waits
+    /// [`CLOSE_REPLY_TIMEOUT`] at most for the client's.
+    close_sent: AtomicBool,
+    /// The reader, woken when the close frame is sent (it may be waiting
+    /// on a client that sends nothing).
+    reader: AtomicWaker,
+}
+
 /// Reads a raw WebSocket's binary (or text) messages as stream bytes.
 struct RawWsReader<S> {
     stream: SplitStream<WebSocketStream<S>>,
-    /// The close code the client's own error calls for (0: none yet), for
-    /// the writer's close frame.
-    failed_with: Arc<AtomicU16>,
+    shared: Arc<Shared>,
+    /// When the client's close reply is due, once our close frame is out.
+    close_reply_due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Writes stream bytes as binary messages; EOF closes the WebSocket, and a
@@ -154,7 +179,7 @@ struct RawWsReader<S> {
 struct RawWsWriter<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
     close_sent: bool,
-    failed_with: Arc<AtomicU16>,
+    shared: Arc<Shared>,
 }
 
 fn ws_error(e: WsError) -> io::Error {
@@ -173,6 +198,16 @@ fn client_fault(e: &WsError) -> Option<u16> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        self.shared.reader.register(cx.waker());
+        if self.shared.close_sent.load(Ordering::Acquire) {
+            let due = self
+                .close_reply_due
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_REPLY_TIMEOUT)));
+            if due.as_mut().poll(cx).is_ready() {
+                tracing::debug!("raw websocket: no close reply within {CLOSE_REPLY_TIMEOUT:?}; dropping the connection");
+                return Poll::Ready(Ok(None));
+            }
+        }
         loop {
             return Poll::Ready(match ready!(self.stream.poll_next_unpin(cx)) {
                 None => Ok(None),
@@ -189,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     if let Some(code) = client_fault(&e) {
-                        self.failed_with.store(code, Ordering::Relaxed);
+                        self.shared.failed_with.store(code, Ordering::Relaxed);
                     }
                     Err(ws_error(e))
                 }
@@ -227,6 +262,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
                 return Poll::Ready(Ok(()));
             }
             self.close_sent = true;
+            self.shared.close_sent.store(true, Ordering::Release);
+            self.shared.reader.wake();
         }
         let _ = ready!(self.sink.poll_flush_unpin(cx));
         Poll::Ready(Ok(()))
@@ -242,7 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
         if self.close_sent {
             return;
         }
-        let code = match self.failed_with.load(Ordering::Relaxed) {
+        let code = match self.shared.failed_with.load(Ordering::Relaxed) {
             0 if code == tether_proto::ResetCode::Forbidden => 1008,
             0 => 1011,
             own => own,

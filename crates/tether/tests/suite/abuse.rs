@@ -1120,3 +1120,48 @@ async fn a_cancelled_open_leaves_every_gauge_at_zero() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A raw WebSocket client that never answers the close frame the server
+/// sends when the service finished is dropped after the close-reply
+/// timeout: it cannot keep its stream (and its slots) by staying silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_websocket_that_never_answers_the_close_is_dropped() {
+    // A service that closes every connection at once.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closer = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+    });
+    let t = Tunnel::start(&[("closer", closer)], &[]);
+    let mut tcp = tokio::net::TcpStream::connect(t.server_addr())
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "GET /tether/v1/ws/prod/closer?token={CLIENT_TOKEN} HTTP/1.1\r\nHost: x\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The 101, the server's close frame, then (never answered) the end.
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(ended.is_ok(), "the connection was kept open: {text:?}");
+    assert!(text.starts_with("HTTP/1.1 101"), "{text:?}");
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.get(head_end), Some(&0x88), "a close frame: {text:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the client was given time to answer"
+    );
+    assert!(wait_until(Duration::from_secs(5), || t
+        .server_metric("tether_live_streams")
+        == Some(0.0)));
+}
