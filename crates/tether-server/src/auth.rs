@@ -328,17 +328,22 @@ impl AuthStore {
 /// tabs (RFC 9110 5.6.3, 11.4): a bearer header the server failed to
 /// recognise would not count as the credential, and would go on to the
 /// service, token and all. A bearer header without a credential yields an
-/// empty one, which is then refused rather than ignored.
+/// empty one, which is then refused rather than ignored. Every
+/// `Authorization` header is looked at, not the first only: a token in a
+/// second one, behind a `Basic` header, would otherwise not count as the
+/// credential, and would reach the service.
 pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
-    let v = h.get(header::AUTHORIZATION)?.as_bytes().trim_ascii();
-    let end = v
-        .iter()
-        .position(|b| *b == b' ' || *b == b'\t')
-        .unwrap_or(v.len());
-    let (scheme, credential) = v.split_at(end);
-    scheme
-        .eq_ignore_ascii_case(b"bearer")
-        .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
+    h.get_all(header::AUTHORIZATION).iter().find_map(|v| {
+        let v = v.as_bytes().trim_ascii();
+        let end = v
+            .iter()
+            .position(|b| *b == b' ' || *b == b'\t')
+            .unwrap_or(v.len());
+        let (scheme, credential) = v.split_at(end);
+        scheme
+            .eq_ignore_ascii_case(b"bearer")
+            .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
+    })
 }
 
 /// [`Authenticator::client_revalidate`] for many identities at once, each
@@ -494,5 +499,10 @@ mod tests {
         assert_eq!(auth(b"Basic dXNlcjpwYXNz"), None);
         assert_eq!(auth(b"Bearertok"), None);
         assert_eq!(bearer(&HeaderMap::new()), None);
+        // A token in a second header, behind one for the service.
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+        h.append(header::AUTHORIZATION, "Bearer tok".parse().unwrap());
+        assert_eq!(bearer(&h).as_deref(), Some("tok"));
     }
 }

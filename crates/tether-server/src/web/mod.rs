@@ -228,13 +228,18 @@ pub(crate) fn cookies<'a, 'n>(
     h: &'a HeaderMap,
     name: &'n str,
 ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    // By bytes: a cookie of the service's with non-ASCII bytes in its value
+    // (browsers send UTF-8 as it came) must not hide tether's login.
     h.get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .filter(move |(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|kv| {
+            let kv = kv.trim_ascii();
+            let i = kv.iter().position(|b| *b == b'=')?;
+            (&kv[..i] == name.as_bytes())
+                .then(|| std::str::from_utf8(&kv[i + 1..]).ok())
+                .flatten()
+        })
 }
 
 /// The host the request was addressed to (`Host`, or the URI authority in

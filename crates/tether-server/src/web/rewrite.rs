@@ -213,23 +213,35 @@ fn is_tether_cookie(name: &[u8]) -> bool {
 }
 
 /// Removes tether's own cookies (under every name they may have) from the
-/// `Cookie` headers: the service never sees the browser's login.
+/// `Cookie` headers: the service never sees the browser's login. By bytes,
+/// so that a cookie with non-ASCII bytes in its value (browsers send UTF-8
+/// as it came) is kept, and keeps the others. Several `Cookie` headers (as
+/// HTTP/2 sends them) become one, as an HTTP/1.1 service expects.
 pub(crate) fn strip_tether_cookies(h: &mut HeaderMap) {
-    let kept: Vec<String> = h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|kv| {
-            let name = kv.split('=').next().unwrap_or("").trim();
-            !kv.is_empty() && !is_tether_cookie(name.as_bytes())
-        })
-        .map(str::to_owned)
-        .collect();
+    let pairs = || {
+        h.get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+            .map(<[u8]>::trim_ascii)
+    };
+    let tethers = |kv: &[u8]| {
+        let name = kv.split(|b| *b == b'=').next().unwrap_or(kv);
+        is_tether_cookie(name.trim_ascii())
+    };
+    let headers = h.get_all(header::COOKIE).iter().count();
+    if headers <= 1 && !pairs().any(tethers) {
+        return;
+    }
+    let mut kept: Vec<u8> = Vec::new();
+    for kv in pairs().filter(|kv| !kv.is_empty() && !tethers(kv)) {
+        if !kept.is_empty() {
+            kept.extend_from_slice(b"; ");
+        }
+        kept.extend_from_slice(kv);
+    }
     h.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_bytes(&kept) {
             h.insert(header::COOKIE, v);
         }
     }
@@ -256,6 +268,17 @@ pub(crate) fn service_may_set(v: &HeaderValue) -> bool {
     !is_tether_cookie(sent_as.trim_ascii())
 }
 
+/// Whether `path` is already under the routing prefix (the prefix itself,
+/// or it and then `/`, `?` or `#`): a service told the prefix
+/// (`X-Forwarded-Prefix`, or a configured root URL) puts it in its own
+/// redirects and cookie paths, and a second one would lead nowhere.
+fn under_prefix(path: &[u8], prefix: &str) -> bool {
+    !prefix.is_empty()
+        && path
+            .strip_prefix(prefix.as_bytes())
+            .is_some_and(|rest| matches!(rest.first(), None | Some(b'/' | b'?' | b'#')))
+}
+
 /// Rewrites a `Location` from the service so it points back through the proxy.
 pub fn rewrite_location(
     loc: &str,
@@ -265,7 +288,8 @@ pub fn rewrite_location(
 ) -> Option<String> {
     let prefix = prefix.unwrap_or("");
     if loc.starts_with('/') && !loc.starts_with("//") {
-        return (!prefix.is_empty()).then(|| format!("{prefix}{loc}"));
+        return (!prefix.is_empty() && !under_prefix(loc.as_bytes(), prefix))
+            .then(|| format!("{prefix}{loc}"));
     }
     for scheme in ["http://", "https://"] {
         if let Some(rest) = loc.strip_prefix(scheme) {
@@ -282,6 +306,9 @@ pub fn rewrite_location(
                 } else {
                     format!("/{path}")
                 };
+                if under_prefix(path.as_bytes(), prefix) {
+                    return Some(format!("{external_origin}{path}"));
+                }
                 return Some(format!("{external_origin}{prefix}{path}"));
             }
         }
@@ -311,7 +338,9 @@ pub fn rewrite_set_cookie(value: &[u8], prefix: &str) -> Vec<u8> {
             had_path = true;
             let p = if val.starts_with(b"/") { val } else { b"/" };
             out.extend_from_slice(b"Path=");
-            out.extend_from_slice(prefix.as_bytes());
+            if !under_prefix(p, prefix) {
+                out.extend_from_slice(prefix.as_bytes());
+            }
             out.extend_from_slice(p);
         } else {
             out.extend_from_slice(a);
@@ -613,5 +642,58 @@ mod tests {
             cookie("sid=1; Domain =x.test; DOMAIN\t=y; path = /app").unwrap(),
             "sid=1; Path=/a/p/g/app"
         );
+        // A service that knows its prefix (X-Forwarded-Prefix, a root URL)
+        // puts it in its redirects and cookie paths already: once is enough.
+        for (loc, want) in [
+            ("/a/p/g/login", None),
+            ("/a/p/g", None),
+            ("/a/p/g?next=1", None),
+            ("/a/p/gx/login", Some("/a/p/g/a/p/gx/login")),
+        ] {
+            assert_eq!(
+                rewrite_location(loc, Some("/a/p/g"), "https://tether.test", &hosts).as_deref(),
+                want,
+                "{loc}"
+            );
+        }
+        assert_eq!(
+            rewrite_location(
+                "http://grafana:3000/a/p/g/x",
+                Some("/a/p/g"),
+                "https://tether.test",
+                &hosts
+            )
+            .as_deref(),
+            Some("https://tether.test/a/p/g/x")
+        );
+        assert_eq!(
+            cookie("grafana_session=1; Path=/a/p/g").unwrap(),
+            "grafana_session=1; Path=/a/p/g"
+        );
+        assert_eq!(
+            cookie("sid=1; Path=/a/p/g/api").unwrap(),
+            "sid=1; Path=/a/p/g/api"
+        );
+    }
+
+    #[test]
+    fn a_cookie_with_non_ascii_bytes_keeps_the_others_and_the_login() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_bytes(b"tether_session=s3cret; sid=1; lang=\xc3\xa9").unwrap(),
+        );
+        assert_eq!(
+            crate::web::cookies(&h, "tether_session").collect::<Vec<_>>(),
+            ["s3cret"],
+            "the login is still found"
+        );
+        strip_tether_cookies(&mut h);
+        assert_eq!(h.get("cookie").unwrap().as_bytes(), b"sid=1; lang=\xc3\xa9");
+        // No tether cookie, one header: left as it came.
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1;b=2".parse().unwrap());
+        strip_tether_cookies(&mut h);
+        assert_eq!(h.get("cookie").unwrap(), "a=1;b=2");
     }
 }
