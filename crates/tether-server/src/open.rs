@@ -257,9 +257,9 @@ impl Opener {
         service: &str,
     ) -> Result<(Stream, Connection), Refusal> {
         // A new tunnel stream is an open like any: charged to the caller's
-        // open rate, not only its request rate (a request that cannot use
-        // a pooled connection, such as a WebSocket upgrade or a login bound
-        // to its connection, dials one each).
+        // open rate, not only its request rate (requests whose connection
+        // never goes back to the pool, such as WebSocket upgrades or logins
+        // bound to their connection, dial one each).
         if let Err(hit) = self.0.limits.open(&key) {
             self.0.metrics.limit_hit(hit.limit);
             return Err(Refusal::new(OpenErrorCode::TooManyStreams, hit.reason));
