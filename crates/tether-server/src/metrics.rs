@@ -235,6 +235,17 @@ impl Metrics {
             .clone()
     }
 
+    /// Makes `tether_agent_instances` exist, at 0 until a session comes,
+    /// for every configured agent: an alert on `== 0` (deploy/observability)
+    /// then fires for an agent that has not connected to this replica since
+    /// it started, where a series that does not exist would say nothing.
+    /// A series that exists is left as it is.
+    pub(crate) fn expect_agents<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            self.agent_instances(name);
+        }
+    }
+
     /// The gauge of connected instances of agent `name`.
     pub(crate) fn agent_instances(&self, name: &str) -> Gauge {
         self.agent_instances

@@ -101,6 +101,8 @@ impl Reloader {
         };
         auth.warn_plaintext();
         self.auth.set(auth);
+        self.metrics
+            .expect_agents(cfg.agents.iter().map(|a| a.name.as_str()));
         self.limits.set_config(cfg.limits.clone());
         if let Some((acceptor, fingerprint)) = new_tls {
             self.tls.set(acceptor);

@@ -61,6 +61,7 @@ impl State {
                 replica: cluster.id().to_owned(),
             })
             .set(1);
+        metrics.expect_agents(cfg.agents.iter().map(|a| a.name.as_str()));
         let limits = Arc::new(Limits::new(cfg.limits.clone(), cfg.max_streams_per_client));
         let streams = Arc::new(Streams::default());
         let opener = Opener::new(

@@ -823,3 +823,47 @@ async fn a_client_sends_unmasked_frames_by_agreement_and_masked_ones_when_told()
         );
     }
 }
+
+/// A configured agent that has not connected to this replica since it
+/// started counts 0 instances (so an alert on `== 0` fires), not no series
+/// at all; one added by a reload too.
+#[test]
+fn a_configured_agent_that_never_connected_counts_zero_instances() {
+    let dir = std::env::temp_dir().join(format!("tether-zero-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    let port = free_port();
+    let config = |agents: &[&str]| {
+        let mut text = format!("listen = \"127.0.0.1:{port}\"\n");
+        for a in agents {
+            text += &format!("[[agent]]\nname = \"{a}\"\ntoken = \"{a}-{AGENT_TOKEN}\"\n");
+        }
+        std::fs::write(&cfg, text).unwrap();
+    };
+    config(&["ghost"]);
+    let server = Proc::spawn(
+        "server",
+        &[
+            "server".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    assert!(server.wait_log("server listening", Duration::from_secs(10)));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let instances = |agent: &str| {
+        let body = http_get(addr, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        metric(
+            &body,
+            &format!("tether_agent_instances{{agent=\"{agent}\"}}"),
+        )
+    };
+    assert_eq!(instances("ghost"), Some(0.0));
+    config(&["ghost", "later"]);
+    server.signal(Signal::HUP);
+    assert!(wait_until(Duration::from_secs(10), || instances("later") == Some(0.0)));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
