@@ -398,14 +398,21 @@ fn publish(discovered: &Discovered, seen: &[Seen], warned: &mut BTreeSet<(String
 /// forever (the watcher relists and retries on its own; a client that
 /// cannot even be built is retried every 30 s).
 pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
-    let namespaces = if cfg.namespaces.is_empty() {
-        match own_namespace() {
-            Some(ns) => vec![ns],
-            None => {
-                tracing::warn!("kubernetes discovery: no namespaces configured and the agent's own namespace is unknown (set namespaces, or POD_NAMESPACE); watching \"default\"");
-                vec!["default".to_owned()]
+    let client = loop {
+        match client(&cfg).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(
+                    "kubernetes discovery: cannot build an API client: {e:#} (retrying in 30 s)"
+                );
+                tokio::time::sleep(Duration::from_secs(30)).await;
             }
         }
+    };
+    let namespaces = if cfg.namespaces.is_empty() {
+        // The pod's own; outside a cluster, the kubeconfig context's
+        // (which is "default" when it names none).
+        vec![own_namespace().unwrap_or_else(|| client.default_namespace().to_owned())]
     } else if cfg.namespaces.iter().any(|n| n == "*") {
         // All of them: another watcher beside would see its Services twice.
         vec!["*".to_owned()]
@@ -418,17 +425,6 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
     // As configured, before the duplicates went: a namespace listed twice
     // keeps the names it had (`-NAMESPACE`).
     let several = cfg.namespaces.len() > 1 || namespaces.iter().any(|n| n == "*");
-    let client = loop {
-        match client(&cfg).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(
-                    "kubernetes discovery: cannot build an API client: {e:#} (retrying in 30 s)"
-                );
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            }
-        }
-    };
     tracing::info!(namespaces = ?namespaces, label_selector = ?cfg.label_selector, require_annotation = cfg.require_annotation, "kubernetes discovery: watching Services");
     let mut wcfg = watcher::Config::default();
     if let Some(sel) = &cfg.label_selector {

@@ -212,3 +212,39 @@ kubeconfig = "{kubeconfig}"
     assert!(catalog(&t).contains(&"again:tcp".to_owned()));
     drop(client);
 }
+
+/// With no namespaces configured and no pod namespace (an agent run outside
+/// the cluster with a kubeconfig), the kubeconfig context's namespace is
+/// watched, not "default".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_namespaces_the_kubeconfig_context_namespace_is_watched() {
+    let dir = std::env::temp_dir().join(format!(
+        "tether-kube-ctx-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kube = FakeKube::start("shop").await;
+    kube.apply(
+        service("shop", "db", &[EXPOSE], &[("", 5432, "TCP")]),
+        false,
+    );
+    let cfg = format!(
+        r#"
+allow = ["*.svc.cluster.test:*"]
+
+[kubernetes]
+cluster_domain = "cluster.test"
+kubeconfig = "{kubeconfig}"
+"#,
+        kubeconfig = kube.kubeconfig(&dir).display(),
+    );
+    let cfg_path = dir.join("agent.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let t = Tunnel::start(&[], &["--config", cfg_path.to_str().unwrap()]);
+    wait_catalog(&t, "db in the context's namespace is published", |c| {
+        c == ["db:tcp"]
+    });
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+}
