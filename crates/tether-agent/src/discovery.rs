@@ -410,9 +410,11 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
         }
     };
     let namespaces = if cfg.namespaces.is_empty() {
-        // The pod's own; outside a cluster, the kubeconfig context's
-        // (which is "default" when it names none).
-        vec![own_namespace().unwrap_or_else(|| client.default_namespace().to_owned())]
+        // With a kubeconfig, its context's (which is "default" when it
+        // names none; it may be another cluster's than the pod's); else
+        // the pod's own.
+        let own = cfg.kubeconfig.is_none().then(own_namespace).flatten();
+        vec![own.unwrap_or_else(|| client.default_namespace().to_owned())]
     } else if cfg.namespaces.iter().any(|n| n == "*") {
         // All of them: another watcher beside would see its Services twice.
         vec!["*".to_owned()]

@@ -333,17 +333,35 @@ impl AuthStore {
 /// second one, behind a `Basic` header, would otherwise not count as the
 /// credential, and would reach the service.
 pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
-    h.get_all(header::AUTHORIZATION).iter().find_map(|v| {
-        let v = v.as_bytes().trim_ascii();
-        let end = v
-            .iter()
-            .position(|b| *b == b' ' || *b == b'\t')
-            .unwrap_or(v.len());
-        let (scheme, credential) = v.split_at(end);
-        scheme
-            .eq_ignore_ascii_case(b"bearer")
-            .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
-    })
+    h.get_all(header::AUTHORIZATION).iter().find_map(bearer_of)
+}
+
+/// The credential of one `Authorization` value when it is a bearer one.
+fn bearer_of(v: &header::HeaderValue) -> Option<String> {
+    let v = v.as_bytes().trim_ascii();
+    let end = v
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\t')
+        .unwrap_or(v.len());
+    let (scheme, credential) = v.split_at(end);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
+}
+
+/// Removes the bearer `Authorization` values (what [`bearer`] reads: the
+/// tether credential), keeping any other, such as a service's own `Basic`.
+pub(crate) fn strip_bearer(h: &mut HeaderMap) {
+    let kept: Vec<header::HeaderValue> = h
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| bearer_of(v).is_none())
+        .cloned()
+        .collect();
+    h.remove(header::AUTHORIZATION);
+    for v in kept {
+        h.append(header::AUTHORIZATION, v);
+    }
 }
 
 /// [`Authenticator::client_revalidate`] for many identities at once, each
@@ -504,5 +522,9 @@ mod tests {
         h.append(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
         h.append(header::AUTHORIZATION, "Bearer tok".parse().unwrap());
         assert_eq!(bearer(&h).as_deref(), Some("tok"));
+        // The credential goes, the service's own header stays.
+        strip_bearer(&mut h);
+        let left: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(left, ["Basic dXNlcjpwYXNz"]);
     }
 }

@@ -64,6 +64,9 @@ pub(crate) struct Metrics {
     pub(crate) agents: Gauge,
     /// Connected instances per agent name.
     pub(crate) agent_instances: Family<AgentLabel, Gauge>,
+    /// The agent names of the config, whose `agent_instances` series
+    /// exist at 0 until they connect ([`Metrics::expect_agents`]).
+    expected_agents: std::sync::Mutex<Vec<String>>,
     /// 1, labelled with this replica's id.
     pub(crate) replica: Family<ReplicaLabel, Gauge>,
     /// Live sessions by kind.
@@ -111,6 +114,7 @@ impl Default for Metrics {
         let mut m = Metrics {
             agents: Gauge::default(),
             agent_instances: Family::default(),
+            expected_agents: std::sync::Mutex::default(),
             replica: Family::default(),
             sessions: Family::default(),
             live_streams: Gauge::default(),
@@ -238,12 +242,27 @@ impl Metrics {
     /// Makes `tether_agent_instances` exist, at 0 until a session comes,
     /// for every configured agent: an alert on `== 0` (deploy/observability)
     /// then fires for an agent that has not connected to this replica since
-    /// it started, where a series that does not exist would say nothing.
-    /// A series that exists is left as it is.
+    /// it started, where a series that does not exist would say nothing. A
+    /// series that exists is left as it is; one of a name the config no
+    /// longer has goes once it is 0 (else that alert would fire forever).
     pub(crate) fn expect_agents<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        for name in names {
+        let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
+        for name in &names {
             self.agent_instances(name);
         }
+        let mut expected = self
+            .expected_agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in expected.iter().filter(|n| !names.contains(n)) {
+            let label = AgentLabel {
+                agent: gone.clone(),
+            };
+            if self.agent_instances.get_or_create(&label).get() == 0 {
+                self.agent_instances.remove(&label);
+            }
+        }
+        *expected = names;
     }
 
     /// The gauge of connected instances of agent `name`.

@@ -204,8 +204,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
                 .close_reply_due
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_REPLY_TIMEOUT)));
             if due.as_mut().poll(cx).is_ready() {
-                tracing::debug!("raw websocket: no close reply within {CLOSE_REPLY_TIMEOUT:?}; dropping the connection");
-                return Poll::Ready(Ok(None));
+                // An error, not an end: the splice then drops both ways,
+                // also a close frame the client is not reading.
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client did not answer the close frame within {CLOSE_REPLY_TIMEOUT:?}"
+                    ),
+                )));
             }
         }
         loop {

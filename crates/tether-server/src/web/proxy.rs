@@ -353,7 +353,7 @@ fn outbound_headers(
     strip_tether_cookies(h);
     if *via == Via::Bearer {
         // It was the credential: the service never sees it.
-        h.remove(header::AUTHORIZATION);
+        crate::auth::strip_bearer(h);
     }
     let public_host = forwarded_host(&web.cfg, route, cx.host);
     if route.prefix.is_some()

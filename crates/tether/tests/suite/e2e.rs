@@ -864,6 +864,12 @@ fn a_configured_agent_that_never_connected_counts_zero_instances() {
     config(&["ghost", "later"]);
     server.signal(Signal::HUP);
     assert!(wait_until(Duration::from_secs(10), || instances("later") == Some(0.0)));
+    // Removed from the config: its series goes (else an alert on 0 would
+    // fire for an agent nobody expects any more).
+    config(&["later"]);
+    server.signal(Signal::HUP);
+    assert!(wait_until(Duration::from_secs(10), || instances("ghost").is_none()));
+    assert_eq!(instances("later"), Some(0.0));
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
