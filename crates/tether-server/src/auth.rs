@@ -333,11 +333,14 @@ impl AuthStore {
 /// second one, behind a `Basic` header, would otherwise not count as the
 /// credential, and would reach the service.
 pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
-    h.get_all(header::AUTHORIZATION).iter().find_map(bearer_of)
+    h.get_all(header::AUTHORIZATION)
+        .iter()
+        .find_map(bearer_of)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
 /// The credential of one `Authorization` value when it is a bearer one.
-fn bearer_of(v: &header::HeaderValue) -> Option<String> {
+fn bearer_of(v: &header::HeaderValue) -> Option<&[u8]> {
     let v = v.as_bytes().trim_ascii();
     let end = v
         .iter()
@@ -346,12 +349,20 @@ fn bearer_of(v: &header::HeaderValue) -> Option<String> {
     let (scheme, credential) = v.split_at(end);
     scheme
         .eq_ignore_ascii_case(b"bearer")
-        .then(|| String::from_utf8_lossy(credential.trim_ascii()).into_owned())
+        .then(|| credential.trim_ascii())
 }
 
 /// Removes the bearer `Authorization` values (what [`bearer`] reads: the
 /// tether credential), keeping any other, such as a service's own `Basic`.
 pub(crate) fn strip_bearer(h: &mut HeaderMap) {
+    let mut values = h.get_all(header::AUTHORIZATION).iter();
+    if let (Some(only), None) = (values.next(), values.next()) {
+        // The usual case: one header, the credential.
+        if bearer_of(only).is_some() {
+            h.remove(header::AUTHORIZATION);
+        }
+        return;
+    }
     let kept: Vec<header::HeaderValue> = h
         .get_all(header::AUTHORIZATION)
         .iter()
