@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use tether_net::reconnect::{server_trust, ConnectError, Endpoint};
 use tether_net::transport::tls::{client_config, fingerprint, ServerTrust};
-use tether_net::transport::ws::endpoint_url;
+use tether_net::transport::ws::{endpoint_url, is_loopback_host};
 use tether_proto::endpoints::{AGENT_NAME_HEADER, AGENT_PATH, AGENT_PROBE_HEADER, CLIENT_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -87,11 +87,7 @@ pub(crate) async fn run(a: DoctorArgs) -> anyhow::Result<Checked> {
         "{}://{host}:{port}",
         if tls { "wss" } else { "ws" }
     ));
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !tls && !loopback {
+    if !tls && !is_loopback_host(&host) {
         println!("      note: plain ws:// to a host that is not loopback: the token and every tunneled byte would cross the network unencrypted; use wss://");
     }
 

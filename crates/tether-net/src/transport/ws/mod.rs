@@ -351,13 +351,18 @@ pub fn warn_if_plain(url: &str) {
         .unwrap_or("")
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
+    if !is_loopback_host(host) {
         tracing::warn!(%url, "plain ws:// to a non-loopback server: the token and every tunneled byte travel unencrypted; use wss://");
     }
+}
+
+/// Whether a URL's host (brackets removed) is this machine: `localhost` or
+/// a loopback address. Plain `ws://` is fine there and nowhere else.
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Like [`dial`], presenting a client certificate (mutual TLS) over `wss://`.

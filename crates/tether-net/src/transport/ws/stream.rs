@@ -91,6 +91,17 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
+/// Runs one write under a [`WriteGuard`]: refused after a write was cut off
+/// mid-frame, and marking the writer broken when this one is (its future
+/// dropped before `write` finished).
+async fn guarded(
+    broken: &AtomicBool,
+    write: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    let guard = WriteGuard::start(broken)?;
+    guard.done(write.await)
+}
+
 /// Writes `a` then `b` and flushes (TLS holds records until then).
 async fn write_flushed<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
     write_two(w, a, b).await?;
@@ -299,8 +310,11 @@ impl<S> WsSink<S> {
         S: AsyncWrite,
     {
         let mut io = self.writer.io.lock().await;
-        let guard = WriteGuard::start(&self.writer.broken)?;
-        guard.done(write_flushed(&mut *io, &self.masked[..len], &[]).await)
+        guarded(
+            &self.writer.broken,
+            write_flushed(&mut *io, &self.masked[..len], &[]),
+        )
+        .await
     }
 }
 
@@ -321,13 +335,12 @@ where
         let parts = PartList::new(parts);
         let n = frame::encode_header(OP_BINARY, parts.remaining(), None, &mut header);
         let mut io = self.writer.io.lock().await;
-        let guard = WriteGuard::start(&self.writer.broken)?;
-        let written = async {
+        guarded(&self.writer.broken, async {
             io.write_all_buf(&mut Buf::chain(&header[..n], parts))
                 .await?;
             io.flush().await
-        };
-        guard.done(written.await)
+        })
+        .await
     }
 
     async fn send_batch(&mut self, mut messages: Vec<Vec<Bytes>>) -> io::Result<()> {
@@ -351,12 +364,11 @@ where
             list.extend(parts);
         }
         let mut io = self.writer.io.lock().await;
-        let guard = WriteGuard::start(&self.writer.broken)?;
-        let written = async {
+        guarded(&self.writer.broken, async {
             io.write_all_buf(&mut PartList::new(list)).await?;
             io.flush().await
-        };
-        guard.done(written.await)
+        })
+        .await
     }
 
     fn takes_parts(&self) -> bool {
@@ -374,9 +386,7 @@ where
         // the shutdown; after a write cut off mid-frame, only the shutdown.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let mut io = self.writer.io.lock().await;
-            if let Ok(guard) = WriteGuard::start(&self.writer.broken) {
-                let _ = guard.done(write_flushed(&mut *io, &close, &[]).await);
-            }
+            let _ = guarded(&self.writer.broken, write_flushed(&mut *io, &close, &[])).await;
             let _ = io.shutdown().await;
         })
         .await;
@@ -485,16 +495,10 @@ where
             if writer.closing.load(Ordering::Acquire) {
                 return;
             }
-            let Ok(guard) = WriteGuard::start(&writer.broken) else {
-                return;
-            };
             let pong = frame::control_frame(OP_PONG, &payload, writer.mask());
-            let written =
-                tokio::time::timeout(PONG_TIMEOUT, write_flushed(&mut *io, &pong, &[])).await;
-            // Given up on (the guard dropped): the writer is broken.
-            if let Ok(r) = written {
-                let _ = guard.done(r);
-            }
+            // Given up on by the timeout: the writer is broken.
+            let write = guarded(&writer.broken, write_flushed(&mut *io, &pong, &[]));
+            let _ = tokio::time::timeout(PONG_TIMEOUT, write).await;
         });
     }
 }
