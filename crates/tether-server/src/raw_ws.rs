@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
@@ -159,11 +158,10 @@ struct Shared {
     /// the writer's close frame.
     failed_with: AtomicU16,
     /// The writer sent its close frame: the reader waits
-    /// [`CLOSE_REPLY_TIMEOUT`] at most for the client's.
+    /// [`CLOSE_REPLY_TIMEOUT`] at most for the client's. (Both halves are
+    /// polled by the relay's one splice task: the writer wakes that task,
+    /// and with it the reader.)
     close_sent: AtomicBool,
-    /// The reader, woken when the close frame is sent (it may be waiting
-    /// on a client that sends nothing).
-    reader: AtomicWaker,
 }
 
 /// Reads a raw WebSocket's binary (or text) messages as stream bytes.
@@ -198,7 +196,6 @@ fn client_fault(e: &WsError) -> Option<u16> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
     fn poll_next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        self.shared.reader.register(cx.waker());
         if self.shared.close_sent.load(Ordering::Acquire) {
             let due = self
                 .close_reply_due
@@ -269,7 +266,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
             }
             self.close_sent = true;
             self.shared.close_sent.store(true, Ordering::Release);
-            self.shared.reader.wake();
+            // The reader may wait on a client that sends nothing: polled
+            // again by this same task, it starts the reply's deadline.
+            cx.waker().wake_by_ref();
         }
         let _ = ready!(self.sink.poll_flush_unpin(cx));
         Poll::Ready(Ok(()))
