@@ -1,14 +1,14 @@
 //! How log lines are written: `--log-format text` (the default) or `json`.
 //!
 //! Text lines keep tracing-subscriber's layout (time, level, message,
-//! `name=value` fields), with colours only on a terminal. Off a terminal
-//! (a file, journald, a container's log) the fields are written by a plain
-//! formatter: the default one styles every field name and `=` through the
-//! colour library even when the style is empty, which cost the server
-//! about 6 % of its instructions per proxied request, most of it in the
-//! audit line. Messages carry text from the network (refusal reasons, peer
-//! names), so their control characters are escaped either way: a log line
-//! cannot drive the terminal that shows it.
+//! `name=value` fields), with colours (of the time and level) only on a
+//! terminal. The fields are written by a plain formatter: the library's
+//! styles every field name and `=` through the colour library even when the
+//! style is empty, which cost the server about 6 % of its instructions per
+//! proxied request, most of it in the audit line. Messages and fields carry
+//! text from the network (OPEN addresses, refusal reasons, peer names), so
+//! their control characters are escaped: a line cannot drive the terminal
+//! that shows it, nor start a line of the sender's making.
 //!
 //! Timestamps keep their format; the date and time of day are formatted
 //! once per second and reused ([`CachedSecondClock`]): formatting the whole
@@ -36,7 +36,14 @@ pub(crate) enum LogFormat {
 /// Installs the process's log subscriber (`RUST_LOG` filters; `info` by
 /// default). Lines go to standard output.
 pub(crate) fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|e| {
+            // Said on standard error: the log is not set up yet.
+            eprintln!("RUST_LOG={v:?} is not a log filter ({e}); logging at info");
+            EnvFilter::new("info")
+        }),
+        _ => EnvFilter::new("info"),
+    };
     match format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
@@ -46,17 +53,16 @@ pub(crate) fn init(format: LogFormat) {
             .init(),
         LogFormat::Text => {
             let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout())
-                && std::env::var_os("NO_COLOR").is_none();
+                // no-color.org: only a non-empty NO_COLOR turns colours off.
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_target(false)
                 .with_ansi(terminal)
                 .with_timer(CachedSecondClock);
-            if terminal {
-                builder.init()
-            } else {
-                builder.fmt_fields(PlainFields).init()
-            }
+            // Plain fields on a terminal too: the library's own escape
+            // neither newlines nor `%` fields.
+            builder.fmt_fields(PlainFields).init()
         }
     }
 }
@@ -143,11 +149,10 @@ impl PlainVisitor<'_> {
 impl Visit for PlainVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.start(field) {
-            self.result = if field.name() == "message" {
-                write!(Escaped(&mut *self.w), "{value:?}")
-            } else {
-                write!(self.w, "{value:?}")
-            };
+            // Every field, not the message alone: `%target` and the like
+            // carry text from the network, and a newline in one would
+            // start a line of the sender's making (a forged audit line).
+            self.result = write!(Escaped(&mut *self.w), "{value:?}");
         }
     }
 
@@ -254,7 +259,9 @@ impl FormatTime for CachedSecondClock {
 }
 
 /// Writes through to `W`, escaping the control characters a terminal acts
-/// on (C0 except tab, so newlines too, and C1), as `\xNN`.
+/// on (C0 except tab, so newlines too, and C1) as `\xNN`, and the Unicode
+/// characters that reorder or break what a viewer shows (bidi controls,
+/// line and paragraph separators) as `\u{NNNN}`.
 struct Escaped<'a, W>(&'a mut W);
 
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
@@ -263,7 +270,11 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
         while let Some(i) = rest.find(|c: char| is_terminal_control(c)) {
             self.0.write_str(&rest[..i])?;
             let c = rest[i..].chars().next().unwrap_or(' ');
-            write!(self.0, "\\x{:02x}", c as u32)?;
+            if u32::from(c) <= 0xff {
+                write!(self.0, "\\x{:02x}", u32::from(c))?;
+            } else {
+                write!(self.0, "\\u{{{:04x}}}", u32::from(c))?;
+            }
             rest = &rest[i + c.len_utf8()..];
         }
         self.0.write_str(rest)
@@ -271,7 +282,8 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
 }
 
 fn is_terminal_control(c: char) -> bool {
-    (c.is_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c)
+    (c.is_control() && c != '\t')
+        || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
@@ -360,5 +372,16 @@ mod tests {
         let mut out = String::new();
         write!(Escaped(&mut out), "peer said \x1b[2J\nbye\u{9b}\tok").unwrap();
         assert_eq!(out, "peer said \\x1b[2J\\x0abye\\x9b\tok");
+    }
+
+    #[test]
+    fn network_text_in_display_fields_cannot_start_a_line() {
+        // An OPEN address is any UTF-8 a client sends; refusals log it.
+        let target = "a/b\n2026-12-07T00:00:00Z INFO audit identity=admin\u{202e}";
+        let line = fields_of(|| tracing::info!(target = %target, "refused"));
+        assert_eq!(
+            line,
+            "refused target=a/b\\x0a2026-12-07T00:00:00Z INFO audit identity=admin\\u{202e}\n"
+        );
     }
 }
