@@ -184,6 +184,11 @@ impl Client {
                 let router = proxy::Router::new(&p.route, p.default_agent.clone())?;
                 let l = tether_net::listen::bind(p.listen)
                     .with_context(|| format!("cannot listen on {} (proxy)", p.listen))?;
+                if !p.listen.ip().is_loopback() {
+                    // The proxy asks for no password: whoever reaches the
+                    // port opens streams with this client's credential.
+                    tracing::warn!(listen = %p.listen, "the proxy listens beyond this machine and asks for no password: anyone who can reach it opens streams with this client's credential; listen on 127.0.0.1 unless that is meant");
+                }
                 Some((l, Arc::new(router)))
             }
         };

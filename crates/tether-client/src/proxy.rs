@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::pattern::glob_match;
 use tether_net::splice::{socket_halves, splice};
+use tether_proto::target::RawTarget;
 use tether_proto::{OpenErrorCode, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -82,7 +83,9 @@ impl Router {
     /// The agent that serves `host`.
     pub fn agent_for(&self, host: &str) -> Option<&str> {
         let host_l = host.to_ascii_lowercase();
-        let ip = host.parse::<IpAddr>().ok();
+        // `::ffff:10.1.2.3` is 10.1.2.3 for a `10.0.0.0/8` rule, as the
+        // server and the agent see it.
+        let ip = host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
         for (m, agent) in &self.rules {
             let hit = match (m, ip) {
                 (RouteMatch::Net(net), Some(ip)) => net.contains(&ip),
@@ -163,16 +166,40 @@ async fn handle(
     udp_idle: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request(&mut tcp)).await {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.read_exact(&mut first)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e).context("reading the proxy handshake"),
+        Err(_) => bail!("proxy handshake timed out: the client sent nothing"),
+    }
+    let req = match tokio::time::timeout_at(deadline, read_request_after(&mut tcp, first[0])).await
+    {
         Ok(Ok(req)) => req,
         Ok(Err(e)) => {
             close_after_answer(tcp).await;
             return Err(e);
         }
-        Err(_) => bail!("proxy handshake timed out"),
+        Err(_) => {
+            if first[0] != SOCKS5 {
+                write_http_error(
+                    &mut tcp,
+                    "408 Request Timeout",
+                    "tether: the request head did not arrive in time\n",
+                )
+                .await;
+                close_after_answer(tcp).await;
+            }
+            bail!("proxy handshake timed out");
+        }
     };
     if let Kind::UdpAssociate = req.kind {
         return udp_associate(tcp, peer, router, session, udp_idle).await;
+    }
+    if let Err(e) = RawTarget::parse(&host_port(&req.host, req.port)) {
+        refuse_bad_target(&mut tcp, &req.kind, &e.to_string()).await;
+        close_after_answer(tcp).await;
+        bail!("{e}");
     }
     let Some(agent) = router.agent_for(&req.host).map(str::to_owned) else {
         refuse(
@@ -230,6 +257,7 @@ async fn handle(
 // SOCKS5 reply codes (RFC 1928 section 6) for requests refused before any
 // open: general failure, command not supported, address type not supported.
 const SOCKS5_GENERAL_FAILURE: u8 = 1;
+const SOCKS5_HOST_UNREACHABLE: u8 = 4;
 const SOCKS5_COMMAND: u8 = 7;
 const SOCKS5_ADDRESS_TYPE: u8 = 8;
 
@@ -281,6 +309,10 @@ async fn http_bad_request<S: AsyncWrite + Unpin>(tcp: &mut S, why: String) -> an
     anyhow::anyhow!(why)
 }
 
+/// The first byte of a SOCKS5 handshake (its version), and of SOCKS4's.
+const SOCKS5: u8 = 5;
+const SOCKS4: u8 = 4;
+
 /// Reads one proxy handshake (SOCKS5 or HTTP) from `tcp`, answering the
 /// SOCKS5 method negotiation and refusing what is not supported. Public for
 /// the `proxy_handshake` fuzz target: this parses untrusted local input.
@@ -289,10 +321,29 @@ pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> anyhow::Result<Request> {
     let mut first = [0u8; 1];
     tcp.read_exact(&mut first).await?;
-    if first[0] == 5 {
-        read_socks5(tcp).await
-    } else {
-        read_http(tcp, first[0]).await
+    read_request_after(tcp, first[0]).await
+}
+
+/// [`read_request`] after its first byte, `first`, which tells the
+/// protocols apart.
+async fn read_request_after<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: &mut S,
+    first: u8,
+) -> anyhow::Result<Request> {
+    match first {
+        SOCKS5 => read_socks5(tcp).await,
+        SOCKS4 => {
+            // SOCKS4's own refusal (version 0, code 91), so that the client
+            // says "rejected" at once instead of waiting for a timeout.
+            let _ = tcp.write_all(&[0, 91, 0, 0, 0, 0, 0, 0]).await;
+            bail!("a SOCKS4 client: the proxy speaks SOCKS5 (socks5h://) and HTTP CONNECT")
+        }
+        // A method is a token; anything else is not HTTP either.
+        b if b.is_ascii_alphabetic() => read_http(tcp, b).await,
+        0x16 => bail!(
+            "a TLS handshake: the proxy speaks plain SOCKS5 and HTTP (an http:// proxy URL, not https://)"
+        ),
+        b => bail!("not a SOCKS5 or HTTP handshake (first byte {b:#04x})"),
     }
 }
 
@@ -365,10 +416,14 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> anyhow::Result<Request> {
     let mut buf = vec![first];
     let mut chunk = [0u8; 2048];
+    let mut searched = 0;
     let end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
+        if let Some(end) = head_end(&buf, searched) {
+            break end;
         }
+        // The next search starts where an end could still begin: a line
+        // break in the last two bytes.
+        searched = buf.len().saturating_sub(2);
         if buf.len() > MAX_HTTP_HEAD {
             let _ = tcp
                 .write_all(
@@ -387,6 +442,12 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(http_bad_request(tcp, "request head is not UTF-8".to_owned()).await);
     };
     let line = head.lines().next().unwrap_or_default();
+    let fields = || {
+        head.lines()
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(|l| (l.split(':').next().unwrap_or_default().trim(), l))
+    };
     let mut parts = line.split_whitespace();
     let (method, uri, version) = (
         parts.next().unwrap_or_default(),
@@ -405,26 +466,35 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
         });
     }
     // Absolute-form request to a plain HTTP site: rewrite to origin-form.
-    let Some(rest) = uri.strip_prefix("http://") else {
-        let why = format!("not a proxy request: {line:?}: use CONNECT or an absolute http:// URL");
+    // The scheme in any letter case (RFC 3986 3.1).
+    let scheme = uri.get(..7).filter(|s| s.eq_ignore_ascii_case("http://"));
+    let Some(rest) = scheme.map(|s| &uri[s.len()..]) else {
+        let why = if uri
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        {
+            format!("{line:?}: an https:// URL goes through CONNECT")
+        } else {
+            format!("not a proxy request: {line:?}: use CONNECT or an absolute http:// URL")
+        };
         return Err(http_bad_request(tcp, why).await);
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
+        Some(i) => (&rest[..i], rest[i..].to_owned()),
+        None => (rest, "/".to_owned()),
     };
+    // Credentials in the URL (`http://user:pass@host/`) are not part of
+    // the address.
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let (host, port) = match split_authority(authority, 80) {
         Ok(x) => x,
         Err(e) => return Err(http_bad_request(tcp, format!("{authority:?}: {e:#}")).await),
     };
-    let mut new_head = format!("{method} {path} {version}\r\n").into_bytes();
-    let after_line = head.find("\r\n").map_or(head.len(), |i| i + 2);
-    let fields = || {
-        head[after_line..]
-            .split("\r\n")
-            .filter(|l| !l.is_empty())
-            .map(|l| (l.split(':').next().unwrap_or_default().trim(), l))
-    };
+    // The target's authority is the `Host` (RFC 9112 3.2.2: a proxy
+    // replaces the one received): an HTTP/1.0 client may have sent none,
+    // and a different one would be served by the wrong virtual host.
+    let mut new_head = format!("{method} {path} {version}\r\nHost: {authority}\r\n").into_bytes();
     // The connection carries this one request to this host: the client's
     // next request on it may be for another host (another route, another
     // agent), so the service is asked to close after its answer and the
@@ -439,12 +509,14 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
             })
     });
     for (name, l) in fields() {
-        // Hop-by-hop headers meant for the proxy stay here.
+        // Hop-by-hop headers meant for the proxy stay here; `Host` is
+        // written above.
         let hop = [
             "proxy-connection",
             "proxy-authorization",
             "keep-alive",
             "connection",
+            "host",
         ]
         .iter()
         .any(|h| name.eq_ignore_ascii_case(h));
@@ -468,6 +540,22 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
+/// Where the head in `buf` ends (just past its empty line), looking for
+/// the end's line break from `from` on. Lines end with CRLF or, as RFC 9112
+/// 2.2 lets a recipient accept, a bare LF (`printf ... | nc`).
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while let Some(p) = buf.get(at..)?.iter().position(|b| *b == b'\n') {
+        let lf = at + p;
+        match (buf.get(lf + 1), buf.get(lf + 2)) {
+            (Some(b'\n'), _) => return Some(lf + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(lf + 3),
+            _ => at = lf + 1,
+        }
+    }
+    None
+}
+
 fn split_authority(a: &str, default_port: u16) -> anyhow::Result<(String, u16)> {
     if let Some(rest) = a.strip_prefix('[') {
         let (h, p) = rest.split_once(']').context("bad IPv6 authority")?;
@@ -480,6 +568,24 @@ fn split_authority(a: &str, default_port: u16) -> anyhow::Result<(String, u16)> 
     match a.rsplit_once(':') {
         Some((h, p)) => Ok((h.to_owned(), p.parse().context("bad port")?)),
         None => Ok((a.to_owned(), default_port)),
+    }
+}
+
+/// Refuses a target that is not `HOST:PORT` in tether's grammar (an empty
+/// name, port 0) here, with the reason, rather than after a round trip to
+/// the server (or, offline, as "network unreachable").
+async fn refuse_bad_target(tcp: &mut TcpStream, kind: &Kind, why: &str) {
+    match kind {
+        // RFC 1928 has no "bad address"; "host unreachable" is what it is.
+        Kind::Socks5 | Kind::UdpAssociate => write_socks5_reply(tcp, SOCKS5_HOST_UNREACHABLE).await,
+        Kind::HttpConnect(_) | Kind::HttpForward(_) => {
+            write_http_error(
+                tcp,
+                "400 Bad Request",
+                &format!("tether: bad_target: {why}\n"),
+            )
+            .await;
+        }
     }
 }
 
@@ -518,6 +624,43 @@ async fn refuse(tcp: &mut TcpStream, kind: &Kind, code: OpenErrorCode, reason: &
 /// Most destinations one UDP association may talk to at once.
 const MAX_ASSOCIATION_FLOWS: usize = 256;
 
+/// Most datagram bytes one UDP association holds in its flows' queues
+/// (while their streams open, or behind a slow tunnel); past it datagrams
+/// are dropped, as a full network would. Without it, 256 flows of 256
+/// queued 64 KiB datagrams were 4 GiB.
+const ASSOCIATION_QUEUE_BYTES: usize = 4 << 20;
+
+/// A datagram waiting in an association's queue: its bytes count against
+/// the association's [`ASSOCIATION_QUEUE_BYTES`] until it is dropped
+/// (sent, or thrown away with its queue).
+struct Queued {
+    datagram: bytes::Bytes,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Queued {
+    /// `datagram`, if the association's queues have room for it.
+    fn admit(datagram: &[u8], queued: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Queued> {
+        use std::sync::atomic::Ordering;
+        queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                (q + datagram.len() <= ASSOCIATION_QUEUE_BYTES).then_some(q + datagram.len())
+            })
+            .ok()?;
+        Some(Queued {
+            datagram: bytes::Bytes::copy_from_slice(datagram),
+            queued: queued.clone(),
+        })
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queued
+            .fetch_sub(self.datagram.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// SOCKS5 UDP ASSOCIATE (RFC 1928 section 7): a relay socket for the client;
 /// each destination it names becomes a UDP stream to the routed agent, which
 /// resolves and sends. The association ends with its TCP connection.
@@ -547,10 +690,9 @@ async fn udp_associate(
     tracing::info!(%peer, relay = %bound, "SOCKS5 UDP association open");
 
     // destination (as the client named it) -> sender into that flow's stream
-    let mut flows: std::collections::HashMap<
-        (String, u16),
-        tokio::sync::mpsc::Sender<bytes::Bytes>,
-    > = std::collections::HashMap::new();
+    let mut flows: std::collections::HashMap<(String, u16), tokio::sync::mpsc::Sender<Queued>> =
+        std::collections::HashMap::new();
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let client_addr: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
     let mut buf = vec![0u8; 65536];
     let mut tcp_probe = [0u8; 1];
@@ -568,15 +710,21 @@ async fn udp_associate(
                 }
                 *client_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
                 let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
+                let Some(mut datagram) = Queued::admit(payload, &queued) else {
+                    continue; // the association's queues are full: drop
+                };
                 let key = (host.clone(), port);
                 if let Some(tx) = flows.get(&key) {
-                    if tx.try_send(bytes::Bytes::copy_from_slice(payload)).is_ok() {
-                        continue;
+                    use tokio::sync::mpsc::error::TrySendError;
+                    match tx.try_send(datagram) {
+                        // A full queue drops it.
+                        Ok(()) | Err(TrySendError::Full(_)) => continue,
+                        // The flow ended (idle): a new one below.
+                        Err(TrySendError::Closed(d)) => {
+                            datagram = d;
+                            flows.remove(&key);
+                        }
                     }
-                    if !tx.is_closed() {
-                        continue; // queue full: drop
-                    }
-                    flows.remove(&key);
                 }
                 if flows.len() >= MAX_ASSOCIATION_FLOWS {
                     flows.retain(|_, tx| !tx.is_closed()); // forget idle-ended flows
@@ -591,7 +739,7 @@ async fn udp_associate(
                 // Datagrams that come while the flow opens (on a fresh
                 // session if this one is being replaced) wait in its queue.
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
-                let _ = tx.try_send(bytes::Bytes::copy_from_slice(payload));
+                let _ = tx.try_send(datagram);
                 flows.insert(key, tx);
                 tokio::spawn(association_flow(
                     session.clone(),
@@ -613,7 +761,7 @@ async fn association_flow(
     session: crate::CurrentSession,
     target: String,
     header: Vec<u8>,
-    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<Queued>,
     (relay, client): (
         Arc<tokio::net::UdpSocket>,
         Arc<std::sync::Mutex<Option<SocketAddr>>>,
@@ -641,7 +789,7 @@ async fn association_flow(
             d = rx.recv() => {
                 let Some(d) = d else { break };
                 last = Instant::now();
-                if let Ok(rec) = tether_proto::datagram::encode(&d) {
+                if let Ok(rec) = tether_proto::datagram::encode(&d.datagram) {
                     if w.try_write(rec).is_err() { break; }
                 }
             }
@@ -812,6 +960,86 @@ mod tests {
         }
     }
 
+    /// The rewritten head of an absolute-form request.
+    async fn forwarded(head: &[u8]) -> String {
+        let mut io = tokio::io::join(head, tokio::io::sink());
+        let req = read_request(&mut io).await.unwrap();
+        let Kind::HttpForward(out) = req.kind else {
+            panic!("{:?}", req.kind)
+        };
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The target's authority is the `Host` the service sees (RFC 9112
+    /// 3.2.2), whatever the client sent; an HTTP/1.0 client's bare-LF head
+    /// and a scheme in capitals are read too.
+    #[tokio::test]
+    async fn a_forwarded_request_carries_the_target_s_host() {
+        assert_eq!(
+            forwarded(b"GET HTTP://u:p@web.test:8080?q=1 HTTP/1.0\nHost: elsewhere\nAccept: */*\n\nbody").await,
+            "GET /?q=1 HTTP/1.0\r\nHost: web.test:8080\r\nAccept: */*\r\nConnection: close\r\n\r\nbody"
+        );
+        assert_eq!(
+            forwarded(b"GET http://[::1]/a/b HTTP/1.0\r\n\r\n").await,
+            "GET /a/b HTTP/1.0\r\nHost: [::1]\r\nConnection: close\r\n\r\n"
+        );
+        let (answer, e) = refused(b"GET https://h/ HTTP/1.1\r\n\r\n").await;
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400 "));
+        assert!(e.contains("CONNECT"), "{e}");
+    }
+
+    /// A head's end is found across reads of any size, by CRLF or bare LF.
+    #[test]
+    fn the_head_ends_at_its_empty_line() {
+        for head in [
+            &b"A\r\nB: c\r\n\r\n"[..],
+            b"A\nB: c\n\n",
+            b"A\nB: c\r\n\n",
+            b"A\r\n\r\n",
+        ] {
+            let mut searched = 0;
+            let mut end = None;
+            for n in 1..=head.len() {
+                end = head_end(&head[..n], searched);
+                if end.is_some() {
+                    break;
+                }
+                searched = n.saturating_sub(2);
+            }
+            assert_eq!(end, Some(head.len()), "{:?}", String::from_utf8_lossy(head));
+        }
+        assert_eq!(head_end(b"A\r\nB\r\n", 0), None);
+        assert_eq!(head_end(b"A\r\n\r\nrest", 0), Some(5));
+    }
+
+    /// Neither SOCKS5 nor HTTP: a SOCKS4 client gets SOCKS4's refusal at
+    /// once, a TLS client a clear log line; neither waits for the timeout.
+    #[tokio::test]
+    async fn other_protocols_are_told_at_once() {
+        let (answer, e) = refused(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).await;
+        assert_eq!(answer, [0, 91, 0, 0, 0, 0, 0, 0]);
+        assert!(e.contains("SOCKS4"), "{e}");
+        let (answer, e) = refused(&[0x16, 3, 1, 0, 5]).await;
+        assert!(answer.is_empty());
+        assert!(e.contains("TLS"), "{e}");
+    }
+
+    /// An association's queues hold at most [`ASSOCIATION_QUEUE_BYTES`]; a
+    /// datagram that leaves gives its room back.
+    #[test]
+    fn an_association_s_queues_are_bounded_in_bytes() {
+        let queued = Arc::default();
+        let big = vec![0u8; 65_000];
+        let held: Vec<Queued> = std::iter::from_fn(|| Queued::admit(&big, &queued))
+            .take(1000)
+            .collect();
+        assert_eq!(held.len(), ASSOCIATION_QUEUE_BYTES / big.len());
+        assert!(Queued::admit(&big, &queued).is_none());
+        drop(held);
+        assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(Queued::admit(&big, &queued).is_some());
+    }
+
     #[test]
     fn routing_rules() {
         let r = Router::new(
@@ -826,6 +1054,7 @@ mod tests {
         assert_eq!(r.agent_for("GRAFANA.Prod.svc.cluster.local"), Some("prod"));
         assert_eq!(r.agent_for("10.1.2.3"), Some("staging"));
         assert_eq!(r.agent_for("10.2.2.3"), Some("dev"));
+        assert_eq!(r.agent_for("::ffff:10.1.2.3"), Some("staging"));
         let strict = Router::new(&["*.x=a".into()], None).unwrap();
         assert_eq!(strict.agent_for("y"), None);
         assert!(Router::new(&["nope".into()], None).is_err());

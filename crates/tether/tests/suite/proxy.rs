@@ -336,6 +336,53 @@ async fn http_proxying_routes_each_request_and_loses_no_byte() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
 
+    // An HTTP/1.0 client's absolute-form request, bare LF, capital scheme,
+    // no Host: the echo service shows the head the proxy sent on.
+    let mut c = connect(proxy_port).await;
+    c.write_all(format!("GET HTTP://localhost:{echo}/x HTTP/1.0\nX-A: 1\n\n").as_bytes())
+        .await
+        .unwrap();
+    let want =
+        format!("GET /x HTTP/1.0\r\nHost: localhost:{echo}\r\nX-A: 1\r\nConnection: close\r\n\r\n");
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+        .await
+        .expect("the forwarded head comes back")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+
+    // Addresses that are not HOST:PORT are refused here, with the reason,
+    // without asking the server: a SOCKS5 empty name (host unreachable),
+    // a CONNECT without a host.
+    let mut c = connect(proxy_port).await;
+    c.write_all(&[5, 1, 0, 5, 1, 0, 3, 0, 0, 80]).await.unwrap();
+    let mut got = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+        .await
+        .expect("a SOCKS5 refusal")
+        .unwrap();
+    assert_eq!(&got[..4], &[5, 0, 5, 4]);
+    let mut c = connect(proxy_port).await;
+    c.write_all(b"CONNECT :443 HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut got))
+        .await
+        .expect("a CONNECT refusal")
+        .unwrap();
+    assert!(
+        got.starts_with("HTTP/1.1 400 ") && got.contains("bad_target"),
+        "{got}"
+    );
+
+    // A SOCKS4 client is told no in SOCKS4 (curl: "request rejected"),
+    // not left to time out.
+    let (ok, _, err) = curl(&[
+        "--socks4a",
+        &format!("127.0.0.1:{proxy_port}"),
+        "http://localhost/",
+    ]);
+    assert!(!ok && err.contains("rejected"), "{err}");
+
     // A 4 MiB upload to an agent this client may not reach: the answer, not a
     // reset while curl is still sending.
     let dir = std::env::temp_dir().join(format!("tether-proxy-up-{}", std::process::id()));
