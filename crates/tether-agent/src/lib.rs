@@ -48,10 +48,7 @@ pub struct Agent {
 
 /// An instance id goes into an HTTP header: 1 to 128 visible ASCII bytes.
 fn check_instance(instance: &str) -> anyhow::Result<()> {
-    if instance.is_empty()
-        || instance.len() > tether_proto::endpoints::MAX_INSTANCE_ID_LEN
-        || !instance.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if !tether_proto::endpoints::valid_instance_id(instance) {
         anyhow::bail!("instance {instance:?}: 1 to 128 visible ASCII characters, no spaces");
     }
     Ok(())

@@ -19,6 +19,7 @@ use std::sync::{Arc, LazyLock};
 use tether_net::pattern::glob_match;
 use tether_net::transport::tls::{client_config, ServerTrust};
 use tether_net::Refusal;
+use tether_proto::target::parse_port;
 use tether_proto::{CatalogEntry, OpenErrorCode, ServiceKind};
 
 /// A named service as written in the config: a string
@@ -319,13 +320,6 @@ impl AllowRule {
     }
 }
 
-/// Parses a decimal port: 1-65535, digits only, no sign, no leading zero.
-fn parse_port(s: &str) -> Option<u16> {
-    parse_decimal(s)
-        .and_then(|n| u16::try_from(n).ok())
-        .filter(|&p| p != 0)
-}
-
 /// Parses a decimal number of at most 5 digits, without sign or leading
 /// zero (`0` itself is fine).
 fn parse_decimal(s: &str) -> Option<u32> {
@@ -524,10 +518,20 @@ impl TargetPolicy {
     pub fn new(services: &BTreeMap<String, ServiceSpec>, allow: &[String]) -> anyhow::Result<Self> {
         let mut checked = BTreeMap::new();
         for (name, spec) in services {
-            if name.contains(':') || name.contains('/') || name.is_empty() || name.len() > 255 {
-                bail!("service name {name:?} may not be empty or contain ':' or '/'");
+            if name.contains([':', '/'])
+                || name.chars().any(char::is_control)
+                || !(1..=255).contains(&name.len())
+            {
+                bail!(
+                    "service name {name:?}: 1 to 255 bytes, without ':', '/' or control characters"
+                );
             }
-            checked.insert(name.clone(), Service::from_spec(name, spec)?);
+            let service = Service::from_spec(name, spec)?;
+            if service.host_header.as_ref().is_some_and(|h| h.len() > 255) {
+                // CATALOG carries it in 255 bytes; cut, it would be wrong.
+                bail!("service {name:?}: an address over 255 bytes cannot be the Host header the service gets (rewrite_host)");
+            }
+            checked.insert(name.clone(), service);
         }
         Ok(TargetPolicy {
             services: checked,
@@ -864,6 +868,28 @@ mod tests {
         let bad: BTreeMap<String, ServiceSpec> =
             [("x".to_owned(), "ftp://a:1".into())].into_iter().collect();
         assert!(TargetPolicy::new(&bad, &[]).is_err());
+        // A name with a control character; a Host too long for the catalog
+        // (a 251-byte name is fine to dial).
+        let host = vec!["h".repeat(62); 4].join(".");
+        let long = |rewrite_host| {
+            ServiceSpec::Full(ServiceTable {
+                address: format!("{host}:65535"),
+                http: true,
+                http2: false,
+                tls: false,
+                tls_verify: true,
+                tls_ca: None,
+                tls_server_name: None,
+                rewrite_host,
+            })
+        };
+        let one = |name: &str, spec: ServiceSpec| {
+            TargetPolicy::new(&[(name.to_owned(), spec)].into_iter().collect(), &[])
+        };
+        assert!(one("a\u{1b}b", "db:5432".into()).is_err());
+        assert!(one("long", long(false)).is_ok());
+        let e = one("long", long(true)).err().unwrap().to_string();
+        assert!(e.contains("over 255 bytes"), "{e}");
     }
 
     #[test]

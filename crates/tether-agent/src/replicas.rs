@@ -40,6 +40,10 @@ const ADVERTISED_BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// First dial of a replica that appeared while others are held: spread
 /// over this long, so a fleet of agents does not arrive at once.
 const FIRST_DIAL_SPREAD: Duration = Duration::from_secs(2);
+/// Most replicas one session's REPLICAS adds to the view: a server that
+/// listed thousands (a bug, or a compromised replica) would have the agent
+/// dial each of them.
+const MAX_ADVERTISED: usize = 64;
 /// How often the view and the sessions are looked at.
 const TICK: Duration = Duration::from_millis(500);
 /// Looking for a replica through the load balancer: the wait after landing
@@ -264,6 +268,7 @@ impl Supervisor {
                 advertised.extend(
                     r.entries
                         .iter()
+                        .take(MAX_ADVERTISED)
                         .filter_map(|e| Some((key_of(e)?, e.id.clone()))),
                 );
             }

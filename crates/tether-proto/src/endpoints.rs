@@ -25,6 +25,12 @@ pub const AGENT_INSTANCE_HEADER: &str = "x-tether-instance";
 /// Longest instance id a server accepts.
 pub const MAX_INSTANCE_ID_LEN: usize = 128;
 
+/// Whether `id` is an instance id a server accepts: 1 to
+/// [`MAX_INSTANCE_ID_LEN`] visible ASCII bytes (no spaces).
+pub fn valid_instance_id(id: &str) -> bool {
+    (1..=MAX_INSTANCE_ID_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Header in which an agent lists, comma-separated, the ids of the server
 /// replicas it holds a live session to (version 9). A replica that finds
 /// its own id there, and a live session of the same agent instance,

@@ -486,13 +486,9 @@ impl Frame {
             Frame::Hello(h) | Frame::HelloAck(h) => 17 + clip(&h.software, 255).len(),
             Frame::Ping(_) | Frame::Pong(_) | Frame::Heartbeat(_) => 8,
             Frame::GoAway { reason, .. } => 2 + clip(reason, MAX_REASON_LEN).len(),
-            Frame::Catalog(entries) => catalog_fit(entries)
-                .iter()
-                .map(|e| 3 + clip(&e.name, 255).len() + clip(&e.host, 255).len())
-                .sum(),
+            Frame::Catalog(entries) => catalog_fit(entries).map(catalog_entry_len).sum(),
             Frame::Replicas(r) => {
                 8 + replicas_fit(&r.entries)
-                    .iter()
                     .map(replica_entry_len)
                     .sum::<usize>()
             }
@@ -544,27 +540,27 @@ impl Frame {
             Frame::Catalog(entries) => {
                 for e in catalog_fit(entries) {
                     out.put_u8(e.kind.to_u8());
-                    let name = clip(&e.name, 255);
-                    out.put_u8(name.len() as u8);
-                    out.put_slice(name.as_bytes());
-                    let host = clip(&e.host, 255);
-                    out.put_u8(host.len() as u8);
-                    out.put_slice(host.as_bytes());
+                    out.put_u8(e.name.len() as u8);
+                    out.put_slice(e.name.as_bytes());
+                    out.put_u8(e.host.len() as u8);
+                    out.put_slice(e.host.as_bytes());
                 }
             }
             Frame::Replicas(r) => {
                 out.put_u64(r.generation);
                 for e in replicas_fit(&r.entries) {
                     out.put_u8(u8::from(e.this));
-                    let id = clip(&e.id, 255);
-                    out.put_u8(id.len() as u8);
-                    out.put_slice(id.as_bytes());
-                    let addr = clip(&e.addr, 255);
-                    out.put_u8(addr.len() as u8);
-                    out.put_slice(addr.as_bytes());
+                    out.put_u8(e.id.len() as u8);
+                    out.put_slice(e.id.as_bytes());
+                    out.put_u8(e.addr.len() as u8);
+                    out.put_slice(e.addr.as_bytes());
                 }
             }
             Frame::Open { target, .. } => {
+                debug_assert!(
+                    (1..=MAX_TARGET_LEN).contains(&target.address.len()),
+                    "an OPEN address the peer must refuse"
+                );
                 out.put_u8(target.kind.to_u8());
                 out.put_u16(target.address.len() as u16);
                 out.put_slice(target.address.as_bytes());
@@ -808,33 +804,58 @@ impl Frame {
     }
 }
 
-/// The entries of a catalog that fit in [`MAX_CATALOG_PAYLOAD`] (the rest
-/// are left out rather than making a frame the peer must refuse).
-fn catalog_fit(entries: &[CatalogEntry]) -> &[CatalogEntry] {
-    let mut total = 0;
-    for (i, e) in entries.iter().enumerate() {
-        total += 3 + clip(&e.name, 255).len() + clip(&e.host, 255).len();
-        if total > MAX_CATALOG_PAYLOAD {
-            return &entries[..i];
-        }
-    }
-    entries
+/// The longest text of a CATALOG or REPLICAS entry (its length is a byte).
+const MAX_ENTRY_TEXT: usize = 255;
+
+fn catalog_entry_len(e: &CatalogEntry) -> usize {
+    3 + e.name.len() + e.host.len()
+}
+
+/// Whether the peer can take a catalog entry: a name, and texts that fit
+/// their length byte. One cut short would be wrong (a `Host` header
+/// missing its port), so it is left out instead, as is one without a name
+/// (the decoder refuses it, and with it the session).
+fn catalog_sendable(e: &CatalogEntry) -> bool {
+    (1..=MAX_ENTRY_TEXT).contains(&e.name.len()) && e.host.len() <= MAX_ENTRY_TEXT
+}
+
+/// The entries of a catalog the peer can take that fit in
+/// [`MAX_CATALOG_PAYLOAD`] (the rest are left out rather than making a
+/// frame the peer must refuse).
+fn catalog_fit(entries: &[CatalogEntry]) -> impl Iterator<Item = &CatalogEntry> {
+    within_payload(
+        entries.iter().filter(|e| catalog_sendable(e)),
+        0,
+        catalog_entry_len,
+    )
 }
 
 fn replica_entry_len(e: &ReplicaEntry) -> usize {
-    3 + clip(&e.id, 255).len() + clip(&e.addr, 255).len()
+    3 + e.id.len() + e.addr.len()
 }
 
-/// The entries of a REPLICAS list that fit in [`MAX_CATALOG_PAYLOAD`].
-fn replicas_fit(entries: &[ReplicaEntry]) -> &[ReplicaEntry] {
-    let mut total = 8;
-    for (i, e) in entries.iter().enumerate() {
-        total += replica_entry_len(e);
-        if total > MAX_CATALOG_PAYLOAD {
-            return &entries[..i];
-        }
-    }
-    entries
+/// The entries of a REPLICAS list the peer can take (an id or an address,
+/// each fitting its length byte) that fit in [`MAX_CATALOG_PAYLOAD`].
+fn replicas_fit(entries: &[ReplicaEntry]) -> impl Iterator<Item = &ReplicaEntry> {
+    let sendable = |e: &&ReplicaEntry| {
+        !(e.id.is_empty() && e.addr.is_empty())
+            && e.id.len() <= MAX_ENTRY_TEXT
+            && e.addr.len() <= MAX_ENTRY_TEXT
+    };
+    within_payload(entries.iter().filter(sendable), 8, replica_entry_len)
+}
+
+/// The first of `entries` whose lengths, after `fixed` bytes, stay within
+/// [`MAX_CATALOG_PAYLOAD`].
+fn within_payload<'a, E: 'a>(
+    entries: impl Iterator<Item = &'a E>,
+    fixed: usize,
+    len: fn(&E) -> usize,
+) -> impl Iterator<Item = &'a E> {
+    entries.scan(fixed, move |total, e| {
+        *total += len(e);
+        (*total <= MAX_CATALOG_PAYLOAD).then_some(e)
+    })
 }
 
 /// One `len:u8 utf8[len]` text of a CATALOG or REPLICAS entry.
@@ -920,6 +941,56 @@ mod tests {
         let got = Frame::decode(&mut b, 1 << 20).unwrap().unwrap();
         assert_eq!(got, f);
         assert!(b.is_empty());
+    }
+
+    /// Entries the decoder would refuse (an empty name; both texts empty)
+    /// or that a length byte cannot hold are left out, not sent to end the
+    /// peer's session or cut into a wrong `Host`.
+    #[test]
+    fn entries_the_peer_cannot_take_are_left_out() {
+        let entry = |name: &str, host: String| CatalogEntry {
+            name: name.into(),
+            kind: ServiceKind::Http,
+            host,
+        };
+        let good = entry("web", "web.ns.svc:8080".into());
+        let f = Frame::Catalog(vec![
+            entry("", String::new()),
+            good.clone(),
+            entry(&"n".repeat(256), String::new()),
+            entry("long", format!("{}:65535", "h".repeat(250))),
+        ]);
+        let mut out = BytesMut::new();
+        f.encode(&mut out);
+        assert_eq!(out.len(), f.encoded_len());
+        let got = Frame::decode(&mut out.freeze(), 1 << 20).unwrap().unwrap();
+        assert_eq!(got, Frame::Catalog(vec![good]));
+
+        let replica = |id: &str, addr: &str, this| ReplicaEntry {
+            id: id.into(),
+            addr: addr.into(),
+            this,
+        };
+        let me = replica("r0", "10.0.0.1:8443", true);
+        let f = Frame::Replicas(Replicas {
+            generation: 1,
+            entries: vec![
+                replica("", "", false),
+                me.clone(),
+                replica(&"i".repeat(256), "", false),
+            ],
+        });
+        let mut out = BytesMut::new();
+        f.encode(&mut out);
+        assert_eq!(out.len(), f.encoded_len());
+        let got = Frame::decode(&mut out.freeze(), 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            got,
+            Frame::Replicas(Replicas {
+                generation: 1,
+                entries: vec![me]
+            })
+        );
     }
 
     /// A HEARTBEAT frame with `payload`, encoded by hand.

@@ -141,6 +141,11 @@ impl ClientTarget {
         if agent.is_empty() || service.is_empty() {
             return refuse(format!("target {s:?} is not AGENT/SERVICE"));
         }
+        if agent.chars().any(char::is_control) {
+            return refuse(format!(
+                "target {s:?}: an agent name has no control characters"
+            ));
+        }
         let service = if service.contains(':') {
             Service::Raw(RawTarget::parse(service)?)
         } else if service.contains('/') || service.chars().any(char::is_control) {
@@ -283,6 +288,8 @@ mod tests {
             "/db",
             "a/",
             "a",
+            "a\nb/db",
+            "a/d\u{1b}b",
         ] {
             assert!(canon(other).is_err(), "{other:?} was accepted");
         }

@@ -126,13 +126,7 @@ impl AgentEndpoint {
             .map(|v| v.to_str().map(str::to_owned))
         {
             None => String::new(),
-            Some(Ok(i))
-                if !i.is_empty()
-                    && i.len() <= tether_proto::endpoints::MAX_INSTANCE_ID_LEN
-                    && i.bytes().all(|b| b.is_ascii_graphic()) =>
-            {
-                i
-            }
+            Some(Ok(i)) if tether_proto::endpoints::valid_instance_id(&i) => i,
             Some(_) => {
                 self.metrics.error("bad_instance");
                 tracing::warn!(%peer, agent = %name, "agent instance id is not 1-128 visible ASCII characters");
