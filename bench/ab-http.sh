@@ -20,11 +20,17 @@ for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "$b is not an executable" >&2; e
 PIN=(); [ -n "${CPUS:-}" ] && PIN=(taskset -c "$CPUS")
 LOG=$(mktemp -d)
 APP_PID=""; RUN=()
-stop_run() { local p; for p in "${RUN[@]}"; do kill "$p" 2>/dev/null || true; done
-             for p in "${RUN[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done; RUN=(); }
+stop_run() { local p i; for p in "${RUN[@]}"; do kill "$p" 2>/dev/null || true; done
+             for p in "${RUN[@]}"; do # a draining server gets 10 s, then SIGKILL
+                 for i in $(seq 200); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+                 kill -9 "$p" 2>/dev/null || true
+             done; RUN=(); }
 cleanup() { stop_run; [ -n "$APP_PID" ] && kill "$APP_PID" 2>/dev/null; rm -rf "$LOG"; }
 trap cleanup EXIT
 APP=$BASE; SRV=$((BASE + 1))
+for p in $APP $SRV; do # a leftover run's server would answer in this one's place
+    [ -z "$(ss -Hltn "sport = :$p")" ] || { echo "port $p is in use (set BENCH_PORT_BASE)" >&2; exit 1; }
+done
 printf '[limits]\nrequests_per_sec = 1e9\nrequest_burst = 1e9\n' >"$LOG/limits.toml"
 "${PIN[@]}" "${BINS[0]}" sample-app --listen "127.0.0.1:$APP" >"$LOG/app.log" 2>&1 & APP_PID=$!
 AUTH="Authorization: Bearer tok"; URL="http://127.0.0.1:$SRV/a/bench/web/hello"
@@ -35,7 +41,13 @@ start() { # BINARY: a server and an agent, until the proxy answers
         --agent bench=bench-agent --client "b=tok=bench/*" >"$LOG/server.log" 2>&1 & RUN+=($!)
     "${PIN[@]}" "$1" agent --server "ws://127.0.0.1:$SRV" --name bench --token bench-agent \
         --service "web=http://127.0.0.1:$APP" >"$LOG/agent.log" 2>&1 & RUN+=($!)
-    local i; for i in $(seq 100); do curl -sf -H "$AUTH" "$URL" >/dev/null && return 0; sleep 0.1; done
+    local i; for i in $(seq 100); do
+        if curl -sf -H "$AUTH" "$URL" >/dev/null; then
+            kill -0 "${RUN[0]}" 2>/dev/null && return 0
+            echo "$1's server exited; another process answers on $SRV (logs in $LOG)" >&2; exit 1
+        fi
+        sleep 0.1
+    done
     echo "no answer through $1's proxy (logs in $LOG)" >&2; exit 1
 }
 declare -A SUM=()

@@ -95,9 +95,9 @@ start_tether() { # start_tether BINARY
     die "no round trip through the listener after 10 s (logs: $LOG)"
 }
 
-gbits() { # gbits PORT STREAMS
-    pin iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$IPERF_SECS" -J \
-        | jq '.end.sum_received.bits_per_second / 1e9'
+gbits() { # gbits PORT STREAMS; a failed run stops the comparison (not a 0.000x)
+    pin timeout $((IPERF_SECS + 30)) iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$IPERF_SECS" -J \
+        | jq -e '.end.sum_received.bits_per_second / 1e9' || die "iperf3 through port $1 failed"
 }
 rtt_us() { # rtt_us PORT: median microseconds
     pin "$PROBE" rtt --addr "127.0.0.1:$1" --count "$RTT_COUNT" | tail -1 \
@@ -119,8 +119,9 @@ for r in $(seq "$ROUNDS"); do
         start_tether "$bin"
         row="| $r | $which"
         for p in 1 8; do
-            d=$(gbits "$S_IPERF" "$p")
-            row="$row | $(ratio "$(gbits "$L_IPERF" "$p")" "$d")x | $(ratio "$(gbits "$F_IPERF" "$p")" "$d")x"
+            # Each figure in its own assignment: set -e stops at a failed one.
+            d=$(gbits "$S_IPERF" "$p"); l=$(gbits "$L_IPERF" "$p"); f=$(gbits "$F_IPERF" "$p")
+            row="$row | $(ratio "$l" "$d")x | $(ratio "$f" "$d")x"
         done
         d=$(rtt_us "$S_ECHO"); t=$(rtt_us "$L_ECHO")
         row="$row | +$(awk -v a="$t" -v b="$d" 'BEGIN { printf "%.1f", a - b }') |"

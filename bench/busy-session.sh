@@ -103,4 +103,7 @@ for spec in "2-hop:$P_LISTEN" "3-hop:$P_FORWARD"; do
         measure "${spec%%:*}" "${spec#*:}" "$idle"
     done
 done
-} | tee "$OUT/busy-session.md"
+} > >(tee "$OUT/busy-session.md")
+# (Not `{ ... } | tee`: the block would run in a subshell, whose processes
+# the EXIT trap above would not know of on a failure or an interrupt.)
+wait $! 2>/dev/null || true

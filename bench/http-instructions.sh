@@ -20,6 +20,9 @@ N=${1:-1000}; shift || true
 UPSTREAM=${UPSTREAM:-http}
 BINS=("$@"); [ ${#BINS[@]} -gt 0 ] || BINS=(target/release/tether)
 for c in valgrind curl; do command -v $c >/dev/null || { echo "need $c"; exit 1; }; done
+for p in 22100 22101; do # a leftover run's server would answer in this one's place
+    [ -z "$(ss -Hltn "sport = :$p")" ] || { echo "port $p is in use (a leftover run?)" >&2; exit 1; }
+done
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -27,7 +30,9 @@ trap cleanup EXIT
 printf '[limits]\nrequests_per_sec = 1e9\nrequest_burst = 1e9\n' >"$WORK/limits.toml"
 URL=http://127.0.0.1:22101/a/bench/web/hello
 
-count() { # BINARY REQUESTS -> instructions the server executed
+count() { # BINARY REQUESTS -> $COUNTED: instructions the server executed
+    # (A variable, not output: in `$(count ...)` its processes would live in
+    # a subshell that the EXIT trap does not clean up.)
     local t=$1 n=$2
     rm -f "$WORK"/cg.out*
     PIDS=()
@@ -35,7 +40,7 @@ count() { # BINARY REQUESTS -> instructions the server executed
     TETHER_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
         "$t" server --config "$WORK/limits.toml" --listen 127.0.0.1:22101 \
         --agent bench=bench-agent --client "b=tok=bench/*" >"$WORK/server.log" 2>&1 &
-    local srv=$!
+    local srv=$!; PIDS+=($srv)
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/22101) 2>/dev/null && break; sleep 0.2; done
     "$t" agent --server ws://127.0.0.1:22101 --name bench --token bench-agent \
         --service "web=$UPSTREAM://127.0.0.1:22100" >"$WORK/agent.log" 2>&1 & PIDS+=($!)
@@ -50,11 +55,12 @@ count() { # BINARY REQUESTS -> instructions the server executed
     fi
     kill -INT $srv; wait $srv 2>/dev/null || true
     cleanup
-    awk '/^summary:/ {print $2}' "$WORK"/cg.out*
+    COUNTED=$(awk '/^summary:/ {print $2}' "$WORK"/cg.out*)
+    [ -n "$COUNTED" ] || { echo "no callgrind summary (see $WORK)" >&2; exit 1; }
 }
 
 for b in "${BINS[@]}"; do
-    zero=$(count "$b" 0); many=$(count "$b" "$N")
+    count "$b" 0; zero=$COUNTED; count "$b" "$N"; many=$COUNTED
     echo "$b: $(( (many - zero) / N )) server instructions per proxied request ($N requests, $UPSTREAM to the app)"
 done
 echo "profile of the last run: $WORK/cg.out (callgrind_annotate --inclusive=yes $WORK/cg.out)"

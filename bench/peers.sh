@@ -182,9 +182,11 @@ EOF
 done
 
 # ------------------------------------------------------------------ measuring
-iperf() { # iperf PORT STREAMS [-R] -> Gbit/s received
-    iperf3 -c 127.0.0.1 -p "$1" -P "$2" ${3:-} -t "$IPERF_SECS" -J 2>/dev/null \
-        | jq -r '.end.sum_received.bits_per_second / 1e9' 2>/dev/null || echo 0
+iperf() { # iperf PORT STREAMS [-R] -> Gbit/s received; a failed run stops the benchmark
+    # (a 0 would go into the medians as a figure)
+    timeout $((IPERF_SECS + 30)) iperf3 -c 127.0.0.1 -p "$1" -P "$2" ${3:-} -t "$IPERF_SECS" -J 2>/dev/null \
+        | jq -er '.end.sum_received.bits_per_second / 1e9' 2>/dev/null \
+        || { say "FAILED: iperf3 through port $1 ($2 streams${3:+ $3}); logs in $LOG"; return 1; }
 }
 rtt() { taskset -c 0 "$PROBE" rtt --addr "127.0.0.1:$1" --count "$RTT_COUNT" --size 64 | sed -n 's/.*median_us=\([^ ]*\).*/\1/p'; }
 many() { "$PROBE" many --addr "127.0.0.1:$1" --conns 50 --size 64 --secs "$MANY_SECS" | sed -n 's/.*per_sec=\([^ ]*\).*/\1/p'; }

@@ -50,7 +50,9 @@ PROXY=http://127.0.0.1:$SRV/a/bench/web/hello
 PROXYH2=http://127.0.0.1:$SRV/a/bench/web2/hello
 PROXYTLS=https://127.0.0.1:$SRVTLS/a/bench/web/hello
 AUTH="Authorization: Bearer $TOKEN"
-for _ in $(seq 100); do curl -sfk -H "$AUTH" "$PROXY" >/dev/null && curl -sfk -H "$AUTH" "$PROXYH2" >/dev/null && curl -sfk -H "$AUTH" "$PROXYTLS" >/dev/null && break; sleep 0.1; done
+ready=0
+for _ in $(seq 100); do curl -sfk -H "$AUTH" "$PROXY" >/dev/null && curl -sfk -H "$AUTH" "$PROXYH2" >/dev/null && curl -sfk -H "$AUTH" "$PROXYTLS" >/dev/null && { ready=1; break; }; sleep 0.1; done
+[ "$ready" = 1 ] || { echo "the proxies did not answer in 10 s (logs in $LOG)" >&2; exit 1; }
 
 wrk_run() { # url -> "rps p50_us p99_us"
   wrk -t1 -c16 -d"${SECS}s" --latency -H "$AUTH" "$1" | python3 -c '
@@ -67,19 +69,22 @@ print("%.0f %.0f %.0f" % (rps, us("50"), us("99")))'
 }
 ttfb() { # url [curl args] -> "median_us p90_us" over 300 fresh connections
   local url=$1; shift
-  for _ in $(seq 300); do curl -sk -o /dev/null -H "$AUTH" -w '%{time_starttransfer}\n' "$@" "$url"; done |
+  # -f: an error answer (401, 502) is not a time to first byte; it stops the run.
+  for _ in $(seq 300); do curl -sfk -o /dev/null -H "$AUTH" -w '%{time_starttransfer}\n' "$@" "$url" || exit 1; done |
     python3 -c '
 import sys, statistics
 v = sorted(float(x) * 1e6 for x in sys.stdin if x.strip())[20:]
 print("%.0f %.0f" % (statistics.median(v), v[int(len(v) * 0.9)]))'
 }
 
-read -r D_RPS D_P50 D_P99 <<<"$(wrk_run $DIRECT)"
-read -r P_RPS P_P50 P_P99 <<<"$(wrk_run $PROXY)"
-read -r Q_RPS Q_P50 Q_P99 <<<"$(wrk_run $PROXYH2)"
-read -r D_T D_T90 <<<"$(ttfb $DIRECT)"
-read -r P_T P_T90 <<<"$(ttfb $PROXY)"
-read -r S_T S_T90 <<<"$(ttfb $PROXYTLS --http2)"
+# Each measurement assigned first: in `read <<<"$(...)"` a failure would
+# not stop the script (set -e), and blank cells would be the result.
+m=$(wrk_run $DIRECT); read -r D_RPS D_P50 D_P99 <<<"$m"
+m=$(wrk_run $PROXY); read -r P_RPS P_P50 P_P99 <<<"$m"
+m=$(wrk_run $PROXYH2); read -r Q_RPS Q_P50 Q_P99 <<<"$m"
+m=$(ttfb $DIRECT); read -r D_T D_T90 <<<"$m"
+m=$(ttfb $PROXY); read -r P_T P_T90 <<<"$m"
+m=$(ttfb $PROXYTLS --http2); read -r S_T S_T90 <<<"$m"
 RSS=$(awk '/VmHWM/ {print $2}' /proc/$SPID/status)
 RATIO=$(python3 -c "print('%.2f' % ($P_RPS / $D_RPS))")
 RATIO2=$(python3 -c "print('%.2f' % ($Q_RPS / $D_RPS))")

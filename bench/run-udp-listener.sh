@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-500}
-T=target/release/tether
+T=${TETHER_BIN:-target/release/tether}
 [ -x "$T" ] || cargo build --release -p tether >/dev/null
 for c in iperf3 dnsmasq python3; do command -v $c >/dev/null || { echo "need $c"; exit 1; }; done
 mkdir -p bench/results
@@ -48,6 +48,24 @@ RUST_LOG=warn $T client --server ws://127.0.0.1:$SRV --token bench-client forwar
   127.0.0.1:$FWD=bench/ip udp:127.0.0.1:$FWD=bench/ip udp:127.0.0.1:$DNSF=bench/dns \
   >"$LOG/client.log" 2>&1 & CPID=$!; PIDS+=($CPID)
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$LST) 2>/dev/null && break; sleep 0.1; done
+# Ready when a DNS query comes back through the UDP forward (the agent and
+# the client are connected), for up to 20 s.
+dns_ready() {
+  python3 - "$DNSF" <<'PY'
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+q = struct.pack(">HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x05ready\x05bench\x04test\x00" + struct.pack(">HH", 1, 1)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    try:
+        s.send(q); s.recv(512); sys.exit(0)
+    except OSError:
+        time.sleep(0.2)
+sys.exit(1)
+PY
+}
+dns_ready || { echo "no DNS answer through the UDP forward in 20 s" >&2; exit 1; }
 
 gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin)["end"]; s=d.get("sum_received") or d["sum"]; print("%.3f" % (s["bits_per_second"]/1e9))'; }
 udp() { # port -> "Mbit/s loss%"
@@ -70,17 +88,21 @@ for i in range(2200):
     try:
         s.recv(512)
     except socket.timeout:
-        lost += 1; continue
+        lost += 1
+        if lost > 20:  # a broken path, not loss: 2 s each would take an hour
+            sys.exit("more than 20 DNS queries lost through port %d" % port)
+        continue
     if i >= 200: times.append((time.perf_counter() - t) * 1e6)
 print("%.1f %d" % (statistics.median(times), lost))
 PY
 }
 rss() { awk '/VmHWM/ {print $2}' /proc/$1/status; }
 
-read -r UD_R UD_L <<<"$(udp $IPERF)"
-read -r UT_R UT_L <<<"$(udp $FWD)"
-read -r DD DD_L <<<"$(dns_rtt $DNS)"
-read -r DT DT_L <<<"$(dns_rtt $DNSF)"
+# Each measurement assigned first, so that a failed one stops the script.
+m=$(udp $IPERF); read -r UD_R UD_L <<<"$m"
+m=$(udp $FWD); read -r UT_R UT_L <<<"$m"
+m=$(dns_rtt $DNS); read -r DD DD_L <<<"$m"
+m=$(dns_rtt $DNSF); read -r DT DT_L <<<"$m"
 TD=$(iperf3 -c 127.0.0.1 -p $IPERF -t 5 -J | gbps)
 TL=$(iperf3 -c 127.0.0.1 -p $LST -t 5 -J | gbps)
 TL15=$(iperf3 -c 127.0.0.1 -p $LST -t 15 -J | gbps)

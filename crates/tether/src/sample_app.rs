@@ -59,6 +59,20 @@ const seen = [];
 es.onmessage = (e) => { seen.push(e.data); document.getElementById("sse").textContent = "events: " + seen.join(", "); if (seen.length === 3) es.close(); };
 "#;
 
+/// Most bytes one `/bytes` answer sends (16 GiB), and events one `/events`
+/// sends: enough for any benchmark, and no endless answer in the process
+/// `tether demo` shares with its server.
+const MAX_BYTES: u64 = 16 << 30;
+const MAX_EVENTS: u64 = 10_000;
+
+/// The echo WebSocket's limits: 16 MiB messages and frames (the library's
+/// default message limit, 64 MiB, is more than an echo needs).
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(16 << 20))
+        .max_frame_size(Some(16 << 20))
+}
+
 fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
 }
@@ -148,7 +162,8 @@ async fn handle(mut req: Request<Incoming>) -> Response<Body> {
             r
         }
         (Method::GET, "/bytes") => {
-            let total = query_u64(&req, "n").unwrap_or(1 << 20);
+            // Capped: the demo runs the app in the server's own process.
+            let total = query_u64(&req, "n").unwrap_or(1 << 20).min(MAX_BYTES);
             let stream = futures_util::stream::unfold(0u64, move |pos| async move {
                 if pos >= total {
                     return None;
@@ -185,7 +200,7 @@ async fn handle(mut req: Request<Incoming>) -> Response<Body> {
             respond(StatusCode::OK, "application/json", body.to_string())
         }
         (Method::GET, "/events") => {
-            let count = query_u64(&req, "n").unwrap_or(5);
+            let count = query_u64(&req, "n").unwrap_or(5).min(MAX_EVENTS);
             let stream = futures_util::stream::unfold(0u64, move |i| async move {
                 if i >= count {
                     return None;
@@ -210,8 +225,12 @@ async fn handle(mut req: Request<Incoming>) -> Response<Body> {
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 let Ok(up) = on_upgrade.await else { return };
-                let mut ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
+                let mut ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    Role::Server,
+                    Some(ws_config()),
+                )
+                .await;
                 while let Some(Ok(m)) = ws.next().await {
                     let echo = match m {
                         Message::Text(_) | Message::Binary(_) => m,
