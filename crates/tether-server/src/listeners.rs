@@ -115,8 +115,7 @@ impl Listener {
                 }
             };
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "listener open (agent connected)");
-            let gauge = self.metrics.sessions_of("listener");
-            gauge.inc();
+            let live = self.metrics.session_live("listener");
             loop {
                 tokio::select! {
                     r = changes.changed() => {
@@ -139,7 +138,7 @@ impl Listener {
                 }
             }
             drop(listener);
-            gauge.dec();
+            drop(live);
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "listener closed (agent gone)");
         }
     }
@@ -230,8 +229,7 @@ impl Listener {
                 }
             };
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener open (agent connected)");
-            let gauge = self.metrics.sessions_of("listener");
-            gauge.inc();
+            let live = self.metrics.session_live("listener");
             let open = {
                 let this = self.clone();
                 move |src: SocketAddr| {
@@ -300,7 +298,7 @@ impl Listener {
             {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            gauge.dec();
+            drop(live);
             tracing::info!(listen = %cfg.listen, target = %cfg.target, "udp listener closed (agent gone)");
         }
     }

@@ -193,6 +193,17 @@ impl Default for Metrics {
     }
 }
 
+/// One live session in `tether_sessions` ([`Metrics::session_live`]):
+/// uncounted when dropped, which also happens when its task is aborted (at
+/// shutdown), unlike a `dec()` at the end of the task.
+pub(crate) struct LiveSession(Gauge);
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Metrics {
     /// Counts one error of `kind`.
     pub(crate) fn error(&self, kind: &str) {
@@ -230,13 +241,17 @@ impl Metrics {
         }
     }
 
-    /// The gauge of live sessions of `kind`.
-    pub(crate) fn sessions_of(&self, kind: &str) -> Gauge {
-        self.sessions
+    /// Counts one live session of `kind` (`agent`, `client`, `raw_ws`,
+    /// `listener`) in `tether_sessions` until the returned value is dropped.
+    pub(crate) fn session_live(&self, kind: &str) -> LiveSession {
+        let gauge = self
+            .sessions
             .get_or_create(&KindLabel {
                 kind: kind.to_owned(),
             })
-            .clone()
+            .clone();
+        gauge.inc();
+        LiveSession(gauge)
     }
 
     /// Makes `tether_agent_instances` exist, at 0 until a session comes,

@@ -113,8 +113,7 @@ impl RawWsEndpoint {
             let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(ws_config())).await;
             let (tx, rx) = ws.split();
             let shared = Arc::new(Shared::default());
-            let sessions = this.metrics.sessions_of("raw_ws");
-            sessions.inc();
+            let _live = this.metrics.session_live("raw_ws");
             let name = caller.name();
             tracing::info!(client = %name, %peer, %target, "raw websocket stream open");
             run_relay(
@@ -138,7 +137,6 @@ impl RawWsEndpoint {
                 agent_stream.split(),
             )
             .await;
-            sessions.dec();
         });
         resp
     }

@@ -301,15 +301,14 @@ impl AgentEndpoint {
             &self.auth,
             checked_at,
         );
-        let sessions = self.metrics.sessions_of("agent");
-        sessions.inc();
+        let live = self.metrics.session_live("agent");
         tracing::info!(agent = %name, %instance, %peer, software = %info.peer_software, version = info.version, auth = via, instances = registered.instances, "agent connected");
         let started = Instant::now();
         let why = tokio::select! {
             why = conn.closed() => why,
             () = tell_replicas(&conn, &self.cluster) => None,
         };
-        sessions.dec();
+        drop(live);
         self.sessions.untrack(key);
         self.registry.unregister(&name, registered.generation, |n| {
             instances.set(n as i64);

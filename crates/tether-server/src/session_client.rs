@@ -114,8 +114,7 @@ impl ClientEndpoint {
             &self.auth,
             checked_at,
         );
-        let sessions = self.metrics.sessions_of("client");
-        sessions.inc();
+        let live = self.metrics.session_live("client");
         tracing::info!(client = %client.name, %peer, "client connected");
         // A JWT identity's session ends when its token does (one accepted
         // within the clock-skew leeway, at the leeway's end: closed at once,
@@ -139,7 +138,7 @@ impl ClientEndpoint {
             tokio::spawn(self.clone().relay_stream(caller.clone(), inc));
         }
         let why = conn.closed().await;
-        sessions.dec();
+        drop(live);
         self.sessions.untrack(key);
         tracing::info!(client = %client.name, %peer, reason = why.as_deref().unwrap_or("closed"), "client disconnected");
     }
