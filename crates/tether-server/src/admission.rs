@@ -13,13 +13,16 @@
 //!
 //! A connection stops counting as anonymous once an agent or client session
 //! is authenticated on it ([`ConnectionHold::authenticated`]).
+//!
+//! A `[[listener]]` port counts connections per source the same way
+//! ([`SourceCounts`]), and also their rate per source ([`SourceRates`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::limits::{Caps, Limit};
+use crate::limits::{Bucket, Caps, Limit};
 
 /// Open connections per source address (shared by the public port and the
 /// `[[listener]]` ports, each with its own table).
@@ -52,6 +55,40 @@ impl Drop for SourceSlot {
                 g.remove(&self.1);
             }
         }
+    }
+}
+
+/// Most sources whose connection rate one [`SourceRates`] follows at once.
+/// Past it, sources whose bucket has refilled are forgotten; if none has,
+/// a new source is let through unmetered (the listener's own rate still
+/// applies): refusing it would let many busy sources lock out every other.
+const MAX_RATED_SOURCES: usize = 65_536;
+
+/// New connections per source address through one `[[listener]]`, as a
+/// token bucket per source (burst: two seconds' worth). The listener's opens
+/// share one rate (`opens_per_sec` of its pseudo-identity), so without this
+/// one source connecting and closing as fast as it can would spend all of
+/// it and every other source would be refused.
+#[derive(Default)]
+pub(crate) struct SourceRates(Mutex<HashMap<IpAddr, Bucket>>);
+
+impl SourceRates {
+    /// Takes one connection for `ip` at `rate` per second, if its bucket
+    /// has a token.
+    pub(crate) fn take(&self, ip: IpAddr, rate: f64, now: std::time::Instant) -> bool {
+        let burst = (rate * 2.0).max(1.0);
+        let key = source_key(ip);
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_RATED_SOURCES && !m.contains_key(&key) {
+            // A refilled bucket says nothing a fresh one would not.
+            m.retain(|_, b| b.level(now, rate, burst) < burst);
+            if m.len() >= MAX_RATED_SOURCES {
+                return true;
+            }
+        }
+        m.entry(key)
+            .or_insert_with(|| Bucket::full(now, burst))
+            .take(now, rate, burst)
     }
 }
 
@@ -180,6 +217,23 @@ impl ConnectionHold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source gets its burst (two seconds' worth), then its rate; another
+    /// source has its own bucket; IPv6 counts per /64.
+    #[test]
+    fn each_source_has_its_own_rate() {
+        let rates = SourceRates::default();
+        let t0 = std::time::Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let taken = (0..10).filter(|_| rates.take(a, 2.0, t0)).count();
+        assert_eq!(taken, 4);
+        assert!(rates.take("192.0.2.2".parse().unwrap(), 2.0, t0));
+        assert!(rates.take(a, 2.0, t0 + std::time::Duration::from_millis(500)));
+        assert!(!rates.take(a, 2.0, t0 + std::time::Duration::from_millis(600)));
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!((0..4).all(|_| rates.take(v6("2001:db8::1"), 2.0, t0)));
+        assert!(!rates.take(v6("2001:db8::2"), 2.0, t0), "the same /64");
+    }
 
     fn caps(max: usize, per_source: usize) -> Caps {
         Caps {

@@ -61,6 +61,8 @@ pub(crate) enum Limit {
     ConnectionsReserved,
     /// Connections from one source through one `[[listener]]`.
     ListenerConnectionsPerSource,
+    /// New connections per second from one source through one `[[listener]]`.
+    ListenerOpensPerSource,
     /// Console event streams of one identity.
     ConsoleStreams,
 }
@@ -80,6 +82,7 @@ impl Limit {
             Limit::ConnectionsPerSource => "connections_per_source",
             Limit::ConnectionsReserved => "connections_reserved",
             Limit::ListenerConnectionsPerSource => "listener_connections_per_source",
+            Limit::ListenerOpensPerSource => "listener_opens_per_source",
             Limit::ConsoleStreams => "console_streams",
         }
     }
@@ -99,6 +102,7 @@ impl Limit {
             Limit::Connections | Limit::ConnectionsReserved => "[limits] max_connections",
             Limit::ConnectionsPerSource => "[limits] max_connections_per_source",
             Limit::ListenerConnectionsPerSource => "max_connections_per_source of the [[listener]]",
+            Limit::ListenerOpensPerSource => "opens_per_sec_per_source of the [[listener]]",
             Limit::ConsoleStreams => "nothing (fixed: 16 open consoles per client)",
         }
     }
@@ -129,17 +133,38 @@ pub(crate) struct Caps {
     pub(crate) max_per_source: usize,
 }
 
+/// A token bucket: `burst` tokens, refilled at `rate` per second, one taken
+/// per event.
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
+    /// A full bucket at `now`.
+    pub(crate) fn full(now: Instant, burst: f64) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
     /// Tokens the bucket would hold at `now` (refilled at `rate`, at most `burst`).
-    fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
+    pub(crate) fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         (self.tokens + elapsed * rate).min(burst.max(1.0))
+    }
+
+    /// Takes a token at `now`, if there is one.
+    pub(crate) fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        self.tokens = self.level(now, rate, burst);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 
@@ -373,13 +398,10 @@ impl Limits {
         if b.len() >= MAX_BUCKETS && !b.contains_key(who) {
             make_room(b, now, rate, burst);
         }
-        let e = b.entry(who.to_owned()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        e.tokens = e.level(now, rate, burst);
-        e.at = now;
-        if e.tokens < 1.0 {
+        let e = b
+            .entry(who.to_owned())
+            .or_insert_with(|| Bucket::full(now, burst));
+        if !e.take(now, rate, burst) {
             return Err(LimitHit {
                 limit,
                 reason: format!(
@@ -388,7 +410,6 @@ impl Limits {
                 ),
             });
         }
-        e.tokens -= 1.0;
         Ok(())
     }
 

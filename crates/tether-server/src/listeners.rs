@@ -23,7 +23,7 @@ use tether_net::splice::socket_halves;
 use tether_proto::{TargetKind, MAX_EARLY_DATA};
 use tokio::net::TcpStream;
 
-use crate::admission::SourceCounts;
+use crate::admission::{SourceCounts, SourceRates};
 use crate::cluster::{Cluster, Phase};
 use crate::config::ListenerConfig;
 use crate::limits::Limit;
@@ -100,6 +100,10 @@ impl Listener {
     async fn run_tcp(self: Arc<Self>) {
         let cfg = &self.cfg;
         let per_source: Arc<SourceCounts> = Arc::default();
+        let rates = SourceRates::default();
+        // A source refused for its rate may try thousands of times a
+        // second: one log line a second says it (the metric counts all).
+        let mut rate_warned: Option<Instant> = None;
         let mut changes = self.registry.subscribe();
         loop {
             if !self.agent_connected(&mut changes).await {
@@ -124,6 +128,15 @@ impl Listener {
                         }
                     }
                     (tcp, peer) = tether_net::listen::accept(&listener) => {
+                        let now = Instant::now();
+                        if !rates.take(peer.ip(), cfg.opens_per_sec_per_source, now) {
+                            self.metrics.limit_hit(Limit::ListenerOpensPerSource);
+                            if rate_warned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+                                rate_warned = Some(now);
+                                tracing::warn!(listen = %cfg.listen, %peer, max = cfg.opens_per_sec_per_source, raise_with = Limit::ListenerOpensPerSource.setting(), "source opens connections through this listener faster than it allows; closed (more this second not logged)");
+                            }
+                            continue;
+                        }
                         let Some(slot) = per_source.take(peer.ip(), cfg.max_connections_per_source.max(1)) else {
                             self.metrics.limit_hit(Limit::ListenerConnectionsPerSource);
                             tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, raise_with = Limit::ListenerConnectionsPerSource.setting(), "source has too many connections through this listener; closed");

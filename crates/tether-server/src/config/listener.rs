@@ -10,8 +10,14 @@ use tether_proto::target::ClientTarget;
 /// all of an agent's 8192 streams.
 pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
 
+/// Default for `opens_per_sec_per_source`: far above what people behind
+/// one address open (clients keep their connections), a tenth of the
+/// listener's whole open rate (`opens_per_sec`, 1000), so one source
+/// cannot spend it all.
+pub(crate) const OPENS_PER_SEC_PER_SOURCE: f64 = 100.0;
+
 /// One `[[listener]]` of the server config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Public address to listen on.
@@ -33,6 +39,11 @@ pub struct ListenerConfig {
     /// streams from everyone else.
     #[serde(default = "default_per_source")]
     pub max_connections_per_source: usize,
+    /// New TCP connections per second one source address may make through
+    /// this listener (default 100, bursts of twice that); past it the
+    /// connection is closed at accept.
+    #[serde(default = "default_opens_per_source")]
+    pub opens_per_sec_per_source: f64,
     /// Send what a connection has already written with its open (early
     /// data, PROTOCOL.md 6.3; TCP only): a round trip less per connection.
     /// Off, a retry after a lost agent session can never repeat a byte to
@@ -51,6 +62,10 @@ fn default_protocol() -> String {
 
 fn default_per_source() -> usize {
     MAX_CONNECTIONS_PER_SOURCE
+}
+
+fn default_opens_per_source() -> f64 {
+    OPENS_PER_SEC_PER_SOURCE
 }
 
 impl ListenerConfig {
@@ -83,6 +98,12 @@ impl ListenerConfig {
         if self.max_connections_per_source == 0 {
             anyhow::bail!(
                 "listener {}: max_connections_per_source = 0 would refuse every connection (default {MAX_CONNECTIONS_PER_SOURCE})",
+                self.listen
+            );
+        }
+        if !(self.opens_per_sec_per_source.is_finite() && self.opens_per_sec_per_source > 0.0) {
+            anyhow::bail!(
+                "listener {}: opens_per_sec_per_source must be a number above 0 (default {OPENS_PER_SEC_PER_SOURCE})",
                 self.listen
             );
         }
@@ -159,6 +180,7 @@ mod tests {
             proxy_protocol: false,
             protocol: protocol.into(),
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            opens_per_sec_per_source: OPENS_PER_SEC_PER_SOURCE,
             early_data: true,
         }
     }
@@ -202,6 +224,12 @@ mod tests {
         let mut zero = listener("0.0.0.0:5432", "tcp");
         zero.max_connections_per_source = 0;
         assert!(zero.validate().is_err());
+        // A rate of 0, or one that is not a number.
+        for rate in [0.0, f64::NAN, f64::INFINITY] {
+            let mut l = listener("0.0.0.0:5432", "tcp");
+            l.opens_per_sec_per_source = rate;
+            assert!(l.validate().is_err(), "{rate}");
+        }
         // The server's own port.
         let e = no_overlaps(main, None, &[listener("127.0.0.1:7700", "tcp")]).unwrap_err();
         assert!(e.to_string().contains("the server itself listens"), "{e}");

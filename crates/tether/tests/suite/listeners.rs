@@ -53,7 +53,7 @@ async fn connect_refused(port: u16) -> bool {
 async fn listeners_follow_their_agent_and_enforce_sources() {
     let echo = echo_service().await;
     let pp = proxy_header_service().await;
-    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let (pa, pb, pc, pd) = (free_port(), free_port(), free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("tether-listeners-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("server.toml");
@@ -76,6 +76,11 @@ proxy_protocol = true
 listen = "127.0.0.1:{pc}"
 target = "prod/echo"
 allow_from = ["10.0.0.0/8"]
+
+[[listener]]
+listen = "0.0.0.0:{pd}"
+target = "prod/echo"
+opens_per_sec_per_source = 0.5
 "#
         ),
     )
@@ -138,6 +143,49 @@ allow_from = ["10.0.0.0/8"]
     });
     assert!(ok, "a freed slot is usable again");
     drop(held);
+
+    // One source opening connections faster than the listener allows
+    // (0.5 a second, a burst of 1) is closed at accept; another source is
+    // not held up by it.
+    let echoes_from = |source: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let Ok(mut s) = sock.connect(([127, 0, 0, 1], pd).into()).await else {
+            return false;
+        };
+        let _ = s.write_all(b"r").await;
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await,
+            Ok(Ok(_))
+        )
+    };
+    let mut first = false;
+    for _ in 0..50 {
+        // (Until the listener is bound: refused connects take no token.)
+        if echoes_from("127.0.0.1").await {
+            first = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(first, "{}", t.server.log_text());
+    assert!(
+        !echoes_from("127.0.0.1").await,
+        "a second connection within 2 s"
+    );
+    assert!(echoes_from("127.0.0.2").await, "another source");
+    assert!(t
+        .server
+        .wait_log("faster than it allows", Duration::from_secs(5)));
+    let m = t.server_metrics();
+    assert!(
+        metric(
+            &m,
+            "tether_limit_hits_total{limit=\"listener_opens_per_source\"}"
+        ) >= Some(1.0),
+        "{m}"
+    );
 
     // The PROXY v2 header carries the real client address.
     let mut s = connect(pb).await;
