@@ -114,7 +114,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'
     echo "|---|---|---|---|---|---|---|"
 } | tee "$OUT"
 for r in $(seq "$ROUNDS"); do
-    for which in old new; do
+    # Which build goes first alternates, so that neither is always measured
+    # second (ab-http.sh saw +9 % for the second of two copies of one build).
+    order="old new"; [ $((r % 2)) = 0 ] && order="new old"
+    for which in $order; do
         if [ "$which" = old ]; then bin=$OLD; else bin=$NEW; fi
         start_tether "$bin"
         row="| $r | $which"

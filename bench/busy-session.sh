@@ -27,7 +27,10 @@ want=$((IDLE * 2 + 1000))
 if [ "$(ulimit -n)" -lt "$want" ]; then ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; fi
 [ "$(ulimit -n)" -ge "$want" ] || die "the open-file limit is $(ulimit -n); IDLE=$IDLE needs $want"
 PIDS=()
-cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# Waits for its own processes only: a bare `wait` would also wait for the
+# `tee` of the table below, which cannot end while the table is written.
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+            for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 start() { local name=$1; shift; "$@" >"$LOG/$name.log" 2>&1 & PIDS+=($!); }
 
@@ -89,6 +92,10 @@ measure() {
     cleanup; PIDS=()
 }
 
+# The table goes to the terminal and the file through a `tee` of its own,
+# not `{ ... } | tee`: the block would run in a subshell, whose processes
+# the EXIT trap above would not know of on a failure or an interrupt.
+exec 3> >(tee "$OUT/busy-session.md"); TEE=$!
 {
 echo "# A new connection beside many live ones, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
@@ -103,7 +110,6 @@ for spec in "2-hop:$P_LISTEN" "3-hop:$P_FORWARD"; do
         measure "${spec%%:*}" "${spec#*:}" "$idle"
     done
 done
-} > >(tee "$OUT/busy-session.md")
-# (Not `{ ... } | tee`: the block would run in a subshell, whose processes
-# the EXIT trap above would not know of on a failure or an interrupt.)
-wait $! 2>/dev/null || true
+} >&3
+exec 3>&-
+wait "$TEE" 2>/dev/null || true

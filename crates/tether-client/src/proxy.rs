@@ -328,8 +328,16 @@ pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
 /// protocols apart.
 async fn read_request_after<S: AsyncRead + AsyncWrite + Unpin>(
     tcp: &mut S,
-    first: u8,
+    mut first: u8,
 ) -> anyhow::Result<Request> {
+    // An empty line or two before an HTTP request line is ignored (RFC 9112
+    // 2.2: a client may send one after a previous request's body).
+    for _ in 0..4 {
+        if !matches!(first, b'\r' | b'\n') {
+            break;
+        }
+        first = tcp.read_u8().await?;
+    }
     match first {
         SOCKS5 => read_socks5(tcp).await,
         SOCKS4 => {
@@ -630,35 +638,78 @@ const MAX_ASSOCIATION_FLOWS: usize = 256;
 /// queued 64 KiB datagrams were 4 GiB.
 const ASSOCIATION_QUEUE_BYTES: usize = 4 << 20;
 
-/// A datagram waiting in an association's queue: its bytes count against
-/// the association's [`ASSOCIATION_QUEUE_BYTES`] until it is dropped
-/// (sent, or thrown away with its queue).
+/// Most of those bytes one destination's queue holds: one whose open
+/// hangs (its agent offline) does not take the others' room.
+const FLOW_QUEUE_BYTES: usize = 1 << 20;
+
+/// Queued datagram bytes, up to a limit.
+struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    fn new(max: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: Default::default(),
+            max,
+        })
+    }
+
+    /// Takes `n` bytes, if they fit.
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                (u + n <= self.max).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A datagram waiting in a flow's queue: its bytes count against the
+/// association's and the flow's [`Budget`] until it is dropped (sent, or
+/// thrown away with its queue).
 struct Queued {
     datagram: bytes::Bytes,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    budgets: [Arc<Budget>; 2],
 }
 
 impl Queued {
-    /// `datagram`, if the association's queues have room for it.
-    fn admit(datagram: &[u8], queued: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Queued> {
-        use std::sync::atomic::Ordering;
-        queued
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
-                (q + datagram.len() <= ASSOCIATION_QUEUE_BYTES).then_some(q + datagram.len())
-            })
-            .ok()?;
+    /// `datagram`, if both `budgets` (the association's, the flow's) have
+    /// room for it.
+    fn admit(datagram: &[u8], budgets: [&Arc<Budget>; 2]) -> Option<Queued> {
+        let n = datagram.len();
+        if !budgets[0].take(n) {
+            return None;
+        }
+        if !budgets[1].take(n) {
+            budgets[0].give(n);
+            return None;
+        }
         Some(Queued {
             datagram: bytes::Bytes::copy_from_slice(datagram),
-            queued: queued.clone(),
+            budgets: budgets.map(Arc::clone),
         })
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        self.queued
-            .fetch_sub(self.datagram.len(), std::sync::atomic::Ordering::Relaxed);
+        for b in &self.budgets {
+            b.give(self.datagram.len());
+        }
     }
+}
+
+/// One destination of an association: its queue and the queue's budget.
+struct AssociationFlow {
+    tx: tokio::sync::mpsc::Sender<Queued>,
+    budget: Arc<Budget>,
 }
 
 /// SOCKS5 UDP ASSOCIATE (RFC 1928 section 7): a relay socket for the client;
@@ -690,9 +741,9 @@ async fn udp_associate(
     tracing::info!(%peer, relay = %bound, "SOCKS5 UDP association open");
 
     // destination (as the client named it) -> sender into that flow's stream
-    let mut flows: std::collections::HashMap<(String, u16), tokio::sync::mpsc::Sender<Queued>> =
+    let mut flows: std::collections::HashMap<(String, u16), AssociationFlow> =
         std::collections::HashMap::new();
-    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let queued = Budget::new(ASSOCIATION_QUEUE_BYTES);
     let client_addr: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
     let mut buf = vec![0u8; 65536];
     let mut tcp_probe = [0u8; 1];
@@ -710,24 +761,20 @@ async fn udp_associate(
                 }
                 *client_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
                 let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
-                let Some(mut datagram) = Queued::admit(payload, &queued) else {
-                    continue; // the association's queues are full: drop
-                };
                 let key = (host.clone(), port);
-                if let Some(tx) = flows.get(&key) {
-                    use tokio::sync::mpsc::error::TrySendError;
-                    match tx.try_send(datagram) {
-                        // A full queue drops it.
-                        Ok(()) | Err(TrySendError::Full(_)) => continue,
-                        // The flow ended (idle): a new one below.
-                        Err(TrySendError::Closed(d)) => {
-                            datagram = d;
-                            flows.remove(&key);
-                        }
+                // A flow that ended (idle) makes way for a new one.
+                if flows.get(&key).is_some_and(|f| f.tx.is_closed()) {
+                    flows.remove(&key);
+                }
+                if let Some(f) = flows.get(&key) {
+                    // Past either budget, or with a full queue, it is dropped.
+                    if let Some(d) = Queued::admit(payload, [&queued, &f.budget]) {
+                        let _ = f.tx.try_send(d);
                     }
+                    continue;
                 }
                 if flows.len() >= MAX_ASSOCIATION_FLOWS {
-                    flows.retain(|_, tx| !tx.is_closed()); // forget idle-ended flows
+                    flows.retain(|_, f| !f.tx.is_closed()); // forget idle-ended flows
                     if flows.len() >= MAX_ASSOCIATION_FLOWS {
                         continue;
                     }
@@ -738,9 +785,13 @@ async fn udp_associate(
                 };
                 // Datagrams that come while the flow opens (on a fresh
                 // session if this one is being replaced) wait in its queue.
+                let budget = Budget::new(FLOW_QUEUE_BYTES);
+                let Some(datagram) = Queued::admit(payload, [&queued, &budget]) else {
+                    continue; // the association's queues are full: drop
+                };
                 let (tx, rx) = tokio::sync::mpsc::channel(256);
                 let _ = tx.try_send(datagram);
-                flows.insert(key, tx);
+                flows.insert(key, AssociationFlow { tx, budget });
                 tokio::spawn(association_flow(
                     session.clone(),
                     format!("{agent}/{}", host_port(&host, port)),
@@ -1022,22 +1073,46 @@ mod tests {
         let (answer, e) = refused(&[0x16, 3, 1, 0, 5]).await;
         assert!(answer.is_empty());
         assert!(e.contains("TLS"), "{e}");
+        // An empty line before an HTTP request is not "another protocol".
+        assert_eq!(
+            forwarded(b"\r\nGET http://h/ HTTP/1.1\r\n\r\n").await,
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        );
     }
 
-    /// An association's queues hold at most [`ASSOCIATION_QUEUE_BYTES`]; a
-    /// datagram that leaves gives its room back.
+    /// An association's queues hold at most [`ASSOCIATION_QUEUE_BYTES`],
+    /// one flow's [`FLOW_QUEUE_BYTES`]; a datagram that leaves gives its
+    /// room back to both.
     #[test]
     fn an_association_s_queues_are_bounded_in_bytes() {
-        let queued = Arc::default();
+        let association = Budget::new(ASSOCIATION_QUEUE_BYTES);
         let big = vec![0u8; 65_000];
-        let held: Vec<Queued> = std::iter::from_fn(|| Queued::admit(&big, &queued))
-            .take(1000)
-            .collect();
-        assert_eq!(held.len(), ASSOCIATION_QUEUE_BYTES / big.len());
-        assert!(Queued::admit(&big, &queued).is_none());
-        drop(held);
-        assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), 0);
-        assert!(Queued::admit(&big, &queued).is_some());
+        let fill = |flow: &Arc<Budget>| -> Vec<Queued> {
+            std::iter::from_fn(|| Queued::admit(&big, [&association, flow]))
+                .take(1000)
+                .collect()
+        };
+        let stuck = Budget::new(FLOW_QUEUE_BYTES);
+        let first = fill(&stuck);
+        assert_eq!(first.len(), FLOW_QUEUE_BYTES / big.len());
+        let flows: Vec<Arc<Budget>> = (0..8).map(|_| Budget::new(FLOW_QUEUE_BYTES)).collect();
+        let rest: Vec<Vec<Queued>> = flows.iter().map(fill).collect();
+        let held = first.len() + rest.iter().map(Vec::len).sum::<usize>();
+        assert_eq!(held, ASSOCIATION_QUEUE_BYTES / big.len());
+        // Refused by the association: the flow's budget is not charged.
+        let before = flows[7].used.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(Queued::admit(&big, [&association, &flows[7]]).is_none());
+        assert_eq!(
+            flows[7].used.load(std::sync::atomic::Ordering::Relaxed),
+            before
+        );
+        drop((first, rest));
+        assert_eq!(
+            association.used.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert_eq!(stuck.used.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(Queued::admit(&big, [&association, &stuck]).is_some());
     }
 
     #[test]
