@@ -266,6 +266,11 @@ struct Escaped<'a, W>(&'a mut W);
 
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Most text is printable ASCII: a byte test, not a char scan (the
+        // audit line's fields cost ~900 instructions a request without it).
+        if s.bytes().all(|b| (b' '..=b'~').contains(&b) || b == b'\t') {
+            return self.0.write_str(s);
+        }
         let mut rest = s;
         while let Some(i) = rest.find(|c: char| is_terminal_control(c)) {
             self.0.write_str(&rest[..i])?;
