@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tether_client::proxy::{parse_udp_header, read_request};
+use tether_client::proxy::{parse_udp_header, read_request, ProxyAuth};
 
 fuzz_target!(|data: &[u8]| {
     if let Some((_host, _port, payload)) = parse_udp_header(data) {
@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
         .expect("runtime");
     rt.block_on(async {
         // Reads come from the input, answers go nowhere.
-        let mut io = tokio::io::join(data, tokio::io::sink());
-        let _ = read_request(&mut io).await;
+        // Without a password and with one (SOCKS5 RFC 1929, HTTP Basic).
+        let auth = ProxyAuth::parse("user:pass").expect("auth");
+        for auth in [None, Some(&auth)] {
+            let mut io = tokio::io::join(data, tokio::io::sink());
+            let _ = read_request(&mut io, auth).await;
+        }
     });
 });

@@ -133,7 +133,12 @@ pub struct Client {
     listeners: Vec<(TcpListener, Forward)>,
     udp_sockets: Vec<(Arc<tokio::net::UdpSocket>, Forward)>,
     udp_stats: Arc<tether_net::udp::UdpStats>,
-    proxy: Option<(TcpListener, Arc<proxy::Router>)>,
+    /// The proxy's port, routes and password (if one is set).
+    proxy: Option<(
+        TcpListener,
+        Arc<proxy::Router>,
+        Option<Arc<proxy::ProxyAuth>>,
+    )>,
 }
 
 impl Client {
@@ -182,14 +187,18 @@ impl Client {
             None => None,
             Some(p) => {
                 let router = proxy::Router::new(&p.route, p.default_agent.clone())?;
+                let auth = match &p.auth_file {
+                    Some(f) => Some(Arc::new(proxy::ProxyAuth::load(f)?)),
+                    None => None,
+                };
                 let l = tether_net::listen::bind(p.listen)
                     .with_context(|| format!("cannot listen on {} (proxy)", p.listen))?;
-                if !p.listen.ip().is_loopback() {
+                if !p.listen.ip().is_loopback() && auth.is_none() {
                     // The proxy asks for no password: whoever reaches the
                     // port opens streams with this client's credential.
-                    tracing::warn!(listen = %p.listen, "the proxy listens beyond this machine and asks for no password: anyone who can reach it opens streams with this client's credential; listen on 127.0.0.1 unless that is meant");
+                    tracing::warn!(listen = %p.listen, "the proxy listens beyond this machine and asks for no password: anyone who can reach it opens streams with this client's credential; listen on 127.0.0.1, or set auth_file");
                 }
-                Some((l, Arc::new(router)))
+                Some((l, Arc::new(router), auth))
             }
         };
         Ok(Client {
@@ -203,7 +212,9 @@ impl Client {
 
     /// The proxy's bound address, if a proxy is configured.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
-        self.proxy.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.proxy
+            .as_ref()
+            .and_then(|(l, _, _)| l.local_addr().ok())
     }
 
     /// The bound local addresses, in forward order.
@@ -273,13 +284,14 @@ impl Client {
                 self.config.early_data,
             ));
         }
-        if let Some((listener, router)) = self.proxy {
+        if let Some((listener, router, auth)) = self.proxy {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(listen = %addr, "SOCKS5 / HTTP CONNECT proxy");
             }
             listeners.spawn(proxy::serve(
                 listener,
                 router,
+                auth,
                 current.clone(),
                 limits.idle_timeout,
             ));

@@ -3,8 +3,10 @@
 //! the cluster's DNS, so `grafana.monitoring.svc.cluster.local:3000` works
 //! from a laptop. Routing rules pick the agent by domain glob or CIDR.
 //!
-//! SOCKS5 (RFC 1928, no authentication, CONNECT) and HTTP CONNECT share one
-//! port: the first byte tells them apart (SOCKS5 starts with 0x05). The
+//! SOCKS5 (RFC 1928: CONNECT, UDP ASSOCIATE; no authentication, or a user
+//! name and password, RFC 1929) and HTTP CONNECT (`Proxy-Authorization:
+//! Basic` when a password is set) share one port: the first byte tells them
+//! apart (SOCKS5 starts with 0x05). The
 //! handshakes are small enough to write out here; doing so keeps the target
 //! as the client named it (no local DNS), which generic proxy crates resolve.
 //! The parsers take untrusted bytes: the `proxy_handshake` fuzz target
@@ -14,6 +16,7 @@ use anyhow::{bail, Context};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_net::pattern::glob_match;
@@ -42,6 +45,80 @@ pub struct ProxyConfig {
     /// The agent for targets no rule matches; without one they are refused.
     #[serde(default)]
     pub default_agent: Option<String>,
+    /// A file whose first line is `USER:PASSWORD`: proxy clients must give
+    /// them (SOCKS5 RFC 1929, HTTP `Proxy-Authorization: Basic`). Without
+    /// it anyone who reaches the port may use it.
+    #[serde(default)]
+    pub auth_file: Option<PathBuf>,
+}
+
+/// The user name and password proxy clients must give.
+#[derive(Clone)]
+pub struct ProxyAuth {
+    user: Vec<u8>,
+    password: Vec<u8>,
+}
+
+impl std::fmt::Debug for ProxyAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyAuth")
+            .field("user", &String::from_utf8_lossy(&self.user))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyAuth {
+    /// Reads `USER:PASSWORD` from the first line of `path`.
+    pub fn load(path: &Path) -> anyhow::Result<ProxyAuth> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the proxy's auth_file {}", path.display()))?;
+        ProxyAuth::parse(text.lines().next().unwrap_or_default())
+            .with_context(|| format!("auth_file {}", path.display()))
+    }
+
+    /// `USER:PASSWORD` (split at the first `:`), each 1 to 255 bytes, as
+    /// SOCKS5 carries them.
+    pub fn parse(line: &str) -> anyhow::Result<ProxyAuth> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let Some((user, password)) = line.split_once(':') else {
+            bail!("expected USER:PASSWORD on its first line");
+        };
+        for (what, v) in [("user name", user), ("password", password)] {
+            if !(1..=255).contains(&v.len()) {
+                bail!("the {what} must be 1 to 255 bytes (SOCKS5's limit)");
+            }
+        }
+        Ok(ProxyAuth {
+            user: user.into(),
+            password: password.into(),
+        })
+    }
+
+    /// Whether `user` and `password` are the ones set, in time that does
+    /// not depend on where they differ.
+    fn matches(&self, user: &[u8], password: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        (self.user.ct_eq(user) & self.password.ct_eq(password)).into()
+    }
+
+    /// Whether an HTTP `Proxy-Authorization` value gives them (`Basic`,
+    /// base64 of `USER:PASSWORD`).
+    fn matches_basic(&self, value: &str) -> bool {
+        use base64::Engine;
+        let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return false;
+        }
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        self.matches(&decoded[..colon], &decoded[colon + 1..])
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -114,16 +191,18 @@ fn host_port(host: &str, port: u16) -> String {
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
+    auth: Option<Arc<ProxyAuth>>,
     session: crate::CurrentSession,
     udp_idle: Duration,
 ) {
     loop {
         let (tcp, peer) = tether_net::listen::accept(&listener).await;
         let router = router.clone();
+        let auth = auth.clone();
         let session = session.clone();
         tokio::spawn(async move {
             tether_net::listen::tune_accepted(&tcp);
-            if let Err(e) = handle(tcp, peer, &router, session, udp_idle).await {
+            if let Err(e) = handle(tcp, peer, &router, auth.as_deref(), session, udp_idle).await {
                 tracing::info!(%peer, "proxy connection failed: {e:#}");
             }
         });
@@ -162,6 +241,7 @@ async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
     router: &Router,
+    auth: Option<&ProxyAuth>,
     session: crate::CurrentSession,
     udp_idle: Duration,
 ) -> anyhow::Result<()> {
@@ -173,7 +253,8 @@ async fn handle(
         Ok(Err(e)) => return Err(e).context("reading the proxy handshake"),
         Err(_) => bail!("proxy handshake timed out: the client sent nothing"),
     }
-    let req = match tokio::time::timeout_at(deadline, read_request_after(&mut tcp, first[0])).await
+    let req = match tokio::time::timeout_at(deadline, read_request_after(&mut tcp, first[0], auth))
+        .await
     {
         Ok(Ok(req)) => req,
         Ok(Err(e)) => {
@@ -270,8 +351,18 @@ async fn write_socks5_reply<S: AsyncWrite + Unpin>(tcp: &mut S, rep: u8) {
 /// Writes an HTTP answer with `status` and `body` as plain text, after which
 /// the connection closes (best effort).
 async fn write_http_error<S: AsyncWrite + Unpin>(tcp: &mut S, status: &str, body: &str) {
+    write_http_answer(tcp, status, "", body).await
+}
+
+/// [`write_http_error`] with `headers` (each ending in CRLF) besides.
+async fn write_http_answer<S: AsyncWrite + Unpin>(
+    tcp: &mut S,
+    status: &str,
+    headers: &str,
+    body: &str,
+) {
     let answer = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{headers}content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tcp.write_all(answer.as_bytes()).await;
@@ -314,14 +405,16 @@ const SOCKS5: u8 = 5;
 const SOCKS4: u8 = 4;
 
 /// Reads one proxy handshake (SOCKS5 or HTTP) from `tcp`, answering the
-/// SOCKS5 method negotiation and refusing what is not supported. Public for
-/// the `proxy_handshake` fuzz target: this parses untrusted local input.
+/// SOCKS5 method negotiation and refusing what is not supported, and what
+/// does not give `auth`'s user name and password when there is one. Public
+/// for the `proxy_handshake` fuzz target: this parses untrusted local input.
 pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
     tcp: &mut S,
+    auth: Option<&ProxyAuth>,
 ) -> anyhow::Result<Request> {
     let mut first = [0u8; 1];
     tcp.read_exact(&mut first).await?;
-    read_request_after(tcp, first[0]).await
+    read_request_after(tcp, first[0], auth).await
 }
 
 /// [`read_request`] after its first byte, `first`, which tells the
@@ -329,6 +422,7 @@ pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
 async fn read_request_after<S: AsyncRead + AsyncWrite + Unpin>(
     tcp: &mut S,
     mut first: u8,
+    auth: Option<&ProxyAuth>,
 ) -> anyhow::Result<Request> {
     // An empty line or two before an HTTP request line is ignored (RFC 9112
     // 2.2: a client may send one after a previous request's body).
@@ -339,7 +433,7 @@ async fn read_request_after<S: AsyncRead + AsyncWrite + Unpin>(
         first = tcp.read_u8().await?;
     }
     match first {
-        SOCKS5 => read_socks5(tcp).await,
+        SOCKS5 => read_socks5(tcp, auth).await,
         SOCKS4 => {
             // SOCKS4's own refusal (version 0, code 91), so that the client
             // says "rejected" at once instead of waiting for a timeout.
@@ -347,7 +441,7 @@ async fn read_request_after<S: AsyncRead + AsyncWrite + Unpin>(
             bail!("a SOCKS4 client: the proxy speaks SOCKS5 (socks5h://) and HTTP CONNECT")
         }
         // A method is a token; anything else is not HTTP either.
-        b if b.is_ascii_alphabetic() => read_http(tcp, b).await,
+        b if b.is_ascii_alphabetic() => read_http(tcp, b, auth).await,
         0x16 => bail!(
             "a TLS handshake: the proxy speaks plain SOCKS5 and HTTP (an http:// proxy URL, not https://)"
         ),
@@ -355,15 +449,33 @@ async fn read_request_after<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::Result<Request> {
+/// SOCKS5 authentication methods (RFC 1928 section 3).
+const SOCKS5_NO_AUTH: u8 = 0;
+const SOCKS5_USER_PASSWORD: u8 = 2;
+const SOCKS5_NO_METHOD: u8 = 0xff;
+
+async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: &mut S,
+    auth: Option<&ProxyAuth>,
+) -> anyhow::Result<Request> {
     let n = tcp.read_u8().await? as usize;
     let mut methods = vec![0u8; n];
     tcp.read_exact(&mut methods).await?;
-    if !methods.contains(&0) {
-        tcp.write_all(&[5, 0xff]).await?;
-        bail!("SOCKS5 client offers no 'no authentication' method");
+    let method = match auth {
+        Some(_) => SOCKS5_USER_PASSWORD,
+        None => SOCKS5_NO_AUTH,
+    };
+    if !methods.contains(&method) {
+        tcp.write_all(&[5, SOCKS5_NO_METHOD]).await?;
+        match auth {
+            Some(_) => bail!("SOCKS5 client offers no user name and password (the proxy asks for them: socks5h://USER:PASSWORD@HOST:PORT)"),
+            None => bail!("SOCKS5 client offers no 'no authentication' method (the proxy has no password set)"),
+        }
     }
-    tcp.write_all(&[5, 0]).await?;
+    tcp.write_all(&[5, method]).await?;
+    if let Some(auth) = auth {
+        socks5_user_password(tcp, auth).await?;
+    }
     let mut head = [0u8; 4];
     tcp.read_exact(&mut head).await?;
     if head[0] != 5 {
@@ -418,9 +530,34 @@ async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> anyhow::
     })
 }
 
+/// RFC 1929: the client's user name and password, answered with success or
+/// failure (after which the client closes).
+async fn socks5_user_password<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: &mut S,
+    auth: &ProxyAuth,
+) -> anyhow::Result<()> {
+    const FAILURE: [u8; 2] = [1, 1];
+    let version = tcp.read_u8().await?;
+    if version != 1 {
+        let _ = tcp.write_all(&FAILURE).await;
+        bail!("SOCKS5 user name and password: version {version}, not 1");
+    }
+    let mut user = vec![0u8; usize::from(tcp.read_u8().await?)];
+    tcp.read_exact(&mut user).await?;
+    let mut password = vec![0u8; usize::from(tcp.read_u8().await?)];
+    tcp.read_exact(&mut password).await?;
+    if !auth.matches(&user, &password) {
+        let _ = tcp.write_all(&FAILURE).await;
+        bail!("SOCKS5 client gave a wrong user name or password");
+    }
+    tcp.write_all(&[1, 0]).await?;
+    Ok(())
+}
+
 async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     tcp: &mut S,
     first: u8,
+    auth: Option<&ProxyAuth>,
 ) -> anyhow::Result<Request> {
     let mut buf = vec![first];
     let mut chunk = [0u8; 2048];
@@ -462,6 +599,22 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or("HTTP/1.1"),
     );
+    if let Some(auth) = auth {
+        let given = fields()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
+            .filter_map(|(_, l)| l.split_once(':').map(|(_, v)| v))
+            .any(|v| auth.matches_basic(v));
+        if !given {
+            write_http_answer(
+                tcp,
+                "407 Proxy Authentication Required",
+                "proxy-authenticate: Basic realm=\"tether proxy\"\r\n",
+                "tether: the proxy asks for a user name and password (http://USER:PASSWORD@HOST:PORT)\n",
+            )
+            .await;
+            bail!("HTTP proxy client gave no or a wrong user name and password");
+        }
+    }
     if method.eq_ignore_ascii_case("CONNECT") {
         let (host, port) = match split_authority(uri, 443) {
             Ok(x) => x,
@@ -944,7 +1097,7 @@ mod tests {
     async fn refused(request: &[u8]) -> (Vec<u8>, String) {
         let (mut client, mut proxy) = tokio::io::duplex(64 * 1024);
         client.write_all(request).await.unwrap();
-        let e = read_request(&mut proxy).await.expect_err("refused");
+        let e = read_request(&mut proxy, None).await.expect_err("refused");
         drop(proxy);
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
@@ -965,7 +1118,7 @@ mod tests {
                  Connection: {connection}\r\nProxy-Authorization: Basic eA==\r\nKeep-Alive: 5\r\n\r\n"
             );
             let mut io = tokio::io::join(head.as_bytes(), tokio::io::sink());
-            let req = read_request(&mut io).await.unwrap();
+            let req = read_request(&mut io, None).await.unwrap();
             let Kind::HttpForward(out) = req.kind else {
                 panic!("{:?}", req.kind)
             };
@@ -1014,7 +1167,7 @@ mod tests {
     /// The rewritten head of an absolute-form request.
     async fn forwarded(head: &[u8]) -> String {
         let mut io = tokio::io::join(head, tokio::io::sink());
-        let req = read_request(&mut io).await.unwrap();
+        let req = read_request(&mut io, None).await.unwrap();
         let Kind::HttpForward(out) = req.kind else {
             panic!("{:?}", req.kind)
         };
@@ -1037,6 +1190,73 @@ mod tests {
         let (answer, e) = refused(b"GET https://h/ HTTP/1.1\r\n\r\n").await;
         assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400 "));
         assert!(e.contains("CONNECT"), "{e}");
+    }
+
+    /// With a password set, SOCKS5 asks for it (RFC 1929) and HTTP wants it
+    /// in `Proxy-Authorization: Basic` (else 407); the right one passes, a
+    /// wrong one or none is refused in the protocol's own way.
+    #[tokio::test]
+    async fn a_password_is_asked_for_when_one_is_set() {
+        let auth = ProxyAuth::parse("alice:s3cret:x").unwrap();
+        let exchange = |request: Vec<u8>| {
+            let auth = auth.clone();
+            async move {
+                let (mut client, mut proxy) = tokio::io::duplex(64 * 1024);
+                client.write_all(&request).await.unwrap();
+                let r = read_request(&mut proxy, Some(&auth)).await;
+                drop(proxy);
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                (
+                    r.map(|r| (r.host, r.port)).map_err(|e| format!("{e:#}")),
+                    answer,
+                )
+            }
+        };
+        let socks = |user: &[u8], password: &[u8]| {
+            let mut r = vec![5, 2, 0, 2, 1, user.len() as u8];
+            r.extend_from_slice(user);
+            r.push(password.len() as u8);
+            r.extend_from_slice(password);
+            r.extend_from_slice(&[5, 1, 0, 3, 2, b'd', b'b', 0x15, 0x38]);
+            r
+        };
+        let (r, answer) = exchange(socks(b"alice", b"s3cret:x")).await;
+        assert_eq!(r, Ok(("db".to_owned(), 5432)));
+        assert_eq!(answer, [5, 2, 1, 0]);
+        let (r, answer) = exchange(socks(b"alice", b"s3cret")).await;
+        assert!(r.unwrap_err().contains("wrong"));
+        assert_eq!(answer, [5, 2, 1, 1]);
+        // A client that offers no user name and password method.
+        let (r, answer) = exchange(vec![5, 1, 0]).await;
+        assert!(r.unwrap_err().contains("socks5h://USER:PASSWORD@"));
+        assert_eq!(answer, [5, 0xff]);
+
+        use base64::Engine;
+        let basic = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let connect = |auth: Option<String>| {
+            let line = auth.map_or(String::new(), |a| format!("Proxy-Authorization: {a}\r\n"));
+            format!("CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n{line}\r\n").into_bytes()
+        };
+        let (r, answer) =
+            exchange(connect(Some(format!("basic {}", basic("alice:s3cret:x"))))).await;
+        assert_eq!(r, Ok(("db".to_owned(), 5432)));
+        assert!(answer.is_empty());
+        for wrong in [
+            None,
+            Some(format!("Basic {}", basic("alice:nope"))),
+            Some("Bearer x".into()),
+        ] {
+            let (r, answer) = exchange(connect(wrong)).await;
+            assert!(r.is_err());
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 407 "), "{text}");
+            assert!(text.contains("proxy-authenticate: Basic realm="), "{text}");
+        }
+        for bad in ["nocolon", ":p", "u:", &format!("u:{}", "p".repeat(256))] {
+            assert!(ProxyAuth::parse(bad).is_err(), "{bad}");
+        }
+        assert!(!format!("{auth:?}").contains("s3cret"));
     }
 
     /// A head's end is found across reads of any size, by CRLF or bare LF.

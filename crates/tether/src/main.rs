@@ -353,6 +353,10 @@ enum ClientAction {
         /// Agent for hosts no route matches (otherwise they are refused).
         #[arg(long)]
         default_agent: Option<String>,
+        /// A file whose first line is USER:PASSWORD, which proxy clients must
+        /// then give (socks5h://USER:PASSWORD@..., http://USER:PASSWORD@...).
+        #[arg(long, value_name = "PATH")]
+        auth_file: Option<PathBuf>,
     },
 }
 
@@ -851,6 +855,7 @@ fn merge_action(t: &mut Table, action: Option<ClientAction>) {
             listen,
             routes,
             default_agent,
+            auth_file,
         }) => {
             // Merged into the file's [proxy]: its routes stay, the flags'
             // are added, and what the flags name replaces the file's.
@@ -866,6 +871,7 @@ fn merge_action(t: &mut Table, action: Option<ClientAction>) {
             }
             push_array(p, "route", routes.into_iter().map(Value::from).collect());
             set(p, "default_agent", default_agent);
+            set(p, "auth_file", path_str(auth_file));
         }
         None => {}
     }
@@ -1019,11 +1025,13 @@ mod tests {
                 listen: None,
                 routes: vec!["10.0.0.0/8=prod".into()],
                 default_agent: None,
+                auth_file: Some("/etc/tether/proxy-auth".into()),
             }),
         );
         let p = t["proxy"].as_table().unwrap();
         assert_eq!(p["listen"].as_str(), Some("127.0.0.1:9000"));
         assert_eq!(p["route"].as_array().map(Vec::len), Some(2));
+        assert_eq!(p["auth_file"].as_str(), Some("/etc/tether/proxy-auth"));
         let mut empty = Table::new();
         merge_action(
             &mut empty,
@@ -1031,6 +1039,7 @@ mod tests {
                 listen: None,
                 routes: vec![],
                 default_agent: None,
+                auth_file: None,
             }),
         );
         assert_eq!(

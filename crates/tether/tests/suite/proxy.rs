@@ -105,6 +105,57 @@ async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
     assert!(log.contains("forbidden"), "{log}");
 }
 
+/// With `--auth-file`, curl gets through with the user name and password
+/// (SOCKS5's RFC 1929 and HTTP's Basic) and is refused without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_a_password_lets_only_those_who_give_it_through() {
+    let web = http_service("behind a password").await;
+    let allow = format!("localhost:{}", web.port());
+    let t = Tunnel::start(&[], &["--allow", &allow]);
+    let dir = std::env::temp_dir().join(format!("tether-proxy-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("auth");
+    std::fs::write(&file, "alice:correct horse\n").unwrap();
+    let (client, port) = proxy_client(
+        &t,
+        &[
+            "--route",
+            "localhost=prod",
+            "--auth-file",
+            &file.display().to_string(),
+        ],
+    );
+    let url = format!("http://localhost:{}/", web.port());
+    for (proxy, works) in [
+        (
+            format!("socks5h://alice:correct%20horse@127.0.0.1:{port}"),
+            true,
+        ),
+        (
+            format!("http://alice:correct%20horse@127.0.0.1:{port}"),
+            true,
+        ),
+        (format!("socks5h://alice:wrong@127.0.0.1:{port}"), false),
+        (format!("socks5h://127.0.0.1:{port}"), false),
+        (format!("http://alice:wrong@127.0.0.1:{port}"), false),
+        (format!("http://127.0.0.1:{port}"), false),
+    ] {
+        // (curl reports a plain HTTP proxy's 407 as a successful answer.)
+        let (_, body, err) = curl(&["--proxy", &proxy, &url]);
+        assert_eq!(
+            body.contains("behind a password"),
+            works,
+            "{proxy}: {body} {err}"
+        );
+    }
+    // The HTTP refusal is a 407 that asks for Basic.
+    let (_, head, _) = curl(&["-i", "--proxy", &format!("http://127.0.0.1:{port}"), &url]);
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    assert!(head.contains("proxy-authenticate: Basic"), "{head}");
+    assert!(client.log_text().contains("wrong user name or password"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5_udp_associate_relays_datagrams_by_name() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
