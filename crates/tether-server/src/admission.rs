@@ -59,10 +59,15 @@ impl Drop for SourceSlot {
 }
 
 /// Most sources whose connection rate one [`SourceRates`] follows at once.
-/// Past it, sources whose bucket has refilled are forgotten; if none has,
-/// a new source is let through unmetered (the listener's own rate still
-/// applies): refusing it would let many busy sources lock out every other.
+/// Past it, sources whose bucket has refilled are forgotten, in one sweep a
+/// second at most (a sweep per accept would be a scan of the whole map per
+/// connection from a new address); a new source that finds no room is let
+/// through unmetered (the listener's own rate still applies): refusing it
+/// would let many busy sources lock out every other.
 const MAX_RATED_SOURCES: usize = 65_536;
+
+/// How often a full [`SourceRates`] map may be swept.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// New connections per source address through one `[[listener]]`, as a
 /// token bucket per source (burst: two seconds' worth). The listener's opens
@@ -70,7 +75,14 @@ const MAX_RATED_SOURCES: usize = 65_536;
 /// one source connecting and closing as fast as it can would spend all of
 /// it and every other source would be refused.
 #[derive(Default)]
-pub(crate) struct SourceRates(Mutex<HashMap<IpAddr, Bucket>>);
+pub(crate) struct SourceRates(Mutex<Rated>);
+
+/// [`SourceRates`]' buckets and when they were last swept.
+#[derive(Default)]
+struct Rated {
+    buckets: HashMap<IpAddr, Bucket>,
+    swept: Option<std::time::Instant>,
+}
 
 impl SourceRates {
     /// Takes one connection for `ip` at `rate` per second, if its bucket
@@ -78,15 +90,21 @@ impl SourceRates {
     pub(crate) fn take(&self, ip: IpAddr, rate: f64, now: std::time::Instant) -> bool {
         let burst = (rate * 2.0).max(1.0);
         let key = source_key(ip);
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= MAX_RATED_SOURCES && !m.contains_key(&key) {
+        let mut r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Rated { buckets, swept } = &mut *r;
+        if buckets.len() >= MAX_RATED_SOURCES && !buckets.contains_key(&key) {
+            if swept.is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY) {
+                return true;
+            }
+            *swept = Some(now);
             // A refilled bucket says nothing a fresh one would not.
-            m.retain(|_, b| b.level(now, rate, burst) < burst);
-            if m.len() >= MAX_RATED_SOURCES {
+            buckets.retain(|_, b| b.level(now, rate, burst) < burst);
+            if buckets.len() >= MAX_RATED_SOURCES {
                 return true;
             }
         }
-        m.entry(key)
+        buckets
+            .entry(key)
             .or_insert_with(|| Bucket::full(now, burst))
             .take(now, rate, burst)
     }

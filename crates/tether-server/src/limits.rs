@@ -102,7 +102,7 @@ impl Limit {
             Limit::Connections | Limit::ConnectionsReserved => "[limits] max_connections",
             Limit::ConnectionsPerSource => "[limits] max_connections_per_source",
             Limit::ListenerConnectionsPerSource => "max_connections_per_source of the [[listener]]",
-            Limit::ListenerOpensPerSource => "opens_per_sec_per_source of the [[listener]]",
+            Limit::ListenerOpensPerSource => "opens_per_sec_per_source of the [[listener]] (default: half of [limits] opens_per_sec)",
             Limit::ConsoleStreams => "nothing (fixed: 16 open consoles per client)",
         }
     }
@@ -328,6 +328,15 @@ impl Limits {
 
     fn cfg(&self) -> LimitsConfig {
         self.cfg.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `opens_per_sec` in force (a listener's per-source rate is half of it
+    /// unless set).
+    pub(crate) fn opens_per_sec(&self) -> f64 {
+        self.cfg
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .opens_per_sec
     }
 
     /// One stream open by `who`, if its rate allows.

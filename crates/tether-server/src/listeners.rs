@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::admission::{SourceCounts, SourceRates};
 use crate::cluster::{Cluster, Phase};
 use crate::config::ListenerConfig;
-use crate::limits::Limit;
+use crate::limits::{Limit, Limits};
 use crate::metrics::Metrics;
 use crate::open::{Caller, OpenGuard, Opener};
 use crate::registry::Registry;
@@ -53,18 +53,22 @@ pub(crate) struct Listener {
     /// the least recently used flow makes room before the stream cap
     /// refuses a new one.
     max_flows: usize,
+    /// The server's limits: the default per-source rate is half of its
+    /// `opens_per_sec`.
+    limits: Arc<Limits>,
 }
 
 impl Listener {
     /// A listener for `cfg` (checked by [`ListenerConfig::validate`]),
-    /// whose connections or flows hold at most `max_streams` streams.
+    /// whose connections or flows hold at most `limits`' streams per
+    /// identity.
     pub(crate) fn new(
         cfg: ListenerConfig,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         opener: Opener,
         cluster: Arc<Cluster>,
-        max_streams: usize,
+        limits: Arc<Limits>,
     ) -> Listener {
         Listener {
             caller: Caller::listener(cfg.listen, cfg.is_udp()),
@@ -73,7 +77,8 @@ impl Listener {
             metrics,
             opener,
             cluster,
-            max_flows: max_streams.min(tether_net::udp::DEFAULT_MAX_FLOWS),
+            max_flows: limits.max_streams().min(tether_net::udp::DEFAULT_MAX_FLOWS),
+            limits,
         }
     }
 
@@ -128,12 +133,21 @@ impl Listener {
                         }
                     }
                     (tcp, peer) = tether_net::listen::accept(&listener) => {
+                        // Sources outside allow_from take no rate bucket.
+                        if !cfg.allows(&peer) {
+                            self.metrics.error("listener_source_denied");
+                            tracing::warn!(listen = %cfg.listen, %peer, "connection from a source outside allow_from; closed");
+                            continue;
+                        }
                         let now = Instant::now();
-                        if !rates.take(peer.ip(), cfg.opens_per_sec_per_source, now) {
+                        let rate = cfg
+                            .opens_per_sec_per_source
+                            .unwrap_or_else(|| self.limits.opens_per_sec() / 2.0);
+                        if !rates.take(peer.ip(), rate, now) {
                             self.metrics.limit_hit(Limit::ListenerOpensPerSource);
                             if rate_warned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
                                 rate_warned = Some(now);
-                                tracing::warn!(listen = %cfg.listen, %peer, max = cfg.opens_per_sec_per_source, raise_with = Limit::ListenerOpensPerSource.setting(), "source opens connections through this listener faster than it allows; closed (more this second not logged)");
+                                tracing::warn!(listen = %cfg.listen, %peer, max = rate, raise_with = Limit::ListenerOpensPerSource.setting(), "source opens connections through this listener faster than it allows; closed (more this second not logged)");
                             }
                             continue;
                         }
@@ -159,11 +173,6 @@ impl Listener {
     async fn serve_one(&self, mut tcp: TcpStream, peer: SocketAddr) {
         let cfg = &self.cfg;
         let started = Instant::now();
-        if !cfg.allows(&peer) {
-            self.metrics.error("listener_source_denied");
-            tracing::warn!(listen = %cfg.listen, %peer, "connection from a source outside allow_from; closed");
-            return;
-        }
         tether_net::listen::tune_accepted(&tcp);
         // The PROXY header, then what the client has sent already, go with
         // the open (early data).

@@ -159,7 +159,7 @@ impl State {
             self.metrics.clone(),
             self.opener.clone(),
             self.cluster.clone(),
-            self.limits.max_streams(),
+            self.limits.clone(),
         )
     }
 

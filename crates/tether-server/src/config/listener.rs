@@ -10,12 +10,6 @@ use tether_proto::target::ClientTarget;
 /// all of an agent's 8192 streams.
 pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
 
-/// Default for `opens_per_sec_per_source`: far above what people behind
-/// one address open (clients keep their connections), a tenth of the
-/// listener's whole open rate (`opens_per_sec`, 1000), so one source
-/// cannot spend it all.
-pub(crate) const OPENS_PER_SEC_PER_SOURCE: f64 = 100.0;
-
 /// One `[[listener]]` of the server config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,10 +34,13 @@ pub struct ListenerConfig {
     #[serde(default = "default_per_source")]
     pub max_connections_per_source: usize,
     /// New TCP connections per second one source address may make through
-    /// this listener (default 100, bursts of twice that); past it the
-    /// connection is closed at accept.
-    #[serde(default = "default_opens_per_source")]
-    pub opens_per_sec_per_source: f64,
+    /// this listener, in bursts of twice that; past it the connection is
+    /// closed at accept. Default: half of `[limits] opens_per_sec` (the
+    /// listener's whole rate), so one source (or one NAT, one balancer that
+    /// hides its clients) cannot spend all of it, and a server whose rate
+    /// was raised raises this too. TCP listeners only.
+    #[serde(default)]
+    pub opens_per_sec_per_source: Option<f64>,
     /// Send what a connection has already written with its open (early
     /// data, PROTOCOL.md 6.3; TCP only): a round trip less per connection.
     /// Off, a retry after a lost agent session can never repeat a byte to
@@ -62,10 +59,6 @@ fn default_protocol() -> String {
 
 fn default_per_source() -> usize {
     MAX_CONNECTIONS_PER_SOURCE
-}
-
-fn default_opens_per_source() -> f64 {
-    OPENS_PER_SEC_PER_SOURCE
 }
 
 impl ListenerConfig {
@@ -101,11 +94,19 @@ impl ListenerConfig {
                 self.listen
             );
         }
-        if !(self.opens_per_sec_per_source.is_finite() && self.opens_per_sec_per_source > 0.0) {
-            anyhow::bail!(
-                "listener {}: opens_per_sec_per_source must be a number above 0 (default {OPENS_PER_SEC_PER_SOURCE})",
-                self.listen
-            );
+        if let Some(rate) = self.opens_per_sec_per_source {
+            if !(rate.is_finite() && rate > 0.0) {
+                anyhow::bail!(
+                    "listener {}: opens_per_sec_per_source must be a number above 0 (leave it out for half of [limits] opens_per_sec)",
+                    self.listen
+                );
+            }
+            if self.is_udp() {
+                anyhow::bail!(
+                    "listener {}: opens_per_sec_per_source is for TCP listeners (a UDP source can be spoofed)",
+                    self.listen
+                );
+            }
         }
         Ok(())
     }
@@ -180,7 +181,7 @@ mod tests {
             proxy_protocol: false,
             protocol: protocol.into(),
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
-            opens_per_sec_per_source: OPENS_PER_SEC_PER_SOURCE,
+            opens_per_sec_per_source: None,
             early_data: true,
         }
     }
@@ -227,7 +228,7 @@ mod tests {
         // A rate of 0, or one that is not a number.
         for rate in [0.0, f64::NAN, f64::INFINITY] {
             let mut l = listener("0.0.0.0:5432", "tcp");
-            l.opens_per_sec_per_source = rate;
+            l.opens_per_sec_per_source = Some(rate);
             assert!(l.validate().is_err(), "{rate}");
         }
         // The server's own port.
