@@ -94,11 +94,14 @@ impl ProxyAuth {
         })
     }
 
-    /// Whether `user` and `password` are the ones set, in time that does
-    /// not depend on where they differ.
+    /// Whether `user` and `password` are the ones set, in time that
+    /// depends neither on where they differ nor on their lengths (digests
+    /// of a fixed size are compared).
     fn matches(&self, user: &[u8], password: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        (self.user.ct_eq(user) & self.password.ct_eq(password)).into()
+        let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+        let same = |a: &[u8], b: &[u8]| digest(a).as_ref().ct_eq(digest(b).as_ref());
+        (same(&self.user, user) & same(&self.password, password)).into()
     }
 
     /// Whether an HTTP `Proxy-Authorization` value gives them (`Basic`,
@@ -600,11 +603,16 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
         parts.next().unwrap_or("HTTP/1.1"),
     );
     if let Some(auth) = auth {
-        let given = fields()
+        // Exactly one `Proxy-Authorization` (RFC 9110 11.7.1): a head with
+        // hundreds would be hundreds of guesses.
+        let mut given = fields()
             .filter(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
-            .filter_map(|(_, l)| l.split_once(':').map(|(_, v)| v))
-            .any(|v| auth.matches_basic(v));
-        if !given {
+            .filter_map(|(_, l)| l.split_once(':').map(|(_, v)| v));
+        let right = match (given.next(), given.next()) {
+            (Some(v), None) => auth.matches_basic(v),
+            _ => false,
+        };
+        if !right {
             write_http_answer(
                 tcp,
                 "407 Proxy Authentication Required",
@@ -791,9 +799,9 @@ const MAX_ASSOCIATION_FLOWS: usize = 256;
 /// queued 64 KiB datagrams were 4 GiB.
 const ASSOCIATION_QUEUE_BYTES: usize = 4 << 20;
 
-/// Most of those bytes one destination's queue holds: one whose open
-/// hangs (its agent offline) does not take the others' room.
-const FLOW_QUEUE_BYTES: usize = 1 << 20;
+/// Most of those bytes one destination's queue holds: a few whose opens
+/// hang (their agent offline) do not take the others' room.
+const FLOW_QUEUE_BYTES: usize = 256 << 10;
 
 /// Queued datagram bytes, up to a limit.
 struct Budget {
@@ -908,11 +916,22 @@ async fn udp_associate(
             }
             got = relay.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
-                // Only the client that asked for the association may use it.
+                // Only the client that asked for the association may use
+                // it: its address, and the port its first datagram came
+                // from. Another program on its host (a VM or a container
+                // behind the same address) may neither send with its
+                // credential nor take its replies.
                 if from.ip() != peer.ip() {
                     continue;
                 }
-                *client_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+                {
+                    let mut client = client_addr.lock().unwrap_or_else(|p| p.into_inner());
+                    match *client {
+                        Some(c) if c != from => continue,
+                        Some(_) => {}
+                        None => *client = Some(from),
+                    }
+                }
                 let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
                 let key = (host.clone(), port);
                 // A flow that ended (idle) makes way for a new one.
@@ -1242,10 +1261,17 @@ mod tests {
             exchange(connect(Some(format!("basic {}", basic("alice:s3cret:x"))))).await;
         assert_eq!(r, Ok(("db".to_owned(), 5432)));
         assert!(answer.is_empty());
+        let right = format!("Basic {}", basic("alice:s3cret:x"));
+        let two = format!(
+            "Basic {}\r\nProxy-Authorization: {right}",
+            basic("alice:guess")
+        );
         for wrong in [
             None,
             Some(format!("Basic {}", basic("alice:nope"))),
             Some("Bearer x".into()),
+            // One guess per request, not one per header.
+            Some(two),
         ] {
             let (r, answer) = exchange(connect(wrong)).await;
             assert!(r.is_err());
@@ -1315,17 +1341,18 @@ mod tests {
         let stuck = Budget::new(FLOW_QUEUE_BYTES);
         let first = fill(&stuck);
         assert_eq!(first.len(), FLOW_QUEUE_BYTES / big.len());
-        let flows: Vec<Arc<Budget>> = (0..8).map(|_| Budget::new(FLOW_QUEUE_BYTES)).collect();
+        let flows: Vec<Arc<Budget>> = (0..=ASSOCIATION_QUEUE_BYTES / FLOW_QUEUE_BYTES)
+            .map(|_| Budget::new(FLOW_QUEUE_BYTES))
+            .collect();
         let rest: Vec<Vec<Queued>> = flows.iter().map(fill).collect();
         let held = first.len() + rest.iter().map(Vec::len).sum::<usize>();
         assert_eq!(held, ASSOCIATION_QUEUE_BYTES / big.len());
         // Refused by the association: the flow's budget is not charged.
-        let before = flows[7].used.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(Queued::admit(&big, [&association, &flows[7]]).is_none());
-        assert_eq!(
-            flows[7].used.load(std::sync::atomic::Ordering::Relaxed),
-            before
-        );
+        let last = flows.last().unwrap();
+        let before = last.used.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(before < FLOW_QUEUE_BYTES - big.len(), "room in the flow");
+        assert!(Queued::admit(&big, [&association, last]).is_none());
+        assert_eq!(last.used.load(std::sync::atomic::Ordering::Relaxed), before);
         drop((first, rest));
         assert_eq!(
             association.used.load(std::sync::atomic::Ordering::Relaxed),

@@ -201,6 +201,24 @@ async fn socks5_udp_associate_relays_datagrams_by_name() {
         );
         assert_eq!(&buf[header.len()..n], &[i; 300][..]);
     }
+    // Another socket on the client's address (another program on its host)
+    // may not use the association: dropped, and the client's own replies
+    // keep coming to the client.
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    other.connect(("127.0.0.1", relay_port)).await.unwrap();
+    let mut d = header.clone();
+    d.extend_from_slice(b"not mine");
+    other.send(&d).await.unwrap();
+    let stolen = tokio::time::timeout(Duration::from_millis(500), other.recv(&mut buf)).await;
+    assert!(stolen.is_err(), "a datagram from another port was relayed");
+    let mut d = header.clone();
+    d.extend_from_slice(b"mine");
+    udp.send(&d).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), udp.recv(&mut buf))
+        .await
+        .expect("the client's answers still come to it")
+        .unwrap();
+    assert_eq!(&buf[header.len()..n], b"mine");
     drop(ctl);
     assert!(client.wait_log("UDP association closed", Duration::from_secs(5)));
 }
