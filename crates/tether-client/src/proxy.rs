@@ -278,7 +278,7 @@ async fn handle(
         }
     };
     if let Kind::UdpAssociate = req.kind {
-        return udp_associate(tcp, peer, router, session, udp_idle).await;
+        return udp_associate(tcp, peer, req.port, router, session, udp_idle).await;
     }
     if let Err(e) = RawTarget::parse(&host_port(&req.host, req.port)) {
         refuse_bad_target(&mut tcp, &req.kind, &e.to_string()).await;
@@ -879,6 +879,7 @@ struct AssociationFlow {
 async fn udp_associate(
     mut tcp: TcpStream,
     peer: SocketAddr,
+    from_port: u16,
     router: &Router,
     session: crate::CurrentSession,
     idle: Duration,
@@ -905,7 +906,11 @@ async fn udp_associate(
     let mut flows: std::collections::HashMap<(String, u16), AssociationFlow> =
         std::collections::HashMap::new();
     let queued = Budget::new(ASSOCIATION_QUEUE_BYTES);
-    let client_addr: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    // The port the client named (0: whichever sends first).
+    let named = (from_port != 0).then(|| SocketAddr::new(peer.ip(), from_port));
+    let client_addr: Arc<std::sync::Mutex<Option<SocketAddr>>> =
+        Arc::new(std::sync::Mutex::new(named));
+    let mut warned_port = false;
     let mut buf = vec![0u8; 65536];
     let mut tcp_probe = [0u8; 1];
     loop {
@@ -917,22 +922,29 @@ async fn udp_associate(
             got = relay.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
                 // Only the client that asked for the association may use
-                // it: its address, and the port its first datagram came
-                // from. Another program on its host (a VM or a container
-                // behind the same address) may neither send with its
-                // credential nor take its replies.
+                // it: its address, and the port it named in its request
+                // (RFC 1928 section 7), or, if it named none, the port of
+                // its first well-formed datagram. Another program on its
+                // host (a VM or a container behind the same address) may
+                // neither send with its credential nor take its replies.
                 if from.ip() != peer.ip() {
                     continue;
                 }
+                let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
                 {
                     let mut client = client_addr.lock().unwrap_or_else(|p| p.into_inner());
                     match *client {
-                        Some(c) if c != from => continue,
+                        Some(c) if c != from => {
+                            if !warned_port {
+                                warned_port = true;
+                                tracing::info!(%peer, relay = %bound, client = %c, %from, "udp: a datagram from another port of the client's address; dropped (an association serves one client socket)");
+                            }
+                            continue;
+                        }
                         Some(_) => {}
                         None => *client = Some(from),
                     }
                 }
-                let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
                 let key = (host.clone(), port);
                 // A flow that ended (idle) makes way for a new one.
                 if flows.get(&key).is_some_and(|f| f.tx.is_closed()) {

@@ -236,6 +236,33 @@ impl ConnectionHold {
 mod tests {
     use super::*;
 
+    /// A full map is swept at most once a second; until a sweep frees
+    /// room, new sources pass unmetered.
+    #[test]
+    fn a_full_map_is_swept_once_a_second() {
+        let rates = SourceRates::default();
+        let t0 = std::time::Instant::now();
+        let source = |i: usize| IpAddr::from((i as u32 | 0x0a00_0000).to_be_bytes());
+        for i in 0..MAX_RATED_SOURCES {
+            // A slow rate: each bucket, once taken from, stays below full.
+            assert!(rates.take(source(i), 0.01, t0));
+        }
+        let swept = || rates.0.lock().unwrap().swept;
+        let len = || rates.0.lock().unwrap().buckets.len();
+        assert_eq!(swept(), None);
+        assert!(rates.take(source(MAX_RATED_SOURCES), 0.01, t0));
+        assert_eq!(swept(), Some(t0), "the first new source sweeps");
+        assert_eq!(len(), MAX_RATED_SOURCES, "nothing had refilled");
+        let t1 = t0 + std::time::Duration::from_millis(500);
+        assert!(rates.take(source(MAX_RATED_SOURCES + 1), 0.01, t1));
+        assert_eq!(swept(), Some(t0), "no second sweep within a second");
+        // Two minutes on, every bucket has refilled: the sweep empties it.
+        let t2 = t0 + std::time::Duration::from_secs(120);
+        assert!(rates.take(source(MAX_RATED_SOURCES + 2), 0.01, t2));
+        assert_eq!(swept(), Some(t2));
+        assert_eq!(len(), 1);
+    }
+
     /// A source gets its burst (two seconds' worth), then its rate; another
     /// source has its own bucket; IPv6 counts per /64.
     #[test]

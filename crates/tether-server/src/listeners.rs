@@ -109,6 +109,14 @@ impl Listener {
         // A source refused for its rate may try thousands of times a
         // second: one log line a second says it (the metric counts all).
         let mut rate_warned: Option<Instant> = None;
+        let mut denied_warned: Option<Instant> = None;
+        let once_a_second = |last: &mut Option<Instant>, now: Instant| {
+            let due = last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
         let mut changes = self.registry.subscribe();
         loop {
             if !self.agent_connected(&mut changes).await {
@@ -133,20 +141,24 @@ impl Listener {
                         }
                     }
                     (tcp, peer) = tether_net::listen::accept(&listener) => {
+                        let now = Instant::now();
                         // Sources outside allow_from take no rate bucket.
                         if !cfg.allows(&peer) {
                             self.metrics.error("listener_source_denied");
-                            tracing::warn!(listen = %cfg.listen, %peer, "connection from a source outside allow_from; closed");
+                            if once_a_second(&mut denied_warned, now) {
+                                tracing::warn!(listen = %cfg.listen, %peer, "connection from a source outside allow_from; closed (more this second not logged)");
+                            }
                             continue;
                         }
-                        let now = Instant::now();
+                        // Half the listener's rate unless set; none when
+                        // that rate is 0 (the listener's own bucket, which
+                        // never refills then, is the limit).
                         let rate = cfg
                             .opens_per_sec_per_source
                             .unwrap_or_else(|| self.limits.opens_per_sec() / 2.0);
-                        if !rates.take(peer.ip(), rate, now) {
+                        if rate > 0.0 && !rates.take(peer.ip(), rate, now) {
                             self.metrics.limit_hit(Limit::ListenerOpensPerSource);
-                            if rate_warned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
-                                rate_warned = Some(now);
+                            if once_a_second(&mut rate_warned, now) {
                                 tracing::warn!(listen = %cfg.listen, %peer, max = rate, raise_with = Limit::ListenerOpensPerSource.setting(), "source opens connections through this listener faster than it allows; closed (more this second not logged)");
                             }
                             continue;

@@ -231,6 +231,12 @@ mod tests {
             l.opens_per_sec_per_source = Some(rate);
             assert!(l.validate().is_err(), "{rate}");
         }
+        // A UDP listener has no per-source rate (its sources can be spoofed).
+        let mut udp = listener("0.0.0.0:53", "udp");
+        udp.opens_per_sec_per_source = Some(1.0);
+        assert!(udp.validate().is_err());
+        udp.protocol = "tcp".into();
+        assert!(udp.validate().is_ok());
         // The server's own port.
         let e = no_overlaps(main, None, &[listener("127.0.0.1:7700", "tcp")]).unwrap_err();
         assert!(e.to_string().contains("the server itself listens"), "{e}");

@@ -179,6 +179,13 @@ async fn socks5_udp_associate_relays_datagrams_by_name() {
     assert_eq!(&rep[..2], &[5, 0], "association granted");
     let relay_port = u16::from_be_bytes([rep[8], rep[9]]);
 
+    // Junk from another socket of the client's address before the client's
+    // first datagram does not take the association.
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    other.connect(("127.0.0.1", relay_port)).await.unwrap();
+    other.send(b"junk").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     udp.connect(("127.0.0.1", relay_port)).await.unwrap();
     let name = b"localhost";
@@ -204,8 +211,6 @@ async fn socks5_udp_associate_relays_datagrams_by_name() {
     // Another socket on the client's address (another program on its host)
     // may not use the association: dropped, and the client's own replies
     // keep coming to the client.
-    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    other.connect(("127.0.0.1", relay_port)).await.unwrap();
     let mut d = header.clone();
     d.extend_from_slice(b"not mine");
     other.send(&d).await.unwrap();
