@@ -37,7 +37,7 @@ const HOLD_AFTER_LOSS: Duration = Duration::from_secs(15);
 /// partition or a reconnect in progress), else `agent_offline`.
 pub(crate) const NOT_HERE_WINDOW: Duration = Duration::from_secs(600);
 /// Most opens waiting for an agent at once.
-const MAX_HELD_OPENS: usize = 1024;
+pub(crate) const MAX_HELD_OPENS: usize = 1024;
 
 /// Where a replica is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

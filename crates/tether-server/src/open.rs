@@ -309,8 +309,13 @@ async fn find_agent(
     } else {
         std::time::Duration::ZERO
     };
+    // Whether this open would have waited but every wait was taken: the
+    // refusal says so, or it would read as a plain "not connected".
+    let mut no_wait_left = false;
     if !wait.is_zero() {
+        no_wait_left = true;
         if let Some(_held) = h.cluster.take_hold() {
+            no_wait_left = false;
             let mut changes = h.registry.subscribe();
             let deadline = Instant::now() + wait;
             loop {
@@ -326,6 +331,16 @@ async fn find_agent(
         }
     }
     let replica = h.cluster.id();
+    if no_wait_left {
+        h.metrics.error("held_opens_full");
+        return Err(Refusal::new(
+            OpenErrorCode::NotHere,
+            format!(
+                "replica {replica} has no session to agent {agent} yet, and the {} opens it lets wait for reconnecting agents are all waiting; retry",
+                crate::cluster::MAX_HELD_OPENS
+            ),
+        ));
+    }
     let draining = !h.registry.instances(agent).is_empty();
     Err(if draining {
         Refusal::new(
@@ -675,6 +690,29 @@ mod tests {
         first.abort();
         let _ = first.await;
         assert_eq!(pending(&h), 0);
+    }
+
+    /// With every wait for a reconnecting agent taken, an open is refused
+    /// at once, and the refusal names that limit rather than reading as
+    /// "not connected".
+    #[tokio::test]
+    async fn an_open_with_no_wait_left_says_so() {
+        let h = opener(r#"["ghost/web"]"#, 4);
+        let held: Vec<_> = std::iter::from_fn(|| h.0.cluster.take_hold())
+            .take(crate::cluster::MAX_HELD_OPENS + 1)
+            .collect();
+        assert_eq!(held.len(), crate::cluster::MAX_HELD_OPENS);
+        let started = std::time::Instant::now();
+        let refusal = h.find_agent("ghost").await.err().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1), "it waited");
+        assert_eq!(refusal.code, OpenErrorCode::NotHere, "{refusal}");
+        assert!(refusal.reason.contains("1024 opens"), "{refusal}");
+        drop(held);
+        // With a wait free, the same open waits (the replica just started).
+        let started = std::time::Instant::now();
+        let refusal = h.find_agent("ghost").await.err().unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(1), "{refusal}");
+        assert!(!refusal.reason.contains("1024 opens"), "{refusal}");
     }
 
     fn alice(h: &Opener) -> Caller {
