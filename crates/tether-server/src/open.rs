@@ -309,24 +309,22 @@ async fn find_agent(
     } else {
         std::time::Duration::ZERO
     };
-    // Whether this open would have waited but every wait was taken: the
-    // refusal says so, or it would read as a plain "not connected".
-    let mut no_wait_left = false;
-    if !wait.is_zero() {
-        no_wait_left = true;
-        if let Some(_held) = h.cluster.take_hold() {
-            no_wait_left = false;
-            let mut changes = h.registry.subscribe();
-            let deadline = Instant::now() + wait;
-            loop {
-                if let Some(e) = h.registry.pick(agent, except) {
-                    tracing::debug!(%agent, "an open waited for the agent's session and got it");
-                    return Ok(e);
-                }
-                match tokio::time::timeout_at(deadline, changes.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => break,
-                }
+    // A wait for the agent's session, if this open may wait and a wait is
+    // free. With every wait taken, the refusal says so, or it would read as
+    // a plain "not connected".
+    let held = (!wait.is_zero()).then(|| h.cluster.take_hold());
+    let no_wait_left = matches!(held, Some(None));
+    if let Some(Some(_held)) = held {
+        let mut changes = h.registry.subscribe();
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(e) = h.registry.pick(agent, except) {
+                tracing::debug!(%agent, "an open waited for the agent's session and got it");
+                return Ok(e);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => break,
             }
         }
     }
