@@ -906,10 +906,9 @@ async fn udp_associate(
     let mut flows: std::collections::HashMap<(String, u16), AssociationFlow> =
         std::collections::HashMap::new();
     let queued = Budget::new(ASSOCIATION_QUEUE_BYTES);
-    // The port the client named (0: whichever sends first).
-    let named = (from_port != 0).then(|| SocketAddr::new(peer.ip(), from_port));
-    let client_addr: Arc<std::sync::Mutex<Option<SocketAddr>>> =
-        Arc::new(std::sync::Mutex::new(named));
+    // The client's socket: the port it named (0: whichever sends first).
+    // Set once; every flow starts after it is, and sends its replies there.
+    let mut client = (from_port != 0).then(|| SocketAddr::new(peer.ip(), from_port));
     let mut warned_port = false;
     let mut buf = vec![0u8; 65536];
     let mut tcp_probe = [0u8; 1];
@@ -931,19 +930,16 @@ async fn udp_associate(
                     continue;
                 }
                 let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
-                {
-                    let mut client = client_addr.lock().unwrap_or_else(|p| p.into_inner());
-                    match *client {
-                        Some(c) if c != from => {
-                            if !warned_port {
-                                warned_port = true;
-                                tracing::info!(%peer, relay = %bound, client = %c, %from, "udp: a datagram from another port of the client's address; dropped (an association serves one client socket)");
-                            }
-                            continue;
+                match client {
+                    Some(c) if c != from => {
+                        if !warned_port {
+                            warned_port = true;
+                            tracing::info!(%peer, relay = %bound, client = %c, %from, "udp: a datagram from another port of the client's address; dropped (an association serves one client socket)");
                         }
-                        Some(_) => {}
-                        None => *client = Some(from),
+                        continue;
                     }
+                    Some(_) => {}
+                    None => client = Some(from),
                 }
                 let key = (host.clone(), port);
                 // A flow that ended (idle) makes way for a new one.
@@ -981,7 +977,7 @@ async fn udp_associate(
                     format!("{agent}/{}", host_port(&host, port)),
                     udp_header(&host, port),
                     rx,
-                    (relay.clone(), client_addr.clone()),
+                    (relay.clone(), from),
                     idle,
                 ));
             }
@@ -997,10 +993,7 @@ async fn association_flow(
     target: String,
     header: Vec<u8>,
     mut rx: tokio::sync::mpsc::Receiver<Queued>,
-    (relay, client): (
-        Arc<tokio::net::UdpSocket>,
-        Arc<std::sync::Mutex<Option<SocketAddr>>>,
-    ),
+    (relay, client): (Arc<tokio::net::UdpSocket>, SocketAddr),
     idle: Duration,
 ) {
     let stream = match session
@@ -1041,12 +1034,9 @@ async fn association_flow(
                             return;
                         }
                     };
-                    let to = *client.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(to) = to {
-                        let mut out = header.clone();
-                        out.extend_from_slice(&d);
-                        let _ = relay.send_to(&out, to).await;
-                    }
+                    let mut out = header.clone();
+                    out.extend_from_slice(&d);
+                    let _ = relay.send_to(&out, client).await;
                 }
             }
             _ = tokio::time::sleep_until((last + idle).into()) => break,
