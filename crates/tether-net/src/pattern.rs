@@ -10,14 +10,16 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     let mut star: Option<(usize, usize)> = None;
     while let Some(t) = char_at(text, ti) {
         match char_at(pattern, pi) {
-            Some(p) if p == '?' || p == t => {
-                pi += p.len_utf8();
-                ti += t.len_utf8();
-                continue;
-            }
+            // A star first: a `*` in the text is no reason to read the
+            // pattern's star as a literal one.
             Some('*') => {
                 star = Some((pi, ti));
                 pi += 1;
+                continue;
+            }
+            Some(p) if p == '?' || p == t => {
+                pi += p.len_utf8();
+                ti += t.len_utf8();
                 continue;
             }
             _ => {}
@@ -69,5 +71,10 @@ mod tests {
         assert!(!glob_match("ü*x", "üaéy"));
         assert!(glob_match("**", ""));
         assert!(!glob_match("", "a"));
+        // A star in the text is a character like any other.
+        assert!(glob_match("a*", "a*b"));
+        assert!(glob_match("*", "*"));
+        assert!(glob_match("a*c", "a*c"));
+        assert!(!glob_match("a*c", "a*b"));
     }
 }
