@@ -485,7 +485,7 @@ impl Supervisor {
             .values()
             .filter(|l| !l.conn.is_closed() && !l.conn.is_draining())
             .filter_map(|l| l.this().map(|t| t.id))
-            .filter(|id| !id.is_empty() && !id.contains(','))
+            .filter(|id| fits_held_header(id))
             .collect();
         ids.sort();
         ids.dedup();
@@ -599,6 +599,14 @@ fn target<'a>(targets: &'a mut HashMap<Key, Target>, key: &Key, now: Instant) ->
     })
 }
 
+/// Whether a replica id can be listed in `X-Tether-Held`: a replica's own
+/// id is 1-200 visible ASCII characters without a comma. One that is not
+/// (a control character in a replica's list) would make every later dial's
+/// header invalid, and the agent unable to reconnect anywhere.
+fn fits_held_header(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +645,16 @@ mod tests {
         let ((agent, _), (server, _)) = mem::sessions().await.unwrap();
         announce(&agent, &server, 1, entries).await;
         (agent, server)
+    }
+
+    #[test]
+    fn held_ids_are_header_safe() {
+        assert!(fits_held_header("tether-server-0"));
+        assert!(!fits_held_header(""));
+        assert!(!fits_held_header("a,b"));
+        assert!(!fits_held_header("a\nb"));
+        assert!(!fits_held_header("a b"));
+        assert!(!fits_held_header("caf\u{e9}"));
     }
 
     /// A replica that left is not "missing" while the others still list

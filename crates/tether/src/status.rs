@@ -298,7 +298,12 @@ fn render(v: &Value) -> String {
     ]];
     for ag in array(&v["agents"]["agents"]) {
         let inst = array(&ag["instances"]);
-        let sum = |k: &str| inst.iter().map(|i| num(&i[k])).sum::<u64>();
+        // Saturating: the figures come from the server's answer, not from us.
+        let sum = |k: &str| {
+            inst.iter()
+                .map(|i| num(&i[k]))
+                .fold(0u64, u64::saturating_add)
+        };
         let oldest = inst.iter().map(|i| num(&i["uptime_secs"])).max();
         let services: Vec<String> = array(&ag["services"])
             .iter()
