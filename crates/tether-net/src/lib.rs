@@ -12,6 +12,7 @@
 //! * [`splice`]: copying bytes both ways between two endpoints while keeping
 //!   half-close.
 //! * [`io`]: a stream as an `AsyncRead` + `AsyncWrite` byte pipe.
+//! * [`stall`]: a byte pipe whose writes fail once its peer stops reading.
 //! * [`reconnect`]: how an agent or a client reaches its server (trust,
 //!   token, dial and handshake, the reconnect loop).
 
@@ -36,5 +37,6 @@ pub mod observe;
 pub mod pattern;
 pub mod reconnect;
 mod scratch;
+pub mod stall;
 pub mod tuning;
 pub mod udp;

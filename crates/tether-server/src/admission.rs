@@ -284,6 +284,7 @@ mod tests {
         Caps {
             max_connections: max,
             max_per_source: per_source,
+            send_timeout: std::time::Duration::from_secs(60),
         }
     }
 

@@ -131,6 +131,9 @@ pub(crate) struct Caps {
     pub(crate) max_connections: usize,
     /// `max_connections_per_source`.
     pub(crate) max_per_source: usize,
+    /// `send_timeout_secs`: how long a write may wait on a client that
+    /// reads nothing.
+    pub(crate) send_timeout: std::time::Duration,
 }
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second, one taken
@@ -323,6 +326,7 @@ impl Limits {
         Caps {
             max_connections: g.max_connections,
             max_per_source: g.max_connections_per_source,
+            send_timeout: std::time::Duration::from_secs(g.send_timeout_secs),
         }
     }
 

@@ -218,7 +218,16 @@ impl Router {
                 };
                 proxy::serve(web, req, peer, route, rest, host, credential).await
             }
-            _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+            _ => {
+                // At most 200 bytes of the path echoed: the answer to a long
+                // one is not as large as the request (a URI path is ASCII).
+                let shown = path.get(..200).unwrap_or(&path);
+                let more = if shown.len() < path.len() { "..." } else { "" };
+                text(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint: {shown}{more}"),
+                )
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tether_net::stall::WriteStall;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::Authenticator;
@@ -262,10 +263,8 @@ impl Server {
         tether_net::listen::tune_accepted(&tcp);
         // Connection caps: refuse at once instead of running out of
         // file descriptors for everyone.
-        let hold = match state
-            .admission()
-            .admit(peer.ip(), state.limits().connection_caps())
-        {
+        let caps = state.limits().connection_caps();
+        let hold = match state.admission().admit(peer.ip(), caps) {
             Ok(h) => h,
             Err(refused) => {
                 state.metrics().limit_hit(refused.limit());
@@ -278,8 +277,12 @@ impl Server {
         let tls = state.tls().get();
         tokio::spawn(async move {
             let Some(acceptor) = tls else {
+                let tcp = WriteStall::new(tcp, caps.send_timeout);
                 return serve_connection(router, metrics, tcp, peer, None, hold).await;
             };
+            // Under TLS, so that its close_notify (and the handshake's own
+            // answer) is bounded too.
+            let tcp = WriteStall::new(tcp, caps.send_timeout);
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => {
                     // A client certificate rustls verified against

@@ -25,6 +25,9 @@ pub(crate) const MAX_CONNECTIONS: usize = 20_000;
 /// Default cap on one source address's connections to the public port
 /// (IPv6: per /64). A browser opens a handful; a NAT'd office a few hundred.
 pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 512;
+/// Default for how long a write to a client on the public port may wait
+/// with nothing read by the client (nginx's `send_timeout` default).
+pub(crate) const SEND_TIMEOUT_SECS: u64 = 60;
 
 /// `[limits]` in the server config (reloadable).
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +62,11 @@ pub struct LimitsConfig {
     /// Open TCP connections to the public port from one source address.
     #[serde(default = "d_max_connections_per_source")]
     pub max_connections_per_source: usize,
+    /// Seconds a write to a connection on the public port may wait while
+    /// its client reads nothing; then the connection is dropped (a client
+    /// that never reads would otherwise hold its connection forever).
+    #[serde(default = "d_send_timeout_secs")]
+    pub send_timeout_secs: u64,
 }
 
 impl LimitsConfig {
@@ -97,6 +105,12 @@ impl LimitsConfig {
                 );
             }
         }
+        if !(1..=86_400).contains(&self.send_timeout_secs) {
+            anyhow::bail!(
+                "[limits] send_timeout_secs = {}: seconds from 1 to 86400 (a day)",
+                self.send_timeout_secs
+            );
+        }
         for (name, rate, burst_name, burst) in [
             (
                 "opens_per_sec",
@@ -122,6 +136,9 @@ impl LimitsConfig {
     }
 }
 
+fn d_send_timeout_secs() -> u64 {
+    SEND_TIMEOUT_SECS
+}
 fn d_max_connections_per_source() -> usize {
     MAX_CONNECTIONS_PER_SOURCE
 }
@@ -162,6 +179,7 @@ impl Default for LimitsConfig {
             max_pending_opens_per_client: MAX_PENDING_OPENS_PER_CLIENT,
             max_connections: MAX_CONNECTIONS,
             max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            send_timeout_secs: SEND_TIMEOUT_SECS,
         }
     }
 }
@@ -186,5 +204,11 @@ mod tests {
             ..Default::default()
         };
         assert!(zero.validate().is_err());
+        let never = LimitsConfig {
+            send_timeout_secs: 0,
+            ..Default::default()
+        };
+        let e = never.validate().unwrap_err().to_string();
+        assert!(e.contains("send_timeout_secs = 0"), "{e}");
     }
 }

@@ -888,6 +888,74 @@ async fn get_from(server: std::net::SocketAddr, source: [u8; 4], path: &str) -> 
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A client that sends requests and never reads the answers (its receive
+/// window shut) holds its connection slot only until `[limits]
+/// send_timeout_secs`: the stuck write fails and the slot comes back. Before,
+/// hyper waited on that write forever, and the connection was never idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_gives_its_slot_back() {
+    let dir = std::env::temp_dir().join(format!("tether-send-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"prod\"\ntoken = \"{AGENT_TOKEN}\"\n\
+             [limits]\nmax_connections_per_source = 1\nsend_timeout_secs = 2\n"
+        ),
+    )
+    .unwrap();
+    let _server = Proc::spawn(
+        "server",
+        &[
+            "server".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    }));
+    let source = [127, 0, 0, 7];
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    let tcp = sock.connect(addr).await.unwrap();
+    let (_unread, mut w) = tcp.into_split();
+    // 3 000 pipelined requests for a 12 KB asset: 35 MB of answers, far
+    // more than the two sockets' buffers hold.
+    let requests = "GET /_tether/console.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3000);
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(requests.as_bytes()).await;
+        w // kept open: no FIN
+    });
+    // The stuck connection holds the source's one slot...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get_from(addr, source, "/healthz").await,
+        None,
+        "a second connection from the source was let in"
+    );
+    // ... until its write has waited 2 s with nothing read.
+    let started = std::time::Instant::now();
+    let mut back = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if get_from(addr, source, "/healthz").await == Some(200) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        back,
+        "the slot of a client that never reads never came back"
+    );
+    writer.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Idle HTTP/2 connections cannot fill the connection cap: one source gets
 /// at most its share, the last tenth stays for agent and client sessions,
 /// and idle connections are closed after the first-request timeout.
