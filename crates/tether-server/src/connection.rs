@@ -30,6 +30,13 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// unanswered for [`HEADER_READ_TIMEOUT`]).
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// The most an HTTP/1.1 connection buffers: a request head must fit (431
+/// otherwise; a browser's is a few KiB, cookies included), and what it
+/// queues of an answer. hyper's default (about 400 KiB) let each of the
+/// 18 000 anonymous connections hold that much of an unfinished head for
+/// the header-read timeout: 7 GiB from a few dozen sources.
+const MAX_HTTP1_BUFFER: usize = 64 * 1024;
+
 /// A connection with no request in flight is closed (gracefully: responses
 /// still streaming finish first) after this long without a new request.
 /// HTTP/1.1 connections are also cut by hyper's header-read timeout; this
@@ -107,7 +114,8 @@ pub(crate) async fn serve_connection<S>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HTTP1_BUFFER);
     // HTTP/2 has no header-read timeout: ping idle connections to drop
     // dead ones, and close live but idle ones below.
     builder
