@@ -10,7 +10,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Connections served at once: a scraper or two and the kubelet's probes
+/// need a handful. More are closed at accept, so that connections opened
+/// and left there cannot take the process's file descriptors (which its
+/// public port and its dials share).
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long one connection is served, requests and idle time together.
+/// Every answer is small and quick; a keep-alive scraper reconnects. Bounds
+/// a connection that sends nothing, or half a request, or never reads.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// The answer to a probe path: status code and body; `None` for a path the
 /// process does not serve.
@@ -32,14 +44,20 @@ pub async fn serve_observe(
     render: Arc<dyn Fn() -> String + Send + Sync>,
     probe: Probe,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = crate::listen::bind(addr)?;
     let local = listener.local_addr()?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let (tcp, _) = crate::listen::accept(&listener).await;
+            let (tcp, peer) = crate::listen::accept(&listener).await;
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "metrics endpoint: {MAX_CONNECTIONS} connections open; closing a new one");
+                continue;
+            };
             let render = render.clone();
             let probe = probe.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let render = render.clone();
                     let probe = probe.clone();
@@ -63,9 +81,9 @@ pub async fn serve_observe(
                         Ok::<_, Infallible>(r)
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
             });
         }
     });

@@ -888,6 +888,37 @@ async fn get_from(server: std::net::SocketAddr, source: [u8; 4], path: &str) -> 
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The metrics endpoint serves at most 64 connections at once: connections
+/// opened and left there cannot take the process's file descriptors. The
+/// 65th is closed at accept; once the idle ones go, `/metrics` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_pile_up_on_the_metrics_endpoint() {
+    let port = free_port();
+    let metrics = free_port();
+    let mut args = Tunnel::server_args(port);
+    args.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
+    let _server = Proc::spawn("server", &args);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/metrics").is_some_and(|(s, _)| s == 200)
+    }));
+    let mut idle = vec![];
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf))
+        .await
+        .expect("the 65th connection was kept open");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    drop(idle);
+    assert!(wait_until(Duration::from_secs(5), || {
+        http_get(addr, "/metrics").is_some_and(|(s, _)| s == 200)
+    }));
+}
+
 /// A request head over 64 KiB is refused with 431 (hyper's default let an
 /// unauthenticated connection buffer about 400 KiB of one); a 30 KiB one, a
 /// browser's with big cookies, still goes through.
