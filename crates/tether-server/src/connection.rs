@@ -18,6 +18,7 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use crate::admission::ConnectionHold;
 use crate::limits::Limit;
+use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::response::{text, Resp};
 use crate::router::Router;
@@ -240,7 +241,10 @@ impl Activity {
 fn reserve_refusal(metrics: &Metrics, peer: SocketAddr) -> Resp {
     let limit = Limit::ConnectionsReserved;
     metrics.limit_hit(limit);
-    tracing::warn!(%peer, limit = limit.as_str(), raise_with = limit.setting(), "connection slots are full: only agent and client sessions are served");
+    static GATE: LogGate = LogGate::new();
+    if GATE.allow() {
+        tracing::warn!(%peer, limit = limit.as_str(), raise_with = limit.setting(), "connection slots are full: only agent and client sessions are served (more this second not logged)");
+    }
     let mut r = text(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(

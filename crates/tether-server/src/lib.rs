@@ -35,6 +35,7 @@ mod policy;
 // Shared handles.
 mod cluster;
 mod limits;
+mod log_gate;
 mod metrics;
 mod registry;
 mod sessions;

@@ -417,10 +417,16 @@ impl Limits {
         if !e.take(now, rate, burst) {
             return Err(LimitHit {
                 limit,
-                reason: format!(
-                    "{who}: more than {rate} {what} per second (burst {burst}); the server's {} raises it",
-                    limit.setting()
-                ),
+                reason: if limit == Limit::LoginsPerSource {
+                    format!(
+                        "{who}: more than {rate} {what} per second (burst {burst}), a fixed limit"
+                    )
+                } else {
+                    format!(
+                        "{who}: more than {rate} {what} per second (burst {burst}); the server's {} raises it",
+                        limit.setting()
+                    )
+                },
             });
         }
         Ok(())

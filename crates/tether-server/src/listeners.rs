@@ -110,6 +110,7 @@ impl Listener {
         // second: one log line a second says it (the metric counts all).
         let mut rate_warned: Option<Instant> = None;
         let mut denied_warned: Option<Instant> = None;
+        let mut full_warned: Option<Instant> = None;
         let once_a_second = |last: &mut Option<Instant>, now: Instant| {
             let due = last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
             if due {
@@ -165,7 +166,9 @@ impl Listener {
                         }
                         let Some(slot) = per_source.take(peer.ip(), cfg.max_connections_per_source.max(1)) else {
                             self.metrics.limit_hit(Limit::ListenerConnectionsPerSource);
-                            tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, raise_with = Limit::ListenerConnectionsPerSource.setting(), "source has too many connections through this listener; closed");
+                            if once_a_second(&mut full_warned, now) {
+                                tracing::warn!(listen = %cfg.listen, %peer, max = cfg.max_connections_per_source, raise_with = Limit::ListenerConnectionsPerSource.setting(), "source has too many connections through this listener; closed (more this second not logged)");
+                            }
                             continue;
                         };
                         let this = self.clone();

@@ -14,6 +14,7 @@ use crate::auth::Authenticator;
 use crate::cluster::Phase;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::connection::serve_connection;
+use crate::log_gate::LogGate;
 use crate::reload::{ConfigSource, Reloader};
 use crate::router::Router;
 use crate::state::State;
@@ -268,7 +269,10 @@ impl Server {
             Ok(h) => h,
             Err(refused) => {
                 state.metrics().limit_hit(refused.limit());
-                tracing::warn!(%peer, open = state.admission().open(), limit = refused.limit().as_str(), raise_with = refused.limit().setting(), "connection limit reached; closing a new connection");
+                static GATE: LogGate = LogGate::new();
+                if GATE.allow() {
+                    tracing::warn!(%peer, open = state.admission().open(), limit = refused.limit().as_str(), raise_with = refused.limit().setting(), "connection limit reached; closing a new connection (more this second not logged)");
+                }
                 return;
             }
         };

@@ -16,6 +16,7 @@ use crate::admission::ConnectionHold;
 use crate::auth::{bearer, AuthStore};
 use crate::identity::ClientIdentity;
 use crate::limits::{Limit, LimitHit};
+use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::response::{empty, text, Resp};
 
@@ -89,7 +90,10 @@ pub(crate) fn require_token(
 ) -> Result<String, Box<Resp>> {
     bearer_token(req, allow_query).ok_or_else(|| {
         metrics.error("missing_token");
-        tracing::warn!(%peer, "{who} connection without a token");
+        static GATE: LogGate = LogGate::new();
+        if GATE.allow() {
+            tracing::warn!(%peer, "{who} connection without a token (more this second not logged)");
+        }
         Box::new(text(
             StatusCode::UNAUTHORIZED,
             format!("missing {who} token (Authorization: Bearer ...)"),
@@ -100,7 +104,10 @@ pub(crate) fn require_token(
 /// The 401 answer to a token nobody has.
 pub(crate) fn unknown_token(metrics: &Metrics, peer: SocketAddr, who: &str) -> Resp {
     metrics.error("bad_token");
-    tracing::warn!(%peer, "{who} connection with an unknown token");
+    static GATE: LogGate = LogGate::new();
+    if GATE.allow() {
+        tracing::warn!(%peer, "{who} connection with an unknown token (more this second not logged)");
+    }
     text(StatusCode::UNAUTHORIZED, format!("invalid {who} token"))
 }
 
@@ -115,7 +122,10 @@ pub(crate) fn authenticate_client(
     let token = require_token(metrics, req, peer, "client", allow_query)?;
     auth.get().client(&token).map_err(|why| {
         metrics.error("bad_token");
-        tracing::warn!(%peer, "client credential refused: {why}");
+        static GATE: LogGate = LogGate::new();
+        if GATE.allow() {
+            tracing::warn!(%peer, "client credential refused: {why} (more this second not logged)");
+        }
         // The reason is for the log only: callers learn nothing about
         // which check failed.
         Box::new(text(StatusCode::UNAUTHORIZED, "invalid client token"))

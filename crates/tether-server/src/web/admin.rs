@@ -21,6 +21,7 @@ use serde::Serialize;
 use super::login::identify;
 use super::Web;
 use crate::cluster::{Cluster, Phase};
+use crate::log_gate::LogGate;
 use crate::registry::Registry;
 use crate::response::{api_headers, full, Resp};
 use crate::sessions::{SessionView, Sessions};
@@ -258,7 +259,21 @@ impl AdminApi {
     /// Answers `req` (its path starts with [`API_PREFIX`]).
     pub(crate) fn serve(&self, web: &Web, req: &Request<Incoming>) -> Resp {
         let Some((client, _)) = identify(web, req.headers()) else {
-            let reason = if crate::auth::bearer(req.headers()).is_some() {
+            let reason = if let Some(token) = crate::auth::bearer(req.headers()) {
+                // Logged (at most once a second: anyone can send one) with
+                // why: `tether status` with an expired JWT fails here.
+                web.metrics.error("bad_token");
+                static GATE: LogGate = LogGate::new();
+                if GATE.allow() {
+                    let why = web
+                        .auth
+                        .get()
+                        .client(&token)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
+                    tracing::warn!(path = %req.uri().path(), "admin API refused a credential: {why} (more this second not logged)");
+                }
                 "invalid client token"
             } else {
                 "sign in, or send a client token as Authorization: Bearer"

@@ -35,6 +35,7 @@ use super::pages::{error, escape, html_page};
 use super::{cookie, split_port, Web, WebConfig, FORM_READ_TIMEOUT, MAX_FORM_BODY};
 use crate::auth::{bearer, token_hash};
 use crate::identity::ClientIdentity;
+use crate::log_gate::LogGate;
 use crate::response::{page_policy, redirect, Resp};
 
 /// How a request proved who it is.
@@ -341,7 +342,10 @@ pub(crate) async fn login_submit(
     };
     if !csrf_ok {
         web.metrics.error("csrf");
-        tracing::warn!(%peer, "login without a valid, matching CSRF value");
+        static GATE: LogGate = LogGate::new();
+        if GATE.allow() {
+            tracing::warn!(%peer, "login without a valid, matching CSRF value (more this second not logged)");
+        }
         let csrf = web.logins.issue_login_csrf();
         let mut r = sign_in_page(
             web,
@@ -370,7 +374,10 @@ pub(crate) async fn login_submit(
     let source = super::client_ip(&web.cfg, peer.ip(), &headers);
     if let Err(hit) = web.limits.login(source) {
         web.metrics.limit_hit(hit.limit);
-        tracing::warn!(%peer, %source, "login refused: {}", hit.reason);
+        static GATE: LogGate = LogGate::new();
+        if GATE.allow() {
+            tracing::warn!(%peer, %source, "login refused: {} (more this second not logged)", hit.reason);
+        }
         return error(
             &headers,
             StatusCode::TOO_MANY_REQUESTS,

@@ -42,6 +42,7 @@ use super::rewrite::{
 use super::route::WebRoute;
 use super::{client_chain, wants_html, Web};
 use crate::admission::ConnectionHold;
+use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::open::{http_status, Caller, OpenGuard};
 use crate::policy::target_name;
@@ -85,7 +86,10 @@ pub(crate) async fn serve(
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             web.metrics.error("bad_token");
-            tracing::warn!(%peer, "http request with a refused credential: {why}");
+            static GATE: LogGate = LogGate::new();
+            if GATE.allow() {
+                tracing::warn!(%peer, "http request with a refused credential: {why} (more this second not logged)");
+            }
             return error(
                 req.headers(),
                 StatusCode::UNAUTHORIZED,

@@ -303,6 +303,37 @@ async fn upgrades_without_valid_credentials_get_401_with_a_reason() {
     assert!(m.contains("tether_errors_total{kind=\"bad_token\"}"), "{m}");
 }
 
+/// Wrong tokens, which anyone can send as fast as they like, are counted
+/// one by one but logged at most once a second: nobody fills the server's
+/// disk or buries other lines by repeating them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_tokens_is_counted_but_logged_once_a_second() {
+    let t = Tunnel::start(&[], &[]);
+    let addr = t.server_addr();
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        let r = raw_upgrade(addr, "/tether/v1/ws/prod/echo?token=wrong", "");
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let m = t.server_metrics();
+    assert_eq!(
+        metric(&m, "tether_errors_total{kind=\"bad_token\"}"),
+        Some(40.0),
+        "{m}"
+    );
+    let lines = t
+        .server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("credential refused") || l.contains("unknown token"))
+        .count() as u64;
+    assert!(
+        (1..=secs + 1).contains(&lines),
+        "{lines} lines for 40 wrong tokens in {secs} s"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_websocket_endpoint_carries_one_stream() {
     let echo = echo_service().await;

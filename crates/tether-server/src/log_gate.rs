@@ -1,0 +1,58 @@
+//! One log line a second for an event a peer can repeat at will (a refused
+//! connection, a wrong token, a login over its rate): the metric counts
+//! every one, the log says it once a second, so that nobody can fill the
+//! disk or drown other lines by repeating a mistake.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// A gate for one kind of log line (a `static` at the line's call site).
+pub(crate) struct LogGate {
+    /// Milliseconds since [`epoch`] of the last line let through, plus one
+    /// (0: none yet).
+    last: AtomicU64,
+}
+
+/// The time base of every gate.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl LogGate {
+    /// A gate that lets its first line through.
+    pub(crate) const fn new() -> LogGate {
+        LogGate {
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be written now: the first, then at most one a
+    /// second (whichever caller claims the second writes it).
+    pub(crate) fn allow(&self) -> bool {
+        let now = epoch().elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now < last + 1000 {
+            return false;
+        }
+        self.last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogGate;
+
+    #[test]
+    fn one_line_a_second() {
+        let gate = LogGate::new();
+        assert!(gate.allow(), "the first line");
+        assert!(!gate.allow(), "a second one at once");
+        std::thread::sleep(std::time::Duration::from_millis(1010));
+        assert!(gate.allow(), "a line a second later");
+        assert!(!gate.allow());
+    }
+}
