@@ -258,7 +258,7 @@ impl Agent {
                 return;
             }
             Err(e) => {
-                if sup.failed(&key) {
+                if sup.failed(&key, &e.to_string()) {
                     tracing::warn!(server = %shown, "{e} (retrying with backoff)");
                 } else {
                     tracing::debug!(server = %shown, "{e}");

@@ -44,6 +44,10 @@ const FIRST_DIAL_SPREAD: Duration = Duration::from_secs(2);
 /// listed thousands (a bug, or a compromised replica) would have the agent
 /// dial each of them.
 const MAX_ADVERTISED: usize = 64;
+/// Most replicas in the view, remembered ones included: a session that
+/// advertised a fresh list at every tick would otherwise grow it by
+/// [`MAX_ADVERTISED`] a tick for [`FORGET_AFTER`] (7 680 dials at once).
+const MAX_VIEW: usize = 2 * MAX_ADVERTISED;
 /// How often the view and the sessions are looked at.
 const TICK: Duration = Duration::from_millis(500);
 /// Looking for a replica through the load balancer: the wait after landing
@@ -129,6 +133,8 @@ struct Target {
     busy: bool,
     /// Dials failed in a row (the first is a warning, the rest debug).
     failures: u32,
+    /// Why the last one failed: a new reason is a warning again.
+    last_error: String,
 }
 
 /// What the view knows of a replica.
@@ -286,6 +292,18 @@ impl Supervisor {
                 st.left.remove(&k);
             }
             let new = !st.view.contains_key(&k);
+            if new && st.view.len() >= MAX_VIEW {
+                // Full: the replica advertised longest ago makes room; if
+                // every one was advertised this time, the new one waits.
+                let stalest = st
+                    .view
+                    .iter()
+                    .filter(|(_, s)| s.last < now)
+                    .min_by_key(|(_, s)| s.last)
+                    .map(|(k, _)| k.clone());
+                let Some(old) = stalest else { continue };
+                st.view.remove(&old);
+            }
             st.view.insert(k.clone(), Seen { last: now });
             if new && holding {
                 // Spread the first dial of a replica that just appeared.
@@ -328,16 +346,21 @@ impl Supervisor {
         due
     }
 
-    /// A dial of `key` failed; returns whether this is the first failure
-    /// in a row (worth a warning; the rest are logged at debug).
-    pub(crate) fn failed(&self, key: &Key) -> bool {
+    /// A dial of `key` failed because of `why`; returns whether this is
+    /// the first failure in a row or a new reason (worth a warning; the
+    /// rest are logged at debug). A server that comes back refusing the
+    /// token is not hidden behind the "connection refused" of its restart.
+    pub(crate) fn failed(&self, key: &Key, why: &str) -> bool {
         let mut st = self.lock();
         st.dialing = st.dialing.saturating_sub(1);
         let advertised = st.view.contains_key(key);
         let t = target(&mut st.targets, key, Instant::now());
         t.busy = false;
         t.failures += 1;
-        let first = t.failures == 1;
+        let first = t.failures == 1 || t.last_error != why;
+        if t.last_error != why {
+            t.last_error = why.to_owned();
+        }
         let mut delay = t.backoff.next_delay();
         if advertised {
             delay = delay.min(ADVERTISED_BACKOFF_CAP);
@@ -596,6 +619,7 @@ fn target<'a>(targets: &'a mut HashMap<Key, Target>, key: &Key, now: Instant) ->
         next_attempt: now,
         busy: false,
         failures: 0,
+        last_error: String::new(),
     })
 }
 
@@ -655,6 +679,55 @@ mod tests {
         assert!(!fits_held_header("a\nb"));
         assert!(!fits_held_header("a b"));
         assert!(!fits_held_header("caf\u{e9}"));
+    }
+
+    /// A dial failing again for the same reason is not worth another
+    /// warning; for a new reason it is (a server back from a restart that
+    /// now refuses the token).
+    #[test]
+    fn a_new_reason_to_fail_is_a_warning_again() {
+        let sup = Supervisor::new();
+        let key = Key::Url;
+        assert!(sup.failed(&key, "connection refused"));
+        assert!(!sup.failed(&key, "connection refused"));
+        assert!(sup.failed(&key, "HTTP 401: invalid agent token"));
+        assert!(!sup.failed(&key, "HTTP 401: invalid agent token"));
+    }
+
+    /// A session that advertises a fresh list of 64 replicas at every look
+    /// grows the view to at most `MAX_VIEW`, not by 64 a look for a minute.
+    #[tokio::test]
+    async fn a_changing_list_cannot_grow_the_view_without_bound() {
+        let list = |round: u16| -> Vec<ReplicaEntry> {
+            let mut v = vec![entry("r0", "127.0.0.1:7000", true)];
+            v.extend((1..64u16).map(|i| {
+                entry(
+                    &format!("r{round}-{i}"),
+                    &format!("127.0.{}.{i}:7000", round + 1),
+                    false,
+                )
+            }));
+            v
+        };
+        let key = Key::Addr("127.0.0.1:7000".parse().unwrap());
+        let sup = Supervisor::new();
+        let (agent, server) = session(list(0)).await;
+        let _slot = sup.up(&key, &key, agent.clone());
+        for round in 0..6u16 {
+            announce(&agent, &server, u64::from(round) + 2, list(round)).await;
+            let _ = sup.due();
+            assert!(
+                sup.lock().view.len() <= MAX_VIEW,
+                "round {round}: {}",
+                sup.lock().view.len()
+            );
+        }
+        assert_eq!(sup.lock().view.len(), MAX_VIEW);
+        // This look's list is all in the view: the newest win.
+        assert!(sup
+            .lock()
+            .view
+            .contains_key(&Key::Addr("127.0.6.9:7000".parse().unwrap())));
     }
 
     /// A replica that left is not "missing" while the others still list
