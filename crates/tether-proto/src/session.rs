@@ -917,32 +917,42 @@ impl Session {
             ))));
         }
         self.highest_peer_id = id.0;
-        let refuse = if !self.config.accept_opens {
-            Some((
-                OpenErrorCode::NotAccepted,
-                "this side does not accept streams",
-            ))
-        } else if self.goaway_sent {
-            Some((OpenErrorCode::GoingAway, "session is draining"))
-        } else if self.goaway_received {
-            // Neither side opens after a GOAWAY (PROTOCOL.md 10), the one
-            // that sent it included.
-            Some((OpenErrorCode::GoingAway, "you sent GOAWAY: no new streams"))
-        } else if matches!(target.kind, TargetKind::Other(_)) {
-            Some((OpenErrorCode::BadTarget, "unknown stream kind"))
-        } else if self.peer_streams >= self.config.max_peer_streams {
-            Some((
-                OpenErrorCode::TooManyStreams,
-                "too many streams on this session",
-            ))
-        } else if target.kind == TargetKind::Udp && self.version < UDP_VERSION {
-            Some((
-                OpenErrorCode::BadTarget,
-                "UDP streams need protocol version 2",
-            ))
-        } else {
-            None
-        };
+        let refuse: Option<(OpenErrorCode, std::borrow::Cow<'static, str>)> =
+            if !self.config.accept_opens {
+                Some((
+                    OpenErrorCode::NotAccepted,
+                    "this side does not accept streams".into(),
+                ))
+            } else if self.goaway_sent {
+                Some((OpenErrorCode::GoingAway, "session is draining".into()))
+            } else if self.goaway_received {
+                // Neither side opens after a GOAWAY (PROTOCOL.md 10), the one
+                // that sent it included.
+                Some((
+                    OpenErrorCode::GoingAway,
+                    "you sent GOAWAY: no new streams".into(),
+                ))
+            } else if matches!(target.kind, TargetKind::Other(_)) {
+                Some((OpenErrorCode::BadTarget, "unknown stream kind".into()))
+            } else if self.peer_streams >= self.config.max_peer_streams {
+                // The number, and that it is this session's (shared by every
+                // client whose streams it carries).
+                Some((
+                    OpenErrorCode::TooManyStreams,
+                    format!(
+                        "this session already carries {} streams, its limit",
+                        self.config.max_peer_streams
+                    )
+                    .into(),
+                ))
+            } else if target.kind == TargetKind::Udp && self.version < UDP_VERSION {
+                Some((
+                    OpenErrorCode::BadTarget,
+                    "UDP streams need protocol version 2".into(),
+                ))
+            } else {
+                None
+            };
         if let Some((code, reason)) = refuse {
             self.control.push_back(Frame::OpenErr {
                 id,
