@@ -28,8 +28,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tether_net::Refusal;
-use tether_proto::{OpenErrorCode, ServiceKind};
+use tether_net::{Refusal, StreamError};
+use tether_proto::{OpenErrorCode, ResetCode, ServiceKind};
 
 use super::credential::{identify_on, ConnectionCredential};
 use super::login::{login_required, Via};
@@ -431,11 +431,26 @@ fn gateway_refusal(
             r.code.as_str().to_owned(),
             r.reason.clone(),
         ),
-        None => (
-            StatusCode::BAD_GATEWAY,
-            "bad_gateway".to_owned(),
-            format!("{agent}/{service} did not answer with HTTP: {e}"),
-        ),
+        None => {
+            // hyper's own text is a generic phrase ("connection error"); the
+            // cause is further down: a reset with its code and reason, the
+            // socket's error. A session lost on the way is the server's
+            // trouble reaching the agent, not the service's answer: 503.
+            let reset = stream_error_of(e).and_then(StreamError::reset_code);
+            let status = if reset == Some(ResetCode::SessionLost) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            (
+                status,
+                "bad_gateway".to_owned(),
+                format!(
+                    "{agent}/{service} did not answer with HTTP: {}",
+                    with_causes(e)
+                ),
+            )
+        }
     };
     let status = match status {
         StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => status,
@@ -443,6 +458,41 @@ fn gateway_refusal(
         _ => StatusCode::BAD_GATEWAY,
     };
     (status, code, msg)
+}
+
+/// `e` and what caused it, as one line ("a: b: c"), each cause once (a
+/// wrapper often repeats its source's text).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cur = cause.source();
+    }
+    line
+}
+
+/// The stream error somewhere in `e`'s causes, if any (inside an
+/// `io::Error` or on its own).
+fn stream_error_of<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(s) = err.downcast_ref::<StreamError>() {
+            return Some(s);
+        }
+        if let Some(s) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(StreamError::from_io)
+        {
+            return Some(s);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Splices a WebSocket upgrade once both sides have switched,
@@ -649,5 +699,51 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that says only a generic phrase and keeps its cause, as
+    /// hyper's do.
+    #[derive(Debug)]
+    struct Generic(std::io::Error);
+
+    impl std::fmt::Display for Generic {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connection error")
+        }
+    }
+
+    impl std::error::Error for Generic {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// A failed answer says why, from the causes hyper keeps below its own
+    /// phrase; a session lost on the way is a 503, not the service's 502.
+    #[test]
+    fn a_gateway_error_names_its_cause() {
+        let reset = |code| {
+            Generic(
+                StreamError::Reset {
+                    code,
+                    reason: "service closed the connection".into(),
+                    remote: true,
+                }
+                .into(),
+            )
+        };
+        let (status, _, msg) = gateway_refusal(&reset(ResetCode::IoError), "prod", "web");
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            msg,
+            "prod/web did not answer with HTTP: connection error: stream reset: io_error: service closed the connection"
+        );
+        let (status, _, _) = gateway_refusal(&reset(ResetCode::SessionLost), "prod", "web");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
 }
