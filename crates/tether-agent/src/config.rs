@@ -115,6 +115,16 @@ impl AgentConfig {
         if self.udp_idle_timeout_ms == 0 {
             anyhow::bail!("udp_idle_timeout_ms = 0 would close every UDP flow at once: give it at least 1 (default {})", default_udp_idle_ms());
         }
+        // The server gives up on an open it sent after its own timeout; a
+        // dial allowed longer than that is cut there, and the client reads
+        // the server's timeout, not this setting.
+        let server_waits = tether_proto::Config::default().open_timeout;
+        if Duration::from_millis(self.dial_timeout_ms) >= server_waits {
+            tracing::warn!(
+                "dial_timeout_ms = {}: the server gives up on an open after {server_waits:?}, so a dial longer than that fails there",
+                self.dial_timeout_ms
+            );
+        }
         Ok(())
     }
 

@@ -154,7 +154,7 @@ async fn connect_tcp(
         Err(_) => Err(Refusal::new(
             OpenErrorCode::Timeout,
             format!(
-                "{} did not answer within {dial_timeout:?}",
+                "{} did not answer within {dial_timeout:?} (the agent's dial_timeout_ms)",
                 resolved.address
             ),
         )),

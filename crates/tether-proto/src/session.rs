@@ -1713,7 +1713,10 @@ impl Session {
             }
         }
         for id in expired_opens {
-            let reason = format!("no answer within {:?}", self.config.open_timeout);
+            let reason = format!(
+                "no answer within {:?} (the open timeout)",
+                self.config.open_timeout
+            );
             self.control.push_back(Frame::Rst {
                 id,
                 code: ResetCode::Cancel,

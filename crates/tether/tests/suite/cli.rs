@@ -19,6 +19,43 @@ fn tether(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
+/// An agent whose dial may take longer than the server waits for an open
+/// is told so when its config is checked: the server's timeout, not its own
+/// setting, is what its clients would hit.
+#[test]
+fn a_dial_timeout_past_the_servers_open_timeout_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("tether-dial-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |ms: u64| {
+        let cfg = dir.join(format!("agent-{ms}.toml"));
+        std::fs::write(
+            &cfg,
+            format!("server = \"ws://127.0.0.1:1\"\nname = \"a\"\ntoken = \"t\"\ndial_timeout_ms = {ms}\n[services]\nweb = \"127.0.0.1:80\"\n"),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args([
+                "agent",
+                "--config",
+                &cfg.display().to_string(),
+                "--check-config",
+            ])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run tether");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let long = check(30_000);
+    assert!(
+        long.contains("dial_timeout_ms = 30000: the server gives up on an open after 15s"),
+        "{long}"
+    );
+    let short = check(10_000);
+    assert!(!short.contains("gives up"), "{short}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Completions for bash (syntax-checked by bash itself), zsh and fish name
 /// the subcommands and flags; the man page is roff for `tether` with every
 /// subcommand.
