@@ -16,6 +16,7 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use crate::auth::{token_hash, AuthStore};
 use crate::cluster::{Cluster, REPLICAS_REFRESH};
 use crate::limits::Limits;
+use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, MAX_INSTANCES};
 use crate::response::{text, Resp};
@@ -99,6 +100,27 @@ impl AgentEndpoint {
         };
         let (name, token_hash) = match by_cert {
             Some(n) => (n, None),
+            None if client_cert.is_some() && crate::auth::bearer(req.headers()).is_none() => {
+                // A certificate (verified against client_ca) and no token:
+                // it was meant as the credential; say why it is none,
+                // rather than that a token is missing.
+                let why = match &claimed {
+                    None => "the upgrade names no agent (X-Tether-Agent)".to_owned(),
+                    Some(c) if auth.agent_by_cert([c.as_str()]).is_none() => {
+                        format!("agent {c:?} has no [[agent]] entry with mtls = true")
+                    }
+                    Some(c) => format!("the certificate has no DNS name {c:?}"),
+                };
+                self.metrics.error("bad_certificate");
+                static GATE: LogGate = LogGate::new();
+                if GATE.allow() {
+                    tracing::warn!(%peer, "agent client certificate not accepted: {why} (more this second not logged)");
+                }
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    format!("client certificate not accepted: {why}"),
+                );
+            }
             None => {
                 let token = match require_token(&self.metrics, &req, peer, "agent", false) {
                     Ok(t) => t,

@@ -1318,6 +1318,14 @@ fn agents_authenticate_with_client_certificates() {
         "{}",
         wrong_name.log_text()
     );
+    // It is told why: the certificate, not a missing token.
+    assert!(
+        wrong_name
+            .log_text()
+            .contains("client certificate not accepted: the certificate has no DNS name \"prod\""),
+        "{}",
+        wrong_name.log_text()
+    );
     let wrong_ca = agent("prod", &rogue);
     assert!(
         wrong_ca.wait_log("cannot connect", Duration::from_secs(10)),
