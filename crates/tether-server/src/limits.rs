@@ -65,7 +65,16 @@ pub(crate) enum Limit {
     ListenerOpensPerSource,
     /// Console event streams of one identity.
     ConsoleStreams,
+    /// Sessions of one agent name, handshakes and probes included.
+    SessionsPerAgent,
 }
+
+/// Sessions one agent name may hold on one replica at once, handshakes and
+/// credential probes included: its pool's live and draining instances
+/// (twice `MAX_INSTANCES`) with room to spare. Without it one agent token
+/// could take every one of `max_sessions` with upgrades that never finish
+/// their handshake.
+pub(crate) const MAX_SESSIONS_PER_AGENT: usize = 4 * crate::registry::MAX_INSTANCES;
 
 impl Limit {
     /// The `tether_limit_hits_total{limit}` label.
@@ -84,6 +93,7 @@ impl Limit {
             Limit::ListenerConnectionsPerSource => "listener_connections_per_source",
             Limit::ListenerOpensPerSource => "listener_opens_per_source",
             Limit::ConsoleStreams => "console_streams",
+            Limit::SessionsPerAgent => "sessions_per_agent",
         }
     }
 }
@@ -104,6 +114,7 @@ impl Limit {
             Limit::ListenerConnectionsPerSource => "max_connections_per_source of the [[listener]]",
             Limit::ListenerOpensPerSource => "opens_per_sec_per_source of the [[listener]] (default: half of [limits] opens_per_sec)",
             Limit::ConsoleStreams => "nothing (fixed: 16 open consoles per client)",
+            Limit::SessionsPerAgent => "nothing (fixed: 32 per agent name and replica)",
         }
     }
 }
@@ -243,6 +254,7 @@ fn login_key(ip: std::net::IpAddr) -> String {
 struct Counts {
     total: usize,
     per_client: HashMap<String, usize>,
+    per_agent: HashMap<String, usize>,
     pending: HashMap<String, usize>,
     console: HashMap<String, usize>,
 }
@@ -263,6 +275,7 @@ pub(crate) struct Limits {
 pub(crate) struct SessionSlot {
     counts: Arc<Mutex<Counts>>,
     client: Option<String>,
+    agent: Option<String>,
 }
 
 impl Drop for SessionSlot {
@@ -271,6 +284,9 @@ impl Drop for SessionSlot {
         c.total = c.total.saturating_sub(1);
         if let Some(name) = &self.client {
             dec(&mut c.per_client, name);
+        }
+        if let Some(name) = &self.agent {
+            dec(&mut c.per_agent, name);
         }
     }
 }
@@ -464,7 +480,29 @@ impl Limits {
         Ok(SessionSlot {
             counts: self.counts.clone(),
             client: client.map(str::to_owned),
+            agent: None,
         })
+    }
+
+    /// A session slot for agent `name` (its handshake and probes too):
+    /// within `max_sessions` and [`MAX_SESSIONS_PER_AGENT`].
+    pub(crate) fn agent_session(&self, name: &str) -> Result<SessionSlot, LimitHit> {
+        let mut slot = self.session(None)?;
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.per_agent.entry(name.to_owned()).or_insert(0);
+        if *n >= MAX_SESSIONS_PER_AGENT {
+            drop(c); // the slot's drop gives `total` back under the same lock
+            return Err(LimitHit {
+                limit: Limit::SessionsPerAgent,
+                reason: format!(
+                    "agent {name} already has {MAX_SESSIONS_PER_AGENT} sessions on this replica, its limit ({})",
+                    Limit::SessionsPerAgent.setting()
+                ),
+            });
+        }
+        *n += 1;
+        slot.agent = Some(name.to_owned());
+        Ok(slot)
     }
 
     /// Takes one of `who`'s stream slots, if it has one left; the caller
@@ -539,6 +577,25 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One agent name holds at most MAX_SESSIONS_PER_AGENT sessions; a
+    /// refused one gives its place in the total back; others are not held
+    /// up by it.
+    #[test]
+    fn one_agent_cannot_take_every_session() {
+        let l = Limits::new(LimitsConfig::default(), 1);
+        let held: Vec<_> = (0..MAX_SESSIONS_PER_AGENT)
+            .map(|_| l.agent_session("prod").unwrap())
+            .collect();
+        let hit = l.agent_session("prod").err().unwrap();
+        assert_eq!(hit.limit, Limit::SessionsPerAgent);
+        assert!(hit.reason.contains("32 sessions"), "{}", hit.reason);
+        assert_eq!(l.counts.lock().unwrap().total, MAX_SESSIONS_PER_AGENT);
+        let _other = l.agent_session("staging").unwrap();
+        drop(held);
+        let _again = l.agent_session("prod").unwrap();
+        assert_eq!(l.counts.lock().unwrap().total, 2);
+    }
     use std::time::Duration;
 
     #[test]
@@ -713,8 +770,12 @@ mod tests {
             l.session(Some("a")).err().unwrap().limit,
             Limit::SessionsPerClient
         );
-        let _agent = l.session(None).unwrap();
+        let _agent = l.agent_session("prod").unwrap();
         assert_eq!(l.session(Some("b")).err().unwrap().limit, Limit::Sessions);
+        assert_eq!(
+            l.agent_session("prod").err().unwrap().limit,
+            Limit::Sessions
+        );
         drop(a1);
         let _b = l.session(Some("b")).unwrap();
         l.take_pending("a").unwrap();

@@ -185,7 +185,7 @@ impl AgentEndpoint {
             tracing::warn!(agent = %name, %instance, %peer, "agent pool full: {MAX_INSTANCES} instances already connected; upgrade refused (503)");
             return pool_full(&name);
         }
-        let slot = match self.limits.session(None) {
+        let slot = match self.limits.agent_session(&name) {
             Ok(s) => s,
             Err(hit) => return limit_refusal(&self.metrics, peer, hit),
         };
