@@ -950,6 +950,82 @@ async fn idle_connections_cannot_pile_up_on_the_metrics_endpoint() {
     }));
 }
 
+/// An HTTP/2 client that asks for answers and grants no window to receive
+/// them (its socket still reads: PINGs are answered) keeps its connection
+/// only until the idle timeout (60 s) plus `send_timeout_secs` without
+/// progress; before, the graceful close waited for those answers forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_grants_no_window_gives_its_slot_back() {
+    let dir = std::env::temp_dir().join(format!("tether-h2-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"prod\"\ntoken = \"{AGENT_TOKEN}\"\n\
+             [limits]\nmax_connections_per_source = 1\nsend_timeout_secs = 2\n"
+        ),
+    )
+    .unwrap();
+    let _server = Proc::spawn(
+        "server",
+        &[
+            "server".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    }));
+    let source = [127, 0, 0, 8];
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    let tcp = sock.connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let driver = tokio::spawn(conn);
+    // Three answers the server cannot send: their heads arrive, their
+    // bodies wait for a window that never comes.
+    let mut held = vec![];
+    for _ in 0..3 {
+        let req = http::Request::get(format!("http://127.0.0.1:{port}/_tether/console.js"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    assert_eq!(
+        get_from(addr, source, "/healthz").await,
+        None,
+        "a second connection from the source was let in"
+    );
+    let started = std::time::Instant::now();
+    let mut back = false;
+    while started.elapsed() < Duration::from_secs(90) {
+        if get_from(addr, source, "/healthz").await == Some(200) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(back, "a connection whose answers never move kept its slot");
+    assert!(
+        started.elapsed() >= Duration::from_secs(55),
+        "dropped after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+    driver.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A request head over 64 KiB is refused with 431 (hyper's default let an
 /// unauthenticated connection buffer about 400 KiB of one); a 30 KiB one, a
 /// browser's with big cookies, still goes through.
