@@ -32,6 +32,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest HTTP request head accepted on the proxy port.
 const MAX_HTTP_HEAD: usize = 16 * 1024;
 
+/// Connections (and SOCKS5 UDP associations, one each) the proxy serves at
+/// once: twice the streams the server gives one identity by default, so
+/// never the limit a browser meets first. Past it a new connection is
+/// closed at accept: a local program that opens connections and leaves
+/// them (each with its task, its buffers, an association's socket) cannot
+/// take the client's memory or file descriptors.
+const MAX_CONNECTIONS: usize = 4096;
+
 /// Proxy settings (`[proxy]` in the client config).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,12 +206,23 @@ pub async fn serve(
     session: crate::CurrentSession,
     udp_idle: Duration,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut full_warned: Option<std::time::Instant> = None;
     loop {
         let (tcp, peer) = tether_net::listen::accept(&listener).await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // One line a second: the program doing it may try thousands.
+            if full_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                full_warned = Some(std::time::Instant::now());
+                tracing::warn!(%peer, "the proxy serves {MAX_CONNECTIONS} connections already; closing a new one (more this second not logged)");
+            }
+            continue;
+        };
         let router = router.clone();
         let auth = auth.clone();
         let session = session.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tether_net::listen::tune_accepted(&tcp);
             if let Err(e) = handle(tcp, peer, &router, auth.as_deref(), session, udp_idle).await {
                 tracing::info!(%peer, "proxy connection failed: {e:#}");

@@ -40,6 +40,42 @@ fn curl(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The proxy serves at most 4 096 connections at once: past them a new one
+/// is closed at accept (and said so in the log), and once the held ones
+/// go, a request goes through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_full_of_idle_connections_closes_new_ones() {
+    use tokio::io::AsyncReadExt;
+    let web = http_service("after the flood").await;
+    let allow = format!("localhost:{}", web.port());
+    let t = Tunnel::start(&[], &["--allow", &allow]);
+    let (client, port) = proxy_client(&t, &["--route", "localhost=prod"]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut idle = Vec::with_capacity(4096);
+    for _ in 0..4096 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut b))
+        .await
+        .expect("the connection past the cap was kept open");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(client.wait_log("4096 connections already", Duration::from_secs(5)));
+    drop(idle);
+    let (ok, body, err) = curl(&[
+        "--retry",
+        "5",
+        "--retry-all-errors",
+        "--retry-delay",
+        "1",
+        "--socks5-hostname",
+        &format!("127.0.0.1:{port}"),
+        &format!("http://localhost:{}/", web.port()),
+    ]);
+    assert!(ok && body.contains("after the flood"), "{body} {err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
     let web = http_service("hello from the web service").await;
