@@ -11,8 +11,6 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,8 +22,6 @@ use tokio::time::{Instant, Sleep};
 pub struct WriteStall<S> {
     inner: S,
     limit: Duration,
-    /// Bytes written so far, for [`Progress`].
-    written: Arc<AtomicU64>,
     /// The timer of the write now waiting; kept between waits (allocated at
     /// the first one) so that a transfer to a slow reader allocates once.
     timer: Option<Pin<Box<Sleep>>>,
@@ -39,24 +35,8 @@ impl<S> WriteStall<S> {
         WriteStall {
             inner,
             limit,
-            written: Arc::default(),
             timer: None,
             armed: false,
-        }
-    }
-
-    /// A handle on how much this pipe has written, which outlives it.
-    pub fn progress(&self) -> Progress {
-        Progress {
-            written: self.written.clone(),
-            limit: self.limit,
-        }
-    }
-
-    /// Adds a write's bytes to [`Progress`].
-    fn count(&self, r: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = r {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
         }
     }
 
@@ -108,7 +88,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.count(&r);
         this.watch(cx, r)
     }
 
@@ -119,7 +98,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.count(&r);
         this.watch(cx, r)
     }
 
@@ -137,35 +115,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.watch(cx, r)
-    }
-}
-
-/// How much a [`WriteStall`] has written, read from elsewhere: for a
-/// connection whose writes do not block but carry next to nothing (an
-/// HTTP/2 client that grants no window gets only PINGs), which the stall
-/// timer cannot see.
-#[derive(Clone)]
-pub struct Progress {
-    written: Arc<AtomicU64>,
-    limit: Duration,
-}
-
-impl Progress {
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
-    }
-
-    /// Resolves once fewer than `min` bytes went out during one period of
-    /// the pipe's limit.
-    pub async fn stalled(&self, min: u64) {
-        loop {
-            let before = self.written();
-            tokio::time::sleep(self.limit).await;
-            if self.written().saturating_sub(before) < min {
-                return;
-            }
-        }
     }
 }
 

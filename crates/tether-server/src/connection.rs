@@ -16,8 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
-use tether_net::stall::Progress;
-
 use crate::admission::ConnectionHold;
 use crate::limits::Limit;
 use crate::log_gate::LogGate;
@@ -58,7 +56,6 @@ pub(crate) async fn serve_connection<S>(
     peer: SocketAddr,
     client_cert: Option<CertificateDer<'static>>,
     hold: ConnectionHold,
-    progress: Progress,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -142,17 +139,7 @@ pub(crate) async fn serve_connection<S>(
         () = activity.idle_for(first, idle) => {
             tracing::debug!(%peer, "closing an idle connection");
             conn.as_mut().graceful_shutdown();
-            // Answers still streaming finish; but an HTTP/2 client that
-            // grants no window holds its answers (and the connection)
-            // forever while the socket carries only PINGs, which the write
-            // stall timer cannot see: under 1 KiB in send_timeout ends it.
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = progress.stalled(1024) => {
-                    tracing::debug!(%peer, "an idle connection's answers made no progress; dropped");
-                    Ok(())
-                }
-            }
+            conn.await
         }
         () = closing.closing() => {
             // The server is draining: HTTP/1.1 finishes the request in

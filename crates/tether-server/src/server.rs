@@ -280,13 +280,13 @@ impl Server {
         let metrics = state.metrics().clone();
         let tls = state.tls().get();
         tokio::spawn(async move {
+            let Some(acceptor) = tls else {
+                let tcp = WriteStall::new(tcp, caps.send_timeout);
+                return serve_connection(router, metrics, tcp, peer, None, hold).await;
+            };
             // Under TLS, so that its close_notify (and the handshake's own
             // answer) is bounded too.
             let tcp = WriteStall::new(tcp, caps.send_timeout);
-            let progress = tcp.progress();
-            let Some(acceptor) = tls else {
-                return serve_connection(router, metrics, tcp, peer, None, hold, progress).await;
-            };
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => {
                     // A client certificate rustls verified against
@@ -297,7 +297,7 @@ impl Server {
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| c.clone().into_owned());
-                    serve_connection(router, metrics, s, peer, cert, hold, progress).await
+                    serve_connection(router, metrics, s, peer, cert, hold).await
                 }
                 Ok(Err(e)) => {
                     metrics.error("tls_handshake");
