@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tether_proto::datagram::{self, Decoder, MAX_DATAGRAM};
+use tether_proto::ResetCode;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -434,7 +435,10 @@ async fn local_flow<G: FlowGuard>(
                         }
                         Ok(None) => break,
                         Err(e) => {
+                            // The peer is told why, not that the stream
+                            // was dropped.
                             tracing::warn!(%src, stream = %id, "bad datagram record: {e}");
+                            w.reset(ResetCode::ProtocolError, &format!("bad datagram record: {e}"));
                             return;
                         }
                     }
@@ -474,6 +478,7 @@ pub async fn serve_flow(stream: Stream, socket: UdpSocket, idle: Duration, stats
                         Ok(None) => break,
                         Err(e) => {
                             tracing::warn!(stream = %id, "bad datagram record: {e}");
+                            w.reset(ResetCode::ProtocolError, &format!("bad datagram record: {e}"));
                             return;
                         }
                     }
@@ -621,6 +626,42 @@ mod tests {
     /// Ending the socket's task ends its flows, and so their hold on the
     /// socket: the port can be bound again (a listener whose agent came
     /// back at once).
+    /// A stream that carries something that is no datagram record is reset
+    /// with the reason (protocol_error: bad datagram record), not dropped
+    /// with a generic "stream dropped" cancel.
+    #[tokio::test]
+    async fn a_bad_datagram_record_is_reset_with_its_reason() {
+        let ((a, _a_in), (_b, mut b_in)) = crate::transport::mem::sessions().await.unwrap();
+        let opening = tokio::spawn(async move {
+            a.open(tether_proto::Target {
+                kind: tether_proto::frame::TargetKind::Udp,
+                address: "127.0.0.1:9".into(),
+            })
+            .await
+        });
+        let incoming = b_in.recv().await.unwrap();
+        let far = incoming.accept().unwrap();
+        let service = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        service.connect("127.0.0.1:9").await.unwrap();
+        let stats = UdpStats::default();
+        let (mut near_r, mut near_w) = opening.await.unwrap().unwrap().split();
+        // A record longer than any datagram: 0xffff bytes announced.
+        near_w
+            .write(Bytes::from_static(&[0xff, 0xff, 1, 2, 3]))
+            .await
+            .unwrap();
+        serve_flow(far, service, Duration::from_secs(5), &stats).await;
+        let e = loop {
+            match near_r.read().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a reset"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.reset_code(), Some(ResetCode::ProtocolError), "{e}");
+        assert!(e.to_string().contains("bad datagram record"), "{e}");
+    }
+
     #[tokio::test]
     async fn flows_end_with_their_socket_and_free_the_port() {
         let (addr, task, stats, sender) = served_with(silent).await;
