@@ -242,8 +242,8 @@ fn reserve_refusal(metrics: &Metrics, peer: SocketAddr) -> Resp {
     let limit = Limit::ConnectionsReserved;
     metrics.limit_hit(limit);
     static GATE: LogGate = LogGate::new();
-    if GATE.allow() {
-        tracing::warn!(%peer, limit = limit.as_str(), raise_with = limit.setting(), "connection slots are full: only agent and client sessions are served (more this second not logged)");
+    if let Some(skipped) = GATE.allow() {
+        tracing::warn!(skipped, %peer, limit = limit.as_str(), raise_with = limit.setting(), "connection slots are full: only agent and client sessions are served");
     }
     let mut r = text(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -12,6 +12,8 @@ pub(crate) struct LogGate {
     /// Milliseconds since [`epoch`] of the last line let through, plus one
     /// (0: none yet).
     last: AtomicU64,
+    /// Lines held back since then.
+    skipped: AtomicU64,
 }
 
 /// The time base of every gate.
@@ -25,20 +27,28 @@ impl LogGate {
     pub(crate) const fn new() -> LogGate {
         LogGate {
             last: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
         }
     }
 
     /// Whether a line may be written now: the first, then at most one a
-    /// second (whichever caller claims the second writes it).
-    pub(crate) fn allow(&self) -> bool {
+    /// second (whichever caller claims the second writes it). `Some` holds
+    /// how many lines were held back since the last one, for its
+    /// `skipped` field.
+    pub(crate) fn allow(&self) -> Option<u64> {
         let now = epoch().elapsed().as_millis() as u64 + 1;
         let last = self.last.load(Ordering::Relaxed);
-        if last != 0 && now < last + 1000 {
-            return false;
+        let due = (last == 0 || now >= last + 1000)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if due {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
         }
-        self.last
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
     }
 }
 
@@ -49,10 +59,15 @@ mod tests {
     #[test]
     fn one_line_a_second() {
         let gate = LogGate::new();
-        assert!(gate.allow(), "the first line");
-        assert!(!gate.allow(), "a second one at once");
+        assert_eq!(gate.allow(), Some(0), "the first line");
+        assert_eq!(gate.allow(), None, "a second one at once");
+        assert_eq!(gate.allow(), None);
         std::thread::sleep(std::time::Duration::from_millis(1010));
-        assert!(gate.allow(), "a line a second later");
-        assert!(!gate.allow());
+        assert_eq!(
+            gate.allow(),
+            Some(2),
+            "a line a second later, with the count"
+        );
+        assert_eq!(gate.allow(), None);
     }
 }

@@ -270,8 +270,8 @@ impl Server {
             Err(refused) => {
                 state.metrics().limit_hit(refused.limit());
                 static GATE: LogGate = LogGate::new();
-                if GATE.allow() {
-                    tracing::warn!(%peer, open = state.admission().open(), limit = refused.limit().as_str(), raise_with = refused.limit().setting(), "connection limit reached; closing a new connection (more this second not logged)");
+                if let Some(skipped) = GATE.allow() {
+                    tracing::warn!(skipped, %peer, open = state.admission().open(), limit = refused.limit().as_str(), raise_with = refused.limit().setting(), "connection limit reached; closing a new connection");
                 }
                 return;
             }

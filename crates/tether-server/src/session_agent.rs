@@ -113,8 +113,8 @@ impl AgentEndpoint {
                 };
                 self.metrics.error("bad_certificate");
                 static GATE: LogGate = LogGate::new();
-                if GATE.allow() {
-                    tracing::warn!(%peer, "agent client certificate not accepted: {why} (more this second not logged)");
+                if let Some(skipped) = GATE.allow() {
+                    tracing::warn!(skipped, %peer, "agent client certificate not accepted: {why}");
                 }
                 return text(
                     StatusCode::UNAUTHORIZED,

@@ -91,8 +91,8 @@ pub(crate) fn require_token(
     bearer_token(req, allow_query).ok_or_else(|| {
         metrics.error("missing_token");
         static GATE: LogGate = LogGate::new();
-        if GATE.allow() {
-            tracing::warn!(%peer, "{who} connection without a token (more this second not logged)");
+        if let Some(skipped) = GATE.allow() {
+            tracing::warn!(skipped, %peer, "{who} connection without a token");
         }
         Box::new(text(
             StatusCode::UNAUTHORIZED,
@@ -105,8 +105,8 @@ pub(crate) fn require_token(
 pub(crate) fn unknown_token(metrics: &Metrics, peer: SocketAddr, who: &str) -> Resp {
     metrics.error("bad_token");
     static GATE: LogGate = LogGate::new();
-    if GATE.allow() {
-        tracing::warn!(%peer, "{who} connection with an unknown token (more this second not logged)");
+    if let Some(skipped) = GATE.allow() {
+        tracing::warn!(skipped, %peer, "{who} connection with an unknown token");
     }
     text(StatusCode::UNAUTHORIZED, format!("invalid {who} token"))
 }
@@ -123,8 +123,8 @@ pub(crate) fn authenticate_client(
     auth.get().client(&token).map_err(|why| {
         metrics.error("bad_token");
         static GATE: LogGate = LogGate::new();
-        if GATE.allow() {
-            tracing::warn!(%peer, "client credential refused: {why} (more this second not logged)");
+        if let Some(skipped) = GATE.allow() {
+            tracing::warn!(skipped, %peer, "client credential refused: {why}");
         }
         // The reason is for the log only: callers learn nothing about
         // which check failed.

@@ -264,7 +264,7 @@ impl AdminApi {
                 // why: `tether status` with an expired JWT fails here.
                 web.metrics.error("bad_token");
                 static GATE: LogGate = LogGate::new();
-                if GATE.allow() {
+                if let Some(skipped) = GATE.allow() {
                     let why = web
                         .auth
                         .get()
@@ -272,7 +272,7 @@ impl AdminApi {
                         .err()
                         .map(|e| e.to_string())
                         .unwrap_or_default();
-                    tracing::warn!(path = %req.uri().path(), "admin API refused a credential: {why} (more this second not logged)");
+                    tracing::warn!(skipped, path = %req.uri().path(), "admin API refused a credential: {why}");
                 }
                 "invalid client token"
             } else {

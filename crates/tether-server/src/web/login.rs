@@ -343,8 +343,8 @@ pub(crate) async fn login_submit(
     if !csrf_ok {
         web.metrics.error("csrf");
         static GATE: LogGate = LogGate::new();
-        if GATE.allow() {
-            tracing::warn!(%peer, "login without a valid, matching CSRF value (more this second not logged)");
+        if let Some(skipped) = GATE.allow() {
+            tracing::warn!(skipped, %peer, "login without a valid, matching CSRF value");
         }
         let csrf = web.logins.issue_login_csrf();
         let mut r = sign_in_page(
@@ -375,8 +375,8 @@ pub(crate) async fn login_submit(
     if let Err(hit) = web.limits.login(source) {
         web.metrics.limit_hit(hit.limit);
         static GATE: LogGate = LogGate::new();
-        if GATE.allow() {
-            tracing::warn!(%peer, %source, "login refused: {} (more this second not logged)", hit.reason);
+        if let Some(skipped) = GATE.allow() {
+            tracing::warn!(skipped, %peer, %source, "login refused: {}", hit.reason);
         }
         return error(
             &headers,

@@ -87,8 +87,8 @@ pub(crate) async fn serve(
                 .unwrap_or_default();
             web.metrics.error("bad_token");
             static GATE: LogGate = LogGate::new();
-            if GATE.allow() {
-                tracing::warn!(%peer, "http request with a refused credential: {why} (more this second not logged)");
+            if let Some(skipped) = GATE.allow() {
+                tracing::warn!(skipped, %peer, "http request with a refused credential: {why}");
             }
             return error(
                 req.headers(),
@@ -437,19 +437,25 @@ fn gateway_refusal(
             // socket's error. A session lost on the way is the server's
             // trouble reaching the agent, not the service's answer: 503.
             let reset = stream_error_of(e).and_then(StreamError::reset_code);
-            let status = if reset == Some(ResetCode::SessionLost) {
-                StatusCode::SERVICE_UNAVAILABLE
+            if reset == Some(ResetCode::SessionLost) {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResetCode::SessionLost.as_str().to_owned(),
+                    format!(
+                        "the session to agent {agent} was lost before {agent}/{service} answered: {}",
+                        with_causes(e)
+                    ),
+                )
             } else {
-                StatusCode::BAD_GATEWAY
-            };
-            (
-                status,
-                "bad_gateway".to_owned(),
-                format!(
-                    "{agent}/{service} did not answer with HTTP: {}",
-                    with_causes(e)
-                ),
-            )
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway".to_owned(),
+                    format!(
+                        "{agent}/{service} did not answer with HTTP: {}",
+                        with_causes(e)
+                    ),
+                )
+            }
         }
     };
     let status = match status {
@@ -743,7 +749,12 @@ mod tests {
             msg,
             "prod/web did not answer with HTTP: connection error: stream reset: io_error: service closed the connection"
         );
-        let (status, _, _) = gateway_refusal(&reset(ResetCode::SessionLost), "prod", "web");
+        let (status, code, msg) = gateway_refusal(&reset(ResetCode::SessionLost), "prod", "web");
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(code, "session_lost");
+        assert!(
+            msg.starts_with("the session to agent prod was lost"),
+            "{msg}"
+        );
     }
 }
