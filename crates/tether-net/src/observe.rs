@@ -17,12 +17,54 @@ use tokio::sync::Semaphore;
 /// need a handful. More are closed at accept, so that connections opened
 /// and left there cannot take the process's file descriptors (which its
 /// public port and its dials share).
-const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS: usize = 256;
 
-/// How long one connection is served, requests and idle time together.
-/// Every answer is small and quick; a keep-alive scraper reconnects. Bounds
-/// a connection that sends nothing, or half a request, or never reads.
+/// Connections served at once from one source address: a Prometheus and a
+/// kubelet each come from their own, so one that opens connections and
+/// leaves them fills its own share, not the probes' (the pod would be
+/// restarted for failing them).
+const MAX_PER_SOURCE: usize = 8;
+
+/// How long one connection is served, requests and idle time together;
+/// then it is closed gracefully (an answer being written is finished, for
+/// at most [`CLOSE_GRACE`]). Every answer is small and quick; a keep-alive
+/// scraper reconnects. Bounds a connection that sends nothing, or half a
+/// request, or never reads.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// How long a graceful close at [`CONNECTION_LIFETIME`] may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Connections per source address, each counted until its guard drops.
+#[derive(Default)]
+struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted in [`PerSource`].
+struct SourceSlot(Arc<PerSource>, std::net::IpAddr);
+
+impl PerSource {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// The answer to a probe path: status code and body; `None` for a path the
 /// process does not serve.
@@ -47,9 +89,14 @@ pub async fn serve_observe(
     let listener = crate::listen::bind(addr)?;
     let local = listener.local_addr()?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(PerSource::default());
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = crate::listen::accept(&listener).await;
+            let Some(source) = sources.take(peer.ip()) else {
+                tracing::debug!(%peer, "metrics endpoint: {MAX_PER_SOURCE} connections open from this source; closing a new one");
+                continue;
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::debug!(%peer, "metrics endpoint: {MAX_CONNECTIONS} connections open; closing a new one");
                 continue;
@@ -57,7 +104,7 @@ pub async fn serve_observe(
             let render = render.clone();
             let probe = probe.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, source);
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let render = render.clone();
                     let probe = probe.clone();
@@ -83,7 +130,14 @@ pub async fn serve_observe(
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                tokio::pin!(conn);
+                if tokio::time::timeout(CONNECTION_LIFETIME, conn.as_mut())
+                    .await
+                    .is_err()
+                {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                }
             });
         }
     });

@@ -919,9 +919,10 @@ async fn get_from(server: std::net::SocketAddr, source: [u8; 4], path: &str) -> 
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The metrics endpoint serves at most 64 connections at once: connections
-/// opened and left there cannot take the process's file descriptors. The
-/// 65th is closed at accept; once the idle ones go, `/metrics` answers.
+/// The metrics endpoint serves at most 8 connections at once from one
+/// source: connections opened and left there cannot take the process's file
+/// descriptors, nor the probes' room (another source is still answered).
+/// The 9th is closed at accept; once the idle ones go, the source is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_pile_up_on_the_metrics_endpoint() {
     let port = free_port();
@@ -933,21 +934,56 @@ async fn idle_connections_cannot_pile_up_on_the_metrics_endpoint() {
     assert!(wait_until(Duration::from_secs(10), || {
         http_get(addr, "/metrics").is_some_and(|(s, _)| s == 200)
     }));
+    let source = [127, 0, 0, 9];
+    let connect_from = || async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+        sock.connect(addr).await.unwrap()
+    };
     let mut idle = vec![];
-    for _ in 0..64 {
-        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    for _ in 0..8 {
+        idle.push(connect_from().await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut over = connect_from().await;
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf))
         .await
-        .expect("the 65th connection was kept open");
+        .expect("the 9th connection of one source was kept open");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The kubelet, from another address, is still answered.
+    assert_eq!(
+        http_get(addr, "/healthz").map(|(s, _)| s),
+        Some(200),
+        "a probe from another source was refused"
+    );
     drop(idle);
     assert!(wait_until(Duration::from_secs(5), || {
-        http_get(addr, "/metrics").is_some_and(|(s, _)| s == 200)
+        get_from_sync(addr, source, "/metrics") == Some(200)
     }));
+}
+
+/// A GET from a chosen loopback source, blocking: the status.
+fn get_from_sync(server: std::net::SocketAddr, source: [u8; 4], path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    sock.bind(&std::net::SocketAddr::from((source, 0)).into())
+        .ok()?;
+    sock.connect(&server.into()).ok()?;
+    let mut tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = vec![0u8; 256];
+    let n = tcp.read(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// A request head over 64 KiB is refused with 431 (hyper's default let an
