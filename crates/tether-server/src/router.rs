@@ -174,6 +174,23 @@ impl Router {
             "/logout" => login::logout(web, req, &host).await,
             "/" | "/api/agents" | "/api/events" => {
                 let Some((client, via)) = login::identify(web, req.headers()) else {
+                    // A token that was sent and refused is not a missing
+                    // login: the caller is told, and the log says why.
+                    if login::refused_bearer(web, req.headers(), &path) {
+                        let mut r = crate::web::pages::error(
+                            req.headers(),
+                            StatusCode::UNAUTHORIZED,
+                            "bad_token",
+                            "invalid client token",
+                        );
+                        r.headers_mut().insert(
+                            http::header::WWW_AUTHENTICATE,
+                            http::HeaderValue::from_static(
+                                "Bearer realm=\"tether\", error=\"invalid_token\"",
+                            ),
+                        );
+                        return r;
+                    }
                     return login::login_required(web, &req, &host);
                 };
                 let scheme = web.public_scheme();

@@ -18,10 +18,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use super::login::identify;
+use super::login::{identify, refused_bearer};
 use super::Web;
 use crate::cluster::{Cluster, Phase};
-use crate::log_gate::LogGate;
 use crate::registry::Registry;
 use crate::response::{api_headers, full, Resp};
 use crate::sessions::{SessionView, Sessions};
@@ -259,21 +258,7 @@ impl AdminApi {
     /// Answers `req` (its path starts with [`API_PREFIX`]).
     pub(crate) fn serve(&self, web: &Web, req: &Request<Incoming>) -> Resp {
         let Some((client, _)) = identify(web, req.headers()) else {
-            let reason = if let Some(token) = crate::auth::bearer(req.headers()) {
-                // Logged (at most once a second: anyone can send one) with
-                // why: `tether status` with an expired JWT fails here.
-                web.metrics.error("bad_token");
-                static GATE: LogGate = LogGate::new();
-                if let Some(skipped) = GATE.allow() {
-                    let why = web
-                        .auth
-                        .get()
-                        .client(&token)
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default();
-                    tracing::warn!(skipped, path = %req.uri().path(), "admin API refused a credential: {why}");
-                }
+            let reason = if refused_bearer(web, req.headers(), req.uri().path()) {
                 "invalid client token"
             } else {
                 "sign in, or send a client token as Authorization: Bearer"

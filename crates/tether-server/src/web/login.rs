@@ -77,6 +77,30 @@ pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)
     Some((s.identity, Via::Cookie { csrf: s.csrf }))
 }
 
+/// Whether `h` carries a bearer credential that [`identify`] refused; if so
+/// it is counted (`bad_token`) and logged with why, at most once a second
+/// (anyone can send one): `tether status` with an expired JWT, or a
+/// console script with a stale token, would otherwise fail with no trace
+/// on the server.
+pub(crate) fn refused_bearer(web: &Web, h: &HeaderMap, path: &str) -> bool {
+    let Some(token) = bearer(h) else {
+        return false;
+    };
+    web.metrics.error("bad_token");
+    static GATE: LogGate = LogGate::new();
+    if let Some(skipped) = GATE.allow() {
+        let why = web
+            .auth
+            .get()
+            .client(&token)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        tracing::warn!(skipped, %path, "client credential refused: {why}");
+    }
+    true
+}
+
 /// Where the login page is for a request to `host` (`host` may be a
 /// host-routed service name; the login lives on the base domain then).
 pub(crate) fn login_url(cfg: &WebConfig, scheme: &str, host: &str, next: &str) -> String {

@@ -646,6 +646,15 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
     let services = j["agents"][0]["services"].as_array().unwrap();
     assert_eq!(services.len(), 1);
     assert_eq!(services[0]["name"], "echo");
+    // A token that was sent and refused is said to be one, not "log in".
+    let out = w.curl(&[
+        "-H",
+        "Authorization: Bearer not-a-token",
+        &w.url("/api/agents"),
+    ]);
+    assert_eq!(out.status, 401, "{out:?}");
+    assert_eq!(out.json()["error"], "bad_token", "{out:?}");
+    assert!(out.headers.contains("error=\"invalid_token\""), "{out:?}");
 
     // Logout needs the session's CSRF value, then the cookie is dead.
     let session_csrf = console
