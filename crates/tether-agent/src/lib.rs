@@ -226,7 +226,10 @@ impl Agent {
                 (0, _) => missing_since = None,
                 (_, None) => missing_since = Some(Instant::now()),
                 (n, Some(t)) if t.elapsed() >= Duration::from_secs(60) => {
-                    tracing::warn!(missing = n, sessions = counts.sessions, "some server replicas have been unreachable for 60 s: check that this agent can reach their advertised addresses, or that the load balancer spreads new connections");
+                    // With the last dial's failure: the first warning of
+                    // it may be long gone from the log.
+                    let last_error = counts.last_error.as_deref().unwrap_or("none yet");
+                    tracing::warn!(missing = n, sessions = counts.sessions, last_error, "some server replicas have been unreachable for 60 s: check that this agent can reach their advertised addresses, or that the load balancer spreads new connections");
                     missing_since = Some(Instant::now()); // again in 60 s
                 }
                 _ => {}

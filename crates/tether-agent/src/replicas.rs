@@ -205,12 +205,14 @@ pub(crate) struct Supervisor {
 }
 
 /// The numbers for `/metrics` and `/readyz`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Counts {
     /// Sessions up and taking opens.
     pub(crate) sessions: usize,
     /// Replicas wanted but not held.
     pub(crate) missing: usize,
+    /// Why the last dial of one of them failed, if one did.
+    pub(crate) last_error: Option<String>,
 }
 
 impl Supervisor {
@@ -239,16 +241,25 @@ impl Supervisor {
     pub(crate) fn counts(&self) -> Counts {
         let st = self.lock();
         let wanted = wanted(&st);
-        let missing = wanted
+        let missing: Vec<&Key> = wanted
             .iter()
             .filter(|k| !st.left.contains_key(*k) && !st.covered(k))
-            .count();
+            .collect();
+        let last_error = missing
+            .iter()
+            .filter_map(|k| st.targets.get(*k))
+            .find(|t| t.failures > 0 && !t.last_error.is_empty())
+            .map(|t| t.last_error.clone());
         let sessions = st
             .live
             .values()
             .filter(|l| !l.conn.is_closed() && !l.conn.is_draining())
             .count();
-        Counts { sessions, missing }
+        Counts {
+            sessions,
+            missing: missing.len(),
+            last_error,
+        }
     }
 
     /// Records the server URL's addresses (several: each is a replica).
@@ -688,7 +699,14 @@ mod tests {
     fn a_new_reason_to_fail_is_a_warning_again() {
         let sup = Supervisor::new();
         let key = Key::Url;
+        assert_eq!(sup.counts().last_error, None);
         assert!(sup.failed(&key, "connection refused"));
+        // The missing replicas' warning can say why.
+        assert_eq!(sup.counts().missing, 1);
+        assert_eq!(
+            sup.counts().last_error.as_deref(),
+            Some("connection refused")
+        );
         assert!(!sup.failed(&key, "connection refused"));
         assert!(sup.failed(&key, "HTTP 401: invalid agent token"));
         assert!(!sup.failed(&key, "HTTP 401: invalid agent token"));
