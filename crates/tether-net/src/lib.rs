@@ -37,6 +37,7 @@ pub mod observe;
 pub mod pattern;
 pub mod reconnect;
 mod scratch;
+pub mod sources;
 pub mod stall;
 pub mod tuning;
 pub mod udp;

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
+use crate::sources::SourceCounts;
+
 /// Connections served at once: a scraper or two and the kubelet's probes
 /// need a handful. More are closed at accept, so that connections opened
 /// and left there cannot take the process's file descriptors (which its
@@ -34,37 +36,6 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// How long a graceful close at [`CONNECTION_LIFETIME`] may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// Connections per source address, each counted until its guard drops.
-#[derive(Default)]
-struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One connection counted in [`PerSource`].
-struct SourceSlot(Arc<PerSource>, std::net::IpAddr);
-
-impl PerSource {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
-    }
-}
 
 /// The answer to a probe path: status code and body; `None` for a path the
 /// process does not serve.
@@ -89,11 +60,11 @@ pub async fn serve_observe(
     let listener = crate::listen::bind(addr)?;
     let local = listener.local_addr()?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let sources = Arc::new(PerSource::default());
+    let sources = Arc::new(SourceCounts::default());
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = crate::listen::accept(&listener).await;
-            let Some(source) = sources.take(peer.ip()) else {
+            let Some(source) = sources.take(peer.ip(), MAX_PER_SOURCE) else {
                 tracing::debug!(%peer, "metrics endpoint: {MAX_PER_SOURCE} connections open from this source; closing a new one");
                 continue;
             };

@@ -22,41 +22,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tether_net::sources::{source_key, SourceCounts, SourceSlot};
+
 use crate::limits::{Bucket, Caps, Limit};
-
-/// Open connections per source address (shared by the public port and the
-/// `[[listener]]` ports, each with its own table).
-#[derive(Default)]
-pub(crate) struct SourceCounts(Mutex<HashMap<IpAddr, usize>>);
-
-/// One source's connection slot, given back on drop.
-pub(crate) struct SourceSlot(Arc<SourceCounts>, IpAddr);
-
-impl SourceCounts {
-    /// Takes a slot for `ip` if it holds fewer than `max`.
-    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let key = source_key(ip);
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = g.entry(key).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(self.clone(), key))
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut g = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = g.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                g.remove(&self.1);
-            }
-        }
-    }
-}
 
 /// Most sources whose connection rate one [`SourceRates`] follows at once.
 /// Past it, sources whose bucket has refilled are forgotten, in one sweep a
@@ -107,21 +75,6 @@ impl SourceRates {
             .entry(key)
             .or_insert_with(|| Bucket::full(now, burst))
             .take(now, rate, burst)
-    }
-}
-
-/// The address a source is counted under: IPv4 as is, IPv6 by its /64
-/// (one host usually holds a whole /64).
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
     }
 }
 

@@ -23,7 +23,9 @@ use tether_net::splice::socket_halves;
 use tether_proto::{TargetKind, MAX_EARLY_DATA};
 use tokio::net::TcpStream;
 
-use crate::admission::{SourceCounts, SourceRates};
+use tether_net::sources::SourceCounts;
+
+use crate::admission::SourceRates;
 use crate::cluster::{Cluster, Phase};
 use crate::config::ListenerConfig;
 use crate::limits::{Limit, Limits};
