@@ -176,20 +176,8 @@ impl Router {
                 let Some((client, via)) = login::identify(web, req.headers()) else {
                     // A token that was sent and refused is not a missing
                     // login: the caller is told, and the log says why.
-                    if login::refused_bearer(web, req.headers(), &path) {
-                        let mut r = crate::web::pages::error(
-                            req.headers(),
-                            StatusCode::UNAUTHORIZED,
-                            "bad_token",
-                            "invalid client token",
-                        );
-                        r.headers_mut().insert(
-                            http::header::WWW_AUTHENTICATE,
-                            http::HeaderValue::from_static(
-                                "Bearer realm=\"tether\", error=\"invalid_token\"",
-                            ),
-                        );
-                        return r;
+                    if login::refused_bearer(web, req.headers(), peer, &path) {
+                        return login::bad_token(req.headers());
                     }
                     return login::login_required(web, &req, &host);
                 };
@@ -210,7 +198,7 @@ impl Router {
                     ),
                 }
             }
-            p if p.starts_with(API_PREFIX) => self.admin.serve(web, &req),
+            p if p.starts_with(API_PREFIX) => self.admin.serve(web, &req, peer),
             p if p.starts_with(PATH_PREFIX) => {
                 let Some((route, tail)) = route_by_path(p) else {
                     return pages::error(

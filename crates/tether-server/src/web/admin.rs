@@ -11,6 +11,7 @@
 //! Each replica answers for itself: with several replicas, ask each one
 //! (the `replica` field says which answered).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -256,9 +257,9 @@ impl AdminApi {
     }
 
     /// Answers `req` (its path starts with [`API_PREFIX`]).
-    pub(crate) fn serve(&self, web: &Web, req: &Request<Incoming>) -> Resp {
+    pub(crate) fn serve(&self, web: &Web, req: &Request<Incoming>, peer: SocketAddr) -> Resp {
         let Some((client, _)) = identify(web, req.headers()) else {
-            let reason = if refused_bearer(web, req.headers(), req.uri().path()) {
+            let reason = if refused_bearer(web, req.headers(), peer, req.uri().path()) {
                 "invalid client token"
             } else {
                 "sign in, or send a client token as Authorization: Bearer"

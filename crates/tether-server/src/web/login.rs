@@ -23,7 +23,7 @@
 //!   `X-Forwarded-For` ([`super::client_ip`]).
 //! * The proxy strips every tether cookie before a request reaches a service.
 
-use http::{header, HeaderMap, Method, Request, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::collections::HashMap;
@@ -82,7 +82,7 @@ pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)
 /// (anyone can send one): `tether status` with an expired JWT, or a
 /// console script with a stale token, would otherwise fail with no trace
 /// on the server.
-pub(crate) fn refused_bearer(web: &Web, h: &HeaderMap, path: &str) -> bool {
+pub(crate) fn refused_bearer(web: &Web, h: &HeaderMap, peer: SocketAddr, path: &str) -> bool {
     let Some(token) = bearer(h) else {
         return false;
     };
@@ -96,9 +96,25 @@ pub(crate) fn refused_bearer(web: &Web, h: &HeaderMap, path: &str) -> bool {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        tracing::warn!(skipped, %path, "client credential refused: {why}");
+        tracing::warn!(skipped, %peer, %path, "client credential refused: {why}");
     }
     true
+}
+
+/// The answer to a refused bearer credential: 401 `bad_token`, with the
+/// `WWW-Authenticate` challenge RFC 6750 gives an invalid token.
+pub(crate) fn bad_token(h: &HeaderMap) -> Resp {
+    let mut r = error(
+        h,
+        StatusCode::UNAUTHORIZED,
+        "bad_token",
+        "invalid client token",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"tether\", error=\"invalid_token\""),
+    );
+    r
 }
 
 /// Where the login page is for a request to `host` (`host` may be a

@@ -32,8 +32,8 @@ use tether_net::{Refusal, StreamError};
 use tether_proto::{OpenErrorCode, ResetCode, ServiceKind};
 
 use super::credential::{identify_on, ConnectionCredential};
-use super::login::{login_required, Via};
-use super::pages::{error, error_page};
+use super::login::{bad_token, login_required, refused_bearer, Via};
+use super::pages::error_page;
 use super::pool::refusal_of;
 use super::rewrite::{
     forwarded_host, rewrite_response, set_forwarding, strip_hop_by_hop, strip_tether_cookies,
@@ -42,7 +42,6 @@ use super::rewrite::{
 use super::route::WebRoute;
 use super::{client_chain, wants_html, Web};
 use crate::admission::ConnectionHold;
-use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::open::{http_status, Caller, OpenGuard};
 use crate::policy::target_name;
@@ -77,25 +76,8 @@ pub(crate) async fn serve(
     credential: &ConnectionCredential,
 ) -> Resp {
     let Some((client, via)) = identify_on(web, req.headers(), credential) else {
-        if let Some(t) = crate::auth::bearer(req.headers()) {
-            let why = web
-                .auth
-                .get()
-                .client(&t)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            web.metrics.error("bad_token");
-            static GATE: LogGate = LogGate::new();
-            if let Some(skipped) = GATE.allow() {
-                tracing::warn!(skipped, %peer, "http request with a refused credential: {why}");
-            }
-            return error(
-                req.headers(),
-                StatusCode::UNAUTHORIZED,
-                "bad_token",
-                "invalid client token",
-            );
+        if refused_bearer(web, req.headers(), peer, req.uri().path()) {
+            return bad_token(req.headers());
         }
         return login_required(web, &req, &host);
     };
