@@ -1018,25 +1018,22 @@ async fn an_oversized_request_head_gets_431() {
     assert_eq!(status(70 * 1024).await.as_deref(), Some("431"));
 }
 
-/// A client that sends requests and never reads the answers (its receive
-/// window shut) holds its connection slot only until `[limits]
-/// send_timeout_secs`: the stuck write fails and the slot comes back. Before,
-/// hyper waited on that write forever, and the connection was never idle.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_never_reads_gives_its_slot_back() {
-    let dir = std::env::temp_dir().join(format!("tether-send-timeout-{}", std::process::id()));
+/// A server run from a config file of `extra` after its `listen` and the
+/// `prod` agent (in a directory of its own, `name` in its name, removed
+/// when the test ends well), once it answers `/healthz`.
+fn server_with(name: &str, extra: &str) -> (Proc, std::net::SocketAddr, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tether-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let cfg = dir.join("server.toml");
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"prod\"\ntoken = \"{AGENT_TOKEN}\"\n\
-             [limits]\nmax_connections_per_source = 1\nsend_timeout_secs = 2\n"
+            "listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"prod\"\ntoken = \"{AGENT_TOKEN}\"\n{extra}"
         ),
     )
     .unwrap();
-    let _server = Proc::spawn(
+    let server = Proc::spawn(
         "server",
         &[
             "server".into(),
@@ -1048,6 +1045,19 @@ async fn a_client_that_never_reads_gives_its_slot_back() {
     assert!(wait_until(Duration::from_secs(10), || {
         http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
     }));
+    (server, addr, dir)
+}
+
+/// A client that sends requests and never reads the answers (its receive
+/// window shut) holds its connection slot only until `[limits]
+/// send_timeout_secs`: the stuck write fails and the slot comes back. Before,
+/// hyper waited on that write forever, and the connection was never idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_gives_its_slot_back() {
+    let (_server, addr, dir) = server_with(
+        "send-timeout",
+        "[limits]\nmax_connections_per_source = 1\nsend_timeout_secs = 2\n",
+    );
     let source = [127, 0, 0, 7];
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -1092,31 +1102,14 @@ async fn a_client_that_never_reads_gives_its_slot_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connections_cannot_lock_out_agents_and_clients() {
     let echo = echo_service().await;
-    let dir = std::env::temp_dir().join(format!("tether-h2idle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let cfg = dir.join("server.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[[agent]]\nname = \"prod\"\ntoken = \"{AGENT_TOKEN}\"\n\
-             [[client]]\nname = \"dev\"\ntoken = \"{CLIENT_TOKEN}\"\nallow = [\"prod/*\"]\n\
+    let (server, addr, dir) = server_with(
+        "h2idle",
+        &format!(
+            "[[client]]\nname = \"dev\"\ntoken = \"{CLIENT_TOKEN}\"\nallow = [\"prod/*\"]\n\
              [limits]\nmax_connections = 50\nmax_connections_per_source = 30\n"
         ),
-    )
-    .unwrap();
-    let server = Proc::spawn(
-        "server",
-        &[
-            "server".into(),
-            "--config".into(),
-            cfg.display().to_string(),
-        ],
     );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || {
-        http_get(addr, "/healthz").is_some_and(|(s, _)| s == 200)
-    }));
+    let port = addr.port();
 
     assert_eq!(
         h2_max_concurrent_streams(addr, [127, 0, 0, 9]).await,
