@@ -41,7 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tether_net::io::StreamIo;
 use tether_net::Refusal;
 
-use super::pool::{InFlight, ServiceBody};
+use super::pool::{with_causes, InFlight, ServiceBody};
 use super::POOL_IDLE_TIMEOUT;
 use crate::open::Opener;
 use crate::policy::target_name;
@@ -364,7 +364,7 @@ impl H2Pool {
             .map_err(|e| {
                 Refusal::new(
                     tether_proto::OpenErrorCode::Unreachable,
-                    format!("agent {agent}: HTTP/2 to {service}: {e}"),
+                    format!("agent {agent}: HTTP/2 to {service}: {}", with_causes(&e)),
                 )
             })?;
         let target = target_name(agent, service);

@@ -416,7 +416,7 @@ impl Pool {
             .map_err(|e| {
                 Refusal::new(
                     OpenErrorCode::Internal,
-                    format!("agent {agent}: HTTP/1.1 to {service}: {e}"),
+                    format!("agent {agent}: HTTP/1.1 to {service}: {}", with_causes(&e)),
                 )
             })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -605,6 +605,22 @@ pub(crate) fn refusal_of<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option
         cur = err.source();
     }
     None
+}
+
+/// `e` and what caused it, as one line ("a: b: c"), each cause once (a
+/// wrapper often repeats its source's text).
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cur = cause.source();
+    }
+    line
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use tether_proto::{OpenErrorCode, ResetCode, ServiceKind};
 use super::credential::{identify_on, ConnectionCredential};
 use super::login::{bad_token, login_required, refused_bearer, Via};
 use super::pages::error_page;
-use super::pool::refusal_of;
+use super::pool::{refusal_of, with_causes};
 use super::rewrite::{
     forwarded_host, rewrite_response, set_forwarding, strip_hop_by_hop, strip_tether_cookies,
     websocket_upgrade, Forwarding,
@@ -446,22 +446,6 @@ fn gateway_refusal(
         _ => StatusCode::BAD_GATEWAY,
     };
     (status, code, msg)
-}
-
-/// `e` and what caused it, as one line ("a: b: c"), each cause once (a
-/// wrapper often repeats its source's text).
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cur = e.source();
-    while let Some(cause) = cur {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cur = cause.source();
-    }
-    line
 }
 
 /// The stream error somewhere in `e`'s causes, if any (inside an
