@@ -117,6 +117,17 @@ impl Limit {
             Limit::SessionsPerAgent => "nothing (fixed: 32 per agent name and replica)",
         }
     }
+
+    /// How the limit is raised, for the end of a refusal's reason: the
+    /// server's setting, or that there is none.
+    pub(crate) fn raise_hint(self) -> String {
+        match self {
+            Limit::LoginsPerSource | Limit::ConsoleStreams | Limit::SessionsPerAgent => {
+                "a fixed limit".to_owned()
+            }
+            _ => format!("the server's {} raises it", self.setting()),
+        }
+    }
 }
 
 impl std::fmt::Display for Limit {
@@ -433,16 +444,10 @@ impl Limits {
         if !e.take(now, rate, burst) {
             return Err(LimitHit {
                 limit,
-                reason: if limit == Limit::LoginsPerSource {
-                    format!(
-                        "{who}: more than {rate} {what} per second (burst {burst}), a fixed limit"
-                    )
-                } else {
-                    format!(
-                        "{who}: more than {rate} {what} per second (burst {burst}); the server's {} raises it",
-                        limit.setting()
-                    )
-                },
+                reason: format!(
+                    "{who}: more than {rate} {what} per second (burst {burst}); {}",
+                    limit.raise_hint()
+                ),
             });
         }
         Ok(())
@@ -495,8 +500,8 @@ impl Limits {
             return Err(LimitHit {
                 limit: Limit::SessionsPerAgent,
                 reason: format!(
-                    "agent {name} already has {MAX_SESSIONS_PER_AGENT} sessions on this replica, its limit ({})",
-                    Limit::SessionsPerAgent.setting()
+                    "agent {name} already has {MAX_SESSIONS_PER_AGENT} sessions on this replica; {}",
+                    Limit::SessionsPerAgent.raise_hint()
                 ),
             });
         }
@@ -577,6 +582,7 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// One agent name holds at most MAX_SESSIONS_PER_AGENT sessions; a
     /// refused one gives its place in the total back; others are not held
@@ -596,7 +602,6 @@ mod tests {
         let _again = l.agent_session("prod").unwrap();
         assert_eq!(l.counts.lock().unwrap().total, 2);
     }
-    use std::time::Duration;
 
     #[test]
     fn rate_is_per_identity_and_refills() {
