@@ -368,10 +368,11 @@ impl Supervisor {
         let t = target(&mut st.targets, key, Instant::now());
         t.busy = false;
         t.failures += 1;
-        let first = t.failures == 1 || t.last_error != why;
-        if t.last_error != why {
+        let new_reason = t.last_error != why;
+        if new_reason {
             t.last_error = why.to_owned();
         }
+        let first = t.failures == 1 || new_reason;
         let mut delay = t.backoff.next_delay();
         if advertised {
             delay = delay.min(ADVERTISED_BACKOFF_CAP);
