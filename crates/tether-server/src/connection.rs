@@ -12,11 +12,12 @@ use std::time::Duration;
 use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use crate::admission::ConnectionHold;
+use crate::h2_stall::{StreamExecutor, Watched};
 use crate::limits::Limit;
 use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
@@ -49,6 +50,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const RESERVE_FIRST_REQUEST: Duration = Duration::from_secs(5);
 
 /// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one accepted connection.
+/// An HTTP/2 answer that waits `send_timeout` on the client's window is
+/// reset ([`crate::h2_stall`]; HTTP/1.1's stuck writes fail below, in the
+/// `WriteStall` that `io` is).
 pub(crate) async fn serve_connection<S>(
     router: Arc<Router>,
     metrics: Arc<Metrics>,
@@ -56,6 +60,7 @@ pub(crate) async fn serve_connection<S>(
     peer: SocketAddr,
     client_cert: Option<CertificateDer<'static>>,
     hold: ConnectionHold,
+    send_timeout: Duration,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -84,7 +89,8 @@ pub(crate) async fn serve_connection<S>(
             async move {
                 let _busy = busy;
                 if !reserve_only {
-                    return Ok::<_, Infallible>(router.route(req, peer, cert, &credential).await);
+                    let resp = router.route(req, peer, cert, &credential).await;
+                    return Ok::<_, Infallible>(watched(resp));
                 }
                 // A reserve connection carries one request: a session
                 // upgrade keeps it (as the session), anything else ends it,
@@ -107,11 +113,12 @@ pub(crate) async fn serve_connection<S>(
                     }
                     activity.close_after_this();
                 }
-                Ok::<_, Infallible>(resp)
+                Ok::<_, Infallible>(watched(resp))
             }
         })
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(StreamExecutor::new(send_timeout, peer));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -151,6 +158,15 @@ pub(crate) async fn serve_connection<S>(
     if let Err(e) = ended {
         tracing::debug!(%peer, "http connection ended: {e}");
     }
+}
+
+/// An HTTP/2 answer's body, watched for waits on the client's window
+/// ([`crate::h2_stall`]); an HTTP/1.1 one as it is.
+fn watched(resp: Resp) -> Resp {
+    resp.map(|body| match Watched::in_stream_task(body) {
+        Ok(w) => http_body_util::BodyExt::boxed_unsync(w),
+        Err(body) => body,
+    })
 }
 
 /// Counts the connection in `tether_http_connections` while it is served.

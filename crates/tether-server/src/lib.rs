@@ -49,6 +49,7 @@ mod relay;
 // The public port: accept, connections, routing, endpoints.
 mod admission;
 mod connection;
+mod h2_stall;
 mod raw_ws;
 mod router;
 mod server;

@@ -154,7 +154,7 @@ pub(crate) struct Caps {
     /// `max_connections_per_source`.
     pub(crate) max_per_source: usize,
     /// `send_timeout_secs`: how long a write may wait on a client that
-    /// reads nothing.
+    /// reads nothing (or an HTTP/2 answer on a window it does not grant).
     pub(crate) send_timeout: std::time::Duration,
 }
 

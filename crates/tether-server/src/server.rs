@@ -282,7 +282,8 @@ impl Server {
         tokio::spawn(async move {
             let Some(acceptor) = tls else {
                 let tcp = WriteStall::new(tcp, caps.send_timeout);
-                return serve_connection(router, metrics, tcp, peer, None, hold).await;
+                return serve_connection(router, metrics, tcp, peer, None, hold, caps.send_timeout)
+                    .await;
             };
             // Under TLS, so that its close_notify (and the handshake's own
             // answer) is bounded too.
@@ -297,7 +298,7 @@ impl Server {
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| c.clone().into_owned());
-                    serve_connection(router, metrics, s, peer, cert, hold).await
+                    serve_connection(router, metrics, s, peer, cert, hold, caps.send_timeout).await
                 }
                 Ok(Err(e)) => {
                     metrics.error("tls_handshake");

@@ -64,7 +64,9 @@ pub struct LimitsConfig {
     pub max_connections_per_source: usize,
     /// Seconds a write to a connection on the public port may wait while
     /// its client reads nothing; then the connection is dropped (a client
-    /// that never reads would otherwise hold its connection forever).
+    /// that never reads would otherwise hold its connection forever). Over
+    /// HTTP/2, also how long an answer may wait for the client to grant it
+    /// window; then that stream is reset.
     #[serde(default = "d_send_timeout_secs")]
     pub send_timeout_secs: u64,
 }

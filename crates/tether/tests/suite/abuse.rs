@@ -1096,6 +1096,138 @@ async fn a_client_that_never_reads_gives_its_slot_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An HTTP/2 client that reads its socket but grants an answer no window
+/// holds that stream only for `[limits] send_timeout_secs`: the stream is
+/// reset (CANCEL) and the connection goes on. An answer that is quiet with
+/// its window open (the console's events) and a slow reader are not cut.
+/// Before, hyper held such a stream, and our side of its tunnel stream, for
+/// as long as the client stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
+    use crate::common::web::{Web, WebOpts};
+    use http_body_util::BodyExt;
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        config: "[limits]\nsend_timeout_secs = 2\n".into(),
+        ..Default::default()
+    });
+    let base = format!("http://127.0.0.1:{}", w.port);
+    let get = |path: &str| {
+        http::Request::get(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {CLIENT_TOKEN}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let connect = |window: u32| {
+        let port = w.port;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (send, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .initial_stream_window_size(window)
+                    .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+    };
+
+    // A quiet answer with its window open, beside it on another connection:
+    // the console's events for the offline agent, which do not change.
+    let mut quiet = connect(65_535).await;
+    let events = quiet
+        .send_request(get("/api/events?q=ghost"))
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let quiet_task = tokio::spawn(async move {
+        let mut body = events.into_body();
+        let until = tokio::time::Instant::now() + Duration::from_secs(6);
+        let mut seen = 0usize;
+        while let Ok(frame) = tokio::time::timeout_at(until, body.frame()).await {
+            match frame {
+                Some(Ok(f)) => seen += f.data_ref().map_or(0, |d| d.len()),
+                Some(Err(e)) => return Err(format!("the quiet answer was cut: {e:?}")),
+                None => return Err("the quiet answer ended".into()),
+            }
+        }
+        Ok(seen)
+    });
+    // A slow reader: a 64 KiB window, a 16 KiB frame every 100 ms.
+    let mut slow = connect(65_535).await;
+    let download = slow
+        .send_request(get("/a/prod/web/bytes?n=524288"))
+        .await
+        .unwrap();
+    let slow_task = tokio::spawn(async move {
+        let mut body = download.into_body();
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            let f = frame.map_err(|e| format!("the slow reader was cut at {n}: {e:?}"))?;
+            n += f.data_ref().map_or(0, |d| d.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<_, String>(n)
+    });
+
+    // No window at all: the answers' heads come, their bytes cannot.
+    let mut stuck = connect(0).await;
+    let first = stuck
+        .send_request(get("/a/prod/web/bytes?n=1048576"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = stuck
+        .send_request(get("/a/prod/web/bytes?n=1048576"))
+        .await
+        .unwrap();
+    let mut first = first.into_body();
+    let mut second = second.into_body();
+    let reset = tokio::time::timeout(Duration::from_secs(20), first.frame())
+        .await
+        .unwrap_or_else(|_| panic!("not reset in 20 s:\n{}", w.server.log_text()));
+    let took = started.elapsed();
+    match reset {
+        Some(Err(e)) => assert!(format!("{e:?}").contains("CANCEL"), "{e:?}"),
+        other => panic!("data came through a window of 0: {other:?}"),
+    }
+    assert!(took >= Duration::from_millis(1500), "reset early: {took:?}");
+    // One stream went, not the connection: the later stream still waits,
+    // and a new request on the connection is answered.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), second.frame())
+            .await
+            .is_err(),
+        "the second stream went with the first"
+    );
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        stuck.send_request(get("/a/prod/web/hello")),
+    )
+    .await
+    .expect("the connection went with the stream")
+    .unwrap();
+    assert_eq!(third.status(), 200);
+    let reset = tokio::time::timeout(Duration::from_secs(20), second.frame())
+        .await
+        .expect("the second stream was not reset");
+    assert!(matches!(reset, Some(Err(_))), "{reset:?}");
+    assert!(
+        w.server.log_text().contains("granted its answer no window"),
+        "{}",
+        w.server.log_text()
+    );
+
+    assert_eq!(slow_task.await.unwrap(), Ok(524_288));
+    let seen = quiet_task.await.unwrap();
+    assert!(seen.as_ref().is_ok_and(|n| *n > 0), "{seen:?}");
+}
+
 /// Idle HTTP/2 connections cannot fill the connection cap: one source gets
 /// at most its share, the last tenth stays for agent and client sessions,
 /// and idle connections are closed after the first-request timeout.

@@ -1,0 +1,305 @@
+//! An HTTP/2 answer that waits on the client's flow-control window for
+//! `[limits] send_timeout_secs` is reset, like nginx's `send_timeout`.
+//!
+//! HTTP/1.1 needs nothing of this: a client that reads nothing stalls the
+//! socket, and [`tether_net::stall::WriteStall`] fails the write. Over
+//! HTTP/2 a client can read its socket, answer PINGs and still grant no
+//! window to the answers it asked for; hyper then holds each of them (and
+//! our side of the tunnel stream behind it) for as long as the client
+//! stays. That is not a slow reader: a slow reader opens its window now
+//! and then. Nor is it a quiet answer (server-sent events, a watch), which
+//! waits on its own source with the window open.
+//!
+//! The two are told apart by who waits: hyper asks an answer's body for its
+//! next chunk only once the chunk before it has window to go out. So
+//! [`Watched`] marks a body that has handed hyper a chunk and not been asked
+//! again; [`StreamExecutor`], which runs each HTTP/2 stream's task, times
+//! that mark and ends the task when it has stood for the limit. Dropping
+//! the task drops the stream, and h2 resets it (`RST_STREAM CANCEL`),
+//! freeing what it held; the connection and its other streams go on.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::log_gate::LogGate;
+use crate::response::BoxError;
+
+tokio::task_local! {
+    /// The mark of the HTTP/2 stream whose task is running (unset outside
+    /// one: HTTP/1.1 requests run in their connection's task).
+    static MARK: Arc<WaitMark>;
+}
+
+/// Whether a stream's answer is waiting for window, and since which chunk.
+#[derive(Default)]
+pub(crate) struct WaitMark {
+    /// Bit 0: a chunk was handed to hyper and the body not asked since.
+    /// The bits above count the chunks handed over, so a new wait is told
+    /// from the one before it.
+    state: AtomicU64,
+}
+
+impl WaitMark {
+    fn handed_over(&self) {
+        let s = self.state.load(Ordering::Relaxed);
+        self.state.store((s | 1) + 2, Ordering::Relaxed);
+    }
+
+    fn asked(&self) {
+        let s = self.state.load(Ordering::Relaxed);
+        if s & 1 == 1 {
+            self.state.store(s & !1, Ordering::Relaxed);
+        }
+    }
+
+    /// `Some(wait)` while a chunk waits for window; `wait` names this wait.
+    fn waiting(&self) -> Option<u64> {
+        let s = self.state.load(Ordering::Relaxed);
+        (s & 1 == 1).then_some(s)
+    }
+}
+
+/// Runs hyper's HTTP/2 stream tasks, each under [`Guarded`]. One per
+/// connection (it names the peer in its log line).
+#[derive(Clone)]
+pub(crate) struct StreamExecutor {
+    limit: Duration,
+    peer: SocketAddr,
+}
+
+impl StreamExecutor {
+    /// Streams of `peer`'s connection whose answer waits on window for
+    /// `limit` are reset.
+    pub(crate) fn new(limit: Duration, peer: SocketAddr) -> StreamExecutor {
+        StreamExecutor { limit, peer }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mark = Arc::new(WaitMark::default());
+        tokio::spawn(Guarded {
+            task: Box::pin(MARK.scope(mark.clone(), fut)),
+            mark,
+            limit: self.limit,
+            peer: self.peer,
+            timer: None,
+            timing: None,
+        });
+    }
+}
+
+/// One HTTP/2 stream's task, ended when its answer has waited on window for
+/// the limit.
+struct Guarded<F> {
+    task: Pin<Box<F>>,
+    mark: Arc<WaitMark>,
+    limit: Duration,
+    peer: SocketAddr,
+    /// Allocated at the first wait; most answers never wait.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The wait `timer` runs for.
+    timing: Option<u64>,
+}
+
+impl<F: Future> Future for Guarded<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let me = self.get_mut();
+        if me.task.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // The body was polled inside the task just now, if at all: the
+        // mark says whether it is waiting after that.
+        let Some(wait) = me.mark.waiting() else {
+            me.timing = None;
+            return Poll::Pending;
+        };
+        if me.timing != Some(wait) {
+            let deadline = Instant::now() + me.limit;
+            match &mut me.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => me.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            me.timing = Some(wait);
+        }
+        let Some(timer) = &mut me.timer else {
+            return Poll::Pending;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        static GATE: LogGate = LogGate::new();
+        if let Some(skipped) = GATE.allow() {
+            tracing::info!(
+                skipped,
+                peer = %me.peer,
+                "resetting an HTTP/2 stream: the client granted its answer no window for {} s ([limits] send_timeout_secs)",
+                me.limit.as_secs()
+            );
+        }
+        // Returning drops the task, and with it the stream: h2 resets it.
+        Poll::Ready(())
+    }
+}
+
+/// A response body that marks, for its stream's [`Guarded`] task, when it
+/// has handed hyper a chunk and waits to be asked for the next.
+pub(crate) struct Watched<B> {
+    inner: B,
+    mark: Arc<WaitMark>,
+}
+
+impl<B> Watched<B> {
+    /// Wraps `body` if it answers an HTTP/2 stream run by
+    /// [`StreamExecutor`]; `None` otherwise (HTTP/1.1).
+    pub(crate) fn in_stream_task(body: B) -> Result<Watched<B>, B> {
+        match MARK.try_with(Arc::clone) {
+            Ok(mark) => Ok(Watched { inner: body, mark }),
+            Err(_) => Err(body),
+        }
+    }
+}
+
+impl<B> Body for Watched<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let me = self.get_mut();
+        me.mark.asked();
+        let r = Pin::new(&mut me.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                me.mark.handed_over();
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn a_mark_tells_each_wait_apart() {
+        let m = WaitMark::default();
+        assert_eq!(m.waiting(), None);
+        m.handed_over();
+        let first = m.waiting().expect("waiting after a chunk");
+        assert_eq!(m.waiting(), Some(first), "the same wait until asked");
+        m.asked();
+        assert_eq!(m.waiting(), None);
+        m.handed_over();
+        let second = m.waiting().expect("waiting again");
+        assert_ne!(first, second, "a new wait restarts the clock");
+    }
+
+    #[tokio::test]
+    async fn a_body_outside_a_stream_task_is_left_alone() {
+        let body = crate::response::full("x");
+        assert!(Watched::in_stream_task(body).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_body_marks_a_chunk_until_asked_again() {
+        let mark = Arc::new(WaitMark::default());
+        let m = mark.clone();
+        MARK.scope(mark.clone(), async move {
+            let Ok(mut body) = Watched::in_stream_task(crate::response::full("abc")) else {
+                panic!("inside a stream task");
+            };
+            let frame = body.frame().await.expect("a chunk").expect("no error");
+            assert_eq!(frame.data_ref().map(|d| &d[..]), Some(&b"abc"[..]));
+            assert!(m.waiting().is_some(), "handed over, not asked since");
+            assert!(body.frame().await.is_none());
+            assert_eq!(m.waiting(), None, "asked again: not waiting");
+        })
+        .await;
+    }
+
+    /// A task whose body waits longer than the limit is ended; one whose
+    /// body waits on its own source (a quiet answer) is not.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_wait_for_window_ends_the_task() {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        let exec = StreamExecutor::new(Duration::from_secs(5), peer);
+        // Hands over one chunk and is never asked again (no window).
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let stuck = async move {
+            let _done = done_tx;
+            let Ok(mut body) = Watched::in_stream_task(crate::response::full("abc")) else {
+                panic!("inside a stream task");
+            };
+            let _ = body.frame().await;
+            std::future::pending::<()>().await;
+        };
+        hyper::rt::Executor::execute(&exec, stuck);
+        // Waits on its own source: asked, nothing to hand over.
+        let (quiet_tx, quiet_rx) = tokio::sync::oneshot::channel::<()>();
+        let quiet = async move {
+            let _done = quiet_tx;
+            let (_keep, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+            let body = http_body_util::StreamBody::new(tokio_stream_of(rx));
+            let Ok(mut body) = Watched::in_stream_task(body) else {
+                panic!("inside a stream task");
+            };
+            let _ = body.frame().await;
+        };
+        hyper::rt::Executor::execute(&exec, quiet);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let mut done_rx = done_rx;
+        assert!(done_rx.try_recv().is_err(), "ended before the limit");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(done_rx.await.is_err(), "the stuck task was dropped");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let mut quiet_rx = quiet_rx;
+        assert!(
+            matches!(
+                quiet_rx.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "a quiet answer was ended"
+        );
+    }
+
+    /// A stream of the frames sent on `rx`.
+    fn tokio_stream_of(
+        rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Unpin {
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) })
+            .boxed()
+    }
+
+    use futures_util::StreamExt;
+}
