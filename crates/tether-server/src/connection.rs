@@ -71,6 +71,7 @@ pub(crate) async fn serve_connection<S>(
     let closing = router.clone();
     let reserve_only = hold.reserve_only();
     let credential = Arc::new(ConnectionCredential::default());
+    let executor = StreamExecutor::new(send_timeout, peer, metrics.clone());
     let svc = {
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
@@ -117,8 +118,7 @@ pub(crate) async fn serve_connection<S>(
             }
         })
     };
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(StreamExecutor::new(send_timeout, peer));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(executor);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -16,12 +16,22 @@
 //! again; [`StreamExecutor`], which runs each HTTP/2 stream's task, times
 //! that mark and ends the task when it has stood for the limit. Dropping
 //! the task drops the stream, and h2 resets it (`RST_STREAM CANCEL`),
-//! freeing what it held; the connection and its other streams go on.
+//! freeing what it held; the connection and its other streams go on. A
+//! request body still being uploaded holds the stream too, so the proxy
+//! ends it then as well ([`cut`]).
+//!
+//! [`Watched`] hands hyper at most [`MAX_CHUNK`] at a time: the wait it
+//! times is for the chunk before to get window, so the smaller the chunk,
+//! the slower a reader may be without being taken for a stalled one (16 KiB
+//! per `send_timeout_secs`: 273 bytes a second at the default). hyper ends
+//! the stream's task once it has handed h2 the last chunk; what of that
+//! chunk still waits for window is h2's to hold, untimed, until the
+//! connection ends (at most [`MAX_CHUNK`] per stream).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,8 +40,16 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use futures_util::task::AtomicWaker;
+
+use crate::limits::Limit;
 use crate::log_gate::LogGate;
+use crate::metrics::Metrics;
 use crate::response::BoxError;
+
+/// The most of an answer handed to hyper at a time (h2's default frame
+/// size): see the module doc.
+pub(crate) const MAX_CHUNK: usize = 16 * 1024;
 
 tokio::task_local! {
     /// The mark of the HTTP/2 stream whose task is running (unset outside
@@ -46,6 +64,9 @@ pub(crate) struct WaitMark {
     /// The bits above count the chunks handed over, so a new wait is told
     /// from the one before it.
     state: AtomicU64,
+    /// Set when the stream's task is ended for it; wakes [`cut`].
+    cut: AtomicBool,
+    cut_waker: AtomicWaker,
 }
 
 impl WaitMark {
@@ -66,6 +87,30 @@ impl WaitMark {
         let s = self.state.load(Ordering::Relaxed);
         (s & 1 == 1).then_some(s)
     }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.cut_waker.wake();
+    }
+}
+
+/// Resolves once the HTTP/2 stream whose task calls this is reset for
+/// waiting on window; `None` outside such a task (HTTP/1.1). A request body
+/// the proxy is still uploading holds the stream (h2 resets a stream once
+/// nothing holds it), so the upload ends on this.
+pub(crate) fn cut() -> Option<impl Future<Output = ()> + Send + 'static> {
+    let mark = MARK.try_with(Arc::clone).ok()?;
+    Some(std::future::poll_fn(move |cx| {
+        if mark.cut.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        mark.cut_waker.register(cx.waker());
+        if mark.cut.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }))
 }
 
 /// Runs hyper's HTTP/2 stream tasks, each under [`Guarded`]. One per
@@ -74,13 +119,18 @@ impl WaitMark {
 pub(crate) struct StreamExecutor {
     limit: Duration,
     peer: SocketAddr,
+    metrics: Arc<Metrics>,
 }
 
 impl StreamExecutor {
     /// Streams of `peer`'s connection whose answer waits on window for
-    /// `limit` are reset.
-    pub(crate) fn new(limit: Duration, peer: SocketAddr) -> StreamExecutor {
-        StreamExecutor { limit, peer }
+    /// `limit` are reset (and counted in `metrics`).
+    pub(crate) fn new(limit: Duration, peer: SocketAddr, metrics: Arc<Metrics>) -> StreamExecutor {
+        StreamExecutor {
+            limit,
+            peer,
+            metrics,
+        }
     }
 }
 
@@ -96,6 +146,7 @@ where
             mark,
             limit: self.limit,
             peer: self.peer,
+            metrics: self.metrics.clone(),
             timer: None,
             timing: None,
         });
@@ -109,6 +160,7 @@ struct Guarded<F> {
     mark: Arc<WaitMark>,
     limit: Duration,
     peer: SocketAddr,
+    metrics: Arc<Metrics>,
     /// Allocated at the first wait; most answers never wait.
     timer: Option<Pin<Box<Sleep>>>,
     /// The wait `timer` runs for.
@@ -143,16 +195,21 @@ impl<F: Future> Future for Guarded<F> {
         if timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
+        me.metrics.limit_hit(Limit::SendTimeout);
         static GATE: LogGate = LogGate::new();
         if let Some(skipped) = GATE.allow() {
             tracing::info!(
                 skipped,
                 peer = %me.peer,
-                "resetting an HTTP/2 stream: the client granted its answer no window for {} s ([limits] send_timeout_secs)",
+                limit = Limit::SendTimeout.as_str(),
+                raise_with = Limit::SendTimeout.setting(),
+                "resetting an HTTP/2 stream: the client granted its answer no window for {} s",
                 me.limit.as_secs()
             );
         }
-        // Returning drops the task, and with it the stream: h2 resets it.
+        // Returning drops the task, and with it the stream: h2 resets it
+        // once the upload, if one is still going, lets go of it too.
+        me.mark.cut();
         Poll::Ready(())
     }
 }
@@ -162,6 +219,8 @@ impl<F: Future> Future for Guarded<F> {
 pub(crate) struct Watched<B> {
     inner: B,
     mark: Arc<WaitMark>,
+    /// What is left of a chunk longer than [`MAX_CHUNK`].
+    rest: Bytes,
 }
 
 impl<B> Watched<B> {
@@ -169,7 +228,11 @@ impl<B> Watched<B> {
     /// [`StreamExecutor`]; `None` otherwise (HTTP/1.1).
     pub(crate) fn in_stream_task(body: B) -> Result<Watched<B>, B> {
         match MARK.try_with(Arc::clone) {
-            Ok(mark) => Ok(Watched { inner: body, mark }),
+            Ok(mark) => Ok(Watched {
+                inner: body,
+                mark,
+                rest: Bytes::new(),
+            }),
             Err(_) => Err(body),
         }
     }
@@ -188,21 +251,40 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let me = self.get_mut();
         me.mark.asked();
-        let r = Pin::new(&mut me.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r {
-            if frame.data_ref().is_some_and(|d| !d.is_empty()) {
-                me.mark.handed_over();
-            }
+        if !me.rest.is_empty() {
+            let n = me.rest.len().min(MAX_CHUNK);
+            me.mark.handed_over();
+            return Poll::Ready(Some(Ok(Frame::data(me.rest.split_to(n)))));
         }
-        r
+        let r = Pin::new(&mut me.inner).poll_frame(cx);
+        let Poll::Ready(Some(Ok(frame))) = r else {
+            return r;
+        };
+        match frame.into_data() {
+            Ok(mut data) if !data.is_empty() => {
+                if data.len() > MAX_CHUNK {
+                    me.rest = data.split_off(MAX_CHUNK);
+                }
+                me.mark.handed_over();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Ok(empty) => Poll::Ready(Some(Ok(Frame::data(empty)))),
+            Err(other) => Poll::Ready(Some(Ok(other))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint.set_lower(hint.lower().saturating_add(rest));
+        hint
     }
 }
 
@@ -253,11 +335,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn only_a_wait_for_window_ends_the_task() {
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
-        let exec = StreamExecutor::new(Duration::from_secs(5), peer);
+        let metrics = Arc::new(Metrics::default());
+        let exec = StreamExecutor::new(Duration::from_secs(5), peer, metrics);
+        let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
         // Hands over one chunk and is never asked again (no window).
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let stuck = async move {
             let _done = done_tx;
+            // The upload side, as the proxy spawns it: told of the cut.
+            let cut = super::cut().expect("inside a stream task");
+            tokio::spawn(async move {
+                cut.await;
+                let _ = cut_tx.send(());
+            });
             let Ok(mut body) = Watched::in_stream_task(crate::response::full("abc")) else {
                 panic!("inside a stream task");
             };
@@ -279,9 +369,21 @@ mod tests {
         hyper::rt::Executor::execute(&exec, quiet);
         tokio::time::sleep(Duration::from_secs(4)).await;
         let mut done_rx = done_rx;
-        assert!(done_rx.try_recv().is_err(), "ended before the limit");
+        assert!(
+            matches!(
+                done_rx.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "ended before the limit"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(done_rx.await.is_err(), "the stuck task was dropped");
+        let dropped = tokio::time::timeout(Duration::from_secs(1), done_rx).await;
+        assert!(
+            matches!(dropped, Ok(Err(_))),
+            "the stuck task was not dropped"
+        );
+        let told = tokio::time::timeout(Duration::from_secs(1), cut_rx).await;
+        assert!(matches!(told, Ok(Ok(()))), "the upload side was not told");
         tokio::time::sleep(Duration::from_secs(60)).await;
         let mut quiet_rx = quiet_rx;
         assert!(
@@ -291,6 +393,36 @@ mod tests {
             ),
             "a quiet answer was ended"
         );
+    }
+
+    /// A long chunk goes to hyper in pieces of at most [`MAX_CHUNK`], each
+    /// a new wait; the body ends only after the last piece.
+    #[tokio::test]
+    async fn a_long_chunk_is_handed_over_in_pieces() {
+        let mark = Arc::new(WaitMark::default());
+        let m = mark.clone();
+        MARK.scope(mark, async move {
+            let data: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+            let Ok(mut body) = Watched::in_stream_task(crate::response::full(data.clone())) else {
+                panic!("inside a stream task");
+            };
+            assert_eq!(http_body::Body::size_hint(&body).exact(), Some(40_000));
+            let mut got = Vec::new();
+            let mut waits = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let d = frame.expect("no error").into_data().expect("data");
+                assert!(d.len() <= MAX_CHUNK, "{}", d.len());
+                got.extend_from_slice(&d);
+                waits.push(m.waiting().expect("each piece is a wait"));
+                if got.len() < data.len() {
+                    assert!(!http_body::Body::is_end_stream(&body));
+                }
+            }
+            assert_eq!(got, data);
+            assert_eq!(waits.len(), 3);
+            assert!(waits[0] != waits[1] && waits[1] != waits[2], "{waits:?}");
+        })
+        .await;
     }
 
     /// A stream of the frames sent on `rx`.

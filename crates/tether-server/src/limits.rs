@@ -67,6 +67,9 @@ pub(crate) enum Limit {
     ConsoleStreams,
     /// Sessions of one agent name, handshakes and probes included.
     SessionsPerAgent,
+    /// An HTTP/2 answer the client granted no window for
+    /// `send_timeout_secs` (its stream is reset).
+    SendTimeout,
 }
 
 /// Sessions one agent name may hold on one replica at once, handshakes and
@@ -94,6 +97,7 @@ impl Limit {
             Limit::ListenerOpensPerSource => "listener_opens_per_source",
             Limit::ConsoleStreams => "console_streams",
             Limit::SessionsPerAgent => "sessions_per_agent",
+            Limit::SendTimeout => "send_timeout",
         }
     }
 }
@@ -115,6 +119,7 @@ impl Limit {
             Limit::ListenerOpensPerSource => "opens_per_sec_per_source of the [[listener]] (default: half of [limits] opens_per_sec)",
             Limit::ConsoleStreams => "nothing (fixed: 16 open consoles per client)",
             Limit::SessionsPerAgent => "nothing (fixed: 32 per agent name and replica)",
+            Limit::SendTimeout => "[limits] send_timeout_secs",
         }
     }
 

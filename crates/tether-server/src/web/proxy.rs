@@ -202,9 +202,23 @@ async fn proxy(
     let body = if http_body::Body::is_end_stream(&body) {
         body.map_err(BoxError::from).boxed_unsync()
     } else {
+        // Over HTTP/2 the upload also ends when its stream is reset for
+        // an answer the client gives no window: it holds the stream too.
+        let ended = match crate::h2_stall::cut() {
+            None => guard.ended(),
+            Some(cut) => {
+                let ended = guard.ended();
+                Box::pin(async move {
+                    tokio::select! {
+                        why = ended => why,
+                        () = cut => "the client granted the answer no window",
+                    }
+                })
+            }
+        };
         GuardedBody {
             inner: body,
-            ended: guard.ended(),
+            ended,
             _guard: guard.clone(),
             bytes: bytes.clone(),
             way: Way::Up,

@@ -1098,26 +1098,54 @@ async fn a_client_that_never_reads_gives_its_slot_back() {
 
 /// An HTTP/2 client that reads its socket but grants an answer no window
 /// holds that stream only for `[limits] send_timeout_secs`: the stream is
-/// reset (CANCEL) and the connection goes on. An answer that is quiet with
-/// its window open (the console's events) and a slow reader are not cut.
+/// reset (CANCEL) and the connection goes on, also while the client's
+/// upload on that stream is still open. An answer that is quiet with its
+/// window open (the console's events) and a slow reader are not cut.
 /// Before, hyper held such a stream, and our side of its tunnel stream, for
 /// as long as the client stayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
     use crate::common::web::{Web, WebOpts};
     use http_body_util::BodyExt;
+    type ReqBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+    // A service that answers at once and goes on reading the upload, as
+    // one taking a long upload while it reports progress would.
+    let holder = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let holder_port = holder.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = holder.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhello\n")
+                    .await;
+                while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
     let w = Web::start_with(WebOpts {
         plain: true,
-        config: "[limits]\nsend_timeout_secs = 2\n".into(),
+        config: "[limits]\nsend_timeout_secs = 3\n".into(),
+        services: format!("holder = \"http://127.0.0.1:{holder_port}\""),
         ..Default::default()
     });
     let base = format!("http://127.0.0.1:{}", w.port);
-    let get = |path: &str| {
-        http::Request::get(format!("{base}{path}"))
+    let request = |method: &str, path: &str, body: ReqBody| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
             .header("authorization", format!("Bearer {CLIENT_TOKEN}"))
-            .body(http_body_util::Empty::<Bytes>::new())
+            .body(body)
             .unwrap()
     };
+    let get = |path: &str| request("GET", path, http_body_util::Empty::new().boxed());
     let connect = |window: u32| {
         let port = w.port;
         async move {
@@ -1127,7 +1155,7 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
             let (send, conn) =
                 hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .initial_stream_window_size(window)
-                    .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+                    .handshake::<_, ReqBody>(hyper_util::rt::TokioIo::new(tcp))
                     .await
                     .unwrap();
             tokio::spawn(conn);
@@ -1145,7 +1173,7 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
     assert_eq!(events.status(), 200);
     let quiet_task = tokio::spawn(async move {
         let mut body = events.into_body();
-        let until = tokio::time::Instant::now() + Duration::from_secs(6);
+        let until = tokio::time::Instant::now() + Duration::from_secs(8);
         let mut seen = 0usize;
         while let Ok(frame) = tokio::time::timeout_at(until, body.frame()).await {
             match frame {
@@ -1173,19 +1201,30 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
         Ok::<_, String>(n)
     });
 
-    // No window at all: the answers' heads come, their bytes cannot.
+    // No window at all: the answers' heads come, their bytes cannot. The
+    // first request's upload stays open (the service reads on): it holds
+    // the stream too.
     let mut stuck = connect(0).await;
+    let (_upload, upload_rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(1);
+    let upload = BodyExt::boxed(http_body_util::StreamBody::new(
+        futures_util::stream::unfold(upload_rx, |mut rx| async move {
+            rx.recv().await.map(|f| (f, rx))
+        }),
+    ));
     let first = stuck
-        .send_request(get("/a/prod/web/bytes?n=1048576"))
+        .send_request(request("POST", "/a/prod/holder/", upload))
         .await
         .unwrap();
     assert_eq!(first.status(), 200);
     let started = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let second = stuck
         .send_request(get("/a/prod/web/bytes?n=1048576"))
         .await
         .unwrap();
+    assert_eq!(second.status(), 200);
     let mut first = first.into_body();
     let mut second = second.into_body();
     let reset = tokio::time::timeout(Duration::from_secs(20), first.frame())
@@ -1196,11 +1235,11 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
         Some(Err(e)) => assert!(format!("{e:?}").contains("CANCEL"), "{e:?}"),
         other => panic!("data came through a window of 0: {other:?}"),
     }
-    assert!(took >= Duration::from_millis(1500), "reset early: {took:?}");
+    assert!(took >= Duration::from_millis(2500), "reset early: {took:?}");
     // One stream went, not the connection: the later stream still waits,
     // and a new request on the connection is answered.
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), second.frame())
+        tokio::time::timeout(Duration::from_millis(100), second.frame())
             .await
             .is_err(),
         "the second stream went with the first"
@@ -1217,10 +1256,18 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
         .await
         .expect("the second stream was not reset");
     assert!(matches!(reset, Some(Err(_))), "{reset:?}");
+    let log = w.server.log_text();
     assert!(
-        w.server.log_text().contains("granted its answer no window"),
-        "{}",
-        w.server.log_text()
+        log.contains("resetting an HTTP/2 stream") && log.contains("send_timeout_secs"),
+        "{log}"
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], w.port).into();
+    let m = http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metric(&m, "tether_limit_hits_total{limit=\"send_timeout\"}").unwrap_or(0.0) >= 2.0,
+        "{m}"
     );
 
     assert_eq!(slow_task.await.unwrap(), Ok(524_288));
