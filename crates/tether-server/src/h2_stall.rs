@@ -17,21 +17,23 @@
 //! that mark and ends the task when it has stood for the limit. Dropping
 //! the task drops the stream, and h2 resets it (`RST_STREAM CANCEL`),
 //! freeing what it held; the connection and its other streams go on. A
-//! request body still being uploaded holds the stream too, so the proxy
-//! ends it then as well ([`cut`]).
+//! request body still being uploaded holds the stream too (h2 resets a
+//! stream once nothing holds it), so the proxy hands it over as an
+//! [`Upload`], which the task drops at the same time, read or not.
 //!
 //! [`Watched`] hands hyper at most [`MAX_CHUNK`] at a time: the wait it
 //! times is for the chunk before to get window, so the smaller the chunk,
 //! the slower a reader may be without being taken for a stalled one (16 KiB
 //! per `send_timeout_secs`: 273 bytes a second at the default). hyper ends
 //! the stream's task once it has handed h2 the last chunk; what of that
-//! chunk still waits for window is h2's to hold, untimed, until the
-//! connection ends (at most [`MAX_CHUNK`] per stream).
+//! chunk still waits for window is h2's to hold, untimed (at most
+//! [`MAX_CHUNK`] per stream), and keeps the connection open: its idle
+//! close is graceful.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -64,9 +66,8 @@ pub(crate) struct WaitMark {
     /// The bits above count the chunks handed over, so a new wait is told
     /// from the one before it.
     state: AtomicU64,
-    /// Set when the stream's task is ended for it; wakes [`cut`].
-    cut: AtomicBool,
-    cut_waker: AtomicWaker,
+    /// Drops the stream's [`Upload`], if it has one, when the task is ended.
+    release: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl WaitMark {
@@ -89,28 +90,87 @@ impl WaitMark {
     }
 
     fn cut(&self) {
-        self.cut.store(true, Ordering::Release);
-        self.cut_waker.wake();
+        let release = self
+            .release
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(release) = release {
+            release();
+        }
     }
 }
 
-/// Resolves once the HTTP/2 stream whose task calls this is reset for
-/// waiting on window; `None` outside such a task (HTTP/1.1). A request body
-/// the proxy is still uploading holds the stream (h2 resets a stream once
-/// nothing holds it), so the upload ends on this.
-pub(crate) fn cut() -> Option<impl Future<Output = ()> + Send + 'static> {
-    let mark = MARK.try_with(Arc::clone).ok()?;
-    Some(std::future::poll_fn(move |cx| {
-        if mark.cut.load(Ordering::Acquire) {
-            return Poll::Ready(());
+/// A request body uploaded on an HTTP/2 stream, dropped (and whoever reads
+/// it woken, to an error) when its stream's task is ended for an answer
+/// given no window. Dropped there and then, not at its next read: the
+/// reader may be waiting on the service, and not read it again.
+pub(crate) struct Upload<B> {
+    slot: Arc<UploadSlot<B>>,
+}
+
+struct UploadSlot<B> {
+    body: std::sync::Mutex<Option<B>>,
+    waker: AtomicWaker,
+}
+
+impl<B: Send + 'static> Upload<B> {
+    /// Wraps `body` if it is uploaded on an HTTP/2 stream run by
+    /// [`StreamExecutor`]; `Err(body)` otherwise (HTTP/1.1).
+    pub(crate) fn in_stream_task(body: B) -> Result<Upload<B>, B> {
+        let Ok(mark) = MARK.try_with(Arc::clone) else {
+            return Err(body);
+        };
+        let slot = Arc::new(UploadSlot {
+            body: std::sync::Mutex::new(Some(body)),
+            waker: AtomicWaker::new(),
+        });
+        let held = Arc::downgrade(&slot);
+        *mark.release.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move || {
+            if let Some(slot) = held.upgrade() {
+                let body = slot.body.lock().unwrap_or_else(|p| p.into_inner()).take();
+                drop(body);
+                slot.waker.wake();
+            }
+        }));
+        Ok(Upload { slot })
+    }
+}
+
+impl<B> Body for Upload<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.slot.waker.register(cx.waker());
+        let mut body = self.slot.body.lock().unwrap_or_else(|p| p.into_inner());
+        match body.as_mut() {
+            Some(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            None => Poll::Ready(Some(Err(
+                "the client's stream was reset: it granted the answer no window".into(),
+            ))),
         }
-        mark.cut_waker.register(cx.waker());
-        if mark.cut.load(Ordering::Acquire) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A dropped upload is not complete: it must end in an error.
+        let body = self.slot.body.lock().unwrap_or_else(|p| p.into_inner());
+        body.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let body = self.slot.body.lock().unwrap_or_else(|p| p.into_inner());
+        body.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
 }
 
 /// Runs hyper's HTTP/2 stream tasks, each under [`Guarded`]. One per
@@ -208,7 +268,7 @@ impl<F: Future> Future for Guarded<F> {
             );
         }
         // Returning drops the task, and with it the stream: h2 resets it
-        // once the upload, if one is still going, lets go of it too.
+        // once the upload, if one is still going, is dropped too.
         me.mark.cut();
         Poll::Ready(())
     }
@@ -337,16 +397,21 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
         let metrics = Arc::new(Metrics::default());
         let exec = StreamExecutor::new(Duration::from_secs(5), peer, metrics);
-        let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
+        let (upload_tx, upload_rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         // Hands over one chunk and is never asked again (no window).
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let stuck = async move {
             let _done = done_tx;
-            // The upload side, as the proxy spawns it: told of the cut.
-            let cut = super::cut().expect("inside a stream task");
+            // An upload, handed to a reader that never reads it (as a
+            // pooled connection waiting on its service).
+            let upload = http_body_util::StreamBody::new(tokio_stream_of(upload_rx));
+            let Ok(upload) = Upload::in_stream_task(upload) else {
+                panic!("inside a stream task");
+            };
             tokio::spawn(async move {
-                cut.await;
-                let _ = cut_tx.send(());
+                let _held = upload;
+                std::future::pending::<()>().await;
             });
             let Ok(mut body) = Watched::in_stream_task(crate::response::full("abc")) else {
                 panic!("inside a stream task");
@@ -382,8 +447,7 @@ mod tests {
             matches!(dropped, Ok(Err(_))),
             "the stuck task was not dropped"
         );
-        let told = tokio::time::timeout(Duration::from_secs(1), cut_rx).await;
-        assert!(matches!(told, Ok(Ok(()))), "the upload side was not told");
+        assert!(upload_tx.is_closed(), "the unread upload was not dropped");
         tokio::time::sleep(Duration::from_secs(60)).await;
         let mut quiet_rx = quiet_rx;
         assert!(
@@ -416,11 +480,35 @@ mod tests {
                 waits.push(m.waiting().expect("each piece is a wait"));
                 if got.len() < data.len() {
                     assert!(!http_body::Body::is_end_stream(&body));
+                    let left = (data.len() - got.len()) as u64;
+                    assert_eq!(http_body::Body::size_hint(&body).exact(), Some(left));
                 }
             }
             assert_eq!(got, data);
+            assert!(http_body::Body::is_end_stream(&body));
             assert_eq!(waits.len(), 3);
             assert!(waits[0] != waits[1] && waits[1] != waits[2], "{waits:?}");
+        })
+        .await;
+    }
+
+    /// An upload being read is woken to an error when it is dropped.
+    #[tokio::test]
+    async fn a_dropped_upload_ends_its_reader_in_an_error() {
+        let mark = Arc::new(WaitMark::default());
+        let m = mark.clone();
+        MARK.scope(mark, async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+            let body = http_body_util::StreamBody::new(tokio_stream_of(rx));
+            let Ok(mut upload) = Upload::in_stream_task(body) else {
+                panic!("inside a stream task");
+            };
+            let reader = tokio::spawn(async move { upload.frame().await.map(|f| f.is_err()) });
+            tokio::task::yield_now().await;
+            m.cut();
+            let ended = tokio::time::timeout(Duration::from_secs(5), reader).await;
+            assert!(matches!(ended, Ok(Ok(Some(true)))), "{ended:?}");
+            assert!(tx.is_closed(), "the body was not dropped");
         })
         .await;
     }

@@ -202,30 +202,12 @@ async fn proxy(
     let body = if http_body::Body::is_end_stream(&body) {
         body.map_err(BoxError::from).boxed_unsync()
     } else {
-        // Over HTTP/2 the upload also ends when its stream is reset for
-        // an answer the client gives no window: it holds the stream too.
-        let ended = match crate::h2_stall::cut() {
-            None => guard.ended(),
-            Some(cut) => {
-                let ended = guard.ended();
-                Box::pin(async move {
-                    tokio::select! {
-                        why = ended => why,
-                        () = cut => "the client granted the answer no window",
-                    }
-                })
-            }
-        };
-        GuardedBody {
-            inner: body,
-            ended,
-            _guard: guard.clone(),
-            bytes: bytes.clone(),
-            way: Way::Up,
-            _audit: None,
-            done: false,
+        // Over HTTP/2 the upload holds the client's stream too: it is
+        // dropped when that stream is reset for an answer given no window.
+        match crate::h2_stall::Upload::in_stream_task(body) {
+            Ok(held) => GuardedBody::upload(held, &guard, &bytes).boxed_unsync(),
+            Err(body) => GuardedBody::upload(body, &guard, &bytes).boxed_unsync(),
         }
-        .boxed_unsync()
     };
     let mut out = Request::new(body);
     *out.method_mut() = method.clone();
@@ -644,6 +626,21 @@ struct GuardedBody<B> {
     _audit: Option<HttpAudit>,
     /// Over (`ended` fired: it is not polled again).
     done: bool,
+}
+
+impl<B> GuardedBody<B> {
+    /// The client's request body on its way to the service.
+    fn upload(inner: B, guard: &Arc<OpenGuard>, bytes: &Arc<ByteCounts>) -> GuardedBody<B> {
+        GuardedBody {
+            inner,
+            ended: guard.ended(),
+            _guard: guard.clone(),
+            bytes: bytes.clone(),
+            way: Way::Up,
+            _audit: None,
+            done: false,
+        }
+    }
 }
 
 impl<B> http_body::Body for GuardedBody<B>
