@@ -1535,3 +1535,73 @@ async fn a_raw_websocket_that_never_answers_the_close_is_dropped() {
         .server_metric("tether_live_streams")
         == Some(0.0)));
 }
+
+/// One agent name holds at most 32 sessions on a replica, handshakes
+/// included, so one agent token cannot take every one of `max_sessions`
+/// with upgrades that never finish their handshake: the 33rd is refused
+/// with a 429 that names the limit, another agent is not affected, and a
+/// closed one gives its slot back.
+#[test]
+fn one_agent_token_cannot_take_every_session_with_unfinished_handshakes() {
+    use std::io::{Read, Write};
+    let (_server, addr, dir) = server_with(
+        "agent-cap",
+        "[[agent]]\nname = \"staging\"\ntoken = \"staging-token\"\n",
+    );
+    // An upgrade whose handshake never follows (no HELLO): the connection
+    // and the server's answer to the upgrade.
+    let upgrade = |token: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /tether/v1/agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let mut held = Vec::new();
+    for i in 0..32 {
+        let (s, answer) = upgrade(AGENT_TOKEN);
+        assert!(answer.starts_with("HTTP/1.1 101"), "upgrade {i}: {answer}");
+        held.push(s);
+    }
+    let (_refused, answer) = upgrade(AGENT_TOKEN);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.contains("already has 32 sessions") && answer.contains("a fixed limit"),
+        "{answer}"
+    );
+    let (_staging, answer) = upgrade("staging-token");
+    assert!(
+        answer.starts_with("HTTP/1.1 101"),
+        "another agent: {answer}"
+    );
+    // A closed upgrade gives its slot back.
+    drop(held.pop());
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (s, answer) = upgrade(AGENT_TOKEN);
+            let ok = answer.starts_with("HTTP/1.1 101");
+            if ok {
+                held.push(s);
+            }
+            ok
+        }),
+        "the closed upgrade's slot did not come back"
+    );
+    let m = http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metric(&m, "tether_limit_hits_total{limit=\"sessions_per_agent\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    drop(held);
+    let _ = std::fs::remove_dir_all(dir);
+}
