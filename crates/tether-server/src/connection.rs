@@ -87,11 +87,14 @@ pub(crate) async fn serve_connection<S>(
             let cert = client_cert.clone();
             let activity = activity.clone();
             let credential = credential.clone();
+            // Only HTTP/2 answers are watched for window: an HTTP/1.1 one
+            // skips the task-local lookup and the move of its response.
+            let http2 = req.version() == http::Version::HTTP_2;
             async move {
                 let _busy = busy;
                 if !reserve_only {
                     let resp = router.route(req, peer, cert, &credential).await;
-                    return Ok::<_, Infallible>(watched(resp));
+                    return Ok::<_, Infallible>(if http2 { watched(resp) } else { resp });
                 }
                 // A reserve connection carries one request: a session
                 // upgrade keeps it (as the session), anything else ends it,
@@ -114,7 +117,7 @@ pub(crate) async fn serve_connection<S>(
                     }
                     activity.close_after_this();
                 }
-                Ok::<_, Infallible>(watched(resp))
+                Ok::<_, Infallible>(if http2 { watched(resp) } else { resp })
             }
         })
     };
