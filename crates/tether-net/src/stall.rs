@@ -63,11 +63,41 @@ impl<S> WriteStall<S> {
             self.armed = false;
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the peer read nothing for {} s", self.limit.as_secs()),
+                SendStalled {
+                    secs: self.limit.as_secs(),
+                },
             )));
         }
         Poll::Pending
     }
+}
+
+/// The error inside the [`io::ErrorKind::TimedOut`] a stuck write fails
+/// with: told apart from the kernel's own `ETIMEDOUT` (a peer that vanished)
+/// by [`is_send_stall`].
+#[derive(Debug, thiserror::Error)]
+#[error("the peer read nothing for {secs} s")]
+pub struct SendStalled {
+    /// The limit that ran out, in seconds.
+    pub secs: u64,
+}
+
+/// Whether `e`, or an error below it, is a [`WriteStall`] giving up.
+pub fn is_send_stall(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<SendStalled>() {
+            return true;
+        }
+        // An `io::Error`'s `source` skips the error it wraps.
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<SendStalled>()) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
@@ -123,6 +153,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// An error with another below it, as hyper's are.
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection error")]
+    struct Wrapped(#[source] io::Error);
+
     /// A peer that reads nothing: the write fails after the limit, not
     /// before; one that reads a little now and then keeps it going.
     #[tokio::test(start_paused = true)]
@@ -132,6 +167,12 @@ mod tests {
         let started = Instant::now();
         let e = a.write_all(&[7; 64 * 1024]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(is_send_stall(&e), "{e}");
+        // Wrapped, as hyper reports it, it is still found; the kernel's
+        // own timeout is not one.
+        let wrapped = Wrapped(e);
+        assert!(is_send_stall(&wrapped));
+        assert!(!is_send_stall(&io::Error::from(io::ErrorKind::TimedOut)));
         assert_eq!(started.elapsed().as_secs(), 60);
 
         // A reader taking 1 KiB every 50 s keeps the writer alive.

@@ -72,6 +72,7 @@ pub(crate) async fn serve_connection<S>(
     let reserve_only = hold.reserve_only();
     let credential = Arc::new(ConnectionCredential::default());
     let executor = StreamExecutor::new(send_timeout, peer, metrics.clone());
+    let conn_metrics = metrics.clone();
     let svc = {
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
@@ -159,7 +160,15 @@ pub(crate) async fn serve_connection<S>(
         }
     };
     if let Err(e) = ended {
-        tracing::debug!(%peer, "http connection ended: {e}");
+        if tether_net::stall::is_send_stall(&*e) {
+            conn_metrics.limit_hit(Limit::SendTimeout);
+            static GATE: LogGate = LogGate::new();
+            if let Some(skipped) = GATE.allow() {
+                tracing::info!(skipped, %peer, limit = Limit::SendTimeout.as_str(), raise_with = Limit::SendTimeout.setting(), "closing a connection: {e}");
+            }
+        } else {
+            tracing::debug!(%peer, "http connection ended: {e}");
+        }
     }
 }
 

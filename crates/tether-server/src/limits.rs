@@ -67,8 +67,9 @@ pub(crate) enum Limit {
     ConsoleStreams,
     /// Sessions of one agent name, handshakes and probes included.
     SessionsPerAgent,
-    /// An HTTP/2 answer the client granted no window for
-    /// `send_timeout_secs` (its stream is reset).
+    /// A client that read nothing of its connection's answers (the
+    /// connection is closed), or granted an HTTP/2 answer no window (its
+    /// stream is reset), for `send_timeout_secs`.
     SendTimeout,
 }
 

@@ -1092,6 +1092,13 @@ async fn a_client_that_never_reads_gives_its_slot_back() {
         back,
         "the slot of a client that never reads never came back"
     );
+    let m = http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        metric(&m, "tether_limit_hits_total{limit=\"send_timeout\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
     writer.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
