@@ -88,14 +88,12 @@ pub(crate) async fn serve_connection<S>(
             let cert = client_cert.clone();
             let activity = activity.clone();
             let credential = credential.clone();
-            // Only HTTP/2 answers are watched for window: an HTTP/1.1 one
-            // skips the task-local lookup and the move of its response.
             let http2 = req.version() == http::Version::HTTP_2;
             async move {
                 let _busy = busy;
                 if !reserve_only {
                     let resp = router.route(req, peer, cert, &credential).await;
-                    return Ok::<_, Infallible>(if http2 { watched(resp) } else { resp });
+                    return Ok::<_, Infallible>(watched(resp, http2));
                 }
                 // A reserve connection carries one request: a session
                 // upgrade keeps it (as the session), anything else ends it,
@@ -118,7 +116,7 @@ pub(crate) async fn serve_connection<S>(
                     }
                     activity.close_after_this();
                 }
-                Ok::<_, Infallible>(if http2 { watched(resp) } else { resp })
+                Ok::<_, Infallible>(watched(resp, http2))
             }
         })
     };
@@ -164,7 +162,7 @@ pub(crate) async fn serve_connection<S>(
             conn_metrics.limit_hit(Limit::SendTimeout);
             static GATE: LogGate = LogGate::new();
             if let Some(skipped) = GATE.allow() {
-                tracing::info!(skipped, %peer, limit = Limit::SendTimeout.as_str(), raise_with = Limit::SendTimeout.setting(), "closing a connection: {e}");
+                tracing::info!(skipped, %peer, limit = Limit::SendTimeout.as_str(), raise_with = Limit::SendTimeout.setting(), "closing a connection: its client read nothing of the answers for {} s", send_timeout.as_secs());
             }
         } else {
             tracing::debug!(%peer, "http connection ended: {e}");
@@ -173,8 +171,12 @@ pub(crate) async fn serve_connection<S>(
 }
 
 /// An HTTP/2 answer's body, watched for waits on the client's window
-/// ([`crate::h2_stall`]); an HTTP/1.1 one as it is.
-fn watched(resp: Resp) -> Resp {
+/// ([`crate::h2_stall`]); an HTTP/1.1 one as it is, without the task-local
+/// lookup and the move of its response.
+fn watched(resp: Resp, http2: bool) -> Resp {
+    if !http2 {
+        return resp;
+    }
     resp.map(|body| match Watched::in_stream_task(body) {
         Ok(w) => http_body_util::BodyExt::boxed_unsync(w),
         Err(body) => body,
