@@ -24,16 +24,21 @@
 //! [`Watched`] hands hyper at most [`MAX_CHUNK`] at a time: the wait it
 //! times is for the chunk before to get window, so the smaller the chunk,
 //! the slower a reader may be without being taken for a stalled one (16 KiB
-//! per `send_timeout_secs`: 273 bytes a second at the default). hyper ends
-//! the stream's task once it has handed h2 the last chunk; what of that
-//! chunk still waits for window is h2's to hold, untimed (at most
-//! [`MAX_CHUNK`] per stream), and keeps the connection open: its idle
-//! close is graceful.
+//! per `send_timeout_secs`: 273 bytes a second at the default).
+//!
+//! hyper ends a stream's task once it has handed h2 the last chunk, when
+//! the window has room for one byte of it; the rest waits in h2 (at most
+//! [`MAX_CHUNK`] per stream), out of any task's sight. A connection holding
+//! such leftovers makes no new requests (they use up its streams), so it is
+//! closed as idle; but that close is graceful and waits for them. So
+//! [`StreamExecutor::leftovers_stuck`] tells the closing connection when no
+//! stream task has run for the limit: what is left then is leftovers the
+//! client grants no window, and the connection is dropped.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -174,13 +179,35 @@ where
 }
 
 /// Runs hyper's HTTP/2 stream tasks, each under [`Guarded`]. One per
-/// connection (it names the peer in its log line).
+/// connection (it names the peer in its log line, and counts the
+/// connection's tasks); its clones share the count.
 #[derive(Clone)]
 pub(crate) struct StreamExecutor {
     limit: Duration,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
+    tasks: Arc<TaskCount>,
 }
+
+/// A connection's stream tasks: how many run now, and how many ever
+/// started (so a task that started and ended between two looks is seen).
+#[derive(Default)]
+struct TaskCount {
+    running: AtomicUsize,
+    started: AtomicU64,
+}
+
+/// One running stream task in its connection's [`TaskCount`].
+struct Running(Arc<TaskCount>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// How often a closing connection looks whether stream tasks still run.
+const TASKS_POLL: Duration = Duration::from_secs(1);
 
 impl StreamExecutor {
     /// Streams of `peer`'s connection whose answer waits on window for
@@ -190,6 +217,41 @@ impl StreamExecutor {
             limit,
             peer,
             metrics,
+            tasks: Arc::default(),
+        }
+    }
+
+    /// For a connection closing gracefully: resolves once it has run
+    /// HTTP/2 stream tasks and none has run for the limit, counted and
+    /// logged as a send timeout. The connection then holds only answers'
+    /// leftovers that wait for window (see the module doc), and the caller
+    /// drops it. Never resolves for HTTP/1.1, which runs no stream tasks
+    /// (its writes are timed by `WriteStall`).
+    pub(crate) async fn leftovers_stuck(&self) {
+        loop {
+            let started = self.tasks.started.load(Ordering::Acquire);
+            if started == 0 || self.tasks.running.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(TASKS_POLL).await;
+                continue;
+            }
+            tokio::time::sleep(self.limit).await;
+            if self.tasks.started.load(Ordering::Acquire) == started
+                && self.tasks.running.load(Ordering::Acquire) == 0
+            {
+                break;
+            }
+        }
+        self.metrics.limit_hit(Limit::SendTimeout);
+        static GATE: LogGate = LogGate::new();
+        if let Some(skipped) = GATE.allow() {
+            tracing::info!(
+                skipped,
+                peer = %self.peer,
+                limit = Limit::SendTimeout.as_str(),
+                raise_with = Limit::SendTimeout.setting(),
+                "closing an HTTP/2 connection: its client granted the last of its answers no window for {} s",
+                self.limit.as_secs()
+            );
         }
     }
 }
@@ -201,6 +263,9 @@ where
 {
     fn execute(&self, fut: F) {
         let mark = Arc::new(WaitMark::default());
+        self.tasks.running.fetch_add(1, Ordering::AcqRel);
+        self.tasks.started.fetch_add(1, Ordering::AcqRel);
+        let running = Running(self.tasks.clone());
         tokio::spawn(Guarded {
             task: Box::pin(MARK.scope(mark.clone(), fut)),
             mark,
@@ -209,6 +274,7 @@ where
             metrics: self.metrics.clone(),
             timer: None,
             timing: None,
+            _running: running,
         });
     }
 }
@@ -225,6 +291,8 @@ struct Guarded<F> {
     timer: Option<Pin<Box<Sleep>>>,
     /// The wait `timer` runs for.
     timing: Option<u64>,
+    /// Counted until the task is dropped (ended or cut); after it.
+    _running: Running,
 }
 
 impl<F: Future> Future for Guarded<F> {
@@ -447,6 +515,50 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let mut quiet_rx = quiet_rx;
         assert!(still_running(&mut quiet_rx), "a quiet answer was ended");
+    }
+
+    /// A closing connection's leftovers are given up once no stream task
+    /// has run for the limit; not while one runs (a long answer still
+    /// being sent), and never on a connection that ran none (HTTP/1.1).
+    #[tokio::test(start_paused = true)]
+    async fn leftovers_are_given_up_only_when_no_task_runs() {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        let limit = Duration::from_secs(5);
+        let metrics = Arc::new(Metrics::default());
+        let exec = StreamExecutor::new(limit, peer, metrics.clone());
+        let gave_up = |exec: &StreamExecutor, within: u64| {
+            let exec = exec.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(within), exec.leftovers_stuck())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!gave_up(&exec, 600).await, "no stream task ever ran");
+
+        // A task still answering (a quiet answer, its window open).
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        hyper::rt::Executor::execute(&exec, async move {
+            let _ = stop_rx.await;
+        });
+        assert!(!gave_up(&exec, 600).await, "a running task was given up");
+        drop(stop_tx);
+        tokio::task::yield_now().await;
+        let since = Instant::now();
+        assert!(
+            gave_up(&exec, 600).await,
+            "no task runs: left to wait forever"
+        );
+        let took = since.elapsed();
+        assert!(
+            took >= limit && took <= limit + 2 * TASKS_POLL,
+            "gave up after {took:?}"
+        );
+        let hits = metrics.render();
+        assert!(
+            hits.contains("tether_limit_hits_total{limit=\"send_timeout\"} 1"),
+            "{hits}"
+        );
     }
 
     /// Whether the task holding `rx`'s sender still runs (its sender is

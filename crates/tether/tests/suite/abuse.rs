@@ -1153,22 +1153,7 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
             .unwrap()
     };
     let get = |path: &str| request("GET", path, http_body_util::Empty::new().boxed());
-    let connect = |window: u32| {
-        let port = w.port;
-        async move {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let (send, conn) =
-                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .initial_stream_window_size(window)
-                    .handshake::<_, ReqBody>(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            send
-        }
-    };
+    let connect = |window: u32| async move { h2_client::<ReqBody>(w.port, window).await.0 };
 
     // A quiet answer with its window open, beside it on another connection:
     // the console's events for the offline agent, which do not change.
@@ -1280,6 +1265,110 @@ async fn an_http2_answer_given_no_window_is_reset_after_the_send_timeout() {
     assert_eq!(slow_task.await.unwrap(), Ok(524_288));
     let seen = quiet_task.await.unwrap();
     assert!(seen.as_ref().is_ok_and(|n| *n > 0), "{seen:?}");
+}
+
+/// An answer's last piece that waits in h2 for a window the client never
+/// opens (its stream's task is over) does not keep its connection forever:
+/// the idle close, graceful, gives it `send_timeout_secs` once no answer is
+/// still being sent, then drops the connection. A quiet answer still being
+/// sent keeps its own connection through the idle close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_held_only_by_unsent_leftovers_is_closed() {
+    use crate::common::web::{Web, WebOpts};
+    use http_body_util::BodyExt;
+    type ReqBody = http_body_util::Empty<Bytes>;
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        config: "[limits]\nsend_timeout_secs = 3\n".into(),
+        ..Default::default()
+    });
+    let get = |path: &str| {
+        http::Request::builder()
+            .uri(format!("http://127.0.0.1:{}{path}", w.port))
+            .header("authorization", format!("Bearer {CLIENT_TOKEN}"))
+            .body(ReqBody::new())
+            .unwrap()
+    };
+    // A quiet answer (the console's events for an offline agent) on one
+    // connection, its window open.
+    let (mut quiet, quiet_conn) = h2_client::<ReqBody>(w.port, 65_535).await;
+    let events = quiet
+        .send_request(get("/api/events?q=ghost"))
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    // A window of one byte: the answer's stream task hands h2 the whole of
+    // it and ends; the rest waits for window, which never comes (the body
+    // is not read). hyper answers the server's PINGs all the while.
+    let (mut stuck, stuck_conn) = h2_client::<ReqBody>(w.port, 1).await;
+    let hello = stuck.send_request(get("/a/prod/web/hello")).await.unwrap();
+    assert_eq!(hello.status(), 200);
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(90), stuck_conn).await;
+    let took = started.elapsed();
+    assert!(
+        closed.is_ok(),
+        "held open for 90 s by an unsent answer:\n{}",
+        w.server.log_text()
+    );
+    // The idle close (60 s) started it, the send timeout ended it.
+    assert!(
+        took >= Duration::from_secs(58) && took <= Duration::from_secs(75),
+        "closed after {took:?}"
+    );
+    drop(hello);
+    // The quiet answer is still being sent: its connection went through
+    // the same idle close and stays.
+    let mut body = events.into_body();
+    let next = tokio::time::timeout(Duration::from_secs(6), body.frame()).await;
+    assert!(
+        !matches!(next, Ok(None | Some(Err(_)))),
+        "the quiet answer was cut: {next:?}"
+    );
+    assert!(
+        !quiet_conn.is_finished(),
+        "the quiet answer's connection was closed"
+    );
+    let log = w.server.log_text();
+    assert!(
+        log.contains("closing an HTTP/2 connection") && log.contains("send_timeout_secs"),
+        "{log}"
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], w.port).into();
+    let m = http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert_eq!(
+        metric(&m, "tether_limit_hits_total{limit=\"send_timeout\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+/// An HTTP/2 client connection to `port` that grants each stream `window`
+/// bytes until its body is read, and the task driving it (which ends when
+/// the connection does).
+async fn h2_client<B>(
+    port: u16,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake::<_, B>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (send, tokio::spawn(conn))
 }
 
 /// Idle HTTP/2 connections cannot fill the connection cap: one source gets
