@@ -208,7 +208,7 @@ impl Server {
             let bound = tether_net::observe::serve_observe(addr, render, probe)
                 .await
                 .map_err(|source| ServeError::MetricsListen { addr, source })?;
-            tracing::info!(addr = %bound, "serving /metrics, /livez and /readyz (not on the public port)");
+            tracing::info!(addr = %bound, "serving /metrics (not on the public port), /livez and /readyz");
         }
         let discovery = tokio::spawn(cluster.clone().discover());
         let watcher = match (self.reload.clone(), reloader) {

@@ -206,8 +206,8 @@ struct ServerArgs {
     /// Additional names for the self-signed certificate (repeatable; e.g. *.tether.example.com).
     #[arg(long = "tls-name", value_name = "NAME", requires = "self_signed")]
     tls_names: Vec<String>,
-    /// Serve /metrics, /livez and /readyz on this (private) address instead
-    /// of the public port.
+    /// Serve /metrics on this (private) address instead of the public port;
+    /// /livez and /readyz are served there too (and still on the public port).
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// This replica's id, told to agents (under Kubernetes: the pod name)
