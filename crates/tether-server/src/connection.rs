@@ -4,9 +4,7 @@
 //! checks; see [`crate::admission`]).
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,7 +120,6 @@ pub(crate) async fn serve_connection<S>(
             }
         })
     };
-    let streams = executor.clone();
     let mut builder = hyper_util::server::conn::auto::Builder::new(executor);
     builder
         .http1()
@@ -151,13 +148,13 @@ pub(crate) async fn serve_connection<S>(
         () = activity.idle_for(first, idle) => {
             tracing::debug!(%peer, "closing an idle connection");
             conn.as_mut().graceful_shutdown();
-            finish_closing(conn, &streams).await
+            conn.await
         }
         () = closing.closing() => {
             // The server is draining: HTTP/1.1 finishes the request in
             // flight and closes, HTTP/2 sends GOAWAY and finishes its streams.
             conn.as_mut().graceful_shutdown();
-            finish_closing(conn, &streams).await
+            conn.await
         }
     };
     if let Err(e) = ended {
@@ -170,21 +167,6 @@ pub(crate) async fn serve_connection<S>(
         } else {
             tracing::debug!(%peer, "http connection ended: {e}");
         }
-    }
-}
-
-/// Awaits a connection told to close gracefully, which ends when its
-/// answers are sent. Over HTTP/2 an answer's last piece may wait in h2 for
-/// a window the client never grants, after its stream's task is over; the
-/// connection is dropped once only such leftovers hold it
-/// ([`StreamExecutor::leftovers_stuck`]).
-async fn finish_closing<C, E>(conn: Pin<&mut C>, streams: &StreamExecutor) -> Result<(), E>
-where
-    C: Future<Output = Result<(), E>>,
-{
-    tokio::select! {
-        r = conn => r,
-        () = streams.leftovers_stuck() => Ok(()),
     }
 }
 

@@ -10,35 +10,37 @@
 //! and then. Nor is it a quiet answer (server-sent events, a watch), which
 //! waits on its own source with the window open.
 //!
-//! The two are told apart by who waits: hyper asks an answer's body for its
-//! next chunk only once the chunk before it has window to go out. So
-//! [`Watched`] marks a body that has handed hyper a chunk and not been asked
-//! again; [`StreamExecutor`], which runs each HTTP/2 stream's task, times
-//! that mark and ends the task when it has stood for the limit. Dropping
-//! the task drops the stream, and h2 resets it (`RST_STREAM CANCEL`),
-//! freeing what it held; the connection and its other streams go on. A
-//! request body still being uploaded holds the stream too (h2 resets a
-//! stream once nothing holds it), so the proxy hands it over as an
-//! [`Upload`], which the task drops at the same time, read or not.
+//! The two are told apart by who waits. hyper hands h2 an answer's chunk
+//! once the window has room for one byte beyond what h2 still keeps of the
+//! stream (h2 keeps what of a chunk has no window yet), and then asks the
+//! body for the next chunk at once. So [`Watched`] marks a body that has
+//! handed hyper a chunk and not been asked again since: hyper holds that
+//! chunk for window. [`StreamExecutor`], which runs each HTTP/2 stream's
+//! task, times that mark and ends the task when it has stood for the
+//! limit. Dropping the task drops the stream, and h2 resets it
+//! (`RST_STREAM CANCEL`), freeing what it held; the connection and its
+//! other streams go on. A request body still being uploaded holds the
+//! stream too (h2 resets a stream once nothing holds it), so the proxy
+//! hands it over as an [`Upload`], which the task drops at the same time,
+//! read or not.
+//!
+//! What h2 keeps of a chunk sent short of window is timed by the next
+//! chunk's wait; after the last chunk of an answer, or before a quiet
+//! spell, there is no next chunk. So [`Watched`] hands over the last byte
+//! of each chunk its body yields on its own: hyper holds that byte, under
+//! the mark, until everything before it has window, and then sends it
+//! whole. Nothing is ever left in h2 without window and without a watch.
+//! (One more DATA frame, of one byte, per chunk the body yields.)
 //!
 //! [`Watched`] hands hyper at most [`MAX_CHUNK`] at a time: the wait it
 //! times is for the chunk before to get window, so the smaller the chunk,
 //! the slower a reader may be without being taken for a stalled one (16 KiB
 //! per `send_timeout_secs`: 273 bytes a second at the default).
-//!
-//! hyper ends a stream's task once it has handed h2 the last chunk, when
-//! the window has room for one byte of it; the rest waits in h2 (at most
-//! [`MAX_CHUNK`] per stream), out of any task's sight. A connection holding
-//! such leftovers makes no new requests (they use up its streams), so it is
-//! closed as idle; but that close is graceful and waits for them. So
-//! [`StreamExecutor::leftovers_stuck`] tells the closing connection when no
-//! stream task has run for the limit: what is left then is leftovers the
-//! client grants no window, and the connection is dropped.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -179,35 +181,13 @@ where
 }
 
 /// Runs hyper's HTTP/2 stream tasks, each under [`Guarded`]. One per
-/// connection (it names the peer in its log line, and counts the
-/// connection's tasks); its clones share the count.
+/// connection (it names the peer in its log line).
 #[derive(Clone)]
 pub(crate) struct StreamExecutor {
     limit: Duration,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
-    tasks: Arc<TaskCount>,
 }
-
-/// A connection's stream tasks: how many run now, and how many ever
-/// started (so a task that started and ended between two looks is seen).
-#[derive(Default)]
-struct TaskCount {
-    running: AtomicUsize,
-    started: AtomicU64,
-}
-
-/// One running stream task in its connection's [`TaskCount`].
-struct Running(Arc<TaskCount>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Release);
-    }
-}
-
-/// How often a closing connection looks whether stream tasks still run.
-const TASKS_POLL: Duration = Duration::from_secs(1);
 
 impl StreamExecutor {
     /// Streams of `peer`'s connection whose answer waits on window for
@@ -217,41 +197,6 @@ impl StreamExecutor {
             limit,
             peer,
             metrics,
-            tasks: Arc::default(),
-        }
-    }
-
-    /// For a connection closing gracefully: resolves once it has run
-    /// HTTP/2 stream tasks and none has run for the limit, counted and
-    /// logged as a send timeout. The connection then holds only answers'
-    /// leftovers that wait for window (see the module doc), and the caller
-    /// drops it. Never resolves for HTTP/1.1, which runs no stream tasks
-    /// (its writes are timed by `WriteStall`).
-    pub(crate) async fn leftovers_stuck(&self) {
-        loop {
-            let started = self.tasks.started.load(Ordering::Acquire);
-            if started == 0 || self.tasks.running.load(Ordering::Acquire) > 0 {
-                tokio::time::sleep(TASKS_POLL).await;
-                continue;
-            }
-            tokio::time::sleep(self.limit).await;
-            if self.tasks.started.load(Ordering::Acquire) == started
-                && self.tasks.running.load(Ordering::Acquire) == 0
-            {
-                break;
-            }
-        }
-        self.metrics.limit_hit(Limit::SendTimeout);
-        static GATE: LogGate = LogGate::new();
-        if let Some(skipped) = GATE.allow() {
-            tracing::info!(
-                skipped,
-                peer = %self.peer,
-                limit = Limit::SendTimeout.as_str(),
-                raise_with = Limit::SendTimeout.setting(),
-                "closing an HTTP/2 connection: its client granted the last of its answers no window for {} s",
-                self.limit.as_secs()
-            );
         }
     }
 }
@@ -263,9 +208,6 @@ where
 {
     fn execute(&self, fut: F) {
         let mark = Arc::new(WaitMark::default());
-        self.tasks.running.fetch_add(1, Ordering::AcqRel);
-        self.tasks.started.fetch_add(1, Ordering::AcqRel);
-        let running = Running(self.tasks.clone());
         tokio::spawn(Guarded {
             task: Box::pin(MARK.scope(mark.clone(), fut)),
             mark,
@@ -274,7 +216,6 @@ where
             metrics: self.metrics.clone(),
             timer: None,
             timing: None,
-            _running: running,
         });
     }
 }
@@ -291,8 +232,6 @@ struct Guarded<F> {
     timer: Option<Pin<Box<Sleep>>>,
     /// The wait `timer` runs for.
     timing: Option<u64>,
-    /// Counted until the task is dropped (ended or cut); after it.
-    _running: Running,
 }
 
 impl<F: Future> Future for Guarded<F> {
@@ -381,26 +320,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let me = self.get_mut();
         me.mark.asked();
-        if !me.rest.is_empty() {
-            let n = me.rest.len().min(MAX_CHUNK);
-            me.mark.handed_over();
-            return Poll::Ready(Some(Ok(Frame::data(me.rest.split_to(n)))));
-        }
-        let r = Pin::new(&mut me.inner).poll_frame(cx);
-        let Poll::Ready(Some(Ok(frame))) = r else {
-            return r;
-        };
-        match frame.into_data() {
-            Ok(mut data) if !data.is_empty() => {
-                if data.len() > MAX_CHUNK {
-                    me.rest = data.split_off(MAX_CHUNK);
-                }
-                me.mark.handed_over();
-                Poll::Ready(Some(Ok(Frame::data(data))))
+        if me.rest.is_empty() {
+            let r = Pin::new(&mut me.inner).poll_frame(cx);
+            let Poll::Ready(Some(Ok(frame))) = r else {
+                return r;
+            };
+            match frame.into_data() {
+                Ok(data) if !data.is_empty() => me.rest = data,
+                Ok(empty) => return Poll::Ready(Some(Ok(Frame::data(empty)))),
+                Err(other) => return Poll::Ready(Some(Ok(other))),
             }
-            Ok(empty) => Poll::Ready(Some(Ok(Frame::data(empty)))),
-            Err(other) => Poll::Ready(Some(Ok(other))),
         }
+        me.mark.handed_over();
+        Poll::Ready(Some(Ok(Frame::data(next_piece(&mut me.rest)))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -416,6 +348,17 @@ where
         hint.set_lower(hint.lower().saturating_add(rest));
         hint
     }
+}
+
+/// The next piece of `rest` to hand hyper: at most [`MAX_CHUNK`], and the
+/// last byte on its own (see the module doc).
+fn next_piece(rest: &mut Bytes) -> Bytes {
+    let n = match rest.len() {
+        0 | 1 => rest.len(),
+        len if len <= MAX_CHUNK => len - 1,
+        _ => MAX_CHUNK,
+    };
+    rest.split_to(n)
 }
 
 #[cfg(test)]
@@ -451,9 +394,13 @@ mod tests {
             let Ok(mut body) = Watched::in_stream_task(crate::response::full("abc")) else {
                 panic!("inside a stream task");
             };
-            let frame = body.frame().await.expect("a chunk").expect("no error");
-            assert_eq!(frame.data_ref().map(|d| &d[..]), Some(&b"abc"[..]));
-            assert!(m.waiting().is_some(), "handed over, not asked since");
+            // The chunk, then its last byte on its own: each a wait.
+            for piece in [&b"ab"[..], b"c"] {
+                let frame = body.frame().await.expect("a piece").expect("no error");
+                assert_eq!(frame.data_ref().map(|d| &d[..]), Some(piece));
+                assert!(m.waiting().is_some(), "handed over, not asked since");
+            }
+            assert!(http_body::Body::is_end_stream(&body));
             assert!(body.frame().await.is_none());
             assert_eq!(m.waiting(), None, "asked again: not waiting");
         })
@@ -517,50 +464,6 @@ mod tests {
         assert!(still_running(&mut quiet_rx), "a quiet answer was ended");
     }
 
-    /// A closing connection's leftovers are given up once no stream task
-    /// has run for the limit; not while one runs (a long answer still
-    /// being sent), and never on a connection that ran none (HTTP/1.1).
-    #[tokio::test(start_paused = true)]
-    async fn leftovers_are_given_up_only_when_no_task_runs() {
-        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
-        let limit = Duration::from_secs(5);
-        let metrics = Arc::new(Metrics::default());
-        let exec = StreamExecutor::new(limit, peer, metrics.clone());
-        let gave_up = |exec: &StreamExecutor, within: u64| {
-            let exec = exec.clone();
-            async move {
-                tokio::time::timeout(Duration::from_secs(within), exec.leftovers_stuck())
-                    .await
-                    .is_ok()
-            }
-        };
-        assert!(!gave_up(&exec, 600).await, "no stream task ever ran");
-
-        // A task still answering (a quiet answer, its window open).
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        hyper::rt::Executor::execute(&exec, async move {
-            let _ = stop_rx.await;
-        });
-        assert!(!gave_up(&exec, 600).await, "a running task was given up");
-        drop(stop_tx);
-        tokio::task::yield_now().await;
-        let since = Instant::now();
-        assert!(
-            gave_up(&exec, 600).await,
-            "no task runs: left to wait forever"
-        );
-        let took = since.elapsed();
-        assert!(
-            took >= limit && took <= limit + 2 * TASKS_POLL,
-            "gave up after {took:?}"
-        );
-        let hits = metrics.render();
-        assert!(
-            hits.contains("tether_limit_hits_total{limit=\"send_timeout\"} 1"),
-            "{hits}"
-        );
-    }
-
     /// Whether the task holding `rx`'s sender still runs (its sender is
     /// neither used nor dropped).
     fn still_running(rx: &mut tokio::sync::oneshot::Receiver<()>) -> bool {
@@ -570,8 +473,9 @@ mod tests {
         )
     }
 
-    /// A long chunk goes to hyper in pieces of at most [`MAX_CHUNK`], each
-    /// a new wait; the body ends only after the last piece.
+    /// A long chunk goes to hyper in pieces of at most [`MAX_CHUNK`], its
+    /// last byte alone, each a new wait; the body ends only after the last
+    /// piece.
     #[tokio::test]
     async fn a_long_chunk_is_handed_over_in_pieces() {
         let mark = Arc::new(WaitMark::default());
@@ -584,9 +488,10 @@ mod tests {
             assert_eq!(http_body::Body::size_hint(&body).exact(), Some(40_000));
             let mut got = Vec::new();
             let mut waits = Vec::new();
+            let mut sizes = Vec::new();
             while let Some(frame) = body.frame().await {
                 let d = frame.expect("no error").into_data().expect("data");
-                assert!(d.len() <= MAX_CHUNK, "{}", d.len());
+                sizes.push(d.len());
                 got.extend_from_slice(&d);
                 waits.push(m.waiting().expect("each piece is a wait"));
                 if got.len() < data.len() {
@@ -597,8 +502,8 @@ mod tests {
             }
             assert_eq!(got, data);
             assert!(http_body::Body::is_end_stream(&body));
-            assert_eq!(waits.len(), 3);
-            assert!(waits[0] != waits[1] && waits[1] != waits[2], "{waits:?}");
+            assert_eq!(sizes, [MAX_CHUNK, MAX_CHUNK, 40_000 - 2 * MAX_CHUNK - 1, 1]);
+            assert!(waits.windows(2).all(|w| w[0] != w[1]), "{waits:?}");
         })
         .await;
     }
