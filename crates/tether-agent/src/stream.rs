@@ -278,7 +278,7 @@ pub(crate) async fn serve_stream(
                 io: IoWriter(tw),
                 socket: socket.ok(),
             };
-            splice(sr, sw, IoReader::new(tr), tw).await
+            splice(sr, sw, IoReader::new(EndWithoutNotify(tr)), tw).await
         }
         ServiceIo::Plain(tcp) => {
             let (tr, tw) = socket_halves(tcp);
@@ -293,6 +293,31 @@ pub(crate) async fn serve_stream(
         }
         Some(e) => {
             tracing::info!(stream = %id, target = %target, %peer, bytes_in = report.a_to_b, bytes_out = report.b_to_a, duration_ms = ms, "stream ended with error: {e}")
+        }
+    }
+}
+
+/// The read half of a TLS connection to a service, where a TCP close
+/// without TLS's `close_notify` is the service's end (a FIN), as nginx and
+/// Go's HTTP client take it, not a failure: many servers close that way,
+/// and a failure would reset the stream (PROTOCOL.md 9.2), which throws
+/// away what of the service's answer was still queued for the client.
+struct EndWithoutNotify<R>(R);
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EndWithoutNotify<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::debug!(
+                    "the service closed its TLS connection without close_notify: taken as its end"
+                );
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
         }
     }
 }

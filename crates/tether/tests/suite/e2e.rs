@@ -873,3 +873,69 @@ fn a_configured_agent_that_never_connected_counts_zero_instances() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TLS service that ends with a TCP close and no `close_notify` (many
+/// servers close that way) has ended: the client gets every byte it sent,
+/// then a clean end, not a reset that drops what was still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_service_closing_without_close_notify_loses_no_bytes() {
+    use crate::common::web::{Web, WebOpts};
+    const LEN: u64 = 8 * 1024 * 1024;
+    let id =
+        tether_net::transport::tls::ServerIdentity::self_signed(&["127.0.0.1".into()]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(id.server_config(&[]).unwrap());
+    let l = service_listener();
+    let service = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if write_pattern(&mut tls, LEN).await.is_err() {
+                    return;
+                }
+                let _ = tls.flush().await;
+                // The TCP connection closes under TLS: no close_notify.
+                let (tcp, _) = tls.into_inner();
+                drop(tcp);
+            });
+        }
+    });
+    let listen = free_port();
+    let w = Web::start_with(WebOpts {
+        plain: true,
+        config: format!(
+            "[[listener]]\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"prod/tlsdown\"\n"
+        ),
+        services: format!("tlsdown = {{ address = \"tls://{service}\", tls_verify = false }}"),
+        ..Default::default()
+    });
+    for round in 0..3 {
+        let mut s = connect(listen).await;
+        let mut v = Verifier::new(LEN, 65536);
+        let mut buf = vec![0u8; 65536];
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
+                Ok(Ok(0)) => break Ok(()),
+                Ok(Ok(n)) => {
+                    v.update(&buf[..n]);
+                    assert!(v.ok, "corrupted within the first {}", v.total);
+                    // A slow reader, so the end comes while bytes are queued.
+                    if v.total < 2 * 1024 * 1024 {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                Ok(Err(e)) => break Err(e.to_string()),
+                Err(_) => break Err("no end in 30 s".into()),
+            }
+        };
+        assert_eq!(
+            (end, v.total),
+            (Ok(()), LEN),
+            "round {round}:\n{}",
+            w.agent.log_text()
+        );
+    }
+}

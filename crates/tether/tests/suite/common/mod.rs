@@ -450,6 +450,23 @@ pub(crate) async fn count_then_answer_service() -> SocketAddr {
     addr
 }
 
+/// Writes `len` bytes of [`Pattern`] `len` to `w`.
+pub(crate) async fn write_pattern<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    len: u64,
+) -> std::io::Result<()> {
+    let mut gen = Pattern::new(len);
+    let mut buf = vec![0u8; 65536];
+    let mut left = len;
+    while left > 0 {
+        let k = (left as usize).min(buf.len());
+        gen.fill(&mut buf[..k]);
+        w.write_all(&buf[..k]).await?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
 /// Sends `len` deterministic bytes to every connection, then closes.
 pub(crate) async fn source_service(len: u64) -> SocketAddr {
     let l = service_listener();
@@ -460,18 +477,9 @@ pub(crate) async fn source_service(len: u64) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let mut gen = Pattern::new(len);
-                let mut buf = vec![0u8; 65536];
-                let mut left = len;
-                while left > 0 {
-                    let k = (left as usize).min(buf.len());
-                    gen.fill(&mut buf[..k]);
-                    if s.write_all(&buf[..k]).await.is_err() {
-                        return;
-                    }
-                    left -= k as u64;
+                if write_pattern(&mut s, len).await.is_ok() {
+                    let _ = s.shutdown().await;
                 }
-                let _ = s.shutdown().await;
             });
         }
     });
