@@ -1748,20 +1748,35 @@ impl Session {
 
     /// Resets a stream from this side: RST to the peer, Reset event locally.
     fn reset_stream(&mut self, id: StreamId, code: ResetCode, reason: &str, _now: Instant) {
-        if self.streams.contains_key(&id) {
-            self.control.push_back(Frame::Rst {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        // An open of ours still waiting for its answer fails as an open
+        // (its opener waits for that), with the reason, as an RST from the
+        // peer does; `internal`, not `session_lost`: the session lives, and
+        // the peer may have passed the early data on, so it is no case for
+        // trying another session.
+        let event = if s.phase == Phase::Opening {
+            Event::OpenFailed {
                 id,
-                code,
-                reason: reason.to_owned(),
-            });
-            self.events.push_back(Event::Reset {
+                code: OpenErrorCode::Internal,
+                reason: format!("reset: {code}: {reason}"),
+            }
+        } else {
+            Event::Reset {
                 id,
                 code,
                 reason: reason.to_owned(),
                 remote: false,
-            });
-            self.remove_stream(id);
-        }
+            }
+        };
+        self.control.push_back(Frame::Rst {
+            id,
+            code,
+            reason: reason.to_owned(),
+        });
+        self.events.push_back(event);
+        self.remove_stream(id);
     }
 
     fn maybe_remove(&mut self, id: StreamId) {

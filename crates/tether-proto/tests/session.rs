@@ -724,6 +724,53 @@ fn data_past_window_resets_only_that_stream() {
     assert!(p.b.is_established());
 }
 
+/// A stream of ours that this side resets while its open waits for an
+/// answer (the peer broke the protocol on it) fails as an open, with the
+/// reason: the opener waits for an answer to its open, not for a reset.
+#[test]
+fn a_pending_open_reset_here_fails_as_an_open_with_the_reason() {
+    let mut p = Pair::default();
+    let id = p.a.open(Target::tcp("prod/x"), p.now).unwrap();
+    let other = p.open_accepted("prod/y");
+    p.pump(usize::MAX);
+    // DATA from the peer before its OPEN_OK.
+    let mut out = BytesMut::new();
+    Frame::Data {
+        id,
+        payload: Bytes::from_static(b"early"),
+    }
+    .encode(&mut out);
+    p.a.handle_input(out.freeze(), p.now).unwrap();
+    p.pump(usize::MAX);
+    let failed: Vec<&Event> = p
+        .a_events
+        .iter()
+        .filter(|e| match e {
+            Event::OpenFailed { id: i, .. } | Event::Reset { id: i, .. } => *i == id,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        matches!(
+            failed.as_slice(),
+            [Event::OpenFailed { code: OpenErrorCode::Internal, reason, .. }]
+                if reason.contains("protocol_error") && reason.contains("DATA before")
+        ),
+        "{failed:?}"
+    );
+    assert!(p.a_events.contains(&Event::Closed { id }));
+    // The peer got the RST; the session and its other stream go on.
+    assert!(p.b_events.iter().any(
+        |e| matches!(e, Event::Reset { id: i, code: ResetCode::ProtocolError, remote: true, .. } if *i == id)
+    ));
+    p.a.stream_write(other, Bytes::from_static(b"ok")).unwrap();
+    p.pump(usize::MAX);
+    assert!(p.b_events.contains(&Event::Data {
+        id: other,
+        data: Bytes::from_static(b"ok")
+    }));
+}
+
 #[test]
 fn unknown_stream_gets_one_rst_and_no_state() {
     let mut p = Pair::default();
