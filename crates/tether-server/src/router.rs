@@ -199,6 +199,12 @@ impl Router {
                 }
             }
             p if p.starts_with(API_PREFIX) => self.admin.serve(web, &req, peer),
+            p if p.starts_with(PATH_PREFIX) && !web.path_routing() => pages::error(
+                req.headers(),
+                StatusCode::NOT_FOUND,
+                "path_routing_off",
+                "this server serves services on their own hosts only (SERVICE.AGENT.BASE_DOMAIN; [http] path_routing = false)",
+            ),
             p if p.starts_with(PATH_PREFIX) => {
                 let Some((route, tail)) = route_by_path(p) else {
                     return pages::error(

@@ -39,6 +39,17 @@ pub struct WebConfig {
     /// Default: the base domain, with the port the browser used.
     #[serde(default)]
     pub public_name: Option<String>,
+    /// Serve services at `/a/AGENT/SERVICE/` on the server's own name
+    /// (default true). Such a page shares the origin of the console and the
+    /// admin API, so it can read them, and every other service, with the
+    /// user's login (docs/SECURITY.md). With a base domain, `false` leaves
+    /// each service on its own host only.
+    #[serde(default = "yes")]
+    pub path_routing: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_ttl() -> u64 {
@@ -53,6 +64,7 @@ impl Default for WebConfig {
             secure_cookies: None,
             trusted_proxies: vec![],
             public_name: None,
+            path_routing: true,
         }
     }
 }
@@ -106,6 +118,10 @@ impl WebConfig {
             if !is_dns_name(d) {
                 anyhow::bail!("[http] base_domain {d:?} is not a DNS name");
             }
+        } else if !self.path_routing {
+            anyhow::bail!(
+                "[http] path_routing = false needs a base_domain: browsers would reach no service"
+            );
         }
         if let Some(n) = &self.public_name {
             if !is_authority(n) {
@@ -155,6 +171,20 @@ mod tests {
         assert!(c.validate().is_ok());
         c.base_domain = Some("*.example.com".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn path_routing_is_turned_off_only_beside_host_routing() {
+        let mut c: WebConfig = toml::from_str("path_routing = false").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("path_routing") && e.contains("base_domain"),
+            "{e}"
+        );
+        c.base_domain = Some("tether.example.com".into());
+        assert!(c.validate().is_ok());
+        assert!(WebConfig::default().path_routing);
+        assert!(toml::from_str::<WebConfig>("").unwrap().path_routing);
     }
 
     #[test]

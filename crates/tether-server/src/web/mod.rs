@@ -123,6 +123,12 @@ impl Web {
         }
     }
 
+    /// Whether services are served at `/a/AGENT/SERVICE/` too (`[http]
+    /// path_routing`).
+    pub(crate) fn path_routing(&self) -> bool {
+        self.cfg.path_routing
+    }
+
     /// The base domain of host routing, lowercase.
     pub(crate) fn base(&self) -> Option<&str> {
         self.base.as_deref()

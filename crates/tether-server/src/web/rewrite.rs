@@ -38,11 +38,15 @@ const HOP_BY_HOP: [&str; 8] = [
 /// services or frameworks may believe them (client address, scheme, host,
 /// original URL), so they never reach a service. Every `X-Forwarded-*`
 /// header the proxy does not set goes too (see [`set_forwarding`]).
-const CLIENT_FORWARDING: [&str; 19] = [
+const CLIENT_FORWARDING: [&str; 23] = [
     "forwarded",
     "forwarded-for",
     "x-real-ip",
     "x-client-ip",
+    "client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
     "true-client-ip",
     "cf-connecting-ip",
     "fastly-client-ip",
@@ -80,10 +84,17 @@ pub(crate) struct Forwarding<'a> {
 
 /// Replaces every forwarding header the client sent with the server's own:
 /// `Host` and `X-Forwarded-{For,Proto,Host,Prefix}` are set, every other
-/// `X-Forwarded-*` and the headers in [`CLIENT_FORWARDING`] are removed.
+/// `X-Forwarded-*` and the headers in [`CLIENT_FORWARDING`] are removed,
+/// spelt with `_` for `-` too (servers that read headers as CGI variables,
+/// `HTTP_X_FORWARDED_FOR`, take `X_Forwarded_For` for the real one).
 pub(crate) fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
     remove_where(h, |n| {
-        n.starts_with("x-forwarded") || CLIENT_FORWARDING.contains(&n)
+        let forwarding = |n: &str| n.starts_with("x-forwarded") || CLIENT_FORWARDING.contains(&n);
+        if n.contains('_') {
+            forwarding(&n.replace('_', "-"))
+        } else {
+            forwarding(n)
+        }
     });
     let set = |h: &mut HeaderMap, name: HeaderName, v: &str| {
         if let Ok(v) = HeaderValue::from_str(v) {
@@ -279,6 +290,45 @@ fn under_prefix(path: &[u8], prefix: &str) -> bool {
             .is_some_and(|rest| matches!(rest.first(), None | Some(b'/' | b'?' | b'#')))
 }
 
+/// `Service-Worker-Allowed` kept under the routing prefix: it widens the
+/// scope a service worker may claim beyond its script's folder, and a worker
+/// scoped to `/` would see every request on tether's origin (the login
+/// form's token among them) for as long as it stays installed. A path the
+/// service names from its own root is put under the prefix, as a redirect
+/// is; anything else (a URL, a relative path, dot segments, escapes) is
+/// dropped, leaving the script's folder as the limit.
+fn scope_service_worker(h: &mut HeaderMap, prefix: &str) {
+    let name = HeaderName::from_static("service-worker-allowed");
+    let Some(v) = h.get(&name) else {
+        return;
+    };
+    let path = v.as_bytes();
+    let plain = path.first() == Some(&b'/')
+        && path.get(1) != Some(&b'/')
+        && path
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(b))
+        && !path
+            .split(|b| *b == b'/')
+            .any(|seg| seg == b"." || seg == b"..");
+    if !plain {
+        h.remove(&name);
+        return;
+    }
+    if !under_prefix(path, prefix) {
+        let mut scoped = prefix.as_bytes().to_vec();
+        scoped.extend_from_slice(path);
+        match HeaderValue::from_bytes(&scoped) {
+            Ok(v) => {
+                h.insert(name, v);
+            }
+            Err(_) => {
+                h.remove(&name);
+            }
+        }
+    }
+}
+
 /// Rewrites a `Location` from the service so it points back through the proxy.
 pub fn rewrite_location(
     loc: &str,
@@ -354,18 +404,33 @@ pub fn rewrite_set_cookie(value: &[u8], prefix: &str) -> Vec<u8> {
     out
 }
 
+/// Response headers that set a policy for the whole origin. Under path
+/// routing the origin is tether's own (its console, its login page, every
+/// other service), so a service sets none of them: a reporting policy
+/// would report every later request on it, other services' URLs included.
+const ORIGIN_WIDE: [&str; 3] = ["nel", "report-to", "reporting-endpoints"];
+
 /// Rewrites a service's response headers for the browser: `Location`
 /// back through the proxy (`external_origin` is `scheme://host` as the
 /// browser addressed the server; `service_hosts` the names an absolute
 /// redirect may use for the service), no `Set-Cookie` for tether's own
-/// cookies, and, under path routing (`prefix`), cookies scoped to the
-/// prefix.
+/// cookies and no `Clear-Site-Data` (its `"cookies"` clears the whole
+/// site's, tether's login among them), and, under path routing (`prefix`),
+/// cookies and service workers scoped to the prefix and none of the
+/// [`ORIGIN_WIDE`] headers.
 pub(crate) fn rewrite_response(
     h: &mut HeaderMap,
     prefix: Option<&str>,
     external_origin: impl FnOnce() -> String,
     service_hosts: &[&str],
 ) {
+    h.remove(HeaderName::from_static("clear-site-data"));
+    if let Some(prefix) = prefix {
+        for name in ORIGIN_WIDE {
+            h.remove(name);
+        }
+        scope_service_worker(h, prefix);
+    }
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
         if let Some(new) = rewrite_location(loc, prefix, &external_origin(), service_hosts) {
             if let Ok(v) = HeaderValue::from_str(&new) {
@@ -437,6 +502,113 @@ mod tests {
         assert!(!with("upgrade", "TLS/1.0"));
         assert!(!with("keep-alive", "websocket"));
         assert!(!websocket_upgrade(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn a_service_sets_no_policy_for_tether_s_origin() {
+        let answer = || {
+            let mut h = HeaderMap::new();
+            for (k, v) in [
+                (
+                    "nel",
+                    r#"{"report_to":"x","max_age":86400,"success_fraction":1}"#,
+                ),
+                (
+                    "report-to",
+                    r#"{"group":"x","max_age":86400,"endpoints":[]}"#,
+                ),
+                ("reporting-endpoints", r#"x="https://evil.example/r""#),
+                ("clear-site-data", r#""cookies""#),
+                ("content-type", "text/html"),
+            ] {
+                h.insert(HeaderName::from_static(k), v.parse().unwrap());
+            }
+            h
+        };
+        let mut h = answer();
+        rewrite_response(&mut h, Some("/a/prod/web"), || "http://t".into(), &[]);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+        // Under host routing the origin is the service's own; the site's
+        // cookies are still tether's too.
+        let mut h = answer();
+        rewrite_response(&mut h, None, || "http://t".into(), &[]);
+        assert!(h.contains_key("nel") && h.contains_key("report-to"));
+        assert!(!h.contains_key("clear-site-data"));
+    }
+
+    #[test]
+    fn a_service_worker_stays_under_the_prefix() {
+        let scope = |v: &str, prefix: Option<&str>| {
+            let mut h = HeaderMap::new();
+            h.insert("service-worker-allowed", v.parse().unwrap());
+            rewrite_response(&mut h, prefix, || "http://t".into(), &[]);
+            h.get("service-worker-allowed")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let p = Some("/a/prod/web");
+        assert_eq!(scope("/", p).as_deref(), Some("/a/prod/web/"));
+        assert_eq!(scope("/app/", p).as_deref(), Some("/a/prod/web/app/"));
+        assert_eq!(scope("/a/prod/web/x", p).as_deref(), Some("/a/prod/web/x"));
+        assert_eq!(
+            scope("/a/prod/webby", p).as_deref(),
+            Some("/a/prod/web/a/prod/webby")
+        );
+        for escape in [
+            "/a/prod/web/../../",
+            "/a/prod/web/%2e%2e/",
+            "https://t/",
+            "//t/",
+            "../",
+            "/a/prod/web/..",
+            "/a\\b",
+        ] {
+            assert_eq!(scope(escape, p), None, "{escape}");
+        }
+        assert_eq!(scope("/", None).as_deref(), Some("/"), "host routing");
+    }
+
+    #[test]
+    fn forwarding_headers_go_in_cgi_spelling_too() {
+        let mut h = HeaderMap::new();
+        for k in [
+            "x_forwarded_for",
+            "x_forwarded_port",
+            "x_real_ip",
+            "client-ip",
+            "client_ip",
+            "x-originating-ip",
+            "x_custom",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                "1.2.3.4".parse().unwrap(),
+            );
+        }
+        let chain = ["10.0.0.9".parse().unwrap()];
+        set_forwarding(
+            &mut h,
+            &Forwarding {
+                chain: &chain,
+                scheme: "https",
+                host: "t",
+                host_header: "t",
+                prefix: None,
+            },
+        );
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x_custom"
+            ]
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
     }
 
     #[test]

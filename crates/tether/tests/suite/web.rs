@@ -98,6 +98,14 @@ fn path_and_host_routing_forward_headers_and_rewrite_redirects() {
             "CF-Connecting-IP: 198.51.100.66",
             "-H",
             "X-Forwarded-User: admin",
+            // CGI spelling: servers that read headers as HTTP_X_FORWARDED_FOR
+            // would take these for the real ones.
+            "-H",
+            "X_Forwarded_For: 198.51.100.66",
+            "-H",
+            "X_Real_IP: 198.51.100.66",
+            "-H",
+            "Client-IP: 198.51.100.66",
         ],
     );
     assert_eq!(out.status, 200, "{out:?}");
@@ -122,6 +130,9 @@ fn path_and_host_routing_forward_headers_and_rewrite_redirects() {
         "x-scheme",
         "cf-connecting-ip",
         "x-forwarded-user",
+        "x_forwarded_for",
+        "x_real_ip",
+        "client-ip",
     ] {
         assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
     }
@@ -1337,4 +1348,88 @@ async fn websocket_upgrades_pass_through_to_the_service() {
         other => panic!("{other:?}"),
     }
     ws.close(None).await.unwrap();
+}
+
+/// A service sets no policy for tether's origin: under path routing a
+/// service worker stays under the service's prefix and reporting policies
+/// go; under both routings `Clear-Site-Data` goes (it would clear tether's
+/// login with the site's cookies). Under host routing the origin is the
+/// service's own, and its worker scope and reporting are left alone.
+#[test]
+fn a_service_sets_no_policy_for_the_server_s_origin() {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "self.addEventListener('fetch', () => {});";
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/javascript\r\n\
+                     service-worker-allowed: /\r\n\
+                     nel: {{\"report_to\":\"x\",\"max_age\":86400,\"success_fraction\":1}}\r\n\
+                     report-to: {{\"group\":\"x\",\"max_age\":86400,\"endpoints\":[{{\"url\":\"https://evil.example/r\"}}]}}\r\n\
+                     clear-site-data: \"cookies\"\r\n\
+                     connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    let w = Web::start_with(WebOpts {
+        services: format!("sw = \"http://127.0.0.1:{port}\""),
+        ..Default::default()
+    });
+    let out = w.get(&w.url("/a/prod/sw/sw.js"), &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.header("service-worker-allowed").as_deref(),
+        Some("/a/prod/sw/"),
+        "{}",
+        out.headers
+    );
+    for gone in ["nel", "report-to", "clear-site-data"] {
+        assert_eq!(out.header(gone), None, "{gone} passed: {}", out.headers);
+    }
+    let resolve = format!("sw.prod.{BASE}:{}:127.0.0.1", w.port);
+    let out = w.get(
+        &w.host_url(&format!("sw.prod.{BASE}"), "/sw.js"),
+        &["--resolve", &resolve],
+    );
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.header("service-worker-allowed").as_deref(), Some("/"));
+    assert!(out.header("nel").is_some(), "{}", out.headers);
+    assert_eq!(out.header("clear-site-data"), None, "{}", out.headers);
+}
+
+/// With `[http] path_routing = false`, services are served on their own
+/// hosts only: `/a/AGENT/SERVICE/` on the server's name is refused (a page
+/// there would share the console's origin), host routing goes on, and the
+/// console links to the hosts.
+#[test]
+fn path_routing_can_be_turned_off() {
+    let w = Web::start_with(WebOpts {
+        config: "[http]\npath_routing = false\n".into(),
+        ..Default::default()
+    });
+    let out = w.get(&w.url("/a/prod/web/headers"), &[]);
+    assert_eq!(out.status, 404, "{out:?}");
+    assert!(out.body.contains("path_routing"), "{}", out.body);
+    let out = w.get(&w.host_url(&format!("web.prod.{BASE}"), "/headers"), &[]);
+    assert_eq!(out.status, 200, "{out:?}");
+    let agents = w.get(&w.url("/api/agents"), &[]).body;
+    assert!(
+        agents.contains(&format!("https://web.prod.{BASE}")) && !agents.contains("/a/prod/web/"),
+        "{agents}"
+    );
 }
