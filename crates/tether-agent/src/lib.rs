@@ -10,6 +10,7 @@ pub mod policy;
 mod replicas;
 mod stats;
 mod stream;
+mod tls_end;
 
 /// Name lookups for raw targets (kept here under its old path).
 pub use tether_net::dns;

@@ -14,6 +14,7 @@ use tether_proto::{OpenErrorCode, TargetKind};
 use tokio::io::WriteHalf;
 use tokio::net::TcpStream;
 
+use crate::tls_end::{EndWithoutNotify, RecordEdges};
 use crate::{AgentStats, Discovered, NameResolver, Resolved, TargetPolicy};
 
 /// The OPEN_ERR code a failed dial is answered with.
@@ -272,13 +273,20 @@ pub(crate) async fn serve_stream(
     let (sr, sw) = stream.split();
     let report = match io {
         ServiceIo::Tls(tls) => {
-            let socket = socket2::SockRef::from(tls.get_ref().0).try_clone();
+            let socket = socket2::SockRef::from(tls.get_ref().0.get_ref()).try_clone();
+            let clean_close = tls.get_ref().0.clean_close();
             let (tr, tw) = tokio::io::split(*tls);
             let tw = TlsServiceWriter {
                 io: IoWriter(tw),
                 socket: socket.ok(),
             };
-            splice(sr, sw, IoReader::new(EndWithoutNotify(tr)), tw).await
+            splice(
+                sr,
+                sw,
+                IoReader::new(EndWithoutNotify::new(tr, clean_close)),
+                tw,
+            )
+            .await
         }
         ServiceIo::Plain(tcp) => {
             let (tr, tw) = socket_halves(tcp);
@@ -297,38 +305,13 @@ pub(crate) async fn serve_stream(
     }
 }
 
-/// The read half of a TLS connection to a service, where a TCP close
-/// without TLS's `close_notify` is the service's end (a FIN), as nginx and
-/// Go's HTTP client take it, not a failure: many servers close that way,
-/// and a failure would reset the stream (PROTOCOL.md 9.2), which throws
-/// away what of the service's answer was still queued for the client.
-struct EndWithoutNotify<R>(R);
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EndWithoutNotify<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
-            std::task::Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                tracing::debug!(
-                    "the service closed its TLS connection without close_notify: taken as its end"
-                );
-                std::task::Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
 /// The write half of a TLS connection to a service. A failed stream resets
 /// it (RST), as it does a plain one (PROTOCOL.md 9.2): closed with a FIN, a
 /// cut-off upload whose end is the connection's end would look complete to
 /// a service that takes a missing `close_notify` for the end (Go's
 /// `crypto/tls` does).
 struct TlsServiceWriter {
-    io: IoWriter<WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
+    io: IoWriter<WriteHalf<TlsService>>,
     /// A second descriptor of the connection's socket: the TLS stream owns
     /// the first, behind the split's lock. `None` when it could not be had
     /// (out of descriptors): a failure then ends with a FIN.
@@ -356,10 +339,13 @@ impl ChunkWrite for TlsServiceWriter {
     }
 }
 
+/// A TLS connection to a service, over its socket as [`RecordEdges`] reads it.
+type TlsService = tokio_rustls::client::TlsStream<RecordEdges<TcpStream>>;
+
 /// The service's end of a TCP stream: the socket, or TLS over it.
 enum ServiceIo {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<TlsService>),
 }
 
 /// Dials a TCP service (TLS towards it included, within one dial timeout):
@@ -379,7 +365,9 @@ async fn dial_service(
     let Some(t) = &resolved.tls else {
         return Ok((ServiceIo::Plain(tcp), peer));
     };
-    let hs = t.connector.connect(t.server_name.clone(), tcp);
+    let hs = t
+        .connector
+        .connect(t.server_name.clone(), RecordEdges::new(tcp));
     match tokio::time::timeout_at(deadline, hs).await {
         Ok(Ok(s)) => match t.require_alpn {
             Some(want) if s.get_ref().1.alpn_protocol() != Some(want) => Err(Refusal::new(

@@ -875,8 +875,9 @@ fn a_configured_agent_that_never_connected_counts_zero_instances() {
 }
 
 /// A TLS service that ends with a TCP close and no `close_notify` (many
-/// servers close that way) has ended: the client gets every byte it sent,
-/// then a clean end, not a reset that drops what was still queued.
+/// servers close that way) between two records has ended: the client gets
+/// every byte it sent, then a clean end, not a reset that drops what was
+/// still queued. A close inside a record is a cut, and still a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_service_closing_without_close_notify_loses_no_bytes() {
     use crate::common::web::{Web, WebOpts};
@@ -884,36 +885,51 @@ async fn a_tls_service_closing_without_close_notify_loses_no_bytes() {
     let id =
         tether_net::transport::tls::ServerIdentity::self_signed(&["127.0.0.1".into()]).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(id.server_config(&[]).unwrap());
-    let l = service_listener();
-    let service = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                if write_pattern(&mut tls, LEN).await.is_err() {
-                    return;
-                }
-                let _ = tls.flush().await;
-                // The TCP connection closes under TLS: no close_notify.
-                let (tcp, _) = tls.into_inner();
-                drop(tcp);
-            });
-        }
-    });
-    let listen = free_port();
+    // Sends LEN bytes, then closes TCP under TLS: after its last record,
+    // or (`cut`) after the first bytes of one more.
+    let tls_service = |cut: bool| {
+        let acceptor = acceptor.clone();
+        let l = service_listener();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if write_pattern(&mut tls, LEN).await.is_err() {
+                        return;
+                    }
+                    let _ = tls.flush().await;
+                    let (mut tcp, _) = tls.into_inner();
+                    if cut {
+                        // A record header for 16 KiB, and 3 bytes of it.
+                        let _ = tcp.write_all(&[23, 3, 3, 0x40, 0, 1, 2, 3]).await;
+                    }
+                    drop(tcp);
+                });
+            }
+        });
+        addr
+    };
+    let (whole, cut) = (tls_service(false), tls_service(true));
+    let (listen, listen_cut) = (free_port(), free_port());
     let w = Web::start_with(WebOpts {
         plain: true,
         config: format!(
-            "[[listener]]\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"prod/tlsdown\"\n"
+            "[[listener]]\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"prod/tlsdown\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:{listen_cut}\"\ntarget = \"prod/tlscut\"\n"
         ),
-        services: format!("tlsdown = {{ address = \"tls://{service}\", tls_verify = false }}"),
+        services: format!(
+            "tlsdown = {{ address = \"tls://{whole}\", tls_verify = false }}\n\
+             tlscut = {{ address = \"tls://{cut}\", tls_verify = false }}"
+        ),
         ..Default::default()
     });
-    for round in 0..3 {
-        let mut s = connect(listen).await;
+    // What a reader gets: the bytes (checked), then how it ended.
+    let read_all = |port: u16| async move {
+        let mut s = connect(port).await;
         let mut v = Verifier::new(LEN, 65536);
         let mut buf = vec![0u8; 65536];
         let end = loop {
@@ -931,11 +947,16 @@ async fn a_tls_service_closing_without_close_notify_loses_no_bytes() {
                 Err(_) => break Err("no end in 30 s".into()),
             }
         };
+        (end, v.total)
+    };
+    for round in 0..3 {
         assert_eq!(
-            (end, v.total),
+            read_all(listen).await,
             (Ok(()), LEN),
             "round {round}:\n{}",
             w.agent.log_text()
         );
     }
+    let (end, _) = read_all(listen_cut).await;
+    assert!(end.is_err(), "a cut inside a record ended cleanly");
 }
