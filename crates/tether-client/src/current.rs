@@ -173,8 +173,10 @@ impl CurrentSession {
             };
             match conn.open_with(target.clone(), early.clone()).await {
                 Ok(s) => return Ok(s),
-                // Refusals another replica, or a fresh session, may not give;
-                // no byte has moved, so trying again loses nothing.
+                // Refusals another replica, or a fresh session, may not give.
+                // The early data goes again: after `not_here` and `going_away`
+                // it reached nothing; after `session_lost` it may have, and
+                // the service may see it twice (PROTOCOL.md 6.3).
                 Err(r)
                     if attempt < RETRIES
                         && matches!(

@@ -288,7 +288,8 @@ impl<F: Future> Future for Guarded<F> {
 pub(crate) struct Watched<B> {
     inner: B,
     mark: Arc<WaitMark>,
-    /// What is left of a chunk longer than [`MAX_CHUNK`].
+    /// What is left of the body's last chunk to hand over (more than
+    /// [`MAX_CHUNK`], or its last byte).
     rest: Bytes,
 }
 

@@ -110,8 +110,10 @@ impl Connection {
     /// Opens a stream whose first bytes (at most
     /// [`tether_proto::MAX_EARLY_DATA`]) travel with the OPEN when the peer
     /// speaks version 5, and waits for the peer's answer. A refusal from
-    /// the peer means `early` never reached its target; a session lost
-    /// before the answer does not say either way (PROTOCOL.md 6.3).
+    /// the acceptor that holds the target means `early` never reached it;
+    /// a session lost before the answer, a relay's refusal or one made
+    /// here (this side reset the open) does not say either way
+    /// (PROTOCOL.md 6.3).
     pub async fn open_with(&self, target: Target, early: Bytes) -> Result<Stream, Refusal> {
         let (tx, rx) = oneshot::channel();
         let stream = self.shared.with_session(|g| {

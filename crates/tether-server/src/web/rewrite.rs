@@ -293,13 +293,17 @@ fn under_prefix(path: &[u8], prefix: &str) -> bool {
 /// `Service-Worker-Allowed` kept under the routing prefix: it widens the
 /// scope a service worker may claim beyond its script's folder, and a worker
 /// scoped to `/` would see every request on tether's origin (the login
-/// form's token among them) for as long as it stays installed. A path the
+/// form's token among them) for as long as it stays installed. Browsers
+/// compare scopes as plain string prefixes, so the value must end in the
+/// prefix's `/` (`/a/prod/web` would allow `/a/prod/webby/`). A path the
 /// service names from its own root is put under the prefix, as a redirect
-/// is; anything else (a URL, a relative path, dot segments, escapes) is
-/// dropped, leaving the script's folder as the limit.
+/// is; anything else (a URL, a relative path, dot segments, escapes, more
+/// than one value) is dropped, leaving the script's folder as the limit.
 fn scope_service_worker(h: &mut HeaderMap, prefix: &str) {
     let name = HeaderName::from_static("service-worker-allowed");
-    let Some(v) = h.get(&name) else {
+    let mut values = h.get_all(&name).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        h.remove(&name);
         return;
     };
     let path = v.as_bytes();
@@ -315,16 +319,63 @@ fn scope_service_worker(h: &mut HeaderMap, prefix: &str) {
         h.remove(&name);
         return;
     }
-    if !under_prefix(path, prefix) {
-        let mut scoped = prefix.as_bytes().to_vec();
-        scoped.extend_from_slice(path);
-        match HeaderValue::from_bytes(&scoped) {
-            Ok(v) => {
-                h.insert(name, v);
+    let rest = path.strip_prefix(prefix.as_bytes());
+    if rest.is_some_and(|r| r.first() == Some(&b'/')) {
+        return;
+    }
+    let mut scoped = prefix.as_bytes().to_vec();
+    match rest {
+        Some([]) => scoped.push(b'/'),
+        _ => scoped.extend_from_slice(path),
+    }
+    match HeaderValue::from_bytes(&scoped) {
+        Ok(v) => {
+            h.insert(name, v);
+        }
+        Err(_) => {
+            h.remove(&name);
+        }
+    }
+}
+
+/// What a service may clear with `Clear-Site-Data` under host routing: the
+/// types that stay within its own origin. `"cookies"` goes (it clears the
+/// whole site's, tether's login among them), `"*"` becomes these, and
+/// types this list does not know go too.
+const CLEARS_OWN_ORIGIN: [&str; 6] = [
+    "\"cache\"",
+    "\"storage\"",
+    "\"executionContexts\"",
+    "\"clientHints\"",
+    "\"prefetchCache\"",
+    "\"prerenderCache\"",
+];
+
+/// `Clear-Site-Data` as a host-routed service may send it: without
+/// `"cookies"` (see [`CLEARS_OWN_ORIGIN`]); gone when nothing is left.
+fn clear_own_origin_only(h: &mut HeaderMap) {
+    let name = HeaderName::from_static("clear-site-data");
+    if !h.contains_key(&name) {
+        return;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    for v in h.get_all(&name) {
+        for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            if t == "\"*\"" {
+                kept.extend(&CLEARS_OWN_ORIGIN[..3]);
+            } else if CLEARS_OWN_ORIGIN.contains(&t) {
+                kept.push(t);
             }
-            Err(_) => {
-                h.remove(&name);
-            }
+        }
+    }
+    kept.sort_unstable();
+    kept.dedup();
+    match HeaderValue::from_str(&kept.join(", ")) {
+        Ok(v) if !kept.is_empty() => {
+            h.insert(name, v);
+        }
+        _ => {
+            h.remove(name);
         }
     }
 }
@@ -407,29 +458,31 @@ pub fn rewrite_set_cookie(value: &[u8], prefix: &str) -> Vec<u8> {
 /// Response headers that set a policy for the whole origin. Under path
 /// routing the origin is tether's own (its console, its login page, every
 /// other service), so a service sets none of them: a reporting policy
-/// would report every later request on it, other services' URLs included.
-const ORIGIN_WIDE: [&str; 3] = ["nel", "report-to", "reporting-endpoints"];
+/// would report every later request on it, other services' URLs included,
+/// and `Clear-Site-Data` would clear the console's storage and the site's
+/// cookies (tether's login among them).
+const ORIGIN_WIDE: [&str; 4] = ["nel", "report-to", "reporting-endpoints", "clear-site-data"];
 
 /// Rewrites a service's response headers for the browser: `Location`
 /// back through the proxy (`external_origin` is `scheme://host` as the
 /// browser addressed the server; `service_hosts` the names an absolute
 /// redirect may use for the service), no `Set-Cookie` for tether's own
-/// cookies and no `Clear-Site-Data` (its `"cookies"` clears the whole
-/// site's, tether's login among them), and, under path routing (`prefix`),
-/// cookies and service workers scoped to the prefix and none of the
-/// [`ORIGIN_WIDE`] headers.
+/// cookies, and, under path routing (`prefix`), cookies and service workers
+/// scoped to the prefix and none of the [`ORIGIN_WIDE`] headers; under host
+/// routing, `Clear-Site-Data` without `"cookies"`.
 pub(crate) fn rewrite_response(
     h: &mut HeaderMap,
     prefix: Option<&str>,
     external_origin: impl FnOnce() -> String,
     service_hosts: &[&str],
 ) {
-    h.remove(HeaderName::from_static("clear-site-data"));
     if let Some(prefix) = prefix {
         for name in ORIGIN_WIDE {
             h.remove(name);
         }
         scope_service_worker(h, prefix);
+    } else {
+        clear_own_origin_only(h);
     }
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
         if let Some(new) = rewrite_location(loc, prefix, &external_origin(), service_hosts) {
@@ -535,6 +588,26 @@ mod tests {
         rewrite_response(&mut h, None, || "http://t".into(), &[]);
         assert!(h.contains_key("nel") && h.contains_key("report-to"));
         assert!(!h.contains_key("clear-site-data"));
+        let clears = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("clear-site-data", v.parse().unwrap());
+            rewrite_response(&mut h, None, || "http://t".into(), &[]);
+            h.get("clear-site-data")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            clears(r#""cookies", "storage""#).as_deref(),
+            Some(r#""storage""#)
+        );
+        assert_eq!(
+            clears(r#""*""#).as_deref(),
+            Some(r#""cache", "executionContexts", "storage""#)
+        );
+        assert_eq!(clears(r#""cookies""#), None);
+        assert_eq!(
+            clears(r#""newThing", "cache""#).as_deref(),
+            Some(r#""cache""#)
+        );
     }
 
     #[test]
@@ -550,6 +623,8 @@ mod tests {
         assert_eq!(scope("/", p).as_deref(), Some("/a/prod/web/"));
         assert_eq!(scope("/app/", p).as_deref(), Some("/a/prod/web/app/"));
         assert_eq!(scope("/a/prod/web/x", p).as_deref(), Some("/a/prod/web/x"));
+        // Scopes are string prefixes: the bare prefix would allow /a/prod/webby/.
+        assert_eq!(scope("/a/prod/web", p).as_deref(), Some("/a/prod/web/"));
         assert_eq!(
             scope("/a/prod/webby", p).as_deref(),
             Some("/a/prod/web/a/prod/webby")
@@ -566,6 +641,11 @@ mod tests {
             assert_eq!(scope(escape, p), None, "{escape}");
         }
         assert_eq!(scope("/", None).as_deref(), Some("/"), "host routing");
+        let mut h = HeaderMap::new();
+        h.append("service-worker-allowed", "/a/prod/web/x".parse().unwrap());
+        h.append("service-worker-allowed", "/".parse().unwrap());
+        rewrite_response(&mut h, p, || "http://t".into(), &[]);
+        assert!(!h.contains_key("service-worker-allowed"), "two values");
     }
 
     #[test]
