@@ -1351,10 +1351,11 @@ async fn websocket_upgrades_pass_through_to_the_service() {
 }
 
 /// A service sets no policy for tether's origin: under path routing a
-/// service worker stays under the service's prefix and reporting policies
-/// go; under both routings `Clear-Site-Data` goes (it would clear tether's
-/// login with the site's cookies). Under host routing the origin is the
-/// service's own, and its worker scope and reporting are left alone.
+/// service worker stays under the service's prefix, and reporting policies
+/// and `Clear-Site-Data` go. Under host routing the origin is the
+/// service's own, and its worker scope and reporting are left alone, but
+/// `Clear-Site-Data: "cookies"` still goes (it would clear tether's login
+/// with the site's cookies).
 #[test]
 fn a_service_sets_no_policy_for_the_server_s_origin() {
     use std::io::{Read, Write};
