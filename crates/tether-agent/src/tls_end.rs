@@ -91,13 +91,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordEdges<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            let filled = buf.filled().len();
-            if filled == before {
+            let read = &buf.filled()[before..];
+            if read.is_empty() {
                 let clean = self.at_edge();
                 self.clean_close.store(clean, Ordering::Relaxed);
             } else {
-                let me = &mut *self;
-                me.saw(&buf.filled()[before..filled]);
+                self.saw(read);
             }
         }
         r

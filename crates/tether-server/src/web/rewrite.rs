@@ -340,8 +340,8 @@ fn scope_service_worker(h: &mut HeaderMap, prefix: &str) {
 
 /// What a service may clear with `Clear-Site-Data` under host routing: the
 /// types that stay within its own origin. `"cookies"` goes (it clears the
-/// whole site's, tether's login among them), `"*"` becomes these, and
-/// types this list does not know go too.
+/// whole site's, tether's login among them), and so do types this list does
+/// not know.
 const CLEARS_OWN_ORIGIN: [&str; 6] = [
     "\"cache\"",
     "\"storage\"",
@@ -350,6 +350,9 @@ const CLEARS_OWN_ORIGIN: [&str; 6] = [
     "\"prefetchCache\"",
     "\"prerenderCache\"",
 ];
+
+/// What `"*"` stands for, less `"cookies"`.
+const CLEARS_ALL_BUT_COOKIES: [&str; 3] = ["\"cache\"", "\"storage\"", "\"executionContexts\""];
 
 /// `Clear-Site-Data` as a host-routed service may send it: without
 /// `"cookies"` (see [`CLEARS_OWN_ORIGIN`]); gone when nothing is left.
@@ -362,7 +365,7 @@ fn clear_own_origin_only(h: &mut HeaderMap) {
     for v in h.get_all(&name) {
         for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
             if t == "\"*\"" {
-                kept.extend(&CLEARS_OWN_ORIGIN[..3]);
+                kept.extend(CLEARS_ALL_BUT_COOKIES);
             } else if CLEARS_OWN_ORIGIN.contains(&t) {
                 kept.push(t);
             }
