@@ -26,7 +26,7 @@ fn default_dial_timeout_ms() -> u64 {
 pub const MAX_STREAMS: usize = 8192;
 
 fn default_drain_timeout_ms() -> u64 {
-    30_000
+    tether_proto::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64
 }
 
 /// Agent configuration.

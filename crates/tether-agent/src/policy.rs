@@ -19,6 +19,7 @@ use std::sync::{Arc, LazyLock};
 use tether_net::pattern::glob_match;
 use tether_net::transport::tls::{client_config, ServerTrust};
 use tether_net::Refusal;
+use tether_proto::frame::MAX_ENTRY_TEXT;
 use tether_proto::target::parse_port;
 use tether_proto::{CatalogEntry, OpenErrorCode, ServiceKind};
 
@@ -520,16 +521,20 @@ impl TargetPolicy {
         for (name, spec) in services {
             if name.contains([':', '/'])
                 || name.chars().any(char::is_control)
-                || !(1..=255).contains(&name.len())
+                || !(1..=MAX_ENTRY_TEXT).contains(&name.len())
             {
                 bail!(
-                    "service name {name:?}: 1 to 255 bytes, without ':', '/' or control characters"
+                    "service name {name:?}: 1 to {MAX_ENTRY_TEXT} bytes, without ':', '/' or control characters"
                 );
             }
             let service = Service::from_spec(name, spec)?;
-            if service.host_header.as_ref().is_some_and(|h| h.len() > 255) {
+            if service
+                .host_header
+                .as_ref()
+                .is_some_and(|h| h.len() > MAX_ENTRY_TEXT)
+            {
                 // CATALOG carries it in 255 bytes; cut, it would be wrong.
-                bail!("service {name:?}: an address over 255 bytes cannot be the Host header the service gets (rewrite_host)");
+                bail!("service {name:?}: an address over {MAX_ENTRY_TEXT} bytes cannot be the Host header the service gets (rewrite_host)");
             }
             checked.insert(name.clone(), service);
         }

@@ -483,7 +483,7 @@ impl Frame {
 
     fn payload_len(&self) -> usize {
         match self {
-            Frame::Hello(h) | Frame::HelloAck(h) => 17 + clip(&h.software, 255).len(),
+            Frame::Hello(h) | Frame::HelloAck(h) => 17 + clip(&h.software, MAX_ENTRY_TEXT).len(),
             Frame::Ping(_) | Frame::Pong(_) | Frame::Heartbeat(_) => 8,
             Frame::GoAway { reason, .. } => 2 + clip(reason, MAX_REASON_LEN).len(),
             Frame::Catalog(entries) => catalog_fit(entries).map(catalog_entry_len).sum(),
@@ -524,7 +524,7 @@ impl Frame {
                 out.put_u32(h.capabilities);
                 out.put_u32(h.initial_window);
                 out.put_u32(h.max_frame_payload);
-                let sw = clip(&h.software, 255);
+                let sw = clip(&h.software, MAX_ENTRY_TEXT);
                 out.put_u8(sw.len() as u8);
                 out.put_slice(sw.as_bytes());
             }
@@ -804,8 +804,9 @@ impl Frame {
     }
 }
 
-/// The longest text of a CATALOG or REPLICAS entry (its length is a byte).
-const MAX_ENTRY_TEXT: usize = 255;
+/// The longest text of a CATALOG or REPLICAS entry, and of HELLO's software
+/// name (each carries its length in one byte).
+pub const MAX_ENTRY_TEXT: usize = 255;
 
 fn catalog_entry_len(e: &CatalogEntry) -> usize {
     3 + e.name.len() + e.host.len()

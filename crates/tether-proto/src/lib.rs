@@ -33,6 +33,7 @@ pub use frame::{
 pub use queue::InlineQueue;
 pub use session::{
     Config, Event, OpenError, Role, Session, SessionError, StreamBytes, StreamStats, WriteError,
+    DEFAULT_DRAIN_TIMEOUT,
 };
 pub use stream::CHUNK_COST;
 pub use transmit::{FrameBuf, Transmit};

@@ -100,13 +100,17 @@ impl Default for Config {
             open_timeout: Duration::from_secs(15),
             open_probe: Duration::from_secs(2),
             linger: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_peer_streams: 1024,
             accept_opens: true,
             software: String::from("tether"),
         }
     }
 }
+
+/// How long a draining session's streams get to finish unless configured
+/// otherwise (PROTOCOL.md section 13, `drain_timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Smallest window and frame limits a peer may announce; anything smaller
 /// would make the session crawl and is treated as a protocol error.

@@ -71,7 +71,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         server: url.clone(),
         name: "demo".into(),
         instance: None,
-        drain_timeout_ms: 30_000,
+        drain_timeout_ms: tether_proto::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64,
         token: agent_token,
         token_file: None,
         client_cert: None,

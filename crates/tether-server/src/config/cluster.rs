@@ -62,7 +62,7 @@ fn default_shutdown_delay_ms() -> u64 {
 }
 
 fn default_drain_timeout_ms() -> u64 {
-    30_000
+    tether_proto::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64
 }
 
 impl Default for ClusterConfig {

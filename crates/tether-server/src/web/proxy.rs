@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tether_net::{Refusal, StreamError};
-use tether_proto::{OpenErrorCode, ResetCode, ServiceKind};
+use tether_proto::{ResetCode, ServiceKind};
 
 use super::credential::{identify_on, ConnectionCredential};
 use super::login::{bad_token, login_required, refused_bearer, Via};
@@ -120,12 +120,7 @@ async fn proxy(
     let mut guard = match web.opener.admit_request(&caller, agent, service) {
         Ok(g) => g,
         Err(Refusal { code, reason }) => {
-            let status = match code {
-                OpenErrorCode::Forbidden => StatusCode::FORBIDDEN,
-                OpenErrorCode::BadTarget => StatusCode::BAD_REQUEST,
-                _ => StatusCode::TOO_MANY_REQUESTS,
-            };
-            return refuse(status, code.as_str(), reason);
+            return refuse(crate::open::http_status(code), code.as_str(), reason)
         }
     };
     let ServiceHttp { host_header, http2 } = match check_service(web, agent, service).await {
