@@ -37,9 +37,9 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// How long a graceful close at [`CONNECTION_LIFETIME`] may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// The answer to a probe path: status code and body; `None` for a path the
-/// process does not serve.
-pub type Probe = Arc<dyn Fn(&str) -> Option<(u16, String)> + Send + Sync>;
+/// The answer to a probe: given the path and the query (if any), status
+/// code and body; `None` for a path the process does not serve.
+pub type Probe = Arc<dyn Fn(&str, Option<&str>) -> Option<(u16, String)> + Send + Sync>;
 
 /// Binds `addr` and serves `/metrics` from `render` and `/healthz` until the
 /// process ends. Returns the bound address.
@@ -47,7 +47,7 @@ pub async fn serve_metrics(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> std::io::Result<SocketAddr> {
-    serve_observe(addr, render, Arc::new(|_: &str| None)).await
+    serve_observe(addr, render, Arc::new(|_: &str, _: Option<&str>| None)).await
 }
 
 /// Like [`serve_metrics`], answering other paths with `probe` first
@@ -81,7 +81,7 @@ pub async fn serve_observe(
                     let probe = probe.clone();
                     async move {
                         let path = req.uri().path();
-                        let (status, body) = match (path, probe(path)) {
+                        let (status, body) = match (path, probe(path, req.uri().query())) {
                             (_, Some((code, body))) => (
                                 StatusCode::from_u16(code)
                                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

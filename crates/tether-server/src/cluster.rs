@@ -62,6 +62,23 @@ pub(crate) enum Readiness {
     Draining,
 }
 
+/// The query that asks `/readyz` to leave the shutdown delay out (as
+/// kube-apiserver's `/readyz?exclude=shutdown` does): the replica answers
+/// ready while it still accepts, and 404 only once its listeners close.
+/// This is the Kubernetes readiness probe's question. Kubernetes marks a
+/// terminating pod's endpoints not ready by itself, and keeps using them
+/// while they are still *serving* (the probe passes) when a node has no
+/// other: a Service with `externalTrafficPolicy: Local` would otherwise
+/// drop the connections the cloud load balancer still sends that node
+/// during the delay.
+const EXCLUDE_SHUTDOWN: &str = "exclude=shutdown";
+
+/// Whether a probe's query holds [`EXCLUDE_SHUTDOWN`] among its `&`-separated
+/// parts.
+fn excludes_shutdown(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|part| part == EXCLUDE_SHUTDOWN))
+}
+
 /// This replica's identity, its view of the peers and its phase.
 pub(crate) struct Cluster {
     id: String,
@@ -221,12 +238,15 @@ impl Cluster {
         self.phase.send_replace(p);
     }
 
-    /// What `/readyz` answers: draining once shutdown began; warming until
-    /// the agents had a chance to arrive (≥ 2 s of uptime and no new agent
-    /// name for 3 s, and with peers at least one agent; or 15 s of uptime).
-    pub(crate) fn readiness(&self, registry: &Registry) -> Readiness {
-        if self.phase() != Phase::Serving {
-            return Readiness::Draining;
+    /// What `/readyz` answers: draining once shutdown began (with
+    /// `during_delay`, only once the listeners closed); warming until the
+    /// agents had a chance to arrive (≥ 2 s of uptime and no new agent name
+    /// for 3 s, and with peers at least one agent; or 15 s of uptime).
+    pub(crate) fn readiness(&self, registry: &Registry, during_delay: bool) -> Readiness {
+        match self.phase() {
+            Phase::Serving => {}
+            Phase::Leaving if during_delay => {}
+            Phase::Leaving | Phase::Closing => return Readiness::Draining,
         }
         let up = self.started.elapsed();
         if up >= READY_MAX_WAIT {
@@ -249,11 +269,17 @@ impl Cluster {
 
     /// The answer to a health probe: `/healthz` and `/livez` (200 while the
     /// process runs, draining included), `/readyz` (see
-    /// [`Cluster::readiness`]); `None` for other paths.
-    pub(crate) fn probe(&self, path: &str, registry: &Registry) -> Option<(u16, String)> {
+    /// [`Cluster::readiness`]; [`EXCLUDE_SHUTDOWN`] in the query keeps it
+    /// ready through the shutdown delay); `None` for other paths.
+    pub(crate) fn probe(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        registry: &Registry,
+    ) -> Option<(u16, String)> {
         match path {
             "/healthz" | "/livez" => Some((200, "ok\n".to_owned())),
-            "/readyz" => Some(match self.readiness(registry) {
+            "/readyz" => Some(match self.readiness(registry, excludes_shutdown(query)) {
                 Readiness::Ready => (200, format!("ready: replica {}\n", self.id)),
                 Readiness::Warming => (
                     503,
@@ -266,6 +292,14 @@ impl Cluster {
             }),
             _ => None,
         }
+    }
+
+    /// Whether this replica started less than [`HOLD_WHILE_STARTING`] ago
+    /// beside peers: agents learn of it only as its peers' lists change (a
+    /// DNS re-resolve and the cluster DNS's TTL), so an agent it has not
+    /// seen may well be connected to the others, and on its way here.
+    pub(crate) fn new_among_peers(&self) -> bool {
+        self.started.elapsed() < HOLD_WHILE_STARTING && self.replicas.borrow().entries.len() > 1
     }
 
     /// How long an open for `agent`, which has no live session here,
@@ -354,8 +388,36 @@ mod tests {
     fn readiness_waits_for_agents_and_ends_with_the_phase() {
         let c = cluster(&[]);
         let reg = Registry::default();
-        assert_eq!(c.readiness(&reg), Readiness::Warming);
+        assert_eq!(c.readiness(&reg, false), Readiness::Warming);
         c.set_phase(Phase::Leaving);
-        assert_eq!(c.readiness(&reg), Readiness::Draining);
+        assert_eq!(c.readiness(&reg, false), Readiness::Draining);
+    }
+
+    #[test]
+    fn excluding_shutdown_keeps_ready_through_the_delay_only() {
+        let c = cluster(&[]);
+        let reg = Registry::default();
+        let status = |q: Option<&str>| c.probe("/readyz", q, &reg).map(|(s, _)| s);
+        // Warming is warming either way.
+        assert_eq!(status(Some("exclude=shutdown")), Some(503));
+        let mut c = cluster(&[]);
+        c.started = Instant::now()
+            .checked_sub(READY_MAX_WAIT)
+            .expect("a clock 15 s past its origin");
+        let status = |q: Option<&str>| c.probe("/readyz", q, &reg).map(|(s, _)| s);
+        assert_eq!(status(None), Some(200));
+        c.set_phase(Phase::Leaving);
+        assert_eq!(status(None), Some(404));
+        assert_eq!(status(Some("exclude=shutdown")), Some(200));
+        assert_eq!(status(Some("verbose&exclude=shutdown")), Some(200));
+        assert_eq!(status(Some("exclude=shutdownx")), Some(404));
+        assert_eq!(status(Some("exclude")), Some(404));
+        c.set_phase(Phase::Closing);
+        assert_eq!(status(Some("exclude=shutdown")), Some(404));
+        assert_eq!(
+            c.probe("/livez", Some("exclude=shutdown"), &reg)
+                .map(|(s, _)| s),
+            Some(200)
+        );
     }
 }

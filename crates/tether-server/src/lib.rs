@@ -8,7 +8,7 @@
 //! | `/tether/v1/client` | CLI client sessions (same protocol, client token) |
 //! | `/tether/v1/ws/AGENT/SERVICE` | raw WebSocket: one WebSocket = one stream |
 //! | `/healthz`, `/livez` | liveness |
-//! | `/readyz` | readiness (agents arrived; 404 while shutting down) |
+//! | `/readyz` | readiness (agents arrived; 404 while shutting down, or with `?exclude=shutdown` once the listeners close) |
 //! | `/metrics` | Prometheus metrics |
 //! | `/`, `/login`, `/a/AGENT/SERVICE/`, `SERVICE.AGENT.BASE_DOMAIN` | browser access (see [`web`]) |
 //!

@@ -350,6 +350,14 @@ async fn find_agent(
             OpenErrorCode::NotHere,
             format!("replica {replica} has no session to agent {agent} right now (it was connected here lately; retry)"),
         )
+    } else if h.cluster.new_among_peers() {
+        // Not "offline": this replica cannot know yet. A client retries
+        // not_here through the load balancer, likely onto a peer that has
+        // the agent.
+        Refusal::new(
+            OpenErrorCode::NotHere,
+            format!("replica {replica} started {} s ago and agent {agent} has not reached it yet (retry)", h.cluster.uptime().as_secs()),
+        )
     } else {
         Refusal::new(
             OpenErrorCode::AgentOffline,

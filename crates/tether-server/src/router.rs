@@ -147,7 +147,7 @@ impl Router {
                 .unwrap_or_else(|| "/".into());
             return proxy::serve(web, req, peer, route, rest, host, credential).await;
         }
-        if let Some((code, body)) = self.cluster.probe(&path, &self.registry) {
+        if let Some((code, body)) = self.cluster.probe(&path, req.uri().query(), &self.registry) {
             return text(StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body);
         }
         match path.as_str() {

@@ -203,7 +203,9 @@ impl Server {
             };
             let probe = {
                 let cluster = cluster.clone();
-                Arc::new(move |path: &str| cluster.probe(path, &registry))
+                Arc::new(move |path: &str, query: Option<&str>| {
+                    cluster.probe(path, query, &registry)
+                })
             };
             let bound = tether_net::observe::serve_observe(addr, render, probe)
                 .await

@@ -828,7 +828,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         let bound = tether_net::observe::serve_observe(
             addr,
             Arc::new(move || stats.render()),
-            Arc::new(move |path: &str| probed.probe(path)),
+            Arc::new(move |path: &str, _: Option<&str>| probed.probe(path)),
         )
         .await
         .with_context(|| format!("metrics listener {addr}"))?;

@@ -440,7 +440,9 @@ async fn doctor_checks_an_agent_token_without_joining_its_pool() {
 
 /// The `[cluster]` settings come from the environment too (as a Kubernetes
 /// manifest sets them): the replica id, a comma-separated peer list, and
-/// the replica list the server builds from them.
+/// the replica list the server builds from them. A replica new among peers
+/// is not ready until an agent arrives, and calls an agent it has not seen
+/// `not_here` (retry elsewhere), not offline.
 #[test]
 fn cluster_settings_come_from_the_environment() {
     let port = free_port();
@@ -452,6 +454,8 @@ fn cluster_settings_come_from_the_environment() {
             &format!("127.0.0.1:{port}"),
             "--metrics-listen",
             &format!("127.0.0.1:{metrics}"),
+            "--client",
+            "dev=dev-token=*",
         ])
         .env("TETHER_REPLICA_ID", "pod-a")
         .env("TETHER_PEERS", "pod-b=127.0.0.12:7700,127.0.0.13:7700")
@@ -469,12 +473,35 @@ fn cluster_settings_come_from_the_environment() {
     });
     // With peers and no agent yet, the replica is not ready.
     let ready = http_get(addr, "/readyz").map(|(s, _)| s);
+    // Nor can it know that an agent it has not seen is offline: agents
+    // reach a new replica only once its peers tell them of it.
+    let unseen = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /a/ghost/web/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer dev-token\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
     let _ = child.kill();
     let out = child.wait_with_output().expect("output");
     let log =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(up, "no tether_replica metric for pod-a:\n{log}");
     assert_eq!(ready, Some(503), "{log}");
+    assert!(
+        unseen.starts_with("HTTP/1.1 503")
+            && unseen.contains("not_here")
+            && unseen.contains("agent ghost has not reached it yet"),
+        "an agent a new replica among peers has not seen is not_here, not offline:\n{unseen}\n{log}"
+    );
     assert!(
         log.contains(&format!("pod-a@127.0.0.1:{port}"))
             && log.contains("pod-b@127.0.0.12:7700")

@@ -1650,7 +1650,7 @@ impl Cluster {
         tl.note(format!("SIGTERM {id}"));
         self.replicas[i].proc().signal(Signal::TERM);
         // Draining starts with /readyz 404 (HAProxy's soft stop) while the
-        // replica keeps serving (this expects a shutdown delay >= 1 s).
+        // replica keeps serving (this expects a shutdown delay of 2 s).
         let r = &self.replicas[i];
         let said_404 = wait_until(Duration::from_secs(1), || r.readyz() == Some(404));
         tl.note(format!("{id} /readyz 404 after SIGTERM: {said_404}"));
@@ -1659,6 +1659,27 @@ impl Cluster {
             "{id}: /readyz did not answer 404 within 1 s of SIGTERM\n{}",
             self.diag()
         );
+        // Kubernetes' question (still serving?) has the other answer until
+        // the listeners close at the end of the delay, then the same.
+        let serving = r.get("/readyz?exclude=shutdown").map(|(s, _)| s);
+        tl.note(format!(
+            "{id} /readyz?exclude=shutdown in the delay: {serving:?}"
+        ));
+        assert_eq!(
+            serving,
+            Some(200),
+            "{id}: /readyz?exclude=shutdown not 200 in the shutdown delay\n{}",
+            self.diag()
+        );
+        let stopped = wait_until(Duration::from_secs(4), || {
+            r.get("/readyz?exclude=shutdown").map(|(s, _)| s) != Some(200)
+        });
+        assert!(
+            stopped,
+            "{id}: /readyz?exclude=shutdown still 200 4 s after SIGTERM (delay 2 s)\n{}",
+            self.diag()
+        );
+        tl.note(format!("{id} /readyz?exclude=shutdown no longer 200"));
         let st = self.replicas[i].proc_mut().wait_exit(exit_within);
         tl.note(format!("{id} exited: {st:?}"));
         assert!(
