@@ -58,13 +58,7 @@ fn check_instance(instance: &str) -> anyhow::Result<()> {
 /// A default instance id: the host name (a pod's name) and a random
 /// suffix, so processes on one host differ.
 fn default_instance() -> String {
-    // gethostname(2), not /proc/sys/kernel/hostname: systemd's
-    // ProcSubset=pid hides /proc/sys.
-    let host = hostname::get()
-        .ok()
-        .map(|h| h.to_string_lossy().trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "agent".to_owned());
+    let host = tether_net::host::name().unwrap_or_else(|| "agent".to_owned());
     format!("{host}/{:08x}", rand::random::<u32>())
 }
 

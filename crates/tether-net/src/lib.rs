@@ -31,6 +31,7 @@ pub use session::{Connection, Incoming, SessionInfo, Stream, StreamReader, Strea
 pub mod backoff;
 pub mod dns;
 pub mod early;
+pub mod host;
 pub mod keepalive;
 pub mod listen;
 pub mod observe;

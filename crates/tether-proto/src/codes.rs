@@ -81,9 +81,10 @@ code_enum! {
         /// Anything else; the reason text says more.
         Internal = 12, "internal";
         /// This server replica has no session to the agent (yet), but the
-        /// agent was connected here recently: another replica, or this one
-        /// a moment later, may well reach it (version 4; retry via a fresh
-        /// connection to the load balancer).
+        /// agent was connected here recently, or the replica is new among
+        /// peers and cannot know yet: another replica, or this one a moment
+        /// later, may well reach it (version 4; retry via a fresh connection
+        /// to the load balancer).
         NotHere = 13, "not_here";
     }
 }

@@ -96,13 +96,7 @@ pub(crate) struct Cluster {
 /// A default replica id: the host name (a pod's name under Kubernetes)
 /// and a random suffix, so two processes on one host differ.
 fn default_replica_id() -> String {
-    // gethostname(2), not /proc/sys/kernel/hostname: systemd's
-    // ProcSubset=pid hides /proc/sys.
-    let host = hostname::get()
-        .ok()
-        .map(|h| h.to_string_lossy().trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "tether".to_owned());
+    let host = tether_net::host::name().unwrap_or_else(|| "tether".to_owned());
     format!("{host}-{:04x}", rand::random::<u16>())
 }
 

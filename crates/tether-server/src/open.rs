@@ -350,10 +350,11 @@ async fn find_agent(
             OpenErrorCode::NotHere,
             format!("replica {replica} has no session to agent {agent} right now (it was connected here lately; retry)"),
         )
-    } else if h.cluster.new_among_peers() {
+    } else if h.cluster.new_among_peers() && h.auth.get().agent_names().iter().any(|n| n == agent) {
         // Not "offline": this replica cannot know yet. A client retries
         // not_here through the load balancer, likely onto a peer that has
-        // the agent.
+        // the agent. (A name no agent may register under is offline for
+        // sure.)
         Refusal::new(
             OpenErrorCode::NotHere,
             format!("replica {replica} started {} s ago and agent {agent} has not reached it yet (retry)", h.cluster.uptime().as_secs()),

@@ -456,6 +456,8 @@ fn cluster_settings_come_from_the_environment() {
             &format!("127.0.0.1:{metrics}"),
             "--client",
             "dev=dev-token=*",
+            "--agent",
+            "ghost=ghost-token",
         ])
         .env("TETHER_REPLICA_ID", "pod-a")
         .env("TETHER_PEERS", "pod-b=127.0.0.12:7700,127.0.0.13:7700")
@@ -475,14 +477,15 @@ fn cluster_settings_come_from_the_environment() {
     let ready = http_get(addr, "/readyz").map(|(s, _)| s);
     // Nor can it know that an agent it has not seen is offline: agents
     // reach a new replica only once its peers tell them of it.
-    let unseen = {
+    // A name no agent may register under is offline for sure.
+    let get = |agent: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         write!(
             s,
-            "GET /a/ghost/web/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer dev-token\r\n\
+            "GET /a/{agent}/web/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer dev-token\r\n\
              Connection: close\r\n\r\n"
         )
         .expect("write");
@@ -490,6 +493,8 @@ fn cluster_settings_come_from_the_environment() {
         let _ = s.read_to_string(&mut answer);
         answer
     };
+    let unseen = get("ghost");
+    let unknown = get("nobody");
     let _ = child.kill();
     let out = child.wait_with_output().expect("output");
     let log =
@@ -501,6 +506,10 @@ fn cluster_settings_come_from_the_environment() {
             && unseen.contains("not_here")
             && unseen.contains("agent ghost has not reached it yet"),
         "an agent a new replica among peers has not seen is not_here, not offline:\n{unseen}\n{log}"
+    );
+    assert!(
+        unknown.starts_with("HTTP/1.1 503") && unknown.contains("agent_offline"),
+        "an agent name no agent may use is offline:\n{unknown}\n{log}"
     );
     assert!(
         log.contains(&format!("pod-a@127.0.0.1:{port}"))
