@@ -3,9 +3,12 @@
 
 use bytes::{Bytes, BytesMut};
 use std::cell::Cell;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tether_proto::{
     CatalogEntry, Config, ErrorCode, FrameBuf, OpenError, OpenErrorCode, Role, Session,
@@ -351,6 +354,31 @@ async fn reader_task<R: MessageSource>(shared: Arc<Shared>, mut source: R) {
     }
 }
 
+/// `write`, failed with `TimedOut` if it takes longer than `limit`. The
+/// timer is armed only for a write that does not finish at its first poll:
+/// most do (the socket has room), and arming and dropping a timer for each
+/// costs a small message more than its write's own work (about 400 of some
+/// 12 000 instructions a relay spends per 64-byte round trip; bench/README.md,
+/// session 46).
+/// (`write` comes pinned where it was made: moved in here, a large future
+/// would be copied twice more.)
+async fn within<F: Future<Output = io::Result<()>>>(
+    limit: Duration,
+    mut write: Pin<&mut F>,
+) -> io::Result<()> {
+    if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+    {
+        return done;
+    }
+    match tokio::time::timeout(limit, write).await {
+        Ok(done) => done,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("peer read nothing for {limit:?}"),
+        )),
+    }
+}
+
 async fn writer_task<W: MessageSink>(shared: Arc<Shared>, sink: W) {
     write_loop(&shared, sink).await;
     shared.transport_closed.send_replace(true);
@@ -430,12 +458,9 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
             // judged by the drain rate below, not by how many messages one
             // write happens to carry.
             let timeout = WRITE_TIMEOUT * batch.len() as u32;
-            let sent = match tokio::time::timeout(timeout, sink.send_batch(batch)).await {
-                Ok(r) => r,
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("peer read nothing for {timeout:?}"),
-                )),
+            let sent = {
+                let send = std::pin::pin!(sink.send_batch(batch));
+                within(timeout, send).await
             };
             let sent = sent.and_then(|()| drain.sent(len, now()));
             if let Err(e) = sent {
@@ -521,6 +546,29 @@ async fn timer_task(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_timed_only_once_it_waits() {
+        let limit = Duration::from_secs(30);
+        // Done at the first poll: no timer, the write's own result.
+        let done = std::pin::pin!(async { Err(io::Error::other("refused")) });
+        let r = within(limit, done).await;
+        assert_eq!(r.map_err(|e| e.to_string()), Err("refused".to_owned()));
+        // Done after a wait shorter than the limit.
+        let t0 = tokio::time::Instant::now();
+        let slow = std::pin::pin!(async {
+            tokio::time::sleep(Duration::from_secs(29)).await;
+            Ok(())
+        });
+        assert!(within(limit, slow).await.is_ok());
+        assert_eq!(t0.elapsed(), Duration::from_secs(29));
+        // Never done: timed out at the limit, counted from the first poll.
+        let t0 = tokio::time::Instant::now();
+        let stuck = std::pin::pin!(std::future::pending::<io::Result<()>>());
+        let r = within(limit, stuck).await;
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
+        assert_eq!(t0.elapsed(), limit);
+    }
 
     #[test]
     fn drain_meter_fails_a_trickle_and_passes_a_slow_reader() {
