@@ -28,16 +28,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::utils::{Backoff, StreamBackoff};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde::Deserialize;
 use tether_proto::frame::{CatalogEntry, ServiceKind, MAX_CATALOG_PAYLOAD};
+
+use crate::policy::TargetPolicy;
 use tokio::sync::watch;
 
 /// The annotation that publishes a Service.
@@ -355,13 +359,32 @@ fn note(seen: &mut Seen, svc: &K8sService, cfg: &KubernetesDiscovery, several: b
     }
 }
 
-/// Rebuilds the published set from what every watcher sees; a name two
-/// Services claim goes to the one created first (then the first by
-/// `namespace/name`), and a warning names both: a Service created later,
-/// in any watched namespace, cannot take over a name users already reach
-/// (and send their cookies to). `warned` holds the claims warned about
-/// last time, so that a standing one is told once, not at every change.
-fn publish(discovered: &Discovered, seen: &[Seen], warned: &mut BTreeSet<(String, String)>) {
+/// What [`publish`] warned about last time, so that a standing problem is
+/// told once, not at every change in the watched namespaces.
+#[derive(Debug, Default)]
+struct Warned {
+    /// Names two Services claim: (name, the one not published).
+    claims: BTreeSet<(String, String)>,
+    /// Services (`NAMESPACE/SERVICE:PORT`) whose address the allow list
+    /// refuses.
+    refused: BTreeSet<String>,
+    /// Whether the set did not fit one catalog.
+    overflowed: bool,
+}
+
+/// Rebuilds the published set from what every watcher sees. A Service
+/// whose address the agent's allow list refuses (`allowed` is false: its
+/// name matches no rule) is not published: a client would see it and never
+/// reach it. A name two Services claim goes to the one created first (then
+/// the first by `namespace/name`), and a warning names both: a Service
+/// created later, in any watched namespace, cannot take over a name users
+/// already reach (and send their cookies to).
+fn publish(
+    discovered: &Discovered,
+    seen: &[Seen],
+    allowed: &dyn Fn(&str) -> bool,
+    warned: &mut Warned,
+) {
     let mut all: Vec<(&String, &Listed)> = seen.iter().flat_map(|s| s.iter()).collect();
     // Oldest first; a Service without a creation time (never from a real
     // API server) last.
@@ -370,12 +393,21 @@ fn publish(discovered: &Discovered, seen: &[Seen], warned: &mut BTreeSet<(String
     let mut next = BTreeMap::new();
     let mut size = 0usize;
     let mut claims = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    let mut overflowed = false;
     'services: for (_, listed) in all {
         for (name, found) in &listed.entries {
+            if !allowed(&found.address) {
+                if !warned.refused.contains(&found.source) {
+                    tracing::warn!(%name, address = %found.address, source = %found.source, "discovered service not published: its address is not in the agent's allow list");
+                }
+                refused.insert(found.source.clone());
+                continue;
+            }
             if let Some(first) = next.get(name) {
                 let first: &Found = first;
                 let claim = (name.clone(), found.source.clone());
-                if !warned.contains(&claim) {
+                if !warned.claims.contains(&claim) {
                     tracing::warn!(%name, kept = %first.source, ignored = %found.source, "two discovered services claim one name (set {NAME_ANNOTATION} on one)");
                 }
                 claims.insert(claim);
@@ -384,20 +416,27 @@ fn publish(discovered: &Discovered, seen: &[Seen], warned: &mut BTreeSet<(String
             // Stay within one CATALOG frame (3 bytes + name per entry).
             size += 3 + name.len();
             if size > MAX_CATALOG_PAYLOAD - 4096 {
-                tracing::warn!(%name, "too many discovered services for one catalog: the rest are not published");
+                if !warned.overflowed {
+                    tracing::warn!(%name, "too many discovered services for one catalog: the rest are not published");
+                }
+                overflowed = true;
                 break 'services;
             }
             next.insert(name.clone(), found.clone());
         }
     }
-    *warned = claims;
+    *warned = Warned {
+        claims,
+        refused,
+        overflowed,
+    };
     discovered.replace(next);
 }
 
 /// Watches the configured namespaces and keeps `discovered` up to date,
 /// forever (the watcher relists and retries on its own; a client that
 /// cannot even be built is retried every 30 s).
-pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
+pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>, policy: Arc<TargetPolicy>) {
     let client = loop {
         match client(&cfg).await {
             Ok(c) => break c,
@@ -433,25 +472,26 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
         wcfg = wcfg.labels(sel);
     }
     // One watcher per namespace, merged; events carry which one.
+    let listed: Vec<Arc<AtomicBool>> = namespaces.iter().map(|_| Arc::default()).collect();
     let streams = namespaces.iter().enumerate().map(|(i, ns)| {
         let api: Api<K8sService> = if ns == "*" {
             Api::all(client.clone())
         } else {
             Api::namespaced(client.clone(), ns)
         };
-        // After an error, the watcher waits (0.8 s doubling to 30 s) before
-        // it lists again: a namespace it may not read costs the API server
-        // a request every 30 s, not two a second.
-        watcher(api, wcfg.clone())
-            .default_backoff()
+        let backoff = ListBackoff::new(listed[i].clone());
+        StreamBackoff::new(watcher(api, wcfg.clone()), backoff)
             .map(move |e| (i, e))
             .boxed()
     });
     let mut events = futures_util::stream::select_all(streams);
+    // The last error each watcher reported: a repeat goes to the debug log.
+    let mut failing: Vec<Option<String>> = vec![None; namespaces.len()];
     let mut seen: Vec<Seen> = vec![Seen::new(); namespaces.len()];
     // A relist in progress, per watcher.
     let mut relist: Vec<Option<Seen>> = vec![None; namespaces.len()];
-    let mut warned = BTreeSet::new();
+    let mut warned = Warned::default();
+    let allowed = |address: &str| policy.resolve(address).is_ok();
     while let Some((i, event)) = events.next().await {
         match event {
             Ok(watcher::Event::Init) => relist[i] = Some(Seen::new()),
@@ -461,26 +501,75 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>) {
                 }
             }
             Ok(watcher::Event::InitDone) => {
+                listed[i].store(true, Ordering::Relaxed);
+                if failing[i].take().is_some() {
+                    tracing::info!(namespace = %namespaces[i], "kubernetes discovery: listing works again");
+                }
                 if let Some(r) = relist[i].take() {
                     seen[i] = r;
-                    publish(&discovered, &seen, &mut warned);
+                    publish(&discovered, &seen, &allowed, &mut warned);
                 }
             }
             Ok(watcher::Event::Apply(s)) => {
                 note(&mut seen[i], &s, &cfg, several);
-                publish(&discovered, &seen, &mut warned);
+                publish(&discovered, &seen, &allowed, &mut warned);
             }
             Ok(watcher::Event::Delete(s)) => {
                 seen[i].remove(&key_of(&s));
-                publish(&discovered, &seen, &mut warned);
+                publish(&discovered, &seen, &allowed, &mut warned);
             }
             Err(e) => {
                 // The watcher backs off and lists again by itself; what was
                 // published stays until the next complete list says otherwise.
-                tracing::warn!(namespace = %namespaces[i], "kubernetes discovery: {e} (listing again after a backoff)");
+                let why = e.to_string();
+                if failing[i].as_deref() == Some(why.as_str()) {
+                    tracing::debug!(namespace = %namespaces[i], "kubernetes discovery: {why} (again; listing again after a backoff)");
+                } else {
+                    tracing::warn!(namespace = %namespaces[i], "kubernetes discovery: {why} (listing again after a backoff, up to 30 s apart; said again only if it changes)");
+                    failing[i] = Some(why);
+                }
             }
         }
     }
+}
+
+/// The wait between a watcher's attempts after an error: 0.8 s doubling to
+/// 30 s (as client-go's reflector), with jitter, back to the start only
+/// once a list got through. kube-runtime's own backoff starts again at every
+/// item the watcher yields, and after a failed list the next one is
+/// `Event::Init`, made without a request: its delay never grew, and a
+/// namespace the agent may not read (a missing Role) was listed every
+/// 0.8 s for good.
+struct ListBackoff {
+    delay: tether_net::backoff::Backoff,
+    /// Set by the event loop at each complete list (`InitDone`).
+    listed: Arc<AtomicBool>,
+}
+
+impl ListBackoff {
+    fn new(listed: Arc<AtomicBool>) -> Self {
+        ListBackoff {
+            delay: tether_net::backoff::Backoff::starting_at(Duration::from_millis(800)),
+            listed,
+        }
+    }
+}
+
+impl Iterator for ListBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        if self.listed.swap(false, Ordering::Relaxed) {
+            self.delay.reset();
+        }
+        Some(self.delay.next_delay())
+    }
+}
+
+impl Backoff for ListBackoff {
+    /// Called for every item, `Event::Init` included: progress is judged
+    /// by [`ListBackoff::listed`] instead.
+    fn reset(&mut self) {}
 }
 
 async fn client(cfg: &KubernetesDiscovery) -> anyhow::Result<Client> {
@@ -728,29 +817,38 @@ mod tests {
             }
             seen
         };
-        let mut warned = BTreeSet::new();
+        let mut warned = Warned::default();
+        let all = |_: &str| true;
         let mut changes = d.changes();
-        publish(&d, &[both_claim_web([None, None])], &mut warned);
+        publish(&d, &[both_claim_web([None, None])], &all, &mut warned);
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
         assert_eq!(d.get("web").unwrap().source, "a/web:80");
         assert_eq!(
-            warned,
+            warned.claims,
             BTreeSet::from([("web".to_owned(), "b/web:80".to_owned())]),
             "the claim warned about, not again at the next change"
         );
         // The same set again is no change.
-        publish(&d, &[both_claim_web([None, None])], &mut warned);
+        publish(&d, &[both_claim_web([None, None])], &all, &mut warned);
         assert!(!changes.has_changed().unwrap());
-        publish(&d, &[Seen::new()], &mut warned);
+        publish(&d, &[Seen::new()], &all, &mut warned);
         assert!(d.get("web").is_none());
-        assert!(warned.is_empty());
+        assert!(warned.claims.is_empty());
 
         // The one created first keeps the name, whatever its namespace is
         // called: `a/web`, created after `b/web`, does not take it over.
         let seen = both_claim_web([Some(2_000_000_000), Some(1_000_000_000)]);
-        publish(&d, &[seen], &mut warned);
+        publish(&d, &[seen], &all, &mut warned);
         assert_eq!(d.get("web").unwrap().source, "b/web:80");
+        // The allow list refuses b's address: a's takes the name, and b is
+        // remembered as refused (warned once).
+        let seen = both_claim_web([Some(2_000_000_000), Some(1_000_000_000)]);
+        let not_b = |address: &str| !address.contains(".b.svc.");
+        publish(&d, &[seen], &not_b, &mut warned);
+        assert_eq!(d.get("web").unwrap().source, "a/web:80");
+        assert_eq!(warned.refused, BTreeSet::from(["b/web:80".to_owned()]));
+        assert!(warned.claims.is_empty());
         // A Service that publishes nothing is not kept.
         let mut seen = Seen::new();
         note(

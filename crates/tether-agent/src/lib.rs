@@ -180,7 +180,11 @@ impl Agent {
         let url = self.config.url();
         tether_net::transport::ws::warn_if_plain(&url);
         if let Some(k8s) = &self.config.kubernetes {
-            tokio::spawn(discovery::run(k8s.clone(), self.discovered.clone()));
+            tokio::spawn(discovery::run(
+                k8s.clone(),
+                self.discovered.clone(),
+                self.policy.clone(),
+            ));
         }
         let services: Vec<&str> = self.policy.service_names().collect();
         tracing::info!(name = %self.config.name, instance = %self.instance, server = %url, services = ?services, allow = ?self.config.allow, dns_server = ?self.resolver.dns_server(), "agent starting");
@@ -266,12 +270,14 @@ impl Agent {
                 return;
             }
         };
+        // Subscribed before the first catalog is made: a change between the
+        // two is then announced too, not left for the next one.
+        let mut changes = self.discovered.changes();
         conn.announce_catalog(self.catalog());
         // Discovery changed the services: tell this server again (a
         // CATALOG replaces the previous one).
         {
             let (this, conn) = (self.clone(), conn.clone());
-            let mut changes = self.discovered.changes();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {

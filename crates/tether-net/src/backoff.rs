@@ -14,18 +14,23 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// same server do not all come back in the same instant.
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    min: Duration,
     current: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            current: BACKOFF_MIN,
-        }
+        Backoff::starting_at(BACKOFF_MIN)
     }
 }
 
 impl Backoff {
+    /// A backoff whose first delay is at most `min` (and at least half of
+    /// it), doubling up to [`BACKOFF_MAX`].
+    pub fn starting_at(min: Duration) -> Self {
+        Backoff { min, current: min }
+    }
+
     /// The delay before the next attempt; grows the next one.
     pub fn next_delay(&mut self) -> Duration {
         let d = self.current;
@@ -36,7 +41,7 @@ impl Backoff {
 
     /// Back to the shortest delay (after a session that worked).
     pub fn reset(&mut self) {
-        self.current = BACKOFF_MIN;
+        self.current = self.min;
     }
 }
 

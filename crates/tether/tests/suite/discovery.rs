@@ -248,3 +248,58 @@ kubeconfig = "{kubeconfig}"
     drop(t);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A namespace the API server will not list (missing there: 404, as a
+/// missing Role gives 403) is tried again with a growing wait, not every
+/// 0.8 s for good, and said once in the log; the namespace beside it is
+/// published all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_cannot_be_listed_is_retried_with_a_growing_wait() {
+    let dir = std::env::temp_dir().join(format!(
+        "tether-kube-fail-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kube = FakeKube::start("shop").await;
+    kube.apply(
+        service("shop", "db", &[EXPOSE], &[("", 5432, "TCP")]),
+        false,
+    );
+    let cfg = format!(
+        r#"
+allow = ["*.svc.cluster.test:*"]
+
+[kubernetes]
+namespaces = ["shop", "vault"]
+cluster_domain = "cluster.test"
+kubeconfig = "{kubeconfig}"
+"#,
+        kubeconfig = kube.kubeconfig(&dir).display(),
+    );
+    let cfg_path = dir.join("agent.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let t = Tunnel::start(&[], &["--config", cfg_path.to_str().unwrap()]);
+    wait_catalog(&t, "db in shop is published beside vault", |c| {
+        c == ["db-shop:tcp"]
+    });
+    // 0.8 s doubling (each a random point in its upper half): at most 5
+    // lists in 8 s. A wait that never grows lists 10 times.
+    let vault = "/api/v1/namespaces/vault/services";
+    let before = kube.requests_for(vault);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let lists = kube.requests_for(vault) - before;
+    let log = t.agent.log_text();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("namespace=vault"))
+        .count();
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        lists <= 6,
+        "{lists} lists of vault in 8 s after it first failed:\n{log}"
+    );
+    assert!(lists >= 1, "vault was not tried again:\n{log}");
+    assert_eq!(warned, 1, "one warning for the same error:\n{log}");
+}

@@ -175,6 +175,15 @@ impl FakeKube {
             .count()
     }
 
+    /// How many requests for `path` (list or watch) came so far.
+    pub(crate) fn requests_for(&self, path: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.split('?').next() == Some(path))
+            .count()
+    }
+
     /// How many watch requests came so far.
     pub(crate) fn watches_started(&self) -> usize {
         self.lock().watches_started
