@@ -198,6 +198,10 @@ pub struct DenyRange {
     pub what: &'static str,
     /// A loopback range: a rule for the name `localhost` allows it too.
     loopback: bool,
+    /// Never dialed, whatever the rules say: an unspecified address
+    /// (`0.0.0.0`, `::`) connects to this host, which a rule meaning "any
+    /// host" (`0.0.0.0:5432`) did not ask for.
+    never: bool,
 }
 
 /// The built-in deny ranges for raw targets. An address in one is allowed
@@ -216,7 +220,10 @@ pub fn builtin_deny() -> &'static [DenyRange] {
             ("169.254.0.0/16", "link-local (cloud metadata)", false),
             ("fe80::/10", "link-local", false),
             ("100.100.100.200/32", "cloud metadata", false),
-            ("fd00:ec2::254/128", "cloud metadata", false),
+            // AWS's IPv6 instance services: metadata (::254), DNS (::253),
+            // NTP (::123), EKS Pod Identity (::23), as 169.254.0.0/16 in IPv4.
+            ("fd00:ec2::/64", "cloud metadata (AWS)", false),
+            ("fd20:ce::254/128", "cloud metadata (GCP)", false),
             ("168.63.129.16/32", "cloud platform (Azure)", false),
         ]
         .into_iter()
@@ -224,16 +231,89 @@ pub fn builtin_deny() -> &'static [DenyRange] {
             net: net.parse().expect("built-in deny ranges are valid"),
             what,
             loopback,
+            never: what == "this-host" || what == "unspecified",
         })
         .collect()
     });
     &RANGES
 }
 
-/// The built-in deny range `ip` falls in, if any.
-pub fn deny_range_of(ip: IpAddr) -> Option<&'static DenyRange> {
+/// The built-in deny range `ip` falls in, if any. An IPv6 address that
+/// carries an IPv4 one the network would deliver to (see [`embedded_ipv4`])
+/// falls in the IPv6 form of the IPv4 address's range: `64:ff9b::a9fe:a9fe`
+/// (NAT64 to 169.254.169.254) is in `64:ff9b::a9fe:0/112`, which only a rule
+/// inside it allows.
+pub fn deny_range_of(ip: IpAddr) -> Option<DenyRange> {
     let ip = ip.to_canonical();
-    builtin_deny().iter().find(|d| d.net.contains(&ip))
+    if let Some(d) = builtin_deny().iter().find(|d| d.net.contains(&ip)) {
+        return Some(*d);
+    }
+    let IpAddr::V6(v6) = ip else {
+        return None;
+    };
+    let (v4, embed) = embedded_ipv4(v6)?;
+    let d = builtin_deny()
+        .iter()
+        .find(|d| d.net.contains(&IpAddr::V4(v4)))?;
+    let IpNet::V4(range) = d.net else {
+        return None;
+    };
+    Some(DenyRange {
+        net: IpNet::V6(embed.lift(range)),
+        ..*d
+    })
+}
+
+/// How an IPv6 address carries an IPv4 one the network would deliver to.
+#[derive(Debug, Clone, Copy)]
+enum Embedding {
+    /// NAT64's well-known prefix, `64:ff9b::/96`.
+    Nat64,
+    /// The deprecated IPv4-compatible form, `::a.b.c.d` (outside `::/127`).
+    Compatible,
+    /// 6to4, `2002:AABB:CCDD::/48`.
+    SixToFour,
+}
+
+impl Embedding {
+    /// The IPv6 network that carries the IPv4 network `net` this way.
+    fn lift(self, net: Ipv4Net) -> Ipv6Net {
+        let mut b = [0u8; 16];
+        let v4 = net.network().octets();
+        let at = match self {
+            Embedding::Nat64 => {
+                b[..4].copy_from_slice(&[0, 0x64, 0xff, 0x9b]);
+                b[12..].copy_from_slice(&v4);
+                96
+            }
+            Embedding::Compatible => {
+                b[12..].copy_from_slice(&v4);
+                96
+            }
+            Embedding::SixToFour => {
+                b[..2].copy_from_slice(&[0x20, 0x02]);
+                b[2..6].copy_from_slice(&v4);
+                16
+            }
+        };
+        Ipv6Net::new(Ipv6Addr::from(b), at + net.prefix_len()).expect("at most 128 bits")
+    }
+}
+
+/// The IPv4 address an IPv6 address leads to where the network translates
+/// or tunnels it (IPv4-mapped addresses are [`IpAddr::to_canonical`]'s).
+fn embedded_ipv4(ip: Ipv6Addr) -> Option<(Ipv4Addr, Embedding)> {
+    let o = ip.octets();
+    let last4 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    if o[..12] == [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0] {
+        Some((last4, Embedding::Nat64))
+    } else if o[..12] == [0; 12] && u32::from(last4) > 1 {
+        Some((last4, Embedding::Compatible))
+    } else if o[..2] == [0x20, 0x02] {
+        Some((Ipv4Addr::new(o[2], o[3], o[4], o[5]), Embedding::SixToFour))
+    } else {
+        None
+    }
 }
 
 /// A network in the form of [`IpAddr::to_canonical`]: an IPv4-mapped IPv6 network
@@ -314,7 +394,9 @@ impl AllowRule {
     fn allows_address(&self, ip: IpAddr, port: u16, deny: Option<&DenyRange>) -> bool {
         match &self.host {
             HostRule::Net(net) => {
-                self.has_port(port) && net.contains(&ip) && deny.is_none_or(|d| d.net.contains(net))
+                self.has_port(port)
+                    && net.contains(&ip)
+                    && deny.is_none_or(|d| !d.never && d.net.contains(net))
             }
             HostRule::Glob(_) => false,
         }
@@ -497,13 +579,17 @@ enum AddressRefusal {
     /// No rule covers it.
     NoRule,
     /// It is in a built-in deny range and no rule names it.
-    Reserved(&'static DenyRange),
+    Reserved(DenyRange),
 }
 
 impl AddressRefusal {
     fn explain(&self, addr: SocketAddr) -> String {
         match self {
             AddressRefusal::NoRule => "which no rule allows".to_owned(),
+            AddressRefusal::Reserved(d) if d.never => format!(
+                "a {} address ({}), which connects to this host: never dialed (a rule for 127.0.0.1 or localhost allows this host)",
+                d.what, d.net
+            ),
             AddressRefusal::Reserved(d) => format!(
                 "a {} address ({}) that only an explicit rule for it allows (such as {})",
                 d.what,
@@ -638,7 +724,7 @@ impl TargetPolicy {
         let by_rule = self
             .allow
             .iter()
-            .any(|r| r.allows_address(ip, addr.port(), deny));
+            .any(|r| r.allows_address(ip, addr.port(), deny.as_ref()));
         let by_name = addr.port() == raw.port
             && match deny {
                 None => raw.grant.any,
@@ -1106,6 +1192,53 @@ mod tests {
         assert_eq!(code, OpenErrorCode::Forbidden);
         assert!(
             reason.contains("not in this agent's allow list: 127.0.0.1 is a loopback address"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn ipv4_behind_ipv6_is_judged_as_the_ipv4_address() {
+        let p = rules(&["*.test:*", "[::]/0:*", "[64:ff9b::a9fe:a9fe]:80"]);
+        // NAT64, IPv4-compatible and 6to4 forms of loopback and metadata.
+        for ip in [
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fd",
+            "::7f00:1",
+            "::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::",
+        ] {
+            assert!(check(&p, "x.test:80", &[ip]).is_err(), "{ip}");
+            assert!(p.resolve(&format!("[{ip}]:80")).is_err(), "{ip}");
+        }
+        // An explicit rule for the IPv6 form opens it, as for the IPv4 one.
+        assert!(check(&p, "x.test:80", &["64:ff9b::a9fe:a9fe"]).is_ok());
+        // Other addresses behind NAT64 (a DNS64 cluster's answer for an
+        // IPv4-only name) are allowed like any other.
+        assert!(check(&p, "x.test:443", &["64:ff9b::c000:201"]).is_ok());
+        assert!(check(&p, "x.test:443", &["2002:c000:201::1"]).is_ok());
+        // The cloud platforms' IPv6 service addresses.
+        for ip in ["fd00:ec2::254", "fd00:ec2::23", "fd20:ce::254"] {
+            assert!(check(&p, "x.test:80", &[ip]).is_err(), "{ip}");
+        }
+        let reason = p.resolve("[64:ff9b::7f00:1]:22").unwrap_err().reason;
+        assert!(
+            reason.contains("loopback address (64:ff9b::7f00:0/104)"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn an_unspecified_address_is_never_dialed() {
+        // "Any host on 5432", as some write it, would reach this host.
+        let p = rules(&["0.0.0.0:5432", "[::]:80", "0.0.0.0/8:*", "*.test:*"]);
+        assert!(p.resolve("0.0.0.0:5432").is_err());
+        assert!(p.resolve("[::]:80").is_err());
+        assert!(check(&p, "x.test:5432", &["0.0.0.0"]).is_err());
+        assert!(check(&p, "x.test:80", &["::"]).is_err());
+        let reason = p.resolve("0.0.0.0:5432").unwrap_err().reason;
+        assert!(
+            reason.contains("connects to this host: never dialed"),
             "{reason}"
         );
     }
