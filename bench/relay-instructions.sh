@@ -6,7 +6,7 @@
 # connections each with a 1-byte echo; each figure is (instructions with the load -
 # instructions with none) / N, so start-up and shutdown cancel out. Two builds compare
 # exactly; the added round trip and connection setup targets of issue 12 are CPU work
-# of this kind (bench/README.md, "The round trip").
+# of this kind (bench/README.md, the session 46 entry).
 #
 # Usage: bench/relay-instructions.sh [N=5000] [BINARY=target/release/tether] [BINARY2 ...]
 # Needs valgrind and bench/target/release/probe (bench/run.sh builds it); loopback only
