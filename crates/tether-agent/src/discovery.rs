@@ -42,6 +42,7 @@ use serde::Deserialize;
 use tether_proto::frame::{CatalogEntry, ServiceKind, MAX_CATALOG_PAYLOAD};
 
 use crate::policy::TargetPolicy;
+use crate::stats::AgentStats;
 use tokio::sync::watch;
 
 /// The annotation that publishes a Service.
@@ -436,7 +437,12 @@ fn publish(
 /// Watches the configured namespaces and keeps `discovered` up to date,
 /// forever (the watcher relists and retries on its own; a client that
 /// cannot even be built is retried every 30 s).
-pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>, policy: Arc<TargetPolicy>) {
+pub async fn run(
+    cfg: KubernetesDiscovery,
+    discovered: Arc<Discovered>,
+    policy: Arc<TargetPolicy>,
+    stats: Arc<AgentStats>,
+) {
     let client = loop {
         match client(&cfg).await {
             Ok(c) => break c,
@@ -521,6 +527,7 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>, policy: 
             Err(e) => {
                 // The watcher backs off and lists again by itself; what was
                 // published stays until the next complete list says otherwise.
+                stats.discovery_errors.fetch_add(1, Ordering::Relaxed);
                 let why = e.to_string();
                 if failing[i].as_deref() == Some(why.as_str()) {
                     tracing::debug!(namespace = %namespaces[i], "kubernetes discovery: {why} (again; listing again after a backoff)");
@@ -530,6 +537,13 @@ pub async fn run(cfg: KubernetesDiscovery, discovered: Arc<Discovered>, policy: 
                 }
             }
         }
+        let failing_now = failing.iter().filter(|f| f.is_some()).count();
+        stats
+            .discovery_failing
+            .store(failing_now as i64, Ordering::Relaxed);
+        stats
+            .discovered_services
+            .store(discovered.read().len() as i64, Ordering::Relaxed);
     }
 }
 

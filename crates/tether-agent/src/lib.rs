@@ -184,6 +184,7 @@ impl Agent {
                 k8s.clone(),
                 self.discovered.clone(),
                 self.policy.clone(),
+                self.stats.clone(),
             ));
         }
         let services: Vec<&str> = self.policy.service_names().collect();

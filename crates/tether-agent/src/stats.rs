@@ -21,6 +21,13 @@ pub struct AgentStats {
     pub sessions_total: AtomicU64,
     /// UDP flows.
     pub udp: tether_net::udp::UdpStats,
+    /// Services Kubernetes discovery publishes now.
+    pub discovered_services: AtomicI64,
+    /// Watched namespaces whose last list or watch failed (discovery keeps
+    /// what it published before, which may be stale).
+    pub discovery_failing: AtomicI64,
+    /// Failed lists and watches of Kubernetes discovery.
+    pub discovery_errors: AtomicU64,
 }
 
 impl AgentStats {
@@ -33,7 +40,10 @@ impl AgentStats {
              # TYPE tether_agent_open_errors_total counter\ntether_agent_open_errors_total {}\n\
              # TYPE tether_agent_sessions_total counter\ntether_agent_sessions_total {}\n\
              # TYPE tether_agent_replica_sessions gauge\ntether_agent_replica_sessions {}\n\
-             # TYPE tether_agent_replicas_missing gauge\ntether_agent_replicas_missing {}\n",
+             # TYPE tether_agent_replicas_missing gauge\ntether_agent_replicas_missing {}\n\
+             # TYPE tether_agent_discovered_services gauge\ntether_agent_discovered_services {}\n\
+             # TYPE tether_agent_discovery_namespaces_failing gauge\ntether_agent_discovery_namespaces_failing {}\n\
+             # TYPE tether_agent_discovery_errors_total counter\ntether_agent_discovery_errors_total {}\n",
             self.connected.load(Ordering::Relaxed),
             self.live_streams.load(Ordering::Relaxed),
             self.streams_total.load(Ordering::Relaxed),
@@ -41,6 +51,9 @@ impl AgentStats {
             self.sessions_total.load(Ordering::Relaxed),
             self.replica_sessions.load(Ordering::Relaxed),
             self.replicas_missing.load(Ordering::Relaxed),
+            self.discovered_services.load(Ordering::Relaxed),
+            self.discovery_failing.load(Ordering::Relaxed),
+            self.discovery_errors.load(Ordering::Relaxed),
         ) + &self.udp.render("tether_agent")
     }
 

@@ -289,6 +289,9 @@ kubeconfig = "{kubeconfig}"
     let before = kube.requests_for(vault);
     tokio::time::sleep(Duration::from_secs(8)).await;
     let lists = kube.requests_for(vault) - before;
+    let metrics = http_get(t.agent_metrics, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     let log = t.agent.log_text();
     let warned = log
         .lines()
@@ -302,4 +305,19 @@ kubeconfig = "{kubeconfig}"
     );
     assert!(lists >= 1, "vault was not tried again:\n{log}");
     assert_eq!(warned, 1, "one warning for the same error:\n{log}");
+    // And the agent's metrics say so.
+    assert_eq!(
+        metric(&metrics, "tether_agent_discovery_namespaces_failing"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "tether_agent_discovered_services"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "tether_agent_discovery_errors_total").is_some_and(|n| n >= 2.0),
+        "{metrics}"
+    );
 }
