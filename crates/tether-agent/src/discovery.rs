@@ -14,9 +14,11 @@
 //! * kind: `http` for a port named `http`/`http-*`/`web` or with
 //!   `appProtocol: http` (also gRPC-Web's `grpc-web`/`grpc-web-*`), `http2`
 //!   (cleartext HTTP/2: gRPC) for any other port named `grpc`/`grpc-*` or
-//!   with `appProtocol: kubernetes.io/h2c` or `grpc`,
-//!   `udp` for UDP ports, `tcp` otherwise; the annotation `tether.dev/kind`
-//!   overrides it for every port;
+//!   `http2`/`http2-*` (Istio's names) or with `appProtocol:
+//!   kubernetes.io/h2c` or `grpc`, `udp` for UDP ports, `tcp` otherwise
+//!   (SCTP ports are not published); the annotation `tether.dev/kind`
+//!   (`tcp`, `udp`, `http`, `http2`) overrides it for every port, and an
+//!   unknown value is warned about and ignored;
 //! * address: `NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT`, dialed like a raw
 //!   target: the agent's `allow` list still decides (so an operator's
 //!   allow-list bounds what discovery can publish), the name resolves with
@@ -81,6 +83,42 @@ pub struct KubernetesDiscovery {
 
 fn yes() -> bool {
     true
+}
+
+impl KubernetesDiscovery {
+    /// Checks what the API server would refuse at every list, or what would
+    /// make every discovered address unusable, before the agent starts
+    /// (`tether agent --check-config` too): namespaces are `*` or
+    /// Kubernetes names (DNS labels), the cluster domain is a DNS name, a
+    /// label selector is not empty.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for ns in &self.namespaces {
+            if ns != "*" && !is_dns_label(ns) {
+                anyhow::bail!("[kubernetes] namespaces: {ns:?} is not a namespace name (1-63 lower-case letters, digits and '-', starting and ending with a letter or digit) nor \"*\"");
+            }
+        }
+        let domain = &self.cluster_domain;
+        if domain.len() > 253 || !domain.split('.').all(is_dns_label) {
+            anyhow::bail!("[kubernetes] cluster_domain: {domain:?} is not a DNS name such as \"cluster.local\"");
+        }
+        if let Some(sel) = &self.label_selector {
+            if sel.trim().is_empty() || sel.chars().any(char::is_control) {
+                anyhow::bail!("[kubernetes] label_selector: {sel:?} is empty or holds a control character (leave it out to match every Service)");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A DNS label as Kubernetes names namespaces (RFC 1123): 1 to 63 lower-case
+/// letters, digits and `-`, starting and ending with a letter or digit.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 fn default_cluster_domain() -> String {
@@ -243,14 +281,24 @@ pub fn entries_of(
         None if several_namespaces => format!("{name}-{ns}"),
         None => name.to_owned(),
     };
-    let kind_override = annotations
+    let mut kind_override = annotations
         .get(KIND_ANNOTATION)
         .map(|k| k.to_ascii_lowercase());
+    if let Some(k) = kind_override.as_deref() {
+        if !matches!(k, "tcp" | "udp" | "http" | "http2" | "h2c" | "grpc") {
+            tracing::warn!(service = %format!("{ns}/{name}"), kind = %k, "{KIND_ANNOTATION} is not one of tcp, udp, http, http2 (h2c, grpc): ignored");
+            kind_override = None;
+        }
+    }
     let mut out = vec![];
     for p in &ports {
         let Ok(port) = u16::try_from(p.port) else {
             continue;
         };
+        if p.protocol.as_deref() == Some("SCTP") {
+            tracing::warn!(service = %format!("{ns}/{name}"), port, "an SCTP port is not published (the agent dials TCP and UDP)");
+            continue;
+        }
         let pname = p.name.clone().unwrap_or_default();
         let dial_port = if headless {
             match &p.target_port {
@@ -288,7 +336,7 @@ pub fn entries_of(
             Some("http") => ServiceKind::Http,
             Some("http2" | "h2c" | "grpc") => ServiceKind::Http2,
             Some("udp") => ServiceKind::Udp,
-            Some(_) => ServiceKind::Tcp,
+            Some(_) => ServiceKind::Tcp, // "tcp"; anything else was dropped above
             None if udp => ServiceKind::Udp,
             // Cleartext HTTP/2 by the Kubernetes convention
             // (`appProtocol: kubernetes.io/h2c`) or the service meshes'
@@ -298,7 +346,9 @@ pub fn entries_of(
                 && (app_protocol.eq_ignore_ascii_case("kubernetes.io/h2c")
                     || app_protocol.eq_ignore_ascii_case("grpc")
                     || pname == "grpc"
-                    || pname.starts_with("grpc-")) =>
+                    || pname.starts_with("grpc-")
+                    || pname == "http2"
+                    || pname.starts_with("http2-")) =>
             {
                 ServiceKind::Http2
             }
@@ -692,6 +742,40 @@ mod tests {
     }
 
     #[test]
+    fn settings_the_api_server_would_refuse_are_refused_at_start() {
+        let ok = KubernetesDiscovery {
+            namespaces: vec!["shop".into(), "*".into(), "team-2".into()],
+            label_selector: Some("team=shop,tier!=internal".into()),
+            ..KubernetesDiscovery::default()
+        };
+        assert!(ok.check().is_ok());
+        for bad in [
+            KubernetesDiscovery {
+                namespaces: vec!["Shop".into()],
+                ..KubernetesDiscovery::default()
+            },
+            KubernetesDiscovery {
+                namespaces: vec!["-x".into()],
+                ..KubernetesDiscovery::default()
+            },
+            KubernetesDiscovery {
+                cluster_domain: "cluster..local".into(),
+                ..KubernetesDiscovery::default()
+            },
+            KubernetesDiscovery {
+                cluster_domain: "cluster.local:53".into(),
+                ..KubernetesDiscovery::default()
+            },
+            KubernetesDiscovery {
+                label_selector: Some(" ".into()),
+                ..KubernetesDiscovery::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn names_kinds_and_addresses_follow_ports_and_annotations() {
         let cfg = KubernetesDiscovery::default();
         let expose = [(EXPOSE_ANNOTATION, "true")];
@@ -723,6 +807,8 @@ mod tests {
                     ("", 9000, "TCP"),
                     ("grpc-api", 9090, "TCP"),
                     ("grpc-web", 8080, "TCP"),
+                    ("http2-api", 9091, "TCP"),
+                    ("sig", 9092, "SCTP"),
                 ],
             ),
             &cfg,
@@ -736,7 +822,8 @@ mod tests {
                 ("grafana-mon-dns", ServiceKind::Udp),
                 ("grafana-mon-9000", ServiceKind::Tcp),
                 ("grafana-mon-grpc-api", ServiceKind::Http2),
-                ("grafana-mon-grpc-web", ServiceKind::Http)
+                ("grafana-mon-grpc-web", ServiceKind::Http),
+                ("grafana-mon-http2-api", ServiceKind::Http2),
             ]
         );
         // The Kubernetes name for cleartext HTTP/2, and the kind annotation.
@@ -771,6 +858,18 @@ mod tests {
             true,
         );
         assert_eq!(e[0].0, "ui");
+        assert_eq!(e[0].1.kind, ServiceKind::Http);
+        // An unknown kind is ignored: the port's own kind stands.
+        let e = entries_of(
+            &svc(
+                "x",
+                "a",
+                &[(EXPOSE_ANNOTATION, "true"), (KIND_ANNOTATION, "https")],
+                &[("http", 80, "TCP")],
+            ),
+            &cfg,
+            false,
+        );
         assert_eq!(e[0].1.kind, ServiceKind::Http);
         // A name the server would not accept is skipped.
         let e = entries_of(

@@ -73,6 +73,9 @@ impl Agent {
         if let Some(i) = &config.instance {
             check_instance(i)?;
         }
+        if let Some(k8s) = &config.kubernetes {
+            k8s.check()?;
+        }
         config.session.validate()?;
         config.validate_timeouts()?;
         Ok(())
@@ -86,6 +89,9 @@ impl Agent {
             .remembering(tether_net::dns::REMEMBER_FOR);
         config.session.validate()?;
         config.validate_timeouts()?;
+        if let Some(k8s) = &config.kubernetes {
+            k8s.check()?;
+        }
         if let Some(f) = &config.token_file {
             let t = std::fs::read_to_string(f)
                 .with_context(|| format!("token_file {}", f.display()))?;
