@@ -213,6 +213,16 @@ impl Sessions {
         }
     }
 
+    /// Live agent and client sessions, counted without a view of each.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        self.lock()
+            .values()
+            .fold((0, 0), |(agents, clients), t| match t.owner {
+                SessionOwner::Agent { .. } => (agents + 1, clients),
+                SessionOwner::Client(_) => (agents, clients + 1),
+            })
+    }
+
     /// Live client sessions (a drained one leaves once its streams are done).
     pub(crate) fn clients(&self) -> usize {
         self.lock()

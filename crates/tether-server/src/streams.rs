@@ -198,16 +198,28 @@ impl Streams {
         (key, revoked)
     }
 
-    /// Every live stream, oldest first.
-    pub(crate) fn list(&self) -> Vec<StreamView> {
+    /// The `n` oldest live streams, oldest first, and how many are live:
+    /// only the `n` views are built (the ids of all are looked at).
+    pub(crate) fn oldest(&self, n: usize) -> (usize, Vec<StreamView>) {
         // The byte counts are read after letting go of the table, as in
         // `busiest`: a lock of each stream's session under the table's
         // lock would hold up every open and close while 100 000 are read.
-        let listed: Vec<(StreamView, Traffic)> = self
-            .lock()
-            .iter()
-            .map(|(key, s)| (s.view(*key, (0, 0)), s.traffic.clone()))
-            .collect();
+        let (total, listed): (usize, Vec<(StreamView, Traffic)>) = {
+            let streams = self.lock();
+            let mut keys: Vec<u64> = streams.keys().copied().collect();
+            if keys.len() > n {
+                keys.select_nth_unstable(n);
+                keys.truncate(n);
+            }
+            let listed = keys
+                .into_iter()
+                .filter_map(|key| {
+                    let s = streams.get(&key)?;
+                    Some((s.view(key, (0, 0)), s.traffic.clone()))
+                })
+                .collect();
+            (streams.len(), listed)
+        };
         let mut v: Vec<StreamView> = listed
             .into_iter()
             .map(|(mut view, traffic)| {
@@ -216,7 +228,7 @@ impl Streams {
             })
             .collect();
         v.sort_by_key(|s| s.key);
-        v
+        (total, v)
     }
 
     /// The `n` live streams that carried the most bytes (up and down),
@@ -355,5 +367,18 @@ mod tests {
         assert_eq!(views[0].who, "listener 127.0.0.1:1");
         streams.remove(busiest);
         assert_eq!(keys(1), (4, vec![old_tie]));
+    }
+
+    #[test]
+    fn the_oldest_streams_come_first_and_only_as_many_as_asked() {
+        let streams = Streams::default();
+        let all: Vec<u64> = (0..50).map(|i| add(&streams, i, 2 * i)).collect();
+        let (total, views) = streams.oldest(10);
+        assert_eq!(total, 50);
+        assert_eq!(views.iter().map(|v| v.key).collect::<Vec<_>>(), all[..10]);
+        assert_eq!((views[3].bytes_up, views[3].bytes_down), (3, 6));
+        let (total, views) = streams.oldest(1_000);
+        assert_eq!((total, views.len()), (50, 50));
+        assert_eq!(views.iter().map(|v| v.key).collect::<Vec<_>>(), all);
     }
 }

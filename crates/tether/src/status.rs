@@ -114,7 +114,10 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
             }
             (Err(e), _) => return Err(e),
         };
-        let out = if a.json {
+        let out = if a.json && a.watch.is_some() {
+            // One line per snapshot, for a script reading line by line.
+            serde_json::to_string(&snapshot)? + "\n"
+        } else if a.json {
             serde_json::to_string_pretty(&snapshot)? + "\n"
         } else {
             render(&snapshot)
@@ -316,12 +319,23 @@ fn render(v: &Value) -> String {
             } else {
                 "no".into()
             },
-            inst.len().to_string(),
+            match inst
+                .iter()
+                .filter(|i| i["draining"].as_bool() == Some(true))
+                .count()
+            {
+                0 => inst.len().to_string(),
+                draining => format!("{} ({draining} draining)", inst.len()),
+            },
             sum("streams").to_string(),
             bytes(sum("bytes_in")),
             bytes(sum("bytes_out")),
             oldest.map(duration).unwrap_or_else(|| "-".into()),
-            inst.first()
+            // A live instance's: a draining one may be the old version of a
+            // rolling update.
+            inst.iter()
+                .find(|i| i["draining"].as_bool() != Some(true))
+                .or(inst.first())
                 .map(|i| str_of(&i["software"]))
                 .unwrap_or_else(|| "-".into()),
             if services.is_empty() {
@@ -518,6 +532,33 @@ mod tests {
         let t = parse_server("https://[::1]:8443").unwrap();
         assert!(t.tls && t.host == "::1");
         assert!(parse_server("ftp://x").is_err());
+    }
+
+    #[test]
+    fn an_agent_in_a_rolling_update_shows_its_new_version_and_the_draining_count() {
+        let v = serde_json::json!({
+            "status": {"replica": "r1", "version": "0.1.0", "protocol": 9, "uptime_secs": 75,
+                       "phase": "serving", "agents_online": 1, "client_sessions": 0, "live_streams": 0},
+            "agents": {"agents": [
+                {"name": "prod", "online": true, "services": [],
+                 "instances": [
+                    {"streams": 0, "bytes_in": 0, "bytes_out": 0, "uptime_secs": 900, "software": "tether/0.0.9", "draining": true},
+                    {"streams": 0, "bytes_in": 0, "bytes_out": 0, "uptime_secs": 5, "software": "tether/0.1.0", "draining": false}
+                 ]}
+            ]},
+            "sessions": {"sessions": []},
+            "streams": {"streams": []}
+        });
+        let out = render(&v);
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("prod "))
+            .unwrap_or_default();
+        assert!(row.contains("2 (1 draining)"), "{out}");
+        assert!(
+            row.contains("tether/0.1.0") && !row.contains("0.0.9"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -308,7 +308,7 @@ impl AdminApi {
     }
 
     fn status(&self) -> Status {
-        let sessions = self.sessions.list();
+        let (agent_sessions, client_sessions) = self.sessions.counts();
         Status {
             replica: self.cluster.id().to_owned(),
             version: env!("CARGO_PKG_VERSION"),
@@ -320,20 +320,18 @@ impl AdminApi {
                 Phase::Closing => "closing",
             },
             agents_online: self.registry.online(),
-            agent_sessions: sessions.iter().filter(|s| s.kind == "agent").count(),
-            client_sessions: sessions.iter().filter(|s| s.kind == "client").count(),
+            agent_sessions,
+            client_sessions,
             live_streams: self.streams.len(),
         }
     }
 
-    /// Every live stream, or the `limit` busiest.
+    /// The oldest live streams (at most [`MAX_STREAMS_LIMIT`]), or the
+    /// `limit` busiest.
     fn stream_list(&self, limit: Option<usize>) -> StreamList {
         let (total, streams) = match limit {
             Some(n) => self.streams.busiest(n),
-            None => {
-                let all = self.streams.list();
-                (all.len(), all)
-            }
+            None => self.streams.oldest(MAX_STREAMS_LIMIT),
         };
         StreamList {
             replica: self.cluster.id().to_owned(),
@@ -361,7 +359,7 @@ impl AdminApi {
                 })
                 .collect();
             agents.push(Agent {
-                online: self.registry.get(name).is_some(),
+                online: self.registry.is_online(name),
                 services,
                 instances: instances
                     .iter()
