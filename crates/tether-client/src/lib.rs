@@ -115,13 +115,13 @@ impl std::str::FromStr for Forward {
                 .parse()
                 .with_context(|| format!("forward {s:?}: {listen:?} is not PORT or IP:PORT"))?
         };
-        match target.split_once('/') {
-            Some((a, svc)) if !a.is_empty() && !svc.is_empty() => {}
-            _ => bail!("forward {s:?}: target {target:?} is not AGENT/SERVICE"),
-        }
+        // Checked now, as the server will check it: a target it would refuse
+        // (`prod/db:abc`) stops the client at start, not each connection.
+        let target = tether_proto::target::ClientTarget::parse(target)
+            .map_err(|e| anyhow::anyhow!("forward {s:?}: {e}"))?;
         Ok(Forward {
             listen,
-            target: target.to_owned(),
+            target: target.to_string(),
             udp,
         })
     }
@@ -172,6 +172,11 @@ impl Client {
         let mut udp_sockets = Vec::new();
         for f in &config.forward {
             let fwd: Forward = f.parse()?;
+            if !fwd.listen.ip().is_loopback() {
+                // As for the proxy: whoever reaches the port opens streams
+                // with this client's credential.
+                tracing::warn!(listen = %fwd.listen, target = %fwd.target, "a forward listens beyond this machine: anyone who can reach it uses this client's credential for {}; listen on 127.0.0.1 unless that is meant", fwd.target);
+            }
             if fwd.udp {
                 let sock = tokio::net::UdpSocket::bind(fwd.listen)
                     .await
@@ -483,5 +488,20 @@ mod tests {
         assert!("8080=prod/cache.default.svc:6379"
             .parse::<Forward>()
             .is_ok());
+        // Targets the server would refuse stop the client at start.
+        for bad in [
+            "8080=prod/db:abc",
+            "8080=prod/host.:80",
+            "8080=prod/a/b",
+            "8080=/db",
+        ] {
+            let e = bad.parse::<Forward>().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("forward {bad:?}")), "{e}");
+        }
+        // A raw target takes its canonical spelling.
+        let f: Forward = "8080=prod/DB.Example:443"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.target, "prod/db.example:443");
     }
 }

@@ -275,29 +275,37 @@ async fn handle(
         Ok(Err(e)) => return Err(e).context("reading the proxy handshake"),
         Err(_) => bail!("proxy handshake timed out: the client sent nothing"),
     }
-    let req = match tokio::time::timeout_at(deadline, read_request_after(&mut tcp, first[0], auth))
-        .await
-    {
-        Ok(Ok(req)) => req,
-        Ok(Err(e)) => {
-            close_after_answer(tcp).await;
-            return Err(e);
-        }
-        Err(_) => {
-            if first[0] != SOCKS5 {
-                write_http_error(
-                    &mut tcp,
-                    "408 Request Timeout",
-                    "tether: the request head did not arrive in time\n",
-                )
-                .await;
+    let mut req =
+        match tokio::time::timeout_at(deadline, read_request_after(&mut tcp, first[0], auth)).await
+        {
+            Ok(Ok(req)) => req,
+            Ok(Err(e)) => {
                 close_after_answer(tcp).await;
+                return Err(e);
             }
-            bail!("proxy handshake timed out");
-        }
-    };
+            Err(_) => {
+                if first[0] != SOCKS5 {
+                    write_http_error(
+                        &mut tcp,
+                        "408 Request Timeout",
+                        "tether: the request head did not arrive in time\n",
+                    )
+                    .await;
+                    close_after_answer(tcp).await;
+                }
+                bail!("proxy handshake timed out");
+            }
+        };
     if let Kind::UdpAssociate = req.kind {
         return udp_associate(tcp, peer, req.port, router, session, udp_idle).await;
+    }
+    // A fully qualified name (`kubernetes.default.svc.cluster.local.`, as
+    // some write it to skip the search list) is the same name here: the
+    // agent's own lookup decides.
+    if let Some(name) = req.host.strip_suffix('.') {
+        if !name.is_empty() && !name.ends_with('.') {
+            req.host = name.to_owned();
+        }
     }
     if let Err(e) = RawTarget::parse(&host_port(&req.host, req.port)) {
         refuse_bad_target(&mut tcp, &req.kind, &e.to_string()).await;
@@ -309,7 +317,7 @@ async fn handle(
             &mut tcp,
             &req.kind,
             OpenErrorCode::Forbidden,
-            "no route to an agent for this host",
+            "no route to an agent for this host (the client's --route PATTERN=AGENT or --default-agent)",
         )
         .await;
         close_after_answer(tcp).await;
@@ -903,7 +911,9 @@ async fn udp_associate(
     session: crate::CurrentSession,
     idle: Duration,
 ) -> anyhow::Result<()> {
-    let local_ip = tcp.local_addr()?.ip();
+    // Canonical: on a dual-stack [::] listener an IPv4 client's address is
+    // IPv4-mapped, which its IPv4 UDP socket cannot send to.
+    let local_ip = tcp.local_addr()?.ip().to_canonical();
     let relay = Arc::new(tokio::net::UdpSocket::bind((local_ip, 0)).await?);
     let bound = relay.local_addr()?;
     let mut reply = vec![5, 0, 0];
@@ -927,8 +937,9 @@ async fn udp_associate(
     let queued = Budget::new(ASSOCIATION_QUEUE_BYTES);
     // The client's socket: the port it named (0: whichever sends first).
     // Set once; every flow starts after it is, and sends its replies there.
-    let mut client = (from_port != 0).then(|| SocketAddr::new(peer.ip(), from_port));
+    let mut client = (from_port != 0).then(|| SocketAddr::new(peer.ip().to_canonical(), from_port));
     let mut warned_port = false;
+    let mut no_route = std::collections::HashSet::new();
     let mut buf = vec![0u8; 65536];
     let mut tcp_probe = [0u8; 1];
     loop {
@@ -945,10 +956,11 @@ async fn udp_associate(
                 // its first well-formed datagram. Another program on its
                 // host (a VM or a container behind the same address) may
                 // neither send with its credential nor take its replies.
-                if from.ip() != peer.ip() {
+                if from.ip().to_canonical() != peer.ip().to_canonical() {
                     continue;
                 }
                 let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
+                let from = SocketAddr::new(from.ip().to_canonical(), from.port());
                 match client {
                     Some(c) if c != from => {
                         if !warned_port {
@@ -979,7 +991,10 @@ async fn udp_associate(
                     }
                 }
                 let Some(agent) = router.agent_for(&host).map(str::to_owned) else {
-                    tracing::info!(%peer, %host, "udp: no route to an agent; dropped");
+                    // Said once per destination (up to a bound), not per datagram.
+                    if no_route.len() < MAX_ASSOCIATION_FLOWS && no_route.insert(host.clone()) {
+                        tracing::info!(%peer, %host, "udp: no route to an agent for this host (--route PATTERN=AGENT or --default-agent); its datagrams are dropped");
+                    }
                     continue;
                 };
                 // Datagrams that come while the flow opens (on a fresh
@@ -1024,7 +1039,12 @@ async fn association_flow(
     {
         Ok(s) => s,
         Err(tether_net::Refusal { code, reason }) => {
-            tracing::info!(%target, %code, "udp association flow refused: {reason}");
+            let hold = tether_net::udp::REFUSED_HOLD;
+            tracing::info!(%target, %code, "udp association flow refused: {reason}; its datagrams are dropped for {hold:?}");
+            // As a forward's flow: without the hold, every datagram to a
+            // refused destination would start an open (and a log line).
+            let until = tokio::time::Instant::now() + hold;
+            while let Ok(Some(_)) = tokio::time::timeout_at(until, rx.recv()).await {}
             return;
         }
     };

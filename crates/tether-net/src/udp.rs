@@ -34,7 +34,7 @@ pub const DEFAULT_MAX_FLOWS: usize = 1024;
 const FLOW_QUEUE: usize = 256;
 /// How long a source whose flow was refused has its datagrams dropped
 /// before one of them may try to open a flow again.
-const REFUSED_HOLD: Duration = Duration::from_secs(1);
+pub const REFUSED_HOLD: Duration = Duration::from_secs(1);
 /// Bytes queued per flow while its stream opens. Datagrams are up to
 /// 64 KiB: counted in datagrams alone, a flow table of unauthenticated
 /// sources (one per source port) could hold 16 MiB each.

@@ -99,6 +99,11 @@ async fn socks5_and_http_connect_reach_allowed_hosts_by_name() {
     let (ok, body, err) = curl(&["--socks5-hostname", &proxy, &url]);
     assert!(ok, "socks5: {err}");
     assert!(body.contains("hello from the web service"), "{body}");
+    // The same name fully qualified (a trailing dot) is the same host.
+    let fqdn = format!("http://localhost.:{}/page", web.port());
+    let (ok, body, err) = curl(&["--socks5-hostname", &proxy, &fqdn]);
+    assert!(ok, "socks5 with a trailing dot: {err}");
+    assert!(body.contains("hello from the web service"), "{body}");
 
     // HTTP CONNECT (tunnel through the proxy).
     let (ok, body, err) = curl(&["--proxytunnel", "--proxy", &format!("http://{proxy}"), &url]);
