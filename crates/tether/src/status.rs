@@ -275,9 +275,15 @@ async fn request(
 fn render(v: &Value) -> String {
     let mut out = String::new();
     let s = &v["status"];
+    // One of several: the figures below are this replica's alone (a
+    // server older than the field says nothing).
+    let of = match num(&s["replicas"]) {
+        n if n > 1 => format!(" (1 of {n}: its figures only)"),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "replica {}  tether {}  protocol {}  up {}  {}  agents {}  client sessions {}  streams {}",
+        "replica {}{of}  tether {}  protocol {}  up {}  {}  agents {}  client sessions {}  streams {}",
         str_of(&s["replica"]),
         str_of(&s["version"]),
         num(&s["protocol"]),
@@ -537,7 +543,7 @@ mod tests {
     #[test]
     fn an_agent_in_a_rolling_update_shows_its_new_version_and_the_draining_count() {
         let v = serde_json::json!({
-            "status": {"replica": "r1", "version": "0.1.0", "protocol": 9, "uptime_secs": 75,
+            "status": {"replica": "r1", "replicas": 3, "version": "0.1.0", "protocol": 9, "uptime_secs": 75,
                        "phase": "serving", "agents_online": 1, "client_sessions": 0, "live_streams": 0},
             "agents": {"agents": [
                 {"name": "prod", "online": true, "services": [],
@@ -550,6 +556,10 @@ mod tests {
             "streams": {"streams": []}
         });
         let out = render(&v);
+        assert!(
+            out.starts_with("replica r1 (1 of 3: its figures only)"),
+            "{out}"
+        );
         let row = out
             .lines()
             .find(|l| l.starts_with("prod "))

@@ -42,6 +42,9 @@ pub(crate) struct AdminApi {
 #[derive(Debug, Serialize)]
 struct Status {
     replica: String,
+    /// Replicas this one knows of, itself included: the figures here are
+    /// this replica's alone.
+    replicas: usize,
     version: &'static str,
     protocol: u16,
     uptime_secs: u64,
@@ -311,6 +314,7 @@ impl AdminApi {
         let (agent_sessions, client_sessions) = self.sessions.counts();
         Status {
             replica: self.cluster.id().to_owned(),
+            replicas: self.cluster.replicas().borrow().entries.len(),
             version: env!("CARGO_PKG_VERSION"),
             protocol: tether_proto::PROTOCOL_VERSION,
             uptime_secs: self.cluster.uptime().as_secs(),
