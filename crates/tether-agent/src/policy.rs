@@ -239,7 +239,7 @@ pub fn builtin_deny() -> &'static [DenyRange] {
 }
 
 /// The built-in deny range `ip` falls in, if any. An IPv6 address that
-/// carries an IPv4 one the network would deliver to (see [`embedded_ipv4`])
+/// carries an IPv4 one the network would deliver to (NAT64, IPv4-compatible, 6to4)
 /// falls in the IPv6 form of the IPv4 address's range: `64:ff9b::a9fe:a9fe`
 /// (NAT64 to 169.254.169.254) is in `64:ff9b::a9fe:0/112`, which only a rule
 /// inside it allows.
