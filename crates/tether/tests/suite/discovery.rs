@@ -213,13 +213,16 @@ kubeconfig = "{kubeconfig}"
     drop(client);
 }
 
-/// With no namespaces configured and no pod namespace (an agent run outside
-/// the cluster with a kubeconfig), the kubeconfig context's namespace is
-/// watched, not "default".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_namespaces_the_kubeconfig_context_namespace_is_watched() {
+/// A fake API server whose namespace `shop` holds the annotated Service
+/// `db`, and a tunnel whose agent watches it with `kubernetes` (more
+/// `[kubernetes]` lines); its files go in a directory of its own (`test`
+/// names it), which the caller removes.
+async fn shop_db_watched_with(
+    test: &str,
+    kubernetes: &str,
+) -> (Tunnel, FakeKube, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!(
-        "tether-kube-ctx-{}-{}",
+        "tether-kube-{test}-{}-{}",
         std::process::id(),
         free_port()
     ));
@@ -234,7 +237,7 @@ async fn without_namespaces_the_kubeconfig_context_namespace_is_watched() {
 allow = ["*.svc.cluster.test:*"]
 
 [kubernetes]
-cluster_domain = "cluster.test"
+{kubernetes}cluster_domain = "cluster.test"
 kubeconfig = "{kubeconfig}"
 "#,
         kubeconfig = kube.kubeconfig(&dir).display(),
@@ -242,6 +245,15 @@ kubeconfig = "{kubeconfig}"
     let cfg_path = dir.join("agent.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let t = Tunnel::start(&[], &["--config", cfg_path.to_str().unwrap()]);
+    (t, kube, dir)
+}
+
+/// With no namespaces configured and no pod namespace (an agent run outside
+/// the cluster with a kubeconfig), the kubeconfig context's namespace is
+/// watched, not "default".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_namespaces_the_kubeconfig_context_namespace_is_watched() {
+    let (t, _kube, dir) = shop_db_watched_with("ctx", "").await;
     wait_catalog(&t, "db in the context's namespace is published", |c| {
         c == ["db:tcp"]
     });
@@ -255,31 +267,7 @@ kubeconfig = "{kubeconfig}"
 /// published all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_that_cannot_be_listed_is_retried_with_a_growing_wait() {
-    let dir = std::env::temp_dir().join(format!(
-        "tether-kube-fail-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kube = FakeKube::start("shop").await;
-    kube.apply(
-        service("shop", "db", &[EXPOSE], &[("", 5432, "TCP")]),
-        false,
-    );
-    let cfg = format!(
-        r#"
-allow = ["*.svc.cluster.test:*"]
-
-[kubernetes]
-namespaces = ["shop", "vault"]
-cluster_domain = "cluster.test"
-kubeconfig = "{kubeconfig}"
-"#,
-        kubeconfig = kube.kubeconfig(&dir).display(),
-    );
-    let cfg_path = dir.join("agent.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let t = Tunnel::start(&[], &["--config", cfg_path.to_str().unwrap()]);
+    let (t, kube, dir) = shop_db_watched_with("fail", "namespaces = [\"shop\", \"vault\"]\n").await;
     wait_catalog(&t, "db in shop is published beside vault", |c| {
         c == ["db-shop:tcp"]
     });
