@@ -286,7 +286,9 @@ pub fn entries_of(
         .map(|k| k.to_ascii_lowercase());
     if let Some(k) = kind_override.as_deref() {
         if !matches!(k, "tcp" | "udp" | "http" | "http2" | "h2c" | "grpc") {
-            tracing::warn!(service = %format!("{ns}/{name}"), kind = %k, "{KIND_ANNOTATION} is not one of tcp, udp, http, http2 (h2c, grpc): ignored");
+            if first_warning(format!("kind {ns}/{name} {k}")) {
+                tracing::warn!(service = %format!("{ns}/{name}"), kind = %k, "{KIND_ANNOTATION} is not one of tcp, udp, http, http2 (h2c, grpc): ignored");
+            }
             kind_override = None;
         }
     }
@@ -296,7 +298,9 @@ pub fn entries_of(
             continue;
         };
         if p.protocol.as_deref() == Some("SCTP") {
-            tracing::warn!(service = %format!("{ns}/{name}"), port, "an SCTP port is not published (the agent dials TCP and UDP)");
+            if first_warning(format!("sctp {ns}/{name}:{port}")) {
+                tracing::warn!(service = %format!("{ns}/{name}"), port, "an SCTP port is not published (the agent dials TCP and UDP)");
+            }
             continue;
         }
         let pname = p.name.clone().unwrap_or_default();
@@ -327,7 +331,9 @@ pub fn entries_of(
             format!("{base}-{pname}")
         };
         if !plain(&published) {
-            tracing::warn!(service = %format!("{ns}/{name}"), name = %published, "discovered service not published: its name must be 1-63 letters, digits, '-', '_' or '.' (set {NAME_ANNOTATION})");
+            if first_warning(format!("name {ns}/{name} {published}")) {
+                tracing::warn!(service = %format!("{ns}/{name}"), name = %published, "discovered service not published: its name must be 1-63 letters, digits, '-', '_' or '.' (set {NAME_ANNOTATION})");
+            }
             continue;
         }
         let udp = p.protocol.as_deref() == Some("UDP");
@@ -497,6 +503,11 @@ pub async fn run(
         match client(&cfg).await {
             Ok(c) => break c,
             Err(e) => {
+                // Counted as failing: nothing is discovered meanwhile.
+                stats.discovery_errors.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .discovery_failing
+                    .store(cfg.namespaces.len().max(1) as i64, Ordering::Relaxed);
                 tracing::warn!(
                     "kubernetes discovery: cannot build an API client: {e:#} (retrying in 30 s)"
                 );
@@ -504,6 +515,7 @@ pub async fn run(
             }
         }
     };
+    stats.discovery_failing.store(0, Ordering::Relaxed);
     let namespaces = if cfg.namespaces.is_empty() {
         // With a kubeconfig, its context's (which is "default" when it
         // names none; it may be another cluster's than the pod's); else
@@ -541,14 +553,45 @@ pub async fn run(
             .boxed()
     });
     let mut events = futures_util::stream::select_all(streams);
-    // The last error each watcher reported: a repeat goes to the debug log.
-    let mut failing: Vec<Option<String>> = vec![None; namespaces.len()];
+    // The last error each watcher reported, and when: a repeat goes to the
+    // debug log. It stands until the watcher shows it works (a list, or an
+    // event from its watch) or reports nothing for RECOVERED_AFTER (a watch
+    // that came back quietly: a failing one retries at least every 30 s).
+    let mut failing: Vec<Option<(String, tokio::time::Instant)>> = vec![None; namespaces.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
     let mut seen: Vec<Seen> = vec![Seen::new(); namespaces.len()];
     // A relist in progress, per watcher.
     let mut relist: Vec<Option<Seen>> = vec![None; namespaces.len()];
     let mut warned = Warned::default();
     let allowed = |address: &str| policy.resolve(address).is_ok();
-    while let Some((i, event)) = events.next().await {
+    loop {
+        let (i, event) = tokio::select! {
+            next = events.next() => match next {
+                Some(e) => e,
+                None => return,
+            },
+            _ = tick.tick() => {
+                for (i, f) in failing.iter_mut().enumerate() {
+                    if f.as_ref().is_some_and(|(_, at)| at.elapsed() >= RECOVERED_AFTER) {
+                        *f = None;
+                        tracing::info!(namespace = %namespaces[i], "kubernetes discovery: no error for {RECOVERED_AFTER:?}: working again");
+                    }
+                }
+                stats.discovery_failing.store(failing.iter().flatten().count() as i64, Ordering::Relaxed);
+                continue;
+            }
+        };
+        if matches!(
+            event,
+            Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))
+        ) {
+            // The API answered: the next error waits from the start, and
+            // a standing one is over.
+            listed[i].store(true, Ordering::Relaxed);
+            if failing[i].take().is_some() {
+                tracing::info!(namespace = %namespaces[i], "kubernetes discovery: working again");
+            }
+        }
         match event {
             Ok(watcher::Event::Init) => relist[i] = Some(Seen::new()),
             Ok(watcher::Event::InitApply(s)) => {
@@ -557,10 +600,6 @@ pub async fn run(
                 }
             }
             Ok(watcher::Event::InitDone) => {
-                listed[i].store(true, Ordering::Relaxed);
-                if failing[i].take().is_some() {
-                    tracing::info!(namespace = %namespaces[i], "kubernetes discovery: listing works again");
-                }
                 if let Some(r) = relist[i].take() {
                     seen[i] = r;
                     publish(&discovered, &seen, &allowed, &mut warned);
@@ -579,23 +618,40 @@ pub async fn run(
                 // published stays until the next complete list says otherwise.
                 stats.discovery_errors.fetch_add(1, Ordering::Relaxed);
                 let why = e.to_string();
-                if failing[i].as_deref() == Some(why.as_str()) {
+                let again = failing[i].as_ref().is_some_and(|(last, _)| *last == why);
+                if again {
                     tracing::debug!(namespace = %namespaces[i], "kubernetes discovery: {why} (again; listing again after a backoff)");
                 } else {
                     tracing::warn!(namespace = %namespaces[i], "kubernetes discovery: {why} (listing again after a backoff, up to 30 s apart; said again only if it changes)");
-                    failing[i] = Some(why);
                 }
+                failing[i] = Some((why, tokio::time::Instant::now()));
             }
         }
-        let failing_now = failing.iter().filter(|f| f.is_some()).count();
         stats
             .discovery_failing
-            .store(failing_now as i64, Ordering::Relaxed);
+            .store(failing.iter().flatten().count() as i64, Ordering::Relaxed);
         stats
             .discovered_services
             .store(discovered.read().len() as i64, Ordering::Relaxed);
     }
 }
+
+/// Whether the warning `key` (a Service and what is wrong with it) is new:
+/// a Service's entries are worked out again at every list (every few
+/// minutes, and at each change), and a standing problem is said once.
+/// Bounded: past 4 096 keys it starts over.
+fn first_warning(key: String) -> bool {
+    static TOLD: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut told = TOLD.lock().unwrap_or_else(|p| p.into_inner());
+    if told.len() >= 4096 {
+        told.clear();
+    }
+    told.insert(key)
+}
+
+/// How long a watcher that reported an error must be quiet to count as
+/// working again: a failing one tries again at least every 30 s.
+const RECOVERED_AFTER: Duration = Duration::from_secs(90);
 
 /// The wait between a watcher's attempts after an error: 0.8 s doubling to
 /// 30 s (as client-go's reflector), with jitter, back to the start only

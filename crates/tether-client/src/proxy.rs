@@ -299,14 +299,7 @@ async fn handle(
     if let Kind::UdpAssociate = req.kind {
         return udp_associate(tcp, peer, req.port, router, session, udp_idle).await;
     }
-    // A fully qualified name (`kubernetes.default.svc.cluster.local.`, as
-    // some write it to skip the search list) is the same name here: the
-    // agent's own lookup decides.
-    if let Some(name) = req.host.strip_suffix('.') {
-        if !name.is_empty() && !name.ends_with('.') {
-            req.host = name.to_owned();
-        }
-    }
+    drop_root_dot(&mut req.host);
     if let Err(e) = RawTarget::parse(&host_port(&req.host, req.port)) {
         refuse_bad_target(&mut tcp, &req.kind, &e.to_string()).await;
         close_after_answer(tcp).await;
@@ -959,7 +952,8 @@ async fn udp_associate(
                 if from.ip().to_canonical() != peer.ip().to_canonical() {
                     continue;
                 }
-                let Some((host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
+                let Some((mut host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
+                drop_root_dot(&mut host);
                 let from = SocketAddr::new(from.ip().to_canonical(), from.port());
                 match client {
                     Some(c) if c != from => {
@@ -1019,6 +1013,18 @@ async fn udp_associate(
     }
     tracing::info!(%peer, relay = %bound, "SOCKS5 UDP association closed");
     Ok(())
+}
+
+/// A fully qualified name (`kubernetes.default.svc.cluster.local.`, as some
+/// write it to skip the search list) is the same name here, without its
+/// root dot: the agent's own lookup decides. (`.` or `a..` stay as they
+/// are, for the target check to refuse.)
+fn drop_root_dot(host: &mut String) {
+    if let Some(name) = host.strip_suffix('.') {
+        if !name.is_empty() && !name.ends_with('.') {
+            host.pop();
+        }
+    }
 }
 
 /// Relays one destination of an association.

@@ -33,16 +33,21 @@ pub(crate) enum LogFormat {
     Json,
 }
 
-/// Installs the process's log subscriber (`RUST_LOG` filters; `info` by
-/// default). Lines go to standard output.
+/// The filter without `RUST_LOG`: `info`, but kube-runtime's watcher only
+/// at `error`. It warns at every retry of a list the API server refuses
+/// with 403 (a missing Role), which tether's discovery says once itself.
+const DEFAULT_FILTER: &str = "info,kube_runtime::watcher=error";
+
+/// Installs the process's log subscriber (`RUST_LOG` filters;
+/// [`DEFAULT_FILTER`] by default). Lines go to standard output.
 pub(crate) fn init(format: LogFormat) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|e| {
             // Said on standard error: the log is not set up yet.
             eprintln!("RUST_LOG={v:?} is not a log filter ({e}); logging at info");
-            EnvFilter::new("info")
+            EnvFilter::new(DEFAULT_FILTER)
         }),
-        _ => EnvFilter::new("info"),
+        _ => EnvFilter::new(DEFAULT_FILTER),
     };
     match format {
         LogFormat::Json => tracing_subscriber::fmt()

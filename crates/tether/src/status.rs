@@ -47,9 +47,9 @@ pub(crate) struct StatusArgs {
     /// Refresh every SECS seconds until interrupted.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<u64>,
-    /// Show the N busiest live streams (0: every one; at most 10 000). A
-    /// replica may carry 100 000; the count of all is shown either way.
-    /// Default: 50 in tables, every one with --json.
+    /// Show the N busiest live streams (at most 10 000; 0: the 10 000
+    /// oldest). A replica may carry 100 000; the count of all is shown
+    /// either way. Default: 50 in tables, the 10 000 oldest with --json.
     #[arg(long, value_name = "N")]
     streams: Option<usize>,
     /// With --watch: stop after this many refreshes (for scripts).
@@ -416,7 +416,7 @@ fn render(v: &Value) -> String {
         if total > shown {
             let _ = writeln!(
                 out,
-                "the {shown} busiest of {total} live streams (--streams N for more, 0 for all)"
+                "{shown} of {total} live streams shown (--streams N: the N busiest, up to 10 000)"
             );
         }
     }
@@ -610,7 +610,7 @@ mod tests {
         paged["streams"]["total"] = 120.into();
         let out = render(&paged);
         assert!(
-            out.contains("the 1 busiest of 120 live streams (--streams N for more, 0 for all)"),
+            out.contains("1 of 120 live streams shown (--streams N: the N busiest, up to 10 000)"),
             "{out}"
         );
     }

@@ -211,6 +211,17 @@ impl FakeKube {
             self.lock().requests.push(target.clone());
             let want = format!("/api/v1/namespaces/{}/services", self.namespace);
             let path = target.split('?').next().unwrap_or("");
+            let other_namespace = path
+                .strip_prefix("/api/v1/namespaces/")
+                .and_then(|p| p.strip_suffix("/services"))
+                .filter(|ns| !ns.contains('/'));
+            if let (true, Some(ns)) = (path != want, other_namespace) {
+                // As the real one answers a service account without a Role
+                // there.
+                let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden", "message": format!("services is forbidden: cannot list resource \"services\" in API group \"\" in the namespace \"{ns}\"")}).to_string();
+                let _ = w.write_all(format!("HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await;
+                continue;
+            }
             if path != want {
                 let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": format!("{path} not found")}).to_string();
                 let _ = w.write_all(format!("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await;
