@@ -771,9 +771,9 @@ impl MessageSink for CountingSink {
     async fn send(&mut self, msg: Bytes) -> std::io::Result<()> {
         self.inner.send(msg).await
     }
-    async fn send_batch(&mut self, messages: Vec<Vec<Bytes>>) -> std::io::Result<()> {
+    async fn send_batch(&mut self, messages: &mut Vec<Vec<Bytes>>) -> std::io::Result<()> {
         self.writes.lock().unwrap().push(messages.len());
-        for parts in messages {
+        for parts in messages.drain(..) {
             self.inner.send_parts(parts).await?;
         }
         Ok(())

@@ -404,6 +404,9 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         MAX_SEND_MESSAGE + 64 * 1024
     };
     let mut drain = DrainMeter::default();
+    // The messages of one write, kept with its room from write to write (a
+    // small message each time would otherwise allocate it).
+    let mut batch: Vec<Vec<Bytes>> = Vec::new();
     // Whether the last message written was full: a bulk transfer is on.
     let mut last_full = false;
     loop {
@@ -423,7 +426,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
         // (Session::batch_sends): take up to MAX_SEND_BATCH for one write
         // (see there). (When more is left, this wakes the writer itself: at
         // most one extra look once the backlog is gone.)
-        let mut batch = Vec::new();
+        batch.clear(); // (a failed write may leave some)
         let mut len = 0;
         let mut spare = SPARE_ROOM.take();
         let mut notice = false;
@@ -459,7 +462,7 @@ async fn write_loop<W: MessageSink>(shared: &Arc<Shared>, mut sink: W) {
             // write happens to carry.
             let timeout = WRITE_TIMEOUT * batch.len() as u32;
             let sent = {
-                let send = std::pin::pin!(sink.send_batch(batch));
+                let send = std::pin::pin!(sink.send_batch(&mut batch));
                 within(timeout, send).await
             };
             let sent = sent.and_then(|()| drain.sent(len, now()));

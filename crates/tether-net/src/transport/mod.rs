@@ -72,14 +72,16 @@ pub trait MessageSink: Send + 'static {
     fn send_parts(&mut self, parts: Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
         async move { self.send(joined(parts)).await }
     }
-    /// Sends several messages, each given as parts, in order; a transport
-    /// may write them with one call. The default sends them one by one.
+    /// Sends several messages, each given as parts, in order, taking them
+    /// out of `messages` (which the caller keeps, with its room, for the
+    /// next batch); a transport may write them with one call. The default
+    /// sends them one by one.
     fn send_batch(
         &mut self,
-        messages: Vec<Vec<Bytes>>,
+        messages: &mut Vec<Vec<Bytes>>,
     ) -> impl Future<Output = io::Result<()>> + Send {
         async move {
-            for parts in messages {
+            for parts in messages.drain(..) {
                 self.send_parts(parts).await?;
             }
             Ok(())

@@ -279,7 +279,7 @@ impl<S> WsSink<S> {
     /// header and masked with a fresh key on the way (one pass over the
     /// bytes, the stream's chunks left untouched), and returns how many
     /// bytes of it they fill.
-    fn mask_messages(&mut self, messages: Vec<Vec<Bytes>>) -> usize {
+    fn mask_messages(&mut self, messages: &[Vec<Bytes>]) -> usize {
         let bound = messages
             .iter()
             .map(|parts| MAX_HEADER + parts.iter().map(Bytes::len).sum::<usize>())
@@ -296,7 +296,7 @@ impl<S> WsSink<S> {
             let mut phase = 0;
             for part in parts {
                 let end = at + part.len();
-                frame::copy_masked(&mut self.masked[at..end], &part, key, phase);
+                frame::copy_masked(&mut self.masked[at..end], part, key, phase);
                 phase += part.len();
                 at = end;
             }
@@ -328,7 +328,7 @@ where
 
     async fn send_parts(&mut self, parts: Vec<Bytes>) -> io::Result<()> {
         if self.writer.masks {
-            let len = self.mask_messages(vec![parts]);
+            let len = self.mask_messages(std::slice::from_ref(&parts));
             return self.write_masked(len).await;
         }
         let mut header = [0u8; MAX_HEADER];
@@ -343,19 +343,20 @@ where
         .await
     }
 
-    async fn send_batch(&mut self, mut messages: Vec<Vec<Bytes>>) -> io::Result<()> {
+    async fn send_batch(&mut self, messages: &mut Vec<Vec<Bytes>>) -> io::Result<()> {
         if messages.len() == 1 {
             return self.send_parts(messages.pop().unwrap_or_default()).await;
         }
         if self.writer.masks {
             let len = self.mask_messages(messages);
+            messages.clear();
             return self.write_masked(len).await;
         }
         // The headers share one small allocation; every message's parts
         // follow its header in one vectored write.
         let mut headers = BytesMut::with_capacity(MAX_HEADER * messages.len());
         let mut list = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum());
-        for parts in messages {
+        for parts in messages.drain(..) {
             let len = parts.iter().map(Bytes::len).sum();
             let mut header = [0u8; MAX_HEADER];
             let n = frame::encode_header(OP_BINARY, len, None, &mut header);
@@ -546,7 +547,7 @@ mod tests {
                     ctx.send(Bytes::from(vec![n as u8; n])).await.unwrap();
                     stx.send(Bytes::from(vec![!(n as u8); n])).await.unwrap();
                 }
-                ctx.send_batch(vec![
+                ctx.send_batch(&mut vec![
                     vec![Bytes::from_static(b"a")],
                     vec![Bytes::from_static(b"b")],
                 ])
@@ -640,15 +641,15 @@ mod tests {
             bytes.chunks(999).map(Bytes::copy_from_slice).collect()
         };
         let sizes = [125, 126, 65_535, 65_536, 3, 0, 70_000];
-        let batch: Vec<Vec<Bytes>> = sizes
+        let mut batch: Vec<Vec<Bytes>> = sizes
             .iter()
             .enumerate()
             .map(|(i, &n)| message(n, i))
             .collect();
         let wholes: Vec<Bytes> = batch.iter().map(|m| Bytes::from(m.concat())).collect();
         let send = async {
-            stx.send_batch(batch.clone()).await.unwrap();
-            ctx.send_batch(batch).await.unwrap(); // masked, a fresh key per message
+            stx.send_batch(&mut batch.clone()).await.unwrap();
+            ctx.send_batch(&mut batch).await.unwrap(); // masked, a fresh key per message
         };
         let recv = async {
             for whole in &wholes {
