@@ -540,14 +540,14 @@ pub async fn run(
         wcfg = wcfg.labels(sel);
     }
     // One watcher per namespace, merged; events carry which one.
-    let listed: Vec<Arc<AtomicBool>> = namespaces.iter().map(|_| Arc::default()).collect();
+    let answered: Vec<Arc<AtomicBool>> = namespaces.iter().map(|_| Arc::default()).collect();
     let streams = namespaces.iter().enumerate().map(|(i, ns)| {
         let api: Api<K8sService> = if ns == "*" {
             Api::all(client.clone())
         } else {
             Api::namespaced(client.clone(), ns)
         };
-        let backoff = ListBackoff::new(listed[i].clone());
+        let backoff = ListBackoff::new(answered[i].clone());
         StreamBackoff::new(watcher(api, wcfg.clone()), backoff)
             .map(move |e| (i, e))
             .boxed()
@@ -587,7 +587,7 @@ pub async fn run(
         ) {
             // The API answered: the next error waits from the start, and
             // a standing one is over.
-            listed[i].store(true, Ordering::Relaxed);
+            answered[i].store(true, Ordering::Relaxed);
             if failing[i].take().is_some() {
                 tracing::info!(namespace = %namespaces[i], "kubernetes discovery: working again");
             }
@@ -655,22 +655,23 @@ const RECOVERED_AFTER: Duration = Duration::from_secs(90);
 
 /// The wait between a watcher's attempts after an error: 0.8 s doubling to
 /// 30 s (as client-go's reflector), with jitter, back to the start only
-/// once a list got through. kube-runtime's own backoff starts again at every
+/// once the API answers again. kube-runtime's own backoff starts again at every
 /// item the watcher yields, and after a failed list the next one is
 /// `Event::Init`, made without a request: its delay never grew, and a
 /// namespace the agent may not read (a missing Role) was listed every
 /// 0.8 s for good.
 struct ListBackoff {
     delay: tether_net::backoff::Backoff,
-    /// Set by the event loop at each complete list (`InitDone`).
-    listed: Arc<AtomicBool>,
+    /// Set by the event loop when the API answered (a complete list or a
+    /// watch event).
+    answered: Arc<AtomicBool>,
 }
 
 impl ListBackoff {
-    fn new(listed: Arc<AtomicBool>) -> Self {
+    fn new(answered: Arc<AtomicBool>) -> Self {
         ListBackoff {
             delay: tether_net::backoff::Backoff::starting_at(Duration::from_millis(800)),
-            listed,
+            answered,
         }
     }
 }
@@ -679,7 +680,7 @@ impl Iterator for ListBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        if self.listed.swap(false, Ordering::Relaxed) {
+        if self.answered.swap(false, Ordering::Relaxed) {
             self.delay.reset();
         }
         Some(self.delay.next_delay())
@@ -688,7 +689,7 @@ impl Iterator for ListBackoff {
 
 impl Backoff for ListBackoff {
     /// Called for every item, `Event::Init` included: progress is judged
-    /// by [`ListBackoff::listed`] instead.
+    /// by [`ListBackoff::answered`] instead.
     fn reset(&mut self) {}
 }
 

@@ -213,25 +213,31 @@ pub struct DenyRange {
 pub fn builtin_deny() -> &'static [DenyRange] {
     static RANGES: LazyLock<Vec<DenyRange>> = LazyLock::new(|| {
         [
-            ("127.0.0.0/8", "loopback", true),
-            ("::1/128", "loopback", true),
-            ("0.0.0.0/8", "this-host", false),
-            ("::/128", "unspecified", false),
-            ("169.254.0.0/16", "link-local (cloud metadata)", false),
-            ("fe80::/10", "link-local", false),
-            ("100.100.100.200/32", "cloud metadata", false),
+            // (range, what it is, loopback, never dialed)
+            ("127.0.0.0/8", "loopback", true, false),
+            ("::1/128", "loopback", true, false),
+            ("0.0.0.0/8", "this-host", false, true),
+            ("::/128", "unspecified", false, true),
+            (
+                "169.254.0.0/16",
+                "link-local (cloud metadata)",
+                false,
+                false,
+            ),
+            ("fe80::/10", "link-local", false, false),
+            ("100.100.100.200/32", "cloud metadata", false, false),
             // AWS's IPv6 instance services: metadata (::254), DNS (::253),
             // NTP (::123), EKS Pod Identity (::23), as 169.254.0.0/16 in IPv4.
-            ("fd00:ec2::/64", "cloud metadata (AWS)", false),
-            ("fd20:ce::254/128", "cloud metadata (GCP)", false),
-            ("168.63.129.16/32", "cloud platform (Azure)", false),
+            ("fd00:ec2::/64", "cloud metadata (AWS)", false, false),
+            ("fd20:ce::254/128", "cloud metadata (GCP)", false, false),
+            ("168.63.129.16/32", "cloud platform (Azure)", false, false),
         ]
         .into_iter()
-        .map(|(net, what, loopback)| DenyRange {
+        .map(|(net, what, loopback, never)| DenyRange {
             net: net.parse().expect("built-in deny ranges are valid"),
             what,
             loopback,
-            never: what == "this-host" || what == "unspecified",
+            never,
         })
         .collect()
     });

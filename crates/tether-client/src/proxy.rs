@@ -930,7 +930,9 @@ async fn udp_associate(
     let queued = Budget::new(ASSOCIATION_QUEUE_BYTES);
     // The client's socket: the port it named (0: whichever sends first).
     // Set once; every flow starts after it is, and sends its replies there.
-    let mut client = (from_port != 0).then(|| SocketAddr::new(peer.ip().to_canonical(), from_port));
+    // Addresses compared in canonical form (see local_ip).
+    let peer_ip = peer.ip().to_canonical();
+    let mut client = (from_port != 0).then(|| SocketAddr::new(peer_ip, from_port));
     let mut warned_port = false;
     let mut no_route = std::collections::HashSet::new();
     let mut buf = vec![0u8; 65536];
@@ -949,12 +951,12 @@ async fn udp_associate(
                 // its first well-formed datagram. Another program on its
                 // host (a VM or a container behind the same address) may
                 // neither send with its credential nor take its replies.
-                if from.ip().to_canonical() != peer.ip().to_canonical() {
+                let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                if from.ip() != peer_ip {
                     continue;
                 }
                 let Some((mut host, port, payload)) = parse_udp_header(&buf[..n]) else { continue };
                 drop_root_dot(&mut host);
-                let from = SocketAddr::new(from.ip().to_canonical(), from.port());
                 match client {
                     Some(c) if c != from => {
                         if !warned_port {

@@ -264,6 +264,14 @@ impl Authenticator {
     pub(crate) fn agent_names(&self) -> &[String] {
         &self.agent_names
     }
+
+    /// Whether an agent may register under `name` (a token or certificate
+    /// names it).
+    pub(crate) fn is_agent_name(&self, name: &str) -> bool {
+        self.agent_names
+            .binary_search_by(|n| n.as_str().cmp(name))
+            .is_ok()
+    }
 }
 
 /// Whether `name` is a plain name, safe in paths and host labels: 1-63

@@ -350,7 +350,7 @@ async fn find_agent(
             OpenErrorCode::NotHere,
             format!("replica {replica} has no session to agent {agent} right now (it was connected here lately; retry)"),
         )
-    } else if h.cluster.new_among_peers() && h.auth.get().agent_names().iter().any(|n| n == agent) {
+    } else if h.cluster.new_among_peers() && h.auth.get().is_agent_name(agent) {
         // Not "offline": this replica cannot know yet. A client retries
         // not_here through the load balancer, likely onto a peer that has
         // the agent. (A name no agent may register under is offline for

@@ -225,10 +225,7 @@ impl Sessions {
 
     /// Live client sessions (a drained one leaves once its streams are done).
     pub(crate) fn clients(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|t| matches!(t.owner, SessionOwner::Client(_)))
-            .count()
+        self.counts().1
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {

@@ -307,6 +307,7 @@ fn render(v: &Value) -> String {
     ]];
     for ag in array(&v["agents"]["agents"]) {
         let inst = array(&ag["instances"]);
+        let draining = |i: &Value| i["draining"].as_bool() == Some(true);
         // Saturating: the figures come from the server's answer, not from us.
         let sum = |k: &str| {
             inst.iter()
@@ -325,11 +326,7 @@ fn render(v: &Value) -> String {
             } else {
                 "no".into()
             },
-            match inst
-                .iter()
-                .filter(|i| i["draining"].as_bool() == Some(true))
-                .count()
-            {
+            match inst.iter().filter(|i| draining(i)).count() {
                 0 => inst.len().to_string(),
                 draining => format!("{} ({draining} draining)", inst.len()),
             },
@@ -340,7 +337,7 @@ fn render(v: &Value) -> String {
             // A live instance's: a draining one may be the old version of a
             // rolling update.
             inst.iter()
-                .find(|i| i["draining"].as_bool() != Some(true))
+                .find(|i| !draining(i))
                 .or(inst.first())
                 .map(|i| str_of(&i["software"]))
                 .unwrap_or_else(|| "-".into()),
