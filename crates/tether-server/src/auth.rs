@@ -347,6 +347,15 @@ pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
         .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
+/// Whether `h` carries more than one bearer `Authorization` value.
+pub(crate) fn several_bearers(h: &HeaderMap) -> bool {
+    h.get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| bearer_of(v).is_some())
+        .nth(1)
+        .is_some()
+}
+
 /// The credential of one `Authorization` value when it is a bearer one.
 fn bearer_of(v: &header::HeaderValue) -> Option<&[u8]> {
     let v = v.as_bytes().trim_ascii();

@@ -170,6 +170,7 @@ impl Opener {
             pending: false,
             live: None,
             expires_at: None,
+            login: None,
             early_bytes: 0,
         }
     }
@@ -388,8 +389,11 @@ pub(crate) struct OpenGuard {
     pending: bool,
     /// Key and revocation signal in the table of live streams.
     live: Option<(u64, Arc<crate::streams::Revocation>)>,
-    /// When the caller's credential expires (a JWT).
+    /// When the caller's credential expires (a JWT), or the browser login
+    /// it came with.
     expires_at: Option<Instant>,
+    /// Notified when the browser login it came with signs out.
+    login: Option<Arc<crate::streams::Revocation>>,
     /// Bytes that went to the agent with the open (early data).
     early_bytes: u64,
 }
@@ -549,7 +553,8 @@ impl OpenGuard {
         };
         if matches!(identity.kind, IdentityKind::Jwt { .. }) {
             let leeway = self.h.auth.get().jwt_leeway();
-            self.expires_at = identity.expires_at_within(Instant::now(), leeway);
+            let jwt = identity.expires_at_within(Instant::now(), leeway);
+            self.expires_at = earliest(self.expires_at, jwt);
         }
         if self.h.auth.generation() != self.generation {
             let auth = self.h.auth.get();
@@ -565,13 +570,30 @@ impl OpenGuard {
         Ok(())
     }
 
+    /// Ties the stream to the browser login the request came with: it
+    /// ends when `signed_out` is notified (logout, or the login pushed out
+    /// of a full table) or at `expires` (the login's end).
+    pub(crate) fn end_with_login(
+        &mut self,
+        signed_out: Arc<crate::streams::Revocation>,
+        expires: Instant,
+    ) {
+        self.login = Some(signed_out);
+        self.expires_at = earliest(self.expires_at, Some(expires));
+    }
+
     /// Resolves, with the reason, when the stream must end: a reload
-    /// revoked its access, or its caller's credential (a JWT) expired.
-    /// Never, for a stream that is not tracked.
+    /// revoked its access, its caller's credential (a JWT) expired, or the
+    /// browser login it came with ended. Never, for a stream that is
+    /// neither tracked nor tied to a login.
     pub(crate) fn ended(
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = &'static str> + Send>> {
-        streams::ended(self.live.as_ref().map(|(_, n)| n.clone()), self.expires_at)
+        streams::ended(
+            self.live.as_ref().map(|(_, n)| n.clone()),
+            self.login.clone(),
+            self.expires_at,
+        )
     }
 
     /// The protocol the open was admitted for.
@@ -610,6 +632,14 @@ impl Drop for OpenGuard {
         }
         // The gauge last: once it reads zero, everything else is back too.
         self.end_pending();
+    }
+}
+
+/// The earlier of two deadlines, either of which may be absent.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

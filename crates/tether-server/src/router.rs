@@ -191,9 +191,9 @@ impl Router {
                         web.clone(),
                         req.headers(),
                         client,
+                        via.login_end(),
                         filter,
                         peer,
-                        scheme,
                         port,
                     ),
                 }

@@ -29,6 +29,8 @@ use crate::identity::ClientIdentity;
 pub(crate) const ACCESS_REVOKED: &str = "access revoked by the server's configuration";
 /// Why a tracked stream of an expired JWT identity ends.
 pub(crate) const CREDENTIAL_EXPIRED: &str = "credential expired";
+/// Why what a browser login opened ends when it signs out.
+pub(crate) const SIGNED_OUT: &str = "the browser login ended (signed out)";
 
 /// Where a live stream's byte counts come from.
 #[derive(Clone)]
@@ -85,7 +87,7 @@ struct LiveStream {
 /// Whether a stream's access was revoked, for every watch on it: a flag
 /// with a wake-up, so a watch that starts after the reload sees it, and
 /// two watches (a proxied request's body and its response) both do.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub(crate) struct Revocation {
     revoked: AtomicBool,
     wake: Notify,
@@ -93,13 +95,18 @@ pub(crate) struct Revocation {
 
 impl Revocation {
     /// The stream must end: every watch resolves, now and later.
-    fn revoke(&self) {
+    pub(crate) fn revoke(&self) {
         self.revoked.store(true, Ordering::Release);
         self.wake.notify_waiters();
     }
 
+    /// Whether [`revoke`](Self::revoke) was called.
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
     /// Resolves once the stream is revoked.
-    async fn revoked(&self) {
+    pub(crate) async fn revoked(&self) {
         loop {
             let woken = self.wake.notified();
             tokio::pin!(woken);
@@ -303,13 +310,21 @@ impl Streams {
 }
 
 /// Resolves, with the reason, when a stream must end: `revoked` was
-/// notified (a reload took its access away), or `expires_at` (its JWT's
-/// `exp`) passed. Without either it never resolves.
+/// notified (a reload took its access away), `signed_out` was (the browser
+/// login it came with ended), or `expires_at` (its JWT's `exp`, or its
+/// login's end) passed. Without any it never resolves.
 pub(crate) fn ended(
     revoked: Option<Arc<Revocation>>,
+    signed_out: Option<Arc<Revocation>>,
     expires_at: Option<Instant>,
 ) -> Pin<Box<dyn Future<Output = &'static str> + Send>> {
     Box::pin(async move {
+        let signing_out = async {
+            match &signed_out {
+                Some(r) => r.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
         let expiry = async {
             match expires_at {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -324,6 +339,7 @@ pub(crate) fn ended(
         };
         tokio::select! {
             _ = revocation => ACCESS_REVOKED,
+            _ = signing_out => SIGNED_OUT,
             _ = expiry => CREDENTIAL_EXPIRED,
         }
     })

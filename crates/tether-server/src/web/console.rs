@@ -21,12 +21,14 @@ use tether_proto::{CatalogEntry, ServiceKind};
 
 use super::login::Via;
 use super::pages::{error, escape, html_page};
+use super::route::host_routable;
 use super::{Web, PATH_PREFIX};
 use crate::auth::{is_plain_name, Authenticator};
 use crate::config::Protocol;
 use crate::identity::ClientIdentity;
 use crate::limits::ConsoleSlot;
 use crate::response::{api_headers, full, BoxError, Resp};
+use crate::streams::Revocation;
 
 /// How often the event stream checks for changes (byte counters move
 /// without registry events).
@@ -371,10 +373,15 @@ fn agent_view(
         let Some(proto) = visible(auth, client, name, s) else {
             continue;
         };
-        let url = (proto == Protocol::Http).then(|| match &base {
-            Some(b) => format!("{scheme}://{}.{name}.{b}{port}/", s.name),
-            None => format!("{PATH_PREFIX}{name}/{}/", s.name),
-        });
+        // A name a host name cannot carry gets the path link, or none.
+        let url = match &base {
+            _ if proto != Protocol::Http => None,
+            Some(b) if host_routable(name, &s.name) => {
+                Some(format!("{scheme}://{}.{name}.{b}{port}/", s.name))
+            }
+            _ if web.path_routing() => Some(format!("{PATH_PREFIX}{name}/{}/", s.name)),
+            _ => None,
+        };
         view.services.push(ServiceView {
             name: s.name.clone(),
             kind: s.kind.as_str().into_owned(),
@@ -391,7 +398,7 @@ fn unix_secs(t: SystemTime) -> Option<u64> {
 /// `GET /`: the console page.
 pub(crate) fn page(client: &ClientIdentity, via: &Via) -> Resp {
     let logout = match via {
-        Via::Cookie { csrf } => format!(
+        Via::Cookie { csrf, .. } => format!(
             "<form method=\"post\" action=\"/logout\" class=\"inline\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button id=\"logout\" class=\"link\">Sign out</button></form>",
             escape(csrf)
@@ -442,11 +449,12 @@ pub(crate) fn events(
     web: Arc<Web>,
     req_headers: &HeaderMap,
     client: ClientIdentity,
+    login: Option<(Arc<Revocation>, std::time::Instant)>,
     filter: Filter,
     peer: SocketAddr,
-    scheme: &'static str,
     port: String,
 ) -> Resp {
+    let scheme = web.public_scheme();
     let slot = match web.limits.console_stream(client.key()) {
         Ok(slot) => slot,
         Err(hit) => {
@@ -469,6 +477,8 @@ pub(crate) fn events(
         last: String,
         changes: tokio::sync::watch::Receiver<u64>,
         deadline: tokio::time::Instant,
+        /// The browser login it came with signing out (it ends then).
+        signed_out: Option<Arc<Revocation>>,
         /// The last walk over the fleet: under which credential tables and
         /// registry version, and when (`None` before the first).
         selected: Option<(Arc<Authenticator>, u64, tokio::time::Instant, Selection)>,
@@ -478,6 +488,7 @@ pub(crate) fn events(
         /// full (at first: those it was just identified under).
         checked: Arc<Authenticator>,
     }
+    let far = tokio::time::Instant::now() + EVENTS_MAX_AGE;
     let ev = Ev {
         checked: web.auth.get(),
         changes: web.registry.subscribe(),
@@ -487,17 +498,26 @@ pub(crate) fn events(
         _slot: slot,
         port,
         last: String::new(),
-        deadline: tokio::time::Instant::now() + EVENTS_MAX_AGE,
+        // The login's end ends it too.
+        deadline: login.as_ref().map_or(far, |(_, at)| far.min((*at).into())),
+        signed_out: login.map(|(r, _)| r),
         selected: None,
         built: None,
     };
     let stream = futures_util::stream::unfold(ev, move |mut ev| async move {
         loop {
             if let Some(built) = ev.built {
+                let signing_out = async {
+                    match &ev.signed_out {
+                        Some(r) => r.revoked().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = ev.changes.changed() => {}
                     _ = tokio::time::sleep(EVENTS_TICK) => {}
                     _ = tokio::time::sleep_until(ev.deadline) => return None,
+                    _ = signing_out => return None,
                 }
                 // Agents come and go all the time in a large fleet: one
                 // snapshot covers every change within the gap.
@@ -505,7 +525,7 @@ pub(crate) fn events(
                 tokio::time::sleep_until(next).await;
             }
             let now = tokio::time::Instant::now();
-            if now >= ev.deadline {
+            if now >= ev.deadline || ev.signed_out.as_ref().is_some_and(|r| r.is_revoked()) {
                 return None;
             }
             ev.built = Some(now);

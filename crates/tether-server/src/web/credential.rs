@@ -15,9 +15,9 @@ use std::sync::Mutex;
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use super::login::{identify, Via};
+use super::login::{identify, identify_by_login, Via};
 use super::Web;
-use crate::auth::bearer;
+use crate::auth::{bearer, several_bearers};
 use crate::identity::ClientIdentity;
 
 /// What one HTTP connection remembers of its last bearer credential.
@@ -65,7 +65,12 @@ pub(crate) fn identify_on(
             return Some((id, Via::Bearer));
         }
     }
-    let id = auth.client(&token).ok()?;
+    let Ok(id) = auth.client(&token) else {
+        // Not ours: the service's own, beside a login (see `identify`).
+        return (!several_bearers(h))
+            .then(|| identify_by_login(web, h))
+            .flatten();
+    };
     conn.remember(generation, token, &id);
     Some((id, Via::Bearer))
 }

@@ -28,26 +28,46 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::logins::{cookie_names, unix_now, CSRF_TTL};
 use super::pages::{error, escape, html_page};
 use super::{cookie, split_port, Web, WebConfig, FORM_READ_TIMEOUT, MAX_FORM_BODY};
-use crate::auth::{bearer, token_hash};
+use crate::auth::{bearer, several_bearers, token_hash};
 use crate::identity::ClientIdentity;
 use crate::log_gate::LogGate;
 use crate::response::{page_policy, redirect, Resp};
+use crate::streams::Revocation;
 
 /// How a request proved who it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Via {
-    /// The login cookie; carries the session's CSRF value (for logout).
+    /// The login cookie.
     Cookie {
-        /// The session's CSRF value.
+        /// The session's CSRF value (for logout).
         csrf: String,
+        /// Notified when the login ends before its time (logout).
+        signed_out: Arc<Revocation>,
+        /// When the login ends.
+        expires: std::time::Instant,
     },
     /// `Authorization: Bearer` with a client token.
     Bearer,
+}
+
+impl Via {
+    /// For a login cookie: its sign-out signal and when the login ends.
+    pub(crate) fn login_end(&self) -> Option<(Arc<Revocation>, std::time::Instant)> {
+        match self {
+            Via::Cookie {
+                signed_out,
+                expires,
+                ..
+            } => Some((signed_out.clone(), *expires)),
+            Via::Bearer => None,
+        }
+    }
 }
 
 /// The session cookie's name on this server (the only one it accepts).
@@ -60,12 +80,30 @@ fn csrf_cookie_name(web: &Web) -> &'static str {
     cookie_names(web.secure_cookies(), web.base().is_some()).1
 }
 
-/// The client identity of a request: the session cookie or a bearer token.
+/// The client identity of a request: a bearer client token, else the
+/// session cookie.
+///
+/// A bearer that is not one of ours beside a valid login is the service's
+/// own (a single-page app calling its API with its token): the login
+/// identifies the request and the header goes to the service untouched.
+/// Not with several bearers: one of them could be a tether token, which
+/// only a bearer identity strips.
 pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
     let auth = web.auth.get();
     if let Some(t) = bearer(h) {
-        return auth.client(&t).ok().map(|c| (c, Via::Bearer));
+        if let Ok(c) = auth.client(&t) {
+            return Some((c, Via::Bearer));
+        }
+        if several_bearers(h) {
+            return None;
+        }
     }
+    identify_by_login(web, h)
+}
+
+/// The client identity of a request's session cookie.
+pub(crate) fn identify_by_login(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
+    let auth = web.auth.get();
     let id = cookie(h, session_cookie_name(web))?;
     let s = web.logins.get(id)?;
     // The token behind the login must still be configured (a reload may
@@ -74,7 +112,15 @@ pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)
         web.logins.remove(id);
         return None;
     }
-    Some((s.identity, Via::Cookie { csrf: s.csrf }))
+    let expires = s.expires();
+    Some((
+        s.identity,
+        Via::Cookie {
+            csrf: s.csrf,
+            signed_out: s.signed_out,
+            expires,
+        },
+    ))
 }
 
 /// Whether `h` carries a bearer credential that [`identify`] refused; if so
@@ -397,9 +443,11 @@ pub(crate) async fn login_submit(
         set_cookie(&mut r, csrf_cookie(web, &csrf));
         return r;
     }
-    let token = form.get("token").map(String::as_str).unwrap_or("");
+    // Trimmed as a `Bearer` header's and the CLI's are: a pasted token
+    // often carries a space or a line end.
+    let token = form.get("token").map_or("", |t| t.trim());
     let csrf = csrf_cookie_value.unwrap_or_default();
-    if token.trim().is_empty() {
+    if token.is_empty() {
         // Nothing to check, so nothing charged to the address.
         return sign_in_page(
             web,

@@ -3,11 +3,12 @@
 //! of tether's own cookies.
 
 use foldhash::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::token_hash;
 use crate::identity::ClientIdentity;
+use crate::streams::Revocation;
 
 /// Name of the session cookie.
 pub(crate) const SESSION_COOKIE: &str = "tether_session";
@@ -48,6 +49,16 @@ pub(crate) struct WebSession {
     expires: Instant,
     /// The session's CSRF value (logout forms carry it).
     pub(crate) csrf: String,
+    /// Notified when the session ends before its time (logout, a reload
+    /// that removed its identity, a full table): what it opened ends too.
+    pub(crate) signed_out: Arc<Revocation>,
+}
+
+impl WebSession {
+    /// When the session expires.
+    pub(crate) fn expires(&self) -> Instant {
+        self.expires
+    }
 }
 
 /// Logged-in browsers, by SHA-256 of their session id, and the key that
@@ -136,7 +147,7 @@ impl Table {
     /// `MAX_WEB_SESSIONS / 8` logins.
     fn make_room(&mut self, now: Instant) {
         if now >= self.next_sweep || self.map.len() >= MAX_WEB_SESSIONS {
-            self.map.retain(|_, s| s.expires > now);
+            self.map.retain(|_, s| s.expires > now || sign_out(s));
             self.next_sweep = now + SWEEP_EVERY;
         }
         if self.map.len() < MAX_WEB_SESSIONS {
@@ -147,7 +158,9 @@ impl Table {
             self.map.iter().map(|(k, s)| (s.expires, *k)).collect();
         by_expiry.select_nth_unstable(excess - 1);
         for (_, k) in &by_expiry[..excess] {
-            self.map.remove(k);
+            if let Some(s) = self.map.remove(k) {
+                sign_out(&s);
+            }
         }
     }
 }
@@ -172,6 +185,7 @@ impl WebSessions {
                 identity: client.clone(),
                 expires: now + ttl,
                 csrf: random_hex(),
+                signed_out: Arc::default(),
             },
         );
         id
@@ -190,9 +204,12 @@ impl WebSessions {
         }
     }
 
-    /// Ends the session `id` (logout).
+    /// Ends the session `id` (logout), and what it opened.
     pub(crate) fn remove(&self, id: &str) {
-        self.lock().map.remove(&token_hash(id));
+        let removed = self.lock().map.remove(&token_hash(id));
+        if let Some(s) = removed {
+            sign_out(&s);
+        }
     }
 
     /// A fresh CSRF value for the login form: `TIME.NONCE.MAC`, the MAC an
@@ -225,8 +242,17 @@ impl WebSessions {
 
     /// Keeps only the sessions whose identity passes `keep`.
     pub(crate) fn retain(&self, mut keep: impl FnMut(&ClientIdentity) -> bool) {
-        self.lock().map.retain(|_, s| keep(&s.identity));
+        self.lock()
+            .map
+            .retain(|_, s| keep(&s.identity) || sign_out(s));
     }
+}
+
+/// Ends what session `s` opened (its WebSockets, long responses and console
+/// event streams); false, so that `retain` drops it.
+fn sign_out(s: &WebSession) -> bool {
+    s.signed_out.revoke();
+    false
 }
 
 #[cfg(test)]

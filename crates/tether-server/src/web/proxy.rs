@@ -36,8 +36,8 @@ use super::login::{bad_token, login_required, refused_bearer, Via};
 use super::pages::error_page;
 use super::pool::{refusal_of, with_causes};
 use super::rewrite::{
-    forwarded_host, rewrite_response, set_forwarding, strip_hop_by_hop, strip_tether_cookies,
-    websocket_upgrade, Forwarding,
+    forwarded_host, other_transfer_coding, rewrite_response, set_forwarding, strip_hop_by_hop,
+    strip_tether_cookies, websocket_upgrade, Forwarding,
 };
 use super::route::WebRoute;
 use super::{client_chain, wants_html, Web};
@@ -123,6 +123,10 @@ async fn proxy(
             return refuse(crate::open::http_status(code), code.as_str(), reason)
         }
     };
+    // What a login opened (a WebSocket, a long response) ends with it.
+    if let Some((signed_out, expires)) = via.login_end() {
+        guard.end_with_login(signed_out, tokio::time::Instant::from_std(expires));
+    }
     let ServiceHttp { host_header, http2 } = match check_service(web, agent, service).await {
         Ok(h) => h,
         Err((status, code, msg)) => return refuse(status, code, msg),
@@ -136,6 +140,14 @@ async fn proxy(
             StatusCode::NOT_IMPLEMENTED,
             "upgrade_unsupported",
             format!("{agent}/{service} speaks HTTP/2 only: protocol upgrades (WebSocket) to it are not supported"),
+        );
+    }
+    if other_transfer_coding(req.headers()) {
+        // RFC 9112 6.1: a coding the server does not understand is 501.
+        return refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer_coding",
+            "the request has a transfer coding other than chunked".into(),
         );
     }
     let hold = req.extensions().get::<ConnectionHold>().cloned();
@@ -237,6 +249,13 @@ async fn proxy(
         }
     };
 
+    if other_transfer_coding(resp.headers()) {
+        return refuse(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!("{agent}/{service} answered with a transfer coding other than chunked, which the proxy cannot pass on"),
+        );
+    }
     let status = resp.status();
     let service_upgrade = if status == StatusCode::SWITCHING_PROTOCOLS {
         if !(upgrade && websocket_upgrade(resp.headers())) {
@@ -272,6 +291,7 @@ async fn proxy(
         started,
         ttfb_ms: started.elapsed().as_millis() as u64,
         bytes: bytes.clone(),
+        cut: None,
     };
     // The response lives on (a long download, server-sent events, an
     // upgraded connection): a reload that revokes its access, or its JWT
@@ -305,7 +325,7 @@ async fn proxy(
         _guard: guard,
         bytes,
         way: Way::Down,
-        _audit: Some(audit),
+        audit: Some(audit),
         done: false,
     };
     Response::from_parts(parts, body.boxed_unsync())
@@ -328,7 +348,7 @@ fn outbound_headers(
     let chain = client_chain(&web.cfg, cx.peer.ip(), h);
     strip_hop_by_hop(h);
     strip_tether_cookies(h);
-    if *via == Via::Bearer {
+    if matches!(via, Via::Bearer) {
         // It was the credential: the service never sees it.
         crate::auth::strip_bearer(h);
     }
@@ -574,6 +594,9 @@ struct HttpAudit {
     ttfb_ms: u64,
     /// Body bytes both ways (also shown live by the admin API).
     bytes: Arc<ByteCounts>,
+    /// Why the answer was cut short, when the server cut it (a reload
+    /// revoked the access, the credential expired, the login signed out).
+    cut: Option<&'static str>,
 }
 
 impl Drop for HttpAudit {
@@ -591,6 +614,7 @@ impl Drop for HttpAudit {
             bytes_down = self.bytes.down.load(Ordering::Relaxed),
             ttfb_ms = self.ttfb_ms,
             duration_ms = self.started.elapsed().as_millis() as u64,
+            cut = self.cut,
             "audit"
         );
     }
@@ -618,7 +642,7 @@ struct GuardedBody<B> {
     bytes: Arc<ByteCounts>,
     way: Way,
     /// Written when the response body is done (dropped).
-    _audit: Option<HttpAudit>,
+    audit: Option<HttpAudit>,
     /// Over (`ended` fired: it is not polled again).
     done: bool,
 }
@@ -632,7 +656,7 @@ impl<B> GuardedBody<B> {
             _guard: guard.clone(),
             bytes: bytes.clone(),
             way: Way::Up,
-            _audit: None,
+            audit: None,
             done: false,
         }
     }
@@ -656,6 +680,9 @@ where
         }
         if let Poll::Ready(why) = this.ended.as_mut().poll(cx) {
             this.done = true;
+            if let Some(audit) = &mut this.audit {
+                audit.cut = Some(why);
+            }
             return Poll::Ready(Some(Err(why.into())));
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);

@@ -21,15 +21,16 @@ use super::logins::COOKIE_NAMES;
 use super::route::WebRoute;
 use super::{split_port, WebConfig};
 
-/// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
+/// (`Trailer` is not one: it names the trailers to come, end to end, and
+/// hyper's HTTP/1.1 side sends only the trailers it names.)
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
 ];
 
@@ -189,6 +190,13 @@ pub(crate) fn websocket_upgrade(h: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header
 /// names, and `Upgrade` (put back by the caller for upgrades).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // The body was framed by its chunks, not by a `Content-Length` sent
+    // beside them (RFC 9112 6.3): forwarded without the chunking, that
+    // length would frame it, cut short or waiting for bytes that never
+    // come. An intermediary must drop it.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -200,6 +208,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     remove_where(h, |n| HOP_BY_HOP.contains(&n) || n == "upgrade");
+}
+
+/// Whether `h` names a transfer coding besides `chunked` (`gzip, chunked`):
+/// hyper undoes only the chunks, so the body would still be coded, and the
+/// `Transfer-Encoding` that says so goes with the hop.
+pub fn other_transfer_coding(h: &HeaderMap) -> bool {
+    h.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|c| {
+            let c = c.trim_ascii();
+            !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked")
+        })
+    })
 }
 
 /// Removes every header whose (lower-case) name `doomed` picks.
@@ -711,9 +731,26 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("te", "trailers".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
+        h.insert("trailer", "x-checksum".parse().unwrap());
+        h.insert("content-length", "5".parse().unwrap());
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 3);
         assert!(h.contains_key("x-kept"));
+        assert!(h.contains_key("content-length"));
+        assert_eq!(h.get("trailer").unwrap(), "x-checksum");
+        // A length beside chunks framed nothing: it goes with them.
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        assert!(!other_transfer_coding(&h));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
+        for (coding, other) in [
+            ("gzip, chunked", true),
+            ("Chunked", false),
+            ("chunked, x", true),
+        ] {
+            h.insert("transfer-encoding", coding.parse().unwrap());
+            assert_eq!(other_transfer_coding(&h), other, "{coding}");
+        }
     }
 
     #[test]

@@ -30,6 +30,16 @@ pub fn route_by_host(base: &str, host: &str) -> Option<WebRoute> {
     })
 }
 
+/// Whether [`route_by_host`] leads back to `agent`'s `service` from the
+/// host name `SERVICE.AGENT.BASE`: the service's name is one label (the
+/// split is at its first dot) and neither name has capitals (browsers
+/// send host names in lower case, and names compare exactly).
+pub fn host_routable(agent: &str, service: &str) -> bool {
+    !service.contains('.')
+        && !agent.bytes().any(|b| b.is_ascii_uppercase())
+        && !service.bytes().any(|b| b.is_ascii_uppercase())
+}
+
 /// Path routing: `/a/AGENT/SERVICE[/rest]`. Returns the route and the rest
 /// of the path (`None` when the path stops right after the service name,
 /// which gets a redirect to the slash form so relative links resolve).
@@ -83,5 +93,20 @@ mod tests {
         assert_eq!(route_by_path("/a/prod/grafana").unwrap().1, None);
         assert!(route_by_path("/a/prod").is_none());
         assert!(route_by_path("/a//x/").is_none());
+    }
+
+    #[test]
+    fn a_host_link_leads_back_only_to_names_a_host_name_keeps() {
+        for (agent, service) in [("prod", "grafana"), ("eu.prod", "web"), ("p_1", "my-svc")] {
+            assert!(host_routable(agent, service), "{agent}/{service}");
+            let host = format!("{service}.{agent}.tether.test");
+            let r = route_by_host("tether.test", &host).unwrap();
+            assert_eq!((r.agent.as_str(), r.service.as_str()), (agent, service));
+        }
+        // `api.v2` on `prod` would be `api` on `v2.prod`; a browser asks for
+        // `prod`, not `Prod`.
+        for (agent, service) in [("prod", "api.v2"), ("Prod", "web"), ("prod", "Grafana")] {
+            assert!(!host_routable(agent, service), "{agent}/{service}");
+        }
     }
 }

@@ -365,6 +365,63 @@ fn an_idempotent_request_on_a_connection_the_service_closed_is_sent_again() {
     }
 }
 
+/// A service that answers each request with the raw response its path
+/// names, then closes the connection.
+fn service_with_raw_framing() -> u16 {
+    use std::io::Write;
+    thread_per_connection_service(|mut conn| {
+        let Some(head) = read_head(&mut conn) else {
+            return;
+        };
+        let path = head.split(' ').nth(1).unwrap_or("");
+        let answer = match path {
+            // A length beside chunks: the chunks frame the 100 bytes.
+            "/length-beside-chunks" => format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n{}\r\n0\r\n\r\n",
+                "a".repeat(100)
+            ),
+            "/trailer" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n2\r\nok\r\n0\r\nx-sum: abc\r\n\r\n".into(),
+            // Still gzip-coded once the chunks are undone.
+            _ => "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nxx\r\n0\r\n\r\n".into(),
+        };
+        let _ = conn.write_all(answer.as_bytes());
+    })
+}
+
+#[test]
+fn a_response_keeps_the_framing_and_trailers_its_chunks_gave_it() {
+    let raw = service_with_raw_framing();
+    let w = Web::start_with(WebOpts {
+        services: format!("raw = \"http://127.0.0.1:{raw}\"\n"),
+        ..Default::default()
+    });
+    for http in ["--http1.1", "--http2"] {
+        let out = w.get(&w.url("/a/prod/raw/length-beside-chunks"), &[http]);
+        assert_eq!(out.status, 200, "{http}: {out:?}");
+        assert_eq!(out.body, "a".repeat(100), "{http}: cut at the stale length");
+        assert!(
+            out.header("content-length").is_none_or(|l| l == "100"),
+            "{http}: {out:?}"
+        );
+
+        let out = w.get(&w.url("/a/prod/raw/trailer"), &[http, "-H", "TE: trailers"]);
+        assert_eq!(
+            (out.status, out.body.as_str()),
+            (200, "ok"),
+            "{http}: {out:?}"
+        );
+        assert_eq!(
+            out.header("x-sum").as_deref(),
+            Some("abc"),
+            "{http}: no trailer: {out:?}"
+        );
+
+        let out = w.get(&w.url("/a/prod/raw/gzip"), &[http]);
+        assert_eq!(out.status, 502, "{http}: {out:?}");
+        assert!(out.body.contains("transfer coding"), "{http}: {out:?}");
+    }
+}
+
 #[test]
 fn every_failure_has_a_clear_status_and_reason() {
     let w = Web::start();
@@ -650,6 +707,23 @@ fn login_sets_a_safe_cookie_that_opens_host_routed_services() {
         assert_eq!(out.status, 200, "{auth:?} alone: {out:?}");
         assert!(!headers_seen(&out).contains_key("authorization"));
     }
+    // A bearer that is not ours beside the login is the service's own (a
+    // single-page app's token for its API): it passes, the login decides.
+    let web_headers = w.host_url(&format!("web.prod.{BASE}"), "/headers");
+    let app_bearer = "Authorization: Bearer app-token";
+    let out = w.curl(&["-b", &jar_s, "-H", app_bearer, &web_headers]);
+    assert_eq!(out.status, 200, "{out:?}");
+    let h = headers_seen(&out);
+    assert_eq!(
+        h.get("authorization").map(String::as_str),
+        Some("Bearer app-token")
+    );
+    // Not with a tether token in a second header: it would reach the
+    // service beside the app's.
+    let ours = format!("Authorization: Bearer {CLIENT_TOKEN}");
+    let out = w.curl(&["-b", &jar_s, "-H", app_bearer, "-H", &ours, &web_headers]);
+    assert_eq!(out.status, 401, "{out:?}");
+    assert_eq!(out.json()["error"], "bad_token", "{out:?}");
 
     // The limited client sees only what it may open.
     let auth = format!("Authorization: Bearer {LIMITED_TOKEN}");
@@ -721,6 +795,102 @@ fn post_login(w: &Web, base: &str, jar: &str, body: &str, extra: &[&str]) -> Cur
     w.curl(&args)
 }
 
+/// Follows `url` with curl and the cookies in `jar` (`-N`, at most 30 s):
+/// the process and its output lines.
+fn follow_with_login(
+    w: &Web,
+    jar: &str,
+    url: &str,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("curl")
+        .args([
+            "-sS",
+            "-k",
+            "-N",
+            "--max-time",
+            "30",
+            "-b",
+            jar,
+            "--resolve",
+        ])
+        .arg(format!("web.prod.{BASE}:{}:127.0.0.1", w.port))
+        .args(["--resolve", &format!("{BASE}:{}:127.0.0.1", w.port), url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run curl");
+    let lines = BufReader::new(child.stdout.take().expect("curl's stdout")).lines();
+    (child, lines)
+}
+
+#[test]
+fn signing_out_ends_what_the_login_opened() {
+    let w = Web::start();
+    let base = w.host_url(BASE, "");
+    let jar = w.dir.join("jar").display().to_string();
+    let csrf = login_form_csrf(&w, &base, &jar);
+    let out = post_login(
+        &w,
+        &base,
+        &jar,
+        &format!("csrf={csrf}&token={CLIENT_TOKEN}"),
+        &[],
+    );
+    assert_eq!(out.status, 303, "{out:?}");
+    let console = w.curl(&["-b", &jar, &format!("{base}/")]);
+    let session_csrf = console
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("the logout form's csrf")
+        .to_owned();
+    // A long response from a service (100 events, 10 s) and the console's
+    // own event stream, both opened by the login.
+    let events = w.host_url(&format!("web.prod.{BASE}"), "/events?n=100");
+    let (mut service, mut service_lines) = follow_with_login(&w, &jar, &events);
+    assert_eq!(service_lines.next().unwrap().unwrap(), "id: 0");
+    let (mut console, mut console_lines) =
+        follow_with_login(&w, &jar, &format!("{base}/api/events"));
+    assert_eq!(console_lines.next().unwrap().unwrap(), "event: agents");
+
+    let out = w.curl(&[
+        "-b",
+        &jar,
+        "--data",
+        &format!("csrf={session_csrf}"),
+        &format!("{base}/logout"),
+    ]);
+    assert_eq!(out.status, 303, "{out:?}");
+    let signed_out = Instant::now();
+    let ticks = service_lines
+        .map_while(Result::ok)
+        .filter(|l| l.starts_with("data:"))
+        .count();
+    assert!(
+        signed_out.elapsed() < Duration::from_secs(3),
+        "the service's answer went on for {:?} after the logout ({ticks} more events)",
+        signed_out.elapsed()
+    );
+    assert!(ticks < 50, "{ticks} events after the logout");
+    console_lines.map_while(Result::ok).for_each(drop);
+    assert!(
+        signed_out.elapsed() < Duration::from_secs(3),
+        "the console's event stream went on for {:?} after the logout",
+        signed_out.elapsed()
+    );
+    let _ = service.wait();
+    let _ = console.wait();
+    assert!(
+        w.server.log_text().contains("signed out"),
+        "no log line says why"
+    );
+}
+
 #[test]
 fn only_real_login_attempts_count_against_an_address() {
     let w = Web::start();
@@ -740,6 +910,11 @@ fn only_real_login_attempts_count_against_an_address() {
     let good = format!("csrf={csrf}&token={CLIENT_TOKEN}&next=%2F");
     let out = post_login(&w, &base, &jar, &good, &[]);
     assert_eq!(out.status, 303, "a correct login was locked out: {out:?}");
+    // A pasted token's spaces and line end are no part of it (as with a
+    // Bearer header or the CLI).
+    let padded = format!("csrf={csrf}&token=%20{CLIENT_TOKEN}%20%0A&next=%2F");
+    let out = post_login(&w, &base, &jar, &padded, &[]);
+    assert_eq!(out.status, 303, "a padded token was refused: {out:?}");
 
     // Wrong tokens are attempts: after the burst, 429, and no proxy is
     // trusted, so a made-up X-Forwarded-For does not help.
