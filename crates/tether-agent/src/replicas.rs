@@ -373,10 +373,11 @@ impl Supervisor {
             t.last_error = why.to_owned();
         }
         let first = t.failures == 1 || new_reason;
-        let mut delay = t.backoff.next_delay();
-        if advertised {
-            delay = delay.min(ADVERTISED_BACKOFF_CAP);
-        }
+        let delay = if advertised {
+            t.backoff.next_delay_within(ADVERTISED_BACKOFF_CAP)
+        } else {
+            t.backoff.next_delay()
+        };
         t.next_attempt = Instant::now() + delay;
         first
     }
@@ -495,14 +496,8 @@ impl Supervisor {
                 t.backoff.reset();
                 Duration::ZERO
             }
-            _ => {
-                let d = t.backoff.next_delay();
-                if advertised {
-                    d.min(ADVERTISED_BACKOFF_CAP)
-                } else {
-                    d
-                }
-            }
+            _ if advertised => t.backoff.next_delay_within(ADVERTISED_BACKOFF_CAP),
+            _ => t.backoff.next_delay(),
         };
         if let Some(t) = st.targets.get_mut(&live.key) {
             t.next_attempt = now + delay;

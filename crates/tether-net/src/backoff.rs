@@ -33,7 +33,15 @@ impl Backoff {
 
     /// The delay before the next attempt; grows the next one.
     pub fn next_delay(&mut self) -> Duration {
-        let d = self.current;
+        self.next_delay_within(BACKOFF_MAX)
+    }
+
+    /// [`next_delay`](Self::next_delay) at most `cap`: the cap applies
+    /// before the jitter, so capped delays still spread over the upper
+    /// half of `cap` (a cap on the drawn delay would make most of them
+    /// exactly `cap`, and a fleet retry in step).
+    pub fn next_delay_within(&mut self, cap: Duration) -> Duration {
+        let d = self.current.min(cap);
         self.current = (self.current * 2).min(BACKOFF_MAX);
         let half = d / 2;
         half + rand::rng().random_range(Duration::ZERO..=half)
@@ -60,5 +68,16 @@ mod tests {
         assert!(last >= BACKOFF_MAX / 2);
         b.reset();
         assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_capped_delay_keeps_its_jitter() {
+        let cap = Duration::from_secs(2);
+        let mut b = Backoff::default();
+        let late: Vec<Duration> = (0..40).map(|_| b.next_delay_within(cap)).skip(10).collect();
+        assert!(late.iter().all(|d| *d >= cap / 2 && *d <= cap), "{late:?}");
+        // Spread, not piled at the cap (30 draws all equal: 1 in 10^200).
+        assert!(late.iter().any(|d| *d != late[0]), "{late:?}");
+        assert!(late.iter().filter(|d| **d == cap).count() < 5, "{late:?}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether_proto::{Role, SUBPROTOCOL};
 
@@ -151,31 +151,76 @@ where
 {
     let mut backoff = Backoff::default();
     loop {
-        let started = Instant::now();
+        // How long the session lasted: zero when the dial failed (a dial
+        // that timed out took as long as a healthy session, and reset the
+        // backoff: a black-holed server was retried every 10 s for good).
+        let mut lasted = Duration::ZERO;
         match dial().await {
             Err(e) => tracing::warn!(%server, "{e}"),
-            Ok(established) => match serve(established).await {
-                SessionEnd::Lost => {}
-                SessionEnd::Drained => {
-                    // Drained (GOAWAY): the server asked us to move, so a
-                    // fresh session at once, through the load balancer
-                    // (unless it drains every session at once: then wait).
-                    backoff.reset();
-                    if started.elapsed() >= Duration::from_secs(1) {
+            Ok(established) => {
+                let began = tokio::time::Instant::now();
+                let end = serve(established).await;
+                lasted = began.elapsed();
+                match end {
+                    SessionEnd::Lost => {}
+                    SessionEnd::Drained => {
+                        // Drained (GOAWAY): the server asked us to move, so
+                        // a fresh session at once, through the load balancer
+                        // (unless it drains every session at once: then wait).
+                        backoff.reset();
+                        if lasted >= Duration::from_secs(1) {
+                            continue;
+                        }
+                    }
+                    SessionEnd::RetryAfter(d) => {
+                        tokio::time::sleep(d).await;
                         continue;
                     }
                 }
-                SessionEnd::RetryAfter(d) => {
-                    tokio::time::sleep(d).await;
-                    continue;
-                }
-            },
+            }
         }
-        if started.elapsed() >= HEALTHY_SESSION {
+        if lasted >= HEALTHY_SESSION {
             backoff.reset();
         }
         let delay = backoff.next_delay();
         tracing::debug!(?delay, "reconnecting after backoff");
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A server that drops SYNs: every dial times out after 10 s, as long
+    /// as a healthy session lasts. The retries must still back off.
+    #[tokio::test(start_paused = true)]
+    async fn dials_that_time_out_still_back_off() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let seen = starts.clone();
+        let dial = move || {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(tokio::time::Instant::now());
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Err::<Established, _>("cannot connect: timed out".to_owned())
+            }
+        };
+        let serve = |_: Established| async { SessionEnd::Lost };
+        let run = keep_connected("test", dial, serve);
+        let _ = tokio::time::timeout(Duration::from_secs(400), run).await;
+        let starts = starts.lock().unwrap();
+        // The waits between a dial's end and the next one grow past the
+        // first delays (200 ms, doubling) instead of starting over.
+        let waits: Vec<Duration> = starts
+            .windows(2)
+            .map(|w| w[1] - w[0] - Duration::from_secs(10))
+            .collect();
+        assert!(waits.len() >= 5, "{waits:?}");
+        assert!(
+            waits.last().is_some_and(|w| *w >= Duration::from_secs(8)),
+            "{waits:?}"
+        );
     }
 }
