@@ -22,7 +22,7 @@
 //! advertised again. Additions count at once: a stale view costs a few
 //! dials, never a missed replica.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -150,6 +150,11 @@ struct State {
     view: HashMap<Key, Seen>,
     /// Addresses of the server URL's name, when it has several.
     url_addrs: Vec<SocketAddr>,
+    /// Those of them a session has stood for: the others may be out of
+    /// this agent's reach for good (an AAAA record on an IPv4-only
+    /// network, an address its egress policy blocks) and are dialed
+    /// without counting as missing.
+    url_addrs_held: HashSet<SocketAddr>,
     /// Replicas that said they are leaving and have not come back, with
     /// the id that left: still dialed (a restart comes back at the same
     /// address), not "missing" — until another replica is advertised there.
@@ -178,6 +183,12 @@ struct Replaced {
 }
 
 impl State {
+    /// Whether `key` is an address of the server URL's name that no
+    /// session has stood for yet.
+    fn unproven_url_addr(&self, key: &Key) -> bool {
+        matches!(key, Key::Addr(a) if self.url_addrs.contains(a) && !self.url_addrs_held.contains(a))
+    }
+
     /// Whether a live session stands for `key`.
     fn covered(&self, key: &Key) -> bool {
         let reached = self
@@ -243,7 +254,7 @@ impl Supervisor {
         let wanted = wanted(&st);
         let missing: Vec<&Key> = wanted
             .iter()
-            .filter(|k| !st.left.contains_key(*k) && !st.covered(k))
+            .filter(|k| !st.left.contains_key(*k) && !st.unproven_url_addr(k) && !st.covered(k))
             .collect();
         let last_error = missing
             .iter()
@@ -264,7 +275,10 @@ impl Supervisor {
 
     /// Records the server URL's addresses (several: each is a replica).
     pub(crate) fn set_url_addrs(&self, addrs: Vec<SocketAddr>) {
-        self.lock().url_addrs = if addrs.len() > 1 { addrs } else { vec![] };
+        let mut st = self.lock();
+        st.url_addrs = if addrs.len() > 1 { addrs } else { vec![] };
+        let st = &mut *st;
+        st.url_addrs_held.retain(|a| st.url_addrs.contains(a));
     }
 
     /// The keys to dial now (marked busy): missing from the held set, not
@@ -345,6 +359,11 @@ impl Supervisor {
         let mut due = vec![];
         for k in wanted {
             if st.covered(&k) {
+                if let Key::Addr(a) = k {
+                    if st.url_addrs.contains(&a) {
+                        st.url_addrs_held.insert(a);
+                    }
+                }
                 continue;
             }
             let t = target(&mut st.targets, &k, now);
@@ -364,7 +383,9 @@ impl Supervisor {
     pub(crate) fn failed(&self, key: &Key, why: &str) -> bool {
         let mut st = self.lock();
         st.dialing = st.dialing.saturating_sub(1);
-        let advertised = st.view.contains_key(key);
+        // (An address of the URL no session stood for may never answer:
+        // the full backoff, not the advertised cap.)
+        let advertised = st.view.contains_key(key) && !st.unproven_url_addr(key);
         let t = target(&mut st.targets, key, Instant::now());
         t.busy = false;
         t.failures += 1;
@@ -742,6 +763,42 @@ mod tests {
             .lock()
             .view
             .contains_key(&Key::Addr("127.0.6.9:7000".parse().unwrap())));
+    }
+
+    /// The server URL's name has an A and an AAAA record, and this agent
+    /// reaches only the first: the other is dialed, with the full backoff,
+    /// but is not a missing replica (the agent would never be ready). Once
+    /// a session has stood for an address, losing it is missing again.
+    #[tokio::test]
+    async fn an_address_of_the_url_never_reached_is_not_missing() {
+        let v4: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::10]:7001".parse().unwrap();
+        let sup = Supervisor::new();
+        sup.set_url_addrs(vec![v4, v6]);
+        let (s, _server) = session(vec![entry("r1", "10.0.0.1:7001", true)]).await;
+        let key4 = Key::Addr(v4);
+        let slot = sup.up(&key4, &key4, s);
+        let _ = sup.due();
+        assert!(sup.lock().view.contains_key(&Key::Addr(v6)), "not dialed");
+        assert_eq!(sup.counts().missing, 0, "an address never held is missing");
+        // Its dials back off past the advertised replicas' 2 s cap.
+        let mut longest = Duration::ZERO;
+        for _ in 0..10 {
+            sup.failed(&Key::Addr(v6), "network unreachable");
+            let next = sup.lock().targets[&Key::Addr(v6)].next_attempt;
+            longest = longest.max(next.saturating_duration_since(Instant::now()));
+        }
+        assert!(longest > ADVERTISED_BACKOFF_CAP, "{longest:?}");
+        // The address that was held is missing once its session is lost.
+        sup.down(
+            slot,
+            Ended {
+                goaway: None,
+                lasted: Duration::from_secs(100),
+            },
+        );
+        let _ = sup.due();
+        assert!(sup.counts().missing >= 1);
     }
 
     /// A replica that left is not "missing" while the others still list
