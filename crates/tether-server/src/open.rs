@@ -494,7 +494,7 @@ impl OpenGuard {
                     Ok(other) => {
                         tracing::debug!(%agent, instance = %other.instance, "open retried on another session: {r}");
                         session = other.conn.clone();
-                        opened = session.open_with(target, early.clone()).await;
+                        opened = session.open_with(target.clone(), early.clone()).await;
                         if let Err(again) = &opened {
                             if matches!(
                                 again.code,
@@ -518,6 +518,19 @@ impl OpenGuard {
                         self.end_pending();
                         return Err(Dial::Server(refusal));
                     }
+                }
+            }
+        }
+        if let Err(r) = &opened {
+            // The member picked by load does not offer the service, and
+            // another does (a pool in the middle of a change): no byte has
+            // moved, so the open goes there.
+            if r.code == OpenErrorCode::UnknownService {
+                let picked = entry.generation;
+                if let Some(other) = self.h.registry.pick_listing(agent, service, Some(picked)) {
+                    tracing::debug!(%agent, %service, instance = %other.instance, "open retried on a member that lists the service");
+                    session = other.conn.clone();
+                    opened = session.open_with(target, early.clone()).await;
                 }
             }
         }

@@ -237,6 +237,35 @@ impl Registry {
         tied.get(i).map(|e| (**e).clone())
     }
 
+    /// A live member of `name`, other than the session `except`, whose
+    /// catalog lists `service`: where an open goes when the member
+    /// picked by load does not offer it (a pool's members offering
+    /// different services: a roll that adds one, discovery seeing a
+    /// change at different times). Looked for only then: the catalogs
+    /// may be long.
+    pub(crate) fn pick_listing(
+        &self,
+        name: &str,
+        service: &str,
+        except: Option<u64>,
+    ) -> Option<AgentEntry> {
+        let t = self.lock();
+        t.pools
+            .get(name)?
+            .iter()
+            .filter(|e| e.is_live() && Some(e.generation) != except)
+            .filter(|e| {
+                let catalog = e.conn.peer_catalog();
+                let listed = catalog
+                    .borrow()
+                    .as_deref()
+                    .is_some_and(|c| c.iter().any(|s| s.name == service));
+                listed
+            })
+            .min_by_key(|e| e.load())
+            .cloned()
+    }
+
     /// The live member of `name` to show or use (see [`Registry::pick`]).
     pub(crate) fn get(&self, name: &str) -> Option<AgentEntry> {
         self.pick(name, None)

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tether_net::{Refusal, StreamError};
-use tether_proto::{ResetCode, ServiceKind};
+use tether_proto::{CatalogEntry, ResetCode, ServiceKind};
 
 use super::credential::{identify_on, ConnectionCredential};
 use super::login::{bad_token, login_required, refused_bearer, Via};
@@ -564,22 +564,47 @@ async fn check_service(
             http2: false,
         });
     };
-    match c.iter().find(|e| e.name == service) {
+    if let Some(e) = c.iter().find(|e| e.name == service) {
+        return service_http(agent, service, e);
+    }
+    // Another member of the agent's pool may offer it (a pool in the middle
+    // of a change): the open would go there (`OpenGuard::dial`).
+    let other = web
+        .registry
+        .pick_listing(agent, service, Some(entry.generation))
+        .map(|other| other.conn.peer_catalog());
+    let other = other.as_ref().map(|rx| rx.borrow());
+    match other
+        .as_ref()
+        .and_then(|c| c.as_deref()?.iter().find(|e| e.name == service))
+    {
+        Some(e) => service_http(agent, service, e),
         None => Err((
             StatusCode::NOT_FOUND,
             "unknown_service",
             format!("agent {agent} has no service named {service}"),
         )),
-        Some(e) if !e.kind.is_http() => Err((
+    }
+}
+
+/// How `agent`'s catalog entry `e` for `service` takes HTTP: refused when
+/// it is not an HTTP service.
+fn service_http(
+    agent: &str,
+    service: &str,
+    e: &CatalogEntry,
+) -> Result<ServiceHttp, (StatusCode, &'static str, String)> {
+    if !e.kind.is_http() {
+        return Err((
             StatusCode::BAD_REQUEST,
             "not_http",
             format!("{agent}/{service} is a {} service, not HTTP (mark it http in the agent's config to open it in a browser)", e.kind.as_str()),
-        )),
-        Some(e) => Ok(ServiceHttp {
-            host_header: (!e.host.is_empty()).then(|| e.host.clone()),
-            http2: e.kind == ServiceKind::Http2,
-        }),
+        ));
     }
+    Ok(ServiceHttp {
+        host_header: (!e.host.is_empty()).then(|| e.host.clone()),
+        http2: e.kind == ServiceKind::Http2,
+    })
 }
 
 /// The audit line of one proxied request, written when its response body

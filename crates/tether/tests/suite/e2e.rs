@@ -622,6 +622,50 @@ async fn newest_agent_session_wins() {
     );
 }
 
+/// Two members of one agent's pool offer different services (a roll that
+/// adds one): every open of the new one reaches the member that has it,
+/// whichever member the load picks first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_goes_to_the_pool_member_that_offers_the_service() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &["--instance", "old"]);
+    let new = Proc::spawn(
+        "agent-new",
+        &[
+            "agent".into(),
+            "--server".into(),
+            t.url(),
+            "--name".into(),
+            "prod".into(),
+            "--instance".into(),
+            "new".into(),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--service".into(),
+            format!("echo={echo}"),
+            "--service".into(),
+            format!("api={echo}"),
+        ],
+    );
+    assert!(new.wait_log("registered as prod", Duration::from_secs(10)));
+    assert!(wait_until(Duration::from_secs(10), || t
+        .server_metric("tether_agent_instances{agent=\"prod\"}")
+        == Some(2.0)));
+    let port = free_port();
+    let _client = t.client(CLIENT_TOKEN, &[(port, "prod/api")]);
+    for i in 0..30u8 {
+        let mut s = connect(port).await;
+        s.write_all(&[i; 4]).await.unwrap();
+        let mut b = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))) && b == [i; 4],
+            "open {i} of prod/api failed: {read:?}\n{}",
+            t.server.log_text()
+        );
+    }
+}
+
 /// A second agent process `prod` with instance id `instance`, serving `echo`.
 fn agent_instance(t: &Tunnel, instance: &str, echo: std::net::SocketAddr) -> Proc {
     Proc::spawn(
