@@ -97,7 +97,14 @@ impl Reloader {
         let new_tls = match &cfg.tls {
             // A self-signed certificate is kept: a new one would break every pin.
             Some(t) if !t.self_signed && self.tls.serving() => Some(crate::tls::build(t)?),
-            _ => None,
+            // Not applied (turning TLS on, or a self-signed server's
+            // client CA, needs a restart) but built all the same: a restart
+            // would refuse what does not build.
+            Some(t) => {
+                crate::tls::build(t)?;
+                None
+            }
+            None => None,
         };
         auth.warn_plaintext();
         self.auth.set(auth);

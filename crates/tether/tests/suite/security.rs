@@ -675,6 +675,33 @@ fn a_reload_names_the_settings_only_a_restart_applies() {
         std::net::TcpStream::connect(("127.0.0.1", listener_port)).is_err(),
         "a reload bound the new listener"
     );
+
+    // TLS turned on (a restart's) with files that are not there: a restart
+    // would refuse it, so the reload applies none of it.
+    let missing = s.dir.join("missing.pem").display().to_string();
+    std::fs::write(
+        &s.cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{agent}[tls]\ncert = \"{missing}\"\nkey = \"{missing}\"\n",
+            s.port
+        ),
+    )
+    .unwrap();
+    s.server.signal(Signal::HUP);
+    assert!(
+        s.server.wait_log("reload failed", Duration::from_secs(10)),
+        "{}",
+        s.server.log_text()
+    );
+    assert_eq!(
+        s.server
+            .log_text()
+            .matches("configuration reloaded")
+            .count(),
+        2,
+        "{}",
+        s.server.log_text()
+    );
 }
 
 /// A reload that fails for a key file that is not there yet watches that
