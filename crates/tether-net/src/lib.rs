@@ -34,6 +34,7 @@ pub mod early;
 pub mod host;
 pub mod keepalive;
 pub mod listen;
+pub mod log_gate;
 pub mod observe;
 pub mod pattern;
 pub mod reconnect;

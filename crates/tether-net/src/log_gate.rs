@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 /// A gate for one kind of log line (a `static` at the line's call site).
-pub(crate) struct LogGate {
+pub struct LogGate {
     /// Milliseconds since [`epoch`] of the last line let through, plus one
     /// (0: none yet).
     last: AtomicU64,
@@ -22,9 +22,15 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+impl Default for LogGate {
+    fn default() -> Self {
+        LogGate::new()
+    }
+}
+
 impl LogGate {
     /// A gate that lets its first line through.
-    pub(crate) const fn new() -> LogGate {
+    pub const fn new() -> LogGate {
         LogGate {
             last: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
@@ -35,7 +41,7 @@ impl LogGate {
     /// second (whichever caller claims the second writes it). `Some` holds
     /// how many lines were held back since the last one, for its
     /// `skipped` field.
-    pub(crate) fn allow(&self) -> Option<u64> {
+    pub fn allow(&self) -> Option<u64> {
         let now = epoch().elapsed().as_millis() as u64 + 1;
         let last = self.last.load(Ordering::Relaxed);
         let due = (last == 0 || now >= last + 1000)

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use tether_proto::datagram::{self, Decoder, MAX_DATAGRAM};
 use tether_proto::ResetCode;
 use tokio::net::UdpSocket;
+
+use crate::log_gate::LogGate;
 use tokio::sync::mpsc;
 
 use crate::scratch::{with_scratch, SCRATCH_LEN};
@@ -381,7 +383,12 @@ async fn local_flow<G: FlowGuard>(
     let (stream, guard) = match open.await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(%src, "udp flow refused: {e}; its datagrams are dropped for {REFUSED_HOLD:?}");
+            // A source costs nothing to make up (no handshake; spoofed
+            // addresses, a port per datagram): a line a second at most.
+            static GATE: LogGate = LogGate::new();
+            if let Some(skipped) = GATE.allow() {
+                tracing::info!(%src, skipped, "udp flow refused: {e}; its datagrams are dropped for {REFUSED_HOLD:?}");
+            }
             // Everything queued for it is lost, and what comes in the next
             // moment too: UDP needs no handshake, so a source sending fast
             // would otherwise start an open (and its log lines) for every

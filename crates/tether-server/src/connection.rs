@@ -19,11 +19,11 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use crate::admission::ConnectionHold;
 use crate::h2_stall::{StreamExecutor, Watched};
 use crate::limits::Limit;
-use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::response::{text, Resp};
 use crate::router::Router;
 use crate::web::credential::ConnectionCredential;
+use tether_net::log_gate::LogGate;
 
 /// How long a client may take to send the request headers (slowloris
 /// guard), and the first request on a connection.

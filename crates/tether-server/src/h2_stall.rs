@@ -52,9 +52,9 @@ use tokio::time::{Instant, Sleep};
 use futures_util::task::AtomicWaker;
 
 use crate::limits::Limit;
-use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::response::BoxError;
+use tether_net::log_gate::LogGate;
 
 /// The most of an answer handed to hyper at a time (h2's default frame
 /// size): see the module doc.

@@ -35,7 +35,6 @@ mod policy;
 // Shared handles.
 mod cluster;
 mod limits;
-mod log_gate;
 mod metrics;
 mod registry;
 mod sessions;

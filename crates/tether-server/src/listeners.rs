@@ -252,6 +252,9 @@ impl Listener {
     /// holding its open's guard for its life).
     async fn run_udp(self: Arc<Self>) {
         let cfg = &self.cfg;
+        if cfg.allow_from.is_empty() && !cfg.listen.ip().is_loopback() {
+            tracing::warn!(listen = %cfg.listen, target = %cfg.target, "udp listener open to every source (no allow_from): a datagram with a made-up source address has the service's answer sent there, reflecting it at a victim; set allow_from");
+        }
         let mut changes = self.registry.subscribe();
         let stats = Arc::new(tether_net::udp::UdpStats::default());
         loop {

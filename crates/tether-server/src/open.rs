@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::StatusCode;
+use tether_net::log_gate::LogGate;
 use tether_net::{Connection, Refusal, Stream};
 use tether_proto::target::ClientTarget;
 use tether_proto::{OpenErrorCode, Target, TargetKind};
@@ -405,8 +406,19 @@ impl OpenGuard {
         let h = &self.h;
         let protocol = self.protocol;
         let deny = |code: OpenErrorCode, reason: String| {
-            let target = target_name(agent, service);
-            tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "denied", %reason, "audit");
+            // A UDP flow's source costs nothing to make up (spoofed
+            // addresses, a port per datagram): its denials are written a
+            // second apart at most, with how many were not.
+            static UDP_GATE: LogGate = LogGate::new();
+            let skipped = match protocol {
+                Protocol::Udp => UDP_GATE.allow(),
+                _ => Some(0),
+            };
+            if let Some(skipped) = skipped {
+                let target = target_name(agent, service);
+                let skipped = (protocol == Protocol::Udp).then_some(skipped);
+                tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "denied", %reason, skipped, "audit");
+            }
             Err(Refusal::new(code, reason))
         };
         let rate = match protocol {

@@ -14,10 +14,10 @@ use crate::auth::Authenticator;
 use crate::cluster::Phase;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::connection::serve_connection;
-use crate::log_gate::LogGate;
 use crate::reload::{ConfigSource, Reloader};
 use crate::router::Router;
 use crate::state::State;
+use tether_net::log_gate::LogGate;
 
 /// The drain, once the listeners are closed: GOAWAY on client sessions and
 /// graceful close of HTTP connections; live streams and requests get up to

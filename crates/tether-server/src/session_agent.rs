@@ -16,7 +16,6 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use crate::auth::{token_hash, AuthStore};
 use crate::cluster::{Cluster, REPLICAS_REFRESH};
 use crate::limits::Limits;
-use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, MAX_INSTANCES};
 use crate::response::{text, Resp};
@@ -24,6 +23,7 @@ use crate::sessions::{SessionOwner, Sessions};
 use crate::upgrade::{
     accept_session, authenticated_hold, limit_refusal, require_token, tether_upgrade, unknown_token,
 };
+use tether_net::log_gate::LogGate;
 
 /// How long a probe session (`X-Tether-Probe`), closed by the server right
 /// after its handshake, may take to say goodbye.

@@ -16,9 +16,9 @@ use crate::admission::ConnectionHold;
 use crate::auth::{bearer, AuthStore};
 use crate::identity::ClientIdentity;
 use crate::limits::{Limit, LimitHit};
-use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::response::{empty, text, Resp};
+use tether_net::log_gate::LogGate;
 
 /// The connection taken over from hyper after a `101`.
 pub(crate) type Upgraded = TokioIo<hyper::upgrade::Upgraded>;

@@ -36,9 +36,9 @@ use super::pages::{error, escape, html_page};
 use super::{cookie, split_port, Web, WebConfig, FORM_READ_TIMEOUT, MAX_FORM_BODY};
 use crate::auth::{bearer, several_bearers, token_hash};
 use crate::identity::ClientIdentity;
-use crate::log_gate::LogGate;
 use crate::response::{page_policy, redirect, Resp};
 use crate::streams::Revocation;
+use tether_net::log_gate::LogGate;
 
 /// How a request proved who it is.
 #[derive(Debug, Clone)]

@@ -329,6 +329,64 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A dual-stack UDP listener takes IPv4 sources its `allow_from` names;
+/// a flood of made-up sources past the open rate is logged a second apart
+/// at most, not a line (or two) per source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_refusals_from_many_sources_are_logged_a_second_apart() {
+    let svc_addr = udp_echo().await;
+    let port = free_udp_port();
+    let dir = std::env::temp_dir().join(format!("tether-udp-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\nlisten = \"[::]:{port}\"\ntarget = \"prod/uecho\"\nprotocol = \"udp\"\n\
+             allow_from = [\"127.0.0.0/8\"]\n[limits]\nopens_per_sec = 1\nopen_burst = 1\n"
+        ),
+    )
+    .unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let t = Tunnel::start_with(&[("uecho", svc_addr)], &["--config", &cfg_arg], &[]);
+    assert!(t
+        .server
+        .wait_log("udp listener open", Duration::from_secs(10)));
+    // An IPv4 source on the [::] socket (::ffff:127.0.0.1) is in allow_from.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(("127.0.0.1", port)).await.unwrap();
+    sock.send(b"hello").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("an allowed IPv4 source answered through the dual-stack listener")
+        .unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    // 300 sources, one datagram each, as fast as they go: past the rate.
+    let flood = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..300 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(b"x", ("127.0.0.1", port)).unwrap();
+    }
+    drop(flood);
+    std::thread::sleep(Duration::from_secs(2));
+    let seconds = started.elapsed().as_secs() + 1;
+    let log = t.server.log_text();
+    let refused = log.matches("udp flow refused").count() as u64;
+    let denied = log
+        .lines()
+        .filter(|l| l.contains("decision=\"denied\"") || l.contains("decision=denied"))
+        .count() as u64;
+    assert!(refused >= 1, "nothing refused:\n{log}");
+    assert!(
+        refused <= seconds + 1 && denied <= seconds + 1,
+        "{refused} refusal and {denied} denial lines in {seconds} s"
+    );
+    assert!(log.contains("skipped="), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A server alone (no agent), with `config` as its config file.
 fn server_only(config: &str, tag: &str) -> (Proc, SocketAddr, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tether-{tag}-{}", std::process::id()));
