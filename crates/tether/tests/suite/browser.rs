@@ -490,6 +490,24 @@ async fn chromium_console_polls_when_its_live_updates_are_refused() {
         assert!(Instant::now() < end, "never live again: {status}");
     }
     assert_eq!(shown_cards(&c).await, "prod");
+    // Signed out elsewhere (here a request of the page's own, as another
+    // tab's sign-out would be): the live stream ends with the login, and
+    // the page goes to the sign-in page instead of polling 401s.
+    js(
+        &c,
+        "fetch('/logout', {method: 'POST', body: new URLSearchParams({csrf: document.querySelector('input[name=csrf]').value})}); return 'sent';",
+    )
+    .await;
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let url = c.current_url().await.unwrap();
+        if url.path() == "/login" {
+            assert_eq!(url.query(), Some("next=%2F"), "{url}");
+            break;
+        }
+        assert!(Instant::now() < end, "still on {url} after the logout");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     c.close().await.unwrap();
     drop(driver);
 }

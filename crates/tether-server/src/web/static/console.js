@@ -224,13 +224,25 @@
   // A new filter starts a new round of polls; the previous round stops.
   let pollRound = 0;
 
+  // Signed out (here or in another tab) or the login expired: the sign-in
+  // page, coming back here after it. Polls stop (each would be a 401).
+  let signedOut = false;
+  function toLogin() {
+    signedOut = true;
+    ++pollRound;
+    location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+  }
+
   function poll() {
     const round = ++pollRound;
     const q = query();
     fetch("/api/agents" + q, { headers: { Accept: "application/json" } })
       .then((r) => (r.ok ? r.json() : Promise.reject(r.status)))
       .then((s) => { if (round === pollRound) accept(s, q !== ""); })
-      .catch(() => { statusEl.textContent = "cannot reach the server; retrying"; })
+      .catch((status) => {
+        if (status === 401) return toLogin();
+        statusEl.textContent = "cannot reach the server; retrying";
+      })
       .finally(() => { if (round === pollRound) setTimeout(() => { if (round === pollRound) poll(); }, 3000); });
   }
 
@@ -247,15 +259,22 @@
         statusEl.textContent = "reconnecting…";
         return;
       }
-      // Refused for good (a 429: this client has 16 live consoles open
-      // elsewhere, the server's cap): keep the page current by polling.
+      // Refused for good: signed out (a 401), or this client has 16 live
+      // consoles open elsewhere (a 429, the server's cap). An EventSource
+      // does not say which: one plain request does.
       mine.close();
       if (es !== mine) return;
       es = null;
-      polling = true;
-      pollingNote = " · refreshing every 3 s (live updates refused: too many consoles open)";
-      statusEl.textContent = pollingNote.slice(3);
-      poll();
+      fetch("/api/agents", { headers: { Accept: "application/json" } })
+        .then((r) => {
+          if (r.status === 401) return toLogin();
+          if (signedOut || es) return;
+          polling = true;
+          pollingNote = " · refreshing every 3 s (live updates refused: too many consoles open)";
+          statusEl.textContent = pollingNote.slice(3);
+          poll();
+        })
+        .catch(() => { statusEl.textContent = "cannot reach the server; retrying"; setTimeout(listen, 3000); });
     };
   }
 
