@@ -383,9 +383,11 @@ impl Supervisor {
     pub(crate) fn failed(&self, key: &Key, why: &str) -> bool {
         let mut st = self.lock();
         st.dialing = st.dialing.saturating_sub(1);
-        // (An address of the URL no session stood for may never answer:
-        // the full backoff, not the advertised cap.)
-        let advertised = st.view.contains_key(key) && !st.unproven_url_addr(key);
+        // (An address of the URL no session stood for may never answer,
+        // and a replica that left may be gone for good: the full backoff,
+        // not the advertised cap.)
+        let advertised =
+            st.view.contains_key(key) && !st.unproven_url_addr(key) && !st.left.contains_key(key);
         let t = target(&mut st.targets, key, Instant::now());
         t.busy = false;
         t.failures += 1;
@@ -548,11 +550,15 @@ impl Supervisor {
     /// URL. A replica whose address failed twice in a row is looked for
     /// through the URL every other attempt: an agent outside the servers'
     /// network cannot reach pod addresses, but the load balancer can.
+    /// A replica that said it is leaving is dialed at its address only:
+    /// no search through the load balancer can find it (each would be a
+    /// handshake on a replica we hold, answered 409), while a restart
+    /// comes back at its address.
     pub(crate) fn route(&self, key: &Key) -> Option<SocketAddr> {
         let Key::Addr(a) = key else { return None };
         let st = self.lock();
         let failures = st.targets.get(key).map_or(0, |t| t.failures);
-        (failures < 2 || failures % 2 == 1).then_some(*a)
+        (failures < 2 || failures % 2 == 1 || st.left.contains_key(key)).then_some(*a)
     }
 
     /// A dial through the URL for `key` landed on another replica: look
@@ -799,6 +805,37 @@ mod tests {
         );
         let _ = sup.due();
         assert!(sup.counts().missing >= 1);
+    }
+
+    /// A replica that said it is leaving, still listed by the others, is
+    /// dialed at its address only (never searched for through the load
+    /// balancer) and with the full backoff, not every 2 s.
+    #[tokio::test]
+    async fn a_departed_replica_is_dialed_at_its_address_and_backs_off() {
+        let (a, b) = ("127.0.0.1:7001", "127.0.0.1:7002");
+        let (key_a, key_b) = (Key::Addr(a.parse().unwrap()), Key::Addr(b.parse().unwrap()));
+        let sup = Supervisor::new();
+        let (s1, _server1) = session(vec![entry("r1", a, true), entry("r2", b, false)]).await;
+        let _slot1 = sup.up(&key_a, &key_a, s1);
+        let (s2, _server2) = session(vec![entry("r2", b, true), entry("r1", a, false)]).await;
+        let slot2 = sup.up(&key_b, &key_b, s2);
+        let _ = sup.due();
+        sup.down(
+            slot2,
+            Ended {
+                goaway: Some(ErrorCode::Leaving),
+                lasted: Duration::from_secs(100),
+            },
+        );
+        let _ = sup.due();
+        let mut longest = Duration::ZERO;
+        for _ in 0..10 {
+            sup.failed(&key_b, "connection refused");
+            assert_eq!(sup.route(&key_b), Some(b.parse().unwrap()));
+            let next = sup.lock().targets[&key_b].next_attempt;
+            longest = longest.max(next.saturating_duration_since(Instant::now()));
+        }
+        assert!(longest > ADVERTISED_BACKOFF_CAP, "{longest:?}");
     }
 
     /// A replica that left is not "missing" while the others still list
