@@ -85,11 +85,26 @@ pub(crate) struct SessionView {
     pub(crate) draining: bool,
 }
 
+/// Tells an agent's session this replica is leaving (`normal` before the
+/// version that knows `leaving`).
+fn leave(conn: &Connection, reason: &str) {
+    let code = if conn.version() >= tether_proto::REPLICAS_VERSION {
+        ErrorCode::Leaving
+    } else {
+        ErrorCode::Normal
+    };
+    conn.go_away(code, reason);
+}
+
 /// Every live session.
 #[derive(Default)]
 pub(crate) struct Sessions {
     map: Mutex<HashMap<u64, Tracked>>,
     next: AtomicU64,
+    /// Why agent sessions were told this replica is leaving, once they
+    /// were ([`Sessions::go_away_agents`]): one tracked later (its
+    /// handshake was under way) is told at once.
+    leaving: std::sync::OnceLock<String>,
 }
 
 impl Sessions {
@@ -110,7 +125,8 @@ impl Sessions {
         checked_at: u64,
     ) -> u64 {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(
+        let mut map = self.lock();
+        map.insert(
             key,
             Tracked {
                 conn: conn.clone(),
@@ -120,6 +136,12 @@ impl Sessions {
                 since: SystemTime::now(),
             },
         );
+        // (Read under the lock `go_away_agents` sets it under: a session is
+        // either in its walk or told here.)
+        if let (Some(reason), SessionOwner::Agent { .. }) = (self.leaving.get(), &owner) {
+            leave(&conn, reason);
+        }
+        drop(map);
         if auth.generation() != checked_at && !owner.holds(&mut auth.get().revalidation()) {
             revoke(&conn);
         }
@@ -192,14 +214,11 @@ impl Sessions {
     /// advertised anew), `normal` to older ones; returns the sessions.
     pub(crate) fn go_away_agents(&self, reason: &str) -> Vec<Connection> {
         let mut conns = vec![];
-        for Tracked { conn, owner, .. } in self.lock().values() {
+        let map = self.lock();
+        let _ = self.leaving.set(reason.to_owned());
+        for Tracked { conn, owner, .. } in map.values() {
             if matches!(owner, SessionOwner::Agent { .. }) {
-                let code = if conn.version() >= tether_proto::REPLICAS_VERSION {
-                    ErrorCode::Leaving
-                } else {
-                    ErrorCode::Normal
-                };
-                conn.go_away(code, reason);
+                leave(conn, reason);
                 conns.push(conn.clone());
             }
         }
@@ -230,5 +249,49 @@ impl Sessions {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::config::ServerConfig;
+    use tether_net::transport::mem;
+
+    /// An agent session whose handshake finished after the replica told
+    /// its agents it is leaving is told too, when it is tracked.
+    #[tokio::test]
+    async fn an_agent_tracked_after_the_leaving_notice_is_told_at_once() {
+        let cfg: ServerConfig = toml::from_str("").unwrap();
+        let auth = AuthStore::new(Authenticator::from_config(&cfg).unwrap());
+        let sessions = Sessions::default();
+        let agent = SessionOwner::Agent {
+            name: "prod".into(),
+            token_hash: None,
+        };
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let ((early_agent, _), (early_server, _)) = mem::sessions().await.unwrap();
+        sessions.track(
+            early_server,
+            agent.clone(),
+            peer,
+            "t",
+            &auth,
+            auth.generation(),
+        );
+        assert_eq!(sessions.go_away_agents("leaving").len(), 1);
+        let ((late_agent, _), (late_server, _)) = mem::sessions().await.unwrap();
+        sessions.track(late_server, agent, peer, "t", &auth, auth.generation());
+        for side in [early_agent, late_agent] {
+            let told = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while side.peer_goaway().is_none() {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            assert!(told.is_ok(), "no GOAWAY");
+            assert_eq!(side.peer_goaway(), Some(ErrorCode::Leaving));
+        }
     }
 }
