@@ -256,7 +256,7 @@ impl Listener {
             tracing::warn!(listen = %cfg.listen, target = %cfg.target, "udp listener open to every source (no allow_from): a datagram with a made-up source address has the service's answer sent there, reflecting it at a victim; set allow_from");
         }
         let mut changes = self.registry.subscribe();
-        let stats = Arc::new(tether_net::udp::UdpStats::default());
+        let stats = self.metrics.udp_listener(cfg.listen);
         loop {
             if !self.agent_connected(&mut changes).await {
                 return;
@@ -303,7 +303,13 @@ impl Listener {
             };
             let allow = {
                 let this = self.clone();
-                move |peer: &SocketAddr| this.cfg.allows(peer)
+                move |peer: &SocketAddr| {
+                    let allowed = this.cfg.allows(peer);
+                    if !allowed {
+                        this.metrics.error("listener_source_denied");
+                    }
+                    allowed
+                }
             };
             let server = tokio::spawn(tether_net::udp::serve_socket_guarded(
                 socket,

@@ -5,6 +5,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tether_net::udp::UdpStats;
 
 use crate::limits::Limit;
 
@@ -97,6 +100,8 @@ pub(crate) struct Metrics {
     /// lookup hashes and allocates its labels, and these count every open,
     /// request and relayed stream.
     hot: HotSeries,
+    /// Each UDP `[[listener]]`'s flow and datagram counts, by address.
+    udp_listeners: Arc<UdpListeners>,
 }
 
 /// See [`Metrics::hot`].
@@ -128,6 +133,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             decisions: Family::default(),
             hot: HotSeries::default(),
+            udp_listeners: Arc::default(),
             registry: Registry::default(),
         };
         let result = |r: &str| ResultLabel { result: r.into() };
@@ -189,6 +195,7 @@ impl Default for Metrics {
             "Opens allowed or denied by the policy",
             m.decisions.clone(),
         );
+        registry.register_collector(Box::new(m.udp_listeners.clone()));
         Metrics { registry, ..m }
     }
 }
@@ -300,6 +307,74 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Metrics {
+    /// The counts of the UDP listener on `listen`, shown as
+    /// `tether_listener_udp_*{listen="..."}`: one set per listener for the
+    /// process's life (it survives the listener's rebinds).
+    pub(crate) fn udp_listener(&self, listen: std::net::SocketAddr) -> Arc<UdpStats> {
+        let stats = Arc::new(UdpStats::default());
+        self.udp_listeners
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((listen.to_string(), stats.clone()));
+        stats
+    }
+}
+
+/// Reads one of a UDP listener's counters from its stats.
+type UdpCount = fn(&UdpStats) -> &AtomicU64;
+
+/// The UDP listeners' counts, read at each scrape.
+#[derive(Default)]
+struct UdpListeners(Mutex<Vec<(String, Arc<UdpStats>)>>);
+
+impl std::fmt::Debug for UdpListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UdpListeners")
+    }
+}
+
+impl prometheus_client::collector::Collector for UdpListeners {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+        let listeners = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if listeners.is_empty() {
+            return Ok(());
+        }
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut m = encoder.encode_descriptor(
+            "listener_udp_live_flows",
+            "Flows (source addresses) a UDP listener carries now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listen, s) in &listeners {
+            m.encode_family(&[("listen", listen.as_str())])?
+                .encode_gauge(&s.flows.load(Ordering::Relaxed))?;
+        }
+        let counters: [(&str, &str, UdpCount); 5] = [
+            ("listener_udp_flows", "Flows a UDP listener started (a new source address each; refused ones too)", |s| &s.flows_total),
+            ("listener_udp_evicted", "Flows a UDP listener closed to stay under its cap", |s| &s.evicted),
+            ("listener_udp_drops", "Datagrams a UDP listener dropped (a source outside allow_from, a refused open, a full queue, no credit, too large)", |s| &s.drops),
+            ("listener_udp_datagrams_in", "Datagrams a UDP listener sent into the tunnel", |s| &s.datagrams_in),
+            ("listener_udp_datagrams_out", "Datagrams a UDP listener delivered from the tunnel", |s| &s.datagrams_out),
+        ];
+        for (name, help, field) in counters {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (listen, s) in &listeners {
+                m.encode_family(&[("listen", listen.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&load(field(s)), None)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -384,6 +384,37 @@ async fn udp_refusals_from_many_sources_are_logged_a_second_apart() {
         "{refused} refusal and {denied} denial lines in {seconds} s"
     );
     assert!(log.contains("skipped="), "{log}");
+    // A source outside allow_from (::1 is not in 127.0.0.0/8) is dropped
+    // and counted; the listener's own counts are on /metrics.
+    let v6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    v6.send_to(b"x", ("::1", port)).unwrap();
+    let listen = format!("{{listen=\"[::]:{port}\"}}");
+    assert!(
+        wait_until(Duration::from_secs(5), || t
+            .server_metric("tether_errors_total{kind=\"listener_source_denied\"}")
+            .is_some_and(|n| n >= 1.0)),
+        "{}",
+        t.server_metrics()
+    );
+    let metrics = t.server_metrics();
+    let value = |name: &str| metric(&metrics, &format!("{name}{listen}")).unwrap_or(-1.0);
+    assert_eq!(value("tether_listener_udp_live_flows"), 1.0, "{metrics}");
+    assert!(
+        value("tether_listener_udp_flows_total") >= 100.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tether_listener_udp_datagrams_in_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tether_listener_udp_datagrams_out_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tether_listener_udp_drops_total") >= 100.0,
+        "{metrics}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
