@@ -25,6 +25,29 @@ pub(crate) enum CredentialError {
     Jwt(#[from] JwtError),
 }
 
+impl CredentialError {
+    /// Whether the credential is not one of ours at all (no token of the
+    /// config, no JWT for this server's keys, issuer or audience), rather
+    /// than one of ours refused (expired, not yet valid, a claim missing):
+    /// a service's own bearer token beside a browser login.
+    pub(crate) fn is_foreign(&self) -> bool {
+        match self {
+            CredentialError::Unknown => true,
+            CredentialError::Jwt(e) => matches!(
+                e,
+                JwtError::BadHeader(_)
+                    | JwtError::Crit
+                    | JwtError::NoKey(_)
+                    | JwtError::BadSignature
+                    | JwtError::AlgorithmMismatch
+                    | JwtError::Malformed(_)
+                    | JwtError::WrongIssuer
+                    | JwtError::WrongAudience
+            ),
+        }
+    }
+}
+
 /// SHA-256 of a token, as 32 bytes. Tokens are compared by hash so that the
 /// comparison time says nothing about the token, and configs can hold hashes.
 pub(crate) fn token_hash(token: &str) -> [u8; 32] {

@@ -303,10 +303,11 @@ impl Listener {
             };
             let allow = {
                 let this = self.clone();
+                let denied = self.metrics.error_counter("listener_source_denied");
                 move |peer: &SocketAddr| {
                     let allowed = this.cfg.allows(peer);
                     if !allowed {
-                        this.metrics.error("listener_source_denied");
+                        denied.inc(); // per datagram
                     }
                     allowed
                 }

@@ -214,11 +214,17 @@ impl Drop for LiveSession {
 impl Metrics {
     /// Counts one error of `kind`.
     pub(crate) fn error(&self, kind: &str) {
+        self.error_counter(kind).inc();
+    }
+
+    /// The `tether_errors_total` series of `kind`, to count into without a
+    /// lookup each time (a count per datagram).
+    pub(crate) fn error_counter(&self, kind: &str) -> Counter {
         self.errors
             .get_or_create(&ErrorLabel {
                 kind: kind.to_owned(),
             })
-            .inc();
+            .clone()
     }
 
     /// Counts one refusal by `limit`.

@@ -406,17 +406,19 @@ impl OpenGuard {
         let h = &self.h;
         let protocol = self.protocol;
         let deny = |code: OpenErrorCode, reason: String| {
-            // A UDP flow's source costs nothing to make up (spoofed
-            // addresses, a port per datagram): its denials are written a
-            // second apart at most, with how many were not.
+            // A UDP listener's flow source costs nothing to make up
+            // (spoofed addresses, a port per datagram): its denials are
+            // written a second apart at most, with how many were not. (A
+            // client's are its own, and all written.)
             static UDP_GATE: LogGate = LogGate::new();
-            let skipped = match protocol {
-                Protocol::Udp => UDP_GATE.allow(),
+            let skipped = match (protocol, caller) {
+                (Protocol::Udp, Caller::Listener(_)) => UDP_GATE.allow(),
                 _ => Some(0),
             };
             if let Some(skipped) = skipped {
                 let target = target_name(agent, service);
-                let skipped = (protocol == Protocol::Udp).then_some(skipped);
+                let skipped = matches!((protocol, caller), (Protocol::Udp, Caller::Listener(_)))
+                    .then_some(skipped);
                 tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "denied", %reason, skipped, "audit");
             }
             Err(Refusal::new(code, reason))

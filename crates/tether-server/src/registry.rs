@@ -249,11 +249,20 @@ impl Registry {
         service: &str,
         except: Option<u64>,
     ) -> Option<AgentEntry> {
-        let t = self.lock();
-        t.pools
-            .get(name)?
-            .iter()
-            .filter(|e| e.is_live() && Some(e.generation) != except)
+        // The catalogs are read with the registry unlocked: a session's
+        // reader updates its catalog under the session's own lock, which
+        // `is_live` takes under the registry's.
+        let members: Vec<AgentEntry> = {
+            let t = self.lock();
+            t.pools
+                .get(name)?
+                .iter()
+                .filter(|e| e.is_live() && Some(e.generation) != except)
+                .cloned()
+                .collect()
+        };
+        members
+            .into_iter()
             .filter(|e| {
                 let catalog = e.conn.peer_catalog();
                 let listed = catalog
@@ -263,7 +272,6 @@ impl Registry {
                 listed
             })
             .min_by_key(|e| e.load())
-            .cloned()
     }
 
     /// The live member of `name` to show or use (see [`Registry::pick`]).

@@ -115,8 +115,14 @@ impl ListenerConfig {
     /// On a dual-stack `[::]` socket an IPv4 peer is `::ffff:a.b.c.d`, which
     /// no IPv4 network contains: it is judged as the IPv4 address it is.
     pub(crate) fn allows(&self, peer: &SocketAddr) -> bool {
+        // (A network written in the mapped form, `::ffff:10.0.0.0/104`,
+        // still takes the peer as the socket gave it.)
         let ip = peer.ip().to_canonical();
-        self.allow_from.is_empty() || self.allow_from.iter().any(|n| n.contains(&ip))
+        self.allow_from.is_empty()
+            || self
+                .allow_from
+                .iter()
+                .any(|n| n.contains(&ip) || n.contains(&peer.ip()))
     }
 }
 
@@ -192,12 +198,17 @@ mod tests {
     #[test]
     fn an_ipv4_client_of_a_dual_stack_listener_is_judged_by_its_ipv4_address() {
         let mut l = listener("[::]:5432", "tcp");
-        l.allow_from = vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        l.allow_from = vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+            "::ffff:10.1.0.0/112".parse().unwrap(),
+        ];
         let allows = |peer: &str| l.allows(&peer.parse().unwrap());
         assert!(allows("[::ffff:127.0.0.1]:4000"));
         assert!(allows("127.0.0.1:4000"));
         assert!(allows("[fd00::1]:4000"));
         assert!(!allows("[::ffff:10.0.0.1]:4000"));
+        assert!(allows("[::ffff:10.1.0.9]:4000"), "the mapped spelling");
         assert!(!allows("[fe80::1]:4000"));
     }
 

@@ -65,11 +65,11 @@ pub(crate) fn identify_on(
             return Some((id, Via::Bearer));
         }
     }
-    let Ok(id) = auth.client(&token) else {
+    let id = match auth.client(&token) {
+        Ok(id) => id,
         // Not ours: the service's own, beside a login (see `identify`).
-        return (!several_bearers(h))
-            .then(|| identify_by_login(web, h))
-            .flatten();
+        Err(e) if e.is_foreign() && !several_bearers(h) => return identify_by_login(web, h),
+        Err(_) => return None,
     };
     conn.remember(generation, token, &id);
     Some((id, Via::Bearer))

@@ -91,11 +91,12 @@ fn csrf_cookie_name(web: &Web) -> &'static str {
 pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
     let auth = web.auth.get();
     if let Some(t) = bearer(h) {
-        if let Ok(c) = auth.client(&t) {
-            return Some((c, Via::Bearer));
-        }
-        if several_bearers(h) {
-            return None;
+        match auth.client(&t) {
+            Ok(c) => return Some((c, Via::Bearer)),
+            // One of ours, refused (an expired JWT): never passed on.
+            Err(e) if !e.is_foreign() => return None,
+            Err(_) if several_bearers(h) => return None,
+            Err(_) => {}
         }
     }
     identify_by_login(web, h)

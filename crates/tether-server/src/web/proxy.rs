@@ -156,8 +156,9 @@ async fn proxy(
     let method = parts.method;
     let mut h = parts.headers;
     // `TE: trailers` says the client takes trailers (gRPC's status comes in
-    // them); HTTP/2 lets it through, the one `TE` value it allows.
-    let te_trailers = http2 && accepts_trailers(&h);
+    // them): passed on (HTTP/2 allows no other `TE` value), since a service
+    // may send trailers only when asked (hyper's HTTP/1.1 server does).
+    let te_trailers = accepts_trailers(&h);
     let public_host = outbound_headers(
         web,
         &mut h,
@@ -567,6 +568,9 @@ async fn check_service(
     if let Some(e) = c.iter().find(|e| e.name == service) {
         return service_http(agent, service, e);
     }
+    // Released first: the catalog's lock is never held while the
+    // registry's is taken (a session's reader takes them the other way).
+    drop(catalog);
     // Another member of the agent's pool may offer it (a pool in the middle
     // of a change): the open would go there (`OpenGuard::dial`).
     let other = web

@@ -398,7 +398,7 @@ async fn udp_refusals_from_many_sources_are_logged_a_second_apart() {
     );
     let metrics = t.server_metrics();
     let value = |name: &str| metric(&metrics, &format!("{name}{listen}")).unwrap_or(-1.0);
-    assert_eq!(value("tether_listener_udp_live_flows"), 1.0, "{metrics}");
+    assert!(value("tether_listener_udp_live_flows") >= 1.0, "{metrics}");
     assert!(
         value("tether_listener_udp_flows_total") >= 100.0,
         "{metrics}"
