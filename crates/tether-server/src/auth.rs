@@ -455,6 +455,27 @@ impl Revalidation<'_> {
 mod tests {
     use super::*;
 
+    /// A credential that is not ours at all may be a service's own beside a
+    /// login; one of ours that was refused (an expired JWT) never is.
+    #[test]
+    fn only_credentials_not_ours_count_as_foreign() {
+        let foreign = [
+            CredentialError::Unknown,
+            JwtError::BadSignature.into(),
+            JwtError::WrongAudience.into(),
+            JwtError::WrongIssuer.into(),
+            JwtError::Malformed("x".into()).into(),
+        ];
+        assert!(foreign.iter().all(CredentialError::is_foreign));
+        let ours = [
+            JwtError::Expired.into(),
+            JwtError::NotYetValid.into(),
+            JwtError::MissingClaim("sub".into()).into(),
+            JwtError::WrongSubject.into(),
+        ];
+        assert!(!ours.iter().any(CredentialError::is_foreign));
+    }
+
     #[test]
     fn tokens_and_allow_lists() {
         let cfg: ServerConfig = toml::from_str(&format!(
