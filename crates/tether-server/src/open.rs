@@ -411,14 +411,11 @@ impl OpenGuard {
             // written a second apart at most, with how many were not. (A
             // client's are its own, and all written.)
             static UDP_GATE: LogGate = LogGate::new();
-            let skipped = match (protocol, caller) {
-                (Protocol::Udp, Caller::Listener(_)) => UDP_GATE.allow(),
-                _ => Some(0),
-            };
-            if let Some(skipped) = skipped {
+            let gated = matches!((protocol, caller), (Protocol::Udp, Caller::Listener(_)));
+            let written = if gated { UDP_GATE.allow() } else { Some(0) };
+            if let Some(skipped) = written {
                 let target = target_name(agent, service);
-                let skipped = matches!((protocol, caller), (Protocol::Udp, Caller::Listener(_)))
-                    .then_some(skipped);
+                let skipped = gated.then_some(skipped);
                 tracing::info!(target: "audit", identity = %caller.name(), %target, protocol = protocol.as_str(), decision = "denied", %reason, skipped, "audit");
             }
             Err(Refusal::new(code, reason))

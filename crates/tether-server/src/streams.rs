@@ -105,6 +105,14 @@ impl Revocation {
         self.revoked.load(Ordering::Acquire)
     }
 
+    /// Resolves once `r` is revoked; never without one.
+    pub(crate) async fn revoked_or_never(r: Option<&Revocation>) {
+        match r {
+            Some(r) => r.revoked().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Resolves once the stream is revoked.
     pub(crate) async fn revoked(&self) {
         loop {
@@ -319,24 +327,14 @@ pub(crate) fn ended(
     expires_at: Option<Instant>,
 ) -> Pin<Box<dyn Future<Output = &'static str> + Send>> {
     Box::pin(async move {
-        let signing_out = async {
-            match &signed_out {
-                Some(r) => r.revoked().await,
-                None => std::future::pending().await,
-            }
-        };
+        let signing_out = Revocation::revoked_or_never(signed_out.as_deref());
         let expiry = async {
             match expires_at {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
-        let revocation = async {
-            match &revoked {
-                Some(r) => r.revoked().await,
-                None => std::future::pending().await,
-            }
-        };
+        let revocation = Revocation::revoked_or_never(revoked.as_deref());
         tokio::select! {
             _ = revocation => ACCESS_REVOKED,
             _ = signing_out => SIGNED_OUT,

@@ -507,12 +507,7 @@ pub(crate) fn events(
     let stream = futures_util::stream::unfold(ev, move |mut ev| async move {
         loop {
             if let Some(built) = ev.built {
-                let signing_out = async {
-                    match &ev.signed_out {
-                        Some(r) => r.revoked().await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let signing_out = Revocation::revoked_or_never(ev.signed_out.as_deref());
                 tokio::select! {
                     _ = ev.changes.changed() => {}
                     _ = tokio::time::sleep(EVENTS_TICK) => {}

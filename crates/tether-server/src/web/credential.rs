@@ -15,9 +15,9 @@ use std::sync::Mutex;
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use super::login::{identify, identify_by_login, Via};
+use super::login::{identify, identify_beside, Via};
 use super::Web;
-use crate::auth::{bearer, several_bearers};
+use crate::auth::bearer;
 use crate::identity::ClientIdentity;
 
 /// What one HTTP connection remembers of its last bearer credential.
@@ -67,9 +67,7 @@ pub(crate) fn identify_on(
     }
     let id = match auth.client(&token) {
         Ok(id) => id,
-        // Not ours: the service's own, beside a login (see `identify`).
-        Err(e) if e.is_foreign() && !several_bearers(h) => return identify_by_login(web, h),
-        Err(_) => return None,
+        Err(e) => return identify_beside(web, h, &e),
     };
     conn.remember(generation, token, &id);
     Some((id, Via::Bearer))

@@ -34,7 +34,7 @@ use std::time::Duration;
 use super::logins::{cookie_names, unix_now, CSRF_TTL};
 use super::pages::{error, escape, html_page};
 use super::{cookie, split_port, Web, WebConfig, FORM_READ_TIMEOUT, MAX_FORM_BODY};
-use crate::auth::{bearer, several_bearers, token_hash};
+use crate::auth::{bearer, several_bearers, token_hash, CredentialError};
 use crate::identity::ClientIdentity;
 use crate::response::{page_policy, redirect, Resp};
 use crate::streams::Revocation;
@@ -91,19 +91,32 @@ fn csrf_cookie_name(web: &Web) -> &'static str {
 pub(crate) fn identify(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
     let auth = web.auth.get();
     if let Some(t) = bearer(h) {
-        match auth.client(&t) {
-            Ok(c) => return Some((c, Via::Bearer)),
-            // One of ours, refused (an expired JWT): never passed on.
-            Err(e) if !e.is_foreign() => return None,
-            Err(_) if several_bearers(h) => return None,
-            Err(_) => {}
-        }
+        return match auth.client(&t) {
+            Ok(c) => Some((c, Via::Bearer)),
+            Err(e) => identify_beside(web, h, &e),
+        };
     }
     identify_by_login(web, h)
 }
 
+/// The identity of a request whose bearer credential `refused` was
+/// refused: its login, when the bearer is not ours at all (the service's
+/// own) and alone; else none. One of ours refused (an expired JWT) is never
+/// passed on, and of several bearers another could be a tether token.
+pub(crate) fn identify_beside(
+    web: &Web,
+    h: &HeaderMap,
+    refused: &CredentialError,
+) -> Option<(ClientIdentity, Via)> {
+    if refused.is_foreign() && !several_bearers(h) {
+        identify_by_login(web, h)
+    } else {
+        None
+    }
+}
+
 /// The client identity of a request's session cookie.
-pub(crate) fn identify_by_login(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
+fn identify_by_login(web: &Web, h: &HeaderMap) -> Option<(ClientIdentity, Via)> {
     let auth = web.auth.get();
     let id = cookie(h, session_cookie_name(web))?;
     let s = web.logins.get(id)?;

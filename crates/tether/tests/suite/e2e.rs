@@ -629,24 +629,7 @@ async fn newest_agent_session_wins() {
 async fn an_open_goes_to_the_pool_member_that_offers_the_service() {
     let echo = echo_service().await;
     let t = Tunnel::start(&[("echo", echo)], &["--instance", "old"]);
-    let new = Proc::spawn(
-        "agent-new",
-        &[
-            "agent".into(),
-            "--server".into(),
-            t.url(),
-            "--name".into(),
-            "prod".into(),
-            "--instance".into(),
-            "new".into(),
-            "--token".into(),
-            AGENT_TOKEN.into(),
-            "--service".into(),
-            format!("echo={echo}"),
-            "--service".into(),
-            format!("api={echo}"),
-        ],
-    );
+    let new = agent_instance_with(&t, "new", &[format!("echo={echo}"), format!("api={echo}")]);
     assert!(new.wait_log("registered as prod", Duration::from_secs(10)));
     assert!(wait_until(Duration::from_secs(10), || t
         .server_metric("tether_agent_instances{agent=\"prod\"}")
@@ -668,22 +651,27 @@ async fn an_open_goes_to_the_pool_member_that_offers_the_service() {
 
 /// A second agent process `prod` with instance id `instance`, serving `echo`.
 fn agent_instance(t: &Tunnel, instance: &str, echo: std::net::SocketAddr) -> Proc {
-    Proc::spawn(
-        &format!("agent-{instance}"),
-        &[
-            "agent".into(),
-            "--server".into(),
-            t.url(),
-            "--name".into(),
-            "prod".into(),
-            "--instance".into(),
-            instance.into(),
-            "--token".into(),
-            AGENT_TOKEN.into(),
-            "--service".into(),
-            format!("echo={echo}"),
-        ],
-    )
+    agent_instance_with(t, instance, &[format!("echo={echo}")])
+}
+
+/// A second agent process `prod` with instance id `instance`, serving
+/// `services` (`NAME=ADDRESS` each).
+fn agent_instance_with(t: &Tunnel, instance: &str, services: &[String]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "agent".into(),
+        "--server".into(),
+        t.url(),
+        "--name".into(),
+        "prod".into(),
+        "--instance".into(),
+        instance.into(),
+        "--token".into(),
+        AGENT_TOKEN.into(),
+    ];
+    for s in services {
+        args.extend(["--service".into(), s.clone()]);
+    }
+    Proc::spawn(&format!("agent-{instance}"), &args)
 }
 
 /// A pool holds eight instances of a name: a ninth is refused before the
