@@ -41,15 +41,17 @@ pub(crate) struct AgentEndpoint {
     session_config: tether_proto::Config,
 }
 
-/// A verified client certificate's claim to be agent `name` (mutual TLS).
+/// A verified client certificate's claim to be agent `name` (mutual TLS):
+/// one of its DNS names is `name`, byte for byte. Not webpki's server-name
+/// check, which lets `*.prod.corp` stand for every agent under `prod.corp`
+/// and ignores letter case (so `prod` would also be `PROD`): here a
+/// certificate names one agent, the one it spells out.
 fn cert_names_agent(cert: &CertificateDer<'_>, name: &str) -> bool {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    let Ok(server_name) = tokio_rustls::rustls::pki_types::ServerName::try_from(name) else {
-        return false;
-    };
-    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+    ee.valid_dns_names()
+        .any(|dns| dns == name && !dns.contains('*'))
 }
 
 impl AgentEndpoint {
@@ -382,6 +384,32 @@ fn resends_replicas(version: u16) -> Option<std::time::Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cert_for(names: &[&str]) -> CertificateDer<'static> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        rcgen::generate_simple_self_signed(names)
+            .expect("a test certificate")
+            .cert
+            .der()
+            .clone()
+    }
+
+    #[test]
+    fn a_certificate_names_only_the_agents_it_spells_out() {
+        let wildcard = cert_for(&["*.prod.corp"]);
+        assert!(!cert_names_agent(&wildcard, "b.prod.corp"));
+        assert!(!cert_names_agent(&wildcard, "*.prod.corp"));
+        let plain = cert_for(&["prod", "edge-1"]);
+        assert!(cert_names_agent(&plain, "prod"));
+        assert!(cert_names_agent(&plain, "edge-1"));
+        assert!(!cert_names_agent(&plain, "PROD"));
+        assert!(!cert_names_agent(&plain, "Prod"));
+        assert!(!cert_names_agent(&plain, "prod2"));
+        assert!(!cert_names_agent(
+            &CertificateDer::from(vec![1u8, 2, 3]),
+            "prod"
+        ));
+    }
 
     #[test]
     fn only_sessions_before_version_7_get_the_replica_list_again() {
