@@ -87,7 +87,16 @@ fn credential_hash(
 ) -> anyhow::Result<[u8; 32]> {
     match (token, hash) {
         (Some(t), None) if !t.is_empty() => Ok(token_hash(t)),
-        (None, Some(h)) => parse_hex32(h).with_context(|| format!("{who}: token_sha256")),
+        (None, Some(h)) => {
+            let hash = parse_hex32(h).with_context(|| format!("{who}: token_sha256"))?;
+            // An empty credential (`Authorization: Bearer` with nothing
+            // after it, `?token=`, an empty login form) hashes to this:
+            // such an entry would let anyone in.
+            if hash == token_hash("") {
+                bail!("{who}: token_sha256 is the SHA-256 of an empty token (was the secret unset when it was hashed?)");
+            }
+            Ok(hash)
+        }
         _ => bail!("{who}: set exactly one of token / token_sha256"),
     }
 }
@@ -502,6 +511,19 @@ mod tests {
         assert!(a.client("agent-secret").is_err());
         assert!(a.client_still_valid(&alice));
         assert_eq!(a.plaintext_secrets, vec!["agent prod".to_owned()]);
+    }
+
+    #[test]
+    fn the_hash_of_an_empty_token_is_refused() {
+        for kind in ["agent", "client"] {
+            let cfg: ServerConfig = toml::from_str(&format!(
+                "[[{kind}]]\nname = \"x\"\ntoken_sha256 = \"{}\"\n",
+                hex(&token_hash(""))
+            ))
+            .unwrap();
+            let e = Authenticator::from_config(&cfg).unwrap_err();
+            assert!(format!("{e:#}").contains("empty token"), "{kind}: {e:#}");
+        }
     }
 
     #[test]
