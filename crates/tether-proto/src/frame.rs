@@ -896,6 +896,14 @@ fn encode_header(kind: FrameType, id: StreamId, len: usize, out: &mut [u8; HEADE
     out[6..10].copy_from_slice(&(len as u32).to_be_bytes());
 }
 
+/// `reason` as a frame carries it: at most [`MAX_REASON_LEN`] bytes, cut on
+/// a char boundary. Reasons are clipped when queued, not only when encoded:
+/// a peer that provokes refusals and reads slowly must not make the session
+/// hold their full text.
+pub fn clip_reason(reason: &str) -> &str {
+    clip(reason, MAX_REASON_LEN)
+}
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
 fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::codes::{ErrorCode, OpenErrorCode, ResetCode};
 use crate::frame::{
-    CatalogEntry, Frame, FrameError, Heartbeat, Hello, Replicas, StreamId, Target, TargetKind,
-    HEADER_LEN,
+    clip_reason, CatalogEntry, Frame, FrameError, Heartbeat, Hello, Replicas, StreamId, Target,
+    TargetKind, HEADER_LEN,
 };
 use crate::stream::{Phase, Stream, CHUNK_COST};
 use crate::transmit::FrameBuf;
@@ -1129,7 +1129,7 @@ impl Session {
             self.control.push_back(Frame::OpenErr {
                 id,
                 code,
-                reason: reason.to_owned(),
+                reason: clip_reason(reason).to_owned(),
             });
             self.remove_stream(id);
         }
@@ -1265,7 +1265,7 @@ impl Session {
             self.control.push_back(Frame::Rst {
                 id,
                 code,
-                reason: reason.to_owned(),
+                reason: clip_reason(reason).to_owned(),
             });
             self.remove_stream(id);
         }
@@ -1368,7 +1368,7 @@ impl Session {
         self.goaway_sent = true;
         self.control.push_back(Frame::GoAway {
             code,
-            reason: reason.to_owned(),
+            reason: clip_reason(reason).to_owned(),
         });
         self.drain_deadline = Some(now + self.config.drain_timeout);
         self.maybe_finish_drain();
@@ -1777,7 +1777,7 @@ impl Session {
         self.control.push_back(Frame::Rst {
             id,
             code,
-            reason: reason.to_owned(),
+            reason: clip_reason(reason).to_owned(),
         });
         self.events.push_back(event);
         self.remove_stream(id);

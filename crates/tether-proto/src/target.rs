@@ -39,8 +39,12 @@ impl fmt::Display for TargetError {
 
 impl std::error::Error for TargetError {}
 
+/// A refusal, clipped to what a frame carries: the target is echoed
+/// escaped, and 1 KiB of control characters would escape to 5.
 fn refuse<T>(why: impl Into<String>) -> Result<T, TargetError> {
-    Err(TargetError(why.into()))
+    let mut why = why.into();
+    why.truncate(crate::frame::clip_reason(&why).len());
+    Err(TargetError(why))
 }
 
 /// The host part of a raw target, in its one spelling.
@@ -247,6 +251,14 @@ fn strict_ipv4(s: &str) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_echoes_at_most_a_frame_reason() {
+        let control = format!("prod/{}", "\u{1}".repeat(1000));
+        let e = ClientTarget::parse(&control).unwrap_err().to_string();
+        assert!(e.len() <= crate::frame::MAX_REASON_LEN, "{} bytes", e.len());
+        assert!(e.starts_with("target \"prod/\\u{1}"), "{e}");
+    }
 
     fn canon(s: &str) -> Result<String, TargetError> {
         ClientTarget::parse(s).map(|t| t.to_string())

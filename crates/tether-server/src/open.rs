@@ -194,8 +194,24 @@ impl Opener {
             self.0.metrics.error(r.code.as_str());
             r
         };
-        let parsed = ClientTarget::parse(target)
-            .map_err(|e| refuse(Refusal::new(OpenErrorCode::BadTarget, e.to_string())))?;
+        let parsed = match ClientTarget::parse(target) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                // A bad target costs an open like any other: its refusals
+                // would otherwise come at no rate.
+                if let Err(hit) = self.0.limits.open(&caller.key()) {
+                    self.0.metrics.limit_hit(hit.limit);
+                    return Err(refuse(Refusal::new(
+                        OpenErrorCode::TooManyStreams,
+                        hit.reason,
+                    )));
+                }
+                return Err(refuse(Refusal::new(
+                    OpenErrorCode::BadTarget,
+                    e.to_string(),
+                )));
+            }
+        };
         let agent = parsed.agent.as_str();
         let service = parsed.service.to_string();
         let protocol = protocol_of(kind);

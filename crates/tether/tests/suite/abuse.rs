@@ -246,6 +246,57 @@ async fn open_flood_is_answered_and_bounded() {
     );
 }
 
+/// Opens with a malformed target are refused at the identity's open rate
+/// like any open, with a reason of at most 1 KiB. Before, they were parsed
+/// before the rate was charged, so they came at no rate, and a target of
+/// 1 KiB of control characters was echoed escaped (5 KiB) in each refusal,
+/// which the session queued in full for a client that reads slowly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_targets_are_refused_at_the_open_rate_with_a_short_reason() {
+    let (server, addr, dir) = server_with(
+        "badtarget",
+        &format!(
+            "[[client]]\nname = \"dev\"\ntoken = \"{CLIENT_TOKEN}\"\nallow = [\"prod/*\"]\n\
+             [limits]\nopens_per_sec = 0.1\nopen_burst = 3\n"
+        ),
+    );
+    let conn = cli_session(&format!("ws://{addr}"), CLIENT_TOKEN).await;
+    let target = format!("prod/{}", "\u{1}".repeat(1000));
+    let mut codes = vec![];
+    for _ in 0..6 {
+        match conn.open(Target::tcp(target.as_str())).await {
+            Ok(_) => panic!("a malformed target was opened"),
+            Err(r) => {
+                assert!(
+                    r.reason.len() <= 1024,
+                    "a reason of {} bytes",
+                    r.reason.len()
+                );
+                codes.push(r.code);
+            }
+        }
+    }
+    assert_eq!(
+        codes
+            .iter()
+            .filter(|c| **c == OpenErrorCode::BadTarget)
+            .count(),
+        3,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes
+            .iter()
+            .filter(|c| **c == OpenErrorCode::TooManyStreams)
+            .count(),
+        3,
+        "{codes:?}"
+    );
+    conn.close(ErrorCode::Normal, "done");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_without_valid_credentials_get_401_with_a_reason() {
     let t = Tunnel::start(&[], &[]);
