@@ -104,6 +104,14 @@ pub trait ChunkWrite: Send + Unpin {
     /// socket is reset. The default (any other writer) does nothing: it is
     /// simply dropped.
     fn abort(&mut self, _code: tether_proto::ResetCode, _reason: &str) {}
+    /// Ready with the error once the destination was reset from its far
+    /// side (or its session was lost) while nothing is being written to
+    /// it. A tunnel stream learns of its reset this way; a writer that
+    /// cannot (a socket, whose errors surface on its own reads and writes)
+    /// keeps the default, never.
+    fn poll_reset(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Pending
+    }
 }
 
 impl ChunkRead for StreamReader {
@@ -128,6 +136,9 @@ impl ChunkWrite for StreamWriter {
     }
     fn abort(&mut self, code: tether_proto::ResetCode, reason: &str) {
         self.reset(code, reason);
+    }
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        StreamWriter::poll_reset(self, cx).map(io::Error::from)
     }
 }
 
@@ -520,6 +531,22 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
         self.phase = Phase::Done;
         r.map(|()| true)
     }
+
+    /// The destination's reset, while this direction writes nothing to it
+    /// (a write in progress fails with it by itself). Without this, a
+    /// reset arriving while neither direction reads the stream (the client
+    /// finished sending and the service is silent, or the service stopped
+    /// reading) went unnoticed: the service's connection, and the task,
+    /// stayed until the service next wrote.
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.writing {
+            return None;
+        }
+        match self.w.poll_reset(cx) {
+            Poll::Ready(e) => Some(e),
+            Poll::Pending => None,
+        }
+    }
 }
 
 /// The RST a failed splice passes on: a peer's reset keeps its code and
@@ -620,9 +647,14 @@ where
                 (Some(e), Some(abort))
             }
             Ok(false) => {
-                let (code, reason) = ready!(this.stop.poll(cx));
-                let e = io::Error::new(io::ErrorKind::PermissionDenied, reason.clone());
-                (Some(e), Some((code, reason)))
+                if let Some(e) = up.poll_reset(cx).or_else(|| down.poll_reset(cx)) {
+                    let abort = failure_reset(&e);
+                    (Some(e), Some(abort))
+                } else {
+                    let (code, reason) = ready!(this.stop.poll(cx));
+                    let e = io::Error::new(io::ErrorKind::PermissionDenied, reason.clone());
+                    (Some(e), Some((code, reason)))
+                }
             }
         };
         if let Some((code, reason)) = abort {

@@ -423,6 +423,21 @@ impl StreamWriter {
         Poll::Ready(())
     }
 
+    /// Ready with the stream's reset once it has one (the peer's RST, the
+    /// session lost or drained past its deadline), for a caller that is not
+    /// writing: a write would fail with it by itself.
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<StreamError> {
+        loop {
+            if let Some(e) = self.reset.get() {
+                return Poll::Ready(e.clone());
+            }
+            ready!(self.poll_credit(cx));
+            // A notice of credit, not a reset: whoever waits to write must
+            // look again, since this took its notice.
+            cx.waker().wake_by_ref();
+        }
+    }
+
     /// Half-closes at once (the non-async form of [`StreamWriter::finish`]).
     pub fn finish_now(&mut self) -> Result<(), StreamError> {
         self.shared

@@ -297,6 +297,66 @@ async fn malformed_targets_are_refused_at_the_open_rate_with_a_short_reason() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A client that finished sending and then resets its stream, while the
+/// service (having read the end) stays silent: neither relay direction is
+/// reading or writing the tunnel stream then. Before, the reset went
+/// unnoticed at the server and at the agent: the streams, the service's
+/// connection and both relay tasks stayed until the service next wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_reaches_a_silent_service_after_the_client_finished() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let svc = listener.local_addr().unwrap();
+    let (eof_tx, mut eof_rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let eof_tx = eof_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1024];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                // Silent from here on; the test holds the connection.
+                let _ = eof_tx.send(s.into_std().unwrap());
+            });
+        }
+    });
+    let t = Tunnel::start_with(&[("silent", svc)], &[], &[]);
+    let conn = cli_session(&t.url(), CLIENT_TOKEN).await;
+    let (_reader, mut writer) = conn
+        .open(Target::tcp("prod/silent"))
+        .await
+        .expect("open")
+        .split();
+    writer.write(Bytes::from_static(b"request")).await.unwrap();
+    writer.finish().await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), eof_rx.recv())
+        .await
+        .expect("the service read the client's end")
+        .unwrap();
+    assert_eq!(t.agent_metric("tether_agent_live_streams"), Some(1.0));
+    writer.reset(ResetCode::Cancel, "the client gave up");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            t.server_metric("tether_live_streams") == Some(0.0)
+                && t.agent_metric("tether_agent_live_streams") == Some(0.0)
+        }),
+        "the reset did not reach the agent: server {:?}, agent {:?}",
+        t.server_metric("tether_live_streams"),
+        t.agent_metric("tether_agent_live_streams")
+    );
+    // The service's connection was reset too: a write to it fails.
+    held.set_nonblocking(false).unwrap();
+    let mut held = held;
+    let mut failed = false;
+    for _ in 0..10 {
+        if std::io::Write::write_all(&mut held, b"late").is_err() {
+            failed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(failed, "the service's connection is still open");
+    conn.close(ErrorCode::Normal, "done");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_without_valid_credentials_get_401_with_a_reason() {
     let t = Tunnel::start(&[], &[]);
