@@ -19,7 +19,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, MAX_INSTANCES};
 use crate::response::{text, Resp};
-use crate::sessions::{SessionOwner, Sessions};
+use crate::sessions::{credential_holds, revoke, SessionOwner, Sessions};
 use crate::upgrade::{
     accept_session, authenticated_hold, limit_refusal, require_token, tether_upgrade, unknown_token,
 };
@@ -282,6 +282,19 @@ impl AgentEndpoint {
         let Some((conn, info, _incoming)) = self.accept(req, peer, label).await else {
             return;
         };
+        let owner = SessionOwner::Agent {
+            name: name.clone(),
+            token_hash,
+        };
+        // A reload during the handshake that revoked this credential: close
+        // before registering, or the session would first replace a genuine
+        // instance of the agent (GOAWAY `replaced`, which that agent waits
+        // out for a minute) and take opens. (A reload from here on is
+        // caught by `track`.)
+        if !credential_holds(&owner, &self.auth, checked_at) {
+            revoke(&conn);
+            return;
+        }
         let instances = self.metrics.agent_instances(&name);
         let registered = match self.registry.register(
             &name,
@@ -313,10 +326,6 @@ impl AgentEndpoint {
                 "a newer session of this agent instance connected",
             );
         }
-        let owner = SessionOwner::Agent {
-            name: name.clone(),
-            token_hash,
-        };
         let key = self.sessions.track(
             conn.clone(),
             owner,

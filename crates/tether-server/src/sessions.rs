@@ -40,8 +40,14 @@ impl SessionOwner {
     }
 }
 
+/// Whether `owner`'s credential, checked at auth generation `checked_at`,
+/// still holds after any reload since.
+pub(crate) fn credential_holds(owner: &SessionOwner, auth: &AuthStore, checked_at: u64) -> bool {
+    auth.generation() == checked_at || owner.holds(&mut auth.get().revalidation())
+}
+
 /// Closes a session whose credential no longer holds.
-fn revoke(conn: &Connection) {
+pub(crate) fn revoke(conn: &Connection) {
     tracing::warn!(session = %conn.label(), "credentials revoked: closing the session");
     conn.close(
         ErrorCode::Unauthorized,
@@ -142,7 +148,7 @@ impl Sessions {
             leave(&conn, reason);
         }
         drop(map);
-        if auth.generation() != checked_at && !owner.holds(&mut auth.get().revalidation()) {
+        if !credential_holds(&owner, auth, checked_at) {
             revoke(&conn);
         }
         key
