@@ -432,8 +432,8 @@ pub(crate) fn strip_bearer(h: &mut HeaderMap) {
 pub(crate) struct Revalidation<'a> {
     auth: &'a Authenticator,
     /// Each JWT checked so far (one signature check each): its verified
-    /// subject, or `None` where it no longer verifies.
-    jwts: HashMap<Arc<str>, Option<String>>,
+    /// subject and groups, or `None` where it no longer verifies.
+    jwts: HashMap<Arc<str>, Option<(String, Vec<String>)>>,
 }
 
 impl Revalidation<'_> {
@@ -444,19 +444,24 @@ impl Revalidation<'_> {
 
     /// Whether `id` still holds: like [`Authenticator::client_still_valid`],
     /// and a JWT must verify against the current keys (a removed signing key
-    /// ends its sessions) and still name `id`.
+    /// ends its sessions) and still name `id`, in the same groups: a reload
+    /// that reads the groups from another claim must not leave sessions
+    /// deciding with the groups read before (they end, and reconnect with
+    /// the new ones).
     pub(crate) fn holds(&mut self, id: &ClientIdentity) -> bool {
         let IdentityKind::Jwt { token, .. } = &id.kind else {
             return self.auth.client_still_valid(id);
         };
         let auth = self.auth;
-        let subject = self.jwts.entry(token.clone()).or_insert_with(|| {
+        let verified = self.jwts.entry(token.clone()).or_insert_with(|| {
             auth.jwt
                 .as_ref()
                 .and_then(|j| j.verify(token).ok())
-                .map(|v| v.name)
+                .map(|v| (v.name, v.groups))
         });
-        subject.as_deref() == Some(id.name.as_str())
+        verified
+            .as_ref()
+            .is_some_and(|(name, groups)| *name == id.name && *groups == id.groups)
     }
 }
 
@@ -564,6 +569,10 @@ mod tests {
         let mut impostor = bob.clone();
         impostor.name = "mallory".into();
         assert!(!check.holds(&impostor));
+        // Nor in other groups than the token's (the groups claim changed).
+        let mut regrouped = bob.clone();
+        regrouped.groups = vec!["admins".into()];
+        assert!(!check.holds(&regrouped));
         // Without the key, none holds; still one check per token.
         let b = Authenticator::from_config(&cfg(false)).unwrap();
         let mut check = b.revalidation();
