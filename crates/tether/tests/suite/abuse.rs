@@ -965,6 +965,51 @@ async fn raw_websockets_that_never_read_hold_a_bounded_amount() {
     assert_eq!(t.server_metric("tether_live_streams"), Some(16.0));
 }
 
+/// Raw WebSocket clients that send PINGs and never read: the server queues
+/// a PONG per PING, and holds at most about one message's worth of them per
+/// connection (its write buffer's cap) before it drops the connection.
+/// Before, the cap was 4 MiB per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_websockets_that_ping_and_never_read_hold_a_bounded_amount() {
+    let echo = echo_service().await;
+    let t = Tunnel::start(&[("echo", echo)], &[]);
+    let before = rss_kib(t.server.pid());
+    let mut flooders = vec![];
+    for _ in 0..16 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let tcp = sock.connect(t.server_addr()).await.unwrap();
+        let url = format!("{}/tether/v1/ws/prod/echo?token={CLIENT_TOKEN}", t.url());
+        let (ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+        let (mut tx, rx) = ws.split();
+        flooders.push(tokio::spawn(async move {
+            let _rx = rx; // never read
+            let ping = Bytes::from(vec![7u8; 125]);
+            // 8 MiB of PINGs at most, or until the server drops us.
+            for _ in 0..(8 << 20) / 131 {
+                if tx.send(Message::Ping(ping.clone())).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    let mut peak = 0;
+    let stop = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < stop {
+        peak = peak.max(rss_kib(t.server.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for f in flooders {
+        f.abort();
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("server RSS grew by {grown} KiB");
+    assert!(
+        grown < 20 * 1024,
+        "server RSS grew by {grown} KiB for 16 clients sending PINGs"
+    );
+}
+
 /// An HTTP/2 connection (prior knowledge, no TLS) from a chosen loopback
 /// source that sends no request; hyper answers the server's PINGs. Resolves
 /// when the server closes it.

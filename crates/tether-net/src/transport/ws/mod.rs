@@ -95,12 +95,18 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// microseconds per message (256 KiB: 21.6 µs per 64-byte round trip, 32 KiB:
 /// 6.3 µs, raw TCP 4.6 µs); and a write buffer coalesces messages into
 /// bigger writes, which halved 32 KiB throughput. Our writer already batches.
+///
+/// The write buffer holds one message being written (a stream chunk, at
+/// most [`MAX_RECV_MESSAGE`]) and the PONGs tungstenite queues for the
+/// client's PINGs as it reads them. Its cap bounds the PONGs of a client
+/// that pings and never reads: past it, the connection fails. It was 4 MiB
+/// (4 messages) per raw WebSocket, where the data path needs one.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_RECV_MESSAGE))
         .max_frame_size(Some(MAX_RECV_MESSAGE))
         .write_buffer_size(0)
-        .max_write_buffer_size(4 * MAX_RECV_MESSAGE)
+        .max_write_buffer_size(MAX_RECV_MESSAGE + 64 * 1024)
         .read_buffer_size(32 * 1024)
 }
 
