@@ -122,11 +122,15 @@ pub(crate) async fn run(a: StatusArgs) -> anyhow::Result<()> {
         } else {
             render(&snapshot)
         };
-        if a.watch.is_some() && !a.json {
-            // Home and clear: the table redraws in place.
-            print!("\x1b[H\x1b[2J{out}");
+        // Home and clear: the table redraws in place.
+        let clear = if a.watch.is_some() && !a.json {
+            "\x1b[H\x1b[2J"
         } else {
-            print!("{out}");
+            ""
+        };
+        if !emit(clear, &out)? {
+            // The reader went away (`| head -1`): that is the end.
+            return Ok(());
         }
         done += 1;
         let Some(every) = a.watch else {
@@ -272,6 +276,23 @@ async fn request(
 }
 
 /// The snapshot as tables.
+/// Writes one snapshot to stdout; `false` once stdout's reader has gone (a
+/// closed pipe), where `print!` would panic: Rust ignores SIGPIPE, so a
+/// write to a closed pipe is an error, not the end of the process.
+fn emit(clear: &str, out: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(clear.as_bytes())
+        .and_then(|()| stdout.write_all(out.as_bytes()))
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
 fn render(v: &Value) -> String {
     let mut out = String::new();
     let s = &v["status"];

@@ -565,3 +565,52 @@ async fn status_watch_keeps_watching_through_a_failed_fetch() {
     );
     assert!(err.matches("trying again in 1 s").count() >= 2, "{err}");
 }
+
+/// `tether status --watch --json | head -1`: once the reader has its line
+/// and goes, the watch ends quietly at its next write. Before, `print!`
+/// panicked on the closed pipe (Rust ignores SIGPIPE): exit 101 and a
+/// panic message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_ends_quietly_when_its_reader_goes() {
+    use std::io::BufRead;
+    let t = Tunnel::start_with(&[], &["--admin", "dev"], &[]);
+    let url = t.url();
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "status",
+            "--server",
+            &url,
+            "--token",
+            CLIENT_TOKEN,
+            "--watch",
+            "1",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tether status --watch --json");
+    let stdout = watch.stdout.take().expect("stdout");
+    let mut first = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("read the first snapshot");
+    assert!(first.starts_with('{'), "{first}");
+    // The reader (and with it the pipe) is gone now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = watch.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let status = status.expect("the watch went on writing to a closed pipe");
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
