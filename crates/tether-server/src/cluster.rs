@@ -104,9 +104,11 @@ impl Cluster {
     /// The cluster view of a server listening on `listen`.
     pub(crate) fn new(cfg: &ClusterConfig, listen: SocketAddr) -> Cluster {
         let id = cfg.replica_id.clone().unwrap_or_else(default_replica_id);
+        // A wildcard address, or port 0 (chosen at bind, as `tether demo`
+        // does), is no address to dial: nothing is advertised then.
         let advertise = cfg
             .advertise
-            .or_else(|| (!listen.ip().is_unspecified()).then_some(listen));
+            .or_else(|| (!listen.ip().is_unspecified() && listen.port() != 0).then_some(listen));
         let this = Cluster {
             id,
             advertise,
@@ -356,6 +358,13 @@ mod tests {
             ..Default::default()
         };
         Cluster::new(&cfg, "127.0.0.11:8443".parse().unwrap())
+    }
+
+    #[test]
+    fn a_port_chosen_at_bind_is_not_advertised() {
+        let c = Cluster::new(&ClusterConfig::default(), "127.0.0.1:0".parse().unwrap());
+        let r = c.replicas().borrow().clone();
+        assert!(r.this().is_none_or(|t| t.addr.is_empty()), "{r:?}");
     }
 
     #[test]
