@@ -419,8 +419,26 @@ async fn open_udp(
     }
 }
 
+/// A UDP socket connected to `addr`, or the refusal to answer with.
+async fn connect_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, (OpenErrorCode, String)> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|e| (OpenErrorCode::Internal, format!("udp socket: {e}")))?;
+    socket
+        .connect(addr)
+        .await
+        .map_err(|e| (OpenErrorCode::Unreachable, format!("udp {addr}: {e}")))?;
+    Ok(socket)
+}
+
 /// Connects a UDP socket to the first of the service's checked addresses
-/// and serves the flow.
+/// that this host can reach (an IPv6 address fails at once where IPv6 is
+/// off), and serves the flow.
 async fn serve_udp(
     stats: Arc<AgentStats>,
     address: &str,
@@ -429,34 +447,26 @@ async fn serve_udp(
     idle: Duration,
 ) {
     let id = inc.id();
-    let Some(&addr) = addrs.first() else {
-        let reason = format!("{address} resolves to no address");
-        return refuse(&stats, inc, OpenErrorCode::Unreachable, &reason);
-    };
-    let bind: SocketAddr = if addr.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = match tokio::net::UdpSocket::bind(bind).await {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                &stats,
-                inc,
-                OpenErrorCode::Internal,
-                &format!("udp socket: {e}"),
-            );
+    let mut failed = None;
+    let mut connected = None;
+    for &addr in addrs {
+        match connect_udp(addr).await {
+            Ok(socket) => {
+                connected = Some((socket, addr));
+                break;
+            }
+            Err(e) => failed = Some(e),
         }
-    };
-    if let Err(e) = socket.connect(addr).await {
-        return refuse(
-            &stats,
-            inc,
-            OpenErrorCode::Unreachable,
-            &format!("udp {addr}: {e}"),
-        );
     }
+    let Some((socket, addr)) = connected else {
+        let (code, reason) = failed.unwrap_or_else(|| {
+            (
+                OpenErrorCode::Unreachable,
+                format!("{address} resolves to no address"),
+            )
+        });
+        return refuse(&stats, inc, code, &reason);
+    };
     let Ok(stream) = inc.accept() else { return };
     stats.streams_total.fetch_add(1, Ordering::Relaxed);
     stats.live_streams.fetch_add(1, Ordering::Relaxed);
