@@ -20,15 +20,15 @@
 //! request that never left because its connection was closing (the
 //! service's GOAWAY, say) is sent once more on a new connection.
 //!
-//! A connection carrying [`MAX_STREAMS_PER_CONNECTION`] requests is full:
-//! when every connection of the slot is, the next request opens another
-//! (if that open fails, it queues on the least loaded one). Past the
-//! service's own limit (`SETTINGS_MAX_CONCURRENT_STREAMS`) hyper queues
-//! requests on a connection, without bound or a word, until one ends: a
-//! caller holding a hundred long streaming calls would have its next,
-//! quick, call hang. Requests go to the newest connection with room, so
-//! the older ones keep theirs and none is opened and dropped per hundred
-//! requests.
+//! A connection carrying [`MAX_STREAMS_PER_CONNECTION`] requests, or the
+//! service's own limit (`SETTINGS_MAX_CONCURRENT_STREAMS`) if that is
+//! lower, is full: when every connection of the slot is, the next request
+//! opens another (if that open fails, it queues on the least loaded one).
+//! Past the service's limit hyper queues requests on a connection, without
+//! bound or a word, until one ends: a caller holding ten long streaming
+//! calls to a service that allows ten would have its next, quick, call
+//! hang. Requests go to the newest connection with room, so the older ones
+//! keep theirs and none is opened and dropped per hundred requests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -63,8 +63,8 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// The most requests one connection carries before the next opens another:
 /// at or under what services allow at once (Kestrel 100, nginx 128, Go's
-/// server 250, grpc-go and hyper more). hyper does not tell the service's
-/// value.
+/// server 250, grpc-go and hyper more); a service that allows fewer says
+/// so in its SETTINGS, and that is the connection's limit then.
 const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
 /// The HTTP/2 connections to services, one per `agent/service` and caller.
@@ -112,6 +112,10 @@ struct Live {
     generation: u64,
     /// Requests on it whose responses are not done.
     in_flight: Arc<AtomicUsize>,
+    /// The most requests it carries: [`MAX_STREAMS_PER_CONNECTION`], or the
+    /// service's SETTINGS_MAX_CONCURRENT_STREAMS if lower (kept by the task
+    /// that drives the connection).
+    max_streams: Arc<AtomicUsize>,
     /// When a request last took it.
     last_used: Instant,
 }
@@ -122,9 +126,9 @@ impl Live {
         !self.send.is_closed() && !self.session.is_draining() && !self.session.is_closed()
     }
 
-    /// Whether it carries fewer than [`MAX_STREAMS_PER_CONNECTION`] requests.
+    /// Whether it carries fewer requests than its limit.
     fn has_room(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+        self.in_flight.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed)
     }
 
     /// Takes it for one request: a sender, its generation, the request's
@@ -300,7 +304,7 @@ impl H2Pool {
             }
         }
         match self.connect(slot).await {
-            Ok((send, session)) => {
+            Ok((send, session, max_streams)) => {
                 state.generation += 1;
                 state.failed = None;
                 let generation = state.generation;
@@ -309,6 +313,7 @@ impl H2Pool {
                     session: session.clone(),
                     generation,
                     in_flight: Arc::default(),
+                    max_streams,
                     last_used: Instant::now(),
                 };
                 let taken = live.take();
@@ -346,7 +351,7 @@ impl H2Pool {
     async fn connect(
         &self,
         slot: &Slot,
-    ) -> Result<(SendRequest<Body>, tether_net::Connection), Refusal> {
+    ) -> Result<(SendRequest<Body>, tether_net::Connection, Arc<AtomicUsize>), Refusal> {
         let (agent, service) = (&slot.agent, &slot.service);
         let (stream, session) = self
             .opener
@@ -368,12 +373,23 @@ impl H2Pool {
                 )
             })?;
         let target = target_name(agent, service);
+        let max_streams = Arc::new(AtomicUsize::new(MAX_STREAMS_PER_CONNECTION));
+        let limit = max_streams.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            // The service's limit, as its SETTINGS (first or later) give it.
+            let ended = std::future::poll_fn(|cx| {
+                let r = std::future::Future::poll(conn.as_mut(), cx);
+                let allowed = conn.current_max_send_streams();
+                limit.store(allowed.min(MAX_STREAMS_PER_CONNECTION), Ordering::Relaxed);
+                r
+            })
+            .await;
+            if let Err(e) = ended {
                 tracing::debug!(%target, "HTTP/2 connection to the service ended: {e}");
             }
         });
-        Ok((send, session))
+        Ok((send, session, max_streams))
     }
 }
 

@@ -371,11 +371,13 @@ fn an_http2_service_that_does_not_agree_to_h2_is_refused_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An HTTP/2 service that allows 100 requests at once (as Kestrel does)
-/// on a connection: `/hold/N` answers once the test has let phase `N` go,
-/// anything else at once. Returns its address, the count of `/hold`
+/// An HTTP/2 service that allows `max_streams` requests at once on a
+/// connection (Kestrel: 100): `/hold/N` answers once the test has let phase
+/// `N` go, anything else at once. Returns its address, the count of `/hold`
 /// requests it has taken, and the phase let go so far.
-fn kestrel_like_service() -> (
+fn kestrel_like_service(
+    max_streams: u32,
+) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     tokio::sync::watch::Sender<u32>,
@@ -417,7 +419,7 @@ fn kestrel_like_service() -> (
                     let _ = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
-                    .max_concurrent_streams(100)
+                    .max_concurrent_streams(max_streams)
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await;
                 });
@@ -434,7 +436,7 @@ fn kestrel_like_service() -> (
 #[test]
 fn a_full_http2_connection_does_not_hold_up_the_next_request() {
     use std::sync::atomic::Ordering;
-    let (addr, holding, release) = kestrel_like_service();
+    let (addr, holding, release) = kestrel_like_service(100);
     let w = Web::start_with(WebOpts {
         services: format!("limited = \"h2c://{addr}\"\n"),
         ..Default::default()
@@ -494,6 +496,61 @@ fn a_full_http2_connection_does_not_hold_up_the_next_request() {
         opened(&w) - before,
         2.0,
         "tunnel streams (HTTP/2 connections) opened for 251 requests"
+    );
+}
+
+/// A service that allows fewer requests at once than the pool's own
+/// limit (here 10, as a tuned gRPC server may): the connection is full at
+/// the service's number, and the next request opens another connection.
+/// Before, requests 11 to 100 queued unseen in hyper behind the held ones.
+#[test]
+fn a_service_that_allows_few_streams_fills_its_connection_at_its_own_limit() {
+    use std::sync::atomic::Ordering;
+    let (addr, holding, release) = kestrel_like_service(10);
+    let w = Web::start_with(WebOpts {
+        services: format!("few = \"h2c://{addr}\"\n"),
+        ..Default::default()
+    });
+    let url = |path: &str| w.url(&format!("/a/prod/few{path}"));
+    let curl = |path: &str| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-k", "--max-time", "20", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {CLIENT_TOKEN}"))
+            .arg(url(path));
+        c
+    };
+    // One request first, so the pool's connection has the service's SETTINGS.
+    let first = curl("/quick").output().expect("curl");
+    assert_eq!(String::from_utf8_lossy(&first.stdout), "200");
+    let held: Vec<Child> = (0..10)
+        .map(|_| {
+            curl("/hold/1")
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || holding.load(Ordering::SeqCst)
+            == 10),
+        "the service holds {} requests, not 10",
+        holding.load(Ordering::SeqCst)
+    );
+    let quick = curl("/quick")
+        .args(["--max-time", "5"])
+        .output()
+        .expect("curl");
+    let _ = release.send(1);
+    for h in held {
+        let out = h.wait_with_output().expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&quick.stdout),
+        "200",
+        "the 11th request beside 10 held ones: {}",
+        String::from_utf8_lossy(&quick.stderr)
     );
 }
 
