@@ -46,7 +46,7 @@ fn websocket_answer(req: &Request<Incoming>, subprotocol: Option<&'static str>) 
         }
         Err(e) => {
             let mut r = text(e.status(), e.to_string());
-            if let Some((name, value)) = e.header() {
+            for (name, value) in e.headers() {
                 r.headers_mut().insert(name, value);
             }
             r
@@ -73,11 +73,19 @@ fn bearer_token(req: &Request<Incoming>, allow_query: bool) -> Option<String> {
     if !allow_query {
         return None;
     }
-    req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-            .map(str::to_owned)
-    })
+    req.uri().query().and_then(query_token)
+}
+
+/// `token` of a URL query, percent-decoded as a URL carries it
+/// (`encodeURIComponent`): a token with `/`, `=` or `%` would otherwise
+/// never match. A `+` stays a `+` (a URL's query is not a form: only forms
+/// write a space that way), so a token pasted into a URL as it is still
+/// works.
+fn query_token(query: &str) -> Option<String> {
+    let query = query.replace('+', "%2B");
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// The request's bearer token, or the 401 answer for `who` (agent, client).
@@ -179,5 +187,21 @@ pub(crate) async fn accept_session(
             tracing::warn!(session = %label, %peer, "handshake failed: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_token_is_percent_decoded_and_keeps_its_plus() {
+        assert_eq!(query_token("token=a%2Fb%3D%3D").as_deref(), Some("a/b=="));
+        assert_eq!(query_token("x=1&token=a+b").as_deref(), Some("a+b"));
+        assert_eq!(
+            query_token("token=plain&token=second").as_deref(),
+            Some("plain")
+        );
+        assert_eq!(query_token("tokens=x"), None);
     }
 }
