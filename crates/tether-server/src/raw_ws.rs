@@ -160,6 +160,8 @@ struct Shared {
     /// polled by the relay's one splice task: the writer wakes that task,
     /// and with it the reader.)
     close_sent: AtomicBool,
+    /// That close frame has been flushed to the client.
+    close_flushed: AtomicBool,
 }
 
 /// Reads a raw WebSocket's binary (or text) messages as stream bytes.
@@ -183,11 +185,13 @@ fn ws_error(e: WsError) -> io::Error {
 }
 
 /// The close code for a failure the client caused: a message over the
-/// limit is 1009, anything else it sent wrong 1002 (RFC 6455 7.4.1).
+/// limit is 1009, a text message that is not UTF-8 1007, anything else it
+/// sent wrong 1002 (RFC 6455 7.4.1).
 fn client_fault(e: &WsError) -> Option<u16> {
     match e {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(1009),
-        WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) => Some(1002),
+        WsError::Utf8(_) => Some(1007),
+        WsError::Capacity(_) | WsError::Protocol(_) => Some(1002),
         _ => None,
     }
 }
@@ -199,6 +203,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkRead for RawWsReader<S> {
                 .close_reply_due
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_REPLY_TIMEOUT)));
             if due.as_mut().poll(cx).is_ready() {
+                // Our close frame went out: the client's silence ends its
+                // side, and FIN goes towards the service (PROTOCOL.md 2.5).
+                if self.shared.close_flushed.load(Ordering::Acquire) {
+                    return Poll::Ready(Ok(None));
+                }
                 // An error, not an end: the splice then drops both ways,
                 // also a close frame the client is not reading.
                 return Poll::Ready(Err(io::Error::new(
@@ -269,6 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
             cx.waker().wake_by_ref();
         }
         let _ = ready!(self.sink.poll_flush_unpin(cx));
+        self.shared.close_flushed.store(true, Ordering::Release);
         Poll::Ready(Ok(()))
     }
     /// Closes the WebSocket with a code and the reason, best effort: the

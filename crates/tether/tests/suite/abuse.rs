@@ -479,11 +479,35 @@ async fn raw_websocket_endpoint_carries_one_stream() {
 /// its stream is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_raw_websocket_message_is_answered_with_1009() {
-    use std::io::{Read, Write};
     let echo = echo_service().await;
     let t = Tunnel::start(&[("echo", echo)], &[]);
+    // A masked binary frame announcing 2 MiB (the limit is 1 MiB); no
+    // payload needs to follow for the server to refuse it.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(2u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    let (code, reason) = raw_ws_close_for(&t, frame).await;
+    assert_eq!(code, 1009, "{reason}");
+    assert!(
+        reason.contains("too long") || reason.contains("Message"),
+        "{reason}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        t.server_metric("tether_live_streams") == Some(0.0)
+    }));
+    // A text message that is not UTF-8: 1007 (RFC 6455 7.4.1), not 1002.
+    // (Masked with a zero key: the payload is as written.)
+    let frame = vec![0x81, 0x80 | 2, 0, 0, 0, 0, 0xff, 0xfe];
+    let (code, reason) = raw_ws_close_for(&t, frame).await;
+    assert_eq!(code, 1007, "{reason}");
+}
+
+/// Sends `frame` on a new raw WebSocket to `prod/echo` and reads to the
+/// end: the close frame's status and reason.
+async fn raw_ws_close_for(t: &Tunnel, frame: Vec<u8>) -> (u16, String) {
+    use std::io::{Read, Write};
     let addr = t.server_addr();
-    let closing = tokio::task::spawn_blocking(move || {
+    let answer = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
@@ -504,31 +528,20 @@ async fn an_oversized_raw_websocket_message_is_answered_with_1009() {
             "{}",
             String::from_utf8_lossy(&head)
         );
-        // A masked binary frame announcing 2 MiB (the limit is 1 MiB); no
-        // payload needs to follow for the server to refuse it.
-        let mut frame = vec![0x82, 0x80 | 127];
-        frame.extend_from_slice(&(2u64 << 20).to_be_bytes());
-        frame.extend_from_slice(&[1, 2, 3, 4]);
         s.write_all(&frame).unwrap();
         let mut answer = Vec::new();
         let _ = s.read_to_end(&mut answer);
         answer
-    });
-    let answer = closing.await.unwrap();
+    })
+    .await
+    .unwrap();
     assert!(
         answer.len() >= 4 && answer[0] == 0x88,
         "no close frame: {answer:?}"
     );
     let code = u16::from_be_bytes([answer[2], answer[3]]);
-    let reason = String::from_utf8_lossy(&answer[4..2 + (answer[1] & 0x7f) as usize]);
-    assert_eq!(code, 1009, "{reason}");
-    assert!(
-        reason.contains("too long") || reason.contains("Message"),
-        "{reason}"
-    );
-    assert!(wait_until(Duration::from_secs(5), || {
-        t.server_metric("tether_live_streams") == Some(0.0)
-    }));
+    let reason = String::from_utf8_lossy(&answer[4..2 + (answer[1] & 0x7f) as usize]).into_owned();
+    (code, reason)
 }
 
 /// A raw WebSocket's close says how its stream ended: 1000 when the service

@@ -148,15 +148,24 @@ impl UpgradeError {
         }
     }
 
-    /// A header the refusal carries: the version this end speaks, for a
-    /// client that asked for another (RFC 6455 section 4.4).
-    pub fn header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        (*self == UpgradeError::WrongVersion).then(|| {
-            (
+    /// The headers the refusal carries: a 426 names the protocol to
+    /// upgrade to (RFC 9110 section 15.5.22), and a wrong version is told
+    /// the one this end speaks (RFC 6455 section 4.4).
+    pub fn headers(&self) -> Vec<(http::HeaderName, http::HeaderValue)> {
+        let mut headers = vec![];
+        if self.status() == http::StatusCode::UPGRADE_REQUIRED {
+            headers.push((
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("websocket"),
+            ));
+        }
+        if *self == UpgradeError::WrongVersion {
+            headers.push((
                 http::header::SEC_WEBSOCKET_VERSION,
                 http::HeaderValue::from_static("13"),
-            )
-        })
+            ));
+        }
+        headers
     }
 }
 
@@ -663,7 +672,14 @@ mod tests {
         let e = accept_upgrade(&h, None).unwrap_err();
         assert_eq!(e, UpgradeError::WrongVersion);
         assert_eq!(e.status(), http::StatusCode::UPGRADE_REQUIRED);
-        assert_eq!(e.header().map(|(_, v)| v), Some("13".parse().unwrap()));
+        let headers = e.headers();
+        assert!(headers.contains(&(http::header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap())));
+        assert!(headers.contains(&(http::header::UPGRADE, "websocket".parse().unwrap())));
+        let not_ws = UpgradeError::NotWebSocket.headers();
+        assert_eq!(
+            not_ws,
+            vec![(http::header::UPGRADE, "websocket".parse().unwrap())]
+        );
         h.insert("sec-websocket-version", "13".parse().unwrap());
         let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
         // RFC 6455's own example key and accept value.
