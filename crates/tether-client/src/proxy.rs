@@ -517,9 +517,12 @@ async fn read_socks5<S: AsyncRead + AsyncWrite + Unpin>(
             tcp.read_exact(&mut d).await?;
             match String::from_utf8(d) {
                 Ok(host) => host,
+                // Domains are supported: one that is no name we can route
+                // is refused as other bad names are (04), not as an
+                // address type we lack (08, RFC 1928 6).
                 Err(_) => {
                     let why = "SOCKS5 domain is not UTF-8".to_owned();
-                    return Err(socks5_failure(tcp, SOCKS5_ADDRESS_TYPE, why).await);
+                    return Err(socks5_failure(tcp, SOCKS5_HOST_UNREACHABLE, why).await);
                 }
             }
         }
@@ -671,6 +674,9 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
         Some(i) => (&rest[..i], rest[i..].to_owned()),
+        // `OPTIONS http://host` asks about the server, not a resource: the
+        // last proxy sends `*` (RFC 9112 3.2.4).
+        None if method.eq_ignore_ascii_case("OPTIONS") => (rest, "*".to_owned()),
         None => (rest, "/".to_owned()),
     };
     // Credentials in the URL (`http://user:pass@host/`) are not part of
@@ -697,6 +703,14 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
     });
+    // Fields the client's `Connection` names are for this hop only, and
+    // go with it (RFC 9110 7.6.1); an upgrade's `Upgrade` goes on.
+    let named: Vec<&str> = fields()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .filter_map(|(_, l)| l.split_once(':').map(|(_, v)| v))
+        .flat_map(|v| v.split(',').map(str::trim))
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade"))
+        .collect();
     for (name, l) in fields() {
         // Hop-by-hop headers meant for the proxy stay here; `Host` is
         // written above.
@@ -708,6 +722,7 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
             "host",
         ]
         .iter()
+        .chain(named.iter())
         .any(|h| name.eq_ignore_ascii_case(h));
         if hop {
             continue;
@@ -1223,13 +1238,32 @@ mod tests {
             (&[5, 1, 0, 5, 1, 0, 9], SOCKS5_ADDRESS_TYPE),
             (
                 &[5, 1, 0, 5, 1, 0, 3, 2, 0xff, 0xfe, 0, 80],
-                SOCKS5_ADDRESS_TYPE,
+                SOCKS5_HOST_UNREACHABLE,
             ),
         ] {
             let (answer, e) = refused(request).await;
             assert_eq!(&answer[..2], &[5, 0], "{e}");
             assert_eq!(&answer[2..4], &[5, code], "{e}");
         }
+    }
+
+    /// Headers the client's `Connection` names stay with this hop (RFC
+    /// 9110 7.6.1); `OPTIONS` for a whole server goes on as `OPTIONS *`.
+    #[tokio::test]
+    async fn connection_options_stay_and_options_asks_for_star() {
+        let out = forwarded(
+            b"GET http://h/ HTTP/1.1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nX-End: kept\r\n\r\n",
+        )
+        .await;
+        assert!(!out.contains("X-Hop"), "{out}");
+        assert!(out.contains("X-End: kept\r\n"), "{out}");
+        let out = forwarded(b"OPTIONS http://h:8001 HTTP/1.1\r\n\r\n").await;
+        assert!(
+            out.starts_with("OPTIONS * HTTP/1.1\r\nHost: h:8001\r\n"),
+            "{out}"
+        );
+        let out = forwarded(b"OPTIONS http://h:8001/x HTTP/1.1\r\n\r\n").await;
+        assert!(out.starts_with("OPTIONS /x HTTP/1.1\r\n"), "{out}");
     }
 
     /// The rewritten head of an absolute-form request.
