@@ -146,7 +146,11 @@ async fn connect_tcp(
             }
             Err(e) => Err(Refusal::new(
                 dial_error_code(&e),
-                format!("dialing {} ({addrs:?}): {e}", resolved.address),
+                format!(
+                    "dialing {}: {e} ({})",
+                    resolved.address,
+                    address_list(&addrs)
+                ),
             )),
         }
     };
@@ -419,6 +423,18 @@ async fn open_udp(
     }
 }
 
+/// The addresses a dial tried, for its refusal: the cause comes first and
+/// the list is cut, since a reason is clipped at 1 KiB and a headless
+/// Service may have dozens of pods.
+fn address_list(addrs: &[SocketAddr]) -> String {
+    const SHOWN: usize = 4;
+    let shown: Vec<String> = addrs.iter().take(SHOWN).map(ToString::to_string).collect();
+    match addrs.len().checked_sub(SHOWN) {
+        Some(more) if more > 0 => format!("tried {} and {more} more", shown.join(", ")),
+        _ => format!("tried {}", shown.join(", ")),
+    }
+}
+
 /// A UDP socket connected to `addr`, or the refusal to answer with.
 async fn connect_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, (OpenErrorCode, String)> {
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -482,6 +498,18 @@ async fn serve_udp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_list_is_cut_after_four() {
+        let addrs: Vec<SocketAddr> = (1..=6)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        assert_eq!(
+            address_list(&addrs),
+            "tried 10.0.0.1:80, 10.0.0.2:80, 10.0.0.3:80, 10.0.0.4:80 and 2 more"
+        );
+        assert_eq!(address_list(&addrs[..1]), "tried 10.0.0.1:80");
+    }
     use crate::{Agent, AgentConfig};
 
     /// A named service's host is looked up once and then remembered; when
