@@ -424,8 +424,9 @@ pub struct Session {
     version: u16,
     goaway_sent: bool,
     goaway_received: bool,
-    /// The code of the last GOAWAY received.
-    goaway_received_code: Option<ErrorCode>,
+    /// The GOAWAY codes received so far (a bit each: normal, replaced,
+    /// leaving), so that each makes one event.
+    goaway_codes_received: u8,
     drain_deadline: Option<Instant>,
     /// The catalog to announce once the session speaks version 3.
     catalog: Option<Vec<CatalogEntry>>,
@@ -476,7 +477,7 @@ impl Session {
             version: 0,
             goaway_sent: false,
             goaway_received: false,
-            goaway_received_code: None,
+            goaway_codes_received: 0,
             drain_deadline: None,
             catalog: None,
             replicas: None,
@@ -605,11 +606,7 @@ impl Session {
                 Ok(())
             }
             Frame::GoAway { code, reason } => {
-                // The same GOAWAY again says nothing new: no event (and no
-                // log line per frame for a peer that repeats it).
-                let repeated = self.goaway_received_code == Some(code);
                 self.goaway_received = true;
-                self.goaway_received_code = Some(code);
                 if !matches!(
                     code,
                     ErrorCode::Normal | ErrorCode::Replaced | ErrorCode::Leaving
@@ -619,7 +616,16 @@ impl Session {
                     self.close_now(Some(err.clone()), false);
                     return Err(err);
                 }
-                if !repeated {
+                // A code already received says nothing new: no event (and no
+                // log line per frame for a peer that repeats it, or
+                // alternates codes): at most one event per code.
+                let bit = match code {
+                    ErrorCode::Normal => 1,
+                    ErrorCode::Replaced => 2,
+                    _ => 4,
+                };
+                if self.goaway_codes_received & bit == 0 {
+                    self.goaway_codes_received |= bit;
                     self.events.push_back(Event::GoAway { code, reason });
                 }
                 self.maybe_finish_drain();

@@ -958,17 +958,29 @@ fn unknown_kinds_repeated_goaways_and_opens_after_goaway() {
         .b_events
         .iter()
         .any(|e| matches!(e, Event::IncomingOpen { .. })));
-    let goaway = || Frame::GoAway {
-        code: ErrorCode::Normal,
+    let goaway = |code| Frame::GoAway {
+        code,
         reason: "leaving".into(),
     };
-    inject(&mut p, vec![goaway(), goaway(), goaway()]);
+    // Repeated, or alternating between codes: one event per code.
+    let (normal, leaving) = (ErrorCode::Normal, ErrorCode::Leaving);
+    inject(
+        &mut p,
+        vec![
+            goaway(normal),
+            goaway(normal),
+            goaway(leaving),
+            goaway(normal),
+            goaway(leaving),
+            goaway(normal),
+        ],
+    );
     let goaways = p
         .b_events
         .iter()
         .filter(|e| matches!(e, Event::GoAway { .. }))
         .count();
-    assert_eq!(goaways, 1, "{:?}", p.b_events);
+    assert_eq!(goaways, 2, "{:?}", p.b_events);
     let sent = inject(
         &mut p,
         vec![Frame::Open {
