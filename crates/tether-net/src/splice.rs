@@ -532,6 +532,11 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
         r.map(|()| true)
     }
 
+    /// Whether its source is not being read: done, or busy writing.
+    fn not_reading(&self) -> bool {
+        self.phase == Phase::Done || self.writing
+    }
+
     /// The destination's reset, while this direction writes nothing to it
     /// (a write in progress fails with it by itself). Without this, a
     /// reset arriving while neither direction reads the stream (the client
@@ -647,7 +652,21 @@ where
                 (Some(e), Some(abort))
             }
             Ok(false) => {
-                if let Some(e) = up.poll_reset(cx).or_else(|| down.poll_reset(cx)) {
+                // A direction's destination is the other direction's
+                // source: while that one reads it, a reset reaches it there.
+                // Only while it does not (done, or busy writing) is the
+                // reset looked for here, so a relay in full flow pays
+                // nothing for this.
+                let reset = if down.not_reading() {
+                    up.poll_reset(cx)
+                } else {
+                    None
+                };
+                let reset = match reset {
+                    None if up.not_reading() => down.poll_reset(cx),
+                    r => r,
+                };
+                if let Some(e) = reset {
                     let abort = failure_reset(&e);
                     (Some(e), Some(abort))
                 } else {
