@@ -532,9 +532,11 @@ impl<R: ChunkRead, W: ChunkWrite> OneWay<R, W> {
         r.map(|()| true)
     }
 
-    /// Whether its source is not being read: done, or busy writing.
+    /// Whether its source is not being read: past its end (finishing or
+    /// done: a stream reader that has had FIN reports nothing more), or
+    /// busy writing.
     fn not_reading(&self) -> bool {
-        self.phase == Phase::Done || self.writing
+        self.phase != Phase::Copying || self.writing
     }
 
     /// The destination's reset, while this direction writes nothing to it
