@@ -704,12 +704,18 @@ async fn read_http<S: AsyncRead + AsyncWrite + Unpin>(
             })
     });
     // Fields the client's `Connection` names are for this hop only, and
-    // go with it (RFC 9110 7.6.1); an upgrade's `Upgrade` goes on.
+    // go with it (RFC 9110 7.6.1); an upgrade's `Upgrade` goes on, and the
+    // request's framing stays whatever it names (its body follows as is).
     let named: Vec<&str> = fields()
         .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
         .filter_map(|(_, l)| l.split_once(':').map(|(_, v)| v))
         .flat_map(|v| v.split(',').map(str::trim))
-        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade"))
+        .filter(|t| {
+            !t.is_empty()
+                && !["upgrade", "content-length", "transfer-encoding"]
+                    .iter()
+                    .any(|keep| t.eq_ignore_ascii_case(keep))
+        })
         .collect();
     for (name, l) in fields() {
         // Hop-by-hop headers meant for the proxy stay here; `Host` is
@@ -1257,6 +1263,12 @@ mod tests {
         .await;
         assert!(!out.contains("X-Hop"), "{out}");
         assert!(out.contains("X-End: kept\r\n"), "{out}");
+        // The request's framing is never a connection option.
+        let out = forwarded(
+            b"POST http://h/ HTTP/1.1\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        .await;
+        assert!(out.contains("Content-Length: 2\r\n"), "{out}");
         let out = forwarded(b"OPTIONS http://h:8001 HTTP/1.1\r\n\r\n").await;
         assert!(
             out.starts_with("OPTIONS * HTTP/1.1\r\nHost: h:8001\r\n"),

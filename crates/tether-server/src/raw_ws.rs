@@ -277,8 +277,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ChunkWrite for RawWsWriter<S> {
             // again by this same task, it starts the reply's deadline.
             cx.waker().wake_by_ref();
         }
-        let _ = ready!(self.sink.poll_flush_unpin(cx));
-        self.shared.close_flushed.store(true, Ordering::Release);
+        if ready!(self.sink.poll_flush_unpin(cx)).is_ok() {
+            self.shared.close_flushed.store(true, Ordering::Release);
+        }
         Poll::Ready(Ok(()))
     }
     /// Closes the WebSocket with a code and the reason, best effort: the

@@ -980,8 +980,9 @@ async fn raw_websockets_that_never_read_hold_a_bounded_amount() {
 
 /// Raw WebSocket clients that send PINGs and never read: the server queues
 /// a PONG per PING, and holds at most about one message's worth of them per
-/// connection (its write buffer's cap) before it drops the connection.
-/// Before, the cap was 4 MiB per connection.
+/// connection (its write buffer's cap; tungstenite holds back the PONGs
+/// past it). Before, the cap was 4 MiB per connection: 32.7 MiB grown here
+/// against 7.9 with the new cap (16 clients, on this machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_websockets_that_ping_and_never_read_hold_a_bounded_amount() {
     let echo = echo_service().await;
@@ -1018,7 +1019,7 @@ async fn raw_websockets_that_ping_and_never_read_hold_a_bounded_amount() {
     let grown = peak.saturating_sub(before);
     eprintln!("server RSS grew by {grown} KiB");
     assert!(
-        grown < 20 * 1024,
+        grown < 26 * 1024,
         "server RSS grew by {grown} KiB for 16 clients sending PINGs"
     );
 }

@@ -99,8 +99,9 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The write buffer holds one message being written (a stream chunk, at
 /// most [`MAX_RECV_MESSAGE`]) and the PONGs tungstenite queues for the
 /// client's PINGs as it reads them. Its cap bounds the PONGs of a client
-/// that pings and never reads: past it, the connection fails. It was 4 MiB
-/// (4 messages) per raw WebSocket, where the data path needs one.
+/// that pings and never reads (tungstenite holds back a PONG that would go
+/// past it). It was 4 MiB (4 messages) per raw WebSocket, where the data
+/// path needs one.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_RECV_MESSAGE))
