@@ -498,6 +498,7 @@ async fn serve_udp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Agent, AgentConfig};
 
     #[test]
     fn an_address_list_is_cut_after_four() {
@@ -510,7 +511,6 @@ mod tests {
         );
         assert_eq!(address_list(&addrs[..1]), "tried 10.0.0.1:80");
     }
-    use crate::{Agent, AgentConfig};
 
     /// A named service's host is looked up once and then remembered; when
     /// none of its addresses answers, it is forgotten, so the next open

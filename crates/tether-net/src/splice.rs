@@ -656,18 +656,14 @@ where
             Ok(false) => {
                 // A direction's destination is the other direction's
                 // source: while that one reads it, a reset reaches it there.
-                // Only while it does not (done, or busy writing) is the
-                // reset looked for here, so a relay in full flow pays
-                // nothing for this.
-                let reset = if down.not_reading() {
-                    up.poll_reset(cx)
-                } else {
-                    None
-                };
-                let reset = match reset {
-                    None if up.not_reading() => down.poll_reset(cx),
-                    r => r,
-                };
+                // Only while it does not (past its end, or busy writing)
+                // is the reset looked for here, so a relay in full flow
+                // pays nothing for this.
+                let reset = down
+                    .not_reading()
+                    .then(|| up.poll_reset(cx))
+                    .flatten()
+                    .or_else(|| up.not_reading().then(|| down.poll_reset(cx)).flatten());
                 if let Some(e) = reset {
                     let abort = failure_reset(&e);
                     (Some(e), Some(abort))
