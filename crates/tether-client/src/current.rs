@@ -21,9 +21,13 @@ pub const SESSION_WAIT: Duration = Duration::from_secs(3);
 /// "Lately", for [`SESSION_WAIT`].
 const HANDOVER: Duration = Duration::from_secs(10);
 
-/// How often an open is tried again on a fresh session after the replica
-/// said the agent is not here.
-const RETRIES: usize = 2;
+/// How often an open is tried again after a refusal another replica, or a
+/// fresh session, may not give. A load balancer may hand the fresh session
+/// to the same replica again (a Kubernetes Service picks at random): four
+/// tries leave an open to fail only if one replica in three is cut off and
+/// the balancer picks it five times running (under 1 %), and take about
+/// 6 s at most (one fresh session a second).
+const RETRIES: usize = 4;
 
 /// At most one fresh session per this long, whatever the refusals.
 const RENEW_EVERY: Duration = Duration::from_secs(1);
@@ -125,20 +129,34 @@ impl CurrentSession {
 
     /// Asks for a fresh session through the server URL (the load balancer
     /// may pick another replica); `old` is told GOAWAY, its streams finish.
-    fn renew(&self, old: &Connection) {
-        let current = self
-            .tx
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.same_session(old));
-        if !current || old.is_draining() || old.is_closed() {
-            return; // already being replaced
+    /// At most one fresh session per [`RENEW_EVERY`]: an open that asks
+    /// sooner waits its turn rather than being dropped, or its next try
+    /// would find `old` still current and give up.
+    async fn renew(&self, old: &Connection) {
+        loop {
+            let current = self
+                .tx
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.same_session(old));
+            if !current || old.is_draining() || old.is_closed() {
+                return; // already being replaced
+            }
+            let wait = {
+                let mut last = self.last_renew.lock().unwrap_or_else(|p| p.into_inner());
+                match *last {
+                    Some(t) if t.elapsed() < RENEW_EVERY => RENEW_EVERY - t.elapsed(),
+                    _ => {
+                        *last = Some(Instant::now());
+                        Duration::ZERO
+                    }
+                }
+            };
+            if wait.is_zero() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
         }
-        let mut last = self.last_renew.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < RENEW_EVERY) {
-            return;
-        }
-        *last = Some(Instant::now());
         old.go_away(
             tether_proto::ErrorCode::Normal,
             "moving to a fresh session: this server replica cannot reach the agent",
@@ -188,7 +206,7 @@ impl CurrentSession {
                 {
                     tracing::info!(target = %target, code = %r.code, "open refused by this server replica; retrying on a fresh session: {}", r.reason);
                     if r.code == OpenErrorCode::NotHere {
-                        self.renew(&conn);
+                        self.renew(&conn).await;
                     }
                     tokio::time::sleep(Duration::from_millis(rand::random_range(200..500))).await;
                     // After not_here, not this session again (it is being
@@ -274,6 +292,50 @@ mod tests {
         assert!(t.elapsed() < SESSION_WAIT / 2);
     }
 
+    /// Fresh sessions that land on replicas without the agent, twice
+    /// running, within the one-a-second limit on fresh sessions: the open
+    /// waits its turn for a third one, and succeeds there.
+    #[tokio::test]
+    async fn an_open_outlasts_two_replicas_in_a_row_without_the_agent() {
+        let current = CurrentSession::new();
+        let mut servers = Vec::new();
+        let mut clients = Vec::new();
+        for has_agent in [false, false, true] {
+            let ((client, _), (server, mut opens)) = mem::sessions().await.unwrap();
+            tokio::spawn(async move {
+                while let Some(open) = opens.recv().await {
+                    if has_agent {
+                        let _stream = open.accept();
+                        std::future::pending::<()>().await;
+                    } else {
+                        open.reject(OpenErrorCode::NotHere, "no session to the agent here");
+                    }
+                }
+            });
+            servers.push(server);
+            clients.push(client);
+        }
+        // The client's reconnect loop: the next session when one is asked.
+        tokio::spawn({
+            let current = current.clone();
+            let clients = clients.clone();
+            async move {
+                for c in clients {
+                    current.publish(c.clone());
+                    current.renew_requested(&c).await;
+                    current.clear();
+                }
+            }
+        });
+        let target = Target::tcp("prod/web");
+        let opened = tokio::time::timeout(Duration::from_secs(10), current.open(target))
+            .await
+            .expect("the open finishes");
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert!(clients[0].is_draining() && clients[1].is_draining());
+        assert!(!clients[2].is_draining());
+    }
+
     /// A `not_here` that arrives late from a session already replaced does
     /// not throw away its successor; one from the current session does.
     #[tokio::test]
@@ -283,12 +345,12 @@ mod tests {
         let (new, _new_server) = session().await;
         current.publish(old.clone());
         current.publish(new.clone());
-        current.renew(&old);
+        current.renew(&old).await;
         let asked =
             tokio::time::timeout(Duration::from_millis(200), current.renew_requested(&new)).await;
         assert!(asked.is_err(), "a stale refusal replaced the new session");
         assert!(!new.is_draining());
-        current.renew(&new);
+        current.renew(&new).await;
         tokio::time::timeout(Duration::from_secs(1), current.renew_requested(&new))
             .await
             .expect("the current session is replaced");
