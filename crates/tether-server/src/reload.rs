@@ -28,6 +28,32 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// Where a fresh config comes from (the file plus the command line's flags).
 pub type ConfigSource = Arc<dyn Fn() -> anyhow::Result<ServerConfig> + Send + Sync>;
 
+/// Taken before the server reads its config: from then on SIGHUP asks for
+/// a reload instead of ending the process (its default action), and a
+/// watched file changed after this moment is loaded as soon as watching
+/// starts. Without it, a `systemctl reload` right after the start killed
+/// the server, and a Secret rotated while it started was never applied.
+pub struct Baseline {
+    at: SystemTime,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Baseline {
+    /// Now; call it before loading the config (inside the runtime).
+    pub fn now() -> Baseline {
+        Baseline {
+            // File times come from the kernel's coarse clock, a tick (1 to
+            // 10 ms) behind: a file written in the same tick as now is
+            // missed, but one written before never counts as changed (a
+            // reload at every start would muddle the log).
+            at: SystemTime::now(),
+            #[cfg(unix)]
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+}
+
 /// What a reload changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ReloadReport {
@@ -134,30 +160,43 @@ impl Reloader {
         (closed, ended)
     }
 
-    /// Reloads on SIGHUP and on file changes, forever.
-    pub(crate) async fn watch(self, source: ConfigSource, config_file: Option<PathBuf>) {
-        let mut files = match source() {
-            Ok(cfg) => watched_files(&cfg, config_file.as_ref()),
-            Err(_) => config_file.iter().cloned().collect(),
-        };
+    /// Reloads on SIGHUP and on file changes, forever. `since` was taken
+    /// before the running config was read: what changed after it is
+    /// loaded at once.
+    pub(crate) async fn watch(
+        self,
+        source: ConfigSource,
+        config_file: Option<PathBuf>,
+        since: Baseline,
+    ) {
+        // The files the running config names, not those of a fresh read:
+        // that read may fail (a file half written), and a change made since
+        // the server read its config must still count as one.
+        let mut files = watched_files(&self.started, config_file.as_ref());
         let mut last = stamp(&files);
+        let mut changed_while_starting = last.iter().flatten().any(|(m, _)| *m > since.at);
         #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut hup = since.hangup;
         loop {
-            #[cfg(unix)]
-            let why = tokio::select! {
-                _ = async {
-                    match hup.as_mut() {
-                        Some(h) => { h.recv().await; }
-                        None => std::future::pending::<()>().await,
-                    }
-                } => "SIGHUP",
-                _ = tokio::time::sleep(WATCH_INTERVAL) => "",
-            };
-            #[cfg(not(unix))]
-            let why = {
-                tokio::time::sleep(WATCH_INTERVAL).await;
-                ""
+            let why = if std::mem::take(&mut changed_while_starting) {
+                "a watched file changed while the server started"
+            } else {
+                #[cfg(unix)]
+                let why = tokio::select! {
+                    _ = async {
+                        match hup.as_mut() {
+                            Some(h) => { h.recv().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => "SIGHUP",
+                    _ = tokio::time::sleep(WATCH_INTERVAL) => "",
+                };
+                #[cfg(not(unix))]
+                let why = {
+                    tokio::time::sleep(WATCH_INTERVAL).await;
+                    ""
+                };
+                why
             };
             let now = stamp(&files);
             let why = if why.is_empty() {
@@ -247,4 +286,54 @@ fn stamp(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config edited after the server read it but before it started
+    /// watching is loaded at once, and a SIGHUP sent meanwhile neither
+    /// ends the process nor is lost.
+    #[tokio::test]
+    async fn what_happens_while_the_server_starts_is_not_lost() {
+        let dir = std::env::temp_dir().join(format!("tether-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        let agent = |name: &str| {
+            format!("[[agent]]\nname = \"{name}\"\ntoken = \"token-of-{name}-0123456789abcdef\"\n")
+        };
+        std::fs::write(&file, format!("listen = \"127.0.0.1:0\"\n{}", agent("a"))).unwrap();
+        let source: ConfigSource = Arc::new({
+            let file = file.clone();
+            move || Ok(toml::from_str(&std::fs::read_to_string(&file)?)?)
+        });
+
+        let since = Baseline::now();
+        let server = crate::Server::bind(&source().unwrap()).await.unwrap();
+        // Past the coarse clock's tick, then an edit and a SIGHUP before
+        // serving starts.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(
+            &file,
+            format!("listen = \"127.0.0.1:0\"\n{}{}", agent("a"), agent("b")),
+        )
+        .unwrap();
+        let hup = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+
+        let reloads = server.state().metrics().reloads_of("ok");
+        tokio::spawn(server.with_reload(source, Some(file), since).serve());
+        // Both within less than one WATCH_INTERVAL: neither waits for a
+        // later change.
+        let t = std::time::Instant::now();
+        while reloads.get() < 2 && t.elapsed() < WATCH_INTERVAL / 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(reloads.get(), 2, "the edit and the SIGHUP each reload once");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -14,7 +14,7 @@ use crate::auth::Authenticator;
 use crate::cluster::Phase;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::connection::serve_connection;
-use crate::reload::{ConfigSource, Reloader};
+use crate::reload::{Baseline, ConfigSource, Reloader};
 use crate::router::Router;
 use crate::state::State;
 use tether_net::log_gate::LogGate;
@@ -104,7 +104,7 @@ pub struct Server {
     metrics_listen: Option<SocketAddr>,
     state: State,
     router: Arc<Router>,
-    reload: Option<(ConfigSource, Option<std::path::PathBuf>)>,
+    reload: Option<(ConfigSource, Option<std::path::PathBuf>, Baseline)>,
     /// Applies reloads to what `bind` built (taken when serving starts).
     reloader: Option<Reloader>,
 }
@@ -152,19 +152,27 @@ impl Server {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// What the server's parts share, for in-crate tests.
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> &State {
+        &self.state
+    }
+
     /// SHA-256 fingerprint of the TLS certificate, when serving TLS.
     pub fn fingerprint(&self) -> Option<&str> {
         self.fingerprint.as_deref()
     }
 
     /// Reloads from `source` on SIGHUP and when the config file (or a
-    /// certificate, key or JWT key file it names) changes.
+    /// certificate, key or JWT key file it names) changes; `since` was
+    /// taken before the config this server runs was read.
     pub fn with_reload(
         mut self,
         source: ConfigSource,
         config_file: Option<std::path::PathBuf>,
+        since: Baseline,
     ) -> Self {
-        self.reload = Some((source, config_file));
+        self.reload = Some((source, config_file, since));
         self
     }
 
@@ -213,9 +221,9 @@ impl Server {
             tracing::info!(addr = %bound, "serving /metrics (not on the public port), /livez and /readyz");
         }
         let discovery = tokio::spawn(cluster.clone().discover());
-        let watcher = match (self.reload.clone(), reloader) {
-            (Some((source, file)), Some(reloader)) => {
-                Some(tokio::spawn(reloader.watch(source, file)))
+        let watcher = match (self.reload.take(), reloader) {
+            (Some((source, file, since)), Some(reloader)) => {
+                Some(tokio::spawn(reloader.watch(source, file, since)))
             }
             _ => None,
         };

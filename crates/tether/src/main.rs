@@ -600,6 +600,8 @@ async fn shutdown_signal() -> Signal {
 }
 
 async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
+    // Before the config is read: see `Baseline`.
+    let since = tether_server::reload::Baseline::now();
     let config_file = a.config.clone();
     let cfg = server_config(a.clone())?;
     if a.check_config {
@@ -613,7 +615,7 @@ async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     let source: tether_server::reload::ConfigSource = Arc::new(move || server_config(a.clone()));
     let server = tether_server::Server::bind(&cfg)
         .await?
-        .with_reload(source, config_file);
+        .with_reload(source, config_file, since);
     if let Some(fp) = server.fingerprint() {
         tracing::info!(fingerprint = %fp, "TLS certificate SHA-256 fingerprint (pin it with --fingerprint)");
     }
