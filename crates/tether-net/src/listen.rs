@@ -51,12 +51,18 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The next connection on `listener`. A failed accept (out of file
 /// descriptors, most likely: it fails again at once while nothing closes)
 /// is logged and retried after [`ACCEPT_BACKOFF`] instead of in a loop that
-/// would take a core from the connections being served. Cancel-safe: a
-/// connection is never accepted and then dropped.
+/// would take a core from the connections being served. An error that
+/// belongs to one connection (it was reset while queued: macOS and the BSDs
+/// report it at accept) is skipped at once, or a peer sending resets could
+/// hold the listener still. Cancel-safe: a connection is never accepted and
+/// then dropped.
 pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
+            Err(e) if one_connections_error(&e) => {
+                tracing::debug!("accept skipped a connection that failed in the queue: {e}");
+            }
             Err(e) => {
                 let listen = listener
                     .local_addr()
@@ -66,6 +72,17 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
             }
         }
     }
+}
+
+/// Whether a failed accept concerns only the connection it would have
+/// returned, not the listener or the process.
+fn one_connections_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
 }
 
 /// Gives a connection accepted from a [`bind`] listener `TCP_NODELAY` and

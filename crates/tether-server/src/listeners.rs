@@ -192,14 +192,19 @@ impl Listener {
         let started = Instant::now();
         tether_net::listen::tune_accepted(&tcp);
         // The PROXY header, then what the client has sent already, go with
-        // the open (early data).
+        // the open (early data). With early data off the header waits for
+        // OPEN_OK too, so a retried open never hands the service a
+        // connection that carries only a header.
         let mut early = BytesMut::new();
         if cfg.proxy_protocol {
+            // An IPv4 client of a dual-stack socket arrives as
+            // `::ffff:a.b.c.d`: the service is told the IPv4 address.
+            let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
             let local = tcp.local_addr().unwrap_or(cfg.listen);
             let header = ppp::v2::Builder::with_addresses(
                 ppp::v2::Version::Two | ppp::v2::Command::Proxy,
                 ppp::v2::Protocol::Stream,
-                (peer, local),
+                (canonical(peer), canonical(local)),
             )
             .build();
             match header {
@@ -210,15 +215,16 @@ impl Listener {
                 }
             }
         }
-        let room = if cfg.early_data {
-            MAX_EARLY_DATA.saturating_sub(early.len())
+        let first_data = if cfg.early_data {
+            let room = MAX_EARLY_DATA.saturating_sub(early.len());
+            if let Err(e) = tether_net::early::arrived_into(&mut tcp, &mut early, room) {
+                tracing::info!(listen = %cfg.listen, %peer, "connection failed before its open: {e}");
+                return;
+            }
+            None
         } else {
-            0
+            Some(early.split().freeze()).filter(|h| !h.is_empty())
         };
-        if let Err(e) = tether_net::early::arrived_into(&mut tcp, &mut early, room) {
-            tracing::info!(listen = %cfg.listen, %peer, "connection failed before its open: {e}");
-            return;
-        }
         let (stream, guard) = match self
             .opener
             .open(&self.caller, &cfg.target, TargetKind::Tcp, early.freeze())
@@ -230,7 +236,13 @@ impl Listener {
                 return;
             }
         };
-        let (sr, sw) = stream.split();
+        let (sr, mut sw) = stream.split();
+        if let Some(header) = first_data {
+            if let Err(e) = sw.write(header).await {
+                tracing::info!(listen = %cfg.listen, %peer, target = %cfg.target, "stream failed before the PROXY header went: {e}");
+                return;
+            }
+        }
         let (tr, tw) = socket_halves(tcp);
         let who = ListenerConnection {
             listener: self.caller.name(),

@@ -44,7 +44,7 @@ pub struct ListenerConfig {
     /// Send what a connection has already written with its open (early
     /// data, PROTOCOL.md 6.3; TCP only): a round trip less per connection.
     /// Off, a retry after a lost agent session can never repeat a byte to
-    /// the service.
+    /// the service (a PROXY header then goes after OPEN_OK too).
     #[serde(default = "default_early_data")]
     pub early_data: bool,
 }
@@ -78,6 +78,14 @@ impl ListenerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.protocol != "tcp" && self.protocol != "udp" {
             anyhow::bail!("listener {}: protocol must be tcp or udp", self.listen);
+        }
+        if self.listen.port() == 0 {
+            // Each time its agent connected it would bind another random
+            // port, which no client could know.
+            anyhow::bail!(
+                "listener {}: needs a port (0 would pick a new one each time its agent connects)",
+                self.listen
+            );
         }
         if self.is_udp() && self.proxy_protocol {
             anyhow::bail!(
@@ -247,6 +255,9 @@ mod tests {
             listener("127.0.0.1:53", "udp"),
             listener("0.0.0.0:53", "udp")
         ]));
+        // No port.
+        assert!(listener("0.0.0.0:0", "tcp").validate().is_err());
+        assert!(listener("0.0.0.0:5432", "tcp").validate().is_ok());
         // A per-source cap of 0.
         let mut zero = listener("0.0.0.0:5432", "tcp");
         zero.max_connections_per_source = 0;

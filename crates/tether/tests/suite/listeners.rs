@@ -54,6 +54,7 @@ async fn listeners_follow_their_agent_and_enforce_sources() {
     let echo = echo_service().await;
     let pp = proxy_header_service().await;
     let (pa, pb, pc, pd) = (free_port(), free_port(), free_port(), free_port());
+    let pe = free_port();
     let dir = std::env::temp_dir().join(format!("tether-listeners-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("server.toml");
@@ -81,6 +82,12 @@ allow_from = ["10.0.0.0/8"]
 listen = "0.0.0.0:{pd}"
 target = "prod/echo"
 opens_per_sec_per_source = 0.5
+
+[[listener]]
+listen = "[::]:{pe}"
+target = "prod/pp"
+proxy_protocol = true
+early_data = false
 "#
         ),
     )
@@ -189,6 +196,14 @@ opens_per_sec_per_source = 0.5
 
     // The PROXY v2 header carries the real client address.
     let mut s = connect(pb).await;
+    let me = s.local_addr().unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, format!("src={}:{}", me.ip(), me.port()));
+    // Through a dual-stack socket an IPv4 client is named as IPv4 (not
+    // `::ffff:127.0.0.1` as TCP6), and with early data off the header
+    // still comes first.
+    let mut s = connect(pe).await;
     let me = s.local_addr().unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
