@@ -157,7 +157,11 @@ impl Visit for PlainVisitor<'_> {
             // Every field, not the message alone: `%target` and the like
             // carry text from the network, and a newline in one would
             // start a line of the sender's making (a forged audit line).
+            let at = self.w.len();
             self.result = write!(Escaped(&mut *self.w), "{value:?}");
+            if field.name() != "message" {
+                quote_if_ambiguous(self.w, at);
+            }
         }
     }
 
@@ -191,6 +195,47 @@ impl Visit for PlainVisitor<'_> {
             self.w.push('"');
         }
     }
+}
+
+/// Quotes the field value written from `at` on when a logfmt reader would
+/// not take it as one value: a `%target` of `prod/x decision="allowed"`
+/// would otherwise read as a field of the sender's making. A value that
+/// is already one quoted string (a `?` field's `Debug` of text) stays.
+fn quote_if_ambiguous(w: &mut String, at: usize) {
+    let value = &w.as_bytes()[at..];
+    let ambiguous = value
+        .iter()
+        .any(|b| matches!(b, b' ' | b'\t' | b'"' | b'\\' | b'='));
+    if !ambiguous || is_one_quoted_string(value) {
+        return;
+    }
+    let raw = w.split_off(at);
+    w.reserve(raw.len() + 2);
+    w.push('"');
+    for c in raw.chars() {
+        if c == '"' || c == '\\' {
+            w.push('\\');
+        }
+        w.push(c);
+    }
+    w.push('"');
+}
+
+/// `"…"` with every `"` inside escaped: what `Debug` writes for text.
+fn is_one_quoted_string(v: &[u8]) -> bool {
+    let [b'"', inner @ .., b'"'] = v else {
+        return false;
+    };
+    let mut escaped = false;
+    for &b in inner {
+        match (escaped, b) {
+            (true, _) => escaped = false,
+            (false, b'\\') => escaped = true,
+            (false, b'"') => return false,
+            _ => {}
+        }
+    }
+    !escaped
 }
 
 /// Appends `n` in decimal to `w`.
@@ -391,7 +436,28 @@ mod tests {
         let line = fields_of(|| tracing::info!(target = %target, "refused"));
         assert_eq!(
             line,
-            "refused target=a/b\\x0a2026-12-07T00:00:00Z INFO audit identity=admin\\u{202e}\n"
+            "refused target=\"a/b\\\\x0a2026-12-07T00:00:00Z INFO audit identity=admin\\\\u{202e}\"\n"
+        );
+    }
+
+    #[test]
+    fn network_text_in_display_fields_cannot_add_a_field() {
+        // A service name may hold spaces, `=` and quotes.
+        let target = r#"staging/db protocol="tcp" decision="allowed" identity=root"#;
+        let line = fields_of(
+            || tracing::info!(identity = %"alice", target = %target, decision = "denied", "audit"),
+        );
+        assert_eq!(
+            line,
+            r#"audit identity=alice target="staging/db protocol=\"tcp\" decision=\"allowed\" identity=root" decision="denied""#.to_owned() + "\n"
+        );
+        // Text quoted by `Debug` stays as it is; a value that only looks
+        // quoted does not.
+        let odd = "\"a\" b=\"c\"";
+        let line = fields_of(|| tracing::info!(d = ?odd, s = %odd, "m"));
+        assert_eq!(
+            line,
+            r#"m d="\"a\" b=\"c\"" s="\"a\" b=\"c\"""#.to_owned() + "\n"
         );
     }
 }

@@ -325,7 +325,7 @@ async fn udp_listener_forwards_datagrams_while_the_agent_is_connected() {
     );
     // Ended by the drain, the flow leaves an audit line with its source
     // and its bytes (20 datagrams of 100 to 119 bytes, and "still here").
-    let audit = format!("identity=listener udp 127.0.0.1:{port} from 127.0.0.1:");
+    let audit = format!("identity=\"listener udp 127.0.0.1:{port} from 127.0.0.1:");
     assert!(
         t.server.wait_log(&audit, Duration::from_secs(15)),
         "{}",
