@@ -70,6 +70,9 @@ pub(crate) struct Metrics {
     /// The agent names of the config, whose `agent_instances` series
     /// exist at 0 until they connect ([`Metrics::expect_agents`]).
     expected_agents: std::sync::Mutex<Vec<String>>,
+    /// Names the config dropped while instances of them were still
+    /// connected: their series goes when the last one leaves.
+    dropped_agents: std::sync::Mutex<Vec<String>>,
     /// 1, labelled with this replica's id.
     pub(crate) replica: Family<ReplicaLabel, Gauge>,
     /// Live sessions by kind.
@@ -120,6 +123,7 @@ impl Default for Metrics {
             agents: Gauge::default(),
             agent_instances: Family::default(),
             expected_agents: std::sync::Mutex::default(),
+            dropped_agents: std::sync::Mutex::default(),
             replica: Family::default(),
             sessions: Family::default(),
             live_streams: Gauge::default(),
@@ -145,6 +149,10 @@ impl Default for Metrics {
         // the write lock.
         let allowed = m.decisions.get_or_create(&result("allowed")).clone();
         let denied = m.decisions.get_or_create(&result("denied")).clone();
+        // Reload results exist at 0 from the start: the first failed
+        // reload is then an increase an alert sees, not a new series at 1.
+        let _ = m.reloads.get_or_create(&result("ok"));
+        let _ = m.reloads.get_or_create(&result("failed"));
         let to_agent = m.bytes.get_or_create(&direction("to_agent")).clone();
         let from_agent = m.bytes.get_or_create(&direction("from_agent")).clone();
         m.hot = HotSeries {
@@ -272,7 +280,8 @@ impl Metrics {
     /// then fires for an agent that has not connected to this replica since
     /// it started, where a series that does not exist would say nothing. A
     /// series that exists is left as it is; one of a name the config no
-    /// longer has goes once it is 0 (else that alert would fire forever).
+    /// longer has goes once it is 0, now or when its last instance leaves
+    /// ([`Metrics::agent_left`]), else that alert would fire forever.
     pub(crate) fn expect_agents<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
         for name in &names {
@@ -282,15 +291,40 @@ impl Metrics {
             .expected_agents
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut dropped = self
+            .dropped_agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        dropped.retain(|n| !names.contains(n));
         for gone in expected.iter().filter(|n| !names.contains(n)) {
             let label = AgentLabel {
                 agent: gone.clone(),
             };
             if self.agent_instances.get_or_create(&label).get() == 0 {
                 self.agent_instances.remove(&label);
+            } else {
+                dropped.push(gone.clone());
             }
         }
         *expected = names;
+    }
+
+    /// Agent `name` has `n` instances left (`gauge` is its series).
+    pub(crate) fn agent_left(&self, name: &str, gauge: &Gauge, n: usize) {
+        gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+        if n > 0 {
+            return;
+        }
+        let mut dropped = self
+            .dropped_agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = dropped.iter().position(|d| d == name) {
+            dropped.swap_remove(i);
+            self.agent_instances.remove(&AgentLabel {
+                agent: name.to_owned(),
+            });
+        }
     }
 
     /// The gauge of connected instances of agent `name`.
@@ -404,5 +438,41 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");
         }
+    }
+
+    #[test]
+    fn reload_results_exist_before_the_first_reload() {
+        let out = Metrics::default().render();
+        for line in [
+            "tether_reloads_total{result=\"ok\"} 0",
+            "tether_reloads_total{result=\"failed\"} 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");
+        }
+    }
+
+    /// An agent the config no longer names loses its series when its last
+    /// instance leaves, not only when it had none at the reload; one still
+    /// configured keeps its series at 0.
+    #[test]
+    fn a_dropped_agent_s_series_goes_with_its_last_instance() {
+        let m = Metrics::default();
+        m.expect_agents(["kept", "dropped"]);
+        let (kept, dropped) = (m.agent_instances("kept"), m.agent_instances("dropped"));
+        kept.set(1);
+        dropped.set(2);
+        m.expect_agents(["kept"]);
+        let series = |name: &str| {
+            m.render()
+                .lines()
+                .any(|l| l.starts_with(&format!("tether_agent_instances{{agent=\"{name}\"}}")))
+        };
+        assert!(series("dropped"), "still connected");
+        m.agent_left("dropped", &dropped, 1);
+        assert!(series("dropped"), "one instance left");
+        m.agent_left("dropped", &dropped, 0);
+        assert!(!series("dropped"), "{}", m.render());
+        m.agent_left("kept", &kept, 0);
+        assert!(series("kept"), "a configured agent keeps its series at 0");
     }
 }

@@ -344,7 +344,7 @@ impl AgentEndpoint {
         drop(live);
         self.sessions.untrack(key);
         self.registry.unregister(&name, registered.generation, |n| {
-            instances.set(n as i64);
+            self.metrics.agent_left(&name, &instances, n);
         });
         tracing::info!(agent = %name, %instance, %peer, duration_s = started.elapsed().as_secs(), reason = why.as_deref().unwrap_or("drained"), "agent disconnected");
     }

@@ -155,12 +155,16 @@ impl ClusterConfig {
         if let Some(id) = &self.replica_id {
             // Agents list ids comma-separated in X-Tether-Held, and the
             // server names itself in a header.
+            // A quote or backslash would break every scrape: the metrics
+            // library writes label values as they are.
             if id.is_empty()
                 || id.len() > 200
-                || !id.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'"' | b'\\'))
             {
                 anyhow::bail!(
-                    "[cluster] replica_id must be 1 to 200 visible ASCII characters, no comma"
+                    "[cluster] replica_id must be 1 to 200 visible ASCII characters, no comma, quote or backslash"
                 );
             }
         }
