@@ -231,8 +231,13 @@ impl Router {
             }
             _ => {
                 // At most 200 bytes of the path echoed: the answer to a long
-                // one is not as large as the request (a URI path is ASCII).
-                let shown = path.get(..200).unwrap_or(&path);
+                // one is not as large as the request. The path may hold
+                // UTF-8 (hyper takes bytes above 0x7f): cut at a character.
+                let mut cut = path.len().min(200);
+                while !path.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let shown = &path[..cut];
                 let more = if shown.len() < path.len() { "..." } else { "" };
                 text(
                     StatusCode::NOT_FOUND,

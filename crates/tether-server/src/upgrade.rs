@@ -37,7 +37,7 @@ pub(crate) fn tether_upgrade(req: &Request<Incoming>) -> Resp {
 /// The checks and the `101` headers come from the transport
 /// ([`accept_upgrade`]); this turns them into a response.
 fn websocket_answer(req: &Request<Incoming>, subprotocol: Option<&'static str>) -> Resp {
-    match accept_upgrade(req.headers(), subprotocol) {
+    match accept_upgrade(req.method(), req.headers(), subprotocol) {
         Ok(headers) => {
             let mut r = Response::new(empty());
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -735,6 +735,29 @@ fn a_reload_waiting_for_a_key_file_loads_when_the_file_comes() {
     );
 }
 
+/// A 404 echoes at most 200 bytes of the path, also when the path holds
+/// UTF-8 (hyper takes bytes above 0x7f in it).
+#[test]
+fn a_404_echoes_a_bounded_part_of_any_path() {
+    use std::io::{Read, Write};
+    let s = Setup::start("notfound", &prod_agent());
+    let path = format!("/{}", "\u{e9}".repeat(3000));
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(
+        body.contains("no such endpoint") && body.len() < 300,
+        "{} bytes: {body:.300}",
+        body.len()
+    );
+}
+
 /// A login form that does not arrive whole is answered with what went
 /// wrong: 413 for one over the limit, 400 for one cut short.
 #[test]

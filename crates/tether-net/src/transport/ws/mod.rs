@@ -119,6 +119,10 @@ pub enum UpgradeError {
     /// `Upgrade: websocket` missing).
     #[error("this endpoint speaks WebSocket only")]
     NotWebSocket,
+    /// An upgrade asked with a method other than GET (RFC 6455 section
+    /// 4.1): a body it carries would be read as frames.
+    #[error("a WebSocket upgrade is a GET request")]
+    NotGet,
     /// No `Sec-WebSocket-Key`.
     #[error("missing Sec-WebSocket-Key")]
     MissingKey,
@@ -145,6 +149,7 @@ impl UpgradeError {
             UpgradeError::NotWebSocket | UpgradeError::WrongVersion => {
                 http::StatusCode::UPGRADE_REQUIRED
             }
+            UpgradeError::NotGet => http::StatusCode::METHOD_NOT_ALLOWED,
             _ => http::StatusCode::BAD_REQUEST,
         }
     }
@@ -159,6 +164,9 @@ impl UpgradeError {
                 http::header::UPGRADE,
                 http::HeaderValue::from_static("websocket"),
             ));
+        }
+        if *self == UpgradeError::NotGet {
+            headers.push((http::header::ALLOW, http::HeaderValue::from_static("GET")));
         }
         if *self == UpgradeError::WrongVersion {
             headers.push((
@@ -182,6 +190,7 @@ fn is_websocket_key(key: &[u8]) -> bool {
 /// session), the client must offer it and the answer selects it, and an
 /// offered [`UNMASKED_EXTENSION`] is agreed to.
 pub fn accept_upgrade(
+    method: &http::Method,
     request: &http::HeaderMap,
     subprotocol: Option<&'static str>,
 ) -> Result<http::HeaderMap, UpgradeError> {
@@ -195,6 +204,9 @@ pub fn accept_upgrade(
     };
     if !(has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")) {
         return Err(UpgradeError::NotWebSocket);
+    }
+    if method != http::Method::GET {
+        return Err(UpgradeError::NotGet);
     }
     if let Some(p) = subprotocol {
         let offered = request
@@ -644,16 +656,26 @@ mod tests {
     #[test]
     fn upgrade_requests_are_checked_in_order_and_answered() {
         let mut h = http::HeaderMap::new();
-        assert_eq!(accept_upgrade(&h, None), Err(UpgradeError::NotWebSocket));
+        assert_eq!(
+            accept_upgrade(&http::Method::GET, &h, None),
+            Err(UpgradeError::NotWebSocket)
+        );
         h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
         h.insert("upgrade", "websocket".parse().unwrap());
+        let post = accept_upgrade(&http::Method::POST, &h, None).unwrap_err();
+        assert_eq!(post, UpgradeError::NotGet);
+        assert_eq!(post.status(), http::StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
-            accept_upgrade(&h, Some("tether.v1")),
+            post.headers(),
+            vec![(http::header::ALLOW, http::HeaderValue::from_static("GET"))]
+        );
+        assert_eq!(
+            accept_upgrade(&http::Method::GET, &h, Some("tether.v1")),
             Err(UpgradeError::MissingSubprotocol("tether.v1"))
         );
         h.insert("sec-websocket-protocol", "x, tether.v1".parse().unwrap());
         assert_eq!(
-            accept_upgrade(&h, Some("tether.v1")),
+            accept_upgrade(&http::Method::GET, &h, Some("tether.v1")),
             Err(UpgradeError::MissingKey)
         );
         for bad in [
@@ -663,14 +685,18 @@ mod tests {
             "dGhlIHNhbXBsZSBub25j*Q==",
         ] {
             h.insert("sec-websocket-key", bad.parse().unwrap());
-            assert_eq!(accept_upgrade(&h, None), Err(UpgradeError::BadKey), "{bad}");
+            assert_eq!(
+                accept_upgrade(&http::Method::GET, &h, None),
+                Err(UpgradeError::BadKey),
+                "{bad}"
+            );
         }
         h.insert(
             "sec-websocket-key",
             "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
         );
         h.insert("sec-websocket-version", "8".parse().unwrap());
-        let e = accept_upgrade(&h, None).unwrap_err();
+        let e = accept_upgrade(&http::Method::GET, &h, None).unwrap_err();
         assert_eq!(e, UpgradeError::WrongVersion);
         assert_eq!(e.status(), http::StatusCode::UPGRADE_REQUIRED);
         let headers = e.headers();
@@ -682,7 +708,7 @@ mod tests {
             vec![(http::header::UPGRADE, "websocket".parse().unwrap())]
         );
         h.insert("sec-websocket-version", "13".parse().unwrap());
-        let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
+        let answer = accept_upgrade(&http::Method::GET, &h, Some("tether.v1")).unwrap();
         // RFC 6455's own example key and accept value.
         assert_eq!(
             answer["sec-websocket-accept"],
@@ -700,9 +726,9 @@ mod tests {
                 .unwrap(),
         );
         assert!(names_unmasked(&h));
-        let answer = accept_upgrade(&h, Some("tether.v1")).unwrap();
+        let answer = accept_upgrade(&http::Method::GET, &h, Some("tether.v1")).unwrap();
         assert_eq!(answer["sec-websocket-extensions"], UNMASKED_EXTENSION);
-        let raw = accept_upgrade(&h, None).unwrap();
+        let raw = accept_upgrade(&http::Method::GET, &h, None).unwrap();
         assert!(!raw.contains_key("sec-websocket-extensions"));
         h.insert(
             "sec-websocket-extensions",
