@@ -23,10 +23,11 @@ const HANDOVER: Duration = Duration::from_secs(10);
 
 /// How often an open is tried again after a refusal another replica, or a
 /// fresh session, may not give. A load balancer may hand the fresh session
-/// to the same replica again (a Kubernetes Service picks at random): four
-/// tries leave an open to fail only if one replica in three is cut off and
-/// the balancer picks it five times running (under 1 %), and take about
-/// 6 s at most (one fresh session a second).
+/// to the same replica again (a Kubernetes Service picks at random): with
+/// four retries (five tries in all), an open fails only if one replica in
+/// three is cut off and the balancer picks it five times running (under
+/// 1 %), and the retries take about 6 s at most (one fresh session a
+/// second, plus 200 to 500 ms each).
 const RETRIES: usize = 4;
 
 /// At most one fresh session per this long, whatever the refusals.
